@@ -1,0 +1,3 @@
+from llmarch.cli import main
+
+main()

@@ -1,0 +1,31 @@
+"""The library entry points the CLI commands call (no torch imported here)."""
+
+from __future__ import annotations
+
+from llmarch.checkpoint import open_checkpoint
+from llmarch.errors import LlmarchError
+from llmarch.spec import KV_DTYPE_BYTES, ArchSpec
+
+
+def load_spec(source: str | None) -> ArchSpec:
+    ckpt = open_checkpoint(source)
+    from llmarch.fingerprint import fingerprint
+
+    try:
+        spec = fingerprint(ckpt)
+    except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as e:
+        where = ckpt.path / "config.json" if ckpt.config is not None and ckpt.path.is_dir() else ckpt.path
+        raise LlmarchError(f"config values of the wrong type or missing: {type(e).__name__}: {e}", where) from e
+    spec.extras.setdefault("source", str(ckpt.path))
+    return spec
+
+
+def inspect_source(source: str | None, context: int | None = None, kv_dtype: str | None = None) -> dict:
+    from llmarch.report.document import to_document
+
+    if kv_dtype is not None and kv_dtype not in KV_DTYPE_BYTES:
+        raise LlmarchError(f"unknown --kv-dtype {kv_dtype!r}; one of {', '.join(KV_DTYPE_BYTES)}")
+    if context is not None and context <= 0:
+        raise LlmarchError(f"--context must be positive, got {context}")
+    spec = load_spec(source)
+    return to_document(spec, context, kv_dtype, source=spec.extras.pop("source"))

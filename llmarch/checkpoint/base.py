@@ -1,0 +1,46 @@
+"""Format-independent view of a checkpoint: config, metadata and where each tensor's bytes lie."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors dtype ("BF16", "F32", ...) or GGML type name ("Q4_K", "F16", ...)
+    shape: tuple[int, ...]  # logical shape, PyTorch order (outermost first)
+    file: Path
+    offset: int  # absolute byte offset of the data in `file`
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+
+@dataclass
+class Checkpoint:
+    format: str  # "safetensors" | "gguf"
+    path: Path  # what the user named (folder or file)
+    files: list[Path]
+    tensors: dict[str, TensorInfo]
+    config: dict[str, Any] | None = None  # config.json (safetensors) or None (GGUF)
+    metadata: dict[str, Any] = field(default_factory=dict)  # safetensors __metadata__ / GGUF KV
+    # GGUF arrays that were skipped, not read: key -> (element type name, length)
+    skipped_arrays: dict[str, tuple[str, int]] = field(default_factory=dict)
+    extra_files: dict[str, Path] = field(default_factory=dict)  # tokenizer.json etc. beside it
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def dtype_counts(self) -> dict[str, int]:
+        """Parameters stored per dtype / quant type."""
+        out: dict[str, int] = {}
+        for t in self.tensors.values():
+            out[t.dtype] = out.get(t.dtype, 0) + t.numel
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))

@@ -1,0 +1,250 @@
+"""Lazy GGUF header reader.
+
+gguf.GGUFReader builds a Python object per vocab entry (>30 s on a 262k vocab); here arrays
+larger than a few thousand elements are skipped (their place is remembered so the tokenizer
+can read them later), and every length from the file is checked against the file's size
+before anything is allocated. Constants come from gguf-py.
+"""
+
+from __future__ import annotations
+
+import mmap
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+from llmarch.checkpoint.base import Checkpoint, TensorInfo
+from llmarch.errors import CheckpointError
+
+GGUF_MAGIC = b"GGUF"
+MAX_INLINE_ARRAY = 4096  # arrays up to this length are read into metadata; longer ones are skipped
+MAX_STRING = 1 << 24  # no metadata string (chat templates included) is legitimately this long
+MAX_DIMS = 4
+
+_SCALAR = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
+}
+_NUMPY = {
+    GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.UINT16: "<u2",
+    GGUFValueType.INT16: "<i2", GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4",
+    GGUFValueType.FLOAT32: "<f4", GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "<u8",
+    GGUFValueType.INT64: "<i8", GGUFValueType.FLOAT64: "<f8",
+}
+SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
+
+
+class _Cursor:
+    """Bounds-checked reads from a memory map."""
+
+    def __init__(self, buf, path: Path):
+        self.buf, self.pos, self.path, self.size = buf, 0, path, len(buf)
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise CheckpointError(f"truncated GGUF: {what} needs {n} bytes at offset {self.pos}, file is {self.size}", self.path)
+
+    def unpack(self, fmt: str, what: str):
+        n = struct.calcsize(fmt)
+        self.need(n, what)
+        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return v
+
+    def string(self, what: str) -> str:
+        n = self.unpack("<Q", what)
+        if n > MAX_STRING:
+            raise CheckpointError(f"absurd string length {n} in {what}", self.path)
+        self.need(n, what)
+        raw = bytes(self.buf[self.pos : self.pos + n])
+        self.pos += n
+        return raw.decode("utf-8", errors="replace")
+
+    def skip_strings(self, count: int, what: str) -> None:
+        buf, pos, size = self.buf, self.pos, self.size
+        for _ in range(count):
+            if pos + 8 > size:
+                raise CheckpointError(f"truncated GGUF inside array {what}", self.path)
+            n = int.from_bytes(buf[pos : pos + 8], "little")
+            pos += 8 + n
+            if pos > size:
+                raise CheckpointError(f"truncated GGUF inside array {what}", self.path)
+        self.pos = pos
+
+
+def _value_type(c: _Cursor, what: str) -> GGUFValueType:
+    raw = c.unpack("<I", what)
+    try:
+        return GGUFValueType(raw)
+    except ValueError:
+        raise CheckpointError(f"unknown GGUF value type {raw} for {what}", c.path) from None
+
+
+def _read_value(c: _Cursor, vtype: GGUFValueType, key: str, skipped: dict):
+    if vtype == GGUFValueType.STRING:
+        return c.string(key)
+    if vtype in _SCALAR:
+        return c.unpack(_SCALAR[vtype], key)
+    # array
+    etype = _value_type(c, key)
+    count = c.unpack("<Q", key)
+    start = c.pos
+    if etype == GGUFValueType.ARRAY:
+        raise CheckpointError(f"nested arrays are not supported ({key})", c.path)
+    if etype == GGUFValueType.STRING:
+        if count > c.size - c.pos:  # each element needs at least 8 bytes: cheap absurdity check
+            raise CheckpointError(f"absurd array length {count} for {key}", c.path)
+        if count <= MAX_INLINE_ARRAY:
+            return [c.string(key) for _ in range(count)]
+        c.skip_strings(count, key)
+    else:
+        item = struct.calcsize(_SCALAR[etype])
+        if count * item > c.size - c.pos:
+            raise CheckpointError(f"absurd array length {count} for {key}", c.path)
+        if count <= MAX_INLINE_ARRAY:
+            arr = np.frombuffer(c.buf, dtype=_NUMPY[etype], count=count, offset=c.pos)
+            c.pos += count * item
+            return arr.tolist()
+        c.pos += count * item
+    skipped[key] = (etype.name, count, start)
+    return None
+
+
+def read_gguf_part(path: Path) -> tuple[dict[str, Any], dict[str, tuple], dict[str, TensorInfo]]:
+    """Parse one GGUF file: (metadata, skipped arrays, tensors)."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise CheckpointError(f"cannot read: {e.strerror or e}", path) from e
+    with f:
+        try:
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:
+            raise CheckpointError("empty file, not a GGUF", path) from None
+        try:
+            return _parse(buf, path)
+        finally:
+            buf.close()
+
+
+def _parse(buf, path: Path):
+    c = _Cursor(buf, path)
+    c.need(4, "magic")
+    if bytes(buf[:4]) != GGUF_MAGIC:
+        raise CheckpointError("not a GGUF file (bad magic)", path)
+    c.pos = 4
+    version = c.unpack("<I", "version")
+    if version not in (2, 3):
+        raise CheckpointError(f"unsupported GGUF version {version}", path)
+    n_tensors = c.unpack("<Q", "tensor count")
+    n_kv = c.unpack("<Q", "metadata count")
+    # every KV needs >= 12 bytes and every tensor info >= 24: bound the counts by the file size
+    if n_kv * 12 > c.size or n_tensors * 24 > c.size:
+        raise CheckpointError(f"absurd counts in header ({n_kv} keys, {n_tensors} tensors)", path)
+
+    meta: dict[str, Any] = {"GGUF.version": version}
+    skipped: dict[str, tuple] = {}
+    for _ in range(n_kv):
+        key = c.string("metadata key")
+        vtype = _value_type(c, key)
+        value = _read_value(c, vtype, key, skipped)
+        if value is not None:
+            meta[key] = value
+
+    infos = []
+    for _ in range(n_tensors):
+        name = c.string("tensor name")
+        n_dims = c.unpack("<I", name)
+        if n_dims > MAX_DIMS:
+            raise CheckpointError(f"tensor {name!r}: {n_dims} dimensions (max {MAX_DIMS})", path)
+        ne = [c.unpack("<Q", name) for _ in range(n_dims)]
+        raw_type = c.unpack("<I", name)
+        offset = c.unpack("<Q", name)
+        infos.append((name, ne, raw_type, offset))
+
+    alignment = meta.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise CheckpointError(f"bad general.alignment {alignment!r}", path)
+    data_start = (c.pos + alignment - 1) // alignment * alignment
+    data_size = c.size - data_start
+
+    tensors: dict[str, TensorInfo] = {}
+    spans = []
+    for name, ne, raw_type, offset in infos:
+        try:
+            qtype = GGMLQuantizationType(raw_type)
+            block, type_size = GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise CheckpointError(f"tensor {name!r}: unknown GGML type {raw_type}", path) from None
+        numel = 1
+        for d in ne:
+            numel *= d
+        if ne and ne[0] % block:
+            raise CheckpointError(f"tensor {name!r}: row of {ne[0]} is not a multiple of the {qtype.name} block {block}", path)
+        nbytes = numel // block * type_size
+        if offset + nbytes > data_size:
+            raise CheckpointError(f"tensor {name!r}: data at {offset}+{nbytes} runs past the end of the file", path)
+        if name in tensors:
+            raise CheckpointError(f"tensor {name!r} appears twice", path)
+        tensors[name] = TensorInfo(name, qtype.name, tuple(reversed(ne)), path, data_start + offset, nbytes)
+        spans.append((offset, offset + nbytes, name))
+    spans.sort()
+    for (s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise CheckpointError(f"tensors {n0!r} and {n1!r} overlap", path)
+    return meta, skipped, tensors
+
+
+def split_parts(path: Path) -> list[Path]:
+    """All parts of a split GGUF (name-0000i-of-0000n.gguf), or just [path]."""
+    m = SPLIT_RE.match(path.name)
+    if not m:
+        return [path]
+    n = int(m["n"])
+    parts = [path.with_name(f"{m['stem']}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+    for p in parts:
+        if not p.is_file():
+            raise CheckpointError(f"split GGUF part {p.name} is missing", path)
+    return parts
+
+
+def open_gguf(path: Path) -> Checkpoint:
+    parts = split_parts(path)
+    meta: dict[str, Any] = {}
+    skipped: dict[str, tuple] = {}
+    tensors: dict[str, TensorInfo] = {}
+    for i, part in enumerate(parts):
+        m, s, t = read_gguf_part(part)
+        if i == 0:
+            meta, skipped = m, s
+        dup = tensors.keys() & t.keys()
+        if dup:
+            raise CheckpointError(f"tensor {sorted(dup)[0]!r} appears in two parts", part)
+        tensors.update(t)
+    if "general.architecture" not in meta:
+        raise CheckpointError("GGUF has no general.architecture key", path)
+    return Checkpoint(
+        format="gguf", path=path, files=parts, tensors=tensors, config=None,
+        metadata=meta, skipped_arrays=skipped,
+    )
+
+
+def read_skipped_array(ckpt: Checkpoint, key: str) -> list:
+    """Read an array that the header parse skipped (e.g. the vocab), for the tokenizer."""
+    etype_name, count, offset = ckpt.skipped_arrays[key]
+    etype = GGUFValueType[etype_name]
+    with open(ckpt.files[0], "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if etype != GGUFValueType.STRING:
+            return np.frombuffer(buf, dtype=_NUMPY[etype], count=count, offset=offset).copy().tolist()
+        out, pos = [], offset
+        for _ in range(count):
+            n = int.from_bytes(buf[pos : pos + 8], "little")
+            out.append(bytes(buf[pos + 8 : pos + 8 + n]).decode("utf-8", errors="replace"))
+            pos += 8 + n
+        return out

@@ -1,0 +1,113 @@
+"""SOURCE -> Checkpoint: a folder, a .safetensors file, a (split) .gguf, a Hub repo id, or nothing."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from llmarch.checkpoint.base import Checkpoint, TensorInfo
+from llmarch.checkpoint.gguf import open_gguf
+from llmarch.checkpoint.safetensors import read_header
+from llmarch.errors import CheckpointError
+
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".ckpt"}
+PICKLE_REASON = (
+    "pickle checkpoints are not supported: loading one runs arbitrary code; "
+    "use the model's .safetensors or .gguf files"
+)
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
+REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
+
+
+def open_checkpoint(source: str | Path | None) -> Checkpoint:
+    if source is None or str(source) == "":
+        from llmarch.default_model import default_model_path
+
+        return open_gguf(default_model_path())
+    path = Path(source)
+    if path.is_dir():
+        return open_folder(path)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".gguf":
+            return open_gguf(path)
+        if suffix == ".safetensors":
+            return _from_files(path, [path], config_dir=path.parent)
+        if suffix in PICKLE_SUFFIXES:
+            raise CheckpointError(PICKLE_REASON, path)
+        if path.name == "config.json":
+            return open_folder(path.parent)
+        raise CheckpointError("not a checkpoint (expected a folder, .safetensors or .gguf)", path)
+    if REPO_ID_RE.match(str(source)) and not path.exists():
+        from llmarch.checkpoint.hub import open_repo
+
+        return open_repo(str(source))
+    raise CheckpointError("no such file or folder", path)
+
+
+def open_folder(folder: Path) -> Checkpoint:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return _from_files(folder, _shards_from_index(index), config_dir=folder)
+    shards = sorted(folder.glob("*.safetensors"))
+    if shards:
+        return _from_files(folder, shards, config_dir=folder)
+    ggufs = sorted(folder.glob("*.gguf"))
+    if ggufs:
+        firsts = [p for p in ggufs if not re.search(r"-\d{5}-of-\d{5}\.gguf$", p.name) or "-00001-of-" in p.name]
+        if len(firsts) == 1:
+            return open_gguf(firsts[0])
+        raise CheckpointError(f"folder holds {len(firsts)} GGUF models; name one", folder)
+    if any(p.suffix.lower() in PICKLE_SUFFIXES for p in folder.iterdir()):
+        raise CheckpointError(PICKLE_REASON, folder)
+    raise CheckpointError("no model here (no *.safetensors, *.gguf or model.safetensors.index.json)", folder)
+
+
+def _shards_from_index(index: Path) -> list[Path]:
+    data = _read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError("index has no weight_map of tensor name -> file", index)
+    folder = index.parent.resolve()
+    shards = []
+    for name in dict.fromkeys(weight_map.values()):
+        shard = (folder / name).resolve()
+        if folder not in shard.parents:
+            raise CheckpointError(f"index names a file outside the folder: {name!r}", index)
+        if not shard.is_file():
+            raise CheckpointError(f"shard {name!r} named by the index is missing", index)
+        shards.append(shard)
+    return shards
+
+
+def _from_files(path: Path, shards: list[Path], config_dir: Path) -> Checkpoint:
+    tensors: dict[str, TensorInfo] = {}
+    metadata: dict[str, str] = {}
+    for shard in shards:
+        t, m = read_header(shard)
+        dup = tensors.keys() & t.keys()
+        if dup:
+            raise CheckpointError(f"tensor {sorted(dup)[0]!r} is also in another shard", shard)
+        tensors.update(t)
+        metadata = metadata or m
+    config_file = config_dir / "config.json"
+    config = read_config(config_file) if config_file.is_file() else None
+    extra = {n: config_dir / n for n in SIDE_FILES if (config_dir / n).is_file()}
+    return Checkpoint("safetensors", path, shards, tensors, config, metadata, extra_files=extra)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CheckpointError(f"cannot read: {e.strerror or e}", path) from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"not valid JSON ({e})", path) from e
+
+
+def read_config(path: Path) -> dict:
+    config = _read_json(path)
+    if not isinstance(config, dict):
+        raise CheckpointError("config is not a JSON object", path)
+    return config

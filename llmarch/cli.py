@@ -1,0 +1,96 @@
+"""`llmarch` command line: each command a thin function over the library.
+
+Known errors become one line on stderr and exit status 2; LLMARCH_DEBUG=1 shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from llmarch.errors import LlmarchError
+
+app = typer.Typer(
+    help="Inspect, compare, convert and run open-weight LLM checkpoints.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+SourceArg = Annotated[
+    Optional[str],
+    typer.Argument(help="Folder, .safetensors, .gguf (split too) or Hugging Face repo id; "
+                        "omitted: the embedded Gemma 3 270M."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
+ContextOpt = Annotated[Optional[int], typer.Option("--context", help="Context length for KV-cache figures (default: the model's).")]
+KvDtypeOpt = Annotated[Optional[str], typer.Option("--kv-dtype", help="KV cache dtype: f32, f16, bf16, q8_0, fp8 (default: the checkpoint's).")]
+
+
+@app.callback()
+def _root() -> None:
+    """Inspect, compare, convert and run open-weight LLM checkpoints."""
+
+
+def emit_json(doc) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+
+
+@app.command()
+def inspect(
+    source: SourceArg = None,
+    as_json: JsonOpt = False,
+    context: ContextOpt = None,
+    kv_dtype: KvDtypeOpt = None,
+    diagram: Annotated[Optional[str], typer.Option("--diagram", help="Also draw the model to this .svg or .png file.")] = None,
+) -> None:
+    """Fingerprint a checkpoint from its headers alone.
+
+    Example: llmarch inspect Qwen/Qwen3-0.6B --context 32768 --kv-dtype f16
+    """
+    from llmarch.api import inspect_source
+
+    doc = inspect_source(source, context, kv_dtype)
+    if diagram:
+        from llmarch.report.diagram import write_diagram
+
+        write_diagram([doc], diagram)
+    if as_json:
+        emit_json(doc)
+    else:
+        from rich.console import Console
+
+        from llmarch.report.table import print_fact_sheet
+
+        print_fact_sheet(doc, Console())
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except LlmarchError as e:
+        if os.environ.get("LLMARCH_DEBUG"):
+            raise
+        sys.stderr.write(f"llmarch: {e}\n")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.stderr.write("llmarch: interrupted\n")
+        sys.exit(130)
+    except Exception as e:  # click usage errors and anything unexpected: still one line
+        import click
+
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        if os.environ.get("LLMARCH_DEBUG"):
+            raise
+        sys.stderr.write(f"llmarch: internal error: {type(e).__name__}: {e} (LLMARCH_DEBUG=1 shows the traceback)\n")
+        sys.exit(2)

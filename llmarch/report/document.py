@@ -1,0 +1,85 @@
+"""ArchSpec -> the stable JSON document of `llmarch inspect --json` (schema in README)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from llmarch.report.text import schedule_pattern
+from llmarch.spec import ArchSpec
+
+SCHEMA_VERSION = 1
+
+
+def to_document(spec: ArchSpec, context: int | None = None, kv_dtype: str | None = None, source: str | None = None) -> dict:
+    a = spec.attention
+    ratios = spec.ratios()
+    moe = None
+    if spec.moe:
+        moe = asdict(spec.moe)
+    return {
+        "schema": SCHEMA_VERSION,
+        "source": source,
+        "family": spec.family,
+        "text_family": spec.text_family,
+        "architecture": spec.architecture,
+        "format": spec.format,
+        "layers": spec.layers,
+        "hidden_size": spec.hidden_size,
+        "vocab_size": spec.vocab_size,
+        "context_length": spec.context_length,
+        "params": spec.params,
+        "attention": {
+            "kind": a.kind,
+            "heads": a.heads,
+            "kv_heads": a.kv_heads,
+            "head_dim": a.head_dim,
+            "v_head_dim": a.v_head_dim,
+            "qk_norm": a.qk_norm,
+            "bias": a.bias,
+            "out_bias": a.out_bias,
+            "sinks": a.sinks,
+            "gated": a.gated,
+            "indexer": a.indexer,
+            "softcap": a.softcap,
+            "mla": {
+                "q_lora_rank": a.q_lora_rank,
+                "kv_lora_rank": a.kv_lora_rank,
+                "qk_rope_head_dim": a.qk_rope_head_dim,
+                "qk_nope_head_dim": a.qk_nope_head_dim,
+            } if a.mla else None,
+        },
+        "rope": {
+            "theta": spec.rope.theta,
+            "local_theta": spec.rope.local_theta,
+            "scaling": spec.rope.scaling,
+            "partial": spec.rope.partial,
+            "nope_layers": spec.rope.nope_layers,
+            "learned_positions": spec.rope.learned_positions,
+            "chunked": next((l.window for l in spec.schedule if l.mixer == "chunked"), None),
+        },
+        "moe": moe,
+        "norm": {"placement": spec.norm.placement, "kind": spec.norm.kind, "eps": spec.norm.eps,
+                 "unit_offset": spec.norm.unit_offset},
+        "ffn": {
+            "activation": spec.activation,
+            "intermediate_size": spec.intermediate_size,
+            "ratio": round(spec.intermediate_size / spec.hidden_size, 3)
+            if spec.intermediate_size and spec.hidden_size else None,
+            "bias": spec.ffn_bias,
+        },
+        "sliding_window": ratios["sliding_window"],
+        "linear_attention": ratios["linear_attention"] and dict(ratios["linear_attention"], **{
+            k: v for k, v in (spec.linear_attention or {}).items() if k not in ("kind", "linear")}),
+        "mtp_layers": spec.mtp_layers,
+        "tied_embeddings": spec.tied_embeddings,
+        "embedding_scale": spec.embedding_scale,
+        "final_softcap": spec.final_softcap,
+        "per_layer_embeddings": spec.per_layer_embeddings,
+        "extras": spec.extras,
+        "kv_cache": spec.kv_cache(context, kv_dtype),
+        "storage": {"bytes": spec.stored_bytes, "dtypes": spec.dtypes},
+        "schedule_pattern": schedule_pattern(spec),
+        "layer_schedule": [l.public() for l in spec.schedule],
+        "evidence": spec.evidence,
+        "warnings": spec.warnings,
+    }

@@ -1,0 +1,122 @@
+"""The rich fact sheet of `llmarch inspect`."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from llmarch.report.text import count, index_ranges, nbytes
+
+
+def fact_rows(doc: dict) -> list[tuple[str, str, str]]:
+    """(section, fact, value) rows; shared with `llmarch diff`."""
+    a, r, n, f, kv = doc["attention"], doc["rope"], doc["norm"], doc["ffn"], doc["kv_cache"]
+    p = doc["params"]
+    rows = [
+        ("identity", "family", doc["family"] + (f" (text: {doc['text_family']})" if doc.get("text_family") else "")),
+        ("identity", "architecture", str(doc.get("architecture") or "-")),
+        ("size", "layers", str(doc["layers"])),
+        ("size", "hidden size", str(doc["hidden_size"])),
+        ("size", "vocab", str(doc["vocab_size"])),
+        ("size", "context", str(doc.get("context_length") or "-")),
+        ("size", "params total", count(p.get("total"))),
+        ("size", "params active / token", count(p.get("active"))),
+    ]
+    if p.get("mtp"):
+        rows.append(("size", "params in MTP layers", count(p["mtp"])))
+    if p.get("vision"):
+        rows.append(("size", "params in vision/audio towers", count(p["vision"])))
+    heads = f"{a['heads']} q / {a['kv_heads']} kv × {a['head_dim']}"
+    if a.get("v_head_dim"):
+        heads += f" (v {a['v_head_dim']})"
+    rows += [
+        ("attention", "kind", a["kind"]),
+        ("attention", "heads", heads),
+    ]
+    if a.get("mla"):
+        m = a["mla"]
+        rows.append(("attention", "MLA ranks", f"q {m['q_lora_rank'] or 'full'}, kv {m['kv_lora_rank']}, "
+                                               f"rope {m['qk_rope_head_dim']} + nope {m['qk_nope_head_dim']}"))
+    rows += [
+        ("attention", "QK-norm", a["qk_norm"] or "no"),
+        ("attention", "bias units", "q/k/v" + (" + out" if a.get("out_bias") else "") if a["bias"] else "no"),
+        ("attention", "sinks", "yes" if a["sinks"] else "no"),
+        ("attention", "gated output", "yes" if a.get("gated") else "no"),
+        ("attention", "sparse indexer", "yes" if a.get("indexer") else "no"),
+    ]
+    if a.get("softcap"):
+        rows.append(("attention", "logit soft-cap", str(a["softcap"])))
+    sw, la = doc["sliding_window"], doc["linear_attention"]
+    rows += [
+        ("schedule", "pattern", doc["schedule_pattern"]),
+        ("schedule", "sliding local:global", f"{sw['local']}:{sw['global']} @ {sw['window']}" if sw else "none"),
+        ("schedule", "linear:full", f"{la['linear']}:{la['full']} ({la['kind']})" if la else "none"),
+        ("positions", "RoPE theta", _theta(r)),
+        ("positions", "RoPE scaling", r["scaling"]["type"] + _factor(r["scaling"]) if r.get("scaling") else "none"),
+        ("positions", "partial RoPE", f"{r['partial']:.3g}" if r["partial"] != 1 else "no"),
+        ("positions", "NoPE layers", index_ranges(r["nope_layers"]) if r["nope_layers"] else "none"),
+    ]
+    if r.get("learned_positions"):
+        rows.append(("positions", "learned positions", "yes"))
+    if r.get("chunked"):
+        rows.append(("positions", "chunked attention", str(r["chunked"])))
+    moe = doc["moe"]
+    if moe:
+        shared = f"{moe['shared_experts']}" + (f" (width {moe['shared_ffn']})" if moe.get("shared_ffn") else "")
+        if moe.get("shared_gated"):
+            shared += ", gated"
+        rows += [
+            ("MoE", "experts", f"{moe['experts']} routed, {moe['experts_per_token']} per token"),
+            ("MoE", "shared experts", shared if moe["shared_experts"] else "none"),
+            ("MoE", "expert width", f"{moe['expert_ffn']} (dense FFN {f['intermediate_size']})"),
+            ("MoE", "dense layers", index_ranges(moe["dense_layers"]) if moe["dense_layers"] else "none"),
+            ("MoE", "router", (moe.get("router") or "?") + (" + bias" if moe.get("router_bias") else "")
+             + (f", groups {moe['topk_group']}/{moe['n_group']}" if moe.get("n_group") else "")),
+        ]
+    rows += [
+        ("norms", "placement", n["placement"]),
+        ("norms", "kind", ("RMSNorm" if n["kind"] == "rms" else "LayerNorm") + (" (1+w)" if n.get("unit_offset") else "")),
+        ("FFN", "activation", str(f["activation"] or "-")),
+        ("FFN", "intermediate / hidden", f"{f['intermediate_size']} ({f['ratio']}×)" if f["ratio"] else "-"),
+        ("extras", "MTP layers", str(doc["mtp_layers"])),
+        ("extras", "tied embeddings", "yes" if doc["tied_embeddings"] else "no"),
+    ]
+    ple = doc.get("per_layer_embeddings")
+    if ple:
+        rows.append(("extras", "per-layer embeddings", f"{count(ple.get('params'))} params ({ple.get('share', 0):.0%} of total), dim {ple['dim']}"))
+    for k, v in (doc.get("extras") or {}).items():
+        if k != "intermediate_size_per_layer":
+            rows.append(("extras", k.replace("_", " "), str(v)))
+    st = doc["storage"]
+    rows += [
+        ("memory", "stored", f"{nbytes(st['bytes'])} in " + ", ".join(f"{k} {count(v)}" for k, v in list(st["dtypes"].items())[:6])),
+        ("memory", f"KV cache ({kv['dtype']})", f"{nbytes(kv['bytes_per_token'])}/token, {nbytes(kv['bytes'])} at {kv['context']} tokens"),
+    ]
+    if kv.get("state_bytes"):
+        rows.append(("memory", "recurrent state", nbytes(kv["state_bytes"])))
+    return rows
+
+
+def _theta(r: dict) -> str:
+    if r["theta"] is None:
+        return "-"
+    s = f"{r['theta']:g}"
+    return s + (f" (local {r['local_theta']:g})" if r.get("local_theta") else "")
+
+
+def _factor(s: dict) -> str:
+    return f" ×{s['factor']:g}" if s.get("factor") else ""
+
+
+def print_fact_sheet(doc: dict, console: Console) -> None:
+    table = Table(title=f"{doc.get('source') or ''}  [{doc['format']}]", show_header=True, header_style="bold")
+    table.add_column("section", style="dim")
+    table.add_column("fact")
+    table.add_column("value")
+    last = None
+    for section, fact, value in fact_rows(doc):
+        table.add_row(section if section != last else "", fact, value)
+        last = section
+    console.print(table)
+    for w in doc["warnings"]:
+        console.print(f"[yellow]warning:[/] {w}")

@@ -1,0 +1,88 @@
+"""Human-readable pieces shared by the fact sheet, the diff table and the diagrams."""
+
+from __future__ import annotations
+
+from llmarch.spec import ArchSpec, LayerSpec
+
+
+def count(n: int | float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(int(n))
+
+
+def nbytes(n: int | float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def layer_label(layer: LayerSpec) -> str:
+    mixer = layer.linear_kind or layer.mixer if layer.mixer in ("linear", "mamba") else layer.mixer
+    parts = [f"{mixer}({layer.window})" if layer.window else mixer]
+    if not layer.rope and layer.mixer not in ("linear", "mamba"):
+        parts.append("NoPE")
+    if layer.kv_shared_from is not None:
+        parts.append(f"kv<-{layer.kv_shared_from}")
+    parts.append(layer.ffn)
+    return " ".join(parts)
+
+
+def index_ranges(idx: list[int]) -> str:
+    if not idx:
+        return "none"
+    out, start, prev = [], idx[0], idx[0]
+    for i in idx[1:] + [None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        out.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ",".join(out)
+
+
+def schedule_runs(spec: ArchSpec) -> list[tuple[int, int, str]]:
+    """Consecutive layers with the same label, as (first, last, label)."""
+    runs: list[tuple[int, int, str]] = []
+    for layer in spec.schedule:
+        label = layer_label(layer)
+        if runs and runs[-1][2] == label:
+            runs[-1] = (runs[-1][0], layer.index, label)
+        else:
+            runs.append((layer.index, layer.index, label))
+    return runs
+
+
+def schedule_pattern(spec: ArchSpec) -> str:
+    """The shortest repeating unit of the schedule, e.g. '5 x sliding(512) dense + full dense, x3'."""
+    labels = [layer_label(l) for l in spec.schedule]
+    n = len(labels)
+    if not n:
+        return "-"
+    for start in range(0, min(n, 8)):  # allow a few leading layers (dense-first) before the repeat
+        body = labels[start:]
+        for p in range(1, len(body) // 2 + 1):
+            if all(body[i] == body[i % p] for i in range(len(body))):
+                head = _group(labels[:start])
+                unit = _group(body[:p])
+                reps = len(body) / p
+                rep = f" ×{reps:g}" if reps != 1 else ""
+                return (head + "; then " if head else "") + f"[{unit}]{rep}"
+    return "; ".join(f"{a}-{b}: {lab}" if a != b else f"{a}: {lab}" for a, b, lab in schedule_runs(spec))
+
+
+def _group(labels: list[str]) -> str:
+    out: list[list] = []
+    for lab in labels:
+        if out and out[-1][0] == lab:
+            out[-1][1] += 1
+        else:
+            out.append([lab, 1])
+    return " + ".join(f"{k}×{lab}" if k > 1 else lab for lab, k in out)

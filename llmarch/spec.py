@@ -1,0 +1,190 @@
+"""ArchSpec: the format-independent description of a model, and the figures derived from it.
+
+One spec, four consumers (inspect, diff, run, convert): a fact any of them needs lives here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+KV_DTYPE_BYTES = {"f32": 4, "float32": 4, "f16": 2, "float16": 2, "bf16": 2, "bfloat16": 2,
+                  "q8_0": 34 / 32, "fp8": 1, "f8": 1, "q4_0": 18 / 32}
+STORAGE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+
+
+@dataclass
+class LayerSpec:
+    index: int
+    mixer: str = "full"  # full | sliding | chunked | mla | linear | mamba
+    window: int | None = None  # sliding window or attention chunk size
+    rope: bool = True  # False: NoPE layer
+    ffn: str = "dense"  # dense | moe | none
+    rope_theta: float | None = None  # per-layer base where it differs (Gemma 3 local layers)
+    rope_scaling: dict | None = None  # per-layer scaling where it differs (Olmo 3: global layers only)
+    linear_kind: str | None = None  # gated_deltanet | kda | mamba2 (for mixer == linear/mamba)
+    kv_shared_from: int | None = None  # reuses another layer's KV cache (Gemma 3n)
+
+    def public(self) -> dict:
+        return {"mixer": self.mixer, "window": self.window, "rope": self.rope, "ffn": self.ffn}
+
+
+@dataclass
+class AttentionSpec:
+    heads: int = 0
+    kv_heads: int = 0
+    head_dim: int = 0
+    v_head_dim: int | None = None  # when V differs from K (MLA)
+    qk_norm: str | None = None  # None | per_head | whole (one norm over the whole projection) | l2
+    bias: bool = False  # q/k/v bias units
+    out_bias: bool = False
+    sinks: bool = False  # learned per-head sink logits (gpt-oss)
+    gated: bool = False  # sigmoid output gate (Qwen3-Next)
+    indexer: bool = False  # DeepSeek Sparse Attention lightning indexer (V3.2, GLM-5)
+    q_lora_rank: int | None = None  # MLA
+    kv_lora_rank: int | None = None
+    qk_rope_head_dim: int | None = None
+    qk_nope_head_dim: int | None = None
+    scale: float | None = None  # softmax scale when not 1/sqrt(head_dim)
+    softcap: float | None = None  # attention logit soft-capping (Gemma 2 style)
+    mla: bool = False
+
+    @property
+    def kind(self) -> str:
+        if self.mla:
+            return "MLA"
+        if self.kv_heads == self.heads:
+            return "MHA"
+        if self.kv_heads == 1:
+            return "MQA"
+        return "GQA"
+
+
+@dataclass
+class RopeSpec:
+    theta: float | None = None
+    scaling: dict | None = None  # {"type": "yarn", "factor": ..., ...}
+    partial: float = 1.0  # fraction of head_dim rotated
+    local_theta: float | None = None  # separate base for sliding layers (Gemma 3)
+    learned_positions: bool = False  # GPT-2 style absolute position embeddings
+    nope_layers: list[int] = field(default_factory=list)
+
+
+@dataclass
+class MoESpec:
+    experts: int
+    experts_per_token: int
+    shared_experts: int = 0
+    expert_ffn: int | None = None  # width of one routed expert
+    shared_ffn: int | None = None  # width of the shared expert(s), all together
+    shared_gated: bool = False  # sigmoid gate on the shared expert (Qwen3-Next)
+    router: str | None = None  # softmax | sigmoid
+    norm_topk_prob: bool | None = None
+    n_group: int | None = None  # group-limited routing (DeepSeek V3)
+    topk_group: int | None = None
+    routed_scaling_factor: float | None = None
+    router_bias: bool = False  # e_score_correction_bias / router bias
+    dense_layers: list[int] = field(default_factory=list)
+
+
+@dataclass
+class NormSpec:
+    placement: str = "pre"  # pre | post | sandwich
+    kind: str = "rms"  # rms | layer
+    eps: float | None = None
+    unit_offset: bool = False  # weight applied as (1 + w) (Gemma)
+
+
+@dataclass
+class ArchSpec:
+    family: str
+    format: str
+    architecture: str | None = None  # transformers class or GGUF arch
+    text_family: str | None = None  # model_type of the text part of a multimodal config
+    layers: int = 0
+    hidden_size: int = 0
+    vocab_size: int = 0
+    context_length: int | None = None
+    intermediate_size: int | None = None
+    activation: str | None = None
+    ffn_bias: bool = False
+    attention: AttentionSpec = field(default_factory=AttentionSpec)
+    rope: RopeSpec = field(default_factory=RopeSpec)
+    norm: NormSpec = field(default_factory=NormSpec)
+    moe: MoESpec | None = None
+    schedule: list[LayerSpec] = field(default_factory=list)
+    linear_attention: dict | None = None  # kind and state sizes of the linear/recurrent layers
+    mtp_layers: int = 0
+    tied_embeddings: bool = False
+    embedding_scale: float | None = None  # Gemma: sqrt(hidden)
+    final_softcap: float | None = None
+    per_layer_embeddings: dict | None = None  # Gemma 3n PLE: {"dim": ..., "params": ...}
+    extras: dict[str, Any] = field(default_factory=dict)  # AltUp, LAuReL, KV sharing, ...
+    params: dict[str, int] = field(default_factory=dict)  # total, active, mtp, vision, embeddings, ...
+    stored_bytes: int = 0
+    dtypes: dict[str, int] = field(default_factory=dict)  # params per stored dtype / quant type
+    kv_dtype_default: str = "bf16"
+    evidence: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)  # normalised (text) config the spec came from
+
+    # --- derived figures -------------------------------------------------------------------
+    def layer_kv_bytes_per_token(self, layer: LayerSpec, kv_bytes: float) -> float:
+        """Cache bytes one token adds in one layer (before any window cap)."""
+        a = self.attention
+        if layer.kv_shared_from is not None or layer.mixer in ("linear", "mamba"):
+            return 0.0
+        if layer.mixer == "mla":
+            return (a.kv_lora_rank + a.qk_rope_head_dim) * kv_bytes
+        return a.kv_heads * (a.head_dim + (a.v_head_dim or a.head_dim)) * kv_bytes
+
+    def kv_cache(self, context: int | None = None, kv_dtype: str | None = None) -> dict:
+        kv_dtype = kv_dtype or self.kv_dtype_default
+        b = KV_DTYPE_BYTES[kv_dtype]
+        context = context or self.context_length or 4096
+        per_token = 0.0
+        total = 0.0
+        for layer in self.schedule:
+            per = self.layer_kv_bytes_per_token(layer, b)
+            per_token += per if layer.mixer not in ("sliding", "chunked") else 0.0
+            tokens = min(context, layer.window) if layer.mixer in ("sliding", "chunked") and layer.window else context
+            total += per * tokens
+        return {
+            "dtype": kv_dtype,
+            "context": context,
+            # bytes each further token adds once every window is full (sliding layers stop growing)
+            "bytes_per_token": int(round(per_token)),
+            # bytes a token adds while it is inside every window (all attention layers count)
+            "bytes_per_token_all_layers": int(round(sum(self.layer_kv_bytes_per_token(l, b) for l in self.schedule))),
+            "bytes": int(round(total)),
+            "state_bytes": self.recurrent_state_bytes(b),
+        }
+
+    def recurrent_state_bytes(self, b: float) -> int:
+        """Fixed state of linear/recurrent layers, independent of context."""
+        la = self.linear_attention
+        if not la:
+            return 0
+        per_layer = la.get("state_elems_per_layer") or 0
+        return int(per_layer * la.get("linear", 0) * b)
+
+    def ratios(self) -> dict:
+        sched = self.schedule
+        sliding = [l for l in sched if l.mixer == "sliding"]
+        linear = [l for l in sched if l.mixer in ("linear", "mamba")]
+        out: dict[str, Any] = {"sliding_window": None, "linear_attention": None}
+        if sliding:
+            windows = sorted({l.window for l in sliding if l.window})
+            out["sliding_window"] = {
+                "window": windows[0] if len(windows) == 1 else windows,
+                "local": len(sliding),
+                "global": len(sched) - len(sliding),
+            }
+        if linear:
+            kinds = sorted({l.linear_kind or l.mixer for l in linear})
+            out["linear_attention"] = {
+                "kind": kinds[0] if len(kinds) == 1 else kinds,
+                "linear": len(linear),
+                "full": len(sched) - len(linear),
+            }
+        return out

@@ -1,0 +1,49 @@
+"""What a tensor is, from its name, in both Hugging Face and GGUF naming.
+
+The fingerprint reads facts from tensors (which layers hold experts, QK-norm shape, biases,
+sinks, post-norms) without caring which format named them.
+"""
+
+from __future__ import annotations
+
+import re
+
+LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blk|blocks|block)\.(\d+)\.")
+VISION_RE = re.compile(r"(vision_tower|vision_model|multi_modal_projector|visual\.|audio_tower|embed_vision|embed_audio|^v\.|^mm\.|^a\.)")
+
+# role -> pattern over the part of the name after the layer prefix (or the whole name)
+ROLES: dict[str, re.Pattern] = {name: re.compile(p) for name, p in {
+    "routed_expert": r"(?<![a-z_])experts\.|_exps\b",
+    "shared_expert": r"shared_expert(?!_gate)|shared_experts|_shexp\b|shared_mlp",
+    "shared_expert_gate": r"shared_expert_gate|ffn_gate_inp_shexp",
+    "router": r"(mlp|feed_forward|block_sparse_moe|moe)\.(gate|router)\.weight$|ffn_gate_inp\.weight$",
+    "router_bias": r"e_score_correction_bias|exp_probs_b|(mlp|feed_forward)\.router\.bias$|ffn_gate_inp\.bias$",
+    "q_norm": r"(self_attn|attention|attn)\.(q_norm|q_layernorm)\.weight$|attn_q_norm\.weight$",
+    "k_norm": r"(self_attn|attention|attn)\.(k_norm|k_layernorm)\.weight$|attn_k_norm\.weight$",
+    "qkv_bias": r"(q_proj|k_proj|v_proj|qkv_proj|c_attn|query_key_value|attn_q|attn_k|attn_v|attn_qkv)\.bias$",
+    "out_bias": r"(o_proj|c_proj|dense|attn_output)\.bias$",
+    "sinks": r"(\.sinks|attn_sinks)(\.weight)?$",
+    "attn_gate": r"attn_gate\.weight$",
+    "indexer": r"indexer|\bidx_|indexer_",
+    "mla_kv_a": r"kv_a_proj_with_mqa\.weight$|attn_kv_a_mqa\.weight$",
+    "mla_q_a": r"q_a_proj\.weight$|attn_q_a\.weight$",
+    "input_norm": r"input_layernorm\.weight$|(^|\.)attn_norm\.weight$|ln_1\.weight$|attention_norm\.weight$",
+    "post_attn_norm": r"post_attention_layernorm\.weight$|post_attention_norm\.weight$|attn_post_norm\.weight$",
+    "pre_ffn_norm": r"pre_feedforward_layernorm\.weight$|(^|\.)ffn_norm\.weight$|ln_2\.weight$",
+    "post_ffn_norm": r"post_feedforward_layernorm\.weight$|post_ffw_norm\.weight$|ffn_post_norm\.weight$",
+    "linear_attn": r"linear_attn\.|ssm_|\.mixer\.(A_log|conv1d|dt_bias|in_proj)|\.(A_log|dt_bias)$|conv1d",
+    "ple": r"per_layer|altup|laurel",
+}.items()}
+
+
+def layer_of(name: str) -> int | None:
+    m = LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def has_role(name: str, role: str) -> bool:
+    return ROLES[role].search(name) is not None
+
+
+def is_vision(name: str) -> bool:
+    return VISION_RE.search(name) is not None
