@@ -21,6 +21,12 @@ from llmarch.tensor_roles import has_role, is_vision, layer_of
 EXPERTS_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts", "n_experts")
 TOPK_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k", "experts_per_token")
 SHARED_KEYS = ("n_shared_experts", "num_shared_experts", "shared_experts")
+# Nemotron-H block letters / names -> (mixer, ffn) of a single-op layer
+SINGLE_OP_BLOCKS = {
+    "M": ("mamba", "none"), "mamba": ("mamba", "none"), "linear_attention": ("mamba", "none"),
+    "*": ("full", "none"), "attention": ("full", "none"), "full_attention": ("full", "none"),
+    "-": ("none", "dense"), "mlp": ("none", "dense"), "E": ("none", "moe"), "moe": ("none", "moe"),
+}
 LINEAR_MIXERS = {"linear_attention": "linear", "mamba": "mamba", "mamba2": "mamba", "kda": "linear"}
 
 
@@ -317,7 +323,9 @@ def _schedule(spec: ArchSpec, f: _Facts, recipe: dict, lt) -> None:
     layer_types = f.get("layer_types", fact="layer_schedule")
     pattern = f.get("sliding_window_pattern", fact="layer_schedule")
     interval = f.get("full_attention_interval", fact="layer_schedule")
-    hybrid = f.get("hybrid_override_pattern", fact="layer_schedule")
+    block_types = f.get("layers_block_type", fact="layer_schedule")
+    if block_types is None and isinstance(f.get("hybrid_override_pattern"), str):
+        block_types = list(f.get("hybrid_override_pattern", fact="layer_schedule"))
     chunk = f.get("attention_chunk_size", fact="layer_schedule")
     nope = f.get("no_rope_layers", fact="rope.nope_layers")
     sched = []
@@ -331,9 +339,9 @@ def _schedule(spec: ArchSpec, f: _Facts, recipe: dict, lt) -> None:
                 layer.mixer = "sliding"
             elif "chunk" in t:
                 layer.mixer = "chunked"
-        elif isinstance(hybrid, str) and i < len(hybrid):
-            layer.mixer = {"M": "mamba", "*": "full"}.get(hybrid[i], "full")
-            layer.ffn = {"-": "dense", "E": "moe"}.get(hybrid[i], "none")
+        elif isinstance(block_types, list) and i < len(block_types):
+            # Nemotron-H: each layer is ONE sub-block: a mixer (mamba / attention) or an FFN
+            layer.mixer, layer.ffn = SINGLE_OP_BLOCKS.get(str(block_types[i]), ("full", "none"))
         elif pattern and window:
             layer.mixer = "full" if (i + 1) % int(pattern) == 0 else "sliding"
         elif interval:
@@ -352,7 +360,7 @@ def _schedule(spec: ArchSpec, f: _Facts, recipe: dict, lt) -> None:
             layer.rope = False
         elif recipe.get("nope_on") == "all":
             layer.rope = False
-        if spec.rope.learned_positions:
+        if spec.rope.learned_positions or layer.mixer in ("none", "mamba"):
             layer.rope = False
         if chunk and recipe.get("chunked_on") == "rope_layers" and layer.rope and layer.mixer == "full":
             layer.mixer, layer.window = "chunked", chunk
@@ -364,7 +372,8 @@ def _schedule(spec: ArchSpec, f: _Facts, recipe: dict, lt) -> None:
     _ffn_schedule(spec, f, recipe, lt, sched)
     _kv_sharing(spec, f, sched)
     spec.schedule = sched
-    spec.rope.nope_layers = [l.index for l in sched if not l.rope and not spec.rope.learned_positions]
+    spec.rope.nope_layers = [l.index for l in sched if not l.rope and l.mixer not in ("none", "mamba", "linear")
+                             and not spec.rope.learned_positions]
     if spec.moe:
         spec.moe.dense_layers = [l.index for l in sched if l.ffn == "dense"]
 
@@ -374,8 +383,6 @@ def _ffn_schedule(spec: ArchSpec, f: _Facts, recipe: dict, lt, sched: list[Layer
         return
     n = len(sched)
     from_config = _moe_layers_from_config(f, n)
-    if from_config is None and f.get("hybrid_override_pattern"):
-        return  # the hybrid pattern already set each layer's FFN
     from_tensors = {i for i in range(n) if _layer_has(lt, i, "routed_expert") or _layer_has(lt, i, "router")}
     if lt:
         moe_layers = from_tensors
@@ -386,7 +393,8 @@ def _ffn_schedule(spec: ArchSpec, f: _Facts, recipe: dict, lt, sched: list[Layer
     else:
         moe_layers = from_config if from_config is not None else set(range(n))
     for layer in sched:
-        layer.ffn = "moe" if layer.index in moe_layers else "dense"
+        if layer.ffn != "none":  # single-op mixer layers (Nemotron-H) have no FFN at all
+            layer.ffn = "moe" if layer.index in moe_layers else "dense"
 
 
 def _moe_layers_from_config(f: _Facts, n: int) -> set[int] | None:
@@ -401,6 +409,9 @@ def _moe_layers_from_config(f: _Facts, n: int) -> set[int] | None:
         return {i for i in range(n) if i >= k and i % step == 0}
     if isinstance(freq, list):
         return {i for i, v in enumerate(freq) if v}
+    mlp_types = f.get("mlp_layer_types")  # MiMo-V2-Flash: "dense" | "sparse" per layer
+    if isinstance(mlp_types, list):
+        return {i for i, v in enumerate(mlp_types) if v in ("sparse", "moe")}
     step = f.get("interleave_moe_layer_step")
     if step:
         return set(range(step - 1, n, step))

@@ -16,10 +16,10 @@ STORAGE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 @dataclass
 class LayerSpec:
     index: int
-    mixer: str = "full"  # full | sliding | chunked | mla | linear | mamba
+    mixer: str = "full"  # full | sliding | chunked | mla | linear | mamba | none (FFN-only layer)
     window: int | None = None  # sliding window or attention chunk size
     rope: bool = True  # False: NoPE layer
-    ffn: str = "dense"  # dense | moe | none
+    ffn: str = "dense"  # dense | moe | none (mixer-only layer, Nemotron-H)
     rope_theta: float | None = None  # per-layer base where it differs (Gemma 3 local layers)
     rope_scaling: dict | None = None  # per-layer scaling where it differs (Olmo 3: global layers only)
     linear_kind: str | None = None  # gated_deltanet | kda | mamba2 (for mixer == linear/mamba)
@@ -132,7 +132,7 @@ class ArchSpec:
     def layer_kv_bytes_per_token(self, layer: LayerSpec, kv_bytes: float) -> float:
         """Cache bytes one token adds in one layer (before any window cap)."""
         a = self.attention
-        if layer.kv_shared_from is not None or layer.mixer in ("linear", "mamba"):
+        if layer.kv_shared_from is not None or layer.mixer in ("linear", "mamba", "none"):
             return 0.0
         if layer.mixer == "mla":
             return (a.kv_lora_rank + a.qk_rope_head_dim) * kv_bytes
@@ -172,19 +172,20 @@ class ArchSpec:
         sched = self.schedule
         sliding = [l for l in sched if l.mixer == "sliding"]
         linear = [l for l in sched if l.mixer in ("linear", "mamba")]
+        mixers = [l for l in sched if l.mixer != "none"]
         out: dict[str, Any] = {"sliding_window": None, "linear_attention": None}
         if sliding:
             windows = sorted({l.window for l in sliding if l.window})
             out["sliding_window"] = {
                 "window": windows[0] if len(windows) == 1 else windows,
                 "local": len(sliding),
-                "global": len(sched) - len(sliding),
+                "global": len(mixers) - len(sliding),
             }
         if linear:
             kinds = sorted({l.linear_kind or l.mixer for l in linear})
             out["linear_attention"] = {
                 "kind": kinds[0] if len(kinds) == 1 else kinds,
                 "linear": len(linear),
-                "full": len(sched) - len(linear),
+                "full": len(mixers) - len(linear),
             }
         return out

@@ -23,10 +23,10 @@ def nbytes(n: int | float | None) -> str:
     return f"{int(n)} B"
 
 
-def layer_label(layer: LayerSpec) -> str:
+def layer_label(layer: LayerSpec, learned_positions: bool = False) -> str:
     mixer = layer.linear_kind or layer.mixer if layer.mixer in ("linear", "mamba") else layer.mixer
     parts = [f"{mixer}({layer.window})" if layer.window else mixer]
-    if not layer.rope and layer.mixer not in ("linear", "mamba"):
+    if not layer.rope and layer.mixer not in ("linear", "mamba", "none") and not learned_positions:
         parts.append("NoPE")
     if layer.kv_shared_from is not None:
         parts.append(f"kv<-{layer.kv_shared_from}")
@@ -52,7 +52,7 @@ def schedule_runs(spec: ArchSpec) -> list[tuple[int, int, str]]:
     """Consecutive layers with the same label, as (first, last, label)."""
     runs: list[tuple[int, int, str]] = []
     for layer in spec.schedule:
-        label = layer_label(layer)
+        label = layer_label(layer, spec.rope.learned_positions)
         if runs and runs[-1][2] == label:
             runs[-1] = (runs[-1][0], layer.index, label)
         else:
@@ -62,7 +62,7 @@ def schedule_runs(spec: ArchSpec) -> list[tuple[int, int, str]]:
 
 def schedule_pattern(spec: ArchSpec) -> str:
     """The shortest repeating unit of the schedule, e.g. '5 x sliding(512) dense + full dense, x3'."""
-    labels = [layer_label(l) for l in spec.schedule]
+    labels = [layer_label(l, spec.rope.learned_positions) for l in spec.schedule]
     n = len(labels)
     if not n:
         return "-"
