@@ -356,6 +356,8 @@ def _schedule(spec: ArchSpec, f: _Facts, recipe: dict, lt) -> None:
         # positions
         if isinstance(nope, list) and i < len(nope):
             layer.rope = bool(nope[i])  # transformers: no_rope_layers[i] == 1 means the layer uses RoPE
+        elif f.get("no_rope_layer_interval"):  # SmolLM3 / Llama 4 GGUF: every n-th layer is NoPE
+            layer.rope = (i + 1) % int(f.get("no_rope_layer_interval", fact="rope.nope_layers")) != 0
         elif recipe.get("nope_on") == "global" and layer.mixer == "full":
             layer.rope = False
         elif recipe.get("nope_on") == "all":

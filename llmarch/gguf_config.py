@@ -39,6 +39,8 @@ GENERIC_KEYS = {
     Keys.Attention.HEAD_COUNT_KV: "num_key_value_heads",
     Keys.Attention.KEY_LENGTH: "head_dim",
     Keys.Attention.VALUE_LENGTH: "v_head_dim",
+    Keys.Attention.KEY_LENGTH_MLA: "gguf_key_length_mla",
+    Keys.Attention.VALUE_LENGTH_MLA: "gguf_value_length_mla",
     Keys.Attention.LAYERNORM_RMS_EPS: "rms_norm_eps",
     Keys.Attention.LAYERNORM_EPS: "layer_norm_epsilon",
     Keys.Attention.Q_LORA_RANK: "q_lora_rank",
@@ -84,6 +86,11 @@ def gguf_to_config(arch: str, meta: dict[str, Any], recipe: dict) -> tuple[dict,
             config[f"{key}_per_layer"] = v
             nonzero = [x for x in v if x]
             config[key] = max(nonzero) if nonzero else 0
+    # llama.cpp's absorbed-MLA files store the latent widths in key/value_length, the per-head
+    # widths in the *_mla keys (and head_count_kv = 1)
+    kmla, vmla = config.pop("gguf_key_length_mla", None), config.pop("gguf_value_length_mla", None)
+    if kmla:
+        config["head_dim"], config["v_head_dim"] = kmla, vmla
     if config.get("head_dim") is None and config.get("hidden_size") and config.get("num_attention_heads"):
         config["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
 
