@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gguf import Keys
+from llmarch.checkpoint.gguf_constants import Keys
 
 # gguf key template -> config key (generic: llama.cpp writes these for every architecture)
 GENERIC_KEYS = {
