@@ -8,6 +8,11 @@ from llmarch.spec import KV_DTYPE_BYTES, ArchSpec
 
 
 def load_spec(source: str | None) -> ArchSpec:
+    return load_checkpoint_spec(source)[1]
+
+
+def load_checkpoint_spec(source: str | None):
+    """(checkpoint, spec): for callers that also need the tensor index (diff --tensors)."""
     ckpt = open_checkpoint(source)
     from llmarch.fingerprint import fingerprint
 
@@ -17,7 +22,7 @@ def load_spec(source: str | None) -> ArchSpec:
         where = ckpt.path / "config.json" if ckpt.config is not None and ckpt.path.is_dir() else ckpt.path
         raise LlmarchError(f"config values of the wrong type or missing: {type(e).__name__}: {e}", where) from e
     spec.extras.setdefault("source", str(ckpt.path))
-    return spec
+    return ckpt, spec
 
 
 def inspect_source(source: str | None, context: int | None = None, kv_dtype: str | None = None) -> dict:

@@ -69,9 +69,45 @@ def inspect(
         print_fact_sheet(doc, Console())
 
 
+@app.command()
+def diff(
+    a: Annotated[str, typer.Argument(help="First model (any source inspect accepts).")],
+    b: Annotated[str, typer.Argument(help="Second model.")],
+    show_all: Annotated[bool, typer.Option("--all", help="Also show the rows that are the same.")] = False,
+    tensors: Annotated[bool, typer.Option("--tensors", help="Compare tensors under canonical (GGUF) names.")] = False,
+    as_json: JsonOpt = False,
+    as_markdown: Annotated[bool, typer.Option("--markdown", help="Print Markdown tables (for a PR or model card).")] = False,
+    context: ContextOpt = None,
+    kv_dtype: KvDtypeOpt = None,
+    diagram: Annotated[Optional[str], typer.Option("--diagram", help="Draw both stacks side by side to this .svg or .png file.")] = None,
+) -> None:
+    """Compare two architectures. Exit status: 0 same architecture, 1 different, 2 error.
+
+    Example: llmarch diff Qwen/Qwen3-8B Qwen/Qwen3-30B-A3B --tensors
+    """
+    from llmarch.report.diff import diff_sources, exit_status, markdown, print_diff
+
+    d, da, db = diff_sources(a, b, context, kv_dtype, tensors)
+    if diagram:
+        from llmarch.report.diagram import write_diagram
+
+        write_diagram([da, db], diagram)
+    if as_json:
+        emit_json(d)
+    elif as_markdown:
+        sys.stdout.write(markdown(d, show_all))
+    else:
+        from rich.console import Console
+
+        print_diff(d, Console(), show_all)
+    raise typer.Exit(exit_status(d))
+
+
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except LlmarchError as e:
         if os.environ.get("LLMARCH_DEBUG"):
             raise

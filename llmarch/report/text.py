@@ -63,19 +63,31 @@ def schedule_runs(spec: ArchSpec) -> list[tuple[int, int, str]]:
 def schedule_pattern(spec: ArchSpec) -> str:
     """The shortest repeating unit of the schedule, e.g. '5 x sliding(512) dense + full dense, x3'."""
     labels = [layer_label(l, spec.rope.learned_positions) for l in spec.schedule]
-    n = len(labels)
-    if not n:
+    if not labels:
         return "-"
-    for start in range(0, min(n, 8)):  # allow a few leading layers (dense-first) before the repeat
+    found = repeat_unit(labels)
+    if found:
+        start, p = found
+        body = labels[start:]
+        head = _group(labels[:start])
+        unit = _group(body[:p])
+        reps = len(body) / p
+        rep = f" ×{reps:g}" if reps != 1 else ""
+        return (head + "; then " if head else "") + f"[{unit}]{rep}"
+    return "; ".join(f"{a}-{b}: {lab}" if a != b else f"{a}: {lab}" for a, b, lab in schedule_runs(spec))
+
+
+def repeat_unit(labels: list) -> tuple[int, int] | None:
+    """(start, period): labels[start:] repeats with that period (the last repeat may be cut
+    short); a few leading layers (dense-first) may precede it. None when nothing repeats.
+    Shared by schedule_pattern and the diagrams."""
+    n = len(labels)
+    for start in range(0, min(n, 8)):
         body = labels[start:]
         for p in range(1, len(body) // 2 + 1):
             if all(body[i] == body[i % p] for i in range(len(body))):
-                head = _group(labels[:start])
-                unit = _group(body[:p])
-                reps = len(body) / p
-                rep = f" ×{reps:g}" if reps != 1 else ""
-                return (head + "; then " if head else "") + f"[{unit}]{rep}"
-    return "; ".join(f"{a}-{b}: {lab}" if a != b else f"{a}: {lab}" for a, b, lab in schedule_runs(spec))
+                return start, p
+    return None
 
 
 def _group(labels: list[str]) -> str:

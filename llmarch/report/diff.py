@@ -1,0 +1,245 @@
+"""`llmarch diff A B`: two inspect documents side by side.
+
+Architecture facts and storage (format, dtypes, quantization) are compared separately, so a
+GGUF and the safetensors it came from are "same architecture" with a storage difference.
+Tensor names are compared in one canonical (GGUF) naming, see report/tensor_diff.py.
+"""
+
+from __future__ import annotations
+
+from llmarch import recipe_book
+from llmarch.report.table import fact_rows
+from llmarch.report.text import count, index_ranges, nbytes
+
+SCHEMA_VERSION = 1
+# fact_rows rows that describe how a model is stored, not what it is
+STORAGE_FACTS = {("identity", "architecture"), ("memory", "stored")}
+# rows whose 3-significant-digit text can hide a real difference
+EXACT = {("size", "params total"): ("params", "total"), ("size", "params active / token"): ("params", "active")}
+
+
+def canonical_family(doc: dict) -> str:
+    """The recipe family, so 'gemma3_text' (config.json) and 'gemma3' (GGUF) compare equal."""
+    for t in (doc.get("text_family"), doc.get("family")):
+        recipe = recipe_book.for_model_type(t) if t else {}
+        if recipe:
+            return recipe["family"]
+    return doc.get("text_family") or doc.get("family") or "unknown"
+
+
+def _arch_rows(doc: dict) -> dict[tuple[str, str], str]:
+    rows = {}
+    for section, fact, value in fact_rows(doc):
+        if (section, fact) in STORAGE_FACTS:
+            continue
+        if section == "identity" and fact == "family":
+            value = canonical_family(doc)
+        if section == "memory" and fact.startswith("KV cache"):
+            fact = "KV cache"  # the dtype goes into the value, so rows line up
+            value = f"{doc['kv_cache']['dtype']}: {value}"
+        rows[(section, fact)] = value
+    return rows
+
+
+def _storage_rows(doc: dict) -> dict[tuple[str, str], str]:
+    st = doc["storage"]
+    return {
+        ("storage", "format"): doc["format"],
+        ("storage", "architecture name"): str(doc.get("architecture") or "-"),
+        ("storage", "bytes"): nbytes(st["bytes"]),
+        ("storage", "dtypes"): ", ".join(f"{k} {count(v)}" for k, v in st["dtypes"].items()) or "-",
+    }
+
+
+def _pair_rows(ra: dict, rb: dict, kind: str) -> list[dict]:
+    keys = list(ra) + [k for k in rb if k not in ra]
+    return [{"section": s, "fact": f, "a": ra.get((s, f)), "b": rb.get((s, f)),
+             "differs": ra.get((s, f)) != rb.get((s, f)), "kind": kind} for s, f in keys]
+
+
+def _exact(rows: list[dict], a: dict, b: dict) -> None:
+    """Equal text, different numbers: show the exact numbers and flag the row."""
+    for row in rows:
+        path = EXACT.get((row["section"], row["fact"]))
+        if path and not row["differs"]:
+            va, vb = a[path[0]].get(path[1]), b[path[0]].get(path[1])
+            if va != vb:
+                row.update(a=f"{row['a']} ({va:,})", b=f"{row['b']} ({vb:,})", differs=True)
+
+
+def _layer_aspects(layer: dict | None, la_kind) -> dict[str, str]:
+    if layer is None:
+        return {"layer": "absent"}
+    mixer = layer["mixer"]
+    if mixer in ("linear", "mamba") and isinstance(la_kind, str):
+        mixer = la_kind
+    if layer.get("window"):
+        mixer += f"({layer['window']})"
+    return {"mixer": mixer, "positions": "RoPE" if layer["rope"] else "NoPE", "ffn": layer["ffn"]}
+
+
+def schedule_diff(a: dict, b: dict) -> list[dict]:
+    """Where the layer stacks differ: one entry per distinct (aspect, A value, B value) set,
+    with the layers it covers, e.g. {'ranges': '0-2', 'text': 'ffn: dense in A, moe in B'}."""
+    sa, sb = a["layer_schedule"], b["layer_schedule"]
+    ka = (a.get("linear_attention") or {}).get("kind")
+    kb = (b.get("linear_attention") or {}).get("kind")
+    # learned absolute positions (GPT-2) are not NoPE
+    groups: dict[tuple, list[int]] = {}
+    for i in range(max(len(sa), len(sb))):
+        xa = _layer_aspects(sa[i] if i < len(sa) else None, ka)
+        xb = _layer_aspects(sb[i] if i < len(sb) else None, kb)
+        if a["rope"].get("learned_positions") or b["rope"].get("learned_positions"):
+            xa.pop("positions", None), xb.pop("positions", None)
+        if "layer" in xa or "layer" in xb:
+            key = (("layer", "only in B" if "layer" in xa else "only in A", ""),)
+        else:
+            key = tuple((k, xa[k], xb[k]) for k in xa if xa[k] != xb[k])
+        if key:
+            groups.setdefault(key, []).append(i)
+    out = []
+    for key, layers in sorted(groups.items(), key=lambda kv: kv[1][0]):
+        if key[0][0] == "layer":
+            text = key[0][1]
+        else:
+            text = "; ".join(f"{k} {va} in A, {vb} in B" for k, va, vb in key)
+        out.append({"layers": layers, "ranges": index_ranges(layers), "text": text,
+                    "aspects": {k: [va, vb] for k, va, vb in key}})
+    return out
+
+
+def compare(a: dict, b: dict, tensors: dict | None = None) -> dict:
+    """The diff document (`llmarch diff --json`) of two inspect documents."""
+    arch = _pair_rows(_arch_rows(a), _arch_rows(b), "architecture")
+    _exact(arch, a, b)
+    storage = _pair_rows(_storage_rows(a), _storage_rows(b), "storage")
+    sched = schedule_diff(a, b)
+    arch_differs = any(r["differs"] for r in arch) or bool(sched)
+    if tensors is not None and tensors["architecture_differs"]:
+        arch_differs = True
+    storage_differs = any(r["differs"] for r in storage) or bool(tensors and tensors["dtype_changes"])
+    same_source = a.get("source") is not None and a.get("source") == b.get("source")
+    verdict = ("identical" if not arch_differs and not storage_differs
+               else "same architecture; storage differs" if not arch_differs
+               else "different architecture")
+    return {
+        "schema": SCHEMA_VERSION,
+        "a": {"source": a.get("source"), "format": a["format"], "family": canonical_family(a)},
+        "b": {"source": b.get("source"), "format": b["format"], "family": canonical_family(b)},
+        "verdict": verdict,
+        "identical": verdict == "identical",
+        "same_architecture": not arch_differs,
+        "same_source": same_source,
+        "rows": arch,
+        "schedule": sched,
+        "storage": storage,
+        "tensors": tensors,
+        "warnings": {"a": a.get("warnings", []), "b": b.get("warnings", [])},
+    }
+
+
+def diff_sources(a: str, b: str, context: int | None = None, kv_dtype: str | None = None,
+                 tensors: bool = False) -> tuple[dict, dict, dict]:
+    """(diff document, doc A, doc B): each checkpoint is opened once, headers only."""
+    from llmarch.api import load_checkpoint_spec
+    from llmarch.errors import LlmarchError
+    from llmarch.report.document import to_document
+    from llmarch.spec import KV_DTYPE_BYTES
+
+    if kv_dtype is not None and kv_dtype not in KV_DTYPE_BYTES:
+        raise LlmarchError(f"unknown --kv-dtype {kv_dtype!r}; one of {', '.join(KV_DTYPE_BYTES)}")
+    if context is not None and context <= 0:
+        raise LlmarchError(f"--context must be positive, got {context}")
+    (ca, sa), (cb, sb) = load_checkpoint_spec(a), load_checkpoint_spec(b)
+    # one KV dtype for both (a GGUF says f16 where its source says bf16: same bytes, same model)
+    kv = kv_dtype or sa.kv_dtype_default
+    da = to_document(sa, context, kv, source=sa.extras.pop("source"))
+    db = to_document(sb, context, kv, source=sb.extras.pop("source"))
+    tdiff = None
+    if tensors:
+        from llmarch.report.tensor_diff import canonical_tensors, compare_tensors, gguf_arch_of
+
+        arch = gguf_arch_of(da) or gguf_arch_of(db)
+        tdiff = compare_tensors(canonical_tensors(ca.tensors, ca.format, gguf_arch_of(da) or arch),
+                                canonical_tensors(cb.tensors, cb.format, gguf_arch_of(db) or arch))
+    return compare(da, db, tdiff), da, db
+
+
+def exit_status(d: dict) -> int:
+    """diff(1) convention: 0 same architecture, 1 different (2, errors, is the CLI's)."""
+    return 0 if d["same_architecture"] else 1
+
+
+# ----------------------------------------------------------------------------- output
+
+def _shown(rows: list[dict], show_all: bool) -> tuple[list[dict], int]:
+    shown = [r for r in rows if show_all or r["differs"]]
+    return shown, len(rows) - len(shown)
+
+
+def print_diff(d: dict, console, show_all: bool = False) -> None:
+    from rich.table import Table
+
+    a, b = d["a"], d["b"]
+    console.print(f"A: {a['source']}  [{a['format']}, {a['family']}]")
+    console.print(f"B: {b['source']}  [{b['format']}, {b['family']}]")
+    for title, rows in (("architecture", d["rows"]), ("storage", d["storage"])):
+        shown, folded = _shown(rows, show_all)
+        if shown:
+            t = Table(title=title, header_style="bold")
+            for col in ("section", "fact", "A", "B"):
+                t.add_column(col, style="dim" if col == "section" else None)
+            last = None
+            for r in shown:
+                style = "bold yellow" if r["differs"] else None
+                mark = "≠ " if r["differs"] else "  "
+                t.add_row(r["section"] if r["section"] != last else "", mark + r["fact"],
+                          r["a"] if r["a"] is not None else "(absent)",
+                          r["b"] if r["b"] is not None else "(absent)", style=style)
+                last = r["section"]
+            console.print(t)
+        if folded:
+            console.print(f"[dim]{title}: {folded} identical rows folded (--all shows them)[/]")
+    if d["schedule"]:
+        console.print("[bold]layer schedule[/]")
+        for s in d["schedule"]:
+            console.print(f"  layers {s['ranges']}: {s['text']}")
+    if d["tensors"] is not None:
+        from llmarch.report.tensor_diff import tensor_lines
+
+        console.print("[bold]tensors[/]")
+        for line in tensor_lines(d["tensors"]):
+            console.print("  " + line, markup=False)
+    for side in ("a", "b"):
+        for w in d["warnings"][side]:
+            console.print(f"[yellow]warning ({side.upper()}):[/] {w}")
+    console.print(f"[bold]{d['verdict']}[/]")
+
+
+def markdown(d: dict, show_all: bool = False) -> str:
+    a, b = d["a"], d["b"]
+    out = [f"**A**: `{a['source']}` ({a['format']}, {a['family']})  ",
+           f"**B**: `{b['source']}` ({b['format']}, {b['family']})", ""]
+    for title, rows in (("Architecture", d["rows"]), ("Storage", d["storage"])):
+        shown, folded = _shown(rows, show_all)
+        out.append(f"### {title}")
+        if shown:
+            out += ["", "| section | fact | A | B |", "|---|---|---|---|"]
+            for r in shown:
+                cells = [_md(r["a"]), _md(r["b"])]
+                if r["differs"]:
+                    cells = [f"**{c}**" for c in cells]
+                out.append(f"| {r['section']} | {r['fact']} | {cells[0]} | {cells[1]} |")
+        out += ["", f"{folded} identical rows folded (--all shows them).", ""] if folded else [""]
+    if d["schedule"]:
+        out += ["### Layer schedule", ""] + [f"- layers {s['ranges']}: {s['text']}" for s in d["schedule"]] + [""]
+    if d["tensors"] is not None:
+        from llmarch.report.tensor_diff import tensor_lines
+
+        out += ["### Tensors", "", "```"] + tensor_lines(d["tensors"]) + ["```", ""]
+    out.append(f"**Verdict: {d['verdict']}**")
+    return "\n".join(line for line in out) + "\n"
+
+
+def _md(v) -> str:
+    return "(absent)" if v is None else str(v).replace("|", "\\|")
