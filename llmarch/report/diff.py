@@ -178,6 +178,7 @@ def _shown(rows: list[dict], show_all: bool) -> tuple[list[dict], int]:
 
 
 def print_diff(d: dict, console, show_all: bool = False) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     a, b = d["a"], d["b"]
@@ -194,8 +195,8 @@ def print_diff(d: dict, console, show_all: bool = False) -> None:
                 style = "bold yellow" if r["differs"] else None
                 mark = "≠ " if r["differs"] else "  "
                 t.add_row(r["section"] if r["section"] != last else "", mark + r["fact"],
-                          r["a"] if r["a"] is not None else "(absent)",
-                          r["b"] if r["b"] is not None else "(absent)", style=style)
+                          escape(r["a"]) if r["a"] is not None else "(absent)",
+                          escape(r["b"]) if r["b"] is not None else "(absent)", style=style)
                 last = r["section"]
             console.print(t)
         if folded:
@@ -203,7 +204,7 @@ def print_diff(d: dict, console, show_all: bool = False) -> None:
     if d["schedule"]:
         console.print("[bold]layer schedule[/]")
         for s in d["schedule"]:
-            console.print(f"  layers {s['ranges']}: {s['text']}")
+            console.print(f"  layers {s['ranges']}: {s['text']}", markup=False)
     if d["tensors"] is not None:
         from llmarch.report.tensor_diff import tensor_lines
 
