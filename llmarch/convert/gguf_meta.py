@@ -1,0 +1,105 @@
+"""ArchSpec -> GGUF metadata (the keys llama.cpp reads), by reversing llmarch.gguf_config's table.
+
+gguf_config.GENERIC_KEYS maps each gguf-py key template to an HF-style config key; here the spec
+is flattened into those HF-style keys and each one is written under its template. Only what
+llama.cpp hard-codes for a family (e.g. Gemma 3's 5:1 sliding pattern) is checked, not written.
+"""
+
+from __future__ import annotations
+
+import os
+
+import gguf
+from gguf import GGUFValueType as V
+from gguf import Keys
+
+from llmarch.errors import LlmarchError
+from llmarch.gguf_config import GENERIC_KEYS
+from llmarch.spec import ArchSpec
+
+# GGUF stores these as float32 even when config.json writes an integer (rope_theta: 10000)
+FLOAT_KEYS = {"rope_theta", "rope_local_base_freq", "rms_norm_eps", "layer_norm_epsilon",
+              "routed_scaling_factor", "final_logit_softcapping", "attn_logit_softcapping",
+              "gguf_rope_scaling_factor"}
+ROPE_TYPES = {"linear": "linear", "yarn": "yarn"}  # HF rope_type -> gguf RopeScalingType value
+
+
+def spec_to_hf_keys(spec: ArchSpec) -> dict:
+    """The spec as the HF-style keys gguf_config uses (the inverse of gguf_to_config)."""
+    a, moe = spec.attention, spec.moe
+    hp = {
+        "num_hidden_layers": spec.layers, "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size, "max_position_embeddings": spec.context_length,
+        "vocab_size": spec.vocab_size, "num_attention_heads": a.heads, "num_key_value_heads": a.kv_heads,
+        "head_dim": a.head_dim, "v_head_dim": a.v_head_dim or a.head_dim,
+        "final_logit_softcapping": spec.final_softcap, "attn_logit_softcapping": a.softcap,
+    }
+    hp["rms_norm_eps" if spec.norm.kind == "rms" else "layer_norm_epsilon"] = spec.norm.eps
+    if not spec.rope.learned_positions and spec.rope.theta:
+        hp["rope_theta"] = spec.rope.theta
+        hp["rope_local_base_freq"] = spec.rope.local_theta
+        hp["gguf_rope_dimension_count"] = int(round(a.head_dim * spec.rope.partial))
+        sc = spec.rope.scaling or {}
+        stype = ROPE_TYPES.get((sc.get("type") or "").lower())
+        if stype:
+            hp["gguf_rope_scaling_type"] = stype
+            hp["gguf_rope_scaling_factor"] = sc.get("factor")
+            hp["gguf_rope_scaling_original_context_length"] = sc.get("original_max_position_embeddings")
+    windows = {l.window for l in spec.schedule if l.mixer == "sliding" and l.window}
+    if windows:
+        hp["sliding_window"] = max(windows)
+    if moe:
+        hp.update(num_experts=moe.experts, num_experts_per_tok=moe.experts_per_token,
+                  moe_intermediate_size=moe.expert_ffn,
+                  n_shared_experts=moe.shared_experts or None,
+                  shared_expert_intermediate_size=moe.shared_ffn,
+                  routed_scaling_factor=moe.routed_scaling_factor, norm_topk_prob=moe.norm_topk_prob)
+    return {k: v for k, v in hp.items() if v is not None}
+
+
+def _vtype(key: str, value) -> V:
+    if isinstance(value, bool):
+        return V.BOOL
+    if key in FLOAT_KEYS or isinstance(value, float):
+        return V.FLOAT32
+    if isinstance(value, int):
+        return V.UINT32
+    return V.STRING
+
+
+def model_kv(spec: ArchSpec, arch: str, recipe: dict, file_type: int, name: str, path=None) -> list[tuple]:
+    _check_hard_coded(spec, recipe, arch, path)
+    hp = spec_to_hf_keys(spec)
+    reverse = {ckey: tmpl for tmpl, ckey in {**GENERIC_KEYS, **recipe.get("gguf_keys", {})}.items()}
+    out = [(Keys.General.NAME, name, V.STRING), (Keys.General.FILE_TYPE, int(file_type), V.UINT32),
+           (Keys.General.QUANTIZATION_VERSION, gguf.GGML_QUANT_VERSION, V.UINT32)]
+    for ckey, value in hp.items():
+        tmpl = reverse.get(ckey)
+        if tmpl is None:
+            continue
+        if ckey == "norm_topk_prob":
+            out.append((tmpl.format(arch=arch), bool(value), V.BOOL))
+        elif ckey == "gguf_rope_scaling_type":
+            out.append((tmpl.format(arch=arch), value, V.STRING))
+        else:
+            vt = _vtype(ckey, value)
+            out.append((tmpl.format(arch=arch), float(value) if vt == V.FLOAT32 else value, vt))
+    return out
+
+
+def _check_hard_coded(spec: ArchSpec, recipe: dict, arch: str, path) -> None:
+    """llama.cpp hard-codes some layer patterns; a model that differs cannot be expressed."""
+    pattern = recipe.get("gguf_defaults", {}).get("sliding_window_pattern")
+    if isinstance(pattern, int) and pattern > 1 and any(l.mixer == "sliding" for l in spec.schedule):
+        sliding = [l.mixer == "sliding" for l in spec.schedule]
+        if arch == "gemma3":  # llama.cpp: every layer sliding except each pattern-th
+            expect = [(i + 1) % pattern != 0 for i in range(len(sliding))]
+        else:  # gpt-oss style: even layers sliding
+            expect = [i % pattern == 0 for i in range(len(sliding))]
+        if sliding != expect:
+            raise LlmarchError(f"llama.cpp's {arch} hard-codes a {pattern - 1}:1 sliding-window pattern; this "
+                               f"model's layer_types differ, so GGUF cannot express it", path)
+
+
+def tensor_name_hint(path) -> str:
+    return os.path.basename(os.path.normpath(str(path)))

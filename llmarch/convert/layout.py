@@ -1,0 +1,155 @@
+"""Family rules for conversion and the Hugging Face names of each GGUF tensor kind.
+
+HF -> GGUF names come from gguf-py's TensorNameMap. GGUF -> HF has no unique answer in gguf-py
+(many HF spellings map to one GGUF name), so the HF side of the families we write back is listed
+here per layout, keyed by gguf-py's MODEL_TENSOR; every template is checked at run time to map
+forward to the same GGUF name (`hf_name_for`), so this table cannot drift from gguf-py.
+What differs per family (GGUF arch, Q/K permutation, norm shift, transposed weights, HF class)
+lives in the family's recipe under [convert].
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import gguf
+from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES
+
+from llmarch import recipe_book
+from llmarch.errors import LlmarchError
+
+T = MODEL_TENSOR
+_L = "model.layers.{bid}."
+HF_LAYOUTS: dict[str, dict[MODEL_TENSOR, str]] = {
+    # transformers' Llama-style decoder (llama, mistral, qwen2/3, qwen3_moe, gemma3, olmo2, smollm3)
+    "llama": {
+        T.TOKEN_EMBD: "model.embed_tokens", T.OUTPUT_NORM: "model.norm", T.OUTPUT: "lm_head",
+        T.ATTN_NORM: _L + "input_layernorm",
+        T.ATTN_Q: _L + "self_attn.q_proj", T.ATTN_K: _L + "self_attn.k_proj",
+        T.ATTN_V: _L + "self_attn.v_proj", T.ATTN_OUT: _L + "self_attn.o_proj",
+        T.ATTN_Q_NORM: _L + "self_attn.q_norm", T.ATTN_K_NORM: _L + "self_attn.k_norm",
+        T.ATTN_POST_NORM: _L + "post_attention_layernorm",
+        T.FFN_NORM: _L + "post_attention_layernorm",
+        T.FFN_PRE_NORM: _L + "pre_feedforward_layernorm",
+        T.FFN_POST_NORM: _L + "post_feedforward_layernorm",
+        T.FFN_GATE: _L + "mlp.gate_proj", T.FFN_UP: _L + "mlp.up_proj", T.FFN_DOWN: _L + "mlp.down_proj",
+        T.FFN_GATE_INP: _L + "mlp.gate",
+        T.FFN_GATE_EXP: _L + "mlp.experts.{xid}.gate_proj",
+        T.FFN_UP_EXP: _L + "mlp.experts.{xid}.up_proj",
+        T.FFN_DOWN_EXP: _L + "mlp.experts.{xid}.down_proj",
+    },
+    "gpt2": {
+        T.TOKEN_EMBD: "transformer.wte", T.POS_EMBD: "transformer.wpe", T.OUTPUT_NORM: "transformer.ln_f",
+        T.OUTPUT: "lm_head",
+        T.ATTN_NORM: "transformer.h.{bid}.ln_1", T.ATTN_QKV: "transformer.h.{bid}.attn.c_attn",
+        T.ATTN_OUT: "transformer.h.{bid}.attn.c_proj", T.FFN_NORM: "transformer.h.{bid}.ln_2",
+        T.FFN_UP: "transformer.h.{bid}.mlp.c_fc", T.FFN_DOWN: "transformer.h.{bid}.mlp.c_proj",
+    },
+}
+# GGUF tensors llama.cpp derives from config (regenerated, not carried back to HF)
+GENERATED = {T.ROPE_FREQS}
+EXPERT_KINDS = {T.FFN_GATE_EXP: "gate_proj", T.FFN_UP_EXP: "up_proj", T.FFN_DOWN_EXP: "down_proj"}
+# families whose conversion is proven by tests (transformers round trip; llama.cpp where noted in README)
+SUPPORTED = ("llama", "mistral", "qwen3", "qwen3_moe", "gemma3", "gpt2", "smollm3", "olmo2")
+
+
+@dataclass(frozen=True)
+class Family:
+    family: str  # recipe family
+    model_type: str  # transformers model_type written to config.json
+    arch: MODEL_ARCH
+    hf_class: str
+    permute_qk: bool = False
+    norm_shift: float = 0.0  # added to *norm.weight on the way to GGUF (Gemma's (1 + w) norms)
+    transpose: tuple[str, ...] = ()  # HF weights stored [in, out] (GPT-2 Conv1D)
+    skip: tuple[str, ...] = ()  # HF tensors that are buffers, not weights
+    layout: str = "llama"
+    recipe: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def arch_name(self) -> str:
+        return MODEL_ARCH_NAMES[self.arch]
+
+    def skipped(self, hf_name: str) -> bool:
+        return any(hf_name.endswith(s) for s in self.skip) or "rotary_emb.inv_freq" in hf_name
+
+
+def _arch(name: str) -> MODEL_ARCH:
+    for arch, n in MODEL_ARCH_NAMES.items():
+        if n == name:
+            return arch
+    raise LlmarchError(f"gguf-py knows no architecture {name!r}")
+
+
+def _pick(value, model_type: str, default):
+    return value.get(model_type, default) if isinstance(value, dict) else (value if value is not None else default)
+
+
+def family_for_model_type(model_type: str | None, path=None) -> Family:
+    recipe = recipe_book.for_model_type(model_type)
+    fam = recipe.get("family")
+    if fam not in SUPPORTED:
+        raise LlmarchError(
+            f"converting model_type {model_type!r} to GGUF is not supported yet "
+            f"(supported families: {', '.join(SUPPORTED)})", path)
+    return _family(recipe, model_type)
+
+
+def family_for_gguf_arch(arch: str, path=None) -> Family:
+    recipe = recipe_book.for_gguf_arch(arch)
+    if recipe.get("family") not in SUPPORTED:
+        raise LlmarchError(f"converting GGUF architecture {arch!r} to safetensors is not supported yet "
+                           f"(supported families: {', '.join(SUPPORTED)})", path)
+    conv = recipe.get("convert", {})
+    types, archs = recipe.get("model_types", []), recipe.get("gguf_archs", [])
+    model_type = conv.get("hf_model_type") or (types[archs.index(arch)] if len(types) == len(archs) else types[0])
+    return _family(recipe, model_type)
+
+
+def _family(recipe: dict, model_type: str) -> Family:
+    conv = recipe.get("convert", {})
+    types, archs = recipe.get("model_types", []), recipe.get("gguf_archs", [])
+    default_arch = archs[types.index(model_type)] if len(types) == len(archs) and model_type in types else archs[0]
+    return Family(
+        family=recipe["family"], model_type=_pick(conv.get("hf_model_type"), model_type, model_type),
+        arch=_arch(_pick(conv.get("gguf_arch"), model_type, default_arch)),
+        hf_class=_pick(conv.get("hf_class"), model_type, ""),
+        permute_qk=bool(recipe.get("gguf_permute_qk", False)),
+        norm_shift=float(conv.get("norm_shift", 0.0)),
+        transpose=tuple(conv.get("transpose", ())), skip=tuple(conv.get("skip", ())),
+        layout=conv.get("hf_layout", "llama"), recipe=recipe,
+    )
+
+
+@lru_cache(maxsize=64)
+def name_map(arch: MODEL_ARCH, n_blocks: int) -> gguf.TensorNameMap:
+    return gguf.get_tensor_name_map(arch, n_blocks)
+
+
+def gguf_kind_of(name: str, arch: MODEL_ARCH, n_blocks: int) -> tuple[MODEL_TENSOR, int | None] | None:
+    """GGUF tensor name -> (MODEL_TENSOR, block) among the kinds this arch has."""
+    m = re.match(r"^(.*?)(\.weight|\.bias)?$", name)
+    base = m.group(1)
+    bm = re.match(r"^blk\.(\d+)\.", base)
+    bid = int(bm.group(1)) if bm else None
+    for kind in MODEL_TENSORS[arch]:
+        tmpl = TENSOR_NAMES[kind]
+        if (bid is None and tmpl == base) or (bid is not None and tmpl.format(bid=bid) == base):
+            return kind, bid
+    return None
+
+
+def hf_name_for(fam: Family, kind: MODEL_TENSOR, bid: int | None, suffix: str, n_blocks: int, xid: int | None = None) -> str:
+    """The HF name of a GGUF tensor kind, checked against gguf-py's forward mapping."""
+    tmpl = HF_LAYOUTS[fam.layout].get(kind)
+    if tmpl is None:
+        raise LlmarchError(f"no Hugging Face name known for GGUF tensor kind {kind.name} in family {fam.family}")
+    hf = tmpl.format(bid=bid, xid=xid) + suffix
+    probe = tmpl.format(bid=bid, xid="{xid}").replace(".{xid}", "") + suffix if xid is not None else hf
+    want = TENSOR_NAMES[kind].format(bid=bid) + suffix
+    got = name_map(fam.arch, n_blocks).get_name(probe, try_suffixes=(".weight", ".bias"))
+    if got != want:
+        raise LlmarchError(f"internal: HF name {probe} maps to {got}, not {want}, in gguf-py's table for {fam.arch_name}")
+    return hf

@@ -1,0 +1,174 @@
+"""The per-tensor plan of an HF -> GGUF conversion: what each GGUF tensor is, its type, shape and
+bytes, and which source tensors (pieces) fill it at which offset. `--dry-run` prints it.
+
+Type rules follow llama.cpp's convert_hf_to_gguf.py so that files load the same way: 1-D tensors,
+norms, biases, routers and position embeddings stay F32; the rest gets --dtype, falling back to
+F16 when a row does not divide into quant blocks.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES, GGMLQuantizationType, LlamaFileType
+
+from llmarch.checkpoint.base import Checkpoint, TensorInfo
+from llmarch.convert.layout import Family, name_map
+from llmarch.errors import LlmarchError
+from llmarch.spec import ArchSpec
+
+Q = GGMLQuantizationType
+DTYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
+    "f32": (Q.F32, LlamaFileType.ALL_F32), "f16": (Q.F16, LlamaFileType.MOSTLY_F16),
+    "bf16": (Q.BF16, LlamaFileType.MOSTLY_BF16), "q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (Q.Q4_0, LlamaFileType.MOSTLY_Q4_0), "q4_1": (Q.Q4_1, LlamaFileType.MOSTLY_Q4_1),
+    "q5_0": (Q.Q5_0, LlamaFileType.MOSTLY_Q5_0), "q5_1": (Q.Q5_1, LlamaFileType.MOSTLY_Q5_1),
+}
+# llama.cpp keeps these F32 whatever --outtype says (convert_hf_to_gguf.py, prepare_tensors)
+F32_KINDS = {MODEL_TENSOR.FFN_GATE_INP, MODEL_TENSOR.FFN_GATE_INP_SHEXP, MODEL_TENSOR.POS_EMBD,
+             MODEL_TENSOR.TOKEN_TYPES, MODEL_TENSOR.ROPE_FREQS}
+EXPERT_RE = re.compile(r"^(?P<pre>.*\.experts)\.(?P<xid>\d+)\.(?P<w>[^.]+)\.(?P<suffix>weight|bias)$")
+
+
+@dataclass
+class Piece:
+    """One source tensor (or generated array) and where its bytes go inside the output tensor."""
+
+    src: TensorInfo | None
+    offset: int  # byte offset inside the output tensor
+    permute_heads: int | None = None  # llama.cpp's Q/K row permutation for its RoPE layout
+    transpose: bool = False
+    shift: float = 0.0
+    data: np.ndarray | None = None  # generated tensors (rope_freqs)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = tuple(self.data.shape) if self.data is not None else self.src.shape
+        return shape[::-1] if self.transpose else shape
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    type: GGMLQuantizationType
+    shape: tuple[int, ...]  # PyTorch order (outermost first)
+    pieces: list[Piece] = field(default_factory=list)
+    sources: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes(self.shape, self.type)
+
+
+@dataclass
+class Plan:
+    family: Family
+    spec: ArchSpec
+    file_type: LlamaFileType
+    tensors: list[PlannedTensor]
+    kv: list = field(default_factory=list)  # (key, value, GGUFValueType, sub_type)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def tensor_bytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
+    block, size = GGML_QUANT_SIZES[qtype]
+    return math.prod(shape) // block * size
+
+
+def choose_type(name: str, kind: MODEL_TENSOR, shape: tuple[int, ...], want: GGMLQuantizationType) -> GGMLQuantizationType:
+    if len(shape) <= 1 or name.endswith("_norm.weight") or kind in F32_KINDS or not name.endswith(".weight"):
+        return Q.F32
+    block, _ = GGML_QUANT_SIZES[want]
+    if shape[-1] % block:
+        return Q.F16  # as llama.cpp does when a row does not split into blocks
+    return want
+
+
+def build_plan(ckpt: Checkpoint, spec: ArchSpec, fam: Family, dtype: str) -> Plan:
+    if dtype not in DTYPES:
+        raise LlmarchError(f"unknown --dtype {dtype!r}; one of {', '.join(DTYPES)}")
+    want, ftype = DTYPES[dtype]
+    n_blocks = spec.layers
+    tmap = name_map(fam.arch, n_blocks)
+    allowed = set(MODEL_TENSORS[fam.arch])
+    heads, kv_heads = spec.attention.heads, spec.attention.kv_heads or spec.attention.heads
+
+    groups: dict[str, dict] = {}  # gguf name -> {kind, pieces: [(xid, piece)]}
+    blocked: list[str] = []
+    for hf_name, info in ckpt.tensors.items():
+        if fam.skipped(hf_name):
+            continue
+        m = EXPERT_RE.match(hf_name)
+        probe = f"{m['pre']}.{m['w']}.{m['suffix']}" if m else hf_name
+        found = tmap.get_type_and_name(probe, try_suffixes=(".weight", ".bias"))
+        if found is None or found[0] not in allowed:
+            blocked.append(hf_name)
+            continue
+        kind, gname = found
+        piece = Piece(src=info, offset=0, transpose=any(hf_name.endswith(s) for s in fam.transpose))
+        if fam.permute_qk and kind in (MODEL_TENSOR.ATTN_Q, MODEL_TENSOR.ATTN_K):
+            piece.permute_heads = heads if kind == MODEL_TENSOR.ATTN_Q else kv_heads
+        if fam.norm_shift and hf_name.endswith("norm.weight"):
+            piece.shift = fam.norm_shift
+        g = groups.setdefault(gname, {"kind": kind, "pieces": []})
+        g["pieces"].append((int(m["xid"]) if m else None, piece))
+    if blocked:
+        raise LlmarchError(
+            f"{len(blocked)} tensor(s) have no place in llama.cpp's {fam.arch_name} architecture "
+            f"(gguf-py MODEL_TENSORS), e.g. {', '.join(blocked[:3])}", ckpt.path)
+
+    tensors: list[PlannedTensor] = []
+    for gname, g in groups.items():
+        pieces = sorted(g["pieces"], key=lambda p: -1 if p[0] is None else p[0])
+        shape0 = pieces[0][1].shape
+        if pieces[0][0] is not None:  # experts: stack into one 3-D tensor
+            xids = [x for x, _ in pieces]
+            if xids != list(range(len(xids))) or any(p.shape != shape0 for _, p in pieces):
+                raise LlmarchError(f"experts of {gname} are incomplete or differ in shape", ckpt.path)
+            shape = (len(pieces), *shape0)
+        else:
+            if len(pieces) != 1:
+                raise LlmarchError(f"several source tensors map to {gname}", ckpt.path)
+            shape = shape0
+        qtype = choose_type(gname, g["kind"], shape, want)
+        step = tensor_bytes(shape0, qtype)
+        for i, (_, p) in enumerate(pieces):
+            p.offset = i * step
+        src = pieces[0][1].src.name if len(pieces) == 1 else f"{pieces[0][1].src.name} .. ({len(pieces)} experts)"
+        tensors.append(PlannedTensor(gname, qtype, shape, [p for _, p in pieces], src))
+    tensors.extend(_generated(spec, fam))
+    return Plan(fam, spec, ftype, tensors)
+
+
+def _generated(spec: ArchSpec, fam: Family) -> list[PlannedTensor]:
+    """Tensors llama.cpp derives from config: rope_freqs for Llama 3 RoPE scaling."""
+    sc = spec.rope.scaling or {}
+    if (sc.get("type") or "").lower() != "llama3" or MODEL_TENSOR.ROPE_FREQS not in MODEL_TENSORS[fam.arch]:
+        return []
+    factors = llama3_rope_factors(spec.attention.head_dim, spec.rope.theta or 10000.0, sc)
+    name = TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS] + ".weight"
+    return [PlannedTensor(name, Q.F32, factors.shape, [Piece(None, 0, data=factors)], "(llama3 rope scaling)")]
+
+
+def llama3_rope_factors(dim: int, base: float, sc: dict) -> np.ndarray:
+    """Per-frequency divisors of Llama 3.1 RoPE scaling, the form llama.cpp reads (rope_freqs)."""
+    factor = sc.get("factor", 8.0)
+    low, high = sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+    old_ctx = sc.get("original_max_position_embeddings", 8192)
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    out = np.where(wavelen < old_ctx / high, 1.0,
+                   np.where(wavelen > old_ctx / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+    return out.astype(np.float32)
+
+
+def describe(plan: Plan) -> list[dict]:
+    return [{"name": t.name, "type": t.type.name, "shape": list(t.shape), "bytes": t.nbytes, "source": t.sources}
+            for t in plan.tensors]

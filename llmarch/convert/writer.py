@@ -1,0 +1,174 @@
+"""Streaming GGUF writer: header, metadata and tensor infos first (gguf-py's GGUFWriter), then each
+tensor converted and pwrite()n at its final offset by a thread pool.
+
+Memory stays bounded by a few chunks per thread: sources are read with pread (not mmap, whose
+touched pages would count in RSS), large tensors go in row blocks, and same-type copies
+(bf16 -> bf16 without permutation) never enter user space (copy_file_range). numpy's kernels
+and the syscalls release the GIL, so threads use every core. The file is written under a
+temporary name and renamed only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+
+from llmarch.convert.plan import Piece, Plan, PlannedTensor, tensor_bytes
+from llmarch.errors import LlmarchError
+
+CHUNK_ELEMS = 1 << 22  # elements per row block (16 MiB as f32)
+NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+SAME = {("F32", Q.F32), ("F16", Q.F16), ("BF16", Q.BF16)}
+
+
+def temp_path(out: Path) -> Path:
+    return out.with_name(f".{out.name}.partial-{os.getpid()}")
+
+
+def to_f32(a: np.ndarray, src_dtype: str) -> np.ndarray:
+    if src_dtype == "BF16":  # bf16 is the top half of an f32
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32, copy=False)
+
+
+def encode(a: np.ndarray, src_dtype: str, qtype: Q, shift: float = 0.0) -> np.ndarray:
+    """Source array (bf16 as uint16) -> bytes of GGML type qtype."""
+    if not shift and (src_dtype, qtype) in SAME:
+        return a  # bf16 -> bf16 etc.: bit copy, no float32 detour
+    x = to_f32(a, src_dtype)
+    if shift:
+        x = x + np.float32(shift)
+    if qtype == Q.F32:
+        return x
+    if qtype == Q.F16:
+        return x.astype(np.float16)
+    return gguf.quants.quantize(x, qtype)
+
+
+class _Sources:
+    """One read-only fd per source file, shared by the threads (pread is position-free)."""
+
+    def __init__(self):
+        self.fds: dict[Path, int] = {}
+        self.lock = threading.Lock()
+
+    def fd(self, path: Path) -> int:
+        with self.lock:
+            if path not in self.fds:
+                self.fds[path] = os.open(path, os.O_RDONLY)
+            return self.fds[path]
+
+    def read(self, piece: Piece, first: int = 0, count: int | None = None) -> np.ndarray:
+        """Elements [first, first+count) of the piece's source tensor, as its numpy dtype."""
+        src = piece.src
+        dt = NP_DTYPES.get(src.dtype)
+        if dt is None:
+            raise LlmarchError(f"tensor {src.name} has dtype {src.dtype}, not a float type we convert", src.file)
+        size = np.dtype(dt).itemsize
+        count = src.numel if count is None else count
+        buf = np.empty(count, dtype=dt)
+        mv, off, done = memoryview(buf).cast("B"), src.offset + first * size, 0
+        while done < count * size:
+            n = os.preadv(self.fd(src.file), [mv[done:]], off + done)
+            if n <= 0:
+                raise LlmarchError(f"short read of tensor {src.name}", src.file)
+            done += n
+        return buf
+
+    def close(self):
+        for fd in self.fds.values():
+            os.close(fd)
+
+
+def _tasks(t: PlannedTensor, base: int):
+    """(piece, first row, rows, byte offset in the file) units of work for one tensor."""
+    for p in t.pieces:
+        shape = p.shape
+        if p.data is not None or p.permute_heads or p.transpose or len(shape) < 2:
+            yield p, 0, None, base + p.offset
+            continue
+        rows, cols = int(np.prod(shape[:-1])), shape[-1]
+        row_bytes = tensor_bytes((cols,), t.type)
+        step = max(1, CHUNK_ELEMS // cols)
+        for r in range(0, rows, step):
+            yield p, r, min(step, rows - r), base + p.offset + r * row_bytes
+
+
+def _run(task, t: PlannedTensor, src: _Sources, out_fd: int) -> None:
+    p, first, rows, at = task
+    if p.data is not None:
+        data = encode(p.data, "F32", t.type)
+    else:
+        shape = p.src.shape
+        cols = shape[-1] if len(shape) else 1
+        if rows is not None and not p.shift and (p.src.dtype, t.type) in SAME:
+            size = np.dtype(NP_DTYPES[p.src.dtype]).itemsize
+            _copy_range(src.fd(p.src.file), out_fd, rows * cols * size, p.src.offset + first * cols * size, at)
+            return
+        a = src.read(p, first * cols, None if rows is None else rows * cols)
+        a = a.reshape((rows, cols) if rows is not None else shape)
+        if p.transpose:
+            a = np.ascontiguousarray(a.T)
+        if p.permute_heads:  # llama.cpp's permute(): interleave the two rotary halves of each head
+            n = p.permute_heads
+            a = a.reshape(n, 2, a.shape[0] // n // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+        data = encode(a, p.src.dtype, t.type, p.shift)
+    mv = memoryview(np.ascontiguousarray(data)).cast("B")
+    done = 0
+    while done < len(mv):
+        done += os.pwrite(out_fd, mv[done:], at + done)
+
+
+def _copy_range(src_fd: int, dst_fd: int, n: int, src_off: int, dst_off: int) -> None:
+    done = 0
+    while done < n:
+        k = os.copy_file_range(src_fd, dst_fd, n - done, src_off + done, dst_off + done)
+        if k <= 0:
+            raise OSError("copy_file_range copied nothing")
+        done += k
+
+
+def write_gguf(plan: Plan, out: Path, add_metadata, threads: int | None = None) -> None:
+    """add_metadata(writer) adds the KV pairs; tensors come from the plan."""
+    tmp = temp_path(out)
+    threads = threads or os.cpu_count() or 1
+    sources = _Sources()
+    try:
+        w = gguf.GGUFWriter(tmp, plan.family.arch_name)
+        add_metadata(w)
+        for t in plan.tensors:
+            w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        f = w.fout[0]
+        start = gguf.GGUFWriter.ggml_pad(f.tell(), w.data_alignment)
+        f.close()
+        offsets, pos = [], start
+        for t in plan.tensors:
+            offsets.append(pos)
+            pos += gguf.GGUFWriter.ggml_pad(t.nbytes, w.data_alignment)
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            try:  # reserve the space now: a full disk fails here, before any work
+                os.posix_fallocate(fd, 0, pos)
+            except OSError as e:
+                raise LlmarchError(f"cannot reserve {pos} bytes: {e.strerror}", out) from e
+            work = [(task, t) for t, base in zip(plan.tensors, offsets) for task in _tasks(t, base)]
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                for fut in [pool.submit(_run, task, t, sources, fd) for task, t in work]:
+                    fut.result()
+        finally:
+            os.close(fd)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        sources.close()
