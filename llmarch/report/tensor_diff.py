@@ -18,13 +18,14 @@ DERIVED_RE = re.compile(r"(rotary_emb\.inv_freq|^rope_freqs\.weight)$")
 SUFFIXES = (".weight", ".bias")
 
 
-def _name_map(gguf_arch: str | None, n_blocks: int):
+def _name_maps(gguf_arch: str | None, n_blocks: int) -> list:
+    """The arch's TensorNameMap, then llama's: gguf-py lists only the tensors llama.cpp loads
+    for an arch (qwen3moe has no dense FFN, yet mlp_only_layers makes some layers dense)."""
     import gguf
 
     archs = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
-    if gguf_arch not in archs:
-        return None
-    return gguf.get_tensor_name_map(archs[gguf_arch], max(n_blocks, 1))
+    names = [a for a in (gguf_arch, "llama") if a in archs]
+    return [gguf.get_tensor_name_map(archs[a], max(n_blocks, 1)) for a in dict.fromkeys(names)]
 
 
 def gguf_arch_of(doc: dict) -> str | None:
@@ -42,13 +43,13 @@ def canonical_tensors(tensors: dict, fmt: str, gguf_arch: str | None) -> dict[st
     if fmt == "gguf":
         return {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}
     n_blocks = 1 + max((int(m.group(3)) for n in tensors if (m := LAYER_RE.search(n))), default=0)
-    tmap = _name_map(gguf_arch, n_blocks)
+    tmaps = _name_maps(gguf_arch, n_blocks)
     out: dict[str, tuple[tuple, str]] = {}
     experts: dict[str, list] = {}
     for name, t in tensors.items():
         m = EXPERT_RE.search(name)
         key = EXPERT_RE.sub(".experts.", name, count=1) if m else name
-        mapped = tmap.get_name(key, try_suffixes=SUFFIXES) if tmap else None
+        mapped = next((n for t in tmaps if (n := t.get_name(key, try_suffixes=SUFFIXES))), None)
         canon = mapped or key
         if m:
             experts.setdefault(canon, []).append((int(m.group(1)), tuple(t.shape), t.dtype))
