@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from llmarch.checkpoint.base import Checkpoint, TensorInfo
+from llmarch.checkpoint.config_check import check_config
 from llmarch.checkpoint.gguf import open_gguf
 from llmarch.checkpoint.safetensors import read_header
 from llmarch.errors import CheckpointError
@@ -49,7 +50,10 @@ def open_checkpoint(source: str | Path | None) -> Checkpoint:
 def open_folder(folder: Path) -> Checkpoint:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        return _from_files(folder, _shards_from_index(index), config_dir=folder)
+        shards, weight_map = _shards_from_index(index)
+        ckpt = _from_files(folder, shards, config_dir=folder)
+        _check_weight_map(index, weight_map, ckpt)
+        return ckpt
     shards = sorted(folder.glob("*.safetensors"))
     if shards:
         return _from_files(folder, shards, config_dir=folder)
@@ -58,13 +62,14 @@ def open_folder(folder: Path) -> Checkpoint:
         firsts = [p for p in ggufs if not re.search(r"-\d{5}-of-\d{5}\.gguf$", p.name) or "-00001-of-" in p.name]
         if len(firsts) == 1:
             return open_gguf(firsts[0])
-        raise CheckpointError(f"folder holds {len(firsts)} GGUF models; name one", folder)
+        names = ", ".join(p.name for p in firsts[:5]) + (", ..." if len(firsts) > 5 else "")
+        raise CheckpointError(f"folder holds {len(firsts)} GGUF models ({names}); name one", folder)
     if any(p.suffix.lower() in PICKLE_SUFFIXES for p in folder.iterdir()):
         raise CheckpointError(PICKLE_REASON, folder)
     raise CheckpointError("no model here (no *.safetensors, *.gguf or model.safetensors.index.json)", folder)
 
 
-def _shards_from_index(index: Path) -> list[Path]:
+def _shards_from_index(index: Path) -> tuple[list[Path], dict[str, str]]:
     data = _read_json(index)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -78,7 +83,20 @@ def _shards_from_index(index: Path) -> list[Path]:
         if not shard.is_file():
             raise CheckpointError(f"shard {name!r} named by the index is missing", index)
         shards.append(shard)
-    return shards
+    return shards, weight_map
+
+
+def _check_weight_map(index: Path, weight_map: dict[str, str], ckpt: Checkpoint) -> None:
+    """Every tensor the index names must be in the shard it names (a stale index is corrupt)."""
+    folder = index.parent.resolve()
+    resolved = {file: (folder / file).resolve() for file in set(weight_map.values())}
+    tensors = ckpt.tensors
+    for name, file in weight_map.items():
+        t = tensors.get(name)
+        if t is None:
+            raise CheckpointError(f"index names tensor {name!r} in {file}, but no shard holds it", index)
+        if t.file != resolved[file]:
+            raise CheckpointError(f"index puts tensor {name!r} in {file}, but it is in {t.file.name}", index)
 
 
 def _from_files(path: Path, shards: list[Path], config_dir: Path) -> Checkpoint:
@@ -110,4 +128,5 @@ def read_config(path: Path) -> dict:
     config = _read_json(path)
     if not isinstance(config, dict):
         raise CheckpointError("config is not a JSON object", path)
+    check_config(config, path)
     return config
