@@ -1,0 +1,99 @@
+"""Static, preallocated KV cache. Full-attention layers hold every position; sliding layers hold a
+ring buffer of their window, so memory follows inspect's KV figure.
+
+Layers with the same (slots, window) share one slot->position table, from which the attention
+mask is built once per step: a key is visible when its slot is filled, not in the future, and
+inside the window. Decode (one token) writes first and attends over the buffer (static shapes:
+CUDA-graph friendly); a multi-token step on a ring attends over ring + new keys, then writes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmarch.spec import LayerSpec
+
+
+class SlotGroup:
+    def __init__(self, size: int, window: int | None, ring: bool, device):
+        self.size, self.window, self.ring = size, window, ring
+        self.slot_pos = torch.full((size,), -1, dtype=torch.long, device=device)
+        self.mask = None
+        self.concat = False
+        self.write_slots = None
+        self.write_from = 0
+        self.limit = size
+
+    def prepare(self, pos: torch.Tensor, limit: int | None) -> None:
+        T = pos.shape[0]
+        if self.ring and T > 1:
+            key_pos = torch.cat([self.slot_pos, pos])
+            n = min(T, self.size)
+            self.write_slots, self.write_from = pos[T - n:] % self.size, T - n
+            self.slot_pos.index_copy_(0, self.write_slots, pos[T - n:])
+            self.concat, self.limit = True, None
+        else:
+            self.write_slots, self.write_from = (pos % self.size) if self.ring else pos, 0
+            self.slot_pos.index_copy_(0, self.write_slots, pos)
+            self.concat = False
+            # eager full layers attend only over the filled prefix; graphs pass limit=None (all)
+            self.limit = None if (self.ring or limit is None) else min(limit, self.size)
+            key_pos = self.slot_pos if self.limit is None else self.slot_pos[: self.limit]
+        q = pos[:, None]
+        visible = (key_pos[None, :] >= 0) & (key_pos[None, :] <= q)
+        if self.window is not None:
+            visible &= key_pos[None, :] > q - self.window
+        self.mask = visible
+
+    def reset(self) -> None:
+        self.slot_pos.fill_(-1)
+
+
+class LayerCache:
+    def __init__(self, group: SlotGroup, batch: int, kv_heads: int, k_dim: int, v_dim: int, dtype, device):
+        self.group = group
+        self.k = torch.zeros(batch, kv_heads, group.size, k_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(batch, kv_heads, group.size, v_dim, dtype=dtype, device=device)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k/v [B, H, T, D]; return the keys/values the step attends over."""
+        g = self.group
+        if g.concat:
+            keys, values = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+            self.k.index_copy_(2, g.write_slots, k[:, :, g.write_from:])
+            self.v.index_copy_(2, g.write_slots, v[:, :, g.write_from:])
+            return keys, values
+        self.k.index_copy_(2, g.write_slots, k.to(self.k.dtype))
+        self.v.index_copy_(2, g.write_slots, v.to(self.v.dtype))
+        if g.limit is not None:
+            return self.k[:, :, : g.limit], self.v[:, :, : g.limit]
+        return self.k, self.v
+
+
+class KVCache:
+    def __init__(self, schedule: list[LayerSpec], max_seq: int, kv_heads: int, k_dim: int, v_dim: int,
+                 dtype, device, batch: int = 1):
+        self.max_seq = max_seq
+        self.groups: dict[tuple, SlotGroup] = {}
+        self.layers: dict[int, LayerCache] = {}
+        for layer in schedule:
+            if layer.mixer not in ("full", "sliding"):
+                continue  # MLA / linear layers bring their own state (later issues)
+            window = layer.window if layer.mixer == "sliding" else None
+            ring = window is not None and window < max_seq
+            size = window if ring else max_seq
+            key = (size, window, ring)
+            if key not in self.groups:
+                self.groups[key] = SlotGroup(size, window, ring, device)
+            self.layers[layer.index] = LayerCache(self.groups[key], batch, kv_heads, k_dim, v_dim, dtype, device)
+
+    def prepare(self, pos: torch.Tensor, limit: int | None = None) -> None:
+        for g in self.groups.values():
+            g.prepare(pos, limit)
+
+    def reset(self) -> None:
+        for g in self.groups.values():
+            g.reset()
+
+    def nbytes(self) -> int:
+        return sum(c.k.numel() * c.k.element_size() + c.v.numel() * c.v.element_size() for c in self.layers.values())

@@ -1,0 +1,89 @@
+"""source -> (spec, ready model): fingerprint, pick device/dtype, build on meta, assign weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from llmarch.checkpoint import open_checkpoint
+from llmarch.errors import LlmarchError
+from llmarch.spec import ArchSpec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DENSE_FAMILIES_NOTE = "llmarch run supports dense attention families (llama, mistral, qwen3, smollm3, olmo2/3, gemma3, gpt2)"
+
+
+@dataclass
+class Runtime:
+    spec: ArchSpec
+    model: torch.nn.Module
+    ckpt: object
+    device: torch.device
+    dtype: torch.dtype
+    notes: list[str] = field(default_factory=list)
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LlmarchError("--device cuda asked for, but no CUDA GPU is available (torch sees none); use --device cpu")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise LlmarchError(f"unknown --device {device!r}; use cpu or cuda")
+    return torch.device(device)
+
+
+def _has_fast_bf16_cpu() -> bool:
+    cap = torch.backends.cpu.get_cpu_capability()
+    return cap in ("AVX512_BF16", "AMX") or "AMX" in cap
+
+
+def pick_dtype(dtype: str | None, ckpt, device: torch.device, notes: list[str]) -> torch.dtype:
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise LlmarchError(f"unknown --dtype {dtype!r}; one of float32, bfloat16, float16")
+        return DTYPES[dtype]
+    floats = [t.dtype for t in ckpt.tensors.values() if t.dtype in ("F32", "BF16", "F16")]
+    stored = max(set(floats), key=floats.count) if floats else None
+    if ckpt.format == "gguf" or stored is None:
+        chosen = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        chosen = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[stored]
+    if device.type == "cpu" and chosen != torch.float32 and not _has_fast_bf16_cpu():
+        notes.append(f"dtype float32 (this CPU has no native bf16/fp16 matmul; {chosen} would be slower)")
+        chosen = torch.float32
+    return chosen
+
+
+def check_supported(spec: ArchSpec, path) -> None:
+    if spec.family == "unknown" or not spec.layers or not spec.hidden_size:
+        raise LlmarchError(f"unknown model family (no usable config); {DENSE_FAMILIES_NOTE}", path)
+    if spec.moe is not None or spec.attention.mla:
+        raise LlmarchError(f"family {spec.family!r} (MoE/MLA) is not supported by llmarch run yet; {DENSE_FAMILIES_NOTE}", path)
+    if spec.per_layer_embeddings or spec.linear_attention:
+        raise LlmarchError(f"family {spec.family!r} is not supported by llmarch run yet; {DENSE_FAMILIES_NOTE}", path)
+
+
+def load_runtime(source: str | None, device: str | None = None, dtype: str | None = None,
+                 quant_bits: int | None = None) -> Runtime:
+    from llmarch.fingerprint import fingerprint
+    from llmarch.runtime.model import build_model, load_weights
+    from llmarch.runtime.weights import open_weights
+
+    dev = pick_device(device)
+    ckpt = open_checkpoint(source)
+    try:
+        spec = fingerprint(ckpt)
+    except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as e:
+        raise LlmarchError(f"cannot read the model's config: {type(e).__name__}: {e}", ckpt.path) from e
+    check_supported(spec, ckpt.path)
+    notes: list[str] = []
+    dt = pick_dtype(dtype, ckpt, dev, notes)
+    if quant_bits and dev.type == "cuda" and quant_bits == 4:
+        raise LlmarchError("--keep-quantized 4-bit runs on the CPU only; use 8 on cuda")
+    model = build_model(spec)
+    load_weights(model, open_weights(ckpt, spec), dt, dev, quant_bits)
+    model.eval()
+    return Runtime(spec, model, ckpt, dev, dt, notes)

@@ -1,0 +1,191 @@
+"""A decoder assembled from the ArchSpec's per-layer schedule.
+
+Each Block gets its mixer and FFN injected from registries keyed by LayerSpec.mixer / .ffn, so the
+MoE/MLA/linear-attention issues add entries (`MIXERS["mla"] = ...`, `FFNS["moe"] = ...`) instead of
+new model files. The model is built on the meta device; load_weights() then assigns tensors read
+lazily from the checkpoint (memory-mapped safetensors are used in place when dtypes match).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmarch.errors import LlmarchError
+from llmarch.runtime.ops.attention import Attention
+from llmarch.runtime.ops.mlp import GatedMLP, PlainMLP
+from llmarch.runtime.ops.norms import make_norm
+from llmarch.runtime.ops.rope import Rope
+from llmarch.spec import ArchSpec, LayerSpec
+
+# mixer kind -> factory(spec, layer, rope) ; ffn kind -> factory(spec, layer)
+MIXERS: dict[str, Callable[..., nn.Module]] = {"full": Attention, "sliding": Attention}
+
+
+def dense_ffn(spec: ArchSpec, layer: LayerSpec) -> nn.Module:
+    if spec.family == "gpt2" or spec.rope.learned_positions:
+        return PlainMLP(spec.hidden_size, spec.intermediate_size, spec.activation, bias=spec.ffn_bias)
+    return GatedMLP(spec.hidden_size, spec.intermediate_size, spec.activation, bias=spec.ffn_bias)
+
+
+FFNS: dict[str, Callable[..., nn.Module]] = {"dense": dense_ffn}
+NORM_SLOTS = {"pre": ("attn_norm", "ffn_norm"), "post": ("attn_post_norm", "ffn_post_norm"),
+              "sandwich": ("attn_norm", "attn_post_norm", "ffn_norm", "ffn_post_norm")}
+
+
+class Block(nn.Module):
+    """x + [post](mixer([pre] x)), then the same around the FFN; absent norms are skipped."""
+
+    def __init__(self, spec: ArchSpec, layer: LayerSpec, mixer: nn.Module, ffn: nn.Module):
+        super().__init__()
+        self.attn, self.mlp = mixer, ffn
+        slots = NORM_SLOTS.get(spec.norm.placement, NORM_SLOTS["pre"])
+        for slot in ("attn_norm", "attn_post_norm", "ffn_norm", "ffn_post_norm"):
+            norm = make_norm(spec.norm.kind, spec.hidden_size, spec.norm.eps, spec.norm.unit_offset) if slot in slots else None
+            setattr(self, slot, norm)
+
+    def forward(self, x, pos, cache):
+        h = self.attn(self.attn_norm(x) if self.attn_norm is not None else x, pos, cache)
+        x = x + (self.attn_post_norm(h) if self.attn_post_norm is not None else h)
+        h = self.mlp(self.ffn_norm(x) if self.ffn_norm is not None else x)
+        return x + (self.ffn_post_norm(h) if self.ffn_post_norm is not None else h)
+
+
+def _rope_key(spec: ArchSpec, layer: LayerSpec):
+    if not layer.rope or spec.rope.learned_positions:
+        return None
+    theta = layer.rope_theta or spec.rope.theta or 10000.0
+    scaling = layer.rope_scaling if layer.rope_scaling is not None else spec.rope.scaling
+    kind = (scaling or {}).get("type") or (scaling or {}).get("rope_type") or "default"
+    if kind == "default":
+        scaling = None
+    rot = int(spec.attention.head_dim * spec.rope.partial) // 2 * 2
+    return (float(theta), repr(sorted((scaling or {}).items())), rot), scaling
+
+
+class Transformer(nn.Module):
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        self.spec = spec
+        d = spec.hidden_size
+        self.embed = nn.Embedding(spec.vocab_size, d)
+        self.pos_embed = nn.Embedding(spec.context_length or 1024, d) if spec.rope.learned_positions else None
+        self.ropes = nn.ModuleDict()
+        layers = []
+        for layer in spec.schedule:
+            if layer.mixer not in MIXERS:
+                raise LlmarchError(f"layer {layer.index}: mixer {layer.mixer!r} is not supported by llmarch run yet")
+            if layer.ffn not in FFNS:
+                raise LlmarchError(f"layer {layer.index}: FFN {layer.ffn!r} is not supported by llmarch run yet")
+            rope = None
+            key = _rope_key(spec, layer)
+            if key is not None:
+                (theta, skey, rot), scaling = key
+                name = f"r{len(self.ropes)}"
+                for n, r in self.ropes.items():
+                    if r.key == key[0]:
+                        name = n
+                        break
+                else:
+                    r = Rope(spec.attention.head_dim, rot, theta, scaling, spec.context_length)
+                    r.key = key[0]
+                    self.ropes[name] = r
+                rope = self.ropes[name]
+            layers.append(Block(spec, layer, MIXERS[layer.mixer](spec, layer, rope), FFNS[layer.ffn](spec, layer)))
+        self.layers = nn.ModuleList(layers)
+        self.final_norm = make_norm(spec.norm.kind, d, spec.norm.eps, spec.norm.unit_offset)
+        self.lm_head = None if spec.tied_embeddings else nn.Linear(d, spec.vocab_size, bias=False)
+        self.tied_quant = None  # Int8Linear shared by the embedding and the head (--keep-quantized, tied)
+        self.embed_scale = spec.embedding_scale
+        self.final_softcap = spec.final_softcap
+
+    def setup(self, max_seq: int, device, dtype) -> None:
+        for r in self.ropes.values():
+            r.build(max_seq, device, dtype)
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, cache, limit: int | None = None,
+                last_only: bool = True) -> torch.Tensor:
+        cache.prepare(pos, limit)
+        if self.tied_quant is not None:
+            x = self.tied_quant.row(ids, self.final_norm.weight.dtype)
+        else:
+            x = self.embed(ids)
+        if self.embed_scale is not None:  # Gemma: the scale is rounded to the activation dtype first
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(pos)
+        for block in self.layers:
+            x = block(x, pos, cache)
+        if last_only:
+            x = x[:, -1:]
+        x = self.final_norm(x)
+        if self.tied_quant is not None:
+            logits = self.tied_quant(x)
+        elif self.lm_head is None:
+            logits = F.linear(x, self.embed.weight)
+        else:
+            logits = self.lm_head(x)
+        if self.final_softcap:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
+
+
+def build_model(spec: ArchSpec) -> Transformer:
+    with torch.device("meta"):
+        return Transformer(spec)
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, leaf = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), leaf
+
+
+def load_weights(model: Transformer, source, dtype: torch.dtype, device, quant_bits: int | None = None) -> None:
+    """Assign every parameter from `source` (checking shapes), fusing q/k/v and gate/up on the way.
+
+    quant_bits: replace each Linear by its weight-only int8/int4 form as soon as it is loaded, so the
+    float copy of one matrix at a time is all that is ever held.
+    """
+    from llmarch.runtime.quant import Int8Linear, quantize_linear
+
+    where = str(source.ckpt.path)
+
+    def fetch(name: str, shape) -> torch.Tensor:
+        mod_path, _, kind = name.rpartition(".")
+        owner_path, _, leaf = mod_path.rpartition(".")
+        owner = model.get_submodule(owner_path) if owner_path else model
+        parts = getattr(owner, "fused", {}).get(leaf)
+        if parts:
+            tensors = [fetch1(f"{owner_path}.{p}.{kind}") for p in parts]
+            t = torch.cat([x.to(dtype) for x in tensors], dim=0)
+        else:
+            t = fetch1(name)
+        if tuple(t.shape) != tuple(shape):
+            raise LlmarchError(f"weight {name} has shape {tuple(t.shape)}, the spec needs {tuple(shape)}", where)
+        return t
+
+    def fetch1(name: str) -> torch.Tensor:
+        canon = {"embed.weight": "embed.weight", "pos_embed.weight": "pos_embed.weight"}.get(name, name)
+        t = source.get(canon)
+        if t is None:
+            raise LlmarchError(f"weight missing: {canon} (looked for {source.name_of(canon) or 'no mapping'})", where)
+        return t
+
+    for mname, mod in list(model.named_modules()):
+        own = list(mod._parameters.items())
+        for pname, p in own:
+            if p is None:
+                continue
+            name = f"{mname}.{pname}" if mname else pname
+            t = fetch(name, p.shape).to(device=device, dtype=dtype)
+            mod._parameters[pname] = nn.Parameter(t, requires_grad=False)
+        if quant_bits and isinstance(mod, nn.Linear) and mname.startswith(("layers.", "lm_head")):
+            parent, leaf = _parent(model, mname)
+            setattr(parent, leaf, quantize_linear(mod, quant_bits if mname.startswith("layers.") else 8))
+    if quant_bits and model.lm_head is None:
+        # tied: one int8 table serves the embedding lookup and the head
+        model.tied_quant = Int8Linear(model.embed.weight.data, None)
+        model.embed = None

@@ -1,0 +1,80 @@
+"""Softmax attention over a KV cache: MHA/GQA/MQA, sliding window (through the cache's mask),
+QK-norm (per head or over the whole projection), soft-capping, attention sinks.
+
+q, k and v are one fused matmul (`qkv`). The score computation uses SDPA unless soft-capping or
+sinks need the explicit form.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmarch.runtime.ops.norms import make_norm
+from llmarch.runtime.ops.rope import Rope
+from llmarch.spec import ArchSpec, LayerSpec
+
+
+def attend(q, k, v, mask, scale: float, softcap: float | None = None, sinks: torch.Tensor | None = None):
+    """q [B,H,T,D], k/v [B,KV,S,D], mask bool [T,S] (True = visible) -> [B,H,T,Dv]."""
+    if softcap is None and sinks is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is not None:  # a learned per-head logit that takes probability mass but adds no value
+        sink = sinks.reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1).to(scores.dtype)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1).float(), dim=-1)[..., :-1].to(q.dtype)
+    else:
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+class Attention(nn.Module):
+    fused = {"qkv": ("q", "k", "v")}
+
+    def __init__(self, spec: ArchSpec, layer: LayerSpec, rope: Rope | None):
+        super().__init__()
+        a = spec.attention
+        d = spec.hidden_size
+        self.heads, self.kv_heads, self.head_dim = a.heads, a.kv_heads, a.head_dim
+        self.v_dim = a.v_head_dim or a.head_dim
+        self.sizes = [a.heads * a.head_dim, a.kv_heads * a.head_dim, a.kv_heads * self.v_dim]
+        self.qkv = nn.Linear(d, sum(self.sizes), bias=a.bias)
+        self.o = nn.Linear(a.heads * self.v_dim, d, bias=a.out_bias)
+        self.qk_norm = a.qk_norm
+        eps = spec.norm.eps
+        if a.qk_norm == "per_head":
+            self.q_norm = make_norm("rms", a.head_dim, eps, spec.norm.unit_offset)
+            self.k_norm = make_norm("rms", a.head_dim, eps, spec.norm.unit_offset)
+        elif a.qk_norm == "whole":
+            self.q_norm = make_norm("rms", self.sizes[0], eps, spec.norm.unit_offset)
+            self.k_norm = make_norm("rms", self.sizes[1], eps, spec.norm.unit_offset)
+        self.sinks = nn.Parameter(torch.zeros(a.heads)) if a.sinks else None
+        self.scale = a.scale if a.scale is not None else a.head_dim ** -0.5
+        self.softcap = a.softcap
+        self.rope = rope
+        self.index = layer.index
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(self.sizes, dim=-1)
+        if self.qk_norm == "whole":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.heads, self.head_dim)
+        k = k.view(B, T, self.kv_heads, self.head_dim)
+        if self.qk_norm == "per_head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.view(B, T, self.kv_heads, self.v_dim).transpose(1, 2)
+        if self.rope is not None:
+            q, k = self.rope(q, pos), self.rope(k, pos)
+        lc = cache.layers[self.index]
+        keys, values = lc.update(k, v)
+        out = attend(q, keys.to(q.dtype), values.to(q.dtype), lc.group.mask, self.scale, self.softcap, self.sinks)
+        return self.o(out.transpose(1, 2).reshape(B, T, self.heads * self.v_dim))

@@ -1,0 +1,39 @@
+"""RMSNorm (optionally Gemma's (1 + w)) and LayerNorm, computed in float32 like the references."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6, unit_offset: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.unit_offset = eps, unit_offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        w = self.weight.float()
+        if self.unit_offset:  # Gemma stores w around 0 and scales by (1 + w)
+            w = w + 1.0
+        return (xf * w).to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+
+
+def make_norm(kind: str, dim: int, eps: float | None, unit_offset: bool = False) -> nn.Module:
+    if kind == "layer":
+        return LayerNorm(dim, eps if eps is not None else 1e-5)
+    return RMSNorm(dim, eps if eps is not None else 1e-6, unit_offset)

@@ -1,0 +1,106 @@
+"""Rotary position embeddings: default, linear, llama3, yarn; partial rotation; NoPE is `None`.
+
+Tables of cos/sin are precomputed for the positions the KV cache can hold (not the model's whole
+context: Gemma's 32k x 256 table would cost 64 MB per base), then gathered by position.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from llmarch.errors import LlmarchError
+
+
+def _default(dim: int, theta: float) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def _llama3(inv: torch.Tensor, p: dict) -> torch.Tensor:
+    factor, low, high = p["factor"], p.get("low_freq_factor", 1.0), p.get("high_freq_factor", 4.0)
+    old = p["original_max_position_embeddings"]
+    low_wl, high_wl = old / low, old / high
+    wavelen = 2 * math.pi / inv
+    out = torch.where(wavelen > low_wl, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * out / factor + smooth * out
+    medium = ~(wavelen < high_wl) * ~(wavelen > low_wl)
+    return torch.where(medium, smoothed, out)
+
+
+def _yarn(dim: int, theta: float, p: dict, context: int | None) -> tuple[torch.Tensor, float]:
+    factor = p.get("factor")
+    orig = p["original_max_position_embeddings"]
+    if factor is None:
+        factor = context / orig
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attn = p.get("attention_factor")
+    if attn is None:
+        m, m_all = p.get("mscale"), p.get("mscale_all_dim")
+        attn = float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
+    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+    def corr_dim(rot):
+        return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = corr_dim(beta_fast), corr_dim(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos = theta ** (torch.arange(0, dim, 2).float() / dim)
+    extra = 1 - ramp
+    inv = (1.0 / (factor * pos)) * (1 - extra) + (1.0 / pos) * extra
+    return inv, attn
+
+
+def inv_freq(dim: int, theta: float, scaling: dict | None, context: int | None = None) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies for `dim` rotated dims, attention factor applied to cos/sin)."""
+    kind = (scaling or {}).get("type") or (scaling or {}).get("rope_type") or "default"
+    if kind == "default":
+        return _default(dim, theta), 1.0
+    if kind == "linear":
+        return _default(dim, theta) / scaling["factor"], 1.0
+    if kind == "llama3":
+        return _llama3(_default(dim, theta), scaling), 1.0
+    if kind == "yarn":
+        return _yarn(dim, theta, scaling, context)
+    raise LlmarchError(f"RoPE scaling type {kind!r} is not supported by llmarch run")
+
+
+class Rope(nn.Module):
+    """cos/sin tables for one (theta, scaling, rotated dims); shared by the layers that use them."""
+
+    def __init__(self, head_dim: int, rot_dim: int, theta: float, scaling: dict | None, context: int | None):
+        super().__init__()
+        self.head_dim, self.rot_dim = head_dim, rot_dim
+        self.params = (theta, scaling, context)
+        inv_freq(rot_dim, theta, scaling, context)  # fail early on an unsupported scaling type
+        self.cos = self.sin = None
+
+    def build(self, max_pos: int, device, dtype) -> None:
+        """Tables for positions < max_pos (the model is built on meta: computed here, on the CPU)."""
+        with torch.device("cpu"):
+            inv, self.attn_factor = inv_freq(self.rot_dim, *self.params)
+            pos = torch.arange(max_pos, dtype=torch.float32)
+        freqs = torch.outer(pos, inv).to(device)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos = (emb.cos() * self.attn_factor).to(dtype)
+        self.sin = (emb.sin() * self.attn_factor).to(dtype)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """x: [B, H, T, D]; pos: [T] absolute positions. Rotate-half convention (HF layout)."""
+        cos, sin = self.cos[pos], self.sin[pos]  # [T, rot]
+        r = self.rot_dim
+        xr = x[..., :r]
+        half = r // 2
+        rotated = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
+        out = xr * cos + rotated * sin
+        return out if r == x.shape[-1] else torch.cat([out, x[..., r:]], dim=-1)

@@ -1,0 +1,202 @@
+"""GGML block formats dequantized in torch (vectorised over blocks), and weight-only int8/int4
+linear layers for --keep-quantized.
+
+gguf.quants does the same in single-threaded numpy; torch is several times faster on the 270M
+Gemma file and runs on the GPU too. Layouts follow ggml-quants.c (block_q4_0, block_q4_K, ...).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmarch.errors import LlmarchError
+
+QK_K = 256
+# type name -> (elements per block, bytes per block)
+BLOCKS = {
+    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
+    "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+}
+PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+SUPPORTED = sorted(set(BLOCKS) | set(PLAIN))
+
+
+def _f16(b: torch.Tensor, start: int) -> torch.Tensor:
+    """A little-endian float16 at byte `start` of every block, as float32 [n, 1]."""
+    return b[:, start:start + 2].contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """[n, 16] bytes -> [n, 32]: low nibbles are elements 0..15, high nibbles 16..31."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+
+
+def _bits32(b: torch.Tensor, start: int) -> torch.Tensor:
+    """The 32 bits of a uint32 at byte `start`, as [n, 32] of 0/1 (bit j = element j)."""
+    qh = b[:, start:start + 4].long()
+    word = qh[:, 0] | (qh[:, 1] << 8) | (qh[:, 2] << 16) | (qh[:, 3] << 24)
+    return (word[:, None] >> torch.arange(32, device=b.device)) & 1
+
+
+def _scale_min_k4(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K: 12 bytes -> 8 six-bit scales and 8 six-bit mins (get_scale_min_k4)."""
+    sc = sc.long()
+    lo_s, lo_m = sc[:, 0:4] & 63, sc[:, 4:8] & 63
+    hi_s = (sc[:, 8:12] & 0x0F) | ((sc[:, 0:4] >> 6) << 4)
+    hi_m = (sc[:, 8:12] >> 4) | ((sc[:, 4:8] >> 6) << 4)
+    return torch.cat([lo_s, hi_s], 1).float(), torch.cat([lo_m, hi_m], 1).float()
+
+
+def _q8_0(b):
+    return _f16(b, 0) * b[:, 2:34].contiguous().view(torch.int8).float()
+
+
+def _q4_0(b):
+    return _f16(b, 0) * (_nibbles(b[:, 2:18]).float() - 8)
+
+
+def _q4_1(b):
+    return _f16(b, 0) * _nibbles(b[:, 4:20]).float() + _f16(b, 2)
+
+
+def _q5_0(b):
+    q = _nibbles(b[:, 6:22]).long() | (_bits32(b, 2) << 4)
+    return _f16(b, 0) * (q.float() - 16)
+
+
+def _q5_1(b):
+    q = _nibbles(b[:, 8:24]).long() | (_bits32(b, 4) << 4)
+    return _f16(b, 0) * q.float() + _f16(b, 2)
+
+
+def _k4_body(qs: torch.Tensor) -> torch.Tensor:
+    """128 bytes -> 256 values: each 32-byte chunk gives 32 low nibbles then 32 high nibbles."""
+    q = qs.view(-1, 4, 32)
+    return torch.stack([q & 0x0F, q >> 4], dim=2).reshape(-1, 8, 32)
+
+
+def _q4_k(b):
+    d, dmin = _f16(b, 0), _f16(b, 2)
+    s, m = _scale_min_k4(b[:, 4:16])
+    q = _k4_body(b[:, 16:144]).float()
+    return (d[:, :, None] * s[:, :, None] * q - dmin[:, :, None] * m[:, :, None]).reshape(-1, QK_K)
+
+
+def _q5_k(b):
+    d, dmin = _f16(b, 0), _f16(b, 2)
+    s, m = _scale_min_k4(b[:, 4:16])
+    qh = b[:, 16:48].long()  # bit 2j / 2j+1 of qh[l] is the 5th bit of chunk j's low / high half
+    high = torch.stack([(qh >> i) & 1 for i in range(8)], dim=1)  # [n, 8 sub-blocks, 32]
+    q = _k4_body(b[:, 48:176]).long() | (high << 4)
+    return (d[:, :, None] * s[:, :, None] * q.float() - dmin[:, :, None] * m[:, :, None]).reshape(-1, QK_K)
+
+
+def _q6_k(b):
+    ql, qh = b[:, 0:128].long(), b[:, 128:192].long()
+    sc = b[:, 192:208].contiguous().view(torch.int8).float()  # 16 scales, one per 16 values
+    d = _f16(b, 208)
+    out = []
+    for half in range(2):
+        l = ql[:, 64 * half:64 * half + 64]
+        h = qh[:, 32 * half:32 * half + 32]
+        q1 = (l[:, :32] & 0x0F) | (((h >> 0) & 3) << 4)
+        q2 = (l[:, 32:] & 0x0F) | (((h >> 2) & 3) << 4)
+        q3 = (l[:, :32] >> 4) | (((h >> 4) & 3) << 4)
+        q4 = (l[:, 32:] >> 4) | (((h >> 6) & 3) << 4)
+        out.append(torch.cat([q1, q2, q3, q4], dim=1))
+    q = torch.cat(out, dim=1).float() - 32  # [n, 256]
+    return (d * sc.repeat_interleave(16, dim=1) * q)
+
+
+_DEQUANT = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1,
+            "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+
+
+def dequantize(raw: torch.Tensor, qtype: str, shape: tuple[int, ...], chunk_blocks: int = 1 << 16) -> torch.Tensor:
+    """raw: uint8 bytes of one tensor -> float32 tensor of `shape` (chunked to bound temporaries)."""
+    if qtype in PLAIN:
+        return raw.view(PLAIN[qtype]).reshape(shape).float()
+    if qtype not in BLOCKS:
+        raise LlmarchError(f"GGUF quant type {qtype} is not supported by llmarch run (supported: {', '.join(SUPPORTED)})")
+    per, nbytes = BLOCKS[qtype]
+    blocks = raw.view(-1, nbytes)
+    out = torch.empty(blocks.shape[0], per, dtype=torch.float32, device=raw.device)
+    fn = _DEQUANT[qtype]
+    for i in range(0, blocks.shape[0], chunk_blocks):
+        out[i:i + chunk_blocks] = fn(blocks[i:i + chunk_blocks])
+    return out.reshape(shape)
+
+
+# ----------------------------------------------------------------------------- keep-quantized
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8, one scale per output channel; x @ W^T via aten._weight_int8pack_mm on CPU."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        w = weight.float()
+        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scale)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.device.type == "cpu":
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales.to(x2.dtype))
+        else:
+            y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scales.to(x2.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def row(self, ids: torch.Tensor, dtype) -> torch.Tensor:
+        """Embedding lookup from the same int8 table (tied embeddings share it with the head)."""
+        return self.qweight[ids].to(dtype) * self.scales[ids, None].to(dtype)
+
+
+class Int4Linear(nn.Module):
+    """Weight-only int4, group-wise asymmetric, CPU kernel aten._weight_int4pack_mm_for_cpu."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: int = 32):
+        super().__init__()
+        out_f, in_f = weight.shape
+        while in_f % group:
+            group //= 2
+        w = weight.float().reshape(out_f, in_f // group, group)
+        lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp(min=1e-12)
+        zero = lo + 8 * scale  # kernel computes (q - 8) * scale + zero
+        q = torch.round((w - lo) / scale).clamp(0, 15).to(torch.int32).reshape(out_f, in_f)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        sz = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], dim=-1).transpose(0, 1).contiguous()
+        self.register_buffer("scales_zeros", sz)  # [groups, out, 2]
+        self.group = group
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.out_features, self.in_features = out_f, in_f
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scales_zeros.to(x2.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def quantize_linear(mod: nn.Linear, bits: int) -> nn.Module:
+    w = mod.weight.data
+    b = mod.bias.data if mod.bias is not None else None
+    if bits == 4 and w.device.type == "cpu":
+        return Int4Linear(w, b)
+    return Int8Linear(w, b)
+
+
+def raw_bytes(mm: np.ndarray, offset: int, nbytes: int) -> torch.Tensor:
+    return torch.from_numpy(mm[offset:offset + nbytes])

@@ -1,0 +1,201 @@
+"""Where each weight of the runtime model lives in a checkpoint, read lazily.
+
+The runtime names its weights canonically (`embed`, `layers.3.attn.q.weight`, `layers.3.ffn_norm.weight`,
+...). A WeightSource answers get(canonical name) -> float tensor in PyTorch Linear layout [out, in]:
+safetensors through a copy-on-write memory map (no read until a tensor is asked for), GGUF through
+gguf-py's TENSOR_NAMES table plus the layout fixes llama.cpp's converter applied (Q/K RoPE row
+permutation for llama-family files, Gemma norms stored as 1 + w).
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmarch import recipe_book
+from llmarch.checkpoint.base import Checkpoint, TensorInfo
+from llmarch.errors import LlmarchError
+from llmarch.spec import ArchSpec
+
+# canonical leaf -> HF suffix within a decoder layer (Llama layout; most families)
+HF_LAYER = {
+    "attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
+    "attn.o": "self_attn.o_proj", "attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm",
+    "attn.sinks": "self_attn.sinks",
+    "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj",
+}
+# the HF name of each norm slot depends on where the family puts its norms
+HF_NORMS = {
+    "pre": {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
+    "sandwich": {"attn_norm": "input_layernorm", "attn_post_norm": "post_attention_layernorm",
+                 "ffn_norm": "pre_feedforward_layernorm", "ffn_post_norm": "post_feedforward_layernorm"},
+    "post": {"attn_post_norm": "post_attention_layernorm", "ffn_post_norm": "post_feedforward_layernorm"},
+}
+# GPT-2's own names (Conv1D weights are stored [in, out]; c_attn holds q, k, v fused)
+GPT2_LAYER = {"attn_norm": "ln_1", "ffn_norm": "ln_2", "attn.qkv": "attn.c_attn", "attn.o": "attn.c_proj",
+              "mlp.up": "mlp.c_fc", "mlp.down": "mlp.c_proj"}
+GPT2_CONV1D = ("attn.qkv", "attn.o", "mlp.up", "mlp.down")
+
+LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+?)\.(weight|bias)$")
+
+
+def split_name(name: str) -> tuple[int | None, str, str]:
+    m = LAYER_RE.match(name)
+    if m:
+        return int(m[1]), m[2], m[3]
+    stem, _, kind = name.rpartition(".")
+    return None, stem, kind
+
+
+class WeightSource:
+    def __init__(self, ckpt: Checkpoint, spec: ArchSpec):
+        self.ckpt, self.spec = ckpt, spec
+
+    def name_of(self, name: str) -> str | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def info(self, name: str) -> TensorInfo | None:
+        n = self.name_of(name)
+        return self.ckpt.tensors.get(n) if n else None
+
+    def has(self, name: str) -> bool:
+        return self.info(name) is not None or self._fused(name) is not None
+
+    def get(self, name: str) -> torch.Tensor | None:
+        t = self.info(name)
+        if t is None:
+            fused = self._fused(name)
+            return fused
+        return self.fix(name, self.read(t))
+
+    def read(self, t: TensorInfo) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def fix(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def _fused(self, name: str) -> torch.Tensor | None:
+        """q / k / v from a fused qkv tensor (GPT-2, some GGUF archs)."""
+        layer, stem, kind = split_name(name)
+        if layer is None or stem not in ("attn.q", "attn.k", "attn.v"):
+            return None
+        fused_name = f"layers.{layer}.attn.qkv.{kind}"
+        t = self.info(fused_name)
+        if t is None:
+            return None
+        full = self.fix(fused_name, self.read(t))
+        a = self.spec.attention
+        sizes = [a.heads * a.head_dim, a.kv_heads * a.head_dim, a.kv_heads * (a.v_head_dim or a.head_dim)]
+        if full.shape[0] != sum(sizes):
+            raise LlmarchError(f"fused qkv tensor {t.name} has {full.shape[0]} rows, the spec needs {sum(sizes)}", t.file)
+        q, k, v = torch.split(full, sizes, dim=0)
+        return {"attn.q": q, "attn.k": k, "attn.v": v}[stem]
+
+
+@lru_cache(maxsize=64)
+def _memmap(path: Path) -> np.ndarray:
+    # mode "c": copy-on-write map, so torch gets writable tensors without copying the file
+    return np.memmap(path, dtype=np.uint8, mode="c")
+
+
+def _raw(t: TensorInfo) -> torch.Tensor:
+    return torch.from_numpy(_memmap(t.file)[t.offset:t.offset + t.nbytes])
+
+
+ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+class SafetensorsSource(WeightSource):
+    def __init__(self, ckpt: Checkpoint, spec: ArchSpec):
+        super().__init__(ckpt, spec)
+        names = ckpt.tensors
+        self.gpt2 = spec.family == "gpt2" or any(n.endswith("wte.weight") for n in names)
+        embed = next((n for n in names if n.endswith(("embed_tokens.weight", "wte.weight"))
+                      and "vision" not in n and "per_layer" not in n), None)
+        if embed is None:
+            raise LlmarchError("no token embedding tensor (embed_tokens / wte) in the checkpoint", ckpt.path)
+        self.prefix = embed[: -len("wte.weight" if self.gpt2 else "embed_tokens.weight")]
+        # lm_head sits beside the decoder: "lm_head.weight" or "language_model.lm_head.weight"
+        heads = [n for n in names if n.endswith("lm_head.weight")]
+        self.head = min(heads, key=len) if heads else None
+        self.norms = HF_NORMS.get(spec.norm.placement, HF_NORMS["pre"])
+
+    def name_of(self, name: str) -> str | None:
+        p = self.prefix
+        layer, stem, kind = split_name(name)
+        if self.gpt2:
+            if layer is not None:
+                hf = GPT2_LAYER.get(stem)
+                return f"{p}h.{layer}.{hf}.{kind}" if hf else None
+            return {"embed": f"{p}wte.weight", "pos_embed": f"{p}wpe.weight", "final_norm": f"{p}ln_f.{kind}",
+                    "lm_head": self.head}.get(stem)
+        if layer is not None:
+            hf = HF_LAYER.get(stem) or self.norms.get(stem)
+            return f"{p}layers.{layer}.{hf}.{kind}" if hf else None
+        return {"embed": f"{p}embed_tokens.weight", "final_norm": f"{p}norm.{kind}", "lm_head": self.head}.get(stem)
+
+    def read(self, t: TensorInfo) -> torch.Tensor:
+        if t.dtype not in ST_DTYPES:
+            raise LlmarchError(f"tensor {t.name} has dtype {t.dtype}, which llmarch run cannot load", t.file)
+        raw = _raw(t)
+        return raw.view(ST_DTYPES[t.dtype]).reshape(t.shape)
+
+    def fix(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if self.gpt2 and split_name(name)[1] in GPT2_CONV1D and x.ndim == 2:
+            return x.t()  # Conv1D [in, out] -> Linear [out, in]
+        return x
+
+
+class GGUFSource(WeightSource):
+    def __init__(self, ckpt: Checkpoint, spec: ArchSpec):
+        super().__init__(ckpt, spec)
+        import gguf
+
+        self.arch = ckpt.metadata["general.architecture"]
+        self.recipe = recipe_book.for_gguf_arch(self.arch)
+        T = gguf.MODEL_TENSOR
+        names = gguf.TENSOR_NAMES
+        self.globals = {"embed": names[T.TOKEN_EMBD], "pos_embed": names[T.POS_EMBD],
+                        "final_norm": names[T.OUTPUT_NORM], "lm_head": names[T.OUTPUT]}
+        self.layer = {
+            "attn_norm": T.ATTN_NORM, "attn_post_norm": T.ATTN_POST_NORM, "ffn_norm": T.FFN_NORM,
+            "ffn_post_norm": T.FFN_POST_NORM, "attn.q": T.ATTN_Q, "attn.k": T.ATTN_K, "attn.v": T.ATTN_V,
+            "attn.qkv": T.ATTN_QKV, "attn.o": T.ATTN_OUT, "attn.q_norm": T.ATTN_Q_NORM,
+            "attn.k_norm": T.ATTN_K_NORM, "attn.sinks": T.ATTN_SINKS, "mlp.gate": T.FFN_GATE,
+            "mlp.up": T.FFN_UP, "mlp.down": T.FFN_DOWN,
+        }
+        self.layer = {k: names[v] for k, v in self.layer.items()}
+
+    def name_of(self, name: str) -> str | None:
+        layer, stem, kind = split_name(name)
+        if layer is not None:
+            t = self.layer.get(stem)
+            return f"{t.format(bid=layer)}.{kind}" if t else None
+        base = self.globals.get(stem)
+        return f"{base}.{kind}" if base else None
+
+    def read(self, t: TensorInfo) -> torch.Tensor:
+        from llmarch.runtime.quant import dequantize
+
+        return dequantize(_raw(t), t.dtype, t.shape)
+
+    def fix(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        layer, stem, kind = split_name(name)
+        a = self.spec.attention
+        if self.recipe.get("gguf_permute_qk") and stem in ("attn.q", "attn.k"):
+            # undo convert_hf_to_gguf's permute(): rows (head, 2, half) were written as (head, half, 2)
+            heads = a.heads if stem == "attn.q" else a.kv_heads
+            x = x.reshape(heads, x.shape[0] // heads // 2, 2, *x.shape[1:]).transpose(1, 2).reshape(x.shape)
+        if self.spec.norm.unit_offset and stem.endswith("norm") and kind == "weight":
+            x = x - 1.0  # llama.cpp's Gemma converter stored (1 + w); the runtime adds the 1 itself
+        return x
+
+
+def open_weights(ckpt: Checkpoint, spec: ArchSpec) -> WeightSource:
+    if ckpt.format == "gguf":
+        return GGUFSource(ckpt, spec)
+    return SafetensorsSource(ckpt, spec)
