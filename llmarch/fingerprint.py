@@ -327,6 +327,7 @@ def _schedule(spec: ArchSpec, f: _Facts, recipe: dict, lt) -> None:
     if block_types is None and isinstance(f.get("hybrid_override_pattern"), str):
         block_types = list(f.get("hybrid_override_pattern", fact="layer_schedule"))
     chunk = f.get("attention_chunk_size", fact="layer_schedule")
+    local_scaling = _local_rope_scaling(spec, f)
     nope = f.get("no_rope_layers", fact="rope.nope_layers")
     sched = []
     for i in range(n):
@@ -370,6 +371,8 @@ def _schedule(spec: ArchSpec, f: _Facts, recipe: dict, lt) -> None:
             layer.mixer = "mla"
         if layer.mixer == "sliding" and spec.rope.local_theta:
             layer.rope_theta = spec.rope.local_theta
+        if layer.mixer == "sliding" and local_scaling is not None:
+            layer.rope_scaling = local_scaling
         sched.append(layer)
     _ffn_schedule(spec, f, recipe, lt, sched)
     _kv_sharing(spec, f, sched)
@@ -378,6 +381,20 @@ def _schedule(spec: ArchSpec, f: _Facts, recipe: dict, lt) -> None:
                              and not spec.rope.learned_positions]
     if spec.moe:
         spec.moe.dense_layers = [l.index for l in sched if l.ffn == "dense"]
+
+
+def _local_rope_scaling(spec: ArchSpec, f: _Facts) -> dict | None:
+    """Per-layer-type rope_parameters (Olmo 3, Gemma 3): the sliding layers' scaling when it differs
+    from the global one (e.g. YaRN / linear only on full layers); {"type": "default"} = unscaled."""
+    params = f.get("rope_parameters")
+    local = params.get("sliding_attention") if isinstance(params, dict) else None
+    if not isinstance(local, dict):
+        return None
+    kind = local.get("rope_type") or local.get("type") or "default"
+    scaling = {k: v for k, v in local.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    scaling["type"] = kind
+    global_kind = (spec.rope.scaling or {}).get("type") or "default"
+    return None if kind == global_kind == "default" or scaling == spec.rope.scaling else scaling
 
 
 def _ffn_schedule(spec: ArchSpec, f: _Facts, recipe: dict, lt, sched: list[LayerSpec]) -> None:
