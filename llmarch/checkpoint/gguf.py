@@ -215,13 +215,19 @@ def split_parts(path: Path) -> list[Path]:
     return parts
 
 
+SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS = "split.no", "split.count", "split.tensors.count"
+
+
 def open_gguf(path: Path) -> Checkpoint:
+    """One GGUF, or all parts of a split one (llama.cpp's gguf-split: the full metadata is in the
+    first part; every part carries split.no / split.count / split.tensors.count)."""
     parts = split_parts(path)
     meta: dict[str, Any] = {}
     skipped: dict[str, tuple] = {}
     tensors: dict[str, TensorInfo] = {}
     for i, part in enumerate(parts):
         m, s, t = read_gguf_part(part)
+        _check_split_keys(m, i, parts, part)
         if i == 0:
             meta, skipped = m, s
         dup = tensors.keys() & t.keys()
@@ -229,11 +235,31 @@ def open_gguf(path: Path) -> Checkpoint:
             raise CheckpointError(f"tensor {sorted(dup)[0]!r} appears in two parts", part)
         tensors.update(t)
     if "general.architecture" not in meta:
-        raise CheckpointError("GGUF has no general.architecture key", path)
+        raise CheckpointError("GGUF has no general.architecture key", parts[0])
+    expected = meta.get(SPLIT_TENSORS)
+    if isinstance(expected, int) and expected != len(tensors):
+        raise CheckpointError(
+            f"{SPLIT_TENSORS} says {expected} tensors, the {len(parts)} part(s) hold {len(tensors)}", parts[0])
     return Checkpoint(
         format="gguf", path=path, files=parts, tensors=tensors, config=None,
         metadata=meta, skipped_arrays=skipped,
     )
+
+
+def _check_split_keys(meta: dict[str, Any], i: int, parts: list[Path], part: Path) -> None:
+    count, no = meta.get(SPLIT_COUNT), meta.get(SPLIT_NO)
+    if count is None:
+        return
+    if not isinstance(count, int) or count < 1:
+        raise CheckpointError(f"bad {SPLIT_COUNT} {count!r}", part)
+    if len(parts) == 1 and count > 1:
+        raise CheckpointError(
+            f"part {no + 1 if isinstance(no, int) else '?'} of a split GGUF of {count} parts, but the name does not "
+            f"follow NAME-0000i-of-{count:05d}.gguf, so the other parts cannot be found", part)
+    if count != len(parts):
+        raise CheckpointError(f"{SPLIT_COUNT} is {count} but the file names say {len(parts)} parts", part)
+    if no is not None and no != i:
+        raise CheckpointError(f"{SPLIT_NO} is {no} but the file name says part {i + 1} (split.no {i})", part)
 
 
 def read_skipped_array(ckpt: Checkpoint, key: str) -> list:
