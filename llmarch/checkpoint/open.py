@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -74,12 +75,15 @@ def _shards_from_index(index: Path) -> tuple[list[Path], dict[str, str]]:
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError("index has no weight_map of tensor name -> file", index)
-    folder = index.parent.resolve()
+    # containment is checked on the names, not on resolved paths: in the Hugging Face cache every
+    # file of a snapshot is a symlink into ../../blobs, and that is fine
+    folder = index.parent
     shards = []
     for name in dict.fromkeys(weight_map.values()):
-        shard = (folder / name).resolve()
-        if folder not in shard.parents:
+        rel = os.path.normpath(name.replace("\\", "/"))
+        if os.path.isabs(rel) or rel == ".." or rel.startswith("../") or rel.startswith("/"):
             raise CheckpointError(f"index names a file outside the folder: {name!r}", index)
+        shard = folder / rel
         if not shard.is_file():
             raise CheckpointError(f"shard {name!r} named by the index is missing", index)
         shards.append(shard)
@@ -88,8 +92,8 @@ def _shards_from_index(index: Path) -> tuple[list[Path], dict[str, str]]:
 
 def _check_weight_map(index: Path, weight_map: dict[str, str], ckpt: Checkpoint) -> None:
     """Every tensor the index names must be in the shard it names (a stale index is corrupt)."""
-    folder = index.parent.resolve()
-    resolved = {file: (folder / file).resolve() for file in set(weight_map.values())}
+    folder = index.parent
+    resolved = {file: folder / os.path.normpath(file.replace("\\", "/")) for file in set(weight_map.values())}
     tensors = ckpt.tensors
     for name, file in weight_map.items():
         t = tensors.get(name)
