@@ -82,7 +82,7 @@ def fingerprint(ckpt: Checkpoint) -> ArchSpec:
     _rope(spec, facts, recipe)
     _norms(spec, facts, recipe, layer_tensors)
     _moe(spec, facts, recipe, layer_tensors)
-    _schedule(spec, facts, recipe, layer_tensors)
+    _schedule(spec, facts, recipe, layer_tensors, ckpt)
     _extras(spec, facts, recipe, ckpt)
     _params(spec, ckpt, layer_tensors)
     _storage(spec, ckpt)
@@ -128,7 +128,7 @@ def _sizes(spec: ArchSpec, f: _Facts, ckpt: Checkpoint) -> None:
     spec.hidden_size = int(f.get("hidden_size", "n_embd", "d_model", "dim", default=0, fact="hidden_size"))
     spec.vocab_size = int(f.get("vocab_size", "n_vocab", default=0, fact="vocab_size"))
     spec.context_length = f.get("max_position_embeddings", "n_positions", "max_sequence_length",
-                                "seq_length", fact="context_length")
+                                "seq_length", "model_max_length", fact="context_length")
     spec.intermediate_size = f.get("intermediate_size_mlp", "intermediate_size", "n_inner", "ffn_hidden_size",
                                    fact="intermediate_size")
     if spec.intermediate_size is None and spec.family == "gpt2" and spec.hidden_size:
@@ -280,7 +280,7 @@ def _norms(spec: ArchSpec, f: _Facts, recipe: dict, lt) -> None:
     eps_rms = f.get("rms_norm_eps", "norm_eps", fact="norm.eps")
     eps_ln = f.get("layer_norm_epsilon", "layer_norm_eps")
     n.kind = recipe.get("norm", "layer" if eps_ln is not None and eps_rms is None else "rms")
-    n.eps = eps_rms if n.kind == "rms" else eps_ln
+    n.eps = eps_rms if eps_rms is not None else eps_ln
     n.unit_offset = bool(recipe.get("norm_unit_offset", False))
     spec.norm = n
 
@@ -317,7 +317,7 @@ def _moe(spec: ArchSpec, f: _Facts, recipe: dict, lt) -> None:
     spec.moe = m
 
 
-def _schedule(spec: ArchSpec, f: _Facts, recipe: dict, lt) -> None:
+def _schedule(spec: ArchSpec, f: _Facts, recipe: dict, lt, ckpt: Checkpoint) -> None:
     n = spec.layers
     window = f.get("sliding_window", "attention_window_size", fact="sliding_window.window")
     layer_types = f.get("layer_types", fact="layer_schedule")
@@ -327,6 +327,8 @@ def _schedule(spec: ArchSpec, f: _Facts, recipe: dict, lt) -> None:
     if block_types is None and isinstance(f.get("hybrid_override_pattern"), str):
         block_types = list(f.get("hybrid_override_pattern", fact="layer_schedule"))
     chunk = f.get("attention_chunk_size", fact="layer_schedule")
+    lin_cfg = f.get("linear_attn_config")
+    kda_layers = lin_cfg.get("kda_layers") if isinstance(lin_cfg, dict) else None
     local_scaling = _local_rope_scaling(spec, f)
     nope = f.get("no_rope_layers", fact="rope.nope_layers")
     sched = []
@@ -339,7 +341,9 @@ def _schedule(spec: ArchSpec, f: _Facts, recipe: dict, lt) -> None:
             elif "sliding" in t:
                 layer.mixer = "sliding"
             elif "chunk" in t:
-                layer.mixer = "chunked"
+                layer.mixer, layer.window = "chunked", chunk
+        elif isinstance(kda_layers, list):  # Kimi Linear's Hub config: 1-based KDA layer numbers
+            layer.mixer = "linear" if i + 1 in kda_layers else "full"
         elif isinstance(block_types, list) and i < len(block_types):
             # Nemotron-H: each layer is ONE sub-block: a mixer (mamba / attention) or an FFN
             layer.mixer, layer.ffn = SINGLE_OP_BLOCKS.get(str(block_types[i]), ("full", "none"))
@@ -373,6 +377,7 @@ def _schedule(spec: ArchSpec, f: _Facts, recipe: dict, lt) -> None:
             layer.rope_theta = spec.rope.local_theta
         if layer.mixer == "sliding" and local_scaling is not None:
             layer.rope_scaling = local_scaling
+        layer.kv_heads = _layer_kv_heads(spec, f, lt, i, ckpt)
         sched.append(layer)
     _ffn_schedule(spec, f, recipe, lt, sched)
     _kv_sharing(spec, f, sched)
@@ -395,6 +400,25 @@ def _local_rope_scaling(spec: ArchSpec, f: _Facts) -> dict | None:
     scaling["type"] = kind
     global_kind = (spec.rope.scaling or {}).get("type") or "default"
     return None if kind == global_kind == "default" or scaling == spec.rope.scaling else scaling
+
+
+def _layer_kv_heads(spec: ArchSpec, f: _Facts, lt, i: int, ckpt: Checkpoint) -> int | None:
+    """A layer's KV head count where it differs from the model's (MiMo-V2-Flash doubles it on
+    sliding layers; some GGUFs store head_count_kv per layer)."""
+    per_layer = f.get("num_key_value_heads_per_layer")
+    if isinstance(per_layer, list) and i < len(per_layer) and per_layer[i] != spec.attention.kv_heads:
+        return per_layer[i]
+    a = spec.attention
+    if a.mla or not a.head_dim:
+        return None
+    k = next((n for n in lt.get(i, ()) if n.endswith(("k_proj.weight", "attn_k.weight"))), None)
+    if k is None:
+        return None
+    rows = ckpt.tensors[k].shape[0]
+    if rows and rows % a.head_dim == 0 and rows // a.head_dim != a.kv_heads:
+        spec.evidence[f"layer {i} kv_heads"] = k
+        return rows // a.head_dim
+    return None
 
 
 def _ffn_schedule(spec: ArchSpec, f: _Facts, recipe: dict, lt, sched: list[LayerSpec]) -> None:
@@ -493,6 +517,11 @@ def _linear_state(spec: ArchSpec, f: _Facts, recipe: dict) -> dict:
         conv = f.get("linear_conv_kernel_dim", default=4)
         conv_ch = (kh or vh) * kd * 2 + vh * vd
         out["state_elems_per_layer"] = vh * kd * vd + conv_ch * (conv - 1)
+    elif isinstance(f.get("linear_attn_config"), dict) and f.get("linear_attn_config").get("num_heads"):
+        # Kimi Delta Attention: a head_dim x head_dim state per head, plus q/k/v short convolutions
+        c = f.get("linear_attn_config")
+        h, d, conv = c["num_heads"], c.get("head_dim", 128), c.get("short_conv_kernel_size", 4)
+        out["state_elems_per_layer"] = h * d * d + 3 * h * d * (conv - 1)
     elif f.get("mamba_num_heads") and f.get("mamba_head_dim") and f.get("ssm_state_size"):
         out["state_elems_per_layer"] = f.get("mamba_num_heads") * f.get("mamba_head_dim") * f.get("ssm_state_size")
     return out

@@ -24,6 +24,7 @@ class LayerSpec:
     rope_scaling: dict | None = None  # per-layer scaling where it differs (Olmo 3: global layers only)
     linear_kind: str | None = None  # gated_deltanet | kda | mamba2 (for mixer == linear/mamba)
     kv_shared_from: int | None = None  # reuses another layer's KV cache (Gemma 3n)
+    kv_heads: int | None = None  # where this layer's KV heads differ from the model's (MiMo-V2-Flash)
 
     def public(self) -> dict:
         return {"mixer": self.mixer, "window": self.window, "rope": self.rope, "ffn": self.ffn}
@@ -136,7 +137,7 @@ class ArchSpec:
             return 0.0
         if layer.mixer == "mla":
             return (a.kv_lora_rank + a.qk_rope_head_dim) * kv_bytes
-        return a.kv_heads * (a.head_dim + (a.v_head_dim or a.head_dim)) * kv_bytes
+        return (layer.kv_heads or a.kv_heads) * (a.head_dim + (a.v_head_dim or a.head_dim)) * kv_bytes
 
     def kv_cache(self, context: int | None = None, kv_dtype: str | None = None) -> dict:
         kv_dtype = kv_dtype or self.kv_dtype_default

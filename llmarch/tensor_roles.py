@@ -22,7 +22,7 @@ ROLES: dict[str, re.Pattern] = {name: re.compile(p) for name, p in {
     "k_norm": r"(self_attn|attention|attn)\.(k_norm|k_layernorm)\.weight$|attn_k_norm\.weight$",
     "qkv_bias": r"(q_proj|k_proj|v_proj|qkv_proj|c_attn|query_key_value|attn_q|attn_k|attn_v|attn_qkv)\.bias$",
     "out_bias": r"(o_proj|c_proj|dense|attn_output)\.bias$",
-    "sinks": r"(\.sinks|attn_sinks)(\.weight)?$",
+    "sinks": r"(\.sinks|attn_sinks|attention_sink_bias)(\.weight)?$",
     "attn_gate": r"attn_gate\.weight$",
     "indexer": r"indexer|\bidx_|indexer_",
     "mla_kv_a": r"kv_a_proj_with_mqa\.weight$|attn_kv_a_mqa\.weight$",
@@ -32,7 +32,7 @@ ROLES: dict[str, re.Pattern] = {name: re.compile(p) for name, p in {
     "pre_ffn_norm": r"pre_(feedforward|mlp)_layernorm\.weight$|(^|\.)ffn_norm\.weight$|ln_2\.weight$",
     "post_ffn_norm": r"post_(feedforward|mlp)_layernorm\.weight$|post_ffw_norm\.weight$|ffn_post_norm\.weight$",
     "linear_attn": r"linear_attn\.|ssm_|\.mixer\.(A_log|conv1d|dt_bias|in_proj)|\.(A_log|dt_bias)$|conv1d",
-    "ple": r"per_layer|altup|laurel",
+    "ple": r"per_layer",
 }.items()}
 
 
