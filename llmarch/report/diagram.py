@@ -107,17 +107,17 @@ def plan(doc: dict) -> list[Block | Group]:
             for i, lab in enumerate(labels):
                 kinds.setdefault(lab, Block(layers[i], [])).layers.append(i)
             items = sorted(kinds.values(), key=lambda b: b.layers[0])
-    body_ffn = labels[-1].split()[-1]
     for it in items:
         if isinstance(it, Block):
-            it.caption = _caption(it, labels, body_ffn, doc)
+            it.caption = _caption(it, layers)
     return items
 
 
-def _caption(b: Block, labels: list[str], body_ffn: str, doc: dict) -> str:
+def _caption(b: Block, layers: list) -> str:
     first, n = b.layers[0], len(b.layers)
     contiguous = b.layers == list(range(first, first + n))
-    if contiguous and first == 0 and n < len(labels) and b.layer.ffn == "dense" and body_ffn == "moe":
+    rest_moe = n < len(layers) and all(l.ffn == "moe" for l in layers[n:])
+    if contiguous and first == 0 and b.layer.ffn == "dense" and rest_moe:  # DeepSeek's dense-first
         return f"first {n} dense" if n > 1 else "first layer dense"
     return "layer" + ("s " if n > 1 else " ") + index_ranges(b.layers)
 

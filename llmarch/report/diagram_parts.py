@@ -97,15 +97,15 @@ def _wrap(items: list[str], per_line: int = 40) -> list[str]:
 
 def ffn_part(doc: dict, layer: LayerSpec) -> Part:
     f, moe = doc["ffn"], doc["moe"]
-    act = ACT_NAMES.get(f.get("activation") or "", f.get("activation") or "?")
+    act = ACT_NAMES.get(f.get("activation") or "", f.get("activation"))
     if layer.ffn == "moe" and moe:
         lines = [f"{moe['experts']} experts, top-{moe['experts_per_token']}"]
         if moe.get("shared_experts"):
             lines[0] += f" + {moe['shared_experts']} shared" + (" (gated)" if moe.get("shared_gated") else "")
-        lines.append(f"expert width {moe.get('expert_ffn') or '?'}, {act}")
+        lines.append(f"expert width {moe.get('expert_ffn') or '?'}" + (f", {act}" if act else ""))
         return Part("ffn", "Mixture of experts", lines, color="moe")
     width = f.get("intermediate_size")
-    return Part("ffn", f"Feed forward ({act})", [f"{doc['hidden_size']} → {width} → {doc['hidden_size']}"], color="ffn")
+    return Part("ffn", "Feed forward" + (f" ({act})" if act else ""), [f"{doc['hidden_size']} → {width} → {doc['hidden_size']}"], color="ffn")
 
 
 def block_parts(doc: dict, layer: LayerSpec) -> list[Part]:
@@ -152,4 +152,25 @@ def title_lines(doc: dict) -> list[str]:
     fam = doc["family"] + (f" ({doc['text_family']})" if doc.get("text_family") else "")
     return [f"{fam} · {count(p.get('total'))} params{active}",
             f"{doc['layers']} layers · d {doc['hidden_size']:,} · vocab {doc['vocab_size']:,} · "
-            f"context {count(doc.get('context_length'))}"]
+            f"context {count(doc.get('context_length'))}"] + _wrap(_extras(doc), 90)
+
+
+def _extras(doc: dict) -> list[str]:
+    """Whole-model features a block drawing does not show (Gemma 3n's KV sharing, AltUp, ...)."""
+    from llmarch.report.text import index_ranges
+
+    out = []
+    for k, v in (doc.get("extras") or {}).items():
+        if k == "intermediate_size_per_layer":
+            continue
+        if k == "kv_shared_layers" and v:
+            out.append(f"KV cache shared by the last {v} layers")
+        elif k == "activation_sparsity" and isinstance(v, list):
+            idx = [i for i, x in enumerate(v) if x]
+            if idx:
+                out.append(f"activation sparsity in layers {index_ranges(idx)}")
+        elif isinstance(v, (int, float, str)) and not isinstance(v, bool):
+            out.append(f"{k.replace('_', ' ')} {v}")
+        elif v is True:
+            out.append(k.replace("_", " "))
+    return out
