@@ -52,7 +52,11 @@ def _storage_rows(doc: dict) -> dict[tuple[str, str], str]:
 
 
 def _pair_rows(ra: dict, rb: dict, kind: str) -> list[dict]:
-    keys = list(ra) + [k for k in rb if k not in ra]
+    keys = list(ra)
+    for i, k in enumerate(rb):  # a row only B has goes after the row B has before it
+        if k not in ra:
+            prev = next((keys.index(p) for p in reversed(list(rb)[:i]) if p in keys), -1)
+            keys.insert(prev + 1, k)
     return [{"section": s, "fact": f, "a": ra.get((s, f)), "b": rb.get((s, f)),
              "differs": ra.get((s, f)) != rb.get((s, f)), "kind": kind} for s, f in keys]
 
