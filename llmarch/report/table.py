@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from llmarch.report.text import count, index_ranges, nbytes
@@ -115,7 +116,7 @@ def print_fact_sheet(doc: dict, console: Console) -> None:
     table.add_column("value")
     last = None
     for section, fact, value in fact_rows(doc):
-        table.add_row(section if section != last else "", fact, value)
+        table.add_row(section if section != last else "", fact, escape(value))  # "[mla moe] ×58" is not markup
         last = section
     console.print(table)
     for w in doc["warnings"]:
