@@ -103,6 +103,34 @@ def diff(
     raise typer.Exit(exit_status(d))
 
 
+@app.command()
+def convert(
+    source: Annotated[str, typer.Argument(help="HF folder (config.json + *.safetensors) or a .gguf file.")],
+    output: Annotated[Optional[str], typer.Option("-o", "--output", help="Output .gguf file or safetensors folder.")] = None,
+    to: Annotated[Optional[str], typer.Option("--to", help="gguf | safetensors (default: the other format).")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="GGUF: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 (default: the source's float type); safetensors: f32 f16 bf16 (default f32). Norms stay f32.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the per-tensor plan (name, type, shape, bytes); write nothing.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Run source and output on a few prompts: token agreement and logit NMSE.")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Worker threads (default: all cores).")] = None,
+    pre_tokenizer: Annotated[Optional[str], typer.Option("--pre-tokenizer", help="llama.cpp pre-tokenizer name when tokenizer.json's regex is not recognised (llama-bpe, qwen2, gpt-2).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Convert between Hugging Face safetensors and GGUF, streamed tensor by tensor.
+
+    Example: llmarch convert ./Qwen3-0.6B --to gguf -o qwen3.gguf --dtype q8_0 --verify
+    """
+    from llmarch.convert.command import run_convert
+
+    doc = run_convert(source, output, to, dtype, force, dry_run, verify, threads, pre_tokenizer)
+    if as_json:
+        emit_json(doc)
+    else:
+        from llmarch.convert.command import print_result
+
+        print_result(doc)
+
+
 def main() -> None:
     try:
         rc = app(standalone_mode=False)

@@ -7,6 +7,7 @@ llama.cpp hard-codes for a family (e.g. Gemma 3's 5:1 sliding pattern) is checke
 
 from __future__ import annotations
 
+import json
 import os
 
 import gguf
@@ -18,6 +19,8 @@ from llmarch.gguf_config import GENERIC_KEYS
 from llmarch.spec import ArchSpec
 
 # GGUF stores these as float32 even when config.json writes an integer (rope_theta: 10000)
+# exact HF rope scaling for scalings llama.cpp turns into tensors (read back by from_gguf)
+LLMARCH_ROPE_KEY = "llmarch.rope_scaling"
 FLOAT_KEYS = {"rope_theta", "rope_local_base_freq", "rms_norm_eps", "layer_norm_epsilon",
               "routed_scaling_factor", "final_logit_softcapping", "attn_logit_softcapping",
               "gguf_rope_scaling_factor"}
@@ -73,6 +76,10 @@ def model_kv(spec: ArchSpec, arch: str, recipe: dict, file_type: int, name: str,
     reverse = {ckey: tmpl for tmpl, ckey in {**GENERIC_KEYS, **recipe.get("gguf_keys", {})}.items()}
     out = [(Keys.General.NAME, name, V.STRING), (Keys.General.FILE_TYPE, int(file_type), V.UINT32),
            (Keys.General.QUANTIZATION_VERSION, gguf.GGML_QUANT_VERSION, V.UINT32)]
+    sc = spec.rope.scaling or {}
+    if (sc.get("type") or "").lower() == "llama3":  # llama.cpp keeps only the rope_freqs tensor
+        keep = {k: v for k, v in sc.items() if k not in ("type", "rope_theta") and v is not None}
+        out.append((LLMARCH_ROPE_KEY, json.dumps({"rope_type": "llama3", **keep}, sort_keys=True), V.STRING))
     for ckey, value in hp.items():
         tmpl = reverse.get(ckey)
         if tmpl is None:
@@ -88,7 +95,12 @@ def model_kv(spec: ArchSpec, arch: str, recipe: dict, file_type: int, name: str,
 
 
 def _check_hard_coded(spec: ArchSpec, recipe: dict, arch: str, path) -> None:
-    """llama.cpp hard-codes some layer patterns; a model that differs cannot be expressed."""
+    """llama.cpp hard-codes some facts per arch; a model that differs cannot be expressed."""
+    for key, want in recipe.get("convert", {}).get("hard_coded", {}).get(arch, {}).items():
+        have = spec.config.get(key)
+        if have is not None and have != want:
+            raise LlmarchError(f"llama.cpp's {arch} hard-codes {key} = {json.dumps(want)}; this model has "
+                               f"{json.dumps(have)}, so GGUF cannot express it", path)
     pattern = recipe.get("gguf_defaults", {}).get("sliding_window_pattern")
     if isinstance(pattern, int) and pattern > 1 and any(l.mixer == "sliding" for l in spec.schedule):
         sliding = [l.mixer == "sliding" for l in spec.schedule]

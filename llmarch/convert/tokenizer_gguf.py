@@ -53,7 +53,8 @@ def pre_tokenizer_name(tj: dict, path) -> str:
 def add_tokenizer_to_gguf(writer: gguf.GGUFWriter, folder: Path, vocab_size: int, pre: str | None = None) -> str | None:
     """Write tokenizer.ggml.* from folder/tokenizer.json. Returns the GGUF tokenizer model, or None."""
     path = folder / "tokenizer.json"
-    if not path.is_file():
+    if not path.is_file():  # no vocab: still carry bos/eos/pad ids from config.json
+        gguf.SpecialVocab(folder, load_merges=False, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
         return None
     try:
         tj = json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,213 @@
+"""GGUF -> Hugging Face folder (config.json, model.safetensors, tokenizer.json, tokenizer_config.json)
+that transformers' from_pretrained loads.
+
+config.json: llmarch.gguf_config's reading of the metadata plus the family's recipe (what
+llama.cpp hard-codes), in the shape transformers' config class expects. Tensors: renamed back
+through layout.py, un-permuted, norm shift undone, experts split, dequantized with gguf.quants
+(K-quants included) to --dtype, and streamed into a safetensors file whose header is written first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
+
+from llmarch.convert.gguf_meta import LLMARCH_ROPE_KEY
+from llmarch.convert.layout import EXPERT_KINDS, GENERATED, Family, family_for_gguf_arch, gguf_kind_of, hf_name_for
+from llmarch.errors import LlmarchError
+
+OUT_DTYPES = {"f32": ("F32", np.float32, 4), "f16": ("F16", np.float16, 2), "bf16": ("BF16", np.uint16, 2)}
+
+
+def dequantize(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
+    if qtype == Q.F32:
+        return raw.view(np.float32).reshape(shape)
+    if qtype == Q.BF16:
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    return gguf.quants.dequantize(raw.view(np.uint8), qtype).reshape(shape)
+
+
+def cast(x: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "f32":
+        return x.astype(np.float32, copy=False)
+    if dtype == "f16":
+        return x.astype(np.float16)
+    return gguf.quants.quantize(x.astype(np.float32, copy=False), Q.BF16).view(np.uint16).reshape(x.shape)
+
+
+def _gguf_items(ckpt, fam: Family, n_blocks: int):
+    """(gguf TensorInfo, [(hf name, expert index or None)]) for every tensor carried back."""
+    items, unknown = [], []
+    for name, info in ckpt.tensors.items():
+        found = gguf_kind_of(name, fam.arch, n_blocks)
+        if found is None:
+            unknown.append(name)
+            continue
+        kind, bid = found
+        if kind in GENERATED:
+            continue
+        suffix = ".bias" if name.endswith(".bias") else ".weight"
+        if kind in EXPERT_KINDS:
+            names = [(hf_name_for(fam, kind, bid, suffix, n_blocks, xid=x), x) for x in range(info.shape[0])]
+        else:
+            names = [(hf_name_for(fam, kind, bid, suffix, n_blocks), None)]
+        items.append((info, kind, names))
+    if unknown:
+        raise LlmarchError(f"{len(unknown)} GGUF tensor(s) have no Hugging Face name for {fam.family}, "
+                           f"e.g. {', '.join(unknown[:3])}", ckpt.path)
+    return items
+
+
+def hf_config(ckpt, fam: Family, spec, tied: bool, dtype: str) -> dict:
+    from llmarch.gguf_config import gguf_to_config
+
+    meta = ckpt.metadata
+    arch = meta["general.architecture"]
+    cfg, _ = gguf_to_config(arch, meta, fam.recipe)
+    need = ("num_hidden_layers", "hidden_size", "num_attention_heads")
+    missing = [k for k in need if not cfg.get(k)]
+    if missing:
+        raise LlmarchError(f"GGUF metadata lacks what config.json needs: {', '.join(missing)} "
+                           f"({', '.join(f'{arch}.' + k for k in ('block_count', 'embedding_length', 'attention.head_count'))})",
+                           ckpt.path)
+    emb = ckpt.tensors.get("token_embd.weight")
+    cfg["vocab_size"] = emb.shape[0] if emb else spec.vocab_size
+    for k in [k for k in cfg if k.startswith("gguf_") or k.endswith("_per_layer")]:
+        cfg.pop(k)
+    if not spec.attention.mla:
+        cfg.pop("v_head_dim", None)
+    cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
+    for key, name in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id")):
+        if isinstance(meta.get(f"tokenizer.ggml.{key}_token_id"), int):
+            cfg[name] = meta[f"tokenizer.ggml.{key}_token_id"]
+    # rope: the HF shape transformers >= 4.57 reads (legacy keys; v5 converts them)
+    scaling = meta.get(LLMARCH_ROPE_KEY)
+    if scaling:
+        cfg["rope_scaling"] = json.loads(scaling)
+    elif "rope_scaling" in cfg:
+        cfg["rope_scaling"] = {k: v for k, v in cfg["rope_scaling"].items() if v is not None}
+    elif "rope_freqs.weight" in ckpt.tensors:
+        raise LlmarchError("GGUF carries rope_freqs (Llama 3 RoPE scaling) without its parameters; "
+                           "config.json cannot be rebuilt exactly", ckpt.path)
+    pattern = cfg.pop("sliding_window_pattern", None)
+    if isinstance(pattern, int) and pattern > 1 and cfg.get("sliding_window"):
+        cfg["layer_types"] = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                              for i in range(cfg["num_hidden_layers"])]
+    if fam.family == "gemma3":  # llama.cpp scales queries by 1/sqrt(head_dim) (all but 27B)
+        cfg.setdefault("query_pre_attn_scalar", cfg.get("head_dim"))
+    cfg.update(fam.recipe.get("convert", {}).get("hard_coded", {}).get(arch, {}))
+    for src, dst in fam.recipe.get("convert", {}).get("hf_keys", {}).items():
+        if src in cfg:
+            cfg[dst] = cfg.pop(src)
+    for k, v in cfg.items():  # GGUF stores float32: 1e-06, not 9.99999997e-07
+        if isinstance(v, float):
+            cfg[k] = float(str(np.float32(v)))
+    cfg.update(model_type=fam.model_type, architectures=[fam.hf_class], tie_word_embeddings=tied,
+               torch_dtype={"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[dtype])
+    return dict(sorted(cfg.items()))
+
+
+def convert_from_gguf(source: str, out_dir: str | Path, dtype: str = "f32", force: bool = False,
+                      threads: int | None = None) -> dict:
+    from llmarch.api import load_checkpoint_spec
+
+    t0 = time.perf_counter()
+    if dtype not in OUT_DTYPES:
+        raise LlmarchError(f"unknown --dtype {dtype!r} for safetensors; one of {', '.join(OUT_DTYPES)}")
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise LlmarchError("output exists; pass --force to overwrite it", out)
+    ckpt, spec = load_checkpoint_spec(source)
+    if ckpt.format != "gguf":
+        raise LlmarchError("--to safetensors needs a .gguf source", ckpt.path)
+    fam = family_for_gguf_arch(ckpt.metadata["general.architecture"], ckpt.path)
+    items = _gguf_items(ckpt, fam, spec.layers)
+    tied = "output.weight" not in ckpt.tensors
+    config = hf_config(ckpt, fam, spec, tied, dtype)
+    tok = None
+    if "tokenizer.ggml.model" in ckpt.metadata:
+        from llmarch.convert.tokenizer_gguf import build_hf_tokenizer
+
+        tok = build_hf_tokenizer(ckpt)
+
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write_safetensors(tmp / "model.safetensors", ckpt, fam, items, spec, dtype, threads)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if tok:
+            (tmp / "tokenizer.json").write_text(tok[0])
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tok[1], indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"output": str(out), "family": fam.family, "tensors": sum(len(n) for _, _, n in items),
+            "tokenizer": bool(tok), "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _write_safetensors(path: Path, ckpt, fam: Family, items, spec, dtype: str, threads) -> None:
+    st_dtype, _, size = OUT_DTYPES[dtype]
+    header, jobs, pos = {"__metadata__": {"format": "pt"}}, [], 0
+    for info, kind, names in items:
+        shape = info.shape[1:] if names[0][1] is not None else info.shape
+        hf_shape = _hf_shape(fam, names[0][0], shape)
+        for hf, xid in names:
+            n = math.prod(hf_shape) * size
+            header[hf] = {"dtype": st_dtype, "shape": list(hf_shape), "data_offsets": [pos, pos + n]}
+            pos += n
+        jobs.append((info, kind, names))
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    base = 8 + len(raw)
+    heads, kv_heads = spec.attention.heads, spec.attention.kv_heads or spec.attention.heads
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        f.truncate(base + pos)
+    fd = os.open(path, os.O_RDWR)
+    src_fd = {p: os.open(p, os.O_RDONLY) for p in ckpt.files}
+
+    def run(job):
+        info, kind, names = job
+        qtype = Q[info.dtype]
+        buf = np.empty(info.nbytes, dtype=np.uint8)
+        os.preadv(src_fd[info.file], [memoryview(buf)], info.offset)
+        x = dequantize(buf, qtype, info.shape)
+        if fam.norm_shift and names[0][0].endswith("norm.weight"):
+            x = x - np.float32(fam.norm_shift)
+        if fam.permute_qk and kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
+            n = heads if kind == gguf.MODEL_TENSOR.ATTN_Q else kv_heads
+            x = x.reshape(n, x.shape[0] // n // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+        for hf, xid in names:
+            part = x[xid] if xid is not None else x
+            if any(hf.endswith(s) for s in fam.transpose):
+                part = part.T
+            data = np.ascontiguousarray(cast(part, dtype))
+            start = header[hf]["data_offsets"][0]
+            os.pwrite(fd, memoryview(data).cast("B"), base + start)
+
+    try:
+        with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
+            for fut in [pool.submit(run, j) for j in jobs]:
+                fut.result()
+    finally:
+        os.close(fd)
+        for f in src_fd.values():
+            os.close(f)
+
+
+def _hf_shape(fam: Family, hf_name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(shape[::-1]) if any(hf_name.endswith(s) for s in fam.transpose) else tuple(shape)
