@@ -32,6 +32,12 @@ def dense_ffn(spec: ArchSpec, layer: LayerSpec) -> nn.Module:
 
 
 FFNS: dict[str, Callable[..., nn.Module]] = {"dense": dense_ffn}
+# issue 5 (MoE/MLA): registered from their own files
+from llmarch.runtime.ops.mla import MLAttention  # noqa: E402
+from llmarch.runtime.ops.moe import moe_ffn  # noqa: E402
+
+MIXERS["mla"] = MLAttention
+FFNS["moe"] = moe_ffn
 NORM_SLOTS = {"pre": ("attn_norm", "ffn_norm"), "post": ("attn_post_norm", "ffn_post_norm"),
               "sandwich": ("attn_norm", "attn_post_norm", "ffn_norm", "ffn_post_norm")}
 
@@ -174,7 +180,14 @@ def load_weights(model: Transformer, source, dtype: torch.dtype, device, quant_b
             raise LlmarchError(f"weight missing: {canon} (looked for {source.name_of(canon) or 'no mapping'})", where)
         return t
 
+    self_loaded: tuple[str, ...] = ()
     for mname, mod in list(model.named_modules()):
+        if self_loaded and mname.startswith(self_loaded):
+            continue
+        if hasattr(mod, "load_from"):  # hook (issue 5): MoE/MLA modules read their own Hub tensors
+            mod.load_from(source, mname, dtype, device)
+            self_loaded += (mname + ".",)
+            continue
         own = list(mod._parameters.items())
         for pname, p in own:
             if p is None:

@@ -41,12 +41,17 @@ GPT2_LAYER = {"attn_norm": "ln_1", "ffn_norm": "ln_2", "attn.qkv": "attn.c_attn"
 GPT2_CONV1D = ("attn.qkv", "attn.o", "mlp.up", "mlp.down")
 
 LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+?)\.(weight|bias)$")
+BARE = ("attn.sinks",)  # Hub names these without a .weight suffix
+BARE_RE = re.compile(r"^layers\.(\d+)\.(attn\.sinks)$")
 
 
 def split_name(name: str) -> tuple[int | None, str, str]:
     m = LAYER_RE.match(name)
     if m:
         return int(m[1]), m[2], m[3]
+    m = BARE_RE.match(name)  # issue 5: bare per-layer parameters (gpt-oss attn.sinks): GGUF calls them .weight
+    if m:
+        return int(m[1]), m[2], "weight"
     stem, _, kind = name.rpartition(".")
     return None, stem, kind
 
@@ -135,6 +140,8 @@ class SafetensorsSource(WeightSource):
                     "lm_head": self.head}.get(stem)
         if layer is not None:
             hf = HF_LAYER.get(stem) or self.norms.get(stem)
+            if hf and stem in BARE:
+                return f"{p}layers.{layer}.{hf}"
             return f"{p}layers.{layer}.{hf}.{kind}" if hf else None
         return {"embed": f"{p}embed_tokens.weight", "final_norm": f"{p}norm.{kind}", "lm_head": self.head}.get(stem)
 

@@ -1,0 +1,125 @@
+"""Where an MoE layer's tensors live in a Hub safetensors checkpoint, read into one layout.
+
+Returns {router [E, d], router_bias [E]?, gate_up [E, 2I, d] (gate rows, then up rows),
+down [E, d, I], gate_up_bias/down_bias?, shared_gate/up/down?, shared_gate_w?} from any of:
+  per expert  {blk}.experts.{e}.{gate_proj|w1, up_proj|w3, down_proj|w2}.weight
+              (Qwen3-MoE, DeepSeek V3, GLM-4.5, MiniMax-M2's block_sparse_moe, AfMoE, MiMo)
+  fused       {blk}.experts.gate_up_proj [E, d, 2I], down_proj [E, I, d] (Llama 4: gate|up halves;
+              gpt-oss: gate/up interleaved columns, + biases)
+  MXFP4       gpt-oss as shipped: *_blocks [E, rows, d/32, 16] + *_scales [E, rows, d/32] (e8m0)
+Errors are one line (LlmarchError): missing experts, shapes that disagree with the config, a
+storage type the runtime cannot read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmarch.errors import LlmarchError
+
+BLOCKS = ("mlp", "block_sparse_moe", "feed_forward")
+READABLE = ("F32", "F16", "BF16")
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def mxfp4_dequant(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """OpenAI's MXFP4 (gpt-oss safetensors): 32 fp4 values per block, low nibble first, shared e8m0."""
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
+    b = blocks.to(torch.uint8)
+    vals = torch.stack([lut[(b & 0x0F).long()], lut[(b >> 4).long()]], dim=-1)  # [..., G, 16, 2]
+    vals = vals.reshape(*b.shape[:-1], 32) * torch.exp2(scales.to(torch.int32) - 127).float()[..., None]
+    return vals.reshape(*b.shape[:-2], -1)
+
+
+class _Layer:
+    def __init__(self, source, moe):
+        self.source, self.moe = source, moe
+        self.names = source.ckpt.tensors
+        self.where = str(source.ckpt.path)
+        base = f"{getattr(source, 'prefix', '')}layers.{moe.index}."
+        self.blk = next((f"{base}{b}" for b in BLOCKS if any(n.startswith(f"{base}{b}.") for n in self._keys(base))), None)
+        if self.blk is None:
+            raise LlmarchError(f"layer {moe.index}: no MoE tensors ({'/'.join(BLOCKS)}.*) in the checkpoint", self.where)
+
+    def _keys(self, base):
+        return [n for n in self.names if n.startswith(base)]
+
+    def has(self, suffix: str) -> bool:
+        return f"{self.blk}.{suffix}" in self.names
+
+    def get(self, *suffixes: str, required: str | None = None) -> torch.Tensor | None:
+        for s in suffixes:
+            info = self.names.get(f"{self.blk}.{s}")
+            if info is None:
+                continue
+            if info.dtype not in READABLE:
+                raise LlmarchError(f"tensor {info.name}: expert storage type {info.dtype} is not one llmarch run "
+                                   f"can read (readable: {', '.join(READABLE)}, MXFP4 *_blocks/*_scales)", self.where)
+            return self.source.read(info).float()
+        if required:
+            raise LlmarchError(f"layer {self.moe.index}: {required} missing (looked for {self.blk}.{suffixes[0]})", self.where)
+        return None
+
+
+def read_moe(source, moe) -> dict:
+    if getattr(source.ckpt, "format", None) == "gguf":
+        raise LlmarchError("MoE from GGUF is not supported by llmarch run yet; use the safetensors checkpoint",
+                           str(source.ckpt.path))
+    L = _Layer(source, moe)
+    E, d, inter = moe.E, moe.d, moe.inter
+    out: dict = {"router": L.get("gate.weight", "router.weight", "router.gate.weight", required="router weight")}
+    if tuple(out["router"].shape) != (E, d):
+        raise LlmarchError(f"layer {moe.index}: router weight has shape {tuple(out['router'].shape)}, the config "
+                           f"says {E} experts x hidden {d}", L.where)
+    out["router_bias"] = L.get("gate.e_score_correction_bias", "e_score_correction_bias", "router.bias", "expert_bias")
+    if out["router_bias"] is not None and tuple(out["router_bias"].shape) != (E,):
+        raise LlmarchError(f"layer {moe.index}: router bias has shape {tuple(out['router_bias'].shape)}, the config "
+                           f"says {E} experts", L.where)
+    if L.has("experts.gate_up_proj") or L.has("experts.gate_up_proj_blocks"):
+        _fused(L, out, moe)
+    else:
+        _per_expert(L, out, moe)
+    want = {"gate_up": (E, 2 * inter, d), "down": (E, d, inter)}
+    for k, shape in want.items():
+        if tuple(out[k].shape) != shape:
+            raise LlmarchError(f"layer {moe.index}: experts' {k} is {tuple(out[k].shape)}, the config needs {shape}", L.where)
+    for pre in ("shared_experts", "shared_expert"):
+        if L.has(f"{pre}.gate_proj.weight"):
+            for p in ("gate", "up", "down"):
+                out[f"shared_{p}"] = L.get(f"{pre}.{p}_proj.weight", required="shared expert")
+    if moe.shared is not None and "shared_gate" not in out:
+        raise LlmarchError(f"layer {moe.index}: the config has a shared expert, the checkpoint has none", L.where)
+    out["shared_gate_w"] = L.get("shared_expert_gate.weight")
+    return out
+
+
+def _per_expert(L: _Layer, out: dict, moe) -> None:
+    names = {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}
+    missing = [e for e in range(moe.E) if not any(L.has(f"experts.{e}.{n}.weight") for n in names["gate"])]
+    if missing:
+        few = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
+        raise LlmarchError(f"layer {moe.index}: {len(missing)} of {moe.E} routed experts missing (experts {few}; "
+                           f"looked for {L.blk}.experts.N.gate_proj.weight)", L.where)
+    parts = {k: [L.get(*(f"experts.{e}.{n}.weight" for n in v), required=f"expert {e} {k}") for e in range(moe.E)]
+             for k, v in names.items()}
+    out["gate_up"] = torch.stack([torch.cat([g, u]) for g, u in zip(parts["gate"], parts["up"])])
+    out["down"] = torch.stack(parts["down"])
+
+
+def _fused(L: _Layer, out: dict, moe) -> None:
+    interleaved = moe.spec.family == "gpt_oss"
+    if L.has("experts.gate_up_proj_blocks"):  # MXFP4 as shipped: [E, rows, d] after dequant
+        gu = mxfp4_dequant(L.source.read(L.names[f"{L.blk}.experts.gate_up_proj_blocks"]),
+                           L.source.read(L.names[f"{L.blk}.experts.gate_up_proj_scales"]))
+        down = mxfp4_dequant(L.source.read(L.names[f"{L.blk}.experts.down_proj_blocks"]),
+                             L.source.read(L.names[f"{L.blk}.experts.down_proj_scales"]))
+    else:  # bf16/f32 in transformers' parameter layout [E, d, 2I] / [E, I, d]
+        gu = L.get("experts.gate_up_proj").transpose(1, 2)
+        down = L.get("experts.down_proj", required="experts' down_proj").transpose(1, 2)
+    gub = L.get("experts.gate_up_proj_bias")
+    if interleaved:  # gpt-oss: gate = columns 0, 2, 4, ..., up = 1, 3, 5, ...
+        gu = torch.cat([gu[:, 0::2], gu[:, 1::2]], dim=1)
+        if gub is not None:
+            gub = torch.cat([gub[:, 0::2], gub[:, 1::2]], dim=1)
+    out["gate_up"], out["down"] = gu.contiguous(), down.contiguous()
+    out["gate_up_bias"], out["down_bias"] = gub, L.get("experts.down_proj_bias")

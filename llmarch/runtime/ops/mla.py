@@ -1,0 +1,133 @@
+"""DeepSeek Multi-head Latent Attention (V2/V3/R1, Kimi K2).
+
+q = q_b(norm(q_a(x))) (or q_proj without q low-rank), split per head into nope + rope dims;
+kv_a(x) = [latent c (kv_lora_rank) | shared k_rot (rope dims)], c normalised. The cache keeps only
+c and k_rot per token (kv_lora_rank + rope dims per layer, as inspect counts), never expanded K/V.
+Prefill expands c through kv_b into per-head K/V (cheap for many queries); decode uses the
+absorbed form: q_nope is pulled into latent space through kv_b's K half, scores are taken against
+c directly, and the latent context is pushed out through kv_b's V half.
+RoPE: DeepSeek's rope dims are interleaved pairs (rope_interleave); de-interleaving then rotating
+half is the same rotation. Softmax scale carries YaRN's mscale(factor, mscale_all_dim)^2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmarch.errors import LlmarchError
+from llmarch.runtime.ops.norms import RMSNorm
+from llmarch.runtime.ops.rope import Rope
+from llmarch.spec import ArchSpec, LayerSpec
+
+
+class LatentCache:
+    """Per-layer compressed cache; `k`/`v` names keep KVCache.nbytes() counting it."""
+
+    def __init__(self, batch: int, size: int, rank: int, rope: int, dtype, device):
+        self.k = torch.zeros(batch, size, rank, dtype=dtype, device=device)  # latent c
+        self.v = torch.zeros(batch, size, rope, dtype=dtype, device=device)  # k_rot
+
+    def update(self, c, k_rot, pos):
+        self.k.index_copy_(1, pos, c.to(self.k.dtype))
+        self.v.index_copy_(1, pos, k_rot.to(self.v.dtype))
+        n = int(pos[-1]) + 1  # slots are positions: attend over the filled prefix
+        return self.k[:, :n], self.v[:, :n]
+
+
+def _mscale(scale: float, m: float) -> float:
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+
+class MLAttention(nn.Module):
+    def __init__(self, spec: ArchSpec, layer: LayerSpec, rope: Rope | None):
+        super().__init__()
+        a = spec.attention
+        d = spec.hidden_size
+        self.index, self.H = layer.index, a.heads
+        self.nope, self.rdim, self.vdim = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
+        self.rank, self.qrank = a.kv_lora_rank, a.q_lora_rank
+        qdim = self.H * (self.nope + self.rdim)
+        if self.qrank:
+            self.q_a = nn.Linear(d, self.qrank, bias=a.bias)
+            self.q_a_norm = RMSNorm(self.qrank, 1e-6)  # transformers' DeepseekV3RMSNorm default eps
+            self.q_b = nn.Linear(self.qrank, qdim, bias=False)
+        else:
+            self.q = nn.Linear(d, qdim, bias=False)
+        self.kv_a = nn.Linear(d, self.rank + self.rdim, bias=a.bias)
+        self.kv_a_norm = RMSNorm(self.rank, 1e-6)
+        self.kv_b = nn.Linear(self.rank, self.H * (self.nope + self.vdim), bias=False)
+        self.o = nn.Linear(self.H * self.vdim, d, bias=a.bias)
+        scaling = spec.rope.scaling or {}
+        theta = rope.params[0] if rope is not None else (spec.rope.theta or 10000.0)
+        # own tables over exactly the rope dims (the spec's partial fraction may not divide evenly)
+        self.rope = Rope(self.rdim, self.rdim, theta, scaling or None, spec.context_length)
+        self.scale = (self.nope + self.rdim) ** -0.5
+        kind = scaling.get("rope_type") or scaling.get("type")
+        if kind and kind != "default" and scaling.get("mscale_all_dim"):
+            self.scale *= _mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
+        self.interleave = spec.config.get("rope_interleave", True)
+
+    def _rot(self, x, pos):
+        if self.interleave:
+            x = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
+        return self.rope(x, pos)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+        B, T, _ = x.shape
+        lc = cache.layers.get(self.index)
+        if lc is None:
+            lc = cache.layers[self.index] = LatentCache(B, cache.max_seq, self.rank, self.rdim, x.dtype, x.device)
+        if self.rope.cos is None or self.rope.cos.device != x.device:
+            self.rope.build(cache.max_seq, x.device, x.dtype)
+        q = self.q_b(self.q_a_norm(self.q_a(x))) if self.qrank else self.q(x)
+        q = q.view(B, T, self.H, self.nope + self.rdim).transpose(1, 2)
+        q_nope, q_rot = q.split([self.nope, self.rdim], dim=-1)
+        q_rot = self._rot(q_rot, pos)
+        c, k_rot = self.kv_a(x).split([self.rank, self.rdim], dim=-1)
+        c = self.kv_a_norm(c)
+        k_rot = self._rot(k_rot[:, None], pos)[:, 0]
+        cs, ks = lc.update(c, k_rot, pos)  # [B, S, rank], [B, S, rope]
+        S = cs.shape[1]
+        mask = torch.arange(S, device=x.device)[None, :] <= pos[:, None]  # [T, S]
+        w = self.kv_b.weight.view(self.H, self.nope + self.vdim, self.rank)
+        w_k, w_v = w[:, : self.nope], w[:, self.nope:]
+        if T > 1:  # expanded: per-head K/V for all keys, then SDPA
+            kv = torch.einsum("bsr,hnr->bhsn", cs, w)
+            k_nope, v = kv.split([self.nope, self.vdim], dim=-1)
+            k = torch.cat([k_nope, ks[:, None].expand(-1, self.H, -1, -1)], dim=-1)
+            qf = torch.cat([q_nope, q_rot], dim=-1)
+            out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=self.scale)
+        else:  # absorbed: scores against the latent itself, no per-head K/V materialised
+            q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_k)
+            scores = (torch.einsum("bhtr,bsr->bhts", q_lat, cs) + torch.einsum("bhtd,bsd->bhts", q_rot, ks)) * self.scale
+            probs = torch.softmax(scores.float().masked_fill(~mask, float("-inf")), dim=-1).to(x.dtype)
+            ctx = torch.einsum("bhts,bsr->bhtr", probs, cs)
+            out = torch.einsum("bhtr,hvr->bhtv", ctx, w_v)
+        return self.o(out.transpose(1, 2).reshape(B, T, self.H * self.vdim))
+
+    # Hub names (self_attn.*) -> our modules; read here so model.py's table stays llama-shaped
+    HF = {"q_a": "q_a_proj", "q_a_norm": "q_a_layernorm", "q_b": "q_b_proj", "q": "q_proj",
+          "kv_a": "kv_a_proj_with_mqa", "kv_a_norm": "kv_a_layernorm", "kv_b": "kv_b_proj", "o": "o_proj"}
+
+    def load_from(self, source, prefix: str, dtype, device) -> None:
+        names = source.ckpt.tensors
+        base = f"{getattr(source, 'prefix', '')}layers.{self.index}.self_attn."
+        for mod_name, hf in self.HF.items():
+            mod = getattr(self, mod_name, None)
+            if mod is None:
+                continue
+            for pname, p in list(mod._parameters.items()):
+                if p is None:
+                    continue
+                info = names.get(f"{base}{hf}.{pname}")
+                if info is None:
+                    raise LlmarchError(f"weight missing: {base}{hf}.{pname} (MLA layer {self.index})", str(source.ckpt.path))
+                t = source.read(info)
+                if tuple(t.shape) != tuple(p.shape):
+                    raise LlmarchError(f"weight {info.name} has shape {tuple(t.shape)}, the spec needs {tuple(p.shape)}",
+                                       str(source.ckpt.path))
+                mod._parameters[pname] = nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)

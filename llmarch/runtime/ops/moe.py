@@ -1,0 +1,205 @@
+"""Mixture-of-experts FFN: router variants, routed experts (stacked), shared expert.
+
+Routers (chosen per family, semantics from each transformers modeling file):
+  softmax      softmax over all experts, top-k, optional renormalisation (Qwen3-MoE, MiMo)
+  topk_softmax top-k over raw logits (+ router bias), softmax over those k (gpt-oss)
+  sigmoid      sigmoid scores, + correction bias for the choice only, group-limited top-k, weights
+               from the plain scores, optional renormalisation, x routed_scaling_factor
+               (DeepSeek V3 / Kimi K2, GLM-4.5, MiniMax-M2)
+  llama4       top-k over logits, sigmoid of those, applied to the expert INPUT (Llama 4)
+Experts are held stacked, [E, 2I, d] (gate rows then up rows) and [E, d, I], whatever the disk
+layout (per-expert tensors or fused, gpt-oss's interleaved gate/up), so every store (this
+resident one, offload.py's quantized CPU/disk ones) computes the same way: tokens grouped by
+expert, one matmul per used expert, results weighted and scattered back.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmarch.errors import LlmarchError
+from llmarch.runtime.ops.mlp import GatedMLP, activation
+from llmarch.spec import ArchSpec, LayerSpec
+
+ROUTER_BY_FAMILY = {"gpt_oss": "topk_softmax", "llama4": "llama4"}
+
+
+def router_kind(spec: ArchSpec) -> str:
+    if spec.family in ROUTER_BY_FAMILY:
+        return ROUTER_BY_FAMILY[spec.family]
+    return "sigmoid" if spec.moe.router == "sigmoid" else "softmax"
+
+
+class Router(nn.Module):
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        m = spec.moe
+        self.kind = router_kind(spec)
+        self.E, self.k = m.experts, m.experts_per_token
+        self.weight = nn.Parameter(torch.empty(m.experts, spec.hidden_size))
+        # gpt-oss adds a bias to the logits; sigmoid routers add a correction bias to the choice only
+        self.bias = nn.Parameter(torch.empty(m.experts)) if m.router_bias else None
+        # MiniMax-M2 always renormalises (its config has no norm_topk_prob key)
+        self.norm = bool(m.norm_topk_prob) or spec.family == "minimax_m2"
+        self.groups, self.topk_group = m.n_group or 1, m.topk_group or 1
+        self.scale = m.routed_scaling_factor or 1.0
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, d] -> (expert ids [N, k], weights [N, k] float32)."""
+        if self.kind == "sigmoid":
+            scores = F.linear(x.float(), self.weight.float()).sigmoid()
+            choice = scores + self.bias.float() if self.bias is not None else scores
+            if self.groups > 1:
+                g = choice.view(-1, self.groups, self.E // self.groups)
+                best = g.topk(2, dim=-1)[0].sum(-1).topk(self.topk_group, dim=-1, sorted=False)[1]
+                keep = torch.zeros_like(g[..., 0]).scatter_(1, best, 1.0).bool()
+                choice = g.masked_fill(~keep[..., None], float("-inf")).view(-1, self.E)
+            idx = choice.topk(self.k, dim=-1, sorted=False)[1]
+            w = scores.gather(1, idx)
+            if self.norm:
+                w = w / (w.sum(-1, keepdim=True) + 1e-20)
+            return idx, w * self.scale
+        logits = F.linear(x, self.weight, self.bias if self.kind == "topk_softmax" else None)
+        if self.kind == "softmax":
+            probs = torch.softmax(logits.float(), dim=-1)
+            w, idx = probs.topk(self.k, dim=-1)
+            if self.norm:
+                w = w / w.sum(-1, keepdim=True)
+            return idx, w
+        top, idx = logits.topk(self.k, dim=-1)
+        if self.kind == "topk_softmax":
+            return idx, torch.softmax(top.float(), dim=-1)
+        return idx, torch.sigmoid(top.float())  # llama4
+
+
+class ExpertAct:
+    """SwiGLU, or gpt-oss's clamped variant: (clamp(up) + 1) * g * sigmoid(alpha * g), g = clamp(gate)."""
+
+    def __init__(self, spec: ArchSpec, inter: int):
+        self.inter = inter
+        self.clamped = spec.family == "gpt_oss"
+        self.alpha = float(spec.config.get("swiglu_alpha", 1.702))
+        self.limit = float(spec.config.get("swiglu_limit", 7.0))
+        self.act = activation(spec.activation)
+
+    def __call__(self, gu: torch.Tensor) -> torch.Tensor:
+        gate, up = gu[..., : self.inter], gu[..., self.inter:]
+        if self.clamped:
+            gate = gate.clamp(max=self.limit)
+            up = up.clamp(-self.limit, self.limit)
+            return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+        return self.act(gate) * up
+
+
+def group_by_expert(idx: torch.Tensor, w: torch.Tensor):
+    """(sorted token rows, sorted weights, [(expert, start, end)]) for the experts used. One host sync."""
+    flat = idx.flatten()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=1).cpu().tolist()
+    segs, start = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            segs.append((e, start, start + c))
+            start += c
+    return order // idx.shape[1], w.flatten()[order], segs
+
+
+class ResidentExperts(nn.Module):
+    """Stacked float experts on one device; grouped compute (one matmul pair per used expert)."""
+
+    def __init__(self, E: int, d: int, inter: int, bias: bool):
+        super().__init__()
+        self.gate_up = nn.Parameter(torch.empty(E, 2 * inter, d))
+        self.down = nn.Parameter(torch.empty(E, d, inter))
+        self.gate_up_bias = nn.Parameter(torch.empty(E, 2 * inter)) if bias else None
+        self.down_bias = nn.Parameter(torch.empty(E, d)) if bias else None
+
+    def forward(self, x, idx, w, act, weight_input: bool = False):
+        out = torch.zeros_like(x)
+        rows, ws, segs = group_by_expert(idx, w)
+        for e, a, b in segs:
+            r = rows[a:b]
+            xs = x[r]
+            if weight_input:
+                xs = xs * ws[a:b, None].to(x.dtype)
+            h = F.linear(xs, self.gate_up[e], None if self.gate_up_bias is None else self.gate_up_bias[e])
+            y = F.linear(act(h), self.down[e], None if self.down_bias is None else self.down_bias[e])
+            if not weight_input:
+                y = y * ws[a:b, None].to(y.dtype)
+            out.index_add_(0, r, y)
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, spec: ArchSpec, layer: LayerSpec):
+        super().__init__()
+        m = spec.moe
+        self.spec, self.index = spec, layer.index
+        self.E, self.d = m.experts, spec.hidden_size
+        self.inter = m.expert_ffn or spec.intermediate_size
+        self.bias = spec.family == "gpt_oss"  # biased experts
+        self.router = Router(spec)
+        self.experts: nn.Module = ResidentExperts(self.E, self.d, self.inter, self.bias)
+        self.act = ExpertAct(spec, self.inter)
+        self.weight_input = self.router.kind == "llama4"
+        self.shared = None
+        if m.shared_experts:
+            width = m.shared_ffn or self.inter * m.shared_experts
+            self.shared = GatedMLP(self.d, width, spec.activation)
+        self.shared_gate = nn.Linear(self.d, 1, bias=False) if m.shared_gated else None
+        self.store_factory = None  # offload.py: (moe, gate_up, down, biases) -> expert store
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        flat = x.reshape(-1, d)
+        idx, w = self.router(flat)
+        # shared expert first: on the GPU it runs while an offloaded store computes on the CPU
+        shared = None
+        if self.shared is not None:
+            shared = self.shared(flat)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(flat)) * shared
+        out = self.experts(flat, idx, w, self.act, self.weight_input)
+        if shared is not None:
+            out = out + shared
+        return out.view(B, T, d)
+
+    def load_from(self, source, prefix: str, dtype, device) -> None:
+        """Read this layer's router/experts/shared tensors (names from moe_names.py) and place them."""
+        from llmarch.runtime.moe_names import read_moe
+
+        t = read_moe(source, self)
+        put = lambda x: nn.Parameter(x.to(device=device, dtype=dtype), requires_grad=False)  # noqa: E731
+        self.router.weight = put(t["router"])
+        if self.router.bias is not None:
+            if t.get("router_bias") is None:
+                raise LlmarchError(f"layer {self.index}: the router bias / correction bias is missing", str(source.ckpt.path))
+            # the correction bias decides the choice in float32 (transformers keeps it a float32 buffer)
+            self.router.bias = nn.Parameter(t["router_bias"].to(device=device, dtype=torch.float32), requires_grad=False)
+        if self.shared is not None:
+            self.shared.gate_up = _linear(torch.cat([t["shared_gate"], t["shared_up"]]), None, dtype, device)
+            self.shared.down = _linear(t["shared_down"], None, dtype, device)
+        if self.shared_gate is not None:
+            self.shared_gate = _linear(t["shared_gate_w"], None, dtype, device)
+        biases = (t.get("gate_up_bias"), t.get("down_bias"))
+        if self.store_factory is not None:
+            self.experts = self.store_factory(self, t["gate_up"], t["down"], biases)
+            return
+        ex = self.experts
+        ex.gate_up, ex.down = put(t["gate_up"]), put(t["down"])
+        if self.bias:
+            ex.gate_up_bias, ex.down_bias = put(biases[0]), put(biases[1])
+
+
+def _linear(w: torch.Tensor, b, dtype, device) -> nn.Linear:
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+    lin.weight = nn.Parameter(w.to(device=device, dtype=dtype), requires_grad=False)
+    if b is not None:
+        lin.bias = nn.Parameter(b.to(device=device, dtype=dtype), requires_grad=False)
+    return lin
+
+
+def moe_ffn(spec: ArchSpec, layer: LayerSpec) -> nn.Module:
+    return MoE(spec, layer)
