@@ -211,8 +211,6 @@ def draw_block(c: Canvas, b: Block, parts: list[Part], x: float, y: float, label
                   f'{lane:.1f},{y_to:.1f} {cx + 9:.1f},{y_to:.1f}" fill="none" stroke="#888" '
                   f'stroke-width="1.2" marker-end="url(#arrow)"/>')
             start = i + 1
-    if start == 0:  # no residual add (should not happen), keep the flow visible
-        pass
     _count_label(c, x + FRAME_W + 8, y + h / 2, label, caption, label_w, (label, caption) not in others)
     c.add("</g>")
     return h
@@ -296,7 +294,7 @@ def draw_stack(c: Canvas, doc: dict, ox: float, oy: float, heading: str, others:
 
 def _note(c: Canvas, x: float, y: float, note: str, others: set) -> None:
     marked = ("note", note) not in others
-    s, size = fit(note, STACK_W - (x % STACK_W) - 8 if x % STACK_W < STACK_W else 120, 10.5)
+    s, size = fit(note, STACK_W - (x % STACK_W) - 8, 10.5)  # up to the column's right edge
     c.add('<g class="note">')
     c.text(x, y + 14, s, size, False, "start", DIFF if marked else "#555", cls="note")
     c.add("</g>")

@@ -46,11 +46,13 @@ def canonical_tensors(tensors: dict, fmt: str, gguf_arch: str | None) -> dict[st
     tmaps = _name_maps(gguf_arch, n_blocks)
     out: dict[str, tuple[tuple, str]] = {}
     experts: dict[str, list] = {}
+    memo: dict[str, str] = {}
     for name, t in tensors.items():
         m = EXPERT_RE.search(name)
         key = EXPERT_RE.sub(".experts.", name, count=1) if m else name
-        mapped = next((n for t in tmaps if (n := t.get_name(key, try_suffixes=SUFFIXES))), None)
-        canon = mapped or key
+        canon = memo.get(key)
+        if canon is None:  # 256 experts share one key: map it once
+            canon = memo[key] = next((n for t in tmaps if (n := t.get_name(key, try_suffixes=SUFFIXES))), key)
         if m:
             experts.setdefault(canon, []).append((int(m.group(1)), tuple(t.shape), t.dtype))
         else:
