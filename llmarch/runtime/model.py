@@ -34,9 +34,11 @@ def dense_ffn(spec: ArchSpec, layer: LayerSpec) -> nn.Module:
 FFNS: dict[str, Callable[..., nn.Module]] = {"dense": dense_ffn}
 # issue 5 (MoE/MLA): registered from their own files
 from llmarch.runtime.ops.mla import MLAttention  # noqa: E402
+from llmarch.runtime.ops.llama4 import ChunkedAttention  # noqa: E402
 from llmarch.runtime.ops.moe import moe_ffn  # noqa: E402
 
 MIXERS["mla"] = MLAttention
+MIXERS["chunked"] = ChunkedAttention
 FFNS["moe"] = moe_ffn
 NORM_SLOTS = {"pre": ("attn_norm", "ffn_norm"), "post": ("attn_post_norm", "ffn_post_norm"),
               "sandwich": ("attn_norm", "attn_post_norm", "ffn_norm", "ffn_post_norm")}

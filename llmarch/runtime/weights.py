@@ -128,6 +128,8 @@ class SafetensorsSource(WeightSource):
         heads = [n for n in names if n.endswith("lm_head.weight")]
         self.head = min(heads, key=len) if heads else None
         self.norms = HF_NORMS.get(spec.norm.placement, HF_NORMS["pre"])
+        # issue 5: Llama 4 names its dense FFN feed_forward.*, not mlp.*
+        self.mlp = "feed_forward." if any(".feed_forward." in n for n in names) else "mlp."
 
     def name_of(self, name: str) -> str | None:
         p = self.prefix
@@ -140,6 +142,8 @@ class SafetensorsSource(WeightSource):
                     "lm_head": self.head}.get(stem)
         if layer is not None:
             hf = HF_LAYER.get(stem) or self.norms.get(stem)
+            if hf and hf.startswith("mlp."):
+                hf = self.mlp + hf[4:]
             if hf and stem in BARE:
                 return f"{p}layers.{layer}.{hf}"
             return f"{p}layers.{layer}.{hf}.{kind}" if hf else None
