@@ -50,6 +50,30 @@ def hf_logits(folder, ids):
         return model(torch.tensor([ids])).logits[0].numpy()
 
 
+QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+CORPUS = ["The quick brown fox jumps over the lazy dog.", "The capital of France is Paris.",
+          "def fibonacci(n): return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
+          "In 1969, the first humans landed on the Moon."] * 20
+
+def add_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer.json + tokenizer_config.json sized to the fixture's vocab."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_REGEX), behavior="isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(CORPUS, trainer)
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": False,
+         "chat_template": CHAT_TEMPLATE}))
+
+
+
 IDS = [1, 5, 9, 17, 33, 65, 100, 7, 3, 42, 11, 99]
 
 
@@ -240,3 +264,27 @@ def test_unknown_pre_tokenizer_names_the_fix(tiny, tmp_path):
     from llmarch.checkpoint import open_checkpoint
 
     assert open_checkpoint(str(tmp_path / "t.gguf")).metadata["tokenizer.ggml.pre"] == "qwen2"
+
+
+def test_tokenizer_round_trip_hf_gguf_hf(tiny, tmp_path):
+    """tokenizer.json -> GGUF vocab -> tokenizer.json encodes the same; chat template and specials kept."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from llmarch.convert.from_gguf import convert_from_gguf
+    from llmarch.convert.to_gguf import convert_to_gguf
+
+    src = tmp_path / "src"
+    import shutil
+
+    shutil.copytree(tiny("qwen3", vocab_size=384), src)
+    add_tokenizer(src, 384)
+    convert_to_gguf(str(src), tmp_path / "t.gguf", "f32")
+    convert_from_gguf(str(tmp_path / "t.gguf"), tmp_path / "back", "f32")
+    a, b = Tokenizer.from_file(str(src / "tokenizer.json")), Tokenizer.from_file(str(tmp_path / "back/tokenizer.json"))
+    for text in CORPUS[:4] + ["  spaces\n\nand\ttabs 12345 <s> </s>", "Ünïcödé 🙂"]:
+        assert a.encode(text).ids == b.encode(text).ids, text
+    ta, tb = AutoTokenizer.from_pretrained(str(src)), AutoTokenizer.from_pretrained(str(tmp_path / "back"))
+    assert (tb.bos_token, tb.eos_token, tb.pad_token) == (ta.bos_token, ta.eos_token, ta.pad_token)
+    msgs = [{"role": "user", "content": "hi"}]
+    assert tb.apply_chat_template(msgs, tokenize=False) == ta.apply_chat_template(msgs, tokenize=False)

@@ -1,0 +1,135 @@
+"""llama.cpp loads what `llmarch convert` writes and computes what transformers computes.
+
+Marked `llamacpp`: skipped when llama-cpp-python is not installed. Tiny random fixtures get a
+small byte-level BPE tokenizer (trained here with `tokenizers`, Qwen2 pre-tokenizer regex) so the
+GGUF carries a real vocab; the reference for logits and greedy tokens is transformers on the
+same HF checkpoint, and for the real Gemma 3 270M file, llama.cpp on the original GGUF.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_convert import add_tokenizer
+
+llama_cpp = pytest.importorskip("llama_cpp")
+pytestmark = pytest.mark.llamacpp
+
+VOCAB = 384
+FAMILIES = {
+    "llama": {}, "qwen3": {}, "gemma3_text": {}, "qwen3_moe": {"mlp_only_layers": [], "norm_topk_prob": True},
+    "mistral": {}, "smollm3": {}, "olmo2": {}, "gpt2": {},
+}
+
+
+@pytest.fixture(scope="module")
+def with_tokenizer(tiny, tmp_path_factory):
+    made = {}
+
+    def build(name):
+        if name not in made:
+            dst = tmp_path_factory.mktemp(name) / name
+            shutil.copytree(tiny(name, vocab_size=VOCAB, **FAMILIES[name]), dst)
+            add_tokenizer(dst, VOCAB)
+            made[name] = dst
+        return made[name]
+
+    return build
+
+
+def load_llama(path, n_ctx=64):
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False, n_threads=2)
+
+
+def llama_logits(llm, ids):
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def llama_greedy(llm, ids, n):
+    llm.reset()
+    llm.eval(ids)
+    out = []
+    for _ in range(n):
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(nxt)
+        llm.eval([nxt])
+    return out
+
+
+def hf_model(folder):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_llamacpp_matches_transformers(with_tokenizer, tmp_path, name):
+    import torch
+    from tokenizers import Tokenizer
+
+    from llmarch.convert.to_gguf import convert_to_gguf
+    from llmarch.convert.verify import nmse
+
+    src = with_tokenizer(name)
+    out = tmp_path / f"{name}.gguf"
+    doc = convert_to_gguf(str(src), out, "f32")
+    assert doc["tokenizer"] == "gpt2"
+    llm = load_llama(out)
+
+    # tokenizer: llama.cpp's tokenization of our GGUF vocab == the tokenizers library's
+    tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    for text in ["The capital of France is", "def fibonacci(n):", "In 1969, 42 humans!"]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text).ids, text
+
+    ids = tok.encode("The capital of France is Paris. In 1969").ids
+    model = hf_model(src)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+        hf_greedy = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, min_new_tokens=8,
+                                   eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    got = llama_logits(llm, ids)
+    assert nmse(ref, got) < 1e-5
+    assert (ref.argmax(-1) == got.argmax(-1)).all()
+    assert llama_greedy(llm, ids, 8) == hf_greedy
+
+    # q8_0: within llama.cpp's pass bar
+    q = tmp_path / f"{name}-q8.gguf"
+    convert_to_gguf(str(src), q, "q8_0")
+    assert nmse(ref, llama_logits(load_llama(q), ids)) < 1e-2
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m_to_hf_matches_llamacpp(tmp_path):
+    """The real Gemma 3 270M Q4_K_M GGUF -> HF: transformers on our output vs llama.cpp on the file."""
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import AutoTokenizer
+
+    from llmarch.convert.from_gguf import convert_from_gguf
+    from llmarch.convert.verify import nmse
+    from llmarch.default_model import default_model_path
+
+    gg = default_model_path()
+    out = tmp_path / "gemma-hf"
+    convert_from_gguf(str(gg), out, "f32")
+    llm = load_llama(gg, n_ctx=128)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    for text in ["The capital of France is", "Hello,   world!\n\tdef f(x): return x**2", "Ünïcödé 日本語 🙂"]:
+        assert tok(text)["input_ids"] == llm.tokenize(text.encode(), add_bos=True, special=False), text
+    ids = tok("The capital of France is")["input_ids"]
+    model = hf_model(out)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    got = llama_logits(llm, ids)
+    # llama.cpp multiplies Q4_K/Q6_K weights by q8-quantized activations; transformers runs the
+    # dequantized weights in f32: close, not identical
+    assert nmse(got, ref) < 1e-2
+    assert ref[-1].argmax() == got[-1].argmax()
