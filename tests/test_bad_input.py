@@ -53,8 +53,10 @@ def assert_one_line_error(source, names, problem: str | tuple[str, ...], check_d
     assert r.stdout == ""
     for name in [names] if isinstance(names, (str, Path)) else names:
         assert str(name) in line, (name, line)
+    # the problem must be in the message itself, not in the path (tmp paths carry test names)
+    message = line.split(": ", 2)[-1]
     problems = (problem,) if isinstance(problem, str) else problem
-    assert any(p.lower() in line.lower() for p in problems), (problems, line)
+    assert any(p.lower() in message.lower() for p in problems), (problems, line)
     assert "internal error" not in line
     if check_debug:
         d = run_cli(source, debug=True)
@@ -151,7 +153,7 @@ def test_header_not_utf8(tmp_path):
 @pytest.mark.parametrize(
     "changes, problem",
     [
-        ({"data_offsets": [24, 1000]}, "out of range"),
+        ({"data_offsets": [24, 1000]}, "past the end"),
         ({"data_offsets": [-8, 0]}, "out of range"),
         ({"data_offsets": [32, 24]}, "out of range"),
         ({"data_offsets": [24]}, "data_offsets"),
@@ -330,9 +332,11 @@ def test_absurd_string_length(tmp_path, where):
 
 def test_absurd_counts(tmp_path):
     f = write(tmp_path / "counts.gguf", gguf_bytes(GOOD_KVS, GOOD_TENSORS, GOOD_GGUF_DATA, n_kv=1 << 62))
-    assert_one_line_error(f, f, "absurd counts")
+    line = assert_one_line_error(f, f, "more than the")
+    assert str(1 << 62) in line
     f = write(tmp_path / "counts2.gguf", gguf_bytes(GOOD_KVS, GOOD_TENSORS, GOOD_GGUF_DATA, n_tensors=1 << 62))
-    assert_one_line_error(f, f, "absurd counts", check_debug=False)
+    line = assert_one_line_error(f, f, "more than the", check_debug=False)
+    assert str(1 << 62) in line
 
 
 def test_unknown_value_type(tmp_path):

@@ -147,7 +147,8 @@ def _parse(buf, path: Path):
     n_kv = c.unpack("<Q", "metadata count")
     # every KV needs >= 12 bytes and every tensor info >= 24: bound the counts by the file size
     if n_kv * 12 > c.size or n_tensors * 24 > c.size:
-        raise CheckpointError(f"absurd counts in header ({n_kv} keys, {n_tensors} tensors)", path)
+        raise CheckpointError(f"header declares {n_kv} keys and {n_tensors} tensors, more than the {c.size}-byte "
+                              "file can hold (truncated or corrupt)", path)
 
     meta: dict[str, Any] = {"GGUF.version": version}
     skipped: dict[str, tuple] = {}

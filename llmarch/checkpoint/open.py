@@ -95,11 +95,14 @@ def _check_weight_map(index: Path, weight_map: dict[str, str], ckpt: Checkpoint)
     folder = index.parent
     resolved = {file: folder / os.path.normpath(file.replace("\\", "/")) for file in set(weight_map.values())}
     tensors = ckpt.tensors
+    by_path = {p: p for p in ckpt.files}  # the very Path objects the tensors hold: `is` is enough
+    resolved = {file: by_path.get(p, p) for file, p in resolved.items()}
     for name, file in weight_map.items():
         t = tensors.get(name)
         if t is None:
             raise CheckpointError(f"index names tensor {name!r} in {file}, but no shard holds it", index)
-        if t.file != resolved[file]:
+        expected = resolved[file]
+        if t.file is not expected and t.file != expected:
             raise CheckpointError(f"index puts tensor {name!r} in {file}, but it is in {t.file.name}", index)
 
 
