@@ -100,9 +100,28 @@ def _text_config(raw: dict) -> tuple[dict, str | None]:
     return raw, None
 
 
+def _expert_key(name: str) -> str:
+    """The name with a per-expert index collapsed: `...mlp.experts.17.up_proj.weight` ->
+    `...mlp.experts.*.up_proj.weight`. No role pattern looks at the expert index, so one name
+    per key answers every role question for all of them (DeepSeek-V3: 91k tensors -> ~2k keys)."""
+    head, sep, tail = name.partition("experts.")
+    if sep:
+        idx, dot, rest = tail.partition(".")
+        if dot and idx.isdigit():
+            return f"{head}experts.*.{rest}"
+    return name
+
+
 def _tensors_by_layer(ckpt: Checkpoint) -> dict[int, list[str]]:
+    """Layer index -> tensor names, one name per expert key (see _expert_key)."""
     out: dict[int, list[str]] = defaultdict(list)
+    seen: set[str] = set()
     for name in ckpt.tensors:
+        if "experts." in name:
+            key = _expert_key(name)
+            if key in seen:
+                continue
+            seen.add(key)
         if is_vision(name):
             continue
         i = layer_of(name)
@@ -527,23 +546,41 @@ def _linear_state(spec: ArchSpec, f: _Facts, recipe: dict) -> dict:
     return out
 
 
+def _param_kind(name: str, spec: ArchSpec, mtp_start: int) -> tuple[str | None, int | None]:
+    if is_vision(name):
+        return "vision", None
+    i = layer_of(name)
+    if (i is not None and spec.mtp_layers and i >= mtp_start) or "nextn" in name or name.startswith("mtp."):
+        return "mtp", i
+    if has_role(name, "ple") and i is None:
+        return "ple", i
+    if i is not None and has_role(name, "routed_expert") and not has_role(name, "shared_expert"):
+        return "routed", i
+    return None, i
+
+
 def _params(spec: ArchSpec, ckpt: Checkpoint, lt) -> None:
     total = routed = mtp = vision = ple = 0
     routed_by_layer: dict[int, int] = defaultdict(int)
     mtp_start = spec.layers if spec.format == "safetensors" else spec.layers - spec.mtp_layers
+    kinds: dict[str, tuple] = {}  # expert key -> (kind, layer): the same for every expert index
     for name, t in ckpt.tensors.items():
+        if name == "rope_freqs.weight":  # llama.cpp's Llama 3 RoPE factors: derived from config, not weights
+            continue
         n = t.numel
         total += n
-        if is_vision(name):
+        key = _expert_key(name) if "experts." in name else name
+        kind_i = kinds.get(key)
+        if kind_i is None:
+            kind_i = kinds[key] = _param_kind(name, spec, mtp_start)
+        kind, i = kind_i
+        if kind == "vision":
             vision += n
-            continue
-        i = layer_of(name)
-        if (i is not None and spec.mtp_layers and i >= mtp_start) or "nextn" in name or name.startswith("mtp."):
+        elif kind == "mtp":
             mtp += n
-            continue
-        if has_role(name, "ple") and i is None:
+        elif kind == "ple":
             ple += n
-        if i is not None and has_role(name, "routed_expert") and not has_role(name, "shared_expert"):
+        elif kind == "routed":
             routed += n
             routed_by_layer[i] += n
     active = total - vision - mtp
