@@ -100,6 +100,16 @@ def gguf_to_config(arch: str, meta: dict[str, Any], recipe: dict) -> tuple[dict,
     orig = config.pop("gguf_rope_scaling_original_context_length", None)
     if stype and stype != "none":
         config["rope_scaling"] = {"rope_type": stype, "factor": factor, "original_max_position_embeddings": orig}
+    # Llama 3 scaling: llama.cpp keeps only a rope_freqs tensor; llmarch's converter also writes
+    # the parameters as JSON under llmarch.rope_scaling (llmarch/convert/gguf_meta.py)
+    if "rope_scaling" not in config and isinstance(meta.get("llmarch.rope_scaling"), str):
+        import json
+
+        try:
+            config["rope_scaling"] = json.loads(meta["llmarch.rope_scaling"])
+            evidence["rope_scaling"] = "llmarch.rope_scaling"
+        except ValueError:
+            pass
     # rotary dims -> partial fraction
     rdim = config.pop("gguf_rope_dimension_count", None)
     if rdim and config.get("head_dim"):

@@ -27,7 +27,7 @@ ROLES: dict[str, re.Pattern] = {name: re.compile(p) for name, p in {
     "indexer": r"indexer|\bidx_|indexer_",
     "mla_kv_a": r"kv_a_proj_with_mqa\.weight$|attn_kv_a_mqa\.weight$",
     "mla_q_a": r"q_a_proj\.weight$|attn_q_a\.weight$",
-    "input_norm": r"input_layernorm\.weight$|(^|\.)attn_norm\.weight$|ln_1\.weight$|attention_norm\.weight$",
+    "input_norm": r"input_layernorm\.weight$|(^|\.)attn_norm\.weight$|ln_1\.weight$|(^|\.)attention_norm\.weight$",  # not post_attention_norm
     "post_attn_norm": r"post_attention_layernorm\.weight$|post_attention_norm\.weight$|attn_post_norm\.weight$",
     "pre_ffn_norm": r"pre_(feedforward|mlp)_layernorm\.weight$|(^|\.)ffn_norm\.weight$|ln_2\.weight$",
     "post_ffn_norm": r"post_(feedforward|mlp)_layernorm\.weight$|post_ffw_norm\.weight$|ffn_post_norm\.weight$",
