@@ -236,3 +236,21 @@ def test_diff_opens_each_checkpoint_once_and_no_torch(llama_pair, monkeypatch):
     modules = {line.split("|")[-1].strip().split(".")[0] for line in r.stderr.splitlines() if line.startswith("import time:")}
     assert "typer" in modules  # the import log is really there
     assert "torch" not in modules and "transformers" not in modules
+
+
+@pytest.mark.parametrize("name", ["llama", "olmo2", "gemma3_text", "smollm3", "qwen3"])
+def test_gguf_from_llmarch_convert_is_same_architecture(tiny, tmp_path, name):
+    """Real pairs: `llmarch convert --to gguf` output vs its source (Llama 3 RoPE scaling, OLMo 2
+    post-norms, Gemma 3 sandwich norms and SWA, SmolLM3 NoPE, Qwen3 tied embeddings)."""
+    src = tiny(name)
+    out = tmp_path / f"{name}.gguf"
+    conv = CliRunner().invoke(app, ["convert", str(src), "--to", "gguf", "-o", str(out), "--dtype", "q8_0"])
+    if conv.exit_code != 0 and "not supported" in (conv.output or ""):
+        pytest.skip(conv.output.strip())
+    assert out.is_file(), conv.output
+    d, _, _ = diff_sources(str(src), str(out), tensors=True)
+    assert [(r["fact"], r["a"], r["b"]) for r in d["rows"] if r["differs"]] == [] and d["schedule"] == []
+    assert d["verdict"] == "same architecture; storage differs"
+    t = d["tensors"]
+    assert (t["only_in_a"], t["only_in_b"], t["shape_changes"]) == ([], [], [])
+    assert any(e["detail"].endswith("-> Q8_0") for e in t["dtype_changes"])
