@@ -131,30 +131,67 @@ def convert(
         print_result(doc)
 
 
+def _framework_exit(e: Exception) -> int | None:
+    """Exit status for the CLI framework's own signals (Exit, Abort, usage errors), else None.
+
+    typer >= 0.2x vendors click (typer._click) with its own exception classes; older typer uses
+    click's. Both are handled; a usage error prints click's usual usage + error lines.
+    """
+    exits, aborts, shown = [], [], []
+    try:
+        from typer import exceptions as te
+
+        exits.append(te.Exit)
+        aborts.append(te.Abort)
+        shown.append(te.TyperException)
+    except (ImportError, AttributeError):
+        pass
+    try:
+        import click
+
+        exits.append(click.exceptions.Exit)
+        aborts.append(click.exceptions.Abort)
+        shown.append(click.ClickException)
+    except ImportError:
+        pass
+    if isinstance(e, tuple(exits)):
+        return int(getattr(e, "exit_code", 0) or 0)
+    if isinstance(e, tuple(aborts)):
+        sys.stderr.write("llmarch: aborted\n")
+        return 130
+    if isinstance(e, tuple(shown)) and hasattr(e, "show"):
+        e.show()
+        return int(getattr(e, "exit_code", 2) or 2)
+    return None
+
+
 def main() -> None:
+    """Entry point: known errors are one line `llmarch: PATH: problem` and exit status 2;
+    LLMARCH_DEBUG=1 re-raises them so the traceback shows."""
+    debug = bool(os.environ.get("LLMARCH_DEBUG"))
     try:
         rc = app(standalone_mode=False)
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except LlmarchError as e:
-        if os.environ.get("LLMARCH_DEBUG"):
+        if debug:
             raise
         sys.stderr.write(f"llmarch: {e}\n")
         sys.exit(2)
     except KeyboardInterrupt:
         sys.stderr.write("llmarch: interrupted\n")
         sys.exit(130)
-    except Exception as e:  # click usage errors and anything unexpected: still one line
-        import click
-
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
-        if os.environ.get("LLMARCH_DEBUG"):
+    except BrokenPipeError:  # the reader went away (`llmarch inspect | head`): not an error
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        sys.exit(0)
+    except Exception as e:  # usage errors and anything unexpected: still one line
+        code = _framework_exit(e)
+        if code is not None:
+            sys.exit(code)
+        if debug:
             raise
         sys.stderr.write(f"llmarch: internal error: {type(e).__name__}: {e} (LLMARCH_DEBUG=1 shows the traceback)\n")
         sys.exit(2)
