@@ -596,3 +596,12 @@ def test_inspect_never_writes(tmp_path):
     assert codes == [0, 2, 0, 2, 2]
     assert _snapshot(src) == before
     assert list(cwd.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [("--context", "abc"), ("--context", "-5"), ("--kv-dtype", "q3"), ("--bogus",)])
+def test_bad_options_are_usage_errors_not_crashes(tmp_path, args):
+    f = write(tmp_path / "good.safetensors", st_bytes(GOOD_HEADER, GOOD_DATA))
+    r = run_cli(f, *args)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "internal error" not in r.stderr
+    assert args[0] in r.stderr
