@@ -288,8 +288,35 @@ def draw_stack(c: Canvas, doc: dict, ox: float, oy: float, heading: str, others:
         if p.note:
             _note(c, cx + BW / 2 + 14, y, p.note, others)
         y += h + GAP
+    y += _legend(c, doc, ox + STRIP_X - 8, y + 4)
     c.add("</g>")
     return y - oy
+
+
+LEGEND = [("full", "full attention"), ("sliding", "sliding window"), ("chunked", "chunked"), ("mla", "MLA"),
+          ("linear", "linear"), ("mamba", "Mamba"), ("none", "no mixer"), ("dense", "dense FFN"), ("moe", "MoE")]
+
+
+def _legend(c: Canvas, doc: dict, x0: float, y: float) -> float:
+    """Key to the layer strip's colours, only the kinds this model has; returns its height."""
+    present = {l["mixer"] for l in doc["layer_schedule"]} | {l["ffn"] for l in doc["layer_schedule"]}
+    items = [(k, label) for k, label in LEGEND if k in present]
+    if not items:
+        return 0
+    c.add('<g class="legend">')
+    c.text(x0, y + 10, "layers:", 10, anchor="start", color="#555")
+    x, right = x0 + text_width("layers:", 10) + 8, x0 + STACK_W - 40
+    rows = 1
+    for k, label in items:
+        w = 14 + text_width(label, 10) + 12
+        if x + w > right:
+            x, rows = x0 + text_width("layers:", 10) + 8, rows + 1
+        yy = y + (rows - 1) * 16
+        c.add(f'<rect x="{x:.1f}" y="{yy + 1:.1f}" width="10" height="10" fill="{STRIP.get(k, "#ccc")}"/>')
+        c.text(x + 14, yy + 10, label, 10, anchor="start", color="#555")
+        x += w
+    c.add("</g>")
+    return rows * 16 + 4
 
 
 def _note(c: Canvas, x: float, y: float, note: str, others: set) -> None:
