@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmarch.errors import LlmarchError
+from llmarch.runtime import cpu_kernels
 
 QK_K = 256
 # type name -> (elements per block, bytes per block)
@@ -35,10 +36,9 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
 
 
 def _bits32(b: torch.Tensor, start: int) -> torch.Tensor:
-    """The 32 bits of a uint32 at byte `start`, as [n, 32] of 0/1 (bit j = element j)."""
-    qh = b[:, start:start + 4].long()
-    word = qh[:, 0] | (qh[:, 1] << 8) | (qh[:, 2] << 16) | (qh[:, 3] << 24)
-    return (word[:, None] >> torch.arange(32, device=b.device)) & 1
+    """The 32 bits of a little-endian uint32 at byte `start`, as uint8 [n, 32] (bit j = element j)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=b.device)
+    return ((b[:, start:start + 4, None] >> shifts) & 1).reshape(-1, 32)
 
 
 def _scale_min_k4(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,12 +63,12 @@ def _q4_1(b):
 
 
 def _q5_0(b):
-    q = _nibbles(b[:, 6:22]).long() | (_bits32(b, 2) << 4)
+    q = _nibbles(b[:, 6:22]) | (_bits32(b, 2) << 4)
     return _f16(b, 0) * (q.float() - 16)
 
 
 def _q5_1(b):
-    q = _nibbles(b[:, 8:24]).long() | (_bits32(b, 4) << 4)
+    q = _nibbles(b[:, 8:24]) | (_bits32(b, 4) << 4)
     return _f16(b, 0) * q.float() + _f16(b, 2)
 
 
@@ -88,27 +88,24 @@ def _q4_k(b):
 def _q5_k(b):
     d, dmin = _f16(b, 0), _f16(b, 2)
     s, m = _scale_min_k4(b[:, 4:16])
-    qh = b[:, 16:48].long()  # bit 2j / 2j+1 of qh[l] is the 5th bit of chunk j's low / high half
+    qh = b[:, 16:48]  # bit i of qh[l] is the 5th bit of value l of sub-block i
     high = torch.stack([(qh >> i) & 1 for i in range(8)], dim=1)  # [n, 8 sub-blocks, 32]
-    q = _k4_body(b[:, 48:176]).long() | (high << 4)
+    q = _k4_body(b[:, 48:176]) | (high << 4)
     return (d[:, :, None] * s[:, :, None] * q.float() - dmin[:, :, None] * m[:, :, None]).reshape(-1, QK_K)
 
 
 def _q6_k(b):
-    ql, qh = b[:, 0:128].long(), b[:, 128:192].long()
+    ql, qh = b[:, 0:128], b[:, 128:192]
     sc = b[:, 192:208].contiguous().view(torch.int8).float()  # 16 scales, one per 16 values
     d = _f16(b, 208)
     out = []
     for half in range(2):
         l = ql[:, 64 * half:64 * half + 64]
         h = qh[:, 32 * half:32 * half + 32]
-        q1 = (l[:, :32] & 0x0F) | (((h >> 0) & 3) << 4)
-        q2 = (l[:, 32:] & 0x0F) | (((h >> 2) & 3) << 4)
-        q3 = (l[:, :32] >> 4) | (((h >> 4) & 3) << 4)
-        q4 = (l[:, 32:] >> 4) | (((h >> 6) & 3) << 4)
-        out.append(torch.cat([q1, q2, q3, q4], dim=1))
-    q = torch.cat(out, dim=1).float() - 32  # [n, 256]
-    return (d * sc.repeat_interleave(16, dim=1) * q)
+        out += [(l[:, :32] & 0x0F) | ((h & 3) << 4), (l[:, 32:] & 0x0F) | (((h >> 2) & 3) << 4),
+                (l[:, :32] >> 4) | (((h >> 4) & 3) << 4), (l[:, 32:] >> 4) | (((h >> 6) & 3) << 4)]
+    q = torch.cat(out, dim=1).float() - 32  # [n, 256], uint8 until here
+    return (d * sc).repeat_interleave(16, dim=1) * q
 
 
 _DEQUANT = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1,
@@ -148,10 +145,18 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.device.type == "cpu":
+        T = x2.shape[0]
+        if x2.device.type == "cpu" and x2.dtype == torch.float32 and T <= 4 and cpu_kernels.available() \
+                and self.in_features % 16 == 0:
+            y = cpu_kernels.q8_matmul(x2.contiguous(), self.qweight, self.scales, None)
+        elif x2.device.type == "cpu" and T <= 4:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales.to(x2.dtype))
-        else:
-            y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scales.to(x2.dtype)
+        else:  # prefill: dequantize a slab of rows at a time and use the float GEMM
+            y = torch.empty(T, self.out_features, dtype=x2.dtype, device=x2.device)
+            step = max(1, (1 << 24) // self.in_features)
+            for i in range(0, self.out_features, step):
+                w = self.qweight[i:i + step].to(x2.dtype) * self.scales[i:i + step, None].to(x2.dtype)
+                y[:, i:i + step] = x2 @ w.t()
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)

@@ -18,21 +18,25 @@ from llmarch.spec import ArchSpec, LayerSpec
 
 def attend(q, k, v, mask, scale: float, softcap: float | None = None, sinks: torch.Tensor | None = None):
     """q [B,H,T,D], k/v [B,KV,S,D], mask bool [T,S] (True = visible) -> [B,H,T,Dv]."""
-    if softcap is None and sinks is None:
+    B, H, T, D = q.shape
+    KV = k.shape[1]
+    if softcap is None and sinks is None and q.device.type == "cuda" and T > 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    rep = q.shape[1] // k.shape[1]
-    if rep > 1:
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    # explicit form, grouped: the `rep` query heads sharing a KV head become extra rows of one
+    # matmul (no K/V copies; CPU SDPA is slow for one query against a long masked cache)
+    rep = H // KV
+    qg = q.reshape(B, KV, rep * T, D)
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, KV, rep*T, S]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~mask, float("-inf"))
+    m = mask if rep == 1 else mask.repeat(rep, 1)
+    scores = scores.masked_fill(~m, float("-inf"))
     if sinks is not None:  # a learned per-head logit that takes probability mass but adds no value
-        sink = sinks.reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1).to(scores.dtype)
+        sink = sinks.reshape(1, KV, rep, 1, 1).expand(B, KV, rep, T, 1).reshape(B, KV, rep * T, 1).to(scores.dtype)
         probs = torch.softmax(torch.cat([scores, sink], dim=-1).float(), dim=-1)[..., :-1].to(q.dtype)
     else:
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return torch.matmul(probs, v)
+    return torch.matmul(probs, v).reshape(B, H, T, -1)
 
 
 class Attention(nn.Module):

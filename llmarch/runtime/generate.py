@@ -1,0 +1,166 @@
+"""Token generation: prefill, then one-token decode steps over the static KV cache.
+
+On CUDA the decode step is captured once into a CUDA graph (optionally after torch.compile has
+fused its elementwise ops): small models are bound by kernel launches, not bandwidth, otherwise.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from llmarch.errors import LlmarchError
+from llmarch.runtime.kv_cache import KVCache
+
+PREFILL_CHUNK = 512  # bounds the prefill activations; rings handle any chunk length
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+
+@dataclass
+class Result:
+    tokens: list[int]
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+    stopped_by: str  # eos | max_tokens
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        # the first token comes from the prefill logits; decode steps produced the rest
+        n = max(len(self.tokens) - 1, 0)
+        return n / self.decode_s if self.decode_s > 0 and n else 0.0
+
+
+def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> torch.Tensor:
+    """logits [B, V] -> ids [B, 1]."""
+    if not s.temperature or s.temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / s.temperature
+    if s.top_k:
+        kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p is not None and 0 < s.top_p < 1:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) > s.top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs.cpu() if gen is not None and gen.device.type == "cpu" else probs, 1,
+                             generator=gen).to(logits.device)
+
+
+class Generator:
+    def __init__(self, rt, max_seq: int, cuda_graph: bool | None = None, compile: bool = False):
+        spec = rt.spec
+        a = spec.attention
+        self.rt, self.model, self.device, self.max_seq = rt, rt.model, rt.device, max_seq
+        self.cache = KVCache(spec.schedule, max_seq, a.kv_heads, a.head_dim, a.v_head_dim or a.head_dim,
+                             rt.dtype, rt.device)
+        self.model.setup(max_seq, rt.device, rt.dtype)
+        self.use_graph = (rt.device.type == "cuda") if cuda_graph is None else cuda_graph
+        self.compile = compile
+        self.graph = None
+
+    # ---------------------------------------------------------------- decode step
+    def _step_eager(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        p = torch.tensor([pos], device=self.device)
+        return self.model(ids, p, self.cache, limit=pos + 1)[:, -1]
+
+    def _capture(self, pos: int) -> None:
+        """Capture model(ids, pos) for one token with static buffers; replay for every later step.
+
+        Warm-up runs write garbage K/V at slot `pos` only, which the real step at `pos` overwrites
+        before anything reads it (in a ring that slot held a position already outside the window).
+        """
+        fn = self.model
+        if self.compile:
+            fn = torch.compile(self.model, dynamic=False, fullgraph=False)
+        self.g_ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self.g_pos = torch.full((1,), pos, dtype=torch.long, device=self.device)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn(self.g_ids, self.g_pos, self.cache, limit=None)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.g_out = fn(self.g_ids, self.g_pos, self.cache, limit=None)[:, -1]
+
+    def _step_graph(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        if self.graph is None:
+            self._capture(pos)
+        self.g_ids.copy_(ids)
+        self.g_pos.fill_(pos)
+        self.graph.replay()
+        return self.g_out
+
+    # ---------------------------------------------------------------- generation
+    @torch.inference_mode()
+    def generate(self, prompt: list[int], max_tokens: int, sampling: Sampling, eos_ids: set[int] | None = None,
+                 on_token: Callable[[int], None] | None = None) -> Result:
+        if not prompt:
+            raise LlmarchError("the prompt is empty (no tokens to condition on)")
+        if len(prompt) + max_tokens > self.max_seq:
+            raise LlmarchError(f"prompt ({len(prompt)} tokens) + --max-tokens {max_tokens} exceed the cache ({self.max_seq})")
+        eos_ids = eos_ids or set()
+        gen = None
+        if sampling.seed is not None:
+            gen = torch.Generator(device="cpu").manual_seed(sampling.seed)
+        self.cache.reset()
+        dev = self.device
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+        t0 = time.perf_counter()
+        ids = torch.tensor([prompt], dtype=torch.long, device=dev)
+        for i in range(0, len(prompt), PREFILL_CHUNK):
+            chunk = ids[:, i:i + PREFILL_CHUNK]
+            pos = torch.arange(i, i + chunk.shape[1], device=dev)
+            logits = self.model(chunk, pos, self.cache, limit=i + chunk.shape[1])[:, -1]
+        nxt = sample(logits, sampling, gen)
+        sync()
+        prefill_s = time.perf_counter() - t0
+
+        out: list[int] = []
+        stopped = "max_tokens"
+        extra = {}
+        if self.use_graph and self.graph is None and max_tokens > 1:
+            tc = time.perf_counter()
+            self._capture(len(prompt))  # before the clock: capture (and compile) is a one-off cost
+            sync()
+            extra["capture_s"] = time.perf_counter() - tc
+        t1 = time.perf_counter()
+        step = self._step_graph if self.use_graph else self._step_eager
+        n = len(prompt)
+        while True:
+            tok = int(nxt.item())
+            out.append(tok)
+            if on_token:
+                on_token(tok)
+            if tok in eos_ids:
+                stopped = "eos"
+                break
+            if len(out) >= max_tokens:
+                break
+            logits = step(nxt.view(1, 1), n)
+            n += 1
+            nxt = sample(logits, sampling, gen)
+        sync()
+        decode_s = time.perf_counter() - t1
+        return Result(out, len(prompt), prefill_s, decode_s, stopped, extra)

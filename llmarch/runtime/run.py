@@ -1,0 +1,142 @@
+"""`llmarch run`: load, tokenize, generate with streamed output, report speed and memory."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+
+from llmarch.errors import LlmarchError
+
+DEFAULT_MAX_TOKENS = 128
+
+
+@dataclass
+class RunOptions:
+    source: str | None
+    prompt: str | None = None
+    prompt_ids: str | None = None
+    chat: bool = False
+    system: str | None = None
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    ignore_eos: bool = False
+    device: str | None = None
+    dtype: str | None = None
+    keep_quantized: bool = False
+    quant_bits: int = 8
+    compile: bool = False
+    as_json: bool = False
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise LlmarchError(f"--prompt-ids wants comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise LlmarchError("--prompt-ids is empty")
+    return ids
+
+
+def peak_memory(device) -> str:
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return f"peak RSS {rss / 1024:.0f} MiB"
+
+
+def run(o: RunOptions) -> dict:
+    if o.prompt is None and o.prompt_ids is None:
+        raise LlmarchError("give --prompt TEXT or --prompt-ids 1,2,3")
+    if o.max_tokens <= 0:
+        raise LlmarchError(f"--max-tokens must be positive, got {o.max_tokens}")
+    if o.quant_bits not in (4, 8):
+        raise LlmarchError(f"--quant-bits must be 8 or 4, got {o.quant_bits}")
+    from llmarch.runtime.generate import Generator, Sampling
+    from llmarch.runtime.load import load_runtime
+    from llmarch.runtime.tokenizer import load_tokenizer
+
+    rt = load_runtime(o.source, o.device, o.dtype, o.quant_bits if o.keep_quantized else None)
+    tok = None
+    if o.prompt_ids is not None:
+        ids = parse_ids(o.prompt_ids)
+        try:
+            tok = load_tokenizer(rt.ckpt)
+        except LlmarchError:
+            tok = None  # ids in, ids out: a checkpoint without a tokenizer still runs
+    else:
+        tok = load_tokenizer(rt.ckpt)
+        if o.chat:
+            from llmarch.runtime.chat import render_chat
+
+            text = render_chat(tok.chat_template, o.prompt, o.system, tok.bos_token, tok.eos_token)
+            ids = tok.encode(text, special=False)
+        else:
+            ids = tok.encode(o.prompt)
+    bad = [i for i in ids if not 0 <= i < rt.spec.vocab_size]
+    if bad:
+        raise LlmarchError(f"token id {bad[0]} is outside the vocabulary (0..{rt.spec.vocab_size - 1})")
+    context = rt.spec.context_length or 4096
+    if len(ids) > context:
+        raise LlmarchError(f"the prompt is {len(ids)} tokens, longer than the model's context of {context}")
+    max_tokens = min(o.max_tokens, context - len(ids))
+    if max_tokens <= 0:
+        raise LlmarchError(f"the prompt is {len(ids)} tokens and fills the model's context of {context}: no room to generate")
+
+    gen = Generator(rt, len(ids) + max_tokens, compile=o.compile)
+    eos = set() if o.ignore_eos or tok is None else tok.eos_ids
+    err = sys.stderr
+    for note in rt.notes:
+        err.write(f"llmarch: {note}\n")
+    stream = _Streamer(tok, sys.stdout) if not o.as_json else None
+    res = gen.generate(ids, max_tokens, Sampling(o.temperature, o.top_k, o.top_p, o.seed), eos,
+                       stream.push if stream else None)
+    if stream:
+        stream.finish()
+    text = tok.decode(res.tokens) if tok is not None else None
+    doc = {"text": text, "tokens": res.tokens, "prompt_tokens": len(ids),
+           "prefill_tok_s": round(res.prefill_tok_s, 2), "decode_tok_s": round(res.decode_tok_s, 2)}
+    summary = (f"prefill {len(ids)} tok {res.prefill_tok_s:.1f} tok/s · decode {len(res.tokens)} tok "
+               f"{res.decode_tok_s:.1f} tok/s · {peak_memory(rt.device)} · {rt.device.type} {str(rt.dtype).replace('torch.', '')}"
+               + (f" int{o.quant_bits} weights" if o.keep_quantized else "") + f" · stop: {res.stopped_by}")
+    if o.as_json:
+        sys.stdout.write(json.dumps(doc) + "\n")
+    err.write(f"llmarch: {summary}\n")
+    return doc
+
+
+class _Streamer:
+    """Print text as tokens arrive: decode everything so far and print what is new, holding back
+    an incomplete UTF-8 sequence (byte-fallback tokens) until it completes."""
+
+    def __init__(self, tok, out):
+        self.tok, self.out, self.ids, self.shown = tok, out, [], ""
+
+    def push(self, tid: int) -> None:
+        self.ids.append(tid)
+        if self.tok is None:
+            self.out.write(f"{tid} ")
+            self.out.flush()
+            return
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.shown):
+            return
+        self.out.write(text[len(self.shown):])
+        self.out.flush()
+        self.shown = text
+
+    def finish(self) -> None:
+        if self.tok is not None:
+            text = self.tok.decode(self.ids)
+            if text.startswith(self.shown):
+                self.out.write(text[len(self.shown):])
+        self.out.write("\n")
+        self.out.flush()
