@@ -267,3 +267,35 @@ def test_deepseek_time_does_not_grow_with_weight_bytes(tmp_path):
     t_big, t_tiny = best(big), best(tiny)
     print(f"open_checkpoint: {t_big:.3f} s over {big_bytes / 1e9:.0f} GB, {t_tiny:.3f} s over {tiny_bytes / 1e6:.0f} MB")
     assert t_big < 2 * t_tiny + 0.1
+
+
+@pytest.mark.parametrize("args", [(), ("--json",)])
+def test_fast_path_prints_what_typer_prints(args):
+    """`inspect [SOURCE] [--json]` skips typer's option parsing: same bytes out as the typer path."""
+    path = gemma_path()
+    outs = []
+    for fast in (True, False):
+        env = _env()
+        if not fast:
+            env["LLMARCH_NO_FAST_PATH"] = "1"
+        r = subprocess.run([sys.executable, "-m", "llmarch", "inspect", str(path), *args], capture_output=True,
+                           text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr
+        outs.append(r.stdout)
+    assert outs[0] == outs[1]
+    assert "gemma3" in outs[0]
+
+
+def test_fast_path_skips_pydantic():
+    probe = _run_main("inspect", "--json", gemma_path()) + "\nprint('PYDANTIC', 'pydantic' in sys.modules)\n"
+    r = subprocess.run([sys.executable, "-c", "import sys\n" + probe], capture_output=True, text=True, env=_env(),
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "PYDANTIC False" in r.stdout
+
+
+@pytest.mark.parametrize("argv", [("inspect", "--json", "--json"), ("inspect", "a", "b"), ("inspect", "--help")])
+def test_other_forms_go_through_typer(argv):
+    from llmarch.cli import _fast_inspect
+
+    assert _fast_inspect(list(argv)) is False
