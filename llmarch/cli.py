@@ -151,6 +151,9 @@ def run(
     quant_bits: Annotated[int, typer.Option("--quant-bits", help="8 or 4 with --keep-quantized (4: CPU only).")] = 8,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decode step (CUDA; first step slower).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print {text, tokens, prompt_tokens, prefill_tok_s, decode_tok_s}.")] = False,
+    experts: Annotated[Optional[str], typer.Option("--experts", help="MoE: routed experts on gpu, cpu or disk (default: gpu when they fit).")] = None,
+    expert_bits: Annotated[Optional[int], typer.Option("--expert-bits", help="MoE: 16, 8 or 4-bit routed experts (group-wise scales).")] = None,
+    gpu_experts: Annotated[int, typer.Option("--gpu-experts", help="MoE: keep the N most used experts per layer on the GPU too.")] = 0,
 ) -> None:
     """Generate text with a pure-PyTorch runtime built from the checkpoint's ArchSpec.
 
@@ -159,7 +162,8 @@ def run(
     from llmarch.runtime.run import RunOptions, run as run_model
 
     run_model(RunOptions(source, prompt, prompt_ids, chat, system, max_tokens, temperature, top_k, top_p, seed,
-                         ignore_eos, device, dtype, keep_quantized, quant_bits, compile, as_json))
+                         ignore_eos, device, dtype, keep_quantized, quant_bits, compile, as_json,
+                         experts, expert_bits, gpu_experts))
 
 
 def _framework_exit(e: Exception) -> int | None:

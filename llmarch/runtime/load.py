@@ -57,17 +57,22 @@ def pick_dtype(dtype: str | None, ckpt, device: torch.device, notes: list[str]) 
     return chosen
 
 
+MOE_FAMILIES = ("qwen3_moe", "deepseek_v3", "gpt_oss", "glm4_moe", "llama4", "minimax_m2")
+
+
 def check_supported(spec: ArchSpec, path) -> None:
     if spec.family == "unknown" or not spec.layers or not spec.hidden_size:
         raise LlmarchError(f"unknown model family (no usable config); {DENSE_FAMILIES_NOTE}", path)
-    if spec.moe is not None or spec.attention.mla:
-        raise LlmarchError(f"family {spec.family!r} (MoE/MLA) is not supported by llmarch run yet; {DENSE_FAMILIES_NOTE}", path)
+    if (spec.moe is not None or spec.attention.mla) and spec.family not in MOE_FAMILIES:  # issue 5
+        raise LlmarchError(f"family {spec.family!r} (MoE/MLA) is not supported by llmarch run yet; "
+                           f"MoE/MLA families run: {', '.join(MOE_FAMILIES)}", path)
     if spec.per_layer_embeddings or spec.linear_attention:
         raise LlmarchError(f"family {spec.family!r} is not supported by llmarch run yet; {DENSE_FAMILIES_NOTE}", path)
 
 
 def load_runtime(source: str | None, device: str | None = None, dtype: str | None = None,
-                 quant_bits: int | None = None) -> Runtime:
+                 quant_bits: int | None = None, experts: str | None = None, expert_bits: int | None = None,
+                 gpu_experts: int = 0) -> Runtime:
     from llmarch.fingerprint import fingerprint
     from llmarch.runtime.model import build_model, load_weights
     from llmarch.runtime.weights import open_weights
@@ -84,6 +89,10 @@ def load_runtime(source: str | None, device: str | None = None, dtype: str | Non
     if quant_bits and dev.type == "cuda" and quant_bits == 4:
         raise LlmarchError("--keep-quantized 4-bit runs on the CPU only; use 8 on cuda")
     model = build_model(spec)
+    if spec.moe is not None:  # issue 5: where the routed experts live (offload.py)
+        from llmarch.runtime.offload import attach, plan
+
+        attach(model, plan(spec, dev, dt, experts, expert_bits, gpu_experts), dt, dev)
     load_weights(model, open_weights(ckpt, spec), dt, dev, quant_bits)
     model.eval()
     return Runtime(spec, model, ckpt, dev, dt, notes)

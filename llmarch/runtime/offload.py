@@ -291,3 +291,105 @@ def store_factory(place: Placement, dtype, device):
             return QuantGPUExperts(moe, gate_up, down, biases, place, dtype, device)
         return OffloadedExperts(moe, gate_up, down, biases, place, dtype)
     return make
+
+
+# ----------------------------------------------------------------------------- placement, memory, report
+
+GiB = 2**30
+
+
+def _host_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def expert_bytes(spec, bits: int, dtype_bytes: int = 2) -> tuple[int, int]:
+    """(bytes of all routed experts at `bits`, bytes of everything else at the model dtype)."""
+    m = spec.moe
+    inter = m.expert_ffn or spec.intermediate_size
+    n_moe = sum(1 for l in spec.schedule if l.ffn == "moe")
+    routed = n_moe * m.experts * 3 * spec.hidden_size * inter
+    per_weight = {16: dtype_bytes, 8: 1 + 2 / G, 4: 0.5 + 4 / G}[bits]
+    total = spec.params.get("total") or routed
+    dense = max(total - routed - spec.params.get("mtp", 0), 0)
+    return int(routed * per_weight), int(dense * dtype_bytes)
+
+
+def plan(spec, device: torch.device, dtype, experts: str | None, bits: int | None, gpu_experts: int = 0) -> Placement:
+    """Check the options and that the placement fits; the default puts experts on the GPU when they fit."""
+    bits = 16 if bits is None else bits
+    if bits not in (16, 8, 4):
+        raise LlmarchError(f"--expert-bits must be 16, 8 or 4, got {bits}")
+    if experts not in (None, "gpu", "cpu", "disk"):
+        raise LlmarchError(f"--experts must be gpu, cpu or disk, got {experts!r}")
+    if gpu_experts < 0:
+        raise LlmarchError(f"--gpu-experts must be >= 0, got {gpu_experts}")
+    dbytes = torch.empty(0, dtype=dtype).element_size()
+    routed, dense = expert_bytes(spec, bits, dbytes)
+    on_gpu = device.type == "cuda"
+    dev_free = torch.cuda.mem_get_info(device)[0] if on_gpu else _host_available()
+    host_free = _host_available()
+    where = "the GPU" if on_gpu else "host RAM"
+    if experts is None:
+        experts = "gpu" if routed + dense < 0.9 * dev_free else "cpu"
+    hot = gpu_experts * routed // max(spec.moe.experts, 1)
+    need_dev = dense + (routed if experts == "gpu" else hot)
+    if need_dev > dev_free:
+        fits = [f"--expert-bits {b}" for b in (8, 4) if b < bits and expert_bytes(spec, b, dbytes)[0] + dense < dev_free]
+        alt = f"; would fit: --experts gpu {' or '.join(fits)}" if fits and experts == "gpu" else ""
+        if experts == "gpu" and dense < dev_free:
+            alt += f"; or --experts cpu ({routed / GiB:.1f} GiB of experts in host RAM, {host_free / GiB:.1f} GiB free)"
+        raise LlmarchError(f"not enough memory for --experts {experts} --expert-bits {bits}: needs {need_dev / GiB:.1f} GiB "
+                           f"on {where} (dense {dense / GiB:.1f} GiB + experts), {dev_free / GiB:.1f} GiB free{alt}")
+    if experts == "cpu" and on_gpu and routed > host_free:
+        raise LlmarchError(f"not enough host RAM for --experts cpu --expert-bits {bits}: experts need {routed / GiB:.1f} GiB, "
+                           f"{host_free / GiB:.1f} GiB free; try --expert-bits 4 or --experts disk")
+    return Placement(experts, bits, gpu_experts)
+
+
+def attach(model, place: Placement, dtype, device) -> None:
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.store_factory = store_factory(place, dtype, device)
+
+
+def offloaded(model) -> list[OffloadedExperts]:
+    return [m for m in model.modules() if isinstance(m, OffloadedExperts)]
+
+
+def host_read_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
+    """Bytes/s that all cores read from host RAM: a float32 sum over a buffer far larger than caches."""
+    t = torch.ones(nbytes // 4, dtype=torch.float32)
+    t.sum()
+    best = 0.0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        t.sum()
+        best = max(best, nbytes / (time.perf_counter() - t0))
+    return best
+
+
+def report(model, steps: int, decode_s: float, device, bandwidth: float | None = None) -> dict:
+    """tok/s, host expert bytes read per decode token, the bandwidth bound and the fraction reached."""
+    import resource
+
+    stores = offloaded(model)
+    per_tok = sum(s.bytes_read for s in stores) / max(steps, 1)
+    tok_s = steps / decode_s if decode_s > 0 else 0.0
+    out = {"decode_tok_s": round(tok_s, 2), "expert_bytes_per_token": int(per_tok),
+           "host_rss_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
+    if device.type == "cuda":
+        out["gpu_peak_mib"] = torch.cuda.max_memory_allocated(device) // 2**20
+    if stores and per_tok:
+        bw = bandwidth or host_read_bandwidth()
+        out["host_read_gb_s"] = round(bw / 1e9, 1)
+        out["bound_tok_s"] = round(bw / per_tok, 2)
+        out["fraction_of_bound"] = round(tok_s / (bw / per_tok), 3)
+    return out
+
+
+def reset_counters(model) -> None:
+    for s in offloaded(model):
+        s.bytes_read = 0

@@ -30,6 +30,9 @@ class RunOptions:
     quant_bits: int = 8
     compile: bool = False
     as_json: bool = False
+    experts: str | None = None  # issue 5: gpu | cpu | disk
+    expert_bits: int | None = None
+    gpu_experts: int = 0
 
 
 def parse_ids(text: str) -> list[int]:
@@ -64,7 +67,8 @@ def run(o: RunOptions) -> dict:
     from llmarch.runtime.load import load_runtime
     from llmarch.runtime.tokenizer import load_tokenizer
 
-    rt = load_runtime(o.source, o.device, o.dtype, o.quant_bits if o.keep_quantized else None)
+    rt = load_runtime(o.source, o.device, o.dtype, o.quant_bits if o.keep_quantized else None,
+                      o.experts, o.expert_bits, o.gpu_experts)
     tok = None
     if o.prompt_ids is not None:
         ids = parse_ids(o.prompt_ids)
@@ -91,7 +95,8 @@ def run(o: RunOptions) -> dict:
     if max_tokens <= 0:
         raise LlmarchError(f"the prompt is {len(ids)} tokens and fills the model's context of {context}: no room to generate")
 
-    gen = Generator(rt, len(ids) + max_tokens, compile=o.compile)
+    moe = rt.spec.moe is not None or rt.spec.attention.mla  # routing syncs with the host: no CUDA graph
+    gen = Generator(rt, len(ids) + max_tokens, cuda_graph=False if moe else None, compile=o.compile)
     eos = set() if o.ignore_eos or tok is None else tok.eos_ids
     err = sys.stderr
     for note in rt.notes:
@@ -107,6 +112,16 @@ def run(o: RunOptions) -> dict:
     summary = (f"prefill {len(ids)} tok {res.prefill_tok_s:.1f} tok/s · decode {len(res.tokens)} tok "
                f"{res.decode_tok_s:.1f} tok/s · {peak_memory(rt.device)} · {rt.device.type} {str(rt.dtype).replace('torch.', '')}"
                + (f" int{o.quant_bits} weights" if o.keep_quantized else "") + f" · stop: {res.stopped_by}")
+    if moe:
+        from llmarch.runtime.offload import offloaded, report
+
+        if offloaded(rt.model):
+            r = report(rt.model, max(len(res.tokens) - 1, 1), res.decode_s, rt.device)
+            doc["offload"] = r
+            if "bound_tok_s" in r:
+                summary += (f" · experts {r['expert_bytes_per_token'] / 2**20:.1f} MiB/token read from host, "
+                            f"bound {r['bound_tok_s']:.1f} tok/s at {r['host_read_gb_s']} GB/s "
+                            f"({100 * r['fraction_of_bound']:.0f}%) · peak RSS {r['host_rss_peak_mib']} MiB")
     if o.as_json:
         sys.stdout.write(json.dumps(doc) + "\n")
     err.write(f"llmarch: {summary}\n")
