@@ -10,6 +10,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,7 @@ def online(monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("llmarch.checkpoint.hub._preflight", lambda source: None)  # no DNS here
 
     def install(fake: FakeHub):
         monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake.hf_hub_download)
@@ -300,6 +302,7 @@ def _http_error(cls, status: int):
     ("not_safetensors", "no safetensors weights"),
     ("no_config", "no config.json"),
     ("connect", "cannot reach the Hugging Face Hub"),
+    ("offline_no_cache", "the Hugging Face Hub cannot be reached"),
 ])
 def test_remote_errors_are_one_clear_line(tmp_path, online, kind, expected):
     from huggingface_hub import errors as E
@@ -319,6 +322,10 @@ def test_remote_errors_are_one_clear_line(tmp_path, online, kind, expected):
             "revision": lambda: _http_error(E.RevisionNotFoundError, 404),
             "not_safetensors": lambda: E.NotASafetensorsRepoError("'org/remote' is not a safetensors repo."),
             "connect": lambda: httpx2.ConnectError("[Errno 111] Connection refused"),
+            # what hf_hub_download raises when the request fails and the file is not cached
+            "offline_no_cache": lambda: E.LocalEntryNotFoundError(
+                "An error happened while trying to locate the file on the Hub and we cannot find the requested "
+                "files in the local cache."),
         }[kind]()
 
         def failing(*a, **kw):
@@ -332,3 +339,46 @@ def test_remote_errors_are_one_clear_line(tmp_path, online, kind, expected):
         _remote_headers("org/remote", "org/remote", None)
     msg = str(info.value)
     assert expected in msg and "org/remote" in msg and "\n" not in msg
+
+
+def test_unreachable_hub_is_one_quick_line(tmp_path):
+    """Online mode, nothing cached, a Hub whose name cannot resolve (.invalid, RFC 6761): one line,
+    exit 2, and no ~25 s of retries (the name check fails first)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and k != "LLMARCH_DEBUG"}
+    env.update(PYTHONPATH=str(ROOT), HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="https://hub.llmarch-test.invalid")
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "llmarch", "inspect", "org/some-model"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    elapsed = time.perf_counter() - t0
+    assert r.returncode == 2
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "org/some-model" in lines[0] and "cannot be reached" in lines[0]
+    if not any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        assert elapsed < 10, elapsed
+
+
+def test_preflight(monkeypatch):
+    import socket
+
+    from llmarch.checkpoint.hub import _preflight
+    from llmarch.errors import CheckpointError
+
+    for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(v, raising=False)
+    calls = []
+
+    def no_dns(host, *a, **kw):
+        calls.append(host)
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    with pytest.raises(CheckpointError, match="cannot be reached.*Name or service not known"):
+        _preflight("org/x")
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    assert calls == [urlparse(constants.ENDPOINT).hostname]
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    _preflight("org/x")  # behind a proxy only the proxy resolves names: no check

@@ -9,6 +9,8 @@ requests: never the weights.
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from llmarch.checkpoint.base import Checkpoint, TensorInfo
@@ -58,6 +60,11 @@ def _hub_error(e: Exception, source: str, what: str) -> CheckpointError:
     """One line for each way a Hub call fails."""
     from huggingface_hub import errors as E
 
+    if isinstance(e, E.LocalEntryNotFoundError):  # the Hub could not be reached, and no cached copy
+        cause = e.__cause__ or e.__context__
+        why = f" ({type(cause).__name__}: {str(cause).strip().splitlines()[0]})" if cause and str(cause).strip() else ""
+        return CheckpointError(f"not in the local Hugging Face cache, and the Hugging Face Hub cannot be reached{why}",
+                               source)
     if isinstance(e, E.GatedRepoError):
         return CheckpointError("the repo is gated: accept its terms on huggingface.co and log in (hf auth login)", source)
     if isinstance(e, E.RepositoryNotFoundError):
@@ -85,8 +92,49 @@ def _is_network_error(e: Exception) -> bool:
     return type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests", "urllib3")
 
 
+def _preflight(source: str) -> None:
+    """Fail at once when the Hub's host name does not resolve (no network): huggingface_hub
+    would retry for ~25 s first. Skipped behind a proxy, where only the proxy resolves names."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    host = urlparse(constants.ENDPOINT).hostname
+    if not host:
+        return
+    try:
+        socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise CheckpointError(
+            f"not in the local Hugging Face cache, and the Hugging Face Hub cannot be reached ({host}: "
+            f"{e.strerror or e}); HF_HUB_OFFLINE=1 uses the cache only", source) from e
+
+
+@contextmanager
+def _quiet_hub():
+    """huggingface_hub logs each retry as a warning; the CLI's contract is one line on error."""
+    import logging
+
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _remote_headers(source: str, repo_id: str, revision: str | None) -> Checkpoint:
     """config.json and the safetensors headers over HTTP range requests; never the weights."""
+    _preflight(source)
+    with _quiet_hub():
+        return _remote_headers_quiet(source, repo_id, revision)
+
+
+def _remote_headers_quiet(source: str, repo_id: str, revision: str | None) -> Checkpoint:
     import huggingface_hub as hf
 
     try:
