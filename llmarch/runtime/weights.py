@@ -129,7 +129,9 @@ class SafetensorsSource(WeightSource):
         self.head = min(heads, key=len) if heads else None
         self.norms = HF_NORMS.get(spec.norm.placement, HF_NORMS["pre"])
         # issue 5: Llama 4 names its dense FFN feed_forward.*, not mlp.*
-        self.mlp = "feed_forward." if any(".feed_forward." in n for n in names) else "mlp."
+        # (only decoder-layer names count: Pixtral's vision tower also has feed_forward.*)
+        decoder = self.prefix + "layers."
+        self.mlp = "feed_forward." if any(n.startswith(decoder) and ".feed_forward." in n for n in names) else "mlp."
 
     def name_of(self, name: str) -> str | None:
         p = self.prefix
