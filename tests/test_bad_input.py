@@ -293,6 +293,13 @@ def test_bad_magic(tmp_path):
     assert_one_line_error(f, f, "bad magic")
 
 
+def test_big_endian_gguf(tmp_path):
+    data = bytearray(good_gguf())
+    data[4:8] = struct.pack(">I", 3)
+    f = write(tmp_path / "be.gguf", bytes(data))
+    assert_one_line_error(f, f, "big-endian", check_debug=False)
+
+
 def test_unsupported_version(tmp_path):
     data = bytearray(good_gguf())
     data[4:8] = struct.pack("<I", 99)

@@ -100,14 +100,16 @@ def _read_value(c: _Cursor, vtype: GGUFValueType, key: str, skipped: dict):
         raise CheckpointError(f"nested arrays are not supported ({key})", c.path)
     if etype == GGUFValueType.STRING:
         if count * 8 > c.size - c.pos:  # each element needs at least 8 bytes: checked before any work
-            raise CheckpointError(f"absurd array length {count} for {key}", c.path)
+            raise CheckpointError(f"absurd array length {count} for {key}: more than the rest of the file can hold "
+                                  "(corrupt or truncated)", c.path)
         if count <= MAX_INLINE_ARRAY:
             return [c.string(key) for _ in range(count)]
         c.skip_strings(count, key)
     else:
         item = struct.calcsize(_SCALAR[etype])
         if count * item > c.size - c.pos:
-            raise CheckpointError(f"absurd array length {count} for {key}", c.path)
+            raise CheckpointError(f"absurd array length {count} for {key}: more than the rest of the file can hold "
+                                  "(corrupt or truncated)", c.path)
         if count <= MAX_INLINE_ARRAY:
             values = list(struct.unpack_from(f"<{count}{_SCALAR[etype][1:]}", c.buf, c.pos))
             c.pos += count * item
@@ -142,6 +144,9 @@ def _parse(buf, path: Path):
     c.pos = 4
     version = c.unpack("<I", "version")
     if version not in (2, 3):
+        swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
+        if swapped in (2, 3):
+            raise CheckpointError(f"big-endian GGUF (version {swapped}) is not supported", path)
         raise CheckpointError(f"unsupported GGUF version {version}", path)
     n_tensors = c.unpack("<Q", "tensor count")
     n_kv = c.unpack("<Q", "metadata count")
