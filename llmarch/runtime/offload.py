@@ -175,9 +175,26 @@ class OffloadedExperts(nn.Module):
             gu, dn = self._float(e)
             self.hot[e] = (gu.to(self.device, self.dtype, non_blocking=True), dn.to(self.device, self.dtype, non_blocking=True))
 
+    @classmethod
+    def from_quantized(cls, moe: MoE, parts: tuple, place: Placement, dtype) -> "OffloadedExperts":
+        """Wrap already-quantized (q, scales) tensors, e.g. random ones for a benchmark."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.E, self.d, self.inter, self.bits, self.dtype, self.index = moe.E, moe.d, moe.inter, place.bits, dtype, moe.index
+        self.gu, self.gu_s, self.dn, self.dn_s = parts
+        self.gu_b = self.dn_b = None
+        self.hot_n, self.counts, self.hot, self.calls, self.bytes_read, self.device = (
+            place.gpu_experts, np.zeros(self.E, dtype=np.int64), {}, 0, 0, None)
+        return self
+
     def forward(self, x, idx, w, act, weight_input: bool = False):
         self.device = x.device
-        idx_h, w_h = idx.cpu(), w.float().cpu()  # the one sync per layer
+        if x.device.type == "cuda":  # one device->host copy (and sync) for ids, weights and activations
+            k = idx.shape[1]
+            both = torch.cat([idx.float(), w.float(), x.float()], dim=1).cpu()
+            idx_h, w_h, x_h = both[:, :k].long(), both[:, k:2 * k], both[:, 2 * k:]
+        else:
+            idx_h, w_h, x_h = idx, w.float(), x.float()
         if self.hot_n:
             self.counts += np.bincount(idx_h.flatten().numpy(), minlength=self.E)
             self.calls += 1
@@ -190,8 +207,7 @@ class OffloadedExperts(nn.Module):
             if hot_mask.any():  # queue the GPU share first: it runs while the CPU computes the rest
                 out = self._gpu(x, idx_h, w_h, hot_mask, act, weight_input)
             cold = idx_h.masked_fill(hot_mask, -1)
-        x_h = x.float().cpu()
-        y = self._cpu(x_h, cold, w_h, act, weight_input)
+        y = self._cpu(x_h.contiguous(), cold, w_h, act, weight_input)
         if y is not None:
             out = out + y.to(x.device, x.dtype, non_blocking=True)
         return out
@@ -210,14 +226,20 @@ class OffloadedExperts(nn.Module):
         return out
 
     def _cpu(self, x_h, idx_h, w_h, act, weight_input):
-        keep = idx_h >= 0
-        if not keep.any():
-            return None
-        tok, slot = keep.nonzero(as_tuple=True)
-        experts = idx_h[tok, slot]
-        order = torch.argsort(experts, stable=True)
-        tok, experts, wts = tok[order], experts[order], w_h[tok[order], slot[order]]
-        sel, counts = torch.unique_consecutive(experts, return_counts=True)
+        if idx_h.shape[0] == 1 and not self.hot:  # decode: k distinct experts, one token each
+            order = torch.argsort(idx_h[0])
+            sel, wts = idx_h[0, order], w_h[0, order]
+            counts = torch.ones_like(sel)
+            tok = torch.zeros_like(sel)
+        else:
+            keep = idx_h >= 0
+            if not keep.any():
+                return None
+            tok, slot = keep.nonzero(as_tuple=True)
+            experts = idx_h[tok, slot]
+            order = torch.argsort(experts, stable=True)
+            tok, experts, wts = tok[order], experts[order], w_h[tok[order], slot[order]]
+            sel, counts = torch.unique_consecutive(experts, return_counts=True)
         self.bytes_read += len(sel) * self.expert_bytes()
         if self.bits == 16:
             return self._cpu_float(x_h, tok, sel, counts, wts, act, weight_input)

@@ -1,0 +1,199 @@
+"""Decode speed of a Qwen3-30B-A3B-shaped MoE with routed experts int4/int8 on the CPU (llmarch
+offload) vs transformers + accelerate with the experts offloaded to the CPU (device_map).
+
+    python benchmarks/bench_moe_offload.py                 # the real shapes, on a CUDA machine
+    python benchmarks/bench_moe_offload.py --small --device cpu   # smoke test of the same path
+
+Random weights, made cheaply: dense/attention/router on the GPU with normal_ (seconds), routed
+experts as random int4/int8 bytes + small fp16 scales drawn on the GPU and copied to host RAM
+(normal_ over 10 GB of CPU tensors takes minutes). Routing over random weights spreads the
+tokens across experts, so host reads are not served from caches.
+The baseline runs only --baseline-layers MoE layers (accelerate moves every expert of a layer
+over PCIe at each step, 0.17 s per layer per token) and is scaled to the full depth, as printed.
+Prints one JSON line per configuration and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+QWEN3_30B_A3B = dict(  # Qwen/Qwen3-30B-A3B config.json shapes
+    vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+    num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+    num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+    max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+)
+SMALL = dict(QWEN3_30B_A3B, vocab_size=1024, hidden_size=256, moe_intermediate_size=128, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=16, num_experts_per_tok=4)
+
+
+def spec_of(config: dict):
+    from fixtures.make import make_skeleton
+    from llmarch.checkpoint import open_checkpoint
+    from llmarch.fingerprint import fingerprint
+
+    d = make_skeleton("qwen3_moe", tempfile.mkdtemp(prefix="bench-moe-"), config)  # headers only
+    return fingerprint(open_checkpoint(str(d)))
+
+
+def build_llmarch(spec, device, dtype, bits: int, gpu_experts: int):
+    import torch
+    from torch import nn
+
+    from llmarch.runtime.load import Runtime
+    from llmarch.runtime.model import build_model
+    from llmarch.runtime.offload import G, OffloadedExperts, Placement
+    from llmarch.runtime.ops.moe import MoE
+
+    model = build_model(spec)
+    place = Placement("cpu", bits, gpu_experts)
+    t0 = time.perf_counter()
+    for mname, mod in list(model.named_modules()):
+        if isinstance(mod, MoE):
+            E, d, I = mod.E, mod.d, mod.inter
+            parts = []
+            for rows, k in ((2 * I, d), (d, I)):
+                nbytes = k // 2 if bits == 4 else k
+                q = torch.randint(0, 256, (E, rows, nbytes), dtype=torch.uint8, device=device)
+                if bits == 8:
+                    q = q.view(torch.int8)
+                    s = torch.full((E, rows, k // G), 0.02 / 127 * 8, dtype=torch.float16, device=device)
+                else:  # w = q * s + m, q in 0..15: about +-0.02
+                    s = torch.stack([torch.full((E, rows, k // G), 0.04 / 15, device=device),
+                                     torch.full((E, rows, k // G), -0.02, device=device)], -1)
+                    s = (s * (1 + 0.1 * torch.rand_like(s))).half().reshape(E, rows, 2 * (k // G))
+                parts += [q.cpu(), s.cpu()]
+            mod.experts = OffloadedExperts.from_quantized(mod, tuple(parts), place, dtype)
+        for pname, p in list(mod._parameters.items()):
+            if p is None or not p.is_meta:
+                continue
+            t = torch.empty(p.shape, device=device, dtype=dtype)
+            if pname == "weight" and p.ndim == 1:
+                t.fill_(1.0)  # norms
+            else:
+                t.normal_(0, 0.02)
+            mod._parameters[pname] = nn.Parameter(t, requires_grad=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    build_s = time.perf_counter() - t0
+    model.eval()
+    return Runtime(spec, model, None, device, dtype), build_s
+
+
+def run_llmarch(args, spec, device, dtype, bits, gpu_experts, bw):
+    import torch
+
+    from llmarch.runtime.generate import Generator, Sampling
+    from llmarch.runtime.offload import report, reset_counters
+
+    rt, build_s = build_llmarch(spec, device, dtype, bits, gpu_experts)
+    gen = Generator(rt, args.prompt + args.tokens + 1, cuda_graph=False)
+    ids = torch.randint(0, spec.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+    gen.generate(ids, 4, Sampling())  # warm-up (kernel build, allocator)
+    reset_counters(rt.model)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    res = gen.generate(ids, args.tokens, Sampling())
+    steps = len(res.tokens) - 1
+    r = report(rt.model, steps, res.decode_s, device, bw)
+    r.update(engine="llmarch", expert_bits=bits, gpu_experts=gpu_experts, build_s=round(build_s, 1),
+             prefill_tok_s=round(res.prefill_tok_s, 1), layers=spec.layers)
+    del rt, gen
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return r
+
+
+def run_baseline(args, config, device):
+    """transformers + accelerate: experts of every layer on the CPU, moved in at each forward."""
+    import torch
+    from accelerate import dispatch_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    L = args.baseline_layers
+    cfg = AutoConfig.for_model("qwen3_moe", **dict(config, num_hidden_layers=L))
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    dm = {"model.embed_tokens": 0, "model.norm": 0, "model.rotary_emb": 0, "lm_head": 0}
+    for i in range(L):
+        for part in ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp.gate"):
+            dm[f"model.layers.{i}.{part}"] = 0
+        dm[f"model.layers.{i}.mlp.experts"] = "cpu"
+    model = dispatch_model(model, device_map=dm)
+    model.eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, args.prompt), device=device)
+    with torch.inference_mode():
+        out = model(ids, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        steps, times = 3, []
+        for _ in range(steps + 1):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = model(nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    per_layer = sorted(times[1:])[steps // 2] / L
+    full = per_layer * config["num_hidden_layers"]
+    return {"engine": "transformers+accelerate", "measured_layers": L, "s_per_token_per_layer": round(per_layer, 4),
+            "decode_tok_s_scaled": round(1 / full, 4), "note": f"measured on {L} MoE layers, scaled to {config['num_hidden_layers']}"}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--small", action="store_true", help="a small shape (CPU smoke test)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--gpu-experts", type=int, nargs="+", default=[0])
+    ap.add_argument("--baseline-layers", type=int, default=2)
+    ap.add_argument("--skip-baseline", action="store_true")
+    args = ap.parse_args()
+    import torch
+
+    from llmarch.runtime.offload import host_read_bandwidth
+
+    torch.set_num_threads(os.cpu_count())
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = SMALL if args.small else QWEN3_30B_A3B
+    spec = spec_of(config)
+    bw = host_read_bandwidth()
+    machine = {"cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+               "host_read_gb_s": round(bw / 1e9, 1), "torch": torch.__version__}
+    print(json.dumps({"machine": machine}), flush=True)
+    rows = []
+    for bits in args.bits:
+        for ge in args.gpu_experts:
+            r = run_llmarch(args, spec, device, dtype, bits, ge, bw)
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+    base = None
+    if not args.skip_baseline and device.type == "cuda":
+        base = run_baseline(args, config, device)
+        print(json.dumps(base), flush=True)
+    print(f"\n{'engine':<26}{'bits':>5}{'hot':>5}{'tok/s':>9}{'MiB/tok':>9}{'bound':>8}{'frac':>7}{'GPU MiB':>9}{'RSS MiB':>9}")
+    for r in rows:
+        print(f"{'llmarch':<26}{r['expert_bits']:>5}{r['gpu_experts']:>5}{r['decode_tok_s']:>9}"
+              f"{r['expert_bytes_per_token'] / 2**20:>9.1f}{r.get('bound_tok_s', 0):>8}{r.get('fraction_of_bound', 0):>7}"
+              f"{r.get('gpu_peak_mib', 0):>9}{r['host_rss_peak_mib']:>9}")
+    if base:
+        print(f"{'transformers+accelerate':<26}{16:>5}{0:>5}{base['decode_tok_s_scaled']:>9}   ({base['note']})")
+        best = max(r["decode_tok_s"] for r in rows)
+        print(f"speedup {best / base['decode_tok_s_scaled']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
