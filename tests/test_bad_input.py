@@ -380,6 +380,24 @@ def test_gguf_overlapping_tensors(tmp_path):
     assert_one_line_error(f, f, "overlap", check_debug=False)
 
 
+@pytest.mark.parametrize("kv, key", [
+    (kv_str("llama.block_count", "many"), "llama.block_count"),
+    (kv_str("llama.rope.freq_base", "fast"), "llama.rope.freq_base"),
+    (kv_u32("llama.rope.scaling.type", 3), "llama.rope.scaling.type"),
+])
+def test_gguf_metadata_of_the_wrong_type(tmp_path, kv, key):
+    f = write(tmp_path / "types.gguf", gguf_bytes([kv_str("general.architecture", "llama"), kv],
+                                                  GOOD_TENSORS, GOOD_GGUF_DATA))
+    line = assert_one_line_error(f, f, "must be a", check_debug=key == "llama.block_count")
+    assert key in line
+
+
+def test_gguf_architecture_not_a_string(tmp_path):
+    f = write(tmp_path / "arch.gguf", gguf_bytes([kv_u32("general.architecture", 5)], GOOD_TENSORS, GOOD_GGUF_DATA))
+    line = assert_one_line_error(f, f, "must be a non-empty string")
+    assert "general.architecture" in line
+
+
 def test_gguf_without_architecture(tmp_path):
     f = write(tmp_path / "noarch.gguf", gguf_bytes([kv_u32("llama.block_count", 1)], GOOD_TENSORS, GOOD_GGUF_DATA))
     assert_one_line_error(f, f, "general.architecture", check_debug=False)

@@ -242,6 +242,7 @@ def open_gguf(path: Path) -> Checkpoint:
         tensors.update(t)
     if "general.architecture" not in meta:
         raise CheckpointError("GGUF has no general.architecture key", parts[0])
+    check_metadata_types(meta, parts[0])
     expected = meta.get(SPLIT_TENSORS)
     if isinstance(expected, int) and expected != len(tensors):
         raise CheckpointError(
@@ -250,6 +251,28 @@ def open_gguf(path: Path) -> Checkpoint:
         format="gguf", path=path, files=parts, tensors=tensors, config=None,
         metadata=meta, skipped_arrays=skipped,
     )
+
+
+def check_metadata_types(meta: dict[str, Any], path: Path) -> None:
+    """The keys the fingerprint reads must hold what llama.cpp writes there: a string for
+    general.architecture and the rope scaling type, numbers (or per-layer arrays of numbers)
+    for the sizes. A wrong type is named here instead of failing later inside the fingerprint."""
+    arch = meta["general.architecture"]
+    if not isinstance(arch, str) or not arch:
+        raise CheckpointError(f"general.architecture must be a non-empty string, got {arch!r}", path)
+    from llmarch.gguf_config import GENERIC_KEYS
+
+    strings = {"{arch}.rope.scaling.type"}
+    for template in GENERIC_KEYS:
+        key = template.format(arch=arch)
+        if key not in meta:
+            continue
+        value = meta[key]
+        if template in strings:
+            if not isinstance(value, str):
+                raise CheckpointError(f"{key} must be a string, got {value!r}", path)
+        elif isinstance(value, str) or (isinstance(value, list) and any(isinstance(v, str) for v in value)):
+            raise CheckpointError(f"{key} must be a number (or one per layer), got {value!r}", path)
 
 
 def _check_split_keys(meta: dict[str, Any], i: int, parts: list[Path], part: Path) -> None:
