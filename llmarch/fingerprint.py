@@ -243,7 +243,8 @@ def _attention(spec: ArchSpec, f: _Facts, recipe: dict, lt, ckpt: Checkpoint) ->
     a.indexer = bool(idx) or bool(f.get("index_topk", "index_n_heads"))
     if idx:
         spec.evidence["attention.indexer"] = idx
-    a.softcap = f.get("attn_logit_softcapping")
+    # Gemma 3 configs carry attn_logit_softcapping but its attention never applies it (recipe says so)
+    a.softcap = f.get("attn_logit_softcapping") if recipe.get("attn_softcap", True) else None
     scalar = f.get("query_pre_attn_scalar")
     if scalar:
         a.scale = float(scalar) ** -0.5
