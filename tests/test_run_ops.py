@@ -1,0 +1,68 @@
+"""Runtime ops against transformers' own functions and gguf-py's dequantizers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def test_attention_softcap_and_gqa_match_transformers_eager():
+    """attend() with soft-capping = transformers' Gemma 2 eager attention (the family that applies it)."""
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    from llmarch.runtime.ops.attention import attend
+
+    g = torch.Generator().manual_seed(0)
+    B, H, KV, T, D = 1, 4, 2, 7, 16
+    q, k, v = (torch.randn(B, n, T, D, generator=g) for n in (H, KV, KV))
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    additive = torch.zeros(T, T).masked_fill(~mask, float("-inf"))[None, None]
+
+    class M(torch.nn.Module):
+        num_key_value_groups, training, head_dim = H // KV, False, D
+
+    for softcap in (None, 1.5):
+        ref, _ = eager_attention_forward(M(), q, k, v, additive, scaling=0.3, softcap=softcap)
+        got = attend(q, k, v, mask, 0.3, softcap).transpose(1, 2)
+        assert (got - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+def test_dequantize_matches_gguf_py(qtype):
+    """Random block bytes (with sane fp16 scale fields) decode exactly as gguf.quants does."""
+    gguf = pytest.importorskip("gguf")
+    from llmarch.runtime.quant import BLOCKS, dequantize
+
+    per, nbytes = BLOCKS[qtype]
+    rng = np.random.default_rng(1)
+    n = 96
+    raw = rng.integers(0, 256, size=(n, nbytes), dtype=np.uint8)
+    scale_offsets = {"Q6_K": (208,), "Q4_1": (0, 2), "Q5_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2)}.get(qtype, (0,))
+    for off in scale_offsets:
+        raw[:, off:off + 2] = np.frombuffer(rng.uniform(-1, 1, n).astype(np.float16).tobytes(), np.uint8).reshape(n, 2)
+    ref = gguf.quants.dequantize(raw.reshape(-1), gguf.GGMLQuantizationType[qtype]).reshape(-1)
+    got = dequantize(torch.from_numpy(raw.reshape(-1).copy()), qtype, (n * per,)).numpy()
+    assert np.array_equal(ref, got)
+
+
+def test_unsupported_quant_type_is_one_clear_error():
+    from llmarch.errors import LlmarchError
+    from llmarch.runtime.quant import dequantize
+
+    with pytest.raises(LlmarchError, match="IQ2_XXS is not supported"):
+        dequantize(torch.zeros(66, dtype=torch.uint8), "IQ2_XXS", (256,))
+
+
+def test_int8_linear_close_to_float():
+    from llmarch.runtime.quant import Int8Linear
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(96, 64, generator=g) * 0.05, torch.randn(96, generator=g)
+    lin = Int8Linear(w, b)
+    for T in (1, 3, 9):  # C kernel / aten kernel path and the dequantized prefill path
+        x = torch.randn(T, 64, generator=g)
+        ref = x @ w.t() + b
+        err = (lin(x) - ref).abs().max().item()
+        assert err < 0.02 * ref.abs().max().item()
