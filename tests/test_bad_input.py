@@ -307,8 +307,8 @@ def test_unsupported_version(tmp_path):
     assert_one_line_error(f, f, "version 99", check_debug=False)
 
 
-@pytest.mark.parametrize("etype, count", [(GGUF_U8, 1 << 40), (GGUF_U32, 1 << 61), (GGUF_STRING, 1 << 50),
-                                          (GGUF_STRING, (1 << 64) - 1)])
+@pytest.mark.parametrize("etype, count", [(GGUF_U8, 1 << 31), (GGUF_U8, 1 << 40), (GGUF_U32, 1 << 61),
+                                          (GGUF_STRING, 1 << 27), (GGUF_STRING, 1 << 50), (GGUF_STRING, (1 << 64) - 1)])
 def test_absurd_array_length(tmp_path, etype, count):
     """A header that claims a huge array: refused from the count alone, under a 1 GiB address-space
     limit (building the list, or even an index per element, would fail with MemoryError)."""
@@ -630,3 +630,11 @@ def test_bad_options_are_usage_errors_not_crashes(tmp_path, args):
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and "internal error" not in r.stderr
     assert args[0] in r.stderr
+
+
+def test_the_memory_limit_is_real():
+    """Self-check of the harness: under the limit the CLI runs with, a 2 GiB allocation fails, so
+    the absurd-length tests above would catch a reader that allocates from the claimed count."""
+    r = subprocess.run([sys.executable, "-c", "bytearray(1 << 31)"], capture_output=True, text=True,
+                       preexec_fn=_limit_memory, timeout=60)
+    assert r.returncode != 0 and "MemoryError" in r.stderr
