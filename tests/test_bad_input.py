@@ -575,6 +575,13 @@ def test_split_gguf_missing_part(tmp_path):
     assert "m-00002-of-00003.gguf" in line
 
 
+def test_folder_with_split_gguf_missing_first_part(tmp_path):
+    for i in (2, 3):
+        write(tmp_path / f"m-{i:05d}-of-00003.gguf", good_gguf())
+    line = assert_one_line_error(tmp_path, "m-00001-of-00003.gguf", "missing", check_debug=False)
+    assert "m-00002-of-00003.gguf" in line or str(tmp_path) in line
+
+
 def test_folder_with_several_gguf_models(tmp_path):
     write(tmp_path / "a-q4.gguf", good_gguf())
     write(tmp_path / "a-q8.gguf", good_gguf())

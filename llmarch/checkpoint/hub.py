@@ -52,7 +52,8 @@ def open_repo(source: str) -> Checkpoint:
         if folder is not None:  # cached, but without safetensors (a pickle-only repo, or config only)
             return open_folder(folder)
         where = constants.HF_HUB_CACHE
-        raise CheckpointError(f"not in the local Hugging Face cache ({where}) and HF_HUB_OFFLINE is set", source)
+        raise CheckpointError(f"no such local folder, and not in the local Hugging Face cache ({where}); "
+                              "HF_HUB_OFFLINE is set", source)
     return _remote_headers(source, repo_id, revision)
 
 
@@ -68,7 +69,8 @@ def _hub_error(e: Exception, source: str, what: str) -> CheckpointError:
     if isinstance(e, E.GatedRepoError):
         return CheckpointError("the repo is gated: accept its terms on huggingface.co and log in (hf auth login)", source)
     if isinstance(e, E.RepositoryNotFoundError):
-        return CheckpointError("no such repo on the Hugging Face Hub (or it is private: log in)", source)
+        return CheckpointError("no such local folder, and no such repo on the Hugging Face Hub (or it is private: "
+                               "log in)", source)
     if isinstance(e, E.RevisionNotFoundError):
         return CheckpointError("no such revision on the Hugging Face Hub", source)
     if isinstance(e, E.EntryNotFoundError):

@@ -63,6 +63,8 @@ def open_folder(folder: Path) -> Checkpoint:
         firsts = [p for p in ggufs if not re.search(r"-\d{5}-of-\d{5}\.gguf$", p.name) or "-00001-of-" in p.name]
         if len(firsts) == 1:
             return open_gguf(firsts[0])
+        if not firsts:  # only later parts of a split model: its reader names the missing first part
+            return open_gguf(ggufs[0])
         names = ", ".join(p.name for p in firsts[:5]) + (", ..." if len(firsts) > 5 else "")
         raise CheckpointError(f"folder holds {len(firsts)} GGUF models ({names}); name one", folder)
     if any(p.suffix.lower() in PICKLE_SUFFIXES for p in folder.iterdir()):
