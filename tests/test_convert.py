@@ -288,3 +288,18 @@ def test_tokenizer_round_trip_hf_gguf_hf(tiny, tmp_path):
     assert (tb.bos_token, tb.eos_token, tb.pad_token) == (ta.bos_token, ta.eos_token, ta.pad_token)
     msgs = [{"role": "user", "content": "hi"}]
     assert tb.apply_chat_template(msgs, tokenize=False) == ta.apply_chat_template(msgs, tokenize=False)
+
+
+def test_cli_verify_reports_agreement_and_nmse(tiny, tmp_path):
+    """--verify runs source and output; q8_0 must land between 'identical' and llama.cpp's pass bar."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny("llama", vocab_size=384), src)
+    add_tokenizer(src, 384)
+    r = run_cli("convert", src, "-o", tmp_path / "v.gguf", "--dtype", "q8_0", "--verify", "--json")
+    assert r.returncode == 0, r.stderr
+    v = json.loads(r.stdout)["verify"]
+    assert v["prompts"] == 3 and v["backend"]
+    assert 0 < v["nmse"] < 1e-2 and v["verdict"] in ("excellent", "pass")
+    assert 0.5 <= v["token_agreement"] <= 1.0

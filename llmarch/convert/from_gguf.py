@@ -19,13 +19,14 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
 from llmarch.convert.gguf_meta import LLMARCH_ROPE_KEY
+from llmarch.convert.plan import tensor_bytes
 from llmarch.convert.layout import EXPERT_KINDS, GENERATED, Family, family_for_gguf_arch, gguf_kind_of, hf_name_for
 from llmarch.errors import LlmarchError
 
+CHUNK_ELEMS = 1 << 22  # elements per row block: memory stays bounded by a few blocks per thread
 OUT_DTYPES = {"f32": ("F32", np.float32, 4), "f16": ("F16", np.float16, 2), "bf16": ("BF16", np.uint16, 2)}
 
 
@@ -180,12 +181,11 @@ def _write_safetensors(path: Path, ckpt, fam: Family, items, spec, dtype: str, t
     fd = os.open(path, os.O_RDWR)
     src_fd = {p: os.open(p, os.O_RDONLY) for p in ckpt.files}
 
-    def run(job):
+    def whole(job):
         info, kind, names = job
-        qtype = Q[info.dtype]
         buf = np.empty(info.nbytes, dtype=np.uint8)
-        os.preadv(src_fd[info.file], [memoryview(buf)], info.offset)
-        x = dequantize(buf, qtype, info.shape)
+        _pread(src_fd[info.file], buf, info.offset)
+        x = dequantize(buf, Q[info.dtype], info.shape)
         if fam.norm_shift and names[0][0].endswith("norm.weight"):
             x = x - np.float32(fam.norm_shift)
         if fam.permute_qk and kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
@@ -196,17 +196,49 @@ def _write_safetensors(path: Path, ckpt, fam: Family, items, spec, dtype: str, t
             if any(hf.endswith(s) for s in fam.transpose):
                 part = part.T
             data = np.ascontiguousarray(cast(part, dtype))
-            start = header[hf]["data_offsets"][0]
-            os.pwrite(fd, memoryview(data).cast("B"), base + start)
+            os.pwrite(fd, memoryview(data).cast("B"), base + header[hf]["data_offsets"][0])
+
+    def rows(job, r0, n):
+        """Rows [r0, r0 + n) of a tensor written as is: experts and row blocks are contiguous on both sides."""
+        info, _, names = job
+        cols = info.shape[-1]
+        row_bytes = tensor_bytes((cols,), Q[info.dtype])
+        buf = np.empty(n * row_bytes, dtype=np.uint8)
+        _pread(src_fd[info.file], buf, info.offset + r0 * row_bytes)
+        x = dequantize(buf, Q[info.dtype], (n, cols))
+        if fam.norm_shift and names[0][0].endswith("norm.weight"):
+            x = x - np.float32(fam.norm_shift)
+        data = np.ascontiguousarray(cast(x, dtype))
+        os.pwrite(fd, memoryview(data).cast("B"), base + header[names[0][0]]["data_offsets"][0] + r0 * cols * size)
+
+    work = []
+    for job in jobs:
+        info, kind, names = job
+        simple = len(info.shape) >= 2 and not any(n.endswith(s) for n, _ in names for s in fam.transpose) and not (
+            fam.permute_qk and kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K))
+        if not simple:
+            work.append((whole, job))
+            continue
+        total, step = math.prod(info.shape[:-1]), max(1, CHUNK_ELEMS // info.shape[-1])
+        work += [(rows, job, r, min(step, total - r)) for r in range(0, total, step)]
 
     try:
         with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
-            for fut in [pool.submit(run, j) for j in jobs]:
+            for fut in [pool.submit(*w) for w in work]:
                 fut.result()
     finally:
         os.close(fd)
         for f in src_fd.values():
             os.close(f)
+
+
+def _pread(fd: int, buf: np.ndarray, offset: int) -> None:
+    mv, done = memoryview(buf).cast("B"), 0
+    while done < len(mv):
+        n = os.preadv(fd, [mv[done:]], offset + done)
+        if n <= 0:
+            raise LlmarchError("unexpected end of GGUF file")
+        done += n
 
 
 def _hf_shape(fam: Family, hf_name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
