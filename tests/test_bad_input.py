@@ -191,6 +191,23 @@ def test_shape_offset_size_mismatch(tmp_path, changes):
     assert "'a'" in line
 
 
+def test_duplicate_tensor_name(tmp_path):
+    """json.loads would keep only the second 'a': the reader must not lose a tensor silently."""
+    entry_a = json.dumps(GOOD_HEADER["a"], separators=(",", ":"))
+    entry_b = json.dumps(GOOD_HEADER["b"], separators=(",", ":"))
+    raw = ('{"a":' + entry_a + ',"b":' + entry_b + ',"a":' + entry_a + "}").encode()
+    raw += b" " * (-len(raw) % 8)
+    f = write(tmp_path / "dup.safetensors", struct.pack("<Q", len(raw)) + raw + GOOD_DATA)
+    assert_one_line_error(f, f, "appears twice", check_debug=False)
+
+
+def test_data_offsets_as_metadata_text_is_not_a_duplicate(tmp_path):
+    h = dict(GOOD_HEADER, __metadata__={"data_offsets": "data_offsets", "note": '"data_offsets": x'})
+    f = write(tmp_path / "meta.safetensors", st_bytes(h, GOOD_DATA))
+    r = run_cli(f, "--json")
+    assert r.returncode == 0, r.stderr
+
+
 def test_entry_not_object_and_bad_metadata(tmp_path):
     h = dict(GOOD_HEADER, b=[1, 2])
     f = write(tmp_path / "entry.safetensors", st_bytes(h, GOOD_DATA))

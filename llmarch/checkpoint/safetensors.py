@@ -43,6 +43,14 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     if not isinstance(header, dict):
         raise CheckpointError("corrupt safetensors header (not a JSON object)", path)
 
+    # json.loads keeps the last of duplicate keys: a tensor named twice would vanish silently.
+    # Each entry has one "data_offsets" key; counting `"data_offsets":` counts keys only (a quote
+    # cannot occur unescaped inside a JSON string, and a string value is never followed by ':'),
+    # so this is a C-speed duplicate check with no false alarm.
+    meta = header.get("__metadata__")
+    n_keys = len(header) - ("__metadata__" in header) + (isinstance(meta, dict) and "data_offsets" in meta)
+    if raw.count(b'"data_offsets":') + raw.count(b'"data_offsets" :') > n_keys:
+        raise CheckpointError("corrupt safetensors header (a tensor name or key appears twice)", path)
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         raise CheckpointError("corrupt safetensors header (__metadata__ is not an object)", path)
