@@ -382,3 +382,14 @@ def test_preflight(monkeypatch):
     assert calls == [urlparse(constants.ENDPOINT).hostname]
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
     _preflight("org/x")  # behind a proxy only the proxy resolves names: no check
+
+
+def test_inspect_from_cache_writes_nothing(hf_cache):
+    def snapshot():
+        return {str(p.relative_to(hf_cache)): (p.is_symlink(), p.lstat().st_size, p.lstat().st_mtime_ns)
+                for p in sorted(hf_cache.rglob("*"))}
+
+    before = snapshot()
+    for source in ("org/tiny", f"org/tiny@{COMMIT_B}", "org/sharded", "org/not-cached"):
+        run_cli(source, {"HF_HOME": str(hf_cache)})
+    assert snapshot() == before
