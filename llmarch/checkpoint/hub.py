@@ -117,16 +117,23 @@ def _preflight(source: str) -> None:
 
 @contextmanager
 def _quiet_hub():
-    """huggingface_hub logs each retry as a warning; the CLI's contract is one line on error."""
+    """huggingface_hub logs each retry as a warning and draws a progress bar over the shard
+    headers; the CLI's contract is the fact sheet on stdout and at most one line on stderr."""
     import logging
+
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     logger = logging.getLogger("huggingface_hub")
     level = logger.level
+    bars_were_off = are_progress_bars_disabled()
     logger.setLevel(logging.ERROR)
+    disable_progress_bars()
     try:
         yield
     finally:
         logger.setLevel(level)
+        if not bars_were_off:
+            enable_progress_bars()
 
 
 def _remote_headers(source: str, repo_id: str, revision: str | None) -> Checkpoint:
