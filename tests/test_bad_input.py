@@ -606,6 +606,20 @@ def test_folder_with_several_gguf_models(tmp_path):
     assert "a-q4.gguf" in line and "a-q8.gguf" in line
 
 
+def test_folder_with_model_and_mmproj_is_one_model(tmp_path):
+    """llama.cpp ships a vision model as NAME.gguf + mmproj-NAME.gguf: the projector is not a
+    second model. Two models and a projector are still ambiguous."""
+    from llmarch.checkpoint.open import open_checkpoint
+
+    write(tmp_path / "gemma-3-4b-it-Q4_K_M.gguf", good_gguf())
+    write(tmp_path / "mmproj-gemma-3-4b-it-f16.gguf",
+          gguf_bytes([kv_str("general.architecture", "clip")], [tensor_info("v.patch", [8], 0, 0)], bytes(32)))
+    ckpt = open_checkpoint(tmp_path)
+    assert ckpt.files == [tmp_path / "gemma-3-4b-it-Q4_K_M.gguf"]
+    write(tmp_path / "gemma-3-4b-it-Q8_0.gguf", good_gguf())
+    assert_one_line_error(tmp_path, tmp_path, "3 GGUF models", check_debug=False)
+
+
 def test_folder_with_one_split_gguf_is_fine(tmp_path):
     """Counter-case: the parts of one split model are one model, not several."""
     from llmarch.checkpoint.open import open_checkpoint

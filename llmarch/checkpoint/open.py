@@ -61,6 +61,9 @@ def open_folder(folder: Path) -> Checkpoint:
     ggufs = sorted(folder.glob("*.gguf"))
     if ggufs:
         firsts = [p for p in ggufs if not re.search(r"-\d{5}-of-\d{5}\.gguf$", p.name) or "-00001-of-" in p.name]
+        if len(firsts) > 1:  # a vision model's projector (llama.cpp's mmproj-*.gguf) is not a second model
+            models = [p for p in firsts if not p.name.lower().startswith("mmproj")]
+            firsts = models if len(models) == 1 else firsts
         if len(firsts) == 1:
             return open_gguf(firsts[0])
         if not firsts:  # only later parts of a split model: its reader names the missing first part
