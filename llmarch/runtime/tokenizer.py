@@ -42,7 +42,7 @@ class Tok:
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=special).ids
-        if special and self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+        if special and self.add_bos and self.bos_id is not None:  # even before a literal "<bos>", as transformers
             ids = [self.bos_id] + ids
         return ids
 
