@@ -81,6 +81,18 @@ def test_sharded_folder_with_index_and_without(tmp_path):
         assert tensor_bytes(ckpt.tensors["y.weight"]) == b["y.weight"].tobytes()
 
 
+def test_mistral_consolidated_copy_is_not_counted_twice(tmp_path):
+    from safetensors.numpy import save_file
+
+    save_file({"model.embed_tokens.weight": np.ones((4, 2), np.float32)}, str(tmp_path / "model.safetensors"))
+    save_file({"tok_embeddings.weight": np.ones((4, 2), np.float32)}, str(tmp_path / "consolidated.safetensors"))
+    ckpt = open_checkpoint(tmp_path)
+    assert list(ckpt.tensors) == ["model.embed_tokens.weight"]
+    # alone, a consolidated file is read
+    (tmp_path / "model.safetensors").unlink()
+    assert list(open_checkpoint(tmp_path).tensors) == ["tok_embeddings.weight"]
+
+
 def test_index_puts_tensor_in_wrong_shard(tmp_path):
     from safetensors.numpy import save_file
 

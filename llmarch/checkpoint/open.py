@@ -56,6 +56,11 @@ def open_folder(folder: Path) -> Checkpoint:
         _check_weight_map(index, weight_map, ckpt)
         return ckpt
     shards = sorted(folder.glob("*.safetensors"))
+    # Mistral's repos carry the same weights twice: HF-named shards and consolidated*.safetensors
+    # (mistral-inference names). Reading both would count every parameter twice.
+    hf_named = [p for p in shards if not p.name.startswith("consolidated")]
+    if hf_named and len(hf_named) < len(shards):
+        shards = hf_named
     if shards:
         return _from_files(folder, shards, config_dir=folder)
     ggufs = sorted(folder.glob("*.gguf"))
