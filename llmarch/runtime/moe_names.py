@@ -47,6 +47,17 @@ class _Layer:
     def has(self, suffix: str) -> bool:
         return f"{self.blk}.{suffix}" in self.names
 
+    def raw(self, suffix: str) -> torch.Tensor:
+        """A U8 tensor (MXFP4 blocks / e8m0 scales) as stored."""
+        from llmarch.runtime.weights import _raw
+
+        info = self.names.get(f"{self.blk}.{suffix}")
+        if info is None:
+            raise LlmarchError(f"layer {self.moe.index}: {self.blk}.{suffix} missing (MXFP4 experts need blocks and scales)", self.where)
+        if info.dtype != "U8":
+            raise LlmarchError(f"tensor {info.name}: MXFP4 {suffix} stored as {info.dtype}, expected U8", self.where)
+        return _raw(info).reshape(info.shape)
+
     def get(self, *suffixes: str, required: str | None = None) -> torch.Tensor | None:
         for s in suffixes:
             info = self.names.get(f"{self.blk}.{s}")
@@ -109,10 +120,8 @@ def _per_expert(L: _Layer, out: dict, moe) -> None:
 def _fused(L: _Layer, out: dict, moe) -> None:
     interleaved = moe.spec.family == "gpt_oss"
     if L.has("experts.gate_up_proj_blocks"):  # MXFP4 as shipped: [E, rows, d] after dequant
-        gu = mxfp4_dequant(L.source.read(L.names[f"{L.blk}.experts.gate_up_proj_blocks"]),
-                           L.source.read(L.names[f"{L.blk}.experts.gate_up_proj_scales"]))
-        down = mxfp4_dequant(L.source.read(L.names[f"{L.blk}.experts.down_proj_blocks"]),
-                             L.source.read(L.names[f"{L.blk}.experts.down_proj_scales"]))
+        gu = mxfp4_dequant(L.raw("experts.gate_up_proj_blocks"), L.raw("experts.gate_up_proj_scales"))
+        down = mxfp4_dequant(L.raw("experts.down_proj_blocks"), L.raw("experts.down_proj_scales"))
     else:  # bf16/f32 in transformers' parameter layout [E, d, 2I] / [E, I, d]
         gu = L.get("experts.gate_up_proj").transpose(1, 2)
         down = L.get("experts.down_proj", required="experts' down_proj").transpose(1, 2)
