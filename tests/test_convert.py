@@ -303,3 +303,20 @@ def test_cli_verify_reports_agreement_and_nmse(tiny, tmp_path):
     assert v["prompts"] == 3 and v["backend"]
     assert 0 < v["nmse"] < 1e-2 and v["verdict"] in ("excellent", "pass")
     assert 0.5 <= v["token_agreement"] <= 1.0
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
+def test_quantized_bytes_equal_gguf_quants(qtype):
+    """The writer's block-group quantization gives exactly gguf.quants.quantize's bytes, from f32 and bf16."""
+    import gguf
+
+    from llmarch.convert.plan import DTYPES
+    from llmarch.convert.writer import encode
+
+    q = DTYPES[qtype][0]
+    x = (np.random.default_rng(1).standard_normal((700, 96)) * 0.05).astype(np.float32)
+    x[3] = 0.0  # all-zero blocks
+    bf16 = (x.view(np.uint32) >> 16).astype(np.uint16)
+    assert np.array_equal(encode(x, "F32", q).reshape(-1), gguf.quants.quantize(x, q).reshape(-1))
+    as_f32 = (bf16.astype(np.uint32) << 16).view(np.float32)
+    assert np.array_equal(encode(bf16, "BF16", q).reshape(-1), gguf.quants.quantize(as_f32, q).reshape(-1))
