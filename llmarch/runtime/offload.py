@@ -146,7 +146,7 @@ class OffloadedExperts(nn.Module):
         with open(path, "wb") as f:
             for t in parts:
                 f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
-        mm = np.memmap(path, dtype=np.uint8, mode="r")
+        mm = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable views, nothing copied
         off, out = 0, []
         for t in parts:
             n = t.numel() * t.element_size()
