@@ -88,14 +88,38 @@ def build_llmarch(spec, device, dtype, bits: int, gpu_experts: int):
     return Runtime(spec, model, None, device, dtype), build_s
 
 
-def run_llmarch(args, spec, device, dtype, bits, gpu_experts, bw):
+def kernel_only(rt, spec, reps: int = 30) -> dict:
+    """The CPU kernel alone on one layer: random k distinct experts per call, median time."""
+    import numpy as np
+    import torch
+
+    from llmarch.runtime.offload import offloaded
+
+    st = offloaded(rt.model)[0]
+    moe = next(b.mlp for b in rt.model.layers if getattr(b.mlp, "experts", None) is st)
+    k, times = spec.moe.experts_per_token, []
+    x = torch.randn(1, spec.hidden_size)
+    w = torch.rand(1, k)
+    for _ in range(reps):
+        idx = torch.randperm(st.E)[:k][None]
+        t0 = time.perf_counter()
+        st._cpu(x, idx, w, moe.act, False)
+        times.append(time.perf_counter() - t0)
+    med = float(np.median(times[3:]))
+    return {"kernel_ms_per_layer": round(med * 1e3, 3), "kernel_gb_s": round(k * st.expert_bytes() / med / 1e9, 1)}
+
+
+def run_llmarch(args, spec, device, dtype, bits, gpu_experts, bw, segmented=True, torch_threads=None):
     import torch
 
     from llmarch.runtime.generate import Generator, Sampling
     from llmarch.runtime.offload import report, reset_counters
+    from llmarch.runtime.offload_decode import attach_decoder
 
     rt, build_s = build_llmarch(spec, device, dtype, bits, gpu_experts)
+    torch.set_num_threads(torch_threads or os.cpu_count())
     gen = Generator(rt, args.prompt + args.tokens + 1, cuda_graph=False)
+    seg = segmented and attach_decoder(gen)
     ids = torch.randint(0, spec.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
     gen.generate(ids, 4, Sampling())  # warm-up (kernel build, allocator)
     reset_counters(rt.model)
@@ -105,7 +129,8 @@ def run_llmarch(args, spec, device, dtype, bits, gpu_experts, bw):
     steps = len(res.tokens) - 1
     r = report(rt.model, steps, res.decode_s, device, bw)
     r.update(engine="llmarch", expert_bits=bits, gpu_experts=gpu_experts, build_s=round(build_s, 1),
-             prefill_tok_s=round(res.prefill_tok_s, 1), layers=spec.layers)
+             prefill_tok_s=round(res.prefill_tok_s, 1), layers=spec.layers, graphs=bool(seg),
+             torch_threads=torch.get_num_threads(), **kernel_only(rt, spec))
     del rt, gen
     import gc
 
@@ -160,6 +185,9 @@ def main():
     ap.add_argument("--gpu-experts", type=int, nargs="+", default=[0])
     ap.add_argument("--baseline-layers", type=int, default=2)
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--variants", action="store_true", help="also int4 without graphs, and with torch's full pool")
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="torch's intra-op threads while decoding (the expert kernel has its own OpenMP pool)")
     args = ap.parse_args()
     import torch
 
@@ -175,19 +203,23 @@ def main():
                "host_read_gb_s": round(bw / 1e9, 1), "torch": torch.__version__}
     print(json.dumps({"machine": machine}), flush=True)
     rows = []
-    for bits in args.bits:
-        for ge in args.gpu_experts:
-            r = run_llmarch(args, spec, device, dtype, bits, ge, bw)
-            print(json.dumps(r), flush=True)
-            rows.append(r)
+    configs = [(b, ge, True, args.torch_threads) for b in args.bits for ge in args.gpu_experts]
+    if args.variants:  # what the graphs and torch's own thread pool change, on int4
+        configs += [(4, 0, False, args.torch_threads), (4, 0, True, os.cpu_count())]
+    for bits, ge, seg, tt in configs:
+        r = run_llmarch(args, spec, device, dtype, bits, ge, bw, seg, tt)
+        print(json.dumps(r), flush=True)
+        rows.append(r)
     base = None
     if not args.skip_baseline and device.type == "cuda":
         base = run_baseline(args, config, device)
         print(json.dumps(base), flush=True)
-    print(f"\n{'engine':<26}{'bits':>5}{'hot':>5}{'tok/s':>9}{'MiB/tok':>9}{'bound':>8}{'frac':>7}{'GPU MiB':>9}{'RSS MiB':>9}")
+    print(f"\n{'engine':<26}{'bits':>5}{'hot':>5}{'graphs':>7}{'thr':>4}{'tok/s':>9}{'MiB/tok':>9}{'bound':>8}{'frac':>7}"
+          f"{'kern ms':>8}{'kern GB/s':>10}{'GPU MiB':>9}{'RSS MiB':>9}")
     for r in rows:
-        print(f"{'llmarch':<26}{r['expert_bits']:>5}{r['gpu_experts']:>5}{r['decode_tok_s']:>9}"
-              f"{r['expert_bytes_per_token'] / 2**20:>9.1f}{r.get('bound_tok_s', 0):>8}{r.get('fraction_of_bound', 0):>7}"
+        print(f"{'llmarch':<26}{r['expert_bits']:>5}{r['gpu_experts']:>5}{str(r['graphs']):>7}{r['torch_threads']:>4}"
+              f"{r['decode_tok_s']:>9}{r['expert_bytes_per_token'] / 2**20:>9.1f}{r.get('bound_tok_s', 0):>8}"
+              f"{r.get('fraction_of_bound', 0):>7}{r['kernel_ms_per_layer']:>8}{r['kernel_gb_s']:>10}"
               f"{r.get('gpu_peak_mib', 0):>9}{r['host_rss_peak_mib']:>9}")
     if base:
         print(f"{'transformers+accelerate':<26}{16:>5}{0:>5}{base['decode_tok_s_scaled']:>9}   ({base['note']})")

@@ -105,3 +105,21 @@ def test_report_counts_selected_expert_bytes(ckpt):
     r = report(rt.model, 4, 1.0, torch.device("cpu"), bandwidth=10e9)
     assert r["expert_bytes_per_token"] == 4 * 4 * one
     assert r["bound_tok_s"] == pytest.approx(10e9 / (16 * one), rel=1e-3)
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+def test_segmented_decoder_same_tokens(ckpt, reference, bits):
+    """The decode step split at the host round trips (CUDA graphs on a GPU; eager here) changes nothing."""
+    from llmarch.runtime.generate import Generator, Sampling
+    from llmarch.runtime.load import load_runtime
+    from llmarch.runtime.offload_decode import attach_decoder
+
+    ids = reference[0]
+    plain = load_runtime(str(ckpt), "cpu", "float32", experts="cpu", expert_bits=bits)
+    want = Generator(plain, PROMPT + STEPS + 1).generate(ids, STEPS, Sampling()).tokens
+    if bits == 16:
+        assert want == reference[1]
+    rt = load_runtime(str(ckpt), "cpu", "float32", experts="cpu", expert_bits=bits)
+    gen = Generator(rt, PROMPT + STEPS + 1)
+    assert attach_decoder(gen)
+    assert gen.generate(ids, STEPS, Sampling()).tokens == want

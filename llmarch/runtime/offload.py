@@ -159,6 +159,11 @@ class OffloadedExperts(nn.Module):
             self.gu, self.gu_s, self.dn, self.dn_s = out
 
     def expert_bytes(self) -> int:
+        if getattr(self, "_eb", None) is None:
+            self._eb = self._expert_bytes()
+        return self._eb
+
+    def _expert_bytes(self) -> int:
         return sum(t[0].numel() * t.element_size() for t in (self.gu, self.gu_s, self.dn, self.dn_s) if t is not None)
 
     def _float(self, e: int):
@@ -226,38 +231,52 @@ class OffloadedExperts(nn.Module):
         return out
 
     def _cpu(self, x_h, idx_h, w_h, act, weight_input):
-        if idx_h.shape[0] == 1 and not self.hot:  # decode: k distinct experts, one token each
-            order = torch.argsort(idx_h[0])
-            sel, wts = idx_h[0, order], w_h[0, order]
-            counts = torch.ones_like(sel)
-            tok = torch.zeros_like(sel)
+        # index work in numpy: these are a few dozen ids, where each torch op would cost more than its math
+        idx_np, w_np = idx_h.numpy(), w_h.numpy()
+        T, k = idx_np.shape
+        if T == 1 and not self.hot:  # decode: k distinct experts, one token each
+            order = np.argsort(idx_np[0], kind="stable")
+            sel, wts = idx_np[0][order].astype(np.int64), w_np[0][order].astype(np.float32)
+            counts, tok = np.ones(k, np.int64), np.zeros(k, np.int32)
         else:
-            keep = idx_h >= 0
+            flat, rows, wf = idx_np.ravel(), np.repeat(np.arange(T, dtype=np.int32), k), w_np.ravel()
+            keep = flat >= 0
             if not keep.any():
                 return None
-            tok, slot = keep.nonzero(as_tuple=True)
-            experts = idx_h[tok, slot]
-            order = torch.argsort(experts, stable=True)
-            tok, experts, wts = tok[order], experts[order], w_h[tok[order], slot[order]]
-            sel, counts = torch.unique_consecutive(experts, return_counts=True)
+            flat, rows, wf = flat[keep], rows[keep], wf[keep]
+            order = np.argsort(flat, kind="stable")
+            tok, wts = rows[order], wf[order].astype(np.float32)
+            sel, counts = np.unique(flat[order], return_counts=True)
+            sel = sel.astype(np.int64)
         self.bytes_read += len(sel) * self.expert_bytes()
         if self.bits == 16:
-            return self._cpu_float(x_h, tok, sel, counts, wts, act, weight_input)
-        start = torch.zeros(len(sel) + 1, dtype=torch.int32)
-        start[1:] = counts.cumsum(0)
-        rows, d, I = len(tok), self.d, self.inter
-        out = torch.zeros_like(x_h)
-        f32 = lambda *s: torch.empty(*s, dtype=torch.float32)  # noqa: E731
-        XR, XS, H, A, AS, Y = f32(rows, d), f32(rows, d // G), f32(rows, 2 * I), f32(rows, I), f32(rows, max(I // G, 1)), f32(rows, d)
-        sel64, tok32, wts = sel.to(torch.int64).contiguous(), tok.to(torch.int32).contiguous(), wts.float().contiguous()
+            return self._cpu_float(x_h, torch.from_numpy(tok.astype(np.int64)), torch.from_numpy(sel),
+                                   torch.from_numpy(counts), torch.from_numpy(wts), act, weight_input)
+        start = np.zeros(len(sel) + 1, dtype=np.int32)
+        np.cumsum(counts, out=start[1:])
+        n, d, I = len(tok), self.d, self.inter
+        XR, XS, H, A, AS, Y = self._scratch(n)
+        out = np.zeros((T, d), dtype=np.float32)
+        x_np = np.ascontiguousarray(x_h.numpy(), dtype=np.float32)
+        a = lambda arr: ctypes.c_void_p(arr.ctypes.data)  # noqa: E731
         cpu_kernel().moe_experts(
-            ctypes.c_int(self.bits), ctypes.c_int(len(sel)), _p(sel64), _p(start), _p(tok32), _p(wts),
-            _p(x_h), _p(out), ctypes.c_int(d), ctypes.c_int(I),
+            ctypes.c_int(self.bits), ctypes.c_int(len(sel)), a(sel), a(start), a(np.ascontiguousarray(tok)), a(wts),
+            a(x_np), a(out), ctypes.c_int(d), ctypes.c_int(I),
             _p(self.gu), _p(self.gu_s), _p(self.dn), _p(self.dn_s), _p(self.gu_b), _p(self.dn_b),
-            _p(XR), _p(XS), _p(H), _p(A), _p(AS), _p(Y),
+            a(XR), a(XS), a(H), a(A), a(AS), a(Y),
             ctypes.c_int(1 if act.clamped else 0), ctypes.c_float(act.alpha), ctypes.c_float(act.limit),
-            ctypes.c_int(1 if weight_input else 0), ctypes.c_int(x_h.shape[0]))
-        return out
+            ctypes.c_int(1 if weight_input else 0), ctypes.c_int(T))
+        return torch.from_numpy(out)
+
+    def _scratch(self, rows: int):
+        """Kernel work buffers, kept between calls (allocation would cost more than a decode step's math)."""
+        have = getattr(self, "_buf", None)
+        if have is None or have[0].shape[0] < rows:
+            d, I = self.d, self.inter
+            n = max(rows, 16)
+            have = tuple(np.empty((n, c), dtype=np.float32) for c in (d, d // G, 2 * I, I, max(I // G, 1), d))
+            self._buf = have
+        return have
 
     def _cpu_float(self, x_h, tok, sel, counts, wts, act, weight_input):
         x_h = x_h.to(self.dtype)

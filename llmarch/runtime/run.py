@@ -97,6 +97,10 @@ def run(o: RunOptions) -> dict:
 
     moe = rt.spec.moe is not None or rt.spec.attention.mla  # routing syncs with the host: no CUDA graph
     gen = Generator(rt, len(ids) + max_tokens, cuda_graph=False if moe else None, compile=o.compile)
+    if moe:  # issue 5: host-offloaded experts: GPU segments between host round trips as CUDA graphs
+        from llmarch.runtime.offload_decode import attach_decoder
+
+        attach_decoder(gen)
     eos = set() if o.ignore_eos or tok is None else tok.eos_ids
     err = sys.stderr
     for note in rt.notes:
