@@ -220,8 +220,8 @@ def test_bad_input_existing_output(tiny, tmp_path):
 
 
 def test_bad_input_unsupported_family_and_blocking_tensors(tiny, tmp_path):
-    line = _one_line_exit_2(run_cli("convert", tiny("deepseek_v3"), "-o", tmp_path / "d.gguf"))
-    assert "deepseek_v3" in line and "not supported" in line
+    line = _one_line_exit_2(run_cli("convert", tiny("gpt_oss"), "-o", tmp_path / "d.gguf"))
+    assert "gpt_oss" in line and "not supported" in line
     # qwen3_moe with a dense first layer: llama.cpp's qwen3moe has no dense FFN tensors
     line = _one_line_exit_2(run_cli("convert", tiny("qwen3_moe"), "-o", tmp_path / "q.gguf"))
     assert "model.layers.0.mlp" in line and "qwen3moe" in line
@@ -320,3 +320,33 @@ def test_quantized_bytes_equal_gguf_quants(qtype):
     assert np.array_equal(encode(x, "F32", q).reshape(-1), gguf.quants.quantize(x, q).reshape(-1))
     as_f32 = (bf16.astype(np.uint32) << 16).view(np.float32)
     assert np.array_equal(encode(bf16, "BF16", q).reshape(-1), gguf.quants.quantize(as_f32, q).reshape(-1))
+
+
+def test_deepseek_v3_gguf_layout(tiny, tmp_path):
+    """MLA as llama.cpp's deepseek2 wants it: kv_b split per head into k_b (transposed) and v_b,
+    one latent KV head, MTP layers dropped; values from the transformers-written checkpoint."""
+    import gguf
+
+    from llmarch.checkpoint import open_checkpoint
+    from llmarch.convert.to_gguf import convert_to_gguf
+
+    src = tiny("deepseek_v3")
+    cfg = json.loads((src / "config.json").read_text())
+    out = tmp_path / "ds.gguf"
+    convert_to_gguf(str(src), out, "f32")
+    meta = open_checkpoint(str(out)).metadata
+    assert meta["deepseek2.block_count"] == cfg["num_hidden_layers"]
+    assert meta["deepseek2.attention.head_count_kv"] == 1
+    assert meta["deepseek2.attention.key_length"] == cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]
+    assert meta["deepseek2.attention.key_length_mla"] == cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
+    assert meta["deepseek2.leading_dense_block_count"] == cfg["first_k_dense_replace"]
+    assert meta["deepseek2.expert_gating_func"] == gguf.ExpertGatingFuncType.SIGMOID
+    t = {x.name: x for x in gguf.GGUFReader(out).tensors}
+    assert not any(n.startswith(f"blk.{cfg['num_hidden_layers']}.") for n in t)  # MTP layer not written
+    h, nope, v, r = (cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"])
+    kv_b = load_st(src)["model.layers.0.self_attn.kv_b_proj.weight"].reshape(h, nope + v, r)
+    k_b = np.asarray(t["blk.0.attn_k_b.weight"].data).reshape(h, r, nope)
+    v_b = np.asarray(t["blk.0.attn_v_b.weight"].data).reshape(h, v, r)
+    assert np.array_equal(k_b, kv_b[:, :nope, :].transpose(0, 2, 1))
+    assert np.array_equal(v_b, kv_b[:, nope:, :])
+    assert "blk.1.exp_probs_b.bias" in t

@@ -21,7 +21,7 @@ from llmarch.spec import ArchSpec
 # GGUF stores these as float32 even when config.json writes an integer (rope_theta: 10000)
 # exact HF rope scaling for scalings llama.cpp turns into tensors (read back by from_gguf)
 LLMARCH_ROPE_KEY = "llmarch.rope_scaling"
-FLOAT_KEYS = {"rope_theta", "rope_local_base_freq", "rms_norm_eps", "layer_norm_epsilon",
+FLOAT_KEYS = {"gguf_rope_yarn_log_multiplier", "rope_theta", "rope_local_base_freq", "rms_norm_eps", "layer_norm_epsilon",
               "routed_scaling_factor", "final_logit_softcapping", "attn_logit_softcapping",
               "gguf_rope_scaling_factor"}
 ROPE_TYPES = {"linear": "linear", "yarn": "yarn"}  # HF rope_type -> gguf RopeScalingType value
@@ -42,12 +42,23 @@ def spec_to_hf_keys(spec: ArchSpec) -> dict:
         hp["rope_theta"] = spec.rope.theta
         hp["rope_local_base_freq"] = spec.rope.local_theta
         hp["gguf_rope_dimension_count"] = int(round(a.head_dim * spec.rope.partial))
+        yarn = {Keys.Rope.SCALING_YARN_BETA_FAST: "beta_fast", Keys.Rope.SCALING_YARN_BETA_SLOW: "beta_slow"}
         sc = spec.rope.scaling or {}
         stype = ROPE_TYPES.get((sc.get("type") or "").lower())
         if stype:
             hp["gguf_rope_scaling_type"] = stype
             hp["gguf_rope_scaling_factor"] = sc.get("factor")
             hp["gguf_rope_scaling_original_context_length"] = sc.get("original_max_position_embeddings")
+            if stype == "yarn":
+                hp.update({tmpl: sc[k] for tmpl, k in yarn.items() if sc.get(k) is not None})
+    if a.mla:  # llama.cpp's absorbed MLA: one latent "KV head" (DeepseekV2Model.set_gguf_parameters)
+        hp.update(num_key_value_heads=1, head_dim=a.kv_lora_rank + a.qk_rope_head_dim, v_head_dim=a.kv_lora_rank,
+                  gguf_key_length_mla=(a.qk_nope_head_dim or 0) + a.qk_rope_head_dim,
+                  gguf_value_length_mla=a.v_head_dim, q_lora_rank=a.q_lora_rank, kv_lora_rank=a.kv_lora_rank,
+                  gguf_rope_dimension_count=a.qk_rope_head_dim)
+        mscale_all = (spec.rope.scaling or {}).get("mscale_all_dim")
+        if mscale_all:
+            hp["gguf_rope_yarn_log_multiplier"] = 0.1 * mscale_all
     windows = {l.window for l in spec.schedule if l.mixer == "sliding" and l.window}
     if windows:
         hp["sliding_window"] = max(windows)
@@ -56,7 +67,12 @@ def spec_to_hf_keys(spec: ArchSpec) -> dict:
                   moe_intermediate_size=moe.expert_ffn,
                   n_shared_experts=moe.shared_experts or None,
                   shared_expert_intermediate_size=moe.shared_ffn,
-                  routed_scaling_factor=moe.routed_scaling_factor, norm_topk_prob=moe.norm_topk_prob)
+                  routed_scaling_factor=moe.routed_scaling_factor, norm_topk_prob=moe.norm_topk_prob,
+                  n_group=moe.n_group, topk_group=moe.topk_group,
+                  gguf_expert_gating_func={"softmax": 1, "sigmoid": 2}.get(moe.router or ""))  # ExpertGatingFuncType
+        dense = moe.dense_layers
+        if dense and dense == list(range(len(dense))):
+            hp["first_k_dense_replace"] = len(dense)
     return {k: v for k, v in hp.items() if v is not None}
 
 
@@ -81,7 +97,7 @@ def model_kv(spec: ArchSpec, arch: str, recipe: dict, file_type: int, name: str,
         keep = {k: v for k, v in sc.items() if k not in ("type", "rope_theta") and v is not None}
         out.append((LLMARCH_ROPE_KEY, json.dumps({"rope_type": "llama3", **keep}, sort_keys=True), V.STRING))
     for ckey, value in hp.items():
-        tmpl = reverse.get(ckey)
+        tmpl = reverse.get(ckey) or (ckey if ckey.startswith("{arch}.") else None)
         if tmpl is None:
             continue
         if ckey == "norm_topk_prob":

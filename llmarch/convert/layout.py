@@ -52,7 +52,8 @@ HF_LAYOUTS: dict[str, dict[MODEL_TENSOR, str]] = {
 GENERATED = {T.ROPE_FREQS}
 EXPERT_KINDS = {T.FFN_GATE_EXP: "gate_proj", T.FFN_UP_EXP: "up_proj", T.FFN_DOWN_EXP: "down_proj"}
 # families whose conversion is proven by tests (transformers round trip; llama.cpp where noted in README)
-SUPPORTED = ("llama", "mistral", "qwen3", "qwen3_moe", "gemma3", "gpt2", "smollm3", "olmo2")
+SUPPORTED = ("llama", "mistral", "qwen3", "qwen3_moe", "gemma3", "gpt2", "smollm3", "olmo2", "deepseek_v3")
+SUPPORTED_FROM_GGUF = tuple(f for f in SUPPORTED if f != "deepseek_v3")  # MLA k_b/v_b merge back: not yet
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Family:
     transpose: tuple[str, ...] = ()  # HF weights stored [in, out] (GPT-2 Conv1D)
     skip: tuple[str, ...] = ()  # HF tensors that are buffers, not weights
     layout: str = "llama"
+    split_kv_b: bool = False  # MLA: kv_b_proj -> attn_k_b + attn_v_b (llama.cpp's absorbed layout)
     recipe: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -99,9 +101,9 @@ def family_for_model_type(model_type: str | None, path=None) -> Family:
 
 def family_for_gguf_arch(arch: str, path=None) -> Family:
     recipe = recipe_book.for_gguf_arch(arch)
-    if recipe.get("family") not in SUPPORTED:
+    if recipe.get("family") not in SUPPORTED_FROM_GGUF:
         raise LlmarchError(f"converting GGUF architecture {arch!r} to safetensors is not supported yet "
-                           f"(supported families: {', '.join(SUPPORTED)})", path)
+                           f"(supported families: {', '.join(SUPPORTED_FROM_GGUF)})", path)
     conv = recipe.get("convert", {})
     types, archs = recipe.get("model_types", []), recipe.get("gguf_archs", [])
     model_type = conv.get("hf_model_type") or (types[archs.index(arch)] if len(types) == len(archs) else types[0])
@@ -119,7 +121,7 @@ def _family(recipe: dict, model_type: str) -> Family:
         permute_qk=bool(recipe.get("gguf_permute_qk", False)),
         norm_shift=float(conv.get("norm_shift", 0.0)),
         transpose=tuple(conv.get("transpose", ())), skip=tuple(conv.get("skip", ())),
-        layout=conv.get("hf_layout", "llama"), recipe=recipe,
+        layout=conv.get("hf_layout", "llama"), split_kv_b=bool(conv.get("split_kv_b", False)), recipe=recipe,
     )
 
 

@@ -19,6 +19,7 @@ from llmarch.checkpoint.base import Checkpoint, TensorInfo
 from llmarch.convert.layout import Family, name_map
 from llmarch.errors import LlmarchError
 from llmarch.spec import ArchSpec
+from llmarch.tensor_roles import layer_of
 
 Q = GGMLQuantizationType
 DTYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
@@ -43,9 +44,13 @@ class Piece:
     transpose: bool = False
     shift: float = 0.0
     data: np.ndarray | None = None  # generated tensors (rope_freqs)
+    view: object = None  # callable re-laying out the whole source (dtype-agnostic numpy ops)
+    out_shape: tuple[int, ...] | None = None  # shape after `view`
 
     @property
     def shape(self) -> tuple[int, ...]:
+        if self.out_shape is not None:
+            return self.out_shape
         shape = tuple(self.data.shape) if self.data is not None else self.src.shape
         return shape[::-1] if self.transpose else shape
 
@@ -104,13 +109,21 @@ def build_plan(ckpt: Checkpoint, spec: ArchSpec, fam: Family, dtype: str) -> Pla
     for hf_name, info in ckpt.tensors.items():
         if fam.skipped(hf_name):
             continue
+        layer = layer_of(hf_name)
+        if spec.mtp_layers and layer is not None and layer >= spec.layers:
+            continue  # MTP layers after the main stack: llama.cpp's file has none (convert_hf_to_gguf skip_mtp)
         m = EXPERT_RE.match(hf_name)
         probe = f"{m['pre']}.{m['w']}.{m['suffix']}" if m else hf_name
+        probe = probe.replace("e_score_correction_bias", "e_score_correction.bias")  # gguf-py's spelling
         found = tmap.get_type_and_name(probe, try_suffixes=(".weight", ".bias"))
         if found is None or found[0] not in allowed:
             blocked.append(hf_name)
             continue
         kind, gname = found
+        if kind == MODEL_TENSOR.ATTN_KV_B and fam.split_kv_b:
+            for k, piece in _split_kv_b(info, spec, layer).items():
+                groups[TENSOR_NAMES[k].format(bid=layer) + ".weight"] = {"kind": k, "pieces": [(None, piece)]}
+            continue
         piece = Piece(src=info, offset=0, transpose=any(hf_name.endswith(s) for s in fam.transpose))
         if fam.permute_qk and kind in (MODEL_TENSOR.ATTN_Q, MODEL_TENSOR.ATTN_K):
             piece.permute_heads = heads if kind == MODEL_TENSOR.ATTN_Q else kv_heads
@@ -144,6 +157,24 @@ def build_plan(ckpt: Checkpoint, spec: ArchSpec, fam: Family, dtype: str) -> Pla
         tensors.append(PlannedTensor(gname, qtype, shape, [p for _, p in pieces], src))
     tensors.extend(_generated(spec, fam))
     return Plan(fam, spec, ftype, tensors)
+
+
+def _split_kv_b(info: TensorInfo, spec: ArchSpec, layer: int) -> dict:
+    """MLA kv_b_proj -> llama.cpp's absorbed k_b (per head, transposed) and v_b (DeepseekV2Model)."""
+    a = spec.attention
+    h, nope, v = a.heads, a.qk_nope_head_dim, a.v_head_dim
+    r = info.shape[-1]
+    if info.shape[0] != h * (nope + v):
+        raise LlmarchError(f"{info.name}: {info.shape} is not heads x (qk_nope + v) rows", info.file)
+
+    def k_b(x):
+        return x.reshape(h, nope + v, r)[:, :nope, :].transpose(0, 2, 1)
+
+    def v_b(x):
+        return x.reshape(h, nope + v, r)[:, nope:, :]
+
+    return {MODEL_TENSOR.ATTN_K_B: Piece(info, 0, view=k_b, out_shape=(h, r, nope)),
+            MODEL_TENSOR.ATTN_V_B: Piece(info, 0, view=v_b, out_shape=(h, v, r))}
 
 
 def _generated(spec: ArchSpec, fam: Family) -> list[PlannedTensor]:

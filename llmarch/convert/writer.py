@@ -132,7 +132,7 @@ def _tasks(t: PlannedTensor, base: int):
     """(piece, first row, rows, byte offset in the file) units of work for one tensor."""
     for p in t.pieces:
         shape = p.shape
-        if p.data is not None or p.permute_heads or p.transpose or len(shape) < 2:
+        if p.data is not None or p.view or p.permute_heads or p.transpose or len(shape) < 2:
             yield p, 0, None, base + p.offset
             continue
         rows, cols = int(np.prod(shape[:-1])), shape[-1]
@@ -155,6 +155,8 @@ def _run(task, t: PlannedTensor, src: _Sources, out_fd: int) -> None:
             return
         a = src.read(p, first * cols, None if rows is None else rows * cols)
         a = a.reshape((rows, cols) if rows is not None else shape)
+        if p.view:
+            a = np.ascontiguousarray(p.view(a))
         if p.transpose:
             a = np.ascontiguousarray(a.T)
         if p.permute_heads:  # llama.cpp's permute(): interleave the two rotary halves of each head
