@@ -52,8 +52,9 @@ HF_LAYOUTS: dict[str, dict[MODEL_TENSOR, str]] = {
 GENERATED = {T.ROPE_FREQS}
 EXPERT_KINDS = {T.FFN_GATE_EXP: "gate_proj", T.FFN_UP_EXP: "up_proj", T.FFN_DOWN_EXP: "down_proj"}
 # families whose conversion is proven by tests (transformers round trip; llama.cpp where noted in README)
-SUPPORTED = ("llama", "mistral", "qwen3", "qwen3_moe", "gemma3", "gpt2", "smollm3", "olmo2", "deepseek_v3")
-SUPPORTED_FROM_GGUF = tuple(f for f in SUPPORTED if f != "deepseek_v3")  # MLA k_b/v_b merge back: not yet
+SUPPORTED = ("llama", "mistral", "qwen3", "qwen3_moe", "gemma3", "gpt2", "smollm3", "olmo2", "deepseek_v3",
+             "glm4_moe")
+SUPPORTED_FROM_GGUF = tuple(f for f in SUPPORTED if f not in ("deepseek_v3", "glm4_moe"))  # not yet
 
 
 @dataclass(frozen=True)
