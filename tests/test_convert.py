@@ -220,8 +220,8 @@ def test_bad_input_existing_output(tiny, tmp_path):
 
 
 def test_bad_input_unsupported_family_and_blocking_tensors(tiny, tmp_path):
-    line = _one_line_exit_2(run_cli("convert", tiny("gpt_oss"), "-o", tmp_path / "d.gguf"))
-    assert "gpt_oss" in line and "not supported" in line
+    line = _one_line_exit_2(run_cli("convert", tiny("qwen3_next"), "-o", tmp_path / "d.gguf"))
+    assert "qwen3_next" in line and "not supported" in line
     # qwen3_moe with a dense first layer: llama.cpp's qwen3moe has no dense FFN tensors
     line = _one_line_exit_2(run_cli("convert", tiny("qwen3_moe"), "-o", tmp_path / "q.gguf"))
     assert "model.layers.0.mlp" in line and "qwen3moe" in line

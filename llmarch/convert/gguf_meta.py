@@ -69,7 +69,8 @@ def spec_to_hf_keys(spec: ArchSpec) -> dict:
                   shared_expert_intermediate_size=moe.shared_ffn,
                   routed_scaling_factor=moe.routed_scaling_factor, norm_topk_prob=moe.norm_topk_prob,
                   n_group=moe.n_group, topk_group=moe.topk_group,
-                  gguf_expert_gating_func={"softmax": 1, "sigmoid": 2}.get(moe.router or ""))  # ExpertGatingFuncType
+                  # only sigmoid is written: llama.cpp's softmax families hard-code their own variant
+                  gguf_expert_gating_func=2 if moe.router == "sigmoid" else None)  # ExpertGatingFuncType.SIGMOID
         dense = moe.dense_layers
         if dense and dense == list(range(len(dense))):
             hp["first_k_dense_replace"] = len(dense)

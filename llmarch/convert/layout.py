@@ -53,8 +53,8 @@ GENERATED = {T.ROPE_FREQS}
 EXPERT_KINDS = {T.FFN_GATE_EXP: "gate_proj", T.FFN_UP_EXP: "up_proj", T.FFN_DOWN_EXP: "down_proj"}
 # families whose conversion is proven by tests (transformers round trip; llama.cpp where noted in README)
 SUPPORTED = ("llama", "mistral", "qwen3", "qwen3_moe", "gemma3", "gpt2", "smollm3", "olmo2", "deepseek_v3",
-             "glm4_moe")
-SUPPORTED_FROM_GGUF = tuple(f for f in SUPPORTED if f not in ("deepseek_v3", "glm4_moe"))  # not yet
+             "glm4_moe", "gpt_oss")
+SUPPORTED_FROM_GGUF = tuple(f for f in SUPPORTED if f not in ("deepseek_v3", "glm4_moe", "gpt_oss"))  # not yet
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,7 @@ class Family:
     transpose: tuple[str, ...] = ()  # HF weights stored [in, out] (GPT-2 Conv1D)
     skip: tuple[str, ...] = ()  # HF tensors that are buffers, not weights
     layout: str = "llama"
+    fused_experts: bool = False  # gpt-oss: experts stored fused ([E, in, out], gate/up interleaved)
     split_kv_b: bool = False  # MLA: kv_b_proj -> attn_k_b + attn_v_b (llama.cpp's absorbed layout)
     recipe: dict = field(default_factory=dict, compare=False, hash=False)
 
@@ -122,7 +123,8 @@ def _family(recipe: dict, model_type: str) -> Family:
         permute_qk=bool(recipe.get("gguf_permute_qk", False)),
         norm_shift=float(conv.get("norm_shift", 0.0)),
         transpose=tuple(conv.get("transpose", ())), skip=tuple(conv.get("skip", ())),
-        layout=conv.get("hf_layout", "llama"), split_kv_b=bool(conv.get("split_kv_b", False)), recipe=recipe,
+        layout=conv.get("hf_layout", "llama"), split_kv_b=bool(conv.get("split_kv_b", False)),
+        fused_experts=bool(conv.get("fused_experts", False)), recipe=recipe,
     )
 
 

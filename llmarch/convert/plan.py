@@ -115,6 +115,12 @@ def build_plan(ckpt: Checkpoint, spec: ArchSpec, fam: Family, dtype: str) -> Pla
         m = EXPERT_RE.match(hf_name)
         probe = f"{m['pre']}.{m['w']}.{m['suffix']}" if m else hf_name
         probe = probe.replace("e_score_correction_bias", "e_score_correction.bias")  # gguf-py's spelling
+        if probe.endswith(".sinks"):
+            probe += ".weight"  # gpt-oss attention sinks, as convert_hf_to_gguf.py names them
+        if fam.fused_experts and FUSED_RE.search(hf_name):
+            for gname, kind, piece in _fused_experts(hf_name, info, layer):
+                groups[gname] = {"kind": kind, "pieces": [(None, piece)]}
+            continue
         found = tmap.get_type_and_name(probe, try_suffixes=(".weight", ".bias"))
         if found is None or found[0] not in allowed:
             blocked.append(hf_name)
@@ -157,6 +163,32 @@ def build_plan(ckpt: Checkpoint, spec: ArchSpec, fam: Family, dtype: str) -> Pla
         tensors.append(PlannedTensor(gname, qtype, shape, [p for _, p in pieces], src))
     tensors.extend(_generated(spec, fam))
     return Plan(fam, spec, ftype, tensors)
+
+
+FUSED_RE = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?$")
+
+
+def _fused_experts(hf_name: str, info: TensorInfo, layer: int) -> list[tuple[str, MODEL_TENSOR, Piece]]:
+    """gpt-oss's fused expert tensors ([E, in, out], gate/up interleaved) -> llama.cpp's *_exps
+    (GptOssModel.modify_tensors): transposed to [E, out, in], gate = even rows, up = odd rows."""
+    m = FUSED_RE.search(hf_name)
+    which, bias = m.group(1), bool(m.group(2))
+    suffix = ".bias" if bias else ".weight"
+    name = lambda k: TENSOR_NAMES[k].format(bid=layer) + suffix  # noqa: E731
+    shape = info.shape
+    if which == "down_proj":
+        if bias:
+            return [(name(MODEL_TENSOR.FFN_DOWN_EXP), MODEL_TENSOR.FFN_DOWN_EXP, Piece(info, 0))]
+        e, f, h = shape
+        return [(name(MODEL_TENSOR.FFN_DOWN_EXP), MODEL_TENSOR.FFN_DOWN_EXP,
+                 Piece(info, 0, view=lambda x: x.transpose(0, 2, 1), out_shape=(e, h, f)))]
+    if bias:
+        e, f2 = shape
+        return [(name(k), k, Piece(info, 0, view=lambda x, o=o: x[:, o::2], out_shape=(e, f2 // 2)))
+                for k, o in ((MODEL_TENSOR.FFN_GATE_EXP, 0), (MODEL_TENSOR.FFN_UP_EXP, 1))]
+    e, h, f2 = shape
+    return [(name(k), k, Piece(info, 0, view=lambda x, o=o: x.transpose(0, 2, 1)[:, o::2, :], out_shape=(e, f2 // 2, h)))
+            for k, o in ((MODEL_TENSOR.FFN_GATE_EXP, 0), (MODEL_TENSOR.FFN_UP_EXP, 1))]
 
 
 def _split_kv_b(info: TensorInfo, spec: ArchSpec, layer: int) -> dict:
