@@ -350,3 +350,21 @@ def test_deepseek_v3_gguf_layout(tiny, tmp_path):
     assert np.array_equal(k_b, kv_b[:, :nope, :].transpose(0, 2, 1))
     assert np.array_equal(v_b, kv_b[:, nope:, :])
     assert "blk.1.exp_probs_b.bias" in t
+
+
+def test_no_space_left_fails_cleanly(tiny, tmp_path):
+    """A file-size limit below the model (EFBIG, as a full disk gives ENOSPC): one line, no file left."""
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get the error instead of the signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (48 * 1024, 48 * 1024))
+
+    src = tiny("qwen3")
+    out = tmp_path / "big.gguf"
+    r = subprocess.run([sys.executable, "-m", "llmarch", "convert", str(src), "-o", str(out), "--dtype", "f32"],
+                       capture_output=True, text=True, cwd=ROOT, preexec_fn=limit, timeout=120)
+    line = _one_line_exit_2(r)
+    assert "cannot reserve" in line
+    assert list(tmp_path.iterdir()) == []
