@@ -368,3 +368,27 @@ def test_no_space_left_fails_cleanly(tiny, tmp_path):
     line = _one_line_exit_2(r)
     assert "cannot reserve" in line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_real_gemma3_270m_gguf_to_hf_same_architecture(tmp_path):
+    """The embedded Gemma 3 270M Q4_K_M file -> HF: transformers loads it, llmarch diff sees the
+    same architecture as the original GGUF, and the vocab survives (262144 tokens, Gemma's ids)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from llmarch.checkpoint import open_checkpoint
+    from llmarch.default_model import default_model_path
+
+    gg = default_model_path()
+    out = tmp_path / "gemma-hf"
+    r = run_cli("convert", gg, "--to", "safetensors", "-o", out, "--dtype", "bf16")
+    assert r.returncode == 0, r.stderr
+    meta = open_checkpoint(str(gg)).metadata
+    cfg = AutoConfig.from_pretrained(str(out))
+    assert cfg.model_type == "gemma3_text" and cfg.num_hidden_layers == meta["gemma3.block_count"]
+    assert cfg.sliding_window == meta["gemma3.attention.sliding_window"]
+    assert cfg.layer_types.count("full_attention") == meta["gemma3.block_count"] // 6
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert len(tok) == 262144
+    assert (tok.bos_token_id, tok.eos_token_id) == (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"])
+    d = run_cli("diff", gg, out)
+    assert d.returncode == 0, d.stdout + d.stderr  # 0 = same architecture
