@@ -20,6 +20,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
+from gguf import Keys
 
 from llmarch.convert.gguf_meta import LLMARCH_ROPE_KEY
 from llmarch.convert.plan import tensor_bytes
@@ -55,8 +56,10 @@ def _gguf_items(ckpt, fam: Family, n_blocks: int):
             unknown.append(name)
             continue
         kind, bid = found
-        if kind in GENERATED:
-            continue
+        if kind in GENERATED or kind == gguf.MODEL_TENSOR.ATTN_V_B:
+            continue  # V_B is read together with K_B (merged back into kv_b_proj)
+        if kind == gguf.MODEL_TENSOR.ATTN_K_B:
+            kind = gguf.MODEL_TENSOR.ATTN_KV_B
         suffix = ".bias" if name.endswith(".bias") else ".weight"
         if kind in EXPERT_KINDS:
             names = [(hf_name_for(fam, kind, bid, suffix, n_blocks, xid=x), x) for x in range(info.shape[0])]
@@ -87,6 +90,10 @@ def hf_config(ckpt, fam: Family, spec, tied: bool, dtype: str) -> dict:
         cfg.pop(k)
     if not spec.attention.mla:
         cfg.pop("v_head_dim", None)
+    else:  # llama.cpp stores absorbed MLA as one latent KV head; HF counts the real heads
+        cfg["num_key_value_heads"] = cfg["num_attention_heads"]
+        cfg["qk_nope_head_dim"] = cfg.pop("head_dim") - cfg["qk_rope_head_dim"]
+        cfg.setdefault("num_nextn_predict_layers", 0)  # MTP layers are not in llama.cpp's file
     cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
     for key, name in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id")):
         if isinstance(meta.get(f"tokenizer.ggml.{key}_token_id"), int):
@@ -96,7 +103,14 @@ def hf_config(ckpt, fam: Family, spec, tied: bool, dtype: str) -> dict:
     if scaling:
         cfg["rope_scaling"] = json.loads(scaling)
     elif "rope_scaling" in cfg:
-        cfg["rope_scaling"] = {k: v for k, v in cfg["rope_scaling"].items() if v is not None}
+        sc = {k: v for k, v in cfg["rope_scaling"].items() if v is not None}
+        for key, tmpl in (("beta_fast", Keys.Rope.SCALING_YARN_BETA_FAST), ("beta_slow", Keys.Rope.SCALING_YARN_BETA_SLOW)):
+            if tmpl.format(arch=arch) in meta:
+                sc[key] = meta[tmpl.format(arch=arch)]
+        log_mul = meta.get(Keys.Rope.SCALING_YARN_LOG_MUL.format(arch=arch))
+        if log_mul:  # DeepSeek: llama.cpp stores 0.1 * mscale_all_dim (and takes mscale equal to it)
+            sc["mscale_all_dim"] = sc["mscale"] = float(str(np.float32(log_mul / 0.1)))
+        cfg["rope_scaling"] = sc
     elif "rope_freqs.weight" in ckpt.tensors:
         raise LlmarchError("GGUF carries rope_freqs (Llama 3 RoPE scaling) without its parameters; "
                            "config.json cannot be rebuilt exactly", ckpt.path)
@@ -165,6 +179,9 @@ def _write_safetensors(path: Path, ckpt, fam: Family, items, spec, dtype: str, t
     header, jobs, pos = {"__metadata__": {"format": "pt"}}, [], 0
     for info, kind, names in items:
         shape = info.shape[1:] if names[0][1] is not None else info.shape
+        if kind == gguf.MODEL_TENSOR.ATTN_KV_B and info.name.endswith("attn_k_b.weight"):
+            v_b = ckpt.tensors[info.name.replace("attn_k_b", "attn_v_b")]
+            shape = (info.shape[0] * (info.shape[2] + v_b.shape[1]), info.shape[1])
         hf_shape = _hf_shape(fam, names[0][0], shape)
         for hf, xid in names:
             n = math.prod(hf_shape) * size
@@ -181,11 +198,16 @@ def _write_safetensors(path: Path, ckpt, fam: Family, items, spec, dtype: str, t
     fd = os.open(path, os.O_RDWR)
     src_fd = {p: os.open(p, os.O_RDONLY) for p in ckpt.files}
 
-    def whole(job):
-        info, kind, names = job
+    def read(info):
         buf = np.empty(info.nbytes, dtype=np.uint8)
         _pread(src_fd[info.file], buf, info.offset)
-        x = dequantize(buf, Q[info.dtype], info.shape)
+        return dequantize(buf, Q[info.dtype], info.shape)
+
+    def whole(job):
+        info, kind, names = job
+        x = read(info)
+        if kind == gguf.MODEL_TENSOR.ATTN_KV_B and info.name.endswith("attn_k_b.weight"):
+            x = _merge_kv_b(x, read(ckpt.tensors[info.name.replace("attn_k_b", "attn_v_b")]))
         if fam.norm_shift and names[0][0].endswith("norm.weight"):
             x = x - np.float32(fam.norm_shift)
         if fam.permute_qk and kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
@@ -214,7 +236,7 @@ def _write_safetensors(path: Path, ckpt, fam: Family, items, spec, dtype: str, t
     work = []
     for job in jobs:
         info, kind, names = job
-        simple = len(info.shape) >= 2 and not any(n.endswith(s) for n, _ in names for s in fam.transpose) and not (
+        simple = kind != gguf.MODEL_TENSOR.ATTN_KV_B and len(info.shape) >= 2 and not any(n.endswith(s) for n, _ in names for s in fam.transpose) and not (
             fam.permute_qk and kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K))
         if not simple:
             work.append((whole, job))
@@ -230,6 +252,12 @@ def _write_safetensors(path: Path, ckpt, fam: Family, items, spec, dtype: str, t
         os.close(fd)
         for f in src_fd.values():
             os.close(f)
+
+
+def _merge_kv_b(k_b: np.ndarray, v_b: np.ndarray) -> np.ndarray:
+    """llama.cpp's attn_k_b [H, r, nope] + attn_v_b [H, v, r] -> HF kv_b_proj [H * (nope + v), r]."""
+    h, r, _ = k_b.shape
+    return np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1).reshape(-1, r)
 
 
 def _pread(fd: int, buf: np.ndarray, offset: int) -> None:

@@ -39,6 +39,12 @@ HF_LAYOUTS: dict[str, dict[MODEL_TENSOR, str]] = {
         T.FFN_GATE_EXP: _L + "mlp.experts.{xid}.gate_proj",
         T.FFN_UP_EXP: _L + "mlp.experts.{xid}.up_proj",
         T.FFN_DOWN_EXP: _L + "mlp.experts.{xid}.down_proj",
+        # DeepSeek V3: MLA projections, shared experts, router correction bias
+        T.ATTN_Q_A: _L + "self_attn.q_a_proj", T.ATTN_Q_B: _L + "self_attn.q_b_proj",
+        T.ATTN_Q_A_NORM: _L + "self_attn.q_a_layernorm", T.ATTN_KV_A_MQA: _L + "self_attn.kv_a_proj_with_mqa",
+        T.ATTN_KV_A_NORM: _L + "self_attn.kv_a_layernorm", T.ATTN_KV_B: _L + "self_attn.kv_b_proj",
+        T.FFN_GATE_SHEXP: _L + "mlp.shared_experts.gate_proj", T.FFN_UP_SHEXP: _L + "mlp.shared_experts.up_proj",
+        T.FFN_DOWN_SHEXP: _L + "mlp.shared_experts.down_proj", T.FFN_EXP_PROBS_B: _L + "mlp.gate.e_score_correction",
     },
     "gpt2": {
         T.TOKEN_EMBD: "transformer.wte", T.POS_EMBD: "transformer.wpe", T.OUTPUT_NORM: "transformer.ln_f",
@@ -54,7 +60,7 @@ EXPERT_KINDS = {T.FFN_GATE_EXP: "gate_proj", T.FFN_UP_EXP: "up_proj", T.FFN_DOWN
 # families whose conversion is proven by tests (transformers round trip; llama.cpp where noted in README)
 SUPPORTED = ("llama", "mistral", "qwen3", "qwen3_moe", "gemma3", "gpt2", "smollm3", "olmo2", "deepseek_v3",
              "glm4_moe", "gpt_oss")
-SUPPORTED_FROM_GGUF = tuple(f for f in SUPPORTED if f not in ("deepseek_v3", "glm4_moe", "gpt_oss"))  # not yet
+SUPPORTED_FROM_GGUF = tuple(f for f in SUPPORTED if f not in ("glm4_moe", "gpt_oss"))  # not yet
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,8 @@ def hf_name_for(fam: Family, kind: MODEL_TENSOR, bid: int | None, suffix: str, n
     if tmpl is None:
         raise LlmarchError(f"no Hugging Face name known for GGUF tensor kind {kind.name} in family {fam.family}")
     hf = tmpl.format(bid=bid, xid=xid) + suffix
+    if kind == T.FFN_EXP_PROBS_B:  # gguf-py spells HF's e_score_correction_bias with a dot
+        return hf.replace("e_score_correction.bias", "e_score_correction_bias")
     probe = tmpl.format(bid=bid, xid="{xid}").replace(".{xid}", "") + suffix if xid is not None else hf
     want = TENSOR_NAMES[kind].format(bid=bid) + suffix
     got = name_map(fam.arch, n_blocks).get_name(probe, try_suffixes=(".weight", ".bias"))
