@@ -22,7 +22,7 @@ from fixtures.families import FAMILIES  # noqa: E402
 TOL = 1e-4
 STEPS = 32
 PROMPT = 24
-FAMS = ["qwen3_moe", "deepseek_v3", "gpt_oss", "glm4_moe", "llama4", "minimax_m2"]
+FAMS = ["qwen3_moe", "deepseek_v3", "gpt_oss", "glm4_moe", "llama4", "minimax_m2", "afmoe"]
 
 
 def _reference(name, path):

@@ -39,6 +39,9 @@ from llmarch.runtime.ops.moe import moe_ffn  # noqa: E402
 
 MIXERS["mla"] = MLAttention
 MIXERS["chunked"] = ChunkedAttention
+from llmarch.runtime.ops.afmoe import attention as _afmoe_or_plain  # noqa: E402
+
+MIXERS["full"] = MIXERS["sliding"] = _afmoe_or_plain  # AfMoE: output-gated attention; others unchanged
 FFNS["moe"] = moe_ffn
 NORM_SLOTS = {"pre": ("attn_norm", "ffn_norm"), "post": ("attn_post_norm", "ffn_post_norm"),
               "sandwich": ("attn_norm", "attn_post_norm", "ffn_norm", "ffn_post_norm")}

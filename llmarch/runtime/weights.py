@@ -25,7 +25,7 @@ from llmarch.spec import ArchSpec
 HF_LAYER = {
     "attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
     "attn.o": "self_attn.o_proj", "attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm",
-    "attn.sinks": "self_attn.sinks",
+    "attn.sinks": "self_attn.sinks", "attn.gate": "self_attn.gate_proj",
     "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj",
 }
 # the HF name of each norm slot depends on where the family puts its norms
@@ -128,6 +128,8 @@ class SafetensorsSource(WeightSource):
         heads = [n for n in names if n.endswith("lm_head.weight")]
         self.head = min(heads, key=len) if heads else None
         self.norms = HF_NORMS.get(spec.norm.placement, HF_NORMS["pre"])
+        if any(".pre_mlp_layernorm." in n for n in names):  # issue 5: AfMoE's sandwich FFN norm names
+            self.norms = dict(self.norms, ffn_norm="pre_mlp_layernorm", ffn_post_norm="post_mlp_layernorm")
         # issue 5: Llama 4 names its dense FFN feed_forward.*, not mlp.*
         # (only decoder-layer names count: Pixtral's vision tower also has feed_forward.*)
         decoder = self.prefix + "layers."

@@ -23,7 +23,7 @@ from llmarch.errors import LlmarchError
 from llmarch.runtime.ops.mlp import GatedMLP, activation
 from llmarch.spec import ArchSpec, LayerSpec
 
-ROUTER_BY_FAMILY = {"gpt_oss": "topk_softmax", "llama4": "llama4"}
+ROUTER_BY_FAMILY = {"gpt_oss": "topk_softmax", "llama4": "llama4", "afmoe": "sigmoid"}
 
 
 def router_kind(spec: ArchSpec) -> str:
@@ -42,9 +42,9 @@ class Router(nn.Module):
         # gpt-oss adds a bias to the logits; sigmoid routers add a correction bias to the choice only
         self.bias = nn.Parameter(torch.empty(m.experts)) if m.router_bias else None
         # MiniMax-M2 always renormalises (its config has no norm_topk_prob key)
-        self.norm = bool(m.norm_topk_prob) or spec.family == "minimax_m2"
+        self.norm = bool(m.norm_topk_prob) or spec.family in ("minimax_m2", "afmoe")
         self.groups, self.topk_group = m.n_group or 1, m.topk_group or 1
-        self.scale = m.routed_scaling_factor or 1.0
+        self.scale = m.routed_scaling_factor or float(spec.config.get("route_scale") or 1.0)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, d] -> (expert ids [N, k], weights [N, k] float32)."""
