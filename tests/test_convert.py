@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # hard-codes renormalised top-k (the real Qwen3 MoE checkpoints: mlp_only_layers [], norm_topk_prob true)
 FAMILIES = {
     "llama": {}, "mistral": {}, "qwen3": {}, "qwen3_moe": {"mlp_only_layers": [], "norm_topk_prob": True},
-    "gemma3_text": {}, "gpt2": {}, "smollm3": {}, "olmo2": {}, "deepseek_v3": {},
+    "gemma3_text": {}, "gpt2": {}, "smollm3": {}, "olmo2": {}, "deepseek_v3": {}, "glm4_moe": {},
 }
 
 

@@ -60,7 +60,7 @@ EXPERT_KINDS = {T.FFN_GATE_EXP: "gate_proj", T.FFN_UP_EXP: "up_proj", T.FFN_DOWN
 # families whose conversion is proven by tests (transformers round trip; llama.cpp where noted in README)
 SUPPORTED = ("llama", "mistral", "qwen3", "qwen3_moe", "gemma3", "gpt2", "smollm3", "olmo2", "deepseek_v3",
              "glm4_moe", "gpt_oss")
-SUPPORTED_FROM_GGUF = tuple(f for f in SUPPORTED if f not in ("glm4_moe", "gpt_oss"))  # not yet
+SUPPORTED_FROM_GGUF = tuple(f for f in SUPPORTED if f not in ("gpt_oss",))  # not yet
 
 
 @dataclass(frozen=True)
