@@ -61,6 +61,12 @@ def _gguf_items(ckpt, fam: Family, n_blocks: int):
         if kind == gguf.MODEL_TENSOR.ATTN_K_B:
             kind = gguf.MODEL_TENSOR.ATTN_KV_B
         suffix = ".bias" if name.endswith(".bias") else ".weight"
+        if fam.fused_experts and kind in EXPERT_KINDS:  # gpt-oss: one fused HF tensor per kind pair
+            if kind == gguf.MODEL_TENSOR.FFN_UP_EXP:
+                continue  # read together with the gate (interleaved back into gate_up_proj)
+            base = "gate_up_proj" if kind == gguf.MODEL_TENSOR.FFN_GATE_EXP else "down_proj"
+            items.append((info, kind, [(f"model.layers.{bid}.mlp.experts.{base}" + ("_bias" if suffix == ".bias" else ""), None)]))
+            continue
         if kind in EXPERT_KINDS:
             names = [(hf_name_for(fam, kind, bid, suffix, n_blocks, xid=x), x) for x in range(info.shape[0])]
         else:
@@ -188,6 +194,8 @@ def _write_safetensors(path: Path, ckpt, fam: Family, items, spec, dtype: str, t
         if kind == gguf.MODEL_TENSOR.ATTN_KV_B and info.name.endswith("attn_k_b.weight"):
             v_b = ckpt.tensors[info.name.replace("attn_k_b", "attn_v_b")]
             shape = (info.shape[0] * (info.shape[2] + v_b.shape[1]), info.shape[1])
+        if fam.fused_experts and kind in EXPERT_KINDS:
+            shape = _fused_shape(info.shape, kind)
         hf_shape = _hf_shape(fam, names[0][0], shape)
         for hf, xid in names:
             n = math.prod(hf_shape) * size
@@ -214,6 +222,8 @@ def _write_safetensors(path: Path, ckpt, fam: Family, items, spec, dtype: str, t
         x = read(info)
         if kind == gguf.MODEL_TENSOR.ATTN_KV_B and info.name.endswith("attn_k_b.weight"):
             x = _merge_kv_b(x, read(ckpt.tensors[info.name.replace("attn_k_b", "attn_v_b")]))
+        if fam.fused_experts and kind in EXPERT_KINDS:
+            x = _fuse_experts(x, kind, lambda: read(ckpt.tensors[info.name.replace("ffn_gate_exps", "ffn_up_exps")]))
         if fam.norm_shift and names[0][0].endswith("norm.weight"):
             x = x - np.float32(fam.norm_shift)
         if fam.permute_qk and kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
@@ -242,7 +252,8 @@ def _write_safetensors(path: Path, ckpt, fam: Family, items, spec, dtype: str, t
     work = []
     for job in jobs:
         info, kind, names = job
-        simple = kind != gguf.MODEL_TENSOR.ATTN_KV_B and len(info.shape) >= 2 and not any(n.endswith(s) for n, _ in names for s in fam.transpose) and not (
+        simple = kind != gguf.MODEL_TENSOR.ATTN_KV_B and not (fam.fused_experts and kind in EXPERT_KINDS) \
+            and len(info.shape) >= 2 and not any(n.endswith(s) for n, _ in names for s in fam.transpose) and not (
             fam.permute_qk and kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K))
         if not simple:
             work.append((whole, job))
@@ -258,6 +269,24 @@ def _write_safetensors(path: Path, ckpt, fam: Family, items, spec, dtype: str, t
         os.close(fd)
         for f in src_fd.values():
             os.close(f)
+
+
+def _fused_shape(shape: tuple[int, ...], kind) -> tuple[int, ...]:
+    """HF shape of gpt-oss's fused experts: gate_up [E, H, 2F] (bias [E, 2F]), down [E, F, H]."""
+    if len(shape) == 2:
+        return (shape[0], shape[1] * 2) if kind == gguf.MODEL_TENSOR.FFN_GATE_EXP else shape
+    e, a, b = shape
+    return (e, b, a * 2) if kind == gguf.MODEL_TENSOR.FFN_GATE_EXP else (e, b, a)
+
+
+def _fuse_experts(x: np.ndarray, kind, read_up) -> np.ndarray:
+    """Inverse of plan._fused_experts: interleave gate/up back (even/odd) and transpose to [E, in, out]."""
+    if kind == gguf.MODEL_TENSOR.FFN_DOWN_EXP:
+        return x.transpose(0, 2, 1) if x.ndim == 3 else x
+    up = read_up()
+    out = np.empty((*x.shape[:1], x.shape[1] * 2, *x.shape[2:]), dtype=x.dtype)
+    out[:, 0::2], out[:, 1::2] = x, up
+    return out.transpose(0, 2, 1) if out.ndim == 3 else out
 
 
 def _merge_kv_b(k_b: np.ndarray, v_b: np.ndarray) -> np.ndarray:

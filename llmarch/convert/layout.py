@@ -60,7 +60,7 @@ EXPERT_KINDS = {T.FFN_GATE_EXP: "gate_proj", T.FFN_UP_EXP: "up_proj", T.FFN_DOWN
 # families whose conversion is proven by tests (transformers round trip; llama.cpp where noted in README)
 SUPPORTED = ("llama", "mistral", "qwen3", "qwen3_moe", "gemma3", "gpt2", "smollm3", "olmo2", "deepseek_v3",
              "glm4_moe", "gpt_oss")
-SUPPORTED_FROM_GGUF = tuple(f for f in SUPPORTED if f not in ("gpt_oss",))  # not yet
+SUPPORTED_FROM_GGUF = SUPPORTED  # not yet
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,8 @@ def gguf_kind_of(name: str, arch: MODEL_ARCH, n_blocks: int) -> tuple[MODEL_TENS
 
 def hf_name_for(fam: Family, kind: MODEL_TENSOR, bid: int | None, suffix: str, n_blocks: int, xid: int | None = None) -> str:
     """The HF name of a GGUF tensor kind, checked against gguf-py's forward mapping."""
-    tmpl = HF_LAYOUTS[fam.layout].get(kind)
+    conv = fam.recipe.get("convert", {})
+    tmpl = conv.get("hf_names", {}).get(kind.name) or HF_LAYOUTS[fam.layout].get(kind)
     if tmpl is None:
         raise LlmarchError(f"no Hugging Face name known for GGUF tensor kind {kind.name} in family {fam.family}")
     hf = tmpl.format(bid=bid, xid=xid) + suffix
@@ -165,4 +166,6 @@ def hf_name_for(fam: Family, kind: MODEL_TENSOR, bid: int | None, suffix: str, n
     got = name_map(fam.arch, n_blocks).get_name(probe, try_suffixes=(".weight", ".bias"))
     if got != want:
         raise LlmarchError(f"internal: HF name {probe} maps to {got}, not {want}, in gguf-py's table for {fam.arch_name}")
+    if kind.name in conv.get("hf_bare", ()):  # HF parameters without a .weight suffix (gpt-oss sinks)
+        hf = hf[: -len(suffix)]
     return hf
