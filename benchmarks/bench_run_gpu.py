@@ -87,7 +87,7 @@ def hf_decode_tok_s(model, prompt, n: int, torch) -> float:
     return (n - 1) / (tn - t1)
 
 
-def llmarch_decode(path: Path, prompt: list[int], n: int, compile: bool, torch) -> dict:
+def llmarch_decode(path: Path, prompt: list[int], n: int, compile: bool, torch, profile: bool = False) -> dict:
     from llmarch.runtime.generate import Generator, Sampling
     from llmarch.runtime.load import load_runtime
 
@@ -98,6 +98,16 @@ def llmarch_decode(path: Path, prompt: list[int], n: int, compile: bool, torch) 
     g.generate(prompt, n, Sampling())  # warm-up: capture (+ compile)
     runs = [g.generate(prompt, n, Sampling()) for _ in range(3)]
     best = max(runs, key=lambda r: r.decode_tok_s)
+    if profile:  # where the GPU time of one decode step goes (the compiled step, outside the graph)
+        from torch.profiler import ProfilerActivity, profile as prof
+
+        ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+        pos = torch.full((1,), len(prompt), dtype=torch.long, device="cuda")
+        with torch.inference_mode(), prof(activities=[ProfilerActivity.CUDA]) as p:
+            for _ in range(10):
+                g.fn(ids, pos, g.cache, limit=None)
+            torch.cuda.synchronize()
+        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
     weights = sum(p.numel() * p.element_size() for p in rt.model.parameters())
     bytes_per_token = weights + g.cache.nbytes()  # every weight once + every cache slot the graph reads
     return {"decode_tok_s": best.decode_tok_s, "prefill_tok_s": best.prefill_tok_s, "load_s": load_s,
@@ -113,6 +123,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--json")
+    ap.add_argument("--profile", action="store_true", help="print the kernels of one decode step")
     a = ap.parse_args()
     import torch
 
@@ -134,7 +145,7 @@ def main() -> None:
         variants = [("graph", False)] + ([] if a.no_compile else [("compile+graph", True)])
         for label, comp in variants:
             try:
-                r = llmarch_decode(path, prompt, a.tokens, comp, torch)
+                r = llmarch_decode(path, prompt, a.tokens, comp, torch, a.profile)
             except Exception as e:  # report and go on: the other variant still measures
                 out[label] = {"error": f"{type(e).__name__}: {e}"[:500]}
                 continue

@@ -90,7 +90,11 @@ class Generator:
         """
         fn = self.model
         if self.compile:
+            import torch._inductor.config as inductor
+
+            inductor.coordinate_descent_tuning = True  # tunes the fused norm/rope/softmax kernels (gpt-fast does too)
             fn = torch.compile(self.model, dynamic=False, fullgraph=False)
+        self.fn = fn
         self.g_ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.g_pos = torch.full((1,), pos, dtype=torch.long, device=self.device)
         stream = torch.cuda.Stream()

@@ -110,7 +110,8 @@ def build_gguf_tokenizer(ckpt: Checkpoint):
         else:
             vocab = {t: i for i, t in enumerate(tokens)}
             ranks = dict(zip(tokens, array("tokenizer.ggml.scores") or [0.0] * len(tokens)))
-        unk = tokens[meta.get("tokenizer.ggml.unknown_token_id", 3)] if len(tokens) > 3 else "<unk>"
+        # Gemma's BPE maps unknown pieces to <unk>; transformers' LlamaTokenizer has no unk (drops them)
+        unk = tokens[meta.get("tokenizer.ggml.unknown_token_id", 3)] if arch in GEMMA_ARCHS else None
         tok = Tokenizer(BPE(vocab=vocab, merges=merges_from_vocab(vocab, ranks), fuse_unk=True, unk_token=unk,
                             byte_fallback=True, dropout=None))
         if arch in GEMMA_ARCHS:
@@ -153,7 +154,7 @@ def _gguf_tok(ckpt: Checkpoint) -> Tok:
 
     meta = ckpt.metadata
     st = ckpt.files[0].stat()
-    key = hashlib.sha256(f"{ckpt.files[0].resolve()}|{st.st_size}|{st.st_mtime_ns}|v1".encode()).hexdigest()[:20]
+    key = hashlib.sha256(f"{ckpt.files[0].resolve()}|{st.st_size}|{st.st_mtime_ns}|v2".encode()).hexdigest()[:20]
     cached = _cache_dir() / f"{key}.json"
     if cached.is_file():
         tok = Tokenizer.from_file(str(cached))
