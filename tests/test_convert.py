@@ -234,6 +234,10 @@ def test_bad_input_unsupported_family_and_blocking_tensors(tiny, tmp_path):
     line = _one_line_exit_2(run_cli("convert", tiny("qwen3_moe", mlp_only_layers=[], norm_topk_prob=False),
                                     "-o", tmp_path / "q.gguf"))
     assert "norm_topk_prob" in line
+    # Gemma 3 with a sliding pattern llama.cpp's gemma3 cannot express (it hard-codes 5 local : 1 global)
+    line = _one_line_exit_2(run_cli("convert", tiny("gemma3_text", layer_types=["sliding_attention"] * 3 + ["full_attention"] * 3),
+                                    "-o", tmp_path / "g.gguf"))
+    assert "sliding" in line and "gemma3" in line
     assert list(tmp_path.iterdir()) == []
 
 
