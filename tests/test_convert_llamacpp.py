@@ -24,6 +24,7 @@ VOCAB = 384
 FAMILIES = {
     "llama": {}, "qwen3": {}, "gemma3_text": {}, "qwen3_moe": {"mlp_only_layers": [], "norm_topk_prob": True},
     "mistral": {}, "smollm3": {}, "olmo2": {}, "gpt2": {},
+    "gemma3": {},  # the multimodal wrapper: its text model converts, the vision tower is left out
     "gpt_oss": {},  # sinks, biases, fused interleaved gate/up experts, SWA every other layer, yarn
     "glm4_moe": {},  # partial RoPE, attention bias, shared expert, dense first layer, MTP dropped
     "deepseek_v3": {},  # MLA (kv_b split into k_b / v_b), sigmoid group-limited router, shared expert, MTP dropped

@@ -19,7 +19,7 @@ from llmarch.checkpoint.base import Checkpoint, TensorInfo
 from llmarch.convert.layout import Family, name_map
 from llmarch.errors import LlmarchError
 from llmarch.spec import ArchSpec
-from llmarch.tensor_roles import layer_of
+from llmarch.tensor_roles import is_vision, layer_of
 
 Q = GGMLQuantizationType
 DTYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
@@ -31,6 +31,8 @@ DTYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
 # llama.cpp keeps these F32 whatever --outtype says (convert_hf_to_gguf.py, prepare_tensors)
 F32_KINDS = {MODEL_TENSOR.FFN_GATE_INP, MODEL_TENSOR.FFN_GATE_INP_SHEXP, MODEL_TENSOR.POS_EMBD,
              MODEL_TENSOR.TOKEN_TYPES, MODEL_TENSOR.ROPE_FREQS}
+# the text model inside multimodal wrappers, in the Hub's spellings
+TEXT_PREFIX_RE = re.compile(r"^(language_model\.model\.|model\.language_model\.|language_model\.lm_head)")
 EXPERT_RE = re.compile(r"^(?P<pre>.*\.experts)\.(?P<xid>\d+)\.(?P<w>[^.]+)\.(?P<suffix>weight|bias)$")
 
 
@@ -112,8 +114,11 @@ def build_plan(ckpt: Checkpoint, spec: ArchSpec, fam: Family, dtype: str) -> Pla
         layer = layer_of(hf_name)
         if spec.mtp_layers and layer is not None and layer >= spec.layers:
             continue  # MTP layers after the main stack: llama.cpp's file has none (convert_hf_to_gguf skip_mtp)
+        if is_vision(hf_name):
+            continue  # multimodal wrappers: the text model only (llama.cpp puts vision in a separate mmproj file)
         m = EXPERT_RE.match(hf_name)
         probe = f"{m['pre']}.{m['w']}.{m['suffix']}" if m else hf_name
+        probe = TEXT_PREFIX_RE.sub(lambda t: "lm_head" if t.group(0).endswith("lm_head") else "model.", probe)
         probe = probe.replace("e_score_correction_bias", "e_score_correction.bias")  # gguf-py's spelling
         if probe.endswith(".sinks"):
             probe += ".weight"  # gpt-oss attention sinks, as convert_hf_to_gguf.py names them
