@@ -109,6 +109,28 @@ def kernel_only(rt, spec, reps: int = 30) -> dict:
     return {"kernel_ms_per_layer": round(med * 1e3, 3), "kernel_gb_s": round(k * st.expert_bytes() / med / 1e9, 1)}
 
 
+def check_kernel(rt, spec) -> float:
+    """Relative error of the CPU kernel vs the same quantized weights dequantized, on one layer."""
+    import torch
+    import torch.nn.functional as F
+
+    from llmarch.runtime.offload import dequantize, offloaded
+
+    st = offloaded(rt.model)[0]
+    moe = next(b.mlp for b in rt.model.layers if getattr(b.mlp, "experts", None) is st)
+    k = spec.moe.experts_per_token
+    x, w = torch.randn(3, spec.hidden_size), torch.rand(3, k)
+    idx = torch.stack([torch.randperm(st.E)[:k] for _ in range(3)])
+    got = st._cpu(x, idx, w, moe.act, False)
+    ref = torch.zeros_like(x)
+    for t in range(3):
+        for j in range(k):
+            e = int(idx[t, j])
+            h = F.linear(x[t], dequantize(st.gu[e], st.gu_s[e], st.bits))
+            ref[t] += w[t, j] * F.linear(moe.act(h), dequantize(st.dn[e], st.dn_s[e], st.bits))
+    return float((got - ref).norm() / ref.norm())
+
+
 def run_llmarch(args, spec, device, dtype, bits, gpu_experts, bw, segmented=True, torch_threads=None):
     import torch
 
@@ -130,7 +152,8 @@ def run_llmarch(args, spec, device, dtype, bits, gpu_experts, bw, segmented=True
     r = report(rt.model, steps, res.decode_s, device, bw)
     r.update(engine="llmarch", expert_bits=bits, gpu_experts=gpu_experts, build_s=round(build_s, 1),
              prefill_tok_s=round(res.prefill_tok_s, 1), layers=spec.layers, graphs=bool(seg),
-             torch_threads=torch.get_num_threads(), **kernel_only(rt, spec))
+             torch_threads=torch.get_num_threads(), kernel_rel_err=check_kernel(rt, spec), **kernel_only(rt, spec),
+             omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"))
     del rt, gen
     import gc
 
@@ -185,10 +208,14 @@ def main():
     ap.add_argument("--gpu-experts", type=int, nargs="+", default=[0])
     ap.add_argument("--baseline-layers", type=int, default=2)
     ap.add_argument("--skip-baseline", action="store_true")
-    ap.add_argument("--variants", action="store_true", help="also int4 without graphs, and with torch's full pool")
-    ap.add_argument("--torch-threads", type=int, default=1,
-                    help="torch's intra-op threads while decoding (the expert kernel has its own OpenMP pool)")
+    ap.add_argument("--variants", action="store_true", help="also int4 without graphs, and with 16 hot GPU experts")
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="torch's intra-op threads while decoding (where torch and the kernel share libgomp, the "
+                         "kernel's too: 1 makes the expert kernel single-threaded)")
+    ap.add_argument("--omp-active", action="store_true", help="OMP_WAIT_POLICY=ACTIVE: kernel threads spin between layers")
     args = ap.parse_args()
+    if args.omp_active:
+        os.environ["OMP_WAIT_POLICY"] = "ACTIVE"  # read when libgomp starts: before torch is imported
     import torch
 
     from llmarch.runtime.offload import host_read_bandwidth
@@ -205,7 +232,7 @@ def main():
     rows = []
     configs = [(b, ge, True, args.torch_threads) for b in args.bits for ge in args.gpu_experts]
     if args.variants:  # what the graphs and torch's own thread pool change, on int4
-        configs += [(4, 0, False, args.torch_threads), (4, 0, True, os.cpu_count())]
+        configs += [(4, 0, False, args.torch_threads), (4, 16, True, args.torch_threads)]
     for bits, ge, seg, tt in configs:
         r = run_llmarch(args, spec, device, dtype, bits, ge, bw, seg, tt)
         print(json.dumps(r), flush=True)

@@ -54,6 +54,26 @@ static void dot4(const uint8_t *q, const uint16_t *sm, const float *x, const flo
     int ng = K / G;
     for (int t = 0; t < T; t++) {
         const float *xt = x + (long)t * ldx, *xst = xs + (long)t * ng;
+#ifdef __AVX512F__
+        {   /* 16 lanes: 4 conversions + 4 FMAs per group of 64 weights */
+            __m512 acc = _mm512_setzero_ps();
+            float accm2 = 0.f;
+            const __m256i mask = _mm256_set1_epi8(15);
+            for (int g = 0; g < ng; g++) {
+                __m256i b = _mm256_loadu_si256((const __m256i *)(q + g * 32));
+                __m256i lo = _mm256_and_si256(b, mask), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+                const float *xg = xt + g * G;
+                __m512 d0 = _mm512_mul_ps(_mm512_loadu_ps(xg), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(lo))));
+                __m512 d1 = _mm512_mul_ps(_mm512_loadu_ps(xg + 16), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(lo, 1))));
+                d0 = _mm512_fmadd_ps(_mm512_loadu_ps(xg + 32), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(hi))), d0);
+                d1 = _mm512_fmadd_ps(_mm512_loadu_ps(xg + 48), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(hi, 1))), d1);
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(h2f(sm[2 * g])), _mm512_add_ps(d0, d1), acc);
+                accm2 += h2f(sm[2 * g + 1]) * xst[g];
+            }
+            res[t] = _mm512_reduce_add_ps(acc) + accm2;
+            continue;
+        }
+#endif
 #ifdef __AVX2__
         {   /* 32 bytes = 64 weights per group: low nibbles are elements 0..31, high 32..63 */
             __m256 acc = _mm256_setzero_ps();
@@ -103,6 +123,22 @@ static void dot8(const int8_t *q, const uint16_t *sc, const float *x, int K, int
     int ng = K / G;
     for (int t = 0; t < T; t++) {
         const float *xt = x + (long)t * ldx;
+#ifdef __AVX512F__
+        {
+            __m512 acc = _mm512_setzero_ps();
+            for (int g = 0; g < ng; g++) {
+                const int8_t *b = q + g * G;
+                const float *xg = xt + g * G;
+                __m512 d0 = _mm512_mul_ps(_mm512_loadu_ps(xg), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)b))));
+                __m512 d1 = _mm512_mul_ps(_mm512_loadu_ps(xg + 16), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 16)))));
+                d0 = _mm512_fmadd_ps(_mm512_loadu_ps(xg + 32), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 32)))), d0);
+                d1 = _mm512_fmadd_ps(_mm512_loadu_ps(xg + 48), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 48)))), d1);
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(h2f(sc[g])), _mm512_add_ps(d0, d1), acc);
+            }
+            res[t] = _mm512_reduce_add_ps(acc);
+            continue;
+        }
+#endif
 #ifdef __AVX2__
         {
             __m256 acc = _mm256_setzero_ps();
