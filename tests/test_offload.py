@@ -123,3 +123,36 @@ def test_segmented_decoder_same_tokens(ckpt, reference, bits):
     gen = Generator(rt, PROMPT + STEPS + 1)
     assert attach_decoder(gen)
     assert gen.generate(ids, STEPS, Sampling()).tokens == want
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4"])
+def test_cpu_kernel_biases_clamp_and_input_weighting(bits, family):
+    """The kernel's other modes against ResidentExperts on the same (dequantized) weights:
+    gpt-oss (biases, clamped SwiGLU) and Llama 4 (router weight applied to the expert input)."""
+    from types import SimpleNamespace
+
+    from llmarch.runtime.offload import OffloadedExperts, Placement, dequantize
+    from llmarch.runtime.ops.moe import ExpertAct, ResidentExperts
+
+    g = torch.Generator().manual_seed(7)
+    E, d, inter, k, T = 6, 128, 64, 2, 5
+    spec = SimpleNamespace(family=family, config={"swiglu_limit": 0.5}, activation="silu")  # low limit: clamps bite
+    act = ExpertAct(spec, inter)
+    gu, dn = torch.randn(E, 2 * inter, d, generator=g) * 0.2, torch.randn(E, d, inter, generator=g) * 0.2
+    bias = (torch.randn(E, 2 * inter, generator=g), torch.randn(E, d, generator=g)) if family == "gpt_oss" else (None, None)
+    moe = SimpleNamespace(E=E, d=d, inter=inter, index=0)
+    st = OffloadedExperts(moe, gu, dn, bias, Placement("cpu", bits), torch.float32)
+    ref = ResidentExperts(E, d, inter, bias[0] is not None)
+    ref.gate_up.data, ref.down.data = dequantize(st.gu, st.gu_s, bits), dequantize(st.dn, st.dn_s, bits)
+    if bias[0] is not None:
+        ref.gate_up_bias.data, ref.down_bias.data = bias
+    x = torch.randn(T, d, generator=g)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    w = torch.rand(T, k, generator=g)
+    wi = family == "llama4"
+    with torch.no_grad():
+        for rows in (slice(0, 1), slice(0, T)):  # decode fast path, then grouped tokens
+            got = st(x[rows], idx[rows], w[rows], act, wi)
+            want = ref(x[rows], idx[rows], w[rows], act, wi)
+            assert (got - want).abs().max().item() < 1e-4 * max(1.0, want.abs().max().item())
