@@ -129,6 +129,8 @@ def convert(
         from llmarch.convert.command import print_result
 
         print_result(doc)
+    if (doc.get("verify") or {}).get("verdict") == "fail":
+        raise typer.Exit(1)  # converted, but the output does not compute what the source does
 
 
 

@@ -8,9 +8,7 @@ same HF checkpoint, and for the real Gemma 3 270M file, llama.cpp on the origina
 
 from __future__ import annotations
 
-import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest

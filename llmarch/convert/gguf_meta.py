@@ -8,7 +8,6 @@ llama.cpp hard-codes for a family (e.g. Gemma 3's 5:1 sliding pattern) is checke
 from __future__ import annotations
 
 import json
-import os
 
 import gguf
 from gguf import GGUFValueType as V
@@ -129,6 +128,3 @@ def _check_hard_coded(spec: ArchSpec, recipe: dict, arch: str, path) -> None:
             raise LlmarchError(f"llama.cpp's {arch} hard-codes a {pattern - 1}:1 sliding-window pattern; this "
                                f"model's layer_types differ, so GGUF cannot express it", path)
 
-
-def tensor_name_hint(path) -> str:
-    return os.path.basename(os.path.normpath(str(path)))
