@@ -27,7 +27,12 @@ class SegmentedDecoder:
         self.ok = bool(self.cuts) and all(b.attn_post_norm is None and b.ffn_post_norm is None for b in blocks) \
             and model.tied_quant is None and model.pos_embed is None \
             and not any(blocks[i].mlp.experts.hot_n for i in self.cuts)  # hot experts: the eager path
-        self.graphs = (device.type == "cuda") if graphs is None else graphs
+        # MLA and chunked attention slice their caches by the position on the host: eager segments
+        from llmarch.runtime.ops.attention import Attention
+        from llmarch.runtime.ops.llama4 import ChunkedAttention
+
+        capturable = all(isinstance(b.attn, Attention) and not isinstance(b.attn, ChunkedAttention) for b in blocks)
+        self.graphs = (device.type == "cuda" and capturable) if graphs is None else graphs
         d = model.spec.hidden_size
         dt = model.final_norm.weight.dtype
         k = model.spec.moe.experts_per_token if model.spec.moe else 0
