@@ -61,6 +61,10 @@ def test_16bit_offload_same_greedy_tokens(ckpt, reference, experts, hot):
     assert len(stores) == 4 and all(isinstance(s, OffloadedExperts) for s in stores)
     if hot:
         assert all(len(s.hot) == hot for s in stores)
+    if experts == "disk":  # the experts are views of a file mapping, not heap copies
+        for s in stores:
+            base = s._mm.ctypes.data
+            assert base <= s.gu.data_ptr() < base + s._mm.nbytes
     assert res.tokens == reference[1]
 
 
