@@ -1,5 +1,5 @@
-"""A small AVX2/FMA C kernel for weight-only int8 matmuls on the CPU, built once with the system C
-compiler and loaded with ctypes.
+"""Small AVX2 C kernels for block-quantized (8-bit / 4-bit, 32 values per scale) matmuls on the
+CPU, built once with the system C compiler and loaded with ctypes.
 
 Why: on AVX2 machines torch's own weight-only kernels are far below memory bandwidth
 (aten._weight_int8pack_mm reads ~1 GB/s, _weight_int4pack_mm_for_cpu ~0.2 GB/s on 2 cores) and
@@ -22,8 +22,21 @@ import torch
 
 SOURCE = r"""
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+
+/* Block quantization as llama.cpp's Q8_0 / Q4_0: 32 values share one float scale. Activations are
+   quantized to int8 blocks too, so each block's dot product is integer SIMD (maddubs/madd), which
+   keeps two AVX2 cores at memory bandwidth instead of at int8->float conversion. */
+
+static inline __m256 dot32(__m256i w, __m256i x, __m256 scale, __m256 acc) {
+    __m256i ax = _mm256_sign_epi8(x, x);                     /* |x| as unsigned */
+    __m256i sw = _mm256_sign_epi8(w, x);                     /* w * sign(x) */
+    __m256i p16 = _mm256_maddubs_epi16(ax, sw);              /* pairs -> int16 */
+    __m256i p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc);
+}
 
 static inline float hsum(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
@@ -33,45 +46,47 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
-/* y[t*N + n] = s[n] * sum_k x[t*K + k] * q[n*K + k]  (+ bias[n]); K % 16 == 0 */
-void q8_matmul(const float* x, const int8_t* q, const float* s, const float* bias, float* y,
-               int T, int N, int K, int nthreads) {
-    #pragma omp parallel num_threads(nthreads)
-    {
-        float* buf = (float*)aligned_alloc(32, sizeof(float) * (size_t)K);
-        #pragma omp for schedule(static)
-        for (int n = 0; n < N; n++) {
-            const int8_t* row = q + (size_t)n * K;
-            if (T == 1) {
-                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-                for (int k = 0; k < K; k += 16) {
-                    __m128i b = _mm_loadu_si128((const __m128i*)(row + k));
-                    __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-                    __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
-                    a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + k), a0);
-                    a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + k + 8), a1);
+void quantize_q8(const float* x, int8_t* q, float* d, long n_blocks) {
+    for (long b = 0; b < n_blocks; b++) {
+        const float* v = x + b * 32;
+        float amax = 0.f;
+        for (int i = 0; i < 32; i++) { float a = fabsf(v[i]); if (a > amax) amax = a; }
+        float s = amax / 127.f, inv = s > 0.f ? 1.f / s : 0.f;
+        d[b] = s;
+        for (int i = 0; i < 32; i++) q[b * 32 + i] = (int8_t)lrintf(v[i] * inv);
+    }
+}
+
+/* y[t*N + n] = sum_b wd[n,b] * xd[t,b] * <w[n,b,:], x[t,b,:]> (+ bias[n]); bits 8: w int8 [N,K];
+   bits 4: w packed [N,K/2], per block 16 bytes: low nibble = value i, high nibble = value i+16, minus 8 */
+void qmatmul(const int8_t* xq, const float* xd, const uint8_t* w, const float* wd, const float* bias,
+             float* y, int T, int N, int K, int bits, int nthreads) {
+    const int nb = K / 32;
+    const size_t row_bytes = bits == 8 ? (size_t)K : (size_t)K / 2;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint8_t* row = w + (size_t)n * row_bytes;
+        const float* rd = wd + (size_t)n * nb;
+        for (int t = 0; t < T; t++) {
+            const int8_t* xt = xq + (size_t)t * K;
+            const float* xdt = xd + (size_t)t * nb;
+            __m256 acc = _mm256_setzero_ps();
+            for (int b = 0; b < nb; b++) {
+                __m256i wv;
+                if (bits == 8) {
+                    wv = _mm256_loadu_si256((const __m256i*)(row + (size_t)b * 32));
+                } else {
+                    __m128i p = _mm_loadu_si128((const __m128i*)(row + (size_t)b * 16));
+                    __m128i lo = _mm_and_si128(p, _mm_set1_epi8(0x0F));
+                    __m128i hi = _mm_and_si128(_mm_srli_epi16(p, 4), _mm_set1_epi8(0x0F));
+                    wv = _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
                 }
-                float r = hsum(_mm256_add_ps(a0, a1)) * s[n];
-                y[n] = bias ? r + bias[n] : r;
-                continue;
+                __m256i xv = _mm256_loadu_si256((const __m256i*)(xt + (size_t)b * 32));
+                acc = dot32(wv, xv, _mm256_set1_ps(rd[b] * xdt[b]), acc);
             }
-            for (int k = 0; k < K; k += 16) {
-                __m128i b = _mm_loadu_si128((const __m128i*)(row + k));
-                _mm256_store_ps(buf + k, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)));
-                _mm256_store_ps(buf + k + 8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))));
-            }
-            for (int t = 0; t < T; t++) {
-                const float* xt = x + (size_t)t * K;
-                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-                for (int k = 0; k < K; k += 16) {
-                    a0 = _mm256_fmadd_ps(_mm256_load_ps(buf + k), _mm256_loadu_ps(xt + k), a0);
-                    a1 = _mm256_fmadd_ps(_mm256_load_ps(buf + k + 8), _mm256_loadu_ps(xt + k + 8), a1);
-                }
-                float r = hsum(_mm256_add_ps(a0, a1)) * s[n];
-                y[(size_t)t * N + n] = bias ? r + bias[n] : r;
-            }
+            float r = hsum(acc);
+            y[(size_t)t * N + n] = bias ? r + bias[n] : r;
         }
-        free(buf);
     }
 }
 """
@@ -87,24 +102,26 @@ def _lib():
     if os.environ.get("LLMARCH_NO_CKERNEL") or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
         return None
     digest = hashlib.sha256(SOURCE.encode()).hexdigest()[:16]
-    so = _cache_dir() / f"q8_{digest}.so"
+    so = _cache_dir() / f"qmm_{digest}.so"
     if not so.exists():
         cc = os.environ.get("CC", "cc")
         so.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
-            src = Path(tmp) / "q8.c"
+            src = Path(tmp) / "qmm.c"
             src.write_text(SOURCE)
             out = Path(tmp) / so.name
             try:
-                subprocess.run([cc, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(out)],
+                subprocess.run([cc, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(out), "-lm"],
                                check=True, capture_output=True, timeout=120)
             except (OSError, subprocess.SubprocessError):
                 return None
             os.replace(out, so)  # atomic: concurrent builders never load a half-written file
     lib = ctypes.CDLL(str(so))
-    p = ctypes.c_void_p
-    lib.q8_matmul.argtypes = [p, p, p, p, p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    lib.q8_matmul.restype = None
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.quantize_q8.argtypes = [p, p, p, ctypes.c_long]
+    lib.quantize_q8.restype = None
+    lib.qmatmul.argtypes = [p, p, p, p, p, p, i, i, i, i, i]
+    lib.qmatmul.restype = None
     return lib
 
 
@@ -112,12 +129,16 @@ def available() -> bool:
     return _lib() is not None
 
 
-def q8_matmul(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [T, K] float32 contiguous, q [N, K] int8, s [N] float32 -> [T, N] float32."""
+def qmatmul(x: torch.Tensor, w: torch.Tensor, wd: torch.Tensor, bits: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [T, K] float32 -> [T, N] float32, with w / wd the block-quantized weight (see Int8Linear)."""
     lib = _lib()
+    x = x.contiguous()
     T, K = x.shape
-    N = q.shape[0]
+    N = wd.shape[0]
+    xq = torch.empty(T, K, dtype=torch.int8)
+    xd = torch.empty(T, K // 32, dtype=torch.float32)
+    lib.quantize_q8(x.data_ptr(), xq.data_ptr(), xd.data_ptr(), T * K // 32)
     y = torch.empty(T, N, dtype=torch.float32)
-    lib.q8_matmul(x.data_ptr(), q.data_ptr(), s.data_ptr(), bias.data_ptr() if bias is not None else None,
-                  y.data_ptr(), T, N, K, torch.get_num_threads())
+    lib.qmatmul(xq.data_ptr(), xd.data_ptr(), w.data_ptr(), wd.data_ptr(),
+                bias.data_ptr() if bias is not None else None, y.data_ptr(), T, N, K, bits, torch.get_num_threads())
     return y

@@ -109,7 +109,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.final_norm = make_norm(spec.norm.kind, d, spec.norm.eps, spec.norm.unit_offset)
         self.lm_head = None if spec.tied_embeddings else nn.Linear(d, spec.vocab_size, bias=False)
-        self.tied_quant = None  # Int8Linear shared by the embedding and the head (--keep-quantized, tied)
+        self.tied_quant = None  # BlockQuantLinear shared by the embedding and the head (--keep-quantized, tied)
         self.embed_scale = spec.embedding_scale
         self.final_softcap = spec.final_softcap
 
@@ -160,7 +160,10 @@ def load_weights(model: Transformer, source, dtype: torch.dtype, device, quant_b
     quant_bits: replace each Linear by its weight-only int8/int4 form as soon as it is loaded, so the
     float copy of one matrix at a time is all that is ever held.
     """
-    from llmarch.runtime.quant import Int8Linear, quantize_linear
+    from llmarch.runtime.quant import GROUP, BlockQuantLinear, quantize_linear
+
+    def spec_tied_ok(mod) -> bool:
+        return mod.weight.shape[1] % GROUP == 0
 
     where = str(source.ckpt.path)
 
@@ -202,8 +205,9 @@ def load_weights(model: Transformer, source, dtype: torch.dtype, device, quant_b
             mod._parameters[pname] = nn.Parameter(t, requires_grad=False)
         if quant_bits and isinstance(mod, nn.Linear) and mname.startswith(("layers.", "lm_head")):
             parent, leaf = _parent(model, mname)
-            setattr(parent, leaf, quantize_linear(mod, quant_bits if mname.startswith("layers.") else 8))
-    if quant_bits and model.lm_head is None:
-        # tied: one int8 table serves the embedding lookup and the head
-        model.tied_quant = Int8Linear(model.embed.weight.data, None)
-        model.embed = None
+            setattr(parent, leaf, quantize_linear(mod, quant_bits))
+        if quant_bits and mname == "embed" and model.lm_head is None and spec_tied_ok(mod):
+            # tied: one quantized table serves the embedding lookup and the head; built before the
+            # layers load, so the float table is freed before anything else is held
+            model.tied_quant = BlockQuantLinear(mod.weight.data, None, quant_bits)
+            model.embed = None

@@ -130,77 +130,75 @@ def dequantize(raw: torch.Tensor, qtype: str, shape: tuple[int, ...], chunk_bloc
 # ----------------------------------------------------------------------------- keep-quantized
 
 
-class Int8Linear(nn.Module):
-    """Weight-only int8, one scale per output channel; x @ W^T via aten._weight_int8pack_mm on CPU."""
+GROUP = 32  # values per scale, as llama.cpp's Q8_0 / Q4_0 (and the C kernel's block)
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+
+class BlockQuantLinear(nn.Module):
+    """Weight-only 8- or 4-bit linear, one float scale per 32 weights of a row (symmetric, like
+    Q8_0 / Q4_0). On AVX2 CPUs the C kernel multiplies with int8-quantized activation blocks
+    (decode steps); otherwise, and for long prefills, slabs of rows are dequantized for a float GEMM.
+
+    4-bit rows pack each block as 16 bytes: value i in the low nibble of byte i, value i + 16 in
+    the high nibble, stored + 8 (the Q4_0 layout).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, bits: int = 8):
         super().__init__()
-        w = weight.float()
-        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scale)
+        out_f, in_f = weight.shape
+        w = weight.float().reshape(out_f, in_f // GROUP, GROUP)
+        qmax = 127 if bits == 8 else 7
+        amax = w.abs().amax(-1)
+        scale = amax / qmax
+        q = torch.round(w / torch.where(scale > 0, scale, 1.0)[..., None]).clamp(-qmax - (bits == 4), qmax)
+        if bits == 8:
+            packed = q.to(torch.int8).reshape(out_f, in_f)
+        else:
+            u = (q + 8).to(torch.uint8)  # [N, blocks, 32] in 0..15
+            packed = (u[..., :16] | (u[..., 16:] << 4)).reshape(out_f, in_f // 2)
+        self.register_buffer("qweight", packed)
+        self.register_buffer("scales", scale.contiguous())  # [N, in / 32]
+        self.bits = bits
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.out_features, self.in_features = weight.shape
+        self.out_features, self.in_features = out_f, in_f
+
+    def dequantize_rows(self, rows, dtype) -> torch.Tensor:
+        q = self.qweight[rows]  # rows: a slice or a 1-D index tensor -> [n, row bytes]
+        n = q.shape[0]
+        if self.bits == 4:
+            b = q.view(n, -1, 16)
+            q = torch.cat([b & 0x0F, b >> 4], dim=-1).to(torch.int16) - 8
+        scale = self.scales[rows].reshape(n, -1, 1).to(dtype)
+        return (q.reshape(n, -1, GROUP).to(dtype) * scale).reshape(n, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         T = x2.shape[0]
-        if x2.device.type == "cpu" and x2.dtype == torch.float32 and T <= 4 and cpu_kernels.available() \
-                and self.in_features % 16 == 0:
-            y = cpu_kernels.q8_matmul(x2.contiguous(), self.qweight, self.scales, None)
-        elif x2.device.type == "cpu" and T <= 4:
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales.to(x2.dtype))
-        else:  # prefill: dequantize a slab of rows at a time and use the float GEMM
+        if x2.device.type == "cpu" and x2.dtype == torch.float32 and T <= 8 and cpu_kernels.available():
+            y = cpu_kernels.qmatmul(x2, self.qweight, self.scales, self.bits, None)
+        else:  # dequantize a slab of rows at a time and use the float GEMM
             y = torch.empty(T, self.out_features, dtype=x2.dtype, device=x2.device)
-            step = max(1, (1 << 24) // self.in_features)
+            step = max(1, (1 << 22) // self.in_features)
             for i in range(0, self.out_features, step):
-                w = self.qweight[i:i + step].to(x2.dtype) * self.scales[i:i + step, None].to(x2.dtype)
-                y[:, i:i + step] = x2 @ w.t()
+                y[:, i:i + step] = x2 @ self.dequantize_rows(slice(i, i + step), x2.dtype).t()
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
     def row(self, ids: torch.Tensor, dtype) -> torch.Tensor:
-        """Embedding lookup from the same int8 table (tied embeddings share it with the head)."""
-        return self.qweight[ids].to(dtype) * self.scales[ids, None].to(dtype)
+        """Embedding lookup from the same table (tied embeddings share it with the head)."""
+        flat = ids.reshape(-1)
+        return self.dequantize_rows(flat, dtype).reshape(*ids.shape, self.in_features)
 
 
-class Int4Linear(nn.Module):
-    """Weight-only int4, group-wise asymmetric, CPU kernel aten._weight_int4pack_mm_for_cpu."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: int = 32):
-        super().__init__()
-        out_f, in_f = weight.shape
-        while in_f % group:
-            group //= 2
-        w = weight.float().reshape(out_f, in_f // group, group)
-        lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-        scale = ((hi - lo) / 15).clamp(min=1e-12)
-        zero = lo + 8 * scale  # kernel computes (q - 8) * scale + zero
-        q = torch.round((w - lo) / scale).clamp(0, 15).to(torch.int32).reshape(out_f, in_f)
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
-        sz = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], dim=-1).transpose(0, 1).contiguous()
-        self.register_buffer("scales_zeros", sz)  # [groups, out, 2]
-        self.group = group
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.out_features, self.in_features = out_f, in_f
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scales_zeros.to(x2.dtype))
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
+def Int8Linear(weight: torch.Tensor, bias: torch.Tensor | None) -> BlockQuantLinear:
+    return BlockQuantLinear(weight, bias, 8)
 
 
 def quantize_linear(mod: nn.Linear, bits: int) -> nn.Module:
-    w = mod.weight.data
-    b = mod.bias.data if mod.bias is not None else None
-    if bits == 4 and w.device.type == "cpu":
-        return Int4Linear(w, b)
-    return Int8Linear(w, b)
+    if mod.in_features % GROUP:
+        return mod  # no whole blocks: keep this one in float
+    return BlockQuantLinear(mod.weight.data, mod.bias.data if mod.bias is not None else None, bits)
 
 
 def raw_bytes(mm: np.ndarray, offset: int, nbytes: int) -> torch.Tensor:
