@@ -401,3 +401,18 @@ def test_real_gemma3_270m_gguf_to_hf_same_architecture(tmp_path):
     assert (tok.bos_token_id, tok.eos_token_id) == (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"])
     d = run_cli("diff", gg, out)
     assert d.returncode == 0, d.stdout + d.stderr  # 0 = same architecture
+
+    # and back to GGUF: the model and tokenizer keys, tokens and token types of the original survive
+    from llmarch.checkpoint.gguf import read_skipped_array
+
+    again = tmp_path / "again.gguf"
+    r = run_cli("convert", out, "--to", "gguf", "-o", again, "--dtype", "q8_0")
+    assert r.returncode == 0, r.stderr
+    b = open_checkpoint(str(again))
+    a = open_checkpoint(str(gg))
+    keys = [k for k in a.metadata if k.startswith(("gemma3.", "tokenizer.ggml."))
+            and k not in ("tokenizer.ggml.add_sep_token",)]  # False, llama.cpp's default when absent
+    for k in keys:
+        assert b.metadata.get(k) == pytest.approx(a.metadata[k]), k
+    for k in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type"):
+        assert read_skipped_array(b, k) == read_skipped_array(a, k), k

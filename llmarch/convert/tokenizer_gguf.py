@@ -178,8 +178,11 @@ def build_hf_tokenizer(ckpt) -> tuple[str, dict]:
     else:
         raise LlmarchError(f"GGUF tokenizer model {kind!r} is not supported yet (gpt2, llama)", ckpt.path)
 
-    tk.add_special_tokens([AddedToken(tokens[i], special=types[i] != TokenType.USER_DEFINED, normalized=False)
-                           for i in sorted(special_ids)])
+    # CONTROL tokens are special (skipped when decoding); USER_DEFINED ones are plain added tokens
+    tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                           for i in sorted(special_ids) if types[i] != TokenType.USER_DEFINED])
+    tk.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
+                   for i in sorted(special_ids) if types[i] == TokenType.USER_DEFINED])
     bos, eos = tok("bos"), tok("eos")
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
