@@ -106,6 +106,7 @@ class Generator:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.g_out = fn(self.g_ids, self.g_pos, self.cache, limit=None)[:, -1]
+            self.g_next = self.g_out.argmax(dim=-1, keepdim=True)  # the greedy choice, inside the graph
 
     def _step_graph(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         if self.graph is None:
@@ -114,6 +115,43 @@ class Generator:
         self.g_pos.fill_(pos)
         self.graph.replay()
         return self.g_out
+
+    def _greedy_pipelined(self, first: torch.Tensor, pos: int, max_tokens: int, eos_ids: set[int], on_token):
+        """Greedy decode with graph replays queued one step ahead of the host: step k+1 is on the
+        GPU while the host reads token k (one pinned copy + event per step), so the GPU never waits
+        for Python. A step computed past EOS only writes a cache slot nobody reads."""
+        out = [int(first.item())]
+        if on_token:
+            on_token(out[0])
+        if out[0] in eos_ids:
+            return out, "eos"
+        host = torch.empty(2, 1, dtype=torch.long, pin_memory=True)
+        events = [torch.cuda.Event(), torch.cuda.Event()]
+        self.g_ids.copy_(first.view(1, 1))
+        self.g_pos.fill_(pos)
+
+        def launch(i: int) -> None:
+            self.graph.replay()
+            host[i % 2].copy_(self.g_next[0], non_blocking=True)
+            events[i % 2].record()
+            self.g_ids.copy_(self.g_next)  # queued behind the replay: the next step's input
+            self.g_pos.add_(1)
+
+        launch(0)
+        i = 0
+        while True:
+            if len(out) + 1 < max_tokens:
+                launch(i + 1)
+            events[i % 2].synchronize()
+            tok = int(host[i % 2, 0])
+            out.append(tok)
+            if on_token:
+                on_token(tok)
+            if tok in eos_ids:
+                return out, "eos"
+            if len(out) >= max_tokens:
+                return out, "max_tokens"
+            i += 1
 
     # ---------------------------------------------------------------- generation
     @torch.inference_mode()
@@ -150,6 +188,10 @@ class Generator:
             sync()
             extra["capture_s"] = time.perf_counter() - tc
         t1 = time.perf_counter()
+        if self.graph is not None and not sampling.temperature:
+            out, stopped = self._greedy_pipelined(nxt, len(prompt), max_tokens, eos_ids, on_token)
+            sync()
+            return Result(out, len(prompt), prefill_s, time.perf_counter() - t1, stopped, extra)
         step = self._step_graph if self.use_graph else self._step_eager
         n = len(prompt)
         while True:
