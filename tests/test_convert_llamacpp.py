@@ -135,3 +135,13 @@ def test_real_gemma3_270m_to_hf_matches_llamacpp(tmp_path):
     # dequantized weights in f32: close, not identical
     assert nmse(got, ref) < 1e-2
     assert ref[-1].argmax() == got[-1].argmax()
+
+    # back to GGUF: llama.cpp tokenizes with our re-derived SentencePiece scores as with the original
+    from llmarch.convert.to_gguf import convert_to_gguf
+
+    convert_to_gguf(str(out), tmp_path / "again.gguf", "q8_0")
+    again = llama_cpp.Llama(model_path=str(tmp_path / "again.gguf"), vocab_only=True, verbose=False)
+    for text in ["antidisestablishmentarianism supercalifragilistic", "<start_of_turn>user\nhi<end_of_turn>",
+                 "Hello,   world!\n\tdef f(x): return x**2", "Ünïcödé 日本語 🙂"]:
+        assert again.tokenize(text.encode(), add_bos=True, special=True) == \
+            llm.tokenize(text.encode(), add_bos=True, special=True), text
