@@ -22,6 +22,7 @@ VOCAB = 384
 FAMILIES = {
     "llama": {}, "qwen3": {}, "gemma3_text": {}, "qwen3_moe": {"mlp_only_layers": [], "norm_topk_prob": True},
     "mistral": {}, "smollm3": {}, "olmo2": {}, "gpt2": {},
+    "mistral3": {},  # Mistral Small 3.x wrapper: its text model, as llama
     "gemma3": {},  # the multimodal wrapper: its text model converts, the vision tower is left out
     "gpt_oss": {},  # sinks, biases, fused interleaved gate/up experts, SWA every other layer, yarn
     "glm4_moe": {},  # partial RoPE, attention bias, shared expert, dense first layer, MTP dropped
@@ -65,11 +66,15 @@ def llama_greedy(llm, ids, n):
     return out
 
 
-def hf_model(folder):
+def hf_model(folder, name=None):
+    """The fixture's own transformers class (multimodal wrappers name theirs), else AutoModelForCausalLM."""
     import torch
-    from transformers import AutoModelForCausalLM
+    import transformers
 
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    from fixtures.families import FAMILIES as FIXTURES
+
+    cls = getattr(transformers, (FIXTURES.get(name) or {}).get("model_class") or "AutoModelForCausalLM")
+    return cls.from_pretrained(str(folder), dtype=torch.float32).eval()
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -92,9 +97,9 @@ def test_llamacpp_matches_transformers(with_tokenizer, tmp_path, name):
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text).ids, text
 
     ids = tok.encode("The capital of France is Paris. In 1969").ids
-    model = hf_model(src)
+    model = hf_model(src, name)
     with torch.no_grad():
-        ref = model(torch.tensor([ids])).logits[0].numpy()
+        ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
         hf_greedy = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, min_new_tokens=8,
                                    eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
     got = llama_logits(llm, ids)
