@@ -145,18 +145,23 @@ class BlockQuantLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, bits: int = 8):
         super().__init__()
         out_f, in_f = weight.shape
-        w = weight.float().reshape(out_f, in_f // GROUP, GROUP)
         qmax = 127 if bits == 8 else 7
-        amax = w.abs().amax(-1)
-        scale = amax / qmax
-        q = torch.round(w / torch.where(scale > 0, scale, 1.0)[..., None]).clamp(-qmax - (bits == 4), qmax)
-        if bits == 8:
-            packed = q.to(torch.int8).reshape(out_f, in_f)
-        else:
-            u = (q + 8).to(torch.uint8)  # [N, blocks, 32] in 0..15
-            packed = (u[..., :16] | (u[..., 16:] << 4)).reshape(out_f, in_f // 2)
+        packed = torch.empty(out_f, in_f if bits == 8 else in_f // 2, dtype=torch.int8 if bits == 8 else torch.uint8,
+                             device=weight.device)
+        scales = torch.empty(out_f, in_f // GROUP, dtype=torch.float32, device=weight.device)
+        step = max(1, (1 << 22) // in_f)  # rows at a time: float temporaries stay ~16 MB, not the table's size
+        for i in range(0, out_f, step):
+            w = weight[i:i + step].float().reshape(-1, in_f // GROUP, GROUP)
+            scale = w.abs().amax(-1) / qmax
+            q = torch.round(w / torch.where(scale > 0, scale, 1.0)[..., None]).clamp(-qmax - (bits == 4), qmax)
+            scales[i:i + step] = scale
+            if bits == 8:
+                packed[i:i + step] = q.to(torch.int8).reshape(-1, in_f)
+            else:
+                u = (q + 8).to(torch.uint8)  # [rows, blocks, 32] in 0..15
+                packed[i:i + step] = (u[..., :16] | (u[..., 16:] << 4)).reshape(-1, in_f // 2)
         self.register_buffer("qweight", packed)
-        self.register_buffer("scales", scale.contiguous())  # [N, in / 32]
+        self.register_buffer("scales", scales)  # [N, in / 32]
         self.bits = bits
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.out_features, self.in_features = out_f, in_f
