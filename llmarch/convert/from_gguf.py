@@ -157,7 +157,7 @@ def convert_from_gguf(source: str, out_dir: str | Path, dtype: str = "f32", forc
     ckpt, spec = load_checkpoint_spec(source)
     if ckpt.format != "gguf":
         raise LlmarchError("--to safetensors needs a .gguf source", ckpt.path)
-    fam = family_for_gguf_arch(ckpt.metadata["general.architecture"], ckpt.path)
+    fam = family_for_gguf_arch(ckpt.metadata["general.architecture"], ckpt.path, ckpt.metadata)
     items = _gguf_items(ckpt, fam, spec.layers)
     tied = "output.weight" not in ckpt.tensors
     config = hf_config(ckpt, fam, spec, tied, dtype)

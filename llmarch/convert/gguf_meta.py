@@ -96,6 +96,9 @@ def model_kv(spec: ArchSpec, arch: str, recipe: dict, file_type: int, name: str,
     if (sc.get("type") or "").lower() == "llama3":  # llama.cpp keeps only the rope_freqs tensor
         keep = {k: v for k, v in sc.items() if k not in ("type", "rope_theta") and v is not None}
         out.append((LLMARCH_ROPE_KEY, json.dumps({"rope_type": "llama3", **keep}, sort_keys=True), V.STRING))
+    if recipe.get("convert", {}).get("swa_pattern_array") and "sliding_window" in hp:  # Olmo 3: True = sliding
+        out.append((Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch),
+                    [l.mixer == "sliding" for l in spec.schedule], V.ARRAY))
     for ckey, value in hp.items():
         tmpl = reverse.get(ckey) or (ckey if ckey.startswith("{arch}.") else None)
         if tmpl is None:

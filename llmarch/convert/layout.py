@@ -59,7 +59,7 @@ GENERATED = {T.ROPE_FREQS}
 EXPERT_KINDS = {T.FFN_GATE_EXP: "gate_proj", T.FFN_UP_EXP: "up_proj", T.FFN_DOWN_EXP: "down_proj"}
 # families whose conversion is proven by tests (transformers round trip; llama.cpp where noted in README)
 SUPPORTED = ("llama", "mistral", "qwen3", "qwen3_moe", "gemma3", "gpt2", "smollm3", "olmo2", "deepseek_v3",
-             "glm4_moe", "gpt_oss")
+             "glm4_moe", "gpt_oss", "olmo3")
 SUPPORTED_FROM_GGUF = SUPPORTED  # not yet
 
 
@@ -107,8 +107,14 @@ def family_for_model_type(model_type: str | None, path=None) -> Family:
     return _family(recipe, model_type)
 
 
-def family_for_gguf_arch(arch: str, path=None) -> Family:
+def family_for_gguf_arch(arch: str, path=None, meta: dict | None = None) -> Family:
     recipe = recipe_book.for_gguf_arch(arch)
+    # families llama.cpp writes under another family's arch (Olmo 3 as olmo2), told apart by a key
+    for other in recipe_book.all_recipes():
+        conv = other.get("convert", {})
+        marker = conv.get("gguf_marker")
+        if conv.get("gguf_arch") == arch and marker and marker.format(arch=arch) in (meta or {}):
+            recipe = other
     if recipe.get("family") not in SUPPORTED_FROM_GGUF:
         raise LlmarchError(f"converting GGUF architecture {arch!r} to safetensors is not supported yet "
                            f"(supported families: {', '.join(SUPPORTED_FROM_GGUF)})", path)
@@ -121,7 +127,7 @@ def family_for_gguf_arch(arch: str, path=None) -> Family:
 def _family(recipe: dict, model_type: str) -> Family:
     conv = recipe.get("convert", {})
     types, archs = recipe.get("model_types", []), recipe.get("gguf_archs", [])
-    default_arch = archs[types.index(model_type)] if len(types) == len(archs) and model_type in types else archs[0]
+    default_arch = archs[types.index(model_type)] if len(types) == len(archs) and model_type in types else (archs or [None])[0]
     return Family(
         family=recipe["family"], model_type=_pick(conv.get("hf_model_type"), model_type, model_type),
         arch=_arch(_pick(conv.get("gguf_arch"), model_type, default_arch)),
