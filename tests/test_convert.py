@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = {
     "llama": {}, "mistral": {}, "qwen3": {}, "qwen3_moe": {"mlp_only_layers": [], "norm_topk_prob": True},
     "gemma3_text": {}, "gpt2": {}, "smollm3": {}, "olmo2": {}, "deepseek_v3": {}, "glm4_moe": {},
-    "gpt_oss": {}, "olmo3": {},
+    "gpt_oss": {}, "olmo3": {}, "minimax_m2": {},
 }
 
 

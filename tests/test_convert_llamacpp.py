@@ -27,6 +27,7 @@ FAMILIES = {
     "gpt_oss": {},  # sinks, biases, fused interleaved gate/up experts, SWA every other layer, yarn
     "glm4_moe": {},  # partial RoPE, attention bias, shared expert, dense first layer, MTP dropped
     "deepseek_v3": {},  # MLA (kv_b split into k_b / v_b), sigmoid group-limited router, shared expert, MTP dropped
+    "minimax_m2": {},  # whole-projection QK-norm, partial RoPE (rotary_dim), sigmoid router + correction bias
     "olmo3": {},  # as llama.cpp's olmo2 + per-layer SWA pattern; YaRN on the global layers only
 }
 

@@ -59,7 +59,7 @@ GENERATED = {T.ROPE_FREQS}
 EXPERT_KINDS = {T.FFN_GATE_EXP: "gate_proj", T.FFN_UP_EXP: "up_proj", T.FFN_DOWN_EXP: "down_proj"}
 # families whose conversion is proven by tests (transformers round trip; llama.cpp where noted in README)
 SUPPORTED = ("llama", "mistral", "qwen3", "qwen3_moe", "gemma3", "gpt2", "smollm3", "olmo2", "deepseek_v3",
-             "glm4_moe", "gpt_oss", "olmo3")
+             "glm4_moe", "gpt_oss", "olmo3", "minimax_m2")
 SUPPORTED_FROM_GGUF = SUPPORTED  # not yet
 
 
