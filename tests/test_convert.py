@@ -106,6 +106,33 @@ def test_hf_gguf_hf_f32_identical_and_same_logits(tiny, tmp_path, name):
     np.testing.assert_allclose(hf_logits(back, IDS), hf_logits(src, IDS), rtol=1e-5, atol=1e-5)
 
 
+def test_llama4_wrapper_text_model_round_trip(tiny, tmp_path):
+    """Llama4ForConditionalGeneration -> GGUF(f32) -> the text-only Llama4ForCausalLM: the text tensors
+    come back identical (fused experts re-fused, vision left out) and compute the wrapper's text logits.
+    attention_chunk_size 8192: the value llama.cpp's llama4 hard-codes (the real checkpoints' value)."""
+    import torch
+    import transformers
+
+    from llmarch.convert.from_gguf import convert_from_gguf
+    from llmarch.convert.to_gguf import convert_to_gguf
+
+    src = tiny("llama4", attention_chunk_size=8192)
+    convert_to_gguf(str(src), tmp_path / "m.gguf", "f32")
+    back = tmp_path / "back"
+    convert_from_gguf(str(tmp_path / "m.gguf"), back, "f32")
+    a = {k.replace("language_model.", "", 1): v for k, v in load_st(src).items() if k.startswith("language_model.")}
+    b = load_st(back)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].shape == b[k].shape and np.array_equal(a[k], b[k]), k
+    cfg = json.loads((back / "config.json").read_text())
+    assert cfg["architectures"] == ["Llama4ForCausalLM"] and cfg["interleave_moe_layer_step"] == 2
+    wrapper = transformers.Llama4ForConditionalGeneration.from_pretrained(str(src), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = wrapper(input_ids=torch.tensor([IDS])).logits[0].numpy()
+    np.testing.assert_allclose(hf_logits(back, IDS), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_gguf_names_and_layouts_follow_gguf_py(tiny, tmp_path):
     """Names from gguf-py's tables; experts stacked to 3-D; llama Q/K permuted; norms F32."""
     import gguf
@@ -238,6 +265,9 @@ def test_bad_input_unsupported_family_and_blocking_tensors(tiny, tmp_path):
     line = _one_line_exit_2(run_cli("convert", tiny("gemma3_text", layer_types=["sliding_attention"] * 3 + ["full_attention"] * 3),
                                     "-o", tmp_path / "g.gguf"))
     assert "sliding" in line and "gemma3" in line
+    # Llama 4 with attention chunks other than the 8192 llama.cpp's llama4 hard-codes
+    line = _one_line_exit_2(run_cli("convert", tiny("llama4"), "-o", tmp_path / "l4.gguf"))
+    assert "attention_chunk_size" in line and "llama4" in line
     assert list(tmp_path.iterdir()) == []
 
 

@@ -28,6 +28,7 @@ FAMILIES = {
     "glm4_moe": {},  # partial RoPE, attention bias, shared expert, dense first layer, MTP dropped
     "deepseek_v3": {},  # MLA (kv_b split into k_b / v_b), sigmoid group-limited router, shared expert, MTP dropped
     "minimax_m2": {},  # whole-projection QK-norm, partial RoPE (rotary_dim), sigmoid router + correction bias
+    "llama4": {"attention_chunk_size": 8192},  # wrapper's text model; fused halves experts, shared expert, NoPE 4th, rope_freqs
     "olmo3": {},  # as llama.cpp's olmo2 + per-layer SWA pattern; YaRN on the global layers only
 }
 

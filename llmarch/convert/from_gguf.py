@@ -65,7 +65,7 @@ def _gguf_items(ckpt, fam: Family, n_blocks: int):
             if kind == gguf.MODEL_TENSOR.FFN_UP_EXP:
                 continue  # read together with the gate (interleaved back into gate_up_proj)
             base = "gate_up_proj" if kind == gguf.MODEL_TENSOR.FFN_GATE_EXP else "down_proj"
-            items.append((info, kind, [(f"model.layers.{bid}.mlp.experts.{base}" + ("_bias" if suffix == ".bias" else ""), None)]))
+            items.append((info, kind, [(fam.fused_prefix.format(bid=bid) + f".{base}" + ("_bias" if suffix == ".bias" else ""), None)]))
             continue
         if kind in EXPERT_KINDS:
             names = [(hf_name_for(fam, kind, bid, suffix, n_blocks, xid=x), x) for x in range(info.shape[0])]
@@ -133,6 +133,9 @@ def hf_config(ckpt, fam: Family, spec, tied: bool, dtype: str) -> dict:
     if spec.mtp_layers or conv.get("drops_mtp"):
         cfg["num_nextn_predict_layers"] = 0  # MTP layers are not carried back
     cfg.update(conv.get("hard_coded", {}).get(arch, {}))
+    off = conv.get("qk_norm_off_at_experts")
+    if off:
+        cfg[off["key"]] = cfg.get("num_experts") != off["experts"]
     for src, dst in fam.recipe.get("convert", {}).get("hf_keys", {}).items():
         if src in cfg:
             cfg[dst] = cfg.pop(src)
@@ -223,7 +226,8 @@ def _write_safetensors(path: Path, ckpt, fam: Family, items, spec, dtype: str, t
         if kind == gguf.MODEL_TENSOR.ATTN_KV_B and info.name.endswith("attn_k_b.weight"):
             x = _merge_kv_b(x, read(ckpt.tensors[info.name.replace("attn_k_b", "attn_v_b")]))
         if fam.fused_experts and kind in EXPERT_KINDS:
-            x = _fuse_experts(x, kind, lambda: read(ckpt.tensors[info.name.replace("ffn_gate_exps", "ffn_up_exps")]))
+            x = _fuse_experts(x, kind, lambda: read(ckpt.tensors[info.name.replace("ffn_gate_exps", "ffn_up_exps")]),
+                              fam.fused_split)
         if fam.norm_shift and names[0][0].endswith("norm.weight"):
             x = x - np.float32(fam.norm_shift)
         if fam.permute_qk and kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
@@ -279,11 +283,14 @@ def _fused_shape(shape: tuple[int, ...], kind) -> tuple[int, ...]:
     return (e, b, a * 2) if kind == gguf.MODEL_TENSOR.FFN_GATE_EXP else (e, b, a)
 
 
-def _fuse_experts(x: np.ndarray, kind, read_up) -> np.ndarray:
-    """Inverse of plan._fused_experts: interleave gate/up back (even/odd) and transpose to [E, in, out]."""
+def _fuse_experts(x: np.ndarray, kind, read_up, split: str = "interleaved") -> np.ndarray:
+    """Inverse of plan._fused_experts: gate/up back (interleaved even/odd, or halves) and transposed to [E, in, out]."""
     if kind == gguf.MODEL_TENSOR.FFN_DOWN_EXP:
         return x.transpose(0, 2, 1) if x.ndim == 3 else x
     up = read_up()
+    if split == "halves":
+        out = np.concatenate([x, up], axis=1)
+        return out.transpose(0, 2, 1) if out.ndim == 3 else out
     out = np.empty((*x.shape[:1], x.shape[1] * 2, *x.shape[2:]), dtype=x.dtype)
     out[:, 0::2], out[:, 1::2] = x, up
     return out.transpose(0, 2, 1) if out.ndim == 3 else out

@@ -59,7 +59,7 @@ GENERATED = {T.ROPE_FREQS}
 EXPERT_KINDS = {T.FFN_GATE_EXP: "gate_proj", T.FFN_UP_EXP: "up_proj", T.FFN_DOWN_EXP: "down_proj"}
 # families whose conversion is proven by tests (transformers round trip; llama.cpp where noted in README)
 SUPPORTED = ("llama", "mistral", "qwen3", "qwen3_moe", "gemma3", "gpt2", "smollm3", "olmo2", "deepseek_v3",
-             "glm4_moe", "gpt_oss", "olmo3", "minimax_m2")
+             "glm4_moe", "gpt_oss", "olmo3", "minimax_m2", "llama4")
 SUPPORTED_FROM_GGUF = SUPPORTED  # not yet
 
 
@@ -75,6 +75,8 @@ class Family:
     skip: tuple[str, ...] = ()  # HF tensors that are buffers, not weights
     layout: str = "llama"
     fused_experts: bool = False  # gpt-oss: experts stored fused ([E, in, out], gate/up interleaved)
+    fused_split: str = "interleaved"  # gate/up inside gate_up_proj: "interleaved" (gpt-oss) or "halves" (Llama 4)
+    fused_prefix: str = "model.layers.{bid}.mlp.experts"  # HF parent of the fused gate_up_proj / down_proj
     split_kv_b: bool = False  # MLA: kv_b_proj -> attn_k_b + attn_v_b (llama.cpp's absorbed layout)
     recipe: dict = field(default_factory=dict, compare=False, hash=False)
 
@@ -137,6 +139,8 @@ def _family(recipe: dict, model_type: str) -> Family:
         transpose=tuple(conv.get("transpose", ())), skip=tuple(conv.get("skip", ())),
         layout=conv.get("hf_layout", "llama"), split_kv_b=bool(conv.get("split_kv_b", False)),
         fused_experts=bool(conv.get("fused_experts", False)), recipe=recipe,
+        fused_split=conv.get("fused_split", "interleaved"),
+        fused_prefix=conv.get("fused_prefix", "model.layers.{bid}.mlp.experts"),
     )
 
 

@@ -123,7 +123,7 @@ def build_plan(ckpt: Checkpoint, spec: ArchSpec, fam: Family, dtype: str) -> Pla
         if probe.endswith(".sinks"):
             probe += ".weight"  # gpt-oss attention sinks, as convert_hf_to_gguf.py names them
         if fam.fused_experts and FUSED_RE.search(hf_name):
-            for gname, kind, piece in _fused_experts(hf_name, info, layer):
+            for gname, kind, piece in _fused_experts(hf_name, info, layer, fam.fused_split):
                 groups[gname] = {"kind": kind, "pieces": [(None, piece)]}
             continue
         found = tmap.get_type_and_name(probe, try_suffixes=(".weight", ".bias"))
@@ -170,14 +170,15 @@ def build_plan(ckpt: Checkpoint, spec: ArchSpec, fam: Family, dtype: str) -> Pla
     return Plan(fam, spec, ftype, tensors)
 
 
-FUSED_RE = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?$")
+FUSED_RE = re.compile(r"\.(mlp|feed_forward)\.experts\.(gate_up_proj|down_proj)(_bias)?$")
 
 
-def _fused_experts(hf_name: str, info: TensorInfo, layer: int) -> list[tuple[str, MODEL_TENSOR, Piece]]:
-    """gpt-oss's fused expert tensors ([E, in, out], gate/up interleaved) -> llama.cpp's *_exps
-    (GptOssModel.modify_tensors): transposed to [E, out, in], gate = even rows, up = odd rows."""
+def _fused_experts(hf_name: str, info: TensorInfo, layer: int, split: str = "interleaved") -> list[tuple[str, MODEL_TENSOR, Piece]]:
+    """Fused expert tensors ([E, in, out]) -> llama.cpp's *_exps, transposed to [E, out, in]. gpt-oss
+    (GptOssModel.modify_tensors): gate = even rows, up = odd rows; Llama 4 (Llama4Model.modify_tensors,
+    split="halves"): gate = first half, up = second half."""
     m = FUSED_RE.search(hf_name)
-    which, bias = m.group(1), bool(m.group(2))
+    which, bias = m.group(2), bool(m.group(3))
     suffix = ".bias" if bias else ".weight"
     name = lambda k: TENSOR_NAMES[k].format(bid=layer) + suffix  # noqa: E731
     shape = info.shape
@@ -192,6 +193,10 @@ def _fused_experts(hf_name: str, info: TensorInfo, layer: int) -> list[tuple[str
         return [(name(k), k, Piece(info, 0, view=lambda x, o=o: x[:, o::2], out_shape=(e, f2 // 2)))
                 for k, o in ((MODEL_TENSOR.FFN_GATE_EXP, 0), (MODEL_TENSOR.FFN_UP_EXP, 1))]
     e, h, f2 = shape
+    if split == "halves":
+        f = f2 // 2
+        return [(name(k), k, Piece(info, 0, view=lambda x, o=o: x.transpose(0, 2, 1)[:, o * f:(o + 1) * f, :], out_shape=(e, f, h)))
+                for k, o in ((MODEL_TENSOR.FFN_GATE_EXP, 0), (MODEL_TENSOR.FFN_UP_EXP, 1))]
     return [(name(k), k, Piece(info, 0, view=lambda x, o=o: x.transpose(0, 2, 1)[:, o::2, :], out_shape=(e, f2 // 2, h)))
             for k, o in ((MODEL_TENSOR.FFN_GATE_EXP, 0), (MODEL_TENSOR.FFN_UP_EXP, 1))]
 
