@@ -49,7 +49,7 @@ class _Facts:
 def fingerprint(ckpt: Checkpoint) -> ArchSpec:
     if ckpt.format == "gguf":
         arch = ckpt.metadata["general.architecture"]
-        recipe = recipes.for_gguf_arch(arch)
+        recipe = recipes.for_gguf_arch(arch, ckpt.metadata)
         config, ev = gguf_to_config(arch, ckpt.metadata, recipe)
         family = recipe.get("family", arch) if recipe else arch
         architecture = arch
@@ -350,6 +350,8 @@ def _schedule(spec: ArchSpec, f: _Facts, recipe: dict, lt, ckpt: Checkpoint) -> 
     lin_cfg = f.get("linear_attn_config")
     kda_layers = lin_cfg.get("kda_layers") if isinstance(lin_cfg, dict) else None
     local_scaling = _local_rope_scaling(spec, f)
+    if local_scaling is None and spec.rope.scaling and recipe.get("rope_scaling_on") == "global":
+        local_scaling = {"type": "default"}  # GGUF / legacy configs: the recipe says sliding layers are unscaled
     nope = f.get("no_rope_layers", fact="rope.nope_layers")
     sched = []
     for i in range(n):

@@ -25,12 +25,15 @@ def for_model_type(model_type: str | None) -> dict:
     return {}
 
 
-def for_gguf_arch(arch: str) -> dict:
+def for_gguf_arch(arch: str, meta: dict | None = None) -> dict:
+    """The recipe for a GGUF arch; families llama.cpp writes under another family's arch (Olmo 3
+    as olmo2) are told apart by their `convert.gguf_marker` key being present in `meta`."""
+    for recipe in _all():
+        conv = recipe.get("convert", {})
+        marker = conv.get("gguf_marker")
+        if conv.get("gguf_arch") == arch and marker and marker.format(arch=arch) in (meta or {}):
+            return recipe
     for recipe in _all():
         if arch in recipe.get("gguf_archs", []):
             return recipe
     return {}
-
-
-def all_recipes() -> list[dict]:
-    return list(_all())

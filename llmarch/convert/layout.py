@@ -110,13 +110,7 @@ def family_for_model_type(model_type: str | None, path=None) -> Family:
 
 
 def family_for_gguf_arch(arch: str, path=None, meta: dict | None = None) -> Family:
-    recipe = recipe_book.for_gguf_arch(arch)
-    # families llama.cpp writes under another family's arch (Olmo 3 as olmo2), told apart by a key
-    for other in recipe_book.all_recipes():
-        conv = other.get("convert", {})
-        marker = conv.get("gguf_marker")
-        if conv.get("gguf_arch") == arch and marker and marker.format(arch=arch) in (meta or {}):
-            recipe = other
+    recipe = recipe_book.for_gguf_arch(arch, meta)
     if recipe.get("family") not in SUPPORTED_FROM_GGUF:
         raise LlmarchError(f"converting GGUF architecture {arch!r} to safetensors is not supported yet "
                            f"(supported families: {', '.join(SUPPORTED_FROM_GGUF)})", path)
