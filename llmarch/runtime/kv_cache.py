@@ -44,6 +44,15 @@ class SlotGroup:
         if self.window is not None:
             visible &= key_pos[None, :] > q - self.window
         self.mask = visible
+        self._bias = {}
+
+    def bias(self, rep: int) -> torch.Tensor:
+        """The mask as an additive float bias, rows repeated for `rep` query heads per KV head
+        (built once per step and group, not once per layer)."""
+        if rep not in self._bias:
+            m = self.mask if rep == 1 else self.mask.repeat(rep, 1)
+            self._bias[rep] = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(~m, float("-inf"))
+        return self._bias[rep]
 
     def reset(self) -> None:
         self.slot_pos.fill_(-1)

@@ -17,7 +17,7 @@ from torch import nn
 from llmarch.errors import LlmarchError
 from llmarch.runtime.ops.attention import Attention
 from llmarch.runtime.ops.mlp import GatedMLP, PlainMLP
-from llmarch.runtime.ops.norms import make_norm
+from llmarch.runtime.ops.norms import RMSNorm, make_norm
 from llmarch.runtime.ops.rope import Rope
 from llmarch.spec import ArchSpec, LayerSpec
 
@@ -114,6 +114,7 @@ class Transformer(nn.Module):
         self.final_softcap = spec.final_softcap
 
     def setup(self, max_seq: int, device, dtype) -> None:
+        self.act_dtype = dtype
         for r in self.ropes.values():
             r.build(max_seq, device, dtype)
 
@@ -121,7 +122,7 @@ class Transformer(nn.Module):
                 last_only: bool = True) -> torch.Tensor:
         cache.prepare(pos, limit)
         if self.tied_quant is not None:
-            x = self.tied_quant.row(ids, self.final_norm.weight.dtype)
+            x = self.tied_quant.row(ids, self.act_dtype)
         else:
             x = self.embed(ids)
         if self.embed_scale is not None:  # Gemma: the scale is rounded to the activation dtype first
@@ -211,3 +212,6 @@ def load_weights(model: Transformer, source, dtype: torch.dtype, device, quant_b
             # layers load, so the float table is freed before anything else is held
             model.tied_quant = BlockQuantLinear(mod.weight.data, None, quant_bits)
             model.embed = None
+    for mod in model.modules():
+        if isinstance(mod, RMSNorm):
+            mod.fold_unit_offset()

@@ -16,8 +16,11 @@ from llmarch.runtime.ops.rope import Rope
 from llmarch.spec import ArchSpec, LayerSpec
 
 
-def attend(q, k, v, mask, scale: float, softcap: float | None = None, sinks: torch.Tensor | None = None):
-    """q [B,H,T,D], k/v [B,KV,S,D], mask bool [T,S] (True = visible) -> [B,H,T,Dv]."""
+def attend(q, k, v, mask, scale: float, softcap: float | None = None, sinks: torch.Tensor | None = None,
+           group=None):
+    """q [B,H,T,D], k/v [B,KV,S,D], mask bool [T,S] (True = visible) -> [B,H,T,Dv].
+
+    group: the cache's SlotGroup, whose per-step additive bias the CPU path reuses across layers."""
     B, H, T, D = q.shape
     KV = k.shape[1]
     if softcap is None and sinks is None and q.device.type == "cuda" and T > 1:
@@ -26,6 +29,11 @@ def attend(q, k, v, mask, scale: float, softcap: float | None = None, sinks: tor
     # matmul (no K/V copies; CPU SDPA is slow for one query against a long masked cache)
     rep = H // KV
     qg = q.reshape(B, KV, rep * T, D)
+    if group is not None and B == 1 and softcap is None and sinks is None and q.device.type == "cpu":
+        # one fused scale + bias + matmul (the mask as a bias shared by all layers of the step)
+        scores = torch.baddbmm(group.bias(rep), qg[0], k[0].transpose(-1, -2), alpha=scale)
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        return torch.matmul(probs, v[0].to(q.dtype)).reshape(B, H, T, -1)
     scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, KV, rep*T, S]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
@@ -80,5 +88,6 @@ class Attention(nn.Module):
             q, k = self.rope(q, pos), self.rope(k, pos)
         lc = cache.layers[self.index]
         keys, values = lc.update(k, v)
-        out = attend(q, keys.to(q.dtype), values.to(q.dtype), lc.group.mask, self.scale, self.softcap, self.sinks)
+        out = attend(q, keys.to(q.dtype), values.to(q.dtype), lc.group.mask, self.scale, self.softcap, self.sinks,
+                     lc.group)
         return self.o(out.transpose(1, 2).reshape(B, T, self.heads * self.v_dim))
