@@ -50,3 +50,33 @@ def test_gguf_sentencepiece_tokenizer_matches_transformers(tiny_gguf, tmp_path, 
     for text in ["tok70 tok71", " tok99", "unknown words é 7", "<bos>tok80", "", "tok70\ntok71  ", "12 3;4"]:
         assert ours.encode(text) == ref(text)["input_ids"], text
         assert ours.decode(ours.encode(text)) == ref.decode(ref(text)["input_ids"], skip_special_tokens=True), text
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen3", "smollm3", "olmo2", "olmo3", "gemma3_text"])
+def test_gguf_of_each_family_runs_like_its_safetensors(tiny, tmp_path, family):
+    """The tiny checkpoint written to an f32 GGUF by `llmarch convert` (llama.cpp's names, layouts
+    and metadata: fused GPT-2 qkv, permuted llama Q/K, Gemma 1 + w norms, per-layer SWA patterns)
+    runs to the same logits as the safetensors original, which test_run_parity ties to transformers."""
+    from llmarch.convert.to_gguf import convert_to_gguf
+    from llmarch.runtime.kv_cache import KVCache
+    from llmarch.runtime.load import load_runtime
+
+    out = tmp_path / f"{family}.gguf"
+    convert_to_gguf(str(tiny(family)), out, dtype="f32", force=True)
+    runs = [load_runtime(str(p), "cpu", "float32") for p in (tiny(family), out)]
+    assert runs[1].spec.format == "gguf"
+    T, steps = 20, 8
+    ids = torch.randint(3, runs[0].spec.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for rt in runs:
+        s, a = rt.spec, rt.spec.attention
+        cache = KVCache(s.schedule, T + steps, a.kv_heads, a.head_dim, a.head_dim, torch.float32, "cpu")
+        rt.model.setup(T + steps, "cpu", torch.float32)
+        with torch.inference_mode():
+            out_ = [rt.model(ids, torch.arange(T), cache, limit=T, last_only=False)]
+            for i in range(steps):
+                nxt = out_[-1][:, -1:].argmax(-1)
+                out_.append(rt.model(nxt, torch.tensor([T + i]), cache, limit=T + i + 1))
+        logits.append(out_)
+    for a_, b_ in zip(*logits):
+        assert (a_ - b_).abs().max().item() < 1e-5
