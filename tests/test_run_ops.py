@@ -75,3 +75,26 @@ def test_block_quant_linear(bits):
     assert slab.shape == (20, 96)
     assert torch.equal(lin.row(torch.tensor([[5, 7]]), torch.float32)[0], deq[[5, 7]])
     assert (lin(x) - (x @ w.t() + b)).abs().max().item() < (0.03 if bits == 8 else 0.3) * exact.abs().max().item()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_keep_quantized_model_close_to_float(tiny, bits):
+    """A tied-embedding model (qwen3) loaded with --keep-quantized: the table is quantized from
+    slabs of rows and shared by lookup and head; logits stay near the float model's."""
+    from llmarch.runtime.kv_cache import KVCache
+    from llmarch.runtime.load import load_runtime
+
+    path = str(tiny("qwen3"))
+    out = []
+    for qb in (None, bits):
+        rt = load_runtime(path, "cpu", "float32", qb)
+        s, a = rt.spec, rt.spec.attention
+        if qb:
+            assert rt.model.tied_quant is not None and rt.model.embed is None
+        cache = KVCache(s.schedule, 16, a.kv_heads, a.head_dim, a.head_dim, torch.float32, "cpu")
+        rt.model.setup(16, "cpu", torch.float32)
+        ids = torch.arange(3, 15)[None]
+        with torch.inference_mode():
+            out.append(rt.model(ids, torch.arange(12), cache, limit=12, last_only=False))
+    ref, got = out
+    assert (got - ref).abs().max().item() < (0.05 if bits == 8 else 0.4) * ref.abs().max().item()

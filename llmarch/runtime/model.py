@@ -197,6 +197,17 @@ def load_weights(model: Transformer, source, dtype: torch.dtype, device, quant_b
             mod.load_from(source, mname, dtype, device)
             self_loaded += (mname + ".",)
             continue
+        if quant_bits and mname == "embed" and model.lm_head is None and spec_tied_ok(mod) \
+                and source.info("embed.weight") is not None:
+            # tied: one quantized table serves the embedding lookup and the head, quantized from
+            # slabs of rows so the float table is never held whole
+            shape = tuple(source.info("embed.weight").shape)
+            if shape != tuple(mod.weight.shape):
+                raise LlmarchError(f"weight embed.weight has shape {shape}, the spec needs {tuple(mod.weight.shape)}", where)
+            model.tied_quant = BlockQuantLinear(None, None, quant_bits,
+                                                rows=(lambda a, b: source.rows("embed.weight", a, b), *shape, device))
+            model.embed = None
+            continue
         own = list(mod._parameters.items())
         for pname, p in own:
             if p is None:
@@ -207,11 +218,6 @@ def load_weights(model: Transformer, source, dtype: torch.dtype, device, quant_b
         if quant_bits and isinstance(mod, nn.Linear) and mname.startswith(("layers.", "lm_head")):
             parent, leaf = _parent(model, mname)
             setattr(parent, leaf, quantize_linear(mod, quant_bits))
-        if quant_bits and mname == "embed" and model.lm_head is None and spec_tied_ok(mod):
-            # tied: one quantized table serves the embedding lookup and the head; built before the
-            # layers load, so the float table is freed before anything else is held
-            model.tied_quant = BlockQuantLinear(mod.weight.data, None, quant_bits)
-            model.embed = None
     for mod in model.modules():
         if isinstance(mod, RMSNorm):
             mod.fold_unit_offset()

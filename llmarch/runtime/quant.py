@@ -142,16 +142,23 @@ class BlockQuantLinear(nn.Module):
     the high nibble, stored + 8 (the Q4_0 layout).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, bits: int = 8):
+    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None, bits: int = 8, rows=None):
+        """weight [out, in]; or weight None and rows = (fetch(start, stop) -> float rows, out, in, device),
+        so a big table (a tied 262k-row embedding) is never held in float all at once."""
         super().__init__()
-        out_f, in_f = weight.shape
+        if weight is not None:
+            out_f, in_f = weight.shape
+            device = weight.device
+            fetch = lambda a, b: weight[a:b]  # noqa: E731
+        else:
+            fetch, out_f, in_f, device = rows
         qmax = 127 if bits == 8 else 7
         packed = torch.empty(out_f, in_f if bits == 8 else in_f // 2, dtype=torch.int8 if bits == 8 else torch.uint8,
-                             device=weight.device)
-        scales = torch.empty(out_f, in_f // GROUP, dtype=torch.float32, device=weight.device)
+                             device=device)
+        scales = torch.empty(out_f, in_f // GROUP, dtype=torch.float32, device=device)
         step = max(1, (1 << 22) // in_f)  # rows at a time: float temporaries stay ~16 MB, not the table's size
         for i in range(0, out_f, step):
-            w = weight[i:i + step].float().reshape(-1, in_f // GROUP, GROUP)
+            w = fetch(i, min(i + step, out_f)).to(device).float().reshape(-1, in_f // GROUP, GROUP)
             scale = w.abs().amax(-1) / qmax
             q = torch.round(w / torch.where(scale > 0, scale, 1.0)[..., None]).clamp(-qmax - (bits == 4), qmax)
             scales[i:i + step] = scale

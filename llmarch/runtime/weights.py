@@ -80,6 +80,13 @@ class WeightSource:
     def read(self, t: TensorInfo) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a 2-D tensor stored row-major (embeddings), read alone."""
+        t = self.info(name)
+        row = t.nbytes // t.shape[0]
+        part = TensorInfo(t.name, t.dtype, (stop - start, *t.shape[1:]), t.file, t.offset + start * row, (stop - start) * row)
+        return self.fix(name, self.read(part))
+
     def fix(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return x
 
