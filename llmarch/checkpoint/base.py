@@ -7,6 +7,16 @@ from math import prod
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from llmarch.errors import CheckpointError
+
+
+def check_no_overlap(spans: list[tuple[int, int, str]], path) -> None:
+    """spans: (start, end, tensor name) of one file's tensors; two that share bytes mean a corrupt header."""
+    spans.sort()
+    for (s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise CheckpointError(f"tensors {n0!r} and {n1!r} overlap", path)
+
 
 class TensorInfo(NamedTuple):
     """One tensor's place in a file. Immutable; a NamedTuple rather than a frozen dataclass because

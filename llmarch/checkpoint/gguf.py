@@ -16,7 +16,7 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any
 
-from llmarch.checkpoint.base import Checkpoint, TensorInfo
+from llmarch.checkpoint.base import Checkpoint, TensorInfo, check_no_overlap
 from llmarch.checkpoint.gguf_constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from llmarch.errors import CheckpointError
 
@@ -201,10 +201,7 @@ def _parse(buf, path: Path):
             raise CheckpointError(f"tensor {name!r} appears twice", path)
         tensors[name] = TensorInfo(name, qtype.name, tuple(reversed(ne)), path, data_start + offset, nbytes)
         spans.append((offset, offset + nbytes, name))
-    spans.sort()
-    for (s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
-        if s1 < e0:
-            raise CheckpointError(f"tensors {n0!r} and {n1!r} overlap", path)
+    check_no_overlap(spans, path)
     return meta, skipped, tensors
 
 

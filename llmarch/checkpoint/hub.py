@@ -13,7 +13,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from llmarch.checkpoint.base import Checkpoint, TensorInfo
+from llmarch.checkpoint.base import Checkpoint, TensorInfo, check_no_overlap
 from llmarch.checkpoint.open import SIDE_FILES, open_folder, read_config
 from llmarch.checkpoint.safetensors import DTYPE_SIZES
 from llmarch.errors import CheckpointError
@@ -181,10 +181,7 @@ def _remote_headers_quiet(source: str, repo_id: str, revision: str | None) -> Ch
             # offset is relative to the data section: the header length is not known remotely
             tensors[name] = TensorInfo(name, t.dtype, tuple(t.shape), file, start, end - start)
             spans.append((start, end, name))
-        spans.sort()
-        for (s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
-            if s1 < e0:
-                raise CheckpointError(f"tensors {n0!r} and {n1!r} overlap", file)
+        check_no_overlap(spans, file)
     missing = [n for n in meta.weight_map if n not in tensors]
     if missing:
         raise CheckpointError(f"index names tensor {missing[0]!r} but no shard holds it", source)

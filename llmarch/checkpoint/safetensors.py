@@ -7,7 +7,7 @@ import os
 import struct
 from pathlib import Path
 
-from llmarch.checkpoint.base import TensorInfo
+from llmarch.checkpoint.base import TensorInfo, check_no_overlap
 from llmarch.errors import CheckpointError
 
 # bytes per element; sub-byte and exotic types are refused rather than guessed
@@ -84,10 +84,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             tensors[name] = t = _tensor_info(path, name, entry, data_start, data_size)
             start, end = t.offset - data_start, t.offset - data_start + t.nbytes
         spans.append((start, end, name))
-    spans.sort()
-    for (s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
-        if s1 < e0:
-            raise CheckpointError(f"tensors {n0!r} and {n1!r} overlap", path)
+    check_no_overlap(spans, path)
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 
