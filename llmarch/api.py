@@ -25,12 +25,17 @@ def load_checkpoint_spec(source: str | None):
     return ckpt, spec
 
 
-def inspect_source(source: str | None, context: int | None = None, kv_dtype: str | None = None) -> dict:
-    from llmarch.report.document import to_document
-
+def check_report_options(context: int | None, kv_dtype: str | None) -> None:
+    """--context and --kv-dtype of inspect and diff, checked before any checkpoint is opened."""
     if kv_dtype is not None and kv_dtype not in KV_DTYPE_BYTES:
         raise LlmarchError(f"unknown --kv-dtype {kv_dtype!r}; one of {', '.join(KV_DTYPE_BYTES)}")
     if context is not None and context <= 0:
         raise LlmarchError(f"--context must be positive, got {context}")
+
+
+def inspect_source(source: str | None, context: int | None = None, kv_dtype: str | None = None) -> dict:
+    from llmarch.report.document import to_document
+
+    check_report_options(context, kv_dtype)
     spec = load_spec(source)
     return to_document(spec, context, kv_dtype, source=spec.extras.pop("source"))

@@ -145,15 +145,10 @@ def compare(a: dict, b: dict, tensors: dict | None = None) -> dict:
 def diff_sources(a: str, b: str, context: int | None = None, kv_dtype: str | None = None,
                  tensors: bool = False) -> tuple[dict, dict, dict]:
     """(diff document, doc A, doc B): each checkpoint is opened once, headers only."""
-    from llmarch.api import load_checkpoint_spec
-    from llmarch.errors import LlmarchError
+    from llmarch.api import check_report_options, load_checkpoint_spec
     from llmarch.report.document import to_document
-    from llmarch.spec import KV_DTYPE_BYTES
 
-    if kv_dtype is not None and kv_dtype not in KV_DTYPE_BYTES:
-        raise LlmarchError(f"unknown --kv-dtype {kv_dtype!r}; one of {', '.join(KV_DTYPE_BYTES)}")
-    if context is not None and context <= 0:
-        raise LlmarchError(f"--context must be positive, got {context}")
+    check_report_options(context, kv_dtype)
     (ca, sa), (cb, sb) = load_checkpoint_spec(a), load_checkpoint_spec(b)
     # one KV dtype for both (a GGUF says f16 where its source says bf16: same bytes, same model)
     kv = kv_dtype or sa.kv_dtype_default
