@@ -84,7 +84,7 @@ def fingerprint(ckpt: Checkpoint) -> ArchSpec:
     _moe(spec, facts, recipe, layer_tensors)
     _schedule(spec, facts, recipe, layer_tensors, ckpt)
     _extras(spec, facts, recipe, ckpt)
-    _params(spec, ckpt, layer_tensors)
+    _params(spec, ckpt)
     _storage(spec, ckpt)
     spec.evidence.update(facts.used)
     return spec
@@ -562,9 +562,8 @@ def _param_kind(name: str, spec: ArchSpec, mtp_start: int) -> tuple[str | None, 
     return None, i
 
 
-def _params(spec: ArchSpec, ckpt: Checkpoint, lt) -> None:
+def _params(spec: ArchSpec, ckpt: Checkpoint) -> None:
     total = routed = mtp = vision = ple = 0
-    routed_by_layer: dict[int, int] = defaultdict(int)
     mtp_start = spec.layers if spec.format == "safetensors" else spec.layers - spec.mtp_layers
     kinds: dict[str, tuple] = {}  # expert key -> (kind, layer): the same for every expert index
     for name, t in ckpt.tensors.items():
@@ -576,7 +575,7 @@ def _params(spec: ArchSpec, ckpt: Checkpoint, lt) -> None:
         kind_i = kinds.get(key)
         if kind_i is None:
             kind_i = kinds[key] = _param_kind(name, spec, mtp_start)
-        kind, i = kind_i
+        kind = kind_i[0]
         if kind == "vision":
             vision += n
         elif kind == "mtp":
@@ -585,7 +584,6 @@ def _params(spec: ArchSpec, ckpt: Checkpoint, lt) -> None:
             ple += n
         elif kind == "routed":
             routed += n
-            routed_by_layer[i] += n
     active = total - vision - mtp
     if spec.moe and spec.moe.experts:
         frac = spec.moe.experts_per_token / spec.moe.experts
