@@ -24,6 +24,7 @@ from gguf import Keys
 
 from llmarch.convert.gguf_meta import LLMARCH_ROPE_KEY
 from llmarch.convert.plan import tensor_bytes
+from llmarch.convert.writer import temp_path
 from llmarch.convert.layout import EXPERT_KINDS, GENERATED, Family, family_for_gguf_arch, gguf_kind_of, hf_name_for
 from llmarch.errors import LlmarchError
 
@@ -170,7 +171,7 @@ def convert_from_gguf(source: str, out_dir: str | Path, dtype: str = "f32", forc
 
         tok = build_hf_tokenizer(ckpt)
 
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    tmp = temp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
