@@ -236,7 +236,7 @@ def _write_safetensors(path: Path, ckpt, fam: Family, items, spec, dtype: str, t
             x = x.reshape(n, x.shape[0] // n // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
         for hf, xid in names:
             part = x[xid] if xid is not None else x
-            if any(hf.endswith(s) for s in fam.transpose):
+            if fam.transposed(hf):
                 part = part.T
             data = np.ascontiguousarray(cast(part, dtype))
             os.pwrite(fd, memoryview(data).cast("B"), base + header[hf]["data_offsets"][0])
@@ -258,7 +258,7 @@ def _write_safetensors(path: Path, ckpt, fam: Family, items, spec, dtype: str, t
     for job in jobs:
         info, kind, names = job
         simple = kind != gguf.MODEL_TENSOR.ATTN_KV_B and not (fam.fused_experts and kind in EXPERT_KINDS) \
-            and len(info.shape) >= 2 and not any(n.endswith(s) for n, _ in names for s in fam.transpose) and not (
+            and len(info.shape) >= 2 and not any(fam.transposed(n) for n, _ in names) and not (
             fam.permute_qk and kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K))
         if not simple:
             work.append((whole, job))
@@ -313,4 +313,4 @@ def _pread(fd: int, buf: np.ndarray, offset: int) -> None:
 
 
 def _hf_shape(fam: Family, hf_name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(shape[::-1]) if any(hf_name.endswith(s) for s in fam.transpose) else tuple(shape)
+    return tuple(shape[::-1]) if fam.transposed(hf_name) else tuple(shape)

@@ -87,6 +87,10 @@ class Family:
     def skipped(self, hf_name: str) -> bool:
         return any(hf_name.endswith(s) for s in self.skip) or "rotary_emb.inv_freq" in hf_name
 
+    def transposed(self, hf_name: str) -> bool:
+        """Stored [in, out] in HF (GPT-2 Conv1D): transposed on the way to GGUF and back."""
+        return hf_name.endswith(self.transpose)
+
 
 def _arch(name: str) -> MODEL_ARCH:
     for arch, n in MODEL_ARCH_NAMES.items():

@@ -135,7 +135,7 @@ def build_plan(ckpt: Checkpoint, spec: ArchSpec, fam: Family, dtype: str) -> Pla
             for k, piece in _split_kv_b(info, spec, layer).items():
                 groups[TENSOR_NAMES[k].format(bid=layer) + ".weight"] = {"kind": k, "pieces": [(None, piece)]}
             continue
-        piece = Piece(src=info, offset=0, transpose=any(hf_name.endswith(s) for s in fam.transpose))
+        piece = Piece(src=info, offset=0, transpose=fam.transposed(hf_name))
         if fam.permute_qk and kind in (MODEL_TENSOR.ATTN_Q, MODEL_TENSOR.ATTN_K):
             piece.permute_heads = heads if kind == MODEL_TENSOR.ATTN_Q else kv_heads
         if fam.norm_shift and hf_name.endswith("norm.weight"):
