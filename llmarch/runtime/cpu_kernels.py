@@ -130,7 +130,7 @@ def available() -> bool:
 
 
 def qmatmul(x: torch.Tensor, w: torch.Tensor, wd: torch.Tensor, bits: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [T, K] float32 -> [T, N] float32, with w / wd the block-quantized weight (see Int8Linear)."""
+    """x [T, K] float32 -> [T, N] float32, with w / wd the block-quantized weight (see quant.BlockQuantLinear)."""
     lib = _lib()
     x = x.contiguous()
     T, K = x.shape

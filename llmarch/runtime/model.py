@@ -183,10 +183,9 @@ def load_weights(model: Transformer, source, dtype: torch.dtype, device, quant_b
         return t
 
     def fetch1(name: str) -> torch.Tensor:
-        canon = {"embed.weight": "embed.weight", "pos_embed.weight": "pos_embed.weight"}.get(name, name)
-        t = source.get(canon)
+        t = source.get(name)
         if t is None:
-            raise LlmarchError(f"weight missing: {canon} (looked for {source.name_of(canon) or 'no mapping'})", where)
+            raise LlmarchError(f"weight missing: {name} (looked for {source.name_of(name) or 'no mapping'})", where)
         return t
 
     self_loaded: tuple[str, ...] = ()

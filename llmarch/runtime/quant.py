@@ -7,7 +7,6 @@ Gemma file and runs on the GPU too. Layouts follow ggml-quants.c (block_q4_0, bl
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -203,15 +202,7 @@ class BlockQuantLinear(nn.Module):
         return self.dequantize_rows(flat, dtype).reshape(*ids.shape, self.in_features)
 
 
-def Int8Linear(weight: torch.Tensor, bias: torch.Tensor | None) -> BlockQuantLinear:
-    return BlockQuantLinear(weight, bias, 8)
-
-
 def quantize_linear(mod: nn.Linear, bits: int) -> nn.Module:
     if mod.in_features % GROUP:
         return mod  # no whole blocks: keep this one in float
     return BlockQuantLinear(mod.weight.data, mod.bias.data if mod.bias is not None else None, bits)
-
-
-def raw_bytes(mm: np.ndarray, offset: int, nbytes: int) -> torch.Tensor:
-    return torch.from_numpy(mm[offset:offset + nbytes])

@@ -67,14 +67,10 @@ class WeightSource:
         n = self.name_of(name)
         return self.ckpt.tensors.get(n) if n else None
 
-    def has(self, name: str) -> bool:
-        return self.info(name) is not None or self._fused(name) is not None
-
     def get(self, name: str) -> torch.Tensor | None:
         t = self.info(name)
         if t is None:
-            fused = self._fused(name)
-            return fused
+            return self._fused(name)
         return self.fix(name, self.read(t))
 
     def read(self, t: TensorInfo) -> torch.Tensor:  # pragma: no cover - interface
