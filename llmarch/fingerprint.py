@@ -200,8 +200,9 @@ def _attention(spec: ArchSpec, f: _Facts, recipe: dict, lt, ckpt: Checkpoint) ->
             a.qk_nope_head_dim = f.get("head_dim") - a.qk_rope_head_dim  # GGUF key_length = nope + rope
         a.head_dim = (a.qk_nope_head_dim or 0) + (a.qk_rope_head_dim or 0)
         a.kv_heads = a.heads  # MLA expands the latent to every head
-        if _any_layer_has(lt, "mla_kv_a"):
-            spec.evidence["attention.kind"] = _any_layer_has(lt, "mla_kv_a")
+        kv_a = _any_layer_has(lt, "mla_kv_a")
+        if kv_a:
+            spec.evidence["attention.kind"] = kv_a
     else:
         hd = f.get("head_dim", "attention_head_dim", "kv_channels", fact="attention.head_dim")
         if hd is None and a.heads:
