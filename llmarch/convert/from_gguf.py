@@ -137,7 +137,7 @@ def hf_config(ckpt, fam: Family, spec, tied: bool, dtype: str) -> dict:
     off = conv.get("qk_norm_off_at_experts")
     if off:
         cfg[off["key"]] = cfg.get("num_experts") != off["experts"]
-    for src, dst in fam.recipe.get("convert", {}).get("hf_keys", {}).items():
+    for src, dst in conv.get("hf_keys", {}).items():
         if src in cfg:
             cfg[dst] = cfg.pop(src)
     for k, v in cfg.items():  # GGUF stores float32: 1e-06, not 9.99999997e-07
