@@ -24,7 +24,7 @@ from gguf import Keys
 
 from llmarch.convert.gguf_meta import LLMARCH_ROPE_KEY
 from llmarch.convert.plan import tensor_bytes
-from llmarch.convert.writer import temp_path
+from llmarch.convert.writer import temp_path, to_f32
 from llmarch.convert.layout import EXPERT_KINDS, GENERATED, Family, family_for_gguf_arch, gguf_kind_of, hf_name_for
 from llmarch.errors import LlmarchError
 
@@ -36,7 +36,7 @@ def dequantize(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
     if qtype == Q.F32:
         return raw.view(np.float32).reshape(shape)
     if qtype == Q.BF16:
-        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        return to_f32(raw.view(np.uint16), "BF16").reshape(shape)
     return gguf.quants.dequantize(raw.view(np.uint8), qtype).reshape(shape)
 
 
