@@ -26,11 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmarch.errors import LlmarchError
-from llmarch.runtime.ops.moe import MoE, ResidentExperts, group_by_expert
+from llmarch.runtime.ops.moe import MoE, ResidentExperts, expert_ffn, group_by_expert
 
 G = 64  # quantization group along the input dim (moe_cpu.c's G)
 
@@ -224,10 +223,10 @@ class OffloadedExperts(nn.Module):
             r = rows.to(x.device)
             ws = w_h[rows, slot].to(x.device)[:, None]
             gu, dn = self.hot[e]
-            xs = x[r] * ws.to(x.dtype) if weight_input else x[r]
-            h = F.linear(xs, gu, None if self.gu_b is None else self.gu_b[e].to(x.device, x.dtype))
-            y = F.linear(act(h), dn, None if self.dn_b is None else self.dn_b[e].to(x.device, x.dtype))
-            out.index_add_(0, r, y if weight_input else y * ws.to(y.dtype))
+            out.index_add_(0, r, expert_ffn(x[r], ws, gu, dn,
+                                            None if self.gu_b is None else self.gu_b[e].to(x.device, x.dtype),
+                                            None if self.dn_b is None else self.dn_b[e].to(x.device, x.dtype),
+                                            act, weight_input))
         return out
 
     def _cpu(self, x_h, idx_h, w_h, act, weight_input):
@@ -285,10 +284,10 @@ class OffloadedExperts(nn.Module):
         for e, c in zip(sel.tolist(), counts.tolist()):
             r, ws = tok[a:a + c], wts[a:a + c, None]
             a += c
-            xs = x_h[r] * ws.to(x_h.dtype) if weight_input else x_h[r]
-            h = F.linear(xs, self.gu[e], None if self.gu_b is None else self.gu_b[e].to(self.dtype))
-            y = F.linear(act(h), self.dn[e], None if self.dn_b is None else self.dn_b[e].to(self.dtype))
-            out.index_add_(0, r, y if weight_input else y * ws.to(y.dtype))
+            out.index_add_(0, r, expert_ffn(x_h[r], ws, self.gu[e], self.dn[e],
+                                            None if self.gu_b is None else self.gu_b[e].to(self.dtype),
+                                            None if self.dn_b is None else self.dn_b[e].to(self.dtype),
+                                            act, weight_input))
         return out
 
 
@@ -308,12 +307,10 @@ class QuantGPUExperts(ResidentExperts):
         gq, gs, dq, ds = self.q
         for e, a, b in segs:
             r = rows[a:b]
-            xs = x[r] * ws[a:b, None].to(x.dtype) if weight_input else x[r]
-            h = F.linear(xs, dequantize(gq[e], gs[e], self.bits).to(x.dtype),
-                         None if self.gate_up_bias is None else self.gate_up_bias[e])
-            y = F.linear(act(h), dequantize(dq[e], ds[e], self.bits).to(x.dtype),
-                         None if self.down_bias is None else self.down_bias[e])
-            out.index_add_(0, r, y if weight_input else y * ws[a:b, None].to(y.dtype))
+            out.index_add_(0, r, expert_ffn(x[r], ws[a:b, None], dequantize(gq[e], gs[e], self.bits).to(x.dtype),
+                                            dequantize(dq[e], ds[e], self.bits).to(x.dtype),
+                                            None if self.gate_up_bias is None else self.gate_up_bias[e],
+                                            None if self.down_bias is None else self.down_bias[e], act, weight_input))
         return out
 
 

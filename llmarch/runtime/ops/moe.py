@@ -106,6 +106,15 @@ def group_by_expert(idx: torch.Tensor, w: torch.Tensor):
     return order // idx.shape[1], w.flatten()[order], segs
 
 
+def expert_ffn(xs, ws, gate_up, down, gate_up_bias, down_bias, act, weight_input: bool) -> torch.Tensor:
+    """One expert over the rows routed to it; ws [n, 1] weights its input (Llama 4) or its output.
+    Every expert store (resident, quantized GPU, offloaded CPU/GPU-hot) computes through this."""
+    if weight_input:
+        xs = xs * ws.to(xs.dtype)
+    y = F.linear(act(F.linear(xs, gate_up, gate_up_bias)), down, down_bias)
+    return y if weight_input else y * ws.to(y.dtype)
+
+
 class ResidentExperts(nn.Module):
     """Stacked float experts on one device; grouped compute (one matmul pair per used expert)."""
 
@@ -121,14 +130,9 @@ class ResidentExperts(nn.Module):
         rows, ws, segs = group_by_expert(idx, w)
         for e, a, b in segs:
             r = rows[a:b]
-            xs = x[r]
-            if weight_input:
-                xs = xs * ws[a:b, None].to(x.dtype)
-            h = F.linear(xs, self.gate_up[e], None if self.gate_up_bias is None else self.gate_up_bias[e])
-            y = F.linear(act(h), self.down[e], None if self.down_bias is None else self.down_bias[e])
-            if not weight_input:
-                y = y * ws[a:b, None].to(y.dtype)
-            out.index_add_(0, r, y)
+            out.index_add_(0, r, expert_ffn(x[r], ws[a:b, None], self.gate_up[e], self.down[e],
+                                            None if self.gate_up_bias is None else self.gate_up_bias[e],
+                                            None if self.down_bias is None else self.down_bias[e], act, weight_input))
         return out
 
 
