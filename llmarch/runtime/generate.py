@@ -56,8 +56,8 @@ def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> to
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if s.top_p is not None and 0 < s.top_p < 1:
         sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cum - torch.softmax(sorted_logits, dim=-1) > s.top_p  # keep the smallest set reaching top_p
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs > s.top_p  # keep the smallest set reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
