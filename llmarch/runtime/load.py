@@ -8,6 +8,7 @@ import torch
 
 from llmarch.checkpoint import open_checkpoint
 from llmarch.errors import LlmarchError
+from llmarch.runtime.weights import ST_DTYPES
 from llmarch.spec import ArchSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -50,7 +51,7 @@ def pick_dtype(dtype: str | None, ckpt, device: torch.device, notes: list[str]) 
     if ckpt.format == "gguf" or stored is None:
         chosen = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
-        chosen = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[stored]
+        chosen = ST_DTYPES[stored]
     if device.type == "cpu" and chosen != torch.float32 and not _has_fast_bf16_cpu():
         notes.append(f"dtype float32 (this CPU has no native bf16/fp16 matmul; {chosen} would be slower)")
         chosen = torch.float32
