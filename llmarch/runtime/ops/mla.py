@@ -12,15 +12,13 @@ half is the same rotation. Softmax scale carries YaRN's mscale(factor, mscale_al
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llmarch.errors import LlmarchError
 from llmarch.runtime.ops.norms import RMSNorm
-from llmarch.runtime.ops.rope import Rope
+from llmarch.runtime.ops.rope import Rope, mscale
 from llmarch.spec import ArchSpec, LayerSpec
 
 
@@ -36,10 +34,6 @@ class LatentCache:
         self.v.index_copy_(1, pos, k_rot.to(self.v.dtype))
         n = int(pos[-1]) + 1  # slots are positions: attend over the filled prefix
         return self.k[:, :n], self.v[:, :n]
-
-
-def _mscale(scale: float, m: float) -> float:
-    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
 
 class MLAttention(nn.Module):
@@ -68,7 +62,7 @@ class MLAttention(nn.Module):
         self.scale = (self.nope + self.rdim) ** -0.5
         kind = scaling.get("rope_type") or scaling.get("type")
         if kind and kind != "default" and scaling.get("mscale_all_dim"):
-            self.scale *= _mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
+            self.scale *= mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
         self.interleave = spec.config.get("rope_interleave", True)
 
     def _rot(self, x, pos):

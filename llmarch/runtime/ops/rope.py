@@ -30,15 +30,16 @@ def _llama3(inv: torch.Tensor, p: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, out)
 
 
+def mscale(scale: float, m: float = 1.0) -> float:
+    """YaRN's attention magnitude factor (also DeepSeek MLA's softmax scale, squared)."""
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+
 def _yarn(dim: int, theta: float, p: dict, context: int | None) -> tuple[torch.Tensor, float]:
     factor = p.get("factor")
     orig = p["original_max_position_embeddings"]
     if factor is None:
         factor = context / orig
-
-    def mscale(scale, m=1.0):
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
     attn = p.get("attention_factor")
     if attn is None:
         m, m_all = p.get("mscale"), p.get("mscale_all_dim")
