@@ -72,6 +72,7 @@ class Attention(nn.Module):
         self.softcap = a.softcap
         self.rope = rope
         self.index = layer.index
+        self.gate = None  # AfMoE (ops/afmoe.py): out * sigmoid(gate(x)) before o
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
         B, T, _ = x.shape
@@ -90,4 +91,7 @@ class Attention(nn.Module):
         keys, values = lc.update(k, v)
         out = attend(q, keys.to(q.dtype), values.to(q.dtype), lc.group.mask, self.scale, self.softcap, self.sinks,
                      lc.group)
-        return self.o(out.transpose(1, 2).reshape(B, T, self.heads * self.v_dim))
+        out = out.transpose(1, 2).reshape(B, T, self.heads * self.v_dim)
+        if self.gate is not None:
+            out = out * torch.sigmoid(self.gate(x))
+        return self.o(out)
