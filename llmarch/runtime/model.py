@@ -121,6 +121,15 @@ class Transformer(nn.Module):
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, cache, limit: int | None = None,
                 last_only: bool = True) -> torch.Tensor:
         cache.prepare(pos, limit)
+        x = self.embed_ids(ids, pos)
+        for block in self.layers:
+            x = block(x, pos, cache)
+        if last_only:
+            x = x[:, -1:]
+        return self.head(x)
+
+    def embed_ids(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Token (and learned position) embeddings: the input of the first block."""
         if self.tied_quant is not None:
             x = self.tied_quant.row(ids, self.act_dtype)
         else:
@@ -129,10 +138,10 @@ class Transformer(nn.Module):
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
         if self.pos_embed is not None:
             x = x + self.pos_embed(pos)
-        for block in self.layers:
-            x = block(x, pos, cache)
-        if last_only:
-            x = x[:, -1:]
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm, output projection (tied, quantized or own), soft-capping."""
         x = self.final_norm(x)
         if self.tied_quant is not None:
             logits = self.tied_quant(x)

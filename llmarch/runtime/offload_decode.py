@@ -54,18 +54,13 @@ class SegmentedDecoder:
         def seg():
             if i == 0:
                 cache.prepare(self.pos, None)
-                x = m.embed(self.ids)
-                if m.embed_scale is not None:
-                    x = x * torch.tensor(m.embed_scale, dtype=x.dtype)
+                x = m.embed_ids(self.ids, self.pos)
             else:
                 x = self.h + self.y
             for b in blocks[lo:hi]:
                 x = b(x, self.pos, cache)
             if last:
-                logits = m.lm_head(m.final_norm(x)) if m.lm_head is not None else torch.nn.functional.linear(
-                    m.final_norm(x), m.embed.weight)
-                if m.final_softcap:
-                    logits = torch.tanh(logits / m.final_softcap) * m.final_softcap
+                logits = m.head(x)
                 if self.logits is None:
                     self.logits = torch.zeros_like(logits[:, -1])
                 self.logits.copy_(logits[:, -1])
