@@ -27,6 +27,7 @@ from llmarch.convert.plan import tensor_bytes
 from llmarch.convert.writer import temp_path, to_f32
 from llmarch.convert.layout import EXPERT_KINDS, GENERATED, Family, family_for_gguf_arch, gguf_kind_of, hf_name_for
 from llmarch.errors import LlmarchError
+from llmarch.qk_permute import from_gguf_order
 
 CHUNK_ELEMS = 1 << 22  # elements per row block: memory stays bounded by a few blocks per thread
 OUT_DTYPES = {"f32": ("F32", np.float32, 4), "f16": ("F16", np.float16, 2), "bf16": ("BF16", np.uint16, 2)}
@@ -232,8 +233,7 @@ def _write_safetensors(path: Path, ckpt, fam: Family, items, spec, dtype: str, t
         if fam.norm_shift and names[0][0].endswith("norm.weight"):
             x = x - np.float32(fam.norm_shift)
         if fam.permute_qk and kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
-            n = heads if kind == gguf.MODEL_TENSOR.ATTN_Q else kv_heads
-            x = x.reshape(n, x.shape[0] // n // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+            x = from_gguf_order(x, heads if kind == gguf.MODEL_TENSOR.ATTN_Q else kv_heads)
         for hf, xid in names:
             part = x[xid] if xid is not None else x
             if fam.transposed(hf):

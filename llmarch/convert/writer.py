@@ -23,6 +23,7 @@ from gguf import GGUFValueType
 
 from llmarch.convert.plan import Piece, Plan, PlannedTensor, tensor_bytes
 from llmarch.errors import LlmarchError
+from llmarch.qk_permute import to_gguf_order
 
 CHUNK_ELEMS = 1 << 22  # elements per row block (16 MiB as f32)
 NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
@@ -159,9 +160,8 @@ def _run(task, t: PlannedTensor, src: _Sources, out_fd: int) -> None:
             a = np.ascontiguousarray(p.view(a))
         if p.transpose:
             a = np.ascontiguousarray(a.T)
-        if p.permute_heads:  # llama.cpp's permute(): interleave the two rotary halves of each head
-            n = p.permute_heads
-            a = a.reshape(n, 2, a.shape[0] // n // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+        if p.permute_heads:
+            a = to_gguf_order(a, p.permute_heads)
         data = encode(a, p.src.dtype, t.type, p.shift)
     mv = memoryview(np.ascontiguousarray(data)).cast("B")
     done = 0

@@ -20,6 +20,7 @@ from llmarch import recipe_book
 from llmarch.checkpoint.base import Checkpoint, TensorInfo
 from llmarch.errors import LlmarchError
 from llmarch.spec import ArchSpec
+from llmarch.qk_permute import from_gguf_order
 
 # canonical leaf -> HF suffix within a decoder layer (Llama layout; most families)
 HF_LAYER = {
@@ -205,9 +206,7 @@ class GGUFSource(WeightSource):
         layer, stem, kind = split_name(name)
         a = self.spec.attention
         if self.recipe.get("gguf_permute_qk") and stem in ("attn.q", "attn.k"):
-            # undo convert_hf_to_gguf's permute(): rows (head, 2, half) were written as (head, half, 2)
-            heads = a.heads if stem == "attn.q" else a.kv_heads
-            x = x.reshape(heads, x.shape[0] // heads // 2, 2, *x.shape[1:]).transpose(1, 2).reshape(x.shape)
+            x = from_gguf_order(x, a.heads if stem == "attn.q" else a.kv_heads)
         if self.spec.norm.unit_offset and stem.endswith("norm") and kind == "weight":
             x = x - 1.0  # llama.cpp's Gemma converter stored (1 + w); the runtime adds the 1 itself
         return x
