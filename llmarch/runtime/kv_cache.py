@@ -67,13 +67,14 @@ class LayerCache:
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's k/v [B, H, T, D]; return the keys/values the step attends over."""
         g = self.group
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # no-op when the model runs in the cache dtype
         if g.concat:
             keys, values = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
             self.k.index_copy_(2, g.write_slots, k[:, :, g.write_from:])
             self.v.index_copy_(2, g.write_slots, v[:, :, g.write_from:])
             return keys, values
-        self.k.index_copy_(2, g.write_slots, k.to(self.k.dtype))
-        self.v.index_copy_(2, g.write_slots, v.to(self.v.dtype))
+        self.k.index_copy_(2, g.write_slots, k)
+        self.v.index_copy_(2, g.write_slots, v)
         if g.limit is not None:
             return self.k[:, :, : g.limit], self.v[:, :, : g.limit]
         return self.k, self.v
