@@ -54,6 +54,15 @@ def quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     return packed.reshape(*lead, N, K // 2), torch.stack([s, m], dim=-1).reshape(*lead, N, 2 * (K // G))
 
 
+def fake_quant_activations(x: torch.Tensor) -> torch.Tensor:
+    """What moe_cpu.c does to its inputs (x, and the activation before the down projection): round to
+    int8 per group of 64 with scale max|x|/127, then back to float. For tests and error estimates."""
+    g = x.float().reshape(*x.shape[:-1], -1, G)
+    d = g.abs().amax(-1, keepdim=True) / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    return (torch.round(g * inv) * d).reshape(x.shape)
+
+
 def dequantize(q: torch.Tensor, s: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of quantize() (float32), for GPU-hot experts and for tests."""
     *lead, N, _ = q.shape
@@ -254,7 +263,7 @@ class OffloadedExperts(nn.Module):
         start = np.zeros(len(sel) + 1, dtype=np.int32)
         np.cumsum(counts, out=start[1:])
         n, d, I = len(tok), self.d, self.inter
-        XR, XS, H, A, AS, Y = self._scratch(n)
+        XQ, XS, H, AQ, AS, Y = self._scratch(n)
         out = np.zeros((T, d), dtype=np.float32)
         x_np = np.ascontiguousarray(x_h.numpy(), dtype=np.float32)
         a = lambda arr: ctypes.c_void_p(arr.ctypes.data)  # noqa: E731
@@ -262,18 +271,18 @@ class OffloadedExperts(nn.Module):
             ctypes.c_int(self.bits), ctypes.c_int(len(sel)), a(sel), a(start), a(np.ascontiguousarray(tok)), a(wts),
             a(x_np), a(out), ctypes.c_int(d), ctypes.c_int(I),
             _p(self.gu), _p(self.gu_s), _p(self.dn), _p(self.dn_s), _p(self.gu_b), _p(self.dn_b),
-            a(XR), a(XS), a(H), a(A), a(AS), a(Y),
+            a(XQ), a(XS), a(H), a(AQ), a(AS), a(Y),
             ctypes.c_int(1 if act.clamped else 0), ctypes.c_float(act.alpha), ctypes.c_float(act.limit),
-            ctypes.c_int(1 if weight_input else 0), ctypes.c_int(T))
+            ctypes.c_int(1 if weight_input else 0))
         return torch.from_numpy(out)
 
     def _scratch(self, rows: int):
         """Kernel work buffers, kept between calls (allocation would cost more than a decode step's math)."""
         have = getattr(self, "_buf", None)
         if have is None or have[0].shape[0] < rows:
-            d, I = self.d, self.inter
-            n = max(rows, 16)
-            have = tuple(np.empty((n, c), dtype=np.float32) for c in (d, d // G, 2 * I, I, max(I // G, 1), d))
+            d, I, n = self.d, self.inter, max(rows, 16)
+            have = (np.empty((n, d), np.int8), np.empty((n, 2 * (d // G)), np.float32), np.empty((n, 2 * I), np.float32),
+                    np.empty((n, I), np.int8), np.empty((n, 2 * max(I // G, 1)), np.float32), np.empty((n, d), np.float32))
             self._buf = have
         return have
 
