@@ -101,7 +101,7 @@ def test_report_counts_selected_expert_bytes(ckpt):
     assert r["bound_tok_s"] == pytest.approx(10e9 / (16 * one), rel=1e-3)
 
 
-@pytest.mark.parametrize("bits", [16, 4])
+@pytest.mark.parametrize("bits", [16, 8, 4])
 def test_segmented_decoder_same_tokens(ckpt, reference, bits):
     """The decode step split at the host round trips (CUDA graphs on a GPU; eager here) changes nothing."""
     from llmarch.runtime.generate import Generator, Sampling
@@ -151,3 +151,26 @@ def test_cpu_kernel_equals_torch_dequant(bits, family):
             got = st(x[rows], idx[rows], w[rows], act, wi)
             want = ref(fq(x[rows]), idx[rows], w[rows], lambda h: fq(act(h)), wi)
             assert (got - want).abs().max().item() < 1e-4 * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("host_nodes", ["1", "0"])
+def test_graph_decoder_on_gpu_same_tokens(ckpt, monkeypatch, host_nodes):
+    """On a GPU the decode step is one CUDA graph with the CPU kernel as host nodes (or one graph per
+    segment, Python calling the kernel between them): same greedy tokens as the eager layer-by-layer path."""
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    from llmarch.runtime.generate import Generator, Sampling
+    from llmarch.runtime.load import load_runtime
+    from llmarch.runtime.offload_decode import attach_decoder
+
+    monkeypatch.setenv("LLMARCH_HOST_NODES", host_nodes)
+    ids = torch.randint(3, 128, (PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()
+    plain = load_runtime(str(ckpt), "cuda", "float32", experts="cpu", expert_bits=4)
+    want = Generator(plain, PROMPT + STEPS + 1, cuda_graph=False).generate(ids, STEPS, Sampling()).tokens
+    rt = load_runtime(str(ckpt), "cuda", "float32", experts="cpu", expert_bits=4)
+    gen = Generator(rt, PROMPT + STEPS + 1)
+    assert attach_decoder(gen)
+    dec = gen._step_eager.__self__
+    assert dec.graphs and dec.host_nodes == (host_nodes == "1")
+    assert gen.generate(ids, STEPS, Sampling()).tokens == want

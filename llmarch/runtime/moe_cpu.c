@@ -16,7 +16,9 @@
  * Built by offload.py with the system C compiler (gcc -O3 -march=native -fopenmp) and loaded with
  * ctypes: no torch headers, so it builds in about a second wherever it runs.
  */
+#define _GNU_SOURCE
 #include <math.h>
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -75,9 +77,23 @@ static inline float hsum(__m256 v) {
 #define DPBUSD(acc, u, s) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
 #endif
 
+/* Each thread walks consecutive rows of one expert, so the bytes PF past the current ones are its
+ * next rows: prefetched explicitly, since one core's own misses (without the hardware streamer's
+ * help, as on the VMs measured) cap it near 6 GB/s. */
+#ifndef PF
+#define PF 1024
+#endif
+#if PF
+#define PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 3)
+#else
+#define PREFETCH(p) ((void)(p))
+#endif
+
 /* one int4 row (K/64 groups of 32 bytes: byte j = element j low nibble, j + 32 high) . T int8 rows */
 static void dot4(const uint8_t *q, const uint16_t *sm, const int8_t *xq, const float *xs, int K, int T, float *res) {
     int ng = K / G;
+    PREFETCH(sm + 8 * ng);  /* scales of the row 2 ahead (4 fp16 per group) */
+    PREFETCH(sm + 8 * ng + 32);
     for (int t = 0; t < T; t++) {
         const int8_t *xt = xq + (long)t * K;
         const float *st = xs + (long)t * 2 * ng;
@@ -86,6 +102,7 @@ static void dot4(const uint8_t *q, const uint16_t *sm, const int8_t *xq, const f
         __m256 acc = _mm256_setzero_ps();
         const __m256i mask = _mm256_set1_epi8(15);
         for (int g = 0; g < ng; g++) {
+            if (t == 0 && !(g & 1)) PREFETCH(q + g * 32 + PF);
             __m256i b = _mm256_loadu_si256((const __m256i *)(q + g * 32));
             __m256i lo = _mm256_and_si256(b, mask), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
             __m256i s = DPBUSD(_mm256_setzero_si256(), lo, _mm256_loadu_si256((const __m256i *)(xt + g * G)));
@@ -112,6 +129,7 @@ static void dot4(const uint8_t *q, const uint16_t *sm, const int8_t *xq, const f
 /* one int8 row (K/64 groups, fp16 scale each) . T int8 rows */
 static void dot8(const int8_t *q, const uint16_t *sc, const int8_t *xq, const float *xs, int K, int T, float *res) {
     int ng = K / G;
+    PREFETCH(sc + 2 * ng);
     for (int t = 0; t < T; t++) {
         const int8_t *xt = xq + (long)t * K;
         const float *st = xs + (long)t * 2 * ng;
@@ -119,6 +137,7 @@ static void dot8(const int8_t *q, const uint16_t *sc, const int8_t *xq, const fl
         __m256 acc = _mm256_setzero_ps();
         for (int g = 0; g < ng; g++) {
             __m256i s = _mm256_setzero_si256();
+            if (t == 0) PREFETCH(q + g * G + PF);
             for (int h = 0; h < G; h += 32) {  /* |w| (unsigned) . x * sign(w) */
                 __m256i w = _mm256_loadu_si256((const __m256i *)(q + g * G + h));
                 __m256i x = _mm256_loadu_si256((const __m256i *)(xt + g * G + h));
@@ -217,4 +236,63 @@ void moe_experts(int bits, int n_sel, const int64_t *sel, const int32_t *start, 
         for (int n = 0; n < d; n++)
             for (int r = 0; r < rows; r++) OUT[(long)tok[r] * d + n] += Y[(long)r * d + n];
     }
+}
+
+/* One decode token (T = 1) of one layer, everything read from a context: the same struct serves a
+ * ctypes call and a CUDA host node (offload_decode.py), so no Python runs between the GPU segments.
+ * pack = [k expert ids as float, k weights, x (d floats)], as the GPU segment writes it. */
+typedef struct {
+    int bits, k, d, I, act, weight_input;
+    float alpha, limit;
+    const float *pack;
+    float *out;
+    const void *gu_q, *dn_q;
+    const uint16_t *gu_s, *dn_s;
+    const float *gu_b, *dn_b;
+    int8_t *XQ, *AQ;
+    float *XS, *H, *AS, *Y;
+} moe_decode_ctx;
+
+/* A CUDA host node runs on a driver thread whose CPU mask may be narrower than the process's; the
+ * OpenMP pool it starts would inherit it. So the caller gets the mask of the thread that loaded us. */
+int moe_caller_cpus = -1;  /* CPUs the last new moe_decode caller thread had (for diagnostics) */
+#ifdef __linux__
+static cpu_set_t loader_cpus;
+static int have_loader_cpus;
+__attribute__((constructor)) static void remember_cpus(void) {
+    have_loader_cpus = sched_getaffinity(0, sizeof loader_cpus, &loader_cpus) == 0;
+}
+
+static void widen_caller(void) {
+    static __thread int done;
+    if (done || !have_loader_cpus) return;
+    done = 1;
+    cpu_set_t mine;
+    if (sched_getaffinity(0, sizeof mine, &mine) != 0) return;
+    moe_caller_cpus = CPU_COUNT(&mine);
+    if (!CPU_EQUAL(&mine, &loader_cpus)) sched_setaffinity(0, sizeof loader_cpus, &loader_cpus);
+}
+#else
+static void widen_caller(void) {}
+#endif
+
+void moe_decode(void *arg) {
+    const moe_decode_ctx *c = (const moe_decode_ctx *)arg;
+    widen_caller();
+    int64_t sel[256];
+    int32_t start[257], tok[256];
+    float w[256];
+    int k = c->k < 256 ? c->k : 256;
+    for (int i = 0; i < k; i++) {  /* insertion sort by expert id: rows of one expert stay together */
+        int64_t e = (int64_t)c->pack[i];
+        float wi = c->pack[k + i];
+        int j = i;
+        for (; j > 0 && sel[j - 1] > e; j--) { sel[j] = sel[j - 1]; w[j] = w[j - 1]; }
+        sel[j] = e; w[j] = wi;
+    }
+    for (int i = 0; i <= k; i++) start[i] = i;
+    for (int i = 0; i < k; i++) tok[i] = 0;
+    memset(c->out, 0, sizeof(float) * c->d);
+    moe_experts(c->bits, k, sel, start, tok, w, c->pack + 2 * k, c->out, c->d, c->I, c->gu_q, c->gu_s, c->dn_q, c->dn_s,
+                c->gu_b, c->dn_b, c->XQ, c->XS, c->H, c->AQ, c->AS, c->Y, c->act, c->alpha, c->limit, c->weight_input);
 }

@@ -107,6 +107,12 @@ def cpu_kernel():
     return lib
 
 
+def kernel_scratch(d: int, I: int, rows: int) -> tuple:
+    """moe_experts' work buffers for `rows` (expert, token) pairs: XQ, XS, H, AQ, AS, Y."""
+    return (np.empty((rows, d), np.int8), np.empty((rows, 2 * (d // G)), np.float32), np.empty((rows, 2 * I), np.float32),
+            np.empty((rows, I), np.int8), np.empty((rows, 2 * max(I // G, 1)), np.float32), np.empty((rows, d), np.float32))
+
+
 def _p(t: torch.Tensor | None):
     return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
 
@@ -280,10 +286,7 @@ class OffloadedExperts(nn.Module):
         """Kernel work buffers, kept between calls (allocation would cost more than a decode step's math)."""
         have = getattr(self, "_buf", None)
         if have is None or have[0].shape[0] < rows:
-            d, I, n = self.d, self.inter, max(rows, 16)
-            have = (np.empty((n, d), np.int8), np.empty((n, 2 * (d // G)), np.float32), np.empty((n, 2 * I), np.float32),
-                    np.empty((n, I), np.int8), np.empty((n, 2 * max(I // G, 1)), np.float32), np.empty((n, d), np.float32))
-            self._buf = have
+            have = self._buf = kernel_scratch(self.d, self.inter, max(rows, 16))
         return have
 
     def _cpu_float(self, x_h, tok, sel, counts, wts, act, weight_input):

@@ -1,11 +1,14 @@
-"""One decode step for a model whose routed experts run on the host, with the GPU work between
-two host round trips replayed as one CUDA graph.
+"""One decode step for a model whose routed experts run on the host, as one CUDA graph.
 
 Per MoE layer the step must leave the GPU once (the router's choice and the activations go to the
 CPU kernel, the experts' sum comes back). Everything in between (the experts' sum added to the
 residual, then the next layer's norm, attention, norm, router and shared expert) is fixed-shape
-GPU work; eagerly it is ~60 launches per layer from Python, about as long as the CPU's share. So
-each such segment is captured once and replayed: one launch per layer.
+GPU work: a segment. With int8/int4 experts the whole step is captured once: per layer the
+segment's kernels, a copy of [ids, weights, x] into pinned host memory, a host node that runs
+moe_cpu.c's moe_decode on it, and the copy of its sum back. No Python runs between layers (each
+round trip from Python cost ~0.2 ms, as long as the layer's attention). Without the driver's
+cuLaunchHostFunc, each segment is its own graph and Python calls moe_decode between them; 16-bit
+experts go through the torch path the same way.
 
 Pre-norm blocks only (the experts' sum must be the last thing added to the residual); other
 placements, or a CPU device, run the same segments eagerly.
@@ -13,10 +16,33 @@ placements, or a CPU device, run the same segments eagerly.
 
 from __future__ import annotations
 
+import ctypes
+import os
+
 import torch
 
-from llmarch.runtime.offload import OffloadedExperts
+from llmarch.runtime.offload import OffloadedExperts, cpu_kernel, kernel_scratch
 from llmarch.runtime.ops.moe import MoE
+
+
+class DecodeCtx(ctypes.Structure):  # moe_cpu.c's moe_decode_ctx
+    _fields_ = [(n, ctypes.c_int) for n in ("bits", "k", "d", "I", "act", "weight_input")] + \
+               [("alpha", ctypes.c_float), ("limit", ctypes.c_float)] + \
+               [(n, ctypes.c_void_p) for n in ("pack", "out", "gu_q", "dn_q", "gu_s", "dn_s", "gu_b", "dn_b",
+                                               "XQ", "AQ", "XS", "H", "AS", "Y")]
+
+
+def _host_func_launcher():
+    """The driver's cuLaunchHostFunc (captured into a graph as a host node), or None."""
+    if os.environ.get("LLMARCH_HOST_NODES", "1") == "0":
+        return None
+    try:
+        cu = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    f = cu.cuLaunchHostFunc
+    f.argtypes, f.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int
+    return f
 
 
 class SegmentedDecoder:
@@ -38,12 +64,38 @@ class SegmentedDecoder:
         k = model.spec.moe.experts_per_token if model.spec.moe else 0
         z = lambda *s, dtype=dt: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
         self.ids, self.pos = z(1, 1, dtype=torch.long), z(1, dtype=torch.long)
-        self.h, self.y = z(1, 1, d), z(1, 1, d)
+        self.h, self.y = z(1, 1, d), z(1, 1, d, dtype=torch.float32)
         self.pack = z(1, 2 * k + d, dtype=torch.float32)
         self.logits = None
         self.k = k
         self.segs = [self._make(i) for i in range(len(self.cuts) + 1)]
         self.captured: list = []
+        self.stores = [blocks[i].mlp.experts for i in self.cuts]
+        self.native = self.ok and all(st.bits in (4, 8) for st in self.stores) and 0 < k <= 256
+        if self.native:
+            self._native_contexts(device)
+        self.host_nodes = self.native and self.graphs and _host_func_launcher() is not None
+
+    def _native_contexts(self, device) -> None:
+        """One moe_decode context per offloaded layer; pack/out in pinned host memory on a GPU."""
+        if device.type == "cuda":
+            self.pack_h, self.out_h = self.pack.new_zeros(self.pack.numel(), device="cpu").pin_memory(), \
+                torch.zeros(self.y.numel(), pin_memory=True)
+        else:  # the kernel reads and writes the segment's own buffers
+            self.pack_h, self.out_h = self.pack.view(-1), self.y.view(-1)
+        self.lib = cpu_kernel()
+        self.ctxs, self.scratch = [], []
+        for i, st in zip(self.cuts, self.stores):
+            moe = self.model.layers[i].mlp
+            scratch = kernel_scratch(st.d, st.inter, self.k)  # its own: the store's grows (moves) in prefill
+            self.scratch.append(scratch)
+            p = lambda t: t.ctypes.data if hasattr(t, "ctypes") else (t.data_ptr() if t is not None else None)  # noqa: E731
+            self.ctxs.append(DecodeCtx(st.bits, self.k, st.d, st.inter, 1 if moe.act.clamped else 0,
+                                       1 if moe.weight_input else 0, moe.act.alpha, moe.act.limit,
+                                       p(self.pack_h), p(self.out_h), p(st.gu), p(st.dn), p(st.gu_s), p(st.dn_s),
+                                       p(st.gu_b), p(st.dn_b), *(p(scratch[j]) for j in (0, 3, 1, 2, 4, 5))))
+        self.ctx_ptrs = [ctypes.cast(ctypes.pointer(c), ctypes.c_void_p) for c in self.ctxs]
+        self.bytes_per_step = [self.k * st.expert_bytes() for st in self.stores]
 
     def _make(self, i: int):
         m, blocks, cache = self.model, self.model.layers, self.cache
@@ -56,7 +108,7 @@ class SegmentedDecoder:
                 cache.prepare(self.pos, None)
                 x = m.embed_ids(self.ids, self.pos)
             else:
-                x = self.h + self.y
+                x = self.h + self.y.to(self.h.dtype)
             for b in blocks[lo:hi]:
                 x = b(x, self.pos, cache)
             if last:
@@ -80,11 +132,28 @@ class SegmentedDecoder:
         return seg
 
     def _host(self, i: int) -> None:
-        moe = self.model.layers[self.cuts[i]].mlp
-        p = self.pack.cpu()  # waits for the segment: the one sync per layer
-        k = self.k
-        y = moe.experts._cpu(p[:, 2 * k:].contiguous(), p[:, :k].long(), p[:, k:2 * k], moe.act, moe.weight_input)
-        self.y.copy_(y.view_as(self.y).to(self.y.dtype))
+        """Layer i's routed experts, called from Python: the one sync per layer."""
+        if not self.native:
+            moe, k = self.model.layers[self.cuts[i]].mlp, self.k
+            p = self.pack.cpu()
+            y = moe.experts._cpu(p[:, 2 * k:].contiguous(), p[:, :k].long(), p[:, k:2 * k], moe.act, moe.weight_input)
+            self.y.copy_(y.view_as(self.y))
+            return
+        if self.device.type == "cuda":
+            self.pack_h.copy_(self.pack.view(-1), non_blocking=True)
+            torch.cuda.current_stream().synchronize()
+        self.lib.moe_decode(self.ctx_ptrs[i])
+        if self.device.type == "cuda":
+            self.y.view(-1).copy_(self.out_h, non_blocking=True)
+
+    def _queue_host(self, i: int, launch) -> None:
+        """Layer i's routed experts queued on the stream (captured as copy, host node, copy)."""
+        self.pack_h.copy_(self.pack.view(-1), non_blocking=True)
+        stream = torch.cuda.current_stream().cuda_stream
+        fn = ctypes.cast(self.lib.moe_decode, ctypes.c_void_p)
+        if launch(ctypes.c_void_p(stream), fn, self.ctx_ptrs[i]) != 0:
+            raise RuntimeError("cuLaunchHostFunc failed")
+        self.y.view(-1).copy_(self.out_h, non_blocking=True)
 
     def _capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
@@ -92,9 +161,21 @@ class SegmentedDecoder:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                for seg in self.segs:  # warm-up: K/V written at slot pos only, rewritten by the real step
+                for i, seg in enumerate(self.segs):  # warm-up: K/V written at slot pos only, rewritten by the real step
                     seg()
+                    if i < len(self.cuts):
+                        self._host(i)
         torch.cuda.current_stream().wait_stream(side)
+        if self.host_nodes:  # the whole step, host nodes included, as one graph
+            launch = _host_func_launcher()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                for i, seg in enumerate(self.segs):
+                    seg()
+                    if i < len(self.cuts):
+                        self._queue_host(i, launch)
+            self.captured = [g]
+            return
         for seg in self.segs:
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
@@ -107,6 +188,12 @@ class SegmentedDecoder:
         self.pos.fill_(pos)
         if self.graphs and not self.captured:
             self._capture()
+        if self.native:  # what moe_decode reads: k experts per layer (the Python path counts its own)
+            for st, n in zip(self.stores, self.bytes_per_step):
+                st.bytes_read += n
+        if self.host_nodes:
+            self.captured[0].replay()
+            return self.logits
         run = [g.replay for g in self.captured] if self.graphs else self.segs
         for i, seg in enumerate(run):
             seg()
