@@ -5,7 +5,6 @@
  *
  * Qwen3-30B-A3B shapes: 128 experts, d 2048, expert width 768, 8 per token; random weights.
  */
-#define _GNU_SOURCE
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>

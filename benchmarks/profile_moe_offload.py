@@ -59,20 +59,19 @@ def main():
 
     mode = torch.inference_mode()
     mode.__enter__()  # the captured tensors are inference tensors
-    seg_t = gpu_t = host_t = None
-    if not dec.host_nodes:  # segments and round trips are separate calls: time them apart
-        seg_t = [median([timed(run[i]) for _ in range(args.reps)]) for i in (1, n // 2, n)]
-        host_t = median([timed(lambda: dec._host(n // 2)) for _ in range(args.reps)])
-        if dec.graphs:  # GPU time alone: replays queued back to back
-            gpu_t = timed(lambda: [run[n // 2]() for _ in range(args.reps)]) / args.reps
+    gpu_t = None
+    seg_t = [median([timed(run[i]) for _ in range(args.reps)]) for i in (1, n // 2, n)]
+    host_t = median([timed(lambda: dec._host(n // 2)) for _ in range(args.reps)])
+    if dec.graphs:  # GPU time alone: replays queued back to back
+        gpu_t = timed(lambda: [run[n // 2]() for _ in range(args.reps)]) / args.reps
     tok = torch.tensor([[5]], device=device)
     step_t = median([timed(lambda: dec.step(tok, 20)) for _ in range(args.reps)])
     out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "cpus": os.cpu_count(),
-           "graphs": dec.graphs, "host_nodes": dec.host_nodes, "moe_layers": n,
-           "segment_ms": seg_t and [round(t * 1e3, 3) for t in seg_t], "segment_gpu_ms": gpu_t and round(gpu_t * 1e3, 3),
-           "host_roundtrip_ms": host_t and round(host_t * 1e3, 3), "step_ms": round(step_t * 1e3, 2),
+           "graphs": dec.graphs, "moe_layers": n,
+           "segment_ms": [round(t * 1e3, 3) for t in seg_t], "segment_gpu_ms": gpu_t and round(gpu_t * 1e3, 3),
+           "host_roundtrip_ms": round(host_t * 1e3, 3), "step_ms": round(step_t * 1e3, 2),
            "omp_threads": os.environ.get("OMP_NUM_THREADS"),
-           "host_node_thread_cpus": __import__("ctypes").c_int.in_dll(dec.lib, "moe_caller_cpus").value if dec.native else None, **kernel_only(rt, spec, reps=args.reps * 3)}
+           **kernel_only(rt, spec, reps=args.reps * 3)}
     print(json.dumps(out), flush=True)
 
 

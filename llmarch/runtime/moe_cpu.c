@@ -16,9 +16,7 @@
  * Built by offload.py with the system C compiler (gcc -O3 -march=native -fopenmp) and loaded with
  * ctypes: no torch headers, so it builds in about a second wherever it runs.
  */
-#define _GNU_SOURCE
 #include <math.h>
-#include <sched.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -44,7 +42,7 @@ static inline float h2f(uint16_t h) {
  * plain C. Per group g of a row: xq[64] int8, xs[2g] = scale, xs[2g + 1] = scale * sum(xq) (the
  * int4 min term). The kernel computes exactly dequant(W) . dequant(quant(x)); offload.py's
  * fake_quant_activations() is the same rounding in torch, for tests. */
-static void quant_row(const float *x, int K, int8_t *q, float *xs) {
+static void quant_row(const float *x, int K, int8_t *q, float *xs, int pair) {
     for (int g = 0; g < K / G; g++) {
         const float *xg = x + g * G;
         float amax = 0.f;
@@ -59,6 +57,14 @@ static void quant_row(const float *x, int K, int8_t *q, float *xs) {
         xs[2 * g] = d;
         xs[2 * g + 1] = d * (float)sum;
     }
+    /* pair: groups g, g+1 stored [g 0..31, g+1 0..31, g 32..63, g+1 32..63], as the 512-bit int4 path
+     * reads two groups at once (a trailing odd group stays as it is) */
+    for (int g = 0; pair && g + 2 <= K / G; g += 2) {
+        int8_t tmp[32];
+        memcpy(tmp, q + g * G + 32, 32);
+        memcpy(q + g * G + 32, q + g * G + 64, 32);
+        memcpy(q + g * G + 64, tmp, 32);
+    }
 }
 
 #ifdef __AVX2__
@@ -69,7 +75,13 @@ static inline float hsum(__m256 v) {
 }
 #endif
 
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define ZMM4 1  /* int4 rows two groups per instruction; inputs stored paired (quant_row) */
+#else
+#define ZMM4 0
+#endif
+#if !defined(__F16C__)  /* the vector paths convert fp16 scales 8 at a time */
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define DPBUSD(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
 #elif defined(__AVXVNNI__)
 #define DPBUSD(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
@@ -99,16 +111,45 @@ static void dot4(const uint8_t *q, const uint16_t *sm, const int8_t *xq, const f
         const float *st = xs + (long)t * 2 * ng;
         float accm = 0.f;
 #ifdef DPBUSD
+        /* per-group factors, 8 at a time: (scale, min) fp16 pairs x (x scale, x scale * sum(xq)) */
+        float prod[2 * 1024];
+        __m256 accm8 = _mm256_setzero_ps();
+        const __m256 odd = _mm256_castsi256_ps(_mm256_set_epi32(-1, 0, -1, 0, -1, 0, -1, 0));
+        int j = 0;
+        for (; j + 8 <= 2 * ng; j += 8) {
+            __m256 p = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sm + j))), _mm256_loadu_ps(st + j));
+            _mm256_storeu_ps(prod + j, p);
+            accm8 = _mm256_add_ps(accm8, _mm256_and_ps(p, odd));
+        }
+        for (; j < 2 * ng; j++) {
+            prod[j] = h2f(sm[j]) * st[j];
+            if (j & 1) accm += prod[j];
+        }
+        accm += hsum(accm8);
         __m256 acc = _mm256_setzero_ps();
+        int g = 0;
+#if ZMM4
+        __m512 accz = _mm512_setzero_ps();
+        const __m512i mask2 = _mm512_set1_epi8(15);
+        for (; g + 2 <= ng; g += 2) {  /* lanes 0-7: group g, 8-15: group g + 1 */
+            if (t == 0) PREFETCH(q + g * 32 + PF);
+            __m512i b = _mm512_loadu_si512((const void *)(q + g * 32));
+            __m512i lo = _mm512_and_si512(b, mask2), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), mask2);
+            __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)(xt + g * G)));
+            s = _mm512_dpbusd_epi32(s, hi, _mm512_loadu_si512((const void *)(xt + g * G + 64)));
+            __m512 f = _mm512_mask_broadcastss_ps(_mm512_set1_ps(prod[2 * g]), 0xFF00, _mm_load_ss(prod + 2 * g + 2));
+            accz = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), f, accz);
+        }
+        accm += _mm512_reduce_add_ps(accz);
+#endif
         const __m256i mask = _mm256_set1_epi8(15);
-        for (int g = 0; g < ng; g++) {
+        for (; g < ng; g++) {
             if (t == 0 && !(g & 1)) PREFETCH(q + g * 32 + PF);
             __m256i b = _mm256_loadu_si256((const __m256i *)(q + g * 32));
             __m256i lo = _mm256_and_si256(b, mask), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
             __m256i s = DPBUSD(_mm256_setzero_si256(), lo, _mm256_loadu_si256((const __m256i *)(xt + g * G)));
             s = DPBUSD(s, hi, _mm256_loadu_si256((const __m256i *)(xt + g * G + 32)));
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(h2f(sm[2 * g]) * st[2 * g]), acc);
-            accm += h2f(sm[2 * g + 1]) * st[2 * g + 1];
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_broadcast_ss(prod + 2 * g), acc);
         }
         res[t] = hsum(acc) + accm;
 #else
@@ -175,7 +216,7 @@ void moe_experts(int bits, int n_sel, const int64_t *sel, const int32_t *start, 
     {
         #pragma omp for schedule(static)
         for (int r = 0; r < rows; r++)  /* gather token rows so each expert's tokens are contiguous */
-            quant_row(X + (long)tok[r] * d, d, XQ + (long)r * d, XS + (long)r * 2 * (d / G));
+            quant_row(X + (long)tok[r] * d, d, XQ + (long)r * d, XS + (long)r * 2 * (d / G), bits == 4 && ZMM4);
         #pragma omp for collapse(2) schedule(static)
         for (int i = 0; i < n_sel; i++) {
             for (int n = 0; n < I2; n++) {
@@ -210,7 +251,7 @@ void moe_experts(int bits, int n_sel, const int64_t *sel, const int32_t *start, 
                     h[j] = g / (1.f + expf(-g)) * u;
                 }
             }
-            quant_row(h, I, AQ + (long)r * I, AS + (long)r * 2 * (I / G));
+            quant_row(h, I, AQ + (long)r * I, AS + (long)r * 2 * (I / G), bits == 4 && ZMM4);
         }
         #pragma omp for collapse(2) schedule(static)
         for (int i = 0; i < n_sel; i++) {
@@ -238,8 +279,8 @@ void moe_experts(int bits, int n_sel, const int64_t *sel, const int32_t *start, 
     }
 }
 
-/* One decode token (T = 1) of one layer, everything read from a context: the same struct serves a
- * ctypes call and a CUDA host node (offload_decode.py), so no Python runs between the GPU segments.
+/* One decode token (T = 1) of one layer, everything read from a context prepared once
+ * (offload_decode.py): the call from Python passes one pointer.
  * pack = [k expert ids as float, k weights, x (d floats)], as the GPU segment writes it. */
 typedef struct {
     int bits, k, d, I, act, weight_input;
@@ -253,32 +294,8 @@ typedef struct {
     float *XS, *H, *AS, *Y;
 } moe_decode_ctx;
 
-/* A CUDA host node runs on a driver thread whose CPU mask may be narrower than the process's; the
- * OpenMP pool it starts would inherit it. So the caller gets the mask of the thread that loaded us. */
-int moe_caller_cpus = -1;  /* CPUs the last new moe_decode caller thread had (for diagnostics) */
-#ifdef __linux__
-static cpu_set_t loader_cpus;
-static int have_loader_cpus;
-__attribute__((constructor)) static void remember_cpus(void) {
-    have_loader_cpus = sched_getaffinity(0, sizeof loader_cpus, &loader_cpus) == 0;
-}
-
-static void widen_caller(void) {
-    static __thread int done;
-    if (done || !have_loader_cpus) return;
-    done = 1;
-    cpu_set_t mine;
-    if (sched_getaffinity(0, sizeof mine, &mine) != 0) return;
-    moe_caller_cpus = CPU_COUNT(&mine);
-    if (!CPU_EQUAL(&mine, &loader_cpus)) sched_setaffinity(0, sizeof loader_cpus, &loader_cpus);
-}
-#else
-static void widen_caller(void) {}
-#endif
-
 void moe_decode(void *arg) {
     const moe_decode_ctx *c = (const moe_decode_ctx *)arg;
-    widen_caller();
     int64_t sel[256];
     int32_t start[257], tok[256];
     float w[256];

@@ -39,8 +39,8 @@ G = 64  # quantization group along the input dim (moe_cpu.c's G)
 def quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """w [..., N, K] float -> (q, scales) in moe_cpu.c's layouts (K must be a multiple of 64)."""
     *lead, N, K = w.shape
-    if K % G:
-        raise LlmarchError(f"--expert-bits {bits}: expert input width {K} is not a multiple of {G}")
+    if K % G or K > 1024 * G:  # moe_cpu.c keeps a row's group factors on the stack (1024 groups)
+        raise LlmarchError(f"--expert-bits {bits}: expert input width {K} is not a multiple of {G} up to {1024 * G}")
     g = w.float().reshape(*lead, N, K // G, G)
     if bits == 8:
         s = g.abs().amax(-1) / 127.0
