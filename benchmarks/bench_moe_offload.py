@@ -140,7 +140,7 @@ def run_llmarch(args, spec, device, dtype, bits, gpu_experts, bw, segmented=True
 
     rt, build_s = build_llmarch(spec, device, dtype, bits, gpu_experts)
     torch.set_num_threads(torch_threads or os.cpu_count())
-    gen = Generator(rt, args.prompt + args.tokens + 1, cuda_graph=False)
+    gen = Generator(rt, args.prompt + args.tokens + 1, cuda_graph=False, compile=args.compile)
     seg = segmented and attach_decoder(gen)
     ids = torch.randint(0, spec.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
     gen.generate(ids, 4, Sampling())  # warm-up (kernel build, allocator)
@@ -152,7 +152,7 @@ def run_llmarch(args, spec, device, dtype, bits, gpu_experts, bw, segmented=True
     r = report(rt.model, steps, res.decode_s, device, bw)
     r.update(engine="llmarch", expert_bits=bits, gpu_experts=gpu_experts, build_s=round(build_s, 1),
              prefill_tok_s=round(res.prefill_tok_s, 1), layers=spec.layers, graphs=bool(seg),
-             torch_threads=torch.get_num_threads(), kernel_rel_err=check_kernel(rt, spec), **kernel_only(rt, spec),
+             torch_threads=torch.get_num_threads(), compiled=args.compile, kernel_rel_err=check_kernel(rt, spec), **kernel_only(rt, spec),
              omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"))
     del rt, gen
     import gc
@@ -212,6 +212,7 @@ def main():
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="torch's intra-op threads while decoding (where torch and the kernel share libgomp, the "
                          "kernel's too: 1 makes the expert kernel single-threaded)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the GPU segments between host round trips")
     ap.add_argument("--omp-active", action="store_true", help="OMP_WAIT_POLICY=ACTIVE: kernel threads spin between layers")
     args = ap.parse_args()
     if args.omp_active:

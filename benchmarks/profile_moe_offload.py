@@ -29,6 +29,7 @@ def main():
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--device", default=None)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
     import torch
 
@@ -41,7 +42,7 @@ def main():
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     spec = spec_of(SMALL if args.small else QWEN3_30B_A3B)
     rt, _ = build_llmarch(spec, device, dtype, args.bits, 0)
-    gen = Generator(rt, 64, cuda_graph=False)
+    gen = Generator(rt, 64, cuda_graph=False, compile=args.compile)
     assert attach_decoder(gen)
     dec = gen._step_eager.__self__
     ids = list(range(3, 19))
@@ -67,7 +68,7 @@ def main():
     tok = torch.tensor([[5]], device=device)
     step_t = median([timed(lambda: dec.step(tok, 20)) for _ in range(args.reps)])
     out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "cpus": os.cpu_count(),
-           "graphs": dec.graphs, "moe_layers": n,
+           "graphs": dec.graphs, "compiled": args.compile, "moe_layers": n,
            "segment_ms": [round(t * 1e3, 3) for t in seg_t], "segment_gpu_ms": gpu_t and round(gpu_t * 1e3, 3),
            "host_roundtrip_ms": round(host_t * 1e3, 3), "step_ms": round(step_t * 1e3, 2),
            "omp_threads": os.environ.get("OMP_NUM_THREADS"),

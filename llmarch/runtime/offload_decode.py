@@ -33,7 +33,7 @@ class DecodeCtx(ctypes.Structure):  # moe_cpu.c's moe_decode_ctx
 
 
 class SegmentedDecoder:
-    def __init__(self, model, cache, device, graphs: bool | None = None):
+    def __init__(self, model, cache, device, graphs: bool | None = None, compile: bool = False):
         self.model, self.cache, self.device = model, cache, device
         blocks = list(model.layers)
         self.cuts = [i for i, b in enumerate(blocks) if isinstance(b.mlp, MoE) and isinstance(b.mlp.experts, OffloadedExperts)]
@@ -56,11 +56,23 @@ class SegmentedDecoder:
         self.logits = None
         self.k = k
         self.segs = [self._make(i) for i in range(len(self.cuts) + 1)]
+        if compile and self.graphs:
+            self._compile_segments()
         self.captured: list = []
         self.stores = [blocks[i].mlp.experts for i in self.cuts]
         self.native = self.ok and all(st.bits in (4, 8) for st in self.stores) and 0 < k <= 256
         if self.native:
             self._native_contexts(device)
+
+    def _compile_segments(self) -> None:
+        """torch.compile each segment (fusing its ~40 small kernels) before it is captured. The segments
+        share one code object with different closure cells, so dynamo keeps one entry per layer."""
+        import torch._dynamo.config as dyn
+
+        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+            if hasattr(dyn, name):
+                setattr(dyn, name, max(getattr(dyn, name), 2 * len(self.segs) + 8))
+        self.segs = [torch.compile(seg, dynamic=False) for seg in self.segs]
 
     def _native_contexts(self, device) -> None:
         """One moe_decode context per offloaded layer; pack/out in pinned host memory on a GPU."""
@@ -168,7 +180,7 @@ class SegmentedDecoder:
 
 def attach_decoder(gen) -> bool:
     """Route a Generator's eager decode steps through a SegmentedDecoder when the model offloads experts."""
-    dec = SegmentedDecoder(gen.model, gen.cache, gen.device)
+    dec = SegmentedDecoder(gen.model, gen.cache, gen.device, compile=gen.compile)
     if not dec.ok:
         return False
     gen._step_eager = dec.step  # the Generator's eager step, swapped per instance (no CUDA graph of its own)
