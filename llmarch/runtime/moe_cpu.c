@@ -93,7 +93,7 @@ static inline float hsum(__m256 v) {
  * next rows: prefetched explicitly, since one core's own misses (without the hardware streamer's
  * help, as on the VMs measured) cap it near 6 GB/s. */
 #ifndef PF
-#define PF 1024
+#define PF 2048
 #endif
 #if PF
 #define PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 3)
