@@ -156,6 +156,8 @@ def run(
     experts: Annotated[Optional[str], typer.Option("--experts", help="MoE: routed experts on gpu, cpu or disk (default: gpu when they fit).")] = None,
     expert_bits: Annotated[Optional[int], typer.Option("--expert-bits", help="MoE: 16, 8 or 4-bit routed experts (group-wise scales).")] = None,
     gpu_experts: Annotated[int, typer.Option("--gpu-experts", help="MoE: keep the N most used experts per layer on the GPU too.")] = 0,
+    expert_cache_gib: Annotated[float, typer.Option("--expert-cache-gib", help="MoE with --experts disk: expert bytes kept mapped before they are dropped (RSS bound).")] = 2.0,
+    expert_dir: Annotated[Optional[str], typer.Option("--expert-dir", help="MoE with --experts disk: folder for the quantized expert files (default: a new temporary folder; pick a real disk if /tmp is RAM).")] = None,
 ) -> None:
     """Generate text with a pure-PyTorch runtime built from the checkpoint's ArchSpec.
 
@@ -165,7 +167,7 @@ def run(
 
     run_model(RunOptions(source, prompt, prompt_ids, chat, system, max_tokens, temperature, top_k, top_p, seed,
                          ignore_eos, device, dtype, keep_quantized, quant_bits, compile, as_json,
-                         experts, expert_bits, gpu_experts))
+                         experts, expert_bits, gpu_experts, expert_cache_gib, expert_dir))
 
 
 def _framework_exit(e: Exception) -> int | None:

@@ -171,3 +171,37 @@ def test_graph_decoder_on_gpu_same_tokens(ckpt):
     assert attach_decoder(gen)
     assert gen._step_eager.__self__.graphs
     assert gen.generate(ids, STEPS, Sampling()).tokens == want
+
+
+def _mapped_rss(folder) -> int:
+    """Resident bytes of this process's mappings of files under `folder` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        parts = line.split()
+        if parts and "-" in parts[0] and len(parts) >= 5:  # a mapping's header line
+            inside = len(parts) >= 6 and parts[5].startswith(str(folder))
+        elif inside and parts and parts[0] == "Rss:":
+            total += int(parts[1]) * 1024
+    return total
+
+
+@pytest.mark.parametrize("cache_gib,resident", [(0.0, False), (1.0, True)])
+def test_disk_experts_leave_rss_past_the_cache_budget(ckpt, reference, tmp_path, cache_gib, resident):
+    """--experts disk: expert pages touched while generating stay mapped up to the cache budget, then
+    are dropped (MADV_DONTNEED). Budget 0: nothing of the expert files stays resident after a call;
+    a large budget keeps what was read. Tokens are the same either way."""
+    from llmarch.runtime import offload
+    from llmarch.runtime.generate import Generator, Sampling
+    from llmarch.runtime.load import load_runtime
+
+    rt = load_runtime(str(ckpt), "cpu", "float32", experts="disk", expert_bits=16, expert_cache_gib=cache_gib,
+                      expert_dir=str(tmp_path))
+    ids = reference[0]
+    assert Generator(rt, PROMPT + STEPS + 1).generate(ids, STEPS, Sampling()).tokens == reference[1]
+    rss = _mapped_rss(tmp_path)
+    stores = offload.offloaded(rt.model)
+    assert sum(s.bytes_read for s in stores) > 0
+    if resident:
+        assert rss > 0 and stores[0].cache.drops == 0
+    else:
+        assert rss == 0 and stores[0].cache.drops > 0

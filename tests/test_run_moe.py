@@ -144,6 +144,8 @@ def test_bad_moe_checkpoints_one_line(tiny, tmp_path):
     assert "expert storage type I8" in msg and "can read" in msg
     msg = _bad(src, "--expert-bits", "3")
     assert "--expert-bits must be 16, 8 or 4" in msg
+    msg = _bad(src, "--device", "cpu", "--experts", "disk", "--expert-dir", "/proc/llmarch-cannot-write-here")
+    assert "/proc/llmarch-cannot-write-here: --expert-dir: cannot create a folder" in msg
 
 
 def test_not_enough_memory_says_what_fits(deepseek_v3_skeleton):

@@ -73,7 +73,7 @@ def check_supported(spec: ArchSpec, path) -> None:
 
 def load_runtime(source: str | None, device: str | None = None, dtype: str | None = None,
                  quant_bits: int | None = None, experts: str | None = None, expert_bits: int | None = None,
-                 gpu_experts: int = 0) -> Runtime:
+                 gpu_experts: int = 0, expert_cache_gib: float = 2.0, expert_dir: str | None = None) -> Runtime:
     from llmarch.fingerprint import fingerprint
     from llmarch.runtime.model import build_model, load_weights
     from llmarch.runtime.weights import open_weights
@@ -93,7 +93,7 @@ def load_runtime(source: str | None, device: str | None = None, dtype: str | Non
     if spec.moe is not None:  # issue 5: where the routed experts live (offload.py)
         from llmarch.runtime.offload import attach, plan
 
-        attach(model, plan(spec, dev, dt, experts, expert_bits, gpu_experts), dt, dev)
+        attach(model, plan(spec, dev, dt, experts, expert_bits, gpu_experts, expert_cache_gib, expert_dir), dt, dev)
     load_weights(model, open_weights(ckpt, spec), dt, dev, quant_bits)
     model.eval()
     return Runtime(spec, model, ckpt, dev, dt, notes)

@@ -15,9 +15,12 @@ result goes back and is added.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
+import mmap
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -119,12 +122,32 @@ def _p(t: torch.Tensor | None):
 
 # ----------------------------------------------------------------------------- stores
 
+class DiskCache:
+    """--experts disk: expert pages read through the file mappings count in RSS until dropped. Once
+    the bytes touched since the last drop pass the budget, every mapping is told MADV_DONTNEED: the
+    pages leave the process (the kernel's page cache may keep them; a later touch maps them back)."""
+
+    def __init__(self, budget: int):
+        self.budget, self.touched, self.maps, self.drops = budget, 0, [], 0
+
+    def add(self, mm) -> None:
+        self.maps.append(mm)
+
+    def touch(self, nbytes: int) -> None:
+        self.touched += nbytes
+        if self.touched > self.budget:
+            for mm in self.maps:
+                mm._mmap.madvise(mmap.MADV_DONTNEED)
+            self.touched, self.drops = 0, self.drops + 1
+
+
 @dataclass
 class Placement:
     experts: str = "gpu"  # gpu | cpu | disk
     bits: int = 16
     gpu_experts: int = 0
     disk_dir: str | None = None
+    disk_cache: DiskCache | None = None
 
 
 class OffloadedExperts(nn.Module):
@@ -143,8 +166,12 @@ class OffloadedExperts(nn.Module):
         else:
             self.gu, self.gu_s = quantize(gate_up, self.bits)
             self.dn, self.dn_s = quantize(down, self.bits)
+        self.cache = None
         if place.experts == "disk":
             self._to_disk(Path(place.disk_dir or tempfile.mkdtemp(prefix="llmarch-experts-")))
+            self.cache = place.disk_cache
+            if self.cache is not None:
+                self.cache.add(self._mm)
         self.hot_n = place.gpu_experts
         self.counts = np.zeros(self.E, dtype=np.int64)
         self.hot: dict[int, tuple] = {}
@@ -171,6 +198,12 @@ class OffloadedExperts(nn.Module):
             self.gu, self.dn = out
         else:
             self.gu, self.gu_s, self.dn, self.dn_s = out
+
+    def touched(self, nbytes: int) -> None:
+        """Host expert bytes a call has read (after it ran): the report's figure and the disk cache's."""
+        self.bytes_read += nbytes
+        if self.cache is not None:
+            self.cache.touch(nbytes)
 
     def expert_bytes(self) -> int:
         if getattr(self, "_eb", None) is None:
@@ -202,8 +235,8 @@ class OffloadedExperts(nn.Module):
         self.E, self.d, self.inter, self.bits, self.dtype, self.index = moe.E, moe.d, moe.inter, place.bits, dtype, moe.index
         self.gu, self.gu_s, self.dn, self.dn_s = parts
         self.gu_b = self.dn_b = None
-        self.hot_n, self.counts, self.hot, self.calls, self.bytes_read, self.device = (
-            place.gpu_experts, np.zeros(self.E, dtype=np.int64), {}, 0, 0, None)
+        self.hot_n, self.counts, self.hot, self.calls, self.bytes_read, self.device, self.cache = (
+            place.gpu_experts, np.zeros(self.E, dtype=np.int64), {}, 0, 0, None, None)
         return self
 
     def forward(self, x, idx, w, act, weight_input: bool = False):
@@ -262,10 +295,11 @@ class OffloadedExperts(nn.Module):
             tok, wts = rows[order], wf[order].astype(np.float32)
             sel, counts = np.unique(flat[order], return_counts=True)
             sel = sel.astype(np.int64)
-        self.bytes_read += len(sel) * self.expert_bytes()
         if self.bits == 16:
-            return self._cpu_float(x_h, torch.from_numpy(tok.astype(np.int64)), torch.from_numpy(sel),
-                                   torch.from_numpy(counts), torch.from_numpy(wts), act, weight_input)
+            y = self._cpu_float(x_h, torch.from_numpy(tok.astype(np.int64)), torch.from_numpy(sel),
+                                torch.from_numpy(counts), torch.from_numpy(wts), act, weight_input)
+            self.touched(len(sel) * self.expert_bytes())
+            return y
         start = np.zeros(len(sel) + 1, dtype=np.int32)
         np.cumsum(counts, out=start[1:])
         n, d, I = len(tok), self.d, self.inter
@@ -280,6 +314,7 @@ class OffloadedExperts(nn.Module):
             a(XQ), a(XS), a(H), a(AQ), a(AS), a(Y),
             ctypes.c_int(1 if act.clamped else 0), ctypes.c_float(act.alpha), ctypes.c_float(act.limit),
             ctypes.c_int(1 if weight_input else 0))
+        self.touched(len(sel) * self.expert_bytes())
         return torch.from_numpy(out)
 
     def _scratch(self, rows: int):
@@ -367,7 +402,8 @@ def expert_bytes(spec, bits: int, dtype_bytes: int = 2) -> tuple[int, int]:
     return int(routed * per_weight), int(dense * dtype_bytes)
 
 
-def plan(spec, device: torch.device, dtype, experts: str | None, bits: int | None, gpu_experts: int = 0) -> Placement:
+def plan(spec, device: torch.device, dtype, experts: str | None, bits: int | None, gpu_experts: int = 0,
+         cache_gib: float = 2.0, disk_dir: str | None = None) -> Placement:
     """Check the options and that the placement fits; the default puts experts on the GPU when they fit."""
     bits = 16 if bits is None else bits
     if bits not in (16, 8, 4):
@@ -376,6 +412,8 @@ def plan(spec, device: torch.device, dtype, experts: str | None, bits: int | Non
         raise LlmarchError(f"--experts must be gpu, cpu or disk, got {experts!r}")
     if gpu_experts < 0:
         raise LlmarchError(f"--gpu-experts must be >= 0, got {gpu_experts}")
+    if not cache_gib >= 0:
+        raise LlmarchError(f"--expert-cache-gib must be >= 0, got {cache_gib}")
     dbytes = torch.empty(0, dtype=dtype).element_size()
     routed, dense = expert_bytes(spec, bits, dbytes)
     on_gpu = device.type == "cuda"
@@ -396,7 +434,18 @@ def plan(spec, device: torch.device, dtype, experts: str | None, bits: int | Non
     if experts == "cpu" and on_gpu and routed > host_free:
         raise LlmarchError(f"not enough host RAM for --experts cpu --expert-bits {bits}: experts need {routed / GiB:.1f} GiB, "
                            f"{host_free / GiB:.1f} GiB free; try --expert-bits 4 or --experts disk")
-    return Placement(experts, bits, gpu_experts)
+    cache = DiskCache(int(cache_gib * GiB)) if experts == "disk" and hasattr(mmap, "MADV_DONTNEED") else None
+    folder = None
+    if experts == "disk":  # one fresh folder per run inside --expert-dir, removed at exit
+        try:
+            if disk_dir is not None:
+                Path(disk_dir).mkdir(parents=True, exist_ok=True)
+            folder = tempfile.mkdtemp(prefix="llmarch-experts-", dir=disk_dir)
+        except OSError as e:
+            raise LlmarchError(f"--expert-dir: cannot create a folder for the expert files: {e.strerror}",
+                               disk_dir or tempfile.gettempdir()) from e
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return Placement(experts, bits, gpu_experts, folder, cache)
 
 
 def attach(model, place: Placement, dtype, device) -> None:

@@ -175,7 +175,7 @@ class SegmentedDecoder:
             self._capture()
         if self.native:  # what moe_decode reads: k experts per layer (the Python path counts its own)
             for st, n in zip(self.stores, self.bytes_per_step):
-                st.bytes_read += n
+                st.touched(n)
         if self.graphs and self.copies_in_graph:
             last, sync, decode, ctx = len(self.cuts), torch.cuda.current_stream().synchronize, self.lib.moe_decode, self.ctx_ptrs
             for i, g in enumerate(self.captured):

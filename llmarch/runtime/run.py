@@ -33,6 +33,8 @@ class RunOptions:
     experts: str | None = None  # issue 5: gpu | cpu | disk
     expert_bits: int | None = None
     gpu_experts: int = 0
+    expert_cache_gib: float = 2.0  # --experts disk: mapped expert bytes before they are dropped from RSS
+    expert_dir: str | None = None  # --experts disk: where the expert files go
 
 
 def parse_ids(text: str) -> list[int]:
@@ -68,7 +70,7 @@ def run(o: RunOptions) -> dict:
     from llmarch.runtime.tokenizer import load_tokenizer
 
     rt = load_runtime(o.source, o.device, o.dtype, o.quant_bits if o.keep_quantized else None,
-                      o.experts, o.expert_bits, o.gpu_experts)
+                      o.experts, o.expert_bits, o.gpu_experts, o.expert_cache_gib, o.expert_dir)
     tok = None
     if o.prompt_ids is not None:
         ids = parse_ids(o.prompt_ids)
