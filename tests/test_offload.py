@@ -101,22 +101,57 @@ def test_report_counts_selected_expert_bytes(ckpt):
     assert r["bound_tok_s"] == pytest.approx(10e9 / (16 * one), rel=1e-3)
 
 
-@pytest.mark.parametrize("bits", [16, 8, 4])
-def test_segmented_decoder_same_tokens(ckpt, reference, bits):
-    """The decode step split at the host round trips (CUDA graphs on a GPU; eager here) changes nothing."""
+def _decode_both_ways(path, device: str, bits: int, ids):
+    """Greedy tokens of the plain layer-by-layer decode and of the SegmentedDecoder (CUDA graphs on
+    a GPU, eager on the CPU), same checkpoint and placement."""
     from llmarch.runtime.generate import Generator, Sampling
     from llmarch.runtime.load import load_runtime
     from llmarch.runtime.offload_decode import attach_decoder
 
-    ids = reference[0]
-    plain = load_runtime(str(ckpt), "cpu", "float32", experts="cpu", expert_bits=bits)
-    want = Generator(plain, PROMPT + STEPS + 1).generate(ids, STEPS, Sampling()).tokens
-    if bits == 16:
-        assert want == reference[1]
-    rt = load_runtime(str(ckpt), "cpu", "float32", experts="cpu", expert_bits=bits)
+    plain = load_runtime(str(path), device, "float32", experts="cpu", expert_bits=bits)
+    want = Generator(plain, PROMPT + STEPS + 1, cuda_graph=False).generate(ids, STEPS, Sampling()).tokens
+    rt = load_runtime(str(path), device, "float32", experts="cpu", expert_bits=bits)
     gen = Generator(rt, PROMPT + STEPS + 1)
     assert attach_decoder(gen)
-    assert gen.generate(ids, STEPS, Sampling()).tokens == want
+    assert gen._step_eager.__self__.graphs == (device == "cuda")
+    return want, gen.generate(ids, STEPS, Sampling()).tokens
+
+
+@pytest.fixture(scope="module")
+def glm_ckpt(tiny):
+    """GLM-4.5 layout: first layer dense, then MoE with a shared expert (widths the int kernel takes)."""
+    return tiny("glm4_moe", hidden_size=128, intermediate_size=128, moe_intermediate_size=64)
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_segmented_decoder_same_tokens(ckpt, reference, bits):
+    """The decode step split at the host round trips (CUDA graphs on a GPU; eager here) changes nothing."""
+    want, got = _decode_both_ways(ckpt, "cpu", bits, reference[0])
+    if bits == 16:
+        assert want == reference[1]
+    assert got == want
+
+
+def test_segmented_decoder_shared_expert_same_logits(glm_ckpt, reference):
+    """The shared expert as its own step after the copy to the host (on a GPU it overlaps the CPU's
+    routed experts): the same logits at every position, token by token through a fixed sequence.
+    16-bit experts: with int8-rounded kernel inputs, the sums' different association (h + s) + y
+    vs h + (s + y) can flip a rounding and the comparison would measure that instead."""
+    from llmarch.runtime.generate import Generator
+    from llmarch.runtime.load import load_runtime
+    from llmarch.runtime.offload_decode import attach_decoder
+
+    seq = reference[0] + reference[1]
+    gens = []
+    for segmented in (False, True):
+        rt = load_runtime(str(glm_ckpt), "cpu", "float32", experts="cpu", expert_bits=16)
+        gens.append(Generator(rt, len(seq) + 1))
+        assert not segmented or attach_decoder(gens[-1])
+    assert gens[1]._step_eager.__self__.shared[1] is not None  # layer 1 has a shared expert
+    with torch.inference_mode():
+        for pos, t in enumerate(seq):
+            a, b = (g._step_eager(torch.tensor([[t]]), pos) for g in gens)
+            assert (a - b).abs().max().item() < 1e-5, pos
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -154,23 +189,15 @@ def test_cpu_kernel_equals_torch_dequant(bits, family):
 
 
 @pytest.mark.gpu
-def test_graph_decoder_on_gpu_same_tokens(ckpt):
-    """On a GPU each segment between host round trips is a CUDA graph and Python calls the CPU kernel
-    between them: same greedy tokens as the eager layer-by-layer path."""
+@pytest.mark.parametrize("which", ["ckpt", "glm_ckpt"])
+def test_graph_decoder_on_gpu_same_tokens(request, reference, which):
+    """On a GPU each segment between host round trips is a CUDA graph (the copies to and from pinned
+    memory inside it, the shared expert after an event the host waits on): same greedy tokens as the
+    eager layer-by-layer path."""
     if not torch.cuda.is_available():
         pytest.skip("no GPU")
-    from llmarch.runtime.generate import Generator, Sampling
-    from llmarch.runtime.load import load_runtime
-    from llmarch.runtime.offload_decode import attach_decoder
-
-    ids = torch.randint(3, 128, (PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()
-    plain = load_runtime(str(ckpt), "cuda", "float32", experts="cpu", expert_bits=4)
-    want = Generator(plain, PROMPT + STEPS + 1, cuda_graph=False).generate(ids, STEPS, Sampling()).tokens
-    rt = load_runtime(str(ckpt), "cuda", "float32", experts="cpu", expert_bits=4)
-    gen = Generator(rt, PROMPT + STEPS + 1)
-    assert attach_decoder(gen)
-    assert gen._step_eager.__self__.graphs
-    assert gen.generate(ids, STEPS, Sampling()).tokens == want
+    want, got = _decode_both_ways(request.getfixturevalue(which), "cuda", 4, reference[0])
+    assert got == want
 
 
 def _mapped_rss(folder) -> int:

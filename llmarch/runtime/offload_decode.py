@@ -56,6 +56,7 @@ class SegmentedDecoder:
         self.logits = None
         self.k = k
         self.segs = [self._make(i) for i in range(len(self.cuts) + 1)]
+        self.shared = [self._make_shared(i) for i in range(len(self.cuts) + 1)]
         if compile and self.graphs:
             self._compile_segments()
         self.captured: list = []
@@ -74,6 +75,7 @@ class SegmentedDecoder:
             if hasattr(dyn, name):
                 setattr(dyn, name, max(getattr(dyn, name), 2 * len(self.segs) + 8))
         self.segs = [torch.compile(seg, dynamic=False) for seg in self.segs]
+        self.shared = [f and torch.compile(f, dynamic=False) for f in self.shared]
 
     def _native_contexts(self, device) -> None:
         """One moe_decode context per offloaded layer; pack/out in pinned host memory on a GPU."""
@@ -121,14 +123,24 @@ class SegmentedDecoder:
             flat = b.ffn_norm(h).view(-1, h.shape[-1])
             moe = b.mlp
             idx, w = moe.router(flat)
-            if moe.shared is not None:
-                s = moe.shared(flat)
-                if moe.shared_gate is not None:
-                    s = torch.sigmoid(moe.shared_gate(flat)) * s
-                h = h + s.view_as(h)
             self.h.copy_(h)
             self.pack.copy_(torch.cat([idx.float(), w.float(), flat.float()], dim=1))
         return seg
+
+    def _make_shared(self, i: int):
+        """The shared expert of the layer that segment i ends at, as its own step: on a GPU it is queued
+        after the copy to the host, so it runs while the CPU computes the routed experts."""
+        if i == len(self.cuts) or self.model.layers[self.cuts[i]].mlp.shared is None:
+            return None
+        moe, k = self.model.layers[self.cuts[i]].mlp, self.k
+
+        def shared():
+            flat = self.pack[:, 2 * k:].to(self.h.dtype)  # the normed input, exact (float32 holds bf16/fp16)
+            s = moe.shared(flat)
+            if moe.shared_gate is not None:
+                s = torch.sigmoid(moe.shared_gate(flat)) * s
+            self.h.add_(s.view_as(self.h))
+        return shared
 
     def _host(self, i: int) -> None:
         """Layer i's routed experts, called from Python: the one sync per layer."""
@@ -153,10 +165,15 @@ class SegmentedDecoder:
             for _ in range(2):
                 for i, seg in enumerate(self.segs):  # warm-up: K/V written at slot pos only, rewritten by the real step
                     seg()
+                    if self.shared[i]:
+                        self.shared[i]()
                     if i < len(self.cuts):
                         self._host(i)
         torch.cuda.current_stream().wait_stream(side)
-        self.copies_in_graph = self.native  # the pinned copies ride in the graphs: two calls less per layer
+        # the pinned copies ride in the graphs (two calls less per layer); an event after the copy to
+        # the host lets the CPU start while the graph's tail (the shared expert) still runs
+        self.copies_in_graph = self.native
+        self.ready = [torch.cuda.Event(external=True) for _ in self.cuts]
         for i, seg in enumerate(self.segs):
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
@@ -165,6 +182,9 @@ class SegmentedDecoder:
                 seg()
                 if self.copies_in_graph and i < len(self.cuts):
                     self.pack_h.copy_(self.pack.view(-1), non_blocking=True)
+                    self.ready[i].record()
+                if self.shared[i]:
+                    self.shared[i]()
             self.captured.append(g)
 
     @torch.inference_mode()
@@ -177,16 +197,18 @@ class SegmentedDecoder:
             for st, n in zip(self.stores, self.bytes_per_step):
                 st.touched(n)
         if self.graphs and self.copies_in_graph:
-            last, sync, decode, ctx = len(self.cuts), torch.cuda.current_stream().synchronize, self.lib.moe_decode, self.ctx_ptrs
+            last, decode, ctx = len(self.cuts), self.lib.moe_decode, self.ctx_ptrs
             for i, g in enumerate(self.captured):
                 g.replay()
                 if i < last:
-                    sync()
+                    self.ready[i].synchronize()
                     decode(ctx[i])
             return self.logits
         run = [g.replay for g in self.captured] if self.graphs else self.segs
         for i, seg in enumerate(run):
             seg()
+            if not self.graphs and self.shared[i]:  # (a graph holds its shared expert)
+                self.shared[i]()
             if i < len(self.cuts):
                 self._host(i)
         return self.logits
