@@ -11,14 +11,13 @@ runtime falls back to torch's kernel (same results, slower).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import subprocess
-import tempfile
 from functools import lru_cache
-from pathlib import Path
 
 import torch
+
+from llmarch.runtime.cbuild import build
 
 SOURCE = r"""
 #include <immintrin.h>
@@ -92,31 +91,14 @@ void qmatmul(const int8_t* xq, const float* xd, const uint8_t* w, const float* w
 """
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("LLMARCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llmarch")
-    return Path(base) / "kernels"
-
-
 @lru_cache(maxsize=1)
 def _lib():
     if os.environ.get("LLMARCH_NO_CKERNEL") or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
         return None
-    digest = hashlib.sha256(SOURCE.encode()).hexdigest()[:16]
-    so = _cache_dir() / f"qmm_{digest}.so"
-    if not so.exists():
-        cc = os.environ.get("CC", "cc")
-        so.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            src = Path(tmp) / "qmm.c"
-            src.write_text(SOURCE)
-            out = Path(tmp) / so.name
-            try:
-                subprocess.run([cc, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(out), "-lm"],
-                               check=True, capture_output=True, timeout=120)
-            except (OSError, subprocess.SubprocessError):
-                return None
-            os.replace(out, so)  # atomic: concurrent builders never load a half-written file
-    lib = ctypes.CDLL(str(so))
+    try:
+        lib = build("qmm", SOURCE, ["-O3", "-mavx2", "-mfma", "-fopenmp"])
+    except (OSError, subprocess.SubprocessError):
+        return None  # torch's kernel instead: same results, slower
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.quantize_q8.argtypes = [p, p, p, ctypes.c_long]
     lib.quantize_q8.restype = None

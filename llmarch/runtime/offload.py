@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import hashlib
 import mmap
 import os
 import shutil
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from llmarch.errors import LlmarchError
+from llmarch.runtime.cbuild import build
 from llmarch.runtime.ops.moe import MoE, ResidentExperts, expert_ffn, group_by_expert
 
 G = 64  # quantization group along the input dim (moe_cpu.c's G)
@@ -85,29 +85,16 @@ _LIB = None
 
 
 def cpu_kernel():
-    """Build moe_cpu.c once per machine (keyed by source + CPU model) and load it."""
+    """moe_cpu.c, built for this CPU (-march=native) on first use."""
     global _LIB
-    if _LIB is not None:
-        return _LIB
-    src = Path(__file__).with_name("moe_cpu.c")
-    cpu = next((l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")), "")
-    key = hashlib.sha1(src.read_bytes() + cpu.encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("LLMARCH_CACHE", Path(tempfile.gettempdir()) / "llmarch"))
-    cache.mkdir(parents=True, exist_ok=True)
-    so = cache / f"moe_cpu_{key}.so"
-    if not so.exists():
-        cc = os.environ.get("CC", "gcc")
-        tmp = so.with_suffix(f".{os.getpid()}.so")
+    if _LIB is None:
         try:
-            subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(tmp), "-lm"],
-                           check=True, capture_output=True)
-        except (OSError, subprocess.CalledProcessError) as e:
-            raise LlmarchError(f"--expert-bits 8/4 on the CPU needs a C compiler ({cc}) to build its kernel: {e}") from e
-        tmp.replace(so)
-    lib = ctypes.CDLL(str(so))
-    lib.moe_experts.restype = None
-    _LIB = lib
-    return lib
+            _LIB = build("moe_cpu", Path(__file__).with_name("moe_cpu.c").read_text(), ["-O3", "-march=native", "-fopenmp"])
+        except (OSError, subprocess.SubprocessError) as e:
+            raise LlmarchError(f"--expert-bits 8/4 on the CPU needs a C compiler ({os.environ.get('CC', 'cc')}) "
+                               f"to build its kernel: {e}") from e
+        _LIB.moe_experts.restype = _LIB.moe_decode.restype = None
+    return _LIB
 
 
 def kernel_scratch(d: int, I: int, rows: int) -> tuple:

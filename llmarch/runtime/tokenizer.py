@@ -17,6 +17,7 @@ from pathlib import Path
 
 from llmarch.checkpoint.base import Checkpoint
 from llmarch.errors import LlmarchError
+from llmarch.runtime.cbuild import cache_dir
 
 SPIECE = "\u2581"
 CONTROL, USER_DEFINED = 3, 4
@@ -51,8 +52,7 @@ class Tok:
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("LLMARCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llmarch")
-    return Path(base) / "tokenizers"
+    return cache_dir("tokenizers")
 
 
 def gpt2_bytes_to_unicode() -> dict[int, str]:

@@ -1,0 +1,42 @@
+"""Build a C source with the system compiler once per machine and load it with ctypes (the CPU
+kernels: cpu_kernels.py's block matmul, moe_cpu.c's routed experts). No torch headers, so a build
+takes about a second; the .so is cached under LLMARCH_CACHE (default ~/.cache/llmarch), keyed by
+the source, the flags and the CPU's feature flags (a -march=native build must not move machines)."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+
+def cache_dir(kind: str) -> Path:
+    """LLMARCH_CACHE/<kind> (default ~/.cache/llmarch/<kind>): kernels, tokenizers."""
+    base = os.environ.get("LLMARCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llmarch")
+    return Path(base) / kind
+
+
+def _cpu_flags() -> str:
+    try:
+        return next((l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def build(name: str, source: str, flags: list[str]) -> ctypes.CDLL:
+    """Compile `source` to <cache>/kernels/<name>_<key>.so unless there, and load it.
+    Raises OSError / subprocess.SubprocessError when there is no working compiler."""
+    key = hashlib.sha256("\0".join([source, *flags, _cpu_flags()]).encode()).hexdigest()[:16]
+    so = cache_dir("kernels") / f"{name}_{key}.so"
+    if not so.exists():
+        so.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
+            src, out = Path(tmp) / f"{name}.c", Path(tmp) / so.name
+            src.write_text(source)
+            subprocess.run([os.environ.get("CC", "cc"), *flags, "-shared", "-fPIC", str(src), "-o", str(out), "-lm"],
+                           check=True, capture_output=True, timeout=120)
+            os.replace(out, so)  # atomic: a concurrent builder never loads a half-written file
+    return ctypes.CDLL(str(so))
