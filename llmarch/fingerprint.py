@@ -249,6 +249,12 @@ def _attention(spec: ArchSpec, f: _Facts, recipe: dict, lt, ckpt: Checkpoint) ->
     scalar = f.get("query_pre_attn_scalar")
     if scalar:
         a.scale = float(scalar) ** -0.5
+    # MiMo-V2-Flash scales V; transformers' default applies when the key is absent, an explicit null means 1
+    key = "attention_value_scale"
+    vs = f.config[key] if key in f.config else recipe.get(key)
+    if vs is not None and float(vs) != 1.0:
+        a.value_scale = float(vs)
+        spec.evidence["attention.value_scale"] = f"config.json:{key}" if key in f.config else f"recipe {recipe.get('family')}"
     spec.attention = a
 
 
@@ -267,7 +273,8 @@ def _rope(spec: ArchSpec, f: _Facts, recipe: dict) -> None:
         r.local_theta = local["rope_theta"]
     elif f.get("rope_local_base_freq"):
         r.local_theta = f.get("rope_local_base_freq", fact="rope.local_theta")
-    partial = full.get("partial_rotary_factor") or f.get("partial_rotary_factor", fact="rope.partial")
+    partial = (full.get("partial_rotary_factor") or f.get("partial_rotary_factor", fact="rope.partial")
+               or recipe.get("partial_rotary_factor"))
     rotary_dim = f.get("rotary_dim", "rope_dim", fact="rope.partial")
     head = spec.attention.qk_rope_head_dim if spec.attention.mla else spec.attention.head_dim
     if partial:
@@ -351,6 +358,7 @@ def _schedule(spec: ArchSpec, f: _Facts, recipe: dict, lt, ckpt: Checkpoint) -> 
     lin_cfg = f.get("linear_attn_config")
     kda_layers = lin_cfg.get("kda_layers") if isinstance(lin_cfg, dict) else None
     local_scaling = _local_rope_scaling(spec, f)
+    local_partial = _local_rope_partial(spec, f)
     if local_scaling is None and spec.rope.scaling and recipe.get("rope_scaling_on") == "global":
         local_scaling = {"type": "default"}  # GGUF / legacy configs: the recipe says sliding layers are unscaled
     nope = f.get("no_rope_layers", fact="rope.nope_layers")
@@ -400,7 +408,12 @@ def _schedule(spec: ArchSpec, f: _Facts, recipe: dict, lt, ckpt: Checkpoint) -> 
             layer.rope_theta = spec.rope.local_theta
         if layer.mixer == "sliding" and local_scaling is not None:
             layer.rope_scaling = local_scaling
+        if layer.mixer == "sliding" and local_partial is not None:
+            layer.rope_partial = local_partial
         layer.kv_heads = _layer_kv_heads(spec, f, lt, i, ckpt)
+        if spec.attention.sinks and lt and layer.mixer in ("full", "sliding", "chunked") \
+                and not _layer_has(lt, i, "sinks"):
+            layer.sinks = False  # MiMo-V2-Flash: only its sliding layers carry sink logits
         sched.append(layer)
     _ffn_schedule(spec, f, recipe, lt, sched)
     _kv_sharing(spec, f, sched)
@@ -423,6 +436,15 @@ def _local_rope_scaling(spec: ArchSpec, f: _Facts) -> dict | None:
     scaling["type"] = kind
     global_kind = (spec.rope.scaling or {}).get("type") or "default"
     return None if kind == global_kind == "default" or scaling == spec.rope.scaling else scaling
+
+
+def _local_rope_partial(spec: ArchSpec, f: _Facts) -> float | None:
+    """The sliding layers' partial_rotary_factor where per-layer-type rope_parameters give them
+    their own (transformers' MiMo-V2-Flash reads it per layer type)."""
+    params = f.get("rope_parameters")
+    local = params.get("sliding_attention") if isinstance(params, dict) else None
+    p = local.get("partial_rotary_factor") if isinstance(local, dict) else None
+    return float(p) if p is not None and float(p) != spec.rope.partial else None
 
 
 def _layer_kv_heads(spec: ArchSpec, f: _Facts, lt, i: int, ckpt: Checkpoint) -> int | None:

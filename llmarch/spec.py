@@ -25,6 +25,8 @@ class LayerSpec:
     linear_kind: str | None = None  # gated_deltanet | kda | mamba2 (for mixer == linear/mamba)
     kv_shared_from: int | None = None  # reuses another layer's KV cache (Gemma 3n)
     kv_heads: int | None = None  # where this layer's KV heads differ from the model's (MiMo-V2-Flash)
+    sinks: bool | None = None  # where this layer's attention sinks differ from the model's (MiMo-V2-Flash: sliding only)
+    rope_partial: float | None = None  # per-layer rotated fraction where it differs (per-layer-type rope_parameters)
 
     def public(self) -> dict:
         return {"mixer": self.mixer, "window": self.window, "rope": self.rope, "ffn": self.ffn}
@@ -48,6 +50,7 @@ class AttentionSpec:
     qk_nope_head_dim: int | None = None
     scale: float | None = None  # softmax scale when not 1/sqrt(head_dim)
     softcap: float | None = None  # attention logit soft-capping (Gemma 2 style)
+    value_scale: float | None = None  # constant multiplier on V after its projection (MiMo-V2-Flash)
     mla: bool = False
 
     @property
@@ -130,6 +133,11 @@ class ArchSpec:
     config: dict[str, Any] = field(default_factory=dict)  # normalised (text) config the spec came from
 
     # --- derived figures -------------------------------------------------------------------
+    def layer_kv_heads(self, i: int) -> int:
+        """KV heads of layer i: its own count where it has one (MiMo-V2-Flash), else the model's."""
+        own = self.schedule[i].kv_heads if i < len(self.schedule) else None
+        return own or self.attention.kv_heads
+
     def layer_kv_bytes_per_token(self, layer: LayerSpec, kv_bytes: float) -> float:
         """Cache bytes one token adds in one layer (before any window cap)."""
         a = self.attention

@@ -1,8 +1,9 @@
 """llmarch run vs transformers for the MoE / MLA families (tiny random float32 checkpoints).
 
 Prefill logits and every cached decode step within 1e-4 max abs of transformers' eager forward
-on the same ids, and 32 identical greedy tokens. Prompts (24) pass gpt-oss's window (8) and
-Llama 4's attention chunk (16); DeepSeek V3's cache holds the MLA latent, not K/V.
+on the same ids, and 32 identical greedy tokens. Prompts (24) pass gpt-oss's window (8),
+MiMo-V2-Flash's (16) and Llama 4's attention chunk (16); DeepSeek V3's cache holds the MLA latent,
+not K/V; MiMo-V2-Flash's sliding layers cache twice the KV heads of its full layers.
 Also: gpt-oss experts stored as MXFP4 (*_blocks/*_scales) load to what transformers' own
 dequantizer gives, and bad MoE checkpoints fail with one line.
 """
@@ -22,7 +23,7 @@ from fixtures.families import FAMILIES  # noqa: E402
 TOL = 1e-4
 STEPS = 32
 PROMPT = 24
-FAMS = ["qwen3_moe", "deepseek_v3", "gpt_oss", "glm4_moe", "llama4", "minimax_m2", "afmoe"]
+FAMS = ["qwen3_moe", "deepseek_v3", "gpt_oss", "glm4_moe", "llama4", "minimax_m2", "afmoe", "mimo_v2_flash"]
 
 
 def _reference(name, path):
@@ -72,6 +73,51 @@ def test_moe_family_matches_transformers(tiny, name):
         a = spec.attention
         per_token = sum(c.k.shape[-1] + c.v.shape[-1] for c in cache.layers.values())
         assert per_token == spec.layers * (a.kv_lora_rank + a.qk_rope_head_dim)
+
+
+def test_mimo_v2_flash_routing_and_rope_per_layer_type(tiny, tmp_path):
+    """MiMo-V2-Flash beyond the defaults: group-limited routing with a non-zero correction bias
+    (transformers inits it to zeros, so the plain fixture never exercises it), its own V scale,
+    and a partial rotary factor of the sliding layers' own."""
+    rope = {"full_attention": {"rope_type": "default", "rope_theta": 5e6, "partial_rotary_factor": 0.334},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}}
+    src = tiny("mimo_v2_flash", n_group=2, topk_group=1, attention_value_scale=0.5, rope_parameters=rope)
+    g = torch.Generator().manual_seed(5)
+
+    def bias(sd):
+        for k in [k for k in sd if k.endswith("e_score_correction_bias")]:
+            sd[k] = torch.rand(sd[k].shape, generator=g) * 0.2 - 0.1
+
+    rt, cache = _parity(_rewrite(src, tmp_path / "bias", bias), "mimo_v2_flash")
+    kinds = {(l.mixer, l.kv_heads, l.sinks, l.rope_partial) for l in rt.spec.schedule}
+    assert kinds == {("full", None, False, None), ("sliding", 4, None, 0.5)}
+    assert {c.k.shape[1] for i, c in cache.layers.items() if rt.spec.schedule[i].mixer == "sliding"} == {4}
+
+    def rename_sinks(sd):  # Hub and save_pretrained say attention_sink_bias; accept transformers' own name too
+        for k in [k for k in sd if k.endswith("attention_sink_bias")]:
+            sd[k.replace("attention_sink_bias", "sinks")] = sd.pop(k)
+
+    plain = tiny("mimo_v2_flash")
+    _parity(_rewrite(plain, tmp_path / "sinks", rename_sinks), "mimo_v2_flash", ref_path=plain)
+
+
+def test_mimo_v2_flash_offloaded_experts_same_tokens(tiny):
+    """The expert-offload path (host store, memory-mapped disk store, the segmented decoder) over
+    MiMo-V2-Flash's per-layer KV heads: 16-bit experts give the resident model's greedy tokens,
+    which the parity test above ties to transformers. Widths of 64 multiples, as the stores need."""
+    from llmarch.runtime.generate import Generator, Sampling
+    from llmarch.runtime.load import load_runtime
+    from llmarch.runtime.offload_decode import attach_decoder
+
+    path = str(tiny("mimo_v2_flash", hidden_size=128, intermediate_size=128, moe_intermediate_size=64))
+    ids = torch.randint(3, 128, (PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()
+    n = PROMPT + STEPS + 1
+    want = Generator(load_runtime(path, "cpu", "float32"), n, cuda_graph=False).generate(ids, STEPS, Sampling()).tokens
+    assert len(set(want)) > 3
+    for experts in ("cpu", "disk"):
+        gen = Generator(load_runtime(path, "cpu", "float32", experts=experts, expert_bits=16), n)
+        assert attach_decoder(gen)
+        assert gen.generate(ids, STEPS, Sampling()).tokens == want, experts
 
 
 def test_gpt_oss_mxfp4_experts_load_like_transformers(tiny, tmp_path):

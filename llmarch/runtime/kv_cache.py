@@ -95,7 +95,9 @@ class KVCache:
             key = (size, window, ring)
             if key not in self.groups:
                 self.groups[key] = SlotGroup(size, window, ring, device)
-            self.layers[layer.index] = LayerCache(self.groups[key], batch, kv_heads, k_dim, v_dim, dtype, device)
+            # kv_heads: the model's count, unless the layer has its own (MiMo-V2-Flash sliding layers)
+            self.layers[layer.index] = LayerCache(self.groups[key], batch, layer.kv_heads or kv_heads, k_dim, v_dim,
+                                                  dtype, device)
 
     def prepare(self, pos: torch.Tensor, limit: int | None = None) -> None:
         for g in self.groups.values():

@@ -58,7 +58,8 @@ def pick_dtype(dtype: str | None, ckpt, device: torch.device, notes: list[str]) 
     return chosen
 
 
-MOE_FAMILIES = ("qwen3_moe", "deepseek_v3", "gpt_oss", "glm4_moe", "llama4", "minimax_m2", "afmoe")
+MOE_FAMILIES = ("qwen3_moe", "deepseek_v3", "gpt_oss", "glm4_moe", "llama4", "minimax_m2", "afmoe",
+                "mimo_v2_flash")
 
 
 def check_supported(spec: ArchSpec, path) -> None:

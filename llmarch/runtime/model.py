@@ -73,7 +73,8 @@ def _rope_key(spec: ArchSpec, layer: LayerSpec):
     kind = (scaling or {}).get("type") or (scaling or {}).get("rope_type") or "default"
     if kind == "default":
         scaling = None
-    rot = int(spec.attention.head_dim * spec.rope.partial) // 2 * 2
+    partial = layer.rope_partial if layer.rope_partial is not None else spec.rope.partial
+    rot = int(spec.attention.head_dim * partial) // 2 * 2
     return (float(theta), repr(sorted((scaling or {}).items())), rot), scaling
 
 

@@ -29,6 +29,9 @@ HF_LAYER = {
     "attn.sinks": "self_attn.sinks", "attn.gate": "self_attn.gate_proj",
     "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj",
 }
+# other names some checkpoints use for the same tensor (MiMo-V2-Flash's Hub files and transformers'
+# save_pretrained name its sinks attention_sink_bias)
+HF_ALIASES = {"self_attn.sinks": "self_attn.attention_sink_bias"}
 # the HF name of each norm slot depends on where the family puts its norms
 HF_NORMS = {
     "pre": {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
@@ -98,7 +101,8 @@ class WeightSource:
             return None
         full = self.fix(fused_name, self.read(t))
         a = self.spec.attention
-        sizes = [a.heads * a.head_dim, a.kv_heads * a.head_dim, a.kv_heads * (a.v_head_dim or a.head_dim)]
+        kv = self.spec.layer_kv_heads(layer)
+        sizes = [a.heads * a.head_dim, kv * a.head_dim, kv * (a.v_head_dim or a.head_dim)]
         if full.shape[0] != sum(sizes):
             raise LlmarchError(f"fused qkv tensor {t.name} has {full.shape[0]} rows, the spec needs {sum(sizes)}", t.file)
         q, k, v = torch.split(full, sizes, dim=0)
@@ -152,9 +156,13 @@ class SafetensorsSource(WeightSource):
             hf = HF_LAYER.get(stem) or self.norms.get(stem)
             if hf and hf.startswith("mlp."):
                 hf = self.mlp + hf[4:]
-            if hf and stem in BARE:
-                return f"{p}layers.{layer}.{hf}"
-            return f"{p}layers.{layer}.{hf}.{kind}" if hf else None
+            if not hf:
+                return None
+            suffix = "" if stem in BARE else f".{kind}"
+            n = f"{p}layers.{layer}.{hf}{suffix}"
+            if n not in self.ckpt.tensors and hf in HF_ALIASES:
+                n = f"{p}layers.{layer}.{HF_ALIASES[hf]}{suffix}"
+            return n
         return {"embed": f"{p}embed_tokens.weight", "final_norm": f"{p}norm.{kind}", "lm_head": self.head}.get(stem)
 
     def read(self, t: TensorInfo) -> torch.Tensor:
@@ -206,7 +214,7 @@ class GGUFSource(WeightSource):
         layer, stem, kind = split_name(name)
         a = self.spec.attention
         if self.recipe.get("gguf_permute_qk") and stem in ("attn.q", "attn.k"):
-            x = from_gguf_order(x, a.heads if stem == "attn.q" else a.kv_heads)
+            x = from_gguf_order(x, a.heads if stem == "attn.q" else self.spec.layer_kv_heads(layer))
         if self.spec.norm.unit_offset and stem.endswith("norm") and kind == "weight":
             x = x - 1.0  # llama.cpp's Gemma converter stored (1 + w); the runtime adds the 1 itself
         return x

@@ -1,5 +1,8 @@
 """Softmax attention over a KV cache: MHA/GQA/MQA, sliding window (through the cache's mask),
-QK-norm (per head or over the whole projection), soft-capping, attention sinks.
+QK-norm (per head or over the whole projection), soft-capping, attention sinks, a V scale.
+
+KV head count and sinks are per layer (LayerSpec), since MiMo-V2-Flash's sliding layers have twice
+the KV heads of its full layers, and sinks only there.
 
 q, k and v are one fused matmul (`qkv`). The score computation uses SDPA unless soft-capping or
 sinks need the explicit form.
@@ -54,9 +57,9 @@ class Attention(nn.Module):
         super().__init__()
         a = spec.attention
         d = spec.hidden_size
-        self.heads, self.kv_heads, self.head_dim = a.heads, a.kv_heads, a.head_dim
+        self.heads, self.kv_heads, self.head_dim = a.heads, layer.kv_heads or a.kv_heads, a.head_dim
         self.v_dim = a.v_head_dim or a.head_dim
-        self.sizes = [a.heads * a.head_dim, a.kv_heads * a.head_dim, a.kv_heads * self.v_dim]
+        self.sizes = [a.heads * a.head_dim, self.kv_heads * a.head_dim, self.kv_heads * self.v_dim]
         self.qkv = nn.Linear(d, sum(self.sizes), bias=a.bias)
         self.o = nn.Linear(a.heads * self.v_dim, d, bias=a.out_bias)
         self.qk_norm = a.qk_norm
@@ -67,7 +70,9 @@ class Attention(nn.Module):
         elif a.qk_norm == "whole":
             self.q_norm = make_norm("rms", self.sizes[0], eps, spec.norm.unit_offset)
             self.k_norm = make_norm("rms", self.sizes[1], eps, spec.norm.unit_offset)
-        self.sinks = nn.Parameter(torch.zeros(a.heads)) if a.sinks else None
+        sinks = layer.sinks if layer.sinks is not None else a.sinks
+        self.sinks = nn.Parameter(torch.zeros(a.heads)) if sinks else None
+        self.v_scale = a.value_scale
         self.scale = a.scale if a.scale is not None else a.head_dim ** -0.5
         self.softcap = a.softcap
         self.rope = rope
@@ -85,6 +90,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, T, self.kv_heads, self.v_dim).transpose(1, 2)
+        if self.v_scale is not None:  # on V itself (as transformers), so the cache holds scaled values
+            v = v * self.v_scale
         if self.rope is not None:
             q, k = self.rope(q, pos), self.rope(k, pos)
         lc = cache.layers[self.index]

@@ -5,7 +5,7 @@ Routers (chosen per family, semantics from each transformers modeling file):
   topk_softmax top-k over raw logits (+ router bias), softmax over those k (gpt-oss)
   sigmoid      sigmoid scores, + correction bias for the choice only, group-limited top-k, weights
                from the plain scores, optional renormalisation, x routed_scaling_factor
-               (DeepSeek V3 / Kimi K2, GLM-4.5, MiniMax-M2)
+               (DeepSeek V3 / Kimi K2, GLM-4.5, MiniMax-M2, MiMo-V2-Flash)
   llama4       top-k over logits, sigmoid of those, applied to the expert INPUT (Llama 4)
 Experts are held stacked, [E, 2I, d] (gate rows then up rows) and [E, d, I], whatever the disk
 layout (per-expert tensors or fused, gpt-oss's interleaved gate/up), so every store (this
