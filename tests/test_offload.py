@@ -154,12 +154,13 @@ def test_segmented_decoder_shared_expert_same_logits(glm_ckpt, reference):
             assert (a - b).abs().max().item() < 1e-5, pos
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "llama4"])
 def test_cpu_kernel_equals_torch_dequant(bits, family):
     """The kernel against ResidentExperts on the same dequantized weights, its inputs rounded as the
     kernel rounds them: plain SwiGLU, gpt-oss (biases, clamped SwiGLU) and Llama 4 (router weight
-    applied to the expert input)."""
+    applied to the expert input). bits 2: MXFP4 blocks as gpt-oss ships them (random codes and
+    e8m0 scales), dequantized by the same code as the float load path."""
     from types import SimpleNamespace
 
     from llmarch.runtime.offload import OffloadedExperts, Placement, dequantize, fake_quant_activations as fq
@@ -172,7 +173,14 @@ def test_cpu_kernel_equals_torch_dequant(bits, family):
     gu, dn = torch.randn(E, 2 * inter, d, generator=g) * 0.2, torch.randn(E, d, inter, generator=g) * 0.2
     bias = (torch.randn(E, 2 * inter, generator=g), torch.randn(E, d, generator=g)) if family == "gpt_oss" else (None, None)
     moe = SimpleNamespace(E=E, d=d, inter=inter, index=0)
-    st = OffloadedExperts(moe, gu, dn, bias, Placement("cpu", bits), torch.float32)
+    if bits == 2:
+        def mx(rows, k):  # [E, rows, k/2] fp4 codes, [E, rows, k/32] scales around 2^-3
+            return (torch.randint(0, 256, (E, rows, k // 2), dtype=torch.uint8, generator=g),
+                    torch.randint(122, 126, (E, rows, k // 32), dtype=torch.uint8, generator=g))
+        st = OffloadedExperts.from_quantized(moe, (*mx(2 * inter, d), *mx(d, inter)), Placement("cpu", 2), torch.float32,
+                                             bias)
+    else:
+        st = OffloadedExperts(moe, gu, dn, bias, Placement("cpu", bits), torch.float32)
     ref = ResidentExperts(E, d, inter, bias[0] is not None)
     ref.gate_up.data, ref.down.data = dequantize(st.gu, st.gu_s, bits), dequantize(st.dn, st.dn_s, bits)
     if bias[0] is not None:
@@ -232,3 +240,47 @@ def test_disk_experts_leave_rss_past_the_cache_budget(ckpt, reference, tmp_path,
         assert rss > 0 and stores[0].cache.drops == 0
     else:
         assert rss == 0 and stores[0].cache.drops > 0
+
+
+def test_gpt_oss_mxfp4_experts_stay_mxfp4_on_the_cpu(tiny, tmp_path):
+    """gpt-oss's MXFP4 experts on the CPU without --expert-bits: kept as shipped (4.25 bits per
+    weight, no requantization). Against the same blocks dequantized to float (the resident path,
+    which test_run_moe ties to transformers): top-1 agreement and logit error of the kernel's int8
+    input rounding; the segmented decoder gives the plain offloaded path's tokens."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from llmarch.runtime.generate import Generator, Sampling
+    from llmarch.runtime.load import load_runtime
+    from llmarch.runtime.offload import MXFP4, offloaded
+    from llmarch.runtime.offload_decode import attach_decoder
+
+    src = tiny("gpt_oss", hidden_size=128, intermediate_size=128)
+    mx = tmp_path / "mx"
+    shutil.copytree(src, mx)
+    sd = load_file(src / "model.safetensors")
+    g = torch.Generator().manual_seed(3)
+    for name in [n for n in sd if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        E, K, R = sd.pop(name).shape  # transformers' layout [E, in, out]
+        sd[name + "_blocks"] = torch.randint(0, 256, (E, R, K // 32, 16), dtype=torch.uint8, generator=g)
+        sd[name + "_scales"] = torch.randint(121, 125, (E, R, K // 32), dtype=torch.uint8, generator=g)
+    save_file(sd, mx / "model.safetensors", metadata={"format": "pt"})
+
+    ref_rt = load_runtime(str(mx), "cpu", "float32", experts="gpu")
+    rt = load_runtime(str(mx), "cpu", "float32", experts="cpu")
+    stores = offloaded(rt.model)
+    assert stores and all(s.bits == MXFP4 for s in stores)
+    assert stores[0].expert_bytes() == (3 * 128 * 128) // 2 + (3 * 128 * 128) // 32  # 4.25 bits per weight
+    ids = torch.randint(3, 128, (PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()
+    seq = ids + Generator(ref_rt, PROMPT + STEPS + 1).generate(ids, STEPS, Sampling()).tokens
+    a, b = _logits(ref_rt, seq), _logits(rt, seq)
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    err = (a - b).abs().amax(-1)  # per position: where a nudged router picks another expert, it jumps
+    print(f"mxfp4 on the CPU: top-1 agreement {agree:.3f}, logit error median {err.median().item():.4f}, "
+          f"max {err.max().item():.4f}, logit range {a.abs().max().item():.3f}")
+    assert agree >= 0.9 and err.median().item() < 0.05 * a.abs().max().item()
+    want = Generator(rt, PROMPT + STEPS + 1).generate(ids, STEPS, Sampling()).tokens
+    gen = Generator(load_runtime(str(mx), "cpu", "float32", experts="cpu"), PROMPT + STEPS + 1)
+    assert attach_decoder(gen)
+    assert gen.generate(ids, STEPS, Sampling()).tokens == want

@@ -92,9 +92,11 @@ def load_runtime(source: str | None, device: str | None = None, dtype: str | Non
         raise LlmarchError("--keep-quantized 4-bit runs on the CPU only; use 8 on cuda")
     model = build_model(spec)
     if spec.moe is not None:  # issue 5: where the routed experts live (offload.py)
+        from llmarch.runtime.moe_names import has_mxfp4_experts
         from llmarch.runtime.offload import attach, plan
 
-        attach(model, plan(spec, dev, dt, experts, expert_bits, gpu_experts, expert_cache_gib, expert_dir), dt, dev)
+        attach(model, plan(spec, dev, dt, experts, expert_bits, gpu_experts, expert_cache_gib, expert_dir,
+                          has_mxfp4_experts(ckpt)), dt, dev)
     load_weights(model, open_weights(ckpt, spec), dt, dev, quant_bits)
     model.eval()
     return Runtime(spec, model, ckpt, dev, dt, notes)

@@ -9,10 +9,12 @@
  * Weights are read once per token group, never dequantized to memory: decode is bound by the
  * bytes of the selected experts, which is the figure offload.py reports.
  *
- * Layouts (group G = 64 along the input dim):
- *   int4: row of K inputs = K/64 groups x 32 bytes; byte j holds element j (low nibble) and
- *         element j + 32 (high nibble); w = q * scale + min, (scale, min) float16 per group.
- *   int8: row = K int8; w = q * scale, scale float16 per group.
+ * Layouts (group G = 64 along the input dim), `bits` names them:
+ *   4 int4: row of K inputs = K/64 groups x 32 bytes; byte j holds element j (low nibble) and
+ *           element j + 32 (high nibble); w = q * scale + min, (scale, min) float16 per group.
+ *   8 int8: row = K int8; w = q * scale, scale float16 per group.
+ *   2 MXFP4 (gpt-oss as shipped): row = K/32 blocks of 16 bytes, byte j holds element 2j (low
+ *           nibble) and 2j + 1 (high), fp4 e2m1 codes; K/32 e8m0 scale bytes; w = fp4 * 2^(e - 127).
  * Built by offload.py with the system C compiler (gcc -O3 -march=native -fopenmp) and loaded with
  * ctypes: no torch headers, so it builds in about a second wherever it runs.
  */
@@ -42,7 +44,9 @@ static inline float h2f(uint16_t h) {
  * plain C. Per group g of a row: xq[64] int8, xs[2g] = scale, xs[2g + 1] = scale * sum(xq) (the
  * int4 min term). The kernel computes exactly dequant(W) . dequant(quant(x)); offload.py's
  * fake_quant_activations() is the same rounding in torch, for tests. */
-static void quant_row(const float *x, int K, int8_t *q, float *xs, int pair) {
+enum { LAYOUT_PLAIN, LAYOUT_PAIRED, LAYOUT_EVEN_ODD };
+
+static void quant_row(const float *x, int K, int8_t *q, float *xs, int layout) {
     for (int g = 0; g < K / G; g++) {
         const float *xg = x + g * G;
         float amax = 0.f;
@@ -57,13 +61,24 @@ static void quant_row(const float *x, int K, int8_t *q, float *xs, int pair) {
         xs[2 * g] = d;
         xs[2 * g + 1] = d * (float)sum;
     }
-    /* pair: groups g, g+1 stored [g 0..31, g+1 0..31, g 32..63, g+1 32..63], as the 512-bit int4 path
-     * reads two groups at once (a trailing odd group stays as it is) */
-    for (int g = 0; pair && g + 2 <= K / G; g += 2) {
+    /* paired: groups g, g+1 stored [g 0..31, g+1 0..31, g 32..63, g+1 32..63], as the 512-bit int4
+     * path reads two groups at once (a trailing odd group stays as it is) */
+    for (int g = 0; layout == LAYOUT_PAIRED && g + 2 <= K / G; g += 2) {
         int8_t tmp[32];
         memcpy(tmp, q + g * G + 32, 32);
         memcpy(q + g * G + 32, q + g * G + 64, 32);
         memcpy(q + g * G + 64, tmp, 32);
+    }
+    /* even/odd (MXFP4): per group [even elements of block 0, of block 1, odd of block 0, of block 1],
+     * lining up with a block's low and high nibbles */
+    for (int g = 0; layout == LAYOUT_EVEN_ODD && g < K / G; g++) {
+        int8_t tmp[G];
+        for (int b = 0; b < 2; b++)
+            for (int j = 0; j < 16; j++) {
+                tmp[b * 16 + j] = q[g * G + b * 32 + 2 * j];
+                tmp[32 + b * 16 + j] = q[g * G + b * 32 + 2 * j + 1];
+            }
+        memcpy(q + g * G, tmp, G);
     }
 }
 
@@ -199,24 +214,85 @@ static void dot8(const int8_t *q, const uint16_t *sc, const int8_t *xq, const fl
     }
 }
 
+/* fp4 e2m1 codes doubled, so they are integers; the scale halves them back */
+static const int8_t FP4X2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+static inline float e8m0_half(uint8_t e) {  /* 2^(e - 127) / 2 */
+    if (e < 2) return ldexpf(1.f, (int)e - 128);
+    uint32_t bits = (uint32_t)(e - 1) << 23;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* one MXFP4 row . T int8 rows in the even/odd layout */
+static void dotfp4(const uint8_t *q, const uint8_t *sc, const int8_t *xq, const float *xs, int K, int T, float *res) {
+    int ng = K / G;
+    PREFETCH(sc + 2 * ng);
+    for (int t = 0; t < T; t++) {
+        const int8_t *xt = xq + (long)t * K;
+        const float *st = xs + (long)t * 2 * ng;
+#ifdef DPBUSD
+        __m256 acc = _mm256_setzero_ps();
+        const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)FP4X2));
+        const __m256i mask = _mm256_set1_epi8(15);
+        for (int g = 0; g < ng; g++) {  /* two blocks: int32 lanes 0-3 block 0, 4-7 block 1 */
+            if (t == 0 && !(g & 1)) PREFETCH(q + g * 32 + PF);
+            __m256i b = _mm256_loadu_si256((const __m256i *)(q + g * 32));
+            __m256i wl = _mm256_shuffle_epi8(lut, _mm256_and_si256(b, mask));
+            __m256i wh = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(b, 4), mask));
+            __m256i xe = _mm256_loadu_si256((const __m256i *)(xt + g * G));
+            __m256i xo = _mm256_loadu_si256((const __m256i *)(xt + g * G + 32));
+            __m256i s = DPBUSD(_mm256_setzero_si256(), _mm256_sign_epi8(wl, wl), _mm256_sign_epi8(xe, wl));
+            s = DPBUSD(s, _mm256_sign_epi8(wh, wh), _mm256_sign_epi8(xo, wh));
+            __m256 f = _mm256_setr_m128(_mm_set1_ps(e8m0_half(sc[2 * g]) * st[2 * g]),
+                                        _mm_set1_ps(e8m0_half(sc[2 * g + 1]) * st[2 * g]));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), f, acc);
+        }
+        res[t] = hsum(acc);
+#else
+        float acc = 0.f;
+        for (int g = 0; g < ng; g++)
+            for (int b = 0; b < 2; b++) {
+                const uint8_t *qb = q + g * 32 + b * 16;
+                const int8_t *xe = xt + g * G + b * 16, *xo = xe + 32;
+                int s = 0;
+                for (int j = 0; j < 16; j++) s += FP4X2[qb[j] & 15] * xe[j] + FP4X2[qb[j] >> 4] * xo[j];
+                acc += (float)s * e8m0_half(sc[2 * g + b]) * st[2 * g];
+            }
+        res[t] = acc;
+#endif
+    }
+}
+
+/* one weight row (row index `row` of a stacked [rows, K] matrix in format `bits`) . T input rows */
+static void dot_row(int bits, const void *q, const void *s, long row, int K, const int8_t *xq, const float *xs,
+                    int T, float *res) {
+    if (bits == 4)
+        dot4((const uint8_t *)q + row * (K / 2), (const uint16_t *)s + row * 2 * (K / G), xq, xs, K, T, res);
+    else if (bits == 8)
+        dot8((const int8_t *)q + row * K, (const uint16_t *)s + row * (K / G), xq, xs, K, T, res);
+    else
+        dotfp4((const uint8_t *)q + row * (K / 2), (const uint8_t *)s + row * (K / 32), xq, xs, K, T, res);
+}
+
 /* sel: n_sel expert ids; rows r in [start[i], start[i+1]) belong to sel[i]; tok[r] its token, w[r] its weight.
  * X [n_tok, d]; OUT [n_tok, d] (added to). Scratch: XQ int8 [rows, d], XS [rows, 2 d/G], H [rows, 2I],
  * AQ int8 [rows, I], AS [rows, 2 I/G], Y [rows, d]. act: 0 SwiGLU (silu), 1 gpt-oss clamped.
  * weight_input: Llama 4 (the router weight scales the expert's input, not its output). */
 void moe_experts(int bits, int n_sel, const int64_t *sel, const int32_t *start, const int32_t *tok, const float *w,
                  const float *X, float *OUT, int d, int I,
-                 const void *gu_q, const uint16_t *gu_s, const void *dn_q, const uint16_t *dn_s,
+                 const void *gu_q, const void *gu_s, const void *dn_q, const void *dn_s,
                  const float *gu_b, const float *dn_b,
                  int8_t *XQ, float *XS, float *H, int8_t *AQ, float *AS, float *Y,
                  int act, float alpha, float limit, int weight_input) {
     int rows = start[n_sel], I2 = 2 * I;
-    long gu_row = bits == 4 ? d / 2 : d, dn_row = bits == 4 ? I / 2 : I;  /* bytes per row */
-    long gu_srow = bits == 4 ? 2 * (d / G) : d / G, dn_srow = bits == 4 ? 2 * (I / G) : I / G;
+    int layout = bits == 2 ? LAYOUT_EVEN_ODD : (bits == 4 && ZMM4 ? LAYOUT_PAIRED : LAYOUT_PLAIN);
     #pragma omp parallel
     {
         #pragma omp for schedule(static)
         for (int r = 0; r < rows; r++)  /* gather token rows so each expert's tokens are contiguous */
-            quant_row(X + (long)tok[r] * d, d, XQ + (long)r * d, XS + (long)r * 2 * (d / G), bits == 4 && ZMM4);
+            quant_row(X + (long)tok[r] * d, d, XQ + (long)r * d, XS + (long)r * 2 * (d / G), layout);
         #pragma omp for collapse(2) schedule(static)
         for (int i = 0; i < n_sel; i++) {
             for (int n = 0; n < I2; n++) {
@@ -227,8 +303,7 @@ void moe_experts(int bits, int n_sel, const int64_t *sel, const int32_t *start, 
                     int tn = T - t0 < 64 ? T - t0 : 64;
                     const int8_t *xq = XQ + (long)(r0 + t0) * d;
                     const float *xs = XS + (long)(r0 + t0) * 2 * (d / G);
-                    if (bits == 4) dot4((const uint8_t *)gu_q + row * gu_row, gu_s + row * gu_srow, xq, xs, d, tn, res);
-                    else dot8((const int8_t *)gu_q + row * gu_row, gu_s + row * gu_srow, xq, xs, d, tn, res);
+                    dot_row(bits, gu_q, gu_s, row, d, xq, xs, tn, res);
                     for (int t = 0; t < tn; t++) {
                         float v = res[t];
                         if (weight_input) v *= w[r0 + t0 + t];
@@ -251,7 +326,7 @@ void moe_experts(int bits, int n_sel, const int64_t *sel, const int32_t *start, 
                     h[j] = g / (1.f + expf(-g)) * u;
                 }
             }
-            quant_row(h, I, AQ + (long)r * I, AS + (long)r * 2 * (I / G), bits == 4 && ZMM4);
+            quant_row(h, I, AQ + (long)r * I, AS + (long)r * 2 * (I / G), layout);
         }
         #pragma omp for collapse(2) schedule(static)
         for (int i = 0; i < n_sel; i++) {
@@ -263,8 +338,7 @@ void moe_experts(int bits, int n_sel, const int64_t *sel, const int32_t *start, 
                     int tn = T - t0 < 64 ? T - t0 : 64;
                     const int8_t *aq = AQ + (long)(r0 + t0) * I;
                     const float *as = AS + (long)(r0 + t0) * 2 * (I / G);
-                    if (bits == 4) dot4((const uint8_t *)dn_q + row * dn_row, dn_s + row * dn_srow, aq, as, I, tn, res);
-                    else dot8((const int8_t *)dn_q + row * dn_row, dn_s + row * dn_srow, aq, as, I, tn, res);
+                    dot_row(bits, dn_q, dn_s, row, I, aq, as, tn, res);
                     for (int t = 0; t < tn; t++) {
                         float v = res[t];
                         if (dn_b) v += dn_b[e * d + n];
@@ -287,8 +361,7 @@ typedef struct {
     float alpha, limit;
     const float *pack;
     float *out;
-    const void *gu_q, *dn_q;
-    const uint16_t *gu_s, *dn_s;
+    const void *gu_q, *dn_q, *gu_s, *dn_s;
     const float *gu_b, *dn_b;
     int8_t *XQ, *AQ;
     float *XS, *H, *AS, *Y;

@@ -72,7 +72,13 @@ class _Layer:
         return None
 
 
-def read_moe(source, moe) -> dict:
+def has_mxfp4_experts(ckpt) -> bool:
+    return any(n.endswith("experts.gate_up_proj_blocks") for n in ckpt.tensors)
+
+
+def read_moe(source, moe, keep_mxfp4: bool = False) -> dict:
+    """keep_mxfp4: MXFP4 experts come back as out["mxfp4"] = (gate_up blocks, scales, down blocks,
+    scales), gate rows then up rows, and gate_up / down are None (nothing dequantized)."""
     if getattr(source.ckpt, "format", None) == "gguf":
         raise LlmarchError("MoE from GGUF is not supported by llmarch run yet; use the safetensors checkpoint",
                            str(source.ckpt.path))
@@ -87,13 +93,18 @@ def read_moe(source, moe) -> dict:
         raise LlmarchError(f"layer {moe.index}: router bias has shape {tuple(out['router_bias'].shape)}, the config "
                            f"says {E} experts", L.where)
     if L.has("experts.gate_up_proj") or L.has("experts.gate_up_proj_blocks"):
-        _fused(L, out, moe)
+        _fused(L, out, moe, keep_mxfp4)
     else:
         _per_expert(L, out, moe)
     want = {"gate_up": (E, 2 * inter, d), "down": (E, d, inter)}
+    if "mxfp4" in out:  # blocks of 32 inputs, 16 bytes each
+        want = {"gate_up": (E, 2 * inter, d // 32, 16), "down": (E, d, inter // 32, 16)}
+        out["gate_up"], out["down"] = out["mxfp4"][0], out["mxfp4"][2]
     for k, shape in want.items():
         if tuple(out[k].shape) != shape:
             raise LlmarchError(f"layer {moe.index}: experts' {k} is {tuple(out[k].shape)}, the config needs {shape}", L.where)
+    if "mxfp4" in out:
+        out["gate_up"] = out["down"] = None
     for pre in ("shared_experts", "shared_expert"):
         if L.has(f"{pre}.gate_proj.weight"):
             for p in ("gate", "up", "down"):
@@ -117,8 +128,16 @@ def _per_expert(L: _Layer, out: dict, moe) -> None:
     out["down"] = torch.stack(parts["down"])
 
 
-def _fused(L: _Layer, out: dict, moe) -> None:
+def _fused(L: _Layer, out: dict, moe, keep_mxfp4: bool = False) -> None:
     interleaved = moe.spec.family == "gpt_oss"
+    gate_then_up = (lambda t: torch.cat([t[:, 0::2], t[:, 1::2]], dim=1)) if interleaved else (lambda t: t)
+    if keep_mxfp4 and L.has("experts.gate_up_proj_blocks"):  # rows reordered, values untouched
+        out["mxfp4"] = (gate_then_up(L.raw("experts.gate_up_proj_blocks")), gate_then_up(L.raw("experts.gate_up_proj_scales")),
+                        L.raw("experts.down_proj_blocks"), L.raw("experts.down_proj_scales"))
+        gub = L.get("experts.gate_up_proj_bias")
+        out["gate_up_bias"] = None if gub is None else gate_then_up(gub)
+        out["down_bias"] = L.get("experts.down_proj_bias")
+        return
     if L.has("experts.gate_up_proj_blocks"):  # MXFP4 as shipped: [E, rows, d] after dequant
         gu = mxfp4_dequant(L.raw("experts.gate_up_proj_blocks"), L.raw("experts.gate_up_proj_scales"))
         down = mxfp4_dequant(L.raw("experts.down_proj_blocks"), L.raw("experts.down_proj_scales"))
@@ -126,9 +145,7 @@ def _fused(L: _Layer, out: dict, moe) -> None:
         gu = L.get("experts.gate_up_proj").transpose(1, 2)
         down = L.get("experts.down_proj", required="experts' down_proj").transpose(1, 2)
     gub = L.get("experts.gate_up_proj_bias")
-    if interleaved:  # gpt-oss: gate = columns 0, 2, 4, ..., up = 1, 3, 5, ...
-        gu = torch.cat([gu[:, 0::2], gu[:, 1::2]], dim=1)
-        if gub is not None:
-            gub = torch.cat([gub[:, 0::2], gub[:, 1::2]], dim=1)
+    # gpt-oss: gate = rows 0, 2, 4, ..., up = 1, 3, 5, ...
+    gu, gub = gate_then_up(gu), None if gub is None else gate_then_up(gub)
     out["gate_up"], out["down"] = gu.contiguous(), down.contiguous()
     out["gate_up_bias"], out["down_bias"] = gub, L.get("experts.down_proj_bias")

@@ -4,7 +4,9 @@ attention, router and shared experts stay on the GPU.
 
     --experts gpu|cpu|disk   where the routed experts live (default: gpu when they fit, else cpu)
     --expert-bits 16|8|4     16: the model dtype; 8: int8, one fp16 scale per 64 inputs;
-                             4: int4, fp16 scale + min per 64 inputs (4.5 bits per weight)
+                             4: int4, fp16 scale + min per 64 inputs (4.5 bits per weight);
+                             not given, on the CPU, for gpt-oss's MXFP4 experts: kept as shipped
+                             (MXFP4 = bits 2 internally: 4.25 bits per weight)
     --gpu-experts N          the N most used experts of each layer (counted while running) also
                              get a float copy on the GPU and are computed there
 
@@ -35,6 +37,8 @@ from llmarch.runtime.cbuild import build
 from llmarch.runtime.ops.moe import MoE, ResidentExperts, expert_ffn, group_by_expert
 
 G = 64  # quantization group along the input dim (moe_cpu.c's G)
+MXFP4 = 2  # the `bits` code of gpt-oss's experts kept as shipped (moe_cpu.c's third layout)
+FORMAT = {16: "16-bit", 8: "int8", 4: "int4", MXFP4: "mxfp4"}
 
 
 # ----------------------------------------------------------------------------- quantization
@@ -67,8 +71,12 @@ def fake_quant_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(q: torch.Tensor, s: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of quantize() (float32), for GPU-hot experts and for tests."""
+    """Inverse of quantize() (float32), for GPU-hot experts and for tests; MXFP4 rows too."""
     *lead, N, _ = q.shape
+    if bits == MXFP4:
+        from llmarch.runtime.moe_names import mxfp4_dequant
+
+        return mxfp4_dequant(q.reshape(*lead, N, -1, 16), s)
     if bits == 8:
         K = q.shape[-1]
         return (q.float().reshape(*lead, N, K // G, G) * s.float()[..., None]).reshape(*lead, N, K)
@@ -154,17 +162,20 @@ class OffloadedExperts(nn.Module):
             self.gu, self.gu_s = quantize(gate_up, self.bits)
             self.dn, self.dn_s = quantize(down, self.bits)
         self.cache = None
-        if place.experts == "disk":
-            self._to_disk(Path(place.disk_dir or tempfile.mkdtemp(prefix="llmarch-experts-")))
-            self.cache = place.disk_cache
-            if self.cache is not None:
-                self.cache.add(self._mm)
+        self._maybe_to_disk(place)
         self.hot_n = place.gpu_experts
         self.counts = np.zeros(self.E, dtype=np.int64)
         self.hot: dict[int, tuple] = {}
         self.calls = 0
         self.bytes_read = 0  # host expert bytes touched (each selected expert once per step)
         self.device = None
+
+    def _maybe_to_disk(self, place: Placement) -> None:
+        if place.experts == "disk":
+            self._to_disk(Path(place.disk_dir or tempfile.mkdtemp(prefix="llmarch-experts-")))
+            self.cache = place.disk_cache
+            if self.cache is not None:
+                self.cache.add(self._mm)
 
     def _to_disk(self, folder: Path) -> None:
         """Write this layer's quantized experts to one file and map it back: RSS holds only what is touched."""
@@ -215,13 +226,14 @@ class OffloadedExperts(nn.Module):
             self.hot[e] = (gu.to(self.device, self.dtype, non_blocking=True), dn.to(self.device, self.dtype, non_blocking=True))
 
     @classmethod
-    def from_quantized(cls, moe: MoE, parts: tuple, place: Placement, dtype) -> "OffloadedExperts":
-        """Wrap already-quantized (q, scales) tensors, e.g. random ones for a benchmark."""
+    def from_quantized(cls, moe: MoE, parts: tuple, place: Placement, dtype, biases=(None, None)) -> "OffloadedExperts":
+        """Wrap already-quantized (gate_up q, scales, down q, scales) in place.bits' layout: random ones
+        for a benchmark, or a checkpoint's MXFP4 blocks as shipped."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.E, self.d, self.inter, self.bits, self.dtype, self.index = moe.E, moe.d, moe.inter, place.bits, dtype, moe.index
-        self.gu, self.gu_s, self.dn, self.dn_s = parts
-        self.gu_b = self.dn_b = None
+        self.gu, self.gu_s, self.dn, self.dn_s = (t.contiguous() for t in parts)
+        self.gu_b, self.dn_b = (None if b is None else b.float().contiguous() for b in biases)
         self.hot_n, self.counts, self.hot, self.calls, self.bytes_read, self.device, self.cache = (
             place.gpu_experts, np.zeros(self.E, dtype=np.int64), {}, 0, 0, None, None)
         return self
@@ -349,7 +361,16 @@ class QuantGPUExperts(ResidentExperts):
 
 
 def store_factory(place: Placement, dtype, device):
-    def make(moe: MoE, gate_up, down, biases):
+    def make(moe: MoE, gate_up, down, biases, mxfp4=None):
+        if place.bits == MXFP4:  # blocks [E, rows, K/32, 16] as rows of K/2 bytes, e8m0 scales [E, rows, K/32]
+            if moe.d % G or moe.inter % G:
+                raise LlmarchError(f"MXFP4 experts on the CPU need widths that are multiples of {G} (hidden {moe.d}, "
+                                   f"expert {moe.inter}); use --expert-bits 16")
+            gub, gus, dnb, dns = mxfp4
+            parts = (gub.reshape(*gub.shape[:2], -1), gus, dnb.reshape(*dnb.shape[:2], -1), dns)
+            st = OffloadedExperts.from_quantized(moe, parts, place, dtype, biases)
+            st._maybe_to_disk(place)
+            return st
         if place.experts == "gpu" and place.bits == 16:
             ex = ResidentExperts(moe.E, moe.d, moe.inter, biases[0] is not None).to_empty(device=device)
             with torch.no_grad():
@@ -362,6 +383,7 @@ def store_factory(place: Placement, dtype, device):
         if place.experts == "gpu":
             return QuantGPUExperts(moe, gate_up, down, biases, place, dtype, device)
         return OffloadedExperts(moe, gate_up, down, biases, place, dtype)
+    make.keeps_mxfp4 = place.bits == MXFP4  # read_moe hands over the blocks instead of dequantizing
     return make
 
 
@@ -383,15 +405,17 @@ def expert_bytes(spec, bits: int, dtype_bytes: int = 2) -> tuple[int, int]:
     inter = m.expert_ffn or spec.intermediate_size
     n_moe = sum(1 for l in spec.schedule if l.ffn == "moe")
     routed = n_moe * m.experts * 3 * spec.hidden_size * inter
-    per_weight = {16: dtype_bytes, 8: 1 + 2 / G, 4: 0.5 + 4 / G}[bits]
+    per_weight = {16: dtype_bytes, 8: 1 + 2 / G, 4: 0.5 + 4 / G, MXFP4: 0.5 + 1 / 32}[bits]
     total = spec.params.get("total") or routed
     dense = max(total - routed - spec.params.get("mtp", 0), 0)
     return int(routed * per_weight), int(dense * dtype_bytes)
 
 
 def plan(spec, device: torch.device, dtype, experts: str | None, bits: int | None, gpu_experts: int = 0,
-         cache_gib: float = 2.0, disk_dir: str | None = None) -> Placement:
-    """Check the options and that the placement fits; the default puts experts on the GPU when they fit."""
+         cache_gib: float = 2.0, disk_dir: str | None = None, mxfp4: bool = False) -> Placement:
+    """Check the options and that the placement fits; the default puts experts on the GPU when they fit.
+    mxfp4: the checkpoint's experts are MXFP4; without --expert-bits they stay so on the CPU/disk."""
+    keep_mxfp4 = mxfp4 and bits is None
     bits = 16 if bits is None else bits
     if bits not in (16, 8, 4):
         raise LlmarchError(f"--expert-bits must be 16, 8 or 4, got {bits}")
@@ -409,6 +433,9 @@ def plan(spec, device: torch.device, dtype, experts: str | None, bits: int | Non
     where = "the GPU" if on_gpu else "host RAM"
     if experts is None:
         experts = "gpu" if routed + dense < 0.9 * dev_free else "cpu"
+    if keep_mxfp4 and experts != "gpu":
+        bits = MXFP4
+        routed = expert_bytes(spec, bits, dbytes)[0]
     hot = gpu_experts * routed // max(spec.moe.experts, 1)
     need_dev = dense + (routed if experts == "gpu" else hot)
     if need_dev > dev_free:
@@ -419,7 +446,7 @@ def plan(spec, device: torch.device, dtype, experts: str | None, bits: int | Non
         raise LlmarchError(f"not enough memory for --experts {experts} --expert-bits {bits}: needs {need_dev / GiB:.1f} GiB "
                            f"on {where} (dense {dense / GiB:.1f} GiB + experts), {dev_free / GiB:.1f} GiB free{alt}")
     if experts == "cpu" and on_gpu and routed > host_free:
-        raise LlmarchError(f"not enough host RAM for --experts cpu --expert-bits {bits}: experts need {routed / GiB:.1f} GiB, "
+        raise LlmarchError(f"not enough host RAM for --experts cpu ({FORMAT[bits]} experts): experts need {routed / GiB:.1f} GiB, "
                            f"{host_free / GiB:.1f} GiB free; try --expert-bits 4 or --experts disk")
     cache = DiskCache(int(cache_gib * GiB)) if experts == "disk" and hasattr(mmap, "MADV_DONTNEED") else None
     folder = None
@@ -464,7 +491,8 @@ def report(model, steps: int, decode_s: float, device, bandwidth: float | None =
     stores = offloaded(model)
     per_tok = sum(s.bytes_read for s in stores) / max(steps, 1)
     tok_s = steps / decode_s if decode_s > 0 else 0.0
-    out = {"decode_tok_s": round(tok_s, 2), "expert_bytes_per_token": int(per_tok),
+    out = {"decode_tok_s": round(tok_s, 2), "expert_format": FORMAT[stores[0].bits] if stores else None,
+           "expert_bytes_per_token": int(per_tok),
            "host_rss_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
     if device.type == "cuda":
         out["gpu_peak_mib"] = torch.cuda.max_memory_allocated(device) // 2**20

@@ -62,7 +62,7 @@ class SegmentedDecoder:
         self.captured: list = []
         self.copies_in_graph = False
         self.stores = [blocks[i].mlp.experts for i in self.cuts]
-        self.native = self.ok and all(st.bits in (4, 8) for st in self.stores) and 0 < k <= 256
+        self.native = self.ok and all(st.bits != 16 for st in self.stores) and 0 < k <= 256
         if self.native:
             self._native_contexts(device)
 

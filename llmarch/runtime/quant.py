@@ -8,7 +8,6 @@ Gemma file and runs on the GPU too. Layouts follow ggml-quants.c (block_q4_0, bl
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmarch.errors import LlmarchError

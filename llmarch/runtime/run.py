@@ -125,7 +125,7 @@ def run(o: RunOptions) -> dict:
             r = report(rt.model, max(len(res.tokens) - 1, 1), res.decode_s, rt.device)
             doc["offload"] = r
             if "bound_tok_s" in r:
-                summary += (f" · experts {r['expert_bytes_per_token'] / 2**20:.1f} MiB/token read from host, "
+                summary += (f" · {r['expert_format']} experts {r['expert_bytes_per_token'] / 2**20:.1f} MiB/token read from host, "
                             f"bound {r['bound_tok_s']:.1f} tok/s at {r['host_read_gb_s']} GB/s "
                             f"({100 * r['fraction_of_bound']:.0f}%) · peak RSS {r['host_rss_peak_mib']} MiB")
     if o.as_json:

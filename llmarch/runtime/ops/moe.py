@@ -174,7 +174,7 @@ class MoE(nn.Module):
         """Read this layer's router/experts/shared tensors (names from moe_names.py) and place them."""
         from llmarch.runtime.moe_names import read_moe
 
-        t = read_moe(source, self)
+        t = read_moe(source, self, keep_mxfp4=getattr(self.store_factory, "keeps_mxfp4", False))
         put = lambda x: nn.Parameter(x.to(device=device, dtype=dtype), requires_grad=False)  # noqa: E731
         self.router.weight = put(t["router"])
         if self.router.bias is not None:
@@ -189,7 +189,7 @@ class MoE(nn.Module):
             self.shared_gate = _linear(t["shared_gate_w"], None, dtype, device)
         biases = (t.get("gate_up_bias"), t.get("down_bias"))
         if self.store_factory is not None:
-            self.experts = self.store_factory(self, t["gate_up"], t["down"], biases)
+            self.experts = self.store_factory(self, t["gate_up"], t["down"], biases, t.get("mxfp4"))
             return
         ex = self.experts
         ex.gate_up, ex.down = put(t["gate_up"]), put(t["down"])
