@@ -31,16 +31,24 @@ QWEN3_30B_A3B = dict(  # Qwen/Qwen3-30B-A3B config.json shapes
     num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
     max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
 )
+GPT_OSS_120B = dict(  # openai/gpt-oss-120b config.json shapes (experts MXFP4 as shipped)
+    vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=36, num_attention_heads=64,
+    num_key_value_heads=8, head_dim=64, num_local_experts=128, num_experts_per_tok=4, sliding_window=128,
+    max_position_embeddings=131072, tie_word_embeddings=False,
+)
+GPT_OSS_20B = dict(GPT_OSS_120B, num_hidden_layers=24, num_local_experts=32)
+SHAPES = {"qwen3-30b-a3b": ("qwen3_moe", QWEN3_30B_A3B), "gpt-oss-20b": ("gpt_oss", GPT_OSS_20B),
+          "gpt-oss-120b": ("gpt_oss", GPT_OSS_120B)}
 SMALL = dict(QWEN3_30B_A3B, vocab_size=1024, hidden_size=256, moe_intermediate_size=128, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=16, num_experts_per_tok=4)
 
 
-def spec_of(config: dict):
+def spec_of(config: dict, family: str = "qwen3_moe"):
     from fixtures.make import make_skeleton
     from llmarch.checkpoint import open_checkpoint
     from llmarch.fingerprint import fingerprint
 
-    d = make_skeleton("qwen3_moe", tempfile.mkdtemp(prefix="bench-moe-"), config)  # headers only
+    d = make_skeleton(family, tempfile.mkdtemp(prefix="bench-moe-"), config)  # headers only
     return fingerprint(open_checkpoint(str(d)))
 
 
@@ -61,9 +69,11 @@ def build_llmarch(spec, device, dtype, bits: int, gpu_experts: int):
             E, d, I = mod.E, mod.d, mod.inter
             parts = []
             for rows, k in ((2 * I, d), (d, I)):
-                nbytes = k // 2 if bits == 4 else k
+                nbytes = k if bits == 8 else k // 2
                 q = torch.randint(0, 256, (E, rows, nbytes), dtype=torch.uint8, device=device)
-                if bits == 8:
+                if bits == 2:  # MXFP4: e8m0 scales near 2^-6 (weights about +-0.1 at most)
+                    s = torch.randint(118, 122, (E, rows, k // 32), dtype=torch.uint8, device=device)
+                elif bits == 8:
                     q = q.view(torch.int8)
                     s = torch.full((E, rows, k // G), 0.02 / 127 * 8, dtype=torch.float16, device=device)
                 else:  # w = q * s + m, q in 0..15: about +-0.02
@@ -201,6 +211,8 @@ def run_baseline(args, config, device):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true", help="a small shape (CPU smoke test)")
+    ap.add_argument("--shape", default="qwen3-30b-a3b", choices=sorted(SHAPES),
+                    help="real config shapes; gpt-oss: run with --bits 2 (MXFP4 as shipped), no baseline")
     ap.add_argument("--device", default=None)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=16)
@@ -224,8 +236,8 @@ def main():
     torch.set_num_threads(os.cpu_count())
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = SMALL if args.small else QWEN3_30B_A3B
-    spec = spec_of(config)
+    family, config = ("qwen3_moe", SMALL) if args.small else SHAPES[args.shape]
+    spec = spec_of(config, family)
     bw = host_read_bandwidth()
     machine = {"cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
                "host_read_gb_s": round(bw / 1e9, 1), "torch": torch.__version__}
@@ -239,7 +251,7 @@ def main():
         print(json.dumps(r), flush=True)
         rows.append(r)
     base = None
-    if not args.skip_baseline and device.type == "cuda":
+    if not args.skip_baseline and device.type == "cuda" and family == "qwen3_moe":
         base = run_baseline(args, config, device)
         print(json.dumps(base), flush=True)
     print(f"\n{'engine':<26}{'bits':>5}{'hot':>5}{'graphs':>7}{'thr':>4}{'tok/s':>9}{'MiB/tok':>9}{'bound':>8}{'frac':>7}"
