@@ -64,7 +64,7 @@ def build_llmarch(spec, device, dtype, bits: int, gpu_experts: int):
     model = build_model(spec)
     place = Placement("cpu", bits, gpu_experts)
     t0 = time.perf_counter()
-    for mname, mod in list(model.named_modules()):
+    for mod in list(model.modules()):
         if isinstance(mod, MoE):
             E, d, I = mod.E, mod.d, mod.inter
             parts = []
@@ -82,6 +82,7 @@ def build_llmarch(spec, device, dtype, bits: int, gpu_experts: int):
                     s = (s * (1 + 0.1 * torch.rand_like(s))).half().reshape(E, rows, 2 * (k // G))
                 parts += [q.cpu(), s.cpu()]
             mod.experts = OffloadedExperts.from_quantized(mod, tuple(parts), place, dtype)
+    for mod in model.modules():  # what is left on the meta device (not the replaced resident experts)
         for pname, p in list(mod._parameters.items()):
             if p is None or not p.is_meta:
                 continue
