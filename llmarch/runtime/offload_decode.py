@@ -40,11 +40,13 @@ class SegmentedDecoder:
         self.ok = bool(self.cuts) and all(b.attn_post_norm is None and b.ffn_post_norm is None for b in blocks) \
             and model.tied_quant is None and model.pos_embed is None \
             and not any(blocks[i].mlp.experts.hot_n for i in self.cuts)  # hot experts: the eager path
-        # MLA and chunked attention slice their caches by the position on the host: eager segments
+        # chunked attention slices its cache by the position on the host: eager segments
         from llmarch.runtime.ops.attention import Attention
         from llmarch.runtime.ops.llama4 import ChunkedAttention
+        from llmarch.runtime.ops.mla import MLAttention
 
-        capturable = all(isinstance(b.attn, Attention) and not isinstance(b.attn, ChunkedAttention) for b in blocks)
+        capturable = all(isinstance(b.attn, (Attention, MLAttention)) and not isinstance(b.attn, ChunkedAttention)
+                         for b in blocks)
         self.graphs = (device.type == "cuda" and capturable) if graphs is None else graphs
         d = model.spec.hidden_size
         dt = model.final_norm.weight.dtype

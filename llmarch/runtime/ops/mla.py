@@ -32,7 +32,9 @@ class LatentCache:
     def update(self, c, k_rot, pos):
         self.k.index_copy_(1, pos, c.to(self.k.dtype))
         self.v.index_copy_(1, pos, k_rot.to(self.v.dtype))
-        n = int(pos[-1]) + 1  # slots are positions: attend over the filled prefix
+        if c.shape[1] == 1:  # decode: the whole static cache, the mask hides what is not filled yet;
+            return self.k, self.v  # no host read of pos, so the step can be a CUDA graph
+        n = int(pos[-1]) + 1  # prefill: slots are positions, attend over the filled prefix
         return self.k[:, :n], self.v[:, :n]
 
 
