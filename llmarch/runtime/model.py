@@ -18,7 +18,7 @@ from llmarch.errors import LlmarchError
 from llmarch.runtime.ops.attention import Attention
 from llmarch.runtime.ops.mlp import GatedMLP, PlainMLP
 from llmarch.runtime.ops.norms import RMSNorm, make_norm
-from llmarch.runtime.ops.rope import Rope
+from llmarch.runtime.ops.rope import Rope, scaling_kind
 from llmarch.spec import ArchSpec, LayerSpec
 
 # mixer kind -> factory(spec, layer, rope) ; ffn kind -> factory(spec, layer)
@@ -70,8 +70,7 @@ def _rope_key(spec: ArchSpec, layer: LayerSpec):
         return None
     theta = layer.rope_theta or spec.rope.theta or 10000.0
     scaling = layer.rope_scaling if layer.rope_scaling is not None else spec.rope.scaling
-    kind = (scaling or {}).get("type") or (scaling or {}).get("rope_type") or "default"
-    if kind == "default":
+    if scaling_kind(scaling) == "default":
         scaling = None
     partial = layer.rope_partial if layer.rope_partial is not None else spec.rope.partial
     rot = int(spec.attention.head_dim * partial) // 2 * 2

@@ -18,7 +18,7 @@ from torch import nn
 
 from llmarch.errors import LlmarchError
 from llmarch.runtime.ops.norms import RMSNorm
-from llmarch.runtime.ops.rope import Rope, mscale
+from llmarch.runtime.ops.rope import Rope, mscale, scaling_kind
 from llmarch.spec import ArchSpec, LayerSpec
 
 
@@ -62,8 +62,7 @@ class MLAttention(nn.Module):
         # own tables over exactly the rope dims (the spec's partial fraction may not divide evenly)
         self.rope = Rope(self.rdim, self.rdim, theta, scaling or None, spec.context_length)
         self.scale = (self.nope + self.rdim) ** -0.5
-        kind = scaling.get("rope_type") or scaling.get("type")
-        if kind and kind != "default" and scaling.get("mscale_all_dim"):
+        if scaling_kind(scaling) != "default" and scaling.get("mscale_all_dim"):
             self.scale *= mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
         self.interleave = spec.config.get("rope_interleave", True)
 

@@ -62,9 +62,14 @@ def _yarn(dim: int, theta: float, p: dict, context: int | None) -> tuple[torch.T
     return inv, attn
 
 
+def scaling_kind(scaling: dict | None) -> str:
+    """The RoPE scaling type of a config's rope_scaling / rope_parameters ("type" in older configs)."""
+    return (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+
+
 def inv_freq(dim: int, theta: float, scaling: dict | None, context: int | None = None) -> tuple[torch.Tensor, float]:
     """(inverse frequencies for `dim` rotated dims, attention factor applied to cos/sin)."""
-    kind = (scaling or {}).get("type") or (scaling or {}).get("rope_type") or "default"
+    kind = scaling_kind(scaling)
     if kind == "default":
         return _default(dim, theta), 1.0
     if kind == "linear":
