@@ -1,4 +1,5 @@
-"""One decode step for a model whose routed experts run on the host, as one CUDA graph.
+"""One decode step for a model whose routed experts run on the host, the GPU work between two
+host round trips replayed as CUDA graphs.
 
 Per MoE layer the step must leave the GPU once (the router's choice and the activations go to the
 CPU kernel, the experts' sum comes back). Everything in between (the experts' sum added to the
@@ -6,7 +7,9 @@ residual, then the next layer's norm, attention, norm, router and shared expert)
 GPU work: a segment, captured once as a CUDA graph and replayed (one launch per layer instead of
 ~40). Between two segments Python copies [ids, weights, x] into pinned host memory, calls
 moe_cpu.c's moe_decode on a prepared context (no per-call argument marshalling: the round trip
-went from ~0.2 ms to ~0.06 ms) and copies the sum back. 16-bit experts take the torch path.
+went from ~0.2 ms to ~0.06 ms) and copies the sum back; the copies ride inside the graphs, and a
+shared expert is queued after the copy to the host, behind an event the host waits on, so it runs
+while the CPU computes. `--compile` fuses each segment first. 16-bit experts take the torch path.
 Measured and dropped: the whole step as one graph with the kernel as CUDA host nodes
 (cuLaunchHostFunc) was slower on the H100 machine (52 vs 34 ms per token): the driver's
 host-callback hand-off costs more than the Python round trip it replaces.
