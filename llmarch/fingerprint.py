@@ -329,8 +329,9 @@ def _moe(spec: ArchSpec, f: _Facts, recipe: dict, lt) -> None:
         shared = shared if has_shared_tensor else 0
     if has_shared_tensor:
         spec.evidence["moe.shared_experts"] = has_shared_tensor
-    expert_ffn = f.get(recipe.get("expert_ffn_key", "moe_intermediate_size"), "moe_intermediate_size",
-                       "expert_intermediate_size", fact="moe.expert_ffn")
+    # the recipe names the HF key (Llama 4: intermediate_size); GGUF configs are already canonical
+    key = "moe_intermediate_size" if spec.format == "gguf" else recipe.get("expert_ffn_key", "moe_intermediate_size")
+    expert_ffn = f.get(key, "moe_intermediate_size", "expert_intermediate_size", fact="moe.expert_ffn")
     if shared and not shared_ffn:
         shared_ffn = (expert_ffn or 0) * int(shared)
     m = MoESpec(experts=int(experts), experts_per_token=int(topk), shared_experts=int(shared or 0),

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmarch import recipe_book
 from llmarch.checkpoint import open_checkpoint
 from llmarch.errors import LlmarchError
 from llmarch.runtime.weights import ST_DTYPES
@@ -62,12 +63,18 @@ MOE_FAMILIES = ("qwen3_moe", "deepseek_v3", "gpt_oss", "glm4_moe", "llama4", "mi
                 "mimo_v2_flash")
 
 
-def check_supported(spec: ArchSpec, path) -> None:
+def check_supported(spec: ArchSpec, path, gguf: bool = False) -> None:
     if spec.family == "unknown" or not spec.layers or not spec.hidden_size:
         raise LlmarchError(f"unknown model family (no usable config); {DENSE_FAMILIES_NOTE}", path)
     if (spec.moe is not None or spec.attention.mla) and spec.family not in MOE_FAMILIES:  # issue 5
         raise LlmarchError(f"family {spec.family!r} (MoE/MLA) is not supported by llmarch run yet; "
                            f"MoE/MLA families run: {', '.join(MOE_FAMILIES)}", path)
+    if gguf and not recipe_book.for_model_type(spec.family).get("gguf_run", True):
+        raise LlmarchError(f"family {spec.family!r} from GGUF is not supported by llmarch run yet; use the "
+                           f"safetensors checkpoint", path)
+    if gguf and spec.attention.mla:
+        raise LlmarchError("MLA models from GGUF are not supported by llmarch run yet (llama.cpp splits kv_b into "
+                           "k_b/v_b); use the safetensors checkpoint", path)
     if spec.per_layer_embeddings or spec.linear_attention:
         raise LlmarchError(f"family {spec.family!r} is not supported by llmarch run yet; {DENSE_FAMILIES_NOTE}", path)
 
@@ -85,7 +92,7 @@ def load_runtime(source: str | None, device: str | None = None, dtype: str | Non
         spec = fingerprint(ckpt)
     except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as e:
         raise LlmarchError(f"cannot read the model's config: {type(e).__name__}: {e}", ckpt.path) from e
-    check_supported(spec, ckpt.path)
+    check_supported(spec, ckpt.path, getattr(ckpt, "format", None) == "gguf")
     notes: list[str] = []
     dt = pick_dtype(dtype, ckpt, dev, notes)
     if quant_bits and dev.type == "cuda" and quant_bits == 4:

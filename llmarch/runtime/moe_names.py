@@ -80,38 +80,73 @@ def read_moe(source, moe, keep_mxfp4: bool = False) -> dict:
     """keep_mxfp4: MXFP4 experts come back as out["mxfp4"] = (gate_up blocks, scales, down blocks,
     scales), gate rows then up rows, and gate_up / down are None (nothing dequantized)."""
     if getattr(source.ckpt, "format", None) == "gguf":
-        raise LlmarchError("MoE from GGUF is not supported by llmarch run yet; use the safetensors checkpoint",
-                           str(source.ckpt.path))
+        return _checked(_gguf_moe(source, moe), moe, str(source.ckpt.path))
     L = _Layer(source, moe)
-    E, d, inter = moe.E, moe.d, moe.inter
     out: dict = {"router": L.get("gate.weight", "router.weight", "router.gate.weight", required="router weight")}
-    if tuple(out["router"].shape) != (E, d):
-        raise LlmarchError(f"layer {moe.index}: router weight has shape {tuple(out['router'].shape)}, the config "
-                           f"says {E} experts x hidden {d}", L.where)
     out["router_bias"] = L.get("gate.e_score_correction_bias", "e_score_correction_bias", "router.bias", "expert_bias")
-    if out["router_bias"] is not None and tuple(out["router_bias"].shape) != (E,):
-        raise LlmarchError(f"layer {moe.index}: router bias has shape {tuple(out['router_bias'].shape)}, the config "
-                           f"says {E} experts", L.where)
     if L.has("experts.gate_up_proj") or L.has("experts.gate_up_proj_blocks"):
         _fused(L, out, moe, keep_mxfp4)
     else:
         _per_expert(L, out, moe)
+    for pre in ("shared_experts", "shared_expert"):
+        if L.has(f"{pre}.gate_proj.weight"):
+            for p in ("gate", "up", "down"):
+                out[f"shared_{p}"] = L.get(f"{pre}.{p}_proj.weight", required="shared expert")
+    out["shared_gate_w"] = L.get("shared_expert_gate.weight")
+    return _checked(out, moe, L.where)
+
+
+def _checked(out: dict, moe, where: str) -> dict:
+    """The shapes the config implies, whichever file format the tensors came from."""
+    E, d, inter = moe.E, moe.d, moe.inter
+    if tuple(out["router"].shape) != (E, d):
+        raise LlmarchError(f"layer {moe.index}: router weight has shape {tuple(out['router'].shape)}, the config "
+                           f"says {E} experts x hidden {d}", where)
+    if out.get("router_bias") is not None and tuple(out["router_bias"].shape) != (E,):
+        raise LlmarchError(f"layer {moe.index}: router bias has shape {tuple(out['router_bias'].shape)}, the config "
+                           f"says {E} experts", where)
     want = {"gate_up": (E, 2 * inter, d), "down": (E, d, inter)}
     if "mxfp4" in out:  # blocks of 32 inputs, 16 bytes each
         want = {"gate_up": (E, 2 * inter, d // 32, 16), "down": (E, d, inter // 32, 16)}
         out["gate_up"], out["down"] = out["mxfp4"][0], out["mxfp4"][2]
     for k, shape in want.items():
         if tuple(out[k].shape) != shape:
-            raise LlmarchError(f"layer {moe.index}: experts' {k} is {tuple(out[k].shape)}, the config needs {shape}", L.where)
+            raise LlmarchError(f"layer {moe.index}: experts' {k} is {tuple(out[k].shape)}, the config needs {shape}", where)
     if "mxfp4" in out:
         out["gate_up"] = out["down"] = None
-    for pre in ("shared_experts", "shared_expert"):
-        if L.has(f"{pre}.gate_proj.weight"):
-            for p in ("gate", "up", "down"):
-                out[f"shared_{p}"] = L.get(f"{pre}.{p}_proj.weight", required="shared expert")
     if moe.shared is not None and "shared_gate" not in out:
-        raise LlmarchError(f"layer {moe.index}: the config has a shared expert, the checkpoint has none", L.where)
-    out["shared_gate_w"] = L.get("shared_expert_gate.weight")
+        raise LlmarchError(f"layer {moe.index}: the config has a shared expert, the checkpoint has none", where)
+    return out
+
+
+def _gguf_moe(source, moe) -> dict:
+    """llama.cpp's names (gguf-py's table): ffn_gate_inp (router), exp_probs_b (correction bias),
+    ffn_{gate,up,down}_exps [E, out, in] stacked, ffn_*_shexp (shared expert), ffn_gate_inp_shexp.
+    Quantized blocks are dequantized here (the offload stores requantize to their own layouts)."""
+    import gguf
+
+    T, names = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
+
+    def get(t, kind: str = "weight", required: str | None = None):
+        name = f"{names[t].format(bid=moe.index)}.{kind}"
+        info = source.ckpt.tensors.get(name)
+        if info is None and required:
+            raise LlmarchError(f"layer {moe.index}: {required} missing ({name})", str(source.ckpt.path))
+        return None if info is None else source.read(info).float()
+
+    bias = get(T.FFN_EXP_PROBS_B, "bias")  # DeepSeek-style correction bias, else gpt-oss's router bias
+    out = {"router": get(T.FFN_GATE_INP, required="router weight"),
+           "router_bias": bias if bias is not None else get(T.FFN_GATE_INP, "bias")}
+    gate, up = get(T.FFN_GATE_EXP, required="routed experts"), get(T.FFN_UP_EXP, required="routed experts")
+    out["gate_up"], out["down"] = torch.cat([gate, up], dim=1), get(T.FFN_DOWN_EXP, required="routed experts")
+    gb, ub = get(T.FFN_GATE_EXP, "bias"), get(T.FFN_UP_EXP, "bias")
+    out["gate_up_bias"] = None if gb is None else torch.cat([gb, ub], dim=1)
+    out["down_bias"] = get(T.FFN_DOWN_EXP, "bias")
+    shared_gate = get(T.FFN_GATE_SHEXP)
+    if shared_gate is not None:
+        out["shared_gate"] = shared_gate
+        out["shared_up"], out["shared_down"] = get(T.FFN_UP_SHEXP, required="shared expert"), get(T.FFN_DOWN_SHEXP, required="shared expert")
+    out["shared_gate_w"] = get(T.FFN_GATE_INP_SHEXP)
     return out
 
 

@@ -196,6 +196,12 @@ class GGUFSource(WeightSource):
             "mlp.up": T.FFN_UP, "mlp.down": T.FFN_DOWN,
         }
         self.layer = {k: names[v] for k, v in self.layer.items()}
+        # pre-norm archs without an ffn_norm in gguf-py's table (glm4moe, gpt-oss) store the FFN's
+        # pre-norm as post_attention_norm
+        arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == self.arch), None)
+        known = gguf.MODEL_TENSORS.get(arch, ())
+        if spec.norm.placement == "pre" and T.FFN_NORM not in known and T.ATTN_POST_NORM in known:
+            self.layer["ffn_norm"] = names[T.ATTN_POST_NORM]
 
     def name_of(self, name: str) -> str | None:
         layer, stem, kind = split_name(name)

@@ -82,7 +82,7 @@ class ExpertAct:
         self.clamped = spec.family == "gpt_oss"
         self.alpha = float(spec.config.get("swiglu_alpha", 1.702))
         self.limit = float(spec.config.get("swiglu_limit", 7.0))
-        self.act = activation(spec.activation)
+        self.act = None if self.clamped else activation(spec.activation)  # (GGUF names gpt-oss's "swiglu_clamped")
 
     def __call__(self, gu: torch.Tensor) -> torch.Tensor:
         gate, up = gu[..., : self.inter], gu[..., self.inter:]
