@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmarch import recipe_book
 from llmarch.checkpoint import open_checkpoint
 from llmarch.errors import LlmarchError
 from llmarch.runtime.weights import ST_DTYPES
@@ -69,9 +68,6 @@ def check_supported(spec: ArchSpec, path, gguf: bool = False) -> None:
     if (spec.moe is not None or spec.attention.mla) and spec.family not in MOE_FAMILIES:  # issue 5
         raise LlmarchError(f"family {spec.family!r} (MoE/MLA) is not supported by llmarch run yet; "
                            f"MoE/MLA families run: {', '.join(MOE_FAMILIES)}", path)
-    if gguf and not recipe_book.for_model_type(spec.family).get("gguf_run", True):
-        raise LlmarchError(f"family {spec.family!r} from GGUF is not supported by llmarch run yet; use the "
-                           f"safetensors checkpoint", path)
     if gguf and spec.attention.mla:
         raise LlmarchError("MLA models from GGUF are not supported by llmarch run yet (llama.cpp splits kv_b into "
                            "k_b/v_b); use the safetensors checkpoint", path)
