@@ -366,6 +366,8 @@ def store_factory(place: Placement, dtype, device):
             if moe.d % G or moe.inter % G:
                 raise LlmarchError(f"MXFP4 experts on the CPU need widths that are multiples of {G} (hidden {moe.d}, "
                                    f"expert {moe.inter}); use --expert-bits 16")
+            if mxfp4 is None:
+                raise LlmarchError(f"layer {moe.index}: experts are not MXFP4 like the other layers'; use --expert-bits 16")
             gub, gus, dnb, dns = mxfp4
             parts = (gub.reshape(*gub.shape[:2], -1), gus, dnb.reshape(*dnb.shape[:2], -1), dns)
             st = OffloadedExperts.from_quantized(moe, parts, place, dtype, biases)
