@@ -46,6 +46,16 @@ static inline float h2f(uint16_t h) {
  * fake_quant_activations() is the same rounding in torch, for tests. */
 enum { LAYOUT_PLAIN, LAYOUT_PAIRED, LAYOUT_EVEN_ODD };
 
+/* -DMOE_PROFILE (benchmarks/moe_kernel_bench.c): seconds spent up to the end of each phase */
+#ifdef MOE_PROFILE
+#include <omp.h>
+double moe_prof[6];
+static double moe_t0;
+#define PROF(i) do { if ((i) == 0) { moe_t0 = omp_get_wtime(); } else { _Pragma("omp master") moe_prof[i] += omp_get_wtime() - moe_t0; } } while (0)
+#else
+#define PROF(i) ((void)0)
+#endif
+
 static void quant_row(const float *x, int K, int8_t *q, float *xs, int layout) {
     for (int g = 0; g < K / G; g++) {
         const float *xg = x + g * G;
@@ -53,8 +63,8 @@ static void quant_row(const float *x, int K, int8_t *q, float *xs, int layout) {
         for (int j = 0; j < G; j++) amax = fmaxf(amax, fabsf(xg[j]));
         float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
         int sum = 0;
-        for (int j = 0; j < G; j++) {
-            int v = (int)nearbyintf(xg[j] * inv);
+        for (int j = 0; j < G; j++) {  /* round half to even, as nearbyintf and torch.round, but in SIMD: */
+            int v = (int)((xg[j] * inv + 12582912.f) - 12582912.f);  /* 1.5 * 2^23 drops the fraction */
             q[g * G + j] = (int8_t)v;
             sum += v;
         }
@@ -288,11 +298,13 @@ void moe_experts(int bits, int n_sel, const int64_t *sel, const int32_t *start, 
                  int act, float alpha, float limit, int weight_input) {
     int rows = start[n_sel], I2 = 2 * I;
     int layout = bits == 2 ? LAYOUT_EVEN_ODD : (bits == 4 && ZMM4 ? LAYOUT_PAIRED : LAYOUT_PLAIN);
+    PROF(0);
     #pragma omp parallel
     {
         #pragma omp for schedule(static)
         for (int r = 0; r < rows; r++)  /* gather token rows so each expert's tokens are contiguous */
             quant_row(X + (long)tok[r] * d, d, XQ + (long)r * d, XS + (long)r * 2 * (d / G), layout);
+        PROF(1);
         #pragma omp for collapse(2) schedule(static)
         for (int i = 0; i < n_sel; i++) {
             for (int n = 0; n < I2; n++) {
@@ -313,6 +325,7 @@ void moe_experts(int bits, int n_sel, const int64_t *sel, const int32_t *start, 
                 }
             }
         }
+        PROF(2);
         #pragma omp for schedule(static)
         for (int r = 0; r < rows; r++) {
             float *h = H + (long)r * I2;  /* the activation overwrites the gate half in place */
@@ -328,6 +341,7 @@ void moe_experts(int bits, int n_sel, const int64_t *sel, const int32_t *start, 
             }
             quant_row(h, I, AQ + (long)r * I, AS + (long)r * 2 * (I / G), layout);
         }
+        PROF(3);
         #pragma omp for collapse(2) schedule(static)
         for (int i = 0; i < n_sel; i++) {
             for (int n = 0; n < d; n++) {
@@ -347,10 +361,12 @@ void moe_experts(int bits, int n_sel, const int64_t *sel, const int32_t *start, 
                 }
             }
         }
+        PROF(4);
         #pragma omp for schedule(static)
         for (int n = 0; n < d; n++)
             for (int r = 0; r < rows; r++) OUT[(long)tok[r] * d + n] += Y[(long)r * d + n];
     }
+    PROF(5);
 }
 
 /* One decode token (T = 1) of one layer, everything read from a context prepared once
