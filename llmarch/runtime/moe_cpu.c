@@ -150,8 +150,7 @@ static void dot4(const uint8_t *q, const uint16_t *sm, const int8_t *xq, const f
             prod[j] = h2f(sm[j]) * st[j];
             if (j & 1) accm += prod[j];
         }
-        accm += hsum(accm8);
-        __m256 acc = _mm256_setzero_ps();
+        __m256 acc = accm8;  /* the min terms ride in the accumulator: one horizontal sum per row */
         int g = 0;
 #if ZMM4
         __m512 accz = _mm512_setzero_ps();
@@ -165,7 +164,8 @@ static void dot4(const uint8_t *q, const uint16_t *sm, const int8_t *xq, const f
             __m512 f = _mm512_mask_broadcastss_ps(_mm512_set1_ps(prod[2 * g]), 0xFF00, _mm_load_ss(prod + 2 * g + 2));
             accz = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), f, accz);
         }
-        accm += _mm512_reduce_add_ps(accz);
+        acc = _mm256_add_ps(acc, _mm256_add_ps(_mm512_castps512_ps256(accz),
+                                                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(accz), 1))));
 #endif
         const __m256i mask = _mm256_set1_epi8(15);
         for (; g < ng; g++) {
