@@ -120,6 +120,7 @@ static inline float hsum(__m256 v) {
 #ifndef PF
 #define PF 2048
 #endif
+#define PFS (PF / 4)  /* in the scale stream (int4: 4 scale bytes per 32 weight bytes), twice as far */
 #if PF
 #define PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 3)
 #else
@@ -129,8 +130,8 @@ static inline float hsum(__m256 v) {
 /* one int4 row (K/64 groups of 32 bytes: byte j = element j low nibble, j + 32 high) . T int8 rows */
 static void dot4(const uint8_t *q, const uint16_t *sm, const int8_t *xq, const float *xs, int K, int T, float *res) {
     int ng = K / G;
-    PREFETCH(sm + 8 * ng);  /* scales of the row 2 ahead (4 fp16 per group) */
-    PREFETCH(sm + 8 * ng + 32);
+    PREFETCH((const char *)sm + PFS);  /* the scale stream, as far ahead in time as the weights' */
+    PREFETCH((const char *)sm + PFS + 64);
     for (int t = 0; t < T; t++) {
         const int8_t *xt = xq + (long)t * K;
         const float *st = xs + (long)t * 2 * ng;
@@ -195,7 +196,7 @@ static void dot4(const uint8_t *q, const uint16_t *sm, const int8_t *xq, const f
 /* one int8 row (K/64 groups, fp16 scale each) . T int8 rows */
 static void dot8(const int8_t *q, const uint16_t *sc, const int8_t *xq, const float *xs, int K, int T, float *res) {
     int ng = K / G;
-    PREFETCH(sc + 2 * ng);
+    PREFETCH((const char *)sc + PFS / 2);  /* int8: half the scale bytes per weight byte of int4 */
     for (int t = 0; t < T; t++) {
         const int8_t *xt = xq + (long)t * K;
         const float *st = xs + (long)t * 2 * ng;
@@ -238,7 +239,7 @@ static inline float e8m0_half(uint8_t e) {  /* 2^(e - 127) / 2 */
 /* one MXFP4 row . T int8 rows in the even/odd layout */
 static void dotfp4(const uint8_t *q, const uint8_t *sc, const int8_t *xq, const float *xs, int K, int T, float *res) {
     int ng = K / G;
-    PREFETCH(sc + 2 * ng);
+    PREFETCH((const char *)sc + PFS / 2);
     for (int t = 0; t < T; t++) {
         const int8_t *xt = xq + (long)t * K;
         const float *st = xs + (long)t * 2 * ng;
