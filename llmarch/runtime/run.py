@@ -127,7 +127,8 @@ def run(o: RunOptions) -> dict:
             if "bound_tok_s" in r:
                 summary += (f" · {r['expert_format']} experts {r['expert_bytes_per_token'] / 2**20:.1f} MiB/token read from host, "
                             f"bound {r['bound_tok_s']:.1f} tok/s at {r['host_read_gb_s']} GB/s "
-                            f"({100 * r['fraction_of_bound']:.0f}%) · peak RSS {r['host_rss_peak_mib']} MiB")
+                            f"({100 * r['fraction_of_bound']:.0f}%)"
+                            + (f" · peak RSS {r['host_rss_peak_mib']} MiB" if rt.device.type == "cuda" else ""))
     if o.as_json:
         sys.stdout.write(json.dumps(doc) + "\n")
     err.write(f"llmarch: {summary}\n")
