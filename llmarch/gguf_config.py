@@ -74,15 +74,19 @@ def gguf_to_config(arch: str, meta: dict[str, Any], recipe: dict) -> tuple[dict,
         if gkey in meta:
             config[ckey] = meta[gkey]
             evidence[ckey] = gkey
+    for ckey, value in recipe.get("gguf_defaults", {}).items():
+        if ckey not in config:
+            config[ckey] = value
+            evidence[ckey] = f"recipe {recipe.get('family')} (llama.cpp does not write it)"
+    # what llama.cpp hard-codes for the arch wins over the file (it is what runs there)
     conv = recipe.get("convert", {})
-    hard = {**recipe.get("gguf_defaults", {}), **conv.get("hard_coded", {}).get(arch, {})}
+    hard = dict(conv.get("hard_coded", {}).get(arch, {}))
     off = conv.get("qk_norm_off_at_experts")  # Llama 4: QK-norm unless 128 experts (llama.cpp's rule)
     if off and "num_experts" in config:
         hard[off["key"]] = config["num_experts"] != off["experts"]
     for ckey, value in hard.items():
-        if ckey not in config:
-            config[ckey] = value
-            evidence[ckey] = f"recipe {recipe.get('family')} (llama.cpp hard-codes it, does not write it)"
+        config[ckey] = value
+        evidence[ckey] = f"recipe {recipe.get('family')} (llama.cpp hard-codes it for {arch})"
 
     # per-layer arrays (e.g. head_count_kv per layer in some archs): keep the list, use the common value
     for key in ("num_key_value_heads", "num_attention_heads", "intermediate_size"):

@@ -134,10 +134,6 @@ def hf_config(ckpt, fam: Family, spec, tied: bool, dtype: str) -> dict:
         cfg[conv["qk_norm_key"]] = bool(spec.attention.qk_norm)
     if spec.mtp_layers or conv.get("drops_mtp"):
         cfg["num_nextn_predict_layers"] = 0  # MTP layers are not carried back
-    cfg.update(conv.get("hard_coded", {}).get(arch, {}))
-    off = conv.get("qk_norm_off_at_experts")
-    if off:
-        cfg[off["key"]] = cfg.get("num_experts") != off["experts"]
     for src, dst in conv.get("hf_keys", {}).items():
         if src in cfg:
             cfg[dst] = cfg.pop(src)
