@@ -287,6 +287,32 @@ static void dot_row(int bits, const void *q, const void *s, long row, int K, con
         dotfp4((const uint8_t *)q + row * (K / 2), (const uint8_t *)s + row * (K / 32), xq, xs, K, T, res);
 }
 
+/* OUT[r, n] = W[sel[i]][n] . x_r for n < N and the rows r of each selected expert i, spread over the
+ * team (an orphaned omp for: called inside moe_experts' parallel region). The router weight w[r]
+ * scales the dot product before the bias (pre_w: Llama 4's input weighting) or after it (post_w). */
+static void expert_rows(int bits, const void *q, const void *s, const float *b, int K, int N, int n_sel,
+                        const int64_t *sel, const int32_t *start, const int8_t *XQ, const float *XS,
+                        const float *w, int pre_w, int post_w, float *OUT) {
+    #pragma omp for collapse(2) schedule(static)
+    for (int i = 0; i < n_sel; i++) {
+        for (int n = 0; n < N; n++) {
+            int r0 = start[i], T = start[i + 1] - start[i];
+            long e = sel[i];
+            float res[64];
+            for (int t0 = 0; t0 < T; t0 += 64) {
+                int tn = T - t0 < 64 ? T - t0 : 64;
+                dot_row(bits, q, s, e * N + n, K, XQ + (long)(r0 + t0) * K, XS + (long)(r0 + t0) * 2 * (K / G), tn, res);
+                for (int t = 0; t < tn; t++) {
+                    float v = res[t], wt = w[r0 + t0 + t];
+                    if (pre_w) v *= wt;
+                    if (b) v += b[e * N + n];
+                    OUT[(long)(r0 + t0 + t) * N + n] = post_w ? v * wt : v;
+                }
+            }
+        }
+    }
+}
+
 /* sel: n_sel expert ids; rows r in [start[i], start[i+1]) belong to sel[i]; tok[r] its token, w[r] its weight.
  * X [n_tok, d]; OUT [n_tok, d] (added to). Scratch: XQ int8 [rows, d], XS [rows, 2 d/G], H [rows, 2I],
  * AQ int8 [rows, I], AS [rows, 2 I/G], Y [rows, d]. act: 0 SwiGLU (silu), 1 gpt-oss clamped.
@@ -306,26 +332,7 @@ void moe_experts(int bits, int n_sel, const int64_t *sel, const int32_t *start, 
         for (int r = 0; r < rows; r++)  /* gather token rows so each expert's tokens are contiguous */
             quant_row(X + (long)tok[r] * d, d, XQ + (long)r * d, XS + (long)r * 2 * (d / G), layout);
         PROF(1);
-        #pragma omp for collapse(2) schedule(static)
-        for (int i = 0; i < n_sel; i++) {
-            for (int n = 0; n < I2; n++) {
-                int r0 = start[i], T = start[i + 1] - start[i];
-                long e = sel[i], row = e * I2 + n;
-                float res[64];
-                for (int t0 = 0; t0 < T; t0 += 64) {
-                    int tn = T - t0 < 64 ? T - t0 : 64;
-                    const int8_t *xq = XQ + (long)(r0 + t0) * d;
-                    const float *xs = XS + (long)(r0 + t0) * 2 * (d / G);
-                    dot_row(bits, gu_q, gu_s, row, d, xq, xs, tn, res);
-                    for (int t = 0; t < tn; t++) {
-                        float v = res[t];
-                        if (weight_input) v *= w[r0 + t0 + t];
-                        if (gu_b) v += gu_b[e * I2 + n];
-                        H[(long)(r0 + t0 + t) * I2 + n] = v;
-                    }
-                }
-            }
-        }
+        expert_rows(bits, gu_q, gu_s, gu_b, d, I2, n_sel, sel, start, XQ, XS, w, weight_input, 0, H);
         PROF(2);
         #pragma omp for schedule(static)
         for (int r = 0; r < rows; r++) {
@@ -343,25 +350,7 @@ void moe_experts(int bits, int n_sel, const int64_t *sel, const int32_t *start, 
             quant_row(h, I, AQ + (long)r * I, AS + (long)r * 2 * (I / G), layout);
         }
         PROF(3);
-        #pragma omp for collapse(2) schedule(static)
-        for (int i = 0; i < n_sel; i++) {
-            for (int n = 0; n < d; n++) {
-                int r0 = start[i], T = start[i + 1] - start[i];
-                long e = sel[i], row = e * d + n;
-                float res[64];
-                for (int t0 = 0; t0 < T; t0 += 64) {
-                    int tn = T - t0 < 64 ? T - t0 : 64;
-                    const int8_t *aq = AQ + (long)(r0 + t0) * I;
-                    const float *as = AS + (long)(r0 + t0) * 2 * (I / G);
-                    dot_row(bits, dn_q, dn_s, row, I, aq, as, tn, res);
-                    for (int t = 0; t < tn; t++) {
-                        float v = res[t];
-                        if (dn_b) v += dn_b[e * d + n];
-                        Y[(long)(r0 + t0 + t) * d + n] = weight_input ? v : v * w[r0 + t0 + t];
-                    }
-                }
-            }
-        }
+        expert_rows(bits, dn_q, dn_s, dn_b, I, d, n_sel, sel, start, AQ, AS, w, 0, !weight_input, Y);
         PROF(4);
         #pragma omp for schedule(static)
         for (int n = 0; n < d; n++)
