@@ -111,8 +111,11 @@ def kernel_scratch(d: int, I: int, rows: int) -> tuple:
             np.empty((rows, I), np.int8), np.empty((rows, 2 * max(I // G, 1)), np.float32), np.empty((rows, d), np.float32))
 
 
-def _p(t: torch.Tensor | None):
-    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+def ptr(t) -> ctypes.c_void_p:
+    """The address of a torch tensor or numpy array for the kernel (NULL for None)."""
+    if t is None:
+        return ctypes.c_void_p(0)
+    return ctypes.c_void_p(t.ctypes.data if isinstance(t, np.ndarray) else t.data_ptr())
 
 
 # ----------------------------------------------------------------------------- stores
@@ -305,12 +308,11 @@ class OffloadedExperts(nn.Module):
         XQ, XS, H, AQ, AS, Y = self._scratch(n)
         out = np.zeros((T, d), dtype=np.float32)
         x_np = np.ascontiguousarray(x_h.numpy(), dtype=np.float32)
-        a = lambda arr: ctypes.c_void_p(arr.ctypes.data)  # noqa: E731
         cpu_kernel().moe_experts(
-            ctypes.c_int(self.bits), ctypes.c_int(len(sel)), a(sel), a(start), a(np.ascontiguousarray(tok)), a(wts),
-            a(x_np), a(out), ctypes.c_int(d), ctypes.c_int(I),
-            _p(self.gu), _p(self.gu_s), _p(self.dn), _p(self.dn_s), _p(self.gu_b), _p(self.dn_b),
-            a(XQ), a(XS), a(H), a(AQ), a(AS), a(Y),
+            ctypes.c_int(self.bits), ctypes.c_int(len(sel)), ptr(sel), ptr(start), ptr(np.ascontiguousarray(tok)), ptr(wts),
+            ptr(x_np), ptr(out), ctypes.c_int(d), ctypes.c_int(I),
+            ptr(self.gu), ptr(self.gu_s), ptr(self.dn), ptr(self.dn_s), ptr(self.gu_b), ptr(self.dn_b),
+            ptr(XQ), ptr(XS), ptr(H), ptr(AQ), ptr(AS), ptr(Y),
             ctypes.c_int(1 if act.clamped else 0), ctypes.c_float(act.alpha), ctypes.c_float(act.limit),
             ctypes.c_int(1 if weight_input else 0))
         self.touched(len(sel) * self.expert_bytes())

@@ -24,7 +24,7 @@ import ctypes
 
 import torch
 
-from llmarch.runtime.offload import OffloadedExperts, cpu_kernel, kernel_scratch
+from llmarch.runtime.offload import OffloadedExperts, cpu_kernel, kernel_scratch, ptr
 from llmarch.runtime.ops.moe import MoE
 
 
@@ -95,11 +95,10 @@ class SegmentedDecoder:
             moe = self.model.layers[i].mlp
             scratch = kernel_scratch(st.d, st.inter, self.k)  # its own: the store's grows (moves) in prefill
             self.scratch.append(scratch)
-            p = lambda t: t.ctypes.data if hasattr(t, "ctypes") else (t.data_ptr() if t is not None else None)  # noqa: E731
             self.ctxs.append(DecodeCtx(st.bits, self.k, st.d, st.inter, 1 if moe.act.clamped else 0,
                                        1 if moe.weight_input else 0, moe.act.alpha, moe.act.limit,
-                                       p(self.pack_h), p(self.out_h), p(st.gu), p(st.dn), p(st.gu_s), p(st.dn_s),
-                                       p(st.gu_b), p(st.dn_b), *(p(scratch[j]) for j in (0, 3, 1, 2, 4, 5))))
+                                       ptr(self.pack_h), ptr(self.out_h), ptr(st.gu), ptr(st.dn), ptr(st.gu_s), ptr(st.dn_s),
+                                       ptr(st.gu_b), ptr(st.dn_b), *(ptr(scratch[j]) for j in (0, 3, 1, 2, 4, 5))))
         self.ctx_ptrs = [ctypes.cast(ctypes.pointer(c), ctypes.c_void_p) for c in self.ctxs]
         self.bytes_per_step = [self.k * st.expert_bytes() for st in self.stores]
 
