@@ -148,6 +148,17 @@ def _mla_partial(tc):
     return tc.qk_rope_head_dim / (tc.qk_nope_head_dim + tc.qk_rope_head_dim)
 
 
+# DeepSeek-V3.2 and glm_moe_dsa: every layer MLA + lightning indexer, mlp_layer_types
+MLA_WITH_INDEXER = dict(
+    mixers=lambda tc: ["mla"] * L(tc),
+    mla=True,
+    indexer=True,
+    moe_layers=_mlp_layer_types,
+    shared_experts=lambda tc: tc.n_shared_experts,
+    kv_layer=_mla_kv,
+    partial=_mla_partial,
+)
+
 _NEMOTRON_MIXER = {"linear_attention": "mamba", "full_attention": "full", "moe": None, "mlp": None}
 
 SEM: dict[str, Sem] = {
@@ -208,15 +219,7 @@ SEM: dict[str, Sem] = {
         partial=_mla_partial,
     ),
     # DeepseekV32: every layer "indexed_attention" (MLA + lightning indexer), mlp_layer_types.
-    "deepseek_v32": Sem(
-        mixers=lambda tc: ["mla"] * L(tc),
-        mla=True,
-        indexer=True,
-        moe_layers=_mlp_layer_types,
-        shared_experts=lambda tc: tc.n_shared_experts,
-        kv_layer=_mla_kv,
-        partial=_mla_partial,
-    ),
+    "deepseek_v32": Sem(**MLA_WITH_INDEXER),
     # Glm4MoeAttention: q/k/v Linear(bias=attention_bias) but o_proj bias=False always;
     # q_norm/k_norm RMSNorm(head_dim) iff use_qk_norm; partial_rotary_factor default 0.5.
     "glm4_moe": Sem(
@@ -225,15 +228,7 @@ SEM: dict[str, Sem] = {
         out_bias=lambda tc: False,
         shared_experts=lambda tc: tc.n_shared_experts,
     ),
-    "glm_moe_dsa": Sem(
-        mixers=lambda tc: ["mla"] * L(tc),
-        mla=True,
-        indexer=True,
-        moe_layers=_mlp_layer_types,
-        shared_experts=lambda tc: tc.n_shared_experts,
-        kv_layer=_mla_kv,
-        partial=_mla_partial,
-    ),
+    "glm_moe_dsa": Sem(**MLA_WITH_INDEXER),
     # GptOssAttention: q/k/v/o with bias, sinks = Parameter(heads); every layer MoE
     # (GptOssExperts: gate_up_proj [E, d, 2I] + bias [E, 2I], down_proj [E, I, d] + bias [E, d]).
     "gpt_oss": Sem(
