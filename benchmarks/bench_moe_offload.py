@@ -46,7 +46,7 @@ SMALL = dict(QWEN3_30B_A3B, vocab_size=1024, hidden_size=256, moe_intermediate_s
 def spec_of(config: dict, family: str = "qwen3_moe"):
     from fixtures.make import make_skeleton
     from llmarch.checkpoint import open_checkpoint
-    from llmarch.fingerprint import fingerprint
+    from llmarch.arch.fingerprint import fingerprint
 
     d = make_skeleton(family, tempfile.mkdtemp(prefix="bench-moe-"), config)  # headers only
     return fingerprint(open_checkpoint(str(d)))

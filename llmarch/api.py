@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from llmarch.checkpoint import open_checkpoint
 from llmarch.errors import LlmarchError
-from llmarch.spec import KV_DTYPE_BYTES, ArchSpec
+from llmarch.arch.spec import KV_DTYPE_BYTES, ArchSpec
 
 
 def load_spec(source: str | None) -> ArchSpec:
@@ -14,14 +14,14 @@ def load_spec(source: str | None) -> ArchSpec:
 def load_checkpoint_spec(source: str | None):
     """(checkpoint, spec): for callers that also need the tensor index (diff --tensors)."""
     ckpt = open_checkpoint(source)
-    from llmarch.fingerprint import fingerprint
+    from llmarch.arch.fingerprint import fingerprint
 
     try:
         spec = fingerprint(ckpt)
     except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as e:
         where = ckpt.path / "config.json" if ckpt.config is not None and ckpt.path.is_dir() else ckpt.path
         raise LlmarchError(f"config values of the wrong type or missing: {type(e).__name__}: {e}", where) from e
-    spec.extras.setdefault("source", str(ckpt.path))
+    spec.source = str(ckpt.path)
     return ckpt, spec
 
 
@@ -38,4 +38,26 @@ def inspect_source(source: str | None, context: int | None = None, kv_dtype: str
 
     check_report_options(context, kv_dtype)
     spec = load_spec(source)
-    return to_document(spec, context, kv_dtype, source=spec.extras.pop("source"))
+    return to_document(spec, context, kv_dtype)
+
+
+def diff_sources(a: str, b: str, context: int | None = None, kv_dtype: str | None = None,
+                 tensors: bool = False) -> tuple[dict, dict, dict]:
+    """(diff document, doc A, doc B): each checkpoint is opened once, headers only."""
+    from llmarch.report.diff import compare
+    from llmarch.report.document import to_document
+
+    check_report_options(context, kv_dtype)
+    (ca, sa), (cb, sb) = load_checkpoint_spec(a), load_checkpoint_spec(b)
+    # one KV dtype for both (a GGUF says f16 where its source says bf16: same bytes, same model)
+    kv = kv_dtype or sa.kv_dtype_default
+    da = to_document(sa, context, kv)
+    db = to_document(sb, context, kv)
+    tdiff = None
+    if tensors:
+        from llmarch.report.tensor_diff import canonical_tensors, compare_tensors, gguf_arch_of
+
+        arch = gguf_arch_of(da) or gguf_arch_of(db)
+        tdiff = compare_tensors(canonical_tensors(ca.tensors, ca.format, gguf_arch_of(da) or arch),
+                                canonical_tensors(cb.tensors, cb.format, gguf_arch_of(db) or arch))
+    return compare(da, db, tdiff), da, db

@@ -85,7 +85,8 @@ def diff(
 
     Example: llmarch diff Qwen/Qwen3-8B Qwen/Qwen3-30B-A3B --tensors
     """
-    from llmarch.report.diff import diff_sources, exit_status, markdown, print_diff
+    from llmarch.api import diff_sources
+    from llmarch.report.diff import exit_status, markdown, print_diff
 
     d, da, db = diff_sources(a, b, context, kv_dtype, tensors)
     if diagram:

@@ -307,7 +307,7 @@ def test_transformers_configs_of_every_family_pass_the_type_checks(tmp_path):
     from fixtures.families import FAMILIES, available
     from transformers import AutoConfig
 
-    from llmarch.checkpoint.open import read_config
+    from llmarch.checkpoint.folder import read_config
 
     checked = 0
     for name, entry in FAMILIES.items():
@@ -326,7 +326,7 @@ def test_deepseek_hub_config_passes_the_type_checks(tmp_path):
     sys.path.insert(0, str(ROOT))
     from fixtures.make import deepseek_v3_hub_config
 
-    from llmarch.checkpoint.open import read_config
+    from llmarch.checkpoint.folder import read_config
 
     f = tmp_path / "config.json"
     f.write_text(json.dumps(deepseek_v3_hub_config()))

@@ -12,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from llmarch.cli import app
-from llmarch.report.diff import diff_sources, exit_status
+from llmarch.api import diff_sources
+from llmarch.report.diff import exit_status
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +49,7 @@ def test_qwen3_vs_qwen3_moe(tiny):
            and (i + 1) % cb["decoder_sparse_step"] == 0]
     both = range(min(ca["num_hidden_layers"], cb["num_hidden_layers"]))
     sched = {s["ranges"]: s["text"] for s in d["schedule"]}
-    from llmarch.report.text import index_ranges
+    from llmarch.arch.ranges import index_ranges
 
     assert sched[index_ranges([i for i in both if i in moe])] == "ffn dense in A, moe in B"
     assert sched[index_ranges(list(range(ca["num_hidden_layers"], cb["num_hidden_layers"])))] == "only in B"
@@ -75,7 +76,7 @@ def test_gemma3_window_change(tiny):
     sw = row(d, "schedule", "sliding local:global")
     assert sw["a"] == f"{len(sliding)}:{n_full} @ {ca['sliding_window']}"
     assert sw["b"] == f"{len(sliding)}:{n_full} @ {cb['sliding_window']}"
-    from llmarch.report.text import index_ranges
+    from llmarch.arch.ranges import index_ranges
 
     assert [(s["ranges"], s["text"]) for s in d["schedule"]] == [
         (index_ranges(sliding), f"mixer sliding({ca['sliding_window']}) in A, sliding({cb['sliding_window']}) in B")]
@@ -91,7 +92,7 @@ def test_llama_vs_smollm3(tiny):
     assert nope, "smollm3 fixture must have NoPE layers"
     d, _, _ = diff_sources(str(a), str(b))
     assert exit_status(d) == 1
-    from llmarch.report.text import index_ranges
+    from llmarch.arch.ranges import index_ranges
 
     assert row(d, "positions", "NoPE layers")["b"] == index_ranges(nope)
     assert row(d, "positions", "NoPE layers")["a"] == "none"

@@ -196,7 +196,7 @@ def _run_main(*argv, ok=(0, None)) -> str:
 
 
 def test_cli_import_is_light():
-    assert _modules_after("import llmarch.cli, llmarch.api, llmarch.checkpoint, llmarch.fingerprint") == []
+    assert _modules_after("import llmarch.cli, llmarch.api, llmarch.checkpoint, llmarch.arch.fingerprint") == []
 
 
 def test_inspect_gguf_imports_no_heavy_module():

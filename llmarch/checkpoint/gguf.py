@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from llmarch.checkpoint.base import Checkpoint, TensorInfo, check_no_overlap
-from llmarch.checkpoint.gguf_constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, Keys
+from llmarch.checkpoint.gguf_constants import GENERIC_KEYS, GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, Keys
 from llmarch.errors import CheckpointError
 
 GGUF_MAGIC = b"GGUF"
@@ -257,8 +257,6 @@ def check_metadata_types(meta: dict[str, Any], path: Path) -> None:
     arch = meta["general.architecture"]
     if not isinstance(arch, str) or not arch:
         raise CheckpointError(f"general.architecture must be a non-empty string, got {arch!r}", path)
-    from llmarch.gguf_config import GENERIC_KEYS
-
     strings = {Keys.Rope.SCALING_TYPE}
     for template in GENERIC_KEYS:
         key = template.format(arch=arch)

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from llmarch.checkpoint.base import Checkpoint, TensorInfo, check_no_overlap
-from llmarch.checkpoint.open import SIDE_FILES, open_folder, read_config
+from llmarch.checkpoint.folder import SIDE_FILES, open_folder, read_config
 from llmarch.checkpoint.safetensors import DTYPE_SIZES
 from llmarch.errors import CheckpointError
 

@@ -1,7 +1,7 @@
 """GGUF -> Hugging Face folder (config.json, model.safetensors, tokenizer.json, tokenizer_config.json)
 that transformers' from_pretrained loads.
 
-config.json: llmarch.gguf_config's reading of the metadata plus the family's recipe (what
+config.json: llmarch.arch.gguf_config's reading of the metadata plus the family's recipe (what
 llama.cpp hard-codes), in the shape transformers' config class expects. Tensors: renamed back
 through layout.py, un-permuted, norm shift undone, experts split, dequantized with gguf.quants
 (K-quants included) to --dtype, and streamed into a safetensors file whose header is written first.
@@ -81,7 +81,7 @@ def _gguf_items(ckpt, fam: Family, n_blocks: int):
 
 
 def hf_config(ckpt, fam: Family, spec, tied: bool, dtype: str) -> dict:
-    from llmarch.gguf_config import gguf_to_config
+    from llmarch.arch.gguf_config import gguf_to_config
 
     meta = ckpt.metadata
     arch = meta["general.architecture"]

@@ -1,4 +1,4 @@
-"""ArchSpec -> GGUF metadata (the keys llama.cpp reads), by reversing llmarch.gguf_config's table.
+"""ArchSpec -> GGUF metadata (the keys llama.cpp reads), by reversing llmarch.arch.gguf_config's table.
 
 gguf_config.GENERIC_KEYS maps each gguf-py key template to an HF-style config key; here the spec
 is flattened into those HF-style keys and each one is written under its template. Only what
@@ -14,8 +14,8 @@ from gguf import GGUFValueType as V
 from gguf import Keys
 
 from llmarch.errors import LlmarchError
-from llmarch.gguf_config import GENERIC_KEYS
-from llmarch.spec import ArchSpec
+from llmarch.checkpoint.gguf_constants import GENERIC_KEYS
+from llmarch.arch.spec import ArchSpec
 
 # GGUF stores these as float32 even when config.json writes an integer (rope_theta: 10000)
 # exact HF rope scaling for scalings llama.cpp turns into tensors (read back by from_gguf)

@@ -17,7 +17,7 @@ from functools import lru_cache
 import gguf
 from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES
 
-from llmarch import recipe_book
+from llmarch.arch import recipe_book
 from llmarch.errors import LlmarchError
 
 T = MODEL_TENSOR

@@ -18,8 +18,8 @@ from gguf import GGML_QUANT_SIZES, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES, GG
 from llmarch.checkpoint.base import Checkpoint, TensorInfo
 from llmarch.convert.layout import Family, name_map
 from llmarch.errors import LlmarchError
-from llmarch.spec import ArchSpec
-from llmarch.tensor_roles import is_vision, layer_of
+from llmarch.arch.spec import ArchSpec
+from llmarch.arch.tensor_roles import is_vision, layer_of
 
 Q = GGMLQuantizationType
 DTYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {

@@ -15,7 +15,8 @@ from xml.sax.saxutils import escape
 
 from llmarch.errors import LlmarchError
 from llmarch.report.diagram_parts import Part, block_parts, head_parts, layers_from_doc, title_lines
-from llmarch.report.text import index_ranges, layer_label, repeat_unit
+from llmarch.arch.ranges import index_ranges
+from llmarch.report.text import layer_label, repeat_unit
 
 FONT = "DejaVu Sans, Verdana, Arial, sans-serif"
 CHAR_W = {False: 0.62, True: 0.68}  # advance per font-size unit, a little wide on purpose

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llmarch.report.text import count
-from llmarch.spec import LayerSpec
+from llmarch.arch.spec import LayerSpec
 
 KIND_NAMES = {"MHA": "Multi-head attention", "GQA": "Grouped-query attention",
               "MQA": "Multi-query attention", "MLA": "Multi-head latent attention"}
@@ -157,7 +157,7 @@ def title_lines(doc: dict) -> list[str]:
 
 def _extras(doc: dict) -> list[str]:
     """Whole-model features a block drawing does not show (Gemma 3n's KV sharing, AltUp, ...)."""
-    from llmarch.report.text import index_ranges
+    from llmarch.arch.ranges import index_ranges
 
     out = []
     for k, v in (doc.get("extras") or {}).items():

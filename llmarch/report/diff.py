@@ -7,9 +7,10 @@ Tensor names are compared in one canonical (GGUF) naming, see report/tensor_diff
 
 from __future__ import annotations
 
-from llmarch import recipe_book
+from llmarch.arch import recipe_book
 from llmarch.report.table import fact_rows
-from llmarch.report.text import count, index_ranges, nbytes
+from llmarch.arch.ranges import index_ranges
+from llmarch.report.text import count, nbytes
 
 SCHEMA_VERSION = 1
 # fact_rows rows that describe how a model is stored, not what it is
@@ -140,28 +141,6 @@ def compare(a: dict, b: dict, tensors: dict | None = None) -> dict:
         "tensors": tensors,
         "warnings": {"a": a.get("warnings", []), "b": b.get("warnings", [])},
     }
-
-
-def diff_sources(a: str, b: str, context: int | None = None, kv_dtype: str | None = None,
-                 tensors: bool = False) -> tuple[dict, dict, dict]:
-    """(diff document, doc A, doc B): each checkpoint is opened once, headers only."""
-    from llmarch.api import check_report_options, load_checkpoint_spec
-    from llmarch.report.document import to_document
-
-    check_report_options(context, kv_dtype)
-    (ca, sa), (cb, sb) = load_checkpoint_spec(a), load_checkpoint_spec(b)
-    # one KV dtype for both (a GGUF says f16 where its source says bf16: same bytes, same model)
-    kv = kv_dtype or sa.kv_dtype_default
-    da = to_document(sa, context, kv, source=sa.extras.pop("source"))
-    db = to_document(sb, context, kv, source=sb.extras.pop("source"))
-    tdiff = None
-    if tensors:
-        from llmarch.report.tensor_diff import canonical_tensors, compare_tensors, gguf_arch_of
-
-        arch = gguf_arch_of(da) or gguf_arch_of(db)
-        tdiff = compare_tensors(canonical_tensors(ca.tensors, ca.format, gguf_arch_of(da) or arch),
-                                canonical_tensors(cb.tensors, cb.format, gguf_arch_of(db) or arch))
-    return compare(da, db, tdiff), da, db
 
 
 def exit_status(d: dict) -> int:

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from llmarch.report.text import schedule_pattern
-from llmarch.spec import ArchSpec
+from llmarch.arch.spec import ArchSpec
 
 SCHEMA_VERSION = 1
 
 
-def to_document(spec: ArchSpec, context: int | None = None, kv_dtype: str | None = None, source: str | None = None) -> dict:
+def to_document(spec: ArchSpec, context: int | None = None, kv_dtype: str | None = None) -> dict:
     a = spec.attention
     ratios = spec.ratios()
     moe = None
@@ -18,7 +18,7 @@ def to_document(spec: ArchSpec, context: int | None = None, kv_dtype: str | None
         moe = asdict(spec.moe)
     return {
         "schema": SCHEMA_VERSION,
-        "source": source,
+        "source": spec.source,
         "family": spec.family,
         "text_family": spec.text_family,
         "architecture": spec.architecture,

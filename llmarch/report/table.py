@@ -6,7 +6,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from llmarch.report.text import count, index_ranges, nbytes
+from llmarch.arch.ranges import index_ranges
+from llmarch.report.text import count, nbytes
 
 
 def fact_rows(doc: dict) -> list[tuple[str, str, str]]:

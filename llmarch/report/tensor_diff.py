@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from llmarch import recipe_book
+from llmarch.arch import recipe_book
 
 EXPERT_RE = re.compile(r"\.experts\.(\d+)\.")
 LAYER_RE = re.compile(r"(^|\.)(blk|layers|h|blocks)\.(\d+)\.")
@@ -95,7 +95,7 @@ def compare_tensors(a: dict[str, tuple], b: dict[str, tuple]) -> dict:
                 add("shape", name, f"{list(sa)} -> {list(sb)}")
             if da != db:
                 add("dtype", name, f"{da} -> {db}")
-    from llmarch.report.text import index_ranges
+    from llmarch.arch.ranges import index_ranges
 
     out: dict[str, list] = {"only_in_a": [], "only_in_b": [], "shape": [], "dtype": []}
     for (kind, tmpl, detail), layers in groups.items():

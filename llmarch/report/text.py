@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llmarch.spec import ArchSpec, LayerSpec
+from llmarch.arch.spec import ArchSpec, LayerSpec
 
 
 def count(n: int | float | None) -> str:
@@ -32,20 +32,6 @@ def layer_label(layer: LayerSpec, learned_positions: bool = False) -> str:
         parts.append(f"kv<-{layer.kv_shared_from}")
     parts.append(layer.ffn)
     return " ".join(parts)
-
-
-def index_ranges(idx: list[int]) -> str:
-    if not idx:
-        return "none"
-    out, start, prev = [], idx[0], idx[0]
-    for i in idx[1:] + [None]:
-        if i is not None and i == prev + 1:
-            prev = i
-            continue
-        out.append(str(start) if start == prev else f"{start}-{prev}")
-        if i is not None:
-            start = prev = i
-    return ",".join(out)
 
 
 def schedule_runs(spec: ArchSpec) -> list[tuple[int, int, str]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from llmarch.spec import LayerSpec
+from llmarch.arch.spec import LayerSpec
 
 
 class SlotGroup:

@@ -6,10 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmarch.checkpoint import open_checkpoint
 from llmarch.errors import LlmarchError
 from llmarch.runtime.weights import ST_DTYPES
-from llmarch.spec import ArchSpec
+from llmarch.arch.spec import ArchSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -78,16 +77,12 @@ def check_supported(spec: ArchSpec, path, gguf: bool = False) -> None:
 def load_runtime(source: str | None, device: str | None = None, dtype: str | None = None,
                  quant_bits: int | None = None, experts: str | None = None, expert_bits: int | None = None,
                  gpu_experts: int = 0, expert_cache_gib: float = 2.0, expert_dir: str | None = None) -> Runtime:
-    from llmarch.fingerprint import fingerprint
+    from llmarch.api import load_checkpoint_spec
     from llmarch.runtime.model import build_model, load_weights
     from llmarch.runtime.weights import open_weights
 
     dev = pick_device(device)
-    ckpt = open_checkpoint(source)
-    try:
-        spec = fingerprint(ckpt)
-    except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as e:
-        raise LlmarchError(f"cannot read the model's config: {type(e).__name__}: {e}", ckpt.path) from e
+    ckpt, spec = load_checkpoint_spec(source)
     check_supported(spec, ckpt.path, getattr(ckpt, "format", None) == "gguf")
     notes: list[str] = []
     dt = pick_dtype(dtype, ckpt, dev, notes)

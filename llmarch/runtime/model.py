@@ -19,7 +19,7 @@ from llmarch.runtime.ops.attention import Attention
 from llmarch.runtime.ops.mlp import GatedMLP, PlainMLP
 from llmarch.runtime.ops.norms import RMSNorm, make_norm
 from llmarch.runtime.ops.rope import Rope, scaling_kind
-from llmarch.spec import ArchSpec, LayerSpec
+from llmarch.arch.spec import ArchSpec, LayerSpec
 
 # mixer kind -> factory(spec, layer, rope) ; ffn kind -> factory(spec, layer)
 MIXERS: dict[str, Callable[..., nn.Module]] = {"full": Attention, "sliding": Attention}
@@ -34,7 +34,7 @@ def dense_ffn(spec: ArchSpec, layer: LayerSpec) -> nn.Module:
 FFNS: dict[str, Callable[..., nn.Module]] = {"dense": dense_ffn}
 # issue 5 (MoE/MLA): registered from their own files
 from llmarch.runtime.ops.mla import MLAttention  # noqa: E402
-from llmarch.runtime.ops.llama4 import ChunkedAttention  # noqa: E402
+from llmarch.runtime.ops.chunked_attention import ChunkedAttention  # noqa: E402
 from llmarch.runtime.ops.moe import moe_ffn  # noqa: E402
 
 MIXERS["mla"] = MLAttention

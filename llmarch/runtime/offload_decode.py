@@ -45,7 +45,7 @@ class SegmentedDecoder:
             and not any(blocks[i].mlp.experts.hot_n for i in self.cuts)  # hot experts: the eager path
         # chunked attention slices its cache by the position on the host: eager segments
         from llmarch.runtime.ops.attention import Attention
-        from llmarch.runtime.ops.llama4 import ChunkedAttention
+        from llmarch.runtime.ops.chunked_attention import ChunkedAttention
         from llmarch.runtime.ops.mla import MLAttention
 
         capturable = all(isinstance(b.attn, (Attention, MLAttention)) and not isinstance(b.attn, ChunkedAttention)

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmarch import recipe_book
+from llmarch.arch import recipe_book
 from llmarch.checkpoint.base import Checkpoint, TensorInfo
 from llmarch.errors import LlmarchError
-from llmarch.spec import ArchSpec
+from llmarch.arch.spec import ArchSpec
 from llmarch.qk_permute import from_gguf_order
 
 # canonical leaf -> HF suffix within a decoder layer (Llama layout; most families)

@@ -16,7 +16,7 @@ from torch import nn
 
 from llmarch.runtime.ops.norms import make_norm
 from llmarch.runtime.ops.rope import Rope
-from llmarch.spec import ArchSpec, LayerSpec
+from llmarch.arch.spec import ArchSpec, LayerSpec
 
 
 def attend(q, k, v, mask, scale: float, softcap: float | None = None, sinks: torch.Tensor | None = None,

@@ -19,7 +19,7 @@ from torch import nn
 from llmarch.errors import LlmarchError
 from llmarch.runtime.ops.norms import RMSNorm
 from llmarch.runtime.ops.rope import Rope, mscale, scaling_kind
-from llmarch.spec import ArchSpec, LayerSpec
+from llmarch.arch.spec import ArchSpec, LayerSpec
 
 
 class LatentCache:

@@ -21,7 +21,7 @@ from torch import nn
 
 from llmarch.errors import LlmarchError
 from llmarch.runtime.ops.mlp import GatedMLP, activation
-from llmarch.spec import ArchSpec, LayerSpec
+from llmarch.arch.spec import ArchSpec, LayerSpec
 
 ROUTER_BY_FAMILY = {"gpt_oss": "topk_softmax", "llama4": "llama4", "afmoe": "sigmoid"}
 

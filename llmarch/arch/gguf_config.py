@@ -8,60 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmarch.checkpoint.gguf_constants import Keys
-
-# gguf key template -> config key (generic: llama.cpp writes these for every architecture)
-GENERIC_KEYS = {
-    Keys.LLM.BLOCK_COUNT: "num_hidden_layers",
-    Keys.LLM.EMBEDDING_LENGTH: "hidden_size",
-    Keys.LLM.FEED_FORWARD_LENGTH: "intermediate_size",
-    Keys.LLM.CONTEXT_LENGTH: "max_position_embeddings",
-    Keys.LLM.VOCAB_SIZE: "vocab_size",
-    Keys.LLM.EXPERT_COUNT: "num_experts",
-    Keys.LLM.EXPERT_USED_COUNT: "num_experts_per_tok",
-    Keys.LLM.EXPERT_SHARED_COUNT: "n_shared_experts",
-    Keys.LLM.EXPERT_FEED_FORWARD_LENGTH: "moe_intermediate_size",
-    Keys.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH: "shared_expert_intermediate_size",
-    Keys.LLM.LEADING_DENSE_BLOCK_COUNT: "first_k_dense_replace",
-    Keys.LLM.EXPERT_GROUP_COUNT: "n_group",
-    Keys.LLM.EXPERT_GROUP_USED_COUNT: "topk_group",
-    Keys.LLM.EXPERT_WEIGHTS_SCALE: "routed_scaling_factor",
-    Keys.LLM.EXPERT_WEIGHTS_NORM: "norm_topk_prob",
-    Keys.LLM.EXPERT_GATING_FUNC: "gguf_expert_gating_func",
-    Keys.LLM.NEXTN_PREDICT_LAYERS: "num_nextn_predict_layers",
-    Keys.LLM.INTERLEAVE_MOE_LAYER_STEP: "interleave_moe_layer_step",
-    Keys.LLM.FULL_ATTENTION_INTERVAL: "full_attention_interval",
-    Keys.LLM.ATTN_LOGIT_SOFTCAPPING: "attn_logit_softcapping",
-    Keys.LLM.FINAL_LOGIT_SOFTCAPPING: "final_logit_softcapping",
-    Keys.LLM.EMBD_LENGTH_PER_LAYER_INP: "hidden_size_per_layer_input",
-    Keys.LLM.ALTUP_NUM_INPUTS: "altup_num_inputs",
-    Keys.Attention.HEAD_COUNT: "num_attention_heads",
-    Keys.Attention.HEAD_COUNT_KV: "num_key_value_heads",
-    Keys.Attention.KEY_LENGTH: "head_dim",
-    Keys.Attention.VALUE_LENGTH: "v_head_dim",
-    Keys.Attention.KEY_LENGTH_MLA: "gguf_key_length_mla",
-    Keys.Attention.VALUE_LENGTH_MLA: "gguf_value_length_mla",
-    Keys.Attention.LAYERNORM_RMS_EPS: "rms_norm_eps",
-    Keys.Attention.LAYERNORM_EPS: "layer_norm_epsilon",
-    Keys.Attention.Q_LORA_RANK: "q_lora_rank",
-    Keys.Attention.KV_LORA_RANK: "kv_lora_rank",
-    Keys.Attention.SLIDING_WINDOW: "sliding_window",
-    Keys.Attention.SLIDING_WINDOW_PATTERN: "gguf_sliding_window_pattern",
-    Keys.Attention.SHARED_KV_LAYERS: "num_kv_shared_layers",
-    Keys.Attention.SCALE: "gguf_attention_scale",
-    Keys.Rope.DIMENSION_COUNT: "gguf_rope_dimension_count",
-    Keys.Rope.FREQ_BASE: "rope_theta",
-    Keys.Rope.FREQ_BASE_SWA: "rope_local_base_freq",
-    Keys.Rope.SCALING_TYPE: "gguf_rope_scaling_type",
-    Keys.Rope.SCALING_FACTOR: "gguf_rope_scaling_factor",
-    Keys.Rope.SCALING_ORIG_CTX_LEN: "gguf_rope_scaling_original_context_length",
-    Keys.Rope.SCALING_YARN_LOG_MUL: "gguf_rope_yarn_log_multiplier",
-    Keys.SSM.CONV_KERNEL: "linear_conv_kernel_dim",
-    Keys.SSM.STATE_SIZE: "ssm_state_size",
-    Keys.SSM.INNER_SIZE: "ssm_inner_size",
-    Keys.SSM.GROUP_COUNT: "ssm_group_count",
-    Keys.SSM.TIME_STEP_RANK: "ssm_time_step_rank",
-}
+from llmarch.checkpoint.gguf_constants import GENERIC_KEYS
 
 
 def gguf_to_config(arch: str, meta: dict[str, Any], recipe: dict) -> tuple[dict, dict[str, str]]:

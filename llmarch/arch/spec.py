@@ -104,6 +104,7 @@ class ArchSpec:
     family: str
     format: str
     architecture: str | None = None  # transformers class or GGUF arch
+    source: str | None = None  # the path the checkpoint was read from
     text_family: str | None = None  # model_type of the text part of a multimodal config
     layers: int = 0
     hidden_size: int = 0

@@ -1,0 +1,76 @@
+"""Checkpoint -> ArchSpec. Config facts and tensor facts are read separately and cross-checked.
+
+Generic rules cover the config keys transformers uses across families (layer_types,
+first_k_dense_replace, no_rope_layers, ...); what a family's files do not say comes from its
+recipe (recipes/*.toml). An unknown architecture gets every fact the generic rules can read.
+"""
+
+from __future__ import annotations
+
+from llmarch.arch import recipe_book as recipes
+from llmarch.arch.fingerprint.attention import read_attention
+from llmarch.arch.fingerprint.extras import read_extras
+from llmarch.arch.fingerprint.facts import Facts, tensors_by_layer
+from llmarch.arch.fingerprint.moe import read_moe
+from llmarch.arch.fingerprint.norms import read_norms
+from llmarch.arch.fingerprint.params import read_params, read_storage
+from llmarch.arch.fingerprint.rope import read_rope
+from llmarch.arch.fingerprint.schedule import read_schedule
+from llmarch.arch.fingerprint.sizes import read_sizes
+from llmarch.arch.gguf_config import gguf_to_config
+from llmarch.arch.spec import ArchSpec
+from llmarch.checkpoint.base import Checkpoint
+
+
+def fingerprint(ckpt: Checkpoint) -> ArchSpec:
+    if ckpt.format == "gguf":
+        arch = ckpt.metadata["general.architecture"]
+        recipe = recipes.for_gguf_arch(arch, ckpt.metadata)
+        config, ev = gguf_to_config(arch, ckpt.metadata, recipe)
+        family = recipe.get("family", arch) if recipe else arch
+        architecture = arch
+        text_family = None
+        source = "gguf"
+        if "vocab_size" not in config:
+            tokens = ckpt.skipped_arrays.get("tokenizer.ggml.tokens")
+            if tokens:
+                config["vocab_size"] = tokens[1]
+                ev["vocab_size"] = "tokenizer.ggml.tokens (length)"
+    else:
+        raw = dict(ckpt.config or {})
+        top_type = raw.get("model_type")
+        config, text_family = _text_config(raw)
+        recipe = recipes.for_model_type(text_family or top_type) or recipes.for_model_type(top_type)
+        family = top_type or "unknown"
+        archs = raw.get("architectures") or []
+        architecture = archs[0] if archs else None
+        ev = {}
+        source = "config.json"
+        if not raw:
+            family = "unknown"
+    facts = Facts(config, ev, source)
+    spec = ArchSpec(family=family, format=ckpt.format, architecture=architecture, text_family=text_family)
+    spec.config = config
+    layer_tensors = tensors_by_layer(ckpt)
+
+    read_sizes(spec, facts, ckpt)
+    read_attention(spec, facts, recipe, layer_tensors, ckpt)
+    read_rope(spec, facts, recipe)
+    read_norms(spec, facts, recipe, layer_tensors)
+    read_moe(spec, facts, recipe, layer_tensors)
+    read_schedule(spec, facts, recipe, layer_tensors, ckpt)
+    read_extras(spec, facts, recipe, ckpt)
+    read_params(spec, ckpt)
+    read_storage(spec, ckpt)
+    spec.evidence.update(facts.used)
+    return spec
+
+
+def _text_config(raw: dict) -> tuple[dict, str | None]:
+    """Multimodal configs keep the language model under text_config: use it, keep top-level extras."""
+    text = raw.get("text_config")
+    if isinstance(text, dict):
+        merged = {k: v for k, v in raw.items() if k not in ("text_config", "vision_config", "audio_config")}
+        merged.update(text)
+        return merged, text.get("model_type")
+    return raw, None

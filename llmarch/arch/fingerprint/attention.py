@@ -1,0 +1,81 @@
+"""Attention facts: heads, head widths, MLA ranks, QK-norm, bias units, sinks, gate, indexer, scales."""
+
+from __future__ import annotations
+
+from llmarch.arch.fingerprint.facts import Facts, any_layer_has
+from llmarch.arch.spec import ArchSpec, AttentionSpec
+from llmarch.checkpoint.base import Checkpoint
+
+
+def read_attention(spec: ArchSpec, f: Facts, recipe: dict, lt, ckpt: Checkpoint) -> None:
+    a = AttentionSpec()
+    a.heads = int(f.get("num_attention_heads", "n_head", "num_heads", "n_heads", default=0, fact="attention.heads"))
+    a.kv_heads = int(f.get("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num",
+                           default=a.heads, fact="attention.kv_heads") or a.heads)
+    a.kv_lora_rank = f.get("kv_lora_rank", fact="attention.kv_lora_rank")
+    a.q_lora_rank = f.get("q_lora_rank", fact="attention.q_lora_rank")
+    a.mla = bool(a.kv_lora_rank) or recipe.get("attention") == "mla"
+    if a.mla:
+        a.qk_rope_head_dim = f.get("qk_rope_head_dim", fact="attention.qk_rope_head_dim")
+        a.qk_nope_head_dim = f.get("qk_nope_head_dim", fact="attention.qk_nope_head_dim")
+        a.v_head_dim = f.get("v_head_dim", fact="attention.v_head_dim")
+        if a.qk_nope_head_dim is None and f.get("head_dim") and a.qk_rope_head_dim:
+            a.qk_nope_head_dim = f.get("head_dim") - a.qk_rope_head_dim  # GGUF key_length = nope + rope
+        a.head_dim = (a.qk_nope_head_dim or 0) + (a.qk_rope_head_dim or 0)
+        a.kv_heads = a.heads  # MLA expands the latent to every head
+        kv_a = any_layer_has(lt, "mla_kv_a")
+        if kv_a:
+            spec.evidence["attention.kind"] = kv_a
+    else:
+        hd = f.get("head_dim", "attention_head_dim", "kv_channels", fact="attention.head_dim")
+        if hd is None and a.heads:
+            hd = spec.hidden_size // a.heads
+            spec.evidence["attention.head_dim"] = "hidden_size / heads"
+        a.head_dim = int(hd or 0)
+        v = f.get("v_head_dim")
+        a.v_head_dim = v if v and v != a.head_dim else None
+
+    # QK-norm: the tensor's width tells per-head (head_dim) from whole-projection (heads*head_dim)
+    qn = any_layer_has(lt, "q_norm")
+    qk_recipe = recipe.get("qk_norm")
+    if qn:
+        width = ckpt.tensors[qn].shape[-1] if ckpt.tensors[qn].shape else 0
+        a.qk_norm = "per_head" if width < a.heads * max(a.head_dim, 1) or a.heads == 1 else "whole"
+        spec.evidence["attention.qk_norm"] = qn
+    elif qk_recipe == "l2" and f.get("use_qk_norm", fact="attention.qk_norm"):
+        a.qk_norm = "l2"  # Llama 4: a weightless L2 norm, visible only in the config
+    elif qk_recipe and not lt:
+        a.qk_norm = qk_recipe
+        spec.evidence["attention.qk_norm"] = f"recipe {recipe.get('family')}"
+    elif f.get("use_qk_norm") and qk_recipe != "l2":
+        spec.warnings.append("config sets use_qk_norm but no q_norm tensor exists")
+
+    bias_t = any_layer_has(lt, "qkv_bias")
+    a.bias = bool(bias_t) if lt else bool(f.get("attention_bias", "qkv_bias", "bias", default=False))
+    if bias_t:
+        spec.evidence["attention.bias"] = bias_t
+    elif f.get("attention_bias") and lt:
+        spec.warnings.append("config sets attention_bias but no q/k/v bias tensor exists")
+    a.out_bias = bool(any_layer_has(lt, "out_bias"))
+    sinks = any_layer_has(lt, "sinks")
+    a.sinks = bool(sinks) or bool(recipe.get("sinks") and not lt)
+    if sinks:
+        spec.evidence["attention.sinks"] = sinks
+    gate = any_layer_has(lt, "attn_gate")
+    a.gated = bool(gate) or bool(f.get("attn_output_gate", "use_attn_gate", "gated_attention", default=recipe.get("gated_attention", False)))
+    idx = any_layer_has(lt, "indexer")
+    a.indexer = bool(idx) or bool(f.get("index_topk", "index_n_heads"))
+    if idx:
+        spec.evidence["attention.indexer"] = idx
+    # Gemma 3 configs carry attn_logit_softcapping but its attention never applies it (recipe says so)
+    a.softcap = f.get("attn_logit_softcapping") if recipe.get("attn_softcap", True) else None
+    scalar = f.get("query_pre_attn_scalar")
+    if scalar:
+        a.scale = float(scalar) ** -0.5
+    # MiMo-V2-Flash scales V; transformers' default applies when the key is absent, an explicit null means 1
+    key = "attention_value_scale"
+    vs = f.config[key] if key in f.config else recipe.get(key)
+    if vs is not None and float(vs) != 1.0:
+        a.value_scale = float(vs)
+        spec.evidence["attention.value_scale"] = f"config.json:{key}" if key in f.config else f"recipe {recipe.get('family')}"
+    spec.attention = a

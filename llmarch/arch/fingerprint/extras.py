@@ -1,0 +1,58 @@
+"""Extras: MTP, tied embeddings, embedding scale, soft-cap, per-layer embeddings, AltUp/LAuReL, linear-attention state."""
+
+from __future__ import annotations
+
+import math
+
+from llmarch.arch.fingerprint.facts import Facts
+from llmarch.arch.spec import ArchSpec
+from llmarch.arch.tensor_roles import is_vision, layer_of
+from llmarch.checkpoint.base import Checkpoint
+
+
+def read_extras(spec: ArchSpec, f: Facts, recipe: dict, ckpt: Checkpoint) -> None:
+    spec.mtp_layers = int(f.get("num_nextn_predict_layers", "mtp_num_layers", "num_mtp_layers", default=0,
+                                fact="mtp_layers") or 0)
+    tie = f.get("tie_word_embeddings", fact="tied_embeddings")
+    has_head = any(n.endswith(("lm_head.weight", "output.weight")) and not is_vision(n) and layer_of(n) is None
+                   for n in ckpt.tensors)
+    spec.tied_embeddings = not has_head if ckpt.tensors else bool(tie if tie is not None else True)
+    if tie is False and not has_head and ckpt.tensors:
+        spec.warnings.append("config says tie_word_embeddings=false but there is no lm_head tensor")
+    if recipe.get("embedding_scale") == "sqrt_hidden" and spec.hidden_size:
+        spec.embedding_scale = math.sqrt(spec.hidden_size)
+    spec.final_softcap = f.get("final_logit_softcapping")
+    ple_dim = f.get("hidden_size_per_layer_input", fact="per_layer_embeddings")
+    if ple_dim:
+        spec.per_layer_embeddings = {"dim": ple_dim, "vocab": f.get("vocab_size_per_layer_input", default=spec.vocab_size)}
+    for key, name in (("altup_num_inputs", "altup_streams"), ("laurel_rank", "laurel_rank"),
+                      ("activation_sparsity_pattern", "activation_sparsity")):
+        v = f.get(key)
+        if v:
+            spec.extras[name] = v
+    if spec.ffn_bias is False:
+        spec.ffn_bias = bool(f.get("mlp_bias")) or recipe.get("ffn_bias", False)
+    la = spec.schedule and [l for l in spec.schedule if l.mixer in ("linear", "mamba")]
+    if la:
+        spec.linear_attention = _linear_state(spec, f, recipe)
+
+
+def _linear_state(spec: ArchSpec, f: Facts, recipe: dict) -> dict:
+    kind = recipe.get("linear_kind", "linear")
+    out = {"kind": kind, "linear": sum(l.mixer in ("linear", "mamba") for l in spec.schedule)}
+    kh = f.get("linear_num_key_heads")
+    vh = f.get("linear_num_value_heads")
+    kd = f.get("linear_key_head_dim")
+    vd = f.get("linear_value_head_dim")
+    if vh and kd and vd:  # Gated DeltaNet: a kd x vd state per value head, plus the conv window
+        conv = f.get("linear_conv_kernel_dim", default=4)
+        conv_ch = (kh or vh) * kd * 2 + vh * vd
+        out["state_elems_per_layer"] = vh * kd * vd + conv_ch * (conv - 1)
+    elif isinstance(f.get("linear_attn_config"), dict) and f.get("linear_attn_config").get("num_heads"):
+        # Kimi Delta Attention: a head_dim x head_dim state per head, plus q/k/v short convolutions
+        c = f.get("linear_attn_config")
+        h, d, conv = c["num_heads"], c.get("head_dim", 128), c.get("short_conv_kernel_size", 4)
+        out["state_elems_per_layer"] = h * d * d + 3 * h * d * (conv - 1)
+    elif f.get("mamba_num_heads") and f.get("mamba_head_dim") and f.get("ssm_state_size"):
+        out["state_elems_per_layer"] = f.get("mamba_num_heads") * f.get("mamba_head_dim") * f.get("ssm_state_size")
+    return out

@@ -1,0 +1,86 @@
+"""Mixture of experts: expert counts and widths, router, shared experts, and which layers are MoE."""
+
+from __future__ import annotations
+
+from llmarch.arch.fingerprint.facts import EXPERTS_KEYS, Facts, SHARED_KEYS, TOPK_KEYS, any_layer_has, layer_has
+from llmarch.arch.ranges import index_ranges
+from llmarch.arch.spec import ArchSpec, LayerSpec, MoESpec
+
+
+def read_moe(spec: ArchSpec, f: Facts, recipe: dict, lt) -> None:
+    experts = f.get(*EXPERTS_KEYS, fact="moe.experts") or 0
+    routed_layers = [i for i in sorted(lt) if layer_has(lt, i, "routed_expert") or layer_has(lt, i, "router")]
+    if not experts and not routed_layers:
+        return
+    topk = f.get(*TOPK_KEYS, fact="moe.experts_per_token") or 0
+    shared = f.get(*SHARED_KEYS, fact="moe.shared_experts")
+    shared_ffn = f.get("shared_expert_intermediate_size", fact="moe.shared_ffn")
+    has_shared_tensor = any_layer_has(lt, "shared_expert")
+    if shared is None:
+        shared = 1 if (shared_ffn or has_shared_tensor or recipe.get("shared_experts")) else 0
+    if lt and bool(shared) != bool(has_shared_tensor):
+        spec.warnings.append(f"config says {shared} shared experts, tensors {'show' if has_shared_tensor else 'show none'}")
+        shared = shared if has_shared_tensor else 0
+    if has_shared_tensor:
+        spec.evidence["moe.shared_experts"] = has_shared_tensor
+    # the recipe names the HF key (Llama 4: intermediate_size); GGUF configs are already canonical
+    key = "moe_intermediate_size" if spec.format == "gguf" else recipe.get("expert_ffn_key", "moe_intermediate_size")
+    expert_ffn = f.get(key, "moe_intermediate_size", "expert_intermediate_size", fact="moe.expert_ffn")
+    if shared and not shared_ffn:
+        shared_ffn = (expert_ffn or 0) * int(shared)
+    m = MoESpec(experts=int(experts), experts_per_token=int(topk), shared_experts=int(shared or 0),
+                expert_ffn=expert_ffn, shared_ffn=shared_ffn)
+    m.shared_gated = bool(any_layer_has(lt, "shared_expert_gate"))
+    m.router = f.get("scoring_func", default=recipe.get("router"))
+    m.norm_topk_prob = f.get("norm_topk_prob")
+    m.n_group = f.get("n_group")
+    m.topk_group = f.get("topk_group")
+    m.routed_scaling_factor = f.get("routed_scaling_factor")
+    m.router_bias = bool(any_layer_has(lt, "router_bias"))
+    spec.moe = m
+
+
+def assign_ffn(spec: ArchSpec, f: Facts, recipe: dict, lt, sched: list[LayerSpec]) -> None:
+    if not spec.moe:
+        return
+    n = len(sched)
+    from_config = _moe_layers_from_config(f, n)
+    from_tensors = {i for i in range(n) if layer_has(lt, i, "routed_expert") or layer_has(lt, i, "router")}
+    if lt:
+        moe_layers = from_tensors
+        if from_config is not None and from_config != from_tensors:
+            spec.warnings.append(
+                f"config puts MoE in layers {index_ranges(sorted(from_config))}, tensors in {index_ranges(sorted(from_tensors))}")
+        spec.evidence["moe.dense_layers"] = "layers without expert/router tensors"
+    else:
+        moe_layers = from_config if from_config is not None else set(range(n))
+    for layer in sched:
+        if layer.ffn != "none":  # single-op mixer layers (Nemotron-H) have no FFN at all
+            layer.ffn = "moe" if layer.index in moe_layers else "dense"
+
+
+def _moe_layers_from_config(f: Facts, n: int) -> set[int] | None:
+    """Which layers are MoE according to the config keys each family uses."""
+    explicit = f.get("moe_layers")
+    if isinstance(explicit, list):
+        return {i for i in explicit if isinstance(i, int)}
+    k = f.get("first_k_dense_replace", "num_dense_layers", "first_k_dense")
+    freq = f.get("moe_layer_freq")
+    if k is not None:
+        step = freq if isinstance(freq, int) and freq > 0 else 1
+        return {i for i in range(n) if i >= k and i % step == 0}
+    if isinstance(freq, list):
+        return {i for i, v in enumerate(freq) if v}
+    mlp_types = f.get("mlp_layer_types")  # MiMo-V2-Flash: "dense" | "sparse" per layer
+    if isinstance(mlp_types, list):
+        return {i for i, v in enumerate(mlp_types) if v in ("sparse", "moe")}
+    step = f.get("interleave_moe_layer_step")
+    if step:
+        return set(range(step - 1, n, step))
+    sparse_step = f.get("decoder_sparse_step")
+    only = f.get("mlp_only_layers")
+    if sparse_step is not None or only is not None:
+        only = set(only or [])
+        sparse_step = sparse_step or 1
+        return {i for i in range(n) if i not in only and (i + 1) % sparse_step == 0}
+    return None

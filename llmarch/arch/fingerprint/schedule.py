@@ -1,0 +1,130 @@
+"""The layer schedule: one LayerSpec per layer (mixer, window, RoPE or NoPE, FFN kind, KV sharing)."""
+
+from __future__ import annotations
+
+from llmarch.arch.fingerprint.facts import Facts, layer_has
+from llmarch.arch.fingerprint.moe import assign_ffn
+from llmarch.arch.fingerprint.rope import local_rope_partial, local_rope_scaling
+from llmarch.arch.spec import ArchSpec, LayerSpec
+from llmarch.checkpoint.base import Checkpoint
+
+
+# Nemotron-H block letters / names -> (mixer, ffn) of a single-op layer
+SINGLE_OP_BLOCKS = {
+    "M": ("mamba", "none"), "mamba": ("mamba", "none"), "linear_attention": ("mamba", "none"),
+    "*": ("full", "none"), "attention": ("full", "none"), "full_attention": ("full", "none"),
+    "-": ("none", "dense"), "mlp": ("none", "dense"), "E": ("none", "moe"), "moe": ("none", "moe"),
+}
+
+
+LINEAR_MIXERS = {"linear_attention": "linear", "mamba": "mamba", "mamba2": "mamba", "kda": "linear"}
+
+
+def read_schedule(spec: ArchSpec, f: Facts, recipe: dict, lt, ckpt: Checkpoint) -> None:
+    n = spec.layers
+    window = f.get("sliding_window", "attention_window_size", fact="sliding_window.window")
+    layer_types = f.get("layer_types", fact="layer_schedule")
+    pattern = f.get("sliding_window_pattern", fact="layer_schedule")
+    interval = f.get("full_attention_interval", fact="layer_schedule")
+    block_types = f.get("layers_block_type", fact="layer_schedule")
+    if block_types is None and isinstance(f.get("hybrid_override_pattern"), str):
+        block_types = list(f.get("hybrid_override_pattern", fact="layer_schedule"))
+    chunk = f.get("attention_chunk_size", fact="layer_schedule")
+    lin_cfg = f.get("linear_attn_config")
+    kda_layers = lin_cfg.get("kda_layers") if isinstance(lin_cfg, dict) else None
+    local_scaling = local_rope_scaling(spec, f)
+    local_partial = local_rope_partial(spec, f)
+    if local_scaling is None and spec.rope.scaling and recipe.get("rope_scaling_on") == "global":
+        local_scaling = {"type": "default"}  # GGUF / legacy configs: the recipe says sliding layers are unscaled
+    nope = f.get("no_rope_layers", fact="rope.nope_layers")
+    sched = []
+    for i in range(n):
+        layer = LayerSpec(index=i)
+        if isinstance(layer_types, list) and i < len(layer_types):
+            t = str(layer_types[i])
+            if t in LINEAR_MIXERS or "linear" in t or "mamba" in t:
+                layer.mixer = LINEAR_MIXERS.get(t, "linear")
+            elif "sliding" in t:
+                layer.mixer = "sliding"
+            elif "chunk" in t:
+                layer.mixer, layer.window = "chunked", chunk
+        elif isinstance(kda_layers, list):  # Kimi Linear's Hub config: 1-based KDA layer numbers
+            layer.mixer = "linear" if i + 1 in kda_layers else "full"
+        elif isinstance(block_types, list) and i < len(block_types):
+            # Nemotron-H: each layer is ONE sub-block: a mixer (mamba / attention) or an FFN
+            layer.mixer, layer.ffn = SINGLE_OP_BLOCKS.get(str(block_types[i]), ("full", "none"))
+        elif pattern and window:
+            layer.mixer = "full" if (i + 1) % int(pattern) == 0 else "sliding"
+        elif interval:
+            layer.mixer = "full" if (i + 1) % int(interval) == 0 else "linear"
+        elif window and f.get("use_sliding_window", default=True) and recipe.get("sliding") != "off":
+            max_window_layers = f.get("max_window_layers")
+            layer.mixer = "sliding" if max_window_layers is None or i < max_window_layers else "full"
+        if layer.mixer == "sliding":
+            layer.window = window
+        if layer.mixer in ("linear", "mamba"):
+            layer.linear_kind = recipe.get("linear_kind")
+        # positions
+        if isinstance(nope, list) and i < len(nope):
+            layer.rope = bool(nope[i])  # transformers: no_rope_layers[i] == 1 means the layer uses RoPE
+        elif f.get("no_rope_layer_interval"):  # SmolLM3 / Llama 4 GGUF: every n-th layer is NoPE
+            layer.rope = (i + 1) % int(f.get("no_rope_layer_interval", fact="rope.nope_layers")) != 0
+        elif recipe.get("nope_on") == "global" and layer.mixer == "full":
+            layer.rope = False
+        elif recipe.get("nope_on") == "all":
+            layer.rope = False
+        if spec.rope.learned_positions or layer.mixer in ("none", "mamba"):
+            layer.rope = False
+        if chunk and recipe.get("chunked_on") == "rope_layers" and layer.rope and layer.mixer == "full":
+            layer.mixer, layer.window = "chunked", chunk
+        if spec.attention.mla and layer.mixer == "full":
+            layer.mixer = "mla"
+        if layer.mixer == "sliding" and spec.rope.local_theta:
+            layer.rope_theta = spec.rope.local_theta
+        if layer.mixer == "sliding" and local_scaling is not None:
+            layer.rope_scaling = local_scaling
+        if layer.mixer == "sliding" and local_partial is not None:
+            layer.rope_partial = local_partial
+        layer.kv_heads = _layer_kv_heads(spec, f, lt, i, ckpt)
+        if spec.attention.sinks and lt and layer.mixer in ("full", "sliding", "chunked") \
+                and not layer_has(lt, i, "sinks"):
+            layer.sinks = False  # MiMo-V2-Flash: only its sliding layers carry sink logits
+        sched.append(layer)
+    assign_ffn(spec, f, recipe, lt, sched)
+    _kv_sharing(spec, f, sched)
+    spec.schedule = sched
+    spec.rope.nope_layers = [l.index for l in sched if not l.rope and l.mixer not in ("none", "mamba", "linear")
+                             and not spec.rope.learned_positions]
+    if spec.moe:
+        spec.moe.dense_layers = [l.index for l in sched if l.ffn == "dense"]
+
+
+def _layer_kv_heads(spec: ArchSpec, f: Facts, lt, i: int, ckpt: Checkpoint) -> int | None:
+    """A layer's KV head count where it differs from the model's (MiMo-V2-Flash doubles it on
+    sliding layers; some GGUFs store head_count_kv per layer)."""
+    per_layer = f.get("num_key_value_heads_per_layer")
+    if isinstance(per_layer, list) and i < len(per_layer) and per_layer[i] != spec.attention.kv_heads:
+        return per_layer[i]
+    a = spec.attention
+    if a.mla or not a.head_dim:
+        return None
+    k = next((n for n in lt.get(i, ()) if n.endswith(("k_proj.weight", "attn_k.weight"))), None)
+    if k is None:
+        return None
+    rows = ckpt.tensors[k].shape[0]
+    if rows and rows % a.head_dim == 0 and rows // a.head_dim != a.kv_heads:
+        spec.evidence[f"layer {i} kv_heads"] = k
+        return rows // a.head_dim
+    return None
+
+
+def _kv_sharing(spec: ArchSpec, f: Facts, sched: list[LayerSpec]) -> None:
+    shared = f.get("num_kv_shared_layers", fact="extras.kv_shared_layers")
+    if not shared:
+        return
+    first_shared = len(sched) - int(shared)
+    for layer in sched[first_shared:]:
+        # Gemma 3n: a shared layer reuses the KV of the last earlier layer of the same kind
+        same = [l.index for l in sched[:first_shared] if l.mixer == layer.mixer]
+        layer.kv_shared_from = same[-1] if same else None
+    spec.extras["kv_shared_layers"] = int(shared)

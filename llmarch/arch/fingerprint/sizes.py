@@ -1,0 +1,43 @@
+"""Model sizes: layers, hidden size, vocabulary, context, FFN width, activation."""
+
+from __future__ import annotations
+
+from llmarch.arch.fingerprint.facts import Facts, find_tensor
+from llmarch.arch.spec import ArchSpec
+from llmarch.arch.tensor_roles import is_vision, layer_of
+from llmarch.checkpoint.base import Checkpoint
+
+
+def read_sizes(spec: ArchSpec, f: Facts, ckpt: Checkpoint) -> None:
+    spec.layers = int(f.get("num_hidden_layers", "n_layer", "num_layers", "n_layers", default=0, fact="layers"))
+    spec.hidden_size = int(f.get("hidden_size", "n_embd", "d_model", "dim", default=0, fact="hidden_size"))
+    spec.vocab_size = int(f.get("vocab_size", "n_vocab", default=0, fact="vocab_size"))
+    spec.context_length = f.get("max_position_embeddings", "n_positions", "max_sequence_length",
+                                "seq_length", "model_max_length", fact="context_length")
+    spec.intermediate_size = f.get("intermediate_size_mlp", "intermediate_size", "n_inner", "ffn_hidden_size",
+                                   fact="intermediate_size")
+    if spec.intermediate_size is None and spec.family == "gpt2" and spec.hidden_size:
+        spec.intermediate_size = 4 * spec.hidden_size
+        spec.evidence["intermediate_size"] = "gpt2 default: 4 x n_embd"
+    if isinstance(spec.intermediate_size, list):  # per-layer widths (Gemma 3n): keep the list in extras
+        spec.extras["intermediate_size_per_layer"] = spec.intermediate_size
+        spec.intermediate_size = max(spec.intermediate_size)
+    spec.activation = f.get("hidden_activation", "hidden_act", "activation_function", "activation", fact="activation")
+    # fallbacks from tensors when the config is silent (bare .safetensors, GGUF without a key)
+    embed = find_tensor(ckpt, ("embed_tokens.weight", "wte.weight", "token_embd.weight", "embeddings.weight"))
+    if embed is not None:
+        vocab, hidden = embed.shape[0], embed.shape[-1]
+        if not spec.vocab_size:
+            spec.vocab_size = vocab
+            spec.evidence["vocab_size"] = embed.name
+        elif spec.vocab_size != vocab:
+            spec.warnings.append(f"vocab_size {spec.vocab_size} in the config, but {embed.name} has {vocab} rows")
+        if not spec.hidden_size:
+            spec.hidden_size = hidden
+            spec.evidence["hidden_size"] = embed.name
+    if not spec.layers:
+        idx = [layer_of(n) for n in ckpt.tensors if not is_vision(n)]
+        idx = [i for i in idx if i is not None]
+        if idx:
+            spec.layers = max(idx) + 1
+            spec.evidence["layers"] = "count of layer indices in tensor names"
