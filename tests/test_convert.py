@@ -111,8 +111,8 @@ def test_llama4_wrapper_text_model_round_trip(tiny, tmp_path):
     come back identical (fused experts re-fused, vision left out) and compute the wrapper's text logits.
     attention_chunk_size 8192: the value llama.cpp's llama4 hard-codes (the real checkpoints' value)."""
     import torch
-    import transformers
 
+    from fixtures.reference import reference_model
     from llmarch.convert.from_gguf import convert_from_gguf
     from llmarch.convert.to_gguf import convert_to_gguf
 
@@ -127,7 +127,7 @@ def test_llama4_wrapper_text_model_round_trip(tiny, tmp_path):
         assert a[k].shape == b[k].shape and np.array_equal(a[k], b[k]), k
     cfg = json.loads((back / "config.json").read_text())
     assert cfg["architectures"] == ["Llama4ForCausalLM"] and cfg["interleave_moe_layer_step"] == 2
-    wrapper = transformers.Llama4ForConditionalGeneration.from_pretrained(str(src), dtype=torch.float32).eval()
+    wrapper = reference_model("llama4", src, eager=False)  # the wrapper's text model
     with torch.no_grad():
         ref = wrapper(input_ids=torch.tensor([IDS])).logits[0].numpy()
     np.testing.assert_allclose(hf_logits(back, IDS), ref, rtol=1e-5, atol=1e-5)

@@ -71,13 +71,9 @@ def llama_greedy(llm, ids, n):
 
 def hf_model(folder, name=None):
     """The fixture's own transformers class (multimodal wrappers name theirs), else AutoModelForCausalLM."""
-    import torch
-    import transformers
+    from fixtures.reference import reference_model
 
-    from fixtures.families import FAMILIES as FIXTURES
-
-    cls = getattr(transformers, (FIXTURES.get(name) or {}).get("model_class") or "AutoModelForCausalLM")
-    return cls.from_pretrained(str(folder), dtype=torch.float32).eval()
+    return reference_model(name, folder, eager=False)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -19,6 +19,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from fixtures.families import FAMILIES  # noqa: E402
+from fixtures.reference import reference_model  # noqa: E402
 
 TOL = 1e-4
 STEPS = 32
@@ -27,9 +28,7 @@ FAMS = ["qwen3_moe", "deepseek_v3", "gpt_oss", "glm4_moe", "llama4", "minimax_m2
 
 
 def _reference(name, path):
-    cls_name = FAMILIES[name].get("model_class")
-    cls = getattr(transformers, cls_name) if cls_name else transformers.AutoModelForCausalLM
-    return cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    return reference_model(name, path)
 
 
 def _parity(path, name, ref_path=None):

@@ -39,10 +39,9 @@ CASES = {
 
 
 def _reference(name: str, path):
-    cls_name = FAMILIES[name].get("model_class")
-    cls = getattr(transformers, cls_name) if cls_name else transformers.AutoModelForCausalLM
-    # eager attention: the reference semantics (transformers' SDPA path cannot soft-cap)
-    return cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").to(DEVICE).eval()
+    from fixtures.reference import reference_model
+
+    return reference_model(name, path, DEVICE)
 
 
 @pytest.fixture(scope="module")
