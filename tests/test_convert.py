@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -409,7 +410,7 @@ def test_no_space_left_fails_cleanly(tiny, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_real_gemma3_270m_gguf_to_hf_same_architecture(tmp_path):
+def test_real_gemma3_270m_gguf_to_hf_same_architecture(tmp_path, request):
     """The embedded Gemma 3 270M Q4_K_M file -> HF: transformers loads it, llmarch diff sees the
     same architecture as the original GGUF, and the vocab survives (262144 tokens, Gemma's ids)."""
     from transformers import AutoConfig, AutoTokenizer
@@ -419,6 +420,9 @@ def test_real_gemma3_270m_gguf_to_hf_same_architecture(tmp_path):
 
     gg = default_model_path()
     out = tmp_path / "gemma-hf"
+    again = tmp_path / "again.gguf"
+    # ~800 MiB of outputs: removed when the test ends, pass or fail, so pytest's kept folders stay small
+    request.addfinalizer(lambda: (shutil.rmtree(out, ignore_errors=True), again.unlink(missing_ok=True)))
     r = run_cli("convert", gg, "--to", "safetensors", "-o", out, "--dtype", "bf16")
     assert r.returncode == 0, r.stderr
     meta = open_checkpoint(str(gg)).metadata
@@ -435,7 +439,6 @@ def test_real_gemma3_270m_gguf_to_hf_same_architecture(tmp_path):
     # and back to GGUF: the model and tokenizer keys, tokens and token types of the original survive
     from llmarch.checkpoint.gguf import read_skipped_array
 
-    again = tmp_path / "again.gguf"
     r = run_cli("convert", out, "--to", "gguf", "-o", again, "--dtype", "q8_0")
     assert r.returncode == 0, r.stderr
     b = open_checkpoint(str(again))
