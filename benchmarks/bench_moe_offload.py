@@ -56,9 +56,11 @@ def build_llmarch(spec, device, dtype, bits: int, gpu_experts: int):
     import torch
     from torch import nn
 
+    from llmarch.runtime.experts.formats import G
+    from llmarch.runtime.experts.host import OffloadedExperts
+    from llmarch.runtime.experts.placement import Placement
     from llmarch.runtime.load import Runtime
     from llmarch.runtime.model import build_model
-    from llmarch.runtime.offload import G, OffloadedExperts, Placement
     from llmarch.runtime.ops.moe import MoE
 
     model = build_model(spec)
@@ -104,7 +106,7 @@ def kernel_only(rt, spec, reps: int = 30) -> dict:
     import numpy as np
     import torch
 
-    from llmarch.runtime.offload import offloaded
+    from llmarch.runtime.experts.report import offloaded
 
     st = offloaded(rt.model)[0]
     moe = next(b.mlp for b in rt.model.layers if getattr(b.mlp, "experts", None) is st)
@@ -125,7 +127,8 @@ def check_kernel(rt, spec) -> float:
     import torch
     import torch.nn.functional as F
 
-    from llmarch.runtime.offload import dequantize, offloaded
+    from llmarch.runtime.experts.formats import dequantize
+    from llmarch.runtime.experts.report import offloaded
 
     st = offloaded(rt.model)[0]
     moe = next(b.mlp for b in rt.model.layers if getattr(b.mlp, "experts", None) is st)
@@ -145,9 +148,9 @@ def check_kernel(rt, spec) -> float:
 def run_llmarch(args, spec, device, dtype, bits, gpu_experts, bw, segmented=True, torch_threads=None):
     import torch
 
+    from llmarch.runtime.experts.decode import attach_decoder
+    from llmarch.runtime.experts.report import report, reset_counters
     from llmarch.runtime.generate import Generator, Sampling
-    from llmarch.runtime.offload import report, reset_counters
-    from llmarch.runtime.offload_decode import attach_decoder
 
     rt, build_s = build_llmarch(spec, device, dtype, bits, gpu_experts)
     torch.set_num_threads(torch_threads or os.cpu_count())
@@ -232,7 +235,7 @@ def main():
         os.environ["OMP_WAIT_POLICY"] = "ACTIVE"  # read when libgomp starts: before torch is imported
     import torch
 
-    from llmarch.runtime.offload import host_read_bandwidth
+    from llmarch.runtime.experts.report import host_read_bandwidth
 
     torch.set_num_threads(os.cpu_count())
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -1,5 +1,5 @@
-/* The expert kernel (llmarch/runtime/moe_cpu.c) timed from C, no Python around it, next to plain
- * parallel reads of the same bytes: how much of a decode layer's CPU time is the kernel's own.
+/* The expert kernel (llmarch/runtime/experts/moe_cpu.c) timed from C, no Python around it, next to
+ * plain parallel reads of the same bytes: how much of a decode layer's CPU time is the kernel's own.
  *
  *   gcc -O3 -march=native -fopenmp benchmarks/moe_kernel_bench.c -o /tmp/kb -lm && /tmp/kb [bits] [reps]
  *   (add -DMOE_PROFILE for the kernel's time per phase: quantize x, gate_up, activation, down, sum)
@@ -10,7 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "../llmarch/runtime/moe_cpu.c"
+#include "../llmarch/runtime/experts/moe_cpu.c"
 
 static double now(void) { return omp_get_wtime(); }
 

@@ -34,8 +34,8 @@ def main():
     import torch
 
     from bench_moe_offload import QWEN3_30B_A3B, SMALL, build_llmarch, kernel_only, spec_of
+    from llmarch.runtime.experts.decode import attach_decoder
     from llmarch.runtime.generate import Generator, Sampling
-    from llmarch.runtime.offload_decode import attach_decoder
 
     torch.set_num_threads(os.cpu_count())
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

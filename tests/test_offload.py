@@ -55,7 +55,8 @@ def reference(ckpt):
 
 @pytest.mark.parametrize("experts,hot", [("cpu", 0), ("disk", 0), ("cpu", 4)])
 def test_16bit_offload_same_greedy_tokens(ckpt, reference, experts, hot):
-    from llmarch.runtime.offload import OffloadedExperts, offloaded
+    from llmarch.runtime.experts.host import OffloadedExperts
+    from llmarch.runtime.experts.report import offloaded
 
     rt, _, res = _generate(ckpt, experts=experts, expert_bits=16, gpu_experts=hot)
     stores = offloaded(rt.model)
@@ -83,8 +84,8 @@ def test_quantized_experts_accuracy(ckpt, reference, bits, min_agree, max_err):
 
 def test_report_counts_selected_expert_bytes(ckpt):
     """Decode reads each selected expert once per layer per token: 4 layers x 4 experts."""
+    from llmarch.runtime.experts.report import offloaded, report, reset_counters
     from llmarch.runtime.generate import Generator
-    from llmarch.runtime.offload import offloaded, report, reset_counters
 
     rt, _, _ = _generate(ckpt, experts="cpu", expert_bits=4)
     g = Generator(rt, PROMPT + 8)
@@ -104,9 +105,9 @@ def test_report_counts_selected_expert_bytes(ckpt):
 def _decode_both_ways(path, device: str, bits: int, ids):
     """Greedy tokens of the plain layer-by-layer decode and of the SegmentedDecoder (CUDA graphs on
     a GPU, eager on the CPU), same checkpoint and placement."""
+    from llmarch.runtime.experts.decode import attach_decoder
     from llmarch.runtime.generate import Generator, Sampling
     from llmarch.runtime.load import load_runtime
-    from llmarch.runtime.offload_decode import attach_decoder
 
     plain = load_runtime(str(path), device, "float32", experts="cpu", expert_bits=bits)
     want = Generator(plain, PROMPT + STEPS + 1, cuda_graph=False).generate(ids, STEPS, Sampling()).tokens
@@ -150,9 +151,9 @@ def test_segmented_decoder_shared_expert_same_logits(glm_ckpt, reference):
     routed experts): the same logits at every position, token by token through a fixed sequence.
     16-bit experts: with int8-rounded kernel inputs, the sums' different association (h + s) + y
     vs h + (s + y) can flip a rounding and the comparison would measure that instead."""
+    from llmarch.runtime.experts.decode import attach_decoder
     from llmarch.runtime.generate import Generator
     from llmarch.runtime.load import load_runtime
-    from llmarch.runtime.offload_decode import attach_decoder
 
     seq = reference[0] + reference[1]
     gens = []
@@ -176,8 +177,12 @@ def test_cpu_kernel_equals_torch_dequant(bits, family):
     e8m0 scales), dequantized by the same code as the float load path."""
     from types import SimpleNamespace
 
-    from llmarch.runtime.offload import OffloadedExperts, Placement, dequantize, fake_quant_activations as fq
-    from llmarch.runtime.ops.moe import ExpertAct, ResidentExperts
+    from llmarch.runtime.experts.formats import dequantize
+    from llmarch.runtime.experts.formats import fake_quant_activations as fq
+    from llmarch.runtime.experts.host import OffloadedExperts
+    from llmarch.runtime.experts.placement import Placement
+    from llmarch.runtime.experts.stores import ResidentExperts
+    from llmarch.runtime.ops.moe import ExpertAct
 
     g = torch.Generator().manual_seed(7)
     E, d, inter, k, T = 6, 192, 64, 2, 5  # 3 and 1 groups of 64: paired and lone groups in the kernel
@@ -238,7 +243,7 @@ def test_disk_experts_leave_rss_past_the_cache_budget(ckpt, reference, tmp_path,
     """--experts disk: expert pages touched while generating stay mapped up to the cache budget, then
     are dropped (MADV_DONTNEED). Budget 0: nothing of the expert files stays resident after a call;
     a large budget keeps what was read. Tokens are the same either way."""
-    from llmarch.runtime import offload
+    from llmarch.runtime.experts.report import offloaded
     from llmarch.runtime.generate import Generator, Sampling
     from llmarch.runtime.load import load_runtime
 
@@ -247,7 +252,7 @@ def test_disk_experts_leave_rss_past_the_cache_budget(ckpt, reference, tmp_path,
     ids = reference[0]
     assert Generator(rt, PROMPT + STEPS + 1).generate(ids, STEPS, Sampling()).tokens == reference[1]
     rss = _mapped_rss(tmp_path)
-    stores = offload.offloaded(rt.model)
+    stores = offloaded(rt.model)
     assert sum(s.bytes_read for s in stores) > 0
     if resident:
         assert rss > 0 and stores[0].cache.drops == 0
@@ -264,10 +269,11 @@ def test_gpt_oss_mxfp4_experts_stay_mxfp4_on_the_cpu(tiny, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
+    from llmarch.runtime.experts.decode import attach_decoder
+    from llmarch.runtime.experts.formats import MXFP4
+    from llmarch.runtime.experts.report import offloaded
     from llmarch.runtime.generate import Generator, Sampling
     from llmarch.runtime.load import load_runtime
-    from llmarch.runtime.offload import MXFP4, offloaded
-    from llmarch.runtime.offload_decode import attach_decoder
 
     src = tiny("gpt_oss", hidden_size=128, intermediate_size=128)
     mx = tmp_path / "mx"

@@ -104,9 +104,9 @@ def test_mimo_v2_flash_offloaded_experts_same_tokens(tiny):
     """The expert-offload path (host store, memory-mapped disk store, the segmented decoder) over
     MiMo-V2-Flash's per-layer KV heads: 16-bit experts give the resident model's greedy tokens,
     which the parity test above ties to transformers. Widths of 64 multiples, as the stores need."""
+    from llmarch.runtime.experts.decode import attach_decoder
     from llmarch.runtime.generate import Generator, Sampling
     from llmarch.runtime.load import load_runtime
-    from llmarch.runtime.offload_decode import attach_decoder
 
     path = str(tiny("mimo_v2_flash", hidden_size=128, intermediate_size=128, moe_intermediate_size=64))
     ids = torch.randint(3, 128, (PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()

@@ -89,9 +89,9 @@ def load_runtime(source: str | None, device: str | None = None, dtype: str | Non
     if quant_bits and dev.type == "cuda" and quant_bits == 4:
         raise LlmarchError("--keep-quantized 4-bit runs on the CPU only; use 8 on cuda")
     model = build_model(spec)
-    if spec.moe is not None:  # issue 5: where the routed experts live (offload.py)
+    if spec.moe is not None:  # where the routed experts live
+        from llmarch.runtime.experts.placement import attach, plan
         from llmarch.runtime.moe_names import has_mxfp4_experts
-        from llmarch.runtime.offload import attach, plan
 
         attach(model, plan(spec, dev, dt, experts, expert_bits, gpu_experts, expert_cache_gib, expert_dir,
                           has_mxfp4_experts(ckpt)), dt, dev)

@@ -16,20 +16,10 @@ from __future__ import annotations
 import torch
 
 from llmarch.errors import LlmarchError
+from llmarch.runtime.experts.formats import mxfp4_dequant
 
 BLOCKS = ("mlp", "block_sparse_moe", "feed_forward")
 READABLE = ("F32", "F16", "BF16")
-FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-
-
-def mxfp4_dequant(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """OpenAI's MXFP4 (gpt-oss safetensors): 32 fp4 values per block, low nibble first, shared e8m0."""
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
-    b = blocks.to(torch.uint8)
-    vals = torch.stack([lut[(b & 0x0F).long()], lut[(b >> 4).long()]], dim=-1)  # [..., G, 16, 2]
-    vals = vals.reshape(*b.shape[:-1], 32) * torch.exp2(scales.to(torch.int32) - 127).float()[..., None]
-    return vals.reshape(*b.shape[:-2], -1)
-
 
 class _Layer:
     def __init__(self, source, moe):

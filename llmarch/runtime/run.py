@@ -99,8 +99,8 @@ def run(o: RunOptions) -> dict:
 
     moe = rt.spec.moe is not None or rt.spec.attention.mla  # routing syncs with the host: no CUDA graph
     gen = Generator(rt, len(ids) + max_tokens, cuda_graph=False if moe else None, compile=o.compile)
-    if moe:  # issue 5: host-offloaded experts: GPU segments between host round trips as CUDA graphs
-        from llmarch.runtime.offload_decode import attach_decoder
+    if moe:  # host-offloaded experts: GPU segments between host round trips as CUDA graphs
+        from llmarch.runtime.experts.decode import attach_decoder
 
         attach_decoder(gen)
     eos = set() if o.ignore_eos or tok is None else tok.eos_ids
@@ -119,7 +119,7 @@ def run(o: RunOptions) -> dict:
                f"{res.decode_tok_s:.1f} tok/s · {peak_memory(rt.device)} · {rt.device.type} {str(rt.dtype).replace('torch.', '')}"
                + (f" int{o.quant_bits} weights" if o.keep_quantized else "") + f" · stop: {res.stopped_by}")
     if moe:
-        from llmarch.runtime.offload import offloaded, report
+        from llmarch.runtime.experts.report import offloaded, report
 
         if offloaded(rt.model):
             r = report(rt.model, max(len(res.tokens) - 1, 1), res.decode_s, rt.device)

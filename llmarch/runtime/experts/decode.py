@@ -24,15 +24,9 @@ import ctypes
 
 import torch
 
-from llmarch.runtime.offload import OffloadedExperts, cpu_kernel, kernel_scratch, ptr
+from llmarch.runtime.experts.host import OffloadedExperts
+from llmarch.runtime.experts.kernel import DecodeCtx, cpu_kernel, kernel_scratch, ptr
 from llmarch.runtime.ops.moe import MoE
-
-
-class DecodeCtx(ctypes.Structure):  # moe_cpu.c's moe_decode_ctx
-    _fields_ = [(n, ctypes.c_int) for n in ("bits", "k", "d", "I", "act", "weight_input")] + \
-               [("alpha", ctypes.c_float), ("limit", ctypes.c_float)] + \
-               [(n, ctypes.c_void_p) for n in ("pack", "out", "gu_q", "dn_q", "gu_s", "dn_s", "gu_b", "dn_b",
-                                               "XQ", "AQ", "XS", "H", "AS", "Y")]
 
 
 class SegmentedDecoder:

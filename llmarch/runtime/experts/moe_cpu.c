@@ -1,4 +1,4 @@
-/* Routed experts on the CPU, straight from their quantized form (llmarch/runtime/offload.py).
+/* Routed experts on the CPU, straight from their quantized form (llmarch/runtime/experts/host.py).
  *
  * One call computes every selected (expert, token) pair of one MoE layer with all cores at once:
  *   0. each token's x rounded to int8 per group of 64 (below)
@@ -7,7 +7,7 @@
  *   3. down rows of all selected experts, split across threads        y = W_d a (+ b)
  *   4. out[token] += weight * y, rows summed in a fixed order (deterministic)
  * Weights are read once per token group, never dequantized to memory: decode is bound by the
- * bytes of the selected experts, which is the figure offload.py reports.
+ * bytes of the selected experts, which is the figure experts/report.py reports.
  *
  * Layouts (group G = 64 along the input dim), `bits` names them:
  *   4 int4: row of K inputs = K/64 groups x 32 bytes; byte j holds element j (low nibble) and
@@ -15,8 +15,8 @@
  *   8 int8: row = K int8; w = q * scale, scale float16 per group.
  *   2 MXFP4 (gpt-oss as shipped): row = K/32 blocks of 16 bytes, byte j holds element 2j (low
  *           nibble) and 2j + 1 (high), fp4 e2m1 codes; K/32 e8m0 scale bytes; w = fp4 * 2^(e - 127).
- * Built by offload.py with the system C compiler (gcc -O3 -march=native -fopenmp) and loaded with
- * ctypes: no torch headers, so it builds in about a second wherever it runs.
+ * Built by experts/kernel.py with the system C compiler (gcc -O3 -march=native -fopenmp) and loaded
+ * with ctypes: no torch headers, so it builds in about a second wherever it runs.
  */
 #include <math.h>
 #include <stdint.h>
@@ -42,7 +42,7 @@ static inline float h2f(uint16_t h) {
 /* Activations are rounded to int8 per group of 64 (like llama.cpp's Q8 activations) so each group
  * of weights is one integer dot product: AVX-512 VNNI / AVX-VNNI dpbusd, else AVX2 maddubs, else
  * plain C. Per group g of a row: xq[64] int8, xs[2g] = scale, xs[2g + 1] = scale * sum(xq) (the
- * int4 min term). The kernel computes exactly dequant(W) . dequant(quant(x)); offload.py's
+ * int4 min term). The kernel computes exactly dequant(W) . dequant(quant(x)); formats.py's
  * fake_quant_activations() is the same rounding in torch, for tests. */
 enum { LAYOUT_PLAIN, LAYOUT_PAIRED, LAYOUT_EVEN_ODD };
 
@@ -360,7 +360,7 @@ void moe_experts(int bits, int n_sel, const int64_t *sel, const int32_t *start, 
 }
 
 /* One decode token (T = 1) of one layer, everything read from a context prepared once
- * (offload_decode.py): the call from Python passes one pointer.
+ * (experts/decode.py): the call from Python passes one pointer.
  * pack = [k expert ids as float, k weights, x (d floats)], as the GPU segment writes it. */
 typedef struct {
     int bits, k, d, I, act, weight_input;

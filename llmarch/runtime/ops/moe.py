@@ -8,9 +8,8 @@ Routers (chosen per family, semantics from each transformers modeling file):
                (DeepSeek V3 / Kimi K2, GLM-4.5, MiniMax-M2, MiMo-V2-Flash)
   llama4       top-k over logits, sigmoid of those, applied to the expert INPUT (Llama 4)
 Experts are held stacked, [E, 2I, d] (gate rows then up rows) and [E, d, I], whatever the disk
-layout (per-expert tensors or fused, gpt-oss's interleaved gate/up), so every store (this
-resident one, offload.py's quantized CPU/disk ones) computes the same way: tokens grouped by
-expert, one matmul per used expert, results weighted and scattered back.
+layout (per-expert tensors or fused, gpt-oss's interleaved gate/up), in an expert store
+(llmarch/runtime/experts/): on the device by default, or where the placement puts them.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmarch.errors import LlmarchError
+from llmarch.runtime.experts.stores import ResidentExperts
 from llmarch.runtime.ops.mlp import GatedMLP, activation
 from llmarch.arch.spec import ArchSpec, LayerSpec
 
@@ -93,49 +93,6 @@ class ExpertAct:
         return self.act(gate) * up
 
 
-def group_by_expert(idx: torch.Tensor, w: torch.Tensor):
-    """(sorted token rows, sorted weights, [(expert, start, end)]) for the experts used. One host sync."""
-    flat = idx.flatten()
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=1).cpu().tolist()
-    segs, start = [], 0
-    for e, c in enumerate(counts):
-        if c:
-            segs.append((e, start, start + c))
-            start += c
-    return order // idx.shape[1], w.flatten()[order], segs
-
-
-def expert_ffn(xs, ws, gate_up, down, gate_up_bias, down_bias, act, weight_input: bool) -> torch.Tensor:
-    """One expert over the rows routed to it; ws [n, 1] weights its input (Llama 4) or its output.
-    Every expert store (resident, quantized GPU, offloaded CPU/GPU-hot) computes through this."""
-    if weight_input:
-        xs = xs * ws.to(xs.dtype)
-    y = F.linear(act(F.linear(xs, gate_up, gate_up_bias)), down, down_bias)
-    return y if weight_input else y * ws.to(y.dtype)
-
-
-class ResidentExperts(nn.Module):
-    """Stacked float experts on one device; grouped compute (one matmul pair per used expert)."""
-
-    def __init__(self, E: int, d: int, inter: int, bias: bool):
-        super().__init__()
-        self.gate_up = nn.Parameter(torch.empty(E, 2 * inter, d))
-        self.down = nn.Parameter(torch.empty(E, d, inter))
-        self.gate_up_bias = nn.Parameter(torch.empty(E, 2 * inter)) if bias else None
-        self.down_bias = nn.Parameter(torch.empty(E, d)) if bias else None
-
-    def forward(self, x, idx, w, act, weight_input: bool = False):
-        out = torch.zeros_like(x)
-        rows, ws, segs = group_by_expert(idx, w)
-        for e, a, b in segs:
-            r = rows[a:b]
-            out.index_add_(0, r, expert_ffn(x[r], ws[a:b, None], self.gate_up[e], self.down[e],
-                                            None if self.gate_up_bias is None else self.gate_up_bias[e],
-                                            None if self.down_bias is None else self.down_bias[e], act, weight_input))
-        return out
-
-
 class MoE(nn.Module):
     def __init__(self, spec: ArchSpec, layer: LayerSpec):
         super().__init__()
@@ -153,7 +110,7 @@ class MoE(nn.Module):
             width = m.shared_ffn or self.inter * m.shared_experts
             self.shared = GatedMLP(self.d, width, spec.activation)
         self.shared_gate = nn.Linear(self.d, 1, bias=False) if m.shared_gated else None
-        self.store_factory = None  # offload.py: (moe, gate_up, down, biases) -> expert store
+        self.store_factory = None  # experts/placement.py: (moe, gate_up, down, biases, mxfp4) -> expert store
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape

@@ -1,0 +1,68 @@
+"""Expert formats: what the bytes of a quantized expert mean, in moe_cpu.c's layouts.
+
+Groups of G = 64 along the input dim: int8 has one fp16 scale per group (w = q * scale); int4 packs
+a group in 32 bytes with an fp16 scale and min (w = q * scale + min, 4.5 bits per weight); MXFP4
+is gpt-oss's as shipped (32 fp4 e2m1 codes per block, one e8m0 scale: 4.25 bits per weight).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmarch.errors import LlmarchError
+
+G = 64  # quantization group along the input dim (moe_cpu.c's G)
+MXFP4 = 2  # the `bits` code of gpt-oss's experts kept as shipped (moe_cpu.c's third layout)
+FORMAT = {16: "16-bit", 8: "int8", 4: "int4", MXFP4: "mxfp4"}
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def mxfp4_dequant(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """OpenAI's MXFP4 (gpt-oss safetensors): 32 fp4 values per block, low nibble first, shared e8m0."""
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
+    b = blocks.to(torch.uint8)
+    vals = torch.stack([lut[(b & 0x0F).long()], lut[(b >> 4).long()]], dim=-1)  # [..., G, 16, 2]
+    vals = vals.reshape(*b.shape[:-1], 32) * torch.exp2(scales.to(torch.int32) - 127).float()[..., None]
+    return vals.reshape(*b.shape[:-2], -1)
+
+
+def quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., N, K] float -> (q, scales) in moe_cpu.c's layouts (K must be a multiple of 64)."""
+    *lead, N, K = w.shape
+    if K % G or K > 1024 * G:  # moe_cpu.c keeps a row's group factors on the stack (1024 groups)
+        raise LlmarchError(f"--expert-bits {bits}: expert input width {K} is not a multiple of {G} up to {1024 * G}")
+    g = w.float().reshape(*lead, N, K // G, G)
+    if bits == 8:
+        s = g.abs().amax(-1) / 127.0
+        q = torch.round(g / s.clamp(min=1e-12)[..., None]).clamp(-127, 127).to(torch.int8)
+        return q.reshape(*lead, N, K), s.half()
+    lo, hi = g.amin(-1), g.amax(-1)
+    s = ((hi - lo) / 15.0).half()
+    m = lo.half()
+    q = torch.round((g - m.float()[..., None]) / s.float().clamp(min=1e-12)[..., None]).clamp(0, 15).to(torch.uint8)
+    packed = q[..., : G // 2] | (q[..., G // 2:] << 4)  # byte j: element j (low), j + 32 (high)
+    return packed.reshape(*lead, N, K // 2), torch.stack([s, m], dim=-1).reshape(*lead, N, 2 * (K // G))
+
+
+def fake_quant_activations(x: torch.Tensor) -> torch.Tensor:
+    """What moe_cpu.c does to its inputs (x, and the activation before the down projection): round to
+    int8 per group of 64 with scale max|x|/127, then back to float. For tests and error estimates."""
+    g = x.float().reshape(*x.shape[:-1], -1, G)
+    d = g.abs().amax(-1, keepdim=True) / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    return (torch.round(g * inv) * d).reshape(x.shape)
+
+
+def dequantize(q: torch.Tensor, s: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of quantize() (float32), for GPU-hot experts and for tests; MXFP4 rows too."""
+    *lead, N, _ = q.shape
+    if bits == MXFP4:
+        return mxfp4_dequant(q.reshape(*lead, N, -1, 16), s)
+    if bits == 8:
+        K = q.shape[-1]
+        return (q.float().reshape(*lead, N, K // G, G) * s.float()[..., None]).reshape(*lead, N, K)
+    K = q.shape[-1] * 2
+    b = q.reshape(*lead, N, K // G, G // 2)
+    v = torch.cat([b & 15, b >> 4], dim=-1).float()
+    sm = s.float().reshape(*lead, N, K // G, 2)
+    return (v * sm[..., 0:1] + sm[..., 1:2]).reshape(*lead, N, K)
