@@ -95,6 +95,7 @@ class Sem:
     mla: bool = False
     sinks: bool = False
     gated: bool = False
+    gate_layout: str | None = None
     indexer: bool = False
     bias: Callable = lambda tc: bool(getattr(tc, "attention_bias", False))
     out_bias: Callable = lambda tc: bool(getattr(tc, "attention_bias", False))
@@ -108,6 +109,7 @@ class Sem:
     has_rope: bool = True
     chunk: Callable = lambda tc: None
     linear: bool = False
+    temperature: Callable = lambda tc: None
     extra: dict = field(default_factory=dict)
 
 
@@ -206,6 +208,7 @@ SEM: dict[str, Sem] = {
         moe_layers=_qwen_sparse,
         shared_experts=lambda tc: 1,
         gated=True,
+        gate_layout="in_q",
         unit_offset=True,
         linear=True,
         kv_layer=lambda tc, i: 0 if layer_types(tc)[i] == "linear_attention" else _std_kv(tc, i),
@@ -251,6 +254,9 @@ SEM: dict[str, Sem] = {
         expert_ffn=lambda tc: tc.intermediate_size,
         expert_params=lambda tc: 3 * tc.hidden_size * tc.intermediate_size,
         chunk=lambda tc: tc.attention_chunk_size,
+        # Llama4TextAttention: `if self.attn_temperature_tuning and not self.use_rope` scales q
+        temperature=lambda tc: {"floor_scale": tc.floor_scale, "attn_scale": tc.attn_scale}
+        if tc.attn_temperature_tuning else None,
     ),
     # MiniMaxM2Attention: q_norm = RMSNorm(heads*head_dim), k_norm = RMSNorm(kv*head_dim);
     # every layer block_sparse_moe; partial RoPE from the legacy rotary_dim.
@@ -269,6 +275,7 @@ SEM: dict[str, Sem] = {
         qk_norm=lambda tc: "per_head",
         placement="sandwich",
         gated=True,
+        gate_layout="separate",
         shared_experts=lambda tc: tc.num_shared_experts,
     ),
     # MiMoV2FlashAttention: sliding layers have 2 x num_key_value_heads and sinks; K uses
@@ -578,6 +585,8 @@ FACTS: dict[str, tuple[str, Callable[[Ctx], Any]]] = {
     "attention.out_bias": ("attention.out_bias", lambda c: c.sem.out_bias(c.tc)),
     "attention.sinks": ("attention.sinks", lambda c: c.sem.sinks),
     "attention.gated": ("attention.gated", lambda c: c.sem.gated),
+    "attention.gate_layout": ("attention.gate_layout", lambda c: c.sem.gate_layout),
+    "attention.temperature_tuning": ("attention.temperature_tuning", lambda c: c.sem.temperature(c.tc)),
     "attention.indexer": ("attention.indexer", lambda c: c.sem.indexer),
     "attention.mla": ("attention.mla", _mla),
     "moe": ("moe", _moe),

@@ -42,7 +42,10 @@ class AttentionSpec:
     bias: bool = False  # q/k/v bias units
     out_bias: bool = False
     sinks: bool = False  # learned per-head sink logits (gpt-oss)
-    gated: bool = False  # sigmoid output gate (Qwen3-Next)
+    gated: bool = False  # sigmoid output gate: o(attn * sigmoid(gate(x)))
+    # where the gate's weights live: "separate" (its own projection: AfMoE's gate_proj, GGUF attn_gate)
+    # | "in_q" (q_proj emits [q | gate] per head, Qwen3-Next); None when no tensor says (config only)
+    gate_layout: str | None = None
     indexer: bool = False  # DeepSeek Sparse Attention lightning indexer (V3.2, GLM-5)
     q_lora_rank: int | None = None  # MLA
     kv_lora_rank: int | None = None
@@ -51,6 +54,9 @@ class AttentionSpec:
     scale: float | None = None  # softmax scale when not 1/sqrt(head_dim)
     softcap: float | None = None  # attention logit soft-capping (Gemma 2 style)
     value_scale: float | None = None  # constant multiplier on V after its projection (MiMo-V2-Flash)
+    # NoPE layers' queries scaled by log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1 (Llama 4):
+    # {"floor_scale": ..., "attn_scale": ...}, or None
+    temperature_tuning: dict | None = None
     mla: bool = False
 
     @property

@@ -20,10 +20,11 @@ ROLES: dict[str, re.Pattern] = {name: re.compile(p) for name, p in {
     "router_bias": r"e_score_correction_bias|expert_bias|exp_probs_b|(mlp|feed_forward)\.router\.bias$|ffn_gate_inp\.bias$",
     "q_norm": r"(self_attn|attention|attn)\.(q_norm|q_layernorm)\.weight$|attn_q_norm\.weight$",
     "k_norm": r"(self_attn|attention|attn)\.(k_norm|k_layernorm)\.weight$|attn_k_norm\.weight$",
+    "q_proj": r"(self_attn|attention|attn)\.(q_proj|wq)\.weight$|attn_q\.weight$",
     "qkv_bias": r"(q_proj|k_proj|v_proj|qkv_proj|c_attn|query_key_value|attn_q|attn_k|attn_v|attn_qkv)\.bias$",
     "out_bias": r"(o_proj|c_proj|dense|attn_output)\.bias$",
     "sinks": r"(\.sinks|attn_sinks|attention_sink_bias)(\.weight)?$",
-    "attn_gate": r"attn_gate\.weight$",
+    "attn_gate": r"attn_gate\.weight$|self_attn\.(gate_proj|g_proj)\.weight$",  # gguf-py's ATTN_GATE names
     "indexer": r"indexer|\bidx_|indexer_",
     "mla_kv_a": r"kv_a_proj_with_mqa\.weight$|attn_kv_a_mqa\.weight$",
     "mla_q_a": r"q_a_proj\.weight$|attn_q_a\.weight$",

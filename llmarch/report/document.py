@@ -39,8 +39,10 @@ def to_document(spec: ArchSpec, context: int | None = None, kv_dtype: str | None
             "out_bias": a.out_bias,
             "sinks": a.sinks,
             "gated": a.gated,
+            "gate_layout": a.gate_layout,
             "indexer": a.indexer,
             "softcap": a.softcap,
+            "temperature_tuning": a.temperature_tuning,
             "mla": {
                 "q_lora_rank": a.q_lora_rank,
                 "kv_lora_rank": a.kv_lora_rank,

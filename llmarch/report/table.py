@@ -43,11 +43,15 @@ def fact_rows(doc: dict) -> list[tuple[str, str, str]]:
         ("attention", "QK-norm", a["qk_norm"] or "no"),
         ("attention", "bias units", "q/k/v" + (" + out" if a.get("out_bias") else "") if a["bias"] else "no"),
         ("attention", "sinks", "yes" if a["sinks"] else "no"),
-        ("attention", "gated output", "yes" if a.get("gated") else "no"),
+        ("attention", "gated output", ("yes" + (" (rows of q_proj)" if a.get("gate_layout") == "in_q" else ""))
+         if a.get("gated") else "no"),
         ("attention", "sparse indexer", "yes" if a.get("indexer") else "no"),
     ]
     if a.get("softcap"):
         rows.append(("attention", "logit soft-cap", str(a["softcap"])))
+    if a.get("temperature_tuning"):
+        t = a["temperature_tuning"]
+        rows.append(("attention", "NoPE q temperature", f"floor_scale {t['floor_scale']}, attn_scale {t['attn_scale']}"))
     sw, la = doc["sliding_window"], doc["linear_attention"]
     rows += [
         ("schedule", "pattern", doc["schedule_pattern"]),

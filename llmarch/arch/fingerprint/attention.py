@@ -1,4 +1,5 @@
-"""Attention facts: heads, head widths, MLA ranks, QK-norm, bias units, sinks, gate, indexer, scales."""
+"""Attention facts: heads, head widths, MLA ranks, QK-norm, bias units, sinks, gate, indexer, scales,
+NoPE-layer temperature tuning."""
 
 from __future__ import annotations
 
@@ -63,6 +64,14 @@ def read_attention(spec: ArchSpec, f: Facts, recipe: dict, lt, ckpt: Checkpoint)
         spec.evidence["attention.sinks"] = sinks
     gate = any_layer_has(lt, "attn_gate")
     a.gated = bool(gate) or bool(f.get("attn_output_gate", "use_attn_gate", "gated_attention", default=recipe.get("gated_attention", False)))
+    q = any_layer_has(lt, "q_proj")
+    if gate:
+        a.gate_layout = "separate"
+        spec.evidence["attention.gated"] = gate
+    elif a.gated and q and not a.mla and ckpt.tensors[q].shape \
+            and ckpt.tensors[q].shape[0] == 2 * a.heads * a.head_dim:
+        a.gate_layout = "in_q"  # q_proj twice the query width: [q | gate] per head
+        spec.evidence["attention.gated"] = q
     idx = any_layer_has(lt, "indexer")
     a.indexer = bool(idx) or bool(f.get("index_topk", "index_n_heads"))
     if idx:
@@ -78,4 +87,9 @@ def read_attention(spec: ArchSpec, f: Facts, recipe: dict, lt, ckpt: Checkpoint)
     if vs is not None and float(vs) != 1.0:
         a.value_scale = float(vs)
         spec.evidence["attention.value_scale"] = f"config.json:{key}" if key in f.config else f"recipe {recipe.get('family')}"
+    # Llama 4's NoPE layers: a query temperature growing with the position; floor_scale and
+    # attn_scale default as in Llama4TextConfig, the config class that defines these keys
+    if f.get("attn_temperature_tuning", fact="attention.temperature_tuning"):
+        a.temperature_tuning = {"floor_scale": f.get("floor_scale", default=8192),
+                                "attn_scale": f.get("attn_scale", default=0.1)}
     spec.attention = a
