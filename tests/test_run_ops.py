@@ -98,3 +98,48 @@ def test_keep_quantized_model_close_to_float(tiny, bits):
             out.append(rt.model(ids, torch.arange(12), cache, limit=12, last_only=False))
     ref, got = out
     assert (got - ref).abs().max().item() < (0.05 if bits == 8 else 0.4) * ref.abs().max().item()
+
+
+def test_gate_in_q_proj_matches_qwen3_next_attention(tiny):
+    """An output gate stored as rows of q_proj ([q | gate] per head, spec gate_layout "in_q") =
+    transformers' Qwen3NextAttention on the same weights (per-head (1 + w) QK-norm, partial RoPE).
+    A separate gate projection (AfMoE) is covered by the MoE parity tests."""
+    from transformers import AutoConfig
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextAttention, Qwen3NextRotaryEmbedding
+
+    from llmarch.api import load_spec
+    from llmarch.runtime.kv_cache import KVCache
+    from llmarch.runtime.model import _rope_key
+    from llmarch.runtime.ops.attention import Attention
+    from llmarch.runtime.ops.rope import Rope
+
+    path = tiny("qwen3_next")
+    spec = load_spec(str(path))
+    a = spec.attention
+    assert (a.gated, a.gate_layout) == (True, "in_q")
+    layer = next(l for l in spec.schedule if l.mixer == "full")
+    cfg = AutoConfig.from_pretrained(path)
+    cfg._attn_implementation = "eager"
+    g = torch.Generator().manual_seed(0)
+    ref = Qwen3NextAttention(cfg, layer.index).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    (theta, _, rot), scaling = _rope_key(spec, layer)
+    rope = Rope(a.head_dim, rot, theta, scaling, spec.context_length)
+    mine = Attention(spec, layer, rope)
+    sd = {n: p.detach() for n, p in ref.named_parameters()}
+    mine.load_state_dict({"qkv.weight": torch.cat([sd["q_proj.weight"], sd["k_proj.weight"], sd["v_proj.weight"]]),
+                          "o.weight": sd["o_proj.weight"], "q_norm.weight": sd["q_norm.weight"],
+                          "k_norm.weight": sd["k_norm.weight"]})
+    T = 9
+    rope.build(T, "cpu", torch.float32)
+    x = torch.randn(1, T, spec.hidden_size, generator=g)
+    pos = torch.arange(T)
+    cache = KVCache(spec.schedule, T, a.kv_heads, a.head_dim, a.head_dim, torch.float32, "cpu")
+    cache.prepare(pos, T)
+    mask = torch.zeros(T, T).masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))[None, None]
+    with torch.no_grad():
+        want, _ = ref(x, Qwen3NextRotaryEmbedding(cfg)(x, pos[None]), mask)
+        got = mine(x, pos, cache)
+    assert (got - want).abs().max().item() < 1e-5

@@ -88,7 +88,7 @@ class KVCache:
         self.layers: dict[int, LayerCache] = {}
         for layer in schedule:
             if layer.mixer not in ("full", "sliding"):
-                continue  # MLA / linear layers bring their own state (later issues)
+                continue  # chunked / MLA layers keep their own cache (ops/chunked_attention.py, ops/mla.py)
             window = layer.window if layer.mixer == "sliding" else None
             ring = window is not None and window < max_seq
             size = window if ring else max_seq

@@ -1,28 +1,29 @@
 """A decoder assembled from the ArchSpec's per-layer schedule.
 
-Each Block gets its mixer and FFN injected from registries keyed by LayerSpec.mixer / .ffn, so the
-MoE/MLA/linear-attention issues add entries (`MIXERS["mla"] = ...`, `FFNS["moe"] = ...`) instead of
-new model files. The model is built on the meta device; load_weights() then assigns tensors read
-lazily from the checkpoint (memory-mapped safetensors are used in place when dtypes match).
+Each Block gets its mixer and FFN injected from registries keyed by LayerSpec.mixer / .ffn (MIXERS,
+FFNS below): a new kind of layer is an entry there, not a new model file; what varies inside a kind
+(output gate, sinks, QK-norm, temperature, ...) each op reads from the spec. The model is built on
+the meta device; load_weights() then assigns tensors read lazily from the checkpoint (memory-mapped
+safetensors are used in place when dtypes match).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmarch.arch.spec import ArchSpec, LayerSpec
 from llmarch.errors import LlmarchError
 from llmarch.runtime.ops.attention import Attention
+from llmarch.runtime.ops.chunked_attention import ChunkedAttention
+from llmarch.runtime.ops.mla import MLAttention
 from llmarch.runtime.ops.mlp import GatedMLP, PlainMLP
+from llmarch.runtime.ops.moe import moe_ffn
 from llmarch.runtime.ops.norms import RMSNorm, make_norm
 from llmarch.runtime.ops.rope import Rope, scaling_kind
-from llmarch.arch.spec import ArchSpec, LayerSpec
-
-# mixer kind -> factory(spec, layer, rope) ; ffn kind -> factory(spec, layer)
-MIXERS: dict[str, Callable[..., nn.Module]] = {"full": Attention, "sliding": Attention}
 
 
 def dense_ffn(spec: ArchSpec, layer: LayerSpec) -> nn.Module:
@@ -31,18 +32,10 @@ def dense_ffn(spec: ArchSpec, layer: LayerSpec) -> nn.Module:
     return GatedMLP(spec.hidden_size, spec.intermediate_size, spec.activation, bias=spec.ffn_bias)
 
 
-FFNS: dict[str, Callable[..., nn.Module]] = {"dense": dense_ffn}
-# issue 5 (MoE/MLA): registered from their own files
-from llmarch.runtime.ops.mla import MLAttention  # noqa: E402
-from llmarch.runtime.ops.chunked_attention import ChunkedAttention  # noqa: E402
-from llmarch.runtime.ops.moe import moe_ffn  # noqa: E402
-
-MIXERS["mla"] = MLAttention
-MIXERS["chunked"] = ChunkedAttention
-from llmarch.runtime.ops.afmoe import attention as _afmoe_or_plain  # noqa: E402
-
-MIXERS["full"] = MIXERS["sliding"] = _afmoe_or_plain  # AfMoE: output-gated attention; others unchanged
-FFNS["moe"] = moe_ffn
+# mixer kind -> factory(spec, layer, rope) ; ffn kind -> factory(spec, layer)
+MIXERS: dict[str, Callable[..., nn.Module]] = {"full": Attention, "sliding": Attention,
+                                                "chunked": ChunkedAttention, "mla": MLAttention}
+FFNS: dict[str, Callable[..., nn.Module]] = {"dense": dense_ffn, "moe": moe_ffn}
 NORM_SLOTS = {"pre": ("attn_norm", "ffn_norm"), "post": ("attn_post_norm", "ffn_post_norm"),
               "sandwich": ("attn_norm", "attn_post_norm", "ffn_norm", "ffn_post_norm")}
 
@@ -201,7 +194,7 @@ def load_weights(model: Transformer, source, dtype: torch.dtype, device, quant_b
     for mname, mod in list(model.named_modules()):
         if self_loaded and mname.startswith(self_loaded):
             continue
-        if hasattr(mod, "load_from"):  # hook (issue 5): MoE/MLA modules read their own Hub tensors
+        if hasattr(mod, "load_from"):  # MoE/MLA modules read their own Hub tensors
             mod.load_from(source, mname, dtype, device)
             self_loaded += (mname + ".",)
             continue

@@ -1,5 +1,7 @@
 """Softmax attention over a KV cache: MHA/GQA/MQA, sliding window (through the cache's mask),
-QK-norm (per head or over the whole projection), soft-capping, attention sinks, a V scale.
+QK-norm (per head or over the whole projection), soft-capping, attention sinks, a V scale, a
+sigmoid output gate (its own projection, or rows of q_proj), and the NoPE layers' query
+temperature (temperature tuning).
 
 KV head count and sinks are per layer (LayerSpec), since MiMo-V2-Flash's sliding layers have twice
 the KV heads of its full layers, and sinks only there.
@@ -14,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmarch.arch.spec import ArchSpec, LayerSpec
 from llmarch.runtime.ops.norms import make_norm
 from llmarch.runtime.ops.rope import Rope
-from llmarch.arch.spec import ArchSpec, LayerSpec
 
 
 def attend(q, k, v, mask, scale: float, softcap: float | None = None, sinks: torch.Tensor | None = None,
@@ -59,16 +61,23 @@ class Attention(nn.Module):
         d = spec.hidden_size
         self.heads, self.kv_heads, self.head_dim = a.heads, layer.kv_heads or a.kv_heads, a.head_dim
         self.v_dim = a.v_head_dim or a.head_dim
-        self.sizes = [a.heads * a.head_dim, self.kv_heads * a.head_dim, self.kv_heads * self.v_dim]
+        # output gate: o(attn * sigmoid(gate)), the gate from its own projection of x or, when
+        # q_proj holds [q | gate] per head, from those rows of the fused matmul
+        self.gate_in_q = a.gated and a.gate_layout == "in_q"
+        q_width = a.heads * a.head_dim
+        self.sizes = [q_width * (2 if self.gate_in_q else 1), self.kv_heads * a.head_dim, self.kv_heads * self.v_dim]
         self.qkv = nn.Linear(d, sum(self.sizes), bias=a.bias)
         self.o = nn.Linear(a.heads * self.v_dim, d, bias=a.out_bias)
         self.qk_norm = a.qk_norm
         eps = spec.norm.eps
+        # "l2": a weightless RMS norm after RoPE, on RoPE layers only (Llama 4's NoPE layers skip it)
+        self.l2 = a.qk_norm == "l2" and rope is not None
+        self.l2_eps = eps or 1e-5
         if a.qk_norm == "per_head":
             self.q_norm = make_norm("rms", a.head_dim, eps, spec.norm.unit_offset)
             self.k_norm = make_norm("rms", a.head_dim, eps, spec.norm.unit_offset)
         elif a.qk_norm == "whole":
-            self.q_norm = make_norm("rms", self.sizes[0], eps, spec.norm.unit_offset)
+            self.q_norm = make_norm("rms", q_width, eps, spec.norm.unit_offset)
             self.k_norm = make_norm("rms", self.sizes[1], eps, spec.norm.unit_offset)
         sinks = layer.sinks if layer.sinks is not None else a.sinks
         self.sinks = nn.Parameter(torch.zeros(a.heads)) if sinks else None
@@ -77,11 +86,34 @@ class Attention(nn.Module):
         self.softcap = a.softcap
         self.rope = rope
         self.index = layer.index
-        self.gate = None  # AfMoE (ops/afmoe.py): out * sigmoid(gate(x)) before o
+        self.gate = nn.Linear(d, a.heads * self.v_dim, bias=False) if a.gated and not self.gate_in_q else None
+        tt = a.temperature_tuning if not layer.rope else None
+        self.temperature = (float(tt["floor_scale"]), float(tt["attn_scale"])) if tt else None
+
+    def project(self, x: torch.Tensor):
+        """x [B,T,d] -> q, k, v [B,T,width] and the output gate before its sigmoid (or None)."""
+        q, k, v = self.qkv(x).split(self.sizes, dim=-1)
+        if self.gate_in_q:
+            B, T, _ = x.shape
+            q, gate = q.view(B, T, self.heads, 2 * self.head_dim).chunk(2, dim=-1)
+            return q.reshape(B, T, -1), k, v, gate.reshape(B, T, -1)
+        return q, k, v, (self.gate(x) if self.gate is not None else None)
+
+    def l2_norm(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.l2_eps)).to(x.dtype)
+
+    def temper(self, q: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """q [B,H,T,D] scaled per position by log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1,
+        as transformers' Llama 4 scales its NoPE layers' queries. The factor comes from the
+        position tensor on the device, so a captured decode step stays right at every position."""
+        floor_scale, attn_scale = self.temperature
+        t = torch.log1p(torch.floor((pos.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+        return (q * t[:, None]).to(q.dtype)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(self.sizes, dim=-1)
+        q, k, v, gate = self.project(x)
         if self.qk_norm == "whole":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, self.heads, self.head_dim)
@@ -94,11 +126,15 @@ class Attention(nn.Module):
             v = v * self.v_scale
         if self.rope is not None:
             q, k = self.rope(q, pos), self.rope(k, pos)
+        if self.l2:
+            q, k = self.l2_norm(q), self.l2_norm(k)
+        if self.temperature is not None:
+            q = self.temper(q, pos)
         lc = cache.layers[self.index]
         keys, values = lc.update(k, v)
         out = attend(q, keys.to(q.dtype), values.to(q.dtype), lc.group.mask, self.scale, self.softcap, self.sinks,
                      lc.group)
         out = out.transpose(1, 2).reshape(B, T, self.heads * self.v_dim)
-        if self.gate is not None:
-            out = out * torch.sigmoid(self.gate(x))
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
         return self.o(out)
