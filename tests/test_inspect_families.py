@@ -492,7 +492,12 @@ def _mla(c: Ctx):
     if not c.sem.mla:
         return None
     keys = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim")
-    return {k: getattr(c.tc, k) for k in keys}
+    out = {k: getattr(c.tc, k) for k in keys}
+    # DeepseekV3Attention: config.rope_interleave picks the interleaved-pairs RoPE; DeepSeek-V3.2's
+    # and GLM-MoE-DSA's attention always use it (Kimi Linear's MLA applies no RoPE)
+    if c.name in ("deepseek_v3", "deepseek_v32", "glm_moe_dsa"):
+        out["rope_interleave"] = getattr(c.tc, "rope_interleave", True)
+    return out
 
 
 def _sliding(c: Ctx):

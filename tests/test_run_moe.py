@@ -145,6 +145,13 @@ def test_gpt_oss_mxfp4_experts_load_like_transformers(tiny, tmp_path):
     _parity(mx, "gpt_oss", ref_path=twin)
 
 
+def test_mla_half_split_rope(tiny):
+    """DeepSeek-V3 with rope_interleave false (transformers then rotates halves, not pairs): the
+    spec says so and MLA follows it."""
+    rt, _ = _parity(tiny("deepseek_v3", rope_interleave=False), "deepseek_v3")
+    assert rt.spec.attention.rope_interleave is False
+
+
 def test_llama4_nope_temperature_past_floor_scale(tiny, tmp_path):
     """Llama 4's NoPE layers scale their queries by log1p(floor((pos + 1) / floor_scale)) *
     attn_scale + 1; with floor_scale 8 the 24-token prompt and 32 cached steps cross it seven

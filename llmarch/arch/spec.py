@@ -51,6 +51,7 @@ class AttentionSpec:
     kv_lora_rank: int | None = None
     qk_rope_head_dim: int | None = None
     qk_nope_head_dim: int | None = None
+    rope_interleave: bool | None = None  # MLA: the rope dims rotate interleaved pairs (DeepSeek's rope_interleave)
     scale: float | None = None  # softmax scale when not 1/sqrt(head_dim)
     softcap: float | None = None  # attention logit soft-capping (Gemma 2 style)
     value_scale: float | None = None  # constant multiplier on V after its projection (MiMo-V2-Flash)

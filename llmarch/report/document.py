@@ -48,6 +48,7 @@ def to_document(spec: ArchSpec, context: int | None = None, kv_dtype: str | None
                 "kv_lora_rank": a.kv_lora_rank,
                 "qk_rope_head_dim": a.qk_rope_head_dim,
                 "qk_nope_head_dim": a.qk_nope_head_dim,
+                "rope_interleave": a.rope_interleave,
             } if a.mla else None,
         },
         "rope": {

@@ -20,6 +20,7 @@ def read_attention(spec: ArchSpec, f: Facts, recipe: dict, lt, ckpt: Checkpoint)
         a.qk_rope_head_dim = f.get("qk_rope_head_dim", fact="attention.qk_rope_head_dim")
         a.qk_nope_head_dim = f.get("qk_nope_head_dim", fact="attention.qk_nope_head_dim")
         a.v_head_dim = f.get("v_head_dim", fact="attention.v_head_dim")
+        a.rope_interleave = bool(f.get("rope_interleave", default=True))  # transformers' MLA configs default True
         if a.qk_nope_head_dim is None and f.get("head_dim") and a.qk_rope_head_dim:
             a.qk_nope_head_dim = f.get("head_dim") - a.qk_rope_head_dim  # GGUF key_length = nope + rope
         a.head_dim = (a.qk_nope_head_dim or 0) + (a.qk_rope_head_dim or 0)

@@ -64,7 +64,7 @@ class MLAttention(nn.Module):
         self.scale = (self.nope + self.rdim) ** -0.5
         if scaling_kind(scaling) != "default" and scaling.get("mscale_all_dim"):
             self.scale *= mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
-        self.interleave = spec.config.get("rope_interleave", True)
+        self.interleave = a.rope_interleave is not False
 
     def _rot(self, x, pos):
         if self.interleave:
