@@ -56,7 +56,7 @@ def build_llmarch(spec, device, dtype, bits: int, gpu_experts: int):
     import torch
     from torch import nn
 
-    from llmarch.runtime.experts.formats import G
+    from llmarch.runtime.experts.formats import ExpertFormat, G
     from llmarch.runtime.experts.host import OffloadedExperts
     from llmarch.runtime.experts.placement import Placement
     from llmarch.runtime.load import Runtime
@@ -64,18 +64,19 @@ def build_llmarch(spec, device, dtype, bits: int, gpu_experts: int):
     from llmarch.runtime.ops.moe import MoE
 
     model = build_model(spec)
-    place = Placement("cpu", bits, gpu_experts)
+    fmt = {8: ExpertFormat.INT8, 4: ExpertFormat.INT4, 2: ExpertFormat.MXFP4}[bits]  # --bits 2: MXFP4 as shipped
+    place = Placement("cpu", fmt, gpu_experts)
     t0 = time.perf_counter()
     for mod in list(model.modules()):
         if isinstance(mod, MoE):
             E, d, I = mod.E, mod.d, mod.inter
             parts = []
             for rows, k in ((2 * I, d), (d, I)):
-                nbytes = k if bits == 8 else k // 2
+                nbytes = k if fmt is ExpertFormat.INT8 else k // 2
                 q = torch.randint(0, 256, (E, rows, nbytes), dtype=torch.uint8, device=device)
-                if bits == 2:  # MXFP4: e8m0 scales near 2^-6 (weights about +-0.1 at most)
+                if fmt is ExpertFormat.MXFP4:  # e8m0 scales near 2^-6 (weights about +-0.1 at most)
                     s = torch.randint(118, 122, (E, rows, k // 32), dtype=torch.uint8, device=device)
-                elif bits == 8:
+                elif fmt is ExpertFormat.INT8:
                     q = q.view(torch.int8)
                     s = torch.full((E, rows, k // G), 0.02 / 127 * 8, dtype=torch.float16, device=device)
                 else:  # w = q * s + m, q in 0..15: about +-0.02
@@ -116,7 +117,7 @@ def kernel_only(rt, spec, reps: int = 30) -> dict:
     for _ in range(reps):
         idx = torch.randperm(st.E)[:k][None]
         t0 = time.perf_counter()
-        st._cpu(x, idx, w, moe.act, False)
+        st.host_compute(x, idx, w, moe.act, False)
         times.append(time.perf_counter() - t0)
     med = float(np.median(times[3:]))
     return {"kernel_ms_per_layer": round(med * 1e3, 3), "kernel_gb_s": round(k * st.expert_bytes() / med / 1e9, 1)}
@@ -135,13 +136,13 @@ def check_kernel(rt, spec) -> float:
     k = spec.moe.experts_per_token
     x, w = torch.randn(3, spec.hidden_size), torch.rand(3, k)
     idx = torch.stack([torch.randperm(st.E)[:k] for _ in range(3)])
-    got = st._cpu(x, idx, w, moe.act, False)
+    got = st.host_compute(x, idx, w, moe.act, False)
     ref = torch.zeros_like(x)
     for t in range(3):
         for j in range(k):
             e = int(idx[t, j])
-            h = F.linear(x[t], dequantize(st.gu[e], st.gu_s[e], st.bits))
-            ref[t] += w[t, j] * F.linear(moe.act(h), dequantize(st.dn[e], st.dn_s[e], st.bits))
+            h = F.linear(x[t], dequantize(st.gu[e], st.gu_s[e], st.format))
+            ref[t] += w[t, j] * F.linear(moe.act(h), dequantize(st.dn[e], st.dn_s[e], st.format))
     return float((got - ref).norm() / ref.norm())
 
 

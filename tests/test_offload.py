@@ -168,22 +168,23 @@ def test_segmented_decoder_shared_expert_same_logits(glm_ckpt, reference):
             assert (a - b).abs().max().item() < 1e-5, pos
 
 
-@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "mxfp4"])
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "llama4"])
-def test_cpu_kernel_equals_torch_dequant(bits, family):
+def test_cpu_kernel_equals_torch_dequant(fmt, family):
     """The kernel against ResidentExperts on the same dequantized weights, its inputs rounded as the
     kernel rounds them: plain SwiGLU, gpt-oss (biases, clamped SwiGLU) and Llama 4 (router weight
-    applied to the expert input). bits 2: MXFP4 blocks as gpt-oss ships them (random codes and
+    applied to the expert input). MXFP4: blocks as gpt-oss ships them (random codes and
     e8m0 scales), dequantized by the same code as the float load path."""
     from types import SimpleNamespace
 
-    from llmarch.runtime.experts.formats import dequantize
+    from llmarch.runtime.experts.formats import ExpertFormat, dequantize
     from llmarch.runtime.experts.formats import fake_quant_activations as fq
     from llmarch.runtime.experts.host import OffloadedExperts
     from llmarch.runtime.experts.placement import Placement
     from llmarch.runtime.experts.stores import ResidentExperts
     from llmarch.runtime.ops.moe import ExpertAct
 
+    fmt = ExpertFormat(fmt)
     g = torch.Generator().manual_seed(7)
     E, d, inter, k, T = 6, 192, 64, 2, 5  # 3 and 1 groups of 64: paired and lone groups in the kernel
     spec = SimpleNamespace(family=family, config={"swiglu_limit": 0.5}, activation="silu")  # low limit: clamps bite
@@ -191,16 +192,16 @@ def test_cpu_kernel_equals_torch_dequant(bits, family):
     gu, dn = torch.randn(E, 2 * inter, d, generator=g) * 0.2, torch.randn(E, d, inter, generator=g) * 0.2
     bias = (torch.randn(E, 2 * inter, generator=g), torch.randn(E, d, generator=g)) if family == "gpt_oss" else (None, None)
     moe = SimpleNamespace(E=E, d=d, inter=inter, index=0)
-    if bits == 2:
+    if fmt is ExpertFormat.MXFP4:
         def mx(rows, k):  # [E, rows, k/2] fp4 codes, [E, rows, k/32] scales around 2^-3
             return (torch.randint(0, 256, (E, rows, k // 2), dtype=torch.uint8, generator=g),
                     torch.randint(122, 126, (E, rows, k // 32), dtype=torch.uint8, generator=g))
-        st = OffloadedExperts.from_quantized(moe, (*mx(2 * inter, d), *mx(d, inter)), Placement("cpu", 2), torch.float32,
+        st = OffloadedExperts.from_quantized(moe, (*mx(2 * inter, d), *mx(d, inter)), Placement("cpu", fmt), torch.float32,
                                              bias)
     else:
-        st = OffloadedExperts(moe, gu, dn, bias, Placement("cpu", bits), torch.float32)
+        st = OffloadedExperts(moe, gu, dn, bias, Placement("cpu", fmt), torch.float32)
     ref = ResidentExperts(E, d, inter, bias[0] is not None)
-    ref.gate_up.data, ref.down.data = dequantize(st.gu, st.gu_s, bits), dequantize(st.dn, st.dn_s, bits)
+    ref.gate_up.data, ref.down.data = dequantize(st.gu, st.gu_s, fmt), dequantize(st.dn, st.dn_s, fmt)
     if bias[0] is not None:
         ref.gate_up_bias.data, ref.down_bias.data = bias
     x = torch.randn(T, d, generator=g)
@@ -270,7 +271,7 @@ def test_gpt_oss_mxfp4_experts_stay_mxfp4_on_the_cpu(tiny, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from llmarch.runtime.experts.decode import attach_decoder
-    from llmarch.runtime.experts.formats import MXFP4
+    from llmarch.runtime.experts.formats import ExpertFormat
     from llmarch.runtime.experts.report import offloaded
     from llmarch.runtime.generate import Generator, Sampling
     from llmarch.runtime.load import load_runtime
@@ -289,7 +290,7 @@ def test_gpt_oss_mxfp4_experts_stay_mxfp4_on_the_cpu(tiny, tmp_path):
     ref_rt = load_runtime(str(mx), "cpu", "float32", experts="gpu")
     rt = load_runtime(str(mx), "cpu", "float32", experts="cpu")
     stores = offloaded(rt.model)
-    assert stores and all(s.bits == MXFP4 for s in stores)
+    assert stores and all(s.format is ExpertFormat.MXFP4 for s in stores)
     assert stores[0].expert_bytes() == (3 * 128 * 128) // 2 + (3 * 128 * 128) // 32  # 4.25 bits per weight
     ids = torch.randint(3, 128, (PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()
     seq = ids + Generator(ref_rt, PROMPT + STEPS + 1).generate(ids, STEPS, Sampling()).tokens

@@ -64,7 +64,7 @@ MOE_FAMILIES = ("qwen3_moe", "deepseek_v3", "gpt_oss", "glm4_moe", "llama4", "mi
 def check_supported(spec: ArchSpec, path, gguf: bool = False) -> None:
     if spec.family == "unknown" or not spec.layers or not spec.hidden_size:
         raise LlmarchError(f"unknown model family (no usable config); {DENSE_FAMILIES_NOTE}", path)
-    if (spec.moe is not None or spec.attention.mla) and spec.family not in MOE_FAMILIES:  # issue 5
+    if (spec.moe is not None or spec.attention.mla) and spec.family not in MOE_FAMILIES:
         raise LlmarchError(f"family {spec.family!r} (MoE/MLA) is not supported by llmarch run yet; "
                            f"MoE/MLA families run: {', '.join(MOE_FAMILIES)}", path)
     if gguf and spec.attention.mla:

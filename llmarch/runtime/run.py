@@ -30,7 +30,7 @@ class RunOptions:
     quant_bits: int = 8
     compile: bool = False
     as_json: bool = False
-    experts: str | None = None  # issue 5: gpu | cpu | disk
+    experts: str | None = None  # gpu | cpu | disk
     expert_bits: int | None = None
     gpu_experts: int = 0
     expert_cache_gib: float = 2.0  # --experts disk: mapped expert bytes before they are dropped from RSS

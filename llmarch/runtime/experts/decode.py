@@ -61,7 +61,7 @@ class SegmentedDecoder:
         self.captured: list = []
         self.copies_in_graph = False
         self.stores = [blocks[i].mlp.experts for i in self.cuts]
-        self.native = self.ok and all(st.bits != 16 for st in self.stores) and 0 < k <= 256
+        self.native = self.ok and all(st.format.quantized for st in self.stores) and 0 < k <= 256
         if self.native:
             self._native_contexts(device)
 
@@ -89,7 +89,7 @@ class SegmentedDecoder:
             moe = self.model.layers[i].mlp
             scratch = kernel_scratch(st.d, st.inter, self.k)  # its own: the store's grows (moves) in prefill
             self.scratch.append(scratch)
-            self.ctxs.append(DecodeCtx(st.bits, self.k, st.d, st.inter, 1 if moe.act.clamped else 0,
+            self.ctxs.append(DecodeCtx(st.format.kernel_code, self.k, st.d, st.inter, 1 if moe.act.clamped else 0,
                                        1 if moe.weight_input else 0, moe.act.alpha, moe.act.limit,
                                        ptr(self.pack_h), ptr(self.out_h), ptr(st.gu), ptr(st.dn), ptr(st.gu_s), ptr(st.dn_s),
                                        ptr(st.gu_b), ptr(st.dn_b), *(ptr(scratch[j]) for j in (0, 3, 1, 2, 4, 5))))
@@ -145,7 +145,7 @@ class SegmentedDecoder:
         if not self.native:
             moe, k = self.model.layers[self.cuts[i]].mlp, self.k
             p = self.pack.cpu()
-            y = moe.experts._cpu(p[:, 2 * k:].contiguous(), p[:, :k].long(), p[:, k:2 * k], moe.act, moe.weight_input)
+            y = moe.experts.host_compute(p[:, 2 * k:].contiguous(), p[:, :k].long(), p[:, k:2 * k], moe.act, moe.weight_input)
             self.y.copy_(y.view_as(self.y))
             return
         if self.device.type == "cuda":

@@ -1,19 +1,60 @@
-"""Expert formats: what the bytes of a quantized expert mean, in moe_cpu.c's layouts.
+"""Expert formats: what the bytes of a stored expert mean, in moe_cpu.c's layouts.
 
-Groups of G = 64 along the input dim: int8 has one fp16 scale per group (w = q * scale); int4 packs
-a group in 32 bytes with an fp16 scale and min (w = q * scale + min, 4.5 bits per weight); MXFP4
-is gpt-oss's as shipped (32 fp4 e2m1 codes per block, one e8m0 scale: 4.25 bits per weight).
+The quantized formats group G = 64 inputs: int8 has one fp16 scale per group (w = q * scale); int4
+packs a group in 32 bytes with an fp16 scale and min (w = q * scale + min, 4.5 bits per weight);
+MXFP4 is gpt-oss's as shipped (32 fp4 e2m1 codes per block and one e8m0 scale: 4.25 bits per
+weight).
 """
 
 from __future__ import annotations
+
+from enum import Enum
 
 import torch
 
 from llmarch.errors import LlmarchError
 
 G = 64  # quantization group along the input dim (moe_cpu.c's G)
-MXFP4 = 2  # the `bits` code of gpt-oss's experts kept as shipped (moe_cpu.c's third layout)
-FORMAT = {16: "16-bit", 8: "int8", 4: "int4", MXFP4: "mxfp4"}
+
+
+class ExpertFormat(Enum):
+    """How a layer's routed experts are stored; the value names it in the offload report."""
+
+    FLOAT = "16-bit"  # not quantized: the model's dtype (--expert-bits 16)
+    INT8 = "int8"  # --expert-bits 8
+    INT4 = "int4"  # --expert-bits 4
+    MXFP4 = "mxfp4"  # gpt-oss's experts kept as shipped: on the CPU or disk when --expert-bits is not given
+
+    @classmethod
+    def from_bits(cls, bits: int) -> ExpertFormat:
+        """The format --expert-bits 16|8|4 asks for."""
+        for fmt, b in _EXPERT_BITS.items():
+            if b == bits:
+                return fmt
+        raise LlmarchError(f"--expert-bits must be 16, 8 or 4, got {bits}")
+
+    @property
+    def option(self) -> str:
+        """The command line that gives this format, for messages."""
+        bits = _EXPERT_BITS.get(self)
+        return f"--expert-bits {bits}" if bits else "without --expert-bits (MXFP4 as shipped)"
+
+    @property
+    def quantized(self) -> bool:
+        return self is not ExpertFormat.FLOAT
+
+    @property
+    def kernel_code(self) -> int:
+        """moe_cpu.c's number for this layout (its `bits` argument)."""
+        return {ExpertFormat.INT8: 8, ExpertFormat.INT4: 4, ExpertFormat.MXFP4: 2}[self]
+
+    def bytes_per_weight(self, dtype_bytes: int) -> float:
+        """Stored bytes per weight, scales included; a float expert's are its dtype's."""
+        return {ExpertFormat.FLOAT: dtype_bytes, ExpertFormat.INT8: 1 + 2 / G, ExpertFormat.INT4: 0.5 + 4 / G,
+                ExpertFormat.MXFP4: 0.5 + 1 / 32}[self]
+
+
+_EXPERT_BITS = {ExpertFormat.FLOAT: 16, ExpertFormat.INT8: 8, ExpertFormat.INT4: 4}
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
@@ -26,16 +67,18 @@ def mxfp4_dequant(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return vals.reshape(*b.shape[:-2], -1)
 
 
-def quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [..., N, K] float -> (q, scales) in moe_cpu.c's layouts (K must be a multiple of 64)."""
+def quantize(w: torch.Tensor, fmt: ExpertFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., N, K] float -> (q, scales) in fmt's layout, INT8 or INT4 (K must be a multiple of 64)."""
     *lead, N, K = w.shape
     if K % G or K > 1024 * G:  # moe_cpu.c keeps a row's group factors on the stack (1024 groups)
-        raise LlmarchError(f"--expert-bits {bits}: expert input width {K} is not a multiple of {G} up to {1024 * G}")
+        raise LlmarchError(f"{fmt.option}: expert input width {K} is not a multiple of {G} up to {1024 * G}")
     g = w.float().reshape(*lead, N, K // G, G)
-    if bits == 8:
+    if fmt is ExpertFormat.INT8:
         s = g.abs().amax(-1) / 127.0
         q = torch.round(g / s.clamp(min=1e-12)[..., None]).clamp(-127, 127).to(torch.int8)
         return q.reshape(*lead, N, K), s.half()
+    if fmt is not ExpertFormat.INT4:
+        raise ValueError(f"quantize() writes int8 or int4, not {fmt}")
     lo, hi = g.amin(-1), g.amax(-1)
     s = ((hi - lo) / 15.0).half()
     m = lo.half()
@@ -53,12 +96,12 @@ def fake_quant_activations(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(g * inv) * d).reshape(x.shape)
 
 
-def dequantize(q: torch.Tensor, s: torch.Tensor, bits: int) -> torch.Tensor:
+def dequantize(q: torch.Tensor, s: torch.Tensor, fmt: ExpertFormat) -> torch.Tensor:
     """Inverse of quantize() (float32), for GPU-hot experts and for tests; MXFP4 rows too."""
     *lead, N, _ = q.shape
-    if bits == MXFP4:
+    if fmt is ExpertFormat.MXFP4:
         return mxfp4_dequant(q.reshape(*lead, N, -1, 16), s)
-    if bits == 8:
+    if fmt is ExpertFormat.INT8:
         K = q.shape[-1]
         return (q.float().reshape(*lead, N, K // G, G) * s.float()[..., None]).reshape(*lead, N, K)
     K = q.shape[-1] * 2

@@ -17,68 +17,58 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch import nn
 
+from llmarch.runtime.experts.disk import map_to_disk
 from llmarch.runtime.experts.formats import dequantize, quantize
 from llmarch.runtime.experts.kernel import cpu_kernel, kernel_scratch, ptr
-from llmarch.runtime.experts.stores import expert_ffn
+from llmarch.runtime.experts.stores import ExpertStore, at, expert_loop, group_by_expert
 
 if TYPE_CHECKING:
     from llmarch.runtime.experts.placement import Placement
     from llmarch.runtime.ops.moe import MoE
 
 
-class OffloadedExperts(nn.Module):
+class OffloadedExperts(ExpertStore):
     """Routed experts of one layer on the host (RAM or mmap), optionally a few hot ones on the GPU."""
 
     def __init__(self, moe: MoE, gate_up: torch.Tensor, down: torch.Tensor, biases, place: Placement, dtype):
+        """Float experts, stored in place.format."""
         super().__init__()
-        self.E, self.d, self.inter, self.bits, self.dtype = moe.E, moe.d, moe.inter, place.bits, dtype
-        self.index = moe.index
-        gb, db = biases
-        self.gu_b = gb.float().contiguous() if gb is not None else None
-        self.dn_b = db.float().contiguous() if db is not None else None
-        if self.bits == 16:
-            self.gu, self.dn = gate_up.to(dtype).contiguous(), down.to(dtype).contiguous()
-            self.gu_s = self.dn_s = None
-        else:
-            self.gu, self.gu_s = quantize(gate_up, self.bits)
-            self.dn, self.dn_s = quantize(down, self.bits)
-        self.cache = None
-        self._maybe_to_disk(place)
+        fmt = place.format
+        parts = (*quantize(gate_up, fmt), *quantize(down, fmt)) if fmt.quantized else (gate_up.to(dtype), None, down.to(dtype), None)
+        self._hold(moe, parts, biases, place, dtype)
+
+    @classmethod
+    def from_quantized(cls, moe: MoE, parts: tuple, place: Placement, dtype, biases=(None, None)) -> OffloadedExperts:
+        """Experts already in place.format's layout, (gate_up q, scales, down q, scales): random ones for
+        a benchmark, or a checkpoint's MXFP4 blocks as shipped."""
+        self = cls.__new__(cls)
+        ExpertStore.__init__(self)
+        self._hold(moe, parts, biases, place, dtype)
+        return self
+
+    def _hold(self, moe: MoE, parts: tuple, biases, place: Placement, dtype) -> None:
+        self.E, self.d, self.inter, self.index = moe.E, moe.d, moe.inter, moe.index
+        self.format, self.dtype = place.format, dtype
+        self.gu, self.gu_s, self.dn, self.dn_s = (None if t is None else t.contiguous() for t in parts)
+        self.gu_b, self.dn_b = (None if b is None else b.float().contiguous() for b in biases)  # the kernel's float32
+        self.cache = self._mm = None
+        if place.experts == "disk":
+            folder = Path(place.disk_dir or tempfile.mkdtemp(prefix="llmarch-experts-"))
+            self._mm, stored = map_to_disk(folder / f"layer{self.index}.bin", (self.gu, self.gu_s, self.dn, self.dn_s))
+            self.gu, self.gu_s, self.dn, self.dn_s = stored
+            self.cache = place.disk_cache
+            if self.cache is not None:
+                self.cache.add(self._mm)
+        self._expert_bytes = sum(t[0].numel() * t.element_size() for t in (self.gu, self.gu_s, self.dn, self.dn_s)
+                                 if t is not None)
         self.hot_n = place.gpu_experts
         self.counts = np.zeros(self.E, dtype=np.int64)
         self.hot: dict[int, tuple] = {}
         self.calls = 0
         self.bytes_read = 0  # host expert bytes touched (each selected expert once per step)
         self.device = None
-
-    def _maybe_to_disk(self, place: Placement) -> None:
-        if place.experts == "disk":
-            self._to_disk(Path(place.disk_dir or tempfile.mkdtemp(prefix="llmarch-experts-")))
-            self.cache = place.disk_cache
-            if self.cache is not None:
-                self.cache.add(self._mm)
-
-    def _to_disk(self, folder: Path) -> None:
-        """Write this layer's quantized experts to one file and map it back: RSS holds only what is touched."""
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"layer{self.index}.bin"
-        parts = [t for t in (self.gu, self.gu_s, self.dn, self.dn_s) if t is not None]
-        with open(path, "wb") as f:
-            for t in parts:
-                f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
-        mm = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable views, nothing copied
-        off, out = 0, []
-        for t in parts:
-            n = t.numel() * t.element_size()
-            out.append(torch.frombuffer(mm, dtype=torch.uint8, count=n, offset=off).view(t.dtype).view(t.shape))
-            off += n
-        self._mm = mm
-        if self.gu_s is None:
-            self.gu, self.dn = out
-        else:
-            self.gu, self.gu_s, self.dn, self.dn_s = out
+        self._buf: tuple | None = None
 
     def touched(self, nbytes: int) -> None:
         """Host expert bytes a call has read (after it ran): the report's figure and the disk cache's."""
@@ -87,17 +77,17 @@ class OffloadedExperts(nn.Module):
             self.cache.touch(nbytes)
 
     def expert_bytes(self) -> int:
-        if getattr(self, "_eb", None) is None:
-            self._eb = self._expert_bytes()
-        return self._eb
+        """Stored bytes of one expert, scales included."""
+        return self._expert_bytes
 
-    def _expert_bytes(self) -> int:
-        return sum(t[0].numel() * t.element_size() for t in (self.gu, self.gu_s, self.dn, self.dn_s) if t is not None)
-
-    def _float(self, e: int):
-        if self.bits == 16:
-            return self.gu[e], self.dn[e]
-        return dequantize(self.gu[e], self.gu_s[e], self.bits), dequantize(self.dn[e], self.dn_s[e], self.bits)
+    def expert(self, e: int, device=None) -> tuple:
+        """Expert e in the model dtype, dequantized if need be, on the host or on `device`."""
+        if self.format.quantized:
+            gu, dn = dequantize(self.gu[e], self.gu_s[e], self.format), dequantize(self.dn[e], self.dn_s[e], self.format)
+        else:
+            gu, dn = self.gu[e], self.dn[e]
+        return tuple(None if t is None else t.to(device, self.dtype, non_blocking=True)
+                     for t in (gu, dn, at(self.gu_b, e), at(self.dn_b, e)))
 
     def _refresh_hot(self) -> None:
         want = set(np.argsort(-self.counts, kind="stable")[: self.hot_n].tolist())
@@ -105,21 +95,7 @@ class OffloadedExperts(nn.Module):
             if e not in want:
                 del self.hot[e]
         for e in want - set(self.hot):
-            gu, dn = self._float(e)
-            self.hot[e] = (gu.to(self.device, self.dtype, non_blocking=True), dn.to(self.device, self.dtype, non_blocking=True))
-
-    @classmethod
-    def from_quantized(cls, moe: MoE, parts: tuple, place: Placement, dtype, biases=(None, None)) -> "OffloadedExperts":
-        """Wrap already-quantized (gate_up q, scales, down q, scales) in place.bits' layout: random ones
-        for a benchmark, or a checkpoint's MXFP4 blocks as shipped."""
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.E, self.d, self.inter, self.bits, self.dtype, self.index = moe.E, moe.d, moe.inter, place.bits, dtype, moe.index
-        self.gu, self.gu_s, self.dn, self.dn_s = (t.contiguous() for t in parts)
-        self.gu_b, self.dn_b = (None if b is None else b.float().contiguous() for b in biases)
-        self.hot_n, self.counts, self.hot, self.calls, self.bytes_read, self.device, self.cache = (
-            place.gpu_experts, np.zeros(self.E, dtype=np.int64), {}, 0, 0, None, None)
-        return self
+            self.hot[e] = self.expert(e, self.device)
 
     def forward(self, x, idx, w, act, weight_input: bool = False):
         self.device = x.device
@@ -136,32 +112,37 @@ class OffloadedExperts(nn.Module):
                 self._refresh_hot()
         out = torch.zeros_like(x)
         cold = idx_h
-        if self.hot:
+        if self.hot:  # ids marked E are computed by the other side
             hot_mask = torch.isin(idx_h, torch.tensor(list(self.hot), dtype=idx_h.dtype))
             if hot_mask.any():  # queue the GPU share first: it runs while the CPU computes the rest
-                out = self._gpu(x, idx_h, w_h, hot_mask, act, weight_input)
-            cold = idx_h.masked_fill(hot_mask, -1)
-        y = self._cpu(x_h.contiguous(), cold, w_h, act, weight_input)
+                rows, ws, segs = group_by_expert(idx_h.masked_fill(~hot_mask, self.E), w_h, self.E)
+                out = expert_loop(x, rows.to(x.device), ws.to(x.device), segs, self.hot.__getitem__, act, weight_input)
+            cold = idx_h.masked_fill(hot_mask, self.E)
+        y = self.host_compute(x_h.contiguous(), cold, w_h, act, weight_input)
         if y is not None:
             out = out + y.to(x.device, x.dtype, non_blocking=True)
         return out
 
-    def _gpu(self, x, idx_h, w_h, hot_mask, act, weight_input):
-        out = torch.zeros_like(x)
-        for e in torch.unique(idx_h[hot_mask]).tolist():
-            rows, slot = (idx_h == e).nonzero(as_tuple=True)
-            r = rows.to(x.device)
-            ws = w_h[rows, slot].to(x.device)[:, None]
-            gu, dn = self.hot[e]
-            out.index_add_(0, r, expert_ffn(x[r], ws, gu, dn,
-                                            None if self.gu_b is None else self.gu_b[e].to(x.device, x.dtype),
-                                            None if self.dn_b is None else self.dn_b[e].to(x.device, x.dtype),
-                                            act, weight_input))
-        return out
+    def host_compute(self, x_h, idx_h, w_h, act, weight_input) -> torch.Tensor | None:
+        """The experts of idx_h [T, k] (id E: not here) over x_h [T, d] on the CPU, all in one kernel
+        call, or through the expert loop when not quantized. None when no id is left."""
+        groups = self._groups(idx_h.numpy(), w_h.numpy())
+        if groups is None:
+            return None
+        sel, start, tok, wts = groups
+        if self.format.quantized:
+            y = self._kernel(x_h, sel, start, tok, wts, act, weight_input)
+        else:
+            segs = zip(sel.tolist(), start[:-1].tolist(), start[1:].tolist())
+            y = expert_loop(x_h.to(self.dtype), torch.from_numpy(tok.astype(np.int64)), torch.from_numpy(wts), segs,
+                            self.expert, act, weight_input)
+        self.touched(len(sel) * self._expert_bytes)
+        return y
 
-    def _cpu(self, x_h, idx_h, w_h, act, weight_input):
-        # index work in numpy: these are a few dozen ids, where each torch op would cost more than its math
-        idx_np, w_np = idx_h.numpy(), w_h.numpy()
+    def _groups(self, idx_np: np.ndarray, w_np: np.ndarray):
+        """(experts used, start of each one's rows, token rows, weights), rows sorted by expert; None
+        when no id is below E. In numpy: these are a few dozen ids, where each torch op would cost
+        more than its math."""
         T, k = idx_np.shape
         if T == 1 and not self.hot:  # decode: k distinct experts, one token each
             order = np.argsort(idx_np[0], kind="stable")
@@ -169,7 +150,7 @@ class OffloadedExperts(nn.Module):
             counts, tok = np.ones(k, np.int64), np.zeros(k, np.int32)
         else:
             flat, rows, wf = idx_np.ravel(), np.repeat(np.arange(T, dtype=np.int32), k), w_np.ravel()
-            keep = flat >= 0
+            keep = flat < self.E
             if not keep.any():
                 return None
             flat, rows, wf = flat[keep], rows[keep], wf[keep]
@@ -177,43 +158,26 @@ class OffloadedExperts(nn.Module):
             tok, wts = rows[order], wf[order].astype(np.float32)
             sel, counts = np.unique(flat[order], return_counts=True)
             sel = sel.astype(np.int64)
-        if self.bits == 16:
-            y = self._cpu_float(x_h, torch.from_numpy(tok.astype(np.int64)), torch.from_numpy(sel),
-                                torch.from_numpy(counts), torch.from_numpy(wts), act, weight_input)
-            self.touched(len(sel) * self.expert_bytes())
-            return y
         start = np.zeros(len(sel) + 1, dtype=np.int32)
         np.cumsum(counts, out=start[1:])
-        n, d, I = len(tok), self.d, self.inter
-        XQ, XS, H, AQ, AS, Y = self._scratch(n)
-        out = np.zeros((T, d), dtype=np.float32)
+        return sel, start, tok, wts
+
+    def _kernel(self, x_h, sel, start, tok, wts, act, weight_input) -> torch.Tensor:
+        d, I = self.d, self.inter
+        XQ, XS, H, AQ, AS, Y = self._scratch(len(tok))
+        out = np.zeros((x_h.shape[0], d), dtype=np.float32)
         x_np = np.ascontiguousarray(x_h.numpy(), dtype=np.float32)
         cpu_kernel().moe_experts(
-            ctypes.c_int(self.bits), ctypes.c_int(len(sel)), ptr(sel), ptr(start), ptr(np.ascontiguousarray(tok)), ptr(wts),
-            ptr(x_np), ptr(out), ctypes.c_int(d), ctypes.c_int(I),
+            ctypes.c_int(self.format.kernel_code), ctypes.c_int(len(sel)), ptr(sel), ptr(start), ptr(np.ascontiguousarray(tok)),
+            ptr(wts), ptr(x_np), ptr(out), ctypes.c_int(d), ctypes.c_int(I),
             ptr(self.gu), ptr(self.gu_s), ptr(self.dn), ptr(self.dn_s), ptr(self.gu_b), ptr(self.dn_b),
             ptr(XQ), ptr(XS), ptr(H), ptr(AQ), ptr(AS), ptr(Y),
             ctypes.c_int(1 if act.clamped else 0), ctypes.c_float(act.alpha), ctypes.c_float(act.limit),
             ctypes.c_int(1 if weight_input else 0))
-        self.touched(len(sel) * self.expert_bytes())
         return torch.from_numpy(out)
 
-    def _scratch(self, rows: int):
+    def _scratch(self, rows: int) -> tuple:
         """Kernel work buffers, kept between calls (allocation would cost more than a decode step's math)."""
-        have = getattr(self, "_buf", None)
-        if have is None or have[0].shape[0] < rows:
-            have = self._buf = kernel_scratch(self.d, self.inter, max(rows, 16))
-        return have
-
-    def _cpu_float(self, x_h, tok, sel, counts, wts, act, weight_input):
-        x_h = x_h.to(self.dtype)
-        out = torch.zeros_like(x_h)
-        a = 0
-        for e, c in zip(sel.tolist(), counts.tolist()):
-            r, ws = tok[a:a + c], wts[a:a + c, None]
-            a += c
-            out.index_add_(0, r, expert_ffn(x_h[r], ws, self.gu[e], self.dn[e],
-                                            None if self.gu_b is None else self.gu_b[e].to(self.dtype),
-                                            None if self.dn_b is None else self.dn_b[e].to(self.dtype),
-                                            act, weight_input))
-        return out
+        if self._buf is None or self._buf[0].shape[0] < rows:
+            self._buf = kernel_scratch(self.d, self.inter, max(rows, 16))
+        return self._buf

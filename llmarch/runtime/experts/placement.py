@@ -4,7 +4,7 @@
     --expert-bits 16|8|4     16: the model dtype; 8: int8, one fp16 scale per 64 inputs;
                              4: int4, fp16 scale + min per 64 inputs (4.5 bits per weight);
                              not given, on the CPU, for gpt-oss's MXFP4 experts: kept as shipped
-                             (MXFP4 = bits 2 internally: 4.25 bits per weight)
+                             (4.25 bits per weight)
     --gpu-experts N          the N most used experts of each layer (counted while running) also
                              get a float copy on the GPU and are computed there
 """
@@ -19,20 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from llmarch.errors import LlmarchError
 from llmarch.runtime.experts.disk import DiskCache
-from llmarch.runtime.experts.formats import FORMAT, MXFP4, G
+from llmarch.runtime.experts.formats import ExpertFormat, G
 from llmarch.runtime.experts.host import OffloadedExperts
-from llmarch.runtime.experts.stores import QuantGPUExperts, ResidentExperts
+from llmarch.runtime.experts.stores import QuantGPUExperts
 from llmarch.runtime.ops.moe import MoE
 
 
 @dataclass
 class Placement:
     experts: str = "gpu"  # gpu | cpu | disk
-    bits: int = 16
+    format: ExpertFormat = ExpertFormat.FLOAT
     gpu_experts: int = 0
     disk_dir: str | None = None
     disk_cache: DiskCache | None = None
@@ -40,7 +39,7 @@ class Placement:
 
 def store_factory(place: Placement, dtype, device):
     def make(moe: MoE, gate_up, down, biases, mxfp4=None):
-        if place.bits == MXFP4:  # blocks [E, rows, K/32, 16] as rows of K/2 bytes, e8m0 scales [E, rows, K/32]
+        if place.format is ExpertFormat.MXFP4:  # blocks [E, rows, K/32, 16] as rows of K/2 bytes, e8m0 scales [E, rows, K/32]
             if moe.d % G or moe.inter % G:
                 raise LlmarchError(f"MXFP4 experts on the CPU need widths that are multiples of {G} (hidden {moe.d}, "
                                    f"expert {moe.inter}); use --expert-bits 16")
@@ -48,22 +47,13 @@ def store_factory(place: Placement, dtype, device):
                 raise LlmarchError(f"layer {moe.index}: experts are not MXFP4 like the other layers'; use --expert-bits 16")
             gub, gus, dnb, dns = mxfp4
             parts = (gub.reshape(*gub.shape[:2], -1), gus, dnb.reshape(*dnb.shape[:2], -1), dns)
-            st = OffloadedExperts.from_quantized(moe, parts, place, dtype, biases)
-            st._maybe_to_disk(place)
-            return st
-        if place.experts == "gpu" and place.bits == 16:
-            ex = ResidentExperts(moe.E, moe.d, moe.inter, biases[0] is not None).to_empty(device=device)
-            with torch.no_grad():
-                ex.gate_up = nn.Parameter(gate_up.to(device, dtype), requires_grad=False)
-                ex.down = nn.Parameter(down.to(device, dtype), requires_grad=False)
-                if biases[0] is not None:
-                    ex.gate_up_bias = nn.Parameter(biases[0].to(device, dtype), requires_grad=False)
-                    ex.down_bias = nn.Parameter(biases[1].to(device, dtype), requires_grad=False)
-            return ex
-        if place.experts == "gpu":
-            return QuantGPUExperts(moe, gate_up, down, biases, place, dtype, device)
-        return OffloadedExperts(moe, gate_up, down, biases, place, dtype)
-    make.keeps_mxfp4 = place.bits == MXFP4  # read_moe hands over the blocks instead of dequantizing
+            return OffloadedExperts.from_quantized(moe, parts, place, dtype, biases)
+        if place.experts != "gpu":
+            return OffloadedExperts(moe, gate_up, down, biases, place, dtype)
+        if place.format.quantized:
+            return QuantGPUExperts(gate_up, down, biases, place.format, dtype, device)
+        return moe.experts.load(gate_up, down, biases, dtype, device)
+    make.keeps_mxfp4 = place.format is ExpertFormat.MXFP4  # read_moe hands over the blocks instead of dequantizing
     return make
 
 
@@ -77,26 +67,22 @@ def _host_available() -> int:
     return 0
 
 
-def expert_bytes(spec, bits: int, dtype_bytes: int = 2) -> tuple[int, int]:
-    """(bytes of all routed experts at `bits`, bytes of everything else at the model dtype)."""
+def expert_bytes(spec, fmt: ExpertFormat, dtype_bytes: int = 2) -> tuple[int, int]:
+    """(bytes of all routed experts stored in fmt, bytes of everything else at the model dtype)."""
     m = spec.moe
     inter = m.expert_ffn or spec.intermediate_size
     n_moe = sum(1 for l in spec.schedule if l.ffn == "moe")
     routed = n_moe * m.experts * 3 * spec.hidden_size * inter
-    per_weight = {16: dtype_bytes, 8: 1 + 2 / G, 4: 0.5 + 4 / G, MXFP4: 0.5 + 1 / 32}[bits]
     total = spec.params.get("total") or routed
     dense = max(total - routed - spec.params.get("mtp", 0), 0)
-    return int(routed * per_weight), int(dense * dtype_bytes)
+    return int(routed * fmt.bytes_per_weight(dtype_bytes)), int(dense * dtype_bytes)
 
 
 def plan(spec, device: torch.device, dtype, experts: str | None, bits: int | None, gpu_experts: int = 0,
          cache_gib: float = 2.0, disk_dir: str | None = None, mxfp4: bool = False) -> Placement:
     """Check the options and that the placement fits; the default puts experts on the GPU when they fit.
     mxfp4: the checkpoint's experts are MXFP4; without --expert-bits they stay so on the CPU/disk."""
-    keep_mxfp4 = mxfp4 and bits is None
-    bits = 16 if bits is None else bits
-    if bits not in (16, 8, 4):
-        raise LlmarchError(f"--expert-bits must be 16, 8 or 4, got {bits}")
+    fmt = ExpertFormat.from_bits(16 if bits is None else bits)
     if experts not in (None, "gpu", "cpu", "disk"):
         raise LlmarchError(f"--experts must be gpu, cpu or disk, got {experts!r}")
     if gpu_experts < 0:
@@ -104,27 +90,28 @@ def plan(spec, device: torch.device, dtype, experts: str | None, bits: int | Non
     if not cache_gib >= 0:
         raise LlmarchError(f"--expert-cache-gib must be >= 0, got {cache_gib}")
     dbytes = torch.empty(0, dtype=dtype).element_size()
-    routed, dense = expert_bytes(spec, bits, dbytes)
+    routed, dense = expert_bytes(spec, fmt, dbytes)
     on_gpu = device.type == "cuda"
     dev_free = torch.cuda.mem_get_info(device)[0] if on_gpu else _host_available()
     host_free = _host_available()
     where = "the GPU" if on_gpu else "host RAM"
     if experts is None:
         experts = "gpu" if routed + dense < 0.9 * dev_free else "cpu"
-    if keep_mxfp4 and experts != "gpu":
-        bits = MXFP4
-        routed = expert_bytes(spec, bits, dbytes)[0]
+    if mxfp4 and bits is None and experts != "gpu":
+        fmt = ExpertFormat.MXFP4
+        routed = expert_bytes(spec, fmt, dbytes)[0]
     hot = gpu_experts * routed // max(spec.moe.experts, 1)
     need_dev = dense + (routed if experts == "gpu" else hot)
     if need_dev > dev_free:
-        fits = [f"--expert-bits {b}" for b in (8, 4) if b < bits and expert_bytes(spec, b, dbytes)[0] + dense < dev_free]
+        fits = [f.option for f in (ExpertFormat.INT8, ExpertFormat.INT4)
+                if f.bytes_per_weight(dbytes) < fmt.bytes_per_weight(dbytes) and expert_bytes(spec, f, dbytes)[0] + dense < dev_free]
         alt = f"; would fit: --experts gpu {' or '.join(fits)}" if fits and experts == "gpu" else ""
         if experts == "gpu" and dense < dev_free:
             alt += f"; or --experts cpu ({routed / GiB:.1f} GiB of experts in host RAM, {host_free / GiB:.1f} GiB free)"
-        raise LlmarchError(f"not enough memory for --experts {experts} --expert-bits {bits}: needs {need_dev / GiB:.1f} GiB "
+        raise LlmarchError(f"not enough memory for --experts {experts} {fmt.option}: needs {need_dev / GiB:.1f} GiB "
                            f"on {where} (dense {dense / GiB:.1f} GiB + experts), {dev_free / GiB:.1f} GiB free{alt}")
     if experts == "cpu" and on_gpu and routed > host_free:
-        raise LlmarchError(f"not enough host RAM for --experts cpu ({FORMAT[bits]} experts): experts need {routed / GiB:.1f} GiB, "
+        raise LlmarchError(f"not enough host RAM for --experts cpu ({fmt.value} experts): experts need {routed / GiB:.1f} GiB, "
                            f"{host_free / GiB:.1f} GiB free; try --expert-bits 4 or --experts disk")
     cache = DiskCache(int(cache_gib * GiB)) if experts == "disk" and hasattr(mmap, "MADV_DONTNEED") else None
     folder = None
@@ -137,7 +124,7 @@ def plan(spec, device: torch.device, dtype, experts: str | None, bits: int | Non
             raise LlmarchError(f"--expert-dir: cannot create a folder for the expert files: {e.strerror}",
                                disk_dir or tempfile.gettempdir()) from e
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    return Placement(experts, bits, gpu_experts, folder, cache)
+    return Placement(experts, fmt, gpu_experts, folder, cache)
 
 
 def attach(model, place: Placement, dtype, device) -> None:

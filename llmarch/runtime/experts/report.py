@@ -7,7 +7,6 @@ import time
 
 import torch
 
-from llmarch.runtime.experts.formats import FORMAT
 from llmarch.runtime.experts.host import OffloadedExperts
 
 
@@ -34,7 +33,7 @@ def report(model, steps: int, decode_s: float, device, bandwidth: float | None =
     stores = offloaded(model)
     per_tok = sum(s.bytes_read for s in stores) / max(steps, 1)
     tok_s = steps / decode_s if decode_s > 0 else 0.0
-    out = {"decode_tok_s": round(tok_s, 2), "expert_format": FORMAT[stores[0].bits] if stores else None,
+    out = {"decode_tok_s": round(tok_s, 2), "expert_format": stores[0].format.value if stores else None,
            "expert_bytes_per_token": int(per_tok),
            "host_rss_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
     if device.type == "cuda":

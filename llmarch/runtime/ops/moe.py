@@ -147,11 +147,8 @@ class MoE(nn.Module):
         biases = (t.get("gate_up_bias"), t.get("down_bias"))
         if self.store_factory is not None:
             self.experts = self.store_factory(self, t["gate_up"], t["down"], biases, t.get("mxfp4"))
-            return
-        ex = self.experts
-        ex.gate_up, ex.down = put(t["gate_up"]), put(t["down"])
-        if self.bias:
-            ex.gate_up_bias, ex.down_bias = put(biases[0]), put(biases[1])
+        else:
+            self.experts.load(t["gate_up"], t["down"], biases, dtype, device)
 
 
 def _linear(w: torch.Tensor, b, dtype, device) -> nn.Linear:
