@@ -55,9 +55,9 @@ def diff_sources(a: str, b: str, context: int | None = None, kv_dtype: str | Non
     db = to_document(sb, context, kv)
     tdiff = None
     if tensors:
-        from llmarch.report.tensor_diff import canonical_tensors, compare_tensors, gguf_arch_of
+        from llmarch.report.tensor_diff import canonical_tensors, compare_tensors
 
-        arch = gguf_arch_of(da) or gguf_arch_of(db)
-        tdiff = compare_tensors(canonical_tensors(ca.tensors, ca.format, gguf_arch_of(da) or arch),
-                                canonical_tensors(cb.tensors, cb.format, gguf_arch_of(db) or arch))
+        arch = da["gguf_arch"] or db["gguf_arch"]
+        tdiff = compare_tensors(canonical_tensors(ca.tensors, ca.format, da["gguf_arch"] or arch),
+                                canonical_tensors(cb.tensors, cb.format, db["gguf_arch"] or arch))
     return compare(da, db, tdiff), da, db

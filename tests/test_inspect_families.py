@@ -566,8 +566,22 @@ def _tied(c: Ctx) -> bool:
     return bool(getattr(c.cfg, "tie_word_embeddings", False))
 
 
+def _recipe_family(c: Ctx) -> str:
+    """The family: the recipe (recipes/*.toml, named by its file) listing the text model_type, else
+    the one listing the top-level model_type, else the model_type itself."""
+    import tomllib
+
+    lists = {p.stem: tomllib.loads(p.read_text())["model_types"] for p in sorted((ROOT / "recipes").glob("*.toml"))}
+    for mt in (c.tc.model_type, c.cfg.model_type):
+        found = [fam for fam, types in lists.items() if mt in types]
+        if found:
+            return found[0]
+    return c.cfg.model_type
+
+
 FACTS: dict[str, tuple[str, Callable[[Ctx], Any]]] = {
-    "family": ("family", lambda c: c.cfg.model_type),
+    "family": ("family", _recipe_family),
+    "model_type": ("model_type", lambda c: c.cfg.model_type),
     "text_family": ("text_family", lambda c: c.tc.model_type if c.tc is not c.cfg else None),
     "architecture": ("architecture", lambda c: c.cfg.architectures[0]),
     "format": ("format", lambda c: "safetensors"),
@@ -828,7 +842,7 @@ def _check_gguf(doc: dict, meta: dict, tensors: dict, context: int, n_local: int
     head_dim = meta.get(f"{arch}.attention.key_length") or a("embedding_length") // heads
     L = a("block_count")
     assert doc["format"] == "gguf"
-    assert doc["family"] == arch
+    assert doc["family"] == arch and doc["gguf_arch"] == arch and doc["model_type"] is None
     assert doc["layers"] == L
     assert doc["hidden_size"] == a("embedding_length")
     assert doc["vocab_size"] == meta["tokenizer.ggml.tokens"][1]

@@ -74,6 +74,21 @@ def test_moe_family_matches_transformers(tiny, name):
         assert per_token == spec.layers * (a.kv_lora_rank + a.qk_rope_head_dim)
 
 
+@pytest.mark.parametrize("name,alias", [("deepseek_v3", "kimi_k2"), ("minimax_m2", "minimax")])
+def test_model_type_alias_runs_as_its_family(tiny, tmp_path, name, alias):
+    """A model_type the family's recipe lists runs as that family (Moonshot's Kimi K2 config says
+    kimi_k2 for a DeepSeek-V3 model; MiniMax-M2 keeps its top-k renormalisation under `minimax`):
+    transformers on the same weights under the family's own model_type is the reference."""
+    src = tiny(name)
+    dst = tmp_path / alias
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["model_type"] = alias
+    (dst / "config.json").write_text(json.dumps(cfg))
+    rt, _ = _parity(dst, name, ref_path=src)
+    assert (rt.spec.family, rt.spec.model_type) == (name, alias)
+
+
 def test_mimo_v2_flash_routing_and_rope_per_layer_type(tiny, tmp_path):
     """MiMo-V2-Flash beyond the defaults: group-limited routing with a non-zero correction bias
     (transformers inits it to zeros, so the plain fixture never exercises it), its own V scale,

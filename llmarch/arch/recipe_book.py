@@ -37,3 +37,15 @@ def for_gguf_arch(arch: str, meta: dict | None = None) -> dict:
         if arch in recipe.get("gguf_archs", []):
             return recipe
     return {}
+
+
+def gguf_arch_for(recipe: dict, model_type: str | None) -> str | None:
+    """The GGUF arch llama.cpp converts this model_type to: the [convert] gguf_arch rule, else the
+    gguf_archs entry paired with the model_type (lists of equal length), else the first."""
+    types, archs = recipe.get("model_types", []), recipe.get("gguf_archs", [])
+    paired = archs[types.index(model_type)] if len(types) == len(archs) and model_type in types else None
+    default = paired or (archs[0] if archs else None)
+    rule = recipe.get("convert", {}).get("gguf_arch")
+    if isinstance(rule, dict):
+        return rule.get(model_type, default)
+    return rule or default

@@ -108,11 +108,15 @@ class NormSpec:
 
 @dataclass
 class ArchSpec:
+    # the family: its recipe's name (one name for every model_type and GGUF arch the recipe lists),
+    # else the model_type / GGUF arch as written when no recipe knows the model
     family: str
     format: str
     architecture: str | None = None  # transformers class or GGUF arch
     source: str | None = None  # the path the checkpoint was read from
+    model_type: str | None = None  # config.json's model_type as written (None for GGUF)
     text_family: str | None = None  # model_type of the text part of a multimodal config
+    gguf_arch: str | None = None  # the GGUF file's arch, or the one llama.cpp converts this family to
     layers: int = 0
     hidden_size: int = 0
     vocab_size: int = 0
@@ -139,6 +143,8 @@ class ArchSpec:
     evidence: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)  # normalised (text) config the spec came from
+    # the family's recipe, resolved once by the fingerprint (not part of the JSON document)
+    recipe: Any = field(default=None, repr=False, compare=False)
 
     # --- derived figures -------------------------------------------------------------------
     def layer_kv_heads(self, i: int) -> int:

@@ -25,7 +25,7 @@ from gguf import Keys
 from llmarch.convert.gguf_meta import LLMARCH_ROPE_KEY
 from llmarch.convert.plan import tensor_bytes
 from llmarch.convert.writer import temp_path, to_f32
-from llmarch.convert.layout import EXPERT_KINDS, GENERATED, Family, family_for_gguf_arch, gguf_kind_of, hf_name_for
+from llmarch.convert.layout import EXPERT_KINDS, GENERATED, Family, family_from_gguf, gguf_kind_of, hf_name_for
 from llmarch.errors import LlmarchError
 from llmarch.qk_permute import from_gguf_order
 
@@ -158,7 +158,7 @@ def convert_from_gguf(source: str, out_dir: str | Path, dtype: str = "f32", forc
     ckpt, spec = load_checkpoint_spec(source)
     if ckpt.format != "gguf":
         raise LlmarchError("--to safetensors needs a .gguf source", ckpt.path)
-    fam = family_for_gguf_arch(ckpt.metadata["general.architecture"], ckpt.path, ckpt.metadata)
+    fam = family_from_gguf(spec, ckpt.path)
     items = _gguf_items(ckpt, fam, spec.layers)
     tied = "output.weight" not in ckpt.tensors
     config = hf_config(ckpt, fam, spec, tied, dtype)

@@ -17,7 +17,7 @@ from functools import lru_cache
 import gguf
 from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES
 
-from llmarch.arch import recipe_book
+from llmarch.arch.spec import ArchSpec
 from llmarch.errors import LlmarchError
 
 T = MODEL_TENSOR
@@ -103,23 +103,26 @@ def _pick(value, model_type: str, default):
     return value.get(model_type, default) if isinstance(value, dict) else (value if value is not None else default)
 
 
-def family_for_model_type(model_type: str | None, path=None) -> Family:
-    recipe = recipe_book.for_model_type(model_type)
-    fam = recipe.get("family")
-    if fam not in SUPPORTED:
+def family_to_gguf(spec: ArchSpec, path=None) -> Family:
+    """The HF -> GGUF rules of the spec's family (its recipe, resolved by the fingerprint)."""
+    recipe = spec.recipe or {}
+    if recipe.get("family") not in SUPPORTED:
         raise LlmarchError(
-            f"converting model_type {model_type!r} to GGUF is not supported yet "
+            f"converting family {spec.family!r} to GGUF is not supported yet "
             f"(supported families: {', '.join(SUPPORTED)})", path)
-    return _family(recipe, model_type)
+    return _family(recipe, spec.text_family or spec.model_type)
 
 
-def family_for_gguf_arch(arch: str, path=None, meta: dict | None = None) -> Family:
-    recipe = recipe_book.for_gguf_arch(arch, meta)
+def family_from_gguf(spec: ArchSpec, path=None) -> Family:
+    """The GGUF -> HF rules of the spec's family; the model_type written to config.json is the
+    recipe's hf_model_type, else the one paired with the file's arch, else the first."""
+    recipe = spec.recipe or {}
     if recipe.get("family") not in SUPPORTED_FROM_GGUF:
-        raise LlmarchError(f"converting GGUF architecture {arch!r} to safetensors is not supported yet "
+        raise LlmarchError(f"converting GGUF architecture {spec.gguf_arch!r} to safetensors is not supported yet "
                            f"(supported families: {', '.join(SUPPORTED_FROM_GGUF)})", path)
     conv = recipe.get("convert", {})
     types, archs = recipe.get("model_types", []), recipe.get("gguf_archs", [])
+    arch = spec.gguf_arch
     model_type = conv.get("hf_model_type") or (types[archs.index(arch)] if len(types) == len(archs) else types[0])
     return _family(recipe, model_type)
 

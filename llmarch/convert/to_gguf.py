@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from llmarch.convert.gguf_meta import model_kv
-from llmarch.convert.layout import family_for_model_type
+from llmarch.convert.layout import family_to_gguf
 from llmarch.convert.plan import DTYPES, Plan, build_plan
 from llmarch.errors import LlmarchError
 
@@ -28,8 +28,7 @@ def plan_to_gguf(source: str, dtype: str | None = None) -> tuple[Plan, object]:
     dtype = dtype or default_dtype(ckpt)
     if dtype not in DTYPES:
         raise LlmarchError(f"unknown --dtype {dtype!r} for GGUF; one of {', '.join(DTYPES)}")
-    model_type = spec.text_family or spec.family
-    fam = family_for_model_type(model_type, ckpt.path)
+    fam = family_to_gguf(spec, ckpt.path)
     plan = build_plan(ckpt, spec, fam, dtype)
     name = (ckpt.config or {}).get("_name_or_path") or Path(ckpt.path).name
     plan.kv = model_kv(spec, fam.arch_name, fam.recipe, plan.file_type, name, ckpt.path)

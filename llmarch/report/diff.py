@@ -7,25 +7,15 @@ Tensor names are compared in one canonical (GGUF) naming, see report/tensor_diff
 
 from __future__ import annotations
 
-from llmarch.arch import recipe_book
 from llmarch.report.table import fact_rows
 from llmarch.arch.ranges import index_ranges
 from llmarch.report.text import count, nbytes
 
 SCHEMA_VERSION = 1
-# fact_rows rows that describe how a model is stored, not what it is
-STORAGE_FACTS = {("identity", "architecture"), ("memory", "stored")}
+# fact_rows rows that describe how a model is stored or labelled, not what it is
+STORAGE_FACTS = {("identity", "architecture"), ("identity", "model_type"), ("memory", "stored")}
 # rows whose 3-significant-digit text can hide a real difference
 EXACT = {("size", "params total"): ("params", "total"), ("size", "params active / token"): ("params", "active")}
-
-
-def canonical_family(doc: dict) -> str:
-    """The recipe family, so 'gemma3_text' (config.json) and 'gemma3' (GGUF) compare equal."""
-    for t in (doc.get("text_family"), doc.get("family")):
-        recipe = recipe_book.for_model_type(t) if t else {}
-        if recipe:
-            return recipe["family"]
-    return doc.get("text_family") or doc.get("family") or "unknown"
 
 
 def _arch_rows(doc: dict) -> dict[tuple[str, str], str]:
@@ -33,8 +23,6 @@ def _arch_rows(doc: dict) -> dict[tuple[str, str], str]:
     for section, fact, value in fact_rows(doc):
         if (section, fact) in STORAGE_FACTS:
             continue
-        if section == "identity" and fact == "family":
-            value = canonical_family(doc)
         if section == "memory" and fact.startswith("KV cache"):
             fact = "KV cache"  # the dtype goes into the value, so rows line up
             value = f"{doc['kv_cache']['dtype']}: {value}"
@@ -129,8 +117,8 @@ def compare(a: dict, b: dict, tensors: dict | None = None) -> dict:
                else "different architecture")
     return {
         "schema": SCHEMA_VERSION,
-        "a": {"source": a.get("source"), "format": a["format"], "family": canonical_family(a)},
-        "b": {"source": b.get("source"), "format": b["format"], "family": canonical_family(b)},
+        "a": {"source": a.get("source"), "format": a["format"], "family": a["family"]},
+        "b": {"source": b.get("source"), "format": b["format"], "family": b["family"]},
         "verdict": verdict,
         "identical": verdict == "identical",
         "same_architecture": not arch_differs,

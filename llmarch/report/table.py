@@ -15,7 +15,12 @@ def fact_rows(doc: dict) -> list[tuple[str, str, str]]:
     a, r, n, f, kv = doc["attention"], doc["rope"], doc["norm"], doc["ffn"], doc["kv_cache"]
     p = doc["params"]
     rows = [
-        ("identity", "family", doc["family"] + (f" (text: {doc['text_family']})" if doc.get("text_family") else "")),
+        ("identity", "family", doc["family"]),
+    ]
+    if doc.get("model_type") and (doc["model_type"] != doc["family"] or doc.get("text_family")):
+        text = f" (text: {doc['text_family']})" if doc.get("text_family") else ""
+        rows.append(("identity", "model_type", doc["model_type"] + text))
+    rows += [
         ("identity", "architecture", str(doc.get("architecture") or "-")),
         ("size", "layers", str(doc["layers"])),
         ("size", "hidden size", str(doc["hidden_size"])),

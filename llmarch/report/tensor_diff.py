@@ -1,15 +1,13 @@
 """`llmarch diff --tensors`: tensors compared under one canonical naming (llama.cpp's GGUF names).
 
-Hugging Face names are mapped with gguf-py's TensorNameMap for the GGUF arch of the family's
-recipe; per-expert tensors (`...experts.7.gate_proj`) are stacked into GGUF's `*_exps`, as
-llama.cpp stores them. Names no table knows are kept as they are.
+Hugging Face names are mapped with gguf-py's TensorNameMap for the document's `gguf_arch` (the
+GGUF arch llama.cpp converts the family to); per-expert tensors (`...experts.7.gate_proj`) are
+stacked into GGUF's `*_exps`, as llama.cpp stores them. Names no table knows are kept as they are.
 """
 
 from __future__ import annotations
 
 import re
-
-from llmarch.arch import recipe_book
 
 EXPERT_RE = re.compile(r"\.experts\.(\d+)\.")
 LAYER_RE = re.compile(r"(^|\.)(blk|layers|h|blocks)\.(\d+)\.")
@@ -26,16 +24,6 @@ def _name_maps(gguf_arch: str | None, n_blocks: int) -> list:
     archs = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
     names = [a for a in (gguf_arch, "llama") if a in archs]
     return [gguf.get_tensor_name_map(archs[a], max(n_blocks, 1)) for a in dict.fromkeys(names)]
-
-
-def gguf_arch_of(doc: dict) -> str | None:
-    if doc["format"] == "gguf":
-        return doc.get("architecture")
-    for t in (doc.get("text_family"), doc.get("family")):
-        archs = recipe_book.for_model_type(t).get("gguf_archs") if t else None
-        if archs:
-            return archs[0]
-    return None
 
 
 def canonical_tensors(tensors: dict, fmt: str, gguf_arch: str | None) -> dict[str, tuple[tuple, str]]:

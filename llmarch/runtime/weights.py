@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmarch.arch import recipe_book
 from llmarch.checkpoint.base import Checkpoint, TensorInfo
 from llmarch.errors import LlmarchError
 from llmarch.arch.spec import ArchSpec
@@ -183,7 +182,8 @@ class GGUFSource(WeightSource):
         import gguf
 
         self.arch = ckpt.metadata["general.architecture"]
-        self.recipe = recipe_book.for_gguf_arch(self.arch)
+        # llama.cpp's converter permuted Q/K rows for these families' RoPE (the spec's recipe says which)
+        self.permute_qk = bool((spec.recipe or {}).get("gguf_permute_qk"))
         T = gguf.MODEL_TENSOR
         names = gguf.TENSOR_NAMES
         self.globals = {"embed": names[T.TOKEN_EMBD], "pos_embed": names[T.POS_EMBD],
@@ -219,7 +219,7 @@ class GGUFSource(WeightSource):
     def fix(self, name: str, x: torch.Tensor) -> torch.Tensor:
         layer, stem, kind = split_name(name)
         a = self.spec.attention
-        if self.recipe.get("gguf_permute_qk") and stem in ("attn.q", "attn.k"):
+        if self.permute_qk and stem in ("attn.q", "attn.k"):
             x = from_gguf_order(x, a.heads if stem == "attn.q" else self.spec.layer_kv_heads(layer))
         if self.spec.norm.unit_offset and stem.endswith("norm") and kind == "weight":
             x = x - 1.0  # llama.cpp's Gemma converter stored (1 + w); the runtime adds the 1 itself

@@ -23,13 +23,14 @@ from llmarch.checkpoint.base import Checkpoint
 
 
 def fingerprint(ckpt: Checkpoint) -> ArchSpec:
+    """The recipe is resolved here, once: consumers read spec.family and spec.recipe, never the book."""
+    model_type = text_family = None
     if ckpt.format == "gguf":
         arch = ckpt.metadata["general.architecture"]
         recipe = recipes.for_gguf_arch(arch, ckpt.metadata)
         config, ev = gguf_to_config(arch, ckpt.metadata, recipe)
         family = recipe.get("family", arch) if recipe else arch
-        architecture = arch
-        text_family = None
+        architecture = gguf_arch = arch
         source = "gguf"
         if "vocab_size" not in config:
             tokens = ckpt.skipped_arrays.get("tokenizer.ggml.tokens")
@@ -38,19 +39,18 @@ def fingerprint(ckpt: Checkpoint) -> ArchSpec:
                 ev["vocab_size"] = "tokenizer.ggml.tokens (length)"
     else:
         raw = dict(ckpt.config or {})
-        top_type = raw.get("model_type")
+        model_type = raw.get("model_type")
         config, text_family = _text_config(raw)
-        recipe = recipes.for_model_type(text_family or top_type) or recipes.for_model_type(top_type)
-        family = top_type or "unknown"
+        recipe = recipes.for_model_type(text_family or model_type) or recipes.for_model_type(model_type)
+        family = recipe["family"] if recipe else (model_type or "unknown")
+        gguf_arch = recipes.gguf_arch_for(recipe, text_family or model_type) if recipe else None
         archs = raw.get("architectures") or []
         architecture = archs[0] if archs else None
         ev = {}
         source = "config.json"
-        if not raw:
-            family = "unknown"
     facts = Facts(config, ev, source)
-    spec = ArchSpec(family=family, format=ckpt.format, architecture=architecture, text_family=text_family)
-    spec.config = config
+    spec = ArchSpec(family=family, format=ckpt.format, architecture=architecture, model_type=model_type,
+                    text_family=text_family, gguf_arch=gguf_arch, config=config, recipe=recipe or None)
     layer_tensors = tensors_by_layer(ckpt)
 
     read_sizes(spec, facts, ckpt)
