@@ -43,7 +43,7 @@ class Checkpoint:
     config: dict[str, Any] | None = None  # config.json (safetensors) or None (GGUF)
     metadata: dict[str, Any] = field(default_factory=dict)  # safetensors __metadata__ / GGUF KV
     # GGUF arrays that were skipped, not read: key -> (element type name, length)
-    skipped_arrays: dict[str, tuple[str, int]] = field(default_factory=dict)
+    skipped_arrays: dict[str, tuple[str, int, int]] = field(default_factory=dict)  # key -> (element type, count, offset)
     extra_files: dict[str, Path] = field(default_factory=dict)  # tokenizer.json etc. beside it
 
     @property

@@ -41,8 +41,8 @@ def cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
 
 
 def open_repo(source: str) -> Checkpoint:
-    repo_id, _, revision = source.partition("@")
-    revision = revision or None
+    repo_id, _, rev = source.partition("@")
+    revision = rev or None
     folder = cached_snapshot(repo_id, revision)
     if folder is not None and _has_safetensors(folder):
         return open_folder(folder)

@@ -75,7 +75,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                     ok = False
                     break
                 numel *= d
-            ok = ok and numel * item == end - start
+            ok = ok and item is not None and numel * item == end - start
         else:
             ok = False
         if ok:
