@@ -1,39 +1,39 @@
 """GGUF metadata -> a Hugging Face style config dict, so one fingerprint serves both formats.
 
-Key names come from gguf-py's Keys; a family's own extra keys and the facts llama.cpp does not
-write at all live in its recipe (recipes/*.toml, `gguf_keys` and `gguf_defaults`).
+Key names come from gguf-py's Keys; the facts llama.cpp does not write at all live in the
+family's recipe (recipes/*.toml: [gguf_defaults], and [convert] hard_coded for what it hard-codes).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
+from llmarch.arch.recipe_schema import Recipe
 from llmarch.checkpoint.gguf_constants import GENERIC_KEYS
 
 
-def gguf_to_config(arch: str, meta: dict[str, Any], recipe: dict) -> tuple[dict, dict[str, str]]:
+def gguf_to_config(arch: str, meta: dict[str, Any], recipe: Recipe) -> tuple[dict, dict[str, str]]:
     """Return (config, evidence) where evidence maps each config key to the GGUF key it came from."""
     config: dict[str, Any] = {}
     evidence: dict[str, str] = {}
     mapping = {k.format(arch=arch): v for k, v in GENERIC_KEYS.items()}
-    mapping.update({k.format(arch=arch): v for k, v in recipe.get("gguf_keys", {}).items()})
     for gkey, ckey in mapping.items():
         if gkey in meta:
             config[ckey] = meta[gkey]
             evidence[ckey] = gkey
-    for ckey, value in recipe.get("gguf_defaults", {}).items():
+    for ckey, value in recipe.gguf_defaults.items():
         if ckey not in config:
             config[ckey] = value
-            evidence[ckey] = f"recipe {recipe.get('family')} (llama.cpp does not write it)"
+            evidence[ckey] = f"recipe {recipe.family} (llama.cpp does not write it)"
     # what llama.cpp hard-codes for the arch wins over the file (it is what runs there)
-    conv = recipe.get("convert", {})
-    hard = dict(conv.get("hard_coded", {}).get(arch, {}))
-    off = conv.get("qk_norm_off_at_experts")  # Llama 4: QK-norm unless 128 experts (llama.cpp's rule)
+    hard = dict(recipe.convert.hard_coded.get(arch, {}))
+    off = recipe.convert.qk_norm_off_at_experts  # Llama 4: QK-norm unless 128 experts (llama.cpp's rule)
     if off and "num_experts" in config:
-        hard[off["key"]] = config["num_experts"] != off["experts"]
+        hard[off.key] = config["num_experts"] != off.experts
     for ckey, value in hard.items():
-        config[ckey] = value
-        evidence[ckey] = f"recipe {recipe.get('family')} (llama.cpp hard-codes it for {arch})"
+        config[ckey] = copy.deepcopy(value)  # the recipe's lists stay the recipe's
+        evidence[ckey] = f"recipe {recipe.family} (llama.cpp hard-codes it for {arch})"
 
     # per-layer arrays (e.g. head_count_kv per layer in some archs): keep the list, use the common value
     for key in ("num_key_value_heads", "num_attention_heads", "intermediate_size"):

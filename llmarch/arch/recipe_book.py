@@ -1,51 +1,38 @@
-"""Family knowledge that files do not carry, loaded from the declarative recipes/*.toml files."""
+"""Family knowledge that files do not carry: the recipes/*.toml files, loaded against their schema
+(recipe_schema.py). Only the fingerprint looks recipes up; consumers read spec.recipe."""
 
 from __future__ import annotations
 
-import tomllib
 from functools import lru_cache
 from importlib.resources import files
+from pathlib import Path
+
+from llmarch.arch.recipe_schema import Recipe, parse_recipe
+
+# what a model no recipe knows gets: every field at its default
+NO_RECIPE = Recipe(family="")
+
+
+def read_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    return parse_recipe(path.read_text(encoding="utf-8"), path.stem, path)
 
 
 @lru_cache(maxsize=1)
-def _all() -> list[dict]:
-    out = []
-    for entry in files("llmarch.recipes").iterdir():
-        if entry.name.endswith(".toml"):
-            recipe = tomllib.loads(entry.read_text(encoding="utf-8"))
-            recipe.setdefault("family", entry.name[: -len(".toml")])
-            out.append(recipe)
-    return out
+def all_recipes() -> tuple[Recipe, ...]:
+    entries = sorted((e for e in files("llmarch.recipes").iterdir() if e.name.endswith(".toml")), key=lambda e: e.name)
+    return tuple(parse_recipe(e.read_text(encoding="utf-8"), e.name[: -len(".toml")], e) for e in entries)
 
 
-def for_model_type(model_type: str | None) -> dict:
-    for recipe in _all():
-        if model_type and model_type in recipe.get("model_types", [recipe["family"]]):
-            return recipe
-    return {}
+def for_model_type(model_type: str | None) -> Recipe | None:
+    return next((r for r in all_recipes() if model_type and model_type in r.model_types), None)
 
 
-def for_gguf_arch(arch: str, meta: dict | None = None) -> dict:
+def for_gguf_arch(arch: str, meta: dict | None = None) -> Recipe | None:
     """The recipe for a GGUF arch; families llama.cpp writes under another family's arch (Olmo 3
     as olmo2) are told apart by their `convert.gguf_marker` key being present in `meta`."""
-    for recipe in _all():
-        conv = recipe.get("convert", {})
-        marker = conv.get("gguf_marker")
-        if conv.get("gguf_arch") == arch and marker and marker.format(arch=arch) in (meta or {}):
+    for recipe in all_recipes():
+        marker = recipe.convert.gguf_marker
+        if recipe.convert.gguf_arch == arch and marker and marker.format(arch=arch) in (meta or {}):
             return recipe
-    for recipe in _all():
-        if arch in recipe.get("gguf_archs", []):
-            return recipe
-    return {}
-
-
-def gguf_arch_for(recipe: dict, model_type: str | None) -> str | None:
-    """The GGUF arch llama.cpp converts this model_type to: the [convert] gguf_arch rule, else the
-    gguf_archs entry paired with the model_type (lists of equal length), else the first."""
-    types, archs = recipe.get("model_types", []), recipe.get("gguf_archs", [])
-    paired = archs[types.index(model_type)] if len(types) == len(archs) and model_type in types else None
-    default = paired or (archs[0] if archs else None)
-    rule = recipe.get("convert", {}).get("gguf_arch")
-    if isinstance(rule, dict):
-        return rule.get(model_type, default)
-    return rule or default
+    return next((r for r in all_recipes() if arch in r.gguf_archs), None)

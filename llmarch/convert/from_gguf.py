@@ -128,13 +128,13 @@ def hf_config(ckpt, fam: Family, spec, tied: bool, dtype: str) -> dict:
                               for i in range(cfg["num_hidden_layers"])]
     if fam.family == "gemma3":  # llama.cpp scales queries by 1/sqrt(head_dim) (all but 27B)
         cfg.setdefault("query_pre_attn_scalar", cfg.get("head_dim"))
-    conv = fam.recipe.get("convert", {})
+    conv = fam.recipe.convert
     cfg["attention_bias"] = spec.attention.bias  # from the tensors: GGUF has no key for it
-    if conv.get("qk_norm_key"):  # families whose config switches QK-norm on (GLM-4.5: use_qk_norm)
-        cfg[conv["qk_norm_key"]] = bool(spec.attention.qk_norm)
-    if spec.mtp_layers or conv.get("drops_mtp"):
+    if conv.qk_norm_key:  # families whose config switches QK-norm on (GLM-4.5: use_qk_norm)
+        cfg[conv.qk_norm_key] = bool(spec.attention.qk_norm)
+    if spec.mtp_layers or conv.drops_mtp:
         cfg["num_nextn_predict_layers"] = 0  # MTP layers are not carried back
-    for src, dst in conv.get("hf_keys", {}).items():
+    for src, dst in conv.hf_keys.items():
         if src in cfg:
             cfg[dst] = cfg.pop(src)
     for k, v in cfg.items():  # GGUF stores float32: 1e-06, not 9.99999997e-07

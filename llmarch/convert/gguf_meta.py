@@ -15,6 +15,7 @@ from gguf import Keys
 
 from llmarch.errors import LlmarchError
 from llmarch.checkpoint.gguf_constants import GENERIC_KEYS
+from llmarch.arch.recipe_schema import Recipe
 from llmarch.arch.spec import ArchSpec
 
 # GGUF stores these as float32 even when config.json writes an integer (rope_theta: 10000)
@@ -86,17 +87,17 @@ def _vtype(key: str, value) -> V:
     return V.STRING
 
 
-def model_kv(spec: ArchSpec, arch: str, recipe: dict, file_type: int, name: str, path=None) -> list[tuple]:
+def model_kv(spec: ArchSpec, arch: str, recipe: Recipe, file_type: int, name: str, path=None) -> list[tuple]:
     _check_hard_coded(spec, recipe, arch, path)
     hp = spec_to_hf_keys(spec)
-    reverse = {ckey: tmpl for tmpl, ckey in {**GENERIC_KEYS, **recipe.get("gguf_keys", {})}.items()}
+    reverse = {ckey: tmpl for tmpl, ckey in GENERIC_KEYS.items()}
     out = [(Keys.General.NAME, name, V.STRING), (Keys.General.FILE_TYPE, int(file_type), V.UINT32),
            (Keys.General.QUANTIZATION_VERSION, gguf.GGML_QUANT_VERSION, V.UINT32)]
     sc = spec.rope.scaling or {}
     if (sc.get("type") or "").lower() == "llama3":  # llama.cpp keeps only the rope_freqs tensor
         keep = {k: v for k, v in sc.items() if k not in ("type", "rope_theta") and v is not None}
         out.append((LLMARCH_ROPE_KEY, json.dumps({"rope_type": "llama3", **keep}, sort_keys=True), V.STRING))
-    if recipe.get("convert", {}).get("interleave_moe") and spec.moe:  # Llama 4: MoE on layers (i + 1) % step == 0
+    if recipe.convert.interleave_moe and spec.moe:  # Llama 4: MoE on layers (i + 1) % step == 0
         moe_layers = [i for i in range(spec.layers) if i not in set(spec.moe.dense_layers or [])]
         step = next((s for s in range(1, spec.layers + 1)
                      if moe_layers == [i for i in range(spec.layers) if (i + 1) % s == 0]), None)
@@ -104,7 +105,7 @@ def model_kv(spec: ArchSpec, arch: str, recipe: dict, file_type: int, name: str,
             raise LlmarchError(f"llama.cpp's {arch} puts MoE on every n-th layer; this model's MoE layers "
                                f"{moe_layers} follow no such step, so GGUF cannot express it", path)
         out.append((Keys.LLM.INTERLEAVE_MOE_LAYER_STEP.format(arch=arch), step, V.UINT32))
-    if recipe.get("convert", {}).get("swa_pattern_array") and "sliding_window" in hp:  # Olmo 3: True = sliding
+    if recipe.convert.swa_pattern_array and "sliding_window" in hp:  # Olmo 3: True = sliding
         out.append((Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch),
                     [l.mixer == "sliding" for l in spec.schedule], V.ARRAY))
     for ckey, value in hp.items():
@@ -121,20 +122,20 @@ def model_kv(spec: ArchSpec, arch: str, recipe: dict, file_type: int, name: str,
     return out
 
 
-def _check_hard_coded(spec: ArchSpec, recipe: dict, arch: str, path) -> None:
+def _check_hard_coded(spec: ArchSpec, recipe: Recipe, arch: str, path) -> None:
     """llama.cpp hard-codes some facts per arch; a model that differs cannot be expressed."""
-    for key, want in recipe.get("convert", {}).get("hard_coded", {}).get(arch, {}).items():
+    for key, want in recipe.convert.hard_coded.get(arch, {}).items():
         have = spec.config.get(key)
         if have is not None and have != want:
             raise LlmarchError(f"llama.cpp's {arch} hard-codes {key} = {json.dumps(want)}; this model has "
                                f"{json.dumps(have)}, so GGUF cannot express it", path)
-    off = recipe.get("convert", {}).get("qk_norm_off_at_experts")
-    if off and spec.moe and spec.config.get(off["key"]) is not None \
-            and bool(spec.config[off["key"]]) != (spec.moe.experts != off["experts"]):
+    off = recipe.convert.qk_norm_off_at_experts
+    if off and spec.moe and spec.config.get(off.key) is not None \
+            and bool(spec.config[off.key]) != (spec.moe.experts != off.experts):
         raise LlmarchError(f"llama.cpp's {arch} applies QK-norm exactly when the model does not have "
-                           f"{off['experts']} experts; this model has {spec.moe.experts} experts and "
-                           f"{off['key']} = {json.dumps(spec.config[off['key']])}, so GGUF cannot express it", path)
-    pattern = recipe.get("gguf_defaults", {}).get("sliding_window_pattern")
+                           f"{off.experts} experts; this model has {spec.moe.experts} experts and "
+                           f"{off.key} = {json.dumps(spec.config[off.key])}, so GGUF cannot express it", path)
+    pattern = recipe.gguf_defaults.sliding_window_pattern
     if isinstance(pattern, int) and pattern > 1 and any(l.mixer == "sliding" for l in spec.schedule):
         sliding = [l.mixer == "sliding" for l in spec.schedule]
         if arch == "gemma3":  # llama.cpp: every layer sliding except each pattern-th

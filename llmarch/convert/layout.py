@@ -11,12 +11,14 @@ lives in the family's recipe under [convert].
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 import gguf
 from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES
 
+from llmarch.arch.recipe_schema import Recipe
 from llmarch.arch.spec import ArchSpec
 from llmarch.errors import LlmarchError
 
@@ -78,7 +80,7 @@ class Family:
     fused_split: str = "interleaved"  # gate/up inside gate_up_proj: "interleaved" (gpt-oss) or "halves" (Llama 4)
     fused_prefix: str = "model.layers.{bid}.mlp.experts"  # HF parent of the fused gate_up_proj / down_proj
     split_kv_b: bool = False  # MLA: kv_b_proj -> attn_k_b + attn_v_b (llama.cpp's absorbed layout)
-    recipe: dict = field(default_factory=dict, compare=False, hash=False)
+    recipe: Recipe = field(default_factory=lambda: Recipe(family=""), compare=False, hash=False)
 
     @property
     def arch_name(self) -> str:
@@ -100,13 +102,13 @@ def _arch(name: str) -> MODEL_ARCH:
 
 
 def _pick(value, model_type: str, default):
-    return value.get(model_type, default) if isinstance(value, dict) else (value if value is not None else default)
+    return value.get(model_type, default) if isinstance(value, Mapping) else (value if value is not None else default)
 
 
 def family_to_gguf(spec: ArchSpec, path=None) -> Family:
     """The HF -> GGUF rules of the spec's family (its recipe, resolved by the fingerprint)."""
-    recipe = spec.recipe or {}
-    if recipe.get("family") not in SUPPORTED:
+    recipe = spec.recipe
+    if recipe is None or recipe.family not in SUPPORTED:
         raise LlmarchError(
             f"converting family {spec.family!r} to GGUF is not supported yet "
             f"(supported families: {', '.join(SUPPORTED)})", path)
@@ -116,32 +118,25 @@ def family_to_gguf(spec: ArchSpec, path=None) -> Family:
 def family_from_gguf(spec: ArchSpec, path=None) -> Family:
     """The GGUF -> HF rules of the spec's family; the model_type written to config.json is the
     recipe's hf_model_type, else the one paired with the file's arch, else the first."""
-    recipe = spec.recipe or {}
-    if recipe.get("family") not in SUPPORTED_FROM_GGUF:
+    recipe = spec.recipe
+    if recipe is None or recipe.family not in SUPPORTED_FROM_GGUF:
         raise LlmarchError(f"converting GGUF architecture {spec.gguf_arch!r} to safetensors is not supported yet "
                            f"(supported families: {', '.join(SUPPORTED_FROM_GGUF)})", path)
-    conv = recipe.get("convert", {})
-    types, archs = recipe.get("model_types", []), recipe.get("gguf_archs", [])
-    arch = spec.gguf_arch
-    model_type = conv.get("hf_model_type") or (types[archs.index(arch)] if len(types) == len(archs) else types[0])
-    return _family(recipe, model_type)
+    types, archs = recipe.model_types, recipe.gguf_archs
+    paired = types[archs.index(spec.gguf_arch)] if len(types) == len(archs) and spec.gguf_arch in archs else types[0]
+    return _family(recipe, recipe.convert.hf_model_type or paired)
 
 
-def _family(recipe: dict, model_type: str) -> Family:
-    conv = recipe.get("convert", {})
-    types, archs = recipe.get("model_types", []), recipe.get("gguf_archs", [])
-    default_arch = archs[types.index(model_type)] if len(types) == len(archs) and model_type in types else (archs or [None])[0]
+def _family(recipe: Recipe, model_type: str) -> Family:
+    conv = recipe.convert
     return Family(
-        family=recipe["family"], model_type=_pick(conv.get("hf_model_type"), model_type, model_type),
-        arch=_arch(_pick(conv.get("gguf_arch"), model_type, default_arch)),
-        hf_class=_pick(conv.get("hf_class"), model_type, ""),
-        permute_qk=bool(recipe.get("gguf_permute_qk", False)),
-        norm_shift=float(conv.get("norm_shift", 0.0)),
-        transpose=tuple(conv.get("transpose", ())), skip=tuple(conv.get("skip", ())),
-        layout=conv.get("hf_layout", "llama"), split_kv_b=bool(conv.get("split_kv_b", False)),
-        fused_experts=bool(conv.get("fused_experts", False)), recipe=recipe,
-        fused_split=conv.get("fused_split", "interleaved"),
-        fused_prefix=conv.get("fused_prefix", "model.layers.{bid}.mlp.experts"),
+        family=recipe.family, model_type=conv.hf_model_type or model_type,
+        arch=_arch(recipe.gguf_arch_for(model_type)),
+        hf_class=_pick(conv.hf_class, model_type, ""),
+        permute_qk=recipe.gguf_permute_qk, norm_shift=conv.norm_shift,
+        transpose=conv.transpose, skip=conv.skip, layout=conv.hf_layout, split_kv_b=conv.split_kv_b,
+        fused_experts=conv.fused_experts, fused_split=conv.fused_split, fused_prefix=conv.fused_prefix,
+        recipe=recipe,
     )
 
 
@@ -165,8 +160,8 @@ def gguf_kind_of(name: str, arch: MODEL_ARCH, n_blocks: int) -> tuple[MODEL_TENS
 
 def hf_name_for(fam: Family, kind: MODEL_TENSOR, bid: int | None, suffix: str, n_blocks: int, xid: int | None = None) -> str:
     """The HF name of a GGUF tensor kind, checked against gguf-py's forward mapping."""
-    conv = fam.recipe.get("convert", {})
-    tmpl = conv.get("hf_names", {}).get(kind.name) or HF_LAYOUTS[fam.layout].get(kind)
+    conv = fam.recipe.convert
+    tmpl = conv.hf_names.get(kind.name) or HF_LAYOUTS[fam.layout].get(kind)
     if tmpl is None:
         raise LlmarchError(f"no Hugging Face name known for GGUF tensor kind {kind.name} in family {fam.family}")
     hf = tmpl.format(bid=bid, xid=xid) + suffix
@@ -177,6 +172,6 @@ def hf_name_for(fam: Family, kind: MODEL_TENSOR, bid: int | None, suffix: str, n
     got = name_map(fam.arch, n_blocks).get_name(probe, try_suffixes=(".weight", ".bias"))
     if got != want:
         raise LlmarchError(f"internal: HF name {probe} maps to {got}, not {want}, in gguf-py's table for {fam.arch_name}")
-    if kind.name in conv.get("hf_bare", ()):  # HF parameters without a .weight suffix (gpt-oss sinks)
+    if kind.name in conv.hf_bare:  # HF parameters without a .weight suffix (gpt-oss sinks)
         hf = hf[: -len(suffix)]
     return hf

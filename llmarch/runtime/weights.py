@@ -183,7 +183,7 @@ class GGUFSource(WeightSource):
 
         self.arch = ckpt.metadata["general.architecture"]
         # llama.cpp's converter permuted Q/K rows for these families' RoPE (the spec's recipe says which)
-        self.permute_qk = bool((spec.recipe or {}).get("gguf_permute_qk"))
+        self.permute_qk = bool(spec.recipe and spec.recipe.gguf_permute_qk)
         T = gguf.MODEL_TENSOR
         names = gguf.TENSOR_NAMES
         self.globals = {"embed": names[T.TOKEN_EMBD], "pos_embed": names[T.POS_EMBD],

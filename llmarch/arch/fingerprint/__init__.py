@@ -28,8 +28,8 @@ def fingerprint(ckpt: Checkpoint) -> ArchSpec:
     if ckpt.format == "gguf":
         arch = ckpt.metadata["general.architecture"]
         recipe = recipes.for_gguf_arch(arch, ckpt.metadata)
-        config, ev = gguf_to_config(arch, ckpt.metadata, recipe)
-        family = recipe.get("family", arch) if recipe else arch
+        config, ev = gguf_to_config(arch, ckpt.metadata, recipe or recipes.NO_RECIPE)
+        family = recipe.family if recipe else arch
         architecture = gguf_arch = arch
         source = "gguf"
         if "vocab_size" not in config:
@@ -42,16 +42,17 @@ def fingerprint(ckpt: Checkpoint) -> ArchSpec:
         model_type = raw.get("model_type")
         config, text_family = _text_config(raw)
         recipe = recipes.for_model_type(text_family or model_type) or recipes.for_model_type(model_type)
-        family = recipe["family"] if recipe else (model_type or "unknown")
-        gguf_arch = recipes.gguf_arch_for(recipe, text_family or model_type) if recipe else None
+        family = recipe.family if recipe else (model_type or "unknown")
+        gguf_arch = recipe.gguf_arch_for(text_family or model_type) if recipe else None
         archs = raw.get("architectures") or []
         architecture = archs[0] if archs else None
         ev = {}
         source = "config.json"
     facts = Facts(config, ev, source)
     spec = ArchSpec(family=family, format=ckpt.format, architecture=architecture, model_type=model_type,
-                    text_family=text_family, gguf_arch=gguf_arch, config=config, recipe=recipe or None)
+                    text_family=text_family, gguf_arch=gguf_arch, config=config, recipe=recipe)
     layer_tensors = tensors_by_layer(ckpt)
+    recipe = recipe or recipes.NO_RECIPE
 
     read_sizes(spec, facts, ckpt)
     read_attention(spec, facts, recipe, layer_tensors, ckpt)

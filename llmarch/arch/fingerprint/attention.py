@@ -4,18 +4,19 @@ NoPE-layer temperature tuning."""
 from __future__ import annotations
 
 from llmarch.arch.fingerprint.facts import Facts, any_layer_has
+from llmarch.arch.recipe_schema import Recipe
 from llmarch.arch.spec import ArchSpec, AttentionSpec
 from llmarch.checkpoint.base import Checkpoint
 
 
-def read_attention(spec: ArchSpec, f: Facts, recipe: dict, lt, ckpt: Checkpoint) -> None:
+def read_attention(spec: ArchSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoint) -> None:
     a = AttentionSpec()
     a.heads = int(f.get("num_attention_heads", "n_head", "num_heads", "n_heads", default=0, fact="attention.heads"))
     a.kv_heads = int(f.get("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num",
                            default=a.heads, fact="attention.kv_heads") or a.heads)
     a.kv_lora_rank = f.get("kv_lora_rank", fact="attention.kv_lora_rank")
     a.q_lora_rank = f.get("q_lora_rank", fact="attention.q_lora_rank")
-    a.mla = bool(a.kv_lora_rank) or recipe.get("attention") == "mla"
+    a.mla = bool(a.kv_lora_rank) or recipe.attention == "mla"
     if a.mla:
         a.qk_rope_head_dim = f.get("qk_rope_head_dim", fact="attention.qk_rope_head_dim")
         a.qk_nope_head_dim = f.get("qk_nope_head_dim", fact="attention.qk_nope_head_dim")
@@ -39,7 +40,7 @@ def read_attention(spec: ArchSpec, f: Facts, recipe: dict, lt, ckpt: Checkpoint)
 
     # QK-norm: the tensor's width tells per-head (head_dim) from whole-projection (heads*head_dim)
     qn = any_layer_has(lt, "q_norm")
-    qk_recipe = recipe.get("qk_norm")
+    qk_recipe = recipe.qk_norm
     if qn:
         width = ckpt.tensors[qn].shape[-1] if ckpt.tensors[qn].shape else 0
         a.qk_norm = "per_head" if width < a.heads * max(a.head_dim, 1) or a.heads == 1 else "whole"
@@ -48,7 +49,7 @@ def read_attention(spec: ArchSpec, f: Facts, recipe: dict, lt, ckpt: Checkpoint)
         a.qk_norm = "l2"  # Llama 4: a weightless L2 norm, visible only in the config
     elif qk_recipe and not lt:
         a.qk_norm = qk_recipe
-        spec.evidence["attention.qk_norm"] = f"recipe {recipe.get('family')}"
+        spec.evidence["attention.qk_norm"] = f"recipe {recipe.family}"
     elif f.get("use_qk_norm") and qk_recipe != "l2":
         spec.warnings.append("config sets use_qk_norm but no q_norm tensor exists")
 
@@ -60,11 +61,11 @@ def read_attention(spec: ArchSpec, f: Facts, recipe: dict, lt, ckpt: Checkpoint)
         spec.warnings.append("config sets attention_bias but no q/k/v bias tensor exists")
     a.out_bias = bool(any_layer_has(lt, "out_bias"))
     sinks = any_layer_has(lt, "sinks")
-    a.sinks = bool(sinks) or bool(recipe.get("sinks") and not lt)
+    a.sinks = bool(sinks) or bool(recipe.sinks and not lt)
     if sinks:
         spec.evidence["attention.sinks"] = sinks
     gate = any_layer_has(lt, "attn_gate")
-    a.gated = bool(gate) or bool(f.get("attn_output_gate", "use_attn_gate", "gated_attention", default=recipe.get("gated_attention", False)))
+    a.gated = bool(gate) or bool(f.get("attn_output_gate", "use_attn_gate", "gated_attention", default=recipe.gated_attention))
     q = any_layer_has(lt, "q_proj")
     if gate:
         a.gate_layout = "separate"
@@ -78,16 +79,16 @@ def read_attention(spec: ArchSpec, f: Facts, recipe: dict, lt, ckpt: Checkpoint)
     if idx:
         spec.evidence["attention.indexer"] = idx
     # Gemma 3 configs carry attn_logit_softcapping but its attention never applies it (recipe says so)
-    a.softcap = f.get("attn_logit_softcapping") if recipe.get("attn_softcap", True) else None
+    a.softcap = f.get("attn_logit_softcapping") if recipe.attn_softcap else None
     scalar = f.get("query_pre_attn_scalar")
     if scalar:
         a.scale = float(scalar) ** -0.5
     # MiMo-V2-Flash scales V; transformers' default applies when the key is absent, an explicit null means 1
     key = "attention_value_scale"
-    vs = f.config[key] if key in f.config else recipe.get(key)
+    vs = f.config[key] if key in f.config else recipe.attention_value_scale
     if vs is not None and float(vs) != 1.0:
         a.value_scale = float(vs)
-        spec.evidence["attention.value_scale"] = f"config.json:{key}" if key in f.config else f"recipe {recipe.get('family')}"
+        spec.evidence["attention.value_scale"] = f"config.json:{key}" if key in f.config else f"recipe {recipe.family}"
     # Llama 4's NoPE layers: a query temperature growing with the position; floor_scale and
     # attn_scale default as in Llama4TextConfig, the config class that defines these keys
     if f.get("attn_temperature_tuning", fact="attention.temperature_tuning"):

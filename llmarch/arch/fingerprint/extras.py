@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 
 from llmarch.arch.fingerprint.facts import Facts
+from llmarch.arch.recipe_schema import Recipe
 from llmarch.arch.spec import ArchSpec
 from llmarch.arch.tensor_roles import is_vision, layer_of
 from llmarch.checkpoint.base import Checkpoint
 
 
-def read_extras(spec: ArchSpec, f: Facts, recipe: dict, ckpt: Checkpoint) -> None:
+def read_extras(spec: ArchSpec, f: Facts, recipe: Recipe, ckpt: Checkpoint) -> None:
     spec.mtp_layers = int(f.get("num_nextn_predict_layers", "mtp_num_layers", "num_mtp_layers", default=0,
                                 fact="mtp_layers") or 0)
     tie = f.get("tie_word_embeddings", fact="tied_embeddings")
@@ -19,7 +20,7 @@ def read_extras(spec: ArchSpec, f: Facts, recipe: dict, ckpt: Checkpoint) -> Non
     spec.tied_embeddings = not has_head if ckpt.tensors else bool(tie if tie is not None else True)
     if tie is False and not has_head and ckpt.tensors:
         spec.warnings.append("config says tie_word_embeddings=false but there is no lm_head tensor")
-    if recipe.get("embedding_scale") == "sqrt_hidden" and spec.hidden_size:
+    if recipe.embedding_scale == "sqrt_hidden" and spec.hidden_size:
         spec.embedding_scale = math.sqrt(spec.hidden_size)
     spec.final_softcap = f.get("final_logit_softcapping")
     ple_dim = f.get("hidden_size_per_layer_input", fact="per_layer_embeddings")
@@ -31,14 +32,14 @@ def read_extras(spec: ArchSpec, f: Facts, recipe: dict, ckpt: Checkpoint) -> Non
         if v:
             spec.extras[name] = v
     if spec.ffn_bias is False:
-        spec.ffn_bias = bool(f.get("mlp_bias")) or recipe.get("ffn_bias", False)
+        spec.ffn_bias = bool(f.get("mlp_bias")) or recipe.ffn_bias
     la = spec.schedule and [l for l in spec.schedule if l.mixer in ("linear", "mamba")]
     if la:
         spec.linear_attention = _linear_state(spec, f, recipe)
 
 
-def _linear_state(spec: ArchSpec, f: Facts, recipe: dict) -> dict:
-    kind = recipe.get("linear_kind", "linear")
+def _linear_state(spec: ArchSpec, f: Facts, recipe: Recipe) -> dict:
+    kind = recipe.linear_kind or "linear"
     out = {"kind": kind, "linear": sum(l.mixer in ("linear", "mamba") for l in spec.schedule)}
     kh = f.get("linear_num_key_heads")
     vh = f.get("linear_num_value_heads")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from llmarch.arch.fingerprint.facts import EXPERTS_KEYS, Facts, SHARED_KEYS, TOPK_KEYS, any_layer_has, layer_has
 from llmarch.arch.ranges import index_ranges
+from llmarch.arch.recipe_schema import Recipe
 from llmarch.arch.spec import ArchSpec, LayerSpec, MoESpec
 
 
-def read_moe(spec: ArchSpec, f: Facts, recipe: dict, lt) -> None:
+def read_moe(spec: ArchSpec, f: Facts, recipe: Recipe, lt) -> None:
     experts = f.get(*EXPERTS_KEYS, fact="moe.experts") or 0
     routed_layers = [i for i in sorted(lt) if layer_has(lt, i, "routed_expert") or layer_has(lt, i, "router")]
     if not experts and not routed_layers:
@@ -17,21 +18,21 @@ def read_moe(spec: ArchSpec, f: Facts, recipe: dict, lt) -> None:
     shared_ffn = f.get("shared_expert_intermediate_size", fact="moe.shared_ffn")
     has_shared_tensor = any_layer_has(lt, "shared_expert")
     if shared is None:
-        shared = 1 if (shared_ffn or has_shared_tensor or recipe.get("shared_experts")) else 0
+        shared = 1 if (shared_ffn or has_shared_tensor or recipe.moe.shared_experts) else 0
     if lt and bool(shared) != bool(has_shared_tensor):
         spec.warnings.append(f"config says {shared} shared experts, tensors {'show' if has_shared_tensor else 'show none'}")
         shared = shared if has_shared_tensor else 0
     if has_shared_tensor:
         spec.evidence["moe.shared_experts"] = has_shared_tensor
     # the recipe names the HF key (Llama 4: intermediate_size); GGUF configs are already canonical
-    key = "moe_intermediate_size" if spec.format == "gguf" else recipe.get("expert_ffn_key", "moe_intermediate_size")
+    key = "moe_intermediate_size" if spec.format == "gguf" else recipe.moe.expert_ffn_key
     expert_ffn = f.get(key, "moe_intermediate_size", "expert_intermediate_size", fact="moe.expert_ffn")
     if shared and not shared_ffn:
         shared_ffn = (expert_ffn or 0) * int(shared)
     m = MoESpec(experts=int(experts), experts_per_token=int(topk), shared_experts=int(shared or 0),
                 expert_ffn=expert_ffn, shared_ffn=shared_ffn)
     m.shared_gated = bool(any_layer_has(lt, "shared_expert_gate"))
-    m.router = f.get("scoring_func", default=recipe.get("router"))
+    m.router = f.get("scoring_func", default=recipe.moe.router)
     m.norm_topk_prob = f.get("norm_topk_prob")
     m.n_group = f.get("n_group")
     m.topk_group = f.get("topk_group")
@@ -40,7 +41,7 @@ def read_moe(spec: ArchSpec, f: Facts, recipe: dict, lt) -> None:
     spec.moe = m
 
 
-def assign_ffn(spec: ArchSpec, f: Facts, recipe: dict, lt, sched: list[LayerSpec]) -> None:
+def assign_ffn(spec: ArchSpec, f: Facts, recipe: Recipe, lt, sched: list[LayerSpec]) -> None:
     if not spec.moe:
         return
     n = len(sched)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from llmarch.arch.fingerprint.facts import Facts
+from llmarch.arch.recipe_schema import Recipe
 from llmarch.arch.spec import ArchSpec, RopeSpec
 
 
-def read_rope(spec: ArchSpec, f: Facts, recipe: dict) -> None:
+def read_rope(spec: ArchSpec, f: Facts, recipe: Recipe) -> None:
     r = RopeSpec()
     params = f.get("rope_parameters")
     full = params.get("full_attention", params) if isinstance(params, dict) else {}
@@ -22,7 +23,7 @@ def read_rope(spec: ArchSpec, f: Facts, recipe: dict) -> None:
     elif f.get("rope_local_base_freq"):
         r.local_theta = f.get("rope_local_base_freq", fact="rope.local_theta")
     partial = (full.get("partial_rotary_factor") or f.get("partial_rotary_factor", fact="rope.partial")
-               or recipe.get("partial_rotary_factor"))
+               or recipe.partial_rotary_factor)
     rotary_dim = f.get("rotary_dim", "rope_dim", fact="rope.partial")
     head = spec.attention.qk_rope_head_dim if spec.attention.mla else spec.attention.head_dim
     if partial:
@@ -33,7 +34,7 @@ def read_rope(spec: ArchSpec, f: Facts, recipe: dict) -> None:
         # MLA: only the decoupled rope part of each head rotates
         r.partial = (spec.attention.qk_rope_head_dim or 0) / spec.attention.head_dim
         spec.evidence["rope.partial"] = "qk_rope_head_dim / (qk_nope_head_dim + qk_rope_head_dim)"
-    r.learned_positions = recipe.get("positions") == "learned"
+    r.learned_positions = recipe.positions == "learned"
     spec.rope = r
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from llmarch.arch.fingerprint.facts import Facts, layer_has
 from llmarch.arch.fingerprint.moe import assign_ffn
 from llmarch.arch.fingerprint.rope import local_rope_partial, local_rope_scaling
+from llmarch.arch.recipe_schema import Recipe
 from llmarch.arch.spec import ArchSpec, LayerSpec
 from llmarch.checkpoint.base import Checkpoint
 
@@ -20,7 +21,7 @@ SINGLE_OP_BLOCKS = {
 LINEAR_MIXERS = {"linear_attention": "linear", "mamba": "mamba", "mamba2": "mamba", "kda": "linear"}
 
 
-def read_schedule(spec: ArchSpec, f: Facts, recipe: dict, lt, ckpt: Checkpoint) -> None:
+def read_schedule(spec: ArchSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoint) -> None:
     n = spec.layers
     window = f.get("sliding_window", "attention_window_size", fact="sliding_window.window")
     layer_types = f.get("layer_types", fact="layer_schedule")
@@ -34,7 +35,7 @@ def read_schedule(spec: ArchSpec, f: Facts, recipe: dict, lt, ckpt: Checkpoint) 
     kda_layers = lin_cfg.get("kda_layers") if isinstance(lin_cfg, dict) else None
     local_scaling = local_rope_scaling(spec, f)
     local_partial = local_rope_partial(spec, f)
-    if local_scaling is None and spec.rope.scaling and recipe.get("rope_scaling_on") == "global":
+    if local_scaling is None and spec.rope.scaling and recipe.rope_scaling_on == "global":
         local_scaling = {"type": "default"}  # GGUF / legacy configs: the recipe says sliding layers are unscaled
     nope = f.get("no_rope_layers", fact="rope.nope_layers")
     sched = []
@@ -57,25 +58,25 @@ def read_schedule(spec: ArchSpec, f: Facts, recipe: dict, lt, ckpt: Checkpoint) 
             layer.mixer = "full" if (i + 1) % int(pattern) == 0 else "sliding"
         elif interval:
             layer.mixer = "full" if (i + 1) % int(interval) == 0 else "linear"
-        elif window and f.get("use_sliding_window", default=True) and recipe.get("sliding") != "off":
+        elif window and f.get("use_sliding_window", default=True):
             max_window_layers = f.get("max_window_layers")
             layer.mixer = "sliding" if max_window_layers is None or i < max_window_layers else "full"
         if layer.mixer == "sliding":
             layer.window = window
         if layer.mixer in ("linear", "mamba"):
-            layer.linear_kind = recipe.get("linear_kind")
+            layer.linear_kind = recipe.linear_kind
         # positions
         if isinstance(nope, list) and i < len(nope):
             layer.rope = bool(nope[i])  # transformers: no_rope_layers[i] == 1 means the layer uses RoPE
         elif f.get("no_rope_layer_interval"):  # SmolLM3 / Llama 4 GGUF: every n-th layer is NoPE
             layer.rope = (i + 1) % int(f.get("no_rope_layer_interval", fact="rope.nope_layers")) != 0
-        elif recipe.get("nope_on") == "global" and layer.mixer == "full":
+        elif recipe.nope_on == "global" and layer.mixer == "full":
             layer.rope = False
-        elif recipe.get("nope_on") == "all":
+        elif recipe.nope_on == "all":
             layer.rope = False
         if spec.rope.learned_positions or layer.mixer in ("none", "mamba"):
             layer.rope = False
-        if chunk and recipe.get("chunked_on") == "rope_layers" and layer.rope and layer.mixer == "full":
+        if chunk and recipe.chunked_on == "rope_layers" and layer.rope and layer.mixer == "full":
             layer.mixer, layer.window = "chunked", chunk
         if spec.attention.mla and layer.mixer == "full":
             layer.mixer = "mla"

@@ -1,0 +1,213 @@
+"""The schema of a family recipe (recipes/*.toml): one frozen dataclass per section.
+
+A recipe is built into these classes when it is loaded; a key no class declares, a value of the
+wrong type or outside a key's choices is refused with the file and the key named, so a typo in a
+recipe fails at load time instead of silently reading as "not set". Consumers read attributes.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import tomllib
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from llmarch.errors import LlmarchError
+
+
+def _choice(*values: str, default=None):
+    return field(default=default, metadata={"choices": values})
+
+
+def _table():
+    return field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class MoERecipe:
+    """[moe]: routing facts a family's config does not carry."""
+
+    router: str | None = _choice("softmax", "sigmoid")  # score function when the config has no scoring_func
+    expert_ffn_key: str = "moe_intermediate_size"  # the config key of one routed expert's width
+    shared_experts: int = 0  # shared experts when the config names none (Llama 4: one)
+
+
+@dataclass(frozen=True)
+class GgufDefaults:
+    """[gguf_defaults]: config keys llama.cpp writes no GGUF key for (it hard-codes them for the
+    arch), with the value it uses; each is a config key the fingerprint reads."""
+
+    hidden_act: str | None = None
+    hidden_activation: str | None = None
+    activation_function: str | None = None
+    sliding_window_pattern: int | None = None
+    rope_local_base_freq: float | None = None
+    no_rope_layer_interval: int | None = None
+    full_attention_interval: int | None = None
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(f.name, getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None]
+
+
+@dataclass(frozen=True)
+class QkNormRule:
+    """llama.cpp's rule for Llama 4: QK-norm exactly when the model does not have `experts` experts."""
+
+    key: str  # the config key that switches QK-norm (use_qk_norm)
+    experts: int
+
+
+@dataclass(frozen=True)
+class ConvertRecipe:
+    """[convert]: what `llmarch convert` needs beyond the spec, in both directions (HF <-> GGUF)."""
+
+    hf_class: str | Mapping[str, str] = ""  # transformers class for config.json (a table: per model_type)
+    hf_model_type: str | None = None  # model_type written to config.json when it is not the source's
+    gguf_arch: str | Mapping[str, str] | None = None  # llama.cpp's arch when not the paired gguf_archs entry
+    gguf_marker: str | None = None  # a metadata key ({arch} filled) that tells this family's GGUF apart
+    hf_layout: str = _choice("llama", "gpt2", default="llama")  # the HF name table (convert/layout.py)
+    hf_names: Mapping[str, str] = _table()  # gguf-py MODEL_TENSOR name -> HF name template
+    hf_bare: tuple[str, ...] = ()  # MODEL_TENSOR names whose HF parameter has no .weight suffix
+    hf_keys: Mapping[str, str] = _table()  # canonical config key -> the family's own config key
+    transpose: tuple[str, ...] = ()  # HF weights stored [in, out] (Conv1D)
+    skip: tuple[str, ...] = ()  # HF tensors that are buffers, not weights
+    norm_shift: float = 0.0  # added to norm weights on the way to GGUF (Gemma's (1 + w))
+    split_kv_b: bool = False  # MLA: kv_b_proj -> llama.cpp's attn_k_b + attn_v_b
+    fused_experts: bool = False  # experts stored fused as gate_up_proj / down_proj
+    fused_split: str = _choice("interleaved", "halves", default="interleaved")  # gate/up inside gate_up_proj
+    fused_prefix: str = "model.layers.{bid}.mlp.experts"  # HF parent of the fused expert tensors
+    interleave_moe: bool = False  # write interleave_moe_layer_step (Llama 4)
+    swa_pattern_array: bool = False  # write the sliding-window pattern as one bool per layer (Olmo 3)
+    qk_norm_key: str | None = None  # config key that switches QK-norm on (GLM-4.5: use_qk_norm)
+    qk_norm_off_at_experts: QkNormRule | None = None
+    drops_mtp: bool = False  # MTP layers are not carried into GGUF
+    hard_coded: Mapping[str, Mapping[str, Any]] = _table()  # GGUF arch -> {config key: value llama.cpp hard-codes}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A family: what its files do not say. Top-level keys, then the [moe], [gguf_defaults] and
+    [convert] sections. `family` is the file's name, not a key."""
+
+    family: str
+    model_types: tuple[str, ...] = ()  # config.json model_types of the family (the file name when absent)
+    gguf_archs: tuple[str, ...] = ()  # GGUF general.architecture values of the family
+    # attention
+    attention: str | None = _choice("mla")
+    qk_norm: str | None = _choice("per_head", "whole", "l2")  # when no q_norm tensor can say
+    sinks: bool = False  # when no tensor can say
+    gated_attention: bool = False  # when the config has no gate key
+    attn_softcap: bool = True  # False: the config's attn_logit_softcapping is never applied (Gemma 3)
+    attention_value_scale: float | None = None  # the config class's default when config.json lacks the key
+    # positions
+    positions: str | None = _choice("learned")
+    partial_rotary_factor: float | None = None  # the config class's default when config.json lacks the key
+    nope_on: str | None = _choice("global", "all")  # layers without RoPE when the config has no list
+    chunked_on: str | None = _choice("rope_layers")  # layers with chunked attention (Llama 4)
+    rope_scaling_on: str | None = _choice("global")  # layers RoPE scaling applies to
+    # norms
+    norm: str | None = _choice("rms", "layer")
+    norm_placement: str | None = _choice("pre", "post", "sandwich")
+    norm_unit_offset: bool = False  # weights applied as (1 + w)
+    # FFN, embeddings, layers
+    ffn_bias: bool = False
+    embedding_scale: str | None = _choice("sqrt_hidden")
+    linear_kind: str | None = _choice("gated_deltanet", "kda", "mamba2")
+    gguf_permute_qk: bool = False  # llama.cpp's converter permutes Q/K rows for its RoPE
+    moe: MoERecipe = field(default_factory=MoERecipe)
+    gguf_defaults: GgufDefaults = field(default_factory=GgufDefaults)
+    convert: ConvertRecipe = field(default_factory=ConvertRecipe)
+
+    def gguf_arch_for(self, model_type: str | None) -> str | None:
+        """The GGUF arch llama.cpp converts this model_type to: [convert] gguf_arch, else the
+        gguf_archs entry paired with the model_type (lists of equal length), else the first."""
+        types_, archs = self.model_types, self.gguf_archs
+        paired = archs[types_.index(model_type)] if len(types_) == len(archs) and model_type in types_ else None
+        default = paired or (archs[0] if archs else None)
+        rule = self.convert.gguf_arch
+        if isinstance(rule, Mapping):
+            return rule.get(model_type, default)
+        return rule or default
+
+
+def parse_recipe(text: str, family: str, where) -> Recipe:
+    """TOML text -> Recipe; `where` (the file) is named in every error."""
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise LlmarchError(f"recipe is not valid TOML: {e}", where) from e
+    if "family" in table:
+        raise LlmarchError("recipe key 'family' is not allowed: the family is the file's name", where)
+    table.setdefault("model_types", [family])
+    return _build(Recipe, dict(table, family=family), where, "")
+
+
+def _build(cls, table: dict, where, section: str):
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    for key in table:
+        if key not in known:
+            place = f" in [{section}]" if section else ""
+            names = ", ".join(sorted(k for k in known if k != "family"))
+            raise LlmarchError(f"unknown recipe key {key!r}{place} (known: {names})", where)
+    kwargs = {}
+    for name, value in table.items():
+        key = f"{section}.{name}" if section else name
+        kwargs[name] = _value(hints[name], value, where, key)
+        choices = known[name].metadata.get("choices")
+        if choices and kwargs[name] is not None and kwargs[name] not in choices:
+            raise LlmarchError(f"recipe key {key!r} is {value!r}; one of {', '.join(choices)}", where)
+    missing = [f.name for f in fields(cls) if f.name not in kwargs
+               and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise LlmarchError(f"recipe section [{section}] lacks {', '.join(missing)}", where)
+    return cls(**kwargs)
+
+
+def _value(tp, value, where, key: str):
+    """`value` checked against the annotation `tp` and frozen (lists -> tuples, tables -> read-only)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        arms = [a for a in typing.get_args(tp) if a is not type(None)]
+        for arm in arms:
+            try:
+                return _value(arm, value, where, key)
+            except LlmarchError:
+                continue
+        names = " or ".join("table" if typing.get_origin(a) is collections.abc.Mapping or is_dataclass(a)
+                            else getattr(a, "__name__", str(a)) for a in arms)
+        raise LlmarchError(f"recipe key {key!r} must be {names}, got {value!r}", where)
+    if tp is Any:
+        return value
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise LlmarchError(f"recipe key {key!r} must be a table", where)
+        return _build(tp, value, where, key)
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise LlmarchError(f"recipe key {key!r} must be a list of strings", where)
+        return tuple(value)
+    if origin is collections.abc.Mapping:
+        if not isinstance(value, dict):
+            raise LlmarchError(f"recipe key {key!r} must be a table", where)
+        _, inner = typing.get_args(tp) or (str, Any)
+        return MappingProxyType({k: _value(inner, v, where, f"{key}.{k}") for k, v in value.items()})
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    else:
+        raise TypeError(f"recipe schema: no check for {tp!r} ({key})")
+    if not ok:
+        raise LlmarchError(f"recipe key {key!r} must be {tp.__name__}, got {value!r}", where)
+    return value
