@@ -488,6 +488,45 @@ def _moe(c: Ctx):
     }
 
 
+# How each MoE family's router scores and weighs, from its transformers modeling file:
+# (score function, top-k taken over the raw logits before scoring, router weights scale the
+# expert input, renormalises the k weights whatever the config says)
+ROUTING = {
+    "qwen3_moe": ("softmax", False, False, None),  # Qwen3MoeTopKRouter: softmax, top-k, norm_topk_prob
+    "qwen3_next": ("softmax", False, False, None),  # Qwen3NextTopKRouter: the same
+    "deepseek_v3": ("sigmoid", False, False, None),  # DeepseekV3TopkRouter / MoE.route_tokens_to_experts
+    "deepseek_v32": ("sigmoid", False, False, None),
+    "glm4_moe": ("sigmoid", False, False, None),
+    "glm_moe_dsa": ("sigmoid", False, False, None),
+    "mimo_v2_flash": ("sigmoid", False, False, None),
+    "kimi_linear": ("sigmoid", False, False, None),
+    "nemotron_h": ("sigmoid", False, False, None),
+    "gpt_oss": ("softmax", True, False, None),  # GptOssTopKRouter: top-k of the logits, softmax over k
+    "llama4": ("sigmoid", True, True, None),  # Llama4Router: top-k, sigmoid; Llama4TextMoe: routed_in = x * scores
+    "minimax_m2": ("sigmoid", False, False, True),  # MiniMaxM2TopKRouter: top_k_weights /= sum, always
+    "afmoe": ("sigmoid", False, False, True),  # AfmoeTokenChoiceRouter: / (sum + 1e-20), always; * route_scale
+}
+
+
+def _routing(c: Ctx):
+    """The router and expert facts; gpt-oss's experts are biased and use the clamped SwiGLU with
+    the config's swiglu_alpha / swiglu_limit (GptOssExperts)."""
+    if not c.moe_layers():
+        return None
+    score, topk_first, on_input, always = ROUTING[c.name]
+    tc, oss = c.tc, c.name == "gpt_oss"
+    return {
+        "router": score,
+        "topk_before_score": topk_first,
+        "weights_on_input": on_input,
+        "norm_topk_prob": always if always is not None else getattr(tc, "norm_topk_prob", None),
+        "routed_scaling_factor": getattr(tc, "route_scale" if c.name == "afmoe" else "routed_scaling_factor", None),
+        "expert_bias": oss,
+        "swiglu_alpha": tc.swiglu_alpha if oss else None,
+        "swiglu_limit": tc.swiglu_limit if oss else None,
+    }
+
+
 def _mla(c: Ctx):
     if not c.sem.mla:
         return None
@@ -609,6 +648,9 @@ FACTS: dict[str, tuple[str, Callable[[Ctx], Any]]] = {
     "attention.indexer": ("attention.indexer", lambda c: c.sem.indexer),
     "attention.mla": ("attention.mla", _mla),
     "moe": ("moe", _moe),
+    "moe.routing": ("moe", _routing),
+    # GPT2MLP (c_fc, act, c_proj) and NemotronHMLP (up, relu2, down) have no gate; the others' are GLUs
+    "ffn.gated": ("ffn.gated", lambda c: c.name not in ("gpt2", "nemotron_h")),
     "norm.placement": ("norm.placement", lambda c: c.sem.placement),
     "norm.kind": ("norm.kind", lambda c: "layer" if c.name == "gpt2" else "rms"),
     "norm.eps": ("norm.eps", lambda c: float(getattr(c.tc, "rms_norm_eps", None) or getattr(c.tc, "layer_norm_epsilon"))),
@@ -633,7 +675,7 @@ FACTS: dict[str, tuple[str, Callable[[Ctx], Any]]] = {
 
 
 def _compare(fact: str, got, want, c: Ctx):
-    if fact in ("moe", "sliding_window", "linear_attention", "per_layer_embeddings", "attention.mla"):
+    if fact in ("moe", "moe.routing", "sliding_window", "linear_attention", "per_layer_embeddings", "attention.mla"):
         if want is None:
             assert got is None, f"{fact}: expected null, got {got}"
             return

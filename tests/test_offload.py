@@ -187,7 +187,8 @@ def test_cpu_kernel_equals_torch_dequant(fmt, family):
     fmt = ExpertFormat(fmt)
     g = torch.Generator().manual_seed(7)
     E, d, inter, k, T = 6, 192, 64, 2, 5  # 3 and 1 groups of 64: paired and lone groups in the kernel
-    spec = SimpleNamespace(family=family, config={"swiglu_limit": 0.5}, activation="silu")  # low limit: clamps bite
+    clamp = dict(swiglu_alpha=1.702, swiglu_limit=0.5) if family == "gpt_oss" else dict(swiglu_alpha=None, swiglu_limit=None)
+    spec = SimpleNamespace(moe=SimpleNamespace(**clamp), activation="silu")  # low limit: clamps bite
     act = ExpertAct(spec, inter)
     gu, dn = torch.randn(E, 2 * inter, d, generator=g) * 0.2, torch.randn(E, d, inter, generator=g) * 0.2
     bias = (torch.randn(E, 2 * inter, generator=g), torch.randn(E, d, generator=g)) if family == "gpt_oss" else (None, None)

@@ -87,23 +87,27 @@ def test_every_declared_key_is_set_by_some_recipe():
     assert sorted(declared - used) == []
 
 
-def _importers_of_recipe_book() -> list[str]:
-    out = []
+def _recipe_book_imports() -> dict[str, set[str]]:
+    """llmarch module -> what it imports from the recipe book ({"recipe_book"}: the whole module)."""
+    out: dict[str, set[str]] = {}
     for path in sorted((ROOT / "llmarch").rglob("*.py")):
+        where = str(path.relative_to(ROOT))
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.ImportFrom) and (
-                    node.module == "llmarch.arch.recipe_book"
-                    or (node.module == "llmarch.arch" and any(a.name == "recipe_book" for a in node.names))):
-                out.append(str(path.relative_to(ROOT)))
+            if isinstance(node, ast.ImportFrom) and node.module == "llmarch.arch.recipe_book":
+                out.setdefault(where, set()).update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module == "llmarch.arch":
+                out.setdefault(where, set()).update(a.name for a in node.names if a.name == "recipe_book")
             elif isinstance(node, ast.Import) and any(a.name == "llmarch.arch.recipe_book" for a in node.names):
-                out.append(str(path.relative_to(ROOT)))
-    return out
+                out.setdefault(where, set()).add("recipe_book")
+    return {k: v for k, v in out.items() if v}
 
 
 def test_only_the_fingerprint_looks_recipes_up():
     """Consumers (report, runtime, convert) read spec.family and spec.recipe; a second lookup could
-    resolve another recipe (an Olmo 3 GGUF is written under olmo2's arch)."""
-    assert _importers_of_recipe_book() == ["llmarch/arch/fingerprint/__init__.py"]
+    resolve another recipe (an Olmo 3 GGUF is written under olmo2's arch). What they may ask the
+    book for is the generated list of families a command supports, for their refusals."""
+    lookups = [p for p, names in _recipe_book_imports().items() if names - {"families_supporting"}]
+    assert lookups == ["llmarch/arch/fingerprint/__init__.py"]
 
 
 def test_olmo3_gguf_spec_carries_the_olmo3_recipe(tiny, tmp_path):
@@ -118,3 +122,85 @@ def test_olmo3_gguf_spec_carries_the_olmo3_recipe(tiny, tmp_path):
     assert ckpt.metadata["general.architecture"] == "olmo2"
     assert (spec.family, spec.gguf_arch, spec.model_type) == ("olmo3", "olmo2", None)
     assert spec.recipe.family == "olmo3"
+
+
+COMMANDS = ("run", "convert", "from_gguf")
+
+
+def _declared_support() -> dict[str, list[str]]:
+    """command -> the recipes (by file name) whose `supports` lists it, read with tomllib."""
+    import tomllib
+
+    out: dict[str, list[str]] = {c: [] for c in COMMANDS}
+    for p in sorted((ROOT / "recipes").glob("*.toml")):
+        for command in tomllib.loads(p.read_text()).get("supports", []):
+            out[command].append(p.stem)
+    return out
+
+
+def test_support_lists_are_what_the_recipes_declare():
+    from llmarch.arch.recipe_book import families_supporting
+
+    declared = _declared_support()
+    assert {c: families_supporting(c) for c in COMMANDS} == declared
+    assert all(declared.values())
+
+
+def _one_line_refusal(*args) -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("LLMARCH_DEBUG", None)
+    p = subprocess.run([sys.executable, "-m", "llmarch", *map(str, args)], capture_output=True, text=True,
+                       cwd=ROOT, env=env, timeout=300)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    return lines[0]
+
+
+def _bare_gguf(path: Path, arch: str) -> Path:
+    """A GGUF of an arch no recipe converts back, with just enough metadata to fingerprint."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1), w.add_embedding_length(8), w.add_head_count(2)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    return path
+
+
+def test_refusals_name_the_supported_families(tiny, tmp_path):
+    declared = _declared_support()
+    src = tiny("qwen3_next")  # linear-attention hybrid: inspect only
+    refusals = {
+        "run": _one_line_refusal("run", src, "--prompt-ids", "1,2", "--device", "cpu"),
+        "convert": _one_line_refusal("convert", src, "-o", tmp_path / "q.gguf"),
+        "from_gguf": _one_line_refusal("convert", _bare_gguf(tmp_path / "phi3.gguf", "phi3"), "--to", "safetensors",
+                                       "-o", tmp_path / "back"),
+    }
+    assert "qwen3_next" in refusals["run"] and "qwen3_next" in refusals["convert"] and "phi3" in refusals["from_gguf"]
+    for command, line in refusals.items():
+        assert "not supported" in line, line
+        named = line[line.index("support"):]
+        assert all(f in named for f in declared[command]), (command, line)
+
+
+def test_runtime_and_convert_never_branch_on_a_family_name():
+    """run and convert ask the spec for facts (router kind, clamped SwiGLU, gated FFN, supports),
+    never which family a model is: no comparison with, and no table lookup by, a family name."""
+    labels = {"family", "model_type", "text_family"}
+    offenders = []
+    for folder in ("runtime", "convert"):
+        for path in sorted((ROOT / "llmarch" / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                operands = []
+                if isinstance(node, ast.Compare):
+                    operands = [node.left, *node.comparators]
+                elif isinstance(node, ast.Subscript):
+                    operands = [node.slice]
+                if any(isinstance(o, ast.Attribute) and o.attr in labels for o in operands):
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert offenders == []

@@ -1,5 +1,6 @@
 """Family knowledge that files do not carry: the recipes/*.toml files, loaded against their schema
-(recipe_schema.py). Only the fingerprint looks recipes up; consumers read spec.recipe."""
+(recipe_schema.py). Only the fingerprint looks recipes up; consumers read spec.recipe (and ask
+families_supporting for the list a refusal names)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,9 @@ def for_gguf_arch(arch: str, meta: dict | None = None) -> Recipe | None:
         if recipe.convert.gguf_arch == arch and marker and marker.format(arch=arch) in (meta or {}):
             return recipe
     return next((r for r in all_recipes() if arch in r.gguf_archs), None)
+
+
+def families_supporting(command: str) -> list[str]:
+    """The families whose recipe lists `command` (run, convert, from_gguf) in `supports`: the one
+    list every refusal of that command names."""
+    return [r.family for r in all_recipes() if command in r.supports]

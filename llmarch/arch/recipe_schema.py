@@ -26,11 +26,21 @@ def _table():
     return field(default_factory=lambda: MappingProxyType({}))
 
 
+COMMANDS = ("run", "convert", "from_gguf")  # llmarch run; convert HF -> GGUF; convert GGUF -> HF
+
+
 @dataclass(frozen=True)
 class MoERecipe:
-    """[moe]: routing facts a family's config does not carry."""
+    """[moe]: routing and expert facts a family's config does not carry (each from the family's
+    transformers modeling file)."""
 
     router: str | None = _choice("softmax", "sigmoid")  # score function when the config has no scoring_func
+    topk_before_score: bool = False  # top-k over the raw logits, then the score function over the k chosen
+    norm_topk_prob: bool | None = None  # top-k renormalised when the config has no norm_topk_prob key
+    weights_on_input: bool = False  # router weights scale each expert's input, not its output (Llama 4)
+    swiglu_alpha: float | None = None  # clamped SwiGLU (gpt-oss): the config class's defaults, used when
+    swiglu_limit: float | None = None  # config.json lacks swiglu_alpha / swiglu_limit
+    fused_gate_up: str | None = _choice("interleaved", "halves")  # how the HF checkpoints' fused gate_up_proj holds gate and up
     expert_ffn_key: str = "moe_intermediate_size"  # the config key of one routed expert's width
     shared_experts: int = 0  # shared experts when the config names none (Llama 4: one)
 
@@ -76,14 +86,15 @@ class ConvertRecipe:
     skip: tuple[str, ...] = ()  # HF tensors that are buffers, not weights
     norm_shift: float = 0.0  # added to norm weights on the way to GGUF (Gemma's (1 + w))
     split_kv_b: bool = False  # MLA: kv_b_proj -> llama.cpp's attn_k_b + attn_v_b
-    fused_experts: bool = False  # experts stored fused as gate_up_proj / down_proj
-    fused_split: str = _choice("interleaved", "halves", default="interleaved")  # gate/up inside gate_up_proj
-    fused_prefix: str = "model.layers.{bid}.mlp.experts"  # HF parent of the fused expert tensors
+    fused_prefix: str = "model.layers.{bid}.mlp.experts"  # HF parent of the fused expert tensors ([moe] fused_gate_up)
     interleave_moe: bool = False  # write interleave_moe_layer_step (Llama 4)
     swa_pattern_array: bool = False  # write the sliding-window pattern as one bool per layer (Olmo 3)
     qk_norm_key: str | None = None  # config key that switches QK-norm on (GLM-4.5: use_qk_norm)
     qk_norm_off_at_experts: QkNormRule | None = None
     drops_mtp: bool = False  # MTP layers are not carried into GGUF
+    # config key of the query scale (scale = value ** -0.5) whose transformers default is not
+    # head_dim; GGUF -> HF writes head_dim, the scale llama.cpp applies (Gemma 3's query_pre_attn_scalar)
+    query_scalar_key: str | None = None
     hard_coded: Mapping[str, Mapping[str, Any]] = _table()  # GGUF arch -> {config key: value llama.cpp hard-codes}
 
 
@@ -95,6 +106,7 @@ class Recipe:
     family: str
     model_types: tuple[str, ...] = ()  # config.json model_types of the family (the file name when absent)
     gguf_archs: tuple[str, ...] = ()  # GGUF general.architecture values of the family
+    supports: tuple[str, ...] = field(default=(), metadata={"choices": COMMANDS})  # commands proven by tests
     # attention
     attention: str | None = _choice("mla")
     qk_norm: str | None = _choice("per_head", "whole", "l2")  # when no q_norm tensor can say
@@ -114,6 +126,7 @@ class Recipe:
     norm_unit_offset: bool = False  # weights applied as (1 + w)
     # FFN, embeddings, layers
     ffn_bias: bool = False
+    ffn_gated: bool = True  # False: a plain up / activation / down MLP (GPT-2), not a gated GLU
     embedding_scale: str | None = _choice("sqrt_hidden")
     linear_kind: str | None = _choice("gated_deltanet", "kda", "mamba2")
     gguf_permute_qk: bool = False  # llama.cpp's converter permutes Q/K rows for its RoPE
@@ -129,7 +142,7 @@ class Recipe:
         default = paired or (archs[0] if archs else None)
         rule = self.convert.gguf_arch
         if isinstance(rule, Mapping):
-            return rule.get(model_type, default)
+            return (rule.get(model_type) if model_type else None) or default
         return rule or default
 
 
@@ -157,9 +170,11 @@ def _build(cls, table: dict, where, section: str):
     for name, value in table.items():
         key = f"{section}.{name}" if section else name
         kwargs[name] = _value(hints[name], value, where, key)
-        choices = known[name].metadata.get("choices")
-        if choices and kwargs[name] is not None and kwargs[name] not in choices:
-            raise LlmarchError(f"recipe key {key!r} is {value!r}; one of {', '.join(choices)}", where)
+        choices: tuple[str, ...] = known[name].metadata.get("choices", ())
+        values = kwargs[name] if isinstance(kwargs[name], tuple) else (kwargs[name],)
+        bad = [v for v in values if v is not None and choices and v not in choices]
+        if bad:
+            raise LlmarchError(f"recipe key {key!r} has {bad[0]!r}; one of {', '.join(choices)}", where)
     missing = [f.name for f in fields(cls) if f.name not in kwargs
                and f.default is MISSING and f.default_factory is MISSING]
     if missing:

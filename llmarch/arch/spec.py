@@ -89,12 +89,23 @@ class MoESpec:
     expert_ffn: int | None = None  # width of one routed expert
     shared_ffn: int | None = None  # width of the shared expert(s), all together
     shared_gated: bool = False  # sigmoid gate on the shared expert (Qwen3-Next)
-    router: str | None = None  # softmax | sigmoid
-    norm_topk_prob: bool | None = None
+    router: str | None = None  # score function: softmax | sigmoid
+    # top-k over the raw logits, then the score function over the k chosen (gpt-oss: softmax,
+    # Llama 4: sigmoid); else scores over all experts, then top-k
+    topk_before_score: bool = False
+    norm_topk_prob: bool | None = None  # the k weights renormalised to sum 1
     n_group: int | None = None  # group-limited routing (DeepSeek V3)
     topk_group: int | None = None
-    routed_scaling_factor: float | None = None
-    router_bias: bool = False  # e_score_correction_bias / router bias
+    routed_scaling_factor: float | None = None  # the k weights multiplied by it
+    # e_score_correction_bias (sigmoid scores: added for the choice only) / a logit bias (gpt-oss)
+    router_bias: bool = False
+    weights_on_input: bool = False  # router weights scale each expert's input, not its output (Llama 4)
+    expert_bias: bool = False  # bias units on the routed experts (gpt-oss)
+    # clamped SwiGLU (gpt-oss): (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit);
+    # None: the model's activation, gated
+    swiglu_alpha: float | None = None
+    swiglu_limit: float | None = None
+    fused_gate_up: str | None = None  # a fused gate_up_proj holds gate and up: interleaved (gpt-oss) | halves (Llama 4)
     dense_layers: list[int] = field(default_factory=list)
 
 
@@ -117,6 +128,7 @@ class ArchSpec:
     model_type: str | None = None  # config.json's model_type as written (None for GGUF)
     text_family: str | None = None  # model_type of the text part of a multimodal config
     gguf_arch: str | None = None  # the GGUF file's arch, or the one llama.cpp converts this family to
+    supports: list[str] = field(default_factory=list)  # llmarch commands proven for the family: run, convert, from_gguf
     layers: int = 0
     hidden_size: int = 0
     vocab_size: int = 0
@@ -124,6 +136,7 @@ class ArchSpec:
     intermediate_size: int | None = None
     activation: str | None = None
     ffn_bias: bool = False
+    ffn_gated: bool = True  # gated (GLU) FFN and experts: act(gate(x)) * up(x); False: act(up(x)) (GPT-2, Nemotron-H)
     attention: AttentionSpec = field(default_factory=AttentionSpec)
     rope: RopeSpec = field(default_factory=RopeSpec)
     norm: NormSpec = field(default_factory=NormSpec)

@@ -126,9 +126,9 @@ def hf_config(ckpt, fam: Family, spec, tied: bool, dtype: str) -> dict:
     if isinstance(pattern, int) and pattern > 1 and cfg.get("sliding_window"):
         cfg["layer_types"] = ["sliding_attention" if (i + 1) % pattern else "full_attention"
                               for i in range(cfg["num_hidden_layers"])]
-    if fam.family == "gemma3":  # llama.cpp scales queries by 1/sqrt(head_dim) (all but 27B)
-        cfg.setdefault("query_pre_attn_scalar", cfg.get("head_dim"))
     conv = fam.recipe.convert
+    if conv.query_scalar_key:  # llama.cpp scales queries by 1/sqrt(head_dim); the HF config class defaults otherwise
+        cfg.setdefault(conv.query_scalar_key, cfg.get("head_dim"))
     cfg["attention_bias"] = spec.attention.bias  # from the tensors: GGUF has no key for it
     if conv.qk_norm_key:  # families whose config switches QK-norm on (GLM-4.5: use_qk_norm)
         cfg[conv.qk_norm_key] = bool(spec.attention.qk_norm)

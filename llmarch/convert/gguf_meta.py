@@ -138,10 +138,8 @@ def _check_hard_coded(spec: ArchSpec, recipe: Recipe, arch: str, path) -> None:
     pattern = recipe.gguf_defaults.sliding_window_pattern
     if isinstance(pattern, int) and pattern > 1 and any(l.mixer == "sliding" for l in spec.schedule):
         sliding = [l.mixer == "sliding" for l in spec.schedule]
-        if arch == "gemma3":  # llama.cpp: every layer sliding except each pattern-th
-            expect = [(i + 1) % pattern != 0 for i in range(len(sliding))]
-        else:  # gpt-oss style: even layers sliding
-            expect = [i % pattern == 0 for i in range(len(sliding))]
+        # llama.cpp: every layer sliding except each pattern-th (gpt-oss's 2: the even layers)
+        expect = [(i + 1) % pattern != 0 for i in range(len(sliding))]
         if sliding != expect:
             raise LlmarchError(f"llama.cpp's {arch} hard-codes a {pattern - 1}:1 sliding-window pattern; this "
                                f"model's layer_types differ, so GGUF cannot express it", path)

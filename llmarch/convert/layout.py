@@ -5,7 +5,7 @@ HF -> GGUF names come from gguf-py's TensorNameMap. GGUF -> HF has no unique ans
 here per layout, keyed by gguf-py's MODEL_TENSOR; every template is checked at run time to map
 forward to the same GGUF name (`hf_name_for`), so this table cannot drift from gguf-py.
 What differs per family (GGUF arch, Q/K permutation, norm shift, transposed weights, HF class)
-lives in the family's recipe under [convert].
+lives in the family's recipe under [convert]; which families convert, in its `supports` list.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from functools import lru_cache
 import gguf
 from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES
 
+from llmarch.arch.recipe_book import families_supporting
 from llmarch.arch.recipe_schema import Recipe
 from llmarch.arch.spec import ArchSpec
 from llmarch.errors import LlmarchError
@@ -59,12 +60,6 @@ HF_LAYOUTS: dict[str, dict[MODEL_TENSOR, str]] = {
 # GGUF tensors llama.cpp derives from config (regenerated, not carried back to HF)
 GENERATED = {T.ROPE_FREQS}
 EXPERT_KINDS = {T.FFN_GATE_EXP: "gate_proj", T.FFN_UP_EXP: "up_proj", T.FFN_DOWN_EXP: "down_proj"}
-# families whose conversion is proven by tests (transformers round trip; llama.cpp where noted in README)
-SUPPORTED = ("llama", "mistral", "qwen3", "qwen3_moe", "gemma3", "gpt2", "smollm3", "olmo2", "deepseek_v3",
-             "glm4_moe", "gpt_oss", "olmo3", "minimax_m2", "llama4")
-SUPPORTED_FROM_GGUF = SUPPORTED  # not yet
-
-
 @dataclass(frozen=True)
 class Family:
     family: str  # recipe family
@@ -76,7 +71,7 @@ class Family:
     transpose: tuple[str, ...] = ()  # HF weights stored [in, out] (GPT-2 Conv1D)
     skip: tuple[str, ...] = ()  # HF tensors that are buffers, not weights
     layout: str = "llama"
-    fused_experts: bool = False  # gpt-oss: experts stored fused ([E, in, out], gate/up interleaved)
+    fused_experts: bool = False  # experts stored fused ([E, in, out] gate_up_proj / down_proj)
     fused_split: str = "interleaved"  # gate/up inside gate_up_proj: "interleaved" (gpt-oss) or "halves" (Llama 4)
     fused_prefix: str = "model.layers.{bid}.mlp.experts"  # HF parent of the fused gate_up_proj / down_proj
     split_kv_b: bool = False  # MLA: kv_b_proj -> attn_k_b + attn_v_b (llama.cpp's absorbed layout)
@@ -107,21 +102,20 @@ def _pick(value, model_type: str, default):
 
 def family_to_gguf(spec: ArchSpec, path=None) -> Family:
     """The HF -> GGUF rules of the spec's family (its recipe, resolved by the fingerprint)."""
-    recipe = spec.recipe
-    if recipe is None or recipe.family not in SUPPORTED:
+    if spec.recipe is None or "convert" not in spec.supports:
         raise LlmarchError(
             f"converting family {spec.family!r} to GGUF is not supported yet "
-            f"(supported families: {', '.join(SUPPORTED)})", path)
-    return _family(recipe, spec.text_family or spec.model_type)
+            f"(supported families: {', '.join(families_supporting('convert'))})", path)
+    return _family(spec.recipe, spec.text_family or spec.model_type)
 
 
 def family_from_gguf(spec: ArchSpec, path=None) -> Family:
     """The GGUF -> HF rules of the spec's family; the model_type written to config.json is the
     recipe's hf_model_type, else the one paired with the file's arch, else the first."""
     recipe = spec.recipe
-    if recipe is None or recipe.family not in SUPPORTED_FROM_GGUF:
+    if recipe is None or "from_gguf" not in spec.supports:
         raise LlmarchError(f"converting GGUF architecture {spec.gguf_arch!r} to safetensors is not supported yet "
-                           f"(supported families: {', '.join(SUPPORTED_FROM_GGUF)})", path)
+                           f"(supported families: {', '.join(families_supporting('from_gguf'))})", path)
     types, archs = recipe.model_types, recipe.gguf_archs
     paired = types[archs.index(spec.gguf_arch)] if len(types) == len(archs) and spec.gguf_arch in archs else types[0]
     return _family(recipe, recipe.convert.hf_model_type or paired)
@@ -135,7 +129,8 @@ def _family(recipe: Recipe, model_type: str) -> Family:
         hf_class=_pick(conv.hf_class, model_type, ""),
         permute_qk=recipe.gguf_permute_qk, norm_shift=conv.norm_shift,
         transpose=conv.transpose, skip=conv.skip, layout=conv.hf_layout, split_kv_b=conv.split_kv_b,
-        fused_experts=conv.fused_experts, fused_split=conv.fused_split, fused_prefix=conv.fused_prefix,
+        fused_experts=recipe.moe.fused_gate_up is not None, fused_split=recipe.moe.fused_gate_up or "interleaved",
+        fused_prefix=conv.fused_prefix,
         recipe=recipe,
     )
 

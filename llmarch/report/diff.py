@@ -13,7 +13,8 @@ from llmarch.report.text import count, nbytes
 
 SCHEMA_VERSION = 1
 # fact_rows rows that describe how a model is stored or labelled, not what it is
-STORAGE_FACTS = {("identity", "architecture"), ("identity", "model_type"), ("memory", "stored")}
+STORAGE_FACTS = {("identity", "architecture"), ("identity", "model_type"), ("identity", "llmarch supports"),
+                 ("memory", "stored")}
 # rows whose 3-significant-digit text can hide a real difference
 EXACT = {("size", "params total"): ("params", "total"), ("size", "params active / token"): ("params", "active")}
 

@@ -24,6 +24,7 @@ def to_document(spec: ArchSpec, context: int | None = None, kv_dtype: str | None
         "text_family": spec.text_family,
         "architecture": spec.architecture,
         "gguf_arch": spec.gguf_arch,
+        "supports": spec.supports,
         "format": spec.format,
         "layers": spec.layers,
         "hidden_size": spec.hidden_size,
@@ -71,6 +72,7 @@ def to_document(spec: ArchSpec, context: int | None = None, kv_dtype: str | None
             "ratio": round(spec.intermediate_size / spec.hidden_size, 3)
             if spec.intermediate_size and spec.hidden_size else None,
             "bias": spec.ffn_bias,
+            "gated": spec.ffn_gated,
         },
         "sliding_window": ratios["sliding_window"],
         "linear_attention": ratios["linear_attention"] and dict(ratios["linear_attention"], **{

@@ -22,6 +22,7 @@ def fact_rows(doc: dict) -> list[tuple[str, str, str]]:
         rows.append(("identity", "model_type", doc["model_type"] + text))
     rows += [
         ("identity", "architecture", str(doc.get("architecture") or "-")),
+        ("identity", "llmarch supports", ", ".join(doc.get("supports") or []) or "inspect only"),
         ("size", "layers", str(doc["layers"])),
         ("size", "hidden size", str(doc["hidden_size"])),
         ("size", "vocab", str(doc["vocab_size"])),
@@ -81,13 +82,17 @@ def fact_rows(doc: dict) -> list[tuple[str, str, str]]:
             ("MoE", "shared experts", shared if moe["shared_experts"] else "none"),
             ("MoE", "expert width", f"{moe['expert_ffn']} (dense FFN {f['intermediate_size']})"),
             ("MoE", "dense layers", index_ranges(moe["dense_layers"]) if moe["dense_layers"] else "none"),
-            ("MoE", "router", (moe.get("router") or "?") + (" + bias" if moe.get("router_bias") else "")
-             + (f", groups {moe['topk_group']}/{moe['n_group']}" if moe.get("n_group") else "")),
+            ("MoE", "router", _router(moe)),
+            ("MoE", "router weights scale", "expert input" if moe.get("weights_on_input") else "expert output"),
+            ("MoE", "expert activation", _expert_activation(moe, f["activation"], f.get("gated", True))),
+            ("MoE", "expert bias units", "yes" if moe.get("expert_bias") else "no"),
         ]
+        if moe.get("fused_gate_up"):
+            rows.append(("MoE", "fused gate/up", moe["fused_gate_up"]))
     rows += [
         ("norms", "placement", n["placement"]),
         ("norms", "kind", ("RMSNorm" if n["kind"] == "rms" else "LayerNorm") + (" (1+w)" if n.get("unit_offset") else "")),
-        ("FFN", "activation", str(f["activation"] or "-")),
+        ("FFN", "activation", str(f["activation"] or "-") + (", gated" if f.get("gated", True) else ", not gated")),
         ("FFN", "intermediate / hidden", f"{f['intermediate_size']} ({f['ratio']}×)" if f["ratio"] else "-"),
         ("extras", "MTP layers", str(doc["mtp_layers"])),
         ("extras", "tied embeddings", "yes" if doc["tied_embeddings"] else "no"),
@@ -106,6 +111,22 @@ def fact_rows(doc: dict) -> list[tuple[str, str, str]]:
     if kv.get("state_bytes"):
         rows.append(("memory", "recurrent state", nbytes(kv["state_bytes"])))
     return rows
+
+
+def _router(moe: dict) -> str:
+    score = moe.get("router") or "?"
+    text = f"top-k logits, then {score} over the k" if moe.get("topk_before_score") else f"{score}, then top-k"
+    text += " + bias" if moe.get("router_bias") else ""
+    text += f", groups {moe['topk_group']}/{moe['n_group']}" if moe.get("n_group") else ""
+    text += ", renormalised" if moe.get("norm_topk_prob") else ""
+    scale = moe.get("routed_scaling_factor")
+    return text + (f", ×{scale:g}" if scale not in (None, 1, 1.0) else "")
+
+
+def _expert_activation(moe: dict, activation, gated: bool) -> str:
+    if moe.get("swiglu_limit") is not None:
+        return f"clamped SwiGLU (alpha {moe['swiglu_alpha']:g}, limit {moe['swiglu_limit']:g})"
+    return f"{activation or '-'}" + (", gated" if gated else ", not gated")
 
 
 def _theta(r: dict) -> str:

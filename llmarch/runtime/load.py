@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmarch.arch.recipe_book import families_supporting
 from llmarch.errors import LlmarchError
 from llmarch.runtime.weights import ST_DTYPES
 from llmarch.arch.spec import ArchSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DENSE_FAMILIES_NOTE = "llmarch run supports dense attention families (llama, mistral, qwen3, smollm3, olmo2/3, gemma3, gpt2)"
 
 
 @dataclass
@@ -57,21 +57,24 @@ def pick_dtype(dtype: str | None, ckpt, device: torch.device, notes: list[str]) 
     return chosen
 
 
-MOE_FAMILIES = ("qwen3_moe", "deepseek_v3", "gpt_oss", "glm4_moe", "llama4", "minimax_m2", "afmoe",
-                "mimo_v2_flash")
+def supported_note() -> str:
+    return f"llmarch run supports {', '.join(families_supporting('run'))}"
 
 
 def check_supported(spec: ArchSpec, path, gguf: bool = False) -> None:
-    if spec.family == "unknown" or not spec.layers or not spec.hidden_size:
-        raise LlmarchError(f"unknown model family (no usable config); {DENSE_FAMILIES_NOTE}", path)
-    if (spec.moe is not None or spec.attention.mla) and spec.family not in MOE_FAMILIES:
-        raise LlmarchError(f"family {spec.family!r} (MoE/MLA) is not supported by llmarch run yet; "
-                           f"MoE/MLA families run: {', '.join(MOE_FAMILIES)}", path)
+    """The family's recipe says whether run is proven for it; the facts below refuse what no
+    runtime path exists for whatever the family."""
+    if not spec.layers or not spec.hidden_size:
+        raise LlmarchError(f"unknown model family (no usable config: no layer count or hidden size); "
+                           f"{supported_note()}", path)
+    if "run" not in spec.supports:
+        raise LlmarchError(f"family {spec.family!r} is not supported by llmarch run yet; {supported_note()}", path)
     if gguf and spec.attention.mla:
         raise LlmarchError("MLA models from GGUF are not supported by llmarch run yet (llama.cpp splits kv_b into "
                            "k_b/v_b); use the safetensors checkpoint", path)
     if spec.per_layer_embeddings or spec.linear_attention:
-        raise LlmarchError(f"family {spec.family!r} is not supported by llmarch run yet; {DENSE_FAMILIES_NOTE}", path)
+        raise LlmarchError(f"llmarch run has no per-layer-embedding or linear-attention layers yet "
+                           f"(family {spec.family!r}); {supported_note()}", path)
 
 
 def load_runtime(source: str | None, device: str | None = None, dtype: str | None = None,

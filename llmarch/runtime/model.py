@@ -27,7 +27,7 @@ from llmarch.runtime.ops.rope import Rope, scaling_kind
 
 
 def dense_ffn(spec: ArchSpec, layer: LayerSpec) -> nn.Module:
-    if spec.family == "gpt2" or spec.rope.learned_positions:
+    if not spec.ffn_gated:
         return PlainMLP(spec.hidden_size, spec.intermediate_size, spec.activation, bias=spec.ffn_bias)
     return GatedMLP(spec.hidden_size, spec.intermediate_size, spec.activation, bias=spec.ffn_bias)
 

@@ -154,7 +154,7 @@ def _per_expert(L: _Layer, out: dict, moe) -> None:
 
 
 def _fused(L: _Layer, out: dict, moe, keep_mxfp4: bool = False) -> None:
-    interleaved = moe.spec.family == "gpt_oss"
+    interleaved = moe.spec.moe.fused_gate_up == "interleaved"
     gate_then_up = (lambda t: torch.cat([t[:, 0::2], t[:, 1::2]], dim=1)) if interleaved else (lambda t: t)
     if keep_mxfp4 and L.has("experts.gate_up_proj_blocks"):  # rows reordered, values untouched
         out["mxfp4"] = (gate_then_up(L.raw("experts.gate_up_proj_blocks")), gate_then_up(L.raw("experts.gate_up_proj_scales")),

@@ -125,7 +125,8 @@ class SafetensorsSource(WeightSource):
     def __init__(self, ckpt: Checkpoint, spec: ArchSpec):
         super().__init__(ckpt, spec)
         names = ckpt.tensors
-        self.gpt2 = spec.family == "gpt2" or any(n.endswith("wte.weight") for n in names)
+        # GPT-2's own layout (transformer.h.N, fused c_attn, Conv1D weights): its embedding is wte
+        self.gpt2 = any(n.endswith("wte.weight") for n in names)
         embed = next((n for n in names if n.endswith(("embed_tokens.weight", "wte.weight"))
                       and "vision" not in n and "per_layer" not in n), None)
         if embed is None:

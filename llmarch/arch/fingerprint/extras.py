@@ -33,6 +33,7 @@ def read_extras(spec: ArchSpec, f: Facts, recipe: Recipe, ckpt: Checkpoint) -> N
             spec.extras[name] = v
     if spec.ffn_bias is False:
         spec.ffn_bias = bool(f.get("mlp_bias")) or recipe.ffn_bias
+    spec.ffn_gated = recipe.ffn_gated
     la = spec.schedule and [l for l in spec.schedule if l.mixer in ("linear", "mamba")]
     if la:
         spec.linear_attention = _linear_state(spec, f, recipe)

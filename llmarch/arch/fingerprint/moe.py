@@ -1,11 +1,13 @@
-"""Mixture of experts: expert counts and widths, router, shared experts, and which layers are MoE."""
+"""Mixture of experts: expert counts and widths, how the router scores and weighs, how the experts
+compute and are stored, shared experts, and which layers are MoE."""
 
 from __future__ import annotations
 
-from llmarch.arch.fingerprint.facts import EXPERTS_KEYS, Facts, SHARED_KEYS, TOPK_KEYS, any_layer_has, layer_has
+from llmarch.arch.fingerprint.facts import EXPERTS_KEYS, SHARED_KEYS, TOPK_KEYS, Facts, any_layer_has, layer_has
 from llmarch.arch.ranges import index_ranges
-from llmarch.arch.recipe_schema import Recipe
+from llmarch.arch.recipe_schema import MoERecipe, Recipe
 from llmarch.arch.spec import ArchSpec, LayerSpec, MoESpec
+from llmarch.arch.tensor_roles import has_role
 
 
 def read_moe(spec: ArchSpec, f: Facts, recipe: Recipe, lt) -> None:
@@ -32,13 +34,33 @@ def read_moe(spec: ArchSpec, f: Facts, recipe: Recipe, lt) -> None:
     m = MoESpec(experts=int(experts), experts_per_token=int(topk), shared_experts=int(shared or 0),
                 expert_ffn=expert_ffn, shared_ffn=shared_ffn)
     m.shared_gated = bool(any_layer_has(lt, "shared_expert_gate"))
-    m.router = f.get("scoring_func", default=recipe.moe.router)
-    m.norm_topk_prob = f.get("norm_topk_prob")
+    _read_routing(m, f, recipe.moe, lt)
+    _read_experts(m, f, recipe.moe, lt)
+    spec.moe = m
+
+
+def _read_routing(m: MoESpec, f: Facts, r: MoERecipe, lt) -> None:
+    m.router = f.get("scoring_func", default=r.router, fact="moe.router")
+    m.topk_before_score = r.topk_before_score
+    # Kimi Linear's config says moe_renormalize (transformers maps it to norm_topk_prob)
+    m.norm_topk_prob = f.get("norm_topk_prob", "moe_renormalize", default=r.norm_topk_prob, fact="moe.norm_topk_prob")
     m.n_group = f.get("n_group")
     m.topk_group = f.get("topk_group")
-    m.routed_scaling_factor = f.get("routed_scaling_factor")
+    m.routed_scaling_factor = f.get("routed_scaling_factor", "route_scale", fact="moe.routed_scaling_factor")
     m.router_bias = bool(any_layer_has(lt, "router_bias"))
-    spec.moe = m
+    m.weights_on_input = r.weights_on_input
+
+
+def _read_experts(m: MoESpec, f: Facts, r: MoERecipe, lt) -> None:
+    names = [n for ns in lt.values() for n in ns if has_role(n, "routed_expert")]
+    m.expert_bias = any(n.endswith("bias") for n in names)
+    if r.swiglu_limit is not None:  # transformers reads both from the config; the recipe has its defaults
+        m.swiglu_limit = float(f.get("swiglu_limit", default=r.swiglu_limit, fact="moe.swiglu_limit"))
+        m.swiglu_alpha = float(f.get("swiglu_alpha", default=r.swiglu_alpha, fact="moe.swiglu_alpha"))
+    # the gate/up order inside a fused gate_up_proj is not in the file: the recipe says it, for
+    # checkpoints whose tensors are fused (or when there are no tensors to look at)
+    if not lt or any(n.endswith(("experts.gate_up_proj", "experts.gate_up_proj_blocks")) for n in names):
+        m.fused_gate_up = r.fused_gate_up
 
 
 def assign_ffn(spec: ArchSpec, f: Facts, recipe: Recipe, lt, sched: list[LayerSpec]) -> None:

@@ -1,12 +1,14 @@
 """Mixture-of-experts FFN: router variants, routed experts (stacked), shared expert.
 
-Routers (chosen per family, semantics from each transformers modeling file):
-  softmax      softmax over all experts, top-k, optional renormalisation (Qwen3-MoE, MiMo)
-  topk_softmax top-k over raw logits (+ router bias), softmax over those k (gpt-oss)
-  sigmoid      sigmoid scores, + correction bias for the choice only, group-limited top-k, weights
-               from the plain scores, optional renormalisation, x routed_scaling_factor
-               (DeepSeek V3 / Kimi K2, GLM-4.5, MiniMax-M2, MiMo-V2-Flash)
-  llama4       top-k over logits, sigmoid of those, applied to the expert INPUT (Llama 4)
+Routers, from the spec's MoE facts (semantics from each transformers modeling file):
+  softmax, then top-k   softmax over all experts, top-k, optional renormalisation (Qwen3-MoE)
+  sigmoid, then top-k   sigmoid scores, + correction bias for the choice only, group-limited top-k,
+                        weights from the plain scores, optional renormalisation (DeepSeek V3 / Kimi K2,
+                        GLM-4.5, MiniMax-M2, MiMo-V2-Flash, AfMoE)
+  top-k, then softmax   top-k over the logits (+ router bias), softmax over those k (gpt-oss)
+  top-k, then sigmoid   top-k over the logits, sigmoid of those (Llama 4, whose weights scale the
+                        expert INPUT: moe.weights_on_input)
+Every router's weights are then multiplied by routed_scaling_factor.
 Experts are held stacked, [E, 2I, d] (gate rows then up rows) and [E, d, I], whatever the disk
 layout (per-expert tensors or fused, gpt-oss's interleaved gate/up), in an expert store
 (llmarch/runtime/experts/): on the device by default, or where the placement puts them.
@@ -23,32 +25,28 @@ from llmarch.runtime.experts.stores import ResidentExperts
 from llmarch.runtime.ops.mlp import GatedMLP, activation
 from llmarch.arch.spec import ArchSpec, LayerSpec
 
-ROUTER_BY_FAMILY = {"gpt_oss": "topk_softmax", "llama4": "llama4", "afmoe": "sigmoid"}
-
-
-def router_kind(spec: ArchSpec) -> str:
-    if spec.family in ROUTER_BY_FAMILY:
-        return ROUTER_BY_FAMILY[spec.family]
-    return "sigmoid" if spec.moe.router == "sigmoid" else "softmax"
-
 
 class Router(nn.Module):
     def __init__(self, spec: ArchSpec):
         super().__init__()
         m = spec.moe
-        self.kind = router_kind(spec)
+        self.score = m.router or "softmax"
+        self.topk_first = m.topk_before_score
         self.E, self.k = m.experts, m.experts_per_token
         self.weight = nn.Parameter(torch.empty(m.experts, spec.hidden_size))
-        # gpt-oss adds a bias to the logits; sigmoid routers add a correction bias to the choice only
+        # sigmoid-then-top-k routers add a correction bias to the choice only; the others, to the logits
         self.bias = nn.Parameter(torch.empty(m.experts)) if m.router_bias else None
-        # MiniMax-M2 always renormalises (its config has no norm_topk_prob key)
-        self.norm = bool(m.norm_topk_prob) or spec.family in ("minimax_m2", "afmoe")
+        self.norm = bool(m.norm_topk_prob)
         self.groups, self.topk_group = m.n_group or 1, m.topk_group or 1
-        self.scale = m.routed_scaling_factor or float(spec.config.get("route_scale") or 1.0)
+        self.scale = m.routed_scaling_factor or 1.0
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, d] -> (expert ids [N, k], weights [N, k] float32)."""
-        if self.kind == "sigmoid":
+        idx, w = self._route(x)
+        return idx, (w * self.scale if self.scale != 1.0 else w)
+
+    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.score == "sigmoid" and not self.topk_first:
             scores = F.linear(x.float(), self.weight.float()).sigmoid()
             choice = scores + self.bias.float() if self.bias is not None else scores
             if self.groups > 1:
@@ -60,18 +58,16 @@ class Router(nn.Module):
             w = scores.gather(1, idx)
             if self.norm:
                 w = w / (w.sum(-1, keepdim=True) + 1e-20)
-            return idx, w * self.scale
-        logits = F.linear(x, self.weight, self.bias if self.kind == "topk_softmax" else None)
-        if self.kind == "softmax":
+            return idx, w
+        logits = F.linear(x, self.weight, self.bias)
+        if not self.topk_first:  # softmax over every expert, then top-k
             probs = torch.softmax(logits.float(), dim=-1)
             w, idx = probs.topk(self.k, dim=-1)
             if self.norm:
                 w = w / w.sum(-1, keepdim=True)
             return idx, w
         top, idx = logits.topk(self.k, dim=-1)
-        if self.kind == "topk_softmax":
-            return idx, torch.softmax(top.float(), dim=-1)
-        return idx, torch.sigmoid(top.float())  # llama4
+        return idx, (torch.softmax(top.float(), dim=-1) if self.score == "softmax" else torch.sigmoid(top.float()))
 
 
 class ExpertAct:
@@ -79,9 +75,9 @@ class ExpertAct:
 
     def __init__(self, spec: ArchSpec, inter: int):
         self.inter = inter
-        self.clamped = spec.family == "gpt_oss"
-        self.alpha = float(spec.config.get("swiglu_alpha", 1.702))
-        self.limit = float(spec.config.get("swiglu_limit", 7.0))
+        self.clamped = spec.moe.swiglu_limit is not None
+        self.alpha = float(spec.moe.swiglu_alpha or 0.0)  # floats either way: the CPU kernel takes both
+        self.limit = float(spec.moe.swiglu_limit or 0.0)
         self.act = None if self.clamped else activation(spec.activation)  # (GGUF names gpt-oss's "swiglu_clamped")
 
     def __call__(self, gu: torch.Tensor) -> torch.Tensor:
@@ -100,11 +96,11 @@ class MoE(nn.Module):
         self.spec, self.index = spec, layer.index
         self.E, self.d = m.experts, spec.hidden_size
         self.inter = m.expert_ffn or spec.intermediate_size
-        self.bias = spec.family == "gpt_oss"  # biased experts
+        self.bias = m.expert_bias
         self.router = Router(spec)
         self.experts: nn.Module = ResidentExperts(self.E, self.d, self.inter, self.bias)
         self.act = ExpertAct(spec, self.inter)
-        self.weight_input = self.router.kind == "llama4"
+        self.weight_input = m.weights_on_input
         self.shared = None
         if m.shared_experts:
             width = m.shared_ffn or self.inter * m.shared_experts
