@@ -25,9 +25,21 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                 rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+QWEN3_06B = dict(
+    vocab_size=151936,
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=40960,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def make_checkpoint(out: Path) -> Path:
@@ -74,8 +86,11 @@ def timed(cmd: list[str], env=None) -> dict:
     if r.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{r.stderr[-3000:]}")
     wall, user, sys_, rss_kb = r.stderr.strip().splitlines()[-1].split()
-    return {"seconds": float(wall), "cpu_seconds": round(float(user) + float(sys_), 2),
-            "peak_rss_mib": round(int(rss_kb) / 1024, 1)}
+    return {
+        "seconds": float(wall),
+        "cpu_seconds": round(float(user) + float(sys_), 2),
+        "peak_rss_mib": round(int(rss_kb) / 1024, 1),
+    }
 
 
 def best(runs: list[dict]) -> dict:
@@ -85,8 +100,12 @@ def best(runs: list[dict]) -> dict:
 
 def unpack_llamacpp(sdist: Path, dest: Path) -> Path:
     with tarfile.open(sdist) as tar:
-        members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name and (
-            m.name.endswith("convert_hf_to_gguf.py") or "/conversion/" in m.name or "/gguf-py/" in m.name)]
+        members = [
+            m
+            for m in tar.getmembers()
+            if "/vendor/llama.cpp/" in m.name
+            and (m.name.endswith("convert_hf_to_gguf.py") or "/conversion/" in m.name or "/gguf-py/" in m.name)
+        ]
         tar.extractall(dest, members=members, filter="data")
     return next(dest.rglob("convert_hf_to_gguf.py")).parent
 
@@ -98,11 +117,20 @@ def compare(ours: Path, theirs: Path) -> dict:
 
     a, b = GGUFReader(ours), GGUFReader(theirs)
     ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
-    differ = [n for n in ta if n not in tb or ta[n].tensor_type != tb[n].tensor_type
-              or list(ta[n].shape) != list(tb[n].shape) or not np.array_equal(ta[n].data, tb[n].data)]
-    return {"tensors_identical": not differ and ta.keys() == tb.keys(), "tensors_differing": differ[:5],
-            "keys_only_ours": sorted(a.fields.keys() - b.fields.keys()),
-            "keys_only_theirs": sorted(b.fields.keys() - a.fields.keys())}
+    differ = [
+        n
+        for n in ta
+        if n not in tb
+        or ta[n].tensor_type != tb[n].tensor_type
+        or list(ta[n].shape) != list(tb[n].shape)
+        or not np.array_equal(ta[n].data, tb[n].data)
+    ]
+    return {
+        "tensors_identical": not differ and ta.keys() == tb.keys(),
+        "tensors_differing": differ[:5],
+        "keys_only_ours": sorted(a.fields.keys() - b.fields.keys()),
+        "keys_only_theirs": sorted(b.fields.keys() - a.fields.keys()),
+    }
 
 
 RUN_LLAMACPP = """
@@ -134,18 +162,64 @@ def main() -> None:
         rows = []
         for dtype in args.dtypes.split(","):
             out = td / f"out-{dtype}.gguf"
-            ours = best([timed([sys.executable, "-m", "llmarch", "convert", str(src), "--to", "gguf", "-o", str(out),
-                                "--dtype", dtype, "--force"], env) for _ in range(args.repeat)])
+            ours = best(
+                [
+                    timed(
+                        [
+                            sys.executable,
+                            "-m",
+                            "llmarch",
+                            "convert",
+                            str(src),
+                            "--to",
+                            "gguf",
+                            "-o",
+                            str(out),
+                            "--dtype",
+                            dtype,
+                            "--force",
+                        ],
+                        env,
+                    )
+                    for _ in range(args.repeat)
+                ]
+            )
             size = out.stat().st_size
             theirs_out = td / f"theirs-{dtype}.gguf"
-            theirs = best([timed([sys.executable, "-c", RUN_LLAMACPP, str(lcp), str(src), "--outfile",
-                                  str(theirs_out), "--outtype", dtype], env) for _ in range(args.repeat)])
+            theirs = best(
+                [
+                    timed(
+                        [
+                            sys.executable,
+                            "-c",
+                            RUN_LLAMACPP,
+                            str(lcp),
+                            str(src),
+                            "--outfile",
+                            str(theirs_out),
+                            "--outtype",
+                            dtype,
+                        ],
+                        env,
+                    )
+                    for _ in range(args.repeat)
+                ]
+            )
             same = compare(out, theirs_out)
             out.unlink()
             theirs_out.unlink()
-            rows.append({"dtype": dtype, "llmarch": ours, "llama.cpp": theirs, "bytes": size, **same,
-                         "speedup": round(theirs["seconds"] / ours["seconds"], 2),
-                         "cpu_ratio": round(theirs["cpu_seconds"] / ours["cpu_seconds"], 2), "rss_ratio": round(theirs["peak_rss_mib"] / ours["peak_rss_mib"], 2)})
+            rows.append(
+                {
+                    "dtype": dtype,
+                    "llmarch": ours,
+                    "llama.cpp": theirs,
+                    "bytes": size,
+                    **same,
+                    "speedup": round(theirs["seconds"] / ours["seconds"], 2),
+                    "cpu_ratio": round(theirs["cpu_seconds"] / ours["cpu_seconds"], 2),
+                    "rss_ratio": round(theirs["peak_rss_mib"] / ours["peak_rss_mib"], 2),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
         print(f"cores: {os.cpu_count()}")
 

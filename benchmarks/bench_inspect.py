@@ -54,12 +54,16 @@ def bench_skeleton(repeat: int, shards: int) -> None:
         n = len(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"])
         apparent = sum(f.stat().st_size for f in path.iterdir())
         on_disk = sum(f.stat().st_blocks * 512 for f in path.iterdir())
-        print(f"DeepSeek-V3 skeleton: {n} tensors in {shards} shards, "
-              f"{apparent / 1e12:.2f} TB apparent, {on_disk / 1e6:.1f} MB on disk, built in {build:.1f} s")
+        print(
+            f"DeepSeek-V3 skeleton: {n} tensors in {shards} shards, "
+            f"{apparent / 1e12:.2f} TB apparent, {on_disk / 1e6:.1f} MB on disk, built in {build:.1f} s"
+        )
         secs, proc = timed([sys.executable, "-m", "llmarch", "inspect", str(path), "--json"], repeat)
         doc = json.loads(proc.stdout)
-        print(f"  llmarch inspect --json: {secs:.3f} s  "
-              f"(params.total {doc['params']['total'] / 1e9:.1f}B, active {doc['params']['active'] / 1e9:.1f}B)")
+        print(
+            f"  llmarch inspect --json: {secs:.3f} s  "
+            f"(params.total {doc['params']['total'] / 1e9:.1f}B, active {doc['params']['active'] / 1e9:.1f}B)"
+        )
 
 
 def bench_gguf(repeat: int) -> None:
@@ -72,8 +76,10 @@ def bench_gguf(repeat: int) -> None:
     print(f"Gemma 3 270M Q4_K_M GGUF: {path} ({path.stat().st_size / 1e6:.0f} MB)")
     ours, proc = timed([sys.executable, "-m", "llmarch", "inspect", str(path), "--json"], repeat)
     doc = json.loads(proc.stdout)
-    print(f"  llmarch inspect --json:      {ours:.3f} s  (family {doc.get('family')}, "
-          f"{doc['params']['total'] / 1e6:.0f}M params)")
+    print(
+        f"  llmarch inspect --json:      {ours:.3f} s  (family {doc.get('family')}, "
+        f"{doc['params']['total'] / 1e6:.0f}M params)"
+    )
     dump, _ = timed([sys.executable, "-m", "gguf.scripts.gguf_dump", str(path)], 1)
     print(f"  gguf-dump (gguf-py reader):  {dump:.3f} s")
     print(f"  ratio gguf-dump / llmarch:   {dump / ours:.1f}x")

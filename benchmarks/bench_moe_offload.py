@@ -26,27 +26,62 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 QWEN3_30B_A3B = dict(  # Qwen/Qwen3-30B-A3B config.json shapes
-    vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
-    num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-    num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
-    max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    vocab_size=151936,
+    hidden_size=2048,
+    intermediate_size=6144,
+    moe_intermediate_size=768,
+    num_hidden_layers=48,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    head_dim=128,
+    num_experts=128,
+    num_experts_per_tok=8,
+    norm_topk_prob=True,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+    max_position_embeddings=40960,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
 )
 GPT_OSS_120B = dict(  # openai/gpt-oss-120b config.json shapes (experts MXFP4 as shipped)
-    vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=36, num_attention_heads=64,
-    num_key_value_heads=8, head_dim=64, num_local_experts=128, num_experts_per_tok=4, sliding_window=128,
-    max_position_embeddings=131072, tie_word_embeddings=False,
+    vocab_size=201088,
+    hidden_size=2880,
+    intermediate_size=2880,
+    num_hidden_layers=36,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    head_dim=64,
+    num_local_experts=128,
+    num_experts_per_tok=4,
+    sliding_window=128,
+    max_position_embeddings=131072,
+    tie_word_embeddings=False,
 )
 GPT_OSS_20B = dict(GPT_OSS_120B, num_hidden_layers=24, num_local_experts=32)
-SHAPES = {"qwen3-30b-a3b": ("qwen3_moe", QWEN3_30B_A3B), "gpt-oss-20b": ("gpt_oss", GPT_OSS_20B),
-          "gpt-oss-120b": ("gpt_oss", GPT_OSS_120B)}
-SMALL = dict(QWEN3_30B_A3B, vocab_size=1024, hidden_size=256, moe_intermediate_size=128, num_hidden_layers=4,
-             num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=16, num_experts_per_tok=4)
+SHAPES = {
+    "qwen3-30b-a3b": ("qwen3_moe", QWEN3_30B_A3B),
+    "gpt-oss-20b": ("gpt_oss", GPT_OSS_20B),
+    "gpt-oss-120b": ("gpt_oss", GPT_OSS_120B),
+}
+SMALL = dict(
+    QWEN3_30B_A3B,
+    vocab_size=1024,
+    hidden_size=256,
+    moe_intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    num_experts=16,
+    num_experts_per_tok=4,
+)
 
 
 def spec_of(config: dict, family: str = "qwen3_moe"):
     from fixtures.make import make_skeleton
-    from llmarch.checkpoint import open_checkpoint
     from llmarch.arch.fingerprint import fingerprint
+    from llmarch.checkpoint import open_checkpoint
 
     d = make_skeleton(family, tempfile.mkdtemp(prefix="bench-moe-"), config)  # headers only
     return fingerprint(open_checkpoint(str(d)))
@@ -80,8 +115,13 @@ def build_llmarch(spec, device, dtype, bits: int, gpu_experts: int):
                     q = q.view(torch.int8)
                     s = torch.full((E, rows, k // G), 0.02 / 127 * 8, dtype=torch.float16, device=device)
                 else:  # w = q * s + m, q in 0..15: about +-0.02
-                    s = torch.stack([torch.full((E, rows, k // G), 0.04 / 15, device=device),
-                                     torch.full((E, rows, k // G), -0.02, device=device)], -1)
+                    s = torch.stack(
+                        [
+                            torch.full((E, rows, k // G), 0.04 / 15, device=device),
+                            torch.full((E, rows, k // G), -0.02, device=device),
+                        ],
+                        -1,
+                    )
                     s = (s * (1 + 0.1 * torch.rand_like(s))).half().reshape(E, rows, 2 * (k // G))
                 parts += [q.cpu(), s.cpu()]
             mod.experts = OffloadedExperts.from_quantized(mod, tuple(parts), place, dtype)
@@ -165,10 +205,20 @@ def run_llmarch(args, spec, device, dtype, bits, gpu_experts, bw, segmented=True
     res = gen.generate(ids, args.tokens, Sampling())
     steps = len(res.tokens) - 1
     r = report(rt.model, steps, res.decode_s, device, bw)
-    r.update(engine="llmarch", expert_bits=bits, gpu_experts=gpu_experts, build_s=round(build_s, 1),
-             prefill_tok_s=round(res.prefill_tok_s, 1), layers=spec.layers, graphs=bool(seg),
-             torch_threads=torch.get_num_threads(), compiled=args.compile, kernel_rel_err=check_kernel(rt, spec), **kernel_only(rt, spec),
-             omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"))
+    r.update(
+        engine="llmarch",
+        expert_bits=bits,
+        gpu_experts=gpu_experts,
+        build_s=round(build_s, 1),
+        prefill_tok_s=round(res.prefill_tok_s, 1),
+        layers=spec.layers,
+        graphs=bool(seg),
+        torch_threads=torch.get_num_threads(),
+        compiled=args.compile,
+        kernel_rel_err=check_kernel(rt, spec),
+        **kernel_only(rt, spec),
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"),
+    )
     del rt, gen
     import gc
 
@@ -209,15 +259,24 @@ def run_baseline(args, config, device):
             times.append(time.perf_counter() - t0)
     per_layer = sorted(times[1:])[steps // 2] / L
     full = per_layer * config["num_hidden_layers"]
-    return {"engine": "transformers+accelerate", "measured_layers": L, "s_per_token_per_layer": round(per_layer, 4),
-            "decode_tok_s_scaled": round(1 / full, 4), "note": f"measured on {L} MoE layers, scaled to {config['num_hidden_layers']}"}
+    return {
+        "engine": "transformers+accelerate",
+        "measured_layers": L,
+        "s_per_token_per_layer": round(per_layer, 4),
+        "decode_tok_s_scaled": round(1 / full, 4),
+        "note": f"measured on {L} MoE layers, scaled to {config['num_hidden_layers']}",
+    }
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true", help="a small shape (CPU smoke test)")
-    ap.add_argument("--shape", default="qwen3-30b-a3b", choices=sorted(SHAPES),
-                    help="real config shapes; gpt-oss: run with --bits 2 (MXFP4 as shipped), no baseline")
+    ap.add_argument(
+        "--shape",
+        default="qwen3-30b-a3b",
+        choices=sorted(SHAPES),
+        help="real config shapes; gpt-oss: run with --bits 2 (MXFP4 as shipped), no baseline",
+    )
     ap.add_argument("--device", default=None)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=16)
@@ -226,11 +285,17 @@ def main():
     ap.add_argument("--baseline-layers", type=int, default=2)
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--variants", action="store_true", help="also int4 without graphs, and with 16 hot GPU experts")
-    ap.add_argument("--torch-threads", type=int, default=None,
-                    help="torch's intra-op threads while decoding (where torch and the kernel share libgomp, the "
-                         "kernel's too: 1 makes the expert kernel single-threaded)")
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch's intra-op threads while decoding (where torch and the kernel share libgomp, the "
+        "kernel's too: 1 makes the expert kernel single-threaded)",
+    )
     ap.add_argument("--compile", action="store_true", help="torch.compile the GPU segments between host round trips")
-    ap.add_argument("--omp-active", action="store_true", help="OMP_WAIT_POLICY=ACTIVE: kernel threads spin between layers")
+    ap.add_argument(
+        "--omp-active", action="store_true", help="OMP_WAIT_POLICY=ACTIVE: kernel threads spin between layers"
+    )
     args = ap.parse_args()
     if args.omp_active:
         os.environ["OMP_WAIT_POLICY"] = "ACTIVE"  # read when libgomp starts: before torch is imported
@@ -244,8 +309,12 @@ def main():
     family, config = ("qwen3_moe", SMALL) if args.small else SHAPES[args.shape]
     spec = spec_of(config, family)
     bw = host_read_bandwidth()
-    machine = {"cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-               "host_read_gb_s": round(bw / 1e9, 1), "torch": torch.__version__}
+    machine = {
+        "cpus": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+        "host_read_gb_s": round(bw / 1e9, 1),
+        "torch": torch.__version__,
+    }
     print(json.dumps({"machine": machine}), flush=True)
     rows = []
     configs = [(b, ge, True, args.torch_threads) for b in args.bits for ge in args.gpu_experts]
@@ -259,13 +328,17 @@ def main():
     if not args.skip_baseline and device.type == "cuda" and family == "qwen3_moe":
         base = run_baseline(args, config, device)
         print(json.dumps(base), flush=True)
-    print(f"\n{'engine':<26}{'bits':>5}{'hot':>5}{'graphs':>7}{'thr':>4}{'tok/s':>9}{'MiB/tok':>9}{'bound':>8}{'frac':>7}"
-          f"{'kern ms':>8}{'kern GB/s':>10}{'GPU MiB':>9}{'RSS MiB':>9}")
+    print(
+        f"\n{'engine':<26}{'bits':>5}{'hot':>5}{'graphs':>7}{'thr':>4}{'tok/s':>9}{'MiB/tok':>9}{'bound':>8}{'frac':>7}"
+        f"{'kern ms':>8}{'kern GB/s':>10}{'GPU MiB':>9}{'RSS MiB':>9}"
+    )
     for r in rows:
-        print(f"{'llmarch':<26}{r['expert_bits']:>5}{r['gpu_experts']:>5}{str(r['graphs']):>7}{r['torch_threads']:>4}"
-              f"{r['decode_tok_s']:>9}{r['expert_bytes_per_token'] / 2**20:>9.1f}{r.get('bound_tok_s', 0):>8}"
-              f"{r.get('fraction_of_bound', 0):>7}{r['kernel_ms_per_layer']:>8}{r['kernel_gb_s']:>10}"
-              f"{r.get('gpu_peak_mib', 0):>9}{r['host_rss_peak_mib']:>9}")
+        print(
+            f"{'llmarch':<26}{r['expert_bits']:>5}{r['gpu_experts']:>5}{str(r['graphs']):>7}{r['torch_threads']:>4}"
+            f"{r['decode_tok_s']:>9}{r['expert_bytes_per_token'] / 2**20:>9.1f}{r.get('bound_tok_s', 0):>8}"
+            f"{r.get('fraction_of_bound', 0):>7}{r['kernel_ms_per_layer']:>8}{r['kernel_gb_s']:>10}"
+            f"{r.get('gpu_peak_mib', 0):>9}{r['host_rss_peak_mib']:>9}"
+        )
     if base:
         print(f"{'transformers+accelerate':<26}{16:>5}{0:>5}{base['decode_tok_s_scaled']:>9}   ({base['note']})")
         best = max(r["decode_tok_s"] for r in rows)

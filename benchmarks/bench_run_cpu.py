@@ -43,16 +43,41 @@ print(json.dumps({"decode_tok_s": (n - 1) / (tn - t1), "prefill_tok_s": ids.shap
 
 
 def env(threads: int | None) -> dict:
-    e = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
-             PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    e = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     if threads:
         e["OMP_NUM_THREADS"] = str(threads)
     return e
 
 
 def run_llmarch(path: str, n: int, extra: list[str], threads) -> dict:
-    r = subprocess.run([sys.executable, "-m", "llmarch", "run", path, "--prompt", PROMPT, "-n", str(n), "--ignore-eos",
-                        "--json", "--device", "cpu", *extra], capture_output=True, text=True, env=env(threads), timeout=900)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmarch",
+            "run",
+            path,
+            "--prompt",
+            PROMPT,
+            "-n",
+            str(n),
+            "--ignore-eos",
+            "--json",
+            "--device",
+            "cpu",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        env=env(threads),
+        timeout=900,
+    )
     if r.returncode:
         raise SystemExit(f"llmarch run failed: {r.stderr}")
     doc = json.loads(r.stdout.strip().splitlines()[-1])
@@ -62,8 +87,13 @@ def run_llmarch(path: str, n: int, extra: list[str], threads) -> dict:
 
 
 def run_hf(path: str, n: int, threads) -> dict:
-    r = subprocess.run([sys.executable, "-c", HF_SCRIPT, path, str(n), PROMPT], capture_output=True, text=True,
-                       env=env(threads), timeout=1800)
+    r = subprocess.run(
+        [sys.executable, "-c", HF_SCRIPT, path, str(n), PROMPT],
+        capture_output=True,
+        text=True,
+        env=env(threads),
+        timeout=1800,
+    )
     if r.returncode:
         raise SystemExit(f"transformers failed: {r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -84,14 +114,18 @@ def main() -> None:
         "transformers fp32": lambda: run_hf(path, a.tokens, a.threads),
         "llmarch fp32 (dequantized)": lambda: run_llmarch(path, a.tokens, [], a.threads),
         "llmarch --keep-quantized int8": lambda: run_llmarch(path, a.tokens, ["--keep-quantized"], a.threads),
-        "llmarch --keep-quantized int4": lambda: run_llmarch(path, a.tokens, ["--keep-quantized", "--quant-bits", "4"], a.threads),
+        "llmarch --keep-quantized int4": lambda: run_llmarch(
+            path, a.tokens, ["--keep-quantized", "--quant-bits", "4"], a.threads
+        ),
     }
     best: dict[str, dict] = {}
     for rnd in range(a.rounds):
         for name, fn in configs.items():
             r = fn()
-            print(f"round {rnd}: {name}: decode {r['decode_tok_s']:.2f} tok/s, peak RSS {r['peak_rss_mib']:.0f} MiB",
-                  flush=True)
+            print(
+                f"round {rnd}: {name}: decode {r['decode_tok_s']:.2f} tok/s, peak RSS {r['peak_rss_mib']:.0f} MiB",
+                flush=True,
+            )
             if name not in best or r["decode_tok_s"] > best[name]["decode_tok_s"]:
                 best[name] = r
     hf = best["transformers fp32"]
@@ -100,8 +134,10 @@ def main() -> None:
     print(f"{'configuration':34s} {'decode tok/s':>12s} {'vs HF':>6s} {'peak RSS':>9s}  same tokens as HF")
     for name, r in best.items():
         same = r["tokens"] == hf["tokens"]
-        print(f"{name:34s} {r['decode_tok_s']:12.2f} {r['decode_tok_s'] / hf['decode_tok_s']:5.2f}x "
-              f"{r['peak_rss_mib']:7.0f}MiB  {same}")
+        print(
+            f"{name:34s} {r['decode_tok_s']:12.2f} {r['decode_tok_s'] / hf['decode_tok_s']:5.2f}x "
+            f"{r['peak_rss_mib']:7.0f}MiB  {same}"
+        )
     if a.json:
         Path(a.json).write_text(json.dumps({"load_average": load, "results": best}, indent=2))
 

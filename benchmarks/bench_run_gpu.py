@@ -25,15 +25,45 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 SHAPES = {  # the Hub config.json values (sizes only)
-    "qwen3-1.7b": ("qwen3", dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                                 rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)),
-    "llama-3.2-1b": ("llama", dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                   num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
-                                   rms_norm_eps=1e-5, tie_word_embeddings=True,
-                                   rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=32.0,
-                                                        low_freq_factor=1.0, high_freq_factor=4.0,
-                                                        original_max_position_embeddings=8192))),
+    "qwen3-1.7b": (
+        "qwen3",
+        dict(
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=6144,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            max_position_embeddings=40960,
+            rope_theta=1000000.0,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "llama-3.2-1b": (
+        "llama",
+        dict(
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            max_position_embeddings=131072,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=32.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=8192,
+            ),
+        ),
+    ),
 }
 
 
@@ -64,7 +94,7 @@ def make_checkpoint(name: str, out: Path, torch):
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     with torch.no_grad():  # random weights, drawn on the GPU (cheap); norms near 1
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.copy_(1.0 + 0.02 * torch.randn_like(p))
             else:
@@ -99,7 +129,8 @@ def llmarch_decode(path: Path, prompt: list[int], n: int, compile: bool, torch, 
     runs = [g.generate(prompt, n, Sampling()) for _ in range(3)]
     best = max(runs, key=lambda r: r.decode_tok_s)
     if profile:  # where the GPU time of one decode step goes (the compiled step, outside the graph)
-        from torch.profiler import ProfilerActivity, profile as prof
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof
 
         ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
         pos = torch.full((1,), len(prompt), dtype=torch.long, device="cuda")
@@ -110,10 +141,17 @@ def llmarch_decode(path: Path, prompt: list[int], n: int, compile: bool, torch, 
         print(p.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
     weights = sum(p.numel() * p.element_size() for p in rt.model.parameters())
     bytes_per_token = weights + g.cache.nbytes()  # every weight once + every cache slot the graph reads
-    return {"decode_tok_s": best.decode_tok_s, "prefill_tok_s": best.prefill_tok_s, "load_s": load_s,
-            "weight_bytes": weights, "kv_bytes": g.cache.nbytes(), "bytes_per_token": bytes_per_token,
-            "tokens": best.tokens, "capture_s": runs[0].extra.get("capture_s"),
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return {
+        "decode_tok_s": best.decode_tok_s,
+        "prefill_tok_s": best.prefill_tok_s,
+        "load_s": load_s,
+        "weight_bytes": weights,
+        "kv_bytes": g.cache.nbytes(),
+        "bytes_per_token": bytes_per_token,
+        "tokens": best.tokens,
+        "capture_s": runs[0].extra.get("capture_s"),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
 
 
 def main() -> None:
@@ -135,10 +173,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / a.model
         hf = make_checkpoint(a.model, path, torch)
-        prompt_t = torch.randint(0, SHAPES[a.model][1]["vocab_size"], (1, a.prompt),
-                                 generator=torch.Generator().manual_seed(0)).cuda()
+        prompt_t = torch.randint(
+            0, SHAPES[a.model][1]["vocab_size"], (1, a.prompt), generator=torch.Generator().manual_seed(0)
+        ).cuda()
         out["transformers_tok_s"] = hf_decode_tok_s(hf, prompt_t, min(a.tokens, 128), torch)
-        hf_tokens = hf.generate(prompt_t, max_new_tokens=16, do_sample=False)[0, a.prompt:].tolist()
+        hf_tokens = hf.generate(prompt_t, max_new_tokens=16, do_sample=False)[0, a.prompt :].tolist()
         del hf
         torch.cuda.empty_cache()
         prompt = prompt_t[0].tolist()
@@ -162,9 +201,11 @@ def main() -> None:
     for label, _ in [("graph", 0), ("compile+graph", 0)]:
         r = out.get(label)
         if r and "error" not in r:
-            print(f"  llmarch {label:14s} {r['decode_tok_s']:7.1f} tok/s = {r['fraction_of_bound'] * 100:.0f}% of "
-                  f"{r['bound_tok_s']:.0f} tok/s bound ({r['bytes_per_token'] / 1e9:.2f} GB/token), "
-                  f"{r['vs_transformers']:.1f}x transformers, greedy match {r['first16_match_transformers']}")
+            print(
+                f"  llmarch {label:14s} {r['decode_tok_s']:7.1f} tok/s = {r['fraction_of_bound'] * 100:.0f}% of "
+                f"{r['bound_tok_s']:.0f} tok/s bound ({r['bytes_per_token'] / 1e9:.2f} GB/token), "
+                f"{r['vs_transformers']:.1f}x transformers, greedy match {r['first16_match_transformers']}"
+            )
         elif r:
             print(f"  llmarch {label}: {r['error']}")
 

@@ -32,8 +32,8 @@ def main():
     ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
     import torch
-
     from bench_moe_offload import QWEN3_30B_A3B, SMALL, build_llmarch, kernel_only, spec_of
+
     from llmarch.runtime.experts.decode import attach_decoder
     from llmarch.runtime.generate import Generator, Sampling
 
@@ -67,12 +67,19 @@ def main():
         gpu_t = timed(lambda: [run[n // 2]() for _ in range(args.reps)]) / args.reps
     tok = torch.tensor([[5]], device=device)
     step_t = median([timed(lambda: dec.step(tok, 20)) for _ in range(args.reps)])
-    out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "cpus": os.cpu_count(),
-           "graphs": dec.graphs, "compiled": args.compile, "moe_layers": n,
-           "segment_ms": [round(t * 1e3, 3) for t in seg_t], "segment_gpu_ms": gpu_t and round(gpu_t * 1e3, 3),
-           "host_roundtrip_ms": round(host_t * 1e3, 3), "step_ms": round(step_t * 1e3, 2),
-           "omp_threads": os.environ.get("OMP_NUM_THREADS"),
-           **kernel_only(rt, spec, reps=args.reps * 3)}
+    out = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "cpus": os.cpu_count(),
+        "graphs": dec.graphs,
+        "compiled": args.compile,
+        "moe_layers": n,
+        "segment_ms": [round(t * 1e3, 3) for t in seg_t],
+        "segment_gpu_ms": gpu_t and round(gpu_t * 1e3, 3),
+        "host_roundtrip_ms": round(host_t * 1e3, 3),
+        "step_ms": round(step_t * 1e3, 2),
+        "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+        **kernel_only(rt, spec, reps=args.reps * 3),
+    }
     print(json.dumps(out), flush=True)
 
 

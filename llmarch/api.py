@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from llmarch.arch.spec import KV_DTYPE_BYTES, ArchSpec
 from llmarch.checkpoint import open_checkpoint
 from llmarch.errors import LlmarchError
-from llmarch.arch.spec import KV_DTYPE_BYTES, ArchSpec
 
 
 def load_spec(source: str | None) -> ArchSpec:
@@ -41,8 +41,9 @@ def inspect_source(source: str | None, context: int | None = None, kv_dtype: str
     return to_document(spec, context, kv_dtype)
 
 
-def diff_sources(a: str, b: str, context: int | None = None, kv_dtype: str | None = None,
-                 tensors: bool = False) -> tuple[dict, dict, dict]:
+def diff_sources(
+    a: str, b: str, context: int | None = None, kv_dtype: str | None = None, tensors: bool = False
+) -> tuple[dict, dict, dict]:
     """(diff document, doc A, doc B): each checkpoint is opened once, headers only."""
     from llmarch.report.diff import compare
     from llmarch.report.document import to_document
@@ -58,6 +59,8 @@ def diff_sources(a: str, b: str, context: int | None = None, kv_dtype: str | Non
         from llmarch.report.tensor_diff import canonical_tensors, compare_tensors
 
         arch = da["gguf_arch"] or db["gguf_arch"]
-        tdiff = compare_tensors(canonical_tensors(ca.tensors, ca.format, da["gguf_arch"] or arch),
-                                canonical_tensors(cb.tensors, cb.format, db["gguf_arch"] or arch))
+        tdiff = compare_tensors(
+            canonical_tensors(ca.tensors, ca.format, da["gguf_arch"] or arch),
+            canonical_tensors(cb.tensors, cb.format, db["gguf_arch"] or arch),
+        )
     return compare(da, db, tdiff), da, db

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -22,13 +22,19 @@ app = typer.Typer(
 )
 
 SourceArg = Annotated[
-    Optional[str],
-    typer.Argument(help="Folder, .safetensors, .gguf (split too) or Hugging Face repo id; "
-                        "omitted: the embedded Gemma 3 270M."),
+    str | None,
+    typer.Argument(
+        help="Folder, .safetensors, .gguf (split too) or Hugging Face repo id; omitted: the embedded Gemma 3 270M."
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
-ContextOpt = Annotated[Optional[int], typer.Option("--context", help="Context length for KV-cache figures (default: the model's).")]
-KvDtypeOpt = Annotated[Optional[str], typer.Option("--kv-dtype", help="KV cache dtype: f32, f16, bf16, q8_0, fp8 (default: the checkpoint's).")]
+ContextOpt = Annotated[
+    int | None, typer.Option("--context", help="Context length for KV-cache figures (default: the model's).")
+]
+KvDtypeOpt = Annotated[
+    str | None,
+    typer.Option("--kv-dtype", help="KV cache dtype: f32, f16, bf16, q8_0, fp8 (default: the checkpoint's)."),
+]
 
 
 @app.callback()
@@ -46,7 +52,9 @@ def inspect(
     as_json: JsonOpt = False,
     context: ContextOpt = None,
     kv_dtype: KvDtypeOpt = None,
-    diagram: Annotated[Optional[str], typer.Option("--diagram", help="Also draw the model to this .svg or .png file.")] = None,
+    diagram: Annotated[
+        str | None, typer.Option("--diagram", help="Also draw the model to this .svg or .png file.")
+    ] = None,
 ) -> None:
     """Fingerprint a checkpoint from its headers alone.
 
@@ -76,10 +84,14 @@ def diff(
     show_all: Annotated[bool, typer.Option("--all", help="Also show the rows that are the same.")] = False,
     tensors: Annotated[bool, typer.Option("--tensors", help="Compare tensors under canonical (GGUF) names.")] = False,
     as_json: JsonOpt = False,
-    as_markdown: Annotated[bool, typer.Option("--markdown", help="Print Markdown tables (for a PR or model card).")] = False,
+    as_markdown: Annotated[
+        bool, typer.Option("--markdown", help="Print Markdown tables (for a PR or model card).")
+    ] = False,
     context: ContextOpt = None,
     kv_dtype: KvDtypeOpt = None,
-    diagram: Annotated[Optional[str], typer.Option("--diagram", help="Draw both stacks side by side to this .svg or .png file.")] = None,
+    diagram: Annotated[
+        str | None, typer.Option("--diagram", help="Draw both stacks side by side to this .svg or .png file.")
+    ] = None,
 ) -> None:
     """Compare two architectures. Exit status: 0 same architecture, 1 different, 2 error.
 
@@ -107,14 +119,32 @@ def diff(
 @app.command()
 def convert(
     source: Annotated[str, typer.Argument(help="HF folder (config.json + *.safetensors) or a .gguf file.")],
-    output: Annotated[Optional[str], typer.Option("-o", "--output", help="Output .gguf file or safetensors folder.")] = None,
-    to: Annotated[Optional[str], typer.Option("--to", help="gguf | safetensors (default: the other format).")] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="GGUF: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 (default: the source's float type); safetensors: f32 f16 bf16 (default f32). Norms stay f32.")] = None,
+    output: Annotated[
+        str | None, typer.Option("-o", "--output", help="Output .gguf file or safetensors folder.")
+    ] = None,
+    to: Annotated[str | None, typer.Option("--to", help="gguf | safetensors (default: the other format).")] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--dtype",
+            help="GGUF: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 (default: the source's float type); safetensors: f32 f16 bf16 (default f32). Norms stay f32.",
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the per-tensor plan (name, type, shape, bytes); write nothing.")] = False,
-    verify: Annotated[bool, typer.Option("--verify", help="Run source and output on a few prompts: token agreement and logit NMSE.")] = False,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="Worker threads (default: all cores).")] = None,
-    pre_tokenizer: Annotated[Optional[str], typer.Option("--pre-tokenizer", help="llama.cpp pre-tokenizer name when tokenizer.json's regex is not recognised (llama-bpe, qwen2, gpt-2).")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the per-tensor plan (name, type, shape, bytes); write nothing.")
+    ] = False,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Run source and output on a few prompts: token agreement and logit NMSE.")
+    ] = False,
+    threads: Annotated[int | None, typer.Option("--threads", help="Worker threads (default: all cores).")] = None,
+    pre_tokenizer: Annotated[
+        str | None,
+        typer.Option(
+            "--pre-tokenizer",
+            help="llama.cpp pre-tokenizer name when tokenizer.json's regex is not recognised (llama-bpe, qwen2, gpt-2).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Convert between Hugging Face safetensors and GGUF, streamed tensor by tensor.
@@ -134,41 +164,98 @@ def convert(
         raise typer.Exit(1)  # converted, but the output does not compute what the source does
 
 
-
 @app.command()
 def run(
     source: SourceArg = None,
-    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Text to continue (or the user message with --chat).")] = None,
-    prompt_ids: Annotated[Optional[str], typer.Option("--prompt-ids", help="Token ids instead of text, e.g. 1,2,3 (no tokenizer needed).")] = None,
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="Text to continue (or the user message with --chat).")
+    ] = None,
+    prompt_ids: Annotated[
+        str | None, typer.Option("--prompt-ids", help="Token ids instead of text, e.g. 1,2,3 (no tokenizer needed).")
+    ] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
-    system: Annotated[Optional[str], typer.Option("--system", help="System message for --chat.")] = None,
+    system: Annotated[str | None, typer.Option("--system", help="System message for --chat.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Tokens to generate at most.")] = 128,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = 0.0,
-    top_k: Annotated[Optional[int], typer.Option("--top-k")] = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k")] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p")] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Always generate --max-tokens.")] = False,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda when present).")] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's; float32 for GGUF on CPU).")] = None,
-    keep_quantized: Annotated[bool, typer.Option("--keep-quantized", help="Keep weights 8/4-bit in memory (weight-only matmuls).")] = False,
+    device: Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda when present).")] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's; float32 for GGUF on CPU)."
+        ),
+    ] = None,
+    keep_quantized: Annotated[
+        bool, typer.Option("--keep-quantized", help="Keep weights 8/4-bit in memory (weight-only matmuls).")
+    ] = False,
     quant_bits: Annotated[int, typer.Option("--quant-bits", help="8 or 4 with --keep-quantized (4: CPU only).")] = 8,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decode step (CUDA; first step slower).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print {text, tokens, prompt_tokens, prefill_tok_s, decode_tok_s}.")] = False,
-    experts: Annotated[Optional[str], typer.Option("--experts", help="MoE: routed experts on gpu, cpu or disk (default: gpu when they fit).")] = None,
-    expert_bits: Annotated[Optional[int], typer.Option("--expert-bits", help="MoE: 16, 8 or 4-bit routed experts (group-wise scales).")] = None,
-    gpu_experts: Annotated[int, typer.Option("--gpu-experts", help="MoE: keep the N most used experts per layer on the GPU too.")] = 0,
-    expert_cache_gib: Annotated[float, typer.Option("--expert-cache-gib", help="MoE with --experts disk: expert bytes kept mapped before they are dropped (RSS bound).")] = 2.0,
-    expert_dir: Annotated[Optional[str], typer.Option("--expert-dir", help="MoE with --experts disk: folder for the quantized expert files (default: a new temporary folder; pick a real disk if /tmp is RAM).")] = None,
+    compile: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the decode step (CUDA; first step slower).")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print {text, tokens, prompt_tokens, prefill_tok_s, decode_tok_s}.")
+    ] = False,
+    experts: Annotated[
+        str | None,
+        typer.Option("--experts", help="MoE: routed experts on gpu, cpu or disk (default: gpu when they fit)."),
+    ] = None,
+    expert_bits: Annotated[
+        int | None, typer.Option("--expert-bits", help="MoE: 16, 8 or 4-bit routed experts (group-wise scales).")
+    ] = None,
+    gpu_experts: Annotated[
+        int, typer.Option("--gpu-experts", help="MoE: keep the N most used experts per layer on the GPU too.")
+    ] = 0,
+    expert_cache_gib: Annotated[
+        float,
+        typer.Option(
+            "--expert-cache-gib",
+            help="MoE with --experts disk: expert bytes kept mapped before they are dropped (RSS bound).",
+        ),
+    ] = 2.0,
+    expert_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--expert-dir",
+            help="MoE with --experts disk: folder for the quantized expert files (default: a new temporary folder; pick a real disk if /tmp is RAM).",
+        ),
+    ] = None,
 ) -> None:
     """Generate text with a pure-PyTorch runtime built from the checkpoint's ArchSpec.
 
     Example: llmarch run --prompt "The capital of France is" --max-tokens 32
     """
-    from llmarch.runtime.run import RunOptions, run as run_model
+    from llmarch.runtime.run import RunOptions
+    from llmarch.runtime.run import run as run_model
 
-    run_model(RunOptions(source, prompt, prompt_ids, chat, system, max_tokens, temperature, top_k, top_p, seed,
-                         ignore_eos, device, dtype, keep_quantized, quant_bits, compile, as_json,
-                         experts, expert_bits, gpu_experts, expert_cache_gib, expert_dir))
+    run_model(
+        RunOptions(
+            source,
+            prompt,
+            prompt_ids,
+            chat,
+            system,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            ignore_eos,
+            device,
+            dtype,
+            keep_quantized,
+            quant_bits,
+            compile,
+            as_json,
+            experts,
+            expert_bits,
+            gpu_experts,
+            expert_cache_gib,
+            expert_dir,
+        )
+    )
 
 
 def _framework_exit(e: Exception) -> int | None:

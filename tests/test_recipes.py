@@ -22,17 +22,20 @@ def test_every_shipped_recipe_loads():
     assert [r.family for r in all_recipes()] == names
 
 
-@pytest.mark.parametrize("text,names", [
-    ('model_types = ["x"]\nrouter = "sigmoid"\n', ["'router'", "known:"]),  # [moe]'s key at the top level
-    ('[moe]\nroutr = "sigmoid"\n', ["'routr'", "[moe]"]),
-    ('[convert]\nhf_names = { X = 1 }\n', ["'convert.hf_names.X'", "str"]),
-    ('[gguf_defaults]\nsliding_window_patern = 6\n', ["'sliding_window_patern'", "[gguf_defaults]"]),
-    ('qk_norm = "per-head"\n', ["'qk_norm'", "per_head"]),
-    ('sinks = "yes"\n', ["'sinks'", "bool"]),
-    ('family = "other"\n', ["'family'", "file's name"]),
-    ('model_types = "x"\n', ["'model_types'", "list"]),
-    ('model_types = [\n', ["not valid TOML"]),
-])
+@pytest.mark.parametrize(
+    "text,names",
+    [
+        ('model_types = ["x"]\nrouter = "sigmoid"\n', ["'router'", "known:"]),  # [moe]'s key at the top level
+        ('[moe]\nroutr = "sigmoid"\n', ["'routr'", "[moe]"]),
+        ("[convert]\nhf_names = { X = 1 }\n", ["'convert.hf_names.X'", "str"]),
+        ("[gguf_defaults]\nsliding_window_patern = 6\n", ["'sliding_window_patern'", "[gguf_defaults]"]),
+        ('qk_norm = "per-head"\n', ["'qk_norm'", "per_head"]),
+        ('sinks = "yes"\n', ["'sinks'", "bool"]),
+        ('family = "other"\n', ["'family'", "file's name"]),
+        ('model_types = "x"\n', ["'model_types'", "list"]),
+        ("model_types = [\n", ["not valid TOML"]),
+    ],
+)
 def test_bad_recipe_names_the_file_and_the_key(tmp_path, text, names):
     path = tmp_path / "bad.toml"
     path.write_text(text)
@@ -63,7 +66,9 @@ def test_every_declared_key_is_read():
     [gguf_defaults] keys are config keys, read by the fingerprint under their own names."""
     attrs, strings = _names_read_in_llmarch()
     unread = [f"{cls.__name__}.{f.name}" for cls in SECTIONS for f in dataclasses.fields(cls) if f.name not in attrs]
-    unread += [f"GgufDefaults.{f.name}" for f in dataclasses.fields(recipe_schema.GgufDefaults) if f.name not in strings]
+    unread += [
+        f"GgufDefaults.{f.name}" for f in dataclasses.fields(recipe_schema.GgufDefaults) if f.name not in strings
+    ]
     assert unread == []
 
 
@@ -80,8 +85,11 @@ def test_every_declared_key_is_set_by_some_recipe():
             if isinstance(value, dict):
                 used.update(f"{key}.{k}" for k in value)
     declared = {f.name for f in dataclasses.fields(recipe_schema.Recipe)} - {"family"}
-    for section, cls in (("moe", recipe_schema.MoERecipe), ("convert", recipe_schema.ConvertRecipe),
-                         ("gguf_defaults", recipe_schema.GgufDefaults)):
+    for section, cls in (
+        ("moe", recipe_schema.MoERecipe),
+        ("convert", recipe_schema.ConvertRecipe),
+        ("gguf_defaults", recipe_schema.GgufDefaults),
+    ):
         declared.discard(section)
         declared |= {f"{section}.{f.name}" for f in dataclasses.fields(cls)}
     assert sorted(declared - used) == []
@@ -153,8 +161,14 @@ def _one_line_refusal(*args) -> str:
 
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     env.pop("LLMARCH_DEBUG", None)
-    p = subprocess.run([sys.executable, "-m", "llmarch", *map(str, args)], capture_output=True, text=True,
-                       cwd=ROOT, env=env, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "llmarch", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
     return lines[0]
@@ -178,13 +192,14 @@ def test_refusals_name_the_supported_families(tiny, tmp_path):
     refusals = {
         "run": _one_line_refusal("run", src, "--prompt-ids", "1,2", "--device", "cpu"),
         "convert": _one_line_refusal("convert", src, "-o", tmp_path / "q.gguf"),
-        "from_gguf": _one_line_refusal("convert", _bare_gguf(tmp_path / "phi3.gguf", "phi3"), "--to", "safetensors",
-                                       "-o", tmp_path / "back"),
+        "from_gguf": _one_line_refusal(
+            "convert", _bare_gguf(tmp_path / "phi3.gguf", "phi3"), "--to", "safetensors", "-o", tmp_path / "back"
+        ),
     }
     assert "qwen3_next" in refusals["run"] and "qwen3_next" in refusals["convert"] and "phi3" in refusals["from_gguf"]
     for command, line in refusals.items():
         assert "not supported" in line, line
-        named = line[line.index("support"):]
+        named = line[line.index("support") :]
         assert all(f in named for f in declared[command]), (command, line)
 
 

@@ -20,8 +20,11 @@ def test_render_matches_transformers_apply_chat_template():
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer, models
 
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<bos>": 0, "<unk>": 1}, "<unk>")),
-                                               bos_token="<bos>", unk_token="<unk>")
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"<bos>": 0, "<unk>": 1}, "<unk>")),
+        bos_token="<bos>",
+        unk_token="<unk>",
+    )
     tok.chat_template = GEMMA_LIKE
     msgs = [{"role": "user", "content": " Hi there "}]
     expected = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)

@@ -19,8 +19,14 @@ def run(*args, env_extra=None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "LLMARCH_DEBUG"}
     env.update({"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")})
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "llmarch", "run", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "llmarch", "run", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
 
 
 def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
@@ -56,8 +62,23 @@ def test_prompt_ids_json_output(tiny):
 
 
 def test_same_seed_same_sample(tiny):
-    args = (tiny("qwen3"), "--prompt-ids", "5,6,7", "-n", "8", "--ignore-eos", "--json", "--temperature", "1.0",
-            "--top-k", "20", "--top-p", "0.9", "--seed", "7")
+    args = (
+        tiny("qwen3"),
+        "--prompt-ids",
+        "5,6,7",
+        "-n",
+        "8",
+        "--ignore-eos",
+        "--json",
+        "--temperature",
+        "1.0",
+        "--top-k",
+        "20",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "7",
+    )
     a, b = run(*args), run(*args)
     assert a.returncode == b.returncode == 0, a.stderr
     assert json.loads(a.stdout)["tokens"] == json.loads(b.stdout)["tokens"]
@@ -69,8 +90,8 @@ def test_prompt_longer_than_context(tiny):
 
 
 def test_unknown_family(tmp_path):
-    from safetensors.numpy import save_file
     import numpy as np
+    from safetensors.numpy import save_file
 
     save_file({"weird.weight": np.zeros((4, 4), np.float32)}, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text("{}")
@@ -128,8 +149,18 @@ def test_unsupported_gguf_quant_type(tiny_gguf, tmp_path):
 
 def test_gguf_tiny_runs(tiny_gguf):
     """The GGUF path end to end on a tiny llama (Q8_0, Q/K permutation undone, tokenizer from the vocab)."""
-    r = run(tiny_gguf("llama"), "--prompt", "tok70 tok71", "-n", "4", "--ignore-eos", "--json", "--device", "cpu",
-            env_extra={"LLMARCH_CACHE": str(ROOT / ".pytest_cache" / "llmarch")})
+    r = run(
+        tiny_gguf("llama"),
+        "--prompt",
+        "tok70 tok71",
+        "-n",
+        "4",
+        "--ignore-eos",
+        "--json",
+        "--device",
+        "cpu",
+        env_extra={"LLMARCH_CACHE": str(ROOT / ".pytest_cache" / "llmarch")},
+    )
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert len(doc["tokens"]) == 4 and isinstance(doc["text"], str)

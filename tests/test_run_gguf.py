@@ -17,8 +17,9 @@ def test_gguf_logits_match_transformers(tiny_gguf, arch):
     # head_dim 256 as in every Gemma 3 but 27B: transformers' GGUF loader assumes query_pre_attn_scalar=256
     path = tiny_gguf(arch, head_dim=256) if arch == "gemma3" else tiny_gguf(arch)
     rt = load_runtime(str(path), "cpu", "float32")
-    ref = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                            dtype=torch.float32, attn_implementation="eager").eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     spec, a = rt.spec, rt.spec.attention
     T, steps = 20, 12  # gemma3's tiny window is 16: the decode runs past it
     cache = KVCache(spec.schedule, T + steps, a.kv_heads, a.head_dim, a.head_dim, torch.float32, "cpu")

@@ -18,7 +18,6 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from fixtures.families import FAMILIES  # noqa: E402
 from fixtures.reference import reference_model  # noqa: E402
 
 TOL = 1e-4
@@ -93,8 +92,10 @@ def test_mimo_v2_flash_routing_and_rope_per_layer_type(tiny, tmp_path):
     """MiMo-V2-Flash beyond the defaults: group-limited routing with a non-zero correction bias
     (transformers inits it to zeros, so the plain fixture never exercises it), its own V scale,
     and a partial rotary factor of the sliding layers' own."""
-    rope = {"full_attention": {"rope_type": "default", "rope_theta": 5e6, "partial_rotary_factor": 0.334},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}}
+    rope = {
+        "full_attention": {"rope_type": "default", "rope_theta": 5e6, "partial_rotary_factor": 0.334},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
+    }
     src = tiny("mimo_v2_flash", n_group=2, topk_group=1, attention_value_scale=0.5, rope_parameters=rope)
     g = torch.Generator().manual_seed(5)
 
@@ -186,8 +187,13 @@ def test_llama4_nope_temperature_past_floor_scale(tiny, tmp_path):
     assert tempered == rt.spec.rope.nope_layers == [3]
 
 
-GGUF_FAMS = {"qwen3_moe": {"mlp_only_layers": [], "norm_topk_prob": True}, "gpt_oss": {}, "glm4_moe": {},
-             "minimax_m2": {}, "llama4": {"attention_chunk_size": 8192}}
+GGUF_FAMS = {
+    "qwen3_moe": {"mlp_only_layers": [], "norm_topk_prob": True},
+    "gpt_oss": {},
+    "glm4_moe": {},
+    "minimax_m2": {},
+    "llama4": {"attention_chunk_size": 8192},
+}
 
 
 @pytest.mark.parametrize("name", GGUF_FAMS)
@@ -231,8 +237,24 @@ def _bad(path, *extra):
     import subprocess
     import sys
 
-    p = subprocess.run([sys.executable, "-m", "llmarch", "run", str(path), "--prompt-ids", "1,2,3",
-                        "--device", "cpu", "-n", "2", *extra], capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmarch",
+            "run",
+            str(path),
+            "--prompt-ids",
+            "1,2,3",
+            "--device",
+            "cpu",
+            "-n",
+            "2",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+    )
     lines = [l for l in p.stderr.splitlines() if l.strip()]
     assert p.returncode == 2, p.stderr
     assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr

@@ -41,7 +41,9 @@ def test_dequantize_matches_gguf_py(qtype):
     raw = rng.integers(0, 256, size=(n, nbytes), dtype=np.uint8)
     scale_offsets = {"Q6_K": (208,), "Q4_1": (0, 2), "Q5_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2)}.get(qtype, (0,))
     for off in scale_offsets:
-        raw[:, off:off + 2] = np.frombuffer(rng.uniform(-1, 1, n).astype(np.float16).tobytes(), np.uint8).reshape(n, 2)
+        raw[:, off : off + 2] = np.frombuffer(rng.uniform(-1, 1, n).astype(np.float16).tobytes(), np.uint8).reshape(
+            n, 2
+        )
     ref = gguf.quants.dequantize(raw.reshape(-1), gguf.GGMLQuantizationType[qtype]).reshape(-1)
     got = dequantize(torch.from_numpy(raw.reshape(-1).copy()), qtype, (n * per,)).numpy()
     assert np.array_equal(ref, got)
@@ -129,9 +131,14 @@ def test_gate_in_q_proj_matches_qwen3_next_attention(tiny):
     rope = Rope(a.head_dim, rot, theta, scaling, spec.context_length)
     mine = Attention(spec, layer, rope)
     sd = {n: p.detach() for n, p in ref.named_parameters()}
-    mine.load_state_dict({"qkv.weight": torch.cat([sd["q_proj.weight"], sd["k_proj.weight"], sd["v_proj.weight"]]),
-                          "o.weight": sd["o_proj.weight"], "q_norm.weight": sd["q_norm.weight"],
-                          "k_norm.weight": sd["k_norm.weight"]})
+    mine.load_state_dict(
+        {
+            "qkv.weight": torch.cat([sd["q_proj.weight"], sd["k_proj.weight"], sd["v_proj.weight"]]),
+            "o.weight": sd["o_proj.weight"],
+            "q_norm.weight": sd["q_norm.weight"],
+            "k_norm.weight": sd["k_norm.weight"],
+        }
+    )
     T = 9
     rope.build(T, "cpu", torch.float32)
     x = torch.randn(1, T, spec.hidden_size, generator=g)

@@ -15,7 +15,6 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from fixtures.families import FAMILIES  # noqa: E402
 
 DEVICE = os.environ.get("LLMARCH_TEST_DEVICE", "cpu")
 TOL = 1e-4

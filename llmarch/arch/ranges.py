@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 def index_ranges(idx: list[int]) -> str:
     if not idx:
         return "none"

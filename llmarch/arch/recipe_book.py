@@ -9,6 +9,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from llmarch.arch.recipe_schema import Recipe, parse_recipe
+from llmarch.errors import LlmarchError
 
 # what a model no recipe knows gets: every field at its default
 NO_RECIPE = Recipe(family="")
@@ -19,9 +20,21 @@ def read_recipe(path: str | Path) -> Recipe:
     return parse_recipe(path.read_text(encoding="utf-8"), path.stem, path)
 
 
+def _recipe_folder():
+    """llmarch.recipes as installed; a source checkout used without installing (PYTHONPATH=.) has
+    no such package, only the top-level recipes/ folder beside llmarch/."""
+    try:
+        return files("llmarch.recipes")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "recipes"
+
+
 @lru_cache(maxsize=1)
 def all_recipes() -> tuple[Recipe, ...]:
-    entries = sorted((e for e in files("llmarch.recipes").iterdir() if e.name.endswith(".toml")), key=lambda e: e.name)
+    folder = _recipe_folder()
+    entries = sorted((e for e in folder.iterdir() if e.name.endswith(".toml")), key=lambda e: e.name)
+    if not entries:  # every family would silently lose what its recipe says
+        raise LlmarchError(f"no family recipes (*.toml) in {folder}; reinstall llmarch")
     return tuple(parse_recipe(e.read_text(encoding="utf-8"), e.name[: -len(".toml")], e) for e in entries)
 
 

@@ -8,12 +8,14 @@ recipe fails at load time instead of silently reading as "not set". Consumers re
 from __future__ import annotations
 
 import collections.abc
+import functools
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from llmarch.errors import LlmarchError
 
@@ -40,7 +42,9 @@ class MoERecipe:
     weights_on_input: bool = False  # router weights scale each expert's input, not its output (Llama 4)
     swiglu_alpha: float | None = None  # clamped SwiGLU (gpt-oss): the config class's defaults, used when
     swiglu_limit: float | None = None  # config.json lacks swiglu_alpha / swiglu_limit
-    fused_gate_up: str | None = _choice("interleaved", "halves")  # how the HF checkpoints' fused gate_up_proj holds gate and up
+    fused_gate_up: str | None = _choice(
+        "interleaved", "halves"
+    )  # how the HF checkpoints' fused gate_up_proj holds gate and up
     expert_ffn_key: str = "moe_intermediate_size"  # the config key of one routed expert's width
     shared_experts: int = 0  # shared experts when the config names none (Llama 4: one)
 
@@ -158,8 +162,15 @@ def parse_recipe(text: str, family: str, where) -> Recipe:
     return _build(Recipe, dict(table, family=family), where, "")
 
 
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """A section's field types, resolved once per class: resolving the annotations is most of the
+    time loading every recipe takes, and inspect loads them all."""
+    return typing.get_type_hints(cls)
+
+
 def _build(cls, table: dict, where, section: str):
-    hints = typing.get_type_hints(cls)
+    hints = _field_types(cls)
     known = {f.name: f for f in fields(cls)}
     for key in table:
         if key not in known:
@@ -175,8 +186,9 @@ def _build(cls, table: dict, where, section: str):
         bad = [v for v in values if v is not None and choices and v not in choices]
         if bad:
             raise LlmarchError(f"recipe key {key!r} has {bad[0]!r}; one of {', '.join(choices)}", where)
-    missing = [f.name for f in fields(cls) if f.name not in kwargs
-               and f.default is MISSING and f.default_factory is MISSING]
+    missing = [
+        f.name for f in fields(cls) if f.name not in kwargs and f.default is MISSING and f.default_factory is MISSING
+    ]
     if missing:
         raise LlmarchError(f"recipe section [{section}] lacks {', '.join(missing)}", where)
     return cls(**kwargs)
@@ -194,8 +206,12 @@ def _value(tp, value, where, key: str):
                 return _value(arm, value, where, key)
             except LlmarchError:
                 continue
-        names = " or ".join("table" if typing.get_origin(a) is collections.abc.Mapping or is_dataclass(a)
-                            else getattr(a, "__name__", str(a)) for a in arms)
+        names = " or ".join(
+            "table"
+            if typing.get_origin(a) is collections.abc.Mapping or is_dataclass(a)
+            else getattr(a, "__name__", str(a))
+            for a in arms
+        )
         raise LlmarchError(f"recipe key {key!r} must be {names}, got {value!r}", where)
     if tp is Any:
         return value

@@ -5,11 +5,21 @@ One spec, four consumers (inspect, diff, run, convert): a fact any of them needs
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
-KV_DTYPE_BYTES = {"f32": 4, "float32": 4, "f16": 2, "float16": 2, "bf16": 2, "bfloat16": 2,
-                  "q8_0": 34 / 32, "fp8": 1, "f8": 1, "q4_0": 18 / 32}
+KV_DTYPE_BYTES = {
+    "f32": 4,
+    "float32": 4,
+    "f16": 2,
+    "float16": 2,
+    "bf16": 2,
+    "bfloat16": 2,
+    "q8_0": 34 / 32,
+    "fp8": 1,
+    "f8": 1,
+    "q4_0": 18 / 32,
+}
 STORAGE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 
 
@@ -25,7 +35,9 @@ class LayerSpec:
     linear_kind: str | None = None  # gated_deltanet | kda | mamba2 (for mixer == linear/mamba)
     kv_shared_from: int | None = None  # reuses another layer's KV cache (Gemma 3n)
     kv_heads: int | None = None  # where this layer's KV heads differ from the model's (MiMo-V2-Flash)
-    sinks: bool | None = None  # where this layer's attention sinks differ from the model's (MiMo-V2-Flash: sliding only)
+    sinks: bool | None = (
+        None  # where this layer's attention sinks differ from the model's (MiMo-V2-Flash: sliding only)
+    )
     rope_partial: float | None = None  # per-layer rotated fraction where it differs (per-layer-type rope_parameters)
 
     def public(self) -> dict:
@@ -171,7 +183,7 @@ class ArchSpec:
         if layer.kv_shared_from is not None or layer.mixer in ("linear", "mamba", "none"):
             return 0.0
         if layer.mixer == "mla":
-            return (a.kv_lora_rank + a.qk_rope_head_dim) * kv_bytes
+            return ((a.kv_lora_rank or 0) + (a.qk_rope_head_dim or 0)) * kv_bytes
         return (layer.kv_heads or a.kv_heads) * (a.head_dim + (a.v_head_dim or a.head_dim)) * kv_bytes
 
     def kv_cache(self, context: int | None = None, kv_dtype: str | None = None) -> dict:

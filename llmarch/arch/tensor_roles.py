@@ -9,32 +9,37 @@ from __future__ import annotations
 import re
 
 LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blk|blocks|block)\.(\d+)\.")
-VISION_RE = re.compile(r"(vision_tower|vision_model|multi_modal_projector|visual\.|audio_tower|embed_vision|embed_audio|^v\.|^mm\.|^a\.)")
+VISION_RE = re.compile(
+    r"(vision_tower|vision_model|multi_modal_projector|visual\.|audio_tower|embed_vision|embed_audio|^v\.|^mm\.|^a\.)"
+)
 
 # role -> pattern over the part of the name after the layer prefix (or the whole name)
-ROLES: dict[str, re.Pattern] = {name: re.compile(p) for name, p in {
-    "routed_expert": r"(?<![a-z_])experts\.|_exps\b",
-    "shared_expert": r"shared_expert(?!_gate)|shared_experts|_shexp\b|shared_mlp",
-    "shared_expert_gate": r"shared_expert_gate|ffn_gate_inp_shexp",
-    "router": r"(mlp|feed_forward|block_sparse_moe|moe|mixer)\.(gate|router|router\.gate)\.weight$|ffn_gate_inp\.weight$",
-    "router_bias": r"e_score_correction_bias|expert_bias|exp_probs_b|(mlp|feed_forward)\.router\.bias$|ffn_gate_inp\.bias$",
-    "q_norm": r"(self_attn|attention|attn)\.(q_norm|q_layernorm)\.weight$|attn_q_norm\.weight$",
-    "k_norm": r"(self_attn|attention|attn)\.(k_norm|k_layernorm)\.weight$|attn_k_norm\.weight$",
-    "q_proj": r"(self_attn|attention|attn)\.(q_proj|wq)\.weight$|attn_q\.weight$",
-    "qkv_bias": r"(q_proj|k_proj|v_proj|qkv_proj|c_attn|query_key_value|attn_q|attn_k|attn_v|attn_qkv)\.bias$",
-    "out_bias": r"(o_proj|c_proj|dense|attn_output)\.bias$",
-    "sinks": r"(\.sinks|attn_sinks|attention_sink_bias)(\.weight)?$",
-    "attn_gate": r"attn_gate\.weight$|self_attn\.(gate_proj|g_proj)\.weight$",  # gguf-py's ATTN_GATE names
-    "indexer": r"indexer|\bidx_|indexer_",
-    "mla_kv_a": r"kv_a_proj_with_mqa\.weight$|attn_kv_a_mqa\.weight$",
-    "mla_q_a": r"q_a_proj\.weight$|attn_q_a\.weight$",
-    "input_norm": r"input_layernorm\.weight$|(^|\.)attn_norm\.weight$|ln_1\.weight$|(^|\.)attention_norm\.weight$",  # not post_attention_norm
-    "post_attn_norm": r"post_attention_layernorm\.weight$|post_attention_norm\.weight$|attn_post_norm\.weight$",
-    "pre_ffn_norm": r"pre_(feedforward|mlp)_layernorm\.weight$|(^|\.)ffn_norm\.weight$|ln_2\.weight$",
-    "post_ffn_norm": r"post_(feedforward|mlp)_layernorm\.weight$|post_ffw_norm\.weight$|ffn_post_norm\.weight$",
-    "linear_attn": r"linear_attn\.|ssm_|\.mixer\.(A_log|conv1d|dt_bias|in_proj)|\.(A_log|dt_bias)$|conv1d",
-    "ple": r"per_layer",
-}.items()}
+ROLES: dict[str, re.Pattern] = {
+    name: re.compile(p)
+    for name, p in {
+        "routed_expert": r"(?<![a-z_])experts\.|_exps\b",
+        "shared_expert": r"shared_expert(?!_gate)|shared_experts|_shexp\b|shared_mlp",
+        "shared_expert_gate": r"shared_expert_gate|ffn_gate_inp_shexp",
+        "router": r"(mlp|feed_forward|block_sparse_moe|moe|mixer)\.(gate|router|router\.gate)\.weight$|ffn_gate_inp\.weight$",
+        "router_bias": r"e_score_correction_bias|expert_bias|exp_probs_b|(mlp|feed_forward)\.router\.bias$|ffn_gate_inp\.bias$",
+        "q_norm": r"(self_attn|attention|attn)\.(q_norm|q_layernorm)\.weight$|attn_q_norm\.weight$",
+        "k_norm": r"(self_attn|attention|attn)\.(k_norm|k_layernorm)\.weight$|attn_k_norm\.weight$",
+        "q_proj": r"(self_attn|attention|attn)\.(q_proj|wq)\.weight$|attn_q\.weight$",
+        "qkv_bias": r"(q_proj|k_proj|v_proj|qkv_proj|c_attn|query_key_value|attn_q|attn_k|attn_v|attn_qkv)\.bias$",
+        "out_bias": r"(o_proj|c_proj|dense|attn_output)\.bias$",
+        "sinks": r"(\.sinks|attn_sinks|attention_sink_bias)(\.weight)?$",
+        "attn_gate": r"attn_gate\.weight$|self_attn\.(gate_proj|g_proj)\.weight$",  # gguf-py's ATTN_GATE names
+        "indexer": r"indexer|\bidx_|indexer_",
+        "mla_kv_a": r"kv_a_proj_with_mqa\.weight$|attn_kv_a_mqa\.weight$",
+        "mla_q_a": r"q_a_proj\.weight$|attn_q_a\.weight$",
+        "input_norm": r"input_layernorm\.weight$|(^|\.)attn_norm\.weight$|ln_1\.weight$|(^|\.)attention_norm\.weight$",  # not post_attention_norm
+        "post_attn_norm": r"post_attention_layernorm\.weight$|post_attention_norm\.weight$|attn_post_norm\.weight$",
+        "pre_ffn_norm": r"pre_(feedforward|mlp)_layernorm\.weight$|(^|\.)ffn_norm\.weight$|ln_2\.weight$",
+        "post_ffn_norm": r"post_(feedforward|mlp)_layernorm\.weight$|post_ffw_norm\.weight$|ffn_post_norm\.weight$",
+        "linear_attn": r"linear_attn\.|ssm_|\.mixer\.(A_log|conv1d|dt_bias|in_proj)|\.(A_log|dt_bias)$|conv1d",
+        "ple": r"per_layer",
+    }.items()
+}
 
 
 def layer_of(name: str) -> int | None:

@@ -13,7 +13,7 @@ from llmarch.errors import CheckpointError
 def check_no_overlap(spans: list[tuple[int, int, str]], path) -> None:
     """spans: (start, end, tensor name) of one file's tensors; two that share bytes mean a corrupt header."""
     spans.sort()
-    for (s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
+    for (_s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
         if s1 < e0:
             raise CheckpointError(f"tensors {n0!r} and {n1!r} overlap", path)
 
@@ -43,7 +43,9 @@ class Checkpoint:
     config: dict[str, Any] | None = None  # config.json (safetensors) or None (GGUF)
     metadata: dict[str, Any] = field(default_factory=dict)  # safetensors __metadata__ / GGUF KV
     # GGUF arrays that were skipped, not read: key -> (element type name, length)
-    skipped_arrays: dict[str, tuple[str, int, int]] = field(default_factory=dict)  # key -> (element type, count, offset)
+    skipped_arrays: dict[str, tuple[str, int, int]] = field(
+        default_factory=dict
+    )  # key -> (element type, count, offset)
     extra_files: dict[str, Path] = field(default_factory=dict)  # tokenizer.json etc. beside it
 
     @property

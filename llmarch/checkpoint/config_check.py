@@ -18,33 +18,87 @@ from llmarch.errors import CheckpointError
 CORE_INTS = {"num_hidden_layers", "hidden_size", "num_attention_heads", "n_layer", "n_embd", "n_head"}
 # integers >= 0 (null accepted)
 INTS = {
-    "vocab_size", "num_key_value_heads", "head_dim", "max_position_embeddings", "n_positions", "n_inner",
-    "shared_expert_intermediate_size", "intermediate_size_mlp",
-    "num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok", "n_shared_experts",
-    "num_shared_experts", "first_k_dense_replace", "moe_layer_freq", "decoder_sparse_step",
-    "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
-    "sliding_window", "sliding_window_pattern", "full_attention_interval", "attention_chunk_size",
-    "num_nextn_predict_layers", "hidden_size_per_layer_input", "num_kv_shared_layers",
-    "n_group", "topk_group", "rotary_dim", "index_topk", "index_n_heads", "index_head_dim",
-    "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
-    "linear_conv_kernel_dim", "interleave_moe_layer_step", "no_rope_layer_interval",
+    "vocab_size",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "n_positions",
+    "n_inner",
+    "shared_expert_intermediate_size",
+    "intermediate_size_mlp",
+    "num_experts",
+    "num_local_experts",
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "n_shared_experts",
+    "num_shared_experts",
+    "first_k_dense_replace",
+    "moe_layer_freq",
+    "decoder_sparse_step",
+    "kv_lora_rank",
+    "q_lora_rank",
+    "qk_rope_head_dim",
+    "qk_nope_head_dim",
+    "v_head_dim",
+    "sliding_window",
+    "sliding_window_pattern",
+    "full_attention_interval",
+    "attention_chunk_size",
+    "num_nextn_predict_layers",
+    "hidden_size_per_layer_input",
+    "num_kv_shared_layers",
+    "n_group",
+    "topk_group",
+    "rotary_dim",
+    "index_topk",
+    "index_n_heads",
+    "index_head_dim",
+    "linear_num_key_heads",
+    "linear_num_value_heads",
+    "linear_key_head_dim",
+    "linear_value_head_dim",
+    "linear_conv_kernel_dim",
+    "interleave_moe_layer_step",
+    "no_rope_layer_interval",
 }
 # an integer or a list of integers (Gemma 3n: one FFN width per layer; ERNIE 4.5 VL: per modality)
 INTS_OR_LISTS = {"intermediate_size", "moe_intermediate_size"}
 NUMBERS = {
-    "rope_theta", "rope_local_base_freq", "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon",
-    "norm_eps", "partial_rotary_factor", "routed_scaling_factor", "attn_logit_softcapping",
-    "final_logit_softcapping", "query_pre_attn_scalar",
+    "rope_theta",
+    "rope_local_base_freq",
+    "rms_norm_eps",
+    "layer_norm_eps",
+    "layer_norm_epsilon",
+    "norm_eps",
+    "partial_rotary_factor",
+    "routed_scaling_factor",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "query_pre_attn_scalar",
 }
 BOOLS = {
-    "tie_word_embeddings", "attention_bias", "mlp_bias", "use_qk_norm", "norm_topk_prob",
+    "tie_word_embeddings",
+    "attention_bias",
+    "mlp_bias",
+    "use_qk_norm",
+    "norm_topk_prob",
     "use_sliding_window",
 }
 STRINGS = {"model_type", "hidden_act", "hidden_activation", "activation_function", "scoring_func", "topk_method"}
 STRING_LISTS = {"architectures", "layer_types", "layers_block_type"}
 ROPE_DICTS = {"rope_scaling", "rope_parameters"}
-ROPE_NUMBERS = {"factor", "rope_theta", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "low_freq_factor",
-                "high_freq_factor", "attention_factor", "partial_rotary_factor"}
+ROPE_NUMBERS = {
+    "factor",
+    "rope_theta",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+    "low_freq_factor",
+    "high_freq_factor",
+    "attention_factor",
+    "partial_rotary_factor",
+}
 ROPE_INTS = {"original_max_position_embeddings"}
 NESTED = ("text_config", "llm_config", "language_config", "thinker_config")
 
@@ -84,7 +138,8 @@ def check_config(config: dict, path: Path, prefix: str = "") -> None:
                 bad(key, "an integer >= 0 or null")
         elif key in INTS_OR_LISTS:
             ok = (_is_int(value) and value >= 0) or (
-                isinstance(value, list) and all(_is_int(v) and v >= 0 for v in value))
+                isinstance(value, list) and all(_is_int(v) and v >= 0 for v in value)
+            )
             if not ok:
                 bad(key, "an integer >= 0, a list of them, or null")
         elif key in NUMBERS:

@@ -15,8 +15,7 @@ from llmarch.errors import CheckpointError
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".ckpt"}
 PICKLE_REASON = (
-    "pickle checkpoints are not supported: loading one runs arbitrary code; "
-    "use the model's .safetensors or .gguf files"
+    "pickle checkpoints are not supported: loading one runs arbitrary code; use the model's .safetensors or .gguf files"
 )
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
 

@@ -26,10 +26,17 @@ MAX_STRING = 1 << 24  # no metadata string (chat templates included) is legitima
 MAX_DIMS = 4
 
 _SCALAR = {
-    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
-    GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
-    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
-    GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
+    GGUFValueType.UINT8: "<B",
+    GGUFValueType.INT8: "<b",
+    GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I",
+    GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f",
+    GGUFValueType.BOOL: "<?",
+    GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q",
+    GGUFValueType.FLOAT64: "<d",
 }
 _U64 = struct.Struct("<Q")
 SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
@@ -43,7 +50,9 @@ class _Cursor:
 
     def need(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > self.size:
-            raise CheckpointError(f"truncated GGUF: {what} needs {n} bytes at offset {self.pos}, file is {self.size}", self.path)
+            raise CheckpointError(
+                f"truncated GGUF: {what} needs {n} bytes at offset {self.pos}, file is {self.size}", self.path
+            )
 
     def unpack(self, fmt: str, what: str):
         n = struct.calcsize(fmt)
@@ -100,16 +109,22 @@ def _read_value(c: _Cursor, vtype: GGUFValueType, key: str, skipped: dict):
         raise CheckpointError(f"nested arrays are not supported ({key})", c.path)
     if etype == GGUFValueType.STRING:
         if count * 8 > c.size - c.pos:  # each element needs at least 8 bytes: checked before any work
-            raise CheckpointError(f"absurd array length {count} for {key}: more than the rest of the file can hold "
-                                  "(corrupt or truncated)", c.path)
+            raise CheckpointError(
+                f"absurd array length {count} for {key}: more than the rest of the file can hold "
+                "(corrupt or truncated)",
+                c.path,
+            )
         if count <= MAX_INLINE_ARRAY:
             return [c.string(key) for _ in range(count)]
         c.skip_strings(count, key)
     else:
         item = struct.calcsize(_SCALAR[etype])
         if count * item > c.size - c.pos:
-            raise CheckpointError(f"absurd array length {count} for {key}: more than the rest of the file can hold "
-                                  "(corrupt or truncated)", c.path)
+            raise CheckpointError(
+                f"absurd array length {count} for {key}: more than the rest of the file can hold "
+                "(corrupt or truncated)",
+                c.path,
+            )
         if count <= MAX_INLINE_ARRAY:
             values = list(struct.unpack_from(f"<{count}{_SCALAR[etype][1:]}", c.buf, c.pos))
             c.pos += count * item
@@ -152,8 +167,11 @@ def _parse(buf, path: Path):
     n_kv = c.unpack("<Q", "metadata count")
     # every KV needs >= 12 bytes and every tensor info >= 24: bound the counts by the file size
     if n_kv * 12 > c.size or n_tensors * 24 > c.size:
-        raise CheckpointError(f"header declares {n_kv} keys and {n_tensors} tensors, more than the {c.size}-byte "
-                              "file can hold (truncated or corrupt)", path)
+        raise CheckpointError(
+            f"header declares {n_kv} keys and {n_tensors} tensors, more than the {c.size}-byte "
+            "file can hold (truncated or corrupt)",
+            path,
+        )
 
     meta: dict[str, Any] = {"GGUF.version": version}
     skipped: dict[str, tuple] = {}
@@ -193,7 +211,9 @@ def _parse(buf, path: Path):
         for d in ne:
             numel *= d
         if ne and ne[0] % block:
-            raise CheckpointError(f"tensor {name!r}: row of {ne[0]} is not a multiple of the {qtype.name} block {block}", path)
+            raise CheckpointError(
+                f"tensor {name!r}: row of {ne[0]} is not a multiple of the {qtype.name} block {block}", path
+            )
         nbytes = numel // block * type_size
         if offset + nbytes > data_size:
             raise CheckpointError(f"tensor {name!r}: data at {offset}+{nbytes} runs past the end of the file", path)
@@ -243,10 +263,16 @@ def open_gguf(path: Path) -> Checkpoint:
     expected = meta.get(SPLIT_TENSORS)
     if isinstance(expected, int) and expected != len(tensors):
         raise CheckpointError(
-            f"{SPLIT_TENSORS} says {expected} tensors, the {len(parts)} part(s) hold {len(tensors)}", parts[0])
+            f"{SPLIT_TENSORS} says {expected} tensors, the {len(parts)} part(s) hold {len(tensors)}", parts[0]
+        )
     return Checkpoint(
-        format="gguf", path=path, files=parts, tensors=tensors, config=None,
-        metadata=meta, skipped_arrays=skipped,
+        format="gguf",
+        path=path,
+        files=parts,
+        tensors=tensors,
+        config=None,
+        metadata=meta,
+        skipped_arrays=skipped,
     )
 
 
@@ -279,7 +305,9 @@ def _check_split_keys(meta: dict[str, Any], i: int, parts: list[Path], part: Pat
     if len(parts) == 1 and count > 1:
         raise CheckpointError(
             f"part {no + 1 if isinstance(no, int) else '?'} of a split GGUF of {count} parts, but the name does not "
-            f"follow NAME-0000i-of-{count:05d}.gguf, so the other parts cannot be found", part)
+            f"follow NAME-0000i-of-{count:05d}.gguf, so the other parts cannot be found",
+            part,
+        )
     if count != len(parts):
         raise CheckpointError(f"{SPLIT_COUNT} is {count} but the file names say {len(parts)} parts", part)
     if no is not None and no != i:

@@ -45,7 +45,15 @@ Keys = _c.Keys
 GGUF_MAGIC = _c.GGUF_MAGIC
 GGUF_DEFAULT_ALIGNMENT = _c.GGUF_DEFAULT_ALIGNMENT
 
-__all__ = ["GENERIC_KEYS", "GGUFValueType", "GGMLQuantizationType", "GGML_QUANT_SIZES", "Keys", "GGUF_MAGIC", "GGUF_DEFAULT_ALIGNMENT"]
+__all__ = [
+    "GENERIC_KEYS",
+    "GGUFValueType",
+    "GGMLQuantizationType",
+    "GGML_QUANT_SIZES",
+    "Keys",
+    "GGUF_MAGIC",
+    "GGUF_DEFAULT_ALIGNMENT",
+]
 
 
 # gguf key template -> config key (generic: llama.cpp writes these for every architecture)

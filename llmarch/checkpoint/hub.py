@@ -52,8 +52,9 @@ def open_repo(source: str) -> Checkpoint:
         if folder is not None:  # cached, but without safetensors (a pickle-only repo, or config only)
             return open_folder(folder)
         where = constants.HF_HUB_CACHE
-        raise CheckpointError(f"no such local folder, and not in the local Hugging Face cache ({where}); "
-                              "HF_HUB_OFFLINE is set", source)
+        raise CheckpointError(
+            f"no such local folder, and not in the local Hugging Face cache ({where}); HF_HUB_OFFLINE is set", source
+        )
     return _remote_headers(source, repo_id, revision)
 
 
@@ -64,20 +65,25 @@ def _hub_error(e: Exception, source: str, what: str) -> CheckpointError:
     if isinstance(e, E.LocalEntryNotFoundError):  # the Hub could not be reached, and no cached copy
         cause = e.__cause__ or e.__context__
         why = f" ({type(cause).__name__}: {str(cause).strip().splitlines()[0]})" if cause and str(cause).strip() else ""
-        return CheckpointError(f"not in the local Hugging Face cache, and the Hugging Face Hub cannot be reached{why}",
-                               source)
+        return CheckpointError(
+            f"not in the local Hugging Face cache, and the Hugging Face Hub cannot be reached{why}", source
+        )
     if isinstance(e, E.GatedRepoError):
-        return CheckpointError("the repo is gated: accept its terms on huggingface.co and log in (hf auth login)", source)
+        return CheckpointError(
+            "the repo is gated: accept its terms on huggingface.co and log in (hf auth login)", source
+        )
     if isinstance(e, E.RepositoryNotFoundError):
-        return CheckpointError("no such local folder, and no such repo on the Hugging Face Hub (or it is private: "
-                               "log in)", source)
+        return CheckpointError(
+            "no such local folder, and no such repo on the Hugging Face Hub (or it is private: log in)", source
+        )
     if isinstance(e, E.RevisionNotFoundError):
         return CheckpointError("no such revision on the Hugging Face Hub", source)
     if isinstance(e, E.EntryNotFoundError):
         return CheckpointError(f"the repo has no {what}", source)
     if isinstance(e, E.NotASafetensorsRepoError):
         return CheckpointError(
-            "the repo has no safetensors weights (model.safetensors or model.safetensors.index.json)", source)
+            "the repo has no safetensors weights (model.safetensors or model.safetensors.index.json)", source
+        )
     if isinstance(e, E.SafetensorsParsingError):
         return CheckpointError(f"corrupt safetensors header on the Hub: {e}", source)
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -87,8 +93,18 @@ def _hub_error(e: Exception, source: str, what: str) -> CheckpointError:
 def _is_network_error(e: Exception) -> bool:
     from huggingface_hub import errors as E
 
-    if isinstance(e, (E.HfHubHTTPError, E.EntryNotFoundError, E.NotASafetensorsRepoError,
-                      E.SafetensorsParsingError, OSError, ConnectionError, TimeoutError)):
+    if isinstance(
+        e,
+        (
+            E.HfHubHTTPError,
+            E.EntryNotFoundError,
+            E.NotASafetensorsRepoError,
+            E.SafetensorsParsingError,
+            OSError,
+            ConnectionError,
+            TimeoutError,
+        ),
+    ):
         return True
     # the HTTP client's own errors (httpx / httpx2 / requests) when the hub is unreachable
     return type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests", "urllib3")
@@ -112,7 +128,9 @@ def _preflight(source: str) -> None:
     except OSError as e:
         raise CheckpointError(
             f"not in the local Hugging Face cache, and the Hugging Face Hub cannot be reached ({host}: "
-            f"{e.strerror or e}); HF_HUB_OFFLINE=1 uses the cache only", source) from e
+            f"{e.strerror or e}); HF_HUB_OFFLINE=1 uses the cache only",
+            source,
+        ) from e
 
 
 @contextmanager
@@ -175,7 +193,8 @@ def _remote_headers_quiet(source: str, repo_id: str, revision: str | None) -> Ch
                 numel *= d
             if not 0 <= start <= end or numel * DTYPE_SIZES[t.dtype] != end - start:
                 raise CheckpointError(
-                    f"tensor {name!r}: {t.dtype}{list(t.shape)} does not fit data_offsets {list(t.data_offsets)}", file)
+                    f"tensor {name!r}: {t.dtype}{list(t.shape)} does not fit data_offsets {list(t.data_offsets)}", file
+                )
             if name in tensors:
                 raise CheckpointError(f"tensor {name!r} is also in another shard", file)
             # offset is relative to the data section: the header length is not known remotely
@@ -193,5 +212,12 @@ def _remote_headers_quiet(source: str, repo_id: str, revision: str | None) -> Ch
         except Exception as e:  # optional files: absence is normal
             if not _is_network_error(e):
                 raise
-    return Checkpoint("safetensors", Path(source), files, tensors, config,
-                      {str(k): str(v) for k, v in metadata.items()}, extra_files=extra)
+    return Checkpoint(
+        "safetensors",
+        Path(source),
+        files,
+        tensors,
+        config,
+        {str(k): str(v) for k, v in metadata.items()},
+        extra_files=extra,
+    )

@@ -12,10 +12,22 @@ from llmarch.errors import CheckpointError
 
 # bytes per element; sub-byte and exotic types are refused rather than guessed
 DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own cap
 
@@ -27,10 +39,14 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise CheckpointError("empty file" if not head else "truncated safetensors file (no header length)", path)
+                raise CheckpointError(
+                    "empty file" if not head else "truncated safetensors file (no header length)", path
+                )
             (n,) = struct.unpack("<Q", head)
             if n > size - 8:
-                raise CheckpointError(f"truncated or corrupt: header length {n} runs past the end of the file ({size} bytes)", path)
+                raise CheckpointError(
+                    f"truncated or corrupt: header length {n} runs past the end of the file ({size} bytes)", path
+                )
             if n > MAX_HEADER_BYTES:
                 raise CheckpointError(f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit", path)
             raw = f.read(n)
@@ -108,7 +124,9 @@ def _tensor_info(path: Path, name: str, entry, data_start: int, data_size: int) 
     if 0 <= start <= end and end > data_size:
         raise CheckpointError(
             f"truncated? tensor {name!r}: data_offsets {offsets} run past the end of the file "
-            f"(data section is {data_size} bytes)", path)
+            f"(data section is {data_size} bytes)",
+            path,
+        )
     if not 0 <= start <= end <= data_size:
         raise CheckpointError(
             f"tensor {name!r}: data_offsets {offsets} out of range (data section is {data_size} bytes)", path

@@ -7,14 +7,26 @@ from pathlib import Path
 from llmarch.errors import LlmarchError
 
 
-def run_convert(source: str, output: str | None, to: str | None, dtype: str | None, force: bool,
-                dry_run: bool, verify: bool, threads: int | None, pre_tokenizer: str | None) -> dict:
+def run_convert(
+    source: str,
+    output: str | None,
+    to: str | None,
+    dtype: str | None,
+    force: bool,
+    dry_run: bool,
+    verify: bool,
+    threads: int | None,
+    pre_tokenizer: str | None,
+) -> dict:
     is_gguf = Path(source).suffix.lower() == ".gguf"
     to = (to or ("safetensors" if is_gguf else "gguf")).lower()
     if to not in ("gguf", "safetensors"):
         raise LlmarchError(f"--to must be gguf or safetensors, not {to!r}")
     if to == "safetensors" and not is_gguf or to == "gguf" and is_gguf:
-        raise LlmarchError(f"source is already {'GGUF' if is_gguf else 'safetensors'}; --to {to} converts from the other format", source)
+        raise LlmarchError(
+            f"source is already {'GGUF' if is_gguf else 'safetensors'}; --to {to} converts from the other format",
+            source,
+        )
     if to == "gguf":
         from llmarch.convert.to_gguf import convert_to_gguf, plan_to_gguf
 
@@ -22,8 +34,14 @@ def run_convert(source: str, output: str | None, to: str | None, dtype: str | No
             from llmarch.convert.plan import describe
 
             plan, _ = plan_to_gguf(source, dtype)
-            return {"dry_run": True, "arch": plan.family.arch_name, "file_type": plan.file_type.name,
-                    "bytes": plan.nbytes, "metadata": {k: v for k, v, _ in plan.kv}, "tensors": describe(plan)}
+            return {
+                "dry_run": True,
+                "arch": plan.family.arch_name,
+                "file_type": plan.file_type.name,
+                "bytes": plan.nbytes,
+                "metadata": {k: v for k, v, _ in plan.kv},
+                "tensors": describe(plan),
+            }
         if not output:
             raise LlmarchError("-o/--output is required (a .gguf path)")
         doc = convert_to_gguf(source, output, dtype, force, threads, pre_tokenizer)
@@ -59,5 +77,7 @@ def print_result(doc: dict) -> None:
     console.print(", ".join(parts))
     v = doc.get("verify")
     if v:
-        console.print(f"verify ({v['backend']}): token agreement {v['token_agreement']:.3f}, "
-                      f"logit NMSE {v['nmse']:.2e} over {v['prompts']} prompts -> {v['verdict']}")
+        console.print(
+            f"verify ({v['backend']}): token agreement {v['token_agreement']:.3f}, "
+            f"logit NMSE {v['nmse']:.2e} over {v['prompts']} prompts -> {v['verdict']}"
+        )

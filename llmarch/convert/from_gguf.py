@@ -23,9 +23,9 @@ from gguf import GGMLQuantizationType as Q
 from gguf import Keys
 
 from llmarch.convert.gguf_meta import LLMARCH_ROPE_KEY
+from llmarch.convert.layout import EXPERT_KINDS, GENERATED, Family, family_from_gguf, gguf_kind_of, hf_name_for
 from llmarch.convert.plan import tensor_bytes
 from llmarch.convert.writer import temp_path, to_f32
-from llmarch.convert.layout import EXPERT_KINDS, GENERATED, Family, family_from_gguf, gguf_kind_of, hf_name_for
 from llmarch.errors import LlmarchError
 from llmarch.qk_permute import from_gguf_order
 
@@ -67,7 +67,13 @@ def _gguf_items(ckpt, fam: Family, n_blocks: int):
             if kind == gguf.MODEL_TENSOR.FFN_UP_EXP:
                 continue  # read together with the gate (interleaved back into gate_up_proj)
             base = "gate_up_proj" if kind == gguf.MODEL_TENSOR.FFN_GATE_EXP else "down_proj"
-            items.append((info, kind, [(fam.fused_prefix.format(bid=bid) + f".{base}" + ("_bias" if suffix == ".bias" else ""), None)]))
+            items.append(
+                (
+                    info,
+                    kind,
+                    [(fam.fused_prefix.format(bid=bid) + f".{base}" + ("_bias" if suffix == ".bias" else ""), None)],
+                )
+            )
             continue
         if kind in EXPERT_KINDS:
             names = [(hf_name_for(fam, kind, bid, suffix, n_blocks, xid=x), x) for x in range(info.shape[0])]
@@ -75,8 +81,10 @@ def _gguf_items(ckpt, fam: Family, n_blocks: int):
             names = [(hf_name_for(fam, kind, bid, suffix, n_blocks), None)]
         items.append((info, kind, names))
     if unknown:
-        raise LlmarchError(f"{len(unknown)} GGUF tensor(s) have no Hugging Face name for {fam.family}, "
-                           f"e.g. {', '.join(unknown[:3])}", ckpt.path)
+        raise LlmarchError(
+            f"{len(unknown)} GGUF tensor(s) have no Hugging Face name for {fam.family}, e.g. {', '.join(unknown[:3])}",
+            ckpt.path,
+        )
     return items
 
 
@@ -89,9 +97,11 @@ def hf_config(ckpt, fam: Family, spec, tied: bool, dtype: str) -> dict:
     need = ("num_hidden_layers", "hidden_size", "num_attention_heads")
     missing = [k for k in need if not cfg.get(k)]
     if missing:
-        raise LlmarchError(f"GGUF metadata lacks what config.json needs: {', '.join(missing)} "
-                           f"({', '.join(f'{arch}.' + k for k in ('block_count', 'embedding_length', 'attention.head_count'))})",
-                           ckpt.path)
+        raise LlmarchError(
+            f"GGUF metadata lacks what config.json needs: {', '.join(missing)} "
+            f"({', '.join(f'{arch}.' + k for k in ('block_count', 'embedding_length', 'attention.head_count'))})",
+            ckpt.path,
+        )
     emb = ckpt.tensors.get("token_embd.weight")
     cfg["vocab_size"] = emb.shape[0] if emb else spec.vocab_size
     for k in [k for k in cfg if k.startswith("gguf_") or k.endswith("_per_layer")]:
@@ -112,7 +122,10 @@ def hf_config(ckpt, fam: Family, spec, tied: bool, dtype: str) -> dict:
         cfg["rope_scaling"] = json.loads(scaling)
     elif "rope_scaling" in cfg:
         sc = {k: v for k, v in cfg["rope_scaling"].items() if v is not None}
-        for key, tmpl in (("beta_fast", Keys.Rope.SCALING_YARN_BETA_FAST), ("beta_slow", Keys.Rope.SCALING_YARN_BETA_SLOW)):
+        for key, tmpl in (
+            ("beta_fast", Keys.Rope.SCALING_YARN_BETA_FAST),
+            ("beta_slow", Keys.Rope.SCALING_YARN_BETA_SLOW),
+        ):
             if tmpl.format(arch=arch) in meta:
                 sc[key] = meta[tmpl.format(arch=arch)]
         log_mul = meta.get(Keys.Rope.SCALING_YARN_LOG_MUL.format(arch=arch))
@@ -120,12 +133,16 @@ def hf_config(ckpt, fam: Family, spec, tied: bool, dtype: str) -> dict:
             sc["mscale_all_dim"] = sc["mscale"] = float(str(np.float32(log_mul / 0.1)))
         cfg["rope_scaling"] = sc
     elif "rope_freqs.weight" in ckpt.tensors:
-        raise LlmarchError("GGUF carries rope_freqs (Llama 3 RoPE scaling) without its parameters; "
-                           "config.json cannot be rebuilt exactly", ckpt.path)
+        raise LlmarchError(
+            "GGUF carries rope_freqs (Llama 3 RoPE scaling) without its parameters; "
+            "config.json cannot be rebuilt exactly",
+            ckpt.path,
+        )
     pattern = cfg.pop("sliding_window_pattern", None)
     if isinstance(pattern, int) and pattern > 1 and cfg.get("sliding_window"):
-        cfg["layer_types"] = ["sliding_attention" if (i + 1) % pattern else "full_attention"
-                              for i in range(cfg["num_hidden_layers"])]
+        cfg["layer_types"] = [
+            "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(cfg["num_hidden_layers"])
+        ]
     conv = fam.recipe.convert
     if conv.query_scalar_key:  # llama.cpp scales queries by 1/sqrt(head_dim); the HF config class defaults otherwise
         cfg.setdefault(conv.query_scalar_key, cfg.get("head_dim"))
@@ -140,13 +157,18 @@ def hf_config(ckpt, fam: Family, spec, tied: bool, dtype: str) -> dict:
     for k, v in cfg.items():  # GGUF stores float32: 1e-06, not 9.99999997e-07
         if isinstance(v, float):
             cfg[k] = float(str(np.float32(v)))
-    cfg.update(model_type=fam.model_type, architectures=[fam.hf_class], tie_word_embeddings=tied,
-               torch_dtype={"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[dtype])
+    cfg.update(
+        model_type=fam.model_type,
+        architectures=[fam.hf_class],
+        tie_word_embeddings=tied,
+        torch_dtype={"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[dtype],
+    )
     return dict(sorted(cfg.items()))
 
 
-def convert_from_gguf(source: str, out_dir: str | Path, dtype: str = "f32", force: bool = False,
-                      threads: int | None = None) -> dict:
+def convert_from_gguf(
+    source: str, out_dir: str | Path, dtype: str = "f32", force: bool = False, threads: int | None = None
+) -> dict:
     from llmarch.api import load_checkpoint_spec
 
     t0 = time.perf_counter()
@@ -183,8 +205,13 @@ def convert_from_gguf(source: str, out_dir: str | Path, dtype: str = "f32", forc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"output": str(out), "family": fam.family, "tensors": sum(len(n) for _, _, n in items),
-            "tokenizer": bool(tok), "seconds": round(time.perf_counter() - t0, 3)}
+    return {
+        "output": str(out),
+        "family": fam.family,
+        "tensors": sum(len(n) for _, _, n in items),
+        "tokenizer": bool(tok),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
 def _write_safetensors(path: Path, ckpt, fam: Family, items, spec, dtype: str, threads) -> None:
@@ -198,7 +225,7 @@ def _write_safetensors(path: Path, ckpt, fam: Family, items, spec, dtype: str, t
         if fam.fused_experts and kind in EXPERT_KINDS:
             shape = _fused_shape(info.shape, kind)
         hf_shape = _hf_shape(fam, names[0][0], shape)
-        for hf, xid in names:
+        for hf, _xid in names:
             n = math.prod(hf_shape) * size
             header[hf] = {"dtype": st_dtype, "shape": list(hf_shape), "data_offsets": [pos, pos + n]}
             pos += n
@@ -224,8 +251,9 @@ def _write_safetensors(path: Path, ckpt, fam: Family, items, spec, dtype: str, t
         if kind == gguf.MODEL_TENSOR.ATTN_KV_B and info.name.endswith("attn_k_b.weight"):
             x = _merge_kv_b(x, read(ckpt.tensors[info.name.replace("attn_k_b", "attn_v_b")]))
         if fam.fused_experts and kind in EXPERT_KINDS:
-            x = _fuse_experts(x, kind, lambda: read(ckpt.tensors[info.name.replace("ffn_gate_exps", "ffn_up_exps")]),
-                              fam.fused_split)
+            x = _fuse_experts(
+                x, kind, lambda: read(ckpt.tensors[info.name.replace("ffn_gate_exps", "ffn_up_exps")]), fam.fused_split
+            )
         if fam.norm_shift and names[0][0].endswith("norm.weight"):
             x = x - np.float32(fam.norm_shift)
         if fam.permute_qk and kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
@@ -253,9 +281,13 @@ def _write_safetensors(path: Path, ckpt, fam: Family, items, spec, dtype: str, t
     work = []
     for job in jobs:
         info, kind, names = job
-        simple = kind != gguf.MODEL_TENSOR.ATTN_KV_B and not (fam.fused_experts and kind in EXPERT_KINDS) \
-            and len(info.shape) >= 2 and not any(fam.transposed(n) for n, _ in names) and not (
-            fam.permute_qk and kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K))
+        simple = (
+            kind != gguf.MODEL_TENSOR.ATTN_KV_B
+            and not (fam.fused_experts and kind in EXPERT_KINDS)
+            and len(info.shape) >= 2
+            and not any(fam.transposed(n) for n, _ in names)
+            and not (fam.permute_qk and kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K))
+        )
         if not simple:
             work.append((whole, job))
             continue

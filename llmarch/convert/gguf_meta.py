@@ -13,17 +13,25 @@ import gguf
 from gguf import GGUFValueType as V
 from gguf import Keys
 
-from llmarch.errors import LlmarchError
-from llmarch.checkpoint.gguf_constants import GENERIC_KEYS
 from llmarch.arch.recipe_schema import Recipe
 from llmarch.arch.spec import ArchSpec
+from llmarch.checkpoint.gguf_constants import GENERIC_KEYS
+from llmarch.errors import LlmarchError
 
 # GGUF stores these as float32 even when config.json writes an integer (rope_theta: 10000)
 # exact HF rope scaling for scalings llama.cpp turns into tensors (read back by from_gguf)
 LLMARCH_ROPE_KEY = "llmarch.rope_scaling"
-FLOAT_KEYS = {"gguf_rope_yarn_log_multiplier", "rope_theta", "rope_local_base_freq", "rms_norm_eps", "layer_norm_epsilon",
-              "routed_scaling_factor", "final_logit_softcapping", "attn_logit_softcapping",
-              "gguf_rope_scaling_factor"}
+FLOAT_KEYS = {
+    "gguf_rope_yarn_log_multiplier",
+    "rope_theta",
+    "rope_local_base_freq",
+    "rms_norm_eps",
+    "layer_norm_epsilon",
+    "routed_scaling_factor",
+    "final_logit_softcapping",
+    "attn_logit_softcapping",
+    "gguf_rope_scaling_factor",
+}
 ROPE_TYPES = {"linear": "linear", "yarn": "yarn"}  # HF rope_type -> gguf RopeScalingType value
 
 
@@ -31,11 +39,17 @@ def spec_to_hf_keys(spec: ArchSpec) -> dict:
     """The spec as the HF-style keys gguf_config uses (the inverse of gguf_to_config)."""
     a, moe = spec.attention, spec.moe
     hp = {
-        "num_hidden_layers": spec.layers, "hidden_size": spec.hidden_size,
-        "intermediate_size": spec.intermediate_size, "max_position_embeddings": spec.context_length,
-        "vocab_size": spec.vocab_size, "num_attention_heads": a.heads, "num_key_value_heads": a.kv_heads,
-        "head_dim": a.head_dim, "v_head_dim": a.v_head_dim or a.head_dim,
-        "final_logit_softcapping": spec.final_softcap, "attn_logit_softcapping": a.softcap,
+        "num_hidden_layers": spec.layers,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "max_position_embeddings": spec.context_length,
+        "vocab_size": spec.vocab_size,
+        "num_attention_heads": a.heads,
+        "num_key_value_heads": a.kv_heads,
+        "head_dim": a.head_dim,
+        "v_head_dim": a.v_head_dim or a.head_dim,
+        "final_logit_softcapping": spec.final_softcap,
+        "attn_logit_softcapping": a.softcap,
     }
     hp["rms_norm_eps" if spec.norm.kind == "rms" else "layer_norm_epsilon"] = spec.norm.eps
     if not spec.rope.learned_positions and spec.rope.theta:
@@ -52,10 +66,16 @@ def spec_to_hf_keys(spec: ArchSpec) -> dict:
             if stype == "yarn":
                 hp.update({tmpl: sc[k] for tmpl, k in yarn.items() if sc.get(k) is not None})
     if a.mla:  # llama.cpp's absorbed MLA: one latent "KV head" (DeepseekV2Model.set_gguf_parameters)
-        hp.update(num_key_value_heads=1, head_dim=a.kv_lora_rank + a.qk_rope_head_dim, v_head_dim=a.kv_lora_rank,
-                  gguf_key_length_mla=(a.qk_nope_head_dim or 0) + a.qk_rope_head_dim,
-                  gguf_value_length_mla=a.v_head_dim, q_lora_rank=a.q_lora_rank, kv_lora_rank=a.kv_lora_rank,
-                  gguf_rope_dimension_count=a.qk_rope_head_dim)
+        hp.update(
+            num_key_value_heads=1,
+            head_dim=a.kv_lora_rank + a.qk_rope_head_dim,
+            v_head_dim=a.kv_lora_rank,
+            gguf_key_length_mla=(a.qk_nope_head_dim or 0) + a.qk_rope_head_dim,
+            gguf_value_length_mla=a.v_head_dim,
+            q_lora_rank=a.q_lora_rank,
+            kv_lora_rank=a.kv_lora_rank,
+            gguf_rope_dimension_count=a.qk_rope_head_dim,
+        )
         mscale_all = (spec.rope.scaling or {}).get("mscale_all_dim")
         if mscale_all:
             hp["gguf_rope_yarn_log_multiplier"] = 0.1 * mscale_all
@@ -63,14 +83,19 @@ def spec_to_hf_keys(spec: ArchSpec) -> dict:
     if windows:
         hp["sliding_window"] = max(windows)
     if moe:
-        hp.update(num_experts=moe.experts, num_experts_per_tok=moe.experts_per_token,
-                  moe_intermediate_size=moe.expert_ffn,
-                  n_shared_experts=moe.shared_experts or None,
-                  shared_expert_intermediate_size=moe.shared_ffn,
-                  routed_scaling_factor=moe.routed_scaling_factor, norm_topk_prob=moe.norm_topk_prob,
-                  n_group=moe.n_group, topk_group=moe.topk_group,
-                  # only sigmoid is written: llama.cpp's softmax families hard-code their own variant
-                  gguf_expert_gating_func=2 if moe.router == "sigmoid" else None)  # ExpertGatingFuncType.SIGMOID
+        hp.update(
+            num_experts=moe.experts,
+            num_experts_per_tok=moe.experts_per_token,
+            moe_intermediate_size=moe.expert_ffn,
+            n_shared_experts=moe.shared_experts or None,
+            shared_expert_intermediate_size=moe.shared_ffn,
+            routed_scaling_factor=moe.routed_scaling_factor,
+            norm_topk_prob=moe.norm_topk_prob,
+            n_group=moe.n_group,
+            topk_group=moe.topk_group,
+            # only sigmoid is written: llama.cpp's softmax families hard-code their own variant
+            gguf_expert_gating_func=2 if moe.router == "sigmoid" else None,
+        )  # ExpertGatingFuncType.SIGMOID
         dense = moe.dense_layers
         if dense and dense == list(range(len(dense))):
             hp["first_k_dense_replace"] = len(dense)
@@ -91,23 +116,36 @@ def model_kv(spec: ArchSpec, arch: str, recipe: Recipe, file_type: int, name: st
     _check_hard_coded(spec, recipe, arch, path)
     hp = spec_to_hf_keys(spec)
     reverse = {ckey: tmpl for tmpl, ckey in GENERIC_KEYS.items()}
-    out = [(Keys.General.NAME, name, V.STRING), (Keys.General.FILE_TYPE, int(file_type), V.UINT32),
-           (Keys.General.QUANTIZATION_VERSION, gguf.GGML_QUANT_VERSION, V.UINT32)]
+    out = [
+        (Keys.General.NAME, name, V.STRING),
+        (Keys.General.FILE_TYPE, int(file_type), V.UINT32),
+        (Keys.General.QUANTIZATION_VERSION, gguf.GGML_QUANT_VERSION, V.UINT32),
+    ]
     sc = spec.rope.scaling or {}
     if (sc.get("type") or "").lower() == "llama3":  # llama.cpp keeps only the rope_freqs tensor
         keep = {k: v for k, v in sc.items() if k not in ("type", "rope_theta") and v is not None}
         out.append((LLMARCH_ROPE_KEY, json.dumps({"rope_type": "llama3", **keep}, sort_keys=True), V.STRING))
     if recipe.convert.interleave_moe and spec.moe:  # Llama 4: MoE on layers (i + 1) % step == 0
         moe_layers = [i for i in range(spec.layers) if i not in set(spec.moe.dense_layers or [])]
-        step = next((s for s in range(1, spec.layers + 1)
-                     if moe_layers == [i for i in range(spec.layers) if (i + 1) % s == 0]), None)
+        step = next(
+            (s for s in range(1, spec.layers + 1) if moe_layers == [i for i in range(spec.layers) if (i + 1) % s == 0]),
+            None,
+        )
         if step is None:
-            raise LlmarchError(f"llama.cpp's {arch} puts MoE on every n-th layer; this model's MoE layers "
-                               f"{moe_layers} follow no such step, so GGUF cannot express it", path)
+            raise LlmarchError(
+                f"llama.cpp's {arch} puts MoE on every n-th layer; this model's MoE layers "
+                f"{moe_layers} follow no such step, so GGUF cannot express it",
+                path,
+            )
         out.append((Keys.LLM.INTERLEAVE_MOE_LAYER_STEP.format(arch=arch), step, V.UINT32))
     if recipe.convert.swa_pattern_array and "sliding_window" in hp:  # Olmo 3: True = sliding
-        out.append((Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch),
-                    [l.mixer == "sliding" for l in spec.schedule], V.ARRAY))
+        out.append(
+            (
+                Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch),
+                [l.mixer == "sliding" for l in spec.schedule],
+                V.ARRAY,
+            )
+        )
     for ckey, value in hp.items():
         tmpl = reverse.get(ckey) or (ckey if ckey.startswith("{arch}.") else None)
         if tmpl is None:
@@ -127,20 +165,32 @@ def _check_hard_coded(spec: ArchSpec, recipe: Recipe, arch: str, path) -> None:
     for key, want in recipe.convert.hard_coded.get(arch, {}).items():
         have = spec.config.get(key)
         if have is not None and have != want:
-            raise LlmarchError(f"llama.cpp's {arch} hard-codes {key} = {json.dumps(want)}; this model has "
-                               f"{json.dumps(have)}, so GGUF cannot express it", path)
+            raise LlmarchError(
+                f"llama.cpp's {arch} hard-codes {key} = {json.dumps(want)}; this model has "
+                f"{json.dumps(have)}, so GGUF cannot express it",
+                path,
+            )
     off = recipe.convert.qk_norm_off_at_experts
-    if off and spec.moe and spec.config.get(off.key) is not None \
-            and bool(spec.config[off.key]) != (spec.moe.experts != off.experts):
-        raise LlmarchError(f"llama.cpp's {arch} applies QK-norm exactly when the model does not have "
-                           f"{off.experts} experts; this model has {spec.moe.experts} experts and "
-                           f"{off.key} = {json.dumps(spec.config[off.key])}, so GGUF cannot express it", path)
+    if (
+        off
+        and spec.moe
+        and spec.config.get(off.key) is not None
+        and bool(spec.config[off.key]) != (spec.moe.experts != off.experts)
+    ):
+        raise LlmarchError(
+            f"llama.cpp's {arch} applies QK-norm exactly when the model does not have "
+            f"{off.experts} experts; this model has {spec.moe.experts} experts and "
+            f"{off.key} = {json.dumps(spec.config[off.key])}, so GGUF cannot express it",
+            path,
+        )
     pattern = recipe.gguf_defaults.sliding_window_pattern
     if isinstance(pattern, int) and pattern > 1 and any(l.mixer == "sliding" for l in spec.schedule):
         sliding = [l.mixer == "sliding" for l in spec.schedule]
         # llama.cpp: every layer sliding except each pattern-th (gpt-oss's 2: the even layers)
         expect = [(i + 1) % pattern != 0 for i in range(len(sliding))]
         if sliding != expect:
-            raise LlmarchError(f"llama.cpp's {arch} hard-codes a {pattern - 1}:1 sliding-window pattern; this "
-                               f"model's layer_types differ, so GGUF cannot express it", path)
-
+            raise LlmarchError(
+                f"llama.cpp's {arch} hard-codes a {pattern - 1}:1 sliding-window pattern; this "
+                f"model's layer_types differ, so GGUF cannot express it",
+                path,
+            )

@@ -28,38 +28,57 @@ _L = "model.layers.{bid}."
 HF_LAYOUTS: dict[str, dict[MODEL_TENSOR, str]] = {
     # transformers' Llama-style decoder (llama, mistral, qwen2/3, qwen3_moe, gemma3, olmo2, smollm3)
     "llama": {
-        T.TOKEN_EMBD: "model.embed_tokens", T.OUTPUT_NORM: "model.norm", T.OUTPUT: "lm_head",
+        T.TOKEN_EMBD: "model.embed_tokens",
+        T.OUTPUT_NORM: "model.norm",
+        T.OUTPUT: "lm_head",
         T.ATTN_NORM: _L + "input_layernorm",
-        T.ATTN_Q: _L + "self_attn.q_proj", T.ATTN_K: _L + "self_attn.k_proj",
-        T.ATTN_V: _L + "self_attn.v_proj", T.ATTN_OUT: _L + "self_attn.o_proj",
-        T.ATTN_Q_NORM: _L + "self_attn.q_norm", T.ATTN_K_NORM: _L + "self_attn.k_norm",
+        T.ATTN_Q: _L + "self_attn.q_proj",
+        T.ATTN_K: _L + "self_attn.k_proj",
+        T.ATTN_V: _L + "self_attn.v_proj",
+        T.ATTN_OUT: _L + "self_attn.o_proj",
+        T.ATTN_Q_NORM: _L + "self_attn.q_norm",
+        T.ATTN_K_NORM: _L + "self_attn.k_norm",
         T.ATTN_POST_NORM: _L + "post_attention_layernorm",
         T.FFN_NORM: _L + "post_attention_layernorm",
         T.FFN_PRE_NORM: _L + "pre_feedforward_layernorm",
         T.FFN_POST_NORM: _L + "post_feedforward_layernorm",
-        T.FFN_GATE: _L + "mlp.gate_proj", T.FFN_UP: _L + "mlp.up_proj", T.FFN_DOWN: _L + "mlp.down_proj",
+        T.FFN_GATE: _L + "mlp.gate_proj",
+        T.FFN_UP: _L + "mlp.up_proj",
+        T.FFN_DOWN: _L + "mlp.down_proj",
         T.FFN_GATE_INP: _L + "mlp.gate",
         T.FFN_GATE_EXP: _L + "mlp.experts.{xid}.gate_proj",
         T.FFN_UP_EXP: _L + "mlp.experts.{xid}.up_proj",
         T.FFN_DOWN_EXP: _L + "mlp.experts.{xid}.down_proj",
         # DeepSeek V3: MLA projections, shared experts, router correction bias
-        T.ATTN_Q_A: _L + "self_attn.q_a_proj", T.ATTN_Q_B: _L + "self_attn.q_b_proj",
-        T.ATTN_Q_A_NORM: _L + "self_attn.q_a_layernorm", T.ATTN_KV_A_MQA: _L + "self_attn.kv_a_proj_with_mqa",
-        T.ATTN_KV_A_NORM: _L + "self_attn.kv_a_layernorm", T.ATTN_KV_B: _L + "self_attn.kv_b_proj",
-        T.FFN_GATE_SHEXP: _L + "mlp.shared_experts.gate_proj", T.FFN_UP_SHEXP: _L + "mlp.shared_experts.up_proj",
-        T.FFN_DOWN_SHEXP: _L + "mlp.shared_experts.down_proj", T.FFN_EXP_PROBS_B: _L + "mlp.gate.e_score_correction",
+        T.ATTN_Q_A: _L + "self_attn.q_a_proj",
+        T.ATTN_Q_B: _L + "self_attn.q_b_proj",
+        T.ATTN_Q_A_NORM: _L + "self_attn.q_a_layernorm",
+        T.ATTN_KV_A_MQA: _L + "self_attn.kv_a_proj_with_mqa",
+        T.ATTN_KV_A_NORM: _L + "self_attn.kv_a_layernorm",
+        T.ATTN_KV_B: _L + "self_attn.kv_b_proj",
+        T.FFN_GATE_SHEXP: _L + "mlp.shared_experts.gate_proj",
+        T.FFN_UP_SHEXP: _L + "mlp.shared_experts.up_proj",
+        T.FFN_DOWN_SHEXP: _L + "mlp.shared_experts.down_proj",
+        T.FFN_EXP_PROBS_B: _L + "mlp.gate.e_score_correction",
     },
     "gpt2": {
-        T.TOKEN_EMBD: "transformer.wte", T.POS_EMBD: "transformer.wpe", T.OUTPUT_NORM: "transformer.ln_f",
+        T.TOKEN_EMBD: "transformer.wte",
+        T.POS_EMBD: "transformer.wpe",
+        T.OUTPUT_NORM: "transformer.ln_f",
         T.OUTPUT: "lm_head",
-        T.ATTN_NORM: "transformer.h.{bid}.ln_1", T.ATTN_QKV: "transformer.h.{bid}.attn.c_attn",
-        T.ATTN_OUT: "transformer.h.{bid}.attn.c_proj", T.FFN_NORM: "transformer.h.{bid}.ln_2",
-        T.FFN_UP: "transformer.h.{bid}.mlp.c_fc", T.FFN_DOWN: "transformer.h.{bid}.mlp.c_proj",
+        T.ATTN_NORM: "transformer.h.{bid}.ln_1",
+        T.ATTN_QKV: "transformer.h.{bid}.attn.c_attn",
+        T.ATTN_OUT: "transformer.h.{bid}.attn.c_proj",
+        T.FFN_NORM: "transformer.h.{bid}.ln_2",
+        T.FFN_UP: "transformer.h.{bid}.mlp.c_fc",
+        T.FFN_DOWN: "transformer.h.{bid}.mlp.c_proj",
     },
 }
 # GGUF tensors llama.cpp derives from config (regenerated, not carried back to HF)
 GENERATED = {T.ROPE_FREQS}
 EXPERT_KINDS = {T.FFN_GATE_EXP: "gate_proj", T.FFN_UP_EXP: "up_proj", T.FFN_DOWN_EXP: "down_proj"}
+
+
 @dataclass(frozen=True)
 class Family:
     family: str  # recipe family
@@ -105,7 +124,9 @@ def family_to_gguf(spec: ArchSpec, path=None) -> Family:
     if spec.recipe is None or "convert" not in spec.supports:
         raise LlmarchError(
             f"converting family {spec.family!r} to GGUF is not supported yet "
-            f"(supported families: {', '.join(families_supporting('convert'))})", path)
+            f"(supported families: {', '.join(families_supporting('convert'))})",
+            path,
+        )
     return _family(spec.recipe, spec.text_family or spec.model_type)
 
 
@@ -114,8 +135,11 @@ def family_from_gguf(spec: ArchSpec, path=None) -> Family:
     recipe's hf_model_type, else the one paired with the file's arch, else the first."""
     recipe = spec.recipe
     if recipe is None or "from_gguf" not in spec.supports:
-        raise LlmarchError(f"converting GGUF architecture {spec.gguf_arch!r} to safetensors is not supported yet "
-                           f"(supported families: {', '.join(families_supporting('from_gguf'))})", path)
+        raise LlmarchError(
+            f"converting GGUF architecture {spec.gguf_arch!r} to safetensors is not supported yet "
+            f"(supported families: {', '.join(families_supporting('from_gguf'))})",
+            path,
+        )
     types, archs = recipe.model_types, recipe.gguf_archs
     paired = types[archs.index(spec.gguf_arch)] if len(types) == len(archs) and spec.gguf_arch in archs else types[0]
     return _family(recipe, recipe.convert.hf_model_type or paired)
@@ -124,12 +148,18 @@ def family_from_gguf(spec: ArchSpec, path=None) -> Family:
 def _family(recipe: Recipe, model_type: str) -> Family:
     conv = recipe.convert
     return Family(
-        family=recipe.family, model_type=conv.hf_model_type or model_type,
+        family=recipe.family,
+        model_type=conv.hf_model_type or model_type,
         arch=_arch(recipe.gguf_arch_for(model_type)),
         hf_class=_pick(conv.hf_class, model_type, ""),
-        permute_qk=recipe.gguf_permute_qk, norm_shift=conv.norm_shift,
-        transpose=conv.transpose, skip=conv.skip, layout=conv.hf_layout, split_kv_b=conv.split_kv_b,
-        fused_experts=recipe.moe.fused_gate_up is not None, fused_split=recipe.moe.fused_gate_up or "interleaved",
+        permute_qk=recipe.gguf_permute_qk,
+        norm_shift=conv.norm_shift,
+        transpose=conv.transpose,
+        skip=conv.skip,
+        layout=conv.hf_layout,
+        split_kv_b=conv.split_kv_b,
+        fused_experts=recipe.moe.fused_gate_up is not None,
+        fused_split=recipe.moe.fused_gate_up or "interleaved",
         fused_prefix=conv.fused_prefix,
         recipe=recipe,
     )
@@ -153,7 +183,9 @@ def gguf_kind_of(name: str, arch: MODEL_ARCH, n_blocks: int) -> tuple[MODEL_TENS
     return None
 
 
-def hf_name_for(fam: Family, kind: MODEL_TENSOR, bid: int | None, suffix: str, n_blocks: int, xid: int | None = None) -> str:
+def hf_name_for(
+    fam: Family, kind: MODEL_TENSOR, bid: int | None, suffix: str, n_blocks: int, xid: int | None = None
+) -> str:
     """The HF name of a GGUF tensor kind, checked against gguf-py's forward mapping."""
     conv = fam.recipe.convert
     tmpl = conv.hf_names.get(kind.name) or HF_LAYOUTS[fam.layout].get(kind)
@@ -166,7 +198,9 @@ def hf_name_for(fam: Family, kind: MODEL_TENSOR, bid: int | None, suffix: str, n
     want = TENSOR_NAMES[kind].format(bid=bid) + suffix
     got = name_map(fam.arch, n_blocks).get_name(probe, try_suffixes=(".weight", ".bias"))
     if got != want:
-        raise LlmarchError(f"internal: HF name {probe} maps to {got}, not {want}, in gguf-py's table for {fam.arch_name}")
+        raise LlmarchError(
+            f"internal: HF name {probe} maps to {got}, not {want}, in gguf-py's table for {fam.arch_name}"
+        )
     if kind.name in conv.hf_bare:  # HF parameters without a .weight suffix (gpt-oss sinks)
         hf = hf[: -len(suffix)]
     return hf

@@ -15,22 +15,31 @@ from dataclasses import dataclass, field
 import numpy as np
 from gguf import GGML_QUANT_SIZES, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES, GGMLQuantizationType, LlamaFileType
 
+from llmarch.arch.spec import ArchSpec
+from llmarch.arch.tensor_roles import is_vision, layer_of
 from llmarch.checkpoint.base import Checkpoint, TensorInfo
 from llmarch.convert.layout import Family, name_map
 from llmarch.errors import LlmarchError
-from llmarch.arch.spec import ArchSpec
-from llmarch.arch.tensor_roles import is_vision, layer_of
 
 Q = GGMLQuantizationType
 DTYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
-    "f32": (Q.F32, LlamaFileType.ALL_F32), "f16": (Q.F16, LlamaFileType.MOSTLY_F16),
-    "bf16": (Q.BF16, LlamaFileType.MOSTLY_BF16), "q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0),
-    "q4_0": (Q.Q4_0, LlamaFileType.MOSTLY_Q4_0), "q4_1": (Q.Q4_1, LlamaFileType.MOSTLY_Q4_1),
-    "q5_0": (Q.Q5_0, LlamaFileType.MOSTLY_Q5_0), "q5_1": (Q.Q5_1, LlamaFileType.MOSTLY_Q5_1),
+    "f32": (Q.F32, LlamaFileType.ALL_F32),
+    "f16": (Q.F16, LlamaFileType.MOSTLY_F16),
+    "bf16": (Q.BF16, LlamaFileType.MOSTLY_BF16),
+    "q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (Q.Q4_0, LlamaFileType.MOSTLY_Q4_0),
+    "q4_1": (Q.Q4_1, LlamaFileType.MOSTLY_Q4_1),
+    "q5_0": (Q.Q5_0, LlamaFileType.MOSTLY_Q5_0),
+    "q5_1": (Q.Q5_1, LlamaFileType.MOSTLY_Q5_1),
 }
 # llama.cpp keeps these F32 whatever --outtype says (convert_hf_to_gguf.py, prepare_tensors)
-F32_KINDS = {MODEL_TENSOR.FFN_GATE_INP, MODEL_TENSOR.FFN_GATE_INP_SHEXP, MODEL_TENSOR.POS_EMBD,
-             MODEL_TENSOR.TOKEN_TYPES, MODEL_TENSOR.ROPE_FREQS}
+F32_KINDS = {
+    MODEL_TENSOR.FFN_GATE_INP,
+    MODEL_TENSOR.FFN_GATE_INP_SHEXP,
+    MODEL_TENSOR.POS_EMBD,
+    MODEL_TENSOR.TOKEN_TYPES,
+    MODEL_TENSOR.ROPE_FREQS,
+}
 # the text model inside multimodal wrappers, in the Hub's spellings
 TEXT_PREFIX_RE = re.compile(r"^(language_model\.model\.|model\.language_model\.|language_model\.lm_head)")
 EXPERT_RE = re.compile(r"^(?P<pre>.*\.experts)\.(?P<xid>\d+)\.(?P<w>[^.]+)\.(?P<suffix>weight|bias)$")
@@ -88,7 +97,9 @@ def tensor_bytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
     return math.prod(shape) // block * size
 
 
-def choose_type(name: str, kind: MODEL_TENSOR, shape: tuple[int, ...], want: GGMLQuantizationType) -> GGMLQuantizationType:
+def choose_type(
+    name: str, kind: MODEL_TENSOR, shape: tuple[int, ...], want: GGMLQuantizationType
+) -> GGMLQuantizationType:
     if len(shape) <= 1 or name.endswith("_norm.weight") or kind in F32_KINDS or not name.endswith(".weight"):
         return Q.F32
     block, _ = GGML_QUANT_SIZES[want]
@@ -145,7 +156,9 @@ def build_plan(ckpt: Checkpoint, spec: ArchSpec, fam: Family, dtype: str) -> Pla
     if blocked:
         raise LlmarchError(
             f"{len(blocked)} tensor(s) have no place in llama.cpp's {fam.arch_name} architecture "
-            f"(gguf-py MODEL_TENSORS), e.g. {', '.join(blocked[:3])}", ckpt.path)
+            f"(gguf-py MODEL_TENSORS), e.g. {', '.join(blocked[:3])}",
+            ckpt.path,
+        )
 
     tensors: list[PlannedTensor] = []
     for gname, g in groups.items():
@@ -173,7 +186,9 @@ def build_plan(ckpt: Checkpoint, spec: ArchSpec, fam: Family, dtype: str) -> Pla
 FUSED_RE = re.compile(r"\.(mlp|feed_forward)\.experts\.(gate_up_proj|down_proj)(_bias)?$")
 
 
-def _fused_experts(hf_name: str, info: TensorInfo, layer: int, split: str = "interleaved") -> list[tuple[str, MODEL_TENSOR, Piece]]:
+def _fused_experts(
+    hf_name: str, info: TensorInfo, layer: int, split: str = "interleaved"
+) -> list[tuple[str, MODEL_TENSOR, Piece]]:
     """Fused expert tensors ([E, in, out]) -> llama.cpp's *_exps, transposed to [E, out, in]. gpt-oss
     (GptOssModel.modify_tensors): gate = even rows, up = odd rows; Llama 4 (Llama4Model.modify_tensors,
     split="halves"): gate = first half, up = second half."""
@@ -186,19 +201,36 @@ def _fused_experts(hf_name: str, info: TensorInfo, layer: int, split: str = "int
         if bias:
             return [(name(MODEL_TENSOR.FFN_DOWN_EXP), MODEL_TENSOR.FFN_DOWN_EXP, Piece(info, 0))]
         e, f, h = shape
-        return [(name(MODEL_TENSOR.FFN_DOWN_EXP), MODEL_TENSOR.FFN_DOWN_EXP,
-                 Piece(info, 0, view=lambda x: x.transpose(0, 2, 1), out_shape=(e, h, f)))]
+        return [
+            (
+                name(MODEL_TENSOR.FFN_DOWN_EXP),
+                MODEL_TENSOR.FFN_DOWN_EXP,
+                Piece(info, 0, view=lambda x: x.transpose(0, 2, 1), out_shape=(e, h, f)),
+            )
+        ]
     if bias:
         e, f2 = shape
-        return [(name(k), k, Piece(info, 0, view=lambda x, o=o: x[:, o::2], out_shape=(e, f2 // 2)))
-                for k, o in ((MODEL_TENSOR.FFN_GATE_EXP, 0), (MODEL_TENSOR.FFN_UP_EXP, 1))]
+        return [
+            (name(k), k, Piece(info, 0, view=lambda x, o=o: x[:, o::2], out_shape=(e, f2 // 2)))
+            for k, o in ((MODEL_TENSOR.FFN_GATE_EXP, 0), (MODEL_TENSOR.FFN_UP_EXP, 1))
+        ]
     e, h, f2 = shape
     if split == "halves":
         f = f2 // 2
-        return [(name(k), k, Piece(info, 0, view=lambda x, o=o: x.transpose(0, 2, 1)[:, o * f:(o + 1) * f, :], out_shape=(e, f, h)))
-                for k, o in ((MODEL_TENSOR.FFN_GATE_EXP, 0), (MODEL_TENSOR.FFN_UP_EXP, 1))]
-    return [(name(k), k, Piece(info, 0, view=lambda x, o=o: x.transpose(0, 2, 1)[:, o::2, :], out_shape=(e, f2 // 2, h)))
-            for k, o in ((MODEL_TENSOR.FFN_GATE_EXP, 0), (MODEL_TENSOR.FFN_UP_EXP, 1))]
+        return [
+            (
+                name(k),
+                k,
+                Piece(
+                    info, 0, view=lambda x, o=o: x.transpose(0, 2, 1)[:, o * f : (o + 1) * f, :], out_shape=(e, f, h)
+                ),
+            )
+            for k, o in ((MODEL_TENSOR.FFN_GATE_EXP, 0), (MODEL_TENSOR.FFN_UP_EXP, 1))
+        ]
+    return [
+        (name(k), k, Piece(info, 0, view=lambda x, o=o: x.transpose(0, 2, 1)[:, o::2, :], out_shape=(e, f2 // 2, h)))
+        for k, o in ((MODEL_TENSOR.FFN_GATE_EXP, 0), (MODEL_TENSOR.FFN_UP_EXP, 1))
+    ]
 
 
 def _split_kv_b(info: TensorInfo, spec: ArchSpec, layer: int) -> dict:
@@ -215,8 +247,10 @@ def _split_kv_b(info: TensorInfo, spec: ArchSpec, layer: int) -> dict:
     def v_b(x):
         return x.reshape(h, nope + v, r)[:, nope:, :]
 
-    return {MODEL_TENSOR.ATTN_K_B: Piece(info, 0, view=k_b, out_shape=(h, r, nope)),
-            MODEL_TENSOR.ATTN_V_B: Piece(info, 0, view=v_b, out_shape=(h, v, r))}
+    return {
+        MODEL_TENSOR.ATTN_K_B: Piece(info, 0, view=k_b, out_shape=(h, r, nope)),
+        MODEL_TENSOR.ATTN_V_B: Piece(info, 0, view=v_b, out_shape=(h, v, r)),
+    }
 
 
 def _generated(spec: ArchSpec, fam: Family) -> list[PlannedTensor]:
@@ -237,11 +271,14 @@ def llama3_rope_factors(dim: int, base: float, sc: dict) -> np.ndarray:
     freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
     wavelen = 2 * math.pi / freqs
     smooth = (old_ctx / wavelen - low) / (high - low)
-    out = np.where(wavelen < old_ctx / high, 1.0,
-                   np.where(wavelen > old_ctx / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+    out = np.where(
+        wavelen < old_ctx / high, 1.0, np.where(wavelen > old_ctx / low, factor, 1 / ((1 - smooth) / factor + smooth))
+    )
     return out.astype(np.float32)
 
 
 def describe(plan: Plan) -> list[dict]:
-    return [{"name": t.name, "type": t.type.name, "shape": list(t.shape), "bytes": t.nbytes, "source": t.sources}
-            for t in plan.tensors]
+    return [
+        {"name": t.name, "type": t.type.name, "shape": list(t.shape), "bytes": t.nbytes, "source": t.sources}
+        for t in plan.tensors
+    ]

@@ -35,8 +35,14 @@ def plan_to_gguf(source: str, dtype: str | None = None) -> tuple[Plan, object]:
     return plan, ckpt
 
 
-def convert_to_gguf(source: str, out: str | Path, dtype: str | None = None, force: bool = False,
-                    threads: int | None = None, pre_tokenizer: str | None = None) -> dict:
+def convert_to_gguf(
+    source: str,
+    out: str | Path,
+    dtype: str | None = None,
+    force: bool = False,
+    threads: int | None = None,
+    pre_tokenizer: str | None = None,
+) -> dict:
     from llmarch.convert.tokenizer_gguf import add_tokenizer_to_gguf
     from llmarch.convert.writer import write_gguf
 
@@ -53,9 +59,15 @@ def convert_to_gguf(source: str, out: str | Path, dtype: str | None = None, forc
         vocab["model"] = add_tokenizer_to_gguf(w, Path(folder), plan.spec.vocab_size, pre_tokenizer)
 
     write_gguf(plan, out, add_metadata, threads)
-    return {"output": str(out), "arch": plan.family.arch_name, "tensors": len(plan.tensors), "bytes": out.stat().st_size,
-            "tokenizer": vocab.get("model"), "seconds": round(time.perf_counter() - t0, 3),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    return {
+        "output": str(out),
+        "arch": plan.family.arch_name,
+        "tensors": len(plan.tensors),
+        "bytes": out.stat().st_size,
+        "tokenizer": vocab.get("model"),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
 
 
 def check_output(out: Path, force: bool) -> None:

@@ -43,8 +43,11 @@ def pre_tokenizer_name(tj: dict, path) -> str:
             regex = (n.get("pattern") or {}).get("Regex")
             if regex in KNOWN_PRE:
                 return KNOWN_PRE[regex]
-            raise LlmarchError(f"unknown pre-tokenizer regex {regex!r}; name llama.cpp's pre-tokenizer for it with "
-                               f"--pre-tokenizer NAME (e.g. {', '.join(sorted(PRE_REGEX))})", path)
+            raise LlmarchError(
+                f"unknown pre-tokenizer regex {regex!r}; name llama.cpp's pre-tokenizer for it with "
+                f"--pre-tokenizer NAME (e.g. {', '.join(sorted(PRE_REGEX))})",
+                path,
+            )
     if any(n.get("type") == "ByteLevel" and n.get("use_regex", True) for n in nodes):
         return "gpt-2"
     raise LlmarchError("cannot tell llama.cpp's pre-tokenizer from tokenizer.json; pass --pre-tokenizer NAME", path)
@@ -68,8 +71,9 @@ def add_tokenizer_to_gguf(writer: gguf.GGUFWriter, folder: Path, vocab_size: int
     for t in added.values():
         vocab[t["content"]] = t["id"]
     n = max(vocab_size, max(vocab.values()) + 1)
-    byte_level = any(x.get("type") == "ByteLevel" for x in _walk(tj.get("pre_tokenizer"))) or \
-        any(x.get("type") == "ByteLevel" for x in _walk(tj.get("decoder")))
+    byte_level = any(x.get("type") == "ByteLevel" for x in _walk(tj.get("pre_tokenizer"))) or any(
+        x.get("type") == "ByteLevel" for x in _walk(tj.get("decoder"))
+    )
     by_id = {i: s for s, i in vocab.items()}
     tokens, types, scores = [], [], []
     merge_rank = {}
@@ -143,7 +147,9 @@ def build_hf_tokenizer(ckpt) -> tuple[str, dict]:
     if kind is None or tokens is None:
         raise LlmarchError("GGUF has no tokenizer (tokenizer.ggml.model / tokens)", ckpt.path)
     types = _array(ckpt, "tokenizer.ggml.token_type") or [int(TokenType.NORMAL)] * len(tokens)
-    special_ids = {i for i, t in enumerate(types) if t in (TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.UNKNOWN)}
+    special_ids = {
+        i for i, t in enumerate(types) if t in (TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.UNKNOWN)
+    }
 
     def tok(key):
         i = meta.get(f"tokenizer.ggml.{key}_token_id")
@@ -156,10 +162,15 @@ def build_hf_tokenizer(ckpt) -> tuple[str, dict]:
         pre = meta.get("tokenizer.ggml.pre", "gpt-2")
         regex = PRE_REGEX.get(pre)
         if regex is None:
-            raise LlmarchError(f"pre-tokenizer {pre!r} is not known here (known: {', '.join(sorted(PRE_REGEX))})", ckpt.path)
-        tk.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            raise LlmarchError(
+                f"pre-tokenizer {pre!r} is not known here (known: {', '.join(sorted(PRE_REGEX))})", ckpt.path
+            )
+        tk.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
         tk.decoder = decoders.ByteLevel()
     elif kind == "llama":
         scores = _array(ckpt, "tokenizer.ggml.scores")
@@ -168,8 +179,15 @@ def build_hf_tokenizer(ckpt) -> tuple[str, dict]:
         skip = special_ids | {i for i, t in enumerate(types) if t in (TokenType.BYTE, TokenType.UNUSED)}
         vocab = {t: i for i, t in enumerate(tokens)}
         unk = tok("unknown")
-        tk = Tokenizer(models.BPE(vocab=vocab, merges=merges_from_scores(tokens, scores, skip),
-                                  unk_token=unk, fuse_unk=True, byte_fallback=True))
+        tk = Tokenizer(
+            models.BPE(
+                vocab=vocab,
+                merges=merges_from_scores(tokens, scores, skip),
+                unk_token=unk,
+                fuse_unk=True,
+                byte_fallback=True,
+            )
+        )
         space_prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
         norm = [normalizers.Replace(" ", "▁")]
         tk.normalizer = normalizers.Sequence(([normalizers.Prepend("▁")] if space_prefix else []) + norm)
@@ -179,10 +197,20 @@ def build_hf_tokenizer(ckpt) -> tuple[str, dict]:
         raise LlmarchError(f"GGUF tokenizer model {kind!r} is not supported yet (gpt2, llama)", ckpt.path)
 
     # CONTROL tokens are special (skipped when decoding); USER_DEFINED ones are plain added tokens
-    tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                           for i in sorted(special_ids) if types[i] != TokenType.USER_DEFINED])
-    tk.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
-                   for i in sorted(special_ids) if types[i] == TokenType.USER_DEFINED])
+    tk.add_special_tokens(
+        [
+            AddedToken(tokens[i], special=True, normalized=False)
+            for i in sorted(special_ids)
+            if types[i] != TokenType.USER_DEFINED
+        ]
+    )
+    tk.add_tokens(
+        [
+            AddedToken(tokens[i], special=False, normalized=False)
+            for i in sorted(special_ids)
+            if types[i] == TokenType.USER_DEFINED
+        ]
+    )
     bos, eos = tok("bos"), tok("eos")
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
@@ -190,9 +218,15 @@ def build_hf_tokenizer(ckpt) -> tuple[str, dict]:
         single = ([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else [])
         pair = single + (["$B:1"] + ([f"{eos}:1"] if add_eos else []))
         special = [(t, tokens.index(t)) for t in dict.fromkeys(([bos] if add_bos else []) + ([eos] if add_eos else []))]
-        tk.post_processor = processors.TemplateProcessing(single=" ".join(single), pair=" ".join(pair), special_tokens=special)
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": add_bos, "add_eos_token": add_eos,
-           "model_max_length": meta.get(f"{meta['general.architecture']}.context_length", 1 << 30)}
+        tk.post_processor = processors.TemplateProcessing(
+            single=" ".join(single), pair=" ".join(pair), special_tokens=special
+        )
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+        "model_max_length": meta.get(f"{meta['general.architecture']}.context_length", 1 << 30),
+    }
     for key, name in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"), ("padding", "pad_token")):
         if tok(key) is not None:
             cfg[name] = tok(key)

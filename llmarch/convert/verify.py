@@ -23,7 +23,7 @@ EXCELLENT, PASS = 1e-4, 1e-2
 
 def nmse(ref: np.ndarray, other: np.ndarray) -> float:
     ref, other = ref.astype(np.float64), other.astype(np.float64)
-    return float(((ref - other) ** 2).sum() / max((ref ** 2).sum(), 1e-30))
+    return float(((ref - other) ** 2).sum() / max((ref**2).sum(), 1e-30))
 
 
 def prompt_ids(hf_dir: Path, vocab: int, n: int = 3, length: int = 12) -> list[list[int]]:
@@ -53,8 +53,13 @@ def verify_pair(source: str, output: str) -> dict:
     agree = [float((a.argmax(-1) == b.argmax(-1)).mean()) for a, b in zip(ref, got)]
     err = float(np.mean([nmse(a, b) for a, b in zip(ref, got)]))
     verdict = "excellent" if err < EXCELLENT else "pass" if err < PASS else "fail"
-    return {"backend": backend, "prompts": len(prompts), "token_agreement": float(np.mean(agree)),
-            "nmse": err, "verdict": verdict}
+    return {
+        "backend": backend,
+        "prompts": len(prompts),
+        "token_agreement": float(np.mean(agree)),
+        "nmse": err,
+        "verdict": verdict,
+    }
 
 
 def _logits_pair(hf: str, gg: str, prompts):
@@ -66,8 +71,10 @@ def _logits_pair(hf: str, gg: str, prompts):
         import llama_cpp  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as e:
-        raise LlmarchError("--verify for this family needs transformers and llama-cpp-python "
-                           f"(pip install transformers llama-cpp-python): {e}") from e
+        raise LlmarchError(
+            "--verify for this family needs transformers and llama-cpp-python "
+            f"(pip install transformers llama-cpp-python): {e}"
+        ) from e
     return hf_logits(hf, prompts), llamacpp_logits(gg, prompts), "transformers + llama.cpp"
 
 
@@ -102,8 +109,9 @@ def llamacpp_logits(path: str, prompts) -> list[np.ndarray]:
     import llama_cpp
 
     n_ctx = max(len(p) for p in prompts) + 8
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(n_ctx, 64), logits_all=True, verbose=False,
-                          n_threads=2, n_batch=max(n_ctx, 64))
+    llm = llama_cpp.Llama(
+        model_path=str(path), n_ctx=max(n_ctx, 64), logits_all=True, verbose=False, n_threads=2, n_batch=max(n_ctx, 64)
+    )
     out = []
     for p in prompts:
         llm.reset()

@@ -28,16 +28,29 @@ from llmarch.qk_permute import to_gguf_order
 CHUNK_ELEMS = 1 << 22  # elements per row block (16 MiB as f32)
 NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 GROUP_ELEMS = 1 << 16
-BLOCK_KERNELS = {Q.Q8_0: gguf.quants.Q8_0.quantize_blocks, Q.Q4_0: gguf.quants.Q4_0.quantize_blocks,
-                 Q.Q4_1: gguf.quants.Q4_1.quantize_blocks, Q.Q5_0: gguf.quants.Q5_0.quantize_blocks,
-                 Q.Q5_1: gguf.quants.Q5_1.quantize_blocks}
+BLOCK_KERNELS = {
+    Q.Q8_0: gguf.quants.Q8_0.quantize_blocks,
+    Q.Q4_0: gguf.quants.Q4_0.quantize_blocks,
+    Q.Q4_1: gguf.quants.Q4_1.quantize_blocks,
+    Q.Q5_0: gguf.quants.Q5_0.quantize_blocks,
+    Q.Q5_1: gguf.quants.Q5_1.quantize_blocks,
+}
 SAME = {("F32", Q.F32), ("F16", Q.F16), ("BF16", Q.BF16)}
 
 
-_NP_KV = {GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.UINT16: "<u2",
-          GGUFValueType.INT16: "<i2", GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4",
-          GGUFValueType.FLOAT32: "<f4", GGUFValueType.UINT64: "<u8", GGUFValueType.INT64: "<i8",
-          GGUFValueType.FLOAT64: "<f8", GGUFValueType.BOOL: "?"}
+_NP_KV = {
+    GGUFValueType.UINT8: "<u1",
+    GGUFValueType.INT8: "<i1",
+    GGUFValueType.UINT16: "<u2",
+    GGUFValueType.INT16: "<i2",
+    GGUFValueType.UINT32: "<u4",
+    GGUFValueType.INT32: "<i4",
+    GGUFValueType.FLOAT32: "<f4",
+    GGUFValueType.UINT64: "<u8",
+    GGUFValueType.INT64: "<i8",
+    GGUFValueType.FLOAT64: "<f8",
+    GGUFValueType.BOOL: "?",
+}
 
 
 class _Writer(gguf.GGUFWriter):
@@ -45,8 +58,12 @@ class _Writer(gguf.GGUFWriter):
     one struct.pack per element (>1 s per array in Python). Same bytes."""
 
     def _pack_val(self, val, vtype, add_vtype, sub_type=None):
-        if vtype != GGUFValueType.ARRAY or not isinstance(val, (list, tuple)) or len(val) < 1024 \
-                or self.endianess != gguf.GGUFEndian.LITTLE:
+        if (
+            vtype != GGUFValueType.ARRAY
+            or not isinstance(val, (list, tuple))
+            or len(val) < 1024
+            or self.endianess != gguf.GGUFEndian.LITTLE
+        ):
             return super()._pack_val(val, vtype, add_vtype, sub_type)
         ltype = sub_type if sub_type is not None else GGUFValueType.get_type(val[0])
         head = (struct.pack("<I", vtype) if add_vtype else b"") + struct.pack("<IQ", ltype, len(val))

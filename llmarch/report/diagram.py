@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import escape
 
+from llmarch.arch.ranges import index_ranges
 from llmarch.errors import LlmarchError
 from llmarch.report.diagram_parts import Part, block_parts, head_parts, layers_from_doc, title_lines
-from llmarch.arch.ranges import index_ranges
 from llmarch.report.text import layer_label, repeat_unit
 
 FONT = "DejaVu Sans, Verdana, Arial, sans-serif"
@@ -34,13 +34,33 @@ GAP = 10
 MAX_BLOCKS = 8  # more runs than this and no repeat: one block per distinct layer kind
 DIFF = "#d62728"
 COLORS = {
-    "norm": "#fff4c2", "attn": "#ffd8b0", "sliding": "#ffe9cf", "chunked": "#ffe9cf", "mla": "#f8c1a6",
-    "linear": "#cfead3", "mamba": "#cfead3", "ffn": "#cfe2ff", "moe": "#e4d5f5", "embed": "#e6e6e6",
-    "head": "#e6e6e6", "none": "#f4f4f4", "add": "#ffffff",
+    "norm": "#fff4c2",
+    "attn": "#ffd8b0",
+    "sliding": "#ffe9cf",
+    "chunked": "#ffe9cf",
+    "mla": "#f8c1a6",
+    "linear": "#cfead3",
+    "mamba": "#cfead3",
+    "ffn": "#cfe2ff",
+    "moe": "#e4d5f5",
+    "embed": "#e6e6e6",
+    "head": "#e6e6e6",
+    "none": "#f4f4f4",
+    "add": "#ffffff",
 }
 # the layer strip's cells are small: stronger colours of the same hues
-STRIP = {"attn": "#f39a4e", "full": "#f39a4e", "sliding": "#fbd29f", "chunked": "#fbd29f", "mla": "#e07048",
-         "linear": "#5dbb7d", "mamba": "#5dbb7d", "dense": "#6fa6ee", "moe": "#9f78d6", "none": "#dddddd"}
+STRIP = {
+    "attn": "#f39a4e",
+    "full": "#f39a4e",
+    "sliding": "#fbd29f",
+    "chunked": "#fbd29f",
+    "mla": "#e07048",
+    "linear": "#5dbb7d",
+    "mamba": "#5dbb7d",
+    "dense": "#6fa6ee",
+    "moe": "#9f78d6",
+    "none": "#dddddd",
+}
 
 
 def text_width(s: str, size: float, bold: bool = False) -> float:
@@ -125,6 +145,7 @@ def _caption(b: Block, layers: list) -> str:
 
 # ----------------------------------------------------------------------------- SVG pieces
 
+
 class Canvas:
     def __init__(self) -> None:
         self.parts: list[str] = []
@@ -135,19 +156,24 @@ class Canvas:
     def rect(self, x, y, w, h, fill, stroke="#555", rx=6, sw=1.2, cls="", dash=False):
         d = ' stroke-dasharray="5,3"' if dash else ""
         c = f' class="{cls}"' if cls else ""
-        self.add(f'<rect{c} x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:.1f}" rx="{rx}" '
-                 f'fill="{fill}" stroke="{stroke}" stroke-width="{sw}"{d}/>')
+        self.add(
+            f'<rect{c} x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:.1f}" rx="{rx}" '
+            f'fill="{fill}" stroke="{stroke}" stroke-width="{sw}"{d}/>'
+        )
 
     def text(self, x, y, s, size=11, bold=False, anchor="middle", color="#222", cls=""):
         c = f' class="{cls}"' if cls else ""
         w = ' font-weight="bold"' if bold else ""
-        self.add(f'<text{c} x="{x:.1f}" y="{y:.1f}" font-size="{size}"{w} text-anchor="{anchor}" '
-                 f'fill="{color}">{escape(s)}</text>')
+        self.add(
+            f'<text{c} x="{x:.1f}" y="{y:.1f}" font-size="{size}"{w} text-anchor="{anchor}" '
+            f'fill="{color}">{escape(s)}</text>'
+        )
 
     def line(self, x1, y1, x2, y2, color="#666", sw=1.4, arrow=False):
         m = ' marker-end="url(#arrow)"' if arrow else ""
-        self.add(f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" stroke="{color}" '
-                 f'stroke-width="{sw}"{m}/>')
+        self.add(
+            f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" stroke="{color}" stroke-width="{sw}"{m}/>'
+        )
 
 
 def part_height(p: Part) -> float:
@@ -184,8 +210,9 @@ def block_height(parts: list[Part]) -> float:
     return 2 * PAD + sum(part_height(p) for p in parts) + GAP * (len(parts) - 1)
 
 
-def draw_block(c: Canvas, b: Block, parts: list[Part], x: float, y: float, label: str, caption: str,
-               others: set, label_w: float) -> float:
+def draw_block(
+    c: Canvas, b: Block, parts: list[Part], x: float, y: float, label: str, caption: str, others: set, label_w: float
+) -> float:
     """Block frame at (x, y) top-left: parts top-down (data flows up), residual lane on the right."""
     h = block_height(parts)
     c.add(f'<g class="block" data-layers="{index_ranges(b.layers)}" data-count="{len(b.layers)}">')
@@ -208,9 +235,11 @@ def draw_block(c: Canvas, b: Block, parts: list[Part], x: float, y: float, label
         if p.role == "add":
             y_from = tops[start] + part_height(parts[start]) + GAP / 2 if start else y + h - 3
             y_to = tops[i] + part_height(p) / 2
-            c.add(f'<polyline class="residual" points="{cx:.1f},{y_from:.1f} {lane:.1f},{y_from:.1f} '
-                  f'{lane:.1f},{y_to:.1f} {cx + 9:.1f},{y_to:.1f}" fill="none" stroke="#888" '
-                  f'stroke-width="1.2" marker-end="url(#arrow)"/>')
+            c.add(
+                f'<polyline class="residual" points="{cx:.1f},{y_from:.1f} {lane:.1f},{y_from:.1f} '
+                f'{lane:.1f},{y_to:.1f} {cx + 9:.1f},{y_to:.1f}" fill="none" stroke="#888" '
+                f'stroke-width="1.2" marker-end="url(#arrow)"/>'
+            )
             start = i + 1
     _count_label(c, x + FRAME_W + 8, y + h / 2, label, caption, label_w, (label, caption) not in others)
     c.add("</g>")
@@ -241,8 +270,7 @@ def group_height(g: Group, doc: dict) -> float:
     return 2 * 10 + sum(block_height(block_parts(doc, b.layer)) for b in g.blocks) + GAP * (len(g.blocks) - 1)
 
 
-def draw_stack(c: Canvas, doc: dict, ox: float, oy: float, heading: str, others: set,
-               strip_marks: set[int]) -> float:
+def draw_stack(c: Canvas, doc: dict, ox: float, oy: float, heading: str, others: set, strip_marks: set[int]) -> float:
     """One model's column; returns its height."""
     items = plan(doc)
     y = oy
@@ -274,14 +302,33 @@ def draw_stack(c: Canvas, doc: dict, ox: float, oy: float, heading: str, others:
                 n = len(b.layers) // it.reps
                 yy += draw_block(c, b, parts, ox + X0 + 10, yy, f"×{n}", "", others, LABEL_W - 10) + GAP
             cap = "layers " + index_ranges(it.layers)
-            _count_label(c, ox + X0 + GROUP_W + 8, y + gh / 2, f"×{it.reps}", cap,
-                         STACK_W - X0 - GROUP_W - 20, (f"×{it.reps}", cap) not in others)
+            _count_label(
+                c,
+                ox + X0 + GROUP_W + 8,
+                y + gh / 2,
+                f"×{it.reps}",
+                cap,
+                STACK_W - X0 - GROUP_W - 20,
+                (f"×{it.reps}", cap) not in others,
+            )
             c.add("</g>")
             y += gh + GAP
         else:
             parts = block_parts(doc, it.layer)
-            y += draw_block(c, it, parts, ox + X0 + 10, y, f"×{len(it.layers)}", it.caption, others,
-                            STACK_W - X0 - 10 - FRAME_W - 22) + GAP
+            y += (
+                draw_block(
+                    c,
+                    it,
+                    parts,
+                    ox + X0 + 10,
+                    y,
+                    f"×{len(it.layers)}",
+                    it.caption,
+                    others,
+                    STACK_W - X0 - 10 - FRAME_W - 22,
+                )
+                + GAP
+            )
         c.line(cx, y - 1, cx, y - GAP + 1, arrow=True)
     _strip(c, doc, ox + STRIP_X, y_blocks, y - GAP - y_blocks, strip_marks)
     for p in bottom_parts:  # embedding
@@ -294,8 +341,17 @@ def draw_stack(c: Canvas, doc: dict, ox: float, oy: float, heading: str, others:
     return y - oy
 
 
-LEGEND = [("full", "full attention"), ("sliding", "sliding window"), ("chunked", "chunked"), ("mla", "MLA"),
-          ("linear", "linear"), ("mamba", "Mamba"), ("none", "no mixer"), ("dense", "dense FFN"), ("moe", "MoE")]
+LEGEND = [
+    ("full", "full attention"),
+    ("sliding", "sliding window"),
+    ("chunked", "chunked"),
+    ("mla", "MLA"),
+    ("linear", "linear"),
+    ("mamba", "Mamba"),
+    ("none", "no mixer"),
+    ("dense", "dense FFN"),
+    ("moe", "MoE"),
+]
 
 
 def _legend(c: Canvas, doc: dict, x0: float, y: float) -> float:
@@ -339,19 +395,25 @@ def _strip(c: Canvas, doc: dict, x: float, y: float, h: float, marks: set[int]) 
     c.add(f'<g class="strip" data-layers="{n}">')
     for i, l in enumerate(sched):
         cy = top + (n - 1 - i) * cell
-        c.add(f'<rect x="{x:.1f}" y="{cy:.2f}" width="10" height="{cell:.2f}" fill="{STRIP.get(l["mixer"], "#ccc")}" '
-              f'stroke="#fff" stroke-width="{0.4 if cell < 4 else 0.8}"/>')
-        c.add(f'<rect x="{x + 10:.1f}" y="{cy:.2f}" width="6" height="{cell:.2f}" fill="{STRIP.get(l["ffn"], "#ccc")}" '
-              f'stroke="#fff" stroke-width="{0.4 if cell < 4 else 0.8}"/>')
+        c.add(
+            f'<rect x="{x:.1f}" y="{cy:.2f}" width="10" height="{cell:.2f}" fill="{STRIP.get(l["mixer"], "#ccc")}" '
+            f'stroke="#fff" stroke-width="{0.4 if cell < 4 else 0.8}"/>'
+        )
+        c.add(
+            f'<rect x="{x + 10:.1f}" y="{cy:.2f}" width="6" height="{cell:.2f}" fill="{STRIP.get(l["ffn"], "#ccc")}" '
+            f'stroke="#fff" stroke-width="{0.4 if cell < 4 else 0.8}"/>'
+        )
         if i in marks:
-            c.add(f'<rect class="strip-diff" x="{x + 17:.1f}" y="{cy:.2f}" width="3" height="{cell:.2f}" fill="{DIFF}"/>')
+            c.add(
+                f'<rect class="strip-diff" x="{x + 17:.1f}" y="{cy:.2f}" width="3" height="{cell:.2f}" fill="{DIFF}"/>'
+            )
     c.text(x - 3, top + cell * n - 1, "0", 9, anchor="end", color="#666", cls="strip-label")
     c.text(x - 3, top + 8, str(n - 1), 9, anchor="end", color="#666", cls="strip-label")
     c.add("</g>")
 
 
-
 # ----------------------------------------------------------------------------- entry points
+
 
 def signatures(doc: dict) -> set:
     """What another drawing compares against to mark differences."""
@@ -393,12 +455,17 @@ def render_svg(docs: list[dict]) -> str:
         heights.append(draw_stack(c, doc, k * STACK_W, 10, heads[k], others, marks))
         c.add("</g>")
     width, height = STACK_W * len(docs), max(heights) + 24
-    defs = ('<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="6" markerHeight="6" '
-            'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#666"/></marker></defs>')
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height:.0f}" '
-            f'viewBox="0 0 {width} {height:.0f}" font-family="{FONT}">\n{defs}\n'
-            f'<rect x="0" y="0" width="{width}" height="{height:.0f}" fill="#ffffff"/>\n'
-            + "\n".join(c.parts) + "\n</svg>\n")
+    defs = (
+        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="6" markerHeight="6" '
+        'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#666"/></marker></defs>'
+    )
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height:.0f}" '
+        f'viewBox="0 0 {width} {height:.0f}" font-family="{FONT}">\n{defs}\n'
+        f'<rect x="0" y="0" width="{width}" height="{height:.0f}" fill="#ffffff"/>\n'
+        + "\n".join(c.parts)
+        + "\n</svg>\n"
+    )
 
 
 class _Everything:

@@ -4,15 +4,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from llmarch.report.text import count
 from llmarch.arch.spec import LayerSpec
+from llmarch.report.text import count
 
-KIND_NAMES = {"MHA": "Multi-head attention", "GQA": "Grouped-query attention",
-              "MQA": "Multi-query attention", "MLA": "Multi-head latent attention"}
-LINEAR_NAMES = {"gated_deltanet": "Gated DeltaNet", "kda": "Kimi Delta Attention", "mamba2": "Mamba-2",
-                "mamba": "Mamba"}
-ACT_NAMES = {"silu": "SwiGLU", "swiglu": "SwiGLU", "gelu_pytorch_tanh": "GeGLU", "gelu_new": "GELU",
-             "gelu": "GELU", "relu2": "ReLU²", "relu": "ReLU"}
+KIND_NAMES = {
+    "MHA": "Multi-head attention",
+    "GQA": "Grouped-query attention",
+    "MQA": "Multi-query attention",
+    "MLA": "Multi-head latent attention",
+}
+LINEAR_NAMES = {
+    "gated_deltanet": "Gated DeltaNet",
+    "kda": "Kimi Delta Attention",
+    "mamba2": "Mamba-2",
+    "mamba": "Mamba",
+}
+ACT_NAMES = {
+    "silu": "SwiGLU",
+    "swiglu": "SwiGLU",
+    "gelu_pytorch_tanh": "GeGLU",
+    "gelu_new": "GELU",
+    "gelu": "GELU",
+    "relu2": "ReLU²",
+    "relu": "ReLU",
+}
 
 
 @dataclass
@@ -30,9 +45,17 @@ class Part:
 
 def layers_from_doc(doc: dict) -> list[LayerSpec]:
     kind = (doc.get("linear_attention") or {}).get("kind")
-    return [LayerSpec(index=i, mixer=l["mixer"], window=l.get("window"), rope=l["rope"], ffn=l["ffn"],
-                      linear_kind=kind if isinstance(kind, str) and l["mixer"] in ("linear", "mamba") else None)
-            for i, l in enumerate(doc["layer_schedule"])]
+    return [
+        LayerSpec(
+            index=i,
+            mixer=l["mixer"],
+            window=l.get("window"),
+            rope=l["rope"],
+            ffn=l["ffn"],
+            linear_kind=kind if isinstance(kind, str) and l["mixer"] in ("linear", "mamba") else None,
+        )
+        for i, l in enumerate(doc["layer_schedule"])
+    ]
 
 
 def _norm(doc: dict, where: str = "") -> Part:
@@ -70,15 +93,25 @@ def mixer_part(doc: dict, layer: LayerSpec) -> Part:
         title = name
     if kind == "MLA" and a.get("mla"):
         m = a["mla"]
-        heads = f"{a['heads']} heads, KV latent {m['kv_lora_rank']}" + (f", Q latent {m['q_lora_rank']}" if m.get("q_lora_rank") else "")
+        heads = f"{a['heads']} heads, KV latent {m['kv_lora_rank']}" + (
+            f", Q latent {m['q_lora_rank']}" if m.get("q_lora_rank") else ""
+        )
     elif kind == "MHA":
         heads = f"{a['heads']} heads × {a['head_dim']}"
     else:
         heads = f"{a['heads']} heads, {a['kv_heads']} KV head{'s' if a['kv_heads'] != 1 else ''} × {a['head_dim']}"
-    extra = [p for p in (_positions(doc, layer),
-                         a.get("qk_norm") and ("QK-norm" if a["qk_norm"] in ("per_head", "whole") else f"QK {a['qk_norm']}-norm"),
-                         a.get("bias") and "qkv bias", a.get("sinks") and "sinks", a.get("gated") and "gated output",
-                         a.get("indexer") and "sparse indexer") if p]
+    extra = [
+        p
+        for p in (
+            _positions(doc, layer),
+            a.get("qk_norm") and ("QK-norm" if a["qk_norm"] in ("per_head", "whole") else f"QK {a['qk_norm']}-norm"),
+            a.get("bias") and "qkv bias",
+            a.get("sinks") and "sinks",
+            a.get("gated") and "gated output",
+            a.get("indexer") and "sparse indexer",
+        )
+        if p
+    ]
     lines = [heads] + _wrap(extra)
     color = {"sliding": "sliding", "chunked": "chunked"}.get(layer.mixer, "mla" if kind == "MLA" else "attn")
     return Part("attn", title, lines, color=color)
@@ -105,7 +138,12 @@ def ffn_part(doc: dict, layer: LayerSpec) -> Part:
         lines.append(f"expert width {moe.get('expert_ffn') or '?'}" + (f", {act}" if act else ""))
         return Part("ffn", "Mixture of experts", lines, color="moe")
     width = f.get("intermediate_size")
-    return Part("ffn", "Feed forward" + (f" ({act})" if act else ""), [f"{doc['hidden_size']} → {width} → {doc['hidden_size']}"], color="ffn")
+    return Part(
+        "ffn",
+        "Feed forward" + (f" ({act})" if act else ""),
+        [f"{doc['hidden_size']} → {width} → {doc['hidden_size']}"],
+        color="ffn",
+    )
 
 
 def block_parts(doc: dict, layer: LayerSpec) -> list[Part]:
@@ -129,8 +167,12 @@ def block_parts(doc: dict, layer: LayerSpec) -> list[Part]:
 def head_parts(doc: dict) -> tuple[list[Part], list[Part]]:
     """([LM head, final norm] top-down, [token embedding])."""
     v, d = doc["vocab_size"], doc["hidden_size"]
-    head = Part("head", "Linear output layer", [f"{d:,} → {v:,}" + (" (tied to embedding)" if doc["tied_embeddings"] else "")],
-                color="head")
+    head = Part(
+        "head",
+        "Linear output layer",
+        [f"{d:,} → {v:,}" + (" (tied to embedding)" if doc["tied_embeddings"] else "")],
+        color="head",
+    )
     if doc.get("mtp_layers"):
         head.note = f"+ {doc['mtp_layers']} MTP layer{'s' if doc['mtp_layers'] > 1 else ''}"
     final = _norm(doc, "(final)")
@@ -150,9 +192,11 @@ def title_lines(doc: dict) -> list[str]:
     p = doc["params"]
     active = f" · {count(p.get('active'))} active" if p.get("active") and p.get("active") != p.get("total") else ""
     fam = doc["family"] + (f" ({doc['text_family']})" if doc.get("text_family") else "")
-    return [f"{fam} · {count(p.get('total'))} params{active}",
-            f"{doc['layers']} layers · d {doc['hidden_size']:,} · vocab {doc['vocab_size']:,} · "
-            f"context {count(doc.get('context_length'))}"] + _wrap(_extras(doc), 90)
+    return [
+        f"{fam} · {count(p.get('total'))} params{active}",
+        f"{doc['layers']} layers · d {doc['hidden_size']:,} · vocab {doc['vocab_size']:,} · "
+        f"context {count(doc.get('context_length'))}",
+    ] + _wrap(_extras(doc), 90)
 
 
 def _extras(doc: dict) -> list[str]:

@@ -7,14 +7,18 @@ Tensor names are compared in one canonical (GGUF) naming, see report/tensor_diff
 
 from __future__ import annotations
 
-from llmarch.report.table import fact_rows
 from llmarch.arch.ranges import index_ranges
+from llmarch.report.table import fact_rows
 from llmarch.report.text import count, nbytes
 
 SCHEMA_VERSION = 1
 # fact_rows rows that describe how a model is stored or labelled, not what it is
-STORAGE_FACTS = {("identity", "architecture"), ("identity", "model_type"), ("identity", "llmarch supports"),
-                 ("memory", "stored")}
+STORAGE_FACTS = {
+    ("identity", "architecture"),
+    ("identity", "model_type"),
+    ("identity", "llmarch supports"),
+    ("memory", "stored"),
+}
 # rows whose 3-significant-digit text can hide a real difference
 EXACT = {("size", "params total"): ("params", "total"), ("size", "params active / token"): ("params", "active")}
 
@@ -47,8 +51,17 @@ def _pair_rows(ra: dict, rb: dict, kind: str) -> list[dict]:
         if k not in ra:
             prev = next((keys.index(p) for p in reversed(list(rb)[:i]) if p in keys), -1)
             keys.insert(prev + 1, k)
-    return [{"section": s, "fact": f, "a": ra.get((s, f)), "b": rb.get((s, f)),
-             "differs": ra.get((s, f)) != rb.get((s, f)), "kind": kind} for s, f in keys]
+    return [
+        {
+            "section": s,
+            "fact": f,
+            "a": ra.get((s, f)),
+            "b": rb.get((s, f)),
+            "differs": ra.get((s, f)) != rb.get((s, f)),
+            "kind": kind,
+        }
+        for s, f in keys
+    ]
 
 
 def _exact(rows: list[dict], a: dict, b: dict) -> None:
@@ -97,8 +110,14 @@ def schedule_diff(a: dict, b: dict) -> list[dict]:
             text = key[0][1]
         else:
             text = "; ".join(f"{k} {va} in A, {vb} in B" for k, va, vb in key)
-        out.append({"layers": layers, "ranges": index_ranges(layers), "text": text,
-                    "aspects": {k: [va, vb] for k, va, vb in key}})
+        out.append(
+            {
+                "layers": layers,
+                "ranges": index_ranges(layers),
+                "text": text,
+                "aspects": {k: [va, vb] for k, va, vb in key},
+            }
+        )
     return out
 
 
@@ -113,9 +132,13 @@ def compare(a: dict, b: dict, tensors: dict | None = None) -> dict:
         arch_differs = True
     storage_differs = any(r["differs"] for r in storage) or bool(tensors and tensors["dtype_changes"])
     same_source = a.get("source") is not None and a.get("source") == b.get("source")
-    verdict = ("identical" if not arch_differs and not storage_differs
-               else "same architecture; storage differs" if not arch_differs
-               else "different architecture")
+    verdict = (
+        "identical"
+        if not arch_differs and not storage_differs
+        else "same architecture; storage differs"
+        if not arch_differs
+        else "different architecture"
+    )
     return {
         "schema": SCHEMA_VERSION,
         "a": {"source": a.get("source"), "format": a["format"], "family": a["family"]},
@@ -139,6 +162,7 @@ def exit_status(d: dict) -> int:
 
 # ----------------------------------------------------------------------------- output
 
+
 def _shown(rows: list[dict], show_all: bool) -> tuple[list[dict], int]:
     shown = [r for r in rows if show_all or r["differs"]]
     return shown, len(rows) - len(shown)
@@ -161,9 +185,13 @@ def print_diff(d: dict, console, show_all: bool = False) -> None:
             for r in shown:
                 style = "bold yellow" if r["differs"] else None
                 mark = "≠ " if r["differs"] else "  "
-                t.add_row(r["section"] if r["section"] != last else "", mark + r["fact"],
-                          escape(r["a"]) if r["a"] is not None else "(absent)",
-                          escape(r["b"]) if r["b"] is not None else "(absent)", style=style)
+                t.add_row(
+                    r["section"] if r["section"] != last else "",
+                    mark + r["fact"],
+                    escape(r["a"]) if r["a"] is not None else "(absent)",
+                    escape(r["b"]) if r["b"] is not None else "(absent)",
+                    style=style,
+                )
                 last = r["section"]
             console.print(t)
         if folded:
@@ -186,8 +214,11 @@ def print_diff(d: dict, console, show_all: bool = False) -> None:
 
 def markdown(d: dict, show_all: bool = False) -> str:
     a, b = d["a"], d["b"]
-    out = [f"**A**: `{a['source']}` ({a['format']}, {a['family']})  ",
-           f"**B**: `{b['source']}` ({b['format']}, {b['family']})", ""]
+    out = [
+        f"**A**: `{a['source']}` ({a['format']}, {a['family']})  ",
+        f"**B**: `{b['source']}` ({b['format']}, {b['family']})",
+        "",
+    ]
     for title, rows in (("Architecture", d["rows"]), ("Storage", d["storage"])):
         shown, folded = _shown(rows, show_all)
         out.append(f"### {title}")

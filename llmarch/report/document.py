@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from llmarch.report.text import schedule_pattern
 from llmarch.arch.spec import ArchSpec
+from llmarch.report.text import schedule_pattern
 
 SCHEMA_VERSION = 1
 
@@ -52,7 +52,9 @@ def to_document(spec: ArchSpec, context: int | None = None, kv_dtype: str | None
                 "qk_rope_head_dim": a.qk_rope_head_dim,
                 "qk_nope_head_dim": a.qk_nope_head_dim,
                 "rope_interleave": a.rope_interleave,
-            } if a.mla else None,
+            }
+            if a.mla
+            else None,
         },
         "rope": {
             "theta": spec.rope.theta,
@@ -64,19 +66,27 @@ def to_document(spec: ArchSpec, context: int | None = None, kv_dtype: str | None
             "chunked": next((l.window for l in spec.schedule if l.mixer == "chunked"), None),
         },
         "moe": moe,
-        "norm": {"placement": spec.norm.placement, "kind": spec.norm.kind, "eps": spec.norm.eps,
-                 "unit_offset": spec.norm.unit_offset},
+        "norm": {
+            "placement": spec.norm.placement,
+            "kind": spec.norm.kind,
+            "eps": spec.norm.eps,
+            "unit_offset": spec.norm.unit_offset,
+        },
         "ffn": {
             "activation": spec.activation,
             "intermediate_size": spec.intermediate_size,
             "ratio": round(spec.intermediate_size / spec.hidden_size, 3)
-            if spec.intermediate_size and spec.hidden_size else None,
+            if spec.intermediate_size and spec.hidden_size
+            else None,
             "bias": spec.ffn_bias,
             "gated": spec.ffn_gated,
         },
         "sliding_window": ratios["sliding_window"],
-        "linear_attention": ratios["linear_attention"] and dict(ratios["linear_attention"], **{
-            k: v for k, v in (spec.linear_attention or {}).items() if k not in ("kind", "linear")}),
+        "linear_attention": ratios["linear_attention"]
+        and dict(
+            ratios["linear_attention"],
+            **{k: v for k, v in (spec.linear_attention or {}).items() if k not in ("kind", "linear")},
+        ),
         "mtp_layers": spec.mtp_layers,
         "tied_embeddings": spec.tied_embeddings,
         "embedding_scale": spec.embedding_scale,

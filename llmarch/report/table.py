@@ -43,21 +43,32 @@ def fact_rows(doc: dict) -> list[tuple[str, str, str]]:
     ]
     if a.get("mla"):
         m = a["mla"]
-        rows.append(("attention", "MLA ranks", f"q {m['q_lora_rank'] or 'full'}, kv {m['kv_lora_rank']}, "
-                                               f"rope {m['qk_rope_head_dim']} + nope {m['qk_nope_head_dim']}"))
+        rows.append(
+            (
+                "attention",
+                "MLA ranks",
+                f"q {m['q_lora_rank'] or 'full'}, kv {m['kv_lora_rank']}, "
+                f"rope {m['qk_rope_head_dim']} + nope {m['qk_nope_head_dim']}",
+            )
+        )
     rows += [
         ("attention", "QK-norm", a["qk_norm"] or "no"),
         ("attention", "bias units", "q/k/v" + (" + out" if a.get("out_bias") else "") if a["bias"] else "no"),
         ("attention", "sinks", "yes" if a["sinks"] else "no"),
-        ("attention", "gated output", ("yes" + (" (rows of q_proj)" if a.get("gate_layout") == "in_q" else ""))
-         if a.get("gated") else "no"),
+        (
+            "attention",
+            "gated output",
+            ("yes" + (" (rows of q_proj)" if a.get("gate_layout") == "in_q" else "")) if a.get("gated") else "no",
+        ),
         ("attention", "sparse indexer", "yes" if a.get("indexer") else "no"),
     ]
     if a.get("softcap"):
         rows.append(("attention", "logit soft-cap", str(a["softcap"])))
     if a.get("temperature_tuning"):
         t = a["temperature_tuning"]
-        rows.append(("attention", "NoPE q temperature", f"floor_scale {t['floor_scale']}, attn_scale {t['attn_scale']}"))
+        rows.append(
+            ("attention", "NoPE q temperature", f"floor_scale {t['floor_scale']}, attn_scale {t['attn_scale']}")
+        )
     sw, la = doc["sliding_window"], doc["linear_attention"]
     rows += [
         ("schedule", "pattern", doc["schedule_pattern"]),
@@ -91,7 +102,11 @@ def fact_rows(doc: dict) -> list[tuple[str, str, str]]:
             rows.append(("MoE", "fused gate/up", moe["fused_gate_up"]))
     rows += [
         ("norms", "placement", n["placement"]),
-        ("norms", "kind", ("RMSNorm" if n["kind"] == "rms" else "LayerNorm") + (" (1+w)" if n.get("unit_offset") else "")),
+        (
+            "norms",
+            "kind",
+            ("RMSNorm" if n["kind"] == "rms" else "LayerNorm") + (" (1+w)" if n.get("unit_offset") else ""),
+        ),
         ("FFN", "activation", str(f["activation"] or "-") + (", gated" if f.get("gated", True) else ", not gated")),
         ("FFN", "intermediate / hidden", f"{f['intermediate_size']} ({f['ratio']}×)" if f["ratio"] else "-"),
         ("extras", "MTP layers", str(doc["mtp_layers"])),
@@ -99,14 +114,28 @@ def fact_rows(doc: dict) -> list[tuple[str, str, str]]:
     ]
     ple = doc.get("per_layer_embeddings")
     if ple:
-        rows.append(("extras", "per-layer embeddings", f"{count(ple.get('params'))} params ({ple.get('share', 0):.0%} of total), dim {ple['dim']}"))
+        rows.append(
+            (
+                "extras",
+                "per-layer embeddings",
+                f"{count(ple.get('params'))} params ({ple.get('share', 0):.0%} of total), dim {ple['dim']}",
+            )
+        )
     for k, v in (doc.get("extras") or {}).items():
         if k != "intermediate_size_per_layer":
             rows.append(("extras", k.replace("_", " "), str(v)))
     st = doc["storage"]
     rows += [
-        ("memory", "stored", f"{nbytes(st['bytes'])} in " + ", ".join(f"{k} {count(v)}" for k, v in list(st["dtypes"].items())[:6])),
-        ("memory", f"KV cache ({kv['dtype']})", f"{nbytes(kv['bytes_per_token'])}/token, {nbytes(kv['bytes'])} at {kv['context']} tokens"),
+        (
+            "memory",
+            "stored",
+            f"{nbytes(st['bytes'])} in " + ", ".join(f"{k} {count(v)}" for k, v in list(st["dtypes"].items())[:6]),
+        ),
+        (
+            "memory",
+            f"KV cache ({kv['dtype']})",
+            f"{nbytes(kv['bytes_per_token'])}/token, {nbytes(kv['bytes'])} at {kv['context']} tokens",
+        ),
     ]
     if kv.get("state_bytes"):
         rows.append(("memory", "recurrent state", nbytes(kv["state_bytes"])))

@@ -57,7 +57,7 @@ def _template(name: str) -> tuple[str, int | None]:
     m = LAYER_RE.search(name)
     if not m:
         return name, None
-    return name[: m.start()] + m.group(1) + m.group(2) + ".*." + name[m.end():], int(m.group(3))
+    return name[: m.start()] + m.group(1) + m.group(2) + ".*." + name[m.end() :], int(m.group(3))
 
 
 def compare_tensors(a: dict[str, tuple], b: dict[str, tuple]) -> dict:
@@ -88,16 +88,20 @@ def compare_tensors(a: dict[str, tuple], b: dict[str, tuple]) -> dict:
     out: dict[str, list] = {"only_in_a": [], "only_in_b": [], "shape": [], "dtype": []}
     for (kind, tmpl, detail), layers in groups.items():
         idx = sorted(l for l in layers if l is not None)
-        out[kind].append({"tensor": tmpl, "layers": index_ranges(idx) if idx else None,
-                          "count": len(layers), "detail": detail})
+        out[kind].append(
+            {"tensor": tmpl, "layers": index_ranges(idx) if idx else None, "count": len(layers), "detail": detail}
+        )
     for v in out.values():
         v.sort(key=lambda e: (e["tensor"], e["layers"] or ""))
     return {
         "canonical_naming": "gguf",
-        "count_a": len(a), "count_b": len(b),
+        "count_a": len(a),
+        "count_b": len(b),
         "common": len(set(a) & set(b)),
-        "only_in_a": out["only_in_a"], "only_in_b": out["only_in_b"],
-        "shape_changes": out["shape"], "dtype_changes": out["dtype"],
+        "only_in_a": out["only_in_a"],
+        "only_in_b": out["only_in_b"],
+        "shape_changes": out["shape"],
+        "dtype_changes": out["dtype"],
         "derived_ignored": derived,
         # dtype changes are storage; anything else changes what the model is
         "architecture_differs": bool(out["only_in_a"] or out["only_in_b"] or out["shape"]),
@@ -110,8 +114,12 @@ def _fmt(shape: tuple, dtype: str) -> str:
 
 def tensor_lines(t: dict) -> list[str]:
     lines = [f"A {t['count_a']} / B {t['count_b']} canonical tensors, {t['common']} in both"]
-    for key, what in (("only_in_a", "only in A"), ("only_in_b", "only in B"),
-                      ("shape_changes", "shape"), ("dtype_changes", "dtype")):
+    for key, what in (
+        ("only_in_a", "only in A"),
+        ("only_in_b", "only in B"),
+        ("shape_changes", "shape"),
+        ("dtype_changes", "dtype"),
+    ):
         for e in t[key]:
             where = f"layers {e['layers']}: " if e["layers"] else ""
             lines.append(f"{where}{e['tensor']} {what}: {e['detail']}")

@@ -36,7 +36,11 @@ def build(name: str, source: str, flags: list[str]) -> ctypes.CDLL:
         with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
             src, out = Path(tmp) / f"{name}.c", Path(tmp) / so.name
             src.write_text(source)
-            subprocess.run([os.environ.get("CC", "cc"), *flags, "-shared", "-fPIC", str(src), "-o", str(out), "-lm"],
-                           check=True, capture_output=True, timeout=120)
+            subprocess.run(
+                [os.environ.get("CC", "cc"), *flags, "-shared", "-fPIC", str(src), "-o", str(out), "-lm"],
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
             os.replace(out, so)  # atomic: a concurrent builder never loads a half-written file
     return ctypes.CDLL(str(so))

@@ -121,6 +121,17 @@ def qmatmul(x: torch.Tensor, w: torch.Tensor, wd: torch.Tensor, bits: int, bias:
     xd = torch.empty(T, K // 32, dtype=torch.float32)
     lib.quantize_q8(x.data_ptr(), xq.data_ptr(), xd.data_ptr(), T * K // 32)
     y = torch.empty(T, N, dtype=torch.float32)
-    lib.qmatmul(xq.data_ptr(), xd.data_ptr(), w.data_ptr(), wd.data_ptr(),
-                bias.data_ptr() if bias is not None else None, y.data_ptr(), T, N, K, bits, torch.get_num_threads())
+    lib.qmatmul(
+        xq.data_ptr(),
+        xd.data_ptr(),
+        w.data_ptr(),
+        wd.data_ptr(),
+        bias.data_ptr() if bias is not None else None,
+        y.data_ptr(),
+        T,
+        N,
+        K,
+        bits,
+        torch.get_num_threads(),
+    )
     return y

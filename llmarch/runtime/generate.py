@@ -7,8 +7,8 @@ fused its elementwise ops): small models are bound by kernel launches, not bandw
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -61,8 +61,9 @@ def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> to
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs.cpu() if gen is not None and gen.device.type == "cpu" else probs, 1,
-                             generator=gen).to(logits.device)
+    return torch.multinomial(
+        probs.cpu() if gen is not None and gen.device.type == "cpu" else probs, 1, generator=gen
+    ).to(logits.device)
 
 
 class Generator:
@@ -70,8 +71,9 @@ class Generator:
         spec = rt.spec
         a = spec.attention
         self.rt, self.model, self.device, self.max_seq = rt, rt.model, rt.device, max_seq
-        self.cache = KVCache(spec.schedule, max_seq, a.kv_heads, a.head_dim, a.v_head_dim or a.head_dim,
-                             rt.dtype, rt.device)
+        self.cache = KVCache(
+            spec.schedule, max_seq, a.kv_heads, a.head_dim, a.v_head_dim or a.head_dim, rt.dtype, rt.device
+        )
         self.model.setup(max_seq, rt.device, rt.dtype)
         self.use_graph = (rt.device.type == "cuda") if cuda_graph is None else cuda_graph
         self.compile = compile
@@ -155,12 +157,20 @@ class Generator:
 
     # ---------------------------------------------------------------- generation
     @torch.inference_mode()
-    def generate(self, prompt: list[int], max_tokens: int, sampling: Sampling, eos_ids: set[int] | None = None,
-                 on_token: Callable[[int], None] | None = None) -> Result:
+    def generate(
+        self,
+        prompt: list[int],
+        max_tokens: int,
+        sampling: Sampling,
+        eos_ids: set[int] | None = None,
+        on_token: Callable[[int], None] | None = None,
+    ) -> Result:
         if not prompt:
             raise LlmarchError("the prompt is empty (no tokens to condition on)")
         if len(prompt) + max_tokens > self.max_seq:
-            raise LlmarchError(f"prompt ({len(prompt)} tokens) + --max-tokens {max_tokens} exceed the cache ({self.max_seq})")
+            raise LlmarchError(
+                f"prompt ({len(prompt)} tokens) + --max-tokens {max_tokens} exceed the cache ({self.max_seq})"
+            )
         eos_ids = eos_ids or set()
         gen = None
         if sampling.seed is not None:
@@ -172,7 +182,7 @@ class Generator:
         t0 = time.perf_counter()
         ids = torch.tensor([prompt], dtype=torch.long, device=dev)
         for i in range(0, len(prompt), PREFILL_CHUNK):
-            chunk = ids[:, i:i + PREFILL_CHUNK]
+            chunk = ids[:, i : i + PREFILL_CHUNK]
             pos = torch.arange(i, i + chunk.shape[1], device=dev)
             logits = self.model(chunk, pos, self.cache, limit=i + chunk.shape[1])[:, -1]
         nxt = sample(logits, sampling, gen)

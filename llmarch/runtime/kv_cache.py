@@ -29,8 +29,8 @@ class SlotGroup:
         if self.ring and T > 1:
             key_pos = torch.cat([self.slot_pos, pos])
             n = min(T, self.size)
-            self.write_slots, self.write_from = pos[T - n:] % self.size, T - n
-            self.slot_pos.index_copy_(0, self.write_slots, pos[T - n:])
+            self.write_slots, self.write_from = pos[T - n :] % self.size, T - n
+            self.slot_pos.index_copy_(0, self.write_slots, pos[T - n :])
             self.concat, self.limit = True, None
         else:
             self.write_slots, self.write_from = (pos % self.size) if self.ring else pos, 0
@@ -70,8 +70,8 @@ class LayerCache:
         k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # no-op when the model runs in the cache dtype
         if g.concat:
             keys, values = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
-            self.k.index_copy_(2, g.write_slots, k[:, :, g.write_from:])
-            self.v.index_copy_(2, g.write_slots, v[:, :, g.write_from:])
+            self.k.index_copy_(2, g.write_slots, k[:, :, g.write_from :])
+            self.v.index_copy_(2, g.write_slots, v[:, :, g.write_from :])
             return keys, values
         self.k.index_copy_(2, g.write_slots, k)
         self.v.index_copy_(2, g.write_slots, v)
@@ -81,8 +81,17 @@ class LayerCache:
 
 
 class KVCache:
-    def __init__(self, schedule: list[LayerSpec], max_seq: int, kv_heads: int, k_dim: int, v_dim: int,
-                 dtype, device, batch: int = 1):
+    def __init__(
+        self,
+        schedule: list[LayerSpec],
+        max_seq: int,
+        kv_heads: int,
+        k_dim: int,
+        v_dim: int,
+        dtype,
+        device,
+        batch: int = 1,
+    ):
         self.max_seq = max_seq
         self.groups: dict[tuple, SlotGroup] = {}
         self.layers: dict[int, LayerCache] = {}
@@ -96,8 +105,9 @@ class KVCache:
             if key not in self.groups:
                 self.groups[key] = SlotGroup(size, window, ring, device)
             # kv_heads: the model's count, unless the layer has its own (MiMo-V2-Flash sliding layers)
-            self.layers[layer.index] = LayerCache(self.groups[key], batch, layer.kv_heads or kv_heads, k_dim, v_dim,
-                                                  dtype, device)
+            self.layers[layer.index] = LayerCache(
+                self.groups[key], batch, layer.kv_heads or kv_heads, k_dim, v_dim, dtype, device
+            )
 
     def prepare(self, pos: torch.Tensor, limit: int | None = None) -> None:
         for g in self.groups.values():

@@ -7,12 +7,18 @@ from dataclasses import dataclass, field
 import torch
 
 from llmarch.arch.recipe_book import families_supporting
+from llmarch.arch.spec import ArchSpec
 from llmarch.errors import LlmarchError
 from llmarch.runtime.weights import ST_DTYPES
-from llmarch.arch.spec import ArchSpec
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 
 @dataclass
@@ -65,21 +71,36 @@ def check_supported(spec: ArchSpec, path, gguf: bool = False) -> None:
     """The family's recipe says whether run is proven for it; the facts below refuse what no
     runtime path exists for whatever the family."""
     if not spec.layers or not spec.hidden_size:
-        raise LlmarchError(f"unknown model family (no usable config: no layer count or hidden size); "
-                           f"{supported_note()}", path)
+        raise LlmarchError(
+            f"unknown model family (no usable config: no layer count or hidden size); {supported_note()}", path
+        )
     if "run" not in spec.supports:
         raise LlmarchError(f"family {spec.family!r} is not supported by llmarch run yet; {supported_note()}", path)
     if gguf and spec.attention.mla:
-        raise LlmarchError("MLA models from GGUF are not supported by llmarch run yet (llama.cpp splits kv_b into "
-                           "k_b/v_b); use the safetensors checkpoint", path)
+        raise LlmarchError(
+            "MLA models from GGUF are not supported by llmarch run yet (llama.cpp splits kv_b into "
+            "k_b/v_b); use the safetensors checkpoint",
+            path,
+        )
     if spec.per_layer_embeddings or spec.linear_attention:
-        raise LlmarchError(f"llmarch run has no per-layer-embedding or linear-attention layers yet "
-                           f"(family {spec.family!r}); {supported_note()}", path)
+        raise LlmarchError(
+            f"llmarch run has no per-layer-embedding or linear-attention layers yet "
+            f"(family {spec.family!r}); {supported_note()}",
+            path,
+        )
 
 
-def load_runtime(source: str | None, device: str | None = None, dtype: str | None = None,
-                 quant_bits: int | None = None, experts: str | None = None, expert_bits: int | None = None,
-                 gpu_experts: int = 0, expert_cache_gib: float = 2.0, expert_dir: str | None = None) -> Runtime:
+def load_runtime(
+    source: str | None,
+    device: str | None = None,
+    dtype: str | None = None,
+    quant_bits: int | None = None,
+    experts: str | None = None,
+    expert_bits: int | None = None,
+    gpu_experts: int = 0,
+    expert_cache_gib: float = 2.0,
+    expert_dir: str | None = None,
+) -> Runtime:
     from llmarch.api import load_checkpoint_spec
     from llmarch.runtime.model import build_model, load_weights
     from llmarch.runtime.weights import open_weights
@@ -96,8 +117,14 @@ def load_runtime(source: str | None, device: str | None = None, dtype: str | Non
         from llmarch.runtime.experts.placement import attach, plan
         from llmarch.runtime.moe_names import has_mxfp4_experts
 
-        attach(model, plan(spec, dev, dt, experts, expert_bits, gpu_experts, expert_cache_gib, expert_dir,
-                          has_mxfp4_experts(ckpt)), dt, dev)
+        attach(
+            model,
+            plan(
+                spec, dev, dt, experts, expert_bits, gpu_experts, expert_cache_gib, expert_dir, has_mxfp4_experts(ckpt)
+            ),
+            dt,
+            dev,
+        )
     load_weights(model, open_weights(ckpt, spec), dt, dev, quant_bits)
     model.eval()
     return Runtime(spec, model, ckpt, dev, dt, notes)

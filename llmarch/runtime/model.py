@@ -33,11 +33,18 @@ def dense_ffn(spec: ArchSpec, layer: LayerSpec) -> nn.Module:
 
 
 # mixer kind -> factory(spec, layer, rope) ; ffn kind -> factory(spec, layer)
-MIXERS: dict[str, Callable[..., nn.Module]] = {"full": Attention, "sliding": Attention,
-                                                "chunked": ChunkedAttention, "mla": MLAttention}
+MIXERS: dict[str, Callable[..., nn.Module]] = {
+    "full": Attention,
+    "sliding": Attention,
+    "chunked": ChunkedAttention,
+    "mla": MLAttention,
+}
 FFNS: dict[str, Callable[..., nn.Module]] = {"dense": dense_ffn, "moe": moe_ffn}
-NORM_SLOTS = {"pre": ("attn_norm", "ffn_norm"), "post": ("attn_post_norm", "ffn_post_norm"),
-              "sandwich": ("attn_norm", "attn_post_norm", "ffn_norm", "ffn_post_norm")}
+NORM_SLOTS = {
+    "pre": ("attn_norm", "ffn_norm"),
+    "post": ("attn_post_norm", "ffn_post_norm"),
+    "sandwich": ("attn_norm", "attn_post_norm", "ffn_norm", "ffn_post_norm"),
+}
 
 
 class Block(nn.Module):
@@ -48,7 +55,11 @@ class Block(nn.Module):
         self.attn, self.mlp = mixer, ffn
         slots = NORM_SLOTS.get(spec.norm.placement, NORM_SLOTS["pre"])
         for slot in ("attn_norm", "attn_post_norm", "ffn_norm", "ffn_post_norm"):
-            norm = make_norm(spec.norm.kind, spec.hidden_size, spec.norm.eps, spec.norm.unit_offset) if slot in slots else None
+            norm = (
+                make_norm(spec.norm.kind, spec.hidden_size, spec.norm.eps, spec.norm.unit_offset)
+                if slot in slots
+                else None
+            )
             setattr(self, slot, norm)
 
     def forward(self, x, pos, cache):
@@ -111,8 +122,9 @@ class Transformer(nn.Module):
         for r in self.ropes.values():
             r.build(max_seq, device, dtype)
 
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor, cache, limit: int | None = None,
-                last_only: bool = True) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, pos: torch.Tensor, cache, limit: int | None = None, last_only: bool = True
+    ) -> torch.Tensor:
         cache.prepare(pos, limit)
         x = self.embed_ids(ids, pos)
         for block in self.layers:
@@ -198,15 +210,23 @@ def load_weights(model: Transformer, source, dtype: torch.dtype, device, quant_b
             mod.load_from(source, mname, dtype, device)
             self_loaded += (mname + ".",)
             continue
-        if quant_bits and mname == "embed" and model.lm_head is None and spec_tied_ok(mod) \
-                and source.info("embed.weight") is not None:
+        if (
+            quant_bits
+            and mname == "embed"
+            and model.lm_head is None
+            and spec_tied_ok(mod)
+            and source.info("embed.weight") is not None
+        ):
             # tied: one quantized table serves the embedding lookup and the head, quantized from
             # slabs of rows so the float table is never held whole
             shape = tuple(source.info("embed.weight").shape)
             if shape != tuple(mod.weight.shape):
-                raise LlmarchError(f"weight embed.weight has shape {shape}, the spec needs {tuple(mod.weight.shape)}", where)
-            model.tied_quant = BlockQuantLinear(None, None, quant_bits,
-                                                rows=(lambda a, b: source.rows("embed.weight", a, b), *shape, device))
+                raise LlmarchError(
+                    f"weight embed.weight has shape {shape}, the spec needs {tuple(mod.weight.shape)}", where
+                )
+            model.tied_quant = BlockQuantLinear(
+                None, None, quant_bits, rows=(lambda a, b: source.rows("embed.weight", a, b), *shape, device)
+            )
             model.embed = None
             continue
         own = list(mod._parameters.items())

@@ -21,15 +21,20 @@ from llmarch.runtime.experts.formats import mxfp4_dequant
 BLOCKS = ("mlp", "block_sparse_moe", "feed_forward")
 READABLE = ("F32", "F16", "BF16")
 
+
 class _Layer:
     def __init__(self, source, moe):
         self.source, self.moe = source, moe
         self.names = source.ckpt.tensors
         self.where = str(source.ckpt.path)
         base = f"{getattr(source, 'prefix', '')}layers.{moe.index}."
-        self.blk = next((f"{base}{b}" for b in BLOCKS if any(n.startswith(f"{base}{b}.") for n in self._keys(base))), None)
+        self.blk = next(
+            (f"{base}{b}" for b in BLOCKS if any(n.startswith(f"{base}{b}.") for n in self._keys(base))), None
+        )
         if self.blk is None:
-            raise LlmarchError(f"layer {moe.index}: no MoE tensors ({'/'.join(BLOCKS)}.*) in the checkpoint", self.where)
+            raise LlmarchError(
+                f"layer {moe.index}: no MoE tensors ({'/'.join(BLOCKS)}.*) in the checkpoint", self.where
+            )
 
     def _keys(self, base):
         return [n for n in self.names if n.startswith(base)]
@@ -43,7 +48,10 @@ class _Layer:
 
         info = self.names.get(f"{self.blk}.{suffix}")
         if info is None:
-            raise LlmarchError(f"layer {self.moe.index}: {self.blk}.{suffix} missing (MXFP4 experts need blocks and scales)", self.where)
+            raise LlmarchError(
+                f"layer {self.moe.index}: {self.blk}.{suffix} missing (MXFP4 experts need blocks and scales)",
+                self.where,
+            )
         if info.dtype != "U8":
             raise LlmarchError(f"tensor {info.name}: MXFP4 {suffix} stored as {info.dtype}, expected U8", self.where)
         return _raw(info).reshape(info.shape)
@@ -54,11 +62,16 @@ class _Layer:
             if info is None:
                 continue
             if info.dtype not in READABLE:
-                raise LlmarchError(f"tensor {info.name}: expert storage type {info.dtype} is not one llmarch run "
-                                   f"can read (readable: {', '.join(READABLE)}, MXFP4 *_blocks/*_scales)", self.where)
+                raise LlmarchError(
+                    f"tensor {info.name}: expert storage type {info.dtype} is not one llmarch run "
+                    f"can read (readable: {', '.join(READABLE)}, MXFP4 *_blocks/*_scales)",
+                    self.where,
+                )
             return self.source.read(info).float()
         if required:
-            raise LlmarchError(f"layer {self.moe.index}: {required} missing (looked for {self.blk}.{suffixes[0]})", self.where)
+            raise LlmarchError(
+                f"layer {self.moe.index}: {required} missing (looked for {self.blk}.{suffixes[0]})", self.where
+            )
         return None
 
 
@@ -90,18 +103,25 @@ def _checked(out: dict, moe, where: str) -> dict:
     """The shapes the config implies, whichever file format the tensors came from."""
     E, d, inter = moe.E, moe.d, moe.inter
     if tuple(out["router"].shape) != (E, d):
-        raise LlmarchError(f"layer {moe.index}: router weight has shape {tuple(out['router'].shape)}, the config "
-                           f"says {E} experts x hidden {d}", where)
+        raise LlmarchError(
+            f"layer {moe.index}: router weight has shape {tuple(out['router'].shape)}, the config "
+            f"says {E} experts x hidden {d}",
+            where,
+        )
     if out.get("router_bias") is not None and tuple(out["router_bias"].shape) != (E,):
-        raise LlmarchError(f"layer {moe.index}: router bias has shape {tuple(out['router_bias'].shape)}, the config "
-                           f"says {E} experts", where)
+        raise LlmarchError(
+            f"layer {moe.index}: router bias has shape {tuple(out['router_bias'].shape)}, the config says {E} experts",
+            where,
+        )
     want = {"gate_up": (E, 2 * inter, d), "down": (E, d, inter)}
     if "mxfp4" in out:  # blocks of 32 inputs, 16 bytes each
         want = {"gate_up": (E, 2 * inter, d // 32, 16), "down": (E, d, inter // 32, 16)}
         out["gate_up"], out["down"] = out["mxfp4"][0], out["mxfp4"][2]
     for k, shape in want.items():
         if tuple(out[k].shape) != shape:
-            raise LlmarchError(f"layer {moe.index}: experts' {k} is {tuple(out[k].shape)}, the config needs {shape}", where)
+            raise LlmarchError(
+                f"layer {moe.index}: experts' {k} is {tuple(out[k].shape)}, the config needs {shape}", where
+            )
     if "mxfp4" in out:
         out["gate_up"] = out["down"] = None
     if moe.shared is not None and "shared_gate" not in out:
@@ -125,8 +145,10 @@ def _gguf_moe(source, moe) -> dict:
         return None if info is None else source.read(info).float()
 
     bias = get(T.FFN_EXP_PROBS_B, "bias")  # DeepSeek-style correction bias, else gpt-oss's router bias
-    out = {"router": get(T.FFN_GATE_INP, required="router weight"),
-           "router_bias": bias if bias is not None else get(T.FFN_GATE_INP, "bias")}
+    out = {
+        "router": get(T.FFN_GATE_INP, required="router weight"),
+        "router_bias": bias if bias is not None else get(T.FFN_GATE_INP, "bias"),
+    }
     gate, up = get(T.FFN_GATE_EXP, required="routed experts"), get(T.FFN_UP_EXP, required="routed experts")
     out["gate_up"], out["down"] = torch.cat([gate, up], dim=1), get(T.FFN_DOWN_EXP, required="routed experts")
     gb, ub = get(T.FFN_GATE_EXP, "bias"), get(T.FFN_UP_EXP, "bias")
@@ -135,7 +157,10 @@ def _gguf_moe(source, moe) -> dict:
     shared_gate = get(T.FFN_GATE_SHEXP)
     if shared_gate is not None:
         out["shared_gate"] = shared_gate
-        out["shared_up"], out["shared_down"] = get(T.FFN_UP_SHEXP, required="shared expert"), get(T.FFN_DOWN_SHEXP, required="shared expert")
+        out["shared_up"], out["shared_down"] = (
+            get(T.FFN_UP_SHEXP, required="shared expert"),
+            get(T.FFN_DOWN_SHEXP, required="shared expert"),
+        )
     out["shared_gate_w"] = get(T.FFN_GATE_INP_SHEXP)
     return out
 
@@ -145,10 +170,15 @@ def _per_expert(L: _Layer, out: dict, moe) -> None:
     missing = [e for e in range(moe.E) if not any(L.has(f"experts.{e}.{n}.weight") for n in names["gate"])]
     if missing:
         few = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
-        raise LlmarchError(f"layer {moe.index}: {len(missing)} of {moe.E} routed experts missing (experts {few}; "
-                           f"looked for {L.blk}.experts.N.gate_proj.weight)", L.where)
-    parts = {k: [L.get(*(f"experts.{e}.{n}.weight" for n in v), required=f"expert {e} {k}") for e in range(moe.E)]
-             for k, v in names.items()}
+        raise LlmarchError(
+            f"layer {moe.index}: {len(missing)} of {moe.E} routed experts missing (experts {few}; "
+            f"looked for {L.blk}.experts.N.gate_proj.weight)",
+            L.where,
+        )
+    parts = {
+        k: [L.get(*(f"experts.{e}.{n}.weight" for n in v), required=f"expert {e} {k}") for e in range(moe.E)]
+        for k, v in names.items()
+    }
     out["gate_up"] = torch.stack([torch.cat([g, u]) for g, u in zip(parts["gate"], parts["up"])])
     out["down"] = torch.stack(parts["down"])
 
@@ -157,8 +187,12 @@ def _fused(L: _Layer, out: dict, moe, keep_mxfp4: bool = False) -> None:
     interleaved = moe.spec.moe.fused_gate_up == "interleaved"
     gate_then_up = (lambda t: torch.cat([t[:, 0::2], t[:, 1::2]], dim=1)) if interleaved else (lambda t: t)
     if keep_mxfp4 and L.has("experts.gate_up_proj_blocks"):  # rows reordered, values untouched
-        out["mxfp4"] = (gate_then_up(L.raw("experts.gate_up_proj_blocks")), gate_then_up(L.raw("experts.gate_up_proj_scales")),
-                        L.raw("experts.down_proj_blocks"), L.raw("experts.down_proj_scales"))
+        out["mxfp4"] = (
+            gate_then_up(L.raw("experts.gate_up_proj_blocks")),
+            gate_then_up(L.raw("experts.gate_up_proj_scales")),
+            L.raw("experts.down_proj_blocks"),
+            L.raw("experts.down_proj_scales"),
+        )
         gub = L.get("experts.gate_up_proj_bias")
         out["gate_up_bias"] = None if gub is None else gate_then_up(gub)
         out["down_bias"] = L.get("experts.down_proj_bias")

@@ -16,8 +16,14 @@ from llmarch.runtime import cpu_kernels
 QK_K = 256
 # type name -> (elements per block, bytes per block)
 BLOCKS = {
-    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
-    "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+    "Q4_0": (32, 18),
+    "Q4_1": (32, 20),
+    "Q5_0": (32, 22),
+    "Q5_1": (32, 24),
+    "Q8_0": (32, 34),
+    "Q4_K": (256, 144),
+    "Q5_K": (256, 176),
+    "Q6_K": (256, 210),
 }
 PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 SUPPORTED = sorted(set(BLOCKS) | set(PLAIN))
@@ -25,7 +31,7 @@ SUPPORTED = sorted(set(BLOCKS) | set(PLAIN))
 
 def _f16(b: torch.Tensor, start: int) -> torch.Tensor:
     """A little-endian float16 at byte `start` of every block, as float32 [n, 1]."""
-    return b[:, start:start + 2].contiguous().view(torch.float16).float()
+    return b[:, start : start + 2].contiguous().view(torch.float16).float()
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
@@ -36,7 +42,7 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
 def _bits32(b: torch.Tensor, start: int) -> torch.Tensor:
     """The 32 bits of a little-endian uint32 at byte `start`, as uint8 [n, 32] (bit j = element j)."""
     shifts = torch.arange(8, dtype=torch.uint8, device=b.device)
-    return ((b[:, start:start + 4, None] >> shifts) & 1).reshape(-1, 32)
+    return ((b[:, start : start + 4, None] >> shifts) & 1).reshape(-1, 32)
 
 
 def _scale_min_k4(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,16 +104,28 @@ def _q6_k(b):
     d = _f16(b, 208)
     out = []
     for half in range(2):
-        l = ql[:, 64 * half:64 * half + 64]
-        h = qh[:, 32 * half:32 * half + 32]
-        out += [(l[:, :32] & 0x0F) | ((h & 3) << 4), (l[:, 32:] & 0x0F) | (((h >> 2) & 3) << 4),
-                (l[:, :32] >> 4) | (((h >> 4) & 3) << 4), (l[:, 32:] >> 4) | (((h >> 6) & 3) << 4)]
+        l = ql[:, 64 * half : 64 * half + 64]
+        h = qh[:, 32 * half : 32 * half + 32]
+        out += [
+            (l[:, :32] & 0x0F) | ((h & 3) << 4),
+            (l[:, 32:] & 0x0F) | (((h >> 2) & 3) << 4),
+            (l[:, :32] >> 4) | (((h >> 4) & 3) << 4),
+            (l[:, 32:] >> 4) | (((h >> 6) & 3) << 4),
+        ]
     q = torch.cat(out, dim=1).float() - 32  # [n, 256], uint8 until here
     return (d * sc).repeat_interleave(16, dim=1) * q
 
 
-_DEQUANT = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1,
-            "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+_DEQUANT = {
+    "Q8_0": _q8_0,
+    "Q4_0": _q4_0,
+    "Q4_1": _q4_1,
+    "Q5_0": _q5_0,
+    "Q5_1": _q5_1,
+    "Q4_K": _q4_k,
+    "Q5_K": _q5_k,
+    "Q6_K": _q6_k,
+}
 
 
 def dequantize(raw: torch.Tensor, qtype: str, shape: tuple[int, ...], chunk_blocks: int = 1 << 16) -> torch.Tensor:
@@ -115,13 +133,15 @@ def dequantize(raw: torch.Tensor, qtype: str, shape: tuple[int, ...], chunk_bloc
     if qtype in PLAIN:
         return raw.view(PLAIN[qtype]).reshape(shape).float()
     if qtype not in BLOCKS:
-        raise LlmarchError(f"GGUF quant type {qtype} is not supported by llmarch run (supported: {', '.join(SUPPORTED)})")
+        raise LlmarchError(
+            f"GGUF quant type {qtype} is not supported by llmarch run (supported: {', '.join(SUPPORTED)})"
+        )
     per, nbytes = BLOCKS[qtype]
     blocks = raw.view(-1, nbytes)
     out = torch.empty(blocks.shape[0], per, dtype=torch.float32, device=raw.device)
     fn = _DEQUANT[qtype]
     for i in range(0, blocks.shape[0], chunk_blocks):
-        out[i:i + chunk_blocks] = fn(blocks[i:i + chunk_blocks])
+        out[i : i + chunk_blocks] = fn(blocks[i : i + chunk_blocks])
     return out.reshape(shape)
 
 
@@ -151,20 +171,21 @@ class BlockQuantLinear(nn.Module):
         else:
             fetch, out_f, in_f, device = rows
         qmax = 127 if bits == 8 else 7
-        packed = torch.empty(out_f, in_f if bits == 8 else in_f // 2, dtype=torch.int8 if bits == 8 else torch.uint8,
-                             device=device)
+        packed = torch.empty(
+            out_f, in_f if bits == 8 else in_f // 2, dtype=torch.int8 if bits == 8 else torch.uint8, device=device
+        )
         scales = torch.empty(out_f, in_f // GROUP, dtype=torch.float32, device=device)
         step = max(1, (1 << 22) // in_f)  # rows at a time: float temporaries stay ~16 MB, not the table's size
         for i in range(0, out_f, step):
             w = fetch(i, min(i + step, out_f)).to(device).float().reshape(-1, in_f // GROUP, GROUP)
             scale = w.abs().amax(-1) / qmax
             q = torch.round(w / torch.where(scale > 0, scale, 1.0)[..., None]).clamp(-qmax - (bits == 4), qmax)
-            scales[i:i + step] = scale
+            scales[i : i + step] = scale
             if bits == 8:
-                packed[i:i + step] = q.to(torch.int8).reshape(-1, in_f)
+                packed[i : i + step] = q.to(torch.int8).reshape(-1, in_f)
             else:
                 u = (q + 8).to(torch.uint8)  # [rows, blocks, 32] in 0..15
-                packed[i:i + step] = (u[..., :16] | (u[..., 16:] << 4)).reshape(-1, in_f // 2)
+                packed[i : i + step] = (u[..., :16] | (u[..., 16:] << 4)).reshape(-1, in_f // 2)
         self.register_buffer("qweight", packed)
         self.register_buffer("scales", scales)  # [N, in / 32]
         self.bits = bits
@@ -190,7 +211,7 @@ class BlockQuantLinear(nn.Module):
             y = torch.empty(T, self.out_features, dtype=x2.dtype, device=x2.device)
             step = max(1, (1 << 22) // self.in_features)
             for i in range(0, self.out_features, step):
-                y[:, i:i + step] = x2 @ self.dequantize_rows(slice(i, i + step), x2.dtype).t()
+                y[:, i : i + step] = x2 @ self.dequantize_rows(slice(i, i + step), x2.dtype).t()
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)

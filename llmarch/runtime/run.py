@@ -69,8 +69,17 @@ def run(o: RunOptions) -> dict:
     from llmarch.runtime.load import load_runtime
     from llmarch.runtime.tokenizer import load_tokenizer
 
-    rt = load_runtime(o.source, o.device, o.dtype, o.quant_bits if o.keep_quantized else None,
-                      o.experts, o.expert_bits, o.gpu_experts, o.expert_cache_gib, o.expert_dir)
+    rt = load_runtime(
+        o.source,
+        o.device,
+        o.dtype,
+        o.quant_bits if o.keep_quantized else None,
+        o.experts,
+        o.expert_bits,
+        o.gpu_experts,
+        o.expert_cache_gib,
+        o.expert_dir,
+    )
     tok = None
     if o.prompt_ids is not None:
         ids = parse_ids(o.prompt_ids)
@@ -95,7 +104,9 @@ def run(o: RunOptions) -> dict:
         raise LlmarchError(f"the prompt is {len(ids)} tokens, longer than the model's context of {context}")
     max_tokens = min(o.max_tokens, context - len(ids))
     if max_tokens <= 0:
-        raise LlmarchError(f"the prompt is {len(ids)} tokens and fills the model's context of {context}: no room to generate")
+        raise LlmarchError(
+            f"the prompt is {len(ids)} tokens and fills the model's context of {context}: no room to generate"
+        )
 
     moe = rt.spec.moe is not None or rt.spec.attention.mla  # routing syncs with the host: no CUDA graph
     gen = Generator(rt, len(ids) + max_tokens, cuda_graph=False if moe else None, compile=o.compile)
@@ -108,16 +119,25 @@ def run(o: RunOptions) -> dict:
     for note in rt.notes:
         err.write(f"llmarch: {note}\n")
     stream = _Streamer(tok, sys.stdout) if not o.as_json else None
-    res = gen.generate(ids, max_tokens, Sampling(o.temperature, o.top_k, o.top_p, o.seed), eos,
-                       stream.push if stream else None)
+    res = gen.generate(
+        ids, max_tokens, Sampling(o.temperature, o.top_k, o.top_p, o.seed), eos, stream.push if stream else None
+    )
     if stream:
         stream.finish()
     text = tok.decode(res.tokens) if tok is not None else None
-    doc = {"text": text, "tokens": res.tokens, "prompt_tokens": len(ids),
-           "prefill_tok_s": round(res.prefill_tok_s, 2), "decode_tok_s": round(res.decode_tok_s, 2)}
-    summary = (f"prefill {len(ids)} tok {res.prefill_tok_s:.1f} tok/s · decode {len(res.tokens)} tok "
-               f"{res.decode_tok_s:.1f} tok/s · {peak_memory(rt.device)} · {rt.device.type} {str(rt.dtype).replace('torch.', '')}"
-               + (f" int{o.quant_bits} weights" if o.keep_quantized else "") + f" · stop: {res.stopped_by}")
+    doc = {
+        "text": text,
+        "tokens": res.tokens,
+        "prompt_tokens": len(ids),
+        "prefill_tok_s": round(res.prefill_tok_s, 2),
+        "decode_tok_s": round(res.decode_tok_s, 2),
+    }
+    summary = (
+        f"prefill {len(ids)} tok {res.prefill_tok_s:.1f} tok/s · decode {len(res.tokens)} tok "
+        f"{res.decode_tok_s:.1f} tok/s · {peak_memory(rt.device)} · {rt.device.type} {str(rt.dtype).replace('torch.', '')}"
+        + (f" int{o.quant_bits} weights" if o.keep_quantized else "")
+        + f" · stop: {res.stopped_by}"
+    )
     if moe:
         from llmarch.runtime.experts.report import offloaded, report
 
@@ -125,10 +145,12 @@ def run(o: RunOptions) -> dict:
             r = report(rt.model, max(len(res.tokens) - 1, 1), res.decode_s, rt.device)
             doc["offload"] = r
             if "bound_tok_s" in r:
-                summary += (f" · {r['expert_format']} experts {r['expert_bytes_per_token'] / 2**20:.1f} MiB/token read from host, "
-                            f"bound {r['bound_tok_s']:.1f} tok/s at {r['host_read_gb_s']} GB/s "
-                            f"({100 * r['fraction_of_bound']:.0f}%)"
-                            + (f" · peak RSS {r['host_rss_peak_mib']} MiB" if rt.device.type == "cuda" else ""))
+                summary += (
+                    f" · {r['expert_format']} experts {r['expert_bytes_per_token'] / 2**20:.1f} MiB/token read from host, "
+                    f"bound {r['bound_tok_s']:.1f} tok/s at {r['host_read_gb_s']} GB/s "
+                    f"({100 * r['fraction_of_bound']:.0f}%)"
+                    + (f" · peak RSS {r['host_rss_peak_mib']} MiB" if rt.device.type == "cuda" else "")
+                )
     if o.as_json:
         sys.stdout.write(json.dumps(doc) + "\n")
     err.write(f"llmarch: {summary}\n")
@@ -151,7 +173,7 @@ class _Streamer:
         text = self.tok.decode(self.ids)
         if text.endswith("\ufffd") or not text.startswith(self.shown):
             return
-        self.out.write(text[len(self.shown):])
+        self.out.write(text[len(self.shown) :])
         self.out.flush()
         self.shown = text
 
@@ -159,6 +181,6 @@ class _Streamer:
         if self.tok is not None:
             text = self.tok.decode(self.ids)
             if text.startswith(self.shown):
-                self.out.write(text[len(self.shown):])
+                self.out.write(text[len(self.shown) :])
         self.out.write("\n")
         self.out.flush()

@@ -22,12 +22,22 @@ from llmarch.runtime.cbuild import cache_dir
 SPIECE = "\u2581"
 CONTROL, USER_DEFINED = 3, 4
 # pre-tokenizer split regexes of byte-level GGUF vocabularies, by tokenizer.ggml.pre
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
-          "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+SPLITS = {
+    "llama3": _LLAMA3_SPLIT,
+    "llama-v3": _LLAMA3_SPLIT,
+    "llama-bpe": _LLAMA3_SPLIT,
+    "smaug-bpe": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT,
+    "deepseek-r1-qwen": _QWEN2_SPLIT,
+}
 GEMMA_ARCHS = ("gemma", "gemma2", "gemma3", "gemma3n")
 
 
@@ -112,16 +122,30 @@ def build_gguf_tokenizer(ckpt: Checkpoint):
             ranks = dict(zip(tokens, array("tokenizer.ggml.scores") or [0.0] * len(tokens)))
         # Gemma's BPE maps unknown pieces to <unk>; transformers' LlamaTokenizer has no unk (drops them)
         unk = tokens[meta.get("tokenizer.ggml.unknown_token_id", 3)] if arch in GEMMA_ARCHS else None
-        tok = Tokenizer(BPE(vocab=vocab, merges=merges_from_vocab(vocab, ranks), fuse_unk=True, unk_token=unk,
-                            byte_fallback=True, dropout=None))
+        tok = Tokenizer(
+            BPE(
+                vocab=vocab,
+                merges=merges_from_vocab(vocab, ranks),
+                fuse_unk=True,
+                unk_token=unk,
+                byte_fallback=True,
+                dropout=None,
+            )
+        )
         if arch in GEMMA_ARCHS:
             tok.normalizer = normalizers.Replace(" ", SPIECE)
             tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
             tok.decoder = decoders.Sequence([decoders.Replace(SPIECE, " "), decoders.ByteFallback(), decoders.Fuse()])
         else:
             tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPIECE, prepend_scheme="first", split=False)
-            tok.decoder = decoders.Sequence([decoders.Replace(SPIECE, " "), decoders.ByteFallback(), decoders.Fuse(),
-                                             decoders.Strip(content=" ", left=1)])
+            tok.decoder = decoders.Sequence(
+                [
+                    decoders.Replace(SPIECE, " "),
+                    decoders.ByteFallback(),
+                    decoders.Fuse(),
+                    decoders.Strip(content=" ", left=1),
+                ]
+            )
     elif model == "gpt2":
         spelling = gpt2_bytes_to_unicode()
         alphabet = set(spelling.values())
@@ -130,8 +154,12 @@ def build_gguf_tokenizer(ckpt: Checkpoint):
         tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, fuse_unk=False))
         split = SPLITS.get(meta.get("tokenizer.ggml.pre"))
         if split:
-            tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            tok.pre_tokenizer = pre_tokenizers.Sequence(
+                [
+                    pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                ]
+            )
         else:
             tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -139,8 +167,11 @@ def build_gguf_tokenizer(ckpt: Checkpoint):
         raise LlmarchError(f"GGUF tokenizer model {model!r} is not supported (llama, gpt2)", ckpt.path)
     byte_level = model == "gpt2"
     spelled = set(gpt2_bytes_to_unicode().values()) if byte_level else None
-    control = [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types)
-               if ty == CONTROL and (spelled is None or set(t) <= spelled)]
+    control = [
+        AddedToken(t, normalized=False, special=True)
+        for t, ty in zip(tokens, types)
+        if ty == CONTROL and (spelled is None or set(t) <= spelled)
+    ]
     if control:
         tok.add_special_tokens(control)
     user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED]
@@ -177,8 +208,15 @@ def _gguf_tok(ckpt: Checkpoint) -> Tok:
     add_bos = meta.get("tokenizer.ggml.add_bos_token")
     if add_bos is None:
         add_bos = meta.get("tokenizer.ggml.model") == "llama"
-    return Tok(tok, bos, bool(add_bos), eos_ids, meta.get("tokenizer.chat_template"),
-               tok.id_to_token(bos) if bos is not None else None, tok.id_to_token(eos) if eos is not None else None)
+    return Tok(
+        tok,
+        bos,
+        bool(add_bos),
+        eos_ids,
+        meta.get("tokenizer.chat_template"),
+        tok.id_to_token(bos) if bos is not None else None,
+        tok.id_to_token(eos) if eos is not None else None,
+    )
 
 
 def _token_str(v) -> str | None:

@@ -16,17 +16,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmarch.arch.spec import ArchSpec
 from llmarch.checkpoint.base import Checkpoint, TensorInfo
 from llmarch.errors import LlmarchError
-from llmarch.arch.spec import ArchSpec
 from llmarch.qk_permute import from_gguf_order
 
 # canonical leaf -> HF suffix within a decoder layer (Llama layout; most families)
 HF_LAYER = {
-    "attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
-    "attn.o": "self_attn.o_proj", "attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm",
-    "attn.sinks": "self_attn.sinks", "attn.gate": "self_attn.gate_proj",
-    "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj",
+    "attn.q": "self_attn.q_proj",
+    "attn.k": "self_attn.k_proj",
+    "attn.v": "self_attn.v_proj",
+    "attn.o": "self_attn.o_proj",
+    "attn.q_norm": "self_attn.q_norm",
+    "attn.k_norm": "self_attn.k_norm",
+    "attn.sinks": "self_attn.sinks",
+    "attn.gate": "self_attn.gate_proj",
+    "mlp.gate": "mlp.gate_proj",
+    "mlp.up": "mlp.up_proj",
+    "mlp.down": "mlp.down_proj",
 }
 # other names some checkpoints use for the same tensor (MiMo-V2-Flash's Hub files and transformers'
 # save_pretrained name its sinks attention_sink_bias)
@@ -34,13 +41,23 @@ HF_ALIASES = {"self_attn.sinks": "self_attn.attention_sink_bias"}
 # the HF name of each norm slot depends on where the family puts its norms
 HF_NORMS = {
     "pre": {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
-    "sandwich": {"attn_norm": "input_layernorm", "attn_post_norm": "post_attention_layernorm",
-                 "ffn_norm": "pre_feedforward_layernorm", "ffn_post_norm": "post_feedforward_layernorm"},
+    "sandwich": {
+        "attn_norm": "input_layernorm",
+        "attn_post_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm",
+        "ffn_post_norm": "post_feedforward_layernorm",
+    },
     "post": {"attn_post_norm": "post_attention_layernorm", "ffn_post_norm": "post_feedforward_layernorm"},
 }
 # GPT-2's own names (Conv1D weights are stored [in, out]; c_attn holds q, k, v fused)
-GPT2_LAYER = {"attn_norm": "ln_1", "ffn_norm": "ln_2", "attn.qkv": "attn.c_attn", "attn.o": "attn.c_proj",
-              "mlp.up": "mlp.c_fc", "mlp.down": "mlp.c_proj"}
+GPT2_LAYER = {
+    "attn_norm": "ln_1",
+    "ffn_norm": "ln_2",
+    "attn.qkv": "attn.c_attn",
+    "attn.o": "attn.c_proj",
+    "mlp.up": "mlp.c_fc",
+    "mlp.down": "mlp.c_proj",
+}
 GPT2_CONV1D = ("attn.qkv", "attn.o", "mlp.up", "mlp.down")
 
 LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+?)\.(weight|bias)$")
@@ -83,7 +100,9 @@ class WeightSource:
         """Rows [start, stop) of a 2-D tensor stored row-major (embeddings), read alone."""
         t = self.info(name)
         row = t.nbytes // t.shape[0]
-        part = TensorInfo(t.name, t.dtype, (stop - start, *t.shape[1:]), t.file, t.offset + start * row, (stop - start) * row)
+        part = TensorInfo(
+            t.name, t.dtype, (stop - start, *t.shape[1:]), t.file, t.offset + start * row, (stop - start) * row
+        )
         return self.fix(name, self.read(part))
 
     def fix(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +122,9 @@ class WeightSource:
         kv = self.spec.layer_kv_heads(layer)
         sizes = [a.heads * a.head_dim, kv * a.head_dim, kv * (a.v_head_dim or a.head_dim)]
         if full.shape[0] != sum(sizes):
-            raise LlmarchError(f"fused qkv tensor {t.name} has {full.shape[0]} rows, the spec needs {sum(sizes)}", t.file)
+            raise LlmarchError(
+                f"fused qkv tensor {t.name} has {full.shape[0]} rows, the spec needs {sum(sizes)}", t.file
+            )
         q, k, v = torch.split(full, sizes, dim=0)
         return {"attn.q": q, "attn.k": k, "attn.v": v}[stem]
 
@@ -115,7 +136,7 @@ def _memmap(path: Path) -> np.ndarray:
 
 
 def _raw(t: TensorInfo) -> torch.Tensor:
-    return torch.from_numpy(_memmap(t.file)[t.offset:t.offset + t.nbytes])
+    return torch.from_numpy(_memmap(t.file)[t.offset : t.offset + t.nbytes])
 
 
 ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -127,8 +148,14 @@ class SafetensorsSource(WeightSource):
         names = ckpt.tensors
         # GPT-2's own layout (transformer.h.N, fused c_attn, Conv1D weights): its embedding is wte
         self.gpt2 = any(n.endswith("wte.weight") for n in names)
-        embed = next((n for n in names if n.endswith(("embed_tokens.weight", "wte.weight"))
-                      and "vision" not in n and "per_layer" not in n), None)
+        embed = next(
+            (
+                n
+                for n in names
+                if n.endswith(("embed_tokens.weight", "wte.weight")) and "vision" not in n and "per_layer" not in n
+            ),
+            None,
+        )
         if embed is None:
             raise LlmarchError("no token embedding tensor (embed_tokens / wte) in the checkpoint", ckpt.path)
         self.prefix = embed[: -len("wte.weight" if self.gpt2 else "embed_tokens.weight")]
@@ -150,8 +177,12 @@ class SafetensorsSource(WeightSource):
             if layer is not None:
                 hf = GPT2_LAYER.get(stem)
                 return f"{p}h.{layer}.{hf}.{kind}" if hf else None
-            return {"embed": f"{p}wte.weight", "pos_embed": f"{p}wpe.weight", "final_norm": f"{p}ln_f.{kind}",
-                    "lm_head": self.head}.get(stem)
+            return {
+                "embed": f"{p}wte.weight",
+                "pos_embed": f"{p}wpe.weight",
+                "final_norm": f"{p}ln_f.{kind}",
+                "lm_head": self.head,
+            }.get(stem)
         if layer is not None:
             hf = HF_LAYER.get(stem) or self.norms.get(stem)
             if hf and hf.startswith("mlp."):
@@ -187,14 +218,28 @@ class GGUFSource(WeightSource):
         self.permute_qk = bool(spec.recipe and spec.recipe.gguf_permute_qk)
         T = gguf.MODEL_TENSOR
         names = gguf.TENSOR_NAMES
-        self.globals = {"embed": names[T.TOKEN_EMBD], "pos_embed": names[T.POS_EMBD],
-                        "final_norm": names[T.OUTPUT_NORM], "lm_head": names[T.OUTPUT]}
+        self.globals = {
+            "embed": names[T.TOKEN_EMBD],
+            "pos_embed": names[T.POS_EMBD],
+            "final_norm": names[T.OUTPUT_NORM],
+            "lm_head": names[T.OUTPUT],
+        }
         self.layer = {
-            "attn_norm": T.ATTN_NORM, "attn_post_norm": T.ATTN_POST_NORM, "ffn_norm": T.FFN_NORM,
-            "ffn_post_norm": T.FFN_POST_NORM, "attn.q": T.ATTN_Q, "attn.k": T.ATTN_K, "attn.v": T.ATTN_V,
-            "attn.qkv": T.ATTN_QKV, "attn.o": T.ATTN_OUT, "attn.q_norm": T.ATTN_Q_NORM,
-            "attn.k_norm": T.ATTN_K_NORM, "attn.sinks": T.ATTN_SINKS, "mlp.gate": T.FFN_GATE,
-            "mlp.up": T.FFN_UP, "mlp.down": T.FFN_DOWN,
+            "attn_norm": T.ATTN_NORM,
+            "attn_post_norm": T.ATTN_POST_NORM,
+            "ffn_norm": T.FFN_NORM,
+            "ffn_post_norm": T.FFN_POST_NORM,
+            "attn.q": T.ATTN_Q,
+            "attn.k": T.ATTN_K,
+            "attn.v": T.ATTN_V,
+            "attn.qkv": T.ATTN_QKV,
+            "attn.o": T.ATTN_OUT,
+            "attn.q_norm": T.ATTN_Q_NORM,
+            "attn.k_norm": T.ATTN_K_NORM,
+            "attn.sinks": T.ATTN_SINKS,
+            "mlp.gate": T.FFN_GATE,
+            "mlp.up": T.FFN_UP,
+            "mlp.down": T.FFN_DOWN,
         }
         self.layer = {k: names[v] for k, v in self.layer.items()}
         # pre-norm archs without an ffn_norm in gguf-py's table (glm4moe, gpt-oss) store the FFN's

@@ -49,9 +49,17 @@ def fingerprint(ckpt: Checkpoint) -> ArchSpec:
         ev = {}
         source = "config.json"
     facts = Facts(config, ev, source)
-    spec = ArchSpec(family=family, format=ckpt.format, architecture=architecture, model_type=model_type,
-                    text_family=text_family, gguf_arch=gguf_arch, config=config, recipe=recipe,
-                    supports=list(recipe.supports) if recipe else [])
+    spec = ArchSpec(
+        family=family,
+        format=ckpt.format,
+        architecture=architecture,
+        model_type=model_type,
+        text_family=text_family,
+        gguf_arch=gguf_arch,
+        config=config,
+        recipe=recipe,
+        supports=list(recipe.supports) if recipe else [],
+    )
     layer_tensors = tensors_by_layer(ckpt)
     recipe = recipe or recipes.NO_RECIPE
 

@@ -12,8 +12,17 @@ from llmarch.checkpoint.base import Checkpoint
 def read_attention(spec: ArchSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoint) -> None:
     a = AttentionSpec()
     a.heads = int(f.get("num_attention_heads", "n_head", "num_heads", "n_heads", default=0, fact="attention.heads"))
-    a.kv_heads = int(f.get("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num",
-                           default=a.heads, fact="attention.kv_heads") or a.heads)
+    a.kv_heads = int(
+        f.get(
+            "num_key_value_heads",
+            "num_kv_heads",
+            "n_kv_heads",
+            "multi_query_group_num",
+            default=a.heads,
+            fact="attention.kv_heads",
+        )
+        or a.heads
+    )
     a.kv_lora_rank = f.get("kv_lora_rank", fact="attention.kv_lora_rank")
     a.q_lora_rank = f.get("q_lora_rank", fact="attention.q_lora_rank")
     a.mla = bool(a.kv_lora_rank) or recipe.attention == "mla"
@@ -65,13 +74,14 @@ def read_attention(spec: ArchSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoin
     if sinks:
         spec.evidence["attention.sinks"] = sinks
     gate = any_layer_has(lt, "attn_gate")
-    a.gated = bool(gate) or bool(f.get("attn_output_gate", "use_attn_gate", "gated_attention", default=recipe.gated_attention))
+    a.gated = bool(gate) or bool(
+        f.get("attn_output_gate", "use_attn_gate", "gated_attention", default=recipe.gated_attention)
+    )
     q = any_layer_has(lt, "q_proj")
     if gate:
         a.gate_layout = "separate"
         spec.evidence["attention.gated"] = gate
-    elif a.gated and q and not a.mla and ckpt.tensors[q].shape \
-            and ckpt.tensors[q].shape[0] == 2 * a.heads * a.head_dim:
+    elif a.gated and q and not a.mla and ckpt.tensors[q].shape and ckpt.tensors[q].shape[0] == 2 * a.heads * a.head_dim:
         a.gate_layout = "in_q"  # q_proj twice the query width: [q | gate] per head
         spec.evidence["attention.gated"] = q
     idx = any_layer_has(lt, "indexer")
@@ -92,6 +102,8 @@ def read_attention(spec: ArchSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoin
     # Llama 4's NoPE layers: a query temperature growing with the position; floor_scale and
     # attn_scale default as in Llama4TextConfig, the config class that defines these keys
     if f.get("attn_temperature_tuning", fact="attention.temperature_tuning"):
-        a.temperature_tuning = {"floor_scale": f.get("floor_scale", default=8192),
-                                "attn_scale": f.get("attn_scale", default=0.1)}
+        a.temperature_tuning = {
+            "floor_scale": f.get("floor_scale", default=8192),
+            "attn_scale": f.get("attn_scale", default=0.1),
+        }
     spec.attention = a

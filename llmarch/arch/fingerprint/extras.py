@@ -12,11 +12,14 @@ from llmarch.checkpoint.base import Checkpoint
 
 
 def read_extras(spec: ArchSpec, f: Facts, recipe: Recipe, ckpt: Checkpoint) -> None:
-    spec.mtp_layers = int(f.get("num_nextn_predict_layers", "mtp_num_layers", "num_mtp_layers", default=0,
-                                fact="mtp_layers") or 0)
+    spec.mtp_layers = int(
+        f.get("num_nextn_predict_layers", "mtp_num_layers", "num_mtp_layers", default=0, fact="mtp_layers") or 0
+    )
     tie = f.get("tie_word_embeddings", fact="tied_embeddings")
-    has_head = any(n.endswith(("lm_head.weight", "output.weight")) and not is_vision(n) and layer_of(n) is None
-                   for n in ckpt.tensors)
+    has_head = any(
+        n.endswith(("lm_head.weight", "output.weight")) and not is_vision(n) and layer_of(n) is None
+        for n in ckpt.tensors
+    )
     spec.tied_embeddings = not has_head if ckpt.tensors else bool(tie if tie is not None else True)
     if tie is False and not has_head and ckpt.tensors:
         spec.warnings.append("config says tie_word_embeddings=false but there is no lm_head tensor")
@@ -25,9 +28,15 @@ def read_extras(spec: ArchSpec, f: Facts, recipe: Recipe, ckpt: Checkpoint) -> N
     spec.final_softcap = f.get("final_logit_softcapping")
     ple_dim = f.get("hidden_size_per_layer_input", fact="per_layer_embeddings")
     if ple_dim:
-        spec.per_layer_embeddings = {"dim": ple_dim, "vocab": f.get("vocab_size_per_layer_input", default=spec.vocab_size)}
-    for key, name in (("altup_num_inputs", "altup_streams"), ("laurel_rank", "laurel_rank"),
-                      ("activation_sparsity_pattern", "activation_sparsity")):
+        spec.per_layer_embeddings = {
+            "dim": ple_dim,
+            "vocab": f.get("vocab_size_per_layer_input", default=spec.vocab_size),
+        }
+    for key, name in (
+        ("altup_num_inputs", "altup_streams"),
+        ("laurel_rank", "laurel_rank"),
+        ("activation_sparsity_pattern", "activation_sparsity"),
+    ):
         v = f.get(key)
         if v:
             spec.extras[name] = v

@@ -7,7 +7,6 @@ from collections import defaultdict
 from llmarch.arch.tensor_roles import has_role, is_vision, layer_of
 from llmarch.checkpoint.base import Checkpoint
 
-
 EXPERTS_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts", "n_experts")
 
 
@@ -22,7 +21,8 @@ class Facts:
     """A config view that remembers which key each value came from."""
 
     def __init__(self, config: dict, evidence: dict[str, str], source: str):
-        self.config, self.evidence, self.source, self.used = config, evidence, source, {}
+        self.config, self.evidence, self.source = config, evidence, source
+        self.used: dict[str, str] = {}
 
     def get(self, *keys: str, default=None, fact: str | None = None):
         for key in keys:

@@ -22,7 +22,9 @@ def read_moe(spec: ArchSpec, f: Facts, recipe: Recipe, lt) -> None:
     if shared is None:
         shared = 1 if (shared_ffn or has_shared_tensor or recipe.moe.shared_experts) else 0
     if lt and bool(shared) != bool(has_shared_tensor):
-        spec.warnings.append(f"config says {shared} shared experts, tensors {'show' if has_shared_tensor else 'show none'}")
+        spec.warnings.append(
+            f"config says {shared} shared experts, tensors {'show' if has_shared_tensor else 'show none'}"
+        )
         shared = shared if has_shared_tensor else 0
     if has_shared_tensor:
         spec.evidence["moe.shared_experts"] = has_shared_tensor
@@ -31,8 +33,13 @@ def read_moe(spec: ArchSpec, f: Facts, recipe: Recipe, lt) -> None:
     expert_ffn = f.get(key, "moe_intermediate_size", "expert_intermediate_size", fact="moe.expert_ffn")
     if shared and not shared_ffn:
         shared_ffn = (expert_ffn or 0) * int(shared)
-    m = MoESpec(experts=int(experts), experts_per_token=int(topk), shared_experts=int(shared or 0),
-                expert_ffn=expert_ffn, shared_ffn=shared_ffn)
+    m = MoESpec(
+        experts=int(experts),
+        experts_per_token=int(topk),
+        shared_experts=int(shared or 0),
+        expert_ffn=expert_ffn,
+        shared_ffn=shared_ffn,
+    )
     m.shared_gated = bool(any_layer_has(lt, "shared_expert_gate"))
     _read_routing(m, f, recipe.moe, lt)
     _read_experts(m, f, recipe.moe, lt)
@@ -73,7 +80,8 @@ def assign_ffn(spec: ArchSpec, f: Facts, recipe: Recipe, lt, sched: list[LayerSp
         moe_layers = from_tensors
         if from_config is not None and from_config != from_tensors:
             spec.warnings.append(
-                f"config puts MoE in layers {index_ranges(sorted(from_config))}, tensors in {index_ranges(sorted(from_tensors))}")
+                f"config puts MoE in layers {index_ranges(sorted(from_config))}, tensors in {index_ranges(sorted(from_tensors))}"
+            )
         spec.evidence["moe.dense_layers"] = "layers without expert/router tensors"
     else:
         moe_layers = from_config if from_config is not None else set(range(n))

@@ -11,7 +11,10 @@ def read_norms(spec: ArchSpec, f: Facts, recipe: Recipe, lt) -> None:
     n = NormSpec()
     first = next(iter(sorted(lt)), None)
     if first is not None:
-        has = {role: layer_has(lt, first, role) for role in ("input_norm", "post_attn_norm", "pre_ffn_norm", "post_ffn_norm")}
+        has = {
+            role: layer_has(lt, first, role)
+            for role in ("input_norm", "post_attn_norm", "pre_ffn_norm", "post_ffn_norm")
+        }
         if has["post_ffn_norm"] and has["input_norm"]:
             n.placement = "sandwich"
         elif has["post_ffn_norm"] and not has["input_norm"]:

@@ -60,6 +60,8 @@ def read_storage(spec: ArchSpec, ckpt: Checkpoint) -> None:
     spec.stored_bytes = ckpt.stored_bytes
     spec.dtypes = ckpt.dtype_counts()
     floats = [d for d in spec.dtypes if d in STORAGE_BYTES]
-    spec.kv_dtype_default = "f32" if floats and floats[0] == "F32" else ("f16" if floats and floats[0] == "F16" else "bf16")
+    spec.kv_dtype_default = (
+        "f32" if floats and floats[0] == "F32" else ("f16" if floats and floats[0] == "F16" else "bf16")
+    )
     if spec.format == "gguf":
         spec.kv_dtype_default = "f16"  # llama.cpp's default cache type

@@ -15,15 +15,20 @@ def read_rope(spec: ArchSpec, f: Facts, recipe: Recipe) -> None:
     r.theta = full.get("rope_theta") or f.get("rope_theta", "rotary_emb_base", "rope_base", fact="rope.theta")
     if full.get("rope_theta"):
         spec.evidence["rope.theta"] = "config.json:rope_parameters"
-    scaling = f.get("rope_scaling") or {k: v for k, v in full.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    scaling = f.get("rope_scaling") or {
+        k: v for k, v in full.items() if k not in ("rope_theta", "partial_rotary_factor")
+    }
     stype = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
     r.scaling = dict(scaling, type=stype) if stype and stype != "default" else None
     if isinstance(local, dict) and local.get("rope_theta") and local.get("rope_theta") != r.theta:
         r.local_theta = local["rope_theta"]
     elif f.get("rope_local_base_freq"):
         r.local_theta = f.get("rope_local_base_freq", fact="rope.local_theta")
-    partial = (full.get("partial_rotary_factor") or f.get("partial_rotary_factor", fact="rope.partial")
-               or recipe.partial_rotary_factor)
+    partial = (
+        full.get("partial_rotary_factor")
+        or f.get("partial_rotary_factor", fact="rope.partial")
+        or recipe.partial_rotary_factor
+    )
     rotary_dim = f.get("rotary_dim", "rope_dim", fact="rope.partial")
     head = spec.attention.qk_rope_head_dim if spec.attention.mla else spec.attention.head_dim
     if partial:

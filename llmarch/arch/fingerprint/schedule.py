@@ -9,12 +9,18 @@ from llmarch.arch.recipe_schema import Recipe
 from llmarch.arch.spec import ArchSpec, LayerSpec
 from llmarch.checkpoint.base import Checkpoint
 
-
 # Nemotron-H block letters / names -> (mixer, ffn) of a single-op layer
 SINGLE_OP_BLOCKS = {
-    "M": ("mamba", "none"), "mamba": ("mamba", "none"), "linear_attention": ("mamba", "none"),
-    "*": ("full", "none"), "attention": ("full", "none"), "full_attention": ("full", "none"),
-    "-": ("none", "dense"), "mlp": ("none", "dense"), "E": ("none", "moe"), "moe": ("none", "moe"),
+    "M": ("mamba", "none"),
+    "mamba": ("mamba", "none"),
+    "linear_attention": ("mamba", "none"),
+    "*": ("full", "none"),
+    "attention": ("full", "none"),
+    "full_attention": ("full", "none"),
+    "-": ("none", "dense"),
+    "mlp": ("none", "dense"),
+    "E": ("none", "moe"),
+    "moe": ("none", "moe"),
 }
 
 
@@ -87,15 +93,22 @@ def read_schedule(spec: ArchSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoint
         if layer.mixer == "sliding" and local_partial is not None:
             layer.rope_partial = local_partial
         layer.kv_heads = _layer_kv_heads(spec, f, lt, i, ckpt)
-        if spec.attention.sinks and lt and layer.mixer in ("full", "sliding", "chunked") \
-                and not layer_has(lt, i, "sinks"):
+        if (
+            spec.attention.sinks
+            and lt
+            and layer.mixer in ("full", "sliding", "chunked")
+            and not layer_has(lt, i, "sinks")
+        ):
             layer.sinks = False  # MiMo-V2-Flash: only its sliding layers carry sink logits
         sched.append(layer)
     assign_ffn(spec, f, recipe, lt, sched)
     _kv_sharing(spec, f, sched)
     spec.schedule = sched
-    spec.rope.nope_layers = [l.index for l in sched if not l.rope and l.mixer not in ("none", "mamba", "linear")
-                             and not spec.rope.learned_positions]
+    spec.rope.nope_layers = [
+        l.index
+        for l in sched
+        if not l.rope and l.mixer not in ("none", "mamba", "linear") and not spec.rope.learned_positions
+    ]
     if spec.moe:
         spec.moe.dense_layers = [l.index for l in sched if l.ffn == "dense"]
 

@@ -12,10 +12,17 @@ def read_sizes(spec: ArchSpec, f: Facts, ckpt: Checkpoint) -> None:
     spec.layers = int(f.get("num_hidden_layers", "n_layer", "num_layers", "n_layers", default=0, fact="layers"))
     spec.hidden_size = int(f.get("hidden_size", "n_embd", "d_model", "dim", default=0, fact="hidden_size"))
     spec.vocab_size = int(f.get("vocab_size", "n_vocab", default=0, fact="vocab_size"))
-    spec.context_length = f.get("max_position_embeddings", "n_positions", "max_sequence_length",
-                                "seq_length", "model_max_length", fact="context_length")
-    spec.intermediate_size = f.get("intermediate_size_mlp", "intermediate_size", "n_inner", "ffn_hidden_size",
-                                   fact="intermediate_size")
+    spec.context_length = f.get(
+        "max_position_embeddings",
+        "n_positions",
+        "max_sequence_length",
+        "seq_length",
+        "model_max_length",
+        fact="context_length",
+    )
+    spec.intermediate_size = f.get(
+        "intermediate_size_mlp", "intermediate_size", "n_inner", "ffn_hidden_size", fact="intermediate_size"
+    )
     if spec.intermediate_size is None and spec.family == "gpt2" and spec.hidden_size:
         spec.intermediate_size = 4 * spec.hidden_size
         spec.evidence["intermediate_size"] = "gpt2 default: 4 x n_embd"
@@ -36,8 +43,7 @@ def read_sizes(spec: ArchSpec, f: Facts, ckpt: Checkpoint) -> None:
             spec.hidden_size = hidden
             spec.evidence["hidden_size"] = embed.name
     if not spec.layers:
-        idx = [layer_of(n) for n in ckpt.tensors if not is_vision(n)]
-        idx = [i for i in idx if i is not None]
+        idx = [i for n in ckpt.tensors if not is_vision(n) and (i := layer_of(n)) is not None]
         if idx:
             spec.layers = max(idx) + 1
             spec.evidence["layers"] = "count of layer indices in tensor names"

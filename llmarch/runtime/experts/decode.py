@@ -33,17 +33,24 @@ class SegmentedDecoder:
     def __init__(self, model, cache, device, graphs: bool | None = None, compile: bool = False):
         self.model, self.cache, self.device = model, cache, device
         blocks = list(model.layers)
-        self.cuts = [i for i, b in enumerate(blocks) if isinstance(b.mlp, MoE) and isinstance(b.mlp.experts, OffloadedExperts)]
-        self.ok = bool(self.cuts) and all(b.attn_post_norm is None and b.ffn_post_norm is None for b in blocks) \
-            and model.tied_quant is None and model.pos_embed is None \
-            and not any(blocks[i].mlp.experts.hot_n for i in self.cuts)  # hot experts: the eager path
+        self.cuts = [
+            i for i, b in enumerate(blocks) if isinstance(b.mlp, MoE) and isinstance(b.mlp.experts, OffloadedExperts)
+        ]
+        self.ok = (
+            bool(self.cuts)
+            and all(b.attn_post_norm is None and b.ffn_post_norm is None for b in blocks)
+            and model.tied_quant is None
+            and model.pos_embed is None
+            and not any(blocks[i].mlp.experts.hot_n for i in self.cuts)
+        )  # hot experts: the eager path
         # chunked attention slices its cache by the position on the host: eager segments
         from llmarch.runtime.ops.attention import Attention
         from llmarch.runtime.ops.chunked_attention import ChunkedAttention
         from llmarch.runtime.ops.mla import MLAttention
 
-        capturable = all(isinstance(b.attn, (Attention, MLAttention)) and not isinstance(b.attn, ChunkedAttention)
-                         for b in blocks)
+        capturable = all(
+            isinstance(b.attn, (Attention, MLAttention)) and not isinstance(b.attn, ChunkedAttention) for b in blocks
+        )
         self.graphs = (device.type == "cuda" and capturable) if graphs is None else graphs
         d = model.spec.hidden_size
         dt = model.final_norm.weight.dtype
@@ -70,7 +77,12 @@ class SegmentedDecoder:
         share one code object with different closure cells, so dynamo keeps one entry per layer."""
         import torch._dynamo.config as dyn
 
-        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        for name in (
+            "recompile_limit",
+            "cache_size_limit",
+            "accumulated_recompile_limit",
+            "accumulated_cache_size_limit",
+        ):
             if hasattr(dyn, name):
                 setattr(dyn, name, max(getattr(dyn, name), 2 * len(self.segs) + 8))
         self.segs = [torch.compile(seg, dynamic=False) for seg in self.segs]
@@ -79,8 +91,10 @@ class SegmentedDecoder:
     def _native_contexts(self, device) -> None:
         """One moe_decode context per offloaded layer; pack/out in pinned host memory on a GPU."""
         if device.type == "cuda":
-            self.pack_h, self.out_h = self.pack.new_zeros(self.pack.numel(), device="cpu").pin_memory(), \
-                torch.zeros(self.y.numel(), pin_memory=True)
+            self.pack_h, self.out_h = (
+                self.pack.new_zeros(self.pack.numel(), device="cpu").pin_memory(),
+                torch.zeros(self.y.numel(), pin_memory=True),
+            )
         else:  # the kernel reads and writes the segment's own buffers
             self.pack_h, self.out_h = self.pack.view(-1), self.y.view(-1)
         self.lib = cpu_kernel()
@@ -89,10 +103,27 @@ class SegmentedDecoder:
             moe = self.model.layers[i].mlp
             scratch = kernel_scratch(st.d, st.inter, self.k)  # its own: the store's grows (moves) in prefill
             self.scratch.append(scratch)
-            self.ctxs.append(DecodeCtx(st.format.kernel_code, self.k, st.d, st.inter, 1 if moe.act.clamped else 0,
-                                       1 if moe.weight_input else 0, moe.act.alpha, moe.act.limit,
-                                       ptr(self.pack_h), ptr(self.out_h), ptr(st.gu), ptr(st.dn), ptr(st.gu_s), ptr(st.dn_s),
-                                       ptr(st.gu_b), ptr(st.dn_b), *(ptr(scratch[j]) for j in (0, 3, 1, 2, 4, 5))))
+            self.ctxs.append(
+                DecodeCtx(
+                    st.format.kernel_code,
+                    self.k,
+                    st.d,
+                    st.inter,
+                    1 if moe.act.clamped else 0,
+                    1 if moe.weight_input else 0,
+                    moe.act.alpha,
+                    moe.act.limit,
+                    ptr(self.pack_h),
+                    ptr(self.out_h),
+                    ptr(st.gu),
+                    ptr(st.dn),
+                    ptr(st.gu_s),
+                    ptr(st.dn_s),
+                    ptr(st.gu_b),
+                    ptr(st.dn_b),
+                    *(ptr(scratch[j]) for j in (0, 3, 1, 2, 4, 5)),
+                )
+            )
         self.ctx_ptrs = [ctypes.cast(ctypes.pointer(c), ctypes.c_void_p) for c in self.ctxs]
         self.bytes_per_step = [self.k * st.expert_bytes() for st in self.stores]
 
@@ -123,6 +154,7 @@ class SegmentedDecoder:
             idx, w = moe.router(flat)
             self.h.copy_(h)
             self.pack.copy_(torch.cat([idx.float(), w.float(), flat.float()], dim=1))
+
         return seg
 
     def _make_shared(self, i: int):
@@ -133,11 +165,12 @@ class SegmentedDecoder:
         moe, k = self.model.layers[self.cuts[i]].mlp, self.k
 
         def shared():
-            flat = self.pack[:, 2 * k:].to(self.h.dtype)  # the normed input, exact (float32 holds bf16/fp16)
+            flat = self.pack[:, 2 * k :].to(self.h.dtype)  # the normed input, exact (float32 holds bf16/fp16)
             s = moe.shared(flat)
             if moe.shared_gate is not None:
                 s = torch.sigmoid(moe.shared_gate(flat)) * s
             self.h.add_(s.view_as(self.h))
+
         return shared
 
     def _host(self, i: int) -> None:
@@ -145,7 +178,9 @@ class SegmentedDecoder:
         if not self.native:
             moe, k = self.model.layers[self.cuts[i]].mlp, self.k
             p = self.pack.cpu()
-            y = moe.experts.host_compute(p[:, 2 * k:].contiguous(), p[:, :k].long(), p[:, k:2 * k], moe.act, moe.weight_input)
+            y = moe.experts.host_compute(
+                p[:, 2 * k :].contiguous(), p[:, :k].long(), p[:, k : 2 * k], moe.act, moe.weight_input
+            )
             self.y.copy_(y.view_as(self.y))
             return
         if self.device.type == "cuda":

@@ -50,8 +50,12 @@ class ExpertFormat(Enum):
 
     def bytes_per_weight(self, dtype_bytes: int) -> float:
         """Stored bytes per weight, scales included; a float expert's are its dtype's."""
-        return {ExpertFormat.FLOAT: dtype_bytes, ExpertFormat.INT8: 1 + 2 / G, ExpertFormat.INT4: 0.5 + 4 / G,
-                ExpertFormat.MXFP4: 0.5 + 1 / 32}[self]
+        return {
+            ExpertFormat.FLOAT: dtype_bytes,
+            ExpertFormat.INT8: 1 + 2 / G,
+            ExpertFormat.INT4: 0.5 + 4 / G,
+            ExpertFormat.MXFP4: 0.5 + 1 / 32,
+        }[self]
 
 
 _EXPERT_BITS = {ExpertFormat.FLOAT: 16, ExpertFormat.INT8: 8, ExpertFormat.INT4: 4}
@@ -83,7 +87,7 @@ def quantize(w: torch.Tensor, fmt: ExpertFormat) -> tuple[torch.Tensor, torch.Te
     s = ((hi - lo) / 15.0).half()
     m = lo.half()
     q = torch.round((g - m.float()[..., None]) / s.float().clamp(min=1e-12)[..., None]).clamp(0, 15).to(torch.uint8)
-    packed = q[..., : G // 2] | (q[..., G // 2:] << 4)  # byte j: element j (low), j + 32 (high)
+    packed = q[..., : G // 2] | (q[..., G // 2 :] << 4)  # byte j: element j (low), j + 32 (high)
     return packed.reshape(*lead, N, K // 2), torch.stack([s, m], dim=-1).reshape(*lead, N, 2 * (K // G))
 
 

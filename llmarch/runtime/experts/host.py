@@ -35,7 +35,11 @@ class OffloadedExperts(ExpertStore):
         """Float experts, stored in place.format."""
         super().__init__()
         fmt = place.format
-        parts = (*quantize(gate_up, fmt), *quantize(down, fmt)) if fmt.quantized else (gate_up.to(dtype), None, down.to(dtype), None)
+        parts = (
+            (*quantize(gate_up, fmt), *quantize(down, fmt))
+            if fmt.quantized
+            else (gate_up.to(dtype), None, down.to(dtype), None)
+        )
         self._hold(moe, parts, biases, place, dtype)
 
     @classmethod
@@ -60,8 +64,9 @@ class OffloadedExperts(ExpertStore):
             self.cache = place.disk_cache
             if self.cache is not None:
                 self.cache.add(self._mm)
-        self._expert_bytes = sum(t[0].numel() * t.element_size() for t in (self.gu, self.gu_s, self.dn, self.dn_s)
-                                 if t is not None)
+        self._expert_bytes = sum(
+            t[0].numel() * t.element_size() for t in (self.gu, self.gu_s, self.dn, self.dn_s) if t is not None
+        )
         self.hot_n = place.gpu_experts
         self.counts = np.zeros(self.E, dtype=np.int64)
         self.hot: dict[int, tuple] = {}
@@ -83,11 +88,16 @@ class OffloadedExperts(ExpertStore):
     def expert(self, e: int, device=None) -> tuple:
         """Expert e in the model dtype, dequantized if need be, on the host or on `device`."""
         if self.format.quantized:
-            gu, dn = dequantize(self.gu[e], self.gu_s[e], self.format), dequantize(self.dn[e], self.dn_s[e], self.format)
+            gu, dn = (
+                dequantize(self.gu[e], self.gu_s[e], self.format),
+                dequantize(self.dn[e], self.dn_s[e], self.format),
+            )
         else:
             gu, dn = self.gu[e], self.dn[e]
-        return tuple(None if t is None else t.to(device, self.dtype, non_blocking=True)
-                     for t in (gu, dn, at(self.gu_b, e), at(self.dn_b, e)))
+        return tuple(
+            None if t is None else t.to(device, self.dtype, non_blocking=True)
+            for t in (gu, dn, at(self.gu_b, e), at(self.dn_b, e))
+        )
 
     def _refresh_hot(self) -> None:
         want = set(np.argsort(-self.counts, kind="stable")[: self.hot_n].tolist())
@@ -102,7 +112,7 @@ class OffloadedExperts(ExpertStore):
         if x.device.type == "cuda":  # one device->host copy (and sync) for ids, weights and activations
             k = idx.shape[1]
             both = torch.cat([idx.float(), w.float(), x.float()], dim=1).cpu()
-            idx_h, w_h, x_h = both[:, :k].long(), both[:, k:2 * k], both[:, 2 * k:]
+            idx_h, w_h, x_h = both[:, :k].long(), both[:, k : 2 * k], both[:, 2 * k :]
         else:
             idx_h, w_h, x_h = idx, w.float(), x.float()
         if self.hot_n:
@@ -134,8 +144,15 @@ class OffloadedExperts(ExpertStore):
             y = self._kernel(x_h, sel, start, tok, wts, act, weight_input)
         else:
             segs = zip(sel.tolist(), start[:-1].tolist(), start[1:].tolist())
-            y = expert_loop(x_h.to(self.dtype), torch.from_numpy(tok.astype(np.int64)), torch.from_numpy(wts), segs,
-                            self.expert, act, weight_input)
+            y = expert_loop(
+                x_h.to(self.dtype),
+                torch.from_numpy(tok.astype(np.int64)),
+                torch.from_numpy(wts),
+                segs,
+                self.expert,
+                act,
+                weight_input,
+            )
         self.touched(len(sel) * self._expert_bytes)
         return y
 
@@ -168,12 +185,33 @@ class OffloadedExperts(ExpertStore):
         out = np.zeros((x_h.shape[0], d), dtype=np.float32)
         x_np = np.ascontiguousarray(x_h.numpy(), dtype=np.float32)
         cpu_kernel().moe_experts(
-            ctypes.c_int(self.format.kernel_code), ctypes.c_int(len(sel)), ptr(sel), ptr(start), ptr(np.ascontiguousarray(tok)),
-            ptr(wts), ptr(x_np), ptr(out), ctypes.c_int(d), ctypes.c_int(I),
-            ptr(self.gu), ptr(self.gu_s), ptr(self.dn), ptr(self.dn_s), ptr(self.gu_b), ptr(self.dn_b),
-            ptr(XQ), ptr(XS), ptr(H), ptr(AQ), ptr(AS), ptr(Y),
-            ctypes.c_int(1 if act.clamped else 0), ctypes.c_float(act.alpha), ctypes.c_float(act.limit),
-            ctypes.c_int(1 if weight_input else 0))
+            ctypes.c_int(self.format.kernel_code),
+            ctypes.c_int(len(sel)),
+            ptr(sel),
+            ptr(start),
+            ptr(np.ascontiguousarray(tok)),
+            ptr(wts),
+            ptr(x_np),
+            ptr(out),
+            ctypes.c_int(d),
+            ctypes.c_int(I),
+            ptr(self.gu),
+            ptr(self.gu_s),
+            ptr(self.dn),
+            ptr(self.dn_s),
+            ptr(self.gu_b),
+            ptr(self.dn_b),
+            ptr(XQ),
+            ptr(XS),
+            ptr(H),
+            ptr(AQ),
+            ptr(AS),
+            ptr(Y),
+            ctypes.c_int(1 if act.clamped else 0),
+            ctypes.c_float(act.alpha),
+            ctypes.c_float(act.limit),
+            ctypes.c_int(1 if weight_input else 0),
+        )
         return torch.from_numpy(out)
 
     def _scratch(self, rows: int) -> tuple:

@@ -1,12 +1,12 @@
 """Where the routed experts of each MoE layer live, whether that fits, and the store that holds them.
 
-    --experts gpu|cpu|disk   where the routed experts live (default: gpu when they fit, else cpu)
-    --expert-bits 16|8|4     16: the model dtype; 8: int8, one fp16 scale per 64 inputs;
-                             4: int4, fp16 scale + min per 64 inputs (4.5 bits per weight);
-                             not given, on the CPU, for gpt-oss's MXFP4 experts: kept as shipped
-                             (4.25 bits per weight)
-    --gpu-experts N          the N most used experts of each layer (counted while running) also
-                             get a float copy on the GPU and are computed there
+--experts gpu|cpu|disk   where the routed experts live (default: gpu when they fit, else cpu)
+--expert-bits 16|8|4     16: the model dtype; 8: int8, one fp16 scale per 64 inputs;
+                         4: int4, fp16 scale + min per 64 inputs (4.5 bits per weight);
+                         not given, on the CPU, for gpt-oss's MXFP4 experts: kept as shipped
+                         (4.25 bits per weight)
+--gpu-experts N          the N most used experts of each layer (counted while running) also
+                         get a float copy on the GPU and are computed there
 """
 
 from __future__ import annotations
@@ -39,12 +39,18 @@ class Placement:
 
 def store_factory(place: Placement, dtype, device):
     def make(moe: MoE, gate_up, down, biases, mxfp4=None):
-        if place.format is ExpertFormat.MXFP4:  # blocks [E, rows, K/32, 16] as rows of K/2 bytes, e8m0 scales [E, rows, K/32]
+        if (
+            place.format is ExpertFormat.MXFP4
+        ):  # blocks [E, rows, K/32, 16] as rows of K/2 bytes, e8m0 scales [E, rows, K/32]
             if moe.d % G or moe.inter % G:
-                raise LlmarchError(f"MXFP4 experts on the CPU need widths that are multiples of {G} (hidden {moe.d}, "
-                                   f"expert {moe.inter}); use --expert-bits 16")
+                raise LlmarchError(
+                    f"MXFP4 experts on the CPU need widths that are multiples of {G} (hidden {moe.d}, "
+                    f"expert {moe.inter}); use --expert-bits 16"
+                )
             if mxfp4 is None:
-                raise LlmarchError(f"layer {moe.index}: experts are not MXFP4 like the other layers'; use --expert-bits 16")
+                raise LlmarchError(
+                    f"layer {moe.index}: experts are not MXFP4 like the other layers'; use --expert-bits 16"
+                )
             gub, gus, dnb, dns = mxfp4
             parts = (gub.reshape(*gub.shape[:2], -1), gus, dnb.reshape(*dnb.shape[:2], -1), dns)
             return OffloadedExperts.from_quantized(moe, parts, place, dtype, biases)
@@ -53,6 +59,7 @@ def store_factory(place: Placement, dtype, device):
         if place.format.quantized:
             return QuantGPUExperts(gate_up, down, biases, place.format, dtype, device)
         return moe.experts.load(gate_up, down, biases, dtype, device)
+
     make.keeps_mxfp4 = place.format is ExpertFormat.MXFP4  # read_moe hands over the blocks instead of dequantizing
     return make
 
@@ -78,8 +85,17 @@ def expert_bytes(spec, fmt: ExpertFormat, dtype_bytes: int = 2) -> tuple[int, in
     return int(routed * fmt.bytes_per_weight(dtype_bytes)), int(dense * dtype_bytes)
 
 
-def plan(spec, device: torch.device, dtype, experts: str | None, bits: int | None, gpu_experts: int = 0,
-         cache_gib: float = 2.0, disk_dir: str | None = None, mxfp4: bool = False) -> Placement:
+def plan(
+    spec,
+    device: torch.device,
+    dtype,
+    experts: str | None,
+    bits: int | None,
+    gpu_experts: int = 0,
+    cache_gib: float = 2.0,
+    disk_dir: str | None = None,
+    mxfp4: bool = False,
+) -> Placement:
     """Check the options and that the placement fits; the default puts experts on the GPU when they fit.
     mxfp4: the checkpoint's experts are MXFP4; without --expert-bits they stay so on the CPU/disk."""
     fmt = ExpertFormat.from_bits(16 if bits is None else bits)
@@ -103,16 +119,24 @@ def plan(spec, device: torch.device, dtype, experts: str | None, bits: int | Non
     hot = gpu_experts * routed // max(spec.moe.experts, 1)
     need_dev = dense + (routed if experts == "gpu" else hot)
     if need_dev > dev_free:
-        fits = [f.option for f in (ExpertFormat.INT8, ExpertFormat.INT4)
-                if f.bytes_per_weight(dbytes) < fmt.bytes_per_weight(dbytes) and expert_bytes(spec, f, dbytes)[0] + dense < dev_free]
+        fits = [
+            f.option
+            for f in (ExpertFormat.INT8, ExpertFormat.INT4)
+            if f.bytes_per_weight(dbytes) < fmt.bytes_per_weight(dbytes)
+            and expert_bytes(spec, f, dbytes)[0] + dense < dev_free
+        ]
         alt = f"; would fit: --experts gpu {' or '.join(fits)}" if fits and experts == "gpu" else ""
         if experts == "gpu" and dense < dev_free:
             alt += f"; or --experts cpu ({routed / GiB:.1f} GiB of experts in host RAM, {host_free / GiB:.1f} GiB free)"
-        raise LlmarchError(f"not enough memory for --experts {experts} {fmt.option}: needs {need_dev / GiB:.1f} GiB "
-                           f"on {where} (dense {dense / GiB:.1f} GiB + experts), {dev_free / GiB:.1f} GiB free{alt}")
+        raise LlmarchError(
+            f"not enough memory for --experts {experts} {fmt.option}: needs {need_dev / GiB:.1f} GiB "
+            f"on {where} (dense {dense / GiB:.1f} GiB + experts), {dev_free / GiB:.1f} GiB free{alt}"
+        )
     if experts == "cpu" and on_gpu and routed > host_free:
-        raise LlmarchError(f"not enough host RAM for --experts cpu ({fmt.value} experts): experts need {routed / GiB:.1f} GiB, "
-                           f"{host_free / GiB:.1f} GiB free; try --expert-bits 4 or --experts disk")
+        raise LlmarchError(
+            f"not enough host RAM for --experts cpu ({fmt.value} experts): experts need {routed / GiB:.1f} GiB, "
+            f"{host_free / GiB:.1f} GiB free; try --expert-bits 4 or --experts disk"
+        )
     cache = DiskCache(int(cache_gib * GiB)) if experts == "disk" and hasattr(mmap, "MADV_DONTNEED") else None
     folder = None
     if experts == "disk":  # one fresh folder per run inside --expert-dir, removed at exit
@@ -121,8 +145,10 @@ def plan(spec, device: torch.device, dtype, experts: str | None, bits: int | Non
                 Path(disk_dir).mkdir(parents=True, exist_ok=True)
             folder = tempfile.mkdtemp(prefix="llmarch-experts-", dir=disk_dir)
         except OSError as e:
-            raise LlmarchError(f"--expert-dir: cannot create a folder for the expert files: {e.strerror}",
-                               disk_dir or tempfile.gettempdir()) from e
+            raise LlmarchError(
+                f"--expert-dir: cannot create a folder for the expert files: {e.strerror}",
+                disk_dir or tempfile.gettempdir(),
+            ) from e
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return Placement(experts, fmt, gpu_experts, folder, cache)
 

@@ -33,9 +33,12 @@ def report(model, steps: int, decode_s: float, device, bandwidth: float | None =
     stores = offloaded(model)
     per_tok = sum(s.bytes_read for s in stores) / max(steps, 1)
     tok_s = steps / decode_s if decode_s > 0 else 0.0
-    out = {"decode_tok_s": round(tok_s, 2), "expert_format": stores[0].format.value if stores else None,
-           "expert_bytes_per_token": int(per_tok),
-           "host_rss_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
+    out = {
+        "decode_tok_s": round(tok_s, 2),
+        "expert_format": stores[0].format.value if stores else None,
+        "expert_bytes_per_token": int(per_tok),
+        "host_rss_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+    }
     if device.type == "cuda":
         out["gpu_peak_mib"] = torch.cuda.max_memory_allocated(device) // 2**20
     if stores and per_tok:

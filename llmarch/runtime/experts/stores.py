@@ -40,8 +40,15 @@ def expert_ffn(xs, ws, gate_up, down, gate_up_bias, down_bias, act, weight_input
     return y if weight_input else y * ws.to(y.dtype)
 
 
-def expert_loop(x: torch.Tensor, rows: torch.Tensor, ws: torch.Tensor, segs: Iterable[tuple[int, int, int]],
-                weights: Callable[[int], tuple], act, weight_input: bool) -> torch.Tensor:
+def expert_loop(
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    ws: torch.Tensor,
+    segs: Iterable[tuple[int, int, int]],
+    weights: Callable[[int], tuple],
+    act,
+    weight_input: bool,
+) -> torch.Tensor:
     """The experts' weighted sum for the rows of x: for each (expert e, start, end) of segs, e's
     weights(e) = (gate_up, down, gate_up bias, down bias) over rows[start:end], weighted by
     ws[start:end] and added into those rows."""
@@ -80,6 +87,7 @@ class ResidentExperts(ExpertStore):
 
     def load(self, gate_up, down, biases, dtype, device) -> ResidentExperts:
         """Take the checkpoint's stacked experts (and biases, or None) as this store's weights."""
+
         def put(t):
             return None if t is None else nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
 
@@ -103,5 +111,9 @@ class QuantGPUExperts(ExpertStore):
 
     def expert(self, e):
         gq, gs, dq, ds = self.q
-        return (dequantize(gq[e], gs[e], self.format).to(self.dtype), dequantize(dq[e], ds[e], self.format).to(self.dtype),
-                at(self.gate_up_bias, e), at(self.down_bias, e))
+        return (
+            dequantize(gq[e], gs[e], self.format).to(self.dtype),
+            dequantize(dq[e], ds[e], self.format).to(self.dtype),
+            at(self.gate_up_bias, e),
+            at(self.down_bias, e),
+        )

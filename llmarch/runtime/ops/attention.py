@@ -21,8 +21,7 @@ from llmarch.runtime.ops.norms import make_norm
 from llmarch.runtime.ops.rope import Rope
 
 
-def attend(q, k, v, mask, scale: float, softcap: float | None = None, sinks: torch.Tensor | None = None,
-           group=None):
+def attend(q, k, v, mask, scale: float, softcap: float | None = None, sinks: torch.Tensor | None = None, group=None):
     """q [B,H,T,D], k/v [B,KV,S,D], mask bool [T,S] (True = visible) -> [B,H,T,Dv].
 
     group: the cache's SlotGroup, whose per-step additive bias the CPU path reuses across layers."""
@@ -82,7 +81,7 @@ class Attention(nn.Module):
         sinks = layer.sinks if layer.sinks is not None else a.sinks
         self.sinks = nn.Parameter(torch.zeros(a.heads)) if sinks else None
         self.v_scale = a.value_scale
-        self.scale = a.scale if a.scale is not None else a.head_dim ** -0.5
+        self.scale = a.scale if a.scale is not None else a.head_dim**-0.5
         self.softcap = a.softcap
         self.rope = rope
         self.index = layer.index
@@ -132,8 +131,9 @@ class Attention(nn.Module):
             q = self.temper(q, pos)
         lc = cache.layers[self.index]
         keys, values = lc.update(k, v)
-        out = attend(q, keys.to(q.dtype), values.to(q.dtype), lc.group.mask, self.scale, self.softcap, self.sinks,
-                     lc.group)
+        out = attend(
+            q, keys.to(q.dtype), values.to(q.dtype), lc.group.mask, self.scale, self.softcap, self.sinks, lc.group
+        )
         out = out.transpose(1, 2).reshape(B, T, self.heads * self.v_dim)
         if gate is not None:
             out = out * torch.sigmoid(gate)

@@ -41,12 +41,14 @@ class ChunkedAttention(Attention):
             q = self.temper(q, pos)
         lc = cache.layers.get(self.index)
         if lc is None:
-            lc = cache.layers[self.index] = _KV(B, self.kv_heads, cache.max_seq, self.head_dim, self.v_dim, x.dtype, x.device)
+            lc = cache.layers[self.index] = _KV(
+                B, self.kv_heads, cache.max_seq, self.head_dim, self.v_dim, x.dtype, x.device
+            )
         lc.k.index_copy_(2, pos, k.to(lc.k.dtype))
         lc.v.index_copy_(2, pos, v.to(lc.v.dtype))
         n = int(pos[-1]) + 1
         kpos = torch.arange(n, device=x.device)
-        mask = (kpos[None, :] <= pos[:, None])
+        mask = kpos[None, :] <= pos[:, None]
         if self.chunk:
             mask &= (kpos[None, :] // self.chunk) == (pos[:, None] // self.chunk)
         out = attend(q, lc.k[:, :, :n].to(q.dtype), lc.v[:, :, :n].to(q.dtype), mask, self.scale)

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmarch.arch.spec import ArchSpec, LayerSpec
 from llmarch.errors import LlmarchError
 from llmarch.runtime.ops.norms import RMSNorm
 from llmarch.runtime.ops.rope import Rope, mscale, scaling_kind
-from llmarch.arch.spec import ArchSpec, LayerSpec
 
 
 class LatentCache:
@@ -89,7 +89,7 @@ class MLAttention(nn.Module):
         S = cs.shape[1]
         mask = torch.arange(S, device=x.device)[None, :] <= pos[:, None]  # [T, S]
         w = self.kv_b.weight.view(self.H, self.nope + self.vdim, self.rank)
-        w_k, w_v = w[:, : self.nope], w[:, self.nope:]
+        w_k, w_v = w[:, : self.nope], w[:, self.nope :]
         if T > 1:  # expanded: per-head K/V for all keys, then SDPA
             kv = torch.einsum("bsr,hnr->bhsn", cs, w)
             k_nope, v = kv.split([self.nope, self.vdim], dim=-1)
@@ -98,15 +98,25 @@ class MLAttention(nn.Module):
             out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=self.scale)
         else:  # absorbed: scores against the latent itself, no per-head K/V materialised
             q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_k)
-            scores = (torch.einsum("bhtr,bsr->bhts", q_lat, cs) + torch.einsum("bhtd,bsd->bhts", q_rot, ks)) * self.scale
+            scores = (
+                torch.einsum("bhtr,bsr->bhts", q_lat, cs) + torch.einsum("bhtd,bsd->bhts", q_rot, ks)
+            ) * self.scale
             probs = torch.softmax(scores.float().masked_fill(~mask, float("-inf")), dim=-1).to(x.dtype)
             ctx = torch.einsum("bhts,bsr->bhtr", probs, cs)
             out = torch.einsum("bhtr,hvr->bhtv", ctx, w_v)
         return self.o(out.transpose(1, 2).reshape(B, T, self.H * self.vdim))
 
     # Hub names (self_attn.*) -> our modules; read here so model.py's table stays llama-shaped
-    HF = {"q_a": "q_a_proj", "q_a_norm": "q_a_layernorm", "q_b": "q_b_proj", "q": "q_proj",
-          "kv_a": "kv_a_proj_with_mqa", "kv_a_norm": "kv_a_layernorm", "kv_b": "kv_b_proj", "o": "o_proj"}
+    HF = {
+        "q_a": "q_a_proj",
+        "q_a_norm": "q_a_layernorm",
+        "q_b": "q_b_proj",
+        "q": "q_proj",
+        "kv_a": "kv_a_proj_with_mqa",
+        "kv_a_norm": "kv_a_layernorm",
+        "kv_b": "kv_b_proj",
+        "o": "o_proj",
+    }
 
     def load_from(self, source, prefix: str, dtype, device) -> None:
         names = source.ckpt.tensors
@@ -120,9 +130,13 @@ class MLAttention(nn.Module):
                     continue
                 info = names.get(f"{base}{hf}.{pname}")
                 if info is None:
-                    raise LlmarchError(f"weight missing: {base}{hf}.{pname} (MLA layer {self.index})", str(source.ckpt.path))
+                    raise LlmarchError(
+                        f"weight missing: {base}{hf}.{pname} (MLA layer {self.index})", str(source.ckpt.path)
+                    )
                 t = source.read(info)
                 if tuple(t.shape) != tuple(p.shape):
-                    raise LlmarchError(f"weight {info.name} has shape {tuple(t.shape)}, the spec needs {tuple(p.shape)}",
-                                       str(source.ckpt.path))
+                    raise LlmarchError(
+                        f"weight {info.name} has shape {tuple(t.shape)}, the spec needs {tuple(p.shape)}",
+                        str(source.ckpt.path),
+                    )
                 mod._parameters[pname] = nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)

@@ -10,7 +10,8 @@ from torch import nn
 from llmarch.errors import LlmarchError
 
 ACTIVATIONS = {
-    "silu": F.silu, "swish": F.silu,
+    "silu": F.silu,
+    "swish": F.silu,
     "gelu": F.gelu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),

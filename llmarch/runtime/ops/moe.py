@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmarch.arch.spec import ArchSpec, LayerSpec
 from llmarch.errors import LlmarchError
 from llmarch.runtime.experts.stores import ResidentExperts
 from llmarch.runtime.ops.mlp import GatedMLP, activation
-from llmarch.arch.spec import ArchSpec, LayerSpec
 
 
 class Router(nn.Module):
@@ -81,7 +81,7 @@ class ExpertAct:
         self.act = None if self.clamped else activation(spec.activation)  # (GGUF names gpt-oss's "swiglu_clamped")
 
     def __call__(self, gu: torch.Tensor) -> torch.Tensor:
-        gate, up = gu[..., : self.inter], gu[..., self.inter:]
+        gate, up = gu[..., : self.inter], gu[..., self.inter :]
         if self.clamped:
             gate = gate.clamp(max=self.limit)
             up = up.clamp(-self.limit, self.limit)
@@ -132,9 +132,13 @@ class MoE(nn.Module):
         self.router.weight = put(t["router"])
         if self.router.bias is not None:
             if t.get("router_bias") is None:
-                raise LlmarchError(f"layer {self.index}: the router bias / correction bias is missing", str(source.ckpt.path))
+                raise LlmarchError(
+                    f"layer {self.index}: the router bias / correction bias is missing", str(source.ckpt.path)
+                )
             # the correction bias decides the choice in float32 (transformers keeps it a float32 buffer)
-            self.router.bias = nn.Parameter(t["router_bias"].to(device=device, dtype=torch.float32), requires_grad=False)
+            self.router.bias = nn.Parameter(
+                t["router_bias"].to(device=device, dtype=torch.float32), requires_grad=False
+            )
         if self.shared is not None:
             self.shared.gate_up = _linear(torch.cat([t["shared_gate"], t["shared_up"]]), None, dtype, device)
             self.shared.down = _linear(t["shared_down"], None, dtype, device)
