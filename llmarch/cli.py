@@ -78,6 +78,29 @@ def inspect(
 
 
 @app.command()
+def families(
+    as_json: JsonOpt = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table (as in README).")] = False,
+) -> None:
+    """List the families llmarch knows and which commands each supports (from the recipes).
+
+    Example: llmarch families --markdown
+    """
+    if as_json and markdown:
+        raise LlmarchError("--json and --markdown are exclusive; choose one")
+    from llmarch.report import families as fam
+
+    if as_json:
+        emit_json(fam.family_rows())
+    elif markdown:
+        sys.stdout.write(fam.markdown_table())
+    else:
+        from rich.console import Console
+
+        fam.print_families(Console())
+
+
+@app.command()
 def diff(
     a: Annotated[str, typer.Argument(help="First model (any source inspect accepts).")],
     b: Annotated[str, typer.Argument(help="Second model.")],

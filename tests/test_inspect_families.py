@@ -184,6 +184,8 @@ SEM: dict[str, Sem] = {
     "mistral3": Sem(mixers=lambda tc: ["sliding" if tc.sliding_window else "full"] * L(tc)),
     # Qwen3Attention: q_norm/k_norm = RMSNorm(head_dim) ("unlike olmo, only on the head dim").
     "qwen3": Sem(qk_norm=lambda tc: "per_head"),
+    # SeedOssAttention: q/k/v_proj bias=config.attention_bias, o_proj bias=config.attention_out_bias.
+    "seed_oss": Sem(bias=lambda tc: tc.attention_bias, out_bias=lambda tc: tc.attention_out_bias),
     # SmolLM3Attention: use_rope = config.no_rope_layers[i] -- a USE-rope flag; 0 means NoPE.
     "smollm3": Sem(nope=lambda tc: [i for i, r in enumerate(tc.no_rope_layers) if not r]),
     # Olmo2Attention: q_norm = RMSNorm(heads*head_dim), k_norm = RMSNorm(kv_heads*head_dim);

@@ -113,8 +113,11 @@ def _recipe_book_imports() -> dict[str, set[str]]:
 def test_only_the_fingerprint_looks_recipes_up():
     """Consumers (report, runtime, convert) read spec.family and spec.recipe; a second lookup could
     resolve another recipe (an Olmo 3 GGUF is written under olmo2's arch). What they may ask the
-    book for is the generated list of families a command supports, for their refusals."""
-    lookups = [p for p, names in _recipe_book_imports().items() if names - {"families_supporting"}]
+    book for is the generated list of families a command supports, for their refusals, and
+    `llmarch families` lists every recipe (a listing, not a lookup)."""
+    allowed = {"llmarch/report/families.py": {"all_recipes"}}
+    imports = _recipe_book_imports()
+    lookups = [p for p, names in imports.items() if names - {"families_supporting"} - allowed.get(p, set())]
     assert lookups == ["llmarch/arch/fingerprint/__init__.py"]
 
 
@@ -219,3 +222,30 @@ def test_runtime_and_convert_never_branch_on_a_family_name():
                 if any(isinstance(o, ast.Attribute) and o.attr in labels for o in operands):
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert offenders == []
+
+
+def test_readme_family_table_is_the_generated_one():
+    """README's table of families and supported commands is `llmarch families --markdown`'s output."""
+    import re
+
+    from llmarch.report.families import markdown_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    found = re.search(r"<!-- families:begin -->\n(.*?)<!-- families:end -->", readme, re.S)
+    assert found and found.group(1) == markdown_table(), "regenerate with: llmarch families --markdown"
+
+
+def test_families_command_lists_every_recipe():
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "llmarch", "families", "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    rows = {r["family"]: r for r in json.loads(out.stdout)}
+    declared = {p.stem for p in (Path(__file__).resolve().parents[1] / "recipes").glob("*.toml")}
+    assert set(rows) == declared
+    both = subprocess.run(
+        [sys.executable, "-m", "llmarch", "families", "--json", "--markdown"], capture_output=True, text=True
+    )
+    assert both.returncode == 2 and both.stderr.count("\n") == 1 and "exclusive" in both.stderr

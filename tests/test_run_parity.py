@@ -27,6 +27,7 @@ CASES = {
     "mistral": ("mistral", {}),
     "mistral3": ("mistral3", {}),
     "qwen3": ("qwen3", {}),
+    "seed_oss": ("seed_oss", {}),
     "smollm3": ("smollm3", {}),
     "olmo2": ("olmo2", {}),
     "olmo3": ("olmo3", {}),
