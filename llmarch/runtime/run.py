@@ -11,7 +11,7 @@ from llmarch.errors import LlmarchError
 DEFAULT_MAX_TOKENS = 128
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunOptions:
     source: str | None
     prompt: str | None = None

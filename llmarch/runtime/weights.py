@@ -69,7 +69,7 @@ def split_name(name: str) -> tuple[int | None, str, str]:
     m = LAYER_RE.match(name)
     if m:
         return int(m[1]), m[2], m[3]
-    m = BARE_RE.match(name)  # issue 5: bare per-layer parameters (gpt-oss attn.sinks): GGUF calls them .weight
+    m = BARE_RE.match(name)  # bare per-layer parameters (gpt-oss attn.sinks): GGUF calls them .weight
     if m:
         return int(m[1]), m[2], "weight"
     stem, _, kind = name.rpartition(".")
@@ -163,9 +163,9 @@ class SafetensorsSource(WeightSource):
         heads = [n for n in names if n.endswith("lm_head.weight")]
         self.head = min(heads, key=len) if heads else None
         self.norms = HF_NORMS.get(spec.norm.placement, HF_NORMS["pre"])
-        if any(".pre_mlp_layernorm." in n for n in names):  # issue 5: AfMoE's sandwich FFN norm names
+        if any(".pre_mlp_layernorm." in n for n in names):  # AfMoE's sandwich FFN norm names
             self.norms = dict(self.norms, ffn_norm="pre_mlp_layernorm", ffn_post_norm="post_mlp_layernorm")
-        # issue 5: Llama 4 names its dense FFN feed_forward.*, not mlp.*
+        # Llama 4 names its dense FFN feed_forward.*, not mlp.*
         # (only decoder-layer names count: Pixtral's vision tower also has feed_forward.*)
         decoder = self.prefix + "layers."
         self.mlp = "feed_forward." if any(n.startswith(decoder) and ".feed_forward." in n for n in names) else "mlp."
