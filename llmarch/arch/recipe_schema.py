@@ -131,6 +131,7 @@ class Recipe:
     # FFN, embeddings, layers
     ffn_bias: bool = False
     ffn_gated: bool = True  # False: a plain up / activation / down MLP (GPT-2), not a gated GLU
+    ffn_ratio: int | None = None  # FFN width as a multiple of hidden_size when the config leaves it unset
     embedding_scale: str | None = _choice("sqrt_hidden")
     linear_kind: str | None = _choice("gated_deltanet", "kda", "mamba2")
     gguf_permute_qk: bool = False  # llama.cpp's converter permutes Q/K rows for its RoPE

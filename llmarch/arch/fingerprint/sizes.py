@@ -23,9 +23,10 @@ def read_sizes(spec: ArchSpec, f: Facts, ckpt: Checkpoint) -> None:
     spec.intermediate_size = f.get(
         "intermediate_size_mlp", "intermediate_size", "n_inner", "ffn_hidden_size", fact="intermediate_size"
     )
-    if spec.intermediate_size is None and spec.family == "gpt2" and spec.hidden_size:
-        spec.intermediate_size = 4 * spec.hidden_size
-        spec.evidence["intermediate_size"] = "gpt2 default: 4 x n_embd"
+    ratio = spec.recipe.ffn_ratio if spec.recipe else None
+    if spec.intermediate_size is None and ratio and spec.hidden_size:
+        spec.intermediate_size = ratio * spec.hidden_size
+        spec.evidence["intermediate_size"] = f"recipe {spec.recipe.family}: {ratio} x hidden size"
     if isinstance(spec.intermediate_size, list):  # per-layer widths (Gemma 3n): keep the list in extras
         spec.extras["intermediate_size_per_layer"] = spec.intermediate_size
         spec.intermediate_size = max(spec.intermediate_size)
