@@ -58,9 +58,9 @@ def diff_sources(
     if tensors:
         from llmarch.report.tensor_diff import canonical_tensors, compare_tensors
 
-        arch = da["gguf_arch"] or db["gguf_arch"]
+        # each side under its own GGUF arch's names, else the other side's
+        ga, gb = da["gguf_arch"], db["gguf_arch"]
         tdiff = compare_tensors(
-            canonical_tensors(ca.tensors, ca.format, da["gguf_arch"] or arch),
-            canonical_tensors(cb.tensors, cb.format, db["gguf_arch"] or arch),
+            canonical_tensors(ca.tensors, ca.format, ga or gb), canonical_tensors(cb.tensors, cb.format, gb or ga)
         )
     return compare(da, db, tdiff), da, db

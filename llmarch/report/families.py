@@ -11,7 +11,7 @@ def family_rows() -> list[dict]:
     return [
         {
             "family": r.family,
-            "model_types": list(r.model_types) or [r.family],
+            "model_types": list(r.model_types),
             "gguf_archs": list(r.gguf_archs),
             "supports": {c: c in r.supports for c in COMMANDS},
         }
