@@ -1,0 +1,569 @@
+"""--ple gpu|cpu|disk: where the per-layer embedding table (Gemma 3n / Gemma 4) lives, and how each
+step gets its rows.
+
+The table is vocab x (layers x per-layer width), more than a third of an E2B/E4B checkpoint, yet a
+token reads one row of it (~15 KB in bf16). The model asks a store for rows by token id:
+
+    store.prefetch(ids)  -> None: start the reads now, so they overlap work that does not need them
+    store.gather(ids)    -> [*ids.shape, layers * width] in the compute dtype on the compute device
+
+gpu / cpu: the table is read once into memory on the GPU / in host RAM; rows are gathered there and
+copied to the compute device.
+disk: the table is never resident. Each step's rows are read from the checkpoint file itself
+(safetensors and GGUF both store a token's row contiguously, GGUF as whole quant blocks) by pread
+into a small staging buffer (pinned when the model runs on CUDA), from a thread pool; a prefill
+reads each distinct token once; an optional hot-row cache keeps recently read rows up to a byte
+budget. Rows stored in a type llmarch's torch dequantizer does not decode are converted once, by
+gguf-py, into a row-major file in the compute dtype under LLMARCH_CACHE/ple (gguf-py's numpy decoders
+are for bulk conversion, not for a decode step), and read from there.
+No memory map: pages of a mapping that a step touched count in the process's RSS until dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmarch.checkpoint.base import TensorInfo
+from llmarch.errors import CheckpointError, LlmarchError
+from llmarch.runtime.quant import BLOCKS
+from llmarch.runtime.weights import ST_DTYPES
+
+MODES = ("gpu", "cpu", "disk")
+LOAD_CHUNK_BYTES = 64 << 20  # the resident load and the row-file conversion go this many bytes at a time
+READ_THREADS = 2
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class TableLayout:
+    """Where the table's rows lie in one file: row r is `row_bytes` bytes at offset + r * row_bytes."""
+
+    name: str
+    path: Path
+    offset: int
+    rows: int
+    width: int  # layers x per-layer width
+    stored: str  # safetensors dtype or GGML type name
+    row_bytes: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.row_bytes
+
+    @classmethod
+    def of(cls, info: TensorInfo, layers: int, per_layer: int, vocab: int | None = None) -> TableLayout:
+        """The table's layout, checked against the config's layers x per-layer width and vocabulary
+        and against the file's real size."""
+        where = info.file
+        if len(info.shape) != 2:
+            raise CheckpointError(
+                f"per-layer embedding table {info.name!r} has shape {list(info.shape)}; "
+                f"expected [vocab, {layers} layers x {per_layer}]",
+                where,
+            )
+        rows, width = info.shape
+        if width != layers * per_layer:
+            raise CheckpointError(
+                f"per-layer embedding table {info.name!r} is {rows} x {width}, but the config's {layers} layers "
+                f"x per-layer width {per_layer} need rows of {layers * per_layer}",
+                where,
+            )
+        if vocab is not None and rows != vocab:
+            raise CheckpointError(
+                f"per-layer embedding table {info.name!r} has {rows} rows, the config's per-layer vocabulary is {vocab}",
+                where,
+            )
+        if rows <= 0 or info.nbytes % rows:
+            raise CheckpointError(
+                f"per-layer embedding table {info.name!r}: {info.nbytes} bytes do not split into {rows} rows", where
+            )
+        layout = cls(info.name, Path(where), info.offset, rows, width, info.dtype, info.nbytes // rows)
+        layout.check_size()
+        return layout
+
+    def check_size(self) -> None:
+        try:
+            size = os.stat(self.path).st_size
+        except OSError as e:
+            raise CheckpointError(f"cannot read the per-layer embedding table: {e.strerror or e}", self.path) from e
+        if size < self.offset + self.nbytes:
+            raise CheckpointError(
+                f"file is {size} bytes, shorter than the {self.rows} rows of per-layer embedding table "
+                f"{self.name!r} claim (they end at byte {self.offset + self.nbytes})",
+                self.path,
+            )
+
+
+# ----------------------------------------------------------------------------- row decoding
+
+
+def torch_decodes(stored: str) -> bool:
+    """Whether rows of this stored type are decoded in torch (on the compute device) step by step."""
+    return stored in ST_DTYPES or stored in BLOCKS
+
+
+def decode_rows(raw: torch.Tensor, stored: str, width: int) -> torch.Tensor:
+    """raw: uint8 [n, row_bytes] (any device) -> [n, width] floats (the stored float type, or float32)."""
+    n = raw.shape[0]
+    if stored in ST_DTYPES:
+        return raw.view(ST_DTYPES[stored]).reshape(n, width)
+    if stored in BLOCKS:
+        from llmarch.runtime.quant import dequantize
+
+        return dequantize(raw.reshape(-1), stored, (n, width))
+    import gguf
+    from gguf.quants import dequantize as gguf_dequantize
+
+    try:
+        qtype = gguf.GGMLQuantizationType[stored]
+    except KeyError:
+        raise LlmarchError(f"per-layer embedding rows of type {stored} cannot be decoded") from None
+    out = gguf_dequantize(raw.cpu().numpy(), qtype)
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(n, width)
+
+
+def _pread_into(fd: int, buf: np.ndarray, offset: int, path: Path) -> None:
+    """Fill buf (a contiguous uint8 array) from the file at offset; a short read names the file."""
+    view, got = memoryview(buf).cast("B"), 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n <= 0:
+            raise CheckpointError(
+                f"file ends at byte {offset + got}, before the per-layer embedding rows it claims "
+                f"(reading {len(view)} bytes at {offset})",
+                path,
+            )
+        got += n
+
+
+# ----------------------------------------------------------------------------- stores
+
+
+@dataclass
+class Counters:
+    tokens: int = 0  # ids asked for (prefill tokens + decode steps)
+    rows_read: int = 0  # rows read from the file (disk) or gathered from memory (resident)
+    reads: int = 0  # pread calls
+    cache_hits: int = 0
+    wait_s: float = 0.0  # time gather() spent blocked on reads not yet finished
+    read_s: float = 0.0  # time the reading threads spent in pread
+
+
+class PleStore:
+    """The interface the model holds: prefetch(ids), gather(ids), report()."""
+
+    mode: str
+    layout: TableLayout
+    note: str = ""  # how the mode was chosen (for the run report)
+
+    def __init__(self, layout: TableLayout, device: torch.device, dtype: torch.dtype, scale: float | None = None):
+        layout.check_size()  # the file may have changed since its header was read
+        self.layout, self.device, self.dtype, self.scale = layout, torch.device(device), dtype, scale
+        # the scale rounded to the compute dtype first, as transformers' scaled embeddings multiply;
+        # made here, not per step, so that a step captured in a CUDA graph allocates nothing
+        self._scale = None if scale is None else torch.tensor(scale, dtype=dtype, device=self.device)
+        self.stats = Counters()
+
+    def prefetch(self, ids: torch.Tensor) -> None:
+        """Start fetching the rows of ids; a resident table has nothing to start."""
+
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _finish(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        rows = rows.to(self.dtype)
+        if self._scale is not None:
+            rows = rows * self._scale
+        return rows.reshape(*ids.shape, self.layout.width)
+
+    def resident_bytes(self) -> int:
+        return 0
+
+    def where(self) -> str:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def report(self) -> dict:
+        s = self.stats
+        return {
+            "mode": self.mode,
+            "chosen": self.note,
+            "table_bytes": self.layout.rows * self.layout.width * _itemsize(self.dtype),
+            "stored_bytes": self.layout.nbytes,
+            "where": self.where(),
+            "resident_bytes": self.resident_bytes(),
+            "tokens": s.tokens,
+            "rows_read": s.rows_read,
+            "rows_read_per_token": round(s.rows_read / s.tokens, 3) if s.tokens else 0.0,
+            "reads": s.reads,
+            "cache_hits": s.cache_hits,
+            "read_wait_s": round(s.wait_s, 6),
+            "read_s": round(s.read_s, 6),
+        }
+
+    def close(self) -> None:
+        pass
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def _check_ids(flat: torch.Tensor, rows: int, path: Path) -> None:
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= rows):
+        bad = int(flat[(flat < 0) | (flat >= rows)][0])
+        raise LlmarchError(f"token id {bad} is outside the per-layer embedding table's {rows} rows", path)
+
+
+class ResidentTable(PleStore):
+    """--ple gpu / cpu: the whole table in memory at `where`, in the compute dtype."""
+
+    def __init__(self, layout, where: torch.device, device, dtype, scale=None):
+        super().__init__(layout, device, dtype, scale)
+        self.home = torch.device(where)
+        self.mode = "gpu" if self.home.type == "cuda" else "cpu"
+        self.table = self._load()
+        self._pinned = self.home.type == "cpu" and self.device.type == "cuda"
+
+    def _load(self) -> torch.Tensor:
+        lay = self.layout
+        table = torch.empty(lay.rows, lay.width, dtype=self.dtype, device=self.home)
+        step = max(1, LOAD_CHUNK_BYTES // lay.row_bytes)
+        decode_on = self.home if torch_decodes(lay.stored) else torch.device("cpu")
+        fd = os.open(lay.path, os.O_RDONLY)
+        try:
+            buf = np.empty((min(step, lay.rows), lay.row_bytes), dtype=np.uint8)
+            for r in range(0, lay.rows, step):
+                n = min(step, lay.rows - r)
+                _pread_into(fd, buf[:n], lay.offset + r * lay.row_bytes, lay.path)
+                raw = torch.from_numpy(buf[:n]).to(decode_on)
+                table[r : r + n] = decode_rows(raw, lay.stored, lay.width).to(self.dtype)
+        finally:
+            os.close(fd)
+        return table
+
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1).to(self.home)
+        if self.home.type == "cpu":  # on a GPU an out-of-range index fails in the kernel; a check would sync
+            _check_ids(flat, self.layout.rows, self.layout.path)
+        rows = self.table.index_select(0, flat)
+        if self._pinned:
+            rows = rows.pin_memory()
+        self.stats.tokens += flat.numel()
+        self.stats.rows_read += flat.numel()
+        return self._finish(rows.to(self.device, non_blocking=True), ids)
+
+    def resident_bytes(self) -> int:
+        return self.table.numel() * self.table.element_size()
+
+    def where(self) -> str:
+        return "GPU" if self.home.type == "cuda" else "host RAM"
+
+
+class _Slot:
+    """A staging buffer for one request's rows (pinned when the rows go on to a GPU) and the event
+    after which its last copy to the GPU has finished."""
+
+    def __init__(self, row_bytes: int, pinned: bool):
+        self.row_bytes, self.pinned = row_bytes, pinned
+        self.buf = torch.empty(0, row_bytes, dtype=torch.uint8)
+        self.event = None
+
+    def take(self, n: int) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()  # the previous copy out of this buffer is done
+            self.event = None
+        if self.buf.shape[0] < n:
+            cap = max(n, 2 * self.buf.shape[0])
+            self.buf = torch.empty(cap, self.row_bytes, dtype=torch.uint8, pin_memory=self.pinned)
+        return self.buf[:n]
+
+
+@dataclass
+class _Request:
+    key: tuple[int, ...]  # the flat ids asked for
+    unique: torch.Tensor  # distinct ids, ascending
+    inverse: torch.Tensor  # flat position -> index into unique
+    staged: torch.Tensor  # uint8 [len(unique), row_bytes] in a slot
+    slot: _Slot
+    futures: list[Future]
+    missed: list[tuple[int, int]]  # (id, row in staged) of rows read from the file (for the hot cache)
+
+
+class DiskTable(PleStore):
+    """--ple disk: rows read per step from the file, never the whole table."""
+
+    mode = "disk"
+
+    def __init__(
+        self,
+        layout: TableLayout,
+        device,
+        dtype,
+        scale=None,
+        cache_bytes: int = 0,
+        threads: int = READ_THREADS,
+        source: TableLayout | None = None,
+    ):
+        super().__init__(layout, device, dtype, scale)
+        self.source = source  # the checkpoint's table when the rows are read from a converted row file
+        self.fd = os.open(layout.path, os.O_RDONLY)
+        if hasattr(os, "posix_fadvise"):  # random rows: read-ahead would fetch neighbours nobody asked for
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="llmarch-ple")
+        self.threads = max(1, threads)
+        pinned = self.device.type == "cuda" and torch.cuda.is_available()
+        self.slots = [_Slot(layout.row_bytes, pinned), _Slot(layout.row_bytes, pinned)]
+        self.next_slot = 0
+        self.cache_bytes = max(0, int(cache_bytes))
+        self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.pending: _Request | None = None
+        self.lock = threading.Lock()
+
+    # ---------------------------------------------------------------- reads
+    def _read_runs(self, runs: list[tuple[int, int, int]], staged: np.ndarray) -> None:
+        """runs: (first id, count, first row in staged) of consecutive ids; one pread per run."""
+        lay, t0 = self.layout, time.perf_counter()
+        for first, count, at in runs:
+            _pread_into(self.fd, staged[at : at + count], lay.offset + first * lay.row_bytes, lay.path)
+        dt = time.perf_counter() - t0
+        with self.lock:
+            self.stats.read_s += dt
+            self.stats.reads += len(runs)
+
+    def _start(self, ids: torch.Tensor) -> _Request:
+        flat = ids.detach().reshape(-1)
+        if flat.device.type != "cpu":
+            flat = flat.cpu()
+        _check_ids(flat, self.layout.rows, self.layout.path)
+        unique, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+        slot = self.slots[self.next_slot]
+        self.next_slot ^= 1
+        staged = slot.take(unique.numel())
+        host = staged.numpy()
+        runs: list[tuple[int, int, int]] = []
+        missed: list[tuple[int, int]] = []
+        for i, r in enumerate(unique.tolist()):
+            hit = self.cache.get(r) if self.cache_bytes else None
+            if hit is not None:
+                host[i] = hit
+                self.cache.move_to_end(r)
+                self.stats.cache_hits += 1
+                continue
+            missed.append((r, i))
+            if runs and runs[-1][0] + runs[-1][1] == r and runs[-1][2] + runs[-1][1] == i:
+                first, count, at = runs[-1]
+                runs[-1] = (first, count + 1, at)
+            else:
+                runs.append((r, 1, i))
+        self.stats.rows_read += len(missed)
+        # spread the runs over the pool in contiguous shares (a decode step is one run, one task)
+        share = max(1, -(-len(runs) // self.threads))
+        futures = [self.pool.submit(self._read_runs, runs[k : k + share], host) for k in range(0, len(runs), share)]
+        return _Request(tuple(flat.tolist()), unique, inverse, staged, slot, futures, missed)
+
+    def prefetch(self, ids: torch.Tensor) -> None:
+        if self.pending is not None:
+            self._wait(self.pending)  # a prefetch nobody gathered: let its reads finish before the slot is reused
+        self.pending = self._start(ids)
+
+    def _wait(self, req: _Request) -> None:
+        t0 = time.perf_counter()
+        for f in req.futures:
+            f.result()
+        self.stats.wait_s += time.perf_counter() - t0
+
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        req, self.pending = self.pending, None
+        flat_key = tuple(ids.detach().reshape(-1).tolist())
+        if req is None or req.key != flat_key:
+            if req is not None:
+                self._wait(req)
+            req = self._start(ids)
+        self._wait(req)
+        self.stats.tokens += len(req.key)
+        if self.cache_bytes and req.missed:
+            self._remember(req)
+        raw = req.staged.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            req.slot.event = torch.cuda.Event()
+            req.slot.event.record()
+        rows = decode_rows(raw, self.layout.stored, self.layout.width)
+        # index_select always copies: the result never aliases the staging buffer
+        return self._finish(rows.index_select(0, req.inverse.to(rows.device)), ids)
+
+    def _remember(self, req: _Request) -> None:
+        host = req.staged.numpy()
+        limit = self.cache_bytes // self.layout.row_bytes
+        for r, i in req.missed:
+            if limit <= 0:
+                break
+            self.cache[r] = host[i].copy()
+            while len(self.cache) > limit:
+                self.cache.popitem(last=False)
+
+    # ---------------------------------------------------------------- report
+    def resident_bytes(self) -> int:
+        return sum(s.buf.numel() for s in self.slots) + len(self.cache) * self.layout.row_bytes
+
+    def where(self) -> str:
+        src = f" (converted from {self.source.path})" if self.source is not None else ""
+        return f"disk: {self.layout.path}{src}"
+
+    def report(self) -> dict:
+        out = super().report()
+        out["cache_budget_bytes"] = self.cache_bytes
+        out["staging_bytes"] = sum(s.buf.numel() for s in self.slots)
+        return out
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.pool.shutdown(wait=True)
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+# ----------------------------------------------------------------------------- the row file
+
+
+def row_file(layout: TableLayout, dtype: torch.dtype, folder: Path) -> TableLayout:
+    """A row-major copy of the table in `dtype` under `folder`, written once (keyed by the source
+    file's identity) for stored types that are not decoded step by step in torch."""
+    st = os.stat(layout.path)
+    key = hashlib.sha256(
+        repr(
+            (str(Path(layout.path).resolve()), st.st_size, st.st_mtime_ns, layout.offset, layout.stored, str(dtype))
+        ).encode()
+    ).hexdigest()[:24]
+    isz = _itemsize(dtype)
+    stored = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}[dtype]
+    out = TableLayout(layout.name, folder / f"{key}.rows", 0, layout.rows, layout.width, stored, layout.width * isz)
+    if out.path.is_file() and out.path.stat().st_size == out.nbytes:
+        return out
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{key}.{os.getpid()}.part"
+        step = max(1, LOAD_CHUNK_BYTES // max(layout.row_bytes, out.row_bytes))
+        fd = os.open(layout.path, os.O_RDONLY)
+        try:
+            with open(tmp, "wb") as f:
+                buf = np.empty((min(step, layout.rows), layout.row_bytes), dtype=np.uint8)
+                for r in range(0, layout.rows, step):
+                    n = min(step, layout.rows - r)
+                    _pread_into(fd, buf[:n], layout.offset + r * layout.row_bytes, layout.path)
+                    rows = decode_rows(torch.from_numpy(buf[:n]), layout.stored, layout.width).to(dtype)
+                    f.write(rows.contiguous().view(torch.uint8).numpy().tobytes())
+            os.replace(tmp, out.path)
+        finally:
+            os.close(fd)
+            if tmp.exists():
+                tmp.unlink()
+    except OSError as e:
+        raise LlmarchError(
+            f"--ple disk: cannot write the per-layer embedding row file here: {e.strerror or e}", folder
+        ) from e
+    return out
+
+
+# ----------------------------------------------------------------------------- choosing and opening
+
+
+def host_available() -> int:
+    from llmarch.runtime.experts.placement import _host_available
+
+    return _host_available()
+
+
+def choose_mode(asked: str | None, table_bytes: int, other_bytes: int, device: torch.device) -> tuple[str, str]:
+    """(mode, why). Not asked: the table goes beside the weights when everything fits in 90% of the
+    free memory of the compute device; on a GPU, else host RAM when the table fits there; else disk."""
+    if asked is not None:
+        if asked not in MODES:
+            raise LlmarchError(f"--ple must be gpu, cpu or disk, got {asked!r}")
+        if asked == "gpu" and device.type != "cuda":
+            raise LlmarchError("--ple gpu needs the model on a GPU (--device cuda); use --ple cpu or disk")
+        return asked, "asked"
+    host = host_available()
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if other_bytes + table_bytes < 0.9 * free:
+            return "gpu", f"default: the table fits on the GPU ({free / GiB:.1f} GiB free)"
+        if table_bytes < 0.9 * host:
+            return "cpu", (
+                f"default: the table ({table_bytes / GiB:.2f} GiB) and weights do not fit the GPU's "
+                f"{free / GiB:.1f} GiB free; host RAM has {host / GiB:.1f} GiB"
+            )
+        return "disk", f"default: the table ({table_bytes / GiB:.2f} GiB) fits neither the GPU nor host RAM"
+    if other_bytes + table_bytes < 0.9 * host:
+        return "cpu", f"default: the table fits in host RAM ({host / GiB:.1f} GiB available)"
+    return "disk", (
+        f"default: weights and table ({(other_bytes + table_bytes) / GiB:.2f} GiB) do not fit the "
+        f"{host / GiB:.1f} GiB of host RAM available"
+    )
+
+
+def row_dir(folder: str | Path | None) -> Path:
+    if folder is not None:
+        return Path(folder)
+    from llmarch.runtime.cbuild import cache_dir
+
+    return cache_dir("ple")
+
+
+def open_store(
+    layout: TableLayout,
+    mode: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    scale: float | None = None,
+    cache_bytes: int = 0,
+    folder: str | Path | None = None,
+    threads: int = READ_THREADS,
+) -> PleStore:
+    """The store for `mode` (one of MODES) over the table at `layout`."""
+    device = torch.device(device)
+    if mode == "disk":
+        if torch_decodes(layout.stored):
+            return DiskTable(layout, device, dtype, scale, cache_bytes, threads)
+        rows = row_file(layout, dtype, row_dir(folder))
+        return DiskTable(rows, device, dtype, scale, cache_bytes, threads, source=layout)
+    if mode == "gpu":
+        return ResidentTable(layout, device if device.type == "cuda" else torch.device("cuda"), device, dtype, scale)
+    if mode == "cpu":
+        return ResidentTable(layout, torch.device("cpu"), device, dtype, scale)
+    raise LlmarchError(f"--ple must be gpu, cpu or disk, got {mode!r}")
+
+
+def find_store(model) -> PleStore | None:
+    """The model's per-layer embedding store, wherever the model keeps it."""
+    for m in model.modules() if hasattr(model, "modules") else [model]:
+        for v in vars(m).values():
+            if isinstance(v, PleStore):
+                return v
+    return None
+
+
+def summary(r: dict) -> str:
+    """One line for the run report."""
+    line = (
+        f"PLE {r['mode']} ({r['chosen']}): table {r['table_bytes'] / 2**20:.0f} MiB in {r['where']}, "
+        f"{r['rows_read_per_token']:.2f} rows read per token"
+    )
+    if r["mode"] == "disk":
+        line += f", {1e3 * r['read_wait_s']:.1f} ms waiting on reads, {r['cache_hits']} hot-row hits"
+    return line

@@ -1,0 +1,221 @@
+"""--ple gpu|cpu|disk: the per-layer embedding store (llmarch/runtime/ple.py).
+
+The expected rows come from the writers' own data: torch's copy of the table written with
+safetensors, and gguf-py's dequantize of the GGUF tensors (Q8_0 read row by row from the file;
+MXFP4, which llmarch's torch dequantizer does not decode, through the row file). The modes are
+compared with each other and with that reference; read counts come from the store's counters,
+checked against the distinct ids of the request."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llmarch.checkpoint.open import open_checkpoint
+from llmarch.errors import LlmarchError
+from llmarch.runtime.ple import DiskTable, ResidentTable, TableLayout, choose_mode, open_store
+
+LAYERS, WIDTH, VOCAB = 3, 64, 50  # rows of 3 x 64; 64 is two Q8_0 blocks and two MXFP4 blocks per layer
+NAME = "model.language_model.embed_tokens_per_layer.weight"
+MODES = ("cpu", "disk") + (("gpu",) if torch.cuda.is_available() else ())
+DEVICE = torch.device(os.environ.get("LLMARCH_TEST_DEVICE", "cpu"))
+
+
+def _table(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(VOCAB, LAYERS * WIDTH, generator=g)
+
+
+def write_safetensors(path: Path, table: torch.Tensor) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({"model.language_model.embed_tokens.weight": torch.zeros(VOCAB, 8), NAME: table}, str(path))
+    return path
+
+
+def write_gguf(path: Path, table: np.ndarray, qtype) -> Path:
+    import gguf
+    from gguf.quants import quantize
+
+    w = gguf.GGUFWriter(str(path), "gemma3n")
+    w.add_block_count(LAYERS)
+    w.add_tensor("token_embd.weight", np.zeros((VOCAB, 32), dtype=np.float32))
+    w.add_tensor("per_layer_token_embd.weight", quantize(table, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def layout_of(path: Path, name: str, layers: int = LAYERS, width: int = WIDTH, vocab: int | None = VOCAB):
+    ckpt = open_checkpoint(path)
+    return TableLayout.of(ckpt.tensors[name], layers, width, vocab)
+
+
+def stores(layout, dtype, tmp_path, **kw):
+    out = {}
+    for mode in MODES:
+        out[mode] = open_store(layout, mode, DEVICE, dtype, folder=tmp_path / "ple-rows", **kw)
+    return out
+
+
+IDS = torch.tensor([[3, 7, 3, 49, 0, 7, 8]])  # repeats, both ends of the table, a run of neighbours (7, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_safetensors_modes_identical(tmp_path, dtype):
+    table = _table().to(dtype)
+    lay = layout_of(write_safetensors(tmp_path / "m.safetensors", table), NAME)
+    assert (lay.rows, lay.width, lay.stored) == (VOCAB, LAYERS * WIDTH, "BF16" if dtype == torch.bfloat16 else "F32")
+    expect = table[IDS] * torch.tensor(16.0, dtype=dtype)
+    for mode, s in stores(lay, dtype, tmp_path, scale=16.0).items():
+        got = s.gather(IDS)
+        assert got.shape == (*IDS.shape, LAYERS * WIDTH) and got.dtype == dtype and got.device.type == DEVICE.type
+        torch.testing.assert_close(got.cpu(), expect, rtol=0, atol=0, msg=mode)
+        s.close()
+
+
+def test_gguf_q8_0_rows_match_gguf_py(tmp_path):
+    import gguf
+    from gguf.quants import dequantize, quantize
+
+    Q = gguf.GGMLQuantizationType
+    table = _table(1).numpy()
+    path = write_gguf(tmp_path / "m.gguf", table, Q.Q8_0)
+    lay = layout_of(path, "per_layer_token_embd.weight")
+    assert lay.stored == "Q8_0" and lay.row_bytes == LAYERS * WIDTH // 32 * 34
+    ref = torch.from_numpy(dequantize(quantize(table, Q.Q8_0), Q.Q8_0))[IDS]
+    got = {mode: s.gather(IDS) for mode, s in stores(lay, torch.float32, tmp_path).items()}
+    for mode, rows in got.items():
+        torch.testing.assert_close(rows.cpu(), ref, rtol=0, atol=0, msg=mode)
+    assert isinstance(open_store(lay, "disk", DEVICE, torch.float32), DiskTable)
+    assert not (tmp_path / "ple-rows").exists()  # Q8_0 rows are read from the GGUF itself
+
+
+def test_gguf_mxfp4_goes_through_a_row_file(tmp_path):
+    import gguf
+    from gguf.quants import dequantize, quantize
+
+    Q = gguf.GGMLQuantizationType
+    table = _table(2).numpy()
+    path = write_gguf(tmp_path / "m.gguf", table, Q.MXFP4)
+    lay = layout_of(path, "per_layer_token_embd.weight")
+    ref = torch.from_numpy(dequantize(quantize(table, Q.MXFP4), Q.MXFP4))[IDS]
+    disk = open_store(lay, "disk", DEVICE, torch.float32, folder=tmp_path / "rows")
+    [made] = list((tmp_path / "rows").iterdir())
+    assert disk.layout.path == made and made.stat().st_size == VOCAB * LAYERS * WIDTH * 4
+    torch.testing.assert_close(disk.gather(IDS).cpu(), ref, rtol=0, atol=0)
+    mtime = made.stat().st_mtime_ns
+    again = open_store(lay, "disk", DEVICE, torch.float32, folder=tmp_path / "rows")
+    assert again.layout.path == made and made.stat().st_mtime_ns == mtime  # written once, then reused
+    cpu = open_store(lay, "cpu", DEVICE, torch.float32)
+    torch.testing.assert_close(cpu.gather(IDS).cpu(), ref, rtol=0, atol=0)
+
+
+def test_prefill_reads_each_distinct_token_once(tmp_path):
+    lay = layout_of(write_safetensors(tmp_path / "m.safetensors", _table()), NAME)
+    disk = open_store(lay, "disk", DEVICE, torch.float32)
+    disk.gather(IDS)
+    distinct = len(set(IDS.flatten().tolist()))  # 5 of 7
+    r = disk.report()
+    assert r["rows_read"] == distinct and r["tokens"] == IDS.numel()
+    assert r["reads"] == distinct - 1  # 7 and 8 are neighbours: one read
+    # decode steps: prefetch as soon as the id is known, gather later; one row read per step
+    for t in (11, 12, 11):
+        step = torch.tensor([[t]])
+        disk.prefetch(step)
+        disk.gather(step)
+    r = disk.report()
+    assert r["rows_read"] == distinct + 3 and r["reads"] == distinct - 1 + 3
+    assert r["mode"] == "disk" and r["resident_bytes"] < lay.nbytes
+
+
+def test_hot_row_cache_serves_repeats_within_its_budget(tmp_path):
+    lay = layout_of(write_safetensors(tmp_path / "m.safetensors", _table()), NAME)
+    disk = open_store(lay, "disk", DEVICE, torch.float32, cache_bytes=2 * lay.row_bytes)
+    ref = open_store(lay, "cpu", DEVICE, torch.float32)
+    for t in (5, 6, 5, 6, 9, 5):  # 5, 6 cached; 9 evicts 5 (least recently used); 5 is read again
+        step = torch.tensor([[t]])
+        torch.testing.assert_close(disk.gather(step), ref.gather(step), rtol=0, atol=0)
+    r = disk.report()
+    assert (r["rows_read"], r["cache_hits"]) == (4, 2)
+    assert len(disk.cache) == 2 and r["resident_bytes"] <= 2 * lay.row_bytes + r["staging_bytes"]
+
+
+def test_gather_without_matching_prefetch(tmp_path):
+    """A prefetch for other ids (or none) still gives the asked rows."""
+    table = _table()
+    lay = layout_of(write_safetensors(tmp_path / "m.safetensors", table), NAME)
+    disk = open_store(lay, "disk", DEVICE, torch.float32)
+    disk.prefetch(torch.tensor([[1]]))
+    for ids in (torch.tensor([[2]]), torch.tensor([[4, 4]])):
+        torch.testing.assert_close(disk.gather(ids).cpu(), table[ids], rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_table_shape_disagrees_with_layers_x_width(tmp_path):
+    path = write_safetensors(tmp_path / "m.safetensors", _table())
+    with pytest.raises(LlmarchError, match=r"4 layers x per-layer width 64 need rows of 256") as e:
+        layout_of(path, NAME, layers=4)
+    assert e.value.path == str(path)
+    with pytest.raises(LlmarchError, match=r"has 50 rows, the config's per-layer vocabulary is 60"):
+        layout_of(path, NAME, vocab=60)
+
+
+def test_file_shorter_than_its_rows(tmp_path):
+    path = write_safetensors(tmp_path / "m.safetensors", _table())
+    lay = layout_of(path, NAME)
+    disk = open_store(lay, "disk", DEVICE, torch.float32)
+    with open(path, "r+b") as f:  # the file loses its last rows after it was opened
+        f.truncate(lay.offset + 10 * lay.row_bytes)
+    with pytest.raises(LlmarchError, match="run past the end of the file") as e:
+        layout_of(path, NAME)  # the checkpoint reader refuses the file as it opens
+    assert e.value.path == str(path)
+    with pytest.raises(LlmarchError, match="shorter than the 50 rows") as e:
+        lay.check_size()  # and the table's own check (run when a layout is made) on the header it was given
+    assert e.value.path == str(path)
+    with pytest.raises(LlmarchError, match=r"file ends at byte \d+, before the per-layer embedding rows") as e:
+        disk.gather(torch.tensor([[45]]))
+    assert e.value.path == str(path)
+    with pytest.raises(LlmarchError, match="shorter than"):
+        ResidentTable(lay, torch.device("cpu"), DEVICE, torch.float32)
+    disk.gather(torch.tensor([[3]]))  # rows still in the file read as before
+
+
+def test_row_folder_cannot_be_written(tmp_path):
+    import gguf
+
+    path = write_gguf(tmp_path / "m.gguf", _table().numpy(), gguf.GGMLQuantizationType.MXFP4)
+    lay = layout_of(path, "per_layer_token_embd.weight")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(LlmarchError, match="cannot write the per-layer embedding row file") as e:
+        open_store(lay, "disk", DEVICE, torch.float32, folder=blocker / "rows")
+    assert e.value.path == str(blocker / "rows")
+    assert blocker.read_text() == ""
+
+
+def test_ids_outside_the_table(tmp_path):
+    lay = layout_of(write_safetensors(tmp_path / "m.safetensors", _table()), NAME)
+    for mode in ("cpu", "disk"):
+        with pytest.raises(LlmarchError, match="token id 50 is outside the per-layer embedding table's 50 rows"):
+            open_store(lay, mode, torch.device("cpu"), torch.float32).gather(torch.tensor([[1, 50]]))
+
+
+def test_choose_mode():
+    cpu = torch.device("cpu")
+    assert choose_mode("disk", 1, 1, cpu) == ("disk", "asked")
+    with pytest.raises(LlmarchError, match="--ple gpu needs the model on a GPU"):
+        choose_mode("gpu", 1, 1, cpu)
+    with pytest.raises(LlmarchError, match="--ple must be gpu, cpu or disk"):
+        choose_mode("ram", 1, 1, cpu)
+    assert choose_mode(None, 1 << 20, 1 << 20, cpu)[0] == "cpu"
+    mode, why = choose_mode(None, 1 << 50, 1 << 20, cpu)  # a 1 PiB table fits in no host RAM
+    assert mode == "disk" and "do not fit" in why
