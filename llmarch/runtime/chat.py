@@ -1,9 +1,14 @@
-"""Chat templates rendered with jinja2's sandboxed environment (templates come with downloads:
-untrusted code, so no attribute access outside the sandbox's allowance)."""
+"""Chat templates rendered the way transformers' apply_chat_template renders them, in a sandbox
+whose work is bounded (templates come with downloads: untrusted code, see template_sandbox.py)."""
 
 from __future__ import annotations
 
+import json
+from datetime import datetime
+from pathlib import Path
+
 from llmarch.errors import LlmarchError
+from llmarch.runtime.template_sandbox import TemplateLimits
 
 
 def render_chat(
@@ -12,24 +17,51 @@ def render_chat(
     system: str | None = None,
     bos_token: str | None = None,
     eos_token: str | None = None,
+    source: str | Path | None = None,
+    limits: TemplateLimits | None = None,
 ) -> str:
+    """SOURCE is the file the template came from, named in every error."""
     if not template:
         raise LlmarchError(
             "--chat: this checkpoint carries no chat template (tokenizer_config.json / "
-            "tokenizer.chat_template); use a plain --prompt"
+            "tokenizer.chat_template); use a plain --prompt",
+            source,
         )
     from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from llmarch.runtime.template_sandbox import BoundedSandbox, TemplateLimitError
 
     def raise_exception(message):
         raise TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # as transformers: no HTML escaping, and its options exposed
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        return datetime.now().strftime(fmt)
+
+    env = BoundedSandbox(limits, trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    env.filters["tojson"] = tojson
+    env.bound_filters()
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     try:
-        return env.from_string(template).render(
-            messages=messages, add_generation_prompt=True, bos_token=bos_token or "", eos_token=eos_token or ""
+        return env.render_bounded(
+            template,
+            messages=messages,
+            add_generation_prompt=True,
+            bos_token=bos_token or "",
+            eos_token=eos_token or "",
         )
+    except TemplateLimitError as e:
+        raise LlmarchError(f"--chat: the chat template was stopped: {e}", source) from None
+    except RecursionError:
+        raise LlmarchError("--chat: the chat template was stopped: it recursed too deep", source) from None
+    except MemoryError:
+        raise LlmarchError("--chat: the chat template was stopped: it ran out of memory", source) from None
     except TemplateError as e:
-        raise LlmarchError(f"--chat: the chat template failed: {e}") from e
+        raise LlmarchError(f"--chat: the chat template failed: {e}", source) from e
+    except Exception as e:  # the template is foreign code: whatever it raises is its failure, not ours
+        raise LlmarchError(f"--chat: the chat template failed: {type(e).__name__}: {e}", source) from e

@@ -50,6 +50,7 @@ class Tok:
     chat_template: str | None = None
     bos_token: str | None = None
     eos_token: str | None = None
+    chat_template_source: Path | None = None  # the file the template came from, named in its errors
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=special).ids
@@ -216,6 +217,7 @@ def _gguf_tok(ckpt: Checkpoint) -> Tok:
         meta.get("tokenizer.chat_template"),
         tok.id_to_token(bos) if bos is not None else None,
         tok.id_to_token(eos) if eos is not None else None,
+        ckpt.path,
     )
 
 
@@ -239,10 +241,12 @@ def _json_tok(folder: Path, ckpt: Checkpoint) -> Tok:
         except ValueError:
             cfg = {}
     template = cfg.get("chat_template")
+    template_source = folder / "tokenizer_config.json"
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)
     if (folder / "chat_template.jinja").is_file():
         template = (folder / "chat_template.jinja").read_text()
+        template_source = folder / "chat_template.jinja"
     bos_tok, eos_tok = _token_str(cfg.get("bos_token")), _token_str(cfg.get("eos_token"))
     eos_ids: set[int] = set()
     gen_cfg = folder / "generation_config.json"
@@ -263,7 +267,7 @@ def _json_tok(folder: Path, ckpt: Checkpoint) -> Tok:
     if eos_tok and tok.token_to_id(eos_tok) is not None:
         eos_ids.add(tok.token_to_id(eos_tok))
     bos_id = tok.token_to_id(bos_tok) if bos_tok else None
-    return Tok(tok, bos_id, False, eos_ids, template, bos_tok, eos_tok)
+    return Tok(tok, bos_id, False, eos_ids, template, bos_tok, eos_tok, template_source)
 
 
 def load_tokenizer(ckpt: Checkpoint) -> Tok:
