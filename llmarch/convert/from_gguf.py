@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,8 +23,17 @@ from gguf import Keys
 
 from llmarch.convert.gguf_meta import LLMARCH_ROPE_KEY
 from llmarch.convert.layout import EXPERT_KINDS, GENERATED, Family, family_from_gguf, gguf_kind_of, hf_name_for
+from llmarch.convert.output import (
+    checkpoint_inputs,
+    claim,
+    publishing,
+    pwrite_all,
+    refuse_overlap,
+    reserve,
+    source_inputs,
+)
 from llmarch.convert.plan import tensor_bytes
-from llmarch.convert.writer import temp_path, to_f32
+from llmarch.convert.writer import to_f32
 from llmarch.errors import LlmarchError
 from llmarch.qk_permute import from_gguf_order
 
@@ -175,11 +183,11 @@ def convert_from_gguf(
     if dtype not in OUT_DTYPES:
         raise LlmarchError(f"unknown --dtype {dtype!r} for safetensors; one of {', '.join(OUT_DTYPES)}")
     out = Path(out_dir)
-    if out.exists() and not force:
-        raise LlmarchError("output exists; pass --force to overwrite it", out)
+    claim(out, source_inputs(source), force, folder=True)
     ckpt, spec = load_checkpoint_spec(source)
     if ckpt.format != "gguf":
         raise LlmarchError("--to safetensors needs a .gguf source", ckpt.path)
+    refuse_overlap(out, checkpoint_inputs(ckpt))  # the other parts of a split GGUF
     fam = family_from_gguf(spec, ckpt.path)
     items = _gguf_items(ckpt, fam, spec.layers)
     tied = "output.weight" not in ckpt.tensors
@@ -190,31 +198,22 @@ def convert_from_gguf(
 
         tok = build_hf_tokenizer(ckpt)
 
-    tmp = temp_path(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        _write_safetensors(tmp / "model.safetensors", ckpt, fam, items, spec, dtype, threads)
+    with publishing(out, folder=True) as tmp:  # complete under `out`, or not there at all
+        _write_safetensors(tmp / "model.safetensors", out, ckpt, fam, items, spec, dtype, threads)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if tok:
             (tmp / "tokenizer.json").write_text(tok[0])
             (tmp / "tokenizer_config.json").write_text(json.dumps(tok[1], indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {
         "output": str(out),
         "family": fam.family,
         "tensors": sum(len(n) for _, _, n in items),
-        "tokenizer": bool(tok),
+        "tokenizer": ckpt.metadata.get("tokenizer.ggml.model") if tok else None,  # as --to gguf says it
         "seconds": round(time.perf_counter() - t0, 3),
     }
 
 
-def _write_safetensors(path: Path, ckpt, fam: Family, items, spec, dtype: str, threads) -> None:
+def _write_safetensors(path: Path, out: Path, ckpt, fam: Family, items, spec, dtype: str, threads) -> None:
     st_dtype, _, size = OUT_DTYPES[dtype]
     header, jobs, pos = {"__metadata__": {"format": "pt"}}, [], 0
     for info, kind, names in items:
@@ -234,11 +233,7 @@ def _write_safetensors(path: Path, ckpt, fam: Family, items, spec, dtype: str, t
     raw += b" " * (-len(raw) % 8)
     base = 8 + len(raw)
     heads, kv_heads = spec.attention.heads, spec.attention.kv_heads or spec.attention.heads
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw)
-        f.truncate(base + pos)
-    fd = os.open(path, os.O_RDWR)
-    src_fd = {p: os.open(p, os.O_RDONLY) for p in ckpt.files}
+    src_fd: dict[Path, int] = {}
 
     def read(info):
         buf = np.empty(info.nbytes, dtype=np.uint8)
@@ -263,7 +258,7 @@ def _write_safetensors(path: Path, ckpt, fam: Family, items, spec, dtype: str, t
             if fam.transposed(hf):
                 part = part.T
             data = np.ascontiguousarray(cast(part, dtype))
-            os.pwrite(fd, memoryview(data).cast("B"), base + header[hf]["data_offsets"][0])
+            pwrite_all(fd, data, base + header[hf]["data_offsets"][0])
 
     def rows(job, r0, n):
         """Rows [r0, r0 + n) of a tensor written as is: experts and row blocks are contiguous on both sides."""
@@ -276,7 +271,7 @@ def _write_safetensors(path: Path, ckpt, fam: Family, items, spec, dtype: str, t
         if fam.norm_shift and names[0][0].endswith("norm.weight"):
             x = x - np.float32(fam.norm_shift)
         data = np.ascontiguousarray(cast(x, dtype))
-        os.pwrite(fd, memoryview(data).cast("B"), base + header[names[0][0]]["data_offsets"][0] + r0 * cols * size)
+        pwrite_all(fd, data, base + header[names[0][0]]["data_offsets"][0] + r0 * cols * size)
 
     work = []
     for job in jobs:
@@ -294,7 +289,11 @@ def _write_safetensors(path: Path, ckpt, fam: Family, items, spec, dtype: str, t
         total, step = math.prod(info.shape[:-1]), max(1, CHUNK_ELEMS // info.shape[-1])
         work += [(rows, job, r, min(step, total - r)) for r in range(0, total, step)]
 
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     try:
+        reserve(fd, base + pos, out)  # a full disk fails here, before any work
+        pwrite_all(fd, len(raw).to_bytes(8, "little") + raw, 0)
+        src_fd.update((p, os.open(p, os.O_RDONLY)) for p in ckpt.files)
         with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
             for fut in [pool.submit(*w) for w in work]:
                 fut.result()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from llmarch.convert.gguf_meta import model_kv
 from llmarch.convert.layout import family_to_gguf
+from llmarch.convert.output import checkpoint_inputs, claim, refuse_overlap, source_inputs
 from llmarch.convert.plan import DTYPES, Plan, build_plan
 from llmarch.errors import LlmarchError
 
@@ -47,9 +48,10 @@ def convert_to_gguf(
     from llmarch.convert.writer import write_gguf
 
     out = Path(out)
-    check_output(out, force)
+    claim(out, source_inputs(source), force, folder=False)
     t0 = time.perf_counter()
     plan, ckpt = plan_to_gguf(source, dtype)
+    refuse_overlap(out, checkpoint_inputs(ckpt))  # shards an index names elsewhere, a hub snapshot
     folder = ckpt.path if Path(ckpt.path).is_dir() else Path(ckpt.path).parent
     vocab = {}
 
@@ -68,10 +70,3 @@ def convert_to_gguf(
         "seconds": round(time.perf_counter() - t0, 3),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
-
-
-def check_output(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise LlmarchError("output exists; pass --force to overwrite it", out)
-    if not out.parent.is_dir():
-        raise LlmarchError("output folder does not exist", out.parent)

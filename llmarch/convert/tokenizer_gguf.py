@@ -137,6 +137,43 @@ def merges_from_scores(tokens: list[str], scores: list[float], skip: set[int]) -
     return [(m[3], m[4]) for m in merges]
 
 
+def _check_list(ckpt, key: str, value, kind, length: int) -> None:
+    """tokenizer.ggml.KEY must be a list of `kind`, one entry per token."""
+    if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+        raise LlmarchError(
+            f"inconsistent GGUF vocabulary: tokenizer.ggml.{key} is not a list of the right type", ckpt.path
+        )
+    if len(value) != length:
+        raise LlmarchError(
+            f"inconsistent GGUF vocabulary: tokenizer.ggml.{key} has {len(value)} entries for {length} tokens",
+            ckpt.path,
+        )
+
+
+def _merges(ckpt, vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """tokenizer.ggml.merges as pairs, each part and its merge a token of the vocab (the tokenizers
+    library panics on a merge whose result it cannot find)."""
+    raw = _array(ckpt, "tokenizer.ggml.merges") or []
+    _check_list(ckpt, "merges", raw, str, len(raw) if isinstance(raw, list) else 0)
+    merges = []
+    for i, m in enumerate(raw):
+        left, _, right = m.partition(" ")
+        missing = next((t for t in (left, right, left + right) if t not in vocab), None)
+        if not left or not right:
+            raise LlmarchError(
+                f"inconsistent BPE vocabulary: tokenizer.ggml.merges[{i}] {m!r} is not two tokens joined by a space",
+                ckpt.path,
+            )
+        if missing is not None:
+            raise LlmarchError(
+                f"inconsistent BPE vocabulary: tokenizer.ggml.merges[{i}] {m!r} needs {missing!r}, "
+                "which is not in tokenizer.ggml.tokens",
+                ckpt.path,
+            )
+        merges.append((left, right))
+    return merges
+
+
 def build_hf_tokenizer(ckpt) -> tuple[str, dict]:
     """(tokenizer.json text, tokenizer_config.json dict) from a GGUF vocab."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -146,7 +183,9 @@ def build_hf_tokenizer(ckpt) -> tuple[str, dict]:
     tokens = _array(ckpt, "tokenizer.ggml.tokens")
     if kind is None or tokens is None:
         raise LlmarchError("GGUF has no tokenizer (tokenizer.ggml.model / tokens)", ckpt.path)
+    _check_list(ckpt, "tokens", tokens, str, len(tokens) if isinstance(tokens, list) else 0)
     types = _array(ckpt, "tokenizer.ggml.token_type") or [int(TokenType.NORMAL)] * len(tokens)
+    _check_list(ckpt, "token_type", types, int, len(tokens))
     special_ids = {
         i for i, t in enumerate(types) if t in (TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.UNKNOWN)
     }
@@ -156,8 +195,8 @@ def build_hf_tokenizer(ckpt) -> tuple[str, dict]:
         return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
 
     if kind == "gpt2":
-        merges = [tuple(m.split(" ", 1)) for m in (_array(ckpt, "tokenizer.ggml.merges") or [])]
         vocab = {t: i for i, t in enumerate(tokens)}
+        merges = _merges(ckpt, vocab)
         tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
         pre = meta.get("tokenizer.ggml.pre", "gpt-2")
         regex = PRE_REGEX.get(pre)
@@ -176,6 +215,7 @@ def build_hf_tokenizer(ckpt) -> tuple[str, dict]:
         scores = _array(ckpt, "tokenizer.ggml.scores")
         if scores is None:
             raise LlmarchError("SentencePiece-style GGUF vocab has no tokenizer.ggml.scores", ckpt.path)
+        _check_list(ckpt, "scores", scores, (int, float), len(tokens))
         skip = special_ids | {i for i, t in enumerate(types) if t in (TokenType.BYTE, TokenType.UNUSED)}
         vocab = {t: i for i, t in enumerate(tokens)}
         unk = tok("unknown")

@@ -5,7 +5,7 @@ Memory stays bounded by a few chunks per thread: sources are read with pread (no
 touched pages would count in RSS), large tensors go in row blocks, and same-type copies
 (bf16 -> bf16 without permutation) never enter user space (copy_file_range). numpy's kernels
 and the syscalls release the GIL, so threads use every core. The file is written under a
-temporary name and renamed only when complete.
+partial name and renamed only when complete (llmarch/convert/output.py).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType
 
+from llmarch.convert.output import publishing, pwrite_all, reserve
 from llmarch.convert.plan import Piece, Plan, PlannedTensor, tensor_bytes
 from llmarch.errors import LlmarchError
 from llmarch.qk_permute import to_gguf_order
@@ -74,10 +75,6 @@ class _Writer(gguf.GGUFWriter):
         if ltype in _NP_KV:
             return head + np.asarray(val, dtype=_NP_KV[ltype]).tobytes()
         return super()._pack_val(val, vtype, add_vtype, sub_type)
-
-
-def temp_path(out: Path) -> Path:
-    return out.with_name(f".{out.name}.partial-{os.getpid()}")
 
 
 def to_f32(a: np.ndarray, src_dtype: str) -> np.ndarray:
@@ -180,10 +177,7 @@ def _run(task, t: PlannedTensor, src: _Sources, out_fd: int) -> None:
         if p.permute_heads:
             a = to_gguf_order(a, p.permute_heads)
         data = encode(a, p.src.dtype, t.type, p.shift)
-    mv = memoryview(np.ascontiguousarray(data)).cast("B")
-    done = 0
-    while done < len(mv):
-        done += os.pwrite(out_fd, mv[done:], at + done)
+    pwrite_all(out_fd, np.ascontiguousarray(data), at)
 
 
 def _copy_range(src_fd: int, dst_fd: int, n: int, src_off: int, dst_off: int) -> None:
@@ -196,40 +190,38 @@ def _copy_range(src_fd: int, dst_fd: int, n: int, src_off: int, dst_off: int) ->
 
 
 def write_gguf(plan: Plan, out: Path, add_metadata, threads: int | None = None) -> None:
-    """add_metadata(writer) adds the KV pairs; tensors come from the plan."""
-    tmp = temp_path(out)
+    """add_metadata(writer) adds the KV pairs; tensors come from the plan. The file appears under
+    `out` only when complete (output.publishing)."""
     threads = threads or os.cpu_count() or 1
     sources = _Sources()
     try:
-        w = _Writer(tmp, plan.family.arch_name)
-        add_metadata(w)
-        for t in plan.tensors:
-            w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.type)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        f = w.fout[0]
-        start = gguf.GGUFWriter.ggml_pad(f.tell(), w.data_alignment)
-        f.close()
-        offsets, pos = [], start
-        for t in plan.tensors:
-            offsets.append(pos)
-            pos += gguf.GGUFWriter.ggml_pad(t.nbytes, w.data_alignment)
-        fd = os.open(tmp, os.O_RDWR)
-        try:
-            try:  # reserve the space now: a full disk fails here, before any work
-                os.posix_fallocate(fd, 0, pos)
-            except OSError as e:
-                raise LlmarchError(f"cannot reserve {pos} bytes: {e.strerror}", out) from e
-            work = [(task, t) for t, base in zip(plan.tensors, offsets) for task in _tasks(t, base)]
-            with ThreadPoolExecutor(max_workers=threads) as pool:
-                for fut in [pool.submit(_run, task, t, sources, fd) for task, t in work]:
-                    fut.result()
-        finally:
-            os.close(fd)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        with publishing(out, folder=False) as tmp:
+            _write(plan, tmp, out, add_metadata, threads, sources)
     finally:
         sources.close()
+
+
+def _write(plan: Plan, tmp: Path, out: Path, add_metadata, threads: int, sources: _Sources) -> None:
+    w = _Writer(tmp, plan.family.arch_name)
+    add_metadata(w)
+    for t in plan.tensors:
+        w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    f = w.fout[0]
+    start = gguf.GGUFWriter.ggml_pad(f.tell(), w.data_alignment)
+    f.close()
+    offsets, pos = [], start
+    for t in plan.tensors:
+        offsets.append(pos)
+        pos += gguf.GGUFWriter.ggml_pad(t.nbytes, w.data_alignment)
+    fd = os.open(tmp, os.O_RDWR)
+    try:
+        reserve(fd, pos, out)
+        work = [(task, t) for t, base in zip(plan.tensors, offsets) for task in _tasks(t, base)]
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for fut in [pool.submit(_run, task, t, sources, fd) for task, t in work]:
+                fut.result()
+    finally:
+        os.close(fd)
