@@ -2,12 +2,43 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from llmarch.errors import CheckpointError
+
+
+def open_regular(path: Path):
+    """Open `path` for reading only if it is a regular file (a FIFO, socket or device named
+    model.safetensors would block or never end). O_NONBLOCK makes the open itself return at once
+    on a FIFO; the mode is checked on the opened descriptor, so nothing can swap the file in
+    between."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise CheckpointError(f"cannot read: {e.strerror or e}", path) from e
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise CheckpointError("not a regular file (a FIFO, socket or device cannot be a checkpoint)", path)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of a small regular file (config.json, an index), refused past `limit` bytes."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise CheckpointError(f"{size} bytes, more than the {limit} a file of this kind can need", path)
+        return f.read(limit + 1)
 
 
 def check_no_overlap(spans: list[tuple[int, int, str]], path) -> None:

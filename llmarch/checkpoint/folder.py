@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
-from llmarch.checkpoint.base import Checkpoint, TensorInfo
-from llmarch.checkpoint.config_check import check_config
+from llmarch.checkpoint.base import Checkpoint, TensorInfo, read_regular
+from llmarch.checkpoint.config_check import check_config, parse_json
 from llmarch.checkpoint.gguf import open_gguf
 from llmarch.checkpoint.safetensors import read_header
 from llmarch.errors import CheckpointError
@@ -17,6 +16,7 @@ PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".ckpt"}
 PICKLE_REASON = (
     "pickle checkpoints are not supported: loading one runs arbitrary code; use the model's .safetensors or .gguf files"
 )
+MAX_JSON_BYTES = 256 << 20  # a config or an index: DeepSeek-V3's index is ~9 MB
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
 
 
@@ -57,6 +57,8 @@ def _shards_from_index(index: Path) -> tuple[list[Path], dict[str, str]]:
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError("index has no weight_map of tensor name -> file", index)
+    if not weight_map:  # 0 parameters beside unreadable shards would be a silent lie
+        raise CheckpointError("index has an empty weight_map (no tensor is named)", index)
     # containment is checked on the names, not on resolved paths: in the Hugging Face cache every
     # file of a snapshot is a symlink into ../../blobs, and that is fine
     folder = index.parent
@@ -105,12 +107,7 @@ def from_files(path: Path, shards: list[Path], config_dir: Path) -> Checkpoint:
 
 
 def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise CheckpointError(f"cannot read: {e.strerror or e}", path) from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"not valid JSON ({e})", path) from e
+    return parse_json(read_regular(path, MAX_JSON_BYTES), path)
 
 
 def read_config(path: Path) -> dict:

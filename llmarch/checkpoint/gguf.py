@@ -16,8 +16,9 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any
 
-from llmarch.checkpoint.base import Checkpoint, TensorInfo, check_no_overlap
-from llmarch.checkpoint.gguf_constants import GENERIC_KEYS, GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, Keys
+from llmarch.checkpoint.base import Checkpoint, TensorInfo, check_no_overlap, open_regular
+from llmarch.checkpoint.config_check import check_json_tree, check_value, parse_json, show
+from llmarch.checkpoint.gguf_constants import GENERIC_KEYS, GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from llmarch.errors import CheckpointError
 
 GGUF_MAGIC = b"GGUF"
@@ -136,15 +137,13 @@ def _read_value(c: _Cursor, vtype: GGUFValueType, key: str, skipped: dict):
 
 def read_gguf_part(path: Path) -> tuple[dict[str, Any], dict[str, tuple], dict[str, TensorInfo]]:
     """Parse one GGUF file: (metadata, skipped arrays, tensors)."""
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise CheckpointError(f"cannot read: {e.strerror or e}", path) from e
-    with f:
+    with open_regular(path) as f:
         try:
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except ValueError:
             raise CheckpointError("empty file, not a GGUF", path) from None
+        except OSError as e:
+            raise CheckpointError(f"cannot read: {e.strerror or e}", path) from e
         try:
             return _parse(buf, path)
         finally:
@@ -194,7 +193,7 @@ def _parse(buf, path: Path):
         infos.append((name, ne, raw_type, offset))
 
     alignment = meta.get("general.alignment", 32)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+    if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
         raise CheckpointError(f"bad general.alignment {alignment!r}", path)
     data_start = (c.pos + alignment - 1) // alignment * alignment
     data_size = c.size - data_start
@@ -276,24 +275,29 @@ def open_gguf(path: Path) -> Checkpoint:
     )
 
 
+# per-layer arrays llama.cpp writes for these (hybrid and Gemma 3n GGUFs); gguf_arch reads them
+PER_LAYER_KEYS = {"num_attention_heads", "num_key_value_heads", "intermediate_size"}
+ROPE_SCALING_JSON = "llmarch.rope_scaling"
+
+
 def check_metadata_types(meta: dict[str, Any], path: Path) -> None:
-    """The keys the fingerprint reads must hold what llama.cpp writes there: a string for
-    general.architecture and the rope scaling type, numbers (or per-layer arrays of numbers)
-    for the sizes. A wrong type is named here instead of failing later inside the fingerprint."""
+    """Each key the fingerprint reads is checked as the config key it stands for (config_check:
+    type, finiteness, range; a bool is not a count), and reported under its GGUF name. Integral
+    float values of integer keys are stored back as ints."""
     arch = meta["general.architecture"]
     if not isinstance(arch, str) or not arch:
-        raise CheckpointError(f"general.architecture must be a non-empty string, got {arch!r}", path)
-    strings = {Keys.Rope.SCALING_TYPE}
-    for template in GENERIC_KEYS:
+        raise CheckpointError(f"general.architecture must be a non-empty string, got {show(arch)}", path)
+    for template, ckey in GENERIC_KEYS.items():
         key = template.format(arch=arch)
-        if key not in meta:
-            continue
-        value = meta[key]
-        if template in strings:
-            if not isinstance(value, str):
-                raise CheckpointError(f"{key} must be a string, got {value!r}", path)
-        elif isinstance(value, str) or (isinstance(value, list) and any(isinstance(v, str) for v in value)):
-            raise CheckpointError(f"{key} must be a number (or one per layer), got {value!r}", path)
+        if key in meta:
+            meta[key] = check_value(ckey, meta[key], path, key, per_layer=ckey in PER_LAYER_KEYS)
+    if ROPE_SCALING_JSON in meta:  # llmarch's converter writes Llama 3 scaling as a JSON object
+        text = meta[ROPE_SCALING_JSON]
+        if not isinstance(text, str):
+            raise CheckpointError(f"{ROPE_SCALING_JSON} must be a JSON string, got {show(text)}", path)
+        rope = parse_json(text, path, f"{ROPE_SCALING_JSON} is not valid JSON ({{}})")
+        check_json_tree(rope, path, ROPE_SCALING_JSON)
+        check_value("rope_scaling", rope, path, ROPE_SCALING_JSON)
 
 
 def _check_split_keys(meta: dict[str, Any], i: int, parts: list[Path], part: Path) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import struct
 from pathlib import Path
 
-from llmarch.checkpoint.base import TensorInfo, check_no_overlap
+from llmarch.checkpoint.base import TensorInfo, check_no_overlap, open_regular
+from llmarch.checkpoint.config_check import parse_json, show
 from llmarch.errors import CheckpointError
 
 # bytes per element; sub-byte and exotic types are refused rather than guessed
@@ -34,9 +35,9 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own cap
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Return (tensors, __metadata__) of one .safetensors file, validated against its size."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+    with open_regular(path) as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError(
@@ -50,26 +51,12 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             if n > MAX_HEADER_BYTES:
                 raise CheckpointError(f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit", path)
             raw = f.read(n)
-    except OSError as e:
-        raise CheckpointError(f"cannot read: {e.strerror or e}", path) from e
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"corrupt safetensors header (not JSON: {e})", path) from e
-    if not isinstance(header, dict):
-        raise CheckpointError("corrupt safetensors header (not a JSON object)", path)
-
-    # json.loads keeps the last of duplicate keys: a tensor named twice would vanish silently.
-    # Each entry has one "data_offsets" key; counting `"data_offsets":` counts keys only (a quote
-    # cannot occur unescaped inside a JSON string, and a string value is never followed by ':'),
-    # so this is a C-speed duplicate check with no false alarm.
-    meta = header.get("__metadata__")
-    n_keys = len(header) - ("__metadata__" in header) + (isinstance(meta, dict) and "data_offsets" in meta)
-    if raw.count(b'"data_offsets":') + raw.count(b'"data_offsets" :') > n_keys:
-        raise CheckpointError("corrupt safetensors header (a tensor name or key appears twice)", path)
+        except OSError as e:
+            raise CheckpointError(f"cannot read: {e.strerror or e}", path) from e
+    header = _parse_header(raw, path)
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise CheckpointError("corrupt safetensors header (__metadata__ is not an object)", path)
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError("corrupt safetensors header (__metadata__ is not an object of strings)", path)
     data_start = 8 + n
     data_size = size - data_start
     tensors: dict[str, TensorInfo] = {}
@@ -101,25 +88,66 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             start, end = t.offset - data_start, t.offset - data_start + t.nbytes
         spans.append((start, end, name))
     check_no_overlap(spans, path)
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+    return tensors, metadata
+
+
+def _parse_header(raw: bytes, path: Path) -> dict:
+    """The header as a dict; a key given twice (a tensor, `__metadata__`, a field) is refused, as
+    the safetensors library does. json.loads keeps the last of duplicate keys, so they are
+    counted: in JSON without escapes and without whitespace before a colon, every `":` ends a
+    key, so its count is the number of keys in the text, and it must equal the number of keys
+    parsed. That costs a few ms on DeepSeek-V3's 91k entries; text with escapes or spaced colons
+    (never written by the safetensors library) takes the slower checked parse."""
+    plain = b"\\" not in raw and _SPACED_COLON.search(raw) is None
+    header = parse_json(raw, path, "corrupt safetensors header (not JSON: {})", check_unique=not plain)
+    if not isinstance(header, dict):
+        raise CheckpointError("corrupt safetensors header (not a JSON object)", path)
+    if plain and raw.count(b'":') != _count_keys(header):
+        header = parse_json(raw, path, "corrupt safetensors header ({})")  # names the key given twice
+    return header
+
+
+_SPACED_COLON = re.compile(rb'"[ \t\r\n]+:')
+
+
+def _count_keys(value) -> int:
+    """Keys in a parsed JSON value; well-formed entries (three fields, no objects inside) cost one len()."""
+    n = len(value)
+    for v in value.values():
+        if type(v) is dict:
+            n += len(v)
+            for w in v.values():
+                if type(w) is dict or (type(w) is list and any(type(x) in (dict, list) for x in w)):
+                    n += _count_nested(w)
+        elif type(v) is list:
+            n += _count_nested(v)
+    return n
+
+
+def _count_nested(value) -> int:
+    if type(value) is dict:
+        return len(value) + sum(_count_nested(v) for v in value.values())
+    if type(value) is list:
+        return sum(_count_nested(v) for v in value)
+    return 0
 
 
 def _tensor_info(path: Path, name: str, entry, data_start: int, data_size: int) -> TensorInfo:
     if not isinstance(entry, dict):
         raise CheckpointError(f"tensor {name!r}: header entry is not an object", path)
     dtype = entry.get("dtype")
-    if dtype not in DTYPE_SIZES:
-        raise CheckpointError(f"tensor {name!r}: unknown dtype {dtype!r}", path)
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise CheckpointError(f"tensor {name!r}: unknown dtype {show(dtype)}", path)
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise CheckpointError(f"tensor {name!r}: bad shape {shape!r}", path)
+        raise CheckpointError(f"tensor {name!r}: bad shape {show(shape)}", path)
     offsets = entry.get("data_offsets")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
     ):
-        raise CheckpointError(f"tensor {name!r}: bad data_offsets {offsets!r}", path)
+        raise CheckpointError(f"tensor {name!r}: bad data_offsets {show(offsets)}", path)
     start, end = offsets
     if 0 <= start <= end and end > data_size:
         raise CheckpointError(

@@ -6,6 +6,7 @@ from llmarch.arch.fingerprint.facts import Facts, find_tensor
 from llmarch.arch.spec import ArchSpec
 from llmarch.arch.tensor_roles import is_vision, layer_of
 from llmarch.checkpoint.base import Checkpoint
+from llmarch.errors import CheckpointError
 
 
 def read_sizes(spec: ArchSpec, f: Facts, ckpt: Checkpoint) -> None:
@@ -33,6 +34,10 @@ def read_sizes(spec: ArchSpec, f: Facts, ckpt: Checkpoint) -> None:
     spec.activation = f.get("hidden_activation", "hidden_act", "activation_function", "activation", fact="activation")
     # fallbacks from tensors when the config is silent (bare .safetensors, GGUF without a key)
     embed = find_tensor(ckpt, ("embed_tokens.weight", "wte.weight", "token_embd.weight", "embeddings.weight"))
+    if embed is not None and len(embed.shape) != 2:
+        raise CheckpointError(
+            f"tensor {embed.name!r}: an embedding is a matrix, got shape {list(embed.shape)}", embed.file
+        )
     if embed is not None:
         vocab, hidden = embed.shape[0], embed.shape[-1]
         if not spec.vocab_size:
@@ -48,3 +53,19 @@ def read_sizes(spec: ArchSpec, f: Facts, ckpt: Checkpoint) -> None:
         if idx:
             spec.layers = max(idx) + 1
             spec.evidence["layers"] = "count of layer indices in tensor names"
+    check_layer_count(spec, f, ckpt)
+
+
+def check_layer_count(spec: ArchSpec, f: Facts, ckpt: Checkpoint) -> None:
+    """Every layer holds at least one tensor, so a checkpoint supports at most as many layers as
+    it has tensors. Checked before anything is built per layer: a header saying 10^9 layers (or
+    a tensor named model.layers.1000000000000.x) is a broken file, not a billion LayerSpecs."""
+    if spec.layers <= len(ckpt.tensors):
+        return
+    source = spec.evidence.get("layers") or f.used.get("layers") or "the layer count"
+    where = ckpt.path / "config.json" if ckpt.config is not None and ckpt.path.is_dir() else ckpt.path
+    raise CheckpointError(
+        f"{source} gives {spec.layers} layers, more than the {len(ckpt.tensors)} tensors of the checkpoint can hold "
+        "(each layer has at least one)",
+        where,
+    )
