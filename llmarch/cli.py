@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from llmarch.errors import LlmarchError
+from llmarch.errors import LlmarchError, printable
 
 app = typer.Typer(
     help="Inspect, compare, convert and run open-weight LLM checkpoints.",
@@ -366,5 +366,6 @@ def main() -> None:
             sys.exit(code)
         if debug:
             raise
-        sys.stderr.write(f"llmarch: internal error: {type(e).__name__}: {e} (LLMARCH_DEBUG=1 shows the traceback)\n")
+        problem = printable(f"{type(e).__name__}: {e}")  # the message may quote a file's bytes
+        sys.stderr.write(f"llmarch: internal error: {problem} (LLMARCH_DEBUG=1 shows the traceback)\n")
         sys.exit(2)

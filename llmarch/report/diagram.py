@@ -14,7 +14,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 from llmarch.arch.ranges import index_ranges
-from llmarch.errors import LlmarchError
+from llmarch.errors import LlmarchError, printable
 from llmarch.report.diagram_parts import Part, block_parts, head_parts, layers_from_doc, title_lines
 from llmarch.report.text import layer_label, repeat_unit
 
@@ -166,7 +166,7 @@ class Canvas:
         w = ' font-weight="bold"' if bold else ""
         self.add(
             f'<text{c} x="{x:.1f}" y="{y:.1f}" font-size="{size}"{w} text-anchor="{anchor}" '
-            f'fill="{color}">{escape(s)}</text>'
+            f'fill="{color}">{escape(printable(s))}</text>'
         )
 
     def line(self, x1, y1, x2, y2, color="#666", sw=1.4, arrow=False):

@@ -8,8 +8,9 @@ Tensor names are compared in one canonical (GGUF) naming, see report/tensor_diff
 from __future__ import annotations
 
 from llmarch.arch.ranges import index_ranges
+from llmarch.errors import printable
 from llmarch.report.table import fact_rows
-from llmarch.report.text import count, nbytes
+from llmarch.report.text import count, nbytes, plain
 
 SCHEMA_VERSION = 1
 # fact_rows rows that describe how a model is stored or labelled, not what it is
@@ -169,12 +170,13 @@ def _shown(rows: list[dict], show_all: bool) -> tuple[list[dict], int]:
 
 
 def print_diff(d: dict, console, show_all: bool = False) -> None:
-    from rich.markup import escape
+    """Every text that may come from the files (sources, names, values, warnings) goes to rich
+    as plain(): shown literally, never as markup, control characters escaped."""
     from rich.table import Table
 
     a, b = d["a"], d["b"]
-    console.print(f"A: {a['source']}  [{a['format']}, {a['family']}]")
-    console.print(f"B: {b['source']}  [{b['format']}, {b['family']}]")
+    console.print(plain(f"A: {a['source']}  [{a['format']}, {a['family']}]"))
+    console.print(plain(f"B: {b['source']}  [{b['format']}, {b['family']}]"))
     for title, rows in (("architecture", d["rows"]), ("storage", d["storage"])):
         shown, folded = _shown(rows, show_all)
         if shown:
@@ -187,9 +189,9 @@ def print_diff(d: dict, console, show_all: bool = False) -> None:
                 mark = "≠ " if r["differs"] else "  "
                 t.add_row(
                     r["section"] if r["section"] != last else "",
-                    mark + r["fact"],
-                    escape(r["a"]) if r["a"] is not None else "(absent)",
-                    escape(r["b"]) if r["b"] is not None else "(absent)",
+                    plain(mark + r["fact"]),
+                    plain(r["a"]) if r["a"] is not None else "(absent)",
+                    plain(r["b"]) if r["b"] is not None else "(absent)",
                     style=style,
                 )
                 last = r["section"]
@@ -199,20 +201,22 @@ def print_diff(d: dict, console, show_all: bool = False) -> None:
     if d["schedule"]:
         console.print("[bold]layer schedule[/]")
         for s in d["schedule"]:
-            console.print(f"  layers {s['ranges']}: {s['text']}", markup=False)
+            console.print(plain(f"  layers {s['ranges']}: {s['text']}"))
     if d["tensors"] is not None:
         from llmarch.report.tensor_diff import tensor_lines
 
         console.print("[bold]tensors[/]")
         for line in tensor_lines(d["tensors"]):
-            console.print("  " + line, markup=False)
+            console.print(plain("  " + line))
     for side in ("a", "b"):
         for w in d["warnings"][side]:
-            console.print(f"[yellow]warning ({side.upper()}):[/] {w}")
+            console.print(plain(f"warning ({side.upper()}): ", "yellow") + plain(w))
     console.print(f"[bold]{d['verdict']}[/]")
 
 
 def markdown(d: dict, show_all: bool = False) -> str:
+    """Markdown tables; text from the files has its control characters escaped (a newline would
+    end a table row) and its `|` escaped in table cells."""
     a, b = d["a"], d["b"]
     out = [
         f"**A**: `{a['source']}` ({a['format']}, {a['family']})  ",
@@ -228,7 +232,7 @@ def markdown(d: dict, show_all: bool = False) -> str:
                 cells = [_md(r["a"]), _md(r["b"])]
                 if r["differs"]:
                     cells = [f"**{c}**" for c in cells]
-                out.append(f"| {r['section']} | {r['fact']} | {cells[0]} | {cells[1]} |")
+                out.append(f"| {r['section']} | {_md(r['fact'])} | {cells[0]} | {cells[1]} |")
         out += ["", f"{folded} identical rows folded (--all shows them).", ""] if folded else [""]
     if d["schedule"]:
         out += ["### Layer schedule", ""] + [f"- layers {s['ranges']}: {s['text']}" for s in d["schedule"]] + [""]
@@ -237,8 +241,8 @@ def markdown(d: dict, show_all: bool = False) -> str:
 
         out += ["### Tensors", "", "```"] + tensor_lines(d["tensors"]) + ["```", ""]
     out.append(f"**Verdict: {d['verdict']}**")
-    return "\n".join(line for line in out) + "\n"
+    return "\n".join(printable(line) for line in out) + "\n"
 
 
 def _md(v) -> str:
-    return "(absent)" if v is None else str(v).replace("|", "\\|")
+    return "(absent)" if v is None else printable(str(v)).replace("|", "\\|")

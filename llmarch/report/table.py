@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from llmarch.arch.ranges import index_ranges
-from llmarch.report.text import count, nbytes
+from llmarch.report.text import count, nbytes, plain
 
 
 def fact_rows(doc: dict) -> list[tuple[str, str, str]]:
@@ -170,14 +169,14 @@ def _factor(s: dict) -> str:
 
 
 def print_fact_sheet(doc: dict, console: Console) -> None:
-    table = Table(title=f"{doc.get('source') or ''}  [{doc['format']}]", show_header=True, header_style="bold")
+    table = Table(title=plain(f"{doc.get('source') or ''}  [{doc['format']}]"), show_header=True, header_style="bold")
     table.add_column("section", style="dim")
     table.add_column("fact")
     table.add_column("value")
     last = None
     for section, fact, value in fact_rows(doc):
-        table.add_row(section if section != last else "", fact, escape(value))  # "[mla moe] ×58" is not markup
+        table.add_row(section if section != last else "", plain(fact), plain(value))  # "[mla moe] ×58" is not markup
         last = section
     console.print(table)
     for w in doc["warnings"]:
-        console.print(f"[yellow]warning:[/] {w}")
+        console.print(plain("warning: ", "yellow") + plain(w))

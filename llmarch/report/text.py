@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 from llmarch.arch.spec import ArchSpec, LayerSpec
+from llmarch.errors import printable
+
+
+def plain(value, style: str = ""):
+    """VALUE, which may hold text from a file (names, keys, model_type), as a rich Text: shown
+    literally (`[bold red]x.gguf` is not markup) with its control characters escaped."""
+    from rich.text import Text
+
+    return Text(printable(str(value)), style=style)
 
 
 def count(n: int | float | None) -> str:

@@ -92,7 +92,9 @@ def run(o: RunOptions) -> dict:
         if o.chat:
             from llmarch.runtime.chat import render_chat
 
-            text = render_chat(tok.chat_template, o.prompt, o.system, tok.bos_token, tok.eos_token)
+            text = render_chat(
+                tok.chat_template, o.prompt, o.system, tok.bos_token, tok.eos_token, tok.chat_template_source
+            )
             ids = tok.encode(text, special=False)
         else:
             ids = tok.encode(o.prompt)
