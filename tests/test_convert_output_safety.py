@@ -243,17 +243,30 @@ def _leftovers(folder: Path, name: str) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name != name)
 
 
-def _timeline(args, folder: Path, name: str) -> tuple[float | None, float]:
-    """(seconds until a partial of `name` first appears, seconds until the run ends)."""
+def _has_partial(folder: Path, name: str) -> bool:
+    return any(n.startswith(f".{name}.partial-") for n in os.listdir(folder))
+
+
+def _start(args) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "llmarch", *map(str, args)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_for(p: subprocess.Popen, ready) -> float:
+    """Poll every millisecond until ready() or the process ends; the seconds waited."""
     t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-m", "llmarch", *map(str, args)], cwd=ROOT, env=ENV)
-    seen = None
-    while p.poll() is None:
-        if seen is None and any(n.startswith(f".{name}.partial-") for n in os.listdir(folder)):
-            seen = time.perf_counter() - t0
+    while p.poll() is None and not ready():
         time.sleep(0.001)
-    assert p.returncode == 0
-    return seen, time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def _timeline(args, folder: Path, name: str) -> tuple[float, float]:
+    """(seconds until a partial of `name` appears, seconds it then lives) in one uninterrupted run."""
+    p = _start(args)
+    start = _wait_for(p, lambda: _has_partial(folder, name))
+    writing = _wait_for(p, lambda: not _has_partial(folder, name))
+    assert p.wait() == 0
+    return start, writing
 
 
 def _directions(tiny, tiny_gguf, tmp_path):
@@ -300,33 +313,29 @@ def test_sigkill_at_random_moments_leaves_old_or_new_output(tiny, tiny_gguf, tmp
         folder.mkdir()
         out = folder / name
         _put(old, out)
-        seen, end = _timeline(["convert", *args, "-o", out, "--force"], folder, name)
+        start, writing = _timeline(["convert", *args, "-o", out, "--force"], folder, name)
         assert _state(out) == new and _leftovers(folder, name) == []
-        killed, outcomes = [], set()
+        killed, outcomes = [], []
         for i in range(5):
             _put(old, out)
-            # half over the whole run, half from when the partial appears to the end: the writing
-            lo = 0.0 if i % 2 or seen is None else max(0.0, seen - 0.02)
-            delay = rng.uniform(lo, end + 0.02)
-            p = subprocess.Popen(
-                [sys.executable, "-m", "llmarch", "convert", *map(str, args), "-o", str(out), "--force"],
-                cwd=ROOT,
-                env=ENV,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            time.sleep(delay)
+            p = _start(["convert", *args, "-o", out, "--force"])
+            if i == 0:  # anywhere before the writing starts
+                time.sleep(rng.uniform(0, start))
+            else:  # while it writes and publishes: timed from when this run's partial appears
+                _wait_for(p, lambda f=folder, n=name: _has_partial(f, n))
+                time.sleep(rng.uniform(0, 1.5 * writing))
             p.send_signal(signal.SIGKILL)
             p.wait()
             killed.append(p.pid)
             state = _state(out)
-            assert state in (old, new), (name, delay)
-            outcomes.add("new" if state == new else "old")
+            outcomes.append(("new" if state == new else "old", len(_leftovers(folder, name))))
+            assert state in (old, new), (name, outcomes)
             load_checkpoint_spec(str(out))  # what inspect reads: a whole checkpoint
             pattern = re.compile(rf"\.{re.escape(name)}\.partial-(\d+)")
             for left in _leftovers(folder, name):
                 m = pattern.fullmatch(left)
                 assert m and int(m.group(1)) in killed, left
+        print(name, f"partial after {start:.3f} s, for {writing:.3f} s; kills: (state, leftovers)", outcomes)
         rerun(out, True)  # the next run cleans up after the killed ones
         assert _state(out) == new and _leftovers(folder, name) == [], _leftovers(folder, name)
 
