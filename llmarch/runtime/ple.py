@@ -265,6 +265,12 @@ class ResidentTable(PleStore):
     def resident_bytes(self) -> int:
         return self.table.numel() * self.table.element_size()
 
+    def report(self) -> dict:
+        out = super().report()
+        # one row per token by construction; the counters miss steps replayed from a CUDA graph
+        out["rows_read_per_token"] = 1.0
+        return out
+
     def where(self) -> str:
         return "GPU" if self.home.type == "cuda" else "host RAM"
 
@@ -400,9 +406,16 @@ class DiskTable(PleStore):
         return _Request(tuple(flat.tolist()), unique, inverse, staged, slot, futures, missed)
 
     def prefetch(self, ids: torch.Tensor) -> None:
+        """A hint: ids outside the table start nothing (the caller maps them before it gathers,
+        and gather reads whatever was not prefetched)."""
         if self.pending is not None:
             self._wait(self.pending)  # a prefetch nobody gathered: let its reads finish before the slot is reused
-        self.pending = self._start(ids)
+            self.pending = None
+        flat = ids.detach().reshape(-1)
+        if flat.device.type != "cpu":
+            flat = flat.cpu()
+        if flat.numel() and 0 <= int(flat.min()) and int(flat.max()) < self.layout.rows:
+            self.pending = self._start(flat)
 
     def _wait(self, req: _Request) -> None:
         t0 = time.perf_counter()
@@ -577,6 +590,55 @@ def open_store(
     raise LlmarchError(f"--ple must be gpu, cpu or disk, got {mode!r}")
 
 
+def check_options(spec, ple: str | None, cache_mib: float | None, folder: str | None) -> None:
+    """The --ple options, judged from the header alone (before any weight is read)."""
+    given = [n for n, v in (("--ple", ple), ("--ple-cache-mib", cache_mib), ("--ple-dir", folder)) if v is not None]
+    if given and not spec.per_layer_embeddings:
+        verb = "applies" if len(given) == 1 else "apply"
+        raise LlmarchError(
+            f"{' and '.join(given)} only {verb} to models with per-layer embeddings (Gemma 3n, Gemma 4); "
+            "this model has none"
+        )
+    if ple is not None and ple not in MODES:
+        raise LlmarchError(f"--ple must be gpu, cpu or disk, got {ple!r}")
+    if cache_mib is not None and not cache_mib >= 0:
+        raise LlmarchError(f"--ple-cache-mib must be >= 0, got {cache_mib}")
+
+
+def attach(
+    model,
+    source,
+    spec,
+    asked: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    cache_mib: float | None = None,
+    folder: str | Path | None = None,
+) -> PleStore | None:
+    """Give the model's per-layer inputs a store for the table (before its weights load, so the
+    table is never read as an ordinary weight): the mode asked for, else the default. Returns None
+    for a model without per-layer inputs."""
+    pli = getattr(model, "per_layer_inputs", None)
+    if pli is None:
+        return None
+    info = source.info("per_layer_inputs.rows.weight")
+    if info is None:
+        raise LlmarchError(
+            "the config has per-layer inputs but no per-layer embedding table was found", source.ckpt.path
+        )
+    layout = TableLayout.of(info, pli.layers, pli.width, pli.vocab)
+    isz = _itemsize(dtype)
+    table_bytes = layout.rows * layout.width * isz
+    other = max(int((spec.params or {}).get("total") or 0) * isz - table_bytes, 0)
+    mode, why = choose_mode(asked, table_bytes, other, torch.device(device))
+    store = open_store(layout, mode, device, dtype, cache_bytes=int((cache_mib or 0) * 2**20), folder=folder)
+    store.note = why
+    pli.set_rows(store)
+    if mode == "disk":  # start each step's reads as soon as its ids are known: before the embedding
+        model.register_forward_pre_hook(lambda _m, args: store.prefetch(args[0]) if args else None)
+    return store
+
+
 def find_store(model) -> PleStore | None:
     """The model's per-layer embedding store, wherever the model keeps it."""
     for m in model.modules() if hasattr(model, "modules") else [model]:
@@ -587,11 +649,13 @@ def find_store(model) -> PleStore | None:
 
 
 def summary(r: dict) -> str:
-    """One line for the run report."""
+    """The run report's PLE part, one clause."""
     line = (
-        f"PLE {r['mode']} ({r['chosen']}): table {r['table_bytes'] / 2**20:.0f} MiB in {r['where']}, "
+        f"PLE {r['mode']}: table {r['table_bytes'] / 2**20:.0f} MiB in {r['where']}, "
         f"{r['rows_read_per_token']:.2f} rows read per token"
     )
     if r["mode"] == "disk":
-        line += f", {1e3 * r['read_wait_s']:.1f} ms waiting on reads, {r['cache_hits']} hot-row hits"
+        line += f", {1e3 * r['read_wait_s']:.1f} ms waiting on reads"
+        if r["cache_budget_bytes"]:
+            line += f", {r['cache_hits']} hot-row hits"
     return line
