@@ -296,7 +296,7 @@ class _Slot:
 
 @dataclass
 class _Request:
-    key: tuple[int, ...]  # the flat ids asked for
+    key: list[int]  # the flat ids asked for
     unique: torch.Tensor  # distinct ids, ascending
     inverse: torch.Tensor  # flat position -> index into unique
     staged: torch.Tensor  # uint8 [len(unique), row_bytes] in a slot
@@ -364,17 +364,20 @@ class DiskTable(PleStore):
             self.stats.reads += n == len(view)
         return n == len(view)
 
-    def _start(self, ids: torch.Tensor) -> _Request:
+    def _host_ids(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         flat = ids.detach().reshape(-1)
         if flat.device.type != "cpu":
             flat = flat.cpu()
-        if flat.numel() == 1:  # a decode step
-            unique, inverse = flat, self._zero
+        return flat, flat.tolist()
+
+    def _start(self, flat: torch.Tensor, key: list[int]) -> _Request:
+        if len(key) == 1:  # a decode step
+            ulist, unique, inverse = key, flat, self._zero
         else:
             unique, inverse = torch.unique(flat, sorted=True, return_inverse=True)
-        ulist = unique.tolist()
-        if ulist and (ulist[0] < 0 or ulist[-1] >= self.layout.rows):
-            bad = ulist[0] if ulist[0] < 0 else ulist[-1]
+            ulist = unique.tolist()
+        if ulist and (min(ulist) < 0 or max(ulist) >= self.layout.rows):
+            bad = next(r for r in ulist if not 0 <= r < self.layout.rows)
             raise LlmarchError(
                 f"token id {bad} is outside the per-layer embedding table's {self.layout.rows} rows", self.layout.path
             )
@@ -403,7 +406,7 @@ class DiskTable(PleStore):
         # what must wait for the disk goes to the pool in contiguous shares
         share = max(1, -(-len(runs) // self.threads))
         futures = [self.pool.submit(self._read_runs, runs[k : k + share], host) for k in range(0, len(runs), share)]
-        return _Request(tuple(flat.tolist()), unique, inverse, staged, slot, futures, missed)
+        return _Request(key, unique, inverse, staged, slot, futures, missed)
 
     def prefetch(self, ids: torch.Tensor) -> None:
         """A hint: ids outside the table start nothing (the caller maps them before it gathers,
@@ -411,11 +414,9 @@ class DiskTable(PleStore):
         if self.pending is not None:
             self._wait(self.pending)  # a prefetch nobody gathered: let its reads finish before the slot is reused
             self.pending = None
-        flat = ids.detach().reshape(-1)
-        if flat.device.type != "cpu":
-            flat = flat.cpu()
-        if flat.numel() and 0 <= int(flat.min()) and int(flat.max()) < self.layout.rows:
-            self.pending = self._start(flat)
+        flat, key = self._host_ids(ids)
+        if key and 0 <= min(key) and max(key) < self.layout.rows:
+            self.pending = self._start(flat, key)
 
     def _wait(self, req: _Request) -> None:
         t0 = time.perf_counter()
@@ -425,11 +426,11 @@ class DiskTable(PleStore):
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
         req, self.pending = self.pending, None
-        flat_key = tuple(ids.detach().reshape(-1).tolist())
-        if req is None or req.key != flat_key:
+        flat, key = self._host_ids(ids)
+        if req is None or req.key != key:
             if req is not None:
                 self._wait(req)
-            req = self._start(ids)
+            req = self._start(flat, key)
         self._wait(req)
         self.stats.tokens += len(req.key)
         if self.cache_bytes and req.missed:
@@ -538,6 +539,19 @@ def choose_mode(asked: str | None, table_bytes: int, other_bytes: int, device: t
             raise LlmarchError(f"--ple must be gpu, cpu or disk, got {asked!r}")
         if asked == "gpu" and device.type != "cuda":
             raise LlmarchError("--ple gpu needs the model on a GPU (--device cuda); use --ple cpu or disk")
+        if asked == "gpu":
+            free = torch.cuda.mem_get_info(device)[0]
+            if other_bytes + table_bytes > free:
+                raise LlmarchError(
+                    f"--ple gpu: the table ({table_bytes / GiB:.2f} GiB) and the other weights "
+                    f"({other_bytes / GiB:.2f} GiB) need more than the GPU's {free / GiB:.1f} GiB free; "
+                    "use --ple cpu or --ple disk"
+                )
+        if asked == "cpu" and table_bytes > host_available():
+            raise LlmarchError(
+                f"--ple cpu: the table ({table_bytes / GiB:.2f} GiB) needs more than the "
+                f"{host_available() / GiB:.1f} GiB of host RAM available; use --ple disk"
+            )
         return asked, "asked"
     host = host_available()
     if device.type == "cuda":
