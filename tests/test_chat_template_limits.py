@@ -209,3 +209,32 @@ def test_real_templates_render_as_transformers_renders_them(name, system):
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     expected = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert render_chat(template, prompt, system, "<bos>", "<eos>", source=SOURCE) == expected
+
+
+def test_run_chat_with_a_hostile_template_is_one_line_naming_its_file(tiny, tmp_path, capsys, monkeypatch):
+    """Through the CLI's entry point (in process: the tiny model is already loaded by then):
+    exit 2 and one line naming the file the template came from."""
+    pytest.importorskip("torch")
+    import json
+    import shutil
+    import sys
+
+    from llmarch.cli import main
+    from tests.test_convert import add_tokenizer
+
+    folder = shutil.copytree(tiny("llama"), tmp_path / "m")
+    add_tokenizer(folder, json.loads((folder / "config.json").read_text())["vocab_size"])
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    monkeypatch.delenv("LLMARCH_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "argv", ["llmarch", "run", str(folder), "--chat", "--prompt", "hi", "--device", "cpu"])
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1] == (
+        f"llmarch: {folder / 'tokenizer_config.json'}: --chat: the chat template was stopped: "
+        "more than 262,144 loop iterations and calls"
+    )
+    assert not any("Traceback" in line or "internal error" in line for line in lines)
