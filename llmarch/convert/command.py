@@ -64,13 +64,17 @@ def print_result(doc: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from llmarch.report.text import plain  # names from the source file: not markup, no control characters
+
     console = Console()
     if doc.get("dry_run"):
-        table = Table(title=f"GGUF plan: {doc['arch']}, {doc['file_type']}, {doc['bytes'] / 2**20:.1f} MiB")
+        table = Table(title=plain(f"GGUF plan: {doc['arch']}, {doc['file_type']}, {doc['bytes'] / 2**20:.1f} MiB"))
         for col in ("tensor", "type", "shape", "bytes", "from"):
             table.add_column(col)
         for t in doc["tensors"]:
-            table.add_row(t["name"], t["type"], "x".join(map(str, t["shape"])), f"{t['bytes']:,}", t["source"])
+            table.add_row(
+                plain(t["name"]), t["type"], "x".join(map(str, t["shape"])), f"{t['bytes']:,}", plain(t["source"])
+            )
         console.print(table)
         return
     parts = [f"wrote {doc['output']}"] + [f"{k}={v}" for k, v in doc.items() if k not in ("output", "verify")]
