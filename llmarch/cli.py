@@ -281,6 +281,44 @@ def run(
     )
 
 
+@app.command()
+def fit(
+    source: SourceArg = None,
+    memory: Annotated[
+        str, typer.Option("--memory", metavar="SIZE", help="Memory of one GPU, e.g. 24GiB, 80G (G = GiB, GB = 10^9).")
+    ] = "24GiB",
+    gpus: Annotated[int, typer.Option("--gpus", metavar="N", help="GPUs in the machine, each of --memory.")] = 1,
+    host_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--host-memory",
+            metavar="SIZE",
+            help="Host RAM for offloaded parts (default: this machine's available RAM).",
+        ),
+    ] = None,
+    context: Annotated[
+        int | None, typer.Option("--context", metavar="TOKENS", help="Context to plan for (default: the model's).")
+    ] = None,
+    kv_dtype: KvDtypeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Will it fit, at what context, and with what flags (llmarch run, llama.cpp, vLLM, SGLang)? Headers only.
+
+    Example: llmarch fit Qwen/Qwen3-30B-A3B --memory 24GiB --context 32768
+    """
+    from llmarch.plan.fit import fit_source
+
+    doc = fit_source(source, memory, gpus, context, kv_dtype, host_memory)
+    if as_json:
+        emit_json(doc)
+    else:
+        from rich.console import Console
+
+        from llmarch.report.fit import print_fit
+
+        print_fit(doc, Console())
+
+
 def _framework_exit(e: Exception) -> int | None:
     """Exit status for the CLI framework's own signals (Exit, Abort, usage errors), else None.
 

@@ -38,6 +38,9 @@ ROLES: dict[str, re.Pattern] = {
         "post_ffn_norm": r"post_(feedforward|mlp)_layernorm\.weight$|post_ffw_norm\.weight$|ffn_post_norm\.weight$",
         "linear_attn": r"linear_attn\.|ssm_|\.mixer\.(A_log|conv1d|dt_bias|in_proj)|\.(A_log|dt_bias)$|conv1d",
         "ple": r"per_layer",
+        # the token embedding table and the LM head, outside the blocks (params readings, fit's parts)
+        "input_embedding": r"(^|\.)(embed_tokens|wte|token_embd|tok_embeddings|word_embeddings)\.weight$",
+        "output_head": r"(^|\.)lm_head\.weight$|^output\.weight$",
     }.items()
 }
 

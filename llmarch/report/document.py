@@ -94,7 +94,7 @@ def to_document(spec: ArchSpec, context: int | None = None, kv_dtype: str | None
         "per_layer_embeddings": spec.per_layer_embeddings,
         "extras": spec.extras,
         "kv_cache": spec.kv_cache(context, kv_dtype),
-        "storage": {"bytes": spec.stored_bytes, "dtypes": spec.dtypes},
+        "storage": {"bytes": spec.stored_bytes, "dtypes": spec.dtypes, "by_part": spec.part_bytes},
         "schedule_pattern": schedule_pattern(spec),
         "layer_schedule": [l.public() for l in spec.schedule],
         "evidence": spec.evidence,

@@ -29,6 +29,10 @@ def fact_rows(doc: dict) -> list[tuple[str, str, str]]:
         ("size", "params total", count(p.get("total"))),
         ("size", "params active / token", count(p.get("active"))),
     ]
+    if p.get("active_without_input_embedding") != p.get("active"):
+        rows.append(("size", "  without input embedding", count(p.get("active_without_input_embedding"))))
+    if p.get("active_non_embedding") is not None:
+        rows.append(("size", "  non-embedding", count(p.get("active_non_embedding"))))
     if p.get("mtp"):
         rows.append(("size", "params in MTP layers", count(p["mtp"])))
     if p.get("vision"):

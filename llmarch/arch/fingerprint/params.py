@@ -1,4 +1,4 @@
-"""Parameter counts (total, active, MTP, vision, PLE) and storage bytes and dtypes."""
+"""Parameter counts (total, the active readings, embeddings, MTP, vision, PLE) and stored bytes by part and dtype."""
 
 from __future__ import annotations
 
@@ -16,41 +16,69 @@ def _param_kind(name: str, spec: ArchSpec, mtp_start: int) -> tuple[str | None, 
         return "mtp", i
     if has_role(name, "ple") and i is None:
         return "ple", i
+    if i is None and has_role(name, "input_embedding"):
+        return "embeddings", i
+    if i is None and has_role(name, "output_head"):
+        return "output_head", i
     if i is not None and has_role(name, "routed_expert") and not has_role(name, "shared_expert"):
         return "routed", i
     return None, i
 
 
+def _weights_in(name: str, t, names) -> int:
+    """Parameters a tensor holds. MXFP4 as the Hub ships it (gpt-oss): `*_blocks` are U8 bytes of
+    two fp4 codes each, and their `*_scales` are quantization metadata, not parameters."""
+    if t.dtype == "U8" and name.endswith("_blocks"):
+        return 2 * t.numel
+    if t.dtype == "U8" and name.endswith("_scales") and name[: -len("_scales")] + "_blocks" in names:
+        return 0
+    return t.numel
+
+
+# the parts a model's stored bytes split into (fit sizes each part's placement from these)
+PARTS = ("dense", "routed_experts", "embeddings", "output_head", "ple", "vision", "mtp")
+
+
 def read_params(spec: ArchSpec, ckpt: Checkpoint) -> None:
-    total = routed = mtp = vision = ple = 0
+    counts = dict.fromkeys(PARTS, 0)
+    stored = dict.fromkeys(PARTS, 0)
     mtp_start = spec.layers if spec.format == "safetensors" else spec.layers - spec.mtp_layers
     kinds: dict[str, tuple] = {}  # expert key -> (kind, layer): the same for every expert index
     for name, t in ckpt.tensors.items():
         if name == "rope_freqs.weight":  # llama.cpp's Llama 3 RoPE factors: derived from config, not weights
             continue
-        n = t.numel
-        total += n
         key = expert_key(name) if "experts." in name else name
         kind_i = kinds.get(key)
         if kind_i is None:
             kind_i = kinds[key] = _param_kind(name, spec, mtp_start)
-        kind = kind_i[0]
-        if kind == "vision":
-            vision += n
-        elif kind == "mtp":
-            mtp += n
-        elif kind == "ple":
-            ple += n
-        elif kind == "routed":
-            routed += n
-    active = total - vision - mtp
+        part = {None: "dense", "routed": "routed_experts"}.get(kind_i[0], kind_i[0])
+        counts[part] += _weights_in(name, t, ckpt.tensors)
+        stored[part] += t.nbytes
+    total = sum(counts.values())
+    routed = counts["routed_experts"]
+    active = total - counts["vision"] - counts["mtp"]
     if spec.moe and spec.moe.experts:
         frac = spec.moe.experts_per_token / spec.moe.experts
         active -= round(routed * (1 - frac))
-    spec.params = {"total": total, "active": active, "routed_experts": routed, "mtp": mtp, "vision": vision}
+    embed, head = counts["embeddings"], counts["output_head"]
+    spec.params = {
+        "total": total,
+        "active": active,
+        # vendors' two other readings: the input table left out (a lookup, not a matmul; gpt-oss's
+        # "3.6B active") unless tied, where it is also the LM head; and non-embedding (Qwen's
+        # cards): both the table and the head left out
+        "active_without_input_embedding": active - embed if head else active,
+        "active_non_embedding": active - embed - head,
+        "embeddings": embed,
+        "output_head": head,
+        "routed_experts": routed,
+        "mtp": counts["mtp"],
+        "vision": counts["vision"],
+    }
+    spec.part_bytes = stored
     if spec.per_layer_embeddings is not None:
-        spec.per_layer_embeddings["params"] = ple
-        spec.per_layer_embeddings["share"] = ple / total if total else 0.0
+        spec.per_layer_embeddings["params"] = counts["ple"]
+        spec.per_layer_embeddings["share"] = counts["ple"] / total if total else 0.0
     if spec.format == "gguf" and spec.mtp_layers:
         spec.layers -= spec.mtp_layers  # llama.cpp counts the MTP blocks in block_count
         spec.schedule = spec.schedule[: spec.layers]

@@ -13,8 +13,9 @@ from enum import Enum
 import torch
 
 from llmarch.errors import LlmarchError
+from llmarch.plan.memory import EXPERT_BYTES_PER_WEIGHT, EXPERT_GROUP
 
-G = 64  # quantization group along the input dim (moe_cpu.c's G)
+G = EXPERT_GROUP  # quantization group along the input dim (moe_cpu.c's G)
 
 
 class ExpertFormat(Enum):
@@ -49,13 +50,11 @@ class ExpertFormat(Enum):
         return {ExpertFormat.INT8: 8, ExpertFormat.INT4: 4, ExpertFormat.MXFP4: 2}[self]
 
     def bytes_per_weight(self, dtype_bytes: int) -> float:
-        """Stored bytes per weight, scales included; a float expert's are its dtype's."""
-        return {
-            ExpertFormat.FLOAT: dtype_bytes,
-            ExpertFormat.INT8: 1 + 2 / G,
-            ExpertFormat.INT4: 0.5 + 4 / G,
-            ExpertFormat.MXFP4: 0.5 + 1 / 32,
-        }[self]
+        """Stored bytes per weight, scales included; a float expert's are its dtype's (the table is
+        llmarch.plan's, which sizes placements without torch)."""
+        if self is ExpertFormat.FLOAT:
+            return dtype_bytes
+        return EXPERT_BYTES_PER_WEIGHT[_EXPERT_BITS.get(self, "mxfp4")]
 
 
 _EXPERT_BITS = {ExpertFormat.FLOAT: 16, ExpertFormat.INT8: 8, ExpertFormat.INT4: 4}
