@@ -93,13 +93,15 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         if time.monotonic() > self._deadline:
             raise TemplateLimitError(f"ran longer than {self.limits.seconds:g} s")
 
-    def _need(self, size: int, what: str) -> None:
+    def _need(self, size: int, what: str, *what_args) -> None:
+        """Refuse a SIZE over the limit; WHAT (formatted with WHAT_ARGS only then) names it."""
         if size > self.limits.chars:
+            what = what.format(*what_args)
             raise TemplateLimitError(f"{what} would be {size:,} long (the limit is {self.limits.chars:,})")
 
     def _charge(self, value) -> None:
         if isinstance(value, _SIZED):
-            self._need(len(value), f"a {type(value).__name__}")
+            self._need(len(value), "a {}", type(value).__name__)
             self._spend(len(value))
 
     def _spend(self, work: int) -> None:
@@ -152,11 +154,11 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         if operator == "*":
             for seq, n in ((left, right), (right, left)):
                 if isinstance(seq, _SIZED) and isinstance(n, int):
-                    self._need(len(seq) * max(n, 0), f"{type(seq).__name__} * {n}")
+                    self._need(len(seq) * max(n, 0), "{} * {}", type(seq).__name__, n)
             if isinstance(left, int) and isinstance(right, int):
                 self._need_int(left.bit_length() + right.bit_length())
         elif operator == "+" and isinstance(left, _SIZED) and isinstance(right, _SIZED):
-            self._need(len(left) + len(right), f"{type(left).__name__} + {type(right).__name__}")
+            self._need(len(left) + len(right), "{} + {}", type(left).__name__, type(right).__name__)
         elif operator == "%" and isinstance(left, str):
             self._check_percent(left, right)
         elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:
@@ -210,7 +212,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             return args
         name = getattr(target, "__name__", "")
         if name in ("center", "ljust", "rjust", "zfill") and args and isinstance(args[0], int):
-            self._need(args[0], f"str.{name}()")
+            self._need(args[0], "str.{}()", name)
         elif name == "expandtabs":
             tab = args[0] if args else kwargs.get("tabsize", 8)
             if isinstance(tab, int):
@@ -253,7 +255,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         if name in _SIZE_ARGUMENT_FILTERS:
             for v in (*rest, *kwargs.values()):
                 if isinstance(v, int):
-                    self._need(abs(v), f"the |{name} filter's argument")
+                    self._need(abs(v), "the |{} filter's argument", name)
         arg = rest[0] if rest else None
         if name == "join":
             value = list(value)
