@@ -200,6 +200,13 @@ def test_partials_of_dead_runs_removed_live_ones_kept(tiny_gguf, tmp_path):
         (stale / "notes.txt").write_text("mine")
         convert_from_gguf(str(src), out, "f32", force=True)
         assert sorted(p.name for p in stale.iterdir()) == ["notes.txt"]
+
+        # our own process id on a partial: a dead process's (containers reuse small ids)
+        mine = tmp_path / f".hf.partial-{os.getpid()}"
+        mine.mkdir()
+        (mine / "config.json").write_text("{}")
+        convert_from_gguf(str(src), out, "f32", force=True)
+        assert not mine.exists()
     finally:
         live.kill()
         live.wait()

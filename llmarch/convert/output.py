@@ -59,9 +59,9 @@ def _abs(path: str | Path) -> Path:
     return Path(os.path.abspath(path))
 
 
-def partial_path(out: str | Path, pid: int | None = None) -> Path:
+def partial_path(out: str | Path) -> Path:
     out = _abs(out)
-    return out.with_name(f".{out.name}.partial-{os.getpid() if pid is None else pid}")
+    return out.with_name(f".{out.name}.partial-{os.getpid()}")
 
 
 def _aside_path(out: Path) -> Path:
@@ -212,7 +212,8 @@ def remove_stale_partials(out: str | Path) -> list[Path]:
     for name in sorted(entries, key=lambda n: ".old-" not in n):  # restore an aside folder first
         m = pattern.fullmatch(name)
         pid = int(m.group(2)) if m else 0
-        if not m or pid <= 0 or pid == os.getpid() or _pid_alive(pid):
+        # our own id on a partial is a dead process's whose id we got (containers reuse small ids)
+        if not m or pid <= 0 or (pid != os.getpid() and _pid_alive(pid)):
             continue
         path = out.parent / name
         try:  # best effort: a partial that cannot be removed must not stop this run
