@@ -220,6 +220,32 @@ SEM: dict[str, Sem] = {
         linear=True,
         kv_layer=lambda tc, i: 0 if layer_types(tc)[i] == "linear_attention" else _std_kv(tc, i),
     ),
+    # Qwen3_5DecoderLayer: layer_types "linear_attention" -> Qwen3_5GatedDeltaNet, else
+    # Qwen3_5Attention, whose q_proj emits query + gate (2 x heads x head_dim) and applies the
+    # sigmoid gate although the config has no gate key; Qwen3_5MLP on every layer; Qwen3_5RMSNorm
+    # is x * (1 + w).
+    "qwen3_5_text": Sem(
+        mixers=lambda tc: ["linear" if t == "linear_attention" else "full" for t in layer_types(tc)],
+        qk_norm=lambda tc: "per_head",
+        gated=True,
+        gate_layout="in_q",
+        unit_offset=True,
+        linear=True,
+        kv_layer=lambda tc, i: 0 if layer_types(tc)[i] == "linear_attention" else _std_kv(tc, i),
+    ),
+    # Qwen3_5MoeDecoderLayer: the same mixers; Qwen3_5MoeSparseMoeBlock on every layer, with
+    # shared_expert + shared_expert_gate
+    "qwen3_5_moe_text": Sem(
+        mixers=lambda tc: ["linear" if t == "linear_attention" else "full" for t in layer_types(tc)],
+        qk_norm=lambda tc: "per_head",
+        moe_layers=lambda tc: list(range(L(tc))),
+        shared_experts=lambda tc: 1,
+        gated=True,
+        gate_layout="in_q",
+        unit_offset=True,
+        linear=True,
+        kv_layer=lambda tc, i: 0 if layer_types(tc)[i] == "linear_attention" else _std_kv(tc, i),
+    ),
     "deepseek_v3": Sem(
         mixers=lambda tc: ["mla"] * L(tc),
         mla=True,
@@ -506,6 +532,7 @@ def _moe(c: Ctx):
 ROUTING = {
     "qwen3_moe": ("softmax", False, False, None),  # Qwen3MoeTopKRouter: softmax, top-k, norm_topk_prob
     "qwen3_next": ("softmax", False, False, None),  # Qwen3NextTopKRouter: the same
+    "qwen3_5_moe_text": ("softmax", False, False, True),  # Qwen3_5MoeTopKRouter: softmax, top-k, / sum, always
     "deepseek_v3": ("sigmoid", False, False, None),  # DeepseekV3TopkRouter / MoE.route_tokens_to_experts
     "deepseek_v32": ("sigmoid", False, False, None),
     "glm4_moe": ("sigmoid", False, False, None),

@@ -94,6 +94,35 @@ class RopeSpec:
 
 
 @dataclass
+class LinearAttentionSpec:
+    """The linear/recurrent mixer's sizes (Gated DeltaNet): what run builds and caches, and what
+    inspect counts as the fixed state of each such layer."""
+
+    kind: str  # gated_deltanet | kda | mamba2
+    key_heads: int = 0
+    value_heads: int = 0  # each key head serves value_heads / key_heads consecutive value heads
+    key_head_dim: int = 0
+    value_head_dim: int = 0
+    conv_kernel: int = 4  # causal depthwise conv over [q | k | v]; the cache keeps its last kernel - 1 inputs
+    # where the input projections' rows live: "grouped" (in_proj_qkvz + in_proj_ba, rows grouped per
+    # key head: [q k v z] and [b a], Qwen3-Next) | "split" (in_proj_qkv, in_proj_z, in_proj_b,
+    # in_proj_a, Qwen3.5); None when no tensor says (config only)
+    projection: str | None = None
+
+    @property
+    def conv_channels(self) -> int:
+        return 2 * self.key_heads * self.key_head_dim + self.value_heads * self.value_head_dim
+
+    @property
+    def conv_state_elems(self) -> int:
+        return self.conv_channels * (self.conv_kernel - 1)
+
+    @property
+    def recurrent_state_elems(self) -> int:
+        return self.value_heads * self.key_head_dim * self.value_head_dim
+
+
+@dataclass
 class MoESpec:
     experts: int
     experts_per_token: int
@@ -155,6 +184,7 @@ class ArchSpec:
     moe: MoESpec | None = None
     schedule: list[LayerSpec] = field(default_factory=list)
     linear_attention: dict | None = None  # kind and state sizes of the linear/recurrent layers
+    linear: LinearAttentionSpec | None = None  # the Gated DeltaNet mixer's sizes (what run builds)
     mtp_layers: int = 0
     tied_embeddings: bool = False
     embedding_scale: float | None = None  # Gemma: sqrt(hidden)
@@ -215,6 +245,11 @@ class ArchSpec:
         la = self.linear_attention
         if not la:
             return 0
+        if self.linear is not None and self.linear.kind == "gated_deltanet":
+            # the recurrent matrix is kept in float32 (as transformers and llama.cpp keep it), the
+            # conv window in the cache dtype
+            lin = self.linear
+            return int(la.get("linear", 0) * (lin.recurrent_state_elems * 4 + lin.conv_state_elems * b))
         per_layer = la.get("state_elems_per_layer") or 0
         return int(per_layer * la.get("linear", 0) * b)
 

@@ -72,7 +72,14 @@ class Generator:
         a = spec.attention
         self.rt, self.model, self.device, self.max_seq = rt, rt.model, rt.device, max_seq
         self.cache = KVCache(
-            spec.schedule, max_seq, a.kv_heads, a.head_dim, a.v_head_dim or a.head_dim, rt.dtype, rt.device
+            spec.schedule,
+            max_seq,
+            a.kv_heads,
+            a.head_dim,
+            a.v_head_dim or a.head_dim,
+            rt.dtype,
+            rt.device,
+            linear=spec.linear,
         )
         self.model.setup(max_seq, rt.device, rt.dtype)
         self.use_graph = (rt.device.type == "cuda") if cuda_graph is None else cuda_graph
@@ -99,6 +106,7 @@ class Generator:
         self.fn = fn
         self.g_ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.g_pos = torch.full((1,), pos, dtype=torch.long, device=self.device)
+        saved = self.cache.save_linear()  # the warm-up steps below advance recurrent state: undo them
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -109,6 +117,7 @@ class Generator:
         with torch.cuda.graph(self.graph):
             self.g_out = fn(self.g_ids, self.g_pos, self.cache, limit=None)[:, -1]
             self.g_next = self.g_out.argmax(dim=-1, keepdim=True)  # the greedy choice, inside the graph
+        self.cache.restore_linear(saved)
 
     def _step_graph(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         if self.graph is None:

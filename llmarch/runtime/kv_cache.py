@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from llmarch.arch.spec import LayerSpec
+from llmarch.arch.spec import LayerSpec, LinearAttentionSpec
 
 
 class SlotGroup:
@@ -80,6 +80,25 @@ class LayerCache:
         return self.k, self.v
 
 
+class LinearState:
+    """A linear-attention layer's fixed state: the conv window (the last kernel - 1 conv inputs,
+    in the cache dtype) and the recurrent matrix per value head (float32, as the references keep
+    it). Both are updated in place, so a captured decode step reads and writes the same memory."""
+
+    def __init__(self, lin: LinearAttentionSpec, batch: int, dtype, device):
+        self.conv = torch.zeros(batch, lin.conv_channels, lin.conv_kernel - 1, dtype=dtype, device=device)
+        self.recurrent = torch.zeros(
+            batch, lin.value_heads, lin.key_head_dim, lin.value_head_dim, dtype=torch.float32, device=device
+        )
+
+    def reset(self) -> None:
+        self.conv.zero_()
+        self.recurrent.zero_()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.conv, self.recurrent))
+
+
 class KVCache:
     def __init__(
         self,
@@ -91,8 +110,14 @@ class KVCache:
         dtype,
         device,
         batch: int = 1,
+        linear: LinearAttentionSpec | None = None,
     ):
+        """linear: the linear layers' sizes (spec.linear); each linear layer gets its LinearState."""
         self.max_seq = max_seq
+        self.linear: dict[int, LinearState] = {}
+        for layer in schedule:
+            if layer.mixer == "linear" and linear is not None:
+                self.linear[layer.index] = LinearState(linear, batch, dtype, device)
         self.groups: dict[tuple, SlotGroup] = {}
         self.layers: dict[int, LayerCache] = {}
         for layer in schedule:
@@ -116,6 +141,20 @@ class KVCache:
     def reset(self) -> None:
         for g in self.groups.values():
             g.reset()
+        for st in self.linear.values():
+            st.reset()
+
+    def save_linear(self) -> list[torch.Tensor]:
+        """A copy of every linear state (a CUDA-graph capture runs warm-up steps that advance them)."""
+        return [t.clone() for st in self.linear.values() for t in (st.conv, st.recurrent)]
+
+    def restore_linear(self, saved: list[torch.Tensor]) -> None:
+        for dst, src in zip([t for st in self.linear.values() for t in (st.conv, st.recurrent)], saved, strict=True):
+            dst.copy_(src)
 
     def nbytes(self) -> int:
         return sum(c.k.numel() * c.k.element_size() + c.v.numel() * c.v.element_size() for c in self.layers.values())
+
+    def state_nbytes(self) -> int:
+        """Bytes of the linear layers' fixed state (inspect's kv_cache.state_bytes)."""
+        return sum(st.nbytes() for st in self.linear.values())

@@ -82,10 +82,13 @@ def check_supported(spec: ArchSpec, path, gguf: bool = False) -> None:
             "k_b/v_b); use the safetensors checkpoint",
             path,
         )
-    if spec.per_layer_embeddings or spec.linear_attention:
+    if spec.per_layer_embeddings:
         raise LlmarchError(
-            f"llmarch run has no per-layer-embedding or linear-attention layers yet "
-            f"(family {spec.family!r}); {supported_note()}",
+            f"llmarch run has no per-layer-embedding layers yet (family {spec.family!r}); {supported_note()}", path
+        )
+    if gguf and spec.linear_attention:
+        raise LlmarchError(
+            "linear-attention models from GGUF are not supported by llmarch run yet; use the safetensors checkpoint",
             path,
         )
 
@@ -110,6 +113,8 @@ def load_runtime(
     check_supported(spec, ckpt.path, getattr(ckpt, "format", None) == "gguf")
     notes: list[str] = []
     dt = pick_dtype(dtype, ckpt, dev, notes)
+    if spec.mtp_layers:
+        notes.append(f"{spec.mtp_layers} MTP layer(s) skipped: llmarch run predicts one token per step")
     if quant_bits and dev.type == "cuda" and quant_bits == 4:
         raise LlmarchError("--keep-quantized 4-bit runs on the CPU only; use 8 on cuda")
     model = build_model(spec)

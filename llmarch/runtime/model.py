@@ -19,6 +19,7 @@ from llmarch.arch.spec import ArchSpec, LayerSpec
 from llmarch.errors import LlmarchError
 from llmarch.runtime.ops.attention import Attention
 from llmarch.runtime.ops.chunked_attention import ChunkedAttention
+from llmarch.runtime.ops.gated_deltanet import GatedDeltaNet
 from llmarch.runtime.ops.mla import MLAttention
 from llmarch.runtime.ops.mlp import GatedMLP, PlainMLP
 from llmarch.runtime.ops.moe import moe_ffn
@@ -32,12 +33,14 @@ def dense_ffn(spec: ArchSpec, layer: LayerSpec) -> nn.Module:
     return GatedMLP(spec.hidden_size, spec.intermediate_size, spec.activation, bias=spec.ffn_bias)
 
 
-# mixer kind -> factory(spec, layer, rope) ; ffn kind -> factory(spec, layer)
+# mixer kind -> factory(spec, layer, rope) ; ffn kind -> factory(spec, layer). A linear/recurrent
+# layer's kind is its linear_kind (gated_deltanet, kda, mamba2), since one mixer name covers them all.
 MIXERS: dict[str, Callable[..., nn.Module]] = {
     "full": Attention,
     "sliding": Attention,
     "chunked": ChunkedAttention,
     "mla": MLAttention,
+    "gated_deltanet": GatedDeltaNet,
 }
 FFNS: dict[str, Callable[..., nn.Module]] = {"dense": dense_ffn, "moe": moe_ffn}
 NORM_SLOTS = {
@@ -91,8 +94,9 @@ class Transformer(nn.Module):
         self.ropes = nn.ModuleDict()
         layers = []
         for layer in spec.schedule:
-            if layer.mixer not in MIXERS:
-                raise LlmarchError(f"layer {layer.index}: mixer {layer.mixer!r} is not supported by llmarch run yet")
+            mixer = layer.linear_kind or layer.mixer
+            if mixer not in MIXERS:
+                raise LlmarchError(f"layer {layer.index}: mixer {mixer!r} is not supported by llmarch run yet")
             if layer.ffn not in FFNS:
                 raise LlmarchError(f"layer {layer.index}: FFN {layer.ffn!r} is not supported by llmarch run yet")
             rope = None
@@ -109,7 +113,7 @@ class Transformer(nn.Module):
                     r.key = key[0]
                     self.ropes[name] = r
                 rope = self.ropes[name]
-            layers.append(Block(spec, layer, MIXERS[layer.mixer](spec, layer, rope), FFNS[layer.ffn](spec, layer)))
+            layers.append(Block(spec, layer, MIXERS[mixer](spec, layer, rope), FFNS[layer.ffn](spec, layer)))
         self.layers = nn.ModuleList(layers)
         self.final_norm = make_norm(spec.norm.kind, d, spec.norm.eps, spec.norm.unit_offset)
         self.lm_head = None if spec.tied_embeddings else nn.Linear(d, spec.vocab_size, bias=False)

@@ -81,8 +81,9 @@ def read_attention(spec: ArchSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoin
     if gate:
         a.gate_layout = "separate"
         spec.evidence["attention.gated"] = gate
-    elif a.gated and q and not a.mla and ckpt.tensors[q].shape and ckpt.tensors[q].shape[0] == 2 * a.heads * a.head_dim:
-        a.gate_layout = "in_q"  # q_proj twice the query width: [q | gate] per head
+    elif q and not a.mla and a.heads and ckpt.tensors[q].shape and ckpt.tensors[q].shape[0] == 2 * a.heads * a.head_dim:
+        # q_proj twice the query width holds [q | gate] per head (Qwen3-Next, Qwen3.5), whatever the config says
+        a.gated, a.gate_layout = True, "in_q"
         spec.evidence["attention.gated"] = q
     idx = any_layer_has(lt, "indexer")
     a.indexer = bool(idx) or bool(f.get("index_topk", "index_n_heads"))

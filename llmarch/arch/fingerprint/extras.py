@@ -6,14 +6,22 @@ import math
 
 from llmarch.arch.fingerprint.facts import Facts
 from llmarch.arch.recipe_schema import Recipe
-from llmarch.arch.spec import ArchSpec
+from llmarch.arch.spec import ArchSpec, LinearAttentionSpec
 from llmarch.arch.tensor_roles import is_vision, layer_of
 from llmarch.checkpoint.base import Checkpoint
 
 
 def read_extras(spec: ArchSpec, f: Facts, recipe: Recipe, ckpt: Checkpoint) -> None:
     spec.mtp_layers = int(
-        f.get("num_nextn_predict_layers", "mtp_num_layers", "num_mtp_layers", default=0, fact="mtp_layers") or 0
+        f.get(
+            "num_nextn_predict_layers",
+            "mtp_num_layers",
+            "num_mtp_layers",
+            "mtp_num_hidden_layers",
+            default=0,
+            fact="mtp_layers",
+        )
+        or 0
     )
     tie = f.get("tie_word_embeddings", fact="tied_embeddings")
     has_head = any(
@@ -46,6 +54,8 @@ def read_extras(spec: ArchSpec, f: Facts, recipe: Recipe, ckpt: Checkpoint) -> N
     la = spec.schedule and [l for l in spec.schedule if l.mixer in ("linear", "mamba")]
     if la:
         spec.linear_attention = _linear_state(spec, f, recipe)
+        if spec.linear is not None:
+            spec.linear.projection = spec.linear_attention["projection"] = _linear_projection(spec, ckpt)
 
 
 def _linear_state(spec: ArchSpec, f: Facts, recipe: Recipe) -> dict:
@@ -56,9 +66,22 @@ def _linear_state(spec: ArchSpec, f: Facts, recipe: Recipe) -> dict:
     kd = f.get("linear_key_head_dim")
     vd = f.get("linear_value_head_dim")
     if vh and kd and vd:  # Gated DeltaNet: a kd x vd state per value head, plus the conv window
-        conv = f.get("linear_conv_kernel_dim", default=4)
-        conv_ch = (kh or vh) * kd * 2 + vh * vd
-        out["state_elems_per_layer"] = vh * kd * vd + conv_ch * (conv - 1)
+        lin = spec.linear = LinearAttentionSpec(
+            kind=kind,
+            key_heads=int(kh or vh),
+            value_heads=int(vh),
+            key_head_dim=int(kd),
+            value_head_dim=int(vd),
+            conv_kernel=int(f.get("linear_conv_kernel_dim", default=4, fact="linear_attention.conv_kernel")),
+        )
+        out["state_elems_per_layer"] = lin.recurrent_state_elems + lin.conv_state_elems
+        out.update(
+            key_heads=lin.key_heads,
+            value_heads=lin.value_heads,
+            key_head_dim=lin.key_head_dim,
+            value_head_dim=lin.value_head_dim,
+            conv_kernel=lin.conv_kernel,
+        )
     elif isinstance(f.get("linear_attn_config"), dict) and f.get("linear_attn_config").get("num_heads"):
         # Kimi Delta Attention: a head_dim x head_dim state per head, plus q/k/v short convolutions
         c = f.get("linear_attn_config")
@@ -67,3 +90,15 @@ def _linear_state(spec: ArchSpec, f: Facts, recipe: Recipe) -> dict:
     elif f.get("mamba_num_heads") and f.get("mamba_head_dim") and f.get("ssm_state_size"):
         out["state_elems_per_layer"] = f.get("mamba_num_heads") * f.get("mamba_head_dim") * f.get("ssm_state_size")
     return out
+
+
+def _linear_projection(spec: ArchSpec, ckpt: Checkpoint) -> str | None:
+    """How a Gated DeltaNet layer's input projections are stored, from the tensor names."""
+    for name in ckpt.tensors:
+        if name.endswith("linear_attn.in_proj_qkvz.weight"):
+            spec.evidence["linear_attention.projection"] = name
+            return "grouped"
+        if name.endswith("linear_attn.in_proj_qkv.weight"):
+            spec.evidence["linear_attention.projection"] = name
+            return "split"
+    return None
