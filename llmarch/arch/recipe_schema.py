@@ -118,6 +118,9 @@ class Recipe:
     gated_attention: bool = False  # when the config has no gate key
     attn_softcap: bool = True  # False: the config's attn_logit_softcapping is never applied (Gemma 3)
     attention_value_scale: float | None = None  # the config class's default when config.json lacks the key
+    # softmax scale when the config has no query_pre_attn_scalar (Gemma 3n / 4: 1.0, their q/k norms set the size)
+    attention_scale: float | None = None
+    v_norm: bool = False  # a weightless RMS norm over each value head (it has no tensor to show it)
     # positions
     positions: str | None = _choice("learned")
     partial_rotary_factor: float | None = None  # the config class's default when config.json lacks the key

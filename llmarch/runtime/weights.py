@@ -34,6 +34,27 @@ HF_LAYER = {
     "mlp.gate": "mlp.gate_proj",
     "mlp.up": "mlp.up_proj",
     "mlp.down": "mlp.down_proj",
+    # AltUp, LAuReL, per-layer inputs, layer scalar (Gemma 3n / Gemma 4)
+    "altup.router_norm": "altup.router_norm",
+    "altup.router": "altup.modality_router",
+    "altup.predict_coefs": "altup.prediction_coefs",
+    "altup.correct_coefs": "altup.correction_coefs",
+    "altup.correct_output_scale": "altup.correct_output_scale",
+    "laurel.left": "laurel.linear_left",
+    "laurel.right": "laurel.linear_right",
+    "laurel.norm": "laurel.post_laurel_norm",
+    "per_layer.gate": "per_layer_input_gate",
+    "per_layer.projection": "per_layer_projection",
+    "per_layer.norm": "post_per_layer_input_norm",
+    "layer_scalar": "layer_scalar",
+}
+# canonical model-level stems -> HF names beside embed_tokens (a trailing .N index carries over)
+HF_GLOBAL = {
+    "per_layer_inputs.rows": "embed_tokens_per_layer",
+    "per_layer_inputs.model_projection": "per_layer_model_projection",
+    "per_layer_inputs.projection_norm": "per_layer_projection_norm",
+    "altup_streams.up": "altup_projections",
+    "altup_streams.down": "altup_unembed_projections",
 }
 # other names some checkpoints use for the same tensor (MiMo-V2-Flash's Hub files and transformers'
 # save_pretrained name its sinks attention_sink_bias)
@@ -61,8 +82,8 @@ GPT2_LAYER = {
 GPT2_CONV1D = ("attn.qkv", "attn.o", "mlp.up", "mlp.down")
 
 LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+?)\.(weight|bias)$")
-BARE = ("attn.sinks",)  # Hub names these without a .weight suffix
-BARE_RE = re.compile(r"^layers\.(\d+)\.(attn\.sinks)$")
+BARE = ("attn.sinks", "altup.correct_output_scale", "layer_scalar")  # Hub names these without a .weight suffix
+BARE_RE = re.compile(r"^layers\.(\d+)\.(" + "|".join(re.escape(b) for b in BARE) + r")$")
 
 
 def split_name(name: str) -> tuple[int | None, str, str]:
@@ -194,6 +215,10 @@ class SafetensorsSource(WeightSource):
             if n not in self.ckpt.tensors and hf in HF_ALIASES:
                 n = f"{p}layers.{layer}.{HF_ALIASES[hf]}{suffix}"
             return n
+        base, _, index = stem.rpartition(".")
+        if stem in HF_GLOBAL or (index.isdigit() and base in HF_GLOBAL):
+            hf = HF_GLOBAL[stem] if stem in HF_GLOBAL else f"{HF_GLOBAL[base]}.{index}"
+            return f"{p}{hf}.{kind}"
         return {"embed": f"{p}embed_tokens.weight", "final_norm": f"{p}norm.{kind}", "lm_head": self.head}.get(stem)
 
     def read(self, t: TensorInfo) -> torch.Tensor:

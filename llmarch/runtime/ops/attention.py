@@ -1,7 +1,12 @@
 """Softmax attention over a KV cache: MHA/GQA/MQA, sliding window (through the cache's mask),
-QK-norm (per head or over the whole projection), soft-capping, attention sinks, a V scale, a
-sigmoid output gate (its own projection, or rows of q_proj), and the NoPE layers' query
-temperature (temperature tuning).
+QK-norm (per head or over the whole projection), a weightless V norm, soft-capping, attention
+sinks, a V scale, a sigmoid output gate (its own projection, or rows of q_proj), and the NoPE
+layers' query temperature (temperature tuning).
+
+KV sharing (Gemma 3n / 4): a layer with kv_shared_from projects only queries and attends over the
+keys/values its owner layer attended over earlier in the same step (LayerCache.last); it has no
+cache of its own. Values may be the key projection itself (v_from_k), and the head width may be
+the layer's own (Gemma 4's wider global layers).
 
 KV head count and sinks are per layer (LayerSpec), since MiMo-V2-Flash's sliding layers have twice
 the KV heads of its full layers, and sinks only there.
@@ -58,13 +63,22 @@ class Attention(nn.Module):
         super().__init__()
         a = spec.attention
         d = spec.hidden_size
-        self.heads, self.kv_heads, self.head_dim = a.heads, layer.kv_heads or a.kv_heads, a.head_dim
-        self.v_dim = a.v_head_dim or a.head_dim
+        # the head width is per layer where it differs (Gemma 4's wider global layers)
+        self.heads, self.kv_heads, self.head_dim = a.heads, layer.kv_heads or a.kv_heads, layer.head_dim or a.head_dim
+        self.v_dim = layer.head_dim or a.v_head_dim or a.head_dim
         # output gate: o(attn * sigmoid(gate)), the gate from its own projection of x or, when
         # q_proj holds [q | gate] per head, from those rows of the fused matmul
         self.gate_in_q = a.gated and a.gate_layout == "in_q"
-        q_width = a.heads * a.head_dim
-        self.sizes = [q_width * (2 if self.gate_in_q else 1), self.kv_heads * a.head_dim, self.kv_heads * self.v_dim]
+        q_width = a.heads * self.head_dim
+        # a KV-shared layer projects only q: it attends over the keys/values its owner layer wrote
+        # this step; with v_from_k the values are the raw key projection (no v rows)
+        self.kv_source = layer.kv_shared_from
+        self.v_from_k = layer.v_from_k
+        k_width = 0 if self.kv_source is not None else self.kv_heads * self.head_dim
+        v_width = 0 if self.kv_source is not None or self.v_from_k else self.kv_heads * self.v_dim
+        self.sizes = [q_width * (2 if self.gate_in_q else 1), k_width, v_width]
+        if self.kv_source is not None or self.v_from_k:
+            self.fused = {"qkv": ("q", "k")[: 1 if self.kv_source is not None else 2]}
         self.qkv = nn.Linear(d, sum(self.sizes), bias=a.bias)
         self.o = nn.Linear(a.heads * self.v_dim, d, bias=a.out_bias)
         self.qk_norm = a.qk_norm
@@ -73,15 +87,16 @@ class Attention(nn.Module):
         self.l2 = a.qk_norm == "l2" and rope is not None
         self.l2_eps = eps or 1e-5
         if a.qk_norm == "per_head":
-            self.q_norm = make_norm("rms", a.head_dim, eps, spec.norm.unit_offset)
-            self.k_norm = make_norm("rms", a.head_dim, eps, spec.norm.unit_offset)
+            self.q_norm = make_norm("rms", self.head_dim, eps, spec.norm.unit_offset)
+            self.k_norm = make_norm("rms", self.head_dim, eps, spec.norm.unit_offset) if k_width else None
         elif a.qk_norm == "whole":
             self.q_norm = make_norm("rms", q_width, eps, spec.norm.unit_offset)
             self.k_norm = make_norm("rms", self.sizes[1], eps, spec.norm.unit_offset)
         sinks = layer.sinks if layer.sinks is not None else a.sinks
         self.sinks = nn.Parameter(torch.zeros(a.heads)) if sinks else None
         self.v_scale = a.value_scale
-        self.scale = a.scale if a.scale is not None else a.head_dim**-0.5
+        self.v_norm_eps = (eps or 1e-6) if a.v_norm else None  # weightless RMS norm per value head
+        self.scale = a.scale if a.scale is not None else self.head_dim**-0.5
         self.softcap = a.softcap
         self.rope = rope
         self.index = layer.index
@@ -92,15 +107,17 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor):
         """x [B,T,d] -> q, k, v [B,T,width] and the output gate before its sigmoid (or None)."""
         q, k, v = self.qkv(x).split(self.sizes, dim=-1)
+        if self.v_from_k:
+            v = k
         if self.gate_in_q:
             B, T, _ = x.shape
             q, gate = q.view(B, T, self.heads, 2 * self.head_dim).chunk(2, dim=-1)
             return q.reshape(B, T, -1), k, v, gate.reshape(B, T, -1)
         return q, k, v, (self.gate(x) if self.gate is not None else None)
 
-    def l2_norm(self, x: torch.Tensor) -> torch.Tensor:
+    def l2_norm(self, x: torch.Tensor, eps: float | None = None) -> torch.Tensor:
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.l2_eps)).to(x.dtype)
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + (eps or self.l2_eps))).to(x.dtype)
 
     def temper(self, q: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """q [B,H,T,D] scaled per position by log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1,
@@ -113,24 +130,49 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v, gate = self.project(x)
+        if self.kv_source is not None:
+            owner = cache.layers[self.kv_source]
+            return self.finish(self.queries(q, pos), owner, *owner.last, gate)
         if self.qk_norm == "whole":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(B, T, self.heads, self.head_dim)
+            k = self.k_norm(k)
         k = k.view(B, T, self.kv_heads, self.head_dim)
         if self.qk_norm == "per_head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = v.view(B, T, self.kv_heads, self.v_dim).transpose(1, 2)
+            k = self.k_norm(k)
+        k = k.transpose(1, 2)
+        v = v.view(B, T, self.kv_heads, self.v_dim)
+        if self.v_norm_eps is not None:
+            v = self.l2_norm(v, self.v_norm_eps)
+        v = v.transpose(1, 2)
         if self.v_scale is not None:  # on V itself (as transformers), so the cache holds scaled values
             v = v * self.v_scale
         if self.rope is not None:
-            q, k = self.rope(q, pos), self.rope(k, pos)
+            k = self.rope(k, pos)
         if self.l2:
-            q, k = self.l2_norm(q), self.l2_norm(k)
-        if self.temperature is not None:
-            q = self.temper(q, pos)
+            k = self.l2_norm(k)
         lc = cache.layers[self.index]
         keys, values = lc.update(k, v)
+        return self.finish(self.queries(q, pos), lc, keys, values, gate)
+
+    def queries(self, q: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """q [B,T,width] -> normed, rotated, tempered [B,H,T,D]."""
+        B, T, _ = q.shape
+        if self.qk_norm == "whole":
+            q = self.q_norm(q)
+        q = q.view(B, T, self.heads, self.head_dim)
+        if self.qk_norm == "per_head":
+            q = self.q_norm(q)
+        q = q.transpose(1, 2)
+        if self.rope is not None:
+            q = self.rope(q, pos)
+        if self.l2:
+            q = self.l2_norm(q)
+        if self.temperature is not None:
+            q = self.temper(q, pos)
+        return q
+
+    def finish(self, q, lc, keys, values, gate) -> torch.Tensor:
+        """Attend over the cache's keys/values, gate, project out."""
+        B, _, T, _ = q.shape
         out = attend(
             q, keys.to(q.dtype), values.to(q.dtype), lc.group.mask, self.scale, self.softcap, self.sinks, lc.group
         )

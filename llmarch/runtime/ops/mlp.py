@@ -1,7 +1,9 @@
 """Feed-forward blocks: gated (SwiGLU / GeGLU, gate and up fused into one matmul) and plain
-(GPT-2's GELU MLP), with optional biases."""
+(GPT-2's GELU MLP), with optional biases; the gate's Gaussian top-k activation sparsity (Gemma 3n)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -27,18 +29,37 @@ def activation(name: str | None):
     return fn
 
 
-class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)); `gate_up` holds [gate; up] so one matmul reads both."""
+def normal_icdf(p: float) -> float:
+    """The standard normal's quantile at p, computed in float32 as torch.distributions does."""
+    v = torch.tensor(p, dtype=torch.float32, device="cpu")
+    return float(torch.erfinv(2 * v - 1) * math.sqrt(2))
 
-    def __init__(self, dim: int, hidden: int, act: str | None, bias: bool = False):
+
+def gaussian_topk(g: torch.Tensor, std_multiplier: float) -> torch.Tensor:
+    """Keep what lies above mean + std * multiplier of each row, shifted down by that cutoff: the
+    fraction kept is what a normal distribution would leave above the chosen quantile."""
+    m = torch.tensor(std_multiplier, dtype=g.dtype)
+    cutoff = g.mean(dim=-1, keepdim=True) + g.std(dim=-1, keepdim=True, correction=0) * m
+    return F.relu(g - cutoff)
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)); `gate_up` holds [gate; up] so one matmul reads both.
+
+    sparsity: Gaussian top-k on the gate before the activation, keeping about 1 - sparsity of it."""
+
+    def __init__(self, dim: int, hidden: int, act: str | None, bias: bool = False, sparsity: float | None = None):
         super().__init__()
         self.hidden = hidden
         self.gate_up = nn.Linear(dim, 2 * hidden, bias=bias)
         self.down = nn.Linear(hidden, dim, bias=bias)
         self.act = activation(act)
+        self.std_multiplier = normal_icdf(sparsity) if sparsity else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).split(self.hidden, dim=-1)
+        if self.std_multiplier is not None:
+            gate = gaussian_topk(gate, self.std_multiplier)
         return self.down(self.act(gate) * up)
 
     fused = {"gate_up": ("gate", "up")}

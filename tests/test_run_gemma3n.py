@@ -1,0 +1,151 @@
+"""Gemma 3n's text model (per-layer inputs, AltUp, LAuReL, KV sharing, Gaussian top-k activation
+sparsity, q/k/v norms, sliding 4:1, final soft-cap) against transformers' Gemma3nForCausalLM on a
+tiny random float32 checkpoint.
+
+Expected values come from transformers: its logits at prefill and at every cached decode step
+(within 1e-4), its greedy tokens, and its config's kv_sharing_modes for which layers own a cache.
+The prompt (24) is longer than the sliding window (16), and prompt + 32 steps pass it twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+DEVICE = os.environ.get("LLMARCH_TEST_DEVICE", "cpu")
+TOL = 1e-4
+STEPS = 32
+PROMPT = 24
+
+
+@pytest.fixture(scope="module")
+def device():
+    if DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip("LLMARCH_TEST_DEVICE=cuda but no GPU")
+    return DEVICE
+
+
+@pytest.fixture(scope="module")
+def gemma3n(tiny):
+    return tiny("gemma3n")
+
+
+@pytest.fixture(scope="module")
+def reference(gemma3n):
+    from fixtures.reference import reference_model
+
+    return reference_model("gemma3n", gemma3n, DEVICE)
+
+
+@pytest.fixture(scope="module")
+def wrapper(gemma3n, tmp_path_factory):
+    """The same weights in the multimodal gemma3n layout (config with text_config, tensors under
+    model.language_model.*), as Hub Gemma 3n checkpoints ship; transformers cannot build the
+    wrapper here (its vision tower needs timm), so the text model above is the reference."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("gemma3n_wrapper")
+    text = json.loads((gemma3n / "config.json").read_text())
+    config = {
+        "model_type": "gemma3n",
+        "architectures": ["Gemma3nForConditionalGeneration"],
+        "text_config": text,
+        "audio_config": {"model_type": "gemma3n_audio"},
+        "vision_config": {"model_type": "gemma3n_vision"},
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    sd = load_file(next(gemma3n.glob("*.safetensors")))
+    renamed = {"model.language_model." + k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
+    save_file(renamed, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def _cache(spec, max_seq, device):
+    from llmarch.runtime.kv_cache import KVCache
+
+    a = spec.attention
+    return KVCache(spec.schedule, max_seq, a.kv_heads, a.head_dim, a.v_head_dim or a.head_dim, torch.float32, device)
+
+
+def _check_parity(path, ref, device):
+    from llmarch.runtime.load import load_runtime
+
+    rt = load_runtime(str(path), device, "float32")
+    spec, model = rt.spec, rt.model
+    max_seq = PROMPT + STEPS
+    cache = _cache(spec, max_seq, device)
+    model.setup(max_seq, device, torch.float32)
+    ids = torch.randint(3, spec.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.inference_mode():
+        mine = model(ids, torch.arange(PROMPT, device=device), cache, limit=PROMPT, last_only=False)
+        theirs = ref(ids).logits
+        err = (mine - theirs).abs().max().item()
+        assert err < TOL, f"prefill logits differ by {err}"
+        seq, worst = ids, 0.0
+        for step in range(STEPS):
+            mine_tok, their_tok = mine[0, -1].argmax().item(), theirs[0, -1].argmax().item()
+            assert mine_tok == their_tok, f"greedy token {step} differs: {mine_tok} vs {their_tok}"
+            seq = torch.cat([seq, torch.tensor([[mine_tok]], device=device)], dim=1)
+            n = seq.shape[1]
+            mine = model(seq[:, -1:], torch.tensor([n - 1], device=device), cache, limit=n)
+            theirs = ref(seq).logits[:, -1:]
+            worst = max(worst, (mine - theirs).abs().max().item())
+        assert worst < TOL, f"cached decode logits differ by up to {worst}"
+    window = min(l.window for l in spec.schedule if l.mixer == "sliding")
+    assert seq.shape[1] > 2 * window
+    return spec
+
+
+def test_text_model_matches_transformers(gemma3n, reference, device):
+    spec = _check_parity(gemma3n, reference, device)
+    cfg = reference.config
+    # every Gemma 3n feature is on in this checkpoint, so a parity pass covers each of them
+    assert spec.altup.streams == cfg.altup_num_inputs > 1
+    assert spec.laurel_rank == cfg.laurel_rank
+    assert spec.per_layer_embeddings["dim"] == cfg.hidden_size_per_layer_input
+    sparse = [i for i, s in enumerate(cfg.activation_sparsity_pattern) if s > 0]
+    assert sparse and [l.index for l in spec.schedule if l.ffn_sparsity] == sparse
+    assert spec.final_softcap == cfg.final_logit_softcapping
+
+
+def test_wrapper_text_model_matches_transformers(wrapper, reference, device):
+    spec = _check_parity(wrapper, reference, device)
+    assert spec.family == "gemma3n" and spec.text_family == "gemma3n_text"
+
+
+def test_only_kv_owner_layers_allocate(gemma3n, reference):
+    """The layers transformers marks "reuse" get no cache; inspect's KV bytes are what run allocates."""
+    from llmarch.api import load_checkpoint_spec
+
+    _, spec = load_checkpoint_spec(str(gemma3n))
+    modes = reference.config.kv_sharing_modes
+    owners = [i for i, m in enumerate(modes) if m != "reuse"]
+    assert len(owners) < len(modes)
+    for max_seq in (12, 300):  # inside the sliding window, and past it (rings)
+        cache = _cache(spec, max_seq, "cpu")
+        assert sorted(cache.layers) == owners
+        assert cache.nbytes() == spec.kv_cache(context=max_seq, kv_dtype="f32")["bytes"]
+
+
+def test_generator_greedy_matches_transformers(gemma3n, reference, device):
+    """The Generator path (prefill in chunks shorter than the window: a ring step over ring + new
+    keys, which the KV-shared layers read too; CUDA graph decode on a GPU) gives transformers' tokens."""
+    from llmarch.runtime import generate as g
+    from llmarch.runtime.load import load_runtime
+
+    rt = load_runtime(str(gemma3n), device, "float32")
+    prompt = torch.randint(3, rt.spec.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(2))
+    old = g.PREFILL_CHUNK
+    g.PREFILL_CHUNK = 10
+    try:
+        res = g.Generator(rt, PROMPT + STEPS).generate(prompt[0].tolist(), STEPS, g.Sampling())
+    finally:
+        g.PREFILL_CHUNK = old
+    with torch.inference_mode():
+        out = reference.generate(prompt.to(device), max_new_tokens=STEPS, do_sample=False, min_new_tokens=STEPS)
+    assert res.tokens == out[0, PROMPT:].tolist()
