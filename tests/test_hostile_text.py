@@ -192,3 +192,10 @@ def test_a_template_message_is_one_line():
     with pytest.raises(LlmarchError) as info:
         render_chat("{{ raise_exception('" + EVIL.replace("\n", "\\n") + "') }}", "hi", source=EVIL_NAME)
     assert str(info.value) == f"{SHOWN_NAME}: --chat: the chat template failed: {SHOWN}"
+
+
+def test_fit_shows_hostile_names_literally(hostile):
+    r = run("fit", hostile)
+    assert r.returncode == 0, r.stderr
+    assert shows(SHOWN_NAME, r.stdout) and r.stderr == ""
+    assert_harmless(r.stdout)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
-from llmarch.report.text import count, nbytes
+from llmarch.report.text import count, literal, nbytes
 
 PART_NAMES = {
     "dense": "dense (attention, dense FFN, shared experts, norms)",
@@ -25,7 +24,7 @@ def _machine(m: dict) -> str:
 
 
 def print_fit(doc: dict, console: Console) -> None:
-    t = Table(title=f"{escape(doc['source'])}: memory at context {doc['context']} ({doc['kv_dtype']} cache)")
+    t = Table(title=f"{literal(doc['source'])}: memory at context {doc['context']} ({doc['kv_dtype']} cache)")
     t.add_column("part")
     t.add_column("params", justify="right")
     t.add_column("bytes", justify="right")
@@ -43,12 +42,12 @@ def print_fit(doc: dict, console: Console) -> None:
         f"on {_machine(doc['machine'])}: weights as stored {verdict} on the GPUs; "
         f"largest context there: {doc['largest_context'] or 'none'} (model: {doc['model_context']})"
     )
-    console.print(f"[dim]{escape(doc['assumptions'])}[/dim]")
+    console.print(f"[dim]{literal(doc['assumptions'])}[/dim]")
 
     r = doc["llmarch_run"]
     console.print("\n[b]llmarch run[/b] (one GPU)")
     if not r.get("supported") or not r.get("fits"):
-        console.print(f"  {escape(r['reason'])}")
+        console.print(f"  {literal(r['reason'])}")
     else:
         bits = {16: "16-bit", 8: "int8", 4: "int4", "mxfp4": "MXFP4"}.get(r["expert_bits"], "")
         where = f"{bits} experts on the {r['experts'].upper()}" if r["experts"] else "all on the GPU"
@@ -56,12 +55,12 @@ def print_fit(doc: dict, console: Console) -> None:
             f"  {where}: {nbytes(r['gpu_bytes'])} on the GPU, {nbytes(r['host_bytes'])} in host RAM, "
             f"context {r['context']} (largest {r['largest_context']})"
         )
-        console.print(f"  {escape(r['command'])}", soft_wrap=True)
+        console.print(f"  {literal(r['command'])}", soft_wrap=True)
 
     c = doc["llama_cpp"]
     console.print("\n[b]llama.cpp[/b]")
     if not c.get("supported") or not c.get("fits"):
-        console.print(f"  {escape(c.get('reason', 'no placement fits'))}")
+        console.print(f"  {literal(c.get('reason', 'no placement fits'))}")
     if c.get("supported"):
         layers = "all layers" if c["all_layers"] else f"{c['ngl']} layers"
         moe = f", experts of the first {c['n_cpu_moe']} layers in host RAM" if c["n_cpu_moe"] else ""
@@ -70,20 +69,20 @@ def print_fit(doc: dict, console: Console) -> None:
             f"in host RAM, context {c['context']} (largest {c['largest_context']})"
         )
         if c.get("convert"):
-            console.print(f"  {escape(c['convert'])}", soft_wrap=True)
-        console.print(f"  {escape(c['command'])}", soft_wrap=True)
+            console.print(f"  {literal(c['convert'])}", soft_wrap=True)
+        console.print(f"  {literal(c['command'])}", soft_wrap=True)
 
     s = doc["serving"]
     if s.get("needed") or doc["machine"]["gpus"] > 1:
         console.print("\n[b]vLLM / SGLang[/b]")
         if not s.get("fits"):
-            console.print(f"  {escape(s['reason'])}")
+            console.print(f"  {literal(s['reason'])}")
         else:
             console.print(
                 f"  {s['gpus']} GPUs on {s['hosts']} host(s): tensor parallel {s['tensor_parallel']}, "
                 f"pipeline {s['pipeline_parallel']}"
                 + (f", expert parallel {s['expert_parallel']}" if s["expert_parallel"] else "")
             )
-            console.print(f"  {escape(s['vllm'])}", soft_wrap=True)
-            console.print(f"  {escape(s['sglang'])}", soft_wrap=True)
-            console.print(f"  [dim]{escape(s['note'])}[/dim]")
+            console.print(f"  {literal(s['vllm'])}", soft_wrap=True)
+            console.print(f"  {literal(s['sglang'])}", soft_wrap=True)
+            console.print(f"  [dim]{literal(s['note'])}[/dim]")
