@@ -191,7 +191,16 @@ MACROS = (
 )
 
 
-@pytest.mark.parametrize("name", ["LLAMA3", "QWEN25", "QWEN3", "GEMMA3", "MACROS"])
+# transformers' {% generation %} tag (assistant masks for training), as templates that support
+# return_assistant_tokens_mask carry it
+GENERATION = (
+    "{%- for m in messages -%}{%- if m.role == 'assistant' -%}{% generation %}{% set x = 1 %}<a>{{ m.content }}"
+    "</a>{% endgeneration %}{{ x }}{%- else -%}<{{ m.role }}>{{ m.content }}</{{ m.role }}>{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt %}<a>{% endif -%}"
+)
+
+
+@pytest.mark.parametrize("name", ["LLAMA3", "QWEN25", "QWEN3", "GEMMA3", "MACROS", "GENERATION"])
 @pytest.mark.parametrize("system", [None, "Be brief."])
 def test_real_templates_render_as_transformers_renders_them(name, system):
     transformers = pytest.importorskip("transformers")
@@ -238,3 +247,19 @@ def test_run_chat_with_a_hostile_template_is_one_line_naming_its_file(tiny, tmp_
         "more than 262,144 loop iterations and calls"
     )
     assert not any("Traceback" in line or "internal error" in line for line in lines)
+
+
+def test_generation_tag_renders_assistant_turns_as_transformers_does():
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models
+
+    from llmarch.runtime.chat import chat_environment
+
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, "<unk>")), unk_token="<unk>"
+    )
+    tok.chat_template = GENERATION
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "?"}]
+    expected = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert "<a>yo</a>" in expected
+    assert chat_environment().render_bounded(GENERATION, messages=msgs, add_generation_prompt=True) == expected

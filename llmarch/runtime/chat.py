@@ -7,8 +7,49 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+from jinja2 import TemplateError, nodes
+from jinja2.ext import Extension
+
 from llmarch.errors import LlmarchError
-from llmarch.runtime.template_sandbox import TemplateLimits
+from llmarch.runtime.template_sandbox import BoundedSandbox, TemplateLimitError, TemplateLimits
+
+
+class GenerationTag(Extension):
+    """`{% generation %}...{% endgeneration %}`: transformers marks the assistant's text with it for
+    training masks; rendered, it is its body in a scope of its own, as transformers renders it."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body).set_lineno(lineno)
+
+
+def _raise_exception(message):
+    raise TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # as transformers: no HTML escaping, and its options exposed
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt):
+    return datetime.now().strftime(fmt)
+
+
+def chat_environment(limits: TemplateLimits | None = None) -> BoundedSandbox:
+    """The environment transformers renders chat templates in (its options, tags, globals and
+    tojson), as a BoundedSandbox."""
+    env = BoundedSandbox(
+        limits, trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", GenerationTag]
+    )
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.filters["tojson"] = _tojson
+    env.bound_filters()
+    return env
 
 
 def render_chat(
@@ -27,28 +68,9 @@ def render_chat(
             "tokenizer.chat_template); use a plain --prompt",
             source,
         )
-    from jinja2 import TemplateError
-
-    from llmarch.runtime.template_sandbox import BoundedSandbox, TemplateLimitError
-
-    def raise_exception(message):
-        raise TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # as transformers: no HTML escaping, and its options exposed
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    def strftime_now(fmt):
-        return datetime.now().strftime(fmt)
-
-    env = BoundedSandbox(limits, trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    env.filters["tojson"] = tojson
-    env.bound_filters()
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     try:
-        return env.render_bounded(
+        return chat_environment(limits).render_bounded(
             template,
             messages=messages,
             add_generation_prompt=True,
