@@ -17,33 +17,94 @@ from llmarch.errors import LlmarchError, printable
 app = typer.Typer(
     help="Inspect, compare, convert and run open-weight LLM checkpoints.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _classic_help_names() -> None:
+    """typer >= 0.2x prints a `<type>` tag beside every option (`--json <bool>`) and a required
+    argument as `{source}` in usage lines; show click's usual forms instead: `--prompt TEXT`,
+    flags bare, arguments as SOURCE / [SOURCE]. Older typer has none of these hooks (and none of
+    the tags), so nothing is changed there."""
+    from typer import core
+
+    def option_type(self, ctx):
+        return None if self.is_flag or self.count else (self.metavar or self.name.upper())
+
+    def argument_usage(self):
+        name = self.display_name_raw
+        return (name if self.required else f"[{name}]") + ("..." if self.nargs != 1 else "")
+
+    if hasattr(core.TyperOption, "display_type_rich"):
+        core.TyperOption.display_type_rich = option_type
+    if hasattr(core.TyperArgument, "display_type_rich"):
+        core.TyperArgument.display_type_rich = lambda self, ctx: None
+    if hasattr(core.TyperArgument, "_usage_display_name"):
+        core.TyperArgument._usage_display_name = argument_usage
+
+
+_classic_help_names()
 
 SourceArg = Annotated[
     str | None,
     typer.Argument(
-        help="Folder, .safetensors, .gguf (split too) or Hugging Face repo id; omitted: the embedded Gemma 3 270M."
+        metavar="SOURCE",
+        help="Folder, .safetensors, .gguf (split too) or Hugging Face repo id; omitted: the embedded Gemma 3 270M.",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
 ContextOpt = Annotated[
-    int | None, typer.Option("--context", help="Context length for KV-cache figures (default: the model's).")
+    int | None,
+    typer.Option("--context", metavar="TOKENS", help="Context length for KV-cache figures (default: the model's)."),
 ]
 KvDtypeOpt = Annotated[
     str | None,
-    typer.Option("--kv-dtype", help="KV cache dtype: f32, f16, bf16, q8_0, fp8 (default: the checkpoint's)."),
+    typer.Option(
+        "--kv-dtype", metavar="DTYPE", help="KV cache dtype: f32, f16, bf16, q8_0, fp8 (default: the checkpoint's)."
+    ),
 ]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from llmarch import __version__
+
+        sys.stdout.write(f"llmarch {__version__}\n")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the version and exit.", callback=_print_version, is_eager=True),
+    ] = False,
+) -> None:
     """Inspect, compare, convert and run open-weight LLM checkpoints."""
 
 
 def emit_json(doc) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+
+
+def exclusive(**flags: bool) -> None:
+    """Options that each choose the output format: at most one may be given."""
+    given = [f"--{name.replace('_', '-')}" for name, on in flags.items() if on]
+    if len(given) > 1:
+        raise LlmarchError(f"{' and '.join(given)} are exclusive; choose one")
+
+
+def warn_beyond_context(context: int | None, doc: dict) -> None:
+    """--context past the model's trained maximum is answered (its KV figure is what a RoPE-scaled
+    extension such as YaRN would need, a fair planning question), with a warning that says so."""
+    trained = doc.get("context_length")
+    if context and isinstance(trained, int) and context > trained:
+        sys.stderr.write(
+            f"llmarch: warning: --context {context} is beyond the model's maximum of "
+            f"{trained}; its KV figures assume a context extension the model was not trained for\n"
+        )
 
 
 @app.command()
@@ -53,7 +114,7 @@ def inspect(
     context: ContextOpt = None,
     kv_dtype: KvDtypeOpt = None,
     diagram: Annotated[
-        str | None, typer.Option("--diagram", help="Also draw the model to this .svg or .png file.")
+        str | None, typer.Option("--diagram", metavar="FILE", help="Also draw the model to this .svg or .png file.")
     ] = None,
 ) -> None:
     """Fingerprint a checkpoint from its headers alone.
@@ -62,11 +123,13 @@ def inspect(
     """
     from llmarch.api import inspect_source
 
-    doc = inspect_source(source, context, kv_dtype)
+    doc = inspect_source(source, context, kv_dtype.lower() if kv_dtype else None)
+    warn_beyond_context(context, doc)
     if diagram:
         from llmarch.report.diagram import write_diagram
 
         write_diagram([doc], diagram)
+        sys.stderr.write(f"llmarch: wrote the diagram to {diagram}\n")
     if as_json:
         emit_json(doc)
     else:
@@ -86,8 +149,7 @@ def families(
 
     Example: llmarch families --markdown
     """
-    if as_json and markdown:
-        raise LlmarchError("--json and --markdown are exclusive; choose one")
+    exclusive(json=as_json, markdown=markdown)
     from llmarch.report import families as fam
 
     if as_json:
@@ -102,8 +164,8 @@ def families(
 
 @app.command()
 def diff(
-    a: Annotated[str, typer.Argument(help="First model (any source inspect accepts).")],
-    b: Annotated[str, typer.Argument(help="Second model.")],
+    a: Annotated[str, typer.Argument(metavar="A", help="First model (any source inspect accepts).")],
+    b: Annotated[str, typer.Argument(metavar="B", help="Second model.")],
     show_all: Annotated[bool, typer.Option("--all", help="Also show the rows that are the same.")] = False,
     tensors: Annotated[bool, typer.Option("--tensors", help="Compare tensors under canonical (GGUF) names.")] = False,
     as_json: JsonOpt = False,
@@ -113,21 +175,26 @@ def diff(
     context: ContextOpt = None,
     kv_dtype: KvDtypeOpt = None,
     diagram: Annotated[
-        str | None, typer.Option("--diagram", help="Draw both stacks side by side to this .svg or .png file.")
+        str | None,
+        typer.Option("--diagram", metavar="FILE", help="Draw both stacks side by side to this .svg or .png file."),
     ] = None,
 ) -> None:
     """Compare two architectures. Exit status: 0 same architecture, 1 different, 2 error.
 
     Example: llmarch diff Qwen/Qwen3-8B Qwen/Qwen3-30B-A3B --tensors
     """
+    exclusive(json=as_json, markdown=as_markdown)
     from llmarch.api import diff_sources
     from llmarch.report.diff import exit_status, markdown, print_diff
 
-    d, da, db = diff_sources(a, b, context, kv_dtype, tensors)
+    d, da, db = diff_sources(a, b, context, kv_dtype.lower() if kv_dtype else None, tensors)
+    for side in (da, db):
+        warn_beyond_context(context, side)
     if diagram:
         from llmarch.report.diagram import write_diagram
 
         write_diagram([da, db], diagram)
+        sys.stderr.write(f"llmarch: wrote the diagram to {diagram}\n")
     if as_json:
         emit_json(d)
     elif as_markdown:
@@ -141,15 +208,20 @@ def diff(
 
 @app.command()
 def convert(
-    source: Annotated[str, typer.Argument(help="HF folder (config.json + *.safetensors) or a .gguf file.")],
+    source: Annotated[
+        str, typer.Argument(metavar="SOURCE", help="HF folder (config.json + *.safetensors) or a .gguf file.")
+    ],
     output: Annotated[
-        str | None, typer.Option("-o", "--output", help="Output .gguf file or safetensors folder.")
+        str | None, typer.Option("-o", "--output", metavar="PATH", help="Output .gguf file or safetensors folder.")
     ] = None,
-    to: Annotated[str | None, typer.Option("--to", help="gguf | safetensors (default: the other format).")] = None,
+    to: Annotated[
+        str | None, typer.Option("--to", metavar="FORMAT", help="gguf | safetensors (default: the other format).")
+    ] = None,
     dtype: Annotated[
         str | None,
         typer.Option(
             "--dtype",
+            metavar="DTYPE",
             help="GGUF: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 (default: the source's float type); safetensors: f32 f16 bf16 (default f32). Norms stay f32.",
         ),
     ] = None,
@@ -160,11 +232,14 @@ def convert(
     verify: Annotated[
         bool, typer.Option("--verify", help="Run source and output on a few prompts: token agreement and logit NMSE.")
     ] = False,
-    threads: Annotated[int | None, typer.Option("--threads", help="Worker threads (default: all cores).")] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", metavar="N", help="Worker threads (default: all cores).")
+    ] = None,
     pre_tokenizer: Annotated[
         str | None,
         typer.Option(
             "--pre-tokenizer",
+            metavar="NAME",
             help="llama.cpp pre-tokenizer name when tokenizer.json's regex is not recognised (llama-bpe, qwen2, gpt-2).",
         ),
     ] = None,
@@ -176,7 +251,13 @@ def convert(
     """
     from llmarch.convert.command import run_convert
 
-    doc = run_convert(source, output, to, dtype, force, dry_run, verify, threads, pre_tokenizer)
+    if as_json:
+        from llmarch.progress import silence
+
+        silence()
+    doc = run_convert(
+        source, output, to, dtype.lower() if dtype else None, force, dry_run, verify, threads, pre_tokenizer
+    )
     if as_json:
         emit_json(doc)
     else:
@@ -191,50 +272,92 @@ def convert(
 def run(
     source: SourceArg = None,
     prompt: Annotated[
-        str | None, typer.Option("--prompt", "-p", help="Text to continue (or the user message with --chat).")
+        str | None,
+        typer.Option("--prompt", "-p", metavar="TEXT", help="Text to continue (or the user message with --chat)."),
     ] = None,
     prompt_ids: Annotated[
-        str | None, typer.Option("--prompt-ids", help="Token ids instead of text, e.g. 1,2,3 (no tokenizer needed).")
+        str | None,
+        typer.Option(
+            "--prompt-ids", metavar="IDS", help="Token ids instead of text, e.g. 1,2,3 (no tokenizer needed)."
+        ),
     ] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
-    system: Annotated[str | None, typer.Option("--system", help="System message for --chat.")] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Tokens to generate at most.")] = 128,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = 0.0,
-    top_k: Annotated[int | None, typer.Option("--top-k")] = None,
-    top_p: Annotated[float | None, typer.Option("--top-p")] = None,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    system: Annotated[str | None, typer.Option("--system", metavar="TEXT", help="System message for --chat.")] = None,
+    max_tokens: Annotated[
+        int,
+        typer.Option(
+            "--max-tokens", "-n", metavar="N", help="Tokens to generate at most (fewer when the context fills first)."
+        ),
+    ] = 128,
+    temperature: Annotated[
+        float,
+        typer.Option(
+            "--temperature",
+            "-t",
+            metavar="T",
+            help="Sampling temperature; 0 (the default) always takes the likeliest token.",
+        ),
+    ] = 0.0,
+    top_k: Annotated[
+        int | None,
+        typer.Option("--top-k", metavar="K", help="Sample from the K likeliest tokens only (0: all). Needs -t > 0."),
+    ] = None,
+    top_p: Annotated[
+        float | None,
+        typer.Option(
+            "--top-p",
+            metavar="P",
+            help="Sample from the likeliest tokens that together reach probability P (0 < P <= 1). Needs -t > 0.",
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option("--seed", metavar="N", help="Random seed: the same seed gives the same sample. Needs -t > 0."),
+    ] = None,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Always generate --max-tokens.")] = False,
-    device: Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda when present).")] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", metavar="DEVICE", help="cpu or cuda (default: cuda when present).")
+    ] = None,
     dtype: Annotated[
         str | None,
         typer.Option(
-            "--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's; float32 for GGUF on CPU)."
+            "--dtype",
+            metavar="DTYPE",
+            help="float32, bfloat16 or float16 (default: the checkpoint's; float32 for GGUF on CPU).",
         ),
     ] = None,
     keep_quantized: Annotated[
         bool, typer.Option("--keep-quantized", help="Keep weights 8/4-bit in memory (weight-only matmuls).")
     ] = False,
-    quant_bits: Annotated[int, typer.Option("--quant-bits", help="8 or 4 with --keep-quantized (4: CPU only).")] = 8,
+    quant_bits: Annotated[
+        int | None,
+        typer.Option("--quant-bits", metavar="BITS", help="8 (default) or 4 with --keep-quantized (4: CPU only)."),
+    ] = None,
     compile: Annotated[
         bool, typer.Option("--compile", help="torch.compile the decode step (CUDA; first step slower).")
     ] = False,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print {text, tokens, prompt_tokens, prefill_tok_s, decode_tok_s}.")
+        bool, typer.Option("--json", help="Print {text, tokens, prompt_tokens, prefill_tok_s, decode_tok_s, stop}.")
     ] = False,
     experts: Annotated[
         str | None,
-        typer.Option("--experts", help="MoE: routed experts on gpu, cpu or disk (default: gpu when they fit)."),
+        typer.Option(
+            "--experts", metavar="WHERE", help="MoE: routed experts on gpu, cpu or disk (default: gpu when they fit)."
+        ),
     ] = None,
     expert_bits: Annotated[
-        int | None, typer.Option("--expert-bits", help="MoE: 16, 8 or 4-bit routed experts (group-wise scales).")
+        int | None,
+        typer.Option("--expert-bits", metavar="BITS", help="MoE: 16, 8 or 4-bit routed experts (group-wise scales)."),
     ] = None,
     gpu_experts: Annotated[
-        int, typer.Option("--gpu-experts", help="MoE: keep the N most used experts per layer on the GPU too.")
+        int,
+        typer.Option("--gpu-experts", metavar="N", help="MoE: keep the N most used experts per layer on the GPU too."),
     ] = 0,
     expert_cache_gib: Annotated[
         float,
         typer.Option(
             "--expert-cache-gib",
+            metavar="GIB",
             help="MoE with --experts disk: expert bytes kept mapped before they are dropped (RSS bound).",
         ),
     ] = 2.0,
@@ -242,6 +365,7 @@ def run(
         str | None,
         typer.Option(
             "--expert-dir",
+            metavar="DIR",
             help="MoE with --experts disk: folder for the quantized expert files (default: a new temporary folder; pick a real disk if /tmp is RAM).",
         ),
     ] = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from llmarch.errors import LlmarchError
@@ -55,8 +56,10 @@ def run_convert(
         doc = convert_from_gguf(source, output, dtype or "f32", force, threads)
     if verify:
         from llmarch.convert.verify import verify_pair
+        from llmarch.progress import progress
 
-        doc["verify"] = verify_pair(source, output)
+        with progress("verifying: running source and output"):
+            doc["verify"] = verify_pair(source, output)
     return doc
 
 
@@ -77,11 +80,14 @@ def print_result(doc: dict) -> None:
             )
         console.print(table)
         return
-    parts = [f"wrote {doc['output']}"] + [f"{k}={v}" for k, v in doc.items() if k not in ("output", "verify")]
-    console.print(", ".join(parts))
+    # one line each, written as is: never wrapped at the terminal width, never read as markup
+    parts = [f"wrote {doc['output']}"] + [
+        f"{k}={'none' if v is None else v}" for k, v in doc.items() if k not in ("output", "verify")
+    ]
+    sys.stdout.write(", ".join(parts) + "\n")
     v = doc.get("verify")
     if v:
-        console.print(
+        sys.stdout.write(
             f"verify ({v['backend']}): token agreement {v['token_agreement']:.3f}, "
-            f"logit NMSE {v['nmse']:.2e} over {v['prompts']} prompts -> {v['verdict']}"
+            f"logit NMSE {v['nmse']:.2e} over {v['prompts']} prompts -> {v['verdict']}\n"
         )

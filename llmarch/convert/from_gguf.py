@@ -35,6 +35,7 @@ from llmarch.convert.output import (
 from llmarch.convert.plan import tensor_bytes
 from llmarch.convert.writer import to_f32
 from llmarch.errors import LlmarchError
+from llmarch.progress import progress
 from llmarch.qk_permute import from_gguf_order
 
 CHUNK_ELEMS = 1 << 22  # elements per row block: memory stays bounded by a few blocks per thread
@@ -295,8 +296,10 @@ def _write_safetensors(path: Path, out: Path, ckpt, fam: Family, items, spec, dt
         pwrite_all(fd, len(raw).to_bytes(8, "little") + raw, 0)
         src_fd.update((p, os.open(p, os.O_RDONLY)) for p in ckpt.files)
         with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
-            for fut in [pool.submit(*w) for w in work]:
-                fut.result()
+            with progress("converting", total=len(work)) as advance:
+                for fut in [pool.submit(*w) for w in work]:
+                    fut.result()
+                    advance()
     finally:
         os.close(fd)
         for f in src_fd.values():

@@ -24,6 +24,7 @@ from gguf import GGUFValueType
 from llmarch.convert.output import publishing, pwrite_all, reserve
 from llmarch.convert.plan import Piece, Plan, PlannedTensor, tensor_bytes
 from llmarch.errors import LlmarchError
+from llmarch.progress import progress
 from llmarch.qk_permute import to_gguf_order
 
 CHUNK_ELEMS = 1 << 22  # elements per row block (16 MiB as f32)
@@ -221,7 +222,9 @@ def _write(plan: Plan, tmp: Path, out: Path, add_metadata, threads: int, sources
         reserve(fd, pos, out)
         work = [(task, t) for t, base in zip(plan.tensors, offsets) for task in _tasks(t, base)]
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            for fut in [pool.submit(_run, task, t, sources, fd) for task, t in work]:
-                fut.result()
+            with progress("converting", total=len(work)) as advance:
+                for fut in [pool.submit(_run, task, t, sources, fd) for task, t in work]:
+                    fut.result()
+                    advance()
     finally:
         os.close(fd)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llmarch.arch.spec import LayerSpec
-from llmarch.report.text import count
+from llmarch.report.text import count, tokens
 
 KIND_NAMES = {
     "MHA": "Multi-head attention",
@@ -195,7 +195,7 @@ def title_lines(doc: dict) -> list[str]:
     return [
         f"{fam} · {count(p.get('total'))} params{active}",
         f"{doc['layers']} layers · d {doc['hidden_size']:,} · vocab {doc['vocab_size']:,} · "
-        f"context {count(doc.get('context_length'))}",
+        f"context {tokens(doc.get('context_length'))}",
     ] + _wrap(_extras(doc), 90)
 
 

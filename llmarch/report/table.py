@@ -87,6 +87,13 @@ def fact_rows(doc: dict) -> list[tuple[str, str, str]]:
     if r.get("chunked"):
         rows.append(("positions", "chunked attention", str(r["chunked"])))
     moe = doc["moe"]
+    # the config's dense FFN width, shown only where some layer has a dense FFN (an all-MoE model's
+    # config may still carry intermediate_size, a width no layer of it has)
+    has_dense = any(layer.get("ffn") == "dense" for layer in doc.get("layer_schedule") or [])
+    dense_width = f["intermediate_size"] if has_dense else None
+    ffn_width = f"{dense_width} ({f['ratio']}×)" if dense_width and f["ratio"] else "-"
+    if moe and not has_dense:
+        ffn_width = "none (every layer's FFN is MoE)"
     if moe:
         shared = f"{moe['shared_experts']}" + (f" (width {moe['shared_ffn']})" if moe.get("shared_ffn") else "")
         if moe.get("shared_gated"):
@@ -94,7 +101,7 @@ def fact_rows(doc: dict) -> list[tuple[str, str, str]]:
         rows += [
             ("MoE", "experts", f"{moe['experts']} routed, {moe['experts_per_token']} per token"),
             ("MoE", "shared experts", shared if moe["shared_experts"] else "none"),
-            ("MoE", "expert width", f"{moe['expert_ffn']} (dense FFN {f['intermediate_size']})"),
+            ("MoE", "expert width", str(moe["expert_ffn"]) + (f" (dense FFN {dense_width})" if dense_width else "")),
             ("MoE", "dense layers", index_ranges(moe["dense_layers"]) if moe["dense_layers"] else "none"),
             ("MoE", "router", _router(moe)),
             ("MoE", "router weights scale", "expert input" if moe.get("weights_on_input") else "expert output"),
@@ -111,7 +118,7 @@ def fact_rows(doc: dict) -> list[tuple[str, str, str]]:
             ("RMSNorm" if n["kind"] == "rms" else "LayerNorm") + (" (1+w)" if n.get("unit_offset") else ""),
         ),
         ("FFN", "activation", str(f["activation"] or "-") + (", gated" if f.get("gated", True) else ", not gated")),
-        ("FFN", "intermediate / hidden", f"{f['intermediate_size']} ({f['ratio']}×)" if f["ratio"] else "-"),
+        ("FFN", "intermediate / hidden", ffn_width),
         ("extras", "MTP layers", str(doc["mtp_layers"])),
         ("extras", "tied embeddings", "yes" if doc["tied_embeddings"] else "no"),
     ]

@@ -14,20 +14,24 @@ def plain(value, style: str = ""):
     return Text(printable(str(value)), style=style)
 
 
-def literal(value) -> str:
-    """VALUE, which may hold text from a file, for a rich markup string: its brackets escaped
-    (shown, not read as markup) and its control characters escaped."""
-    from rich.markup import escape
-
-    return escape(printable(str(value)))
-
-
 def count(n: int | float | None) -> str:
     if n is None:
         return "-"
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= size:
             return f"{n / size:.3g}{unit}"
+    return str(int(n))
+
+
+def tokens(n: int | None) -> str:
+    """A token count as people write contexts: 32768 -> 32K, 1048576 -> 1M (binary multiples, which
+    is what model cards mean), anything else exact (count() would round 32768 to 32.8K)."""
+    if n is None:
+        return "-"
+    if n >= 2**20 and n % 2**20 == 0:
+        return f"{n // 2**20}M"
+    if n >= 2**10 and n % 2**10 == 0:
+        return f"{n // 2**10}K"
     return str(int(n))
 
 

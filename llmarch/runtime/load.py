@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmarch.arch.recipe_book import families_supporting
+from llmarch.arch.recipe_book import all_recipes, families_supporting
 from llmarch.arch.spec import ArchSpec
 from llmarch.errors import LlmarchError
+from llmarch.progress import progress
 from llmarch.runtime.weights import ST_DTYPES
 
 DTYPES = {
@@ -38,7 +39,13 @@ def pick_device(device: str | None) -> torch.device:
         raise LlmarchError("--device cuda asked for, but no CUDA GPU is available (torch sees none); use --device cpu")
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise LlmarchError(f"unknown --device {device!r}; use cpu or cuda")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise LlmarchError(f"unknown --device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise LlmarchError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    return dev
 
 
 def _has_fast_bf16_cpu() -> bool:
@@ -46,11 +53,16 @@ def _has_fast_bf16_cpu() -> bool:
     return cap in ("AVX512_BF16", "AMX") or "AMX" in cap
 
 
+def dtype_named(name: str) -> torch.dtype:
+    """--dtype, in any case (BF16 = bf16 = bfloat16)."""
+    if name.lower() not in DTYPES:
+        raise LlmarchError(f"unknown --dtype {name!r}; one of float32, bfloat16, float16")
+    return DTYPES[name.lower()]
+
+
 def pick_dtype(dtype: str | None, ckpt, device: torch.device, notes: list[str]) -> torch.dtype:
     if dtype is not None:
-        if dtype not in DTYPES:
-            raise LlmarchError(f"unknown --dtype {dtype!r}; one of float32, bfloat16, float16")
-        return DTYPES[dtype]
+        return dtype_named(dtype)
     floats = [t.dtype for t in ckpt.tensors.values() if t.dtype in ("F32", "BF16", "F16")]
     stored = max(set(floats), key=floats.count) if floats else None
     if ckpt.format == "gguf" or stored is None:
@@ -64,7 +76,33 @@ def pick_dtype(dtype: str | None, ckpt, device: torch.device, notes: list[str]) 
 
 
 def supported_note() -> str:
-    return f"llmarch run supports {', '.join(families_supporting('run'))}"
+    """The families run supports, each with the other model types its recipe covers (qwen3 runs
+    qwen2 too), so a user with a qwen2 checkpoint finds it in the list."""
+    names = []
+    for family in families_supporting("run"):
+        recipe = next(r for r in all_recipes() if r.family == family)
+        also = [m for m in recipe.model_types if m != family]
+        names.append(f"{family} ({', '.join(also)})" if also else family)
+    return f"llmarch run supports {', '.join(names)} (`llmarch families` lists them)"
+
+
+def check_moe_options(spec: ArchSpec, experts, expert_bits, gpu_experts: int, expert_dir) -> None:
+    """The expert-placement options mean nothing on a dense model: say so instead of ignoring them."""
+    if spec.moe is not None:
+        return
+    given = [
+        name
+        for name, value in (
+            ("--experts", experts),
+            ("--expert-bits", expert_bits),
+            ("--gpu-experts", gpu_experts or None),
+            ("--expert-dir", expert_dir),
+        )
+        if value is not None
+    ]
+    if given:
+        verb = "applies" if len(given) == 1 else "apply"
+        raise LlmarchError(f"{' and '.join(given)} only {verb} to MoE models; this model has no routed experts")
 
 
 def check_supported(spec: ArchSpec, path, gguf: bool = False) -> None:
@@ -103,14 +141,18 @@ def load_runtime(
     gpu_experts: int = 0,
     expert_cache_gib: float = 2.0,
     expert_dir: str | None = None,
+    opened: tuple | None = None,
 ) -> Runtime:
+    """opened: the (checkpoint, spec) pair already read from the headers, so a caller that checked
+    its options against them first does not read them twice."""
     from llmarch.api import load_checkpoint_spec
     from llmarch.runtime.model import build_model, load_weights
     from llmarch.runtime.weights import open_weights
 
     dev = pick_device(device)
-    ckpt, spec = load_checkpoint_spec(source)
+    ckpt, spec = opened or load_checkpoint_spec(source)
     check_supported(spec, ckpt.path, getattr(ckpt, "format", None) == "gguf")
+    check_moe_options(spec, experts, expert_bits, gpu_experts, expert_dir)
     notes: list[str] = []
     dt = pick_dtype(dtype, ckpt, dev, notes)
     if spec.mtp_layers:
@@ -130,6 +172,15 @@ def load_runtime(
             dt,
             dev,
         )
-    load_weights(model, open_weights(ckpt, spec), dt, dev, quant_bits)
+    weights = open_weights(ckpt, spec)
+    with progress("loading weights", total=ckpt.stored_bytes, unit_bytes=True) as advance:
+        read = weights.read
+
+        def read_counted(t):
+            advance(t.nbytes)
+            return read(t)
+
+        weights.read = read_counted  # every tensor the model takes passes through read()
+        load_weights(model, weights, dt, dev, quant_bits)
     model.eval()
     return Runtime(spec, model, ckpt, dev, dt, notes)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 
-from llmarch.errors import LlmarchError
+from llmarch.errors import LlmarchError, printable
 
 DEFAULT_MAX_TOKENS = 128
 
@@ -27,7 +28,7 @@ class RunOptions:
     device: str | None = None
     dtype: str | None = None
     keep_quantized: bool = False
-    quant_bits: int = 8
+    quant_bits: int | None = None  # 8 when --keep-quantized gives none
     compile: bool = False
     as_json: bool = False
     experts: str | None = None  # gpu | cpu | disk
@@ -58,57 +59,120 @@ def peak_memory(device) -> str:
     return f"peak RSS {rss / 1024:.0f} MiB"
 
 
-def run(o: RunOptions) -> dict:
+def check_options(o: RunOptions) -> None:
+    """Every option that can be judged alone, before any file is opened."""
     if o.prompt is None and o.prompt_ids is None:
         raise LlmarchError("give --prompt TEXT or --prompt-ids 1,2,3")
+    if o.prompt is not None and o.prompt_ids is not None:
+        raise LlmarchError("--prompt and --prompt-ids are exclusive; give one")
+    if o.chat and o.prompt_ids is not None:
+        raise LlmarchError("--chat wraps a text --prompt in the chat template; it cannot take --prompt-ids")
+    if o.system is not None and not o.chat:
+        raise LlmarchError("--system is the system message of --chat; add --chat or drop --system")
     if o.max_tokens <= 0:
         raise LlmarchError(f"--max-tokens must be positive, got {o.max_tokens}")
-    if o.quant_bits not in (4, 8):
+    if not math.isfinite(o.temperature) or o.temperature < 0:
+        raise LlmarchError(f"--temperature must be 0 (greedy) or positive, got {o.temperature}")
+    if o.top_k is not None and o.top_k < 0:
+        raise LlmarchError(f"--top-k must be 0 (off) or positive, got {o.top_k}")
+    if o.top_p is not None and not 0 < o.top_p <= 1:
+        raise LlmarchError(f"--top-p must be in (0, 1], got {o.top_p}")
+    sampling_only = [n for n, v in (("--top-k", o.top_k), ("--top-p", o.top_p), ("--seed", o.seed)) if v is not None]
+    if sampling_only and o.temperature == 0:
+        raise LlmarchError(
+            f"{' and '.join(sampling_only)} only {'applies' if len(sampling_only) == 1 else 'apply'} when "
+            "sampling; add --temperature > 0 (0 is greedy)"
+        )
+    if o.quant_bits is not None and not o.keep_quantized:
+        raise LlmarchError("--quant-bits applies with --keep-quantized; add it or drop --quant-bits")
+    if o.quant_bits not in (None, 4, 8):
         raise LlmarchError(f"--quant-bits must be 8 or 4, got {o.quant_bits}")
-    from llmarch.runtime.generate import Generator, Sampling
-    from llmarch.runtime.load import load_runtime
+    if o.prompt_ids is not None:
+        parse_ids(o.prompt_ids)
+
+
+def prompt_tokens(o: RunOptions, ckpt):
+    """(tokenizer or None, prompt ids): from --prompt-ids, or --prompt through the tokenizer and,
+    with --chat, the chat template (all from the header and tokenizer files: no weights read)."""
     from llmarch.runtime.tokenizer import load_tokenizer
+
+    if o.prompt_ids is not None:
+        try:
+            tok = load_tokenizer(ckpt)
+        except LlmarchError:
+            tok = None  # ids in, ids out: a checkpoint without a tokenizer still runs
+        return tok, parse_ids(o.prompt_ids)
+    tok = load_tokenizer(ckpt)
+    if o.chat:
+        from llmarch.runtime.chat import render_chat
+
+        text = render_chat(
+            tok.chat_template, o.prompt, o.system, tok.bos_token, tok.eos_token, tok.chat_template_source
+        )
+        return tok, tok.encode(text, special=False)
+    return tok, tok.encode(o.prompt)
+
+
+def header_line(source: str | None, ckpt, spec, tok) -> str:
+    """What runs, printed before the output. A checkpoint without a chat template
+    is a base model: it continues text, and a question gets continued rather than answered."""
+    name = "the embedded Gemma 3 270M" if not source else ckpt.path.name
+    kind = (
+        "base model (no chat template): it continues your text rather than answering it"
+        if tok is not None and not tok.chat_template
+        else "chat template available (--chat)"
+        if tok is not None
+        else "no tokenizer: token ids in and out"
+    )
+    return printable(f"{name} ({spec.family}, {spec.layers} layers), {kind}")  # names from the file
+
+
+def run(o: RunOptions) -> dict:
+    check_options(o)
+    from llmarch.api import load_checkpoint_spec
+    from llmarch.runtime.load import check_moe_options, check_supported, dtype_named, load_runtime, pick_device
+
+    device = pick_device(o.device)
+    if o.dtype is not None:
+        dtype_named(o.dtype)
+    if o.compile and device.type != "cuda":
+        raise LlmarchError("--compile compiles the CUDA decode step; it does nothing on the CPU")
+    ckpt, spec = load_checkpoint_spec(o.source)  # headers only: every check below comes before the weights
+    check_supported(spec, ckpt.path, ckpt.format == "gguf")
+    check_moe_options(spec, o.experts, o.expert_bits, o.gpu_experts, o.expert_dir)
+    tok, ids = prompt_tokens(o, ckpt)
+    bad = [i for i in ids if not 0 <= i < spec.vocab_size]
+    if bad:
+        raise LlmarchError(f"token id {bad[0]} is outside the vocabulary (0..{spec.vocab_size - 1})")
+    context = spec.context_length or 4096
+    if len(ids) > context:
+        raise LlmarchError(f"the prompt is {len(ids)} tokens, longer than the model's context of {context}")
+    room = context - len(ids)
+    max_tokens = min(o.max_tokens, room)
+    if max_tokens <= 0:
+        raise LlmarchError(
+            f"the prompt is {len(ids)} tokens and fills the model's context of {context}: no room to generate"
+        )
+    err = sys.stderr
+    if o.as_json:
+        from llmarch.progress import silence
+
+        silence()
+    quant_bits = (o.quant_bits or 8) if o.keep_quantized else None
+    from llmarch.runtime.generate import Generator, Sampling
 
     rt = load_runtime(
         o.source,
         o.device,
         o.dtype,
-        o.quant_bits if o.keep_quantized else None,
+        quant_bits,
         o.experts,
         o.expert_bits,
         o.gpu_experts,
         o.expert_cache_gib,
         o.expert_dir,
+        opened=(ckpt, spec),
     )
-    tok = None
-    if o.prompt_ids is not None:
-        ids = parse_ids(o.prompt_ids)
-        try:
-            tok = load_tokenizer(rt.ckpt)
-        except LlmarchError:
-            tok = None  # ids in, ids out: a checkpoint without a tokenizer still runs
-    else:
-        tok = load_tokenizer(rt.ckpt)
-        if o.chat:
-            from llmarch.runtime.chat import render_chat
-
-            text = render_chat(
-                tok.chat_template, o.prompt, o.system, tok.bos_token, tok.eos_token, tok.chat_template_source
-            )
-            ids = tok.encode(text, special=False)
-        else:
-            ids = tok.encode(o.prompt)
-    bad = [i for i in ids if not 0 <= i < rt.spec.vocab_size]
-    if bad:
-        raise LlmarchError(f"token id {bad[0]} is outside the vocabulary (0..{rt.spec.vocab_size - 1})")
-    context = rt.spec.context_length or 4096
-    if len(ids) > context:
-        raise LlmarchError(f"the prompt is {len(ids)} tokens, longer than the model's context of {context}")
-    max_tokens = min(o.max_tokens, context - len(ids))
-    if max_tokens <= 0:
-        raise LlmarchError(
-            f"the prompt is {len(ids)} tokens and fills the model's context of {context}: no room to generate"
-        )
 
     moe = rt.spec.moe is not None or rt.spec.attention.mla  # routing syncs with the host: no CUDA graph
     gen = Generator(rt, len(ids) + max_tokens, cuda_graph=False if moe else None, compile=o.compile)
@@ -117,7 +181,7 @@ def run(o: RunOptions) -> dict:
 
         attach_decoder(gen)
     eos = set() if o.ignore_eos or tok is None else tok.eos_ids
-    err = sys.stderr
+    err.write(f"llmarch: {header_line(o.source, ckpt, spec, tok)}\n")  # after the load: a failed one stays one line
     for note in rt.notes:
         err.write(f"llmarch: {note}\n")
     stream = _Streamer(tok, sys.stdout) if not o.as_json else None
@@ -127,18 +191,21 @@ def run(o: RunOptions) -> dict:
     if stream:
         stream.finish()
     text = tok.decode(res.tokens) if tok is not None else None
+    # asked for more than the context holds, and every free slot was used: the context stopped it
+    stop = "context full" if res.stopped_by == "max_tokens" and o.max_tokens > room else res.stopped_by
     doc = {
         "text": text,
         "tokens": res.tokens,
         "prompt_tokens": len(ids),
         "prefill_tok_s": round(res.prefill_tok_s, 2),
         "decode_tok_s": round(res.decode_tok_s, 2),
+        "stop": stop,
     }
     summary = (
         f"prefill {len(ids)} tok {res.prefill_tok_s:.1f} tok/s · decode {len(res.tokens)} tok "
         f"{res.decode_tok_s:.1f} tok/s · {peak_memory(rt.device)} · {rt.device.type} {str(rt.dtype).replace('torch.', '')}"
-        + (f" int{o.quant_bits} weights" if o.keep_quantized else "")
-        + f" · stop: {res.stopped_by}"
+        + (f" int{quant_bits} weights" if quant_bits else "")
+        + f" · stop: {stop}"
     )
     if moe:
         from llmarch.runtime.experts.report import offloaded, report
