@@ -7,8 +7,9 @@ import re
 from pathlib import Path
 
 # C0 controls, DEL and C1 controls (ESC starts terminal sequences, CR/LF forge lines), the Unicode
-# line and paragraph separators, and the bidirectional controls that reorder what follows them
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# line and paragraph separators, the bidirectional controls that reorder what follows them, and
+# lone surrogates (the bytes of a file name that is not UTF-8, which no terminal can show)
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 

@@ -106,6 +106,7 @@ def test_printable_escapes_every_control_character_and_nothing_else():
     assert printable("a\nb\r\t\x00\x1b[31m\x7f\x85\x9f") == r"a\nb\r\t\x00\x1b[31m\x7f\x85\x9f"
     bidi = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c\u2028\u2029"
     assert printable(bidi) == "".join(f"\\u{ord(c):04x}" for c in bidi)
+    assert printable("bad\udcff.gguf") == r"bad\udcff.gguf"  # a file name that is not UTF-8
     ordinary = "Gemma 3 · 4 q / 1 kv × 256 — 日本語 é [bold] C:\\models\\x"
     assert printable(ordinary) == ordinary
     assert printable(printable(EVIL)) == printable(EVIL) == SHOWN
