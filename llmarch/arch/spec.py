@@ -39,6 +39,12 @@ class LayerSpec:
         None  # where this layer's attention sinks differ from the model's (MiMo-V2-Flash: sliding only)
     )
     rope_partial: float | None = None  # per-layer rotated fraction where it differs (per-layer-type rope_parameters)
+    head_dim: int | None = None  # where this layer's head width differs from the model's (Gemma 4 global layers)
+    v_from_k: bool = False  # values are the key projection itself, before k's norm and RoPE (Gemma 4 attention_k_eq_v)
+    ffn_width: int | None = None  # where this layer's FFN width differs (per-layer lists, Gemma 4's double-wide MLP)
+    # Gaussian top-k activation sparsity of the FFN gate (Gemma 3n): the target fraction of zeros;
+    # the gate keeps relu(g - (mean(g) + std(g) * icdf_normal(sparsity)))
+    ffn_sparsity: float | None = None
 
     def public(self) -> dict:
         return {"mixer": self.mixer, "window": self.window, "rope": self.rope, "ffn": self.ffn}
@@ -65,6 +71,7 @@ class AttentionSpec:
     qk_nope_head_dim: int | None = None
     rope_interleave: bool | None = None  # MLA: the rope dims rotate interleaved pairs (DeepSeek's rope_interleave)
     scale: float | None = None  # softmax scale when not 1/sqrt(head_dim)
+    v_norm: bool = False  # a weightless RMS norm over each value head (Gemma 3n / 4)
     softcap: float | None = None  # attention logit soft-capping (Gemma 2 style)
     value_scale: float | None = None  # constant multiplier on V after its projection (MiMo-V2-Flash)
     # NoPE layers' queries scaled by log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1 (Llama 4):
@@ -151,6 +158,17 @@ class MoESpec:
 
 
 @dataclass
+class AltUpSpec:
+    """Alternating updates (Gemma 3n): the hidden state is `streams` parallel copies; each layer
+    predicts all of them from the active one by learned per-token coefficients, runs on the active
+    stream only, then corrects every stream by the innovation (layer output - prediction)."""
+
+    streams: int
+    active: int = 0
+    correct_scale: bool = True  # the corrected active stream is scaled by a learned vector before the per-layer gate
+
+
+@dataclass
 class NormSpec:
     placement: str = "pre"  # pre | post | sandwich
     kind: str = "rms"  # rms | layer
@@ -190,6 +208,9 @@ class ArchSpec:
     embedding_scale: float | None = None  # Gemma: sqrt(hidden)
     final_softcap: float | None = None
     per_layer_embeddings: dict | None = None  # Gemma 3n PLE: {"dim": ..., "params": ...}
+    altup: AltUpSpec | None = None
+    laurel_rank: int | None = None  # LAuReL: a low-rank residual beside attention (Gemma 3n)
+    layer_scalar: bool = False  # each layer's output multiplied by a stored scalar (Gemma 4)
     extras: dict[str, Any] = field(default_factory=dict)  # AltUp, LAuReL, KV sharing, ...
     params: dict[str, int] = field(default_factory=dict)  # total, active, mtp, vision, embeddings, ...
     stored_bytes: int = 0
@@ -216,7 +237,9 @@ class ArchSpec:
             return 0.0
         if layer.mixer == "mla":
             return ((a.kv_lora_rank or 0) + (a.qk_rope_head_dim or 0)) * kv_bytes
-        return (layer.kv_heads or a.kv_heads) * (a.head_dim + (a.v_head_dim or a.head_dim)) * kv_bytes
+        k_dim = layer.head_dim or a.head_dim
+        v_dim = layer.head_dim or a.v_head_dim or a.head_dim
+        return (layer.kv_heads or a.kv_heads) * (k_dim + v_dim) * kv_bytes
 
     def kv_cache(self, context: int | None = None, kv_dtype: str | None = None) -> dict:
         kv_dtype = kv_dtype or self.kv_dtype_default

@@ -72,12 +72,13 @@ class LayerCache:
             keys, values = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
             self.k.index_copy_(2, g.write_slots, k[:, :, g.write_from :])
             self.v.index_copy_(2, g.write_slots, v[:, :, g.write_from :])
-            return keys, values
-        self.k.index_copy_(2, g.write_slots, k)
-        self.v.index_copy_(2, g.write_slots, v)
-        if g.limit is not None:
-            return self.k[:, :, : g.limit], self.v[:, :, : g.limit]
-        return self.k, self.v
+        else:
+            self.k.index_copy_(2, g.write_slots, k)
+            self.v.index_copy_(2, g.write_slots, v)
+            keys, values = (self.k, self.v) if g.limit is None else (self.k[:, :, : g.limit], self.v[:, :, : g.limit])
+        # what this step attends over, for the KV-shared layers that read this layer's cache later in the step
+        self.last = keys, values
+        return keys, values
 
 
 class LinearState:
@@ -123,6 +124,8 @@ class KVCache:
         for layer in schedule:
             if layer.mixer not in ("full", "sliding"):
                 continue  # chunked / MLA layers keep their own cache (ops/chunked_attention.py, ops/mla.py)
+            if layer.kv_shared_from is not None:
+                continue  # attends over its owner layer's cache: only owners allocate
             window = layer.window if layer.mixer == "sliding" else None
             ring = window is not None and window < max_seq
             size = window if ring else max_seq
@@ -130,8 +133,15 @@ class KVCache:
             if key not in self.groups:
                 self.groups[key] = SlotGroup(size, window, ring, device)
             # kv_heads: the model's count, unless the layer has its own (MiMo-V2-Flash sliding layers)
+            # head widths: the model's, unless the layer has its own (Gemma 4's global layers)
             self.layers[layer.index] = LayerCache(
-                self.groups[key], batch, layer.kv_heads or kv_heads, k_dim, v_dim, dtype, device
+                self.groups[key],
+                batch,
+                layer.kv_heads or kv_heads,
+                layer.head_dim or k_dim,
+                layer.head_dim or v_dim,
+                dtype,
+                device,
             )
 
     def prepare(self, pos: torch.Tensor, limit: int | None = None) -> None:

@@ -120,9 +120,10 @@ def check_supported(spec: ArchSpec, path, gguf: bool = False) -> None:
             "k_b/v_b); use the safetensors checkpoint",
             path,
         )
-    if spec.per_layer_embeddings:
+    if gguf and spec.per_layer_embeddings:
         raise LlmarchError(
-            f"llmarch run has no per-layer-embedding layers yet (family {spec.family!r}); {supported_note()}", path
+            "per-layer-embedding models from GGUF are not supported by llmarch run yet; use the safetensors checkpoint",
+            path,
         )
     if gguf and spec.linear_attention:
         raise LlmarchError(

@@ -9,6 +9,7 @@ safetensors are used in place when dtypes match).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -17,20 +18,24 @@ from torch import nn
 
 from llmarch.arch.spec import ArchSpec, LayerSpec
 from llmarch.errors import LlmarchError
+from llmarch.runtime.ops.altup import AltUp, AltUpStreams
 from llmarch.runtime.ops.attention import Attention
 from llmarch.runtime.ops.chunked_attention import ChunkedAttention
 from llmarch.runtime.ops.gated_deltanet import GatedDeltaNet
+from llmarch.runtime.ops.laurel import Laurel
 from llmarch.runtime.ops.mla import MLAttention
 from llmarch.runtime.ops.mlp import GatedMLP, PlainMLP
 from llmarch.runtime.ops.moe import moe_ffn
 from llmarch.runtime.ops.norms import RMSNorm, make_norm
+from llmarch.runtime.ops.per_layer_inputs import PerLayerGate, PerLayerInputs
 from llmarch.runtime.ops.rope import Rope, scaling_kind
 
 
 def dense_ffn(spec: ArchSpec, layer: LayerSpec) -> nn.Module:
+    width = layer.ffn_width or spec.intermediate_size
     if not spec.ffn_gated:
-        return PlainMLP(spec.hidden_size, spec.intermediate_size, spec.activation, bias=spec.ffn_bias)
-    return GatedMLP(spec.hidden_size, spec.intermediate_size, spec.activation, bias=spec.ffn_bias)
+        return PlainMLP(spec.hidden_size, width, spec.activation, bias=spec.ffn_bias)
+    return GatedMLP(spec.hidden_size, width, spec.activation, bias=spec.ffn_bias, sparsity=layer.ffn_sparsity)
 
 
 # mixer kind -> factory(spec, layer, rope) ; ffn kind -> factory(spec, layer). A linear/recurrent
@@ -51,7 +56,13 @@ NORM_SLOTS = {
 
 
 class Block(nn.Module):
-    """x + [post](mixer([pre] x)), then the same around the FFN; absent norms are skipped."""
+    """x + [post](mixer([pre] x)), then the same around the FFN; absent norms are skipped.
+
+    Optional parts, each from a spec fact: LAuReL beside the mixer (averaged with its residual),
+    the layer's per-layer input gated into the residual, a stored output scalar, and AltUp (x is
+    then the [n, B, T, d] streams: the body runs on the active stream's prediction, the correction
+    updates every stream, and the per-layer input goes into streams 1.. as the reference adds it).
+    """
 
     def __init__(self, spec: ArchSpec, layer: LayerSpec, mixer: nn.Module, ffn: nn.Module):
         super().__init__()
@@ -64,12 +75,34 @@ class Block(nn.Module):
                 else None
             )
             setattr(self, slot, norm)
+        self.laurel = Laurel(spec) if spec.laurel_rank else None
+        self.altup = AltUp(spec) if spec.altup else None
+        self.per_layer = PerLayerGate(spec) if spec.per_layer_embeddings else None
+        self.layer_scalar = nn.Parameter(torch.ones(1)) if spec.layer_scalar else None
 
-    def forward(self, x, pos, cache):
-        h = self.attn(self.attn_norm(x) if self.attn_norm is not None else x, pos, cache)
+    def forward(self, x, pos, cache, per_layer_input=None):
+        streams = None
+        if self.altup is not None:
+            streams = self.altup.predict(x)
+            x = streams[self.altup.active]
+        normed = self.attn_norm(x) if self.attn_norm is not None else x
+        h = self.attn(normed, pos, cache)
         x = x + (self.attn_post_norm(h) if self.attn_post_norm is not None else h)
+        if self.laurel is not None:
+            x = (x + self.laurel(normed)) / math.sqrt(2)
         h = self.mlp(self.ffn_norm(x) if self.ffn_norm is not None else x)
-        return x + (self.ffn_post_norm(h) if self.ffn_post_norm is not None else h)
+        x = x + (self.ffn_post_norm(h) if self.ffn_post_norm is not None else h)
+        if self.altup is not None:
+            streams = self.altup.correct(streams, x)
+            if self.per_layer is not None:
+                # into streams 1.. as the reference does (the active stream is 0 in every config)
+                streams[1:] += self.per_layer(self.altup.active_output(streams), per_layer_input)
+            return streams
+        if self.per_layer is not None:
+            x = x + self.per_layer(x, per_layer_input)
+        if self.layer_scalar is not None:
+            x = x * self.layer_scalar
+        return x
 
 
 def _rope_key(spec: ArchSpec, layer: LayerSpec):
@@ -120,6 +153,8 @@ class Transformer(nn.Module):
         self.tied_quant = None  # BlockQuantLinear shared by the embedding and the head (--keep-quantized, tied)
         self.embed_scale = spec.embedding_scale
         self.final_softcap = spec.final_softcap
+        self.per_layer_inputs = PerLayerInputs(spec) if spec.per_layer_embeddings else None
+        self.altup_streams = AltUpStreams(spec) if spec.altup else None
 
     def setup(self, max_seq: int, device, dtype) -> None:
         self.act_dtype = dtype
@@ -131,10 +166,15 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         cache.prepare(pos, limit)
         x = self.embed_ids(ids, pos)
-        for block in self.layers:
-            x = block(x, pos, cache)
+        ple = self.per_layer_inputs(ids, x) if self.per_layer_inputs is not None else None
+        if self.altup_streams is not None:
+            x = self.altup_streams.expand(x)
+        for i, block in enumerate(self.layers):
+            x = block(x, pos, cache) if ple is None else block(x, pos, cache, ple[:, :, i])
         if last_only:
-            x = x[:, -1:]
+            x = x[..., -1:, :]
+        if self.altup_streams is not None:
+            x = self.altup_streams.collapse(x)
         return self.head(x)
 
     def embed_ids(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -94,6 +94,10 @@ def read_attention(spec: ArchSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoin
     scalar = f.get("query_pre_attn_scalar")
     if scalar:
         a.scale = float(scalar) ** -0.5
+    elif recipe.attention_scale is not None:
+        a.scale = float(recipe.attention_scale)
+        spec.evidence["attention.scale"] = f"recipe {recipe.family}"
+    a.v_norm = recipe.v_norm
     # MiMo-V2-Flash scales V; transformers' default applies when the key is absent, an explicit null means 1
     key = "attention_value_scale"
     vs = f.config[key] if key in f.config else recipe.attention_value_scale

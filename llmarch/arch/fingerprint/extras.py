@@ -6,9 +6,10 @@ import math
 
 from llmarch.arch.fingerprint.facts import Facts
 from llmarch.arch.recipe_schema import Recipe
-from llmarch.arch.spec import ArchSpec, LinearAttentionSpec
+from llmarch.arch.spec import AltUpSpec, ArchSpec, LinearAttentionSpec
 from llmarch.arch.tensor_roles import is_vision, layer_of
 from llmarch.checkpoint.base import Checkpoint
+from llmarch.errors import LlmarchError
 
 
 def read_extras(spec: ArchSpec, f: Facts, recipe: Recipe, ckpt: Checkpoint) -> None:
@@ -48,6 +49,7 @@ def read_extras(spec: ArchSpec, f: Facts, recipe: Recipe, ckpt: Checkpoint) -> N
         v = f.get(key)
         if v:
             spec.extras[name] = v
+    _layer_mixing(spec, f, ckpt)
     if spec.ffn_bias is False:
         spec.ffn_bias = bool(f.get("mlp_bias")) or recipe.ffn_bias
     spec.ffn_gated = recipe.ffn_gated
@@ -56,6 +58,34 @@ def read_extras(spec: ArchSpec, f: Facts, recipe: Recipe, ckpt: Checkpoint) -> N
         spec.linear_attention = _linear_state(spec, f, recipe)
         if spec.linear is not None:
             spec.linear.projection = spec.linear_attention["projection"] = _linear_projection(spec, ckpt)
+
+
+def _layer_mixing(spec: ArchSpec, f: Facts, ckpt: Checkpoint) -> None:
+    """AltUp streams, LAuReL rank, per-layer FFN widths and activation sparsity, layer scalars:
+    from the config, checked against the tensors that carry them."""
+    names = [n for n in ckpt.tensors if not is_vision(n)]
+    streams = f.get("altup_num_inputs", fact="altup")
+    if streams and int(streams) > 1 and (not names or any(".altup." in n for n in names)):
+        spec.altup = AltUpSpec(
+            streams=int(streams),
+            active=int(f.get("altup_active_idx", default=0)),
+            correct_scale=bool(f.get("altup_correct_scale", default=True)),
+        )
+    rank = f.get("laurel_rank", fact="laurel_rank")
+    if rank and (not names or any(".laurel." in n for n in names)):
+        spec.laurel_rank = int(rank)
+    spec.layer_scalar = any(n.endswith(".layer_scalar") for n in names)
+    widths = spec.extras.get("intermediate_size_per_layer")
+    sparsity = f.get("activation_sparsity_pattern", fact="activation_sparsity")
+    for layer in spec.schedule:
+        i = layer.index
+        if isinstance(widths, list) and i < len(widths) and widths[i] != spec.intermediate_size:
+            layer.ffn_width = int(widths[i])
+        if isinstance(sparsity, list) and i < len(sparsity) and sparsity[i]:
+            s = float(sparsity[i])
+            if not 0.0 < s < 1.0:
+                raise LlmarchError(f"activation_sparsity_pattern[{i}] = {s} is not in (0, 1)", ckpt.path)
+            layer.ffn_sparsity = s
 
 
 def _linear_state(spec: ArchSpec, f: Facts, recipe: Recipe) -> dict:
