@@ -108,6 +108,25 @@ def test_moe_routed_experts_part(tiny, capsys):
     assert doc["weights"]["routed_experts"] == routed * bytes_per
 
 
+def test_hybrid_recurrent_state(tiny, capsys):
+    src = tiny("qwen3_next")
+    c = config(src)
+    interval = c.get("full_attention_interval", 4)
+    layers = c["num_hidden_layers"]
+    linear = sum(1 for i in range(layers) if (i + 1) % interval)
+    nv, nk = c["linear_num_value_heads"], c["linear_num_key_heads"]
+    dk, dv = c["linear_key_head_dim"], c["linear_value_head_dim"]
+    conv = c.get("linear_conv_kernel_dim", 4)
+    # Qwen3NextGatedDeltaNet: recurrent state [nv, dk, dv] kept in f32; conv window over the q, k, v
+    # channels (kernel - 1 past inputs) in the cache dtype
+    recurrent, conv_window = nv * dk * dv, (2 * nk * dk + nv * dv) * (conv - 1)
+    doc = fit(capsys, src, "--memory", "8GiB", "--context", 100, "--kv-dtype", "bf16")
+    assert doc["recurrent_state"] == linear * (recurrent * 4 + conv_window * 2)
+    full = layers - linear
+    assert doc["kv_cache"] == full * 2 * c["num_key_value_heads"] * c["head_dim"] * 2 * 100
+    assert doc["llama_cpp"]["state"] == linear * (recurrent + conv_window) * 4  # llama.cpp: both in f32
+
+
 # --- placements at full size (headers only) ------------------------------------------------------
 
 
@@ -180,7 +199,10 @@ def test_qwen3_30b_a3b_expert_placement(qwen30b, capsys):
     # beside 3.1 GB of dense weights and 0.8 GB of cache
     int4 = routed * (0.5 + 4 / 64)
     dense = 2 * (attn + H + 2 * V * H)
-    assert dense + int4 + kv < 24 * GiB - 512 * 2**20 - 4 * 512 * (V + 4 * 6144) < dense + routed * (1 + 2 / 64)
+    # beside: the CUDA context (512 MiB) and a 512-token bf16 prefill (8 activations of the widest
+    # layer, 6144, per token; the last token's f32 logits; one int8/int4 expert dequantized)
+    prefill = 2 * 512 * 8 * 6144 + 4 * V + 3 * H * c["moe_intermediate_size"] * 2
+    assert dense + int4 + kv < 24 * GiB - 512 * 2**20 - prefill < dense + routed * (1 + 2 / 64)
     run = doc["llmarch_run"]
     assert (run["experts"], run["expert_bits"]) == ("gpu", 4)
     assert "--experts gpu --expert-bits 4" in run["command"]

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 CONTEXT = 1024
-WIDE = dict(vocab_size=384, hidden_size=256, moe_intermediate_size=128, mlp_only_layers=[], max_position_embeddings=4096)
+WIDE = dict(
+    vocab_size=384, hidden_size=256, moe_intermediate_size=128, mlp_only_layers=[], max_position_embeddings=4096
+)
 PLACEMENTS = [("gpu", 16), ("gpu", 8), ("cpu", 16), ("cpu", 8), ("cpu", 4)]
 
 
@@ -66,3 +68,52 @@ def test_run_holds_what_fit_plans(tiny, experts, bits):
     assert abs(device - plan_device) <= 0.10 * plan_device
     assert abs(host - plan_host) <= 0.10 * max(plan_host, 1) or host == plan_host == 0
     assert kv == plan_kv
+
+
+GPU_WIDE = dict(
+    vocab_size=32000,
+    hidden_size=1024,
+    moe_intermediate_size=512,
+    num_experts=32,
+    num_hidden_layers=4,
+    mlp_only_layers=[],
+    max_position_embeddings=8192,
+)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("experts, bits", [("gpu", 16), ("gpu", 8), ("gpu", 4), ("cpu", 4)])
+def test_run_peak_gpu_memory_matches_fit(tiny, experts, bits, dtype):
+    """On a GPU: torch's peak allocated bytes over load + a generation at the planned context
+    against the plan's GPU bytes less the CUDA context (which the allocator does not count)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from llmarch.api import load_spec
+    from llmarch.plan import memory as mem
+    from llmarch.plan.run_placement import Option, footprint, run_dtype_bytes
+    from llmarch.runtime.generate import Generator, Sampling
+    from llmarch.runtime.load import load_runtime
+
+    src = str(tiny("qwen3_moe", dtype=getattr(torch, dtype), **GPU_WIDE))
+    spec = load_spec(src)
+    dtype_bytes = run_dtype_bytes(spec)
+    assert dtype_bytes == {"float32": 4, "bfloat16": 2}[dtype]  # run keeps the checkpoint's float type
+    weights, _ = footprint(spec, Option(experts, bits), dtype_bytes)
+    quantized_on_gpu = experts == "gpu" and bits != 16
+    kv = mem.kv_bytes(spec, CONTEXT, "f32" if dtype_bytes == 4 else "bf16")
+    plan = weights + kv + mem.run_overhead(spec, dtype_bytes, quantized_on_gpu)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    rt = load_runtime(src, "cuda", None, experts=experts, expert_bits=bits)
+    after_load = torch.cuda.max_memory_allocated() - base
+    gen = Generator(rt, CONTEXT, cuda_graph=False)
+    gen.generate(list(range(1, 513)), 16, Sampling())  # a prompt of one 512-token batch, as the plan assumes
+    peak = torch.cuda.max_memory_allocated() - base
+    steady = torch.cuda.memory_allocated() - base
+    print(
+        f"GPU {dtype} {experts}/{bits}: plan {plan}, peak {peak} ({peak / plan - 1:+.1%}), load peak {after_load}, held {steady}"
+    )
+    del gen, rt
+    assert abs(peak - plan) <= 0.10 * plan

@@ -89,14 +89,15 @@ def plan_run(spec: ArchSpec, source: str, gpu: int, host: int | None, context: i
     dtype_bytes = run_dtype_bytes(spec)
     kv_dtype = "f32" if dtype_bytes == 4 else "bf16"
     mxfp4 = bool(spec.moe) and any(d in ("U8", "MXFP4") for d in spec.dtypes)
-    fixed = mem.CUDA_CONTEXT + mem.batch_overhead(spec)
     state = mem.state_bytes(spec, kv_dtype)  # recurrent layers' fixed state, in the model dtype as run keeps it
     rows = []
     for opt in _options(spec, mxfp4):
         on_gpu, on_host = footprint(spec, opt, dtype_bytes)
+        quantized_on_gpu = opt.experts == "gpu" and opt.bits != 16
+        fixed = mem.CUDA_CONTEXT + mem.run_overhead(spec, dtype_bytes, quantized_on_gpu)
 
-        def need(c: int, base: int = on_gpu) -> int:
-            return base + fixed + mem.kv_bytes(spec, c, kv_dtype) + state
+        def need(c: int, base: int = on_gpu + fixed) -> int:
+            return base + mem.kv_bytes(spec, c, kv_dtype) + state
 
         host_ok = host is None or on_host <= host
         best = mem.largest_context(need, gpu, limit) if host_ok else 0
