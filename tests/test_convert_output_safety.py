@@ -498,22 +498,21 @@ def test_full_disk_while_writing_safetensors(tiny_gguf, tmp_path):
 @pytest.mark.parametrize("direction", ["to_gguf", "from_gguf"])
 def test_disk_full_in_the_middle_of_writing(tiny, tiny_gguf, tmp_path, monkeypatch, direction):
     """ENOSPC from a write after the reservation (a file system that does not reserve): one error
-    naming the output, the partial removed, the old output untouched."""
+    naming the output, the partial removed, the old output untouched, and the tensors not yet
+    started are not converted any more (one thread: at most the one already running)."""
     import llmarch.convert.from_gguf as from_gguf
     import llmarch.convert.writer as writer
     from llmarch.convert.from_gguf import convert_from_gguf
     from llmarch.convert.to_gguf import convert_to_gguf
 
-    if direction == "to_gguf":
-        out, module, run = tmp_path / "m.gguf", writer, lambda: convert_to_gguf(str(tiny("llama")), out, "f32", True)
-        convert_to_gguf(str(tiny("llama")), out, "f16")
-    else:
-        out, module, run = (
-            tmp_path / "hf",
-            from_gguf,
-            lambda: convert_from_gguf(str(tiny_gguf("llama")), out, "f32", True),
-        )
+    if direction == "to_gguf":  # f32 -> f16: every tensor is encoded and pwritten (~22 writes)
+        out, module = tmp_path / "m.gguf", writer
+        convert_to_gguf(str(tiny("llama")), out, "f32")
+        run = lambda: convert_to_gguf(str(tiny("llama")), out, "f16", True, 1)  # noqa: E731
+    else:  # q8_0 -> f32: the header, then every tensor pwritten (~22 writes)
+        out, module = tmp_path / "hf", from_gguf
         convert_from_gguf(str(tiny_gguf("llama")), out, "f16")
+        run = lambda: convert_from_gguf(str(tiny_gguf("llama")), out, "f32", True, 1)  # noqa: E731
     before = snapshot(tmp_path)
     calls, real = [], module.pwrite_all
 
@@ -521,6 +520,7 @@ def test_disk_full_in_the_middle_of_writing(tiny, tiny_gguf, tmp_path, monkeypat
         calls.append(1)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        time.sleep(0.05)  # tensors of a real size: the failure is seen before the others are written
         return real(*a)
 
     monkeypatch.setattr(module, "pwrite_all", pwrite_all)
@@ -528,6 +528,11 @@ def test_disk_full_in_the_middle_of_writing(tiny, tiny_gguf, tmp_path, monkeypat
         run()
     assert e.value.path == str(out) and os.strerror(errno.ENOSPC) in e.value.message
     assert snapshot(tmp_path) == before
+    assert len(calls) <= 4, len(calls)
+    monkeypatch.setattr(module, "pwrite_all", lambda *a: calls.append(1) or real(*a))
+    calls.clear()
+    run()
+    assert len(calls) > 10  # what an uncancelled run would have gone on writing
 
 
 # ----------------------------------------------------------------------------- inconsistent vocabulary

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gguf
@@ -31,11 +30,11 @@ from llmarch.convert.output import (
     refuse_overlap,
     reserve,
     source_inputs,
+    write_all,
 )
 from llmarch.convert.plan import tensor_bytes
 from llmarch.convert.writer import to_f32
 from llmarch.errors import LlmarchError
-from llmarch.progress import progress
 from llmarch.qk_permute import from_gguf_order
 
 CHUNK_ELEMS = 1 << 22  # elements per row block: memory stays bounded by a few blocks per thread
@@ -295,11 +294,7 @@ def _write_safetensors(path: Path, out: Path, ckpt, fam: Family, items, spec, dt
         reserve(fd, base + pos, out)  # a full disk fails here, before any work
         pwrite_all(fd, len(raw).to_bytes(8, "little") + raw, 0)
         src_fd.update((p, os.open(p, os.O_RDONLY)) for p in ckpt.files)
-        with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
-            with progress("converting", total=len(work)) as advance:
-                for fut in [pool.submit(*w) for w in work]:
-                    fut.result()
-                    advance()
+        write_all(work, threads or os.cpu_count() or 1)
     finally:
         os.close(fd)
         for f in src_fd.values():

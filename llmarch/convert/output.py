@@ -29,10 +29,12 @@ import os
 import re
 import stat
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 from llmarch.errors import LlmarchError
+from llmarch.progress import progress
 
 MARKER = ".llmarch-convert.json"  # in every folder llmarch convert writes
 FOLDER_FILES = frozenset({MARKER, "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"})
@@ -308,6 +310,21 @@ def pwrite_all(fd: int, data, offset: int) -> None:
     mv, done = memoryview(data).cast("B"), 0
     while done < len(mv):
         done += os.pwrite(fd, mv[done:], offset + done)
+
+
+def write_all(tasks: list[tuple], threads: int) -> None:
+    """Run fn(*args) for every (fn, *args) on a thread pool, with the progress bar. The first
+    failure (a full disk, Ctrl-C) cancels the tasks not yet started, so the run ends and its
+    partial goes now rather than after converting everything else."""
+    with ThreadPoolExecutor(max_workers=threads) as pool, progress("converting", total=len(tasks)) as advance:
+        futures = [pool.submit(*task) for task in tasks]
+        try:
+            for fut in futures:
+                fut.result()
+                advance()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def _ours(name, out: Path, partial: Path) -> bool:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gguf
@@ -21,10 +20,9 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType
 
-from llmarch.convert.output import publishing, pwrite_all, reserve
+from llmarch.convert.output import publishing, pwrite_all, reserve, write_all
 from llmarch.convert.plan import Piece, Plan, PlannedTensor, tensor_bytes
 from llmarch.errors import LlmarchError
-from llmarch.progress import progress
 from llmarch.qk_permute import to_gguf_order
 
 CHUNK_ELEMS = 1 << 22  # elements per row block (16 MiB as f32)
@@ -221,10 +219,6 @@ def _write(plan: Plan, tmp: Path, out: Path, add_metadata, threads: int, sources
     try:
         reserve(fd, pos, out)
         work = [(task, t) for t, base in zip(plan.tensors, offsets) for task in _tasks(t, base)]
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            with progress("converting", total=len(work)) as advance:
-                for fut in [pool.submit(_run, task, t, sources, fd) for task, t in work]:
-                    fut.result()
-                    advance()
+        write_all([(_run, task, t, sources, fd) for task, t in work], threads)
     finally:
         os.close(fd)
