@@ -164,10 +164,15 @@ def test_force_replaces_only_folders_llmarch_wrote(tiny_gguf, tmp_path):
     with pytest.raises(LlmarchError, match="is a folder"):
         convert_to_gguf(str(out), theirs, "f32", force=True)
 
-    # ours is replaced, and nothing else appears beside it
+    # ours is replaced, and so is an empty folder (nothing to lose); nothing else appears beside them
     convert_from_gguf(str(src), out, "f32", force=True)
     assert snapshot(out) != ours and (out / MARKER).is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "hf", "theirs"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LlmarchError, match="--force"):
+        convert_from_gguf(str(src), tmp_path / "empty", "f32")
+    convert_from_gguf(str(src), tmp_path / "empty", "f32", force=True)
+    assert snapshot(tmp_path / "empty") == snapshot(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "hf", "theirs"]
 
 
 def test_partials_of_dead_runs_removed_live_ones_kept(tiny_gguf, tmp_path):

@@ -139,7 +139,8 @@ def refuse_overlap(out: str | Path, inputs: Iterable[Path]) -> None:
 
 
 def _is_ours(folder: Path) -> str | None:
-    """None when `folder` is one llmarch convert wrote (our marker, nothing but our files); else why not."""
+    """None when `folder` is one llmarch convert wrote (our marker, nothing but our files) or is
+    empty; else why not."""
     st = os.lstat(folder)
     if stat.S_ISLNK(st.st_mode):
         return "is a symbolic link"
@@ -149,8 +150,8 @@ def _is_ours(folder: Path) -> str | None:
     foreign = [n for n in names if n not in FOLDER_FILES or not stat.S_ISREG(os.lstat(folder / n).st_mode)]
     if foreign:
         return f"holds {foreign[0]}, which llmarch convert did not write"
-    if MARKER not in names:
-        return f"lacks {MARKER}, so llmarch convert did not write it"
+    if names and MARKER not in names:  # an empty folder holds nothing to lose
+        return f"lacks {MARKER}, the mark llmarch convert leaves in the folders it writes"
     return None
 
 
