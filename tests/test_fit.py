@@ -127,6 +127,35 @@ def test_hybrid_recurrent_state(tiny, capsys):
     assert doc["llama_cpp"]["state"] == linear * (recurrent + conv_window) * 4  # llama.cpp: both in f32
 
 
+def test_ple_table_placement_and_shared_kv(tiny, capsys):
+    """Gemma 3n: the per-layer embedding table is its own part and goes to --ple gpu, cpu or disk;
+    the last num_kv_shared_layers layers reuse earlier caches and add none."""
+    from llmarch.api import load_spec
+    from llmarch.plan import memory as mem
+    from llmarch.plan.run_placement import Option, footprint, plan_run
+
+    src = tiny("gemma3n")
+    c = config(src)
+    L, H, w = c["num_hidden_layers"], c["hidden_size"], c["hidden_size_per_layer_input"]
+    # embed_tokens_per_layer [vocab, L * w], per_layer_model_projection [L * w, H], its norm [w]
+    ple = c["vocab_size_per_layer_input"] * L * w + L * w * H + w
+    own = c["layer_types"][: L - c["num_kv_shared_layers"]]
+    per = 2 * c["num_key_value_heads"] * c["head_dim"] * 2
+    doc = fit(capsys, src, "--memory", "8GiB", "--context", 200, "--kv-dtype", "f16")
+    assert doc["params"]["ple"] == ple
+    assert doc["kv_cache"] == per * (own.count("full_attention") * 200 + own.count("sliding_attention") * 16)
+    spec = load_spec(str(src))
+    b = 4  # the fixture is float32
+    on_gpu, _ = footprint(spec, Option(None, None, ple="gpu"), b)
+    # a GPU that holds everything but the table: the table goes to host RAM, whole
+    overhead = mem.CUDA_CONTEXT + mem.run_overhead(spec, b, False) + mem.kv_bytes(spec, 200, "f32")
+    gpu = on_gpu - ple * b + overhead + 1024
+    run = plan_run(spec, str(src), gpu, 2**30, 200, 256)
+    assert run["ple"] == "cpu" and run["host_bytes"] == ple * b and "--ple cpu" in run["command"]
+    run = plan_run(spec, str(src), gpu, ple * b // 2, 200, 256)  # nor in host RAM: read per step
+    assert run["ple"] == "disk" and run["host_bytes"] == 0
+
+
 # --- placements at full size (headers only) ------------------------------------------------------
 
 

@@ -1,8 +1,8 @@
 """The llama.cpp flags that fit: -ngl (layers on the GPUs), --n-cpu-moe (the first N layers'
 experts left in host RAM) and -c (context), from the GGUF's bytes by part.
 
-llama.cpp keeps the input embedding table on the CPU whatever -ngl says (a lookup, not a
-matmul); the output head goes to the GPU with the last of -ngl (n_layers + 1); a layer's KV cache
+llama.cpp keeps the input embedding table (and Gemma 3n's per-layer embedding table) on the CPU
+whatever -ngl says (lookups, not matmuls); the output head goes to the GPU with the last of -ngl (n_layers + 1); a layer's KV cache
 lives where the layer does. Its GPUs share layers in proportion (split-mode layer), so N GPUs are
 budgeted as one of N times the memory less a CUDA context each.
 """
@@ -29,12 +29,14 @@ def kv_flags(kv_dtype: str) -> list[str]:
 def plan_llamacpp(spec: ArchSpec, source: str, gpu: int, gpus: int, context: int, limit: int, kv_dtype: str) -> dict:
     if kv_dtype not in LLAMACPP_KV:
         return {"supported": False, "reason": f"llama.cpp has no {kv_dtype} KV cache type"}
+    if not spec.gguf_arch:
+        return {"supported": False, "reason": f"llama.cpp has no GGUF architecture for the family {spec.family!r}"}
     w = weights(spec)
     layers = max(spec.layers, 1)
     n_moe = sum(1 for l in spec.schedule if l.ffn == "moe")
     experts = w.get("routed_experts", 0)
     per_layer_experts = experts / n_moe if n_moe else 0.0
-    per_layer = (sum(w.values()) - w["embeddings"] - w["output_head"] - experts) / layers
+    per_layer = (sum(w.values()) - w["embeddings"] - w["output_head"] - w["ple"] - experts) / layers
     # a tied head is the embedding table copied to where the output layer runs
     head = w["output_head"] or w["embeddings"]
     budget = gpus * (gpu - mem.CUDA_CONTEXT) - mem.batch_overhead(spec)
@@ -70,7 +72,11 @@ def plan_llamacpp(spec: ArchSpec, source: str, gpu: int, gpus: int, context: int
     model, convert = source, None
     if spec.format != "gguf":  # llama.cpp reads GGUF: convert first, at the checkpoint's dtype
         model = (source.rstrip("/").rsplit("/", 1)[-1] or "model") + ".gguf"
-        convert = f"llmarch convert {source} --to gguf -o {model}"
+        convert = (
+            f"llmarch convert {source} --to gguf -o {model}"
+            if "convert" in spec.supports
+            else f"python convert_hf_to_gguf.py {source} --outfile {model}  # llama.cpp's converter"
+        )
     args = ["llama-server", "-m", model, "-c", str(ctx), "-ngl", str(ngl if ngl < all_layers else 999)]
     if cpu_moe:
         args += ["--n-cpu-moe", str(cpu_moe)]

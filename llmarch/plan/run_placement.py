@@ -1,5 +1,6 @@
 """The `llmarch run` placement that fits one GPU and the host: where the routed experts live
-(--experts gpu|cpu|disk) and in what format (--expert-bits), for the largest context it allows.
+(--experts gpu|cpu|disk) and in what format (--expert-bits), where the per-layer embedding table
+lives (--ple gpu|cpu|disk), for the largest context it allows.
 
 llmarch run holds weights in the model dtype (bf16 on a GPU; an f32 checkpoint stays f32),
 routed experts in their --expert-bits format, and a static KV cache of prompt + --max-tokens
@@ -8,7 +9,7 @@ tokens in the model dtype (sliding layers a ring of their window, MLA layers the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llmarch.arch.spec import ArchSpec
 from llmarch.plan import memory as mem
@@ -23,6 +24,7 @@ class Option:
     experts: str | None  # None: a dense model
     bits: int | str | None  # 16 | 8 | 4 | "mxfp4" (as shipped) | None: dense at the model dtype
     keep_quantized: bool = False
+    ple: str | None = None  # gpu | cpu | disk: where the per-layer embedding table lives (None: no table)
 
     def args(self) -> list[str]:
         out = []
@@ -32,6 +34,8 @@ class Option:
             out += ["--expert-bits", str(self.bits)]
         if self.keep_quantized:
             out += ["--keep-quantized", "--quant-bits", "8"]
+        if self.ple:
+            out += ["--ple", self.ple]
         return out
 
 
@@ -45,18 +49,24 @@ def unsupported(spec: ArchSpec) -> str | None:
 
 
 def _options(spec: ArchSpec, mxfp4: bool) -> list[Option]:
+    """Placements, fastest first: experts nearer the GPU first, then the per-layer embedding table
+    (--ple gpu, then cpu, then disk: rows read per step)."""
     if not spec.moe:
-        return [Option(None, None), Option(None, None, keep_quantized=True)]
-    host_float = "mxfp4" if mxfp4 else 16  # gpt-oss's experts stay MXFP4 on the CPU without --expert-bits
-    return [
-        Option("gpu", 16),
-        Option("gpu", 8),
-        Option("gpu", 4),
-        Option("cpu", host_float),
-        Option("cpu", 8),
-        Option("cpu", 4),
-        Option("disk", 4),
-    ]
+        base = [Option(None, None), Option(None, None, keep_quantized=True)]
+    else:
+        host_float = "mxfp4" if mxfp4 else 16  # gpt-oss's experts stay MXFP4 on the CPU without --expert-bits
+        base = [
+            Option("gpu", 16),
+            Option("gpu", 8),
+            Option("gpu", 4),
+            Option("cpu", host_float),
+            Option("cpu", 8),
+            Option("cpu", 4),
+            Option("disk", 4),
+        ]
+    if not spec.per_layer_embeddings:
+        return base
+    return [replace(o, ple=p) for o in base for p in ("gpu", "cpu", "disk")]
 
 
 def _expert_bytes(routed_params: int, bits, dtype_bytes: int) -> int:
@@ -73,11 +83,17 @@ def footprint(spec: ArchSpec, opt: Option, dtype_bytes: int) -> tuple[int, int]:
     """(weight bytes on the GPU, bytes in host RAM) of one placement."""
     parts = mem.text_parts(mem.param_parts(spec))
     routed = parts.pop("routed_experts")
+    ple = parts.pop("ple") * dtype_bytes  # the table, in the compute dtype wherever it is resident
     per = KEEP_QUANTIZED_8 if opt.keep_quantized else dtype_bytes
     dense = int(sum(v * (dtype_bytes if k == "embeddings" else per) for k, v in parts.items()))
     experts = _expert_bytes(routed, opt.bits, dtype_bytes) if opt.experts else 0
     on_host = {"cpu": experts, "disk": min(experts, DISK_CACHE)}.get(opt.experts or "", 0)
-    return dense + (experts if opt.experts == "gpu" else 0), on_host
+    on_gpu = dense + (experts if opt.experts == "gpu" else 0)
+    if opt.ple == "cpu":
+        on_host += ple
+    elif opt.ple != "disk":
+        on_gpu += ple
+    return on_gpu, on_host
 
 
 def plan_run(spec: ArchSpec, source: str, gpu: int, host: int | None, context: int, limit: int) -> dict:
@@ -117,6 +133,7 @@ def plan_run(spec: ArchSpec, source: str, gpu: int, host: int | None, context: i
         "experts": opt.experts,
         "expert_bits": opt.bits,
         "keep_quantized": opt.keep_quantized,
+        "ple": opt.ple,
         "dtype_bytes": dtype_bytes,
         "gpu_bytes": need(ctx),
         "gpu_weights": on_gpu,

@@ -50,7 +50,11 @@ def print_fit(doc: dict, console: Console) -> None:
         console.print(f"  {literal(r['reason'])}")
     else:
         bits = {16: "16-bit", 8: "int8", 4: "int4", "mxfp4": "MXFP4"}.get(r["expert_bits"], "")
-        where = f"{bits} experts on the {r['experts'].upper()}" if r["experts"] else "all on the GPU"
+        where = f"{bits} experts on the {r['experts'].upper()}" if r["experts"] else "weights on the GPU"
+        if r.get("ple"):
+            where += f", per-layer embeddings on the {r['ple'].upper()}"
+        if r.get("keep_quantized"):
+            where += " (8-bit, --keep-quantized)"
         console.print(
             f"  {where}: {nbytes(r['gpu_bytes'])} on the GPU, {nbytes(r['host_bytes'])} in host RAM, "
             f"context {r['context']} (largest {r['largest_context']})"
