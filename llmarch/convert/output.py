@@ -291,7 +291,11 @@ def _publish(partial: Path, out: Path, folder: bool) -> None:
     else:  # two renames: a kill between them leaves the old folder aside, restored by the next run
         old = _aside_path(out)
         os.rename(out, old)
-        os.rename(partial, out)
+        try:
+            os.rename(partial, out)
+        except BaseException:
+            os.rename(old, out)  # the old output back under its name before the error is told
+            raise
     try:
         _remove_ours(old)
     except OSError:  # the new output is in place; what is left has our partial name for the next run
