@@ -54,6 +54,7 @@ def test_recursive_macro_stops_at_the_depth_limit():
 
 def test_range_longer_than_the_sandbox_allows_is_one_line():
     assert "range() of 1,000,000,000 items (the limit is 100,000)" in _stopped("{{ range(10**9) | list }}")
+    assert "range() of more than 2**63 items" in _stopped("{% for i in range(10**30) %}{% endfor %}")
 
 
 def test_exponential_work_without_loops_stops_at_the_deadline():

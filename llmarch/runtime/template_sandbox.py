@@ -124,8 +124,12 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
 
     def _range(self, *args):
         rng = range(*args)
-        if len(rng) > MAX_RANGE:
-            raise TemplateLimitError(f"range() of {len(rng):,} items (the limit is {MAX_RANGE:,})")
+        try:
+            n = f"{len(rng):,}" if len(rng) > MAX_RANGE else None
+        except OverflowError:  # longer than a C index can count
+            n = "more than 2**63"
+        if n:
+            raise TemplateLimitError(f"range() of {n} items (the limit is {MAX_RANGE:,})")
         return rng
 
     def _concat(self, parts) -> str:
