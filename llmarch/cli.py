@@ -372,7 +372,7 @@ def run(
 ) -> None:
     """Generate text with a pure-PyTorch runtime built from the checkpoint's ArchSpec.
 
-    Example: llmarch run --prompt "The capital of France is" --max-tokens 32
+    Example: llmarch run --prompt "Once upon a time" --max-tokens 40   (the embedded base model)
     """
     from llmarch.runtime.run import RunOptions
     from llmarch.runtime.run import run as run_model

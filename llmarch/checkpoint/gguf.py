@@ -12,6 +12,7 @@ from __future__ import annotations
 import mmap
 import re
 import struct
+from contextlib import contextmanager
 from itertools import repeat
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 from llmarch.checkpoint.base import Checkpoint, TensorInfo, check_no_overlap, open_regular
 from llmarch.checkpoint.config_check import check_json_tree, check_value, parse_json, show
 from llmarch.checkpoint.gguf_constants import GENERIC_KEYS, GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from llmarch.checkpoint.parts import joined
 from llmarch.errors import CheckpointError
 
 GGUF_MAGIC = b"GGUF"
@@ -137,6 +139,9 @@ def _read_value(c: _Cursor, vtype: GGUFValueType, key: str, skipped: dict):
 
 def read_gguf_part(path: Path) -> tuple[dict[str, Any], dict[str, tuple], dict[str, TensorInfo]]:
     """Parse one GGUF file: (metadata, skipped arrays, tensors)."""
+    parted = joined(path)  # a file read in place from its parts (the embedded model)
+    if parted is not None:
+        return _parse(parted, path)
     with open_regular(path) as f:
         try:
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -318,11 +323,22 @@ def _check_split_keys(meta: dict[str, Any], i: int, parts: list[Path], part: Pat
         raise CheckpointError(f"{SPLIT_NO} is {no} but the file name says part {i + 1} (split.no {i})", part)
 
 
+@contextmanager
+def _mapped(path: Path):
+    """The file's bytes: its registered parts' buffer, else a read-only map."""
+    parted = joined(path)
+    if parted is not None:
+        yield parted
+        return
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        yield buf
+
+
 def read_skipped_array(ckpt: Checkpoint, key: str) -> list:
     """Read an array that the header parse skipped (e.g. the vocab), for the tokenizer."""
     etype_name, count, offset = ckpt.skipped_arrays[key]
     etype = GGUFValueType[etype_name]
-    with open(ckpt.files[0], "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+    with _mapped(ckpt.files[0]) as buf:
         if etype != GGUFValueType.STRING:
             return list(struct.unpack_from(f"<{count}{_SCALAR[etype][1:]}", buf, offset))
         out, pos = [], offset

@@ -16,9 +16,9 @@ REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
 
 def open_checkpoint(source: str | Path | None) -> Checkpoint:
     if source is None or str(source) == "":
-        from llmarch.default_model import default_model_path
+        from llmarch.default_model import open_default_model
 
-        return open_gguf(default_model_path())
+        return open_default_model()
     path = Path(source)
     if path.is_dir():
         return open_folder(path)

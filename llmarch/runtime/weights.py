@@ -18,6 +18,7 @@ import torch
 
 from llmarch.arch.spec import ArchSpec
 from llmarch.checkpoint.base import Checkpoint, TensorInfo
+from llmarch.checkpoint.parts import joined
 from llmarch.errors import LlmarchError
 from llmarch.qk_permute import from_gguf_order
 
@@ -152,8 +153,10 @@ class WeightSource:
 
 @lru_cache(maxsize=64)
 def _memmap(path: Path) -> np.ndarray:
-    # mode "c": copy-on-write map, so torch gets writable tensors without copying the file
-    return np.memmap(path, dtype=np.uint8, mode="c")
+    # mode "c": copy-on-write map, so torch gets writable tensors without copying the file; a file
+    # read in place from its parts (the embedded model) is already such a map
+    parted = joined(path)
+    return parted if parted is not None else np.memmap(path, dtype=np.uint8, mode="c")
 
 
 def _raw(t: TensorInfo) -> torch.Tensor:
