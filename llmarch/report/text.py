@@ -14,6 +14,14 @@ def plain(value, style: str = ""):
     return Text(printable(str(value)), style=style)
 
 
+def literal(value) -> str:
+    """VALUE, which may hold text from a file, for a rich markup string: its brackets escaped
+    (shown, not read as markup) and its control characters escaped."""
+    from rich.markup import escape
+
+    return escape(printable(str(value)))
+
+
 def count(n: int | float | None) -> str:
     if n is None:
         return "-"
