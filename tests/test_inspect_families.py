@@ -97,6 +97,7 @@ class Sem:
     sinks: bool = False
     gated: bool = False
     gate_layout: str | None = None
+    gate_per_head: bool = False
     indexer: bool = False
     bias: Callable = lambda tc: bool(getattr(tc, "attention_bias", False))
     out_bias: Callable = lambda tc: bool(getattr(tc, "attention_bias", False))
@@ -245,6 +246,20 @@ SEM: dict[str, Sem] = {
         unit_offset=True,
         linear=True,
         kv_layer=lambda tc, i: 0 if layer_types(tc)[i] == "linear_attention" else _std_kv(tc, i),
+    ),
+    # Lfm3DecoderLayer: layer_types "conv" -> Lfm3ShortConv (no attention, no KV; a conv window of
+    # conv_L_cache inputs), else Lfm3Attention (sliding_window on "sliding_attention" layers only)
+    # with per-head QK-norm and g_proj, one sigmoid gate per head; operator_norm, post_operator_norm,
+    # ffn_norm, post_ffn_norm around both blocks (use_sandwich_norm).
+    "lfm3": Sem(
+        mixers=lambda tc: [{"conv": "linear", "sliding_attention": "sliding"}.get(t, "full") for t in layer_types(tc)],
+        qk_norm=lambda tc: "per_head",
+        placement="sandwich",
+        gated=True,
+        gate_layout="separate",
+        linear=True,
+        kv_layer=lambda tc, i: 0 if layer_types(tc)[i] == "conv" else _std_kv(tc, i),
+        gate_per_head=True,
     ),
     "deepseek_v3": Sem(
         mixers=lambda tc: ["mla"] * L(tc),
@@ -686,6 +701,7 @@ FACTS: dict[str, tuple[str, Callable[[Ctx], Any]]] = {
     "attention.sinks": ("attention.sinks", lambda c: c.sem.sinks),
     "attention.gated": ("attention.gated", lambda c: c.sem.gated),
     "attention.gate_layout": ("attention.gate_layout", lambda c: c.sem.gate_layout),
+    "attention.gate_per_head": ("attention.gate_per_head", lambda c: c.sem.gate_per_head),
     "attention.temperature_tuning": ("attention.temperature_tuning", lambda c: c.sem.temperature(c.tc)),
     "attention.indexer": ("attention.indexer", lambda c: c.sem.indexer),
     "attention.mla": ("attention.mla", _mla),

@@ -64,6 +64,7 @@ class AttentionSpec:
     # where the gate's weights live: "separate" (its own projection: AfMoE's gate_proj, GGUF attn_gate)
     # | "in_q" (q_proj emits [q | gate] per head, Qwen3-Next); None when no tensor says (config only)
     gate_layout: str | None = None
+    gate_per_head: bool = False  # one sigmoid gate per head (LFM3's g_proj: hidden -> heads), not one per channel
     indexer: bool = False  # DeepSeek Sparse Attention lightning indexer (V3.2, GLM-5)
     q_lora_rank: int | None = None  # MLA
     kv_lora_rank: int | None = None
@@ -284,10 +285,11 @@ class ArchSpec:
         out: dict[str, Any] = {"sliding_window": None, "linear_attention": None}
         if sliding:
             windows = sorted({l.window for l in sliding if l.window})
+            attention = [l for l in mixers if l.mixer not in ("linear", "mamba")]  # LFM3: conv layers are not global
             out["sliding_window"] = {
                 "window": windows[0] if len(windows) == 1 else windows,
                 "local": len(sliding),
-                "global": len(mixers) - len(sliding),
+                "global": len(attention) - len(sliding),
             }
         if linear:
             kinds = sorted({l.linear_kind or l.mixer for l in linear})

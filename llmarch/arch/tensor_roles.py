@@ -32,10 +32,14 @@ ROLES: dict[str, re.Pattern] = {
         "indexer": r"indexer|\bidx_|indexer_",
         "mla_kv_a": r"kv_a_proj_with_mqa\.weight$|attn_kv_a_mqa\.weight$",
         "mla_q_a": r"q_a_proj\.weight$|attn_q_a\.weight$",
-        "input_norm": r"input_layernorm\.weight$|(^|\.)attn_norm\.weight$|ln_1\.weight$|(^|\.)attention_norm\.weight$",  # not post_attention_norm
-        "post_attn_norm": r"post_attention_layernorm\.weight$|post_attention_norm\.weight$|attn_post_norm\.weight$",
+        # the mixer's pre-norm (LFM3 names it operator_norm: its mixer is attention or a short conv)
+        "input_norm": r"input_layernorm\.weight$|(^|\.)attn_norm\.weight$|ln_1\.weight$|(^|\.)attention_norm\.weight$"
+        r"|(^|\.)operator_norm\.weight$",  # not post_attention_norm
+        "post_attn_norm": r"post_attention_layernorm\.weight$|post_attention_norm\.weight$|attn_post_norm\.weight$"
+        r"|post_operator_norm\.weight$",
         "pre_ffn_norm": r"pre_(feedforward|mlp)_layernorm\.weight$|(^|\.)ffn_norm\.weight$|ln_2\.weight$",
-        "post_ffn_norm": r"post_(feedforward|mlp)_layernorm\.weight$|post_ffw_norm\.weight$|ffn_post_norm\.weight$",
+        "post_ffn_norm": r"post_(feedforward|mlp)_layernorm\.weight$|post_ffw_norm\.weight$|ffn_post_norm\.weight$"
+        r"|(^|\.)post_ffn_norm\.weight$",
         "linear_attn": r"linear_attn\.|ssm_|\.mixer\.(A_log|conv1d|dt_bias|in_proj)|\.(A_log|dt_bias)$|conv1d",
         "ple": r"per_layer",
         # the token embedding table and the LM head, outside the blocks (params readings, fit's parts)

@@ -43,6 +43,7 @@ def to_document(spec: ArchSpec, context: int | None = None, kv_dtype: str | None
             "sinks": a.sinks,
             "gated": a.gated,
             "gate_layout": a.gate_layout,
+            "gate_per_head": a.gate_per_head,
             "indexer": a.indexer,
             "softcap": a.softcap,
             "temperature_tuning": a.temperature_tuning,

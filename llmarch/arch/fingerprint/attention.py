@@ -81,6 +81,8 @@ def read_attention(spec: ArchSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoin
     if gate:
         a.gate_layout = "separate"
         spec.evidence["attention.gated"] = gate
+        rows = ckpt.tensors[gate].shape[0] if ckpt.tensors[gate].shape else 0
+        a.gate_per_head = bool(a.heads) and rows == a.heads and a.head_dim > 1
     elif q and not a.mla and a.heads and ckpt.tensors[q].shape and ckpt.tensors[q].shape[0] == 2 * a.heads * a.head_dim:
         # q_proj twice the query width holds [q | gate] per head (Qwen3-Next, Qwen3.5), whatever the config says
         a.gated, a.gate_layout = True, "in_q"

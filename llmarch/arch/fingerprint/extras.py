@@ -89,7 +89,8 @@ def _layer_mixing(spec: ArchSpec, f: Facts, ckpt: Checkpoint) -> None:
 
 
 def _linear_state(spec: ArchSpec, f: Facts, recipe: Recipe) -> dict:
-    kind = recipe.linear_kind or "linear"
+    kinds = [l.linear_kind for l in spec.schedule if l.linear_kind]
+    kind = kinds[0] if kinds else recipe.linear_kind or "linear"
     out = {"kind": kind, "linear": sum(l.mixer in ("linear", "mamba") for l in spec.schedule)}
     kh = f.get("linear_num_key_heads")
     vh = f.get("linear_num_value_heads")
@@ -117,6 +118,11 @@ def _linear_state(spec: ArchSpec, f: Facts, recipe: Recipe) -> dict:
         c = f.get("linear_attn_config")
         h, d, conv = c["num_heads"], c.get("head_dim", 128), c.get("short_conv_kernel_size", 4)
         out["state_elems_per_layer"] = h * d * d + 3 * h * d * (conv - 1)
+    elif kind == "short_conv" and f.get("conv_L_cache"):
+        # gated short convolution (LFM2/3): a window of the last L_cache - 1 inputs, hidden_size channels
+        out["state_elems_per_layer"] = spec.hidden_size * (
+            int(f.get("conv_L_cache", fact="linear_attention.conv_kernel")) - 1
+        )
     elif f.get("mamba_num_heads") and f.get("mamba_head_dim") and f.get("ssm_state_size"):
         out["state_elems_per_layer"] = f.get("mamba_num_heads") * f.get("mamba_head_dim") * f.get("ssm_state_size")
     return out

@@ -24,7 +24,16 @@ SINGLE_OP_BLOCKS = {
 }
 
 
-LINEAR_MIXERS = {"linear_attention": "linear", "mamba": "mamba", "mamba2": "mamba", "kda": "linear"}
+LINEAR_MIXERS = {
+    "linear_attention": "linear",
+    "mamba": "mamba",
+    "mamba2": "mamba",
+    "kda": "linear",
+    "conv": "linear",
+    "short_conv": "linear",
+}
+# layer types that name their linear kind themselves (else the recipe's linear_kind)
+LINEAR_KINDS = {"conv": "short_conv", "short_conv": "short_conv"}
 
 
 def read_schedule(spec: ArchSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoint) -> None:
@@ -47,6 +56,7 @@ def read_schedule(spec: ArchSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoint
     sched = []
     for i in range(n):
         layer = LayerSpec(index=i)
+        t = None
         if isinstance(layer_types, list) and i < len(layer_types):
             t = str(layer_types[i])
             if t in LINEAR_MIXERS or "linear" in t or "mamba" in t:
@@ -70,7 +80,7 @@ def read_schedule(spec: ArchSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoint
         if layer.mixer == "sliding":
             layer.window = window
         if layer.mixer in ("linear", "mamba"):
-            layer.linear_kind = recipe.linear_kind
+            layer.linear_kind = LINEAR_KINDS.get(t or "") or recipe.linear_kind
         # positions
         if isinstance(nope, list) and i < len(nope):
             layer.rope = bool(nope[i])  # transformers: no_rope_layers[i] == 1 means the layer uses RoPE
@@ -92,7 +102,9 @@ def read_schedule(spec: ArchSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoint
             layer.rope_scaling = local_scaling
         if layer.mixer == "sliding" and local_partial is not None:
             layer.rope_partial = local_partial
-        layer.kv_heads = _layer_kv_heads(spec, f, lt, i, ckpt)
+        layer.head_dim = _layer_head_dim(spec, f, lt, layer, ckpt)
+        layer.kv_heads = _layer_kv_heads(spec, f, lt, i, ckpt, layer.head_dim)
+        layer.ffn_width = _layer_ffn_width(spec, lt, i, ckpt)
         if (
             spec.attention.sinks
             and lt
@@ -103,6 +115,7 @@ def read_schedule(spec: ArchSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoint
         sched.append(layer)
     assign_ffn(spec, f, recipe, lt, sched)
     _kv_sharing(spec, f, sched)
+    _values_from_keys(f, lt, sched)
     spec.schedule = sched
     spec.rope.nope_layers = [
         l.index
@@ -113,23 +126,75 @@ def read_schedule(spec: ArchSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoint
         spec.moe.dense_layers = [l.index for l in sched if l.ffn == "dense"]
 
 
-def _layer_kv_heads(spec: ArchSpec, f: Facts, lt, i: int, ckpt: Checkpoint) -> int | None:
+def _layer_overrides(f: Facts, i: int) -> dict:
+    """transformers' per_layer_config: {layer index: {config key: value}} (Gemma 4 writes its
+    global layers' head_dim / num_key_value_heads there)."""
+    per_layer = f.get("per_layer_config")
+    found = per_layer.get(str(i), per_layer.get(i)) if isinstance(per_layer, dict) else None
+    return found if isinstance(found, dict) else {}
+
+
+def _layer_head_dim(spec: ArchSpec, f: Facts, lt, layer: LayerSpec, ckpt: Checkpoint) -> int | None:
+    """A layer's head width where it differs from the model's (Gemma 4's global layers): from its
+    q_proj rows / heads, else per_layer_config, else global_head_dim on full-attention layers."""
+    a, i = spec.attention, layer.index
+    if a.mla or not a.heads or not a.head_dim:
+        return None
+    q = next((n for n in lt.get(i, ()) if n.endswith(("q_proj.weight", "attn_q.weight"))), None)
+    if q is not None:
+        rows = ckpt.tensors[q].shape[0] if ckpt.tensors[q].shape else 0
+        per_head = 2 if a.gate_layout == "in_q" else 1
+        if rows and rows % (a.heads * per_head) == 0 and rows // (a.heads * per_head) != a.head_dim:
+            spec.evidence[f"layer {i} head_dim"] = q
+            return rows // (a.heads * per_head)
+        return None
+    own = _layer_overrides(f, i).get("head_dim") or (f.get("global_head_dim") if layer.mixer == "full" else None)
+    return int(own) if own and int(own) != a.head_dim else None
+
+
+def _layer_kv_heads(spec: ArchSpec, f: Facts, lt, i: int, ckpt: Checkpoint, head_dim: int | None) -> int | None:
     """A layer's KV head count where it differs from the model's (MiMo-V2-Flash doubles it on
-    sliding layers; some GGUFs store head_count_kv per layer)."""
+    sliding layers; some GGUFs store head_count_kv per layer; Gemma 4's per_layer_config)."""
     per_layer = f.get("num_key_value_heads_per_layer")
     if isinstance(per_layer, list) and i < len(per_layer) and per_layer[i] != spec.attention.kv_heads:
         return per_layer[i]
     a = spec.attention
-    if a.mla or not a.head_dim:
+    head_dim = head_dim or a.head_dim
+    if a.mla or not head_dim:
         return None
     k = next((n for n in lt.get(i, ()) if n.endswith(("k_proj.weight", "attn_k.weight"))), None)
     if k is None:
-        return None
+        own = _layer_overrides(f, i).get("num_key_value_heads")
+        return int(own) if own and int(own) != a.kv_heads else None
     rows = ckpt.tensors[k].shape[0]
-    if rows and rows % a.head_dim == 0 and rows // a.head_dim != a.kv_heads:
+    if rows and rows % head_dim == 0 and rows // head_dim != a.kv_heads:
         spec.evidence[f"layer {i} kv_heads"] = k
-        return rows // a.head_dim
+        return rows // head_dim
     return None
+
+
+def _layer_ffn_width(spec: ArchSpec, lt, i: int, ckpt: Checkpoint) -> int | None:
+    """A dense FFN's width where its tensors show one other than the model's (per-layer widths,
+    Gemma 4's double-wide MLP on KV-shared layers)."""
+    up = next((n for n in lt.get(i, ()) if n.endswith(("mlp.up_proj.weight", "mlp.gate_proj.weight"))), None)
+    if up is None or "expert" in up or not ckpt.tensors[up].shape:
+        return None
+    rows = ckpt.tensors[up].shape[0]
+    return rows if spec.intermediate_size and rows != spec.intermediate_size else None
+
+
+def _values_from_keys(f: Facts, lt, sched: list[LayerSpec]) -> None:
+    """Layers whose values are their key projection (Gemma 4's attention_k_eq_v, full layers): a
+    k_proj without a v_proj, else the config key on full layers that compute their own KV."""
+    for layer in sched:
+        if layer.kv_shared_from is not None or layer.mixer != "full":
+            continue
+        names = lt.get(layer.index, ())
+        if names:
+            has_k = any(n.endswith(("k_proj.weight", "attn_k.weight")) for n in names)
+            layer.v_from_k = has_k and not any(n.endswith(("v_proj.weight", "attn_v.weight")) for n in names)
+        else:
+            layer.v_from_k = bool(f.get("attention_k_eq_v", fact="attention.v_from_k"))
 
 
 def _kv_sharing(spec: ArchSpec, f: Facts, sched: list[LayerSpec]) -> None:
