@@ -369,6 +369,30 @@ def run(
             help="MoE with --experts disk: folder for the quantized expert files (default: a new temporary folder; pick a real disk if /tmp is RAM).",
         ),
     ] = None,
+    ple: Annotated[
+        str | None,
+        typer.Option(
+            "--ple",
+            metavar="WHERE",
+            help="Gemma 3n / Gemma 4: the per-layer embedding table on gpu, cpu or disk (read per token from the "
+            "checkpoint; default: disk only when it does not fit in memory).",
+        ),
+    ] = None,
+    ple_cache_mib: Annotated[
+        float | None,
+        typer.Option(
+            "--ple-cache-mib", metavar="MIB", help="With --ple disk: keep recently read rows, up to this many MiB."
+        ),
+    ] = None,
+    ple_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--ple-dir",
+            metavar="DIR",
+            help="With --ple disk: folder for the row file written once when the stored rows are not read directly "
+            "(default: LLMARCH_CACHE/ple).",
+        ),
+    ] = None,
 ) -> None:
     """Generate text with a pure-PyTorch runtime built from the checkpoint's ArchSpec.
 
@@ -401,6 +425,9 @@ def run(
             gpu_experts=gpu_experts,
             expert_cache_gib=expert_cache_gib,
             expert_dir=expert_dir,
+            ple=ple,
+            ple_cache_mib=ple_cache_mib,
+            ple_dir=ple_dir,
         )
     )
 

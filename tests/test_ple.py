@@ -8,7 +8,9 @@ checked against the distinct ids of the request."""
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -216,6 +218,96 @@ def test_choose_mode():
         choose_mode("gpu", 1, 1, cpu)
     with pytest.raises(LlmarchError, match="--ple must be gpu, cpu or disk"):
         choose_mode("ram", 1, 1, cpu)
+    with pytest.raises(LlmarchError, match=r"--ple cpu: the table \(1048576.00 GiB\) needs more than"):
+        choose_mode("cpu", 1 << 50, 1, cpu)
     assert choose_mode(None, 1 << 20, 1 << 20, cpu)[0] == "cpu"
     mode, why = choose_mode(None, 1 << 50, 1 << 20, cpu)  # a 1 PiB table fits in no host RAM
     assert mode == "disk" and "do not fit" in why
+
+
+# ----------------------------------------------------------------------------- through `llmarch run`
+
+
+def llmarch(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """`llmarch ARGS` in this process (the console entry point, so errors are its one line and
+    exit status): (status, stdout, stderr)."""
+    from llmarch.cli import main
+
+    capsys.readouterr()  # drop what came before (fixtures built on first use print progress)
+    monkeypatch.setattr(sys, "argv", ["llmarch", *map(str, args)])
+    monkeypatch.delenv("LLMARCH_DEBUG", raising=False)
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(code: int, err: str, *needles: str) -> str:
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, (code, err)
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def test_modes_give_identical_tokens_through_run(tiny, monkeypatch, capsys):
+    """The tiny Gemma 3n checkpoint (its table from transformers' save_pretrained) gives the same
+    greedy tokens with the table in host RAM (the default on this machine) and read from disk
+    with a hot-row cache; the disk run reads each distinct prompt token once."""
+    src = tiny("gemma3n")
+    prompt = "5,9,5,17,9,3,250,5"
+    out = {}
+    for extra in ((), ("--ple", "disk", "--ple-cache-mib", "1")):
+        code, stdout, err = llmarch(
+            monkeypatch, capsys, "run", src, "--prompt-ids", prompt, "-n", "12", "--ignore-eos", "--json", *extra
+        )
+        assert code == 0, err
+        doc = json.loads(stdout)
+        out[extra] = doc["tokens"]
+        assert doc["ple"]["mode"] == ("disk" if extra else "cpu")
+        assert f"per-layer embeddings: --ple {doc['ple']['mode']} (" in err and "· PLE " in err
+    assert len(set(map(tuple, out.values()))) == 1, out
+    rep = doc["ple"]
+    distinct = len(set(prompt.split(",")))
+    assert rep["tokens"] == 8 + 11 and rep["rows_read"] + rep["cache_hits"] == distinct + 11
+    assert rep["where"].startswith("disk: ") and rep["resident_bytes"] < rep["table_bytes"]
+
+
+def test_ple_options_refused_before_loading(tiny, monkeypatch, capsys):
+    import llmarch.runtime.load as load
+
+    def no_load(*a, **k):
+        raise AssertionError("weights loaded before the options were checked")
+
+    monkeypatch.setattr(load, "load_runtime", no_load)
+    for src, args, needle in (
+        ("llama", ("--ple", "disk"), "--ple only applies to models with per-layer embeddings"),
+        ("llama", ("--ple-dir", "x", "--ple-cache-mib", "4"), "--ple-cache-mib and --ple-dir only apply"),
+        ("gemma3n", ("--ple", "ram"), "--ple must be gpu, cpu or disk"),
+        ("gemma3n", ("--ple-cache-mib", "-1"), "--ple-cache-mib must be >= 0"),
+    ):
+        code, _, err = llmarch(monkeypatch, capsys, "run", tiny(src), "--prompt-ids", "1,2", *args)
+        one_line(code, err, needle)
+
+
+def test_ple_gpu_without_a_gpu(tiny, monkeypatch, capsys):
+    code, _, err = llmarch(
+        monkeypatch, capsys, "run", tiny("gemma3n"), "--prompt-ids", "1,2", "--ple", "gpu", "--device", "cpu"
+    )
+    one_line(code, err, "--ple gpu needs the model on a GPU")
+
+
+def test_table_shape_disagreeing_with_config_through_run(tiny, tmp_path, monkeypatch, capsys):
+    from tests.test_run_cli import _rewrite_safetensors
+
+    def cut(sd):
+        name = next(n for n in sd if n.endswith("embed_tokens_per_layer.weight"))
+        sd[name] = sd[name][:, :-8].contiguous()  # one layer's 8 columns fewer
+        return sd
+
+    bad = _rewrite_safetensors(tiny("gemma3n"), tmp_path / "bad", cut)
+    code, _, err = llmarch(monkeypatch, capsys, "run", bad, "--prompt-ids", "1,2", "--ple", "disk")
+    one_line(code, err, "per-layer width 8 need rows of 80", str(bad / "model.safetensors"))

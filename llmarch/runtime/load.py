@@ -10,6 +10,7 @@ from llmarch.arch.recipe_book import all_recipes, families_supporting
 from llmarch.arch.spec import ArchSpec
 from llmarch.errors import LlmarchError
 from llmarch.progress import progress
+from llmarch.runtime.ple import check_options as check_ple_options
 from llmarch.runtime.weights import ST_DTYPES
 
 DTYPES = {
@@ -143,6 +144,9 @@ def load_runtime(
     expert_cache_gib: float = 2.0,
     expert_dir: str | None = None,
     opened: tuple | None = None,
+    ple: str | None = None,
+    ple_cache_mib: float | None = None,
+    ple_dir: str | None = None,
 ) -> Runtime:
     """opened: the (checkpoint, spec) pair already read from the headers, so a caller that checked
     its options against them first does not read them twice."""
@@ -154,6 +158,7 @@ def load_runtime(
     ckpt, spec = opened or load_checkpoint_spec(source)
     check_supported(spec, ckpt.path, getattr(ckpt, "format", None) == "gguf")
     check_moe_options(spec, experts, expert_bits, gpu_experts, expert_dir)
+    check_ple_options(spec, ple, ple_cache_mib, ple_dir)
     notes: list[str] = []
     dt = pick_dtype(dtype, ckpt, dev, notes)
     if spec.mtp_layers:
@@ -174,6 +179,12 @@ def load_runtime(
             dev,
         )
     weights = open_weights(ckpt, spec)
+    if spec.per_layer_embeddings:  # where the per-layer embedding table lives (--ple)
+        from llmarch.runtime.ple import attach as attach_ple
+
+        store = attach_ple(model, weights, spec, ple, dev, dt, ple_cache_mib, ple_dir)
+        if store is not None:
+            notes.append(f"per-layer embeddings: --ple {store.mode} ({store.note})")
     with progress("loading weights", total=ckpt.stored_bytes, unit_bytes=True) as advance:
         read = weights.read
 

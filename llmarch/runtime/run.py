@@ -36,6 +36,9 @@ class RunOptions:
     gpu_experts: int = 0
     expert_cache_gib: float = 2.0  # --experts disk: mapped expert bytes before they are dropped from RSS
     expert_dir: str | None = None  # --experts disk: where the expert files go
+    ple: str | None = None  # per-layer embedding table: gpu | cpu | disk (default: where it fits)
+    ple_cache_mib: float | None = None  # --ple disk: hot-row cache budget
+    ple_dir: str | None = None  # --ple disk: folder for a row file when the stored rows are not read directly
 
 
 def parse_ids(text: str) -> list[int]:
@@ -131,6 +134,9 @@ def run(o: RunOptions) -> dict:
     check_options(o)
     from llmarch.api import load_checkpoint_spec
     from llmarch.runtime.load import check_moe_options, check_supported, dtype_named, load_runtime, pick_device
+    from llmarch.runtime.ple import check_options as check_ple_options
+    from llmarch.runtime.ple import find_store
+    from llmarch.runtime.ple import summary as ple_summary
 
     device = pick_device(o.device)
     if o.dtype is not None:
@@ -140,6 +146,7 @@ def run(o: RunOptions) -> dict:
     ckpt, spec = load_checkpoint_spec(o.source)  # headers only: every check below comes before the weights
     check_supported(spec, ckpt.path, ckpt.format == "gguf")
     check_moe_options(spec, o.experts, o.expert_bits, o.gpu_experts, o.expert_dir)
+    check_ple_options(spec, o.ple, o.ple_cache_mib, o.ple_dir)
     tok, ids = prompt_tokens(o, ckpt)
     bad = [i for i in ids if not 0 <= i < spec.vocab_size]
     if bad:
@@ -172,10 +179,15 @@ def run(o: RunOptions) -> dict:
         o.expert_cache_gib,
         o.expert_dir,
         opened=(ckpt, spec),
+        ple=o.ple,
+        ple_cache_mib=o.ple_cache_mib,
+        ple_dir=o.ple_dir,
     )
 
     moe = rt.spec.moe is not None or rt.spec.attention.mla  # routing syncs with the host: no CUDA graph
-    gen = Generator(rt, len(ids) + max_tokens, cuda_graph=False if moe else None, compile=o.compile)
+    ple = find_store(rt.model)
+    host_rows = ple is not None and ple.mode != "gpu"  # rows gathered on the host need the ids there: no graph
+    gen = Generator(rt, len(ids) + max_tokens, cuda_graph=False if moe or host_rows else None, compile=o.compile)
     if moe:  # host-offloaded experts: GPU segments between host round trips as CUDA graphs
         from llmarch.runtime.experts.decode import attach_decoder
 
@@ -220,6 +232,9 @@ def run(o: RunOptions) -> dict:
                     f"({100 * r['fraction_of_bound']:.0f}%)"
                     + (f" · peak RSS {r['host_rss_peak_mib']} MiB" if rt.device.type == "cuda" else "")
                 )
+    if ple is not None:
+        doc["ple"] = ple.report()
+        summary += f" · {ple_summary(doc['ple'])}"
     if o.as_json:
         sys.stdout.write(json.dumps(doc) + "\n")
     err.write(f"llmarch: {summary}\n")
