@@ -137,12 +137,16 @@ def test_ple_table_placement_and_shared_kv(tiny, capsys):
     src = tiny("gemma3n")
     c = config(src)
     L, H, w = c["num_hidden_layers"], c["hidden_size"], c["hidden_size_per_layer_input"]
-    # embed_tokens_per_layer [vocab, L * w], per_layer_model_projection [L * w, H], its norm [w]
-    ple = c["vocab_size_per_layer_input"] * L * w + L * w * H + w
+    # the table, embed_tokens_per_layer [vocab, L * w]; its projection [L * w, H] and norm [w] run
+    # with the blocks (dense) but count in per_layer_embeddings.params
+    ple = c["vocab_size_per_layer_input"] * L * w
     own = c["layer_types"][: L - c["num_kv_shared_layers"]]
     per = 2 * c["num_key_value_heads"] * c["head_dim"] * 2
     doc = fit(capsys, src, "--memory", "8GiB", "--context", 200, "--kv-dtype", "f16")
     assert doc["params"]["ple"] == ple
+    from llmarch.api import inspect_source
+
+    assert inspect_source(str(src))["per_layer_embeddings"]["params"] == ple + L * w * H + w
     assert doc["kv_cache"] == per * (own.count("full_attention") * 200 + own.count("sliding_attention") * 16)
     spec = load_spec(str(src))
     b = 4  # the fixture is float32

@@ -21,9 +21,11 @@ PLACEMENTS = [("gpu", 16), ("gpu", 8), ("cpu", 16), ("cpu", 8), ("cpu", 4)]
 
 
 def held_bytes(model) -> tuple[int, int]:
-    """(bytes on the run device, bytes in host expert stores): every tensor a module holds as a
-    parameter, buffer or attribute (lists of tensors too), each storage counted once."""
+    """(bytes on the run device, bytes in host stores: offloaded experts, a per-layer embedding
+    table kept in host RAM): every tensor a module holds as a parameter, buffer or attribute
+    (lists of tensors too), each storage counted once."""
     from llmarch.runtime.experts.host import OffloadedExperts
+    from llmarch.runtime.ple import find_store
 
     seen: set[int] = set()
     device = host = 0
@@ -41,6 +43,10 @@ def held_bytes(model) -> tuple[int, int]:
                 host += s.nbytes()
             else:
                 device += s.nbytes()
+    store = find_store(model)
+    table = getattr(store, "table", None)  # resident: --ple cpu here (gpu needs CUDA); disk: none
+    if table is not None and table.untyped_storage().data_ptr() not in seen:
+        host += table.untyped_storage().nbytes()
     return device, host
 
 
@@ -68,6 +74,23 @@ def test_run_holds_what_fit_plans(tiny, experts, bits):
     assert abs(device - plan_device) <= 0.10 * plan_device
     assert abs(host - plan_host) <= 0.10 * max(plan_host, 1) or host == plan_host == 0
     assert kv == plan_kv
+
+
+@pytest.mark.parametrize("ple", ["cpu", "disk"])
+def test_run_holds_what_fit_plans_for_the_ple_table(tiny, ple):
+    """Gemma 3n: the per-layer embedding table in host RAM (--ple cpu) or read per step (disk)."""
+    from llmarch.api import load_spec
+    from llmarch.plan.run_placement import Option, footprint, run_dtype_bytes
+    from llmarch.runtime.load import load_runtime
+
+    src = str(tiny("gemma3n"))
+    spec = load_spec(src)
+    plan_device, plan_host = footprint(spec, Option(None, None, ple=ple), run_dtype_bytes(spec))
+    rt = load_runtime(src, "cpu", "float32", ple=ple)
+    device, host = held_bytes(rt.model)
+    print(f"ple {ple}: device {device} vs {plan_device}, host {host} vs {plan_host}")
+    assert abs(device - plan_device) <= 0.10 * plan_device
+    assert host == plan_host
 
 
 GPU_WIDE = dict(

@@ -215,7 +215,9 @@ class ArchSpec:
     extras: dict[str, Any] = field(default_factory=dict)  # AltUp, LAuReL, KV sharing, ...
     params: dict[str, int] = field(default_factory=dict)  # total, active, mtp, vision, embeddings, ...
     stored_bytes: int = 0
-    # stored bytes by part: dense, routed_experts, embeddings, output_head, ple, vision, mtp
+    # parameters and stored bytes by part: dense, routed_experts, embeddings, output_head, ple (the
+    # per-layer embedding table alone), vision, mtp
+    part_params: dict[str, int] = field(default_factory=dict)
     part_bytes: dict[str, int] = field(default_factory=dict)
     dtypes: dict[str, int] = field(default_factory=dict)  # params per stored dtype / quant type
     kv_dtype_default: str = "bf16"

@@ -42,6 +42,7 @@ ROLES: dict[str, re.Pattern] = {
         r"|(^|\.)post_ffn_norm\.weight$",
         "linear_attn": r"linear_attn\.|ssm_|\.mixer\.(A_log|conv1d|dt_bias|in_proj)|\.(A_log|dt_bias)$|conv1d",
         "ple": r"per_layer",
+        "ple_table": r"(embed_tokens_per_layer|per_layer_token_embd)\.weight$",
         # the token embedding table and the LM head, outside the blocks (params readings, fit's parts)
         "input_embedding": r"(^|\.)(embed_tokens|wte|token_embd|tok_embeddings|word_embeddings)\.weight$",
         "output_head": r"(^|\.)lm_head\.weight$|^output\.weight$",

@@ -13,6 +13,7 @@ import math
 import re
 from pathlib import Path
 
+from llmarch.arch.fingerprint.params import PARTS
 from llmarch.arch.spec import KV_DTYPE_BYTES, ArchSpec
 from llmarch.errors import LlmarchError
 
@@ -67,22 +68,12 @@ def host_available() -> int | None:
 
 
 def param_parts(spec: ArchSpec) -> dict[str, int]:
-    """Parameters by part (dense = everything not in another part)."""
-    p = spec.params
-    ple = (spec.per_layer_embeddings or {}).get("params", 0)
-    named = {
-        "routed_experts": p.get("routed_experts", 0),
-        "embeddings": p.get("embeddings", 0),
-        "output_head": p.get("output_head", 0),
-        "ple": ple,
-        "vision": p.get("vision", 0),
-        "mtp": p.get("mtp", 0),
-    }
-    return {"dense": max(p.get("total", 0) - sum(named.values()), 0), **named}
+    """Parameters by part (dense: everything not in another part), as the fingerprint counted them."""
+    return {k: spec.part_params.get(k, 0) for k in PARTS}
 
 
 def stored_parts(spec: ArchSpec) -> dict[str, int]:
-    return {k: spec.part_bytes.get(k, 0) for k in param_parts(spec)}
+    return {k: spec.part_bytes.get(k, 0) for k in PARTS}
 
 
 def float_bytes(spec: ArchSpec) -> int:

@@ -15,7 +15,9 @@ def _param_kind(name: str, spec: ArchSpec, mtp_start: int) -> tuple[str | None, 
     if (i is not None and spec.mtp_layers and i >= mtp_start) or "nextn" in name or name.startswith("mtp."):
         return "mtp", i
     if has_role(name, "ple") and i is None:
-        return "ple", i
+        # the table itself (looked up by token, placed like an embedding) apart from its
+        # projection and norm, which run with the blocks
+        return ("ple" if has_role(name, "ple_table") else "ple_other"), i
     if i is None and has_role(name, "input_embedding"):
         return "embeddings", i
     if i is None and has_role(name, "output_head"):
@@ -35,12 +37,13 @@ def _weights_in(name: str, t, names) -> int:
     return t.numel
 
 
-# the parts a model's stored bytes split into (fit sizes each part's placement from these)
+# the parts a model's parameters and stored bytes split into (fit places each part)
 PARTS = ("dense", "routed_experts", "embeddings", "output_head", "ple", "vision", "mtp")
 
 
 def read_params(spec: ArchSpec, ckpt: Checkpoint) -> None:
     counts = dict.fromkeys(PARTS, 0)
+    ple_other = 0  # the per-layer embeddings' projection and norm (counted in dense)
     stored = dict.fromkeys(PARTS, 0)
     mtp_start = spec.layers if spec.format == "safetensors" else spec.layers - spec.mtp_layers
     kinds: dict[str, tuple] = {}  # expert key -> (kind, layer): the same for every expert index
@@ -51,7 +54,9 @@ def read_params(spec: ArchSpec, ckpt: Checkpoint) -> None:
         kind_i = kinds.get(key)
         if kind_i is None:
             kind_i = kinds[key] = _param_kind(name, spec, mtp_start)
-        part = {None: "dense", "routed": "routed_experts"}.get(kind_i[0], kind_i[0])
+        part = {None: "dense", "routed": "routed_experts", "ple_other": "dense"}.get(kind_i[0], kind_i[0])
+        if kind_i[0] == "ple_other":
+            ple_other += _weights_in(name, t, ckpt.tensors)
         counts[part] += _weights_in(name, t, ckpt.tensors)
         stored[part] += t.nbytes
     total = sum(counts.values())
@@ -75,10 +80,12 @@ def read_params(spec: ArchSpec, ckpt: Checkpoint) -> None:
         "mtp": counts["mtp"],
         "vision": counts["vision"],
     }
+    spec.part_params = counts
     spec.part_bytes = stored
     if spec.per_layer_embeddings is not None:
-        spec.per_layer_embeddings["params"] = counts["ple"]
-        spec.per_layer_embeddings["share"] = counts["ple"] / total if total else 0.0
+        ple = counts["ple"] + ple_other
+        spec.per_layer_embeddings["params"] = ple
+        spec.per_layer_embeddings["share"] = ple / total if total else 0.0
     if spec.format == "gguf" and spec.mtp_layers:
         spec.layers -= spec.mtp_layers  # llama.cpp counts the MTP blocks in block_count
         spec.schedule = spec.schedule[: spec.layers]
