@@ -1,6 +1,7 @@
 """--ple cpu vs --ple disk on the CPU: time per decode token and memory, warm and cold page cache.
 
     python benchmarks/bench_ple.py [--layers 4] [--steps 300] [--compute-mb 96] [--dir /var/tmp/llmarch-bench-ple]
+    python benchmarks/bench_ple.py --real [--layers 4] [--tokens 16] [--rounds 4]   # llmarch run, Gemma 3n E2B shape
 
 A per-layer embedding table of Gemma 3n's real vocabulary (262144) x (layers x 256) in bf16 is
 written once as a safetensors file on local disk (--layers 4: 512 MiB). Each configuration runs in
@@ -145,6 +146,119 @@ def run(a, mode: str, cold: bool = False, cache_mib: int = 0, steps: int | None 
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+# Gemma 3n E2B's text config (google/gemma-3n-E2B) at reduced depth: the real vocabularies, widths
+# and per-layer row width; 4 layers (3 sliding + 1 global, the first two sparse as E2B's early layers)
+E2B_REDUCED = dict(
+    vocab_size=262400,
+    vocab_size_per_layer_input=262144,
+    hidden_size=2048,
+    hidden_size_per_layer_input=256,
+    intermediate_size=8192,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=256,
+    sliding_window=512,
+    max_position_embeddings=32768,
+    laurel_rank=64,
+    altup_num_inputs=4,
+    num_kv_shared_layers=0,
+)
+
+
+def real_folder(a) -> Path:
+    import torch
+
+    layers = a.layers
+    folder = Path(a.dir) / f"gemma3n-e2b-{layers}layers"
+    if not (folder / "config.json").is_file():
+        sys.path.insert(0, str(ROOT))
+        from fixtures.make import make_tiny
+
+        types = (["sliding_attention"] * 4 + ["full_attention"]) * (layers // 5 + 1)
+        types = types[: layers - 1] + ["full_attention"]
+        make_tiny(
+            "gemma3n",
+            folder,
+            dtype=torch.bfloat16,
+            num_hidden_layers=layers,
+            layer_types=types,
+            activation_sparsity_pattern=[0.95 if i < 2 else 0.0 for i in range(layers)],
+            **E2B_REDUCED,
+        )
+    return folder
+
+
+PROMPT_IDS = [7 + 1009 * i % 262000 for i in range(32)]
+
+
+def real_worker(a) -> dict:
+    """One process: load with --ple MODE; memory after load and after generating. Mode "ab": load
+    with the table in host RAM, open a disk store over the same table too, and alternate whole
+    generations between the two stores (same weights, same process: machine noise hits both)."""
+    import torch
+
+    from llmarch.runtime import generate as g
+    from llmarch.runtime.load import load_runtime
+    from llmarch.runtime.ple import find_store, open_store
+
+    torch.set_num_threads(a.threads)
+    rt = load_runtime(str(a.table), "cpu", None, ple="cpu" if a.mode == "ab" else a.mode)
+    out: dict = {"mode": a.mode, "after_load": status_mib()}
+    gen = g.Generator(rt, len(PROMPT_IDS) + a.tokens, cuda_graph=False)
+    if a.mode != "ab":
+        res = gen.generate(PROMPT_IDS, a.tokens, g.Sampling())
+        out.update(after_generate=status_mib(), decode_tok_s=res.decode_tok_s, tokens=res.tokens)
+        out["ple"] = find_store(rt.model).report()
+        return out
+    resident = find_store(rt.model)
+    disk = open_store(resident.layout, "disk", rt.device, rt.dtype)
+    pli = rt.model.per_layer_inputs
+    rt.model.register_forward_pre_hook(lambda _m, args: pli.rows.prefetch(args[0]))
+    times: dict = {"cpu": [], "disk": []}
+    tokens: dict = {}
+    for i in range(a.rounds):
+        for mode in ("cpu", "disk") if i % 2 else ("disk", "cpu"):
+            pli.set_rows(resident if mode == "cpu" else disk)
+            res = gen.generate(PROMPT_IDS, a.tokens, g.Sampling())
+            times[mode].append(res.decode_s / max(len(res.tokens) - 1, 1))
+            tokens[mode] = res.tokens
+    for mode, ts in times.items():
+        out[f"{mode}_s_per_token"] = [round(t, 4) for t in ts]
+        out[f"{mode}_median_ms"] = round(1e3 * sorted(ts)[len(ts) // 2], 2)
+    out["same_tokens"] = tokens["cpu"] == tokens["disk"]
+    r = disk.report()
+    out["disk_read_ms_per_token"] = round(1e3 * r["read_s"] / max(r["tokens"], 1), 4)
+    out["disk_wait_ms_per_token"] = round(1e3 * r["read_wait_s"] / max(r["tokens"], 1), 4)
+    return out
+
+
+def real_model(a) -> None:
+    """`llmarch run`'s runtime on a Gemma 3n E2B-shaped checkpoint of --layers layers (random bf16
+    weights written once by transformers): memory per mode in its own process, time per token
+    in one process alternating the two stores."""
+    folder = real_folder(a)
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
+    print(f"# real model: {folder} ({size:.0f} MiB), prompt {len(PROMPT_IDS)} ids, {a.tokens} tokens")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    docs = {}
+    for mode in ("cpu", "disk", "ab"):
+        cmd = [sys.executable, __file__, "--real-worker", "--mode", mode, "--table", str(folder)]
+        cmd += ["--tokens", str(a.tokens), "--rounds", str(a.rounds), "--threads", str(a.threads)]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if r.returncode:
+            sys.exit(r.stderr)
+        docs[mode] = json.loads(r.stdout.strip().splitlines()[-1])
+        print(f"real {mode}: {json.dumps(docs[mode])}")
+    c, d, ab = docs["cpu"], docs["disk"], docs["ab"]
+    print(
+        f"# real: VmRSS after generating {d['after_generate']['VmRSS']} (disk) vs {c['after_generate']['VmRSS']} "
+        f"(cpu) MiB, VmHWM {d['after_generate']['VmHWM']} vs {c['after_generate']['VmHWM']} MiB; table "
+        f"{c['ple']['table_bytes'] / 2**20:.0f} MiB in the compute dtype; same tokens: {c['tokens'] == d['tokens']}; "
+        f"time per token (one process, alternating): disk {ab['disk_median_ms']} vs cpu {ab['cpu_median_ms']} ms "
+        f"({100 * (ab['disk_median_ms'] / ab['cpu_median_ms'] - 1):+.1f}%)"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=4)
@@ -158,9 +272,18 @@ def main() -> None:
     p.add_argument("--table")
     p.add_argument("--cold", action="store_true")
     p.add_argument("--cache-mib", type=int, default=0)
+    p.add_argument("--real", action="store_true", help="llmarch run on a Gemma 3n E2B-shaped model of --layers layers")
+    p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--real-worker", action="store_true")
     a = p.parse_args()
+    if a.real_worker:
+        print(json.dumps(real_worker(a)))
+        return
     if a.worker:
         print(json.dumps(worker(a)))
+        return
+    if a.real:
+        real_model(a)
         return
     a.table = Path(a.dir) / f"ple_{a.layers}x{PER_LAYER}_bf16.safetensors"
     write_table(a.table, a.layers)
