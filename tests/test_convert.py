@@ -34,7 +34,15 @@ FAMILIES = {
     "gpt_oss": {},
     "olmo3": {},
     "minimax_m2": {},
+    "gemma3n": {},  # GEMMA3N_LLAMACPP below
 }
+# Gemma 3n as llama.cpp's gemma3n can hold it: it hard-codes 4 AltUp streams, LAuReL rank 64,
+# 256-wide per-layer inputs, KV in the first 20 layers (so no sharing in a 10-layer model) and
+# 0.95 activation sparsity on the first 10 layers (llama-hparams.h, models/gemma3n.cpp)
+GEMMA3N_LLAMACPP = dict(
+    hidden_size_per_layer_input=256, laurel_rank=64, num_kv_shared_layers=0, activation_sparsity_pattern=[0.95] * 10
+)
+FAMILIES["gemma3n"] = GEMMA3N_LLAMACPP
 
 
 def load_st(folder: Path) -> dict[str, np.ndarray]:

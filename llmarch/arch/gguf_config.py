@@ -35,6 +35,15 @@ def gguf_to_config(arch: str, meta: dict[str, Any], recipe: Recipe) -> tuple[dic
         config[ckey] = copy.deepcopy(value)  # the recipe's lists stay the recipe's
         evidence[ckey] = f"recipe {recipe.family} (llama.cpp hard-codes it for {arch})"
 
+    # per-layer facts llama.cpp hard-codes by layer index (Gemma 3n: KV owners, sparse FFN gates)
+    conv, n_layers = recipe.convert, config.get("num_hidden_layers")
+    if isinstance(n_layers, int) and conv.kv_owner_layers is not None:
+        config["num_kv_shared_layers"] = max(0, n_layers - conv.kv_owner_layers)
+        evidence["num_kv_shared_layers"] = f"recipe {recipe.family} (llama.cpp hard-codes it for {arch})"
+    if isinstance(n_layers, int) and conv.sparse_ffn_layers is not None:
+        # only the sparse layers listed (the layers after it have none): its length is the recipe's, not the file's
+        config["activation_sparsity_pattern"] = [conv.sparse_ffn_fraction] * min(n_layers, conv.sparse_ffn_layers)
+        evidence["activation_sparsity_pattern"] = f"recipe {recipe.family} (llama.cpp hard-codes it for {arch})"
     # per-layer arrays (e.g. head_count_kv per layer in some archs): keep the list, use the common value
     for key in ("num_key_value_heads", "num_attention_heads", "intermediate_size"):
         v = config.get(key)

@@ -100,6 +100,15 @@ class ConvertRecipe:
     # head_dim; GGUF -> HF writes head_dim, the scale llama.cpp applies (Gemma 3's query_pre_attn_scalar)
     query_scalar_key: str | None = None
     hard_coded: Mapping[str, Mapping[str, Any]] = _table()  # GGUF arch -> {config key: value llama.cpp hard-codes}
+    # MODEL_TENSOR names llama.cpp stores as one 3-D tensor stacked from HF's numbered list
+    # (Gemma 3n's altup_projections.{0,1,2}); the HF template in hf_names carries {xid}
+    stacked: tuple[str, ...] = ()
+    # per-layer facts llama.cpp hard-codes by layer index: only the first kv_owner_layers layers
+    # compute KV (the rest reuse it: num_kv_shared_layers = layers - this), and the first
+    # sparse_ffn_layers layers' FFN gate keeps the top 1 - sparse_ffn_fraction (the rest none)
+    kv_owner_layers: int | None = None
+    sparse_ffn_layers: int | None = None
+    sparse_ffn_fraction: float | None = None
 
 
 @dataclass(frozen=True)

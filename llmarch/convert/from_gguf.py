@@ -83,7 +83,7 @@ def _gguf_items(ckpt, fam: Family, n_blocks: int):
                 )
             )
             continue
-        if kind in EXPERT_KINDS:
+        if fam.split_on_index(kind):
             names = [(hf_name_for(fam, kind, bid, suffix, n_blocks, xid=x), x) for x in range(info.shape[0])]
         else:
             names = [(hf_name_for(fam, kind, bid, suffix, n_blocks), None)]
@@ -147,11 +147,16 @@ def hf_config(ckpt, fam: Family, spec, tied: bool, dtype: str) -> dict:
             ckpt.path,
         )
     pattern = cfg.pop("sliding_window_pattern", None)
-    if isinstance(pattern, int) and pattern > 1 and cfg.get("sliding_window"):
+    if isinstance(pattern, int) and pattern > 1 and cfg.get("sliding_window") and "layer_types" not in cfg:
         cfg["layer_types"] = [
             "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(cfg["num_hidden_layers"])
         ]
     conv = fam.recipe.convert
+    sparse = cfg.get("activation_sparsity_pattern")
+    if isinstance(sparse, list):  # one value per layer in config.json (gguf_config lists the sparse ones)
+        cfg["activation_sparsity_pattern"] = sparse + [0.0] * (spec.layers - len(sparse))
+    if spec.per_layer_embeddings:  # llama.cpp's table has a row per token of the vocab
+        cfg["vocab_size_per_layer_input"] = cfg["vocab_size"]
     if conv.query_scalar_key:  # llama.cpp scales queries by 1/sqrt(head_dim); the HF config class defaults otherwise
         cfg.setdefault(conv.query_scalar_key, cfg.get("head_dim"))
     cfg["attention_bias"] = spec.attention.bias  # from the tensors: GGUF has no key for it

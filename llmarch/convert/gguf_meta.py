@@ -52,6 +52,11 @@ def spec_to_hf_keys(spec: ArchSpec) -> dict:
         "attn_logit_softcapping": a.softcap,
     }
     hp["rms_norm_eps" if spec.norm.kind == "rms" else "layer_norm_epsilon"] = spec.norm.eps
+    if spec.per_layer_embeddings:  # Gemma 3n: as llama.cpp's converter writes them (its loader reads none)
+        hp["hidden_size_per_layer_input"] = spec.per_layer_embeddings.get("dim")
+        hp["num_kv_shared_layers"] = sum(l.kv_shared_from is not None for l in spec.schedule)
+    if spec.altup:
+        hp["altup_num_inputs"] = spec.altup.streams
     if not spec.rope.learned_positions and spec.rope.theta:
         hp["rope_theta"] = spec.rope.theta
         hp["rope_local_base_freq"] = spec.rope.local_theta
@@ -183,8 +188,32 @@ def _check_hard_coded(spec: ArchSpec, recipe: Recipe, arch: str, path) -> None:
             f"{off.key} = {json.dumps(spec.config[off.key])}, so GGUF cannot express it",
             path,
         )
+    conv = recipe.convert
+    if conv.kv_owner_layers is not None:
+        owners = [l.kv_shared_from is None for l in spec.schedule]
+        if owners != [i < conv.kv_owner_layers for i in range(len(owners))]:
+            raise LlmarchError(
+                f"llama.cpp's {arch} gives KV caches to exactly the first {conv.kv_owner_layers} layers "
+                f"(the rest reuse them); this model's num_kv_shared_layers differs, so GGUF cannot express it",
+                path,
+            )
+    if conv.sparse_ffn_layers is not None:
+        have = [l.ffn_sparsity or 0.0 for l in spec.schedule]
+        want = [conv.sparse_ffn_fraction if i < conv.sparse_ffn_layers else 0.0 for i in range(len(have))]
+        if have != want:
+            raise LlmarchError(
+                f"llama.cpp's {arch} hard-codes activation sparsity {conv.sparse_ffn_fraction} on the first "
+                f"{conv.sparse_ffn_layers} layers and none after; this model's activation_sparsity_pattern "
+                f"differs, so GGUF cannot express it",
+                path,
+            )
     pattern = recipe.gguf_defaults.sliding_window_pattern
-    if isinstance(pattern, int) and pattern > 1 and any(l.mixer == "sliding" for l in spec.schedule):
+    if (
+        isinstance(pattern, int)
+        and pattern > 1
+        and not recipe.convert.swa_pattern_array  # written per layer: llama.cpp reads it instead
+        and any(l.mixer == "sliding" for l in spec.schedule)
+    ):
         sliding = [l.mixer == "sliding" for l in spec.schedule]
         # llama.cpp: every layer sliding except each pattern-th (gpt-oss's 2: the even layers)
         expect = [(i + 1) % pattern != 0 for i in range(len(sliding))]

@@ -94,6 +94,7 @@ class Family:
     fused_split: str = "interleaved"  # gate/up inside gate_up_proj: "interleaved" (gpt-oss) or "halves" (Llama 4)
     fused_prefix: str = "model.layers.{bid}.mlp.experts"  # HF parent of the fused gate_up_proj / down_proj
     split_kv_b: bool = False  # MLA: kv_b_proj -> attn_k_b + attn_v_b (llama.cpp's absorbed layout)
+    stacked: frozenset[MODEL_TENSOR] = frozenset()  # one GGUF tensor stacked from HF's numbered list
     recipe: Recipe = field(default_factory=lambda: Recipe(family=""), compare=False, hash=False)
 
     @property
@@ -102,6 +103,10 @@ class Family:
 
     def skipped(self, hf_name: str) -> bool:
         return any(hf_name.endswith(s) for s in self.skip) or "rotary_emb.inv_freq" in hf_name
+
+    def split_on_index(self, kind: MODEL_TENSOR) -> bool:
+        """One HF tensor per index of the GGUF tensor's first dimension: experts, stacked lists."""
+        return kind in EXPERT_KINDS or kind in self.stacked
 
     def transposed(self, hf_name: str) -> bool:
         """Stored [in, out] in HF (GPT-2 Conv1D): transposed on the way to GGUF and back."""
@@ -158,6 +163,7 @@ def _family(recipe: Recipe, model_type: str) -> Family:
         skip=conv.skip,
         layout=conv.hf_layout,
         split_kv_b=conv.split_kv_b,
+        stacked=frozenset(T[k] for k in conv.stacked),
         fused_experts=recipe.moe.fused_gate_up is not None,
         fused_split=recipe.moe.fused_gate_up or "interleaved",
         fused_prefix=conv.fused_prefix,

@@ -43,6 +43,8 @@ F32_KINDS = {
 # the text model inside multimodal wrappers, in the Hub's spellings
 TEXT_PREFIX_RE = re.compile(r"^(language_model\.model\.|model\.language_model\.|language_model\.lm_head)")
 EXPERT_RE = re.compile(r"^(?P<pre>.*\.experts)\.(?P<xid>\d+)\.(?P<w>[^.]+)\.(?P<suffix>weight|bias)$")
+# a numbered list outside the layers (altup_projections.1.weight): stacked when the family says so
+LISTED_RE = re.compile(r"^(?P<pre>(?:(?!\.layers\.).)*[^\d.])\.(?P<xid>\d+)\.(?P<suffix>weight|bias)$")
 
 
 @dataclass
@@ -137,11 +139,19 @@ def build_plan(ckpt: Checkpoint, spec: ArchSpec, fam: Family, dtype: str) -> Pla
             for gname, kind, piece in _fused_experts(hf_name, info, layer, fam.fused_split):
                 groups[gname] = {"kind": kind, "pieces": [(None, piece)]}
             continue
+        listed = LISTED_RE.match(probe) if fam.stacked and not m else None
+        if listed:
+            found = tmap.get_type_and_name(f"{listed['pre']}.{listed['suffix']}", try_suffixes=(".weight", ".bias"))
+            if found is not None and found[0] in fam.stacked:
+                m = listed
+                probe = f"{listed['pre']}.{listed['suffix']}"
         found = tmap.get_type_and_name(probe, try_suffixes=(".weight", ".bias"))
         if found is None or found[0] not in allowed:
             blocked.append(hf_name)
             continue
         kind, gname = found
+        if not gname.endswith((".weight", ".bias")):
+            gname += ".weight"  # HF parameters without a suffix (Gemma 3n's correct_output_scale)
         if kind == MODEL_TENSOR.ATTN_KV_B and fam.split_kv_b:
             for k, piece in _split_kv_b(info, spec, layer).items():
                 groups[TENSOR_NAMES[k].format(bid=layer) + ".weight"] = {"kind": k, "pieces": [(None, piece)]}
