@@ -273,7 +273,7 @@ def test_modes_give_identical_tokens_through_run(tiny, monkeypatch, capsys):
     rep = doc["ple"]
     distinct = len(set(prompt.split(",")))
     assert rep["tokens"] == 8 + 11 and rep["rows_read"] + rep["cache_hits"] == distinct + 11
-    assert rep["where"].startswith("disk: ") and rep["resident_bytes"] < rep["table_bytes"]
+    assert rep["where"] == f"file {src / 'model.safetensors'}" and rep["resident_bytes"] < rep["table_bytes"]
 
 
 def test_ple_options_refused_before_loading(tiny, monkeypatch, capsys):

@@ -459,7 +459,7 @@ class DiskTable(PleStore):
 
     def where(self) -> str:
         src = f" (converted from {self.source.path})" if self.source is not None else ""
-        return f"disk: {self.layout.path}{src}"
+        return f"file {self.layout.path}{src}"
 
     def report(self) -> dict:
         out = super().report()
@@ -664,8 +664,10 @@ def find_store(model) -> PleStore | None:
 
 def summary(r: dict) -> str:
     """The run report's PLE part, one clause."""
+    from llmarch.report.text import nbytes
+
     line = (
-        f"PLE {r['mode']}: table {r['table_bytes'] / 2**20:.0f} MiB in {r['where']}, "
+        f"PLE {r['mode']}: table {nbytes(r['table_bytes'])} in {r['where']}, "
         f"{r['rows_read_per_token']:.2f} rows read per token"
     )
     if r["mode"] == "disk":
