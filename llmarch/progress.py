@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 _silenced = False
+_shown = None  # the bar on screen: a step inside another step (verify loading a model) adds a line to it
 
 
 def silence() -> None:
@@ -26,34 +27,31 @@ def enabled() -> bool:
 
 
 @contextmanager
-def progress(description: str, total: float | None = None, unit_bytes: bool = False) -> Iterator[Callable[..., None]]:
-    """Yields advance(n=1). total None: an indeterminate bar with the elapsed time.
-    unit_bytes: show the completed / total amount as bytes (MB/GB) instead of a count."""
+def progress(description: str, total: float | None = None) -> Iterator[Callable[..., None]]:
+    """Yields advance(n=1); total None: an indeterminate bar with the elapsed time."""
+    global _shown
     if not enabled():
         yield _nothing
         return
+    if _shown is not None:  # rich allows one live display at a time: nest as another line of it
+        bar = _shown
+        task = bar.add_task(description, total=total)
+        try:
+            yield lambda n=1: bar.advance(task, n)
+        finally:
+            bar.remove_task(task)
+        return
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-    amount = DownloadColumn() if unit_bytes else MofNCompleteColumn()
-    columns = [TextColumn("{task.description}"), BarColumn(), amount, TimeElapsedColumn()]
-    if total is not None:
-        columns.append(TimeRemainingColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(description, total=total)
-
-        def advance(n: float = 1) -> None:
-            bar.advance(task, n)  # thread-safe: rich's Progress takes its own lock
-
-        yield advance
+        _shown = bar
+        try:
+            yield lambda n=1: bar.advance(task, n)  # thread-safe: rich's Progress takes its own lock
+        finally:
+            _shown = None
 
 
 def _nothing(n: float = 1) -> None:

@@ -207,3 +207,13 @@ def test_load_progress_only_on_a_terminal(tiny):
     assert r.returncode == 0 and "loading weights" in r.stderr, r.stderr
     r = llmarch("run", *args, "--json", stderr_tty=True)  # a pipe gets none either: see the convert test
     assert r.returncode == 0 and "loading weights" not in r.stderr, r.stderr
+
+
+def test_verify_progress_nests_the_loads(tiny, tmp_path):
+    """--verify runs both models through the runtime, each load a step inside the verify step: one
+    display (rich allows one live display at a time), then the two closing lines."""
+    out = tmp_path / "v.gguf"
+    r = llmarch("convert", tiny("llama"), "-o", out, "--dtype", "f32", "--verify", stderr_tty=True)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "verifying" in r.stderr and "loading weights" in r.stderr
+    assert [line.split(" ")[0] for line in r.stdout.splitlines()] == ["wrote", "verify"]

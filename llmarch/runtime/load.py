@@ -185,7 +185,7 @@ def load_runtime(
         store = attach_ple(model, weights, spec, ple, dev, dt, ple_cache_mib, ple_dir)
         if store is not None:
             notes.append(f"per-layer embeddings: --ple {store.mode} ({store.note})")
-    with progress("loading weights", total=ckpt.stored_bytes, unit_bytes=True) as advance:
+    with progress("loading weights", total=ckpt.stored_bytes) as advance:  # bytes read
         read = weights.read
 
         def read_counted(t):
