@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.test_convert import add_tokenizer
+from tests.test_convert import GEMMA3N_LLAMACPP, add_tokenizer
 
 llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.llamacpp
@@ -38,7 +38,15 @@ FAMILIES = {
         "attention_chunk_size": 8192
     },  # wrapper's text model; fused halves experts, shared expert, NoPE 4th, rope_freqs
     "olmo3": {},  # as llama.cpp's olmo2 + per-layer SWA pattern; YaRN on the global layers only
+    # per-layer inputs (a row of the vocab x layers*256 table), AltUp, LAuReL, sparse FFN gates, v-norm
+    # llama.cpp's Gaussian top-k divides the gate's variance by n - 1, transformers' by n: a wide FFN
+    # (2048) makes that 0.02 % of the cutoff, where the fixture's 64 gave an NMSE of 5e-5
+    "gemma3n": {**GEMMA3N_LLAMACPP, "vocab_size_per_layer_input": VOCAB, "intermediate_size": 2048},
 }
+
+# Gemma 3n's sparse FFN gates keep the top 5 %, which magnifies rounding: transformers itself on
+# the q8_0-rounded weights (dequantized by gguf-py) is at NMSE 6e-3 from f32, llama.cpp at 1.1e-2
+Q8_BAR = {"gemma3n": 2e-2}
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +128,7 @@ def test_llamacpp_matches_transformers(with_tokenizer, tmp_path, name):
     # q8_0: within llama.cpp's pass bar
     q = tmp_path / f"{name}-q8.gguf"
     convert_to_gguf(str(src), q, "q8_0")
-    assert nmse(ref, llama_logits(load_llama(q), ids)) < 1e-2
+    assert nmse(ref, llama_logits(load_llama(q), ids)) < Q8_BAR.get(name, 1e-2)
 
 
 @pytest.mark.slow

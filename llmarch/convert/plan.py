@@ -39,6 +39,8 @@ F32_KINDS = {
     MODEL_TENSOR.POS_EMBD,
     MODEL_TENSOR.TOKEN_TYPES,
     MODEL_TENSOR.ROPE_FREQS,
+    MODEL_TENSOR.ALTUP_CORRECT_COEF,
+    MODEL_TENSOR.ALTUP_PREDICT_COEF,
 }
 # the text model inside multimodal wrappers, in the Hub's spellings
 TEXT_PREFIX_RE = re.compile(r"^(language_model\.model\.|model\.language_model\.|language_model\.lm_head)")
