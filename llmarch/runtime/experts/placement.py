@@ -75,14 +75,14 @@ def _host_available() -> int:
 
 
 def expert_bytes(spec, fmt: ExpertFormat, dtype_bytes: int = 2) -> tuple[int, int]:
-    """(bytes of all routed experts stored in fmt, bytes of everything else at the model dtype)."""
-    m = spec.moe
-    inter = m.expert_ffn or spec.intermediate_size
-    n_moe = sum(1 for l in spec.schedule if l.ffn == "moe")
-    routed = n_moe * m.experts * 3 * spec.hidden_size * inter
-    total = spec.params.get("total") or routed
-    dense = max(total - routed - spec.params.get("mtp", 0), 0)
-    return int(routed * fmt.bytes_per_weight(dtype_bytes)), int(dense * dtype_bytes)
+    """(bytes of all routed experts stored in fmt, bytes of everything else run loads at the model
+    dtype): the fingerprint's parameters by part, as `llmarch fit` sizes them (vision towers and
+    MTP layers, which run does not load, left out)."""
+    from llmarch.plan.memory import param_parts, text_parts
+
+    parts = text_parts(param_parts(spec))
+    routed = parts.pop("routed_experts")
+    return int(routed * fmt.bytes_per_weight(dtype_bytes)), int(sum(parts.values()) * dtype_bytes)
 
 
 def plan(
