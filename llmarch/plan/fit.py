@@ -36,7 +36,10 @@ def plan_fit(
     host: int | None,
     context: int | None = None,
     kv_dtype: str | None = None,
+    source_arg: str | None = "",
 ) -> dict:
+    """`source` names the file in commands that need a path; `source_arg` is what the user typed
+    ("" : the same as source; None: llmarch's embedded model, which `llmarch run` finds itself)."""
     limit = spec.context_length or context or 4096
     if context is not None and context > limit:
         raise LlmarchError(f"--context {context} is beyond the model's context of {limit}", spec.source)
@@ -75,7 +78,7 @@ def plan_fit(
         "total": total,
         "fits": total <= budget,
         "largest_context": mem.largest_context(need, budget, limit),
-        "llmarch_run": plan_run(spec, source, gpu, host, target, limit),
+        "llmarch_run": plan_run(spec, source if source_arg == "" else source_arg, gpu, host, target, limit),
         "llama_cpp": llama,
         "serving": dict(serving, needed=not (total <= budget or llama.get("fits"))),
     }
@@ -93,4 +96,4 @@ def fit_source(
     from llmarch.api import load_spec
 
     spec = load_spec(source)
-    return plan_fit(spec, source or spec.source or "", gpu, gpus, host, context, kv_dtype)
+    return plan_fit(spec, source or spec.source or "", gpu, gpus, host, context, kv_dtype, source)

@@ -96,8 +96,8 @@ def footprint(spec: ArchSpec, opt: Option, dtype_bytes: int) -> tuple[int, int]:
     return on_gpu, on_host
 
 
-def plan_run(spec: ArchSpec, source: str, gpu: int, host: int | None, context: int, limit: int) -> dict:
-    """The first placement (fastest first) that fits `gpu` bytes of one GPU and `host` bytes of
+def plan_run(spec: ArchSpec, source: str | None, gpu: int, host: int | None, context: int, limit: int) -> dict:
+    """`source`: as the user named it (None: run's embedded model). The first placement (fastest first) that fits `gpu` bytes of one GPU and `host` bytes of
     RAM at `context`, else the one that allows the largest context."""
     why = unsupported(spec)
     if why:
@@ -142,6 +142,17 @@ def plan_run(spec: ArchSpec, source: str, gpu: int, host: int | None, context: i
         "host_bytes": on_host,
         "context": ctx,
         "largest_context": best,
-        "command": " ".join(["llmarch", "run", source, *opt.args(), "--max-tokens", str(ctx), "--prompt", "'...'"]),
+        "command": " ".join(
+            [
+                "llmarch",
+                "run",
+                *([source] if source else []),
+                *opt.args(),
+                "--max-tokens",
+                str(ctx),
+                "--prompt",
+                "'...'",
+            ]
+        ),
         "note": "the cache holds prompt + --max-tokens tokens: keep the two within the context",
     }

@@ -34,7 +34,7 @@ def print_fit(doc: dict, console: Console) -> None:
     t.add_row("KV cache", "", nbytes(doc["kv_cache"]))
     if doc["recurrent_state"]:
         t.add_row("recurrent state", "", nbytes(doc["recurrent_state"]))
-    t.add_row("runtime overhead", "", nbytes(doc["overhead"]))
+    t.add_row("runtime overhead (CUDA context, compute buffer)", "", nbytes(doc["overhead"]))
     t.add_row("[b]total[/b]", "", f"[b]{nbytes(doc['total'])}[/b]")
     console.print(t)
     verdict = "fits" if doc["fits"] else "does not fit"
