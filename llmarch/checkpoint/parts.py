@@ -3,8 +3,8 @@
 The embedded demo model's package ships its .gguf as four chunk files; joining them into one file
 (what its assemble() does) keeps the model on disk twice. Instead the parts are mapped side by
 side into one reserved address range (mmap MAP_FIXED over a PROT_NONE reservation): readers get
-one contiguous, copy-on-write uint8 buffer, as np.memmap(mode="c") gives for a real file, and no
-byte is copied. That needs a POSIX mmap and every part but the last a whole number of pages;
+one contiguous, copy-on-write byte buffer (a memoryview, so header-only commands need no numpy),
+as np.memmap(mode="c") gives for a real file, and no byte is copied. That needs a POSIX mmap and every part but the last a whole number of pages;
 where either is missing, map_parts() returns None and the caller falls back to a joined file.
 
 Readers that open a path (the GGUF header parser, the tensor reader) ask joined(path) first: a path
@@ -17,26 +17,22 @@ import ctypes
 import mmap
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # numpy is imported only when parts are mapped: header-only commands stay light
-    import numpy as np
-
-_JOINED: dict[Path, np.ndarray] = {}
+_JOINED: dict[Path, memoryview] = {}
 
 _MAP_FIXED = 0x10  # the same value on Linux and the BSDs / macOS; the mmap module does not export it
 
 
-def joined(path: Path) -> np.ndarray | None:
+def joined(path: Path) -> memoryview | None:
     """The buffer registered for `path`, or None for an ordinary file."""
     return _JOINED.get(path) if _JOINED else None
 
 
-def register(path: Path, buf: np.ndarray) -> None:
+def register(path: Path, buf: memoryview) -> None:
     _JOINED[path] = buf
 
 
-def map_parts(parts: list[Path]) -> np.ndarray | None:
+def map_parts(parts: list[Path]) -> memoryview | None:
     """The parts' bytes as one buffer, mapped in place (kept mapped for the life of the process),
     or None where this platform or the part sizes do not allow it."""
     anonymous = getattr(mmap, "MAP_ANONYMOUS", None) or getattr(mmap, "MAP_ANON", None)
@@ -66,6 +62,4 @@ def map_parts(parts: list[Path]) -> np.ndarray | None:
             libc.munmap(base, total)
             return None
         offset += size
-    import numpy as np
-
-    return np.frombuffer(memoryview((ctypes.c_uint8 * total).from_address(base)), dtype=np.uint8)
+    return memoryview((ctypes.c_uint8 * total).from_address(base)).cast("B")

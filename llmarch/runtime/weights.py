@@ -156,7 +156,7 @@ def _memmap(path: Path) -> np.ndarray:
     # mode "c": copy-on-write map, so torch gets writable tensors without copying the file; a file
     # read in place from its parts (the embedded model) is already such a map
     parted = joined(path)
-    return parted if parted is not None else np.memmap(path, dtype=np.uint8, mode="c")
+    return np.frombuffer(parted, dtype=np.uint8) if parted is not None else np.memmap(path, dtype=np.uint8, mode="c")
 
 
 def _raw(t: TensorInfo) -> torch.Tensor:
