@@ -215,16 +215,19 @@ def real_worker(a) -> dict:
     pli = rt.model.per_layer_inputs
     rt.model.register_forward_pre_hook(lambda _m, args: pli.rows.prefetch(args[0]))
     times: dict = {"cpu": [], "disk": []}
+    prefill: dict = {"cpu": [], "disk": []}
     tokens: dict = {}
     for i in range(a.rounds):
         for mode in ("cpu", "disk") if i % 2 else ("disk", "cpu"):
             pli.set_rows(resident if mode == "cpu" else disk)
             res = gen.generate(PROMPT_IDS, a.tokens, g.Sampling())
             times[mode].append(res.decode_s / max(len(res.tokens) - 1, 1))
+            prefill[mode].append(res.prefill_s)
             tokens[mode] = res.tokens
     for mode, ts in times.items():
         out[f"{mode}_s_per_token"] = [round(t, 4) for t in ts]
         out[f"{mode}_median_ms"] = round(1e3 * sorted(ts)[len(ts) // 2], 2)
+        out[f"{mode}_prefill_s"] = [round(t, 3) for t in prefill[mode]]
     out["same_tokens"] = tokens["cpu"] == tokens["disk"]
     r = disk.report()
     out["disk_read_ms_per_token"] = round(1e3 * r["read_s"] / max(r["tokens"], 1), 4)

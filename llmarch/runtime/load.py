@@ -121,11 +121,6 @@ def check_supported(spec: ArchSpec, path, gguf: bool = False) -> None:
             "k_b/v_b); use the safetensors checkpoint",
             path,
         )
-    if gguf and spec.per_layer_embeddings:
-        raise LlmarchError(
-            "per-layer-embedding models from GGUF are not supported by llmarch run yet; use the safetensors checkpoint",
-            path,
-        )
     if gguf and spec.linear_attention:
         raise LlmarchError(
             "linear-attention models from GGUF are not supported by llmarch run yet; use the safetensors checkpoint",
@@ -179,13 +174,15 @@ def load_runtime(
             dev,
         )
     weights = open_weights(ckpt, spec)
+    to_read = ckpt.stored_bytes
     if spec.per_layer_embeddings:  # where the per-layer embedding table lives (--ple)
         from llmarch.runtime.ple import attach as attach_ple
 
         store = attach_ple(model, weights, spec, ple, dev, dt, ple_cache_mib, ple_dir)
         if store is not None:
             notes.append(f"per-layer embeddings: --ple {store.mode} ({store.note})")
-    with progress("loading weights", total=ckpt.stored_bytes) as advance:  # bytes read
+            to_read -= (store.source or store.layout).nbytes  # the store reads the table itself, or never
+    with progress("loading weights", total=to_read) as advance:  # bytes read
         read = weights.read
 
         def read_counted(t):

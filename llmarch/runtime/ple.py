@@ -165,6 +165,7 @@ class PleStore:
     mode: str
     layout: TableLayout
     note: str = ""  # how the mode was chosen (for the run report)
+    source: TableLayout | None = None  # the checkpoint's table, when the rows come from a converted row file
 
     def __init__(self, layout: TableLayout, device: torch.device, dtype: torch.dtype, scale: float | None = None):
         layout.check_size()  # the file may have changed since its header was read
