@@ -11,7 +11,8 @@ gpu / cpu: the table is read once into memory on the GPU / in host RAM; rows are
 copied to the compute device.
 disk: the table is never resident. Each step's rows are read from the checkpoint file itself
 (safetensors and GGUF both store a token's row contiguously, GGUF as whole quant blocks) by pread
-into a small staging buffer (pinned when the model runs on CUDA), from a thread pool; a prefill
+into a small staging buffer (pinned when the model runs on CUDA): straight from the page cache when
+the rows are there (RWF_NOWAIT), else from a small thread pool, started by prefetch; a prefill
 reads each distinct token once; an optional hot-row cache keeps recently read rows up to a byte
 budget. Rows stored in a type llmarch's torch dequantizer does not decode are converted once, by
 gguf-py, into a row-major file in the compute dtype under LLMARCH_CACHE/ple (gguf-py's numpy decoders
