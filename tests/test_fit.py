@@ -241,9 +241,14 @@ def test_qwen3_30b_a3b_expert_placement(qwen30b, capsys):
     assert "--experts gpu --expert-bits 4" in run["command"]
 
     # a 12 GiB GPU: experts to host RAM, 16-bit when the host holds 58 GB, int8 when it holds 32 GiB
-    doc = fit(capsys, folder, "--memory", "12GiB", "--host-memory", "64GiB", "--context", 8192)
+    # the same header, planned again without re-reading it
+    from llmarch.api import load_spec
+    from llmarch.plan.fit import plan_fit
+
+    spec = load_spec(str(folder))
+    doc = plan_fit(spec, str(folder), 12 * GiB, 1, 64 * GiB, 8192)
     assert (doc["llmarch_run"]["experts"], doc["llmarch_run"]["expert_bits"]) == ("cpu", 16)
-    doc = fit(capsys, folder, "--memory", "12GiB", "--host-memory", "32GiB", "--context", 8192)
+    doc = plan_fit(spec, str(folder), 12 * GiB, 1, 32 * GiB, 8192)
     assert (doc["llmarch_run"]["experts"], doc["llmarch_run"]["expert_bits"]) == ("cpu", 8)
 
     # llama.cpp at bf16 on 24 GiB: the first N layers' experts stay in host RAM, N the smallest
@@ -252,9 +257,9 @@ def test_qwen3_30b_a3b_expert_placement(qwen30b, capsys):
     rest = 2 * (attn + H + V * H) + L * 2 * 4 * 128 * 2 * pad256(8192)
     budget = 24 * GiB - 512 * 2**20 - 4 * 512 * (V + 4 * 6144)
     n = math.ceil((rest + 2 * routed - budget) / per_layer_experts)
-    lc = doc_lc = fit(capsys, folder, "--memory", "24GiB", "--host-memory", "128GiB", "--context", 8192)["llama_cpp"]
+    lc = plan_fit(spec, str(folder), 24 * GiB, 1, 128 * GiB, 8192)["llama_cpp"]
     assert lc["all_layers"] and lc["n_cpu_moe"] == n, (lc, n)
-    assert f"--n-cpu-moe {n}" in doc_lc["command"] and "-c 8192" in doc_lc["command"]
+    assert f"--n-cpu-moe {n}" in lc["command"] and "-c 8192" in lc["command"]
 
 
 def test_largest_context_is_the_edge(qwen30b, capsys):
@@ -400,18 +405,19 @@ def test_tied_embedding_readings(tiny, capsys):
         (["--kv-dtype", "int3"], "unknown --kv-dtype"),
     ],
 )
-def test_bad_options_one_line_exit_2(tiny, args, message):
+def test_bad_options_one_line_exit_2(tiny, capsys, args, message):
+    from llmarch.cli import main
+
     src = tiny("llama")
-    r = subprocess.run(
-        [sys.executable, "-m", "llmarch", "fit", str(src), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-        timeout=60,
-    )
-    assert r.returncode == 2, r.stderr
-    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    argv, sys.argv = sys.argv, ["llmarch", "fit", str(src), *args]
+    try:
+        with pytest.raises(SystemExit) as e:
+            main()
+    finally:
+        sys.argv = argv
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_fit_is_header_only(qwen30b):
