@@ -58,7 +58,10 @@ def plan_fit(
     total = need(target)
     if llama.get("fits") and host is not None and llama["host_bytes"] > host:
         llama["fits"] = False
-        llama["reason"] = f"needs {llama['host_bytes']} bytes of host RAM for what stays off the GPUs"
+        llama["reason"] = (
+            f"what stays off the GPUs needs {llama['host_bytes'] / mem.GiB:.1f} GiB of host RAM, "
+            f"{host / mem.GiB:.1f} GiB given"
+        )
     serving = plan_serving(spec, source, gpu, gpus, target, kv_dtype)
     return {
         "source": source,

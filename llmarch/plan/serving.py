@@ -42,11 +42,11 @@ def plan_serving(spec: ArchSpec, source: str, gpu: int, gpus_per_host: int, cont
     vllm = ["vllm", "serve", source, "--tensor-parallel-size", str(tp)]
     if pp > 1:
         vllm += ["--pipeline-parallel-size", str(pp)]
-    if moe:
+    if moe and tp > 1:  # vLLM's expert parallel group is its tensor-parallel group (inside a host)
         vllm += ["--enable-expert-parallel"]
     vllm += ["--max-model-len", str(context), *kv_arg]
     sglang = ["python", "-m", "sglang.launch_server", "--model-path", source, "--tp", str(total)]
-    if moe:
+    if moe and total > 1:  # SGLang's TP group spans the nodes, and its experts with it
         sglang += ["--ep-size", str(total)]
     if pp > 1:
         sglang += ["--nnodes", str(pp), "--node-rank", "0", "--dist-init-addr", "HEAD_NODE_IP:5000"]
@@ -59,7 +59,8 @@ def plan_serving(spec: ArchSpec, source: str, gpu: int, gpus_per_host: int, cont
         "hosts": pp,
         "tensor_parallel": tp,
         "pipeline_parallel": pp,
-        "expert_parallel": total if moe else None,
+        # experts split over: vLLM's tensor-parallel ranks, SGLang's whole TP group
+        "expert_parallel": {"vllm": tp, "sglang": total} if moe else None,
         "context": context,
         "vllm": " ".join(vllm),
         "sglang": " ".join(sglang),

@@ -85,7 +85,11 @@ def print_fit(doc: dict, console: Console) -> None:
             console.print(
                 f"  {s['gpus']} GPUs on {s['hosts']} host(s): tensor parallel {s['tensor_parallel']}, "
                 f"pipeline {s['pipeline_parallel']}"
-                + (f", expert parallel {s['expert_parallel']}" if s["expert_parallel"] else "")
+                + (
+                    f", experts over {s['expert_parallel']['vllm']} (vLLM) / {s['expert_parallel']['sglang']} (SGLang) GPUs"
+                    if s["expert_parallel"]
+                    else ""
+                )
             )
             console.print(f"  {literal(s['vllm'])}", soft_wrap=True)
             console.print(f"  {literal(s['sglang'])}", soft_wrap=True)
