@@ -193,6 +193,9 @@ class SafetensorsSource(WeightSource):
         # (only decoder-layer names count: Pixtral's vision tower also has feed_forward.*)
         decoder = self.prefix + "layers."
         self.mlp = "feed_forward." if any(n.startswith(decoder) and ".feed_forward." in n for n in names) else "mlp."
+        # Kimi Linear keeps its dense-first layers' FFN under block_sparse_moe.* beside its MoE layers
+        if any(n.startswith(decoder) and ".block_sparse_moe.up_proj." in n for n in names):
+            self.mlp = "block_sparse_moe."
 
     def name_of(self, name: str) -> str | None:
         p = self.prefix
@@ -268,8 +271,29 @@ class GGUFSource(WeightSource):
             "mlp.gate": T.FFN_GATE,
             "mlp.up": T.FFN_UP,
             "mlp.down": T.FFN_DOWN,
+            "altup.router_norm": T.ALTUP_ROUTER_NORM,
+            "altup.router": T.ALTUP_ROUTER,
+            "altup.predict_coefs": T.ALTUP_PREDICT_COEF,
+            "altup.correct_coefs": T.ALTUP_CORRECT_COEF,
+            "altup.correct_output_scale": T.ALTUP_CORRECT_SCALE,
+            "laurel.left": T.LAUREL_L,
+            "laurel.right": T.LAUREL_R,
+            "laurel.norm": T.LAUREL_POST_NORM,
+            "per_layer.gate": T.PER_LAYER_INP_GATE,
+            "per_layer.projection": T.PER_LAYER_PROJ,
+            "per_layer.norm": T.PER_LAYER_POST_NORM,
+            "layer_scalar": T.LAYER_OUT_SCALE,
         }
         self.layer = {k: names[v] for k, v in self.layer.items()}
+        self.globals.update(
+            {
+                "per_layer_inputs.rows": names[T.PER_LAYER_TOKEN_EMBD],
+                "per_layer_inputs.model_projection": names[T.PER_LAYER_MODEL_PROJ],
+                "per_layer_inputs.projection_norm": names[T.PER_LAYER_PROJ_NORM],
+            }
+        )
+        # HF's numbered lists that llama.cpp stacks into one 3-D tensor (Gemma 3n's AltUp projections)
+        self.stacked = {"altup_streams.up": names[T.ALTUP_PROJ], "altup_streams.down": names[T.ALTUP_UNEMBD_PROJ]}
         # pre-norm archs without an ffn_norm in gguf-py's table (glm4moe, gpt-oss) store the FFN's
         # pre-norm as post_attention_norm
         arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == self.arch), None)
@@ -284,6 +308,16 @@ class GGUFSource(WeightSource):
             return f"{t.format(bid=layer)}.{kind}" if t else None
         base = self.globals.get(stem)
         return f"{base}.{kind}" if base else None
+
+    def get(self, name: str) -> torch.Tensor | None:
+        layer, stem, kind = split_name(name)
+        base, _, index = stem.rpartition(".")
+        if layer is None and index.isdigit() and base in self.stacked:
+            t = self.ckpt.tensors.get(f"{self.stacked[base]}.{kind}")
+            if t is None or len(t.shape) != 3 or int(index) >= t.shape[0]:
+                return None
+            return self.read(t)[int(index)]
+        return super().get(name)
 
     def read(self, t: TensorInfo) -> torch.Tensor:
         from llmarch.runtime.quant import dequantize

@@ -65,14 +65,15 @@ def _layer_mixing(spec: ArchSpec, f: Facts, ckpt: Checkpoint) -> None:
     from the config, checked against the tensors that carry them."""
     names = [n for n in ckpt.tensors if not is_vision(n)]
     streams = f.get("altup_num_inputs", fact="altup")
-    if streams and int(streams) > 1 and (not names or any(".altup." in n for n in names)):
+    # HF names them layers.N.altup.*, llama.cpp blk.N.altup_*
+    if streams and int(streams) > 1 and (not names or any(".altup." in n or ".altup_" in n for n in names)):
         spec.altup = AltUpSpec(
             streams=int(streams),
             active=int(f.get("altup_active_idx", default=0)),
             correct_scale=bool(f.get("altup_correct_scale", default=True)),
         )
     rank = f.get("laurel_rank", fact="laurel_rank")
-    if rank and (not names or any(".laurel." in n for n in names)):
+    if rank and (not names or any(".laurel." in n or ".laurel_" in n for n in names)):
         spec.laurel_rank = int(rank)
     spec.layer_scalar = any(n.endswith(".layer_scalar") for n in names)
     widths = spec.extras.get("intermediate_size_per_layer")
