@@ -133,6 +133,24 @@ def decode_rows(raw: torch.Tensor, stored: str, width: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(n, width)
 
 
+def read_chunks(layout: TableLayout, rows_per_chunk: int):
+    """Yield (first row, uint8 [n, row_bytes]) over the whole table, one buffer reused: bounded
+    memory however large the table."""
+    step = max(1, rows_per_chunk)
+    try:
+        fd = os.open(layout.path, os.O_RDONLY)
+    except OSError as e:
+        raise CheckpointError(f"cannot read the per-layer embedding table: {e.strerror or e}", layout.path) from e
+    try:
+        buf = np.empty((min(step, layout.rows), layout.row_bytes), dtype=np.uint8)
+        for r in range(0, layout.rows, step):
+            n = min(step, layout.rows - r)
+            _pread_into(fd, buf[:n], layout.offset + r * layout.row_bytes, layout.path)
+            yield r, torch.from_numpy(buf[:n])
+    finally:
+        os.close(fd)
+
+
 def _pread_into(fd: int, buf: np.ndarray, offset: int, path: Path) -> None:
     """Fill buf (a contiguous uint8 array) from the file at offset; a short read names the file."""
     view, got = memoryview(buf).cast("B"), 0
@@ -239,18 +257,9 @@ class ResidentTable(PleStore):
     def _load(self) -> torch.Tensor:
         lay = self.layout
         table = torch.empty(lay.rows, lay.width, dtype=self.dtype, device=self.home)
-        step = max(1, LOAD_CHUNK_BYTES // lay.row_bytes)
         decode_on = self.home if torch_decodes(lay.stored) else torch.device("cpu")
-        fd = os.open(lay.path, os.O_RDONLY)
-        try:
-            buf = np.empty((min(step, lay.rows), lay.row_bytes), dtype=np.uint8)
-            for r in range(0, lay.rows, step):
-                n = min(step, lay.rows - r)
-                _pread_into(fd, buf[:n], lay.offset + r * lay.row_bytes, lay.path)
-                raw = torch.from_numpy(buf[:n]).to(decode_on)
-                table[r : r + n] = decode_rows(raw, lay.stored, lay.width).to(self.dtype)
-        finally:
-            os.close(fd)
+        for r, raw in read_chunks(lay, LOAD_CHUNK_BYTES // lay.row_bytes):
+            table[r : r + raw.shape[0]] = decode_rows(raw.to(decode_on), lay.stored, lay.width).to(self.dtype)
         return table
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
@@ -502,25 +511,22 @@ def row_file(layout: TableLayout, dtype: torch.dtype, folder: Path) -> TableLayo
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{key}.{os.getpid()}.part"
-        step = max(1, LOAD_CHUNK_BYTES // max(layout.row_bytes, out.row_bytes))
-        fd = os.open(layout.path, os.O_RDONLY)
-        try:
-            with open(tmp, "wb") as f:
-                buf = np.empty((min(step, layout.rows), layout.row_bytes), dtype=np.uint8)
-                for r in range(0, layout.rows, step):
-                    n = min(step, layout.rows - r)
-                    _pread_into(fd, buf[:n], layout.offset + r * layout.row_bytes, layout.path)
-                    rows = decode_rows(torch.from_numpy(buf[:n]), layout.stored, layout.width).to(dtype)
-                    f.write(rows.contiguous().view(torch.uint8).numpy().tobytes())
-            os.replace(tmp, out.path)
-        finally:
-            os.close(fd)
-            if tmp.exists():
-                tmp.unlink()
+        f = open(tmp, "wb")
     except OSError as e:
         raise LlmarchError(
             f"--ple disk: cannot write the per-layer embedding row file here: {e.strerror or e}", folder
         ) from e
+    try:
+        with f:
+            for _, raw in read_chunks(layout, LOAD_CHUNK_BYTES // max(layout.row_bytes, out.row_bytes)):
+                rows = decode_rows(raw, layout.stored, layout.width).to(dtype)
+                f.write(rows.contiguous().view(torch.uint8).numpy().tobytes())
+        os.replace(tmp, out.path)
+    except OSError as e:
+        raise LlmarchError(f"--ple disk: cannot write the per-layer embedding row file: {e.strerror or e}", tmp) from e
+    finally:
+        if tmp.exists():
+            tmp.unlink()  # ours: written above under a name only this process uses
     return out
 
 
