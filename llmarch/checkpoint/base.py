@@ -38,7 +38,10 @@ def read_regular(path: Path, limit: int) -> bytes:
         size = os.fstat(f.fileno()).st_size
         if size > limit:
             raise CheckpointError(f"{size} bytes, more than the {limit} a file of this kind can need", path)
-        return f.read(limit + 1)
+        data = f.read(size + 1)  # never read(limit): that would allocate `limit` bytes up front
+        if len(data) > limit:
+            raise CheckpointError(f"more than the {limit} bytes a file of this kind can need", path)
+        return data
 
 
 def check_no_overlap(spans: list[tuple[int, int, str]], path) -> None:

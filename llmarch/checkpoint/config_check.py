@@ -147,6 +147,8 @@ INTS = {
     "ssm_state_size",
     "interleave_moe_layer_step",
     "no_rope_layer_interval",
+    "global_head_dim",
+    "conv_L_cache",
     "laurel_rank",
     "altup_num_inputs",
     "altup_active_idx",
@@ -204,6 +206,8 @@ BOOLS = {
     "use_attn_gate",
     "gated_attention",
     "altup_correct_scale",
+    "attention_k_eq_v",
+    "use_double_wide_mlp",
 }
 # true/false or a number (Llama 4's attn_temperature_tuning is 4 in its released configs)
 FLAGS = {"attn_temperature_tuning"}
@@ -237,10 +241,12 @@ ROPE_NUMBERS = {
 }
 ROPE_INTS = {"original_max_position_embeddings"}
 NESTED = ("text_config", "llm_config", "language_config", "thinker_config")
+# {layer index: {config key: value}}: each inner object is checked as a config
+PER_LAYER_OBJECTS = {"per_layer_config"}
 # every config key the fingerprint reads has a kind here (tests/test_hostile_headers.py checks it)
 DECLARED = (
     CORE_INTS | INTS | INTS_OR_LISTS | INT_LISTS | NUMBERS | NUMBER_LISTS | BOOLS | FLAGS | STRINGS | STRING_LISTS
-) | (OBJECTS | INT_OR_FLAG_LISTS | ROPE_DICTS | set(NESTED))
+) | (OBJECTS | INT_OR_FLAG_LISTS | ROPE_DICTS | set(NESTED) | PER_LAYER_OBJECTS)
 
 
 def show(value) -> str:
@@ -308,7 +314,7 @@ def _kind_error(key: str, value, per_layer: bool) -> str | None:
     if key in STRING_LISTS:
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         return None if ok else "a list of strings or null"
-    if key in OBJECTS or key in ROPE_DICTS or key in NESTED:
+    if key in OBJECTS or key in ROPE_DICTS or key in NESTED or key in PER_LAYER_OBJECTS:
         return None if isinstance(value, dict) else "an object or null"
     if key in INT_OR_FLAG_LISTS:
         ok = _count(value, 0) or (isinstance(value, list) and all(isinstance(v, bool) or _count(v, 0) for v in value))
@@ -344,6 +350,11 @@ def check_config(config: dict, path: Path, prefix: str = "") -> None:
     for key, value in config.items():
         if key in NESTED and isinstance(value, dict):
             check_config(value, path, f"{prefix}{key}.")
+        elif key in PER_LAYER_OBJECTS and isinstance(value, dict):
+            for i, layer in value.items():
+                if not isinstance(layer, dict):
+                    raise CheckpointError(f"{prefix}{key}.{i} must be an object, got {show(layer)}", path)
+                check_config(layer, path, f"{prefix}{key}.{i}.")
         elif key in DECLARED:
             config[key] = check_value(key, value, path, f"{prefix}{key}")
 

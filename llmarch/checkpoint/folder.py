@@ -22,7 +22,7 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json
 
 def open_folder(folder: Path) -> Checkpoint:
     index = folder / "model.safetensors.index.json"
-    if index.is_file():
+    if index.exists():  # a FIFO or device under this name is refused by the reader, not skipped
         shards, weight_map = _shards_from_index(index)
         ckpt = from_files(folder, shards, config_dir=folder)
         _check_weight_map(index, weight_map, ckpt)
@@ -101,7 +101,7 @@ def from_files(path: Path, shards: list[Path], config_dir: Path) -> Checkpoint:
         tensors.update(t)
         metadata = metadata or m
     config_file = config_dir / "config.json"
-    config = read_config(config_file) if config_file.is_file() else None
+    config = read_config(config_file) if config_file.exists() else None
     extra = {n: config_dir / n for n in SIDE_FILES if (config_dir / n).is_file()}
     return Checkpoint("safetensors", path, shards, tensors, config, metadata, extra_files=extra)
 

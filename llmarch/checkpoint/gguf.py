@@ -186,7 +186,11 @@ def _parse(buf, path: Path):
         if value is not None:
             meta[key] = value
 
+    # each tensor info is checked as it is read, against the bytes left after it (an upper bound
+    # of the data section): a lying tensor count then stops at the first implausible info
+    # instead of parsing millions of them out of the vocabulary's bytes
     infos = []
+    names: set[str] = set()
     for _ in range(n_tensors):
         name = c.string("tensor name")
         n_dims = c.unpack("<I", name)
@@ -195,17 +199,6 @@ def _parse(buf, path: Path):
         ne = [c.unpack("<Q", name) for _ in range(n_dims)]
         raw_type = c.unpack("<I", name)
         offset = c.unpack("<Q", name)
-        infos.append((name, ne, raw_type, offset))
-
-    alignment = meta.get("general.alignment", 32)
-    if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
-        raise CheckpointError(f"bad general.alignment {alignment!r}", path)
-    data_start = (c.pos + alignment - 1) // alignment * alignment
-    data_size = c.size - data_start
-
-    tensors: dict[str, TensorInfo] = {}
-    spans = []
-    for name, ne, raw_type, offset in infos:
         try:
             qtype = GGMLQuantizationType(raw_type)
             block, type_size = GGML_QUANT_SIZES[qtype]
@@ -219,11 +212,25 @@ def _parse(buf, path: Path):
                 f"tensor {name!r}: row of {ne[0]} is not a multiple of the {qtype.name} block {block}", path
             )
         nbytes = numel // block * type_size
+        if offset + nbytes > c.size - c.pos:
+            raise CheckpointError(f"tensor {name!r}: data at {offset}+{nbytes} runs past the end of the file", path)
+        if name in names:
+            raise CheckpointError(f"tensor {name!r} appears twice", path)
+        names.add(name)
+        infos.append((name, ne, qtype.name, offset, nbytes))
+
+    alignment = meta.get("general.alignment", 32)
+    if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
+        raise CheckpointError(f"bad general.alignment {show(alignment)}", path)
+    data_start = (c.pos + alignment - 1) // alignment * alignment
+    data_size = c.size - data_start
+
+    tensors: dict[str, TensorInfo] = {}
+    spans = []
+    for name, ne, qname, offset, nbytes in infos:
         if offset + nbytes > data_size:
             raise CheckpointError(f"tensor {name!r}: data at {offset}+{nbytes} runs past the end of the file", path)
-        if name in tensors:
-            raise CheckpointError(f"tensor {name!r} appears twice", path)
-        tensors[name] = TensorInfo(name, qtype.name, tuple(reversed(ne)), path, data_start + offset, nbytes)
+        tensors[name] = TensorInfo(name, qname, tuple(reversed(ne)), path, data_start + offset, nbytes)
         spans.append((offset, offset + nbytes, name))
     check_no_overlap(spans, path)
     return meta, skipped, tensors

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from llmarch.checkpoint.base import Checkpoint, TensorInfo, check_no_overlap
+from llmarch.checkpoint.config_check import show
 from llmarch.checkpoint.folder import SIDE_FILES, open_folder, read_config
 from llmarch.checkpoint.safetensors import DTYPE_SIZES
 from llmarch.errors import CheckpointError
@@ -185,8 +186,11 @@ def _remote_headers_quiet(source: str, repo_id: str, revision: str | None) -> Ch
         files.append(file)
         spans = []
         for name, t in fmeta.tensors.items():
-            if t.dtype not in DTYPE_SIZES:
-                raise CheckpointError(f"tensor {name!r}: unknown dtype {t.dtype!r}", file)
+            if not isinstance(t.dtype, str) or t.dtype not in DTYPE_SIZES:
+                raise CheckpointError(f"tensor {name!r}: unknown dtype {show(t.dtype)}", file)
+            offsets_ok = len(t.data_offsets) == 2 and all(type(o) is int for o in t.data_offsets)
+            if not offsets_ok or not all(type(d) is int and d >= 0 for d in t.shape):
+                raise CheckpointError(f"tensor {name!r}: bad shape or data_offsets", file)
             start, end = t.data_offsets
             numel = 1
             for d in t.shape:

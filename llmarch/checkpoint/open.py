@@ -22,7 +22,7 @@ def open_checkpoint(source: str | Path | None) -> Checkpoint:
     path = Path(source)
     if path.is_dir():
         return open_folder(path)
-    if path.is_file():
+    if path.exists():  # a regular file or not: the readers refuse FIFOs, sockets and devices by name
         suffix = path.suffix.lower()
         if suffix == ".gguf":
             return open_gguf(path)

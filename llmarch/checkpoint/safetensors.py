@@ -125,11 +125,16 @@ def _count_keys(value) -> int:
 
 
 def _count_nested(value) -> int:
-    if type(value) is dict:
-        return len(value) + sum(_count_nested(v) for v in value.values())
-    if type(value) is list:
-        return sum(_count_nested(v) for v in value)
-    return 0
+    """Keys at any depth, without recursion (a header may nest as deep as json allows)."""
+    n, stack = 0, [value]
+    while stack:
+        v = stack.pop()
+        if type(v) is dict:
+            n += len(v)
+            stack.extend(v.values())
+        elif type(v) is list:
+            stack.extend(v)
+    return n
 
 
 def _tensor_info(path: Path, name: str, entry, data_start: int, data_size: int) -> TensorInfo:

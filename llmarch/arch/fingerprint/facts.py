@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 
 from llmarch.arch.tensor_roles import has_role, is_vision, layer_of
 from llmarch.checkpoint.base import Checkpoint
+from llmarch.errors import CheckpointError
 
 EXPERTS_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts", "n_experts")
 
@@ -46,11 +48,19 @@ def expert_key(name: str) -> str:
     return name
 
 
+# projections and embeddings: the fingerprint reads their rows / columns, so they have a shape
+MATRIX_RE = re.compile(
+    r"(_proj|attn_[qkv]|attn_output|ffn_(up|down|gate)(_exps|_shexp)?|embed_tokens|token_embd)\.weight$"
+)
+
+
 def tensors_by_layer(ckpt: Checkpoint) -> dict[int, list[str]]:
-    """Layer index -> tensor names, one name per expert key (see expert_key)."""
+    """Layer index -> tensor names, one name per expert key (see expert_key). A projection
+    without dimensions is refused here, where the fingerprint first reads the tensor index."""
     out: dict[int, list[str]] = defaultdict(list)
     seen: set[str] = set()
-    for name in ckpt.tensors:
+    tensors = ckpt.tensors
+    for name in tensors:
         if "experts." in name:
             key = expert_key(name)
             if key in seen:
@@ -61,6 +71,8 @@ def tensors_by_layer(ckpt: Checkpoint) -> dict[int, list[str]]:
         i = layer_of(name)
         if i is not None:
             out[i].append(name)
+            if not tensors[name].shape and MATRIX_RE.search(name):
+                raise CheckpointError(f"tensor {name!r}: a projection matrix with no dimensions", tensors[name].file)
     return out
 
 
