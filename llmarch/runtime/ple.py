@@ -333,7 +333,10 @@ class DiskTable(PleStore):
     ):
         super().__init__(layout, device, dtype, scale)
         self.source = source  # the checkpoint's table when the rows are read from a converted row file
-        self.fd = os.open(layout.path, os.O_RDONLY)
+        try:
+            self.fd = os.open(layout.path, os.O_RDONLY)
+        except OSError as e:
+            raise CheckpointError(f"cannot read the per-layer embedding table: {e.strerror or e}", layout.path) from e
         if hasattr(os, "posix_fadvise"):  # random rows: read-ahead would fetch neighbours nobody asked for
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="llmarch-ple")
@@ -479,7 +482,7 @@ class DiskTable(PleStore):
         return out
 
     def close(self) -> None:
-        if self.fd >= 0:
+        if getattr(self, "fd", -1) >= 0:
             self.pool.shutdown(wait=True)
             os.close(self.fd)
             self.fd = -1
