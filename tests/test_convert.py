@@ -530,6 +530,28 @@ def test_real_gemma3_270m_gguf_to_hf_same_architecture(tmp_path, request):
         assert read_skipped_array(b, k) == read_skipped_array(a, k), k
 
 
+def test_gemma3n_narrow_per_layer_table_padded_as_transformers_reads_it(tiny, tmp_path):
+    """Gemma 3n's per-layer table covers the text tokens only (vocab_size_per_layer_input < vocab);
+    llama.cpp needs a row per token, so convert pads it with copies of row 0, the row transformers
+    reads for ids past the table: back in transformers, the same logits for ids on both sides."""
+    import torch
+
+    from llmarch.convert.from_gguf import convert_from_gguf
+    from llmarch.convert.to_gguf import convert_to_gguf
+
+    src = tiny("gemma3n", **GEMMA3N_LLAMACPP, vocab_size_per_layer_input=200)
+    gg, back = tmp_path / "m.gguf", tmp_path / "back"
+    convert_to_gguf(str(src), gg, "f32")
+    convert_from_gguf(str(gg), back, "f32")
+    a = load_st(src)["model.embed_tokens_per_layer.weight"]
+    b = load_st(back)["model.embed_tokens_per_layer.weight"]
+    assert a.shape == (200, 2560) and b.shape == (256, 2560)
+    assert np.array_equal(b[:200], a) and (b[200:] == a[0]).all()
+    ids = torch.randint(3, 256, (24,), generator=torch.Generator().manual_seed(0)).tolist()
+    assert max(ids) >= 200
+    np.testing.assert_allclose(hf_logits(back, ids), hf_logits(src, ids), rtol=1e-5, atol=1e-5)
+
+
 def test_run_ple_disk_from_converted_gguf(tiny, tmp_path):
     """llmarch run --ple disk reads Gemma 3n's per-layer rows from a GGUF that convert wrote: at f32
     the same greedy tokens as from the safetensors source; at q8_0 (rows stored as quant blocks,

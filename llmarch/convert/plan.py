@@ -191,6 +191,8 @@ def build_plan(ckpt: Checkpoint, spec: ArchSpec, fam: Family, dtype: str) -> Pla
             p.offset = i * step
         src = pieces[0][1].src.name if len(pieces) == 1 else f"{pieces[0][1].src.name} .. ({len(pieces)} experts)"
         tensors.append(PlannedTensor(gname, qtype, shape, [p for _, p in pieces], src))
+        if g["kind"] == MODEL_TENSOR.PER_LAYER_TOKEN_EMBD:
+            _pad_to_vocab(tensors[-1], groups)
     tensors.extend(_generated(spec, fam))
     return Plan(fam, spec, ftype, tensors)
 
@@ -263,6 +265,30 @@ def _split_kv_b(info: TensorInfo, spec: ArchSpec, layer: int) -> dict:
         MODEL_TENSOR.ATTN_K_B: Piece(info, 0, view=k_b, out_shape=(h, r, nope)),
         MODEL_TENSOR.ATTN_V_B: Piece(info, 0, view=v_b, out_shape=(h, v, r)),
     }
+
+
+def _pad_to_vocab(t: PlannedTensor, groups: dict) -> None:
+    """llama.cpp reads the per-layer table with a row per token of the vocabulary; Gemma 3n's is
+    narrower (vocab_size_per_layer_input: the text tokens, not the vision/audio ones after them).
+    It is padded up to the token embedding's rows (a real tensor's size, not a config number) with
+    copies of row 0, the row transformers' Gemma 3n reads for ids past the table, so llama.cpp
+    computes what transformers does for every id (llama.cpp's converter pads zeros)."""
+    from llmarch.convert.writer import _Sources, to_f32
+
+    embd = groups.get(TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD] + ".weight")
+    rows = embd["pieces"][0][1].shape[0] if embd else t.shape[0]
+    if len(t.shape) != 2 or rows <= t.shape[0] or len(t.pieces) != 1 or t.pieces[0].src is None:
+        return
+    src = t.pieces[0].src
+    reader = _Sources()
+    try:
+        first = to_f32(reader.read(t.pieces[0], 0, t.shape[1]), src.dtype)
+    finally:
+        reader.close()
+    pad = np.repeat(first[None, :], rows - t.shape[0], axis=0)
+    t.pieces.append(Piece(None, tensor_bytes(t.shape, t.type), data=pad))
+    t.shape = (rows, t.shape[1])
+    t.sources += f" + {pad.shape[0]} copies of its row 0 (to the vocabulary)"
 
 
 def _generated(spec: ArchSpec, fam: Family) -> list[PlannedTensor]:
