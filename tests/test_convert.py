@@ -580,3 +580,32 @@ def test_run_ple_disk_from_converted_gguf(tiny, tmp_path):
         got, report = greedy(gg, "disk")
         assert report["mode"] == "disk" and report["where"] == f"file {gg}" and report["rows_read"] > 0
         assert got == (ref if ref is not None else greedy(gg, "cpu")[0]), dtype
+
+
+def test_gemma3n_llama_cpp_cannot_express_is_refused(tiny, tmp_path):
+    """llama.cpp's gemma3n hard-codes LAuReL rank 64, KV in the first 20 layers and 0.95 sparsity on
+    the first 10 (models/gemma3n.cpp): a model that differs is one line naming the file, exit 2,
+    nothing written; each per-layer rule is checked on the spec of a model that fits otherwise."""
+    import dataclasses
+
+    from llmarch.api import load_checkpoint_spec
+    from llmarch.convert.gguf_meta import _check_hard_coded
+    from llmarch.errors import LlmarchError
+
+    out, src = tmp_path / "m.gguf", tiny("gemma3n")  # the run tests' fixture: LAuReL rank 4, KV sharing
+    line = _one_line_exit_2(run_cli("convert", src, "--to", "gguf", "-o", out))
+    assert (
+        line
+        == f"llmarch: {src}: llama.cpp's gemma3n hard-codes laurel_rank = 64; this model has 4, so GGUF cannot express it"
+    )
+    assert not out.exists()
+
+    _, spec = load_checkpoint_spec(str(tiny("gemma3n", **GEMMA3N_LLAMACPP)))
+    _check_hard_coded(spec, spec.recipe, "gemma3n", None)  # as converted by the tests above
+    shared = dataclasses.replace(spec, schedule=[dataclasses.replace(l) for l in spec.schedule])
+    shared.schedule[9].kv_shared_from = 4  # the last layer reuses layer 4's KV, as transformers would
+    with pytest.raises(LlmarchError, match="first 20 layers"):
+        _check_hard_coded(shared, spec.recipe, "gemma3n", None)
+    dense = dataclasses.replace(spec, schedule=[dataclasses.replace(l, ffn_sparsity=None) for l in spec.schedule])
+    with pytest.raises(LlmarchError, match="activation sparsity 0.95 on the first 10 layers"):
+        _check_hard_coded(dense, spec.recipe, "gemma3n", None)
