@@ -127,8 +127,8 @@ def test_gate_in_q_proj_matches_qwen3_next_attention(tiny):
     with torch.no_grad():
         for p in ref.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    (theta, _, rot), scaling = _rope_key(spec, layer)
-    rope = Rope(a.head_dim, rot, theta, scaling, spec.context_length)
+    (theta, _, rot, head_dim), scaling = _rope_key(spec, layer)
+    rope = Rope(head_dim, rot, theta, scaling, spec.context_length)
     mine = Attention(spec, layer, rope)
     sd = {n: p.detach() for n, p in ref.named_parameters()}
     mine.load_state_dict(
@@ -150,3 +150,20 @@ def test_gate_in_q_proj_matches_qwen3_next_attention(tiny):
         want, _ = ref(x, Qwen3NextRotaryEmbedding(cfg)(x, pos[None]), mask)
         got = mine(x, pos, cache)
     assert (got - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_grouped_attention_in_half_precision(dtype):
+    """The CPU path that adds the group's mask bias in one fused matmul must take 16-bit queries
+    (--dtype bfloat16/float16 on the CPU): same result as float32 within the dtype's rounding."""
+    from llmarch.runtime.kv_cache import SlotGroup
+    from llmarch.runtime.ops.attention import attend
+
+    torch.manual_seed(0)
+    group = SlotGroup(size=16, window=None, ring=False, device="cpu")
+    group.prepare(torch.arange(5), limit=5)
+    q, k, v = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    want = attend(q, k, v, group.mask, 8**-0.5, group=group)
+    got = attend(q.to(dtype), k.to(dtype), v.to(dtype), group.mask, 8**-0.5, group=group)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)

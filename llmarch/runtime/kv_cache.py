@@ -46,13 +46,13 @@ class SlotGroup:
         self.mask = visible
         self._bias = {}
 
-    def bias(self, rep: int) -> torch.Tensor:
-        """The mask as an additive float bias, rows repeated for `rep` query heads per KV head
-        (built once per step and group, not once per layer)."""
-        if rep not in self._bias:
+    def bias(self, rep: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The mask as an additive bias in the queries' dtype, rows repeated for `rep` query heads per
+        KV head (built once per step and group, not once per layer)."""
+        if (rep, dtype) not in self._bias:
             m = self.mask if rep == 1 else self.mask.repeat(rep, 1)
-            self._bias[rep] = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(~m, float("-inf"))
-        return self._bias[rep]
+            self._bias[rep, dtype] = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
+        return self._bias[rep, dtype]
 
     def reset(self) -> None:
         self.slot_pos.fill_(-1)

@@ -40,7 +40,7 @@ def attend(q, k, v, mask, scale: float, softcap: float | None = None, sinks: tor
     qg = q.reshape(B, KV, rep * T, D)
     if group is not None and B == 1 and softcap is None and sinks is None and q.device.type == "cpu":
         # one fused scale + bias + matmul (the mask as a bias shared by all layers of the step)
-        scores = torch.baddbmm(group.bias(rep), qg[0], k[0].transpose(-1, -2), alpha=scale)
+        scores = torch.baddbmm(group.bias(rep, q.dtype), qg[0], k[0].transpose(-1, -2), alpha=scale)
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
         return torch.matmul(probs, v[0].to(q.dtype)).reshape(B, H, T, -1)
     scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, KV, rep*T, S]
