@@ -154,6 +154,28 @@ def test_generator_reuses_cache_and_offloaded_experts_agree(tiny):
         g.PREFILL_CHUNK = old
 
 
+def test_generator_graph_decode_matches_transformers(tiny, device):
+    """The Generator on the test device gives transformers' greedy tokens, twice on one cache. On a
+    GPU its decode replays a captured CUDA graph: the capture's warm-up steps must leave the
+    recurrent state as it was, and each replay must update it in place."""
+    from fixtures.reference import reference_model
+    from llmarch.runtime import generate as g
+    from llmarch.runtime.load import load_runtime
+
+    path = tiny("qwen3_5_text", **HYBRID)
+    prompt = torch.randint(3, 128, (1, PROMPT), generator=torch.Generator().manual_seed(4))
+    ref = reference_model("qwen3_5_text", path, device)
+    seq = prompt.to(device)
+    with torch.inference_mode():
+        for _ in range(STEPS):
+            seq = torch.cat([seq, ref(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    rt = load_runtime(str(path), device, "float32")
+    gen = g.Generator(rt, PROMPT + STEPS)
+    for _ in range(2):
+        assert gen.generate(prompt[0].tolist(), STEPS, g.Sampling()).tokens == seq[0, PROMPT:].tolist()
+    assert (gen.graph is not None) == device.startswith("cuda")
+
+
 def _with_mtp(src, dst):
     """A copy of a tiny Qwen3-Next with one MTP block the way the Hub checkpoints store it
     (mtp.fc, mtp.pre_fc_norm_embedding / _hidden, mtp.layers.0.* = a full-attention decoder
