@@ -206,6 +206,19 @@ SEM: dict[str, Sem] = {
         placement="sandwich",
         kv_layer=lambda tc, i: 0 if tc.kv_sharing_modes[i] == "reuse" else _std_kv(tc, i),
     ),
+    # Gemma4TextAttention: per-head q/k norms; layers marked "reuse" read their owner's KV; each
+    # layer's head_dim / KV heads from per_layer_config (wider global layers); proportional RoPE
+    # spans the whole head (its partial_rotary_factor zeroes frequencies, it rotates every pair)
+    "gemma4_text": Sem(
+        qk_norm=lambda tc: "per_head",
+        placement="sandwich",
+        partial=lambda tc: 1.0,
+        kv_layer=lambda tc, i: (
+            0
+            if tc.kv_sharing_modes[i] == "reuse"
+            else 2 * tc.per_layer_config[i].num_key_value_heads * tc.per_layer_config[i].head_dim
+        ),
+    ),
     "qwen3_moe": Sem(qk_norm=lambda tc: "per_head", moe_layers=_qwen_sparse),
     # Qwen3NextDecoderLayer: layer_types "linear_attention" -> Qwen3NextGatedDeltaNet, else
     # Qwen3NextAttention whose q_proj emits query + gate (2 x heads x head_dim); shared_expert
@@ -464,6 +477,10 @@ def ctx(family, tiny) -> Ctx:
         path = tiny(name)
         cfg = AutoConfig.from_pretrained(path)
         tc = cfg.get_text_config(decoder=True)
+        if getattr(tc, "per_layer_config", None):
+            # per-layer overrides (Gemma 4): the model-level facts are the config's own values, the
+            # per-layer ones are read through per_layer_config[i] (kv_layer)
+            tc.allow_global_per_layer_attribute_access = True
         report = run_inspect(path, "--kv-dtype", "f16", "--context", str(CONTEXT))
         _CTX[name] = Ctx(name, path, cfg, tc, SEM[name], read_shapes(path), report)
     return _CTX[name]

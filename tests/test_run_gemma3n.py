@@ -9,7 +9,6 @@ The prompt (24) is longer than the sliding window (16), and prompt + 32 steps pa
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -17,8 +16,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from fixtures.parity import check_parity, kv_cache  # noqa: E402
+
 DEVICE = os.environ.get("LLMARCH_TEST_DEVICE", "cpu")
-TOL = 1e-4
 STEPS = 32
 PROMPT = 24
 
@@ -44,65 +44,17 @@ def reference(gemma3n):
 
 @pytest.fixture(scope="module")
 def wrapper(gemma3n, tmp_path_factory):
-    """The same weights in the multimodal gemma3n layout (config with text_config, tensors under
-    model.language_model.*), as Hub Gemma 3n checkpoints ship; transformers cannot build the
-    wrapper here (its vision tower needs timm), so the text model above is the reference."""
-    from safetensors.torch import load_file, save_file
+    """The same weights in the multimodal gemma3n layout (transformers cannot build the wrapper
+    here: its vision tower needs timm)."""
+    from fixtures.parity import text_in_wrapper
 
-    out = tmp_path_factory.mktemp("gemma3n_wrapper")
-    text = json.loads((gemma3n / "config.json").read_text())
-    config = {
-        "model_type": "gemma3n",
-        "architectures": ["Gemma3nForConditionalGeneration"],
-        "text_config": text,
-        "audio_config": {"model_type": "gemma3n_audio"},
-        "vision_config": {"model_type": "gemma3n_vision"},
-    }
-    (out / "config.json").write_text(json.dumps(config))
-    sd = load_file(next(gemma3n.glob("*.safetensors")))
-    renamed = {"model.language_model." + k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
-    save_file(renamed, out / "model.safetensors", metadata={"format": "pt"})
-    return out
-
-
-def _cache(spec, max_seq, device):
-    from llmarch.runtime.kv_cache import KVCache
-
-    a = spec.attention
-    return KVCache(spec.schedule, max_seq, a.kv_heads, a.head_dim, a.v_head_dim or a.head_dim, torch.float32, device)
-
-
-def _check_parity(path, ref, device):
-    from llmarch.runtime.load import load_runtime
-
-    rt = load_runtime(str(path), device, "float32")
-    spec, model = rt.spec, rt.model
-    max_seq = PROMPT + STEPS
-    cache = _cache(spec, max_seq, device)
-    model.setup(max_seq, device, torch.float32)
-    ids = torch.randint(3, spec.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(1)).to(device)
-    with torch.inference_mode():
-        mine = model(ids, torch.arange(PROMPT, device=device), cache, limit=PROMPT, last_only=False)
-        theirs = ref(ids).logits
-        err = (mine - theirs).abs().max().item()
-        assert err < TOL, f"prefill logits differ by {err}"
-        seq, worst = ids, 0.0
-        for step in range(STEPS):
-            mine_tok, their_tok = mine[0, -1].argmax().item(), theirs[0, -1].argmax().item()
-            assert mine_tok == their_tok, f"greedy token {step} differs: {mine_tok} vs {their_tok}"
-            seq = torch.cat([seq, torch.tensor([[mine_tok]], device=device)], dim=1)
-            n = seq.shape[1]
-            mine = model(seq[:, -1:], torch.tensor([n - 1], device=device), cache, limit=n)
-            theirs = ref(seq).logits[:, -1:]
-            worst = max(worst, (mine - theirs).abs().max().item())
-        assert worst < TOL, f"cached decode logits differ by up to {worst}"
-    window = min(l.window for l in spec.schedule if l.mixer == "sliding")
-    assert seq.shape[1] > 2 * window
-    return spec
+    return text_in_wrapper(
+        gemma3n, tmp_path_factory.mktemp("gemma3n_wrapper"), "gemma3n", "Gemma3nForConditionalGeneration"
+    )
 
 
 def test_text_model_matches_transformers(gemma3n, reference, device):
-    spec = _check_parity(gemma3n, reference, device)
+    spec = check_parity(gemma3n, reference, device, PROMPT, STEPS)
     cfg = reference.config
     # every Gemma 3n feature is on in this checkpoint, so a parity pass covers each of them
     assert spec.altup.streams == cfg.altup_num_inputs > 1
@@ -114,7 +66,7 @@ def test_text_model_matches_transformers(gemma3n, reference, device):
 
 
 def test_wrapper_text_model_matches_transformers(wrapper, reference, device):
-    spec = _check_parity(wrapper, reference, device)
+    spec = check_parity(wrapper, reference, device, PROMPT, STEPS)
     assert spec.family == "gemma3n" and spec.text_family == "gemma3n_text"
 
 
@@ -127,7 +79,7 @@ def test_only_kv_owner_layers_allocate(gemma3n, reference):
     owners = [i for i, m in enumerate(modes) if m != "reuse"]
     assert len(owners) < len(modes)
     for max_seq in (12, 300):  # inside the sliding window, and past it (rings)
-        cache = _cache(spec, max_seq, "cpu")
+        cache = kv_cache(spec, max_seq, "cpu")
         assert sorted(cache.layers) == owners
         assert cache.nbytes() == spec.kv_cache(context=max_seq, kv_dtype="f32")["bytes"]
 

@@ -28,7 +28,7 @@ from llmarch.runtime.ops.mlp import GatedMLP, PlainMLP
 from llmarch.runtime.ops.moe import moe_ffn
 from llmarch.runtime.ops.norms import RMSNorm, make_norm
 from llmarch.runtime.ops.per_layer_inputs import PerLayerGate, PerLayerInputs
-from llmarch.runtime.ops.rope import Rope, scaling_kind
+from llmarch.runtime.ops.rope import Rope, rotated_dims, scaling_kind
 
 
 def dense_ffn(spec: ArchSpec, layer: LayerSpec) -> nn.Module:
@@ -113,8 +113,9 @@ def _rope_key(spec: ArchSpec, layer: LayerSpec):
     if scaling_kind(scaling) == "default":
         scaling = None
     partial = layer.rope_partial if layer.rope_partial is not None else spec.rope.partial
-    rot = int(spec.attention.head_dim * partial) // 2 * 2
-    return (float(theta), repr(sorted((scaling or {}).items())), rot), scaling
+    head_dim = layer.head_dim or spec.attention.head_dim
+    rot = rotated_dims(head_dim, partial, scaling)
+    return (float(theta), repr(sorted((scaling or {}).items())), rot, head_dim), scaling
 
 
 class Transformer(nn.Module):
@@ -135,14 +136,14 @@ class Transformer(nn.Module):
             rope = None
             key = _rope_key(spec, layer)
             if key is not None:
-                (theta, skey, rot), scaling = key
+                (theta, skey, rot, head_dim), scaling = key
                 name = f"r{len(self.ropes)}"
                 for n, r in self.ropes.items():
                     if r.key == key[0]:
                         name = n
                         break
                 else:
-                    r = Rope(spec.attention.head_dim, rot, theta, scaling, spec.context_length)
+                    r = Rope(head_dim, rot, theta, scaling, spec.context_length)
                     r.key = key[0]
                     self.ropes[name] = r
                 rope = self.ropes[name]

@@ -82,6 +82,8 @@ def _layer_mixing(spec: ArchSpec, f: Facts, ckpt: Checkpoint) -> None:
         i = layer.index
         if isinstance(widths, list) and i < len(widths) and widths[i] != spec.intermediate_size:
             layer.ffn_width = int(widths[i])
+        elif not names and layer.kv_shared_from is not None and f.get("use_double_wide_mlp"):
+            layer.ffn_width = 2 * int(spec.intermediate_size or 0)  # Gemma 4: KV-shared layers' FFN twice as wide
         if isinstance(sparsity, list) and i < len(sparsity) and sparsity[i]:
             s = float(sparsity[i])
             if not 0.0 < s < 1.0:

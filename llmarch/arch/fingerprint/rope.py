@@ -20,12 +20,17 @@ def read_rope(spec: ArchSpec, f: Facts, recipe: Recipe) -> None:
     }
     stype = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
     r.scaling = dict(scaling, type=stype) if stype and stype != "default" else None
+    proportional = stype == "proportional"
+    if r.scaling is not None and proportional and "partial_rotary_factor" in full:
+        # proportional RoPE (Gemma 4) spans the whole head; its factor says how many of the
+        # frequencies are nonzero, so it belongs to the scaling, not to a partial rotation
+        r.scaling = dict(r.scaling, partial_rotary_factor=full["partial_rotary_factor"])
     if isinstance(local, dict) and local.get("rope_theta") and local.get("rope_theta") != r.theta:
         r.local_theta = local["rope_theta"]
     elif f.get("rope_local_base_freq"):
         r.local_theta = f.get("rope_local_base_freq", fact="rope.local_theta")
     partial = (
-        full.get("partial_rotary_factor")
+        (None if proportional else full.get("partial_rotary_factor"))
         or f.get("partial_rotary_factor", fact="rope.partial")
         or recipe.partial_rotary_factor
     )

@@ -1,4 +1,4 @@
-"""Rotary position embeddings: default, linear, llama3, yarn; partial rotation; NoPE is `None`.
+"""Rotary position embeddings: default, linear, llama3, yarn, proportional; partial rotation; NoPE is `None`.
 
 Tables of cos/sin are precomputed for the positions the KV cache can hold (not the model's whole
 context: Gemma's 32k x 256 table would cost 64 MB per base), then gathered by position.
@@ -62,6 +62,23 @@ def _yarn(dim: int, theta: float, p: dict, context: int | None) -> tuple[torch.T
     return inv, attn
 
 
+def _proportional(dim: int, theta: float, p: dict) -> torch.Tensor:
+    """Gemma 4's global layers: the first partial_rotary_factor of the dim // 2 frequencies are
+    theta^(-2i/dim) over the WHOLE head width, the rest 0 (those pairs do not rotate); divided by factor."""
+    angles = int(float(p.get("partial_rotary_factor", 1.0)) * dim // 2)
+    rotated = 1.0 / (theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64).float() / dim))
+    inv = torch.cat([rotated, torch.zeros(dim // 2 - angles)])
+    return inv / float(p.get("factor", 1.0))
+
+
+def rotated_dims(head_dim: int, partial: float, scaling: dict | None) -> int:
+    """How many leading dims of a head the rotate-half pairs span: proportional RoPE spans the whole
+    head (its unrotated pairs have frequency 0); partial rotation the first partial * head_dim."""
+    if scaling_kind(scaling) == "proportional":
+        return head_dim
+    return int(head_dim * partial) // 2 * 2
+
+
 def scaling_kind(scaling: dict | None) -> str:
     """The RoPE scaling type of a config's rope_scaling / rope_parameters ("type" in older configs)."""
     return (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
@@ -78,6 +95,8 @@ def inv_freq(dim: int, theta: float, scaling: dict | None, context: int | None =
         return _llama3(_default(dim, theta), scaling), 1.0
     if kind == "yarn":
         return _yarn(dim, theta, scaling, context)
+    if kind == "proportional":
+        return _proportional(dim, theta, scaling), 1.0
     raise LlmarchError(f"RoPE scaling type {kind!r} is not supported by llmarch run")
 
 
