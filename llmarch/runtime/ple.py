@@ -153,7 +153,7 @@ def read_chunks(layout: TableLayout, rows_per_chunk: int):
 
 def _pread_into(fd: int, buf: np.ndarray, offset: int, path: Path) -> None:
     """Fill buf (a contiguous uint8 array) from the file at offset; a short read names the file."""
-    view, got = memoryview(buf).cast("B"), 0
+    view, got = buf.data.cast("B"), 0
     while got < len(view):
         n = os.preadv(fd, [view[got:]], offset + got)
         if n <= 0:
@@ -293,7 +293,7 @@ class _Slot:
     def __init__(self, row_bytes: int, pinned: bool):
         self.row_bytes, self.pinned = row_bytes, pinned
         self.buf = torch.empty(0, row_bytes, dtype=torch.uint8)
-        self.event = None
+        self.event: torch.cuda.Event | None = None
 
     def take(self, n: int) -> torch.Tensor:
         if self.event is not None:
@@ -367,7 +367,7 @@ class DiskTable(PleStore):
         cheaper than waking a pool thread); False when the read would wait for the disk."""
         first, count, at = run
         lay, t0 = self.layout, time.perf_counter()
-        view = memoryview(host[at : at + count]).cast("B")
+        view = host[at : at + count].data.cast("B")
         try:
             n = os.preadv(self.fd, [view], lay.offset + first * lay.row_bytes, os.RWF_NOWAIT)
         except OSError:
@@ -451,8 +451,9 @@ class DiskTable(PleStore):
             self._remember(req)
         raw = req.staged.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
-            req.slot.event = torch.cuda.Event()
-            req.slot.event.record()
+            done = torch.cuda.Event()
+            done.record()
+            req.slot.event = done
         rows = decode_rows(raw, self.layout.stored, self.layout.width)
         # index_select always copies: the result never aliases the staging buffer
         return self._finish(rows.index_select(0, req.inverse.to(rows.device)), ids)
