@@ -276,6 +276,26 @@ def test_modes_give_identical_tokens_through_run(tiny, monkeypatch, capsys):
     assert rep["where"] == f"file {src / 'model.safetensors'}" and rep["resident_bytes"] < rep["table_bytes"]
 
 
+@pytest.mark.gpu
+def test_three_modes_give_identical_tokens_on_cuda(tiny, monkeypatch, capsys):
+    """On a GPU: the table on the GPU (decode captured as a CUDA graph), in host RAM and on disk
+    (eager decode, rows through the pinned staging buffer) give the same greedy tokens."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    src = tiny("gemma3n")
+    out = {}
+    for mode in ("gpu", "cpu", "disk"):
+        code, stdout, err = llmarch(
+            monkeypatch, capsys, "run", src, "--prompt-ids", "5,9,5,17,9,3,250,5", "-n", "12", "--ignore-eos",
+            "--json", "--device", "cuda", "--dtype", "float32", "--ple", mode,
+        )  # fmt: skip
+        assert code == 0, err
+        doc = json.loads(stdout)
+        assert doc["ple"]["mode"] == mode
+        out[mode] = doc["tokens"]
+    assert out["gpu"] == out["cpu"] == out["disk"], out
+
+
 def test_ple_options_refused_before_loading(tiny, monkeypatch, capsys):
     import llmarch.runtime.load as load
 
