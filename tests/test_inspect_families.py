@@ -169,6 +169,19 @@ MLA_WITH_INDEXER = dict(
 
 _NEMOTRON_MIXER = {"linear_attention": "mamba", "full_attention": "full", "moe": None, "mlp": None}
 
+# Qwen3_5DecoderLayer: layer_types "linear_attention" -> Qwen3_5GatedDeltaNet, else
+# Qwen3_5Attention, whose q_proj emits query + gate (2 x heads x head_dim) and applies the sigmoid
+# gate although the config has no gate key; Qwen3_5MLP on every layer; Qwen3_5RMSNorm is x * (1 + w).
+_QWEN3_5 = dict(
+    mixers=lambda tc: ["linear" if t == "linear_attention" else "full" for t in layer_types(tc)],
+    qk_norm=lambda tc: "per_head",
+    gated=True,
+    gate_layout="in_q",
+    unit_offset=True,
+    linear=True,
+    kv_layer=lambda tc, i: 0 if layer_types(tc)[i] == "linear_attention" else _std_kv(tc, i),
+)
+
 SEM: dict[str, Sem] = {
     # GPT-2: Conv1D c_attn/c_proj with biases; learned absolute positions (wpe), no RoPE.
     "gpt2": Sem(
@@ -234,32 +247,10 @@ SEM: dict[str, Sem] = {
         linear=True,
         kv_layer=lambda tc, i: 0 if layer_types(tc)[i] == "linear_attention" else _std_kv(tc, i),
     ),
-    # Qwen3_5DecoderLayer: layer_types "linear_attention" -> Qwen3_5GatedDeltaNet, else
-    # Qwen3_5Attention, whose q_proj emits query + gate (2 x heads x head_dim) and applies the
-    # sigmoid gate although the config has no gate key; Qwen3_5MLP on every layer; Qwen3_5RMSNorm
-    # is x * (1 + w).
-    "qwen3_5_text": Sem(
-        mixers=lambda tc: ["linear" if t == "linear_attention" else "full" for t in layer_types(tc)],
-        qk_norm=lambda tc: "per_head",
-        gated=True,
-        gate_layout="in_q",
-        unit_offset=True,
-        linear=True,
-        kv_layer=lambda tc, i: 0 if layer_types(tc)[i] == "linear_attention" else _std_kv(tc, i),
-    ),
+    "qwen3_5_text": Sem(**_QWEN3_5),
     # Qwen3_5MoeDecoderLayer: the same mixers; Qwen3_5MoeSparseMoeBlock on every layer, with
     # shared_expert + shared_expert_gate
-    "qwen3_5_moe_text": Sem(
-        mixers=lambda tc: ["linear" if t == "linear_attention" else "full" for t in layer_types(tc)],
-        qk_norm=lambda tc: "per_head",
-        moe_layers=lambda tc: list(range(L(tc))),
-        shared_experts=lambda tc: 1,
-        gated=True,
-        gate_layout="in_q",
-        unit_offset=True,
-        linear=True,
-        kv_layer=lambda tc, i: 0 if layer_types(tc)[i] == "linear_attention" else _std_kv(tc, i),
-    ),
+    "qwen3_5_moe_text": Sem(**_QWEN3_5, moe_layers=lambda tc: list(range(L(tc))), shared_experts=lambda tc: 1),
     # Lfm3DecoderLayer: layer_types "conv" -> Lfm3ShortConv (no attention, no KV; a conv window of
     # conv_L_cache inputs), else Lfm3Attention (sliding_window on "sliding_attention" layers only)
     # with per-head QK-norm and g_proj, one sigmoid gate per head; operator_norm, post_operator_norm,
@@ -273,6 +264,9 @@ SEM: dict[str, Sem] = {
         linear=True,
         kv_layer=lambda tc, i: 0 if layer_types(tc)[i] == "conv" else _std_kv(tc, i),
         gate_per_head=True,
+        # the full layers' proportional RoPE spans the whole head (as Gemma 4's: its
+        # partial_rotary_factor zeroes the other frequencies)
+        partial=lambda tc: 1.0,
     ),
     "deepseek_v3": Sem(
         mixers=lambda tc: ["mla"] * L(tc),
