@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.test_convert import GEMMA3N_LLAMACPP, add_tokenizer
+from tests.test_convert import GEMMA3N_LLAMACPP, add_tokenizer, load_st
 
 llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.llamacpp
@@ -178,13 +178,18 @@ def test_real_gemma3_270m_to_hf_matches_llamacpp(tmp_path):
         ), text
 
 
-def test_gemma3n_kv_sharing_matches_transformers(tiny, tmp_path):
+@pytest.mark.parametrize("hub_layout", [True, False])
+def test_gemma3n_kv_sharing_matches_transformers(tmp_path, hub_layout):
     """llama.cpp's gemma3n gives KV caches to the first 20 layers; the later ones reuse layer 18's
     (sliding) or 19's (full), as transformers' num_kv_shared_layers does. A 22-layer Gemma 3n with 2
-    shared layers, its shared layers' k/v projections kept as the Hub files keep them."""
+    shared layers: with the shared layers' own (random, unused) k/v projections as the Hub files
+    keep them, and without them as transformers saves it (convert writes the zeros llama.cpp
+    requires; back in transformers, the same logits)."""
     import torch
     from tokenizers import Tokenizer
 
+    from fixtures.make import make_tiny
+    from llmarch.convert.from_gguf import convert_from_gguf
     from llmarch.convert.to_gguf import convert_to_gguf
     from llmarch.convert.verify import nmse
 
@@ -196,9 +201,9 @@ def test_gemma3n_kv_sharing_matches_transformers(tiny, tmp_path):
         "num_kv_shared_layers": 2,
         "activation_sparsity_pattern": [0.95] * 10 + [0.0] * 12,
     }
-    src = tmp_path / "gemma3n-22"
-    shutil.copytree(tiny("gemma3n", vocab_size=VOCAB, **overrides), src)
+    src = make_tiny("gemma3n", tmp_path / "gemma3n-22", hub_layout=hub_layout, vocab_size=VOCAB, **overrides)
     add_tokenizer(src, VOCAB)
+    assert hub_layout == any(".layers.21.self_attn.k_proj" in n for n in load_st(src))
     out = tmp_path / "m.gguf"
     convert_to_gguf(str(src), out, "f32")
     llm = load_llama(out)
@@ -215,3 +220,8 @@ def test_gemma3n_kv_sharing_matches_transformers(tiny, tmp_path):
     assert nmse(ref, got) < 1e-4
     assert (ref.argmax(-1) == got.argmax(-1)).all()
     assert llama_greedy(llm, ids, 8) == hf_greedy
+    back = tmp_path / "back"
+    convert_from_gguf(str(out), back, "f32")
+    with torch.no_grad():
+        again = hf_model(back, "gemma3n")(input_ids=torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_array_equal(again, ref)

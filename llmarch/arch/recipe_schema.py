@@ -109,6 +109,10 @@ class ConvertRecipe:
     kv_owner_layers: int | None = None
     sparse_ffn_layers: int | None = None
     sparse_ffn_fraction: float | None = None
+    # llama.cpp loads k/v projections and the k-norm in every layer, also those that reuse another
+    # layer's KV and never read them (Gemma 3n); write zeros of the owner's shape where the source
+    # has none (transformers' save_pretrained leaves them out, the Hub files keep them)
+    shared_kv_placeholders: bool = False
 
 
 @dataclass(frozen=True)

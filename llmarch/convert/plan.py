@@ -193,8 +193,28 @@ def build_plan(ckpt: Checkpoint, spec: ArchSpec, fam: Family, dtype: str) -> Pla
         tensors.append(PlannedTensor(gname, qtype, shape, [p for _, p in pieces], src))
         if g["kind"] == MODEL_TENSOR.PER_LAYER_TOKEN_EMBD:
             _pad_to_vocab(tensors[-1], groups)
+    if fam.recipe.convert.shared_kv_placeholders:
+        tensors.extend(_shared_kv_placeholders(spec, {t.name: t for t in tensors}))
     tensors.extend(_generated(spec, fam))
     return Plan(fam, spec, ftype, tensors)
+
+
+def _shared_kv_placeholders(spec: ArchSpec, have: dict[str, PlannedTensor]) -> list[PlannedTensor]:
+    """Zero k/v projections and k-norm for the layers that reuse another layer's KV and lack their
+    own: llama.cpp requires them and never reads them (it reuses the owner's cache)."""
+    out = []
+    for layer in spec.schedule:
+        if layer.kv_shared_from is None:
+            continue
+        for kind in (MODEL_TENSOR.ATTN_K, MODEL_TENSOR.ATTN_V, MODEL_TENSOR.ATTN_K_NORM):
+            name = TENSOR_NAMES[kind].format(bid=layer.index) + ".weight"
+            owner = have.get(TENSOR_NAMES[kind].format(bid=layer.kv_shared_from) + ".weight")
+            if name in have or owner is None:
+                continue
+            zeros = np.zeros(owner.shape, dtype=np.float32)  # pages never written: no memory until encoded
+            note = f"(zeros: layer {layer.index} reuses layer {layer.kv_shared_from}'s KV)"
+            out.append(PlannedTensor(name, owner.type, owner.shape, [Piece(None, 0, data=zeros)], note))
+    return out
 
 
 FUSED_RE = re.compile(r"\.(mlp|feed_forward)\.experts\.(gate_up_proj|down_proj)(_bias)?$")
