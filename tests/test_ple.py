@@ -253,11 +253,12 @@ def one_line(code: int, err: str, *needles: str) -> str:
     return lines[0]
 
 
-def test_modes_give_identical_tokens_through_run(tiny, monkeypatch, capsys):
-    """The tiny Gemma 3n checkpoint (its table from transformers' save_pretrained) gives the same
-    greedy tokens with the table in host RAM (the default on this machine) and read from disk
-    with a hot-row cache; the disk run reads each distinct prompt token once."""
-    src = tiny("gemma3n")
+@pytest.mark.parametrize("family", ["gemma3n", "gemma4_text"])
+def test_modes_give_identical_tokens_through_run(tiny, monkeypatch, capsys, family):
+    """The tiny Gemma 3n / Gemma 4 checkpoints (their tables from transformers' save_pretrained)
+    give the same greedy tokens with the table in host RAM (the default on this machine) and read
+    from disk with a hot-row cache; the disk run reads each distinct prompt token once."""
+    src = tiny(family)
     prompt = "5,9,5,17,9,3,250,5"
     out = {}
     for extra in ((), ("--ple", "disk", "--ple-cache-mib", "1")):
