@@ -238,6 +238,15 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
+def _not_capturing(mode: str) -> None:
+    """Host-side rows need the step's ids on the host: no CUDA graph can hold that step."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise LlmarchError(
+            f"--ple {mode} gathers rows on the host, which a CUDA graph cannot capture; decode without "
+            "a graph (Generator(cuda_graph=False), as llmarch run does) or use --ple gpu"
+        )
+
+
 def _check_ids(flat: torch.Tensor, rows: int, path: Path) -> None:
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= rows):
         bad = int(flat[(flat < 0) | (flat >= rows)][0])
@@ -263,6 +272,8 @@ class ResidentTable(PleStore):
         return table
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        if self._pinned:
+            _not_capturing(self.mode)
         flat = ids.reshape(-1).to(self.home)
         if self.home.type == "cpu":  # on a GPU an out-of-range index fails in the kernel; a check would sync
             _check_ids(flat, self.layout.rows, self.layout.path)
@@ -381,6 +392,7 @@ class DiskTable(PleStore):
     def _host_ids(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         flat = ids.detach().reshape(-1)
         if flat.device.type != "cpu":
+            _not_capturing(self.mode)
             flat = flat.cpu()
         return flat, flat.tolist()
 
