@@ -590,6 +590,7 @@ def test_gemma3n_llama_cpp_cannot_express_is_refused(tiny, tmp_path):
 
     from llmarch.api import load_checkpoint_spec
     from llmarch.convert.gguf_meta import _check_hard_coded
+    from llmarch.convert.to_gguf import convert_to_gguf
     from llmarch.errors import LlmarchError
 
     out, src = tmp_path / "m.gguf", tiny("gemma3n")  # the run tests' fixture: LAuReL rank 4, KV sharing
@@ -609,3 +610,9 @@ def test_gemma3n_llama_cpp_cannot_express_is_refused(tiny, tmp_path):
     dense = dataclasses.replace(spec, schedule=[dataclasses.replace(l, ffn_sparsity=None) for l in spec.schedule])
     with pytest.raises(LlmarchError, match="activation sparsity 0.95 on the first 10 layers"):
         _check_hard_coded(dense, spec.recipe, "gemma3n", None)
+
+    # a per-layer table under half the vocabulary is not padded (the padding would outgrow the table)
+    short = tiny("gemma3n", **GEMMA3N_LLAMACPP, vocab_size_per_layer_input=100)
+    with pytest.raises(LlmarchError, match="has 100 rows, less than half of the token embedding's 256"):
+        convert_to_gguf(str(short), tmp_path / "short.gguf", "f32")
+    assert not (tmp_path / "short.gguf").exists()

@@ -52,7 +52,7 @@ def spec_to_hf_keys(spec: ArchSpec) -> dict:
         "attn_logit_softcapping": a.softcap,
     }
     hp["rms_norm_eps" if spec.norm.kind == "rms" else "layer_norm_epsilon"] = spec.norm.eps
-    if spec.per_layer_embeddings:  # Gemma 3n: as llama.cpp's converter writes them (its loader reads none)
+    if spec.per_layer_embeddings:  # as llama.cpp's converter writes them (its gemma3n loader reads neither)
         hp["hidden_size_per_layer_input"] = spec.per_layer_embeddings.get("dim")
         hp["num_kv_shared_layers"] = sum(l.kv_shared_from is not None for l in spec.schedule)
     if spec.altup:

@@ -299,6 +299,12 @@ def _pad_to_vocab(t: PlannedTensor, groups: dict) -> None:
     rows = embd["pieces"][0][1].shape[0] if embd else t.shape[0]
     if len(t.shape) != 2 or rows <= t.shape[0] or len(t.pieces) != 1 or t.pieces[0].src is None:
         return
+    if rows - t.shape[0] > t.shape[0]:  # the padding stays smaller than the table itself
+        raise LlmarchError(
+            f"per-layer embedding table {t.pieces[0].src.name} has {t.shape[0]} rows, less than half of the "
+            f"token embedding's {rows}; llama.cpp needs one row per token",
+            t.pieces[0].src.file,
+        )
     src = t.pieces[0].src
     reader = _Sources()
     try:
