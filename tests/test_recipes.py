@@ -191,7 +191,7 @@ def _bare_gguf(path: Path, arch: str) -> Path:
 
 def test_refusals_name_the_supported_families(tiny, tmp_path):
     declared = _declared_support()
-    src = tiny("kimi_linear")  # Kimi Delta Attention hybrid: inspect only
+    src = tiny("lfm3")  # LFM3 (short-convolution hybrid): no recipe, inspect only
     refusals = {
         "run": _one_line_refusal("run", src, "--prompt-ids", "1,2", "--device", "cpu"),
         "convert": _one_line_refusal("convert", src, "-o", tmp_path / "q.gguf"),
@@ -199,7 +199,7 @@ def test_refusals_name_the_supported_families(tiny, tmp_path):
             "convert", _bare_gguf(tmp_path / "phi3.gguf", "phi3"), "--to", "safetensors", "-o", tmp_path / "back"
         ),
     }
-    assert "kimi_linear" in refusals["run"] and "kimi_linear" in refusals["convert"] and "phi3" in refusals["from_gguf"]
+    assert "lfm3" in refusals["run"] and "lfm3" in refusals["convert"] and "phi3" in refusals["from_gguf"]
     for command, line in refusals.items():
         assert "not supported" in line, line
         named = line[line.index("support") :]

@@ -271,7 +271,7 @@ class ArchSpec:
         la = self.linear_attention
         if not la:
             return 0
-        if self.linear is not None and self.linear.kind == "gated_deltanet":
+        if self.linear is not None and self.linear.kind in ("gated_deltanet", "kda"):
             # the recurrent matrix is kept in float32 (as transformers and llama.cpp keep it), the
             # conv window in the cache dtype
             lin = self.linear

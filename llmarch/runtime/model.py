@@ -22,6 +22,7 @@ from llmarch.runtime.ops.altup import AltUp, AltUpStreams
 from llmarch.runtime.ops.attention import Attention
 from llmarch.runtime.ops.chunked_attention import ChunkedAttention
 from llmarch.runtime.ops.gated_deltanet import GatedDeltaNet
+from llmarch.runtime.ops.kda import KimiDeltaAttention
 from llmarch.runtime.ops.laurel import Laurel
 from llmarch.runtime.ops.mla import MLAttention
 from llmarch.runtime.ops.mlp import GatedMLP, PlainMLP
@@ -46,6 +47,7 @@ MIXERS: dict[str, Callable[..., nn.Module]] = {
     "chunked": ChunkedAttention,
     "mla": MLAttention,
     "gated_deltanet": GatedDeltaNet,
+    "kda": KimiDeltaAttention,
 }
 FFNS: dict[str, Callable[..., nn.Module]] = {"dense": dense_ffn, "moe": moe_ffn}
 NORM_SLOTS = {

@@ -9,7 +9,8 @@ from llmarch.arch.recipe_schema import Recipe
 from llmarch.arch.spec import AltUpSpec, ArchSpec, LinearAttentionSpec
 from llmarch.arch.tensor_roles import is_vision, layer_of
 from llmarch.checkpoint.base import Checkpoint
-from llmarch.errors import LlmarchError
+from llmarch.checkpoint.config_check import MAX_COUNT, is_int, show
+from llmarch.errors import CheckpointError, LlmarchError
 
 
 def read_extras(spec: ArchSpec, f: Facts, recipe: Recipe, ckpt: Checkpoint) -> None:
@@ -55,8 +56,8 @@ def read_extras(spec: ArchSpec, f: Facts, recipe: Recipe, ckpt: Checkpoint) -> N
     spec.ffn_gated = recipe.ffn_gated
     la = spec.schedule and [l for l in spec.schedule if l.mixer in ("linear", "mamba")]
     if la:
-        spec.linear_attention = _linear_state(spec, f, recipe)
-        if spec.linear is not None:
+        spec.linear_attention = _linear_state(spec, f, recipe, ckpt.path)
+        if spec.linear is not None and spec.linear.kind == "gated_deltanet":
             spec.linear.projection = spec.linear_attention["projection"] = _linear_projection(spec, ckpt)
 
 
@@ -91,7 +92,7 @@ def _layer_mixing(spec: ArchSpec, f: Facts, ckpt: Checkpoint) -> None:
             layer.ffn_sparsity = s
 
 
-def _linear_state(spec: ArchSpec, f: Facts, recipe: Recipe) -> dict:
+def _linear_state(spec: ArchSpec, f: Facts, recipe: Recipe, path) -> dict:
     kinds = [l.linear_kind for l in spec.schedule if l.linear_kind]
     kind = kinds[0] if kinds else recipe.linear_kind or "linear"
     out = {"kind": kind, "linear": sum(l.mixer in ("linear", "mamba") for l in spec.schedule)}
@@ -119,8 +120,25 @@ def _linear_state(spec: ArchSpec, f: Facts, recipe: Recipe) -> dict:
     elif isinstance(f.get("linear_attn_config"), dict) and f.get("linear_attn_config").get("num_heads"):
         # Kimi Delta Attention: a head_dim x head_dim state per head, plus q/k/v short convolutions
         c = f.get("linear_attn_config")
-        h, d, conv = c["num_heads"], c.get("head_dim", 128), c.get("short_conv_kernel_size", 4)
-        out["state_elems_per_layer"] = h * d * d + 3 * h * d * (conv - 1)
+
+        def size(key: str, default: int) -> int:
+            v = c.get(key, default)
+            if not (is_int(v) and 1 <= v <= MAX_COUNT):
+                raise CheckpointError(
+                    f"linear_attn_config.{key} must be an integer from 1 to {MAX_COUNT}, got {show(v)}", path
+                )
+            return int(v)
+
+        h, d = size("num_heads", 32), size("head_dim", 128)
+        lin = spec.linear = LinearAttentionSpec(
+            kind=kind,
+            key_heads=h,
+            value_heads=h,
+            key_head_dim=d,
+            value_head_dim=d,
+            conv_kernel=size("short_conv_kernel_size", 4),
+        )
+        out["state_elems_per_layer"] = lin.recurrent_state_elems + lin.conv_state_elems
     elif kind == "short_conv" and f.get("conv_L_cache"):
         # gated short convolution (LFM2/3): a window of the last L_cache - 1 inputs, hidden_size channels
         out["state_elems_per_layer"] = spec.hidden_size * (

@@ -10,11 +10,10 @@ head h keeps a dk x dv matrix S that, token by token, decays by exp(g) and takes
 then o passes an RMS norm gated by silu(z) and out_proj. Several value heads may share one q/k head
 (consecutive value heads per key head, as transformers repeats them).
 
-Two forms of the same recurrence: `recurrent_step` (one token, decode) and `chunked` (prefill), the
-chunk/WY form: inside a chunk of C tokens the delta-rule writes are condensed by one triangular
-solve into matmuls over the whole chunk; only the chunk-to-chunk state update is sequential.
-The state (conv window: the last K - 1 conv inputs; S in float32) lives in the cache
-(kv_cache.LinearState) and is updated in place, so a captured decode step stays valid.
+The rule's two forms, `recurrent_step` (one token, decode) and `chunked` (prefill, the chunk/WY
+form), live in delta_rule.py, shared with Kimi Delta Attention. The state (conv window: the last
+K - 1 conv inputs; S in float32) lives in the cache (kv_cache.LinearState) and is updated in
+place, so a captured decode step stays valid.
 """
 
 from __future__ import annotations
@@ -25,60 +24,12 @@ from torch import nn
 
 from llmarch.arch.spec import ArchSpec, LayerSpec
 from llmarch.errors import LlmarchError
+from llmarch.runtime.ops.delta_rule import CHUNK, chunked, gated_delta, l2norm, recurrent_step, short_conv
 from llmarch.runtime.ops.mlp import activation
 from llmarch.runtime.ops.norms import RMSNorm
 
-CHUNK = 64  # tokens per chunk of the prefill form (the reference kernels' size)
-
-
-def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
-
-
-def recurrent_step(q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:
-    """One token. q, k [B,H,Dk], v [B,H,Dv], g, beta [B,H] (float32); state [B,H,Dk,Dv] float32,
-    updated in place. Returns o [B,H,Dv]."""
-    state.mul_(g.exp()[..., None, None])
-    kv_mem = torch.einsum("bhk,bhkv->bhv", k, state)
-    delta = (v - kv_mem) * beta[..., None]
-    state.add_(k[..., :, None] * delta[..., None, :])
-    return torch.einsum("bhk,bhkv->bhv", q, state)
-
-
-def chunked(q, k, v, g, beta, state: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
-    """T tokens in the chunk/WY form. q, k [B,H,T,Dk], v [B,H,T,Dv], g, beta [B,H,T] (float32);
-    state [B,H,Dk,Dv] float32, updated in place. Returns o [B,H,T,Dv]."""
-    B, H, T, Dk = k.shape
-    Dv = v.shape[-1]
-    pad = (-T) % chunk
-    if pad:  # padded tokens write nothing (beta = 0, k = 0) and do not decay (g = 0)
-        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-        g, beta = (F.pad(x, (0, pad)) for x in (g, beta))
-    n = (T + pad) // chunk
-    q, k, v = (x.reshape(B, H, n, chunk, x.shape[-1]) for x in (q, k, v))
-    g, beta = g.reshape(B, H, n, chunk), beta.reshape(B, H, n, chunk)
-    gc = g.cumsum(-1)  # log-decay from the chunk's start to each token
-    upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
-    decay = (gc[..., :, None] - gc[..., None, :]).masked_fill(upper, float("-inf")).exp()  # [.., i, j], j <= i
-    kb = k * beta[..., None]
-    # the WY form: (I + strictly_lower(diag(beta) K K^T * decay)) [u | w] = [beta v | beta k exp(gc)]
-    system = (kb @ k.transpose(-1, -2)) * decay
-    rhs = torch.cat([v * beta[..., None], kb * gc.exp()[..., None]], dim=-1)
-    uw = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
-    u, w = uw.split([Dv, Dk], dim=-1)
-    attn = (q @ k.transpose(-1, -2)) * decay  # within-chunk q.k with decay, causal
-    q_dec = q * gc.exp()[..., None]
-    last = gc[..., -1:]  # [B,H,n,1]
-    k_dec = k * (last - gc).exp()[..., None]
-    chunk_decay = last.exp()[..., None]  # [B,H,n,1,1]
-    out = torch.empty(B, H, n, chunk, Dv, dtype=q.dtype, device=q.device)
-    S = state
-    for i in range(n):
-        v_new = u[:, :, i] - w[:, :, i] @ S  # what the old state does not already predict
-        out[:, :, i] = q_dec[:, :, i] @ S + attn[:, :, i] @ v_new
-        S = S * chunk_decay[:, :, i] + k_dec[:, :, i].transpose(-1, -2) @ v_new
-    state.copy_(S)
-    return out.reshape(B, H, n * chunk, Dv)[:, :, :T]
+# the rule's forms stay importable from here (tests, benchmarks)
+__all__ = ["CHUNK", "GatedDeltaNet", "chunked", "l2norm", "recurrent_step"]
 
 
 class GatedDeltaNet(nn.Module):
@@ -112,11 +63,7 @@ class GatedDeltaNet(nn.Module):
         B, T, _ = x.shape
         st = cache.linear[self.index]
         qkv, z, b, a = self.in_proj(x).split(self.sizes, dim=-1)
-        # causal depthwise conv over [cached K-1 inputs | this step's], the window kept for the next
-        xc = torch.cat([st.conv.to(x.dtype), qkv.transpose(1, 2)], dim=-1)
-        if self.kernel > 1:
-            st.conv.copy_(xc[..., -(self.kernel - 1) :])
-        y = self.act(F.conv1d(xc, self.conv, groups=self.conv_dim)).transpose(1, 2)
+        y = short_conv(st.conv, qkv, self.conv, self.act)
         q, k, v = y.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = q.reshape(B, T, self.kh, self.dk).float()
         k = k.reshape(B, T, self.kh, self.dk).float()
@@ -127,11 +74,7 @@ class GatedDeltaNet(nn.Module):
             q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
         beta = b.float().sigmoid()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
-        if T == 1:
-            o = recurrent_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], st.recurrent)[:, None]
-        else:
-            tr = lambda t: t.transpose(1, 2)  # noqa: E731  [B,T,H,...] -> [B,H,T,...]
-            o = tr(chunked(tr(q), tr(k), tr(v), tr(g), tr(beta), st.recurrent))
+        o = gated_delta(q, k, v, g, beta, st.recurrent)
         o = self.norm(o.to(x.dtype)) * F.silu(z.view(B, T, self.vh, self.dv).float())
         return self.out(o.to(x.dtype).reshape(B, T, self.value_dim))
 

@@ -7,7 +7,8 @@ Prefill expands c through kv_b into per-head K/V (cheap for many queries); decod
 absorbed form: q_nope is pulled into latent space through kv_b's K half, scores are taken against
 c directly, and the latent context is pushed out through kv_b's V half.
 RoPE: DeepSeek's rope dims are interleaved pairs (rope_interleave); de-interleaving then rotating
-half is the same rotation. Softmax scale carries YaRN's mscale(factor, mscale_all_dim)^2.
+half is the same rotation; a NoPE layer (LayerSpec.rope false) leaves them as they are.
+Softmax scale carries YaRN's mscale(factor, mscale_all_dim)^2.
 """
 
 from __future__ import annotations
@@ -65,8 +66,12 @@ class MLAttention(nn.Module):
         if scaling_kind(scaling) != "default" and scaling.get("mscale_all_dim"):
             self.scale *= mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
         self.interleave = a.rope_interleave is not False
+        # a NoPE layer (Kimi Linear's MLA) keeps the rope dims, shared k_rot included, unrotated
+        self.rotate = layer.rope
 
     def _rot(self, x, pos):
+        if not self.rotate:
+            return x
         if self.interleave:
             x = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
         return self.rope(x, pos)

@@ -1,0 +1,130 @@
+"""The gated delta rule, shared by Gated DeltaNet (one decay per head) and Kimi Delta Attention
+(one decay per key channel), and the short causal convolution both put in front of it.
+
+Per head, a dk x dv state S takes, token by token, a decay and a delta-rule write:
+
+    S <- diag(exp(g)) S;   S <- S + k (beta (v - k^T S))^T;   o = q^T S
+
+g is the log-decay: one number per head ([..., H], S decays as a whole) or one per key channel
+([..., H, dk], each row of S decays on its own). Two forms of the same recurrence:
+`recurrent_step` (one token, decode) and `chunked` (prefill), the chunk/WY form: inside a chunk of
+C tokens the delta-rule writes are condensed by one triangular solve into matmuls over the whole
+chunk; only the chunk-to-chunk state update is sequential.
+
+Inside a chunk the rule needs, for every token pair j <= i, sum_c a_i[c] b_j[c] exp(G_i[c] - G_j[c])
+(G the cumulative log-decay from the chunk's start). With one decay per head exp(G_i - G_j) is a
+factor of the pair and a matmul does the rest. Per channel it is not, and splitting it into
+exp(G_i) exp(-G_j) overflows float32 once a chunk decays by more than ~88 nats (common: gates near
+-1 per token over 64 tokens); so the chunk is cut into sub-chunks: pairs in different sub-chunks
+are taken relative to the log-decay just before the later sub-chunk (both factors then <= 1, a
+matmul per sub-chunk row), pairs inside one sub-chunk exactly, elementwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CHUNK = 64  # tokens per chunk of the prefill form (the reference kernels' size)
+SUB = 16  # tokens per sub-chunk of the per-channel pair products (a divisor of CHUNK)
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def short_conv(window: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, act) -> torch.Tensor:
+    """act(causal depthwise conv) of x [B, T, C] with weight [C, 1, K], over [the previous K - 1
+    inputs | this step's]; window [B, C, K - 1] holds those previous inputs and is updated in place."""
+    kernel = weight.shape[-1]
+    xc = torch.cat([window.to(x.dtype), x.transpose(1, 2)], dim=-1)
+    if kernel > 1:
+        window.copy_(xc[..., -(kernel - 1) :])
+    return act(F.conv1d(xc, weight, groups=weight.shape[0])).transpose(1, 2)
+
+
+def gated_delta(q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:
+    """T tokens laid out [B, T, H, ...] (g [B, T, H] or [B, T, H, Dk], beta [B, T, H], float32):
+    the recurrence for one token, the chunked form for more. state [B, H, Dk, Dv] float32, updated
+    in place. Returns o [B, T, H, Dv]."""
+    if q.shape[1] == 1:
+        return recurrent_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state)[:, None]
+    tr = lambda t: t.transpose(1, 2)  # noqa: E731  [B,T,H,...] -> [B,H,T,...]
+    return tr(chunked(tr(q), tr(k), tr(v), tr(g), tr(beta), state))
+
+
+def recurrent_step(q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:
+    """One token. q, k [B,H,Dk], v [B,H,Dv], g [B,H] or [B,H,Dk], beta [B,H] (float32); state
+    [B,H,Dk,Dv] float32, updated in place. Returns o [B,H,Dv]."""
+    decay = g.exp()
+    state.mul_(decay[..., None] if g.dim() == k.dim() else decay[..., None, None])
+    kv_mem = torch.einsum("bhk,bhkv->bhv", k, state)
+    delta = (v - kv_mem) * beta[..., None]
+    state.add_(k[..., :, None] * delta[..., None, :])
+    return torch.einsum("bhk,bhkv->bhv", q, state)
+
+
+def decayed_pairs(a: torch.Tensor, b: torch.Tensor, gc: torch.Tensor, sub: int = SUB) -> torch.Tensor:
+    """M[..., i, j] = sum_c a_i[c] b_j[c] exp(gc_i[c] - gc_j[c]) for j <= i, 0 above; a, b, gc
+    [..., C, D] with gc non-increasing along C (cumulative log-decays), C a multiple of `sub`."""
+    *lead, C, D = a.shape
+    m = C // sub
+    ab, bb, gb = (x.reshape(*lead, m, sub, D) for x in (a, b, gc))
+    # each sub-chunk's reference: the log-decay just before its first token (0 before the chunk)
+    ref = torch.cat([torch.zeros_like(gb[..., :1, 0, :]), gb[..., :-1, -1, :]], dim=-2)  # [..., m, D]
+    left = ab * (gb - ref[..., None, :]).exp()  # [..., m, sub, D], exponents <= 0
+    # every column against every sub-chunk's reference; columns at or after the reference are
+    # masked below, so their exponent is capped at 0 instead of overflowing
+    right = b[..., None, :, :] * (ref[..., :, None, :] - gc[..., None, :, :]).clamp(max=0).exp()  # [..., m, C, D]
+    col_block = torch.arange(C, device=a.device) // sub
+    earlier = col_block[None, None, :] < torch.arange(m, device=a.device)[:, None, None]  # [m, 1, C]
+    out = (left @ right.transpose(-1, -2)).masked_fill(~earlier, 0.0)  # [..., m, sub, C]
+    causal = torch.ones(sub, sub, dtype=torch.bool, device=a.device).tril()
+    within = (gb[..., :, None, :] - gb[..., None, :, :]).masked_fill(~causal[..., None], float("-inf")).exp()
+    diag = (ab[..., :, None, :] * bb[..., None, :, :] * within).sum(-1)  # [..., m, sub, sub]
+    out.view(*lead, m, sub, m, sub).diagonal(dim1=-4, dim2=-2).copy_(diag.movedim(-3, -1))
+    return out.reshape(*lead, C, C)
+
+
+def chunked(q, k, v, g, beta, state: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+    """T tokens in the chunk/WY form. q, k [B,H,T,Dk], v [B,H,T,Dv], g [B,H,T] or [B,H,T,Dk], beta
+    [B,H,T] (float32); state [B,H,Dk,Dv] float32, updated in place. Returns o [B,H,T,Dv]."""
+    B, H, T, Dk = k.shape
+    Dv = v.shape[-1]
+    per_channel = g.dim() == k.dim()
+    pad = (-T) % chunk
+    if pad:  # padded tokens write nothing (beta = 0, k = 0) and do not decay (g = 0)
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        g = F.pad(g, (0, 0, 0, pad) if per_channel else (0, pad))
+        beta = F.pad(beta, (0, pad))
+    n = (T + pad) // chunk
+    q, k, v = (x.reshape(B, H, n, chunk, x.shape[-1]) for x in (q, k, v))
+    beta = beta.reshape(B, H, n, chunk)
+    kb = k * beta[..., None]
+    if per_channel:
+        gk = g.reshape(B, H, n, chunk, Dk).cumsum(-2)  # log-decay per channel from the chunk's start
+        system = decayed_pairs(kb, k, gk)
+        attn = decayed_pairs(q, k, gk)  # within-chunk q.k with decay, causal
+    else:
+        gc = g.reshape(B, H, n, chunk).cumsum(-1)  # log-decay from the chunk's start to each token
+        upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
+        decay = (gc[..., :, None] - gc[..., None, :]).masked_fill(upper, float("-inf")).exp()  # [.., i, j], j <= i
+        system = (kb @ k.transpose(-1, -2)) * decay
+        attn = (q @ k.transpose(-1, -2)) * decay  # within-chunk q.k with decay, causal
+        gk = gc[..., None]
+    # the WY form: (I + strictly_lower(diag(beta) K K^T * decay)) [u | w] = [beta v | beta k exp(gc)]
+    rhs = torch.cat([v * beta[..., None], kb * gk.exp()], dim=-1)
+    uw = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+    u, w = uw.split([Dv, Dk], dim=-1)
+    q_dec = q * gk.exp()
+    last = gk[..., -1:, :]  # [B,H,n,1,1 | Dk]
+    k_dec = k * (last - gk).exp()
+    chunk_decay = last.exp().transpose(-1, -2)  # [B,H,n,1 | Dk,1]: the state's rows decay
+    out = torch.empty(B, H, n, chunk, Dv, dtype=q.dtype, device=q.device)
+    S = state
+    for i in range(n):
+        v_new = u[:, :, i] - w[:, :, i] @ S  # what the old state does not already predict
+        out[:, :, i] = q_dec[:, :, i] @ S + attn[:, :, i] @ v_new
+        S = S * chunk_decay[:, :, i] + k_dec[:, :, i].transpose(-1, -2) @ v_new
+    state.copy_(S)
+    return out.reshape(B, H, n * chunk, Dv)[:, :, :T]
