@@ -196,9 +196,6 @@ class SafetensorsSource(WeightSource):
         # Kimi Linear keeps its dense-first layers' FFN under block_sparse_moe.* beside its MoE layers
         if any(n.startswith(decoder) and ".block_sparse_moe.up_proj." in n for n in names):
             self.mlp = "block_sparse_moe."
-        # Kimi Linear keeps its dense-first layers' FFN under block_sparse_moe.* beside its MoE layers
-        if any(n.startswith(decoder) and ".block_sparse_moe.up_proj." in n for n in names):
-            self.mlp = "block_sparse_moe."
 
     def name_of(self, name: str) -> str | None:
         p = self.prefix
