@@ -86,12 +86,13 @@ def copy_rate(torch) -> float:
     return 2 * a.numel() * a.element_size() / times[len(times) // 2]
 
 
-def make_checkpoint(name: str, out: Path, torch):
+def make_checkpoint(name: str, out: Path, torch, device: str = "cuda", overrides: dict | None = None):
+    """overrides: config values replacing the shape's (a smaller model for a CPU dry run)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type, kw = SHAPES[name]
-    cfg = AutoConfig.for_model(model_type, **kw)
-    with torch.device("cuda"):
+    cfg = AutoConfig.for_model(model_type, **{**kw, **(overrides or {})})
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     with torch.no_grad():  # random weights, drawn on the GPU (cheap); norms near 1
         for p in model.parameters():
@@ -117,17 +118,36 @@ def hf_decode_tok_s(model, prompt, n: int, torch) -> float:
     return (n - 1) / (tn - t1)
 
 
-def llmarch_decode(path: Path, prompt: list[int], n: int, compile: bool, torch, profile: bool = False) -> dict:
+def llmarch_prepare(path: Path, prompt: list[int], n: int, compile: bool, device: str = "cuda"):
+    """Load and warm up (capture + compile): returns (runtime, generator, load seconds, warm-up Result)."""
     from llmarch.runtime.generate import Generator, Sampling
     from llmarch.runtime.load import load_runtime
 
     t = time.perf_counter()
-    rt = load_runtime(str(path), "cuda", "bfloat16")
+    rt = load_runtime(str(path), device, "bfloat16")
     load_s = time.perf_counter() - t
     g = Generator(rt, len(prompt) + n, compile=compile)
-    g.generate(prompt, n, Sampling())  # warm-up: capture (+ compile)
-    runs = [g.generate(prompt, n, Sampling()) for _ in range(3)]
-    best = max(runs, key=lambda r: r.decode_tok_s)
+    warm = g.generate(prompt, n, Sampling())
+    return rt, g, load_s, warm
+
+
+def llmarch_runs(g, prompt: list[int], n: int, reps: int) -> list:
+    """reps timed greedy generations after the warm-up (llmarch's own prefill/decode clocks)."""
+    from llmarch.runtime.generate import Sampling
+
+    return [g.generate(prompt, n, Sampling()) for _ in range(reps)]
+
+
+def decode_bytes(rt, g) -> tuple[int, int]:
+    """(weight bytes, bytes one decode step reads): every weight once + every cache slot the graph reads."""
+    weights = sum(p.numel() * p.element_size() for p in rt.model.parameters())
+    return weights, weights + g.cache.nbytes()
+
+
+def llmarch_decode(path: Path, prompt: list[int], n: int, compile: bool, torch, profile: bool = False) -> dict:
+    rt, g, load_s, warm = llmarch_prepare(path, prompt, n, compile)
+    runs = [warm] + llmarch_runs(g, prompt, n, 3)
+    best = max(runs[1:], key=lambda r: r.decode_tok_s)
     if profile:  # where the GPU time of one decode step goes (the compiled step, outside the graph)
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as prof
@@ -139,8 +159,7 @@ def llmarch_decode(path: Path, prompt: list[int], n: int, compile: bool, torch, 
                 g.fn(ids, pos, g.cache, limit=None)
             torch.cuda.synchronize()
         print(p.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
-    weights = sum(p.numel() * p.element_size() for p in rt.model.parameters())
-    bytes_per_token = weights + g.cache.nbytes()  # every weight once + every cache slot the graph reads
+    weights, bytes_per_token = decode_bytes(rt, g)
     return {
         "decode_tok_s": best.decode_tok_s,
         "prefill_tok_s": best.prefill_tok_s,
