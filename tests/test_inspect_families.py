@@ -130,6 +130,12 @@ def _mla_kv(tc, i):
     return tc.kv_lora_rank + tc.qk_rope_head_dim
 
 
+def _dsa_kv(tc, i):
+    """MLA plus the sparse-attention indexer's own key per token (index_head_dim: transformers'
+    indexer cache, beside the latent)."""
+    return _mla_kv(tc, i) + tc.index_head_dim
+
+
 def _first_k_dense(tc):
     # modeling_deepseek_v3.py / modeling_glm4_moe.py DecoderLayer: MoE iff layer_idx >= first_k_dense_replace
     return [i for i in range(L(tc)) if i >= tc.first_k_dense_replace]
@@ -163,7 +169,7 @@ MLA_WITH_INDEXER = dict(
     indexer=True,
     moe_layers=_mlp_layer_types,
     shared_experts=lambda tc: tc.n_shared_experts,
-    kv_layer=_mla_kv,
+    kv_layer=_dsa_kv,
     partial=_mla_partial,
 )
 

@@ -134,6 +134,9 @@ class Recipe:
     # softmax scale when the config has no query_pre_attn_scalar (Gemma 3n / 4: 1.0, their q/k norms set the size)
     attention_scale: float | None = None
     v_norm: bool = False  # a weightless RMS norm over each value head (it has no tensor to show it)
+    # the sparse-attention indexer's RoPE layout: "half" (rotate the two halves, DeepSeek V3.2) |
+    # "interleaved" (adjacent pairs, GLM-5); no config key says, the modeling files differ
+    indexer_rope: str | None = _choice("half", "interleaved")
     # positions
     positions: str | None = _choice("learned")
     partial_rotary_factor: float | None = None  # the config class's default when config.json lacks the key

@@ -66,6 +66,12 @@ class AttentionSpec:
     gate_layout: str | None = None
     gate_per_head: bool = False  # one sigmoid gate per head (LFM3's g_proj: hidden -> heads), not one per channel
     indexer: bool = False  # DeepSeek Sparse Attention lightning indexer (V3.2, GLM-5)
+    # the indexer's sizes: scoring heads, key width (one key per token, cached beside the latent),
+    # keys each query attends (top-k), and whether its rope dims rotate interleaved pairs
+    index_heads: int | None = None
+    index_head_dim: int | None = None
+    index_topk: int | None = None
+    index_rope_interleave: bool | None = None
     q_lora_rank: int | None = None  # MLA
     kv_lora_rank: int | None = None
     qk_rope_head_dim: int | None = None
@@ -238,8 +244,9 @@ class ArchSpec:
         a = self.attention
         if layer.kv_shared_from is not None or layer.mixer in ("linear", "mamba", "none"):
             return 0.0
-        if layer.mixer == "mla":
-            return ((a.kv_lora_rank or 0) + (a.qk_rope_head_dim or 0)) * kv_bytes
+        if layer.mixer == "mla":  # the latent and shared k_rot, plus the indexer's key where it has one
+            index_key = (a.index_head_dim or 0) if a.indexer else 0
+            return ((a.kv_lora_rank or 0) + (a.qk_rope_head_dim or 0) + index_key) * kv_bytes
         k_dim = layer.head_dim or a.head_dim
         v_dim = layer.head_dim or a.v_head_dim or a.head_dim
         return (layer.kv_heads or a.kv_heads) * (k_dim + v_dim) * kv_bytes

@@ -163,7 +163,9 @@ class KVCache:
             dst.copy_(src)
 
     def nbytes(self) -> int:
-        return sum(c.k.numel() * c.k.element_size() + c.v.numel() * c.v.element_size() for c in self.layers.values())
+        # k, v and, in a sparse-attention MLA layer, the indexer's keys (index_k)
+        tensors = [t for c in self.layers.values() for t in (c.k, c.v, getattr(c, "index_k", None)) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def state_nbytes(self) -> int:
         """Bytes of the linear layers' fixed state (inspect's kv_cache.state_bytes)."""

@@ -6,7 +6,9 @@ from __future__ import annotations
 from llmarch.arch.fingerprint.facts import Facts, any_layer_has
 from llmarch.arch.recipe_schema import Recipe
 from llmarch.arch.spec import ArchSpec, AttentionSpec
+from llmarch.arch.tensor_roles import has_role
 from llmarch.checkpoint.base import Checkpoint
+from llmarch.errors import CheckpointError
 
 
 def read_attention(spec: ArchSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoint) -> None:
@@ -91,6 +93,8 @@ def read_attention(spec: ArchSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoin
     a.indexer = bool(idx) or bool(f.get("index_topk", "index_n_heads"))
     if idx:
         spec.evidence["attention.indexer"] = idx
+    if a.indexer:
+        read_indexer(spec, a, f, recipe, lt, ckpt)
     # Gemma 3 configs carry attn_logit_softcapping but its attention never applies it (recipe says so)
     a.softcap = f.get("attn_logit_softcapping") if recipe.attn_softcap else None
     scalar = f.get("query_pre_attn_scalar")
@@ -114,3 +118,51 @@ def read_attention(spec: ArchSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoin
             "attn_scale": f.get("attn_scale", default=0.1),
         }
     spec.attention = a
+
+
+# the indexer's projections (under self_attn.indexer.) and the shape each must have, from
+# (index heads, index key width, q_lora_rank, hidden size)
+INDEXER_SHAPES = {
+    "wq_b.weight": lambda h, d, q, hid: (h * d, q),
+    "wk.weight": lambda h, d, q, hid: (d, hid),
+    "weights_proj.weight": lambda h, d, q, hid: (h, hid),
+}
+
+
+def read_indexer(spec: ArchSpec, a: AttentionSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoint) -> None:
+    """The lightning indexer's sizes: from the config, else from its tensors (wk's rows are the key
+    width, weights_proj's the scoring heads); every layer's indexer tensors must agree with them."""
+    found = {suffix: n for names in lt.values() for n in names for suffix in INDEXER_SHAPES if n.endswith(suffix)}
+    heads = f.get("index_n_heads", fact="attention.index_heads")
+    dim = f.get("index_head_dim", fact="attention.index_head_dim")
+    if heads is None and "weights_proj.weight" in found:
+        heads = ckpt.tensors[found["weights_proj.weight"]].shape[0]
+        spec.evidence["attention.index_heads"] = found["weights_proj.weight"]
+    if dim is None and "wk.weight" in found:
+        dim = ckpt.tensors[found["wk.weight"]].shape[0]
+        spec.evidence["attention.index_head_dim"] = found["wk.weight"]
+    a.index_heads, a.index_head_dim = heads, dim
+    a.index_topk = f.get("index_topk", fact="attention.index_topk")
+    where = ckpt.path / "config.json" if ckpt.config is not None and ckpt.path.is_dir() else ckpt.path
+    if a.index_topk is not None and a.index_topk < 1:
+        raise CheckpointError(f"index_topk is {a.index_topk}: the sparse-attention indexer keeps at least 1 key", where)
+    if dim is not None and a.qk_rope_head_dim and dim < a.qk_rope_head_dim:
+        raise CheckpointError(
+            f"index_head_dim {dim} is narrower than the {a.qk_rope_head_dim} rope dims the indexer rotates", where
+        )
+    if recipe.indexer_rope:
+        a.index_rope_interleave = recipe.indexer_rope == "interleaved"
+        spec.evidence["attention.index_rope_interleave"] = f"recipe {recipe.family}"
+    if heads is None or dim is None:
+        return
+    for names in lt.values():
+        for n in names:
+            for suffix, shape in INDEXER_SHAPES.items():
+                want = shape(heads, dim, a.q_lora_rank or 0, spec.hidden_size)
+                t = ckpt.tensors[n]
+                if n.endswith(suffix) and has_role(n, "indexer") and tuple(t.shape) != want:
+                    raise CheckpointError(
+                        f"indexer tensor {n} has shape {list(t.shape)}; index_n_heads {heads}, index_head_dim "
+                        f"{dim}, q_lora_rank {a.q_lora_rank} and hidden_size {spec.hidden_size} give {list(want)}",
+                        t.file,
+                    )

@@ -21,14 +21,17 @@ from llmarch.arch.spec import ArchSpec, LayerSpec
 from llmarch.errors import LlmarchError
 from llmarch.runtime.ops.norms import RMSNorm
 from llmarch.runtime.ops.rope import Rope, mscale, scaling_kind
+from llmarch.runtime.ops.sparse_indexer import LightningIndexer
 
 
 class LatentCache:
     """Per-layer compressed cache; `k`/`v` names keep KVCache.nbytes() counting it."""
 
-    def __init__(self, batch: int, size: int, rank: int, rope: int, dtype, device):
+    def __init__(self, batch: int, size: int, rank: int, rope: int, dtype, device, indexer=None):
         self.k = torch.zeros(batch, size, rank, dtype=dtype, device=device)  # latent c
         self.v = torch.zeros(batch, size, rope, dtype=dtype, device=device)  # k_rot
+        # the sparse-attention indexer's own key per token, where the layer has one
+        self.index_k = indexer.new_cache(batch, size, dtype, device) if indexer is not None else None
 
     def update(self, c, k_rot, pos):
         self.k.index_copy_(1, pos, c.to(self.k.dtype))
@@ -68,6 +71,7 @@ class MLAttention(nn.Module):
         self.interleave = a.rope_interleave is not False
         # a NoPE layer (Kimi Linear's MLA) keeps the rope dims, shared k_rot included, unrotated
         self.rotate = layer.rope
+        self.indexer = LightningIndexer(spec, layer.index) if a.indexer else None
 
     def _rot(self, x, pos):
         if not self.rotate:
@@ -80,10 +84,13 @@ class MLAttention(nn.Module):
         B, T, _ = x.shape
         lc = cache.layers.get(self.index)
         if lc is None:
-            lc = cache.layers[self.index] = LatentCache(B, cache.max_seq, self.rank, self.rdim, x.dtype, x.device)
+            lc = cache.layers[self.index] = LatentCache(
+                B, cache.max_seq, self.rank, self.rdim, x.dtype, x.device, self.indexer
+            )
         if self.rope.cos is None or self.rope.cos.device != x.device:
             self.rope.build(cache.max_seq, x.device, x.dtype)
-        q = self.q_b(self.q_a_norm(self.q_a(x))) if self.qrank else self.q(x)
+        q_resid = self.q_a_norm(self.q_a(x)) if self.qrank else None
+        q = self.q_b(q_resid) if self.qrank else self.q(x)
         q = q.view(B, T, self.H, self.nope + self.rdim).transpose(1, 2)
         q_nope, q_rot = q.split([self.nope, self.rdim], dim=-1)
         q_rot = self._rot(q_rot, pos)
@@ -93,6 +100,8 @@ class MLAttention(nn.Module):
         cs, ks = lc.update(c, k_rot, pos)  # [B, S, rank], [B, S, rope]
         S = cs.shape[1]
         mask = torch.arange(S, device=x.device)[None, :] <= pos[:, None]  # [T, S]
+        if self.indexer is not None:  # sparse attention: only the keys the indexer selects, per query
+            mask = self.indexer(x, q_resid, pos, self.rope, lc.index_k, mask)[:, None]  # [B, 1, T, S]
         w = self.kv_b.weight.view(self.H, self.nope + self.vdim, self.rank)
         w_k, w_v = w[:, : self.nope], w[:, self.nope :]
         if T > 1:  # expanded: per-head K/V for all keys, then SDPA
@@ -126,8 +135,10 @@ class MLAttention(nn.Module):
     def load_from(self, source, prefix: str, dtype, device) -> None:
         names = source.ckpt.tensors
         base = f"{getattr(source, 'prefix', '')}layers.{self.index}.self_attn."
-        for mod_name, hf in self.HF.items():
-            mod = getattr(self, mod_name, None)
+        parts = [(getattr(self, m, None), hf) for m, hf in self.HF.items()]
+        if self.indexer is not None:
+            parts += [(getattr(self.indexer, m), f"indexer.{hf}") for m, hf in self.indexer.HF.items()]
+        for mod, hf in parts:
             if mod is None:
                 continue
             for pname, p in list(mod._parameters.items()):

@@ -1,0 +1,68 @@
+"""DeepSeek Sparse Attention's lightning indexer (DeepSeek V3.2, GLM-5): which cached tokens a
+query attends.
+
+Per token it caches one key k = RoPE(LayerNorm(wk(x))) of index_head_dim (beside the MLA latent,
+as inspect counts). Per query it forms index_heads queries q = RoPE(wq_b(q_resid)) from the MLA
+query latent q_resid = q_a_norm(q_a(x)) and per-head weights w = weights_proj(x) / sqrt(heads);
+a key's score is sum_h w_h * relu(q_h . k / sqrt(index_head_dim)). The top index_topk keys among
+those the query may see are kept: the result is a boolean mask over the cache that MLA ands into
+its causal mask (as transformers' eager path does). RoPE covers each key's and query's first
+qk_rope_head_dim dims (the rest pass through), half-split or interleaved as the spec says;
+transformers skips the reference's Hadamard rotation (orthogonal, dot products unchanged) and
+its FP8 scoring, and so does this.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmarch.arch.spec import ArchSpec
+from llmarch.errors import LlmarchError
+
+
+class LightningIndexer(nn.Module):
+    def __init__(self, spec: ArchSpec, index: int):
+        super().__init__()
+        a = spec.attention
+        if not (a.index_heads and a.index_head_dim and a.index_topk and a.q_lora_rank):
+            raise LlmarchError(
+                f"layer {index}: the sparse-attention indexer needs index_n_heads, index_head_dim, index_topk "
+                "and q_lora_rank in the config"
+            )
+        self.H, self.D, self.topk, self.rdim = a.index_heads, a.index_head_dim, a.index_topk, a.qk_rope_head_dim
+        self.interleave = bool(a.index_rope_interleave)
+        self.wq_b = nn.Linear(a.q_lora_rank, self.H * self.D, bias=False)
+        self.wk = nn.Linear(spec.hidden_size, self.D, bias=False)
+        self.k_norm = nn.LayerNorm(self.D, eps=1e-6)  # transformers' indexer: a LayerNorm with bias, eps 1e-6
+        self.weights_proj = nn.Linear(spec.hidden_size, self.H, bias=False)
+
+    def _rot(self, x, pos, rope):
+        """RoPE over the first rdim dims; interleaved pairs are de-interleaved first (the same rotation)."""
+        r, rest = x.split([self.rdim, self.D - self.rdim], dim=-1)
+        if self.interleave:
+            r = torch.cat([r[..., 0::2], r[..., 1::2]], dim=-1)
+        return torch.cat([rope(r, pos), rest], dim=-1)
+
+    def new_cache(self, batch: int, size: int, dtype, device) -> torch.Tensor:
+        return torch.zeros(batch, size, self.D, dtype=dtype, device=device)
+
+    def forward(self, x, q_resid, pos, rope, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """x [B, T, hidden], q_resid [B, T, q_lora_rank]; keys: this layer's key cache [B, S_max, D],
+        written at pos; visible: [T, S] the causal mask over the S cached slots attention reads.
+        Returns [B, T, S]: visible and among the query's top-k."""
+        B, T, _ = x.shape
+        S = visible.shape[-1]
+        q = self._rot(self.wq_b(q_resid).view(B, T, self.H, self.D).transpose(1, 2), pos, rope)  # [B, H, T, D]
+        k = self._rot(self.k_norm(self.wk(x))[:, None], pos, rope)[:, 0]  # [B, T, D]
+        keys.index_copy_(1, pos, k.to(keys.dtype))
+        scores = F.relu(torch.einsum("bhtd,bsd->bhts", q.float(), keys[:, :S].float()) * self.D**-0.5)
+        w = self.weights_proj(x).float() * self.H**-0.5  # [B, T, H]
+        index = torch.einsum("bth,bhts->bts", w, scores).masked_fill(~visible, float("-inf"))
+        # k beyond the visible keys picks some hidden ones too; the causal mask still hides them
+        top = index.topk(min(self.topk, S), dim=-1).indices
+        return torch.zeros_like(index, dtype=torch.bool).scatter_(-1, top, True) & visible
+
+    # Hub names under self_attn.indexer.
+    HF = {"wq_b": "wq_b", "wk": "wk", "k_norm": "k_norm", "weights_proj": "weights_proj"}

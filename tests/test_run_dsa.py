@@ -1,0 +1,133 @@
+"""llmarch run vs transformers for DeepSeek Sparse Attention (DeepSeek V3.2, GLM-5): MLA whose keys
+a lightning indexer selects per query (tiny random float32 checkpoints).
+
+Prefill logits and every one of 32 cached decode steps within 1e-4 max abs of transformers' eager
+forward (its own cache, indexer keys included), and identical greedy tokens:
+- index_topk 8 with a 40-token prompt, so each query attends a strict subset of what it may see;
+  the same run with the selection dropped (dense MLA) must fail the check, so the mask is tested;
+- index_topk larger than the whole context: the same logits as transformers' dense DeepSeek V3
+  on the same weights.
+The fixtures use 8 indexer heads (the released models: 64 and 32). With 2, many keys score exactly
+0 after the ReLU, and which of the tied keys top-k keeps depends on the length of the row it
+scans, so even transformers with and without a static cache disagree on those steps.
+inspect's KV bytes (latent + rope key + indexer key per layer) equal what run allocates.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from fixtures.reference import reference_model  # noqa: E402
+
+TOL = 1e-4
+STEPS = 32
+PROMPT = 40
+DSA = ["deepseek_v32", "glm_moe_dsa"]
+HEADS = 8  # indexer heads: see the module docstring
+
+
+def _parity(path, ref):
+    """llmarch's logits at prefill and at each cached decode step within TOL of ref's, the same
+    greedy tokens; returns the runtime and its cache."""
+    from llmarch.runtime.kv_cache import KVCache
+    from llmarch.runtime.load import load_runtime
+
+    rt = load_runtime(str(path), "cpu", "float32")
+    spec, model = rt.spec, rt.model
+    a = spec.attention
+    max_seq = PROMPT + STEPS
+    cache = KVCache(spec.schedule, max_seq, a.kv_heads, a.head_dim, a.v_head_dim or a.head_dim, torch.float32, "cpu")
+    model.setup(max_seq, "cpu", torch.float32)
+    ids = torch.randint(3, spec.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        mine = model(ids, torch.arange(PROMPT), cache, limit=PROMPT, last_only=False)
+        out = ref(ids, use_cache=True)
+        theirs, past = out.logits, out.past_key_values
+        err = (mine - theirs).abs().max().item()
+        assert err < TOL, f"prefill logits differ by {err}"
+        worst, n = 0.0, PROMPT
+        for step in range(STEPS):
+            tok = mine[0, -1].argmax().item()
+            assert tok == theirs[0, -1].argmax().item(), f"greedy token {step} differs"
+            t = torch.tensor([[tok]])
+            mine = model(t, torch.tensor([n]), cache, limit=n + 1)
+            out = ref(t, past_key_values=past, use_cache=True)
+            theirs, past = out.logits[:, -1:], out.past_key_values
+            worst = max(worst, (mine - theirs).abs().max().item())
+            n += 1
+        assert worst < TOL, f"cached decode logits differ by up to {worst}"
+    return rt, cache
+
+
+@pytest.mark.parametrize("name", DSA)
+def test_sparse_attention_matches_transformers(tiny, name):
+    path = tiny(name, index_n_heads=HEADS, index_topk=8)
+    rt, cache = _parity(path, reference_model(name, path))
+    spec = rt.spec
+    a = spec.attention
+    assert (a.index_heads, a.index_head_dim, a.index_topk) == (HEADS, 16, 8)  # the fixture's config
+    # inspect's figure for this context is what run allocated: latent, rope key and indexer key
+    assert cache.nbytes() == spec.kv_cache(context=PROMPT + STEPS, kv_dtype="f32")["bytes"]
+    per_token = {c.k.shape[-1] + c.v.shape[-1] + c.index_k.shape[-1] for c in cache.layers.values()}
+    assert per_token == {a.kv_lora_rank + a.qk_rope_head_dim + a.index_head_dim}
+
+
+def test_dropping_the_selection_fails_the_check(tiny, monkeypatch):
+    """With the indexer's mask replaced by the causal one (dense MLA), the same comparison fails:
+    the selection changes the logits, so the test above checks it."""
+    from llmarch.runtime.ops import sparse_indexer
+
+    path = tiny("deepseek_v32", index_n_heads=HEADS, index_topk=8)
+    ref = reference_model("deepseek_v32", path)
+    keep = sparse_indexer.LightningIndexer.forward
+    monkeypatch.setattr(sparse_indexer.LightningIndexer, "forward", lambda *a: keep(*a) | a[-1])
+    with pytest.raises(AssertionError, match="prefill logits differ"):
+        _parity(path, ref)
+
+
+def test_topk_beyond_the_context_is_dense_mla(tiny, tmp_path):
+    """index_topk above the context keeps every visible key: the logits are transformers' dense
+    DeepSeek V3 on the same weights (its config is V3.2's without the indexer keys)."""
+    src = tiny("deepseek_v32", index_n_heads=HEADS, index_topk=4 * (PROMPT + STEPS))
+    dense = tmp_path / "deepseek_v3"
+    shutil.copytree(src, dense)
+    cfg = json.loads((dense / "config.json").read_text())
+    cfg.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"])
+    (dense / "config.json").write_text(json.dumps(cfg))
+    _parity(src, reference_model("deepseek_v3", dense))
+
+
+def _bad(path):
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "llmarch", "run", str(path), "--prompt-ids", "1,2,3", "--device", "cpu", "-n", "2"]
+    p = subprocess.run(args, capture_output=True, text=True)
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert p.returncode == 2, p.stderr
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "edit,expect",
+    [
+        ({"index_head_dim": 12}, "model.safetensors: indexer tensor model.layers.0.self_attn.indexer.w"),
+        ({"index_n_heads": 3}, "model.safetensors: indexer tensor model.layers.0.self_attn.indexer.w"),
+        ({"index_topk": 0}, "config.json: index_topk is 0"),
+    ],
+)
+def test_bad_indexer_one_line(tiny, tmp_path, edit, expect):
+    src = tiny("glm_moe_dsa")
+    dst = tmp_path / "bad"
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(edit)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    assert expect in _bad(dst)
