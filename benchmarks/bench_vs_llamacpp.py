@@ -158,6 +158,26 @@ def parse_llama_bench(text: str) -> dict:
     return out
 
 
+def wait_build(build, build_log, res: dict, t_start: float, timeout: float | None) -> bool:
+    """Wait for the background build; False if it is still running after timeout seconds."""
+    if build is None:
+        return True
+    log("waiting for the llama.cpp build")
+    try:
+        rc = build.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log("llama.cpp still building: llmarch's timed runs go beside it (recorded in the results)")
+        return False
+    res["llama_build_s"] = time.perf_counter() - t_start
+    if rc:
+        tail = build_log.read_text(errors="replace")[-3000:] if build_log else ""
+        res["llama_build_error"] = f"exit {rc}: {tail}"
+        log(f"llama.cpp build FAILED (exit {rc}):\n{tail}")
+    else:
+        log(f"llama.cpp built, {res['llama_build_s']:.0f} s after the start")
+    return True
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -274,6 +294,7 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="print the llama.cpp commands instead of running them")
     ap.add_argument("--json")
+    ap.add_argument("--budget-s", type=float, help="seconds the whole run may take (a remote call's limit)")
     ap.add_argument("--log-dir", help="where the build log goes (default: --build-dir)")
     a = ap.parse_args()
     t_start = time.perf_counter()
@@ -340,43 +361,12 @@ def main() -> None:
         m["sources"] = {k: str(v) for k, v in sources.items()}
     save(res, a.json)
 
-    if build is not None:
-        log("waiting for the llama.cpp build")
-        rc = build.wait()
-        res["llama_build_s"] = time.perf_counter() - t_start
-        if rc:
-            tail = build_log.read_text(errors="replace")[-3000:] if build_log else ""
-            res["llama_build_error"] = f"exit {rc}: {tail}"
-            log(f"llama.cpp build FAILED (exit {rc}):\n{tail}")
-        else:
-            log(f"llama.cpp built, {res['llama_build_s']:.0f} s after the start")
-    res["loadavg_timed"] = os.getloadavg()
-
-    # llama.cpp: one llama-bench per GGUF (pp and tg tests, each after its own warm-up run)
-    for name, m in res["models"].items():
-        for dt in GGUF_TYPES:
-            cmd = llama_bench_cmd(bench, Path(m["sources"][dt]), a.pp, a.tg, a.reps)
-            if a.dry_run:
-                print("would run:", " ".join(cmd))
-                continue
-            if "llama_build_error" in res or not Path(bench).is_file():
-                m["llama.cpp"][dt] = {"error": "no llama-bench"}
-                continue
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            if p.returncode:
-                m["llama.cpp"][dt] = {"error": f"exit {p.returncode}: {p.stderr[-1500:]}"}
-                log(f"{name} {dt}: llama-bench failed: {p.stderr[-1500:]}")
-                continue
-            r = parse_llama_bench(p.stdout)
-            if "tg" in r:
-                kv = kv_bytes_per_token(name, a.tiny) * a.tg // 2  # mean depth of a tg run from an empty cache
-                r["bytes_per_token"] = r["tg"]["model_size"] + kv
-                if res["copy_rate_Bps"]:
-                    r["fraction_of_bound"] = r["tg"]["tok_s"] * r["bytes_per_token"] / res["copy_rate_Bps"]
-            m["llama.cpp"][dt] = r
-            log(f"{name} {dt}: llama.cpp tg {fmt(r.get('tg', {}).get('tok_s'))} pp {fmt(r.get('pp', {}).get('tok_s'))}")
-    save(res, a.json)
-
+    # the timed runs wait for the build (a quiet machine); with --budget-s, llmarch's do not wait
+    # past the point where both engines' timed runs would no longer fit
+    wait_s = max(a.budget_s - (time.perf_counter() - t_start) - 150, 1) if a.budget_s else None
+    finished = wait_build(build, build_log, res, t_start, wait_s)
+    res["llmarch_timed_beside_build"] = not finished
+    res["loadavg_llmarch_timed"] = os.getloadavg()
     # llmarch: timed runs of each warmed-up source, then its prefill
     for name, src in list(prepared):
         rt, g = prepared.pop((name, src))
@@ -396,6 +386,39 @@ def main() -> None:
         if a.device == "cuda":
             torch.cuda.empty_cache()
         log(f"{name} {src}: llmarch tg {r['decode_tok_s']:.0f} pp {r['prefill_tok_s']:.0f}")
+    save(res, a.json)
+    if not finished:
+        wait_build(build, build_log, res, t_start, None)
+    res["loadavg_llamacpp_timed"] = os.getloadavg()
+    # llama.cpp: one llama-bench per GGUF (pp and tg tests, each after its own warm-up run)
+    for name, m in res["models"].items():
+        for dt in GGUF_TYPES:
+            cmd = llama_bench_cmd(bench, Path(m["sources"][dt]), a.pp, a.tg, a.reps)
+            if a.dry_run:
+                print("would run:", " ".join(cmd))
+                continue
+            if "llama_build_error" in res or not Path(bench).is_file():
+                m["llama.cpp"][dt] = {"error": "no llama-bench"}
+                continue
+            try:
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            except subprocess.TimeoutExpired:
+                m["llama.cpp"][dt] = {"error": "llama-bench ran past 300 s"}
+                continue
+            if p.returncode:
+                m["llama.cpp"][dt] = {"error": f"exit {p.returncode}: {p.stderr[-1500:]}"}
+                log(f"{name} {dt}: llama-bench failed: {p.stderr[-1500:]}")
+                continue
+            r = parse_llama_bench(p.stdout)
+            if "tg" in r:
+                kv = kv_bytes_per_token(name, a.tiny) * a.tg // 2  # mean depth of a tg run from an empty cache
+                r["bytes_per_token"] = r["tg"]["model_size"] + kv
+                if res["copy_rate_Bps"]:
+                    r["fraction_of_bound"] = r["tg"]["tok_s"] * r["bytes_per_token"] / res["copy_rate_Bps"]
+            m["llama.cpp"][dt] = r
+            save(res, a.json)
+            log(f"{name} {dt}: llama.cpp tg {fmt(r.get('tg', {}).get('tok_s'))} pp {fmt(r.get('pp', {}).get('tok_s'))}")
+
     res["total_s"] = time.perf_counter() - t_start
     save(res, a.json)
     print()
