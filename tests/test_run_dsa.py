@@ -10,6 +10,7 @@ forward (its own cache, indexer keys included), and identical greedy tokens:
 The fixtures use 8 indexer heads (the released models: 64 and 32). With 2, many keys score exactly
 0 after the ReLU, and which of the tied keys top-k keeps depends on the length of the row it
 scans, so even transformers with and without a static cache disagree on those steps.
+GLM-5's layers that share an earlier layer's selection ("shared" in indexer_types) match too.
 inspect's KV bytes (latent + rope key + indexer key per layer) equal what run allocates.
 """
 
@@ -78,6 +79,16 @@ def test_sparse_attention_matches_transformers(tiny, name):
     assert per_token == {a.kv_lora_rank + a.qk_rope_head_dim + a.index_head_dim}
 
 
+def test_layers_sharing_a_selection(tiny):
+    """GLM-5's "shared" indexer layers attend the keys the previous full layer's indexer chose and
+    cache no indexer keys of their own (transformers builds them without an indexer)."""
+    path = tiny("glm_moe_dsa", index_n_heads=HEADS, index_topk=8, indexer_types=["full", "shared", "full"])
+    rt, cache = _parity(path, reference_model("glm_moe_dsa", path))
+    assert [l.index_from for l in rt.spec.schedule] == [None, 0, None]
+    assert [c.index_k is not None for c in cache.layers.values()] == [True, False, True]
+    assert cache.nbytes() == rt.spec.kv_cache(context=PROMPT + STEPS, kv_dtype="f32")["bytes"]
+
+
 def test_dropping_the_selection_fails_the_check(tiny, monkeypatch):
     """With the indexer's mask replaced by the causal one (dense MLA), the same comparison fails:
     the selection changes the logits, so the test above checks it."""
@@ -121,6 +132,7 @@ def _bad(path):
         ({"index_head_dim": 12}, "model.safetensors: indexer tensor model.layers.0.self_attn.indexer.w"),
         ({"index_n_heads": 3}, "model.safetensors: indexer tensor model.layers.0.self_attn.indexer.w"),
         ({"index_topk": 0}, "config.json: index_topk is 0"),
+        ({"indexer_types": ["shared", "full", "full"]}, "config.json: indexer_types must give 3 layers"),
     ],
 )
 def test_bad_indexer_one_line(tiny, tmp_path, edit, expect):

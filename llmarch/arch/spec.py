@@ -34,6 +34,9 @@ class LayerSpec:
     rope_scaling: dict | None = None  # per-layer scaling where it differs (Olmo 3: global layers only)
     linear_kind: str | None = None  # gated_deltanet | kda | mamba2 (for mixer == linear/mamba)
     kv_shared_from: int | None = None  # reuses another layer's KV cache (Gemma 3n)
+    # attends the keys an earlier layer's sparse-attention indexer selected (GLM-5's "shared"
+    # indexer layers): no indexer, no indexer cache of its own
+    index_from: int | None = None
     kv_heads: int | None = None  # where this layer's KV heads differ from the model's (MiMo-V2-Flash)
     sinks: bool | None = (
         None  # where this layer's attention sinks differ from the model's (MiMo-V2-Flash: sliding only)
@@ -245,7 +248,7 @@ class ArchSpec:
         if layer.kv_shared_from is not None or layer.mixer in ("linear", "mamba", "none"):
             return 0.0
         if layer.mixer == "mla":  # the latent and shared k_rot, plus the indexer's key where it has one
-            index_key = (a.index_head_dim or 0) if a.indexer else 0
+            index_key = (a.index_head_dim or 0) if a.indexer and layer.index_from is None else 0
             return ((a.kv_lora_rank or 0) + (a.qk_rope_head_dim or 0) + index_key) * kv_bytes
         k_dim = layer.head_dim or a.head_dim
         v_dim = layer.head_dim or a.v_head_dim or a.head_dim

@@ -137,6 +137,8 @@ INTS = {
     "index_topk",
     "index_n_heads",
     "index_head_dim",
+    "index_topk_freq",
+    "index_skip_topk_offset",
     "linear_num_key_heads",
     "linear_num_value_heads",
     "linear_key_head_dim",
@@ -222,7 +224,7 @@ STRINGS = {
     "hybrid_override_pattern",
     "gguf_rope_scaling_type",
 }
-STRING_LISTS = {"architectures", "layer_types", "layers_block_type", "mlp_layer_types"}
+STRING_LISTS = {"architectures", "layer_types", "layers_block_type", "mlp_layer_types", "indexer_types"}
 OBJECTS = {"linear_attn_config"}
 # GGUF: a sliding-window pattern is a period (int) or one flag per layer
 INT_OR_FLAG_LISTS = {"gguf_sliding_window_pattern"}

@@ -8,7 +8,7 @@ recipe (recipes/*.toml). An unknown architecture gets every fact the generic rul
 from __future__ import annotations
 
 from llmarch.arch import recipe_book as recipes
-from llmarch.arch.fingerprint.attention import read_attention
+from llmarch.arch.fingerprint.attention import read_attention, read_indexer_sharing
 from llmarch.arch.fingerprint.extras import read_extras
 from llmarch.arch.fingerprint.facts import Facts, tensors_by_layer
 from llmarch.arch.fingerprint.moe import read_moe
@@ -69,6 +69,7 @@ def fingerprint(ckpt: Checkpoint) -> ArchSpec:
     read_norms(spec, facts, recipe, layer_tensors)
     read_moe(spec, facts, recipe, layer_tensors)
     read_schedule(spec, facts, recipe, layer_tensors, ckpt)
+    read_indexer_sharing(spec, facts, ckpt)
     read_extras(spec, facts, recipe, ckpt)
     read_params(spec, ckpt)
     read_storage(spec, ckpt)

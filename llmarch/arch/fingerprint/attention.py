@@ -166,3 +166,30 @@ def read_indexer(spec: ArchSpec, a: AttentionSpec, f: Facts, recipe: Recipe, lt,
                         f"{dim}, q_lora_rank {a.q_lora_rank} and hidden_size {spec.hidden_size} give {list(want)}",
                         t.file,
                     )
+
+
+def read_indexer_sharing(spec: ArchSpec, f: Facts, ckpt: Checkpoint) -> None:
+    """Layers that reuse the previous indexer layer's top-k instead of running their own (GLM-5:
+    indexer_types "full" | "shared" per layer, else transformers' rule from index_topk_freq and
+    index_skip_topk_offset: layer i is full when max(i - offset + 1, 0) % freq == 0)."""
+    if not spec.attention.indexer:
+        return
+    n = len(spec.schedule)
+    types = f.get("indexer_types", fact="attention.indexer_types")
+    freq = f.get("index_topk_freq", fact="attention.indexer_types")
+    where = ckpt.path / "config.json" if ckpt.config is not None and ckpt.path.is_dir() else ckpt.path
+    if types is None and freq is not None:
+        offset = f.get("index_skip_topk_offset", default=2)
+        types = ["full" if max(i - offset + 1, 0) % max(freq, 1) == 0 else "shared" for i in range(n)]
+    if types is None:
+        return
+    if len(types) != n or any(t not in ("full", "shared") for t in types) or (n and types[0] != "full"):
+        raise CheckpointError(
+            f"indexer_types must give {n} layers, each full or shared, the first full; got {types!r:.120}", where
+        )
+    last = 0
+    for layer, t in zip(spec.schedule, types, strict=True):
+        if t == "full":
+            last = layer.index
+        else:
+            layer.index_from = last

@@ -32,6 +32,7 @@ class LatentCache:
         self.v = torch.zeros(batch, size, rope, dtype=dtype, device=device)  # k_rot
         # the sparse-attention indexer's own key per token, where the layer has one
         self.index_k = indexer.new_cache(batch, size, dtype, device) if indexer is not None else None
+        self.selection: torch.Tensor | None = None  # this step's selected keys, for layers sharing them
 
     def update(self, c, k_rot, pos):
         self.k.index_copy_(1, pos, c.to(self.k.dtype))
@@ -71,7 +72,9 @@ class MLAttention(nn.Module):
         self.interleave = a.rope_interleave is not False
         # a NoPE layer (Kimi Linear's MLA) keeps the rope dims, shared k_rot included, unrotated
         self.rotate = layer.rope
-        self.indexer = LightningIndexer(spec, layer.index) if a.indexer else None
+        # a layer sharing an earlier layer's selection (index_from) has no indexer of its own
+        self.index_from = layer.index_from
+        self.indexer = LightningIndexer(spec, layer.index) if a.indexer and self.index_from is None else None
 
     def _rot(self, x, pos):
         if not self.rotate:
@@ -101,7 +104,9 @@ class MLAttention(nn.Module):
         S = cs.shape[1]
         mask = torch.arange(S, device=x.device)[None, :] <= pos[:, None]  # [T, S]
         if self.indexer is not None:  # sparse attention: only the keys the indexer selects, per query
-            mask = self.indexer(x, q_resid, pos, self.rope, lc.index_k, mask)[:, None]  # [B, 1, T, S]
+            mask = lc.selection = self.indexer(x, q_resid, pos, self.rope, lc.index_k, mask)[:, None]  # [B, 1, T, S]
+        elif self.index_from is not None:
+            mask = cache.layers[self.index_from].selection
         w = self.kv_b.weight.view(self.H, self.nope + self.vdim, self.rank)
         w_k, w_v = w[:, : self.nope], w[:, self.nope :]
         if T > 1:  # expanded: per-head K/V for all keys, then SDPA
