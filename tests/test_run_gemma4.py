@@ -134,3 +134,21 @@ def test_generator_greedy_matches_transformers(tiny, device):
         for _ in range(STEPS):
             seq = torch.cat([seq, ref(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert res.tokens == seq[0, PROMPT:].tolist()
+
+
+def test_moe_variant_is_read_and_refused_by_run(tiny):
+    """The MoE variant (enable_moe_block: a dense MLP and routed experts in every layer): inspect
+    reads its expert counts from the config transformers wrote; run, which has no such layer
+    yet, stops with one line naming the checkpoint."""
+    from llmarch.api import load_checkpoint_spec
+    from llmarch.errors import LlmarchError
+    from llmarch.runtime.load import load_runtime
+
+    moe = {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 8}
+    path = tiny("gemma4_text", **moe)
+    _, spec = load_checkpoint_spec(str(path))
+    assert (spec.moe.experts, spec.moe.experts_per_token, spec.moe.expert_ffn) == (4, 2, 8)
+    assert spec.moe.dense_beside
+    with pytest.raises(LlmarchError, match="dense MLP beside the routed experts") as err:
+        load_runtime(str(path), "cpu", "float32")
+    assert err.value.path == str(path)

@@ -164,6 +164,7 @@ class MoESpec:
     swiglu_alpha: float | None = None
     swiglu_limit: float | None = None
     fused_gate_up: str | None = None  # a fused gate_up_proj holds gate and up: interleaved (gpt-oss) | halves (Llama 4)
+    dense_beside: bool = False  # a dense MLP runs beside the routed experts in the same layer (Gemma 4's MoE layers)
     dense_layers: list[int] = field(default_factory=list)
 
 

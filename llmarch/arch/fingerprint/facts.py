@@ -12,7 +12,7 @@ from llmarch.errors import CheckpointError
 EXPERTS_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts", "n_experts")
 
 
-TOPK_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k", "experts_per_token")
+TOPK_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k", "experts_per_token", "top_k_experts")
 
 
 SHARED_KEYS = ("n_shared_experts", "num_shared_experts", "shared_experts")
