@@ -130,6 +130,26 @@ def _mla_kv(tc, i):
     return tc.kv_lora_rank + tc.qk_rope_head_dim
 
 
+def _index(c):
+    """The indexer's sizes from the config; its RoPE layout from transformers' own Indexer.forward
+    (apply_rotary_pos_emb_interleave there: adjacent pairs)."""
+    if not c.sem.indexer:
+        return None
+    import importlib
+    import inspect
+
+    mod = importlib.import_module(f"transformers.models.{c.name}.modeling_{c.name}")
+    indexer = next(v for k, v in vars(mod).items() if k.endswith("Indexer"))
+    tc = c.tc
+    return {
+        "heads": tc.index_n_heads,
+        "head_dim": tc.index_head_dim,
+        "topk": tc.index_topk,
+        "rope_interleave": "apply_rotary_pos_emb_interleave(" in inspect.getsource(indexer.forward),
+        "shared_layers": [i for i, t in enumerate(getattr(tc, "indexer_types", None) or []) if t == "shared"],
+    }
+
+
 def _dsa_kv(tc, i):
     """MLA plus the sparse-attention indexer's own key per token (index_head_dim: transformers'
     indexer cache, beside the latent)."""
@@ -722,6 +742,7 @@ FACTS: dict[str, tuple[str, Callable[[Ctx], Any]]] = {
     "attention.temperature_tuning": ("attention.temperature_tuning", lambda c: c.sem.temperature(c.tc)),
     "attention.indexer": ("attention.indexer", lambda c: c.sem.indexer),
     "attention.mla": ("attention.mla", _mla),
+    "attention.index": ("attention.index", _index),
     "moe": ("moe", _moe),
     "moe.routing": ("moe", _routing),
     # GPT2MLP (c_fc, act, c_proj) and NemotronHMLP (up, relu2, down) have no gate; the others' are GLUs
@@ -750,7 +771,15 @@ FACTS: dict[str, tuple[str, Callable[[Ctx], Any]]] = {
 
 
 def _compare(fact: str, got, want, c: Ctx):
-    if fact in ("moe", "moe.routing", "sliding_window", "linear_attention", "per_layer_embeddings", "attention.mla"):
+    if fact in (
+        "moe",
+        "moe.routing",
+        "sliding_window",
+        "linear_attention",
+        "per_layer_embeddings",
+        "attention.mla",
+        "attention.index",
+    ):
         if want is None:
             assert got is None, f"{fact}: expected null, got {got}"
             return

@@ -56,6 +56,15 @@ def to_document(spec: ArchSpec, context: int | None = None, kv_dtype: str | None
             }
             if a.mla
             else None,
+            "index": {
+                "heads": a.index_heads,
+                "head_dim": a.index_head_dim,
+                "topk": a.index_topk,
+                "rope_interleave": a.index_rope_interleave,
+                "shared_layers": [l.index for l in spec.schedule if l.index_from is not None],
+            }
+            if a.indexer
+            else None,
         },
         "rope": {
             "theta": spec.rope.theta,
