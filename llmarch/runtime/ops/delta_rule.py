@@ -64,26 +64,34 @@ def recurrent_step(q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bhk,bhkv->bhv", q, state)
 
 
-def decayed_pairs(a: torch.Tensor, b: torch.Tensor, gc: torch.Tensor, sub: int = SUB) -> torch.Tensor:
-    """M[..., i, j] = sum_c a_i[c] b_j[c] exp(gc_i[c] - gc_j[c]) for j <= i, 0 above; a, b, gc
-    [..., C, D] with gc non-increasing along C (cumulative log-decays), C a multiple of `sub`."""
-    *lead, C, D = a.shape
+def decayed_pairs(lefts: list[torch.Tensor], b: torch.Tensor, gc: torch.Tensor, sub: int = SUB) -> list[torch.Tensor]:
+    """For each a in lefts: M[..., i, j] = sum_c a_i[c] b_j[c] exp(gc_i[c] - gc_j[c]) for j <= i,
+    0 above; a, b, gc [..., C, D] with gc non-increasing along C (cumulative log-decays), C a
+    multiple of `sub`. What depends on b and gc alone is computed once for every a."""
+    *lead, C, D = b.shape
     m = C // sub
-    ab, bb, gb = (x.reshape(*lead, m, sub, D) for x in (a, b, gc))
+    bb, gb = (x.reshape(*lead, m, sub, D) for x in (b, gc))
     # each sub-chunk's reference: the log-decay just before its first token (0 before the chunk)
     ref = torch.cat([torch.zeros_like(gb[..., :1, 0, :]), gb[..., :-1, -1, :]], dim=-2)  # [..., m, D]
-    left = ab * (gb - ref[..., None, :]).exp()  # [..., m, sub, D], exponents <= 0
+    to_ref = (gb - ref[..., None, :]).exp()  # [..., m, sub, D], exponents <= 0
     # every column against every sub-chunk's reference; columns at or after the reference are
     # masked below, so their exponent is capped at 0 instead of overflowing
     right = b[..., None, :, :] * (ref[..., :, None, :] - gc[..., None, :, :]).clamp(max=0).exp()  # [..., m, C, D]
-    col_block = torch.arange(C, device=a.device) // sub
-    earlier = col_block[None, None, :] < torch.arange(m, device=a.device)[:, None, None]  # [m, 1, C]
-    out = (left @ right.transpose(-1, -2)).masked_fill(~earlier, 0.0)  # [..., m, sub, C]
-    causal = torch.ones(sub, sub, dtype=torch.bool, device=a.device).tril()
-    within = (gb[..., :, None, :] - gb[..., None, :, :]).masked_fill(~causal[..., None], float("-inf")).exp()
-    diag = (ab[..., :, None, :] * bb[..., None, :, :] * within).sum(-1)  # [..., m, sub, sub]
-    out.view(*lead, m, sub, m, sub).diagonal(dim1=-4, dim2=-2).copy_(diag.movedim(-3, -1))
-    return out.reshape(*lead, C, C)
+    col_block = torch.arange(C, device=b.device) // sub
+    earlier = col_block[None, None, :] < torch.arange(m, device=b.device)[:, None, None]  # [m, 1, C]
+    # pairs inside a sub-chunk exactly: b_j exp(gc_i - gc_j) for j <= i, 0 for j > i (their
+    # exponent, >= 0, capped first)
+    causal = torch.ones(sub, sub, dtype=torch.bool, device=b.device).tril()
+    within = (gb[..., :, None, :] - gb[..., None, :, :]).clamp_(max=0).exp_()  # [..., m, sub_i, sub_j, D]
+    within.mul_(bb[..., None, :, :]).masked_fill_(~causal[..., None], 0.0)
+    outs = []
+    for a in lefts:
+        ab = a.reshape(*lead, m, sub, D)
+        out = ((ab * to_ref) @ right.transpose(-1, -2)).masked_fill_(~earlier, 0.0)  # [..., m, sub, C]
+        diag = (within @ ab[..., None]).squeeze(-1)  # [..., m, sub_i, sub_j]
+        out.view(*lead, m, sub, m, sub).diagonal(dim1=-4, dim2=-2).copy_(diag.movedim(-3, -1))
+        outs.append(out.reshape(*lead, C, C))
+    return outs
 
 
 def chunked(q, k, v, g, beta, state: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
@@ -103,8 +111,7 @@ def chunked(q, k, v, g, beta, state: torch.Tensor, chunk: int = CHUNK) -> torch.
     kb = k * beta[..., None]
     if per_channel:
         gk = g.reshape(B, H, n, chunk, Dk).cumsum(-2)  # log-decay per channel from the chunk's start
-        system = decayed_pairs(kb, k, gk)
-        attn = decayed_pairs(q, k, gk)  # within-chunk q.k with decay, causal
+        system, attn = decayed_pairs([kb, q], k, gk)  # attn: within-chunk q.k with decay, causal
     else:
         gc = g.reshape(B, H, n, chunk).cumsum(-1)  # log-decay from the chunk's start to each token
         upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
