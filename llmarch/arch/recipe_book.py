@@ -56,3 +56,14 @@ def families_supporting(command: str) -> list[str]:
     """The families whose recipe lists `command` (run, convert, from_gguf) in `supports`: the one
     list every refusal of that command names."""
     return [r.family for r in all_recipes() if command in r.supports]
+
+
+def supported_names(command: str) -> list[str]:
+    """families_supporting(command) as a refusal shows it: each family with the other model types
+    its recipe covers (qwen3 runs qwen2 too), so a user with a qwen2 checkpoint finds it listed."""
+    names = []
+    for recipe in all_recipes():
+        if command in recipe.supports:
+            also = [m for m in recipe.model_types if m != recipe.family]
+            names.append(f"{recipe.family} ({', '.join(also)})" if also else recipe.family)
+    return names

@@ -18,7 +18,7 @@ from functools import lru_cache
 import gguf
 from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES
 
-from llmarch.arch.recipe_book import families_supporting
+from llmarch.arch.recipe_book import supported_names
 from llmarch.arch.recipe_schema import Recipe
 from llmarch.arch.spec import ArchSpec
 from llmarch.errors import LlmarchError
@@ -129,7 +129,7 @@ def family_to_gguf(spec: ArchSpec, path=None) -> Family:
     if spec.recipe is None or "convert" not in spec.supports:
         raise LlmarchError(
             f"converting family {spec.family!r} to GGUF is not supported yet "
-            f"(supported families: {', '.join(families_supporting('convert'))})",
+            f"(supported families: {', '.join(supported_names('convert'))})",
             path,
         )
     return _family(spec.recipe, spec.text_family or spec.model_type)
@@ -142,7 +142,7 @@ def family_from_gguf(spec: ArchSpec, path=None) -> Family:
     if recipe is None or "from_gguf" not in spec.supports:
         raise LlmarchError(
             f"converting GGUF architecture {spec.gguf_arch!r} to safetensors is not supported yet "
-            f"(supported families: {', '.join(families_supporting('from_gguf'))})",
+            f"(supported families: {', '.join(supported_names('from_gguf'))})",
             path,
         )
     types, archs = recipe.model_types, recipe.gguf_archs

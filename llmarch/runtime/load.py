@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmarch.arch.recipe_book import all_recipes, families_supporting
+from llmarch.arch.recipe_book import supported_names
 from llmarch.arch.spec import ArchSpec
 from llmarch.errors import LlmarchError
 from llmarch.progress import progress
@@ -77,14 +77,7 @@ def pick_dtype(dtype: str | None, ckpt, device: torch.device, notes: list[str]) 
 
 
 def supported_note() -> str:
-    """The families run supports, each with the other model types its recipe covers (qwen3 runs
-    qwen2 too), so a user with a qwen2 checkpoint finds it in the list."""
-    names = []
-    for family in families_supporting("run"):
-        recipe = next(r for r in all_recipes() if r.family == family)
-        also = [m for m in recipe.model_types if m != family]
-        names.append(f"{family} ({', '.join(also)})" if also else family)
-    return f"llmarch run supports {', '.join(names)} (`llmarch families` lists them)"
+    return f"llmarch run supports {', '.join(supported_names('run'))} (`llmarch families` lists them)"
 
 
 def check_moe_options(spec: ArchSpec, experts, expert_bits, gpu_experts: int, expert_dir) -> None:
