@@ -89,6 +89,16 @@ def test_layers_sharing_a_selection(tiny):
     assert cache.nbytes() == rt.spec.kv_cache(context=PROMPT + STEPS, kv_dtype="f32")["bytes"]
 
 
+def test_scores_summed_a_few_heads_at_a_time(tiny, monkeypatch):
+    """Long prompts score the indexer heads a group at a time (bounded memory): at prefill here,
+    groups of 3 of the 8 heads, the last one short, give transformers' logits too."""
+    from llmarch.runtime.ops import sparse_indexer
+
+    monkeypatch.setattr(sparse_indexer, "HEAD_GROUP_ELEMS", 3 * PROMPT * PROMPT)
+    path = tiny("glm_moe_dsa", index_n_heads=HEADS, index_topk=8)
+    _parity(path, reference_model("glm_moe_dsa", path))
+
+
 def test_dropping_the_selection_fails_the_check(tiny, monkeypatch):
     """With the indexer's mask replaced by the causal one (dense MLA), the same comparison fails:
     the selection changes the logits, so the test above checks it."""

@@ -21,6 +21,8 @@ from torch import nn
 from llmarch.arch.spec import ArchSpec
 from llmarch.errors import LlmarchError
 
+HEAD_GROUP_ELEMS = 1 << 26  # per-head scores held at once (256 MiB of float32)
+
 
 class LightningIndexer(nn.Module):
     def __init__(self, spec: ArchSpec, index: int):
@@ -57,9 +59,16 @@ class LightningIndexer(nn.Module):
         q = self._rot(self.wq_b(q_resid).view(B, T, self.H, self.D).transpose(1, 2), pos, rope)  # [B, H, T, D]
         k = self._rot(self.k_norm(self.wk(x))[:, None], pos, rope)[:, 0]  # [B, T, D]
         keys.index_copy_(1, pos, k.to(keys.dtype))
-        scores = F.relu(torch.einsum("bhtd,bsd->bhts", q.float(), keys[:, :S].float()) * self.D**-0.5)
         w = self.weights_proj(x).float() * self.H**-0.5  # [B, T, H]
-        index = torch.einsum("bth,bhts->bts", w, scores).masked_fill(~visible, float("-inf"))
+        q, k_all = q.float(), keys[:, :S].float()
+        # heads summed a group at a time: a 512-token prefill chunk over a 32k cache with 64 heads
+        # would otherwise hold 4 GiB of per-head scores; a group stays near HEAD_GROUP_ELEMS floats
+        group = max(1, min(self.H, HEAD_GROUP_ELEMS // max(B * T * S, 1)))
+        index = torch.zeros(B, T, S, dtype=torch.float32, device=x.device)
+        for h in range(0, self.H, group):
+            scores = F.relu(torch.einsum("bhtd,bsd->bhts", q[:, h : h + group], k_all) * self.D**-0.5)
+            index += torch.einsum("bth,bhts->bts", w[..., h : h + group], scores)
+        index = index.masked_fill(~visible, float("-inf"))
         # k beyond the visible keys picks some hidden ones too; the causal mask still hides them
         top = index.topk(min(self.topk, S), dim=-1).indices
         return torch.zeros_like(index, dtype=torch.bool).scatter_(-1, top, True) & visible
