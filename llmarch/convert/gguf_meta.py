@@ -84,6 +84,12 @@ def spec_to_hf_keys(spec: ArchSpec) -> dict:
         mscale_all = (spec.rope.scaling or {}).get("mscale_all_dim")
         if mscale_all:
             hp["gguf_rope_yarn_log_multiplier"] = 0.1 * mscale_all
+    full_heads = {l.head_dim for l in spec.schedule if l.mixer != "sliding" and l.head_dim}
+    if full_heads:  # wider heads on the full layers (Gemma 4): key_length is theirs, *_swa the sliding ones'
+        full = max(full_heads)
+        hp.update(head_dim=full, v_head_dim=full, gguf_rope_dimension_count=full)
+        hp[Keys.Attention.KEY_LENGTH_SWA] = hp[Keys.Attention.VALUE_LENGTH_SWA] = a.head_dim
+        hp[Keys.Rope.DIMENSION_COUNT_SWA] = int(round(a.head_dim * spec.rope.partial))
     windows = {l.window for l in spec.schedule if l.mixer == "sliding" and l.window}
     if windows:
         hp["sliding_window"] = max(windows)

@@ -318,12 +318,20 @@ def _pad_to_vocab(t: PlannedTensor, groups: dict) -> None:
 
 
 def _generated(spec: ArchSpec, fam: Family) -> list[PlannedTensor]:
-    """Tensors llama.cpp derives from config: rope_freqs for Llama 3 RoPE scaling."""
+    """Tensors llama.cpp derives from config: rope_freqs for Llama 3 RoPE scaling, and for
+    proportional RoPE (Gemma 4's full layers: the first partial_rotary_factor of the frequencies
+    over the whole head, the rest not rotated) divisors of 1 then 1e30, as its converter writes."""
     sc = spec.rope.scaling or {}
-    if (sc.get("type") or "").lower() != "llama3" or MODEL_TENSOR.ROPE_FREQS not in MODEL_TENSORS[fam.arch]:
+    kind = (sc.get("type") or "").lower()
+    if kind not in ("llama3", "proportional") or MODEL_TENSOR.ROPE_FREQS not in MODEL_TENSORS[fam.arch]:
         return []
-    factors = llama3_rope_factors(spec.attention.head_dim, spec.rope.theta or 10000.0, sc)
     name = TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS] + ".weight"
+    if kind == "proportional":
+        head = max(l.head_dim or spec.attention.head_dim for l in spec.schedule if l.mixer != "sliding")
+        rotated = int(head * float(sc.get("partial_rotary_factor", 1.0)) / 2)
+        factors = np.array([1.0] * rotated + [1e30] * (head // 2 - rotated), dtype=np.float32)
+        return [PlannedTensor(name, Q.F32, factors.shape, [Piece(None, 0, data=factors)], "(proportional rope)")]
+    factors = llama3_rope_factors(spec.attention.head_dim, spec.rope.theta or 10000.0, sc)
     return [PlannedTensor(name, Q.F32, factors.shape, [Piece(None, 0, data=factors)], "(llama3 rope scaling)")]
 
 
