@@ -1,6 +1,6 @@
 """Gemma 4's text model (per-layer inputs, wider heads and proportional RoPE on the global layers,
 KV sharing, v = k on global layers, double-wide FFNs on KV-shared layers, stored layer scalars,
-q/k/v norms, sliding window, final soft-cap) against transformers' Gemma4ForCausalLM on tiny
+q/k/v norms, sliding window, final soft-cap, the MoE variant's dense MLP beside routed experts) against transformers' Gemma4ForCausalLM on tiny
 random float32 checkpoints.
 
 Expected values come from transformers: logits at prefill and every cached decode step within
@@ -27,6 +27,9 @@ CASES = {
     "dense": {},
     # global layers: values are the key projection, one KV head; KV-shared layers: a 2x FFN
     "k_eq_v-double_wide": {"attention_k_eq_v": True, "num_global_key_value_heads": 1, "use_double_wide_mlp": True},
+    # every layer: the dense MLP and 4 routed experts (top 2) side by side; 2 x 8 != hidden 32, so
+    # the stored expert layout [E, 2I, d] is told from [E, d, 2I] by its shape
+    "moe": {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 8},
 }
 
 
@@ -79,6 +82,12 @@ def test_text_model_matches_transformers(tiny, device, case):
     widths = [m.mlp.intermediate_size for m in layers]
     assert [l.ffn_width or spec.intermediate_size for l in spec.schedule] == widths
     assert spec.rope.scaling["type"] == cfg.rope_parameters["full_attention"]["rope_type"] == "proportional"
+    if cfg.enable_moe_block:
+        assert (spec.moe.experts, spec.moe.experts_per_token) == (cfg.num_experts, cfg.top_k_experts)
+        assert spec.moe.expert_ffn == cfg.moe_intermediate_size and spec.moe.dense_beside
+        assert spec.moe.router_input_scale and spec.moe.per_expert_scale
+    else:
+        assert spec.moe is None
 
 
 def test_layer_scalars_and_hub_config(scaled, device):
@@ -134,21 +143,3 @@ def test_generator_greedy_matches_transformers(tiny, device):
         for _ in range(STEPS):
             seq = torch.cat([seq, ref(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert res.tokens == seq[0, PROMPT:].tolist()
-
-
-def test_moe_variant_is_read_and_refused_by_run(tiny):
-    """The MoE variant (enable_moe_block: a dense MLP and routed experts in every layer): inspect
-    reads its expert counts from the config transformers wrote; run, which has no such layer
-    yet, stops with one line naming the checkpoint."""
-    from llmarch.api import load_checkpoint_spec
-    from llmarch.errors import LlmarchError
-    from llmarch.runtime.load import load_runtime
-
-    moe = {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 8}
-    path = tiny("gemma4_text", **moe)
-    _, spec = load_checkpoint_spec(str(path))
-    assert (spec.moe.experts, spec.moe.experts_per_token, spec.moe.expert_ffn) == (4, 2, 8)
-    assert spec.moe.dense_beside
-    with pytest.raises(LlmarchError, match="dense MLP beside the routed experts") as err:
-        load_runtime(str(path), "cpu", "float32")
-    assert err.value.path == str(path)

@@ -165,6 +165,9 @@ class MoESpec:
     swiglu_limit: float | None = None
     fused_gate_up: str | None = None  # a fused gate_up_proj holds gate and up: interleaved (gpt-oss) | halves (Llama 4)
     dense_beside: bool = False  # a dense MLP runs beside the routed experts in the same layer (Gemma 4's MoE layers)
+    # the router reads rms_norm(x) * a learned vector * hidden^-0.5, not x (Gemma 4)
+    router_input_scale: bool = False
+    per_expert_scale: bool = False  # the routing weights multiplied by a learned per-expert scale (Gemma 4)
     dense_layers: list[int] = field(default_factory=list)
 
 

@@ -126,12 +126,6 @@ def check_supported(spec: ArchSpec, path, gguf: bool = False) -> None:
             "linear-attention models from GGUF are not supported by llmarch run yet; use the safetensors checkpoint",
             path,
         )
-    if spec.moe is not None and spec.moe.dense_beside:
-        raise LlmarchError(
-            "llmarch run has no layers with a dense MLP beside the routed experts yet (Gemma 4's MoE variant); "
-            "the dense Gemma 4 models run",
-            path,
-        )
 
 
 def load_runtime(

@@ -92,7 +92,9 @@ class Block(nn.Module):
         x = x + (self.attn_post_norm(h) if self.attn_post_norm is not None else h)
         if self.laurel is not None:
             x = (x + self.laurel(normed)) / math.sqrt(2)
-        h = self.mlp(self.ffn_norm(x) if self.ffn_norm is not None else x)
+        normed = self.ffn_norm(x) if self.ffn_norm is not None else x
+        # an FFN that also reads the residual stream (Gemma 4's dense MLP beside routed experts)
+        h = self.mlp(normed, x) if getattr(self.mlp, "wants_residual", False) else self.mlp(normed)
         x = x + (self.ffn_post_norm(h) if self.ffn_post_norm is not None else h)
         if self.altup is not None:
             streams = self.altup.correct(streams, x)

@@ -28,9 +28,12 @@ class _Layer:
         self.names = source.ckpt.tensors
         self.where = str(source.ckpt.path)
         base = f"{getattr(source, 'prefix', '')}layers.{moe.index}."
-        self.blk = next(
-            (f"{base}{b}" for b in BLOCKS if any(n.startswith(f"{base}{b}.") for n in self._keys(base))), None
-        )
+        keys = self._keys(base)
+        self.blk = next((f"{base}{b}" for b in BLOCKS if any(n.startswith(f"{base}{b}.") for n in keys)), None)
+        if not any(n.startswith(f"{self.blk}.experts.") for n in keys) and any(
+            n.startswith(f"{base}experts.") for n in keys
+        ):
+            self.blk = base[:-1]  # experts and router directly in the layer, beside its dense mlp (Gemma 4)
         if self.blk is None:
             raise LlmarchError(
                 f"layer {moe.index}: no MoE tensors ({'/'.join(BLOCKS)}.*) in the checkpoint", self.where
@@ -85,7 +88,13 @@ def read_moe(source, moe, keep_mxfp4: bool = False) -> dict:
     if getattr(source.ckpt, "format", None) == "gguf":
         return _checked(_gguf_moe(source, moe), moe, str(source.ckpt.path))
     L = _Layer(source, moe)
-    out: dict = {"router": L.get("gate.weight", "router.weight", "router.gate.weight", required="router weight")}
+    out: dict = {
+        "router": L.get(
+            "gate.weight", "router.weight", "router.gate.weight", "router.proj.weight", required="router weight"
+        )
+    }
+    out["router_input_scale"] = L.get("router.scale")
+    out["per_expert_scale"] = L.get("router.per_expert_scale")
     out["router_bias"] = L.get("gate.e_score_correction_bias", "e_score_correction_bias", "router.bias", "expert_bias")
     if L.has("experts.gate_up_proj") or L.has("experts.gate_up_proj_blocks"):
         _fused(L, out, moe, keep_mxfp4)
@@ -200,9 +209,14 @@ def _fused(L: _Layer, out: dict, moe, keep_mxfp4: bool = False) -> None:
     if L.has("experts.gate_up_proj_blocks"):  # MXFP4 as shipped: [E, rows, d] after dequant
         gu = mxfp4_dequant(L.raw("experts.gate_up_proj_blocks"), L.raw("experts.gate_up_proj_scales"))
         down = mxfp4_dequant(L.raw("experts.down_proj_blocks"), L.raw("experts.down_proj_scales"))
-    else:  # bf16/f32 in transformers' parameter layout [E, d, 2I] / [E, I, d]
-        gu = L.get("experts.gate_up_proj").transpose(1, 2)
-        down = L.get("experts.down_proj", required="experts' down_proj").transpose(1, 2)
+    else:  # bf16/f32 in transformers' parameter layout [E, d, 2I] / [E, I, d], or already [E, 2I, d] / [E, d, I]
+        gu = L.get("experts.gate_up_proj")
+        down = L.get("experts.down_proj", required="experts' down_proj")
+        # rows first (Gemma 4) where the shape says so; a square case (d == 2I) keeps the [E, d, 2I] reading
+        if not (gu.shape[1] == 2 * moe.inter and gu.shape[2] == moe.d and moe.d != 2 * moe.inter):
+            gu = gu.transpose(1, 2)
+        if not (down.shape[1] == moe.d and down.shape[2] == moe.inter and moe.d != moe.inter):
+            down = down.transpose(1, 2)
     gub = L.get("experts.gate_up_proj_bias")
     # gpt-oss: gate = rows 0, 2, 4, ..., up = 1, 3, 5, ...
     gu, gub = gate_then_up(gu), None if gub is None else gate_then_up(gub)

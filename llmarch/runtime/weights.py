@@ -35,6 +35,13 @@ HF_LAYER = {
     "mlp.gate": "mlp.gate_proj",
     "mlp.up": "mlp.up_proj",
     "mlp.down": "mlp.down_proj",
+    # a dense MLP beside routed experts, and the norms around each (Gemma 4's MoE layers)
+    "mlp.dense.gate": "mlp.gate_proj",
+    "mlp.dense.up": "mlp.up_proj",
+    "mlp.dense.down": "mlp.down_proj",
+    "mlp.dense_post_norm": "post_feedforward_layernorm_1",
+    "mlp.moe_norm": "pre_feedforward_layernorm_2",
+    "mlp.moe_post_norm": "post_feedforward_layernorm_2",
     # AltUp, LAuReL, per-layer inputs, layer scalar (Gemma 3n / Gemma 4)
     "altup.router_norm": "altup.router_norm",
     "altup.router": "altup.modality_router",

@@ -55,6 +55,9 @@ def _read_routing(m: MoESpec, f: Facts, r: MoERecipe, lt) -> None:
     m.topk_group = f.get("topk_group")
     m.routed_scaling_factor = f.get("routed_scaling_factor", "route_scale", fact="moe.routed_scaling_factor")
     m.router_bias = bool(any_layer_has(lt, "router_bias"))
+    names = [n for ns in lt.values() for n in ns]
+    m.router_input_scale = any(n.endswith("router.scale") for n in names)
+    m.per_expert_scale = any(n.endswith("router.per_expert_scale") for n in names)
     m.weights_on_input = r.weights_on_input
 
 

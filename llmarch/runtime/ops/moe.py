@@ -39,10 +39,21 @@ class Router(nn.Module):
         self.norm = bool(m.norm_topk_prob)
         self.groups, self.topk_group = m.n_group or 1, m.topk_group or 1
         self.scale = m.routed_scaling_factor or 1.0
+        d = spec.hidden_size
+        self.input_scale = nn.Parameter(torch.ones(d)) if m.router_input_scale else None
+        self.input_root = d**-0.5
+        self.eps = spec.norm.eps or 1e-6
+        self.expert_scale = nn.Parameter(torch.ones(m.experts)) if m.per_expert_scale else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, d] -> (expert ids [N, k], weights [N, k] float32)."""
+        if self.input_scale is not None:  # rms_norm(x) * scale * d^-0.5 (Gemma 4's router input)
+            xf = x.float()
+            xf = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+            x = (xf.to(x.dtype) * self.input_scale * self.input_root).to(x.dtype)
         idx, w = self._route(x)
+        if self.expert_scale is not None:
+            w = w * self.expert_scale[idx]
         return idx, (w * self.scale if self.scale != 1.0 else w)
 
     def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,10 +119,12 @@ class MoE(nn.Module):
         self.shared_gate = nn.Linear(self.d, 1, bias=False) if m.shared_gated else None
         self.store_factory = None  # experts/placement.py: (moe, gate_up, down, biases, mxfp4) -> expert store
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, route_on: torch.Tensor | None = None) -> torch.Tensor:
+        """route_on: what the router reads where it is not the experts' input (Gemma 4 routes on
+        the residual stream, its experts read a normed copy)."""
         B, T, d = x.shape
         flat = x.reshape(-1, d)
-        idx, w = self.router(flat)
+        idx, w = self.router(flat if route_on is None else route_on.reshape(-1, d))
         # shared expert first: on the GPU it runs while an offloaded store computes on the CPU
         shared = None
         if self.shared is not None:
@@ -130,6 +143,11 @@ class MoE(nn.Module):
         t = read_moe(source, self, keep_mxfp4=getattr(self.store_factory, "keeps_mxfp4", False))
         put = lambda x: nn.Parameter(x.to(device=device, dtype=dtype), requires_grad=False)  # noqa: E731
         self.router.weight = put(t["router"])
+        for key, attr in (("router_input_scale", "input_scale"), ("per_expert_scale", "expert_scale")):
+            if getattr(self.router, attr) is not None:
+                if t.get(key) is None:
+                    raise LlmarchError(f"layer {self.index}: the router's {key} is missing", str(source.ckpt.path))
+                setattr(self.router, attr, put(t[key]))
         if self.router.bias is not None:
             if t.get("router_bias") is None:
                 raise LlmarchError(
@@ -159,5 +177,28 @@ def _linear(w: torch.Tensor, b, dtype, device) -> nn.Linear:
     return lin
 
 
+class DenseBesideMoE(nn.Module):
+    """A dense MLP and routed experts side by side (Gemma 4): the MLP reads the block's FFN-normed
+    input, the router the residual stream, the experts their own normed copy of it; each output
+    gets its own post-norm and the two are summed."""
+
+    wants_residual = True
+
+    def __init__(self, spec: ArchSpec, layer: LayerSpec):
+        super().__init__()
+        from llmarch.runtime.ops.norms import make_norm
+
+        d = spec.hidden_size
+        self.dense = GatedMLP(d, layer.ffn_width or spec.intermediate_size, spec.activation)
+        self.moe = MoE(spec, layer)
+        self.dense_post_norm = make_norm(spec.norm.kind, d, spec.norm.eps, spec.norm.unit_offset)
+        self.moe_norm = make_norm(spec.norm.kind, d, spec.norm.eps, spec.norm.unit_offset)
+        self.moe_post_norm = make_norm(spec.norm.kind, d, spec.norm.eps, spec.norm.unit_offset)
+
+    def forward(self, normed: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        dense = self.dense_post_norm(self.dense(normed))
+        return dense + self.moe_post_norm(self.moe(self.moe_norm(residual), route_on=residual))
+
+
 def moe_ffn(spec: ArchSpec, layer: LayerSpec) -> nn.Module:
-    return MoE(spec, layer)
+    return DenseBesideMoE(spec, layer) if spec.moe.dense_beside else MoE(spec, layer)
