@@ -125,6 +125,8 @@ class LinearAttentionSpec:
     # key head: [q k v z] and [b a], Qwen3-Next) | "split" (in_proj_qkv, in_proj_z, in_proj_b,
     # in_proj_a, Qwen3.5); None when no tensor says (config only)
     projection: str | None = None
+    # Mamba-2: the chunked form's lower bound on dt (time_step_min; its one-token update has none)
+    dt_min: float = 0.0
 
     @property
     def conv_channels(self) -> int:
@@ -285,9 +287,9 @@ class ArchSpec:
         la = self.linear_attention
         if not la:
             return 0
-        if self.linear is not None and self.linear.kind in ("gated_deltanet", "kda"):
-            # the recurrent matrix is kept in float32 (as transformers and llama.cpp keep it), the
-            # conv window in the cache dtype
+        if self.linear is not None:
+            # every layer with LinearAttentionSpec sizes: the recurrent matrix is kept in float32 (as
+            # transformers and llama.cpp keep it), the conv window in the cache dtype
             lin = self.linear
             return int(la.get("linear", 0) * (lin.recurrent_state_elems * 4 + lin.conv_state_elems * b))
         per_layer = la.get("state_elems_per_layer") or 0

@@ -117,7 +117,7 @@ class KVCache:
         self.max_seq = max_seq
         self.linear: dict[int, LinearState] = {}
         for layer in schedule:
-            if layer.mixer == "linear" and linear is not None:
+            if layer.mixer in ("linear", "mamba") and linear is not None:
                 self.linear[layer.index] = LinearState(linear, batch, dtype, device)
         self.groups: dict[tuple, SlotGroup] = {}
         self.layers: dict[int, LayerCache] = {}

@@ -145,7 +145,34 @@ def _linear_state(spec: ArchSpec, f: Facts, recipe: Recipe, path) -> dict:
             int(f.get("conv_L_cache", fact="linear_attention.conv_kernel")) - 1
         )
     elif f.get("mamba_num_heads") and f.get("mamba_head_dim") and f.get("ssm_state_size"):
-        out["state_elems_per_layer"] = f.get("mamba_num_heads") * f.get("mamba_head_dim") * f.get("ssm_state_size")
+        # Mamba-2 as linear attention: B/C per group (key heads, state size wide), x per head
+        # (value heads, head_dim wide); the conv window runs over [x B C]
+        def count(key: str, default: int | None = None) -> int:
+            v = f.get(key, default=default, fact="linear_attention")
+            if not (is_int(v) and 1 <= v <= MAX_COUNT):
+                raise CheckpointError(f"{key} must be an integer from 1 to {MAX_COUNT}, got {show(v)}", path)
+            return int(v)
+
+        dt_min = f.get("time_step_min", default=0.0)
+        if not isinstance(dt_min, (int, float)) or isinstance(dt_min, bool) or not 0.0 <= dt_min < math.inf:
+            raise CheckpointError(f"time_step_min must be a finite number >= 0, got {show(dt_min)}", path)
+        lin = spec.linear = LinearAttentionSpec(
+            kind=kind,
+            key_heads=count("n_groups", 1),
+            value_heads=count("mamba_num_heads"),
+            key_head_dim=count("ssm_state_size"),
+            value_head_dim=count("mamba_head_dim"),
+            conv_kernel=count("conv_kernel", 4),
+            dt_min=float(dt_min),
+        )
+        out["state_elems_per_layer"] = lin.recurrent_state_elems + lin.conv_state_elems
+        out.update(
+            heads=lin.value_heads,
+            head_dim=lin.value_head_dim,
+            groups=lin.key_heads,
+            state_size=lin.key_head_dim,
+            conv_kernel=lin.conv_kernel,
+        )
     return out
 
 
