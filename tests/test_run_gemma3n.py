@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from fixtures.parity import check_parity, kv_cache  # noqa: E402
+from fixtures.parity import check_generator, check_parity, kv_cache  # noqa: E402
 
 DEVICE = os.environ.get("LLMARCH_TEST_DEVICE", "cpu")
 STEPS = 32
@@ -87,17 +87,4 @@ def test_only_kv_owner_layers_allocate(gemma3n, reference):
 def test_generator_greedy_matches_transformers(gemma3n, reference, device):
     """The Generator path (prefill in chunks shorter than the window: a ring step over ring + new
     keys, which the KV-shared layers read too; CUDA graph decode on a GPU) gives transformers' tokens."""
-    from llmarch.runtime import generate as g
-    from llmarch.runtime.load import load_runtime
-
-    rt = load_runtime(str(gemma3n), device, "float32")
-    prompt = torch.randint(3, rt.spec.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(2))
-    old = g.PREFILL_CHUNK
-    g.PREFILL_CHUNK = 10
-    try:
-        res = g.Generator(rt, PROMPT + STEPS).generate(prompt[0].tolist(), STEPS, g.Sampling())
-    finally:
-        g.PREFILL_CHUNK = old
-    with torch.inference_mode():
-        out = reference.generate(prompt.to(device), max_new_tokens=STEPS, do_sample=False, min_new_tokens=STEPS)
-    assert res.tokens == out[0, PROMPT:].tolist()
+    check_generator(gemma3n, reference, device, PROMPT, STEPS)

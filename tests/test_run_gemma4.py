@@ -18,7 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from fixtures.parity import check_parity, kv_cache, text_in_wrapper  # noqa: E402
+from fixtures.parity import check_generator, check_parity, kv_cache, text_in_wrapper  # noqa: E402
 
 DEVICE = os.environ.get("LLMARCH_TEST_DEVICE", "cpu")
 PROMPT, STEPS = 24, 32  # the window is 16
@@ -125,21 +125,5 @@ def test_only_kv_owner_layers_allocate(tiny):
 
 def test_generator_greedy_matches_transformers(tiny, device):
     """Chunked prefill (chunks shorter than the window) and CUDA-graph decode on a GPU."""
-    from llmarch.runtime import generate as g
-    from llmarch.runtime.load import load_runtime
-
     path = tiny("gemma4_text")
-    rt = load_runtime(str(path), device, "float32")
-    ref = _reference(path)
-    prompt = torch.randint(3, rt.spec.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(2))
-    old = g.PREFILL_CHUNK
-    g.PREFILL_CHUNK = 10
-    try:
-        res = g.Generator(rt, PROMPT + STEPS).generate(prompt[0].tolist(), STEPS, g.Sampling())
-    finally:
-        g.PREFILL_CHUNK = old
-    seq = prompt.to(device)
-    with torch.inference_mode():
-        for _ in range(STEPS):
-            seq = torch.cat([seq, ref(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert res.tokens == seq[0, PROMPT:].tolist()
+    check_generator(path, _reference(path), device, PROMPT, STEPS)
