@@ -46,6 +46,9 @@ FAMILIES = {
     # per-layer inputs, wider heads and proportional RoPE (rope_freqs) on the full layers, KV sharing,
     # layer scalars
     "gemma4_text": {"vocab_size_per_layer_input": VOCAB},
+    # Gated DeltaNet 3:1 with gated full attention, partial RoPE, MoE + gated shared expert
+    # (ssm_in in HF's per-key-head [q k v z] rows, A as -exp(A_log), conv squeezed, (1 + w) norms shifted)
+    "qwen3_next": {},
 }
 # llama.cpp's default f16 KV cache rounds K/V: on the tiny Gemma 4 that alone is an NMSE of 1.2e-5
 # (7.6e-7 with an f32 cache), so these families are compared with an f32 cache
@@ -233,3 +236,33 @@ def test_gemma3n_kv_sharing_matches_transformers(tmp_path, hub_layout):
     with torch.no_grad():
         again = hf_model(back, "gemma3n")(input_ids=torch.tensor([ids])).logits[0].numpy()
     np.testing.assert_array_equal(again, ref)
+
+
+def test_gemma4_per_layer_widths_match_transformers(tiny, tmp_path):
+    """Gemma 4 with values = keys on the full layers (one global KV head, no v_proj) and double-wide
+    FFNs on the KV-shared layers: convert writes the FFN widths and KV head counts per layer, as
+    llama.cpp's gemma4 reads them (it refused the file with scalars); transformers' logits and tokens."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from llmarch.convert.to_gguf import convert_to_gguf
+    from llmarch.convert.verify import nmse
+
+    wide = {"attention_k_eq_v": True, "num_global_key_value_heads": 1, "use_double_wide_mlp": True}
+    src = tmp_path / "gemma4"
+    shutil.copytree(tiny("gemma4_text", vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB, **wide), src)
+    add_tokenizer(src, VOCAB)
+    out = tmp_path / "m.gguf"
+    convert_to_gguf(str(src), out, "f32")
+    llm = load_llama(out, f32_kv=True)
+    ids = Tokenizer.from_file(str(src / "tokenizer.json")).encode("The capital of France is Paris. In 1969").ids
+    model = hf_model(src, "gemma4_text")
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+        hf_greedy = model.generate(
+            torch.tensor([ids]), max_new_tokens=8, do_sample=False, min_new_tokens=8, eos_token_id=None, pad_token_id=0
+        )[0, len(ids) :].tolist()
+    got = llama_logits(llm, ids)
+    assert nmse(ref, got) < 1e-5
+    assert (ref.argmax(-1) == got.argmax(-1)).all()
+    assert llama_greedy(llm, ids, 8) == hf_greedy

@@ -113,6 +113,39 @@ def spec_to_hf_keys(spec: ArchSpec) -> dict:
     return {k: v for k, v in hp.items() if v is not None}
 
 
+def _gated_deltanet_keys(spec: ArchSpec, arch: str, path) -> dict:
+    """Gated DeltaNet sizes under llama.cpp's ssm.* keys (Qwen3NextModel.set_gguf_parameters) and
+    the layer pattern as full_attention_interval: llama.cpp makes layer i linear unless
+    (i + 1) % interval == 0, and takes the value heads' width from state_size (the key heads')."""
+    lin = spec.linear
+    if lin is None or lin.kind != "gated_deltanet":
+        return {}
+    if lin.key_head_dim != lin.value_head_dim:
+        raise LlmarchError(
+            f"llama.cpp's {arch} gives value heads the key heads' width; this model has "
+            f"{lin.value_head_dim} vs {lin.key_head_dim}, so GGUF cannot express it",
+            path,
+        )
+    linear = [l.mixer == "linear" for l in spec.schedule]
+    step = next(
+        (s for s in range(1, len(linear) + 1) if linear == [(i + 1) % s != 0 for i in range(len(linear))]), None
+    )
+    if step is None:
+        raise LlmarchError(
+            f"llama.cpp's {arch} puts full attention on every n-th layer; this model's layer_types "
+            f"follow no such step, so GGUF cannot express it",
+            path,
+        )
+    return {
+        "linear_conv_kernel_dim": lin.conv_kernel,
+        "ssm_state_size": lin.key_head_dim,
+        "ssm_group_count": lin.key_heads,
+        "ssm_time_step_rank": lin.value_heads,
+        "ssm_inner_size": lin.value_heads * lin.value_head_dim,
+        "full_attention_interval": step,
+    }
+
+
 def _vtype(key: str, value) -> V:
     if isinstance(value, bool):
         return V.BOOL
@@ -126,6 +159,7 @@ def _vtype(key: str, value) -> V:
 def model_kv(spec: ArchSpec, arch: str, recipe: Recipe, file_type: int, name: str, path=None) -> list[tuple]:
     _check_hard_coded(spec, recipe, arch, path)
     hp = spec_to_hf_keys(spec)
+    hp.update(_gated_deltanet_keys(spec, arch, path))
     reverse = {ckey: tmpl for tmpl, ckey in GENERIC_KEYS.items()}
     out = [
         (Keys.General.NAME, name, V.STRING),
@@ -157,6 +191,7 @@ def model_kv(spec: ArchSpec, arch: str, recipe: Recipe, file_type: int, name: st
                 V.ARRAY,
             )
         )
+    out += _per_layer_arrays(spec, arch, hp)
     for ckey, value in hp.items():
         tmpl = reverse.get(ckey) or (ckey if ckey.startswith("{arch}.") else None)
         if tmpl is None:
@@ -168,6 +203,25 @@ def model_kv(spec: ArchSpec, arch: str, recipe: Recipe, file_type: int, name: st
         else:
             vt = _vtype(ckey, value)
             out.append((tmpl.format(arch=arch), float(value) if vt == V.FLOAT32 else value, vt))
+    return out
+
+
+def _per_layer_arrays(spec: ArchSpec, arch: str, hp: dict) -> list[tuple]:
+    """FFN widths and KV head counts that differ by layer go as one value per layer, as llama.cpp
+    reads them (Gemma 4's double-wide FFNs on KV-shared layers, its full layers' own KV heads: a
+    KV-shared full layer counts the full layers' heads, as llama.cpp's converter writes them);
+    the scalar keys they replace are dropped from `hp`."""
+    out = []
+    if any(l.ffn_width for l in spec.schedule):
+        widths = [int(l.ffn_width or spec.intermediate_size or 0) for l in spec.schedule]
+        out.append((Keys.LLM.FEED_FORWARD_LENGTH.format(arch=arch), widths, V.ARRAY))
+        hp.pop("intermediate_size", None)
+    full_kv = {l.kv_heads for l in spec.schedule if l.mixer != "sliding" and l.kv_heads}
+    if full_kv:
+        kv = spec.attention.kv_heads or spec.attention.heads
+        heads = [kv if l.mixer == "sliding" else l.kv_heads or max(full_kv) for l in spec.schedule]
+        out.append((Keys.Attention.HEAD_COUNT_KV.format(arch=arch), heads, V.ARRAY))
+        hp.pop("num_key_value_heads", None)
     return out
 
 
