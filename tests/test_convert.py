@@ -308,9 +308,27 @@ def test_bad_input_existing_output(tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.gguf"]  # no temp file left
 
 
+def _tiny_olmo_hybrid(folder: Path) -> Path:
+    """Olmo hybrid (Gated DeltaNet + attention): llama.cpp has no architecture for it."""
+    from transformers import OlmoHybridConfig, OlmoHybridForCausalLM
+
+    sizes = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4)
+    config = OlmoHybridConfig(**sizes, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    OlmoHybridForCausalLM(config).save_pretrained(str(folder))
+    return folder
+
+
 def test_bad_input_unsupported_family_and_blocking_tensors(tiny, tmp_path):
-    line = _one_line_exit_2(run_cli("convert", tiny("qwen3_next"), "-o", tmp_path / "d.gguf"))
-    assert "qwen3_next" in line and "not supported" in line
+    src = _tiny_olmo_hybrid(tmp_path.parent / f"{tmp_path.name}-olmo-hybrid")
+    line = _one_line_exit_2(run_cli("convert", src, "-o", tmp_path / "d.gguf"))
+    assert "olmo_hybrid" in line and "not supported" in line
+    # Qwen3-Next whose full-attention layers llama.cpp's qwen3next cannot place (it makes every
+    # interval-th layer full attention) or whose value heads are wider than its key heads
+    odd = ["full_attention"] + ["linear_attention"] * 3
+    line = _one_line_exit_2(run_cli("convert", tiny("qwen3_next", layer_types=odd), "-o", tmp_path / "n.gguf"))
+    assert "qwen3next" in line and "every n-th layer" in line
+    line = _one_line_exit_2(run_cli("convert", tiny("qwen3_next", linear_value_head_dim=16), "-o", tmp_path / "n.gguf"))
+    assert "qwen3next" in line and "16 vs 8" in line
     # qwen3_moe with a dense first layer: llama.cpp's qwen3moe has no dense FFN tensors
     line = _one_line_exit_2(run_cli("convert", tiny("qwen3_moe"), "-o", tmp_path / "q.gguf"))
     assert "model.layers.0.mlp" in line and "qwen3moe" in line

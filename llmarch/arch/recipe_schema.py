@@ -113,6 +113,12 @@ class ConvertRecipe:
     # layer's KV and never read them (Gemma 3n); write zeros of the owner's shape where the source
     # has none (transformers' save_pretrained leaves them out, the Hub files keep them)
     shared_kv_placeholders: bool = False
+    # HF tensor-name endings respelled as gguf-py's table knows them (Qwen3-Next's dt_bias: dt_proj.bias)
+    hf_aliases: Mapping[str, str] = _table()
+    gguf_bare: tuple[str, ...] = ()  # MODEL_TENSOR names llama.cpp reads without a .weight suffix (ssm_a)
+    neg_exp: tuple[str, ...] = ()  # MODEL_TENSOR names stored as -exp(HF value): HF keeps log(-A), llama.cpp A
+    squeezed: tuple[str, ...] = ()  # MODEL_TENSOR names whose HF size-1 dims llama.cpp drops ([C, 1, K] conv)
+    unshifted: tuple[str, ...] = ()  # MODEL_TENSOR names of norms that norm_shift leaves alone (plain-weight norms)
 
 
 @dataclass(frozen=True)

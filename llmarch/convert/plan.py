@@ -41,6 +41,7 @@ F32_KINDS = {
     MODEL_TENSOR.ROPE_FREQS,
     MODEL_TENSOR.ALTUP_CORRECT_COEF,
     MODEL_TENSOR.ALTUP_PREDICT_COEF,
+    MODEL_TENSOR.SSM_CONV1D,
 }
 # the text model inside multimodal wrappers, in the Hub's spellings
 TEXT_PREFIX_RE = re.compile(r"^(language_model\.model\.|model\.language_model\.|language_model\.lm_head)")
@@ -61,6 +62,7 @@ class Piece:
     data: np.ndarray | None = None  # generated tensors (rope_freqs)
     view: object = None  # callable re-laying out the whole source (dtype-agnostic numpy ops)
     out_shape: tuple[int, ...] | None = None  # shape after `view`
+    neg_exp: bool = False  # written as -exp(value), in float32 (HF's A_log -> llama.cpp's A)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -120,6 +122,7 @@ def build_plan(ckpt: Checkpoint, spec: ArchSpec, fam: Family, dtype: str) -> Pla
     tmap = name_map(fam.arch, n_blocks)
     allowed = set(MODEL_TENSORS[fam.arch])
     heads, kv_heads = spec.attention.heads, spec.attention.kv_heads or spec.attention.heads
+    conv = fam.recipe.convert
 
     groups: dict[str, dict] = {}  # gguf name -> {kind, pieces: [(xid, piece)]}
     blocked: list[str] = []
@@ -135,6 +138,9 @@ def build_plan(ckpt: Checkpoint, spec: ArchSpec, fam: Family, dtype: str) -> Pla
         probe = f"{m['pre']}.{m['w']}.{m['suffix']}" if m else hf_name
         probe = TEXT_PREFIX_RE.sub(lambda t: "lm_head" if t.group(0).endswith("lm_head") else "model.", probe)
         probe = probe.replace("e_score_correction_bias", "e_score_correction.bias")  # gguf-py's spelling
+        for old, new in conv.hf_aliases.items():
+            if probe.endswith(old):
+                probe = probe[: -len(old)] + new
         if probe.endswith(".sinks"):
             probe += ".weight"  # gpt-oss attention sinks, as convert_hf_to_gguf.py names them
         if fam.fused_experts and FUSED_RE.search(hf_name):
@@ -152,16 +158,19 @@ def build_plan(ckpt: Checkpoint, spec: ArchSpec, fam: Family, dtype: str) -> Pla
             blocked.append(hf_name)
             continue
         kind, gname = found
-        if not gname.endswith((".weight", ".bias")):
+        if not gname.endswith((".weight", ".bias")) and kind.name not in conv.gguf_bare:
             gname += ".weight"  # HF parameters without a suffix (Gemma 3n's correct_output_scale)
         if kind == MODEL_TENSOR.ATTN_KV_B and fam.split_kv_b:
             for k, piece in _split_kv_b(info, spec, layer).items():
                 groups[TENSOR_NAMES[k].format(bid=layer) + ".weight"] = {"kind": k, "pieces": [(None, piece)]}
             continue
-        piece = Piece(src=info, offset=0, transpose=fam.transposed(hf_name))
+        piece = Piece(src=info, offset=0, transpose=fam.transposed(hf_name), neg_exp=kind.name in conv.neg_exp)
+        if kind.name in conv.squeezed:
+            kept = tuple(n for n in info.shape if n != 1)
+            piece.view, piece.out_shape = (lambda x, s=kept: x.reshape(s)), kept
         if fam.permute_qk and kind in (MODEL_TENSOR.ATTN_Q, MODEL_TENSOR.ATTN_K):
             piece.permute_heads = heads if kind == MODEL_TENSOR.ATTN_Q else kv_heads
-        if fam.norm_shift and hf_name.endswith("norm.weight"):
+        if fam.norm_shift and hf_name.endswith("norm.weight") and kind.name not in conv.unshifted:
             piece.shift = fam.norm_shift
         g = groups.setdefault(gname, {"kind": kind, "pieces": []})
         g["pieces"].append((int(m["xid"]) if m else None, piece))

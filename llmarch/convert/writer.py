@@ -146,7 +146,7 @@ def _tasks(t: PlannedTensor, base: int):
     """(piece, first row, rows, byte offset in the file) units of work for one tensor."""
     for p in t.pieces:
         shape = p.shape
-        if p.data is not None or p.view or p.permute_heads or p.transpose or len(shape) < 2:
+        if p.data is not None or p.view or p.permute_heads or p.transpose or p.neg_exp or len(shape) < 2:
             yield p, 0, None, base + p.offset
             continue
         rows, cols = int(np.prod(shape[:-1])), shape[-1]
@@ -175,7 +175,10 @@ def _run(task, t: PlannedTensor, src: _Sources, out_fd: int) -> None:
             a = np.ascontiguousarray(a.T)
         if p.permute_heads:
             a = to_gguf_order(a, p.permute_heads)
-        data = encode(a, p.src.dtype, t.type, p.shift)
+        dtype = p.src.dtype
+        if p.neg_exp:  # computed in float64 so the float32 result is the correctly rounded -exp
+            a, dtype = (-np.exp(to_f32(a, dtype).astype(np.float64))).astype(np.float32), "F32"
+        data = encode(a, dtype, t.type, p.shift)
     pwrite_all(out_fd, np.ascontiguousarray(data), at)
 
 
