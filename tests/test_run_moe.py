@@ -214,15 +214,6 @@ def test_moe_gguf_matches_transformers(tiny, tmp_path, name):
         assert rt.spec.attention.temperature_tuning == {"floor_scale": 8192, "attn_scale": 0.1}
 
 
-def test_mla_gguf_refused_in_one_line(tiny, tmp_path):
-    """MLA from GGUF (llama.cpp splits kv_b into k_b / v_b) is not read yet: one line says so."""
-    from llmarch.convert.to_gguf import convert_to_gguf
-
-    out = tmp_path / "deepseek_v3.gguf"
-    convert_to_gguf(str(tiny("deepseek_v3")), out, "f32")
-    assert "MLA models from GGUF are not supported" in _bad(out)
-
-
 def _rewrite(src, dst, edit):
     from safetensors.torch import load_file, save_file
 

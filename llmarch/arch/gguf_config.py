@@ -13,6 +13,39 @@ from llmarch.arch.recipe_schema import Recipe
 from llmarch.checkpoint.gguf_constants import GENERIC_KEYS
 
 
+def _yarn_extras(arch: str, meta: dict[str, Any], log_mul: Any) -> dict[str, float]:
+    """YaRN's betas, and DeepSeek's mscale: llama.cpp stores 0.1 * mscale_all_dim as the log
+    multiplier and takes mscale equal to it (its deepseek2 graph cancels the rotation's own
+    magnitude). Only finite positive numbers count."""
+    import math
+
+    def positive(v: Any) -> float | None:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        return float(v) if ok else None
+
+    out = {}
+    for key in ("beta_fast", "beta_slow"):
+        v = positive(meta.get(f"{arch}.rope.scaling.yarn_{key}"))
+        if v is not None:
+            out[key] = v
+    mul = positive(log_mul)
+    if mul is not None:  # 0.1 stored as float32 gives 1.0, not 1.0000000149
+        out["mscale_all_dim"] = out["mscale"] = _float32_shortest(mul / 0.1)
+    return out
+
+
+def _float32_shortest(x: float) -> float:
+    """x rounded to float32, written with the fewest digits that read back to that float32
+    (what numpy's str(np.float32(x)) gives; numpy is not imported on the header-only path)."""
+    import struct
+
+    def f32(v: float) -> float:
+        return struct.unpack("<f", struct.pack("<f", v))[0]
+
+    target = f32(x)
+    return next((float(f"{target:.{p}g}") for p in range(1, 10) if f32(float(f"{target:.{p}g}")) == target), target)
+
+
 def gguf_to_config(arch: str, meta: dict[str, Any], recipe: Recipe) -> tuple[dict, dict[str, str]]:
     """Return (config, evidence) where evidence maps each config key to the GGUF key it came from."""
     config: dict[str, Any] = {}
@@ -65,6 +98,9 @@ def gguf_to_config(arch: str, meta: dict[str, Any], recipe: Recipe) -> tuple[dic
     orig = config.pop("gguf_rope_scaling_original_context_length", None)
     if stype and stype != "none":
         config["rope_scaling"] = {"rope_type": stype, "factor": factor, "original_max_position_embeddings": orig}
+    log_mul = config.pop("gguf_rope_yarn_log_multiplier", None)
+    if stype == "yarn":
+        config["rope_scaling"].update(_yarn_extras(arch, meta, log_mul))
     # Llama 3 scaling: llama.cpp keeps only a rope_freqs tensor; llmarch's converter also writes
     # the parameters as JSON under llmarch.rope_scaling (llmarch/convert/gguf_meta.py)
     if "rope_scaling" not in config and isinstance(meta.get("llmarch.rope_scaling"), str):

@@ -18,7 +18,6 @@ from pathlib import Path
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
-from gguf import Keys
 
 from llmarch.convert.gguf_meta import LLMARCH_ROPE_KEY
 from llmarch.convert.layout import EXPERT_KINDS, GENERATED, Family, family_from_gguf, gguf_kind_of, hf_name_for
@@ -128,18 +127,8 @@ def hf_config(ckpt, fam: Family, spec, tied: bool, dtype: str) -> dict:
     scaling = meta.get(LLMARCH_ROPE_KEY)
     if scaling:
         cfg["rope_scaling"] = json.loads(scaling)
-    elif "rope_scaling" in cfg:
-        sc = {k: v for k, v in cfg["rope_scaling"].items() if v is not None}
-        for key, tmpl in (
-            ("beta_fast", Keys.Rope.SCALING_YARN_BETA_FAST),
-            ("beta_slow", Keys.Rope.SCALING_YARN_BETA_SLOW),
-        ):
-            if tmpl.format(arch=arch) in meta:
-                sc[key] = meta[tmpl.format(arch=arch)]
-        log_mul = meta.get(Keys.Rope.SCALING_YARN_LOG_MUL.format(arch=arch))
-        if log_mul:  # DeepSeek: llama.cpp stores 0.1 * mscale_all_dim (and takes mscale equal to it)
-            sc["mscale_all_dim"] = sc["mscale"] = float(str(np.float32(log_mul / 0.1)))
-        cfg["rope_scaling"] = sc
+    elif "rope_scaling" in cfg:  # YaRN's betas and DeepSeek's mscale are read by gguf_to_config
+        cfg["rope_scaling"] = {k: v for k, v in cfg["rope_scaling"].items() if v is not None}
     elif "rope_freqs.weight" in ckpt.tensors:
         raise LlmarchError(
             "GGUF carries rope_freqs (Llama 3 RoPE scaling) without its parameters; "

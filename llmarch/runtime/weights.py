@@ -290,8 +290,16 @@ class GGUFSource(WeightSource):
             "per_layer.projection": T.PER_LAYER_PROJ,
             "per_layer.norm": T.PER_LAYER_POST_NORM,
             "layer_scalar": T.LAYER_OUT_SCALE,
+            # MLA (deepseek2): q / kv low-rank projections; kv_b is rebuilt from k_b / v_b (see _kv_b)
+            "attn.q_a": T.ATTN_Q_A,
+            "attn.q_a_norm": T.ATTN_Q_A_NORM,
+            "attn.q_b": T.ATTN_Q_B,
+            "attn.kv_a": T.ATTN_KV_A_MQA,
+            "attn.kv_a_norm": T.ATTN_KV_A_NORM,
+            "attn.kv_b": T.ATTN_KV_B,
         }
         self.layer = {k: names[v] for k, v in self.layer.items()}
+        self.k_b, self.v_b = names[T.ATTN_K_B], names[T.ATTN_V_B]
         self.globals.update(
             {
                 "per_layer_inputs.rows": names[T.PER_LAYER_TOKEN_EMBD],
@@ -324,7 +332,32 @@ class GGUFSource(WeightSource):
             if t is None or len(t.shape) != 3 or int(index) >= t.shape[0]:
                 return None
             return self.read(t)[int(index)]
+        if layer is not None and stem == "attn.kv_b" and self.info(name) is None:
+            return self._kv_b(layer, kind)
         return super().get(name)
+
+    def _kv_b(self, layer: int, kind: str) -> torch.Tensor:
+        """MLA's kv_b [H * (nope + v), rank] from llama.cpp's split attn_k_b [H, rank, nope] and
+        attn_v_b [H, v, rank] (the absorbed layout its deepseek2 converter writes)."""
+        from llmarch.convert.from_gguf import _merge_kv_b
+
+        names = [f"{n.format(bid=layer)}.{kind}" for n in (self.k_b, self.v_b)]
+        k_b, v_b = (self.ckpt.tensors.get(n) for n in names)
+        missing = [n for n, t in zip(names, (k_b, v_b)) if t is None]
+        if k_b is None or v_b is None:
+            raise LlmarchError(
+                f"MLA layer {layer}: {' and '.join(missing)} missing (kv_b is stored as attn_k_b + attn_v_b)",
+                self.ckpt.path,
+            )
+        a = self.spec.attention
+        want = {
+            k_b.name: (a.heads, a.kv_lora_rank, a.qk_nope_head_dim),
+            v_b.name: (a.heads, a.v_head_dim, a.kv_lora_rank),
+        }
+        for t in (k_b, v_b):
+            if tuple(t.shape) != want[t.name]:
+                raise LlmarchError(f"tensor {t.name} has shape {tuple(t.shape)}, the spec needs {want[t.name]}", t.file)
+        return torch.from_numpy(_merge_kv_b(self.read(k_b).numpy(), self.read(v_b).numpy()))
 
     def read(self, t: TensorInfo) -> torch.Tensor:
         from llmarch.runtime.quant import dequantize

@@ -140,24 +140,29 @@ class MLAttention(nn.Module):
     def load_from(self, source, prefix: str, dtype, device) -> None:
         names = source.ckpt.tensors
         base = f"{getattr(source, 'prefix', '')}layers.{self.index}.self_attn."
-        parts = [(getattr(self, m, None), hf) for m, hf in self.HF.items()]
+        # a GGUF names these through the source's canonical table (llama.cpp's attn_q_a, ...; kv_b
+        # rebuilt from its split k_b / v_b)
+        gguf = source.ckpt.format == "gguf"
+        parts = [(getattr(self, m, None), hf, m) for m, hf in self.HF.items()]
         if self.indexer is not None:
-            parts += [(getattr(self.indexer, m), f"indexer.{hf}") for m, hf in self.indexer.HF.items()]
-        for mod, hf in parts:
+            parts += [(getattr(self.indexer, m), f"indexer.{hf}", None) for m, hf in self.indexer.HF.items()]
+        for mod, hf, canonical in parts:
             if mod is None:
                 continue
             for pname, p in list(mod._parameters.items()):
                 if p is None:
                     continue
-                info = names.get(f"{base}{hf}.{pname}")
-                if info is None:
-                    raise LlmarchError(
-                        f"weight missing: {base}{hf}.{pname} (MLA layer {self.index})", str(source.ckpt.path)
-                    )
-                t = source.read(info)
+                if gguf and canonical is not None:
+                    cname = f"layers.{self.index}.attn.{canonical}.{pname}"
+                    where, t = source.name_of(cname) or cname, source.get(cname)
+                else:
+                    info = names.get(f"{base}{hf}.{pname}")
+                    where, t = f"{base}{hf}.{pname}", source.read(info) if info is not None else None
+                if t is None:
+                    raise LlmarchError(f"weight missing: {where} (MLA layer {self.index})", str(source.ckpt.path))
                 if tuple(t.shape) != tuple(p.shape):
                     raise LlmarchError(
-                        f"weight {info.name} has shape {tuple(t.shape)}, the spec needs {tuple(p.shape)}",
+                        f"weight {where} has shape {tuple(t.shape)}, the spec needs {tuple(p.shape)}",
                         str(source.ckpt.path),
                     )
                 mod._parameters[pname] = nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
