@@ -84,6 +84,8 @@ class Sem:
     qk_norm(tc)    None | "per_head" | "whole" | "l2"
     expert_params(tc) parameters of one routed expert
     kv_layer(tc, i) K+V elements cached per token by layer i (0: no growing cache)
+    kv_compressed(tc, i) (ratio, elements) of the compressed entries layer i keeps beside its
+                   window, one per `ratio` tokens for the whole context; None when it keeps none
     """
 
     mixers: Callable = lambda tc: ["sliding" if t == "sliding_attention" else "full" for t in layer_types(tc)]
@@ -110,6 +112,7 @@ class Sem:
     expert_ffn: Callable = lambda tc: tc.moe_intermediate_size
     expert_params: Callable = lambda tc: 3 * tc.hidden_size * tc.moe_intermediate_size  # gated SwiGLU
     kv_layer: Callable | None = None
+    kv_compressed: Callable = lambda tc, i: None
     partial: Callable = lambda tc: (rope_params(tc) or {}).get("partial_rotary_factor", 1.0)
     learned_positions: bool = False
     has_rope: bool = True
@@ -154,6 +157,19 @@ def _dsa_kv(tc, i):
     """MLA plus the sparse-attention indexer's own key per token (index_head_dim: transformers'
     indexer cache, beside the latent)."""
     return _mla_kv(tc, i) + tc.index_head_dim
+
+
+def _dsv4_compressed(tc, i):
+    """DeepSeek V4 (modeling_deepseek_v4.py): DeepseekV4Attention builds a compressor on every
+    layer whose layer_types entry is not "sliding_attention"; the compressor (HCA / CSA) emits one
+    head_dim-wide entry per compress_rates[layer type] tokens, which DeepseekV4HCACache keeps for
+    the whole context (compressed_kv["compressor"]) and attention uses as key and value; the CSA
+    layers' DeepseekV4Indexer keeps one index_head_dim key per entry too (compressed_kv["indexer"])."""
+    t = tc.layer_types[i]
+    if t == "sliding_attention":
+        return None
+    index_key = tc.index_head_dim if t == "compressed_sparse_attention" else 0
+    return tc.compress_rates[t], tc.num_key_value_heads * tc.head_dim + index_key
 
 
 def _first_k_dense(tc):
@@ -304,6 +320,22 @@ SEM: dict[str, Sem] = {
     ),
     # DeepseekV32: every layer "indexed_attention" (MLA + lightning indexer), mlp_layer_types.
     "deepseek_v32": Sem(**MLA_WITH_INDEXER),
+    # DeepseekV4DecoderLayer: every layer a DeepseekV4SparseMoeBlock (hash_moe or learned router,
+    # shared_experts) and a DeepseekV4Attention whose cache (DeepseekV4HCACache, a
+    # DynamicSlidingWindowLayer) keeps sliding_window tokens of ONE tensor (keys = values, kv_proj
+    # of num_key_value_heads x head_dim) on every layer, plus the compressed entries
+    # (_dsv4_compressed); sinks = Parameter(heads); q_b_norm (per head, weightless) and kv_norm
+    # (head_dim); the Indexer rotates with apply_rotary_pos_emb (halves).
+    "deepseek_v4": Sem(
+        mixers=lambda tc: ["sliding"] * L(tc),
+        moe_layers=lambda tc: [i for i, t in enumerate(tc.mlp_layer_types) if t in ("hash_moe", "moe")],
+        shared_experts=lambda tc: tc.n_shared_experts,
+        qk_norm=lambda tc: "per_head",
+        sinks=True,
+        indexer=True,
+        kv_layer=lambda tc, i: tc.num_key_value_heads * tc.head_dim,
+        kv_compressed=_dsv4_compressed,
+    ),
     # Glm4MoeAttention: q/k/v Linear(bias=attention_bias) but o_proj bias=False always;
     # q_norm/k_norm RMSNorm(head_dim) iff use_qk_norm; partial_rotary_factor default 0.5.
     "glm4_moe": Sem(
@@ -590,6 +622,8 @@ ROUTING = {
     "glm4_moe": ("sigmoid", False, False, None),
     "glm_moe_dsa": ("sigmoid", False, False, None),
     "mimo_v2_flash": ("sigmoid", False, False, None),
+    # DeepseekV4TopKRouter / DeepseekV4HashRouter: score_fn = ACT2FN[scoring_func], / sum, always
+    "deepseek_v4": ("sqrtsoftplus", False, False, True),
     "kimi_linear": ("sigmoid", False, False, None),
     "nemotron_h": ("sigmoid", False, False, None),
     "gpt_oss": ("softmax", True, False, None),  # GptOssTopKRouter: top-k of the logits, softmax over k
@@ -672,17 +706,30 @@ def _local_theta(c: Ctx):
     return SKIP
 
 
+def _compressed_per_token(c: Ctx) -> float:
+    """Bytes the compressed entries add per token (one entry per ratio tokens), f16."""
+    return sum(e * KV_BYTES / r for i in range(c.n_layers) if (rc := c.sem.kv_compressed(c.tc, i)) for r, e in [rc])
+
+
 def _kv_bytes_per_token(c: Ctx) -> int:
-    """Full-attention (growing) layers only, f16."""
-    return sum(c.kv_elems(i) * KV_BYTES for i in range(c.n_layers) if c.window(i) is None)
+    """Full-attention (growing) layers and compressed entries, f16."""
+    window = sum(c.kv_elems(i) * KV_BYTES for i in range(c.n_layers) if c.window(i) is None)
+    return round(window + _compressed_per_token(c))
 
 
 def _kv_bytes_all(c: Ctx) -> int:
-    return sum(c.kv_elems(i) * KV_BYTES for i in range(c.n_layers))
+    return round(sum(c.kv_elems(i) * KV_BYTES for i in range(c.n_layers)) + _compressed_per_token(c))
 
 
 def _kv_bytes_at_context(c: Ctx) -> int:
-    return sum(min(CONTEXT, c.window(i) or CONTEXT) * c.kv_elems(i) * KV_BYTES for i in range(c.n_layers))
+    window = sum(min(CONTEXT, c.window(i) or CONTEXT) * c.kv_elems(i) * KV_BYTES for i in range(c.n_layers))
+    compressed = sum(
+        (CONTEXT // r) * e * KV_BYTES
+        for i in range(c.n_layers)
+        if (rc := c.sem.kv_compressed(c.tc, i))
+        for r, e in [rc]
+    )
+    return window + compressed
 
 
 def _ple(c: Ctx):
@@ -878,6 +925,39 @@ def test_fixture_matches_config(family, ctx):
     assert routed_main == _expected_routed(ctx)
     mtp_idx = {i for n in ctx.shapes if (i := _layer_index(n)) is not None and i >= ctx.n_layers}
     assert len(mtp_idx) == _n_mtp(ctx)
+
+
+def test_deepseek_v4_layers_and_kv_by_hand(tiny):
+    """DeepSeek V4's per-layer facts from its config and modeling_deepseek_v4.py: hash-routed
+    layers (mlp_layer_types "hash_moe": DeepseekV4HashRouter), the compression ratio of each layer
+    (compress_rates[layer_types[i]]; none on "sliding_attention"), which layers have an indexer
+    (DeepseekV4CSACompressor builds one, DeepseekV4HCACompressor does not), the LM head saved as
+    head.weight, and the KV figure at a context no ratio divides, written out term by term."""
+    from transformers import AutoConfig
+
+    path = tiny("deepseek_v4")
+    tc = AutoConfig.from_pretrained(path)
+    context = 1001
+    doc = run_inspect(path, "--kv-dtype", "f16", "--context", str(context))
+    assert doc["moe"]["hash_layers"] == [i for i, t in enumerate(tc.mlp_layer_types) if t == "hash_moe"]
+    sched = doc["layer_schedule"]
+    for i, t in enumerate(tc.layer_types):
+        assert sched[i].get("compress_ratio") == tc.compress_rates.get(t), f"layer {i} ({t}): {sched[i]}"
+        assert bool(sched[i].get("compressed_index")) == (t == "compressed_sparse_attention"), f"layer {i}: {sched[i]}"
+        assert (sched[i]["mixer"], sched[i]["window"]) == ("sliding", tc.sliding_window)
+    assert doc["tied_embeddings"] is False and doc["warnings"] == []
+    assert doc["params"]["output_head"] == tc.vocab_size * tc.hidden_size
+    # per layer, f16: the window holds sliding_window tokens of one K=V tensor (1 head x head_dim);
+    # CSA layers add (head_dim + index_head_dim) per 4 tokens, HCA layers head_dim per 12 tokens
+    assert (tc.num_key_value_heads, tc.head_dim, tc.index_head_dim, tc.sliding_window) == (1, 16, 8, 8)
+    assert tc.compress_rates == {"compressed_sparse_attention": 4, "heavily_compressed_attention": 12}
+    assert tc.layer_types.count("compressed_sparse_attention") == 2
+    assert tc.layer_types.count("heavily_compressed_attention") == 1
+    window = 4 * 8 * 16 * 2
+    csa = 2 * (1001 // 4) * (16 + 8) * 2
+    hca = (1001 // 12) * 16 * 2
+    assert doc["kv_cache"]["bytes"] == window + csa + hca == 1024 + 24000 + 2656
+    assert doc["kv_cache"]["bytes_per_token"] == round(2 * (16 + 8) * 2 / 4 + 16 * 2 / 12) == 27
 
 
 def test_in_process_api_matches_subprocess(tiny):

@@ -48,9 +48,20 @@ class LayerSpec:
     # Gaussian top-k activation sparsity of the FFN gate (Gemma 3n): the target fraction of zeros;
     # the gate keeps relu(g - (mean(g) + std(g) * icdf_normal(sparsity)))
     ffn_sparsity: float | None = None
+    # beside its window, the layer keeps one compressed KV entry (head_dim wide, used as key and
+    # value) per compress_ratio tokens for the whole context (DeepSeek V4's compressed attention)
+    compress_ratio: int | None = None
+    # a lightning indexer keeps its own compressed key (index_head_dim) per compressed entry and
+    # picks index_topk entries per query (DeepSeek V4's compressed sparse attention layers)
+    compressed_index: bool = False
+    kv_single: bool = False  # keys and values are one projection, cached once (DeepSeek V4's wkv)
 
     def public(self) -> dict:
-        return {"mixer": self.mixer, "window": self.window, "rope": self.rope, "ffn": self.ffn}
+        out: dict[str, Any] = {"mixer": self.mixer, "window": self.window, "rope": self.rope, "ffn": self.ffn}
+        if self.compress_ratio:
+            out["compress_ratio"] = self.compress_ratio
+            out["compressed_index"] = self.compressed_index
+        return out
 
 
 @dataclass
@@ -170,6 +181,9 @@ class MoESpec:
     # the router reads rms_norm(x) * a learned vector * hidden^-0.5, not x (Gemma 4)
     router_input_scale: bool = False
     per_expert_scale: bool = False  # the routing weights multiplied by a learned per-expert scale (Gemma 4)
+    # layers whose experts are picked by a fixed token-id -> expert-ids table, not by the scores
+    # (DeepSeek V4's first layers); the scores still weigh the picked experts
+    hash_layers: list[int] = field(default_factory=list)
     dense_layers: list[int] = field(default_factory=list)
 
 
@@ -257,8 +271,17 @@ class ArchSpec:
             index_key = (a.index_head_dim or 0) if a.indexer and layer.index_from is None else 0
             return ((a.kv_lora_rank or 0) + (a.qk_rope_head_dim or 0) + index_key) * kv_bytes
         k_dim = layer.head_dim or a.head_dim
-        v_dim = layer.head_dim or a.v_head_dim or a.head_dim
+        v_dim = 0 if layer.kv_single else layer.head_dim or a.v_head_dim or a.head_dim
         return (layer.kv_heads or a.kv_heads) * (k_dim + v_dim) * kv_bytes
+
+    def layer_compressed_entry_bytes(self, layer: LayerSpec, kv_bytes: float) -> float:
+        """Cache bytes of one compressed entry (one per compress_ratio tokens): the entry, used as
+        key and value, plus the indexer's compressed key where the layer has one."""
+        if not layer.compress_ratio:
+            return 0.0
+        a = self.attention
+        index_key = (a.index_head_dim or 0) if layer.compressed_index else 0
+        return ((layer.kv_heads or a.kv_heads) * (layer.head_dim or a.head_dim) + index_key) * kv_bytes
 
     def kv_cache(self, context: int | None = None, kv_dtype: str | None = None) -> dict:
         kv_dtype = kv_dtype or self.kv_dtype_default
@@ -266,18 +289,25 @@ class ArchSpec:
         context = context or self.context_length or 4096
         per_token = 0.0
         total = 0.0
+        all_layers = 0.0
         for layer in self.schedule:
             per = self.layer_kv_bytes_per_token(layer, b)
             per_token += per if layer.mixer not in ("sliding", "chunked") else 0.0
             tokens = min(context, layer.window) if layer.mixer in ("sliding", "chunked") and layer.window else context
             total += per * tokens
+            all_layers += per
+            if layer.compress_ratio:  # entries for every compress_ratio tokens seen, never evicted
+                entry = self.layer_compressed_entry_bytes(layer, b)
+                per_token += entry / layer.compress_ratio
+                all_layers += entry / layer.compress_ratio
+                total += entry * (context // layer.compress_ratio)
         return {
             "dtype": kv_dtype,
             "context": context,
             # bytes each further token adds once every window is full (sliding layers stop growing)
             "bytes_per_token": int(round(per_token)),
             # bytes a token adds while it is inside every window (all attention layers count)
-            "bytes_per_token_all_layers": int(round(sum(self.layer_kv_bytes_per_token(l, b) for l in self.schedule))),
+            "bytes_per_token_all_layers": int(round(all_layers)),
             "bytes": int(round(total)),
             "state_bytes": self.recurrent_state_bytes(b),
         }

@@ -159,7 +159,10 @@ def _router(moe: dict) -> str:
     text += f", groups {moe['topk_group']}/{moe['n_group']}" if moe.get("n_group") else ""
     text += ", renormalised" if moe.get("norm_topk_prob") else ""
     scale = moe.get("routed_scaling_factor")
-    return text + (f", ×{scale:g}" if scale not in (None, 1, 1.0) else "")
+    text += f", ×{scale:g}" if scale not in (None, 1, 1.0) else ""
+    if moe.get("hash_layers"):  # the scores weigh the experts, a token-id table picks them
+        text += f"; experts picked by token id in layers {index_ranges(moe['hash_layers'])}"
+    return text
 
 
 def _expert_activation(moe: dict, activation, gated: bool) -> str:

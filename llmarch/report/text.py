@@ -55,6 +55,8 @@ def nbytes(n: int | float | None) -> str:
 def layer_label(layer: LayerSpec, learned_positions: bool = False) -> str:
     mixer = layer.linear_kind or layer.mixer if layer.mixer in ("linear", "mamba") else layer.mixer
     parts = [f"{mixer}({layer.window})" if layer.window else mixer]
+    if layer.compress_ratio:  # compressed entries beside the window, indexed (sparse) or all read
+        parts[0] += f"+compressed(1/{layer.compress_ratio}{', indexed' if layer.compressed_index else ''})"
     if not layer.rope and layer.mixer not in ("linear", "mamba", "none") and not learned_positions:
         parts.append("NoPE")
     if layer.kv_shared_from is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from llmarch.arch import recipe_book as recipes
 from llmarch.arch.fingerprint.attention import read_attention, read_indexer_sharing
+from llmarch.arch.fingerprint.compressed import read_compressed
 from llmarch.arch.fingerprint.extras import read_extras
 from llmarch.arch.fingerprint.facts import Facts, tensors_by_layer
 from llmarch.arch.fingerprint.moe import read_moe
@@ -70,6 +71,7 @@ def fingerprint(ckpt: Checkpoint) -> ArchSpec:
     read_moe(spec, facts, recipe, layer_tensors)
     read_schedule(spec, facts, recipe, layer_tensors, ckpt)
     read_indexer_sharing(spec, facts, ckpt)
+    read_compressed(spec, facts, layer_tensors, ckpt)
     read_extras(spec, facts, recipe, ckpt)
     read_params(spec, ckpt)
     read_storage(spec, ckpt)

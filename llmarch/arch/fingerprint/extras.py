@@ -7,7 +7,7 @@ import math
 from llmarch.arch.fingerprint.facts import Facts
 from llmarch.arch.recipe_schema import Recipe
 from llmarch.arch.spec import AltUpSpec, ArchSpec, LinearAttentionSpec
-from llmarch.arch.tensor_roles import is_vision, layer_of
+from llmarch.arch.tensor_roles import is_vision, output_head_name
 from llmarch.checkpoint.base import Checkpoint
 from llmarch.checkpoint.config_check import MAX_COUNT, is_int, show
 from llmarch.errors import CheckpointError, LlmarchError
@@ -26,10 +26,7 @@ def read_extras(spec: ArchSpec, f: Facts, recipe: Recipe, ckpt: Checkpoint) -> N
         or 0
     )
     tie = f.get("tie_word_embeddings", fact="tied_embeddings")
-    has_head = any(
-        n.endswith(("lm_head.weight", "output.weight")) and not is_vision(n) and layer_of(n) is None
-        for n in ckpt.tensors
-    )
+    has_head = output_head_name(ckpt.tensors, spec.vocab_size, spec.hidden_size) is not None
     spec.tied_embeddings = not has_head if ckpt.tensors else bool(tie if tie is not None else True)
     if tie is False and not has_head and ckpt.tensors:
         spec.warnings.append("config says tie_word_embeddings=false but there is no lm_head tensor")

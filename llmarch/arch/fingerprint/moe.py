@@ -59,6 +59,16 @@ def _read_routing(m: MoESpec, f: Facts, r: MoERecipe, lt) -> None:
     m.router_input_scale = any(n.endswith("router.scale") for n in names)
     m.per_expert_scale = any(n.endswith("router.per_expert_scale") for n in names)
     m.weights_on_input = r.weights_on_input
+    m.hash_layers = _hash_routed_layers(f, lt)
+
+
+def _hash_routed_layers(f: Facts, lt) -> list[int]:
+    """Layers that pick their experts by token id: a token-id -> expert-ids table in the layer's
+    tensors, else the config's per-layer MLP kind ("hash_moe")."""
+    if lt:
+        return [i for i in sorted(lt) if layer_has(lt, i, "hash_router")]
+    kinds = f.get("mlp_layer_types")
+    return [i for i, v in enumerate(kinds) if v == "hash_moe"] if isinstance(kinds, list) else []
 
 
 def _read_experts(m: MoESpec, f: Facts, r: MoERecipe, lt) -> None:
@@ -112,9 +122,11 @@ def _moe_layers_from_config(f: Facts, n: int) -> set[int] | None:
         return {i for i in range(n) if i >= k and i % step == 0}
     if isinstance(freq, list):
         return {i for i, v in enumerate(freq) if v}
-    mlp_types = f.get("mlp_layer_types")  # MiMo-V2-Flash: "dense" | "sparse" per layer
+    # MiMo-V2-Flash: "dense" | "sparse" per layer; DeepSeek V4: "hash_moe" (experts picked by token
+    # id) | "moe"
+    mlp_types = f.get("mlp_layer_types")
     if isinstance(mlp_types, list):
-        return {i for i, v in enumerate(mlp_types) if v in ("sparse", "moe")}
+        return {i for i, v in enumerate(mlp_types) if v in ("sparse", "moe", "hash_moe")}
     step = f.get("interleave_moe_layer_step")
     if step:
         return set(range(step - 1, n, step))

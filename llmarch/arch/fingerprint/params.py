@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from llmarch.arch.fingerprint.facts import expert_key
 from llmarch.arch.spec import STORAGE_BYTES, ArchSpec
-from llmarch.arch.tensor_roles import has_role, is_vision, layer_of
+from llmarch.arch.tensor_roles import has_role, is_vision, layer_of, output_head_name
 from llmarch.checkpoint.base import Checkpoint
 
 
-def _param_kind(name: str, spec: ArchSpec, mtp_start: int) -> tuple[str | None, int | None]:
+def _param_kind(name: str, spec: ArchSpec, mtp_start: int, head: str | None) -> tuple[str | None, int | None]:
     if is_vision(name):
         return "vision", None
     i = layer_of(name)
@@ -20,7 +20,7 @@ def _param_kind(name: str, spec: ArchSpec, mtp_start: int) -> tuple[str | None, 
         return ("ple" if has_role(name, "ple_table") else "ple_other"), i
     if i is None and has_role(name, "input_embedding"):
         return "embeddings", i
-    if i is None and has_role(name, "output_head"):
+    if i is None and name == head:
         return "output_head", i
     if i is not None and has_role(name, "routed_expert") and not has_role(name, "shared_expert"):
         return "routed", i
@@ -46,6 +46,7 @@ def read_params(spec: ArchSpec, ckpt: Checkpoint) -> None:
     ple_other = 0  # the per-layer embeddings' projection and norm (counted in dense)
     stored = dict.fromkeys(PARTS, 0)
     mtp_start = spec.layers if spec.format == "safetensors" else spec.layers - spec.mtp_layers
+    head_name = output_head_name(ckpt.tensors, spec.vocab_size, spec.hidden_size)
     kinds: dict[str, tuple] = {}  # expert key -> (kind, layer): the same for every expert index
     for name, t in ckpt.tensors.items():
         if name == "rope_freqs.weight":  # llama.cpp's Llama 3 RoPE factors: derived from config, not weights
@@ -53,7 +54,7 @@ def read_params(spec: ArchSpec, ckpt: Checkpoint) -> None:
         key = expert_key(name) if "experts." in name else name
         kind_i = kinds.get(key)
         if kind_i is None:
-            kind_i = kinds[key] = _param_kind(name, spec, mtp_start)
+            kind_i = kinds[key] = _param_kind(name, spec, mtp_start, head_name)
         part = {None: "dense", "routed": "routed_experts", "ple_other": "dense"}.get(kind_i[0], kind_i[0])
         if kind_i[0] == "ple_other":
             ple_other += _weights_in(name, t, ckpt.tensors)
