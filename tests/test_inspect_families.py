@@ -960,6 +960,35 @@ def test_deepseek_v4_layers_and_kv_by_hand(tiny):
     assert doc["kv_cache"]["bytes_per_token"] == round(2 * (16 + 8) * 2 / 4 + 16 * 2 / 12) == 27
 
 
+def test_deepseek_v4_compression_disagreeing_or_broken(tiny, tmp_path):
+    """The compressor's position-bias rows say the ratio: a config that says another one is a
+    warning; a ratio that is not a whole number >= 1 is one line naming config.json, exit 2."""
+    import shutil
+
+    src = tiny("deepseek_v4")
+    for rates, problem in (({"compressed_sparse_attention": 8}, None), ({"compressed_sparse_attention": 0}, "0")):
+        out = tmp_path / f"case-{problem}"
+        shutil.copytree(src, out)
+        cfg = json.loads((out / "config.json").read_text())
+        cfg["compress_rates"] = {**cfg["compress_rates"], **rates}
+        (out / "config.json").write_text(json.dumps(cfg))
+        if problem is None:
+            warns = run_inspect(out)["warnings"]
+            assert warns and all("pools 4" in w for w in warns) and len(warns) == 2, warns
+            continue
+        proc = subprocess.run(
+            [sys.executable, "-m", "llmarch", "inspect", str(out), "--json"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=dict(os.environ, HF_HUB_OFFLINE="1"),
+            timeout=120,
+        )
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert "config.json" in lines[0] and "compress_rates" in lines[0], lines[0]
+
+
 def test_in_process_api_matches_subprocess(tiny):
     """llmarch.api.inspect_source (when present) returns the same document as the CLI."""
     api = pytest.importorskip("llmarch.api")
