@@ -8,9 +8,6 @@ deepseek2, so this covers its GGUF too."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -23,25 +20,16 @@ from tests.test_run_moe import PROMPT, STEPS, _bad, _parity  # noqa: E402
 SHAPE = dict(hidden_size=128, intermediate_size=128, moe_intermediate_size=64)
 
 
-def _convert(src, out, dtype):
-    p = subprocess.run(
-        [sys.executable, "-m", "llmarch", "convert", str(src), "--to", "gguf", "-o", str(out), "--dtype", dtype],
-        capture_output=True,
-        text=True,
-    )
-    assert p.returncode == 0, p.stderr
-    return out
-
-
 @pytest.fixture(scope="module")
 def ggufs(tiny, tmp_path_factory):
     src = tiny("deepseek_v3", **SHAPE)
     d = tmp_path_factory.mktemp("mla_gguf")
     from llmarch.convert.to_gguf import convert_to_gguf
 
-    f32 = d / "deepseek_v3-f32.gguf"
-    convert_to_gguf(str(src), f32, "f32")  # the command line's own function, in process (cheaper)
-    return src, {"f32": f32, "q8_0": _convert(src, d / "deepseek_v3-q8_0.gguf", "q8_0")}
+    files = {q: d / f"deepseek_v3-{q}.gguf" for q in ("f32", "q8_0")}
+    for q, out in files.items():  # what `llmarch convert --to gguf --dtype q` runs, in process (cheaper)
+        convert_to_gguf(str(src), out, q)
+    return src, files
 
 
 def test_f32_mla_gguf_matches_transformers(ggufs):
