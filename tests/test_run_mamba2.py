@@ -1,4 +1,12 @@
-"""Mamba-2 (Nemotron-H / Nemotron 3) mixer vs transformers' pure-PyTorch NemotronHMamba2Mixer.
+"""llmarch run on Nemotron-H / Nemotron 3 (Mamba-2 + GQA without RoPE + MoE / dense relu2 FFN, one
+sub-block per layer) vs transformers' pure-PyTorch path (its mamba_ssm / causal_conv1d kernels are
+not installed).
+
+The whole model: a tiny random float32 checkpoint made by transformers with 8 layers (4 Mamba-2,
+2 attention, 1 MoE with a shared expert, 1 dense MLP): prefill logits (77 tokens: odd, longer than
+one 64-token chunk) and each of 32 cached decode steps within 1e-4 (max abs) of transformers' own
+cached decode, identical greedy tokens; the Generator with prefill cut into chunks of 10 gives the
+same tokens; Mamba-2 sizes the tensors do not have are one line naming the file, exit 2.
 
 The mixer alone: a random transformers mixer (its own init: dt_bias from time_step_min..max,
 A_log, D) with the conv bias and grouped norm, our Mamba2 given the same tensors. A prefill of an
@@ -21,6 +29,8 @@ transformers = pytest.importorskip("transformers")
 TOL = 1e-4
 STEPS = 32
 PROMPT = 77  # odd, > one prefill chunk (64)
+# M = Mamba-2, * = attention, E = MoE, - = MLP: one sub-block per layer
+PATTERN = "M*EMM-*M"
 SIZES = dict(
     hidden_size=32,
     mamba_num_heads=4,
@@ -137,3 +147,119 @@ def test_state_bytes_inspect_equals_run(tiny, dtype, kv):
     h, p, n, g, k = c["mamba_num_heads"], c["mamba_head_dim"], c["ssm_state_size"], c["n_groups"], c["conv_kernel"]
     by_hand = len(mamba) * (h * p * n * 4 + (h * p + 2 * g * n) * (k - 1) * dtype.itemsize)
     assert cache.state_nbytes() == spec.kv_cache(kv_dtype=kv)["state_bytes"] == by_hand
+
+
+def _reference_decode(ref, ids, steps):
+    """transformers' greedy continuation of ids through its own cache (its one-token Mamba-2
+    update and conv state): the logits of the prompt, then of each step."""
+    out = ref(ids, use_cache=True)
+    logits, cache = [out.logits], out.cache
+    for _ in range(steps):
+        out = ref(logits[-1][:, -1:].argmax(-1), cache=cache, use_cache=True)
+        logits.append(out.logits)
+        cache = out.cache
+    return logits
+
+
+def test_logits_and_greedy_match_transformers(tiny):
+    from fixtures.reference import reference_model
+    from llmarch.runtime.kv_cache import KVCache
+    from llmarch.runtime.load import load_runtime
+
+    path = tiny("nemotron_h", hybrid_override_pattern=PATTERN)
+    rt = load_runtime(str(path), "cpu", "float32")
+    spec, model = rt.spec, rt.model
+    assert [(l.linear_kind or l.mixer, l.ffn) for l in spec.schedule] == [
+        ("mamba2", "none"),
+        ("full", "none"),
+        ("none", "moe"),
+        ("mamba2", "none"),
+        ("mamba2", "none"),
+        ("none", "dense"),
+        ("full", "none"),
+        ("mamba2", "none"),
+    ]
+    ref = reference_model("nemotron_h", path)
+    max_seq = PROMPT + STEPS
+    a = spec.attention
+    cache = KVCache(
+        spec.schedule, max_seq, a.kv_heads, a.head_dim, a.head_dim, torch.float32, "cpu", linear=spec.linear
+    )
+    model.setup(max_seq, "cpu", torch.float32)
+    ids = torch.randint(3, spec.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = _reference_decode(ref, ids, STEPS)
+        mine = model(ids, torch.arange(PROMPT), cache, limit=PROMPT, last_only=False)
+        err = (mine - expected[0]).abs().max().item()
+        assert err < TOL, f"prefill logits differ by {err}"
+        seq, worst = ids, 0.0
+        for step, theirs in enumerate(expected[1:]):
+            mine_tok, their_tok = mine[0, -1].argmax().item(), expected[step][0, -1].argmax().item()
+            assert mine_tok == their_tok, f"greedy token {step} differs: {mine_tok} vs {their_tok}"
+            seq = torch.cat([seq, torch.tensor([[mine_tok]])], dim=1)
+            n = seq.shape[1]
+            mine = model(seq[:, -1:], torch.tensor([n - 1]), cache, limit=n)
+            worst = max(worst, (mine - theirs).abs().max().item())
+        assert worst < TOL, f"cached decode logits differ by up to {worst}"
+        assert len(set(seq[0, PROMPT:].tolist())) > 1  # not one repeated token (this tiny model alternates two)
+
+
+def test_generator_with_chunked_prefill_gives_transformers_tokens(tiny):
+    """The Generator as `llmarch run` makes it, prefill cut into chunks of 10 so the conv window
+    and SSM state carry across calls, twice on one cache (reset clears the state)."""
+    from fixtures.reference import reference_model
+    from llmarch.runtime import generate as g
+    from llmarch.runtime.load import load_runtime
+
+    path = tiny("nemotron_h", hybrid_override_pattern=PATTERN)
+    prompt = torch.randint(3, 128, (1, 23), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        logits = _reference_decode(reference_model("nemotron_h", path), prompt, STEPS - 1)
+    expected = [step[0, -1].argmax().item() for step in logits]
+    old = g.PREFILL_CHUNK
+    g.PREFILL_CHUNK = 10
+    try:
+        rt = load_runtime(str(path), "cpu", "float32")
+        gen = g.Generator(rt, 23 + STEPS, cuda_graph=False)
+        for _ in range(2):
+            assert gen.generate(prompt[0].tolist(), STEPS, g.Sampling()).tokens == expected
+    finally:
+        g.PREFILL_CHUNK = old
+
+
+def test_mamba2_sizes_disagreeing_with_the_tensors_is_refused(tiny, tmp_path, capsys):
+    """A config whose ssm_state_size the Mamba-2 tensors do not have: `llmarch run` prints one line
+    naming the checkpoint and the tensor, exit 2, no traceback."""
+    import shutil
+    import sys
+
+    from llmarch import cli as cli_module
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny("nemotron_h", hybrid_override_pattern=PATTERN), bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["ssm_state_size"] = 16
+    (bad / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    argv = sys.argv
+    sys.argv = ["llmarch", "run", str(bad), "--prompt-ids", "5,6,7", "--max-tokens", "2", "--device", "cpu"]
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli_module.main()
+    finally:
+        sys.argv = argv
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2, err
+    assert len(err.splitlines()) == 1, err
+    # in_proj rows: inner 32 + conv channels (32 + 2 groups x 16) + 4 heads
+    assert str(bad) in err and "in_proj.weight" in err and "(132, 32)" in err, err
+
+
+def test_offloading_non_gated_experts_is_refused(tiny):
+    """The host expert stores compute gated experts only: --experts cpu on Nemotron-H's up/down
+    experts is one LlmarchError naming the layer, not wrong numbers."""
+    from llmarch.errors import LlmarchError
+    from llmarch.runtime.load import load_runtime
+
+    with pytest.raises(LlmarchError, match="layer 2: non-gated experts"):
+        load_runtime(str(tiny("nemotron_h", hybrid_override_pattern=PATTERN)), "cpu", "float32", experts="cpu")

@@ -24,6 +24,7 @@ from llmarch.runtime.ops.chunked_attention import ChunkedAttention
 from llmarch.runtime.ops.gated_deltanet import GatedDeltaNet
 from llmarch.runtime.ops.kda import KimiDeltaAttention
 from llmarch.runtime.ops.laurel import Laurel
+from llmarch.runtime.ops.mamba2 import Mamba2
 from llmarch.runtime.ops.mla import MLAttention
 from llmarch.runtime.ops.mlp import GatedMLP, PlainMLP
 from llmarch.runtime.ops.moe import moe_ffn
@@ -48,6 +49,7 @@ MIXERS: dict[str, Callable[..., nn.Module]] = {
     "mla": MLAttention,
     "gated_deltanet": GatedDeltaNet,
     "kda": KimiDeltaAttention,
+    "mamba2": Mamba2,
 }
 FFNS: dict[str, Callable[..., nn.Module]] = {"dense": dense_ffn, "moe": moe_ffn}
 NORM_SLOTS = {
@@ -66,10 +68,15 @@ class Block(nn.Module):
     updates every stream, and the per-layer input goes into streams 1.. as the reference adds it).
     """
 
-    def __init__(self, spec: ArchSpec, layer: LayerSpec, mixer: nn.Module, ffn: nn.Module):
+    def __init__(self, spec: ArchSpec, layer: LayerSpec, mixer: nn.Module | None, ffn: nn.Module | None):
         super().__init__()
+        # a layer with no mixer or no FFN (Nemotron-H's single-op layers) skips that part and its norms
         self.attn, self.mlp = mixer, ffn
         slots = NORM_SLOTS.get(spec.norm.placement, NORM_SLOTS["pre"])
+        if mixer is None:
+            slots = tuple(s for s in slots if not s.startswith("attn_"))
+        if ffn is None:
+            slots = tuple(s for s in slots if not s.startswith("ffn_"))
         for slot in ("attn_norm", "attn_post_norm", "ffn_norm", "ffn_post_norm"):
             norm = (
                 make_norm(spec.norm.kind, spec.hidden_size, spec.norm.eps, spec.norm.unit_offset)
@@ -87,15 +94,17 @@ class Block(nn.Module):
         if self.altup is not None:
             streams = self.altup.predict(x)
             x = streams[self.altup.active]
-        normed = self.attn_norm(x) if self.attn_norm is not None else x
-        h = self.attn(normed, pos, cache)
-        x = x + (self.attn_post_norm(h) if self.attn_post_norm is not None else h)
-        if self.laurel is not None:
-            x = (x + self.laurel(normed)) / math.sqrt(2)
-        normed = self.ffn_norm(x) if self.ffn_norm is not None else x
-        # an FFN that also reads the residual stream (Gemma 4's dense MLP beside routed experts)
-        h = self.mlp(normed, x) if getattr(self.mlp, "wants_residual", False) else self.mlp(normed)
-        x = x + (self.ffn_post_norm(h) if self.ffn_post_norm is not None else h)
+        if self.attn is not None:
+            normed = self.attn_norm(x) if self.attn_norm is not None else x
+            h = self.attn(normed, pos, cache)
+            x = x + (self.attn_post_norm(h) if self.attn_post_norm is not None else h)
+            if self.laurel is not None:
+                x = (x + self.laurel(normed)) / math.sqrt(2)
+        if self.mlp is not None:
+            normed = self.ffn_norm(x) if self.ffn_norm is not None else x
+            # an FFN that also reads the residual stream (Gemma 4's dense MLP beside routed experts)
+            h = self.mlp(normed, x) if getattr(self.mlp, "wants_residual", False) else self.mlp(normed)
+            x = x + (self.ffn_post_norm(h) if self.ffn_post_norm is not None else h)
         if self.altup is not None:
             streams = self.altup.correct(streams, x)
             if self.per_layer is not None:
@@ -133,9 +142,9 @@ class Transformer(nn.Module):
         layers = []
         for layer in spec.schedule:
             mixer = layer.linear_kind or layer.mixer
-            if mixer not in MIXERS:
+            if mixer not in MIXERS and mixer != "none":
                 raise LlmarchError(f"layer {layer.index}: mixer {mixer!r} is not supported by llmarch run yet")
-            if layer.ffn not in FFNS:
+            if layer.ffn not in FFNS and layer.ffn != "none":
                 raise LlmarchError(f"layer {layer.index}: FFN {layer.ffn!r} is not supported by llmarch run yet")
             rope = None
             key = _rope_key(spec, layer)
@@ -151,7 +160,14 @@ class Transformer(nn.Module):
                     r.key = key[0]
                     self.ropes[name] = r
                 rope = self.ropes[name]
-            layers.append(Block(spec, layer, MIXERS[mixer](spec, layer, rope), FFNS[layer.ffn](spec, layer)))
+            layers.append(
+                Block(
+                    spec,
+                    layer,
+                    MIXERS[mixer](spec, layer, rope) if mixer != "none" else None,
+                    FFNS[layer.ffn](spec, layer) if layer.ffn != "none" else None,
+                )
+            )
         self.layers = nn.ModuleList(layers)
         self.final_norm = make_norm(spec.norm.kind, d, spec.norm.eps, spec.norm.unit_offset)
         self.lm_head = None if spec.tied_embeddings else nn.Linear(d, spec.vocab_size, bias=False)

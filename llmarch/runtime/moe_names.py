@@ -18,7 +18,7 @@ import torch
 from llmarch.errors import LlmarchError
 from llmarch.runtime.experts.formats import mxfp4_dequant
 
-BLOCKS = ("mlp", "block_sparse_moe", "feed_forward")
+BLOCKS = ("mlp", "block_sparse_moe", "feed_forward", "mixer")  # mixer: Nemotron-H's single-op layers
 READABLE = ("F32", "F16", "BF16")
 
 
@@ -101,8 +101,8 @@ def read_moe(source, moe, keep_mxfp4: bool = False) -> dict:
     else:
         _per_expert(L, out, moe)
     for pre in ("shared_experts", "shared_expert"):
-        if L.has(f"{pre}.gate_proj.weight"):
-            for p in ("gate", "up", "down"):
+        if L.has(f"{pre}.up_proj.weight"):
+            for p in ("gate", "up", "down") if moe.gated else ("up", "down"):
                 out[f"shared_{p}"] = L.get(f"{pre}.{p}_proj.weight", required="shared expert")
     out["shared_gate_w"] = L.get("shared_expert_gate.weight")
     return _checked(out, moe, L.where)
@@ -122,7 +122,7 @@ def _checked(out: dict, moe, where: str) -> dict:
             f"layer {moe.index}: router bias has shape {tuple(out['router_bias'].shape)}, the config says {E} experts",
             where,
         )
-    want = {"gate_up": (E, 2 * inter, d), "down": (E, d, inter)}
+    want = {"gate_up": (E, (2 if moe.gated else 1) * inter, d), "down": (E, d, inter)}
     if "mxfp4" in out:  # blocks of 32 inputs, 16 bytes each
         want = {"gate_up": (E, 2 * inter, d // 32, 16), "down": (E, d, inter // 32, 16)}
         out["gate_up"], out["down"] = out["mxfp4"][0], out["mxfp4"][2]
@@ -133,7 +133,7 @@ def _checked(out: dict, moe, where: str) -> dict:
             )
     if "mxfp4" in out:
         out["gate_up"] = out["down"] = None
-    if moe.shared is not None and "shared_gate" not in out:
+    if moe.shared is not None and "shared_up" not in out:
         raise LlmarchError(f"layer {moe.index}: the config has a shared expert, the checkpoint has none", where)
     return out
 
@@ -176,19 +176,25 @@ def _gguf_moe(source, moe) -> dict:
 
 def _per_expert(L: _Layer, out: dict, moe) -> None:
     names = {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}
-    missing = [e for e in range(moe.E) if not any(L.has(f"experts.{e}.{n}.weight") for n in names["gate"])]
+    if not moe.gated:  # up and down alone (Nemotron-H)
+        del names["gate"]
+    first = next(iter(names))
+    missing = [e for e in range(moe.E) if not any(L.has(f"experts.{e}.{n}.weight") for n in names[first])]
     if missing:
         few = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
         raise LlmarchError(
             f"layer {moe.index}: {len(missing)} of {moe.E} routed experts missing (experts {few}; "
-            f"looked for {L.blk}.experts.N.gate_proj.weight)",
+            f"looked for {L.blk}.experts.N.{names[first][0]}.weight)",
             L.where,
         )
     parts = {
         k: [L.get(*(f"experts.{e}.{n}.weight" for n in v), required=f"expert {e} {k}") for e in range(moe.E)]
         for k, v in names.items()
     }
-    out["gate_up"] = torch.stack([torch.cat([g, u]) for g, u in zip(parts["gate"], parts["up"])])
+    if moe.gated:
+        out["gate_up"] = torch.stack([torch.cat([g, u]) for g, u in zip(parts["gate"], parts["up"])])
+    else:
+        out["gate_up"] = torch.stack(parts["up"])
     out["down"] = torch.stack(parts["down"])
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from llmarch.arch.spec import ArchSpec
+from llmarch.arch.tensor_roles import layer_of
 from llmarch.checkpoint.base import Checkpoint, TensorInfo
 from llmarch.checkpoint.parts import joined
 from llmarch.errors import LlmarchError
@@ -187,9 +188,12 @@ class SafetensorsSource(WeightSource):
             ),
             None,
         )
+        if embed is None:  # Nemotron-H: backbone.embeddings
+            embed = next((n for n in names if n.endswith(".embeddings.weight") and layer_of(n) is None), None)
         if embed is None:
             raise LlmarchError("no token embedding tensor (embed_tokens / wte) in the checkpoint", ckpt.path)
-        self.prefix = embed[: -len("wte.weight" if self.gpt2 else "embed_tokens.weight")]
+        self.embed = embed
+        self.prefix = embed[: embed.rfind(".", 0, len(embed) - len(".weight")) + 1]
         # lm_head sits beside the decoder: "lm_head.weight" or "language_model.lm_head.weight"
         heads = [n for n in names if n.endswith("lm_head.weight")]
         self.head = min(heads, key=len) if heads else None
@@ -203,6 +207,13 @@ class SafetensorsSource(WeightSource):
         # Kimi Linear keeps its dense-first layers' FFN under block_sparse_moe.* beside its MoE layers
         if any(n.startswith(decoder) and ".block_sparse_moe.up_proj." in n for n in names):
             self.mlp = "block_sparse_moe."
+        # one sub-block per layer (Nemotron-H): attention or MLP projections under mixer.*, and the
+        # layer's one pre-norm under norm, whichever part the layer has
+        self.single_op = any(n.startswith(decoder) and ".mixer." in n for n in names)
+        if self.single_op:
+            self.mlp = "mixer."
+            self.norms = {"attn_norm": "norm", "ffn_norm": "norm"}
+        self.final_norm = "norm_f" if f"{self.prefix}norm_f.weight" in names else "norm"
 
     def name_of(self, name: str) -> str | None:
         p = self.prefix
@@ -221,6 +232,8 @@ class SafetensorsSource(WeightSource):
             hf = HF_LAYER.get(stem) or self.norms.get(stem)
             if hf and hf.startswith("mlp."):
                 hf = self.mlp + hf[4:]
+            elif hf and self.single_op and hf.startswith("self_attn."):
+                hf = "mixer." + hf[len("self_attn.") :]
             if not hf:
                 return None
             suffix = "" if stem in BARE else f".{kind}"
@@ -232,7 +245,11 @@ class SafetensorsSource(WeightSource):
         if stem in HF_GLOBAL or (index.isdigit() and base in HF_GLOBAL):
             hf = HF_GLOBAL[stem] if stem in HF_GLOBAL else f"{HF_GLOBAL[base]}.{index}"
             return f"{p}{hf}.{kind}"
-        return {"embed": f"{p}embed_tokens.weight", "final_norm": f"{p}norm.{kind}", "lm_head": self.head}.get(stem)
+        return {
+            "embed": self.embed,
+            "final_norm": f"{p}{self.final_norm}.{kind}",
+            "lm_head": self.head,
+        }.get(stem)
 
     def read(self, t: TensorInfo) -> torch.Tensor:
         if t.dtype not in ST_DTYPES:

@@ -31,7 +31,9 @@ def read_sizes(spec: ArchSpec, f: Facts, ckpt: Checkpoint) -> None:
     if isinstance(spec.intermediate_size, list):  # per-layer widths (Gemma 3n): keep the list in extras
         spec.extras["intermediate_size_per_layer"] = spec.intermediate_size
         spec.intermediate_size = max(spec.intermediate_size)
-    spec.activation = f.get("hidden_activation", "hidden_act", "activation_function", "activation", fact="activation")
+    spec.activation = f.get(
+        "hidden_activation", "hidden_act", "activation_function", "activation", "mlp_hidden_act", fact="activation"
+    )
     # fallbacks from tensors when the config is silent (bare .safetensors, GGUF without a key)
     embed = find_tensor(ckpt, ("embed_tokens.weight", "wte.weight", "token_embd.weight", "embeddings.weight"))
     if embed is not None and len(embed.shape) != 2:

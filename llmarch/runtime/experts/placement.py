@@ -39,6 +39,11 @@ class Placement:
 
 def store_factory(place: Placement, dtype, device):
     def make(moe: MoE, gate_up, down, biases, mxfp4=None):
+        if not moe.gated and place.experts != "gpu":
+            # the host stores and their CPU kernel compute gated experts (gate and up halves)
+            raise LlmarchError(
+                f"layer {moe.index}: non-gated experts (up / down only) cannot be offloaded yet; use --experts gpu"
+            )
         if (
             place.format is ExpertFormat.MXFP4
         ):  # blocks [E, rows, K/32, 16] as rows of K/2 bytes, e8m0 scales [E, rows, K/32]

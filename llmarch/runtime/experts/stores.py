@@ -68,7 +68,8 @@ class ExpertStore(nn.Module):
     activation, weight_input) -> the experts' weighted sum [T, d]."""
 
     def expert(self, e: int) -> tuple:
-        """(gate_up [2I, d], down [d, I], gate_up bias or None, down bias or None) of expert e."""
+        """(gate_up [2I, d] (up [I, d] alone when not gated), down [d, I], gate_up bias or None,
+        down bias or None) of expert e."""
         raise NotImplementedError
 
     def forward(self, x, idx, w, act, weight_input: bool = False):
@@ -78,11 +79,12 @@ class ExpertStore(nn.Module):
 class ResidentExperts(ExpertStore):
     """Stacked float experts on the model's device."""
 
-    def __init__(self, E: int, d: int, inter: int, bias: bool):
+    def __init__(self, E: int, d: int, inter: int, bias: bool, gated: bool = True):
         super().__init__()
-        self.gate_up = nn.Parameter(torch.empty(E, 2 * inter, d))
+        rows = 2 * inter if gated else inter  # gate rows then up rows, or up rows alone (non-gated)
+        self.gate_up = nn.Parameter(torch.empty(E, rows, d))
         self.down = nn.Parameter(torch.empty(E, d, inter))
-        self.gate_up_bias = nn.Parameter(torch.empty(E, 2 * inter)) if bias else None
+        self.gate_up_bias = nn.Parameter(torch.empty(E, rows)) if bias else None
         self.down_bias = nn.Parameter(torch.empty(E, d)) if bias else None
 
     def load(self, gate_up, down, biases, dtype, device) -> ResidentExperts:

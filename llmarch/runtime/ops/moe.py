@@ -23,7 +23,7 @@ from torch import nn
 from llmarch.arch.spec import ArchSpec, LayerSpec
 from llmarch.errors import LlmarchError
 from llmarch.runtime.experts.stores import ResidentExperts
-from llmarch.runtime.ops.mlp import GatedMLP, activation
+from llmarch.runtime.ops.mlp import GatedMLP, PlainMLP, activation
 
 
 class Router(nn.Module):
@@ -82,16 +82,20 @@ class Router(nn.Module):
 
 
 class ExpertAct:
-    """SwiGLU, or gpt-oss's clamped variant: (clamp(up) + 1) * g * sigmoid(alpha * g), g = clamp(gate)."""
+    """SwiGLU, or gpt-oss's clamped variant: (clamp(up) + 1) * g * sigmoid(alpha * g), g = clamp(gate);
+    for non-gated experts (spec.ffn_gated false: Nemotron-H's relu2) the activation of up alone."""
 
     def __init__(self, spec: ArchSpec, inter: int):
         self.inter = inter
+        self.gated = getattr(spec, "ffn_gated", True)  # kernel tests pass a bare namespace of MoE facts
         self.clamped = spec.moe.swiglu_limit is not None
         self.alpha = float(spec.moe.swiglu_alpha or 0.0)  # floats either way: the CPU kernel takes both
         self.limit = float(spec.moe.swiglu_limit or 0.0)
         self.act = None if self.clamped else activation(spec.activation)  # (GGUF names gpt-oss's "swiglu_clamped")
 
     def __call__(self, gu: torch.Tensor) -> torch.Tensor:
+        if not self.gated:
+            return self.act(gu)
         gate, up = gu[..., : self.inter], gu[..., self.inter :]
         if self.clamped:
             gate = gate.clamp(max=self.limit)
@@ -109,13 +113,18 @@ class MoE(nn.Module):
         self.inter = m.expert_ffn or spec.intermediate_size
         self.bias = m.expert_bias
         self.router = Router(spec)
-        self.experts: nn.Module = ResidentExperts(self.E, self.d, self.inter, self.bias)
+        self.gated = spec.ffn_gated
+        self.experts: nn.Module = ResidentExperts(self.E, self.d, self.inter, self.bias, self.gated)
         self.act = ExpertAct(spec, self.inter)
         self.weight_input = m.weights_on_input
         self.shared = None
         if m.shared_experts:
             width = m.shared_ffn or self.inter * m.shared_experts
-            self.shared = GatedMLP(self.d, width, spec.activation)
+            self.shared = (
+                GatedMLP(self.d, width, spec.activation)
+                if self.gated
+                else PlainMLP(self.d, width, spec.activation, bias=False)
+            )
         self.shared_gate = nn.Linear(self.d, 1, bias=False) if m.shared_gated else None
         self.store_factory = None  # experts/placement.py: (moe, gate_up, down, biases, mxfp4) -> expert store
 
@@ -157,7 +166,10 @@ class MoE(nn.Module):
             self.router.bias = nn.Parameter(
                 t["router_bias"].to(device=device, dtype=torch.float32), requires_grad=False
             )
-        if self.shared is not None:
+        if isinstance(self.shared, PlainMLP):
+            self.shared.up = _linear(t["shared_up"], None, dtype, device)
+            self.shared.down = _linear(t["shared_down"], None, dtype, device)
+        elif self.shared is not None:
             self.shared.gate_up = _linear(torch.cat([t["shared_gate"], t["shared_up"]]), None, dtype, device)
             self.shared.down = _linear(t["shared_down"], None, dtype, device)
         if self.shared_gate is not None:
