@@ -784,6 +784,13 @@ def _alarm(signum, frame):
     raise TimedOut()
 
 
+STOP: list[bool] = []
+
+
+def _stop(signum, frame):
+    STOP.append(True)
+
+
 def install_alarms() -> dict:
     """SIGPROF (CPU time) and SIGALRM (wall time) end an input; returns the old handlers."""
     return {sig: signal.signal(sig, _alarm) for sig in (signal.SIGPROF, signal.SIGALRM)}
@@ -897,6 +904,8 @@ def fuzz(
     warm_up()
     t0 = time.perf_counter()
     for i in range(start, start + n):
+        if STOP:  # SIGTERM: end here and report what was run
+            break
         rng = random.Random(f"{seed}:{fmt}:{i}")
         source = make_input(fmt, corpus, rng, inp, keys)
         out = run_one(source, timeout, mem_limit, traced=i % mem_every == 0)
@@ -906,7 +915,7 @@ def fuzz(
         stats.peak = max(stats.peak, out.peak)
         if out.seconds > stats.slowest:
             stats.slowest, stats.slowest_index = out.seconds, i
-        if verbose and stats.n % 5000 == 0:  # a long run that is stopped still leaves its figures
+        if verbose and stats.n % 1000 == 0:  # a long run that is stopped still leaves its figures
             print(
                 f"  {fmt}: {stats.n} inputs, {time.perf_counter() - t0:.0f} s, outcomes {stats.outcomes}, "
                 f"peak {stats.peak / 2**20:.1f} MiB ({stats.traced} traced), slowest {stats.slowest:.2f} s",
@@ -954,6 +963,7 @@ def main(argv=None) -> int:
     # an allocation sized by a header hits this instead of the machine
     resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
     install_alarms()
+    signal.signal(signal.SIGTERM, _stop)  # a long run cut short still prints its figures
     work = Path(tempfile.mkdtemp(prefix="llmarch-fuzz-"))
     try:
         t = time.perf_counter()

@@ -43,6 +43,18 @@ from llmarch.errors import CheckpointError, LlmarchError
 
 ROOT = Path(__file__).resolve().parents[1]
 GGUF_F32, GGUF_BOOL, GGUF_ARRAY, GGUF_F64 = 6, 7, 9, 12
+# CPU seconds (not wall time: CI machines are shared) for what used to take minutes; the
+# recipes and the fingerprint are loaded before the clock starts (warm fixture)
+CPU_BOUND_S = 1.0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def warm():
+    from llmarch.arch import recipe_book
+    from llmarch.arch.fingerprint import fingerprint  # noqa: F401
+    from llmarch.report.document import to_document  # noqa: F401
+
+    recipe_book.all_recipes()
 
 
 def refused(source: Path, *words: str, exc=CheckpointError) -> str:
@@ -109,13 +121,13 @@ def test_gguf_block_count_beyond_the_tensors(tmp_path):
     """10^9 layers in a 256-byte file: refused before any per-layer object is built."""
     f = gguf_file(tmp_path, [kv_str("general.architecture", "llama"), kv_u32("llama.block_count", 10**9)])
     tracemalloc.start()
-    t = time.perf_counter()
+    t = time.process_time()
     try:
         refused(f, "llama.block_count", "1000000000 layers", "2 tensors")
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert time.perf_counter() - t < 1.0
+    assert time.process_time() - t < CPU_BOUND_S
     assert peak < 16 << 20
 
 
@@ -198,10 +210,10 @@ def test_lying_tensor_count_stops_early(tmp_path):
     (here: read out of the data section) stops the parse, not the file size."""
     data = bytes(64) + b"\xff" * (8 << 20)
     f = write(tmp_path / "m.gguf", gguf_bytes(GOOD_KVS, GOOD_TENSORS, data, n_tensors=300000))
-    t = time.perf_counter()
+    t = time.process_time()
     with pytest.raises(CheckpointError):
         inspect_source(str(f))
-    assert time.perf_counter() - t < 1.0
+    assert time.process_time() - t < CPU_BOUND_S
 
 
 # ----------------------------------------------------------------------------- safetensors headers
@@ -316,17 +328,17 @@ def _one_tensor(tmp_path: Path, name: str) -> Path:
 
 def test_tensor_at_layer_a_trillion(tmp_path):
     f = _one_tensor(tmp_path, "model.layers.1000000000000.x")
-    t = time.perf_counter()
+    t = time.process_time()
     refused(f, "1000000000001 layers", "1 tensors")
-    assert time.perf_counter() - t < 1.0
+    assert time.process_time() - t < CPU_BOUND_S
 
 
 def test_single_expert_tensor_at_layer_99999(tmp_path):
     """Used to make the schedule and its pattern search run for minutes: now bounded at once."""
     f = _one_tensor(tmp_path, "model.layers.99999.mlp.experts.0.up_proj.weight")
-    t = time.perf_counter()
+    t = time.process_time()
     refused(f, "100000 layers")
-    assert time.perf_counter() - t < 1.0
+    assert time.process_time() - t < CPU_BOUND_S
 
 
 # ----------------------------------------------------------------------------- config.json and the index

@@ -102,6 +102,7 @@ INTS = {
     "num_experts_per_tok",
     "num_experts_per_token",
     "experts_per_token",
+    "top_k_experts",
     "moe_topk",
     "top_k",
     "n_shared_experts",
@@ -167,7 +168,7 @@ INTS = {
 # an integer or a list of integers (Gemma 3n: one FFN width per layer; ERNIE 4.5 VL: per modality)
 INTS_OR_LISTS = {"intermediate_size", "moe_intermediate_size", "ffn_hidden_size"}
 # lists of integers (layer indices, per-layer flags and counts)
-INT_LISTS = {"no_rope_layers", "moe_layers", "mlp_only_layers", "num_key_value_heads_per_layer"}
+INT_LISTS = {"no_rope_layers", "moe_layers", "mlp_only_layers", "num_key_value_heads_per_layer", "compress_ratios"}
 NUMBERS = {
     "rope_theta",
     "rope_local_base_freq",
@@ -188,6 +189,7 @@ NUMBERS = {
     "attn_scale",
     "swiglu_limit",
     "swiglu_alpha",
+    "time_step_min",
     "gguf_attention_scale",
     "gguf_rope_scaling_factor",
     "gguf_rope_yarn_log_multiplier",
@@ -210,6 +212,7 @@ BOOLS = {
     "altup_correct_scale",
     "attention_k_eq_v",
     "use_double_wide_mlp",
+    "enable_moe_block",
 }
 # true/false or a number (Llama 4's attn_temperature_tuning is 4 in its released configs)
 FLAGS = {"attn_temperature_tuning"}
@@ -219,13 +222,14 @@ STRINGS = {
     "hidden_activation",
     "activation_function",
     "activation",
+    "mlp_hidden_act",
     "scoring_func",
     "topk_method",
     "hybrid_override_pattern",
     "gguf_rope_scaling_type",
 }
 STRING_LISTS = {"architectures", "layer_types", "layers_block_type", "mlp_layer_types", "indexer_types"}
-OBJECTS = {"linear_attn_config"}
+OBJECTS = {"linear_attn_config", "compress_rates"}
 # GGUF: a sliding-window pattern is a period (int) or one flag per layer
 INT_OR_FLAG_LISTS = {"gguf_sliding_window_pattern"}
 ROPE_DICTS = {"rope_scaling", "rope_parameters"}
