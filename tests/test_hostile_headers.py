@@ -359,6 +359,7 @@ def test_single_expert_tensor_at_layer_99999(tmp_path):
         ("attention_window_size", "-5", "-5"),
         ("swiglu_limit", '"7"', '"7"'),
         ("no_rope_layers", '["x"]', '["x"]'),
+        ("rope_parameters", '{"rope_theta": {"factor": 2}}', '{"factor": 2}'),
     ],
 )
 def test_config_values_checked_where_read(tmp_path, key, value, shown):

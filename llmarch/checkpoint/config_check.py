@@ -385,7 +385,9 @@ def check_json_tree(value, path: Path, where: str = "") -> None:
 
 def _check_rope(rope: dict, path: Path, where: str) -> None:
     # transformers 5 may key rope_parameters by layer type: {"full_attention": {...}, ...}
-    if rope and all(isinstance(v, dict) for v in rope.values()):
+    # (a key that names a rope parameter is never a layer type: {"rope_theta": {...}} is a bad theta)
+    params = ROPE_NUMBERS | ROPE_INTS | {"type", "rope_type"}
+    if rope and all(isinstance(v, dict) for v in rope.values()) and not params & rope.keys():
         for k, v in rope.items():
             _check_rope(v, path, f"{where}.{k}")
         return
