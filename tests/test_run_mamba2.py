@@ -20,17 +20,20 @@ not align with the chunks; inspect's recurrent-state bytes equal what run alloca
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+DEVICE = os.environ.get("LLMARCH_TEST_DEVICE", "cpu")
 TOL = 1e-4
 STEPS = 32
 PROMPT = 77  # odd, > one prefill chunk (64)
 # M = Mamba-2, * = attention, E = MoE, - = MLP: one sub-block per layer
 PATTERN = "M*EMM-*M"
+DENSE = "M*-MM*M-"  # no MoE layer: on CUDA the Generator then decodes through a captured graph
 SIZES = dict(
     hidden_size=32,
     mamba_num_heads=4,
@@ -161,13 +164,20 @@ def _reference_decode(ref, ids, steps):
     return logits
 
 
-def test_logits_and_greedy_match_transformers(tiny):
+@pytest.fixture(scope="module")
+def device():
+    if DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip("LLMARCH_TEST_DEVICE=cuda but no GPU")
+    return DEVICE
+
+
+def test_logits_and_greedy_match_transformers(tiny, device):
     from fixtures.reference import reference_model
     from llmarch.runtime.kv_cache import KVCache
     from llmarch.runtime.load import load_runtime
 
     path = tiny("nemotron_h", hybrid_override_pattern=PATTERN)
-    rt = load_runtime(str(path), "cpu", "float32")
+    rt = load_runtime(str(path), device, "float32")
     spec, model = rt.spec, rt.model
     assert [(l.linear_kind or l.mixer, l.ffn) for l in spec.schedule] == [
         ("mamba2", "none"),
@@ -179,39 +189,41 @@ def test_logits_and_greedy_match_transformers(tiny):
         ("full", "none"),
         ("mamba2", "none"),
     ]
-    ref = reference_model("nemotron_h", path)
+    ref = reference_model("nemotron_h", path, device)
     max_seq = PROMPT + STEPS
     a = spec.attention
     cache = KVCache(
-        spec.schedule, max_seq, a.kv_heads, a.head_dim, a.head_dim, torch.float32, "cpu", linear=spec.linear
+        spec.schedule, max_seq, a.kv_heads, a.head_dim, a.head_dim, torch.float32, device, linear=spec.linear
     )
-    model.setup(max_seq, "cpu", torch.float32)
-    ids = torch.randint(3, spec.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(1))
+    model.setup(max_seq, device, torch.float32)
+    ids = torch.randint(3, spec.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(1)).to(device)
     with torch.inference_mode():
         expected = _reference_decode(ref, ids, STEPS)
-        mine = model(ids, torch.arange(PROMPT), cache, limit=PROMPT, last_only=False)
+        mine = model(ids, torch.arange(PROMPT, device=device), cache, limit=PROMPT, last_only=False)
         err = (mine - expected[0]).abs().max().item()
         assert err < TOL, f"prefill logits differ by {err}"
         seq, worst = ids, 0.0
         for step, theirs in enumerate(expected[1:]):
             mine_tok, their_tok = mine[0, -1].argmax().item(), expected[step][0, -1].argmax().item()
             assert mine_tok == their_tok, f"greedy token {step} differs: {mine_tok} vs {their_tok}"
-            seq = torch.cat([seq, torch.tensor([[mine_tok]])], dim=1)
+            seq = torch.cat([seq, torch.tensor([[mine_tok]], device=device)], dim=1)
             n = seq.shape[1]
-            mine = model(seq[:, -1:], torch.tensor([n - 1]), cache, limit=n)
+            mine = model(seq[:, -1:], torch.tensor([n - 1], device=device), cache, limit=n)
             worst = max(worst, (mine - theirs).abs().max().item())
         assert worst < TOL, f"cached decode logits differ by up to {worst}"
         assert len(set(seq[0, PROMPT:].tolist())) > 1  # not one repeated token (this tiny model alternates two)
 
 
-def test_generator_with_chunked_prefill_gives_transformers_tokens(tiny):
-    """The Generator as `llmarch run` makes it, prefill cut into chunks of 10 so the conv window
-    and SSM state carry across calls, twice on one cache (reset clears the state)."""
+@pytest.mark.parametrize("pattern", [PATTERN, DENSE])
+def test_generator_with_chunked_prefill_gives_transformers_tokens(tiny, device, pattern):
+    """The Generator as `llmarch run` makes it (on CUDA without MoE layers: the decode step
+    replayed from a captured graph, the state updated in place), prefill cut into chunks of 10 so
+    the conv window and SSM state carry across calls, twice on one cache (reset clears the state)."""
     from fixtures.reference import reference_model
     from llmarch.runtime import generate as g
     from llmarch.runtime.load import load_runtime
 
-    path = tiny("nemotron_h", hybrid_override_pattern=PATTERN)
+    path = tiny("nemotron_h", hybrid_override_pattern=pattern)
     prompt = torch.randint(3, 128, (1, 23), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         logits = _reference_decode(reference_model("nemotron_h", path), prompt, STEPS - 1)
@@ -219,8 +231,8 @@ def test_generator_with_chunked_prefill_gives_transformers_tokens(tiny):
     old = g.PREFILL_CHUNK
     g.PREFILL_CHUNK = 10
     try:
-        rt = load_runtime(str(path), "cpu", "float32")
-        gen = g.Generator(rt, 23 + STEPS, cuda_graph=False)
+        rt = load_runtime(str(path), device, "float32")
+        gen = g.Generator(rt, 23 + STEPS, cuda_graph=device.startswith("cuda") and pattern == DENSE)
         for _ in range(2):
             assert gen.generate(prompt[0].tolist(), STEPS, g.Sampling()).tokens == expected
     finally:
