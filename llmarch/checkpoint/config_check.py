@@ -398,5 +398,7 @@ def _check_rope(rope: dict, path: Path, where: str) -> None:
             raise CheckpointError(f"{where}.{key} must be a finite number, got {show(value)}", path)
         if key in ROPE_INTS and not _count(value, 0):
             raise CheckpointError(f"{where}.{key} must be an integer from 0 to {MAX_COUNT}, got {show(value)}", path)
+        if key.endswith("_attention") and not isinstance(value, dict):  # a layer type's own parameters
+            raise CheckpointError(f"{where}.{key} must be an object, got {show(value)}", path)
         if key in ("type", "rope_type") and not isinstance(value, str):
             raise CheckpointError(f"{where}.{key} must be a string, got {show(value)}", path)
