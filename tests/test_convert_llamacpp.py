@@ -49,6 +49,10 @@ FAMILIES = {
     # Gated DeltaNet 3:1 with gated full attention, partial RoPE, MoE + gated shared expert
     # (ssm_in in HF's per-key-head [q k v z] rows, A as -exp(A_log), conv squeezed, (1 + w) norms shifted)
     "qwen3_next": {},
+    # the same mixers from split in_proj_qkv / _z / _b / _a, value heads tiled across key heads for
+    # llama.cpp (4 value heads on 2 key heads, so the reordering is exercised); dense and MoE
+    "qwen3_5_text": {},
+    "qwen3_5_moe_text": {},
 }
 # llama.cpp's default f16 KV cache rounds K/V: on the tiny Gemma 4 that alone is an NMSE of 1.2e-5
 # (7.6e-7 with an f32 cache), so these families are compared with an f32 cache

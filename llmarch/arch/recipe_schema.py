@@ -119,6 +119,11 @@ class ConvertRecipe:
     neg_exp: tuple[str, ...] = ()  # MODEL_TENSOR names stored as -exp(HF value): HF keeps log(-A), llama.cpp A
     squeezed: tuple[str, ...] = ()  # MODEL_TENSOR names whose HF size-1 dims llama.cpp drops ([C, 1, K] conv)
     unshifted: tuple[str, ...] = ()  # MODEL_TENSOR names of norms that norm_shift leaves alone (plain-weight norms)
+    # Gated DeltaNet value heads stored tiled across key heads, not grouped per key head (llama.cpp's qwen35)
+    tile_v_heads: bool = False
+    # llama.cpp's arch requires M-RoPE sections (rope.dimension_sections): the config's mrope_section,
+    # else the interleaved split that rotates every pair by the text position
+    rope_sections: bool = False
 
 
 @dataclass(frozen=True)
@@ -246,8 +251,12 @@ def _value(tp, value, where, key: str):
             raise LlmarchError(f"recipe key {key!r} must be a table", where)
         return _build(tp, value, where, key)
     if origin is tuple:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise LlmarchError(f"recipe key {key!r} must be a list of strings", where)
+        inner = typing.get_args(tp)[0]  # tuple[str, ...] or tuple[int, ...]
+        ok = isinstance(value, list) and all(isinstance(v, inner) and not isinstance(v, bool) for v in value)
+        if not ok:
+            raise LlmarchError(
+                f"recipe key {key!r} must be a list of {'strings' if inner is str else 'integers'}", where
+            )
         return tuple(value)
     if origin is collections.abc.Mapping:
         if not isinstance(value, dict):

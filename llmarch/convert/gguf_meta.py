@@ -146,6 +146,22 @@ def _gated_deltanet_keys(spec: ArchSpec, arch: str, path) -> dict:
     }
 
 
+def _rope_sections(spec: ArchSpec, recipe: Recipe) -> list[int]:
+    """M-RoPE sections, four of them, in rotary pairs, where the family's llama.cpp arch requires
+    them: the config's mrope_section when it covers the rotary pairs, else the interleaved split
+    that gives every pair a text position (llama.cpp's imrope sends pair i to section i % 3 while
+    i < 3 * that section's size, else to the fourth, whose position is 0 for text: a pair left
+    unrotated). 32 pairs give Qwen3.5's [11, 11, 10], what llama.cpp's converter writes."""
+    if not recipe.convert.rope_sections:
+        return []
+    pairs = int(round(spec.attention.head_dim * spec.rope.partial)) // 2
+    rope = spec.config.get("rope_parameters") or spec.config.get("rope_scaling") or {}
+    given = rope.get("mrope_section") if isinstance(rope, dict) else None
+    ok = isinstance(given, list) and 0 < len(given) <= 4 and all(type(n) is int and n >= 0 for n in given)
+    sections = list(given) if ok and sum(given) == pairs else [len(range(j, pairs, 3)) for j in range(3)]
+    return sections + [0] * (4 - len(sections))
+
+
 def _vtype(key: str, value) -> V:
     if isinstance(value, bool):
         return V.BOOL
@@ -160,6 +176,7 @@ def model_kv(spec: ArchSpec, arch: str, recipe: Recipe, file_type: int, name: st
     _check_hard_coded(spec, recipe, arch, path)
     hp = spec_to_hf_keys(spec)
     hp.update(_gated_deltanet_keys(spec, arch, path))
+    sections = _rope_sections(spec, recipe)
     reverse = {ckey: tmpl for tmpl, ckey in GENERIC_KEYS.items()}
     out = [
         (Keys.General.NAME, name, V.STRING),
@@ -192,6 +209,8 @@ def model_kv(spec: ArchSpec, arch: str, recipe: Recipe, file_type: int, name: st
             )
         )
     out += _per_layer_arrays(spec, arch, hp)
+    if sections:
+        out.append((Keys.Rope.DIMENSION_SECTIONS.format(arch=arch), sections, V.ARRAY))
     for ckey, value in hp.items():
         tmpl = reverse.get(ckey) or (ckey if ckey.startswith("{arch}.") else None)
         if tmpl is None:

@@ -168,6 +168,8 @@ def build_plan(ckpt: Checkpoint, spec: ArchSpec, fam: Family, dtype: str) -> Pla
         if kind.name in conv.squeezed:
             kept = tuple(n for n in info.shape if n != 1)
             piece.view, piece.out_shape = (lambda x, s=kept: x.reshape(s)), kept
+        if conv.tile_v_heads and spec.linear and kind in V_HEAD_AXES:
+            _tile_v_heads(piece, kind, spec)
         if fam.permute_qk and kind in (MODEL_TENSOR.ATTN_Q, MODEL_TENSOR.ATTN_K):
             piece.permute_heads = heads if kind == MODEL_TENSOR.ATTN_Q else kv_heads
         if fam.norm_shift and hf_name.endswith("norm.weight") and kind.name not in conv.unshifted:
@@ -224,6 +226,43 @@ def _shared_kv_placeholders(spec: ArchSpec, have: dict[str, PlannedTensor]) -> l
             note = f"(zeros: layer {layer.index} reuses layer {layer.kv_shared_from}'s KV)"
             out.append(PlannedTensor(name, owner.type, owner.shape, [Piece(None, 0, data=zeros)], note))
     return out
+
+
+# Gated DeltaNet tensors with a value-head axis: (axis, channels before the value heads in units
+# of key_heads * key_head_dim, width of one value head's slice: "v" = value_head_dim, 1 = a scalar)
+V_HEAD_AXES = {
+    MODEL_TENSOR.ATTN_QKV: (0, 2, "v"),  # in_proj_qkv rows: q, k, then v
+    MODEL_TENSOR.ATTN_GATE: (0, 0, "v"),  # in_proj_z rows
+    MODEL_TENSOR.SSM_BETA: (0, 0, 1),
+    MODEL_TENSOR.SSM_ALPHA: (0, 0, 1),
+    MODEL_TENSOR.SSM_A: (0, 0, 1),
+    MODEL_TENSOR.SSM_DT: (0, 0, 1),
+    MODEL_TENSOR.SSM_CONV1D: (0, 2, "v"),  # conv channels: q, k, then v
+    MODEL_TENSOR.SSM_OUT: (1, 0, "v"),  # out_proj columns
+}
+
+
+def _tile_v_heads(piece: Piece, kind: MODEL_TENSOR, spec: ArchSpec) -> None:
+    """Value heads from HF's grouped order (each key head's value heads together) to the tiled
+    order llama.cpp's qwen35 broadcasts in (value head j of every key head, then j + 1), as
+    _LinearAttentionVReorderBase.modify_tensors does; composed after any earlier view."""
+    lin = spec.linear
+    k, v = lin.key_heads, lin.value_heads
+    if not k or v == k:
+        return
+    axis, skip, width = V_HEAD_AXES[kind]
+    hd = lin.value_head_dim if width == "v" else 1
+    start = skip * k * lin.key_head_dim
+    before, shape = piece.view, piece.shape
+
+    def tiled(x, before=before, axis=axis, start=start, hd=hd):
+        x = before(x) if before else x
+        x = np.moveaxis(x, axis, 0)
+        head, vals = x[:start], x[start:]
+        vals = vals.reshape(k, v // k, hd, *vals.shape[1:]).swapaxes(0, 1).reshape(vals.shape)
+        return np.moveaxis(np.concatenate([head, vals]), 0, axis)
+
+    piece.view, piece.out_shape = tiled, shape
 
 
 FUSED_RE = re.compile(r"\.(mlp|feed_forward)\.experts\.(gate_up_proj|down_proj)(_bias)?$")
