@@ -649,3 +649,55 @@ def test_gemma4_gguf_run_refused_until_read_back(tiny, tmp_path):
         line
         == f"llmarch: {gg}: gemma4 models from GGUF are not supported by llmarch run yet; use the safetensors checkpoint"
     )
+
+
+@pytest.mark.parametrize("name", ["qwen3_next", "qwen3_5_text"])
+def test_gated_deltanet_tensors_as_llama_cpp_converter_writes_them(tiny, tmp_path, name):
+    """Each linear-layer tensor in the GGUF equals the source under the transforms llama.cpp's
+    converter applies (conversion/qwen.py: Qwen3NextModel.modify_tensors, and for Qwen3.5
+    _LinearAttentionVReorderBase._reorder_v_heads), recomputed here with torch from the source;
+    the llamacpp-marked tests prove llama.cpp computes transformers' logits from these files."""
+    import gguf
+    import torch
+
+    from llmarch.convert.to_gguf import convert_to_gguf
+
+    src = tiny(name)
+    cfg = json.loads((src / "config.json").read_text())
+    out = tmp_path / "m.gguf"
+    convert_to_gguf(str(src), out, "f32")
+    got = {t.name: np.array(t.data) for t in gguf.GGUFReader(out).tensors}
+    hf = {k: torch.from_numpy(v) for k, v in load_st(src).items()}
+    nk, nv = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
+    dk, dv = cfg["linear_key_head_dim"], cfg["linear_value_head_dim"]
+    tiled = name != "qwen3_next"
+
+    def reorder(t, dim, head_dim):  # _reorder_v_heads: grouped by key head -> tiled
+        if not tiled:
+            return t
+        shape = list(t.shape)
+        t = t.reshape(*shape[:dim], nk, nv // nk, head_dim, *shape[dim + 1 :])
+        return t.transpose(dim, dim + 1).contiguous().reshape(shape)
+
+    def v_rows(t):  # q and k rows stay, the value rows are reordered
+        return torch.cat([t[: 2 * nk * dk], reorder(t[2 * nk * dk :], 0, dv)])
+
+    p = "model.layers.0.linear_attn."
+    want = {
+        "blk.0.ssm_a": reorder(-torch.exp(hf[p + "A_log"].double()).float(), 0, 1),
+        "blk.0.ssm_dt.bias": reorder(hf[p + "dt_bias"], 0, 1),
+        "blk.0.ssm_conv1d.weight": v_rows(hf[p + "conv1d.weight"].squeeze()),
+        "blk.0.ssm_norm.weight": hf[p + "norm.weight"],  # the gated norm: no +1
+        "blk.0.ssm_out.weight": reorder(hf[p + "out_proj.weight"], 1, dv),
+        "blk.0.attn_norm.weight": hf["model.layers.0.input_layernorm.weight"] + 1,
+    }
+    if tiled:
+        want["blk.0.attn_qkv.weight"] = v_rows(hf[p + "in_proj_qkv.weight"])
+        want["blk.0.attn_gate.weight"] = reorder(hf[p + "in_proj_z.weight"], 0, dv)
+        want["blk.0.ssm_beta.weight"] = reorder(hf[p + "in_proj_b.weight"], 0, 1)
+        want["blk.0.ssm_alpha.weight"] = reorder(hf[p + "in_proj_a.weight"], 0, 1)
+    else:  # llama.cpp's legacy ssm_in path reads HF's per-key-head [q k v z] rows as they are
+        want["blk.0.ssm_in.weight"] = hf[p + "in_proj_qkvz.weight"]
+        want["blk.0.ssm_ba.weight"] = hf[p + "in_proj_ba.weight"]
+    for gname, w in want.items():
+        np.testing.assert_array_equal(got[gname].reshape(w.shape), w.numpy(), err_msg=gname)
