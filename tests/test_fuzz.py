@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-INPUTS = {"gguf": 250, "safetensors": 400, "config": 300, "index": 300}
+INPUTS = {"gguf": 150, "safetensors": 400, "config": 250, "index": 300}
 TIMEOUT_S = 5.0  # CPU seconds per input (wall time: 10x); the slowest seen is ~1 s
 MEMORY_BOUND = 64 << 20  # Python allocations per input (tracemalloc peak)
 
