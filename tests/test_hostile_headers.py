@@ -361,6 +361,8 @@ def test_single_expert_tensor_at_layer_99999(tmp_path):
         ("no_rope_layers", '["x"]', '["x"]'),
         ("rope_parameters", '{"rope_theta": {"factor": 2}}', '{"factor": 2}'),
         ("rope_parameters", '{"full_attention": 5, "rope_theta": 10000}', "full_attention"),
+        ("rope_parameters", '{"full_attention": null, "rope_theta": 10000}', "full_attention"),
+        ("intermediate_size", "[]", "[]"),
     ],
 )
 def test_config_values_checked_where_read(tmp_path, key, value, shown):

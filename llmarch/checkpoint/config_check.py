@@ -244,6 +244,7 @@ ROPE_NUMBERS = {
     "high_freq_factor",
     "attention_factor",
     "partial_rotary_factor",
+    "llama_4_scaling_beta",
 }
 ROPE_INTS = {"original_max_position_embeddings"}
 NESTED = ("text_config", "llm_config", "language_config", "thinker_config")
@@ -301,8 +302,8 @@ def _kind_error(key: str, value, per_layer: bool) -> str | None:
             return None
         return None if _count(value, 0) else f"an integer from 0 to {MAX_COUNT}, or null"
     if key in INTS_OR_LISTS:
-        ok = _count(value, 0) or (isinstance(value, list) and all(_count(v, 0) for v in value))
-        return None if ok else "an integer >= 0, a list of them, or null"
+        ok = _count(value, 0) or (isinstance(value, list) and value and all(_count(v, 0) for v in value))
+        return None if ok else "an integer >= 0, a non-empty list of them, or null"
     if key in INT_LISTS:
         ok = isinstance(value, list) and all(_count(v, 0) for v in value)
         return None if ok else "a list of integers >= 0, or null"
@@ -392,13 +393,13 @@ def _check_rope(rope: dict, path: Path, where: str) -> None:
             _check_rope(v, path, f"{where}.{k}")
         return
     for key, value in rope.items():
+        if key.endswith("_attention") and not isinstance(value, dict):  # a layer type's own parameters
+            raise CheckpointError(f"{where}.{key} must be an object, got {show(value)}", path)
         if value is None:
             continue
         if key in ROPE_NUMBERS and not _magnitude(value):
             raise CheckpointError(f"{where}.{key} must be a finite number, got {show(value)}", path)
         if key in ROPE_INTS and not _count(value, 0):
             raise CheckpointError(f"{where}.{key} must be an integer from 0 to {MAX_COUNT}, got {show(value)}", path)
-        if key.endswith("_attention") and not isinstance(value, dict):  # a layer type's own parameters
-            raise CheckpointError(f"{where}.{key} must be an object, got {show(value)}", path)
         if key in ("type", "rope_type") and not isinstance(value, str):
             raise CheckpointError(f"{where}.{key} must be a string, got {show(value)}", path)
