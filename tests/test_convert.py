@@ -701,3 +701,23 @@ def test_gated_deltanet_tensors_as_llama_cpp_converter_writes_them(tiny, tmp_pat
         want["blk.0.ssm_ba.weight"] = hf[p + "in_proj_ba.weight"]
     for gname, w in want.items():
         np.testing.assert_array_equal(got[gname].reshape(w.shape), w.numpy(), err_msg=gname)
+
+
+@pytest.mark.parametrize("name", ["qwen3_next", "qwen3_5_text"])
+def test_gated_deltanet_state_read_back_from_gguf(tiny, tmp_path, name):
+    """llama.cpp keeps a Gated DeltaNet's widths in the ssm.* keys (group count = key heads,
+    time-step rank = value heads, state size = key head width, inner size = value heads x value
+    head width): read back, the GGUF's recurrent state is the config's, per linear layer a
+    key x value matrix per value head plus the conv window over [q k v] (kernel - 1 inputs)."""
+    from llmarch.api import load_spec
+    from llmarch.convert.to_gguf import convert_to_gguf
+
+    src = tiny(name)
+    cfg = json.loads((src / "config.json").read_text())
+    out = tmp_path / "m.gguf"
+    convert_to_gguf(str(src), out, "f32")
+    nk, nv = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
+    dk, dv = cfg["linear_key_head_dim"], cfg["linear_value_head_dim"]
+    per_layer = nv * dk * dv + (2 * nk * dk + nv * dv) * (cfg["linear_conv_kernel_dim"] - 1)
+    linear = cfg["layer_types"].count("linear_attention")
+    assert load_spec(str(out)).recurrent_state_bytes(4) == linear * per_layer * 4

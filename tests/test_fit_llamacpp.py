@@ -1,9 +1,10 @@
 """`llmarch fit`'s llama.cpp figures against what llama.cpp itself allocates for the same file.
 
-GGUFs written by `llmarch convert` (dense, sliding window, MLA, MoE, gpt-oss's SWA + MoE + sinks)
-and the real Gemma 3 270M Q4_K_M file are loaded by llama-cpp-python with its defaults for the
-cache (f16, swa_full off as llama-server runs it, ubatch 512); its log lines "model buffer size"
-and "llama_kv_cache: size" are the reference. Weights and KV cache must agree within 5%.
+GGUFs written by `llmarch convert` (dense, sliding window, MLA, MoE, gpt-oss's SWA + MoE + sinks,
+Gated DeltaNet hybrids) and the real Gemma 3 270M Q4_K_M file are loaded by llama-cpp-python with
+its defaults for the cache (f16, swa_full off as llama-server runs it, ubatch 512, one sequence);
+its log lines "model buffer size", "llama_kv_cache: size" and "llama_memory_recurrent: size" are
+the reference. Weights, KV cache and recurrent state must agree within 5%.
 Marked `llamacpp`: skipped when llama-cpp-python is not installed.
 """
 
@@ -33,6 +34,10 @@ FAMILIES = {
     "qwen3_moe": dict(moe_intermediate_size=64, mlp_only_layers=[], norm_topk_prob=True),
     "gpt_oss": dict(intermediate_size=64),
 }
+# Gated DeltaNet hybrids (3 linear layers, then full attention), with state widths large enough
+# that llama.cpp's two-decimal MiB figure for it is precise to under 1% (1.57 MiB)
+HYBRIDS = ("qwen3_next", "qwen3_5_text")
+WIDE_STATE = dict(linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=128, linear_value_head_dim=128)
 MIB = 2**20
 _LINES: list[str] = []
 
@@ -45,7 +50,8 @@ def _log(level, text, user_data):
 def llama_allocations(path, n_ctx: int) -> dict:
     """llama.cpp's own figures for a file at n_ctx, read from its log: the model buffers (the
     CPU_REPACK buffer is a second, repacked copy of some tensors for the CPU's kernels, not the
-    file's weights) and the KV cache buffers, in bytes."""
+    file's weights), the KV cache buffers and the recurrent layers' state (conv window R and
+    recurrent matrix S, which llama.cpp keeps apart from the KV cache), in bytes."""
     _LINES.clear()
     llama_cpp.llama_log_set(_log, ctypes.c_void_p(0))
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, swa_full=False, n_threads=1, verbose=True)
@@ -57,8 +63,9 @@ def llama_allocations(path, n_ctx: int) -> dict:
         if "REPACK" not in m.group(1)
     ]
     kv = [float(x) for x in re.findall(r"llama_kv_cache: size = +([\d.]+) MiB", log)]
+    state = [float(x) for x in re.findall(r"llama_memory_recurrent: size = +([\d.]+) MiB", log)]
     assert model and kv, log[-3000:]
-    return {"weights": sum(model) * MIB, "kv_cache": sum(kv) * MIB}
+    return {"weights": sum(model) * MIB, "kv_cache": sum(kv) * MIB, "state": sum(state) * MIB}
 
 
 def fit_doc(capsys, path, context: int) -> dict:
@@ -92,6 +99,32 @@ def test_fit_matches_llamacpp_allocation(tiny, tmp_path, capsys, name):
         f"{name}: weights {lc['weights']} vs {theirs['weights']:.0f} ({w:.2%}), kv {lc['kv_cache']} vs {theirs['kv_cache']:.0f} ({kv:.2%})"
     )
     assert w < 0.05 and kv < 0.05
+
+
+@pytest.mark.parametrize("name", HYBRIDS)
+def test_fit_matches_llamacpp_on_hybrid(tiny, tmp_path, capsys, name):
+    """Gated DeltaNet + full attention: llama.cpp caches the full layer's K/V for the context and
+    keeps the linear layers' conv window and recurrent matrix in f32 in one cell per sequence.
+    fit reads the widths from the GGUF's ssm.* keys; the safetensors source must give the same
+    KV cache and state (what `fit` says before a user converts)."""
+    from llmarch.convert.to_gguf import convert_to_gguf
+
+    src = tmp_path / name
+    shutil.copytree(tiny(name, **WIDE, **WIDE_STATE), src)
+    add_tokenizer(src, VOCAB)
+    gguf = tmp_path / f"{name}.gguf"
+    convert_to_gguf(str(src), gguf, "f16")
+    theirs = llama_allocations(gguf, CONTEXT)
+    assert theirs["state"] > MIB  # the log line was found and the state is wide enough to measure
+    lc = fit_doc(capsys, gguf, CONTEXT)["llama_cpp"]
+    before = fit_doc(capsys, src, CONTEXT)["llama_cpp"]
+    w, kv, st = (agree(lc[k], theirs[k]) for k in ("weights", "kv_cache", "state"))
+    print(
+        f"{name}: weights {lc['weights']} vs {theirs['weights']:.0f} ({w:.2%}), kv {lc['kv_cache']} vs "
+        f"{theirs['kv_cache']:.0f} ({kv:.2%}), state {lc['state']} vs {theirs['state']:.0f} ({st:.2%})"
+    )
+    assert w < 0.05 and kv < 0.05 and st < 0.05
+    assert agree(before["kv_cache"], theirs["kv_cache"]) < 0.05 and agree(before["state"], theirs["state"]) < 0.05
 
 
 @pytest.mark.parametrize("context", [4096, 32768])

@@ -46,6 +46,27 @@ def _float32_shortest(x: float) -> float:
     return next((float(f"{target:.{p}g}") for p in range(1, 10) if f32(float(f"{target:.{p}g}")) == target), target)
 
 
+def _gated_deltanet_widths(config: dict[str, Any], evidence: dict[str, str]) -> None:
+    """llama.cpp writes a Gated DeltaNet's widths in the SSM keys (its qwen3next / qwen35
+    converters): group count = key heads, time-step rank = value heads, state size = the key
+    head width, inner size = value heads x value head width. Read back as the config keys
+    transformers uses, so a GGUF's recurrent state is sized as its source's is; the reader has
+    already checked each as an integer."""
+    kh, vh = config.get("ssm_group_count"), config.get("ssm_time_step_rank")
+    kd, inner = config.get("ssm_state_size"), config.get("ssm_inner_size")
+    if not (kh and vh and kd and inner) or inner % vh:
+        return  # incomplete or inconsistent widths: the state stays unknown rather than guessed
+    for ckey, value, gkey in (
+        ("linear_num_key_heads", kh, "ssm_group_count"),
+        ("linear_num_value_heads", vh, "ssm_time_step_rank"),
+        ("linear_key_head_dim", kd, "ssm_state_size"),
+        ("linear_value_head_dim", inner // vh, "ssm_inner_size / ssm_time_step_rank"),
+    ):
+        if ckey not in config:
+            config[ckey] = value
+            evidence[ckey] = evidence.get(gkey, gkey)
+
+
 def gguf_to_config(arch: str, meta: dict[str, Any], recipe: Recipe) -> tuple[dict, dict[str, str]]:
     """Return (config, evidence) where evidence maps each config key to the GGUF key it came from."""
     config: dict[str, Any] = {}
@@ -67,6 +88,9 @@ def gguf_to_config(arch: str, meta: dict[str, Any], recipe: Recipe) -> tuple[dic
     for ckey, value in hard.items():
         config[ckey] = copy.deepcopy(value)  # the recipe's lists stay the recipe's
         evidence[ckey] = f"recipe {recipe.family} (llama.cpp hard-codes it for {arch})"
+
+    if recipe.linear_kind == "gated_deltanet":
+        _gated_deltanet_widths(config, evidence)
 
     # per-layer facts llama.cpp hard-codes by layer index (Gemma 3n: KV owners, sparse FFN gates)
     conv, n_layers = recipe.convert, config.get("num_hidden_layers")
