@@ -25,6 +25,7 @@ from torch import nn
 from llmarch.arch.spec import ArchSpec, LayerSpec
 from llmarch.errors import LlmarchError
 from llmarch.runtime.ops.delta_rule import CHUNK, chunked, gated_delta, l2norm, recurrent_step, short_conv
+from llmarch.runtime.ops.linear_common import linear_sizes, tensor_reader
 from llmarch.runtime.ops.mlp import activation
 from llmarch.runtime.ops.norms import RMSNorm
 
@@ -35,9 +36,7 @@ __all__ = ["CHUNK", "GatedDeltaNet", "chunked", "l2norm", "recurrent_step"]
 class GatedDeltaNet(nn.Module):
     def __init__(self, spec: ArchSpec, layer: LayerSpec, rope=None):
         super().__init__()
-        lin = spec.linear
-        if lin is None or lin.kind != "gated_deltanet":
-            raise LlmarchError(f"layer {layer.index}: linear layer without Gated DeltaNet sizes in the spec")
+        lin = linear_sizes(spec, layer, "gated_deltanet", "Gated DeltaNet")
         if lin.value_heads % lin.key_heads:
             raise LlmarchError(
                 f"layer {layer.index}: {lin.value_heads} value heads do not divide among {lin.key_heads} key heads"
@@ -82,18 +81,7 @@ class GatedDeltaNet(nn.Module):
         """This layer's linear_attn.* tensors, the input projections reordered to [q k v | z | b | a]."""
         where = str(source.ckpt.path)
         base = f"{getattr(source, 'prefix', '')}layers.{self.index}.linear_attn."
-
-        def read(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-            info = source.ckpt.tensors.get(base + name)
-            if info is None:
-                raise LlmarchError(f"weight missing: {base}{name} (Gated DeltaNet layer {self.index})", where)
-            t = source.read(info)
-            if tuple(t.shape) != shape:
-                raise LlmarchError(
-                    f"weight {info.name} has shape {tuple(t.shape)}, the config's linear-attention sizes need {shape}",
-                    where,
-                )
-            return t.to(torch.float32)
+        read = tensor_reader(source, base, "Gated DeltaNet", self.index)
 
         d = self.out.weight.shape[0]
         if self.projection == "grouped":

@@ -22,6 +22,7 @@ from torch import nn
 from llmarch.arch.spec import ArchSpec, LayerSpec
 from llmarch.errors import LlmarchError
 from llmarch.runtime.ops.delta_rule import gated_delta, l2norm, short_conv
+from llmarch.runtime.ops.linear_common import linear_sizes, tensor_reader
 from llmarch.runtime.ops.mlp import activation
 from llmarch.runtime.ops.norms import RMSNorm
 
@@ -29,9 +30,7 @@ from llmarch.runtime.ops.norms import RMSNorm
 class KimiDeltaAttention(nn.Module):
     def __init__(self, spec: ArchSpec, layer: LayerSpec, rope=None):
         super().__init__()
-        lin = spec.linear
-        if lin is None or lin.kind != "kda":
-            raise LlmarchError(f"layer {layer.index}: linear layer without Kimi Delta Attention sizes in the spec")
+        lin = linear_sizes(spec, layer, "kda", "Kimi Delta Attention")
         if lin.key_heads != lin.value_heads or lin.key_head_dim != lin.value_head_dim:
             raise LlmarchError(
                 f"layer {layer.index}: Kimi Delta Attention needs as many key as value heads, of one width"
@@ -70,21 +69,8 @@ class KimiDeltaAttention(nn.Module):
 
     def load_from(self, source, prefix: str, dtype, device) -> None:
         """This layer's self_attn.* tensors (Hub names), the projections of x fused in one matrix."""
-        where = str(source.ckpt.path)
         base = f"{getattr(source, 'prefix', '')}layers.{self.index}.self_attn."
-
-        def read(name: str, *shapes: tuple[int, ...]) -> torch.Tensor:
-            info = source.ckpt.tensors.get(base + name)
-            if info is None:
-                raise LlmarchError(f"weight missing: {base}{name} (Kimi Delta Attention layer {self.index})", where)
-            t = source.read(info)
-            if tuple(t.shape) not in shapes:
-                raise LlmarchError(
-                    f"weight {info.name} has shape {tuple(t.shape)}, the config's linear-attention sizes need "
-                    f"{shapes[0]}",
-                    where,
-                )
-            return t.to(torch.float32)
+        read = tensor_reader(source, base, "Kimi Delta Attention", self.index)
 
         hidden, w, d, H = self.out.weight.shape[0], self.width, self.d, self.H
         fused = torch.cat(

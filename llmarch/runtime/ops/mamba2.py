@@ -28,6 +28,7 @@ from torch import nn
 from llmarch.arch.spec import ArchSpec, LayerSpec
 from llmarch.errors import LlmarchError
 from llmarch.runtime.ops.delta_rule import short_conv
+from llmarch.runtime.ops.linear_common import linear_sizes, tensor_reader
 
 CHUNK = 64  # tokens per chunk of the prefill form
 
@@ -73,9 +74,7 @@ def chunked(x, dt, A, B, C, state: torch.Tensor, chunk: int = CHUNK) -> torch.Te
 class Mamba2(nn.Module):
     def __init__(self, spec: ArchSpec, layer: LayerSpec, rope=None):
         super().__init__()
-        lin = spec.linear
-        if lin is None or lin.kind != "mamba2":
-            raise LlmarchError(f"layer {layer.index}: Mamba-2 layer without Mamba-2 sizes in the spec")
+        lin = linear_sizes(spec, layer, "mamba2", "Mamba-2")
         # in LinearAttentionSpec terms: value heads = Mamba heads (head_dim P), key heads = groups
         # (B and C per group, key_head_dim = the state size N)
         if lin.value_heads % lin.key_heads:
@@ -141,21 +140,8 @@ class Mamba2(nn.Module):
     def load_from(self, source, prefix: str, dtype, device) -> None:
         """This layer's Mamba-2 tensors (mixer.* beside the layer's one norm), checked against the
         config's sizes."""
-        where = str(source.ckpt.path)
         base = f"{getattr(source, 'prefix', '')}layers.{self.index}.mixer."
-
-        def read(name: str, shape: tuple[int, ...], required: bool = True) -> torch.Tensor | None:
-            info = source.ckpt.tensors.get(base + name)
-            if info is None:
-                if not required:
-                    return None
-                raise LlmarchError(f"weight missing: {base}{name} (Mamba-2 layer {self.index})", where)
-            t = source.read(info)
-            if tuple(t.shape) != shape:
-                raise LlmarchError(
-                    f"weight {info.name} has shape {tuple(t.shape)}, the config's Mamba-2 sizes need {shape}", where
-                )
-            return t.to(torch.float32)
+        read = tensor_reader(source, base, "Mamba-2", self.index)
 
         d = self.out.weight.shape[0]
         put = lambda t: nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)  # noqa: E731
