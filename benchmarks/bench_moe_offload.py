@@ -25,25 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-QWEN3_30B_A3B = dict(  # Qwen/Qwen3-30B-A3B config.json shapes
-    vocab_size=151936,
-    hidden_size=2048,
-    intermediate_size=6144,
-    moe_intermediate_size=768,
-    num_hidden_layers=48,
-    num_attention_heads=32,
-    num_key_value_heads=4,
-    head_dim=128,
-    num_experts=128,
-    num_experts_per_tok=8,
-    norm_topk_prob=True,
-    decoder_sparse_step=1,
-    mlp_only_layers=[],
-    max_position_embeddings=40960,
-    rope_theta=1000000.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-)
+from fixtures.hub_shapes import QWEN3_30B_A3B  # noqa: E402
+
 GPT_OSS_120B = dict(  # openai/gpt-oss-120b config.json shapes (experts MXFP4 as shipped)
     vocab_size=201088,
     hidden_size=2880,

@@ -4,6 +4,7 @@
                                 (pytest.skip when the installed transformers lacks the family)
     deepseek_v3_skeleton        full-size DeepSeek-V3 header-only checkpoint (sparse files)
     tiny_gguf(arch) -> Path     tiny GGUF written with gguf-py (arch "llama" or "gemma3")
+    device                      LLMARCH_TEST_DEVICE for the parity tests (default cpu)
 
 Building all ~24 families takes a few seconds on 2 cores (transformers' import dominates).
 """
@@ -48,6 +49,19 @@ def tiny(tmp_path_factory):
         return cache[key]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def device():
+    """The parity tests' device: LLMARCH_TEST_DEVICE (default cpu), skipped where it names a GPU
+    this machine lacks."""
+    import torch
+
+    from fixtures.parity import DEVICE
+
+    if DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip("LLMARCH_TEST_DEVICE=cuda but no GPU")
+    return DEVICE
 
 
 @pytest.fixture(scope="session")

@@ -165,27 +165,9 @@ def test_ple_table_placement_and_shared_kv(tiny, capsys):
 
 def qwen3_30b_a3b(folder: Path) -> dict:
     """Qwen3-30B-A3B's shapes as the Hub names them (bf16), data-less."""
-    c = dict(
-        model_type="qwen3_moe",
-        architectures=["Qwen3MoeForCausalLM"],
-        vocab_size=151936,
-        hidden_size=2048,
-        intermediate_size=6144,
-        moe_intermediate_size=768,
-        num_hidden_layers=48,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        head_dim=128,
-        num_experts=128,
-        num_experts_per_tok=8,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        max_position_embeddings=40960,
-        tie_word_embeddings=False,
-        torch_dtype="bfloat16",
-        rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
-    )
+    from fixtures.hub_shapes import QWEN3_30B_A3B
+
+    c = dict(QWEN3_30B_A3B, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], torch_dtype="bfloat16")
     H, I, V, hd = c["hidden_size"], c["moe_intermediate_size"], c["vocab_size"], c["head_dim"]
     t = {"model.embed_tokens.weight": ((V, H), "BF16"), "lm_head.weight": ((V, H), "BF16")}
     t["model.norm.weight"] = ((H,), "BF16")

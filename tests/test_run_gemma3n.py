@@ -9,25 +9,15 @@ The prompt (24) is longer than the sliding window (16), and prompt + 32 steps pa
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from fixtures.parity import check_generator, check_parity, kv_cache  # noqa: E402
+from fixtures.parity import DEVICE, check_generator, check_parity, kv_cache  # noqa: E402
 
-DEVICE = os.environ.get("LLMARCH_TEST_DEVICE", "cpu")
 STEPS = 32
 PROMPT = 24
-
-
-@pytest.fixture(scope="module")
-def device():
-    if DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        pytest.skip("LLMARCH_TEST_DEVICE=cuda but no GPU")
-    return DEVICE
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +44,7 @@ def wrapper(gemma3n, tmp_path_factory):
 
 
 def test_text_model_matches_transformers(gemma3n, reference, device):
-    spec = check_parity(gemma3n, reference, device, PROMPT, STEPS)
+    spec = check_parity(gemma3n, reference, device, PROMPT, STEPS, windowed=True).spec
     cfg = reference.config
     # every Gemma 3n feature is on in this checkpoint, so a parity pass covers each of them
     assert spec.altup.streams == cfg.altup_num_inputs > 1
@@ -66,7 +56,7 @@ def test_text_model_matches_transformers(gemma3n, reference, device):
 
 
 def test_wrapper_text_model_matches_transformers(wrapper, reference, device):
-    spec = check_parity(wrapper, reference, device, PROMPT, STEPS)
+    spec = check_parity(wrapper, reference, device, PROMPT, STEPS, windowed=True).spec
     assert spec.family == "gemma3n" and spec.text_family == "gemma3n_text"
 
 

@@ -10,7 +10,6 @@ Expected values come from transformers: logits at prefill and every cached decod
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pytest
@@ -18,9 +17,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from fixtures.parity import check_generator, check_parity, kv_cache, text_in_wrapper  # noqa: E402
+from fixtures.parity import DEVICE, check_generator, check_parity, kv_cache, text_in_wrapper  # noqa: E402
 
-DEVICE = os.environ.get("LLMARCH_TEST_DEVICE", "cpu")
 PROMPT, STEPS = 24, 32  # the window is 16
 
 CASES = {
@@ -31,13 +29,6 @@ CASES = {
     # the stored expert layout [E, 2I, d] is told from [E, d, 2I] by its shape
     "moe": {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 8},
 }
-
-
-@pytest.fixture(scope="module")
-def device():
-    if DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        pytest.skip("LLMARCH_TEST_DEVICE=cuda but no GPU")
-    return DEVICE
 
 
 def _reference(path):
@@ -71,7 +62,7 @@ def scaled(tiny, tmp_path_factory):
 def test_text_model_matches_transformers(tiny, device, case):
     path = tiny("gemma4_text", **CASES[case])
     ref = _reference(path)
-    spec = check_parity(path, ref, device, PROMPT, STEPS)
+    spec = check_parity(path, ref, device, PROMPT, STEPS, windowed=True).spec
     cfg = ref.config
     layers = ref.model.layers
     # the facts each case is about, read from the reference model itself
@@ -93,12 +84,12 @@ def test_text_model_matches_transformers(tiny, device, case):
 def test_layer_scalars_and_hub_config(scaled, device):
     ref = _reference(scaled)
     assert any(float(m.layer_scalar) != 1.0 for m in ref.model.layers)
-    check_parity(scaled, ref, device, PROMPT, STEPS)
+    check_parity(scaled, ref, device, PROMPT, STEPS, windowed=True)
 
 
 def test_wrapper_text_model_matches_transformers(scaled, device, tmp_path):
     path = text_in_wrapper(scaled, tmp_path / "gemma4", "gemma4", "Gemma4ForConditionalGeneration")
-    spec = check_parity(path, _reference(scaled), device, PROMPT, STEPS)
+    spec = check_parity(path, _reference(scaled), device, PROMPT, STEPS, windowed=True).spec
     assert spec.family == "gemma4" and spec.text_family == "gemma4_text"
 
 

@@ -14,7 +14,6 @@ are refused in one line naming the file.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 
@@ -23,8 +22,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-DEVICE = os.environ.get("LLMARCH_TEST_DEVICE", "cpu")
-TOL = 1e-4
+from fixtures.parity import TOL, check_parity, kv_cache, own_cache, reference_tokens  # noqa: E402
+
 STEPS = 32
 PROMPT = 77  # odd, > one prefill chunk (64)
 # 1-based layer numbers, as the Hub config writes them: KDA 3:1 with MLA, two MLA layers
@@ -36,68 +35,22 @@ HYBRID = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def device():
-    if DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        pytest.skip("LLMARCH_TEST_DEVICE=cuda but no GPU")
-    return DEVICE
-
-
-def _cache(spec, max_seq, dtype=torch.float32, device="cpu"):
-    from llmarch.runtime.kv_cache import KVCache
-
-    a = spec.attention
-    return KVCache(
-        spec.schedule, max_seq, a.kv_heads, a.head_dim, a.v_head_dim or a.head_dim, dtype, device, linear=spec.linear
-    )
-
-
-def _reference_decode(ref, ids, steps):
-    """transformers' greedy continuation of ids through its own cache (its recurrent KDA step and
-    conv update): the logits of the prompt, then of each step."""
-    out = ref(ids, use_cache=True)
-    logits, cache = [out.logits], out.cache
-    for _ in range(steps):
-        out = ref(logits[-1][:, -1:].argmax(-1), cache=cache, use_cache=True)
-        logits.append(out.logits)
-        cache = out.cache
-    return logits
-
-
 def test_logits_and_greedy_match_transformers(tiny, device):
     """Prefill and each cached decode step against transformers' own cached decode, and the last
     step also against its full forward over the whole sequence."""
     from fixtures.reference import reference_model
-    from llmarch.runtime.load import load_runtime
 
     path = tiny("kimi_linear", **HYBRID)
-    rt = load_runtime(str(path), device, "float32")
-    spec, model = rt.spec, rt.model
-    assert [l.linear_kind or l.mixer for l in spec.schedule] == ["kda"] * 3 + ["mla"] + ["kda"] * 3 + ["mla"]
-    assert not any(l.rope for l in spec.schedule if l.mixer == "mla")  # NoPE MLA
-    assert [l.ffn for l in spec.schedule] == ["dense"] + ["moe"] * 7
     ref = reference_model("kimi_linear", path, device)
-    max_seq = PROMPT + STEPS
-    cache = _cache(spec, max_seq, device=device)
-    model.setup(max_seq, device, torch.float32)
-    ids = torch.randint(3, spec.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(1)).to(device)
+    p = check_parity(path, own_cache(ref, "cache"), device, PROMPT, STEPS)
+    schedule = p.spec.schedule
+    assert [l.linear_kind or l.mixer for l in schedule] == ["kda"] * 3 + ["mla"] + ["kda"] * 3 + ["mla"]
+    assert not any(l.rope for l in schedule if l.mixer == "mla")  # NoPE MLA
+    assert [l.ffn for l in schedule] == ["dense"] + ["moe"] * 7
     with torch.inference_mode():
-        expected = _reference_decode(ref, ids, STEPS)
-        mine = model(ids, torch.arange(PROMPT, device=device), cache, limit=PROMPT, last_only=False)
-        err = (mine - expected[0]).abs().max().item()
-        assert err < TOL, f"prefill logits differ by {err}"
-        seq, worst = ids, 0.0
-        for step, theirs in enumerate(expected[1:]):
-            mine_tok, their_tok = mine[0, -1].argmax().item(), expected[step][0, -1].argmax().item()
-            assert mine_tok == their_tok, f"greedy token {step} differs: {mine_tok} vs {their_tok}"
-            seq = torch.cat([seq, torch.tensor([[mine_tok]], device=device)], dim=1)
-            n = seq.shape[1]
-            mine = model(seq[:, -1:], torch.tensor([n - 1], device=device), cache, limit=n)
-            worst = max(worst, (mine - theirs).abs().max().item())
-        assert worst < TOL, f"cached decode logits differ by up to {worst}"
-        err = (mine - ref(seq).logits[:, -1:]).abs().max().item()
-        assert err < TOL, f"the last step differs from transformers' full forward by {err}"
-        assert len(set(seq[0, PROMPT:].tolist())) > 3  # a sequence that is not one repeated token
+        err = (p.last - ref(p.seq).logits[:, -1:]).abs().max().item()
+    assert err < TOL, f"the last step differs from transformers' full forward by {err}"
+    assert len(set(p.seq[0, PROMPT:].tolist())) > 3  # a sequence that is not one repeated token
 
 
 def test_chunked_form_equals_recurrence_with_channel_gates():
@@ -146,7 +99,7 @@ def test_state_bytes_inspect_equals_run(tiny, dtype, kv):
 
     path = tiny("kimi_linear", **HYBRID)
     _, spec = load_checkpoint_spec(str(path))
-    cache = _cache(spec, 64, dtype)
+    cache = kv_cache(spec, 64, "cpu", dtype)
     assert len(cache.linear) == 6
     c = json.loads((path / "config.json").read_text())["linear_attn_config"]
     h, d, kernel = c["num_heads"], c["head_dim"], c["short_conv_kernel_size"]
@@ -167,9 +120,7 @@ def test_generator_and_offloaded_experts_agree(tiny, device):
 
     path = tiny("kimi_linear", **HYBRID)
     prompt = torch.randint(3, 128, (1, 23), generator=torch.Generator().manual_seed(2))
-    with torch.inference_mode():
-        logits = _reference_decode(reference_model("kimi_linear", path), prompt, STEPS - 1)
-    expected = [step[0, -1].argmax().item() for step in logits]
+    expected = reference_tokens(own_cache(reference_model("kimi_linear", path), "cache"), prompt, STEPS)
     old = g.PREFILL_CHUNK
     g.PREFILL_CHUNK = 10
     try:

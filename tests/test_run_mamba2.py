@@ -20,15 +20,14 @@ not align with the chunks; inspect's recurrent-state bytes equal what run alloca
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-DEVICE = os.environ.get("LLMARCH_TEST_DEVICE", "cpu")
-TOL = 1e-4
+from fixtures.parity import TOL, check_parity, kv_cache, own_cache, reference_tokens  # noqa: E402
+
 STEPS = 32
 PROMPT = 77  # odd, > one prefill chunk (64)
 # M = Mamba-2, * = attention, E = MoE, - = MLP: one sub-block per layer
@@ -137,49 +136,25 @@ def test_state_bytes_inspect_equals_run(tiny, dtype, kv):
     float32 heads x head_dim x state_size matrix and a conv window over [x B C] (heads x head_dim
     + 2 x groups x state_size channels, kernel - 1 wide, in the cache dtype), from config.json."""
     from llmarch.api import load_checkpoint_spec
-    from llmarch.runtime.kv_cache import KVCache
 
     path = tiny("nemotron_h")
     _, spec = load_checkpoint_spec(str(path))
     c = json.loads((path / "config.json").read_text())
     mamba = [i for i, t in enumerate(c["layers_block_type"]) if t in ("mamba", "linear_attention")]
     assert [l.index for l in spec.schedule if l.mixer == "mamba"] == mamba
-    a = spec.attention
-    cache = KVCache(spec.schedule, 64, a.kv_heads, a.head_dim, a.head_dim, dtype, "cpu", linear=spec.linear)
+    cache = kv_cache(spec, 64, "cpu", dtype)
     assert sorted(cache.linear) == mamba
     h, p, n, g, k = c["mamba_num_heads"], c["mamba_head_dim"], c["ssm_state_size"], c["n_groups"], c["conv_kernel"]
     by_hand = len(mamba) * (h * p * n * 4 + (h * p + 2 * g * n) * (k - 1) * dtype.itemsize)
     assert cache.state_nbytes() == spec.kv_cache(kv_dtype=kv)["state_bytes"] == by_hand
 
 
-def _reference_decode(ref, ids, steps):
-    """transformers' greedy continuation of ids through its own cache (its one-token Mamba-2
-    update and conv state): the logits of the prompt, then of each step."""
-    out = ref(ids, use_cache=True)
-    logits, cache = [out.logits], out.cache
-    for _ in range(steps):
-        out = ref(logits[-1][:, -1:].argmax(-1), cache=cache, use_cache=True)
-        logits.append(out.logits)
-        cache = out.cache
-    return logits
-
-
-@pytest.fixture(scope="module")
-def device():
-    if DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        pytest.skip("LLMARCH_TEST_DEVICE=cuda but no GPU")
-    return DEVICE
-
-
 def test_logits_and_greedy_match_transformers(tiny, device):
     from fixtures.reference import reference_model
-    from llmarch.runtime.kv_cache import KVCache
-    from llmarch.runtime.load import load_runtime
 
     path = tiny("nemotron_h", hybrid_override_pattern=PATTERN)
-    rt = load_runtime(str(path), device, "float32")
-    spec, model = rt.spec, rt.model
-    assert [(l.linear_kind or l.mixer, l.ffn) for l in spec.schedule] == [
+    p = check_parity(path, own_cache(reference_model("nemotron_h", path, device), "cache"), device, PROMPT, STEPS)
+    assert [(l.linear_kind or l.mixer, l.ffn) for l in p.spec.schedule] == [
         ("mamba2", "none"),
         ("full", "none"),
         ("none", "moe"),
@@ -189,29 +164,7 @@ def test_logits_and_greedy_match_transformers(tiny, device):
         ("full", "none"),
         ("mamba2", "none"),
     ]
-    ref = reference_model("nemotron_h", path, device)
-    max_seq = PROMPT + STEPS
-    a = spec.attention
-    cache = KVCache(
-        spec.schedule, max_seq, a.kv_heads, a.head_dim, a.head_dim, torch.float32, device, linear=spec.linear
-    )
-    model.setup(max_seq, device, torch.float32)
-    ids = torch.randint(3, spec.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(1)).to(device)
-    with torch.inference_mode():
-        expected = _reference_decode(ref, ids, STEPS)
-        mine = model(ids, torch.arange(PROMPT, device=device), cache, limit=PROMPT, last_only=False)
-        err = (mine - expected[0]).abs().max().item()
-        assert err < TOL, f"prefill logits differ by {err}"
-        seq, worst = ids, 0.0
-        for step, theirs in enumerate(expected[1:]):
-            mine_tok, their_tok = mine[0, -1].argmax().item(), expected[step][0, -1].argmax().item()
-            assert mine_tok == their_tok, f"greedy token {step} differs: {mine_tok} vs {their_tok}"
-            seq = torch.cat([seq, torch.tensor([[mine_tok]], device=device)], dim=1)
-            n = seq.shape[1]
-            mine = model(seq[:, -1:], torch.tensor([n - 1], device=device), cache, limit=n)
-            worst = max(worst, (mine - theirs).abs().max().item())
-        assert worst < TOL, f"cached decode logits differ by up to {worst}"
-        assert len(set(seq[0, PROMPT:].tolist())) > 1  # not one repeated token (this tiny model alternates two)
+    assert len(set(p.seq[0, PROMPT:].tolist())) > 1  # not one repeated token (this tiny model alternates two)
 
 
 @pytest.mark.parametrize("pattern", [PATTERN, DENSE])
@@ -225,9 +178,7 @@ def test_generator_with_chunked_prefill_gives_transformers_tokens(tiny, device, 
 
     path = tiny("nemotron_h", hybrid_override_pattern=pattern)
     prompt = torch.randint(3, 128, (1, 23), generator=torch.Generator().manual_seed(2))
-    with torch.inference_mode():
-        logits = _reference_decode(reference_model("nemotron_h", path), prompt, STEPS - 1)
-    expected = [step[0, -1].argmax().item() for step in logits]
+    expected = reference_tokens(own_cache(reference_model("nemotron_h", path), "cache"), prompt, STEPS)
     old = g.PREFILL_CHUNK
     g.PREFILL_CHUNK = 10
     try:
