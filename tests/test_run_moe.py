@@ -18,48 +18,19 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from fixtures.parity import check_parity, own_cache  # noqa: E402
 from fixtures.reference import reference_model  # noqa: E402
 
-TOL = 1e-4
 STEPS = 32
 PROMPT = 24
 FAMS = ["qwen3_moe", "deepseek_v3", "gpt_oss", "glm4_moe", "llama4", "minimax_m2", "afmoe", "mimo_v2_flash"]
 
 
-def _reference(name, path):
-    return reference_model(name, path)
-
-
 def _parity(path, name, ref_path=None):
-    from llmarch.runtime.kv_cache import KVCache
-    from llmarch.runtime.load import load_runtime
-
-    rt = load_runtime(str(path), "cpu", "float32")
-    ref = _reference(name, ref_path or path)
-    spec, model = rt.spec, rt.model
-    a = spec.attention
-    max_seq = PROMPT + STEPS
-    cache = KVCache(spec.schedule, max_seq, a.kv_heads, a.head_dim, a.v_head_dim or a.head_dim, torch.float32, "cpu")
-    model.setup(max_seq, "cpu", torch.float32)
-    ids = torch.randint(3, spec.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        mine = model(ids, torch.arange(PROMPT), cache, limit=PROMPT, last_only=False)
-        out = ref(ids, use_cache=True)
-        theirs, past = out.logits, out.past_key_values
-        err = (mine - theirs).abs().max().item()
-        assert err < TOL, f"prefill logits differ by {err}"
-        worst, n = 0.0, PROMPT
-        for step in range(STEPS):
-            tok = mine[0, -1].argmax().item()
-            assert tok == theirs[0, -1].argmax().item(), f"greedy token {step} differs"
-            t = torch.tensor([[tok]])
-            mine = model(t, torch.tensor([n]), cache, limit=n + 1)
-            out = ref(t, past_key_values=past, use_cache=True)
-            theirs, past = out.logits[:, -1:], out.past_key_values
-            worst = max(worst, (mine - theirs).abs().max().item())
-            n += 1
-        assert worst < TOL, f"cached decode logits differ by up to {worst}"
-    return rt, cache
+    """check_parity against transformers' own cached decode of `name` on ref_path (default: the
+    same checkpoint), on the CPU; returns the runtime and its cache."""
+    p = check_parity(path, own_cache(reference_model(name, ref_path or path)), "cpu", PROMPT, STEPS)
+    return p.rt, p.cache
 
 
 @pytest.mark.parametrize("name", FAMS)
