@@ -42,6 +42,7 @@ def test_chunked_form_equals_recurrence_on_long_inputs():
     """The prefill form (chunks of 64, WY solve) and the one-token recurrence give the same outputs
     and final state over 300 tokens from a non-zero state, also when the prefill is cut into pieces
     that do not align with the chunks (as the Generator's prefill chunks cut a long prompt)."""
+    from fixtures.recurrence import check_chunked_equals_recurrent
     from llmarch.runtime.ops.gated_deltanet import chunked, l2norm, recurrent_step
 
     g = torch.Generator().manual_seed(0)
@@ -53,22 +54,7 @@ def test_chunked_form_equals_recurrence_on_long_inputs():
     beta = torch.rand(B, H, T, generator=g)
     start = torch.randn(B, H, Dk, Dv, generator=g) * 0.1
 
-    s_rec = start.clone()
-    out_rec = torch.stack(
-        [recurrent_step(q[:, :, t], k[:, :, t], v[:, :, t], decay[:, :, t], beta[:, :, t], s_rec) for t in range(T)],
-        dim=2,
-    )
-    s_chunk = start.clone()
-    out_chunk = chunked(q, k, v, decay, beta, s_chunk)
-    assert (out_chunk - out_rec).abs().max().item() < 1e-4
-    assert (s_chunk - s_rec).abs().max().item() < 1e-4
-    s_cut = start.clone()
-    pieces = [
-        chunked(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], decay[:, :, a:b], beta[:, :, a:b], s_cut)
-        for a, b in ((0, 101), (101, 138), (138, 300))
-    ]
-    assert (torch.cat(pieces, dim=2) - out_rec).abs().max().item() < 1e-4
-    assert (s_cut - s_rec).abs().max().item() < 1e-4
+    check_chunked_equals_recurrent(chunked, recurrent_step, [q, k, v, decay, beta], start)
 
 
 @pytest.mark.parametrize("dtype,kv", [(torch.float32, "f32"), (torch.bfloat16, "bf16")])

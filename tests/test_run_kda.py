@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import pytest
 
@@ -59,6 +58,7 @@ def test_chunked_form_equals_recurrence_with_channel_gates():
     state, also cut into pieces that do not align with the chunks. The log-decays reach -3 per
     token, so one chunk decays by up to ~190 nats: exp(+-190) is outside float32, which a form
     splitting exp(G_i - G_j) into exp(G_i) exp(-G_j) would turn into inf / nan."""
+    from fixtures.recurrence import check_chunked_equals_recurrent
     from llmarch.runtime.ops.delta_rule import chunked, l2norm, recurrent_step
 
     g = torch.Generator().manual_seed(0)
@@ -71,23 +71,7 @@ def test_chunked_form_equals_recurrence_with_channel_gates():
     beta = torch.rand(B, H, T, generator=g)
     start = torch.randn(B, H, D, D, generator=g) * 0.1
 
-    s_rec = start.clone()
-    out_rec = torch.stack(
-        [recurrent_step(q[:, :, t], k[:, :, t], v[:, :, t], decay[:, :, t], beta[:, :, t], s_rec) for t in range(T)],
-        dim=2,
-    )
-    s_chunk = start.clone()
-    out_chunk = chunked(q, k, v, decay, beta, s_chunk)
-    assert torch.isfinite(out_chunk).all()
-    assert (out_chunk - out_rec).abs().max().item() < 1e-4
-    assert (s_chunk - s_rec).abs().max().item() < 1e-4
-    s_cut = start.clone()
-    pieces = [
-        chunked(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], decay[:, :, a:b], beta[:, :, a:b], s_cut)
-        for a, b in ((0, 101), (101, 138), (138, 300))
-    ]
-    assert (torch.cat(pieces, dim=2) - out_rec).abs().max().item() < 1e-4
-    assert (s_cut - s_rec).abs().max().item() < 1e-4
+    check_chunked_equals_recurrent(chunked, recurrent_step, [q, k, v, decay, beta], start)
 
 
 @pytest.mark.parametrize("dtype,kv", [(torch.float32, "f32"), (torch.bfloat16, "bf16")])
@@ -140,22 +124,15 @@ def test_generator_and_offloaded_experts_agree(tiny, device):
 def test_kda_sizes_disagreeing_with_the_tensors_is_refused(tiny, tmp_path, capsys):
     """A config whose KDA head width the tensors do not have: `llmarch run` prints one line naming
     the checkpoint and the tensor, exit 2, no traceback."""
-    from llmarch import cli as cli_module
+    from tests.test_run_cli import cli
 
     bad = tmp_path / "bad"
     shutil.copytree(tiny("kimi_linear", **HYBRID), bad)
     cfg = json.loads((bad / "config.json").read_text())
     cfg["linear_attn_config"]["head_dim"] = 16
     (bad / "config.json").write_text(json.dumps(cfg))
-    capsys.readouterr()
-    argv = sys.argv
-    sys.argv = ["llmarch", "run", str(bad), "--prompt-ids", "5,6,7", "--max-tokens", "2", "--device", "cpu"]
-    try:
-        with pytest.raises(SystemExit) as e:
-            cli_module.main()
-    finally:
-        sys.argv = argv
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2, err
+    code, err = cli(["run", bad, "--prompt-ids", "5,6,7", "--max-tokens", "2", "--device", "cpu"], capsys)
+    err = err.strip()
+    assert code == 2, err
     assert len(err.splitlines()) == 1, err
     assert str(bad) in err and "q_proj.weight" in err and "(64, 32)" in err, err

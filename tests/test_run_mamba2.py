@@ -102,6 +102,7 @@ def test_chunked_form_equals_recurrence():
     """The SSD chunk form and the one-token recurrence over 300 tokens from a non-zero state, with
     decays strong enough that a chunk's cumulative log-decay is far outside float32's exp range,
     also cut into pieces that do not align with the 64-token chunks."""
+    from fixtures.recurrence import check_chunked_equals_recurrent
     from llmarch.runtime.ops.mamba2 import chunked, recurrent_step
 
     g = torch.Generator().manual_seed(0)
@@ -112,22 +113,7 @@ def test_chunked_form_equals_recurrence():
     B, C = torch.randn(b, H, T, N, generator=g), torch.randn(b, H, T, N, generator=g)
     start = torch.randn(b, H, N, P, generator=g)
 
-    s_rec = start.clone()
-    out_rec = torch.stack(
-        [recurrent_step(x[:, :, t], dt[:, :, t], A, B[:, :, t], C[:, :, t], s_rec) for t in range(T)], dim=2
-    )
-    s_chunk = start.clone()
-    out_chunk = chunked(x, dt, A, B, C, s_chunk)
-    assert torch.isfinite(out_chunk).all()
-    assert (out_chunk - out_rec).abs().max().item() < 1e-4
-    assert (s_chunk - s_rec).abs().max().item() < 1e-4
-    s_cut = start.clone()
-    pieces = [
-        chunked(x[:, :, a:e], dt[:, :, a:e], A, B[:, :, a:e], C[:, :, a:e], s_cut)
-        for a, e in ((0, 101), (101, 138), (138, 300))
-    ]
-    assert (torch.cat(pieces, dim=2) - out_rec).abs().max().item() < 1e-4
-    assert (s_cut - s_rec).abs().max().item() < 1e-4
+    check_chunked_equals_recurrent(chunked, recurrent_step, [x, dt, A, B, C], start)
 
 
 @pytest.mark.parametrize("dtype,kv", [(torch.float32, "f32"), (torch.bfloat16, "bf16")])
@@ -194,25 +180,17 @@ def test_mamba2_sizes_disagreeing_with_the_tensors_is_refused(tiny, tmp_path, ca
     """A config whose ssm_state_size the Mamba-2 tensors do not have: `llmarch run` prints one line
     naming the checkpoint and the tensor, exit 2, no traceback."""
     import shutil
-    import sys
 
-    from llmarch import cli as cli_module
+    from tests.test_run_cli import cli
 
     bad = tmp_path / "bad"
     shutil.copytree(tiny("nemotron_h", hybrid_override_pattern=PATTERN), bad)
     cfg = json.loads((bad / "config.json").read_text())
     cfg["ssm_state_size"] = 16
     (bad / "config.json").write_text(json.dumps(cfg))
-    capsys.readouterr()
-    argv = sys.argv
-    sys.argv = ["llmarch", "run", str(bad), "--prompt-ids", "5,6,7", "--max-tokens", "2", "--device", "cpu"]
-    try:
-        with pytest.raises(SystemExit) as e:
-            cli_module.main()
-    finally:
-        sys.argv = argv
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2, err
+    code, err = cli(["run", bad, "--prompt-ids", "5,6,7", "--max-tokens", "2", "--device", "cpu"], capsys)
+    err = err.strip()
+    assert code == 2, err
     assert len(err.splitlines()) == 1, err
     # in_proj rows: inner 32 + conv channels (32 + 2 groups x 16) + 4 heads
     assert str(bad) in err and "in_proj.weight" in err and "(132, 32)" in err, err
