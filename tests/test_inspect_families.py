@@ -318,6 +318,28 @@ SEM: dict[str, Sem] = {
         kv_layer=_mla_kv,
         partial=_mla_partial,
     ),
+    # Mistral4DecoderLayer: Mistral4Attention (DeepSeek V3's MLA) on every layer, Mistral4MoE
+    # (shared_experts) iff layer_idx >= first_k_dense_replace
+    "mistral4": Sem(
+        mixers=lambda tc: ["mla"] * L(tc),
+        mla=True,
+        moe_layers=_first_k_dense,
+        shared_experts=lambda tc: tc.n_shared_experts,
+        kv_layer=_mla_kv,
+        partial=_mla_partial,
+        # Mistral4Attention: every layer's query (after RoPE) times get_llama_4_attn_scale(position_ids,
+        # llama_4_scaling_beta, original_max_position_embeddings) = 1 + beta * log(1 + floor(pos / orig))
+        temperature=lambda tc: (
+            {
+                "floor_scale": rope_params(tc)["original_max_position_embeddings"],
+                "attn_scale": rope_params(tc)["llama_4_scaling_beta"],
+                "position_offset": 0,
+                "all_layers": True,
+            }
+            if (rope_params(tc) or {}).get("llama_4_scaling_beta") is not None
+            else None
+        ),
+    ),
     # DeepseekV32: every layer "indexed_attention" (MLA + lightning indexer), mlp_layer_types.
     "deepseek_v32": Sem(**MLA_WITH_INDEXER),
     # DeepseekV4DecoderLayer: every layer a DeepseekV4SparseMoeBlock (hash_moe or learned router,
@@ -367,9 +389,12 @@ SEM: dict[str, Sem] = {
         expert_ffn=lambda tc: tc.intermediate_size,
         expert_params=lambda tc: 3 * tc.hidden_size * tc.intermediate_size,
         chunk=lambda tc: tc.attention_chunk_size,
-        # Llama4TextAttention: `if self.attn_temperature_tuning and not self.use_rope` scales q
+        # Llama4TextAttention: `if self.attn_temperature_tuning and not self.use_rope` scales q by
+        # log1p(floor((cache_position + 1) / floor_scale)) * attn_scale + 1
         temperature=lambda tc: (
-            {"floor_scale": tc.floor_scale, "attn_scale": tc.attn_scale} if tc.attn_temperature_tuning else None
+            {"floor_scale": tc.floor_scale, "attn_scale": tc.attn_scale, "position_offset": 1, "all_layers": False}
+            if tc.attn_temperature_tuning
+            else None
         ),
     ),
     # MiniMaxM2Attention: q_norm = RMSNorm(heads*head_dim), k_norm = RMSNorm(kv*head_dim);
@@ -619,6 +644,7 @@ ROUTING = {
     "qwen3_5_moe_text": ("softmax", False, False, True),  # Qwen3_5MoeTopKRouter: softmax, top-k, / sum, always
     "deepseek_v3": ("sigmoid", False, False, None),  # DeepseekV3TopkRouter / MoE.route_tokens_to_experts
     "deepseek_v32": ("sigmoid", False, False, None),
+    "mistral4": ("softmax", False, False, None),  # Mistral4TopkRouter: softmax, group-limited top-k, norm_topk_prob
     "glm4_moe": ("sigmoid", False, False, None),
     "glm_moe_dsa": ("sigmoid", False, False, None),
     "mimo_v2_flash": ("sigmoid", False, False, None),

@@ -3,7 +3,10 @@
 Prefill logits and every cached decode step within 1e-4 max abs of transformers' eager forward
 on the same ids, and 32 identical greedy tokens. Prompts (24) pass gpt-oss's window (8),
 MiMo-V2-Flash's (16) and Llama 4's attention chunk (16); DeepSeek V3's cache holds the MLA latent,
-not K/V; MiMo-V2-Flash's sliding layers cache twice the KV heads of its full layers.
+not K/V; MiMo-V2-Flash's sliding layers cache twice the KV heads of its full layers. Mistral 4's
+fixture has original_max_position_embeddings 16, so its query temperature
+(1 + 0.1 * log(1 + floor(pos / 16))) steps up inside the prompt and again while decoding, and
+n_group 2, so its softmax router's group limit chooses.
 Also: gpt-oss experts stored as MXFP4 (*_blocks/*_scales) load to what transformers' own
 dequantizer gives, and bad MoE checkpoints fail with one line.
 """
@@ -23,7 +26,17 @@ from fixtures.reference import reference_model  # noqa: E402
 
 STEPS = 32
 PROMPT = 24
-FAMS = ["qwen3_moe", "deepseek_v3", "gpt_oss", "glm4_moe", "llama4", "minimax_m2", "afmoe", "mimo_v2_flash"]
+FAMS = [
+    "qwen3_moe",
+    "deepseek_v3",
+    "gpt_oss",
+    "glm4_moe",
+    "llama4",
+    "minimax_m2",
+    "afmoe",
+    "mimo_v2_flash",
+    "mistral4",
+]
 
 
 def _parity(path, name, ref_path=None):
@@ -153,7 +166,12 @@ def test_llama4_nope_temperature_past_floor_scale(tiny, tmp_path):
             sd[k] = sd[k] * 8
 
     rt, _ = _parity(_rewrite(src, tmp_path / "sharp", sharpen), "llama4")
-    assert rt.spec.attention.temperature_tuning == {"floor_scale": 8, "attn_scale": 0.1}
+    assert rt.spec.attention.temperature_tuning == {
+        "floor_scale": 8,
+        "attn_scale": 0.1,
+        "position_offset": 1,
+        "all_layers": False,
+    }
     tempered = [i for i, b in enumerate(rt.model.layers) if b.attn.temperature is not None]
     assert tempered == rt.spec.rope.nope_layers == [3]
 
@@ -182,7 +200,12 @@ def test_moe_gguf_matches_transformers(tiny, tmp_path, name):
         # llama.cpp hard-codes the NoPE-layer temperature (floor_scale 8192) as it does the 8192-token
         # chunks, so a GGUF always says 8192 and a small floor_scale cannot be tested through GGUF;
         # the safetensors test above covers the scaling itself, this checks the GGUF spec carries it
-        assert rt.spec.attention.temperature_tuning == {"floor_scale": 8192, "attn_scale": 0.1}
+        assert rt.spec.attention.temperature_tuning == {
+            "floor_scale": 8192,
+            "attn_scale": 0.1,
+            "position_offset": 1,
+            "all_layers": False,
+        }
 
 
 def _rewrite(src, dst, edit):

@@ -45,6 +45,7 @@ class MoERecipe:
     fused_gate_up: str | None = _choice(
         "interleaved", "halves"
     )  # how the HF checkpoints' fused gate_up_proj holds gate and up
+    fused_out_first: bool = False  # fused experts stored [E, 2I, d] / [E, d, I] even where d == 2I (Mistral 4)
     expert_ffn_key: str = "moe_intermediate_size"  # the config key of one routed expert's width
     shared_experts: int = 0  # shared experts when the config names none (Llama 4: one)
 

@@ -95,8 +95,9 @@ class AttentionSpec:
     v_norm: bool = False  # a weightless RMS norm over each value head (Gemma 3n / 4)
     softcap: float | None = None  # attention logit soft-capping (Gemma 2 style)
     value_scale: float | None = None  # constant multiplier on V after its projection (MiMo-V2-Flash)
-    # NoPE layers' queries scaled by log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1 (Llama 4):
-    # {"floor_scale": ..., "attn_scale": ...}, or None
+    # queries scaled by log1p(floor((pos + position_offset) / floor_scale)) * attn_scale + 1:
+    # {"floor_scale", "attn_scale", "position_offset", "all_layers"}, or None. Llama 4 scales its
+    # NoPE layers only, offset 1; Mistral 4 every layer after RoPE, offset 0
     temperature_tuning: dict | None = None
     mla: bool = False
 
@@ -177,6 +178,9 @@ class MoESpec:
     swiglu_alpha: float | None = None
     swiglu_limit: float | None = None
     fused_gate_up: str | None = None  # a fused gate_up_proj holds gate and up: interleaved (gpt-oss) | halves (Llama 4)
+    # fused experts stored out-rows first, [E, 2I, d] / [E, d, I] (transformers' own Mistral 4 layout),
+    # which decides the reading where the shape cannot (d == 2I, as in Mistral Small 4)
+    fused_out_first: bool = False
     dense_beside: bool = False  # a dense MLP runs beside the routed experts in the same layer (Gemma 4's MoE layers)
     # the router reads rms_norm(x) * a learned vector * hidden^-0.5, not x (Gemma 4)
     router_input_scale: bool = False

@@ -70,7 +70,11 @@ def fact_rows(doc: dict) -> list[tuple[str, str, str]]:
     if a.get("temperature_tuning"):
         t = a["temperature_tuning"]
         rows.append(
-            ("attention", "NoPE q temperature", f"floor_scale {t['floor_scale']}, attn_scale {t['attn_scale']}")
+            (
+                "attention",
+                "q temperature" if t.get("all_layers") else "NoPE q temperature",
+                f"floor_scale {t['floor_scale']}, attn_scale {t['attn_scale']}",
+            )
         )
     sw, la = doc["sliding_window"], doc["linear_attention"]
     rows += [

@@ -218,10 +218,12 @@ def _fused(L: _Layer, out: dict, moe, keep_mxfp4: bool = False) -> None:
     else:  # bf16/f32 in transformers' parameter layout [E, d, 2I] / [E, I, d], or already [E, 2I, d] / [E, d, I]
         gu = L.get("experts.gate_up_proj")
         down = L.get("experts.down_proj", required="experts' down_proj")
-        # rows first (Gemma 4) where the shape says so; a square case (d == 2I) keeps the [E, d, 2I] reading
-        if not (gu.shape[1] == 2 * moe.inter and gu.shape[2] == moe.d and moe.d != 2 * moe.inter):
+        # rows first (Gemma 4) where the shape says so; a square case (d == 2I) keeps the [E, d, 2I]
+        # reading unless the recipe says the family stores rows first (fused_out_first)
+        rows_first = moe.spec.moe.fused_out_first
+        if not (gu.shape[1] == 2 * moe.inter and gu.shape[2] == moe.d and (moe.d != 2 * moe.inter or rows_first)):
             gu = gu.transpose(1, 2)
-        if not (down.shape[1] == moe.d and down.shape[2] == moe.inter and moe.d != moe.inter):
+        if not (down.shape[1] == moe.d and down.shape[2] == moe.inter and (moe.d != moe.inter or rows_first)):
             down = down.transpose(1, 2)
     gub = L.get("experts.gate_up_proj_bias")
     # gpt-oss: gate = rows 0, 2, 4, ..., up = 1, 3, 5, ...

@@ -1,5 +1,5 @@
 """Attention facts: heads, head widths, MLA ranks, QK-norm, bias units, sinks, gate, indexer, scales,
-NoPE-layer temperature tuning."""
+query temperature tuning (Llama 4's NoPE layers, Mistral 4's every layer)."""
 
 from __future__ import annotations
 
@@ -116,8 +116,34 @@ def read_attention(spec: ArchSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoin
         a.temperature_tuning = {
             "floor_scale": f.get("floor_scale", default=8192),
             "attn_scale": f.get("attn_scale", default=0.1),
+            "position_offset": 1,
+            "all_layers": False,
         }
+    _read_rope_temperature(spec, a, f, ckpt)
     spec.attention = a
+
+
+def _read_rope_temperature(spec: ArchSpec, a: AttentionSpec, f: Facts, ckpt: Checkpoint) -> None:
+    """Mistral 4's rope_parameters.llama_4_scaling_beta: every layer's query (after RoPE) times
+    1 + beta * log(1 + floor(pos / original_max_position_embeddings)), as get_llama_4_attn_scale."""
+    params = f.get("rope_parameters")
+    beta = params.get("llama_4_scaling_beta") if isinstance(params, dict) else None
+    if beta is None:
+        return
+    original = params.get("original_max_position_embeddings")
+    if not isinstance(original, int) or isinstance(original, bool) or original <= 0:
+        raise CheckpointError(
+            "rope_parameters.llama_4_scaling_beta needs a positive integer "
+            f"original_max_position_embeddings, got {original!r}",
+            ckpt.path / "config.json" if ckpt.config is not None and ckpt.path.is_dir() else ckpt.path,
+        )
+    a.temperature_tuning = {
+        "floor_scale": original,
+        "attn_scale": float(beta),
+        "position_offset": 0,
+        "all_layers": True,
+    }
+    spec.evidence["attention.temperature_tuning"] = "config.json:rope_parameters.llama_4_scaling_beta"
 
 
 # the indexer's projections (under self_attn.indexer.) and the shape each must have, from

@@ -81,6 +81,7 @@ def _read_experts(m: MoESpec, f: Facts, r: MoERecipe, lt) -> None:
     # checkpoints whose tensors are fused (or when there are no tensors to look at)
     if not lt or any(n.endswith(("experts.gate_up_proj", "experts.gate_up_proj_blocks")) for n in names):
         m.fused_gate_up = r.fused_gate_up
+        m.fused_out_first = r.fused_out_first
     # a layer holding routed experts and a dense MLP of its own (Gemma 4: enable_moe_block)
     dense = ("mlp.gate_proj.weight", "mlp.up_proj.weight")
     m.dense_beside = (

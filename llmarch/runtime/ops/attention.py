@@ -56,6 +56,25 @@ def attend(q, k, v, mask, scale: float, softcap: float | None = None, sinks: tor
     return torch.matmul(probs, v).reshape(B, H, T, -1)
 
 
+def query_temperature(a, layer) -> tuple[float, float, float] | None:
+    """(floor_scale, attn_scale, position_offset) where this layer's queries are tempered: every
+    layer when the spec says all_layers (Mistral 4), else the NoPE layers only (Llama 4)."""
+    tt = a.temperature_tuning
+    if not tt or (layer.rope and not tt.get("all_layers")):
+        return None
+    return float(tt["floor_scale"]), float(tt["attn_scale"]), float(tt.get("position_offset", 1))
+
+
+def temper_queries(q: torch.Tensor, pos: torch.Tensor, temperature: tuple[float, float, float]) -> torch.Tensor:
+    """q [B,H,T,D] scaled per position by log1p(floor((pos + offset) / floor_scale)) * attn_scale + 1,
+    as transformers' Llama 4 (NoPE layers, offset 1) and Mistral 4 (get_llama_4_attn_scale, offset 0)
+    scale their queries. The factor comes from the position tensor on the device, so a captured
+    decode step stays right at every position."""
+    floor_scale, attn_scale, offset = temperature
+    t = torch.log1p(torch.floor((pos.float() + offset) / floor_scale)) * attn_scale + 1.0
+    return (q * t[:, None]).to(q.dtype)
+
+
 class Attention(nn.Module):
     fused = {"qkv": ("q", "k", "v")}
 
@@ -101,8 +120,7 @@ class Attention(nn.Module):
         self.rope = rope
         self.index = layer.index
         self.gate = nn.Linear(d, a.heads * self.v_dim, bias=False) if a.gated and not self.gate_in_q else None
-        tt = a.temperature_tuning if not layer.rope else None
-        self.temperature = (float(tt["floor_scale"]), float(tt["attn_scale"])) if tt else None
+        self.temperature = query_temperature(a, layer)
 
     def project(self, x: torch.Tensor):
         """x [B,T,d] -> q, k, v [B,T,width] and the output gate before its sigmoid (or None)."""
@@ -120,12 +138,7 @@ class Attention(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + (eps or self.l2_eps))).to(x.dtype)
 
     def temper(self, q: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """q [B,H,T,D] scaled per position by log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1,
-        as transformers' Llama 4 scales its NoPE layers' queries. The factor comes from the
-        position tensor on the device, so a captured decode step stays right at every position."""
-        floor_scale, attn_scale = self.temperature
-        t = torch.log1p(torch.floor((pos.float() + 1.0) / floor_scale)) * attn_scale + 1.0
-        return (q * t[:, None]).to(q.dtype)
+        return temper_queries(q, pos, self.temperature)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
         B, T, _ = x.shape

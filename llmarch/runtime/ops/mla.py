@@ -19,6 +19,7 @@ from torch import nn
 
 from llmarch.arch.spec import ArchSpec, LayerSpec
 from llmarch.errors import LlmarchError
+from llmarch.runtime.ops.attention import query_temperature, temper_queries
 from llmarch.runtime.ops.norms import RMSNorm
 from llmarch.runtime.ops.rope import Rope, mscale, scaling_kind
 from llmarch.runtime.ops.sparse_indexer import LightningIndexer
@@ -70,6 +71,7 @@ class MLAttention(nn.Module):
         if scaling_kind(scaling) != "default" and scaling.get("mscale_all_dim"):
             self.scale *= mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
         self.interleave = a.rope_interleave is not False
+        self.temperature = query_temperature(a, layer)
         # a NoPE layer (Kimi Linear's MLA) keeps the rope dims, shared k_rot included, unrotated
         self.rotate = layer.rope
         # a layer sharing an earlier layer's selection (index_from) has no indexer of its own
@@ -97,6 +99,8 @@ class MLAttention(nn.Module):
         q = q.view(B, T, self.H, self.nope + self.rdim).transpose(1, 2)
         q_nope, q_rot = q.split([self.nope, self.rdim], dim=-1)
         q_rot = self._rot(q_rot, pos)
+        if self.temperature is not None:  # after RoPE, on the whole query
+            q_nope, q_rot = temper_queries(q_nope, pos, self.temperature), temper_queries(q_rot, pos, self.temperature)
         c, k_rot = self.kv_a(x).split([self.rank, self.rdim], dim=-1)
         c = self.kv_a_norm(c)
         k_rot = self._rot(k_rot[:, None], pos)[:, 0]

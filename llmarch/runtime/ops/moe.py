@@ -1,7 +1,8 @@
 """Mixture-of-experts FFN: router variants, routed experts (stacked), shared expert.
 
 Routers, from the spec's MoE facts (semantics from each transformers modeling file):
-  softmax, then top-k   softmax over all experts, top-k, optional renormalisation (Qwen3-MoE)
+  softmax, then top-k   softmax over all experts, top-k, optional renormalisation (Qwen3-MoE);
+                        with n_group > 1, group-limited as the sigmoid router (Mistral 4)
   sigmoid, then top-k   sigmoid scores, + correction bias for the choice only, group-limited top-k,
                         weights from the plain scores, optional renormalisation (DeepSeek V3 / Kimi K2,
                         GLM-4.5, MiniMax-M2, MiMo-V2-Flash, AfMoE)
@@ -57,9 +58,15 @@ class Router(nn.Module):
         return idx, (w * self.scale if self.scale != 1.0 else w)
 
     def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.score == "sigmoid" and not self.topk_first:
-            scores = F.linear(x.float(), self.weight.float()).sigmoid()
-            choice = scores + self.bias.float() if self.bias is not None else scores
+        # group-limited choice (a group ranks by the sum of its two best scores): sigmoid routers
+        # (DeepSeek V3) and softmax ones with groups (Mistral 4)
+        if not self.topk_first and (self.score == "sigmoid" or self.groups > 1):
+            logits = F.linear(x.float(), self.weight.float())
+            if self.score == "sigmoid":
+                scores = logits.sigmoid()
+                choice = scores + self.bias.float() if self.bias is not None else scores
+            else:
+                scores = choice = torch.softmax(logits + self.bias.float() if self.bias is not None else logits, -1)
             if self.groups > 1:
                 g = choice.view(-1, self.groups, self.E // self.groups)
                 best = g.topk(2, dim=-1)[0].sum(-1).topk(self.topk_group, dim=-1, sorted=False)[1]
