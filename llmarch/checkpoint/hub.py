@@ -187,7 +187,8 @@ def _remote_headers_quiet(source: str, repo_id: str, revision: str | None) -> Ch
         spans = []
         for name, t in fmeta.tensors.items():
             if not isinstance(t.dtype, str) or t.dtype not in DTYPE_SIZES:
-                raise CheckpointError(f"tensor {name!r}: unknown dtype {show(t.dtype)}", file)
+                shown = repr(t.dtype) if isinstance(t.dtype, str) else show(t.dtype)
+                raise CheckpointError(f"tensor {name!r}: unknown dtype {shown}", file)
             offsets_ok = len(t.data_offsets) == 2 and all(type(o) is int for o in t.data_offsets)
             if not offsets_ok or not all(type(d) is int and d >= 0 for d in t.shape):
                 raise CheckpointError(f"tensor {name!r}: bad shape or data_offsets", file)
