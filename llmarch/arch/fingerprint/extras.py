@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from llmarch.arch.fingerprint.facts import Facts
 from llmarch.arch.recipe_schema import Recipe
@@ -61,26 +62,31 @@ def read_extras(spec: ArchSpec, f: Facts, recipe: Recipe, ckpt: Checkpoint) -> N
 def _layer_mixing(spec: ArchSpec, f: Facts, ckpt: Checkpoint) -> None:
     """AltUp streams, LAuReL rank, per-layer FFN widths and activation sparsity, layer scalars:
     from the config, checked against the tensors that carry them."""
-    names = [n for n in ckpt.tensors if not is_vision(n)]
+    has_tensors = bool(ckpt.tensors)
+
+    def text_tensor(test: Callable[[str], bool]) -> bool:
+        # the cheap name test first, the vision pattern only on a match: a checkpoint may hold ~100k names
+        return any(test(n) and not is_vision(n) for n in ckpt.tensors)
+
     streams = f.get("altup_num_inputs", fact="altup")
     # HF names them layers.N.altup.*, llama.cpp blk.N.altup_*
-    if streams and int(streams) > 1 and (not names or any(".altup." in n or ".altup_" in n for n in names)):
+    if streams and int(streams) > 1 and (not has_tensors or text_tensor(lambda n: ".altup." in n or ".altup_" in n)):
         spec.altup = AltUpSpec(
             streams=int(streams),
             active=int(f.get("altup_active_idx", default=0)),
             correct_scale=bool(f.get("altup_correct_scale", default=True)),
         )
     rank = f.get("laurel_rank", fact="laurel_rank")
-    if rank and (not names or any(".laurel." in n or ".laurel_" in n for n in names)):
+    if rank and (not has_tensors or text_tensor(lambda n: ".laurel." in n or ".laurel_" in n)):
         spec.laurel_rank = int(rank)
-    spec.layer_scalar = any(n.endswith(".layer_scalar") for n in names)
+    spec.layer_scalar = text_tensor(lambda n: n.endswith(".layer_scalar"))
     widths = spec.extras.get("intermediate_size_per_layer")
     sparsity = f.get("activation_sparsity_pattern", fact="activation_sparsity")
     for layer in spec.schedule:
         i = layer.index
         if isinstance(widths, list) and i < len(widths) and widths[i] != spec.intermediate_size:
             layer.ffn_width = int(widths[i])
-        elif not names and layer.kv_shared_from is not None and f.get("use_double_wide_mlp"):
+        elif not has_tensors and layer.kv_shared_from is not None and f.get("use_double_wide_mlp"):
             layer.ffn_width = 2 * int(spec.intermediate_size or 0)  # Gemma 4: KV-shared layers' FFN twice as wide
         if isinstance(sparsity, list) and i < len(sparsity) and sparsity[i]:
             s = float(sparsity[i])
