@@ -100,11 +100,29 @@ def repeat_unit(labels: list) -> tuple[int, int] | None:
     Shared by schedule_pattern and the diagrams."""
     n = len(labels)
     for start in range(0, min(n, 8)):
-        body = labels[start:]
-        for p in range(1, len(body) // 2 + 1):
-            if all(body[i] == body[i % p] for i in range(len(body))):
-                return start, p
+        p = _smallest_period(labels[start:])
+        if p is not None:
+            return start, p
     return None
+
+
+def _smallest_period(body: list) -> int | None:
+    """The smallest p <= len/2 with body[i] == body[i - p] for every i >= p, or None: the length
+    minus the longest proper prefix that is also a suffix (KMP's failure function), linear in the
+    number of layers however many a header claims."""
+    m = len(body)
+    if m < 2:
+        return None
+    border = [0] * m
+    k = 0
+    for i in range(1, m):
+        while k and body[i] != body[k]:
+            k = border[k - 1]
+        if body[i] == body[k]:
+            k += 1
+        border[i] = k
+    p = m - border[-1]
+    return p if p <= m // 2 else None
 
 
 def _group(labels: list[str]) -> str:
