@@ -128,3 +128,12 @@ def default_model_path() -> Path:
     except OSError as e:
         raise LlmarchError(f"cannot write the default model: {e.strerror or e}", target) from e
     return target
+
+
+if __name__ == "__main__":  # `python -m llmarch.default_model`: the joined file's path, for llama.cpp and other tools
+    import sys
+
+    try:
+        print(default_model_path())
+    except LlmarchError as e:
+        sys.exit(f"llmarch: {e}")

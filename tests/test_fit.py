@@ -419,3 +419,18 @@ def test_fit_is_header_only(qwen30b):
     )
     assert r.returncode == 0 and r.stderr.strip().endswith("ok"), r.stderr
     assert "--n-cpu-moe" in r.stdout and "--experts gpu --expert-bits 4" in r.stdout
+
+
+def test_embedded_model_llama_cpp_command_names_a_real_file():
+    """The embedded model is read from its package's chunks; llama.cpp needs one file, so fit's
+    llama-server line asks `python -m llmarch.default_model` for the joined copy's path."""
+    import subprocess
+    import sys
+
+    from llmarch.plan.fit import fit_source
+
+    command = fit_source(None, "8GiB")["llama_cpp"]["command"]
+    assert command.startswith('llama-server -m "$(python -m llmarch.default_model)" '), command
+    out = subprocess.run([sys.executable, "-m", "llmarch.default_model"], capture_output=True, text=True, check=True)
+    with open(out.stdout.strip(), "rb") as f:
+        assert f.read(4) == b"GGUF"

@@ -87,6 +87,10 @@ def plan_fit(
     }
 
 
+# a shell expression for the embedded model's path, joining its chunks once (a second copy on disk)
+EMBEDDED_MODEL_FILE = '"$(python -m llmarch.default_model)"'
+
+
 def fit_source(
     source: str | None,
     memory: str,
@@ -99,4 +103,6 @@ def fit_source(
     from llmarch.api import load_spec
 
     spec = load_spec(source)
-    return plan_fit(spec, source or spec.source or "", gpu, gpus, host, context, kv_dtype, source)
+    # the embedded model is read from its package's chunks; other tools need it joined into one file
+    named = source or EMBEDDED_MODEL_FILE
+    return plan_fit(spec, named, gpu, gpus, host, context, kv_dtype, source)

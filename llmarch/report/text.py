@@ -48,7 +48,8 @@ def nbytes(n: int | float | None) -> str:
         return "-"
     for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= size:
-            return f"{n / size:.3g} {unit}"
+            v = n / size
+            return f"{v:.0f} {unit}" if abs(v) >= 100 else f"{v:.3g} {unit}"  # 1020 MiB, not 1.02e+03
     return f"{int(n)} B"
 
 
