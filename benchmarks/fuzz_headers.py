@@ -528,7 +528,8 @@ def mutate_st_header(header: dict, rng: random.Random) -> tuple[dict | str, dict
                     ([], [0], [-1], [1.5], ["3"], [1 << 64], [True], [[2]], 5, [1 << 40, 1 << 40])
                 )
             else:
-                lo = entry["data_offsets"][0] if isinstance(entry.get("data_offsets"), list) else 0
+                offsets = entry.get("data_offsets")
+                lo = offsets[0] if isinstance(offsets, list) and offsets else 0
                 entry["data_offsets"] = rng.choice(
                     ([], [lo], [4, 0], [-1, 3], [0, 1 << 64], [0.0, 4.0], [True, False], "0,4", [lo, lo], [lo, 10**30])
                 )

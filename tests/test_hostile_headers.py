@@ -403,6 +403,8 @@ def test_config_json_text(tmp_path, text, problem):
             "not valid JSON",
         ),
         ('{"weight_map": {"a": "model.safetensors", "a": "model.safetensors"}}', "appears twice"),
+        # a shard name longer than any file system allows: stat fails with ENAMETOOLONG, not ENOENT
+        ({"weight_map": {"a": "x" * 300 + ".safetensors"}}, "cannot be looked up"),
     ],
 )
 def test_index_refusals(tmp_path, index, problem):

@@ -68,7 +68,13 @@ def _shards_from_index(index: Path) -> tuple[list[Path], dict[str, str]]:
         if os.path.isabs(rel) or rel == ".." or rel.startswith("../") or rel.startswith("/"):
             raise CheckpointError(f"index names a file outside the folder: {name!r}", index)
         shard = folder / rel
-        if not shard.is_file():
+        try:
+            present = shard.is_file()
+        except OSError as e:  # a name no file system accepts (too long, ...) is as missing as an absent one
+            raise CheckpointError(
+                f"shard {name!r} named by the index cannot be looked up: {e.strerror}", index
+            ) from None
+        if not present:
             raise CheckpointError(f"shard {name!r} named by the index is missing", index)
         shards.append(shard)
     return shards, weight_map
