@@ -318,6 +318,16 @@ SEM: dict[str, Sem] = {
         kv_layer=_mla_kv,
         partial=_mla_partial,
     ),
+    # DeepseekV2DecoderLayer: DeepseekV2Attention (MLA) on every layer, DeepseekV2Moe (shared_experts)
+    # iff layer_idx >= first_k_dense_replace
+    "deepseek_v2": Sem(
+        mixers=lambda tc: ["mla"] * L(tc),
+        mla=True,
+        moe_layers=_first_k_dense,
+        shared_experts=lambda tc: tc.n_shared_experts,
+        kv_layer=_mla_kv,
+        partial=_mla_partial,
+    ),
     # Mistral4DecoderLayer: Mistral4Attention (DeepSeek V3's MLA) on every layer, Mistral4MoE
     # (shared_experts) iff layer_idx >= first_k_dense_replace
     "mistral4": Sem(
@@ -642,6 +652,8 @@ ROUTING = {
     "qwen3_moe": ("softmax", False, False, None),  # Qwen3MoeTopKRouter: softmax, top-k, norm_topk_prob
     "qwen3_next": ("softmax", False, False, None),  # Qwen3NextTopKRouter: the same
     "qwen3_5_moe_text": ("softmax", False, False, True),  # Qwen3_5MoeTopKRouter: softmax, top-k, / sum, always
+    # DeepseekV2TopkRouter: softmax, (group-limited) top-k, never / sum (norm_topk_prob is not read)
+    "deepseek_v2": ("softmax", False, False, False),
     "deepseek_v3": ("sigmoid", False, False, None),  # DeepseekV3TopkRouter / MoE.route_tokens_to_experts
     "deepseek_v32": ("sigmoid", False, False, None),
     "mistral4": ("softmax", False, False, None),  # Mistral4TopkRouter: softmax, group-limited top-k, norm_topk_prob
@@ -687,6 +699,8 @@ def _mla(c: Ctx):
     # and GLM-MoE-DSA's attention always use it (Kimi Linear's MLA applies no RoPE)
     if c.name in ("deepseek_v3", "deepseek_v32", "glm_moe_dsa"):
         out["rope_interleave"] = getattr(c.tc, "rope_interleave", True)
+    if c.name == "deepseek_v2":  # DeepSeek-V2's apply_rotary_emb rotates complex (adjacent) pairs
+        out["rope_interleave"] = True
     return out
 
 

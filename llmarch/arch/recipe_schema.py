@@ -39,6 +39,13 @@ class MoERecipe:
     router: str | None = _choice("softmax", "sigmoid")  # score function when the config has no scoring_func
     topk_before_score: bool = False  # top-k over the raw logits, then the score function over the k chosen
     norm_topk_prob: bool | None = None  # top-k renormalised when the config has no norm_topk_prob key
+    # False: the modeling file never reads config.json's norm_topk_prob (DeepSeek-V2's router never
+    # renormalises whatever the config says); norm_topk_prob above holds
+    reads_norm_topk_prob: bool = True
+    group_score: str = _choice("top2_sum", "max", default="top2_sum")  # how a group ranks for the group limit
+    # groups limit the choice only where config.json's topk_method is this value (DeepSeek-V2:
+    # "group_limited_greedy"; its "greedy" ignores n_group); None: n_group > 1 always limits
+    grouped_topk_method: str | None = None
     weights_on_input: bool = False  # router weights scale each expert's input, not its output (Llama 4)
     swiglu_alpha: float | None = None  # clamped SwiGLU (gpt-oss): the config class's defaults, used when
     swiglu_limit: float | None = None  # config.json lacks swiglu_alpha / swiglu_limit

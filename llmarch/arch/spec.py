@@ -166,8 +166,11 @@ class MoESpec:
     # Llama 4: sigmoid); else scores over all experts, then top-k
     topk_before_score: bool = False
     norm_topk_prob: bool | None = None  # the k weights renormalised to sum 1
-    n_group: int | None = None  # group-limited routing (DeepSeek V3)
+    n_group: int | None = None  # group-limited routing (DeepSeek V3): None or 1 when the groups limit nothing
     topk_group: int | None = None
+    # how a group ranks for the group limit: the sum of its two best scores (DeepSeek V3) or its
+    # best score alone (DeepSeek-V2's group_limited_greedy)
+    group_score: str = "top2_sum"
     routed_scaling_factor: float | None = None  # the k weights multiplied by it
     # e_score_correction_bias (sigmoid scores: added for the choice only) / a logit bias (gpt-oss)
     router_bias: bool = False

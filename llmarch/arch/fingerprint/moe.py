@@ -50,9 +50,18 @@ def _read_routing(m: MoESpec, f: Facts, r: MoERecipe, lt) -> None:
     m.router = f.get("scoring_func", default=r.router, fact="moe.router")
     m.topk_before_score = r.topk_before_score
     # Kimi Linear's config says moe_renormalize (transformers maps it to norm_topk_prob)
-    m.norm_topk_prob = f.get("norm_topk_prob", "moe_renormalize", default=r.norm_topk_prob, fact="moe.norm_topk_prob")
+    if r.reads_norm_topk_prob:
+        m.norm_topk_prob = f.get(
+            "norm_topk_prob", "moe_renormalize", default=r.norm_topk_prob, fact="moe.norm_topk_prob"
+        )
+    else:
+        m.norm_topk_prob = r.norm_topk_prob
     m.n_group = f.get("n_group")
     m.topk_group = f.get("topk_group")
+    m.group_score = r.group_score
+    # DeepSeek-V2 limits by group only under topk_method "group_limited_greedy"; "greedy" ignores n_group
+    if r.grouped_topk_method is not None and f.get("topk_method", fact="moe.n_group") != r.grouped_topk_method:
+        m.n_group = m.topk_group = None
     m.routed_scaling_factor = f.get("routed_scaling_factor", "route_scale", fact="moe.routed_scaling_factor")
     m.router_bias = bool(any_layer_has(lt, "router_bias"))
     names = [n for ns in lt.values() for n in ns]

@@ -2,7 +2,8 @@
 
 Routers, from the spec's MoE facts (semantics from each transformers modeling file):
   softmax, then top-k   softmax over all experts, top-k, optional renormalisation (Qwen3-MoE);
-                        with n_group > 1, group-limited as the sigmoid router (Mistral 4)
+                        with n_group > 1, group-limited as the sigmoid router (Mistral 4), or with
+                        groups ranked by their best score (DeepSeek-V2)
   sigmoid, then top-k   sigmoid scores, + correction bias for the choice only, group-limited top-k,
                         weights from the plain scores, optional renormalisation (DeepSeek V3 / Kimi K2,
                         GLM-4.5, MiniMax-M2, MiMo-V2-Flash, AfMoE)
@@ -39,6 +40,7 @@ class Router(nn.Module):
         self.bias = nn.Parameter(torch.empty(m.experts)) if m.router_bias else None
         self.norm = bool(m.norm_topk_prob)
         self.groups, self.topk_group = m.n_group or 1, m.topk_group or 1
+        self.group_by_max = m.group_score == "max"
         self.scale = m.routed_scaling_factor or 1.0
         d = spec.hidden_size
         self.input_scale = nn.Parameter(torch.ones(d)) if m.router_input_scale else None
@@ -58,8 +60,9 @@ class Router(nn.Module):
         return idx, (w * self.scale if self.scale != 1.0 else w)
 
     def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # group-limited choice (a group ranks by the sum of its two best scores): sigmoid routers
-        # (DeepSeek V3) and softmax ones with groups (Mistral 4)
+        # group-limited choice (a group ranks by the sum of its two best scores, or by its best one
+        # where group_score says "max": DeepSeek-V2): sigmoid routers (DeepSeek V3) and softmax ones
+        # with groups (Mistral 4, DeepSeek-V2)
         if not self.topk_first and (self.score == "sigmoid" or self.groups > 1):
             logits = F.linear(x.float(), self.weight.float())
             if self.score == "sigmoid":
@@ -69,7 +72,8 @@ class Router(nn.Module):
                 scores = choice = torch.softmax(logits + self.bias.float() if self.bias is not None else logits, -1)
             if self.groups > 1:
                 g = choice.view(-1, self.groups, self.E // self.groups)
-                best = g.topk(2, dim=-1)[0].sum(-1).topk(self.topk_group, dim=-1, sorted=False)[1]
+                rank = g.amax(-1) if self.group_by_max else g.topk(2, dim=-1)[0].sum(-1)
+                best = rank.topk(self.topk_group, dim=-1, sorted=False)[1]
                 keep = torch.zeros_like(g[..., 0]).scatter_(1, best, 1.0).bool()
                 choice = g.masked_fill(~keep[..., None], float("-inf")).view(-1, self.E)
             idx = choice.topk(self.k, dim=-1, sorted=False)[1]
