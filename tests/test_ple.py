@@ -279,6 +279,29 @@ def test_modes_give_identical_tokens_through_run(tiny, monkeypatch, capsys, fami
     assert rep["where"] == f"file {src / 'model.safetensors'}" and rep["resident_bytes"] < rep["table_bytes"]
 
 
+def test_decode_loop_starts_the_next_rows_right_after_sampling(tiny):
+    """With --ple disk the decode loop starts the next step's row read as soon as the sampled id is
+    on the host: when the token is streamed (before the step runs) the store already holds a
+    request for exactly that id; the step's own pre-hook then starts nothing again (one read per
+    step). The last token, which no step follows, starts none."""
+    from llmarch.runtime.generate import Generator, Sampling
+    from llmarch.runtime.load import load_runtime
+    from llmarch.runtime.ple import find_store
+
+    rt = load_runtime(str(tiny("gemma3n")), "cpu", None, ple="disk")
+    store = find_store(rt.model)
+    assert isinstance(store, DiskTable)
+    seen: list[tuple[int, list[int] | None]] = []
+    gen = Generator(rt, 32, cuda_graph=False)
+    res = gen.generate(
+        [5, 9, 5, 17], 6, Sampling(), on_token=lambda t: seen.append((t, store.pending and store.pending.key))
+    )
+    assert [t for t, _ in seen] == res.tokens and len(res.tokens) == 6
+    assert [k for _, k in seen] == [[t] for t in res.tokens[:-1]] + [None]
+    r = store.report()
+    assert r["tokens"] == 4 + 5 and r["rows_read"] == 3 + 5 and r["reads"] == 3 + 5
+
+
 @pytest.mark.gpu
 def test_three_modes_give_identical_tokens_on_cuda(tiny, monkeypatch, capsys):
     """On a GPU: the table on the GPU (decode captured as a CUDA graph), in host RAM and on disk

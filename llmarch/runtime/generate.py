@@ -212,10 +212,15 @@ class Generator:
             sync()
             return Result(out, len(prompt), prefill_s, time.perf_counter() - t1, stopped, extra)
         step = self._step_graph if self.use_graph else self._step_eager
+        # a model that reads part of a step's input from storage (per-layer embedding rows on disk)
+        # starts those reads here, as soon as the sampled id is on the host
+        prefetch = getattr(self.model, "prefetch_next", None)
         n = len(prompt)
         while True:
             tok = int(nxt.item())
             out.append(tok)
+            if prefetch is not None and tok not in eos_ids and len(out) < max_tokens:
+                prefetch(torch.tensor([[tok]]))
             if on_token:
                 on_token(tok)
             if tok in eos_ids:

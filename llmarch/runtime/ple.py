@@ -437,10 +437,12 @@ class DiskTable(PleStore):
     def prefetch(self, ids: torch.Tensor) -> None:
         """A hint: ids outside the table start nothing (the caller maps them before it gathers,
         and gather reads whatever was not prefetched)."""
+        flat, key = self._host_ids(ids)
         if self.pending is not None:
+            if self.pending.key == key:  # already started (the decode loop, then the forward pre-hook)
+                return
             self._wait(self.pending)  # a prefetch nobody gathered: let its reads finish before the slot is reused
             self.pending = None
-        flat, key = self._host_ids(ids)
         if key and 0 <= min(key) and max(key) < self.layout.rows:
             self.pending = self._start(flat, key)
 
@@ -672,7 +674,11 @@ def attach(
     store = open_store(layout, mode, device, dtype, cache_bytes=int((cache_mib or 0) * 2**20), folder=folder)
     store.note = why
     pli.set_rows(store)
-    if mode == "disk":  # start each step's reads as soon as its ids are known: before the embedding
+    if mode == "disk":
+        # start each step's reads as soon as its ids are known: the decode loop calls prefetch_next
+        # right after sampling (the reads overlap the token's streaming and the step's setup), the
+        # pre-hook covers prefills and callers that do not (a repeated prefetch starts nothing)
+        model.prefetch_next = store.prefetch
         model.register_forward_pre_hook(lambda _m, args: store.prefetch(args[0]) if args else None)
     return store
 
