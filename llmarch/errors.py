@@ -26,6 +26,18 @@ def printable(text: str) -> str:
     return _UNPRINTABLE.sub(_escape, text)
 
 
+MAX_MESSAGE = 1000
+
+
+def shortened(text: str, limit: int = MAX_MESSAGE) -> str:
+    """TEXT cut in the middle to about `limit` characters: a key or name read from a file can be
+    megabytes long, and a one-line message quoting it whole is neither readable nor cheap."""
+    if len(text) <= limit:
+        return text
+    head, tail = limit * 3 // 4, limit // 4
+    return f"{text[:head]} ... ({len(text) - head - tail} characters left out) ... {text[-tail:]}"
+
+
 class LlmarchError(Exception):
     """A problem with the user's input: reported as `path: message`, never as a traceback.
     Its text is printable(): one line whatever the path and message hold."""
@@ -33,7 +45,8 @@ class LlmarchError(Exception):
     def __init__(self, message: str, path: str | Path | None = None):
         self.path = str(path) if path is not None else None
         self.message = message
-        super().__init__(printable(f"{self.path}: {message}" if self.path else message))
+        text = shortened(message)
+        super().__init__(printable(f"{self.path}: {text}" if self.path else text))
 
 
 class CheckpointError(LlmarchError):

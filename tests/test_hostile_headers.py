@@ -236,6 +236,16 @@ def test_gguf_repeated_or_empty_key(tmp_path, second_key):
     assert time.process_time() - t < CPU_BOUND_S
 
 
+def test_megabyte_key_in_a_message_is_cut(tmp_path):
+    """A key of 8 MiB of control bytes quoted in the message: one short line, at once."""
+    key = "\x04" * (8 << 20)
+    f = gguf_file(tmp_path, LLAMA_KVS + [gstr(key) + struct.pack("<I", 0xDEAD)])
+    t = time.process_time()
+    message = refused(f, "unknown GGUF value type", "characters left out")
+    assert time.process_time() - t < CPU_BOUND_S
+    assert len(message) < 8000
+
+
 # ----------------------------------------------------------------------------- safetensors headers
 
 
