@@ -135,7 +135,8 @@ def _mla_kv(tc, i):
 
 def _index(c):
     """The indexer's sizes from the config; its RoPE layout from transformers' own Indexer.forward
-    (apply_rotary_pos_emb_interleave there: adjacent pairs)."""
+    (apply_rotary_pos_emb_interleave there: adjacent pairs) or the module's rotate_half itself
+    (DeepSeek V4's pairs adjacent channels: x[0::2], x[1::2])."""
     if not c.sem.indexer:
         return None
     import importlib
@@ -148,9 +149,16 @@ def _index(c):
         "heads": tc.index_n_heads,
         "head_dim": tc.index_head_dim,
         "topk": tc.index_topk,
-        "rope_interleave": "apply_rotary_pos_emb_interleave(" in inspect.getsource(indexer.forward),
+        "rope_interleave": "apply_rotary_pos_emb_interleave(" in inspect.getsource(indexer.forward)
+        or _rotates_adjacent_pairs(getattr(mod, "rotate_half", None)),
         "shared_layers": [i for i, t in enumerate(getattr(tc, "indexer_types", None) or []) if t == "shared"],
     }
+
+
+def _rotates_adjacent_pairs(rotate_half) -> bool:
+    import torch
+
+    return rotate_half is not None and rotate_half(torch.tensor([1.0, 2.0, 3.0, 4.0])).tolist() == [-2, 1, -4, 3]
 
 
 def _dsa_kv(tc, i):

@@ -161,7 +161,9 @@ class Recipe:
     partial_rotary_factor: float | None = None  # the config class's default when config.json lacks the key
     nope_on: str | None = _choice("global", "all")  # layers without RoPE when the config has no list
     chunked_on: str | None = _choice("rope_layers")  # layers with chunked attention (Llama 4)
-    rope_scaling_on: str | None = _choice("global")  # layers RoPE scaling applies to
+    # layers RoPE scaling applies to: "global" (full attention), "compressed" (those keeping
+    # compressed KV, DeepSeek V4: the others rotate unscaled by the main base)
+    rope_scaling_on: str | None = _choice("global", "compressed")
     # norms
     norm: str | None = _choice("rms", "layer")
     norm_placement: str | None = _choice("pre", "post", "sandwich")

@@ -74,6 +74,7 @@ def to_document(spec: ArchSpec, context: int | None = None, kv_dtype: str | None
             "nope_layers": spec.rope.nope_layers,
             "learned_positions": spec.rope.learned_positions,
             "chunked": next((l.window for l in spec.schedule if l.mixer == "chunked"), None),
+            "compressed": _compressed_rope(spec),
         },
         "moe": moe,
         "norm": {
@@ -109,4 +110,16 @@ def to_document(spec: ArchSpec, context: int | None = None, kv_dtype: str | None
         "layer_schedule": [l.public() for l in spec.schedule],
         "evidence": spec.evidence,
         "warnings": spec.warnings,
+    }
+
+
+def _compressed_rope(spec: ArchSpec) -> dict | None:
+    """The RoPE of the layers that keep compressed KV (DeepSeek V4), where they have one of their own."""
+    layer = next((l for l in spec.schedule if l.compress_ratio), None)
+    if layer is None or (layer.rope_theta is None and layer.rope_scaling is None):
+        return None
+    scaling = layer.rope_scaling if layer.rope_scaling is not None else spec.rope.scaling
+    return {
+        "theta": layer.rope_theta or spec.rope.theta,
+        "scaling": None if (scaling or {}).get("type") == "default" else scaling,
     }

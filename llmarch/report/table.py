@@ -90,6 +90,10 @@ def fact_rows(doc: dict) -> list[tuple[str, str, str]]:
         rows.append(("positions", "learned positions", "yes"))
     if r.get("chunked"):
         rows.append(("positions", "chunked attention", str(r["chunked"])))
+    if r.get("compressed"):  # layers with compressed KV rotate by their own base and scaling
+        c = r["compressed"]
+        scaling = c["scaling"]["type"] + _factor(c["scaling"]) if c.get("scaling") else "no scaling"
+        rows.append(("positions", "compressed layers' RoPE", f"theta {c['theta']:g}, {scaling}"))
     moe = doc["moe"]
     # the config's dense FFN width, shown only where some layer has a dense FFN (an all-MoE model's
     # config may still carry intermediate_size, a width no layer of it has)

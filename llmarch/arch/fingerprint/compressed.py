@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 
 from llmarch.arch.fingerprint.facts import Facts, layer_has
+from llmarch.arch.fingerprint.rope import compressed_rope
 from llmarch.arch.spec import ArchSpec
 from llmarch.checkpoint.base import Checkpoint
 from llmarch.checkpoint.config_check import MAX_COUNT, is_int
@@ -50,6 +51,20 @@ def read_compressed(spec: ArchSpec, f: Facts, lt, ckpt: Checkpoint) -> None:
             layer.mixer, layer.window = "sliding", window
     if any(l.compress_ratio for l in spec.schedule):
         spec.evidence["layer_schedule.compress_ratio"] = "compressor position-bias rows" if lt else "compress_rates"
+        _compressed_layers_rope(spec, f)
+
+
+def _compressed_layers_rope(spec: ArchSpec, f: Facts) -> None:
+    """A compressed layer's whole attention (window and compressed entries) rotates by the
+    compressed RoPE, where it differs from the model's."""
+    theta, scaling = compressed_rope(spec, f, spec.recipe)
+    for layer in spec.schedule:
+        if not (layer.compress_ratio and layer.rope):
+            continue
+        if theta != spec.rope.theta:
+            layer.rope_theta = theta
+        if scaling != spec.rope.scaling:
+            layer.rope_scaling = scaling or {"type": "default"}
 
 
 def _tensor_ratio(names, ckpt: Checkpoint, where: str) -> int | None:

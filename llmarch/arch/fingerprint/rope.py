@@ -10,7 +10,7 @@ from llmarch.arch.spec import ArchSpec, RopeSpec
 def read_rope(spec: ArchSpec, f: Facts, recipe: Recipe) -> None:
     r = RopeSpec()
     params = f.get("rope_parameters")
-    full = params.get("full_attention", params) if isinstance(params, dict) else {}
+    full = _main_params(params)
     local = params.get("sliding_attention") if isinstance(params, dict) else None
     r.theta = full.get("rope_theta") or f.get("rope_theta", "rotary_emb_base", "rope_base", fact="rope.theta")
     if full.get("rope_theta"):
@@ -18,9 +18,10 @@ def read_rope(spec: ArchSpec, f: Facts, recipe: Recipe) -> None:
     scaling = f.get("rope_scaling") or {
         k: v for k, v in full.items() if k not in ("rope_theta", "partial_rotary_factor")
     }
-    stype = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
-    r.scaling = dict(scaling, type=stype) if stype and stype != "default" else None
-    proportional = stype == "proportional"
+    r.scaling = _scaling(scaling)
+    if recipe.rope_scaling_on == "compressed":  # the scaling is the compressed layers' alone (compressed_rope)
+        r.scaling = None
+    proportional = (r.scaling or {}).get("type") == "proportional"
     if r.scaling is not None and proportional and "partial_rotary_factor" in full:
         # proportional RoPE (Gemma 4) spans the whole head; its factor says how many of the
         # frequencies are nonzero, so it belongs to the scaling, not to a partial rotation
@@ -46,6 +47,47 @@ def read_rope(spec: ArchSpec, f: Facts, recipe: Recipe) -> None:
         spec.evidence["rope.partial"] = "qk_rope_head_dim / (qk_nope_head_dim + qk_rope_head_dim)"
     r.learned_positions = recipe.positions == "learned"
     spec.rope = r
+
+
+def _main_params(params) -> dict:
+    """The rope_parameters entry of the model's own (full-attention) layers: per layer type
+    (full_attention), per rope kind (DeepSeek V4's main, beside its compress), or the flat dict."""
+    if not isinstance(params, dict):
+        return {}
+    for key in ("full_attention", "main"):
+        if isinstance(params.get(key), dict):
+            return params[key]
+    return params
+
+
+def _scaling(params: dict | None) -> dict | None:
+    """A rope_scaling dict as the spec's scaling: None when unscaled."""
+    scaling = dict(params or {})
+    kind = scaling.get("rope_type") or scaling.get("type")
+    return dict(scaling, type=kind) if kind and kind != "default" else None
+
+
+def compressed_rope(spec: ArchSpec, f: Facts, recipe: Recipe | None) -> tuple[float | None, dict | None]:
+    """(base, scaling) of the layers that keep compressed KV, whose whole attention (window
+    included) rotates by a RoPE of its own (DeepSeek V4): rope_parameters' "compress" entry as
+    transformers saves it, else compress_rope_theta with the config's scaling where the recipe
+    puts the scaling on those layers. transformers' DeepseekV4Config gives that YaRN an
+    attention_factor of 1.0 where none is set (cos/sin are not scaled)."""
+    params = f.get("rope_parameters")
+    own = params.get("compress") if isinstance(params, dict) else None
+    if isinstance(own, dict):
+        spec.evidence["layer_schedule.compressed_rope"] = "config.json:rope_parameters.compress"
+        own_scaling = {k: v for k, v in own.items() if k not in ("rope_theta", "partial_rotary_factor")}
+        return own.get("rope_theta") or spec.rope.theta, _scaling(own_scaling)
+    theta = f.get("compress_rope_theta", default=spec.rope.theta, fact="layer_schedule.compressed_rope")
+    if recipe is None or recipe.rope_scaling_on != "compressed":
+        return theta, spec.rope.scaling
+    flat = f.get("rope_scaling") or params
+    flat = flat if isinstance(flat, dict) else {}
+    scaling = _scaling({k: v for k, v in flat.items() if k not in ("rope_theta", "partial_rotary_factor")})
+    if scaling is not None and scaling["type"] == "yarn":
+        scaling.setdefault("attention_factor", 1.0)
+    return theta, scaling
 
 
 def local_rope_scaling(spec: ArchSpec, f: Facts) -> dict | None:

@@ -1,0 +1,90 @@
+"""DeepSeek V4: the RoPE facts inspect reads, checked against transformers 5.24, and the run refusal.
+
+transformers' reference (modeling_deepseek_v4.py) runs on a tiny random float32 checkpoint on the
+CPU, but `llmarch run` does not build the model yet (hyper-connection residual streams, the
+compressors, the grouped output projection are not in the runtime): it refuses with one line.
+
+Expected RoPE facts come from transformers, not from llmarch: DeepseekV4Config resolves
+rope_parameters into a "main" entry (sliding-only layers: rope_theta, unscaled) and a "compress"
+entry (layers with a compressor, window included: compress_rope_theta with the config's scaling,
+YaRN with attention_factor 1.0), whether config.json nests them as transformers saves it or ships a
+flat rope_scaling beside compress_rope_theta. The indexer's rotation is V4's own
+apply_rotary_pos_emb, which pairs adjacent channels.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from tests.test_run_cli import cli  # noqa: E402
+
+YARN = dict(rope_type="yarn", factor=16.0, original_max_position_embeddings=16, beta_fast=32.0, beta_slow=1.0)
+
+
+def _flat(src, dst):
+    """The checkpoint with a Hub-style flat config: rope_scaling beside compress_rope_theta."""
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.pop("rope_parameters")
+    cfg["rope_scaling"] = {"type": "yarn", **{k: v for k, v in YARN.items() if k != "rope_type"}}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("layout", ["nested", "flat"])
+def test_compressed_layers_rotate_by_the_compress_rope(tiny, tmp_path, layout):
+    from llmarch.api import inspect_source, load_spec
+
+    path = tiny("deepseek_v4", rope_parameters=YARN)
+    if layout == "flat":
+        path = _flat(path, tmp_path / "flat")
+    ref = transformers.AutoConfig.from_pretrained(str(path))
+    spec = load_spec(str(path))
+    for layer, kind in zip(spec.schedule, ref.layer_types, strict=True):
+        # DeepseekV4Attention: rope_layer_type = "main" for sliding_attention, else "compress"
+        own = ref.rope_parameters["main" if kind == "sliding_attention" else "compress"]
+        assert (layer.rope_theta or spec.rope.theta) == own["rope_theta"], layer.index
+        scaling = layer.rope_scaling if layer.rope_scaling is not None else spec.rope.scaling
+        if own["rope_type"] == "default":
+            assert scaling in (None, {"type": "default"}), layer.index
+        else:
+            assert scaling["type"] == own["rope_type"], layer.index
+            keys = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor")
+            assert {k: scaling.get(k) for k in keys} == {k: own.get(k) for k in keys}, layer.index
+        assert spec.rope.partial == own["partial_rotary_factor"]
+    compress = ref.rope_parameters["compress"]
+    shown = inspect_source(str(path))["rope"]
+    assert shown["theta"] == ref.rope_parameters["main"]["rope_theta"] and shown["scaling"] is None
+    assert shown["compressed"]["theta"] == compress["rope_theta"]
+    assert shown["compressed"]["scaling"]["factor"] == compress["factor"]
+
+
+def test_indexer_rope_pairs_adjacent_channels(tiny):
+    """What V4's apply_rotary_pos_emb does to a vector, against both layouts: it must be the one
+    the spec says."""
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import apply_rotary_pos_emb
+
+    from llmarch.api import load_spec
+
+    x = torch.randn(1, 1, 1, 8, generator=torch.Generator().manual_seed(0))
+    angle = torch.tensor([[[0.3, 0.7]]])  # one angle per rotated pair of the 4-channel rope slice
+    out = apply_rotary_pos_emb(x, angle.cos(), angle.sin())
+    rope, cos, sin = x[..., 4:], angle.cos()[0], angle.sin()[0]
+    even, odd = rope[..., 0::2], rope[..., 1::2]
+    pairs = torch.stack([even * cos - odd * sin, odd * cos + even * sin], -1).flatten(-2)
+    halves = torch.cat([rope[..., :2] * cos - rope[..., 2:] * sin, rope[..., 2:] * cos + rope[..., :2] * sin], -1)
+    assert torch.allclose(out[..., 4:], pairs, atol=1e-6) and not torch.allclose(out[..., 4:], halves, atol=1e-3)
+    assert torch.equal(out[..., :4], x[..., :4])  # the leading channels are not rotated
+    assert load_spec(str(tiny("deepseek_v4"))).attention.index_rope_interleave is True
+
+
+def test_run_refuses_deepseek_v4_in_one_line(tiny, capsys):
+    code, err = cli(["run", tiny("deepseek_v4"), "--prompt-ids", "1,2", "--device", "cpu"], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "deepseek_v4" in lines[0] and "not supported" in lines[0], err
