@@ -48,8 +48,8 @@ int main(int argc, char **argv) {
             sel[i] = e;
         }
         double t0 = now();
-        moe_experts(bits, k, sel, start, tok, w, X, OUT, d, I, gu, gus, dn, dns, NULL, NULL, XQ, XS, H, AQ, AS, Y,
-                    0, 1.f, 0.f, 0);
+        moe_experts(bits, k, sel, start, tok, w, X, OUT, d, I, gu, gus, NULL, dn, dns, NULL, NULL, XQ, XS, H, AQ, AS,
+                    Y, 0, 1, 1.f, 0.f, 0);
         double t1 = now();
         for (int i = 0; i < k; i++) {  /* different experts for the read test: not cached */
             int e, dup;

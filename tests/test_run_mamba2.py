@@ -195,12 +195,3 @@ def test_mamba2_sizes_disagreeing_with_the_tensors_is_refused(tiny, tmp_path, ca
     # in_proj rows: inner 32 + conv channels (32 + 2 groups x 16) + 4 heads
     assert str(bad) in err and "in_proj.weight" in err and "(132, 32)" in err, err
 
-
-def test_offloading_non_gated_experts_is_refused(tiny):
-    """The host expert stores compute gated experts only: --experts cpu on Nemotron-H's up/down
-    experts is one LlmarchError naming the layer, not wrong numbers."""
-    from llmarch.errors import LlmarchError
-    from llmarch.runtime.load import load_runtime
-
-    with pytest.raises(LlmarchError, match="layer 2: non-gated experts"):
-        load_runtime(str(tiny("nemotron_h", hybrid_override_pattern=PATTERN)), "cpu", "float32", experts="cpu")

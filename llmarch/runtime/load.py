@@ -163,17 +163,14 @@ def load_runtime(
         raise LlmarchError("--keep-quantized 4-bit runs on the CPU only; use 8 on cuda")
     model = build_model(spec)
     if spec.moe is not None:  # where the routed experts live
-        from llmarch.runtime.experts.placement import attach, plan
-        from llmarch.runtime.moe_names import has_mxfp4_experts
+        from llmarch.runtime.experts.gguf_blocks import note
+        from llmarch.runtime.experts.placement import attach, plan, stored_format
 
-        attach(
-            model,
-            plan(
-                spec, dev, dt, experts, expert_bits, gpu_experts, expert_cache_gib, expert_dir, has_mxfp4_experts(ckpt)
-            ),
-            dt,
-            dev,
+        place = plan(
+            spec, dev, dt, experts, expert_bits, gpu_experts, expert_cache_gib, expert_dir, stored_format(ckpt, spec)
         )
+        attach(model, place, dt, dev)
+        notes.extend(filter(None, [note(ckpt, spec, place)]))
     weights = open_weights(ckpt, spec)
     to_read = ckpt.stored_bytes
     if spec.per_layer_embeddings:  # where the per-layer embedding table lives (--ple)

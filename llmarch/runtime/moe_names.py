@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from llmarch.errors import LlmarchError
-from llmarch.runtime.experts.formats import mxfp4_dequant
+from llmarch.runtime.experts.formats import ExpertFormat, mxfp4_dequant
 
 BLOCKS = ("mlp", "block_sparse_moe", "feed_forward", "mixer")  # mixer: Nemotron-H's single-op layers
 READABLE = ("F32", "F16", "BF16")
@@ -82,11 +82,15 @@ def has_mxfp4_experts(ckpt) -> bool:
     return any(n.endswith("experts.gate_up_proj_blocks") for n in ckpt.tensors)
 
 
-def read_moe(source, moe, keep_mxfp4: bool = False) -> dict:
-    """keep_mxfp4: MXFP4 experts come back as out["mxfp4"] = (gate_up blocks, scales, down blocks,
-    scales), gate rows then up rows, and gate_up / down are None (nothing dequantized)."""
+def read_moe(source, moe, keep_stored=None) -> dict:
+    """keep_stored: the ExpertFormat that reads the experts as stored (the placement's, when it
+    keeps them so), or None. Such experts come back undequantized and gate_up / down
+    are None: MXFP4 as out["mxfp4"] = (gate_up blocks, scales, down blocks, scales), gate rows then
+    up rows; a GGUF's blocks as out["gguf_blocks"] = (gate, up, down) tensor infos ((up, None, down)
+    for non-gated experts)."""
     if getattr(source.ckpt, "format", None) == "gguf":
-        return _checked(_gguf_moe(source, moe), moe, str(source.ckpt.path))
+        blocks = keep_stored if keep_stored is not None and keep_stored.ggml_type else None
+        return _checked(_gguf_moe(source, moe, blocks), moe, str(source.ckpt.path))
     L = _Layer(source, moe)
     out: dict = {
         "router": L.get(
@@ -97,7 +101,7 @@ def read_moe(source, moe, keep_mxfp4: bool = False) -> dict:
     out["per_expert_scale"] = L.get("router.per_expert_scale")
     out["router_bias"] = L.get("gate.e_score_correction_bias", "e_score_correction_bias", "router.bias", "expert_bias")
     if L.has("experts.gate_up_proj") or L.has("experts.gate_up_proj_blocks"):
-        _fused(L, out, moe, keep_mxfp4)
+        _fused(L, out, moe, keep_stored is ExpertFormat.MXFP4)
     else:
         _per_expert(L, out, moe)
     for pre in ("shared_experts", "shared_expert"):
@@ -123,6 +127,8 @@ def _checked(out: dict, moe, where: str) -> dict:
             where,
         )
     want = {"gate_up": (E, (2 if moe.gated else 1) * inter, d), "down": (E, d, inter)}
+    if "gguf_blocks" in out:  # shapes and block type checked where the blocks are taken
+        want = {}
     if "mxfp4" in out:  # blocks of 32 inputs, 16 bytes each
         want = {"gate_up": (E, 2 * inter, d // 32, 16), "down": (E, d, inter // 32, 16)}
         out["gate_up"], out["down"] = out["mxfp4"][0], out["mxfp4"][2]
@@ -131,17 +137,18 @@ def _checked(out: dict, moe, where: str) -> dict:
             raise LlmarchError(
                 f"layer {moe.index}: experts' {k} is {tuple(out[k].shape)}, the config needs {shape}", where
             )
-    if "mxfp4" in out:
+    if "mxfp4" in out or "gguf_blocks" in out:
         out["gate_up"] = out["down"] = None
     if moe.shared is not None and "shared_up" not in out:
         raise LlmarchError(f"layer {moe.index}: the config has a shared expert, the checkpoint has none", where)
     return out
 
 
-def _gguf_moe(source, moe) -> dict:
+def _gguf_moe(source, moe, keep_blocks=None) -> dict:
     """llama.cpp's names (gguf-py's table): ffn_gate_inp (router), exp_probs_b (correction bias),
     ffn_{gate,up,down}_exps [E, out, in] stacked, ffn_*_shexp (shared expert), ffn_gate_inp_shexp.
-    Quantized blocks are dequantized here (the offload stores requantize to their own layouts)."""
+    Quantized blocks are dequantized here unless keep_blocks, the expert format that reads them as
+    stored (the CPU kernel's)."""
     import gguf
 
     T, names = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
@@ -158,8 +165,23 @@ def _gguf_moe(source, moe) -> dict:
         "router": get(T.FFN_GATE_INP, required="router weight"),
         "router_bias": bias if bias is not None else get(T.FFN_GATE_INP, "bias"),
     }
-    gate, up = get(T.FFN_GATE_EXP, required="routed experts"), get(T.FFN_UP_EXP, required="routed experts")
-    out["gate_up"], out["down"] = torch.cat([gate, up], dim=1), get(T.FFN_DOWN_EXP, required="routed experts")
+    if keep_blocks is not None:
+        from llmarch.runtime.experts import gguf_blocks
+
+        roles = (T.FFN_GATE_EXP, T.FFN_UP_EXP, T.FFN_DOWN_EXP) if moe.gated else (T.FFN_UP_EXP, None, T.FFN_DOWN_EXP)
+        blocks = tuple(
+            None if r is None else source.ckpt.tensors.get(f"{names[r].format(bid=moe.index)}.weight") for r in roles
+        )
+        missing = [names[r].format(bid=moe.index) for r, b in zip(roles, blocks) if r is not None and b is None]
+        if missing:
+            raise LlmarchError(
+                f"layer {moe.index}: routed experts missing ({', '.join(missing)})", str(source.ckpt.path)
+            )
+        gguf_blocks.check(blocks, keep_blocks, moe, str(source.ckpt.path))
+        out["gguf_blocks"] = blocks
+    else:
+        gate, up = get(T.FFN_GATE_EXP, required="routed experts"), get(T.FFN_UP_EXP, required="routed experts")
+        out["gate_up"], out["down"] = torch.cat([gate, up], dim=1), get(T.FFN_DOWN_EXP, required="routed experts")
     gb, ub = get(T.FFN_GATE_EXP, "bias"), get(T.FFN_UP_EXP, "bias")
     out["gate_up_bias"] = None if gb is None else torch.cat([gb, ub], dim=1)
     out["down_bias"] = get(T.FFN_DOWN_EXP, "bias")

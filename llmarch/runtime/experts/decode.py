@@ -25,7 +25,7 @@ import ctypes
 import torch
 
 from llmarch.runtime.experts.host import OffloadedExperts
-from llmarch.runtime.experts.kernel import DecodeCtx, cpu_kernel, kernel_scratch, ptr
+from llmarch.runtime.experts.kernel import DecodeCtx, cpu_kernel, kernel_activation, kernel_scratch, ptr
 from llmarch.runtime.ops.moe import MoE
 
 
@@ -49,7 +49,9 @@ class SegmentedDecoder:
         from llmarch.runtime.ops.mla import MLAttention
 
         capturable = all(
-            isinstance(b.attn, (Attention, MLAttention)) and not isinstance(b.attn, ChunkedAttention) for b in blocks
+            b.attn is None
+            or (isinstance(b.attn, (Attention, MLAttention)) and not isinstance(b.attn, ChunkedAttention))
+            for b in blocks
         )
         self.graphs = (device.type == "cuda" and capturable) if graphs is None else graphs
         d = model.spec.hidden_size
@@ -109,13 +111,15 @@ class SegmentedDecoder:
                     self.k,
                     st.d,
                     st.inter,
-                    1 if moe.act.clamped else 0,
+                    kernel_activation(moe.act),
+                    1 if moe.gated else 0,
                     1 if moe.weight_input else 0,
                     moe.act.alpha,
                     moe.act.limit,
                     ptr(self.pack_h),
                     ptr(self.out_h),
                     ptr(st.gu),
+                    ptr(st.up),
                     ptr(st.dn),
                     ptr(st.gu_s),
                     ptr(st.dn_s),
@@ -148,7 +152,7 @@ class SegmentedDecoder:
                 self.logits.copy_(logits[:, -1])
                 return
             b = blocks[hi]
-            h = x + b.attn(b.attn_norm(x), self.pos, cache)
+            h = x if b.attn is None else x + b.attn(b.attn_norm(x), self.pos, cache)  # FFN-only layers (Nemotron-H)
             flat = b.ffn_norm(h).view(-1, h.shape[-1])
             moe = b.mlp
             idx, w = moe.router(flat)

@@ -3,7 +3,8 @@
 The quantized formats group G = 64 inputs: int8 has one fp16 scale per group (w = q * scale); int4
 packs a group in 32 bytes with an fp16 scale and min (w = q * scale + min, 4.5 bits per weight);
 MXFP4 is gpt-oss's as shipped (32 fp4 e2m1 codes per block and one e8m0 scale: 4.25 bits per
-weight).
+weight). Q8_0 and Q4_0 are a GGUF's ggml blocks as stored (32 weights and their fp16 scale per block:
+8.5 and 4.5 bits per weight), read by the kernel from the file's memory map.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import torch
 
 from llmarch.errors import LlmarchError
 from llmarch.plan.memory import EXPERT_BYTES_PER_WEIGHT, EXPERT_GROUP
+from llmarch.runtime.quant import BLOCKS as GGML_BLOCKS
+from llmarch.runtime.quant import dequantize as ggml_dequantize
 
 G = EXPERT_GROUP  # quantization group along the input dim (moe_cpu.c's G)
 
@@ -25,6 +28,8 @@ class ExpertFormat(Enum):
     INT8 = "int8"  # --expert-bits 8
     INT4 = "int4"  # --expert-bits 4
     MXFP4 = "mxfp4"  # gpt-oss's experts kept as shipped: on the CPU or disk when --expert-bits is not given
+    Q8_0 = "gguf q8_0"  # a GGUF's expert blocks as stored, likewise
+    Q4_0 = "gguf q4_0"
 
     @classmethod
     def from_bits(cls, bits: int) -> ExpertFormat:
@@ -38,7 +43,24 @@ class ExpertFormat(Enum):
     def option(self) -> str:
         """The command line that gives this format, for messages."""
         bits = _EXPERT_BITS.get(self)
-        return f"--expert-bits {bits}" if bits else "without --expert-bits (MXFP4 as shipped)"
+        if bits:
+            return f"--expert-bits {bits}"
+        return f"without --expert-bits ({self.stored_as} as {'stored' if self.ggml_type else 'shipped'})"
+
+    @property
+    def stored_as(self) -> str:
+        """What the checkpoint calls this format ("MXFP4", "Q8_0", ...)."""
+        return self.ggml_type or self.name
+
+    @property
+    def ggml_type(self) -> str | None:
+        """The GGUF block type this format reads as stored, or None."""
+        return {ExpertFormat.Q8_0: "Q8_0", ExpertFormat.Q4_0: "Q4_0"}.get(self)
+
+    @property
+    def stored(self) -> bool:
+        """Read from the checkpoint's own bytes, not made by quantize()."""
+        return self in (ExpertFormat.MXFP4, ExpertFormat.Q8_0, ExpertFormat.Q4_0)
 
     @property
     def quantized(self) -> bool:
@@ -47,14 +69,29 @@ class ExpertFormat(Enum):
     @property
     def kernel_code(self) -> int:
         """moe_cpu.c's number for this layout (its `bits` argument)."""
-        return {ExpertFormat.INT8: 8, ExpertFormat.INT4: 4, ExpertFormat.MXFP4: 2}[self]
+        return {
+            ExpertFormat.INT8: 8,
+            ExpertFormat.INT4: 4,
+            ExpertFormat.MXFP4: 2,
+            ExpertFormat.Q8_0: 16,
+            ExpertFormat.Q4_0: 17,
+        }[self]
 
     def bytes_per_weight(self, dtype_bytes: int) -> float:
         """Stored bytes per weight, scales included; a float expert's are its dtype's (the table is
         llmarch.plan's, which sizes placements without torch)."""
         if self is ExpertFormat.FLOAT:
             return dtype_bytes
+        if self.ggml_type:
+            per, nbytes = GGML_BLOCKS[self.ggml_type]
+            return nbytes / per
         return EXPERT_BYTES_PER_WEIGHT[_EXPERT_BITS.get(self, "mxfp4")]
+
+    @classmethod
+    def from_ggml(cls, ggml_type: str) -> ExpertFormat | None:
+        """The format that reads a GGUF's blocks of this type as stored, or None (K-quants and the
+        rest: the kernel has no layout for them)."""
+        return next((f for f in cls if f.ggml_type == ggml_type), None)
 
 
 _EXPERT_BITS = {ExpertFormat.FLOAT: 16, ExpertFormat.INT8: 8, ExpertFormat.INT4: 4}
@@ -100,8 +137,12 @@ def fake_quant_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(q: torch.Tensor, s: torch.Tensor, fmt: ExpertFormat) -> torch.Tensor:
-    """Inverse of quantize() (float32), for GPU-hot experts and for tests; MXFP4 rows too."""
+    """Inverse of quantize() (float32), for GPU-hot experts and for tests; MXFP4 and GGUF block rows too."""
     *lead, N, _ = q.shape
+    if fmt.ggml_type:  # rows of blocks [..., N, K / 32 * block bytes]
+        per, nbytes = GGML_BLOCKS[fmt.ggml_type]
+        K = q.shape[-1] // nbytes * per
+        return ggml_dequantize(q.contiguous().view(-1), fmt.ggml_type, (*lead, N, K))
     if fmt is ExpertFormat.MXFP4:
         return mxfp4_dequant(q.reshape(*lead, N, -1, 16), s)
     if fmt is ExpertFormat.INT8:

@@ -20,7 +20,7 @@ import torch
 
 from llmarch.runtime.experts.disk import map_to_disk
 from llmarch.runtime.experts.formats import dequantize, quantize
-from llmarch.runtime.experts.kernel import cpu_kernel, kernel_scratch, ptr
+from llmarch.runtime.experts.kernel import cpu_kernel, kernel_activation, kernel_scratch, ptr
 from llmarch.runtime.experts.stores import ExpertStore, at, expert_loop, group_by_expert
 
 if TYPE_CHECKING:
@@ -43,29 +43,40 @@ class OffloadedExperts(ExpertStore):
         self._hold(moe, parts, biases, place, dtype)
 
     @classmethod
-    def from_quantized(cls, moe: MoE, parts: tuple, place: Placement, dtype, biases=(None, None)) -> OffloadedExperts:
+    def from_quantized(
+        cls, moe: MoE, parts: tuple, place: Placement, dtype, biases=(None, None), up=None, mapped=None
+    ) -> OffloadedExperts:
         """Experts already in place.format's layout, (gate_up q, scales, down q, scales): random ones for
-        a benchmark, or a checkpoint's MXFP4 blocks as shipped."""
+        a benchmark, a checkpoint's MXFP4 blocks as shipped, or a GGUF's blocks as stored (gate in the
+        first place and its up rows apart in `up`, scales inside the blocks). mapped: the file mapping
+        the parts are views of, for --experts disk (nothing is written then)."""
         self = cls.__new__(cls)
         ExpertStore.__init__(self)
-        self._hold(moe, parts, biases, place, dtype)
+        self._hold(moe, parts, biases, place, dtype, up, mapped)
         return self
 
-    def _hold(self, moe: MoE, parts: tuple, biases, place: Placement, dtype) -> None:
+    def _hold(self, moe: MoE, parts: tuple, biases, place: Placement, dtype, up=None, mapped=None) -> None:
         self.E, self.d, self.inter, self.index = moe.E, moe.d, moe.inter, moe.index
+        self.gated = getattr(moe, "gated", True)  # gate rows then up rows, or up alone (kernel tests pass a namespace)
         self.format, self.dtype = place.format, dtype
         self.gu, self.gu_s, self.dn, self.dn_s = (None if t is None else t.contiguous() for t in parts)
+        self.up = up
         self.gu_b, self.dn_b = (None if b is None else b.float().contiguous() for b in biases)  # the kernel's float32
         self.cache = self._mm = None
         if place.experts == "disk":
-            folder = Path(place.disk_dir or tempfile.mkdtemp(prefix="llmarch-experts-"))
-            self._mm, stored = map_to_disk(folder / f"layer{self.index}.bin", (self.gu, self.gu_s, self.dn, self.dn_s))
-            self.gu, self.gu_s, self.dn, self.dn_s = stored
+            if mapped is not None:  # already views of a file (a GGUF's blocks): map, do not copy
+                self._mm = mapped
+            else:
+                folder = Path(place.disk_dir or tempfile.mkdtemp(prefix="llmarch-experts-"))
+                self._mm, stored = map_to_disk(
+                    folder / f"layer{self.index}.bin", (self.gu, self.gu_s, self.dn, self.dn_s)
+                )
+                self.gu, self.gu_s, self.dn, self.dn_s = stored
             self.cache = place.disk_cache
             if self.cache is not None:
                 self.cache.add(self._mm)
         self._expert_bytes = sum(
-            t[0].numel() * t.element_size() for t in (self.gu, self.gu_s, self.dn, self.dn_s) if t is not None
+            t[0].numel() * t.element_size() for t in (self.gu, self.gu_s, self.up, self.dn, self.dn_s) if t is not None
         )
         self.hot_n = place.gpu_experts
         self.counts = np.zeros(self.E, dtype=np.int64)
@@ -89,9 +100,11 @@ class OffloadedExperts(ExpertStore):
         """Expert e in the model dtype, dequantized if need be, on the host or on `device`."""
         if self.format.quantized:
             gu, dn = (
-                dequantize(self.gu[e], self.gu_s[e], self.format),
-                dequantize(self.dn[e], self.dn_s[e], self.format),
+                dequantize(self.gu[e], at(self.gu_s, e), self.format),
+                dequantize(self.dn[e], at(self.dn_s, e), self.format),
             )
+            if self.up is not None:
+                gu = torch.cat([gu, dequantize(self.up[e], None, self.format)])
         else:
             gu, dn = self.gu[e], self.dn[e]
         return tuple(
@@ -197,6 +210,7 @@ class OffloadedExperts(ExpertStore):
             ctypes.c_int(I),
             ptr(self.gu),
             ptr(self.gu_s),
+            ptr(self.up),
             ptr(self.dn),
             ptr(self.dn_s),
             ptr(self.gu_b),
@@ -207,7 +221,8 @@ class OffloadedExperts(ExpertStore):
             ptr(AQ),
             ptr(AS),
             ptr(Y),
-            ctypes.c_int(1 if act.clamped else 0),
+            ctypes.c_int(kernel_activation(act)),
+            ctypes.c_int(1 if self.gated else 0),
             ctypes.c_float(act.alpha),
             ctypes.c_float(act.limit),
             ctypes.c_int(1 if weight_input else 0),

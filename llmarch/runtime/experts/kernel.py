@@ -53,12 +53,54 @@ def ptr(t) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.ctypes.data if isinstance(t, np.ndarray) else t.data_ptr())
 
 
+# moe_cpu.c's act_fn codes, by the config's activation name (1 is gpt-oss's clamped SwiGLU)
+KERNEL_ACTIVATIONS = {
+    "silu": 0,
+    "swish": 0,
+    "relu2": 2,
+    "relu": 3,
+    "gelu_pytorch_tanh": 4,
+    "gelu_new": 4,
+    "gelu_fast": 4,
+    "gelu": 5,
+}
+
+
+def kernel_activation(act) -> int:
+    """moe_cpu.c's code for an ExpertAct (gated or not: the kernel takes that separately)."""
+    if act.clamped:
+        return 1
+    code = KERNEL_ACTIVATIONS.get(act.name)
+    if code is None:
+        raise LlmarchError(
+            f"the CPU expert kernel has no activation {act.name!r} (it has {', '.join(KERNEL_ACTIVATIONS)}); "
+            "use --expert-bits 16"
+        )
+    return code
+
+
 class DecodeCtx(ctypes.Structure):  # moe_cpu.c's moe_decode_ctx
     _fields_ = (
-        [(n, ctypes.c_int) for n in ("bits", "k", "d", "I", "act", "weight_input")]
+        [(n, ctypes.c_int) for n in ("bits", "k", "d", "I", "act", "gated", "weight_input")]
         + [("alpha", ctypes.c_float), ("limit", ctypes.c_float)]
         + [
             (n, ctypes.c_void_p)
-            for n in ("pack", "out", "gu_q", "dn_q", "gu_s", "dn_s", "gu_b", "dn_b", "XQ", "AQ", "XS", "H", "AS", "Y")
+            for n in (
+                "pack",
+                "out",
+                "gu_q",
+                "up_q",
+                "dn_q",
+                "gu_s",
+                "dn_s",
+                "gu_b",
+                "dn_b",
+                "XQ",
+                "AQ",
+                "XS",
+                "H",
+                "AS",
+                "Y",
+            )
         ]
     )

@@ -3,7 +3,8 @@
  * One call computes every selected (expert, token) pair of one MoE layer with all cores at once:
  *   0. each token's x rounded to int8 per group of 64 (below)
  *   1. gate_up rows of all selected experts, split across threads   h = W_gu x (+ b)
- *   2. activation, rounded to int8 like x                             a = act(gate) * up
+ *   2. activation, rounded to int8 like x                             a = act(gate) * up, or act(up)
+ *                                                                     for non-gated experts
  *   3. down rows of all selected experts, split across threads        y = W_d a (+ b)
  *   4. out[token] += weight * y, rows summed in a fixed order (deterministic)
  * Weights are read once per token group, never dequantized to memory: decode is bound by the
@@ -15,6 +16,12 @@
  *   8 int8: row = K int8; w = q * scale, scale float16 per group.
  *   2 MXFP4 (gpt-oss as shipped): row = K/32 blocks of 16 bytes, byte j holds element 2j (low
  *           nibble) and 2j + 1 (high), fp4 e2m1 codes; K/32 e8m0 scale bytes; w = fp4 * 2^(e - 127).
+ *  16 ggml Q8_0 (a GGUF's blocks as stored): row = K/32 blocks of 34 bytes, fp16 d then 32 int8;
+ *           w = q * d. No separate scale array.
+ *  17 ggml Q4_0: row = K/32 blocks of 18 bytes, fp16 d then 16 bytes, byte j holds element j (low
+ *           nibble) and j + 16 (high); w = (q - 8) * d.
+ * A GGUF stores gate and up as two tensors: with up_q given, gate rows come from gu_q [E, I, K] and
+ * up rows from up_q [E, I, K] (block formats only: their scales are inside the rows).
  * Built by experts/kernel.py with the system C compiler (gcc -O3 -march=native -fopenmp) and loaded
  * with ctypes: no torch headers, so it builds in about a second wherever it runs.
  */
@@ -276,6 +283,53 @@ static void dotfp4(const uint8_t *q, const uint8_t *sc, const int8_t *xq, const 
     }
 }
 
+/* one ggml Q8_0 (q4 = 0) or Q4_0 (q4 = 1) row . T int8 rows in the plain layout: per block of 32 the
+ * weights as int8 (Q4_0: nibble - 8), one integer dot product, times d and the input group's scale */
+static void dotblk(const uint8_t *row, int q4, const int8_t *xq, const float *xs, int K, int T, float *res) {
+    int nb = K / 32, bs = q4 ? 18 : 34;
+    for (int t = 0; t < T; t++) {
+        const int8_t *xt = xq + (long)t * K;
+        const float *st = xs + (long)t * 2 * (K / G);
+#ifdef DPBUSD
+        __m256 acc = _mm256_setzero_ps();
+        const __m256i mask = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8);
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *blk = row + (long)b * bs;
+            if (t == 0 && !(b & 1)) PREFETCH(blk + PF);
+            uint16_t dh;
+            memcpy(&dh, blk, 2);
+            __m256i wv;
+            if (q4) {
+                __m128i p = _mm_loadu_si128((const __m128i *)(blk + 2));
+                __m256i u = _mm256_set_m128i(_mm_srli_epi16(p, 4), p);  /* high half: the high nibbles */
+                wv = _mm256_sub_epi8(_mm256_and_si256(u, mask), eight);
+            } else {
+                wv = _mm256_loadu_si256((const __m256i *)(blk + 2));
+            }
+            __m256i x = _mm256_loadu_si256((const __m256i *)(xt + b * 32));
+            __m256i s = DPBUSD(_mm256_setzero_si256(), _mm256_sign_epi8(wv, wv), _mm256_sign_epi8(x, wv));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(h2f(dh) * st[2 * (b / 2)]), acc);
+        }
+        res[t] = hsum(acc);
+#else
+        float acc = 0.f;
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *blk = row + (long)b * bs;
+            uint16_t dh;
+            memcpy(&dh, blk, 2);
+            const int8_t *xb = xt + b * 32;
+            int s = 0;
+            for (int j = 0; j < 32; j++) {
+                int q = q4 ? ((blk[2 + (j & 15)] >> (j < 16 ? 0 : 4)) & 15) - 8 : (int8_t)blk[2 + j];
+                s += q * xb[j];
+            }
+            acc += (float)s * h2f(dh) * st[2 * (b / 2)];
+        }
+        res[t] = acc;
+#endif
+    }
+}
+
 /* one weight row (row index `row` of a stacked [rows, K] matrix in format `bits`) . T input rows */
 static void dot_row(int bits, const void *q, const void *s, long row, int K, const int8_t *xq, const float *xs,
                     int T, float *res) {
@@ -283,16 +337,20 @@ static void dot_row(int bits, const void *q, const void *s, long row, int K, con
         dot4((const uint8_t *)q + row * (K / 2), (const uint16_t *)s + row * 2 * (K / G), xq, xs, K, T, res);
     else if (bits == 8)
         dot8((const int8_t *)q + row * K, (const uint16_t *)s + row * (K / G), xq, xs, K, T, res);
+    else if (bits == 16 || bits == 17)
+        dotblk((const uint8_t *)q + row * (K / 32) * (bits == 16 ? 34 : 18), bits == 17, xq, xs, K, T, res);
     else
         dotfp4((const uint8_t *)q + row * (K / 2), (const uint8_t *)s + row * (K / 32), xq, xs, K, T, res);
 }
 
 /* OUT[r, n] = W[sel[i]][n] . x_r for n < N and the rows r of each selected expert i, spread over the
  * team (an orphaned omp for: called inside moe_experts' parallel region). The router weight w[r]
- * scales the dot product before the bias (pre_w: Llama 4's input weighting) or after it (post_w). */
-static void expert_rows(int bits, const void *q, const void *s, const float *b, int K, int N, int n_sel,
-                        const int64_t *sel, const int32_t *start, const int8_t *XQ, const float *XS,
+ * scales the dot product before the bias (pre_w: Llama 4's input weighting) or after it (post_w).
+ * q2: rows n >= N/2 come from this second matrix (a GGUF's up beside its gate), row n - N/2. */
+static void expert_rows(int bits, const void *q, const void *s, const void *q2, const float *b, int K, int N,
+                        int n_sel, const int64_t *sel, const int32_t *start, const int8_t *XQ, const float *XS,
                         const float *w, int pre_w, int post_w, float *OUT) {
+    int half = N / 2;
     #pragma omp for collapse(2) schedule(static)
     for (int i = 0; i < n_sel; i++) {
         for (int n = 0; n < N; n++) {
@@ -301,7 +359,14 @@ static void expert_rows(int bits, const void *q, const void *s, const float *b, 
             float res[64];
             for (int t0 = 0; t0 < T; t0 += 64) {
                 int tn = T - t0 < 64 ? T - t0 : 64;
-                dot_row(bits, q, s, e * N + n, K, XQ + (long)(r0 + t0) * K, XS + (long)(r0 + t0) * 2 * (K / G), tn, res);
+                const int8_t *xq = XQ + (long)(r0 + t0) * K;
+                const float *xs = XS + (long)(r0 + t0) * 2 * (K / G);
+                if (!q2)
+                    dot_row(bits, q, s, e * N + n, K, xq, xs, tn, res);
+                else if (n < half)
+                    dot_row(bits, q, s, e * half + n, K, xq, xs, tn, res);
+                else
+                    dot_row(bits, q2, s, e * half + n - half, K, xq, xs, tn, res);
                 for (int t = 0; t < tn; t++) {
                     float v = res[t], wt = w[r0 + t0 + t];
                     if (pre_w) v *= wt;
@@ -313,17 +378,31 @@ static void expert_rows(int bits, const void *q, const void *s, const float *b, 
     }
 }
 
+/* The activation of one value: 0 silu, 2 relu^2, 3 relu, 4 gelu (tanh approximation), 5 gelu (erf);
+ * 1 (gpt-oss's clamped SwiGLU) is applied to gate and up together below. */
+static inline float act_fn(int act, float v) {
+    switch (act) {
+    case 2: v = v > 0.f ? v : 0.f; return v * v;
+    case 3: return v > 0.f ? v : 0.f;
+    case 4: return 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    case 5: return 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
+    default: return v / (1.f + expf(-v));
+    }
+}
+
 /* sel: n_sel expert ids; rows r in [start[i], start[i+1]) belong to sel[i]; tok[r] its token, w[r] its weight.
  * X [n_tok, d]; OUT [n_tok, d] (added to). Scratch: XQ int8 [rows, d], XS [rows, 2 d/G], H [rows, 2I],
- * AQ int8 [rows, I], AS [rows, 2 I/G], Y [rows, d]. act: 0 SwiGLU (silu), 1 gpt-oss clamped.
+ * AQ int8 [rows, I], AS [rows, 2 I/G], Y [rows, d]. act: act_fn's code (1: gpt-oss clamped SwiGLU).
+ * gated: gu holds gate rows then up rows (a = act(gate) * up); else up rows alone (a = act(up)).
+ * up_q: the up rows as their own matrix (see the layouts), or NULL.
  * weight_input: Llama 4 (the router weight scales the expert's input, not its output). */
 void moe_experts(int bits, int n_sel, const int64_t *sel, const int32_t *start, const int32_t *tok, const float *w,
                  const float *X, float *OUT, int d, int I,
-                 const void *gu_q, const void *gu_s, const void *dn_q, const void *dn_s,
+                 const void *gu_q, const void *gu_s, const void *up_q, const void *dn_q, const void *dn_s,
                  const float *gu_b, const float *dn_b,
                  int8_t *XQ, float *XS, float *H, int8_t *AQ, float *AS, float *Y,
-                 int act, float alpha, float limit, int weight_input) {
-    int rows = start[n_sel], I2 = 2 * I;
+                 int act, int gated, float alpha, float limit, int weight_input) {
+    int rows = start[n_sel], I2 = gated ? 2 * I : I;
     int layout = bits == 2 ? LAYOUT_EVEN_ODD : (bits == 4 && ZMM4 ? LAYOUT_PAIRED : LAYOUT_PLAIN);
     PROF(0);
     #pragma omp parallel
@@ -332,25 +411,29 @@ void moe_experts(int bits, int n_sel, const int64_t *sel, const int32_t *start, 
         for (int r = 0; r < rows; r++)  /* gather token rows so each expert's tokens are contiguous */
             quant_row(X + (long)tok[r] * d, d, XQ + (long)r * d, XS + (long)r * 2 * (d / G), layout);
         PROF(1);
-        expert_rows(bits, gu_q, gu_s, gu_b, d, I2, n_sel, sel, start, XQ, XS, w, weight_input, 0, H);
+        expert_rows(bits, gu_q, gu_s, up_q, gu_b, d, I2, n_sel, sel, start, XQ, XS, w, weight_input, 0, H);
         PROF(2);
         #pragma omp for schedule(static)
         for (int r = 0; r < rows; r++) {
             float *h = H + (long)r * I2;  /* the activation overwrites the gate half in place */
             for (int j = 0; j < I; j++) {
+                if (!gated) {
+                    h[j] = act_fn(act, h[j]);
+                    continue;
+                }
                 float g = h[j], u = h[I + j];
                 if (act == 1) {
                     g = g > limit ? limit : g;
                     u = u > limit ? limit : (u < -limit ? -limit : u);
                     h[j] = (u + 1.f) * (g / (1.f + expf(-g * alpha)));
                 } else {
-                    h[j] = g / (1.f + expf(-g)) * u;
+                    h[j] = act_fn(act, g) * u;
                 }
             }
             quant_row(h, I, AQ + (long)r * I, AS + (long)r * 2 * (I / G), layout);
         }
         PROF(3);
-        expert_rows(bits, dn_q, dn_s, dn_b, I, d, n_sel, sel, start, AQ, AS, w, 0, !weight_input, Y);
+        expert_rows(bits, dn_q, dn_s, NULL, dn_b, I, d, n_sel, sel, start, AQ, AS, w, 0, !weight_input, Y);
         PROF(4);
         #pragma omp for schedule(static)
         for (int n = 0; n < d; n++)
@@ -363,11 +446,11 @@ void moe_experts(int bits, int n_sel, const int64_t *sel, const int32_t *start, 
  * (experts/decode.py): the call from Python passes one pointer.
  * pack = [k expert ids as float, k weights, x (d floats)], as the GPU segment writes it. */
 typedef struct {
-    int bits, k, d, I, act, weight_input;
+    int bits, k, d, I, act, gated, weight_input;
     float alpha, limit;
     const float *pack;
     float *out;
-    const void *gu_q, *dn_q, *gu_s, *dn_s;
+    const void *gu_q, *up_q, *dn_q, *gu_s, *dn_s;
     const float *gu_b, *dn_b;
     int8_t *XQ, *AQ;
     float *XS, *H, *AS, *Y;
@@ -389,6 +472,7 @@ void moe_decode(void *arg) {
     for (int i = 0; i <= k; i++) start[i] = i;
     for (int i = 0; i < k; i++) tok[i] = 0;
     memset(c->out, 0, sizeof(float) * c->d);
-    moe_experts(c->bits, k, sel, start, tok, w, c->pack + 2 * k, c->out, c->d, c->I, c->gu_q, c->gu_s, c->dn_q, c->dn_s,
-                c->gu_b, c->dn_b, c->XQ, c->XS, c->H, c->AQ, c->AS, c->Y, c->act, c->alpha, c->limit, c->weight_input);
+    moe_experts(c->bits, k, sel, start, tok, w, c->pack + 2 * k, c->out, c->d, c->I, c->gu_q, c->gu_s, c->up_q,
+                c->dn_q, c->dn_s, c->gu_b, c->dn_b, c->XQ, c->XS, c->H, c->AQ, c->AS, c->Y, c->act, c->gated,
+                c->alpha, c->limit, c->weight_input);
 }

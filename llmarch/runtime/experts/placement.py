@@ -4,7 +4,8 @@
 --expert-bits 16|8|4     16: the model dtype; 8: int8, one fp16 scale per 64 inputs;
                          4: int4, fp16 scale + min per 64 inputs (4.5 bits per weight);
                          not given, on the CPU, for gpt-oss's MXFP4 experts: kept as shipped
-                         (4.25 bits per weight)
+                         (4.25 bits per weight), for a GGUF's Q8_0 / Q4_0 experts: its blocks
+                         read as stored from the file's memory map
 --gpu-experts N          the N most used experts of each layer (counted while running) also
                          get a float copy on the GPU and are computed there
 """
@@ -24,6 +25,7 @@ from llmarch.errors import LlmarchError
 from llmarch.runtime.experts.disk import DiskCache
 from llmarch.runtime.experts.formats import ExpertFormat, G
 from llmarch.runtime.experts.host import OffloadedExperts
+from llmarch.runtime.experts.kernel import kernel_activation
 from llmarch.runtime.experts.stores import QuantGPUExperts
 from llmarch.runtime.ops.moe import MoE
 
@@ -38,12 +40,20 @@ class Placement:
 
 
 def store_factory(place: Placement, dtype, device):
-    def make(moe: MoE, gate_up, down, biases, mxfp4=None):
-        if not moe.gated and place.experts != "gpu":
-            # the host stores and their CPU kernel compute gated experts (gate and up halves)
-            raise LlmarchError(
-                f"layer {moe.index}: non-gated experts (up / down only) cannot be offloaded yet; use --experts gpu"
-            )
+    def make(moe: MoE, gate_up, down, biases, stored=None):
+        if place.experts != "gpu" and place.format.quantized:
+            kernel_activation(moe.act)  # one line now if the kernel lacks the experts' activation
+        if place.format.ggml_type:  # a GGUF's blocks: (gate, up, down) tensor infos, (up, None, down) non-gated
+            from llmarch.runtime.experts import gguf_blocks
+
+            if stored is None:
+                raise LlmarchError(
+                    f"layer {moe.index}: experts are not {place.format.ggml_type} like the other layers'; "
+                    "use --expert-bits 16"
+                )
+            gu, up, dn, mm = gguf_blocks.views(stored, place.format, own_map=place.experts == "disk")
+            return OffloadedExperts.from_quantized(moe, (gu, None, dn, None), place, dtype, biases, up=up, mapped=mm)
+        mxfp4 = stored
         if (
             place.format is ExpertFormat.MXFP4
         ):  # blocks [E, rows, K/32, 16] as rows of K/2 bytes, e8m0 scales [E, rows, K/32]
@@ -65,8 +75,18 @@ def store_factory(place: Placement, dtype, device):
             return QuantGPUExperts(gate_up, down, biases, place.format, dtype, device)
         return moe.experts.load(gate_up, down, biases, dtype, device)
 
-    make.keeps_mxfp4 = place.format is ExpertFormat.MXFP4  # read_moe hands over the blocks instead of dequantizing
+    # read_moe hands over the stored blocks instead of dequantizing
+    make.keeps_stored = place.format if place.format.stored else None
     return make
+
+
+def stored_format(ckpt, spec) -> ExpertFormat | None:
+    """The checkpoint's own expert format where the CPU kernel reads it as it is: gpt-oss's MXFP4
+    safetensors, a GGUF's Q8_0 / Q4_0 blocks."""
+    from llmarch.runtime.experts.gguf_blocks import block_format
+    from llmarch.runtime.moe_names import has_mxfp4_experts
+
+    return ExpertFormat.MXFP4 if has_mxfp4_experts(ckpt) else block_format(ckpt, spec)
 
 
 GiB = 2**30
@@ -99,10 +119,11 @@ def plan(
     gpu_experts: int = 0,
     cache_gib: float = 2.0,
     disk_dir: str | None = None,
-    mxfp4: bool = False,
+    stored: ExpertFormat | None = None,
 ) -> Placement:
     """Check the options and that the placement fits; the default puts experts on the GPU when they fit.
-    mxfp4: the checkpoint's experts are MXFP4; without --expert-bits they stay so on the CPU/disk."""
+    stored: the format the kernel reads the checkpoint's experts in as they are (stored_format);
+    without --expert-bits they stay so on the CPU/disk."""
     fmt = ExpertFormat.from_bits(16 if bits is None else bits)
     if experts not in (None, "gpu", "cpu", "disk"):
         raise LlmarchError(f"--experts must be gpu, cpu or disk, got {experts!r}")
@@ -118,8 +139,8 @@ def plan(
     where = "the GPU" if on_gpu else "host RAM"
     if experts is None:
         experts = "gpu" if routed + dense < 0.9 * dev_free else "cpu"
-    if mxfp4 and bits is None and experts != "gpu":
-        fmt = ExpertFormat.MXFP4
+    if stored is not None and bits is None and experts != "gpu":
+        fmt = stored
         routed = expert_bytes(spec, fmt, dbytes)[0]
     hot = gpu_experts * routed // max(spec.moe.experts, 1)
     need_dev = dense + (routed if experts == "gpu" else hot)

@@ -103,6 +103,7 @@ class ExpertAct:
         self.alpha = float(spec.moe.swiglu_alpha or 0.0)  # floats either way: the CPU kernel takes both
         self.limit = float(spec.moe.swiglu_limit or 0.0)
         self.act = None if self.clamped else activation(spec.activation)  # (GGUF names gpt-oss's "swiglu_clamped")
+        self.name = spec.activation or "silu"  # for the CPU expert kernel's own activation code
 
     def __call__(self, gu: torch.Tensor) -> torch.Tensor:
         if not self.gated:
@@ -137,7 +138,7 @@ class MoE(nn.Module):
                 else PlainMLP(self.d, width, spec.activation, bias=False)
             )
         self.shared_gate = nn.Linear(self.d, 1, bias=False) if m.shared_gated else None
-        self.store_factory = None  # experts/placement.py: (moe, gate_up, down, biases, mxfp4) -> expert store
+        self.store_factory = None  # experts/placement.py: (moe, gate_up, down, biases, stored) -> expert store
 
     def forward(self, x: torch.Tensor, route_on: torch.Tensor | None = None) -> torch.Tensor:
         """route_on: what the router reads where it is not the experts' input (Gemma 4 routes on
@@ -160,7 +161,7 @@ class MoE(nn.Module):
         """Read this layer's router/experts/shared tensors (names from moe_names.py) and place them."""
         from llmarch.runtime.moe_names import read_moe
 
-        t = read_moe(source, self, keep_mxfp4=getattr(self.store_factory, "keeps_mxfp4", False))
+        t = read_moe(source, self, keep_stored=getattr(self.store_factory, "keeps_stored", None))
         put = lambda x: nn.Parameter(x.to(device=device, dtype=dtype), requires_grad=False)  # noqa: E731
         self.router.weight = put(t["router"])
         for key, attr in (("router_input_scale", "input_scale"), ("per_expert_scale", "expert_scale")):
@@ -187,7 +188,8 @@ class MoE(nn.Module):
             self.shared_gate = _linear(t["shared_gate_w"], None, dtype, device)
         biases = (t.get("gate_up_bias"), t.get("down_bias"))
         if self.store_factory is not None:
-            self.experts = self.store_factory(self, t["gate_up"], t["down"], biases, t.get("mxfp4"))
+            stored = t.get("mxfp4") or t.get("gguf_blocks")
+            self.experts = self.store_factory(self, t["gate_up"], t["down"], biases, stored)
         else:
             self.experts.load(t["gate_up"], t["down"], biases, dtype, device)
 

@@ -1,0 +1,149 @@
+"""--experts cpu|disk from a GGUF: Q8_0 / Q4_0 expert blocks are read by the CPU kernel as stored,
+views of the file's memory map (nothing dequantized, requantized or copied); other types take the
+dequantizing path, and the run report says which was used.
+
+- the kernel on ggml blocks made by gguf-py's own quantizer (the reference for the layout) against
+  torch on gguf-py's dequantization of them, inputs rounded as the kernel rounds them; gated
+  (gate and up as two tensors, as a GGUF stores them) and non-gated experts.
+- a tiny Qwen3-MoE converted by `llmarch convert --to gguf` (q8_0, q4_0): greedy tokens with the
+  experts on the host equal the same GGUF's all on one device; from disk and through the
+  segmented decoder too; the stores hold views of the GGUF mapping.
+- q5_0 (no kernel layout): dequantized, 16-bit on the host, the resident tokens; the note says why.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("transformers")
+
+from tests.test_offload import SLICE  # noqa: E402
+
+PROMPT, STEPS = 12, 32
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+@pytest.mark.parametrize("gated", [True, False])
+def test_cpu_kernel_reads_ggml_blocks(qtype, gated):
+    from types import SimpleNamespace
+
+    import numpy as np
+    from gguf.quants import dequantize as gg_dequant
+    from gguf.quants import quantize as gg_quant
+
+    from llmarch.runtime.experts.formats import ExpertFormat
+    from llmarch.runtime.experts.formats import fake_quant_activations as fq
+    from llmarch.runtime.experts.host import OffloadedExperts
+    from llmarch.runtime.experts.placement import Placement
+    from llmarch.runtime.experts.stores import ResidentExperts
+    from llmarch.runtime.ops.moe import ExpertAct
+
+    fmt = ExpertFormat.from_ggml(qtype)
+    qt = gguf.GGMLQuantizationType[qtype]
+    g = torch.Generator().manual_seed(13)
+    E, d, inter, k, T = 5, 192, 128, 2, 6
+    act = ExpertAct(
+        SimpleNamespace(
+            moe=SimpleNamespace(swiglu_alpha=None, swiglu_limit=None),
+            activation="silu" if gated else "relu2",
+            ffn_gated=gated,
+        ),
+        inter,
+    )
+
+    def blocks(rows, cols):  # gguf-py's quantizer: [E, rows, cols] float -> uint8 [E, rows, row bytes]
+        w = (torch.randn(E, rows, cols, generator=g) * 0.2).numpy()
+        q = gg_quant(w, qt)
+        return torch.from_numpy(np.ascontiguousarray(q)), torch.from_numpy(gg_dequant(q, qt).copy())
+
+    parts = [blocks(inter, d) for _ in range(2 if gated else 1)]
+    dn, dn_f = blocks(d, inter)
+    moe = SimpleNamespace(E=E, d=d, inter=inter, index=0, gated=gated)
+    st = OffloadedExperts.from_quantized(
+        moe, (parts[0][0], None, dn, None), Placement("cpu", fmt), torch.float32, up=parts[1][0] if gated else None
+    )
+    ref = ResidentExperts(E, d, inter, False, gated=gated)
+    ref.gate_up.data = torch.cat([p[1] for p in parts], dim=1).float()
+    ref.down.data = dn_f.float()
+    x = torch.randn(T, d, generator=g)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    w = torch.rand(T, k, generator=g)
+    with torch.no_grad():
+        for rows in (slice(0, 1), slice(0, T)):
+            got = st(x[rows], idx[rows], w[rows], act, False)
+            want = ref(fq(x[rows]), idx[rows], w[rows], lambda h: fq(act(h)), False)
+            assert want.abs().max().item() > 0.05
+            assert (got - want).abs().max().item() < 1e-4 * max(1.0, want.abs().max().item())
+        # the float path of the same store (hot experts on a GPU use it) dequantizes the blocks alike
+        for e in range(E):
+            assert torch.equal(st.expert(e)[0], ref.gate_up[e]) and torch.equal(st.expert(e)[1], ref.down[e])
+
+
+@pytest.fixture(scope="module")
+def ggufs(tiny, tmp_path_factory):
+    from llmarch.convert.to_gguf import convert_to_gguf
+
+    src = tiny("qwen3_moe", **SLICE)
+    d = tmp_path_factory.mktemp("expert_blocks")
+    files = {q: d / f"qwen3_moe-{q}.gguf" for q in ("q8_0", "q4_0", "q5_0")}
+    for q, out in files.items():  # what `llmarch convert --to gguf --dtype q` runs, in process
+        convert_to_gguf(str(src), out, q)
+    return files
+
+
+def _run(path, **kw):
+    from llmarch.runtime.experts.decode import attach_decoder
+    from llmarch.runtime.generate import Generator, Sampling
+    from llmarch.runtime.load import load_runtime
+
+    segmented = kw.pop("segmented", False)
+    rt = load_runtime(str(path), "cpu", "float32", **kw)
+    gen = Generator(rt, PROMPT + STEPS + 1)
+    if segmented:
+        assert attach_decoder(gen)
+    ids = torch.randint(3, 128, (PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()
+    return rt, gen.generate(ids, STEPS, Sampling()).tokens
+
+
+@pytest.mark.parametrize("q", ["q8_0", "q4_0"])
+def test_gguf_blocks_on_the_host_give_the_resident_tokens(ggufs, q, tmp_path):
+    from llmarch.runtime.experts.formats import ExpertFormat
+    from llmarch.runtime.experts.report import offloaded
+    from llmarch.runtime.weights import _memmap
+
+    path = ggufs[q]
+    _, want = _run(path, experts="gpu")
+    assert len(set(want)) > 3
+    fmt = ExpertFormat.from_ggml(q.upper())
+    for experts, segmented in (("cpu", False), ("cpu", True), ("disk", False)):
+        rt, got = _run(path, experts=experts, expert_dir=str(tmp_path), segmented=segmented)
+        assert got == want, (experts, segmented)
+        assert any(f"the GGUF's {q.upper()} blocks used as stored" in n for n in rt.notes)
+        stores = offloaded(rt.model)
+        assert len(stores) == 4 and all(s.format is fmt and s.up is not None for s in stores)
+        for s in stores:  # views of the GGUF's mapping: the run's shared one, or (disk) the store's own
+            mm = _memmap(path) if experts == "cpu" else s._mm
+            base = mm.ctypes.data
+            for t in (s.gu, s.up, s.dn):
+                assert base <= t.data_ptr() < base + mm.nbytes
+        assert stores[0].expert_bytes() == 3 * 128 * 64 // 32 * (34 if q == "q8_0" else 18)
+
+
+def test_requested_bits_and_unreadable_blocks_take_the_dequantizing_path(ggufs):
+    """--expert-bits 8 on a Q8_0 GGUF: dequantized and requantized (asked for). Q5_0 has no kernel
+    layout: dequantized to 16-bit on the host, exactly the resident model's tokens."""
+    from llmarch.runtime.experts.formats import ExpertFormat
+    from llmarch.runtime.experts.report import offloaded
+
+    rt, _ = _run(ggufs["q8_0"], experts="cpu", expert_bits=8)
+    assert offloaded(rt.model)[0].format is ExpertFormat.INT8
+    assert any(
+        "Q8_0 blocks dequantized, then requantized to int8 (--expert-bits 8 asks for that)" in n for n in rt.notes
+    )
+    _, want = _run(ggufs["q5_0"], experts="gpu")
+    rt, got = _run(ggufs["q5_0"], experts="cpu")
+    assert got == want
+    assert offloaded(rt.model)[0].format is ExpertFormat.FLOAT
+    assert any("the CPU expert kernel reads Q8_0/Q4_0 blocks, not Q5_0" in n for n in rt.notes), rt.notes
