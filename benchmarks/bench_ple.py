@@ -14,6 +14,26 @@ the median step. Memory is /proc/self/status VmRSS / VmHWM.
 Cold cache: the file's pages are evicted with posix_fadvise(DONTNEED) (no root needed, unlike
 drop_caches; fincore checks that it worked), then the first steps of --ple disk are timed, and the
 --ple cpu load (which reads the whole table) is timed the same way.
+
+--gpu: Gemma 3n E2B and E4B at full size on a CUDA machine, against llama.cpp in the same run:
+
+    python benchmarks/bench_ple.py --gpu --llama-src llama.cpp-0.3.36-vendor.tar.gz --json OUT.json --budget-s 480
+    python benchmarks/bench_ple.py --gpu --tiny --device cpu --dry-run     # every step, small, on a CPU
+
+1. builds llama.cpp's llama-bench with CUDA in the background (bench_vs_llamacpp's build) on all
+   cores but --measure-cores (4), which everything else runs on, so the two proceed side by side;
+2. writes each model's random bf16 checkpoint with the real config's shapes (fixtures/hub_shapes.py)
+   on the GPU, with a byte-level BPE tokenizer;
+3. per --ple mode, one process loads the checkpoint as `llmarch run` does (the same CUDA-graph
+   rule: a graph with --ple gpu, eager decode with cpu / disk, whose rows need the ids on the
+   host), generates --tokens after a short prompt twice (the first a warm-up) and reports decode
+   tok/s, the PLE store's rows read and wait per token, peak GPU memory (allocated and reserved)
+   and host VmHWM / VmRSS. --ple gpu also decodes eagerly in the same process: the like-for-like
+   figure for the eager cpu / disk modes;
+4. converts each checkpoint with `llmarch convert --to gguf` (bf16), and once the build is done
+   runs llama-bench tg --tokens (-fa 1 -ngl 99) on all cores, its lazy mode off and on (on: the
+   per-layer table's rows read on demand through mmap instead of resident in host RAM);
+5. prints one table. With --budget-s, what would not fit is skipped and said so (E2B first).
 """
 
 from __future__ import annotations
@@ -262,6 +282,289 @@ def real_model(a) -> None:
     )
 
 
+# ----------------------------------------------------------------------------- --gpu: E2B / E4B
+
+GPU_MODELS = {"e2b": "GEMMA3N_E2B", "e4b": "GEMMA3N_E4B"}  # fixtures/hub_shapes.py names
+# the same family at toy size for --tiny; as llama.cpp's gemma3n hard-codes (LAuReL rank 64,
+# KV in the first 20 layers, 0.95 sparsity on the first 10, 256-wide per-layer rows)
+GPU_TINY = dict(
+    vocab_size=1024,
+    vocab_size_per_layer_input=1024,
+    hidden_size=64,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+    sliding_window=16,
+)
+GPU_PROMPT = [2, 651, 603, 576, 962, 110, 727, 235]  # 8 ids below every vocabulary here (--tiny: 1024)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def gpu_shape(name: str, tiny: bool) -> dict:
+    sys.path.insert(0, str(ROOT))
+    import fixtures.hub_shapes as hub
+
+    cfg = dict(getattr(hub, GPU_MODELS[name]))
+    if tiny:
+        cfg.update(GPU_TINY, intermediate_size=[128] * cfg["num_hidden_layers"])
+    return cfg
+
+
+def gpu_worker(a) -> dict:
+    """One process, one --ple mode, as `llmarch run` loads and decodes (see the docstring, step 3)."""
+    import torch
+
+    from llmarch.runtime.generate import Generator, Sampling
+    from llmarch.runtime.load import load_runtime
+    from llmarch.runtime.ple import Counters, find_store
+
+    cuda = a.device == "cuda"
+    t = time.perf_counter()
+    rt = load_runtime(str(a.table), a.device, "bfloat16", ple=a.mode)
+    out: dict = {"mode": a.mode, "load_s": round(time.perf_counter() - t, 2), "after_load": status_mib()}
+    store = find_store(rt.model)
+    n = len(GPU_PROMPT) + a.tokens
+    # run.py's rule: rows gathered on the host need the ids there, so no CUDA graph
+    variants = [("run", None if store.mode == "gpu" else False)]
+    if store.mode == "gpu" and cuda:
+        variants.append(("eager", False))
+    for label, graph in variants:
+        gen = Generator(rt, n, cuda_graph=graph)
+        warm = gen.generate(GPU_PROMPT, a.tokens, Sampling())
+        store.stats = Counters()  # the timed run's reads and waits alone
+        res = gen.generate(GPU_PROMPT, a.tokens, Sampling())
+        r = store.report()
+        steps = max(len(res.tokens) - 1, 1)
+        out[label] = {
+            "graph": gen.graph is not None,
+            "decode_tok_s": round(res.decode_tok_s, 2),
+            "warmup_decode_tok_s": round(warm.decode_tok_s, 2),
+            "prefill_s": round(res.prefill_s, 4),
+            "tokens": res.tokens,
+            "rows_read_per_token": r["rows_read_per_token"],
+            "read_wait_ms_per_token": round(1e3 * r["read_wait_s"] / steps, 4),
+            "read_ms_per_token": round(1e3 * r["read_s"] / steps, 4),
+        }
+        del gen
+    out["ple"] = {k: v for k, v in store.report().items() if k not in ("tokens", "rows_read", "reads")}
+    out["after_generate"] = status_mib()
+    if cuda:
+        out["gpu_peak_allocated_mib"] = torch.cuda.max_memory_allocated() // 2**20
+        out["gpu_peak_reserved_mib"] = torch.cuda.max_memory_reserved() // 2**20
+    return out
+
+
+def gpu_model(a, name: str, work: Path, torch) -> dict:
+    """The random checkpoint (with a tokenizer) written on the device."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_run_gpu import SHAPES, make_checkpoint
+
+    from tests.test_convert import add_tokenizer
+
+    cfg = gpu_shape(name, a.tiny)
+    key = f"gemma-3n-{name}" + ("-tiny" if a.tiny else "")
+    SHAPES[key] = ("gemma3n_text", cfg)
+    hf = work / key
+    t = time.perf_counter()
+    model = make_checkpoint(key, hf, torch, device=a.device)
+    del model
+    if a.device == "cuda":
+        torch.cuda.empty_cache()
+    add_tokenizer(hf, cfg["vocab_size"])
+    m: dict = {"folder": str(hf), "checkpoint_s": round(time.perf_counter() - t, 1)}
+    m["checkpoint_bytes"] = sum(f.stat().st_size for f in hf.glob("*.safetensors"))
+    m["gguf"] = str(work / f"{key}-bf16.gguf")
+    log(f"{name}: checkpoint {m['checkpoint_bytes'] / 1e9:.2f} GB in {m['checkpoint_s']} s")
+    return m
+
+
+def start_convert(m: dict) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "llmarch", "convert", m["folder"], "--to", "gguf", "-o", m["gguf"]]
+    return subprocess.Popen(
+        [*cmd, "--dtype", "bf16", "--force"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def llama_bench_lazy(bench: str, gguf: str, tg: int, reps: int, timeout: float) -> dict:
+    """llama-bench tg only, lazy mode off and on: {"off": {...}, "on": {...}} (median tok/s)."""
+    import statistics
+
+    cmd = [bench, "-m", gguf, "-p", "0", "-n", str(tg), "-fa", "1", "-ngl", "99", "-r", str(reps)]
+    cmd += ["-lzm", "off,on", "-o", "json"]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"llama-bench ran past {timeout:.0f} s"}
+    if p.returncode:
+        return {"error": f"exit {p.returncode}: {p.stderr[-1500:]}"}
+    out = {}
+    for t in json.loads(p.stdout):
+        out[str(t.get("lazy_mode"))] = {
+            "tok_s": round(statistics.median(t["samples_ts"]), 2),
+            "samples_ts": t["samples_ts"],
+            "model_size": t["model_size"],
+            "build_commit": t.get("build_commit"),
+        }
+    return out
+
+
+def gpu_table(res: dict) -> str:
+    m0 = res["machine"]
+    lines = [
+        f"{m0.get('device', 'cpu')}, {m0['cpus']} CPU cores, {m0['date']}, torch {m0['torch']}; decode of "
+        f"{res['tokens']} tokens after an {len(GPU_PROMPT)}-token prompt, bf16, batch 1 (llmarch: the second of two "
+        f"runs; llama.cpp: llama-bench tg{res['tokens']}, median of {res['reps']})",
+        "| model | engine, table | decode tok/s | vs resident | PLE rows / token | wait ms / token | "
+        "GPU peak MiB (alloc / reserved) | host VmHWM MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in res["models"].items():
+        runs = m.get("llmarch", {})
+        gpu = runs.get("gpu", {})
+        ref = {"run": gpu.get("run", {}).get("decode_tok_s"), "eager": gpu.get("eager", {}).get("decode_tok_s")}
+        for mode in ("gpu", "cpu", "disk"):
+            w = runs.get(mode)
+            if not w:
+                continue
+            if "error" in w:
+                lines.append(
+                    f"| {name} | llmarch --ple {mode} | {w['error'].strip().splitlines()[-1][:160]} | | | | | |"
+                )
+                continue
+            for label in ("run", "eager"):
+                r = w.get(label)
+                if not r:
+                    continue
+                base = ref["eager"] if not r["graph"] else ref["run"]
+                vs = f"{100 * (r['decode_tok_s'] / base - 1):+.1f}%" if base and mode != "gpu" else ""
+                kind = "CUDA graph" if r["graph"] else "eager"
+                lines.append(
+                    f"| {name} | llmarch --ple {mode} ({kind}) | {r['decode_tok_s']:.1f} | {vs} | "
+                    f"{r['rows_read_per_token']} | {r['read_wait_ms_per_token']} | {w.get('gpu_peak_allocated_mib', '-')}"
+                    f" / {w.get('gpu_peak_reserved_mib', '-')} | {w['after_generate']['VmHWM']} |"
+                )
+        lc = m.get("llama.cpp", {})
+        if "error" in lc or "skipped" in lc:
+            lines.append(f"| {name} | llama.cpp | {lc.get('error', lc.get('skipped'))[:160]} | | | | | |")
+        off = lc.get("off", {}).get("tok_s")
+        for mode, label in (("off", "table resident (lazy off)"), ("on", "rows read on demand (lazy on)")):
+            if mode in lc:
+                t = lc[mode]["tok_s"]
+                vs = f"{100 * (t / off - 1):+.1f}%" if mode == "on" and off else ""
+                lines.append(f"| {name} | llama.cpp CUDA, {label} | {t:.1f} | {vs} | | | | |")
+        for k in ("skipped",):
+            if k in m:
+                lines.append(f"| {name} | {m[k]} | | | | | | |")
+    return "\n".join(lines)
+
+
+def gpu_main(a) -> None:
+    t_start = time.perf_counter()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+    from bench_vs_llamacpp import build_commands, llama_source, machine, start_build, wait_build
+
+    def left() -> float:
+        return a.budget_s - (time.perf_counter() - t_start) if a.budget_s else 86400.0
+
+    def save() -> None:
+        if a.json:
+            Path(a.json).write_text(json.dumps(res, indent=2, default=str))
+
+    if a.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_ple --gpu: no CUDA GPU (--tiny --device cpu --dry-run checks every step on a CPU)")
+    res: dict = {"machine": machine(torch, a.device), "tokens": a.tokens, "reps": a.reps, "budget_s": a.budget_s}
+    models: dict = {}
+    res["models"] = models
+    # the build runs on its own cores, llmarch's timed runs (and everything else) on --measure-cores
+    # others: both at once, neither slowing the other's CPU side
+    cores = sorted(os.sched_getaffinity(0))
+    measure = set(cores[: a.measure_cores]) if a.measure_cores and len(cores) > 2 * a.measure_cores else set(cores)
+    build_cores = set(cores) - measure or set(cores)
+    res["cores"] = {"llmarch": sorted(measure), "llama_build": sorted(build_cores)}
+    build = build_log = None
+    bench = a.llama_bench
+    if not bench and a.llama_src:
+        build_dir = Path(a.build_dir)
+        source = llama_source(Path(a.llama_src), build_dir / "src")
+        cmds = build_commands(source, build_dir / "build", len(build_cores))
+        bench = str(build_dir / "build" / "bin" / "llama-bench")
+        if a.dry_run:
+            for c in cmds:
+                print("would run:", " ".join(c))
+        else:
+            build_log = Path(a.log_dir or build_dir) / "llama_build.log"
+            os.sched_setaffinity(0, build_cores)  # inherited by the build
+            build = start_build(cmds, build_log)
+            log(f"llama.cpp build started ({source}) on {len(build_cores)} cores, log {build_log}")
+    os.sched_setaffinity(0, measure)
+    work = Path(a.dir) / "gpu"
+    work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for name in a.models:  # llmarch: checkpoint, then one process per --ple mode
+        st = os.statvfs(work)
+        free = st.f_bavail * st.f_frsize
+        need = 0 if a.tiny else 2.1 * (8.9e9 if name == "e2b" else 13.7e9)  # checkpoint + GGUF, bf16
+        if free < need or left() < a.model_s:
+            models[name] = {"skipped": f"not made: {free / 1e9:.0f} GB free, {left():.0f} s of the budget left"}
+            log(f"{name}: {models[name]['skipped']}")
+            continue
+        m = models[name] = gpu_model(a, name, work, torch)
+        m["llmarch"] = {}
+        for mode in ("gpu", "cpu", "disk") if a.device == "cuda" else ("cpu", "disk"):
+            cmd = [sys.executable, __file__, "--gpu-worker", "--mode", mode, "--table", m["folder"]]
+            cmd += ["--tokens", str(a.tokens), "--device", a.device]
+            try:
+                r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=max(left() - 10, 10))
+                if r.returncode:
+                    raise RuntimeError(r.stderr[-1500:])
+                m["llmarch"][mode] = json.loads(r.stdout.strip().splitlines()[-1])
+            except Exception as e:  # report and go on: the other modes still measure
+                m["llmarch"][mode] = {"error": f"{type(e).__name__}: {e}"[-1500:]}
+            w = m["llmarch"][mode]
+            log(f"{name} --ple {mode}: " + (w["error"][-300:] if "error" in w else json.dumps(w.get("run"))[:300]))
+            save()
+        toks = {k: w["run"]["tokens"] for k, w in m["llmarch"].items() if "run" in w}
+        m["same_tokens"] = len({tuple(v) for v in toks.values()}) == 1 if toks else None
+        m["llmarch_timed_beside_build"] = build is not None and build.poll() is None
+    # llama.cpp: the GGUFs (all cores once the build is done), then llama-bench on a quiet machine
+    convs = {n: start_convert(m) for n, m in models.items() if "folder" in m and bench}
+    finished = wait_build(build, build_log, res, t_start, max(left() - 30, 1) if a.budget_s else None)
+    os.sched_setaffinity(0, set(cores))
+    for name, conv in convs.items():
+        m = models[name]
+        try:
+            text, _ = conv.communicate(timeout=max(left() - 10, 1))
+        except subprocess.TimeoutExpired:
+            conv.kill()
+            m["llama.cpp"] = {"skipped": "llmarch convert still running when the budget ran out"}
+            continue
+        if conv.returncode:
+            m["llama.cpp"] = {"error": f"llmarch convert failed: {text[-1000:]}"}
+        elif a.dry_run:
+            m["llama.cpp"] = {"skipped": "dry run"}
+        elif not finished:
+            m["llama.cpp"] = {"skipped": "llama.cpp still building when the budget ran out"}
+        elif "llama_build_error" in res:
+            m["llama.cpp"] = {"error": "llama.cpp build failed"}
+        elif left() < 25:
+            m["llama.cpp"] = {"skipped": f"{left():.0f} s of the budget left"}
+        else:
+            m["gguf_bytes"] = Path(m["gguf"]).stat().st_size
+            m["llama.cpp"] = llama_bench_lazy(bench, m["gguf"], a.tokens, a.reps, max(left() - 5, 5))
+        log(f"{name} llama.cpp: {json.dumps(m['llama.cpp'])[:400]}")
+        save()
+    if build is not None and build.poll() is None:
+        build.kill()
+    res["total_s"] = round(time.perf_counter() - t_start, 1)
+    save()
+    print()
+    print(gpu_table(res))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=4)
@@ -278,7 +581,30 @@ def main() -> None:
     p.add_argument("--real", action="store_true", help="llmarch run on a Gemma 3n E2B-shaped model of --layers layers")
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--real-worker", action="store_true")
+    p.add_argument("--gpu", action="store_true", help="Gemma 3n E2B / E4B at full size on CUDA, with llama.cpp")
+    p.add_argument("--gpu-worker", action="store_true")
+    p.add_argument("--models", nargs="+", default=list(GPU_MODELS), choices=list(GPU_MODELS))
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--tiny", action="store_true", help="--gpu with toy widths (a CPU check of every step)")
+    p.add_argument("--llama-src", help="llama-cpp-python sdist, a tarball of llama.cpp, or its folder")
+    p.add_argument("--llama-bench", help="an llama-bench already built (skips the build)")
+    p.add_argument("--build-dir", default="/tmp/llama-build")
+    p.add_argument("--log-dir")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--budget-s", type=float)
+    p.add_argument("--model-s", type=float, default=150, help="--budget-s left that a model's llmarch runs need")
+    p.add_argument("--measure-cores", type=int, default=4, help="cores for llmarch while llama.cpp builds")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--json")
     a = p.parse_args()
+    if a.gpu_worker:
+        print(json.dumps(gpu_worker(a)))
+        return
+    if a.gpu:
+        if "--tokens" not in sys.argv:
+            a.tokens = 128
+        gpu_main(a)
+        return
     if a.real_worker:
         print(json.dumps(real_worker(a)))
         return
