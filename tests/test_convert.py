@@ -636,21 +636,6 @@ def test_gemma3n_llama_cpp_cannot_express_is_refused(tiny, tmp_path):
     assert not (tmp_path / "short.gguf").exists()
 
 
-def test_gemma4_gguf_run_refused_until_read_back(tiny, tmp_path):
-    """convert writes Gemma 4 for llama.cpp (tests/test_convert_llamacpp.py), but llmarch run does
-    not read its GGUF back yet (the proportional RoPE lives in a rope_freqs tensor): one line, exit 2,
-    instead of tokens from the wrong RoPE."""
-    from llmarch.convert.to_gguf import convert_to_gguf
-
-    gg = tmp_path / "m.gguf"
-    convert_to_gguf(str(tiny("gemma4_text")), gg, "f32")
-    line = _one_line_exit_2(run_cli("run", gg, "--prompt-ids", "1,2", "-n", "1"))
-    assert (
-        line
-        == f"llmarch: {gg}: gemma4 models from GGUF are not supported by llmarch run yet; use the safetensors checkpoint"
-    )
-
-
 @pytest.mark.parametrize("name", ["qwen3_next", "qwen3_5_text"])
 def test_gated_deltanet_tensors_as_llama_cpp_converter_writes_them(tiny, tmp_path, name):
     """Each linear-layer tensor in the GGUF equals the source under the transforms llama.cpp's

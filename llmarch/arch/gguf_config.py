@@ -7,6 +7,7 @@ family's recipe (recipes/*.toml: [gguf_defaults], and [convert] hard_coded for w
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 from llmarch.arch.recipe_schema import Recipe
@@ -67,8 +68,64 @@ def _gated_deltanet_widths(config: dict[str, Any], evidence: dict[str, str]) -> 
             evidence[ckey] = evidence.get(gkey, gkey)
 
 
-def gguf_to_config(arch: str, meta: dict[str, Any], recipe: Recipe) -> tuple[dict, dict[str, str]]:
-    """Return (config, evidence) where evidence maps each config key to the GGUF key it came from."""
+def _sliding_widths(config: dict[str, Any], evidence: dict[str, str]) -> None:
+    """llama.cpp's key_length is the full-attention layers' head width and key_length_swa the
+    sliding layers' where the two differ (Gemma 4); transformers calls them global_head_dim and
+    head_dim, and the schedule reads them so."""
+    kswa, vswa = config.pop("gguf_key_length_swa", None), config.pop("gguf_value_length_swa", None)
+    full = config.get("head_dim")
+    if not kswa or not full or kswa == full:
+        return
+    config["global_head_dim"], evidence["global_head_dim"] = full, evidence.get("head_dim", "key_length")
+    config["head_dim"], evidence["head_dim"] = kswa, "attention.key_length_swa"
+    if vswa:
+        config["v_head_dim"] = vswa
+
+
+NEVER_TURNS = 1e20  # a divisor this large leaves a pair unrotated at any position a context holds
+
+
+def _proportional_rope(
+    config: dict[str, Any], evidence: dict[str, str], recipe: Recipe, factors: list[float] | None, rdim_swa: Any
+) -> None:
+    """llama.cpp's rope_freqs divisors in the form its Gemma 4 converter writes proportional RoPE:
+    1 for the first partial_rotary_factor of the full head's pairs, 1e30 (a pair that never turns)
+    for the rest. Read back as transformers' proportional RoPE on the layers the recipe says the
+    scaling applies to (llama.cpp's gemma4 graph passes rope_freqs to its full-attention layers
+    only), with the sliding layers' own base and rotary share, keyed by layer type as transformers'
+    config is. Other divisors (Llama 3's) stay unread here."""
+    full = config.get("global_head_dim") or config.get("head_dim")
+    if not factors or not full or len(factors) != full // 2:
+        return
+    rotated = next((i for i, v in enumerate(factors) if v != 1.0), len(factors))
+    if rotated == len(factors) or any(v < NEVER_TURNS for v in factors[rotated:]):
+        return
+    partial = rotated / len(factors)
+    if int(partial * full // 2) != rotated:  # transformers' own rounding gives back the same count
+        partial = math.nextafter(partial, 1.0)
+    params: dict[str, Any] = {"rope_type": "proportional", "partial_rotary_factor": partial}
+    if config.get("rope_theta"):
+        params["rope_theta"] = config["rope_theta"]
+    if recipe.rope_scaling_on != "global":
+        config["rope_scaling"], evidence["rope_scaling"] = params, "rope_freqs.weight"
+        return
+    local: dict[str, Any] = {"rope_type": "default"}
+    theta = config.get("rope_local_base_freq") or config.get("rope_theta")
+    if theta:
+        local["rope_theta"] = theta
+    head = config.get("head_dim")
+    if isinstance(rdim_swa, int) and head and 0 < rdim_swa < head:
+        local["partial_rotary_factor"] = rdim_swa / head
+    config["rope_parameters"] = {"full_attention": params, "sliding_attention": local}
+    evidence["rope_parameters"] = "rope_freqs.weight, rope.freq_base(_swa), rope.dimension_count_swa"
+
+
+def gguf_to_config(
+    arch: str, meta: dict[str, Any], recipe: Recipe, rope_freqs: list[float] | None = None
+) -> tuple[dict, dict[str, str]]:
+    """Return (config, evidence) where evidence maps each config key to the GGUF key it came from.
+    rope_freqs: the file's rope_freqs tensor (llmarch.checkpoint.gguf.read_rope_freqs), which holds
+    what llama.cpp keeps of some RoPE kinds."""
     config: dict[str, Any] = {}
     evidence: dict[str, str] = {}
     mapping = {k.format(arch=arch): v for k, v in GENERIC_KEYS.items()}
@@ -115,6 +172,7 @@ def gguf_to_config(arch: str, meta: dict[str, Any], recipe: Recipe) -> tuple[dic
         config["head_dim"], config["v_head_dim"] = kmla, vmla
     if config.get("head_dim") is None and config.get("hidden_size") and config.get("num_attention_heads"):
         config["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
+    _sliding_widths(config, evidence)
 
     # RoPE scaling in the shape transformers uses
     stype = config.pop("gguf_rope_scaling_type", None)
@@ -137,12 +195,14 @@ def gguf_to_config(arch: str, meta: dict[str, Any], recipe: Recipe) -> tuple[dic
             pass
     # rotary dims -> partial fraction
     rdim = config.pop("gguf_rope_dimension_count", None)
+    rdim_swa = config.pop("gguf_rope_dimension_count_swa", None)
     if rdim and config.get("head_dim"):
-        rope_head = config.get("qk_rope_head_dim") or config["head_dim"]
+        rope_head = config.get("qk_rope_head_dim") or config.get("global_head_dim") or config["head_dim"]
         if config.get("kv_lora_rank"):  # MLA: the rope dims are their own head part
             config["qk_rope_head_dim"] = rdim
         elif rdim != rope_head:
             config["partial_rotary_factor"] = rdim / rope_head
+    _proportional_rope(config, evidence, recipe, rope_freqs, rdim_swa)
     gating = config.pop("gguf_expert_gating_func", None)
     if gating is not None:
         config["scoring_func"] = {1: "softmax", 2: "sigmoid"}.get(gating, str(gating))

@@ -9,6 +9,7 @@ pulls in numpy and the whole package, which costs more than the parse). No numpy
 
 from __future__ import annotations
 
+import math
 import mmap
 import re
 import struct
@@ -360,3 +361,30 @@ def read_skipped_array(ckpt: Checkpoint, key: str) -> list:
             out.append(bytes(buf[pos + 8 : pos + 8 + n]).decode("utf-8", errors="replace"))
             pos += 8 + n
         return out
+
+
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def read_rope_freqs(ckpt: Checkpoint) -> list[float] | None:
+    """llama.cpp's per-frequency RoPE divisors (rope_freqs.weight: one F32 value per rotated pair,
+    written by its converter for Llama 3 scaling and for Gemma 4's proportional RoPE), read from
+    the file: a few hundred bytes, checked as a header value is (F32, one dimension no longer than
+    an inline metadata array, each value finite and > 0). None when the file has none."""
+    t = ckpt.tensors.get(ROPE_FREQS)
+    if t is None:
+        return None
+    if t.dtype != "F32" or len(t.shape) != 1 or not 0 < t.shape[0] <= MAX_INLINE_ARRAY:
+        raise CheckpointError(
+            f"tensor {ROPE_FREQS!r} must be one F32 row of 1 to {MAX_INLINE_ARRAY} values, "
+            f"got {t.dtype} {list(t.shape)}",
+            t.file,
+        )
+    with _mapped(t.file) as buf:
+        values = struct.unpack_from(f"<{t.shape[0]}f", buf, t.offset)
+    bad = next((v for v in values if not (math.isfinite(v) and v > 0)), None)
+    if bad is not None:
+        raise CheckpointError(
+            f"tensor {ROPE_FREQS!r} holds {bad}; RoPE frequency divisors must be finite and > 0", t.file
+        )
+    return list(values)

@@ -85,6 +85,9 @@ GENERIC_KEYS = {
     Keys.Attention.HEAD_COUNT_KV: "num_key_value_heads",
     Keys.Attention.KEY_LENGTH: "head_dim",
     Keys.Attention.VALUE_LENGTH: "v_head_dim",
+    # the sliding layers' widths where they differ from the full layers' (Gemma 4)
+    Keys.Attention.KEY_LENGTH_SWA: "gguf_key_length_swa",
+    Keys.Attention.VALUE_LENGTH_SWA: "gguf_value_length_swa",
     Keys.Attention.KEY_LENGTH_MLA: "gguf_key_length_mla",
     Keys.Attention.VALUE_LENGTH_MLA: "gguf_value_length_mla",
     Keys.Attention.LAYERNORM_RMS_EPS: "rms_norm_eps",
@@ -96,6 +99,7 @@ GENERIC_KEYS = {
     Keys.Attention.SHARED_KV_LAYERS: "num_kv_shared_layers",
     Keys.Attention.SCALE: "gguf_attention_scale",
     Keys.Rope.DIMENSION_COUNT: "gguf_rope_dimension_count",
+    Keys.Rope.DIMENSION_COUNT_SWA: "gguf_rope_dimension_count_swa",
     Keys.Rope.FREQ_BASE: "rope_theta",
     Keys.Rope.FREQ_BASE_SWA: "rope_local_base_freq",
     Keys.Rope.SCALING_TYPE: "gguf_rope_scaling_type",

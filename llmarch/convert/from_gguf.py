@@ -97,10 +97,11 @@ def _gguf_items(ckpt, fam: Family, n_blocks: int):
 
 def hf_config(ckpt, fam: Family, spec, tied: bool, dtype: str) -> dict:
     from llmarch.arch.gguf_config import gguf_to_config
+    from llmarch.checkpoint.gguf import read_rope_freqs
 
     meta = ckpt.metadata
     arch = meta["general.architecture"]
-    cfg, _ = gguf_to_config(arch, meta, fam.recipe)
+    cfg, _ = gguf_to_config(arch, meta, fam.recipe, read_rope_freqs(ckpt))
     need = ("num_hidden_layers", "hidden_size", "num_attention_heads")
     missing = [k for k in need if not cfg.get(k)]
     if missing:
@@ -112,7 +113,21 @@ def hf_config(ckpt, fam: Family, spec, tied: bool, dtype: str) -> dict:
     emb = ckpt.tensors.get("token_embd.weight")
     cfg["vocab_size"] = emb.shape[0] if emb else spec.vocab_size
     for k in [k for k in cfg if k.startswith("gguf_") or k.endswith("_per_layer")]:
-        cfg.pop(k)
+        values = cfg.pop(k)
+        # 0 marks a layer without that part (a hybrid's recurrent layers); other differences are
+        # Gemma 4's double-wide FFNs and its full layers' own KV heads, config keys of their own
+        if k.endswith("_per_layer") and len({v for v in values if v}) > 1:
+            raise LlmarchError(
+                f"the GGUF's {k[: -len('_per_layer')]} differs by layer ({values}); "
+                "converting that back to config.json is not supported yet",
+                ckpt.path,
+            )
+    if any(l.v_from_k for l in spec.schedule):
+        raise LlmarchError(
+            "layers whose values are their key projection (no attn_v): "
+            "converting that back to config.json is not supported yet",
+            ckpt.path,
+        )
     if not spec.attention.mla:
         cfg.pop("v_head_dim", None)
     else:  # llama.cpp stores absorbed MLA as one latent KV head; HF counts the real heads
@@ -129,6 +144,9 @@ def hf_config(ckpt, fam: Family, spec, tied: bool, dtype: str) -> dict:
         cfg["rope_scaling"] = json.loads(scaling)
     elif "rope_scaling" in cfg:  # YaRN's betas and DeepSeek's mscale are read by gguf_to_config
         cfg["rope_scaling"] = {k: v for k, v in cfg["rope_scaling"].items() if v is not None}
+    elif "rope_parameters" in cfg:  # per layer type, read from rope_freqs (Gemma 4's proportional RoPE)
+        for key in ("rope_theta", "rope_local_base_freq"):  # held in rope_parameters
+            cfg.pop(key, None)
     elif "rope_freqs.weight" in ckpt.tensors:
         raise LlmarchError(
             "GGUF carries rope_freqs (Llama 3 RoPE scaling) without its parameters; "

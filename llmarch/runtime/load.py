@@ -109,8 +109,7 @@ def check_supported(spec: ArchSpec, path, gguf: bool = False) -> None:
     if "run" not in spec.supports:
         raise LlmarchError(f"family {spec.family!r} is not supported by llmarch run yet; {supported_note()}", path)
     if gguf and spec.per_layer_embeddings and "from_gguf" not in spec.supports:
-        # the GGUF reading of such a family is proven by convert's from_gguf tests (Gemma 3n); Gemma 4's
-        # GGUF keeps its proportional RoPE as a rope_freqs tensor that llmarch does not read back yet
+        # the GGUF reading of such a family is proven by its from_gguf tests (Gemma 3n, Gemma 4)
         raise LlmarchError(
             f"{spec.family} models from GGUF are not supported by llmarch run yet; use the safetensors checkpoint",
             path,

@@ -21,6 +21,7 @@ from llmarch.arch.fingerprint.sizes import read_sizes
 from llmarch.arch.gguf_config import gguf_to_config
 from llmarch.arch.spec import ArchSpec
 from llmarch.checkpoint.base import Checkpoint
+from llmarch.checkpoint.gguf import read_rope_freqs
 
 
 def fingerprint(ckpt: Checkpoint) -> ArchSpec:
@@ -29,7 +30,7 @@ def fingerprint(ckpt: Checkpoint) -> ArchSpec:
     if ckpt.format == "gguf":
         arch = ckpt.metadata["general.architecture"]
         recipe = recipes.for_gguf_arch(arch, ckpt.metadata)
-        config, ev = gguf_to_config(arch, ckpt.metadata, recipe or recipes.NO_RECIPE)
+        config, ev = gguf_to_config(arch, ckpt.metadata, recipe or recipes.NO_RECIPE, read_rope_freqs(ckpt))
         family = recipe.family if recipe else arch
         architecture = gguf_arch = arch
         source = "gguf"

@@ -79,7 +79,8 @@ def _layer_mixing(spec: ArchSpec, f: Facts, ckpt: Checkpoint) -> None:
     rank = f.get("laurel_rank", fact="laurel_rank")
     if rank and (not has_tensors or text_tensor(lambda n: ".laurel." in n or ".laurel_" in n)):
         spec.laurel_rank = int(rank)
-    spec.layer_scalar = text_tensor(lambda n: n.endswith(".layer_scalar"))
+    # HF layers.N.layer_scalar, llama.cpp blk.N.layer_output_scale.weight
+    spec.layer_scalar = text_tensor(lambda n: n.endswith((".layer_scalar", ".layer_output_scale.weight")))
     widths = spec.extras.get("intermediate_size_per_layer")
     sparsity = f.get("activation_sparsity_pattern", fact="activation_sparsity")
     for layer in spec.schedule:

@@ -176,7 +176,8 @@ def _layer_kv_heads(spec: ArchSpec, f: Facts, lt, i: int, ckpt: Checkpoint, head
 def _layer_ffn_width(spec: ArchSpec, lt, i: int, ckpt: Checkpoint) -> int | None:
     """A dense FFN's width where its tensors show one other than the model's (per-layer widths,
     Gemma 4's double-wide MLP on KV-shared layers)."""
-    up = next((n for n in lt.get(i, ()) if n.endswith(("mlp.up_proj.weight", "mlp.gate_proj.weight"))), None)
+    ends = ("mlp.up_proj.weight", "mlp.gate_proj.weight", ".ffn_up.weight", ".ffn_gate.weight")  # HF, GGUF
+    up = next((n for n in lt.get(i, ()) if n.endswith(ends)), None)
     if up is None or "expert" in up or not ckpt.tensors[up].shape:
         return None
     rows = ckpt.tensors[up].shape[0]

@@ -1,0 +1,142 @@
+"""Gemma 4 from GGUF: `llmarch convert --to gguf` writes it as llama.cpp's converter does (its
+proportional RoPE kept only as the rope_freqs divisors, the layer scalars as layer_output_scale,
+the sliding layers' widths under the *_swa keys); `llmarch run` reads those facts back.
+
+Expected values come from transformers' Gemma4ForCausalLM on the tiny float32 source checkpoint:
+logits at prefill and every cached decode step within 1e-4 and the same greedy tokens, run from
+the f32 GGUF; and the facts the converter wrote, read back, equal transformers' config.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from fixtures.parity import DEVICE, check_parity, reference_tokens  # noqa: E402
+from tests import test_run_gemma4  # noqa: E402
+from tests.test_run_gemma4 import CASES, PROMPT, STEPS  # noqa: E402
+
+scaled = test_run_gemma4.scaled  # the fixture: layer scalars other than 1, the Hub's global_head_dim
+
+
+def _reference(path):
+    from fixtures.reference import reference_model
+
+    return reference_model("gemma4_text", path, DEVICE)
+
+
+def _gguf(src, tmp_path, name="m.gguf"):
+    from llmarch.convert.to_gguf import convert_to_gguf
+
+    out = tmp_path / name
+    convert_to_gguf(str(src), out, "f32")
+    return out
+
+
+def test_run_from_gguf_matches_transformers(scaled, device, tmp_path):
+    """Layer scalars other than 1, the full layers' wider heads and proportional RoPE (a quarter of
+    the frequencies over the whole 32-wide head), all read back from the GGUF."""
+    ref = _reference(scaled)
+    gg = _gguf(scaled, tmp_path)
+    spec = check_parity(gg, ref, device, PROMPT, STEPS, windowed=True).spec
+    cfg = ref.config
+    full = cfg.rope_parameters["full_attention"]
+    assert spec.rope.scaling["type"] == full["rope_type"] == "proportional"
+    assert spec.rope.scaling["partial_rotary_factor"] == full["partial_rotary_factor"]
+    assert spec.rope.theta == full["rope_theta"]
+    assert spec.rope.local_theta == cfg.rope_parameters["sliding_attention"]["rope_theta"]
+    assert spec.layer_scalar and any(float(m.layer_scalar) != 1.0 for m in ref.model.layers)
+    widths = [l.head_dim or spec.attention.head_dim for l in spec.schedule]
+    assert widths == [m.self_attn.head_dim for m in ref.model.layers]
+
+
+def test_run_from_gguf_k_eq_v_double_wide(tiny, device, tmp_path):
+    """Values = keys on the full layers (no attn_v there), one KV head on them (a per-layer
+    head_count_kv), the KV-shared layers' FFNs twice as wide (per-layer feed_forward_length)."""
+    src = tiny("gemma4_text", **CASES["k_eq_v-double_wide"])
+    ref = _reference(src)
+    spec = check_parity(_gguf(src, tmp_path), ref, device, PROMPT, STEPS, windowed=True).spec
+    widths = [m.mlp.intermediate_size for m in ref.model.layers]
+    assert [l.ffn_width or spec.intermediate_size for l in spec.schedule] == widths
+    assert [l.v_from_k for l in spec.schedule] == [
+        m.self_attn.use_alternative_attention and not m.self_attn.is_kv_shared_layer for m in ref.model.layers
+    ]
+
+
+def test_ple_modes_from_gguf_give_transformers_tokens(scaled, tmp_path):
+    """--ple disk reads each step's per-layer rows from the GGUF itself; disk and cpu give
+    transformers' greedy tokens."""
+    from llmarch.runtime.generate import Generator, Sampling
+    from llmarch.runtime.load import load_runtime
+    from llmarch.runtime.ple import find_store
+
+    gg = _gguf(scaled, tmp_path)
+    ids = torch.randint(3, 256, (1, PROMPT), generator=torch.Generator().manual_seed(4))
+    want = reference_tokens(_reference(scaled).to("cpu"), ids, 16)
+    assert len(set(want)) > 3  # tokens that depend on the inputs, not one repeated token
+    for mode in ("disk", "cpu"):
+        rt = load_runtime(str(gg), "cpu", "float32", ple=mode)
+        got = Generator(rt, PROMPT + 16).generate(ids[0].tolist(), 16, Sampling()).tokens
+        report = find_store(rt.model).report()
+        assert report["mode"] == mode and got == want, mode
+        if mode == "disk":
+            assert report["where"] == f"file {gg}" and report["rows_read"] > 0
+
+
+def test_bad_rope_freqs_is_one_line(scaled, tmp_path, capsys):
+    """The divisors are read from the file and checked there: a NaN among them is one line naming
+    the file, exit 2, for inspect as for run."""
+    import struct
+
+    from llmarch.checkpoint.open import open_checkpoint
+    from tests.test_run_cli import cli
+
+    gg = _gguf(scaled, tmp_path)
+    t = open_checkpoint(str(gg)).tensors["rope_freqs.weight"]
+    with open(gg, "r+b") as f:
+        f.seek(t.offset + 4)
+        f.write(struct.pack("<f", float("nan")))
+    for cmd in (("inspect", gg), ("run", gg, "--prompt-ids", "1,2", "-n", "1")):
+        code, err = cli(cmd, capsys)
+        assert (code, err) == (
+            2,
+            f"llmarch: {gg}: tensor 'rope_freqs.weight' holds nan; RoPE frequency divisors must be finite and > 0\n",
+        )
+
+
+def test_gguf_to_safetensors_round_trip(scaled, tmp_path):
+    """GGUF -> safetensors: transformers loads the folder and gives the source's logits (f32, ids
+    past the sliding window); every tensor comes back equal and the config's RoPE per layer type
+    and head widths are the source's, rebuilt from rope_freqs and the *_swa keys."""
+    import json
+
+    import numpy as np
+
+    from llmarch.convert.from_gguf import convert_from_gguf
+    from tests.test_convert import hf_logits, load_st
+
+    back = tmp_path / "back"
+    convert_from_gguf(str(_gguf(scaled, tmp_path)), back, "f32")
+    ids = torch.randint(3, 256, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    np.testing.assert_allclose(hf_logits(back, ids), hf_logits(scaled, ids), rtol=0, atol=1e-6)
+    a, b = load_st(scaled), load_st(back)
+    assert b.keys() <= a.keys() and all(np.array_equal(a[k], b[k]) for k in b)
+    src, got = (json.loads((p / "config.json").read_text()) for p in (scaled, back))
+    assert got["rope_parameters"] == src["rope_parameters"]
+    assert (got["head_dim"], got["global_head_dim"]) == (src["head_dim"], src["global_head_dim"])
+
+
+def test_gguf_to_safetensors_refuses_what_config_cannot_say(tiny, tmp_path):
+    """Per-layer KV heads and FFN widths and values taken from the keys (attention_k_eq_v,
+    use_double_wide_mlp) have no config.json form that convert writes: one line, exit 2, nothing
+    written, instead of a folder transformers fills with random weights."""
+    from tests.test_convert import _one_line_exit_2, run_cli
+
+    gg = _gguf(tiny("gemma4_text", **CASES["k_eq_v-double_wide"]), tmp_path)
+    out = tmp_path / "back"
+    line = _one_line_exit_2(run_cli("convert", gg, "--to", "safetensors", "-o", out))
+    assert line.startswith(f"llmarch: {gg}: the GGUF's num_key_value_heads differs by layer ([2, 2, 2, 1,")
+    assert line.endswith("converting that back to config.json is not supported yet")
+    assert not out.exists()
