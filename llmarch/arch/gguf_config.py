@@ -206,6 +206,11 @@ def gguf_to_config(
     gating = config.pop("gguf_expert_gating_func", None)
     if gating is not None:
         config["scoring_func"] = {1: "softmax", 2: "sigmoid"}.get(gating, str(gating))
+    kinds = config.pop("gguf_indexer_types", None)  # DSA: per-layer flags, true = a full indexer
+    if isinstance(kinds, list):
+        config["indexer_types"] = ["full" if k else "shared" for k in kinds]
+    elif kinds is not None and not kinds:  # one value for every layer: all shared, which no model can be
+        config["indexer_types"] = ["shared"]  # (the fingerprint refuses it, naming the layer count)
     pattern = config.pop("gguf_sliding_window_pattern", None)
     if isinstance(pattern, list):  # per-layer booleans: True = sliding
         config["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]

@@ -90,6 +90,9 @@ class ConvertRecipe:
     hf_model_type: str | None = None  # model_type written to config.json when it is not the source's
     gguf_arch: str | Mapping[str, str] | None = None  # llama.cpp's arch when not the paired gguf_archs entry
     gguf_marker: str | None = None  # a metadata key ({arch} filled) that tells this family's GGUF apart
+    # gguf-py arch whose tensor tables serve this family's llama.cpp arch where gguf-py has none for it
+    # (gguf-py 0.19 lacks deepseek32; llama.cpp's deepseek32 loads glm-dsa's tensor names)
+    gguf_tables: str | None = None
     hf_layout: str = _choice("llama", "gpt2", default="llama")  # the HF name table (convert/layout.py)
     hf_names: Mapping[str, str] = _table()  # gguf-py MODEL_TENSOR name -> HF name template
     hf_bare: tuple[str, ...] = ()  # MODEL_TENSOR names whose HF parameter has no .weight suffix

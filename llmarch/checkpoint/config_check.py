@@ -233,8 +233,9 @@ STRINGS = {
 }
 STRING_LISTS = {"architectures", "layer_types", "layers_block_type", "mlp_layer_types", "indexer_types"}
 OBJECTS = {"linear_attn_config", "compress_rates"}
-# GGUF: a sliding-window pattern is a period (int) or one flag per layer
-INT_OR_FLAG_LISTS = {"gguf_sliding_window_pattern"}
+# GGUF: a sliding-window pattern is a period (int) or one flag per layer; the indexer types (DSA)
+# one value for every layer or one flag per layer
+INT_OR_FLAG_LISTS = {"gguf_sliding_window_pattern", "gguf_indexer_types"}
 ROPE_DICTS = {"rope_scaling", "rope_parameters"}
 ROPE_NUMBERS = {
     "factor",

@@ -98,6 +98,12 @@ GENERIC_KEYS = {
     Keys.Attention.SLIDING_WINDOW_PATTERN: "gguf_sliding_window_pattern",
     Keys.Attention.SHARED_KV_LAYERS: "num_kv_shared_layers",
     Keys.Attention.SCALE: "gguf_attention_scale",
+    Keys.Attention.Indexer.HEAD_COUNT: "index_n_heads",
+    Keys.Attention.Indexer.KEY_LENGTH: "index_head_dim",
+    Keys.Attention.Indexer.TOP_K: "index_topk",
+    # one flag per layer, true = runs its own indexer (GLM-5's "full"), false = reuses the previous
+    # one's selection; llama.cpp reads it, gguf-py 0.19 does not name it yet
+    getattr(Keys.Attention.Indexer, "TYPES", "{arch}.attention.indexer.types"): "gguf_indexer_types",
     Keys.Rope.DIMENSION_COUNT: "gguf_rope_dimension_count",
     Keys.Rope.DIMENSION_COUNT_SWA: "gguf_rope_dimension_count_swa",
     Keys.Rope.FREQ_BASE: "rope_theta",

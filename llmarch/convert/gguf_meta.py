@@ -84,6 +84,10 @@ def spec_to_hf_keys(spec: ArchSpec) -> dict:
         mscale_all = (spec.rope.scaling or {}).get("mscale_all_dim")
         if mscale_all:
             hp["gguf_rope_yarn_log_multiplier"] = 0.1 * mscale_all
+    if a.indexer:  # DeepSeek Sparse Attention (DeepseekV32Model / GlmMoeDsaModel.set_gguf_parameters)
+        hp.update(index_n_heads=a.index_heads, index_head_dim=a.index_head_dim, index_topk=a.index_topk)
+        if any(l.index_from is not None for l in spec.schedule):  # GLM-5's layers sharing a selection
+            hp["gguf_indexer_types"] = [l.index_from is None for l in spec.schedule]
     full_heads = {l.head_dim for l in spec.schedule if l.mixer != "sliding" and l.head_dim}
     if full_heads:  # wider heads on the full layers (Gemma 4): key_length is theirs, *_swa the sliding ones'
         full = max(full_heads)
@@ -219,6 +223,8 @@ def model_kv(spec: ArchSpec, arch: str, recipe: Recipe, file_type: int, name: st
             out.append((tmpl.format(arch=arch), bool(value), V.BOOL))
         elif ckey == "gguf_rope_scaling_type":
             out.append((tmpl.format(arch=arch), value, V.STRING))
+        elif isinstance(value, list):  # per-layer flags
+            out.append((tmpl.format(arch=arch), value, V.ARRAY))
         else:
             vt = _vtype(ckey, value)
             out.append((tmpl.format(arch=arch), float(value) if vt == V.FLOAT32 else value, vt))

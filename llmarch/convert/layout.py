@@ -60,6 +60,11 @@ HF_LAYOUTS: dict[str, dict[MODEL_TENSOR, str]] = {
         T.FFN_UP_SHEXP: _L + "mlp.shared_experts.up_proj",
         T.FFN_DOWN_SHEXP: _L + "mlp.shared_experts.down_proj",
         T.FFN_EXP_PROBS_B: _L + "mlp.gate.e_score_correction",
+        # DeepSeek V3.2 / GLM-5: the sparse-attention indexer
+        T.INDEXER_ATTN_Q_B: _L + "self_attn.indexer.wq_b",
+        T.INDEXER_ATTN_K: _L + "self_attn.indexer.wk",
+        T.INDEXER_K_NORM: _L + "self_attn.indexer.k_norm",
+        T.INDEXER_PROJ: _L + "self_attn.indexer.weights_proj",
     },
     "gpt2": {
         T.TOKEN_EMBD: "transformer.wte",
@@ -83,7 +88,7 @@ EXPERT_KINDS = {T.FFN_GATE_EXP: "gate_proj", T.FFN_UP_EXP: "up_proj", T.FFN_DOWN
 class Family:
     family: str  # recipe family
     model_type: str  # transformers model_type written to config.json
-    arch: MODEL_ARCH
+    arch: MODEL_ARCH  # whose gguf-py tensor tables apply
     hf_class: str
     permute_qk: bool = False
     norm_shift: float = 0.0  # added to *norm.weight on the way to GGUF (Gemma's (1 + w) norms)
@@ -96,10 +101,11 @@ class Family:
     split_kv_b: bool = False  # MLA: kv_b_proj -> attn_k_b + attn_v_b (llama.cpp's absorbed layout)
     stacked: frozenset[MODEL_TENSOR] = frozenset()  # one GGUF tensor stacked from HF's numbered list
     recipe: Recipe = field(default_factory=lambda: Recipe(family=""), compare=False, hash=False)
+    gguf_name: str = ""  # general.architecture when gguf-py has no arch of that name (its tables: `arch`)
 
     @property
     def arch_name(self) -> str:
-        return MODEL_ARCH_NAMES[self.arch]
+        return self.gguf_name or MODEL_ARCH_NAMES[self.arch]
 
     def skipped(self, hf_name: str) -> bool:
         return any(hf_name.endswith(s) for s in self.skip) or "rotary_emb.inv_freq" in hf_name
@@ -113,10 +119,12 @@ class Family:
         return hf_name.endswith(self.transpose)
 
 
-def _arch(name: str) -> MODEL_ARCH:
+def _arch(name: str, stand_in: str | None = None) -> MODEL_ARCH:
     for arch, n in MODEL_ARCH_NAMES.items():
         if n == name:
             return arch
+    if stand_in:
+        return _arch(stand_in)
     raise LlmarchError(f"gguf-py knows no architecture {name!r}")
 
 
@@ -152,10 +160,13 @@ def family_from_gguf(spec: ArchSpec, path=None) -> Family:
 
 def _family(recipe: Recipe, model_type: str) -> Family:
     conv = recipe.convert
+    name = recipe.gguf_arch_for(model_type)
+    arch = _arch(name, conv.gguf_tables)
     return Family(
         family=recipe.family,
         model_type=conv.hf_model_type or model_type,
-        arch=_arch(recipe.gguf_arch_for(model_type)),
+        arch=arch,
+        gguf_name=name if name != MODEL_ARCH_NAMES[arch] else "",
         hf_class=_pick(conv.hf_class, model_type, ""),
         permute_qk=recipe.gguf_permute_qk,
         norm_shift=conv.norm_shift,

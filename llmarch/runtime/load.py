@@ -114,13 +114,6 @@ def check_supported(spec: ArchSpec, path, gguf: bool = False) -> None:
             f"{spec.family} models from GGUF are not supported by llmarch run yet; use the safetensors checkpoint",
             path,
         )
-    if gguf and spec.attention.indexer:
-        # MLA itself reads from GGUF (kv_b rebuilt from k_b / v_b); the indexer's GGUF names are not mapped
-        raise LlmarchError(
-            "sparse-attention (indexer) models from GGUF are not supported by llmarch run yet; "
-            "use the safetensors checkpoint",
-            path,
-        )
     if gguf and spec.linear_attention:
         raise LlmarchError(
             "linear-attention models from GGUF are not supported by llmarch run yet; use the safetensors checkpoint",

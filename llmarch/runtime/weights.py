@@ -314,6 +314,11 @@ class GGUFSource(WeightSource):
             "attn.kv_a": T.ATTN_KV_A_MQA,
             "attn.kv_a_norm": T.ATTN_KV_A_NORM,
             "attn.kv_b": T.ATTN_KV_B,
+            # DeepSeek Sparse Attention's lightning indexer (deepseek32, glm-dsa)
+            "attn.indexer.wq_b": T.INDEXER_ATTN_Q_B,
+            "attn.indexer.wk": T.INDEXER_ATTN_K,
+            "attn.indexer.k_norm": T.INDEXER_K_NORM,
+            "attn.indexer.weights_proj": T.INDEXER_PROJ,
         }
         self.layer = {k: names[v] for k, v in self.layer.items()}
         self.k_b, self.v_b = names[T.ATTN_K_B], names[T.ATTN_V_B]

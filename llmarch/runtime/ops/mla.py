@@ -149,7 +149,7 @@ class MLAttention(nn.Module):
         gguf = source.ckpt.format == "gguf"
         parts = [(getattr(self, m, None), hf, m) for m, hf in self.HF.items()]
         if self.indexer is not None:
-            parts += [(getattr(self.indexer, m), f"indexer.{hf}", None) for m, hf in self.indexer.HF.items()]
+            parts += [(getattr(self.indexer, m), f"indexer.{hf}", f"indexer.{m}") for m, hf in self.indexer.HF.items()]
         for mod, hf, canonical in parts:
             if mod is None:
                 continue
