@@ -135,6 +135,13 @@ class ConvertRecipe:
     # llama.cpp's arch requires M-RoPE sections (rope.dimension_sections): the config's mrope_section,
     # else the interleaved split that rotates every pair by the text position
     rope_sections: bool = False
+    # llama.cpp's arch when the model has routed experts (nemotron_h_moe); in it every FFN layer is an MoE
+    gguf_arch_moe: str | None = None
+    # llama.cpp tells layers apart by per-layer arrays: head_count_kv 0 where a layer has no attention
+    # (a recurrent mixer, or none), feed_forward_length 0 where it has no FFN
+    layer_kind_arrays: bool = False
+    column: tuple[str, ...] = ()  # MODEL_TENSOR names llama.cpp reads as one column ([n] -> [n, 1]: Mamba-2's A, D)
+    grouped: tuple[str, ...] = ()  # MODEL_TENSOR names stored one row per linear-attention group (Mamba-2's norm)
 
 
 @dataclass(frozen=True)

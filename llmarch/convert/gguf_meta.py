@@ -32,6 +32,7 @@ FLOAT_KEYS = {
     "attn_logit_softcapping",
     "gguf_rope_scaling_factor",
 }
+NO_KV_MIXERS = {"linear", "mamba", "none"}  # layer mixers that keep no KV cache
 ROPE_TYPES = {"linear": "linear", "yarn": "yarn"}  # HF rope_type -> gguf RopeScalingType value
 
 
@@ -97,7 +98,7 @@ def spec_to_hf_keys(spec: ArchSpec) -> dict:
     windows = {l.window for l in spec.schedule if l.mixer == "sliding" and l.window}
     if windows:
         hp["sliding_window"] = max(windows)
-    if moe:
+    if moe and any(l.ffn == "moe" for l in spec.schedule):  # not a config's defaults with no expert layer
         hp.update(
             num_experts=moe.experts,
             num_experts_per_tok=moe.experts_per_token,
@@ -117,13 +118,27 @@ def spec_to_hf_keys(spec: ArchSpec) -> dict:
     return {k: v for k, v in hp.items() if v is not None}
 
 
-def _gated_deltanet_keys(spec: ArchSpec, arch: str, path) -> dict:
-    """Gated DeltaNet sizes under llama.cpp's ssm.* keys (Qwen3NextModel.set_gguf_parameters) and
-    the layer pattern as full_attention_interval: llama.cpp makes layer i linear unless
-    (i + 1) % interval == 0, and takes the value heads' width from state_size (the key heads')."""
+def _linear_keys(spec: ArchSpec, arch: str, path) -> dict:
+    """Linear-attention sizes under llama.cpp's keys. Gated DeltaNet and Mamba-2 use the ssm.* keys
+    (Qwen3NextModel / GraniteHybridModel.set_gguf_parameters: group count = key heads, time-step
+    rank = value heads, state size = the key heads' width); Gated DeltaNet's layer pattern goes as
+    full_attention_interval: llama.cpp makes layer i linear unless (i + 1) % interval == 0, and
+    takes the value heads' width from state_size. KDA: conv kernel and kda.head_dim
+    (KimiLinearModel.set_gguf_parameters)."""
     lin = spec.linear
-    if lin is None or lin.kind != "gated_deltanet":
+    if lin is None:
         return {}
+    if lin.kind == "kda":
+        return {"linear_conv_kernel_dim": lin.conv_kernel, Keys.KDA.HEAD_DIM: lin.key_head_dim}
+    sizes = {
+        "linear_conv_kernel_dim": lin.conv_kernel,
+        "ssm_state_size": lin.key_head_dim,
+        "ssm_group_count": lin.key_heads,
+        "ssm_time_step_rank": lin.value_heads,
+        "ssm_inner_size": lin.value_heads * lin.value_head_dim,
+    }
+    if lin.kind != "gated_deltanet":
+        return sizes
     if lin.key_head_dim != lin.value_head_dim:
         raise LlmarchError(
             f"llama.cpp's {arch} gives value heads the key heads' width; this model has "
@@ -140,14 +155,7 @@ def _gated_deltanet_keys(spec: ArchSpec, arch: str, path) -> dict:
             f"follow no such step, so GGUF cannot express it",
             path,
         )
-    return {
-        "linear_conv_kernel_dim": lin.conv_kernel,
-        "ssm_state_size": lin.key_head_dim,
-        "ssm_group_count": lin.key_heads,
-        "ssm_time_step_rank": lin.value_heads,
-        "ssm_inner_size": lin.value_heads * lin.value_head_dim,
-        "full_attention_interval": step,
-    }
+    return {**sizes, "full_attention_interval": step}
 
 
 def _rope_sections(spec: ArchSpec, recipe: Recipe) -> list[int]:
@@ -179,7 +187,9 @@ def _vtype(key: str, value) -> V:
 def model_kv(spec: ArchSpec, arch: str, recipe: Recipe, file_type: int, name: str, path=None) -> list[tuple]:
     _check_hard_coded(spec, recipe, arch, path)
     hp = spec_to_hf_keys(spec)
-    hp.update(_gated_deltanet_keys(spec, arch, path))
+    hp.update(_linear_keys(spec, arch, path))
+    if spec.norm.kind == "rms" and "layer_norm_epsilon" in spec.config:  # TextModel writes both, nemotron_h reads it
+        hp.setdefault("layer_norm_epsilon", spec.norm.eps)
     sections = _rope_sections(spec, recipe)
     reverse = {ckey: tmpl for tmpl, ckey in GENERIC_KEYS.items()}
     out = [
@@ -212,6 +222,7 @@ def model_kv(spec: ArchSpec, arch: str, recipe: Recipe, file_type: int, name: st
                 V.ARRAY,
             )
         )
+    out += _layer_kind_arrays(spec, arch, recipe, hp)
     out += _per_layer_arrays(spec, arch, hp)
     if sections:
         out.append((Keys.Rope.DIMENSION_SECTIONS.format(arch=arch), sections, V.ARRAY))
@@ -229,6 +240,23 @@ def model_kv(spec: ArchSpec, arch: str, recipe: Recipe, file_type: int, name: st
             vt = _vtype(ckey, value)
             out.append((tmpl.format(arch=arch), float(value) if vt == V.FLOAT32 else value, vt))
     return out
+
+
+def _layer_kind_arrays(spec: ArchSpec, arch: str, recipe: Recipe, hp: dict) -> list[tuple]:
+    """Where llama.cpp tells a layer's kind by per-layer arrays (KimiLinearModel, NemotronHModel):
+    head_count_kv 0 for a layer without attention (recurrent, or FFN only), feed_forward_length 0
+    for one without an FFN and the expert width for an MoE; the scalar keys are dropped from `hp`."""
+    if not recipe.convert.layer_kind_arrays:
+        return []
+    kv = hp.pop("num_key_value_heads", None) or spec.attention.heads
+    ffn = hp.pop("intermediate_size", None) or 0
+    expert = spec.moe.expert_ffn if spec.moe else 0
+    heads = [0 if l.mixer in NO_KV_MIXERS else l.kv_heads or kv for l in spec.schedule]
+    widths = [{"none": 0, "moe": expert}.get(l.ffn, l.ffn_width or ffn) for l in spec.schedule]
+    return [
+        (Keys.Attention.HEAD_COUNT_KV.format(arch=arch), heads, V.ARRAY),
+        (Keys.LLM.FEED_FORWARD_LENGTH.format(arch=arch), [int(w or 0) for w in widths], V.ARRAY),
+    ]
 
 
 def _per_layer_arrays(spec: ArchSpec, arch: str, hp: dict) -> list[tuple]:

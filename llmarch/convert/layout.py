@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import gguf
@@ -140,7 +140,18 @@ def family_to_gguf(spec: ArchSpec, path=None) -> Family:
             f"(supported families: {', '.join(supported_names('convert'))})",
             path,
         )
-    return _family(spec.recipe, spec.text_family or spec.model_type)
+    fam = _family(spec.recipe, spec.text_family or spec.model_type)
+    moe_arch = spec.recipe.convert.gguf_arch_moe
+    ffns = {l.ffn for l in spec.schedule}
+    if moe_arch and "moe" in ffns:
+        if "dense" in ffns:
+            raise LlmarchError(
+                f"llama.cpp's {moe_arch} makes every FFN layer an MoE; this model also has dense FFN layers, "
+                f"so GGUF cannot express it",
+                path,
+            )
+        fam = replace(fam, arch=_arch(moe_arch))
+    return fam
 
 
 def family_from_gguf(spec: ArchSpec, path=None) -> Family:
@@ -155,7 +166,10 @@ def family_from_gguf(spec: ArchSpec, path=None) -> Family:
         )
     types, archs = recipe.model_types, recipe.gguf_archs
     paired = types[archs.index(spec.gguf_arch)] if len(types) == len(archs) and spec.gguf_arch in archs else types[0]
-    return _family(recipe, recipe.convert.hf_model_type or paired)
+    fam = _family(recipe, recipe.convert.hf_model_type or paired)
+    if spec.gguf_arch in archs and spec.gguf_arch != fam.arch_name:  # one family, several llama.cpp arches
+        fam = replace(fam, arch=_arch(spec.gguf_arch))
+    return fam
 
 
 def _family(recipe: Recipe, model_type: str) -> Family:
@@ -187,6 +201,29 @@ def name_map(arch: MODEL_ARCH, n_blocks: int) -> gguf.TensorNameMap:
     return gguf.get_tensor_name_map(arch, n_blocks)
 
 
+def recipe_kind_of(fam: Family, hf_name: str) -> tuple[MODEL_TENSOR, str] | None:
+    """(kind, GGUF name) of an HF name spelled as the recipe's hf_names say where gguf-py's table
+    does not know it (Nemotron-H's backbone.layers.N.mixer.experts.E.up_proj); experts' {xid}
+    is matched without the index, as gguf-py's table names them."""
+    for kind_name, tmpl in fam.recipe.convert.hf_names.items():
+        pattern = re.escape(tmpl.replace(".{xid}", "")).replace(r"\{bid\}", r"(?P<bid>\d+)")
+        m = re.fullmatch(pattern + r"(?P<suffix>\.weight|\.bias)", hf_name)
+        if m:
+            bid = int(m["bid"]) if "{bid}" in tmpl else None
+            return T[kind_name], TENSOR_NAMES[T[kind_name]].format(bid=bid) + m["suffix"]
+    return None
+
+
+def scale_kind_of(fam: Family, hf_name: str) -> tuple[MODEL_TENSOR, str] | None:
+    """(kind, GGUF name) of an HF parameter the recipe's hf_scales stores as a tensor's .scale."""
+    for kind_name, tmpl in fam.recipe.convert.hf_scales.items():
+        m = re.fullmatch(re.escape(tmpl).replace(r"\{bid\}", r"(?P<bid>\d+)"), hf_name)
+        if m:
+            bid = int(m["bid"]) if "{bid}" in tmpl else None
+            return T[kind_name], TENSOR_NAMES[T[kind_name]].format(bid=bid) + ".scale"
+    return None
+
+
 def gguf_kind_of(name: str, arch: MODEL_ARCH, n_blocks: int) -> tuple[MODEL_TENSOR, int | None] | None:
     """GGUF tensor name -> (MODEL_TENSOR, block) among the kinds this arch has."""
     m = re.match(r"^(.*?)(\.weight|\.bias)?$", name)
@@ -214,6 +251,8 @@ def hf_name_for(
     probe = tmpl.format(bid=bid, xid="{xid}").replace(".{xid}", "") + suffix if xid is not None else hf
     want = TENSOR_NAMES[kind].format(bid=bid) + suffix
     got = name_map(fam.arch, n_blocks).get_name(probe, try_suffixes=(".weight", ".bias"))
+    if got is None and kind.name in conv.hf_names:  # a spelling gguf-py lacks: the recipe's table maps it both ways
+        got = want
     if got != want:
         raise LlmarchError(
             f"internal: HF name {probe} maps to {got}, not {want}, in gguf-py's table for {fam.arch_name}"

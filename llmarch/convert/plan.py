@@ -18,7 +18,7 @@ from gguf import GGML_QUANT_SIZES, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES, GG
 from llmarch.arch.spec import ArchSpec
 from llmarch.arch.tensor_roles import is_vision, layer_of
 from llmarch.checkpoint.base import Checkpoint, TensorInfo
-from llmarch.convert.layout import Family, name_map
+from llmarch.convert.layout import Family, name_map, recipe_kind_of, scale_kind_of
 from llmarch.errors import LlmarchError
 
 Q = GGMLQuantizationType
@@ -42,6 +42,9 @@ F32_KINDS = {
     MODEL_TENSOR.ALTUP_CORRECT_COEF,
     MODEL_TENSOR.ALTUP_PREDICT_COEF,
     MODEL_TENSOR.SSM_CONV1D,
+    MODEL_TENSOR.SSM_CONV1D_Q,  # Kimi's KDA convolutions: llama.cpp's conv op reads F32 only
+    MODEL_TENSOR.SSM_CONV1D_K,
+    MODEL_TENSOR.SSM_CONV1D_V,
 }
 # the text model inside multimodal wrappers, in the Hub's spellings
 TEXT_PREFIX_RE = re.compile(r"^(language_model\.model\.|model\.language_model\.|language_model\.lm_head)")
@@ -153,12 +156,16 @@ def build_plan(ckpt: Checkpoint, spec: ArchSpec, fam: Family, dtype: str) -> Pla
             if found is not None and found[0] in fam.stacked:
                 m = listed
                 probe = f"{listed['pre']}.{listed['suffix']}"
-        found = tmap.get_type_and_name(probe, try_suffixes=(".weight", ".bias"))
+        found = (
+            tmap.get_type_and_name(probe, try_suffixes=(".weight", ".bias"))
+            or recipe_kind_of(fam, probe)
+            or scale_kind_of(fam, probe)
+        )
         if found is None or found[0] not in allowed:
             blocked.append(hf_name)
             continue
         kind, gname = found
-        if not gname.endswith((".weight", ".bias")) and kind.name not in conv.gguf_bare:
+        if not gname.endswith((".weight", ".bias", ".scale")) and kind.name not in conv.gguf_bare:
             gname += ".weight"  # HF parameters without a suffix (Gemma 3n's correct_output_scale)
         if kind == MODEL_TENSOR.ATTN_KV_B and fam.split_kv_b:
             for k, piece in _split_kv_b(info, spec, layer).items():
@@ -168,6 +175,12 @@ def build_plan(ckpt: Checkpoint, spec: ArchSpec, fam: Family, dtype: str) -> Pla
         if kind.name in conv.squeezed:
             kept = tuple(n for n in info.shape if n != 1)
             piece.view, piece.out_shape = (lambda x, s=kept: x.reshape(s)), kept
+        if kind.name in conv.column:
+            col = (math.prod(piece.shape), 1)
+            piece.view, piece.out_shape = (lambda x, s=col: x.reshape(s)), col
+        if kind.name in conv.grouped and spec.linear and spec.linear.key_heads:
+            rows = (spec.linear.key_heads, math.prod(piece.shape) // spec.linear.key_heads)
+            piece.view, piece.out_shape = (lambda x, s=rows: x.reshape(s)), rows
         if conv.tile_v_heads and spec.linear and kind in V_HEAD_AXES:
             _tile_v_heads(piece, kind, spec)
         if fam.permute_qk and kind in (MODEL_TENSOR.ATTN_Q, MODEL_TENSOR.ATTN_K):

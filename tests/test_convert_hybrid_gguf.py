@@ -1,0 +1,122 @@
+"""llama.cpp loads what `llmarch convert --to gguf` writes for the linear-attention hybrids it has
+arches for (kimi-linear, nemotron_h, nemotron_h_moe) and computes what transformers computes.
+
+Marked `llamacpp`: skipped without llama-cpp-python. Tiny random transformers checkpoints with the
+byte-level BPE tokenizer of test_convert; the references are transformers' logits and greedy tokens
+on the same checkpoint, and llama.cpp's tokenization is compared with the tokenizers library's.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from tests.test_convert import add_tokenizer
+
+llama_cpp = pytest.importorskip("llama_cpp")
+pytestmark = pytest.mark.llamacpp
+
+VOCAB = 384
+# name -> (fixture family, config overrides, llama.cpp arch)
+CASES = {
+    # KDA : MLA (NoPE) 3:1, dense first layer, sigmoid router + correction bias, shared expert
+    "kimi_linear": ("kimi_linear", {}, "kimi-linear"),
+    # Mamba-2, attention and relu2 MLP blocks, one mixer per block
+    "nemotron_h": ("nemotron_h", {"hybrid_override_pattern": "M-*-M-"}, "nemotron_h"),
+    # the same with MoE blocks (sigmoid router + correction bias, shared expert): llama.cpp's MoE arch
+    "nemotron_h_moe": ("nemotron_h", {"hybrid_override_pattern": "ME*ME*"}, "nemotron_h_moe"),
+}
+
+
+def _widen_kda_qk(folder):
+    """transformers' KDA L2-normalises q and k as x / sqrt(sum(x^2) + 1e-6), llama.cpp as
+    x / max(|x|, eps): the same once sum(x^2) is far above 1e-6. The tiny random init gives
+    sums near 2e-5 (an NMSE of 5e-3 from that alone), so the q/k conv weights are scaled by 30
+    (sums near 2e-2; the NMSE left is 5e-8)."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    for name in tensors:
+        if name.endswith(("self_attn.q_conv1d.weight", "self_attn.k_conv1d.weight")):
+            tensors[name] = tensors[name] * 30
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def hybrid(tiny, tmp_path_factory):
+    made = {}
+
+    def build(name):
+        if name not in made:
+            family, overrides, _ = CASES[name]
+            dst = tmp_path_factory.mktemp(name) / name
+            shutil.copytree(tiny(family, vocab_size=VOCAB, **overrides), dst)
+            add_tokenizer(dst, VOCAB)
+            if family == "kimi_linear":
+                _widen_kda_qk(dst)
+            made[name] = dst
+        return made[name]
+
+    return build
+
+
+def _load(path):
+    return llama_cpp.Llama(
+        model_path=str(path), n_ctx=64, n_batch=64, logits_all=True, verbose=False, n_threads=2, type_k=0, type_v=0
+    )
+
+
+def _logits(llm, ids):
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def _greedy(llm, ids, n):
+    llm.reset()
+    llm.eval(ids)
+    out = []
+    for _ in range(n):
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(nxt)
+        llm.eval([nxt])
+    return out
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_hybrid_gguf_matches_transformers(hybrid, tmp_path, name):
+    import torch
+    from tokenizers import Tokenizer
+
+    from fixtures.reference import reference_model
+    from llmarch.convert.to_gguf import convert_to_gguf
+    from llmarch.convert.verify import nmse
+
+    src = hybrid(name)
+    out = tmp_path / f"{name}.gguf"
+    doc = convert_to_gguf(str(src), out, "f32")
+    assert doc["arch"] == CASES[name][2]
+    llm = _load(out)
+
+    tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    for text in ["The capital of France is", "def fibonacci(n):", "In 1969, 42 humans!"]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text).ids, text
+
+    ids = tok.encode("The capital of France is Paris. In 1969").ids
+    model = reference_model(CASES[name][0], src, eager=False)
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+        hf_greedy = model.generate(
+            torch.tensor([ids]), max_new_tokens=8, do_sample=False, min_new_tokens=8, eos_token_id=None, pad_token_id=0
+        )[0, len(ids) :].tolist()
+    got = _logits(llm, ids)
+    assert nmse(ref, got) < 1e-5
+    assert (ref.argmax(-1) == got.argmax(-1)).all()
+    assert _greedy(llm, ids, 8) == hf_greedy
+
+    q = tmp_path / f"{name}-q8.gguf"
+    convert_to_gguf(str(src), q, "q8_0")
+    assert nmse(ref, _logits(_load(q), ids)) < 1e-2
