@@ -55,7 +55,7 @@ def open_folder(folder: Path) -> Checkpoint:
 def _shards_from_index(index: Path) -> tuple[list[Path], dict[str, str]]:
     data = _read_json(index)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+    if not isinstance(weight_map, dict) or not set(map(type, weight_map.values())) <= {str}:
         raise CheckpointError("index has no weight_map of tensor name -> file", index)
     if not weight_map:  # 0 parameters beside unreadable shards would be a silent lie
         raise CheckpointError("index has an empty weight_map (no tensor is named)", index)

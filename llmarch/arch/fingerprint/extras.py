@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 from llmarch.arch.fingerprint.facts import Facts
 from llmarch.arch.recipe_schema import Recipe
@@ -64,23 +63,29 @@ def _layer_mixing(spec: ArchSpec, f: Facts, ckpt: Checkpoint) -> None:
     from the config, checked against the tensors that carry them."""
     has_tensors = bool(ckpt.tensors)
 
-    def text_tensor(test: Callable[[str], bool]) -> bool:
-        # the cheap name test first, the vision pattern only on a match: a checkpoint may hold ~100k names
-        return any(test(n) and not is_vision(n) for n in ckpt.tensors)
+    names = "\n".join(ckpt.tensors) + "\n"
+
+    def text_tensor(*fragments: str) -> bool:
+        """A non-vision tensor whose name + newline holds one of `fragments` (a trailing newline
+        matches a name's end). One C-speed search over all names first: a checkpoint may hold
+        ~100k of them; the vision pattern runs only where that finds something."""
+        if not any(fr in names for fr in fragments):
+            return False
+        return any(any(fr in n + "\n" for fr in fragments) and not is_vision(n) for n in ckpt.tensors)
 
     streams = f.get("altup_num_inputs", fact="altup")
     # HF names them layers.N.altup.*, llama.cpp blk.N.altup_*
-    if streams and int(streams) > 1 and (not has_tensors or text_tensor(lambda n: ".altup." in n or ".altup_" in n)):
+    if streams and int(streams) > 1 and (not has_tensors or text_tensor(".altup.", ".altup_")):
         spec.altup = AltUpSpec(
             streams=int(streams),
             active=int(f.get("altup_active_idx", default=0)),
             correct_scale=bool(f.get("altup_correct_scale", default=True)),
         )
     rank = f.get("laurel_rank", fact="laurel_rank")
-    if rank and (not has_tensors or text_tensor(lambda n: ".laurel." in n or ".laurel_" in n)):
+    if rank and (not has_tensors or text_tensor(".laurel.", ".laurel_")):
         spec.laurel_rank = int(rank)
     # HF layers.N.layer_scalar, llama.cpp blk.N.layer_output_scale.weight
-    spec.layer_scalar = text_tensor(lambda n: n.endswith((".layer_scalar", ".layer_output_scale.weight")))
+    spec.layer_scalar = text_tensor(".layer_scalar\n", ".layer_output_scale.weight\n")
     widths = spec.extras.get("intermediate_size_per_layer")
     sparsity = f.get("activation_sparsity_pattern", fact="activation_sparsity")
     for layer in spec.schedule:

@@ -39,6 +39,7 @@ def _weights_in(name: str, t, names) -> int:
 
 # the parts a model's parameters and stored bytes split into (fit places each part)
 PARTS = ("dense", "routed_experts", "embeddings", "output_head", "ple", "vision", "mtp")
+_PART_OF_KIND = {None: "dense", "routed": "routed_experts", "ple_other": "dense"}
 
 
 def read_params(spec: ArchSpec, ckpt: Checkpoint) -> None:
@@ -47,18 +48,22 @@ def read_params(spec: ArchSpec, ckpt: Checkpoint) -> None:
     stored = dict.fromkeys(PARTS, 0)
     mtp_start = spec.layers if spec.format == "safetensors" else spec.layers - spec.mtp_layers
     head_name = output_head_name(ckpt.tensors, spec.vocab_size, spec.hidden_size)
-    kinds: dict[str, tuple] = {}  # expert key -> (kind, layer): the same for every expert index
-    for name, t in ckpt.tensors.items():
+    # expert key -> (part, is the PLE projection/norm): the same for every expert index
+    parts: dict[str, tuple[str, bool]] = {}
+    tensors = ckpt.tensors
+    for name, t in tensors.items():
         if name == "rope_freqs.weight":  # llama.cpp's Llama 3 RoPE factors: derived from config, not weights
             continue
         key = expert_key(name) if "experts." in name else name
-        kind_i = kinds.get(key)
-        if kind_i is None:
-            kind_i = kinds[key] = _param_kind(name, spec, mtp_start, head_name)
-        part = {None: "dense", "routed": "routed_experts", "ple_other": "dense"}.get(kind_i[0], kind_i[0])
-        if kind_i[0] == "ple_other":
-            ple_other += _weights_in(name, t, ckpt.tensors)
-        counts[part] += _weights_in(name, t, ckpt.tensors)
+        part_ple = parts.get(key)
+        if part_ple is None:
+            kind = _param_kind(name, spec, mtp_start, head_name)[0]
+            part_ple = parts[key] = (_PART_OF_KIND.get(kind, kind), kind == "ple_other")  # type: ignore[arg-type]
+        part, is_ple_other = part_ple
+        weights = _weights_in(name, t, tensors) if t.dtype == "U8" else t.numel
+        if is_ple_other:
+            ple_other += weights
+        counts[part] += weights
         stored[part] += t.nbytes
     total = sum(counts.values())
     routed = counts["routed_experts"]
