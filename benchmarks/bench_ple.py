@@ -382,9 +382,15 @@ def gpu_model(a, name: str, work: Path, torch) -> dict:
 
 
 def start_convert(m: dict) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "llmarch", "convert", m["folder"], "--to", "gguf", "-o", m["gguf"]]
+    """`llmarch convert SRC --to gguf -o OUT --dtype bf16 --force`, through the function the command
+    calls: the device's Python lacks the CLI's own dependencies (typer's pydantic) but has these."""
+    code = "import sys; from llmarch.convert.to_gguf import convert_to_gguf as c; c(sys.argv[1], sys.argv[2], 'bf16', True)"
     return subprocess.Popen(
-        [*cmd, "--dtype", "bf16", "--force"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [sys.executable, "-c", code, m["folder"], m["gguf"]],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
