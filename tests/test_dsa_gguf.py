@@ -112,6 +112,29 @@ def test_gguf_back_to_safetensors(converted, tmp_path, name, shared):
     assert torch.equal(*same)
 
 
+@pytest.mark.parametrize(
+    "key,value,expect",
+    [
+        ("attention.indexer.key_length", 32, "indexer tensor blk.0.indexer.attn_"),
+        ("attention.indexer.top_k", 0, "index_topk is 0"),
+    ],
+)
+def test_bad_indexer_gguf_one_line(tiny, tmp_path, monkeypatch, key, value, expect):
+    """A GGUF whose indexer keys disagree with its tensors, or keep no key: one line naming the file,
+    exit 2, from inspect (and run, once: both stop in the same fingerprint check)."""
+    from llmarch.convert import to_gguf
+    from tests.test_run_dsa import _bad
+
+    real = to_gguf.model_kv
+    lie = lambda *a, **k: [(n, value if n.endswith(key) else v, t) for n, v, t in real(*a, **k)]  # noqa: E731
+    monkeypatch.setattr(to_gguf, "model_kv", lie)
+    out = tmp_path / "bad.gguf"
+    to_gguf.convert_to_gguf(str(tiny("glm_moe_dsa", **SHAPE)), out, "f32")
+    for command in ("inspect", "run") if value else ("inspect",):
+        line = _bad(command, out)
+        assert str(out) in line and expect in line, line
+
+
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("name,shared", CASES, ids=IDS)
 def test_llamacpp_runs_our_gguf_as_transformers(tiny, tmp_path, name, shared):

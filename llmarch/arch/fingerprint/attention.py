@@ -146,13 +146,20 @@ def _read_rope_temperature(spec: ArchSpec, a: AttentionSpec, f: Facts, ckpt: Che
     spec.evidence["attention.temperature_tuning"] = "config.json:rope_parameters.llama_4_scaling_beta"
 
 
-# the indexer's projections (under self_attn.indexer.) and the shape each must have, from
-# (index heads, index key width, q_lora_rank, hidden size)
+# the indexer's projections (under self_attn.indexer., in GGUF blk.N.indexer.) and the shape each
+# must have, from (index heads, index key width, q_lora_rank, hidden size)
 INDEXER_SHAPES = {
     "wq_b.weight": lambda h, d, q, hid: (h * d, q),
     "wk.weight": lambda h, d, q, hid: (d, hid),
     "weights_proj.weight": lambda h, d, q, hid: (h, hid),
 }
+INDEXER_SHAPES.update(
+    {
+        "indexer.attn_q_b.weight": INDEXER_SHAPES["wq_b.weight"],
+        "indexer.attn_k.weight": INDEXER_SHAPES["wk.weight"],
+        "indexer.proj.weight": INDEXER_SHAPES["weights_proj.weight"],
+    }
+)
 
 
 def read_indexer(spec: ArchSpec, a: AttentionSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoint) -> None:
