@@ -140,3 +140,52 @@ def test_gguf_to_safetensors_refuses_what_config_cannot_say(tiny, tmp_path):
     assert line.startswith(f"llmarch: {gg}: the GGUF's num_key_value_heads differs by layer ([2, 2, 2, 1,")
     assert line.endswith("converting that back to config.json is not supported yet")
     assert not out.exists()
+
+
+@pytest.mark.llamacpp
+def test_moe_gguf_runs_in_llama_cpp_as_transformers(tiny, tmp_path):
+    """The MoE variant (a dense MLP beside 4 routed experts, top 2, in every layer) converted to
+    GGUF as llama.cpp's Gemma4Model writes it: fused ffn_gate_up_exps / ffn_down_exps, router.scale
+    as ffn_gate_inp.scale, per_expert_scale as ffn_down_exps.scale. llama.cpp (llama-cpp-python)
+    loads it and gives transformers' logits (f32 weights and KV cache: NMSE < 1e-5) and 8 greedy
+    tokens. The router's input scale, per-expert scales and layer scalars are drawn in [0.5, 2)
+    and the router weights made 10x larger (50x made a near-tie top-2 choice flip between the two
+    engines), so that routing depends on the input and a scale
+    left out or misplaced changes the logits."""
+    import shutil
+
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+    from tokenizers import Tokenizer
+
+    from llmarch.convert.to_gguf import convert_to_gguf
+    from llmarch.convert.verify import nmse
+    from tests.test_convert import add_tokenizer
+    from tests.test_convert_llamacpp import VOCAB, hf_model, llama_greedy, llama_logits, load_llama
+
+    src = tmp_path / "gemma4-moe"
+    shutil.copytree(tiny("gemma4_text", vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB, **CASES["moe"]), src)
+    st = next(src.glob("*.safetensors"))
+    sd, gen = load_file(st), torch.Generator().manual_seed(5)
+    for name in sd:
+        if name.endswith(("router.scale", "router.per_expert_scale", "layer_scalar")):
+            sd[name] = 0.5 + 1.5 * torch.rand(sd[name].shape, generator=gen)
+        elif name.endswith("router.proj.weight"):
+            sd[name] = sd[name] * 10
+    save_file(sd, st, metadata={"format": "pt"})
+    add_tokenizer(src, VOCAB)
+    out = tmp_path / "m.gguf"
+    convert_to_gguf(str(src), out, "f32")
+    ids = Tokenizer.from_file(str(src / "tokenizer.json")).encode("The capital of France is Paris. In 1969").ids
+    model = hf_model(src, "gemma4_text")
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+        hf_greedy = model.generate(
+            torch.tensor([ids]), max_new_tokens=8, do_sample=False, min_new_tokens=8, eos_token_id=None, pad_token_id=0
+        )[0, len(ids) :].tolist()
+    llm = load_llama(out, f32_kv=True)
+    got = llama_logits(llm, ids)
+    assert nmse(ref, got) < 1e-5
+    assert (ref.argmax(-1) == got.argmax(-1)).all()
+    assert llama_greedy(llm, ids, 8) == hf_greedy
+    assert len(set(np.argmax(ref, -1))) > 3  # logits that depend on the input

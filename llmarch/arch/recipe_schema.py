@@ -96,6 +96,9 @@ class ConvertRecipe:
     hf_layout: str = _choice("llama", "gpt2", default="llama")  # the HF name table (convert/layout.py)
     hf_names: Mapping[str, str] = _table()  # gguf-py MODEL_TENSOR name -> HF name template
     hf_bare: tuple[str, ...] = ()  # MODEL_TENSOR names whose HF parameter has no .weight suffix
+    # MODEL_TENSOR name -> HF parameter llama.cpp reads as that tensor's `.scale` (Gemma 4's
+    # router.scale: ffn_gate_inp.scale; router.per_expert_scale: ffn_down_exps.scale)
+    hf_scales: Mapping[str, str] = _table()
     hf_keys: Mapping[str, str] = _table()  # canonical config key -> the family's own config key
     transpose: tuple[str, ...] = ()  # HF weights stored [in, out] (Conv1D)
     skip: tuple[str, ...] = ()  # HF tensors that are buffers, not weights
