@@ -694,7 +694,8 @@ def _routing(c: Ctx):
         "routed_scaling_factor": getattr(tc, "route_scale" if c.name == "afmoe" else "routed_scaling_factor", None),
         "expert_bias": oss,
         "swiglu_alpha": tc.swiglu_alpha if oss else None,
-        "swiglu_limit": tc.swiglu_limit if oss else None,
+        # DeepseekV4Experts / DeepseekV4MLP clamp gate and up at config.swiglu_limit, no alpha
+        "swiglu_limit": tc.swiglu_limit if oss or c.name == "deepseek_v4" else None,
     }
 
 

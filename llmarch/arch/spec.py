@@ -100,6 +100,10 @@ class AttentionSpec:
     # NoPE layers only, offset 1; Mistral 4 every layer after RoPE, offset 0
     temperature_tuning: dict | None = None
     mla: bool = False
+    # grouped output projection (DeepSeek V4): heads split into out_groups groups, each projected to
+    # out_rank on its own before one projection mixes the groups
+    out_groups: int | None = None
+    out_rank: int | None = None
 
     @property
     def kind(self) -> str:
@@ -206,6 +210,17 @@ class AltUpSpec:
 
 
 @dataclass
+class HyperSpec:
+    """Hyper-connections (DeepSeek V4's mHC): the residual is `streams` copies of the hidden state,
+    collapsed into each sub-block's input and spread back by per-token weights, mixed by a matrix
+    made doubly stochastic by `sinkhorn_iters` Sinkhorn-Knopp steps (floor `eps`)."""
+
+    streams: int
+    sinkhorn_iters: int = 20
+    eps: float = 1e-6
+
+
+@dataclass
 class NormSpec:
     placement: str = "pre"  # pre | post | sandwich
     kind: str = "rms"  # rms | layer
@@ -246,6 +261,7 @@ class ArchSpec:
     final_softcap: float | None = None
     per_layer_embeddings: dict | None = None  # Gemma 3n PLE: {"dim": ..., "params": ...}
     altup: AltUpSpec | None = None
+    hyper: HyperSpec | None = None
     laurel_rank: int | None = None  # LAuReL: a low-rank residual beside attention (Gemma 3n)
     layer_scalar: bool = False  # each layer's output multiplied by a stored scalar (Gemma 4)
     extras: dict[str, Any] = field(default_factory=dict)  # AltUp, LAuReL, KV sharing, ...

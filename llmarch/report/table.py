@@ -174,6 +174,8 @@ def _router(moe: dict) -> str:
 
 
 def _expert_activation(moe: dict, activation, gated: bool) -> str:
+    if moe.get("swiglu_limit") is not None and moe.get("swiglu_alpha") is None:
+        return f"{activation or '-'}, gated, gate and up clamped at {moe['swiglu_limit']:g}"
     if moe.get("swiglu_limit") is not None:
         return f"clamped SwiGLU (alpha {moe['swiglu_alpha']:g}, limit {moe['swiglu_limit']:g})"
     return f"{activation or '-'}" + (", gated" if gated else ", not gated")

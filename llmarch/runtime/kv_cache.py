@@ -121,8 +121,12 @@ class KVCache:
                 self.linear[layer.index] = LinearState(linear, batch, dtype, device)
         self.groups: dict[tuple, SlotGroup] = {}
         self.layers: dict[int, LayerCache] = {}
+        # shared-KV layers (one K=V head, window and compressed entries: DeepSeek V4) keep their own
+        from llmarch.runtime.ops.compressed_attention import CompressedKV
+
+        self.compressed = {layer.index: CompressedKV(layer) for layer in schedule if layer.kv_single}
         for layer in schedule:
-            if layer.mixer not in ("full", "sliding"):
+            if layer.kv_single or layer.mixer not in ("full", "sliding"):
                 continue  # chunked / MLA layers keep their own cache (ops/chunked_attention.py, ops/mla.py)
             if layer.kv_shared_from is not None:
                 continue  # attends over its owner layer's cache: only owners allocate
@@ -153,6 +157,8 @@ class KVCache:
             g.reset()
         for st in self.linear.values():
             st.reset()
+        for c in self.compressed.values():
+            c.reset()
 
     def save_linear(self) -> list[torch.Tensor]:
         """A copy of every linear state (a CUDA-graph capture runs warm-up steps that advance them)."""
@@ -165,7 +171,7 @@ class KVCache:
     def nbytes(self) -> int:
         # k, v and, in a sparse-attention MLA layer, the indexer's keys (index_k)
         tensors = [t for c in self.layers.values() for t in (c.k, c.v, getattr(c, "index_k", None)) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in tensors) + sum(c.nbytes() for c in self.compressed.values())
 
     def state_nbytes(self) -> int:
         """Bytes of the linear layers' fixed state (inspect's kv_cache.state_bytes)."""

@@ -21,7 +21,9 @@ from llmarch.errors import LlmarchError
 from llmarch.runtime.ops.altup import AltUp, AltUpStreams
 from llmarch.runtime.ops.attention import Attention
 from llmarch.runtime.ops.chunked_attention import ChunkedAttention
+from llmarch.runtime.ops.compressed_attention import SharedKVAttention
 from llmarch.runtime.ops.gated_deltanet import GatedDeltaNet
+from llmarch.runtime.ops.hyper_connections import HyperConnection, HyperHead, load_params
 from llmarch.runtime.ops.kda import KimiDeltaAttention
 from llmarch.runtime.ops.laurel import Laurel
 from llmarch.runtime.ops.mamba2 import Mamba2
@@ -47,6 +49,7 @@ MIXERS: dict[str, Callable[..., nn.Module]] = {
     "sliding": Attention,
     "chunked": ChunkedAttention,
     "mla": MLAttention,
+    "shared_kv": SharedKVAttention,  # one K=V head, window + compressed entries (DeepSeek V4)
     "gated_deltanet": GatedDeltaNet,
     "kda": KimiDeltaAttention,
     "mamba2": Mamba2,
@@ -88,8 +91,24 @@ class Block(nn.Module):
         self.altup = AltUp(spec) if spec.altup else None
         self.per_layer = PerLayerGate(spec) if spec.per_layer_embeddings else None
         self.layer_scalar = nn.Parameter(torch.ones(1)) if spec.layer_scalar else None
+        # hyper-connections: x is then [B, T, N, d], collapsed into each sub-block and spread back
+        h = spec.hyper
+        self.hyper = (
+            nn.ModuleDict(
+                {
+                    part: LayerHyperConnection(spec.hidden_size, h, spec.norm.eps or 1e-6, layer.index, part)
+                    for part in ("attn", "ffn")
+                }
+            )
+            if h is not None
+            else None
+        )
+        self.hashed = spec.moe is not None and layer.index in spec.moe.hash_layers
 
-    def forward(self, x, pos, cache, per_layer_input=None):
+    def forward(self, x, pos, cache, per_layer_input=None, ids=None):
+        if self.hyper is not None:
+            x = self.hyper["attn"].around(x, lambda c: self.attn(self.attn_norm(c), pos, cache))
+            return self.hyper["ffn"].around(x, lambda c: self._ffn(self.ffn_norm(c), ids))
         streams = None
         if self.altup is not None:
             streams = self.altup.predict(x)
@@ -103,7 +122,7 @@ class Block(nn.Module):
         if self.mlp is not None:
             normed = self.ffn_norm(x) if self.ffn_norm is not None else x
             # an FFN that also reads the residual stream (Gemma 4's dense MLP beside routed experts)
-            h = self.mlp(normed, x) if getattr(self.mlp, "wants_residual", False) else self.mlp(normed)
+            h = self.mlp(normed, x) if getattr(self.mlp, "wants_residual", False) else self._ffn(normed, ids)
             x = x + (self.ffn_post_norm(h) if self.ffn_post_norm is not None else h)
         if self.altup is not None:
             streams = self.altup.correct(streams, x)
@@ -116,6 +135,30 @@ class Block(nn.Module):
         if self.layer_scalar is not None:
             x = x * self.layer_scalar
         return x
+
+    def _ffn(self, normed, ids):
+        """The FFN; a hash-routed MoE also reads the token ids."""
+        return self.mlp(normed, ids=ids) if self.hashed else self.mlp(normed)
+
+
+class LayerHyperConnection(HyperConnection):
+    """One sub-block's hyper-connection, reading its tensors (layers.i.hc_attn_fn / _base / _scale)."""
+
+    def __init__(self, d: int, h, norm_eps: float, index: int, part: str):
+        super().__init__(d, h.streams, h.sinkhorn_iters, h.eps, norm_eps)
+        self.stem = f"layers.{index}.hc_{part}_"
+
+    def load_from(self, source, prefix: str, dtype, device) -> None:
+        stem = f"{getattr(source, 'prefix', '')}{self.stem}"
+        load_params(self, source, {p: f"{stem}{p}" for p in ("fn", "base", "scale")}, dtype, device)
+
+
+class ModelHyperHead(HyperHead):
+    """The streams' final collapse, reading hc_head.hc_fn / hc_base / hc_scale."""
+
+    def load_from(self, source, prefix: str, dtype, device) -> None:
+        stem = f"{getattr(source, 'prefix', '')}hc_head."
+        load_params(self, source, {p: f"{stem}{p}" for p in ("hc_fn", "hc_base", "hc_scale")}, dtype, device)
 
 
 def _rope_key(spec: ArchSpec, layer: LayerSpec):
@@ -141,13 +184,13 @@ class Transformer(nn.Module):
         self.ropes = nn.ModuleDict()
         layers = []
         for layer in spec.schedule:
-            mixer = layer.linear_kind or layer.mixer
+            mixer = layer.linear_kind or ("shared_kv" if layer.kv_single else layer.mixer)
             if mixer not in MIXERS and mixer != "none":
                 raise LlmarchError(f"layer {layer.index}: mixer {mixer!r} is not supported by llmarch run yet")
             if layer.ffn not in FFNS and layer.ffn != "none":
                 raise LlmarchError(f"layer {layer.index}: FFN {layer.ffn!r} is not supported by llmarch run yet")
             rope = None
-            key = _rope_key(spec, layer)
+            key = _rope_key(spec, layer) if mixer != "shared_kv" else None  # it rotates pairs of its own
             if key is not None:
                 (theta, skey, rot, head_dim), scaling = key
                 name = f"r{len(self.ropes)}"
@@ -176,6 +219,8 @@ class Transformer(nn.Module):
         self.final_softcap = spec.final_softcap
         self.per_layer_inputs = PerLayerInputs(spec) if spec.per_layer_embeddings else None
         self.altup_streams = AltUpStreams(spec) if spec.altup else None
+        h = spec.hyper
+        self.hyper_head = ModelHyperHead(d, h.streams, h.eps, spec.norm.eps or 1e-6) if h is not None else None
 
     def setup(self, max_seq: int, device, dtype) -> None:
         self.act_dtype = dtype
@@ -190,8 +235,12 @@ class Transformer(nn.Module):
         ple = self.per_layer_inputs(ids, x) if self.per_layer_inputs is not None else None
         if self.altup_streams is not None:
             x = self.altup_streams.expand(x)
+        if self.hyper_head is not None:
+            x = x.unsqueeze(2).expand(-1, -1, self.spec.hyper.streams, -1).contiguous()
         for i, block in enumerate(self.layers):
-            x = block(x, pos, cache) if ple is None else block(x, pos, cache, ple[:, :, i])
+            x = block(x, pos, cache, None if ple is None else ple[:, :, i], ids=ids)
+        if self.hyper_head is not None:
+            x = self.hyper_head(x)
         if last_only:
             x = x[..., -1:, :]
         if self.altup_streams is not None:

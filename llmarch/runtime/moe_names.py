@@ -18,7 +18,8 @@ import torch
 from llmarch.errors import LlmarchError
 from llmarch.runtime.experts.formats import ExpertFormat, mxfp4_dequant
 
-BLOCKS = ("mlp", "block_sparse_moe", "feed_forward", "mixer")  # mixer: Nemotron-H's single-op layers
+# mixer: Nemotron-H's single-op layers; ffn: DeepSeek's own names (V4 as transformers saves it)
+BLOCKS = ("mlp", "block_sparse_moe", "feed_forward", "mixer", "ffn")
 READABLE = ("F32", "F16", "BF16")
 
 
@@ -99,17 +100,35 @@ def read_moe(source, moe, keep_stored=None) -> dict:
     }
     out["router_input_scale"] = L.get("router.scale")
     out["per_expert_scale"] = L.get("router.per_expert_scale")
-    out["router_bias"] = L.get("gate.e_score_correction_bias", "e_score_correction_bias", "router.bias", "expert_bias")
+    out["router_bias"] = L.get(
+        "gate.e_score_correction_bias", "e_score_correction_bias", "router.bias", "expert_bias", "gate.bias"
+    )
+    out["tid2eid"] = _token_table(L)
     if L.has("experts.gate_up_proj") or L.has("experts.gate_up_proj_blocks"):
         _fused(L, out, moe, keep_stored is ExpertFormat.MXFP4)
     else:
         _per_expert(L, out, moe)
+    own = {"gate": "w1", "up": "w3", "down": "w2"}  # DeepSeek's own names
     for pre in ("shared_experts", "shared_expert"):
-        if L.has(f"{pre}.up_proj.weight"):
-            for p in ("gate", "up", "down") if moe.gated else ("up", "down"):
-                out[f"shared_{p}"] = L.get(f"{pre}.{p}_proj.weight", required="shared expert")
+        for style in ("{p}_proj", "{own}"):
+            if L.has(f"{pre}.{style.format(p='up', own='w3')}.weight") and "shared_up" not in out:
+                for p in ("gate", "up", "down") if moe.gated else ("up", "down"):
+                    name = style.format(p=p, own=own[p])
+                    out[f"shared_{p}"] = L.get(f"{pre}.{name}.weight", required="shared expert")
     out["shared_gate_w"] = L.get("shared_expert_gate.weight")
     return _checked(out, moe, L.where)
+
+
+def _token_table(L: _Layer) -> torch.Tensor | None:
+    """A hash-routed layer's token-id -> expert-ids table (gate.tid2eid, integers)."""
+    info = L.names.get(f"{L.blk}.gate.tid2eid")
+    if info is None:
+        return None
+    if info.dtype not in ("I64", "I32"):
+        raise LlmarchError(f"tensor {info.name}: a token-to-expert table stored as {info.dtype}", L.where)
+    from llmarch.runtime.weights import _raw
+
+    return _raw(info).clone().view(torch.int64 if info.dtype == "I64" else torch.int32).reshape(info.shape).long()
 
 
 def _checked(out: dict, moe, where: str) -> dict:

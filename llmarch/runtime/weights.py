@@ -196,6 +196,8 @@ class SafetensorsSource(WeightSource):
         self.prefix = embed[: embed.rfind(".", 0, len(embed) - len(".weight")) + 1]
         # lm_head sits beside the decoder: "lm_head.weight" or "language_model.lm_head.weight"
         heads = [n for n in names if n.endswith("lm_head.weight")]
+        if not heads and "head.weight" in names:  # DeepSeek's own name (V4 as transformers saves it)
+            heads = ["head.weight"]
         self.head = min(heads, key=len) if heads else None
         self.norms = HF_NORMS.get(spec.norm.placement, HF_NORMS["pre"])
         if any(".pre_mlp_layernorm." in n for n in names):  # AfMoE's sandwich FFN norm names
@@ -203,6 +205,8 @@ class SafetensorsSource(WeightSource):
         # Llama 4 names its dense FFN feed_forward.*, not mlp.*
         # (only decoder-layer names count: Pixtral's vision tower also has feed_forward.*)
         decoder = self.prefix + "layers."
+        if any(n.startswith(decoder) and n.endswith(".attn_norm.weight") for n in names):  # DeepSeek's own names
+            self.norms = {"attn_norm": "attn_norm", "ffn_norm": "ffn_norm"}
         self.mlp = "feed_forward." if any(n.startswith(decoder) and ".feed_forward." in n for n in names) else "mlp."
         # Kimi Linear keeps its dense-first layers' FFN under block_sparse_moe.* beside its MoE layers
         if any(n.startswith(decoder) and ".block_sparse_moe.up_proj." in n for n in names):

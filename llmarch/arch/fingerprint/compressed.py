@@ -9,7 +9,7 @@ import re
 
 from llmarch.arch.fingerprint.facts import Facts, layer_has
 from llmarch.arch.fingerprint.rope import compressed_rope
-from llmarch.arch.spec import ArchSpec
+from llmarch.arch.spec import ArchSpec, HyperSpec
 from llmarch.checkpoint.base import Checkpoint
 from llmarch.checkpoint.config_check import MAX_COUNT, is_int
 from llmarch.errors import CheckpointError
@@ -52,6 +52,17 @@ def read_compressed(spec: ArchSpec, f: Facts, lt, ckpt: Checkpoint) -> None:
     if any(l.compress_ratio for l in spec.schedule):
         spec.evidence["layer_schedule.compress_ratio"] = "compressor position-bias rows" if lt else "compress_rates"
         _compressed_layers_rope(spec, f)
+    spec.attention.out_groups = f.get("o_groups", fact="attention.out_groups")
+    spec.attention.out_rank = f.get("o_lora_rank", fact="attention.out_rank")
+    streams = f.get("hc_mult", fact="hyper.streams")
+    # the streams' mixing weights sit in every layer (hc_attn_fn as DeepSeek and transformers save them)
+    mixes = any(n.endswith(("hc_attn_fn", "attn_hc.fn")) for ns in lt.values() for n in ns)
+    if streams and (mixes or not lt):
+        spec.hyper = HyperSpec(
+            streams=int(streams),
+            sinkhorn_iters=int(f.get("hc_sinkhorn_iters", default=20, fact="hyper.sinkhorn_iters")),
+            eps=float(f.get("hc_eps", default=1e-6, fact="hyper.eps")),
+        )
 
 
 def _compressed_layers_rope(spec: ArchSpec, f: Facts) -> None:

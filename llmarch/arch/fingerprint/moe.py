@@ -85,7 +85,8 @@ def _read_experts(m: MoESpec, f: Facts, r: MoERecipe, lt) -> None:
     m.expert_bias = any(n.endswith("bias") for n in names)
     if r.swiglu_limit is not None:  # transformers reads both from the config; the recipe has its defaults
         m.swiglu_limit = float(f.get("swiglu_limit", default=r.swiglu_limit, fact="moe.swiglu_limit"))
-        m.swiglu_alpha = float(f.get("swiglu_alpha", default=r.swiglu_alpha, fact="moe.swiglu_alpha"))
+        alpha = f.get("swiglu_alpha", default=r.swiglu_alpha, fact="moe.swiglu_alpha")
+        m.swiglu_alpha = None if alpha is None else float(alpha)  # None: a plain clamp (DeepSeek V4)
     # the gate/up order inside a fused gate_up_proj is not in the file: the recipe says it, for
     # checkpoints whose tensors are fused (or when there are no tensors to look at)
     if not lt or any(n.endswith(("experts.gate_up_proj", "experts.gate_up_proj_blocks")) for n in names):

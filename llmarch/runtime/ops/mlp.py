@@ -47,11 +47,20 @@ def gaussian_topk(g: torch.Tensor, std_multiplier: float) -> torch.Tensor:
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)); `gate_up` holds [gate; up] so one matmul reads both.
 
-    sparsity: Gaussian top-k on the gate before the activation, keeping about 1 - sparsity of it."""
+    sparsity: Gaussian top-k on the gate before the activation, keeping about 1 - sparsity of it.
+    limit: gate clamped to at most limit and up to [-limit, limit] first (DeepSeek V4's shared expert)."""
 
-    def __init__(self, dim: int, hidden: int, act: str | None, bias: bool = False, sparsity: float | None = None):
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        act: str | None,
+        bias: bool = False,
+        sparsity: float | None = None,
+        limit: float | None = None,
+    ):
         super().__init__()
-        self.hidden = hidden
+        self.hidden, self.limit = hidden, limit
         self.gate_up = nn.Linear(dim, 2 * hidden, bias=bias)
         self.down = nn.Linear(hidden, dim, bias=bias)
         self.act = activation(act)
@@ -61,6 +70,8 @@ class GatedMLP(nn.Module):
         gate, up = self.gate_up(x).split(self.hidden, dim=-1)
         if self.std_multiplier is not None:
             gate = gaussian_topk(gate, self.std_multiplier)
+        if self.limit is not None:
+            gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
         return self.down(self.act(gate) * up)
 
     fused = {"gate_up": ("gate", "up")}

@@ -27,17 +27,24 @@ from llmarch.errors import LlmarchError
 from llmarch.runtime.experts.stores import ResidentExperts
 from llmarch.runtime.ops.mlp import GatedMLP, PlainMLP, activation
 
+# score functions whose scores get the correction bias for the choice only, then the top-k
+BIASED_CHOICE = {"sigmoid": torch.sigmoid, "sqrtsoftplus": lambda x: F.softplus(x).sqrt()}
+
 
 class Router(nn.Module):
-    def __init__(self, spec: ArchSpec):
+    def __init__(self, spec: ArchSpec, index: int | None = None):
         super().__init__()
         m = spec.moe
         self.score = m.router or "softmax"
         self.topk_first = m.topk_before_score
         self.E, self.k = m.experts, m.experts_per_token
         self.weight = nn.Parameter(torch.empty(m.experts, spec.hidden_size))
+        # a hash-routed layer picks its experts from a token-id table (tid2eid [vocab, k], loaded);
+        # its scores only weigh them, so it has no correction bias
+        self.hashed = index is not None and index in m.hash_layers
+        self.tid2eid: torch.Tensor | None = None
         # sigmoid-then-top-k routers add a correction bias to the choice only; the others, to the logits
-        self.bias = nn.Parameter(torch.empty(m.experts)) if m.router_bias else None
+        self.bias = nn.Parameter(torch.empty(m.experts)) if m.router_bias and not self.hashed else None
         self.norm = bool(m.norm_topk_prob)
         self.groups, self.topk_group = m.n_group or 1, m.topk_group or 1
         self.group_by_max = m.group_score == "max"
@@ -48,25 +55,25 @@ class Router(nn.Module):
         self.eps = spec.norm.eps or 1e-6
         self.expert_scale = nn.Parameter(torch.ones(m.experts)) if m.per_expert_scale else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, d] -> (expert ids [N, k], weights [N, k] float32)."""
+    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, d] -> (expert ids [N, k], weights [N, k] float32); ids: the N tokens' ids (hash routing)."""
         if self.input_scale is not None:  # rms_norm(x) * scale * d^-0.5 (Gemma 4's router input)
             xf = x.float()
             xf = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
             x = (xf.to(x.dtype) * self.input_scale * self.input_root).to(x.dtype)
-        idx, w = self._route(x)
+        idx, w = self._route(x, ids)
         if self.expert_scale is not None:
             w = w * self.expert_scale[idx]
         return idx, (w * self.scale if self.scale != 1.0 else w)
 
-    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _route(self, x: torch.Tensor, ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         # group-limited choice (a group ranks by the sum of its two best scores, or by its best one
-        # where group_score says "max": DeepSeek-V2): sigmoid routers (DeepSeek V3) and softmax ones
-        # with groups (Mistral 4, DeepSeek-V2)
-        if not self.topk_first and (self.score == "sigmoid" or self.groups > 1):
+        # where group_score says "max": DeepSeek-V2): sigmoid routers (DeepSeek V3), sqrt-softplus
+        # ones (DeepSeek V4) and softmax ones with groups (Mistral 4, DeepSeek-V2)
+        if not self.topk_first and (self.score in BIASED_CHOICE or self.groups > 1):
             logits = F.linear(x.float(), self.weight.float())
-            if self.score == "sigmoid":
-                scores = logits.sigmoid()
+            if self.score in BIASED_CHOICE:
+                scores = BIASED_CHOICE[self.score](logits)
                 choice = scores + self.bias.float() if self.bias is not None else scores
             else:
                 scores = choice = torch.softmax(logits + self.bias.float() if self.bias is not None else logits, -1)
@@ -76,7 +83,12 @@ class Router(nn.Module):
                 best = rank.topk(self.topk_group, dim=-1, sorted=False)[1]
                 keep = torch.zeros_like(g[..., 0]).scatter_(1, best, 1.0).bool()
                 choice = g.masked_fill(~keep[..., None], float("-inf")).view(-1, self.E)
-            idx = choice.topk(self.k, dim=-1, sorted=False)[1]
+            if self.hashed:
+                if ids is None or self.tid2eid is None:
+                    raise LlmarchError("a hash-routed MoE layer needs the token ids and its tid2eid table")
+                idx = self.tid2eid[ids.reshape(-1)].long()
+            else:
+                idx = choice.topk(self.k, dim=-1, sorted=False)[1]
             w = scores.gather(1, idx)
             if self.norm:
                 w = w / (w.sum(-1, keepdim=True) + 1e-20)
@@ -93,16 +105,20 @@ class Router(nn.Module):
 
 
 class ExpertAct:
-    """SwiGLU, or gpt-oss's clamped variant: (clamp(up) + 1) * g * sigmoid(alpha * g), g = clamp(gate);
-    for non-gated experts (spec.ffn_gated false: Nemotron-H's relu2) the activation of up alone."""
+    """SwiGLU, or gpt-oss's clamped variant: (clamp(up) + 1) * g * sigmoid(alpha * g), g = clamp(gate),
+    or without alpha (DeepSeek V4) act(min(gate, limit)) * clamp(up, -limit, limit); for non-gated
+    experts (spec.ffn_gated false: Nemotron-H's relu2) the activation of up alone."""
 
     def __init__(self, spec: ArchSpec, inter: int):
         self.inter = inter
         self.gated = getattr(spec, "ffn_gated", True)  # kernel tests pass a bare namespace of MoE facts
         self.clamped = spec.moe.swiglu_limit is not None
+        # clamped gate and up around the model's own activation, no alpha (DeepSeek V4)
+        self.clamp_only = self.clamped and spec.moe.swiglu_alpha is None
         self.alpha = float(spec.moe.swiglu_alpha or 0.0)  # floats either way: the CPU kernel takes both
         self.limit = float(spec.moe.swiglu_limit or 0.0)
-        self.act = None if self.clamped else activation(spec.activation)  # (GGUF names gpt-oss's "swiglu_clamped")
+        # (GGUF names gpt-oss's "swiglu_clamped")
+        self.act = None if self.clamped and not self.clamp_only else activation(spec.activation)
         self.name = spec.activation or "silu"  # for the CPU expert kernel's own activation code
 
     def __call__(self, gu: torch.Tensor) -> torch.Tensor:
@@ -112,6 +128,8 @@ class ExpertAct:
         if self.clamped:
             gate = gate.clamp(max=self.limit)
             up = up.clamp(-self.limit, self.limit)
+            if self.clamp_only:
+                return self.act(gate) * up
             return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
         return self.act(gate) * up
 
@@ -124,7 +142,7 @@ class MoE(nn.Module):
         self.E, self.d = m.experts, spec.hidden_size
         self.inter = m.expert_ffn or spec.intermediate_size
         self.bias = m.expert_bias
-        self.router = Router(spec)
+        self.router = Router(spec, layer.index)
         self.gated = spec.ffn_gated
         self.experts: nn.Module = ResidentExperts(self.E, self.d, self.inter, self.bias, self.gated)
         self.act = ExpertAct(spec, self.inter)
@@ -133,19 +151,22 @@ class MoE(nn.Module):
         if m.shared_experts:
             width = m.shared_ffn or self.inter * m.shared_experts
             self.shared = (
-                GatedMLP(self.d, width, spec.activation)
+                # DeepSeek V4 clamps its shared expert as its routed ones
+                GatedMLP(self.d, width, spec.activation, limit=m.swiglu_limit if self.act.clamp_only else None)
                 if self.gated
                 else PlainMLP(self.d, width, spec.activation, bias=False)
             )
         self.shared_gate = nn.Linear(self.d, 1, bias=False) if m.shared_gated else None
         self.store_factory = None  # experts/placement.py: (moe, gate_up, down, biases, stored) -> expert store
 
-    def forward(self, x: torch.Tensor, route_on: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, route_on: torch.Tensor | None = None, ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """route_on: what the router reads where it is not the experts' input (Gemma 4 routes on
-        the residual stream, its experts read a normed copy)."""
+        the residual stream, its experts read a normed copy); ids: the tokens (hash routing)."""
         B, T, d = x.shape
         flat = x.reshape(-1, d)
-        idx, w = self.router(flat if route_on is None else route_on.reshape(-1, d))
+        idx, w = self.router(flat if route_on is None else route_on.reshape(-1, d), ids)
         # shared expert first: on the GPU it runs while an offloaded store computes on the CPU
         shared = None
         if self.shared is not None:
@@ -169,6 +190,17 @@ class MoE(nn.Module):
                 if t.get(key) is None:
                     raise LlmarchError(f"layer {self.index}: the router's {key} is missing", str(source.ckpt.path))
                 setattr(self.router, attr, put(t[key]))
+        if self.router.hashed:
+            if t.get("tid2eid") is None:
+                raise LlmarchError(f"layer {self.index}: the hash router's tid2eid is missing", str(source.ckpt.path))
+            table = t["tid2eid"]
+            if table.ndim != 2 or table.shape[1] != self.router.k or not bool(((table >= 0) & (table < self.E)).all()):
+                raise LlmarchError(
+                    f"layer {self.index}: tid2eid {tuple(table.shape)} must hold {self.router.k} expert ids < {self.E}"
+                    " per token",
+                    str(source.ckpt.path),
+                )
+            self.router.tid2eid = table.to(device=device, dtype=torch.long)
         if self.router.bias is not None:
             if t.get("router_bias") is None:
                 raise LlmarchError(
@@ -190,6 +222,14 @@ class MoE(nn.Module):
         if self.store_factory is not None:
             stored = t.get("mxfp4") or t.get("gguf_blocks")
             self.experts = self.store_factory(self, t["gate_up"], t["down"], biases, stored)
+            from llmarch.runtime.experts.host import OffloadedExperts
+
+            if self.act.clamp_only and isinstance(self.experts, OffloadedExperts):
+                raise LlmarchError(
+                    "--experts cpu/disk: the CPU expert kernel computes gpt-oss's clamped SwiGLU, not this "
+                    "model's (gate and up clamped around its activation); run with the experts resident",
+                    str(source.ckpt.path),
+                )
         else:
             self.experts.load(t["gate_up"], t["down"], biases, dtype, device)
 
