@@ -15,3 +15,8 @@ def index_ranges(idx: list[int]) -> str:
         if i is not None:
             start = prev = i
     return ",".join(out)
+
+
+def layers_named(idx: list[int]) -> str:
+    """[0] -> "layer 0", [0, 1, 2] -> "layers 0-2": an index list that cannot be read as a count."""
+    return ("layer " if len(idx) == 1 else "layers ") + index_ranges(idx)

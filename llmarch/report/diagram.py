@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from llmarch.arch.ranges import index_ranges
+from llmarch.arch.ranges import index_ranges, layers_named
 from llmarch.errors import LlmarchError, printable
 from llmarch.report.diagram_parts import Part, block_parts, head_parts, layers_from_doc, title_lines
 from llmarch.report.text import layer_label, repeat_unit
@@ -140,7 +140,7 @@ def _caption(b: Block, layers: list) -> str:
     rest_moe = n < len(layers) and all(l.ffn == "moe" for l in layers[n:])
     if contiguous and first == 0 and b.layer.ffn == "dense" and rest_moe:  # DeepSeek's dense-first
         return f"first {n} dense" if n > 1 else "first layer dense"
-    return "layer" + ("s " if n > 1 else " ") + index_ranges(b.layers)
+    return layers_named(b.layers)
 
 
 # ----------------------------------------------------------------------------- SVG pieces

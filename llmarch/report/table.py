@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from llmarch.arch.ranges import index_ranges
+from llmarch.arch.ranges import index_ranges, layers_named
 from llmarch.report.text import count, nbytes, plain
 
 
@@ -110,7 +110,7 @@ def fact_rows(doc: dict) -> list[tuple[str, str, str]]:
             ("MoE", "experts", f"{moe['experts']} routed, {moe['experts_per_token']} per token"),
             ("MoE", "shared experts", shared if moe["shared_experts"] else "none"),
             ("MoE", "expert width", str(moe["expert_ffn"]) + (f" (dense FFN {dense_width})" if dense_width else "")),
-            ("MoE", "dense layers", index_ranges(moe["dense_layers"]) if moe["dense_layers"] else "none"),
+            ("MoE", "dense layers", layers_named(moe["dense_layers"]) if moe["dense_layers"] else "none"),
             ("MoE", "router", _router(moe)),
             ("MoE", "router weights scale", "expert input" if moe.get("weights_on_input") else "expert output"),
             ("MoE", "expert activation", _expert_activation(moe, f["activation"], f.get("gated", True))),
