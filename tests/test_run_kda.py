@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from unittest.mock import patch
 
 import pytest
 
@@ -105,9 +106,7 @@ def test_generator_and_offloaded_experts_agree(tiny, device):
     path = tiny("kimi_linear", **HYBRID)
     prompt = torch.randint(3, 128, (1, 23), generator=torch.Generator().manual_seed(2))
     expected = reference_tokens(own_cache(reference_model("kimi_linear", path), "cache"), prompt, STEPS)
-    old = g.PREFILL_CHUNK
-    g.PREFILL_CHUNK = 10
-    try:
+    with patch.object(g, "PREFILL_CHUNK", 10):  # prefill in chunks, so state carries across calls
         rt = load_runtime(str(path), device, "float32")
         gen = g.Generator(rt, 23 + STEPS, cuda_graph=False)
         for _ in range(2):
@@ -117,8 +116,6 @@ def test_generator_and_offloaded_experts_agree(tiny, device):
         gen_cpu = g.Generator(rt_cpu, 23 + STEPS, cuda_graph=False)
         assert attach_decoder(gen_cpu)  # run's decode step for host experts, segments between round trips
         assert gen_cpu.generate(prompt[0].tolist(), STEPS, g.Sampling()).tokens == expected
-    finally:
-        g.PREFILL_CHUNK = old
 
 
 def test_kda_sizes_disagreeing_with_the_tensors_is_refused(tiny, tmp_path, capsys):
