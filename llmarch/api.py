@@ -58,8 +58,9 @@ def diff_sources(
     if tensors:
         from llmarch.report.tensor_diff import canonical_tensors, compare_tensors
 
-        # each side under its own GGUF arch's names, else the other side's
-        ga, gb = da["gguf_arch"], db["gguf_arch"]
+        # each side under its own GGUF arch's names (those of the arch standing in for one gguf-py
+        # lacks: the recipe's gguf_tables), else the other side's
+        ga, gb = ((s.recipe and s.recipe.convert.gguf_tables) or d["gguf_arch"] for s, d in ((sa, da), (sb, db)))
         tdiff = compare_tensors(
             canonical_tensors(ca.tensors, ca.format, ga or gb), canonical_tensors(cb.tensors, cb.format, gb or ga)
         )

@@ -85,6 +85,21 @@ def test_run_from_gguf_matches_transformers(converted, name, shared):
     assert (f"{arch}.attention.indexer.types" in r.fields) == shared
 
 
+def test_diff_tensors_pairs_the_indexer(converted):
+    """`llmarch diff --tensors` names the source's tensors as llama.cpp's deepseek32 file does
+    (gguf-py has no deepseek32 tables: glm-dsa's stand in), so only what the conversion changes is
+    reported: kv_b split, the MTP layer dropped, gguf-py's spelling of the router bias."""
+    from llmarch.api import diff_sources
+
+    src, path = converted("deepseek_v32", False)
+    t = diff_sources(str(src), str(path), tensors=True)[0]["tensors"]
+    mtp = str(json.loads((src / "config.json").read_text())["num_hidden_layers"])  # the MTP layer's index
+    kinds = ("only_in_a", "only_in_b", "shape_changes")
+    changed = {e["tensor"] for kind in kinds for e in t[kind] if e["layers"] != mtp}
+    assert not [n for n in changed if "indexer" in n or "attn_q" in n], changed
+    assert {"blk.*.attn_kv_b.weight", "blk.*.attn_k_b.weight", "blk.*.attn_v_b.weight"} <= changed
+
+
 @pytest.mark.parametrize("name", DSA)
 def test_run_from_q8_0_gguf_top1_and_nmse(converted, name):
     """llmarch run of the q8_0 GGUF (indexer weights quantized too) against transformers on the
