@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_bad_input import LLAMA_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,21 +35,7 @@ def st_bytes(tensors: dict[str, tuple[str, list[int]]]) -> bytes:
 
 
 def llama_config(layers: int, hidden: int = 8) -> dict:
-    return {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": hidden,
-        "num_hidden_layers": layers,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "intermediate_size": 16,
-        "vocab_size": 4,
-        "max_position_embeddings": 64,
-        "rope_theta": 10000.0,
-        "hidden_act": "silu",
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False,
-    }
+    return dict(LLAMA_CONFIG, hidden_size=hidden, num_hidden_layers=layers, tie_word_embeddings=False)
 
 
 def llama_tensors(layers: int, hidden: int = 8) -> dict:
