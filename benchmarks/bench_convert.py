@@ -25,21 +25,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-QWEN3_06B = dict(
-    vocab_size=151936,
-    hidden_size=1024,
-    intermediate_size=3072,
-    num_hidden_layers=28,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=40960,
-    rope_theta=1000000.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=True,
-    bos_token_id=1,
-    eos_token_id=2,
-)
 
 
 def make_checkpoint(out: Path) -> Path:
@@ -51,7 +36,9 @@ def make_checkpoint(out: Path) -> Path:
     from tests.test_convert import add_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
-    cfg = Qwen3Config(**QWEN3_06B, torch_dtype="bfloat16")
+    from fixtures.hub_shapes import QWEN3_0_6B
+
+    cfg = Qwen3Config(**QWEN3_0_6B, torch_dtype="bfloat16")
     cfg.architectures = ["Qwen3ForCausalLM"]
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
