@@ -147,9 +147,10 @@ def _read_rope_temperature(spec: ArchSpec, a: AttentionSpec, f: Facts, ckpt: Che
 
 
 # the indexer's projections (under self_attn.indexer., in GGUF blk.N.indexer.) and the shape each
-# must have, from (index heads, index key width, q_lora_rank, hidden size)
+# must have, from (index heads, index key width, q_lora_rank, hidden size); without a query
+# low-rank the indexer's queries come from the hidden state (transformers' MistralLarge4TextIndexer)
 INDEXER_SHAPES = {
-    "wq_b.weight": lambda h, d, q, hid: (h * d, q),
+    "wq_b.weight": lambda h, d, q, hid: (h * d, q or hid),
     "wk.weight": lambda h, d, q, hid: (d, hid),
     "weights_proj.weight": lambda h, d, q, hid: (h, hid),
 }
