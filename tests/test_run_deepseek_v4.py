@@ -7,9 +7,11 @@ ratio that does not divide the context), hash-routed MoE in layers 0-1, learned 
 2 hyper-connection streams. Logits within 1e-4 of transformers' own cached decode at prefill and
 32 steps, same greedy tokens; also with YaRN on the compressed layers and half of each head
 rotated, and through the Generator (prefill in chunks of 10, shorter than a CSA window pair).
-The reference is transformers' cached decode, not its uncached forward: on this fixture the two
-differ by up to ~5e-3 for sequences of 32-39 and 48-56 tokens (measured on this fixture's first
-test sequence), while llmarch's cached decode agrees with the cached reference to ~1e-7.
+The run tests give the indexer 8 heads (the fixture has 2): an entry scores exactly 0 when every
+head's ReLU'd product is, and with 2 heads such ties among the candidates for the top-k are
+common; transformers breaks them one way in its batched (uncached) forward and another in its
+cached decode (measured: up to ~5e-3 apart while the token that differs stays in the window).
+With 8 heads both agree to ~1e-7, and so does llmarch; the reference is the cached decode.
 
 Expected RoPE facts come from transformers, not from llmarch: DeepseekV4Config resolves
 rope_parameters into a "main" entry (sliding-only layers: rope_theta, unscaled) and a "compress"
@@ -95,8 +97,11 @@ def test_indexer_rope_pairs_adjacent_channels(tiny):
     assert load_spec(str(tiny("deepseek_v4"))).attention.index_rope_interleave is True
 
 
+INDEX_HEADS = 8  # few exact-zero ties in the indexer's scores (see above)
+
+
 def test_deepseek_v4_matches_transformers(tiny):
-    path = tiny("deepseek_v4")
+    path = tiny("deepseek_v4", index_n_heads=INDEX_HEADS)
     p = check_parity(path, own_cache(reference_model("deepseek_v4", path)), "cpu", PROMPT, STEPS)
     spec = p.spec
     assert spec.hyper.streams == 2 and spec.moe.hash_layers == [0, 1]
@@ -104,12 +109,12 @@ def test_deepseek_v4_matches_transformers(tiny):
 
 
 def test_deepseek_v4_yarn_and_wider_rope_match_transformers(tiny):
-    path = tiny("deepseek_v4", rope_parameters=YARN, partial_rotary_factor=0.5)
+    path = tiny("deepseek_v4", rope_parameters=YARN, partial_rotary_factor=0.5, index_n_heads=INDEX_HEADS)
     check_parity(path, own_cache(reference_model("deepseek_v4", path)), "cpu", PROMPT, STEPS)
 
 
 def test_deepseek_v4_generator_in_chunks(tiny):
-    path = tiny("deepseek_v4")
+    path = tiny("deepseek_v4", index_n_heads=INDEX_HEADS)
     check_generator(path, own_cache(reference_model("deepseek_v4", path)), "cpu", PROMPT, STEPS, chunk=10)
 
 
