@@ -147,3 +147,33 @@ def test_requested_bits_and_unreadable_blocks_take_the_dequantizing_path(ggufs):
     assert got == want
     assert offloaded(rt.model)[0].format is ExpertFormat.FLOAT
     assert any("the CPU expert kernel reads Q8_0/Q4_0 blocks, not Q5_0" in n for n in rt.notes), rt.notes
+
+
+def test_run_reports_which_path_the_experts_took(ggufs, capsys):
+    """`llmarch run X.gguf --experts cpu` (its library call, in process): the notes say the blocks were
+    used as stored, and the offload summary and JSON name the format."""
+    from llmarch.runtime.run import RunOptions, run
+
+    o = RunOptions(source=str(ggufs["q8_0"]), prompt_ids="5,6,7", max_tokens=3, device="cpu", experts="cpu")
+    doc = run(o)
+    err = capsys.readouterr().err
+    assert "llmarch: routed experts: the GGUF's Q8_0 blocks used as stored (memory-mapped, not copied)" in err, err
+    assert "gguf q8_0 experts" in err and doc["offload"]["expert_format"] == "gguf q8_0", err
+
+
+def test_mla_gguf_experts_as_stored_give_the_resident_tokens(tiny, tmp_path):
+    """DeepSeek V3's layout from a GGUF (llama.cpp's deepseek2: MLA, a dense first layer, a shared
+    expert): its Q8_0 expert blocks on the host, through the segmented decoder, give the same GGUF's
+    resident tokens."""
+    from llmarch.convert.to_gguf import convert_to_gguf
+    from llmarch.runtime.experts.formats import ExpertFormat
+    from llmarch.runtime.experts.report import offloaded
+
+    path = tmp_path / "deepseek_v3-q8_0.gguf"
+    convert_to_gguf(
+        str(tiny("deepseek_v3", hidden_size=128, intermediate_size=128, moe_intermediate_size=64)), path, "q8_0"
+    )
+    _, want = _run(path, experts="gpu")
+    rt, got = _run(path, experts="cpu", segmented=True)
+    assert got == want and len(set(want)) > 3
+    assert offloaded(rt.model) and all(s.format is ExpertFormat.Q8_0 for s in offloaded(rt.model))
