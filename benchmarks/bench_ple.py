@@ -282,6 +282,81 @@ def real_model(a) -> None:
     )
 
 
+# ----------------------------------------------------------------------------- --loop-ab
+
+# a stand-in Gemma 3n of 5 layers with the real vocabularies and per-layer row width (its table
+# 262144 x (5 x 256), 671 MB in bf16) but narrow layers, so a decode step takes milliseconds here
+LOOP_STANDIN = dict(
+    E2B_REDUCED,
+    hidden_size=256,
+    intermediate_size=1024,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=128,
+    num_hidden_layers=5,
+    layer_types=["sliding_attention"] * 4 + ["full_attention"],
+    activation_sparsity_pattern=[0.95, 0.95, 0.0, 0.0, 0.0],
+)
+
+
+def loop_ab(a) -> None:
+    """--ple disk with the decode loop's prefetch right after sampling (now) against the forward
+    pre-hook's alone (before), in one process over the same weights, generations alternating;
+    the table's pages evicted before each generation (--cold) or left in the page cache."""
+    import torch
+
+    from llmarch.runtime.generate import Generator, Sampling
+    from llmarch.runtime.load import load_runtime
+    from llmarch.runtime.ple import Counters, find_store
+
+    torch.set_num_threads(a.threads)
+    folder = Path(a.dir) / "gemma3n-standin-5layers"
+    if not (folder / "config.json").is_file():
+        sys.path.insert(0, str(ROOT))
+        from fixtures.make import make_tiny
+
+        make_tiny("gemma3n", folder, dtype=torch.bfloat16, **LOOP_STANDIN)
+    table = next(folder.glob("*.safetensors"))
+    rt = load_runtime(str(folder), "cpu", "float32", ple="disk")
+    store, model = find_store(rt.model), rt.model
+    loop_prefetch = model.prefetch_next
+    gen = Generator(rt, len(PROMPT_IDS) + a.tokens, cuda_graph=False)
+    sink = open(os.devnull, "w")  # noqa: SIM115 (the token stream's stand-in, for the process's life)
+    gen.generate(PROMPT_IDS, 4, Sampling())  # first-call costs outside the rounds
+    per: dict = {"after sampling": [], "pre-hook only": []}
+    for i in range(2 * a.rounds):
+        label = list(per)[(i + (i // 2)) % 2]  # ABBA...: drift hits both
+        if label == "pre-hook only":
+            del model.prefetch_next
+        if a.cold:
+            evict(table)
+        store.stats = Counters()
+        res = gen.generate(PROMPT_IDS, a.tokens, Sampling(), on_token=lambda t: sink.write(f"{t} "))
+        model.prefetch_next = loop_prefetch
+        steps = len(res.tokens) - 1
+        s = store.stats
+        per[label].append(
+            {
+                "ms_per_token": round(1e3 * res.decode_s / steps, 3),
+                "wait_ms_per_token": round(1e3 * s.wait_s / s.tokens, 4),
+                "read_ms_per_token": round(1e3 * s.read_s / s.tokens, 4),
+                "tokens": res.tokens,
+            }
+        )
+    same = len({tuple(r["tokens"]) for rs in per.values() for r in rs}) == 1
+    print(
+        f"# {platform.node()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+        f"stand-in {folder} (table {table.stat().st_size / 2**20:.0f} MiB file), float32 compute, "
+        f"{a.tokens} tokens x {a.rounds} rounds each, {'cold' if a.cold else 'warm'} page cache; same tokens: {same}"
+    )
+    for label, rs in per.items():
+        med = {
+            k: sorted(r[k] for r in rs)[len(rs) // 2]
+            for k in ("ms_per_token", "wait_ms_per_token", "read_ms_per_token")
+        }
+        print(f"{label}: median of rounds {med}; rounds {[{k: v for k, v in r.items() if k != 'tokens'} for r in rs]}")
+
+
 # ----------------------------------------------------------------------------- --gpu: E2B / E4B
 
 GPU_MODELS = {"e2b": "GEMMA3N_E2B", "e4b": "GEMMA3N_E4B"}  # fixtures/hub_shapes.py names
@@ -587,6 +662,7 @@ def main() -> None:
     p.add_argument("--real", action="store_true", help="llmarch run on a Gemma 3n E2B-shaped model of --layers layers")
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--real-worker", action="store_true")
+    p.add_argument("--loop-ab", action="store_true", help="--ple disk: the decode loop's prefetch vs the pre-hook's")
     p.add_argument("--gpu", action="store_true", help="Gemma 3n E2B / E4B at full size on CUDA, with llama.cpp")
     p.add_argument("--gpu-worker", action="store_true")
     p.add_argument("--models", nargs="+", default=list(GPU_MODELS), choices=list(GPU_MODELS))
@@ -605,6 +681,9 @@ def main() -> None:
     a = p.parse_args()
     if a.gpu_worker:
         print(json.dumps(gpu_worker(a)))
+        return
+    if a.loop_ab:
+        loop_ab(a)
         return
     if a.gpu:
         if "--tokens" not in sys.argv:
