@@ -123,3 +123,19 @@ def test_deepseek_v4_experts_offload_refused_in_one_line(tiny, capsys):
     code, err = cli(["run", tiny("deepseek_v4"), "--prompt-ids", "1,2", "--device", "cpu", "--experts", "cpu"], capsys)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "clamped" in lines[0], err
+
+
+def test_inspect_shows_the_run_facts(tiny):
+    """The grouped output projection and the hyper-connections run needs, from transformers' config
+    (DeepseekV4Attention's o_groups / o_lora_rank, DeepseekV4HyperConnection's hc_* keys)."""
+    from llmarch.api import inspect_source
+
+    path = tiny("deepseek_v4")
+    ref = transformers.AutoConfig.from_pretrained(str(path))
+    doc = inspect_source(str(path))
+    assert doc["attention"]["out_proj"] == {"groups": ref.o_groups, "rank": ref.o_lora_rank}
+    assert doc["hyper_connections"] == {
+        "streams": ref.hc_mult,
+        "sinkhorn_iters": ref.hc_sinkhorn_iters,
+        "eps": ref.hc_eps,
+    }

@@ -47,6 +47,7 @@ def to_document(spec: ArchSpec, context: int | None = None, kv_dtype: str | None
             "indexer": a.indexer,
             "softcap": a.softcap,
             "temperature_tuning": a.temperature_tuning,
+            "out_proj": {"groups": a.out_groups, "rank": a.out_rank} if a.out_groups else None,
             "mla": {
                 "q_lora_rank": a.q_lora_rank,
                 "kv_lora_rank": a.kv_lora_rank,
@@ -103,6 +104,7 @@ def to_document(spec: ArchSpec, context: int | None = None, kv_dtype: str | None
         "embedding_scale": spec.embedding_scale,
         "final_softcap": spec.final_softcap,
         "per_layer_embeddings": spec.per_layer_embeddings,
+        "hyper_connections": asdict(spec.hyper) if spec.hyper else None,
         "extras": spec.extras,
         "kv_cache": spec.kv_cache(context, kv_dtype),
         "storage": {"bytes": spec.stored_bytes, "dtypes": spec.dtypes, "by_part": spec.part_bytes},

@@ -139,6 +139,13 @@ def fact_rows(doc: dict) -> list[tuple[str, str, str]]:
                 f"{count(ple.get('params'))} params ({ple.get('share', 0):.0%} of total), dim {ple['dim']}",
             )
         )
+    out_proj, hyper = doc["attention"].get("out_proj"), doc.get("hyper_connections")
+    if out_proj:  # heads in groups, each group projected on its own before one mixing projection
+        rows.append(("extras", "grouped output projection", f"{out_proj['groups']} groups, rank {out_proj['rank']}"))
+    if hyper:
+        rows.append(
+            ("extras", "hyper-connections", f"{hyper['streams']} streams, {hyper['sinkhorn_iters']} Sinkhorn steps")
+        )
     for k, v in (doc.get("extras") or {}).items():
         if k != "intermediate_size_per_layer":
             rows.append(("extras", k.replace("_", " "), str(v)))
