@@ -142,28 +142,23 @@ def test_gguf_to_safetensors_refuses_what_config_cannot_say(tiny, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.llamacpp
-def test_moe_gguf_runs_in_llama_cpp_as_transformers(tiny, tmp_path):
-    """The MoE variant (a dense MLP beside 4 routed experts, top 2, in every layer) converted to
-    GGUF as llama.cpp's Gemma4Model writes it: fused ffn_gate_up_exps / ffn_down_exps, router.scale
-    as ffn_gate_inp.scale, per_expert_scale as ffn_down_exps.scale. llama.cpp (llama-cpp-python)
-    loads it and gives transformers' logits (f32 weights and KV cache: NMSE < 1e-5) and 8 greedy
-    tokens. The router's input scale, per-expert scales and layer scalars are drawn in [0.5, 2)
-    and the router weights made 10x larger (50x made a near-tie top-2 choice flip between the two
-    engines), so that routing depends on the input and a scale
-    left out or misplaced changes the logits."""
+VOCAB = 384  # the byte-level test tokenizer's size (tests/test_convert_llamacpp.py's VOCAB)
+
+
+@pytest.fixture(scope="module")
+def moe_scaled(tiny, tmp_path_factory):
+    """The MoE variant (a dense MLP beside 4 routed experts, top 2, in every layer) with a tokenizer,
+    its router input scale, per-expert scales and layer scalars drawn in [0.5, 2) and its router
+    weights made 10x larger, so that routing depends on the input and a scale left out or
+    misplaced changes the logits (x50 made a near-tie top-2 choice flip between transformers and
+    llama.cpp: NMSE 1.6e-3 from the position where it flipped)."""
     import shutil
 
-    import numpy as np
     from safetensors.torch import load_file, save_file
-    from tokenizers import Tokenizer
 
-    from llmarch.convert.to_gguf import convert_to_gguf
-    from llmarch.convert.verify import nmse
     from tests.test_convert import add_tokenizer
-    from tests.test_convert_llamacpp import VOCAB, hf_model, llama_greedy, llama_logits, load_llama
 
-    src = tmp_path / "gemma4-moe"
+    src = tmp_path_factory.mktemp("gemma4_moe") / "src"
     shutil.copytree(tiny("gemma4_text", vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB, **CASES["moe"]), src)
     st = next(src.glob("*.safetensors"))
     sd, gen = load_file(st), torch.Generator().manual_seed(5)
@@ -174,10 +169,34 @@ def test_moe_gguf_runs_in_llama_cpp_as_transformers(tiny, tmp_path):
             sd[name] = sd[name] * 10
     save_file(sd, st, metadata={"format": "pt"})
     add_tokenizer(src, VOCAB)
-    out = tmp_path / "m.gguf"
-    convert_to_gguf(str(src), out, "f32")
-    ids = Tokenizer.from_file(str(src / "tokenizer.json")).encode("The capital of France is Paris. In 1969").ids
-    model = hf_model(src, "gemma4_text")
+    return src
+
+
+def test_moe_run_from_gguf_matches_transformers(moe_scaled, device, tmp_path):
+    """The MoE variant run from its GGUF: the fused experts, the router's .scale tensors and the
+    dense MLP's norms read back; logits within 1e-4 at prefill and 32 cached steps, same tokens."""
+    spec = check_parity(_gguf(moe_scaled, tmp_path), _reference(moe_scaled), device, PROMPT, STEPS, True).spec
+    m = spec.moe
+    assert (m.experts, m.experts_per_token) == (CASES["moe"]["num_experts"], CASES["moe"]["top_k_experts"])
+    assert m.dense_beside and m.router_input_scale and m.per_expert_scale
+
+
+@pytest.mark.llamacpp
+def test_moe_gguf_runs_in_llama_cpp_as_transformers(moe_scaled, tmp_path):
+    """The MoE variant converted to GGUF as llama.cpp's Gemma4Model writes it: fused
+    ffn_gate_up_exps / ffn_down_exps, router.scale as ffn_gate_inp.scale, per_expert_scale as
+    ffn_down_exps.scale. llama.cpp (llama-cpp-python) loads it and gives transformers' logits (f32
+    weights and KV cache: NMSE < 1e-5) and 8 greedy tokens (each scale set back to 1 in the GGUF
+    gave NMSE 0.05 to 0.6 when this was written)."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from llmarch.convert.verify import nmse
+    from tests.test_convert_llamacpp import hf_model, llama_greedy, llama_logits, load_llama
+
+    out = _gguf(moe_scaled, tmp_path)
+    ids = Tokenizer.from_file(str(moe_scaled / "tokenizer.json")).encode("The capital of France is Paris. In 1969").ids
+    model = hf_model(moe_scaled, "gemma4_text")
     with torch.no_grad():
         ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
         hf_greedy = model.generate(
@@ -189,3 +208,25 @@ def test_moe_gguf_runs_in_llama_cpp_as_transformers(tiny, tmp_path):
     assert (ref.argmax(-1) == got.argmax(-1)).all()
     assert llama_greedy(llm, ids, 8) == hf_greedy
     assert len(set(np.argmax(ref, -1))) > 3  # logits that depend on the input
+
+
+def test_moe_gguf_to_safetensors_round_trip(tiny, tmp_path):
+    """The MoE variant back from GGUF: the fused experts as one tensor each, the router's scales from
+    the .scale tensors, enable_moe_block / top_k_experts in config.json; transformers gives the
+    source's logits and every tensor comes back equal."""
+    import json
+
+    import numpy as np
+
+    from llmarch.convert.from_gguf import convert_from_gguf
+    from tests.test_convert import hf_logits, load_st
+
+    src, back = tiny("gemma4_text", **CASES["moe"]), tmp_path / "back"
+    convert_from_gguf(str(_gguf(src, tmp_path)), back, "f32")
+    got, want = (json.loads((p / "config.json").read_text()) for p in (back, src))
+    keys = ("enable_moe_block", "num_experts", "top_k_experts", "moe_intermediate_size")
+    assert {k: got[k] for k in keys} == {k: want[k] for k in keys}
+    a, b = load_st(src), load_st(back)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in b)
+    ids = torch.randint(3, 256, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    np.testing.assert_allclose(hf_logits(back, ids), hf_logits(src, ids), rtol=0, atol=1e-6)

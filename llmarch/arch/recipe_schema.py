@@ -108,6 +108,7 @@ class ConvertRecipe:
     interleave_moe: bool = False  # write interleave_moe_layer_step (Llama 4)
     swa_pattern_array: bool = False  # write the sliding-window pattern as one bool per layer (Olmo 3)
     qk_norm_key: str | None = None  # config key that switches QK-norm on (GLM-4.5: use_qk_norm)
+    moe_key: str | None = None  # config key that switches the routed experts on (Gemma 4: enable_moe_block)
     qk_norm_off_at_experts: QkNormRule | None = None
     drops_mtp: bool = False  # MTP layers are not carried into GGUF
     # config key of the query scale (scale = value ** -0.5) whose transformers default is not

@@ -69,6 +69,13 @@ def _gguf_items(ckpt, fam: Family, n_blocks: int):
             continue  # V_B is read together with K_B (merged back into kv_b_proj)
         if kind == gguf.MODEL_TENSOR.ATTN_K_B:
             kind = gguf.MODEL_TENSOR.ATTN_KV_B
+        if name.endswith(".scale"):  # an HF parameter llama.cpp keeps as a tensor's .scale (recipe hf_scales)
+            scale = fam.recipe.convert.hf_scales.get(kind.name)
+            if scale is None:
+                unknown.append(name)
+            else:
+                items.append((info, kind, [(scale.format(bid=bid), None)]))
+            continue
         suffix = ".bias" if name.endswith(".bias") else ".weight"
         if fam.fused_experts and kind in EXPERT_KINDS:  # gpt-oss: one fused HF tensor per kind pair
             if kind == gguf.MODEL_TENSOR.FFN_UP_EXP:
@@ -82,7 +89,8 @@ def _gguf_items(ckpt, fam: Family, n_blocks: int):
                 )
             )
             continue
-        if fam.split_on_index(kind):
+        if fam.split_on_index(kind) and "{xid}" in fam.recipe.convert.hf_names.get(kind.name, "{xid}"):
+            # one HF tensor per index, unless the recipe names one tensor for all (Gemma 4's experts)
             names = [(hf_name_for(fam, kind, bid, suffix, n_blocks, xid=x), x) for x in range(info.shape[0])]
         else:
             names = [(hf_name_for(fam, kind, bid, suffix, n_blocks), None)]
@@ -169,6 +177,8 @@ def hf_config(ckpt, fam: Family, spec, tied: bool, dtype: str) -> dict:
     cfg["attention_bias"] = spec.attention.bias  # from the tensors: GGUF has no key for it
     if conv.qk_norm_key:  # families whose config switches QK-norm on (GLM-4.5: use_qk_norm)
         cfg[conv.qk_norm_key] = bool(spec.attention.qk_norm)
+    if conv.moe_key:  # families whose config switches the routed experts on (Gemma 4: enable_moe_block)
+        cfg[conv.moe_key] = spec.moe is not None
     if spec.mtp_layers or conv.drops_mtp:
         cfg["num_nextn_predict_layers"] = 0  # MTP layers are not carried back
     for src, dst in conv.hf_keys.items():

@@ -226,7 +226,7 @@ def scale_kind_of(fam: Family, hf_name: str) -> tuple[MODEL_TENSOR, str] | None:
 
 def gguf_kind_of(name: str, arch: MODEL_ARCH, n_blocks: int) -> tuple[MODEL_TENSOR, int | None] | None:
     """GGUF tensor name -> (MODEL_TENSOR, block) among the kinds this arch has."""
-    m = re.match(r"^(.*?)(\.weight|\.bias)?$", name)
+    m = re.match(r"^(.*?)(\.weight|\.bias|\.scale)?$", name)
     base = m.group(1)
     bm = re.match(r"^blk\.(\d+)\.", base)
     bid = int(bm.group(1)) if bm else None

@@ -198,9 +198,13 @@ def _gguf_moe(source, moe, keep_blocks=None) -> dict:
             )
         gguf_blocks.check(blocks, keep_blocks, moe, str(source.ckpt.path))
         out["gguf_blocks"] = blocks
+    elif get(T.FFN_GATE_UP_EXP) is not None:  # gate rows then up rows in one tensor (Gemma 4)
+        out["gate_up"], out["down"] = get(T.FFN_GATE_UP_EXP), get(T.FFN_DOWN_EXP, required="routed experts")
     else:
         gate, up = get(T.FFN_GATE_EXP, required="routed experts"), get(T.FFN_UP_EXP, required="routed experts")
         out["gate_up"], out["down"] = torch.cat([gate, up], dim=1), get(T.FFN_DOWN_EXP, required="routed experts")
+    # Gemma 4's router input scale and per-expert scale, kept as .scale tensors (Gemma4Model.modify_tensors)
+    out["router_input_scale"], out["per_expert_scale"] = get(T.FFN_GATE_INP, "scale"), get(T.FFN_DOWN_EXP, "scale")
     gb, ub = get(T.FFN_GATE_EXP, "bias"), get(T.FFN_UP_EXP, "bias")
     out["gate_up_bias"] = None if gb is None else torch.cat([gb, ub], dim=1)
     out["down_bias"] = get(T.FFN_DOWN_EXP, "bias")

@@ -310,6 +310,13 @@ class GGUFSource(WeightSource):
             "per_layer.gate": T.PER_LAYER_INP_GATE,
             "per_layer.projection": T.PER_LAYER_PROJ,
             "per_layer.norm": T.PER_LAYER_POST_NORM,
+            # a dense MLP beside the routed experts and the norms around each (Gemma 4's MoE layers)
+            "mlp.dense.gate": T.FFN_GATE,
+            "mlp.dense.up": T.FFN_UP,
+            "mlp.dense.down": T.FFN_DOWN,
+            "mlp.dense_post_norm": T.FFN_POST_NORM_1,
+            "mlp.moe_norm": T.FFN_PRE_NORM_2,
+            "mlp.moe_post_norm": T.FFN_POST_NORM_2,
             "layer_scalar": T.LAYER_OUT_SCALE,
             # MLA (deepseek2): q / kv low-rank projections; kv_b is rebuilt from k_b / v_b (see _kv_b)
             "attn.q_a": T.ATTN_Q_A,

@@ -65,8 +65,9 @@ def _read_routing(m: MoESpec, f: Facts, r: MoERecipe, lt) -> None:
     m.routed_scaling_factor = f.get("routed_scaling_factor", "route_scale", fact="moe.routed_scaling_factor")
     m.router_bias = bool(any_layer_has(lt, "router_bias"))
     names = [n for ns in lt.values() for n in ns]
-    m.router_input_scale = any(n.endswith("router.scale") for n in names)
-    m.per_expert_scale = any(n.endswith("router.per_expert_scale") for n in names)
+    # HF router.scale / router.per_expert_scale; llama.cpp ffn_gate_inp.scale / ffn_down_exps.scale
+    m.router_input_scale = any(n.endswith(("router.scale", ".ffn_gate_inp.scale")) for n in names)
+    m.per_expert_scale = any(n.endswith(("router.per_expert_scale", ".ffn_down_exps.scale")) for n in names)
     m.weights_on_input = r.weights_on_input
     m.hash_layers = _hash_routed_layers(f, lt)
 
@@ -93,7 +94,7 @@ def _read_experts(m: MoESpec, f: Facts, r: MoERecipe, lt) -> None:
         m.fused_gate_up = r.fused_gate_up
         m.fused_out_first = r.fused_out_first
     # a layer holding routed experts and a dense MLP of its own (Gemma 4: enable_moe_block)
-    dense = ("mlp.gate_proj.weight", "mlp.up_proj.weight")
+    dense = ("mlp.gate_proj.weight", "mlp.up_proj.weight", ".ffn_gate.weight", ".ffn_up.weight")  # HF, GGUF
     m.dense_beside = (
         any(layer_has(lt, i, "routed_expert") and any(n.endswith(dense) for n in ns) for i, ns in lt.items())
         if lt
