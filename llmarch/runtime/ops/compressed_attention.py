@@ -42,12 +42,15 @@ class PairRope:
     def __init__(self, rot: int, theta: float, scaling: dict | None, context: int | None):
         if scaling_kind(scaling) == "default":
             scaling = None
-        self.rot, self.params = rot, (theta, scaling, context)
-        inv_freq(rot, theta, scaling, context)  # fail early on an unsupported scaling type
+        self.rot = rot
+        with torch.device("cpu"):  # the model is built on the meta device; the frequencies are real
+            self.inv, self.factor = inv_freq(rot, theta, scaling, context)  # fails early on an unsupported type
 
     def angles(self, pos: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        inv, factor = inv_freq(self.rot, *self.params)
-        freqs = pos.float()[:, None] * inv.to(pos.device)[None, :]
+        if self.inv.device != pos.device:
+            self.inv = self.inv.to(pos.device)
+        inv, factor = self.inv, self.factor
+        freqs = pos.float()[:, None] * inv[None, :]
         cos = (freqs.cos() * factor).to(dtype).repeat_interleave(2, -1)
         sin = (freqs.sin() * factor).to(dtype).repeat_interleave(2, -1)
         return cos, sin
