@@ -1,0 +1,388 @@
+"""Matmuls straight from a GGUF's stored blocks on the CPU: y = x @ W^T with W the file's own
+Q8_0 / Q4_0 / Q5_0 / Q4_K / Q5_K / Q6_K bytes, memory-mapped, never copied or requantized.
+
+Why: requantizing every matrix into llmarch's own blocks (quant.BlockQuantLinear) costs load time
+and a second copy of the weights, and the file's blocks are already what a memory-bound decode
+wants to stream. Activations are quantized to int8 in blocks of 32 (one float scale each, as
+llama.cpp's Q8_0 activations), so every block's dot product is AVX2 integer SIMD (maddubs/madd);
+K-quant sub-block scales and mins are applied per 32 (Q6_K: per 16) values in float. Layouts follow
+ggml-quants.c (block_q8_0, block_q4_K, ...; the same ones quant.dequantize reads in torch).
+
+Without AVX2 or a compiler, and for prefills of more than MAX_ROWS tokens, slabs of rows are
+dequantized with quant.dequantize for a float GEMM instead (same weights, float activations).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+from collections import Counter
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from llmarch.errors import LlmarchError
+from llmarch.runtime.cbuild import build
+from llmarch.runtime.quant import BLOCKS, dequantize
+
+# the stored types the C kernel reads, and its code for each
+KERNEL_TYPES = {"Q8_0": 0, "Q4_0": 1, "Q5_0": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5}
+MAX_ROWS = 8  # activation rows per kernel call; longer prefills take the dequantize + GEMM path
+ACT_BLOCK = 32  # activation values per int8 scale
+
+SOURCE = r"""
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float f16(const uint8_t* p) { uint16_t h; memcpy(&h, p, 2); return _cvtsh_ss(h); }
+
+/* 32 signed weights . 32 signed activations -> 8 int32 (lane i: values 4i..4i+3) */
+static inline __m256i dot_ss(__m256i w, __m256i x) {
+    __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x));
+    return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+}
+/* 32 unsigned weights (< 128) . 32 signed activations */
+static inline __m256i dot_us(__m256i w, __m256i x) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+}
+static inline __m256i nibbles16(const uint8_t* p) {  /* 16 bytes -> low nibbles, then high nibbles */
+    __m128i b = _mm_loadu_si128((const __m128i*)p);
+    __m128i m = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
+}
+static inline __m256i bits32(const uint8_t* p) {  /* bit i of a little-endian uint32 -> 0xFF / 0 in byte i */
+    uint32_t v; memcpy(&v, p, 4);
+    const __m256i shuf = _mm256_setr_epi64x(0, 0x0101010101010101LL, 0x0202020202020202LL, 0x0303030303030303LL);
+    __m256i r = _mm256_shuffle_epi8(_mm256_set1_epi32((int)v), shuf);
+    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(r, bit), bit);
+}
+static inline float hsum(__m256 v) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+    return _mm_cvtss_f32(lo);
+}
+
+/* activations: per 32 values an int8 block q, its scale d and s = d * sum(q) (for K-quant mins) */
+void quantize_act(const float* x, int8_t* q, float* d, float* s, long n_blocks) {
+    for (long b = 0; b < n_blocks; b++) {
+        const float* v = x + b * 32;
+        float amax = 0.f;
+        for (int i = 0; i < 32; i++) { float a = fabsf(v[i]); if (a > amax) amax = a; }
+        float sc = amax / 127.f, inv = sc > 0.f ? 1.f / sc : 0.f;
+        int sum = 0;
+        for (int i = 0; i < 32; i++) { int r = (int)lrintf(v[i] * inv); q[b * 32 + i] = (int8_t)r; sum += r; }
+        d[b] = sc;
+        s[b] = sc * (float)sum;
+    }
+}
+
+/* one weight row (nb32 = K / 32 activation blocks) . one activation row */
+static inline float row_q8_0(const uint8_t* w, const int8_t* xq, const float* xd, const float* xs, int nb32) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int b = 0; b < nb32; b++, w += 34) {
+        __m256i d = dot_ss(_mm256_loadu_si256((const __m256i*)(w + 2)), _mm256_loadu_si256((const __m256i*)(xq + 32 * b)));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(f16(w) * xd[b]), acc);
+    }
+    (void)xs;
+    return hsum(acc);
+}
+static inline float row_q4_0(const uint8_t* w, const int8_t* xq, const float* xd, const float* xs, int nb32) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int b = 0; b < nb32; b++, w += 18) {
+        __m256i q = _mm256_sub_epi8(nibbles16(w + 2), _mm256_set1_epi8(8));
+        __m256i d = dot_ss(q, _mm256_loadu_si256((const __m256i*)(xq + 32 * b)));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(f16(w) * xd[b]), acc);
+    }
+    (void)xs;
+    return hsum(acc);
+}
+static inline float row_q5_0(const uint8_t* w, const int8_t* xq, const float* xd, const float* xs, int nb32) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int b = 0; b < nb32; b++, w += 22) {
+        __m256i hi = _mm256_and_si256(bits32(w + 2), _mm256_set1_epi8(0x10));
+        __m256i q = _mm256_sub_epi8(_mm256_or_si256(nibbles16(w + 6), hi), _mm256_set1_epi8(16));
+        __m256i d = dot_ss(q, _mm256_loadu_si256((const __m256i*)(xq + 32 * b)));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(f16(w) * xd[b]), acc);
+    }
+    (void)xs;
+    return hsum(acc);
+}
+static inline void scale_min_k4(int j, const uint8_t* q, int* sc, int* m) {
+    if (j < 4) { *sc = q[j] & 63; *m = q[j + 4] & 63; }
+    else { *sc = (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4); *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4); }
+}
+/* Q4_K (hbits 0) and Q5_K (hbits 1): d, dmin, 12 bytes of 6-bit scales/mins, [Q5_K: 32 bytes of 5th bits], 128 bytes of nibbles */
+static inline float row_k45(const uint8_t* w, const int8_t* xq, const float* xd, const float* xs, int nb32, int hbits) {
+    const int bytes = hbits ? 176 : 144;
+    __m256 acc = _mm256_setzero_ps();
+    float mins = 0.f;
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int b = 0; b < nb32 / 8; b++, w += bytes) {
+        const float d = f16(w), dmin = f16(w + 2);
+        const uint8_t* qs = w + (hbits ? 48 : 16);
+        __m256i qh = hbits ? _mm256_loadu_si256((const __m256i*)(w + 16)) : _mm256_setzero_si256();
+        float bmin = 0.f;
+        for (int c = 0; c < 4; c++) {
+            __m256i raw = _mm256_loadu_si256((const __m256i*)(qs + 32 * c));
+            __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+            if (hbits) {
+                __m256i b0 = _mm256_set1_epi8((char)(1 << (2 * c))), b1 = _mm256_set1_epi8((char)(2 << (2 * c)));
+                lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b0), b0), _mm256_set1_epi8(0x10)));
+                hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b1), b1), _mm256_set1_epi8(0x10)));
+            }
+            for (int h = 0; h < 2; h++) {
+                const int j = 2 * c + h, a = 8 * b + j;
+                int sc, m;
+                scale_min_k4(j, w + 4, &sc, &m);
+                __m256i dd = dot_us(h ? hi : lo, _mm256_loadu_si256((const __m256i*)(xq + 32 * a)));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dd), _mm256_set1_ps(d * (float)sc * xd[a]), acc);
+                bmin += (float)m * xs[a];
+            }
+        }
+        mins += dmin * bmin;
+    }
+    return hsum(acc) - mins;
+}
+/* Q6_K: 128 bytes low 4 bits, 64 bytes high 2 bits, 16 int8 scales (one per 16 values), d */
+static inline float row_q6_k(const uint8_t* w, const int8_t* xq, const float* xd, const float* xs, int nb32) {
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x03), off = _mm256_set1_epi8(32);
+    for (int b = 0; b < nb32 / 8; b++, w += 210) {
+        const float d = f16(w + 208);
+        const int8_t* sc = (const int8_t*)(w + 192);
+        for (int half = 0; half < 2; half++) {
+            __m256i l0 = _mm256_loadu_si256((const __m256i*)(w + 64 * half));
+            __m256i l1 = _mm256_loadu_si256((const __m256i*)(w + 64 * half + 32));
+            __m256i h = _mm256_loadu_si256((const __m256i*)(w + 128 + 32 * half));
+            __m256i q[4] = {
+                _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(h, m2), 4)),
+                _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), m2), 4)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), m2), 4)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), m2), 4)),
+            };
+            for (int k = 0; k < 4; k++) {
+                const int c = 4 * half + k, a = 8 * b + c;
+                __m256i dd = dot_ss(_mm256_sub_epi8(q[k], off), _mm256_loadu_si256((const __m256i*)(xq + 32 * a)));
+                const float f = d * xd[a];
+                __m256 s = _mm256_set_m128(_mm_set1_ps(f * sc[2 * c + 1]), _mm_set1_ps(f * sc[2 * c]));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dd), s, acc);
+            }
+        }
+    }
+    (void)xs;
+    return hsum(acc);
+}
+static inline float row_q4_k(const uint8_t* w, const int8_t* xq, const float* xd, const float* xs, int nb32) {
+    return row_k45(w, xq, xd, xs, nb32, 0);
+}
+static inline float row_q5_k(const uint8_t* w, const int8_t* xq, const float* xd, const float* xs, int nb32) {
+    return row_k45(w, xq, xd, xs, nb32, 1);
+}
+
+/* y[t * ldy + n] = W[n, :] . x[t, :] for n < N, t < T; W rows of row_bytes stored blocks each */
+#define MATMUL(ROW)                                                                              \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                          \
+    for (int n = 0; n < N; n++) {                                                                \
+        const uint8_t* row = w + (size_t)n * row_bytes;                                          \
+        for (int t = 0; t < T; t++)                                                              \
+            y[(size_t)t * ldy + n] = ROW(row, xq + (size_t)t * K, xd + (size_t)t * nb32,         \
+                                          xs + (size_t)t * nb32, nb32);                          \
+    }
+
+int gguf_matmul(int type, const int8_t* xq, const float* xd, const float* xs, const uint8_t* w, long row_bytes,
+                float* y, long ldy, int T, int N, int K, int nthreads) {
+    const int nb32 = K / 32;
+    switch (type) {
+        case 0: MATMUL(row_q8_0) break;
+        case 1: MATMUL(row_q4_0) break;
+        case 2: MATMUL(row_q5_0) break;
+        case 3: MATMUL(row_q4_k) break;
+        case 4: MATMUL(row_q5_k) break;
+        case 5: MATMUL(row_q6_k) break;
+        default: return 1;
+    }
+    return 0;
+}
+"""
+
+
+@lru_cache(maxsize=1)
+def _lib():
+    if os.environ.get("LLMARCH_NO_CKERNEL") or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        return None
+    try:
+        lib = build("gguf_matmul", SOURCE, ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"])
+    except (OSError, subprocess.SubprocessError):
+        return None  # dequantize + float GEMM instead: same weights, slower
+    p, i, lo = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+    lib.quantize_act.argtypes = [p, p, p, p, lo]
+    lib.quantize_act.restype = None
+    lib.gguf_matmul.argtypes = [i, p, p, p, p, lo, p, lo, i, i, i, i]
+    lib.gguf_matmul.restype = i
+    return lib
+
+
+def available() -> bool:
+    return _lib() is not None
+
+
+def check_shape(qtype: str, raw: torch.Tensor, rows: int, cols: int, what: str = "weight") -> None:
+    """Refuse what the kernel cannot read: an unknown type, a width not a whole number of blocks,
+    bytes that are not rows x blocks."""
+    if qtype not in KERNEL_TYPES:
+        raise LlmarchError(f"{what}: type {qtype} has no stored-block kernel (known: {', '.join(KERNEL_TYPES)})")
+    per, nbytes = BLOCKS[qtype]
+    if cols <= 0 or rows <= 0 or cols % per:
+        raise LlmarchError(f"{what}: {qtype} needs a width that is a whole number of {per}-value blocks, got {cols}")
+    if raw.dtype != torch.uint8 or raw.numel() != rows * (cols // per) * nbytes:
+        raise LlmarchError(
+            f"{what}: {raw.numel()} bytes of {qtype} for a [{rows}, {cols}] matrix, expected {rows * (cols // per) * nbytes}"
+        )
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [T, K] float32 (K a multiple of 32) -> int8 blocks [T, K], scales [T, K/32], scale * block sum."""
+    T, K = x.shape
+    xq = torch.empty(T, K, dtype=torch.int8)
+    xd = torch.empty(T, K // ACT_BLOCK, dtype=torch.float32)
+    xs = torch.empty_like(xd)
+    _lib().quantize_act(x.data_ptr(), xq.data_ptr(), xd.data_ptr(), xs.data_ptr(), T * K // ACT_BLOCK)
+    return xq, xd, xs
+
+
+def matmul_blocks(x: torch.Tensor, raw: torch.Tensor, qtype: str, rows: int) -> torch.Tensor:
+    """x [T, K] float -> x @ W^T [T, rows] float32, with W `rows` rows of stored `qtype` blocks."""
+    if x.ndim != 2:
+        raise LlmarchError(f"activations must be [rows, width], got shape {tuple(x.shape)}")
+    T, K = x.shape
+    check_shape(qtype, raw, rows, K)
+    x = x.float().contiguous()
+    y = torch.empty(T, rows, dtype=torch.float32)
+    parts = [(raw, qtype, rows)]
+    _run(x, parts, y) if (available() and T <= MAX_ROWS) else _dequant_gemm(x, parts, y)
+    return y
+
+
+def _run(x: torch.Tensor, parts, y: torch.Tensor) -> None:
+    lib = _lib()
+    T, K = x.shape
+    xq, xd, xs = quantize_activations(x)
+    col, threads = 0, torch.get_num_threads()
+    for raw, qtype, rows in parts:
+        row_bytes = raw.numel() // rows
+        rc = lib.gguf_matmul(
+            KERNEL_TYPES[qtype],
+            xq.data_ptr(),
+            xd.data_ptr(),
+            xs.data_ptr(),
+            raw.data_ptr(),
+            row_bytes,
+            y.data_ptr() + 4 * col,
+            y.shape[1],
+            T,
+            rows,
+            K,
+            threads,
+        )
+        if rc:
+            raise LlmarchError(f"stored-block kernel refused type {qtype}")
+        col += rows
+
+
+def _dequant_gemm(x: torch.Tensor, parts, y: torch.Tensor) -> None:
+    """Slabs of rows dequantized (~16 MB of float at a time) and multiplied in float."""
+    K = x.shape[1]
+    col = 0
+    for raw, qtype, rows in parts:
+        row_bytes = raw.numel() // rows
+        step = max(1, (1 << 22) // K)
+        for i in range(0, rows, step):
+            j = min(i + step, rows)
+            w = dequantize(raw[i * row_bytes : j * row_bytes], qtype, (j - i, K))
+            y[:, col + i : col + j] = x.to(w.dtype) @ w.t()
+        col += rows
+
+
+class StoredBlockLinear(nn.Module):
+    """A bias-free Linear whose weight is one or more GGUF tensors' stored blocks stacked by rows
+    (fused q/k/v, gate/up), read in place from the file's memory map.
+
+    parts: (raw uint8 bytes, GGML type name, rows) each, top to bottom; out_order: an index over
+    the output columns when the stored rows are in another order (llama-family Q/K RoPE rows)."""
+
+    def __init__(self, parts, in_features: int, out_order: torch.Tensor | None = None):
+        super().__init__()
+        for raw, qtype, rows in parts:
+            check_shape(qtype, raw, rows, in_features)
+        self.parts = parts
+        self.in_features = in_features
+        self.out_features = sum(rows for _, _, rows in parts)
+        self.out_order = out_order
+        self.types = [qtype for _, qtype, _ in parts]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float().contiguous()
+        y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
+        if available() and x2.shape[0] <= MAX_ROWS:
+            _run(x2, self.parts, y)
+        else:
+            _dequant_gemm(x2, self.parts, y)
+        if self.out_order is not None:
+            y = y[:, self.out_order]
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def row(self, ids: torch.Tensor, dtype) -> torch.Tensor:
+        """Embedding lookup from the same blocks (a tied embedding shares them with the head)."""
+        raw, qtype, rows = self.parts[0]
+        row_bytes = raw.numel() // rows
+        flat = ids.reshape(-1).tolist()
+        out = torch.stack(
+            [dequantize(raw[i * row_bytes : (i + 1) * row_bytes], qtype, (self.in_features,)) for i in flat]
+        )
+        return out.to(dtype).reshape(*ids.shape, self.in_features)
+
+
+def from_source(source, names: list[str], shape: tuple[int, int]) -> StoredBlockLinear | None:
+    """The stored-block form of the Linear made of the GGUF tensors `names` (stacked by rows), or
+    None where it cannot be one: not a GGUF read tensor by tensor, a type the kernel lacks, a
+    width not a whole number of blocks, rows the loader would change other than by reordering."""
+    from llmarch.runtime.weights import GGUFSource, _raw
+
+    if not isinstance(source, GGUFSource) or not available():
+        return None
+    infos = [source.info(n) for n in names]
+    if any(t is None or t.dtype not in KERNEL_TYPES or len(t.shape) != 2 for t in infos):
+        return None
+    out_f, in_f = shape
+    if any(t.shape[1] != in_f or in_f % BLOCKS[t.dtype][0] for t in infos) or sum(t.shape[0] for t in infos) != out_f:
+        return None
+    parts = [(_raw(t), t.dtype, t.shape[0]) for t in infos]
+    # the loader's fix() may permute rows (Q/K RoPE order): find the order by passing row numbers through it
+    order, col = [], 0
+    for n, t in zip(names, infos):
+        probe = torch.arange(t.shape[0], dtype=torch.float64)[:, None] + col
+        fixed = source.fix(n, probe)
+        if fixed.shape != probe.shape or not torch.equal(fixed.sort(0).values, probe):
+            return None  # changes values, not just the order
+        order.append(fixed[:, 0].long())
+        col += t.shape[0]
+    perm = torch.cat(order)
+    identity = torch.equal(perm, torch.arange(out_f))
+    return StoredBlockLinear(parts, in_f, None if identity else perm)
+
+
+def summary(model: nn.Module) -> str | None:
+    """The run report's line: how many matrices ran from the file's blocks, of which types."""
+    types = Counter(t for m in model.modules() if isinstance(m, StoredBlockLinear) for t in m.types)
+    if not types:
+        return None
+    mats = sum(1 for m in model.modules() if isinstance(m, StoredBlockLinear))
+    kinds = ", ".join(f"{n} {t}" for t, n in sorted(types.items()))
+    return f"{mats} matrices run from the GGUF's stored blocks ({kinds} tensors), the rest as --quant-bits"

@@ -1,0 +1,145 @@
+"""gguf_matmul: x @ W^T straight from a GGUF's stored blocks, against gguf-py's numpy dequantizer
+(the reference for every ggml block layout) in float64.
+
+Two checks per case. Exact: the kernel quantizes activations to int8 blocks of 32 (scale =
+amax / 127, round to nearest even), so with the same rounding done here in numpy float32 the only
+difference left is float32 accumulation: within 1e-4 of sum |w| |x_q| per output. Against float x:
+rounding moves each activation by at most half its block's step (d / 2), so |y - x @ W^T| is at
+most sum_i |w_i| d_i / 2 (plus the same float32 slack); a wrong block layout misses both by
+about the size of y itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+from gguf import quants  # noqa: E402
+
+from llmarch.errors import LlmarchError  # noqa: E402
+from llmarch.runtime import gguf_matmul as gm  # noqa: E402
+from llmarch.runtime.quant import BLOCKS  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not gm.available(), reason="no AVX2 or no C compiler: the kernel is not built")
+
+LEGACY = ("Q8_0", "Q4_0", "Q5_0")  # gguf-py quantizes these; K-quants get random block bytes
+
+
+def random_blocks(qtype: str, rows: int, cols: int, rng) -> np.ndarray:
+    """[rows, row bytes] of valid blocks: quantized normals, or random bytes with small finite f16 scales."""
+    if qtype in LEGACY:
+        return quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), gguf.GGMLQuantizationType[qtype])
+    per, nbytes = BLOCKS[qtype]
+    b = rng.integers(0, 256, (rows, cols // per, nbytes), dtype=np.uint8)
+
+    def f16(lo, hi):
+        v = rng.uniform(lo, hi, (rows, cols // per)).astype(np.float16)
+        return np.frombuffer(v.tobytes(), np.uint8).reshape(rows, cols // per, 2)
+
+    if qtype in ("Q4_K", "Q5_K"):
+        b[..., 0:2], b[..., 2:4] = f16(1e-3, 1e-2), f16(1e-3, 1e-2)  # d, dmin
+    else:  # Q6_K: d last
+        b[..., 208:210] = f16(1e-3, 1e-2)
+    return b.reshape(rows, -1)
+
+
+def act_quant(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel's activation rounding in float32: int8 values and the step of each value's block."""
+    T, K = x.shape
+    b = x.reshape(T, K // 32, 32).astype(np.float32)
+    d = (np.abs(b).max(-1, keepdims=True) / np.float32(127)).astype(np.float32)
+    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
+    q = np.rint(b * inv)
+    return q.reshape(T, K), np.broadcast_to(d, b.shape).reshape(T, K)
+
+
+def check(y: np.ndarray, x: np.ndarray, w: np.ndarray) -> None:
+    q, d = act_quant(x)
+    xq = q.astype(np.float64) * d
+    aw = np.abs(w)
+    exact = xq @ w.T
+    slack = 1e-4 * (np.abs(xq) @ aw.T) + 1e-6
+    assert np.all(np.abs(y - exact) <= slack), np.abs(y - exact).max()
+    bound = (d.astype(np.float64) / 2) @ aw.T + slack
+    assert np.all(np.abs(y - x.astype(np.float64) @ w.T) <= bound)
+
+
+CASES = [(t, k) for t in LEGACY for k in (96, 512)] + [(t, k) for t in ("Q4_K", "Q5_K", "Q6_K") for k in (256, 768)]
+
+
+@pytest.mark.parametrize("qtype,cols", CASES)
+@pytest.mark.parametrize("T", [1, 3, 8])
+def test_stored_blocks_match_gguf_dequantizer(qtype, cols, T):
+    rng = np.random.default_rng(hash((qtype, cols, T)) % 2**32)
+    rows = 37  # odd: OpenMP's split over rows ends mid-way
+    raw = random_blocks(qtype, rows, cols, rng)
+    w = quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).astype(np.float64)
+    x = rng.standard_normal((T, cols)).astype(np.float32)
+    x[0, :32] *= 50  # one block with a large scale, one all zero
+    x[-1, 32:64] = 0
+    y = gm.matmul_blocks(torch.from_numpy(x), torch.from_numpy(raw).reshape(-1), qtype, rows)
+    check(y.double().numpy(), x, w)
+
+
+def test_long_prefill_takes_the_float_path():
+    """More than MAX_ROWS rows: dequantized slabs and a float GEMM, so float32 exact."""
+    rng = np.random.default_rng(1)
+    raw = random_blocks("Q4_K", 20, 512, rng)
+    w = quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_K).astype(np.float64)
+    x = rng.standard_normal((gm.MAX_ROWS + 1, 512)).astype(np.float32)
+    y = gm.matmul_blocks(torch.from_numpy(x), torch.from_numpy(raw).reshape(-1), "Q4_K", 20).double().numpy()
+    assert np.allclose(y, x.astype(np.float64) @ w.T, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_parts_and_row_order():
+    """A Linear stacked from tensors of two types (q at Q4_K, k at Q6_K), its outputs reordered."""
+    rng = np.random.default_rng(2)
+    a, b = random_blocks("Q4_K", 8, 256, rng), random_blocks("Q6_K", 4, 256, rng)
+    order = torch.from_numpy(rng.permutation(12))
+    lin = gm.StoredBlockLinear(
+        [(torch.from_numpy(a).reshape(-1), "Q4_K", 8), (torch.from_numpy(b).reshape(-1), "Q6_K", 4)], 256, order
+    )
+    w = np.concatenate([quants.dequantize(r, gguf.GGMLQuantizationType[t]) for r, t in ((a, "Q4_K"), (b, "Q6_K"))])
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    y = lin(torch.from_numpy(x)).double().numpy()
+    check(y, x, w.astype(np.float64)[order.numpy()])
+    rows = lin.row(torch.tensor([[3, 0]]), torch.float32)
+    assert rows.shape == (1, 2, 256) and np.allclose(rows[0].numpy(), w[[3, 0]], rtol=1e-6)
+
+
+def test_embedded_model_tensors():
+    """Rows of the embedded Gemma 3 270M's own tensors, one of each stored type it has."""
+    from llmarch.default_model import open_default_model
+    from llmarch.runtime.weights import _raw
+
+    ckpt = open_default_model()
+    seen = {}
+    for t in ckpt.tensors.values():
+        if t.dtype in gm.KERNEL_TYPES and len(t.shape) == 2:
+            seen.setdefault(t.dtype, t)
+    assert {"Q8_0", "Q5_0", "Q4_K", "Q6_K"} <= set(seen)
+    rng = np.random.default_rng(3)
+    for qtype, t in seen.items():
+        rows = 64
+        raw = _raw(t)[: rows * (t.nbytes // t.shape[0])]
+        w = quants.dequantize(raw.numpy().reshape(rows, -1), gguf.GGMLQuantizationType[qtype]).astype(np.float64)
+        x = rng.standard_normal((2, t.shape[1])).astype(np.float32)
+        check(gm.matmul_blocks(torch.from_numpy(x), raw, qtype, rows).double().numpy(), x, w)
+
+
+@pytest.mark.parametrize(
+    "qtype,rows,cols,nbytes,message",
+    [
+        ("Q4_K", 2, 320, 2 * 144, "whole number of 256-value blocks"),
+        ("Q8_0", 2, 64, 2 * 2 * 34 - 1, "expected 136"),
+        ("Q2_K", 2, 256, 2 * 84, "no stored-block kernel"),
+        ("F16", 2, 64, 256, "no stored-block kernel"),
+    ],
+)
+def test_odd_shapes_refused(qtype, rows, cols, nbytes, message):
+    raw = torch.zeros(nbytes, dtype=torch.uint8)
+    with pytest.raises(LlmarchError, match=message) as e:
+        gm.matmul_blocks(torch.zeros(1, cols), raw, qtype, rows)
+    assert "\n" not in str(e.value)
