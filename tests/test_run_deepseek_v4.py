@@ -139,3 +139,28 @@ def test_inspect_shows_the_run_facts(tiny):
         "sinkhorn_iters": ref.hc_sinkhorn_iters,
         "eps": ref.hc_eps,
     }
+
+
+@pytest.mark.parametrize(
+    "break_it,says",
+    [
+        (lambda sd, cfg: sd["model.layers.0.ffn.gate.tid2eid"].fill_(99), "tid2eid"),
+        (lambda sd, cfg: sd.pop("model.hc_head.hc_fn"), "hc_head.hc_fn"),
+        (lambda sd, cfg: cfg.pop("o_groups"), "o_groups"),
+    ],
+)
+def test_bad_deepseek_v4_checkpoint_one_line(tiny, tmp_path, capsys, break_it, says):
+    """An expert id past the experts, a missing hyper-connection tensor, a config without the grouped
+    output projection: one line naming the checkpoint, exit 2."""
+    from safetensors.torch import load_file, save_file
+
+    dst = tmp_path / "bad"
+    shutil.copytree(tiny("deepseek_v4"), dst)
+    sd = load_file(dst / "model.safetensors")
+    cfg = json.loads((dst / "config.json").read_text())
+    break_it(sd, cfg)
+    save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(cfg))
+    code, err = cli(["run", dst, "--prompt-ids", "1,2", "--device", "cpu", "--max-tokens", "2"], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and says in lines[0] and str(dst) in lines[0], err

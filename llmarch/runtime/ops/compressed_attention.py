@@ -192,7 +192,9 @@ class SharedKVAttention(nn.Module):
         eps = spec.norm.eps or 1e-6
         self.eps = eps
         if not (a.q_lora_rank and a.out_groups and a.out_rank):
-            raise LlmarchError("shared-KV attention needs q_lora_rank, o_groups and o_lora_rank in the config")
+            raise LlmarchError(
+                "shared-KV attention needs q_lora_rank, o_groups and o_lora_rank in the config", spec.source
+            )
         self.groups = a.out_groups
         self.wq_a = nn.Linear(d, a.q_lora_rank, bias=False)
         self.q_norm = RMSNorm(a.q_lora_rank, eps)
