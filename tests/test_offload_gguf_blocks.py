@@ -177,3 +177,31 @@ def test_mla_gguf_experts_as_stored_give_the_resident_tokens(tiny, tmp_path):
     rt, got = _run(path, experts="cpu", segmented=True)
     assert got == want and len(set(want)) > 3
     assert offloaded(rt.model) and all(s.format is ExpertFormat.Q8_0 for s in offloaded(rt.model))
+
+
+def _mapping_rss(mm) -> int:
+    """Resident bytes of the mapping that holds the numpy memmap mm (/proc/self/smaps)."""
+    lo = mm.ctypes.data
+    hi, total, inside = lo + mm.nbytes, 0, False
+    for line in open("/proc/self/smaps"):
+        parts = line.split()
+        if parts and "-" in parts[0] and len(parts) >= 5:  # a mapping's header line
+            a, b = (int(x, 16) for x in parts[0].split("-"))
+            inside = a < hi and b > lo
+        elif inside and parts and parts[0] == "Rss:":
+            total += int(parts[1]) * 1024
+    return total
+
+
+@pytest.mark.parametrize("cache_gib,resident", [(0.0, False), (1.0, True)])
+def test_disk_experts_map_the_gguf_and_leave_rss_past_the_budget(ggufs, tmp_path, cache_gib, resident):
+    """--experts disk on a Q8_0 GGUF writes no expert file: each store maps the GGUF itself, and the
+    disk cache drops that mapping's pages past --expert-cache-gib (0: none stay resident)."""
+    from llmarch.runtime.experts.report import offloaded
+
+    rt, _ = _run(ggufs["q8_0"], experts="disk", expert_dir=str(tmp_path), expert_cache_gib=cache_gib)
+    assert not list(tmp_path.rglob("*.bin"))
+    stores = offloaded(rt.model)
+    assert all(s.bytes_read > 0 for s in stores)
+    rss = sum(_mapping_rss(s._mm) for s in stores)
+    assert (rss > 0) == resident and (stores[0].cache.drops > 0) != resident, (rss, stores[0].cache.drops)
