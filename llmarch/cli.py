@@ -347,7 +347,12 @@ def run(
     ] = None,
     expert_bits: Annotated[
         int | None,
-        typer.Option("--expert-bits", metavar="BITS", help="MoE: 16, 8 or 4-bit routed experts (group-wise scales)."),
+        typer.Option(
+            "--expert-bits",
+            metavar="BITS",
+            help="MoE: 16, 8 or 4-bit routed experts (group-wise scales). Not given, on cpu/disk: MXFP4 "
+            "and GGUF Q8_0/Q4_0 experts are read as stored.",
+        ),
     ] = None,
     gpu_experts: Annotated[
         int,

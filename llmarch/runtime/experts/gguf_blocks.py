@@ -54,7 +54,7 @@ def note(ckpt, spec, place) -> str | None:
     if block_format(ckpt, spec) is not None:
         why = f"{place.format.option} asks for that"
     elif len(types) > 1:
-        why = "the CPU expert kernel reads one block type per layer's experts"
+        why = "the CPU expert kernel reads them as stored only when all are of one block type"
     elif types[0] in BLOCKS and ExpertFormat.from_ggml(types[0]) is not None:
         why = f"the expert widths are not multiples of {G}"
     else:
