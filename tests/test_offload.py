@@ -191,8 +191,8 @@ def test_cpu_kernel_equals_torch_dequant(fmt, family):
     e8m0 scales), dequantized by the same code as the float load path."""
     from types import SimpleNamespace
 
+    from fixtures.expert_kernel import check_store_equals_reference
     from llmarch.runtime.experts.formats import ExpertFormat, dequantize
-    from llmarch.runtime.experts.formats import fake_quant_activations as fq
     from llmarch.runtime.experts.host import OffloadedExperts
     from llmarch.runtime.experts.placement import Placement
     from llmarch.runtime.experts.stores import ResidentExperts
@@ -232,15 +232,7 @@ def test_cpu_kernel_equals_torch_dequant(fmt, family):
     ref.gate_up.data, ref.down.data = dequantize(st.gu, st.gu_s, fmt), dequantize(st.dn, st.dn_s, fmt)
     if bias[0] is not None:
         ref.gate_up_bias.data, ref.down_bias.data = bias
-    x = torch.randn(T, d, generator=g)
-    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
-    w = torch.rand(T, k, generator=g)
-    wi = family == "llama4"
-    with torch.no_grad():
-        for rows in (slice(0, 1), slice(0, T)):  # decode fast path, then grouped tokens
-            got = st(x[rows], idx[rows], w[rows], act, wi)
-            want = ref(fq(x[rows]), idx[rows], w[rows], lambda h: fq(act(h)), wi)
-            assert (got - want).abs().max().item() < 1e-4 * max(1.0, want.abs().max().item())
+    check_store_equals_reference(st, ref, act, E, d, k, T, g, weight_input=family == "llama4")
 
 
 @pytest.mark.gpu

@@ -33,8 +33,8 @@ def test_cpu_kernel_reads_ggml_blocks(qtype, gated):
     from gguf.quants import dequantize as gg_dequant
     from gguf.quants import quantize as gg_quant
 
+    from fixtures.expert_kernel import check_store_equals_reference
     from llmarch.runtime.experts.formats import ExpertFormat
-    from llmarch.runtime.experts.formats import fake_quant_activations as fq
     from llmarch.runtime.experts.host import OffloadedExperts
     from llmarch.runtime.experts.placement import Placement
     from llmarch.runtime.experts.stores import ResidentExperts
@@ -67,15 +67,8 @@ def test_cpu_kernel_reads_ggml_blocks(qtype, gated):
     ref = ResidentExperts(E, d, inter, False, gated=gated)
     ref.gate_up.data = torch.cat([p[1] for p in parts], dim=1).float()
     ref.down.data = dn_f.float()
-    x = torch.randn(T, d, generator=g)
-    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
-    w = torch.rand(T, k, generator=g)
+    check_store_equals_reference(st, ref, act, E, d, k, T, g)
     with torch.no_grad():
-        for rows in (slice(0, 1), slice(0, T)):
-            got = st(x[rows], idx[rows], w[rows], act, False)
-            want = ref(fq(x[rows]), idx[rows], w[rows], lambda h: fq(act(h)), False)
-            assert want.abs().max().item() > 0.05
-            assert (got - want).abs().max().item() < 1e-4 * max(1.0, want.abs().max().item())
         # the float path of the same store (hot experts on a GPU use it) dequantizes the blocks alike
         for e in range(E):
             assert torch.equal(st.expert(e)[0], ref.gate_up[e]) and torch.equal(st.expert(e)[1], ref.down[e])

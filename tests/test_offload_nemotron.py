@@ -105,8 +105,8 @@ def test_cpu_kernel_activation_equals_torch(fmt, gated, activation):
     of tokens sharing experts."""
     from types import SimpleNamespace
 
+    from fixtures.expert_kernel import check_store_equals_reference
     from llmarch.runtime.experts.formats import ExpertFormat, dequantize
-    from llmarch.runtime.experts.formats import fake_quant_activations as fq
     from llmarch.runtime.experts.host import OffloadedExperts
     from llmarch.runtime.experts.placement import Placement
     from llmarch.runtime.experts.stores import ResidentExperts
@@ -123,15 +123,7 @@ def test_cpu_kernel_activation_equals_torch(fmt, gated, activation):
     st = OffloadedExperts(moe, gu, dn, (None, None), Placement("cpu", fmt), torch.float32)
     ref = ResidentExperts(E, d, inter, False, gated=gated)
     ref.gate_up.data, ref.down.data = dequantize(st.gu, st.gu_s, fmt), dequantize(st.dn, st.dn_s, fmt)
-    x = torch.randn(T, d, generator=g)
-    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
-    w = torch.rand(T, k, generator=g)
-    with torch.no_grad():
-        for rows in (slice(0, 1), slice(0, T)):
-            got = st(x[rows], idx[rows], w[rows], act, False)
-            want = ref(fq(x[rows]), idx[rows], w[rows], lambda h: fq(act(h)), False)
-            assert want.abs().max().item() > 0.1
-            assert (got - want).abs().max().item() < 1e-4 * max(1.0, want.abs().max().item())
+    check_store_equals_reference(st, ref, act, E, d, k, T, g)
 
 
 def _logits(rt, seq):
