@@ -87,8 +87,9 @@ def spec_to_hf_keys(spec: ArchSpec) -> dict:
             hp["gguf_rope_yarn_log_multiplier"] = 0.1 * mscale_all
     if a.indexer:  # DeepSeek Sparse Attention (DeepseekV32Model / GlmMoeDsaModel.set_gguf_parameters)
         hp.update(index_n_heads=a.index_heads, index_head_dim=a.index_head_dim, index_topk=a.index_topk)
-        if any(l.index_from is not None for l in spec.schedule):  # GLM-5's layers sharing a selection
-            hp["gguf_indexer_types"] = [l.index_from is None for l in spec.schedule]
+        # which layers run their own indexer (GLM-5's others reuse the previous selection), always
+        # written: without it llama.cpp's glm-dsa assumes GLM-5.2's pattern at a context of 1M or more
+        hp["gguf_indexer_types"] = [l.index_from is None for l in spec.schedule]
     full_heads = {l.head_dim for l in spec.schedule if l.mixer != "sliding" and l.head_dim}
     if full_heads:  # wider heads on the full layers (Gemma 4): key_length is theirs, *_swa the sliding ones'
         full = max(full_heads)
