@@ -318,6 +318,16 @@ SEM: dict[str, Sem] = {
         # partial_rotary_factor zeroes the other frequencies)
         partial=lambda tc: 1.0,
     ),
+    # OlmoHybridModel: layer_types "linear_attention" -> OlmoHybridLinearAttentionDecoderLayer (Llama's
+    # pre-norm layer around OlmoHybridGatedDeltaNet), else OlmoHybridAttentionDecoderLayer (Olmo 3's
+    # post-norm layer: q_norm / k_norm over the whole projections); the first layer is linear, so the
+    # model's placement reads pre (the attention layers' own placement is in the schedule)
+    "olmo_hybrid": Sem(
+        mixers=lambda tc: ["linear" if t == "linear_attention" else "full" for t in layer_types(tc)],
+        qk_norm=lambda tc: "whole",
+        linear=True,
+        kv_layer=lambda tc, i: 0 if layer_types(tc)[i] == "linear_attention" else _std_kv(tc, i),
+    ),
     "deepseek_v3": Sem(
         mixers=lambda tc: ["mla"] * L(tc),
         mla=True,

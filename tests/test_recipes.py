@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -193,7 +195,11 @@ def _bare_gguf(path: Path, arch: str) -> Path:
 
 def test_refusals_name_the_supported_families(tiny, tmp_path):
     declared = _declared_support()
-    src = tiny("lfm3")  # LFM3 (short-convolution hybrid): no recipe, inspect only
+    # a Llama checkpoint under a model_type no recipe knows: inspect reads it, run and convert refuse
+    src = tmp_path / "unknown"
+    shutil.copytree(tiny("llama"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(dict(cfg, model_type="no_recipe_family")))
     refusals = {
         "run": _one_line_refusal("run", src, "--prompt-ids", "1,2", "--device", "cpu"),
         "convert": _one_line_refusal("convert", src, "-o", tmp_path / "q.gguf"),
@@ -201,7 +207,8 @@ def test_refusals_name_the_supported_families(tiny, tmp_path):
             "convert", _bare_gguf(tmp_path / "phi3.gguf", "phi3"), "--to", "safetensors", "-o", tmp_path / "back"
         ),
     }
-    assert "lfm3" in refusals["run"] and "lfm3" in refusals["convert"] and "phi3" in refusals["from_gguf"]
+    assert "no_recipe_family" in refusals["run"] and "no_recipe_family" in refusals["convert"]
+    assert "phi3" in refusals["from_gguf"]
     for command, line in refusals.items():
         assert "not supported" in line, line
         named = line[line.index("support") :]

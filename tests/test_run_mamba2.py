@@ -45,8 +45,9 @@ SIZES = dict(
 )
 
 
-def _pair():
-    """transformers' mixer (random init) and ours holding the same tensors, with our cache."""
+def _pair(act: str = "silu"):
+    """transformers' mixer (random init) and ours holding the same tensors, with our cache; act:
+    the conv's activation (mamba_hidden_act)."""
     from transformers.models.nemotron_h import modeling_nemotron_h as m
 
     from llmarch.arch.spec import ArchSpec, LayerSpec, LinearAttentionSpec
@@ -54,7 +55,7 @@ def _pair():
     from llmarch.runtime.ops.mamba2 import Mamba2
 
     torch.manual_seed(0)
-    cfg = transformers.NemotronHConfig(**SIZES)
+    cfg = transformers.NemotronHConfig(**SIZES, mamba_hidden_act=act)
     ref = m.NemotronHMamba2Mixer(cfg, layer_idx=0).eval()
     with torch.no_grad():  # a gated norm weight and biases that are not all ones / zeros
         ref.norm.weight.normal_(1.0, 0.2)
@@ -67,6 +68,7 @@ def _pair():
         value_head_dim=cfg.mamba_head_dim,
         conv_kernel=cfg.conv_kernel,
         dt_min=cfg.time_step_min,
+        conv_activation=act,
     )
     spec = ArchSpec(family="nemotron_h", format="safetensors", hidden_size=cfg.hidden_size)
     spec.linear = lin
@@ -82,8 +84,9 @@ def _pair():
     return ref, mine, cache
 
 
-def test_mixer_prefill_and_decode_match_transformers():
-    ref, mine, cache = _pair()
+@pytest.mark.parametrize("act", ["silu", "relu"])
+def test_mixer_prefill_and_decode_match_transformers(act):
+    ref, mine, cache = _pair(act)
     x = torch.randn(1, PROMPT + STEPS, 32, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         expected = ref(x)
@@ -195,3 +198,32 @@ def test_mamba2_sizes_disagreeing_with_the_tensors_is_refused(tiny, tmp_path, ca
     # in_proj rows: inner 32 + conv channels (32 + 2 groups x 16) + 4 heads
     assert str(bad) in err and "in_proj.weight" in err and "(132, 32)" in err, err
 
+
+def test_conv_activation_read_from_the_config_and_unknown_ones_refused(tiny, tmp_path, capsys):
+    """mamba_hidden_act is the conv's activation in the spec (transformers' default silu when the
+    key is absent); one run does not implement is one line naming the file, exit 2."""
+    import shutil
+
+    from llmarch.api import load_spec
+    from tests.test_run_cli import cli
+
+    src = tiny("nemotron_h", hybrid_override_pattern=PATTERN)
+    assert (
+        load_spec(str(src)).linear.conv_activation == json.loads((src / "config.json").read_text())["mamba_hidden_act"]
+    )
+    for act, expected in (("relu", "relu"), (None, "silu"), ("softsign", "softsign")):
+        folder = tmp_path / str(act)
+        shutil.copytree(src, folder)
+        cfg = json.loads((folder / "config.json").read_text())
+        if act is None:
+            del cfg["mamba_hidden_act"]
+        else:
+            cfg["mamba_hidden_act"] = act
+        (folder / "config.json").write_text(json.dumps(cfg))
+        assert load_spec(str(folder)).linear.conv_activation == expected
+    code, err = cli(
+        ["run", tmp_path / "softsign", "--prompt-ids", "5,6,7", "--max-tokens", "2", "--device", "cpu"], capsys
+    )
+    err = err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert str(tmp_path / "softsign") in err and "'softsign' (mamba_hidden_act) is not supported" in err, err

@@ -111,6 +111,8 @@ class ConvertRecipe:
     moe_key: str | None = None  # config key that switches the routed experts on (Gemma 4: enable_moe_block)
     qk_norm_off_at_experts: QkNormRule | None = None
     drops_mtp: bool = False  # MTP layers are not carried into GGUF
+    # llama.cpp has no architecture for the family (checked against its arch list): convert says so
+    no_gguf_arch: bool = False
     # config key of the query scale (scale = value ** -0.5) whose transformers default is not
     # head_dim; GGUF -> HF writes head_dim, the scale llama.cpp applies (Gemma 3's query_pre_attn_scalar)
     query_scalar_key: str | None = None
@@ -173,7 +175,9 @@ class Recipe:
     # positions
     positions: str | None = _choice("learned")
     partial_rotary_factor: float | None = None  # the config class's default when config.json lacks the key
-    nope_on: str | None = _choice("global", "all")  # layers without RoPE when the config has no list
+    # layers without RoPE when the config has no list; "null_theta": every layer when rope_parameters
+    # sets rope_theta to null (Olmo hybrid: then no rotary embedding; a missing one is the default base)
+    nope_on: str | None = _choice("global", "all", "null_theta")
     chunked_on: str | None = _choice("rope_layers")  # layers with chunked attention (Llama 4)
     # layers RoPE scaling applies to: "global" (full attention), "compressed" (those keeping
     # compressed KV, DeepSeek V4: the others rotate unscaled by the main base)
@@ -188,6 +192,9 @@ class Recipe:
     ffn_ratio: int | None = None  # FFN width as a multiple of hidden_size when the config leaves it unset
     embedding_scale: str | None = _choice("sqrt_hidden")
     linear_kind: str | None = _choice("gated_deltanet", "kda", "mamba2")
+    # the linear layers' gated output norm epsilon when it is not the config's (Olmo hybrid: 1e-5,
+    # FLA's FusedRMSNormGated default, whatever rms_norm_eps says)
+    linear_norm_eps: float | None = None
     gguf_permute_qk: bool = False  # llama.cpp's converter permutes Q/K rows for its RoPE
     moe: MoERecipe = field(default_factory=MoERecipe)
     gguf_defaults: GgufDefaults = field(default_factory=GgufDefaults)

@@ -55,12 +55,17 @@ class LayerSpec:
     # picks index_topk entries per query (DeepSeek V4's compressed sparse attention layers)
     compressed_index: bool = False
     kv_single: bool = False  # keys and values are one projection, cached once (DeepSeek V4's wkv)
+    # where this layer's norms sit otherwise than the model's (Olmo hybrid: post-norm attention
+    # layers between pre-norm linear-attention layers), from its norm tensors
+    norm_placement: str | None = None
 
     def public(self) -> dict:
         out: dict[str, Any] = {"mixer": self.mixer, "window": self.window, "rope": self.rope, "ffn": self.ffn}
         if self.compress_ratio:
             out["compress_ratio"] = self.compress_ratio
             out["compressed_index"] = self.compressed_index
+        if self.norm_placement:
+            out["norm_placement"] = self.norm_placement
         return out
 
 
@@ -131,7 +136,9 @@ class LinearAttentionSpec:
     """The linear/recurrent mixer's sizes (Gated DeltaNet): what run builds and caches, and what
     inspect counts as the fixed state of each such layer."""
 
-    kind: str  # gated_deltanet | kda | mamba2
+    # gated_deltanet | kda | mamba2 | short_conv; a short convolution (LFM2 / LFM3) has no keys and
+    # one value "head" of hidden_size channels: its conv window is its whole state, no recurrent matrix
+    kind: str
     key_heads: int = 0
     value_heads: int = 0  # each key head serves value_heads / key_heads consecutive value heads
     key_head_dim: int = 0
@@ -139,10 +146,19 @@ class LinearAttentionSpec:
     conv_kernel: int = 4  # causal depthwise conv over [q | k | v]; the cache keeps its last kernel - 1 inputs
     # where the input projections' rows live: "grouped" (in_proj_qkvz + in_proj_ba, rows grouped per
     # key head: [q k v z] and [b a], Qwen3-Next) | "split" (in_proj_qkv, in_proj_z, in_proj_b,
-    # in_proj_a, Qwen3.5); None when no tensor says (config only)
+    # in_proj_a, Qwen3.5) | "separate" (q_proj, k_proj, v_proj, g_proj, b_proj, a_proj with o_norm and
+    # o_proj, Olmo hybrid); None when no tensor says (config only)
     projection: str | None = None
     # Mamba-2: the chunked form's lower bound on dt (time_step_min; its one-token update has none)
     dt_min: float = 0.0
+    # Gated DeltaNet: beta = beta_scale * sigmoid(b); 2 lets the write's eigenvalues go negative
+    # (Olmo hybrid's linear_allow_neg_eigval)
+    beta_scale: float = 1.0
+    # the gated output norm's epsilon where it is not the model's (Olmo hybrid: FLA's fixed 1e-5)
+    norm_eps: float | None = None
+    # the activation after Mamba-2's causal conv (its config's mamba_hidden_act); None: none (LFM's
+    # short convolution). Gated DeltaNet and KDA apply the model's activation there.
+    conv_activation: str | None = "silu"
 
     @property
     def conv_channels(self) -> int:

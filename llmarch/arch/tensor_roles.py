@@ -38,10 +38,11 @@ ROLES: dict[str, re.Pattern] = {
         "mla_q_a": r"q_a_proj\.weight$|attn_q_a\.weight$",
         # the mixer's pre-norm (LFM3 names it operator_norm: its mixer is attention or a short conv)
         "input_norm": r"input_layernorm\.weight$|(^|\.)attn_norm\.weight$|ln_1\.weight$|(^|\.)attention_norm\.weight$"
-        r"|(^|\.)operator_norm\.weight$",  # not post_attention_norm
+        r"|(^|\.)operator_norm\.weight$|(^|\.)attention_layer_norm\.weight$",  # not post_attention_norm
         "post_attn_norm": r"post_attention_layernorm\.weight$|post_attention_norm\.weight$|attn_post_norm\.weight$"
         r"|post_operator_norm\.weight$",
-        "pre_ffn_norm": r"pre_(feedforward|mlp)_layernorm\.weight$|(^|\.)ffn_norm\.weight$|ln_2\.weight$",
+        "pre_ffn_norm": r"pre_(feedforward|mlp)_layernorm\.weight$|(^|\.)ffn_norm\.weight$|ln_2\.weight$"
+        r"|(^|\.)feedforward_layer_norm\.weight$",  # OLMo-core's name (Olmo hybrid's linear layers)
         "post_ffn_norm": r"post_(feedforward|mlp)_layernorm\.weight$|post_ffw_norm\.weight$|ffn_post_norm\.weight$"
         r"|(^|\.)post_ffn_norm\.weight$",
         "linear_attn": r"linear_attn\.|ssm_|\.mixer\.(A_log|conv1d|dt_bias|in_proj)|\.(A_log|dt_bias)$|conv1d",

@@ -134,6 +134,11 @@ def _pick(value, model_type: str, default):
 
 def family_to_gguf(spec: ArchSpec, path=None) -> Family:
     """The HF -> GGUF rules of the spec's family (its recipe, resolved by the fingerprint)."""
+    if spec.recipe is not None and spec.recipe.convert.no_gguf_arch:
+        raise LlmarchError(
+            f"converting family {spec.family!r} to GGUF is not supported: llama.cpp has no architecture for it",
+            path,
+        )
     if spec.recipe is None or "convert" not in spec.supports:
         raise LlmarchError(
             f"converting family {spec.family!r} to GGUF is not supported yet "

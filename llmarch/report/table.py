@@ -118,8 +118,14 @@ def fact_rows(doc: dict) -> list[tuple[str, str, str]]:
         ]
         if moe.get("fused_gate_up"):
             rows.append(("MoE", "fused gate/up", moe["fused_gate_up"]))
+    # layers whose norms sit otherwise than the model's (Olmo hybrid's post-norm attention layers)
+    own: dict[str, list[int]] = {}
+    for i, layer in enumerate(doc.get("layer_schedule") or []):
+        if layer.get("norm_placement"):
+            own.setdefault(layer["norm_placement"], []).append(i)
+    placement = n["placement"] + "".join(f"; {p} on layers {index_ranges(ix)}" for p, ix in sorted(own.items()))
     rows += [
-        ("norms", "placement", n["placement"]),
+        ("norms", "placement", placement),
         (
             "norms",
             "kind",

@@ -33,6 +33,7 @@ from llmarch.runtime.ops.moe import moe_ffn
 from llmarch.runtime.ops.norms import RMSNorm, make_norm
 from llmarch.runtime.ops.per_layer_inputs import PerLayerGate, PerLayerInputs
 from llmarch.runtime.ops.rope import Rope, rotated_dims, scaling_kind
+from llmarch.runtime.ops.short_conv import ShortConv
 
 
 def dense_ffn(spec: ArchSpec, layer: LayerSpec) -> nn.Module:
@@ -43,7 +44,7 @@ def dense_ffn(spec: ArchSpec, layer: LayerSpec) -> nn.Module:
 
 
 # mixer kind -> factory(spec, layer, rope) ; ffn kind -> factory(spec, layer). A linear/recurrent
-# layer's kind is its linear_kind (gated_deltanet, kda, mamba2), since one mixer name covers them all.
+# layer's kind is its linear_kind (gated_deltanet, kda, mamba2, short_conv), since one mixer name covers them all.
 MIXERS: dict[str, Callable[..., nn.Module]] = {
     "full": Attention,
     "sliding": Attention,
@@ -53,6 +54,7 @@ MIXERS: dict[str, Callable[..., nn.Module]] = {
     "gated_deltanet": GatedDeltaNet,
     "kda": KimiDeltaAttention,
     "mamba2": Mamba2,
+    "short_conv": ShortConv,
 }
 FFNS: dict[str, Callable[..., nn.Module]] = {"dense": dense_ffn, "moe": moe_ffn}
 NORM_SLOTS = {
@@ -75,7 +77,7 @@ class Block(nn.Module):
         super().__init__()
         # a layer with no mixer or no FFN (Nemotron-H's single-op layers) skips that part and its norms
         self.attn, self.mlp = mixer, ffn
-        slots = NORM_SLOTS.get(spec.norm.placement, NORM_SLOTS["pre"])
+        slots = NORM_SLOTS.get(layer.norm_placement or spec.norm.placement, NORM_SLOTS["pre"])
         if mixer is None:
             slots = tuple(s for s in slots if not s.startswith("attn_"))
         if ffn is None:

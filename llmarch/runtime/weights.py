@@ -66,8 +66,14 @@ HF_GLOBAL = {
     "altup_streams.down": "altup_unembed_projections",
 }
 # other names some checkpoints use for the same tensor (MiMo-V2-Flash's Hub files and transformers'
-# save_pretrained name its sinks attention_sink_bias)
-HF_ALIASES = {"self_attn.sinks": "self_attn.attention_sink_bias"}
+# save_pretrained name its sinks attention_sink_bias; OLMo-core's names for a pre-norm layer's norms,
+# which Olmo hybrid's Hub files keep for its linear-attention layers)
+HF_ALIASES = {
+    "self_attn.sinks": "self_attn.attention_sink_bias",
+    "self_attn.gate_proj": "self_attn.g_proj",
+    "input_layernorm": "attention_layer_norm",
+    "post_attention_layernorm": "feedforward_layer_norm",
+}
 # the HF name of each norm slot depends on where the family puts its norms
 HF_NORMS = {
     "pre": {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
@@ -79,6 +85,14 @@ HF_NORMS = {
     },
     "post": {"attn_post_norm": "post_attention_layernorm", "ffn_post_norm": "post_feedforward_layernorm"},
 }
+# LFM2 / LFM3: norms named by the operator (attention or short conv), MLP w1 / w3 / w2 (gate / up / down)
+LFM_NORMS = {
+    "attn_norm": "operator_norm",
+    "attn_post_norm": "post_operator_norm",
+    "ffn_norm": "ffn_norm",
+    "ffn_post_norm": "post_ffn_norm",
+}
+LFM_MLP = {"mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2"}
 # GPT-2's own names (Conv1D weights are stored [in, out]; c_attn holds q, k, v fused)
 GPT2_LAYER = {
     "attn_norm": "ln_1",
@@ -202,6 +216,9 @@ class SafetensorsSource(WeightSource):
         self.norms = HF_NORMS.get(spec.norm.placement, HF_NORMS["pre"])
         if any(".pre_mlp_layernorm." in n for n in names):  # AfMoE's sandwich FFN norm names
             self.norms = dict(self.norms, ffn_norm="pre_mlp_layernorm", ffn_post_norm="post_mlp_layernorm")
+        self.lfm = any(".operator_norm." in n for n in names)  # LFM2 / LFM3 name their norms by the operator
+        if self.lfm:
+            self.norms = LFM_NORMS
         # Llama 4 names its dense FFN feed_forward.*, not mlp.*
         # (only decoder-layer names count: Pixtral's vision tower also has feed_forward.*)
         decoder = self.prefix + "layers."
@@ -217,7 +234,8 @@ class SafetensorsSource(WeightSource):
         if self.single_op:
             self.mlp = "mixer."
             self.norms = {"attn_norm": "norm", "ffn_norm": "norm"}
-        self.final_norm = "norm_f" if f"{self.prefix}norm_f.weight" in names else "norm"
+        # the final norm: norm, Nemotron-H's norm_f, LFM's embedding_norm (applied after the last layer)
+        self.final_norm = next((n for n in ("norm_f", "embedding_norm") if f"{self.prefix}{n}.weight" in names), "norm")
 
     def name_of(self, name: str) -> str | None:
         p = self.prefix
@@ -233,7 +251,9 @@ class SafetensorsSource(WeightSource):
                 "lm_head": self.head,
             }.get(stem)
         if layer is not None:
-            hf = HF_LAYER.get(stem) or self.norms.get(stem)
+            hf = HF_LAYER.get(stem) or self._layer_norms(layer).get(stem)
+            if hf and hf.startswith("mlp.") and self.lfm:
+                hf = LFM_MLP.get(hf, hf)
             if hf and hf.startswith("mlp."):
                 hf = self.mlp + hf[4:]
             elif hf and self.single_op and hf.startswith("self_attn."):
@@ -254,6 +274,11 @@ class SafetensorsSource(WeightSource):
             "final_norm": f"{p}{self.final_norm}.{kind}",
             "lm_head": self.head,
         }.get(stem)
+
+    def _layer_norms(self, layer: int) -> dict[str, str]:
+        """The norm names of one layer: the model's, unless its norms sit otherwise (Olmo hybrid)."""
+        own = self.spec.schedule[layer].norm_placement if layer < len(self.spec.schedule) else None
+        return HF_NORMS[own] if own in HF_NORMS and not self.lfm and not self.single_op else self.norms
 
     def read(self, t: TensorInfo) -> torch.Tensor:
         if t.dtype not in ST_DTYPES:

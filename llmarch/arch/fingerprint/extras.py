@@ -117,7 +117,12 @@ def _linear_state(spec: ArchSpec, f: Facts, recipe: Recipe, path) -> dict:
             key_head_dim=int(kd),
             value_head_dim=int(vd),
             conv_kernel=int(f.get("linear_conv_kernel_dim", default=4, fact="linear_attention.conv_kernel")),
+            norm_eps=recipe.linear_norm_eps,
         )
+        neg = f.get("linear_allow_neg_eigval", default=False, fact="linear_attention.beta_scale")
+        if not isinstance(neg, bool):
+            raise CheckpointError(f"linear_allow_neg_eigval must be true or false, got {show(neg)}", path)
+        lin.beta_scale = 2.0 if neg else 1.0
         out["state_elems_per_layer"] = lin.recurrent_state_elems + lin.conv_state_elems
         out.update(
             key_heads=lin.key_heads,
@@ -148,11 +153,17 @@ def _linear_state(spec: ArchSpec, f: Facts, recipe: Recipe, path) -> dict:
             conv_kernel=size("short_conv_kernel_size", 4),
         )
         out["state_elems_per_layer"] = lin.recurrent_state_elems + lin.conv_state_elems
-    elif kind == "short_conv" and f.get("conv_L_cache"):
-        # gated short convolution (LFM2/3): a window of the last L_cache - 1 inputs, hidden_size channels
-        out["state_elems_per_layer"] = spec.hidden_size * (
-            int(f.get("conv_L_cache", fact="linear_attention.conv_kernel")) - 1
+    elif kind == "short_conv" and f.get("conv_L_cache") is not None:
+        # gated short convolution (LFM2/3): a window of the last L_cache - 1 inputs, hidden_size
+        # channels; as linear attention: no keys, one value head of hidden_size, no recurrent matrix
+        kernel = f.get("conv_L_cache", fact="linear_attention.conv_kernel")
+        if not (is_int(kernel) and 1 <= kernel <= MAX_COUNT):
+            raise CheckpointError(f"conv_L_cache must be an integer from 1 to {MAX_COUNT}, got {show(kernel)}", path)
+        lin = spec.linear = LinearAttentionSpec(
+            kind=kind, value_heads=1, value_head_dim=spec.hidden_size, conv_kernel=int(kernel), conv_activation=None
         )
+        out["state_elems_per_layer"] = lin.conv_state_elems
+        out["conv_kernel"] = lin.conv_kernel
     elif f.get("mamba_num_heads") and f.get("mamba_head_dim") and f.get("ssm_state_size"):
         # Mamba-2 as linear attention: B/C per group (key heads, state size wide), x per head
         # (value heads, head_dim wide); the conv window runs over [x B C]
@@ -173,6 +184,7 @@ def _linear_state(spec: ArchSpec, f: Facts, recipe: Recipe, path) -> dict:
             value_head_dim=count("mamba_head_dim"),
             conv_kernel=count("conv_kernel", 4),
             dt_min=float(dt_min),
+            conv_activation=_conv_activation(f, path),
         )
         out["state_elems_per_layer"] = lin.recurrent_state_elems + lin.conv_state_elems
         out.update(
@@ -181,17 +193,34 @@ def _linear_state(spec: ArchSpec, f: Facts, recipe: Recipe, path) -> dict:
             groups=lin.key_heads,
             state_size=lin.key_head_dim,
             conv_kernel=lin.conv_kernel,
+            conv_activation=lin.conv_activation,
         )
     return out
+
+
+def _conv_activation(f: Facts, path) -> str:
+    """Mamba-2's activation after its causal conv: mamba_hidden_act (transformers' default silu;
+    Nemotron-H's hidden_act is its MLP's, not this). run refuses the ones it does not implement."""
+    act = f.get("mamba_hidden_act", default="silu", fact="linear_attention.conv_activation")
+    if not isinstance(act, str) or not act:
+        raise CheckpointError(f"mamba_hidden_act must be an activation name, got {show(act)}", path)
+    return act
 
 
 def _linear_projection(spec: ArchSpec, ckpt: Checkpoint) -> str | None:
     """How a Gated DeltaNet layer's input projections are stored, from the tensor names."""
     for name in ckpt.tensors:
+        if name.endswith("linear_attn.q_proj.weight"):
+            spec.evidence["linear_attention.projection"] = name
+            return "separate"
         if name.endswith("linear_attn.in_proj_qkvz.weight"):
             spec.evidence["linear_attention.projection"] = name
             return "grouped"
         if name.endswith("linear_attn.in_proj_qkv.weight"):
             spec.evidence["linear_attention.projection"] = name
             return "split"
+        if ckpt.format == "gguf" and name.endswith((".ssm_in.weight", ".attn_qkv.weight")):
+            # llama.cpp's qwen3next keeps HF's fused in_proj_qkvz as ssm_in; qwen35 the split in_proj_qkv
+            spec.evidence["linear_attention.projection"] = name
+            return "grouped" if name.endswith(".ssm_in.weight") else "split"
     return None

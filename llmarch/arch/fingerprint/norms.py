@@ -6,22 +6,26 @@ from llmarch.arch.fingerprint.facts import Facts, layer_has
 from llmarch.arch.recipe_schema import Recipe
 from llmarch.arch.spec import ArchSpec, NormSpec
 
+NORM_ROLES = ("input_norm", "post_attn_norm", "pre_ffn_norm", "post_ffn_norm")
+
+
+def layer_norm_placement(lt, i: int) -> str | None:
+    """Where layer i's norms sit, from its norm tensors (None: the layer has no tensors)."""
+    if i not in lt:
+        return None
+    has = {role: layer_has(lt, i, role) for role in NORM_ROLES}
+    if has["post_ffn_norm"]:
+        return "sandwich" if has["input_norm"] else "post"
+    return "pre"
+
 
 def read_norms(spec: ArchSpec, f: Facts, recipe: Recipe, lt) -> None:
     n = NormSpec()
     first = next(iter(sorted(lt)), None)
     if first is not None:
-        has = {
-            role: layer_has(lt, first, role)
-            for role in ("input_norm", "post_attn_norm", "pre_ffn_norm", "post_ffn_norm")
-        }
-        if has["post_ffn_norm"] and has["input_norm"]:
-            n.placement = "sandwich"
-        elif has["post_ffn_norm"] and not has["input_norm"]:
-            n.placement = "post"
-        else:
-            n.placement = "pre"
-        spec.evidence["norm.placement"] = f"norm tensors of layer {first}: " + ", ".join(k for k, v in has.items() if v)
+        n.placement = layer_norm_placement(lt, first) or "pre"
+        shown = ", ".join(role for role in NORM_ROLES if layer_has(lt, first, role))
+        spec.evidence["norm.placement"] = f"norm tensors of layer {first}: {shown}"
     else:
         n.placement = recipe.norm_placement or "pre"
     if recipe.norm_placement and first is not None and recipe.norm_placement != n.placement:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from llmarch.arch.fingerprint.facts import Facts, layer_has
 from llmarch.arch.fingerprint.moe import assign_ffn
+from llmarch.arch.fingerprint.norms import layer_norm_placement
 from llmarch.arch.fingerprint.rope import local_rope_partial, local_rope_scaling
 from llmarch.arch.recipe_schema import Recipe
 from llmarch.arch.spec import ArchSpec, LayerSpec
@@ -53,6 +54,8 @@ def read_schedule(spec: ArchSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoint
     if local_scaling is None and spec.rope.scaling and recipe.rope_scaling_on == "global":
         local_scaling = {"type": "default"}  # GGUF / legacy configs: the recipe says sliding layers are unscaled
     nope = f.get("no_rope_layers", fact="rope.nope_layers")
+    params = f.get("rope_parameters")
+    null_theta = isinstance(params, dict) and "rope_theta" in params and params["rope_theta"] is None
     sched = []
     for i in range(n):
         layer = LayerSpec(index=i)
@@ -88,7 +91,7 @@ def read_schedule(spec: ArchSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoint
             layer.rope = (i + 1) % int(f.get("no_rope_layer_interval", fact="rope.nope_layers")) != 0
         elif recipe.nope_on == "global" and layer.mixer == "full":
             layer.rope = False
-        elif recipe.nope_on == "all":
+        elif recipe.nope_on == "all" or (recipe.nope_on == "null_theta" and null_theta):
             layer.rope = False
         if spec.rope.learned_positions or layer.mixer in ("none", "mamba"):
             layer.rope = False
@@ -102,6 +105,10 @@ def read_schedule(spec: ArchSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoint
             layer.rope_scaling = local_scaling
         if layer.mixer == "sliding" and local_partial is not None:
             layer.rope_partial = local_partial
+        placement = layer_norm_placement(lt, i)
+        if placement and placement != spec.norm.placement:
+            layer.norm_placement = placement
+            spec.evidence[f"layer {i} norm_placement"] = "its norm tensors"
         layer.head_dim = _layer_head_dim(spec, f, lt, layer, ckpt)
         layer.kv_heads = _layer_kv_heads(spec, f, lt, i, ckpt, layer.head_dim)
         layer.ffn_width = _layer_ffn_width(spec, lt, i, ckpt)

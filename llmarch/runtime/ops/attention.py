@@ -1,6 +1,7 @@
 """Softmax attention over a KV cache: MHA/GQA/MQA, sliding window (through the cache's mask),
 QK-norm (per head or over the whole projection), a weightless V norm, soft-capping, attention
-sinks, a V scale, a sigmoid output gate (its own projection, or rows of q_proj), and the NoPE
+sinks, a V scale, a sigmoid output gate (its own projection, per channel or per head, or rows of
+q_proj), and the NoPE
 layers' query temperature (temperature tuning).
 
 KV sharing (Gemma 3n / 4): a layer with kv_shared_from projects only queries and attends over the
@@ -119,7 +120,10 @@ class Attention(nn.Module):
         self.softcap = a.softcap
         self.rope = rope
         self.index = layer.index
-        self.gate = nn.Linear(d, a.heads * self.v_dim, bias=False) if a.gated and not self.gate_in_q else None
+        # one gate per channel, or one per head (LFM3's g_proj: hidden -> heads)
+        self.gate_per_head = a.gate_per_head and not self.gate_in_q
+        gate_width = a.heads * (1 if self.gate_per_head else self.v_dim)
+        self.gate = nn.Linear(d, gate_width, bias=False) if a.gated and not self.gate_in_q else None
         self.temperature = query_temperature(a, layer)
 
     def project(self, x: torch.Tensor):
@@ -189,7 +193,10 @@ class Attention(nn.Module):
         out = attend(
             q, keys.to(q.dtype), values.to(q.dtype), lc.group.mask, self.scale, self.softcap, self.sinks, lc.group
         )
-        out = out.transpose(1, 2).reshape(B, T, self.heads * self.v_dim)
-        if gate is not None:
+        out = out.transpose(1, 2)
+        if gate is not None and self.gate_per_head:
+            out = out * torch.sigmoid(gate)[..., None]
+        out = out.reshape(B, T, self.heads * self.v_dim)
+        if gate is not None and not self.gate_per_head:
             out = out * torch.sigmoid(gate)
         return self.o(out)

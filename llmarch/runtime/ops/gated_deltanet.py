@@ -1,14 +1,16 @@
-"""Gated DeltaNet (Qwen3-Next, Qwen3.5): a linear-attention mixer with a fixed-size state.
+"""Gated DeltaNet (Qwen3-Next, Qwen3.5, Olmo hybrid): a linear-attention mixer with a fixed-size state.
 
 Per layer: x -> in_proj -> [q k v | z | b | a]; q, k, v pass a causal depthwise conv (kernel K)
 and the activation; q and k are L2-normalised per head (q also scaled by 1/sqrt(dk)); each value
 head h keeps a dk x dv matrix S that, token by token, decays by exp(g) and takes a delta-rule write:
 
-    g = -exp(A_log) * softplus(a + dt_bias)       beta = sigmoid(b)
+    g = -exp(A_log) * softplus(a + dt_bias)       beta = beta_scale * sigmoid(b)
     S <- exp(g) S;   S <- S + k (beta (v - k^T S))^T;   o = q^T S
 
 then o passes an RMS norm gated by silu(z) and out_proj. Several value heads may share one q/k head
-(consecutive value heads per key head, as transformers repeats them).
+(consecutive value heads per key head, as transformers repeats them). beta_scale is 2 where the
+model lets the write's eigenvalues go negative (Olmo hybrid), else 1. The stored input projections
+are fused, split or separate (spec.linear.projection); each layout names its tensors (LAYOUTS).
 
 The rule's two forms, `recurrent_step` (one token, decode) and `chunked` (prefill, the chunk/WY
 form), live in delta_rule.py, shared with Kimi Delta Attention. The state (conv window: the last
@@ -33,6 +35,10 @@ from llmarch.runtime.ops.norms import RMSNorm
 __all__ = ["CHUNK", "GatedDeltaNet", "chunked", "l2norm", "recurrent_step"]
 
 
+# per stored layout: the gated norm's and the output projection's tensor names
+LAYOUTS = {"grouped": ("norm", "out_proj"), "split": ("norm", "out_proj"), "separate": ("o_norm", "o_proj")}
+
+
 class GatedDeltaNet(nn.Module):
     def __init__(self, spec: ArchSpec, layer: LayerSpec, rope=None):
         super().__init__()
@@ -54,7 +60,9 @@ class GatedDeltaNet(nn.Module):
         self.conv = nn.Parameter(torch.empty(self.conv_dim, 1, self.kernel))
         self.A_log = nn.Parameter(torch.empty(self.vh))
         self.dt_bias = nn.Parameter(torch.empty(self.vh))
-        self.norm = RMSNorm(self.dv, spec.norm.eps if spec.norm.eps is not None else 1e-6)  # plain weight
+        self.beta_scale = lin.beta_scale
+        eps = lin.norm_eps if lin.norm_eps is not None else spec.norm.eps
+        self.norm = RMSNorm(self.dv, eps if eps is not None else 1e-6)  # plain weight
         self.out = nn.Linear(self.value_dim, d, bias=False)
         self.act = activation(spec.activation or "silu")
 
@@ -72,10 +80,30 @@ class GatedDeltaNet(nn.Module):
             rep = self.vh // self.kh
             q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
         beta = b.float().sigmoid()
+        if self.beta_scale != 1.0:
+            beta = beta * self.beta_scale
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
         o = gated_delta(q, k, v, g, beta, st.recurrent)
         o = self.norm(o.to(x.dtype)) * F.silu(z.view(B, T, self.vh, self.dv).float())
         return self.out(o.to(x.dtype).reshape(B, T, self.value_dim))
+
+    def _split_conv(self, read, where: str) -> torch.Tensor:
+        """The conv weight from the Hub layout's q_conv1d / k_conv1d / v_conv1d (transformers joins
+        them on load). transformers 5.24's save_pretrained splits the joined weight back into three
+        near-equal parts instead of q / k / v widths; either split joins to the same weight."""
+        K, even = self.kernel, -(-self.conv_dim // 3)  # torch.chunk's part size
+        parts = [
+            read("q_conv1d.weight", (self.key_dim, 1, K), (even, 1, K)),
+            read("k_conv1d.weight", (self.key_dim, 1, K), (even, 1, K)),
+            read("v_conv1d.weight", (self.value_dim, 1, K), (self.conv_dim - 2 * even, 1, K)),
+        ]
+        w = torch.cat(parts)
+        if w.shape[0] != self.conv_dim:
+            raise LlmarchError(
+                f"layer {self.index}: q/k/v_conv1d hold {w.shape[0]} channels, the config's sizes need {self.conv_dim}",
+                where,
+            )
+        return w
 
     def load_from(self, source, prefix: str, dtype, device) -> None:
         """This layer's linear_attn.* tensors, the input projections reordered to [q k v | z | b | a]."""
@@ -101,12 +129,26 @@ class GatedDeltaNet(nn.Module):
                     read("in_proj_a.weight", (self.vh, d)),
                 ]
             )
+        elif self.projection == "separate":
+            # one projection each; g_proj is the output gate (z)
+            w = torch.cat(
+                [
+                    read("q_proj.weight", (self.key_dim, d)),
+                    read("k_proj.weight", (self.key_dim, d)),
+                    read("v_proj.weight", (self.value_dim, d)),
+                    read("g_proj.weight", (self.value_dim, d)),
+                    read("b_proj.weight", (self.vh, d)),
+                    read("a_proj.weight", (self.vh, d)),
+                ]
+            )
         else:
             raise LlmarchError(f"layer {self.index}: no Gated DeltaNet input projection tensors found", where)
+        norm_name, out_name = LAYOUTS[self.projection]
         put = lambda t: nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)  # noqa: E731
         self.in_proj.weight = put(w)
-        self.conv = put(read("conv1d.weight", (self.conv_dim, 1, self.kernel)))
+        conv = read("conv1d.weight", (self.conv_dim, 1, self.kernel), required=self.projection != "separate")
+        self.conv = put(conv if conv is not None else self._split_conv(read, where))
         self.A_log = put(read("A_log", (self.vh,)))
         self.dt_bias = put(read("dt_bias", (self.vh,)))
-        self.norm.weight = put(read("norm.weight", (self.dv,)))
-        self.out.weight = put(read("out_proj.weight", (d, self.value_dim)))
+        self.norm.weight = put(read(f"{norm_name}.weight", (self.dv,)))
+        self.out.weight = put(read(f"{out_name}.weight", (d, self.value_dim)))

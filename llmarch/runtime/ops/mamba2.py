@@ -1,8 +1,9 @@
 """Mamba-2 (Nemotron-H / Nemotron 3): a selective state-space mixer with a fixed-size state.
 
 Per layer: x -> in_proj -> [z | x B C | dt]; x, B and C pass a causal depthwise conv (kernel K, with
-bias) and silu; each head h (head_dim P) reads B and C from its group (consecutive heads share a
-group, N = state size) and keeps an N x P state S that, token by token, decays and takes a write:
+bias) and the config's mamba_hidden_act (silu by default); each head h (head_dim P) reads B and C
+from its group (consecutive heads share a group, N = state size) and keeps an N x P state S that,
+token by token, decays and takes a write:
 
     dt = softplus(dt + dt_bias)     A = -exp(A_log)
     S <- exp(dt A) S + B (dt x)^T;   y = C^T S + D x
@@ -29,6 +30,7 @@ from llmarch.arch.spec import ArchSpec, LayerSpec
 from llmarch.errors import LlmarchError
 from llmarch.runtime.ops.delta_rule import short_conv
 from llmarch.runtime.ops.linear_common import linear_sizes, tensor_reader
+from llmarch.runtime.ops.mlp import ACTIVATIONS
 
 CHUNK = 64  # tokens per chunk of the prefill form
 
@@ -93,6 +95,14 @@ class Mamba2(nn.Module):
         self.conv_dim = lin.conv_channels
         self.kernel = lin.conv_kernel
         self.dt_min = lin.dt_min
+        act = ACTIVATIONS.get(lin.conv_activation or "")
+        if act is None:
+            raise LlmarchError(
+                f"Mamba-2 conv activation {lin.conv_activation!r} (mamba_hidden_act) is not supported by "
+                f"llmarch run (one of {', '.join(sorted(ACTIVATIONS))})",
+                spec.source,
+            )
+        self.act = act
         self.eps = spec.norm.eps if spec.norm.eps is not None else 1e-5
         self.sizes = [self.inner, self.conv_dim, self.heads]
         self.in_proj = nn.Linear(d, sum(self.sizes), bias=False)
@@ -105,10 +115,10 @@ class Mamba2(nn.Module):
         self.out = nn.Linear(self.inner, d, bias=False)
 
     def _conv_act(self, y: torch.Tensor) -> torch.Tensor:
-        # y [b, C, T]: the conv's bias, then silu (mamba_hidden_act)
+        # y [b, C, T]: the conv's bias, then mamba_hidden_act
         if self.conv_bias is not None:
             y = y + self.conv_bias[:, None].to(y.dtype)
-        return F.silu(y)
+        return self.act(y)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
         b, T, _ = x.shape
