@@ -135,9 +135,11 @@ def load_runtime(
     ple: str | None = None,
     ple_cache_mib: float | None = None,
     ple_dir: str | None = None,
+    stored_blocks: bool = False,
 ) -> Runtime:
     """opened: the (checkpoint, spec) pair already read from the headers, so a caller that checked
-    its options against them first does not read them twice."""
+    its options against them first does not read them twice. stored_blocks (with quant_bits, on the
+    CPU): a GGUF's matrices of the block types gguf_matmul reads run from the file's own blocks."""
     from llmarch.api import load_checkpoint_spec
     from llmarch.runtime.model import build_model, load_weights
     from llmarch.runtime.weights import open_weights
@@ -180,6 +182,10 @@ def load_runtime(
             return read(t)
 
         weights.read = read_counted  # every tensor the model takes passes through read()
-        load_weights(model, weights, dt, dev, quant_bits)
+        load_weights(model, weights, dt, dev, quant_bits, stored_blocks and dev.type == "cpu")
+    if stored_blocks:
+        from llmarch.runtime.gguf_matmul import summary
+
+        notes.extend(filter(None, [summary(model)]))
     model.eval()
     return Runtime(spec, model, ckpt, dev, dt, notes)

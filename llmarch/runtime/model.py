@@ -285,13 +285,25 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(path) if path else model), leaf
 
 
-def load_weights(model: Transformer, source, dtype: torch.dtype, device, quant_bits: int | None = None) -> None:
+def load_weights(
+    model: Transformer, source, dtype: torch.dtype, device, quant_bits: int | None = None, stored_blocks: bool = False
+) -> None:
     """Assign every parameter from `source` (checking shapes), fusing q/k/v and gate/up on the way.
 
     quant_bits: replace each Linear by its weight-only int8/int4 form as soon as it is loaded, so the
-    float copy of one matrix at a time is all that is ever held.
+    float copy of one matrix at a time is all that is ever held. stored_blocks (with quant_bits): a
+    GGUF's Linears whose stored block type the CPU kernel reads run from the file's blocks instead.
     """
+    from llmarch.runtime.gguf_matmul import from_source
     from llmarch.runtime.quant import GROUP, BlockQuantLinear, quantize_linear
+
+    def stored(mname: str, shape) -> nn.Module | None:
+        if not stored_blocks:
+            return None
+        owner_path, _, leaf = mname.rpartition(".")
+        parts = getattr(model.get_submodule(owner_path) if owner_path else model, "fused", {}).get(leaf)
+        names = [f"{owner_path}.{p}.weight" for p in parts] if parts else [f"{mname}.weight"]
+        return from_source(source, names, tuple(shape))
 
     def spec_tied_ok(mod) -> bool:
         return mod.weight.shape[1] % GROUP == 0
@@ -340,11 +352,17 @@ def load_weights(model: Transformer, source, dtype: torch.dtype, device, quant_b
                 raise LlmarchError(
                     f"weight embed.weight has shape {shape}, the spec needs {tuple(mod.weight.shape)}", where
                 )
-            model.tied_quant = BlockQuantLinear(
+            model.tied_quant = stored("embed", shape) or BlockQuantLinear(
                 None, None, quant_bits, rows=(lambda a, b: source.rows("embed.weight", a, b), *shape, device)
             )
             model.embed = None
             continue
+        if quant_bits and isinstance(mod, nn.Linear) and mname.startswith(("layers.", "lm_head")) and mod.bias is None:
+            from_file = stored(mname, mod.weight.shape)
+            if from_file is not None:
+                parent, leaf = _parent(model, mname)
+                setattr(parent, leaf, from_file)
+                continue
         own = list(mod._parameters.items())
         for pname, p in own:
             if p is None:

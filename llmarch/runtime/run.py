@@ -182,6 +182,8 @@ def run(o: RunOptions) -> dict:
         ple=o.ple,
         ple_cache_mib=o.ple_cache_mib,
         ple_dir=o.ple_dir,
+        # a GGUF's own blocks unless --quant-bits asks for llmarch's (other types still take those)
+        stored_blocks=o.keep_quantized and o.quant_bits is None,
     )
 
     moe = rt.spec.moe is not None or rt.spec.attention.mla  # routing syncs with the host: no CUDA graph
