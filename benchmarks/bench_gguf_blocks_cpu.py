@@ -1,0 +1,166 @@
+"""CPU decode of the embedded Gemma 3 270M Q4_K_M: llmarch's three weight paths and llama.cpp, one run.
+
+    python benchmarks/bench_gguf_blocks_cpu.py [--tokens 64] [--rounds 3] [--threads 1 2] [--json OUT]
+
+Per thread count, each round runs in turn (its own process, so peak RSS is its own): llmarch
+default (dequantized float32), llmarch --keep-quantized --quant-bits 8 (every matrix requantized to
+llmarch's own int8 blocks), llmarch --keep-quantized (the GGUF's stored blocks, gguf_matmul), and
+llama.cpp through llama-cpp-python on the same file, same prompt, same number of greedy tokens.
+Decode tok/s: llmarch's own clock (steps after the prefill); llama.cpp's perf counters (t_eval_ms
+over n_eval, its prompt evaluation apart). Rounds alternate so that a busy machine slows every
+configuration alike; the median of the rounds is reported with its ratio to llama.cpp's median,
+and the load average is recorded at each round.
+
+Drift: greedy tokens of each llmarch path against the float32 default's (how many of the first
+--tokens are equal, and where they first differ), and top-1 agreement teacher-forced over the
+default's own continuation (each path's decode steps against the float32 forward of the same
+sequence), which does not stop counting at the first near-tie.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_run_cpu import PROMPT, env, run_llmarch  # noqa: E402
+
+LLAMA_SCRIPT = r"""
+import json, resource, sys
+from llama_cpp import Llama, llama_perf_context, llama_perf_context_reset
+path, n, threads, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
+ids = llm.tokenize(prompt.encode(), add_bos=True)
+def gen(k):
+    llm.reset()  # no KV-cache reuse of the previous prompt: the prompt is evaluated every time
+    llama_perf_context_reset(llm._ctx.ctx)
+    out = []
+    for t in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        out.append(t)
+        if len(out) == k:
+            break
+    d = llama_perf_context(llm._ctx.ctx)
+    return d, out
+gen(8)  # warm-up
+d, out = gen(n)
+print(json.dumps({"decode_tok_s": d.n_eval / (d.t_eval_ms / 1000), "prefill_tok_s": d.n_p_eval / max(d.t_p_eval_ms / 1000, 1e-9),
+                  "tokens": out, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+CONFIGS = {
+    "llmarch default (fp32)": [],
+    "llmarch --keep-quantized --quant-bits 8 (requantized)": ["--keep-quantized", "--quant-bits", "8"],
+    "llmarch --keep-quantized (stored blocks)": ["--keep-quantized"],
+}
+LLAMA = "llama.cpp (llama-cpp-python 0.3.36)"
+
+
+def run_llama(path: str, n: int, threads: int) -> dict:
+    r = subprocess.run(
+        [sys.executable, "-c", LLAMA_SCRIPT, path, str(n), str(threads), PROMPT],
+        capture_output=True,
+        text=True,
+        env=env(threads),
+        timeout=900,
+    )
+    if r.returncode:
+        raise SystemExit(f"llama.cpp failed: {r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def teacher_forced(float_tokens: list[int], threads: int) -> dict:
+    """Top-1 agreement of each quantized path's decode steps with the float32 forward of the prompt
+    plus the default's greedy continuation (the float32 logits from the stored-block model's
+    dequantize + GEMM path, which is the default's float32 weights)."""
+    import torch
+
+    from llmarch.api import load_checkpoint_spec
+    from llmarch.runtime.kv_cache import KVCache
+    from llmarch.runtime.load import load_runtime
+    from llmarch.runtime.tokenizer import load_tokenizer
+
+    torch.set_num_threads(threads)
+    ckpt, spec = load_checkpoint_spec(None)
+    prompt = load_tokenizer(ckpt).encode(PROMPT)
+    ids = torch.tensor([prompt + float_tokens[:-1]])
+    n, p = ids.shape[1], len(prompt)
+    a = spec.attention
+
+    def forward(rt, step: bool) -> torch.Tensor:
+        c = KVCache(spec.schedule, n, a.kv_heads, a.head_dim, a.v_head_dim or a.head_dim, rt.dtype, rt.device)
+        rt.model.setup(n, rt.device, rt.dtype)
+        with torch.no_grad():
+            if not step:
+                return rt.model(ids, torch.arange(n), c, limit=n, last_only=False)[0]
+            out = [rt.model(ids[:, :p], torch.arange(p), c, limit=p)[0]]
+            out += [rt.model(ids[:, i : i + 1], torch.tensor([i]), c, limit=i + 1)[0] for i in range(p, n)]
+            return torch.cat(out)
+
+    stored = load_runtime(None, "cpu", None, 8, stored_blocks=True)
+    ref = forward(stored, False)[p - 1 :].argmax(-1)
+    out = {"stored blocks": forward(stored, True).argmax(-1)}
+    del stored
+    out["requantized int8"] = forward(load_runtime(None, "cpu", None, 8), True).argmax(-1)
+    return {k: f"{int((v == ref).sum())}/{len(ref)}" for k, v in out.items()}
+
+
+def same_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--no-drift", action="store_true", help="skip the teacher-forced agreement")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    from llmarch.default_model import default_model_path
+
+    path = str(default_model_path())
+    results: dict = {"machine": f"{os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    for threads in a.threads:
+        runs: dict[str, list[dict]] = {name: [] for name in [*CONFIGS, LLAMA]}
+        loads = []
+        for rnd in range(a.rounds):
+            loads.append(os.getloadavg()[0])
+            for name, extra in CONFIGS.items():
+                runs[name].append(run_llmarch(path, a.tokens, extra, threads))
+            runs[LLAMA].append(run_llama(path, a.tokens, threads))
+            line = ", ".join(f"{k.split(' (')[0]} {v[-1]['decode_tok_s']:.1f}" for k, v in runs.items())
+            print(f"threads {threads} round {rnd} (load {loads[-1]:.1f}): {line}", flush=True)
+        loads.append(os.getloadavg()[0])
+        llama = statistics.median(r["decode_tok_s"] for r in runs[LLAMA])
+        fp32 = runs["llmarch default (fp32)"][0]["tokens"]
+        print(f"\nthreads {threads}, load average {min(loads):.1f}-{max(loads):.1f}, {a.tokens} greedy tokens")
+        print(f"{'configuration':55s} {'decode tok/s':>12s} {'vs llama.cpp':>12s} {'peak RSS':>9s}  tokens = fp32")
+        table = {}
+        for name, rs in runs.items():
+            med = statistics.median(r["decode_tok_s"] for r in rs)
+            rss = max(r["peak_rss_mib"] for r in rs)
+            same = same_prefix(rs[0]["tokens"], fp32)
+            table[name] = {"decode_tok_s": [r["decode_tok_s"] for r in rs], "median": med, "peak_rss_mib": rss}
+            table[name]["vs_llama"] = med / llama
+            table[name]["same_prefix_as_fp32"] = same
+            print(f"{name:55s} {med:12.2f} {med / llama:11.2f}x {rss:7.0f}MiB  first {same}")
+        results[f"threads_{threads}"] = {"load_average": loads, "table": table}
+    if not a.no_drift:
+        tokens = runs["llmarch default (fp32)"][0]["tokens"]
+        results["teacher_forced_top1_vs_fp32"] = drift = teacher_forced(tokens, min(a.threads))
+        print(f"teacher-forced top-1 agreement with fp32 over its {len(tokens)} tokens: {drift}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
