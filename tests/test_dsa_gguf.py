@@ -7,6 +7,7 @@ GGUF, written by `llmarch convert --to gguf` from tiny random float32 checkpoint
   index_topk 8 under a 40-token prompt so the selection matters; GLM-5 also with a layer that
   reuses the previous layer's selection (written as llama.cpp's attention.indexer.types flags);
   from the q8_0 GGUF, top-1 agreement and logit NMSE against transformers over a 72-token prompt;
+  with --experts cpu, the resident model's greedy tokens;
 - GGUF -> safetensors gives back the source's tensors (bit-exact at f32) and a config.json whose
   indexer sizes are the source's: transformers' logits from it equal the source's;
 - (llamacpp marker) llama.cpp 0.3.36 loads the files, runs its own indexer (a real top-k over an
@@ -99,6 +100,28 @@ def test_diff_tensors_pairs_the_indexer(converted):
     changed = {e["tensor"] for kind in kinds for e in t[kind] if e["layers"] != mtp}
     assert not [n for n in changed if "indexer" in n or "attn_q" in n], changed
     assert {"blk.*.attn_kv_b.weight", "blk.*.attn_k_b.weight", "blk.*.attn_v_b.weight"} <= changed
+
+
+@pytest.mark.parametrize("name", DSA)
+def test_experts_on_cpu_from_gguf_same_tokens(tiny, tmp_path, name):
+    """--experts cpu from the DSA GGUF (indexer and attention resident, experts in the CPU kernel's
+    store) gives the greedy tokens of the whole model on one device. Widths of 64 multiples, as the
+    expert stores need."""
+    from llmarch.convert.to_gguf import convert_to_gguf
+    from llmarch.runtime.experts.decode import attach_decoder
+    from llmarch.runtime.generate import Generator, Sampling
+    from llmarch.runtime.load import load_runtime
+
+    src = tiny(name, **SHAPE, hidden_size=128, intermediate_size=128, moe_intermediate_size=64)
+    path = str(tmp_path / f"{name}.gguf")
+    convert_to_gguf(str(src), path, "f32")
+    ids = torch.randint(3, 128, (PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()
+    n = PROMPT + STEPS + 1
+    want = Generator(load_runtime(path, "cpu", "float32"), n, cuda_graph=False).generate(ids, STEPS, Sampling()).tokens
+    assert len(set(want)) > 3
+    gen = Generator(load_runtime(path, "cpu", "float32", experts="cpu", expert_bits=16), n)
+    assert attach_decoder(gen)
+    assert gen.generate(ids, STEPS, Sampling()).tokens == want
 
 
 @pytest.mark.parametrize("name", DSA)
