@@ -24,12 +24,11 @@ drop_caches; fincore checks that it worked), then the first steps of --ple disk 
    cores but --measure-cores (4), which everything else runs on, so the two proceed side by side;
 2. writes each model's random bf16 checkpoint with the real config's shapes (fixtures/hub_shapes.py)
    on the GPU, with a byte-level BPE tokenizer;
-3. per --ple mode, one process loads the checkpoint as `llmarch run` does (the same CUDA-graph
-   rule: a graph with --ple gpu, eager decode with cpu / disk, whose rows need the ids on the
-   host), generates --tokens after a short prompt twice (the first a warm-up) and reports decode
+3. per --ple mode (--modes), one process loads the checkpoint as `llmarch run` does (the same
+   CUDA-graph rule: a graph in every mode, cpu / disk staging each step's row into the graph's
+   static buffer), generates --tokens after a short prompt twice (the first a warm-up) and reports decode
    tok/s, the PLE store's rows read and wait per token, peak GPU memory (allocated and reserved)
-   and host VmHWM / VmRSS. --ple gpu also decodes eagerly in the same process: the like-for-like
-   figure for the eager cpu / disk modes;
+   and host VmHWM / VmRSS. --ple gpu also decodes eagerly in the same process (the graph's gain);
 4. converts each checkpoint with `llmarch convert --to gguf` (bf16), and once the build is done
    runs llama-bench tg --tokens (-fa 1 -ngl 99) on all cores, its lazy mode off and on (on: the
    per-layer table's rows read on demand through mmap instead of resident in host RAM);
@@ -402,8 +401,7 @@ def gpu_worker(a) -> dict:
     out: dict = {"mode": a.mode, "load_s": round(time.perf_counter() - t, 2), "after_load": status_mib()}
     store = find_store(rt.model)
     n = len(GPU_PROMPT) + a.tokens
-    # run.py's rule: rows gathered on the host need the ids there, so no CUDA graph
-    variants = [("run", None if store.mode == "gpu" else False)]
+    variants: list[tuple[str, bool | None]] = [("run", None)]  # run.py's rule: a graph on CUDA
     if store.mode == "gpu" and cuda:
         variants.append(("eager", False))
     for label, graph in variants:
@@ -595,7 +593,7 @@ def gpu_main(a) -> None:
             continue
         m = models[name] = gpu_model(a, name, work, torch)
         m["llmarch"] = {}
-        for mode in ("gpu", "cpu", "disk") if a.device == "cuda" else ("cpu", "disk"):
+        for mode in [x for x in a.modes if a.device == "cuda" or x != "gpu"]:
             cmd = [sys.executable, __file__, "--gpu-worker", "--mode", mode, "--table", m["folder"]]
             cmd += ["--tokens", str(a.tokens), "--device", a.device]
             try:
@@ -667,6 +665,7 @@ def main() -> None:
     p.add_argument("--gpu-worker", action="store_true")
     p.add_argument("--models", nargs="+", default=list(GPU_MODELS), choices=list(GPU_MODELS))
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--modes", nargs="+", default=["gpu", "cpu", "disk"], choices=["gpu", "cpu", "disk"])
     p.add_argument("--tiny", action="store_true", help="--gpu with toy widths (a CPU check of every step)")
     p.add_argument("--llama-src", help="llama-cpp-python sdist, a tarball of llama.cpp, or its folder")
     p.add_argument("--llama-bench", help="an llama-bench already built (skips the build)")

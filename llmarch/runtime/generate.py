@@ -2,10 +2,14 @@
 
 On CUDA the decode step is captured once into a CUDA graph (optionally after torch.compile has
 fused its elementwise ops): small models are bound by kernel launches, not bandwidth, otherwise.
+A model whose step takes part of its input from the host (per-layer embedding rows in host RAM or
+on disk) names that input `model.graph_inputs`: the graph reads it from a static device buffer,
+which `graph_inputs.stage(ids)` fills with the sampled token's part before each replay.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,6 +89,7 @@ class Generator:
         self.use_graph = (rt.device.type == "cuda") if cuda_graph is None else cuda_graph
         self.compile = compile
         self.graph = None
+        self.staged = getattr(self.model, "graph_inputs", None)  # host-side step input (see the docstring)
 
     # ---------------------------------------------------------------- decode step
     def _step_eager(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
@@ -107,16 +112,18 @@ class Generator:
         self.g_ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.g_pos = torch.full((1,), pos, dtype=torch.long, device=self.device)
         saved = self.cache.save_linear()  # the warm-up steps below advance recurrent state: undo them
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn(self.g_ids, self.g_pos, self.cache, limit=None)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.g_out = fn(self.g_ids, self.g_pos, self.cache, limit=None)[:, -1]
-            self.g_next = self.g_out.argmax(dim=-1, keepdim=True)  # the greedy choice, inside the graph
+        staged = self.staged.captured() if self.staged is not None else contextlib.nullcontext()
+        with staged:  # the host-side input read from its static buffer, in warm-up and capture alike
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    fn(self.g_ids, self.g_pos, self.cache, limit=None)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.g_out = fn(self.g_ids, self.g_pos, self.cache, limit=None)[:, -1]
+                self.g_next = self.g_out.argmax(dim=-1, keepdim=True)  # the greedy choice, inside the graph
         self.cache.restore_linear(saved)
 
     def _step_graph(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
@@ -207,7 +214,9 @@ class Generator:
             sync()
             extra["capture_s"] = time.perf_counter() - tc
         t1 = time.perf_counter()
-        if self.graph is not None and not sampling.temperature:
+        # staged host input: each step needs the token on the host first, so no step runs ahead
+        staged = self.staged if self.graph is not None else None
+        if self.graph is not None and not sampling.temperature and staged is None:
             out, stopped = self._greedy_pipelined(nxt, len(prompt), max_tokens, eos_ids, on_token)
             sync()
             return Result(out, len(prompt), prefill_s, time.perf_counter() - t1, stopped, extra)
@@ -219,8 +228,9 @@ class Generator:
         while True:
             tok = int(nxt.item())
             out.append(tok)
+            host = torch.tensor([[tok]])
             if prefetch is not None and tok not in eos_ids and len(out) < max_tokens:
-                prefetch(torch.tensor([[tok]]))
+                prefetch(host)
             if on_token:
                 on_token(tok)
             if tok in eos_ids:
@@ -228,6 +238,8 @@ class Generator:
                 break
             if len(out) >= max_tokens:
                 break
+            if staged is not None:
+                staged.stage(host)  # copied on this stream, ahead of the replay that reads it
             logits = step(nxt.view(1, 1), n)
             n += 1
             nxt = sample(logits, sampling, gen)

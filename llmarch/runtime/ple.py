@@ -7,6 +7,15 @@ token reads one row of it (~15 KB in bf16). The model asks a store for rows by t
     store.prefetch(ids)  -> None: start the reads now, so they overlap work that does not need them
     store.gather(ids)    -> [*ids.shape, layers * width] in the compute dtype on the compute device
 
+A CUDA graph of the decode step cannot hold a host-side gather (it needs the ids on the host), so
+the stores that gather on the host (cpu, disk, with the model on a GPU: `store.stages`) let the
+graph read the step's row from a buffer at a fixed device address instead:
+
+    with store.captured(): ...   warm-up and capture: gather returns the rows in that buffer
+    store.stage(ids)     -> None: before each replay, the row of the one sampled token into the
+                            buffer (host gather into a pinned buffer, then a non-blocking copy on
+                            the current stream, the one the replay is queued on)
+
 gpu / cpu: the table is read once into memory on the GPU / in host RAM; rows are gathered there and
 copied to the compute device.
 disk: the table is never resident. Each step's rows are read from the checkpoint file itself
@@ -22,6 +31,7 @@ No memory map: pages of a mapping that a step touched count in the process's RSS
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -185,6 +195,7 @@ class PleStore:
     layout: TableLayout
     note: str = ""  # how the mode was chosen (for the run report)
     source: TableLayout | None = None  # the checkpoint's table, when the rows come from a converted row file
+    stages: bool = False  # rows gathered on the host for a GPU: a captured decode step needs stage(ids)
 
     def __init__(self, layout: TableLayout, device: torch.device, dtype: torch.dtype, scale: float | None = None):
         layout.check_size()  # the file may have changed since its header was read
@@ -193,12 +204,65 @@ class PleStore:
         # made here, not per step, so that a step captured in a CUDA graph allocates nothing
         self._scale = None if scale is None else torch.tensor(scale, dtype=dtype, device=self.device)
         self.stats = Counters()
+        self._static: torch.Tensor | None = None  # the captured step's row, at a fixed address
+        self._in_capture = False
+        self._copied: torch.cuda.Event | None = None  # after the last copy out of the host staging
 
     def prefetch(self, ids: torch.Tensor) -> None:
         """Start fetching the rows of ids; a resident table has nothing to start."""
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    # ---------------------------------------------------------------- a captured decode step
+    def _static_like(self) -> tuple[tuple[int, ...], torch.dtype]:  # pragma: no cover - interface
+        """Shape and dtype of one staged row as stage() copies it to the device."""
+        raise NotImplementedError
+
+    def _from_static(self, ids: torch.Tensor) -> torch.Tensor:
+        """The staged row, finished (decoded, scaled) as gather would return it for one token."""
+        assert self._static is not None
+        return self._finish(self._static, ids)
+
+    @contextlib.contextmanager
+    def captured(self):
+        """While a one-token decode step is warmed up and captured: gather ignores the ids it is
+        given (the graph's placeholder) and returns the row stage() puts in the static buffer;
+        prefetch starts nothing. Outside it (prefill, eager steps) the store gathers as usual."""
+        if self._static is None:
+            shape, dtype = self._static_like()
+            self._static = torch.zeros(shape, dtype=dtype, device=self.device)
+        self._in_capture = True
+        try:
+            yield
+        finally:
+            self._in_capture = False
+
+    def stage(self, ids: torch.Tensor | int) -> None:  # pragma: no cover - interface
+        """Before a replay: the row of the one token in ids (on the host) into the static buffer."""
+        raise NotImplementedError
+
+    def _row_of(self, ids: torch.Tensor | int) -> int:
+        """The table row of a one-token step; an id outside the table reads row 0, as the model's
+        per-layer inputs map it before they gather."""
+        if isinstance(ids, torch.Tensor):
+            if ids.numel() != 1:
+                raise LlmarchError(f"a captured decode step stages one token's row, got {ids.numel()} ids")
+            ids = int(ids.reshape(-1)[0])
+        return ids if 0 <= ids < self.layout.rows else 0
+
+    def _to_static(self, host: torch.Tensor) -> None:
+        """Copy one staged row to the static buffer, queued on the current stream."""
+        assert self._static is not None, "stage() before captured()"
+        self._static.copy_(host.view(self._static.shape), non_blocking=True)
+
+    def _mark_copied(self) -> torch.cuda.Event | None:
+        """An event after the copies queued so far, so a host buffer is not refilled under them."""
+        if self.device.type != "cuda":
+            return None
+        done = torch.cuda.Event()
+        done.record()
+        return done
 
     def _finish(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         rows = rows.to(self.dtype)
@@ -239,11 +303,12 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 
 def _not_capturing(mode: str) -> None:
-    """Host-side rows need the step's ids on the host: no CUDA graph can hold that step."""
+    """Host-side rows need the step's ids on the host: a CUDA graph holds the step only when it
+    reads them from the static buffer (PleStore.captured / stage)."""
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise LlmarchError(
-            f"--ple {mode} gathers rows on the host, which a CUDA graph cannot capture; decode without "
-            "a graph (Generator(cuda_graph=False), as llmarch run does) or use --ple gpu"
+            f"--ple {mode} gathers rows on the host, which a CUDA graph cannot capture; capture the step "
+            "inside store.captured() and stage(ids) before each replay (as the Generator does)"
         )
 
 
@@ -262,6 +327,8 @@ class ResidentTable(PleStore):
         self.mode = "gpu" if self.home.type == "cuda" else "cpu"
         self.table = self._load()
         self._pinned = self.home.type == "cpu" and self.device.type == "cuda"
+        self.stages = self._pinned
+        self._host_row: torch.Tensor | None = None  # stage()'s row, pinned for the copy to the GPU
 
     def _load(self) -> torch.Tensor:
         lay = self.layout
@@ -272,6 +339,8 @@ class ResidentTable(PleStore):
         return table
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        if self._in_capture:
+            return self._from_static(ids)
         if self._pinned:
             _not_capturing(self.mode)
         flat = ids.reshape(-1).to(self.home)
@@ -283,6 +352,21 @@ class ResidentTable(PleStore):
         self.stats.tokens += flat.numel()
         self.stats.rows_read += flat.numel()
         return self._finish(rows.to(self.device, non_blocking=True), ids)
+
+    def _static_like(self) -> tuple[tuple[int, ...], torch.dtype]:
+        return (1, self.layout.width), self.dtype
+
+    def stage(self, ids: torch.Tensor | int) -> None:
+        r = self._row_of(ids)
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copy out of the host row is done
+        if self._host_row is None:
+            self._host_row = torch.empty(1, self.layout.width, dtype=self.dtype, pin_memory=self._pinned)
+        self._host_row.copy_(self.table[r : r + 1])
+        self._to_static(self._host_row)
+        self._copied = self._mark_copied()
+        self.stats.tokens += 1
+        self.stats.rows_read += 1
 
     def resident_bytes(self) -> int:
         return self.table.numel() * self.table.element_size()
@@ -353,6 +437,7 @@ class DiskTable(PleStore):
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="llmarch-ple")
         self.threads = max(1, threads)
         pinned = self.device.type == "cuda" and torch.cuda.is_available()
+        self.stages = pinned
         self.slots = [_Slot(layout.row_bytes, pinned), _Slot(layout.row_bytes, pinned)]
         self.next_slot = 0
         self.cache_bytes = max(0, int(cache_bytes))
@@ -436,7 +521,10 @@ class DiskTable(PleStore):
 
     def prefetch(self, ids: torch.Tensor) -> None:
         """A hint: ids outside the table start nothing (the caller maps them before it gathers,
-        and gather reads whatever was not prefetched)."""
+        and gather reads whatever was not prefetched). While a step is captured, nothing: its rows
+        come from stage()."""
+        if self._in_capture:
+            return
         flat, key = self._host_ids(ids)
         if self.pending is not None:
             if self.pending.key == key:  # already started (the decode loop, then the forward pre-hook)
@@ -452,9 +540,9 @@ class DiskTable(PleStore):
             f.result()
         self.stats.wait_s += time.perf_counter() - t0
 
-    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+    def _collect(self, flat: torch.Tensor, key: list[int]) -> _Request:
+        """The request for key, read: the prefetched one when it matches, else started now."""
         req, self.pending = self.pending, None
-        flat, key = self._host_ids(ids)
         if req is None or req.key != key:
             if req is not None:
                 self._wait(req)
@@ -463,14 +551,30 @@ class DiskTable(PleStore):
         self.stats.tokens += len(req.key)
         if self.cache_bytes and req.missed:
             self._remember(req)
+        return req
+
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        if self._in_capture:
+            return self._from_static(ids)
+        req = self._collect(*self._host_ids(ids))
         raw = req.staged.to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record()
-            req.slot.event = done
+        req.slot.event = self._mark_copied()
         rows = decode_rows(raw, self.layout.stored, self.layout.width)
         # index_select always copies: the result never aliases the staging buffer
         return self._finish(rows.index_select(0, req.inverse.to(rows.device)), ids)
+
+    def _static_like(self) -> tuple[tuple[int, ...], torch.dtype]:
+        return (1, self.layout.row_bytes), torch.uint8  # the stored bytes: the graph decodes them
+
+    def _from_static(self, ids: torch.Tensor) -> torch.Tensor:
+        assert self._static is not None
+        return self._finish(decode_rows(self._static, self.layout.stored, self.layout.width), ids)
+
+    def stage(self, ids: torch.Tensor | int) -> None:
+        r = self._row_of(ids)
+        req = self._collect(torch.tensor([r]), [r])  # the decode loop's prefetch of this id, if it matches
+        self._to_static(req.staged)
+        req.slot.event = self._mark_copied()
 
     def _remember(self, req: _Request) -> None:
         host = req.staged.numpy()
@@ -674,6 +778,8 @@ def attach(
     store = open_store(layout, mode, device, dtype, cache_bytes=int((cache_mib or 0) * 2**20), folder=folder)
     store.note = why
     pli.set_rows(store)
+    if store.stages:  # the Generator's captured decode step stages each step's row through it
+        model.graph_inputs = store
     if mode == "disk":
         # start each step's reads as soon as its ids are known: the decode loop calls prefetch_next
         # right after sampling (the reads overlap the token's streaming and the step's setup), the
