@@ -188,8 +188,8 @@ def run(o: RunOptions) -> dict:
 
     moe = rt.spec.moe is not None or rt.spec.attention.mla  # routing syncs with the host: no CUDA graph
     ple = find_store(rt.model)
-    host_rows = ple is not None and ple.mode != "gpu"  # rows gathered on the host need the ids there: no graph
-    gen = Generator(rt, len(ids) + max_tokens, cuda_graph=False if moe or host_rows else None, compile=o.compile)
+    # per-layer rows gathered on the host reach a CUDA graph through the store's static buffer
+    gen = Generator(rt, len(ids) + max_tokens, cuda_graph=False if moe else None, compile=o.compile)
     if moe:  # host-offloaded experts: GPU segments between host round trips as CUDA graphs
         from llmarch.runtime.experts.decode import attach_decoder
 
@@ -236,6 +236,7 @@ def run(o: RunOptions) -> dict:
                 )
     if ple is not None:
         doc["ple"] = ple.report()
+        doc["ple"]["cuda_graph"] = gen.graph is not None  # decode steps replayed from one captured graph
         summary += f" · {ple_summary(doc['ple'])}"
     if o.as_json:
         sys.stdout.write(json.dumps(doc) + "\n")
