@@ -7,7 +7,8 @@ transformers' forward on the same ids within 1e-4 and the greedy tokens are iden
 layers carry what inspect reports (per-head QK-norm, one sigmoid output gate per head, sandwich
 norms, RoPE per layer type: proportional on full layers, default on sliding ones). Also: the
 short conv's prefill form (one conv over the whole input) equals its one-token decode step on long
-inputs, and the cache holds exactly the state bytes inspect reports.
+inputs, the Generator (prefill in chunks) gives transformers' tokens, and the cache holds exactly
+the state bytes inspect reports.
 """
 
 from __future__ import annotations
@@ -69,6 +70,17 @@ def test_prefill_form_equals_decode_steps_on_long_inputs():
             [u],
             start,
         )
+
+
+def test_generator_matches_transformers(tiny, device):
+    """The Generator as `llmarch run` drives it (prefill in chunks of 10, so the layers' state
+    carries across calls; on a GPU the decode replays a captured CUDA graph) gives transformers'
+    greedy tokens."""
+    from fixtures.parity import check_generator
+    from fixtures.reference import reference_model
+
+    path = tiny("lfm3")
+    check_generator(path, reference_model("lfm3", path, device), device, prompt=PROMPT, steps=8)
 
 
 @pytest.mark.parametrize("dtype,kv", [(torch.float32, "f32"), (torch.bfloat16, "bf16")])

@@ -7,7 +7,8 @@ transformers' forward on the same ids within 1e-4 and the greedy tokens are iden
 DeltaNet is the reference. What differs from Qwen3-Next's mixer comes from the config and the
 tensors, read into the spec: separate q/k/v/g/b/a projections, beta = 2 sigmoid(b)
 (linear_allow_neg_eigval), the gated norm's own epsilon (the recipe: FLA's 1e-5), pre-norm linear
-layers beside post-norm attention layers, NoPE when the config has no rope_theta. Also: the cache
+layers beside post-norm attention layers, NoPE when rope_theta is null. Also: the Generator (prefill
+in chunks) gives transformers' tokens, the cache
 holds exactly the state bytes inspect reports, and convert refuses it in one line (llama.cpp has
 no architecture for it).
 """
@@ -91,6 +92,17 @@ def test_hub_conv_split_loads_the_same(tiny, tmp_path):
         with torch.inference_mode():
             logits.append(rt.model(ids, torch.arange(40), kv_cache(rt.spec, 40, "cpu"), limit=40, last_only=False))
     assert torch.equal(logits[0], logits[1])
+
+
+def test_generator_matches_transformers(tiny, device):
+    """The Generator as `llmarch run` drives it (prefill in chunks of 10, so the layers' state
+    carries across calls; on a GPU the decode replays a captured CUDA graph) gives transformers'
+    greedy tokens."""
+    from fixtures.parity import check_generator
+    from fixtures.reference import reference_model
+
+    path = tiny("olmo_hybrid")
+    check_generator(path, reference_model("olmo_hybrid", path, device), device, prompt=PROMPT, steps=8)
 
 
 @pytest.mark.parametrize("dtype,kv", [(torch.float32, "f32"), (torch.bfloat16, "bf16")])
