@@ -128,17 +128,44 @@ def test_gguf_to_safetensors_round_trip(scaled, tmp_path):
     assert (got["head_dim"], got["global_head_dim"]) == (src["head_dim"], src["global_head_dim"])
 
 
-def test_gguf_to_safetensors_refuses_what_config_cannot_say(tiny, tmp_path):
-    """Per-layer KV heads and FFN widths and values taken from the keys (attention_k_eq_v,
-    use_double_wide_mlp) have no config.json form that convert writes: one line, exit 2, nothing
-    written, instead of a folder transformers fills with random weights."""
-    from tests.test_convert import _one_line_exit_2, run_cli
+def test_per_layer_facts_back_to_config_keys(tiny, tmp_path):
+    """Values = keys on the full layers (no attn_v), their own KV head count and double-wide FFNs on
+    the KV-sharing layers, stored as per-layer arrays in the GGUF, go back to transformers'
+    attention_k_eq_v, num_global_key_value_heads and use_double_wide_mlp: the same tensors and
+    logits. Per-layer widths those keys cannot explain are one line, exit 2, nothing written."""
+    import json
+    import struct
 
-    gg = _gguf(tiny("gemma4_text", **CASES["k_eq_v-double_wide"]), tmp_path)
-    out = tmp_path / "back"
+    import numpy as np
+
+    from llmarch.convert.from_gguf import convert_from_gguf
+    from tests.test_convert import _one_line_exit_2, hf_logits, load_st, run_cli
+
+    src, back = tiny("gemma4_text", **CASES["k_eq_v-double_wide"]), tmp_path / "back"
+    gg = _gguf(src, tmp_path)
+    convert_from_gguf(str(gg), back, "f32")
+    got, want = (json.loads((p / "config.json").read_text()) for p in (back, src))
+    keys = ("attention_k_eq_v", "num_key_value_heads", "use_double_wide_mlp", "intermediate_size")
+    assert {k: got[k] for k in keys} == {k: want[k] for k in keys}
+    assert got["num_global_key_value_heads"] == CASES["k_eq_v-double_wide"]["num_global_key_value_heads"]
+    a, b = load_st(src), load_st(back)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in b)
+    ids = torch.randint(3, 256, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    np.testing.assert_allclose(hf_logits(back, ids), hf_logits(src, ids), rtol=0, atol=1e-6)
+
+    # layer 1 (not a KV-sharing one) made twice as wide in the metadata: no key says that
+    raw = bytearray(gg.read_bytes())
+    key = b"gemma4.feed_forward_length"
+    at = raw.index(key) + len(key) + 4 + 4 + 8  # value type (array), element type, count
+    assert struct.unpack_from("<8I", raw, at) == (64, 64, 64, 64, 128, 128, 128, 128)
+    struct.pack_into("<I", raw, at + 4, 128)
+    gg.write_bytes(bytes(raw))
+    out = tmp_path / "refused"
     line = _one_line_exit_2(run_cli("convert", gg, "--to", "safetensors", "-o", out))
-    assert line.startswith(f"llmarch: {gg}: the GGUF's num_key_value_heads differs by layer ([2, 2, 2, 1,")
-    assert line.endswith("converting that back to config.json is not supported yet")
+    assert line == (
+        f"llmarch: {gg}: the GGUF's intermediate_size differs by layer ([64, 128, 64, 64, 128, 128, 128, 128]); "
+        "converting that back to config.json is not supported yet"
+    )
     assert not out.exists()
 
 

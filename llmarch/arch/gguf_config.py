@@ -70,12 +70,13 @@ def _gated_deltanet_widths(config: dict[str, Any], evidence: dict[str, str]) -> 
 
 def _sliding_widths(config: dict[str, Any], evidence: dict[str, str]) -> None:
     """llama.cpp's key_length is the full-attention layers' head width and key_length_swa the
-    sliding layers' where the two differ (Gemma 4); transformers calls them global_head_dim and
-    head_dim, and the schedule reads them so."""
+    sliding layers' (Gemma 4); transformers calls them global_head_dim and head_dim, and the
+    schedule reads them so."""
     kswa, vswa = config.pop("gguf_key_length_swa", None), config.pop("gguf_value_length_swa", None)
     full = config.get("head_dim")
-    if not kswa or not full or kswa == full:
+    if not kswa or not full:
         return
+    # also when equal: transformers' Gemma 4 config takes 512 where global_head_dim is left out
     config["global_head_dim"], evidence["global_head_dim"] = full, evidence.get("head_dim", "key_length")
     config["head_dim"], evidence["head_dim"] = kswa, "attention.key_length_swa"
     if vswa:

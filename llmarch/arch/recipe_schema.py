@@ -109,6 +109,11 @@ class ConvertRecipe:
     swa_pattern_array: bool = False  # write the sliding-window pattern as one bool per layer (Olmo 3)
     qk_norm_key: str | None = None  # config key that switches QK-norm on (GLM-4.5: use_qk_norm)
     moe_key: str | None = None  # config key that switches the routed experts on (Gemma 4: enable_moe_block)
+    # config keys of per-layer facts (Gemma 4): values = keys on the full layers, those layers' own KV
+    # heads (applied with values = keys), FFNs twice as wide on the layers that reuse another's KV
+    v_from_k_key: str | None = None
+    global_kv_heads_key: str | None = None
+    double_wide_key: str | None = None
     qk_norm_off_at_experts: QkNormRule | None = None
     drops_mtp: bool = False  # MTP layers are not carried into GGUF
     # llama.cpp has no architecture for the family (checked against its arch list): convert says so

@@ -120,17 +120,18 @@ def hf_config(ckpt, fam: Family, spec, tied: bool, dtype: str) -> dict:
         )
     emb = ckpt.tensors.get("token_embd.weight")
     cfg["vocab_size"] = emb.shape[0] if emb else spec.vocab_size
+    _per_layer_keys(cfg, spec, fam.recipe.convert)
     for k in [k for k in cfg if k.startswith("gguf_") or k.endswith("_per_layer")]:
         values = cfg.pop(k)
-        # 0 marks a layer without that part (a hybrid's recurrent layers); other differences are
-        # Gemma 4's double-wide FFNs and its full layers' own KV heads, config keys of their own
+        # 0 marks a layer without that part (a hybrid's recurrent layers); other differences that
+        # no config key of the family explains cannot be written
         if k.endswith("_per_layer") and len({v for v in values if v}) > 1:
             raise LlmarchError(
                 f"the GGUF's {k[: -len('_per_layer')]} differs by layer ({values}); "
                 "converting that back to config.json is not supported yet",
                 ckpt.path,
             )
-    if any(l.v_from_k for l in spec.schedule):
+    if any(l.v_from_k for l in spec.schedule) and not fam.recipe.convert.v_from_k_key:
         raise LlmarchError(
             "layers whose values are their key projection (no attn_v): "
             "converting that back to config.json is not supported yet",
@@ -194,6 +195,28 @@ def hf_config(ckpt, fam: Family, spec, tied: bool, dtype: str) -> dict:
         torch_dtype={"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[dtype],
     )
     return dict(sorted(cfg.items()))
+
+
+def _per_layer_keys(cfg: dict, spec, conv) -> None:
+    """Per-layer facts a family's config.json says with keys of its own (Gemma 4): values that are
+    the keys' projection, the full layers' own KV heads (which transformers applies only with
+    that), FFNs twice as wide on the layers that reuse another layer's KV. The GGUF's per-layer
+    lists they explain are dropped; what they do not explain stays and is refused."""
+    sched = spec.schedule
+    if conv.v_from_k_key and any(l.v_from_k for l in sched):
+        cfg[conv.v_from_k_key] = True
+        kv = cfg.get("num_key_value_heads_per_layer")
+        sliding = {h for h, l in zip(kv or [], sched) if l.mixer == "sliding"}
+        full = {h for h, l in zip(kv or [], sched) if l.mixer != "sliding"}
+        if conv.global_kv_heads_key and len(kv or []) == len(sched) and len(sliding) == len(full) == 1:
+            cfg["num_key_value_heads"], cfg[conv.global_kv_heads_key] = sliding.pop(), full.pop()
+            del cfg["num_key_value_heads_per_layer"]
+    widths = cfg.get("intermediate_size_per_layer")
+    if conv.double_wide_key and isinstance(widths, list) and len(widths) == len(sched):
+        base = widths[0]
+        if widths == [base * (2 if l.kv_shared_from is not None else 1) for l in sched]:
+            cfg["intermediate_size"], cfg[conv.double_wide_key] = base, True
+            del cfg["intermediate_size_per_layer"]
 
 
 def convert_from_gguf(
