@@ -102,6 +102,50 @@ def test_diff_tensors_pairs_the_indexer(converted):
     assert {"blk.*.attn_kv_b.weight", "blk.*.attn_k_b.weight", "blk.*.attn_v_b.weight"} <= changed
 
 
+def test_gguf_with_llamacpp_mtp_block(converted, tmp_path):
+    """llama.cpp's converter keeps GLM-5's MTP layer as one more block (nextn_predict_layers, the
+    layer's tensors plus blk.L.nextn.*), which llama.cpp loads and skips. llmarch runs such a file
+    as the one without (the MTP block skipped: the same greedy tokens) and converts it back to the
+    same safetensors (the block not carried back)."""
+    import gguf
+
+    from fixtures.gguf_edit import rewrite_gguf
+    from llmarch.convert.from_gguf import convert_from_gguf
+    from llmarch.runtime.generate import Generator, Sampling
+    from llmarch.runtime.load import load_runtime
+    from tests.test_convert import load_st
+
+    _, path = converted("glm_moe_dsa", False)
+    r = gguf.GGUFReader(path)
+    n, hid = (r.get_field(f"glm-dsa.{k}").contents() for k in ("block_count", "embedding_length"))
+    last = [t for t in r.tensors if t.name.startswith(f"blk.{n - 1}.")]
+    add = {t.name.replace(f"blk.{n - 1}.", f"blk.{n}."): np.array(t.data) for t in last}
+    rng = np.random.default_rng(0)
+    for name, shape in (
+        ("eh_proj", (hid, 2 * hid)),
+        ("enorm", (hid,)),
+        ("hnorm", (hid,)),
+        ("shared_head_norm", (hid,)),
+    ):
+        add[f"blk.{n}.nextn.{name}.weight"] = rng.standard_normal(shape).astype(np.float32)
+    flags = r.get_field("glm-dsa.attention.indexer.types").contents()
+    fields = {"glm-dsa.block_count": n + 1, "glm-dsa.attention.indexer.types": flags + [True]}
+    mtp = rewrite_gguf(path, tmp_path / "mtp.gguf", dict(fields, **{"glm-dsa.nextn_predict_layers": 1}), add=add)
+
+    ids = torch.randint(3, 128, (PROMPT,), generator=torch.Generator().manual_seed(4)).tolist()
+    tokens = [
+        Generator(load_runtime(str(p), "cpu", "float32"), PROMPT + 9, cuda_graph=False)
+        .generate(ids, 8, Sampling())
+        .tokens
+        for p in (path, mtp)
+    ]
+    assert tokens[0] == tokens[1]
+    for p, out in ((path, tmp_path / "plain"), (mtp, tmp_path / "with_mtp")):
+        convert_from_gguf(str(p), out, "f32")
+    mine, want = load_st(tmp_path / "with_mtp"), load_st(tmp_path / "plain")
+    assert set(mine) == set(want) and all(np.array_equal(mine[k], want[k]) for k in want)
+
+
 @pytest.mark.parametrize("name", DSA)
 def test_experts_on_cpu_from_gguf_same_tokens(tiny, tmp_path, name):
     """--experts cpu from the DSA GGUF (indexer and attention resident, experts in the CPU kernel's

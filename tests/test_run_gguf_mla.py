@@ -89,25 +89,10 @@ def test_mla_gguf_experts_on_cpu_same_tokens(ggufs):
 @pytest.mark.parametrize("drop", ["attn_k_b", "attn_v_b"])
 def test_mla_gguf_missing_k_b_or_v_b_one_line(ggufs, tmp_path, drop):
     """A deepseek2 GGUF without one half of kv_b: one line naming the file and the tensor, exit 2."""
-    import gguf
+    from fixtures.gguf_edit import rewrite_gguf
 
-    src = gguf.GGUFReader(ggufs[1]["f32"])
-    out = tmp_path / f"no-{drop}.gguf"
-    w = gguf.GGUFWriter(out, arch=src.get_field(gguf.Keys.General.ARCHITECTURE).contents())
-    for f in src.fields.values():
-        if f.name.startswith("GGUF.") or f.name == gguf.Keys.General.ARCHITECTURE:
-            continue
-        vtype = f.types[0]
-        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
     dropped = f"blk.1.{drop}.weight"
-    for t in src.tensors:
-        if t.name != dropped:
-            w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    out = rewrite_gguf(ggufs[1]["f32"], tmp_path / f"no-{drop}.gguf", drop={dropped})
     if drop == "attn_k_b":  # the command line: one line, exit 2 (a subprocess, so once)
         line = _bad(out)
         assert str(out) in line and dropped in line and "missing" in line, line

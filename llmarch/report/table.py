@@ -178,6 +178,7 @@ def _router(moe: dict) -> str:
     text = f"top-k logits, then {score} over the k" if moe.get("topk_before_score") else f"{score}, then top-k"
     text += " + bias" if moe.get("router_bias") else ""
     text += f", groups {moe['topk_group']}/{moe['n_group']}" if moe.get("n_group") else ""
+    text += " ranked by their best score" if moe.get("n_group") and moe.get("group_score") == "max" else ""
     text += ", renormalised" if moe.get("norm_topk_prob") else ""
     scale = moe.get("routed_scaling_factor")
     text += f", ×{scale:g}" if scale not in (None, 1, 1.0) else ""
