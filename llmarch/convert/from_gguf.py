@@ -19,6 +19,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
+from llmarch.checkpoint.base import TensorInfo
 from llmarch.convert.gguf_meta import LLMARCH_ROPE_KEY
 from llmarch.convert.layout import EXPERT_KINDS, GENERATED, Family, family_from_gguf, gguf_kind_of, hf_name_for
 from llmarch.convert.output import (
@@ -31,7 +32,7 @@ from llmarch.convert.output import (
     source_inputs,
     write_all,
 )
-from llmarch.convert.plan import tensor_bytes
+from llmarch.convert.plan import V_HEAD_AXES, reorder_v_heads, tensor_bytes
 from llmarch.convert.writer import to_f32
 from llmarch.errors import LlmarchError
 from llmarch.qk_permute import from_gguf_order
@@ -65,6 +66,8 @@ def _gguf_items(ckpt, fam: Family, n_blocks: int):
             unknown.append(name)
             continue
         kind, bid = found
+        if bid is not None and bid >= n_blocks:
+            continue  # MTP blocks llama.cpp appends after the main stack (nextn_predict_layers): not carried back
         if kind in GENERATED or kind == gguf.MODEL_TENSOR.ATTN_V_B:
             continue  # V_B is read together with K_B (merged back into kv_b_proj)
         if kind == gguf.MODEL_TENSOR.ATTN_K_B:
@@ -262,13 +265,7 @@ def _write_safetensors(path: Path, out: Path, ckpt, fam: Family, items, spec, dt
     st_dtype, _, size = OUT_DTYPES[dtype]
     header, jobs, pos = {"__metadata__": {"format": "pt"}}, [], 0
     for info, kind, names in items:
-        shape = info.shape[1:] if names[0][1] is not None else info.shape
-        if kind == gguf.MODEL_TENSOR.ATTN_KV_B and info.name.endswith("attn_k_b.weight"):
-            v_b = ckpt.tensors[info.name.replace("attn_k_b", "attn_v_b")]
-            shape = (info.shape[0] * (info.shape[2] + v_b.shape[1]), info.shape[1])
-        if fam.fused_experts and kind in EXPERT_KINDS:
-            shape = _fused_shape(info.shape, kind)
-        hf_shape = _hf_shape(fam, names[0][0], shape)
+        hf_shape = _hf_shape_of(ckpt, fam, info, kind, names)
         for hf, _xid in names:
             n = math.prod(hf_shape) * size
             header[hf] = {"dtype": st_dtype, "shape": list(hf_shape), "data_offsets": [pos, pos + n]}
@@ -277,7 +274,6 @@ def _write_safetensors(path: Path, out: Path, ckpt, fam: Family, items, spec, dt
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     base = 8 + len(raw)
-    heads, kv_heads = spec.attention.heads, spec.attention.kv_heads or spec.attention.heads
     src_fd: dict[Path, int] = {}
 
     def read(info):
@@ -287,33 +283,21 @@ def _write_safetensors(path: Path, out: Path, ckpt, fam: Family, items, spec, dt
 
     def whole(job):
         info, kind, names = job
-        x = read(info)
-        if kind == gguf.MODEL_TENSOR.ATTN_KV_B and info.name.endswith("attn_k_b.weight"):
-            x = _merge_kv_b(x, read(ckpt.tensors[info.name.replace("attn_k_b", "attn_v_b")]))
-        if fam.fused_experts and kind in EXPERT_KINDS:
-            x = _fuse_experts(
-                x, kind, lambda: read(ckpt.tensors[info.name.replace("ffn_gate_exps", "ffn_up_exps")]), fam.fused_split
-            )
-        if fam.norm_shift and names[0][0].endswith("norm.weight"):
-            x = x - np.float32(fam.norm_shift)
-        if fam.permute_qk and kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
-            x = from_gguf_order(x, heads if kind == gguf.MODEL_TENSOR.ATTN_Q else kv_heads)
+        x = _hf_whole(read, ckpt, fam, spec, job)
         for hf, xid in names:
-            part = x[xid] if xid is not None else x
-            if fam.transposed(hf):
-                part = part.T
+            part = _hf_part(x, xid, hf, header[hf]["shape"], fam, kind, spec)
             data = np.ascontiguousarray(cast(part, dtype))
             pwrite_all(fd, data, base + header[hf]["data_offsets"][0])
 
     def rows(job, r0, n):
         """Rows [r0, r0 + n) of a tensor written as is: experts and row blocks are contiguous on both sides."""
-        info, _, names = job
+        info, kind, names = job
         cols = info.shape[-1]
         row_bytes = tensor_bytes((cols,), Q[info.dtype])
         buf = np.empty(n * row_bytes, dtype=np.uint8)
         _pread(src_fd[info.file], buf, info.offset + r0 * row_bytes)
         x = dequantize(buf, Q[info.dtype], (n, cols))
-        if fam.norm_shift and names[0][0].endswith("norm.weight"):
+        if _shifted(fam, kind, names[0][0]):
             x = x - np.float32(fam.norm_shift)
         data = np.ascontiguousarray(cast(x, dtype))
         pwrite_all(fd, data, base + header[names[0][0]]["data_offsets"][0] + r0 * cols * size)
@@ -327,6 +311,7 @@ def _write_safetensors(path: Path, out: Path, ckpt, fam: Family, items, spec, dt
             and len(info.shape) >= 2
             and not any(fam.transposed(n) for n, _ in names)
             and not (fam.permute_qk and kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K))
+            and not _linear_relaid(fam, kind, spec)
         )
         if not simple:
             work.append((whole, job))
@@ -382,5 +367,120 @@ def _pread(fd: int, buf: np.ndarray, offset: int) -> None:
         done += n
 
 
+def _hf_shape_of(ckpt, fam: Family, info, kind, names) -> tuple[int, ...]:
+    """The HF shape of each of an item's tensors (one per expert when the GGUF stacks them)."""
+    shape = info.shape[1:] if names[0][1] is not None else info.shape
+    if kind == gguf.MODEL_TENSOR.ATTN_KV_B and info.name.endswith("attn_k_b.weight"):
+        v_b = ckpt.tensors[info.name.replace("attn_k_b", "attn_v_b")]
+        shape = (info.shape[0] * (info.shape[2] + v_b.shape[1]), info.shape[1])
+    if fam.fused_experts and kind in EXPERT_KINDS:
+        shape = _fused_shape(info.shape, kind)
+    return _linear_hf_shape(fam, kind, _hf_shape(fam, names[0][0], shape))
+
+
+def _hf_whole(read, ckpt, fam: Family, spec, job) -> np.ndarray:
+    """An item's GGUF tensor (read(info) -> float32 array) with every change llama.cpp's converter
+    made undone but the split into HF tensors (experts) and HF's shape (see _hf_part)."""
+    info, kind, names = job
+    x = read(info)
+    if kind == gguf.MODEL_TENSOR.ATTN_KV_B and info.name.endswith("attn_k_b.weight"):
+        x = _merge_kv_b(x, read(ckpt.tensors[info.name.replace("attn_k_b", "attn_v_b")]))
+    if fam.fused_experts and kind in EXPERT_KINDS:
+        x = _fuse_experts(
+            x, kind, lambda: read(ckpt.tensors[info.name.replace("ffn_gate_exps", "ffn_up_exps")]), fam.fused_split
+        )
+    if _shifted(fam, kind, names[0][0]):
+        x = x - np.float32(fam.norm_shift)
+    if fam.permute_qk and kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
+        heads = spec.attention.heads if kind == gguf.MODEL_TENSOR.ATTN_Q else spec.attention.kv_heads
+        x = from_gguf_order(x, heads or spec.attention.heads)
+    return _linear_to_hf(x, kind, fam, spec)
+
+
+def _hf_part(x: np.ndarray, xid, hf: str, shape, fam: Family, kind, spec) -> np.ndarray:
+    """One HF tensor of an item: its expert's slice, transposed back (Conv1D) or reshaped back
+    (squeezed / column / grouped tensors) to HF's shape."""
+    part = x[xid] if xid is not None else x
+    if fam.transposed(hf):
+        return part.T
+    return part.reshape(shape) if _linear_relaid(fam, kind, spec) else part
+
+
+def _shifted(fam: Family, kind, hf_name: str) -> bool:
+    """Stored as (1 + w) in the GGUF: the family's norms, less the ones its recipe leaves unshifted."""
+    return bool(fam.norm_shift) and hf_name.endswith("norm.weight") and kind.name not in fam.recipe.convert.unshifted
+
+
+def _linear_relaid(fam: Family, kind, spec) -> bool:
+    """Whether the recipe re-lays this kind out between HF and GGUF (read whole, then undone)."""
+    conv = fam.recipe.convert
+    tiled = conv.tile_v_heads and spec.linear is not None and kind in V_HEAD_AXES
+    return tiled or kind.name in (*conv.neg_exp, *conv.squeezed, *conv.column, *conv.grouped)
+
+
+def _linear_to_hf(x: np.ndarray, kind, fam: Family, spec) -> np.ndarray:
+    """Undo the recipe's value layout changes (the shape is restored by the caller): value heads
+    tiled back to grouped per key head, A = -exp(A_log) back to A_log."""
+    conv = fam.recipe.convert
+    if conv.tile_v_heads and spec.linear is not None and kind in V_HEAD_AXES:
+        x = reorder_v_heads(x, kind, spec, inverse=True)
+    if kind.name in conv.neg_exp:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x = np.log(-x.astype(np.float32))
+        if not np.isfinite(x).all():
+            raise LlmarchError(f"GGUF {kind.name} holds values that are not -exp of a finite number (A must be < 0)")
+    return x
+
+
+def _linear_hf_shape(fam: Family, kind, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """HF's shape of a kind whose size-1 dims llama.cpp's converter changed: a squeezed [C, K] conv
+    is HF's [C, 1, K]; a column [n, 1] and a grouped [G, n / G] norm are HF's [n]."""
+    conv = fam.recipe.convert
+    if kind.name in conv.squeezed and len(shape) == 2:
+        return (shape[0], 1, shape[1])
+    if kind.name in (*conv.column, *conv.grouped):
+        return (math.prod(shape),)
+    return shape
+
+
 def _hf_shape(fam: Family, hf_name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(shape[::-1]) if fam.transposed(hf_name) else tuple(shape)
+
+
+class HFView:
+    """A GGUF seen as the Hugging Face checkpoint `--to safetensors` writes from it: HF names and
+    shapes (`tensors`, float32), each tensor computed from the GGUF on demand (`array`), so code
+    that reads HF names (the runtime's linear-attention mixers) runs from the GGUF directly."""
+
+    format = "safetensors"
+
+    def __init__(self, ckpt, spec):
+        self.path, self.files = ckpt.path, ckpt.files
+        self._ckpt, self._spec = ckpt, spec
+        self._fam = family_from_gguf(spec, ckpt.path)
+        self.tensors: dict[str, TensorInfo] = {}
+        self._where: dict[str, tuple] = {}
+        for job in _gguf_items(ckpt, self._fam, spec.layers):
+            info, kind, names = job
+            shape = tuple(_hf_shape_of(ckpt, self._fam, info, kind, names))
+            for hf, xid in names:
+                self.tensors[hf] = TensorInfo(hf, "F32", shape, info.file, info.offset, math.prod(shape) * 4)
+                self._where[hf] = (job, xid)
+        self._last: tuple = (None, None)  # the last GGUF tensor undone: its experts are read one by one
+
+    def array(self, hf_name: str) -> np.ndarray:
+        job, xid = self._where[hf_name]
+        if self._last[0] is not job:
+            self._last = (job, _hf_whole(self._read, self._ckpt, self._fam, self._spec, job))
+        part = _hf_part(self._last[1], xid, hf_name, self.tensors[hf_name].shape, self._fam, job[1], self._spec)
+        return np.ascontiguousarray(part, dtype=np.float32)
+
+    @staticmethod
+    def _read(info) -> np.ndarray:
+        buf = np.empty(info.nbytes, dtype=np.uint8)
+        fd = os.open(info.file, os.O_RDONLY)
+        try:
+            _pread(fd, buf, info.offset)
+        finally:
+            os.close(fd)
+        return dequantize(buf, Q[info.dtype], info.shape)

@@ -60,6 +60,24 @@ HF_LAYOUTS: dict[str, dict[MODEL_TENSOR, str]] = {
         T.FFN_UP_SHEXP: _L + "mlp.shared_experts.up_proj",
         T.FFN_DOWN_SHEXP: _L + "mlp.shared_experts.down_proj",
         T.FFN_EXP_PROBS_B: _L + "mlp.gate.e_score_correction",
+        # Gated DeltaNet (Qwen3-Next: fused in_proj_qkvz / _ba; Qwen3.5: split in_proj_qkv / _z / _b / _a)
+        T.SSM_A: _L + "linear_attn.A_log",
+        T.SSM_CONV1D: _L + "linear_attn.conv1d",
+        T.SSM_DT: _L + "linear_attn.dt_bias",
+        T.SSM_NORM: _L + "linear_attn.norm",
+        T.SSM_OUT: _L + "linear_attn.out_proj",
+        T.SSM_IN: _L + "linear_attn.in_proj_qkvz",
+        T.SSM_BETA_ALPHA: _L + "linear_attn.in_proj_ba",
+        T.ATTN_QKV: _L + "linear_attn.in_proj_qkv",
+        T.ATTN_GATE: _L + "linear_attn.in_proj_z",
+        T.SSM_BETA: _L + "linear_attn.in_proj_b",
+        T.SSM_ALPHA: _L + "linear_attn.in_proj_a",
+        T.FFN_GATE_INP_SHEXP: _L + "mlp.shared_expert_gate",
+        # DeepSeek V3.2 / GLM-5: the sparse-attention indexer
+        T.INDEXER_ATTN_Q_B: _L + "self_attn.indexer.wq_b",
+        T.INDEXER_ATTN_K: _L + "self_attn.indexer.wk",
+        T.INDEXER_K_NORM: _L + "self_attn.indexer.k_norm",
+        T.INDEXER_PROJ: _L + "self_attn.indexer.weights_proj",
         # DeepSeek V3.2 / GLM-5: the sparse-attention indexer
         T.INDEXER_ATTN_Q_B: _L + "self_attn.indexer.wq_b",
         T.INDEXER_ATTN_K: _L + "self_attn.indexer.wk",
@@ -255,8 +273,16 @@ def hf_name_for(
         return hf.replace("e_score_correction.bias", "e_score_correction_bias")
     probe = tmpl.format(bid=bid, xid="{xid}").replace(".{xid}", "") + suffix if xid is not None else hf
     want = TENSOR_NAMES[kind].format(bid=bid) + suffix
+    bare = kind.name in conv.hf_bare
+    if bare:  # probed as the forward direction reads it: the bare name, respelled by hf_aliases
+        probe = probe[: -len(suffix)]
+        for old, new in conv.hf_aliases.items():
+            if probe.endswith(old):
+                probe = probe[: -len(old)] + new
     got = name_map(fam.arch, n_blocks).get_name(probe, try_suffixes=(".weight", ".bias"))
     if got is None and kind.name in conv.hf_names:  # a spelling gguf-py lacks: the recipe's table maps it both ways
+        got = want
+    if bare and got == want[: -len(suffix)]:  # llama.cpp's suffix-less tensors (ssm_a)
         got = want
     if got != want:
         raise LlmarchError(

@@ -260,22 +260,31 @@ def _tile_v_heads(piece: Piece, kind: MODEL_TENSOR, spec: ArchSpec) -> None:
     order llama.cpp's qwen35 broadcasts in (value head j of every key head, then j + 1), as
     _LinearAttentionVReorderBase.modify_tensors does; composed after any earlier view."""
     lin = spec.linear
+    if not lin.key_heads or lin.value_heads == lin.key_heads:
+        return
+    before, shape = piece.view, piece.shape
+
+    def tiled(x, before=before):
+        return reorder_v_heads(before(x) if before else x, kind, spec)
+
+    piece.view, piece.out_shape = tiled, shape
+
+
+def reorder_v_heads(x: np.ndarray, kind: MODEL_TENSOR, spec: ArchSpec, inverse: bool = False) -> np.ndarray:
+    """A Gated DeltaNet tensor's value heads grouped per key head (HF) -> tiled across key heads
+    (llama.cpp's qwen35), or back with inverse=True."""
+    lin = spec.linear
     k, v = lin.key_heads, lin.value_heads
     if not k or v == k:
-        return
+        return x
     axis, skip, width = V_HEAD_AXES[kind]
     hd = lin.value_head_dim if width == "v" else 1
     start = skip * k * lin.key_head_dim
-    before, shape = piece.view, piece.shape
-
-    def tiled(x, before=before, axis=axis, start=start, hd=hd):
-        x = before(x) if before else x
-        x = np.moveaxis(x, axis, 0)
-        head, vals = x[:start], x[start:]
-        vals = vals.reshape(k, v // k, hd, *vals.shape[1:]).swapaxes(0, 1).reshape(vals.shape)
-        return np.moveaxis(np.concatenate([head, vals]), 0, axis)
-
-    piece.view, piece.out_shape = tiled, shape
+    x = np.moveaxis(x, axis, 0)
+    head, vals = x[:start], x[start:]
+    groups = (v // k, k) if inverse else (k, v // k)
+    vals = vals.reshape(*groups, hd, *vals.shape[1:]).swapaxes(0, 1).reshape(vals.shape)
+    return np.moveaxis(np.concatenate([head, vals]), 0, axis)
 
 
 FUSED_RE = re.compile(r"\.(mlp|feed_forward)\.experts\.(gate_up_proj|down_proj)(_bias)?$")

@@ -114,7 +114,7 @@ def check_supported(spec: ArchSpec, path, gguf: bool = False) -> None:
             f"{spec.family} models from GGUF are not supported by llmarch run yet; use the safetensors checkpoint",
             path,
         )
-    if gguf and spec.linear_attention:
+    if gguf and spec.linear_attention and "from_gguf" not in spec.supports:  # read as its HF view
         raise LlmarchError(
             "linear-attention models from GGUF are not supported by llmarch run yet; use the safetensors checkpoint",
             path,

@@ -432,7 +432,23 @@ class GGUFSource(WeightSource):
         return x
 
 
+class GGUFAsHFSource(SafetensorsSource):
+    """A GGUF read through convert's GGUF -> HF view (HF names, llama.cpp's re-layouts undone), for
+    models whose mixers read HF names that the GGUF table above does not give (linear attention)."""
+
+    def __init__(self, ckpt: Checkpoint, spec: ArchSpec):
+        from llmarch.convert.from_gguf import HFView
+
+        super().__init__(HFView(ckpt, spec), spec)
+
+    def read(self, t: TensorInfo) -> torch.Tensor:
+        return torch.from_numpy(self.ckpt.array(t.name))
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.get(name)[start:stop]
+
+
 def open_weights(ckpt: Checkpoint, spec: ArchSpec) -> WeightSource:
     if ckpt.format == "gguf":
-        return GGUFSource(ckpt, spec)
+        return GGUFAsHFSource(ckpt, spec) if spec.linear_attention else GGUFSource(ckpt, spec)
     return SafetensorsSource(ckpt, spec)

@@ -75,7 +75,10 @@ def read_attention(spec: ArchSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoin
     a.sinks = bool(sinks) or bool(recipe.sinks and not lt)
     if sinks:
         spec.evidence["attention.sinks"] = sinks
-    gate = any_layer_has(lt, "attn_gate")
+    # an attn_gate on a linear-attention layer is that mixer's output gate (llama.cpp's qwen35 names
+    # Gated DeltaNet's in_proj_z so), not attention's
+    attn_layers = {k: v for k, v in lt.items() if not any(has_role(n, "linear_attn") for n in v)}
+    gate = any_layer_has(attn_layers, "attn_gate")
     a.gated = bool(gate) or bool(
         f.get("attn_output_gate", "use_attn_gate", "gated_attention", default=recipe.gated_attention)
     )

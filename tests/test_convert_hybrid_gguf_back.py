@@ -1,0 +1,77 @@
+"""GGUF -> safetensors for the linear-attention hybrids: `llmarch convert --to safetensors` undoes
+what the forward convert did for llama.cpp (value heads tiled across key heads, A stored as
+-exp(A_log), squeezed convolutions, (1 + w) norms but not the gated one), so transformers loads
+the folder with no missing or unexpected weight and computes the source checkpoint's logits.
+
+The GGUFs are written by `llmarch convert --to gguf`, whose files llama.cpp is shown to load and
+run like transformers in test_convert_llamacpp / test_convert_hybrid_gguf (the llamacpp-marked
+tests); here the reference is transformers on the source checkpoint.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.test_convert import load_st
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+IDS = [1, 5, 9, 17, 33, 65, 100, 7, 3, 42, 11, 99]
+CASES = {
+    # name -> (fixture family, overrides)
+    "qwen3_next": ("qwen3_next", {}),
+    "qwen3_5_text": ("qwen3_5_text", {}),  # 4 value heads on 2 key heads: the tiling is undone
+    "qwen3_5_moe_text": ("qwen3_5_moe_text", {}),
+}
+
+
+def _logits(name, folder):
+    from fixtures.reference import reference_model
+
+    model = reference_model(name, folder, eager=False)
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([IDS])).logits[0].numpy()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_hybrid_hf_gguf_hf_same_weights_and_logits(tiny, tmp_path, name):
+    from transformers import AutoModelForCausalLM
+
+    from llmarch.convert.from_gguf import convert_from_gguf
+    from llmarch.convert.to_gguf import convert_to_gguf
+
+    family, overrides = CASES[name]
+    src = tiny(family, **overrides)
+    gg = tmp_path / "m.gguf"
+    convert_to_gguf(str(src), gg, "f32")
+    back = tmp_path / "back"
+    convert_from_gguf(str(gg), back, "f32")
+
+    a, b = load_st(src), load_st(back)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        # (1 + w) - 1 and log(-(-exp(a))) in float32: within a few ulp of the source
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    _, info = AutoModelForCausalLM.from_pretrained(str(back), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    np.testing.assert_allclose(_logits(family, back), _logits(family, src), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_run_from_hybrid_gguf_matches_transformers(tiny, tmp_path, name):
+    """`llmarch run` on the f32 GGUF (its tensors read through the GGUF -> HF view) against
+    transformers on the source checkpoint: logits within 1e-4 at prefill (77 tokens, past one
+    64-token chunk) and at each of 32 cached steps, the same greedy tokens."""
+    from fixtures.parity import check_parity
+    from fixtures.reference import reference_model
+    from llmarch.convert.to_gguf import convert_to_gguf
+
+    family, overrides = CASES[name]
+    src = tiny(family, **overrides)
+    gg = tmp_path / "m.gguf"
+    convert_to_gguf(str(src), gg, "f32")
+    p = check_parity(gg, reference_model(family, src), "cpu", 77, 32)
+    assert p.rt.spec.format == "gguf" and p.rt.spec.linear_attention
