@@ -78,11 +78,6 @@ HF_LAYOUTS: dict[str, dict[MODEL_TENSOR, str]] = {
         T.INDEXER_ATTN_K: _L + "self_attn.indexer.wk",
         T.INDEXER_K_NORM: _L + "self_attn.indexer.k_norm",
         T.INDEXER_PROJ: _L + "self_attn.indexer.weights_proj",
-        # DeepSeek V3.2 / GLM-5: the sparse-attention indexer
-        T.INDEXER_ATTN_Q_B: _L + "self_attn.indexer.wq_b",
-        T.INDEXER_ATTN_K: _L + "self_attn.indexer.wk",
-        T.INDEXER_K_NORM: _L + "self_attn.indexer.k_norm",
-        T.INDEXER_PROJ: _L + "self_attn.indexer.weights_proj",
     },
     "gpt2": {
         T.TOKEN_EMBD: "transformer.wte",
