@@ -19,7 +19,8 @@ VISION_RE = re.compile(
 ROLES: dict[str, re.Pattern] = {
     name: re.compile(p)
     for name, p in {
-        "routed_expert": r"(?<![a-z_])experts\.|_exps\b",
+        # (llama.cpp's ffn_down_exps.scale is Gemma 4's per-expert router scale, not an expert weight)
+        "routed_expert": r"(?<![a-z_])experts\.|_exps\b(?!\.scale)",
         "shared_expert": r"shared_expert(?!_gate)|shared_experts|_shexp\b|shared_mlp",
         "shared_expert_gate": r"shared_expert_gate|ffn_gate_inp_shexp",
         "router": r"(mlp|ffn|feed_forward|block_sparse_moe|moe|mixer)\.(gate|router|router\.gate)\.weight$|ffn_gate_inp\.weight$",
