@@ -39,7 +39,7 @@ def _weights_in(name: str, t, names) -> int:
 
 # the parts a model's parameters and stored bytes split into (fit places each part)
 PARTS = ("dense", "routed_experts", "embeddings", "output_head", "ple", "vision", "mtp")
-_PART_OF_KIND = {None: "dense", "routed": "routed_experts", "ple_other": "dense"}
+_PART_OF_KIND: dict[str | None, str] = {None: "dense", "routed": "routed_experts", "ple_other": "dense"}
 
 
 def read_params(spec: ArchSpec, ckpt: Checkpoint) -> None:
@@ -58,7 +58,7 @@ def read_params(spec: ArchSpec, ckpt: Checkpoint) -> None:
         part_ple = parts.get(key)
         if part_ple is None:
             kind = _param_kind(name, spec, mtp_start, head_name)[0]
-            part_ple = parts[key] = (_PART_OF_KIND.get(kind, kind), kind == "ple_other")  # type: ignore[arg-type]
+            part_ple = parts[key] = (_PART_OF_KIND.get(kind) or str(kind), kind == "ple_other")
         part, is_ple_other = part_ple
         weights = _weights_in(name, t, tensors) if t.dtype == "U8" else t.numel
         if is_ple_other:
