@@ -198,3 +198,36 @@ def test_disk_experts_map_the_gguf_and_leave_rss_past_the_budget(ggufs, tmp_path
     assert all(s.bytes_read > 0 for s in stores)
     rss = sum(_mapping_rss(s._mm) for s in stores)
     assert (rss > 0) == resident and (stores[0].cache.drops > 0) != resident, (rss, stores[0].cache.drops)
+
+
+def test_gpt_oss_q8_0_gguf_biases_and_clamped_swiglu(tiny, tmp_path):
+    """gpt-oss from a q8_0 GGUF (expert biases, clamped SwiGLU), its Q8_0 blocks on the host against
+    the same GGUF resident, teacher-forced over a random sequence: top-1 agreement and the median
+    logit error of the kernel's int8 input rounding (where a nudged router picks another expert the
+    logits jump, as in test_offload's MXFP4 test)."""
+    from fixtures.parity import kv_cache
+    from llmarch.convert.to_gguf import convert_to_gguf
+    from llmarch.runtime.experts.formats import ExpertFormat
+    from llmarch.runtime.experts.report import offloaded
+    from llmarch.runtime.load import load_runtime
+
+    path = tmp_path / "gpt_oss-q8_0.gguf"
+    convert_to_gguf(str(tiny("gpt_oss", hidden_size=128, intermediate_size=128)), path, "q8_0")
+    seq = torch.randint(3, 128, (PROMPT + STEPS,), generator=torch.Generator().manual_seed(1)).tolist()
+    logits = {}
+    for experts in ("gpu", "cpu"):
+        rt = load_runtime(str(path), "cpu", "float32", experts=experts)
+        cache = kv_cache(rt.spec, len(seq), "cpu", torch.float32)
+        rt.model.setup(len(seq), "cpu", torch.float32)
+        with torch.inference_mode():
+            logits[experts] = rt.model(
+                torch.tensor([seq]), torch.arange(len(seq)), cache, limit=len(seq), last_only=False
+            )[0]
+    stores = offloaded(rt.model)
+    assert stores and all(s.format is ExpertFormat.Q8_0 and s.gu_b is not None and s.dn_b is not None for s in stores)
+    assert rt.spec.moe.swiglu_limit is not None
+    a, b = logits["gpu"], logits["cpu"]
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    err = (a - b).abs().amax(-1)
+    print(f"gpt-oss q8_0 GGUF experts on the CPU: top-1 {agree:.3f}, logit error median {err.median().item():.4f}")
+    assert agree >= 0.9 and err.median().item() < 0.02 * a.abs().max().item()
