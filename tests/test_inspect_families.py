@@ -318,6 +318,14 @@ SEM: dict[str, Sem] = {
         # partial_rotary_factor zeroes the other frequencies)
         partial=lambda tc: 1.0,
     ),
+    # Lfm2DecoderLayer: layer_types "conv" -> Lfm2ShortConv, else Lfm2Attention (per-head
+    # q_layernorm / k_layernorm, no gate); operator_norm and ffn_norm before each block (pre-norm)
+    "lfm2": Sem(
+        mixers=lambda tc: ["linear" if t == "conv" else "full" for t in layer_types(tc)],
+        qk_norm=lambda tc: "per_head",
+        linear=True,
+        kv_layer=lambda tc, i: 0 if layer_types(tc)[i] == "conv" else _std_kv(tc, i),
+    ),
     # OlmoHybridModel: layer_types "linear_attention" -> OlmoHybridLinearAttentionDecoderLayer (Llama's
     # pre-norm layer around OlmoHybridGatedDeltaNet), else OlmoHybridAttentionDecoderLayer (Olmo 3's
     # post-norm layer: q_norm / k_norm over the whole projections); the first layer is linear, so the
@@ -855,7 +863,13 @@ FACTS: dict[str, tuple[str, Callable[[Ctx], Any]]] = {
     "ffn.gated": ("ffn.gated", lambda c: c.name not in ("gpt2", "nemotron_h")),
     "norm.placement": ("norm.placement", lambda c: c.sem.placement),
     "norm.kind": ("norm.kind", lambda c: "layer" if c.name == "gpt2" else "rms"),
-    "norm.eps": ("norm.eps", lambda c: float(getattr(c.tc, "rms_norm_eps", None) or c.tc.layer_norm_epsilon)),
+    "norm.eps": (
+        "norm.eps",
+        # LFM2's config names it norm_eps (LFM3 maps rms_norm_eps onto it)
+        lambda c: float(
+            getattr(c.tc, "rms_norm_eps", None) or getattr(c.tc, "norm_eps", None) or c.tc.layer_norm_epsilon
+        ),
+    ),
     "norm.unit_offset": ("norm.unit_offset", lambda c: c.sem.unit_offset),
     "sliding_window": ("sliding_window", _sliding),
     "linear_attention": ("linear_attention", _linear),

@@ -8,7 +8,7 @@ layers carry what inspect reports (per-head QK-norm, one sigmoid output gate per
 norms, RoPE per layer type: proportional on full layers, default on sliding ones). Also: the
 short conv's prefill form (one conv over the whole input) equals its one-token decode step on long
 inputs, the Generator (prefill in chunks) gives transformers' tokens, and the cache holds exactly
-the state bytes inspect reports.
+the state bytes inspect reports. LFM2 (the same mixer, pre-norm attention without a gate) too.
 """
 
 from __future__ import annotations
@@ -38,6 +38,21 @@ def test_logits_and_greedy_match_transformers(tiny, device):
     a = spec.attention
     assert a.gated and a.gate_per_head and a.qk_norm == "per_head" and spec.norm.placement == "sandwich"
     assert len(set(p.seq[0, PROMPT:].tolist())) > 3  # a sequence that is not one repeated token
+
+
+def test_lfm2_logits_match_transformers(tiny, device):
+    """LFM2: the same short convolution between full attention layers (q_layernorm / k_layernorm,
+    out_proj, no gate, pre-norm) whose FFN width block_auto_adjust_ff_dim sets (int(2/3 * 96) = 64,
+    rounded up to 16): read from the w1 tensors. On this tiny random checkpoint transformers' greedy
+    tokens are one repeated token, so the logits carry the check."""
+    from fixtures.reference import reference_model
+
+    path = tiny("lfm2")
+    p = check_parity(path, reference_model("lfm2", path, device), device, PROMPT, STEPS)
+    cfg = json.loads((path / "config.json").read_text())
+    assert [l.index for l in p.spec.schedule if l.mixer == "full"] == cfg["full_attn_idxs"]
+    assert {l.ffn_width for l in p.spec.schedule} == {64} and p.spec.intermediate_size == 96
+    assert not p.spec.attention.gated and p.spec.norm.placement == "pre"
 
 
 def test_variant_with_biases_no_gate_no_sandwich(tiny, device):

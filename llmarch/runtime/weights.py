@@ -73,6 +73,10 @@ HF_ALIASES = {
     "self_attn.gate_proj": "self_attn.g_proj",
     "input_layernorm": "attention_layer_norm",
     "post_attention_layernorm": "feedforward_layer_norm",
+    # LFM2's attention names
+    "self_attn.o_proj": "self_attn.out_proj",
+    "self_attn.q_norm": "self_attn.q_layernorm",
+    "self_attn.k_norm": "self_attn.k_layernorm",
 }
 # the HF name of each norm slot depends on where the family puts its norms
 HF_NORMS = {

@@ -183,7 +183,14 @@ def _layer_kv_heads(spec: ArchSpec, f: Facts, lt, i: int, ckpt: Checkpoint, head
 def _layer_ffn_width(spec: ArchSpec, lt, i: int, ckpt: Checkpoint) -> int | None:
     """A dense FFN's width where its tensors show one other than the model's (per-layer widths,
     Gemma 4's double-wide MLP on KV-shared layers)."""
-    ends = ("mlp.up_proj.weight", "mlp.gate_proj.weight", ".ffn_up.weight", ".ffn_gate.weight")  # HF, GGUF
+    # HF, LFM's w1 / w3 (block_auto_adjust_ff_dim makes LFM2's width other than intermediate_size), GGUF
+    ends = (
+        "mlp.up_proj.weight",
+        "mlp.gate_proj.weight",
+        "feed_forward.w1.weight",
+        ".ffn_up.weight",
+        ".ffn_gate.weight",
+    )
     up = next((n for n in lt.get(i, ()) if n.endswith(ends)), None)
     if up is None or "expert" in up or not ckpt.tensors[up].shape:
         return None
