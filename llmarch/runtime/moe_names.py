@@ -188,6 +188,8 @@ def _gguf_moe(source, moe, keep_blocks=None) -> dict:
         from llmarch.runtime.experts import gguf_blocks
 
         roles = (T.FFN_GATE_EXP, T.FFN_UP_EXP, T.FFN_DOWN_EXP) if moe.gated else (T.FFN_UP_EXP, None, T.FFN_DOWN_EXP)
+        if moe.gated and f"{names[T.FFN_GATE_UP_EXP].format(bid=moe.index)}.weight" in source.ckpt.tensors:
+            roles = (T.FFN_GATE_UP_EXP, None, T.FFN_DOWN_EXP)  # gate rows then up rows in one tensor (Gemma 4)
         blocks = tuple(
             None if r is None else source.ckpt.tensors.get(f"{names[r].format(bid=moe.index)}.weight") for r in roles
         )

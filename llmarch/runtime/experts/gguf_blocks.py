@@ -4,7 +4,8 @@ and the run report's line saying which path the experts took.
 
 llama.cpp stacks each layer's experts as blk.N.ffn_{gate,up,down}_exps [E, rows, in]: row r of
 expert e is row e * rows + r of the tensor, one after another, which is the kernel's own stacking.
-Gate and up are two tensors; the kernel reads them apart rather than have them joined (a copy).
+Gate and up are two tensors (or one, gate rows then up rows: Gemma 4's ffn_gate_up_exps); the kernel
+reads two apart rather than have them joined (a copy).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from llmarch.errors import LlmarchError
 from llmarch.runtime.experts.formats import ExpertFormat, G
 from llmarch.runtime.quant import BLOCKS, PLAIN
 
-ROLES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+ROLES = ("ffn_gate_exps", "ffn_up_exps", "ffn_gate_up_exps", "ffn_down_exps")
 
 
 def expert_types(ckpt) -> list[str]:
@@ -67,7 +68,7 @@ def views(infos: tuple, fmt: ExpertFormat, own_map: bool) -> tuple:
     """(gate_up, up, down, mapping): the tensors' blocks as uint8 [E, rows, row bytes] views of the
     file. own_map (--experts disk): a mapping of their own, which the disk cache may drop pages of
     without touching the other weights' (else the map all weights are read through; mapping None).
-    Gated experts pass (gate, up, down), non-gated (up, None, down)."""
+    Gated experts pass (gate, up, down) or (gate_up, None, down), non-gated (up, None, down)."""
     from llmarch.runtime.weights import _raw
 
     per, nbytes = BLOCKS[fmt.ggml_type]
@@ -88,7 +89,8 @@ def views(infos: tuple, fmt: ExpertFormat, own_map: bool) -> tuple:
 
 def check(infos: tuple, fmt: ExpertFormat, moe, where: str) -> None:
     """Each tensor is of the format's block type, shaped as the config says, its bytes whole blocks."""
-    want = [(moe.E, moe.inter, moe.d), (moe.E, moe.inter, moe.d), (moe.E, moe.d, moe.inter)]
+    fused = moe.gated and infos[1] is None  # gate rows then up rows in the first tensor
+    want = [(moe.E, (2 if fused else 1) * moe.inter, moe.d), (moe.E, moe.inter, moe.d), (moe.E, moe.d, moe.inter)]
     per, nbytes = BLOCKS[fmt.ggml_type]
     for t, shape in zip(infos, want):
         if t is None:
