@@ -43,7 +43,7 @@ def store_factory(place: Placement, dtype, device):
     def make(moe: MoE, gate_up, down, biases, stored=None):
         if place.experts != "gpu" and place.format.quantized:
             kernel_activation(moe.act)  # one line now if the kernel lacks the experts' activation
-        if place.format.ggml_type:  # a GGUF's blocks: (gate, up, down) tensor infos, (up, None, down) non-gated
+        if place.format.ggml_type:  # a GGUF's blocks: (gate, up, down), (gate_up, None, down) or (up, None, down)
             from llmarch.runtime.experts import gguf_blocks
 
             if stored is None:
