@@ -1,6 +1,8 @@
 """GGUF -> safetensors for the linear-attention hybrids: `llmarch convert --to safetensors` undoes
 what the forward convert did for llama.cpp (value heads tiled across key heads, A stored as
--exp(A_log), squeezed convolutions, (1 + w) norms but not the gated one), so transformers loads
+-exp(A_log), squeezed convolutions, (1 + w) norms but not the gated one, Mamba-2's A and D as
+columns and its norm per group), and the GGUF reader finds the layer kinds in llama.cpp's per-layer
+head_count_kv / feed_forward_length arrays (Nemotron-H, Kimi Linear), so transformers loads
 the folder with no missing or unexpected weight and computes the source checkpoint's logits.
 
 The GGUFs are written by `llmarch convert --to gguf`, whose files llama.cpp is shown to load and
@@ -24,6 +26,13 @@ CASES = {
     "qwen3_next": ("qwen3_next", {}),
     "qwen3_5_text": ("qwen3_5_text", {}),  # 4 value heads on 2 key heads: the tiling is undone
     "qwen3_5_moe_text": ("qwen3_5_moe_text", {}),
+    # Mamba-2 (A as -exp(A_log) in a column, D a column, the gated norm one row per group), attention
+    # and MLP blocks; the MoE variant is llama.cpp's nemotron_h_moe
+    "nemotron_h": ("nemotron_h", {"hybrid_override_pattern": "M-*-M-"}),
+    "nemotron_h_moe": ("nemotron_h", {"hybrid_override_pattern": "ME*ME*"}),
+    # KDA : MLA 3:1 (kv_b rebuilt from k_b / v_b), layer kinds from head_count_kv, KDA sizes from
+    # kda.head_dim; dense first layer, sigmoid router with correction bias, shared expert
+    "kimi_linear": ("kimi_linear", {}),
 }
 
 

@@ -68,6 +68,53 @@ def _gated_deltanet_widths(config: dict[str, Any], evidence: dict[str, str]) -> 
             evidence[ckey] = evidence.get(gkey, gkey)
 
 
+def _mamba2_widths(config: dict[str, Any], evidence: dict[str, str]) -> None:
+    """Mamba-2's widths from llama.cpp's SSM keys (GraniteHybridModel / NemotronHModel): time-step
+    rank = heads, inner size / heads = head width, group count = groups, as transformers names them."""
+    heads, inner = config.get("ssm_time_step_rank"), config.get("ssm_inner_size")
+    if not (heads and inner) or inner % heads:
+        return
+    for ckey, value, gkey in (
+        ("mamba_num_heads", heads, "ssm_time_step_rank"),
+        ("mamba_head_dim", inner // heads, "ssm_inner_size / ssm_time_step_rank"),
+        ("n_groups", config.get("ssm_group_count"), "ssm_group_count"),
+        ("conv_kernel", config.get("linear_conv_kernel_dim"), "ssm_conv_kernel"),
+    ):
+        if value and ckey not in config:
+            config[ckey], evidence[ckey] = value, evidence.get(gkey, gkey)
+
+
+def _layer_kinds(config: dict[str, Any], evidence: dict[str, str], kda_head_dim) -> None:
+    """Layer kinds from the per-layer arrays llama.cpp tells them apart by (recipe layer_kind_arrays;
+    its nemotron_h and kimi-linear loaders): no KV heads = no attention, and a layer with neither KV
+    heads nor an FFN is recurrent. Where such a layer exists, every layer is one sub-block
+    (Nemotron-H: recurrent, attention, or an FFN only, an MoE when the file has experts); else each
+    layer has its FFN and a recurrent mixer where it has no KV heads (Kimi Linear, whose KDA heads
+    are the attention heads, kda.head_dim wide)."""
+    n, kv = config.get("num_hidden_layers"), config.get("num_key_value_heads_per_layer")
+    if not isinstance(n, int) or not isinstance(kv, list) or len(kv) != n:
+        return
+    ff = config.get("intermediate_size_per_layer")
+    ff = ff if isinstance(ff, list) and len(ff) == n else [1] * n
+    src = evidence.get("num_key_value_heads", "head_count_kv")
+    if any(not k and not f for k, f in zip(kv, ff)):
+        ffn = "moe" if config.get("num_experts") else "mlp"
+        config["layers_block_type"] = [
+            "full_attention" if k else ffn if f else "linear_attention" for k, f in zip(kv, ff)
+        ]  # transformers' names (NemotronHConfig)
+        evidence["layers_block_type"] = f"{src} and feed_forward_length per layer"
+        return
+    config["layer_types"] = ["full_attention" if k else "linear_attention" for k in kv]
+    evidence["layer_types"] = f"{src} per layer"
+    if kda_head_dim and config.get("num_attention_heads"):
+        config["linear_attn_config"] = {
+            "num_heads": config["num_attention_heads"],
+            "head_dim": kda_head_dim,
+            "short_conv_kernel_size": config.get("linear_conv_kernel_dim", 4),
+        }
+        evidence["linear_attn_config"] = "head_count, kda.head_dim, ssm.conv_kernel"
+
+
 def _sliding_widths(config: dict[str, Any], evidence: dict[str, str]) -> None:
     """llama.cpp's key_length is the full-attention layers' head width and key_length_swa the
     sliding layers' (Gemma 4); transformers calls them global_head_dim and head_dim, and the
@@ -121,6 +168,19 @@ def _proportional_rope(
     evidence["rope_parameters"] = "rope_freqs.weight, rope.freq_base(_swa), rope.dimension_count_swa"
 
 
+def _llama3_rope(config: dict[str, Any], evidence: dict[str, str], factors: list[float] | None) -> None:
+    """A rope_freqs tensor that nothing else has explained (llama.cpp writes Llama 3 scaling as
+    its divisors alone): the Llama 3 parameters that give those divisors, or, where none do, a
+    scaling kind that says so, which run refuses rather than rotating without it."""
+    if not factors or "rope_scaling" in config or "rope_parameters" in config or all(v == 1.0 for v in factors):
+        return
+    from llmarch.arch.rope_factors import llama3_from_divisors
+
+    fitted = llama3_from_divisors(factors, float(config.get("rope_theta") or 10000.0))
+    config["rope_scaling"] = fitted or {"rope_type": "rope_freqs (per-frequency divisors of no known scaling)"}
+    evidence["rope_scaling"] = "rope_freqs.weight"
+
+
 def gguf_to_config(
     arch: str, meta: dict[str, Any], recipe: Recipe, rope_freqs: list[float] | None = None
 ) -> tuple[dict, dict[str, str]]:
@@ -149,6 +209,8 @@ def gguf_to_config(
 
     if recipe.linear_kind == "gated_deltanet":
         _gated_deltanet_widths(config, evidence)
+    if recipe.linear_kind == "mamba2":
+        _mamba2_widths(config, evidence)
 
     # per-layer facts llama.cpp hard-codes by layer index (Gemma 3n: KV owners, sparse FFN gates)
     conv, n_layers = recipe.convert, config.get("num_hidden_layers")
@@ -166,6 +228,8 @@ def gguf_to_config(
             config[f"{key}_per_layer"] = v
             nonzero = [x for x in v if x]
             config[key] = max(nonzero) if nonzero else 0
+    if recipe.convert.layer_kind_arrays:
+        _layer_kinds(config, evidence, meta.get(f"{arch}.kda.head_dim"))
     # llama.cpp's absorbed-MLA files store the latent widths in key/value_length, the per-head
     # widths in the *_mla keys (and head_count_kv = 1)
     kmla, vmla = config.pop("gguf_key_length_mla", None), config.pop("gguf_value_length_mla", None)
@@ -204,6 +268,7 @@ def gguf_to_config(
         elif rdim != rope_head:
             config["partial_rotary_factor"] = rdim / rope_head
     _proportional_rope(config, evidence, recipe, rope_freqs, rdim_swa)
+    _llama3_rope(config, evidence, rope_freqs)
     gating = config.pop("gguf_expert_gating_func", None)
     if gating is not None:
         config["scoring_func"] = {1: "softmax", 2: "sigmoid"}.get(gating, str(gating))

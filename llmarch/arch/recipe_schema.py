@@ -65,6 +65,7 @@ class GgufDefaults:
     hidden_act: str | None = None
     hidden_activation: str | None = None
     activation_function: str | None = None
+    mlp_hidden_act: str | None = None
     sliding_window_pattern: int | None = None
     rope_local_base_freq: float | None = None
     no_rope_layer_interval: int | None = None

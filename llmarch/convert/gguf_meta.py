@@ -130,6 +130,12 @@ def _linear_keys(spec: ArchSpec, arch: str, path) -> dict:
     if lin is None:
         return {}
     if lin.kind == "kda":
+        if lin.value_heads != spec.attention.heads:  # kimi-linear.cpp sizes KDA by head_count
+            raise LlmarchError(
+                f"llama.cpp's {arch} gives KDA the attention's head count; this model has {lin.value_heads} "
+                f"KDA heads and {spec.attention.heads} attention heads, so GGUF cannot express it",
+                path,
+            )
         return {"linear_conv_kernel_dim": lin.conv_kernel, Keys.KDA.HEAD_DIM: lin.key_head_dim}
     sizes = {
         "linear_conv_kernel_dim": lin.conv_kernel,
@@ -245,19 +251,20 @@ def model_kv(spec: ArchSpec, arch: str, recipe: Recipe, file_type: int, name: st
 
 def _layer_kind_arrays(spec: ArchSpec, arch: str, recipe: Recipe, hp: dict) -> list[tuple]:
     """Where llama.cpp tells a layer's kind by per-layer arrays (KimiLinearModel, NemotronHModel):
-    head_count_kv 0 for a layer without attention (recurrent, or FFN only), feed_forward_length 0
-    for one without an FFN and the expert width for an MoE; the scalar keys are dropped from `hp`."""
+    head_count_kv 0 for a layer without attention (recurrent, or FFN only); where some layer has no
+    FFN (Nemotron-H's one sub-block per layer), feed_forward_length too: 0 for a layer without an
+    FFN, the expert width for an MoE. The scalar keys they replace are dropped from `hp`."""
     if not recipe.convert.layer_kind_arrays:
         return []
     kv = hp.pop("num_key_value_heads", None) or spec.attention.heads
-    ffn = hp.pop("intermediate_size", None) or 0
-    expert = spec.moe.expert_ffn if spec.moe else 0
     heads = [0 if l.mixer in NO_KV_MIXERS else l.kv_heads or kv for l in spec.schedule]
-    widths = [{"none": 0, "moe": expert}.get(l.ffn, l.ffn_width or ffn) for l in spec.schedule]
-    return [
-        (Keys.Attention.HEAD_COUNT_KV.format(arch=arch), heads, V.ARRAY),
-        (Keys.LLM.FEED_FORWARD_LENGTH.format(arch=arch), [int(w or 0) for w in widths], V.ARRAY),
-    ]
+    out = [(Keys.Attention.HEAD_COUNT_KV.format(arch=arch), heads, V.ARRAY)]
+    if any(l.ffn == "none" for l in spec.schedule):
+        ffn = hp.pop("intermediate_size", None) or 0
+        expert = spec.moe.expert_ffn if spec.moe else 0
+        widths = [{"none": 0, "moe": expert}.get(l.ffn, l.ffn_width or ffn) for l in spec.schedule]
+        out.append((Keys.LLM.FEED_FORWARD_LENGTH.format(arch=arch), [int(w or 0) for w in widths], V.ARRAY))
+    return out
 
 
 def _per_layer_arrays(spec: ArchSpec, arch: str, hp: dict) -> list[tuple]:
