@@ -81,3 +81,65 @@ def test_gguf_of_each_family_runs_like_its_safetensors(tiny, tmp_path, family):
         logits.append(out_)
     for a_, b_ in zip(*logits):
         assert (a_ - b_).abs().max().item() < 1e-5
+
+
+def test_llama3_scaling_read_from_rope_freqs_alone(tiny, tmp_path):
+    """A GGUF written by llama.cpp keeps Llama 3 RoPE scaling only as the rope_freqs divisors. With
+    llmarch's own copy of the parameters removed, the parameters come back from the divisors (their
+    divisors equal the file's), the run equals the safetensors source's, and the same file without
+    rope_freqs runs differently (so the scaling is seen). Divisors of no Llama 3 form are one line."""
+    from fixtures.gguf_edit import rewrite_gguf
+    from llmarch.api import load_spec
+    from llmarch.arch.rope_factors import llama3_divisors
+    from llmarch.convert.to_gguf import convert_to_gguf
+    from llmarch.errors import LlmarchError
+    from llmarch.runtime.load import load_runtime
+
+    src = tiny("llama", hidden_size=64, rope_parameters=dict(LLAMA3_ROPE))
+    ours = tmp_path / "ours.gguf"
+    convert_to_gguf(str(src), ours, dtype="f32", force=True)
+    bare = rewrite_gguf(ours, tmp_path / "bare.gguf", drop_keys=("llmarch.rope_scaling",))
+    plain = rewrite_gguf(
+        ours, tmp_path / "plain.gguf", drop_keys=("llmarch.rope_scaling",), drop=("rope_freqs.weight",)
+    )
+    scaling = load_spec(str(bare)).rope.scaling
+    assert scaling["rope_type"] == "llama3"
+    theta, dim = LLAMA3_ROPE["rope_theta"], 64 // 4
+    assert llama3_divisors(dim, theta, scaling).tolist() == llama3_divisors(dim, theta, LLAMA3_ROPE).tolist()
+    ids = torch.randint(3, 128, (1, 48), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for name, path in (("source", src), ("bare", bare), ("plain", plain)):
+        with torch.inference_mode():
+            logits[name] = _prefill(load_runtime(str(path), "cpu", "float32"), ids)
+    assert (logits["bare"] - logits["source"]).abs().max().item() < 1e-4
+    assert (logits["plain"] - logits["source"]).abs().max().item() > 5e-4  # 5x the tolerance
+    odd = rewrite_gguf(
+        ours,
+        tmp_path / "odd.gguf",
+        drop_keys=("llmarch.rope_scaling",),
+        drop=("rope_freqs.weight",),
+        add={"rope_freqs.weight": torch.tensor([1.0, 3.0, 2.0, 5.0, 1.5, 4.0, 2.5, 6.0]).numpy()},
+    )
+    with pytest.raises(LlmarchError, match="rope_freqs"):
+        load_runtime(str(odd), "cpu", "float32")
+
+
+# a 16-wide head's wavelengths 2*pi*10000^(i/8): 199 and 628 in the smoothly scaled band (80 to 640),
+# the three longer ones scaled fully
+LLAMA3_ROPE = dict(
+    rope_type="llama3",
+    rope_theta=10000.0,
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=8.0,
+    original_max_position_embeddings=640,
+)
+
+
+def _prefill(rt, ids):
+    from llmarch.runtime.kv_cache import KVCache
+
+    s, a, T = rt.spec, rt.spec.attention, ids.shape[1]
+    cache = KVCache(s.schedule, T, a.kv_heads, a.head_dim, a.head_dim, torch.float32, "cpu")
+    rt.model.setup(T, "cpu", torch.float32)
+    return rt.model(ids, torch.arange(T), cache, limit=T, last_only=False)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from gguf import GGML_QUANT_SIZES, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES, GGMLQuantizationType, LlamaFileType
 
+from llmarch.arch.rope_factors import llama3_divisors
 from llmarch.arch.spec import ArchSpec
 from llmarch.arch.tensor_roles import is_vision, layer_of
 from llmarch.checkpoint.base import Checkpoint, TensorInfo
@@ -401,22 +402,8 @@ def _generated(spec: ArchSpec, fam: Family) -> list[PlannedTensor]:
         rotated = int(head * float(sc.get("partial_rotary_factor", 1.0)) / 2)
         factors = np.array([1.0] * rotated + [1e30] * (head // 2 - rotated), dtype=np.float32)
         return [PlannedTensor(name, Q.F32, factors.shape, [Piece(None, 0, data=factors)], "(proportional rope)")]
-    factors = llama3_rope_factors(spec.attention.head_dim, spec.rope.theta or 10000.0, sc)
+    factors = llama3_divisors(spec.attention.head_dim, spec.rope.theta or 10000.0, sc)
     return [PlannedTensor(name, Q.F32, factors.shape, [Piece(None, 0, data=factors)], "(llama3 rope scaling)")]
-
-
-def llama3_rope_factors(dim: int, base: float, sc: dict) -> np.ndarray:
-    """Per-frequency divisors of Llama 3.1 RoPE scaling, the form llama.cpp reads (rope_freqs)."""
-    factor = sc.get("factor", 8.0)
-    low, high = sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
-    old_ctx = sc.get("original_max_position_embeddings", 8192)
-    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-    wavelen = 2 * math.pi / freqs
-    smooth = (old_ctx / wavelen - low) / (high - low)
-    out = np.where(
-        wavelen < old_ctx / high, 1.0, np.where(wavelen > old_ctx / low, factor, 1 / ((1 - smooth) / factor + smooth))
-    )
-    return out.astype(np.float32)
 
 
 def describe(plan: Plan) -> list[dict]:
