@@ -84,3 +84,25 @@ def test_run_from_hybrid_gguf_matches_transformers(tiny, tmp_path, name):
     convert_to_gguf(str(src), gg, "f32")
     p = check_parity(gg, reference_model(family, src), "cpu", 77, 32)
     assert p.rt.spec.format == "gguf" and p.rt.spec.linear_attention
+
+
+def test_gguf_with_positive_a_is_one_line(tiny, tmp_path, capsys):
+    """A GGUF whose ssm_a holds a value >= 0 (llama.cpp's A = -exp(A_log) is always negative) has no
+    A_log: --to safetensors and run both stop with one line naming the file and the tensor, exit 2,
+    and no output folder is left."""
+    from llmarch.api import load_checkpoint_spec
+    from llmarch.convert.to_gguf import convert_to_gguf
+    from tests.test_run_cli import cli
+
+    gg = tmp_path / "m.gguf"
+    convert_to_gguf(str(tiny("qwen3_5_text")), gg, "f32")
+    a = load_checkpoint_spec(str(gg))[0].tensors["blk.0.ssm_a"]
+    with open(gg, "r+b") as f:  # the first value of layer 0's A, made positive
+        f.seek(a.offset)
+        f.write(np.float32(0.5).tobytes())
+    for args in (["convert", gg, "--to", "safetensors", "-o", tmp_path / "back"], ["run", gg, "--prompt-ids", "1,2"]):
+        code, err = cli(args, capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, err
+        assert str(gg) in lines[0] and "blk.0.ssm_a" in lines[0]
+    assert not (tmp_path / "back").exists()

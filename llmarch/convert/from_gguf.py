@@ -394,7 +394,7 @@ def _hf_whole(read, ckpt, fam: Family, spec, job) -> np.ndarray:
     if fam.permute_qk and kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
         heads = spec.attention.heads if kind == gguf.MODEL_TENSOR.ATTN_Q else spec.attention.kv_heads
         x = from_gguf_order(x, heads or spec.attention.heads)
-    return _linear_to_hf(x, kind, fam, spec)
+    return _linear_to_hf(x, kind, fam, spec, info)
 
 
 def _hf_part(x: np.ndarray, xid, hf: str, shape, fam: Family, kind, spec) -> np.ndarray:
@@ -418,7 +418,7 @@ def _linear_relaid(fam: Family, kind, spec) -> bool:
     return tiled or kind.name in (*conv.neg_exp, *conv.squeezed, *conv.column, *conv.grouped)
 
 
-def _linear_to_hf(x: np.ndarray, kind, fam: Family, spec) -> np.ndarray:
+def _linear_to_hf(x: np.ndarray, kind, fam: Family, spec, info) -> np.ndarray:
     """Undo the recipe's value layout changes (the shape is restored by the caller): value heads
     tiled back to grouped per key head, A = -exp(A_log) back to A_log."""
     conv = fam.recipe.convert
@@ -428,7 +428,9 @@ def _linear_to_hf(x: np.ndarray, kind, fam: Family, spec) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
             x = np.log(-x.astype(np.float32))
         if not np.isfinite(x).all():
-            raise LlmarchError(f"GGUF {kind.name} holds values that are not -exp of a finite number (A must be < 0)")
+            raise LlmarchError(
+                f"tensor {info.name} holds values that are not -exp of a finite number (A < 0)", info.file
+            )
     return x
 
 

@@ -180,6 +180,12 @@ def build_plan(ckpt: Checkpoint, spec: ArchSpec, fam: Family, dtype: str) -> Pla
             col = (math.prod(piece.shape), 1)
             piece.view, piece.out_shape = (lambda x, s=col: x.reshape(s)), col
         if kind.name in conv.grouped and spec.linear and spec.linear.key_heads:
+            if math.prod(piece.shape) % spec.linear.key_heads:
+                raise LlmarchError(
+                    f"{hf_name}: {math.prod(piece.shape)} values do not split into the config's "
+                    f"{spec.linear.key_heads} linear-attention groups",
+                    info.file,
+                )
             rows = (spec.linear.key_heads, math.prod(piece.shape) // spec.linear.key_heads)
             piece.view, piece.out_shape = (lambda x, s=rows: x.reshape(s)), rows
         if conv.tile_v_heads and spec.linear and kind in V_HEAD_AXES:
