@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import pytest
 
 from tests.test_convert import add_tokenizer
+from tests.test_convert_llamacpp import hf_model, llama_greedy, llama_logits, load_llama
 
 llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.llamacpp
@@ -63,35 +63,11 @@ def hybrid(tiny, tmp_path_factory):
     return build
 
 
-def _load(path):
-    return llama_cpp.Llama(
-        model_path=str(path), n_ctx=64, n_batch=64, logits_all=True, verbose=False, n_threads=2, type_k=0, type_v=0
-    )
-
-
-def _logits(llm, ids):
-    llm.reset()
-    llm.eval(ids)
-    return np.array(llm.scores[: len(ids)], dtype=np.float32)
-
-
-def _greedy(llm, ids, n):
-    llm.reset()
-    llm.eval(ids)
-    out = []
-    for _ in range(n):
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(nxt)
-        llm.eval([nxt])
-    return out
-
-
 @pytest.mark.parametrize("name", CASES)
 def test_hybrid_gguf_matches_transformers(hybrid, tmp_path, name):
     import torch
     from tokenizers import Tokenizer
 
-    from fixtures.reference import reference_model
     from llmarch.convert.to_gguf import convert_to_gguf
     from llmarch.convert.verify import nmse
 
@@ -99,24 +75,24 @@ def test_hybrid_gguf_matches_transformers(hybrid, tmp_path, name):
     out = tmp_path / f"{name}.gguf"
     doc = convert_to_gguf(str(src), out, "f32")
     assert doc["arch"] == CASES[name][2]
-    llm = _load(out)
+    llm = load_llama(out, f32_kv=True)
 
     tok = Tokenizer.from_file(str(src / "tokenizer.json"))
     for text in ["The capital of France is", "def fibonacci(n):", "In 1969, 42 humans!"]:
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text).ids, text
 
     ids = tok.encode("The capital of France is Paris. In 1969").ids
-    model = reference_model(CASES[name][0], src, eager=False)
+    model = hf_model(src, CASES[name][0])
     with torch.no_grad():
         ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
         hf_greedy = model.generate(
             torch.tensor([ids]), max_new_tokens=8, do_sample=False, min_new_tokens=8, eos_token_id=None, pad_token_id=0
         )[0, len(ids) :].tolist()
-    got = _logits(llm, ids)
+    got = llama_logits(llm, ids)
     assert nmse(ref, got) < 1e-5
     assert (ref.argmax(-1) == got.argmax(-1)).all()
-    assert _greedy(llm, ids, 8) == hf_greedy
+    assert llama_greedy(llm, ids, 8) == hf_greedy
 
     q = tmp_path / f"{name}-q8.gguf"
     convert_to_gguf(str(src), q, "q8_0")
-    assert nmse(ref, _logits(_load(q), ids)) < 1e-2
+    assert nmse(ref, llama_logits(load_llama(q, f32_kv=True), ids)) < 1e-2
