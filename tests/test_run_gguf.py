@@ -3,6 +3,8 @@ permutation to undo) and tiny gemma3 (Q8_0, norms stored as 1 + w); plus the GGU
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -91,6 +93,7 @@ def test_llama3_scaling_read_from_rope_freqs_alone(tiny, tmp_path):
     from fixtures.gguf_edit import rewrite_gguf
     from llmarch.api import load_spec
     from llmarch.arch.rope_factors import llama3_divisors
+    from llmarch.convert.from_gguf import convert_from_gguf
     from llmarch.convert.to_gguf import convert_to_gguf
     from llmarch.errors import LlmarchError
     from llmarch.runtime.load import load_runtime
@@ -122,6 +125,13 @@ def test_llama3_scaling_read_from_rope_freqs_alone(tiny, tmp_path):
     )
     with pytest.raises(LlmarchError, match="rope_freqs"):
         load_runtime(str(odd), "cpu", "float32")
+    # back to safetensors: config.json gets parameters with the file's divisors; odd ones are refused
+    convert_from_gguf(str(bare), tmp_path / "back", force=True)
+    back = json.loads((tmp_path / "back" / "config.json").read_text())["rope_scaling"]
+    assert llama3_divisors(dim, theta, back).tolist() == llama3_divisors(dim, theta, LLAMA3_ROPE).tolist()
+    with pytest.raises(LlmarchError, match="rope_freqs"):
+        convert_from_gguf(str(odd), tmp_path / "odd-back", force=True)
+    assert not (tmp_path / "odd-back").exists()
 
 
 # a 16-wide head's wavelengths 2*pi*10000^(i/8): 199 and 628 in the smoothly scaled band (80 to 640),

@@ -174,10 +174,10 @@ def _llama3_rope(config: dict[str, Any], evidence: dict[str, str], factors: list
     scaling kind that says so, which run refuses rather than rotating without it."""
     if not factors or "rope_scaling" in config or "rope_parameters" in config or all(v == 1.0 for v in factors):
         return
-    from llmarch.arch.rope_factors import llama3_from_divisors
+    from llmarch.arch.rope_factors import UNKNOWN_DIVISORS, llama3_from_divisors
 
     fitted = llama3_from_divisors(factors, float(config.get("rope_theta") or 10000.0))
-    config["rope_scaling"] = fitted or {"rope_type": "rope_freqs (per-frequency divisors of no known scaling)"}
+    config["rope_scaling"] = fitted or {"rope_type": UNKNOWN_DIVISORS}
     evidence["rope_scaling"] = "rope_freqs.weight"
 
 

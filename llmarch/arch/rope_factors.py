@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+# the scaling kind of divisors that fit no known form: run refuses it, convert cannot write it back
+UNKNOWN_DIVISORS = "rope_freqs (per-frequency divisors of no known scaling)"
 TOLERANCE = 1e-3  # relative: the divisors are stored as float32 and computed in float32 by converters
 
 

@@ -19,6 +19,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
+from llmarch.arch.rope_factors import UNKNOWN_DIVISORS
 from llmarch.checkpoint.base import TensorInfo
 from llmarch.convert.gguf_meta import LLMARCH_ROPE_KEY
 from llmarch.convert.layout import EXPERT_KINDS, GENERATED, Family, family_from_gguf, gguf_kind_of, hf_name_for
@@ -154,17 +155,16 @@ def hf_config(ckpt, fam: Family, spec, tied: bool, dtype: str) -> dict:
     scaling = meta.get(LLMARCH_ROPE_KEY)
     if scaling:
         cfg["rope_scaling"] = json.loads(scaling)
-    elif "rope_scaling" in cfg:  # YaRN's betas and DeepSeek's mscale are read by gguf_to_config
+    elif (cfg.get("rope_scaling") or {}).get("rope_type") == UNKNOWN_DIVISORS:
+        raise LlmarchError(
+            "GGUF's rope_freqs divisors match no RoPE scaling config.json can hold; it cannot be rebuilt exactly",
+            ckpt.path,
+        )
+    elif "rope_scaling" in cfg:  # YaRN's betas, DeepSeek's mscale, Llama 3's divisors: read by gguf_to_config
         cfg["rope_scaling"] = {k: v for k, v in cfg["rope_scaling"].items() if v is not None}
     elif "rope_parameters" in cfg:  # per layer type, read from rope_freqs (Gemma 4's proportional RoPE)
         for key in ("rope_theta", "rope_local_base_freq"):  # held in rope_parameters
             cfg.pop(key, None)
-    elif "rope_freqs.weight" in ckpt.tensors:
-        raise LlmarchError(
-            "GGUF carries rope_freqs (Llama 3 RoPE scaling) without its parameters; "
-            "config.json cannot be rebuilt exactly",
-            ckpt.path,
-        )
     pattern = cfg.pop("sliding_window_pattern", None)
     if isinstance(pattern, int) and pattern > 1 and cfg.get("sliding_window") and "layer_types" not in cfg:
         cfg["layer_types"] = [
