@@ -112,17 +112,28 @@ def hf_model(folder, name=None):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_llamacpp_matches_transformers(with_tokenizer, tmp_path, name):
+    src = with_tokenizer(name)
+    table = FAMILIES[name].get("vocab_size_per_layer_input")
+    ids = check_llamacpp_matches_transformers(src, tmp_path, name, name in F32_KV, Q8_BAR.get(name, 1e-2))
+    assert table in (None, VOCAB) or max(ids) >= table  # Gemma 3n: ids past its per-layer table (padded rows) are read
+
+
+def check_llamacpp_matches_transformers(src, tmp_path, name, f32_kv=False, q8_bar=1e-2, arch=None) -> list[int]:
+    """`src` (a tiny checkpoint with the test tokenizer) converted to f32 and q8_0 GGUF: llama.cpp's
+    tokenization equals the tokenizers library's, its f32 logits are within NMSE 1e-5 of
+    transformers' with the same top-1 everywhere and 8 greedy tokens equal, q8_0 within q8_bar.
+    `name` picks the fixture's transformers class; returns the token ids compared."""
     import torch
     from tokenizers import Tokenizer
 
     from llmarch.convert.to_gguf import convert_to_gguf
     from llmarch.convert.verify import nmse
 
-    src = with_tokenizer(name)
     out = tmp_path / f"{name}.gguf"
     doc = convert_to_gguf(str(src), out, "f32")
     assert doc["tokenizer"] == "gpt2"
-    llm = load_llama(out, f32_kv=name in F32_KV)
+    assert arch is None or doc["arch"] == arch
+    llm = load_llama(out, f32_kv=f32_kv)
 
     # tokenizer: llama.cpp's tokenization of our GGUF vocab == the tokenizers library's
     tok = Tokenizer.from_file(str(src / "tokenizer.json"))
@@ -130,8 +141,6 @@ def test_llamacpp_matches_transformers(with_tokenizer, tmp_path, name):
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text).ids, text
 
     ids = tok.encode("The capital of France is Paris. In 1969").ids
-    table = FAMILIES[name].get("vocab_size_per_layer_input")
-    assert table in (None, VOCAB) or max(ids) >= table  # Gemma 3n: ids past its per-layer table (padded rows) are read
     model = hf_model(src, name)
     with torch.no_grad():
         ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
@@ -146,7 +155,8 @@ def test_llamacpp_matches_transformers(with_tokenizer, tmp_path, name):
     # q8_0: within llama.cpp's pass bar
     q = tmp_path / f"{name}-q8.gguf"
     convert_to_gguf(str(src), q, "q8_0")
-    assert nmse(ref, llama_logits(load_llama(q), ids)) < Q8_BAR.get(name, 1e-2)
+    assert nmse(ref, llama_logits(load_llama(q), ids)) < q8_bar
+    return ids
 
 
 @pytest.mark.slow
