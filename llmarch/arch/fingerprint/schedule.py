@@ -121,6 +121,7 @@ def read_schedule(spec: ArchSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoint
             layer.sinks = False  # MiMo-V2-Flash: only its sliding layers carry sink logits
         sched.append(layer)
     assign_ffn(spec, f, recipe, lt, sched)
+    _uniform_ffn_width(spec, sched)
     _kv_sharing(spec, f, sched)
     _values_from_keys(f, lt, sched)
     spec.schedule = sched
@@ -196,6 +197,18 @@ def _layer_ffn_width(spec: ArchSpec, lt, i: int, ckpt: Checkpoint) -> int | None
         return None
     rows = ckpt.tensors[up].shape[0]
     return rows if spec.intermediate_size and rows != spec.intermediate_size else None
+
+
+def _uniform_ffn_width(spec: ArchSpec, sched: list[LayerSpec]) -> None:
+    """Every dense FFN's tensors show one width other than the config's (LFM2's is what
+    block_auto_adjust_ff_dim makes of intermediate_size): that width is the model's."""
+    dense = [l for l in sched if l.ffn == "dense"]
+    widths = {l.ffn_width for l in dense}
+    if dense and len(widths) == 1 and None not in widths:
+        config_width, spec.intermediate_size = spec.intermediate_size, widths.pop()
+        spec.evidence["intermediate_size.tensors"] = f"every dense FFN's tensors (config: {config_width})"
+        for layer in dense:
+            layer.ffn_width = None
 
 
 def _values_from_keys(f: Facts, lt, sched: list[LayerSpec]) -> None:
