@@ -105,6 +105,25 @@ def test_generator_matches_transformers(tiny, device):
     check_generator(path, reference_model("olmo_hybrid", path, device), device, prompt=PROMPT, steps=8)
 
 
+def test_neg_eigval_from_the_config_else_the_config_class_default(tiny, tmp_path):
+    """beta = 2 sigmoid(b) follows linear_allow_neg_eigval; where config.json lacks the key, the
+    default of transformers' OlmoHybridConfig (true) holds (the recipe says so)."""
+    from transformers import OlmoHybridConfig
+
+    from llmarch.api import load_spec
+
+    for value, scale in ((False, 1.0), (None, 2.0 if OlmoHybridConfig().linear_allow_neg_eigval else 1.0)):
+        folder = tmp_path / str(value)
+        shutil.copytree(tiny("olmo_hybrid"), folder)
+        cfg = json.loads((folder / "config.json").read_text())
+        if value is None:
+            del cfg["linear_allow_neg_eigval"]
+        else:
+            cfg["linear_allow_neg_eigval"] = value
+        (folder / "config.json").write_text(json.dumps(cfg))
+        assert load_spec(str(folder)).linear.beta_scale == scale == (1.0 if value is False else 2.0)
+
+
 @pytest.mark.parametrize("dtype,kv", [(torch.float32, "f32"), (torch.bfloat16, "bf16")])
 def test_state_bytes_inspect_equals_run(tiny, dtype, kv):
     """inspect's kv_cache.state_bytes is what run allocates for the 6 linear layers: a float32

@@ -201,6 +201,9 @@ class Recipe:
     # the linear layers' gated output norm epsilon when it is not the config's (Olmo hybrid: 1e-5,
     # FLA's FusedRMSNormGated default, whatever rms_norm_eps says)
     linear_norm_eps: float | None = None
+    # Gated DeltaNet's beta = 2 sigmoid(b) when the config has no linear_allow_neg_eigval key (the
+    # config class's default: Olmo hybrid's is true)
+    linear_allow_neg_eigval: bool = False
     gguf_permute_qk: bool = False  # llama.cpp's converter permutes Q/K rows for its RoPE
     moe: MoERecipe = field(default_factory=MoERecipe)
     gguf_defaults: GgufDefaults = field(default_factory=GgufDefaults)

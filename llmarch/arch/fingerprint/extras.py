@@ -119,7 +119,9 @@ def _linear_state(spec: ArchSpec, f: Facts, recipe: Recipe, path) -> dict:
             conv_kernel=int(f.get("linear_conv_kernel_dim", default=4, fact="linear_attention.conv_kernel")),
             norm_eps=recipe.linear_norm_eps,
         )
-        neg = f.get("linear_allow_neg_eigval", default=False, fact="linear_attention.beta_scale")
+        neg = f.get(
+            "linear_allow_neg_eigval", default=recipe.linear_allow_neg_eigval, fact="linear_attention.beta_scale"
+        )
         if not isinstance(neg, bool):
             raise CheckpointError(f"linear_allow_neg_eigval must be true or false, got {show(neg)}", path)
         lin.beta_scale = 2.0 if neg else 1.0
