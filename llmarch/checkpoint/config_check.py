@@ -222,6 +222,7 @@ BOOLS = {
     "attention_k_eq_v",
     "use_double_wide_mlp",
     "enable_moe_block",
+    "linear_allow_neg_eigval",
 }
 # true/false or a number (Llama 4's attn_temperature_tuning is 4 in its released configs)
 FLAGS = {"attn_temperature_tuning"}
@@ -232,6 +233,7 @@ STRINGS = {
     "activation_function",
     "activation",
     "mlp_hidden_act",
+    "mamba_hidden_act",
     "scoring_func",
     "topk_method",
     "hybrid_override_pattern",
