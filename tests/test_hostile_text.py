@@ -176,14 +176,19 @@ def test_gguf_with_hostile_name_keys_tensors_and_architecture(tmp_path):
 
 
 def test_an_error_naming_a_hostile_key_is_one_line(tmp_path):
-    bad_value = gstr(EVIL) + struct.pack("<I", 77) + b"\0" * 16  # value type 77 does not exist
+    # value type 77 does not exist (a key of its own: the same key twice is refused before its value is read)
+    bad_value = gstr("x." + EVIL) + struct.pack("<I", 77) + b"\0" * 16
     f = hostile_gguf(tmp_path / f"{EVIL_NAME}.gguf", extra_kvs=[bad_value])
     r = run("inspect", f)
     assert r.returncode == 2
     assert r.stdout == ""
     lines = r.stderr.splitlines()
     assert len(lines) == 1, r.stderr
-    assert lines[0] == f"llmarch: {tmp_path}/{SHOWN_NAME}.gguf: unknown GGUF value type 77 for {SHOWN}"
+    assert lines[0] == f"llmarch: {tmp_path}/{SHOWN_NAME}.gguf: unknown GGUF value type 77 for x.{SHOWN}"
+    assert_harmless(r.stderr)
+    twice = hostile_gguf(tmp_path / "twice.gguf", extra_kvs=[kv_u32(EVIL, 8)])
+    r = run("inspect", twice)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "appears twice" in r.stderr, r.stderr
     assert_harmless(r.stderr)
 
 
