@@ -256,27 +256,8 @@ def test_gemma4_per_layer_widths_match_transformers(tiny, tmp_path):
     """Gemma 4 with values = keys on the full layers (one global KV head, no v_proj) and double-wide
     FFNs on the KV-shared layers: convert writes the FFN widths and KV head counts per layer, as
     llama.cpp's gemma4 reads them (it refused the file with scalars); transformers' logits and tokens."""
-    import torch
-    from tokenizers import Tokenizer
-
-    from llmarch.convert.to_gguf import convert_to_gguf
-    from llmarch.convert.verify import nmse
-
     wide = {"attention_k_eq_v": True, "num_global_key_value_heads": 1, "use_double_wide_mlp": True}
     src = tmp_path / "gemma4"
     shutil.copytree(tiny("gemma4_text", vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB, **wide), src)
     add_tokenizer(src, VOCAB)
-    out = tmp_path / "m.gguf"
-    convert_to_gguf(str(src), out, "f32")
-    llm = load_llama(out, f32_kv=True)
-    ids = Tokenizer.from_file(str(src / "tokenizer.json")).encode("The capital of France is Paris. In 1969").ids
-    model = hf_model(src, "gemma4_text")
-    with torch.no_grad():
-        ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
-        hf_greedy = model.generate(
-            torch.tensor([ids]), max_new_tokens=8, do_sample=False, min_new_tokens=8, eos_token_id=None, pad_token_id=0
-        )[0, len(ids) :].tolist()
-    got = llama_logits(llm, ids)
-    assert nmse(ref, got) < 1e-5
-    assert (ref.argmax(-1) == got.argmax(-1)).all()
-    assert llama_greedy(llm, ids, 8) == hf_greedy
+    check_llamacpp_matches_transformers(src, tmp_path, "gemma4_text", True, Q8_BAR.get("gemma4_text", 1e-2))
