@@ -205,24 +205,14 @@ def test_gpt_oss_q8_0_gguf_biases_and_clamped_swiglu(tiny, tmp_path):
     the same GGUF resident, teacher-forced over a random sequence: top-1 agreement and the median
     logit error of the kernel's int8 input rounding (where a nudged router picks another expert the
     logits jump, as in test_offload's MXFP4 test)."""
-    from fixtures.parity import kv_cache
     from llmarch.convert.to_gguf import convert_to_gguf
     from llmarch.runtime.experts.formats import ExpertFormat
     from llmarch.runtime.experts.report import offloaded
-    from llmarch.runtime.load import load_runtime
 
     path = tmp_path / "gpt_oss-q8_0.gguf"
     convert_to_gguf(str(tiny("gpt_oss", hidden_size=128, intermediate_size=128)), path, "q8_0")
     seq = torch.randint(3, 128, (PROMPT + STEPS,), generator=torch.Generator().manual_seed(1)).tolist()
-    logits = {}
-    for experts in ("gpu", "cpu"):
-        rt = load_runtime(str(path), "cpu", "float32", experts=experts)
-        cache = kv_cache(rt.spec, len(seq), "cpu", torch.float32)
-        rt.model.setup(len(seq), "cpu", torch.float32)
-        with torch.inference_mode():
-            logits[experts] = rt.model(
-                torch.tensor([seq]), torch.arange(len(seq)), cache, limit=len(seq), last_only=False
-            )[0]
+    logits, rt = _teacher_forced(path, seq)
     stores = offloaded(rt.model)
     assert stores and all(s.format is ExpertFormat.Q8_0 and s.gu_b is not None and s.dn_b is not None for s in stores)
     assert rt.spec.moe.swiglu_limit is not None
@@ -240,11 +230,9 @@ def test_gemma4_fused_gate_up_blocks(tiny, tmp_path):
     Gemma 4 amplifies the kernel's int8 input rounding (measured on its safetensors: int8 experts in
     torch vs the same in the kernel, top-1 0.82, median error 3.4% of the logit range; here 0.93 and 2.4%);
     a misread row layout falls far below."""
-    from fixtures.parity import kv_cache
     from llmarch.convert.to_gguf import convert_to_gguf
     from llmarch.runtime.experts.formats import ExpertFormat
     from llmarch.runtime.experts.report import offloaded
-    from llmarch.runtime.load import load_runtime
 
     src = tiny(
         "gemma4_text",
@@ -258,6 +246,23 @@ def test_gemma4_fused_gate_up_blocks(tiny, tmp_path):
     path = tmp_path / "gemma4-q8_0.gguf"
     convert_to_gguf(str(src), path, "q8_0")
     seq = torch.randint(3, 256, (44,), generator=torch.Generator().manual_seed(1)).tolist()
+    logits, rt = _teacher_forced(path, seq)
+    stores = offloaded(rt.model)
+    assert stores and all(s.format is ExpertFormat.Q8_0 and s.up is None for s in stores)
+    assert tuple(stores[0].gu.shape) == (8, 2 * 64, 128 // 32 * 34)
+    a, b = logits["gpu"], logits["cpu"]
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    err = (a - b).abs().amax(-1).median().item()
+    print(f"gemma4 q8_0 GGUF fused experts on the CPU: top-1 {agree:.3f}, median logit error {err:.4f}")
+    assert agree >= 0.85 and err < 0.05 * a.abs().max().item()
+
+
+def _teacher_forced(path, seq: list[int]):
+    """Logits at every position of `seq` from the GGUF with its experts resident ("gpu") and in the
+    CPU kernel's stores ("cpu"), and the offloaded runtime."""
+    from fixtures.parity import kv_cache
+    from llmarch.runtime.load import load_runtime
+
     logits = {}
     for experts in ("gpu", "cpu"):
         rt = load_runtime(str(path), "cpu", "float32", experts=experts)
@@ -267,11 +272,4 @@ def test_gemma4_fused_gate_up_blocks(tiny, tmp_path):
             logits[experts] = rt.model(
                 torch.tensor([seq]), torch.arange(len(seq)), cache, limit=len(seq), last_only=False
             )[0]
-    stores = offloaded(rt.model)
-    assert stores and all(s.format is ExpertFormat.Q8_0 and s.up is None for s in stores)
-    assert tuple(stores[0].gu.shape) == (8, 2 * 64, 128 // 32 * 34)
-    a, b = logits["gpu"], logits["cpu"]
-    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
-    err = (a - b).abs().amax(-1).median().item()
-    print(f"gemma4 q8_0 GGUF fused experts on the CPU: top-1 {agree:.3f}, median logit error {err:.4f}")
-    assert agree >= 0.85 and err < 0.05 * a.abs().max().item()
+    return logits, rt
