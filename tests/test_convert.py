@@ -367,6 +367,20 @@ def test_bad_input_gguf_without_config_metadata(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bare.gguf"]
 
 
+def test_gguf_kind_without_hf_name_names_the_file():
+    """A GGUF tensor kind the family has no Hugging Face spelling for is refused naming the GGUF."""
+    from gguf import MODEL_TENSOR
+
+    from llmarch.arch.recipe_book import read_recipe
+    from llmarch.convert.layout import _family, hf_name_for
+    from llmarch.errors import LlmarchError
+
+    llama = read_recipe(ROOT / "recipes" / "llama.toml")
+    with pytest.raises(LlmarchError) as err:
+        hf_name_for(_family(llama, "llama"), MODEL_TENSOR.ATTN_OUT_NORM, 0, ".weight", 2, path="model.gguf")
+    assert str(err.value).startswith("model.gguf: no Hugging Face name known for GGUF tensor kind ATTN_OUT_NORM")
+
+
 def test_unknown_pre_tokenizer_names_the_fix(tiny, tmp_path):
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 

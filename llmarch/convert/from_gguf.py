@@ -95,9 +95,11 @@ def _gguf_items(ckpt, fam: Family, n_blocks: int):
             continue
         if fam.split_on_index(kind) and "{xid}" in fam.recipe.convert.hf_names.get(kind.name, "{xid}"):
             # one HF tensor per index, unless the recipe names one tensor for all (Gemma 4's experts)
-            names = [(hf_name_for(fam, kind, bid, suffix, n_blocks, xid=x), x) for x in range(info.shape[0])]
+            names = [
+                (hf_name_for(fam, kind, bid, suffix, n_blocks, xid=x, path=ckpt.path), x) for x in range(info.shape[0])
+            ]
         else:
-            names = [(hf_name_for(fam, kind, bid, suffix, n_blocks), None)]
+            names = [(hf_name_for(fam, kind, bid, suffix, n_blocks, path=ckpt.path), None)]
         items.append((info, kind, names))
     if unknown:
         raise LlmarchError(

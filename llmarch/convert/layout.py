@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from pathlib import Path
 
 import gguf
 from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES
@@ -256,13 +257,20 @@ def gguf_kind_of(name: str, arch: MODEL_ARCH, n_blocks: int) -> tuple[MODEL_TENS
 
 
 def hf_name_for(
-    fam: Family, kind: MODEL_TENSOR, bid: int | None, suffix: str, n_blocks: int, xid: int | None = None
+    fam: Family,
+    kind: MODEL_TENSOR,
+    bid: int | None,
+    suffix: str,
+    n_blocks: int,
+    xid: int | None = None,
+    path: str | Path | None = None,
 ) -> str:
-    """The HF name of a GGUF tensor kind, checked against gguf-py's forward mapping."""
+    """The HF name of a GGUF tensor kind, checked against gguf-py's forward mapping (path: the GGUF
+    the kind was read from, named by the refusal)."""
     conv = fam.recipe.convert
     tmpl = conv.hf_names.get(kind.name) or HF_LAYOUTS[fam.layout].get(kind)
     if tmpl is None:
-        raise LlmarchError(f"no Hugging Face name known for GGUF tensor kind {kind.name} in family {fam.family}")
+        raise LlmarchError(f"no Hugging Face name known for GGUF tensor kind {kind.name} in family {fam.family}", path)
     hf = tmpl.format(bid=bid, xid=xid) + suffix
     if kind == T.FFN_EXP_PROBS_B:  # gguf-py spells HF's e_score_correction_bias with a dot
         return hf.replace("e_score_correction.bias", "e_score_correction_bias")
