@@ -46,6 +46,8 @@ def test_run_from_gguf_matches_transformers(scaled, device, tmp_path):
     assert spec.rope.scaling["type"] == full["rope_type"] == "proportional"
     assert spec.rope.scaling["partial_rotary_factor"] == full["partial_rotary_factor"]
     assert spec.rope.theta == full["rope_theta"]
+    # the evidence names what the GGUF holds (there is no config.json beside it)
+    assert "config.json" not in spec.evidence["rope.theta"] and "rope.freq_base" in spec.evidence["rope.theta"]
     assert spec.rope.local_theta == cfg.rope_parameters["sliding_attention"]["rope_theta"]
     assert spec.layer_scalar and any(float(m.layer_scalar) != 1.0 for m in ref.model.layers)
     widths = [l.head_dim or spec.attention.head_dim for l in spec.schedule]

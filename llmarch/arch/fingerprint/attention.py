@@ -112,7 +112,7 @@ def read_attention(spec: ArchSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoin
     vs = f.config[key] if key in f.config else recipe.attention_value_scale
     if vs is not None and float(vs) != 1.0:
         a.value_scale = float(vs)
-        spec.evidence["attention.value_scale"] = f"config.json:{key}" if key in f.config else f"recipe {recipe.family}"
+        spec.evidence["attention.value_scale"] = f.cite(key) if key in f.config else f"recipe {recipe.family}"
     # Llama 4's NoPE layers: a query temperature growing with the position; floor_scale and
     # attn_scale default as in Llama4TextConfig, the config class that defines these keys
     if f.get("attn_temperature_tuning", fact="attention.temperature_tuning"):
@@ -146,7 +146,7 @@ def _read_rope_temperature(spec: ArchSpec, a: AttentionSpec, f: Facts, ckpt: Che
         "position_offset": 0,
         "all_layers": True,
     }
-    spec.evidence["attention.temperature_tuning"] = "config.json:rope_parameters.llama_4_scaling_beta"
+    spec.evidence["attention.temperature_tuning"] = f.cite("rope_parameters", ".llama_4_scaling_beta")
 
 
 # the indexer's projections (under self_attn.indexer., in GGUF blk.N.indexer.) and the shape each

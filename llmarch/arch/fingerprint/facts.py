@@ -31,9 +31,14 @@ class Facts:
             value = self.config.get(key)
             if value is not None:
                 if fact:
-                    self.used[fact] = self.evidence.get(key, f"{self.source}:{key}")
+                    self.used[fact] = self.cite(key)
                 return value
         return default
+
+    def cite(self, key: str, detail: str = "") -> str:
+        """Where a config key came from: the GGUF metadata or tensors a GGUF's key was rebuilt
+        from, else `config.json:key` (detail: the part of the key's value meant, e.g. `.compress`)."""
+        return self.evidence.get(key) or f"{self.source}:{key}{detail}"
 
 
 def expert_key(name: str) -> str:

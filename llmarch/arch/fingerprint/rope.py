@@ -14,7 +14,7 @@ def read_rope(spec: ArchSpec, f: Facts, recipe: Recipe) -> None:
     local = params.get("sliding_attention") if isinstance(params, dict) else None
     r.theta = full.get("rope_theta") or f.get("rope_theta", "rotary_emb_base", "rope_base", fact="rope.theta")
     if full.get("rope_theta"):
-        spec.evidence["rope.theta"] = "config.json:rope_parameters"
+        spec.evidence["rope.theta"] = f.cite("rope_parameters")
     scaling = f.get("rope_scaling") or {
         k: v for k, v in full.items() if k not in ("rope_theta", "partial_rotary_factor")
     }
@@ -76,7 +76,7 @@ def compressed_rope(spec: ArchSpec, f: Facts, recipe: Recipe | None) -> tuple[fl
     params = f.get("rope_parameters")
     own = params.get("compress") if isinstance(params, dict) else None
     if isinstance(own, dict):
-        spec.evidence["layer_schedule.compressed_rope"] = "config.json:rope_parameters.compress"
+        spec.evidence["layer_schedule.compressed_rope"] = f.cite("rope_parameters", ".compress")
         own_scaling = {k: v for k, v in own.items() if k not in ("rope_theta", "partial_rotary_factor")}
         return own.get("rope_theta") or spec.rope.theta, _scaling(own_scaling)
     theta = f.get("compress_rope_theta", default=spec.rope.theta, fact="layer_schedule.compressed_rope")
