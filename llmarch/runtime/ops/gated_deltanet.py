@@ -42,11 +42,7 @@ LAYOUTS = {"grouped": ("norm", "out_proj"), "split": ("norm", "out_proj"), "sepa
 class GatedDeltaNet(nn.Module):
     def __init__(self, spec: ArchSpec, layer: LayerSpec, rope=None):
         super().__init__()
-        lin = linear_sizes(spec, layer, "gated_deltanet", "Gated DeltaNet")
-        if lin.value_heads % lin.key_heads:
-            raise LlmarchError(
-                f"layer {layer.index}: {lin.value_heads} value heads do not divide among {lin.key_heads} key heads"
-            )
+        lin = linear_sizes(spec, layer, "gated_deltanet", "Gated DeltaNet", grouped=("value heads", "key heads"))
         d = spec.hidden_size
         self.index = layer.index
         self.kh, self.vh, self.dk, self.dv = lin.key_heads, lin.value_heads, lin.key_head_dim, lin.value_head_dim

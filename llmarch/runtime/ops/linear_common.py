@@ -10,11 +10,19 @@ from llmarch.arch.spec import ArchSpec, LayerSpec, LinearAttentionSpec
 from llmarch.errors import LlmarchError
 
 
-def linear_sizes(spec: ArchSpec, layer: LayerSpec, kind: str, what: str) -> LinearAttentionSpec:
-    """The spec's linear-attention sizes, which must be of this mixer's kind."""
+def linear_sizes(
+    spec: ArchSpec, layer: LayerSpec, kind: str, what: str, grouped: tuple[str, str] | None = None
+) -> LinearAttentionSpec:
+    """The spec's linear-attention sizes, which must be of this mixer's kind. grouped: the mixer's
+    names for its value heads and key heads where the former are shared out among the latter, so
+    that one must divide the other."""
     lin = spec.linear
     if lin is None or lin.kind != kind:
         raise LlmarchError(f"layer {layer.index}: {what} layer without {what} sizes in the spec")
+    if grouped is not None and lin.value_heads % lin.key_heads:
+        raise LlmarchError(
+            f"layer {layer.index}: {lin.value_heads} {grouped[0]} do not divide among {lin.key_heads} {grouped[1]}"
+        )
     return lin
 
 

@@ -76,13 +76,9 @@ def chunked(x, dt, A, B, C, state: torch.Tensor, chunk: int = CHUNK) -> torch.Te
 class Mamba2(nn.Module):
     def __init__(self, spec: ArchSpec, layer: LayerSpec, rope=None):
         super().__init__()
-        lin = linear_sizes(spec, layer, "mamba2", "Mamba-2")
         # in LinearAttentionSpec terms: value heads = Mamba heads (head_dim P), key heads = groups
         # (B and C per group, key_head_dim = the state size N)
-        if lin.value_heads % lin.key_heads:
-            raise LlmarchError(
-                f"layer {layer.index}: {lin.value_heads} heads do not divide among {lin.key_heads} groups"
-            )
+        lin = linear_sizes(spec, layer, "mamba2", "Mamba-2", grouped=("heads", "groups"))
         d = spec.hidden_size
         self.index = layer.index
         self.heads, self.head_dim, self.groups, self.state = (
