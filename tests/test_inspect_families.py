@@ -326,6 +326,15 @@ SEM: dict[str, Sem] = {
         linear=True,
         kv_layer=lambda tc, i: 0 if layer_types(tc)[i] == "conv" else _std_kv(tc, i),
     ),
+    # Lfm2MoeDecoderLayer: LFM2's mixers; Lfm2MoeMLP iff layer_idx < num_dense_layers, else
+    # Lfm2MoeSparseMoeBlock
+    "lfm2_moe": Sem(
+        mixers=lambda tc: ["linear" if t == "conv" else "full" for t in layer_types(tc)],
+        qk_norm=lambda tc: "per_head",
+        linear=True,
+        kv_layer=lambda tc, i: 0 if layer_types(tc)[i] == "conv" else _std_kv(tc, i),
+        moe_layers=lambda tc: [i for i in range(L(tc)) if i >= tc.num_dense_layers],
+    ),
     # OlmoHybridModel: layer_types "linear_attention" -> OlmoHybridLinearAttentionDecoderLayer (Llama's
     # pre-norm layer around OlmoHybridGatedDeltaNet), else OlmoHybridAttentionDecoderLayer (Olmo 3's
     # post-norm layer: q_norm / k_norm over the whole projections); the first layer is linear, so the
@@ -694,6 +703,8 @@ ROUTING = {
     "llama4": ("sigmoid", True, True, None),  # Llama4Router: top-k, sigmoid; Llama4TextMoe: routed_in = x * scores
     "minimax_m2": ("sigmoid", False, False, True),  # MiniMaxM2TopKRouter: top_k_weights /= sum, always
     "afmoe": ("sigmoid", False, False, True),  # AfmoeTokenChoiceRouter: / (sum + 1e-20), always; * route_scale
+    # Lfm2MoeTopKRouter: sigmoid, + expert_bias for the choice only, / (sum + 1e-6) where norm_topk_prob
+    "lfm2_moe": ("sigmoid", False, False, None),
 }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from unittest.mock import patch
 
 import pytest
 
@@ -53,6 +54,84 @@ def test_lfm2_logits_match_transformers(tiny, device):
     assert [l.index for l in p.spec.schedule if l.mixer == "full"] == cfg["full_attn_idxs"]
     assert p.spec.intermediate_size == 64 and cfg["intermediate_size"] == 96
     assert not p.spec.attention.gated and p.spec.norm.placement == "pre"
+
+
+@pytest.fixture(scope="module")
+def lfm2_moe(tiny, tmp_path_factory):
+    """The tiny LFM2-MoE checkpoint with routing that every fact of Lfm2MoeTopKRouter shapes: router
+    weights x20 (sigmoid scores spread over ~0.2-0.8 instead of 0.5 +- 0.01), a random expert_bias
+    of about the same spread (transformers initialises the buffer to zeros, which would leave the
+    choice-only bias untested) and routed_scaling_factor 1.5; the other matrices x10, so that the
+    layers move the residual enough for the greedy tokens to vary (at the fixture's scale they are
+    one repeated token, which would make equal tokens a weak check)."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("lfm2_moe") / "ckpt"
+    shutil.copytree(tiny("lfm2_moe"), out)
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(dict(cfg, routed_scaling_factor=1.5)))
+    sd = load_file(out / "model.safetensors")
+    g = torch.Generator().manual_seed(3)
+    for name in list(sd):
+        if name.endswith("feed_forward.gate.weight"):
+            sd[name] = sd[name] * 20
+        elif sd[name].ndim >= 2 and "embed_tokens" not in name:
+            sd[name] = sd[name] * 10
+        elif name.endswith("feed_forward.expert_bias"):
+            sd[name] = torch.randn(sd[name].shape, generator=g) * 0.2
+    save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def test_lfm2_moe_logits_match_transformers(lfm2_moe, device):
+    """LFM2-MoE: LFM2's mixers, dense w1/w3/w2 FFNs in the first num_dense_layers (2) layers, then
+    Lfm2MoeSparseMoeBlock: sigmoid scores, expert_bias added for the choice only, the k weights
+    / (sum + 1e-6), x routed_scaling_factor; experts stored per expert (w1/w3/w2) as the Hub ships
+    them. The bias decides: transformers' logits move when it is zeroed, so a run that ignored it fails."""
+    from fixtures.reference import reference_model
+
+    path = lfm2_moe
+    ref = reference_model("lfm2_moe", path, device)
+    p = check_parity(path, ref, device, PROMPT, STEPS)
+    cfg = json.loads((path / "config.json").read_text())
+    sched = p.spec.schedule
+    assert [l.mixer for l in sched] == ["linear" if t == "conv" else "full" for t in cfg["layer_types"]]
+    assert [l.ffn for l in sched] == ["dense"] * cfg["num_dense_layers"] + ["moe"] * (6 - cfg["num_dense_layers"])
+    m = p.spec.moe
+    assert (m.router, m.router_bias, m.norm_topk_prob, m.routed_scaling_factor) == ("sigmoid", True, True, 1.5)
+    assert m.norm_topk_eps == 1e-6 and p.spec.intermediate_size == cfg["intermediate_size"]
+    with torch.inference_mode():
+        ids = p.seq[:, :PROMPT]
+        before = ref(ids).logits
+        for layer in ref.model.layers[cfg["num_dense_layers"] :]:
+            layer.feed_forward.expert_bias.zero_()
+        assert (ref(ids).logits - before).abs().max().item() > 1e-3
+
+
+def test_lfm2_moe_experts_on_cpu_give_the_resident_tokens(lfm2_moe, device):
+    """`--experts cpu` (16-bit experts on the host, run's decode step for host experts) gives the
+    greedy tokens of all experts resident, and those are transformers' (prefill in chunks of 10)."""
+    from fixtures.parity import reference_tokens
+    from fixtures.reference import reference_model
+    from llmarch.runtime import generate as g
+    from llmarch.runtime.experts.decode import attach_decoder
+    from llmarch.runtime.experts.report import offloaded
+    from llmarch.runtime.load import load_runtime
+
+    prompt = torch.randint(3, 128, (1, 23), generator=torch.Generator().manual_seed(2))
+    expected = reference_tokens(reference_model("lfm2_moe", lfm2_moe), prompt, STEPS)
+    with patch.object(g, "PREFILL_CHUNK", 10):
+        rt = load_runtime(str(lfm2_moe), device, "float32")
+        assert (
+            g.Generator(rt, 23 + STEPS, cuda_graph=False).generate(prompt[0].tolist(), STEPS, g.Sampling()).tokens
+            == expected
+        )
+        rt_cpu = load_runtime(str(lfm2_moe), device, "float32", experts="cpu", expert_bits=16)
+        assert len(offloaded(rt_cpu.model)) == 4
+        gen_cpu = g.Generator(rt_cpu, 23 + STEPS, cuda_graph=False)
+        assert attach_decoder(gen_cpu)
+        assert gen_cpu.generate(prompt[0].tolist(), STEPS, g.Sampling()).tokens == expected
+    assert len(set(expected)) > 1  # not one repeated token
 
 
 def test_variant_with_biases_no_gate_no_sandwich(tiny, device):

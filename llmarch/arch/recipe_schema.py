@@ -39,6 +39,9 @@ class MoERecipe:
     router: str | None = _choice("softmax", "sigmoid")  # score function when the config has no scoring_func
     topk_before_score: bool = False  # top-k over the raw logits, then the score function over the k chosen
     norm_topk_prob: bool | None = None  # top-k renormalised when the config has no norm_topk_prob key
+    # the epsilon of that renormalisation, w / (sum + eps), of sigmoid-then-top-k routers
+    # (Lfm2MoeTopKRouter: 1e-6; DeepSeek V3 and AfMoE: 1e-20)
+    norm_topk_eps: float = 1e-20
     # False: the modeling file never reads config.json's norm_topk_prob (DeepSeek-V2's router never
     # renormalises whatever the config says); norm_topk_prob above holds
     reads_norm_topk_prob: bool = True

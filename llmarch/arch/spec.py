@@ -196,6 +196,7 @@ class MoESpec:
     router_bias: bool = False
     weights_on_input: bool = False  # router weights scale each expert's input, not its output (Llama 4)
     expert_bias: bool = False  # bias units on the routed experts (gpt-oss)
+    norm_topk_eps: float = 1e-20  # sigmoid-then-top-k routers' w / (sum + eps)
     # clamped SwiGLU (gpt-oss): (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit);
     # None: the model's activation, gated
     swiglu_alpha: float | None = None

@@ -56,6 +56,7 @@ def _read_routing(m: MoESpec, f: Facts, r: MoERecipe, lt) -> None:
         )
     else:
         m.norm_topk_prob = r.norm_topk_prob
+    m.norm_topk_eps = r.norm_topk_eps
     m.n_group = f.get("n_group")
     m.topk_group = f.get("topk_group")
     m.group_score = r.group_score

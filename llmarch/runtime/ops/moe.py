@@ -46,6 +46,7 @@ class Router(nn.Module):
         # sigmoid-then-top-k routers add a correction bias to the choice only; the others, to the logits
         self.bias = nn.Parameter(torch.empty(m.experts)) if m.router_bias and not self.hashed else None
         self.norm = bool(m.norm_topk_prob)
+        self.norm_eps = m.norm_topk_eps
         self.groups, self.topk_group = m.n_group or 1, m.topk_group or 1
         self.group_by_max = m.group_score == "max"
         self.scale = m.routed_scaling_factor or 1.0
@@ -91,7 +92,7 @@ class Router(nn.Module):
                 idx = choice.topk(self.k, dim=-1, sorted=False)[1]
             w = scores.gather(1, idx)
             if self.norm:
-                w = w / (w.sum(-1, keepdim=True) + 1e-20)
+                w = w / (w.sum(-1, keepdim=True) + self.norm_eps)
             return idx, w
         logits = F.linear(x, self.weight, self.bias)
         if not self.topk_first:  # softmax over every expert, then top-k
