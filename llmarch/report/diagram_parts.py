@@ -53,6 +53,7 @@ def layers_from_doc(doc: dict) -> list[LayerSpec]:
             rope=l["rope"],
             ffn=l["ffn"],
             linear_kind=kind if isinstance(kind, str) and l["mixer"] in ("linear", "mamba") else None,
+            norm_placement=l.get("norm_placement"),
         )
         for i, l in enumerate(doc["layer_schedule"])
     ]
@@ -147,8 +148,9 @@ def ffn_part(doc: dict, layer: LayerSpec) -> Part:
 
 
 def block_parts(doc: dict, layer: LayerSpec) -> list[Part]:
-    """Bottom to top, residual adds included; norm placement decides where norms go."""
-    placement = doc["norm"]["placement"]
+    """Bottom to top, residual adds included; norm placement (the layer's own where it differs
+    from the model's) decides where norms go."""
+    placement = layer.norm_placement or doc["norm"]["placement"]
     out: list[Part] = []
     for sub in ("mixer", "ffn"):
         if (sub == "mixer" and layer.mixer == "none") or (sub == "ffn" and layer.ffn == "none"):
