@@ -33,6 +33,12 @@ drop_caches; fincore checks that it worked), then the first steps of --ple disk 
    runs llama-bench tg --tokens (-fa 1 -ngl 99) on all cores, its lazy mode off and on (on: the
    per-layer table's rows read on demand through mmap instead of resident in host RAM);
 5. prints one table. With --budget-s, what would not fit is skipped and said so (E2B first).
+
+--gpu-rounds N runs step 3's processes N times (modes in turn each round) and prints each round's
+ratios to --ple gpu; --skip-eager leaves out the eager --ple gpu decode. --cold adds one --ple disk
+process per model whose page cache is dropped after the load (`echo 3 > /proc/sys/vm/drop_caches`
+where permitted, else posix_fadvise DONTNEED on the checkpoint's files, checked with fincore), then
+times its first generation token by token.
 """
 
 from __future__ import annotations
@@ -401,8 +407,10 @@ def gpu_worker(a) -> dict:
     out: dict = {"mode": a.mode, "load_s": round(time.perf_counter() - t, 2), "after_load": status_mib()}
     store = find_store(rt.model)
     n = len(GPU_PROMPT) + a.tokens
+    if a.cold:
+        out["cold"] = gpu_cold(a, rt, store, n)
     variants: list[tuple[str, bool | None]] = [("run", None)]  # run.py's rule: a graph on CUDA
-    if store.mode == "gpu" and cuda:
+    if store.mode == "gpu" and cuda and not a.skip_eager:
         variants.append(("eager", False))
     for label, graph in variants:
         gen = Generator(rt, n, cuda_graph=graph)
@@ -428,6 +436,54 @@ def gpu_worker(a) -> dict:
         out["gpu_peak_allocated_mib"] = torch.cuda.max_memory_allocated() // 2**20
         out["gpu_peak_reserved_mib"] = torch.cuda.max_memory_reserved() // 2**20
     return out
+
+
+def drop_page_cache(folder: Path) -> str:
+    """Drop the checkpoint's pages: the whole page cache where permitted, and each of its files'
+    pages by posix_fadvise DONTNEED; says which worked and what fincore still finds resident."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        how = "drop_caches written"
+    except OSError as e:
+        how = f"drop_caches refused ({e.strerror})"
+    left = [evict(f) for f in sorted(folder.glob("*.safetensors"))]
+    return f"{how}, then posix_fadvise DONTNEED; bytes resident after: {left}"
+
+
+def _resident(path: Path) -> str:
+    r = subprocess.run(["fincore", "-b", "-n", "-o", "RES", str(path)], capture_output=True, text=True)
+    return r.stdout.strip() or r.stderr.strip()
+
+
+def gpu_cold(a, rt, store, n: int) -> dict:
+    """The first generation after the checkpoint's pages were dropped (after the load: the weights
+    are on the GPU, the table's rows on disk), each token's time from the start of decode."""
+    from llmarch.runtime.generate import Generator, Sampling
+    from llmarch.runtime.ple import Counters
+
+    gen = Generator(rt, n)
+    gen.generate(GPU_PROMPT, 2, Sampling())  # capture the graph while the pages are still warm
+    how = drop_page_cache(Path(a.table))
+    store.stats = Counters()
+    stamps: list[float] = []
+    t0 = time.perf_counter()
+    res = gen.generate(GPU_PROMPT, a.tokens, Sampling(), on_token=lambda _t: stamps.append(time.perf_counter()))
+    r = store.report()
+    steps = max(len(res.tokens) - 1, 1)
+    gaps = [1e3 * (b - a_) for a_, b in zip(stamps, stamps[1:])]
+    return {
+        "evicted": how,
+        "first_token_ms": round(1e3 * (stamps[0] - t0), 2),
+        "step_ms_first_8": [round(g, 3) for g in gaps[:8]],
+        "step_ms_median_rest": round(sorted(gaps[8:])[len(gaps[8:]) // 2], 3) if len(gaps) > 8 else None,
+        "decode_tok_s": round(res.decode_tok_s, 2),
+        "prefill_s": round(res.prefill_s, 4),
+        "rows_read": r["rows_read"],
+        "read_wait_ms_per_token": round(1e3 * r["read_wait_s"] / steps, 4),
+        "read_ms_per_token": round(1e3 * r["read_s"] / steps, 4),
+        "tokens": res.tokens,
+    }
 
 
 def gpu_model(a, name: str, work: Path, torch) -> dict:
@@ -540,6 +596,30 @@ def gpu_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def gpu_rounds(res: dict) -> str:
+    """Each round's decode tok/s per mode and its ratio to --ple gpu (same process order, same run)."""
+    lines = []
+    for name, m in res["models"].items():
+        for i, rd in enumerate(m.get("rounds", [])):
+            tok = {k: w["run"]["decode_tok_s"] for k, w in rd.items() if "run" in w}
+            base = tok.get("gpu")
+            parts = [
+                f"{k} {v:.1f}" + (f" ({100 * (v / base - 1):+.1f}%)" if base and k != "gpu" else "")
+                for k, v in tok.items()
+            ]
+            lines.append(f"{name} round {i + 1}: " + ", ".join(parts))
+        lines.append(f"{name}: every mode and round gave the same tokens: {m.get('same_tokens')}")
+        c = m.get("cold_disk", {}).get("cold")
+        if c:
+            lines.append(
+                f"{name} --ple disk, cold ({c['evicted'][:120]}): first token {c['first_token_ms']} ms (prefill included),"
+                f" steps 1-8 {c['step_ms_first_8']} ms, later median {c['step_ms_median_rest']} ms, "
+                f"{c['decode_tok_s']} tok/s, wait {c['read_wait_ms_per_token']} ms/token, same tokens as warm: "
+                f"{c['tokens'] == m['llmarch'].get('disk', {}).get('run', {}).get('tokens')}"
+            )
+    return "\n".join(lines)
+
+
 def gpu_main(a) -> None:
     t_start = time.perf_counter()
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -592,21 +672,33 @@ def gpu_main(a) -> None:
             log(f"{name}: {models[name]['skipped']}")
             continue
         m = models[name] = gpu_model(a, name, work, torch)
-        m["llmarch"] = {}
-        for mode in [x for x in a.modes if a.device == "cuda" or x != "gpu"]:
-            cmd = [sys.executable, __file__, "--gpu-worker", "--mode", mode, "--table", m["folder"]]
-            cmd += ["--tokens", str(a.tokens), "--device", a.device]
-            try:
-                r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=max(left() - 10, 10))
-                if r.returncode:
-                    raise RuntimeError(r.stderr[-1500:])
-                m["llmarch"][mode] = json.loads(r.stdout.strip().splitlines()[-1])
-            except Exception as e:  # report and go on: the other modes still measure
-                m["llmarch"][mode] = {"error": f"{type(e).__name__}: {e}"[-1500:]}
-            w = m["llmarch"][mode]
-            log(f"{name} --ple {mode}: " + (w["error"][-300:] if "error" in w else json.dumps(w.get("run"))[:300]))
-            save()
-        toks = {k: w["run"]["tokens"] for k, w in m["llmarch"].items() if "run" in w}
+        m["rounds"] = []
+        runs = [(mode, False) for mode in a.modes if a.device == "cuda" or mode != "gpu"]
+        for rnd in range(max(1, a.gpu_rounds)):
+            m["rounds"].append({})
+            for mode, cold in runs + ([("disk", True)] if a.cold and rnd == 0 else []):
+                cmd = [sys.executable, __file__, "--gpu-worker", "--mode", mode, "--table", m["folder"]]
+                cmd += ["--tokens", str(a.tokens), "--device", a.device]
+                cmd += (["--skip-eager"] if a.skip_eager or rnd else []) + (["--cold"] if cold else [])
+                try:
+                    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=max(left() - 10, 10))
+                    if r.returncode:
+                        raise RuntimeError(r.stderr[-1500:])
+                    w = json.loads(r.stdout.strip().splitlines()[-1])
+                except Exception as e:  # report and go on: the other modes still measure
+                    w = {"error": f"{type(e).__name__}: {e}"[-1500:]}
+                if cold:
+                    m["cold_disk"] = w
+                else:
+                    m["rounds"][rnd][mode] = w
+                shown = w.get("cold") if cold else w.get("run")
+                log(
+                    f"{name} round {rnd + 1} --ple {mode}{' cold' if cold else ''}: "
+                    + (w["error"][-300:] if "error" in w else json.dumps(shown)[:300])
+                )
+                save()
+        m["llmarch"] = m["rounds"][0]
+        toks = {(i, k): w["run"]["tokens"] for i, rd in enumerate(m["rounds"]) for k, w in rd.items() if "run" in w}
         m["same_tokens"] = len({tuple(v) for v in toks.values()}) == 1 if toks else None
         m["llmarch_timed_beside_build"] = build is not None and build.poll() is None
     # llama.cpp: the GGUFs (all cores once the build is done), then llama-bench on a quiet machine
@@ -642,6 +734,7 @@ def gpu_main(a) -> None:
     save()
     print()
     print(gpu_table(res))
+    print(gpu_rounds(res))
 
 
 def main() -> None:
@@ -677,6 +770,8 @@ def main() -> None:
     p.add_argument("--measure-cores", type=int, default=4, help="cores for llmarch while llama.cpp builds")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--json")
+    p.add_argument("--gpu-rounds", type=int, default=1, help="--gpu: run the modes' processes this many times")
+    p.add_argument("--skip-eager", action="store_true", help="--gpu: no eager --ple gpu decode")
     a = p.parse_args()
     if a.gpu_worker:
         print(json.dumps(gpu_worker(a)))

@@ -343,6 +343,44 @@ def test_decode_loop_starts_the_next_rows_right_after_sampling(tiny):
     assert r["tokens"] == 4 + 5 and r["rows_read"] == 3 + 5 and r["reads"] == 3 + 5
 
 
+@pytest.mark.parametrize("family", ["gemma3n", "gemma4_text"])
+def test_split_step_reads_the_staged_row_only_in_its_second_part(tiny, family):
+    """A decode step with a host-staged row is captured in two parts (Generator): model.start, which
+    runs while the host still fetches the token's row, then model.finish. Here, on the CPU, step by
+    step past the sliding window: start runs with the row's static buffer poisoned (all bits set:
+    NaN in the stored float type), so any read of the row would show; its outputs are finite. The
+    row is then staged and finish gives exactly the logits of the whole step with the rows gathered
+    from the file as usual (same ops on the same values), on a second cache fed the same tokens."""
+    from llmarch.runtime.generate import Generator
+    from llmarch.runtime.load import load_runtime
+    from llmarch.runtime.ple import find_store
+
+    rt = load_runtime(str(tiny(family)), "cpu", None, ple="disk")
+    model, store = rt.model, find_store(rt.model)
+    assert isinstance(store, DiskTable) and store.layout.stored in ("F32", "BF16", "F16")
+    prompt = [5, 9, 5, 17, 9, 3, 250, 5]
+    whole, split = (Generator(rt, 64, cuda_graph=False).cache for _ in range(2))
+    with torch.inference_mode():
+        ids = torch.tensor([prompt])
+        pos = torch.arange(len(prompt))
+        ref = model(ids, pos, whole, limit=len(prompt))[:, -1]
+        assert torch.equal(model(ids, pos, split, limit=len(prompt))[:, -1], ref)
+        tokens = []
+        for n in range(len(prompt), len(prompt) + 24):  # the tiny configs' windows are shorter
+            tok = int(ref.argmax(-1))
+            tokens.append(tok)
+            ids, pos = torch.tensor([[tok]]), torch.tensor([n])
+            ref = model(ids, pos, whole, limit=None)[:, -1]  # limit=None: the whole cache, as a graph reads it
+            with store.captured():
+                store._static.fill_(255)
+                mid = model.start(ids, pos, split, limit=None)
+                assert all(bool(t.isfinite().all()) for t in mid if t is not None)
+                store.stage(ids)
+                got = model.finish(ids, pos, split, *mid)[:, -1]
+            assert torch.equal(got, ref), (n, (got - ref).abs().max())
+    assert len(set(tokens)) > 1  # a step that ignored its input would repeat one token
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["gemma3n", "gemma4_text"])
 def test_three_modes_give_identical_tokens_through_the_cuda_graph(tiny, monkeypatch, capsys, device, family):

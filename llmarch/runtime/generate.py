@@ -4,7 +4,11 @@ On CUDA the decode step is captured once into a CUDA graph (optionally after tor
 fused its elementwise ops): small models are bound by kernel launches, not bandwidth, otherwise.
 A model whose step takes part of its input from the host (per-layer embedding rows in host RAM or
 on disk) names that input `model.graph_inputs`: the graph reads it from a static device buffer,
-which `graph_inputs.stage(ids)` fills with the sampled token's part before each replay.
+which `graph_inputs.stage(ids)` fills with the sampled token's part before each replay. Such a
+step is captured as two graphs when the model splits it (`model.start`, everything before that
+input is first read; `model.finish`, the rest): greedy decode queues a step's first graph right
+behind the previous step, its token taken on the device, so it runs while the host waits for the
+token and stages its part; only the second graph waits for the host.
 """
 
 from __future__ import annotations
@@ -88,7 +92,8 @@ class Generator:
         self.model.setup(max_seq, rt.device, rt.dtype)
         self.use_graph = (rt.device.type == "cuda") if cuda_graph is None else cuda_graph
         self.compile = compile
-        self.graph = None
+        self.graph = None  # the captured step (its second part when split)
+        self.graph_start = None  # the first part of a split step (see the docstring)
         self.staged = getattr(self.model, "graph_inputs", None)  # host-side step input (see the docstring)
 
     # ---------------------------------------------------------------- decode step
@@ -102,15 +107,26 @@ class Generator:
         Warm-up runs write garbage K/V at slot `pos` only, which the real step at `pos` overwrites
         before anything reads it (in a ring that slot held a position already outside the window).
         """
-        fn = self.model
+        split = self.staged is not None and hasattr(self.model, "start") and hasattr(self.model, "finish")
+        parts = (self.model.start, self.model.finish) if split else (self.model,)
         if self.compile:
             import torch._inductor.config as inductor
 
             inductor.coordinate_descent_tuning = True  # tunes the fused norm/rope/softmax kernels (gpt-fast does too)
-            fn = torch.compile(self.model, dynamic=False, fullgraph=False)
-        self.fn = fn
+            parts = tuple(torch.compile(f, dynamic=False, fullgraph=False) for f in parts)
+        self.fn = self.model if split else parts[0]  # the whole step, callable outside the graph (profiling)
         self.g_ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.g_pos = torch.full((1,), pos, dtype=torch.long, device=self.device)
+
+        def step() -> torch.Tensor:
+            if not split:
+                return parts[0](self.g_ids, self.g_pos, self.cache, limit=None)
+            return parts[1](self.g_ids, self.g_pos, self.cache, *self.g_mid)
+
+        def first() -> None:
+            if split:  # start's outputs stay where the second graph reads them
+                self.g_mid = parts[0](self.g_ids, self.g_pos, self.cache, limit=None)
+
         saved = self.cache.save_linear()  # the warm-up steps below advance recurrent state: undo them
         staged = self.staged.captured() if self.staged is not None else contextlib.nullcontext()
         with staged:  # the host-side input read from its static buffer, in warm-up and capture alike
@@ -118,11 +134,16 @@ class Generator:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(3):
-                    fn(self.g_ids, self.g_pos, self.cache, limit=None)
+                    first()
+                    step()
             torch.cuda.current_stream().wait_stream(stream)
+            if split:
+                self.graph_start = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph_start):
+                    first()
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.g_out = fn(self.g_ids, self.g_pos, self.cache, limit=None)[:, -1]
+                self.g_out = step()[:, -1]
                 self.g_next = self.g_out.argmax(dim=-1, keepdim=True)  # the greedy choice, inside the graph
         self.cache.restore_linear(saved)
 
@@ -131,6 +152,8 @@ class Generator:
             self._capture(pos)
         self.g_ids.copy_(ids)
         self.g_pos.fill_(pos)
+        if self.graph_start is not None:
+            self.graph_start.replay()
         self.graph.replay()
         return self.g_out
 
@@ -170,6 +193,42 @@ class Generator:
             if len(out) >= max_tokens:
                 return out, "max_tokens"
             i += 1
+
+    def _greedy_staged(self, first: torch.Tensor, pos: int, max_tokens: int, eos_ids: set[int], on_token):
+        """Greedy decode of a split step with a host-staged input. Per step: the host stages the
+        token's part and queues the second graph, the copy of its choice to pinned memory (with an
+        event), the next step's ids and position taken on the device, and the next step's first
+        graph, which thus runs while the host waits for the token, fetches its part and stages it.
+        A first graph queued for a step that does not come (EOS) only writes a cache slot nobody
+        reads."""
+        prefetch = getattr(self.model, "prefetch_next", None)
+        host = torch.empty(1, 1, dtype=torch.long, pin_memory=True)
+        chosen = torch.cuda.Event()
+        self.g_ids.copy_(first.view(1, 1))
+        self.g_pos.fill_(pos)
+        self.graph_start.replay()
+        out: list[int] = []
+        tok = int(first.item())
+        while True:
+            out.append(tok)
+            ids = torch.tensor([[tok]])
+            more = tok not in eos_ids and len(out) < max_tokens
+            if prefetch is not None and more:
+                prefetch(ids)  # as in the plain loop: the row's read starts before the token is streamed
+            if on_token:
+                on_token(tok)
+            if not more:
+                return out, "eos" if tok in eos_ids else "max_tokens"
+            self.staged.stage(ids)  # queued behind this step's first graph, ahead of its second
+            self.graph.replay()
+            host.copy_(self.g_next, non_blocking=True)
+            chosen.record()
+            if len(out) + 1 < max_tokens:
+                self.g_ids.copy_(self.g_next)
+                self.g_pos.add_(1)
+                self.graph_start.replay()
+            chosen.synchronize()
+            tok = int(host[0, 0])
 
     # ---------------------------------------------------------------- generation
     @torch.inference_mode()
@@ -214,10 +273,11 @@ class Generator:
             sync()
             extra["capture_s"] = time.perf_counter() - tc
         t1 = time.perf_counter()
-        # staged host input: each step needs the token on the host first, so no step runs ahead
+        # staged host input: each step needs the token on the host first (greedy: only its second part)
         staged = self.staged if self.graph is not None else None
-        if self.graph is not None and not sampling.temperature and staged is None:
-            out, stopped = self._greedy_pipelined(nxt, len(prompt), max_tokens, eos_ids, on_token)
+        if self.graph is not None and not sampling.temperature and (staged is None or self.graph_start is not None):
+            greedy = self._greedy_pipelined if staged is None else self._greedy_staged
+            out, stopped = greedy(nxt, len(prompt), max_tokens, eos_ids, on_token)
             sync()
             return Result(out, len(prompt), prefill_s, time.perf_counter() - t1, stopped, extra)
         step = self._step_graph if self.use_graph else self._step_eager

@@ -26,6 +26,7 @@ from llmarch.runtime.ops.gated_deltanet import GatedDeltaNet
 from llmarch.runtime.ops.hyper_connections import HyperConnection, HyperHead, load_params
 from llmarch.runtime.ops.kda import KimiDeltaAttention
 from llmarch.runtime.ops.laurel import Laurel
+from llmarch.runtime.ops.learned_rope import LearnedRopeScale
 from llmarch.runtime.ops.mamba2 import Mamba2
 from llmarch.runtime.ops.mla import MLAttention
 from llmarch.runtime.ops.mlp import GatedMLP, PlainMLP
@@ -111,6 +112,11 @@ class Block(nn.Module):
         if self.hyper is not None:
             x = self.hyper["attn"].around(x, lambda c: self.attn(self.attn_norm(c), pos, cache))
             return self.hyper["ffn"].around(x, lambda c: self._ffn(self.ffn_norm(c), ids))
+        return self.add_per_layer_input(self.body(x, pos, cache, ids), per_layer_input)
+
+    def body(self, x, pos, cache, ids=None):
+        """The layer up to its per-layer input: mixer, LAuReL, FFN, AltUp's correction (then the
+        streams are returned). Not for hyper-connection layers."""
         streams = None
         if self.altup is not None:
             streams = self.altup.predict(x)
@@ -127,11 +133,16 @@ class Block(nn.Module):
             h = self.mlp(normed, x) if getattr(self.mlp, "wants_residual", False) else self._ffn(normed, ids)
             x = x + (self.ffn_post_norm(h) if self.ffn_post_norm is not None else h)
         if self.altup is not None:
-            streams = self.altup.correct(streams, x)
+            return self.altup.correct(streams, x)
+        return x
+
+    def add_per_layer_input(self, x, per_layer_input):
+        """The rest of the layer after body(): its per-layer input gated in, the output scalar."""
+        if self.altup is not None:
             if self.per_layer is not None:
                 # into streams 1.. as the reference does (the active stream is 0 in every config)
-                streams[1:] += self.per_layer(self.altup.active_output(streams), per_layer_input)
-            return streams
+                x[1:] += self.per_layer(self.altup.active_output(x), per_layer_input)
+            return x
         if self.per_layer is not None:
             x = x + self.per_layer(x, per_layer_input)
         if self.layer_scalar is not None:
@@ -184,6 +195,8 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(spec.vocab_size, d)
         self.pos_embed = nn.Embedding(spec.context_length or 1024, d) if spec.rope.learned_positions else None
         self.ropes = nn.ModuleDict()
+        # LeRoPE: one learned frequency scale for every layer's RoPE (read from the tables' builds)
+        self.rope_scale = LearnedRopeScale(spec) if spec.rope.learned_freq_scale else None
         layers = []
         for layer in spec.schedule:
             mixer = layer.linear_kind or ("shared_kv" if layer.kv_single else layer.mixer)
@@ -201,7 +214,8 @@ class Transformer(nn.Module):
                         name = n
                         break
                 else:
-                    r = Rope(head_dim, rot, theta, scaling, spec.context_length)
+                    freq_scale = self.rope_scale.factors if self.rope_scale is not None else None
+                    r = Rope(head_dim, rot, theta, scaling, spec.context_length, freq_scale)
                     r.key = key[0]
                     self.ropes[name] = r
                 rope = self.ropes[name]
@@ -220,6 +234,8 @@ class Transformer(nn.Module):
         self.embed_scale = spec.embedding_scale
         self.final_softcap = spec.final_softcap
         self.per_layer_inputs = PerLayerInputs(spec) if spec.per_layer_embeddings else None
+        # start() runs the first layer's body too: it needs no per-layer row
+        self._first_split = self.per_layer_inputs is not None and len(layers) > 0 and layers[0].hyper is None
         self.altup_streams = AltUpStreams(spec) if spec.altup else None
         h = spec.hyper
         self.hyper_head = ModelHyperHead(d, h.streams, h.eps, spec.norm.eps or 1e-6) if h is not None else None
@@ -232,15 +248,35 @@ class Transformer(nn.Module):
     def forward(
         self, ids: torch.Tensor, pos: torch.Tensor, cache, limit: int | None = None, last_only: bool = True
     ) -> torch.Tensor:
+        return self.finish(ids, pos, cache, *self.start(ids, pos, cache, limit), last_only=last_only)
+
+    def start(self, ids: torch.Tensor, pos: torch.Tensor, cache, limit: int | None = None):
+        """A step up to the first read of the per-layer table's rows: the embedding, its per-layer
+        projection and the first layer's body. A decode step that takes those rows from the host
+        runs this part while the host fetches them (Generator). Returns (x, projection): finish()'s
+        input."""
         cache.prepare(pos, limit)
         x = self.embed_ids(ids, pos)
-        ple = self.per_layer_inputs(ids, x) if self.per_layer_inputs is not None else None
+        pli = self.per_layer_inputs
+        proj = pli.project(x) if pli is not None else None
         if self.altup_streams is not None:
             x = self.altup_streams.expand(x)
         if self.hyper_head is not None:
             x = x.unsqueeze(2).expand(-1, -1, self.spec.hyper.streams, -1).contiguous()
+        if self._first_split:
+            x = self.layers[0].body(x, pos, cache, ids)
+        return x, proj
+
+    def finish(self, ids, pos, cache, x, proj, last_only: bool = True) -> torch.Tensor:
+        """The rest of the step after start(): the per-layer table's rows, the layers, the head."""
+        ple = self.per_layer_inputs.combine(ids, proj) if proj is not None else None
         for i, block in enumerate(self.layers):
-            x = block(x, pos, cache, None if ple is None else ple[:, :, i], ids=ids)
+            part = None if ple is None else ple[:, :, i]
+            x = (
+                block.add_per_layer_input(x, part)
+                if i == 0 and self._first_split
+                else block(x, pos, cache, part, ids=ids)
+            )
         if self.hyper_head is not None:
             x = self.hyper_head(x)
         if last_only:

@@ -58,14 +58,22 @@ class PerLayerInputs(nn.Module):
 
     def forward(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """ids [B, T], x [B, T, d] the scaled main embedding -> [B, T, layers, width]."""
+        return self.combine(ids, self.project(x))
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The main embedding's part, [B, T, layers, width]: needs no row of the table, so a step
+        can compute it (and more) while the rows are still being fetched."""
         shape = (*x.shape[:-1], self.layers, self.width)
         proj = self.model_projection(x) * torch.tensor(self.projection_scale, dtype=x.dtype)
-        proj = self.projection_norm(proj.reshape(shape))
+        return self.projection_norm(proj.reshape(shape))
+
+    def combine(self, ids: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+        """The table's rows for ids added to project()'s output: the layers' inputs."""
         # ids beyond the table (a larger main vocabulary) read row 0, as Gemma 3n does
         ids = torch.where((ids >= 0) & (ids < self.vocab), ids, torch.zeros_like(ids))
-        rows = self.rows.gather(ids).to(x.dtype)
-        rows = rows * torch.tensor(self.table_scale, dtype=x.dtype)
-        return (proj + rows.reshape(shape)) * torch.tensor(self.combine_scale, dtype=x.dtype)
+        rows = self.rows.gather(ids).to(proj.dtype)
+        rows = rows * torch.tensor(self.table_scale, dtype=proj.dtype)
+        return (proj + rows.reshape(proj.shape)) * torch.tensor(self.combine_scale, dtype=proj.dtype)
 
 
 class PerLayerGate(nn.Module):
