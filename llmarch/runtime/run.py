@@ -186,13 +186,18 @@ def run(o: RunOptions) -> dict:
         stored_blocks=o.keep_quantized and o.quant_bits is None,
     )
 
-    moe = rt.spec.moe is not None or rt.spec.attention.mla  # routing syncs with the host: no CUDA graph
+    moe = rt.spec.moe is not None or rt.spec.attention.mla
+    # resident experts route without a host sync, so their decode step is one CUDA graph; experts
+    # elsewhere (or a mixer not proven capturable: sparse MLA, chunked attention) leave the GPU mid-step
+    graph: bool | None = None
+    if moe:
+        from llmarch.runtime.experts.decode import attach_decoder, whole_step_capturable
+
+        graph = None if whole_step_capturable(rt.model) else False
     ple = find_store(rt.model)
     # per-layer rows gathered on the host reach a CUDA graph through the store's static buffer
-    gen = Generator(rt, len(ids) + max_tokens, cuda_graph=False if moe else None, compile=o.compile)
-    if moe:  # host-offloaded experts: GPU segments between host round trips as CUDA graphs
-        from llmarch.runtime.experts.decode import attach_decoder
-
+    gen = Generator(rt, len(ids) + max_tokens, cuda_graph=graph, compile=o.compile)
+    if graph is False:  # host-offloaded experts: GPU segments between host round trips as CUDA graphs
         attach_decoder(gen)
     eos = set() if o.ignore_eos or tok is None else tok.eos_ids
     err.write(f"llmarch: {header_line(o.source, ckpt, spec, tok)}\n")  # after the load: a failed one stays one line

@@ -26,7 +26,47 @@ import torch
 
 from llmarch.runtime.experts.host import OffloadedExperts
 from llmarch.runtime.experts.kernel import DecodeCtx, cpu_kernel, kernel_activation, kernel_scratch, ptr
+from llmarch.runtime.experts.stores import ResidentExperts
 from llmarch.runtime.ops.moe import MoE
+
+
+def capturable_mixer(mixer, mla: bool) -> bool:
+    """A mixer whose one-token step can be a CUDA graph: fixed shapes, no host read, its cache or
+    recurrent state updated in place. Attention (full / sliding rings), MLA where `mla` admits it,
+    and the linear mixers (Gated DeltaNet, KDA, Mamba-2, short convolution: conv window and
+    recurrent matrix written with copy_/mul_/add_). Chunked attention slices its cache by the
+    position read on the host; DeepSeek V4's compressed attention is not checked: eager."""
+    from llmarch.runtime.ops.attention import Attention
+    from llmarch.runtime.ops.chunked_attention import ChunkedAttention
+    from llmarch.runtime.ops.gated_deltanet import GatedDeltaNet
+    from llmarch.runtime.ops.kda import KimiDeltaAttention
+    from llmarch.runtime.ops.mamba2 import Mamba2
+    from llmarch.runtime.ops.mla import MLAttention
+    from llmarch.runtime.ops.short_conv import ShortConv
+
+    if mixer is None:
+        return True
+    if isinstance(mixer, ChunkedAttention):
+        return False
+    if isinstance(mixer, MLAttention):
+        return mla
+    return isinstance(mixer, (Attention, GatedDeltaNet, KimiDeltaAttention, Mamba2, ShortConv))
+
+
+def whole_step_capturable(model) -> bool:
+    """A MoE / MLA model's whole decode step as one CUDA graph (the Generator's): every mixer
+    capturable and every routed-expert store resident on the device, whose decode path has no host
+    sync (stores.routed_static). Offloaded, dequantizing and hot-expert stores read the routing on
+    the host. MLA's one-token step reads the whole static latent cache (no host read of the
+    position); with a sparse-attention indexer (DeepSeek V3.2, GLM-5) it is not checked: eager."""
+    mla = not model.spec.attention.indexer
+    for b in model.layers:
+        if not capturable_mixer(b.attn, mla=mla):
+            return False
+        ffn = getattr(b.mlp, "moe", b.mlp)  # a dense MLP beside the experts (Gemma 4) holds them as .moe
+        if isinstance(ffn, MoE) and type(ffn.experts) is not ResidentExperts:
+            return False
+    return True
 
 
 class SegmentedDecoder:
@@ -43,16 +83,7 @@ class SegmentedDecoder:
             and model.pos_embed is None
             and not any(blocks[i].mlp.experts.hot_n for i in self.cuts)
         )  # hot experts: the eager path
-        # chunked attention slices its cache by the position on the host: eager segments
-        from llmarch.runtime.ops.attention import Attention
-        from llmarch.runtime.ops.chunked_attention import ChunkedAttention
-        from llmarch.runtime.ops.mla import MLAttention
-
-        capturable = all(
-            b.attn is None
-            or (isinstance(b.attn, (Attention, MLAttention)) and not isinstance(b.attn, ChunkedAttention))
-            for b in blocks
-        )
+        capturable = all(capturable_mixer(b.attn, mla=True) for b in blocks)
         self.graphs = (device.type == "cuda" and capturable) if graphs is None else graphs
         d = model.spec.hidden_size
         dt = model.final_norm.weight.dtype
@@ -198,6 +229,7 @@ class SegmentedDecoder:
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
+        saved = self.cache.save_linear()  # the warm-up steps advance recurrent state: undone below
         with torch.cuda.stream(side):
             for _ in range(2):
                 for i, seg in enumerate(self.segs):  # warm-up: K/V written at slot pos only, rewritten by the real step
@@ -207,6 +239,7 @@ class SegmentedDecoder:
                     if i < len(self.cuts):
                         self._host(i)
         torch.cuda.current_stream().wait_stream(side)
+        self.cache.restore_linear(saved)
         # the pinned copies ride in the graphs (two calls less per layer); an event after the copy to
         # the host lets the CPU start while the graph's tail (the shared expert) still runs
         self.copies_in_graph = self.native
