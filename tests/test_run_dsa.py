@@ -24,7 +24,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from fixtures.parity import check_parity, own_cache  # noqa: E402
+from fixtures.parity import check_generator, check_parity, own_cache  # noqa: E402
 from fixtures.reference import reference_model  # noqa: E402
 
 STEPS = 32
@@ -33,17 +33,17 @@ DSA = ["deepseek_v32", "glm_moe_dsa"]
 HEADS = 8  # indexer heads: see the module docstring
 
 
-def _parity(path, ref):
-    """check_parity against ref's own cached decode (its indexer keys included), on the CPU;
-    returns the runtime and its cache."""
-    p = check_parity(path, own_cache(ref), "cpu", PROMPT, STEPS)
+def _parity(path, ref, device="cpu"):
+    """check_parity against ref's own cached decode (its indexer keys included); returns the
+    runtime and its cache."""
+    p = check_parity(path, own_cache(ref), device, PROMPT, STEPS)
     return p.rt, p.cache
 
 
 @pytest.mark.parametrize("name", DSA)
-def test_sparse_attention_matches_transformers(tiny, name):
+def test_sparse_attention_matches_transformers(tiny, device, name):
     path = tiny(name, index_n_heads=HEADS, index_topk=8)
-    rt, cache = _parity(path, reference_model(name, path))
+    rt, cache = _parity(path, reference_model(name, path, device), device)
     spec = rt.spec
     a = spec.attention
     assert (a.index_heads, a.index_head_dim, a.index_topk) == (HEADS, 16, 8)  # the fixture's config
@@ -53,11 +53,11 @@ def test_sparse_attention_matches_transformers(tiny, name):
     assert per_token == {a.kv_lora_rank + a.qk_rope_head_dim + a.index_head_dim}
 
 
-def test_layers_sharing_a_selection(tiny):
+def test_layers_sharing_a_selection(tiny, device):
     """GLM-5's "shared" indexer layers attend the keys the previous full layer's indexer chose and
     cache no indexer keys of their own (transformers builds them without an indexer)."""
     path = tiny("glm_moe_dsa", index_n_heads=HEADS, index_topk=8, indexer_types=["full", "shared", "full"])
-    rt, cache = _parity(path, reference_model("glm_moe_dsa", path))
+    rt, cache = _parity(path, reference_model("glm_moe_dsa", path, device), device)
     assert [l.index_from for l in rt.spec.schedule] == [None, 0, None]
     assert [c.index_k is not None for c in cache.layers.values()] == [True, False, True]
     assert cache.nbytes() == rt.spec.kv_cache(context=PROMPT + STEPS, kv_dtype="f32")["bytes"]
@@ -81,12 +81,17 @@ def test_dropping_the_selection_fails_the_check(tiny, monkeypatch):
     path = tiny("deepseek_v32", index_n_heads=HEADS, index_topk=8)
     ref = reference_model("deepseek_v32", path)
     keep = sparse_indexer.LightningIndexer.forward
-    monkeypatch.setattr(sparse_indexer.LightningIndexer, "forward", lambda *a: keep(*a) | a[-1])
+
+    def every_visible_key(*a):  # keys still cached; the selection dropped
+        keep(*a)
+        return None
+
+    monkeypatch.setattr(sparse_indexer.LightningIndexer, "forward", every_visible_key)
     with pytest.raises(AssertionError, match="prefill logits differ"):
         _parity(path, ref)
 
 
-def test_topk_beyond_the_context_is_dense_mla(tiny, tmp_path):
+def test_topk_beyond_the_context_is_dense_mla(tiny, device, tmp_path):
     """index_topk above the context keeps every visible key: the logits are transformers' dense
     DeepSeek V3 on the same weights (its config is V3.2's without the indexer keys)."""
     src = tiny("deepseek_v32", index_n_heads=HEADS, index_topk=4 * (PROMPT + STEPS))
@@ -95,7 +100,36 @@ def test_topk_beyond_the_context_is_dense_mla(tiny, tmp_path):
     cfg = json.loads((dense / "config.json").read_text())
     cfg.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"])
     (dense / "config.json").write_text(json.dumps(cfg))
-    _parity(src, reference_model("deepseek_v3", dense))
+    _parity(src, reference_model("deepseek_v3", dense, device), device)
+
+
+@pytest.mark.parametrize("name", DSA)
+def test_generator_greedy_matches_transformers(tiny, device, name):
+    """The Generator path gives transformers' greedy tokens with index_topk 8 under a 40-token
+    prompt: prefill in chunks of 10 (later chunks select among the earlier ones' keys), then decode
+    steps that gather the 8 selected latents; on a GPU each step is one captured CUDA graph, the
+    indexer's scores over the whole static cache, its top-k and the gather inside it."""
+    path = tiny(name, index_n_heads=HEADS, index_topk=8)
+    check_generator(path, reference_model(name, path, device), device, PROMPT, STEPS)
+
+
+def test_offloaded_experts_same_tokens(tiny, device):
+    """Routed experts on the host (the segmented decoder: on a GPU the attention, the indexer's
+    top-k and the gather between two host round trips are replayed as CUDA graphs) give
+    transformers' greedy tokens with index_topk 8 under the 40-token prompt. Widths of 64
+    multiples, as the host stores need; 16-bit experts, so nothing is rounded."""
+    from fixtures.parity import reference_tokens
+    from llmarch.runtime.experts.decode import attach_decoder
+    from llmarch.runtime.generate import Generator, Sampling
+    from llmarch.runtime.load import load_runtime
+
+    path = tiny("deepseek_v32", index_n_heads=HEADS, index_topk=8, hidden_size=128, moe_intermediate_size=64)
+    ids = torch.randint(3, 128, (1, PROMPT), generator=torch.Generator().manual_seed(5))
+    want = reference_tokens(reference_model("deepseek_v32", path, device), ids.to(device), STEPS)
+    assert len(set(want)) > 3
+    gen = Generator(load_runtime(str(path), device, "float32", experts="cpu", expert_bits=16), PROMPT + STEPS + 1)
+    assert attach_decoder(gen)
+    assert gen.generate(ids[0].tolist(), STEPS, Sampling()).tokens == want
 
 
 def _bad(command, path):

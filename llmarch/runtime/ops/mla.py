@@ -33,7 +33,7 @@ class LatentCache:
         self.v = torch.zeros(batch, size, rope, dtype=dtype, device=device)  # k_rot
         # the sparse-attention indexer's own key per token, where the layer has one
         self.index_k = indexer.new_cache(batch, size, dtype, device) if indexer is not None else None
-        self.selection: torch.Tensor | None = None  # this step's selected keys, for layers sharing them
+        self.selection = None  # this step's Selection (sparse_indexer.py), for layers sharing it
 
     def update(self, c, k_rot, pos):
         self.k.index_copy_(1, pos, c.to(self.k.dtype))
@@ -107,12 +107,17 @@ class MLAttention(nn.Module):
         cs, ks = lc.update(c, k_rot, pos)  # [B, S, rank], [B, S, rope]
         S = cs.shape[1]
         mask = torch.arange(S, device=x.device)[None, :] <= pos[:, None]  # [T, S]
-        if self.indexer is not None:  # sparse attention: only the keys the indexer selects, per query
-            mask = lc.selection = self.indexer(x, q_resid, pos, self.rope, lc.index_k, mask)[:, None]  # [B, 1, T, S]
+        sel = None  # sparse attention: the keys the indexer selects per query (None: every visible key)
+        if self.indexer is not None:
+            sel = lc.selection = self.indexer(x, q_resid, pos, self.rope, lc.index_k, mask)
         elif self.index_from is not None:
-            mask = cache.layers[self.index_from].selection
+            sel = cache.layers[self.index_from].selection
         w = self.kv_b.weight.view(self.H, self.nope + self.vdim, self.rank)
         w_k, w_v = w[:, : self.nope], w[:, self.nope :]
+        if sel is not None and T > 1:
+            mask = sel.mask(mask)[:, None]  # [B, 1, T, S]
+        elif sel is not None:  # decode reads the k selected latents only: a gather of static size
+            cs, ks, mask = sel.gather(cs), sel.gather(ks), sel.ok[:, None]  # [B, k, rank], [B, k, rope], [B, 1, 1, k]
         if T > 1:  # expanded: per-head K/V for all keys, then SDPA
             kv = torch.einsum("bsr,hnr->bhsn", cs, w)
             k_nope, v = kv.split([self.nope, self.vdim], dim=-1)

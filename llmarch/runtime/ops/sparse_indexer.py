@@ -5,14 +5,22 @@ Per token it caches one key k = RoPE(LayerNorm(wk(x))) of index_head_dim (beside
 as inspect counts). Per query it forms index_heads queries q = RoPE(wq_b(q_resid)) from the MLA
 query latent q_resid = q_a_norm(q_a(x)) and per-head weights w = weights_proj(x) / sqrt(heads);
 a key's score is sum_h w_h * relu(q_h . k / sqrt(index_head_dim)). The top index_topk keys among
-those the query may see are kept: the result is a boolean mask over the cache that MLA ands into
-its causal mask (as transformers' eager path does). RoPE covers each key's and query's first
+those the query may see are kept: a Selection of static size (k = min(index_topk, slots) indices
+per query, with whether each is visible), which prefill turns into a mask over the cache that MLA
+ands into its causal mask (as transformers' eager path does) and decode gathers the selected
+latents with, so a step reads k cached tokens, not all of them. Nothing in a decode step depends
+on the position on the host (the whole static cache is scored, slots past the position masked,
+picks among those masked out), so the step can be captured as a CUDA graph. Where index_topk
+covers every slot the selection is every visible key: no scores are taken (None), which is dense
+MLA exactly. RoPE covers each key's and query's first
 qk_rope_head_dim dims (the rest pass through), half-split or interleaved as the spec says;
 transformers skips the reference's Hadamard rotation (orthogonal, dot products unchanged) and
 its FP8 scoring, and so does this.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +30,24 @@ from llmarch.arch.spec import ArchSpec
 from llmarch.errors import LlmarchError
 
 HEAD_GROUP_ELEMS = 1 << 26  # per-head scores held at once (256 MiB of float32)
+
+
+class Selection(NamedTuple):
+    """The keys each query attends: top [B, T, k] slot indices, ok [B, T, k] whether each is visible
+    (a query that sees fewer than k keys picks hidden ones too)."""
+
+    top: torch.Tensor
+    ok: torch.Tensor
+
+    def mask(self, visible: torch.Tensor) -> torch.Tensor:
+        """[B, T, S]: visible and selected."""
+        B, T, _ = self.top.shape
+        chosen = torch.zeros(B, T, visible.shape[-1], dtype=torch.bool, device=visible.device)
+        return chosen.scatter_(-1, self.top, True) & visible
+
+    def gather(self, cached: torch.Tensor) -> torch.Tensor:
+        """cached [B, S, n] -> the selected rows of one query [B, k, n] (decode: T is 1)."""
+        return cached.gather(1, self.top[:, 0, :, None].expand(-1, -1, cached.shape[-1]))
 
 
 class LightningIndexer(nn.Module):
@@ -50,15 +76,17 @@ class LightningIndexer(nn.Module):
     def new_cache(self, batch: int, size: int, dtype, device) -> torch.Tensor:
         return torch.zeros(batch, size, self.D, dtype=dtype, device=device)
 
-    def forward(self, x, q_resid, pos, rope, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    def forward(self, x, q_resid, pos, rope, keys: torch.Tensor, visible: torch.Tensor) -> Selection | None:
         """x [B, T, hidden], q_resid [B, T, q_lora_rank]; keys: this layer's key cache [B, S_max, D],
         written at pos; visible: [T, S] the causal mask over the S cached slots attention reads.
-        Returns [B, T, S]: visible and among the query's top-k."""
+        Returns each query's top-k among the S slots, or None where k covers them all."""
         B, T, _ = x.shape
         S = visible.shape[-1]
-        q = self._rot(self.wq_b(q_resid).view(B, T, self.H, self.D).transpose(1, 2), pos, rope)  # [B, H, T, D]
         k = self._rot(self.k_norm(self.wk(x))[:, None], pos, rope)[:, 0]  # [B, T, D]
-        keys.index_copy_(1, pos, k.to(keys.dtype))
+        keys.index_copy_(1, pos, k.to(keys.dtype))  # always: a later, longer cache may select among them
+        if self.topk >= S:  # top-k of every slot, anded with the causal mask, is the causal mask
+            return None
+        q = self._rot(self.wq_b(q_resid).view(B, T, self.H, self.D).transpose(1, 2), pos, rope)  # [B, H, T, D]
         w = self.weights_proj(x).float() * self.H**-0.5  # [B, T, H]
         q, k_all = q.float(), keys[:, :S].float()
         # heads summed a group at a time: a 512-token prefill chunk over a 32k cache with 64 heads
@@ -69,9 +97,9 @@ class LightningIndexer(nn.Module):
             scores = F.relu(torch.einsum("bhtd,bsd->bhts", q[:, h : h + group], k_all) * self.D**-0.5)
             index += torch.einsum("bth,bhts->bts", w[..., h : h + group], scores)
         index = index.masked_fill(~visible, float("-inf"))
-        # k beyond the visible keys picks some hidden ones too; the causal mask still hides them
-        top = index.topk(min(self.topk, S), dim=-1).indices
-        return torch.zeros_like(index, dtype=torch.bool).scatter_(-1, top, True) & visible
+        # k beyond the visible keys picks some hidden ones too; `ok` (and the causal mask) hide them
+        top = index.topk(self.topk, dim=-1).indices
+        return Selection(top, visible.expand(B, T, S).gather(-1, top))
 
     # Hub names under self_attn.indexer.
     HF = {"wq_b": "wq_b", "wk": "wk", "k_norm": "k_norm", "weights_proj": "weights_proj"}
