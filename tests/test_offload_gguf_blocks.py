@@ -1,17 +1,23 @@
-"""--experts cpu|disk from a GGUF: Q8_0 / Q4_0 expert blocks are read by the CPU kernel as stored,
-views of the file's memory map (nothing dequantized, requantized or copied); other types take the
-dequantizing path, and the run report says which was used.
+"""--experts cpu|disk from a GGUF: Q8_0 / Q4_0 / MXFP4 / Q4_K / Q5_K / Q6_K expert blocks are read by
+the CPU kernel as stored, views of the file's memory map (nothing dequantized, requantized or
+copied), each matrix in its own type (Q4_K_M: Q4_K gate/up, Q6_K or Q4_K down); other types take
+the dequantizing path, and the run report says which was used.
 
-- the kernel on ggml blocks made by gguf-py's own quantizer (the reference for the layout) against
-  torch on gguf-py's dequantization of them, inputs rounded as the kernel rounds them; gated
-  (gate and up as two tensors, as a GGUF stores them) and non-gated experts.
+- the kernel on ggml blocks (gguf-py's quantizer where it has one, else random blocks in the
+  documented layout) against torch on gguf-py's dequantization of them, inputs rounded as the
+  kernel rounds them; gated (gate and up as two tensors, as a GGUF stores them) and non-gated.
 - a tiny Qwen3-MoE converted by `llmarch convert --to gguf` (q8_0, q4_0): greedy tokens with the
   experts on the host equal the same GGUF's all on one device; from disk and through the
   segmented decoder too; the stores hold views of the GGUF mapping.
+- the same with K-quant (Q4_K_M's mix, Q5_K) and MXFP4 experts, against a twin GGUF holding
+  gguf-py's dequantization of those blocks as F32, resident.
 - q5_0 (no kernel layout): dequantized, 16-bit on the host, the resident tokens; the note says why.
+  Cut files and types nothing reads: one line naming the file, exit 2.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -24,14 +30,42 @@ from tests.test_offload import SLICE  # noqa: E402
 PROMPT, STEPS = 12, 32
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
-@pytest.mark.parametrize("gated", [True, False])
-def test_cpu_kernel_reads_ggml_blocks(qtype, gated):
-    from types import SimpleNamespace
-
+def ggml_blocks(qtype: str, shape: tuple, g) -> tuple:
+    """Random weights of `shape` [..., rows, cols] as ggml blocks of qtype (uint8 [..., rows, row
+    bytes]) and gguf-py's dequantization of them (the reference). gguf-py quantizes Q8_0, Q4_0 and
+    MXFP4; it has no K-quant quantizer, so K-quant blocks are random bytes in the documented layout
+    (ggml-quants.c's block_q4_K / q5_K / q6_K) with finite fp16 super-block scales put in place."""
     import numpy as np
     from gguf.quants import dequantize as gg_dequant
     from gguf.quants import quantize as gg_quant
+
+    qt = gguf.GGMLQuantizationType[qtype]
+    *lead, rows, cols = shape
+    if qtype in ("Q8_0", "Q4_0", "MXFP4"):
+        q = gg_quant((torch.randn(*shape, generator=g) * 0.2).numpy(), qt)
+    else:
+        per, nbytes = gguf.GGML_QUANT_SIZES[qt]
+        q = torch.randint(0, 256, (*lead, rows, cols // per, nbytes), dtype=torch.uint8, generator=g).numpy()
+        fp16 = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}[qtype]  # d (and dmin) offsets in the block
+        for o in fp16:  # d * scale * q spans about +-0.2 like the other types' weights
+            v = (torch.rand(*q.shape[:-1], generator=g) * 0.2 / (63 * 15 if qtype != "Q6_K" else 127 * 32)).numpy()
+            q[..., o : o + 2] = v.astype(np.float16)[..., None].view(np.uint8)
+        q = q.reshape(*lead, rows, -1)
+    return torch.from_numpy(np.ascontiguousarray(q)), torch.from_numpy(gg_dequant(q, qt).copy()).float()
+
+
+BLOCK_CASES = [("Q8_0",) * 3, ("Q4_0",) * 3, ("MXFP4",) * 3, ("Q4_K",) * 3, ("Q5_K",) * 3, ("Q6_K",) * 3]
+BLOCK_CASES += [("Q4_K", "Q4_K", "Q6_K"), ("Q5_K", "Q4_K", "Q8_0")]  # Q4_K_M's mix; each matrix its own type
+
+
+@pytest.mark.parametrize("types", BLOCK_CASES, ids=lambda t: "-".join(dict.fromkeys(t)))
+@pytest.mark.parametrize("gated", [True, False])
+def test_cpu_kernel_reads_ggml_blocks(types, gated):
+    """The kernel on ggml blocks (gate, up, down each of its type) against torch on gguf-py's
+    dequantization of the same blocks, inputs rounded as the kernel rounds them: float summation
+    order is all that differs (1e-4). d and the expert width are whole K-quant super-blocks (512,
+    256); E experts of which k per token, decode and prefill rows."""
+    from types import SimpleNamespace
 
     from fixtures.expert_kernel import check_store_equals_reference
     from llmarch.runtime.experts.formats import ExpertFormat
@@ -40,10 +74,8 @@ def test_cpu_kernel_reads_ggml_blocks(qtype, gated):
     from llmarch.runtime.experts.stores import ResidentExperts
     from llmarch.runtime.ops.moe import ExpertAct
 
-    fmt = ExpertFormat.from_ggml(qtype)
-    qt = gguf.GGMLQuantizationType[qtype]
     g = torch.Generator().manual_seed(13)
-    E, d, inter, k, T = 5, 192, 128, 2, 6
+    E, d, inter, k, T = 5, 512, 256, 2, 6
     act = ExpertAct(
         SimpleNamespace(
             moe=SimpleNamespace(swiglu_alpha=None, swiglu_limit=None),
@@ -52,21 +84,23 @@ def test_cpu_kernel_reads_ggml_blocks(qtype, gated):
         ),
         inter,
     )
-
-    def blocks(rows, cols):  # gguf-py's quantizer: [E, rows, cols] float -> uint8 [E, rows, row bytes]
-        w = (torch.randn(E, rows, cols, generator=g) * 0.2).numpy()
-        q = gg_quant(w, qt)
-        return torch.from_numpy(np.ascontiguousarray(q)), torch.from_numpy(gg_dequant(q, qt).copy())
-
-    parts = [blocks(inter, d) for _ in range(2 if gated else 1)]
-    dn, dn_f = blocks(d, inter)
+    gate_t, up_t, down_t = types if gated else (types[1], None, types[2])
+    gate = ggml_blocks(gate_t, (E, inter, d), g)
+    up = ggml_blocks(up_t, (E, inter, d), g) if gated else None
+    dn = ggml_blocks(down_t, (E, d, inter), g)
+    fmts = tuple(None if t is None else ExpertFormat.from_ggml(t) for t in (gate_t, up_t, down_t))
     moe = SimpleNamespace(E=E, d=d, inter=inter, index=0, gated=gated)
     st = OffloadedExperts.from_quantized(
-        moe, (parts[0][0], None, dn, None), Placement("cpu", fmt), torch.float32, up=parts[1][0] if gated else None
+        moe,
+        (gate[0], None, dn[0], None),
+        Placement("cpu", fmts[0]),
+        torch.float32,
+        up=None if up is None else up[0],
+        formats=fmts,
     )
     ref = ResidentExperts(E, d, inter, False, gated=gated)
-    ref.gate_up.data = torch.cat([p[1] for p in parts], dim=1).float()
-    ref.down.data = dn_f.float()
+    ref.gate_up.data = torch.cat([gate[1]] + ([up[1]] if gated else []), dim=1)
+    ref.down.data = dn[1]
     check_store_equals_reference(st, ref, act, E, d, k, T, g)
     with torch.no_grad():
         # the float path of the same store (hot experts on a GPU use it) dequantizes the blocks alike
@@ -96,8 +130,11 @@ def _run(path, **kw):
     gen = Generator(rt, PROMPT + STEPS + 1)
     if segmented:
         assert attach_decoder(gen)
-    ids = torch.randint(3, 128, (PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()
-    return rt, gen.generate(ids, STEPS, Sampling()).tokens
+    return rt, gen.generate(_prompt(), STEPS, Sampling()).tokens
+
+
+def _prompt() -> list[int]:
+    return torch.randint(3, 128, (PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()
 
 
 @pytest.mark.parametrize("q", ["q8_0", "q4_0"])
@@ -139,7 +176,9 @@ def test_requested_bits_and_unreadable_blocks_take_the_dequantizing_path(ggufs):
     rt, got = _run(ggufs["q5_0"], experts="cpu")
     assert got == want
     assert offloaded(rt.model)[0].format is ExpertFormat.FLOAT
-    assert any("the CPU expert kernel reads Q8_0/Q4_0 blocks, not Q5_0" in n for n in rt.notes), rt.notes
+    assert any("the CPU expert kernel reads Q8_0/Q4_0/MXFP4/Q4_K/Q5_K/Q6_K blocks, not Q5_0" in n for n in rt.notes), (
+        rt.notes
+    )
 
 
 def test_run_reports_which_path_the_experts_took(ggufs, capsys):
@@ -273,3 +312,176 @@ def _teacher_forced(path, seq: list[int]):
                 torch.tensor([seq]), torch.arange(len(seq)), cache, limit=len(seq), last_only=False
             )[0]
     return logits, rt
+
+
+# --------------------------------------------------------------- K-quant and MXFP4 experts in a model
+
+KQ_SLICE = dict(SLICE, hidden_size=256, moe_intermediate_size=256, num_hidden_layers=3, num_experts=8, head_dim=64)
+# per layer (gate, up, down): Q4_K_M's pattern (Q6_K down in some layers, Q4_K in others), Q5_K, MXFP4
+MIXES = {
+    "q4_k_m": [("Q4_K", "Q4_K", "Q6_K"), ("Q4_K", "Q4_K", "Q4_K"), ("Q4_K", "Q4_K", "Q6_K")],
+    "q5_k": [("Q5_K",) * 3] * 3,
+    "mxfp4": [("MXFP4",) * 3] * 3,
+}
+
+
+def _expert_names(layer: int) -> list[str]:
+    return [f"blk.{layer}.ffn_{r}_exps.weight" for r in ("gate", "up", "down")]
+
+
+def quantized_twins(f32: Path, folder: Path, mix: list, seed: int = 0) -> tuple[Path, Path]:
+    """From an f32 GGUF: a copy whose routed experts are ggml blocks of the mix's types (ggml_blocks:
+    MXFP4 quantized from the weights by gguf-py, K-quants random blocks of the weights' scale), and
+    its twin with those blocks dequantized by gguf-py to F32: the same model, experts resident."""
+    from fixtures.gguf_edit import rewrite_gguf
+
+    reader = gguf.GGUFReader(f32)
+    shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
+    g = torch.Generator().manual_seed(seed)
+    blocks, floats = {}, {}
+    for layer, types in enumerate(mix):
+        for name, qtype in zip(_expert_names(layer), types):
+            q, f = ggml_blocks(qtype, shapes[name], g)
+            blocks[name], floats[name] = (q.numpy(), gguf.GGMLQuantizationType[qtype]), f.numpy()
+    drop = list(blocks)
+    stem = f32.stem.replace("-f32", "")
+    return (
+        rewrite_gguf(f32, folder / f"{stem}-blocks.gguf", drop=drop, add=blocks),
+        rewrite_gguf(f32, folder / f"{stem}-dequantized.gguf", drop=drop, add=floats),
+    )
+
+
+class RoundedInputs(torch.nn.Module):
+    """Resident float experts with the CPU kernel's int8 input rounding (fake_quant_activations on the
+    experts' input and on the activation before down), computed in torch: the kernel's arithmetic
+    but for float summation order."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, idx, w, act, weight_input=False):
+        from llmarch.runtime.experts.formats import fake_quant_activations as fq
+
+        return self.inner(fq(x), idx, w, lambda h: fq(act(h)), weight_input)
+
+
+@pytest.fixture(scope="module")
+def kquant_ggufs(tiny, tmp_path_factory):
+    from llmarch.convert.to_gguf import convert_to_gguf
+
+    folder = tmp_path_factory.mktemp("kquant_experts")
+    f32 = folder / "qwen3_moe-f32.gguf"
+    convert_to_gguf(str(tiny("qwen3_moe", **KQ_SLICE)), f32, "f32")
+    out = {"f32": f32}
+    for mix, types in MIXES.items():
+        sub = folder / mix
+        sub.mkdir()
+        out[mix] = quantized_twins(f32, sub, types)
+    return out
+
+
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_kquant_and_mxfp4_gguf_experts_as_stored(kquant_ggufs, mix, tmp_path):
+    """A Qwen3-MoE GGUF whose experts are Q4_K / Q6_K (Q4_K_M's mix), Q5_K or MXFP4 blocks, on the
+    host as stored (--experts cpu, disk, and through the segmented decoder) against its twin with
+    the blocks dequantized by gguf-py, resident:
+    - teacher-forced logits equal torch's on the dequantized experts with the kernel's int8 input
+      rounding (RoundedInputs) to float summation order (1e-3 of the logit range), and the same
+      greedy tokens;
+    - so against the unrounded experts each position's error is that of int8 inputs alone (printed:
+      top-1 agreement 0.95 / 1.0 / 0.91, median error 0.8% / 0.05% / 1.9% of the logit range for
+      q4_k_m / q5_k / mxfp4, the torch rounding's the same)."""
+    from llmarch.runtime.experts.formats import ExpertFormat
+    from llmarch.runtime.experts.report import offloaded
+    from llmarch.runtime.generate import Generator, Sampling
+    from llmarch.runtime.load import load_runtime
+
+    blocks, twin = kquant_ggufs[mix]
+    seq = torch.randint(3, 128, (PROMPT + STEPS,), generator=torch.Generator().manual_seed(1)).tolist()
+    ref = load_runtime(str(twin), "cpu", "float32", experts="gpu")
+    plain = _forced(ref, seq)
+    for layer in ref.model.layers:
+        layer.mlp.experts = RoundedInputs(layer.mlp.experts)
+    rounded = _forced(ref, seq)
+    want = Generator(ref, PROMPT + STEPS + 1).generate(_prompt(), STEPS, Sampling()).tokens
+    span = plain.abs().max().item()
+    for experts, segmented in (("cpu", False), ("cpu", True), ("disk", False)):
+        rt, got = _run(blocks, experts=experts, expert_dir=str(tmp_path), segmented=segmented)
+        assert got == want, (experts, segmented)
+        stores = offloaded(rt.model)
+        kinds = [(s.format, s.up_format, s.down_format) for s in stores]
+        assert kinds == [tuple(ExpertFormat.from_ggml(t) for t in types) for types in MIXES[mix]]
+        stored = "/".join(sorted({t for types in MIXES[mix] for t in types}))
+        assert any(f"the GGUF's {stored} blocks used as stored" in n for n in rt.notes), rt.notes
+    logits = _forced(load_runtime(str(blocks), "cpu", "float32", experts="cpu"), seq)
+    assert (logits - rounded).abs().max().item() < 1e-3 * span
+    # so each position is as far from the unrounded experts' logits as int8 inputs put it, no further
+    err, err_rounding = ((t - plain).abs().amax(-1) for t in (logits, rounded))
+    assert (err <= err_rounding + 1e-3 * span).all()
+    agree = (logits.argmax(-1) == plain.argmax(-1)).float().mean().item()
+    print(
+        f"{mix} GGUF experts as stored vs dequantized resident: top-1 {agree:.3f}, "
+        f"median logit error {err.median().item() / span:.2%} of the range (int8 rounding in torch: "
+        f"{err_rounding.median().item() / span:.2%})"
+    )
+
+
+def _forced(rt, seq: list[int]) -> torch.Tensor:
+    """rt's logits at every position of seq, teacher-forced in one pass."""
+    from fixtures.parity import kv_cache
+
+    cache = kv_cache(rt.spec, len(seq), "cpu", torch.float32)
+    rt.model.setup(len(seq), "cpu", torch.float32)
+    with torch.inference_mode():
+        return rt.model(torch.tensor([seq]), torch.arange(len(seq)), cache, limit=len(seq), last_only=False)[0]
+
+
+def test_expert_blocks_bad_input(kquant_ggufs, tmp_path, capsys):
+    """`llmarch run X.gguf --experts cpu` (in process): a GGUF cut short inside its expert blocks, experts
+    of a type llmarch reads neither as stored nor dequantized (IQ4_NL), MXFP4 experts placed where
+    they would have to be dequantized (on the device, or requantized): exit 2 and one line naming
+    the file and the problem. Q4_K experts beside Q5_0 down experts (no kernel layout for Q5_0, a
+    torch dequantizer): the dequantizing path, the note says why, and the tokens are the resident ones."""
+    import numpy as np
+
+    from fixtures.gguf_edit import rewrite_gguf
+    from llmarch.runtime.experts.formats import ExpertFormat
+    from llmarch.runtime.experts.report import offloaded
+    from tests.test_run_cli import cli
+
+    blocks = kquant_ggufs["q4_k_m"][0]
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(blocks.read_bytes()[:-4096])  # rewrite_gguf adds the expert tensors last
+    shapes = {t.name: t.shape for t in gguf.GGUFReader(kquant_ggufs["f32"]).tensors}
+    g = np.random.default_rng(0)
+
+    def retyped(name: str, qtype: str, down_only: bool = False):
+        Q = gguf.GGMLQuantizationType[qtype]
+        per, nbytes = gguf.GGML_QUANT_SIZES[Q]
+        add = {}
+        for layer in range(len(MIXES["q4_k_m"])):
+            for n in _expert_names(layer)[2 if down_only else 0 :]:
+                cols, rows, E = (int(x) for x in shapes[n])
+                add[n] = (g.integers(0, 256, (E, rows, cols // per * nbytes), dtype=np.uint8), Q)
+        return rewrite_gguf(blocks if down_only else kquant_ggufs["f32"], tmp_path / name, drop=list(add), add=add)
+
+    cases = [
+        (cut, "cpu", "runs past the end of the file"),
+        (retyped("iq4nl.gguf", "IQ4_NL"), "cpu", "blk.0.ffn_gate_exps.weight: routed experts stored as IQ4_NL"),
+        (kquant_ggufs["mxfp4"][0], "gpu", "routed experts stored as MXFP4, which llmarch run reads only as stored"),
+    ]
+    for path, experts, problem in cases:
+        code, err = cli(
+            ["run", path, "--prompt-ids", "5,6,7", "-n", "2", "--device", "cpu", "--experts", experts], capsys
+        )
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and str(path) in lines[0] and problem in lines[0], err
+    q5_0 = retyped("q5_0-down.gguf", "Q5_0", down_only=True)
+    _, want = _run(q5_0, experts="gpu")
+    rt, got = _run(q5_0, experts="cpu")
+    assert got == want and all(s.format is ExpertFormat.FLOAT for s in offloaded(rt.model))
+    assert any(
+        "the GGUF's Q4_K/Q5_0 blocks dequantized (the CPU expert kernel reads" in n and "not Q5_0" in n
+        for n in rt.notes
+    )

@@ -198,7 +198,7 @@ def _gguf_moe(source, moe, keep_blocks=None) -> dict:
             raise LlmarchError(
                 f"layer {moe.index}: routed experts missing ({', '.join(missing)})", str(source.ckpt.path)
             )
-        gguf_blocks.check(blocks, keep_blocks, moe, str(source.ckpt.path))
+        gguf_blocks.check(blocks, moe, str(source.ckpt.path))
         out["gguf_blocks"] = blocks
     elif get(T.FFN_GATE_UP_EXP) is not None:  # gate rows then up rows in one tensor (Gemma 4)
         out["gate_up"], out["down"] = get(T.FFN_GATE_UP_EXP), get(T.FFN_DOWN_EXP, required="routed experts")

@@ -138,7 +138,7 @@ class SegmentedDecoder:
             self.scratch.append(scratch)
             self.ctxs.append(
                 DecodeCtx(
-                    st.format.kernel_code,
+                    st.kernel_bits,
                     self.k,
                     st.d,
                     st.inter,

@@ -3,8 +3,10 @@
 The quantized formats group G = 64 inputs: int8 has one fp16 scale per group (w = q * scale); int4
 packs a group in 32 bytes with an fp16 scale and min (w = q * scale + min, 4.5 bits per weight);
 MXFP4 is gpt-oss's as shipped (32 fp4 e2m1 codes per block and one e8m0 scale: 4.25 bits per
-weight). Q8_0 and Q4_0 are a GGUF's ggml blocks as stored (32 weights and their fp16 scale per block:
-8.5 and 4.5 bits per weight), read by the kernel from the file's memory map.
+weight). The "gguf" formats are a GGUF's ggml blocks as stored, read by the kernel from the file's
+memory map: Q8_0, Q4_0 and MXFP4 (32 weights and their scale per block: 8.5, 4.5 and 4.25 bits per
+weight) and the K-quants Q4_K, Q5_K, Q6_K (256 weights per super-block with a scale, and for
+Q4_K / Q5_K a min, per 32 or 16 of them: 4.5, 5.5 and 6.5625 bits per weight).
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from enum import Enum
 
 import torch
 
+from llmarch.checkpoint.gguf_constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from llmarch.errors import LlmarchError
 from llmarch.plan.memory import EXPERT_BYTES_PER_WEIGHT, EXPERT_GROUP
-from llmarch.runtime.quant import BLOCKS as GGML_BLOCKS
 from llmarch.runtime.quant import dequantize as ggml_dequantize
 
 G = EXPERT_GROUP  # quantization group along the input dim (moe_cpu.c's G)
@@ -30,6 +32,10 @@ class ExpertFormat(Enum):
     MXFP4 = "mxfp4"  # gpt-oss's experts kept as shipped: on the CPU or disk when --expert-bits is not given
     Q8_0 = "gguf q8_0"  # a GGUF's expert blocks as stored, likewise
     Q4_0 = "gguf q4_0"
+    GGUF_MXFP4 = "gguf mxfp4"  # ggml's MXFP4 block (gpt-oss GGUFs): e8m0 scale then 16 bytes, as Q4_0's
+    Q4_K = "gguf q4_k"
+    Q5_K = "gguf q5_k"
+    Q6_K = "gguf q6_k"
 
     @classmethod
     def from_bits(cls, bits: int) -> ExpertFormat:
@@ -55,12 +61,17 @@ class ExpertFormat(Enum):
     @property
     def ggml_type(self) -> str | None:
         """The GGUF block type this format reads as stored, or None."""
-        return {ExpertFormat.Q8_0: "Q8_0", ExpertFormat.Q4_0: "Q4_0"}.get(self)
+        return _GGML_TYPES.get(self)
 
     @property
     def stored(self) -> bool:
         """Read from the checkpoint's own bytes, not made by quantize()."""
-        return self in (ExpertFormat.MXFP4, ExpertFormat.Q8_0, ExpertFormat.Q4_0)
+        return self is ExpertFormat.MXFP4 or self.ggml_type is not None
+
+    @property
+    def block(self) -> tuple[int, int]:
+        """A GGUF block format's (weights per block, bytes per block)."""
+        return GGUF_BLOCKS[self.ggml_type or ""]
 
     @property
     def quantized(self) -> bool:
@@ -75,6 +86,10 @@ class ExpertFormat(Enum):
             ExpertFormat.MXFP4: 2,
             ExpertFormat.Q8_0: 16,
             ExpertFormat.Q4_0: 17,
+            ExpertFormat.Q4_K: 18,
+            ExpertFormat.Q5_K: 19,
+            ExpertFormat.Q6_K: 20,
+            ExpertFormat.GGUF_MXFP4: 21,
         }[self]
 
     def bytes_per_weight(self, dtype_bytes: int) -> float:
@@ -83,18 +98,29 @@ class ExpertFormat(Enum):
         if self is ExpertFormat.FLOAT:
             return dtype_bytes
         if self.ggml_type:
-            per, nbytes = GGML_BLOCKS[self.ggml_type]
+            per, nbytes = self.block
             return nbytes / per
         return EXPERT_BYTES_PER_WEIGHT[_EXPERT_BITS.get(self, "mxfp4")]
 
     @classmethod
     def from_ggml(cls, ggml_type: str) -> ExpertFormat | None:
-        """The format that reads a GGUF's blocks of this type as stored, or None (K-quants and the
-        rest: the kernel has no layout for them)."""
+        """The format that reads a GGUF's blocks of this type as stored, or None (Q5_0, Q2_K, the IQ
+        types and the rest: the kernel has no layout for them)."""
         return next((f for f in cls if f.ggml_type == ggml_type), None)
 
 
 _EXPERT_BITS = {ExpertFormat.FLOAT: 16, ExpertFormat.INT8: 8, ExpertFormat.INT4: 4}
+_GGML_TYPES = {
+    ExpertFormat.Q8_0: "Q8_0",
+    ExpertFormat.Q4_0: "Q4_0",
+    ExpertFormat.GGUF_MXFP4: "MXFP4",
+    ExpertFormat.Q4_K: "Q4_K",
+    ExpertFormat.Q5_K: "Q5_K",
+    ExpertFormat.Q6_K: "Q6_K",
+}
+# (weights, bytes) per block of the GGUF types the kernel reads, from gguf-py's table (quant.py's has
+# no MXFP4: its torch dequantizer does not decode it; dequantize() below does, for experts)
+GGUF_BLOCKS = {t: GGML_QUANT_SIZES[GGMLQuantizationType[t]] for t in _GGML_TYPES.values()}
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
@@ -139,9 +165,13 @@ def fake_quant_activations(x: torch.Tensor) -> torch.Tensor:
 def dequantize(q: torch.Tensor, s: torch.Tensor, fmt: ExpertFormat) -> torch.Tensor:
     """Inverse of quantize() (float32), for GPU-hot experts and for tests; MXFP4 and GGUF block rows too."""
     *lead, N, _ = q.shape
-    if fmt.ggml_type:  # rows of blocks [..., N, K / 32 * block bytes]
-        per, nbytes = GGML_BLOCKS[fmt.ggml_type]
+    if fmt.ggml_type:  # rows of blocks [..., N, K / per * block bytes]
+        per, nbytes = fmt.block
         K = q.shape[-1] // nbytes * per
+        if fmt is ExpertFormat.GGUF_MXFP4:  # per block: e8m0, then byte j = element j (low), j + 16 (high)
+            b = q.contiguous().view(*lead, N, K // 32, 17)
+            codes = torch.cat([b[..., 1:] & 0x0F, b[..., 1:] >> 4], dim=-1)
+            return mxfp4_dequant(codes[..., 0::2] | (codes[..., 1::2] << 4), b[..., 0]).reshape(*lead, N, K)
         return ggml_dequantize(q.contiguous().view(-1), fmt.ggml_type, (*lead, N, K))
     if fmt is ExpertFormat.MXFP4:
         return mxfp4_dequant(q.reshape(*lead, N, -1, 16), s)

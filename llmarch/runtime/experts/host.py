@@ -44,21 +44,34 @@ class OffloadedExperts(ExpertStore):
 
     @classmethod
     def from_quantized(
-        cls, moe: MoE, parts: tuple, place: Placement, dtype, biases=(None, None), up=None, mapped=None
+        cls,
+        moe: MoE,
+        parts: tuple,
+        place: Placement,
+        dtype,
+        biases=(None, None),
+        up=None,
+        mapped=None,
+        formats: tuple | None = None,
     ) -> OffloadedExperts:
         """Experts already in place.format's layout, (gate_up q, scales, down q, scales): random ones for
         a benchmark, a checkpoint's MXFP4 blocks as shipped, or a GGUF's blocks as stored (gate in the
         first place and its up rows apart in `up`, scales inside the blocks). mapped: the file mapping
-        the parts are views of, for --experts disk (nothing is written then)."""
+        the parts are views of, for --experts disk (nothing is written then). formats: the GGUF's
+        own type of each of (gate_up, up, down) where they differ from place.format (None: the same)."""
         self = cls.__new__(cls)
         ExpertStore.__init__(self)
-        self._hold(moe, parts, biases, place, dtype, up, mapped)
+        self._hold(moe, parts, biases, place, dtype, up, mapped, formats)
         return self
 
-    def _hold(self, moe: MoE, parts: tuple, biases, place: Placement, dtype, up=None, mapped=None) -> None:
+    def _hold(
+        self, moe: MoE, parts: tuple, biases, place: Placement, dtype, up=None, mapped=None, formats=None
+    ) -> None:
         self.E, self.d, self.inter, self.index = moe.E, moe.d, moe.inter, moe.index
         self.gated = getattr(moe, "gated", True)  # gate rows then up rows, or up alone (kernel tests pass a namespace)
-        self.format, self.dtype = place.format, dtype
+        gu_f, up_f, dn_f = formats or (None, None, None)
+        self.format, self.dtype = gu_f or place.format, dtype
+        self.up_format, self.down_format = up_f or self.format, dn_f or self.format
         self.gu, self.gu_s, self.dn, self.dn_s = (None if t is None else t.contiguous() for t in parts)
         self.up = up
         self.gu_b, self.dn_b = (None if b is None else b.float().contiguous() for b in biases)  # the kernel's float32
@@ -96,15 +109,28 @@ class OffloadedExperts(ExpertStore):
         """Stored bytes of one expert, scales included."""
         return self._expert_bytes
 
+    @property
+    def kernel_bits(self) -> int:
+        """moe_cpu.c's `bits`: gate/up's layout code, up's and down's in the next bytes where they differ."""
+        gu, up, dn = (f.kernel_code for f in (self.format, self.up_format, self.down_format))
+        return gu | (0 if up == gu else up << 8) | (0 if dn == gu else dn << 16)
+
+    @property
+    def format_name(self) -> str:
+        """The experts' format for the report: gate/up's, then up's and down's where they differ."""
+        other = [f"{what} {f.value.split()[-1]}" for what, f in (("up", self.up_format), ("down", self.down_format))]
+        differ = [o for o, f in zip(other, (self.up_format, self.down_format)) if f is not self.format]
+        return self.format.value + (f" ({', '.join(differ)})" if differ else "")
+
     def expert(self, e: int, device=None) -> tuple:
         """Expert e in the model dtype, dequantized if need be, on the host or on `device`."""
         if self.format.quantized:
             gu, dn = (
                 dequantize(self.gu[e], at(self.gu_s, e), self.format),
-                dequantize(self.dn[e], at(self.dn_s, e), self.format),
+                dequantize(self.dn[e], at(self.dn_s, e), self.down_format),
             )
             if self.up is not None:
-                gu = torch.cat([gu, dequantize(self.up[e], None, self.format)])
+                gu = torch.cat([gu, dequantize(self.up[e], None, self.up_format)])
         else:
             gu, dn = self.gu[e], self.dn[e]
         return tuple(
@@ -198,7 +224,7 @@ class OffloadedExperts(ExpertStore):
         out = np.zeros((x_h.shape[0], d), dtype=np.float32)
         x_np = np.ascontiguousarray(x_h.numpy(), dtype=np.float32)
         cpu_kernel().moe_experts(
-            ctypes.c_int(self.format.kernel_code),
+            ctypes.c_int(self.kernel_bits),
             ctypes.c_int(len(sel)),
             ptr(sel),
             ptr(start),

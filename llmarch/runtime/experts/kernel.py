@@ -35,13 +35,14 @@ def cpu_kernel():
 
 
 def kernel_scratch(d: int, I: int, rows: int) -> tuple:
-    """moe_experts' work buffers for `rows` (expert, token) pairs: XQ, XS, H, AQ, AS, Y."""
+    """moe_experts' work buffers for `rows` (expert, token) pairs: XQ, XS, H, AQ, AS, Y (XS and AS:
+    moe_cpu.c's XSN floats per row, 4 per group of G)."""
     return (
         np.empty((rows, d), np.int8),
-        np.empty((rows, 2 * (d // G)), np.float32),
+        np.empty((rows, 4 * (d // G)), np.float32),
         np.empty((rows, 2 * I), np.float32),
         np.empty((rows, I), np.int8),
-        np.empty((rows, 2 * max(I // G, 1)), np.float32),
+        np.empty((rows, 4 * max(I // G, 1)), np.float32),
         np.empty((rows, d), np.float32),
     )
 

@@ -20,8 +20,24 @@
  *           w = q * d. No separate scale array.
  *  17 ggml Q4_0: row = K/32 blocks of 18 bytes, fp16 d then 16 bytes, byte j holds element j (low
  *           nibble) and j + 16 (high); w = (q - 8) * d.
+ *  21 ggml MXFP4: row = K/32 blocks of 17 bytes, e8m0 e then 16 bytes as Q4_0's, fp4 e2m1 codes;
+ *           w = fp4 * 2^(e - 127).
+ *  18 ggml Q4_K: row = K/256 super-blocks of 144 bytes: fp16 d, fp16 dmin, 12 bytes of eight 6-bit
+ *           scales and mins (one each per 32 elements), 128 bytes: each 32 bytes hold 64 elements,
+ *           byte j element j (low nibble) and j + 32 (high); w = d * scale * q - dmin * min.
+ *  19 ggml Q5_K: row = K/256 super-blocks of 176 bytes: Q4_K's with 32 bytes of fifth bits after the
+ *           scales (bit 2i of byte j: element j of the i-th 64, bit 2i + 1: element j + 32).
+ *  20 ggml Q6_K: row = K/256 super-blocks of 210 bytes: 128 bytes of low 4 bits, 64 bytes of high
+ *           2 bits, 16 int8 scales (one per 16 elements), fp16 d; w = d * scale * (q - 32). Each
+ *           half (128 elements) reads 64 low bytes l and 32 high bytes h: element j of its four 32s
+ *           is l[j] low, l[j + 32] low, l[j] high, l[j + 32] high nibble, with bits 0-1, 2-3, 4-5,
+ *           6-7 of h[j] on top.
+ * (the ggml layouts as ggml-quants.c writes them; llmarch/runtime/quant.py reads the same in torch)
  * A GGUF stores gate and up as two tensors: with up_q given, gate rows come from gu_q [E, I, K] and
- * up rows from up_q [E, I, K] (block formats only: their scales are inside the rows).
+ * up rows from up_q [E, I, K] (block formats only: their scales are inside the rows). A GGUF may
+ * store each of gate, up and down in its own block type (Q4_K_M: Q4_K gate/up, Q6_K down), so
+ * `bits` holds gate/up's code in its low byte, up_q's in the next and down's in the third (0: the
+ * same as gate/up's).
  * Built by experts/kernel.py with the system C compiler (gcc -O3 -march=native -fopenmp) and loaded
  * with ctypes: no torch headers, so it builds in about a second wherever it runs.
  */
@@ -49,8 +65,11 @@ static inline float h2f(uint16_t h) {
 /* Activations are rounded to int8 per group of 64 (like llama.cpp's Q8 activations) so each group
  * of weights is one integer dot product: AVX-512 VNNI / AVX-VNNI dpbusd, else AVX2 maddubs, else
  * plain C. Per group g of a row: xq[64] int8, xs[2g] = scale, xs[2g + 1] = scale * sum(xq) (the
- * int4 min term). The kernel computes exactly dequant(W) . dequant(quant(x)); formats.py's
- * fake_quant_activations() is the same rounding in torch, for tests. */
+ * int4 min term), and after those, xs[2 ng + 2g] and xs[2 ng + 2g + 1] = scale * the sums of its
+ * two halves of 32 (the K-quant min terms, one min per 32): XSN(K) floats per row. The kernel
+ * computes exactly dequant(W) . dequant(quant(x)); formats.py's fake_quant_activations() is the
+ * same rounding in torch, for tests. */
+#define XSN(K) (4 * ((K) / G))
 enum { LAYOUT_PLAIN, LAYOUT_PAIRED, LAYOUT_EVEN_ODD };
 
 /* -DMOE_PROFILE (benchmarks/moe_kernel_bench.c): seconds spent up to the end of each phase */
@@ -69,14 +88,21 @@ static void quant_row(const float *x, int K, int8_t *q, float *xs, int layout) {
         float amax = 0.f;
         for (int j = 0; j < G; j++) amax = fmaxf(amax, fabsf(xg[j]));
         float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
-        int sum = 0;
-        for (int j = 0; j < G; j++) {  /* round half to even, as nearbyintf and torch.round, but in SIMD: */
-            int v = (int)((xg[j] * inv + 12582912.f) - 12582912.f);  /* 1.5 * 2^23 drops the fraction */
-            q[g * G + j] = (int8_t)v;
-            sum += v;
+        int sum[2];
+        for (int h = 0; h < 2; h++) {
+            int sh = 0;
+            for (int j = h * G / 2; j < (h + 1) * G / 2; j++) {  /* round half to even, as nearbyintf and
+                                                                     torch.round, but in SIMD: */
+                int v = (int)((xg[j] * inv + 12582912.f) - 12582912.f);  /* 1.5 * 2^23 drops the fraction */
+                q[g * G + j] = (int8_t)v;
+                sh += v;
+            }
+            sum[h] = sh;
         }
         xs[2 * g] = d;
-        xs[2 * g + 1] = d * (float)sum;
+        xs[2 * g + 1] = d * (float)(sum[0] + sum[1]);
+        xs[2 * (K / G) + 2 * g] = d * (float)sum[0];
+        xs[2 * (K / G) + 2 * g + 1] = d * (float)sum[1];
     }
     /* paired: groups g, g+1 stored [g 0..31, g+1 0..31, g 32..63, g+1 32..63], as the 512-bit int4
      * path reads two groups at once (a trailing odd group stays as it is) */
@@ -141,7 +167,7 @@ static void dot4(const uint8_t *q, const uint16_t *sm, const int8_t *xq, const f
     PREFETCH((const char *)sm + PFS + 64);
     for (int t = 0; t < T; t++) {
         const int8_t *xt = xq + (long)t * K;
-        const float *st = xs + (long)t * 2 * ng;
+        const float *st = xs + (long)t * XSN(K);
         float accm = 0.f;
 #ifdef DPBUSD
         /* per-group factors, 8 at a time: (scale, min) fp16 pairs x (x scale, x scale * sum(xq)) */
@@ -206,7 +232,7 @@ static void dot8(const int8_t *q, const uint16_t *sc, const int8_t *xq, const fl
     PREFETCH((const char *)sc + PFS / 2);  /* int8: half the scale bytes per weight byte of int4 */
     for (int t = 0; t < T; t++) {
         const int8_t *xt = xq + (long)t * K;
-        const float *st = xs + (long)t * 2 * ng;
+        const float *st = xs + (long)t * XSN(K);
 #ifdef DPBUSD
         __m256 acc = _mm256_setzero_ps();
         for (int g = 0; g < ng; g++) {
@@ -249,7 +275,7 @@ static void dotfp4(const uint8_t *q, const uint8_t *sc, const int8_t *xq, const 
     PREFETCH((const char *)sc + PFS / 2);
     for (int t = 0; t < T; t++) {
         const int8_t *xt = xq + (long)t * K;
-        const float *st = xs + (long)t * 2 * ng;
+        const float *st = xs + (long)t * XSN(K);
 #ifdef DPBUSD
         __m256 acc = _mm256_setzero_ps();
         const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)FP4X2));
@@ -283,32 +309,35 @@ static void dotfp4(const uint8_t *q, const uint8_t *sc, const int8_t *xq, const 
     }
 }
 
-/* one ggml Q8_0 (q4 = 0) or Q4_0 (q4 = 1) row . T int8 rows in the plain layout: per block of 32 the
- * weights as int8 (Q4_0: nibble - 8), one integer dot product, times d and the input group's scale */
-static void dotblk(const uint8_t *row, int q4, const int8_t *xq, const float *xs, int K, int T, float *res) {
-    int nb = K / 32, bs = q4 ? 18 : 34;
+/* one ggml Q8_0 (kind 0), Q4_0 (1) or MXFP4 (2) row . T int8 rows in the plain layout: per block of 32
+ * the weights as int8 (Q4_0: nibble - 8, MXFP4: its doubled fp4 value), one integer dot product, times
+ * the block's scale (fp16 d, or MXFP4's e8m0 halved) and the input group's scale */
+static void dotblk(const uint8_t *row, int kind, const int8_t *xq, const float *xs, int K, int T, float *res) {
+    int nb = K / 32, bs = kind == 0 ? 34 : (kind == 1 ? 18 : 17), off = kind == 2 ? 1 : 2;
     for (int t = 0; t < T; t++) {
         const int8_t *xt = xq + (long)t * K;
-        const float *st = xs + (long)t * 2 * (K / G);
+        const float *st = xs + (long)t * XSN(K);
 #ifdef DPBUSD
         __m256 acc = _mm256_setzero_ps();
         const __m256i mask = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8);
+        const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)FP4X2));
         for (int b = 0; b < nb; b++) {
             const uint8_t *blk = row + (long)b * bs;
             if (t == 0 && !(b & 1)) PREFETCH(blk + PF);
             uint16_t dh;
             memcpy(&dh, blk, 2);
             __m256i wv;
-            if (q4) {
-                __m128i p = _mm_loadu_si128((const __m128i *)(blk + 2));
-                __m256i u = _mm256_set_m128i(_mm_srli_epi16(p, 4), p);  /* high half: the high nibbles */
-                wv = _mm256_sub_epi8(_mm256_and_si256(u, mask), eight);
+            if (kind) {
+                __m128i p = _mm_loadu_si128((const __m128i *)(blk + off));
+                __m256i u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(p, 4), p), mask);  /* high half: the high nibbles */
+                wv = kind == 1 ? _mm256_sub_epi8(u, eight) : _mm256_shuffle_epi8(lut, u);
             } else {
                 wv = _mm256_loadu_si256((const __m256i *)(blk + 2));
             }
             __m256i x = _mm256_loadu_si256((const __m256i *)(xt + b * 32));
             __m256i s = DPBUSD(_mm256_setzero_si256(), _mm256_sign_epi8(wv, wv), _mm256_sign_epi8(x, wv));
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(h2f(dh) * st[2 * (b / 2)]), acc);
+            float dw = kind == 2 ? e8m0_half(blk[0]) : h2f(dh);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dw * st[2 * (b / 2)]), acc);
         }
         res[t] = hsum(acc);
 #else
@@ -320,13 +349,186 @@ static void dotblk(const uint8_t *row, int q4, const int8_t *xq, const float *xs
             const int8_t *xb = xt + b * 32;
             int s = 0;
             for (int j = 0; j < 32; j++) {
-                int q = q4 ? ((blk[2 + (j & 15)] >> (j < 16 ? 0 : 4)) & 15) - 8 : (int8_t)blk[2 + j];
+                int nib = (blk[off + (j & 15)] >> (j < 16 ? 0 : 4)) & 15;
+                int q = kind == 0 ? (int8_t)blk[2 + j] : (kind == 1 ? nib - 8 : FP4X2[nib]);
                 s += q * xb[j];
             }
-            acc += (float)s * h2f(dh) * st[2 * (b / 2)];
+            acc += (float)s * (kind == 2 ? e8m0_half(blk[0]) : h2f(dh)) * st[2 * (b / 2)];
         }
         res[t] = acc;
 #endif
+    }
+}
+
+static inline float h2f_at(const uint8_t *p) {  /* an fp16 at any byte offset */
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return h2f(h);
+}
+
+/* Q4_K / Q5_K: the 6-bit scale and min of sub-block j (0..7) from a super-block's 12 bytes */
+static inline void kscale(const uint8_t *p, int j, int *sc, int *mn) {
+    if (j < 4) {
+        *sc = p[j] & 63;
+        *mn = p[j + 4] & 63;
+    } else {
+        *sc = (p[j + 4] & 15) | ((p[j - 4] >> 6) << 4);
+        *mn = (p[j + 4] >> 4) | ((p[j] >> 6) << 4);
+    }
+}
+
+/* K-quant sub-blocks have their own integer scale: 32 weights . 32 inputs with the scale lo on the first
+ * 16 and hi on the last 16, as int32 lanes (0-3: the first 16). VNNI: dpbusd then an int32 multiply;
+ * AVX2: maddubs' int16 pairs times the scales in the madd that widens them (no extra instruction). */
+#if defined(DPBUSD) && ((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
+#define KSCALES(lo, hi) _mm256_setr_m128i(_mm_set1_epi32(lo), _mm_set1_epi32(hi))
+#define KDOT(u, s, sc) _mm256_mullo_epi32(DPBUSD(_mm256_setzero_si256(), u, s), sc)
+#elif defined(DPBUSD)
+#define KSCALES(lo, hi) _mm256_setr_m128i(_mm_set1_epi16((short)(lo)), _mm_set1_epi16((short)(hi)))
+#define KDOT(u, s, sc) _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), sc)
+#endif
+
+/* one ggml Q4_K (q5 = 0) or Q5_K (q5 = 1) row . T int8 rows in the plain layout: a super-block's four
+ * 64s line up with the input groups; per 64 two scaled integer dot products (its two 32s) times d and
+ * the group's scale, and the min term dmin * min * (the half's input sum) in float */
+static void dotk45(const uint8_t *row, int q5, const int8_t *xq, const float *xs, int K, int T, float *res) {
+    int nsb = K / 256, ng = K / G, bs = q5 ? 176 : 144;
+    for (int t = 0; t < T; t++) {
+        const int8_t *xt = xq + (long)t * K;
+        const float *st = xs + (long)t * XSN(K), *halves = st + 2 * ng;
+        float mins = 0.f;
+#ifdef KDOT
+        __m256 acc = _mm256_setzero_ps();
+        const __m256i m15 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
+#else
+        float acc = 0.f;
+#endif
+        for (int sb = 0; sb < nsb; sb++) {
+            const uint8_t *blk = row + (long)sb * bs, *qs = blk + (q5 ? 48 : 16), *qhb = blk + 16;
+            if (t == 0)
+                for (int o = 0; o < bs; o += 64) PREFETCH(blk + PF + o);
+            float d = h2f_at(blk), dmin = h2f_at(blk + 2), msum = 0.f;
+#ifdef KDOT
+            __m256i qh = q5 ? _mm256_loadu_si256((const __m256i *)qhb) : _mm256_setzero_si256();
+#endif
+            for (int j = 0; j < 4; j++) {
+                int g = 4 * sb + j, sl, ml, sh, mh;
+                kscale(blk + 4, 2 * j, &sl, &ml);
+                kscale(blk + 4, 2 * j + 1, &sh, &mh);
+                msum += (float)ml * halves[2 * g] + (float)mh * halves[2 * g + 1];
+#ifdef KDOT
+                __m256i b = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
+                __m256i lo = _mm256_and_si256(b, m15), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m15);
+                if (q5) {  /* bit 2j of each qh byte tops the low nibble, bit 2j + 1 the high one */
+                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(qh, one), 4));
+                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 1), one), 4));
+                    qh = _mm256_srli_epi16(qh, 2);
+                }
+                __m256i s = _mm256_add_epi32(KDOT(lo, _mm256_loadu_si256((const __m256i *)(xt + g * G)), KSCALES(sl, sl)),
+                                             KDOT(hi, _mm256_loadu_si256((const __m256i *)(xt + g * G + 32)), KSCALES(sh, sh)));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * st[2 * g]), acc);
+#else
+                int s_lo = 0, s_hi = 0;
+                for (int l = 0; l < 32; l++) {
+                    int lo = qs[32 * j + l] & 15, hi = qs[32 * j + l] >> 4;
+                    if (q5) {
+                        lo |= ((qhb[l] >> (2 * j)) & 1) << 4;
+                        hi |= ((qhb[l] >> (2 * j + 1)) & 1) << 4;
+                    }
+                    s_lo += lo * xt[g * G + l];
+                    s_hi += hi * xt[g * G + 32 + l];
+                }
+                acc += d * st[2 * g] * (float)(sl * s_lo + sh * s_hi);
+#endif
+            }
+            mins += dmin * msum;
+        }
+#ifdef KDOT
+        res[t] = hsum(acc) - mins;
+#else
+        res[t] = acc - mins;
+#endif
+    }
+}
+
+/* one ggml Q6_K row . T int8 rows in the plain layout: per 32 (q - 32) as int8, one scaled integer dot
+ * product with the 16-element scales, per 64 times d and the group's scale */
+static void dotq6k(const uint8_t *row, const int8_t *xq, const float *xs, int K, int T, float *res) {
+    int nsb = K / 256;
+    for (int t = 0; t < T; t++) {
+        const int8_t *xt = xq + (long)t * K;
+        const float *st = xs + (long)t * XSN(K);
+#ifdef KDOT
+        __m256 acc = _mm256_setzero_ps();
+        const __m256i m15 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);
+#else
+        float acc = 0.f;
+#endif
+        for (int sb = 0; sb < nsb; sb++) {
+            const uint8_t *blk = row + (long)sb * 210;
+            if (t == 0)
+                for (int o = 0; o < 210; o += 64) PREFETCH(blk + PF + o);
+            const int8_t *sc = (const int8_t *)(blk + 192);
+            float d = h2f_at(blk + 208);
+            for (int h = 0; h < 2; h++) {
+                const uint8_t *ql = blk + 64 * h, *qhb = blk + 128 + 32 * h;
+                const int8_t *sch = sc + 8 * h;
+                int g0 = 4 * sb + 2 * h;  /* this half's two input groups: 32s 0-1, then 2-3 */
+#ifdef KDOT
+                __m256i l0 = _mm256_loadu_si256((const __m256i *)ql), l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+                __m256i qh = _mm256_loadu_si256((const __m256i *)qhb);
+                __m256i w[4] = {
+                    _mm256_and_si256(l0, m15),
+                    _mm256_and_si256(l1, m15),
+                    _mm256_and_si256(_mm256_srli_epi16(l0, 4), m15),
+                    _mm256_and_si256(_mm256_srli_epi16(l1, 4), m15),
+                };
+                __m256i s[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+                for (int c = 0; c < 4; c++) {
+                    __m256i top = _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4);
+                    qh = _mm256_srli_epi16(qh, 2);
+                    __m256i q = _mm256_sub_epi8(_mm256_or_si256(w[c], top), off);
+                    __m256i x = _mm256_loadu_si256((const __m256i *)(xt + (long)(g0 + c / 2) * G + (c & 1) * 32));
+                    s[c / 2] = _mm256_add_epi32(s[c / 2], KDOT(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q),
+                                                               KSCALES(sch[2 * c], sch[2 * c + 1])));
+                }
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[0]), _mm256_set1_ps(d * st[2 * g0]), acc);
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[1]), _mm256_set1_ps(d * st[2 * g0 + 2]), acc);
+#else
+                for (int c = 0; c < 4; c++) {
+                    int s_lo = 0, s_hi = 0;
+                    const int8_t *x = xt + (long)(g0 + c / 2) * G + (c & 1) * 32;
+                    for (int l = 0; l < 32; l++) {
+                        int lb = ql[l + (c & 1) * 32];
+                        int q = ((c < 2 ? lb : lb >> 4) & 15) | (((qhb[l] >> (2 * c)) & 3) << 4);
+                        if (l < 16)
+                            s_lo += (q - 32) * x[l];
+                        else
+                            s_hi += (q - 32) * x[l];
+                    }
+                    acc += d * st[2 * (g0 + c / 2)] * (float)(sch[2 * c] * s_lo + sch[2 * c + 1] * s_hi);
+                }
+#endif
+            }
+        }
+#ifdef KDOT
+        res[t] = hsum(acc);
+#else
+        res[t] = acc;
+#endif
+    }
+}
+
+/* bytes of one row of K inputs in a stored-block format (0: not one) */
+static inline long block_row_bytes(int bits, int K) {
+    switch (bits) {
+    case 16: return (long)(K / 32) * 34;
+    case 17: return (long)(K / 32) * 18;
+    case 21: return (long)(K / 32) * 17;
+    case 18: return (long)(K / 256) * 144;
+    case 19: return (long)(K / 256) * 176;
+    case 20: return (long)(K / 256) * 210;
+    default: return 0;
     }
 }
 
@@ -337,8 +539,12 @@ static void dot_row(int bits, const void *q, const void *s, long row, int K, con
         dot4((const uint8_t *)q + row * (K / 2), (const uint16_t *)s + row * 2 * (K / G), xq, xs, K, T, res);
     else if (bits == 8)
         dot8((const int8_t *)q + row * K, (const uint16_t *)s + row * (K / G), xq, xs, K, T, res);
-    else if (bits == 16 || bits == 17)
-        dotblk((const uint8_t *)q + row * (K / 32) * (bits == 16 ? 34 : 18), bits == 17, xq, xs, K, T, res);
+    else if (bits == 16 || bits == 17 || bits == 21)
+        dotblk((const uint8_t *)q + row * block_row_bytes(bits, K), bits == 16 ? 0 : (bits == 17 ? 1 : 2), xq, xs, K, T, res);
+    else if (bits == 18 || bits == 19)
+        dotk45((const uint8_t *)q + row * block_row_bytes(bits, K), bits == 19, xq, xs, K, T, res);
+    else if (bits == 20)
+        dotq6k((const uint8_t *)q + row * block_row_bytes(bits, K), xq, xs, K, T, res);
     else
         dotfp4((const uint8_t *)q + row * (K / 2), (const uint8_t *)s + row * (K / 32), xq, xs, K, T, res);
 }
@@ -346,8 +552,8 @@ static void dot_row(int bits, const void *q, const void *s, long row, int K, con
 /* OUT[r, n] = W[sel[i]][n] . x_r for n < N and the rows r of each selected expert i, spread over the
  * team (an orphaned omp for: called inside moe_experts' parallel region). The router weight w[r]
  * scales the dot product before the bias (pre_w: Llama 4's input weighting) or after it (post_w).
- * q2: rows n >= N/2 come from this second matrix (a GGUF's up beside its gate), row n - N/2. */
-static void expert_rows(int bits, const void *q, const void *s, const void *q2, const float *b, int K, int N,
+ * q2: rows n >= N/2 come from this second matrix (a GGUF's up beside its gate), row n - N/2, in format bits2. */
+static void expert_rows(int bits, const void *q, const void *s, const void *q2, int bits2, const float *b, int K, int N,
                         int n_sel, const int64_t *sel, const int32_t *start, const int8_t *XQ, const float *XS,
                         const float *w, int pre_w, int post_w, float *OUT) {
     int half = N / 2;
@@ -360,13 +566,13 @@ static void expert_rows(int bits, const void *q, const void *s, const void *q2, 
             for (int t0 = 0; t0 < T; t0 += 64) {
                 int tn = T - t0 < 64 ? T - t0 : 64;
                 const int8_t *xq = XQ + (long)(r0 + t0) * K;
-                const float *xs = XS + (long)(r0 + t0) * 2 * (K / G);
+                const float *xs = XS + (long)(r0 + t0) * XSN(K);
                 if (!q2)
                     dot_row(bits, q, s, e * N + n, K, xq, xs, tn, res);
                 else if (n < half)
                     dot_row(bits, q, s, e * half + n, K, xq, xs, tn, res);
                 else
-                    dot_row(bits, q2, s, e * half + n - half, K, xq, xs, tn, res);
+                    dot_row(bits2, q2, s, e * half + n - half, K, xq, xs, tn, res);
                 for (int t = 0; t < tn; t++) {
                     float v = res[t], wt = w[r0 + t0 + t];
                     if (pre_w) v *= wt;
@@ -390,9 +596,14 @@ static inline float act_fn(int act, float v) {
     }
 }
 
+/* the order quant_row lays a row's int8 inputs out in for a format */
+static inline int layout_of(int bits) {
+    return bits == 2 ? LAYOUT_EVEN_ODD : (bits == 4 && ZMM4 ? LAYOUT_PAIRED : LAYOUT_PLAIN);
+}
+
 /* sel: n_sel expert ids; rows r in [start[i], start[i+1]) belong to sel[i]; tok[r] its token, w[r] its weight.
- * X [n_tok, d]; OUT [n_tok, d] (added to). Scratch: XQ int8 [rows, d], XS [rows, 2 d/G], H [rows, 2I],
- * AQ int8 [rows, I], AS [rows, 2 I/G], Y [rows, d]. act: act_fn's code (1: gpt-oss clamped SwiGLU).
+ * X [n_tok, d]; OUT [n_tok, d] (added to). Scratch: XQ int8 [rows, d], XS [rows, XSN(d)], H [rows, 2I],
+ * AQ int8 [rows, I], AS [rows, XSN(I)], Y [rows, d]. act: act_fn's code (1: gpt-oss clamped SwiGLU).
  * gated: gu holds gate rows then up rows (a = act(gate) * up); else up rows alone (a = act(up)).
  * up_q: the up rows as their own matrix (see the layouts), or NULL.
  * weight_input: Llama 4 (the router weight scales the expert's input, not its output). */
@@ -403,15 +614,18 @@ void moe_experts(int bits, int n_sel, const int64_t *sel, const int32_t *start, 
                  int8_t *XQ, float *XS, float *H, int8_t *AQ, float *AS, float *Y,
                  int act, int gated, float alpha, float limit, int weight_input) {
     int rows = start[n_sel], I2 = gated ? 2 * I : I;
-    int layout = bits == 2 ? LAYOUT_EVEN_ODD : (bits == 4 && ZMM4 ? LAYOUT_PAIRED : LAYOUT_PLAIN);
+    int gu_bits = bits & 255, up_bits = (bits >> 8) & 255, dn_bits = (bits >> 16) & 255;
+    up_bits = up_bits ? up_bits : gu_bits;
+    dn_bits = dn_bits ? dn_bits : gu_bits;
+    int layout_gu = layout_of(gu_bits), layout_dn = layout_of(dn_bits);
     PROF(0);
     #pragma omp parallel
     {
         #pragma omp for schedule(static)
         for (int r = 0; r < rows; r++)  /* gather token rows so each expert's tokens are contiguous */
-            quant_row(X + (long)tok[r] * d, d, XQ + (long)r * d, XS + (long)r * 2 * (d / G), layout);
+            quant_row(X + (long)tok[r] * d, d, XQ + (long)r * d, XS + (long)r * XSN(d), layout_gu);
         PROF(1);
-        expert_rows(bits, gu_q, gu_s, up_q, gu_b, d, I2, n_sel, sel, start, XQ, XS, w, weight_input, 0, H);
+        expert_rows(gu_bits, gu_q, gu_s, up_q, up_bits, gu_b, d, I2, n_sel, sel, start, XQ, XS, w, weight_input, 0, H);
         PROF(2);
         #pragma omp for schedule(static)
         for (int r = 0; r < rows; r++) {
@@ -430,10 +644,10 @@ void moe_experts(int bits, int n_sel, const int64_t *sel, const int32_t *start, 
                     h[j] = act_fn(act, g) * u;
                 }
             }
-            quant_row(h, I, AQ + (long)r * I, AS + (long)r * 2 * (I / G), layout);
+            quant_row(h, I, AQ + (long)r * I, AS + (long)r * XSN(I), layout_dn);
         }
         PROF(3);
-        expert_rows(bits, dn_q, dn_s, NULL, dn_b, I, d, n_sel, sel, start, AQ, AS, w, 0, !weight_input, Y);
+        expert_rows(dn_bits, dn_q, dn_s, NULL, 0, dn_b, I, d, n_sel, sel, start, AQ, AS, w, 0, !weight_input, Y);
         PROF(4);
         #pragma omp for schedule(static)
         for (int n = 0; n < d; n++)

@@ -4,8 +4,9 @@
 --expert-bits 16|8|4     16: the model dtype; 8: int8, one fp16 scale per 64 inputs;
                          4: int4, fp16 scale + min per 64 inputs (4.5 bits per weight);
                          not given, on the CPU, for gpt-oss's MXFP4 experts: kept as shipped
-                         (4.25 bits per weight), for a GGUF's Q8_0 / Q4_0 experts: its blocks
-                         read as stored from the file's memory map
+                         (4.25 bits per weight), for a GGUF's Q8_0 / Q4_0 / MXFP4 / Q4_K /
+                         Q5_K / Q6_K experts: its blocks read as stored from the file's memory
+                         map, each tensor in its own type
 --gpu-experts N          the N most used experts of each layer (counted while running) also
                          get a float copy on the GPU and are computed there
 """
@@ -48,11 +49,12 @@ def store_factory(place: Placement, dtype, device):
 
             if stored is None:
                 raise LlmarchError(
-                    f"layer {moe.index}: experts are not {place.format.ggml_type} like the other layers'; "
-                    "use --expert-bits 16"
+                    f"layer {moe.index}: experts are not GGUF blocks like the other layers'; use --expert-bits 16"
                 )
-            gu, up, dn, mm = gguf_blocks.views(stored, place.format, own_map=place.experts == "disk")
-            return OffloadedExperts.from_quantized(moe, (gu, None, dn, None), place, dtype, biases, up=up, mapped=mm)
+            gu, up, dn, mm = gguf_blocks.views(stored, own_map=place.experts == "disk")
+            return OffloadedExperts.from_quantized(
+                moe, (gu, None, dn, None), place, dtype, biases, up=up, mapped=mm, formats=gguf_blocks.formats(stored)
+            )
         mxfp4 = stored
         if (
             place.format is ExpertFormat.MXFP4
@@ -82,10 +84,11 @@ def store_factory(place: Placement, dtype, device):
 
 def stored_format(ckpt, spec) -> ExpertFormat | None:
     """The checkpoint's own expert format where the CPU kernel reads it as it is: gpt-oss's MXFP4
-    safetensors, a GGUF's Q8_0 / Q4_0 blocks."""
-    from llmarch.runtime.experts.gguf_blocks import block_format
+    safetensors, a GGUF's Q8_0 / Q4_0 / MXFP4 / K-quant blocks."""
+    from llmarch.runtime.experts.gguf_blocks import block_format, refuse_unreadable
     from llmarch.runtime.moe_names import has_mxfp4_experts
 
+    refuse_unreadable(ckpt)
     return ExpertFormat.MXFP4 if has_mxfp4_experts(ckpt) else block_format(ckpt, spec)
 
 

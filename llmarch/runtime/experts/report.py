@@ -35,7 +35,7 @@ def report(model, steps: int, decode_s: float, device, bandwidth: float | None =
     tok_s = steps / decode_s if decode_s > 0 else 0.0
     out = {
         "decode_tok_s": round(tok_s, 2),
-        "expert_format": stores[0].format.value if stores else None,
+        "expert_format": ", ".join(dict.fromkeys(s.format_name for s in stores)) if stores else None,
         "expert_bytes_per_token": int(per_tok),
         "host_rss_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
     }
