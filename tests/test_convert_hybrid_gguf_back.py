@@ -86,6 +86,71 @@ def test_run_from_hybrid_gguf_matches_transformers(tiny, tmp_path, name):
     assert p.rt.spec.format == "gguf" and p.rt.spec.linear_attention
 
 
+@pytest.mark.parametrize("name", ["qwen3_5_moe_text", "nemotron_h_moe"])
+def test_experts_on_cpu_from_hybrid_gguf_give_the_resident_tokens(tiny, tmp_path, name):
+    """`--experts cpu` (16-bit experts on the host, run's decode step for host experts) from the
+    f32 GGUF `llmarch convert` wrote: every MoE layer's experts leave the device, and the greedy
+    tokens equal the resident run's from the same GGUF and transformers' on the source checkpoint
+    (prefill in chunks of 10, so the linear layers' state carries across calls)."""
+    from unittest.mock import patch
+
+    from fixtures.parity import reference_tokens
+    from fixtures.reference import reference_model
+    from llmarch.convert.to_gguf import convert_to_gguf
+    from llmarch.runtime import generate as g
+    from llmarch.runtime.experts.decode import attach_decoder
+    from llmarch.runtime.experts.report import offloaded
+    from llmarch.runtime.load import load_runtime
+
+    family, overrides = CASES[name]
+    src = tiny(family, **overrides)
+    gg = tmp_path / "m.gguf"
+    convert_to_gguf(str(src), gg, "f32")
+    prompt = torch.randint(3, 128, (1, 23), generator=torch.Generator().manual_seed(2))
+    steps = 16
+    expected = reference_tokens(reference_model(family, src), prompt, steps)
+    with patch.object(g, "PREFILL_CHUNK", 10):
+        resident = load_runtime(str(gg), "cpu", "float32")
+        tokens = g.Generator(resident, 23 + steps, cuda_graph=False).generate(prompt[0].tolist(), steps, g.Sampling())
+        assert tokens.tokens == expected
+        host = load_runtime(str(gg), "cpu", "float32", experts="cpu", expert_bits=16)
+        moe_layers = [l for l in host.spec.schedule if l.ffn == "moe"]
+        assert host.spec.format == "gguf" and len(offloaded(host.model)) == len(moe_layers) > 0
+        gen = g.Generator(host, 23 + steps, cuda_graph=False)
+        assert attach_decoder(gen)
+        assert gen.generate(prompt[0].tolist(), steps, g.Sampling()).tokens == expected
+    assert len(set(expected)) > 3  # not one repeated token
+
+
+@pytest.mark.parametrize("name", ["qwen3_5_moe_text", "nemotron_h_moe"])
+def test_fit_places_the_hybrid_gguf_experts_on_the_host(tiny, tmp_path, name):
+    """`fit`'s llmarch run plan for the GGUF (which run reads, as above): the routed experts are the
+    source checkpoint's parameters, and a GPU that holds everything else but not them puts them
+    on the host as 16-bit (--experts cpu --expert-bits 16), host bytes = routed params x 2 (run
+    holds a GGUF in bf16)."""
+    from llmarch.api import load_spec
+    from llmarch.convert.to_gguf import convert_to_gguf
+    from llmarch.plan import memory as mem
+    from llmarch.plan.run_placement import Option, footprint, plan_run
+
+    family, overrides = CASES[name]
+    src = tiny(family, **overrides)
+    gg = tmp_path / "m.gguf"
+    convert_to_gguf(str(src), gg, "f32")
+    spec = load_spec(str(gg))
+    routed = mem.param_parts(spec)["routed_experts"]
+    assert routed == mem.param_parts(load_spec(str(src)))["routed_experts"] > 0
+    b = 2
+    dense_gpu, _ = footprint(spec, Option("cpu", 16), b)
+    fixed = mem.CUDA_CONTEXT + mem.run_overhead(spec, b, False)
+    gpu = dense_gpu + fixed + mem.kv_bytes(spec, 64, "bf16") + mem.state_bytes(spec, "bf16") + 1024
+    assert gpu < dense_gpu + routed * b + fixed  # the experts do not fit beside the rest
+    run = plan_run(spec, str(gg), gpu, 2**30, 64, 64)
+    assert run["supported"] and run["fits"], run
+    assert (run["experts"], run["expert_bits"], run["host_bytes"]) == ("cpu", 16, routed * b)
+    assert "--experts cpu --expert-bits 16" in run["command"] and str(gg) in run["command"]
+
+
 def test_gguf_with_positive_a_is_one_line(tiny, tmp_path, capsys):
     """A GGUF whose ssm_a holds a value >= 0 (llama.cpp's A = -exp(A_log) is always negative) has no
     A_log: --to safetensors and run both stop with one line naming the file and the tensor, exit 2,

@@ -43,8 +43,19 @@ def unsupported(spec: ArchSpec) -> str | None:
     """Why llmarch run cannot run this model (the recipe's supports and the facts it has no layers for)."""
     if "run" not in spec.supports:
         return f"llmarch run does not support the family {spec.family!r} yet"
-    if spec.format == "gguf" and (spec.attention.mla or spec.per_layer_embeddings or spec.linear_attention):
-        return "llmarch run reads MLA, per-layer-embedding and linear-attention models from safetensors, not GGUF"
+    return gguf_refusal(spec) if spec.format == "gguf" else None
+
+
+def gguf_refusal(spec: ArchSpec) -> str | None:
+    """Why llmarch run does not read this model from GGUF: per-layer-embedding and linear-attention
+    models are read through their GGUF -> HF view only where the family's from_gguf tests prove
+    that view (Gemma 3n / 4, the hybrids llama.cpp has arches for)."""
+    if "from_gguf" in spec.supports:
+        return None
+    if spec.per_layer_embeddings:
+        return f"{spec.family} models from GGUF are not supported by llmarch run yet; use the safetensors checkpoint"
+    if spec.linear_attention:
+        return "linear-attention models from GGUF are not supported by llmarch run yet; use the safetensors checkpoint"
     return None
 
 

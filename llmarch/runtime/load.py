@@ -9,6 +9,7 @@ import torch
 from llmarch.arch.recipe_book import supported_names
 from llmarch.arch.spec import ArchSpec
 from llmarch.errors import LlmarchError
+from llmarch.plan.run_placement import gguf_refusal
 from llmarch.progress import progress
 from llmarch.runtime.ple import check_options as check_ple_options
 from llmarch.runtime.weights import ST_DTYPES
@@ -108,17 +109,9 @@ def check_supported(spec: ArchSpec, path, gguf: bool = False) -> None:
         )
     if "run" not in spec.supports:
         raise LlmarchError(f"family {spec.family!r} is not supported by llmarch run yet; {supported_note()}", path)
-    if gguf and spec.per_layer_embeddings and "from_gguf" not in spec.supports:
-        # the GGUF reading of such a family is proven by its from_gguf tests (Gemma 3n, Gemma 4)
-        raise LlmarchError(
-            f"{spec.family} models from GGUF are not supported by llmarch run yet; use the safetensors checkpoint",
-            path,
-        )
-    if gguf and spec.linear_attention and "from_gguf" not in spec.supports:  # read as its HF view
-        raise LlmarchError(
-            "linear-attention models from GGUF are not supported by llmarch run yet; use the safetensors checkpoint",
-            path,
-        )
+    refusal = gguf_refusal(spec) if gguf else None  # what `fit` says too
+    if refusal:
+        raise LlmarchError(refusal, path)
 
 
 def load_runtime(
