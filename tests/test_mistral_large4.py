@@ -1,4 +1,4 @@
-"""Mistral Large 4 (transformers 5.24's mistral_large4): what llmarch reads today.
+"""Mistral Large 4 (transformers 5.24's mistral_large4): inspect and `llmarch run` against transformers.
 
 transformers runs a tiny random MistralLarge4ForConditionalGeneration (text model + a one-layer
 Pixtral tower; there is no text-only causal-LM class). Its text model is MLA with no query
@@ -6,18 +6,35 @@ low-rank (q_proj), a DSA indexer whose queries come from the LayerNorm'd hidden 
 q_resid), learned per-head query scaling by log(position + 1) (softmax_scaling, in attention and
 indexer), RoPE frequencies scaled by a learned exp(alpha) ("LeRoPE"), NoPE layers whose rope dims
 join the nope dims (indexer unrotated there too), latent KV shared across layers
-(kv_source_layers) and a final logit soft-cap. `inspect` reads the checkpoint (the indexer's
-wq_b takes the hidden size when there is no q_lora_rank); `run` refuses it, since
-those mechanisms have no runtime path yet.
+(kv_source_layers) and a final logit soft-cap. save_pretrained writes Mistral's own tensor names
+(tok_embeddings, layers.N.attention.wq, lerope.alpha, ssmax_scaling.s / .b, ...), as the Hub
+files have them; run reads them through the recipe's tensor_renames (transformers' own renames).
+
+transformers initialises alpha to 0 and the query scales to s = 0, b = 1 (no effect), so the
+fixture draws them at random before saving: the checks below then fail if any is not applied
+(test_learned_scales_change_the_logits). Run: prefill logits and each of 32 cached decode steps
+within 1e-4 max abs of transformers' eager forward with its own cache, identical greedy tokens:
+- index_topk 8 with a 40-token prompt (each query attends a strict subset of what it may see);
+- index_topk above the whole context (every visible key);
+- the Generator's chunked prefill (chunks of 10 over the 40-token prompt) gives transformers'
+  greedy tokens.
+inspect's KV bytes equal what run allocates: layer 2 reads layer 1's latent and allocates only
+its indexer keys; NoPE layer 3 caches no rope key.
 """
 
 from __future__ import annotations
+
+import json
+import shutil
 
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from fixtures.parity import check_generator, check_parity, own_cache  # noqa: E402
+
+PROMPT, STEPS = 40, 32
 TEXT = dict(
     vocab_size=128,
     hidden_size=32,
@@ -43,13 +60,34 @@ VISION = dict(
 )
 
 
+def _make(out, **text):
+    cfg = transformers.MistralLarge4Config(text_config=dict(TEXT, **text), vision_config=dict(VISION, head_dim=8))
+    torch.manual_seed(0)
+    model = transformers.MistralLarge4ForConditionalGeneration(cfg)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # the learned scales away from their no-op initial values
+        for name, p in model.named_parameters():
+            if name.endswith(("rotary_emb.alpha", "softmax_scaling.scale")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            elif name.endswith("softmax_scaling.bias"):
+                p.copy_(1 + torch.randn(p.shape, generator=g) * 0.3)
+    model.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    cfg = transformers.MistralLarge4Config(text_config=TEXT, vision_config=dict(VISION, head_dim=8))
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("mistral_large4") / "tiny"
-    transformers.MistralLarge4ForConditionalGeneration(cfg).save_pretrained(out)
-    return out
+    return _make(tmp_path_factory.mktemp("mistral_large4") / "tiny")
+
+
+def _reference(path):
+    return transformers.MistralLarge4ForConditionalGeneration.from_pretrained(
+        str(path), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+
+
+def _parity(path):
+    return check_parity(path, own_cache(_reference(path)), "cpu", PROMPT, STEPS)
 
 
 def test_inspect_reads_the_indexer_without_a_query_low_rank(checkpoint):
@@ -59,14 +97,76 @@ def test_inspect_reads_the_indexer_without_a_query_low_rank(checkpoint):
     a = spec.attention
     assert spec.family == "mistral_large4" and a.mla and a.indexer and a.q_lora_rank is None
     assert (a.index_heads, a.index_head_dim, a.index_topk) == (8, 16, 8)  # the config's
-    assert "run" not in spec.supports
+    assert a.query_log_scale and spec.rope.learned_freq_scale and spec.final_softcap == 30.0  # tensors, config
+    # kv_source_layers [0, 1, 1, 3]; no_rope_layers' default makes every 4th layer NoPE
+    assert [(l.kv_shared_from, l.rope) for l in spec.schedule] == [(None, True), (None, True), (1, True), (None, False)]
 
 
-def test_run_refuses_it(checkpoint):
-    """run's check on the spec (the command line turns it into one line, exit 2)."""
-    from llmarch.api import load_spec
-    from llmarch.errors import LlmarchError
-    from llmarch.runtime.load import check_supported
+def test_run_matches_transformers_with_a_selection(checkpoint):
+    p = _parity(checkpoint)
+    spec, cache = p.spec, p.cache
+    assert cache.nbytes() == spec.kv_cache(context=PROMPT + STEPS, kv_dtype="f32")["bytes"]
+    a = spec.attention
+    widths = {i: (c.k.shape[-1], c.v.shape[-1], c.index_k.shape[-1]) for i, c in cache.layers.items()}
+    full = (a.kv_lora_rank, a.qk_rope_head_dim, a.index_head_dim)
+    assert widths == {0: full, 1: full, 2: (0, 0, a.index_head_dim), 3: (a.kv_lora_rank, 0, a.index_head_dim)}
 
-    with pytest.raises(LlmarchError, match="'mistral_large4' is not supported by llmarch run"):
-        check_supported(load_spec(str(checkpoint)), checkpoint)
+
+def test_topk_beyond_the_context(tmp_path):
+    _parity(_make(tmp_path / "dense", index_topk=4 * (PROMPT + STEPS)))
+
+
+def test_chunked_prefill_gives_the_reference_tokens(checkpoint):
+    check_generator(checkpoint, _reference(checkpoint), "cpu", PROMPT, 16, chunk=10)
+
+
+@pytest.mark.parametrize("part", ["lerope", "query_scale"])
+def test_learned_scales_change_the_logits(checkpoint, monkeypatch, part):
+    """With LeRoPE's factors or the query scales left out, the same check fails: the fixture's
+    values matter, so the tests above check that run applies them."""
+    from llmarch.runtime.ops import learned_rope, query_scaling
+
+    if part == "lerope":
+        monkeypatch.setattr(learned_rope.LearnedRopeScale, "factors", lambda self: torch.ones(self.alpha.shape))
+    else:
+        monkeypatch.setattr(query_scaling.LogPositionQueryScale, "forward", lambda self, q, pos: q)
+    with pytest.raises(AssertionError, match="prefill logits differ"):
+        _parity(checkpoint)
+
+
+@pytest.mark.parametrize(
+    "sources,expect",
+    [
+        ([0, 1, 3, 3], "layer 2 reads layer 3, which must be an earlier layer"),
+        ([0, 0, 1, 3], "layer 2 reads layer 1, which must be an earlier layer"),
+        ([0, 1, 1, 1], "layer 3 (NoPE) reads layer 1, which is RoPE"),
+    ],
+)
+def test_bad_kv_source_layers_one_line(checkpoint, tmp_path, sources, expect):
+    """transformers' config check refuses the first two; the third its model cannot run (a NoPE
+    layer looks for a NoPE latent no layer stored)."""
+    import subprocess
+    import sys
+
+    dst = tmp_path / "bad"
+    shutil.copytree(checkpoint, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["text_config"]["kv_source_layers"] = sources
+    (dst / "config.json").write_text(json.dumps(cfg))
+    p = subprocess.run([sys.executable, "-m", "llmarch", "inspect", str(dst)], capture_output=True, text=True)
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "config.json: kv_source_layers: " + expect in lines[0]
+
+
+def test_convert_refused_in_one_line(checkpoint, tmp_path, capsys):
+    """llama.cpp (llama-cpp-python 0.3.36: src/llama-arch.cpp, gguf-py's MODEL_ARCH) has mistral4
+    but no architecture for Mistral Large 4: convert says so in one line, exit 2, writes nothing."""
+    from tests.test_run_cli import cli
+
+    out = tmp_path / "o.gguf"
+    code, err = cli(["convert", checkpoint, "-o", out], capsys)
+    err = err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "mistral_large4" in err and "llama.cpp has no architecture" in err, err
+    assert not out.exists() and list(tmp_path.iterdir()) == []

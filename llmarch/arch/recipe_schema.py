@@ -181,6 +181,16 @@ class Recipe:
     # the sparse-attention indexer's RoPE layout: "half" (rotate the two halves, DeepSeek V3.2) |
     # "interleaved" (adjacent pairs, GLM-5); no config key says, the modeling files differ
     indexer_rope: str | None = _choice("half", "interleaved")
+    # a NoPE MLA layer's rope dims join its nope dims (Mistral Large 4's kv_a emits no k_rot there);
+    # False: they stay, unrotated (Kimi Linear)
+    nope_folds_rope: bool = False
+    # the MLA latent norm (kv_a_layernorm) takes the config's rms_norm_eps, not its norm class's
+    # default 1e-6 (Mistral Large 4)
+    latent_norm_model_eps: bool = False
+    # regex -> replacement, applied in order to the checkpoint's tensor names before run reads them,
+    # where the family's Hub files keep its own names (Mistral Large 4's consolidated layout: the
+    # renames of transformers' conversion_mapping for the model_type)
+    tensor_renames: Mapping[str, str] = _table()
     # positions
     positions: str | None = _choice("learned")
     partial_rotary_factor: float | None = None  # the config class's default when config.json lacks the key

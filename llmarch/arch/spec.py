@@ -105,6 +105,13 @@ class AttentionSpec:
     # NoPE layers only, offset 1; Mistral 4 every layer after RoPE, offset 0
     temperature_tuning: dict | None = None
     mla: bool = False
+    # a NoPE MLA layer's rope dims join its nope dims: its kv_a emits no k_rot and caches none, its
+    # query and kv_b heads are nope + rope wide (Mistral Large 4); else they stay, unrotated (Kimi Linear)
+    nope_folds_rope: bool = False
+    # learned per-head query scaling, q_h * (s_h * log(pos + 1) + b_h), on the attention's queries
+    # and the sparse-attention indexer's (Mistral Large 4's softmax_scaling tensors)
+    query_log_scale: bool = False
+    latent_norm_eps: float | None = None  # MLA's latent norm epsilon where not transformers' 1e-6 default
     # grouped output projection (DeepSeek V4): heads split into out_groups groups, each projected to
     # out_rank on its own before one projection mixes the groups
     out_groups: int | None = None
@@ -129,6 +136,9 @@ class RopeSpec:
     local_theta: float | None = None  # separate base for sliding layers (Gemma 3)
     learned_positions: bool = False  # GPT-2 style absolute position embeddings
     nope_layers: list[int] = field(default_factory=list)
+    # inverse frequencies multiplied by exp(alpha), alpha a learned vector of one entry per rotated
+    # pair (Mistral Large 4's LeRoPE: rotary_emb.alpha)
+    learned_freq_scale: bool = False
 
 
 @dataclass
@@ -305,11 +315,14 @@ class ArchSpec:
     def layer_kv_bytes_per_token(self, layer: LayerSpec, kv_bytes: float) -> float:
         """Cache bytes one token adds in one layer (before any window cap)."""
         a = self.attention
-        if layer.kv_shared_from is not None or layer.mixer in ("linear", "mamba", "none"):
-            return 0.0
         if layer.mixer == "mla":  # the latent and shared k_rot, plus the indexer's key where it has one
             index_key = (a.index_head_dim or 0) if a.indexer and layer.index_from is None else 0
-            return ((a.kv_lora_rank or 0) + (a.qk_rope_head_dim or 0) + index_key) * kv_bytes
+            if layer.kv_shared_from is not None:  # reads another layer's latent; its indexer keys are its own
+                return index_key * kv_bytes
+            rope = 0 if a.nope_folds_rope and not layer.rope else (a.qk_rope_head_dim or 0)
+            return ((a.kv_lora_rank or 0) + rope + index_key) * kv_bytes
+        if layer.kv_shared_from is not None or layer.mixer in ("linear", "mamba", "none"):
+            return 0.0
         k_dim = layer.head_dim or a.head_dim
         v_dim = 0 if layer.kv_single else layer.head_dim or a.v_head_dim or a.head_dim
         return (layer.kv_heads or a.kv_heads) * (k_dim + v_dim) * kv_bytes

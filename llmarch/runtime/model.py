@@ -26,6 +26,7 @@ from llmarch.runtime.ops.gated_deltanet import GatedDeltaNet
 from llmarch.runtime.ops.hyper_connections import HyperConnection, HyperHead, load_params
 from llmarch.runtime.ops.kda import KimiDeltaAttention
 from llmarch.runtime.ops.laurel import Laurel
+from llmarch.runtime.ops.learned_rope import LearnedRopeScale
 from llmarch.runtime.ops.mamba2 import Mamba2
 from llmarch.runtime.ops.mla import MLAttention
 from llmarch.runtime.ops.mlp import GatedMLP, PlainMLP
@@ -194,6 +195,8 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(spec.vocab_size, d)
         self.pos_embed = nn.Embedding(spec.context_length or 1024, d) if spec.rope.learned_positions else None
         self.ropes = nn.ModuleDict()
+        # LeRoPE: one learned frequency scale for every layer's RoPE (read from the tables' builds)
+        self.rope_scale = LearnedRopeScale(spec) if spec.rope.learned_freq_scale else None
         layers = []
         for layer in spec.schedule:
             mixer = layer.linear_kind or ("shared_kv" if layer.kv_single else layer.mixer)
@@ -211,7 +214,8 @@ class Transformer(nn.Module):
                         name = n
                         break
                 else:
-                    r = Rope(head_dim, rot, theta, scaling, spec.context_length)
+                    freq_scale = self.rope_scale.factors if self.rope_scale is not None else None
+                    r = Rope(head_dim, rot, theta, scaling, spec.context_length, freq_scale)
                     r.key = key[0]
                     self.ropes[name] = r
                 rope = self.ropes[name]

@@ -455,4 +455,22 @@ class GGUFAsHFSource(SafetensorsSource):
 def open_weights(ckpt: Checkpoint, spec: ArchSpec) -> WeightSource:
     if ckpt.format == "gguf":
         return GGUFAsHFSource(ckpt, spec) if spec.linear_attention else GGUFSource(ckpt, spec)
-    return SafetensorsSource(ckpt, spec)
+    renames = spec.recipe.tensor_renames if spec.recipe is not None else None
+    return SafetensorsSource(renamed(ckpt, renames) if renames else ckpt, spec)
+
+
+def renamed(ckpt: Checkpoint, renames) -> Checkpoint:
+    """The checkpoint with its tensor names rewritten as the family's recipe says (tensor_renames:
+    regex -> replacement, applied in order), where its Hub files keep the family's own names."""
+    import dataclasses
+
+    rules = [(re.compile(pattern), replacement) for pattern, replacement in renames.items()]
+    tensors: dict[str, TensorInfo] = {}
+    for name, info in ckpt.tensors.items():
+        new = name
+        for pattern, replacement in rules:
+            new = pattern.sub(replacement, new)
+        if new in tensors:
+            raise LlmarchError(f"tensors {tensors[new].name} and {name} both read as {new}", ckpt.path)
+        tensors[new] = info
+    return dataclasses.replace(ckpt, tensors=tensors)

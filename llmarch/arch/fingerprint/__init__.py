@@ -67,7 +67,7 @@ def fingerprint(ckpt: Checkpoint) -> ArchSpec:
 
     read_sizes(spec, facts, ckpt)
     read_attention(spec, facts, recipe, layer_tensors, ckpt)
-    read_rope(spec, facts, recipe)
+    read_rope(spec, facts, recipe, ckpt.tensors)
     read_norms(spec, facts, recipe, layer_tensors)
     read_moe(spec, facts, recipe, layer_tensors)
     read_schedule(spec, facts, recipe, layer_tensors, ckpt)

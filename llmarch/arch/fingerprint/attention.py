@@ -10,6 +10,9 @@ from llmarch.arch.tensor_roles import has_role
 from llmarch.checkpoint.base import Checkpoint
 from llmarch.errors import CheckpointError
 
+# learned per-head log-position query scaling (transformers' softmax_scaling; Mistral's own ssmax_scaling)
+QUERY_LOG_SCALE = ("softmax_scaling.scale", "ssmax_scaling.s")
+
 
 def read_attention(spec: ArchSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoint) -> None:
     a = AttentionSpec()
@@ -40,6 +43,13 @@ def read_attention(spec: ArchSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoin
         kv_a = any_layer_has(lt, "mla_kv_a")
         if kv_a:
             spec.evidence["attention.kind"] = kv_a
+        a.nope_folds_rope = recipe.nope_folds_rope
+        if recipe.latent_norm_model_eps:
+            a.latent_norm_eps = f.get("rms_norm_eps", fact="attention.latent_norm_eps")
+        scaled = next((n for names in lt.values() for n in names if n.endswith(QUERY_LOG_SCALE)), None)
+        if scaled:
+            a.query_log_scale = True
+            spec.evidence["attention.query_log_scale"] = scaled
     else:
         hd = f.get("head_dim", "attention_head_dim", "kv_channels", fact="attention.head_dim")
         if hd is None and a.heads:

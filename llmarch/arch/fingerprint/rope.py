@@ -6,9 +6,16 @@ from llmarch.arch.fingerprint.facts import Facts
 from llmarch.arch.recipe_schema import Recipe
 from llmarch.arch.spec import ArchSpec, RopeSpec
 
+# LeRoPE's learned frequency scale (transformers' name, Mistral's own)
+LEARNED_FREQ_SCALE = ("rotary_emb.alpha", "lerope.alpha")
 
-def read_rope(spec: ArchSpec, f: Facts, recipe: Recipe) -> None:
+
+def read_rope(spec: ArchSpec, f: Facts, recipe: Recipe, tensor_names=()) -> None:
     r = RopeSpec()
+    alpha = next((n for n in tensor_names if n.endswith(LEARNED_FREQ_SCALE)), None)
+    if alpha:
+        r.learned_freq_scale = True
+        spec.evidence["rope.learned_freq_scale"] = alpha
     params = f.get("rope_parameters")
     full = _main_params(params)
     local = params.get("sliding_attention") if isinstance(params, dict) else None

@@ -9,6 +9,7 @@ from llmarch.arch.fingerprint.rope import local_rope_partial, local_rope_scaling
 from llmarch.arch.recipe_schema import Recipe
 from llmarch.arch.spec import ArchSpec, LayerSpec
 from llmarch.checkpoint.base import Checkpoint
+from llmarch.errors import CheckpointError
 
 # Nemotron-H block letters / names -> (mixer, ffn) of a single-op layer
 SINGLE_OP_BLOCKS = {
@@ -123,6 +124,7 @@ def read_schedule(spec: ArchSpec, f: Facts, recipe: Recipe, lt, ckpt: Checkpoint
     assign_ffn(spec, f, recipe, lt, sched)
     _uniform_ffn_width(spec, sched)
     _kv_sharing(spec, f, sched)
+    _kv_sources(spec, f, sched, ckpt)
     _values_from_keys(f, lt, sched)
     spec.schedule = sched
     spec.rope.nope_layers = [
@@ -223,6 +225,44 @@ def _values_from_keys(f: Facts, lt, sched: list[LayerSpec]) -> None:
             layer.v_from_k = has_k and not any(n.endswith(("v_proj.weight", "attn_v.weight")) for n in names)
         else:
             layer.v_from_k = bool(f.get("attention_k_eq_v", fact="attention.v_from_k"))
+
+
+def _kv_sources(spec: ArchSpec, f: Facts, sched: list[LayerSpec], ckpt: Checkpoint) -> None:
+    """kv_source_layers (Mistral Large 4): per layer, the layer whose latent KV it attends. A source
+    is its own source and comes no later; transformers hands a sharing layer the latent its last
+    sharing source of the same kind (RoPE or NoPE) stored, so the listed source must be that one."""
+    sources = f.get("kv_source_layers", fact="extras.kv_source_layers")
+    if sources is None:
+        return
+    where = ckpt.path / "config.json" if ckpt.config is not None and ckpt.path.is_dir() else ckpt.path
+    n = len(sched)
+    if not isinstance(sources, list) or len(sources) != n or any(type(s) is not int for s in sources):
+        raise CheckpointError(f"kv_source_layers must list {n} layer indices, got {sources!r:.120}", where)
+    stores = {s for i, s in enumerate(sources) if s != i}
+    for i, s in enumerate(sources):
+        if s == i:
+            continue
+        if not 0 <= s < i or sources[s] != s:
+            raise CheckpointError(
+                f"kv_source_layers: layer {i} reads layer {s}, which must be an earlier layer that keeps its own KV",
+                where,
+            )
+        kind = sched[i].rope
+        if sched[s].rope != kind:
+            raise CheckpointError(
+                f"kv_source_layers: layer {i} ({'RoPE' if kind else 'NoPE'}) reads layer {s}, which is "
+                f"{'NoPE' if kind else 'RoPE'}: a layer shares only a latent of its own kind",
+                where,
+            )
+        latest = max(j for j in stores if j < i and sched[j].rope == kind)
+        if latest != s:
+            raise CheckpointError(
+                f"kv_source_layers: layer {i} reads layer {s}, but the last earlier sharing source of its kind "
+                f"({'RoPE' if kind else 'NoPE'}) is {latest}",
+                where,
+            )
+        sched[i].kv_shared_from = s
+    spec.extras["kv_shared_layers"] = sum(1 for i, s in enumerate(sources) if s != i)
 
 
 def _kv_sharing(spec: ArchSpec, f: Facts, sched: list[LayerSpec]) -> None:

@@ -9,6 +9,9 @@ c directly, and the latent context is pushed out through kv_b's V half.
 RoPE: DeepSeek's rope dims are interleaved pairs (rope_interleave); de-interleaving then rotating
 half is the same rotation; a NoPE layer (LayerSpec.rope false) leaves them as they are.
 Softmax scale carries YaRN's mscale(factor, mscale_all_dim)^2.
+Mistral Large 4: NoPE layers may fold the rope dims into the nope dims (AttentionSpec.nope_folds_rope:
+no k_rot cached); a layer may attend an earlier layer's latent (LayerSpec.kv_shared_from: no kv_a,
+nothing cached but its indexer keys); queries may carry a learned log-position scale (query_scaling.py).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from llmarch.arch.spec import ArchSpec, LayerSpec
 from llmarch.errors import LlmarchError
 from llmarch.runtime.ops.attention import query_temperature, temper_queries
 from llmarch.runtime.ops.norms import RMSNorm
+from llmarch.runtime.ops.query_scaling import LogPositionQueryScale
 from llmarch.runtime.ops.rope import Rope, mscale, scaling_kind
 from llmarch.runtime.ops.sparse_indexer import LightningIndexer
 
@@ -39,9 +43,11 @@ class LatentCache:
         self.k.index_copy_(1, pos, c.to(self.k.dtype))
         self.v.index_copy_(1, pos, k_rot.to(self.v.dtype))
         if c.shape[1] == 1:  # decode: the whole static cache, the mask hides what is not filled yet;
-            return self.k, self.v  # no host read of pos, so the step can be a CUDA graph
-        n = int(pos[-1]) + 1  # prefill: slots are positions, attend over the filled prefix
-        return self.k[:, :n], self.v[:, :n]
+            self.latest = self.k, self.v  # no host read of pos, so the step can be a CUDA graph
+        else:
+            n = int(pos[-1]) + 1  # prefill: slots are positions, attend over the filled prefix
+            self.latest = self.k[:, :n], self.v[:, :n]
+        return self.latest  # also what layers sharing this latent attend this step
 
 
 class MLAttention(nn.Module):
@@ -51,6 +57,8 @@ class MLAttention(nn.Module):
         d = spec.hidden_size
         self.index, self.H = layer.index, a.heads
         self.nope, self.rdim, self.vdim = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
+        if a.nope_folds_rope and not layer.rope:  # the rope dims join the nope dims: no k_rot at all
+            self.nope, self.rdim = self.nope + self.rdim, 0
         self.rank, self.qrank = a.kv_lora_rank, a.q_lora_rank
         qdim = self.H * (self.nope + self.rdim)
         if self.qrank:
@@ -59,19 +67,24 @@ class MLAttention(nn.Module):
             self.q_b = nn.Linear(self.qrank, qdim, bias=False)
         else:
             self.q = nn.Linear(d, qdim, bias=False)
-        self.kv_a = nn.Linear(d, self.rank + self.rdim, bias=a.bias)
-        self.kv_a_norm = RMSNorm(self.rank, 1e-6)
+        # a layer reading another layer's latent (kv_shared_from) has no kv_a of its own
+        self.kv_from = layer.kv_shared_from
+        own = self.kv_from is None
+        self.kv_a = nn.Linear(d, self.rank + self.rdim, bias=a.bias) if own else None
+        self.kv_a_norm = RMSNorm(self.rank, a.latent_norm_eps or 1e-6) if own else None  # transformers' default
         self.kv_b = nn.Linear(self.rank, self.H * (self.nope + self.vdim), bias=False)
         self.o = nn.Linear(self.H * self.vdim, d, bias=a.bias)
         scaling = spec.rope.scaling or {}
         theta = rope.params[0] if rope is not None else (spec.rope.theta or 10000.0)
         # own tables over exactly the rope dims (the spec's partial fraction may not divide evenly)
-        self.rope = Rope(self.rdim, self.rdim, theta, scaling or None, spec.context_length)
+        freq_scale = getattr(rope, "freq_scale", None)  # learned_rope.py's factors, where the model has them
+        self.rope = Rope(self.rdim, self.rdim, theta, scaling or None, spec.context_length, freq_scale)
         self.scale = (self.nope + self.rdim) ** -0.5
         if scaling_kind(scaling) != "default" and scaling.get("mscale_all_dim"):
             self.scale *= mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
         self.interleave = a.rope_interleave is not False
         self.temperature = query_temperature(a, layer)
+        self.q_scale = LogPositionQueryScale(self.H) if a.query_log_scale else None
         # a NoPE layer (Kimi Linear's MLA) keeps the rope dims, shared k_rot included, unrotated
         self.rotate = layer.rope
         # a layer sharing an earlier layer's selection (index_from) has no indexer of its own
@@ -88,10 +101,9 @@ class MLAttention(nn.Module):
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
         B, T, _ = x.shape
         lc = cache.layers.get(self.index)
-        if lc is None:
-            lc = cache.layers[self.index] = LatentCache(
-                B, cache.max_seq, self.rank, self.rdim, x.dtype, x.device, self.indexer
-            )
+        if lc is None:  # a layer sharing another's latent keeps none (its indexer keys, where it has one)
+            rank, rdim = (self.rank, self.rdim) if self.kv_from is None else (0, 0)
+            lc = cache.layers[self.index] = LatentCache(B, cache.max_seq, rank, rdim, x.dtype, x.device, self.indexer)
         if self.rope.cos is None or self.rope.cos.device != x.device:
             self.rope.build(cache.max_seq, x.device, x.dtype)
         q_resid = self.q_a_norm(self.q_a(x)) if self.qrank else None
@@ -101,10 +113,15 @@ class MLAttention(nn.Module):
         q_rot = self._rot(q_rot, pos)
         if self.temperature is not None:  # after RoPE, on the whole query
             q_nope, q_rot = temper_queries(q_nope, pos, self.temperature), temper_queries(q_rot, pos, self.temperature)
-        c, k_rot = self.kv_a(x).split([self.rank, self.rdim], dim=-1)
-        c = self.kv_a_norm(c)
-        k_rot = self._rot(k_rot[:, None], pos)[:, 0]
-        cs, ks = lc.update(c, k_rot, pos)  # [B, S, rank], [B, S, rope]
+        if self.q_scale is not None:
+            q_nope, q_rot = self.q_scale(q_nope, pos), self.q_scale(q_rot, pos)
+        if self.kv_from is not None:  # the source layer's latent, written (normed, rotated) earlier this step
+            cs, ks = cache.layers[self.kv_from].latest
+        else:
+            c, k_rot = self.kv_a(x).split([self.rank, self.rdim], dim=-1)
+            c = self.kv_a_norm(c)
+            k_rot = self._rot(k_rot[:, None], pos)[:, 0]
+            cs, ks = lc.update(c, k_rot, pos)  # [B, S, rank], [B, S, rope]
         S = cs.shape[1]
         mask = torch.arange(S, device=x.device)[None, :] <= pos[:, None]  # [T, S]
         sel = None  # sparse attention: the keys the indexer selects per query (None: every visible key)
@@ -144,6 +161,7 @@ class MLAttention(nn.Module):
         "kv_a_norm": "kv_a_layernorm",
         "kv_b": "kv_b_proj",
         "o": "o_proj",
+        "q_scale": "softmax_scaling",
     }
 
     def load_from(self, source, prefix: str, dtype, device) -> None:
@@ -154,7 +172,9 @@ class MLAttention(nn.Module):
         gguf = source.ckpt.format == "gguf"
         parts = [(getattr(self, m, None), hf, m) for m, hf in self.HF.items()]
         if self.indexer is not None:
-            parts += [(getattr(self.indexer, m), f"indexer.{hf}", f"indexer.{m}") for m, hf in self.indexer.HF.items()]
+            parts += [
+                (getattr(self.indexer, m, None), f"indexer.{hf}", f"indexer.{m}") for m, hf in self.indexer.HF.items()
+            ]
         for mod, hf, canonical in parts:
             if mod is None:
                 continue

@@ -103,10 +103,15 @@ def inv_freq(dim: int, theta: float, scaling: dict | None, context: int | None =
 class Rope(nn.Module):
     """cos/sin tables for one (theta, scaling, rotated dims); shared by the layers that use them."""
 
-    def __init__(self, head_dim: int, rot_dim: int, theta: float, scaling: dict | None, context: int | None):
+    def __init__(
+        self, head_dim: int, rot_dim: int, theta: float, scaling: dict | None, context: int | None, freq_scale=None
+    ):
+        """freq_scale: a callable giving per-pair factors on the inverse frequencies, read when the
+        tables are built (learned_rope.py: known once the weights are loaded)."""
         super().__init__()
         self.head_dim, self.rot_dim = head_dim, rot_dim
         self.params = (theta, scaling, context)
+        self.freq_scale = freq_scale
         inv_freq(rot_dim, theta, scaling, context)  # fail early on an unsupported scaling type
         self.cos = self.sin = None
 
@@ -114,6 +119,8 @@ class Rope(nn.Module):
         """Tables for positions < max_pos (the model is built on meta: computed here, on the CPU)."""
         with torch.device("cpu"):
             inv, self.attn_factor = inv_freq(self.rot_dim, *self.params)
+            if self.freq_scale is not None:
+                inv = inv * self.freq_scale()
             pos = torch.arange(max_pos, dtype=torch.float32)
         freqs = torch.outer(pos, inv).to(device)
         emb = torch.cat([freqs, freqs], dim=-1)

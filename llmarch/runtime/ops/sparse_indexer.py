@@ -16,6 +16,8 @@ MLA exactly. RoPE covers each key's and query's first
 qk_rope_head_dim dims (the rest pass through), half-split or interleaved as the spec says;
 transformers skips the reference's Hadamard rotation (orthogonal, dot products unchanged) and
 its FP8 scoring, and so does this.
+Without a query low-rank (Mistral Large 4) the queries come from LayerNorm(x), scaled per head
+by the log of the position where the model learned that, and a NoPE layer's indexer rotates nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import nn
 
 from llmarch.arch.spec import ArchSpec
 from llmarch.errors import LlmarchError
+from llmarch.runtime.ops.query_scaling import LogPositionQueryScale
 
 HEAD_GROUP_ELEMS = 1 << 26  # per-head scores held at once (256 MiB of float32)
 
@@ -54,20 +57,26 @@ class LightningIndexer(nn.Module):
     def __init__(self, spec: ArchSpec, index: int):
         super().__init__()
         a = spec.attention
-        if not (a.index_heads and a.index_head_dim and a.index_topk and a.q_lora_rank):
+        if not (a.index_heads and a.index_head_dim and a.index_topk):
             raise LlmarchError(
-                f"layer {index}: the sparse-attention indexer needs index_n_heads, index_head_dim, index_topk "
-                "and q_lora_rank in the config"
+                f"layer {index}: the sparse-attention indexer needs index_n_heads, index_head_dim and index_topk "
+                "in the config"
             )
         self.H, self.D, self.topk, self.rdim = a.index_heads, a.index_head_dim, a.index_topk, a.qk_rope_head_dim
         self.interleave = bool(a.index_rope_interleave)
-        self.wq_b = nn.Linear(a.q_lora_rank, self.H * self.D, bias=False)
+        # without a query low-rank the queries come from LayerNorm(x) (transformers' MistralLarge4TextIndexer)
+        self.q_input_norm = None if a.q_lora_rank else nn.LayerNorm(spec.hidden_size, eps=1e-6)
+        self.wq_b = nn.Linear(a.q_lora_rank or spec.hidden_size, self.H * self.D, bias=False)
+        self.q_scale = LogPositionQueryScale(self.H) if a.query_log_scale else None
+        self.rotate = spec.schedule[index].rope if index < len(spec.schedule) else True  # unrotated on NoPE layers
         self.wk = nn.Linear(spec.hidden_size, self.D, bias=False)
         self.k_norm = nn.LayerNorm(self.D, eps=1e-6)  # transformers' indexer: a LayerNorm with bias, eps 1e-6
         self.weights_proj = nn.Linear(spec.hidden_size, self.H, bias=False)
 
     def _rot(self, x, pos, rope):
         """RoPE over the first rdim dims; interleaved pairs are de-interleaved first (the same rotation)."""
+        if not self.rotate:
+            return x
         r, rest = x.split([self.rdim, self.D - self.rdim], dim=-1)
         if self.interleave:
             r = torch.cat([r[..., 0::2], r[..., 1::2]], dim=-1)
@@ -86,7 +95,7 @@ class LightningIndexer(nn.Module):
         keys.index_copy_(1, pos, k.to(keys.dtype))  # always: a later, longer cache may select among them
         if self.topk >= S:  # top-k of every slot, anded with the causal mask, is the causal mask
             return None
-        q = self._rot(self.wq_b(q_resid).view(B, T, self.H, self.D).transpose(1, 2), pos, rope)  # [B, H, T, D]
+        q = self._rot(self._queries(x, q_resid, pos), pos, rope)  # [B, H, T, D]
         w = self.weights_proj(x).float() * self.H**-0.5  # [B, T, H]
         q, k_all = q.float(), keys[:, :S].float()
         # heads summed a group at a time: a 512-token prefill chunk over a 32k cache with 64 heads
@@ -101,5 +110,20 @@ class LightningIndexer(nn.Module):
         top = index.topk(self.topk, dim=-1).indices
         return Selection(top, visible.expand(B, T, S).gather(-1, top))
 
+    def _queries(self, x, q_resid, pos) -> torch.Tensor:
+        """[B, H, T, D] before RoPE: from the MLA query latent, else from LayerNorm(x); scaled by
+        the log of the position where the model learned that."""
+        B, T, _ = x.shape
+        q = self.wq_b(q_resid if self.q_input_norm is None else self.q_input_norm(x))
+        q = q.view(B, T, self.H, self.D).transpose(1, 2)
+        return q if self.q_scale is None else self.q_scale(q, pos)
+
     # Hub names under self_attn.indexer.
-    HF = {"wq_b": "wq_b", "wk": "wk", "k_norm": "k_norm", "weights_proj": "weights_proj"}
+    HF = {
+        "wq_b": "wq_b",
+        "wk": "wk",
+        "k_norm": "k_norm",
+        "weights_proj": "weights_proj",
+        "q_input_norm": "q_input_norm",
+        "q_scale": "softmax_scaling",
+    }
