@@ -106,8 +106,9 @@ class LightningIndexer(nn.Module):
             scores = F.relu(torch.einsum("bhtd,bsd->bhts", q[:, h : h + group], k_all) * self.D**-0.5)
             index += torch.einsum("bth,bhts->bts", w[..., h : h + group], scores)
         index = index.masked_fill(~visible, float("-inf"))
-        # k beyond the visible keys picks some hidden ones too; `ok` (and the causal mask) hide them
-        top = index.topk(self.topk, dim=-1).indices
+        # k beyond the visible keys picks some hidden ones too; `ok` (and the causal mask) hide them.
+        # Unsorted: the same set (torch selects before it sorts), and the order matters to neither use
+        top = index.topk(self.topk, dim=-1, sorted=False).indices
         return Selection(top, visible.expand(B, T, S).gather(-1, top))
 
     def _queries(self, x, q_resid, pos) -> torch.Tensor:
