@@ -10,7 +10,9 @@ Two parts, one JSON line each and a table:
   sync-free forms) replayed from a graph of 50 calls; Qwen3-30B-A3B's layer (E=128, top-8, d=2048,
   expert width 768, bf16) and a small one (E=16, top-4, d=256, width 128);
 - decode tok/s of a Qwen3-30B-A3B-shaped model cut to --layers layers (random bf16 weights drawn on
-  the device), the Generator's greedy decode, median of --reps runs after a warm-up.
+  the device), the Generator's greedy decode, median of --reps runs after a warm-up; bound = the
+  measured device copy rate (reads + writes) / the bytes one step must read (every weight but the
+  routed experts, k experts per MoE layer, the KV cache the captured step attends over).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_moe_offload import SMALL, spec_of  # noqa: E402
+from bench_run_gpu import copy_rate  # noqa: E402
 
 from fixtures.hub_shapes import QWEN3_30B_A3B  # noqa: E402
 
@@ -132,6 +135,8 @@ def decode_bench(rt, args, device, torch) -> list[dict]:
     ]
     if device.type != "cuda":
         configs = [c for c in configs if not c[1]]
+    if args.configs:
+        configs = [c for i, c in enumerate(configs) if str(i) in args.configs.split(",")]
     rows, first = [], None
     for name, graph, static_rows, grouped in configs:
         with patch.object(stores, "STATIC_ROWS", static_rows), patch.object(stores, "GROUPED_MM", grouped):
@@ -141,6 +146,7 @@ def decode_bench(rt, args, device, torch) -> list[dict]:
             warm = g.generate(prompt, args.tokens, Sampling())
             runs = [g.generate(prompt, args.tokens, Sampling()) for _ in range(args.reps)]
         tok_s = statistics.median(r.decode_tok_s for r in runs)
+        step_bytes = read_per_step(rt, g)
         first = first or warm.tokens
         same = sum(a == b for a, b in zip(warm.tokens, first))
         rows.append(
@@ -152,11 +158,25 @@ def decode_bench(rt, args, device, torch) -> list[dict]:
                 "prefill_tok_s": round(statistics.median(r.prefill_tok_s for r in runs), 1),
                 "capture_s": warm.extra.get("capture_s"),
                 "tokens_equal_to_first_config": f"{same}/{len(first)}",
+                "bytes_per_step": step_bytes,
             }
         )
         print(json.dumps(rows[-1]), flush=True)
         del g
     return rows
+
+
+def read_per_step(rt, g) -> int:
+    """Bytes one decode step must read: every parameter except the routed experts, k of each MoE
+    layer's experts, and the KV cache."""
+    from llmarch.runtime.experts.stores import ResidentExperts
+
+    stores = [m for m in rt.model.modules() if isinstance(m, ResidentExperts)]
+    skip = {id(p) for st in stores for p in st.parameters()}
+    dense = sum(p.numel() * p.element_size() for p in rt.model.parameters() if id(p) not in skip)
+    k = rt.spec.moe.experts_per_token
+    experts = sum(k * sum(p[0].numel() * p.element_size() for p in st.parameters()) for st in stores)
+    return dense + experts + g.cache.nbytes()
 
 
 def main() -> None:
@@ -168,6 +188,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--small", action="store_true", help="a small model (CPU smoke test)")
     ap.add_argument("--out", help="write the results JSON here")
+    ap.add_argument("--configs", help="comma-separated indices of the decode configurations to run (default all)")
+    ap.add_argument("--skip-layer-bench", action="store_true")
     args = ap.parse_args()
     import torch
 
@@ -175,15 +197,24 @@ def main() -> None:
     meta = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     meta["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(json.dumps(meta), flush=True)
-    layers = [layer_bench(n, device, torch) for n in (["small"] if args.small else LAYER_SHAPES)]
+    if device.type == "cuda":
+        meta["copy_rate_gb_s"] = round(copy_rate(torch) / 1e9, 1)
+    names = [] if args.skip_layer_bench else ["small"] if args.small else list(LAYER_SHAPES)
+    layers = [layer_bench(n, device, torch) for n in names]
     for row in layers:
         print(json.dumps(row), flush=True)
     config = dict(SMALL if args.small else QWEN3_30B_A3B, num_hidden_layers=args.layers)
     rt = build_model(config, device, torch)
     decode = decode_bench(rt, args, device, torch)
-    print(f"\n{'config':32} {'tok/s':>8} {'ms/token':>9}  ({args.layers} layers, {meta['device']})")
+    rate = meta.get("copy_rate_gb_s")
     for r in decode:
-        print(f"{r['config']:32} {r['decode_tok_s']:8.1f} {r['ms_per_token']:9.3f}")
+        if rate:
+            r["bound_tok_s"] = round(rate * 1e9 / r["bytes_per_step"], 1)
+            r["fraction_of_bound"] = round(r["decode_tok_s"] / r["bound_tok_s"], 3)
+    print(f"\n{'config':32} {'tok/s':>8} {'ms/token':>9} {'of bound':>9}  ({args.layers} layers, {meta['device']})")
+    for r in decode:
+        frac = f"{100 * r['fraction_of_bound']:.0f}%" if "fraction_of_bound" in r else "-"
+        print(f"{r['config']:32} {r['decode_tok_s']:8.1f} {r['ms_per_token']:9.3f} {frac:>9}")
     if args.out:
         Path(args.out).write_text(json.dumps({"meta": meta, "layers": layers, "decode": decode}, indent=1))
 

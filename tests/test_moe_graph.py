@@ -196,3 +196,34 @@ def test_segmented_graphs_over_hybrid_mixers(tiny, device, name):
     for _ in range(2):
         assert gen.generate(ids, STEPS, Sampling()).tokens == want
     assert decoder.captured
+
+
+@pytest.mark.parametrize("name,kw,captured", [("qwen3_moe", {}, True), ("qwen3_moe", dict(experts="cpu"), False)])
+def test_run_captures_resident_experts(tiny, device, name, kw, captured):
+    """`llmarch run` on a GPU: with the experts resident the Generator captures the step (once) and
+    gives transformers' greedy tokens; with them on the host it does not (segmented decoder)."""
+    _cuda(device)
+    from llmarch.runtime import generate as g
+    from llmarch.runtime.run import RunOptions, run
+
+    path = tiny(name)
+    ids = torch.randint(3, 128, (1, PROMPT), generator=torch.Generator().manual_seed(4))
+    expected = reference_tokens(_reference(name, path, device), ids.to(device), 8)
+    capture = g.Generator._capture
+    calls = []
+    with patch.object(g.Generator, "_capture", lambda self, pos: calls.append(pos) or capture(self, pos)):
+        doc = run(
+            RunOptions(
+                source=str(path),
+                prompt_ids=",".join(map(str, ids[0].tolist())),
+                max_tokens=8,
+                device=device,
+                dtype="float32",
+                as_json=True,
+                ignore_eos=True,
+                experts=kw.get("experts"),
+                expert_bits=16 if kw else None,
+            )
+        )
+    assert doc["tokens"] == expected
+    assert calls == ([PROMPT] if captured else [])
