@@ -8,7 +8,8 @@ indexer), RoPE frequencies scaled by a learned exp(alpha) ("LeRoPE"), NoPE layer
 join the nope dims (indexer unrotated there too), latent KV shared across layers
 (kv_source_layers) and a final logit soft-cap. save_pretrained writes Mistral's own tensor names
 (tok_embeddings, layers.N.attention.wq, lerope.alpha, ssmax_scaling.s / .b, ...), as the Hub
-files have them; run reads them through the recipe's tensor_renames (transformers' own renames).
+files have them; run reads them through the recipe's tensor_renames (transformers' own renames),
+and a file with transformers' names (fused experts) reads unchanged.
 
 transformers initialises alpha to 0 and the query scales to s = 0, b = 1 (no effect), so the
 fixture draws them at random before saving: the checks below then fail if any is not applied
@@ -19,12 +20,14 @@ within 1e-4 max abs of transformers' eager forward with its own cache, identical
 - the Generator's chunked prefill (chunks of 10 over the 40-token prompt) gives transformers'
   greedy tokens.
 inspect's KV bytes equal what run allocates: layer 2 reads layer 1's latent and allocates only
-its indexer keys; NoPE layer 3 caches no rope key.
+its indexer keys; NoPE layer 3 caches no rope key. Bad input: kv_source_layers that transformers
+refuses or cannot run, and learned scales of the wrong shape, are one line; convert is refused.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -112,6 +115,21 @@ def test_run_matches_transformers_with_a_selection(checkpoint):
     assert widths == {0: full, 1: full, 2: (0, 0, a.index_head_dim), 3: (a.kv_lora_rank, 0, a.index_head_dim)}
 
 
+def test_transformers_own_names_too(checkpoint, tmp_path):
+    """The same weights saved under transformers' own names (model.language_model.*, fused experts)
+    read unchanged: the recipe's renames leave them alone."""
+    from safetensors.torch import save_file
+
+    ref = _reference(checkpoint)
+    out = tmp_path / "hf_names"
+    out.mkdir()
+    shutil.copy(checkpoint / "config.json", out / "config.json")
+    state = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    assert "model.language_model.layers.1.mlp.experts.gate_up_proj" in state
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    check_parity(out, own_cache(ref), "cpu", PROMPT, STEPS)
+
+
 def test_topk_beyond_the_context(tmp_path):
     _parity(_make(tmp_path / "dense", index_topk=4 * (PROMPT + STEPS)))
 
@@ -134,6 +152,42 @@ def test_learned_scales_change_the_logits(checkpoint, monkeypatch, part):
         _parity(checkpoint)
 
 
+def _one_line(args):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "llmarch", *map(str, args)], capture_output=True, text=True)
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "name,shape,expect",
+    [
+        ("lerope.alpha", (3,), "weight lerope.alpha has shape (3,), the spec needs (4,)"),
+        ("layers.1.attention.ssmax_scaling.s", (5,), "layers.1.attention.ssmax_scaling.s has shape (5,)"),
+        ("layers.0.attention.indexer.ssmax_scaling.b", (2,), "layers.0.attention.indexer.ssmax_scaling.b has"),
+    ],
+)
+def test_learned_scale_of_the_wrong_shape(checkpoint, tmp_path, name, shape, expect):
+    """run checks each learned scale's shape against the spec, naming the file's tensor (an
+    LlmarchError: the command line's one line, exit 2, as for any weight)."""
+    from safetensors.torch import load_file, save_file
+
+    from llmarch.errors import LlmarchError
+    from llmarch.runtime.load import load_runtime
+
+    dst = tmp_path / "bad"
+    shutil.copytree(checkpoint, dst)
+    state = load_file(dst / "model.safetensors")
+    state[name] = torch.zeros(shape)
+    save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LlmarchError, match=re.escape(expect)) as err:
+        load_runtime(str(dst), "cpu", "float32")
+    assert str(dst) in str(err.value.path)  # the checkpoint (for alpha: its file)
+
+
 @pytest.mark.parametrize(
     "sources,expect",
     [
@@ -145,18 +199,12 @@ def test_learned_scales_change_the_logits(checkpoint, monkeypatch, part):
 def test_bad_kv_source_layers_one_line(checkpoint, tmp_path, sources, expect):
     """transformers' config check refuses the first two; the third its model cannot run (a NoPE
     layer looks for a NoPE latent no layer stored)."""
-    import subprocess
-    import sys
-
     dst = tmp_path / "bad"
     shutil.copytree(checkpoint, dst)
     cfg = json.loads((dst / "config.json").read_text())
     cfg["text_config"]["kv_source_layers"] = sources
     (dst / "config.json").write_text(json.dumps(cfg))
-    p = subprocess.run([sys.executable, "-m", "llmarch", "inspect", str(dst)], capture_output=True, text=True)
-    lines = [l for l in p.stderr.splitlines() if l.strip()]
-    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
-    assert "config.json: kv_source_layers: " + expect in lines[0]
+    assert "config.json: kv_source_layers: " + expect in _one_line(["inspect", dst])
 
 
 def test_convert_refused_in_one_line(checkpoint, tmp_path, capsys):

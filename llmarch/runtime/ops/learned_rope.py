@@ -32,8 +32,8 @@ class LearnedRopeScale(nn.Module):
             raise LlmarchError(
                 f"weight {info.name} has shape {tuple(t.shape)}, the spec needs {tuple(self.alpha.shape)} "
                 "(one entry per rotated pair)",
-                str(source.ckpt.path),
+                str(info.file),
             )
         if not torch.isfinite(t).all():
-            raise LlmarchError(f"weight {info.name} is not finite", str(source.ckpt.path))
+            raise LlmarchError(f"weight {info.name} is not finite", str(info.file))
         self.alpha = nn.Parameter(t.to(device=device, dtype=torch.float32), requires_grad=False)

@@ -186,7 +186,9 @@ class MLAttention(nn.Module):
                     where, t = source.name_of(cname) or cname, source.get(cname)
                 else:
                     info = names.get(f"{base}{hf}.{pname}")
-                    where, t = f"{base}{hf}.{pname}", source.read(info) if info is not None else None
+                    # the file's own name (the recipe's tensor_renames may have read it under another)
+                    where = info.name if info is not None else f"{base}{hf}.{pname}"
+                    t = source.read(info) if info is not None else None
                 if t is None:
                     raise LlmarchError(f"weight missing: {where} (MLA layer {self.index})", str(source.ckpt.path))
                 if tuple(t.shape) != tuple(p.shape):
