@@ -1,5 +1,5 @@
 """llama.cpp loads what `llmarch convert --to gguf` writes for the linear-attention hybrids it has
-arches for (kimi-linear, nemotron_h, nemotron_h_moe) and computes what transformers computes.
+arches for (kimi-linear, nemotron_h, nemotron_h_moe, lfm2, lfm2moe) and computes what transformers computes.
 
 Marked `llamacpp`: skipped without llama-cpp-python. Tiny random transformers checkpoints with the
 byte-level BPE tokenizer of test_convert; the references are transformers' logits and greedy tokens
@@ -14,6 +14,7 @@ import pytest
 
 from tests.test_convert import add_tokenizer
 from tests.test_convert_llamacpp import check_llamacpp_matches_transformers
+from tests.test_run_lfm import spread_lfm2_moe_routing
 
 llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.llamacpp
@@ -27,6 +28,11 @@ CASES = {
     "nemotron_h": ("nemotron_h", {"hybrid_override_pattern": "M-*-M-"}, "nemotron_h"),
     # the same with MoE blocks (sigmoid router + correction bias, shared expert): llama.cpp's MoE arch
     "nemotron_h_moe": ("nemotron_h", {"hybrid_override_pattern": "ME*ME*"}, "nemotron_h_moe"),
+    # gated short convolutions : full attention 2:1 (head_count_kv 0 on the conv layers), the FFN
+    # width block_auto_adjust_ff_dim gives
+    "lfm2": ("lfm2", {}, "lfm2"),
+    # the same mixers, dense FFNs in the first 2 layers, then MoE (sigmoid router + expert_bias)
+    "lfm2_moe": ("lfm2_moe", {}, "lfm2moe"),
 }
 
 
@@ -57,6 +63,8 @@ def hybrid(tiny, tmp_path_factory):
             add_tokenizer(dst, VOCAB)
             if family == "kimi_linear":
                 _widen_kda_qk(dst)
+            if family == "lfm2_moe":  # a random expert_bias and spread scores decide the experts
+                spread_lfm2_moe_routing(dst)
             made[name] = dst
         return made[name]
 

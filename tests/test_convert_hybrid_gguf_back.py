@@ -12,6 +12,8 @@ tests); here the reference is transformers on the source checkpoint.
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -33,7 +35,25 @@ CASES = {
     # KDA : MLA 3:1 (kv_b rebuilt from k_b / v_b), layer kinds from head_count_kv, KDA sizes from
     # kda.head_dim; dense first layer, sigmoid router with correction bias, shared expert
     "kimi_linear": ("kimi_linear", {}),
+    # short conv : full attention, layer kinds from head_count_kv (the conv layers' "conv" type), the
+    # conv kernel from shortconv.l_cache, the adjusted FFN width kept (block_auto_adjust_ff_dim false)
+    "lfm2": ("lfm2", {}),
+    # the same with dense-first MoE: sigmoid router, expert_bias (exp_probs_b.bias, bare in HF; a
+    # random one here, with spread router scores, so that it decides), per-expert w1/w3/w2 back
+    "lfm2_moe": ("lfm2_moe", {}),
 }
+
+
+def _source(tiny, tmp_path, name):
+    family, overrides = CASES[name]
+    src = tiny(family, **overrides)
+    if family != "lfm2_moe":
+        return family, src
+    from tests.test_run_lfm import spread_lfm2_moe_routing
+
+    shutil.copytree(src, tmp_path / "src")
+    spread_lfm2_moe_routing(tmp_path / "src")
+    return family, tmp_path / "src"
 
 
 def _logits(name, folder):
@@ -51,8 +71,7 @@ def test_hybrid_hf_gguf_hf_same_weights_and_logits(tiny, tmp_path, name):
     from llmarch.convert.from_gguf import convert_from_gguf
     from llmarch.convert.to_gguf import convert_to_gguf
 
-    family, overrides = CASES[name]
-    src = tiny(family, **overrides)
+    family, src = _source(tiny, tmp_path, name)
     gg = tmp_path / "m.gguf"
     convert_to_gguf(str(src), gg, "f32")
     back = tmp_path / "back"
@@ -78,8 +97,7 @@ def test_run_from_hybrid_gguf_matches_transformers(tiny, tmp_path, name):
     from fixtures.reference import reference_model
     from llmarch.convert.to_gguf import convert_to_gguf
 
-    family, overrides = CASES[name]
-    src = tiny(family, **overrides)
+    family, src = _source(tiny, tmp_path, name)
     gg = tmp_path / "m.gguf"
     convert_to_gguf(str(src), gg, "f32")
     p = check_parity(gg, reference_model(family, src), "cpu", 77, 32)

@@ -56,30 +56,35 @@ def test_lfm2_logits_match_transformers(tiny, device):
     assert not p.spec.attention.gated and p.spec.norm.placement == "pre"
 
 
-@pytest.fixture(scope="module")
-def lfm2_moe(tiny, tmp_path_factory):
-    """The tiny LFM2-MoE checkpoint with routing that every fact of Lfm2MoeTopKRouter shapes: router
-    weights x20 (sigmoid scores spread over ~0.2-0.8 instead of 0.5 +- 0.01), a random expert_bias
-    of about the same spread (transformers initialises the buffer to zeros, which would leave the
-    choice-only bias untested) and routed_scaling_factor 1.5; the other matrices x10, so that the
-    layers move the residual enough for the greedy tokens to vary (at the fixture's scale they are
-    one repeated token, which would make equal tokens a weak check)."""
+def spread_lfm2_moe_routing(folder, others: float = 1.0) -> None:
+    """Routing that every fact of Lfm2MoeTopKRouter shapes, in the checkpoint in `folder`: router
+    weights x20 (sigmoid scores spread over ~0.2-0.8 instead of 0.5 +- 0.01) and a random
+    expert_bias of about the same spread (transformers initialises the buffer to zeros, which would
+    leave the choice-only bias untested); the other matrices (not the embeddings) x `others`."""
     from safetensors.torch import load_file, save_file
 
-    out = tmp_path_factory.mktemp("lfm2_moe") / "ckpt"
-    shutil.copytree(tiny("lfm2_moe"), out)
-    cfg = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps(dict(cfg, routed_scaling_factor=1.5)))
-    sd = load_file(out / "model.safetensors")
+    sd = load_file(folder / "model.safetensors")
     g = torch.Generator().manual_seed(3)
     for name in list(sd):
         if name.endswith("feed_forward.gate.weight"):
             sd[name] = sd[name] * 20
-        elif sd[name].ndim >= 2 and "embed_tokens" not in name:
-            sd[name] = sd[name] * 10
         elif name.endswith("feed_forward.expert_bias"):
             sd[name] = torch.randn(sd[name].shape, generator=g) * 0.2
-    save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
+        elif sd[name].ndim >= 2 and "embed_tokens" not in name:
+            sd[name] = sd[name] * others
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def lfm2_moe(tiny, tmp_path_factory):
+    """The tiny LFM2-MoE checkpoint with spread routing, routed_scaling_factor 1.5 and the other
+    matrices x10, so that the layers move the residual enough for the greedy tokens to vary (at the
+    fixture's scale they are one repeated token, which would make equal tokens a weak check)."""
+    out = tmp_path_factory.mktemp("lfm2_moe") / "ckpt"
+    shutil.copytree(tiny("lfm2_moe"), out)
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(dict(cfg, routed_scaling_factor=1.5)))
+    spread_lfm2_moe_routing(out, others=10)
     return out
 
 

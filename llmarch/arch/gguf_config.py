@@ -84,7 +84,7 @@ def _mamba2_widths(config: dict[str, Any], evidence: dict[str, str]) -> None:
             config[ckey], evidence[ckey] = value, evidence.get(gkey, gkey)
 
 
-def _layer_kinds(config: dict[str, Any], evidence: dict[str, str], kda_head_dim) -> None:
+def _layer_kinds(config: dict[str, Any], evidence: dict[str, str], kda_head_dim, linear_type: str) -> None:
     """Layer kinds from the per-layer arrays llama.cpp tells them apart by (recipe layer_kind_arrays;
     its nemotron_h and kimi-linear loaders): no KV heads = no attention, and a layer with neither KV
     heads nor an FFN is recurrent. Where such a layer exists, every layer is one sub-block
@@ -104,7 +104,7 @@ def _layer_kinds(config: dict[str, Any], evidence: dict[str, str], kda_head_dim)
         ]  # transformers' names (NemotronHConfig)
         evidence["layers_block_type"] = f"{src} and feed_forward_length per layer"
         return
-    config["layer_types"] = ["full_attention" if k else "linear_attention" for k in kv]
+    config["layer_types"] = ["full_attention" if k else linear_type for k in kv]
     evidence["layer_types"] = f"{src} per layer"
     if kda_head_dim and config.get("num_attention_heads"):
         config["linear_attn_config"] = {
@@ -229,7 +229,7 @@ def gguf_to_config(
             nonzero = [x for x in v if x]
             config[key] = max(nonzero) if nonzero else 0
     if recipe.convert.layer_kind_arrays:
-        _layer_kinds(config, evidence, meta.get(f"{arch}.kda.head_dim"))
+        _layer_kinds(config, evidence, meta.get(f"{arch}.kda.head_dim"), recipe.convert.linear_layer_type)
     # llama.cpp's absorbed-MLA files store the latent widths in key/value_length, the per-head
     # widths in the *_mla keys (and head_count_kv = 1)
     kmla, vmla = config.pop("gguf_key_length_mla", None), config.pop("gguf_value_length_mla", None)

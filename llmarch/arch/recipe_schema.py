@@ -155,6 +155,11 @@ class ConvertRecipe:
     # llama.cpp tells layers apart by per-layer arrays: head_count_kv 0 where a layer has no attention
     # (a recurrent mixer, or none), feed_forward_length 0 where it has no FFN
     layer_kind_arrays: bool = False
+    # config.json's layer_types name for a layer without KV heads in those arrays (LFM2: "conv")
+    linear_layer_type: str = "linear_attention"
+    # config.json keys written on the way back whatever the GGUF holds, because its values are what
+    # they would compute (LFM2: feed_forward_length is already block_auto_adjust_ff_dim's width)
+    hf_fixed: Mapping[str, Any] = _table()
     column: tuple[str, ...] = ()  # MODEL_TENSOR names llama.cpp reads as one column ([n] -> [n, 1]: Mamba-2's A, D)
     grouped: tuple[str, ...] = ()  # MODEL_TENSOR names stored one row per linear-attention group (Mamba-2's norm)
 

@@ -117,4 +117,5 @@ GENERIC_KEYS = {
     Keys.SSM.INNER_SIZE: "ssm_inner_size",
     Keys.SSM.GROUP_COUNT: "ssm_group_count",
     Keys.SSM.TIME_STEP_RANK: "ssm_time_step_rank",
+    Keys.ShortConv.L_CACHE: "conv_L_cache",  # LFM2's short convolution: kernel size
 }

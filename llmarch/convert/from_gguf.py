@@ -190,6 +190,7 @@ def hf_config(ckpt, fam: Family, spec, tied: bool, dtype: str) -> dict:
     for src, dst in conv.hf_keys.items():
         if src in cfg:
             cfg[dst] = cfg.pop(src)
+    cfg.update(conv.hf_fixed)
     for k, v in cfg.items():  # GGUF stores float32: 1e-06, not 9.99999997e-07
         if isinstance(v, float):
             cfg[k] = float(str(np.float32(v)))

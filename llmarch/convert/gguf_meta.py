@@ -129,6 +129,8 @@ def _linear_keys(spec: ArchSpec, arch: str, path) -> dict:
     lin = spec.linear
     if lin is None:
         return {}
+    if lin.kind == "short_conv":  # LFM2Model / LFM2MoeModel.set_gguf_parameters
+        return {Keys.ShortConv.L_CACHE: lin.conv_kernel}
     if lin.kind == "kda":
         if lin.value_heads != spec.attention.heads:  # kimi-linear.cpp sizes KDA by head_count
             raise LlmarchError(

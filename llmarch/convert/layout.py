@@ -273,7 +273,8 @@ def hf_name_for(
         raise LlmarchError(f"no Hugging Face name known for GGUF tensor kind {kind.name} in family {fam.family}", path)
     hf = tmpl.format(bid=bid, xid=xid) + suffix
     if kind == T.FFN_EXP_PROBS_B:  # gguf-py spells HF's e_score_correction_bias with a dot
-        return hf.replace("e_score_correction.bias", "e_score_correction_bias")
+        hf = hf.replace("e_score_correction.bias", "e_score_correction_bias")
+        return hf[: -len(suffix)] if kind.name in conv.hf_bare else hf  # LFM2-MoE's bare expert_bias
     probe = tmpl.format(bid=bid, xid="{xid}").replace(".{xid}", "") + suffix if xid is not None else hf
     want = TENSOR_NAMES[kind].format(bid=bid) + suffix
     bare = kind.name in conv.hf_bare

@@ -46,6 +46,7 @@ F32_KINDS = {
     MODEL_TENSOR.SSM_CONV1D_Q,  # Kimi's KDA convolutions: llama.cpp's conv op reads F32 only
     MODEL_TENSOR.SSM_CONV1D_K,
     MODEL_TENSOR.SSM_CONV1D_V,
+    MODEL_TENSOR.SHORTCONV_CONV,  # LFM2's short convolution: the same conv op
 }
 # the text model inside multimodal wrappers, in the Hub's spellings
 TEXT_PREFIX_RE = re.compile(r"^(language_model\.model\.|model\.language_model\.|language_model\.lm_head)")
