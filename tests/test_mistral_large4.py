@@ -17,6 +17,7 @@ fixture draws them at random before saving: the checks below then fail if any is
 within 1e-4 max abs of transformers' eager forward with its own cache, identical greedy tokens:
 - index_topk 8 with a 40-token prompt (each query attends a strict subset of what it may see);
 - index_topk above the whole context (every visible key);
+- a layer sharing both the latent and the selection of the layer before;
 - the Generator's chunked prefill (chunks of 10 over the 40-token prompt) gives transformers'
   greedy tokens.
 inspect's KV bytes equal what run allocates: layer 2 reads layer 1's latent and allocates only
@@ -113,6 +114,16 @@ def test_run_matches_transformers_with_a_selection(checkpoint):
     widths = {i: (c.k.shape[-1], c.v.shape[-1], c.index_k.shape[-1]) for i, c in cache.layers.items()}
     full = (a.kv_lora_rank, a.qk_rope_head_dim, a.index_head_dim)
     assert widths == {0: full, 1: full, 2: (0, 0, a.index_head_dim), 3: (a.kv_lora_rank, 0, a.index_head_dim)}
+
+
+def test_a_layer_sharing_latent_and_selection(tmp_path):
+    """Layer 2 reads layer 1's latent and its selection too ("shared" in indexer_types: transformers'
+    "reuse" mode, no indexer): it allocates nothing at all."""
+    p = _parity(_make(tmp_path / "shared", indexer_types=["full", "full", "shared", "full"]))
+    assert [l.index_from for l in p.spec.schedule] == [None, None, 1, None]
+    c = p.cache.layers[2]
+    assert c.k.numel() == c.v.numel() == 0 and c.index_k is None
+    assert p.cache.nbytes() == p.spec.kv_cache(context=PROMPT + STEPS, kv_dtype="f32")["bytes"]
 
 
 def test_transformers_own_names_too(checkpoint, tmp_path):
