@@ -1,20 +1,21 @@
 """CPU decode of the embedded Gemma 3 270M Q4_K_M: llmarch's three weight paths and llama.cpp, one run.
 
     python benchmarks/bench_gguf_blocks_cpu.py [--tokens 64] [--rounds 3] [--threads 1 2] [--json OUT]
+                                               [--only NAME ...] [--no-drift]
 
 Per thread count, each round runs in turn (its own process, so peak RSS is its own): llmarch
-default (dequantized float32), llmarch --keep-quantized --quant-bits 8 (every matrix requantized to
-llmarch's own int8 blocks), llmarch --keep-quantized (the GGUF's stored blocks, gguf_matmul), and
-llama.cpp through llama-cpp-python on the same file, same prompt, same number of greedy tokens.
+--dtype float32 (dequantized float32), llmarch --keep-quantized --quant-bits 8 (every matrix
+requantized to llmarch's own int8 blocks), llmarch's default (the GGUF's stored blocks,
+gguf_matmul), and llama.cpp through llama-cpp-python on the same file, same prompt, same number of greedy tokens.
 Decode tok/s: llmarch's own clock (steps after the prefill); llama.cpp's perf counters (t_eval_ms
 over n_eval, its prompt evaluation apart). Rounds alternate so that a busy machine slows every
 configuration alike; the median of the rounds is reported with its ratio to llama.cpp's median,
 and the load average is recorded at each round.
 
-Drift: greedy tokens of each llmarch path against the float32 default's (how many of the first
---tokens are equal, and where they first differ), and top-1 agreement teacher-forced over the
-default's own continuation (each path's decode steps against the float32 forward of the same
-sequence), which does not stop counting at the first near-tie.
+Drift: greedy tokens of each llmarch path against the float32 path's and llama.cpp's (how many of
+the first --tokens are equal), and top-1 agreement teacher-forced over the float32 continuation
+(against the float32 forward) and over llama.cpp's continuation (against llama.cpp's own tokens),
+which does not stop counting at the first near-tie.
 """
 
 from __future__ import annotations
@@ -57,10 +58,11 @@ print(json.dumps({"decode_tok_s": d.n_eval / (d.t_eval_ms / 1000), "prefill_tok_
 """
 
 CONFIGS = {
-    "llmarch default (fp32)": [],
+    "llmarch --dtype float32 (dequantized fp32)": ["--dtype", "float32"],
     "llmarch --keep-quantized --quant-bits 8 (requantized)": ["--keep-quantized", "--quant-bits", "8"],
-    "llmarch --keep-quantized (stored blocks)": ["--keep-quantized"],
+    "llmarch default (stored blocks)": [],
 }
+FP32 = "llmarch --dtype float32 (dequantized fp32)"
 LLAMA = "llama.cpp (llama-cpp-python 0.3.36)"
 
 
@@ -77,10 +79,11 @@ def run_llama(path: str, n: int, threads: int) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def teacher_forced(float_tokens: list[int], threads: int) -> dict:
-    """Top-1 agreement of each quantized path's decode steps with the float32 forward of the prompt
-    plus the default's greedy continuation (the float32 logits from the stored-block model's
-    dequantize + GEMM path, which is the default's float32 weights)."""
+def teacher_forced(float_tokens: list[int], llama_tokens: list[int], threads: int) -> dict:
+    """Top-1 agreement, teacher-forced: (1) each quantized path's decode steps against the float32
+    forward of the prompt plus the float32 path's greedy continuation (float32 logits from the
+    stored-block model's dequantize + GEMM path, i.e. the float32 weights); (2) each path's top-1
+    against llama.cpp's own next token over the prompt plus llama.cpp's greedy continuation."""
     import torch
 
     from llmarch.api import load_checkpoint_spec
@@ -91,26 +94,35 @@ def teacher_forced(float_tokens: list[int], threads: int) -> dict:
     torch.set_num_threads(threads)
     ckpt, spec = load_checkpoint_spec(None)
     prompt = load_tokenizer(ckpt).encode(PROMPT)
-    ids = torch.tensor([prompt + float_tokens[:-1]])
-    n, p = ids.shape[1], len(prompt)
+    p = len(prompt)
     a = spec.attention
 
-    def forward(rt, step: bool) -> torch.Tensor:
+    def forward(rt, cont: list[int], step: bool) -> torch.Tensor:
+        ids = torch.tensor([prompt + cont[:-1]])
+        n = ids.shape[1]
         c = KVCache(spec.schedule, n, a.kv_heads, a.head_dim, a.v_head_dim or a.head_dim, rt.dtype, rt.device)
         rt.model.setup(n, rt.device, rt.dtype)
         with torch.no_grad():
             if not step:
-                return rt.model(ids, torch.arange(n), c, limit=n, last_only=False)[0]
+                return rt.model(ids, torch.arange(n), c, limit=n, last_only=False)[0][p - 1 :]
             out = [rt.model(ids[:, :p], torch.arange(p), c, limit=p)[0]]
             out += [rt.model(ids[:, i : i + 1], torch.tensor([i]), c, limit=i + 1)[0] for i in range(p, n)]
             return torch.cat(out)
 
+    def score(got: torch.Tensor, want: torch.Tensor) -> str:
+        return f"{int((got.argmax(-1) == want).sum())}/{len(want)}"
+
+    llama = torch.tensor(llama_tokens)
     stored = load_runtime(None, "cpu", None, 8, stored_blocks=True)
-    ref = forward(stored, False)[p - 1 :].argmax(-1)
-    out = {"stored blocks": forward(stored, True).argmax(-1)}
+    ref = forward(stored, float_tokens, False).argmax(-1)
+    vs_fp32 = {"stored blocks": score(forward(stored, float_tokens, True), ref)}
+    vs_llama = {"fp32": score(forward(stored, llama_tokens, False), llama)}
+    vs_llama["stored blocks"] = score(forward(stored, llama_tokens, True), llama)
     del stored
-    out["requantized int8"] = forward(load_runtime(None, "cpu", None, 8), True).argmax(-1)
-    return {k: f"{int((v == ref).sum())}/{len(ref)}" for k, v in out.items()}
+    requant = load_runtime(None, "cpu", None, 8)
+    vs_fp32["requantized int8"] = score(forward(requant, float_tokens, True), ref)
+    vs_llama["requantized int8"] = score(forward(requant, llama_tokens, True), llama)
+    return {"vs_fp32_continuation": vs_fp32, "vs_llama_cpp_continuation": vs_llama}
 
 
 def same_prefix(a: list[int], b: list[int]) -> int:
@@ -123,41 +135,48 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--no-drift", action="store_true", help="skip the teacher-forced agreement")
+    ap.add_argument("--only", nargs="+", help="run only the llmarch configurations whose name contains one of these")
     ap.add_argument("--json")
     a = ap.parse_args()
     from llmarch.default_model import default_model_path
 
     path = str(default_model_path())
     results: dict = {"machine": f"{os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    configs = {k: v for k, v in CONFIGS.items() if not a.only or any(o in k for o in a.only)}
     for threads in a.threads:
-        runs: dict[str, list[dict]] = {name: [] for name in [*CONFIGS, LLAMA]}
+        runs: dict[str, list[dict]] = {name: [] for name in [*configs, LLAMA]}
         loads = []
         for rnd in range(a.rounds):
             loads.append(os.getloadavg()[0])
-            for name, extra in CONFIGS.items():
+            for name, extra in configs.items():
                 runs[name].append(run_llmarch(path, a.tokens, extra, threads))
             runs[LLAMA].append(run_llama(path, a.tokens, threads))
             line = ", ".join(f"{k.split(' (')[0]} {v[-1]['decode_tok_s']:.1f}" for k, v in runs.items())
             print(f"threads {threads} round {rnd} (load {loads[-1]:.1f}): {line}", flush=True)
         loads.append(os.getloadavg()[0])
         llama = statistics.median(r["decode_tok_s"] for r in runs[LLAMA])
-        fp32 = runs["llmarch default (fp32)"][0]["tokens"]
+        fp32 = runs.get(FP32, runs[LLAMA])[0]["tokens"]
         print(f"\nthreads {threads}, load average {min(loads):.1f}-{max(loads):.1f}, {a.tokens} greedy tokens")
-        print(f"{'configuration':55s} {'decode tok/s':>12s} {'vs llama.cpp':>12s} {'peak RSS':>9s}  tokens = fp32")
+        print(
+            f"{'configuration':55s} {'decode tok/s':>12s} {'vs llama.cpp':>12s} {'peak RSS':>9s}  tokens = fp32 / llama.cpp"
+        )
         table = {}
         for name, rs in runs.items():
             med = statistics.median(r["decode_tok_s"] for r in rs)
             rss = max(r["peak_rss_mib"] for r in rs)
             same = same_prefix(rs[0]["tokens"], fp32)
+            same_llama = same_prefix(rs[0]["tokens"], runs[LLAMA][0]["tokens"])
             table[name] = {"decode_tok_s": [r["decode_tok_s"] for r in rs], "median": med, "peak_rss_mib": rss}
             table[name]["vs_llama"] = med / llama
             table[name]["same_prefix_as_fp32"] = same
-            print(f"{name:55s} {med:12.2f} {med / llama:11.2f}x {rss:7.0f}MiB  first {same}")
+            table[name]["same_prefix_as_llama_cpp"] = same_llama
+            print(f"{name:55s} {med:12.2f} {med / llama:11.2f}x {rss:7.0f}MiB  first {same:2d} / {same_llama:2d}")
         results[f"threads_{threads}"] = {"load_average": loads, "table": table}
     if not a.no_drift:
-        tokens = runs["llmarch default (fp32)"][0]["tokens"]
-        results["teacher_forced_top1_vs_fp32"] = drift = teacher_forced(tokens, min(a.threads))
-        print(f"teacher-forced top-1 agreement with fp32 over its {len(tokens)} tokens: {drift}")
+        tokens = runs[FP32][0]["tokens"]
+        drift = teacher_forced(tokens, runs[LLAMA][0]["tokens"], min(a.threads))
+        results["teacher_forced_top1"] = drift
+        print(f"teacher-forced top-1 agreement over {len(tokens)} tokens: {drift}")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))
 

@@ -174,3 +174,27 @@ def test_embedded_model_runs_from_stored_blocks():
     assert agree >= 0.85, agree  # 15 of 16 measured
     rel = ((steps - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
     assert rel < 0.1, rel  # 0.046 measured: Gemma's activation outliers coarsen their 32-value blocks
+
+
+@pytest.mark.parametrize(
+    "options,note",
+    [
+        ({}, "9 matrices run from the GGUF's stored blocks (15 Q8_0 tensors), the rest in float"),
+        (
+            {"keep_quantized": True},
+            "9 matrices run from the GGUF's stored blocks (15 Q8_0 tensors), the rest in int8 blocks",
+        ),
+        ({"dtype": "float32"}, None),  # float weights where asked
+        ({"keep_quantized": True, "quant_bits": 8}, None),  # llmarch's own blocks where asked
+    ],
+)
+def test_gguf_on_cpu_runs_from_stored_blocks_by_default(tiny_gguf, capsys, options, note):
+    """`llmarch run` of a Q8_0 GGUF (tiny llama: 2 layers x qkv, o, gate_up, down + the head) on the
+    CPU: stored blocks unless --dtype or --quant-bits asks otherwise; the run report says which."""
+    from llmarch.runtime.run import RunOptions, run
+
+    doc = run(RunOptions(source=str(tiny_gguf("llama")), prompt_ids="1,2", max_tokens=2, device="cpu", **options))
+    assert len(doc["tokens"]) == 2
+    err = capsys.readouterr().err
+    lines = [l.removeprefix("llmarch: ") for l in err.splitlines() if "stored blocks" in l]
+    assert lines == ([note] if note else []), err

@@ -45,6 +45,38 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
+/* y = x / sqrt(mean(x^2) + eps) * w over rows of `dim` (a single op: torch's CPU rms_norm is several
+   small ops, ~50-80 us for one decode token's 640 values on the machines measured, ~2 us here) */
+void rms_norm(const float* x, const float* w, float* y, long rows, long dim, float eps) {
+    for (long r = 0; r < rows; r++, x += dim, y += dim) {
+        double ss = 0.0;  /* double: a long row's sum stays exact to float precision */
+        for (long i = 0; i < dim; i++) ss += (double)x[i] * x[i];
+        const float inv = 1.f / sqrtf((float)(ss / (double)dim) + eps);
+        for (long i = 0; i < dim; i++) y[i] = x[i] * inv * w[i];
+    }
+}
+
+/* rotate-half RoPE of x [rows = B * H, T, D] (contiguous) at positions pos[T], the first `rot` dims
+   of each head rotated with the tables' rows cos/sin [npos, rot], the rest copied. Returns 1 when a
+   position is outside the tables. */
+int rope_rotate_half(const float* x, const float* cos, const float* sin, const int64_t* pos, float* y,
+                     long rows, long T, long D, long rot, long npos) {
+    const long half = rot / 2;
+    for (long t = 0; t < T; t++)
+        if (pos[t] < 0 || pos[t] >= npos) return 1;
+    for (long r = 0; r < rows; r++)
+        for (long t = 0; t < T; t++) {
+            const float* xi = x + (r * T + t) * D;
+            float* yi = y + (r * T + t) * D;
+            const float* c = cos + pos[t] * rot;
+            const float* s = sin + pos[t] * rot;
+            for (long i = 0; i < half; i++) yi[i] = xi[i] * c[i] - xi[i + half] * s[i];
+            for (long i = half; i < rot; i++) yi[i] = xi[i] * c[i] + xi[i - half] * s[i];
+            for (long i = rot; i < D; i++) yi[i] = xi[i];
+        }
+    return 0;
+}
+
 void quantize_q8(const float* x, int8_t* q, float* d, long n_blocks) {
     for (long b = 0; b < n_blocks; b++) {
         const float* v = x + b * 32;
@@ -104,6 +136,11 @@ def _lib():
     lib.quantize_q8.restype = None
     lib.qmatmul.argtypes = [p, p, p, p, p, p, i, i, i, i, i]
     lib.qmatmul.restype = None
+    lib.rms_norm.argtypes = [p, p, p, ctypes.c_long, ctypes.c_long, ctypes.c_float]
+    lib.rms_norm.restype = None
+    L = ctypes.c_long
+    lib.rope_rotate_half.argtypes = [p, p, p, p, p, L, L, L, L, L]
+    lib.rope_rotate_half.restype = i
     return lib
 
 
@@ -134,4 +171,37 @@ def qmatmul(x: torch.Tensor, w: torch.Tensor, wd: torch.Tensor, bits: int, bias:
         bits,
         torch.get_num_threads(),
     )
+    return y
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS norm of float32 x over its last dimension, times float32 w (one C call)."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    dim = x.shape[-1]
+    _lib().rms_norm(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.numel() // dim, dim, eps)
+    return y
+
+
+def rope_rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of float32 x [B, H, T, D] at int64 positions pos [T], tables cos/sin
+    [positions, rot] (float32, contiguous); dims past rot pass through. One C call."""
+    x = x.contiguous()
+    pos = pos.contiguous()
+    y = torch.empty_like(x)
+    B, H, T, D = x.shape
+    rc = _lib().rope_rotate_half(
+        x.data_ptr(),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        pos.data_ptr(),
+        y.data_ptr(),
+        B * H,
+        T,
+        D,
+        cos.shape[1],
+        cos.shape[0],
+    )
+    if rc:
+        raise IndexError(f"RoPE position outside the tables (0..{cos.shape[0] - 1})")
     return y

@@ -36,6 +36,7 @@ SOURCE = r"""
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 static inline float f16(const uint8_t* p) { uint16_t h; memcpy(&h, p, 2); return _cvtsh_ss(h); }
@@ -82,19 +83,38 @@ void quantize_act(const float* x, int8_t* q, float* d, float* s, long n_blocks) 
     }
 }
 
-/* one weight row (nb32 = K / 32 activation blocks) . one activation row */
+/* Each row's bytes are streamed once; prefetching PF bytes ahead keeps one core's loads in flight
+   (on the VMs measured, the hardware streamer alone caps a core near 6-8 GB/s). Rows are contiguous,
+   so near a row's end the prefetch reaches into the next row. */
+#ifndef PF
+#define PF 2048
+#endif
+#define PREFETCH(p) __builtin_prefetch((const void*)(p), 0, 3)
+
+/* one weight row (nb32 = K / 32 activation blocks) . one activation row; two accumulators so
+   consecutive blocks' FMAs do not wait on each other */
 static inline float row_q8_0(const uint8_t* w, const int8_t* xq, const float* xd, const float* xs, int nb32) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int b = 0; b < nb32; b++, w += 34) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + 1 < nb32; b += 2, w += 68) {
+        PREFETCH(w + PF);
+        PREFETCH(w + PF + 64);
+        __m256i d0 = dot_ss(_mm256_loadu_si256((const __m256i*)(w + 2)), _mm256_loadu_si256((const __m256i*)(xq + 32 * b)));
+        __m256i d1 = dot_ss(_mm256_loadu_si256((const __m256i*)(w + 36)), _mm256_loadu_si256((const __m256i*)(xq + 32 * b + 32)));
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(f16(w) * xd[b]), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(f16(w + 34) * xd[b + 1]), acc1);
+    }
+    if (b < nb32) {
         __m256i d = dot_ss(_mm256_loadu_si256((const __m256i*)(w + 2)), _mm256_loadu_si256((const __m256i*)(xq + 32 * b)));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(f16(w) * xd[b]), acc);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(f16(w) * xd[b]), acc0);
     }
     (void)xs;
-    return hsum(acc);
+    return hsum(_mm256_add_ps(acc0, acc1));
 }
 static inline float row_q4_0(const uint8_t* w, const int8_t* xq, const float* xd, const float* xs, int nb32) {
     __m256 acc = _mm256_setzero_ps();
     for (int b = 0; b < nb32; b++, w += 18) {
+        PREFETCH(w + PF);
         __m256i q = _mm256_sub_epi8(nibbles16(w + 2), _mm256_set1_epi8(8));
         __m256i d = dot_ss(q, _mm256_loadu_si256((const __m256i*)(xq + 32 * b)));
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(f16(w) * xd[b]), acc);
@@ -105,6 +125,7 @@ static inline float row_q4_0(const uint8_t* w, const int8_t* xq, const float* xd
 static inline float row_q5_0(const uint8_t* w, const int8_t* xq, const float* xd, const float* xs, int nb32) {
     __m256 acc = _mm256_setzero_ps();
     for (int b = 0; b < nb32; b++, w += 22) {
+        PREFETCH(w + PF);
         __m256i hi = _mm256_and_si256(bits32(w + 2), _mm256_set1_epi8(0x10));
         __m256i q = _mm256_sub_epi8(_mm256_or_si256(nibbles16(w + 6), hi), _mm256_set1_epi8(16));
         __m256i d = dot_ss(q, _mm256_loadu_si256((const __m256i*)(xq + 32 * b)));
@@ -124,6 +145,9 @@ static inline float row_k45(const uint8_t* w, const int8_t* xq, const float* xd,
     float mins = 0.f;
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     for (int b = 0; b < nb32 / 8; b++, w += bytes) {
+        PREFETCH(w + PF);
+        PREFETCH(w + PF + 64);
+        PREFETCH(w + PF + 128);
         const float d = f16(w), dmin = f16(w + 2);
         const uint8_t* qs = w + (hbits ? 48 : 16);
         __m256i qh = hbits ? _mm256_loadu_si256((const __m256i*)(w + 16)) : _mm256_setzero_si256();
@@ -154,6 +178,10 @@ static inline float row_q6_k(const uint8_t* w, const int8_t* xq, const float* xd
     __m256 acc = _mm256_setzero_ps();
     const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x03), off = _mm256_set1_epi8(32);
     for (int b = 0; b < nb32 / 8; b++, w += 210) {
+        PREFETCH(w + PF);
+        PREFETCH(w + PF + 64);
+        PREFETCH(w + PF + 128);
+        PREFETCH(w + PF + 192);
         const float d = f16(w + 208);
         const int8_t* sc = (const int8_t*)(w + 192);
         for (int half = 0; half < 2; half++) {
@@ -185,9 +213,11 @@ static inline float row_q5_k(const uint8_t* w, const int8_t* xq, const float* xd
     return row_k45(w, xq, xd, xs, nb32, 1);
 }
 
-/* y[t * ldy + n] = W[n, :] . x[t, :] for n < N, t < T; W rows of row_bytes stored blocks each */
+/* y[t * ldy + n] = W[n, :] . x[t, :] for n < N, t < T; W rows of row_bytes stored blocks each.
+   Chunks of 64 rows are handed out as threads come free: on a busy machine a thread that is
+   descheduled leaves its share to the others instead of holding up the whole matmul. */
 #define MATMUL(ROW)                                                                              \
-    _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                          \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(dynamic, 64)")                      \
     for (int n = 0; n < N; n++) {                                                                \
         const uint8_t* row = w + (size_t)n * row_bytes;                                          \
         for (int t = 0; t < T; t++)                                                              \
@@ -209,6 +239,28 @@ int gguf_matmul(int type, const int8_t* xq, const float* xd, const float* xs, co
     }
     return 0;
 }
+
+/* One Linear's whole forward in one call (each ctypes call and torch allocation costs microseconds,
+   and a decode step makes ~70 of them): x [T, K] float32 quantized to int8 blocks once, then every
+   part (stacked rows of stored blocks, e.g. fused q/k/v of different types) into y [T, sum rows]. */
+int gguf_linear(const float* x, int T, int K, int nparts, const int* types, const void* const* ws,
+                const long* row_bytes, const int* rows, float* y, int nthreads) {
+    const int nb32 = K / 32;
+    int8_t* xq = (int8_t*)malloc((size_t)T * K + 2 * sizeof(float) * (size_t)T * nb32);
+    if (!xq) return 2;
+    float* xd = (float*)(xq + (size_t)T * K);  /* T * K is a multiple of 32: aligned for floats */
+    float* xs = xd + (size_t)T * nb32;
+    quantize_act(x, xq, xd, xs, (long)T * nb32);
+    long ldy = 0;
+    for (int p = 0; p < nparts; p++) ldy += rows[p];
+    int rc = 0, col = 0;
+    for (int p = 0; p < nparts && !rc; p++) {
+        rc = gguf_matmul(types[p], xq, xd, xs, (const uint8_t*)ws[p], row_bytes[p], y + col, ldy, T, rows[p], K, nthreads);
+        col += rows[p];
+    }
+    free(xq);
+    return rc;
+}
 """
 
 
@@ -225,6 +277,8 @@ def _lib():
     lib.quantize_act.restype = None
     lib.gguf_matmul.argtypes = [i, p, p, p, p, lo, p, lo, i, i, i, i]
     lib.gguf_matmul.restype = i
+    lib.gguf_linear.argtypes = [p, i, i, i, p, p, p, p, p, i]
+    lib.gguf_linear.restype = i
     return lib
 
 
@@ -269,30 +323,27 @@ def matmul_blocks(x: torch.Tensor, raw: torch.Tensor, qtype: str, rows: int) -> 
     return y
 
 
-def _run(x: torch.Tensor, parts, y: torch.Tensor) -> None:
-    lib = _lib()
+class _Parts:
+    """The C arrays gguf_linear reads for one stack of parts, built once (the tensors stay referenced
+    by the owner of `parts`)."""
+
+    def __init__(self, parts):
+        n = len(parts)
+        self.n = n
+        self.types = (ctypes.c_int * n)(*[KERNEL_TYPES[q] for _, q, _ in parts])
+        self.ws = (ctypes.c_void_p * n)(*[raw.data_ptr() for raw, _, _ in parts])
+        self.row_bytes = (ctypes.c_long * n)(*[raw.numel() // rows for raw, _, rows in parts])
+        self.rows = (ctypes.c_int * n)(*[rows for _, _, rows in parts])
+        self.args = [ctypes.addressof(a) for a in (self.types, self.ws, self.row_bytes, self.rows)]
+
+
+def _run(x: torch.Tensor, parts, y: torch.Tensor, args: _Parts | None = None) -> None:
+    """y [T, sum rows] = x [T, K] (float32, contiguous) @ the parts' rows^T, in one C call."""
+    args = args or _Parts(parts)
     T, K = x.shape
-    xq, xd, xs = quantize_activations(x)
-    col, threads = 0, torch.get_num_threads()
-    for raw, qtype, rows in parts:
-        row_bytes = raw.numel() // rows
-        rc = lib.gguf_matmul(
-            KERNEL_TYPES[qtype],
-            xq.data_ptr(),
-            xd.data_ptr(),
-            xs.data_ptr(),
-            raw.data_ptr(),
-            row_bytes,
-            y.data_ptr() + 4 * col,
-            y.shape[1],
-            T,
-            rows,
-            K,
-            threads,
-        )
-        if rc:
-            raise LlmarchError(f"stored-block kernel refused type {qtype}")
-        col += rows
+    rc = _lib().gguf_linear(x.data_ptr(), T, K, args.n, *args.args, y.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise LlmarchError(f"stored-block kernel failed ({'out of memory' if rc == 2 else 'unknown type'})")
 
 
 def _dequant_gemm(x: torch.Tensor, parts, y: torch.Tensor) -> None:
@@ -325,18 +376,23 @@ class StoredBlockLinear(nn.Module):
         self.out_features = sum(rows for _, _, rows in parts)
         self.out_order = out_order
         self.types = [qtype for _, qtype, _ in parts]
+        self.args = _Parts(parts) if available() else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float().contiguous()
+        x2 = x.reshape(-1, shape[-1])
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.float().contiguous()
         y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
-        if available() and x2.shape[0] <= MAX_ROWS:
-            _run(x2, self.parts, y)
+        if self.args is not None and x2.shape[0] <= MAX_ROWS:
+            _run(x2, self.parts, y, self.args)
         else:
             _dequant_gemm(x2, self.parts, y)
         if self.out_order is not None:
             y = y[:, self.out_order]
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        if x.dtype != torch.float32:
+            y = y.to(x.dtype)
+        return y.view(*shape[:-1], self.out_features)
 
     def row(self, ids: torch.Tensor, dtype) -> torch.Tensor:
         """Embedding lookup from the same blocks (a tied embedding shares them with the head)."""
@@ -378,11 +434,13 @@ def from_source(source, names: list[str], shape: tuple[int, int]) -> StoredBlock
     return StoredBlockLinear(parts, in_f, None if identity else perm)
 
 
-def summary(model: nn.Module) -> str | None:
-    """The run report's line: how many matrices ran from the file's blocks, of which types."""
+def summary(model: nn.Module, quant_bits: int | None = None) -> str | None:
+    """The run report's line: how many matrices ran from the file's blocks, of which types, and what
+    the others are (requantized to int`quant_bits`, or float)."""
     types = Counter(t for m in model.modules() if isinstance(m, StoredBlockLinear) for t in m.types)
     if not types:
         return None
     mats = sum(1 for m in model.modules() if isinstance(m, StoredBlockLinear))
     kinds = ", ".join(f"{n} {t}" for t, n in sorted(types.items()))
-    return f"{mats} matrices run from the GGUF's stored blocks ({kinds} tensors), the rest as --quant-bits"
+    rest = f"int{quant_bits} blocks" if quant_bits else "float"
+    return f"{mats} matrices run from the GGUF's stored blocks ({kinds} tensors), the rest in {rest}"

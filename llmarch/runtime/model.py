@@ -327,8 +327,9 @@ def load_weights(
     """Assign every parameter from `source` (checking shapes), fusing q/k/v and gate/up on the way.
 
     quant_bits: replace each Linear by its weight-only int8/int4 form as soon as it is loaded, so the
-    float copy of one matrix at a time is all that is ever held. stored_blocks (with quant_bits): a
-    GGUF's Linears whose stored block type the CPU kernel reads run from the file's blocks instead.
+    float copy of one matrix at a time is all that is ever held. stored_blocks: a GGUF's Linears whose
+    stored block type the CPU kernel reads run from the file's blocks instead (the others as
+    quant_bits says, or in float without it).
     """
     from llmarch.runtime.gguf_matmul import from_source
     from llmarch.runtime.quant import GROUP, BlockQuantLinear, quantize_linear
@@ -375,7 +376,7 @@ def load_weights(
             self_loaded += (mname + ".",)
             continue
         if (
-            quant_bits
+            (quant_bits or stored_blocks)
             and mname == "embed"
             and model.lm_head is None
             and spec_tied_ok(mod)
@@ -388,12 +389,19 @@ def load_weights(
                 raise LlmarchError(
                     f"weight embed.weight has shape {shape}, the spec needs {tuple(mod.weight.shape)}", where
                 )
-            model.tied_quant = stored("embed", shape) or BlockQuantLinear(
-                None, None, quant_bits, rows=(lambda a, b: source.rows("embed.weight", a, b), *shape, device)
-            )
-            model.embed = None
-            continue
-        if quant_bits and isinstance(mod, nn.Linear) and mname.startswith(("layers.", "lm_head")) and mod.bias is None:
+            tied = stored("embed", shape)
+            if tied is not None or quant_bits:  # stored blocks alone: a table of other types stays float
+                model.tied_quant = tied or BlockQuantLinear(
+                    None, None, quant_bits, rows=(lambda a, b: source.rows("embed.weight", a, b), *shape, device)
+                )
+                model.embed = None
+                continue
+        if (
+            (quant_bits or stored_blocks)
+            and isinstance(mod, nn.Linear)
+            and mname.startswith(("layers.", "lm_head"))
+            and mod.bias is None
+        ):
             from_file = stored(mname, mod.weight.shape)
             if from_file is not None:
                 parent, leaf = _parent(model, mname)

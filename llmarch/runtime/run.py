@@ -94,6 +94,14 @@ def check_options(o: RunOptions) -> None:
         parse_ids(o.prompt_ids)
 
 
+def stored_blocks_asked(o: RunOptions, ckpt) -> bool:
+    """Whether a GGUF's matrices run from its stored blocks (load_runtime applies it on the CPU only):
+    by default, and with --keep-quantized without --quant-bits; --dtype asks for float weights."""
+    if o.keep_quantized:
+        return o.quant_bits is None
+    return ckpt.format == "gguf" and o.dtype is None
+
+
 def prompt_tokens(o: RunOptions, ckpt):
     """(tokenizer or None, prompt ids): from --prompt-ids, or --prompt through the tokenizer and,
     with --chat, the chat template (all from the header and tokenizer files: no weights read)."""
@@ -182,8 +190,9 @@ def run(o: RunOptions) -> dict:
         ple=o.ple,
         ple_cache_mib=o.ple_cache_mib,
         ple_dir=o.ple_dir,
-        # a GGUF's own blocks unless --quant-bits asks for llmarch's (other types still take those)
-        stored_blocks=o.keep_quantized and o.quant_bits is None,
+        # a GGUF runs on its own blocks (on the CPU) unless --quant-bits asks for llmarch's blocks or
+        # --dtype for float weights; other types are requantized with --keep-quantized, else float
+        stored_blocks=stored_blocks_asked(o, ckpt),
     )
 
     moe = rt.spec.moe is not None or rt.spec.attention.mla

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmarch.runtime import cpu_kernels
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6, unit_offset: bool = False):
@@ -18,6 +20,8 @@ class RMSNorm(nn.Module):
         if self.unit_offset:  # Gemma stores w around 0 and scales by (1 + w)
             w = w + 1.0
         if x.device.type == "cpu":  # one fused op: on the CPU each small op costs microseconds
+            if x.dtype == torch.float32 and not x.requires_grad and cpu_kernels.available():
+                return cpu_kernels.rms_norm(x, w, self.eps)  # torch's own is several ops, ~30x slower
             return F.rms_norm(x.float(), x.shape[-1:], w, self.eps).to(x.dtype)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)

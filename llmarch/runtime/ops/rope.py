@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from llmarch.errors import LlmarchError
+from llmarch.runtime import cpu_kernels
 
 
 def _default(dim: int, theta: float) -> torch.Tensor:
@@ -100,6 +101,20 @@ def inv_freq(dim: int, theta: float, scaling: dict | None, context: int | None =
     raise LlmarchError(f"RoPE scaling type {kind!r} is not supported by llmarch run")
 
 
+def fast_cpu_rope(x: torch.Tensor, pos: torch.Tensor, table: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == table.dtype == torch.float32
+        and pos.dtype == torch.int64
+        and x.dim() == 4
+        and pos.dim() == 1
+        and pos.shape[0] == x.shape[2]
+        and not x.requires_grad
+        and table.is_contiguous()
+        and cpu_kernels.available()
+    )
+
+
 class Rope(nn.Module):
     """cos/sin tables for one (theta, scaling, rotated dims); shared by the layers that use them."""
 
@@ -129,6 +144,8 @@ class Rope(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """x: [B, H, T, D]; pos: [T] absolute positions. Rotate-half convention (HF layout)."""
+        if fast_cpu_rope(x, pos, self.cos) and self.sin.is_contiguous():  # one C call instead of ~10 small torch ops
+            return cpu_kernels.rope_rotate_half(x, self.cos, self.sin, pos)
         cos, sin = self.cos[pos], self.sin[pos]  # [T, rot]
         r = self.rot_dim
         xr = x[..., :r]

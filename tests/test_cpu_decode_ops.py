@@ -1,0 +1,53 @@
+"""The C forms of RMS norm and rotate-half RoPE that CPU decode uses (cpu_kernels.rms_norm,
+cpu_kernels.rope_rotate_half, reached through ops/norms.RMSNorm and ops/rope.Rope), against the
+formulas written out in float64 torch: y = x / sqrt(mean(x^2) + eps) * w, and
+x * cos + rotate_half(x) * sin on the first rot dims of each head, the rest untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmarch.runtime import cpu_kernels
+from llmarch.runtime.ops.norms import RMSNorm
+from llmarch.runtime.ops.rope import Rope
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX2 or no C compiler")
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 640), (2, 3, 4, 256), (5, 96)])
+def test_rms_norm_matches_formula(shape):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g) * 3
+    w = torch.randn(shape[-1], generator=g)
+    norm = RMSNorm(shape[-1], eps=1e-6)
+    norm.weight = torch.nn.Parameter(w, requires_grad=False)
+    x64 = x.double()
+    want = x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+    got = norm(x)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("head_dim,rot,T", [(256, 256, 1), (64, 32, 5)])
+def test_rope_matches_formula(head_dim, rot, T):
+    rope = Rope(head_dim, rot, 10000.0, None, 512)
+    rope.build(300, "cpu", torch.float32)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, T, head_dim, generator=g)
+    pos = torch.tensor([7, 0, 299, 3, 150][:T])
+    inv = 1.0 / (10000.0 ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot))
+    ang = pos.double()[:, None] * inv[None, :]
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    xr = x.double()[..., :rot]
+    rotated = torch.cat([-xr[..., rot // 2 :], xr[..., : rot // 2]], -1)
+    want = torch.cat([xr * cos + rotated * sin, x.double()[..., rot:]], -1)
+    got = rope(x, pos)
+    assert torch.allclose(got.double(), want, atol=1e-5)
+
+
+def test_rope_position_outside_tables_refused():
+    rope = Rope(64, 64, 10000.0, None, 512)
+    rope.build(8, "cpu", torch.float32)
+    with pytest.raises(IndexError):
+        rope(torch.zeros(1, 2, 1, 64), torch.tensor([8]))
