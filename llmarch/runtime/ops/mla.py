@@ -43,11 +43,11 @@ class LatentCache:
         self.k.index_copy_(1, pos, c.to(self.k.dtype))
         self.v.index_copy_(1, pos, k_rot.to(self.v.dtype))
         if c.shape[1] == 1:  # decode: the whole static cache, the mask hides what is not filled yet;
-            self.latest = self.k, self.v  # no host read of pos, so the step can be a CUDA graph
+            self.last = self.k, self.v  # no host read of pos, so the step can be a CUDA graph
         else:
             n = int(pos[-1]) + 1  # prefill: slots are positions, attend over the filled prefix
-            self.latest = self.k[:, :n], self.v[:, :n]
-        return self.latest  # also what layers sharing this latent attend this step
+            self.last = self.k[:, :n], self.v[:, :n]
+        return self.last  # also what layers sharing this latent attend this step (as LayerCache.last)
 
 
 class MLAttention(nn.Module):
@@ -116,7 +116,7 @@ class MLAttention(nn.Module):
         if self.q_scale is not None:
             q_nope, q_rot = self.q_scale(q_nope, pos), self.q_scale(q_rot, pos)
         if self.kv_from is not None:  # the source layer's latent, written (normed, rotated) earlier this step
-            cs, ks = cache.layers[self.kv_from].latest
+            cs, ks = cache.layers[self.kv_from].last
         else:
             c, k_rot = self.kv_a(x).split([self.rank, self.rdim], dim=-1)
             c = self.kv_a_norm(c)
