@@ -42,6 +42,10 @@ HYBRID = {
         num_experts_per_tok=2,
         hybrid_override_pattern="ME*E-M",
     ),
+    # sparse attention that selects: 8 of the 24-token prompt's keys (8 indexer heads, as
+    # tests/test_run_dsa.py explains)
+    "deepseek_v32": dict(index_n_heads=8, index_topk=8),
+    "glm_moe_dsa": dict(index_n_heads=8, index_topk=8),
 }
 OWN_CACHE = {"kimi_linear": "cache", "nemotron_h": "cache"}  # as their own parity tests decode them
 
@@ -125,7 +129,7 @@ def test_static_path_matches_transformers(tiny, name, grouped):
         ("llama4", {}, False),  # chunked attention reads the position on the host
         ("deepseek_v3", {}, True),  # MLA
         ("kimi_linear", {}, True),  # KDA + NoPE MLA
-        ("deepseek_v32", {}, False),  # MLA with a sparse-attention indexer: not checked, eager
+        ("deepseek_v32", {}, True),  # MLA with a sparse-attention indexer: static top-k and gather
     ],
 )
 def test_which_models_run_captures_whole(tiny, name, kw, whole):
@@ -155,6 +159,8 @@ def _cuda(device):
         "deepseek_v3",  # MLA
         "mistral4",  # MLA, softmax router with groups
         "kimi_linear",  # KDA + NoPE MLA
+        "deepseek_v32",  # MLA + sparse-attention indexer: top-k and gather inside the graph
+        "glm_moe_dsa",
     ],
 )
 def test_graph_decode_matches_transformers(tiny, device, name):

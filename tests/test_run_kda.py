@@ -93,8 +93,8 @@ def test_state_bytes_inspect_equals_run(tiny, dtype, kv):
 
 
 def test_generator_and_offloaded_experts_agree(tiny, device):
-    """The Generator as `llmarch run` makes it for a MoE model (no CUDA graph: the expert grouping
-    reads counts on the host), prefill cut into chunks of 10 so the KDA state and the MLA latents
+    """The Generator, stepping eagerly (the captured graph of a MoE decode step is checked in
+    tests/test_moe_graph.py), prefill cut into chunks of 10 so the KDA state and the MLA latents
     carry across calls, gives transformers' greedy tokens, twice on one cache (reset clears the
     state), and with --experts cpu (16-bit) the same tokens as all experts on one device."""
     from fixtures.reference import reference_model

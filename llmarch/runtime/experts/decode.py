@@ -30,12 +30,13 @@ from llmarch.runtime.experts.stores import ResidentExperts
 from llmarch.runtime.ops.moe import MoE
 
 
-def capturable_mixer(mixer, mla: bool) -> bool:
+def capturable_mixer(mixer) -> bool:
     """A mixer whose one-token step can be a CUDA graph: fixed shapes, no host read, its cache or
-    recurrent state updated in place. Attention (full / sliding rings), MLA where `mla` admits it,
-    and the linear mixers (Gated DeltaNet, KDA, Mamba-2, short convolution: conv window and
-    recurrent matrix written with copy_/mul_/add_). Chunked attention slices its cache by the
-    position read on the host; DeepSeek V4's compressed attention is not checked: eager."""
+    recurrent state updated in place. Attention (full / sliding rings), MLA (with a sparse-attention
+    indexer too: its top-k and gather are of static size), and the linear mixers (Gated DeltaNet,
+    KDA, Mamba-2, short convolution: conv window and recurrent matrix written with
+    copy_/mul_/add_). Chunked attention slices its cache by the position read on the host;
+    DeepSeek V4's compressed attention is not checked: eager."""
     from llmarch.runtime.ops.attention import Attention
     from llmarch.runtime.ops.chunked_attention import ChunkedAttention
     from llmarch.runtime.ops.gated_deltanet import GatedDeltaNet
@@ -48,20 +49,16 @@ def capturable_mixer(mixer, mla: bool) -> bool:
         return True
     if isinstance(mixer, ChunkedAttention):
         return False
-    if isinstance(mixer, MLAttention):
-        return mla
-    return isinstance(mixer, (Attention, GatedDeltaNet, KimiDeltaAttention, Mamba2, ShortConv))
+    return isinstance(mixer, (Attention, MLAttention, GatedDeltaNet, KimiDeltaAttention, Mamba2, ShortConv))
 
 
 def whole_step_capturable(model) -> bool:
     """A MoE / MLA model's whole decode step as one CUDA graph (the Generator's): every mixer
     capturable and every routed-expert store resident on the device, whose decode path has no host
     sync (stores.routed_static). Offloaded, dequantizing and hot-expert stores read the routing on
-    the host. MLA's one-token step reads the whole static latent cache (no host read of the
-    position); with a sparse-attention indexer (DeepSeek V3.2, GLM-5) it is not checked: eager."""
-    mla = not model.spec.attention.indexer
+    the host."""
     for b in model.layers:
-        if not capturable_mixer(b.attn, mla=mla):
+        if not capturable_mixer(b.attn):
             return False
         ffn = getattr(b.mlp, "moe", b.mlp)  # a dense MLP beside the experts (Gemma 4) holds them as .moe
         if isinstance(ffn, MoE) and type(ffn.experts) is not ResidentExperts:
@@ -83,7 +80,7 @@ class SegmentedDecoder:
             and model.pos_embed is None
             and not any(blocks[i].mlp.experts.hot_n for i in self.cuts)
         )  # hot experts: the eager path
-        capturable = all(capturable_mixer(b.attn, mla=True) for b in blocks)
+        capturable = all(capturable_mixer(b.attn) for b in blocks)
         self.graphs = (device.type == "cuda" and capturable) if graphs is None else graphs
         d = model.spec.hidden_size
         dt = model.final_norm.weight.dtype
