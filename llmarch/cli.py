@@ -352,7 +352,7 @@ def run(
             "--expert-bits",
             metavar="BITS",
             help="MoE: 16, 8 or 4-bit routed experts (group-wise scales). Not given, on cpu/disk: MXFP4 "
-            "and GGUF Q8_0/Q4_0 experts are read as stored.",
+            "and GGUF Q8_0/Q4_0/MXFP4/Q4_K/Q5_K/Q6_K experts are read as stored.",
         ),
     ] = None,
     gpu_experts: Annotated[
