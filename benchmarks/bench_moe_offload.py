@@ -1,15 +1,19 @@
-"""Decode speed of a Qwen3-30B-A3B-shaped MoE with routed experts int4/int8 on the CPU (llmarch
-offload) vs transformers + accelerate with the experts offloaded to the CPU (device_map).
+"""Decode speed of a Qwen3-30B-A3B-shaped MoE (or another --shape) with routed experts int4/int8 on
+the CPU (llmarch offload) vs transformers + accelerate with the experts offloaded to the CPU
+(device_map).
 
     python benchmarks/bench_moe_offload.py                 # the real shapes, on a CUDA machine
     python benchmarks/bench_moe_offload.py --small --device cpu   # smoke test of the same path
+    python benchmarks/bench_moe_offload.py --shape qwen3-next-80b-a3b --bits 4   # the hybrid
 
 Random weights, made cheaply: dense/attention/router on the GPU with normal_ (seconds), routed
 experts as random int4/int8 bytes + small fp16 scales drawn on the GPU and copied to host RAM
 (normal_ over 10 GB of CPU tensors takes minutes). Routing over random weights spreads the
 tokens across experts, so host reads are not served from caches.
 The baseline runs only --baseline-layers MoE layers (accelerate moves every expert of a layer
-over PCIe at each step, 0.17 s per layer per token) and is scaled to the full depth, as printed.
+over PCIe at each step, 0.17 s per layer per token) and is scaled to the full depth, as printed;
+for a hybrid the measured layers keep the model's mix of linear and full-attention layers (by
+default one full_attention_interval: 3 Gated DeltaNet + 1 attention for Qwen3-Next).
 Prints one JSON line per configuration and a table.
 """
 
@@ -25,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fixtures.hub_shapes import QWEN3_30B_A3B  # noqa: E402
+from fixtures.hub_shapes import QWEN3_30B_A3B, QWEN3_NEXT_80B_A3B  # noqa: E402
 
 GPT_OSS_120B = dict(  # openai/gpt-oss-120b config.json shapes (experts MXFP4 as shipped)
     vocab_size=201088,
@@ -46,9 +50,10 @@ SHAPES = {
     "qwen3-30b-a3b": ("qwen3_moe", QWEN3_30B_A3B),
     "gpt-oss-20b": ("gpt_oss", GPT_OSS_20B),
     "gpt-oss-120b": ("gpt_oss", GPT_OSS_120B),
+    "qwen3-next-80b-a3b": ("qwen3_next", QWEN3_NEXT_80B_A3B),
 }
-SMALL = dict(
-    QWEN3_30B_A3B,
+BASELINE_FAMILIES = ("qwen3_moe", "qwen3_next")  # transformers' bf16 experts; gpt-oss ships MXFP4
+SMALL_MOE = dict(
     vocab_size=1024,
     hidden_size=256,
     moe_intermediate_size=128,
@@ -59,6 +64,20 @@ SMALL = dict(
     num_experts=16,
     num_experts_per_tok=4,
 )
+SMALL_LINEAR = dict(  # Gated DeltaNet heads, only read by the hybrid shapes
+    shared_expert_intermediate_size=128,
+    linear_num_key_heads=4,
+    linear_num_value_heads=8,
+    linear_key_head_dim=32,
+    linear_value_head_dim=32,
+)
+
+
+def small_of(config: dict) -> dict:
+    """The same family at a size a 2-core CPU runs in seconds (--small)."""
+    small = dict(config, **SMALL_MOE)
+    small.update({k: v for k, v in SMALL_LINEAR.items() if k in config})
+    return small
 
 
 def spec_of(config: dict, family: str = "qwen3_moe"):
@@ -211,44 +230,97 @@ def run_llmarch(args, spec, device, dtype, bits, gpu_experts, bw, segmented=True
     return r
 
 
-def run_baseline(args, config, device):
+def baseline_layer_types(config: dict, L: int) -> list[str] | None:
+    """The first L layer kinds of a hybrid's pattern, the last one made full attention if the slice
+    has none (None: not a hybrid)."""
+    interval = config.get("full_attention_interval")
+    if interval is None:
+        return None
+    kinds = ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(L)]
+    if "full_attention" not in kinds:
+        kinds[-1] = "full_attention"
+    return kinds
+
+
+def linear_kernels_present() -> dict:
+    """Which fast kernel packages transformers could pick up for Gated DeltaNet instead of its torch path."""
+    import importlib.util
+
+    return {name: importlib.util.find_spec(name) is not None for name in ("fla", "causal_conv1d", "kernels")}
+
+
+def run_baseline(args, family, config, device, dtype):
     """transformers + accelerate: experts of every layer on the CPU, moved in at each forward."""
     import torch
     from accelerate import dispatch_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    L = args.baseline_layers
-    cfg = AutoConfig.for_model("qwen3_moe", **dict(config, num_hidden_layers=L))
+    L = args.baseline_layers or config.get("full_attention_interval", 2)
+    kinds = baseline_layer_types(config, L)
+    cfg = AutoConfig.for_model(family, **dict(config, num_hidden_layers=L, **({"layer_types": kinds} if kinds else {})))
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    dm = {"model.embed_tokens": 0, "model.norm": 0, "model.rotary_emb": 0, "lm_head": 0}
-    for i in range(L):
-        for part in ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp.gate"):
-            dm[f"model.layers.{i}.{part}"] = 0
-        dm[f"model.layers.{i}.mlp.experts"] = "cpu"
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    main = 0 if device.type == "cuda" else "cpu"
+    # everything on the GPU but the routed experts (the shared expert and the router stay resident)
+    dm = {f"model.{n}": main for n, _ in model.model.named_children() if n != "layers"}
+    dm["lm_head"] = main
+    for i, layer in enumerate(model.model.layers):
+        for n, child in layer.named_children():
+            if n != "mlp":
+                dm[f"model.layers.{i}.{n}"] = main
+                continue
+            for m, _ in child.named_children():
+                dm[f"model.layers.{i}.mlp.{m}"] = "cpu" if m == "experts" else main
     model = dispatch_model(model, device_map=dm)
     model.eval()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     ids = torch.randint(0, cfg.vocab_size, (1, args.prompt), device=device)
     with torch.inference_mode():
         out = model(ids, use_cache=True)
         past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
         steps, times = 3, []
         for _ in range(steps + 1):
-            torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
             out = model(nxt, past_key_values=past, use_cache=True)
             past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            torch.cuda.synchronize()
+            sync()
             times.append(time.perf_counter() - t0)
     per_layer = sorted(times[1:])[steps // 2] / L
     full = per_layer * config["num_hidden_layers"]
-    return {
+    import transformers
+
+    r = {
         "engine": "transformers+accelerate",
+        "transformers": transformers.__version__,
         "measured_layers": L,
         "s_per_token_per_layer": round(per_layer, 4),
         "decode_tok_s_scaled": round(1 / full, 4),
         "note": f"measured on {L} MoE layers, scaled to {config['num_hidden_layers']}",
     }
+    if kinds:
+        r.update(layer_types=kinds, fast_linear_kernel_packages=linear_kernels_present())
+        r["note"] += f" ({kinds.count('linear_attention')} linear + {kinds.count('full_attention')} full attention)"
+    del model, out, past
+    return r
+
+
+def stop_after(seconds: float) -> None:
+    """End the process after `seconds`, saying so: each result is printed as it is measured, so what
+    was done survives an outer time limit that would kill the process without a word."""
+    import threading
+
+    def stop():
+        print(json.dumps({"stopped": f"time budget of {seconds:.0f} s reached; later runs did not finish"}), flush=True)
+        os._exit(3)
+
+    t = threading.Timer(seconds, stop)
+    t.daemon = True
+    t.start()
 
 
 def main():
@@ -265,7 +337,19 @@ def main():
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--gpu-experts", type=int, nargs="+", default=[0])
-    ap.add_argument("--baseline-layers", type=int, default=2)
+    ap.add_argument(
+        "--baseline-layers",
+        type=int,
+        default=None,
+        help="MoE layers the baseline runs (default: 2, or a hybrid's full_attention_interval)",
+    )
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="stop after this many seconds (what has been measured is already printed); a run "
+        "that could not start before it says so",
+    )
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--variants", action="store_true", help="also int4 without graphs, and with 16 hot GPU experts")
     ap.add_argument(
@@ -280,6 +364,8 @@ def main():
         "--omp-active", action="store_true", help="OMP_WAIT_POLICY=ACTIVE: kernel threads spin between layers"
     )
     args = ap.parse_args()
+    if args.budget_s:
+        stop_after(args.budget_s)
     if args.omp_active:
         os.environ["OMP_WAIT_POLICY"] = "ACTIVE"  # read when libgomp starts: before torch is imported
     import torch
@@ -289,7 +375,9 @@ def main():
     torch.set_num_threads(os.cpu_count())
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    family, config = ("qwen3_moe", SMALL) if args.small else SHAPES[args.shape]
+    family, config = SHAPES[args.shape]
+    if args.small:
+        config = small_of(config)
     spec = spec_of(config, family)
     bw = host_read_bandwidth()
     machine = {
@@ -308,8 +396,8 @@ def main():
         print(json.dumps(r), flush=True)
         rows.append(r)
     base = None
-    if not args.skip_baseline and device.type == "cuda" and family == "qwen3_moe":
-        base = run_baseline(args, config, device)
+    if not args.skip_baseline and family in BASELINE_FAMILIES:
+        base = run_baseline(args, family, config, device, dtype)
         print(json.dumps(base), flush=True)
     print(
         f"\n{'engine':<26}{'bits':>5}{'hot':>5}{'graphs':>7}{'thr':>4}{'tok/s':>9}{'MiB/tok':>9}{'bound':>8}{'frac':>7}"
