@@ -169,6 +169,95 @@ def test_fit_places_the_hybrid_gguf_experts_on_the_host(tiny, tmp_path, name):
     assert "--experts cpu --expert-bits 16" in run["command"] and str(gg) in run["command"]
 
 
+def _split_as_llama_cpp(w: np.ndarray, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
+    """in_proj_qkvz [rows, hidden] -> (attn_qkv, attn_gate), transcribed from llama.cpp 0.3.36's
+    conversion/qwen.py Qwen3NextModel.modify_tensors ("original order: [q, k, v, z] * head_count,
+    corrected order: [q * head_count, k * head_count, v * head_count, z * head_count]")."""
+    dk, dv = cfg["linear_key_head_dim"], cfg["linear_value_head_dim"]
+    nv, nk, hidden = cfg["linear_num_value_heads"], cfg["linear_num_key_heads"], cfg["hidden_size"]
+    split = [dk, dk, nv // nk * dv, nv // nk * dv]
+    data = torch.from_numpy(w).permute(1, 0).contiguous().view(-1, nk, sum(split))
+    q, k, v, z = torch.split(data, split, dim=-1)
+    q, k, v, z = (t.contiguous().view(hidden, -1) for t in (q, k, v, z))
+    qkv = torch.cat([q, k, v], dim=-1).permute(1, 0).contiguous()
+    return qkv.numpy(), z.permute(1, 0).contiguous().numpy()
+
+
+def test_qwen3next_gguf_as_llama_cpp_converter_splits_qkvz(tiny, tmp_path):
+    """llama.cpp's own converter writes Qwen3-Next's in_proj_qkvz as attn_qkv + attn_gate (llmarch's
+    keeps it as ssm_in; llama.cpp loads both). Such a file, made here from llmarch's by llama.cpp's
+    split, runs within 1e-4 of transformers over 77 + 32 steps with its greedy tokens, and back to
+    HF gives the source's in_proj_qkvz (regrouped per key head). Checked by hand also on the file
+    llama.cpp 0.3.36's convert_hf_to_gguf.py writes from this fixture (README)."""
+    import json
+
+    import gguf
+
+    from fixtures.gguf_edit import rewrite_gguf
+    from fixtures.parity import check_parity
+    from fixtures.reference import reference_model
+    from llmarch.api import load_checkpoint_spec
+    from llmarch.convert.from_gguf import convert_from_gguf
+    from llmarch.convert.to_gguf import convert_to_gguf
+
+    src = tiny("qwen3_next")
+    cfg = json.loads((src / "config.json").read_text())
+    ours = tmp_path / "ours.gguf"
+    convert_to_gguf(str(src), ours, "f32")
+    ckpt, _ = load_checkpoint_spec(str(ours))
+    fused = [n for n in ckpt.tensors if n.endswith(".ssm_in.weight")]
+    assert fused
+    data = {t.name: np.array(t.data) for t in gguf.GGUFReader(ours).tensors if t.name in fused}
+    add = {}
+    for name in fused:
+        add[name.replace("ssm_in", "attn_qkv")], add[name.replace("ssm_in", "attn_gate")] = _split_as_llama_cpp(
+            data[name], cfg
+        )
+    split = rewrite_gguf(ours, tmp_path / "split.gguf", drop=fused, add=add)
+    p = check_parity(split, reference_model("qwen3_next", src), "cpu", 77, 32)
+    assert p.rt.spec.linear.projection == "grouped"
+    back = tmp_path / "back"
+    convert_from_gguf(str(split), back, "f32")
+    a, b = load_st(src), load_st(back)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_kimi_gguf_with_convs_as_llama_cpp_converter_shapes_them(tiny, tmp_path):
+    """llama.cpp's own KimiLinearModel writes the KDA q/k/v convolutions 4-D, [1, C, 1, K] (llmarch
+    writes HF's [C, 1, K]; the same values). Such a file runs within 1e-4 of transformers over 77 +
+    32 steps, and back to HF gives the source's tensors. Checked by hand also on the file llama.cpp
+    0.3.36's convert_hf_to_gguf.py writes from this fixture (README)."""
+    import gguf
+
+    from fixtures.gguf_edit import rewrite_gguf
+    from fixtures.parity import check_parity
+    from fixtures.reference import reference_model
+    from llmarch.convert.from_gguf import convert_from_gguf
+    from llmarch.convert.to_gguf import convert_to_gguf
+
+    src = tiny("kimi_linear")
+    ours = tmp_path / "ours.gguf"
+    convert_to_gguf(str(src), ours, "f32")
+    convs = {
+        t.name: np.array(t.data)
+        for t in gguf.GGUFReader(ours).tensors
+        if t.name.endswith(("ssm_conv1d_q.weight", "ssm_conv1d_k.weight", "ssm_conv1d_v.weight"))
+    }
+    assert convs and all(a.ndim == 3 and a.shape[1] == 1 for a in convs.values())
+    four_d = {n: a.reshape(1, a.shape[0], 1, a.shape[2]) for n, a in convs.items()}
+    theirs = rewrite_gguf(ours, tmp_path / "theirs.gguf", drop=list(convs), add=four_d)
+    check_parity(theirs, reference_model("kimi_linear", src), "cpu", 77, 32)
+    back = tmp_path / "back"
+    convert_from_gguf(str(theirs), back, "f32")
+    a, b = load_st(src), load_st(back)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
 def test_gguf_with_positive_a_is_one_line(tiny, tmp_path, capsys):
     """A GGUF whose ssm_a holds a value >= 0 (llama.cpp's A = -exp(A_log) is always negative) has no
     A_log: --to safetensors and run both stop with one line naming the file and the tensor, exit 2,

@@ -61,6 +61,7 @@ def cast(x: np.ndarray, dtype: str) -> np.ndarray:
 def _gguf_items(ckpt, fam: Family, n_blocks: int):
     """(gguf TensorInfo, [(hf name, expert index or None)]) for every tensor carried back."""
     items, unknown = [], []
+    split_qkvz = _split_qkvz(ckpt)
     for name, info in ckpt.tensors.items():
         found = gguf_kind_of(name, fam.arch, n_blocks)
         if found is None:
@@ -69,6 +70,11 @@ def _gguf_items(ckpt, fam: Family, n_blocks: int):
         kind, bid = found
         if bid is not None and bid >= n_blocks:
             continue  # MTP blocks llama.cpp appends after the main stack (nextn_predict_layers): not carried back
+        if split_qkvz and kind in (gguf.MODEL_TENSOR.ATTN_QKV, gguf.MODEL_TENSOR.ATTN_GATE):
+            if kind == gguf.MODEL_TENSOR.ATTN_QKV:  # the gate (z) is read with it, regrouped into in_proj_qkvz
+                qkvz = hf_name_for(fam, gguf.MODEL_TENSOR.SSM_IN, bid, ".weight", n_blocks, path=ckpt.path)
+                items.append((info, kind, [(qkvz, None)]))
+            continue
         if kind in GENERATED or kind == gguf.MODEL_TENSOR.ATTN_V_B:
             continue  # V_B is read together with K_B (merged back into kv_b_proj)
         if kind == gguf.MODEL_TENSOR.ATTN_K_B:
@@ -309,7 +315,7 @@ def _write_safetensors(path: Path, out: Path, ckpt, fam: Family, items, spec, dt
     for job in jobs:
         info, kind, names = job
         simple = (
-            kind != gguf.MODEL_TENSOR.ATTN_KV_B
+            kind not in (gguf.MODEL_TENSOR.ATTN_KV_B, gguf.MODEL_TENSOR.ATTN_QKV)
             and not (fam.fused_experts and kind in EXPERT_KINDS)
             and len(info.shape) >= 2
             and not any(fam.transposed(n) for n, _ in names)
@@ -370,9 +376,32 @@ def _pread(fd: int, buf: np.ndarray, offset: int) -> None:
         done += n
 
 
+def _split_qkvz(ckpt) -> bool:
+    """A Gated DeltaNet GGUF whose in_proj_ba stayed fused (ssm_ba) but whose in_proj_qkvz llama.cpp's
+    own converter split into attn_qkv (q, k, v, each over all heads) and attn_gate (z): read back as
+    the grouped in_proj_qkvz (llmarch's converter keeps it fused, as ssm_in)."""
+    names = ckpt.tensors
+    return any(n.endswith(".ssm_ba.weight") for n in names) and any(n.endswith(".attn_qkv.weight") for n in names)
+
+
+def _regroup_qkvz(qkv: np.ndarray, z: np.ndarray, spec) -> np.ndarray:
+    """Undo Qwen3NextModel.modify_tensors: in_proj_qkvz holds [q, k, v, z] per key head, where
+    attn_qkv holds every head's q, then every head's k, then v (value heads in key-head order),
+    and attn_gate z."""
+    lin, cols = spec.linear, qkv.shape[-1]
+    nk, dk = lin.key_heads, lin.key_head_dim
+    per_v = lin.value_heads // nk * lin.value_head_dim  # value rows of one key head's group
+    q, k, v = np.split(qkv, [nk * dk, 2 * nk * dk])
+    parts = [q.reshape(nk, dk, cols), k.reshape(nk, dk, cols), v.reshape(nk, per_v, cols), z.reshape(nk, per_v, cols)]
+    return np.concatenate(parts, axis=1).reshape(-1, cols)
+
+
 def _hf_shape_of(ckpt, fam: Family, info, kind, names) -> tuple[int, ...]:
     """The HF shape of each of an item's tensors (one per expert when the GGUF stacks them)."""
     shape = info.shape[1:] if names[0][1] is not None else info.shape
+    if kind == gguf.MODEL_TENSOR.ATTN_QKV and names[0][0].endswith("in_proj_qkvz.weight"):  # see _split_qkvz
+        z = ckpt.tensors[info.name.replace("attn_qkv", "attn_gate")]
+        shape = (info.shape[0] + z.shape[0], info.shape[1])
     if kind == gguf.MODEL_TENSOR.ATTN_KV_B and info.name.endswith("attn_k_b.weight"):
         v_b = ckpt.tensors[info.name.replace("attn_k_b", "attn_v_b")]
         shape = (info.shape[0] * (info.shape[2] + v_b.shape[1]), info.shape[1])
@@ -388,6 +417,8 @@ def _hf_whole(read, ckpt, fam: Family, spec, job) -> np.ndarray:
     x = read(info)
     if kind == gguf.MODEL_TENSOR.ATTN_KV_B and info.name.endswith("attn_k_b.weight"):
         x = _merge_kv_b(x, read(ckpt.tensors[info.name.replace("attn_k_b", "attn_v_b")]))
+    if kind == gguf.MODEL_TENSOR.ATTN_QKV and names[0][0].endswith("in_proj_qkvz.weight"):  # see _split_qkvz
+        x = _regroup_qkvz(x, read(ckpt.tensors[info.name.replace("attn_qkv", "attn_gate")]), spec)
     if fam.fused_experts and kind in EXPERT_KINDS:
         x = _fuse_experts(
             x, kind, lambda: read(ckpt.tensors[info.name.replace("ffn_gate_exps", "ffn_up_exps")]), fam.fused_split
@@ -406,7 +437,8 @@ def _hf_part(x: np.ndarray, xid, hf: str, shape, fam: Family, kind, spec) -> np.
     part = x[xid] if xid is not None else x
     if fam.transposed(hf):
         return part.T
-    return part.reshape(shape) if _linear_relaid(fam, kind, spec) else part
+    # the same values in another shape: re-laid by the recipe, or size-1 dims llama.cpp's converter kept
+    return part.reshape(shape) if _linear_relaid(fam, kind, spec) or part.shape != tuple(shape) else part
 
 
 def _shifted(fam: Family, kind, hf_name: str) -> bool:
@@ -437,12 +469,17 @@ def _linear_to_hf(x: np.ndarray, kind, fam: Family, spec, info) -> np.ndarray:
     return x
 
 
+KDA_CONVS = (gguf.MODEL_TENSOR.SSM_CONV1D_Q, gguf.MODEL_TENSOR.SSM_CONV1D_K, gguf.MODEL_TENSOR.SSM_CONV1D_V)
+
+
 def _linear_hf_shape(fam: Family, kind, shape: tuple[int, ...]) -> tuple[int, ...]:
     """HF's shape of a kind whose size-1 dims llama.cpp's converter changed: a squeezed [C, K] conv
     is HF's [C, 1, K]; a column [n, 1] and a grouped [G, n / G] norm are HF's [n]."""
     conv = fam.recipe.convert
     if kind.name in conv.squeezed and len(shape) == 2:
         return (shape[0], 1, shape[1])
+    if kind in KDA_CONVS and len(shape) == 4 and shape[0] == 1:  # KimiLinearModel writes [1, C, 1, K]
+        return tuple(shape[1:])
     if kind.name in (*conv.column, *conv.grouped):
         return (math.prod(shape),)
     return shape

@@ -222,7 +222,10 @@ def _linear_projection(spec: ArchSpec, ckpt: Checkpoint) -> str | None:
             spec.evidence["linear_attention.projection"] = name
             return "split"
         if ckpt.format == "gguf" and name.endswith((".ssm_in.weight", ".attn_qkv.weight")):
-            # llama.cpp's qwen3next keeps HF's fused in_proj_qkvz as ssm_in; qwen35 the split in_proj_qkv
+            # qwen3next keeps HF's fused in_proj_ba as ssm_ba and in_proj_qkvz as ssm_in (llmarch's
+            # converter) or split into attn_qkv + attn_gate (llama.cpp's, read back regrouped);
+            # qwen35 has the split in_proj_qkv and separate b / a
             spec.evidence["linear_attention.projection"] = name
-            return "grouped" if name.endswith(".ssm_in.weight") else "split"
+            fused_ba = any(n.endswith(".ssm_ba.weight") for n in ckpt.tensors)
+            return "grouped" if name.endswith(".ssm_in.weight") or fused_ba else "split"
     return None
