@@ -56,6 +56,19 @@ def _source(tiny, tmp_path, name):
     return family, tmp_path / "src"
 
 
+def _back_to_source(gg, src, back):
+    """`--to safetensors` of `gg` into `back` holds the source checkpoint's tensors, names and
+    shapes: (1 + w) - 1 and log(-(-exp(a))) in float32 within a few ulp."""
+    from llmarch.convert.from_gguf import convert_from_gguf
+
+    convert_from_gguf(str(gg), back, "f32")
+    a, b = load_st(src), load_st(back)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
 def _logits(name, folder):
     from fixtures.reference import reference_model
 
@@ -68,21 +81,13 @@ def _logits(name, folder):
 def test_hybrid_hf_gguf_hf_same_weights_and_logits(tiny, tmp_path, name):
     from transformers import AutoModelForCausalLM
 
-    from llmarch.convert.from_gguf import convert_from_gguf
     from llmarch.convert.to_gguf import convert_to_gguf
 
     family, src = _source(tiny, tmp_path, name)
     gg = tmp_path / "m.gguf"
     convert_to_gguf(str(src), gg, "f32")
     back = tmp_path / "back"
-    convert_from_gguf(str(gg), back, "f32")
-
-    a, b = load_st(src), load_st(back)
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert a[k].shape == b[k].shape, k
-        # (1 + w) - 1 and log(-(-exp(a))) in float32: within a few ulp of the source
-        np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    _back_to_source(gg, src, back)
     _, info = AutoModelForCausalLM.from_pretrained(str(back), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     np.testing.assert_allclose(_logits(family, back), _logits(family, src), rtol=1e-5, atol=1e-5)
@@ -197,7 +202,6 @@ def test_qwen3next_gguf_as_llama_cpp_converter_splits_qkvz(tiny, tmp_path):
     from fixtures.parity import check_parity
     from fixtures.reference import reference_model
     from llmarch.api import load_checkpoint_spec
-    from llmarch.convert.from_gguf import convert_from_gguf
     from llmarch.convert.to_gguf import convert_to_gguf
 
     src = tiny("qwen3_next")
@@ -216,12 +220,7 @@ def test_qwen3next_gguf_as_llama_cpp_converter_splits_qkvz(tiny, tmp_path):
     split = rewrite_gguf(ours, tmp_path / "split.gguf", drop=fused, add=add)
     p = check_parity(split, reference_model("qwen3_next", src), "cpu", 77, 32)
     assert p.rt.spec.linear.projection == "grouped"
-    back = tmp_path / "back"
-    convert_from_gguf(str(split), back, "f32")
-    a, b = load_st(src), load_st(back)
-    assert sorted(a) == sorted(b)
-    for k in a:
-        np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    _back_to_source(split, src, tmp_path / "back")
 
 
 def test_kimi_gguf_with_convs_as_llama_cpp_converter_shapes_them(tiny, tmp_path):
@@ -234,7 +233,6 @@ def test_kimi_gguf_with_convs_as_llama_cpp_converter_shapes_them(tiny, tmp_path)
     from fixtures.gguf_edit import rewrite_gguf
     from fixtures.parity import check_parity
     from fixtures.reference import reference_model
-    from llmarch.convert.from_gguf import convert_from_gguf
     from llmarch.convert.to_gguf import convert_to_gguf
 
     src = tiny("kimi_linear")
@@ -249,13 +247,7 @@ def test_kimi_gguf_with_convs_as_llama_cpp_converter_shapes_them(tiny, tmp_path)
     four_d = {n: a.reshape(1, a.shape[0], 1, a.shape[2]) for n, a in convs.items()}
     theirs = rewrite_gguf(ours, tmp_path / "theirs.gguf", drop=list(convs), add=four_d)
     check_parity(theirs, reference_model("kimi_linear", src), "cpu", 77, 32)
-    back = tmp_path / "back"
-    convert_from_gguf(str(theirs), back, "f32")
-    a, b = load_st(src), load_st(back)
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert a[k].shape == b[k].shape, k
-        np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    _back_to_source(theirs, src, tmp_path / "back")
 
 
 def test_gguf_with_positive_a_is_one_line(tiny, tmp_path, capsys):
