@@ -264,15 +264,29 @@ def run_baseline(args, family, config, device, dtype):
     # everything on the GPU but the routed experts (the shared expert and the router stay resident)
     dm = {f"model.{n}": main for n, _ in model.model.named_children() if n != "layers"}
     dm["lm_head"] = main
+    expert_bytes = 0
     for i, layer in enumerate(model.model.layers):
         for n, child in layer.named_children():
             if n != "mlp":
                 dm[f"model.layers.{i}.{n}"] = main
                 continue
-            for m, _ in child.named_children():
+            for m, sub in child.named_children():
                 dm[f"model.layers.{i}.mlp.{m}"] = "cpu" if m == "experts" else main
+                if m == "experts":
+                    # in host RAM before dispatch: accelerate keeps a "cpu" module's tensors where they
+                    # are as its weights map, so experts made on the GPU would never cross PCIe
+                    sub.to("cpu")
+                    expert_bytes += sum(p.numel() * p.element_size() for p in sub.parameters())
     model = dispatch_model(model, device_map=dm)
     model.eval()
+    held_on = sorted(
+        {
+            str(mod._hf_hook.weights_map[k].device)
+            for n, mod in model.named_modules()
+            if n.endswith("mlp.experts") and getattr(getattr(mod, "_hf_hook", None), "weights_map", None) is not None
+            for k, _ in mod.named_parameters()
+        }
+    )
 
     def sync():
         if device.type == "cuda":
@@ -300,6 +314,10 @@ def run_baseline(args, family, config, device, dtype):
         "measured_layers": L,
         "s_per_token_per_layer": round(per_layer, 4),
         "decode_tok_s_scaled": round(1 / full, 4),
+        "expert_gb_per_layer": round(expert_bytes / L / 1e9, 2),
+        # what crossing PCIe at each step implies: above the link's rate, the experts did not cross it
+        "implied_transfer_gb_s": round(expert_bytes / L / per_layer / 1e9, 1),
+        "expert_weights_map_on": held_on or None,
         "note": f"measured on {L} MoE layers, scaled to {config['num_hidden_layers']}",
     }
     if kinds:
@@ -351,6 +369,7 @@ def main():
         "that could not start before it says so",
     )
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--baseline-only", action="store_true", help="only transformers+accelerate (no llmarch run)")
     ap.add_argument("--variants", action="store_true", help="also int4 without graphs, and with 16 hot GPU experts")
     ap.add_argument(
         "--torch-threads",
@@ -388,7 +407,9 @@ def main():
     }
     print(json.dumps({"machine": machine}), flush=True)
     rows = []
-    configs = [(b, ge, True, args.torch_threads) for b in args.bits for ge in args.gpu_experts]
+    configs = (
+        [] if args.baseline_only else [(b, ge, True, args.torch_threads) for b in args.bits for ge in args.gpu_experts]
+    )
     if args.variants:  # what the graphs and torch's own thread pool change, on int4
         configs += [(4, 0, False, args.torch_threads), (4, 16, True, args.torch_threads)]
     for bits, ge, seg, tt in configs:
@@ -412,6 +433,7 @@ def main():
         )
     if base:
         print(f"{'transformers+accelerate':<26}{16:>5}{0:>5}{base['decode_tok_s_scaled']:>9}   ({base['note']})")
+    if base and rows:
         best = max(r["decode_tok_s"] for r in rows)
         print(f"speedup {best / base['decode_tok_s_scaled']:.1f}x")
 
