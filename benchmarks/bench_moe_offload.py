@@ -11,7 +11,7 @@ experts as random int4/int8 bytes + small fp16 scales drawn on the GPU and copie
 (normal_ over 10 GB of CPU tensors takes minutes). Routing over random weights spreads the
 tokens across experts, so host reads are not served from caches.
 The baseline runs only --baseline-layers MoE layers (accelerate moves every expert of a layer
-over PCIe at each step, 0.17 s per layer per token) and is scaled to the full depth, as printed;
+from host RAM to the GPU at each step) and is scaled to the full depth, as printed;
 for a hybrid the measured layers keep the model's mix of linear and full-attention layers (by
 default one full_attention_interval: 3 Gated DeltaNet + 1 attention for Qwen3-Next).
 Prints one JSON line per configuration and a table.
