@@ -97,14 +97,20 @@ def teacher_forced(float_tokens: list[int], llama_tokens: list[int], threads: in
     p = len(prompt)
     a = spec.attention
 
+    from llmarch.runtime import gguf_matmul
+
     def forward(rt, cont: list[int], step: bool) -> torch.Tensor:
         ids = torch.tensor([prompt + cont[:-1]])
         n = ids.shape[1]
         c = KVCache(spec.schedule, n, a.kv_heads, a.head_dim, a.v_head_dim or a.head_dim, rt.dtype, rt.device)
         rt.model.setup(n, rt.device, rt.dtype)
         with torch.no_grad():
-            if not step:
-                return rt.model(ids, torch.arange(n), c, limit=n, last_only=False)[0][p - 1 :]
+            if not step:  # MAX_ROWS 0: every stored-block matrix dequantized, float activations
+                keep, gguf_matmul.MAX_ROWS = gguf_matmul.MAX_ROWS, 0
+                try:
+                    return rt.model(ids, torch.arange(n), c, limit=n, last_only=False)[0][p - 1 :]
+                finally:
+                    gguf_matmul.MAX_ROWS = keep
             out = [rt.model(ids[:, :p], torch.arange(p), c, limit=p)[0]]
             out += [rt.model(ids[:, i : i + 1], torch.tensor([i]), c, limit=i + 1)[0] for i in range(p, n)]
             return torch.cat(out)

@@ -51,3 +51,25 @@ def test_rope_position_outside_tables_refused():
     rope.build(8, "cpu", torch.float32)
     with pytest.raises(IndexError):
         rope(torch.zeros(1, 2, 1, 64), torch.tensor([8]))
+
+
+@pytest.mark.parametrize("H,KV,S,D,Dv", [(4, 1, 70, 256, 256), (8, 2, 33, 64, 32)])
+def test_decode_attention_matches_formula(H, KV, S, D, Dv):
+    """One query token over a cache slice (keys of each head contiguous, heads a full buffer apart),
+    some slots masked: softmax(scale * q k^T over visible keys) v, grouped query heads, in float64."""
+    from llmarch.runtime.ops.attention import attend
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, H, 1, D, generator=g)
+    k_buf, v_buf = torch.randn(1, KV, S + 9, D, generator=g), torch.randn(1, KV, S + 9, Dv, generator=g)
+    k, v = k_buf[:, :, :S], v_buf[:, :, :S]  # as the cache hands out its filled prefix
+    mask = torch.rand(1, S, generator=g) > 0.3
+    mask[0, 0] = True
+    assert cpu_kernels.attend_one_ok(q, k, v, mask)
+    got = attend(q, k, v, mask, 0.125)
+    rep = H // KV
+    kk, vv = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
+    scores = (q.double() @ kk.transpose(-1, -2)) * 0.125
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)
+    assert got.shape == (1, H, 1, Dv)
+    assert torch.allclose(got.double(), probs @ vv, atol=1e-5)

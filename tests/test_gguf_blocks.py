@@ -145,11 +145,11 @@ def test_odd_shapes_refused(qtype, rows, cols, nbytes, message):
     assert "\n" not in str(e.value)
 
 
-def test_embedded_model_runs_from_stored_blocks():
+def test_embedded_model_runs_from_stored_blocks(monkeypatch):
     """--keep-quantized on the embedded GGUF: every matrix from the file's blocks, and decode steps
     (the kernel, int8 activations) pick the same next tokens as the float32 forward over the same
-    sequence (a prefill longer than MAX_ROWS takes the dequantize + float GEMM path: the default's
-    float32 weights) at least 90% of the time; the logits differ by activation rounding only."""
+    sequence (with MAX_ROWS 0 the prefill takes the dequantize + float GEMM path: the float32
+    weights) at least 90% of the time; the logits differ by activation rounding only."""
     from llmarch.runtime.kv_cache import KVCache
     from llmarch.runtime.load import load_runtime
 
@@ -167,7 +167,9 @@ def test_embedded_model_runs_from_stored_blocks():
 
     with torch.no_grad():
         c = cache()
-        ref = rt.model(ids, torch.arange(n), c, limit=n, last_only=False)[0]
+        with monkeypatch.context() as m:
+            m.setattr(gm, "MAX_ROWS", 0)  # every call dequantizes: float32 weights, float activations
+            ref = rt.model(ids, torch.arange(n), c, limit=n, last_only=False)[0]
         c = cache()
         steps = torch.cat([rt.model(ids[:, i : i + 1], torch.tensor([i]), c, limit=i + 1)[0] for i in range(n)])
     agree = (steps.argmax(-1) == ref.argmax(-1)).float().mean().item()

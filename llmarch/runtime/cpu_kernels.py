@@ -77,6 +77,39 @@ int rope_rotate_half(const float* x, const float* cos, const float* sin, const i
     return 0;
 }
 
+/* One query token's attention (decode): q [H, D]; keys / values of KV heads, each head's rows of D /
+   Dv floats contiguous, heads `k_stride` / `v_stride` floats apart; query head h reads KV head
+   h / (H / KV); mask [S] (nonzero = visible). out [H, Dv] = softmax(scale * q.k over visible keys) @ v.
+   scores: scratch of S floats. */
+void attend_one(const float* q, const float* k, long k_stride, const float* v, long v_stride, const uint8_t* mask,
+                float* out, float* scores, int H, int KV, int S, int D, int Dv, float scale) {
+    const int rep = H / KV;
+    for (int h = 0; h < H; h++) {
+        const float* qh = q + (long)h * D;
+        const float* kh = k + (long)(h / rep) * k_stride;
+        const float* vh = v + (long)(h / rep) * v_stride;
+        float mx = -INFINITY;
+        for (int j = 0; j < S; j++) {
+            if (!mask[j]) { scores[j] = -INFINITY; continue; }
+            const float* kj = kh + (long)j * D;
+            float dot = 0.f;
+            for (int i = 0; i < D; i++) dot += qh[i] * kj[i];
+            scores[j] = dot * scale;
+            if (scores[j] > mx) mx = scores[j];
+        }
+        float sum = 0.f;
+        for (int j = 0; j < S; j++) { scores[j] = expf(scores[j] - mx); sum += scores[j]; }
+        float* oh = out + (long)h * Dv;
+        for (int i = 0; i < Dv; i++) oh[i] = 0.f;
+        for (int j = 0; j < S; j++) {
+            if (!mask[j]) continue;
+            const float p = scores[j] / sum;
+            const float* vj = vh + (long)j * Dv;
+            for (int i = 0; i < Dv; i++) oh[i] += p * vj[i];
+        }
+    }
+}
+
 void quantize_q8(const float* x, int8_t* q, float* d, long n_blocks) {
     for (long b = 0; b < n_blocks; b++) {
         const float* v = x + b * 32;
@@ -141,6 +174,8 @@ def _lib():
     L = ctypes.c_long
     lib.rope_rotate_half.argtypes = [p, p, p, p, p, L, L, L, L, L]
     lib.rope_rotate_half.restype = i
+    lib.attend_one.argtypes = [p, p, L, p, L, p, p, p, i, i, i, i, i, ctypes.c_float]
+    lib.attend_one.restype = None
     return lib
 
 
@@ -205,3 +240,54 @@ def rope_rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos:
     if rc:
         raise IndexError(f"RoPE position outside the tables (0..{cos.shape[0] - 1})")
     return y
+
+
+def attend_one_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether attend_one can take this decode step: one query token of batch 1, float32 on the CPU,
+    each KV head's rows contiguous, a bool mask [1, S]."""
+    return (
+        isinstance(mask, torch.Tensor)
+        and q.device.type == "cpu"
+        and q.dtype == k.dtype == v.dtype == torch.float32
+        and q.dim() == 4
+        and q.shape[0] == 1
+        and q.shape[2] == 1
+        and k.shape[:3] == v.shape[:3]
+        and q.shape[1] % k.shape[1] == 0
+        and q.shape[3] == k.shape[3]
+        and k.stride(3) == 1
+        and k.stride(2) == k.shape[3]
+        and v.stride(3) == 1
+        and v.stride(2) == v.shape[3]
+        and mask.dtype == torch.bool
+        and tuple(mask.shape) == (1, k.shape[2])
+        and not q.requires_grad
+        and available()
+    )
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [1, H, 1, D], k / v [1, KV, S, D / Dv], mask bool [1, S] -> [1, H, 1, Dv] (see attend_one_ok)."""
+    H, D = q.shape[1], q.shape[3]
+    KV, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    q = q.contiguous()
+    mask = mask.contiguous()
+    out = torch.empty(1, H, 1, Dv, dtype=torch.float32)
+    scores = torch.empty(S, dtype=torch.float32)
+    _lib().attend_one(
+        q.data_ptr(),
+        k.data_ptr(),
+        k.stride(1),
+        v.data_ptr(),
+        v.stride(1),
+        mask.data_ptr(),
+        out.data_ptr(),
+        scores.data_ptr(),
+        H,
+        KV,
+        S,
+        D,
+        Dv,
+        scale,
+    )
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -113,6 +114,25 @@ def check_supported(spec: ArchSpec, path, gguf: bool = False) -> None:
     refusal = gguf_refusal(spec) if gguf else None  # what `fit` says too
     if refusal:
         raise LlmarchError(refusal, path)
+
+
+def pick_cpu_threads() -> str | None:
+    """Use the cores the rest of the machine leaves free: cores minus the 1-minute load average,
+    at least one, unless OMP_NUM_THREADS says. Measured on a shared 2-core VM: two threads while
+    other jobs keep it busy decode 4-6x slower than one (each matmul waits for a descheduled peer;
+    llama.cpp's two threads collapse the same way), while on an idle machine two beat one.
+    Returns the run report's line, or None when the environment chose."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+    threads = max(1, min(cores, int(cores - load + 0.5)))
+    torch.set_num_threads(threads)
+    plural = "s" if threads > 1 else ""
+    return f"{threads} CPU thread{plural} (load average {load:.1f} on {cores} cores; OMP_NUM_THREADS=N sets it)"
 
 
 def release_freed_heap() -> None:

@@ -141,12 +141,20 @@ def header_line(source: str | None, ckpt, spec, tok) -> str:
 def run(o: RunOptions) -> dict:
     check_options(o)
     from llmarch.api import load_checkpoint_spec
-    from llmarch.runtime.load import check_moe_options, check_supported, dtype_named, load_runtime, pick_device
+    from llmarch.runtime.load import (
+        check_moe_options,
+        check_supported,
+        dtype_named,
+        load_runtime,
+        pick_cpu_threads,
+        pick_device,
+    )
     from llmarch.runtime.ple import check_options as check_ple_options
     from llmarch.runtime.ple import find_store
     from llmarch.runtime.ple import summary as ple_summary
 
     device = pick_device(o.device)
+    threads_note = pick_cpu_threads() if device.type == "cpu" else None  # before any torch work
     if o.dtype is not None:
         dtype_named(o.dtype)
     if o.compile and device.type != "cuda":
@@ -208,6 +216,8 @@ def run(o: RunOptions) -> dict:
     gen = Generator(rt, len(ids) + max_tokens, cuda_graph=graph, compile=o.compile)
     if graph is False:  # host-offloaded experts: GPU segments between host round trips as CUDA graphs
         attach_decoder(gen)
+    if threads_note:
+        rt.notes.append(threads_note)
     eos = set() if o.ignore_eos or tok is None else tok.eos_ids
     err.write(f"llmarch: {header_line(o.source, ckpt, spec, tok)}\n")  # after the load: a failed one stays one line
     for note in rt.notes:

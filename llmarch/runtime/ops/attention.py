@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmarch.arch.spec import ArchSpec, LayerSpec
+from llmarch.runtime import cpu_kernels
 from llmarch.runtime.ops.norms import make_norm
 from llmarch.runtime.ops.rope import Rope
 
@@ -33,6 +34,8 @@ def attend(q, k, v, mask, scale: float, softcap: float | None = None, sinks: tor
     group: the cache's SlotGroup, whose per-step additive bias the CPU path reuses across layers."""
     B, H, T, D = q.shape
     KV = k.shape[1]
+    if softcap is None and sinks is None and cpu_kernels.attend_one_ok(q, k, v, mask):
+        return cpu_kernels.attend_one(q, k, v, mask, scale)  # a CPU decode step: one C call, not ~8 ops
     if softcap is None and sinks is None and q.device.type == "cuda" and T > 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     # explicit form, grouped: the `rep` query heads sharing a KV head become extra rows of one
