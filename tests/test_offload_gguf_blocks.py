@@ -415,23 +415,30 @@ def test_kquant_and_mxfp4_gguf_experts_as_stored(kquant_ggufs, mix, tmp_path):
 
 @pytest.mark.llamacpp
 @pytest.mark.parametrize(
-    "family,ftype", [("qwen3_moe", "Q4_K_M"), ("qwen3_moe", "MXFP4_MOE"), ("gpt_oss", "MXFP4_MOE")]
+    "family,ftype",
+    [("qwen3_moe", "Q4_K_M"), ("qwen3_moe", "MXFP4_MOE"), ("gpt_oss", "MXFP4_MOE"), ("deepseek_v3", "Q4_K_M")],
 )
 def test_llamacpp_quantized_experts_as_stored(kquant_ggufs, tiny, family, ftype, tmp_path):
     """An f32 GGUF quantized by llama.cpp's own llama_model_quantize (Q4_K_M: Q4_K gate/up, Q6_K down
-    in some layers and Q4_K in others, its K-quant attention; MXFP4_MOE: the expert type of gpt-oss
-    GGUFs, here also on gpt-oss itself with its expert biases and clamped SwiGLU): the same checks
-    against its dequantized twin (measured: top-1 agreement with the unrounded experts 1.0, median
-    logit error 0.17% / 0.16% / 0.20% of the range)."""
+    in some layers and Q4_K in others, its K-quant attention, also on DeepSeek V3's MLA layout;
+    MXFP4_MOE: the expert type of gpt-oss GGUFs, also on gpt-oss itself with its expert biases and
+    clamped SwiGLU): the same checks against its dequantized twin (measured: per token and layer
+    median 3-4e-7, max 8e-4; top-1 agreement with the unrounded experts 1.0, median logit error
+    0.16-0.81% of the range)."""
     import ctypes
 
     from llmarch.convert.to_gguf import convert_to_gguf
 
     llama_cpp = pytest.importorskip("llama_cpp")
     f32 = kquant_ggufs["f32"]
-    if family == "gpt_oss":
-        f32 = tmp_path / "gpt_oss-f32.gguf"
-        convert_to_gguf(str(tiny("gpt_oss", hidden_size=128, intermediate_size=128)), f32, "f32")
+    sources = {  # gpt-oss: expert biases, clamped SwiGLU; DeepSeek V3 (llama.cpp's deepseek2): MLA, a
+        # dense first layer, a shared expert, widths of whole K-quant super-blocks
+        "gpt_oss": dict(hidden_size=128, intermediate_size=128),
+        "deepseek_v3": dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=256),
+    }
+    if family in sources:
+        f32 = tmp_path / f"{family}-f32.gguf"
+        convert_to_gguf(str(tiny(family, **sources[family])), f32, "f32")
     out = tmp_path / f"{family}-{ftype}.gguf"
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
@@ -456,9 +463,10 @@ def check_stored_against_twin(blocks: Path, twin: Path, kinds: list, tmp_path: P
     seq = torch.randint(3, 128, (PROMPT + STEPS,), generator=torch.Generator().manual_seed(1)).tolist()
     ref = load_runtime(str(twin), "cpu", "float32", experts="gpu")
     plain = _forced(ref, seq)
-    resident = [layer.mlp.experts for layer in ref.model.layers]
-    for layer in ref.model.layers:
-        layer.mlp.experts = RoundedInputs(layer.mlp.experts)
+    moe_layers = [layer.mlp for layer in ref.model.layers if hasattr(layer.mlp, "experts")]
+    resident = [m.experts for m in moe_layers]
+    for m in moe_layers:
+        m.experts = RoundedInputs(m.experts)
     rounded = _forced(ref, seq)
     want = Generator(ref, PROMPT + STEPS + 1).generate(_prompt(), STEPS, Sampling()).tokens
     for experts, segmented in (("cpu", False), ("cpu", True), ("disk", False)):
@@ -471,9 +479,10 @@ def check_stored_against_twin(blocks: Path, twin: Path, kinds: list, tmp_path: P
         stored = "/".join(sorted({t for types in kinds for t in types}))
         assert any(f"the GGUF's {stored} blocks used as stored" in n for n in rt.notes), rt.notes
     rt = load_runtime(str(blocks), "cpu", "float32", experts="cpu")
-    checked = [SideBySide(layer.mlp.experts, r) for layer, r in zip(rt.model.layers, resident)]
-    for layer, c in zip(rt.model.layers, checked):
-        layer.mlp.experts = c
+    moe_layers = [layer.mlp for layer in rt.model.layers if hasattr(layer.mlp, "experts")]
+    checked = [SideBySide(m.experts, r) for m, r in zip(moe_layers, resident)]
+    for m, c in zip(moe_layers, checked):
+        m.experts = c
     logits = _forced(rt, seq)
     # each token of each call: the kernel's output against torch's on its own input; float order
     # apart, an intermediate on a rounding boundary may go one int8 step (1/127 of its group's
