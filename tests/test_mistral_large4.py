@@ -84,14 +84,18 @@ def checkpoint(tmp_path_factory):
     return _make(tmp_path_factory.mktemp("mistral_large4") / "tiny")
 
 
-def _reference(path):
-    return transformers.MistralLarge4ForConditionalGeneration.from_pretrained(
-        str(path), dtype=torch.float32, attn_implementation="eager"
-    ).eval()
+def _reference(path, device="cpu"):
+    return (
+        transformers.MistralLarge4ForConditionalGeneration.from_pretrained(
+            str(path), dtype=torch.float32, attn_implementation="eager"
+        )
+        .to(device)
+        .eval()
+    )
 
 
-def _parity(path):
-    return check_parity(path, own_cache(_reference(path)), "cpu", PROMPT, STEPS)
+def _parity(path, device="cpu"):
+    return check_parity(path, own_cache(_reference(path, device)), device, PROMPT, STEPS)
 
 
 def test_inspect_reads_the_indexer_without_a_query_low_rank(checkpoint):
@@ -106,8 +110,8 @@ def test_inspect_reads_the_indexer_without_a_query_low_rank(checkpoint):
     assert [(l.kv_shared_from, l.rope) for l in spec.schedule] == [(None, True), (None, True), (1, True), (None, False)]
 
 
-def test_run_matches_transformers_with_a_selection(checkpoint):
-    p = _parity(checkpoint)
+def test_run_matches_transformers_with_a_selection(checkpoint, device):
+    p = _parity(checkpoint, device)
     spec, cache = p.spec, p.cache
     assert cache.nbytes() == spec.kv_cache(context=PROMPT + STEPS, kv_dtype="f32")["bytes"]
     a = spec.attention
@@ -141,12 +145,13 @@ def test_transformers_own_names_too(checkpoint, tmp_path):
     check_parity(out, own_cache(ref), "cpu", PROMPT, STEPS)
 
 
-def test_topk_beyond_the_context(tmp_path):
-    _parity(_make(tmp_path / "dense", index_topk=4 * (PROMPT + STEPS)))
+def test_topk_beyond_the_context(tmp_path, device):
+    _parity(_make(tmp_path / "dense", index_topk=4 * (PROMPT + STEPS)), device)
 
 
-def test_chunked_prefill_gives_the_reference_tokens(checkpoint):
-    check_generator(checkpoint, _reference(checkpoint), "cpu", PROMPT, 16, chunk=10)
+def test_chunked_prefill_gives_the_reference_tokens(checkpoint, device):
+    """On a GPU the decode is one captured CUDA graph (MLA, indexer top-k and gather, experts)."""
+    check_generator(checkpoint, _reference(checkpoint, device), device, PROMPT, 16, chunk=10)
 
 
 @pytest.mark.parametrize("part", ["lerope", "query_scale"])
