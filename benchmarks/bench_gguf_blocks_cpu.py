@@ -147,7 +147,12 @@ def main() -> None:
     from llmarch.default_model import default_model_path
 
     path = str(default_model_path())
-    results: dict = {"machine": f"{os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    results: dict = {
+        "machine": f"{os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": commit.stdout.strip(),
+    }
     configs = {k: v for k, v in CONFIGS.items() if not a.only or any(o in k for o in a.only)}
     for threads in a.threads:
         runs: dict[str, list[dict]] = {name: [] for name in [*configs, LLAMA]}
@@ -173,6 +178,7 @@ def main() -> None:
             same = same_prefix(rs[0]["tokens"], fp32)
             same_llama = same_prefix(rs[0]["tokens"], runs[LLAMA][0]["tokens"])
             table[name] = {"decode_tok_s": [r["decode_tok_s"] for r in rs], "median": med, "peak_rss_mib": rss}
+            table[name]["prefill_tok_s_median"] = statistics.median(r["prefill_tok_s"] for r in rs)
             table[name]["vs_llama"] = med / llama
             table[name]["same_prefix_as_fp32"] = same
             table[name]["same_prefix_as_llama_cpp"] = same_llama

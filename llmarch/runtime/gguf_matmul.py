@@ -39,6 +39,7 @@ ACT_BLOCK = 32  # activation values per int8 scale
 SOURCE = r"""
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -217,28 +218,25 @@ static inline float row_q5_k(const uint8_t* w, const int8_t* xq, const float* xd
     return row_k45(w, xq, xd, xs, nb32, 1);
 }
 
-/* y[t * ldy + n] = W[n, :] . x[t, :] for n < N, t < T; W rows of row_bytes stored blocks each.
-   Chunks of 64 rows are handed out as threads come free: on a busy machine a thread that is
-   descheduled leaves its share to the others instead of holding up the whole matmul. */
-#define MATMUL(ROW)                                                                              \
-    _Pragma("omp parallel for num_threads(nthreads) schedule(dynamic, 64)")                      \
-    for (int n = 0; n < N; n++) {                                                                \
+/* y[t * ldy + n] = W[n, :] . x[t, :] for n0 <= n < n1, t < T; W rows of row_bytes stored blocks each */
+#define ROWS(ROW)                                                                                \
+    for (int n = n0; n < n1; n++) {                                                              \
         const uint8_t* row = w + (size_t)n * row_bytes;                                          \
         for (int t = 0; t < T; t++)                                                              \
             y[(size_t)t * ldy + n] = ROW(row, xq + (size_t)t * K, xd + (size_t)t * nb32,         \
                                           xs + (size_t)t * nb32, nb32);                          \
     }
 
-int gguf_matmul(int type, const int8_t* xq, const float* xd, const float* xs, const uint8_t* w, long row_bytes,
-                float* y, long ldy, int T, int N, int K, int nthreads) {
+static int rows_range(int type, const int8_t* xq, const float* xd, const float* xs, const uint8_t* w, long row_bytes,
+                      float* y, long ldy, int T, int n0, int n1, int K) {
     const int nb32 = K / 32;
     switch (type) {
-        case 0: MATMUL(row_q8_0) break;
-        case 1: MATMUL(row_q4_0) break;
-        case 2: MATMUL(row_q5_0) break;
-        case 3: MATMUL(row_q4_k) break;
-        case 4: MATMUL(row_q5_k) break;
-        case 5: MATMUL(row_q6_k) break;
+        case 0: ROWS(row_q8_0) break;
+        case 1: ROWS(row_q4_0) break;
+        case 2: ROWS(row_q5_0) break;
+        case 3: ROWS(row_q4_k) break;
+        case 4: ROWS(row_q5_k) break;
+        case 5: ROWS(row_q6_k) break;
         default: return 1;
     }
     return 0;
@@ -256,14 +254,25 @@ int gguf_linear(const float* x, int T, int K, int nparts, const int* types, cons
     float* xs = xd + (size_t)T * nb32;
     quantize_act(x, xq, xd, xs, (long)T * nb32);
     long ldy = 0;
-    for (int p = 0; p < nparts; p++) ldy += rows[p];
-    int rc = 0, col = 0;
-    for (int p = 0; p < nparts && !rc; p++) {
-        rc = gguf_matmul(types[p], xq, xd, xs, (const uint8_t*)ws[p], row_bytes[p], y + col, ldy, T, rows[p], K, nthreads);
-        col += rows[p];
+    for (int p = 0; p < nparts; p++) {
+        if (types[p] < 0 || types[p] > 5) { free(xq); return 1; }
+        ldy += rows[p];
+    }
+    /* one parallel region for all parts, each thread a contiguous share of every part's rows and
+       no barrier until the end: a decode step makes ~70 of these calls, and on a busy machine each
+       extra fork/join is a chance to wait for a descheduled thread */
+    #pragma omp parallel num_threads(nthreads)
+    {
+        const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+        int col = 0;
+        for (int p = 0; p < nparts; p++) {
+            const int n0 = (int)((long)rows[p] * id / nt), n1 = (int)((long)rows[p] * (id + 1) / nt);
+            rows_range(types[p], xq, xd, xs, (const uint8_t*)ws[p], row_bytes[p], y + col, ldy, T, n0, n1, K);
+            col += rows[p];
+        }
     }
     free(xq);
-    return rc;
+    return 0;
 }
 """
 
@@ -279,8 +288,6 @@ def _lib():
     p, i, lo = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     lib.quantize_act.argtypes = [p, p, p, p, lo]
     lib.quantize_act.restype = None
-    lib.gguf_matmul.argtypes = [i, p, p, p, p, lo, p, lo, i, i, i, i]
-    lib.gguf_matmul.restype = i
     lib.gguf_linear.argtypes = [p, i, i, i, p, p, p, p, p, i]
     lib.gguf_linear.restype = i
     return lib
