@@ -6,6 +6,10 @@ Why: on AVX2 machines torch's own weight-only kernels are far below memory bandw
 fbgemm's dynamic int8 quantizes activations too. Decode is memory-bound, so a kernel that streams
 int8 rows at bandwidth is what makes --keep-quantized faster than float32. Without a compiler the
 runtime falls back to torch's kernel (same results, slower).
+
+The same library holds the small float32 ops of a CPU decode step that torch runs as several
+dispatches each (RMS norm, rotate-half RoPE, one query token's attention): at one token, each torch
+op costs microseconds of overhead for nanoseconds of work, and a step makes hundreds of them.
 """
 
 from __future__ import annotations
