@@ -73,3 +73,21 @@ def test_decode_attention_matches_formula(H, KV, S, D, Dv):
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)
     assert got.shape == (1, H, 1, Dv)
     assert torch.allclose(got.double(), probs @ vv, atol=1e-5)
+
+
+@pytest.mark.parametrize("load,cores,want", [(0.2, 2, 2), (1.0, 2, 1), (4.6, 2, 1), (3.0, 16, 13), (0.0, 1, 1)])
+def test_cpu_threads_leave_busy_cores_alone(monkeypatch, load, cores, want):
+    """Threads = cores minus the 1-minute load average, at least one; OMP_NUM_THREADS wins."""
+    import os
+
+    from llmarch.runtime import load as load_mod
+
+    chosen = []
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    note = load_mod.pick_cpu_threads()
+    assert chosen == [want] and note.startswith(f"{want} CPU thread")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert load_mod.pick_cpu_threads() is None and chosen == [want]
