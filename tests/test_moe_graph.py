@@ -8,8 +8,9 @@ the static path forced gives transformers' logits within 1e-4 at prefill and 32 
 and its greedy tokens (softmax router; gpt-oss's top-k-then-softmax router, clamped SwiGLU and
 biases; GLM-4.5's grouped sigmoid router with correction bias and shared expert); which models
 `llmarch run` captures whole. With LLMARCH_TEST_DEVICE=cuda: the Generator's captured decode gives
-transformers' greedy tokens for MoE, MLA and hybrid MoE families, and the segmented decoder replays its segments as graphs over Gated DeltaNet, KDA and
-Mamba-2 layers with the experts on the host, giving the tokens of all experts on the device.
+transformers' greedy tokens for MoE, MLA and hybrid MoE families, and the segmented decoder
+replays its segments as graphs over Gated DeltaNet, KDA and Mamba-2 layers with the experts on
+the host, giving the tokens of all experts on the device.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from fixtures.parity import check_parity, own_cache, reference_tokens  # noqa: E402
+from tests.test_offload_nemotron import SIZES as NEMOTRON_SIZES  # noqa: E402
 
 PROMPT, STEPS = 24, 32
 HYBRID = {
@@ -33,15 +35,7 @@ HYBRID = {
             head_dim=8, num_heads=4, short_conv_kernel_size=4, kda_layers=[1, 2, 3, 5, 6, 7], full_attn_layers=[4, 8]
         ),
     ),
-    "nemotron_h": dict(
-        hidden_size=128,
-        intermediate_size=128,
-        moe_intermediate_size=64,
-        moe_shared_expert_intermediate_size=64,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        hybrid_override_pattern="ME*E-M",
-    ),
+    "nemotron_h": NEMOTRON_SIZES,  # widths of 64 multiples, as the host expert stores need
     # sparse attention that selects: 8 of the 24-token prompt's keys (8 indexer heads, as
     # tests/test_run_dsa.py explains)
     "deepseek_v32": dict(index_n_heads=8, index_topk=8),
