@@ -205,7 +205,7 @@ def run(o: RunOptions) -> dict:
 
     moe = rt.spec.moe is not None or rt.spec.attention.mla
     # resident experts route without a host sync, so their decode step is one CUDA graph; experts
-    # elsewhere (or a mixer not proven capturable: sparse MLA, chunked attention) leave the GPU mid-step
+    # elsewhere (or a mixer not proven capturable: chunked or compressed attention) leave the GPU mid-step
     graph: bool | None = None
     if moe:
         from llmarch.runtime.experts.decode import attach_decoder, whole_step_capturable
