@@ -175,7 +175,14 @@ INTS = {
 # an integer or a list of integers (Gemma 3n: one FFN width per layer; ERNIE 4.5 VL: per modality)
 INTS_OR_LISTS = {"intermediate_size", "moe_intermediate_size", "ffn_hidden_size"}
 # lists of integers (layer indices, per-layer flags and counts)
-INT_LISTS = {"no_rope_layers", "moe_layers", "mlp_only_layers", "num_key_value_heads_per_layer", "compress_ratios"}
+INT_LISTS = {
+    "no_rope_layers",
+    "moe_layers",
+    "mlp_only_layers",
+    "num_key_value_heads_per_layer",
+    "compress_ratios",
+    "kv_source_layers",
+}
 NUMBERS = {
     "rope_theta",
     "rope_local_base_freq",
