@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_run_cpu import PROMPT, env, run_llmarch  # noqa: E402
+from bench_run_cpu import PROMPT, run_llmarch, run_script  # noqa: E402
 
 LLAMA_SCRIPT = r"""
 import json, resource, sys
@@ -67,16 +67,7 @@ LLAMA = "llama.cpp (llama-cpp-python 0.3.36)"
 
 
 def run_llama(path: str, n: int, threads: int) -> dict:
-    r = subprocess.run(
-        [sys.executable, "-c", LLAMA_SCRIPT, path, str(n), str(threads), PROMPT],
-        capture_output=True,
-        text=True,
-        env=env(threads),
-        timeout=900,
-    )
-    if r.returncode:
-        raise SystemExit(f"llama.cpp failed: {r.stderr[-2000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return run_script(LLAMA_SCRIPT, [path, str(n), str(threads), PROMPT], threads, "llama.cpp", 900)
 
 
 def teacher_forced(float_tokens: list[int], llama_tokens: list[int], threads: int) -> dict:

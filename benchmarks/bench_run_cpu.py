@@ -87,17 +87,23 @@ def run_llmarch(path: str, n: int, extra: list[str], threads) -> dict:
     return doc
 
 
-def run_hf(path: str, n: int, threads) -> dict:
+def run_script(script: str, args: list[str], threads, what: str, timeout: int) -> dict:
+    """A peer engine's timing script in its own process (so its peak RSS is its own): the JSON
+    object on its last line of output."""
     r = subprocess.run(
-        [sys.executable, "-c", HF_SCRIPT, path, str(n), PROMPT],
+        [sys.executable, "-c", script, *args],
         capture_output=True,
         text=True,
         env=env(threads),
-        timeout=1800,
+        timeout=timeout,
     )
     if r.returncode:
-        raise SystemExit(f"transformers failed: {r.stderr[-2000:]}")
+        raise SystemExit(f"{what} failed: {r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def run_hf(path: str, n: int, threads) -> dict:
+    return run_script(HF_SCRIPT, [path, str(n), PROMPT], threads, "transformers", 1800)
 
 
 def main() -> None:
