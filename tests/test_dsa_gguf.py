@@ -29,7 +29,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from fixtures.parity import check_parity, own_cache  # noqa: E402
+from fixtures.parity import check_experts_on_cpu_same_tokens, check_parity, own_cache  # noqa: E402
 from fixtures.reference import reference_model  # noqa: E402
 
 PROMPT, STEPS = 40, 32
@@ -152,20 +152,11 @@ def test_experts_on_cpu_from_gguf_same_tokens(tiny, tmp_path, name):
     store) gives the greedy tokens of the whole model on one device. Widths of 64 multiples, as the
     expert stores need."""
     from llmarch.convert.to_gguf import convert_to_gguf
-    from llmarch.runtime.experts.decode import attach_decoder
-    from llmarch.runtime.generate import Generator, Sampling
-    from llmarch.runtime.load import load_runtime
 
     src = tiny(name, **SHAPE, hidden_size=128, intermediate_size=128, moe_intermediate_size=64)
     path = str(tmp_path / f"{name}.gguf")
     convert_to_gguf(str(src), path, "f32")
-    ids = torch.randint(3, 128, (PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()
-    n = PROMPT + STEPS + 1
-    want = Generator(load_runtime(path, "cpu", "float32"), n, cuda_graph=False).generate(ids, STEPS, Sampling()).tokens
-    assert len(set(want)) > 3
-    gen = Generator(load_runtime(path, "cpu", "float32", experts="cpu", expert_bits=16), n)
-    assert attach_decoder(gen)
-    assert gen.generate(ids, STEPS, Sampling()).tokens == want
+    check_experts_on_cpu_same_tokens(path, PROMPT, STEPS)
 
 
 @pytest.mark.parametrize("name", DSA)

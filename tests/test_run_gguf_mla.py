@@ -13,6 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from fixtures.parity import check_experts_on_cpu_same_tokens  # noqa: E402
 from fixtures.reference import reference_model  # noqa: E402
 from tests.test_run_moe import PROMPT, STEPS, _bad, _parity  # noqa: E402
 
@@ -72,18 +73,7 @@ def test_q8_0_mla_gguf_top1_and_nmse(ggufs):
 
 def test_mla_gguf_experts_on_cpu_same_tokens(ggufs):
     """--experts cpu from the GGUF gives the greedy tokens of the whole model on one device."""
-    from llmarch.runtime.experts.decode import attach_decoder
-    from llmarch.runtime.generate import Generator, Sampling
-    from llmarch.runtime.load import load_runtime
-
-    path = str(ggufs[1]["f32"])
-    ids = torch.randint(3, 128, (PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()
-    n = PROMPT + STEPS + 1
-    want = Generator(load_runtime(path, "cpu", "float32"), n, cuda_graph=False).generate(ids, STEPS, Sampling()).tokens
-    assert len(set(want)) > 3
-    gen = Generator(load_runtime(path, "cpu", "float32", experts="cpu", expert_bits=16), n)
-    assert attach_decoder(gen)
-    assert gen.generate(ids, STEPS, Sampling()).tokens == want
+    check_experts_on_cpu_same_tokens(ggufs[1]["f32"], PROMPT, STEPS)
 
 
 @pytest.mark.parametrize("drop", ["attn_k_b", "attn_v_b"])
