@@ -1,5 +1,6 @@
 """Build a C source with the system compiler once per machine and load it with ctypes (the CPU
-kernels: cpu_kernels.py's block matmul, experts/moe_cpu.c's routed experts). No torch headers, so a
+kernels: cpu_kernels.py's block matmul and decode ops, gguf_matmul.py's stored-block matmul,
+experts/moe_cpu.c's routed experts). No torch headers, so a
 build takes about a second; the .so is cached under LLMARCH_CACHE (default ~/.cache/llmarch), keyed
 by the source, the flags and the CPU's feature flags (a -march=native build must not move machines)."""
 
@@ -44,3 +45,17 @@ def build(name: str, source: str, flags: list[str]) -> ctypes.CDLL:
             )
             os.replace(out, so)  # atomic: a concurrent builder never loads a half-written file
     return ctypes.CDLL(str(so))
+
+
+def build_avx2(name: str, source: str, flags: list[str]) -> ctypes.CDLL | None:
+    """build() for a kernel written for AVX2, where it can run: None when LLMARCH_NO_CKERNEL is
+    set, when torch finds no SIMD capability on this CPU, or when there is no working compiler (the
+    caller then takes its torch path: same results, slower)."""
+    import torch
+
+    if os.environ.get("LLMARCH_NO_CKERNEL") or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        return None
+    try:
+        return build(name, source, flags)
+    except (OSError, subprocess.SubprocessError):
+        return None

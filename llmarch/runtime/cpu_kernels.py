@@ -15,13 +15,11 @@ op costs microseconds of overhead for nanoseconds of work, and a step makes hund
 from __future__ import annotations
 
 import ctypes
-import os
-import subprocess
 from functools import lru_cache
 
 import torch
 
-from llmarch.runtime.cbuild import build
+from llmarch.runtime.cbuild import build_avx2
 
 SOURCE = r"""
 #include <immintrin.h>
@@ -162,11 +160,8 @@ void qmatmul(const int8_t* xq, const float* xd, const uint8_t* w, const float* w
 
 @lru_cache(maxsize=1)
 def _lib():
-    if os.environ.get("LLMARCH_NO_CKERNEL") or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
-        return None
-    try:
-        lib = build("qmm", SOURCE, ["-O3", "-mavx2", "-mfma", "-fopenmp"])
-    except (OSError, subprocess.SubprocessError):
+    lib = build_avx2("qmm", SOURCE, ["-O3", "-mavx2", "-mfma", "-fopenmp"])
+    if lib is None:
         return None  # torch's kernel instead: same results, slower
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.quantize_q8.argtypes = [p, p, p, ctypes.c_long]

@@ -15,8 +15,6 @@ dequantized with quant.dequantize for a float GEMM instead (same weights, float 
 from __future__ import annotations
 
 import ctypes
-import os
-import subprocess
 from collections import Counter
 from functools import lru_cache
 
@@ -24,7 +22,7 @@ import torch
 from torch import nn
 
 from llmarch.errors import LlmarchError
-from llmarch.runtime.cbuild import build
+from llmarch.runtime.cbuild import build_avx2
 from llmarch.runtime.quant import BLOCKS, dequantize
 
 # the stored types the C kernel reads, and its code for each
@@ -279,11 +277,8 @@ int gguf_linear(const float* x, int T, int K, int nparts, const int* types, cons
 
 @lru_cache(maxsize=1)
 def _lib():
-    if os.environ.get("LLMARCH_NO_CKERNEL") or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
-        return None
-    try:
-        lib = build("gguf_matmul", SOURCE, ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"])
-    except (OSError, subprocess.SubprocessError):
+    lib = build_avx2("gguf_matmul", SOURCE, ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"])
+    if lib is None:
         return None  # dequantize + float GEMM instead: same weights, slower
     p, i, lo = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     lib.quantize_act.argtypes = [p, p, p, p, lo]
