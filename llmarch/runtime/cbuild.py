@@ -1,8 +1,8 @@
 """Build a C source with the system compiler once per machine and load it with ctypes (the CPU
 kernels: cpu_kernels.py's block matmul and decode ops, gguf_matmul.py's stored-block matmul,
-experts/moe_cpu.c's routed experts). No torch headers, so a
-build takes about a second; the .so is cached under LLMARCH_CACHE (default ~/.cache/llmarch), keyed
-by the source, the flags and the CPU's feature flags (a -march=native build must not move machines)."""
+experts/moe_cpu.c's routed experts). No torch headers, so a build takes about a second; the .so is
+cached under LLMARCH_CACHE (default ~/.cache/llmarch), keyed by the source, the flags and the CPU's
+feature flags (a -march=native build must not move machines)."""
 
 from __future__ import annotations
 
