@@ -82,11 +82,32 @@ static double moe_t0;
 #define PROF(i) ((void)0)
 #endif
 
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+/* max |x| over one group: the same value as the fmaxf loop (max is exact in any order; a NaN is
+ * skipped as fmaxf skips it, since max_ps returns its second operand when either is NaN) */
+static inline float group_absmax(const float *xg) {
+#ifdef __AVX2__
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 m = _mm256_setzero_ps();
+    for (int j = 0; j < G; j += 8) m = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(xg + j)), m);
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+    return _mm_cvtss_f32(h);
+#else
+    float amax = 0.f;
+    for (int j = 0; j < G; j++) amax = fmaxf(amax, fabsf(xg[j]));
+    return amax;
+#endif
+}
+
 static void quant_row(const float *x, int K, int8_t *q, float *xs, int layout) {
     for (int g = 0; g < K / G; g++) {
         const float *xg = x + g * G;
-        float amax = 0.f;
-        for (int j = 0; j < G; j++) amax = fmaxf(amax, fabsf(xg[j]));
+        float amax = group_absmax(xg);
         float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
         int sum[2];
         for (int h = 0; h < 2; h++) {
@@ -225,6 +246,83 @@ static void dot4(const uint8_t *q, const uint16_t *sm, const int8_t *xq, const f
 #endif
     }
 }
+
+/* R consecutive int4 rows (row r at q + r * (K / 2), its scales at sm + r * 2 (K / 64)) . one int8 row:
+ * each row's arithmetic is dot4's with T = 1, op for op in the same order (the same bits), with the
+ * rows interleaved so that the input is loaded once per group for all of them and the per-row work
+ * (scale products, loop, horizontal sum) overlaps. A decode call's rows are short (Qwen3-30B-A3B's down
+ * rows: 384 bytes), where that per-row work is a large part of the time. */
+#define DOT4_ROWS 4
+#ifndef DOT4_ROWS_MAXK
+#define DOT4_ROWS_MAXK 1024  /* longer rows one at a time: their per-row work is a small part already */
+#endif
+#if defined(DPBUSD)
+static inline __attribute__((always_inline)) void dot4_rows(const uint8_t *q, const uint16_t *sm, const int8_t *xt,
+                                                            const float *st, int K, float *res) {
+    enum { R = DOT4_ROWS };
+    int ng = K / G, rb = K / 2, sb = 2 * ng;
+    float prod[R][2 * 1024];
+    __m256 acc[R];
+    float accm[R];
+    const __m256 odd = _mm256_castsi256_ps(_mm256_set_epi32(-1, 0, -1, 0, -1, 0, -1, 0));
+    for (int r = 0; r < R; r++) {
+        const uint16_t *smr = sm + r * sb;
+        PREFETCH((const char *)smr + PFS);
+        PREFETCH((const char *)smr + PFS + 64);
+        __m256 accm8 = _mm256_setzero_ps();
+        float am = 0.f;
+        int j = 0;
+        for (; j + 8 <= 2 * ng; j += 8) {
+            __m256 p = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(smr + j))), _mm256_loadu_ps(st + j));
+            _mm256_storeu_ps(prod[r] + j, p);
+            accm8 = _mm256_add_ps(accm8, _mm256_and_ps(p, odd));
+        }
+        for (; j < 2 * ng; j++) {
+            prod[r][j] = h2f(smr[j]) * st[j];
+            if (j & 1) am += prod[r][j];
+        }
+        acc[r] = accm8;
+        accm[r] = am;
+    }
+    int g = 0;
+#if ZMM4
+    __m512 accz[R];
+    for (int r = 0; r < R; r++) accz[r] = _mm512_setzero_ps();
+    const __m512i mask2 = _mm512_set1_epi8(15);
+    for (; g + 2 <= ng; g += 2) {
+        __m512i x0 = _mm512_loadu_si512((const void *)(xt + g * G)), x1 = _mm512_loadu_si512((const void *)(xt + g * G + 64));
+        for (int r = 0; r < R; r++) {
+            const uint8_t *qr = q + (long)r * rb;
+            PREFETCH(qr + g * 32 + R * rb);  /* this row's bytes in the next R rows: one call ahead */
+            __m512i b = _mm512_loadu_si512((const void *)(qr + g * 32));
+            __m512i lo = _mm512_and_si512(b, mask2), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), mask2);
+            __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, x0);
+            s = _mm512_dpbusd_epi32(s, hi, x1);
+            __m512 f = _mm512_mask_broadcastss_ps(_mm512_set1_ps(prod[r][2 * g]), 0xFF00, _mm_load_ss(prod[r] + 2 * g + 2));
+            accz[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), f, accz[r]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        acc[r] = _mm256_add_ps(acc[r], _mm256_add_ps(_mm512_castps512_ps256(accz[r]),
+                                                     _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(accz[r]), 1))));
+#endif
+    const __m256i mask = _mm256_set1_epi8(15);
+    for (; g < ng; g++) {
+        __m256i x0 = _mm256_loadu_si256((const __m256i *)(xt + g * G)), x1 = _mm256_loadu_si256((const __m256i *)(xt + g * G + 32));
+        for (int r = 0; r < R; r++) {
+            const uint8_t *qr = q + (long)r * rb;
+            if (!(g & 1)) PREFETCH(qr + g * 32 + R * rb);
+            __m256i b = _mm256_loadu_si256((const __m256i *)(qr + g * 32));
+            __m256i lo = _mm256_and_si256(b, mask), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+            __m256i s = DPBUSD(_mm256_setzero_si256(), lo, x0);
+            s = DPBUSD(s, hi, x1);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_broadcast_ss(prod[r] + 2 * g), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) res[r] = hsum(acc[r]) + accm[r];
+}
+#define HAVE_DOT4_ROWS 1
+#endif
 
 /* one int8 row (K/64 groups, fp16 scale each) . T int8 rows */
 static void dot8(const int8_t *q, const uint16_t *sc, const int8_t *xq, const float *xs, int K, int T, float *res) {
@@ -549,9 +647,16 @@ static void dot_row(int bits, const void *q, const void *s, long row, int K, con
         dotfp4((const uint8_t *)q + row * (K / 2), (const uint8_t *)s + row * (K / 32), xq, xs, K, T, res);
 }
 
+/* The router weight w scales a row's dot product before the bias (pre_w: Llama 4's input weighting)
+ * or after it (post_w). */
+static inline float finish_row(float v, float wt, const float *b, long bi, int pre_w, int post_w) {
+    if (pre_w) v *= wt;
+    if (b) v += b[bi];
+    return post_w ? v * wt : v;
+}
+
 /* OUT[r, n] = W[sel[i]][n] . x_r for n < N and the rows r of each selected expert i, spread over the
- * team (an orphaned omp for: called inside moe_experts' parallel region). The router weight w[r]
- * scales the dot product before the bias (pre_w: Llama 4's input weighting) or after it (post_w).
+ * team (an orphaned omp for: called inside moe_experts' parallel region); w[r] as finish_row says.
  * q2: rows n >= N/2 come from this second matrix (a GGUF's up beside its gate), row n - N/2, in format bits2. */
 static void expert_rows(int bits, const void *q, const void *s, const void *q2, int bits2, const float *b, int K, int N,
                         int n_sel, const int64_t *sel, const int32_t *start, const int8_t *XQ, const float *XS,
@@ -573,12 +678,8 @@ static void expert_rows(int bits, const void *q, const void *s, const void *q2, 
                     dot_row(bits, q, s, e * half + n, K, xq, xs, tn, res);
                 else
                     dot_row(bits2, q2, s, e * half + n - half, K, xq, xs, tn, res);
-                for (int t = 0; t < tn; t++) {
-                    float v = res[t], wt = w[r0 + t0 + t];
-                    if (pre_w) v *= wt;
-                    if (b) v += b[e * N + n];
-                    OUT[(long)(r0 + t0 + t) * N + n] = post_w ? v * wt : v;
-                }
+                for (int t = 0; t < tn; t++)
+                    OUT[(long)(r0 + t0 + t) * N + n] = finish_row(res[t], w[r0 + t0 + t], b, e * N + n, pre_w, post_w);
             }
         }
     }
@@ -596,9 +697,107 @@ static inline float act_fn(int act, float v) {
     }
 }
 
+/* a[j] = act(h[j]) * h[I + j] (gated: gate then up in h) or act(h[j]); a may be h (in place: a[j] is
+ * written after h[j] and h[I + j] are read) */
+static void activate_row(const float *h, float *a, int I, int act, int gated, float alpha, float limit) {
+    for (int j = 0; j < I; j++) {
+        if (!gated) {
+            a[j] = act_fn(act, h[j]);
+            continue;
+        }
+        float g = h[j], u = h[I + j];
+        if (act == 1) {
+            g = g > limit ? limit : g;
+            u = u > limit ? limit : (u < -limit ? -limit : u);
+            a[j] = (u + 1.f) * (g / (1.f + expf(-g * alpha)));
+        } else {
+            a[j] = act_fn(act, g) * u;
+        }
+    }
+}
+
 /* the order quant_row lays a row's int8 inputs out in for a format */
 static inline int layout_of(int bits) {
     return bits == 2 ? LAYOUT_EVEN_ODD : (bits == 4 && ZMM4 ? LAYOUT_PAIRED : LAYOUT_PLAIN);
+}
+
+/* rows n0 .. n0 + R - 1 of expert e (N rows, q2 as expert_rows says) . one int8 input row */
+static void rows_one_input(int bits, const void *q, const void *s, const void *q2, int bits2, long e, int N, int n0, int R,
+                           int K, const int8_t *xq, const float *xs, float *res) {
+    int half = N / 2;
+#ifdef HAVE_DOT4_ROWS
+    if (bits == 4 && !q2 && R == DOT4_ROWS && K <= DOT4_ROWS_MAXK) {
+        long row = e * N + n0;
+        dot4_rows((const uint8_t *)q + row * (K / 2), (const uint16_t *)s + row * 2 * (K / G), xq, xs, K, res);
+        return;
+    }
+#endif
+    for (int r = 0; r < R; r++) {
+        int n = n0 + r;
+        if (!q2)
+            dot_row(bits, q, s, e * N + n, K, xq, xs, 1, res + r);
+        else if (n < half)
+            dot_row(bits, q, s, e * half + n, K, xq, xs, 1, res + r);
+        else
+            dot_row(bits2, q2, s, e * half + n - half, K, xq, xs, 1, res + r);
+    }
+}
+
+/* moe_experts where every selected expert has one row (a decode token: k experts, one token each).
+ * The general path's serial steps become per-thread work on the stack: each thread rounds the input
+ * of the rows it computes itself (instead of one phase, and a barrier, before gate_up), and at the
+ * start of its down rows activates and rounds its expert's gate_up row itself (instead of a phase in
+ * which only k of the threads have a row to work on, and a barrier). Rows go DOT4_ROWS at a time
+ * (dot4_rows). Same arithmetic per value as the general path, so the same bits. */
+#define LOCAL_MAX 8192  /* d and I up to this take the path (its stack copies: ~50 KB a thread) */
+static void experts_one_row(int gu_bits, int up_bits, int dn_bits, int n_sel, const int64_t *sel, const int32_t *tok,
+                            const float *w, const float *X, float *OUT, int d, int I, const void *gu_q,
+                            const void *gu_s, const void *up_q, const void *dn_q, const void *dn_s, const float *gu_b,
+                            const float *dn_b, float *H, float *Y, int act, int gated, float alpha, float limit,
+                            int weight_input) {
+    int I2 = gated ? 2 * I : I, layout_gu = layout_of(gu_bits), layout_dn = layout_of(dn_bits);
+    enum { R4 = DOT4_ROWS };
+    long ngu = (I2 + R4 - 1) / R4, ndn = (d + R4 - 1) / R4;
+    #pragma omp parallel
+    {
+        int8_t xq[LOCAL_MAX];
+        float xs[XSN(LOCAL_MAX)], res[R4];
+        int have = -1;
+        PROF(1);
+        #pragma omp for schedule(static)
+        for (long u = 0; u < n_sel * ngu; u++) {
+            int i = (int)(u / ngu), n0 = (int)(u % ngu) * R4, R = I2 - n0 < R4 ? I2 - n0 : R4;
+            if (tok[i] != have) {  /* a thread's rows are consecutive: it rounds each input once */
+                quant_row(X + (long)tok[i] * d, d, xq, xs, layout_gu);
+                have = tok[i];
+            }
+            rows_one_input(gu_bits, gu_q, gu_s, up_q, up_bits, sel[i], I2, n0, R, d, xq, xs, res);
+            for (int r = 0; r < R; r++)
+                H[(long)i * I2 + n0 + r] = finish_row(res[r], w[i], gu_b, sel[i] * I2 + n0 + r, weight_input, 0);
+        }
+        PROF(2);
+        PROF(3);
+        float a[LOCAL_MAX];
+        int8_t aq[LOCAL_MAX];
+        float as[XSN(LOCAL_MAX)];
+        int have_i = -1;
+        #pragma omp for schedule(static)
+        for (long u = 0; u < n_sel * ndn; u++) {
+            int i = (int)(u / ndn), n0 = (int)(u % ndn) * R4, R = d - n0 < R4 ? d - n0 : R4;
+            if (i != have_i) {
+                activate_row(H + (long)i * I2, a, I, act, gated, alpha, limit);
+                quant_row(a, I, aq, as, layout_dn);
+                have_i = i;
+            }
+            rows_one_input(dn_bits, dn_q, dn_s, NULL, 0, sel[i], d, n0, R, I, aq, as, res);
+            for (int r = 0; r < R; r++)
+                Y[(long)i * d + n0 + r] = finish_row(res[r], w[i], dn_b, sel[i] * d + n0 + r, 0, !weight_input);
+        }
+        PROF(4);
+        #pragma omp for schedule(static)
+        for (int n = 0; n < d; n++)
+            for (int r = 0; r < n_sel; r++) OUT[(long)tok[r] * d + n] += Y[(long)r * d + n];
+    }
 }
 
 /* sel: n_sel expert ids; rows r in [start[i], start[i+1]) belong to sel[i]; tok[r] its token, w[r] its weight.
@@ -619,6 +818,12 @@ void moe_experts(int bits, int n_sel, const int64_t *sel, const int32_t *start, 
     dn_bits = dn_bits ? dn_bits : gu_bits;
     int layout_gu = layout_of(gu_bits), layout_dn = layout_of(dn_bits);
     PROF(0);
+    if (rows == n_sel && d <= LOCAL_MAX && I <= LOCAL_MAX) {
+        experts_one_row(gu_bits, up_bits, dn_bits, n_sel, sel, tok, w, X, OUT, d, I, gu_q, gu_s, up_q, dn_q, dn_s, gu_b,
+                        dn_b, H, Y, act, gated, alpha, limit, weight_input);
+        PROF(5);
+        return;
+    }
     #pragma omp parallel
     {
         #pragma omp for schedule(static)
@@ -630,20 +835,7 @@ void moe_experts(int bits, int n_sel, const int64_t *sel, const int32_t *start, 
         #pragma omp for schedule(static)
         for (int r = 0; r < rows; r++) {
             float *h = H + (long)r * I2;  /* the activation overwrites the gate half in place */
-            for (int j = 0; j < I; j++) {
-                if (!gated) {
-                    h[j] = act_fn(act, h[j]);
-                    continue;
-                }
-                float g = h[j], u = h[I + j];
-                if (act == 1) {
-                    g = g > limit ? limit : g;
-                    u = u > limit ? limit : (u < -limit ? -limit : u);
-                    h[j] = (u + 1.f) * (g / (1.f + expf(-g * alpha)));
-                } else {
-                    h[j] = act_fn(act, g) * u;
-                }
-            }
+            activate_row(h, h, I, act, gated, alpha, limit);
             quant_row(h, I, AQ + (long)r * I, AS + (long)r * XSN(I), layout_dn);
         }
         PROF(3);

@@ -1,0 +1,51 @@
+"""moe_cpu.c has two ways through a call: the general one (the input rounded in one phase, the
+activation in another, rows one at a time) and the one-row path a decode token takes (every selected
+expert has one row: each thread rounds its own inputs and activates its own expert's row, int4 rows
+four at a time). Both must do the same arithmetic per value, so a token computed alone gives exactly
+the bits it gets inside a batch. The batch's values are themselves checked against torch's dequantized
+experts in tests/test_offload.py (test_cpu_kernel_equals_torch_dequant), which also checks the alone
+case against torch within float order; this test pins the two paths to each other bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "llama4"])
+@pytest.mark.parametrize("d", [192, 1024 + 256])  # int4 rows of up to 1024 inputs go 4 at a time, longer ones alone
+def test_decode_token_alone_equals_its_row_in_a_batch(fmt, family, d):
+    from types import SimpleNamespace
+
+    from llmarch.runtime.experts.formats import ExpertFormat
+    from llmarch.runtime.experts.host import OffloadedExperts
+    from llmarch.runtime.experts.placement import Placement
+    from llmarch.runtime.ops.moe import ExpertAct
+
+    g = torch.Generator().manual_seed(11)
+    E, inter, k, T = 6, 128, 3, 5  # T x k = 15 rows over at most 6 experts: the batch takes the general path
+    clamp = (
+        dict(swiglu_alpha=1.702, swiglu_limit=0.5)
+        if family == "gpt_oss"
+        else dict(swiglu_alpha=None, swiglu_limit=None)
+    )
+    act = ExpertAct(SimpleNamespace(moe=SimpleNamespace(**clamp), activation="silu"), inter)
+    gu, dn = torch.randn(E, 2 * inter, d, generator=g) * 0.2, torch.randn(E, d, inter, generator=g) * 0.2
+    bias = (
+        (torch.randn(E, 2 * inter, generator=g), torch.randn(E, d, generator=g))
+        if family == "gpt_oss"
+        else (None, None)
+    )
+    moe = SimpleNamespace(E=E, d=d, inter=inter, index=0)
+    st = OffloadedExperts(moe, gu, dn, bias, Placement("cpu", ExpertFormat(fmt)), torch.float32)
+    x = torch.randn(T, d, generator=g)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    w = torch.rand(T, k, generator=g)
+    weight_input = family == "llama4"
+    with torch.no_grad():
+        batch = st(x, idx, w, act, weight_input)
+        for t in range(T):
+            alone = st(x[t : t + 1], idx[t : t + 1], w[t : t + 1], act, weight_input)
+            assert alone.abs().max().item() > 0.05
+            assert torch.equal(alone[0], batch[t]), (t, (alone[0] - batch[t]).abs().max().item())
