@@ -207,6 +207,8 @@ def run_llmarch(args, spec, device, dtype, bits, gpu_experts, bw, segmented=True
     res = gen.generate(ids, args.tokens, Sampling())
     steps = len(res.tokens) - 1
     r = report(rt.model, steps, res.decode_s, device, bw)
+    if args.repeats > 1 or args.ab_kernel:
+        r["repeats"] = repeated_runs(args, gen, rt, spec, ids, device, bw, seg)
     r.update(
         engine="llmarch",
         expert_bits=bits,
@@ -228,6 +230,57 @@ def run_llmarch(args, spec, device, dtype, bits, gpu_experts, bw, segmented=True
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return r
+
+
+def repeated_runs(args, gen, rt, spec, ids, device, bw, seg) -> dict:
+    """--repeats decode runs of the same model, and with --ab-kernel another build of moe_cpu.c
+    (an older source, say) alternated with the current one round by round: per kernel, each run's
+    tok/s, the median, its fraction of the same-run bound and the kernel alone on one layer."""
+    import statistics
+    from pathlib import Path
+
+    from llmarch.runtime.experts import kernel
+    from llmarch.runtime.experts.report import host_read_bandwidth, report, reset_counters
+    from llmarch.runtime.generate import Sampling
+
+    per_tok = 0
+    libs = {"current": kernel.cpu_kernel()}
+    if args.ab_kernel:
+        from llmarch.runtime.cbuild import build
+
+        other = build("moe_cpu_ab", Path(args.ab_kernel).read_text(), ["-O3", "-march=native", "-fopenmp"])
+        other.moe_experts.restype = other.moe_decode.restype = None
+        libs = {"ab_kernel": other, **libs}
+    dec = gen._step_eager.__self__ if seg else None
+    runs: dict[str, list] = {name: [] for name in libs}
+    kern: dict[str, list] = {name: [] for name in libs}
+    for _ in range(args.repeats):
+        for name, lib in libs.items():
+            kernel._LIB = lib  # the Python path and kernel_only call cpu_kernel()
+            if dec is not None and getattr(dec, "native", False):
+                dec.lib = lib  # the segmented decoder's prepared contexts fit either build
+            gen.generate(ids, 4, Sampling())
+            reset_counters(rt.model)
+            res = gen.generate(ids, args.tokens, Sampling())
+            rep = report(rt.model, len(res.tokens) - 1, res.decode_s, device, bw)
+            runs[name].append(rep["decode_tok_s"])
+            per_tok = rep["expert_bytes_per_token"]
+            kern[name].append(kernel_only(rt, spec, reps=20)["kernel_ms_per_layer"])
+    kernel._LIB = libs["current"]
+    if dec is not None and getattr(dec, "native", False):
+        dec.lib = libs["current"]
+    out = {}
+    for name in libs:
+        med = statistics.median(runs[name])
+        out[name] = {
+            "decode_tok_s": runs[name],
+            "median_tok_s": round(med, 2),
+            "fraction_of_bound": round(med / (bw / per_tok), 3) if per_tok else None,
+            "kernel_ms_per_layer": kern[name],
+        }
+    out["order"] = "alternated per round" if len(libs) > 1 else "same model, one after another"
+    out["host_read_gb_s_after"] = round(host_read_bandwidth() / 1e9, 1)
+    return out
 
 
 def baseline_layer_types(config: dict, L: int) -> list[str] | None:
@@ -379,6 +432,14 @@ def main():
         "kernel's too: 1 makes the expert kernel single-threaded)",
     )
     ap.add_argument("--compile", action="store_true", help="torch.compile the GPU segments between host round trips")
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="decode runs of each llmarch model (same model, median reported)"
+    )
+    ap.add_argument(
+        "--ab-kernel",
+        default=None,
+        help="another moe_cpu.c source (an older commit's, say) alternated with the current kernel each repeat",
+    )
     ap.add_argument(
         "--omp-active", action="store_true", help="OMP_WAIT_POLICY=ACTIVE: kernel threads spin between layers"
     )
