@@ -167,3 +167,27 @@ def test_cpu_grouped_attention_in_half_precision(dtype):
     got = attend(q.to(dtype), k.to(dtype), v.to(dtype), group.mask, 8**-0.5, group=group)
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize(
+    "size,window,ring,start,T,limit",
+    [
+        (16, None, False, 0, 5, 5),  # a first chunk: causal
+        (16, None, False, 0, 5, None),  # a captured step attends over the whole buffer: masked
+        (16, None, False, 3, 5, 8),  # a later chunk sees earlier positions: masked
+        (16, 32, False, 0, 5, 5),  # a window wider than the buffer: causal
+        (4, 4, True, 0, 5, 5),  # a ring: ring slots + new keys, masked
+        (16, None, False, 0, 1, 1),  # one token: the decode paths
+    ],
+)
+def test_slot_group_causal_flag_only_where_the_mask_is_the_causal_triangle(size, window, ring, start, T, limit):
+    """Prefill on a GPU skips the mask (flash attention) when the group says causal: that must
+    hold only where the mask it replaces is exactly the lower triangle over the chunk's keys."""
+    from llmarch.runtime.kv_cache import SlotGroup
+
+    group = SlotGroup(size=size, window=window, ring=ring, device="cpu")
+    if start:
+        group.prepare(torch.arange(start), limit=start)
+    group.prepare(torch.arange(start, start + T), limit=limit)
+    triangle = group.mask.shape == (T, T) and torch.equal(group.mask, torch.ones(T, T, dtype=torch.bool).tril())
+    assert group.causal == (triangle and T > 1)

@@ -23,6 +23,7 @@ class SlotGroup:
         self.write_slots = None
         self.write_from = 0
         self.limit = size
+        self.causal = False
 
     def prepare(self, pos: torch.Tensor, limit: int | None) -> None:
         T = pos.shape[0]
@@ -39,6 +40,9 @@ class SlotGroup:
             # eager full layers attend only over the filled prefix; graphs pass limit=None (all)
             self.limit = None if (self.ring or limit is None) else min(limit, self.size)
             key_pos = self.slot_pos if self.limit is None else self.slot_pos[: self.limit]
+        # a chunk from position 0 (limit == T: its positions are 0..T-1, in slots 0..T-1 of a
+        # non-ring buffer) sees exactly the causal triangle: attention may skip the mask (flash)
+        self.causal = T > 1 and not self.ring and limit == T
         q = pos[:, None]
         visible = (key_pos[None, :] >= 0) & (key_pos[None, :] <= q)
         if self.window is not None:

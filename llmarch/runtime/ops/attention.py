@@ -37,6 +37,8 @@ def attend(q, k, v, mask, scale: float, softcap: float | None = None, sinks: tor
     if softcap is None and sinks is None and cpu_kernels.attend_one_ok(q, k, v, mask):
         return cpu_kernels.attend_one(q, k, v, mask, scale)  # a CPU decode step: one C call, not ~8 ops
     if softcap is None and sinks is None and q.device.type == "cuda" and T > 1:
+        if group is not None and group.causal and k.shape[2] == T:  # no mask: SDPA may take flash attention
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     # explicit form, grouped: the `rep` query heads sharing a KV head become extra rows of one
     # matmul (no K/V copies; CPU SDPA is slow for one query against a long masked cache)

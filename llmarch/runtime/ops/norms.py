@@ -22,10 +22,8 @@ class RMSNorm(nn.Module):
         if x.device.type == "cpu":  # one fused op: on the CPU each small op costs microseconds
             if x.dtype == torch.float32 and not x.requires_grad and cpu_kernels.available():
                 return cpu_kernels.rms_norm(x, w, self.eps)  # torch's own is several ops, ~30x slower
-            return F.rms_norm(x.float(), x.shape[-1:], w, self.eps).to(x.dtype)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * w).to(x.dtype)
+        # one call (three ops) instead of seven: an eager prefill on a GPU is bound by op dispatch
+        return F.rms_norm(x.float(), x.shape[-1:], w, self.eps).to(x.dtype)
 
     def fold_unit_offset(self) -> None:
         """After loading: keep (1 + w) in float32 so forward adds nothing (same values as computing it)."""

@@ -128,7 +128,7 @@ class Rope(nn.Module):
         self.params = (theta, scaling, context)
         self.freq_scale = freq_scale
         inv_freq(rot_dim, theta, scaling, context)  # fail early on an unsupported scaling type
-        self.cos = self.sin = None
+        self.cos = self.sin = self.sin_rot = None
 
     def build(self, max_pos: int, device, dtype) -> None:
         """Tables for positions < max_pos (the model is built on meta: computed here, on the CPU)."""
@@ -141,15 +141,18 @@ class Rope(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)
         self.cos = (emb.cos() * self.attn_factor).to(dtype)
         self.sin = (emb.sin() * self.attn_factor).to(dtype)
+        # sin with its first half negated: rotate_half(x) * sin == roll(x, half) * sin_rot exactly
+        # (negation is exact), so the torch path is one roll instead of two slices, a neg and a cat
+        half = self.rot_dim // 2
+        self.sin_rot = torch.cat([-self.sin[:, :half], self.sin[:, half:]], dim=-1)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """x: [B, H, T, D]; pos: [T] absolute positions. Rotate-half convention (HF layout)."""
         if fast_cpu_rope(x, pos, self.cos) and self.sin.is_contiguous():  # one C call instead of ~10 small torch ops
             return cpu_kernels.rope_rotate_half(x, self.cos, self.sin, pos)
-        cos, sin = self.cos[pos], self.sin[pos]  # [T, rot]
+        cos, sin = self.cos[pos], self.sin_rot[pos]  # [T, rot]
         r = self.rot_dim
+        if r == x.shape[-1]:
+            return x * cos + x.roll(r // 2, -1) * sin
         xr = x[..., :r]
-        half = r // 2
-        rotated = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
-        out = xr * cos + rotated * sin
-        return out if r == x.shape[-1] else torch.cat([out, x[..., r:]], dim=-1)
+        return torch.cat([xr * cos + xr.roll(r // 2, -1) * sin, x[..., r:]], dim=-1)
