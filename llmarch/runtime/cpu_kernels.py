@@ -21,31 +21,12 @@ import torch
 
 from llmarch.runtime.cbuild import build_avx2
 
-SOURCE = r"""
+# The float32 ops of one decode token; cpu_decode.py compiles them into its whole-step library too.
+FLOAT_OPS = r"""
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-
-/* Block quantization as llama.cpp's Q8_0 / Q4_0: 32 values share one float scale. Activations are
-   quantized to int8 blocks too, so each block's dot product is integer SIMD (maddubs/madd), which
-   keeps two AVX2 cores at memory bandwidth instead of at int8->float conversion. */
-
-static inline __m256 dot32(__m256i w, __m256i x, __m256 scale, __m256 acc) {
-    __m256i ax = _mm256_sign_epi8(x, x);                     /* |x| as unsigned */
-    __m256i sw = _mm256_sign_epi8(w, x);                     /* w * sign(x) */
-    __m256i p16 = _mm256_maddubs_epi16(ax, sw);              /* pairs -> int16 */
-    __m256i p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc);
-}
-
-static inline float hsum(__m256 v) {
-    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-    lo = _mm_add_ps(lo, hi);
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
-    return _mm_cvtss_f32(lo);
-}
 
 /* y = x / sqrt(mean(x^2) + eps) * w over rows of `dim` (a single op: torch's CPU rms_norm is several
    small ops, ~50-80 us for one decode token's 640 values on the machines measured, ~2 us here) */
@@ -112,6 +93,48 @@ void attend_one(const float* q, const float* k, long k_stride, const float* v, l
     }
 }
 
+/* out[r, j] = act(gu[r, j]) * gu[r, hidden + j] over rows of [gate | up] (out may be gu): act 0 silu,
+   1 gelu with the tanh approximation, 2 gelu. The formulas are aten's; libm's expf / tanhf / erff
+   differ from its vectorized ones in the last bit, which is why the module path calls this too: a
+   gated MLP computes the same bits whichever path runs it. */
+void gated_act(const float* gu, float* out, long rows, long hidden, int kind) {
+    const float beta = (float)(M_SQRT2 * M_2_SQRTPI * 0.5), kappa = 0.044715f;
+    for (long r = 0; r < rows; r++, gu += 2 * hidden, out += hidden)
+        for (long j = 0; j < hidden; j++) {
+            const float x = gu[j];
+            float a;
+            if (kind == 0) a = x / (1.f + expf(-x));
+            else if (kind == 1) a = 0.5f * x * (1.f + tanhf(beta * (x + kappa * (x * x * x))));
+            else a = x * 0.5f * (1.f + erff(x * (float)M_SQRT1_2));
+            out[j] = a * gu[hidden + j];
+        }
+}
+"""
+
+SOURCE = (
+    FLOAT_OPS
+    + r"""
+
+/* Block quantization as llama.cpp's Q8_0 / Q4_0: 32 values share one float scale. Activations are
+   quantized to int8 blocks too, so each block's dot product is integer SIMD (maddubs/madd), which
+   keeps two AVX2 cores at memory bandwidth instead of at int8->float conversion. */
+
+static inline __m256 dot32(__m256i w, __m256i x, __m256 scale, __m256 acc) {
+    __m256i ax = _mm256_sign_epi8(x, x);                     /* |x| as unsigned */
+    __m256i sw = _mm256_sign_epi8(w, x);                     /* w * sign(x) */
+    __m256i p16 = _mm256_maddubs_epi16(ax, sw);              /* pairs -> int16 */
+    __m256i p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc);
+}
+
+static inline float hsum(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+    return _mm_cvtss_f32(lo);
+}
+
 void quantize_q8(const float* x, int8_t* q, float* d, long n_blocks) {
     for (long b = 0; b < n_blocks; b++) {
         const float* v = x + b * 32;
@@ -156,6 +179,7 @@ void qmatmul(const int8_t* xq, const float* xd, const uint8_t* w, const float* w
     }
 }
 """
+)
 
 
 @lru_cache(maxsize=1)
@@ -175,11 +199,26 @@ def _lib():
     lib.rope_rotate_half.restype = i
     lib.attend_one.argtypes = [p, p, L, p, L, p, p, p, i, i, i, i, i, ctypes.c_float]
     lib.attend_one.restype = None
+    lib.gated_act.argtypes = [p, p, L, L, i]
+    lib.gated_act.restype = None
     return lib
 
 
 def available() -> bool:
     return _lib() is not None
+
+
+# activation name (ArchSpec.activation) -> gated_act's code
+GATED_ACTS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu_fast": 1, "gelu": 2}
+
+
+def gated_act(gu: torch.Tensor, kind: int) -> torch.Tensor:
+    """act(gate) * up of float32 gu [..., 2 * hidden] = [gate | up] (kind: GATED_ACTS' code), one C call."""
+    gu = gu.contiguous()
+    hidden = gu.shape[-1] // 2
+    out = torch.empty(*gu.shape[:-1], hidden, dtype=torch.float32)
+    _lib().gated_act(gu.data_ptr(), out.data_ptr(), gu.numel() // (2 * hidden), hidden, kind)
+    return out
 
 
 def qmatmul(x: torch.Tensor, w: torch.Tensor, wd: torch.Tensor, bits: int, bias: torch.Tensor | None) -> torch.Tensor:

@@ -95,9 +95,17 @@ class Generator:
         self.graph = None  # the captured step (its second part when split)
         self.graph_start = None  # the first part of a split step (see the docstring)
         self.staged = getattr(self.model, "graph_inputs", None)  # host-side step input (see the docstring)
+        # on the CPU, a model whose every layer the C step runs decodes each token in one C call
+        self.cpu_step = None
+        if rt.device.type == "cpu" and not self.use_graph:
+            from llmarch.runtime.cpu_decode import plan
+
+            self.cpu_step = plan(self.model, self.cache, spec)
 
     # ---------------------------------------------------------------- decode step
     def _step_eager(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        if self.cpu_step is not None:
+            return self.cpu_step(ids, pos)
         p = torch.tensor([pos], device=self.device)
         return self.model(ids, p, self.cache, limit=pos + 1)[:, -1]
 
@@ -302,7 +310,10 @@ class Generator:
                 staged.stage(host)  # copied on this stream, ahead of the replay that reads it
             logits = step(nxt.view(1, 1), n)
             n += 1
-            nxt = sample(logits, sampling, gen)
+            if self.cpu_step is not None and (not sampling.temperature or sampling.temperature <= 0):
+                nxt = torch.tensor([[self.cpu_step.next_token()]])  # its argmax, taken in C
+            else:
+                nxt = sample(logits, sampling, gen)
         sync()
         decode_s = time.perf_counter() - t1
         return Result(out, len(prompt), prefill_s, decode_s, stopped, extra)

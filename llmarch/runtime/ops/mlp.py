@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmarch.errors import LlmarchError
+from llmarch.runtime import cpu_kernels
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -65,9 +66,22 @@ class GatedMLP(nn.Module):
         self.down = nn.Linear(hidden, dim, bias=bias)
         self.act = activation(act)
         self.std_multiplier = normal_icdf(sparsity) if sparsity else None
+        # one float32 token on the CPU (a decode step): act(gate) * up in one C call, the same bits
+        # as cpu_decode's whole-step path; longer inputs keep torch's vectorized activations
+        self.c_act = cpu_kernels.GATED_ACTS.get(act or "silu") if sparsity is None and limit is None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.hidden, dim=-1)
+        gu = self.gate_up(x)
+        if (
+            self.c_act is not None
+            and gu.numel() == 2 * self.hidden
+            and gu.device.type == "cpu"
+            and gu.dtype == torch.float32
+            and not gu.requires_grad
+            and cpu_kernels.available()
+        ):
+            return self.down(cpu_kernels.gated_act(gu, self.c_act))
+        gate, up = gu.split(self.hidden, dim=-1)
         if self.std_multiplier is not None:
             gate = gaussian_topk(gate, self.std_multiplier)
         if self.limit is not None:
