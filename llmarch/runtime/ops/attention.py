@@ -13,7 +13,9 @@ KV head count and sinks are per layer (LayerSpec), since MiMo-V2-Flash's sliding
 the KV heads of its full layers, and sinks only there.
 
 q, k and v are one fused matmul (`qkv`). The score computation uses SDPA unless soft-capping or
-sinks need the explicit form.
+sinks need the explicit form. A multi-token step on a GPU (prefill), which is bound by op dispatch,
+takes q and k heads through their per-head norms and RoPE as one tensor where nothing else lies
+between the projection and attention (forward_fused_qk).
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from llmarch.arch.spec import ArchSpec, LayerSpec
 from llmarch.runtime import cpu_kernels
 from llmarch.runtime.ops.norms import make_norm
 from llmarch.runtime.ops.rope import Rope
+
+# where a multi-token step takes forward_fused_qk: off the CPU, whose float32 path has its own
+# C kernels for the norm and RoPE (tests add "cpu" to check the fused path against transformers)
+FUSED_QK_DEVICES = ("cuda",)
 
 
 def attend(q, k, v, mask, scale: float, softcap: float | None = None, sinks: torch.Tensor | None = None, group=None):
@@ -130,6 +136,18 @@ class Attention(nn.Module):
         gate_width = a.heads * (1 if self.gate_per_head else self.v_dim)
         self.gate = nn.Linear(d, gate_width, bias=False) if a.gated and not self.gate_in_q else None
         self.temperature = query_temperature(a, layer)
+        # an eager multi-token step on a GPU is bound by op dispatch: where nothing but a per-head
+        # norm and RoPE lies between the projection and attention, q and k heads take them as one
+        # [B, H + KV, T, D] tensor (half the ops)
+        self.fuse_qk = (
+            self.kv_source is None
+            and not self.v_from_k
+            and not self.gate_in_q
+            and a.qk_norm in (None, "per_head")
+            and self.temperature is None
+            and rope is not None
+        )
+        self.qk_norm_weight = None  # [H + KV, D]: q_norm's weight for the q heads, k_norm's for the k heads
 
     def project(self, x: torch.Tensor):
         """x [B,T,d] -> q, k, v [B,T,width] and the output gate before its sigmoid (or None)."""
@@ -151,6 +169,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
         B, T, _ = x.shape
+        if self.fuse_qk and T > 1 and x.device.type in FUSED_QK_DEVICES:
+            return self.forward_fused_qk(x, pos, cache)
         q, k, v, gate = self.project(x)
         if self.kv_source is not None:
             owner = cache.layers[self.kv_source]
@@ -174,6 +194,34 @@ class Attention(nn.Module):
         lc = cache.layers[self.index]
         keys, values = lc.update(k, v)
         return self.finish(self.queries(q, pos), lc, keys, values, gate)
+
+    def forward_fused_qk(self, x: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+        """forward() with q and k heads normed and rotated as one tensor (see fuse_qk)."""
+        B, T, _ = x.shape
+        H, KV, D = self.heads, self.kv_heads, self.head_dim
+        qk, v = self.qkv(x).split([(H + KV) * D, self.sizes[2]], dim=-1)
+        qk = qk.view(B, T, H + KV, D)
+        if self.qk_norm == "per_head":
+            qk = self.per_head_norm(qk)
+        q, k = self.rope(qk.transpose(1, 2), pos).split([H, KV], dim=1)
+        v = v.view(B, T, KV, self.v_dim)
+        if self.v_norm_eps is not None:
+            v = self.l2_norm(v, self.v_norm_eps)
+        v = v.transpose(1, 2)
+        if self.v_scale is not None:
+            v = v * self.v_scale
+        lc = cache.layers[self.index]
+        keys, values = lc.update(k, v)
+        return self.finish(q, lc, keys, values, self.gate(x) if self.gate is not None else None)
+
+    def per_head_norm(self, qk: torch.Tensor) -> torch.Tensor:
+        """q_norm on the q heads and k_norm on the k heads of qk [B, T, H + KV, D], in one pass."""
+        if self.qk_norm_weight is None:  # the loaded weights, gathered once
+            H, KV, D = self.heads, self.kv_heads, self.head_dim
+            w = [n.weight.float() + (1.0 if n.unit_offset else 0.0) for n in (self.q_norm, self.k_norm)]
+            self.qk_norm_weight = torch.cat([w[0].expand(H, D), w[1].expand(KV, D)])
+        eps = self.q_norm.eps
+        return (F.rms_norm(qk.float(), qk.shape[-1:], None, eps) * self.qk_norm_weight).to(qk.dtype)
 
     def queries(self, q: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """q [B,T,width] -> normed, rotated, tempered [B,H,T,D]."""
