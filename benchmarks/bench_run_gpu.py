@@ -51,11 +51,14 @@ def copy_rate(torch) -> float:
     return 2 * a.numel() * a.element_size() / times[len(times) // 2]
 
 
-def make_checkpoint(name: str, out: Path, torch, device: str = "cuda", overrides: dict | None = None):
-    """overrides: config values replacing the shape's (a smaller model for a CPU dry run)."""
+def make_checkpoint(
+    name: str, out: Path, torch, device: str = "cuda", overrides: dict | None = None, shape: tuple | None = None
+):
+    """overrides: config values replacing the shape's (a smaller model for a CPU dry run); shape:
+    (model_type, config values) of a model not in SHAPES."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model_type, kw = SHAPES[name]
+    model_type, kw = shape or SHAPES[name]
     cfg = AutoConfig.for_model(model_type, **{**kw, **(overrides or {})})
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
@@ -107,6 +110,103 @@ def decode_bytes(rt, g) -> tuple[int, int]:
     """(weight bytes, bytes one decode step reads): every weight once + every cache slot the graph reads."""
     weights = sum(p.numel() * p.element_size() for p in rt.model.parameters())
     return weights, weights + g.cache.nbytes()
+
+
+# kernel name fragments -> what the kernel does (cuBLAS/CUTLASS GEMMs, SDPA, inductor's fused ops)
+KERNEL_KINDS = (
+    ("matmul", ("gemm", "gemv", "cutlass", "nvjet", "xmma", "splitk", "cublas")),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("fused elementwise/norm (triton)", ("triton",)),
+    ("copy/memset", ("memcpy", "memset", "copy")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def decode_profile(g, torch, layers: int, steps: int = 20, pos: int = 1) -> dict:
+    """Where a captured decode step's time goes: kernels per step and per layer, their summed GPU
+    time by kind, against the step's wall time between back-to-back replays (wall - busy = the
+    gaps between kernels, launch latency inside the graph). Replays write K/V at slot `pos` only,
+    which the next generate() resets. Falls back to the compiled step run outside the graph when
+    the profiler sees no kernels inside graph replays."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    g.g_ids.zero_()
+    g.g_pos.fill_(pos)
+    for _ in range(3):
+        g.graph.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        g.graph.replay()
+    torch.cuda.synchronize()
+    wall_us = (time.perf_counter() - t) / steps * 1e6
+
+    def trace(fn) -> list:
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as p:
+            for _ in range(steps):
+                fn()
+            torch.cuda.synchronize()
+        return [
+            (e.time_range.start, e.time_range.end, e.name)
+            for e in p.events()
+            if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start
+        ]
+
+    source = "graph replays"
+    ev = trace(g.graph.replay)
+    if not ev:
+        source = "the compiled step outside the graph (no kernels seen inside replays)"
+        ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+        p_ = torch.full((1,), pos, dtype=torch.long, device="cuda")
+        ev = trace(lambda: g.fn(ids, p_, g.cache, limit=None))
+    ev.sort()
+    busy, end = 0.0, float("-inf")
+    for s, e, _ in ev:  # union of the kernels' intervals (overlapping kernels counted once)
+        if e > end:
+            busy += e - max(s, end)
+            end = e
+    kinds: dict = {}
+    names: dict = {}
+    for s, e, n in ev:
+        k = kinds.setdefault(kernel_kind(n), [0, 0.0])
+        k[0] += 1
+        k[1] += e - s
+        m = names.setdefault(n[:90], [0, 0.0])
+        m[0] += 1
+        m[1] += e - s
+    total = sum(e - s for s, e, _ in ev)
+    top = sorted(names.items(), key=lambda kv: -kv[1][1])[:12]
+    return {
+        "source": source,
+        "steps": steps,
+        "wall_us_per_step": round(wall_us, 1),
+        "kernel_us_per_step": round(total / steps, 1),
+        "busy_us_per_step": round(busy / steps, 1),
+        "gaps_us_per_step": round(wall_us - busy / steps, 1),
+        "kernels_per_step": len(ev) / steps,
+        "kernels_per_layer": round(len(ev) / steps / max(layers, 1), 1),
+        "by_kind": {k: {"per_step": n / steps, "us_per_step": round(us / steps, 1)} for k, (n, us) in kinds.items()},
+        "top": [{"kernel": n, "per_step": c / steps, "us_per_step": round(us / steps, 1)} for n, (c, us) in top],
+    }
+
+
+def profile_text(name: str, prof: dict) -> str:
+    """decode_profile's figures as a few lines."""
+    lines = [
+        f"{name}: decode step {prof['wall_us_per_step']:.0f} us wall, GPU busy {prof['busy_us_per_step']:.0f} us "
+        f"(kernels {prof['kernel_us_per_step']:.0f} us), gaps {prof['gaps_us_per_step']:.0f} us; "
+        f"{prof['kernels_per_step']:.0f} kernels/step = {prof['kernels_per_layer']} per layer ({prof['source']})"
+    ]
+    for k, v in sorted(prof["by_kind"].items(), key=lambda kv: -kv[1]["us_per_step"]):
+        lines.append(f"  {k:34s} {v['per_step']:6.0f} kernels {v['us_per_step']:8.1f} us")
+    for t in prof["top"][:6]:
+        lines.append(f"    {t['us_per_step']:8.1f} us {t['per_step']:5.0f}x {t['kernel']}")
+    return "\n".join(lines)
 
 
 def llmarch_decode(path: Path, prompt: list[int], n: int, compile: bool, torch, profile: bool = False) -> dict:

@@ -4,27 +4,40 @@
     python benchmarks/bench_vs_llamacpp.py --device cpu --tiny --dry-run    # every CPU-side step, small
 
 One run does all of it, so both engines see the same machine in the same minutes:
-1. builds llama.cpp's llama-bench with CUDA (sm_90) from source in the background: the
-   llama-cpp-python sdist carries it under vendor/llama.cpp (a tarball of that folder, or the
-   folder, works too); the build goes to --build-dir, outside anything a remote call replaces;
+1. builds llama.cpp's llama-bench and llama-quantize with CUDA (sm_90) from source in the
+   background: the llama-cpp-python sdist carries it under vendor/llama.cpp (a tarball of that
+   folder, or the folder, works too); the build goes to --build-dir, outside anything a remote
+   call replaces;
 2. writes random-weight bf16 checkpoints with the real configs' shapes (bench_run_gpu's), gives
    them a byte-level BPE tokenizer (tests/test_convert's; `llmarch convert` pads the vocabulary to
    the embedding's rows, and llama.cpp loads no GGUF without one) and converts each with
-   `llmarch convert --to gguf` to bf16 and q8_0;
-3. loads every source in llmarch (safetensors, bf16 GGUF, q8_0 GGUF, the last dequantized to
-   bf16) and warms it up (CUDA graph capture, torch.compile) while the build runs;
-4. once the build is done, on a machine with nothing else running: llama-bench (-fa 1, -ngl 99,
-   pp and tg tests, its own warm-up run, --reps repetitions) on each GGUF, then llmarch's timed
-   runs (the warm-up excluded): decode of --tg tokens after a one-token prompt, prefill of a
-   --pp-token prompt (llmarch's own prefill clock, eager, one chunk);
+   `llmarch convert --to gguf` to bf16 and q8_0 (gguf-py writes no K-quants: the Q4_K_M file is
+   made from the bf16 GGUF by the llama-quantize just built, once the build is done);
+   the MoE row (--moe-layers > 0): a Qwen3-30B-A3B-shaped checkpoint cut to that many layers,
+   converted to q4_0 (every matrix, the experts included: a type llmarch's CPU expert kernel
+   reads as stored, 4.5 bits per weight for both engines);
+3. loads every source in llmarch (safetensors, bf16 GGUF, q8_0 GGUF, dequantized to bf16 on
+   CUDA unless the runtime has its own kernels for the type) and warms it up (CUDA graph capture,
+   torch.compile) while the build runs;
+4. once the build is done, on a machine with nothing else running: llmarch's timed runs (the
+   warm-up excluded): decode of --tg tokens after a one-token prompt, prefill of a --pp-token
+   prompt (llmarch's own prefill clock, eager, one chunk, after a warm-up prefill of the same
+   length), and a profile of the captured decode step (kernels per step and per layer, GPU busy
+   time against the step's wall time: the rest is gaps between kernels); then llama-bench
+   (-fa 1, -ngl 99, pp and tg tests, its own warm-up run, --reps repetitions) on each GGUF;
+   the MoE row: llmarch `--experts cpu` (the experts' Q4_0 blocks in host RAM, read by its CPU
+   kernel; GPU segments between host round trips as CUDA graphs, as `llmarch run` does) against
+   llama-bench with `-ot exps=CPU` (expert tensors in host RAM, the rest on the GPU), same file;
 5. prints one table: median tok/s of each engine, llmarch / llama.cpp, and each engine's fraction
    of the copy-rate bound (bytes one decode step reads / the device-to-device copy rate measured
-   in this run, reads + writes counted).
+   in this run, reads + writes counted); for the MoE row, of the host-read bound (expert bytes a
+   token reads / the host read rate measured in this run).
 
-Bytes a decode step reads: llmarch, its weights as held (bf16: the q8_0 GGUF is dequantized, so
-twice the file's bytes) plus every KV slot its captured step attends over; llama.cpp, the model
-size llama-bench reports plus the f16 KV cache of the mean depth of a tg run. Token ids differ
-(llama-bench draws its own); for dense models the speed does not depend on them.
+Bytes a decode step reads: llmarch, its weights as held (bf16: a quantized GGUF dequantized on
+load reads more than the file holds) plus every KV slot its captured step attends over;
+llama.cpp, the model size llama-bench reports plus the f16 KV cache of the mean depth of a tg
+run. Token ids differ (llama-bench draws its own); for dense models the speed does not depend on
+them.
 """
 
 from __future__ import annotations
@@ -52,9 +65,11 @@ from bench_run_gpu import (  # noqa: E402
     SHAPES,
     copy_rate,
     decode_bytes,
+    decode_profile,
     llmarch_prepare,
     llmarch_runs,
     make_checkpoint,
+    profile_text,
 )
 
 # a small model of each shape's family: every CPU-side step of the run in seconds
@@ -67,7 +82,16 @@ TINY = dict(
     num_key_value_heads=2,
     head_dim=16,
 )
-GGUF_TYPES = ("bf16", "q8_0")
+GGUF_TYPES = ("bf16", "q8_0")  # written by `llmarch convert`
+QUANTIZED = {"q4_k_m": "Q4_K_M"}  # written by llama-quantize from the bf16 GGUF, after the build
+SOURCES = ("safetensors", *GGUF_TYPES, *QUANTIZED)
+LABELS = {
+    "safetensors": "bf16 safetensors (vs bf16 GGUF)",
+    "bf16": "bf16 GGUF",
+    "q8_0": "Q8_0 GGUF",
+    "q4_k_m": "Q4_K_M GGUF (llama-quantize)",
+}
+MOE_SHAPE = "qwen3-30b-a3b"
 CMAKE_FLAGS = [
     "-G",
     "Ninja",
@@ -79,6 +103,7 @@ CMAKE_FLAGS = [
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_BUILD_SERVER=OFF",
+    "-DLLAMA_BUILD_APP=OFF",
     "-DLLAMA_OPENSSL=OFF",
 ]
 
@@ -106,7 +131,7 @@ def llama_source(src: Path, into: Path) -> Path:
 def build_commands(source: Path, build: Path, jobs: int) -> list[list[str]]:
     return [
         ["cmake", "-S", str(source), "-B", str(build), *CMAKE_FLAGS],
-        ["cmake", "--build", str(build), "--target", "llama-bench", "-j", str(jobs)],
+        ["cmake", "--build", str(build), "--target", "llama-bench", "llama-quantize", "-j", str(jobs)],
     ]
 
 
@@ -117,7 +142,7 @@ def start_build(cmds: list[list[str]], log_path: Path) -> subprocess.Popen:
     return subprocess.Popen(["nice", "-n", "10", "bash", "-c", script], stdout=out, stderr=subprocess.STDOUT)
 
 
-def llama_bench_cmd(bench: str, gguf: Path, pp: int, tg: int, reps: int) -> list[str]:
+def llama_bench_cmd(bench: str, gguf: Path, pp: int, tg: int, reps: int, extra: tuple = ()) -> list[str]:
     return [
         bench,
         "-m",
@@ -134,6 +159,7 @@ def llama_bench_cmd(bench: str, gguf: Path, pp: int, tg: int, reps: int) -> list
         str(reps),
         "-o",
         "json",
+        *extra,
     ]
 
 
@@ -181,6 +207,18 @@ def wait_build(build, build_log, res: dict, t_start: float, timeout: float | Non
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def start_convert(hf: Path, out: Path, dtype: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "llmarch", "convert", str(hf), "--to", "gguf", "-o", str(out), "--dtype", dtype]
+    return subprocess.Popen([*cmd, "--force"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish_converts(procs: dict) -> None:
+    for dt, p in procs.items():
+        text, _ = p.communicate()
+        if p.returncode:
+            raise SystemExit(f"bench_vs_llamacpp: llmarch convert --dtype {dt} failed:\n{text[-2000:]}")
+
+
 def make_sources(name: str, work: Path, device: str, tiny: bool, torch) -> dict[str, Path]:
     """The random checkpoint with a tokenizer, and its GGUFs written by `llmarch convert`."""
     from tests.test_convert import add_tokenizer
@@ -193,19 +231,44 @@ def make_sources(name: str, work: Path, device: str, tiny: bool, torch) -> dict[
         torch.cuda.empty_cache()
     vocab = (overrides or SHAPES[name][1])["vocab_size"]
     add_tokenizer(hf, vocab)
-    out = {"safetensors": hf}
-    procs = {}
-    for dt in GGUF_TYPES:  # both conversions at once: each is streamed and mostly numpy
-        out[dt] = work / f"{name}-{dt}.gguf"
-        cmd = [sys.executable, "-m", "llmarch", "convert", str(hf), "--to", "gguf", "-o", str(out[dt])]
-        procs[dt] = subprocess.Popen(
-            [*cmd, "--dtype", dt, "--force"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-    for dt, p in procs.items():
-        text, _ = p.communicate()
-        if p.returncode:
-            raise SystemExit(f"bench_vs_llamacpp: llmarch convert --dtype {dt} failed:\n{text[-2000:]}")
+    out = {"safetensors": hf, **{dt: work / f"{name}-{dt}.gguf" for dt in GGUF_TYPES}}
+    # both conversions at once: each is streamed and mostly numpy
+    finish_converts({dt: start_convert(hf, out[dt], dt) for dt in GGUF_TYPES})
     return out
+
+
+def moe_config(layers: int, tiny: bool) -> tuple[str, dict]:
+    """The MoE row's (model type, config): bench_moe_offload's Qwen3-30B-A3B shape, `layers` deep."""
+    from bench_moe_offload import SHAPES as MOE_SHAPES
+    from bench_moe_offload import small_of
+
+    family, cfg = MOE_SHAPES[MOE_SHAPE]
+    return family, {**(small_of(cfg) if tiny else cfg), "num_hidden_layers": layers}
+
+
+def make_moe_source(work: Path, layers: int, device: str, tiny: bool, torch) -> Path:
+    """The MoE checkpoint as one q4_0 GGUF (the bf16 checkpoint, ~1.4 GB per layer, is removed after)."""
+    import shutil
+
+    from tests.test_convert import add_tokenizer
+
+    family, cfg = moe_config(layers, tiny)
+    hf = work / "moe"
+    model = make_checkpoint("moe", hf, torch, device=device, shape=(family, cfg))
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    add_tokenizer(hf, cfg["vocab_size"])
+    out = work / "moe-q4_0.gguf"
+    finish_converts({"q4_0": start_convert(hf, out, "q4_0")})
+    shutil.rmtree(hf)
+    return out
+
+
+def llama_quantize(quantize: str, src: Path, out: Path, kind: str, jobs: int) -> str | None:
+    """llama-quantize src -> out of `kind`; an error message, or None."""
+    p = subprocess.run([quantize, str(src), str(out), kind, str(jobs)], capture_output=True, text=True, timeout=300)
+    return None if p.returncode == 0 else f"exit {p.returncode}: {(p.stderr or p.stdout)[-1500:]}"
 
 
 def kv_bytes_per_token(name: str, tiny: bool) -> int:
@@ -224,6 +287,52 @@ def llmarch_prefill(rt, prompt: list[int], reps: int) -> list[float]:
     g = Generator(rt, len(prompt) + 1, cuda_graph=False)
     g.generate(prompt, 1, Sampling())
     return [g.generate(prompt, 1, Sampling()).prefill_tok_s for _ in range(reps)]
+
+
+def llmarch_moe_prepare(path: Path, prompt: list[int], tg: int, device: str, max_seq: int):
+    """Load the MoE GGUF with its experts in host RAM (`--experts cpu`) and warm it up, as
+    `llmarch run` sets it up: one CUDA graph per GPU segment between host round trips."""
+    from llmarch.runtime.experts.decode import attach_decoder, whole_step_capturable
+    from llmarch.runtime.generate import Generator, Sampling
+    from llmarch.runtime.load import load_runtime
+
+    t = time.perf_counter()
+    rt = load_runtime(str(path), device, "bfloat16" if device == "cuda" else "float32", experts="cpu")
+    load_s = time.perf_counter() - t
+    graph = None if device == "cuda" and whole_step_capturable(rt.model) else False
+    g = Generator(rt, max_seq, cuda_graph=graph)
+    segmented = graph is False and device == "cuda" and attach_decoder(g)
+    g.generate(prompt, tg, Sampling())
+    return rt, g, load_s, bool(segmented)
+
+
+def llmarch_moe_timed(rt, g, prompt: list[int], prompt_prefill: list[int], tg: int, reps: int, bw: float) -> dict:
+    """Median decode tok/s of `reps` runs, the host-read bound (expert bytes per token / bw), and
+    prefill tok/s of `prompt_prefill` (the median of 3 after one warm-up)."""
+    from llmarch.runtime.experts.report import report, reset_counters
+    from llmarch.runtime.generate import Sampling
+
+    reset_counters(rt.model)
+    runs = [g.generate(prompt, tg, Sampling()) for _ in range(reps)]
+    steps = sum(len(r.tokens) - 1 for r in runs)
+    r = report(rt.model, steps, sum(x.decode_s for x in runs), rt.device, bw)
+    r["decode_samples"] = [x.decode_tok_s for x in runs]
+    r["decode_tok_s"] = statistics.median(r["decode_samples"])
+    g.generate(prompt_prefill, 1, Sampling())
+    r["prefill_samples"] = [g.generate(prompt_prefill, 1, Sampling()).prefill_tok_s for _ in range(3)]
+    r["prefill_tok_s"] = statistics.median(r["prefill_samples"])
+    return r
+
+
+def moe_expert_bytes_per_token(path: Path) -> int:
+    """Bytes of the routed experts one token reads in the GGUF as stored (top-k of every layer)."""
+    from llmarch.api import load_checkpoint_spec
+
+    ckpt, spec = load_checkpoint_spec(str(path))
+    per_layer = (
+        sum(t.nbytes for n, t in ckpt.tensors.items() if "_exps." in n and n.startswith("blk.0.")) // spec.moe.experts
+    )
+    return per_layer * spec.moe.experts_per_token * sum(1 for la in spec.schedule if la.ffn == "moe")
 
 
 def machine(torch, device: str) -> dict:
@@ -247,6 +356,10 @@ def fmt(x, spec=".0f", unit=""):
     return "—" if x is None else f"{x:{spec}}{unit}"
 
 
+def pct(x):
+    return fmt(x and x * 100, ".0f", "%")
+
+
 def table(res: dict) -> str:
     rate = res.get("copy_rate_Bps")
     lines = [
@@ -257,19 +370,36 @@ def table(res: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in res["models"].items():
-        for src in ("safetensors", *GGUF_TYPES):
-            ours = m["llmarch"].get(src, {})
+        for src in SOURCES:
+            ours = m["llmarch"].get(src)
             # the safetensors row is compared with llama.cpp on the bf16 GGUF of the same weights
             theirs = m["llama.cpp"].get("bf16" if src == "safetensors" else src, {})
+            if ours is None and not theirs:
+                continue
+            ours = ours or {}
             o_tg, o_pp = ours.get("decode_tok_s"), ours.get("prefill_tok_s")
             t_tg, t_pp = theirs.get("tg", {}).get("tok_s"), theirs.get("pp", {}).get("tok_s")
-            label = {"safetensors": "bf16 safetensors (vs bf16 GGUF)", "bf16": "bf16 GGUF", "q8_0": "Q8_0 GGUF"}[src]
             lines.append(
-                f"| {name} | {label} | {fmt(t_tg)} | {fmt(o_tg)} | {fmt(ratio(o_tg, t_tg), '.2f', 'x')} | "
-                f"{fmt(theirs.get('fraction_of_bound') and theirs['fraction_of_bound'] * 100, '.0f', '%')} | "
-                f"{fmt(ours.get('fraction_of_bound') and ours['fraction_of_bound'] * 100, '.0f', '%')} | "
+                f"| {name} | {LABELS[src]} | {fmt(t_tg)} | {fmt(o_tg)} | {fmt(ratio(o_tg, t_tg), '.2f', 'x')} | "
+                f"{pct(theirs.get('fraction_of_bound'))} | {pct(ours.get('fraction_of_bound'))} | "
                 f"{fmt(t_pp)} | {fmt(o_pp)} | {fmt(ratio(o_pp, t_pp), '.2f', 'x')} |"
             )
+    moe = res.get("moe")
+    if moe:
+        ours, theirs = moe.get("llmarch", {}), moe.get("llama.cpp", {})
+        o_tg, o_pp = ours.get("decode_tok_s"), ours.get("prefill_tok_s")
+        t_tg, t_pp = theirs.get("tg", {}).get("tok_s"), theirs.get("pp", {}).get("tok_s")
+        lines.append(
+            f"| {MOE_SHAPE} shape, {moe['layers']} layers | Q4_0 GGUF, experts in host RAM "
+            f"(llama.cpp -ot exps=CPU; llmarch --experts cpu) | {fmt(t_tg, '.1f')} | {fmt(o_tg, '.1f')} | "
+            f"{fmt(ratio(o_tg, t_tg), '.2f', 'x')} | {pct(theirs.get('fraction_of_bound'))} (host) | "
+            f"{pct(ours.get('fraction_of_bound'))} (host) | {fmt(t_pp)} | {fmt(o_pp)} | "
+            f"{fmt(ratio(o_pp, t_pp), '.2f', 'x')} |"
+        )
+    for name, m in res["models"].items():
+        for src, r in m["llmarch"].items():
+            if r.get("decode_profile"):
+                lines.append(profile_text(f"{name} {src}", r["decode_profile"]))
     return "\n".join(lines)
 
 
@@ -278,17 +408,32 @@ def save(res: dict, path: str | None) -> None:
         Path(path).write_text(json.dumps(res, indent=2, default=str))
 
 
+def run_llama_bench(cmd: list[str]) -> dict:
+    """llama-bench's parsed result, or {"error": ...}."""
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return {"error": "llama-bench ran past 300 s"}
+    if p.returncode:
+        return {"error": f"exit {p.returncode}: {p.stderr[-1500:]}"}
+    return parse_llama_bench(p.stdout)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["llama-3.2-1b", "qwen3-1.7b"], choices=list(SHAPES))
+    ap.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES, help="llmarch's sources")
     ap.add_argument("--llama-src", help="llama-cpp-python sdist, a tarball of llama.cpp, or its folder")
-    ap.add_argument("--llama-bench", help="an llama-bench already built (skips the build)")
+    ap.add_argument("--llama-bench", help="an llama-bench already built (skips the build; llama-quantize beside it)")
     ap.add_argument("--build-dir", default="/tmp/llama-build")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 4)
     ap.add_argument("--work", help="folder for checkpoints and GGUFs (default: a temporary one)")
     ap.add_argument("--tg", type=int, default=128)
     ap.add_argument("--pp", type=int, default=512)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--moe-layers", type=int, default=8, help="layers of the MoE row's model (0: no MoE row)")
+    ap.add_argument("--moe-tg", type=int, default=64)
+    ap.add_argument("--profile-steps", type=int, default=20, help="graph replays profiled per model (0: none)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--tiny", action="store_true", help="small shapes of the same families (a CPU check)")
     ap.add_argument("--no-compile", action="store_true")
@@ -307,6 +452,9 @@ def main() -> None:
     except AttributeError:
         torch._dynamo.config.cache_size_limit = 64
 
+    def left() -> float:
+        return a.budget_s - (time.perf_counter() - t_start) if a.budget_s else float("inf")
+
     build_dir = Path(a.build_dir)
     bench, build, build_log = a.llama_bench, None, None
     if not bench:
@@ -322,6 +470,7 @@ def main() -> None:
             build_log = Path(a.log_dir or build_dir) / "llama_build.log"
             build = start_build(cmds, build_log)
             log(f"llama.cpp build started ({source}), log {build_log}")
+    quantize = str(Path(bench).with_name("llama-quantize"))
 
     res: dict = {
         "machine": machine(torch, a.device),
@@ -330,6 +479,7 @@ def main() -> None:
         "reps": a.reps,
         "compile": not a.no_compile and a.device == "cuda",
         "models": {},
+        "skipped": [],
     }
     res["copy_rate_Bps"] = copy_rate(torch) if a.device == "cuda" else None
     log(f"copy rate {fmt(res['copy_rate_Bps'] and res['copy_rate_Bps'] / 1e12, '.2f', ' TB/s')}")
@@ -338,7 +488,20 @@ def main() -> None:
     work = Path(a.work or tmp.name)  # type: ignore[union-attr]
     work.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
-    prepared = {}
+    prepared: dict = {}
+
+    def prepare(name: str, src: str, path: Path) -> None:
+        m = res["models"][name]
+        try:  # load + warm-up (capture, compile); timed later on a quiet machine
+            rt, g, load_s, warm = llmarch_prepare(path, m["prompt_decode"], a.tg, res["compile"], a.device)
+        except Exception as e:  # report and go on: the other sources still measure
+            m["llmarch"][src] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            log(f"{name} {src}: llmarch failed: {m['llmarch'][src]['error']}")
+            return
+        prepared[(name, src)] = (rt, g)
+        m["llmarch"][src] = {"load_s": load_s, "capture_s": warm.extra.get("capture_s")}
+        log(f"{name} {src}: llmarch loaded in {load_s:.1f} s, warm-up (capture/compile) done")
+
     for name in a.models:
         vocab = (TINY if a.tiny else SHAPES[name][1])["vocab_size"]
         t = time.perf_counter()
@@ -347,52 +510,105 @@ def main() -> None:
         m["prompt_decode"] = torch.randint(0, vocab, (1,), generator=gen).tolist()
         m["prompt_prefill"] = torch.randint(0, vocab, (a.pp,), generator=gen).tolist()
         m["gguf_bytes"] = {dt: sources[dt].stat().st_size for dt in GGUF_TYPES}
+        m["sources"] = {k: str(v) for k, v in sources.items()}
         log(f"{name}: checkpoint + tokenizer + 2 GGUFs in {m['sources_s']:.1f} s")
         for src, path in sources.items():
-            try:  # load + warm-up (capture, compile) beside the build; timed later on a quiet machine
-                rt, g, load_s, warm = llmarch_prepare(path, m["prompt_decode"], a.tg, res["compile"], a.device)
-            except Exception as e:  # report and go on: the other sources still measure
-                m["llmarch"][src] = {"error": f"{type(e).__name__}: {e}"[:500]}
-                log(f"{name} {src}: llmarch failed: {m['llmarch'][src]['error']}")
-                continue
-            prepared[(name, src)] = (rt, g)
-            m["llmarch"][src] = {"load_s": load_s, "capture_s": warm.extra.get("capture_s")}
-            log(f"{name} {src}: llmarch loaded in {load_s:.1f} s, warm-up (capture/compile) done")
-        m["sources"] = {k: str(v) for k, v in sources.items()}
+            if src in a.sources:
+                prepare(name, src, path)
     save(res, a.json)
+
+    moe_rt = None
+    if a.moe_layers > 0:  # made and warmed up beside the build too
+        t = time.perf_counter()
+        moe = res["moe"] = {"layers": a.moe_layers, "shape": MOE_SHAPE, "llama.cpp": {}}
+        try:
+            family, cfg = moe_config(a.moe_layers, a.tiny)
+            path = make_moe_source(work, a.moe_layers, a.device, a.tiny, torch)
+            moe.update(gguf=str(path), gguf_bytes=path.stat().st_size, sources_s=time.perf_counter() - t)
+            moe["expert_bytes_per_token"] = moe_expert_bytes_per_token(path)
+            moe["prompt_decode"] = torch.randint(0, cfg["vocab_size"], (1,), generator=gen).tolist()
+            moe["prompt_prefill"] = torch.randint(0, cfg["vocab_size"], (a.pp,), generator=gen).tolist()
+            log(f"moe: {a.moe_layers}-layer {MOE_SHAPE} q4_0 GGUF in {moe['sources_s']:.1f} s")
+            moe_rt, moe_g, load_s, seg = llmarch_moe_prepare(
+                path, moe["prompt_decode"], a.moe_tg, a.device, max(a.pp, a.moe_tg + 1) + 1
+            )
+            moe["llmarch"] = {"load_s": load_s, "segmented_graphs": seg}
+            log(f"moe: llmarch loaded in {load_s:.1f} s (experts in host RAM), warm-up done")
+        except Exception as e:  # report and go on: the dense rows still measure
+            moe["llmarch"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            log(f"moe: llmarch failed: {moe['llmarch']['error']}")
+        save(res, a.json)
+
+    def add_quantized() -> None:
+        """Q4_K_M GGUFs from the bf16 ones (llama-quantize), each loaded and warmed up in llmarch."""
+        for name, m in res["models"].items():
+            for q, kind in QUANTIZED.items():
+                out = work / f"{name}-{q}.gguf"
+                cmd = [quantize, m["sources"]["bf16"], str(out), kind, str(a.jobs)]
+                if a.dry_run:
+                    print("would run:", " ".join(cmd))
+                    continue
+                if not Path(quantize).is_file() or left() < 150:
+                    res["skipped"].append(f"{name} {q}: " + ("no llama-quantize" if left() >= 150 else "time"))
+                    continue
+                err = llama_quantize(quantize, Path(m["sources"]["bf16"]), out, kind, a.jobs)
+                if err:
+                    m["llama.cpp"][q] = {"error": f"llama-quantize {err}"}
+                    log(f"{name} {q}: llama-quantize failed: {err}")
+                    continue
+                m["sources"][q] = str(out)
+                m["gguf_bytes"][q] = out.stat().st_size
+                if q in a.sources:
+                    prepare(name, q, out)
+
+    def time_prepared() -> None:
+        """llmarch's timed runs of each warmed-up source, its decode profile, then its prefill."""
+        for name, src in list(prepared):
+            rt, g = prepared.pop((name, src))
+            m = res["models"][name]
+            r = m["llmarch"][src]
+            runs = llmarch_runs(g, m["prompt_decode"], a.tg, a.reps)
+            r["decode_samples"] = [x.decode_tok_s for x in runs]
+            r["decode_tok_s"] = statistics.median(r["decode_samples"])
+            r["tokens"] = runs[0].tokens[:16]
+            r["weight_bytes"], r["bytes_per_token"] = decode_bytes(rt, g)
+            if res["copy_rate_Bps"]:
+                r["fraction_of_bound"] = r["decode_tok_s"] * r["bytes_per_token"] / res["copy_rate_Bps"]
+            first = not any("decode_profile" in x for x in m["llmarch"].values())
+            if a.profile_steps and g.graph is not None and first and left() > 120:
+                try:  # one source per model: where a captured step's time goes
+                    r["decode_profile"] = decode_profile(g, torch, len(rt.spec.schedule), a.profile_steps)
+                    print(profile_text(f"{name} {src}", r["decode_profile"]), flush=True)
+                except Exception as e:
+                    r["decode_profile_error"] = f"{type(e).__name__}: {e}"[:500]
+            del g  # the prefill generator rebuilds the RoPE tables the captured step read
+            r["prefill_samples"] = llmarch_prefill(rt, m["prompt_prefill"], a.reps)
+            r["prefill_tok_s"] = statistics.median(r["prefill_samples"])
+            del rt
+            if a.device == "cuda":
+                torch.cuda.empty_cache()
+            log(f"{name} {src}: llmarch tg {r['decode_tok_s']:.0f} pp {r['prefill_tok_s']:.0f}")
+            save(res, a.json)
 
     # the timed runs wait for the build (a quiet machine); with --budget-s, llmarch's do not wait
     # past the point where both engines' timed runs would no longer fit
-    wait_s = max(a.budget_s - (time.perf_counter() - t_start) - 150, 1) if a.budget_s else None
+    wait_s = max(left() - 200, 1) if a.budget_s else None
     finished = wait_build(build, build_log, res, t_start, wait_s)
     res["llmarch_timed_beside_build"] = not finished
     res["loadavg_llmarch_timed"] = os.getloadavg()
-    # llmarch: timed runs of each warmed-up source, then its prefill
-    for name, src in list(prepared):
-        rt, g = prepared.pop((name, src))
-        m = res["models"][name]
-        r = m["llmarch"][src]
-        runs = llmarch_runs(g, m["prompt_decode"], a.tg, a.reps)
-        r["decode_samples"] = [x.decode_tok_s for x in runs]
-        r["decode_tok_s"] = statistics.median(r["decode_samples"])
-        r["tokens"] = runs[0].tokens[:16]
-        r["weight_bytes"], r["bytes_per_token"] = decode_bytes(rt, g)
-        if res["copy_rate_Bps"]:
-            r["fraction_of_bound"] = r["decode_tok_s"] * r["bytes_per_token"] / res["copy_rate_Bps"]
-        del g  # the prefill generator rebuilds the RoPE tables the captured step read
-        r["prefill_samples"] = llmarch_prefill(rt, m["prompt_prefill"], a.reps)
-        r["prefill_tok_s"] = statistics.median(r["prefill_samples"])
-        del rt
-        if a.device == "cuda":
-            torch.cuda.empty_cache()
-        log(f"{name} {src}: llmarch tg {r['decode_tok_s']:.0f} pp {r['prefill_tok_s']:.0f}")
-    save(res, a.json)
+    if finished:
+        add_quantized()
+    time_prepared()
     if not finished:
         wait_build(build, build_log, res, t_start, None)
+        add_quantized()
+        time_prepared()
     res["loadavg_llamacpp_timed"] = os.getloadavg()
     # llama.cpp: one llama-bench per GGUF (pp and tg tests, each after its own warm-up run)
     for name, m in res["models"].items():
-        for dt in GGUF_TYPES:
+        for dt in (*GGUF_TYPES, *QUANTIZED):
+            if dt not in m["sources"]:
+                continue
             cmd = llama_bench_cmd(bench, Path(m["sources"][dt]), a.pp, a.tg, a.reps)
             if a.dry_run:
                 print("would run:", " ".join(cmd))
@@ -400,17 +616,10 @@ def main() -> None:
             if "llama_build_error" in res or not Path(bench).is_file():
                 m["llama.cpp"][dt] = {"error": "no llama-bench"}
                 continue
-            try:
-                p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            except subprocess.TimeoutExpired:
-                m["llama.cpp"][dt] = {"error": "llama-bench ran past 300 s"}
-                continue
-            if p.returncode:
-                m["llama.cpp"][dt] = {"error": f"exit {p.returncode}: {p.stderr[-1500:]}"}
-                log(f"{name} {dt}: llama-bench failed: {p.stderr[-1500:]}")
-                continue
-            r = parse_llama_bench(p.stdout)
-            if "tg" in r:
+            r = run_llama_bench(cmd)
+            if "error" in r:
+                log(f"{name} {dt}: llama-bench failed: {r['error']}")
+            elif "tg" in r:
                 kv = kv_bytes_per_token(name, a.tiny) * a.tg // 2  # mean depth of a tg run from an empty cache
                 r["bytes_per_token"] = r["tg"]["model_size"] + kv
                 if res["copy_rate_Bps"]:
@@ -419,10 +628,52 @@ def main() -> None:
             save(res, a.json)
             log(f"{name} {dt}: llama.cpp tg {fmt(r.get('tg', {}).get('tok_s'))} pp {fmt(r.get('pp', {}).get('tok_s'))}")
 
+    moe = res.get("moe")
+    if moe and "gguf" in moe:  # both engines on the MoE file, llmarch first, each on a quiet machine
+        from llmarch.runtime.experts.report import host_read_bandwidth
+
+        bw = res["host_read_Bps"] = host_read_bandwidth()
+        moe["threads"] = {"llmarch (torch)": torch.get_num_threads(), "cpus": os.cpu_count()}
+        if moe_rt is not None and left() > 60:
+            res["loadavg_moe_llmarch_timed"] = os.getloadavg()
+            try:
+                t = moe["llmarch"]
+                t.update(
+                    llmarch_moe_timed(moe_rt, moe_g, moe["prompt_decode"], moe["prompt_prefill"], a.moe_tg, a.reps, bw)
+                )
+                # one definition for both engines: the file's expert bytes a token reads (report()'s
+                # counters also count the one-token prompt's reads: tg / (tg - 1) more)
+                t["fraction_of_bound"] = t["decode_tok_s"] * moe["expert_bytes_per_token"] / bw
+                log(f"moe: llmarch tg {t['decode_tok_s']:.1f} pp {t['prefill_tok_s']:.0f}")
+            except Exception as e:
+                moe["llmarch"]["error"] = f"{type(e).__name__}: {e}"[:500]
+                log(f"moe: llmarch failed: {moe['llmarch']['error']}")
+            del moe_rt, moe_g
+            if a.device == "cuda":
+                torch.cuda.empty_cache()
+        elif moe_rt is not None:
+            res["skipped"].append("moe llmarch: time")
+        save(res, a.json)
+        cmd = llama_bench_cmd(bench, Path(moe["gguf"]), a.pp, a.moe_tg, a.reps, ("-ot", "exps=CPU"))
+        if a.dry_run:
+            print("would run:", " ".join(cmd))
+        elif "llama_build_error" in res or not Path(bench).is_file():
+            moe["llama.cpp"] = {"error": "no llama-bench"}
+        elif left() > 45:
+            res["loadavg_moe_llamacpp_timed"] = os.getloadavg()
+            r = moe["llama.cpp"] = run_llama_bench(cmd)
+            if "tg" in r:
+                r["fraction_of_bound"] = r["tg"]["tok_s"] * moe["expert_bytes_per_token"] / bw
+            log(f"moe: llama.cpp tg {fmt(r.get('tg', {}).get('tok_s'), '.1f')} pp {fmt(r.get('pp', {}).get('tok_s'))}")
+        else:
+            res["skipped"].append("moe llama.cpp: time")
+
     res["total_s"] = time.perf_counter() - t_start
     save(res, a.json)
     print()
     print(table(res))
+    if res["skipped"]:
+        print("skipped:", "; ".join(res["skipped"]))
     if tmp is not None:
         tmp.cleanup()
 
