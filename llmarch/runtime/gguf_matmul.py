@@ -415,12 +415,26 @@ def from_source(source, names: list[str], shape: tuple[int, int]) -> StoredBlock
     """The stored-block form of the Linear made of the GGUF tensors `names` (stacked by rows), or
     None where it cannot be one: not a GGUF read tensor by tensor, a type the kernel lacks, a
     width not a whole number of blocks, rows the loader would change other than by reordering."""
-    from llmarch.runtime.weights import GGUFSource, _raw
+    from llmarch.runtime.weights import GGUFSource
 
     if not isinstance(source, GGUFSource) or not available():
         return None
+    found = stored_parts(source, names, shape, KERNEL_TYPES)
+    if found is None:
+        return None
+    parts, perm = found
+    identity = torch.equal(perm, torch.arange(shape[0]))
+    return StoredBlockLinear(parts, shape[1], None if identity else perm)
+
+
+def stored_parts(source, names: list[str], shape: tuple[int, int], types) -> tuple[list, torch.Tensor] | None:
+    """The GGUF tensors `names` (stacked by rows) as (raw bytes, type, rows) parts and the order of
+    the stacked rows the loader would give, or None where a type is not in `types`, a width is not
+    a whole number of blocks, or the loader would change rows other than by reordering them."""
+    from llmarch.runtime.weights import _raw
+
     infos = [source.info(n) for n in names]
-    if any(t is None or t.dtype not in KERNEL_TYPES or len(t.shape) != 2 for t in infos):
+    if any(t is None or t.dtype not in types or len(t.shape) != 2 for t in infos):
         return None
     out_f, in_f = shape
     if any(t.shape[1] != in_f or in_f % BLOCKS[t.dtype][0] for t in infos) or sum(t.shape[0] for t in infos) != out_f:
@@ -435,18 +449,18 @@ def from_source(source, names: list[str], shape: tuple[int, int]) -> StoredBlock
             return None  # changes values, not just the order
         order.append(fixed[:, 0].long())
         col += t.shape[0]
-    perm = torch.cat(order)
-    identity = torch.equal(perm, torch.arange(out_f))
-    return StoredBlockLinear(parts, in_f, None if identity else perm)
+    return parts, torch.cat(order)
 
 
-def summary(model: nn.Module, quant_bits: int | None = None) -> str | None:
-    """The run report's line: how many matrices ran from the file's blocks, of which types, and what
-    the others are (requantized to int`quant_bits`, or float)."""
-    types = Counter(t for m in model.modules() if isinstance(m, StoredBlockLinear) for t in m.types)
+def summary(model: nn.Module, quant_bits: int | None = None, kind: type | None = None, where: str = "") -> str | None:
+    """The run report's line: how many matrices ran from the file's blocks (modules of `kind`, with
+    a `types` list; StoredBlockLinear by default), of which types, and what the others are
+    (requantized to int`quant_bits`, or float)."""
+    kind = kind or StoredBlockLinear
+    types = Counter(t for m in model.modules() if isinstance(m, kind) for t in m.types)
     if not types:
         return None
-    mats = sum(1 for m in model.modules() if isinstance(m, StoredBlockLinear))
+    mats = sum(1 for m in model.modules() if isinstance(m, kind))
     kinds = ", ".join(f"{n} {t}" for t, n in sorted(types.items()))
     rest = f"int{quant_bits} blocks" if quant_bits else "float"
-    return f"{mats} matrices run from the GGUF's stored blocks ({kinds} tensors), the rest in {rest}"
+    return f"{mats} matrices run from the GGUF's stored blocks{where} ({kinds} tensors), the rest in {rest}"

@@ -161,9 +161,9 @@ def load_runtime(
     stored_blocks: bool = False,
 ) -> Runtime:
     """opened: the (checkpoint, spec) pair already read from the headers, so a caller that checked
-    its options against them first does not read them twice. stored_blocks (on the CPU): a GGUF's
-    matrices of the block types gguf_matmul reads run from the file's own blocks; the others are
-    requantized to quant_bits, or dequantized to dtype without it."""
+    its options against them first does not read them twice. stored_blocks: a GGUF's matrices of the
+    block types gguf_matmul (CPU) or gguf_cuda (CUDA) reads run from the file's own blocks; the
+    others are requantized to quant_bits, or dequantized to dtype without it."""
     from llmarch.api import load_checkpoint_spec
     from llmarch.runtime.model import build_model, load_weights
     from llmarch.runtime.weights import open_weights
@@ -191,6 +191,15 @@ def load_runtime(
         attach(model, place, dt, dev)
         notes.extend(filter(None, [note(ckpt, spec, place)]))
     weights = open_weights(ckpt, spec)
+    # a GGUF's stored blocks are read by gguf_matmul's C kernel on the CPU and by gguf_cuda's Triton
+    # kernels on CUDA (triton comes with CUDA builds of torch)
+    stored_here = dev.type == "cpu"
+    if stored_blocks and dev.type == "cuda":
+        from llmarch.runtime.gguf_cuda import available
+
+        stored_here = available(dev)
+        if not stored_here and getattr(ckpt, "format", None) == "gguf":
+            notes.append("GGUF matrices dequantized on the GPU: triton is not importable for the stored-block kernels")
     to_read = ckpt.stored_bytes
     if spec.per_layer_embeddings:  # where the per-layer embedding table lives (--ple)
         from llmarch.runtime.ple import attach as attach_ple
@@ -207,11 +216,11 @@ def load_runtime(
             return read(t)
 
         weights.read = read_counted  # every tensor the model takes passes through read()
-        load_weights(model, weights, dt, dev, quant_bits, stored_blocks and dev.type == "cpu")
-    if stored_blocks:
-        from llmarch.runtime.gguf_matmul import summary
+        load_weights(model, weights, dt, dev, quant_bits, stored_blocks and stored_here)
+    if stored_blocks and stored_here:
+        from llmarch.runtime import gguf_cuda, gguf_matmul
 
-        notes.extend(filter(None, [summary(model, quant_bits)]))
+        notes.extend(filter(None, [(gguf_cuda if dev.type == "cuda" else gguf_matmul).summary(model, quant_bits)]))
     release_freed_heap()
     model.eval()
     return Runtime(spec, model, ckpt, dev, dt, notes)

@@ -328,8 +328,8 @@ def load_weights(
 
     quant_bits: replace each Linear by its weight-only int8/int4 form as soon as it is loaded, so the
     float copy of one matrix at a time is all that is ever held. stored_blocks: a GGUF's Linears whose
-    stored block type the CPU kernel reads run from the file's blocks instead (the others as
-    quant_bits says, or in float without it).
+    stored block type the device's kernels read (gguf_matmul on the CPU, gguf_cuda on CUDA) run from
+    the file's blocks instead (the others as quant_bits says, or in float without it).
     """
     from llmarch.runtime.gguf_matmul import from_source
     from llmarch.runtime.quant import GROUP, BlockQuantLinear, quantize_linear
@@ -340,6 +340,10 @@ def load_weights(
         owner_path, _, leaf = mname.rpartition(".")
         parts = getattr(model.get_submodule(owner_path) if owner_path else model, "fused", {}).get(leaf)
         names = [f"{owner_path}.{p}.weight" for p in parts] if parts else [f"{mname}.weight"]
+        if torch.device(device).type == "cuda":
+            from llmarch.runtime import gguf_cuda
+
+            return gguf_cuda.from_source(source, names, tuple(shape), device)
         return from_source(source, names, tuple(shape))
 
     def spec_tied_ok(mod) -> bool:

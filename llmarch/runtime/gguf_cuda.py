@@ -1,0 +1,282 @@
+"""Matmuls straight from a GGUF's stored blocks on CUDA: y = x @ W^T with W the file's own
+Q8_0 / Q4_0 / Q4_K / Q5_K / Q6_K blocks kept on the GPU, instead of a dequantized bf16 copy.
+
+Why: batch-1 decode is bound by the bytes each step reads. Dequantized to bf16 a Q8_0 matrix reads
+1.9x its file's bytes, a Q4_K one 3.6x; read as stored, a step reads what llama.cpp reads.
+
+At load each tensor's blocks are split once into one contiguous array per field (quants, scales,
+super-block scales: the same bits, except that Q4_K/Q5_K's 12 bytes of packed 6-bit scales and
+mins become 16 bytes, one each, so the kernel reads them without bit twiddling: 4.625 bits a
+weight instead of 4.5), rows in the order the model wants (llama.cpp's Q/K RoPE row order is undone
+here once rather than at every step). Up to GEMV_ROWS activation rows (decode) run one Triton kernel
+per stored tensor (gguf_cuda_kernels: dequantize in registers, float32 accumulation); longer
+prefills dequantize slabs of rows to the activation dtype for torch's matmul.
+
+A Linear's forward is one torch custom op, so torch.compile keeps it whole (an opaque call) and
+CUDA graph capture records its kernel launches; the Triton kernels are compiled and tuned on the
+first call, which the Generator's warm-up makes before capturing.
+
+The mirror of gguf_matmul (the CPU's stored-block path): same selection rules (by each tensor's
+stored type, bias-free Linears, widths a whole number of blocks, rows the loader only reorders).
+"""
+
+import os
+from functools import cache, lru_cache
+
+import torch
+from torch import nn
+
+from llmarch.runtime.gguf_matmul import check_shape, stored_parts
+from llmarch.runtime.gguf_matmul import summary as stored_summary
+from llmarch.runtime.quant import BLOCKS, _scale_min_k4
+
+TYPES = ("Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")  # the stored types read here, by code = index
+GEMV_ROWS = 4  # activation rows per kernel; longer prefills dequantize slabs for torch's matmul
+SLAB = 1 << 25  # weight values per dequantized slab in the prefill path (64 MiB of bf16)
+MAX_WIDTH = 1024  # values of a row per kernel step
+
+
+@lru_cache(maxsize=1)
+def _kernels():
+    """The Triton kernels, or None without triton (a CPU build of torch)."""
+    try:
+        from llmarch.runtime import gguf_cuda_kernels
+    except ImportError:
+        return None
+    return gguf_cuda_kernels
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(device) -> bool:
+    """Whether matrices on `device` can run from stored blocks: CUDA with triton (or CPU tensors
+    under the Triton interpreter, for the tests)."""
+    dev = torch.device(device)
+    if dev.type != "cuda" and not (dev.type == "cpu" and interpreting()):
+        return False
+    return _kernels() is not None
+
+
+# ------------------------------------------------------------------------------ repack
+
+
+def repack(raw: torch.Tensor, qtype: str, rows: int, cols: int, device, order=None) -> tuple[torch.Tensor, ...]:
+    """One tensor's stored blocks (uint8 bytes, `rows` x `cols` values) -> its field arrays on
+    `device`, rows taken in `order` (row indices) when given. The arrays of each type, in the
+    kernels' argument order:
+      Q8_0: qs int8 [rows, cols], d fp16 [rows, cols/32]
+      Q4_0: qs uint8 [rows, cols/2], d fp16 [rows, cols/32]
+      Q4_K: qs uint8 [rows, cols/2], sc uint8 [rows, cols/32], mn uint8 [rows, cols/32], dm fp16 [rows, cols/128]
+      Q5_K: qs, qh uint8 [rows, cols/8], sc, mn, dm (as Q4_K)
+      Q6_K: ql uint8 [rows, cols/2], qh uint8 [rows, cols/4], sc int8 [rows, cols/16], d fp16 [rows, cols/256]
+    """
+    check_shape(qtype, raw, rows, cols)
+    per, nbytes = BLOCKS[qtype]
+    nb = cols // per
+    b = raw.to(device).view(rows, nb, nbytes)
+    if order is not None:
+        b = b[order.to(b.device)]
+
+    def field(lo: int, hi: int, dtype=torch.uint8) -> torch.Tensor:
+        return b[..., lo:hi].contiguous().view(dtype).reshape(rows, -1)
+
+    if qtype == "Q8_0":
+        return field(2, 34, torch.int8), field(0, 2, torch.float16)
+    if qtype == "Q4_0":
+        return field(2, 18), field(0, 2, torch.float16)
+    if qtype in ("Q4_K", "Q5_K"):
+        s, m = _scale_min_k4(b[..., 4:16].reshape(-1, 12))  # exact small integers in float
+        sc, mn = s.to(torch.uint8).reshape(rows, -1), m.to(torch.uint8).reshape(rows, -1)
+        dm = field(0, 4, torch.float16)
+        if qtype == "Q4_K":
+            return field(16, 144), sc, mn, dm
+        return field(48, 176), field(16, 48), sc, mn, dm
+    return field(0, 128), field(128, 192), field(192, 208, torch.int8), field(208, 210, torch.float16)
+
+
+def dequantize(arrays: tuple[torch.Tensor, ...], qtype: str, cols: int) -> torch.Tensor:
+    """Repacked rows -> float32 [rows, cols], in quant.dequantize's order of float operations."""
+    n = arrays[0].shape[0]
+    if qtype == "Q8_0":
+        qs, d = arrays
+        return (d.float()[..., None] * qs.view(n, cols // 32, 32).float()).reshape(n, cols)
+    if qtype == "Q4_0":
+        qs, d = arrays
+        b = qs.view(n, cols // 32, 16)
+        return (d.float()[..., None] * (torch.cat([b & 15, b >> 4], -1).float() - 8)).reshape(n, cols)
+    if qtype in ("Q4_K", "Q5_K"):
+        qs, qh, sc, mn, dm = arrays if qtype == "Q5_K" else (arrays[0], None, *arrays[1:])
+        b = qs.view(n, cols // 64, 32)
+        q = torch.stack([b & 15, b >> 4], 2).reshape(n, cols // 256, 8, 32)
+        if qh is not None:
+            shifts = torch.arange(8, dtype=torch.uint8, device=qh.device)[:, None]
+            q = q | (((qh.view(n, cols // 256, 1, 32) >> shifts) & 1) << 4)
+        dm = dm.float().view(n, cols // 256, 1, 2)
+        s, m = sc.float().view(n, cols // 256, 8, 1), mn.float().view(n, cols // 256, 8, 1)
+        return (dm[..., :1] * s * q.float() - dm[..., 1:] * m).reshape(n, cols)
+    ql, qh, sc, d = arrays
+    a = ql.view(n, cols // 256, 2, 64)
+    h = qh.view(n, cols // 256, 2, 32)
+    lo, hi = a[..., :32], a[..., 32:]
+    groups = [
+        (lo & 15) | ((h & 3) << 4),
+        (hi & 15) | (((h >> 2) & 3) << 4),
+        (lo >> 4) | (((h >> 4) & 3) << 4),
+        (hi >> 4) | ((h >> 6) << 4),
+    ]
+    q = torch.stack(groups, 3).reshape(n, cols).float() - 32
+    return (d.float().repeat_interleave(16, 1) * sc.float()).repeat_interleave(16, 1) * q
+
+
+# ------------------------------------------------------------------------------ kernels
+
+
+def _width(qtype: str, cols: int) -> dict:
+    """The kernel's step along a row: the largest power-of-two number of blocks that divides the
+    row and spans at most MAX_WIDTH values."""
+    per = BLOCKS[qtype][0]
+    n = 1
+    while n * 2 * per <= MAX_WIDTH and (cols // per) % (n * 2) == 0:
+        n *= 2
+    if qtype in ("Q8_0", "Q4_0"):
+        return {"G": n}
+    if qtype == "Q6_K":
+        return {"HH": 2 * n}
+    return {"CC": 4 * n, "HBITS": int(qtype == "Q5_K")}
+
+
+@cache
+def _launcher(qtype: str):
+    """The kernel for `qtype`: autotuned over rows per program on CUDA (tuned once per matrix
+    shape, on the first call); a fixed tile under the interpreter."""
+    import triton
+
+    k = _kernels()
+    kernel = {"Q8_0": k.gemv_q8_0, "Q4_0": k.gemv_q4_0, "Q4_K": k.gemv_k45, "Q5_K": k.gemv_k45, "Q6_K": k.gemv_q6_k}[
+        qtype
+    ]
+    if interpreting():
+        return kernel, {"BN": 64}  # few programs: the interpreter's cost is per program
+    tiles = ((2, 2), (4, 2), (4, 4), (8, 4), (8, 8), (16, 4), (16, 8), (32, 8))  # (rows per program, warps)
+    configs = [triton.Config({"BN": bn}, num_warps=w) for bn, w in tiles]
+    return triton.autotune(configs, key=["N", "K"])(kernel), {}
+
+
+def gemv(qtype: str, x: torch.Tensor, arrays, y: torch.Tensor, col0: int) -> None:
+    """y[:, col0 : col0 + rows] = x [M, K] @ W^T, W one stored tensor's repacked arrays."""
+    kernel, fixed = _launcher(qtype)
+    M, K = x.shape
+    N = arrays[0].shape[0]
+    meta = {**_width(qtype, K), **fixed}
+    args = list(arrays) if qtype != "Q4_K" else [arrays[0], arrays[0], *arrays[1:]]  # no qh: a placeholder
+
+    def grid(m):
+        return (-(-N // m["BN"]), M)
+
+    kernel[grid](x, *args, y, N, K, y.shape[1], col0, **meta)
+
+
+# ------------------------------------------------------------------------------ the op
+
+
+def _forward(x: torch.Tensor, arrays: list[torch.Tensor], types: list[int], rows: list[int]) -> torch.Tensor:
+    M, K = x.shape
+    y = torch.empty(M, sum(rows), dtype=x.dtype, device=x.device)
+    col = at = 0
+    for code, n in zip(types, rows):
+        qtype = TYPES[code]
+        count = NARRAYS[qtype]
+        part = tuple(arrays[at : at + count])
+        at += count
+        if M <= GEMV_ROWS:
+            gemv(qtype, x, part, y, col)
+        else:
+            step = max(1, SLAB // K)
+            for i in range(0, n, step):
+                j = min(i + step, n)
+                w = dequantize(tuple(a[i:j] for a in part), qtype, K).to(x.dtype)
+                y[:, col + i : col + j] = x @ w.t()
+        col += n
+    return y
+
+
+NARRAYS = {"Q8_0": 2, "Q4_0": 2, "Q4_K": 4, "Q5_K": 5, "Q6_K": 4}
+
+stored_linear = torch.library.custom_op(
+    "llmarch::gguf_stored_linear",
+    mutates_args=(),
+    schema="(Tensor x, Tensor[] arrays, int[] types, int[] rows) -> Tensor",
+)(_forward)
+
+
+@stored_linear.register_fake
+def _(x, arrays, types, rows):
+    return x.new_empty(x.shape[0], sum(rows))
+
+
+class CudaStoredLinear(nn.Module):
+    """A bias-free Linear whose weight is one or more GGUF tensors' stored blocks stacked by rows
+    (fused q/k/v, gate/up; each part its own type), repacked on the GPU.
+
+    parts: (qtype, arrays from repack) each, top to bottom."""
+
+    def __init__(self, parts, in_features: int):
+        super().__init__()
+        self.in_features = in_features
+        self.types = [q for q, _ in parts]
+        self.codes = [TYPES.index(q) for q in self.types]
+        self.rows = [arrays[0].shape[0] for _, arrays in parts]
+        self.out_features = sum(self.rows)
+        self.names: list[list[str]] = []
+        for p, (_, arrays) in enumerate(parts):
+            self.names.append([])
+            for i, a in enumerate(arrays):
+                self.register_buffer(f"p{p}_{i}", a, persistent=False)
+                self.names[-1].append(f"p{p}_{i}")
+
+    def arrays(self, part: int) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, n) for n in self.names[part])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = [a for p in range(len(self.names)) for a in self.arrays(p)]
+        y = stored_linear(x.reshape(-1, shape[-1]).contiguous(), flat, self.codes, self.rows)
+        return y.view(*shape[:-1], self.out_features)
+
+    def row(self, ids: torch.Tensor, dtype) -> torch.Tensor:
+        """Embedding lookup from the same blocks (a tied embedding shares them with the head)."""
+        flat = ids.reshape(-1)
+        rows = dequantize(tuple(a[flat] for a in self.arrays(0)), self.types[0], self.in_features)
+        return rows.to(dtype).reshape(*ids.shape, self.in_features)
+
+    def stored_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+def from_source(source, names: list[str], shape: tuple[int, int], device) -> CudaStoredLinear | None:
+    """The stored-block form on `device` of the Linear made of the GGUF tensors `names` (stacked by
+    rows), or None where it cannot be one (gguf_matmul.stored_parts' rules, with this file's types)."""
+    from llmarch.runtime.weights import GGUFSource
+
+    if not isinstance(source, GGUFSource) or not available(device):
+        return None
+    found = stored_parts(source, names, shape, TYPES)
+    if found is None:
+        return None
+    parts, perm = found
+    out, col = [], 0
+    for raw, qtype, n in parts:
+        local = perm[col : col + n] - col  # the loader reorders rows within each tensor
+        if not torch.equal(local.sort().values, torch.arange(n)):
+            return None
+        identity = torch.equal(local, torch.arange(n))
+        out.append((qtype, repack(raw, qtype, n, shape[1], device, None if identity else local)))
+        col += n
+    return CudaStoredLinear(out, shape[1])
+
+
+def summary(model: nn.Module, quant_bits: int | None = None) -> str | None:
+    """The run report's line for the matrices that run from stored blocks on CUDA."""
+    return stored_summary(model, quant_bits, CudaStoredLinear, " on CUDA")

@@ -1,0 +1,234 @@
+"""gguf_cuda: a GGUF's Q8_0 / Q4_0 / Q4_K / Q5_K / Q6_K matrices kept as their stored blocks on
+CUDA, multiplied by Triton kernels that dequantize in registers.
+
+- repack + its torch dequantization (the prefill path and the embedding lookup) equal
+  quant.dequantize (itself checked against gguf-py's dequantizer) bit for bit, rows reordered.
+- the kernels against quant.dequantize(W) @ x in float64: the only difference left is float32
+  accumulation (and the output's rounding), so within 1e-5 of sum |w| |x| per output; a wrong
+  layout misses by about the size of y itself. Fused parts of two types, row order, the prefill
+  path and the tied-embedding lookup too.
+- end to end: tiny GGUFs (gemma3 Q8_0 with a tied Q8_0 embedding; llama with Q4_K / Q5_K / Q6_K /
+  Q4_0 matrices written by gguf-py) give the logits of the same file dequantized, step by step.
+
+The kernels run on LLMARCH_TEST_DEVICE=cuda, else on CPU tensors under the Triton interpreter;
+without triton (CPU builds of torch) those tests skip and only the repack checks run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+from test_gguf_blocks import random_blocks  # noqa: E402
+
+from fixtures.parity import kv_cache  # noqa: E402
+from llmarch.runtime import gguf_cuda as gc  # noqa: E402
+from llmarch.runtime.quant import dequantize as ref_dequantize  # noqa: E402
+
+DEVICE = os.environ.get("LLMARCH_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined: jit reads it then
+try:
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+needs_kernels = pytest.mark.skipif(
+    not HAVE_TRITON or (DEVICE.startswith("cuda") and not torch.cuda.is_available()),
+    reason="triton is not importable (CPU build of torch; `pip install triton` runs the kernels in its "
+    "interpreter), or LLMARCH_TEST_DEVICE=cuda without a GPU",
+)
+
+
+def blocks(qtype: str, rows: int, cols: int, rng, scale: float = 1.0) -> torch.Tensor:
+    """Valid stored blocks as one uint8 tensor: gguf-py's quantization or random K-quant bytes
+    (test_gguf_blocks.random_blocks), super-block scales multiplied by `scale`."""
+    b = random_blocks(qtype, rows, cols, rng)
+    if scale != 1.0:
+        per, nbytes = gc.BLOCKS[qtype]
+        v = b.reshape(rows, cols // per, nbytes)
+        offsets = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}.get(qtype, (0,))
+        for o in offsets:
+            f = v[..., o : o + 2].copy().view(np.float16) * np.float16(scale)
+            v[..., o : o + 2] = f.view(np.uint8)
+        b = v.reshape(rows, -1)
+    return torch.from_numpy(np.ascontiguousarray(b)).reshape(-1)
+
+
+def reference(raw: torch.Tensor, qtype: str, rows: int, cols: int) -> torch.Tensor:
+    return ref_dequantize(raw, qtype, (rows, cols)).double()
+
+
+def close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rel: float = 1e-5) -> None:
+    """|y - x @ w^T| within rel * (|x| @ |w|^T) (float64 reference) plus y's own rounding."""
+    xd = x.double().cpu()
+    exact = xd @ w.T
+    slack = rel * (xd.abs() @ w.abs().T) + torch.finfo(y.dtype).eps * exact.abs() + 1e-7
+    err = (y.double().cpu() - exact).abs()
+    assert torch.all(err <= slack), f"max error {err.max():.3g}, allowed {slack.min():.3g}..{slack.max():.3g}"
+
+
+CASES = [("Q8_0", 96), ("Q8_0", 2048), ("Q4_0", 96), ("Q4_0", 1024)]
+CASES += [(t, k) for t in ("Q4_K", "Q5_K", "Q6_K") for k in (256, 768, 2048)]
+
+
+@pytest.mark.parametrize("qtype,cols", CASES)
+def test_repack_dequantizes_as_quant(qtype, cols):
+    """The split arrays, rows reordered, dequantize to exactly quant.dequantize's values."""
+    rng = np.random.default_rng(hash((qtype, cols)) % 2**32)
+    rows = 5
+    raw = blocks(qtype, rows, cols, rng)
+    order = torch.tensor([3, 0, 4, 1, 2])
+    arrays = gc.repack(raw, qtype, rows, cols, "cpu", order)
+    assert torch.equal(gc.dequantize(arrays, qtype, cols), ref_dequantize(raw, qtype, (rows, cols))[order])
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype,cols", CASES)
+@pytest.mark.parametrize("M", [1, 3])
+def test_kernel_matches_dequantized_matmul(qtype, cols, M):
+    rng = np.random.default_rng(hash((qtype, cols, M)) % 2**32)
+    rows = 37  # not a multiple of any tile: the last program's rows are masked
+    raw = blocks(qtype, rows, cols, rng)
+    x = torch.from_numpy(rng.standard_normal((M, cols)).astype(np.float32))
+    x[0, :32] *= 50  # blocks of very different sizes
+    lin = gc.CudaStoredLinear([(qtype, gc.repack(raw, qtype, rows, cols, DEVICE))], cols)
+    y = lin(x.to(DEVICE))
+    assert y.dtype == torch.float32 and y.shape == (M, rows)
+    close(y, x, reference(raw, qtype, rows, cols))
+
+
+@needs_kernels
+def test_bf16_activations_and_the_prefill_path():
+    """bf16 in, bf16 out (what CUDA decode runs); more than GEMV_ROWS rows take the dequantized
+    slabs (made small here so that one matrix spans several)."""
+    rng = np.random.default_rng(7)
+    rows, cols = 40, 512
+    raw = blocks("Q4_K", rows, cols, rng)
+    w = reference(raw, "Q4_K", rows, cols)
+    lin = gc.CudaStoredLinear([("Q4_K", gc.repack(raw, "Q4_K", rows, cols, DEVICE))], cols)
+    x = torch.from_numpy(rng.standard_normal((2, cols)).astype(np.float32)).bfloat16()
+    close(lin(x.to(DEVICE)), x, w)
+    x = torch.from_numpy(rng.standard_normal((gc.GEMV_ROWS + 3, cols)).astype(np.float32))
+    old = gc.SLAB
+    gc.SLAB = 16 * cols
+    try:
+        close(lin(x.to(DEVICE)), x, w)
+    finally:
+        gc.SLAB = old
+
+
+@needs_kernels
+def test_fused_parts_row_order_and_embedding_rows():
+    """A Linear stacked from a Q4_K and a Q6_K tensor, the first one's rows reordered (as the
+    loader reorders llama's Q rows); its row() lookup gives the same weights."""
+    rng = np.random.default_rng(2)
+    a, b = blocks("Q4_K", 8, 256, rng), blocks("Q6_K", 4, 256, rng)
+    order = torch.from_numpy(rng.permutation(8))
+    lin = gc.CudaStoredLinear(
+        [("Q4_K", gc.repack(a, "Q4_K", 8, 256, DEVICE, order)), ("Q6_K", gc.repack(b, "Q6_K", 4, 256, DEVICE))], 256
+    )
+    w = torch.cat([reference(a, "Q4_K", 8, 256)[order], reference(b, "Q6_K", 4, 256)])
+    x = torch.from_numpy(rng.standard_normal((1, 256)).astype(np.float32))
+    close(lin(x.to(DEVICE)), x, w)
+    rows = lin.row(torch.tensor([[3, 0]], device=DEVICE), torch.float32)
+    assert rows.shape == (1, 2, 256) and torch.equal(rows[0].cpu().double(), w[[3, 0]])
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+
+def kquant_llama(tmp_path, tiny_gguf):
+    """The tiny llama GGUF (Q8_0, llama.cpp's Q/K row order) with its matrices replaced by blocks
+    of other types, written by gguf-py: Q4_K q/k/gate/up/output (as Q4_K_M), Q6_K v and down
+    (Q4_K_M's more-bits tensors), Q5_K and Q4_0 out-projections."""
+    from fixtures.gguf_edit import rewrite_gguf
+
+    src = tiny_gguf("llama", hidden=256, ffn=256, heads=4, kv_heads=2, n_vocab=128)
+    r = gguf.GGUFReader(src)
+    kinds = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "ffn_gate": "Q4_K", "ffn_up": "Q4_K"}
+    kinds.update({"ffn_down": "Q6_K", "output": "Q4_K"})
+    rng = np.random.default_rng(5)
+    add = {}
+    for t in r.tensors:
+        stem = t.name.split(".")[-2]
+        kind = kinds.get(stem) or ({"attn_output": "Q5_K" if ".0." in t.name else "Q4_0"}.get(stem))
+        if kind is None:
+            continue
+        rows, cols = (int(n) for n in reversed(t.shape))
+        b = blocks(kind, rows, cols, rng, scale=0.02 if kind != "Q4_0" else 1.0)
+        add[t.name] = (b.numpy().reshape(rows, -1), Q[kind])
+    return rewrite_gguf(src, tmp_path / "kquant.gguf", drop=list(add), add=add)
+
+
+def logits_by_step(rt, seq: list[int], device, dtype, steps: int = 3) -> torch.Tensor:
+    """Logits of the last `steps` positions: from the whole sequence at once (the prefill path), and
+    from a prefill of the rest then one token at a time (decode: the kernels), stacked [2, steps, vocab]."""
+    out = []
+    for split in (len(seq), len(seq) - steps):
+        cache = kv_cache(rt.spec, len(seq), device, dtype)
+        rt.model.setup(len(seq), device, dtype)
+        with torch.inference_mode():
+            ids = torch.tensor([seq[:split]], device=device)
+            first = rt.model(ids, torch.arange(split, device=device), cache, limit=split, last_only=False)[0]
+            rows = [first[i] for i in range(len(seq) - steps, split)]
+            for p in range(split, len(seq)):
+                ids = torch.tensor([[seq[p]]], device=device)
+                rows.append(rt.model(ids, torch.tensor([p], device=device), cache, limit=p + 1, last_only=False)[0, -1])
+        out.append(torch.stack(rows))
+    return torch.stack(out).float().cpu()
+
+
+@needs_kernels
+@pytest.mark.parametrize("which", ["gemma3-q8_0-tied", "llama-kquants"])
+def test_gguf_runs_from_stored_blocks_like_dequantized(which, tmp_path, tiny_gguf, monkeypatch):
+    from llmarch.runtime.load import load_runtime
+
+    path = tiny_gguf("gemma3", head_dim=64) if which.startswith("gemma3") else kquant_llama(tmp_path, tiny_gguf)
+    seq = [2, 17, 5, 99, 42, 7, 64, 3]
+    if DEVICE == "cpu":  # the Triton interpreter stands in for the GPU: the loader takes gguf_cuda on the CPU
+        from llmarch.runtime import gguf_matmul
+
+        monkeypatch.setattr(gguf_matmul, "from_source", lambda s, n, shape: gc.from_source(s, n, shape, "cpu"))
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    rt = load_runtime(str(path), DEVICE, str(dtype).replace("torch.", ""), stored_blocks=True)
+    stored = [m for m in rt.model.modules() if isinstance(m, gc.CudaStoredLinear)]
+    expected = {"gemma3-q8_0-tied": {"Q8_0"}, "llama-kquants": {"Q4_K", "Q5_K", "Q6_K", "Q4_0"}}[which]
+    assert {t for m in stored for t in m.types} == expected
+    if which.startswith("gemma3"):
+        assert rt.model.tied_quant in stored  # the head and the embedding lookup read the same blocks
+    got = logits_by_step(rt, seq, DEVICE, dtype)
+    monkeypatch.undo()
+    ref32 = logits_by_step(load_runtime(str(path), "cpu", "float32", stored_blocks=False), seq, "cpu", torch.float32)
+    err = (got - ref32).abs().max().item()
+    if DEVICE == "cpu":  # float32 throughout: only the order of the sums differs
+        assert err <= 1e-4 * ref32.abs().max().item(), err
+        return
+    # on CUDA in bf16: no further from the float32 logits than the dequantized-bf16 path itself
+    deq = logits_by_step(load_runtime(str(path), DEVICE, "bfloat16", stored_blocks=False), seq, DEVICE, dtype)
+    base = (deq - ref32).abs().max().item()
+    assert err <= 1.5 * base + 1e-3 * ref32.abs().max().item(), (err, base)
+    assert gc.summary(rt.model).startswith(f"{len(stored)} matrices run from the GGUF's stored blocks on CUDA")
+
+
+@needs_kernels
+@pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="CUDA graphs and torch.compile need LLMARCH_TEST_DEVICE=cuda")
+@pytest.mark.parametrize("compile", [False, True])
+def test_captured_and_compiled_decode_gives_eager_tokens(compile, tmp_path, tiny_gguf):
+    """The Generator's captured decode step (and torch.compile'd one) runs the custom op: greedy
+    tokens equal the eager step's."""
+    from llmarch.runtime.generate import Generator, Sampling
+    from llmarch.runtime.load import load_runtime
+
+    path = kquant_llama(tmp_path, tiny_gguf)
+    rt = load_runtime(str(path), DEVICE, "bfloat16", stored_blocks=True)
+    prompt = [2, 17, 5, 99]
+    eager = Generator(rt, 32, cuda_graph=False).generate(prompt, 20, Sampling()).tokens
+    graph = Generator(rt, 32, compile=compile).generate(prompt, 20, Sampling()).tokens
+    assert graph == eager
