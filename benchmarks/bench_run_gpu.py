@@ -107,8 +107,9 @@ def llmarch_runs(g, prompt: list[int], n: int, reps: int) -> list:
 
 
 def decode_bytes(rt, g) -> tuple[int, int]:
-    """(weight bytes, bytes one decode step reads): every weight once + every cache slot the graph reads."""
-    weights = sum(p.numel() * p.element_size() for p in rt.model.parameters())
+    """(weight bytes, bytes one decode step reads): every weight once + every cache slot the graph reads.
+    Weights held as buffers count too (a GGUF's stored blocks on CUDA)."""
+    weights = sum(t.numel() * t.element_size() for t in (*rt.model.parameters(), *rt.model.buffers()))
     return weights, weights + g.cache.nbytes()
 
 
@@ -213,17 +214,8 @@ def llmarch_decode(path: Path, prompt: list[int], n: int, compile: bool, torch, 
     rt, g, load_s, warm = llmarch_prepare(path, prompt, n, compile)
     runs = [warm] + llmarch_runs(g, prompt, n, 3)
     best = max(runs[1:], key=lambda r: r.decode_tok_s)
-    if profile:  # where the GPU time of one decode step goes (the compiled step, outside the graph)
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as prof
-
-        ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
-        pos = torch.full((1,), len(prompt), dtype=torch.long, device="cuda")
-        with torch.inference_mode(), prof(activities=[ProfilerActivity.CUDA]) as p:
-            for _ in range(10):
-                g.fn(ids, pos, g.cache, limit=None)
-            torch.cuda.synchronize()
-        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
+    if profile:  # where the time of one captured decode step goes
+        print(profile_text(path.name, decode_profile(g, torch, len(rt.spec.schedule), pos=len(prompt))))
     weights, bytes_per_token = decode_bytes(rt, g)
     return {
         "decode_tok_s": best.decode_tok_s,

@@ -43,6 +43,7 @@ them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -180,6 +181,7 @@ def parse_llama_bench(text: str) -> dict:
             "build_commit": t.get("build_commit"),
             "gpu_info": t.get("gpu_info"),
             "flash_attn": t.get("flash_attn"),
+            "n_threads": t.get("n_threads"),
         }
     return out
 
@@ -280,13 +282,44 @@ def kv_bytes_per_token(name: str, tiny: bool) -> int:
 # ----------------------------------------------------------------------------- llmarch
 
 
-def llmarch_prefill(rt, prompt: list[int], reps: int) -> list[float]:
-    """Prefill tok/s of `prompt` (one chunk, eager), the first call a warm-up left out."""
+@contextlib.contextmanager
+def without_prefill_shortcuts():
+    """The prefill's attention without its two GPU shortcuts (q and k heads normed and rotated as
+    one tensor; a first chunk's causal SDPA with no mask), to measure what they give."""
+    from llmarch.runtime import kv_cache
+    from llmarch.runtime.ops import attention
+
+    devices, prepare = attention.FUSED_QK_DEVICES, kv_cache.SlotGroup.prepare
+
+    def masked(self, pos, limit):
+        prepare(self, pos, limit)
+        self.causal = False
+
+    attention.FUSED_QK_DEVICES, kv_cache.SlotGroup.prepare = (), masked
+    try:
+        yield
+    finally:
+        attention.FUSED_QK_DEVICES, kv_cache.SlotGroup.prepare = devices, prepare
+
+
+def llmarch_prefill(rt, prompt: list[int], reps: int, ab: bool = False) -> tuple[list[float], list[float]]:
+    """Prefill tok/s of `prompt` (one chunk, eager), the first call a warm-up left out; with ab,
+    also without the GPU shortcuts (without_prefill_shortcuts), in alternating rounds."""
     from llmarch.runtime.generate import Generator, Sampling
 
     g = Generator(rt, len(prompt) + 1, cuda_graph=False)
     g.generate(prompt, 1, Sampling())
-    return [g.generate(prompt, 1, Sampling()).prefill_tok_s for _ in range(reps)]
+    plain: list[float] = []
+    if ab:
+        with without_prefill_shortcuts():
+            g.generate(prompt, 1, Sampling())
+    samples = []
+    for _ in range(reps):
+        samples.append(g.generate(prompt, 1, Sampling()).prefill_tok_s)
+        if ab:
+            with without_prefill_shortcuts():
+                plain.append(g.generate(prompt, 1, Sampling()).prefill_tok_s)
+    return samples, plain
 
 
 def llmarch_moe_prepare(path: Path, prompt: list[int], tg: int, device: str, max_seq: int):
@@ -374,13 +407,14 @@ def table(res: dict) -> str:
             ours = m["llmarch"].get(src)
             # the safetensors row is compared with llama.cpp on the bf16 GGUF of the same weights
             theirs = m["llama.cpp"].get("bf16" if src == "safetensors" else src, {})
-            if ours is None and not theirs:
+            if ours is None and (src == "safetensors" or not theirs):
                 continue
             ours = ours or {}
             o_tg, o_pp = ours.get("decode_tok_s"), ours.get("prefill_tok_s")
             t_tg, t_pp = theirs.get("tg", {}).get("tok_s"), theirs.get("pp", {}).get("tok_s")
             lines.append(
-                f"| {name} | {LABELS[src]} | {fmt(t_tg)} | {fmt(o_tg)} | {fmt(ratio(o_tg, t_tg), '.2f', 'x')} | "
+                f"| {name} | {LABELS[src]}{'' if ours.get('compiled', True) else ' (llmarch: graph, no compile)'} | "
+                f"{fmt(t_tg)} | {fmt(o_tg)} | {fmt(ratio(o_tg, t_tg), '.2f', 'x')} | "
                 f"{pct(theirs.get('fraction_of_bound'))} | {pct(ours.get('fraction_of_bound'))} | "
                 f"{fmt(t_pp)} | {fmt(o_pp)} | {fmt(ratio(o_pp, t_pp), '.2f', 'x')} |"
             )
@@ -422,7 +456,19 @@ def run_llama_bench(cmd: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["llama-3.2-1b", "qwen3-1.7b"], choices=list(SHAPES))
-    ap.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES, help="llmarch's sources")
+    ap.add_argument(
+        "--sources",
+        nargs="+",
+        default=[s for s in SOURCES if s != "safetensors"],
+        choices=SOURCES,
+        help="llmarch's sources (safetensors: the bf16 GGUF's weights again, one more compile)",
+    )
+    ap.add_argument(
+        "--compile-after-build-s",
+        type=float,
+        default=330,
+        help="compile the sources made after the build (Q4_K_M) only with this many budget seconds left",
+    )
     ap.add_argument("--llama-src", help="llama-cpp-python sdist, a tarball of llama.cpp, or its folder")
     ap.add_argument("--llama-bench", help="an llama-bench already built (skips the build; llama-quantize beside it)")
     ap.add_argument("--build-dir", default="/tmp/llama-build")
@@ -490,16 +536,17 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     prepared: dict = {}
 
-    def prepare(name: str, src: str, path: Path) -> None:
+    def prepare(name: str, src: str, path: Path, compile: bool) -> None:
         m = res["models"][name]
         try:  # load + warm-up (capture, compile); timed later on a quiet machine
-            rt, g, load_s, warm = llmarch_prepare(path, m["prompt_decode"], a.tg, res["compile"], a.device)
+            rt, g, load_s, warm = llmarch_prepare(path, m["prompt_decode"], a.tg, compile, a.device)
         except Exception as e:  # report and go on: the other sources still measure
             m["llmarch"][src] = {"error": f"{type(e).__name__}: {e}"[:500]}
             log(f"{name} {src}: llmarch failed: {m['llmarch'][src]['error']}")
             return
         prepared[(name, src)] = (rt, g)
-        m["llmarch"][src] = {"load_s": load_s, "capture_s": warm.extra.get("capture_s")}
+        m["llmarch"][src] = {"load_s": load_s, "capture_s": warm.extra.get("capture_s"), "compiled": compile}
+        m["llmarch"][src]["run_notes"] = list(getattr(rt, "notes", []))
         log(f"{name} {src}: llmarch loaded in {load_s:.1f} s, warm-up (capture/compile) done")
 
     for name in a.models:
@@ -514,7 +561,7 @@ def main() -> None:
         log(f"{name}: checkpoint + tokenizer + 2 GGUFs in {m['sources_s']:.1f} s")
         for src, path in sources.items():
             if src in a.sources:
-                prepare(name, src, path)
+                prepare(name, src, path, res["compile"])
     save(res, a.json)
 
     moe_rt = None
@@ -559,7 +606,9 @@ def main() -> None:
                 m["sources"][q] = str(out)
                 m["gguf_bytes"][q] = out.stat().st_size
                 if q in a.sources:
-                    prepare(name, q, out)
+                    # a fresh compile (~60 s) runs after the build, on the run's critical path: only
+                    # where the budget leaves room, else the captured graph alone (said in the table)
+                    prepare(name, q, out, res["compile"] and left() > a.compile_after_build_s)
 
     def time_prepared() -> None:
         """llmarch's timed runs of each warmed-up source, its decode profile, then its prefill."""
@@ -582,8 +631,14 @@ def main() -> None:
                 except Exception as e:
                     r["decode_profile_error"] = f"{type(e).__name__}: {e}"[:500]
             del g  # the prefill generator rebuilds the RoPE tables the captured step read
-            r["prefill_samples"] = llmarch_prefill(rt, m["prompt_prefill"], a.reps)
+            # the shortcuts' share, measured once per model (alternating rounds)
+            ab = not any("prefill_without_shortcuts_samples" in x for x in m["llmarch"].values())
+            r["prefill_samples"], plain = llmarch_prefill(rt, m["prompt_prefill"], a.reps, ab)
             r["prefill_tok_s"] = statistics.median(r["prefill_samples"])
+            if plain:
+                r["prefill_without_shortcuts_samples"] = plain
+                r["prefill_without_shortcuts_tok_s"] = statistics.median(plain)
+                log(f"{name} {src}: prefill without the fused q/k and causal shortcuts {statistics.median(plain):.0f}")
             del rt
             if a.device == "cuda":
                 torch.cuda.empty_cache()
