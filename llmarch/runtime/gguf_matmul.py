@@ -94,67 +94,80 @@ void quantize_act(const float* x, int8_t* q, float* d, float* s, long n_blocks) 
 #endif
 #define PREFETCH(p) __builtin_prefetch((const void*)(p), 0, 3)
 
-/* one weight row (nb32 = K / 32 activation blocks) . one activation row; two accumulators so
-   consecutive blocks' FMAs do not wait on each other */
-static inline float row_q8_0(const uint8_t* w, const int8_t* xq, const float* xd, const float* xs, int nb32) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int b = 0;
-    for (; b + 1 < nb32; b += 2, w += 68) {
-        PREFETCH(w + PF);
-        PREFETCH(w + PF + 64);
-        __m256i d0 = dot_ss(_mm256_loadu_si256((const __m256i*)(w + 2)), _mm256_loadu_si256((const __m256i*)(xq + 32 * b)));
-        __m256i d1 = dot_ss(_mm256_loadu_si256((const __m256i*)(w + 36)), _mm256_loadu_si256((const __m256i*)(xq + 32 * b + 32)));
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(f16(w) * xd[b]), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(f16(w + 34) * xd[b + 1]), acc1);
-    }
-    if (b < nb32) {
-        __m256i d = dot_ss(_mm256_loadu_si256((const __m256i*)(w + 2)), _mm256_loadu_si256((const __m256i*)(xq + 32 * b)));
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(f16(w) * xd[b]), acc0);
-    }
-    (void)xs;
-    return hsum(_mm256_add_ps(acc0, acc1));
+/* [s0..s7]: the lane sums of eight int32 vectors, in order (three rounds of hadd, then the halves) */
+static inline __m256i sum8(const __m256i* p) {
+    __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+    __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+    __m128i lo = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    __m128i hi = _mm_add_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+    return _mm256_set_m128i(hi, lo);
 }
-static inline float row_q4_0(const uint8_t* w, const int8_t* xq, const float* xd, const float* xs, int nb32) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int b = 0; b < nb32; b++, w += 18) {
-        PREFETCH(w + PF);
-        __m256i q = _mm256_sub_epi8(nibbles16(w + 2), _mm256_set1_epi8(8));
-        __m256i d = dot_ss(q, _mm256_loadu_si256((const __m256i*)(xq + 32 * b)));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(f16(w) * xd[b]), acc);
-    }
-    (void)xs;
-    return hsum(acc);
+
+/* The legacy types' 32 values of one block as signed bytes */
+static inline __m256i vals_q8_0(const uint8_t* blk) { return _mm256_loadu_si256((const __m256i*)(blk + 2)); }
+static inline __m256i vals_q4_0(const uint8_t* blk) { return _mm256_sub_epi8(nibbles16(blk + 2), _mm256_set1_epi8(8)); }
+static inline __m256i vals_q5_0(const uint8_t* blk) {  /* (nibble | 5th bit << 4) - 16: a clear 5th bit sets 0xF0 */
+    return _mm256_or_si256(nibbles16(blk + 6), _mm256_andnot_si256(bits32(blk + 2), _mm256_set1_epi8((char)0xF0)));
 }
-static inline float row_q5_0(const uint8_t* w, const int8_t* xq, const float* xd, const float* xs, int nb32) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int b = 0; b < nb32; b++, w += 22) {
-        PREFETCH(w + PF);
-        __m256i hi = _mm256_and_si256(bits32(w + 2), _mm256_set1_epi8(0x10));
-        __m256i q = _mm256_sub_epi8(_mm256_or_si256(nibbles16(w + 6), hi), _mm256_set1_epi8(16));
-        __m256i d = dot_ss(q, _mm256_loadu_si256((const __m256i*)(xq + 32 * b)));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(f16(w) * xd[b]), acc);
-    }
-    (void)xs;
-    return hsum(acc);
+static inline uint16_t u16(const uint8_t* p) { uint16_t v; memcpy(&v, p, 2); return v; }
+
+/* One weight row (nb32 = K / 32 blocks of BYTES bytes, a float16 scale first) . one activation row.
+   Blocks go 8 at a time: their integer dot products summed to one vector (sum8), scaled by the 8
+   weight scales times the 8 activation scales as one vector, so no scalar work per block; the last
+   group of a width not a multiple of 256 has its missing blocks zeroed. */
+#define LEGACY_ROW(NAME, BYTES, VALS)                                                                         \
+static inline float NAME(const uint8_t* w, const int8_t* xq, const float* xd, const float* xs, int nb32) {    \
+    __m256 acc = _mm256_setzero_ps();                                                                         \
+    for (int b = 0; b < nb32; b += 8, w += 8 * BYTES) {                                                       \
+        const int n = nb32 - b < 8 ? nb32 - b : 8;                                                            \
+        for (int o = 0; o < 8 * BYTES; o += 64) PREFETCH(w + PF + o);                                         \
+        __m256i p[8];                                                                                         \
+        uint16_t h[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                             \
+        for (int j = 0; j < 8; j++) {                                                                         \
+            if (j < n) {                                                                                      \
+                p[j] = dot_ss(VALS(w + j * BYTES), _mm256_loadu_si256((const __m256i*)(xq + 32 * (b + j))));  \
+                h[j] = u16(w + j * BYTES);                                                                    \
+            } else p[j] = _mm256_setzero_si256();                                                             \
+        }                                                                                                     \
+        __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)h));                                      \
+        __m256 as = n == 8 ? _mm256_loadu_ps(xd + b)                                                          \
+                           : _mm256_maskload_ps(xd + b, _mm256_cmpgt_epi32(_mm256_set1_epi32(n),              \
+                                                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));           \
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum8(p)), _mm256_mul_ps(ws, as), acc);                       \
+    }                                                                                                         \
+    (void)xs;                                                                                                 \
+    return hsum(acc);                                                                                         \
 }
-static inline void scale_min_k4(int j, const uint8_t* q, int* sc, int* m) {
-    if (j < 4) { *sc = q[j] & 63; *m = q[j + 4] & 63; }
-    else { *sc = (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4); *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4); }
-}
+LEGACY_ROW(row_q8_0, 34, vals_q8_0)
+LEGACY_ROW(row_q4_0, 18, vals_q4_0)
+LEGACY_ROW(row_q5_0, 22, vals_q5_0)
+
+/* A K-quant super-block's 8 sub-blocks are summed in integers, then scaled as one vector: scale_j *
+   activation scale_j for j < 8 (the activations' scales of the super-block are contiguous), so no
+   scalar work per sub-block. */
 /* Q4_K (hbits 0) and Q5_K (hbits 1): d, dmin, 12 bytes of 6-bit scales/mins, [Q5_K: 32 bytes of 5th bits], 128 bytes of nibbles */
 static inline float row_k45(const uint8_t* w, const int8_t* xq, const float* xd, const float* xs, int nb32, int hbits) {
     const int bytes = hbits ? 176 : 144;
-    __m256 acc = _mm256_setzero_ps();
-    float mins = 0.f;
+    __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     for (int b = 0; b < nb32 / 8; b++, w += bytes) {
         PREFETCH(w + PF);
         PREFETCH(w + PF + 64);
         PREFETCH(w + PF + 128);
-        const float d = f16(w), dmin = f16(w + 2);
+        /* the 8 six-bit scales, then the 8 mins, one byte each (get_scale_min_k4 for all j at once) */
+        uint32_t u[4];
+        memcpy(u, w + 4, 12);
+        u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+        const uint32_t mins03 = u[1] & 0x3f3f3f3f;
+        u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+        u[2] = mins03;
+        u[0] &= 0x3f3f3f3f;
+        const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)u)));
+        const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(u + 2))));
         const uint8_t* qs = w + (hbits ? 48 : 16);
+        const int8_t* xb = xq + 256 * b;
         __m256i qh = hbits ? _mm256_loadu_si256((const __m256i*)(w + 16)) : _mm256_setzero_si256();
-        float bmin = 0.f;
+        __m256i p[8];
         for (int c = 0; c < 4; c++) {
             __m256i raw = _mm256_loadu_si256((const __m256i*)(qs + 32 * c));
             __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
@@ -163,20 +176,17 @@ static inline float row_k45(const uint8_t* w, const int8_t* xq, const float* xd,
                 lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b0), b0), _mm256_set1_epi8(0x10)));
                 hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b1), b1), _mm256_set1_epi8(0x10)));
             }
-            for (int h = 0; h < 2; h++) {
-                const int j = 2 * c + h, a = 8 * b + j;
-                int sc, m;
-                scale_min_k4(j, w + 4, &sc, &m);
-                __m256i dd = dot_us(h ? hi : lo, _mm256_loadu_si256((const __m256i*)(xq + 32 * a)));
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dd), _mm256_set1_ps(d * (float)sc * xd[a]), acc);
-                bmin += (float)m * xs[a];
-            }
+            p[2 * c] = dot_us(lo, _mm256_loadu_si256((const __m256i*)(xb + 64 * c)));
+            p[2 * c + 1] = dot_us(hi, _mm256_loadu_si256((const __m256i*)(xb + 64 * c + 32)));
         }
-        mins += dmin * bmin;
+        const __m256 f = _mm256_mul_ps(_mm256_set1_ps(f16(w)), _mm256_mul_ps(sc, _mm256_loadu_ps(xd + 8 * b)));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum8(p)), f, acc);
+        macc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(f16(w + 2)), mn), _mm256_loadu_ps(xs + 8 * b), macc);
     }
-    return hsum(acc) - mins;
+    return hsum(acc) - hsum(macc);
 }
-/* Q6_K: 128 bytes low 4 bits, 64 bytes high 2 bits, 16 int8 scales (one per 16 values), d */
+/* Q6_K: 128 bytes low 4 bits, 64 bytes high 2 bits, 16 int8 scales (one per 16 values), d; the
+   scales multiply the int16 pair sums (madd), so each 32-value block leaves one scaled int32 vector */
 static inline float row_q6_k(const uint8_t* w, const int8_t* xq, const float* xd, const float* xs, int nb32) {
     __m256 acc = _mm256_setzero_ps();
     const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x03), off = _mm256_set1_epi8(32);
@@ -185,8 +195,9 @@ static inline float row_q6_k(const uint8_t* w, const int8_t* xq, const float* xd
         PREFETCH(w + PF + 64);
         PREFETCH(w + PF + 128);
         PREFETCH(w + PF + 192);
-        const float d = f16(w + 208);
         const int8_t* sc = (const int8_t*)(w + 192);
+        const int8_t* xb = xq + 256 * b;
+        __m256i p[8];
         for (int half = 0; half < 2; half++) {
             __m256i l0 = _mm256_loadu_si256((const __m256i*)(w + 64 * half));
             __m256i l1 = _mm256_loadu_si256((const __m256i*)(w + 64 * half + 32));
@@ -198,13 +209,14 @@ static inline float row_q6_k(const uint8_t* w, const int8_t* xq, const float* xd
                 _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), m2), 4)),
             };
             for (int k = 0; k < 4; k++) {
-                const int c = 4 * half + k, a = 8 * b + c;
-                __m256i dd = dot_ss(_mm256_sub_epi8(q[k], off), _mm256_loadu_si256((const __m256i*)(xq + 32 * a)));
-                const float f = d * xd[a];
-                __m256 s = _mm256_set_m128(_mm_set1_ps(f * sc[2 * c + 1]), _mm_set1_ps(f * sc[2 * c]));
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dd), s, acc);
+                const int c = 4 * half + k;
+                __m256i x = _mm256_loadu_si256((const __m256i*)(xb + 32 * c));
+                __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(_mm256_sub_epi8(q[k], off), x));
+                p[c] = _mm256_madd_epi16(p16, _mm256_set_m128i(_mm_set1_epi16(sc[2 * c + 1]), _mm_set1_epi16(sc[2 * c])));
             }
         }
+        const __m256 f = _mm256_mul_ps(_mm256_set1_ps(f16(w + 208)), _mm256_loadu_ps(xd + 8 * b));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum8(p)), f, acc);
     }
     (void)xs;
     return hsum(acc);
