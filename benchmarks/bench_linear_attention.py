@@ -6,7 +6,7 @@ decode tok/s of `llmarch run`'s model beside transformers' torch path, in one ru
 Shape: a small Qwen3-Next (random float32 weights made by transformers from the config below:
 hidden 1024, Gated DeltaNet with 8 key / 16 value heads of 128, the real model's head widths;
 8 layers, 3:1 linear : gated full attention, MoE 16 experts top-4 + gated shared expert).
-1. Prefill of --tokens tokens through one linear layer's core: `chunked` (chunks of 64, the WY
+1. Prefill of --tokens tokens through one linear layer's core: `chunked` (chunks of 32, the WY
    form) vs `recurrent_step` called once per token, same inputs; outputs compared.
 2. Decode: the whole model, a 64-token prompt then --decode greedy tokens, llmarch's Generator vs
    transformers' generate (its torch fallbacks: the fast kernels are not installed); the greedy

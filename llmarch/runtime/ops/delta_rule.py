@@ -11,6 +11,21 @@ g is the log-decay: one number per head ([..., H], S decays as a whole) or one p
 C tokens the delta-rule writes are condensed by one triangular solve into matmuls over the whole
 chunk; only the chunk-to-chunk state update is sequential.
 
+Per chunk, from its start state S (rows: the chunk's tokens; G the log-decay from the chunk's start
+to each token, Gl its last row; Gamma_ij = exp(G_i - G_j)):
+
+    A  = I + strictly_lower(diag(beta) (K K^T o Gamma))            (the chunk's own earlier writes)
+    Y  = V - (exp(G) o K) S                                        (what S does not already predict)
+    V' = A^-1 diag(beta) Y
+    O  = (exp(G) o Q) S + lower(Q K^T o Gamma) V'
+    S <- exp(Gl) o S + (exp(Gl - G) o K)^T V'
+
+What does not involve S is a C x C matrix per chunk, found for all chunks at once: P = A^-1 diag(beta)
+(A^-1 from one batched triangular solve against I) and M = lower(Q K^T o Gamma) P. The sequential
+loop is then five small batched matmuls per chunk (K S, Q S, M Y, P Y, K^T V') and no solve; with
+one decay per head the exp(G) factors scale whole rows and are applied to those products instead of
+to copies of K and Q.
+
 Inside a chunk the rule needs, for every token pair j <= i, sum_c a_i[c] b_j[c] exp(G_i[c] - G_j[c])
 (G the cumulative log-decay from the chunk's start). With one decay per head exp(G_i - G_j) is a
 factor of the pair and a matmul does the rest. Per channel it is not, and splitting it into
@@ -25,7 +40,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CHUNK = 64  # tokens per chunk of the prefill form (the reference kernels' size)
+CHUNK = 32  # tokens per chunk of the prefill form: the within-chunk work grows with it (~4 C dk
+# multiply-adds per token beside ~3 dk dv for the state), and 32 rows still keep the matmuls efficient
 SUB = 16  # tokens per sub-chunk of the per-channel pair products (a divisor of CHUNK)
 
 
@@ -106,32 +122,43 @@ def chunked(q, k, v, g, beta, state: torch.Tensor, chunk: int = CHUNK) -> torch.
         g = F.pad(g, (0, 0, 0, pad) if per_channel else (0, pad))
         beta = F.pad(beta, (0, pad))
     n = (T + pad) // chunk
-    q, k, v = (x.reshape(B, H, n, chunk, x.shape[-1]) for x in (q, k, v))
-    beta = beta.reshape(B, H, n, chunk)
-    kb = k * beta[..., None]
+    # [heads, chunk, token, width]: one chunk of every head is a batch of contiguous matrices
+    q, k, v = (x.reshape(B * H, n, chunk, x.shape[-1]) for x in (q, k, v))
+    beta = beta.reshape(B * H, n, chunk)
     if per_channel:
-        gk = g.reshape(B, H, n, chunk, Dk).cumsum(-2)  # log-decay per channel from the chunk's start
-        system, attn = decayed_pairs([kb, q], k, gk)  # attn: within-chunk q.k with decay, causal
+        gk = g.reshape(B * H, n, chunk, Dk).cumsum(-2)  # log-decay per channel from the chunk's start
+        system, attn = decayed_pairs([k * beta[..., None], q], k, gk)  # attn: within-chunk q.k with decay
+        last = gk[..., -1:, :]
+        kl, ql, rows = k * gk.exp(), q * gk.exp(), None  # decay to each token, per channel: on the inputs
+        kd = k * (last - gk).exp()
+        chunk_decay = last.exp().transpose(-1, -2)  # [.., Dk, 1]: the state's rows decay
     else:
-        gc = g.reshape(B, H, n, chunk).cumsum(-1)  # log-decay from the chunk's start to each token
+        gc = g.reshape(B * H, n, chunk).cumsum(-1)  # log-decay from the chunk's start to each token
         upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
-        decay = (gc[..., :, None] - gc[..., None, :]).masked_fill(upper, float("-inf")).exp()  # [.., i, j], j <= i
-        system = (kb @ k.transpose(-1, -2)) * decay
-        attn = (q @ k.transpose(-1, -2)) * decay  # within-chunk q.k with decay, causal
-        gk = gc[..., None]
-    # the WY form: (I + strictly_lower(diag(beta) K K^T * decay)) [u | w] = [beta v | beta k exp(gc)]
-    rhs = torch.cat([v * beta[..., None], kb * gk.exp()], dim=-1)
-    uw = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
-    u, w = uw.split([Dv, Dk], dim=-1)
-    q_dec = q * gk.exp()
-    last = gk[..., -1:, :]  # [B,H,n,1,1 | Dk]
-    k_dec = k * (last - gk).exp()
-    chunk_decay = last.exp().transpose(-1, -2)  # [B,H,n,1 | Dk,1]: the state's rows decay
-    out = torch.empty(B, H, n, chunk, Dv, dtype=q.dtype, device=q.device)
-    S = state
+        decay = (gc[..., :, None] - gc[..., None, :]).masked_fill_(upper, float("-inf")).exp_()  # j <= i
+        kt = k.transpose(-1, -2)
+        system = (k @ kt).mul_(decay).mul_(beta[..., None])
+        attn = (q @ kt).mul_(decay)  # within-chunk q.k with decay, causal
+        last = gc[..., -1:]
+        kl, ql, rows = k, q, gc.exp()[..., None]  # one decay per token: scales whole product rows
+        kd = k
+        chunk_decay = last.exp()[..., None]  # [.., 1, 1]
+    # P = A^-1 diag(beta): the solve reads only the strict lower triangle of `system`
+    eye = torch.eye(chunk, dtype=q.dtype, device=q.device)
+    P = torch.linalg.solve_triangular(system, eye, upper=False, unitriangular=True).mul_(beta[..., None, :])
+    M = attn @ P
+    if not per_channel:  # fold the decay from each token to the chunk's end into P's rows (<= 1)
+        P.mul_((last - gc).exp()[..., None])
+    out = torch.empty(B * H, n, chunk, Dv, dtype=q.dtype, device=q.device)
+    S = state.reshape(B * H, Dk, Dv).clone()
     for i in range(n):
-        v_new = u[:, :, i] - w[:, :, i] @ S  # what the old state does not already predict
-        out[:, :, i] = q_dec[:, :, i] @ S + attn[:, :, i] @ v_new
-        S = S * chunk_decay[:, :, i] + k_dec[:, :, i].transpose(-1, -2) @ v_new
-    state.copy_(S)
-    return out.reshape(B, H, n * chunk, Dv)[:, :, :T]
+        ks, qs = torch.bmm(kl[:, i], S), torch.bmm(ql[:, i], S)
+        if rows is None:
+            y = v[:, i] - ks
+        else:
+            y = torch.addcmul(v[:, i], ks, rows[:, i], value=-1.0)
+            qs.mul_(rows[:, i])
+        out[:, i] = qs.baddbmm_(M[:, i], y)
+        S.mul_(chunk_decay[:, i]).baddbmm_(kd[:, i].transpose(-1, -2), torch.bmm(P[:, i], y))
+    state.copy_(S.view(B, H, Dk, Dv))
+    return out.view(B, H, n * chunk, Dv)[:, :, :T]
