@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from dataclasses import dataclass, field
@@ -135,6 +136,29 @@ def pick_cpu_threads() -> str | None:
     return f"{threads} CPU thread{plural} (load average {load:.1f} on {cores} cores; OMP_NUM_THREADS=N sets it)"
 
 
+@contextlib.contextmanager
+def initializers_skipped():
+    """Build modules without running torch.nn.init's initializers. On the meta device they set no
+    values (the checkpoint's weights replace every tensor), but normal_ (nn.Embedding's) runs there
+    through torch's Python reference ops, whose first call imports torch._dynamo: ~130 MiB of RSS
+    and a second or more of start-up on a 2-core machine, for nothing."""
+    from torch.nn import init
+
+    names = [n for n in vars(init) if n.endswith("_") and not n.startswith("_") and callable(getattr(init, n))]
+    saved = {n: getattr(init, n) for n in names}
+
+    def skip(tensor, *args, **kwargs):
+        return tensor
+
+    try:
+        for n in names:
+            setattr(init, n, skip)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(init, n, fn)
+
+
 def release_freed_heap() -> None:
     """Hand freed heap pages back to the OS. glibc keeps them resident: building the GGUF tokenizer
     of a 262k vocabulary frees ~200 MB that would otherwise stay in RSS for the whole run."""
@@ -180,7 +204,8 @@ def load_runtime(
         notes.append(f"{spec.mtp_layers} MTP layer(s) skipped: llmarch run predicts one token per step")
     if quant_bits and dev.type == "cuda" and quant_bits == 4:
         raise LlmarchError("--keep-quantized 4-bit runs on the CPU only; use 8 on cuda")
-    model = build_model(spec)
+    with initializers_skipped():
+        model = build_model(spec)
     if spec.moe is not None:  # where the routed experts live
         from llmarch.runtime.experts.gguf_blocks import note
         from llmarch.runtime.experts.placement import attach, plan, stored_format

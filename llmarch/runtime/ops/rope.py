@@ -127,7 +127,8 @@ class Rope(nn.Module):
         self.head_dim, self.rot_dim = head_dim, rot_dim
         self.params = (theta, scaling, context)
         self.freq_scale = freq_scale
-        inv_freq(rot_dim, theta, scaling, context)  # fail early on an unsupported scaling type
+        with torch.device("cpu"):  # on the meta device arange runs torch's Python refs, which import sympy and dynamo
+            inv_freq(rot_dim, theta, scaling, context)  # fail early on an unsupported scaling type
         self.cos = self.sin = self.sin_rot = None
 
     def build(self, max_pos: int, device, dtype) -> None:
