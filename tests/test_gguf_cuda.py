@@ -201,6 +201,9 @@ def test_gguf_runs_from_stored_blocks_like_dequantized(which, tmp_path, tiny_ggu
     stored = [m for m in rt.model.modules() if isinstance(m, gc.CudaStoredLinear)]
     expected = {"gemma3-q8_0-tied": {"Q8_0"}, "llama-kquants": {"Q4_K", "Q5_K", "Q6_K", "Q4_0"}}[which]
     assert {t for m in stored for t in m.types} == expected
+    # neighbouring tensors of one type (gemma3's q/k/v and gate/up) share one part: one kernel launch
+    assert all(a != b for m in stored for a, b in zip(m.part_types, m.part_types[1:]))
+    assert any(len(m.types) == 3 and len(m.part_types) == (1 if which.startswith("gemma3") else 2) for m in stored)
     if which.startswith("gemma3"):
         assert rt.model.tied_quant in stored  # the head and the embedding lookup read the same blocks
     got = logits_by_step(rt, seq, DEVICE, dtype)

@@ -220,13 +220,15 @@ class CudaStoredLinear(nn.Module):
     """A bias-free Linear whose weight is one or more GGUF tensors' stored blocks stacked by rows
     (fused q/k/v, gate/up; each part its own type), repacked on the GPU.
 
-    parts: (qtype, arrays from repack) each, top to bottom."""
+    parts: (qtype, arrays from repack) each, top to bottom; tensor_types: the stored type of each
+    GGUF tensor in them (the run report's count), when neighbours of one type share a part."""
 
-    def __init__(self, parts, in_features: int):
+    def __init__(self, parts, in_features: int, tensor_types: list[str] | None = None):
         super().__init__()
         self.in_features = in_features
-        self.types = [q for q, _ in parts]
-        self.codes = [TYPES.index(q) for q in self.types]
+        self.part_types = [q for q, _ in parts]
+        self.types = tensor_types or self.part_types
+        self.codes = [TYPES.index(q) for q in self.part_types]
         self.rows = [arrays[0].shape[0] for _, arrays in parts]
         self.out_features = sum(self.rows)
         self.names: list[list[str]] = []
@@ -248,7 +250,7 @@ class CudaStoredLinear(nn.Module):
     def row(self, ids: torch.Tensor, dtype) -> torch.Tensor:
         """Embedding lookup from the same blocks (a tied embedding shares them with the head)."""
         flat = ids.reshape(-1)
-        rows = dequantize(tuple(a[flat] for a in self.arrays(0)), self.types[0], self.in_features)
+        rows = dequantize(tuple(a[flat] for a in self.arrays(0)), self.part_types[0], self.in_features)
         return rows.to(dtype).reshape(*ids.shape, self.in_features)
 
     def stored_bytes(self) -> int:
@@ -272,9 +274,12 @@ def from_source(source, names: list[str], shape: tuple[int, int], device) -> Cud
         if not torch.equal(local.sort().values, torch.arange(n)):
             return None
         identity = torch.equal(local, torch.arange(n))
-        out.append((qtype, repack(raw, qtype, n, shape[1], device, None if identity else local)))
+        arrays = repack(raw, qtype, n, shape[1], device, None if identity else local)
+        if out and out[-1][0] == qtype:  # one kernel launch for neighbours of one type (q/k/v, gate/up)
+            arrays = tuple(torch.cat([a, b]) for a, b in zip(out.pop()[1], arrays))
+        out.append((qtype, arrays))
         col += n
-    return CudaStoredLinear(out, shape[1])
+    return CudaStoredLinear(out, shape[1], [qtype for _, qtype, _ in parts])
 
 
 def summary(model: nn.Module, quant_bits: int | None = None) -> str | None:
