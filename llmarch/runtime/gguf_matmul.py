@@ -49,6 +49,10 @@ static inline __m256i dot_ss(__m256i w, __m256i x) {
     __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x));
     return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
 }
+/* the same with |x| given (gguf_linear computes it once per token, not once per row) */
+static inline __m256i dot_sa(__m256i w, __m256i x, __m256i ax) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w, x)), _mm256_set1_epi16(1));
+}
 /* 32 unsigned weights (< 128) . 32 signed activations */
 static inline __m256i dot_us(__m256i w, __m256i x) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
@@ -103,11 +107,14 @@ static inline __m256i sum8(const __m256i* p) {
     return _mm256_set_m128i(hi, lo);
 }
 
-/* The legacy types' 32 values of one block as signed bytes */
+/* The legacy types' 32 values of one block as bytes: Q8_0's signed; Q4_0's and Q5_0's unsigned, before
+   their offset (8, 16) is taken off: sum((u - off) x) = sum(u x) - off sum(x), and d * sum(x) of each
+   activation block is xs, so the offset costs one FMA per 8 blocks instead of a subtraction and two
+   sign operations per block */
 static inline __m256i vals_q8_0(const uint8_t* blk) { return _mm256_loadu_si256((const __m256i*)(blk + 2)); }
-static inline __m256i vals_q4_0(const uint8_t* blk) { return _mm256_sub_epi8(nibbles16(blk + 2), _mm256_set1_epi8(8)); }
-static inline __m256i vals_q5_0(const uint8_t* blk) {  /* (nibble | 5th bit << 4) - 16: a clear 5th bit sets 0xF0 */
-    return _mm256_or_si256(nibbles16(blk + 6), _mm256_andnot_si256(bits32(blk + 2), _mm256_set1_epi8((char)0xF0)));
+static inline __m256i vals_q4_0(const uint8_t* blk) { return nibbles16(blk + 2); }
+static inline __m256i vals_q5_0(const uint8_t* blk) {  /* nibble | 5th bit << 4 */
+    return _mm256_or_si256(nibbles16(blk + 6), _mm256_and_si256(bits32(blk + 2), _mm256_set1_epi8(0x10)));
 }
 static inline uint16_t u16(const uint8_t* p) { uint16_t v; memcpy(&v, p, 2); return v; }
 
@@ -115,9 +122,9 @@ static inline uint16_t u16(const uint8_t* p) { uint16_t v; memcpy(&v, p, 2); ret
    Blocks go 8 at a time: their integer dot products summed to one vector (sum8), scaled by the 8
    weight scales times the 8 activation scales as one vector, so no scalar work per block; the last
    group of a width not a multiple of 256 has its missing blocks zeroed. */
-#define LEGACY_ROW(NAME, BYTES, VALS)                                                                         \
-static inline float NAME(const uint8_t* w, const int8_t* xq, const float* xd, const float* xs, int nb32) {    \
-    __m256 acc = _mm256_setzero_ps();                                                                         \
+#define LEGACY_ROW(NAME, BYTES, VALS, OFF)                                                                    \
+static inline float NAME(const uint8_t* w, const int8_t* xq, const int8_t* xa, const float* xd, const float* xs, int nb32) {    \
+    __m256 acc = _mm256_setzero_ps(), off = _mm256_setzero_ps();                                              \
     for (int b = 0; b < nb32; b += 8, w += 8 * BYTES) {                                                       \
         const int n = nb32 - b < 8 ? nb32 - b : 8;                                                            \
         for (int o = 0; o < 8 * BYTES; o += 64) PREFETCH(w + PF + o);                                         \
@@ -125,28 +132,29 @@ static inline float NAME(const uint8_t* w, const int8_t* xq, const float* xd, co
         uint16_t h[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                             \
         for (int j = 0; j < 8; j++) {                                                                         \
             if (j < n) {                                                                                      \
-                p[j] = dot_ss(VALS(w + j * BYTES), _mm256_loadu_si256((const __m256i*)(xq + 32 * (b + j))));  \
+                const __m256i x = _mm256_loadu_si256((const __m256i*)(xq + 32 * (b + j)));                    \
+                p[j] = OFF ? dot_us(VALS(w + j * BYTES), x)                                                   \
+                           : dot_sa(VALS(w + j * BYTES), x, _mm256_loadu_si256((const __m256i*)(xa + 32 * (b + j)))); \
                 h[j] = u16(w + j * BYTES);                                                                    \
             } else p[j] = _mm256_setzero_si256();                                                             \
         }                                                                                                     \
         __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)h));                                      \
-        __m256 as = n == 8 ? _mm256_loadu_ps(xd + b)                                                          \
-                           : _mm256_maskload_ps(xd + b, _mm256_cmpgt_epi32(_mm256_set1_epi32(n),              \
-                                                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));           \
+        const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); \
+        __m256 as = n == 8 ? _mm256_loadu_ps(xd + b) : _mm256_maskload_ps(xd + b, live);                       \
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum8(p)), _mm256_mul_ps(ws, as), acc);                       \
+        if (OFF) off = _mm256_fmadd_ps(ws, n == 8 ? _mm256_loadu_ps(xs + b) : _mm256_maskload_ps(xs + b, live), off); \
     }                                                                                                         \
-    (void)xs;                                                                                                 \
-    return hsum(acc);                                                                                         \
+    return hsum(acc) - (float)OFF * hsum(off);                                                                \
 }
-LEGACY_ROW(row_q8_0, 34, vals_q8_0)
-LEGACY_ROW(row_q4_0, 18, vals_q4_0)
-LEGACY_ROW(row_q5_0, 22, vals_q5_0)
+LEGACY_ROW(row_q8_0, 34, vals_q8_0, 0)
+LEGACY_ROW(row_q4_0, 18, vals_q4_0, 8)
+LEGACY_ROW(row_q5_0, 22, vals_q5_0, 16)
 
 /* A K-quant super-block's 8 sub-blocks are summed in integers, then scaled as one vector: scale_j *
    activation scale_j for j < 8 (the activations' scales of the super-block are contiguous), so no
    scalar work per sub-block. */
 /* Q4_K (hbits 0) and Q5_K (hbits 1): d, dmin, 12 bytes of 6-bit scales/mins, [Q5_K: 32 bytes of 5th bits], 128 bytes of nibbles */
-static inline float row_k45(const uint8_t* w, const int8_t* xq, const float* xd, const float* xs, int nb32, int hbits) {
+static inline float row_k45(const uint8_t* w, const int8_t* xq, const int8_t* xa, const float* xd, const float* xs, int nb32, int hbits) {
     const int bytes = hbits ? 176 : 144;
     __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
     const __m256i m4 = _mm256_set1_epi8(0x0F);
@@ -187,7 +195,7 @@ static inline float row_k45(const uint8_t* w, const int8_t* xq, const float* xd,
 }
 /* Q6_K: 128 bytes low 4 bits, 64 bytes high 2 bits, 16 int8 scales (one per 16 values), d; the
    scales multiply the int16 pair sums (madd), so each 32-value block leaves one scaled int32 vector */
-static inline float row_q6_k(const uint8_t* w, const int8_t* xq, const float* xd, const float* xs, int nb32) {
+static inline float row_q6_k(const uint8_t* w, const int8_t* xq, const int8_t* xa, const float* xd, const float* xs, int nb32) {
     __m256 acc = _mm256_setzero_ps();
     const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x03), off = _mm256_set1_epi8(32);
     for (int b = 0; b < nb32 / 8; b++, w += 210) {
@@ -211,7 +219,8 @@ static inline float row_q6_k(const uint8_t* w, const int8_t* xq, const float* xd
             for (int k = 0; k < 4; k++) {
                 const int c = 4 * half + k;
                 __m256i x = _mm256_loadu_si256((const __m256i*)(xb + 32 * c));
-                __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(_mm256_sub_epi8(q[k], off), x));
+                __m256i ax = _mm256_loadu_si256((const __m256i*)(xa + 256 * b + 32 * c));
+                __m256i p16 = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(_mm256_sub_epi8(q[k], off), x));
                 p[c] = _mm256_madd_epi16(p16, _mm256_set_m128i(_mm_set1_epi16(sc[2 * c + 1]), _mm_set1_epi16(sc[2 * c])));
             }
         }
@@ -221,11 +230,11 @@ static inline float row_q6_k(const uint8_t* w, const int8_t* xq, const float* xd
     (void)xs;
     return hsum(acc);
 }
-static inline float row_q4_k(const uint8_t* w, const int8_t* xq, const float* xd, const float* xs, int nb32) {
-    return row_k45(w, xq, xd, xs, nb32, 0);
+static inline float row_q4_k(const uint8_t* w, const int8_t* xq, const int8_t* xa, const float* xd, const float* xs, int nb32) {
+    return row_k45(w, xq, xa, xd, xs, nb32, 0);
 }
-static inline float row_q5_k(const uint8_t* w, const int8_t* xq, const float* xd, const float* xs, int nb32) {
-    return row_k45(w, xq, xd, xs, nb32, 1);
+static inline float row_q5_k(const uint8_t* w, const int8_t* xq, const int8_t* xa, const float* xd, const float* xs, int nb32) {
+    return row_k45(w, xq, xa, xd, xs, nb32, 1);
 }
 
 /* y[t * ldy + n] = W[n, :] . x[t, :] for n0 <= n < n1, t < T; W rows of row_bytes stored blocks each */
@@ -233,11 +242,11 @@ static inline float row_q5_k(const uint8_t* w, const int8_t* xq, const float* xd
     for (int n = n0; n < n1; n++) {                                                              \
         const uint8_t* row = w + (size_t)n * row_bytes;                                          \
         for (int t = 0; t < T; t++)                                                              \
-            y[(size_t)t * ldy + n] = ROW(row, xq + (size_t)t * K, xd + (size_t)t * nb32,         \
-                                          xs + (size_t)t * nb32, nb32);                          \
+            y[(size_t)t * ldy + n] = ROW(row, xq + (size_t)t * K, xa + (size_t)t * K,              \
+                                         xd + (size_t)t * nb32, xs + (size_t)t * nb32, nb32);     \
     }
 
-static int rows_range(int type, const int8_t* xq, const float* xd, const float* xs, const uint8_t* w, long row_bytes,
+static int rows_range(int type, const int8_t* xq, const int8_t* xa, const float* xd, const float* xs, const uint8_t* w, long row_bytes,
                       float* y, long ldy, int T, int n0, int n1, int K) {
     const int nb32 = K / 32;
     switch (type) {
@@ -258,11 +267,14 @@ static int rows_range(int type, const int8_t* xq, const float* xd, const float* 
 int gguf_linear(const float* x, int T, int K, int nparts, const int* types, const void* const* ws,
                 const long* row_bytes, const int* rows, float* y, int nthreads) {
     const int nb32 = K / 32;
-    int8_t* xq = (int8_t*)malloc((size_t)T * K + 2 * sizeof(float) * (size_t)T * nb32);
+    int8_t* xq = (int8_t*)malloc(2 * (size_t)T * K + 2 * sizeof(float) * (size_t)T * nb32);
     if (!xq) return 2;
-    float* xd = (float*)(xq + (size_t)T * K);  /* T * K is a multiple of 32: aligned for floats */
+    int8_t* xa = xq + (size_t)T * K;  /* |xq|: the signed types' dot products take it as is */
+    float* xd = (float*)(xa + (size_t)T * K);  /* T * K is a multiple of 32: aligned for floats */
     float* xs = xd + (size_t)T * nb32;
     quantize_act(x, xq, xd, xs, (long)T * nb32);
+    for (size_t i = 0; i < (size_t)T * K; i += 32)
+        _mm256_storeu_si256((__m256i*)(xa + i), _mm256_abs_epi8(_mm256_loadu_si256((const __m256i*)(xq + i))));
     long ldy = 0;
     for (int p = 0; p < nparts; p++) {
         if (types[p] < 0 || types[p] > 5) { free(xq); return 1; }
@@ -277,7 +289,7 @@ int gguf_linear(const float* x, int T, int K, int nparts, const int* types, cons
         int col = 0;
         for (int p = 0; p < nparts; p++) {
             const int n0 = (int)((long)rows[p] * id / nt), n1 = (int)((long)rows[p] * (id + 1) / nt);
-            rows_range(types[p], xq, xd, xs, (const uint8_t*)ws[p], row_bytes[p], y + col, ldy, T, n0, n1, K);
+            rows_range(types[p], xq, xa, xd, xs, (const uint8_t*)ws[p], row_bytes[p], y + col, ldy, T, n0, n1, K);
             col += rows[p];
         }
     }
