@@ -7,6 +7,7 @@
  *                                                                     for non-gated experts
  *   3. down rows of all selected experts, split across threads        y = W_d a (+ b)
  *   4. out[token] += weight * y, rows summed in a fixed order (deterministic)
+ * (a decode call, one row per selected expert, folds 0 into 1 and 2 into 3: experts_one_row)
  * Weights are read once per token group, never dequantized to memory: decode is bound by the
  * bytes of the selected experts, which is the figure experts/report.py reports.
  *
