@@ -191,6 +191,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--types", default="q8_0,q4_k_m")
+    ap.add_argument(
+        "--dequantized", default="q8_0", help="files also run dequantized (bf16 weights: the same for every file)"
+    )
     ap.add_argument("--kernels", action="store_true", help="also time each matrix shape's kernel alone")
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -222,8 +225,11 @@ def main() -> None:
         res["sources_s"] = time.perf_counter() - t
         res["file_bytes"] = {k: p.stat().st_size for k, p in files.items()}
         print(f"sources in {res['sources_s']:.1f} s: {res['file_bytes']}", flush=True)
+        torch.cuda.reset_peak_memory_stats()  # the checkpoint was drawn on the GPU: not the first run's peak
         for kind in a.types.split(","):
             for label, stored in (("stored", True), ("dequantized", False)):
+                if not stored and kind not in a.dequantized.split(","):
+                    continue
                 try:
                     r = measure(files[kind], stored, prompt, a.tokens, a.reps, a.compile, torch)
                 except Exception as e:  # report and go on
@@ -233,13 +239,17 @@ def main() -> None:
                     r["fraction_of_bound"] = r["decode_tok_s"] / r["bound_tok_s"]
                 res[f"{kind} {label}"] = r
                 print(f"{kind} {label}: {json.dumps(r)}", flush=True)
+                if a.json:  # after each run: a run cut short by a time limit keeps what it measured
+                    Path(a.json).write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
     print(f"\n{res['device']} Llama-3.2-1B shape, copy {rate / 1e12:.2f} TB/s, compile={a.compile}")
     for kind in a.types.split(","):
         for label in ("stored", "dequantized"):
-            r = res[f"{kind} {label}"]
+            r = res.get(f"{kind} {label}")
+            if r is None:
+                continue
             if "error" in r:
                 print(f"  {kind:7s} {label:12s} error: {r['error']}")
                 continue

@@ -323,8 +323,8 @@ def run(
         typer.Option(
             "--dtype",
             metavar="DTYPE",
-            help="float32, bfloat16 or float16 (default: the checkpoint's; a GGUF on the CPU runs from its "
-            "quantized blocks unless --dtype asks for float weights).",
+            help="float32, bfloat16 or float16 (default: the checkpoint's; a GGUF runs from its quantized "
+            "blocks, on the CPU and on CUDA, unless --dtype asks for float weights).",
         ),
     ] = None,
     keep_quantized: Annotated[
