@@ -16,28 +16,14 @@ import torch
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "llama4"])
 @pytest.mark.parametrize("d", [192, 1024 + 256])  # int4 rows of up to 1024 inputs go 4 at a time, longer ones alone
 def test_decode_token_alone_equals_its_row_in_a_batch(fmt, family, d):
-    from types import SimpleNamespace
-
+    from fixtures.expert_kernel import random_float_experts
     from llmarch.runtime.experts.formats import ExpertFormat
     from llmarch.runtime.experts.host import OffloadedExperts
     from llmarch.runtime.experts.placement import Placement
-    from llmarch.runtime.ops.moe import ExpertAct
 
     g = torch.Generator().manual_seed(11)
     E, inter, k, T = 6, 128, 3, 5  # T x k = 15 rows over at most 6 experts: the batch takes the general path
-    clamp = (
-        dict(swiglu_alpha=1.702, swiglu_limit=0.5)
-        if family == "gpt_oss"
-        else dict(swiglu_alpha=None, swiglu_limit=None)
-    )
-    act = ExpertAct(SimpleNamespace(moe=SimpleNamespace(**clamp), activation="silu"), inter)
-    gu, dn = torch.randn(E, 2 * inter, d, generator=g) * 0.2, torch.randn(E, d, inter, generator=g) * 0.2
-    bias = (
-        (torch.randn(E, 2 * inter, generator=g), torch.randn(E, d, generator=g))
-        if family == "gpt_oss"
-        else (None, None)
-    )
-    moe = SimpleNamespace(E=E, d=d, inter=inter, index=0)
+    act, gu, dn, bias, moe = random_float_experts(family, E, d, inter, g)
     st = OffloadedExperts(moe, gu, dn, bias, Placement("cpu", ExpertFormat(fmt)), torch.float32)
     x = torch.randn(T, d, generator=g)
     idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])

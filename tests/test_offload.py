@@ -189,32 +189,16 @@ def test_cpu_kernel_equals_torch_dequant(fmt, family):
     kernel rounds them: plain SwiGLU, gpt-oss (biases, clamped SwiGLU) and Llama 4 (router weight
     applied to the expert input). MXFP4: blocks as gpt-oss ships them (random codes and
     e8m0 scales), dequantized by the same code as the float load path."""
-    from types import SimpleNamespace
-
-    from fixtures.expert_kernel import check_store_equals_reference
+    from fixtures.expert_kernel import check_store_equals_reference, random_float_experts
     from llmarch.runtime.experts.formats import ExpertFormat, dequantize
     from llmarch.runtime.experts.host import OffloadedExperts
     from llmarch.runtime.experts.placement import Placement
     from llmarch.runtime.experts.stores import ResidentExperts
-    from llmarch.runtime.ops.moe import ExpertAct
 
     fmt = ExpertFormat(fmt)
     g = torch.Generator().manual_seed(7)
     E, d, inter, k, T = 6, 192, 64, 2, 5  # 3 and 1 groups of 64: paired and lone groups in the kernel
-    clamp = (
-        dict(swiglu_alpha=1.702, swiglu_limit=0.5)
-        if family == "gpt_oss"
-        else dict(swiglu_alpha=None, swiglu_limit=None)
-    )
-    spec = SimpleNamespace(moe=SimpleNamespace(**clamp), activation="silu")  # low limit: clamps bite
-    act = ExpertAct(spec, inter)
-    gu, dn = torch.randn(E, 2 * inter, d, generator=g) * 0.2, torch.randn(E, d, inter, generator=g) * 0.2
-    bias = (
-        (torch.randn(E, 2 * inter, generator=g), torch.randn(E, d, generator=g))
-        if family == "gpt_oss"
-        else (None, None)
-    )
-    moe = SimpleNamespace(E=E, d=d, inter=inter, index=0)
+    act, gu, dn, bias, moe = random_float_experts(family, E, d, inter, g)
     if fmt is ExpertFormat.MXFP4:
 
         def mx(rows, k):  # [E, rows, k/2] fp4 codes, [E, rows, k/32] scales around 2^-3
