@@ -133,6 +133,11 @@ def decode_profile(g, torch, layers: int, steps: int = 20, pos: int = 1) -> dict
     gaps between kernels, launch latency inside the graph). Replays write K/V at slot `pos` only,
     which the next generate() resets. Falls back to the compiled step run outside the graph when
     the profiler sees no kernels inside graph replays."""
+    with torch.inference_mode():  # the graph's static buffers are inference tensors
+        return _decode_profile(g, torch, layers, steps, pos)
+
+
+def _decode_profile(g, torch, layers: int, steps: int, pos: int) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -148,7 +153,7 @@ def decode_profile(g, torch, layers: int, steps: int = 20, pos: int = 1) -> dict
     wall_us = (time.perf_counter() - t) / steps * 1e6
 
     def trace(fn) -> list:
-        with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as p:
+        with profile(activities=[ProfilerActivity.CUDA]) as p:
             for _ in range(steps):
                 fn()
             torch.cuda.synchronize()

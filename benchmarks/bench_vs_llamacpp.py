@@ -635,8 +635,12 @@ def main() -> None:
             del g  # the prefill generator rebuilds the RoPE tables the captured step read
             # the shortcuts' share, measured once per model (alternating rounds)
             ab = not any("prefill_without_shortcuts_samples" in x for x in m["llmarch"].values())
-            r["prefill_samples"], plain = llmarch_prefill(rt, m["prompt_prefill"], a.reps, ab)
-            r["prefill_tok_s"] = statistics.median(r["prefill_samples"])
+            try:
+                r["prefill_samples"], plain = llmarch_prefill(rt, m["prompt_prefill"], a.reps, ab)
+            except Exception as e:  # report and go on: decode is measured, the other sources still run
+                r["prefill_error"] = f"{type(e).__name__}: {e}"[:500]
+                r["prefill_samples"], plain = [0.0], []
+            r["prefill_tok_s"] = statistics.median(r["prefill_samples"]) or None
             if plain:
                 r["prefill_without_shortcuts_samples"] = plain
                 r["prefill_without_shortcuts_tok_s"] = statistics.median(plain)
@@ -644,7 +648,7 @@ def main() -> None:
             del rt
             if a.device == "cuda":
                 torch.cuda.empty_cache()
-            log(f"{name} {src}: llmarch tg {r['decode_tok_s']:.0f} pp {r['prefill_tok_s']:.0f}")
+            log(f"{name} {src}: llmarch tg {r['decode_tok_s']:.0f} pp {fmt(r['prefill_tok_s'])}")
             save(res, a.json)
 
     # the timed runs wait for the build (a quiet machine); with --budget-s, llmarch's do not wait
