@@ -29,6 +29,8 @@ TRICKY = [
     "a",
     "x" * 300,
     "mixed\r\nline endings\r",
+    "<0x41> <unk> <unused0> <mask> [multimodal] \u00a0\u200b",  # byte-token spellings and added tokens as text
+    "\x00\x01 control \x7f \U0010ffff \U0001d518",  # byte fallback of characters outside the vocabulary
 ]
 
 

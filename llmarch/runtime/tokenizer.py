@@ -1,23 +1,14 @@
-"""Tokenizers: tokenizer.json through the `tokenizers` library, or one rebuilt from a GGUF vocab.
-
-The GGUF rebuild follows transformers' GGUF converter (so tokens match it): `llama` models are
-byte-fallback BPE whose merges are recovered from the vocabulary (ranked by score, or for Gemma by
-file order, with Gemma's all-space tokens respelled with U+2581), `gpt2` models byte-level BPE
-with the file's merges; control tokens become special added tokens, user-defined ones plain added
-tokens. Building merges for a 262k vocab takes seconds, so the result is cached as tokenizer.json.
-"""
+"""Tokenizers: tokenizer.json through the `tokenizers` library, or one rebuilt from a GGUF vocab
+(GGUFTokenizer: each text encoded by a BPE of the part of the vocabulary it can use)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmarch.checkpoint.base import Checkpoint
 from llmarch.errors import LlmarchError
-from llmarch.runtime.cbuild import cache_dir
 
 SPIECE = "\u2581"
 CONTROL, USER_DEFINED = 3, 4
@@ -62,10 +53,6 @@ class Tok:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def _cache_dir() -> Path:
-    return cache_dir("tokenizers")
-
-
 def gpt2_bytes_to_unicode() -> dict[int, str]:
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -94,108 +81,162 @@ def merges_from_vocab(vocab: dict[str, int], scores: dict[str, float]) -> list[t
     return [(a, b) for a, b, _ in merges]
 
 
-def build_gguf_tokenizer(ckpt: Checkpoint):
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
-    from tokenizers.models import BPE
+class GGUFTokenizer:
+    """A GGUF's vocabulary as transformers' GGUF converter reads it (so tokens match it): `llama`
+    models are byte-fallback BPE whose merges are recovered from the vocabulary (ranked by score,
+    or for Gemma by file order, with Gemma's all-space tokens respelled with U+2581), `gpt2` models
+    byte-level BPE with the file's merges; control tokens are special added tokens, user-defined
+    ones plain added tokens.
 
-    from llmarch.checkpoint.gguf import read_skipped_array
+    The whole BPE of a 262k vocabulary (515k merges for Gemma 3) costs the `tokenizers` library
+    seconds and ~350 MB while it loads and ~100 MB after, for a prompt that uses a few dozen
+    tokens. So each text is encoded by a BPE of its own sub-vocabulary: every vocabulary token that
+    is a substring of the text's symbol string (the text as the normalizer and pre-tokenizer spell
+    it, unknown characters spelled by their byte-fallback or unknown token), the merges among them
+    in the whole list's order, and the added tokens that occur in the text. Any merge the whole BPE
+    can apply to this text joins two adjacent symbols into a substring of that string, so it is in
+    the sub-vocabulary with the same rank order, and both apply the same merges in the same order.
+    Decoding maps ids to their vocabulary strings through the same decoder."""
 
-    meta = ckpt.metadata
+    def __init__(self, ckpt: Checkpoint):
+        from tokenizers import decoders
 
-    def array(key):
-        if key in ckpt.skipped_arrays:
-            return read_skipped_array(ckpt, key)
-        return meta.get(key)
+        from llmarch.checkpoint.gguf import read_skipped_array
 
-    tokens = array("tokenizer.ggml.tokens")
-    if not tokens:
-        raise LlmarchError("the GGUF has no tokenizer (tokenizer.ggml.tokens); pass --prompt-ids", ckpt.path)
-    types = array("tokenizer.ggml.token_type") or []
-    model = meta.get("tokenizer.ggml.model")
-    arch = meta.get("general.architecture")
-    if model == "llama":
-        if arch in GEMMA_ARCHS:
-            tokens = [SPIECE * len(t) if " " in t and not t.strip() else t for t in tokens]
-            vocab = {t: i for i, t in enumerate(tokens)}
-            ranks = {t: -i for i, t in enumerate(tokens)}
-        else:
-            vocab = {t: i for i, t in enumerate(tokens)}
-            ranks = dict(zip(tokens, array("tokenizer.ggml.scores") or [0.0] * len(tokens)))
-        # Gemma's BPE maps unknown pieces to <unk>; transformers' LlamaTokenizer has no unk (drops them)
-        unk = tokens[meta.get("tokenizer.ggml.unknown_token_id", 3)] if arch in GEMMA_ARCHS else None
-        tok = Tokenizer(
-            BPE(
-                vocab=vocab,
-                merges=merges_from_vocab(vocab, ranks),
-                fuse_unk=True,
-                unk_token=unk,
-                byte_fallback=True,
-                dropout=None,
+        meta = ckpt.metadata
+
+        def array(key):
+            if key in ckpt.skipped_arrays:
+                return read_skipped_array(ckpt, key)
+            return meta.get(key)
+
+        tokens = array("tokenizer.ggml.tokens")
+        if not tokens:
+            raise LlmarchError("the GGUF has no tokenizer (tokenizer.ggml.tokens); pass --prompt-ids", ckpt.path)
+        types = array("tokenizer.ggml.token_type") or []
+        self.model = meta.get("tokenizer.ggml.model")
+        self.gemma = meta.get("general.architecture") in GEMMA_ARCHS
+        self.unk: str | None = None
+        self.scores: list[float] | None = None
+        self.merges: list[tuple[str, str]] = []
+        if self.model == "llama":
+            if self.gemma:
+                tokens = [SPIECE * len(t) if " " in t and not t.strip() else t for t in tokens]
+                # Gemma's BPE maps unknown pieces to <unk>; transformers' LlamaTokenizer has no unk (drops them)
+                unk_id = meta.get("tokenizer.ggml.unknown_token_id", 3)
+                self.unk = tokens[unk_id] if isinstance(unk_id, int) and 0 <= unk_id < len(tokens) else None
+            else:
+                self.scores = list(array("tokenizer.ggml.scores") or [0.0] * len(tokens))
+            self.decoder = decoders.Sequence(
+                [decoders.Replace(SPIECE, " "), decoders.ByteFallback(), decoders.Fuse()]
+                + ([] if self.gemma else [decoders.Strip(content=" ", left=1)])
             )
-        )
-        if arch in GEMMA_ARCHS:
-            tok.normalizer = normalizers.Replace(" ", SPIECE)
-            tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
-            tok.decoder = decoders.Sequence([decoders.Replace(SPIECE, " "), decoders.ByteFallback(), decoders.Fuse()])
+        elif self.model == "gpt2":
+            self.spelling = gpt2_bytes_to_unicode()
+            alphabet = set(self.spelling.values())
+            # added tokens keep the file's spelling; a control token outside the byte alphabet is not one
+            added = [
+                (t, ty) for t, ty in zip(tokens, types) if ty == USER_DEFINED or (ty == CONTROL and set(t) <= alphabet)
+            ]
+            tokens = [t if set(t) <= alphabet else "".join(self.spelling[b] for b in t.encode()) for t in tokens]
+            self.merges = [tuple(m.split(" ")) for m in (array("tokenizer.ggml.merges") or [])]  # type: ignore[misc]
+            self.split = SPLITS.get(meta.get("tokenizer.ggml.pre"))
+            self.decoder = decoders.ByteLevel()
         else:
-            tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPIECE, prepend_scheme="first", split=False)
-            tok.decoder = decoders.Sequence(
-                [
-                    decoders.Replace(SPIECE, " "),
-                    decoders.ByteFallback(),
-                    decoders.Fuse(),
-                    decoders.Strip(content=" ", left=1),
-                ]
+            raise LlmarchError(f"GGUF tokenizer model {self.model!r} is not supported (llama, gpt2)", ckpt.path)
+        if self.model == "llama":
+            added = [(tokens[i], ty) for i, ty in enumerate(types) if ty == CONTROL or ty == USER_DEFINED]
+        self.tokens = tokens
+        self.vocab = dict(zip(tokens, range(len(tokens))))  # a repeated string takes its last id, as in tokenizers
+        # the merge list's order is the tokens' first appearance: their ids unless a string repeats
+        self.first = {} if len(self.vocab) == len(tokens) else {t: i for i, t in reversed(list(enumerate(tokens)))}
+        self.longest = max(map(len, tokens))
+        self.control = [t for t, ty in added if ty == CONTROL]
+        # a user token spelled outside the vocabulary (a byte-level file's, with a space) would get an
+        # id past it: it is left out
+        self.user = [t for t, ty in added if ty == USER_DEFINED and t in self.vocab]
+        self.special_ids = {self.vocab[t] for t in self.control if t in self.vocab}
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.vocab.get(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.tokens[i] if 0 <= i < len(self.tokens) and self.vocab[self.tokens[i]] == i else None
+
+    def _symbols(self, text: str) -> str:
+        """The string whose substrings hold every token the BPE can make of `text`."""
+        if self.model == "gpt2":
+            return "".join(self.spelling[b] for b in text.encode())
+        s = text.replace(" ", SPIECE)
+        if not self.gemma:
+            s = SPIECE + s  # Metaspace prepends it to the first piece
+        out = []
+        for c in s:
+            if c in self.vocab:
+                out.append(c)
+                continue
+            fallback = [f"<0x{b:02X}>" for b in c.encode()]
+            out.append("".join(fallback) if all(f in self.vocab for f in fallback) else (self.unk or ""))
+        return "".join(out)
+
+    def _sub_tokenizer(self, text: str):
+        from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
+        from tokenizers.models import BPE
+
+        s, vocab, longest = self._symbols(text), self.vocab, self.longest
+        found = {t for i in range(len(s)) for j in range(i + 1, min(len(s), i + longest) + 1) if (t := s[i:j]) in vocab}
+        control = [t for t in self.control if t in text]
+        user = [t for t in self.user if t in text]
+        found.update(t for t in control + user + [self.unk] if t in vocab)
+        order = self.first.__getitem__ if self.first else vocab.__getitem__
+        sub = {t: vocab[t] for t in sorted(found, key=order)}
+        if self.model == "llama":
+            ranks = {t: (-i if self.gemma else self.scores[i]) for t, i in sub.items()}  # type: ignore[index]
+            tok = Tokenizer(
+                BPE(
+                    vocab=sub,
+                    merges=merges_from_vocab(sub, ranks),
+                    fuse_unk=True,
+                    unk_token=self.unk,
+                    byte_fallback=True,
+                    dropout=None,
+                )
             )
-    elif model == "gpt2":
-        spelling = gpt2_bytes_to_unicode()
-        alphabet = set(spelling.values())
-        vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode()): i for i, t in enumerate(tokens)}
-        merges = [tuple(m.split(" ")) for m in (array("tokenizer.ggml.merges") or [])]
-        tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, fuse_unk=False))
-        split = SPLITS.get(meta.get("tokenizer.ggml.pre"))
-        if split:
-            tok.pre_tokenizer = pre_tokenizers.Sequence(
-                [
-                    pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-                ]
-            )
+            if self.gemma:
+                tok.normalizer = normalizers.Replace(" ", SPIECE)
+                tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+            else:
+                tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPIECE, prepend_scheme="first", split=False)
         else:
-            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-    else:
-        raise LlmarchError(f"GGUF tokenizer model {model!r} is not supported (llama, gpt2)", ckpt.path)
-    byte_level = model == "gpt2"
-    spelled = set(gpt2_bytes_to_unicode().values()) if byte_level else None
-    control = [
-        AddedToken(t, normalized=False, special=True)
-        for t, ty in zip(tokens, types)
-        if ty == CONTROL and (spelled is None or set(t) <= spelled)
-    ]
-    if control:
-        tok.add_special_tokens(control)
-    user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED]
-    if user:
-        tok.add_tokens(user)
-    return tok, tokens
+            merges = [(a, b) for a, b in self.merges if a in sub and b in sub and a + b in sub]
+            tok = Tokenizer(BPE(vocab=sub, merges=merges, dropout=None, fuse_unk=False))
+            if self.split:
+                tok.pre_tokenizer = pre_tokenizers.Sequence(
+                    [
+                        pre_tokenizers.Split(Regex(self.split), behavior="isolated"),
+                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                    ]
+                )
+            else:
+                tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        if control:
+            tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
+        if user:
+            tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
+        return tok
+
+    def encode(self, text: str, add_special_tokens: bool = True):
+        return self._sub_tokenizer(text).encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        skip = self.special_ids if skip_special_tokens else set()
+        pieces = [p for i in ids if i not in skip and (p := self.id_to_token(i)) is not None]
+        return self.decoder.decode(pieces)
 
 
 def _gguf_tok(ckpt: Checkpoint) -> Tok:
-    from tokenizers import Tokenizer
-
     meta = ckpt.metadata
-    st = ckpt.files[0].stat()
-    key = hashlib.sha256(f"{ckpt.files[0].resolve()}|{st.st_size}|{st.st_mtime_ns}|v2".encode()).hexdigest()[:20]
-    cached = _cache_dir() / f"{key}.json"
-    if cached.is_file():
-        tok = Tokenizer.from_file(str(cached))
-    else:
-        tok, _ = build_gguf_tokenizer(ckpt)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-        tok.save(str(tmp))
-        os.replace(tmp, cached)
+    tok = GGUFTokenizer(ckpt)
     bos = meta.get("tokenizer.ggml.bos_token_id")
     eos = meta.get("tokenizer.ggml.eos_token_id")
     eos_ids = {eos} if eos is not None else set()
