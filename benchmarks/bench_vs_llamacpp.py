@@ -566,7 +566,7 @@ def main() -> None:
                 prepare(name, src, path, res["compile"])
     save(res, a.json)
 
-    moe_rt = None
+    moe_rt = moe_g = None
     if a.moe_layers > 0:  # made and warmed up beside the build too
         t = time.perf_counter()
         moe = res["moe"] = {"layers": a.moe_layers, "shape": MOE_SHAPE, "llama.cpp": {}}
@@ -597,8 +597,8 @@ def main() -> None:
                 if a.dry_run:
                     print("would run:", " ".join(cmd))
                     continue
-                if not Path(quantize).is_file() or left() < 150:
-                    res["skipped"].append(f"{name} {q}: " + ("no llama-quantize" if left() >= 150 else "time"))
+                if not Path(quantize).is_file() or left() < 60:
+                    res["skipped"].append(f"{name} {q}: " + ("no llama-quantize" if left() >= 60 else "time"))
                     continue
                 err = llama_quantize(quantize, Path(m["sources"]["bf16"]), out, kind, a.jobs)
                 if err:
@@ -653,44 +653,39 @@ def main() -> None:
 
     # the timed runs wait for the build (a quiet machine); with --budget-s, llmarch's do not wait
     # past the point where both engines' timed runs would no longer fit
-    wait_s = max(left() - 200, 1) if a.budget_s else None
-    finished = wait_build(build, build_log, res, t_start, wait_s)
-    res["llmarch_timed_beside_build"] = not finished
-    res["loadavg_llmarch_timed"] = os.getloadavg()
-    if finished:
-        add_quantized()
-    time_prepared()
-    if not finished:
-        wait_build(build, build_log, res, t_start, None)
-        add_quantized()
-        time_prepared()
-    res["loadavg_llamacpp_timed"] = os.getloadavg()
-    # llama.cpp: one llama-bench per GGUF (pp and tg tests, each after its own warm-up run)
-    for name, m in res["models"].items():
-        for dt in (*GGUF_TYPES, *QUANTIZED):
-            if dt not in m["sources"]:
-                continue
-            cmd = llama_bench_cmd(bench, Path(m["sources"][dt]), a.pp, a.tg, a.reps)
-            if a.dry_run:
-                print("would run:", " ".join(cmd))
-                continue
-            if "llama_build_error" in res or not Path(bench).is_file():
-                m["llama.cpp"][dt] = {"error": "no llama-bench"}
-                continue
-            r = run_llama_bench(cmd)
-            if "error" in r:
-                log(f"{name} {dt}: llama-bench failed: {r['error']}")
-            elif "tg" in r:
-                kv = kv_bytes_per_token(name, a.tiny) * a.tg // 2  # mean depth of a tg run from an empty cache
-                r["bytes_per_token"] = r["tg"]["model_size"] + kv
-                if res["copy_rate_Bps"]:
-                    r["fraction_of_bound"] = r["tg"]["tok_s"] * r["bytes_per_token"] / res["copy_rate_Bps"]
-            m["llama.cpp"][dt] = r
-            save(res, a.json)
-            log(f"{name} {dt}: llama.cpp tg {fmt(r.get('tg', {}).get('tok_s'))} pp {fmt(r.get('pp', {}).get('tok_s'))}")
+    def bench_llamacpp(types) -> None:
+        """llama-bench on each model's GGUF of `types` (pp and tg tests, each after its own warm-up run)."""
+        for name, m in res["models"].items():
+            for dt in types:
+                if dt not in m["sources"]:
+                    continue
+                cmd = llama_bench_cmd(bench, Path(m["sources"][dt]), a.pp, a.tg, a.reps)
+                if a.dry_run:
+                    print("would run:", " ".join(cmd))
+                    continue
+                if "llama_build_error" in res or not Path(bench).is_file():
+                    m["llama.cpp"][dt] = {"error": "no llama-bench"}
+                    continue
+                r = run_llama_bench(cmd)
+                if "error" in r:
+                    log(f"{name} {dt}: llama-bench failed: {r['error']}")
+                elif "tg" in r:
+                    kv = kv_bytes_per_token(name, a.tiny) * a.tg // 2  # mean depth of a tg run from an empty cache
+                    r["bytes_per_token"] = r["tg"]["model_size"] + kv
+                    if res["copy_rate_Bps"]:
+                        r["fraction_of_bound"] = r["tg"]["tok_s"] * r["bytes_per_token"] / res["copy_rate_Bps"]
+                m["llama.cpp"][dt] = r
+                save(res, a.json)
+                log(
+                    f"{name} {dt}: llama.cpp tg {fmt(r.get('tg', {}).get('tok_s'))} pp {fmt(r.get('pp', {}).get('tok_s'))}"
+                )
 
-    moe = res.get("moe")
-    if moe and "gguf" in moe:  # both engines on the MoE file, llmarch first, each on a quiet machine
+    def moe_row() -> None:
+        """Both engines on the MoE file, llmarch first, each on a quiet machine."""
+        nonlocal moe_rt, moe_g
+        moe = res.get("moe")
+        if not moe or "gguf" not in moe:
+            return
         from llmarch.runtime.experts.report import host_read_bandwidth
 
         bw = res["host_read_Bps"] = host_read_bandwidth()
@@ -709,11 +704,11 @@ def main() -> None:
             except Exception as e:
                 moe["llmarch"]["error"] = f"{type(e).__name__}: {e}"[:500]
                 log(f"moe: llmarch failed: {moe['llmarch']['error']}")
-            del moe_rt, moe_g
-            if a.device == "cuda":
-                torch.cuda.empty_cache()
         elif moe_rt is not None:
             res["skipped"].append("moe llmarch: time")
+        moe_rt = moe_g = None
+        if a.device == "cuda":
+            torch.cuda.empty_cache()
         save(res, a.json)
         cmd = llama_bench_cmd(bench, Path(moe["gguf"]), a.pp, a.moe_tg, a.reps, ("-ot", "exps=CPU"))
         if a.dry_run:
@@ -728,6 +723,25 @@ def main() -> None:
             log(f"moe: llama.cpp tg {fmt(r.get('tg', {}).get('tok_s'), '.1f')} pp {fmt(r.get('pp', {}).get('tok_s'))}")
         else:
             res["skipped"].append("moe llama.cpp: time")
+        save(res, a.json)
+
+    # the timed runs wait for the build (a quiet machine); with --budget-s, llmarch's do not wait
+    # past the point where both engines' timed runs would no longer fit. Order of what follows:
+    # the converted GGUFs' rows, the MoE row, then the Q4_K_M rows (made after the build), so that
+    # a tight budget drops the last first
+    wait_s = max(left() - 200, 1) if a.budget_s else None
+    finished = wait_build(build, build_log, res, t_start, wait_s)
+    res["llmarch_timed_beside_build"] = not finished
+    res["loadavg_llmarch_timed"] = os.getloadavg()
+    time_prepared()
+    if not finished:
+        wait_build(build, build_log, res, t_start, None)
+    res["loadavg_llamacpp_timed"] = os.getloadavg()
+    bench_llamacpp(GGUF_TYPES)
+    moe_row()
+    add_quantized()
+    time_prepared()
+    bench_llamacpp(tuple(QUANTIZED))
 
     res["total_s"] = time.perf_counter() - t_start
     save(res, a.json)
