@@ -134,11 +134,12 @@ def chunked(q, k, v, g, beta, state: torch.Tensor, chunk: int = CHUNK) -> torch.
         chunk_decay = last.exp().transpose(-1, -2)  # [.., Dk, 1]: the state's rows decay
     else:
         gc = g.reshape(B * H, n, chunk).cumsum(-1)  # log-decay from the chunk's start to each token
-        upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
-        decay = (gc[..., :, None] - gc[..., None, :]).masked_fill_(upper, float("-inf")).exp_()  # j <= i
+        # exp(gc_i - gc_j), capped at 1 above the diagonal (j > i) where the solve does not look
+        decay = (gc[..., :, None] - gc[..., None, :]).clamp_(max=0).exp_()
         kt = k.transpose(-1, -2)
         system = (k @ kt).mul_(decay).mul_(beta[..., None])
-        attn = (q @ kt).mul_(decay)  # within-chunk q.k with decay, causal
+        causal = torch.ones(chunk, chunk, dtype=q.dtype, device=q.device).tril()
+        attn = (q @ kt).mul_(decay.mul_(causal))  # within-chunk q.k with decay, causal
         last = gc[..., -1:]
         kl, ql, rows = k, q, gc.exp()[..., None]  # one decay per token: scales whole product rows
         kd = k
@@ -149,16 +150,17 @@ def chunked(q, k, v, g, beta, state: torch.Tensor, chunk: int = CHUNK) -> torch.
     M = attn @ P
     if not per_channel:  # fold the decay from each token to the chunk's end into P's rows (<= 1)
         P.mul_((last - gc).exp()[..., None])
+    W = torch.cat([P, M], dim=-2)  # [P; M] Y in one matmul per chunk: V' and the within-chunk output
     out = torch.empty(B * H, n, chunk, Dv, dtype=q.dtype, device=q.device)
     S = state.reshape(B * H, Dk, Dv).clone()
     for i in range(n):
         ks, qs = torch.bmm(kl[:, i], S), torch.bmm(ql[:, i], S)
+        y = v[:, i] - ks if rows is None else torch.addcmul(v[:, i], ks, rows[:, i], value=-1.0)
+        vm = torch.bmm(W[:, i], y)
         if rows is None:
-            y = v[:, i] - ks
+            torch.add(vm[:, chunk:], qs, out=out[:, i])
         else:
-            y = torch.addcmul(v[:, i], ks, rows[:, i], value=-1.0)
-            qs.mul_(rows[:, i])
-        out[:, i] = qs.baddbmm_(M[:, i], y)
-        S.mul_(chunk_decay[:, i]).baddbmm_(kd[:, i].transpose(-1, -2), torch.bmm(P[:, i], y))
+            torch.addcmul(vm[:, chunk:], qs, rows[:, i], out=out[:, i])
+        S.mul_(chunk_decay[:, i]).baddbmm_(kd[:, i].transpose(-1, -2), vm[:, :chunk])
     state.copy_(S.view(B, H, Dk, Dv))
     return out.view(B, H, n * chunk, Dv)[:, :, :T]
