@@ -14,11 +14,14 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps, self.unit_offset = eps, unit_offset
+        self.weight_f32 = None  # the weight as forward multiplies by it, set once loaded (fold_unit_offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.float()
-        if self.unit_offset:  # Gemma stores w around 0 and scales by (1 + w)
-            w = w + 1.0
+        w = self.weight_f32
+        if w is None:
+            w = self.weight.float()
+            if self.unit_offset:  # Gemma stores w around 0 and scales by (1 + w)
+                w = w + 1.0
         if x.device.type == "cpu":  # one fused op: on the CPU each small op costs microseconds
             if x.dtype == torch.float32 and not x.requires_grad and cpu_kernels.available():
                 return cpu_kernels.rms_norm(x, w, self.eps)  # torch's own is several ops, ~30x slower
@@ -26,10 +29,13 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), x.shape[-1:], w, self.eps).to(x.dtype)
 
     def fold_unit_offset(self) -> None:
-        """After loading: keep (1 + w) in float32 so forward adds nothing (same values as computing it)."""
+        """After loading: keep (1 + w) in float32 so forward adds nothing (same values as computing it),
+        and a float32 copy of a 16-bit weight beside it, so forward casts nothing (the weight itself
+        keeps the model's dtype, which callers read)."""
         if self.unit_offset:
             self.weight = nn.Parameter(self.weight.detach().float() + 1.0, requires_grad=False)
             self.unit_offset = False
+        self.weight_f32 = self.weight.detach().float()
 
 
 class LayerNorm(nn.Module):
