@@ -1,7 +1,7 @@
 /* The expert kernel (llmarch/runtime/experts/moe_cpu.c) timed from C, no Python around it, next to
  * plain parallel reads of the same bytes: how much of a decode layer's CPU time is the kernel's own.
  *
- *   gcc -O3 -march=native -fopenmp benchmarks/moe_kernel_bench.c -o /tmp/kb -lm && /tmp/kb [bits] [reps]
+ *   gcc -O3 -march=native -fopenmp benchmarks/moe_kernel_bench.c -o /tmp/kb -lm && /tmp/kb [bits 4|8|17] [reps]
  *   (add -DMOE_PROFILE for the kernel's time per phase: quantize x, gate_up, activation, down, sum)
  *
  * Qwen3-30B-A3B shapes: 128 experts, d 2048, expert width 768, 8 per token; random weights.
@@ -18,8 +18,9 @@ static double now(void) { return omp_get_wtime(); }
 int main(int argc, char **argv) {
     int bits = argc > 1 ? atoi(argv[1]) : 4, reps = argc > 2 ? atoi(argv[2]) : 200, prefetch = argc > 3 && atoi(argv[3]);
     const int E = 128, d = 2048, I = 768, k = 8;
-    long gu_row = bits == 4 ? d / 2 : d, dn_row = bits == 4 ? I / 2 : I;
-    long gu_srow = bits == 4 ? 2 * (d / G) : d / G, dn_srow = bits == 4 ? 2 * (I / G) : I / G;
+    /* 4 int4, 8 int8, 17 ggml Q4_0 (a GGUF's blocks as stored: fp16 d inside each 18-byte block) */
+    long gu_row = bits == 4 ? d / 2 : (bits == 17 ? d / 32 * 18 : d), dn_row = bits == 4 ? I / 2 : (bits == 17 ? I / 32 * 18 : I);
+    long gu_srow = bits == 4 ? 2 * (d / G) : (bits == 17 ? 0 : d / G), dn_srow = bits == 4 ? 2 * (I / G) : (bits == 17 ? 0 : I / G);
     size_t gu_n = (size_t)E * 2 * I * gu_row, dn_n = (size_t)E * d * dn_row;
     uint8_t *gu = aligned_alloc(64, gu_n), *dn = aligned_alloc(64, dn_n);
     uint16_t *gus = aligned_alloc(64, (size_t)E * 2 * I * gu_srow * 2), *dns = aligned_alloc(64, (size_t)E * d * dn_srow * 2);
@@ -29,6 +30,8 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < dn_n; i++) dn[i] = (uint8_t)(i * 2246822519u >> 11);
     for (size_t i = 0; i < (size_t)E * 2 * I * gu_srow; i++) gus[i] = i % 2 ? 0xa51e : 0x1c00;  /* -0.02, ~0.0039 */
     for (size_t i = 0; i < (size_t)E * d * dn_srow; i++) dns[i] = i % 2 ? 0xa51e : 0x1c00;
+    for (size_t i = 0; bits == 17 && i < gu_n; i += 18) gu[i] = 0x00, gu[i + 1] = 0x1c;  /* d ~0.0039 */
+    for (size_t i = 0; bits == 17 && i < dn_n; i += 18) dn[i] = 0x00, dn[i + 1] = 0x1c;
     float *X = malloc(sizeof(float) * d), *OUT = malloc(sizeof(float) * d);
     for (int i = 0; i < d; i++) X[i] = (float)((i * 37) % 101) / 101.f - 0.5f;
     int8_t *XQ = malloc(k * d), *AQ = malloc(k * I);

@@ -35,3 +35,48 @@ def test_decode_token_alone_equals_its_row_in_a_batch(fmt, family, d):
             alone = st(x[t : t + 1], idx[t : t + 1], w[t : t + 1], act, weight_input)
             assert alone.abs().max().item() > 0.05
             assert torch.equal(alone[0], batch[t]), (t, (alone[0] - batch[t]).abs().max().item())
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "MXFP4"])
+@pytest.mark.parametrize("gated", [True, False])
+def test_decode_token_alone_equals_its_row_in_a_batch_ggml_blocks(qtype, gated):
+    """The same for a GGUF's blocks as stored (gate and up two tensors): their down rows of up to
+    1024 inputs go four at a time too."""
+    pytest.importorskip("gguf")
+    from types import SimpleNamespace
+
+    from llmarch.runtime.experts.formats import ExpertFormat
+    from llmarch.runtime.experts.host import OffloadedExperts
+    from llmarch.runtime.experts.placement import Placement
+    from llmarch.runtime.ops.moe import ExpertAct
+    from tests.test_offload_gguf_blocks import ggml_blocks
+
+    g = torch.Generator().manual_seed(17)
+    E, d, inter, k, T = 6, 256, 256, 3, 5
+    spec = SimpleNamespace(
+        moe=SimpleNamespace(swiglu_alpha=None, swiglu_limit=None),
+        activation="silu" if gated else "relu2",
+        ffn_gated=gated,
+    )
+    act = ExpertAct(spec, inter)
+    fmt = ExpertFormat.from_ggml(qtype)
+    gate, dn = ggml_blocks(qtype, (E, inter, d), g), ggml_blocks(qtype, (E, d, inter), g)
+    up = ggml_blocks(qtype, (E, inter, d), g) if gated else None
+    moe = SimpleNamespace(E=E, d=d, inter=inter, index=0, gated=gated)
+    st = OffloadedExperts.from_quantized(
+        moe,
+        (gate[0], None, dn[0], None),
+        Placement("cpu", fmt),
+        torch.float32,
+        up=None if up is None else up[0],
+        formats=(fmt, fmt if gated else None, fmt),
+    )
+    x = torch.randn(T, d, generator=g)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    w = torch.rand(T, k, generator=g)
+    with torch.no_grad():
+        batch = st(x, idx, w, act, False)
+        for t in range(T):
+            alone = st(x[t : t + 1], idx[t : t + 1], w[t : t + 1], act, False)
+            assert alone.abs().max().item() > 0.05
+            assert torch.equal(alone[0], batch[t]), (t, (alone[0] - batch[t]).abs().max().item())

@@ -408,39 +408,66 @@ static void dotfp4(const uint8_t *q, const uint8_t *sc, const int8_t *xq, const 
     }
 }
 
+#ifdef DPBUSD
+/* acc + one ggml block (dotblk's kinds) . its 32 int8 inputs x, times the block's and the inputs' scales */
+static inline __m256 blk_dot(const uint8_t *blk, int kind, __m256i x, float xscale, __m256 acc) {
+    uint16_t dh;
+    memcpy(&dh, blk, 2);
+    __m256i wv;
+    if (kind) {
+        const __m256i mask = _mm256_set1_epi8(15);
+        __m128i p = _mm_loadu_si128((const __m128i *)(blk + (kind == 2 ? 1 : 2)));
+        __m256i u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(p, 4), p), mask);  /* high half: the high nibbles */
+        wv = kind == 1 ? _mm256_sub_epi8(u, _mm256_set1_epi8(8))
+                       : _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)FP4X2)), u);
+    } else {
+        wv = _mm256_loadu_si256((const __m256i *)(blk + 2));
+    }
+    __m256i s = DPBUSD(_mm256_setzero_si256(), _mm256_sign_epi8(wv, wv), _mm256_sign_epi8(x, wv));
+    float dw = kind == 2 ? e8m0_half(blk[0]) : h2f(dh);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dw * xscale), acc);
+}
+
+/* DOT4_ROWS consecutive rows of `rb` bytes each (dotblk's kinds) . one int8 row: dotblk's arithmetic
+ * per row with T = 1, the rows interleaved to share the input's loads (as dot4_rows) */
+static inline __attribute__((always_inline)) void dotblk_rows(const uint8_t *row, long rb, int kind, const int8_t *xt,
+                                                              const float *st, int K, float *res) {
+    enum { R = DOT4_ROWS };
+    int nb = K / 32, bs = kind == 0 ? 34 : (kind == 1 ? 18 : 17);
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m256i x = _mm256_loadu_si256((const __m256i *)(xt + b * 32));
+        for (int r = 0; r < R; r++) {
+            const uint8_t *blk = row + r * rb + (long)b * bs;
+            if (!(b & 1)) PREFETCH(blk + R * rb);  /* this row's bytes in the next R rows: one call ahead */
+            acc[r] = blk_dot(blk, kind, x, st[2 * (b / 2)], acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) res[r] = hsum(acc[r]);
+}
+#endif
+
 /* one ggml Q8_0 (kind 0), Q4_0 (1) or MXFP4 (2) row . T int8 rows in the plain layout: per block of 32
  * the weights as int8 (Q4_0: nibble - 8, MXFP4: its doubled fp4 value), one integer dot product, times
  * the block's scale (fp16 d, or MXFP4's e8m0 halved) and the input group's scale */
 static void dotblk(const uint8_t *row, int kind, const int8_t *xq, const float *xs, int K, int T, float *res) {
-    int nb = K / 32, bs = kind == 0 ? 34 : (kind == 1 ? 18 : 17), off = kind == 2 ? 1 : 2;
+    int nb = K / 32, bs = kind == 0 ? 34 : (kind == 1 ? 18 : 17);
     for (int t = 0; t < T; t++) {
         const int8_t *xt = xq + (long)t * K;
         const float *st = xs + (long)t * XSN(K);
 #ifdef DPBUSD
         __m256 acc = _mm256_setzero_ps();
-        const __m256i mask = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8);
-        const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)FP4X2));
         for (int b = 0; b < nb; b++) {
             const uint8_t *blk = row + (long)b * bs;
             if (t == 0 && !(b & 1)) PREFETCH(blk + PF);
-            uint16_t dh;
-            memcpy(&dh, blk, 2);
-            __m256i wv;
-            if (kind) {
-                __m128i p = _mm_loadu_si128((const __m128i *)(blk + off));
-                __m256i u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(p, 4), p), mask);  /* high half: the high nibbles */
-                wv = kind == 1 ? _mm256_sub_epi8(u, eight) : _mm256_shuffle_epi8(lut, u);
-            } else {
-                wv = _mm256_loadu_si256((const __m256i *)(blk + 2));
-            }
             __m256i x = _mm256_loadu_si256((const __m256i *)(xt + b * 32));
-            __m256i s = DPBUSD(_mm256_setzero_si256(), _mm256_sign_epi8(wv, wv), _mm256_sign_epi8(x, wv));
-            float dw = kind == 2 ? e8m0_half(blk[0]) : h2f(dh);
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dw * st[2 * (b / 2)]), acc);
+            acc = blk_dot(blk, kind, x, st[2 * (b / 2)], acc);
         }
         res[t] = hsum(acc);
 #else
         float acc = 0.f;
+        int off = kind == 2 ? 1 : 2;
         for (int b = 0; b < nb; b++) {
             const uint8_t *blk = row + (long)b * bs;
             uint16_t dh;
@@ -730,6 +757,11 @@ static void rows_one_input(int bits, const void *q, const void *s, const void *q
     if (bits == 4 && !q2 && R == DOT4_ROWS && K <= DOT4_ROWS_MAXK) {
         long row = e * N + n0;
         dot4_rows((const uint8_t *)q + row * (K / 2), (const uint16_t *)s + row * 2 * (K / G), xq, xs, K, res);
+        return;
+    }
+    if ((bits == 16 || bits == 17 || bits == 21) && !q2 && R == DOT4_ROWS && K <= DOT4_ROWS_MAXK) {
+        long rb = block_row_bytes(bits, K);
+        dotblk_rows((const uint8_t *)q + (e * N + n0) * rb, rb, bits == 16 ? 0 : (bits == 17 ? 1 : 2), xq, xs, K, res);
         return;
     }
 #endif
