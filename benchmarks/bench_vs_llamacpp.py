@@ -729,7 +729,7 @@ def main() -> None:
     # past the point where both engines' timed runs would no longer fit. Order of what follows:
     # the converted GGUFs' rows, the MoE row, then the Q4_K_M rows (made after the build), so that
     # a tight budget drops the last first
-    wait_s = max(left() - 200, 1) if a.budget_s else None
+    wait_s = max(left() - 100, 1) if a.budget_s else None
     finished = wait_build(build, build_log, res, t_start, wait_s)
     res["llmarch_timed_beside_build"] = not finished
     res["loadavg_llmarch_timed"] = os.getloadavg()
