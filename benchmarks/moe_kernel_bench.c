@@ -1,7 +1,7 @@
 /* The expert kernel (llmarch/runtime/experts/moe_cpu.c) timed from C, no Python around it, next to
  * plain parallel reads of the same bytes: how much of a decode layer's CPU time is the kernel's own.
  *
- *   gcc -O3 -march=native -fopenmp benchmarks/moe_kernel_bench.c -o /tmp/kb -lm && /tmp/kb [bits 4|8|17] [reps]
+ *   gcc -O3 -march=native -fopenmp benchmarks/moe_kernel_bench.c -o /tmp/kb -lm && /tmp/kb [format code] [reps]
  *   (add -DMOE_PROFILE for the kernel's time per phase: quantize x, gate_up, activation, down, sum)
  *
  * Qwen3-30B-A3B shapes: 128 experts, d 2048, expert width 768, 8 per token; random weights.
@@ -15,23 +15,36 @@
 
 static double now(void) { return omp_get_wtime(); }
 
+static long row_bytes(int code, int K) { return code == 4 ? K / 2 : (code == 8 ? K : block_row_bytes(code, K)); }
+
+/* random block bytes, but each block's fp16 scales set to ~0.0039 (no NaN, inf or subnormal) */
+static void sane_block_scales(int code, uint8_t *p, size_t n) {
+    int bs = code == 16 ? 34 : code == 17 ? 18 : code == 18 ? 144 : code == 20 ? 210 : 0, o1 = code == 20 ? 208 : 0;
+    for (size_t i = 0; bs && i + bs <= n; i += bs) {
+        p[i + o1] = 0x00, p[i + o1 + 1] = 0x1c;
+        if (code == 18) p[i + 2] = 0x00, p[i + 3] = 0x1c;  /* Q4_K's dmin */
+    }
+}
+
 int main(int argc, char **argv) {
     int bits = argc > 1 ? atoi(argv[1]) : 4, reps = argc > 2 ? atoi(argv[2]) : 200, prefetch = argc > 3 && atoi(argv[3]);
     const int E = 128, d = 2048, I = 768, k = 8;
-    /* 4 int4, 8 int8, 17 ggml Q4_0 (a GGUF's blocks as stored: fp16 d inside each 18-byte block) */
-    long gu_row = bits == 4 ? d / 2 : (bits == 17 ? d / 32 * 18 : d), dn_row = bits == 4 ? I / 2 : (bits == 17 ? I / 32 * 18 : I);
-    long gu_srow = bits == 4 ? 2 * (d / G) : (bits == 17 ? 0 : d / G), dn_srow = bits == 4 ? 2 * (I / G) : (bits == 17 ? 0 : I / G);
+    /* moe_cpu.c's format codes: 4 int4, 8 int8, or a GGUF's blocks as stored: 16 Q8_0, 17 Q4_0, 18 Q4_K,
+     * 20 Q6_K; gate/up's code in the low byte, down's in the third (Q4_K_M's mix: 18 + (20 << 16) = 1310738) */
+    int gb = bits & 255, db = (bits >> 16) & 255 ? (bits >> 16) & 255 : bits & 255;
+    long gu_row = row_bytes(gb, d), dn_row = row_bytes(db, I);
+    long gu_srow = gb == 4 ? 2 * (d / G) : (gb == 8 ? d / G : 0), dn_srow = db == 4 ? 2 * (I / G) : (db == 8 ? I / G : 0);
     size_t gu_n = (size_t)E * 2 * I * gu_row, dn_n = (size_t)E * d * dn_row;
     uint8_t *gu = aligned_alloc(64, gu_n), *dn = aligned_alloc(64, dn_n);
-    uint16_t *gus = aligned_alloc(64, (size_t)E * 2 * I * gu_srow * 2), *dns = aligned_alloc(64, (size_t)E * d * dn_srow * 2);
+    uint16_t *gus = aligned_alloc(64, (size_t)E * 2 * I * gu_srow * 2 + 64), *dns = aligned_alloc(64, (size_t)E * d * dn_srow * 2 + 64);
     #pragma omp parallel for
     for (size_t i = 0; i < gu_n; i++) gu[i] = (uint8_t)(i * 2654435761u >> 13);
     #pragma omp parallel for
     for (size_t i = 0; i < dn_n; i++) dn[i] = (uint8_t)(i * 2246822519u >> 11);
     for (size_t i = 0; i < (size_t)E * 2 * I * gu_srow; i++) gus[i] = i % 2 ? 0xa51e : 0x1c00;  /* -0.02, ~0.0039 */
     for (size_t i = 0; i < (size_t)E * d * dn_srow; i++) dns[i] = i % 2 ? 0xa51e : 0x1c00;
-    for (size_t i = 0; bits == 17 && i < gu_n; i += 18) gu[i] = 0x00, gu[i + 1] = 0x1c;  /* d ~0.0039 */
-    for (size_t i = 0; bits == 17 && i < dn_n; i += 18) dn[i] = 0x00, dn[i + 1] = 0x1c;
+    sane_block_scales(gb, gu, gu_n);
+    sane_block_scales(db, dn, dn_n);
     float *X = malloc(sizeof(float) * d), *OUT = malloc(sizeof(float) * d);
     for (int i = 0; i < d; i++) X[i] = (float)((i * 37) % 101) / 101.f - 0.5f;
     int8_t *XQ = malloc(k * d), *AQ = malloc(k * I);

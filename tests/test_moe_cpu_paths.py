@@ -37,11 +37,13 @@ def test_decode_token_alone_equals_its_row_in_a_batch(fmt, family, d):
             assert torch.equal(alone[0], batch[t]), (t, (alone[0] - batch[t]).abs().max().item())
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "MXFP4"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "MXFP4", "Q4_K", "Q5_K", "Q6_K"])
 @pytest.mark.parametrize("gated", [True, False])
 def test_decode_token_alone_equals_its_row_in_a_batch_ggml_blocks(qtype, gated):
-    """The same for a GGUF's blocks as stored (gate and up two tensors): their down rows of up to
-    1024 inputs go four at a time too."""
+    """The same for a GGUF's blocks as stored (gate and up two tensors): Q8_0 / Q4_0 / MXFP4 down rows
+    of up to 1024 inputs go four at a time too; K-quant rows one at a time (four at a time was slower
+    on the 2-core box: their super-blocks are compute, not per-row work), through the one-row path
+    all the same (K-quants: random blocks in ggml's layout, see ggml_blocks)."""
     pytest.importorskip("gguf")
     from types import SimpleNamespace
 
