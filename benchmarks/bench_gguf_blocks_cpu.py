@@ -10,7 +10,8 @@ gguf_matmul), and llama.cpp through llama-cpp-python on the same file, same prom
 Decode tok/s: llmarch's own clock (steps after the prefill); llama.cpp's perf counters (t_eval_ms
 over n_eval, its prompt evaluation apart). Rounds alternate so that a busy machine slows every
 configuration alike; the median of the rounds is reported with its ratio to llama.cpp's median,
-and the load average is recorded at each round.
+and the median of each round's own ratio to the llama.cpp run that follows it ("per round"); the
+load average is recorded at each round.
 
 Drift: greedy tokens of each llmarch path against the float32 path's and llama.cpp's (how many of
 the first --tokens are equal), and top-1 agreement teacher-forced over the float32 continuation
@@ -160,7 +161,8 @@ def main() -> None:
         fp32 = runs.get(FP32, runs[LLAMA])[0]["tokens"]
         print(f"\nthreads {threads}, load average {min(loads):.1f}-{max(loads):.1f}, {a.tokens} greedy tokens")
         print(
-            f"{'configuration':55s} {'decode tok/s':>12s} {'vs llama.cpp':>12s} {'peak RSS':>9s}  tokens = fp32 / llama.cpp"
+            f"{'configuration':55s} {'decode tok/s':>12s} {'vs llama.cpp':>12s} {'per round':>9s} {'peak RSS':>9s}"
+            "  tokens = fp32 / llama.cpp"
         )
         table = {}
         for name, rs in runs.items():
@@ -171,9 +173,17 @@ def main() -> None:
             table[name] = {"decode_tok_s": [r["decode_tok_s"] for r in rs], "median": med, "peak_rss_mib": rss}
             table[name]["prefill_tok_s_median"] = statistics.median(r["prefill_tok_s"] for r in rs)
             table[name]["vs_llama"] = med / llama
+            # each round's ratio to the llama.cpp run right after it: a busy machine's load drifts
+            # less within a round than across rounds
+            per_round = [r["decode_tok_s"] / l["decode_tok_s"] for r, l in zip(rs, runs[LLAMA], strict=True)]
+            table[name]["vs_llama_per_round"] = per_round
+            table[name]["vs_llama_per_round_median"] = statistics.median(per_round)
             table[name]["same_prefix_as_fp32"] = same
             table[name]["same_prefix_as_llama_cpp"] = same_llama
-            print(f"{name:55s} {med:12.2f} {med / llama:11.2f}x {rss:7.0f}MiB  first {same:2d} / {same_llama:2d}")
+            print(
+                f"{name:55s} {med:12.2f} {med / llama:11.2f}x {statistics.median(per_round):8.2f}x {rss:7.0f}MiB"
+                f"  first {same:2d} / {same_llama:2d}"
+            )
         results[f"threads_{threads}"] = {"load_average": loads, "table": table}
     if not a.no_drift:
         tokens = runs[FP32][0]["tokens"]
