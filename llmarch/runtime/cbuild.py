@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def cache_dir(kind: str) -> Path:
-    """LLMARCH_CACHE/<kind> (default ~/.cache/llmarch/<kind>): kernels, tokenizers."""
+    """LLMARCH_CACHE/<kind> (default ~/.cache/llmarch/<kind>): kernels, ple (--ple disk's row files)."""
     base = os.environ.get("LLMARCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llmarch")
     return Path(base) / kind
 
