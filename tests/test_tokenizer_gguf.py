@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +53,37 @@ def test_byte_level_gguf_tokenizer_matches_its_tokenizer_json(tiny, tmp_path):
     every = list(range(ref.get_vocab_size()))  # the GGUF pads the vocabulary to the model's with [PADn] tokens
     assert ours.decode(every) == ref.decode(every, skip_special_tokens=True)
     assert (ours.bos_token, ours.eos_token) == ("<s>", "</s>")
+
+
+def write_vocab_gguf(path, **arrays):
+    """A GGUF holding only tokenizer metadata, written by gguf-py (which types each array by its values)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_string("tokenizer.ggml.model", "gpt2" if "merges" in arrays else "llama")
+    for key, values in arrays.items():
+        w.add_array(f"tokenizer.ggml.{key}", values)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"tokens": [1, 2, 3]}, "tokenizer.ggml.tokens must be an array of strings"),
+        ({"tokens": ["a", "b", "ab"], "scores": [0.0]}, "tokenizer.ggml.scores must be 3 numbers"),
+        ({"tokens": ["a", "b", "ab"], "scores": [0.0, float("nan"), 1.0]}, "tokenizer.ggml.scores must be 3 numbers"),
+        ({"tokens": ["a", "b", "ab"], "merges": ["a b c"]}, "tokenizer.ggml.merges must be"),
+    ],
+)
+def test_malformed_gguf_vocabulary_is_one_clear_error(tmp_path, arrays, message):
+    from llmarch.checkpoint import open_checkpoint
+    from llmarch.errors import LlmarchError
+    from llmarch.runtime.tokenizer import load_tokenizer
+
+    path = write_vocab_gguf(tmp_path / "vocab.gguf", **arrays)
+    with pytest.raises(LlmarchError, match=message) as e:
+        load_tokenizer(open_checkpoint(str(path)))
+    assert e.value.path is not None and Path(e.value.path).name == "vocab.gguf"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,6 +114,8 @@ class GGUFTokenizer:
         tokens = array("tokenizer.ggml.tokens")
         if not tokens:
             raise LlmarchError("the GGUF has no tokenizer (tokenizer.ggml.tokens); pass --prompt-ids", ckpt.path)
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            raise LlmarchError("tokenizer.ggml.tokens must be an array of strings", ckpt.path)
         types = array("tokenizer.ggml.token_type") or []
         self.model = meta.get("tokenizer.ggml.model")
         self.gemma = meta.get("general.architecture") in GEMMA_ARCHS
@@ -126,7 +129,13 @@ class GGUFTokenizer:
                 unk_id = meta.get("tokenizer.ggml.unknown_token_id", 3)
                 self.unk = tokens[unk_id] if isinstance(unk_id, int) and 0 <= unk_id < len(tokens) else None
             else:
-                self.scores = list(array("tokenizer.ggml.scores") or [0.0] * len(tokens))
+                self.scores = array("tokenizer.ggml.scores") or [0.0] * len(tokens)
+                if (
+                    not isinstance(self.scores, list)
+                    or len(self.scores) != len(tokens)
+                    or not all(isinstance(v, (int, float)) and not math.isnan(v) for v in self.scores)
+                ):  # they rank the merges: a NaN has no place in that order (an infinity has)
+                    raise LlmarchError(f"tokenizer.ggml.scores must be {len(tokens)} numbers, one per token", ckpt.path)
             self.decoder = decoders.Sequence(
                 [decoders.Replace(SPIECE, " "), decoders.ByteFallback(), decoders.Fuse()]
                 + ([] if self.gemma else [decoders.Strip(content=" ", left=1)])
@@ -139,7 +148,10 @@ class GGUFTokenizer:
                 (t, ty) for t, ty in zip(tokens, types) if ty == USER_DEFINED or (ty == CONTROL and set(t) <= alphabet)
             ]
             tokens = [t if set(t) <= alphabet else "".join(self.spelling[b] for b in t.encode()) for t in tokens]
-            self.merges = [tuple(m.split(" ")) for m in (array("tokenizer.ggml.merges") or [])]  # type: ignore[misc]
+            merges = array("tokenizer.ggml.merges") or []
+            if not isinstance(merges, list) or not all(isinstance(m, str) and m.count(" ") == 1 for m in merges):
+                raise LlmarchError('tokenizer.ggml.merges must be an array of strings "left right"', ckpt.path)
+            self.merges = [tuple(m.split(" ")) for m in merges]  # type: ignore[misc]
             self.split = SPLITS.get(meta.get("tokenizer.ggml.pre"))
             self.decoder = decoders.ByteLevel()
         else:
