@@ -22,7 +22,7 @@ to each token, Gl its last row; Gamma_ij = exp(G_i - G_j)):
 
 What does not involve S is a C x C matrix per chunk, found for all chunks at once: P = A^-1 diag(beta)
 (A^-1 from one batched triangular solve against I) and M = lower(Q K^T o Gamma) P. The sequential
-loop is then five small batched matmuls per chunk (K S, Q S, M Y, P Y, K^T V') and no solve; with
+loop is then four small batched matmuls per chunk (K S, Q S, [P; M] Y, K^T V') and no solve; with
 one decay per head the exp(G) factors scale whole rows and are applied to those products instead of
 to copies of K and Q.
 
