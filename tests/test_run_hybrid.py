@@ -3,7 +3,8 @@
 Tiny random float32 checkpoints made by transformers with 8 layers (6 linear, 2 gated full
 attention): prefill logits and each of 32 cached decode steps match transformers' forward on the
 same ids within 1e-4 (max abs) and the greedy tokens are identical; the prompt (77 tokens) is odd
-and longer than one prefill chunk (32), so the chunked form crosses a chunk boundary with padding.
+and longer than one prefill chunk (32 tokens on the CPU, 64 on a GPU), so the chunked form
+crosses a chunk boundary with padding.
 transformers' pure-PyTorch Gated DeltaNet is the reference (its fast kernels are not installed).
 Also: the chunked prefill form equals the token-by-token recurrence on long inputs, the cache
 holds exactly the state bytes inspect reports, MTP layers are listed and skipped, and experts on
@@ -23,7 +24,7 @@ transformers = pytest.importorskip("transformers")
 from fixtures.parity import check_parity, kv_cache, reference_tokens  # noqa: E402
 
 STEPS = 32
-PROMPT = 77  # odd, > one prefill chunk (32)
+PROMPT = 77  # odd, > one prefill chunk (32 tokens on the CPU, 64 on a GPU)
 HYBRID = dict(num_hidden_layers=8)  # layer_types: every 4th full -> 6 linear + 2 full attention
 CASES = ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"]
 
@@ -40,9 +41,10 @@ def test_logits_and_greedy_match_transformers(tiny, device, name):
 
 
 def test_chunked_form_equals_recurrence_on_long_inputs():
-    """The prefill form (chunks of 32, WY solve) and the one-token recurrence give the same outputs
-    and final state over 300 tokens from a non-zero state, also when the prefill is cut into pieces
-    that do not align with the chunks (as the Generator's prefill chunks cut a long prompt)."""
+    """The prefill form (chunks of 32 on the CPU, WY solve) and the one-token recurrence give the
+    same outputs and final state over 300 tokens from a non-zero state, also when the prefill is cut
+    into pieces that do not align with the chunks (as the Generator's prefill chunks cut a long
+    prompt)."""
     from fixtures.recurrence import check_chunked_equals_recurrent
     from llmarch.runtime.ops.gated_deltanet import chunked, l2norm, recurrent_step
 

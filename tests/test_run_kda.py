@@ -1,13 +1,13 @@
 """llmarch run on Kimi Linear (Kimi Delta Attention : MLA with NoPE, MoE + shared) vs transformers.
 
 A tiny random float32 checkpoint made by transformers with 8 layers (6 KDA, 2 MLA; layer 0 dense,
-the rest MoE + shared expert): prefill logits and each of 32 cached decode steps match
-transformers' forward on the same ids within 1e-4 (max abs) and the greedy tokens are identical;
-the prompt (77 tokens) is odd and longer than one prefill chunk (32). transformers' pure-PyTorch
-KDA is the reference (its fast kernels are not installed). Also: the chunked prefill form equals
-the token-by-token recurrence on long inputs with per-channel gates strong enough that a chunk
-decays past float32's range, the cache holds exactly the state bytes inspect reports, experts on
-the CPU give the same greedy tokens as all on one device, and KDA sizes the tensors do not have
+the rest MoE + shared expert): prefill logits and each of 32 cached decode steps match transformers'
+forward on the same ids within 1e-4 (max abs) and the greedy tokens are identical; the prompt (77
+tokens) is odd and longer than one prefill chunk (32 tokens on the CPU, 64 on a GPU). transformers'
+pure-PyTorch KDA is the reference (its fast kernels are not installed). Also: the chunked prefill
+form equals the token-by-token recurrence on long inputs with per-channel gates strong enough that a
+chunk decays past float32's range, the cache holds exactly the state bytes inspect reports, experts
+on the CPU give the same greedy tokens as all on one device, and KDA sizes the tensors do not have
 are refused in one line naming the file.
 """
 
@@ -25,7 +25,7 @@ transformers = pytest.importorskip("transformers")
 from fixtures.parity import TOL, check_parity, kv_cache, own_cache, reference_tokens  # noqa: E402
 
 STEPS = 32
-PROMPT = 77  # odd, > one prefill chunk (32)
+PROMPT = 77  # odd, > one prefill chunk (32 tokens on the CPU, 64 on a GPU)
 # 1-based layer numbers, as the Hub config writes them: KDA 3:1 with MLA, two MLA layers
 HYBRID = dict(
     num_hidden_layers=8,
@@ -54,8 +54,8 @@ def test_logits_and_greedy_match_transformers(tiny, device):
 
 
 def test_chunked_form_equals_recurrence_with_channel_gates():
-    """Per-channel gates: the prefill form (chunks of 32, sub-chunks of 16, WY solve) and the
-    one-token recurrence give the same outputs and final state over 300 tokens from a non-zero
+    """Per-channel gates: the prefill form (chunks of 32 on the CPU, sub-chunks of 16, WY solve) and
+    the one-token recurrence give the same outputs and final state over 300 tokens from a non-zero
     state, also cut into pieces that do not align with the chunks. The log-decays reach -6 per
     token, so one chunk decays by up to ~190 nats: exp(+-190) is outside float32, which a form
     splitting exp(G_i - G_j) into exp(G_i) exp(-G_j) would turn into inf / nan."""

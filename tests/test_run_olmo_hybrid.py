@@ -1,16 +1,15 @@
 """llmarch run on Olmo hybrid (Gated DeltaNet : Olmo 3 attention 3:1) vs transformers 5.24.
 
-A tiny random float32 checkpoint made by transformers (8 layers: 6 Gated DeltaNet, 2 full
-attention; 4 value heads on 2 key heads): prefill logits and each of 32 cached decode steps match
-transformers' forward on the same ids within 1e-4 and the greedy tokens are identical; the prompt
-(77 tokens) is odd and longer than one prefill chunk (32). transformers' pure-PyTorch Gated
-DeltaNet is the reference. What differs from Qwen3-Next's mixer comes from the config and the
-tensors, read into the spec: separate q/k/v/g/b/a projections, beta = 2 sigmoid(b)
+A tiny random float32 checkpoint made by transformers (8 layers: 6 Gated DeltaNet, 2 full attention;
+4 value heads on 2 key heads): prefill logits and each of 32 cached decode steps match transformers'
+forward on the same ids within 1e-4 and the greedy tokens are identical; the prompt (77 tokens) is
+odd and longer than one prefill chunk (32 tokens on the CPU, 64 on a GPU). transformers'
+pure-PyTorch Gated DeltaNet is the reference. What differs from Qwen3-Next's mixer comes from the
+config and the tensors, read into the spec: separate q/k/v/g/b/a projections, beta = 2 sigmoid(b)
 (linear_allow_neg_eigval), the gated norm's own epsilon (the recipe: FLA's 1e-5), pre-norm linear
 layers beside post-norm attention layers, NoPE when rope_theta is null. Also: the Generator (prefill
-in chunks) gives transformers' tokens, the cache
-holds exactly the state bytes inspect reports, and convert refuses it in one line (llama.cpp has
-no architecture for it).
+in chunks) gives transformers' tokens, the cache holds exactly the state bytes inspect reports, and
+convert refuses it in one line (llama.cpp has no architecture for it).
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ transformers = pytest.importorskip("transformers")
 from fixtures.parity import check_parity, kv_cache  # noqa: E402
 
 STEPS = 32
-PROMPT = 77  # odd, > one prefill chunk (32)
+PROMPT = 77  # odd, > one prefill chunk (32 tokens on the CPU, 64 on a GPU)
 
 
 def test_logits_and_greedy_match_transformers(tiny, device):

@@ -40,9 +40,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CHUNK = 32  # tokens per chunk of the prefill form: the within-chunk work grows with it (~4 C dk
-# multiply-adds per token beside ~3 dk dv for the state), and 32 rows still keep the matmuls efficient
-SUB = 16  # tokens per sub-chunk of the per-channel pair products (a divisor of CHUNK)
+CHUNK = 64  # tokens per chunk of the prefill form where kernel launches bound the loop (GPU; the
+# reference kernels' size)
+CPU_CHUNK = 32  # on the CPU the arithmetic does: the within-chunk work grows with the chunk (~4 C dk
+# multiply-adds per token beside ~3 dk dv against the state), and 32 rows keep the matmuls efficient
+SUB = 16  # tokens per sub-chunk of the per-channel pair products (a divisor of CHUNK and CPU_CHUNK)
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -110,9 +112,12 @@ def decayed_pairs(lefts: list[torch.Tensor], b: torch.Tensor, gc: torch.Tensor, 
     return outs
 
 
-def chunked(q, k, v, g, beta, state: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+def chunked(q, k, v, g, beta, state: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """T tokens in the chunk/WY form. q, k [B,H,T,Dk], v [B,H,T,Dv], g [B,H,T] or [B,H,T,Dk], beta
-    [B,H,T] (float32); state [B,H,Dk,Dv] float32, updated in place. Returns o [B,H,T,Dv]."""
+    [B,H,T] (float32); state [B,H,Dk,Dv] float32, updated in place. Returns o [B,H,T,Dv]. chunk:
+    tokens per chunk (a multiple of SUB), by default CPU_CHUNK on the CPU and CHUNK elsewhere."""
+    if chunk is None:
+        chunk = CPU_CHUNK if q.device.type == "cpu" else CHUNK
     B, H, T, Dk = k.shape
     Dv = v.shape[-1]
     per_channel = g.dim() == k.dim()
