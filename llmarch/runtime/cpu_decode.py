@@ -127,7 +127,7 @@ int decode_step(const Plan* P, float* x, long pos, float* logits, int nthreads, 
         rc = lin(&P->head, x, d, logits, tmp, nthreads);
     }
     if (rc) return rc;
-    if (P->softcap > 0.f)
+    if (P->softcap > 0.f)  /* libm's tanhf: within an ulp of torch.tanh, the one op not bit-equal */
         for (int j = 0; j < P->vocab; j++) logits[j] = tanhf(logits[j] / P->softcap) * P->softcap;
     long best = 0;
     for (int j = 1; j < P->vocab; j++)
