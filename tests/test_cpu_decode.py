@@ -54,6 +54,24 @@ def test_step_equals_the_module_path(tiny_gguf, arch):
     assert step.next_token() == int(logits_c[-1].argmax())
 
 
+def test_final_softcap(tiny_gguf):
+    """A final logit soft-cap (Gemma 2's 30, set on the tiny gemma3 here): the step caps as the
+    module path does, within float32 rounding of tanh (libm's tanhf against torch's)."""
+    rt = runtime(tiny_gguf, "gemma3")
+    rt.model.final_softcap = 0.3  # the tiny model's logits reach ~0.5: capped visibly
+    gen = Generator(rt, 12)
+    ids = torch.randint(4, rt.spec.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        gen.model(ids[:, :4], torch.arange(4), gen.cache, limit=4)
+        mine = torch.cat([gen.cpu_step(ids[:, i : i + 1], i).clone() for i in range(4, 12)])
+        gen.model(ids[:, :4], torch.arange(4), gen.cache, limit=4)
+        theirs = torch.cat(
+            [gen.model(ids[:, i : i + 1], torch.tensor([i]), gen.cache, limit=i + 1)[0] for i in range(4, 12)]
+        )
+    assert theirs.abs().max() <= 0.3 and (theirs.abs() > 0.2).any()
+    assert (mine - theirs).abs().max().item() < 1e-5
+
+
 def test_step_is_close_to_the_float_weights(tiny_gguf, monkeypatch):
     """The step's logits against the module path with every matrix dequantized (MAX_ROWS 0: float
     weights, float activations): int8 activation rounding only, a few percent."""
