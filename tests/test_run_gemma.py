@@ -55,7 +55,10 @@ def ours(gguf_path):
 
 
 @pytest.mark.slow
-def test_gguf_tokenizer_matches_transformers(ours, hf_tokenizer):
+@pytest.mark.parametrize("whole_vocab", [False, True], ids=["sub_vocabulary", "whole_vocabulary"])
+def test_gguf_tokenizer_matches_transformers(ours, hf_tokenizer, whole_vocab, monkeypatch):
+    # a text past WHOLE_VOCAB_AT characters is encoded by the whole vocabulary's BPE instead
+    monkeypatch.setattr("llmarch.runtime.tokenizer.WHOLE_VOCAB_AT", -1 if whole_vocab else 10**9)
     for text in TRICKY:
         mine, theirs = ours.encode(text), hf_tokenizer(text)["input_ids"]
         assert mine == theirs, text

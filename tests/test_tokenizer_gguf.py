@@ -29,7 +29,10 @@ def random_texts(words: list[str], n: int, seed: int) -> list[str]:
     return out
 
 
-def test_byte_level_gguf_tokenizer_matches_its_tokenizer_json(tiny, tmp_path):
+@pytest.mark.parametrize("whole_vocab", [False, True], ids=["sub_vocabulary", "whole_vocabulary"])
+def test_byte_level_gguf_tokenizer_matches_its_tokenizer_json(tiny, tmp_path, whole_vocab, monkeypatch):
+    # a text past WHOLE_VOCAB_AT characters is encoded by the whole vocabulary's BPE instead
+    monkeypatch.setattr("llmarch.runtime.tokenizer.WHOLE_VOCAB_AT", -1 if whole_vocab else 10**9)
     from tokenizers import Tokenizer
 
     from llmarch.checkpoint import open_checkpoint

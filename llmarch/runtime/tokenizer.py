@@ -12,6 +12,7 @@ from llmarch.checkpoint.base import Checkpoint
 from llmarch.errors import LlmarchError
 
 SPIECE = "\u2581"
+WHOLE_VOCAB_AT = 50_000  # characters of text from which the whole vocabulary's BPE is built instead
 CONTROL, USER_DEFINED = 3, 4
 # pre-tokenizer split regexes of byte-level GGUF vocabularies, by tokenizer.ggml.pre
 _LLAMA3_SPLIT = (
@@ -168,6 +169,7 @@ class GGUFTokenizer:
         # id past it: it is left out
         self.user = [t for t, ty in added if ty == USER_DEFINED and t in self.vocab]
         self.special_ids = {self.vocab[t] for t in self.control if t in self.vocab}
+        self._whole = None  # the whole vocabulary's BPE, once a text long enough needs it
 
     def token_to_id(self, token: str) -> int | None:
         return self.vocab.get(token)
@@ -191,14 +193,27 @@ class GGUFTokenizer:
             out.append("".join(fallback) if all(f in self.vocab for f in fallback) else (self.unk or ""))
         return "".join(out)
 
-    def _sub_tokenizer(self, text: str):
+    def _tokenizer_for(self, text: str):
+        """The sub-vocabulary BPE of `text`; past WHOLE_VOCAB_AT characters, where finding the
+        sub-vocabulary (~30-80 us a character) costs more than the whole BPE's one-off build, the
+        whole vocabulary's BPE, built once and kept."""
+        if len(text) <= WHOLE_VOCAB_AT:
+            s, vocab, longest = self._symbols(text), self.vocab, self.longest
+            found = {
+                t for i in range(len(s)) for j in range(i + 1, min(len(s), i + longest) + 1) if (t := s[i:j]) in vocab
+            }
+            return self._bpe(found, [t for t in self.control if t in text], [t for t in self.user if t in text])
+        if self._whole is None:
+            self._whole = self._bpe(set(self.vocab), self.control, self.user)
+        return self._whole
+
+    def _bpe(self, found: set[str], control: list[str], user: list[str]):
+        """A BPE of the tokens `found` (plus the added tokens given and the unknown token), their
+        merges in the whole list's order."""
         from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
         from tokenizers.models import BPE
 
-        s, vocab, longest = self._symbols(text), self.vocab, self.longest
-        found = {t for i in range(len(s)) for j in range(i + 1, min(len(s), i + longest) + 1) if (t := s[i:j]) in vocab}
-        control = [t for t in self.control if t in text]
-        user = [t for t in self.user if t in text]
+        vocab = self.vocab
         found.update(t for t in control + user + [self.unk] if t in vocab)
         order = self.first.__getitem__ if self.first else vocab.__getitem__
         sub = {t: vocab[t] for t in sorted(found, key=order)}
@@ -238,7 +253,7 @@ class GGUFTokenizer:
         return tok
 
     def encode(self, text: str, add_special_tokens: bool = True):
-        return self._sub_tokenizer(text).encode(text, add_special_tokens=add_special_tokens)
+        return self._tokenizer_for(text).encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         skip = self.special_ids if skip_special_tokens else set()
