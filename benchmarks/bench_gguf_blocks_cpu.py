@@ -158,7 +158,7 @@ def main() -> None:
             print(f"threads {threads} round {rnd} (load {loads[-1]:.1f}): {line}", flush=True)
         loads.append(os.getloadavg()[0])
         llama = statistics.median(r["decode_tok_s"] for r in runs[LLAMA])
-        fp32 = runs.get(FP32, runs[LLAMA])[0]["tokens"]
+        fp32 = runs[FP32][0]["tokens"] if FP32 in runs else None  # not run under --only without float32
         print(f"\nthreads {threads}, load average {min(loads):.1f}-{max(loads):.1f}, {a.tokens} greedy tokens")
         print(
             f"{'configuration':55s} {'decode tok/s':>12s} {'vs llama.cpp':>12s} {'per round':>9s} {'peak RSS':>9s}"
@@ -168,7 +168,7 @@ def main() -> None:
         for name, rs in runs.items():
             med = statistics.median(r["decode_tok_s"] for r in rs)
             rss = max(r["peak_rss_mib"] for r in rs)
-            same = same_prefix(rs[0]["tokens"], fp32)
+            same = same_prefix(rs[0]["tokens"], fp32) if fp32 is not None else None
             same_llama = same_prefix(rs[0]["tokens"], runs[LLAMA][0]["tokens"])
             table[name] = {"decode_tok_s": [r["decode_tok_s"] for r in rs], "median": med, "peak_rss_mib": rss}
             table[name]["prefill_tok_s_median"] = statistics.median(r["prefill_tok_s"] for r in rs)
@@ -182,10 +182,12 @@ def main() -> None:
             table[name]["same_prefix_as_llama_cpp"] = same_llama
             print(
                 f"{name:55s} {med:12.2f} {med / llama:11.2f}x {statistics.median(per_round):8.2f}x {rss:7.0f}MiB"
-                f"  first {same:2d} / {same_llama:2d}"
+                f"  first {'-' if same is None else same:>2} / {same_llama:2d}"
             )
         results[f"threads_{threads}"] = {"load_average": loads, "table": table}
-    if not a.no_drift:
+    if FP32 not in configs and not a.no_drift:
+        print("teacher-forced agreement skipped: it needs the float32 configuration's tokens")
+    elif not a.no_drift:
         tokens = runs[FP32][0]["tokens"]
         drift = teacher_forced(tokens, runs[LLAMA][0]["tokens"], min(a.threads))
         results["teacher_forced_top1"] = drift
