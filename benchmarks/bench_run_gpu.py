@@ -92,7 +92,9 @@ def llmarch_prepare(path: Path, prompt: list[int], n: int, compile: bool, device
     from llmarch.runtime.load import load_runtime
 
     t = time.perf_counter()
-    rt = load_runtime(str(path), device, "bfloat16")
+    # a GGUF's matrices from its stored blocks, as `llmarch run model.gguf` does by default (where
+    # the runtime has kernels for the type; the others are dequantized to bf16)
+    rt = load_runtime(str(path), device, "bfloat16", stored_blocks=str(path).endswith(".gguf"))
     load_s = time.perf_counter() - t
     g = Generator(rt, len(prompt) + n, compile=compile)
     warm = g.generate(prompt, n, Sampling())
