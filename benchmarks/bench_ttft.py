@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LLAMA = "llama.cpp"
 COMMAND = ["run", "--prompt", "Once upon a time", "-n", "40"]
 
-# the child: the real `llmarch run`, with its phase boundaries noted (clock, VmRSS, VmHWM)
-TRACE = r"""
+# both children start by noting each phase boundary: the clock, VmRSS and VmHWM
+MARKS = r"""
 import sys, time
 marks = []
 def mark(name):
@@ -47,6 +47,12 @@ def mark(name):
                 vals[k] = int(v.split()[0]) / 1024
     marks.append([name, time.monotonic(), vals["VmRSS"], vals["VmHWM"]])
 mark("python started")
+"""
+
+# the child: the real `llmarch run`, with its phase boundaries noted
+TRACE = (
+    MARKS
+    + r"""
 out_path = sys.argv[1]
 sys.argv = ["llmarch", *sys.argv[2:]]
 import llmarch, llmarch.cli, llmarch.api, llmarch.runtime.tokenizer as tk
@@ -101,21 +107,13 @@ finally:
         json.dump({"marks": marks, "llmarch": llmarch.__file__, "modules": sorted(sys.modules)}, f)
 sys.exit(code)
 """
+)
 
 # llama.cpp (llama-cpp-python) on the same bytes (the joined .gguf), the same prompt, greedy, its own
 # process: the same phases where it has them (its tokenizer is part of the model load)
-LLAMA_TRACE = r"""
-import sys, time
-marks = []
-def mark(name):
-    vals = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            if k in ("VmRSS", "VmHWM"):
-                vals[k] = int(v.split()[0]) / 1024
-    marks.append([name, time.monotonic(), vals["VmRSS"], vals["VmHWM"]])
-mark("python started")
+LLAMA_TRACE = (
+    MARKS
+    + r"""
 mark("cli imported")
 out_path, path, threads, prompt, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 from llama_cpp import Llama
@@ -142,6 +140,7 @@ import json
 with open(out_path, "w") as f:
     json.dump({"marks": marks, "llmarch": "llama.cpp", "modules": sorted(sys.modules)}, f)
 """
+)
 
 PHASES = [  # (label, from mark, to mark)
     ("python start-up", "spawn", "python started"),
