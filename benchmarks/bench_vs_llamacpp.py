@@ -395,6 +395,18 @@ def pct(x):
     return fmt(x and x * 100, ".0f", "%")
 
 
+def row(head: str, ours: dict, theirs: dict, tg_spec: str = ".0f", bound: str = "") -> str:
+    """One table row: decode, its ratio and each engine's fraction of the bound (`bound` names
+    which), then prefill and its ratio."""
+    o_tg, o_pp = ours.get("decode_tok_s"), ours.get("prefill_tok_s")
+    t_tg, t_pp = theirs.get("tg", {}).get("tok_s"), theirs.get("pp", {}).get("tok_s")
+    return (
+        f"| {head} | {fmt(t_tg, tg_spec)} | {fmt(o_tg, tg_spec)} | {fmt(ratio(o_tg, t_tg), '.2f', 'x')} | "
+        f"{pct(theirs.get('fraction_of_bound'))}{bound} | {pct(ours.get('fraction_of_bound'))}{bound} | "
+        f"{fmt(t_pp)} | {fmt(o_pp)} | {fmt(ratio(o_pp, t_pp), '.2f', 'x')} |"
+    )
+
+
 def table(res: dict) -> str:
     rate = res.get("copy_rate_Bps")
     lines = [
@@ -412,26 +424,15 @@ def table(res: dict) -> str:
             if ours is None and (src == "safetensors" or not theirs):
                 continue
             ours = ours or {}
-            o_tg, o_pp = ours.get("decode_tok_s"), ours.get("prefill_tok_s")
-            t_tg, t_pp = theirs.get("tg", {}).get("tok_s"), theirs.get("pp", {}).get("tok_s")
-            lines.append(
-                f"| {name} | {LABELS[src]}{'' if ours.get('compiled', True) else ' (llmarch: graph, no compile)'} | "
-                f"{fmt(t_tg)} | {fmt(o_tg)} | {fmt(ratio(o_tg, t_tg), '.2f', 'x')} | "
-                f"{pct(theirs.get('fraction_of_bound'))} | {pct(ours.get('fraction_of_bound'))} | "
-                f"{fmt(t_pp)} | {fmt(o_pp)} | {fmt(ratio(o_pp, t_pp), '.2f', 'x')} |"
-            )
+            label = LABELS[src] + ("" if ours.get("compiled", True) else " (llmarch: graph, no compile)")
+            lines.append(row(f"{name} | {label}", ours, theirs))
     moe = res.get("moe")
     if moe:
-        ours, theirs = moe.get("llmarch", {}), moe.get("llama.cpp", {})
-        o_tg, o_pp = ours.get("decode_tok_s"), ours.get("prefill_tok_s")
-        t_tg, t_pp = theirs.get("tg", {}).get("tok_s"), theirs.get("pp", {}).get("tok_s")
-        lines.append(
-            f"| {MOE_SHAPE} shape, {moe['layers']} layers | Q4_0 GGUF, experts in host RAM "
-            f"(llama.cpp -ot exps=CPU; llmarch --experts cpu) | {fmt(t_tg, '.1f')} | {fmt(o_tg, '.1f')} | "
-            f"{fmt(ratio(o_tg, t_tg), '.2f', 'x')} | {pct(theirs.get('fraction_of_bound'))} (host) | "
-            f"{pct(ours.get('fraction_of_bound'))} (host) | {fmt(t_pp)} | {fmt(o_pp)} | "
-            f"{fmt(ratio(o_pp, t_pp), '.2f', 'x')} |"
+        head = (
+            f"{MOE_SHAPE} shape, {moe['layers']} layers | Q4_0 GGUF, experts in host RAM "
+            "(llama.cpp -ot exps=CPU; llmarch --experts cpu)"
         )
+        lines.append(row(head, moe.get("llmarch", {}), moe.get("llama.cpp", {}), tg_spec=".1f", bound=" (host)"))
     for name, m in res["models"].items():
         for src, r in m["llmarch"].items():
             if r.get("decode_profile"):
