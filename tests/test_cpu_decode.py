@@ -106,5 +106,5 @@ def test_unsupported_models_keep_the_module_path(tiny_gguf, monkeypatch):
     path = str(tiny_gguf("gemma3", **MODELS["gemma3"]))
     assert Generator(load_runtime(path, "cpu", "float32"), 8).cpu_step is None
     rt = load_runtime(path, "cpu", None, None, stored_blocks=True)
-    monkeypatch.setattr(cpu_decode, "_lib", lambda: None)
+    monkeypatch.setattr(cpu_decode, "lib", lambda: None)
     assert Generator(rt, 8).cpu_step is None

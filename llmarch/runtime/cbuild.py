@@ -47,13 +47,22 @@ def build(name: str, source: str, flags: list[str]) -> ctypes.CDLL:
     return ctypes.CDLL(str(so))
 
 
-def build_avx2(name: str, source: str, flags: list[str]) -> ctypes.CDLL | None:
-    """build() for a kernel written for AVX2, where it can run: None when LLMARCH_NO_CKERNEL is
-    set, when torch finds no SIMD capability on this CPU, or when there is no working compiler (the
-    caller then takes its torch path: same results, slower)."""
+def has_avx2() -> bool:
+    """Whether this CPU runs the AVX2 + FMA + F16C kernels: read from /proc/cpuinfo where there is one
+    (no torch import: the native run starts without it), else from torch's CPU capability."""
+    flags = _cpu_flags().split()
+    if flags:
+        return {"avx2", "fma", "f16c"} <= set(flags)
     import torch
 
-    if os.environ.get("LLMARCH_NO_CKERNEL") or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+    return torch.backends.cpu.get_cpu_capability() != "DEFAULT"
+
+
+def build_avx2(name: str, source: str, flags: list[str]) -> ctypes.CDLL | None:
+    """build() for a kernel written for AVX2, where it can run: None when LLMARCH_NO_CKERNEL is
+    set, when this CPU lacks AVX2, or when there is no working compiler (the caller then takes its
+    torch path: same results, slower)."""
+    if os.environ.get("LLMARCH_NO_CKERNEL") or not has_avx2():
         return None
     try:
         return build(name, source, flags)

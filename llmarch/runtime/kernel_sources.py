@@ -1,0 +1,376 @@
+"""The C sources of the CPU kernels, as strings, with no torch import: the stored-block matmul
+(gguf_matmul.py), the float32 ops of a decode token (cpu_kernels.py) and the whole decode step built
+from both (cpu_plan.py) compile from here, so a run that never needs torch (native_run.py) builds the
+same library as one that does."""
+
+# the stored types the C kernel reads, and its code for each
+KERNEL_TYPES = {"Q8_0": 0, "Q4_0": 1, "Q5_0": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5}
+
+GGUF_MATMUL = r"""
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float f16(const uint8_t* p) { uint16_t h; memcpy(&h, p, 2); return _cvtsh_ss(h); }
+
+/* 32 signed weights . 32 signed activations -> 8 int32 (lane i: values 4i..4i+3) */
+static inline __m256i dot_ss(__m256i w, __m256i x) {
+    __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x));
+    return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+}
+/* the same with |x| given (gguf_linear computes it once per token, not once per row) */
+static inline __m256i dot_sa(__m256i w, __m256i x, __m256i ax) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w, x)), _mm256_set1_epi16(1));
+}
+/* 32 unsigned weights (< 128) . 32 signed activations */
+static inline __m256i dot_us(__m256i w, __m256i x) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+}
+static inline __m256i nibbles16(const uint8_t* p) {  /* 16 bytes -> low nibbles, then high nibbles */
+    __m128i b = _mm_loadu_si128((const __m128i*)p);
+    __m128i m = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
+}
+static inline __m256i bits32(const uint8_t* p) {  /* bit i of a little-endian uint32 -> 0xFF / 0 in byte i */
+    uint32_t v; memcpy(&v, p, 4);
+    const __m256i shuf = _mm256_setr_epi64x(0, 0x0101010101010101LL, 0x0202020202020202LL, 0x0303030303030303LL);
+    __m256i r = _mm256_shuffle_epi8(_mm256_set1_epi32((int)v), shuf);
+    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(r, bit), bit);
+}
+static inline float hsum(__m256 v) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+    return _mm_cvtss_f32(lo);
+}
+
+/* activations: per 32 values an int8 block q, its scale d and s = d * sum(q) (for K-quant mins) */
+void quantize_act(const float* x, int8_t* q, float* d, float* s, long n_blocks) {
+    for (long b = 0; b < n_blocks; b++) {
+        const float* v = x + b * 32;
+        float amax = 0.f;
+        for (int i = 0; i < 32; i++) { float a = fabsf(v[i]); if (a > amax) amax = a; }
+        float sc = amax / 127.f, inv = sc > 0.f ? 1.f / sc : 0.f;
+        int sum = 0;
+        for (int i = 0; i < 32; i++) { int r = (int)lrintf(v[i] * inv); q[b * 32 + i] = (int8_t)r; sum += r; }
+        d[b] = sc;
+        s[b] = sc * (float)sum;
+    }
+}
+
+/* Each row's bytes are streamed once; prefetching PF bytes ahead keeps one core's loads in flight
+   (on the VMs measured, the hardware streamer alone caps a core near 6-8 GB/s). Rows are contiguous,
+   so near a row's end the prefetch reaches into the next row. */
+#ifndef PF
+#define PF 2048
+#endif
+#define PREFETCH(p) __builtin_prefetch((const void*)(p), 0, 3)
+
+/* [s0..s7]: the lane sums of eight int32 vectors, in order (three rounds of hadd, then the halves) */
+static inline __m256i sum8(const __m256i* p) {
+    __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+    __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+    __m128i lo = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    __m128i hi = _mm_add_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+    return _mm256_set_m128i(hi, lo);
+}
+
+/* The legacy types' 32 values of one block as bytes: Q8_0's signed; Q4_0's and Q5_0's unsigned, before
+   their offset (8, 16) is taken off: sum((u - off) x) = sum(u x) - off sum(x), and d * sum(x) of each
+   activation block is xs, so the offset costs one FMA per 8 blocks instead of a subtraction and two
+   sign operations per block */
+static inline __m256i vals_q8_0(const uint8_t* blk) { return _mm256_loadu_si256((const __m256i*)(blk + 2)); }
+static inline __m256i vals_q4_0(const uint8_t* blk) { return nibbles16(blk + 2); }
+static inline __m256i vals_q5_0(const uint8_t* blk) {  /* nibble | 5th bit << 4 */
+    return _mm256_or_si256(nibbles16(blk + 6), _mm256_and_si256(bits32(blk + 2), _mm256_set1_epi8(0x10)));
+}
+static inline uint16_t u16(const uint8_t* p) { uint16_t v; memcpy(&v, p, 2); return v; }
+
+/* One weight row (nb32 = K / 32 blocks of BYTES bytes, a float16 scale first) . one activation row.
+   Blocks go 8 at a time: their integer dot products summed to one vector (sum8), scaled by the 8
+   weight scales times the 8 activation scales as one vector, so no scalar work per block; the last
+   group of a width not a multiple of 256 has its missing blocks zeroed. */
+#define LEGACY_ROW(NAME, BYTES, VALS, OFF)                                                                    \
+static inline float NAME(const uint8_t* w, const int8_t* xq, const int8_t* xa, const float* xd, const float* xs, int nb32) {    \
+    __m256 acc = _mm256_setzero_ps(), off = _mm256_setzero_ps();                                              \
+    for (int b = 0; b < nb32; b += 8, w += 8 * BYTES) {                                                       \
+        const int n = nb32 - b < 8 ? nb32 - b : 8;                                                            \
+        for (int o = 0; o < 8 * BYTES; o += 64) PREFETCH(w + PF + o);                                         \
+        __m256i p[8];                                                                                         \
+        uint16_t h[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                             \
+        for (int j = 0; j < 8; j++) {                                                                         \
+            if (j < n) {                                                                                      \
+                const __m256i x = _mm256_loadu_si256((const __m256i*)(xq + 32 * (b + j)));                    \
+                p[j] = OFF ? dot_us(VALS(w + j * BYTES), x)                                                   \
+                           : dot_sa(VALS(w + j * BYTES), x, _mm256_loadu_si256((const __m256i*)(xa + 32 * (b + j)))); \
+                h[j] = u16(w + j * BYTES);                                                                    \
+            } else p[j] = _mm256_setzero_si256();                                                             \
+        }                                                                                                     \
+        __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)h));                                      \
+        const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); \
+        __m256 as = n == 8 ? _mm256_loadu_ps(xd + b) : _mm256_maskload_ps(xd + b, live);                       \
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum8(p)), _mm256_mul_ps(ws, as), acc);                       \
+        if (OFF) off = _mm256_fmadd_ps(ws, n == 8 ? _mm256_loadu_ps(xs + b) : _mm256_maskload_ps(xs + b, live), off); \
+    }                                                                                                         \
+    return hsum(acc) - (float)OFF * hsum(off);                                                                \
+}
+LEGACY_ROW(row_q8_0, 34, vals_q8_0, 0)
+LEGACY_ROW(row_q4_0, 18, vals_q4_0, 8)
+LEGACY_ROW(row_q5_0, 22, vals_q5_0, 16)
+
+/* A K-quant super-block's 8 sub-blocks are summed in integers, then scaled as one vector: scale_j *
+   activation scale_j for j < 8 (the activations' scales of the super-block are contiguous), so no
+   scalar work per sub-block. */
+/* Q4_K (hbits 0) and Q5_K (hbits 1): d, dmin, 12 bytes of 6-bit scales/mins, [Q5_K: 32 bytes of 5th bits], 128 bytes of nibbles */
+static inline float row_k45(const uint8_t* w, const int8_t* xq, const int8_t* xa, const float* xd, const float* xs, int nb32, int hbits) {
+    const int bytes = hbits ? 176 : 144;
+    __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int b = 0; b < nb32 / 8; b++, w += bytes) {
+        PREFETCH(w + PF);
+        PREFETCH(w + PF + 64);
+        PREFETCH(w + PF + 128);
+        /* the 8 six-bit scales, then the 8 mins, one byte each (get_scale_min_k4 for all j at once) */
+        uint32_t u[4];
+        memcpy(u, w + 4, 12);
+        u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+        const uint32_t mins03 = u[1] & 0x3f3f3f3f;
+        u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+        u[2] = mins03;
+        u[0] &= 0x3f3f3f3f;
+        const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)u)));
+        const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(u + 2))));
+        const uint8_t* qs = w + (hbits ? 48 : 16);
+        const int8_t* xb = xq + 256 * b;
+        __m256i qh = hbits ? _mm256_loadu_si256((const __m256i*)(w + 16)) : _mm256_setzero_si256();
+        __m256i p[8];
+        for (int c = 0; c < 4; c++) {
+            __m256i raw = _mm256_loadu_si256((const __m256i*)(qs + 32 * c));
+            __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+            if (hbits) {
+                __m256i b0 = _mm256_set1_epi8((char)(1 << (2 * c))), b1 = _mm256_set1_epi8((char)(2 << (2 * c)));
+                lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b0), b0), _mm256_set1_epi8(0x10)));
+                hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b1), b1), _mm256_set1_epi8(0x10)));
+            }
+            p[2 * c] = dot_us(lo, _mm256_loadu_si256((const __m256i*)(xb + 64 * c)));
+            p[2 * c + 1] = dot_us(hi, _mm256_loadu_si256((const __m256i*)(xb + 64 * c + 32)));
+        }
+        const __m256 f = _mm256_mul_ps(_mm256_set1_ps(f16(w)), _mm256_mul_ps(sc, _mm256_loadu_ps(xd + 8 * b)));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum8(p)), f, acc);
+        macc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(f16(w + 2)), mn), _mm256_loadu_ps(xs + 8 * b), macc);
+    }
+    return hsum(acc) - hsum(macc);
+}
+/* Q6_K: 128 bytes low 4 bits, 64 bytes high 2 bits, 16 int8 scales (one per 16 values), d; the
+   scales multiply the int16 pair sums (madd), so each 32-value block leaves one scaled int32 vector */
+static inline float row_q6_k(const uint8_t* w, const int8_t* xq, const int8_t* xa, const float* xd, const float* xs, int nb32) {
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x03), off = _mm256_set1_epi8(32);
+    for (int b = 0; b < nb32 / 8; b++, w += 210) {
+        PREFETCH(w + PF);
+        PREFETCH(w + PF + 64);
+        PREFETCH(w + PF + 128);
+        PREFETCH(w + PF + 192);
+        const int8_t* sc = (const int8_t*)(w + 192);
+        const int8_t* xb = xq + 256 * b;
+        __m256i p[8];
+        for (int half = 0; half < 2; half++) {
+            __m256i l0 = _mm256_loadu_si256((const __m256i*)(w + 64 * half));
+            __m256i l1 = _mm256_loadu_si256((const __m256i*)(w + 64 * half + 32));
+            __m256i h = _mm256_loadu_si256((const __m256i*)(w + 128 + 32 * half));
+            __m256i q[4] = {
+                _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(h, m2), 4)),
+                _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), m2), 4)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), m2), 4)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), m2), 4)),
+            };
+            for (int k = 0; k < 4; k++) {
+                const int c = 4 * half + k;
+                __m256i x = _mm256_loadu_si256((const __m256i*)(xb + 32 * c));
+                __m256i ax = _mm256_loadu_si256((const __m256i*)(xa + 256 * b + 32 * c));
+                __m256i p16 = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(_mm256_sub_epi8(q[k], off), x));
+                p[c] = _mm256_madd_epi16(p16, _mm256_set_m128i(_mm_set1_epi16(sc[2 * c + 1]), _mm_set1_epi16(sc[2 * c])));
+            }
+        }
+        const __m256 f = _mm256_mul_ps(_mm256_set1_ps(f16(w + 208)), _mm256_loadu_ps(xd + 8 * b));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum8(p)), f, acc);
+    }
+    (void)xs;
+    return hsum(acc);
+}
+static inline float row_q4_k(const uint8_t* w, const int8_t* xq, const int8_t* xa, const float* xd, const float* xs, int nb32) {
+    return row_k45(w, xq, xa, xd, xs, nb32, 0);
+}
+static inline float row_q5_k(const uint8_t* w, const int8_t* xq, const int8_t* xa, const float* xd, const float* xs, int nb32) {
+    return row_k45(w, xq, xa, xd, xs, nb32, 1);
+}
+
+/* y[t * ldy + n] = W[n, :] . x[t, :] for n0 <= n < n1, t < T; W rows of row_bytes stored blocks each */
+#define ROWS(ROW)                                                                                \
+    for (int n = n0; n < n1; n++) {                                                              \
+        const uint8_t* row = w + (size_t)n * row_bytes;                                          \
+        for (int t = 0; t < T; t++)                                                              \
+            y[(size_t)t * ldy + n] = ROW(row, xq + (size_t)t * K, xa + (size_t)t * K,              \
+                                         xd + (size_t)t * nb32, xs + (size_t)t * nb32, nb32);     \
+    }
+
+static int rows_range(int type, const int8_t* xq, const int8_t* xa, const float* xd, const float* xs, const uint8_t* w, long row_bytes,
+                      float* y, long ldy, int T, int n0, int n1, int K) {
+    const int nb32 = K / 32;
+    switch (type) {
+        case 0: ROWS(row_q8_0) break;
+        case 1: ROWS(row_q4_0) break;
+        case 2: ROWS(row_q5_0) break;
+        case 3: ROWS(row_q4_k) break;
+        case 4: ROWS(row_q5_k) break;
+        case 5: ROWS(row_q6_k) break;
+        default: return 1;
+    }
+    return 0;
+}
+
+/* One Linear's whole forward in one call (each ctypes call and torch allocation costs microseconds,
+   and a decode step makes ~70 of them): x [T, K] float32 quantized to int8 blocks once, then every
+   part (stacked rows of stored blocks, e.g. fused q/k/v of different types) into y [T, sum rows]. */
+int gguf_linear(const float* x, int T, int K, int nparts, const int* types, const void* const* ws,
+                const long* row_bytes, const int* rows, float* y, int nthreads) {
+    const int nb32 = K / 32;
+    int8_t* xq = (int8_t*)malloc(2 * (size_t)T * K + 2 * sizeof(float) * (size_t)T * nb32);
+    if (!xq) return 2;
+    int8_t* xa = xq + (size_t)T * K;  /* |xq|: the signed types' dot products take it as is */
+    float* xd = (float*)(xa + (size_t)T * K);  /* T * K is a multiple of 32: aligned for floats */
+    float* xs = xd + (size_t)T * nb32;
+    quantize_act(x, xq, xd, xs, (long)T * nb32);
+    for (size_t i = 0; i < (size_t)T * K; i += 32)
+        _mm256_storeu_si256((__m256i*)(xa + i), _mm256_abs_epi8(_mm256_loadu_si256((const __m256i*)(xq + i))));
+    long ldy = 0;
+    for (int p = 0; p < nparts; p++) {
+        if (types[p] < 0 || types[p] > 5) { free(xq); return 1; }
+        ldy += rows[p];
+    }
+    /* one parallel region for all parts, each thread a contiguous share of every part's rows and
+       no barrier until the end: a decode step makes ~70 of these calls, and on a busy machine each
+       extra fork/join is a chance to wait for a descheduled thread */
+    #pragma omp parallel num_threads(nthreads)
+    {
+        const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+        int col = 0;
+        for (int p = 0; p < nparts; p++) {
+            const int n0 = (int)((long)rows[p] * id / nt), n1 = (int)((long)rows[p] * (id + 1) / nt);
+            rows_range(types[p], xq, xa, xd, xs, (const uint8_t*)ws[p], row_bytes[p], y + col, ldy, T, n0, n1, K);
+            col += rows[p];
+        }
+    }
+    free(xq);
+    return 0;
+}
+"""
+
+# The float32 ops of one decode token (RMS norm, rotate-half RoPE, one query's attention, gated activations).
+FLOAT_OPS = r"""
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+/* y = x / sqrt(mean(x^2) + eps) * w over rows of `dim` (a single op: torch's CPU rms_norm is several
+   small ops, ~50-80 us for one decode token's 640 values on the machines measured, ~2 us here) */
+void rms_norm(const float* x, const float* w, float* y, long rows, long dim, float eps) {
+    for (long r = 0; r < rows; r++, x += dim, y += dim) {
+        double ss = 0.0;  /* double: a long row's sum stays exact to float precision */
+        for (long i = 0; i < dim; i++) ss += (double)x[i] * x[i];
+        const float inv = 1.f / sqrtf((float)(ss / (double)dim) + eps);
+        for (long i = 0; i < dim; i++) y[i] = x[i] * inv * w[i];
+    }
+}
+
+/* rotate-half RoPE of x [rows = B * H, T, D] (contiguous) at positions pos[T], the first `rot` dims
+   of each head rotated with the tables' rows cos/sin [npos, rot], the rest copied. Returns 1 when a
+   position is outside the tables. */
+int rope_rotate_half(const float* x, const float* cos, const float* sin, const int64_t* pos, float* y,
+                     long rows, long T, long D, long rot, long npos) {
+    const long half = rot / 2;
+    for (long t = 0; t < T; t++)
+        if (pos[t] < 0 || pos[t] >= npos) return 1;
+    for (long r = 0; r < rows; r++)
+        for (long t = 0; t < T; t++) {
+            const float* xi = x + (r * T + t) * D;
+            float* yi = y + (r * T + t) * D;
+            const float* c = cos + pos[t] * rot;
+            const float* s = sin + pos[t] * rot;
+            for (long i = 0; i < half; i++) yi[i] = xi[i] * c[i] - xi[i + half] * s[i];
+            for (long i = half; i < rot; i++) yi[i] = xi[i] * c[i] + xi[i - half] * s[i];
+            for (long i = rot; i < D; i++) yi[i] = xi[i];
+        }
+    return 0;
+}
+
+/* a . b over n floats (AVX2: a plain loop is one serial chain of adds, ~4 cycles a value) */
+static inline float dot_f32(const float* a, const float* b, int n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    __m256 v = _mm256_add_ps(s0, s1);
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+    float r = _mm_cvtss_f32(lo);
+    for (; i < n; i++) r += a[i] * b[i];
+    return r;
+}
+
+/* One query token's attention (decode): q [H, D]; keys / values of KV heads, each head's rows of D /
+   Dv floats contiguous, heads `k_stride` / `v_stride` floats apart; query head h reads KV head
+   h / (H / KV); mask [S] (nonzero = visible). out [H, Dv] = softmax(scale * q.k over visible keys) @ v.
+   scores: scratch of S floats. */
+void attend_one(const float* q, const float* k, long k_stride, const float* v, long v_stride, const uint8_t* mask,
+                float* out, float* scores, int H, int KV, int S, int D, int Dv, float scale) {
+    const int rep = H / KV;
+    for (int h = 0; h < H; h++) {
+        const float* qh = q + (long)h * D;
+        const float* kh = k + (long)(h / rep) * k_stride;
+        const float* vh = v + (long)(h / rep) * v_stride;
+        float mx = -INFINITY;
+        for (int j = 0; j < S; j++) {
+            if (!mask[j]) { scores[j] = -INFINITY; continue; }
+            scores[j] = dot_f32(qh, kh + (long)j * D, D) * scale;
+            if (scores[j] > mx) mx = scores[j];
+        }
+        float sum = 0.f;
+        for (int j = 0; j < S; j++) { scores[j] = expf(scores[j] - mx); sum += scores[j]; }
+        float* oh = out + (long)h * Dv;
+        for (int i = 0; i < Dv; i++) oh[i] = 0.f;
+        for (int j = 0; j < S; j++) {
+            if (!mask[j]) continue;
+            const float p = scores[j] / sum;
+            const float* vj = vh + (long)j * Dv;
+            for (int i = 0; i < Dv; i++) oh[i] += p * vj[i];
+        }
+    }
+}
+
+/* out[r, j] = act(gu[r, j]) * gu[r, hidden + j] over rows of [gate | up] (out may be gu): act 0 silu,
+   1 gelu with the tanh approximation, 2 gelu. The formulas are aten's; libm's expf / tanhf / erff
+   differ from its vectorized ones in the last bit, which is why the module path calls this too: a
+   gated MLP computes the same bits whichever path runs it. */
+void gated_act(const float* gu, float* out, long rows, long hidden, int kind) {
+    const float beta = (float)(M_SQRT2 * M_2_SQRTPI * 0.5), kappa = 0.044715f;
+    for (long r = 0; r < rows; r++, gu += 2 * hidden, out += hidden)
+        for (long j = 0; j < hidden; j++) {
+            const float x = gu[j];
+            float a;
+            if (kind == 0) a = x / (1.f + expf(-x));
+            else if (kind == 1) a = 0.5f * x * (1.f + tanhf(beta * (x + kappa * (x * x * x))));
+            else a = x * 0.5f * (1.f + erff(x * (float)M_SQRT1_2));
+            out[j] = a * gu[hidden + j];
+        }
+}
+"""
