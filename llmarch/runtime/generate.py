@@ -16,42 +16,14 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from llmarch.errors import LlmarchError
+from llmarch.runtime.generate_types import Result, Sampling
 from llmarch.runtime.kv_cache import KVCache
 
 PREFILL_CHUNK = 512  # bounds the prefill activations; rings handle any chunk length
-
-
-@dataclass
-class Sampling:
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-
-
-@dataclass
-class Result:
-    tokens: list[int]
-    prompt_tokens: int
-    prefill_s: float
-    decode_s: float
-    stopped_by: str  # eos | max_tokens
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def prefill_tok_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
-
-    @property
-    def decode_tok_s(self) -> float:
-        # the first token comes from the prefill logits; decode steps produced the rest
-        n = max(len(self.tokens) - 1, 0)
-        return n / self.decode_s if self.decode_s > 0 and n else 0.0
 
 
 def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> torch.Tensor:
@@ -264,10 +236,15 @@ class Generator:
 
         t0 = time.perf_counter()
         ids = torch.tensor([prompt], dtype=torch.long, device=dev)
-        for i in range(0, len(prompt), PREFILL_CHUNK):
-            chunk = ids[:, i : i + PREFILL_CHUNK]
-            pos = torch.arange(i, i + chunk.shape[1], device=dev)
-            logits = self.model(chunk, pos, self.cache, limit=i + chunk.shape[1])[:, -1]
+        if self.cpu_step is not None and len(prompt) <= self.cpu_step.prefill_rows:
+            # one C call; longer prompts are faster through the module path, whose matmuls over
+            # more rows dequantize the weights for a float GEMM (gguf_matmul.MAX_ROWS)
+            logits = self.cpu_step.prefill(ids, 0)
+        else:
+            for i in range(0, len(prompt), PREFILL_CHUNK):
+                chunk = ids[:, i : i + PREFILL_CHUNK]
+                pos = torch.arange(i, i + chunk.shape[1], device=dev)
+                logits = self.model(chunk, pos, self.cache, limit=i + chunk.shape[1])[:, -1]
         nxt = sample(logits, sampling, gen)
         sync()
         prefill_s = time.perf_counter() - t0

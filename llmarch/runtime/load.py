@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 from dataclasses import dataclass, field
 
 import torch
 
-from llmarch.arch.recipe_book import supported_names
 from llmarch.arch.spec import ArchSpec
 from llmarch.errors import LlmarchError
-from llmarch.plan.run_placement import gguf_refusal
 from llmarch.progress import progress
 from llmarch.runtime.ple import check_options as check_ple_options
+from llmarch.runtime.run_checks import check_moe_options, check_supported, cpu_threads
 from llmarch.runtime.weights import ST_DTYPES
 
 DTYPES = {
@@ -80,60 +78,12 @@ def pick_dtype(dtype: str | None, ckpt, device: torch.device, notes: list[str]) 
     return chosen
 
 
-def supported_note() -> str:
-    return f"llmarch run supports {', '.join(supported_names('run'))} (`llmarch families` lists them)"
-
-
-def check_moe_options(spec: ArchSpec, experts, expert_bits, gpu_experts: int, expert_dir) -> None:
-    """The expert-placement options mean nothing on a dense model: say so instead of ignoring them."""
-    if spec.moe is not None:
-        return
-    given = [
-        name
-        for name, value in (
-            ("--experts", experts),
-            ("--expert-bits", expert_bits),
-            ("--gpu-experts", gpu_experts or None),
-            ("--expert-dir", expert_dir),
-        )
-        if value is not None
-    ]
-    if given:
-        verb = "applies" if len(given) == 1 else "apply"
-        raise LlmarchError(f"{' and '.join(given)} only {verb} to MoE models; this model has no routed experts")
-
-
-def check_supported(spec: ArchSpec, path, gguf: bool = False) -> None:
-    """The family's recipe says whether run is proven for it; the facts below refuse what no
-    runtime path exists for whatever the family."""
-    if not spec.layers or not spec.hidden_size:
-        raise LlmarchError(
-            f"unknown model family (no usable config: no layer count or hidden size); {supported_note()}", path
-        )
-    if "run" not in spec.supports:
-        raise LlmarchError(f"family {spec.family!r} is not supported by llmarch run yet; {supported_note()}", path)
-    refusal = gguf_refusal(spec) if gguf else None  # what `fit` says too
-    if refusal:
-        raise LlmarchError(refusal, path)
-
-
 def pick_cpu_threads() -> str | None:
-    """Use the cores the rest of the machine leaves free: cores minus the 1-minute load average,
-    at least one, unless OMP_NUM_THREADS says. Measured on a shared 2-core VM: two threads while
-    other jobs keep it busy decode 4-6x slower than one (each matmul waits for a descheduled peer;
-    llama.cpp's two threads collapse the same way), while on an idle machine two beat one.
-    Returns the run report's line, or None when the environment chose."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        load = os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return None
-    threads = max(1, min(cores, int(cores - load + 0.5)))
-    torch.set_num_threads(threads)
-    plural = "s" if threads > 1 else ""
-    return f"{threads} CPU thread{plural} (load average {load:.1f} on {cores} cores; OMP_NUM_THREADS=N sets it)"
+    """cpu_threads() applied to torch; returns the run report's line, or None when the environment chose."""
+    threads, note = cpu_threads()
+    if threads is not None and note is not None:
+        torch.set_num_threads(threads)
+    return note
 
 
 @contextlib.contextmanager

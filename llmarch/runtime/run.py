@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 
@@ -52,14 +53,11 @@ def parse_ids(text: str) -> list[int]:
 
 
 def peak_memory(device) -> str:
-    import resource
-
-    import torch
-
     if device.type == "cuda":
+        import torch
+
         return f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return f"peak RSS {rss / 1024:.0f} MiB"
+    return f"peak RSS {_peak_rss_mib():.0f} MiB"
 
 
 def check_options(o: RunOptions) -> None:
@@ -138,20 +136,23 @@ def header_line(source: str | None, ckpt, spec, tok) -> str:
     return printable(f"{name} ({spec.family}, {spec.layers} layers), {kind}")  # names from the file
 
 
-def run(o: RunOptions) -> dict:
-    check_options(o)
-    from llmarch.api import load_checkpoint_spec
-    from llmarch.runtime.load import (
-        check_moe_options,
-        check_supported,
-        dtype_named,
-        load_runtime,
-        pick_cpu_threads,
-        pick_device,
-    )
-    from llmarch.runtime.ple import check_options as check_ple_options
-    from llmarch.runtime.ple import find_store
-    from llmarch.runtime.ple import summary as ple_summary
+def native_options(o: RunOptions) -> bool:
+    """Whether the options leave nothing for torch to do: greedy decoding on the CPU of a GGUF's
+    stored blocks, nothing else asked (a saved decode plan then runs without torch: native_run.py).
+    `--device auto` counts only where no GPU device node exists (torch would pick it)."""
+    from llmarch.runtime.native_run import gpu_possible
+
+    if os.environ.get("LLMARCH_NO_NATIVE") or os.environ.get("LLMARCH_NO_CKERNEL"):
+        return False
+    if o.device not in (None, "auto", "cpu") or (o.device != "cpu" and gpu_possible()):
+        return False
+    asked = (o.dtype, o.quant_bits, o.experts, o.expert_bits, o.expert_dir, o.ple, o.ple_cache_mib, o.ple_dir)
+    return o.temperature == 0 and not o.keep_quantized and not o.compile and not o.gpu_experts and asked == (None,) * 8
+
+
+def _torch_device(o: RunOptions):
+    """The torch device and thread choice, with the options that depend on it checked."""
+    from llmarch.runtime.load import dtype_named, pick_cpu_threads, pick_device
 
     device = pick_device(o.device)
     threads_note = pick_cpu_threads() if device.type == "cpu" else None  # before any torch work
@@ -159,11 +160,11 @@ def run(o: RunOptions) -> dict:
         dtype_named(o.dtype)
     if o.compile and device.type != "cuda":
         raise LlmarchError("--compile compiles the CUDA decode step; it does nothing on the CPU")
-    ckpt, spec = load_checkpoint_spec(o.source)  # headers only: every check below comes before the weights
-    check_supported(spec, ckpt.path, ckpt.format == "gguf")
-    check_moe_options(spec, o.experts, o.expert_bits, o.gpu_experts, o.expert_dir)
-    check_ple_options(spec, o.ple, o.ple_cache_mib, o.ple_dir)
-    tok, ids = prompt_tokens(o, ckpt)
+    return device, threads_note
+
+
+def _room(o: RunOptions, spec, ids: list[int]) -> tuple[int, int]:
+    """(tokens to generate, free context after the prompt), or the reason there are none."""
     bad = [i for i in ids if not 0 <= i < spec.vocab_size]
     if bad:
         raise LlmarchError(f"token id {bad[0]} is outside the vocabulary (0..{spec.vocab_size - 1})")
@@ -176,13 +177,50 @@ def run(o: RunOptions) -> dict:
         raise LlmarchError(
             f"the prompt is {len(ids)} tokens and fills the model's context of {context}: no room to generate"
         )
-    err = sys.stderr
+    return max_tokens, room
+
+
+def run(o: RunOptions) -> dict:
+    check_options(o)
+    from llmarch.api import load_checkpoint_spec
+    from llmarch.runtime.run_checks import check_moe_options, check_supported, cpu_threads
+
+    native = native_options(o)
+    device = threads_note = None
+    if not native:
+        device, threads_note = _torch_device(o)
+    ckpt, spec = load_checkpoint_spec(o.source)  # headers only: every check below comes before the weights
+    check_supported(spec, ckpt.path, ckpt.format == "gguf")
+    check_moe_options(spec, o.experts, o.expert_bits, o.gpu_experts, o.expert_dir)
+    if not native:  # the --ple options (none given on the native path)
+        from llmarch.runtime.ple import check_options as check_ple_options
+
+        check_ple_options(spec, o.ple, o.ple_cache_mib, o.ple_dir)
+    tok, ids = prompt_tokens(o, ckpt)
+    max_tokens, room = _room(o, spec, ids)
     if o.as_json:
         from llmarch.progress import silence
 
         silence()
+    eos = set() if o.ignore_eos or tok is None else tok.eos_ids
+    if native and ckpt.format == "gguf":
+        from llmarch.runtime.native_run import open_decoder
+
+        threads, threads_note = cpu_threads()
+        opened = open_decoder(ckpt, spec, len(ids) + max_tokens, threads or _omp_threads())
+        if opened is not None:
+            decoder, notes = opened
+            notes = [*notes, threads_note] if threads_note else notes
+            _announce(o, ckpt, spec, tok, notes)
+            res = _generate(o, tok, lambda push: decoder.generate(ids, max_tokens, eos, push))
+            return _report(o, tok, ids, room, res, f"peak RSS {_peak_rss_mib():.0f} MiB · cpu float32")
+    if device is None:
+        device, threads_note = _torch_device(o)
     quant_bits = (o.quant_bits or 8) if o.keep_quantized else None
     from llmarch.runtime.generate import Generator, Sampling
+    from llmarch.runtime.load import load_runtime
+    from llmarch.runtime.ple import find_store
+    from llmarch.runtime.ple import summary as ple_summary
 
     rt = load_runtime(
         o.source,
@@ -216,18 +254,81 @@ def run(o: RunOptions) -> dict:
     gen = Generator(rt, len(ids) + max_tokens, cuda_graph=graph, compile=o.compile)
     if graph is False:  # host-offloaded experts: GPU segments between host round trips as CUDA graphs
         attach_decoder(gen)
+    if gen.cpu_step is not None and ckpt.format == "gguf":
+        _save_plan(gen.cpu_step, rt, ckpt)
     if threads_note:
         rt.notes.append(threads_note)
-    eos = set() if o.ignore_eos or tok is None else tok.eos_ids
-    err.write(f"llmarch: {header_line(o.source, ckpt, spec, tok)}\n")  # after the load: a failed one stays one line
-    for note in rt.notes:
-        err.write(f"llmarch: {note}\n")
-    stream = _Streamer(tok, sys.stdout) if not o.as_json else None
-    res = gen.generate(
-        ids, max_tokens, Sampling(o.temperature, o.top_k, o.top_p, o.seed), eos, stream.push if stream else None
+    _announce(o, ckpt, spec, tok, rt.notes)
+    sampling = Sampling(o.temperature, o.top_k, o.top_p, o.seed)
+    res = _generate(o, tok, lambda push: gen.generate(ids, max_tokens, sampling, eos, push))
+    where = f"{peak_memory(rt.device)} · {rt.device.type} {str(rt.dtype).replace('torch.', '')}" + (
+        f" int{quant_bits} weights" if quant_bits else ""
     )
+    extra: dict = {}
+    if moe:
+        from llmarch.runtime.experts.report import offloaded, report
+
+        if offloaded(rt.model):
+            r = report(rt.model, max(len(res.tokens) - 1, 1), res.decode_s, rt.device)
+            extra["offload"] = r
+            if "bound_tok_s" in r:
+                extra[" · offload"] = (
+                    f"{r['expert_format']} experts {r['expert_bytes_per_token'] / 2**20:.1f} MiB/token read from host, "
+                    f"bound {r['bound_tok_s']:.1f} tok/s at {r['host_read_gb_s']} GB/s "
+                    f"({100 * r['fraction_of_bound']:.0f}%)"
+                    + (f" · peak RSS {r['host_rss_peak_mib']} MiB" if rt.device.type == "cuda" else "")
+                )
+    if ple is not None:
+        extra["ple"] = ple.report()
+        extra["ple"]["cuda_graph"] = gen.graph is not None  # decode steps replayed from one captured graph
+        extra[" · ple"] = ple_summary(extra["ple"])
+    return _report(o, tok, ids, room, res, where, extra)
+
+
+def _omp_threads() -> int:
+    """OMP_NUM_THREADS where it names a count (as torch reads it), else 1."""
+    given = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(given) if given.isdigit() and int(given) > 0 else 1
+
+
+def _save_plan(step, rt, ckpt) -> None:
+    """Save the C decode plan for later runs of this file to start without torch (plan_file.py); a
+    cache that cannot be written only costs them that."""
+    from llmarch.runtime import plan_file
+
+    if os.environ.get("LLMARCH_NO_NATIVE") or plan_file.load(ckpt, rt.spec) is not None:
+        return  # none wanted, or a good one saved already (a bad one is replaced)
+    try:
+        plan_file.save(step, rt.model, ckpt, rt.spec, list(rt.notes))
+    except OSError:
+        pass
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _announce(o: RunOptions, ckpt, spec, tok, notes: list[str]) -> None:
+    err = sys.stderr
+    err.write(f"llmarch: {header_line(o.source, ckpt, spec, tok)}\n")  # after the load: a failed one stays one line
+    for note in notes:
+        err.write(f"llmarch: {note}\n")
+
+
+def _generate(o: RunOptions, tok, generate):
+    """generate(on_token) with the tokens streamed to stdout as they come (not with --json)."""
+    stream = _Streamer(tok, sys.stdout) if not o.as_json else None
+    res = generate(stream.push if stream else None)
     if stream:
         stream.finish()
+    return res
+
+
+def _report(o: RunOptions, tok, ids: list[int], room: int, res, where: str, extra: dict | None = None) -> dict:
+    """The run's JSON document (printed with --json) and its closing line on stderr. `extra`: more
+    document entries, and summary parts under keys starting with " · "."""
     text = tok.decode(res.tokens) if tok is not None else None
     # asked for more than the context holds, and every free slot was used: the context stopped it
     stop = "context full" if res.stopped_by == "max_tokens" and o.max_tokens > room else res.stopped_by
@@ -239,32 +340,16 @@ def run(o: RunOptions) -> dict:
         "decode_tok_s": round(res.decode_tok_s, 2),
         "stop": stop,
     }
+    extra = extra or {}
+    doc.update({k: v for k, v in extra.items() if not k.startswith(" · ")})
     summary = (
         f"prefill {len(ids)} tok {res.prefill_tok_s:.1f} tok/s · decode {len(res.tokens)} tok "
-        f"{res.decode_tok_s:.1f} tok/s · {peak_memory(rt.device)} · {rt.device.type} {str(rt.dtype).replace('torch.', '')}"
-        + (f" int{quant_bits} weights" if quant_bits else "")
-        + f" · stop: {stop}"
+        f"{res.decode_tok_s:.1f} tok/s · {where} · stop: {stop}"
+        + "".join(f" · {v}" for k, v in extra.items() if k.startswith(" · "))
     )
-    if moe:
-        from llmarch.runtime.experts.report import offloaded, report
-
-        if offloaded(rt.model):
-            r = report(rt.model, max(len(res.tokens) - 1, 1), res.decode_s, rt.device)
-            doc["offload"] = r
-            if "bound_tok_s" in r:
-                summary += (
-                    f" · {r['expert_format']} experts {r['expert_bytes_per_token'] / 2**20:.1f} MiB/token read from host, "
-                    f"bound {r['bound_tok_s']:.1f} tok/s at {r['host_read_gb_s']} GB/s "
-                    f"({100 * r['fraction_of_bound']:.0f}%)"
-                    + (f" · peak RSS {r['host_rss_peak_mib']} MiB" if rt.device.type == "cuda" else "")
-                )
-    if ple is not None:
-        doc["ple"] = ple.report()
-        doc["ple"]["cuda_graph"] = gen.graph is not None  # decode steps replayed from one captured graph
-        summary += f" · {ple_summary(doc['ple'])}"
     if o.as_json:
         sys.stdout.write(json.dumps(doc) + "\n")
-    err.write(f"llmarch: {summary}\n")
+    sys.stderr.write(f"llmarch: {summary}\n")
     return doc
 
 

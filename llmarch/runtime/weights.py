@@ -10,18 +10,15 @@ permutation for llama-family files, Gemma norms stored as 1 + w).
 from __future__ import annotations
 
 import re
-from functools import lru_cache
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from llmarch.arch.spec import ArchSpec
 from llmarch.arch.tensor_roles import layer_of
 from llmarch.checkpoint.base import Checkpoint, TensorInfo
-from llmarch.checkpoint.parts import joined
 from llmarch.errors import LlmarchError
 from llmarch.qk_permute import from_gguf_order
+from llmarch.runtime.mapped import file_bytes
 
 # canonical leaf -> HF suffix within a decoder layer (Llama layout; most families)
 HF_LAYER = {
@@ -177,12 +174,7 @@ class WeightSource:
         return {"attn.q": q, "attn.k": k, "attn.v": v}[stem]
 
 
-@lru_cache(maxsize=64)
-def _memmap(path: Path) -> np.ndarray:
-    # mode "c": copy-on-write map, so torch gets writable tensors without copying the file; a file
-    # read in place from its parts (the embedded model) is already such a map
-    parted = joined(path)
-    return np.frombuffer(parted, dtype=np.uint8) if parted is not None else np.memmap(path, dtype=np.uint8, mode="c")
+_memmap = file_bytes
 
 
 def _raw(t: TensorInfo) -> torch.Tensor:

@@ -131,17 +131,20 @@ class Rope(nn.Module):
             inv_freq(rot_dim, theta, scaling, context)  # fail early on an unsupported scaling type
         self.cos = self.sin = self.sin_rot = None
 
-    def build(self, max_pos: int, device, dtype) -> None:
-        """Tables for positions < max_pos (the model is built on meta: computed here, on the CPU)."""
-        with torch.device("cpu"):
+    def tables(self, max_pos: int, device="cpu", dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [max_pos, rot_dim] for positions < max_pos (row p does not depend on max_pos)."""
+        with torch.device("cpu"):  # the model is built on meta: computed here, on the CPU
             inv, self.attn_factor = inv_freq(self.rot_dim, *self.params)
             if self.freq_scale is not None:
                 inv = inv * self.freq_scale()
             pos = torch.arange(max_pos, dtype=torch.float32)
         freqs = torch.outer(pos, inv).to(device)
         emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos = (emb.cos() * self.attn_factor).to(dtype)
-        self.sin = (emb.sin() * self.attn_factor).to(dtype)
+        return (emb.cos() * self.attn_factor).to(dtype), (emb.sin() * self.attn_factor).to(dtype)
+
+    def build(self, max_pos: int, device, dtype) -> None:
+        """Tables for positions < max_pos."""
+        self.cos, self.sin = self.tables(max_pos, device, dtype)
         # sin with its first half negated: rotate_half(x) * sin == roll(x, half) * sin_rot exactly
         # (negation is exact), so the torch path is one roll instead of two slices, a neg and a cat
         half = self.rot_dim // 2

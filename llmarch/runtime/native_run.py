@@ -1,0 +1,226 @@
+"""Greedy generation on the CPU from a saved decode plan (plan_file.py), without importing torch.
+
+A run whose every step the one-C-call decode can take (cpu_decode.py decides, on the first run of
+a GGUF) needs torch only to build that plan; after that, the plan file, the GGUF's stored blocks and
+the C library are all there is. The prompt goes through the same C step one token at a time, so
+every logit is computed as a decode step computes it; the cache, masks and RoPE rows are the ones
+the torch path would hold (same sizes, same ring buffers), only allocated with numpy.
+
+Taken only where nothing asks for torch: greedy decoding on the CPU of a GGUF with default options
+(run.py's `native_options`); anything else, or no usable plan, takes the torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from llmarch.errors import LlmarchError
+from llmarch.runtime.cpu_plan import Group, Layer, Lin, Norm, Plan, lib
+from llmarch.runtime.generate_types import Result
+from llmarch.runtime.plan_file import PlanMismatch, _float, _int, embed_row
+from llmarch.runtime.plan_file import load as load_plan
+
+
+def gpu_possible() -> bool:
+    """Whether torch might pick a GPU for `--device auto`: a CUDA or ROCm device node that
+    CUDA_VISIBLE_DEVICES does not hide. Judged from /dev alone, so that deciding needs no torch."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", os.environ.get("HIP_VISIBLE_DEVICES"))
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    dev = Path("/dev")
+    return any(dev.glob("nvidia[0-9]*")) or (dev / "kfd").exists()
+
+
+class NativeDecoder:
+    """The C decode step over numpy buffers, built from a checked plan for `max_seq` positions."""
+
+    def __init__(self, plan, max_seq: int, threads: int):
+        h = plan.header
+        self.plan_file, self.threads, self.max_seq = plan, threads, max_seq
+        if max_seq > _int(h.get("positions"), 1, 1 << 24, "positions"):
+            raise PlanMismatch("more positions than the plan's RoPE rows")
+        d, vocab = plan.spec.hidden_size, plan.spec.vocab_size
+        keep: list = []  # everything the C structs point at stays alive with this object
+        self.keep = keep
+
+        def addr(a: np.ndarray) -> int:
+            keep.append(a)
+            return int(a.ctypes.data)
+
+        def norm(n, dim: int) -> Norm:
+            if n is None:
+                return Norm(None, 0.0)
+            if not isinstance(n, dict):
+                raise PlanMismatch("a norm entry")
+            return Norm(addr(plan.array(n.get("w"), (dim,))), _float(n.get("eps"), "norm eps", positive=True))
+
+        def linear(entry, width: int, want_out: int) -> Lin:
+            parts, out, order = plan.matrix(entry, width)
+            if out != want_out:
+                raise PlanMismatch(f"a matrix of {out} rows, expected {want_out}")
+            n = len(parts)
+            arrays = (
+                (ctypes.c_int * n)(*[p[0] for p in parts]),
+                (ctypes.c_void_p * n)(*[p[1] for p in parts]),
+                (ctypes.c_long * n)(*[p[2] for p in parts]),
+                (ctypes.c_int * n)(*[p[3] for p in parts]),
+            )
+            keep.append(arrays)
+            return Lin(n, out, *[ctypes.addressof(a) for a in arrays], addr(order) if order is not None else None)
+
+        groups, self.slot_pos = [], []
+        longest = 1
+        for g in h["groups"]:
+            window = _int(g.get("window") if isinstance(g, dict) else None, 0, 1 << 30, "window")
+            ring = 0 < window < max_seq  # as KVCache: a window shorter than the run is a ring buffer
+            size = window if ring else max_seq
+            slots = np.full(size, -1, dtype=np.int64)
+            self.slot_pos.append(slots)
+            groups.append(Group(addr(slots), size, window, int(ring), addr(np.zeros(size, dtype=np.uint8))))
+            longest = max(longest, size)
+        ropes = []
+        for r in h["ropes"]:
+            rot = _int(r.get("rot") if isinstance(r, dict) else None, 2, 1 << 16, "rotated dims")
+            cos, sin = plan.array(r.get("cos")), plan.array(r.get("sin"))
+            if cos.ndim != 2 or cos.shape != sin.shape or cos.shape[1] != rot or cos.shape[0] < max_seq:
+                raise PlanMismatch("RoPE tables of the wrong shape")
+            ropes.append((addr(cos), addr(sin), rot, cos.shape[0]))
+        layers = []
+        widest = d
+        for e in h["layers"]:
+            if not isinstance(e, dict):
+                raise PlanMismatch("a layer entry")
+            H = _int(e.get("heads"), 1, 1 << 12, "heads")
+            KV = _int(e.get("kv_heads"), 1, H, "kv heads")
+            D = _int(e.get("head_dim"), 1, 1 << 12, "head dim")
+            Dv = _int(e.get("v_dim"), 1, 1 << 12, "v dim")
+            hidden = _int(e.get("hidden"), 1, 1 << 20, "MLP width")
+            if H % KV:
+                raise PlanMismatch("heads not a multiple of kv heads")
+            whole = _int(e.get("qk_whole"), 0, 1, "qk_whole")
+            q_dim, k_dim = (H * D, KV * D) if whole else (D, D)
+            g = _int(e.get("group"), 0, len(groups) - 1, "cache group")
+            r = e.get("rope")
+            rope = ropes[_int(r, 0, len(ropes) - 1, "rope")] if r is not None else (None, None, 0, 0)
+            if r is not None and rope[2] > D:
+                raise PlanMismatch("more rotated dims than the head")
+            size = groups[g].size
+            k = np.zeros((KV, size, D), dtype=np.float32)
+            v = np.zeros((KV, size, Dv), dtype=np.float32)
+            widest = max(widest, H * D + KV * D + KV * Dv, 2 * hidden, H * Dv)
+            layers.append(
+                Layer(
+                    norm(e.get("attn_norm"), d),
+                    norm(e.get("attn_post_norm"), d),
+                    norm(e.get("ffn_norm"), d),
+                    norm(e.get("ffn_post_norm"), d),
+                    norm(e.get("q_norm"), q_dim),
+                    norm(e.get("k_norm"), k_dim),
+                    whole,
+                    linear(e.get("qkv"), d, H * D + KV * D + KV * Dv),
+                    linear(e.get("o"), H * Dv, d),
+                    linear(e.get("gate_up"), d, 2 * hidden),
+                    linear(e.get("down"), hidden, d),
+                    H,
+                    KV,
+                    D,
+                    Dv,
+                    hidden,
+                    _int(e.get("act"), 0, 2, "activation"),
+                    _float(e.get("scale"), "attention scale", positive=True),
+                    *rope,
+                    addr(k),
+                    addr(v),
+                    size * D,
+                    size * Dv,
+                    g,
+                )
+            )
+        embed = h.get("embed")
+        if not isinstance(embed, dict) or embed.get("tensor") not in plan.ckpt.tensors:
+            raise PlanMismatch("no embedding tensor")
+        t = plan.ckpt.tensors[embed["tensor"]]
+        if tuple(t.shape) != (vocab, d) or (embed.get("scale") is not None and not isinstance(embed["scale"], float)):
+            raise PlanMismatch("embedding shape or scale")
+        self.embed = embed
+        self.layers = (Layer * len(layers))(*layers)
+        self.groups = (Group * len(groups))(*groups)
+        self.work = np.empty(d + 3 * widest + max(widest, vocab) + longest, dtype=np.float32)
+        softcap = _float(h.get("softcap"), "soft-cap")
+        self.plan = Plan(
+            len(layers),
+            len(groups),
+            d,
+            vocab,
+            ctypes.addressof(self.layers),
+            ctypes.addressof(self.groups),
+            norm(h.get("final_norm"), d),
+            linear(h.get("head"), d, vocab),
+            softcap,
+            widest,
+            addr(self.work),
+        )
+        self.logits = np.empty(vocab, dtype=np.float32)
+        self.next = ctypes.c_long(0)
+        self.d = d
+
+    def step(self, token: int, pos: int) -> int:
+        """Feed `token` at `pos`; the greedy next token."""
+        x = embed_row(self.plan_file.ckpt, self.embed, self.d, token)
+        rc = lib().decode_step(
+            ctypes.addressof(self.plan),
+            x.ctypes.data,
+            pos,
+            self.logits.ctypes.data,
+            self.threads,
+            ctypes.addressof(self.next),
+        )
+        if rc:
+            what = {2: "out of memory", 3: f"position {pos} outside the cache or RoPE tables"}.get(rc, "kernel failure")
+            raise LlmarchError(f"CPU decode step failed ({what})")
+        return self.next.value
+
+    def generate(self, prompt: list[int], max_tokens: int, eos_ids: set[int], on_token) -> Result:
+        if len(prompt) + max_tokens > self.max_seq:
+            raise LlmarchError(
+                f"prompt ({len(prompt)} tokens) + --max-tokens {max_tokens} exceed the cache ({self.max_seq})"
+            )
+        t0 = time.perf_counter()
+        for pos, tok in enumerate(prompt):
+            nxt = self.step(tok, pos)
+        prefill_s = time.perf_counter() - t0
+        out: list[int] = []
+        stopped = "max_tokens"
+        t1 = time.perf_counter()
+        n = len(prompt)
+        while True:
+            out.append(nxt)
+            if on_token:
+                on_token(nxt)
+            if nxt in eos_ids:
+                stopped = "eos"
+                break
+            if len(out) >= max_tokens:
+                break
+            nxt = self.step(nxt, n)
+            n += 1
+        return Result(out, len(prompt), prefill_s, time.perf_counter() - t1, stopped)
+
+
+def open_decoder(ckpt, spec, max_seq: int, threads: int) -> tuple[NativeDecoder, list[str]] | None:
+    """The native decoder of this GGUF for `max_seq` positions and the saved run-report notes, or None
+    (no plan saved, one that does not fit, no C library): the torch path runs instead."""
+    if lib() is None:
+        return None
+    plan = load_plan(ckpt, spec)
+    if plan is None:
+        return None
+    try:
+        return NativeDecoder(plan, max_seq, threads), [n for n in plan.header["notes"] if isinstance(n, str)]
+    except PlanMismatch:
+        return None
