@@ -190,6 +190,8 @@ class NativeDecoder:
             raise LlmarchError(
                 f"prompt ({len(prompt)} tokens) + --max-tokens {max_tokens} exceed the cache ({self.max_seq})"
             )
+        for slots in self.slot_pos:  # a new sequence: no slot holds a position yet
+            slots.fill(-1)
         t0 = time.perf_counter()
         for pos, tok in enumerate(prompt):
             nxt = self.step(tok, pos)

@@ -282,11 +282,7 @@ class Plan:
             raise PlanMismatch("an array reference of the wrong type")
         table = self.header.get("arrays")
         i = _int(ref.get("array"), 0, len(table) - 1 if isinstance(table, list) else -1, "array index")
-        entry = table[i]
-        if not isinstance(entry, dict):
-            raise PlanMismatch("an array entry")
-        off = _int(entry.get("offset"), 0, self.data.size, "array offset")
-        size = _int(entry.get("nbytes"), 0, self.data.size, "array size")
+        off, size = table[i]["offset"], table[i]["nbytes"]  # each entry checked by _check
         got = ref.get("shape")
         if not isinstance(got, list) or any(type(s) is not int or s < 0 for s in got):
             raise PlanMismatch("an array shape")
@@ -308,6 +304,13 @@ class Plan:
         for key in ("groups", "ropes", "arrays", "notes"):
             if not isinstance(h.get(key), list):
                 raise PlanMismatch(f"no {key} list")
+        for entry in h["arrays"]:  # a truncated file fails here, before any array is used
+            if not isinstance(entry, dict):
+                raise PlanMismatch("an array entry")
+            end = _int(entry.get("offset"), 0, self.data.size, "array offset")
+            end += _int(entry.get("nbytes"), 0, self.data.size, "array size")
+            if self.base + end > self.data.size:
+                raise PlanMismatch("an array past the end of the file")
 
     def matrix(self, lin, width: int) -> tuple[list[tuple[int, int, int, int]], int, np.ndarray | None]:
         """A Linear's parts as (type code, address, row bytes, rows), its output width and row order,
