@@ -13,9 +13,12 @@ or sandwich RMS norms (Gemma's 1 + w already folded at load), QK-norm per head o
 projection, rotate-half RoPE from each layer's own tables (or none), MHA/GQA/MQA, full layers and
 sliding-window ring buffers, a gated MLP (silu, gelu, gelu-tanh), residuals, a final RMS norm, a
 stored-block head, the final logit soft-cap. Anything else (biases, float matrices, sinks, output
-gates, attention soft-capping, MoE, linear attention, per-layer inputs, ...) keeps the module path,
-as does every step of more than one token: the prefill writes the KV cache that this step then
-reads and writes in place, and either path can follow the other.
+gates, attention soft-capping, MoE, linear attention, per-layer inputs, ...) keeps the module path.
+A prompt for a model the step runs is one C call per chunk of tokens (prefill()): each matmul over
+the chunk's rows at once, attention token by token as the step's. The Generator takes it for
+prompts of up to PREFILL_ROWS tokens; past that the module path is faster, its matmuls over many
+rows dequantizing the weights for a float GEMM. Both paths read and write the KV cache's own
+tensors in place, so either can follow the other.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 
 from llmarch.errors import LlmarchError
 from llmarch.runtime import cpu_kernels, gguf_matmul
-from llmarch.runtime.cpu_plan import Group, Layer, Lin, Norm, Plan, lib
+from llmarch.runtime.cpu_plan import PREFILL_ROWS, Group, Layer, Lin, Norm, Plan, lib, prefill
 
 
 class _Unsupported(Exception):
@@ -180,6 +183,7 @@ class CpuDecode:
         self.model = model
         self.logits = torch.empty(1, spec.vocab_size, dtype=torch.float32)
         self.next = ctypes.c_long(0)
+        self.prefill_rows = PREFILL_ROWS  # the longest prompt the C prefill beats the module path on
 
     def __call__(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         """ids [1, 1] -> logits [1, vocab] (a buffer the next call overwrites); self.next_token()
@@ -194,13 +198,31 @@ class CpuDecode:
             torch.get_num_threads(),
             ctypes.addressof(self.next),
         )
-        if rc:
-            what = {2: "out of memory", 3: f"position {pos} outside the cache or RoPE tables"}.get(rc, "kernel failure")
-            raise LlmarchError(f"CPU decode step failed ({what})")
+        _check(rc, "decode step", f"position {pos}")
+        return self.logits
+
+    def prefill(self, ids: torch.Tensor, pos0: int) -> torch.Tensor:
+        """ids [1, T] at positions pos0 .. pos0 + T - 1 through every layer (their K/V written
+        into the cache) -> the last token's logits [1, vocab], as __call__: those and every
+        token's K/V are T decode steps' bit for bit (cpu_plan.prefill)."""
+        T = ids.shape[1]
+        x = self.model.embed_ids(ids, torch.arange(pos0, pos0 + T)).reshape(T, -1)
+        x = x.float().contiguous() if x.dtype != torch.float32 else x.contiguous()
+        rc, nxt = prefill(
+            ctypes.addressof(self.plan), x.data_ptr(), pos0, T, self.logits.data_ptr(), torch.get_num_threads()
+        )
+        _check(rc, "prefill", f"positions {pos0}-{pos0 + T - 1}")
+        self.next.value = nxt
         return self.logits
 
     def next_token(self) -> int:
         return self.next.value
+
+
+def _check(rc: int, what: str, where: str) -> None:
+    if rc:
+        why = {2: "out of memory", 3: f"{where} outside the cache or RoPE tables"}.get(rc, "kernel failure")
+        raise LlmarchError(f"CPU {what} failed ({why})")
 
 
 def plan(model, cache, spec) -> CpuDecode | None:
