@@ -127,10 +127,13 @@ def measure(path: Path, stored: bool, prompt: list[int], n: int, reps: int, comp
     return out
 
 
-def kernel_times(torch, reps: int = 200) -> list[dict]:
+def kernel_times(torch, reps: int = 200, types=("Q8_0", "Q4_K", "Q6_K"), prefill: int = 512) -> list[dict]:
     """One decode row (M = 1, bf16) through each Llama-3.2-1B matrix shape and stored type: the
     stored-block op against torch's bf16 matmul of the dequantized weight, each timed as one CUDA
-    graph of `reps` calls (launch gaps removed); bytes each reads per call / its time."""
+    graph of `reps` calls (launch gaps removed); bytes each reads per call / its time; the config
+    the autotuner picked. With `prefill` > 0, a prefill of that many rows too: the op (Triton
+    dequantization into one bf16 buffer, then torch's matmul) against torch's dequantize() slabs
+    (the path before) and a bf16 matmul alone."""
     from llmarch.runtime import gguf_cuda
     from llmarch.runtime.quant import BLOCKS
 
@@ -138,7 +141,7 @@ def kernel_times(torch, reps: int = 200) -> list[dict]:
     shapes["head"] = (128256, 2048)
     out = []
 
-    def timed(fn) -> float:
+    def timed(fn, reps=reps) -> float:
         fn()
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
@@ -152,7 +155,14 @@ def kernel_times(torch, reps: int = 200) -> list[dict]:
         torch.cuda.synchronize()
         return (time.perf_counter() - t) / reps
 
-    for qtype in ("Q8_0", "Q4_K", "Q6_K"):
+    def slabs(lin, x, qtype):  # the prefill path before the Triton dequantization
+        arrays, k = lin.arrays(0), x.shape[1]
+        step = max(1, gguf_cuda.SLAB // k)
+        for i in range(0, lin.out_features, step):
+            w = gguf_cuda.dequantize(tuple(a[i : i + step] for a in arrays), qtype, k).to(x.dtype)
+            x @ w.t()
+
+    for qtype in types:
         for name, (n, k) in shapes.items():
             per, nbytes = BLOCKS[qtype]
             raw = torch.randint(0, 256, (n, k // per, nbytes), dtype=torch.uint8, device="cuda")
@@ -163,24 +173,36 @@ def kernel_times(torch, reps: int = 200) -> list[dict]:
             x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
             with torch.inference_mode():
                 ts, tb = timed(partial(lin, x)), timed(partial(torch.nn.functional.linear, x, w))
+            tuner = gguf_cuda._launcher(qtype)[0]
+            best = next(iter(tuner.cache.values()), None) if getattr(tuner, "cache", None) else None
+            tuner.cache = {}  # the next shape's tuning must not find this one's
             sb = lin.stored_bytes()
-            out.append(
-                {
-                    "type": qtype,
-                    "matrix": name,
-                    "N": n,
-                    "K": k,
-                    "stored_us": ts * 1e6,
-                    "bf16_us": tb * 1e6,
-                    "stored_GBps": sb / ts / 1e9,
-                    "bf16_GBps": w.numel() * 2 / tb / 1e9,
-                }
-            )
-            print(
+            row = {
+                "type": qtype,
+                "matrix": name,
+                "N": n,
+                "K": k,
+                "stored_us": ts * 1e6,
+                "bf16_us": tb * 1e6,
+                "stored_GBps": sb / ts / 1e9,
+                "bf16_GBps": w.numel() * 2 / tb / 1e9,
+                "config": str(best),
+            }
+            line = (
                 f"  {qtype} {name:8s} [{n}, {k}]: stored {ts * 1e6:7.1f} us {sb / ts / 1e9:6.0f} GB/s, "
-                f"bf16 {tb * 1e6:7.1f} us {w.numel() * 2 / tb / 1e9:6.0f} GB/s",
-                flush=True,
+                f"bf16 {tb * 1e6:7.1f} us {w.numel() * 2 / tb / 1e9:6.0f} GB/s  [{best}]"
             )
+            if prefill and name != "head":
+                xp = torch.randn(prefill, k, device="cuda", dtype=torch.bfloat16)
+                with torch.inference_mode():
+                    tp = timed(partial(lin, xp), 20)
+                    told = timed(partial(slabs, lin, xp, qtype), 20)
+                    tmm = timed(partial(torch.nn.functional.linear, xp, w), 20)
+                row.update(prefill_us=tp * 1e6, prefill_torch_slabs_us=told * 1e6, prefill_bf16_us=tmm * 1e6)
+                line += f"\n      prefill {prefill}: op {tp * 1e6:7.1f} us, torch slabs {told * 1e6:7.1f}, bf16 mm {tmm * 1e6:7.1f}"
+            out.append(row)
+            print(line, flush=True)
+            del lin, w, raw
     return out
 
 
@@ -195,6 +217,7 @@ def main() -> None:
         "--dequantized", default="q8_0", help="files also run dequantized (bf16 weights: the same for every file)"
     )
     ap.add_argument("--kernels", action="store_true", help="also time each matrix shape's kernel alone")
+    ap.add_argument("--kernels-only", action="store_true", help="only the per-matrix kernel times (no models)")
     ap.add_argument("--json")
     a = ap.parse_args()
     import torch
@@ -206,8 +229,12 @@ def main() -> None:
     res.update(
         compile=a.compile, tokens=a.tokens, prompt=a.prompt, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     )
-    if a.kernels:
+    if a.kernels or a.kernels_only:
         res["kernels"] = kernel_times(torch)
+        if a.json:
+            Path(a.json).write_text(json.dumps(res, indent=2))
+        if a.kernels_only:
+            return
     vocab = SHAPES["llama-3.2-1b"][1]["vocab_size"]
     prompt = torch.randint(0, vocab, (a.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
     with tempfile.TemporaryDirectory() as tmp:

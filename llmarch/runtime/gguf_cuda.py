@@ -10,7 +10,8 @@ mins become 16 bytes, one each, so the kernel reads them without bit twiddling: 
 weight instead of 4.5), rows in the order the model wants (llama.cpp's Q/K RoPE row order is undone
 here once rather than at every step). Up to GEMV_ROWS activation rows (decode) run one Triton kernel
 per stored tensor (gguf_cuda_kernels: dequantize in registers, float32 accumulation); longer
-prefills dequantize slabs of rows to the activation dtype for torch's matmul.
+prefills dequantize slabs of rows into one buffer of the activation dtype (one Triton kernel a
+slab) for torch's matmul.
 
 A Linear's forward is one torch custom op, so torch.compile keeps it whole (an opaque call) and
 CUDA graph capture records its kernel launches; the Triton kernels are compiled and tuned on the
@@ -34,6 +35,7 @@ TYPES = ("Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")  # the stored types read here, 
 GEMV_ROWS = 4  # activation rows per kernel; longer prefills dequantize slabs for torch's matmul
 SLAB = 1 << 25  # weight values per dequantized slab in the prefill path (64 MiB of bf16)
 MAX_WIDTH = 1024  # values of a row per kernel step
+INTERPRET_FAST = 1  # under the interpreter, which of the K-quant kernels' two ways runs (autotuned on CUDA)
 
 
 @lru_cache(maxsize=1)
@@ -149,18 +151,21 @@ def _width(qtype: str, cols: int) -> dict:
 
 @cache
 def _launcher(qtype: str):
-    """The kernel for `qtype`: autotuned over rows per program on CUDA (tuned once per matrix
-    shape, on the first call); a fixed tile under the interpreter."""
+    """The kernel for `qtype`: autotuned over rows per program (and for the K-quants over the two
+    ways of turning quants into floats) on CUDA, once per matrix shape on the first call; a fixed
+    tile under the interpreter (there both ways run: the tests cover each)."""
     import triton
 
     k = _kernels()
     kernel = {"Q8_0": k.gemv_q8_0, "Q4_0": k.gemv_q4_0, "Q4_K": k.gemv_k45, "Q5_K": k.gemv_k45, "Q6_K": k.gemv_q6_k}[
         qtype
     ]
+    kquant = qtype in ("Q4_K", "Q5_K", "Q6_K")
     if interpreting():
         return kernel, {"BN": 64}  # few programs: the interpreter's cost is per program
     tiles = ((2, 2), (4, 2), (4, 4), (8, 4), (8, 8), (16, 4), (16, 8), (32, 8))  # (rows per program, warps)
-    configs = [triton.Config({"BN": bn}, num_warps=w) for bn, w in tiles]
+    ways = ({"FAST": 1}, {"FAST": 0}) if kquant else ({},)
+    configs = [triton.Config({"BN": bn, **way}, num_warps=w) for bn, w in tiles for way in ways]
     return triton.autotune(configs, key=["N", "K"])(kernel), {}
 
 
@@ -170,12 +175,32 @@ def gemv(qtype: str, x: torch.Tensor, arrays, y: torch.Tensor, col0: int) -> Non
     M, K = x.shape
     N = arrays[0].shape[0]
     meta = {**_width(qtype, K), **fixed}
+    if interpreting() and qtype in ("Q4_K", "Q5_K", "Q6_K"):
+        meta["FAST"] = INTERPRET_FAST
     args = list(arrays) if qtype != "Q4_K" else [arrays[0], arrays[0], *arrays[1:]]  # no qh: a placeholder
 
     def grid(m):
         return (-(-N // m["BN"]), M)
 
     kernel[grid](x, *args, y, N, K, y.shape[1], col0, **meta)
+
+
+def dequantize_into(qtype: str, arrays, out: torch.Tensor) -> None:
+    """out [rows, K] (its dtype) = the rows' values, by one Triton kernel: the prefill path's
+    weights, instead of the dozen float32 torch ops of dequantize()."""
+    k = _kernels()
+    N, K = out.shape
+    step = _width(qtype, K)
+    BN = 64 if interpreting() else 8
+    if qtype in ("Q4_K", "Q5_K"):
+        args = list(arrays) if qtype == "Q5_K" else [arrays[0], arrays[0], *arrays[1:]]
+        grid = (-(-N // BN), K // (64 * step["CC"]))
+        k.dequant_k45[grid](*args, out, N, K, BN, step["CC"], step["HBITS"], num_warps=4)
+    elif qtype == "Q6_K":
+        k.dequant_q6_k[(-(-N // BN), K // (128 * step["HH"]))](*arrays, out, N, K, BN, step["HH"], num_warps=4)
+    else:
+        G = step["G"]
+        k.dequant_q8_q4[(-(-N // BN), K // (32 * G))](*arrays, out, N, K, BN, G, int(qtype == "Q4_0"), num_warps=4)
 
 
 # ------------------------------------------------------------------------------ the op
@@ -194,10 +219,13 @@ def _forward(x: torch.Tensor, arrays: list[torch.Tensor], types: list[int], rows
             gemv(qtype, x, part, y, col)
         else:
             step = max(1, SLAB // K)
+            w = torch.empty(min(step, n), K, dtype=x.dtype, device=x.device)  # one buffer for every slab
             for i in range(0, n, step):
                 j = min(i + step, n)
-                w = dequantize(tuple(a[i:j] for a in part), qtype, K).to(x.dtype)
-                y[:, col + i : col + j] = x @ w.t()
+                dequantize_into(qtype, tuple(a[i:j] for a in part), w[: j - i])
+                if len(rows) == 1 and j - i == n:
+                    return x @ w.t()  # one slab: no copy into y
+                y[:, col + i : col + j] = x @ w[: j - i].t()
         col += n
     return y
 

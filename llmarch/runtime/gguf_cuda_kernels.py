@@ -5,7 +5,8 @@ Grid: (tiles of BN weight rows, activation rows). Each program streams its rows'
 activation row, WIDTH values at a time (a whole number of the type's blocks, at most 1024), as a 3D
 tile [rows, blocks or chunks, 32 values] so that every per-block scale is one broadcast. Layouts:
 ggml-quants.c's block_q8_0 / q4_0 / q4_K / q5_K / q6_K, split by gguf_cuda.repack into one array
-per field (the same bits; Q4_K/Q5_K's 6-bit scales and mins one byte each).
+per field (the same bits; Q4_K/Q5_K's 6-bit scales and mins one byte each). The dequant_* kernels
+write a tensor's values to a bf16 (or float32) buffer for the prefill path's torch matmul.
 
 Imported only where triton is (CUDA builds of torch bring it); TRITON_INTERPRET=1 runs these on
 CPU tensors for the tests.
@@ -62,78 +63,235 @@ def gemv_q4_0(x, qs, d, y, N, K: tl.constexpr, ldy, col0, BN: tl.constexpr, G: t
 
 
 @triton.jit
+def _as_float(q, bias: tl.constexpr, FAST: tl.constexpr):
+    """Small non-negative integers q -> float32 q - bias, exactly. FAST: as 2**23 | q read as a
+    float32 (2**23 + q) minus 2**23 + bias, an integer OR and a float add instead of the
+    int-to-float conversion, a quarter-rate instruction on these GPUs."""
+    if FAST:
+        return (q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + bias)
+    return q.to(tl.float32) - bias
+
+
+@triton.jit
+def _k45_quants(qs, qh, r3, k0, boff, hoff, hshift, K: tl.constexpr, HBITS: tl.constexpr):
+    """One step's Q4_K / Q5_K quants as int32 [rows, chunks, 32]: the first and second 32 values
+    of each chunk of 64 (low and high nibbles of the same bytes, plus Q5_K's 5th bits)."""
+    b = tl.load(qs + r3 * (K // 2) + k0 // 2 + boff)
+    lo = (b & 15).to(tl.int32)
+    hi = (b >> 4).to(tl.int32)
+    if HBITS:
+        h = tl.load(qh + r3 * (K // 8) + k0 // 8 + hoff).to(tl.int32)
+        lo = lo | (((h >> hshift) & 1) << 4)
+        hi = hi | (((h >> (hshift + 1)) & 1) << 4)
+    return lo, hi
+
+
+@triton.jit
+def _k45_offsets(CC: tl.constexpr):
+    """Byte offsets [1, CC, 32] of a step's quants, of its 5th-bit bytes and their shifts, and the
+    first 32 values' offsets [CC, 32] (the second 32 are 32 further)."""
+    c = tl.arange(0, CC)
+    i = tl.arange(0, 32)
+    boff = (c[:, None] * 32 + i[None, :])[None, :, :]
+    hoff = ((c // 4)[:, None] * 32 + i[None, :])[None, :, :]
+    hshift = ((c % 4) * 2)[None, :, None]
+    return boff, hoff, hshift, c[:, None] * 64 + i[None, :]
+
+
+@triton.jit
 def gemv_k45(
-    x, qs, qh, sc, mn, dm, y, N, K: tl.constexpr, ldy, col0, BN: tl.constexpr, CC: tl.constexpr, HBITS: tl.constexpr
+    x,
+    qs,
+    qh,
+    sc,
+    mn,
+    dm,
+    y,
+    N,
+    K: tl.constexpr,
+    ldy,
+    col0,
+    BN: tl.constexpr,
+    CC: tl.constexpr,
+    HBITS: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     """Q4_K (HBITS 0) and Q5_K (HBITS 1). qs uint8 [N, K/2]: per 64 values (a chunk) 32 bytes, low
     nibbles the first 32 values (sub-block 2c), high nibbles the next 32 (2c+1); qh uint8 [N, K/8]
     (Q5_K): per 256 values 32 bytes, bit j of byte i the 5th bit of value i of sub-block j; sc, mn
     uint8 [N, K/32]: 6-bit scale and min per sub-block; dm fp16 [N, K/256 * 2]: d, dmin. A value
-    is d * sc * q - dmin * mn. CC chunks of 64 per step."""
+    is d * sc * q - dmin * mn: per sub-block one dot product of the quants, then its scale and min
+    once. CC chunks of 64 per step."""
     rows, r = _rows(N, BN)
     xrow = x + tl.program_id(1) * K
+    boff, hoff, hshift, vlo = _k45_offsets(CC)
     c = tl.arange(0, CC)
-    i = tl.arange(0, 32)
-    boff = c[:, None] * 32 + i[None, :]
-    vlo = c[:, None] * 64 + i[None, :]
     r2 = r[:, None]
     acc = tl.zeros([BN], dtype=tl.float32)
     for k0 in range(0, K, CC * 64):
-        b = tl.load(qs + r[:, None, None] * (K // 2) + (k0 // 2 + boff)[None, :, :])
-        lo = (b & 15).to(tl.int32)
-        hi = (b >> 4).to(tl.int32)
-        if HBITS:
-            h = tl.load(qh + r[:, None, None] * (K // 8) + (k0 // 8 + (c // 4)[:, None] * 32 + i[None, :])[None, :, :])
-            sh = ((c % 4) * 2)[None, :, None]
-            h = h.to(tl.int32)
-            lo = lo | (((h >> sh) & 1) << 4)
-            hi = hi | (((h >> (sh + 1)) & 1) << 4)
+        lo, hi = _k45_quants(qs, qh, r[:, None, None], k0, boff, hoff, hshift, K, HBITS)
         xlo = tl.load(xrow + k0 + vlo).to(tl.float32)
         xhi = tl.load(xrow + k0 + vlo + 32).to(tl.float32)
-        dlo = tl.sum(lo.to(tl.float32) * xlo[None, :, :], axis=2)
-        dhi = tl.sum(hi.to(tl.float32) * xhi[None, :, :], axis=2)
-        sub = (k0 // 32 + 2 * c)[None, :]
-        slo = tl.load(sc + r2 * (K // 32) + sub).to(tl.float32)
-        shi = tl.load(sc + r2 * (K // 32) + sub + 1).to(tl.float32)
-        mlo = tl.load(mn + r2 * (K // 32) + sub).to(tl.float32)
-        mhi = tl.load(mn + r2 * (K // 32) + sub + 1).to(tl.float32)
-        sb = (k0 // 256 + c // 4)[None, :]
-        dd = tl.load(dm + r2 * (K // 128) + 2 * sb).to(tl.float32)
-        dmin = tl.load(dm + r2 * (K // 128) + 2 * sb + 1).to(tl.float32)
+        dlo = tl.sum(_as_float(lo, 0.0, FAST) * xlo[None, :, :], axis=2)
+        dhi = tl.sum(_as_float(hi, 0.0, FAST) * xhi[None, :, :], axis=2)
+        sub = r2 * (K // 32) + k0 // 32 + 2 * c[None, :]
+        slo = tl.load(sc + sub).to(tl.float32)
+        shi = tl.load(sc + sub + 1).to(tl.float32)
+        mlo = tl.load(mn + sub).to(tl.float32)
+        mhi = tl.load(mn + sub + 1).to(tl.float32)
+        sb = r2 * (K // 128) + 2 * (k0 // 256 + c[None, :] // 4)
+        dd = tl.load(dm + sb).to(tl.float32)
+        dmin = tl.load(dm + sb + 1).to(tl.float32)
         mins = mlo * tl.sum(xlo, axis=1)[None, :] + mhi * tl.sum(xhi, axis=1)[None, :]
         acc += tl.sum(dd * (slo * dlo + shi * dhi) - dmin * mins, axis=1)
     tl.store(y + tl.program_id(1) * ldy + col0 + rows, acc.to(y.dtype.element_ty), mask=rows < N)
 
 
 @triton.jit
-def gemv_q6_k(x, ql, qh, sc, d, y, N, K: tl.constexpr, ldy, col0, BN: tl.constexpr, HH: tl.constexpr):
+def _q6_quants(ql, qh, r3, k0, boff, hoff, K: tl.constexpr):
+    """One step's Q6_K quants as four int32 [rows, halves, 32] (values l + 32 g of each half of 128,
+    g = 0..3), 0..63 (the -32 not applied)."""
+    qla = tl.load(ql + r3 * (K // 2) + k0 // 2 + boff)
+    qlb = tl.load(ql + r3 * (K // 2) + k0 // 2 + boff + 32)
+    hb = tl.load(qh + r3 * (K // 4) + k0 // 4 + hoff)
+    q0 = ((qla & 15) | ((hb & 3) << 4)).to(tl.int32)
+    q1 = ((qlb & 15) | (((hb >> 2) & 3) << 4)).to(tl.int32)
+    q2 = ((qla >> 4) | (((hb >> 4) & 3) << 4)).to(tl.int32)
+    q3 = ((qlb >> 4) | ((hb >> 6) << 4)).to(tl.int32)
+    return q0, q1, q2, q3
+
+
+@triton.jit
+def _q6_scales(sc, r2, k0, h, first, g: tl.constexpr, K: tl.constexpr):
+    """Group g's scale of each value [rows, halves, 32]: two int8 loads per half (values l < 16 and
+    the rest), not one gather per value."""
+    srow = sc + r2 * (K // 16) + k0 // 16 + h[None, :] * 8 + 2 * g
+    a = tl.load(srow).to(tl.float32)[:, :, None]
+    b = tl.load(srow + 1).to(tl.float32)[:, :, None]
+    return tl.where(first, a, b)
+
+
+@triton.jit
+def gemv_q6_k(
+    x, ql, qh, sc, d, y, N, K: tl.constexpr, ldy, col0, BN: tl.constexpr, HH: tl.constexpr, FAST: tl.constexpr
+):
     """Q6_K. Per 128 values (a half): ql 64 bytes [N, K/2], qh 32 bytes [N, K/4]; value l + 32g of
     the half is (low 4 bits: ql[l + 32 (g % 2)] >> 4 (g // 2)) | (qh[l] >> 2g & 3) << 4, minus 32;
-    sc int8 [N, K/16] one scale per 16 values; d fp16 [N, K/256]. HH halves per step."""
+    sc int8 [N, K/16] one scale per 16 values; d fp16 [N, K/256]. HH halves per step. FAST: the
+    integer-to-float trick and scales loaded once per 16 values."""
     rows, r = _rows(N, BN)
     xrow = x + tl.program_id(1) * K
     h = tl.arange(0, HH)
     l = tl.arange(0, 32)  # noqa: E741
     r3 = r[:, None, None]
+    r2 = r[:, None]
     boff = (h[:, None] * 64 + l[None, :])[None, :, :]
     hoff = (h[:, None] * 32 + l[None, :])[None, :, :]
     soff = (h[:, None] * 8 + (l // 16)[None, :])[None, :, :]
+    first = (l < 16)[None, None, :]
     base = h[:, None] * 128 + l[None, :]
     acc = tl.zeros([BN], dtype=tl.float32)
     for k0 in range(0, K, HH * 128):
-        qla = tl.load(ql + r3 * (K // 2) + k0 // 2 + boff)
-        qlb = tl.load(ql + r3 * (K // 2) + k0 // 2 + boff + 32)
-        hb = tl.load(qh + r3 * (K // 4) + k0 // 4 + hoff)
-        srow = sc + r3 * (K // 16) + k0 // 16 + soff
+        q0, q1, q2, q3 = _q6_quants(ql, qh, r3, k0, boff, hoff, K)
         xr = xrow + k0 + base
-        q = ((qla & 15) | ((hb & 3) << 4)).to(tl.float32) - 32.0
-        t = q * tl.load(srow).to(tl.float32) * tl.load(xr).to(tl.float32)[None, :, :]
-        q = ((qlb & 15) | (((hb >> 2) & 3) << 4)).to(tl.float32) - 32.0
-        t += q * tl.load(srow + 2).to(tl.float32) * tl.load(xr + 32).to(tl.float32)[None, :, :]
-        q = ((qla >> 4) | (((hb >> 4) & 3) << 4)).to(tl.float32) - 32.0
-        t += q * tl.load(srow + 4).to(tl.float32) * tl.load(xr + 64).to(tl.float32)[None, :, :]
-        q = ((qlb >> 4) | ((hb >> 6) << 4)).to(tl.float32) - 32.0
-        t += q * tl.load(srow + 6).to(tl.float32) * tl.load(xr + 96).to(tl.float32)[None, :, :]
-        dd = tl.load(d + r[:, None] * (K // 256) + (k0 // 256 + h // 2)[None, :]).to(tl.float32)
+        if FAST:
+            t = _as_float(q0, 32.0, True) * _q6_scales(sc, r2, k0, h, first, 0, K) * tl.load(xr).to(tl.float32)[None]
+            t += (
+                _as_float(q1, 32.0, True)
+                * _q6_scales(sc, r2, k0, h, first, 1, K)
+                * tl.load(xr + 32).to(tl.float32)[None]
+            )
+            t += (
+                _as_float(q2, 32.0, True)
+                * _q6_scales(sc, r2, k0, h, first, 2, K)
+                * tl.load(xr + 64).to(tl.float32)[None]
+            )
+            t += (
+                _as_float(q3, 32.0, True)
+                * _q6_scales(sc, r2, k0, h, first, 3, K)
+                * tl.load(xr + 96).to(tl.float32)[None]
+            )
+        else:
+            srow = sc + r3 * (K // 16) + k0 // 16 + soff
+            t = (q0.to(tl.float32) - 32.0) * tl.load(srow).to(tl.float32) * tl.load(xr).to(tl.float32)[None]
+            t += (q1.to(tl.float32) - 32.0) * tl.load(srow + 2).to(tl.float32) * tl.load(xr + 32).to(tl.float32)[None]
+            t += (q2.to(tl.float32) - 32.0) * tl.load(srow + 4).to(tl.float32) * tl.load(xr + 64).to(tl.float32)[None]
+            t += (q3.to(tl.float32) - 32.0) * tl.load(srow + 6).to(tl.float32) * tl.load(xr + 96).to(tl.float32)[None]
+        dd = tl.load(d + r2 * (K // 256) + (k0 // 256 + h // 2)[None, :]).to(tl.float32)
         acc += tl.sum(tl.sum(t, axis=2) * dd, axis=1)
     tl.store(y + tl.program_id(1) * ldy + col0 + rows, acc.to(y.dtype.element_ty), mask=rows < N)
+
+
+# ------------------------------------------------------------------------------ dequantize (prefill)
+
+
+@triton.jit
+def dequant_k45(qs, qh, sc, mn, dm, out, N, K: tl.constexpr, BN: tl.constexpr, CC: tl.constexpr, HBITS: tl.constexpr):
+    """Rows of a Q4_K (HBITS 0) or Q5_K (1) tensor (gemv_k45's arrays) -> out [N, K] in out's
+    dtype, each value d * sc * q - dmin * mn in float32. Grid: (tiles of BN rows, steps of CC
+    chunks of 64 values)."""
+    rows, r = _rows(N, BN)
+    k0 = tl.program_id(1) * CC * 64
+    boff, hoff, hshift, vlo = _k45_offsets(CC)
+    c = tl.arange(0, CC)[None, :]
+    r2 = r[:, None]
+    r3 = r[:, None, None]
+    lo, hi = _k45_quants(qs, qh, r3, k0, boff, hoff, hshift, K, HBITS)
+    sub = r2 * (K // 32) + k0 // 32 + 2 * c
+    sb = r2 * (K // 128) + 2 * (k0 // 256 + c // 4)
+    dd = tl.load(dm + sb).to(tl.float32)
+    dmin = tl.load(dm + sb + 1).to(tl.float32)
+    o = out + r3 * K + k0 + vlo[None, :, :]
+    mask = (rows < N)[:, None, None]
+    s = (dd * tl.load(sc + sub).to(tl.float32))[:, :, None]
+    m = (dmin * tl.load(mn + sub).to(tl.float32))[:, :, None]
+    tl.store(o, (s * _as_float(lo, 0.0, True) - m).to(out.dtype.element_ty), mask=mask)
+    s = (dd * tl.load(sc + sub + 1).to(tl.float32))[:, :, None]
+    m = (dmin * tl.load(mn + sub + 1).to(tl.float32))[:, :, None]
+    tl.store(o + 32, (s * _as_float(hi, 0.0, True) - m).to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def dequant_q6_k(ql, qh, sc, d, out, N, K: tl.constexpr, BN: tl.constexpr, HH: tl.constexpr):
+    """Rows of a Q6_K tensor (gemv_q6_k's arrays) -> out [N, K], each value (d * sc) * (q - 32).
+    Grid: (tiles of BN rows, steps of HH halves of 128 values)."""
+    rows, r = _rows(N, BN)
+    k0 = tl.program_id(1) * HH * 128
+    h = tl.arange(0, HH)
+    l = tl.arange(0, 32)  # noqa: E741
+    r2 = r[:, None]
+    r3 = r[:, None, None]
+    boff = (h[:, None] * 64 + l[None, :])[None, :, :]
+    hoff = (h[:, None] * 32 + l[None, :])[None, :, :]
+    first = (l < 16)[None, None, :]
+    dd = tl.load(d + r2 * (K // 256) + (k0 // 256 + h // 2)[None, :]).to(tl.float32)[:, :, None]
+    o = out + r3 * K + k0 + (h[:, None] * 128 + l[None, :])[None, :, :]
+    mask = (rows < N)[:, None, None]
+    q0, q1, q2, q3 = _q6_quants(ql, qh, r3, k0, boff, hoff, K)
+    ty = out.dtype.element_ty
+    tl.store(o, ((dd * _q6_scales(sc, r2, k0, h, first, 0, K)) * _as_float(q0, 32.0, True)).to(ty), mask=mask)
+    tl.store(o + 32, ((dd * _q6_scales(sc, r2, k0, h, first, 1, K)) * _as_float(q1, 32.0, True)).to(ty), mask=mask)
+    tl.store(o + 64, ((dd * _q6_scales(sc, r2, k0, h, first, 2, K)) * _as_float(q2, 32.0, True)).to(ty), mask=mask)
+    tl.store(o + 96, ((dd * _q6_scales(sc, r2, k0, h, first, 3, K)) * _as_float(q3, 32.0, True)).to(ty), mask=mask)
+
+
+@triton.jit
+def dequant_q8_q4(qs, d, out, N, K: tl.constexpr, BN: tl.constexpr, G: tl.constexpr, Q4: tl.constexpr):
+    """Rows of a Q8_0 (Q4 0) or Q4_0 (Q4 1) tensor in repack's layout -> out [N, K]. Grid: (tiles of
+    BN rows, steps of G blocks of 32)."""
+    rows, r = _rows(N, BN)
+    k0 = tl.program_id(1) * G * 32
+    g = tl.arange(0, G)
+    r3 = r[:, None, None]
+    s = tl.load(d + r[:, None] * (K // 32) + k0 // 32 + g[None, :]).to(tl.float32)[:, :, None]
+    mask = (rows < N)[:, None, None]
+    if Q4:
+        j = tl.arange(0, 16)
+        b = tl.load(qs + r3 * (K // 2) + (k0 // 2 + g[:, None] * 16 + j[None, :])[None, :, :])
+        o = out + r3 * K + (k0 + g[:, None] * 32 + j[None, :])[None, :, :]
+        tl.store(o, (s * ((b & 15).to(tl.float32) - 8.0)).to(out.dtype.element_ty), mask=mask)
+        tl.store(o + 16, (s * ((b >> 4).to(tl.float32) - 8.0)).to(out.dtype.element_ty), mask=mask)
+    else:
+        v = (g[:, None] * 32 + tl.arange(0, 32)[None, :])[None, :, :]
+        q = tl.load(qs + r3 * K + k0 + v).to(tl.float32)
+        tl.store(out + r3 * K + k0 + v, (s * q).to(out.dtype.element_ty), mask=mask)
