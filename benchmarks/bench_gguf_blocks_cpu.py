@@ -1,7 +1,14 @@
 """CPU decode of the embedded Gemma 3 270M Q4_K_M: llmarch's three weight paths and llama.cpp, one run.
 
     python benchmarks/bench_gguf_blocks_cpu.py [--tokens 64] [--rounds 3] [--threads 1 2] [--json OUT]
-                                               [--only NAME ...] [--no-drift]
+                                               [--only NAME ...] [--no-drift] [--prefill 128 512]
+
+--prefill N ...: instead, prefill alone on prompts of N tokens (the same ids for both engines), the
+stored-block model in one process per round: the C prefill (cpu_plan.prefill, chunks of 128 rows)
+and the module path (the Generator's chunks of PREFILL_CHUNK; matmuls over more than 128 rows
+dequantize for a float GEMM), each after a warm-up prefill; llama.cpp's evaluation of the same ids
+(Llama.eval, batches of 512 as llama-bench's ppN, wall clock), after a warm-up. Rounds alternate; the median
+of the rounds and of each round's ratio to llama.cpp are reported with the load average.
 
 Per thread count, each round runs in turn (its own process, so peak RSS is its own): llmarch
 --dtype float32 (dequantized float32), llmarch --keep-quantized --quant-bits 8 (every matrix
@@ -57,6 +64,108 @@ d, out = gen(n)
 print(json.dumps({"decode_tok_s": d.n_eval / (d.t_eval_ms / 1000), "prefill_tok_s": d.n_p_eval / max(d.t_p_eval_ms / 1000, 1e-9),
                   "tokens": out, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
+
+PREFILL_IDS = r"""
+def prompt_ids(n):  # the same ids for both engines: BOS, then spread over the first 20k tokens
+    return [2] + [100 + (i * 7919) % 20000 for i in range(n - 1)]
+"""
+
+LLAMA_PREFILL_SCRIPT = (
+    PREFILL_IDS
+    + r"""
+import json, sys, time
+from llama_cpp import Llama
+path, threads, ns = sys.argv[1], int(sys.argv[2]), [int(n) for n in sys.argv[3:]]
+llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=max(ns) + 8, n_batch=512,
+            verbose=False)
+def pp(n):  # wall clock: after llm.eval alone its perf counters read 1 token in 0 ms (0.3.36)
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(prompt_ids(n))  # decodes in batches of n_batch, the last token's logits out
+    return n / (time.perf_counter() - t)
+pp(8)  # warm-up
+print(json.dumps({str(n): pp(n) for n in ns}))
+"""
+)
+
+LLMARCH_PREFILL_SCRIPT = (
+    PREFILL_IDS
+    + r"""
+import json, sys, time, torch
+from llmarch.runtime.generate import PREFILL_CHUNK, Generator
+from llmarch.runtime.load import load_runtime
+path, ns = sys.argv[1], [int(n) for n in sys.argv[2:]]
+rt = load_runtime(path, "cpu", None, None, stored_blocks=True)
+gen = Generator(rt, max(ns) + 8)
+assert gen.cpu_step is not None
+def c_prefill(ids):
+    gen.cpu_step.prefill(ids, 0)
+def module(ids):
+    for i in range(0, ids.shape[1], PREFILL_CHUNK):
+        chunk = ids[:, i : i + PREFILL_CHUNK]
+        gen.model(chunk, torch.arange(i, i + chunk.shape[1]), gen.cache, limit=i + chunk.shape[1])
+def timed(f, n):
+    ids = torch.tensor([prompt_ids(n)])
+    gen.cache.reset()
+    t = time.perf_counter()
+    f(ids)
+    return n / (time.perf_counter() - t)
+out = {}
+with torch.inference_mode():
+    timed(c_prefill, 8), timed(module, 8)  # warm-up: every weight page touched
+    for n in ns:
+        out[str(n)] = {"C prefill": timed(c_prefill, n), "module path": timed(module, n)}
+print(json.dumps(out))
+"""
+)
+
+
+def prefill_rounds(path: str, ns: list[int], rounds: int, threads_list: list[int]) -> dict:
+    """Prefill alone (see the module docstring): {threads_T: {load_average, table}}."""
+    results = {}
+    for threads in threads_list:
+        runs: dict[str, list[dict]] = {"llmarch": [], "llama.cpp": []}
+        loads = []
+        for rnd in range(rounds):
+            loads.append(os.getloadavg()[0])
+            order = ["llmarch", "llama.cpp"] if rnd % 2 == 0 else ["llama.cpp", "llmarch"]
+            for who in order:
+                if who == "llmarch":
+                    runs[who].append(run_script(LLMARCH_PREFILL_SCRIPT, [path, *map(str, ns)], threads, who, 900))
+                else:
+                    runs[who].append(
+                        run_script(LLAMA_PREFILL_SCRIPT, [path, str(threads), *map(str, ns)], threads, who, 900)
+                    )
+            line = ", ".join(
+                f"pp{n}: C {runs['llmarch'][-1][str(n)]['C prefill']:.1f} module "
+                f"{runs['llmarch'][-1][str(n)]['module path']:.1f} llama.cpp {runs['llama.cpp'][-1][str(n)]:.1f}"
+                for n in ns
+            )
+            print(f"threads {threads} round {rnd} (load {loads[-1]:.1f}): {line}", flush=True)
+        loads.append(os.getloadavg()[0])
+        print(f"\nprefill tok/s, threads {threads}, load average {min(loads):.1f}-{max(loads):.1f}, {rounds} rounds")
+        print(f"{'prompt':>7s} {'configuration':24s} {'median':>8s} {'vs llama.cpp':>12s} {'per round':>9s}")
+        table: dict = {}
+        for n in ns:
+            llama = [r[str(n)] for r in runs["llama.cpp"]]
+            rows = {k: [r[str(n)][k] for r in runs["llmarch"]] for k in ("C prefill", "module path")}
+            rows["llama.cpp"] = llama
+            for name, vals in rows.items():
+                per_round = [v / ll for v, ll in zip(vals, llama, strict=True)]
+                med = statistics.median(vals)
+                table[f"pp{n} {name}"] = {
+                    "tok_s": vals,
+                    "median": med,
+                    "vs_llama": med / statistics.median(llama),
+                    "vs_llama_per_round_median": statistics.median(per_round),
+                }
+                print(
+                    f"{n:7d} {name:24s} {med:8.1f} {med / statistics.median(llama):11.2f}x "
+                    f"{statistics.median(per_round):8.2f}x"
+                )
+        results[f"prefill_threads_{threads}"] = {"load_average": loads, "table": table}
+    return results
+
 
 CONFIGS = {
     "llmarch --dtype float32 (dequantized fp32)": ["--dtype", "float32"],
@@ -135,6 +244,7 @@ def main() -> None:
     ap.add_argument("--no-drift", action="store_true", help="skip the teacher-forced agreement")
     ap.add_argument("--only", nargs="+", help="run only the llmarch configurations whose name contains one of these")
     ap.add_argument("--json")
+    ap.add_argument("--prefill", type=int, nargs="+", help="prefill alone on prompts of these lengths")
     a = ap.parse_args()
     from llmarch.default_model import default_model_path
 
@@ -145,6 +255,11 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "commit": commit.stdout.strip(),
     }
+    if a.prefill:
+        results.update(prefill_rounds(path, a.prefill, a.rounds, a.threads))
+        if a.json:
+            Path(a.json).write_text(json.dumps(results, indent=2))
+        return
     configs = {k: v for k, v in CONFIGS.items() if not a.only or any(o in k for o in a.only)}
     for threads in a.threads:
         runs: dict[str, list[dict]] = {name: [] for name in [*configs, LLAMA]}
