@@ -164,7 +164,9 @@ def _launcher(qtype: str):
     if interpreting():
         return kernel, {"BN": 64}  # few programs: the interpreter's cost is per program
     tiles = ((2, 2), (4, 2), (4, 4), (8, 4), (8, 8), (16, 4), (16, 8), (32, 8))  # (rows per program, warps)
-    ways = ({"FAST": 1}, {"FAST": 0}) if kquant else ({},)
+    ways: tuple[dict, ...] = ({},)
+    if kquant:  # both ways, on half the tiles: as many configs to compile as the other types
+        tiles, ways = ((2, 2), (4, 4), (8, 4), (16, 8)), ({"FAST": 1}, {"FAST": 0})
     configs = [triton.Config({"BN": bn, **way}, num_warps=w) for bn, w in tiles for way in ways]
     return triton.autotune(configs, key=["N", "K"])(kernel), {}
 
