@@ -68,32 +68,52 @@ def wrap(owner, name, before, after):
         return r
     setattr(owner, name, wrapped)
 
-def tokenizer_called(fn):
-    def wrapped(*a, **k):
-        # the run has imported its runtime (torch) by now: wrap the later phases
-        import llmarch.runtime.model as model, llmarch.runtime.generate as gen
-        wrap(model, "build_model", "weights start", "model built")
-        wrap(model, "load_weights", None, "weights loaded")
-        first = gen.Generator.generate
-        def generate(self, prompt, max_tokens, sampling, eos_ids=None, on_token=None):
-            mark("model set up")  # after load_runtime's own trim of the freed heap
-            seen = []
-            def on(t):
-                if not seen:
-                    seen.append(1)
-                    mark("first token")
-                on_token(t)
-            r = first(self, prompt, max_tokens, sampling, eos_ids, on if on_token else None)
-            mark("decode done")
-            return r
-        gen.Generator.generate = generate
-        mark("tokenizer start")
-        r = fn(*a, **k)
-        mark("tokenizer built")
+def traced_generate(first):
+    # generate(self, prompt, max_tokens, *rest, on_token) with set-up, first-token and end marks
+    def generate(self, prompt, max_tokens, *rest):
+        mark("model set up")  # after the load's own trim of the freed heap
+        *rest, on_token = rest
+        seen = []
+        def on(t):
+            if not seen:
+                seen.append(1)
+                mark("first token")
+            on_token(t)
+        r = first(self, prompt, max_tokens, *rest, on if on_token else None)
+        mark("decode done")
         return r
-    return wrapped
+    return generate
 
-tk.load_tokenizer = tokenizer_called(tk.load_tokenizer)
+def torch_phases():
+    # the run has imported its runtime (torch) by now: wrap the later phases
+    import llmarch.runtime.model as model, llmarch.runtime.generate as gen
+    wrap(model, "build_model", "weights start", "model built")
+    wrap(model, "load_weights", None, "weights loaded")
+    gen.Generator.generate = traced_generate(gen.Generator.generate)
+
+import llmarch.runtime.run as run_mod
+if hasattr(run_mod, "_torch_device"):  # a tree whose run may decode from a saved plan without torch
+    import llmarch.runtime.native_run as native
+    chosen = run_mod._torch_device
+    def torch_device(o):
+        r = chosen(o)
+        mark("torch imported")
+        torch_phases()
+        return r
+    run_mod._torch_device = torch_device
+    wrap(native, "open_decoder", "weights start", "weights loaded")  # the plan read, its buffers allocated
+    native.NativeDecoder.generate = traced_generate(native.NativeDecoder.generate)
+    wrap(tk, "load_tokenizer", "tokenizer start", "tokenizer built")
+else:  # older trees import torch before reading the header
+    def tokenizer_called(fn):
+        def wrapped(*a, **k):
+            torch_phases()
+            mark("tokenizer start")
+            r = fn(*a, **k)
+            mark("tokenizer built")
+            return r
+        return wrapped
+    tk.load_tokenizer = tokenizer_called(tk.load_tokenizer)
 wrap(llmarch.api, "load_checkpoint_spec", "run imports done", "header read")
 code = 0
 try:

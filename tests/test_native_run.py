@@ -143,6 +143,16 @@ def test_truncated_or_foreign_files_and_a_changed_model(tiny_gguf, cache, tmp_pa
     assert plan_file.plan_path(ckpt) != path and plan_file.load(ckpt, spec) is None
 
 
+def test_saving_replaces_an_earlier_llmarchs_plan_of_the_same_model(tiny_gguf, cache, monkeypatch):
+    gen, ckpt, spec = saved(tiny_gguf, "gemma3", 40)
+    first = plan_file.plan_path(ckpt)
+    other = first.with_name("0123456789abcdef-0123456789abcdef.plan")  # another model's: left alone
+    other.write_bytes(b"x")
+    monkeypatch.setattr(plan_file, "_code_stamp", lambda: ["another llmarch"])
+    assert plan_file.save(gen.cpu_step, gen.model, ckpt, spec, []) is None
+    assert sorted(p.name for p in first.parent.iterdir()) == sorted([plan_file.plan_path(ckpt).name, other.name])
+
+
 def test_more_positions_than_saved_rows(tiny_gguf, cache):
     _, ckpt, spec = saved(tiny_gguf, "gemma3", 40)
     plan = plan_file.load(ckpt, spec)

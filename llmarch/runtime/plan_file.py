@@ -11,8 +11,9 @@ decodes from it without importing torch.
 The file is llmarch's own cache, but it is still read as untrusted: every number is checked against
 the spec and the checkpoint's tensor table before an address is formed from it, and anything that
 does not fit makes load() return None (the run then takes the torch path, which writes it anew).
-Its name is a hash of the GGUF's identity (path, size, mtime of every file) and of llmarch's own
-source files, so a changed model file or a changed llmarch never reads a stale plan.
+Its name is a hash of the GGUF's identity (path, size, mtime of every file) and one of llmarch's
+own source files, so a changed model file or a changed llmarch never reads a stale plan; saving a
+plan removes the plans an earlier llmarch saved for the same model file (one per model stays).
 
 Layout: 8-byte magic, 8-byte little-endian length of a JSON header, the header, then the arrays
 (float32 / int64, 64-byte aligned) that the header points at by offset.
@@ -68,9 +69,13 @@ def _identity(ckpt) -> list:
     return out
 
 
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
+
+
 def plan_path(ckpt) -> Path:
-    key = json.dumps([MAGIC.decode(), _identity(ckpt), _code_stamp()]).encode()
-    return cache_dir("plans") / f"{hashlib.sha256(key).hexdigest()[:24]}.plan"
+    """<cache>/plans/<the model file's digest>-<this llmarch's digest>.plan"""
+    return cache_dir("plans") / f"{_digest(_identity(ckpt))}-{_digest([MAGIC.decode(), _code_stamp()])}.plan"
 
 
 # ----------------------------------------------------------------------------------------- save
@@ -221,6 +226,11 @@ def _write(path: Path, header: dict, items: list[np.ndarray]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+    # plans of this model file that an earlier llmarch saved are never read again: one stays
+    model = path.name.split("-")[0]
+    for old in path.parent.glob(f"{model}-*.plan"):
+        if old != path:
+            old.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------- load
