@@ -12,9 +12,9 @@ from functools import lru_cache
 from llmarch.runtime.cbuild import build_avx2
 from llmarch.runtime.kernel_sources import FLOAT_OPS, GGUF_MATMUL
 
-# tokens per prefill_step call: its scratch (and the int8 activations each matmul quantizes) grows
-# with the rows, and past ~128 rows they no longer stay in the caches that each weight row's reuse
-# over the rows relies on (see gguf_matmul.MAX_ROWS)
+# tokens per prefill_step call: bounds its scratch and the int8 activations each matmul quantizes,
+# which grow with the rows (a 512-token prefill of the embedded model ran alike in chunks of 64 to
+# 512 within this 2-core machine's noise, one thread)
 PREFILL_ROWS = 128
 
 DECODE = r"""
