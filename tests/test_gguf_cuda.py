@@ -93,19 +93,23 @@ def test_repack_dequantizes_as_quant(qtype, cols):
 @pytest.mark.parametrize("qtype,cols", CASES)
 @pytest.mark.parametrize("M", [1, 3])
 def test_kernel_matches_dequantized_matmul(qtype, cols, M, monkeypatch):
-    """On CUDA with the way the autotuner picks; under the interpreter the K-quants' two ways of
-    making floats of the quants (an int-to-float conversion, or the exponent-bits trick) in turn."""
-    if DEVICE == "cpu" and qtype.endswith("_K"):
-        monkeypatch.setattr(gc, "INTERPRET_FAST", M % 2)  # M = 1: the trick; M = 3: the conversion
+    """Every way the K-quant kernels make floats of the quants (gguf_cuda.ways: the int-to-float
+    conversion, the exponent-bits trick, on CUDA also its inline-PTX form), each forced in turn;
+    then, on CUDA, whatever the autotuner picks."""
     rng = np.random.default_rng(hash((qtype, cols, M)) % 2**32)
     rows = 37  # not a multiple of any tile: the last program's rows are masked
     raw = blocks(qtype, rows, cols, rng)
     x = torch.from_numpy(rng.standard_normal((M, cols)).astype(np.float32))
     x[0, :32] *= 50  # blocks of very different sizes
     lin = gc.CudaStoredLinear([(qtype, gc.repack(raw, qtype, rows, cols, DEVICE))], cols)
-    y = lin(x.to(DEVICE))
-    assert y.dtype == torch.float32 and y.shape == (M, rows)
-    close(y, x, reference(raw, qtype, rows, cols))
+    w = reference(raw, qtype, rows, cols)
+    for way in gc.ways(qtype, torch.device(DEVICE).type):
+        monkeypatch.setattr(gc, "FORCE_WAY", way)
+        y = lin(x.to(DEVICE))
+        assert y.dtype == torch.float32 and y.shape == (M, rows)
+        close(y, x, w)
+    monkeypatch.setattr(gc, "FORCE_WAY", None)
+    close(lin(x.to(DEVICE)), x, w)
 
 
 @needs_kernels

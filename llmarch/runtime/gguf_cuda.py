@@ -35,7 +35,6 @@ TYPES = ("Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")  # the stored types read here, 
 GEMV_ROWS = 4  # activation rows per kernel; longer prefills dequantize slabs for torch's matmul
 SLAB = 1 << 25  # weight values per dequantized slab in the prefill path (64 MiB of bf16)
 MAX_WIDTH = 1024  # values of a row per kernel step
-INTERPRET_FAST = 1  # under the interpreter, which of the K-quant kernels' two ways runs (autotuned on CUDA)
 
 
 @lru_cache(maxsize=1)
@@ -149,25 +148,37 @@ def _width(qtype: str, cols: int) -> dict:
     return {"CC": 4 * n, "HBITS": int(qtype == "Q5_K")}
 
 
+def ways(qtype: str, device_type: str = "cuda") -> tuple[int, ...]:
+    """The K-quant kernels' ways of making floats of the quants (their FAST argument): 0 the
+    int-to-float conversion, 1 the exponent-bits trick (_as_float), 2 the same with inline PTX
+    that unpacks four bytes at a time (Q4_K and Q6_K, CUDA only; LLMARCH_GGUF_CUDA_ASM=0 leaves it
+    out). Every way gives the same sums; the autotuner keeps the fastest per matrix shape."""
+    if qtype not in ("Q4_K", "Q5_K", "Q6_K"):
+        return ()
+    asm = qtype != "Q5_K" and device_type == "cuda" and os.environ.get("LLMARCH_GGUF_CUDA_ASM", "1") != "0"
+    return (2, 1, 0) if asm else (1, 0)
+
+
+FORCE_WAY: int | None = None  # tests: run the K-quant kernels this way, on a fixed tile (no autotuning)
+
+
 @cache
 def _launcher(qtype: str):
-    """The kernel for `qtype`: autotuned over rows per program (and for the K-quants over the two
-    ways of turning quants into floats) on CUDA, once per matrix shape on the first call; a fixed
-    tile under the interpreter (there both ways run: the tests cover each)."""
+    """The kernel for `qtype`: autotuned over rows per program (and for the K-quants over their
+    ways) on CUDA, once per matrix shape on the first call; a fixed tile under the interpreter."""
     import triton
 
     k = _kernels()
     kernel = {"Q8_0": k.gemv_q8_0, "Q4_0": k.gemv_q4_0, "Q4_K": k.gemv_k45, "Q5_K": k.gemv_k45, "Q6_K": k.gemv_q6_k}[
         qtype
     ]
-    kquant = qtype in ("Q4_K", "Q5_K", "Q6_K")
     if interpreting():
         return kernel, {"BN": 64}  # few programs: the interpreter's cost is per program
     tiles = ((2, 2), (4, 2), (4, 4), (8, 4), (8, 8), (16, 4), (16, 8), (32, 8))  # (rows per program, warps)
-    ways: tuple[dict, ...] = ({},)
-    if kquant:  # both ways, on half the tiles: as many configs to compile as the other types
-        tiles, ways = ((2, 2), (4, 4), (8, 4), (16, 8)), ({"FAST": 1}, {"FAST": 0})
-    configs = [triton.Config({"BN": bn, **way}, num_warps=w) for bn, w in tiles for way in ways]
+    configs = [triton.Config({"BN": bn}, num_warps=w) for bn, w in tiles]
+    if ways(qtype):  # three tiles (the fewest instructions a weight byte in the compiled code) per way
+        tiles = ((4, 4), (8, 4), (16, 8))
+        configs = [triton.Config({"BN": bn, "FAST": f}, num_warps=w) for bn, w in tiles for f in ways(qtype)]
     return triton.autotune(configs, key=["N", "K"])(kernel), {}
 
 
@@ -177,8 +188,9 @@ def gemv(qtype: str, x: torch.Tensor, arrays, y: torch.Tensor, col0: int) -> Non
     M, K = x.shape
     N = arrays[0].shape[0]
     meta = {**_width(qtype, K), **fixed}
-    if interpreting() and qtype in ("Q4_K", "Q5_K", "Q6_K"):
-        meta["FAST"] = INTERPRET_FAST
+    if ways(qtype) and (FORCE_WAY is not None or interpreting()):
+        kernel = {"Q4_K": _kernels().gemv_k45, "Q5_K": _kernels().gemv_k45, "Q6_K": _kernels().gemv_q6_k}[qtype]
+        meta.update(BN=fixed.get("BN", 4), FAST=1 if FORCE_WAY is None else FORCE_WAY)
     args = list(arrays) if qtype != "Q4_K" else [arrays[0], arrays[0], *arrays[1:]]  # no qh: a placeholder
 
     def grid(m):

@@ -73,6 +73,87 @@ def _as_float(q, bias: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
+def _nibbles_asm(b):
+    """uint8 bytes -> (2**23 + low nibble, 2**23 + high nibble) as float32 (CUDA only: inline PTX,
+    four bytes an instance): two masks and a shift of the whole word, then one byte permute a
+    value that sets the nibble under the exponent bits 0x4B, instead of an extract, a mask and an
+    OR a value."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 lo, hi, m;
+        mov.b32 m, 0x4B000000;
+        and.b32 lo, $8, 0x0F0F0F0F;
+        shr.u32 hi, $8, 4;
+        and.b32 hi, hi, 0x0F0F0F0F;
+        prmt.b32 $0, lo, m, 0x7540;
+        prmt.b32 $1, lo, m, 0x7541;
+        prmt.b32 $2, lo, m, 0x7542;
+        prmt.b32 $3, lo, m, 0x7543;
+        prmt.b32 $4, hi, m, 0x7540;
+        prmt.b32 $5, hi, m, 0x7541;
+        prmt.b32 $6, hi, m, 0x7542;
+        prmt.b32 $7, hi, m, 0x7543;
+        }""",
+        constraints="=r,=r,=r,=r,=r,=r,=r,=r,r",
+        args=[b],
+        dtype=(tl.float32, tl.float32),
+        is_pure=True,
+        pack=4,
+    )
+
+
+@triton.jit
+def _q6_asm(qla, qlb, hb):
+    """Q6_K's bytes (gemv_q6_k's qla, qlb, hb) -> its four groups' 2**23 + q as float32 (CUDA only:
+    inline PTX, four bytes an instance): each group's 6-bit values assembled for four bytes at a
+    time with word-wide masks and shifts, then one byte permute a value as in _nibbles_asm."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 a, t, m;
+        mov.b32 m, 0x4B000000;
+        and.b32 a, $16, 0x0F0F0F0F;
+        shl.b32 t, $18, 4;
+        and.b32 t, t, 0x30303030;
+        or.b32 a, a, t;
+        prmt.b32 $0, a, m, 0x7540;
+        prmt.b32 $1, a, m, 0x7541;
+        prmt.b32 $2, a, m, 0x7542;
+        prmt.b32 $3, a, m, 0x7543;
+        and.b32 a, $17, 0x0F0F0F0F;
+        shl.b32 t, $18, 2;
+        and.b32 t, t, 0x30303030;
+        or.b32 a, a, t;
+        prmt.b32 $4, a, m, 0x7540;
+        prmt.b32 $5, a, m, 0x7541;
+        prmt.b32 $6, a, m, 0x7542;
+        prmt.b32 $7, a, m, 0x7543;
+        shr.u32 a, $16, 4;
+        and.b32 a, a, 0x0F0F0F0F;
+        and.b32 t, $18, 0x30303030;
+        or.b32 a, a, t;
+        prmt.b32 $8, a, m, 0x7540;
+        prmt.b32 $9, a, m, 0x7541;
+        prmt.b32 $10, a, m, 0x7542;
+        prmt.b32 $11, a, m, 0x7543;
+        shr.u32 a, $17, 4;
+        and.b32 a, a, 0x0F0F0F0F;
+        shr.u32 t, $18, 2;
+        and.b32 t, t, 0x30303030;
+        or.b32 a, a, t;
+        prmt.b32 $12, a, m, 0x7540;
+        prmt.b32 $13, a, m, 0x7541;
+        prmt.b32 $14, a, m, 0x7542;
+        prmt.b32 $15, a, m, 0x7543;
+        }""",
+        constraints="=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,r,r,r",
+        args=[qla, qlb, hb],
+        dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+        is_pure=True,
+        pack=4,
+    )
+
+
+@triton.jit
 def _k45_quants(qs, qh, r3, k0, boff, hoff, hshift, K: tl.constexpr, HBITS: tl.constexpr):
     """One step's Q4_K / Q5_K quants as int32 [rows, chunks, 32]: the first and second 32 values
     of each chunk of 64 (low and high nibbles of the same bytes, plus Q5_K's 5th bits)."""
@@ -121,7 +202,7 @@ def gemv_k45(
     (Q5_K): per 256 values 32 bytes, bit j of byte i the 5th bit of value i of sub-block j; sc, mn
     uint8 [N, K/32]: 6-bit scale and min per sub-block; dm fp16 [N, K/256 * 2]: d, dmin. A value
     is d * sc * q - dmin * mn: per sub-block one dot product of the quants, then its scale and min
-    once. CC chunks of 64 per step."""
+    once. CC chunks of 64 per step. FAST (_as_float's) 2: Q4_K's nibbles by _nibbles_asm (CUDA only)."""
     rows, r = _rows(N, BN)
     xrow = x + tl.program_id(1) * K
     boff, hoff, hshift, vlo = _k45_offsets(CC)
@@ -129,11 +210,18 @@ def gemv_k45(
     r2 = r[:, None]
     acc = tl.zeros([BN], dtype=tl.float32)
     for k0 in range(0, K, CC * 64):
-        lo, hi = _k45_quants(qs, qh, r[:, None, None], k0, boff, hoff, hshift, K, HBITS)
+        if FAST == 2:  # Q4_K only
+            flo, fhi = _nibbles_asm(tl.load(qs + r[:, None, None] * (K // 2) + k0 // 2 + boff))
+            flo -= 8388608.0
+            fhi -= 8388608.0
+        else:
+            lo, hi = _k45_quants(qs, qh, r[:, None, None], k0, boff, hoff, hshift, K, HBITS)
+            flo = _as_float(lo, 0.0, FAST)
+            fhi = _as_float(hi, 0.0, FAST)
         xlo = tl.load(xrow + k0 + vlo).to(tl.float32)
         xhi = tl.load(xrow + k0 + vlo + 32).to(tl.float32)
-        dlo = tl.sum(_as_float(lo, 0.0, FAST) * xlo[None, :, :], axis=2)
-        dhi = tl.sum(_as_float(hi, 0.0, FAST) * xhi[None, :, :], axis=2)
+        dlo = tl.sum(flo * xlo[None, :, :], axis=2)
+        dhi = tl.sum(fhi * xhi[None, :, :], axis=2)
         sub = r2 * (K // 32) + k0 // 32 + 2 * c[None, :]
         slo = tl.load(sc + sub).to(tl.float32)
         shi = tl.load(sc + sub + 1).to(tl.float32)
@@ -148,12 +236,19 @@ def gemv_k45(
 
 
 @triton.jit
-def _q6_quants(ql, qh, r3, k0, boff, hoff, K: tl.constexpr):
-    """One step's Q6_K quants as four int32 [rows, halves, 32] (values l + 32 g of each half of 128,
-    g = 0..3), 0..63 (the -32 not applied)."""
+def _q6_bytes(ql, qh, r3, k0, boff, hoff, K: tl.constexpr):
+    """One step's Q6_K bytes [rows, halves, 32]: the two runs of 32 ql bytes, the 32 qh bytes."""
     qla = tl.load(ql + r3 * (K // 2) + k0 // 2 + boff)
     qlb = tl.load(ql + r3 * (K // 2) + k0 // 2 + boff + 32)
     hb = tl.load(qh + r3 * (K // 4) + k0 // 4 + hoff)
+    return qla, qlb, hb
+
+
+@triton.jit
+def _q6_quants(ql, qh, r3, k0, boff, hoff, K: tl.constexpr):
+    """One step's Q6_K quants as four int32 [rows, halves, 32] (values l + 32 g of each half of 128,
+    g = 0..3), 0..63 (the -32 not applied)."""
+    qla, qlb, hb = _q6_bytes(ql, qh, r3, k0, boff, hoff, K)
     q0 = ((qla & 15) | ((hb & 3) << 4)).to(tl.int32)
     q1 = ((qlb & 15) | (((hb >> 2) & 3) << 4)).to(tl.int32)
     q2 = ((qla >> 4) | (((hb >> 4) & 3) << 4)).to(tl.int32)
@@ -177,8 +272,9 @@ def gemv_q6_k(
 ):
     """Q6_K. Per 128 values (a half): ql 64 bytes [N, K/2], qh 32 bytes [N, K/4]; value l + 32g of
     the half is (low 4 bits: ql[l + 32 (g % 2)] >> 4 (g // 2)) | (qh[l] >> 2g & 3) << 4, minus 32;
-    sc int8 [N, K/16] one scale per 16 values; d fp16 [N, K/256]. HH halves per step. FAST: the
-    integer-to-float trick and scales loaded once per 16 values."""
+    sc int8 [N, K/16] one scale per 16 values; d fp16 [N, K/256]. HH halves per step. FAST 1: the
+    integer-to-float trick and scales loaded once per 16 values; 2: the same with _q6_asm's
+    unpacking (CUDA only)."""
     rows, r = _rows(N, BN)
     xrow = x + tl.program_id(1) * K
     h = tl.arange(0, HH)
@@ -192,26 +288,21 @@ def gemv_q6_k(
     base = h[:, None] * 128 + l[None, :]
     acc = tl.zeros([BN], dtype=tl.float32)
     for k0 in range(0, K, HH * 128):
-        q0, q1, q2, q3 = _q6_quants(ql, qh, r3, k0, boff, hoff, K)
         xr = xrow + k0 + base
         if FAST:
-            t = _as_float(q0, 32.0, True) * _q6_scales(sc, r2, k0, h, first, 0, K) * tl.load(xr).to(tl.float32)[None]
-            t += (
-                _as_float(q1, 32.0, True)
-                * _q6_scales(sc, r2, k0, h, first, 1, K)
-                * tl.load(xr + 32).to(tl.float32)[None]
-            )
-            t += (
-                _as_float(q2, 32.0, True)
-                * _q6_scales(sc, r2, k0, h, first, 2, K)
-                * tl.load(xr + 64).to(tl.float32)[None]
-            )
-            t += (
-                _as_float(q3, 32.0, True)
-                * _q6_scales(sc, r2, k0, h, first, 3, K)
-                * tl.load(xr + 96).to(tl.float32)[None]
-            )
+            if FAST == 2:
+                f0, f1, f2, f3 = _q6_asm(*_q6_bytes(ql, qh, r3, k0, boff, hoff, K))
+                f0, f1, f2, f3 = f0 - 8388640.0, f1 - 8388640.0, f2 - 8388640.0, f3 - 8388640.0
+            else:
+                q0, q1, q2, q3 = _q6_quants(ql, qh, r3, k0, boff, hoff, K)
+                f0, f1 = _as_float(q0, 32.0, True), _as_float(q1, 32.0, True)
+                f2, f3 = _as_float(q2, 32.0, True), _as_float(q3, 32.0, True)
+            t = f0 * _q6_scales(sc, r2, k0, h, first, 0, K) * tl.load(xr).to(tl.float32)[None]
+            t += f1 * _q6_scales(sc, r2, k0, h, first, 1, K) * tl.load(xr + 32).to(tl.float32)[None]
+            t += f2 * _q6_scales(sc, r2, k0, h, first, 2, K) * tl.load(xr + 64).to(tl.float32)[None]
+            t += f3 * _q6_scales(sc, r2, k0, h, first, 3, K) * tl.load(xr + 96).to(tl.float32)[None]
         else:
+            q0, q1, q2, q3 = _q6_quants(ql, qh, r3, k0, boff, hoff, K)
             srow = sc + r3 * (K // 16) + k0 // 16 + soff
             t = (q0.to(tl.float32) - 32.0) * tl.load(srow).to(tl.float32) * tl.load(xr).to(tl.float32)[None]
             t += (q1.to(tl.float32) - 32.0) * tl.load(srow + 2).to(tl.float32) * tl.load(xr + 32).to(tl.float32)[None]
