@@ -192,6 +192,17 @@ def kernel_times(torch, reps: int = 200, types=("Q8_0", "Q4_K", "Q6_K"), prefill
                 f"  {qtype} {name:8s} [{n}, {k}]: stored {ts * 1e6:7.1f} us {sb / ts / 1e9:6.0f} GB/s, "
                 f"bf16 {tb * 1e6:7.1f} us {w.numel() * 2 / tb / 1e9:6.0f} GB/s  [{best}]"
             )
+            per_way = {}
+            for way in gguf_cuda.ways(qtype):  # each way alone on one fixed tile (4 rows, 4 warps)
+                gguf_cuda.FORCE_WAY = way
+                try:
+                    with torch.inference_mode():
+                        per_way[way] = timed(partial(lin, x)) * 1e6
+                finally:
+                    gguf_cuda.FORCE_WAY = None
+            if per_way:
+                row["way_us"] = per_way
+                line += "\n      ways on 4 rows x 4 warps: " + ", ".join(f"{w}: {t:.1f} us" for w, t in per_way.items())
             if prefill and name != "head":
                 xp = torch.randn(prefill, k, device="cuda", dtype=torch.bfloat16)
                 with torch.inference_mode():
@@ -218,6 +229,7 @@ def main() -> None:
     )
     ap.add_argument("--kernels", action="store_true", help="also time each matrix shape's kernel alone")
     ap.add_argument("--kernels-only", action="store_true", help="only the per-matrix kernel times (no models)")
+    ap.add_argument("--kernel-types", default="Q8_0,Q4_K,Q6_K", help="stored types of the per-matrix kernel times")
     ap.add_argument("--json")
     a = ap.parse_args()
     import torch
@@ -230,7 +242,7 @@ def main() -> None:
         compile=a.compile, tokens=a.tokens, prompt=a.prompt, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     )
     if a.kernels or a.kernels_only:
-        res["kernels"] = kernel_times(torch)
+        res["kernels"] = kernel_times(torch, types=a.kernel_types.split(","))
         if a.json:
             Path(a.json).write_text(json.dumps(res, indent=2))
         if a.kernels_only:

@@ -425,6 +425,8 @@ def table(res: dict) -> str:
                 continue
             ours = ours or {}
             label = LABELS[src] + ("" if ours.get("compiled", True) else " (llmarch: graph, no compile)")
+            if any("stored blocks on CUDA" in n for n in ours.get("run_notes", [])):
+                label += " (llmarch: stored blocks)"
             lines.append(row(f"{name} | {label}", ours, theirs))
     moe = res.get("moe")
     if moe:
