@@ -144,14 +144,21 @@ def test_truncated_or_foreign_files_and_a_changed_model(tiny_gguf, cache, tmp_pa
     assert plan_file.plan_path(ckpt) != path and plan_file.load(ckpt, spec) is None
 
 
-def test_saving_replaces_an_earlier_llmarchs_plan_of_the_same_model(tiny_gguf, cache, monkeypatch):
+def test_saving_keeps_the_newest_plans_of_a_model(tiny_gguf, cache, monkeypatch):
+    """Plans of the same model by other llmarch versions: the newest KEEP_PER_MODEL stay, older go;
+    another model's plans are left alone."""
     gen, ckpt, spec = saved(tiny_gguf, "gemma3", 40)
-    first = plan_file.plan_path(ckpt)
-    other = first.with_name("0123456789abcdef-0123456789abcdef.plan")  # another model's: left alone
+    folder = plan_file.plan_path(ckpt).parent
+    other = folder / "0123456789abcdef-0123456789abcdef.plan"
     other.write_bytes(b"x")
-    monkeypatch.setattr(plan_file, "_code_stamp", lambda: ["another llmarch"])
-    assert plan_file.save(gen.cpu_step, gen.model, ckpt, spec, []) is None
-    assert sorted(p.name for p in first.parent.iterdir()) == sorted([plan_file.plan_path(ckpt).name, other.name])
+    names = [plan_file.plan_path(ckpt).name]
+    for version in range(plan_file.KEEP_PER_MODEL + 1):
+        monkeypatch.setattr(plan_file, "_code_stamp", lambda v=version: [f"llmarch {v}"])
+        os.utime(folder / names[-1], ns=(version, version))  # saved in this order
+        assert plan_file.save(gen.cpu_step, gen.model, ckpt, spec, []) is None
+        names.append(plan_file.plan_path(ckpt).name)
+    want = sorted([other.name, *names[-plan_file.KEEP_PER_MODEL :]])
+    assert sorted(p.name for p in folder.iterdir()) == want
 
 
 def test_more_positions_than_saved_rows(tiny_gguf, cache):

@@ -13,7 +13,7 @@ the spec and the checkpoint's tensor table before an address is formed from it, 
 does not fit makes load() return None (the run then takes the torch path, which writes it anew).
 Its name is a hash of the GGUF's identity (path, size, mtime of every file) and one of llmarch's
 own source files, so a changed model file or a changed llmarch never reads a stale plan; saving a
-plan removes the plans an earlier llmarch saved for the same model file (one per model stays).
+plan keeps the newest KEEP_PER_MODEL plans of that model file and removes older ones.
 
 Layout: 8-byte magic, 8-byte little-endian length of a JSON header, the header, then the arrays
 (float32 / int64, 64-byte aligned) that the header points at by offset.
@@ -40,6 +40,7 @@ from llmarch.runtime.mapped import file_bytes
 MAGIC = b"LLMPLAN1"
 # RoPE rows saved: a run whose prompt + new tokens need more positions takes the torch path
 MAX_POSITIONS = 4096
+KEEP_PER_MODEL = 3  # plans of one model file kept (the newest), for llmarch versions side by side
 _DTYPES = {"float32": np.float32, "int64": np.int64}
 _TYPE_NAMES = {code: name for name, code in KERNEL_TYPES.items()}
 
@@ -226,11 +227,12 @@ def _write(path: Path, header: dict, items: list[np.ndarray]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-    # plans of this model file that an earlier llmarch saved are never read again: one stays
+    # plans of this model file saved by other llmarch versions: the newest few stay (two installs
+    # sharing a cache keep theirs), older ones are not read again
     model = path.name.split("-")[0]
-    for old in path.parent.glob(f"{model}-*.plan"):
-        if old != path:
-            old.unlink(missing_ok=True)
+    others = sorted(path.parent.glob(f"{model}-*.plan"), key=lambda f: f.stat().st_mtime_ns, reverse=True)
+    for old in [f for f in others if f != path][KEEP_PER_MODEL - 1 :]:
+        old.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------- load
