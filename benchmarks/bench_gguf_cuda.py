@@ -127,6 +127,12 @@ def measure(path: Path, stored: bool, prompt: list[int], n: int, reps: int, comp
     return out
 
 
+def rel_err(lin, x, ref, torch) -> float:
+    """max |lin(x) - ref| / max |ref|."""
+    with torch.inference_mode():
+        return ((lin(x).float() - ref).abs().max() / ref.abs().max()).item()
+
+
 def kernel_times(torch, reps: int = 200, types=("Q8_0", "Q4_K", "Q6_K"), prefill: int = 512) -> list[dict]:
     """One decode row (M = 1, bf16) through each Llama-3.2-1B matrix shape and stored type: the
     stored-block op against torch's bf16 matmul of the dequantized weight, each timed as one CUDA
@@ -192,17 +198,24 @@ def kernel_times(torch, reps: int = 200, types=("Q8_0", "Q4_K", "Q6_K"), prefill
                 f"  {qtype} {name:8s} [{n}, {k}]: stored {ts * 1e6:7.1f} us {sb / ts / 1e9:6.0f} GB/s, "
                 f"bf16 {tb * 1e6:7.1f} us {w.numel() * 2 / tb / 1e9:6.0f} GB/s  [{best}]"
             )
+            # each result against the float32 product with dequantize()'s weights: a wrong unpacking
+            # misses by the size of y itself, bf16 rounding by ~1e-2 of it at most
+            ref = x.float() @ gguf_cuda.dequantize(lin.arrays(0), qtype, k).t()
+            row["max_rel_err"] = {"tuned": rel_err(lin, x, ref, torch)}
             per_way = {}
             for way in gguf_cuda.ways(qtype):  # each way alone on one fixed tile (4 rows, 4 warps)
                 gguf_cuda.FORCE_WAY = way
                 try:
                     with torch.inference_mode():
                         per_way[way] = timed(partial(lin, x)) * 1e6
+                    row["max_rel_err"][way] = rel_err(lin, x, ref, torch)
                 finally:
                     gguf_cuda.FORCE_WAY = None
             if per_way:
                 row["way_us"] = per_way
                 line += "\n      ways on 4 rows x 4 warps: " + ", ".join(f"{w}: {t:.1f} us" for w, t in per_way.items())
+            line += "\n      max error / max |y|: " + ", ".join(f"{w}: {e:.1e}" for w, e in row["max_rel_err"].items())
+            del ref
             if prefill and name != "head":
                 xp = torch.randn(prefill, k, device="cuda", dtype=torch.bfloat16)
                 with torch.inference_mode():
