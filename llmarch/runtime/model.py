@@ -424,3 +424,7 @@ def load_weights(
     for mod in model.modules():
         if isinstance(mod, RMSNorm):
             mod.fold_unit_offset()
+    if torch.device(device).type == "cuda":  # one-token steps' float16/bfloat16 matmuls: a Triton GEMV
+        from llmarch.runtime.gemv_cuda import use_for_decode
+
+        use_for_decode(model)

@@ -1,0 +1,296 @@
+"""The decode GEMV kernel (llmarch/runtime/gemv_cuda.py) on a GPU: per matrix shape, and end to end.
+
+    python benchmarks/bench_gemv_cuda.py kernels [--sweep] [--json OUT.json]
+    python benchmarks/bench_gemv_cuda.py decode --model llama-3.2-1b [--rounds 5] [--profile] [--json OUT.json]
+
+kernels: for every matrix of a Llama-3.2-1B and a Qwen3-1.7B decode step (q|k|v, o, gate|up, down,
+the tied head), bf16, one activation row (and four): the kernel's time with the tile pick_tile gives (with
+--sweep, every tile of a wider sweep too), and torch's F.linear (cuBLAS), each as bytes of weights read per second
+against the device-to-device copy rate measured in the same run. Each time is one launch's share
+of a CUDA graph of many launches that cycle over enough copies of the matrix to miss the 60 MB L2,
+as in a decode step, where ~2.5 GB of other weights pass between two uses of one matrix. Before
+timing, each shape's output is checked against a float64 matmul (fresh random data, output
+poisoned with NaN first).
+
+decode: a random-weight checkpoint of the model's real shapes (bench_run_gpu.make_checkpoint),
+loaded twice, with the kernel and with LLMARCH_NO_GEMV=1 (torch's matmuls, inductor's under
+--compile), both --compile + CUDA graph; timed generations alternate between the two; % of bound as
+bench_run_gpu counts it (every weight once + the KV slots a step reads, over the copy rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_run_gpu import (  # noqa: E402
+    SHAPES,
+    copy_rate,
+    decode_bytes,
+    decode_profile,
+    llmarch_prepare,
+    make_checkpoint,
+    profile_text,  # noqa: E402
+)
+
+
+def matrices(cfg: dict) -> list[tuple[str, int, int, int]]:
+    """(name, N, K, uses per token) of one decode step's matrices, from the config's sizes."""
+    d, hd = cfg["hidden_size"], cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    q, kv, L = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd, cfg["num_hidden_layers"]
+    f = cfg["intermediate_size"]
+    return [
+        ("qkv", q + 2 * kv, d, L),
+        ("o", d, q, L),
+        ("gate_up", 2 * f, d, L),
+        ("down", d, f, L),
+        ("head", cfg["vocab_size"], d, 1),
+    ]
+
+
+def sweep_tiles(gv) -> list[tuple[int, int, int]]:
+    out = []
+    for bn in (1, 2, 4, 8, 16, 32):
+        for bk in (256, 512, 1024, 2048):
+            for warps in (2, 4, 8):
+                if gv.fits((bn, bk, warps), 1) and bn * bk >= 256 * warps and bn * bk <= 16384:
+                    out.append((bn, bk, warps))
+    return out
+
+
+def graph_time(torch, fn, copies: int, min_calls: int = 24) -> float:
+    """Seconds per call of fn(i) (i cycles over the copies), from replays of one CUDA graph."""
+    calls = max(min_calls, 2 * copies)
+    for i in range(copies):
+        fn(i)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in range(calls):
+            fn(c % copies)
+    for _ in range(2):
+        g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        g.replay()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1e3 / calls)
+    return statistics.median(times)
+
+
+def precompile(gv, tiles, widths, torch) -> str:
+    """Compile every (tile, K) the sweep launches, in threads (Triton's compile is most of the cost)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    k = gv._kernels()
+    x = torch.zeros(1, 16, dtype=torch.bfloat16, device="cuda")  # N below: a multiple of 16, as every N here
+
+    def one(args):
+        (bn, bk, warps), K = args
+        k.gemv.warmup(
+            x, x, x, x, 1, 2048, K, MP=1, BN=bn, BK=bk, EVEN_K=K % bk == 0, HAS_BIAS=False, num_warps=warps, grid=(1,)
+        )
+
+    jobs = [(t, K) for t in tiles for K in widths]
+    t0 = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(12) as ex:
+            list(ex.map(one, jobs))
+    except Exception as e:  # compile on first launch instead
+        return f"precompile failed ({type(e).__name__}: {str(e)[:200]}), compiling on first launch"
+    return f"precompiled {len(jobs)} kernels in {time.perf_counter() - t0:.1f} s"
+
+
+def measure(torch, gv, N: int, K: int, tiles) -> dict:
+    """One matrix shape: correctness (M = 1 and 4), then times of cuBLAS, the kernel with pick_tile's tile and every tile."""
+    import torch.nn.functional as F
+
+    nbytes = N * K * 2
+    copies = max(2, -(-400_000_000 // nbytes))
+    ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5 for _ in range(copies)]
+    row: dict = {"N": N, "K": K, "MB": nbytes / 1e6}
+    for M in (1, 4):  # correctness first: fresh data, poisoned output
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        y = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+        gv.launch(x, ws[0], None, y)
+        ref = x.double() @ ws[0].double().T
+        row[f"rel_err_M{M}"] = ((y.double() - ref).norm() / ref.norm()).item()
+        row[f"unwritten_M{M}"] = int(y.isnan().sum().item())
+    xs = {M: torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for M in (1, 4)}
+    ys = {M: torch.empty(M, N, device="cuda", dtype=torch.bfloat16) for M in (1, 4)}
+    t_cublas = graph_time(torch, lambda i: F.linear(xs[1], ws[i]), copies)
+    t_picked = graph_time(torch, lambda i: gv.launch(xs[1], ws[i], None, ys[1]), copies)
+    t_picked4 = graph_time(torch, lambda i: gv.launch(xs[4], ws[i], None, ys[4]), copies)
+    t_cublas4 = graph_time(torch, lambda i: F.linear(xs[4], ws[i]), copies)
+    sweep = {}
+    for t in tiles:
+        try:
+            sweep[t] = graph_time(torch, lambda i, t=t: gv.launch(xs[1], ws[i], None, ys[1], tile=t), copies)
+        except Exception as e:
+            print(f"  tile {t}: {type(e).__name__}: {str(e)[:120]}")
+    best = min(sweep, key=sweep.get)
+    chosen = gv.pick_tile(1, N, K)
+    row.update(
+        cublas_us=t_cublas * 1e6,
+        picked_us=t_picked * 1e6,
+        picked_M4_us=t_picked4 * 1e6,
+        cublas_M4_us=t_cublas4 * 1e6,
+        best_tile=best,
+        best_us=sweep[best] * 1e6,
+        picked_tile=chosen,
+        sweep_us={str(t): v * 1e6 for t, v in sorted(sweep.items(), key=lambda kv: kv[1])[:8]},
+    )
+    return row
+
+
+def kernels(a) -> dict:
+    import torch
+
+    from llmarch.runtime import gemv_cuda as gv
+
+    rate = copy_rate(torch)
+    out: dict = {"device": torch.cuda.get_device_name(), "copy_rate_Bps": rate, "shapes": {}, "totals": {}}
+    tiles = sweep_tiles(gv) if a.sweep else [(2, 2048, 4)]  # without --sweep one tile, for the table's column
+    widths = sorted({K for _, (mt, cfg) in SHAPES.items() for _, _, K, _ in matrices(cfg)})
+    print(precompile(gv, tiles, widths, torch), f"({len(tiles)} tiles x widths {widths})", flush=True)
+    for model, (_, cfg) in SHAPES.items():
+        tot = {"cublas_us": 0.0, "picked_us": 0.0, "best_us": 0.0, "bytes": 0}
+        for name, N, K, uses in matrices(cfg):
+            nbytes = N * K * 2
+            row = measure(torch, gv, N, K, tiles)
+            row["uses"] = uses
+            for key in ("cublas", "picked", "best"):
+                row[f"{key}_pct_copy"] = 100 * nbytes / (row[f"{key}_us"] * 1e-6) / rate
+                tot[f"{key}_us"] += uses * row[f"{key}_us"]
+            tot["bytes"] += uses * nbytes
+            out["shapes"][f"{model} {name}"] = row
+            t_cublas, t_picked, t_picked4, t_cublas4 = (
+                row[k] * 1e-6 for k in ("cublas_us", "picked_us", "picked_M4_us", "cublas_M4_us")
+            )
+            best, chosen = row["best_tile"], row["picked_tile"]
+            print(
+                f"{model:13s} {name:8s} {N:6d}x{K:<5d} {nbytes / 1e6:7.1f} MB  cuBLAS {t_cublas * 1e6:7.1f} us "
+                f"({row['cublas_pct_copy']:3.0f}%)  ours {t_picked * 1e6:7.1f} us ({row['picked_pct_copy']:3.0f}%)  "
+                f"best tile {best} {row['best_us']:7.1f} us ({row['best_pct_copy']:3.0f}%)  M=4 ours "
+                f"{t_picked4 * 1e6:6.1f} cuBLAS {t_cublas4 * 1e6:6.1f} us  err {row['rel_err_M1']:.1e}/"
+                f"{row['rel_err_M4']:.1e} unwritten {row['unwritten_M1']}/{row['unwritten_M4']}  pick_tile {chosen}",
+                flush=True,
+            )
+            torch.cuda.empty_cache()
+        for key in ("cublas", "picked", "best"):
+            tot[f"{key}_pct_copy"] = 100 * tot["bytes"] / (tot[f"{key}_us"] * 1e-6) / rate
+        out["totals"][model] = tot
+        print(
+            f"{model}: a token's matrices {tot['bytes'] / 1e9:.2f} GB: cuBLAS {tot['cublas_us']:.0f} us "
+            f"({tot['cublas_pct_copy']:.0f}% of copy), ours {tot['picked_us']:.0f} us ({tot['picked_pct_copy']:.0f}%), "
+            f"best tiles {tot['best_us']:.0f} us ({tot['best_pct_copy']:.0f}%); copy rate {rate / 1e12:.2f} TB/s",
+            flush=True,
+        )
+    return out
+
+
+def decode(a) -> dict:
+    import torch
+
+    from llmarch.runtime.gemv_cuda import DecodeLinear
+    from llmarch.runtime.generate import Sampling
+
+    rate = copy_rate(torch)
+    out: dict = {"model": a.model, "device": torch.cuda.get_device_name(), "copy_rate_Bps": rate}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / a.model
+        hf = make_checkpoint(a.model, path, torch)
+        del hf
+        torch.cuda.empty_cache()
+        vocab = SHAPES[a.model][1]["vocab_size"]
+        prompt = torch.randint(0, vocab, (a.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+        gens = {}
+        for label in ("gemv", "torch"):
+            os.environ["LLMARCH_NO_GEMV"] = "0" if label == "gemv" else "1"
+            t = time.perf_counter()
+            rt, g, load_s, warm = llmarch_prepare(path, prompt, a.tokens, compile=True)
+            swapped = sum(isinstance(m, DecodeLinear) for m in rt.model.modules())
+            weights, per_token = decode_bytes(rt, g)
+            gens[label] = (rt, g)
+            out[label] = {
+                "swapped_linears": swapped,
+                "prepare_s": time.perf_counter() - t,
+                "bytes_per_token": per_token,
+                "bound_tok_s": rate / per_token,
+                "tokens": warm.tokens[:16],
+                "runs": [],
+            }
+            print(f"{label}: {swapped} DecodeLinear, prepared in {out[label]['prepare_s']:.0f} s", flush=True)
+        os.environ.pop("LLMARCH_NO_GEMV")
+        loads = []
+        for r in range(a.rounds):  # alternating, the order swapped every round
+            order = ("gemv", "torch") if r % 2 == 0 else ("torch", "gemv")
+            for label in order:
+                res = gens[label][1].generate(prompt, a.tokens, Sampling())
+                out[label]["runs"].append(res.decode_tok_s)
+            loads.append(os.getloadavg()[0])
+        out["load_1min"] = loads
+        for label in ("gemv", "torch"):
+            o = out[label]
+            o["decode_tok_s"] = statistics.median(o["runs"])
+            o["fraction_of_bound"] = o["decode_tok_s"] / o["bound_tok_s"]
+        ratios = [x / y for x, y in zip(out["gemv"]["runs"], out["torch"]["runs"])]
+        out["ratio_per_round"] = ratios
+        out["tokens_equal"] = out["gemv"]["tokens"] == out["torch"]["tokens"]
+        if a.profile:
+            for label in ("gemv", "torch"):
+                rt, g = gens[label]
+                prof = decode_profile(g, torch, len(rt.spec.schedule), pos=len(prompt))
+                out[label]["profile"] = prof
+                print(profile_text(f"{a.model} {label}", prof), flush=True)
+    for label in ("gemv", "torch"):
+        o = out[label]
+        print(
+            f"{a.model} {label:5s}: {o['decode_tok_s']:7.1f} tok/s median of {a.rounds} "
+            f"({', '.join(f'{x:.0f}' for x in o['runs'])}) = {100 * o['fraction_of_bound']:.1f}% of "
+            f"{o['bound_tok_s']:.0f} tok/s bound ({o['bytes_per_token'] / 1e9:.2f} GB/token)"
+        )
+    print(
+        f"gemv/torch per round: {', '.join(f'{x:.3f}' for x in ratios)}; median {statistics.median(ratios):.3f}; "
+        f"first 16 tokens equal: {out['tokens_equal']}; load {loads}; copy {rate / 1e12:.2f} TB/s"
+    )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=("kernels", "decode"))
+    ap.add_argument("--model", default="llama-3.2-1b", choices=list(SHAPES))
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--profile", action="store_true", help="decode: where a step's time goes, both variants")
+    ap.add_argument("--sweep", action="store_true", help="kernels: time 43 tiles per shape, not only pick_tile's")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("bench_gemv_cuda: no CUDA GPU")
+    out = kernels(a) if a.what == "kernels" else decode(a)
+    out["load_1min_end"] = os.getloadavg()[0]
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""The one-token decode step's matrix-vector products on CUDA: y = x @ W^T (+ b) for one activation
+row (the kernel takes up to 4), W a float16 / bfloat16 Linear weight, float32 accumulation, by one
+Triton kernel (gemv_cuda_kernels) instead of cuBLAS or inductor's generated reductions.
+
+Why: batch-1 decode reads every weight once a token, so its speed is the bandwidth the
+matrix-vector products reach. The kernel reads each weight row once in wide contiguous loads
+whatever the row count, with a tile (rows per program, values per step, warps) picked from the
+matrix's shape, so the few-thousand-row projections still get enough programs to fill the GPU.
+
+A Linear's forward is one torch custom op, so torch.compile keeps it whole (an opaque call, as
+gguf_cuda's stored-block op) and CUDA graph capture records its launch; Triton compiles it on the
+first call of each width, which the Generator's warm-up makes before capturing. Longer inputs
+(prefill), float32, CPU tensors and anything else go to F.linear. LLMARCH_NO_GEMV=1 leaves the model's Linears as they are.
+"""
+
+import os
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmarch.runtime.gguf_cuda import available, interpreting
+
+ROWS = 1  # activation rows a Linear sends to the kernel (see takes())
+DTYPES = (torch.bfloat16, torch.float16)
+REGS = 64  # float32 accumulator values per thread a tile may hold (MP * BN * BK / threads)
+
+
+@cache
+def _kernels():
+    from llmarch.runtime import gemv_cuda_kernels
+
+    return gemv_cuda_kernels
+
+
+def fits(tile: tuple[int, int, int], mp: int) -> bool:
+    bn, bk, warps = tile
+    return mp * bn * bk <= REGS * 32 * warps
+
+
+def pick_tile(mp: int, N: int, K: int) -> tuple[int, int, int]:
+    """(weight rows per program, values per step, warps) for an [N, K] matrix and mp activation rows.
+
+    From a sweep of 43 tiles over the Llama-3.2-1B / Qwen3-1.7B decode shapes on an H200
+    (benchmarks/bench_gemv_cuda.py): 4 warps over a whole 2048-value row per step, 2 rows a program
+    below 8192 rows (q|k|v, o, down: 2048-4096 rows give 1024-2048 programs) and 4 above (gate|up,
+    the head), were within ~10% of each shape's best tile, where autotuning on the first call picked
+    worse ones (timing noise on 5-20 us kernels) and cost seconds at start."""
+    bk = 2048
+    while bk > 256 and K % bk:
+        bk //= 2
+    bk = min(bk, max(16, 1 << (K - 1).bit_length()))  # narrow rows: one step
+    bn = max(1, (8192 if N >= 8192 else 4096) // mp // bk)
+    return bn, bk, 4
+
+
+def launch(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor, tile=None) -> None:
+    """y [M, N] = x [M, K] @ w[N, K]^T (+ b), all contiguous, M <= 4; tile (BN, BK, warps) replaces
+    pick_tile's (benchmarks)."""
+    M, K = x.shape
+    N = w.shape[0]
+    mp = 1 << (M - 1).bit_length()
+    if interpreting():
+        tile = (16, 256, 1)  # few programs: the interpreter's cost is per program
+    bn, bk, warps = tile or pick_tile(mp, N, K)
+    bias = b if b is not None else w  # unused when HAS_BIAS is false
+    _kernels().gemv[(-(-N // bn),)](
+        x, w, bias, y, M, N, K, MP=mp, BN=bn, BK=bk, EVEN_K=K % bk == 0, HAS_BIAS=b is not None, num_warps=warps
+    )
+
+
+def _forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    y = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+    launch(x, w, b, y)
+    return y
+
+
+decode_linear = torch.library.custom_op("llmarch::decode_linear", mutates_args=())(_forward)
+
+
+@decode_linear.register_fake
+def _(x, w, b):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the kernel runs x @ w^T: one row (a decode step), one float16/bfloat16 dtype, on CUDA
+    (or CPU tensors under the Triton interpreter). The kernel computes up to 4 rows right, but on the
+    H200 2-4 rows ran slower than cuBLAS (4 rows of gate|up: 35 against 19 us; it is bound by its
+    float32 multiply-adds there, cuBLAS by the weights' bytes), so those stay F.linear's."""
+    k = x.shape[-1] if x.dim() else 0
+    rows = x.numel() // k if k else 0
+    on = x.device.type == "cuda" or (x.device.type == "cpu" and interpreting())
+    return (
+        1 <= rows <= ROWS
+        and on
+        and x.dtype in DTYPES
+        and w.dtype == x.dtype
+        and w.device == x.device
+        and w.dim() == 2
+        and w.shape[1] == k
+        and w.is_contiguous()
+    )
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through the decode kernel where it takes the shapes."""
+    if not takes(x, w):
+        return F.linear(x, w, b)
+    y = decode_linear(x.reshape(-1, x.shape[-1]).contiguous(), w, b)
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
+class DecodeLinear(nn.Linear):
+    """An nn.Linear (same parameters) whose forward takes the decode kernel where takes() says."""
+
+    @classmethod
+    def of(cls, mod: nn.Linear) -> "DecodeLinear":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = mod.in_features, mod.out_features
+        new.weight = mod.weight
+        new.bias = mod.bias
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def _takes_weight(w: torch.Tensor | None) -> bool:
+    return w is not None and w.device.type == "cuda" and w.dtype in DTYPES and w.dim() == 2
+
+
+def use_for_decode(model: nn.Module) -> str | None:
+    """Swap the model's float16/bfloat16 nn.Linear layers on CUDA for DecodeLinear (the same
+    parameters), a tied head too (the embedding's weight as an lm_head); the run report's line, or
+    None where none was swapped (no triton, LLMARCH_NO_GEMV=1, no such layer)."""
+    if os.environ.get("LLMARCH_NO_GEMV") == "1" or not available("cuda"):
+        return None
+    n = 0
+    for name, mod in list(model.named_modules()):
+        if type(mod) is nn.Linear and _takes_weight(mod.weight):
+            path, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(path) if path else model, leaf, DecodeLinear.of(mod))
+            n += 1
+    embed = getattr(model, "embed", None)
+    tied = getattr(model, "lm_head", 0) is None and isinstance(embed, nn.Embedding)
+    if tied and isinstance(embed.weight, nn.Parameter) and _takes_weight(embed.weight):
+        head = DecodeLinear.of(nn.Linear(embed.weight.shape[1], embed.weight.shape[0], bias=False, device="meta"))
+        head.weight = embed.weight  # tied: the head reads the embedding's table, as before
+        model.lm_head = head
+        n += 1
+    if not n:
+        return None
+    return f"{n} matrices take the Triton decode GEMV for one-token steps on CUDA (LLMARCH_NO_GEMV=1: torch's)"

@@ -1,0 +1,124 @@
+"""gemv_cuda: the decode step's float16/bfloat16 matrix-vector products by a Triton kernel.
+
+- the kernel against torch's float64 matmul of the same (upcast) operands, on shapes that are not
+  multiples of its tile (N, K odd; 1..4 rows; with and without bias), into an output poisoned with
+  NaN first: float32 accumulation leaves errors within 1e-5 of sum |w| |x| per output plus the
+  output's own rounding, while a wrong index misses by about the size of y itself;
+- what takes the kernel (one row, one half-precision dtype, the device) and what stays F.linear;
+- on LLMARCH_TEST_DEVICE=cuda: a tiny llama's logits with the kernel against the same model without
+  it (LLMARCH_NO_GEMV=1), against the float32 forward; and the captured and torch.compile'd decode
+  giving the eager tokens.
+
+The kernel runs on CUDA with LLMARCH_TEST_DEVICE=cuda, else on CPU tensors under the Triton
+interpreter; without triton (CPU builds of torch) those tests skip.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_gguf_cuda import DEVICE, close, logits_by_step, needs_kernels  # sets TRITON_INTERPRET on a CPU
+
+from llmarch.runtime import gemv_cuda as gv
+
+SHAPES = [(37, 200), (130, 1000), (9, 2048), (257, 72)]  # (N, K): none a multiple of the tile's rows
+
+
+@needs_kernels
+@pytest.mark.parametrize("N,K", SHAPES)
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+def test_kernel_matches_float64_matmul(N, K, M):
+    g = torch.Generator().manual_seed(N * 1000 + K * 10 + M)
+    dtype = torch.bfloat16 if M % 2 else torch.float16
+    x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(dtype).to(DEVICE)
+    b = torch.randn(N, generator=g).to(dtype).to(DEVICE) if M >= 3 else None
+    y = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
+    gv.launch(x, w, b, y)
+    assert not y.isnan().any(), "an output element was not written"
+    wd = w.double().cpu()
+    if b is not None:  # the bias as one more input column of ones
+        close(
+            y,
+            torch.cat([x, torch.ones(M, 1, dtype=dtype, device=DEVICE)], 1),
+            torch.cat([wd, b.double().cpu()[:, None]], 1),
+        )
+    else:
+        close(y, x, wd)
+
+
+@needs_kernels
+def test_linear_takes_decode_rows_only(monkeypatch):
+    """One row in one half-precision dtype goes through the op (any leading shape); 2 rows, float32
+    and mixed dtypes are F.linear's, bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(24, 40, generator=g).to(torch.bfloat16).to(DEVICE)
+    calls = []
+    real = gv.decode_linear
+    monkeypatch.setattr(gv, "decode_linear", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(1, 1, 40, generator=g).to(torch.bfloat16).to(DEVICE)
+    y = gv.linear(x, w)
+    assert calls and y.shape == (1, 1, 24)
+    close(y.reshape(1, 24), x.reshape(1, 40), w.double().cpu())
+    calls.clear()
+    two = torch.randn(2, 40, generator=g).to(torch.bfloat16).to(DEVICE)
+    assert torch.equal(gv.linear(two, w), F.linear(two, w))
+    x32, w32 = torch.randn(1, 40, generator=g).to(DEVICE), w.float()
+    assert torch.equal(gv.linear(x32, w32), F.linear(x32, w32))
+    assert not calls
+    assert not gv.takes(x32.half(), w)  # mixed dtypes
+    gv.linear(x32.half(), w.half())
+    assert len(calls) == 1
+    assert not gv.takes(torch.zeros(0, 40, dtype=torch.bfloat16), w.cpu())
+
+
+# ------------------------------------------------------------------------------------ on CUDA
+
+on_cuda = pytest.mark.skipif(
+    not DEVICE.startswith("cuda") or not torch.cuda.is_available(), reason="needs LLMARCH_TEST_DEVICE=cuda and a GPU"
+)
+
+
+def _load(path, monkeypatch, use: bool):
+    from llmarch.runtime.load import load_runtime
+
+    if use:
+        monkeypatch.delenv("LLMARCH_NO_GEMV", raising=False)
+    else:
+        monkeypatch.setenv("LLMARCH_NO_GEMV", "1")
+    return load_runtime(str(path), DEVICE, "bfloat16")
+
+
+@needs_kernels
+@on_cuda
+def test_tiny_model_logits_with_and_without_the_kernel(tiny, monkeypatch):
+    """Decode logits (teacher-forced, one token a step) with the kernel are no further from the
+    float32 forward than torch's bf16 matmuls are."""
+    from llmarch.runtime.load import load_runtime
+
+    path = tiny("llama")
+    seq = [2, 17, 5, 99, 42, 7, 64, 3]
+    rt = _load(path, monkeypatch, True)
+    swapped = [m for m in rt.model.modules() if isinstance(m, gv.DecodeLinear)]
+    assert len(swapped) >= 2 * len(rt.model.layers)
+    got = logits_by_step(rt, seq, DEVICE, torch.bfloat16)
+    base = logits_by_step(_load(path, monkeypatch, False), seq, DEVICE, torch.bfloat16)
+    ref32 = logits_by_step(load_runtime(str(path), "cpu", "float32"), seq, "cpu", torch.float32)
+    top = ref32.abs().max().item()
+    err, err_base = (got - ref32).abs().max().item(), (base - ref32).abs().max().item()
+    assert err <= 1.5 * err_base + 1e-3 * top, (err, err_base)
+
+
+@needs_kernels
+@on_cuda
+@pytest.mark.parametrize("compile", [False, True])
+def test_captured_and_compiled_decode_gives_eager_tokens(compile, tiny, monkeypatch):
+    from llmarch.runtime.generate import Generator, Sampling
+
+    rt = _load(tiny("llama"), monkeypatch, True)
+    assert any(isinstance(m, gv.DecodeLinear) for m in rt.model.modules())
+    prompt = [2, 17, 5, 99]
+    eager = Generator(rt, 32, cuda_graph=False).generate(prompt, 20, Sampling()).tokens
+    graph = Generator(rt, 32, compile=compile).generate(prompt, 20, Sampling()).tokens
+    assert graph == eager
