@@ -179,6 +179,9 @@ def kernel_times(torch, reps: int = 200, types=("Q8_0", "Q4_K", "Q6_K"), prefill
             x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
             with torch.inference_mode():
                 ts, tb = timed(partial(lin, x)), timed(partial(torch.nn.functional.linear, x, w))
+                # the input a compiled decode step passes (F32_DECODE_INPUT): float32, bf16 out
+                flat, x32 = list(lin.arrays(0)), x.float()
+                t32 = timed(partial(gguf_cuda.stored_linear, x32, flat, lin.codes, lin.rows, torch.bfloat16))
             tuner = gguf_cuda._launcher(qtype)[0]
             best = next(iter(tuner.cache.values()), None) if getattr(tuner, "cache", None) else None
             tuner.cache = {}  # the next shape's tuning must not find this one's
@@ -189,6 +192,7 @@ def kernel_times(torch, reps: int = 200, types=("Q8_0", "Q4_K", "Q6_K"), prefill
                 "N": n,
                 "K": k,
                 "stored_us": ts * 1e6,
+                "stored_f32_input_us": t32 * 1e6,
                 "bf16_us": tb * 1e6,
                 "stored_GBps": sb / ts / 1e9,
                 "bf16_GBps": w.numel() * 2 / tb / 1e9,
@@ -197,6 +201,7 @@ def kernel_times(torch, reps: int = 200, types=("Q8_0", "Q4_K", "Q6_K"), prefill
             line = (
                 f"  {qtype} {name:8s} [{n}, {k}]: stored {ts * 1e6:7.1f} us {sb / ts / 1e9:6.0f} GB/s, "
                 f"bf16 {tb * 1e6:7.1f} us {w.numel() * 2 / tb / 1e9:6.0f} GB/s  [{best}]"
+                f"\n      float32 input: {t32 * 1e6:7.1f} us {sb / t32 / 1e9:6.0f} GB/s"
             )
             # each result against the float32 product with dequantize()'s weights: a wrong unpacking
             # misses by the size of y itself, bf16 rounding by ~1e-2 of it at most

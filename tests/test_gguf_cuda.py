@@ -137,6 +137,11 @@ def test_bf16_activations_and_the_prefill_path():
     lin = gc.CudaStoredLinear([("Q4_K", gc.repack(raw, "Q4_K", rows, cols, DEVICE))], cols)
     x = torch.from_numpy(rng.standard_normal((2, cols)).astype(np.float32)).bfloat16()
     close(lin(x.to(DEVICE)), x, w)
+    # a float32 input with a bf16 output (what a compiled decode step passes)
+    flat = list(lin.arrays(0))
+    y = gc.stored_linear(x.float().to(DEVICE), flat, lin.codes, lin.rows, torch.bfloat16)
+    assert y.dtype == torch.bfloat16
+    close(y, x, w)
     x = torch.from_numpy(rng.standard_normal((gc.GEMV_ROWS + 3, cols)).astype(np.float32))
     old = gc.SLAB
     gc.SLAB = 16 * cols
