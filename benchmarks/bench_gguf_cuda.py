@@ -219,10 +219,13 @@ def kernel_times(torch, reps: int = 200, types=("Q8_0", "Q4_K", "Q6_K"), prefill
             if per_way:
                 row["way_us"] = per_way
                 line += "\n      ways on 4 rows x 4 warps: " + ", ".join(f"{w}: {t:.1f} us" for w, t in per_way.items())
-            line += "\n      max error / max |y|: " + ", ".join(f"{w}: {e:.1e}" for w, e in row["max_rel_err"].items())
-            del ref
-            if prefill and name != "head":
+            if prefill and name != "head":  # the prefill path (Triton dequantization + matmul) too
                 xp = torch.randn(prefill, k, device="cuda", dtype=torch.bfloat16)
+                ref = xp.float() @ gguf_cuda.dequantize(lin.arrays(0), qtype, k).t()
+                row["max_rel_err"]["prefill"] = rel_err(lin, xp, ref, torch)
+            del ref
+            line += "\n      max error / max |y|: " + ", ".join(f"{w}: {e:.1e}" for w, e in row["max_rel_err"].items())
+            if prefill and name != "head":
                 with torch.inference_mode():
                     tp = timed(partial(lin, xp), 20)
                     told = timed(partial(slabs, lin, xp, qtype), 20)
