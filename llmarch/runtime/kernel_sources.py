@@ -233,6 +233,116 @@ static int rows_range(int type, const int8_t* xq, const int8_t* xa, const float*
     return 0;
 }
 
+/* The threads of a Linear. OpenMP's fork/join ends each parallel region at a barrier: when another
+   job holds a core and the OS deschedules one of our threads, every one of a decode step's ~70
+   matmuls waits for it (two threads on a busy 2-core machine measured several times slower than
+   one; llama.cpp's collapse the same way). Here the rows are cut into chunks that threads claim one
+   at a time from a shared ticket, and the calling thread does every chunk nobody claimed: it waits
+   only for chunks another thread has started, so a descheduled helper costs its share of the work,
+   not its time slice. Helpers spin a little between jobs (a step's matmuls come microseconds apart),
+   then yield, then sleep on a futex. Linux only; elsewhere OpenMP's static split runs. */
+#ifdef __linux__
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define POOL 1
+#define MAX_PARTS 16
+#define MAX_HELPERS 63
+
+typedef struct {
+    const int8_t *xq, *xa; const float *xd, *xs;
+    const int* types; const void* const* ws; const long* row_bytes; const int* rows;
+    float* y; long ldy; int T, K, nparts, chunk, nchunks, helpers;
+    int first[MAX_PARTS + 1], col[MAX_PARTS];  /* per part: its first chunk, its first output column */
+} Job;
+
+static Job job_;
+static _Atomic long long ticket_;    /* (job number << 32) | next unclaimed chunk */
+static _Atomic int done_;            /* chunks helpers finished in this job */
+static _Atomic int wake_;            /* futex word: the job number, for sleeping helpers */
+static _Atomic int sleepers_;
+static int started_;
+static pthread_mutex_t pool_lock_ = PTHREAD_MUTEX_INITIALIZER;
+
+static void run_chunk(const Job* j, int c) {
+    int p = 0;
+    while (c >= j->first[p + 1]) p++;
+    const int n0 = (c - j->first[p]) * j->chunk;
+    const int n1 = n0 + j->chunk < j->rows[p] ? n0 + j->chunk : j->rows[p];
+    rows_range(j->types[p], j->xq, j->xa, j->xd, j->xs, (const uint8_t*)j->ws[p], j->row_bytes[p], j->y + j->col[p],
+               j->ldy, j->T, n0, n1, j->K);
+}
+
+/* the next chunk of job `number`, or -1 when none is left (or that job is over) */
+static int claim(unsigned number, int nchunks) {
+    long long t = atomic_load(&ticket_);
+    while ((unsigned)(t >> 32) == number && (int)(t & 0xffffffff) < nchunks)
+        if (atomic_compare_exchange_weak(&ticket_, &t, t + 1)) return (int)(t & 0xffffffff);
+    return -1;
+}
+
+static void* helper(void* arg) {
+    const int id = (int)(long)arg;
+    unsigned seen = 0;
+    long idle = 0;
+    for (;;) {
+        const long long t = atomic_load(&ticket_);
+        const unsigned number = (unsigned)(t >> 32);
+        if (number != seen) {
+            seen = number;
+            idle = 0;
+            /* a copy torn by the next job is never used: its claims fail, the job number moved on */
+            Job j = job_;
+            if (id >= j.helpers) continue;
+            for (int c; (c = claim(number, j.nchunks)) >= 0;) {
+                run_chunk(&j, c);
+                atomic_fetch_add(&done_, 1);
+            }
+            continue;
+        }
+        if (++idle < 20000) _mm_pause();
+        else if (idle < 22000) sched_yield();
+        else {
+            atomic_fetch_add(&sleepers_, 1);
+            syscall(SYS_futex, &wake_, FUTEX_WAIT_PRIVATE, (int)number, NULL, NULL, 0);
+            atomic_fetch_sub(&sleepers_, 1);
+            idle = 0;
+        }
+    }
+    return NULL;
+}
+
+/* job j (its chunks set) on this thread and up to nthreads - 1 helpers; 0, or 1 when the pool
+   cannot run it (the caller then splits the rows itself) */
+static int pool_run(Job* j, int nthreads) {
+    if (pthread_mutex_trylock(&pool_lock_)) return 1;  /* another caller holds it: run alone */
+    j->helpers = nthreads - 1 < MAX_HELPERS ? nthreads - 1 : MAX_HELPERS;
+    while (started_ < j->helpers) {
+        pthread_t th;
+        if (pthread_create(&th, NULL, helper, (void*)(long)started_)) break;
+        pthread_detach(th);
+        started_++;
+    }
+    static unsigned number = 0;
+    job_ = *j;
+    atomic_store(&done_, 0);
+    number++;
+    atomic_store(&ticket_, (long long)number << 32);
+    atomic_store(&wake_, (int)number);
+    if (atomic_load(&sleepers_)) syscall(SYS_futex, &wake_, FUTEX_WAKE_PRIVATE, 1 << 30, NULL, NULL, 0);
+    int mine = 0;
+    for (int c; (c = claim(number, j->nchunks)) >= 0; mine++) run_chunk(&job_, c);
+    /* only chunks a helper has started; yield soon, so a helper waiting for this core can finish */
+    for (long spins = 0; atomic_load(&done_) + mine < j->nchunks; spins++)
+        if (spins < 2000) _mm_pause(); else sched_yield();
+    pthread_mutex_unlock(&pool_lock_);
+    return 0;
+}
+#endif
+
 /* One Linear's whole forward in one call (each ctypes call and torch allocation costs microseconds,
    and a decode step makes ~70 of them): x [T, K] float32 quantized to int8 blocks once, then every
    part (stacked rows of stored blocks, e.g. fused q/k/v of different types) into y [T, sum rows]. */
@@ -252,9 +362,24 @@ int gguf_linear(const float* x, int T, int K, int nparts, const int* types, cons
         if (types[p] < 0 || types[p] > 5) { free(xq); return 1; }
         ldy += rows[p];
     }
-    /* one parallel region for all parts, each thread a contiguous share of every part's rows and
-       no barrier until the end: a decode step makes ~70 of these calls, and on a busy machine each
-       extra fork/join is a chance to wait for a descheduled thread */
+#ifdef POOL
+    if (nthreads > 1 && nparts <= MAX_PARTS) {
+        /* chunks of ~1/16 of a thread's share (at least 8 rows): small enough that a helper
+           descheduled mid-chunk holds little, large enough that claiming stays cheap */
+        Job j = {xq, xa, xd, xs, types, ws, row_bytes, rows, y, ldy, T, K, nparts, 0, 0, 0, {0}, {0}};
+        j.chunk = (int)(ldy / (16L * nthreads));
+        if (j.chunk < 8) j.chunk = 8;
+        int col = 0;
+        for (int p = 0; p < nparts; p++) {
+            j.first[p + 1] = j.first[p] + (rows[p] + j.chunk - 1) / j.chunk;
+            j.col[p] = col;
+            col += rows[p];
+        }
+        j.nchunks = j.first[nparts];
+        if (!pool_run(&j, nthreads)) { free(xq); return 0; }
+    }
+#endif
+    /* one parallel region for all parts, each thread a contiguous share of every part's rows */
     #pragma omp parallel num_threads(nthreads)
     {
         const int nt = omp_get_num_threads(), id = omp_get_thread_num();
