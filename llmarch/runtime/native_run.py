@@ -2,9 +2,10 @@
 
 A run whose every step the one-C-call decode can take (cpu_decode.py decides, on the first run of
 a GGUF) needs torch only to build that plan; after that, the plan file, the GGUF's stored blocks and
-the C library are all there is. The prompt goes through the same C step one token at a time, so
-every logit is computed as a decode step computes it; the cache, masks and RoPE rows are the ones
-the torch path would hold (same sizes, same ring buffers), only allocated with numpy.
+the C library are all there is. The prompt goes through the C prefill (cpu_plan.prefill: every layer
+over the prompt's tokens at once, equal bit for bit to one decode step per token) and each new token
+through the C decode step, as on the torch path; the cache, masks and RoPE rows are the ones the
+torch path would hold (same sizes, same ring buffers), only allocated with numpy.
 
 Taken only where nothing asks for torch: greedy decoding on the CPU of a GGUF with default options
 (run.py's `native_options`); anything else, or no usable plan, takes the torch path.
@@ -20,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from llmarch.errors import LlmarchError
-from llmarch.runtime.cpu_plan import Group, Layer, Lin, Norm, Plan, lib
+from llmarch.runtime.cpu_plan import Group, Layer, Lin, Norm, Plan, lib, prefill
 from llmarch.runtime.generate_types import Result
-from llmarch.runtime.plan_file import PlanMismatch, _float, _int, embed_row
+from llmarch.runtime.plan_file import PlanMismatch, _float, _int, embed_rows
 from llmarch.runtime.plan_file import load as load_plan
 
 
@@ -169,9 +170,14 @@ class NativeDecoder:
         self.next = ctypes.c_long(0)
         self.d = d
 
+    def _check(self, rc: int, pos: int) -> None:
+        if rc:
+            what = {2: "out of memory", 3: f"position {pos} outside the cache or RoPE tables"}.get(rc, "kernel failure")
+            raise LlmarchError(f"CPU decode step failed ({what})")
+
     def step(self, token: int, pos: int) -> int:
         """Feed `token` at `pos`; the greedy next token."""
-        x = embed_row(self.plan_file.ckpt, self.embed, self.d, token)
+        x = embed_rows(self.plan_file.ckpt, self.embed, self.d, [token])
         rc = lib().decode_step(
             ctypes.addressof(self.plan),
             x.ctypes.data,
@@ -180,10 +186,17 @@ class NativeDecoder:
             self.threads,
             ctypes.addressof(self.next),
         )
-        if rc:
-            what = {2: "out of memory", 3: f"position {pos} outside the cache or RoPE tables"}.get(rc, "kernel failure")
-            raise LlmarchError(f"CPU decode step failed ({what})")
+        self._check(rc, pos)
         return self.next.value
+
+    def prefill(self, tokens: list[int]) -> int:
+        """Feed the prompt from position 0 (every layer over all its tokens at once); the greedy next token."""
+        x = embed_rows(self.plan_file.ckpt, self.embed, self.d, tokens)
+        rc, nxt = prefill(
+            ctypes.addressof(self.plan), x.ctypes.data, 0, len(tokens), self.logits.ctypes.data, self.threads
+        )
+        self._check(rc, len(tokens) - 1)
+        return nxt
 
     def generate(self, prompt: list[int], max_tokens: int, eos_ids: set[int], on_token) -> Result:
         if len(prompt) + max_tokens > self.max_seq:
@@ -193,8 +206,7 @@ class NativeDecoder:
         for slots in self.slot_pos:  # a new sequence: no slot holds a position yet
             slots.fill(-1)
         t0 = time.perf_counter()
-        for pos, tok in enumerate(prompt):
-            nxt = self.step(tok, pos)
+        nxt = self.prefill(prompt)
         prefill_s = time.perf_counter() - t0
         out: list[int] = []
         stopped = "max_tokens"

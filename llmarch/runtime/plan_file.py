@@ -197,7 +197,7 @@ def save(step, model, ckpt, spec, notes: list[str]) -> str | None:
         # the torch path's embedding, reproduced from the file for a few ids, must be equal
         ids = sorted({0, 1, P.vocab // 2, P.vocab - 1})
         want = model.embed_ids(torch.tensor([ids]), torch.arange(len(ids))).reshape(len(ids), -1).float().numpy()
-        got = np.stack([embed_row(ckpt, header["embed"], P.d, i) for i in ids])
+        got = embed_rows(ckpt, header["embed"], P.d, ids)
         if not np.array_equal(want, got):
             raise PlanMismatch("the embedding read without torch differs")
     except PlanMismatch as e:
@@ -238,9 +238,9 @@ def _write(path: Path, header: dict, items: list[np.ndarray]) -> None:
 # ----------------------------------------------------------------------------------------- load
 
 
-def embed_row(ckpt, embed: dict, d: int, token: int) -> np.ndarray:
-    """Token `token`'s embedding as float32, from the file's blocks (gguf-py's dequantizer), times the
-    saved scale rounded to float32 as the torch path rounds it."""
+def embed_rows(ckpt, embed: dict, d: int, tokens: list[int]) -> np.ndarray:
+    """The tokens' embeddings [len(tokens), d] as float32, from the file's blocks (gguf-py's
+    dequantizer), times the saved scale rounded to float32 as the torch path rounds it."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import dequantize
 
@@ -248,8 +248,8 @@ def embed_row(ckpt, embed: dict, d: int, token: int) -> np.ndarray:
     qtype = GGMLQuantizationType[t.dtype]
     per, nbytes = GGML_QUANT_SIZES[qtype]
     row_bytes = d // per * nbytes
-    raw = file_bytes(t.file)[t.offset + token * row_bytes : t.offset + (token + 1) * row_bytes]
-    x = dequantize(raw, qtype).reshape(-1).astype(np.float32)
+    table = file_bytes(t.file)[t.offset : t.offset + t.shape[0] * row_bytes].reshape(t.shape[0], row_bytes)
+    x = dequantize(table[tokens], qtype).reshape(len(tokens), d).astype(np.float32)
     if embed["scale"] is not None:
         x = x * np.float32(embed["scale"])
     return x
