@@ -159,6 +159,12 @@ def ways(qtype: str, device_type: str = "cuda") -> tuple[int, ...]:
     return (2, 1, 0) if asm else (1, 0)
 
 
+def tuned_ways(qtype: str) -> tuple[int, ...]:
+    """The ways the autotuner tries: the two fastest by the compiled code's instruction count (each
+    tried way costs a compile per matrix shape and input dtype at the first call)."""
+    return ways(qtype)[:2]
+
+
 FORCE_WAY: int | None = None  # tests: run the K-quant kernels this way, on a fixed tile (no autotuning)
 
 
@@ -176,9 +182,9 @@ def _launcher(qtype: str):
         return kernel, {"BN": 64}  # few programs: the interpreter's cost is per program
     tiles = ((2, 2), (4, 2), (4, 4), (8, 4), (8, 8), (16, 4), (16, 8), (32, 8))  # (rows per program, warps)
     configs = [triton.Config({"BN": bn}, num_warps=w) for bn, w in tiles]
-    if ways(qtype):  # three tiles (the fewest instructions a weight byte in the compiled code) per way
-        tiles = ((4, 4), (8, 4), (16, 8))
-        configs = [triton.Config({"BN": bn, "FAST": f}, num_warps=w) for bn, w in tiles for f in ways(qtype)]
+    if ways(qtype):  # two tiles (the fewest instructions a weight byte in the compiled code) per way
+        tiles = ((8, 4), (16, 8))
+        configs = [triton.Config({"BN": bn, "FAST": f}, num_warps=w) for bn, w in tiles for f in tuned_ways(qtype)]
     return triton.autotune(configs, key=["N", "K"])(kernel), {}
 
 
