@@ -90,64 +90,81 @@ static inline __m256i vals_q5_0(const uint8_t* blk) {  /* nibble | 5th bit << 4 
 }
 static inline uint16_t u16(const uint8_t* p) { uint16_t v; memcpy(&v, p, 2); return v; }
 
-/* One weight row (nb32 = K / 32 blocks of BYTES bytes, a float16 scale first) . one activation row.
-   Blocks go 8 at a time: their integer dot products summed to one vector (sum8), scaled by the 8
-   weight scales times the 8 activation scales as one vector, so no scalar work per block; the last
-   group of a width not a multiple of 256 has its missing blocks zeroed. */
-#define LEGACY_ROW(NAME, BYTES, VALS, OFF)                                                                    \
-static inline float NAME(const uint8_t* w, const int8_t* xq, const int8_t* xa, const float* xd, const float* xs, int nb32) {    \
-    __m256 acc = _mm256_setzero_ps(), off = _mm256_setzero_ps();                                              \
+/* The row kernels: NT activation rows (token u's values at xq + u * K, its scales at xd + u * nb32,
+   u < NT) . one weight row -> out[u]. Each weight block is unpacked once for all NT rows (a prefill
+   tile of 4 tokens reads and unpacks every block a quarter as often as one token at a time), and each
+   row's float operations run in the same order whatever NT is, so a tile's results are bit-equal to
+   single-row calls (the decode step's NT = 1). Always inlined with a constant NT, so the loops over
+   u unroll and the NT = 1 code is the single-row kernel. */
+#define TILE static inline __attribute__((always_inline)) void
+#define TILE_ARGS const uint8_t *w, const int8_t *xq, const int8_t *xa, const float *xd, const float *xs, int nb32, long K, int NT, float *out
+#define TILE_MAX 4
+
+/* Legacy types: blocks go 8 at a time, their integer dot products summed to one vector (sum8), scaled
+   by the 8 weight scales times the 8 activation scales as one vector, so no scalar work per block; the
+   last group of a width not a multiple of 256 has its missing blocks zeroed. */
+#define LEGACY_TILE(NAME, BYTES, VALS, OFF)                                                                   \
+TILE NAME(TILE_ARGS) {                                                                                        \
+    __m256 acc[TILE_MAX], off[TILE_MAX];                                                                      \
+    for (int u = 0; u < NT; u++) acc[u] = off[u] = _mm256_setzero_ps();                                       \
     for (int b = 0; b < nb32; b += 8, w += 8 * BYTES) {                                                       \
         const int n = nb32 - b < 8 ? nb32 - b : 8;                                                            \
         for (int o = 0; o < 8 * BYTES; o += 64) PREFETCH(w + PF + o);                                         \
-        __m256i p[8];                                                                                         \
+        __m256i wv[8];                                                                                        \
         uint16_t h[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                             \
-        for (int j = 0; j < 8; j++) {                                                                         \
-            if (j < n) {                                                                                      \
-                const __m256i x = _mm256_loadu_si256((const __m256i*)(xq + 32 * (b + j)));                    \
-                p[j] = OFF ? dot_us(VALS(w + j * BYTES), x)                                                   \
-                           : dot_sa(VALS(w + j * BYTES), x, _mm256_loadu_si256((const __m256i*)(xa + 32 * (b + j)))); \
-                h[j] = u16(w + j * BYTES);                                                                    \
-            } else p[j] = _mm256_setzero_si256();                                                             \
-        }                                                                                                     \
-        __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)h));                                      \
+        for (int j = 0; j < 8; j++)  /* constant bounds: unrolled, wv stays in registers */               \
+            if (j < n) { wv[j] = VALS(w + j * BYTES); h[j] = u16(w + j * BYTES); } else wv[j] = _mm256_setzero_si256(); \
+        const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)h));                                \
         const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); \
-        __m256 as = n == 8 ? _mm256_loadu_ps(xd + b) : _mm256_maskload_ps(xd + b, live);                       \
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum8(p)), _mm256_mul_ps(ws, as), acc);                       \
-        if (OFF) off = _mm256_fmadd_ps(ws, n == 8 ? _mm256_loadu_ps(xs + b) : _mm256_maskload_ps(xs + b, live), off); \
+        for (int u = 0; u < NT; u++) {                                                                        \
+            const int8_t* xb = xq + u * K + 32 * b;                                                           \
+            const int8_t* ab = xa + u * K + 32 * b;                                                           \
+            const float* d = xd + u * (long)nb32 + b;                                                         \
+            const float* s = xs + u * (long)nb32 + b;                                                         \
+            __m256i p[8];                                                                                     \
+            for (int j = 0; j < 8; j++) {                                                                     \
+                if (j < n) {                                                                                  \
+                    const __m256i x = _mm256_loadu_si256((const __m256i*)(xb + 32 * j));                      \
+                    p[j] = OFF ? dot_us(wv[j], x) : dot_sa(wv[j], x, _mm256_loadu_si256((const __m256i*)(ab + 32 * j))); \
+                } else p[j] = _mm256_setzero_si256();                                                         \
+            }                                                                                                 \
+            const __m256 as = n == 8 ? _mm256_loadu_ps(d) : _mm256_maskload_ps(d, live);                      \
+            acc[u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum8(p)), _mm256_mul_ps(ws, as), acc[u]);             \
+            if (OFF) off[u] = _mm256_fmadd_ps(ws, n == 8 ? _mm256_loadu_ps(s) : _mm256_maskload_ps(s, live), off[u]); \
+        }                                                                                                     \
     }                                                                                                         \
-    return hsum(acc) - (float)OFF * hsum(off);                                                                \
+    for (int u = 0; u < NT; u++) out[u] = hsum(acc[u]) - (float)OFF * hsum(off[u]);                           \
 }
-LEGACY_ROW(row_q8_0, 34, vals_q8_0, 0)
-LEGACY_ROW(row_q4_0, 18, vals_q4_0, 8)
-LEGACY_ROW(row_q5_0, 22, vals_q5_0, 16)
+LEGACY_TILE(tile_q8_0, 34, vals_q8_0, 0)
+LEGACY_TILE(tile_q4_0, 18, vals_q4_0, 8)
+LEGACY_TILE(tile_q5_0, 22, vals_q5_0, 16)
 
 /* A K-quant super-block's 8 sub-blocks are summed in integers, then scaled as one vector: scale_j *
    activation scale_j for j < 8 (the activations' scales of the super-block are contiguous), so no
    scalar work per sub-block. */
 /* Q4_K (hbits 0) and Q5_K (hbits 1): d, dmin, 12 bytes of 6-bit scales/mins, [Q5_K: 32 bytes of 5th bits], 128 bytes of nibbles */
-static inline float row_k45(const uint8_t* w, const int8_t* xq, const int8_t* xa, const float* xd, const float* xs, int nb32, int hbits) {
+static inline __attribute__((always_inline)) void tile_k45(TILE_ARGS, int hbits) {
     const int bytes = hbits ? 176 : 144;
-    __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
+    __m256 acc[TILE_MAX], macc[TILE_MAX];
+    for (int u = 0; u < NT; u++) acc[u] = macc[u] = _mm256_setzero_ps();
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     for (int b = 0; b < nb32 / 8; b++, w += bytes) {
         PREFETCH(w + PF);
         PREFETCH(w + PF + 64);
         PREFETCH(w + PF + 128);
         /* the 8 six-bit scales, then the 8 mins, one byte each (get_scale_min_k4 for all j at once) */
-        uint32_t u[4];
-        memcpy(u, w + 4, 12);
-        u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
-        const uint32_t mins03 = u[1] & 0x3f3f3f3f;
-        u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
-        u[2] = mins03;
-        u[0] &= 0x3f3f3f3f;
-        const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)u)));
-        const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(u + 2))));
+        uint32_t m[4];
+        memcpy(m, w + 4, 12);
+        m[3] = ((m[2] >> 4) & 0x0f0f0f0f) | (((m[1] >> 6) & 0x03030303) << 4);
+        const uint32_t mins03 = m[1] & 0x3f3f3f3f;
+        m[1] = (m[2] & 0x0f0f0f0f) | (((m[0] >> 6) & 0x03030303) << 4);
+        m[2] = mins03;
+        m[0] &= 0x3f3f3f3f;
+        const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)m)));
+        const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(m + 2))));
         const uint8_t* qs = w + (hbits ? 48 : 16);
-        const int8_t* xb = xq + 256 * b;
-        __m256i qh = hbits ? _mm256_loadu_si256((const __m256i*)(w + 16)) : _mm256_setzero_si256();
-        __m256i p[8];
+        const __m256i qh = hbits ? _mm256_loadu_si256((const __m256i*)(w + 16)) : _mm256_setzero_si256();
+        __m256i q[8];  /* sub-block j's 32 values (a 32-byte chunk's low nibbles, then its high ones) */
         for (int c = 0; c < 4; c++) {
             __m256i raw = _mm256_loadu_si256((const __m256i*)(qs + 32 * c));
             __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
@@ -156,19 +173,30 @@ static inline float row_k45(const uint8_t* w, const int8_t* xq, const int8_t* xa
                 lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b0), b0), _mm256_set1_epi8(0x10)));
                 hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b1), b1), _mm256_set1_epi8(0x10)));
             }
-            p[2 * c] = dot_us(lo, _mm256_loadu_si256((const __m256i*)(xb + 64 * c)));
-            p[2 * c + 1] = dot_us(hi, _mm256_loadu_si256((const __m256i*)(xb + 64 * c + 32)));
+            q[2 * c] = lo;
+            q[2 * c + 1] = hi;
         }
-        const __m256 f = _mm256_mul_ps(_mm256_set1_ps(f16(w)), _mm256_mul_ps(sc, _mm256_loadu_ps(xd + 8 * b)));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum8(p)), f, acc);
-        macc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(f16(w + 2)), mn), _mm256_loadu_ps(xs + 8 * b), macc);
+        const __m256 d = _mm256_set1_ps(f16(w)), dm = _mm256_mul_ps(_mm256_set1_ps(f16(w + 2)), mn);
+        for (int u = 0; u < NT; u++) {
+            const int8_t* xb = xq + u * K + 256 * b;
+            __m256i p[8];
+            for (int j = 0; j < 8; j++) p[j] = dot_us(q[j], _mm256_loadu_si256((const __m256i*)(xb + 32 * j)));
+            const __m256 f = _mm256_mul_ps(d, _mm256_mul_ps(sc, _mm256_loadu_ps(xd + u * (long)nb32 + 8 * b)));
+            acc[u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum8(p)), f, acc[u]);
+            macc[u] = _mm256_fmadd_ps(dm, _mm256_loadu_ps(xs + u * (long)nb32 + 8 * b), macc[u]);
+        }
     }
-    return hsum(acc) - hsum(macc);
+    (void)xa;
+    for (int u = 0; u < NT; u++) out[u] = hsum(acc[u]) - hsum(macc[u]);
 }
+TILE tile_q4_k(TILE_ARGS) { tile_k45(w, xq, xa, xd, xs, nb32, K, NT, out, 0); }
+TILE tile_q5_k(TILE_ARGS) { tile_k45(w, xq, xa, xd, xs, nb32, K, NT, out, 1); }
+
 /* Q6_K: 128 bytes low 4 bits, 64 bytes high 2 bits, 16 int8 scales (one per 16 values), d; the
    scales multiply the int16 pair sums (madd), so each 32-value block leaves one scaled int32 vector */
-static inline float row_q6_k(const uint8_t* w, const int8_t* xq, const int8_t* xa, const float* xd, const float* xs, int nb32) {
-    __m256 acc = _mm256_setzero_ps();
+TILE tile_q6_k(TILE_ARGS) {
+    __m256 acc[TILE_MAX];
+    for (int u = 0; u < NT; u++) acc[u] = _mm256_setzero_ps();
     const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x03), off = _mm256_set1_epi8(32);
     for (int b = 0; b < nb32 / 8; b++, w += 210) {
         PREFETCH(w + PF);
@@ -176,58 +204,62 @@ static inline float row_q6_k(const uint8_t* w, const int8_t* xq, const int8_t* x
         PREFETCH(w + PF + 128);
         PREFETCH(w + PF + 192);
         const int8_t* sc = (const int8_t*)(w + 192);
-        const int8_t* xb = xq + 256 * b;
-        __m256i p[8];
+        __m256i q[8];  /* sub-block j's 32 values, less 32 */
         for (int half = 0; half < 2; half++) {
             __m256i l0 = _mm256_loadu_si256((const __m256i*)(w + 64 * half));
             __m256i l1 = _mm256_loadu_si256((const __m256i*)(w + 64 * half + 32));
             __m256i h = _mm256_loadu_si256((const __m256i*)(w + 128 + 32 * half));
-            __m256i q[4] = {
-                _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(h, m2), 4)),
-                _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), m2), 4)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), m2), 4)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), m2), 4)),
-            };
-            for (int k = 0; k < 4; k++) {
-                const int c = 4 * half + k;
-                __m256i x = _mm256_loadu_si256((const __m256i*)(xb + 32 * c));
-                __m256i ax = _mm256_loadu_si256((const __m256i*)(xa + 256 * b + 32 * c));
-                __m256i p16 = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(_mm256_sub_epi8(q[k], off), x));
-                p[c] = _mm256_madd_epi16(p16, _mm256_set_m128i(_mm_set1_epi16(sc[2 * c + 1]), _mm_set1_epi16(sc[2 * c])));
-            }
+            q[4 * half] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(h, m2), 4));
+            q[4 * half + 1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), m2), 4));
+            q[4 * half + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), m2), 4));
+            q[4 * half + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), m2), 4));
         }
-        const __m256 f = _mm256_mul_ps(_mm256_set1_ps(f16(w + 208)), _mm256_loadu_ps(xd + 8 * b));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum8(p)), f, acc);
+        for (int j = 0; j < 8; j++) q[j] = _mm256_sub_epi8(q[j], off);
+        const __m256 d = _mm256_set1_ps(f16(w + 208));
+        for (int u = 0; u < NT; u++) {
+            const int8_t* xb = xq + u * K + 256 * b;
+            const int8_t* ab = xa + u * K + 256 * b;
+            __m256i p[8];
+            for (int j = 0; j < 8; j++) {
+                __m256i p16 = _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i*)(ab + 32 * j)),
+                                                   _mm256_sign_epi8(q[j], _mm256_loadu_si256((const __m256i*)(xb + 32 * j))));
+                p[j] = _mm256_madd_epi16(p16, _mm256_set_m128i(_mm_set1_epi16(sc[2 * j + 1]), _mm_set1_epi16(sc[2 * j])));
+            }
+            const __m256 f = _mm256_mul_ps(d, _mm256_loadu_ps(xd + u * (long)nb32 + 8 * b));
+            acc[u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum8(p)), f, acc[u]);
+        }
     }
     (void)xs;
-    return hsum(acc);
-}
-static inline float row_q4_k(const uint8_t* w, const int8_t* xq, const int8_t* xa, const float* xd, const float* xs, int nb32) {
-    return row_k45(w, xq, xa, xd, xs, nb32, 0);
-}
-static inline float row_q5_k(const uint8_t* w, const int8_t* xq, const int8_t* xa, const float* xd, const float* xs, int nb32) {
-    return row_k45(w, xq, xa, xd, xs, nb32, 1);
+    for (int u = 0; u < NT; u++) out[u] = hsum(acc[u]);
 }
 
-/* y[t * ldy + n] = W[n, :] . x[t, :] for n0 <= n < n1, t < T; W rows of row_bytes stored blocks each */
-#define ROWS(ROW)                                                                                \
-    for (int n = n0; n < n1; n++) {                                                              \
-        const uint8_t* row = w + (size_t)n * row_bytes;                                          \
-        for (int t = 0; t < T; t++)                                                              \
-            y[(size_t)t * ldy + n] = ROW(row, xq + (size_t)t * K, xa + (size_t)t * K,              \
-                                         xd + (size_t)t * nb32, xs + (size_t)t * nb32, nb32);     \
+/* y[t * ldy + n] = W[n, :] . x[t, :] for n0 <= n < n1, t < T; W rows of row_bytes stored blocks each:
+   tiles of TILE_MAX tokens per weight row, the rest one at a time */
+#define ROWS(KERNEL)                                                                                 \
+    for (int n = n0; n < n1; n++) {                                                                  \
+        const uint8_t* row = w + (size_t)n * row_bytes;                                              \
+        int t = 0;                                                                                   \
+        for (; t + TILE_MAX <= T; t += TILE_MAX) {                                                   \
+            float o[TILE_MAX];                                                                       \
+            KERNEL(row, xq + (size_t)t * K, xa + (size_t)t * K, xd + (size_t)t * nb32,               \
+                   xs + (size_t)t * nb32, nb32, K, TILE_MAX, o);                                     \
+            for (int u = 0; u < TILE_MAX; u++) y[(size_t)(t + u) * ldy + n] = o[u];                  \
+        }                                                                                            \
+        for (; t < T; t++)                                                                           \
+            KERNEL(row, xq + (size_t)t * K, xa + (size_t)t * K, xd + (size_t)t * nb32,               \
+                   xs + (size_t)t * nb32, nb32, K, 1, y + (size_t)t * ldy + n);                      \
     }
 
 static int rows_range(int type, const int8_t* xq, const int8_t* xa, const float* xd, const float* xs, const uint8_t* w, long row_bytes,
                       float* y, long ldy, int T, int n0, int n1, int K) {
     const int nb32 = K / 32;
     switch (type) {
-        case 0: ROWS(row_q8_0) break;
-        case 1: ROWS(row_q4_0) break;
-        case 2: ROWS(row_q5_0) break;
-        case 3: ROWS(row_q4_k) break;
-        case 4: ROWS(row_q5_k) break;
-        case 5: ROWS(row_q6_k) break;
+        case 0: ROWS(tile_q8_0) break;
+        case 1: ROWS(tile_q4_0) break;
+        case 2: ROWS(tile_q5_0) break;
+        case 3: ROWS(tile_q4_k) break;
+        case 4: ROWS(tile_q5_k) break;
+        case 5: ROWS(tile_q6_k) break;
         default: return 1;
     }
     return 0;
