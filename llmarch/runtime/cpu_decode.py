@@ -30,6 +30,7 @@ import torch
 from llmarch.errors import LlmarchError
 from llmarch.runtime import cpu_kernels, gguf_matmul
 from llmarch.runtime.cpu_plan import PREFILL_ROWS, Group, Layer, Lin, Norm, Plan, lib, prefill
+from llmarch.runtime.run_checks import kernel_threads
 
 
 class _Unsupported(Exception):
@@ -195,7 +196,7 @@ class CpuDecode:
             x.data_ptr(),
             pos,
             self.logits.data_ptr(),
-            torch.get_num_threads(),
+            kernel_threads(),
             ctypes.addressof(self.next),
         )
         _check(rc, "decode step", f"position {pos}")
@@ -208,9 +209,7 @@ class CpuDecode:
         T = ids.shape[1]
         x = self.model.embed_ids(ids, torch.arange(pos0, pos0 + T)).reshape(T, -1)
         x = x.float().contiguous() if x.dtype != torch.float32 else x.contiguous()
-        rc, nxt = prefill(
-            ctypes.addressof(self.plan), x.data_ptr(), pos0, T, self.logits.data_ptr(), torch.get_num_threads()
-        )
+        rc, nxt = prefill(ctypes.addressof(self.plan), x.data_ptr(), pos0, T, self.logits.data_ptr(), kernel_threads())
         _check(rc, "prefill", f"positions {pos0}-{pos0 + T - 1}")
         self.next.value = nxt
         return self.logits

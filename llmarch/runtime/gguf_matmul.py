@@ -26,6 +26,7 @@ from llmarch.runtime.cbuild import build_avx2
 from llmarch.runtime.kernel_sources import GGUF_MATMUL as SOURCE
 from llmarch.runtime.kernel_sources import KERNEL_TYPES
 from llmarch.runtime.quant import BLOCKS, dequantize
+from llmarch.runtime.run_checks import kernel_threads
 
 # activation rows per kernel call: each row costs the kernel about one decode step's compute, while
 # dequantizing the matrices for a float GEMM is a large fixed cost (embedded model, one thread: 128
@@ -107,7 +108,7 @@ def _run(x: torch.Tensor, parts, y: torch.Tensor, args: _Parts | None = None) ->
     """y [T, sum rows] = x [T, K] (float32, contiguous) @ the parts' rows^T, in one C call."""
     args = args or _Parts(parts)
     T, K = x.shape
-    rc = _lib().gguf_linear(x.data_ptr(), T, K, args.n, *args.args, y.data_ptr(), torch.get_num_threads())
+    rc = _lib().gguf_linear(x.data_ptr(), T, K, args.n, *args.args, y.data_ptr(), kernel_threads())
     if rc:
         raise LlmarchError(f"stored-block kernel failed ({'out of memory' if rc == 2 else 'unknown type'})")
 

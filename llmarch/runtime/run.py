@@ -183,7 +183,7 @@ def _room(o: RunOptions, spec, ids: list[int]) -> tuple[int, int]:
 def run(o: RunOptions) -> dict:
     check_options(o)
     from llmarch.api import load_checkpoint_spec
-    from llmarch.runtime.run_checks import check_moe_options, check_supported, cpu_threads
+    from llmarch.runtime.run_checks import check_moe_options, check_supported, kernel_threads
 
     native = native_options(o)
     device = threads_note = None
@@ -206,11 +206,12 @@ def run(o: RunOptions) -> dict:
     if native and ckpt.format == "gguf":
         from llmarch.runtime.native_run import open_decoder
 
-        threads, threads_note = cpu_threads()
-        opened = open_decoder(ckpt, spec, len(ids) + max_tokens, threads or _omp_threads())
+        threads = kernel_threads()
+        opened = open_decoder(ckpt, spec, len(ids) + max_tokens, threads)
         if opened is not None:
             decoder, notes = opened
-            notes = [*notes, threads_note] if threads_note else notes
+            if not os.environ.get("OMP_NUM_THREADS"):
+                notes = [*notes, f"{threads} CPU thread{'s' if threads > 1 else ''} (OMP_NUM_THREADS=N sets it)"]
             _announce(o, ckpt, spec, tok, notes)
             res = _generate(o, tok, lambda push: decoder.generate(ids, max_tokens, eos, push))
             return _report(o, tok, ids, room, res, f"peak RSS {_peak_rss_mib():.0f} MiB · cpu float32")
@@ -283,12 +284,6 @@ def run(o: RunOptions) -> dict:
         extra["ple"]["cuda_graph"] = gen.graph is not None  # decode steps replayed from one captured graph
         extra[" · ple"] = ple_summary(extra["ple"])
     return _report(o, tok, ids, room, res, where, extra)
-
-
-def _omp_threads() -> int:
-    """OMP_NUM_THREADS where it names a count (as torch reads it), else 1."""
-    given = os.environ.get("OMP_NUM_THREADS", "").strip()
-    return int(given) if given.isdigit() and int(given) > 0 else 1
 
 
 def _save_plan(step, rt, ckpt) -> None:

@@ -4,6 +4,7 @@ and the CPU thread count: the native runner makes them before deciding whether t
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 
 from llmarch.arch.recipe_book import supported_names
 from llmarch.arch.spec import ArchSpec
@@ -63,7 +64,26 @@ def cpu_threads() -> tuple[int | None, str | None]:
         return None, None
     threads = max(1, min(cores, int(cores - load + 0.5)))
     plural = "s" if threads > 1 else ""
+    kernels = kernel_threads()
+    also = f", {kernels} for the stored-block kernels" if kernels != threads else ""
     return (
         threads,
-        f"{threads} CPU thread{plural} (load average {load:.1f} on {cores} cores; OMP_NUM_THREADS=N sets it)",
+        f"{threads} CPU thread{plural} (load average {load:.1f} on {cores} cores){also}; OMP_NUM_THREADS=N sets it",
     )
+
+
+def kernel_threads() -> int:
+    """Threads for llmarch's stored-block matmul kernels: OMP_NUM_THREADS where it names a count, else
+    every core this process may use. Unlike torch's (cpu_threads), their helper threads only take
+    work when they get a core, so a busy machine costs them the share a descheduled helper would
+    have done, not a wait (measured on this shared 2-core VM: two threads 1.44x one at load 1.2-1.6,
+    equal medians at load 3.1-3.7; see gguf_linear's pool in kernel_sources.py)."""
+    return _kernel_threads(os.environ.get("OMP_NUM_THREADS", ""))
+
+
+@lru_cache(maxsize=8)
+def _kernel_threads(given: str) -> int:
+    given = given.strip()
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
