@@ -255,8 +255,7 @@ def run(o: RunOptions) -> dict:
     gen = Generator(rt, len(ids) + max_tokens, cuda_graph=graph, compile=o.compile)
     if graph is False:  # host-offloaded experts: GPU segments between host round trips as CUDA graphs
         attach_decoder(gen)
-    if gen.cpu_step is not None and ckpt.format == "gguf":
-        _save_plan(gen.cpu_step, rt, ckpt)
+    load_notes = list(rt.notes)
     if threads_note:
         rt.notes.append(threads_note)
     _announce(o, ckpt, spec, tok, rt.notes)
@@ -283,10 +282,13 @@ def run(o: RunOptions) -> dict:
         extra["ple"] = ple.report()
         extra["ple"]["cuda_graph"] = gen.graph is not None  # decode steps replayed from one captured graph
         extra[" · ple"] = ple_summary(extra["ple"])
-    return _report(o, tok, ids, room, res, where, extra)
+    doc = _report(o, tok, ids, room, res, where, extra)
+    if gen.cpu_step is not None and ckpt.format == "gguf":  # after the run's own output: no wait before it
+        _save_plan(gen.cpu_step, rt, ckpt, load_notes)
+    return doc
 
 
-def _save_plan(step, rt, ckpt) -> None:
+def _save_plan(step, rt, ckpt, notes: list[str]) -> None:
     """Save the C decode plan for later runs of this file to start without torch (plan_file.py); a
     cache that cannot be written only costs them that."""
     from llmarch.runtime import plan_file
@@ -294,7 +296,7 @@ def _save_plan(step, rt, ckpt) -> None:
     if os.environ.get("LLMARCH_NO_NATIVE") or plan_file.load(ckpt, rt.spec) is not None:
         return  # none wanted, or a good one saved already (a bad one is replaced)
     try:
-        plan_file.save(step, rt.model, ckpt, rt.spec, list(rt.notes))
+        plan_file.save(step, rt.model, ckpt, rt.spec, notes)
     except OSError:
         pass
 
