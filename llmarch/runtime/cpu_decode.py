@@ -29,7 +29,7 @@ import torch
 
 from llmarch.errors import LlmarchError
 from llmarch.runtime import cpu_kernels, gguf_matmul
-from llmarch.runtime.cpu_plan import PREFILL_ROWS, Group, Layer, Lin, Norm, Plan, lib, prefill
+from llmarch.runtime.cpu_plan import PREFILL_ROWS, Group, Layer, Lin, Norm, Plan, lib, prefill, work_floats
 from llmarch.runtime.run_checks import kernel_threads
 
 
@@ -167,7 +167,7 @@ class CpuDecode:
         head = model.tied_quant if model.tied_quant is not None else model.lm_head
         self.layers = (Layer * len(layers))(*layers)
         self.groups = (Group * len(groups))(*groups)
-        self.work = torch.empty(d + 3 * widest + max(widest, spec.vocab_size) + longest, dtype=torch.float32)
+        self.work = torch.empty(work_floats(d, widest, spec.vocab_size, longest), dtype=torch.float32)
         self.plan = Plan(
             len(layers),
             len(groups),

@@ -241,6 +241,12 @@ class Plan(ctypes.Structure):
     ]
 
 
+def work_floats(d: int, widest: int, vocab: int, longest: int) -> int:
+    """The size of Plan.work (a decode step's scratch, see the struct): d, three of the widest
+    layer vector, the wider of that and the logits, and the longest cache's scores."""
+    return d + 3 * widest + max(widest, vocab) + longest
+
+
 @lru_cache(maxsize=1)
 def lib():
     """The built library, or None (no compiler / AVX2, or LLMARCH_NO_CKERNEL)."""

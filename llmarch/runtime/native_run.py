@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from llmarch.errors import LlmarchError
-from llmarch.runtime.cpu_plan import Group, Layer, Lin, Norm, Plan, lib, prefill
+from llmarch.runtime.cpu_plan import Group, Layer, Lin, Norm, Plan, lib, prefill, work_floats
 from llmarch.runtime.generate_types import Result
 from llmarch.runtime.plan_file import PlanMismatch, _float, _int, embed_rows
 from llmarch.runtime.plan_file import load as load_plan
@@ -151,7 +151,7 @@ class NativeDecoder:
         self.embed = embed
         self.layers = (Layer * len(layers))(*layers)
         self.groups = (Group * len(groups))(*groups)
-        self.work = np.empty(d + 3 * widest + max(widest, vocab) + longest, dtype=np.float32)
+        self.work = np.empty(work_floats(d, widest, vocab, longest), dtype=np.float32)
         softcap = _float(h.get("softcap"), "soft-cap")
         self.plan = Plan(
             len(layers),

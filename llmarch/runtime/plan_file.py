@@ -183,11 +183,10 @@ def save(step, model, ckpt, spec, notes: list[str]) -> str | None:
         header = {
             "d": P.d,
             "vocab": P.vocab,
-            "widest": P.widest,
             "softcap": P.softcap,
             "final_norm": norm(P.final_norm, P.d),
             "head": lin(P.head),
-            "embed": {"tensor": embed_tensor, "type": embed.dtype, "scale": scale},
+            "embed": {"tensor": embed_tensor, "scale": scale},
             "groups": [{"window": g.window} for g in step.groups],
             "ropes": rope_list,
             "positions": positions,
