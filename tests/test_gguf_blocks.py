@@ -89,14 +89,15 @@ def test_stored_blocks_match_gguf_dequantizer(qtype, cols, T):
     + [(t, k) for t in ("Q4_K", "Q5_K", "Q6_K") for k in (256, 768)],
 )
 def test_token_tiles_bit_equal_to_single_rows(qtype, cols):
-    """A prefill of T rows (tiles of 4 tokens sharing each unpacked weight block, the rest one by one)
+    """A prefill of T rows (tiles of 8, then 4 tokens sharing each unpacked weight block, the rest one by one)
     gives exactly the bits of T one-row calls (the decode step's path): every row's float operations
     run in the same order. Widths of 3 and 9 legacy blocks end in a partial group of 8 (masked scales);
-    T 4 and 8 are whole tiles, the others leave 1-3 rows to the single-row code."""
-    rng = np.random.default_rng(hash((qtype, cols, "tiles")) % 2**32)
+    T 4 is a whole tile, 9 and 13 take an 8-token tile (13 a 4-token one too), and each leaves 0-3 rows
+    to the single-row code."""
+    rng = np.random.default_rng([cols, *qtype.encode()])  # not hash(): str hashes change per process
     rows = 37
     raw = torch.from_numpy(random_blocks(qtype, rows, cols, rng)).reshape(-1)
-    for T in (2, 3, 4, 5, 7, 9):
+    for T in (2, 3, 4, 5, 7, 9, 13):
         x = torch.from_numpy(rng.standard_normal((T, cols)).astype(np.float32))
         x[0, :32] *= 50
         x[-1, 32:64] = 0

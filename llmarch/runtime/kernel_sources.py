@@ -70,13 +70,15 @@ void quantize_act(const float* x, int8_t* q, float* d, float* s, long n_blocks) 
 #endif
 #define PREFETCH(p) __builtin_prefetch((const void*)(p), 0, 3)
 
-/* [s0..s7]: the lane sums of eight int32 vectors, in order (three rounds of hadd, then the halves) */
+/* [s0..s7]: the lane sums of eight int32 vectors, in order (a transpose by unpacks and adds: single
+   micro-op shuffles, where hadd costs several on the AMD cores measured) */
 static inline __m256i sum8(const __m256i* p) {
-    __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
-    __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
-    __m128i lo = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
-    __m128i hi = _mm_add_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
-    return _mm256_set_m128i(hi, lo);
+    __m256i q[4], r[2];
+    for (int i = 0; i < 4; i++)  /* per 128-bit half: [p2i 0+2, p2i+1 0+2, p2i 1+3, p2i+1 1+3] */
+        q[i] = _mm256_add_epi32(_mm256_unpacklo_epi32(p[2 * i], p[2 * i + 1]), _mm256_unpackhi_epi32(p[2 * i], p[2 * i + 1]));
+    for (int i = 0; i < 2; i++)  /* per half: the half-sums of p4i .. p4i+3 */
+        r[i] = _mm256_add_epi32(_mm256_unpacklo_epi64(q[2 * i], q[2 * i + 1]), _mm256_unpackhi_epi64(q[2 * i], q[2 * i + 1]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(r[0], r[1], 0x20), _mm256_permute2x128_si256(r[0], r[1], 0x31));
 }
 
 /* The legacy types' 32 values of one block as bytes: Q8_0's signed; Q4_0's and Q5_0's unsigned, before
@@ -92,13 +94,13 @@ static inline uint16_t u16(const uint8_t* p) { uint16_t v; memcpy(&v, p, 2); ret
 
 /* The row kernels: NT activation rows (token u's values at xq + u * K, its scales at xd + u * nb32,
    u < NT) . one weight row -> out[u]. Each weight block is unpacked once for all NT rows (a prefill
-   tile of 4 tokens reads and unpacks every block a quarter as often as one token at a time), and each
+   tile of 8 tokens reads and unpacks every block an eighth as often as one token at a time), and each
    row's float operations run in the same order whatever NT is, so a tile's results are bit-equal to
    single-row calls (the decode step's NT = 1). Always inlined with a constant NT, so the loops over
    u unroll and the NT = 1 code is the single-row kernel. */
 #define TILE static inline __attribute__((always_inline)) void
 #define TILE_ARGS const uint8_t *w, const int8_t *xq, const int8_t *xa, const float *xd, const float *xs, int nb32, long K, int NT, float *out
-#define TILE_MAX 4
+#define TILE_MAX 8  /* 16 measured no faster: the per-token work dominates by then */
 
 /* Legacy types: blocks go 8 at a time, their integer dot products summed to one vector (sum8), scaled
    by the 8 weight scales times the 8 activation scales as one vector, so no scalar work per block; the
@@ -234,20 +236,21 @@ TILE tile_q6_k(TILE_ARGS) {
 }
 
 /* y[t * ldy + n] = W[n, :] . x[t, :] for n0 <= n < n1, t < T; W rows of row_bytes stored blocks each:
-   tiles of TILE_MAX tokens per weight row, the rest one at a time */
+   per weight row, tiles of TILE_MAX tokens, then of 4, then one token at a time */
+#define TOKENS(KERNEL, NT)                                                                           \
+    for (; t + NT <= T; t += NT) {                                                                   \
+        float o[NT];                                                                                 \
+        KERNEL(row, xq + (size_t)t * K, xa + (size_t)t * K, xd + (size_t)t * nb32,                   \
+               xs + (size_t)t * nb32, nb32, K, NT, o);                                               \
+        for (int u = 0; u < NT; u++) y[(size_t)(t + u) * ldy + n] = o[u];                            \
+    }
 #define ROWS(KERNEL)                                                                                 \
     for (int n = n0; n < n1; n++) {                                                                  \
         const uint8_t* row = w + (size_t)n * row_bytes;                                              \
         int t = 0;                                                                                   \
-        for (; t + TILE_MAX <= T; t += TILE_MAX) {                                                   \
-            float o[TILE_MAX];                                                                       \
-            KERNEL(row, xq + (size_t)t * K, xa + (size_t)t * K, xd + (size_t)t * nb32,               \
-                   xs + (size_t)t * nb32, nb32, K, TILE_MAX, o);                                     \
-            for (int u = 0; u < TILE_MAX; u++) y[(size_t)(t + u) * ldy + n] = o[u];                  \
-        }                                                                                            \
-        for (; t < T; t++)                                                                           \
-            KERNEL(row, xq + (size_t)t * K, xa + (size_t)t * K, xd + (size_t)t * nb32,               \
-                   xs + (size_t)t * nb32, nb32, K, 1, y + (size_t)t * ldy + n);                      \
+        TOKENS(KERNEL, TILE_MAX)                                                                     \
+        TOKENS(KERNEL, 4)                                                                            \
+        TOKENS(KERNEL, 1)                                                                            \
     }
 
 static int rows_range(int type, const int8_t* xq, const int8_t* xa, const float* xd, const float* xs, const uint8_t* w, long row_bytes,
