@@ -106,6 +106,24 @@ def test_token_tiles_bit_equal_to_single_rows(qtype, cols):
         assert torch.equal(whole, single), (T, (whole - single).abs().max().item())
 
 
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_0", "Q4_K", "Q5_K"])
+def test_largest_codes_at_full_activations(qtype):
+    """Every weight code at its largest (15 or 31) against activations all +127 / all -127: the
+    kernel's int16 partial sums for these unsigned codes are then at their bound (4 x 2 x 31 x 127),
+    and the result still matches the dequantized weights (a wrapped sum would be off by 65536 steps)."""
+    rng = np.random.default_rng(5)
+    cols, rows = 512, 9
+    b = random_blocks(qtype, rows, cols, rng).reshape(rows, cols // BLOCKS[qtype][0], -1)
+    start = {"Q4_0": 2, "Q5_0": 2, "Q4_K": 16, "Q5_K": 16}[qtype]  # 5th bits (Q5) and nibbles follow
+    b[..., start:] = 0xFF
+    raw = b.reshape(rows, -1)
+    w = quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).astype(np.float64)
+    x = np.ones((2, cols), np.float32)
+    x[1] = -1
+    y = gm.matmul_blocks(torch.from_numpy(x), torch.from_numpy(raw).reshape(-1), qtype, rows)
+    check(y.double().numpy(), x, w)
+
+
 def test_long_prefill_takes_the_float_path():
     """More than MAX_ROWS rows: dequantized slabs and a float GEMM, so float32 exact."""
     rng = np.random.default_rng(1)

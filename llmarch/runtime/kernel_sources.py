@@ -25,10 +25,6 @@ static inline __m256i dot_ss(__m256i w, __m256i x) {
 static inline __m256i dot_sa(__m256i w, __m256i x, __m256i ax) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w, x)), _mm256_set1_epi16(1));
 }
-/* 32 unsigned weights (< 128) . 32 signed activations */
-static inline __m256i dot_us(__m256i w, __m256i x) {
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
-}
 static inline __m256i nibbles16(const uint8_t* p) {  /* 16 bytes -> low nibbles, then high nibbles */
     __m128i b = _mm_loadu_si128((const __m128i*)p);
     __m128i m = _mm_set1_epi8(0x0F);
@@ -81,6 +77,19 @@ static inline __m256i sum8(const __m256i* p) {
     return _mm256_add_epi32(_mm256_permute2x128_si256(r[0], r[1], 0x20), _mm256_permute2x128_si256(r[0], r[1], 0x31));
 }
 
+/* The same from maddubs' int16 pair sums of unsigned weights below 32 and activations within +-127
+   (each lane at most 2 * 31 * 127 = 7874): summed in int16 while 4 lanes fit (31496 < 32767), then
+   widened once, where widening each block first (madd) costs 8 more micro-ops a token */
+static inline __m256i sum8_u16(const __m256i* p) {
+    __m256i q[4], r[2];
+    for (int i = 0; i < 4; i++)
+        q[i] = _mm256_add_epi16(_mm256_unpacklo_epi32(p[2 * i], p[2 * i + 1]), _mm256_unpackhi_epi32(p[2 * i], p[2 * i + 1]));
+    for (int i = 0; i < 2; i++)
+        r[i] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_unpacklo_epi64(q[2 * i], q[2 * i + 1]), _mm256_unpackhi_epi64(q[2 * i], q[2 * i + 1])),
+                                 _mm256_set1_epi16(1));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(r[0], r[1], 0x20), _mm256_permute2x128_si256(r[0], r[1], 0x31));
+}
+
 /* The legacy types' 32 values of one block as bytes: Q8_0's signed; Q4_0's and Q5_0's unsigned, before
    their offset (8, 16) is taken off: sum((u - off) x) = sum(u x) - off sum(x), and d * sum(x) of each
    activation block is xs, so the offset costs one FMA per 8 blocks instead of a subtraction and two
@@ -127,11 +136,11 @@ TILE NAME(TILE_ARGS) {                                                          
             for (int j = 0; j < 8; j++) {                                                                     \
                 if (j < n) {                                                                                  \
                     const __m256i x = _mm256_loadu_si256((const __m256i*)(xb + 32 * j));                      \
-                    p[j] = OFF ? dot_us(wv[j], x) : dot_sa(wv[j], x, _mm256_loadu_si256((const __m256i*)(ab + 32 * j))); \
+                    p[j] = OFF ? _mm256_maddubs_epi16(wv[j], x) : dot_sa(wv[j], x, _mm256_loadu_si256((const __m256i*)(ab + 32 * j))); \
                 } else p[j] = _mm256_setzero_si256();                                                         \
             }                                                                                                 \
             const __m256 as = n == 8 ? _mm256_loadu_ps(d) : _mm256_maskload_ps(d, live);                      \
-            acc[u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum8(p)), _mm256_mul_ps(ws, as), acc[u]);             \
+            acc[u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(OFF ? sum8_u16(p) : sum8(p)), _mm256_mul_ps(ws, as), acc[u]); \
             if (OFF) off[u] = _mm256_fmadd_ps(ws, n == 8 ? _mm256_loadu_ps(s) : _mm256_maskload_ps(s, live), off[u]); \
         }                                                                                                     \
     }                                                                                                         \
@@ -182,9 +191,9 @@ static inline __attribute__((always_inline)) void tile_k45(TILE_ARGS, int hbits)
         for (int u = 0; u < NT; u++) {
             const int8_t* xb = xq + u * K + 256 * b;
             __m256i p[8];
-            for (int j = 0; j < 8; j++) p[j] = dot_us(q[j], _mm256_loadu_si256((const __m256i*)(xb + 32 * j)));
+            for (int j = 0; j < 8; j++) p[j] = _mm256_maddubs_epi16(q[j], _mm256_loadu_si256((const __m256i*)(xb + 32 * j)));
             const __m256 f = _mm256_mul_ps(d, _mm256_mul_ps(sc, _mm256_loadu_ps(xd + u * (long)nb32 + 8 * b)));
-            acc[u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum8(p)), f, acc[u]);
+            acc[u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum8_u16(p)), f, acc[u]);
             macc[u] = _mm256_fmadd_ps(dm, _mm256_loadu_ps(xs + u * (long)nb32 + 8 * b), macc[u]);
         }
     }
