@@ -16,8 +16,9 @@ stored-block head, the final logit soft-cap. Anything else (biases, float matric
 gates, attention soft-capping, MoE, linear attention, per-layer inputs, ...) keeps the module path.
 A prompt for a model the step runs is one C call per chunk of tokens (prefill()): each matmul over
 the chunk's rows at once, attention token by token as the step's. The Generator takes it for
-prompts of up to PREFILL_ROWS tokens; past that the module path is faster, its matmuls over many
-rows dequantizing the weights for a float GEMM. Both paths read and write the KV cache's own
+prompts of up to C_PREFILL_MAX tokens, the longest measured faster than the module path (whose
+matmuls over more than 128 rows dequantize the weights for a float GEMM); longer prompts keep the
+module path, not measured against it. Both paths read and write the KV cache's own
 tensors in place, so either can follow the other.
 """
 
@@ -29,8 +30,13 @@ import torch
 
 from llmarch.errors import LlmarchError
 from llmarch.runtime import cpu_kernels, gguf_matmul
-from llmarch.runtime.cpu_plan import PREFILL_ROWS, Group, Layer, Lin, Norm, Plan, lib, prefill, work_floats
+from llmarch.runtime.cpu_plan import Group, Layer, Lin, Norm, Plan, lib, prefill, work_floats
 from llmarch.runtime.run_checks import kernel_threads
+
+# the longest prompt the Generator prefills in C: with the token-tiled matmul kernel the C prefill
+# (chunks of cpu_plan.PREFILL_ROWS) beat the module path at 256 and 512 tokens on the embedded model
+# (one thread; README, CPU prefill)
+C_PREFILL_MAX = 512
 
 
 class _Unsupported(Exception):
@@ -184,7 +190,7 @@ class CpuDecode:
         self.model = model
         self.logits = torch.empty(1, spec.vocab_size, dtype=torch.float32)
         self.next = ctypes.c_long(0)
-        self.prefill_rows = PREFILL_ROWS  # the longest prompt the C prefill beats the module path on
+        self.prefill_rows = C_PREFILL_MAX
 
     def __call__(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         """ids [1, 1] -> logits [1, vocab] (a buffer the next call overwrites); self.next_token()

@@ -237,8 +237,8 @@ class Generator:
         t0 = time.perf_counter()
         ids = torch.tensor([prompt], dtype=torch.long, device=dev)
         if self.cpu_step is not None and len(prompt) <= self.cpu_step.prefill_rows:
-            # one C call; longer prompts are faster through the module path, whose matmuls over
-            # more rows dequantize the weights for a float GEMM (gguf_matmul.MAX_ROWS)
+            # in C, up to cpu_decode.C_PREFILL_MAX tokens (measured faster there); longer prompts
+            # take the module path, whose matmuls over many rows dequantize for a float GEMM
             logits = self.cpu_step.prefill(ids, 0)
         else:
             for i in range(0, len(prompt), PREFILL_CHUNK):
