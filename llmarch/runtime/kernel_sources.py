@@ -304,11 +304,14 @@ typedef struct {
 } Job;
 
 static Job job_;
-static _Atomic long long ticket_;    /* (job number << 32) | next unclaimed chunk */
+/* (job number << 32) | next unclaimed chunk, or CLOSED while the caller writes job_: a helper copies
+   job_ only from an open ticket, and claims only while the number it copied under still stands */
+static _Atomic unsigned long long ticket_;
+#define CLOSED 0x7fffffff
 static _Atomic int done_;            /* chunks helpers finished in this job */
 static _Atomic int wake_;            /* futex word: the job number, for sleeping helpers */
 static _Atomic int sleepers_;
-static int started_;
+static int started_, create_failed_;
 static pthread_mutex_t pool_lock_ = PTHREAD_MUTEX_INITIALIZER;
 
 static void run_chunk(const Job* j, int c) {
@@ -322,7 +325,7 @@ static void run_chunk(const Job* j, int c) {
 
 /* the next chunk of job `number`, or -1 when none is left (or that job is over) */
 static int claim(unsigned number, int nchunks) {
-    long long t = atomic_load(&ticket_);
+    unsigned long long t = atomic_load(&ticket_);
     while ((unsigned)(t >> 32) == number && (int)(t & 0xffffffff) < nchunks)
         if (atomic_compare_exchange_weak(&ticket_, &t, t + 1)) return (int)(t & 0xffffffff);
     return -1;
@@ -333,9 +336,10 @@ static void* helper(void* arg) {
     unsigned seen = 0;
     long idle = 0;
     for (;;) {
-        const long long t = atomic_load(&ticket_);
+        const unsigned long long t = atomic_load(&ticket_);
         const unsigned number = (unsigned)(t >> 32);
         if (number != seen) {
+            if ((t & 0xffffffff) == CLOSED) { _mm_pause(); continue; }  /* job_ being written */
             seen = number;
             idle = 0;
             /* a copy torn by the next job is never used: its claims fail, the job number moved on */
@@ -364,17 +368,18 @@ static void* helper(void* arg) {
 static int pool_run(Job* j, int nthreads) {
     if (pthread_mutex_trylock(&pool_lock_)) return 1;  /* another caller holds it: run alone */
     j->helpers = nthreads - 1 < MAX_HELPERS ? nthreads - 1 : MAX_HELPERS;
-    while (started_ < j->helpers) {
+    while (started_ < j->helpers && !create_failed_) {
         pthread_t th;
-        if (pthread_create(&th, NULL, helper, (void*)(long)started_)) break;
+        if (pthread_create(&th, NULL, helper, (void*)(long)started_)) { create_failed_ = 1; break; }
         pthread_detach(th);
         started_++;
     }
     static unsigned number = 0;
+    number++;
+    atomic_store(&ticket_, ((unsigned long long)number << 32) | CLOSED);  /* the last job's claims fail from here */
     job_ = *j;
     atomic_store(&done_, 0);
-    number++;
-    atomic_store(&ticket_, (long long)number << 32);
+    atomic_store(&ticket_, (unsigned long long)number << 32);
     atomic_store(&wake_, (int)number);
     if (atomic_load(&sleepers_)) syscall(SYS_futex, &wake_, FUTEX_WAKE_PRIVATE, 1 << 30, NULL, NULL, 0);
     int mine = 0;
