@@ -30,13 +30,8 @@ import torch
 
 from llmarch.errors import LlmarchError
 from llmarch.runtime import cpu_kernels, gguf_matmul
-from llmarch.runtime.cpu_plan import Group, Layer, Lin, Norm, Plan, lib, prefill, work_floats
+from llmarch.runtime.cpu_plan import C_PREFILL_MAX, Group, Layer, Lin, Norm, Plan, lib, prefill, work_floats
 from llmarch.runtime.run_checks import kernel_threads
-
-# the longest prompt the Generator prefills in C: with the token-tiled matmul kernel the C prefill
-# (chunks of cpu_plan.PREFILL_ROWS) beat the module path at 256 and 512 tokens on the embedded model
-# (one thread; README, CPU prefill)
-C_PREFILL_MAX = 512
 
 
 class _Unsupported(Exception):

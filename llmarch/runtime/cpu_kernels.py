@@ -20,7 +20,7 @@ from functools import lru_cache
 import torch
 
 from llmarch.runtime.cbuild import build_avx2
-from llmarch.runtime.kernel_sources import FLOAT_OPS
+from llmarch.runtime.kernel_sources import FLOAT_OPS, GATED_ACTS  # noqa: F401 (re-exported for the ops)
 
 SOURCE = (
     FLOAT_OPS
@@ -117,10 +117,6 @@ def _lib():
 
 def available() -> bool:
     return _lib() is not None
-
-
-# activation name (ArchSpec.activation) -> gated_act's code
-GATED_ACTS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu_fast": 1, "gelu": 2}
 
 
 def gated_act(gu: torch.Tensor, kind: int) -> torch.Tensor:

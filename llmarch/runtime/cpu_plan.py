@@ -16,6 +16,10 @@ from llmarch.runtime.kernel_sources import FLOAT_OPS, GGUF_MATMUL
 # which grow with the rows (a 512-token prefill of the embedded model ran alike in chunks of 64 to
 # 512 within this 2-core machine's noise, one thread)
 PREFILL_ROWS = 128
+# the longest prompt prefilled in C (the Generator's and the native run's rule, so both give the
+# same logits): with the token-tiled matmul kernel the C prefill beat the module path at 256 and
+# 512 tokens on the embedded model (one thread; README, CPU prefill)
+C_PREFILL_MAX = 512
 
 DECODE = r"""
 typedef struct { int nparts, out; const int* types; const void* const* ws; const long* row_bytes;

@@ -5,6 +5,8 @@ same library as one that does."""
 
 # the stored types the C kernel reads, and its code for each
 KERNEL_TYPES = {"Q8_0": 0, "Q4_0": 1, "Q5_0": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5}
+# activation name (ArchSpec.activation) -> gated_act's code
+GATED_ACTS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu_fast": 1, "gelu": 2}
 
 GGUF_MATMUL = r"""
 #include <immintrin.h>

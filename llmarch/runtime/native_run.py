@@ -20,11 +20,18 @@ from pathlib import Path
 
 import numpy as np
 
-from llmarch.errors import LlmarchError
+from llmarch.errors import LlmarchError, printable
 from llmarch.runtime.cpu_plan import Group, Layer, Lin, Norm, Plan, lib, prefill, work_floats
 from llmarch.runtime.generate_types import Result
+from llmarch.runtime.kernel_sources import GATED_ACTS
 from llmarch.runtime.plan_file import PlanMismatch, _float, _int, embed_rows
 from llmarch.runtime.plan_file import load as load_plan
+
+
+def _layer_tensors(i: int):
+    """Whether a tensor name is one of layer i's (llama.cpp's blk.<i>. names)."""
+    prefix = f"blk.{i}."
+    return lambda name: name.startswith(prefix)
 
 
 def gpu_possible() -> bool:
@@ -41,17 +48,25 @@ class NativeDecoder:
     """The C decode step over numpy buffers, built from a checked plan for `max_seq` positions."""
 
     def __init__(self, plan, max_seq: int, threads: int):
-        h = plan.header
+        """Every number taken from the plan is checked here against the spec (layer by layer) and the
+        checkpoint's tensor table before it becomes a size or an address for the C step."""
+        import gguf
+
+        h, spec = plan.header, plan.spec
+        a = spec.attention
         self.plan_file, self.threads, self.max_seq = plan, threads, max_seq
         if max_seq > _int(h.get("positions"), 1, 1 << 24, "positions"):
             raise PlanMismatch("more positions than the plan's RoPE rows")
-        d, vocab = plan.spec.hidden_size, plan.spec.vocab_size
+        d, vocab = spec.hidden_size, spec.vocab_size
+        names = gguf.TENSOR_NAMES
+        embed_name = names[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight"
+        head_names = {embed_name, names[gguf.MODEL_TENSOR.OUTPUT] + ".weight"}
         keep: list = []  # everything the C structs point at stays alive with this object
         self.keep = keep
 
-        def addr(a: np.ndarray) -> int:
-            keep.append(a)
-            return int(a.ctypes.data)
+        def addr(x: np.ndarray) -> int:
+            keep.append(x)
+            return int(x.ctypes.data)
 
         def norm(n, dim: int) -> Norm:
             if n is None:
@@ -60,8 +75,8 @@ class NativeDecoder:
                 raise PlanMismatch("a norm entry")
             return Norm(addr(plan.array(n.get("w"), (dim,))), _float(n.get("eps"), "norm eps", positive=True))
 
-        def linear(entry, width: int, want_out: int) -> Lin:
-            parts, out, order = plan.matrix(entry, width)
+        def linear(entry, width: int, want_out: int, tensors) -> Lin:
+            parts, out, order = plan.matrix(entry, width, tensors)
             if out != want_out:
                 raise PlanMismatch(f"a matrix of {out} rows, expected {want_out}")
             n = len(parts)
@@ -72,9 +87,11 @@ class NativeDecoder:
                 (ctypes.c_int * n)(*[p[3] for p in parts]),
             )
             keep.append(arrays)
-            return Lin(n, out, *[ctypes.addressof(a) for a in arrays], addr(order) if order is not None else None)
+            return Lin(n, out, *[ctypes.addressof(x) for x in arrays], addr(order) if order is not None else None)
 
-        groups, self.slot_pos = [], []
+        if not 0 < len(h["groups"]) <= spec.layers:
+            raise PlanMismatch("more cache groups than layers")
+        groups, windows, self.slot_pos = [], [], []
         longest = 1
         for g in h["groups"]:
             window = _int(g.get("window") if isinstance(g, dict) else None, 0, 1 << 30, "window")
@@ -83,37 +100,48 @@ class NativeDecoder:
             slots = np.full(size, -1, dtype=np.int64)
             self.slot_pos.append(slots)
             groups.append(Group(addr(slots), size, window, int(ring), addr(np.zeros(size, dtype=np.uint8))))
+            windows.append(window)
             longest = max(longest, size)
+        if len(h["ropes"]) > spec.layers:
+            raise PlanMismatch("more RoPE tables than layers")
         ropes = []
         for r in h["ropes"]:
             rot = _int(r.get("rot") if isinstance(r, dict) else None, 2, 1 << 16, "rotated dims")
-            cos, sin = plan.array(r.get("cos")), plan.array(r.get("sin"))
-            if cos.ndim != 2 or cos.shape != sin.shape or cos.shape[1] != rot or cos.shape[0] < max_seq:
+            cos, sin = plan.array(r.get("cos"), (None, rot)), plan.array(r.get("sin"), (None, rot))
+            if rot % 2 or cos.shape != sin.shape or cos.shape[0] < max_seq:
                 raise PlanMismatch("RoPE tables of the wrong shape")
             ropes.append((addr(cos), addr(sin), rot, cos.shape[0]))
-        layers = []
+        act = GATED_ACTS.get(spec.activation or "silu")
+        layers, used = [], set()
         widest = d
-        for e in h["layers"]:
+        for i, (e, ls) in enumerate(zip(h["layers"], spec.schedule, strict=True)):
             if not isinstance(e, dict):
                 raise PlanMismatch("a layer entry")
-            H = _int(e.get("heads"), 1, 1 << 12, "heads")
-            KV = _int(e.get("kv_heads"), 1, H, "kv heads")
-            D = _int(e.get("head_dim"), 1, 1 << 12, "head dim")
-            Dv = _int(e.get("v_dim"), 1, 1 << 12, "v dim")
-            hidden = _int(e.get("hidden"), 1, 1 << 20, "MLP width")
-            if H % KV:
-                raise PlanMismatch("heads not a multiple of kv heads")
+            # the layer's sizes are the spec's (as the torch path builds them), not the file's say-so
+            H, KV = a.heads, spec.layer_kv_heads(i)
+            D = ls.head_dim or a.head_dim
+            Dv = ls.head_dim or a.v_head_dim or a.head_dim
+            hidden = ls.ffn_width or spec.intermediate_size
+            want = {"heads": H, "kv_heads": KV, "head_dim": D, "v_dim": Dv, "hidden": hidden, "act": act}
+            if any(e.get(k) != v or type(e.get(k)) is not int for k, v in want.items()) or H % KV:
+                raise PlanMismatch(f"layer {i}: sizes differ from the spec")
             whole = _int(e.get("qk_whole"), 0, 1, "qk_whole")
             q_dim, k_dim = (H * D, KV * D) if whole else (D, D)
             g = _int(e.get("group"), 0, len(groups) - 1, "cache group")
+            if windows[g] != (ls.window if ls.mixer == "sliding" else 0):
+                raise PlanMismatch(f"layer {i}: window differs from the spec")
+            used.add(g)
             r = e.get("rope")
+            if (r is not None) != ls.rope:
+                raise PlanMismatch(f"layer {i}: RoPE differs from the spec")
             rope = ropes[_int(r, 0, len(ropes) - 1, "rope")] if r is not None else (None, None, 0, 0)
-            if r is not None and rope[2] > D:
+            if rope[2] > D:
                 raise PlanMismatch("more rotated dims than the head")
             size = groups[g].size
             k = np.zeros((KV, size, D), dtype=np.float32)
             v = np.zeros((KV, size, Dv), dtype=np.float32)
             widest = max(widest, H * D + KV * D + KV * Dv, 2 * hidden, H * Dv)
+            mine = _layer_tensors(i)
             layers.append(
                 Layer(
                     norm(e.get("attn_norm"), d),
@@ -123,16 +151,16 @@ class NativeDecoder:
                     norm(e.get("q_norm"), q_dim),
                     norm(e.get("k_norm"), k_dim),
                     whole,
-                    linear(e.get("qkv"), d, H * D + KV * D + KV * Dv),
-                    linear(e.get("o"), H * Dv, d),
-                    linear(e.get("gate_up"), d, 2 * hidden),
-                    linear(e.get("down"), hidden, d),
+                    linear(e.get("qkv"), d, H * D + KV * D + KV * Dv, mine),
+                    linear(e.get("o"), H * Dv, d, mine),
+                    linear(e.get("gate_up"), d, 2 * hidden, mine),
+                    linear(e.get("down"), hidden, d, mine),
                     H,
                     KV,
                     D,
                     Dv,
                     hidden,
-                    _int(e.get("act"), 0, 2, "activation"),
+                    act,
                     _float(e.get("scale"), "attention scale", positive=True),
                     *rope,
                     addr(k),
@@ -142,17 +170,18 @@ class NativeDecoder:
                     g,
                 )
             )
+        if len(used) != len(groups):
+            raise PlanMismatch("a cache group no layer uses")
         embed = h.get("embed")
-        if not isinstance(embed, dict) or embed.get("tensor") not in plan.ckpt.tensors:
+        if not isinstance(embed, dict) or embed.get("tensor") != embed_name or embed_name not in plan.ckpt.tensors:
             raise PlanMismatch("no embedding tensor")
-        t = plan.ckpt.tensors[embed["tensor"]]
-        if tuple(t.shape) != (vocab, d) or (embed.get("scale") is not None and not isinstance(embed["scale"], float)):
+        t = plan.ckpt.tensors[embed_name]
+        if tuple(t.shape) != (vocab, d) or (embed.get("scale") is not None and not _float(embed["scale"], "scale")):
             raise PlanMismatch("embedding shape or scale")
         self.embed = embed
         self.layers = (Layer * len(layers))(*layers)
         self.groups = (Group * len(groups))(*groups)
         self.work = np.empty(work_floats(d, widest, vocab, longest), dtype=np.float32)
-        softcap = _float(h.get("softcap"), "soft-cap")
         self.plan = Plan(
             len(layers),
             len(groups),
@@ -161,8 +190,8 @@ class NativeDecoder:
             ctypes.addressof(self.layers),
             ctypes.addressof(self.groups),
             norm(h.get("final_norm"), d),
-            linear(h.get("head"), d, vocab),
-            softcap,
+            linear(h.get("head"), d, vocab, head_names.__contains__),
+            _float(h.get("softcap"), "soft-cap"),
             widest,
             addr(self.work),
         )
@@ -199,6 +228,8 @@ class NativeDecoder:
         return nxt
 
     def generate(self, prompt: list[int], max_tokens: int, eos_ids: set[int], on_token) -> Result:
+        if not prompt:
+            raise LlmarchError("the prompt is empty (no tokens to condition on)")
         if len(prompt) + max_tokens > self.max_seq:
             raise LlmarchError(
                 f"prompt ({len(prompt)} tokens) + --max-tokens {max_tokens} exceed the cache ({self.max_seq})"
@@ -235,6 +266,7 @@ def open_decoder(ckpt, spec, max_seq: int, threads: int) -> tuple[NativeDecoder,
     if plan is None:
         return None
     try:
-        return NativeDecoder(plan, max_seq, threads), [n for n in plan.header["notes"] if isinstance(n, str)]
-    except PlanMismatch:
+        notes = [printable(n) for n in plan.header["notes"] if isinstance(n, str)]  # shown on a terminal
+        return NativeDecoder(plan, max_seq, threads), notes
+    except Exception:  # anything in a cache file that does not fit, however it fails: not used
         return None

@@ -41,6 +41,7 @@ MAGIC = b"LLMPLAN1"
 # RoPE rows saved: a run whose prompt + new tokens need more positions takes the torch path
 MAX_POSITIONS = 4096
 KEEP_PER_MODEL = 3  # plans of one model file kept (the newest), for llmarch versions side by side
+KEEP_ALL = 16  # plans kept in all (the newest): moved or re-downloaded models leave theirs behind
 _DTYPES = {"float32": np.float32, "int64": np.int64}
 _TYPE_NAMES = {code: name for name, code in KERNEL_TYPES.items()}
 
@@ -66,7 +67,8 @@ def _identity(ckpt) -> list:
     out = []
     for f in ckpt.files:
         st = os.stat(f)
-        out.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
+        # ctime too: a file rewritten with its old size and mtime restored (cp -p, rsync -t) still differs
+        out.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns])
     return out
 
 
@@ -75,8 +77,12 @@ def _digest(value) -> str:
 
 
 def plan_path(ckpt) -> Path:
-    """<cache>/plans/<the model file's digest>-<this llmarch's digest>.plan"""
-    return cache_dir("plans") / f"{_digest(_identity(ckpt))}-{_digest([MAGIC.decode(), _code_stamp()])}.plan"
+    """<cache>/plans/<the model file's digest>-<this llmarch's digest>.plan (gguf-py's version counts
+    as llmarch's: its dequantizer reads the embedding)"""
+    from importlib.metadata import version
+
+    code = _digest([MAGIC.decode(), _code_stamp(), version("gguf")])
+    return cache_dir("plans") / f"{_digest(_identity(ckpt))}-{code}.plan"
 
 
 # ----------------------------------------------------------------------------------------- save
@@ -211,27 +217,49 @@ def _write(path: Path, header: dict, items: list[np.ndarray]) -> None:
         at = (at + 63) // 64 * 64
         offsets.append(at)
         at += a.nbytes
+    body = bytearray(at)
+    for o, a in zip(offsets, items):
+        body[o : o + a.nbytes] = a.tobytes()
     header = {**header, "arrays": [{"offset": o, "nbytes": a.nbytes} for o, a in zip(offsets, items)]}
+    header["sha256"] = hashlib.sha256(body).hexdigest()  # a torn or edited array is refused on load
     text = json.dumps(header).encode()
-    base = (16 + len(text) + 63) // 64 * 64
+    head = MAGIC + struct.pack("<Q", len(text)) + text
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(MAGIC + struct.pack("<Q", len(text)) + text)
-            for o, a in zip(offsets, items):
-                f.seek(base + o)
-                f.write(a.tobytes())
-        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+            f.write(head + bytes(-len(head) % 64) + body)
+            f.flush()
+            os.fsync(f.fileno())  # the data before the rename: a crash leaves the old file or the whole new one
+        os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    # plans of this model file saved by other llmarch versions: the newest few stay (two installs
-    # sharing a cache keep theirs), older ones are not read again
+    _tidy(path)
+
+
+def _tidy(path: Path) -> None:
+    """Bound the plans folder: of one model file's plans (other llmarch versions) the newest
+    KEEP_PER_MODEL stay, of all plans the newest KEEP_ALL, and a writer's temporary file left by a
+    killed run goes after an hour. Only files this module names are touched."""
+    import time
+
+    def mtime(f: Path) -> int:
+        try:
+            return f.stat().st_mtime_ns
+        except OSError:
+            return 0
+
     model = path.name.split("-")[0]
-    others = sorted(path.parent.glob(f"{model}-*.plan"), key=lambda f: f.stat().st_mtime_ns, reverse=True)
-    for old in [f for f in others if f != path][KEEP_PER_MODEL - 1 :]:
-        old.unlink(missing_ok=True)
+    plans = sorted(path.parent.glob("*-*.plan"), key=mtime, reverse=True)
+    same = [f for f in plans if f.name.startswith(model + "-")]
+    stale = (
+        same[KEEP_PER_MODEL:] + [f for f in plans if not f.name.startswith(model + "-")][KEEP_ALL - KEEP_PER_MODEL :]
+    )
+    stale += [f for f in path.parent.glob(".*.plan.*.tmp") if mtime(f) < time.time_ns() - 3600 * 10**9]
+    for f in stale:
+        if f != path:
+            f.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------- load
@@ -261,9 +289,26 @@ def _int(v, lo: int, hi: int, what: str) -> int:
 
 
 def _float(v, what: str, positive: bool = False) -> float:
-    if type(v) not in (int, float) or not math.isfinite(v) or (positive and v <= 0):
+    if type(v) is not float or not math.isfinite(v) or (positive and v <= 0):  # JSON's floats; no huge ints
         raise PlanMismatch(f"{what}: {v!r}")
-    return float(v)
+    return v
+
+
+def _name(v, what: str) -> str:
+    if type(v) is not str:
+        raise PlanMismatch(f"{what}: {v!r} is not a name")
+    return v
+
+
+def _sha256_from(path: Path, start: int) -> str:
+    """The file's bytes from `start` on, hashed through read() rather than the map: pages read into a
+    buffer are not the process's RSS, and the run touches only the RoPE rows it uses."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(start)
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class Plan:
@@ -285,10 +330,13 @@ class Plan:
             raise PlanMismatch("header is not an object")
         base = (16 + n + 63) // 64 * 64
         self.data, self.base, self.ckpt, self.spec = data, base, ckpt, spec
+        if _sha256_from(path, base) != self.header.get("sha256"):
+            raise PlanMismatch("the arrays' checksum differs")  # torn, truncated or edited
         self._check()
 
-    def array(self, ref, shape: tuple[int, ...] | None = None, dtype: str = "float32") -> np.ndarray:
-        """The array `ref` points at, checked to be inside the file with the expected type and shape."""
+    def array(self, ref, shape: tuple[int | None, ...], dtype: str = "float32") -> np.ndarray:
+        """The array `ref` points at, checked to be inside the file with the expected type and shape
+        (None in `shape`: any length on that axis)."""
         if not isinstance(ref, dict) or ref.get("dtype") != dtype:
             raise PlanMismatch("an array reference of the wrong type")
         table = self.header.get("arrays")
@@ -297,7 +345,7 @@ class Plan:
         got = ref.get("shape")
         if not isinstance(got, list) or any(type(s) is not int or s < 0 for s in got):
             raise PlanMismatch("an array shape")
-        if shape is not None and tuple(got) != shape:
+        if len(got) != len(shape) or any(w is not None and g != w for g, w in zip(got, shape)):
             raise PlanMismatch(f"an array of shape {got}, expected {list(shape)}")
         itemsize = np.dtype(_DTYPES[dtype]).itemsize
         if math.prod(got) * itemsize != size or self.base + off + size > self.data.size:
@@ -318,24 +366,26 @@ class Plan:
         for entry in h["arrays"]:  # a truncated file fails here, before any array is used
             if not isinstance(entry, dict):
                 raise PlanMismatch("an array entry")
-            end = _int(entry.get("offset"), 0, self.data.size, "array offset")
-            end += _int(entry.get("nbytes"), 0, self.data.size, "array size")
-            if self.base + end > self.data.size:
-                raise PlanMismatch("an array past the end of the file")
+            start = _int(entry.get("offset"), 0, self.data.size, "array offset")
+            end = start + _int(entry.get("nbytes"), 0, self.data.size, "array size")
+            if self.base + end > self.data.size or start % 64:  # the writer aligns every array to 64
+                raise PlanMismatch("an array past the end of the file, or not aligned")
 
-    def matrix(self, lin, width: int) -> tuple[list[tuple[int, int, int, int]], int, np.ndarray | None]:
+    def matrix(self, lin, width: int, tensors) -> tuple[list[tuple[int, int, int, int]], int, np.ndarray | None]:
         """A Linear's parts as (type code, address, row bytes, rows), its output width and row order,
-        every part checked to lie inside its tensor with that tensor's type and width."""
+        every part checked to lie inside its tensor with that tensor's type and width, and to be one
+        of `tensors` (a predicate on the name: a layer's own, or the head's)."""
         from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-        if not isinstance(lin, dict) or not isinstance(lin.get("parts"), list) or not lin["parts"]:
-            raise PlanMismatch("a matrix without parts")
+        if not isinstance(lin, dict) or not isinstance(lin.get("parts"), list) or not 0 < len(lin["parts"]) <= 16:
+            raise PlanMismatch("a matrix without parts, or with too many")
         out = _int(lin.get("out"), 1, 1 << 24, "matrix rows")
         parts, total = [], 0
         for p in lin["parts"]:
             if not isinstance(p, dict):
                 raise PlanMismatch("a matrix part")
-            t = self.ckpt.tensors.get(p.get("tensor"))
+            name = _name(p.get("tensor"), "a matrix part's tensor")
+            t = self.ckpt.tensors.get(name) if tensors(name) else None
             if t is None or t.dtype != p.get("type") or t.dtype not in KERNEL_TYPES:
                 raise PlanMismatch(f"tensor {p.get('tensor')!r} missing or of another type")
             per, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[t.dtype]]
@@ -366,5 +416,5 @@ def load(ckpt, spec) -> Plan | None:
         return None
     try:
         return Plan(path, ckpt, spec)
-    except (PlanMismatch, OSError, ValueError):
+    except Exception:  # anything in a cache file that does not fit, however it fails: not used
         return None

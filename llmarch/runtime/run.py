@@ -203,7 +203,9 @@ def run(o: RunOptions) -> dict:
 
         silence()
     eos = set() if o.ignore_eos or tok is None else tok.eos_ids
-    if native and ckpt.format == "gguf":
+    from llmarch.runtime.cpu_plan import C_PREFILL_MAX
+
+    if native and ckpt.format == "gguf" and len(ids) <= C_PREFILL_MAX:  # longer: the torch path's prefill
         from llmarch.runtime.native_run import open_decoder
 
         threads = kernel_threads()
@@ -292,9 +294,10 @@ def _save_plan(step, rt, ckpt, notes: list[str]) -> None:
     """Save the C decode plan for later runs of this file to start without torch (plan_file.py); a
     cache that cannot be written only costs them that."""
     from llmarch.runtime import plan_file
+    from llmarch.runtime.native_run import open_decoder
 
-    if os.environ.get("LLMARCH_NO_NATIVE") or plan_file.load(ckpt, rt.spec) is not None:
-        return  # none wanted, or a good one saved already (a bad one is replaced)
+    if os.environ.get("LLMARCH_NO_NATIVE") or open_decoder(ckpt, rt.spec, 1, 1) is not None:
+        return  # none wanted, or a good one saved already (one the native run refuses is replaced)
     try:
         plan_file.save(step, rt.model, ckpt, rt.spec, notes)
     except OSError:
