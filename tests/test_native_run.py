@@ -9,6 +9,7 @@ model file) must never be used: the run then takes the torch path and saves a go
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -90,45 +91,126 @@ def test_generate_gives_the_torch_steps_tokens(tiny_gguf, cache):
     assert decoder.generate(prompt, 30, set(), None).tokens == res.tokens
 
 
-def _rewrite(path: Path, edit) -> None:
-    """Apply `edit` to the plan's JSON header, the arrays kept at their offsets after it."""
+def test_a_long_prompt_on_two_threads(tiny_gguf, cache):
+    """140 prompt tokens (past the 16-slot ring, over one 128-token prefill chunk) through the native
+    prefill with two threads, against the torch path's C step fed one token at a time."""
+    gen, ckpt, spec = saved(tiny_gguf, "gemma3", 160)
+    decoder, _ = open_decoder(ckpt, spec, 160, 2)
+    prompt = torch.randint(4, spec.vocab_size, (140,), generator=torch.Generator().manual_seed(7)).tolist()
+    gen.cache.reset()
+    with torch.inference_mode():
+        for pos, tok in enumerate(prompt):
+            want = gen.cpu_step(torch.tensor([[tok]]), pos)[0].numpy().copy()
+    first = decoder.generate(prompt, 1, set(), None).tokens
+    assert np.array_equal(decoder.logits, want) and first == [gen.cpu_step.next_token()]
+
+
+def _rewrite(path: Path, edit, arrays=None, text=None) -> None:
+    """Apply `edit` to the plan's JSON header (`arrays` to the bytes after it, the checksum then
+    recomputed; `text` to the header's JSON text), the arrays kept at their offsets."""
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[8:16])
     header = json.loads(data[16 : 16 + n])
-    edit(header)
-    text = json.dumps(header).encode()
     pad = lambda k: (16 + k + 63) // 64 * 64  # noqa: E731
-    head = plan_file.MAGIC + struct.pack("<Q", len(text)) + text
-    path.write_bytes(head + bytes(pad(len(text)) - len(head)) + data[pad(n) :])
+    body = bytearray(data[pad(n) :])
+    if arrays is not None:
+        arrays(header, body)
+        header["sha256"] = hashlib.sha256(body).hexdigest()
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw = text(raw) if text is not None else raw
+    head = plan_file.MAGIC + struct.pack("<Q", len(raw)) + raw
+    path.write_bytes(head + bytes(pad(len(raw)) - len(head)) + body)
 
 
-def _part(h):
-    return h["layers"][0]["qkv"]["parts"][0]
+def _parts(h, layer=0, matrix="qkv"):
+    return h["layers"][layer][matrix]["parts"]
 
 
+def _set(d: dict, **kw):
+    d.update(kw)
+
+
+# each edit passes every check but the one named by its message (tiny gemma3: layer 0's q/k/v are
+# Q8_0 parts of 128/64/64 rows of 68 bytes, sliding window 16, 256 RoPE rows)
 EDITS = {
-    "part past its tensor": lambda h: _part(h).update(at=_part(h)["at"] + 10**9),
-    "part of another type": lambda h: _part(h).update(type="Q4_0" if _part(h)["type"] != "Q4_0" else "Q8_0"),
-    "unknown tensor": lambda h: _part(h).update(tensor="blk.99.attn_q.weight"),
-    "rows that do not add up": lambda h: _part(h).update(rows=_part(h)["rows"] - 1),
-    "array past the end": lambda h: h["arrays"][0].update(offset=10**12),
-    "array index out of range": lambda h: h["layers"][0]["attn_norm"]["w"].update(array=10**6),
-    "fewer layers": lambda h: h["layers"].pop(),
-    "kv heads not dividing heads": lambda h: h["layers"][0].update(kv_heads=h["layers"][0]["heads"] + 1),
-    "negative eps": lambda h: h["layers"][0]["attn_norm"].update(eps=-1.0),
-    "nan scale": lambda h: h["layers"][0].update(scale=float("nan")),
-    "unknown group": lambda h: h["layers"][0].update(group=7),
-    "string where a number goes": lambda h: h["layers"][0].update(heads="4"),
-    "too few RoPE rows": lambda h: h.update(positions=8),
+    "part past its tensor": (lambda h: _set(_parts(h)[0], at=64 * 68), "part outside the tensor"),
+    "part not on a row": (lambda h: _set(_parts(h)[1], at=34, rows=63), "part outside the tensor"),
+    "part of another type": (lambda h: _set(_parts(h)[0], type="Q4_0"), "missing or of another type"),
+    "another layer's tensor": (lambda h: _set(_parts(h)[0], tensor="blk.1.attn_q.weight"), "another type"),
+    "a tensor of another width": (lambda h: _set(_parts(h)[0], tensor="blk.0.attn_output.weight"), "width"),
+    "rows that do not add up": (lambda h: _set(_parts(h)[2], rows=63), "do not add up"),
+    "too many parts": (lambda h: _parts(h).extend(_parts(h) * 5), "too many"),
+    "a name that is not a string": (lambda h: _set(_parts(h)[0], tensor=[1]), "not a name"),
+    "array past the end": (lambda h: _set(h["arrays"][0], offset=h["arrays"][-1]["offset"] + 64), "past the end"),
+    "array not aligned": (lambda h: _set(h["arrays"][0], offset=h["arrays"][0]["offset"] + 4), "not aligned"),
+    "array index out of range": (lambda h: _set(h["layers"][0]["attn_norm"]["w"], array=10**6), "array index"),
+    "norm one value short": (lambda h: _set(h["layers"][0]["attn_norm"]["w"], shape=[63]), "an array of shape"),
+    "fewer layers": (lambda h: h["layers"].pop(), "layer count"),
+    "kv heads not the spec's": (lambda h: _set(h["layers"][0], kv_heads=4), "sizes differ"),
+    "head width not the spec's": (lambda h: _set(h["layers"][0], head_dim=16, v_dim=64), "sizes differ"),
+    "a number as a string": (lambda h: _set(h["layers"][0], heads="4"), "sizes differ"),
+    "negative eps": (lambda h: _set(h["layers"][0]["attn_norm"], eps=-1.0), "norm eps"),
+    "huge integer eps": (lambda h: _set(h["layers"][0]["attn_norm"], eps=10**400), "norm eps"),
+    "nan scale": (lambda h: _set(h["layers"][0], scale=float("nan")), "attention scale"),
+    "unknown group": (lambda h: _set(h["layers"][0], group=7), "cache group"),
+    "more groups than layers": (lambda h: h["groups"].extend([{"window": 0}] * 10), "more cache groups"),
+    "a group no layer uses": (lambda h: h["groups"].append({"window": 0}), "no layer uses"),
+    "window not the spec's": (lambda h: _set(h["groups"][0], window=8), "window differs"),
+    "no RoPE on a RoPE layer": (lambda h: _set(h["layers"][0], rope=None), "RoPE differs"),
+    "odd rotated dims": (lambda h: _set(h["ropes"][0], rot=31), "an array of shape"),
+    "fewer positions than asked": (lambda h: _set(h, positions=8), "more positions"),
+    "fewer RoPE rows than asked": (lambda h: _set(h, positions=10**6), "RoPE tables of the wrong shape"),
+    "embedding from another tensor": (lambda h: _set(h["embed"], tensor="output.weight"), "no embedding"),
+    "nan embedding scale": (lambda h: _set(h["embed"], scale=float("nan")), "scale"),
 }
 
 
 @pytest.mark.parametrize("edit", list(EDITS))
 def test_a_plan_that_does_not_fit_is_not_used(tiny_gguf, cache, edit):
+    """Each edit is refused by its own check (the message says which), and the run is not native."""
     _, ckpt, spec = saved(tiny_gguf, "gemma3", 40)
     path = plan_file.plan_path(ckpt)
-    _rewrite(path, EDITS[edit])
-    assert open_decoder(ckpt, spec, 40, 1) is None
+    change, message = EDITS[edit]
+    _rewrite(path, change)
+    max_seq = 257 if "RoPE rows" in edit else 40  # one past the 256 saved rows
+    with pytest.raises(plan_file.PlanMismatch, match=message):
+        NativeDecoder(plan_file.Plan(path, ckpt, spec), max_seq, 1)
+    assert open_decoder(ckpt, spec, max_seq, 1) is None
+
+
+def test_a_row_order_that_is_not_a_permutation(tiny_gguf, cache):
+    """llama's Q/K rows come in llama.cpp's order: a duplicated index (checksum recomputed) is refused."""
+    _, ckpt, spec = saved(tiny_gguf, "llama", 40)
+    path = plan_file.plan_path(ckpt)
+
+    def duplicate(h, body):
+        ref = h["layers"][0]["qkv"]["order"]
+        at = h["arrays"][ref["array"]]["offset"]
+        body[at : at + 8] = body[at + 8 : at + 16]
+
+    _rewrite(path, lambda h: None, duplicate)
+    with pytest.raises(plan_file.PlanMismatch, match="not a permutation"):
+        NativeDecoder(plan_file.Plan(path, ckpt, spec), 40, 1)
+
+
+def test_edited_arrays_deep_nesting_and_notes(tiny_gguf, cache):
+    _, ckpt, spec = saved(tiny_gguf, "gemma3", 40)
+    path = plan_file.plan_path(ckpt)
+    good = path.read_bytes()
+    path.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # one bit of the last array
+    with pytest.raises(plan_file.PlanMismatch, match="checksum"):
+        plan_file.Plan(path, ckpt, spec)
+    path.write_bytes(good)
+    deep = b'"notes": ' + b"[" * 100_000 + b"]" * 100_000
+    _rewrite(path, lambda h: None, text=lambda raw: raw.replace(b'"notes": ["a note"]', deep))
+    with pytest.raises(RecursionError):
+        plan_file.Plan(path, ckpt, spec)
+    assert plan_file.load(ckpt, spec) is None  # however a cache file fails, it is just not used
+    path.write_bytes(good)
+    _rewrite(path, lambda h: _set(h, notes=["\x1b[2Jcleared", 5]))
+    _, notes = open_decoder(ckpt, spec, 40, 1)
+    assert notes == ["\\x1b[2Jcleared"]  # escaped for the terminal; the number dropped
 
 
 def test_truncated_or_foreign_files_and_a_changed_model(tiny_gguf, cache, tmp_path):
@@ -188,6 +270,11 @@ def test_cli_second_run_imports_no_torch(tiny_gguf, tmp_path):
     assert doc1["tokens"] == doc2["tokens"] and len(doc2["tokens"]) == 12
     assert err1[:-1] == err2[:-1]  # header and notes; the closing line has timings and RSS
     assert "stored blocks" in "".join(err2) and err2[-1].endswith("cpu float32 · stop: max_tokens")
+    plan = next((tmp_path / "cache" / "plans").glob("*.plan"))
+    _rewrite(plan, lambda h: _set(h["groups"][0], window=8))  # loads, but the native run refuses it
+    for want in (True, False):  # the torch path runs and saves a good plan again; then the native one
+        r = subprocess.run([sys.executable, "-c", SCRIPT, *args], capture_output=True, text=True, env=env, cwd=ROOT)
+        assert r.returncode == 0 and ("torch" in json.loads(r.stdout.strip().splitlines()[-1])) is want
     env["LLMARCH_NO_NATIVE"] = "1"  # asked for the torch path: it runs there
     r = subprocess.run([sys.executable, "-c", SCRIPT, *args], capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 0 and "torch" in json.loads(r.stdout.strip().splitlines()[-1])
