@@ -179,7 +179,7 @@ def kernel_times(torch, reps: int = 200, types=("Q8_0", "Q4_K", "Q6_K"), prefill
             x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
             with torch.inference_mode():
                 ts, tb = timed(partial(lin, x)), timed(partial(torch.nn.functional.linear, x, w))
-                # the input a compiled decode step passes (F32_DECODE_INPUT): float32, bf16 out
+                # a float32 input with a bf16 output (tried for compiled steps: slower, not used)
                 flat, x32 = list(lin.arrays(0)), x.float()
                 t32 = timed(partial(gguf_cuda.stored_linear, x32, flat, lin.codes, lin.rows, torch.bfloat16))
             tuner = gguf_cuda._launcher(qtype)[0]

@@ -266,13 +266,6 @@ def _(x, arrays, types, rows, dtype):
     return x.new_empty(x.shape[0], sum(rows), dtype=dtype)
 
 
-# Under torch.compile a decode step's input goes in as float32 (the output keeps the model's
-# dtype): inductor folds the cast into the kernel that makes the input (a norm, SiLU * up), and
-# the Triton kernels then skip converting each activation (compiled for sm_90: 1.2-2.5 fewer
-# instructions a weight byte, of 5.7-14).
-F32_DECODE_INPUT = True
-
-
 class CudaStoredLinear(nn.Module):
     """A bias-free Linear whose weight is one or more GGUF tensors' stored blocks stacked by rows
     (fused q/k/v, gate/up; each part its own type), repacked on the GPU.
@@ -301,10 +294,10 @@ class CudaStoredLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = [a for p in range(len(self.names)) for a in self.arrays(p)]
-        x2 = x.reshape(-1, shape[-1])
-        if F32_DECODE_INPUT and x2.shape[0] <= GEMV_ROWS and torch.compiler.is_compiling():
-            x2 = x2.float()
-        y = stored_linear(x2.contiguous(), flat, self.codes, self.rows, x.dtype)
+        # the input stays in the model's dtype: measured on the H200, a float32 one (what inductor
+        # could fold into the kernel before) made the kernels slower, 0.7-1.1x (every program reads
+        # the whole input row, twice the bytes in float32)
+        y = stored_linear(x.reshape(-1, shape[-1]).contiguous(), flat, self.codes, self.rows, x.dtype)
         return y.view(*shape[:-1], self.out_features)
 
     def row(self, ids: torch.Tensor, dtype) -> torch.Tensor:
