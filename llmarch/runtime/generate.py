@@ -237,7 +237,7 @@ class Generator:
         t0 = time.perf_counter()
         ids = torch.tensor([prompt], dtype=torch.long, device=dev)
         if self.cpu_step is not None and len(prompt) <= self.cpu_step.prefill_rows:
-            # in C, up to cpu_decode.C_PREFILL_MAX tokens (measured faster there); longer prompts
+            # in C, up to cpu_plan.C_PREFILL_MAX tokens (measured faster there); longer prompts
             # take the module path, whose matmuls over many rows dequantize for a float GEMM
             logits = self.cpu_step.prefill(ids, 0)
         else:
