@@ -28,9 +28,19 @@ import ctypes
 
 import torch
 
-from llmarch.errors import LlmarchError
 from llmarch.runtime import cpu_kernels, gguf_matmul
-from llmarch.runtime.cpu_plan import C_PREFILL_MAX, Group, Layer, Lin, Norm, Plan, lib, prefill, work_floats
+from llmarch.runtime.cpu_plan import (
+    C_PREFILL_MAX,
+    Group,
+    Layer,
+    Lin,
+    Norm,
+    Plan,
+    check_rc,
+    lib,
+    prefill,
+    work_floats,
+)
 from llmarch.runtime.run_checks import kernel_threads
 
 
@@ -200,7 +210,7 @@ class CpuDecode:
             kernel_threads(),
             ctypes.addressof(self.next),
         )
-        _check(rc, "decode step", f"position {pos}")
+        check_rc(rc, "decode step", f"position {pos}")
         return self.logits
 
     def prefill(self, ids: torch.Tensor, pos0: int) -> torch.Tensor:
@@ -211,18 +221,12 @@ class CpuDecode:
         x = self.model.embed_ids(ids, torch.arange(pos0, pos0 + T)).reshape(T, -1)
         x = x.float().contiguous() if x.dtype != torch.float32 else x.contiguous()
         rc, nxt = prefill(ctypes.addressof(self.plan), x.data_ptr(), pos0, T, self.logits.data_ptr(), kernel_threads())
-        _check(rc, "prefill", f"positions {pos0}-{pos0 + T - 1}")
+        check_rc(rc, "prefill", f"positions {pos0}-{pos0 + T - 1}")
         self.next.value = nxt
         return self.logits
 
     def next_token(self) -> int:
         return self.next.value
-
-
-def _check(rc: int, what: str, where: str) -> None:
-    if rc:
-        why = {2: "out of memory", 3: f"{where} outside the cache or RoPE tables"}.get(rc, "kernel failure")
-        raise LlmarchError(f"CPU {what} failed ({why})")
 
 
 def plan(model, cache, spec) -> CpuDecode | None:

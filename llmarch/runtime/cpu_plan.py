@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 from functools import lru_cache
 
+from llmarch.errors import LlmarchError
 from llmarch.runtime.cbuild import build_avx2
 from llmarch.runtime.kernel_sources import FLOAT_OPS, GGUF_MATMUL
 
@@ -243,6 +244,13 @@ class Plan(ctypes.Structure):
         ("widest", ctypes.c_long),
         ("work", ctypes.c_void_p),
     ]
+
+
+def check_rc(rc: int, what: str, where: str) -> None:
+    """decode_step's / prefill_step's return code as one error line (0: nothing)."""
+    if rc:
+        why = {2: "out of memory", 3: f"{where} outside the cache or RoPE tables"}.get(rc, "kernel failure")
+        raise LlmarchError(f"CPU {what} failed ({why})")
 
 
 def work_floats(d: int, widest: int, vocab: int, longest: int) -> int:

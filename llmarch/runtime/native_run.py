@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from llmarch.errors import LlmarchError, printable
-from llmarch.runtime.cpu_plan import Group, Layer, Lin, Norm, Plan, lib, prefill, work_floats
+from llmarch.runtime.cpu_plan import Group, Layer, Lin, Norm, Plan, check_rc, lib, prefill, work_floats
 from llmarch.runtime.generate_types import Result
 from llmarch.runtime.kernel_sources import GATED_ACTS
 from llmarch.runtime.plan_file import PlanMismatch, _float, _int, embed_rows
@@ -199,11 +199,6 @@ class NativeDecoder:
         self.next = ctypes.c_long(0)
         self.d = d
 
-    def _check(self, rc: int, pos: int) -> None:
-        if rc:
-            what = {2: "out of memory", 3: f"position {pos} outside the cache or RoPE tables"}.get(rc, "kernel failure")
-            raise LlmarchError(f"CPU decode step failed ({what})")
-
     def step(self, token: int, pos: int) -> int:
         """Feed `token` at `pos`; the greedy next token."""
         x = embed_rows(self.plan_file.ckpt, self.embed, self.d, [token])
@@ -215,7 +210,7 @@ class NativeDecoder:
             self.threads,
             ctypes.addressof(self.next),
         )
-        self._check(rc, pos)
+        check_rc(rc, "decode step", f"position {pos}")
         return self.next.value
 
     def prefill(self, tokens: list[int]) -> int:
@@ -224,7 +219,7 @@ class NativeDecoder:
         rc, nxt = prefill(
             ctypes.addressof(self.plan), x.ctypes.data, 0, len(tokens), self.logits.ctypes.data, self.threads
         )
-        self._check(rc, len(tokens) - 1)
+        check_rc(rc, "prefill", f"positions 0-{len(tokens) - 1}")
         return nxt
 
     def generate(self, prompt: list[int], max_tokens: int, eos_ids: set[int], on_token) -> Result:
