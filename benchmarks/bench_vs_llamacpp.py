@@ -21,8 +21,9 @@ One run does all of it, so both engines see the same machine in the same minutes
    torch.compile) while the build runs;
 4. once the build is done, on a machine with nothing else running: llmarch's timed runs (the
    warm-up excluded): decode of --tg tokens after a one-token prompt, prefill of a --pp-token
-   prompt (llmarch's own prefill clock, eager, one chunk, after a warm-up prefill of the same
-   length), and a profile of the captured decode step (kernels per step and per layer, GPU busy
+   prompt (llmarch's own prefill clock, one chunk, repeated: replayed from the CUDA graph of its
+   length after the warm-up prefills that captured it; and, in alternating rounds, the eager
+   prefill a one-off prompt such as `llmarch run`'s takes), and a profile of the captured decode step (kernels per step and per layer, GPU busy
    time against the step's wall time: the rest is gaps between kernels); then llama-bench
    (-fa 1, -ngl 99, pp and tg tests, its own warm-up run, --reps repetitions) on each GGUF;
    the MoE row: llmarch `--experts cpu` (the experts' Q4_0 blocks in host RAM, read by its CPU
@@ -43,7 +44,6 @@ them.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -282,44 +282,27 @@ def kv_bytes_per_token(name: str, tiny: bool) -> int:
 # ----------------------------------------------------------------------------- llmarch
 
 
-@contextlib.contextmanager
-def without_prefill_shortcuts():
-    """The prefill's attention without its two GPU shortcuts (q and k heads normed and rotated as
-    one tensor; a first chunk's causal SDPA with no mask), to measure what they give."""
-    from llmarch.runtime import kv_cache
-    from llmarch.runtime.ops import attention
-
-    devices, prepare = attention.FUSED_QK_DEVICES, kv_cache.SlotGroup.prepare
-
-    def masked(self, pos, limit):
-        prepare(self, pos, limit)
-        self.causal = False
-
-    attention.FUSED_QK_DEVICES, kv_cache.SlotGroup.prepare = (), masked
-    try:
-        yield
-    finally:
-        attention.FUSED_QK_DEVICES, kv_cache.SlotGroup.prepare = devices, prepare
-
-
-def llmarch_prefill(rt, prompt: list[int], reps: int, ab: bool = False) -> tuple[list[float], list[float]]:
-    """Prefill tok/s of `prompt` (one chunk, eager), the first call a warm-up left out; with ab,
-    also without the GPU shortcuts (without_prefill_shortcuts), in alternating rounds."""
+def llmarch_prefill(rt, prompt: list[int], reps: int, eager_too: bool = False) -> tuple[list[float], list[float], dict]:
+    """Prefill tok/s of `prompt` (one chunk), repeated as a session would: on CUDA a prompt of up
+    to 512 tokens replays a CUDA graph of its length's bucket (runtime/prefill_graph.py); its first
+    two uses (an eager prefill; a padded eager prefill, then the capture) are warm-ups left out. With
+    eager_too, also the eager prefill (no graph: a one-off prompt's) of the same generator in
+    alternating rounds. Returns both sample lists and the capturing call's extra (its time)."""
     from llmarch.runtime.generate import Generator, Sampling
 
-    g = Generator(rt, len(prompt) + 1, cuda_graph=False)
+    g = Generator(rt, len(prompt) + 1)
     g.generate(prompt, 1, Sampling())
-    plain: list[float] = []
-    if ab:
-        with without_prefill_shortcuts():
-            g.generate(prompt, 1, Sampling())
-    samples = []
+    first = g.generate(prompt, 1, Sampling()).extra
+    graphs = g.prefill_graphs
+    samples: list[float] = []
+    eager: list[float] = []
     for _ in range(reps):
         samples.append(g.generate(prompt, 1, Sampling()).prefill_tok_s)
-        if ab:
-            with without_prefill_shortcuts():
-                plain.append(g.generate(prompt, 1, Sampling()).prefill_tok_s)
-    return samples, plain
+        if eager_too and graphs is not None:
+            g.prefill_graphs = None
+            eager.append(g.generate(prompt, 1, Sampling()).prefill_tok_s)
+            g.prefill_graphs = graphs
+    return samples, eager, first
 
 
 def llmarch_moe_prepare(path: Path, prompt: list[int], tg: int, device: str, max_seq: int):
@@ -636,18 +619,17 @@ def main() -> None:
                 except Exception as e:
                     r["decode_profile_error"] = f"{type(e).__name__}: {e}"[:500]
             del g  # the prefill generator rebuilds the RoPE tables the captured step read
-            # the shortcuts' share, measured once per model (alternating rounds)
-            ab = not any("prefill_without_shortcuts_samples" in x for x in m["llmarch"].values())
             try:
-                r["prefill_samples"], plain = llmarch_prefill(rt, m["prompt_prefill"], a.reps, ab)
+                r["prefill_samples"], eager, first = llmarch_prefill(rt, m["prompt_prefill"], a.reps, True)
+                r["prefill_first_call"] = {k: v for k, v in first.items() if k.startswith("prefill_")}
             except Exception as e:  # report and go on: decode is measured, the other sources still run
                 r["prefill_error"] = f"{type(e).__name__}: {e}"[:500]
-                r["prefill_samples"], plain = [0.0], []
+                r["prefill_samples"], eager = [0.0], []
             r["prefill_tok_s"] = statistics.median(r["prefill_samples"]) or None
-            if plain:
-                r["prefill_without_shortcuts_samples"] = plain
-                r["prefill_without_shortcuts_tok_s"] = statistics.median(plain)
-                log(f"{name} {src}: prefill without the fused q/k and causal shortcuts {statistics.median(plain):.0f}")
+            if eager:
+                r["prefill_eager_samples"] = eager
+                r["prefill_eager_tok_s"] = statistics.median(eager)
+                log(f"{name} {src}: prefill without the graph (eager) {statistics.median(eager):.0f}")
             del rt
             if a.device == "cuda":
                 torch.cuda.empty_cache()

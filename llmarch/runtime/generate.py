@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from llmarch.errors import LlmarchError
+from llmarch.runtime import prefill_graph
 from llmarch.runtime.generate_types import Result, Sampling
 from llmarch.runtime.kv_cache import KVCache
 
@@ -69,6 +70,9 @@ class Generator:
         self.staged = getattr(self.model, "graph_inputs", None)  # host-side step input (see the docstring)
         # on the CPU, a model whose every layer the C step runs decodes each token in one C call
         self.cpu_step = None
+        self.prefill_graphs = None  # one-chunk prompts replayed from CUDA graphs (prefill_graph.py)
+        if self.use_graph and prefill_graph.usable(spec, self.cache, self.model, rt.device):
+            self.prefill_graphs = prefill_graph.PrefillGraphs(self.model, self.cache, rt.device)
         if rt.device.type == "cpu" and not self.use_graph:
             from llmarch.runtime.cpu_decode import plan
 
@@ -211,6 +215,19 @@ class Generator:
             tok = int(host[0, 0])
 
     # ---------------------------------------------------------------- generation
+    def _prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """The prompt ids [1, T] into the cache from position 0; its last logits [1, V]."""
+        T = ids.shape[1]
+        if self.cpu_step is not None and T <= self.cpu_step.prefill_rows:
+            # in C, up to cpu_plan.C_PREFILL_MAX tokens (measured faster there); longer prompts
+            # take the module path, whose matmuls over many rows dequantize for a float GEMM
+            return self.cpu_step.prefill(ids, 0)
+        for i in range(0, T, PREFILL_CHUNK):
+            chunk = ids[:, i : i + PREFILL_CHUNK]
+            pos = torch.arange(i, i + chunk.shape[1], device=self.device)
+            logits = self.model(chunk, pos, self.cache, limit=i + chunk.shape[1])[:, -1]
+        return logits
+
     @torch.inference_mode()
     def generate(
         self,
@@ -236,15 +253,12 @@ class Generator:
 
         t0 = time.perf_counter()
         ids = torch.tensor([prompt], dtype=torch.long, device=dev)
-        if self.cpu_step is not None and len(prompt) <= self.cpu_step.prefill_rows:
-            # in C, up to cpu_plan.C_PREFILL_MAX tokens (measured faster there); longer prompts
-            # take the module path, whose matmuls over many rows dequantize for a float GEMM
-            logits = self.cpu_step.prefill(ids, 0)
-        else:
-            for i in range(0, len(prompt), PREFILL_CHUNK):
-                chunk = ids[:, i : i + PREFILL_CHUNK]
-                pos = torch.arange(i, i + chunk.shape[1], device=dev)
-                logits = self.model(chunk, pos, self.cache, limit=i + chunk.shape[1])[:, -1]
+        logits, pending = None, False  # pending: the prompt's bucket is to be captured, after the clock
+        graphs = self.prefill_graphs
+        if graphs is not None and graphs.fits(len(prompt)):
+            logits, pending = graphs.run(prompt)
+        if logits is None:
+            logits = self._prefill(ids)
         nxt = sample(logits, sampling, gen)
         sync()
         prefill_s = time.perf_counter() - t0
@@ -252,6 +266,10 @@ class Generator:
         out: list[int] = []
         stopped = "max_tokens"
         extra = {}
+        if pending:  # a one-off cost, as the decode step's capture below
+            extra["prefill_capture_s"] = graphs.capture_bucket(len(prompt))
+            if graphs.failed:
+                extra["prefill_capture_failed"] = graphs.failed
         if self.use_graph and self.graph is None and max_tokens > 1:
             tc = time.perf_counter()
             self._capture(len(prompt))  # before the clock: capture (and compile) is a one-off cost

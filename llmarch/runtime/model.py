@@ -246,9 +246,17 @@ class Transformer(nn.Module):
             r.build(max_seq, device, dtype)
 
     def forward(
-        self, ids: torch.Tensor, pos: torch.Tensor, cache, limit: int | None = None, last_only: bool = True
+        self,
+        ids: torch.Tensor,
+        pos: torch.Tensor,
+        cache,
+        limit: int | None = None,
+        last_only: bool = True,
+        last: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.finish(ids, pos, cache, *self.start(ids, pos, cache, limit), last_only=last_only)
+        """last: the row whose logits to return (a one-element index tensor), where the chunk's last
+        row is not the prompt's last token (a prefill padded to a captured length)."""
+        return self.finish(ids, pos, cache, *self.start(ids, pos, cache, limit), last_only=last_only, last=last)
 
     def start(self, ids: torch.Tensor, pos: torch.Tensor, cache, limit: int | None = None):
         """A step up to the first read of the per-layer table's rows: the embedding, its per-layer
@@ -267,7 +275,9 @@ class Transformer(nn.Module):
             x = self.layers[0].body(x, pos, cache, ids)
         return x, proj
 
-    def finish(self, ids, pos, cache, x, proj, last_only: bool = True) -> torch.Tensor:
+    def finish(
+        self, ids, pos, cache, x, proj, last_only: bool = True, last: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The rest of the step after start(): the per-layer table's rows, the layers, the head."""
         ple = self.per_layer_inputs.combine(ids, proj) if proj is not None else None
         for i, block in enumerate(self.layers):
@@ -279,7 +289,9 @@ class Transformer(nn.Module):
             )
         if self.hyper_head is not None:
             x = self.hyper_head(x)
-        if last_only:
+        if last is not None:
+            x = x.index_select(-2, last)
+        elif last_only:
             x = x[..., -1:, :]
         if self.altup_streams is not None:
             x = self.altup_streams.collapse(x)
