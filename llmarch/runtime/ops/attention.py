@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmarch.arch.spec import ArchSpec, LayerSpec
-from llmarch.runtime import cpu_kernels
+from llmarch.runtime import cpu_kernels, decode_attention_cuda
 from llmarch.runtime.ops.norms import make_norm
 from llmarch.runtime.ops.rope import Rope
 
@@ -42,6 +42,8 @@ def attend(q, k, v, mask, scale: float, softcap: float | None = None, sinks: tor
     KV = k.shape[1]
     if softcap is None and sinks is None and cpu_kernels.attend_one_ok(q, k, v, mask):
         return cpu_kernels.attend_one(q, k, v, mask, scale)  # a CPU decode step: one C call, not ~8 ops
+    if softcap is None and sinks is None and q.device.type == "cuda" and decode_attention_cuda.takes(q, k, v, mask):
+        return decode_attention_cuda.attend(q, k, v, mask, scale)  # a CUDA decode step: one Triton kernel
     if softcap is None and sinks is None and q.device.type == "cuda" and T > 1:
         if group is not None and group.causal and k.shape[2] == T:  # no mask: SDPA may take flash attention
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)

@@ -1,0 +1,187 @@
+"""A one-token decode step's attention on CUDA as one Triton kernel (flash-decoding), instead of
+two cuBLAS products with inductor's scale / mask / softmax kernel between them.
+
+Why: batch-1 decode of a small model is a few hundred short kernels a step, and the attention's
+three launches a layer cost more than the few kilobytes of K and V they read. The kernel
+(decode_attention_cuda_kernels) reads each K and V row once for all the query heads that share it
+(GQA / MQA), keeps scores and softmax in float32 and applies the cache group's visibility mask as
+attend() does (a captured step attends over every slot; the mask hides empty, future and
+out-of-window ones). A long cache is split along the slot axis over more programs, whose partial
+softmaxes a second kernel merges; a short one (up to 256 slots a KV head) is one launch.
+
+One torch custom op, so torch.compile keeps it whole (an opaque call) and CUDA graph capture records
+its launches. attend() sends a step here when takes() says so: CUDA, one query token, float16 /
+bfloat16 q, K and V, a [1, S] bool mask, and none of soft-capping or sinks (attend() checks those;
+they keep the explicit form) and enabled() (DEFAULT_ON, or LLMARCH_NO_DECODE_ATTN=0 / =1).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from functools import cache
+
+import torch
+
+from llmarch.runtime.gguf_cuda import interpreting
+
+DTYPES = (torch.bfloat16, torch.float16)
+TILE = 8192  # K (or V) values a program holds per step: slots per step x head width
+MIN_CHUNK = 256  # slots a split walks at least: below that a second launch costs more than it spreads
+MAX_SPLITS = 64  # splits of one KV head at most (a 16k-slot cache: 256 slots each)
+# whether a CUDA decode step takes the kernel when LLMARCH_NO_DECODE_ATTN is unset: off until the
+# H200 measures it faster end to end (benchmarks/bench_gemv_cuda.py decode --attention)
+DEFAULT_ON = False
+# checked once, without importing triton (which costs seconds): attend() runs on every device
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
+@cache
+def _kernels():
+    from llmarch.runtime import decode_attention_cuda_kernels
+
+    return decode_attention_cuda_kernels
+
+
+def _pow2(n: int, least: int = 16) -> int:
+    return max(least, 1 << (n - 1).bit_length())
+
+
+def plan(S: int, width: int) -> tuple[int, int, int]:
+    """(slots per step, slots per split, splits) for S slots of heads `width` values wide (padded
+    to a power of two). Slots per split are a power-of-two multiple of the step (a compile-time
+    loop bound: an eager step's growing prefix makes a new variant only as it doubles)."""
+    bs = max(16, min(128, TILE // width))
+    total = -(-S // bs)
+    steps = max(MIN_CHUNK // bs, _pow2(-(-total // MAX_SPLITS), 1))
+    steps = min(steps, _pow2(total, 1))
+    return bs, steps * bs, -(-S // (steps * bs))
+
+
+def launch(q, k, v, mask, scale: float, out, chunk: int | None = None) -> None:
+    """out [B, H, DV] = softmax(q . k^T * scale, hidden where not mask) @ v for q [B, H, D],
+    k [B, KV, S, D], v [B, KV, S, DV] (last dims contiguous), mask bool [S]; chunk replaces plan()'s
+    slots per split (tests force splits on short caches)."""
+    B, H, D = q.shape
+    KV, S, DV = k.shape[1], k.shape[2], v.shape[3]
+    rep = H // KV
+    rep_p, d_p, dv_p = _pow2(rep), _pow2(D), _pow2(DV)
+    bs, ch, splits = plan(S, max(d_p, dv_p))
+    if chunk is not None:
+        ch = _pow2(-(-chunk // bs), 1) * bs
+        splits = -(-S // ch)
+    kern = _kernels()
+    parts = splits > 1
+    if parts:
+        pm = torch.empty(B * KV * splits * rep_p, dtype=torch.float32, device=q.device)
+        pl = torch.empty_like(pm)
+        pa = torch.empty(B * KV * splits * rep_p * dv_p, dtype=torch.float32, device=q.device)
+    else:
+        pm = pl = pa = out  # unused
+    m8 = mask.view(torch.uint8)
+    kern.attend[(B * KV, splits)](
+        q,
+        k,
+        v,
+        m8,
+        out,
+        pm,
+        pl,
+        pa,
+        S,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        CHUNK=ch,
+        SPLITS=splits,
+        KV=KV,
+        REP=rep,
+        REP_P=rep_p,
+        D=D,
+        D_P=d_p,
+        DV=DV,
+        DV_P=dv_p,
+        BS=bs,
+        PARTS=parts,
+        UPCAST=interpreting(),
+        num_warps=4,
+    )
+    if parts:
+        kern.combine[(B * H,)](
+            pm,
+            pl,
+            pa,
+            out,
+            out.stride(0),
+            out.stride(1),
+            splits,
+            H=H,
+            REP=rep,
+            REP_P=rep_p,
+            DV=DV,
+            DV_P=dv_p,
+            SPLITS_P=_pow2(splits, 2),
+            num_warps=4,
+        )
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    out = torch.empty(q.shape[0], q.shape[1], v.shape[3], dtype=q.dtype, device=q.device)
+    launch(q, k, v, mask.reshape(-1).contiguous(), scale, out)
+    return out
+
+
+decode_attention = torch.library.custom_op("llmarch::decode_attention", mutates_args=())(_forward)
+
+
+@decode_attention.register_fake
+def _(q, k, v, mask, scale):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[3])
+
+
+def enabled() -> bool:
+    """LLMARCH_NO_DECODE_ATTN=1 keeps torch's products, =0 takes the kernel; unset: DEFAULT_ON."""
+    switch = os.environ.get("LLMARCH_NO_DECODE_ATTN")
+    return HAVE_TRITON and (switch == "0" if switch in ("0", "1") else DEFAULT_ON)
+
+
+def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether the kernel attends q [B, H, 1, D] over k / v [B, KV, S, D(v)] with mask [1, S]: a
+    decode step on CUDA (or CPU tensors under the Triton interpreter) in one half-precision dtype."""
+    on = q.device.type == "cuda" or (q.device.type == "cpu" and interpreting())
+    if not on or q.dim() != 4 or q.shape[2] != 1 or k.dim() != 4 or v.dim() != 4 or not enabled():
+        return False
+    B, H, _, D = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    return (
+        q.dtype in DTYPES
+        and k.dtype == q.dtype
+        and v.dtype == q.dtype
+        and k.device == q.device
+        and v.device == q.device
+        and mask.device == q.device
+        and k.shape[0] == B
+        and v.shape[:3] == k.shape[:3]
+        and k.shape[3] == D
+        and KV > 0
+        and H % KV == 0
+        and S > 0
+        and mask.dtype == torch.bool
+        and tuple(mask.shape) == (1, S)
+        and q.stride(-1) == 1
+        and k.stride(-1) == 1
+        and v.stride(-1) == 1
+    )
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """ops.attention.attend()'s result [B, H, 1, DV] for a step takes() accepts."""
+    return decode_attention(q[:, :, 0], k, v, mask, float(scale))[:, :, None]
