@@ -4,10 +4,12 @@
   multiples of its tile (N, K odd; 1..4 rows; with and without bias), into an output poisoned with
   NaN first: float32 accumulation leaves errors within 1e-5 of sum |w| |x| per output plus the
   output's own rounding, while a wrong index misses by about the size of y itself;
+- the gated epilogue (glu: silu(gate) * up from a [gate; up] matrix) against float64, and which
+  GatedMLP steps take it (LLMARCH_NO_FUSED_GLU=0 / =1, silu only, one row);
 - what takes the kernel (one row, one half-precision dtype, the device) and what stays F.linear;
-- on LLMARCH_TEST_DEVICE=cuda: a tiny llama's logits with the kernel against the same model without
-  it (LLMARCH_NO_GEMV=1), against the float32 forward; and the captured and torch.compile'd decode
-  giving the eager tokens.
+- on LLMARCH_TEST_DEVICE=cuda: a tiny llama's logits with the kernel (with and without the gated
+  epilogue) against the same model without it (LLMARCH_NO_GEMV=1), against the float32 forward;
+  and the captured and torch.compile'd decode (epilogue on) giving the eager tokens.
 
 The kernel runs on CUDA with LLMARCH_TEST_DEVICE=cuda, else on CPU tensors under the Triton
 interpreter; without triton (CPU builds of torch) those tests skip.
@@ -49,6 +51,59 @@ def test_kernel_matches_float64_matmul(N, K, M):
 
 
 @needs_kernels
+@pytest.mark.parametrize("H,K", [(37, 200), (9, 2048), (130, 72)])
+@pytest.mark.parametrize("M", [1, 3])
+def test_gated_epilogue_matches_float64_silu_gate_times_up(H, K, M):
+    """glu=True: w holds [gate; up] (2H rows), y = silu(x @ gate^T + b_g) * (x @ up^T + b_u) against
+    float64, both sums kept in float32 until the activation. Bound: each sum's float32 error (1e-5 of
+    sum |w| |x|) carried through silu (slope below 1.1) and the product, plus y's own rounding."""
+    g = torch.Generator().manual_seed(H * 100 + K + M)
+    dtype = torch.bfloat16 if M == 1 else torch.float16
+    x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
+    w = (torch.randn(2 * H, K, generator=g) / K**0.5).to(dtype).to(DEVICE)
+    b = torch.randn(2 * H, generator=g).to(dtype).to(DEVICE) if M == 3 else None
+    y = torch.full((M, H), float("nan"), dtype=dtype, device=DEVICE)
+    gv.launch(x, w, b, y, glu=True)
+    assert not y.isnan().any(), "an output element was not written"
+    xd, wd = x.double().cpu(), w.double().cpu()
+    s = xd @ wd.T + (b.double().cpu() if b is not None else 0)
+    sabs = xd.abs() @ wd.abs().T + (b.double().cpu().abs() if b is not None else 0)
+    gate, up = s[:, :H], s[:, H:]
+    exact = F.silu(gate) * up
+    slack = 1e-5 * (1.1 * up.abs() * sabs[:, :H] + F.silu(gate).abs() * sabs[:, H:])
+    slack += torch.finfo(dtype).eps * exact.abs() + 1e-7
+    err = (y.double().cpu() - exact).abs()
+    assert torch.all(err <= slack), f"max error {err.max():.3g}"
+
+
+@needs_kernels
+def test_gated_mlp_takes_the_epilogue_where_switched_on(monkeypatch):
+    """A GatedMLP whose gate|up is a DecodeLinear sends a one-row silu step to the gated op (=0 on),
+    gives what its unfused form gives (within bf16 rounding of the [gate | up] row), and keeps the
+    unfused form with LLMARCH_NO_FUSED_GLU=1, for a GELU gate and for two rows."""
+    from llmarch.runtime.ops.mlp import GatedMLP
+
+    torch.manual_seed(4)
+    mlp = GatedMLP(64, 96, "silu").to(torch.bfloat16).to(DEVICE)
+    mlp.gate_up, mlp.down = gv.DecodeLinear.of(mlp.gate_up), gv.DecodeLinear.of(mlp.down)
+    calls = []
+    real = gv.decode_gated_linear
+    monkeypatch.setattr(gv, "decode_gated_linear", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(1, 1, 64).to(torch.bfloat16).to(DEVICE)
+    monkeypatch.setenv("LLMARCH_NO_FUSED_GLU", "1")
+    unfused = mlp(x)
+    monkeypatch.setenv("LLMARCH_NO_FUSED_GLU", "0")
+    fused = mlp(x)
+    assert len(calls) == 1
+    assert (fused.float() - unfused.float()).abs().max() <= 0.02 * unfused.float().abs().max()
+    mlp(torch.randn(1, 2, 64).to(torch.bfloat16).to(DEVICE))
+    gelu = GatedMLP(64, 96, "gelu_pytorch_tanh").to(torch.bfloat16).to(DEVICE)
+    gelu.gate_up = gv.DecodeLinear.of(gelu.gate_up)
+    gelu(x)
+    assert len(calls) == 1
+
+
+@needs_kernels
 def test_linear_takes_decode_rows_only(monkeypatch):
     """One row in one half-precision dtype goes through the op (any leading shape); 2 rows, float32
     and mixed dtypes are F.linear's, bit for bit."""
@@ -80,26 +135,29 @@ on_cuda = pytest.mark.skipif(
 )
 
 
-def _load(path, monkeypatch, use: bool):
+def _load(path, monkeypatch, use: bool, glu: bool = False):
     from llmarch.runtime.load import load_runtime
 
     if use:
         monkeypatch.delenv("LLMARCH_NO_GEMV", raising=False)
     else:
         monkeypatch.setenv("LLMARCH_NO_GEMV", "1")
+    monkeypatch.setenv("LLMARCH_NO_FUSED_GLU", "0" if glu else "1")
     return load_runtime(str(path), DEVICE, "bfloat16")
 
 
 @needs_kernels
 @on_cuda
-def test_tiny_model_logits_with_and_without_the_kernel(tiny, monkeypatch):
-    """Decode logits (teacher-forced, one token a step) with the kernel are no further from the
-    float32 forward than torch's bf16 matmuls are."""
+@pytest.mark.parametrize("glu", [False, True], ids=["gemv", "gemv+glu"])
+def test_tiny_model_logits_with_and_without_the_kernel(glu, tiny, monkeypatch):
+    """Decode logits (teacher-forced, one token a step) with the kernel (and with silu(gate) * up as
+    the gate|up kernel's epilogue) are no further from the float32 forward than torch's bf16
+    matmuls are."""
     from llmarch.runtime.load import load_runtime
 
     path = tiny("llama")
     seq = [2, 17, 5, 99, 42, 7, 64, 3]
-    rt = _load(path, monkeypatch, True)
+    rt = _load(path, monkeypatch, True, glu)
     swapped = [m for m in rt.model.modules() if isinstance(m, gv.DecodeLinear)]
     assert len(swapped) >= 2 * len(rt.model.layers)
     got = logits_by_step(rt, seq, DEVICE, torch.bfloat16)
@@ -114,9 +172,10 @@ def test_tiny_model_logits_with_and_without_the_kernel(tiny, monkeypatch):
 @on_cuda
 @pytest.mark.parametrize("compile", [False, True])
 def test_captured_and_compiled_decode_gives_eager_tokens(compile, tiny, monkeypatch):
+    """With the gated epilogue on too."""
     from llmarch.runtime.generate import Generator, Sampling
 
-    rt = _load(tiny("llama"), monkeypatch, True)
+    rt = _load(tiny("llama"), monkeypatch, True, glu=True)
     assert any(isinstance(m, gv.DecodeLinear) for m in rt.model.modules())
     prompt = [2, 17, 5, 99]
     eager = Generator(rt, 32, cuda_graph=False).generate(prompt, 20, Sampling()).tokens

@@ -11,6 +11,10 @@ A Linear's forward is one torch custom op, so torch.compile keeps it whole (an o
 gguf_cuda's stored-block op) and CUDA graph capture records its launch; Triton compiles it on the
 first call of each width, which the Generator's warm-up makes before capturing. Longer inputs
 (prefill), float32, CPU tensors and anything else go to F.linear. LLMARCH_NO_GEMV=1 leaves the model's Linears as they are.
+
+A gated MLP's gate|up matrix can also take the kernel with silu(gate) * up as its epilogue
+(gated_silu, one more custom op): the activation's own launch a layer goes, and the [gate | up] row
+is never written.
 """
 
 import os
@@ -24,6 +28,9 @@ from llmarch.runtime.gguf_cuda import available, interpreting
 
 ROWS = 1  # activation rows a Linear sends to the kernel (see takes())
 DTYPES = (torch.bfloat16, torch.float16)
+# a gated MLP's silu(gate) * up in the gate|up GEMV's epilogue when LLMARCH_NO_FUSED_GLU is unset:
+# off until the H200 measures it faster end to end (benchmarks/bench_gemv_cuda.py decode)
+FUSED_GLU = False
 REGS = 64  # float32 accumulator values per thread a tile may hold (MP * BN * BK / threads)
 
 
@@ -55,18 +62,38 @@ def pick_tile(mp: int, N: int, K: int) -> tuple[int, int, int]:
     return bn, bk, 4
 
 
-def launch(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor, tile=None) -> None:
+def launch(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor, tile=None, glu: bool = False
+) -> None:
     """y [M, N] = x [M, K] @ w[N, K]^T (+ b), all contiguous, M <= 4; tile (BN, BK, warps) replaces
-    pick_tile's (benchmarks)."""
+    pick_tile's (benchmarks). glu: w (and b) hold a gated MLP's [gate; up] rows and y [M, N / 2] =
+    silu(gate) * up, each program taking half the rows pick_tile gives from each half (the same
+    weight values a program as without)."""
     M, K = x.shape
-    N = w.shape[0]
+    N = w.shape[0] // 2 if glu else w.shape[0]
     mp = 1 << (M - 1).bit_length()
     if interpreting():
         tile = (16, 256, 1)  # few programs: the interpreter's cost is per program
+    if tile is None and glu:
+        bn, bk, warps = pick_tile(mp, 2 * N, K)
+        tile = (max(1, bn // 2), bk, warps)
     bn, bk, warps = tile or pick_tile(mp, N, K)
     bias = b if b is not None else w  # unused when HAS_BIAS is false
     _kernels().gemv[(-(-N // bn),)](
-        x, w, bias, y, M, N, K, MP=mp, BN=bn, BK=bk, EVEN_K=K % bk == 0, HAS_BIAS=b is not None, num_warps=warps
+        x,
+        w,
+        bias,
+        y,
+        M,
+        N,
+        K,
+        MP=mp,
+        BN=bn,
+        BK=bk,
+        EVEN_K=K % bk == 0,
+        HAS_BIAS=b is not None,
+        GLU=glu,
+        num_warps=warps,
     )
 
 
@@ -82,6 +109,20 @@ decode_linear = torch.library.custom_op("llmarch::decode_linear", mutates_args=(
 @decode_linear.register_fake
 def _(x, w, b):
     return x.new_empty(x.shape[0], w.shape[0])
+
+
+def _gated_forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    y = torch.empty(x.shape[0], w.shape[0] // 2, dtype=x.dtype, device=x.device)
+    launch(x, w, b, y, glu=True)
+    return y
+
+
+decode_gated_linear = torch.library.custom_op("llmarch::decode_gated_linear", mutates_args=())(_gated_forward)
+
+
+@decode_gated_linear.register_fake
+def _(x, w, b):
+    return x.new_empty(x.shape[0], w.shape[0] // 2)
 
 
 def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -110,6 +151,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
         return F.linear(x, w, b)
     y = decode_linear(x.reshape(-1, x.shape[-1]).contiguous(), w, b)
     return y.view(*x.shape[:-1], w.shape[0])
+
+
+def gated_silu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor | None:
+    """silu(gate) * up of a gated MLP's [gate; up] Linear (w [2H, K]) in the decode kernel, or None
+    where it does not take x (see takes()) or is switched off (FUSED_GLU, LLMARCH_NO_FUSED_GLU=1 / =0)."""
+    switch = os.environ.get("LLMARCH_NO_FUSED_GLU")
+    if not (switch == "0" if switch in ("0", "1") else FUSED_GLU) or w.shape[0] % 2 or not takes(x, w):
+        return None
+    y = decode_gated_linear(x.reshape(-1, x.shape[-1]).contiguous(), w, b)
+    return y.view(*x.shape[:-1], w.shape[0] // 2)
 
 
 class DecodeLinear(nn.Linear):

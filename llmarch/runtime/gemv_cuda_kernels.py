@@ -30,9 +30,14 @@ def gemv(
     BK: tl.constexpr,
     EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    GLU: tl.constexpr = False,
 ):
     """x [M, K] contiguous, w [N, K] contiguous, b [N] or unused, y [M, N] contiguous; MP: M rounded
-    up to a power of two. K is a compile-time constant (a decode step has a handful of widths)."""
+    up to a power of two. K is a compile-time constant (a decode step has a handful of widths).
+
+    GLU: w is [2N, K], a gated MLP's [gate; up] rows (b [2N] likewise), and y = silu(gate) * up,
+    N wide: each program reads its BN gate rows and the BN up rows of the same outputs, and the
+    activation is applied to the float32 sums, so the [gate | up] row never goes to memory."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     r = tl.minimum(rows, N - 1).to(tl.int64)
     m = tl.arange(0, MP)
@@ -41,17 +46,31 @@ def gemv(
     wp = w + r[:, None] * K + kk[None, :]
     xp = x + mc[:, None] * K + kk[None, :]
     acc = tl.zeros([MP, BN, BK], dtype=tl.float32)
+    if GLU:
+        up = tl.zeros([MP, BN, BK], dtype=tl.float32)
     for k0 in range(0, K, BK):
         if EVEN_K:
             wt = tl.load(wp + k0, eviction_policy="evict_first")
             xt = tl.load(xp + k0)
+            if GLU:
+                ut = tl.load(wp + N * K + k0, eviction_policy="evict_first")
         else:
             inside = (k0 + kk) < K
             wt = tl.load(wp + k0, mask=inside[None, :], other=0.0, eviction_policy="evict_first")
             xt = tl.load(xp + k0, mask=inside[None, :], other=0.0)
-        acc += wt.to(tl.float32)[None, :, :] * xt.to(tl.float32)[:, None, :]
+            if GLU:
+                ut = tl.load(wp + N * K + k0, mask=inside[None, :], other=0.0, eviction_policy="evict_first")
+        xf = xt.to(tl.float32)[:, None, :]
+        acc += wt.to(tl.float32)[None, :, :] * xf
+        if GLU:
+            up += ut.to(tl.float32)[None, :, :] * xf
     out = tl.sum(acc, axis=2)
     if HAS_BIAS:
         out += tl.load(b + r).to(tl.float32)[None, :]
+    if GLU:
+        u = tl.sum(up, axis=2)
+        if HAS_BIAS:
+            u += tl.load(b + N + r).to(tl.float32)[None, :]
+        out = out * tl.sigmoid(out) * u
     keep = (m[:, None] < M) & (rows[None, :] < N)
     tl.store(y + m[:, None].to(tl.int64) * N + rows[None, :], out.to(y.dtype.element_ty), mask=keep)

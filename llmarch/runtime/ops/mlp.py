@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmarch.errors import LlmarchError
-from llmarch.runtime import cpu_kernels
+from llmarch.runtime import cpu_kernels, gemv_cuda
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -69,8 +69,14 @@ class GatedMLP(nn.Module):
         # one float32 token on the CPU (a decode step): act(gate) * up in one C call, the same bits
         # as cpu_decode's whole-step path; longer inputs keep torch's vectorized activations
         self.c_act = cpu_kernels.GATED_ACTS.get(act or "silu") if sparsity is None and limit is None else None
+        # a CUDA decode step: silu(gate) * up as the gate|up GEMV's epilogue (gemv_cuda.gated_silu)
+        self.silu_glu = (act or "silu") in ("silu", "swish") and sparsity is None and limit is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.silu_glu and isinstance(self.gate_up, gemv_cuda.DecodeLinear):
+            h = gemv_cuda.gated_silu(x, self.gate_up.weight, self.gate_up.bias)
+            if h is not None:
+                return self.down(h)
         gu = self.gate_up(x)
         if (
             self.c_act is not None
