@@ -47,6 +47,28 @@ def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> to
     ).to(logits.device)
 
 
+def _rows(V: int) -> int | None:
+    """A divisor of V near its square root (64..4096), to split one long reduction into rows."""
+    root = V**0.5
+    found = [d for d in range(64, min(V, 4096) + 1) if V % d == 0]
+    return min(found, key=lambda d: abs(d - root)) if found else None
+
+
+def greedy_choice(logits: torch.Tensor) -> torch.Tensor:
+    """logits [1, V] -> argmax ids [1, 1], the first of equal maxima as argmax gives. Inside a
+    captured decode step: one argmax over V = 128k values runs as a single long reduction (29 us of
+    a ~1 ms Llama-3.2-1B step on an H200); split into rows, the per-row maxima and the best row are
+    two short parallel reductions (the best row is the first holding the maximum, and its first
+    maximum is the first overall)."""
+    V = logits.shape[-1]
+    rows = _rows(V) if logits.shape[0] == 1 else None
+    if rows is None:
+        return logits.argmax(dim=-1, keepdim=True)
+    best, where = logits.view(rows, V // rows).max(dim=-1)
+    row = best.argmax()
+    return (row * (V // rows) + where[row]).view(1, 1)
+
+
 class Generator:
     def __init__(self, rt, max_seq: int, cuda_graph: bool | None = None, compile: bool = False):
         spec = rt.spec
@@ -128,7 +150,7 @@ class Generator:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.g_out = step()[:, -1]
-                self.g_next = self.g_out.argmax(dim=-1, keepdim=True)  # the greedy choice, inside the graph
+                self.g_next = greedy_choice(self.g_out)  # the greedy choice, inside the graph
         self.cache.restore_linear(saved)
 
     def _step_graph(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
