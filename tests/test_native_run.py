@@ -250,31 +250,45 @@ def test_more_positions_than_saved_rows(tiny_gguf, cache):
         NativeDecoder(plan, plan.header["positions"] + 1, 1)
 
 
-def test_cli_second_run_imports_no_torch(tiny_gguf, tmp_path):
-    """The first run saves the plan; the second decodes from it without importing torch and gives the
-    same tokens and report lines (the prompt here is one token: both paths compute it as one step)."""
+def test_cli_first_run_imports_no_torch(tiny_gguf, tmp_path):
+    """A GGUF's first run builds its plan without torch (plan_build.py) and decodes natively; it gives
+    the torch path's tokens and report lines (LLMARCH_NO_NATIVE=1: its C step), saves the plan after
+    its output, and the second run decodes from the saved plan (the prompt is one token here and four
+    below: the torch path computes them through its C prefill as the native run does)."""
     path = tiny_gguf("gemma3", **MODELS["gemma3"])
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     env["LLMARCH_CACHE"] = str(tmp_path / "cache")
-    args = [str(path), "--prompt-ids", "2", "-n", "12", "--device", "cpu", "--json"]
-    runs = []
-    for _ in range(2):
+
+    def run(args, **extra):
         r = subprocess.run(
-            [sys.executable, "-c", SCRIPT, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+            [sys.executable, "-c", SCRIPT, *args],
+            capture_output=True,
+            text=True,
+            env={**env, **extra},
+            cwd=ROOT,
+            timeout=300,
         )
         assert r.returncode == 0, r.stderr
         lines = r.stdout.strip().splitlines()
-        runs.append((json.loads(lines[0]), "torch" in json.loads(lines[-1]), r.stderr.splitlines()))
-    (doc1, torch1, err1), (doc2, torch2, err2) = runs
-    assert torch1 is True and torch2 is False
-    assert doc1["tokens"] == doc2["tokens"] and len(doc2["tokens"]) == 12
-    assert err1[:-1] == err2[:-1]  # header and notes; the closing line has timings and RSS
-    assert "stored blocks" in "".join(err2) and err2[-1].endswith("cpu float32 · stop: max_tokens")
+        return json.loads(lines[0]), "torch" in json.loads(lines[-1]), r.stderr.splitlines()
+
+    for prompt in ("2", "2,40,41,42"):
+        args = [str(path), "--prompt-ids", prompt, "-n", "12", "--device", "cpu", "--json"]
+        plans = tmp_path / "cache" / "plans"
+        doc0, torch0, err0 = run(args, LLMARCH_NO_NATIVE="1")  # asked for the torch path: it runs there
+        assert torch0 is True and not list(plans.glob("*.plan"))  # and saves no plan
+        doc1, torch1, err1 = run(args)
+        assert torch1 is False and len(list(plans.glob("*.plan"))) == 1
+        doc2, torch2, err2 = run(args) if prompt == "2" else (doc1, False, err1)  # from the saved plan
+        assert torch2 is False
+        assert doc0["tokens"] == doc1["tokens"] == doc2["tokens"] and len(doc2["tokens"]) == 12
+        assert err0[:-1] == err1[:-1] == err2[:-1]  # header and notes; the closing line has timings and RSS
+        assert "stored blocks" in "".join(err1) and err1[-1].endswith("cpu float32 · stop: max_tokens")
+        for f in plans.glob("*.plan"):
+            f.unlink()
+    args = [str(path), "--prompt-ids", "2", "-n", "12", "--device", "cpu", "--json"]
+    run(args)
     plan = next((tmp_path / "cache" / "plans").glob("*.plan"))
     _rewrite(plan, lambda h: _set(h["groups"][0], window=8))  # loads, but the native run refuses it
     for want in (True, False):  # the torch path runs and saves a good plan again; then the native one
-        r = subprocess.run([sys.executable, "-c", SCRIPT, *args], capture_output=True, text=True, env=env, cwd=ROOT)
-        assert r.returncode == 0 and ("torch" in json.loads(r.stdout.strip().splitlines()[-1])) is want
-    env["LLMARCH_NO_NATIVE"] = "1"  # asked for the torch path: it runs there
-    r = subprocess.run([sys.executable, "-c", SCRIPT, *args], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert r.returncode == 0 and "torch" in json.loads(r.stdout.strip().splitlines()[-1])
+        assert run(args)[1] is want

@@ -23,6 +23,14 @@ KV_DTYPE_BYTES = {
 STORAGE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 
 
+# the norm slots of a layer, by norm placement (the torch model's and the decode-plan builder's)
+NORM_SLOTS = {
+    "pre": ("attn_norm", "ffn_norm"),
+    "post": ("attn_post_norm", "ffn_post_norm"),
+    "sandwich": ("attn_norm", "attn_post_norm", "ffn_norm", "ffn_post_norm"),
+}
+
+
 @dataclass
 class LayerSpec:
     index: int

@@ -221,7 +221,7 @@ def summary(model: nn.Module, quant_bits: int | None = None, kind: type | None =
     types = Counter(t for m in model.modules() if isinstance(m, kind) for t in m.types)
     if not types:
         return None
+    from llmarch.runtime.plan_build import stored_blocks_note
+
     mats = sum(1 for m in model.modules() if isinstance(m, kind))
-    kinds = ", ".join(f"{n} {t}" for t, n in sorted(types.items()))
-    rest = f"int{quant_bits} blocks" if quant_bits else "float"
-    return f"{mats} matrices run from the GGUF's stored blocks{where} ({kinds} tensors), the rest in {rest}"
+    return stored_blocks_note(types, mats, quant_bits, where)

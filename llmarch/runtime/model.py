@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmarch.arch.spec import ArchSpec, LayerSpec
+from llmarch.arch.spec import NORM_SLOTS, ArchSpec, LayerSpec
 from llmarch.errors import LlmarchError
 from llmarch.runtime.ops.altup import AltUp, AltUpStreams
 from llmarch.runtime.ops.attention import Attention
@@ -33,8 +33,9 @@ from llmarch.runtime.ops.mlp import GatedMLP, PlainMLP
 from llmarch.runtime.ops.moe import moe_ffn
 from llmarch.runtime.ops.norms import RMSNorm, make_norm
 from llmarch.runtime.ops.per_layer_inputs import PerLayerGate, PerLayerInputs
-from llmarch.runtime.ops.rope import Rope, rotated_dims, scaling_kind
+from llmarch.runtime.ops.rope import Rope
 from llmarch.runtime.ops.short_conv import ShortConv
+from llmarch.runtime.rope_tables import rope_key as _rope_key
 
 
 def dense_ffn(spec: ArchSpec, layer: LayerSpec) -> nn.Module:
@@ -58,11 +59,6 @@ MIXERS: dict[str, Callable[..., nn.Module]] = {
     "short_conv": ShortConv,
 }
 FFNS: dict[str, Callable[..., nn.Module]] = {"dense": dense_ffn, "moe": moe_ffn}
-NORM_SLOTS = {
-    "pre": ("attn_norm", "ffn_norm"),
-    "post": ("attn_post_norm", "ffn_post_norm"),
-    "sandwich": ("attn_norm", "attn_post_norm", "ffn_norm", "ffn_post_norm"),
-}
 
 
 class Block(nn.Module):
@@ -172,19 +168,6 @@ class ModelHyperHead(HyperHead):
     def load_from(self, source, prefix: str, dtype, device) -> None:
         stem = f"{getattr(source, 'prefix', '')}hc_head."
         load_params(self, source, {p: f"{stem}{p}" for p in ("hc_fn", "hc_base", "hc_scale")}, dtype, device)
-
-
-def _rope_key(spec: ArchSpec, layer: LayerSpec):
-    if not layer.rope or spec.rope.learned_positions:
-        return None
-    theta = layer.rope_theta or spec.rope.theta or 10000.0
-    scaling = layer.rope_scaling if layer.rope_scaling is not None else spec.rope.scaling
-    if scaling_kind(scaling) == "default":
-        scaling = None
-    partial = layer.rope_partial if layer.rope_partial is not None else spec.rope.partial
-    head_dim = layer.head_dim or spec.attention.head_dim
-    rot = rotated_dims(head_dim, partial, scaling)
-    return (float(theta), repr(sorted((scaling or {}).items())), rot, head_dim), scaling
 
 
 class Transformer(nn.Module):

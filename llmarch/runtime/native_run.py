@@ -24,7 +24,8 @@ from llmarch.errors import LlmarchError, printable
 from llmarch.runtime.cpu_plan import Group, Layer, Lin, Norm, Plan, check_rc, lib, prefill, work_floats
 from llmarch.runtime.generate_types import Result
 from llmarch.runtime.kernel_sources import GATED_ACTS
-from llmarch.runtime.plan_file import PlanMismatch, _float, _int, embed_rows
+from llmarch.runtime.plan_file import Plan as PlanFile
+from llmarch.runtime.plan_file import PlanMismatch, _float, _int, embed_rows, plan_path
 from llmarch.runtime.plan_file import load as load_plan
 
 
@@ -252,12 +253,18 @@ class NativeDecoder:
         return Result(out, len(prompt), prefill_s, time.perf_counter() - t1, stopped)
 
 
-def open_decoder(ckpt, spec, max_seq: int, threads: int) -> tuple[NativeDecoder, list[str]] | None:
+def open_decoder(
+    ckpt, spec, max_seq: int, threads: int, encoded: bytes | bytearray | None = None
+) -> tuple[NativeDecoder, list[str]] | None:
     """The native decoder of this GGUF for `max_seq` positions and the saved run-report notes, or None
-    (no plan saved, one that does not fit, no C library): the torch path runs instead."""
+    (no plan saved, one that does not fit, no C library): the torch path runs instead. encoded: a
+    plan's bytes not saved yet (plan_build.py's), read and checked as a saved one is."""
     if lib() is None:
         return None
-    plan = load_plan(ckpt, spec)
+    try:
+        plan = load_plan(ckpt, spec) if encoded is None else PlanFile(plan_path(ckpt), ckpt, spec, encoded)
+    except Exception:  # as load(): a plan that does not fit is not used
+        plan = None
     if plan is None:
         return None
     try:

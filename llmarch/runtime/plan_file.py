@@ -211,24 +211,39 @@ def save(step, model, ckpt, spec, notes: list[str]) -> str | None:
     return None
 
 
-def _write(path: Path, header: dict, items: list[np.ndarray]) -> None:
+def encode(header: dict, items: list[np.ndarray]) -> bytearray:
+    """The plan file's bytes: magic, header length, the header (with the arrays' places and their
+    sha256), padding to 64, the arrays (each 64-byte aligned)."""
     offsets, at = [], 0
     for a in items:
         at = (at + 63) // 64 * 64
         offsets.append(at)
         at += a.nbytes
-    body = bytearray(at)
+    header = {**header, "arrays": [{"offset": o, "nbytes": a.nbytes} for o, a in zip(offsets, items)]}
+    body = memoryview(bytearray(at))
     for o, a in zip(offsets, items):
         body[o : o + a.nbytes] = a.tobytes()
-    header = {**header, "arrays": [{"offset": o, "nbytes": a.nbytes} for o, a in zip(offsets, items)]}
     header["sha256"] = hashlib.sha256(body).hexdigest()  # a torn or edited array is refused on load
     text = json.dumps(header).encode()
     head = MAGIC + struct.pack("<Q", len(text)) + text
+    return bytearray(head + bytes(-len(head) % 64)) + body
+
+
+def store(ckpt, data: bytes | bytearray) -> None:
+    """Save encoded plan bytes (plan_build.py's, made without torch) as this GGUF's plan file."""
+    _store(plan_path(ckpt), data)
+
+
+def _write(path: Path, header: dict, items: list[np.ndarray]) -> None:
+    _store(path, encode(header, items))
+
+
+def _store(path: Path, data: bytes | bytearray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(head + bytes(-len(head) % 64) + body)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())  # the data before the rename: a crash leaves the old file or the whole new one
         os.replace(tmp, path)
@@ -314,9 +329,10 @@ def _sha256_from(path: Path, start: int) -> str:
 class Plan:
     """A read, checked plan file: `header` (plain numbers and names) and `array(ref)`."""
 
-    def __init__(self, path: Path, ckpt, spec):
+    def __init__(self, path: Path, ckpt, spec, encoded: bytes | bytearray | None = None):
+        """encoded: the plan's bytes in memory (encode()'s, not yet saved) instead of the file at path."""
         self.path = path
-        data = np.memmap(path, dtype=np.uint8, mode="r")
+        data = np.memmap(path, dtype=np.uint8, mode="r") if encoded is None else np.frombuffer(encoded, np.uint8)
         if data.size < 16 or bytes(data[:8]) != MAGIC:
             raise PlanMismatch("not a plan file")
         (n,) = struct.unpack("<Q", bytes(data[8:16]))
@@ -330,7 +346,8 @@ class Plan:
             raise PlanMismatch("header is not an object")
         base = (16 + n + 63) // 64 * 64
         self.data, self.base, self.ckpt, self.spec = data, base, ckpt, spec
-        if _sha256_from(path, base) != self.header.get("sha256"):
+        digest = _sha256_from(path, base) if encoded is None else hashlib.sha256(data[base:]).hexdigest()
+        if digest != self.header.get("sha256"):
             raise PlanMismatch("the arrays' checksum differs")  # torn, truncated or edited
         self._check()
 

@@ -210,13 +210,22 @@ def run(o: RunOptions) -> dict:
 
         threads = kernel_threads()
         opened = open_decoder(ckpt, spec, len(ids) + max_tokens, threads)
+        opened = (*opened, None) if opened is not None else _first_plan(ckpt, spec, len(ids) + max_tokens, threads)
         if opened is not None:
-            decoder, notes = opened
+            decoder, notes, encoded = opened
             if not os.environ.get("OMP_NUM_THREADS"):
                 notes = [*notes, f"{threads} CPU thread{'s' if threads > 1 else ''} (OMP_NUM_THREADS=N sets it)"]
             _announce(o, ckpt, spec, tok, notes)
             res = _generate(o, tok, lambda push: decoder.generate(ids, max_tokens, eos, push))
-            return _report(o, tok, ids, room, res, f"peak RSS {_peak_rss_mib():.0f} MiB · cpu float32")
+            doc = _report(o, tok, ids, room, res, f"peak RSS {_peak_rss_mib():.0f} MiB · cpu float32")
+            if encoded is not None:  # built by this run: saved after its output, for the runs after it
+                from llmarch.runtime import plan_file
+
+                try:
+                    plan_file.store(ckpt, encoded)
+                except OSError:
+                    pass  # a cache that cannot be written only costs later runs the build
+            return doc
     if device is None:
         device, threads_note = _torch_device(o)
     quant_bits = (o.quant_bits or 8) if o.keep_quantized else None
@@ -288,6 +297,25 @@ def run(o: RunOptions) -> dict:
     if gen.cpu_step is not None and ckpt.format == "gguf":  # after the run's own output: no wait before it
         _save_plan(gen.cpu_step, rt, ckpt, load_notes)
     return doc
+
+
+def _first_plan(ckpt, spec, max_seq: int, threads: int):
+    """No plan saved for this GGUF yet: build it without torch (plan_build.py) and open the native
+    decoder on it, so that a first run goes without torch too -> (decoder, notes, the plan's bytes,
+    saved after the run's output). None where the builder is not sure the C step runs the model as
+    the torch path would: the torch path then runs and saves the plan."""
+    from llmarch.runtime import plan_build, plan_file
+    from llmarch.runtime.cpu_plan import lib
+    from llmarch.runtime.native_run import open_decoder
+
+    if lib() is None or plan_file.plan_path(ckpt).exists():
+        return None
+    try:
+        encoded = plan_file.encode(*plan_build.build(ckpt, spec))
+    except plan_build.NotBuilt:
+        return None
+    opened = open_decoder(ckpt, spec, max_seq, threads, encoded)
+    return (*opened, encoded) if opened is not None else None
 
 
 def _save_plan(step, rt, ckpt, notes: list[str]) -> None:

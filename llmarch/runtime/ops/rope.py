@@ -12,11 +12,12 @@ import torch
 from torch import nn
 
 from llmarch.errors import LlmarchError
-from llmarch.runtime import cpu_kernels
+from llmarch.runtime import cpu_kernels, rope_tables
+from llmarch.runtime.rope_tables import default_inv_freq, plain_inv_freq, rotated_dims, scaling_kind  # noqa: F401
 
 
 def _default(dim: int, theta: float) -> torch.Tensor:
-    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    return torch.from_numpy(default_inv_freq(dim, theta))
 
 
 def _llama3(inv: torch.Tensor, p: dict) -> torch.Tensor:
@@ -72,26 +73,12 @@ def _proportional(dim: int, theta: float, p: dict) -> torch.Tensor:
     return inv / float(p.get("factor", 1.0))
 
 
-def rotated_dims(head_dim: int, partial: float, scaling: dict | None) -> int:
-    """How many leading dims of a head the rotate-half pairs span: proportional RoPE spans the whole
-    head (its unrotated pairs have frequency 0); partial rotation the first partial * head_dim."""
-    if scaling_kind(scaling) == "proportional":
-        return head_dim
-    return int(head_dim * partial) // 2 * 2
-
-
-def scaling_kind(scaling: dict | None) -> str:
-    """The RoPE scaling type of a config's rope_scaling / rope_parameters ("type" in older configs)."""
-    return (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
-
-
 def inv_freq(dim: int, theta: float, scaling: dict | None, context: int | None = None) -> tuple[torch.Tensor, float]:
     """(inverse frequencies for `dim` rotated dims, attention factor applied to cos/sin)."""
     kind = scaling_kind(scaling)
-    if kind == "default":
-        return _default(dim, theta), 1.0
-    if kind == "linear":
-        return _default(dim, theta) / scaling["factor"], 1.0
+    plain = plain_inv_freq(dim, theta, scaling)  # default, linear: the torch-free plan builder's own
+    if plain is not None:
+        return torch.from_numpy(plain), 1.0
     if kind == "llama3":
         return _llama3(_default(dim, theta), scaling), 1.0
     if kind == "yarn":
@@ -138,6 +125,9 @@ class Rope(nn.Module):
             if self.freq_scale is not None:
                 inv = inv * self.freq_scale()
             pos = torch.arange(max_pos, dtype=torch.float32)
+        if torch.device(device).type == "cpu":  # the bits the torch-free plan builder computes too
+            cos, sin = rope_tables.tables(inv.detach().numpy(), self.attn_factor, max_pos)
+            return torch.from_numpy(cos).to(dtype), torch.from_numpy(sin).to(dtype)
         freqs = torch.outer(pos, inv).to(device)
         emb = torch.cat([freqs, freqs], dim=-1)
         return (emb.cos() * self.attn_factor).to(dtype), (emb.sin() * self.attn_factor).to(dtype)
