@@ -1,7 +1,8 @@
 """The decode GEMV kernel (llmarch/runtime/gemv_cuda.py) on a GPU: per matrix shape, and end to end.
 
     python benchmarks/bench_gemv_cuda.py kernels [--sweep] [--json OUT.json]
-    python benchmarks/bench_gemv_cuda.py decode --model llama-3.2-1b [--rounds 5] [--profile] [--json OUT.json]
+    python benchmarks/bench_gemv_cuda.py decode --model llama-3.2-1b [--variants fused,gemv] [--rounds 5]
+        [--profile] [--attention] [--lock FILE --barrier DIR:N] [--json OUT.json]
 
 kernels: for every matrix of a Llama-3.2-1B and a Qwen3-1.7B decode step (q|k|v, o, gate|up, down,
 the tied head), bf16, one activation row (and four): the kernel's time with the tile pick_tile gives (with
@@ -13,14 +14,19 @@ timing, each shape's output is checked against a float64 matmul (fresh random da
 poisoned with NaN first).
 
 decode: a random-weight checkpoint of the model's real shapes (bench_run_gpu.make_checkpoint),
-loaded twice, with the kernel and with LLMARCH_NO_GEMV=1 (torch's matmuls, inductor's under
---compile), both --compile + CUDA graph; timed generations alternate between the two; % of bound as
-bench_run_gpu counts it (every weight once + the KV slots a step reads, over the copy rate).
+loaded once per variant (VARIANTS: which of the GEMV kernel, the decode attention op and the gated
+epilogue are on; by default the kernel against torch's matmuls, inductor's under --compile), each
+--compile + CUDA graph; timed generations alternate between the variants, the order reversed every
+round; the ratio per round is each variant's over the last one's; % of bound as bench_run_gpu
+counts it (every weight once + the KV slots a step reads, over the copy rate). --attention adds the
+attention op alone over 160-32768 slots. Processes that share the GPU compile at once and time one
+by one with --lock (and --barrier: nobody times before all have compiled).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -203,6 +209,71 @@ def kernels(a) -> dict:
     return out
 
 
+# what each decode variant switches: the GEMV kernel, the fused decode attention op, the gated
+# epilogue (silu(gate) * up in the gate|up GEMV); "1" = off, as the runtime reads them
+SWITCHES = ("LLMARCH_NO_GEMV", "LLMARCH_NO_DECODE_ATTN", "LLMARCH_NO_FUSED_GLU")
+VARIANTS = {
+    "torch": ("1", "1", "1"),  # torch's matmuls (inductor's under --compile) and attention
+    "gemv": ("0", "1", "1"),  # the GEMV kernel alone
+    "attn": ("0", "0", "1"),  # + the decode attention op
+    "glu": ("0", "1", "0"),  # + the gated epilogue
+    "fused": ("0", "0", "0"),  # + both
+}
+
+
+@contextlib.contextmanager
+def gpu_turn(a):
+    """Wait until every process of a --barrier group has prepared, then hold --lock's file while timing:
+    parallel processes compile at once but never time at once (nor beside a test run holding the lock)."""
+    if a.barrier:
+        d, n = a.barrier.rsplit(":", 1)
+        Path(d).mkdir(parents=True, exist_ok=True)
+        (Path(d) / f"ready.{os.getpid()}").touch()
+        t = time.perf_counter()
+        while len(list(Path(d).glob("ready.*"))) < int(n) and time.perf_counter() - t < 150:
+            time.sleep(0.5)  # a process that failed never comes: time without it after 150 s
+    if not a.lock:
+        yield
+        return
+    import fcntl
+
+    with open(a.lock, "a") as f:
+        t = time.perf_counter()
+        fcntl.flock(f, fcntl.LOCK_EX)
+        print(f"waited {time.perf_counter() - t:.0f} s for the GPU", flush=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def attention_kernel_times(torch, cfg: dict, rate: float) -> dict:
+    """The decode attention op alone, per layer call, over caches of several lengths (every slot
+    visible), cycling over enough copies of K/V to miss the L2: microseconds and the K/V bytes it
+    reads per second against the copy rate."""
+    from llmarch.runtime import decode_attention_cuda as da
+
+    H, KV = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    D = cfg.get("head_dim") or cfg["hidden_size"] // H
+    out = {}
+    for S in (160, 1024, 4096, 32768):
+        nbytes = 2 * KV * S * D * 2
+        copies = max(2, -(-200_000_000 // nbytes))
+        ks = [torch.randn(1, KV, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        vs = [torch.randn(1, KV, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        q = torch.randn(1, H, 1, D, device="cuda", dtype=torch.bfloat16)
+        mask = torch.ones(1, S, dtype=torch.bool, device="cuda")
+        t = graph_time(torch, lambda i, q=q, ks=ks, vs=vs, m=mask: da.attend(q, ks[i], vs[i], m, D**-0.5), copies)
+        out[S] = {"us": t * 1e6, "pct_copy": 100 * nbytes / t / rate, "splits": da.plan(S, D)[2]}
+        print(
+            f"  attention op, {S:6d} slots: {t * 1e6:6.1f} us, {out[S]['pct_copy']:3.0f}% of copy rate, "
+            f"{out[S]['splits']} splits",
+            flush=True,
+        )
+        torch.cuda.empty_cache()
+    return out
+
+
 def decode(a) -> dict:
     import torch
 
@@ -211,6 +282,8 @@ def decode(a) -> dict:
 
     rate = copy_rate(torch)
     out: dict = {"model": a.model, "device": torch.cuda.get_device_name(), "copy_rate_Bps": rate}
+    labels = a.variants.split(",")
+    out["variants"] = {label: dict(zip(SWITCHES, VARIANTS[label], strict=True)) for label in labels}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / a.model
         hf = make_checkpoint(a.model, path, torch)
@@ -219,8 +292,8 @@ def decode(a) -> dict:
         vocab = SHAPES[a.model][1]["vocab_size"]
         prompt = torch.randint(0, vocab, (a.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
         gens = {}
-        for label in ("gemv", "torch"):
-            os.environ["LLMARCH_NO_GEMV"] = "0" if label == "gemv" else "1"
+        for label in labels:
+            os.environ.update(out["variants"][label])
             t = time.perf_counter()
             rt, g, load_s, warm = llmarch_prepare(path, prompt, a.tokens, compile=True)
             swapped = sum(isinstance(m, DecodeLinear) for m in rt.model.modules())
@@ -235,39 +308,49 @@ def decode(a) -> dict:
                 "runs": [],
             }
             print(f"{label}: {swapped} DecodeLinear, prepared in {out[label]['prepare_s']:.0f} s", flush=True)
-        os.environ.pop("LLMARCH_NO_GEMV")
-        loads = []
-        for r in range(a.rounds):  # alternating, the order swapped every round
-            order = ("gemv", "torch") if r % 2 == 0 else ("torch", "gemv")
-            for label in order:
-                res = gens[label][1].generate(prompt, a.tokens, Sampling())
-                out[label]["runs"].append(res.decode_tok_s)
-            loads.append(os.getloadavg()[0])
-        out["load_1min"] = loads
-        for label in ("gemv", "torch"):
-            o = out[label]
-            o["decode_tok_s"] = statistics.median(o["runs"])
-            o["fraction_of_bound"] = o["decode_tok_s"] / o["bound_tok_s"]
-        ratios = [x / y for x, y in zip(out["gemv"]["runs"], out["torch"]["runs"])]
-        out["ratio_per_round"] = ratios
-        out["tokens_equal"] = out["gemv"]["tokens"] == out["torch"]["tokens"]
-        if a.profile:
-            for label in ("gemv", "torch"):
-                rt, g = gens[label]
-                prof = decode_profile(g, torch, len(rt.spec.schedule), pos=len(prompt))
-                out[label]["profile"] = prof
-                print(profile_text(f"{a.model} {label}", prof), flush=True)
-    for label in ("gemv", "torch"):
+        for k in SWITCHES:
+            os.environ.pop(k)
+        with gpu_turn(a):
+            loads = []
+            for r in range(a.rounds):  # alternating, the order reversed every round
+                for label in labels if r % 2 == 0 else labels[::-1]:
+                    res = gens[label][1].generate(prompt, a.tokens, Sampling())
+                    out[label]["runs"].append(res.decode_tok_s)
+                loads.append(os.getloadavg()[0])
+            out["load_1min"] = loads
+            try:  # the timed rounds above are kept whatever fails here
+                if a.profile:
+                    for label in labels:
+                        rt, g = gens[label]
+                        prof = decode_profile(g, torch, len(rt.spec.schedule), pos=len(prompt))
+                        out[label]["profile"] = prof
+                        print(profile_text(f"{a.model} {label}", prof), flush=True)
+                if a.attention:
+                    out["attention_op"] = attention_kernel_times(torch, SHAPES[a.model][1], rate)
+            except Exception as e:
+                out["error"] = f"{type(e).__name__}: {e}"
+                print("profile / attention op failed:", out["error"], flush=True)
+    for label in labels:
+        o = out[label]
+        o["decode_tok_s"] = statistics.median(o["runs"])
+        o["fraction_of_bound"] = o["decode_tok_s"] / o["bound_tok_s"]
+    base = labels[-1]  # every other variant against the last one, round by round
+    out["ratio_per_round"] = {
+        label: [x / y for x, y in zip(out[label]["runs"], out[base]["runs"])] for label in labels[:-1]
+    }
+    out["tokens_equal"] = all(out[label]["tokens"] == out[base]["tokens"] for label in labels)
+    for label in labels:
         o = out[label]
         print(
             f"{a.model} {label:5s}: {o['decode_tok_s']:7.1f} tok/s median of {a.rounds} "
             f"({', '.join(f'{x:.0f}' for x in o['runs'])}) = {100 * o['fraction_of_bound']:.1f}% of "
             f"{o['bound_tok_s']:.0f} tok/s bound ({o['bytes_per_token'] / 1e9:.2f} GB/token)"
         )
-    print(
-        f"gemv/torch per round: {', '.join(f'{x:.3f}' for x in ratios)}; median {statistics.median(ratios):.3f}; "
-        f"first 16 tokens equal: {out['tokens_equal']}; load {loads}; copy {rate / 1e12:.2f} TB/s"
-    )
+    for label, ratios in out["ratio_per_round"].items():
+        print(
+            f"{label}/{base} per round: {', '.join(f'{x:.3f}' for x in ratios)}; median {statistics.median(ratios):.3f}"
+        )
+    print(f"first 16 tokens equal: {out['tokens_equal']}; load {loads}; copy {rate / 1e12:.2f} TB/s")
     return out
 
 
@@ -278,7 +361,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--profile", action="store_true", help="decode: where a step's time goes, both variants")
+    ap.add_argument("--profile", action="store_true", help="decode: where a step's time goes, every variant")
+    ap.add_argument("--variants", default="gemv,torch", help=f"decode: of {', '.join(VARIANTS)}; the last is the base")
+    ap.add_argument("--attention", action="store_true", help="decode: also the attention op alone, 160-32768 slots")
+    ap.add_argument("--lock", help="decode: a file to hold while timing (processes sharing the GPU)")
+    ap.add_argument("--barrier", help="decode: DIR:N, wait until N processes have prepared before timing")
     ap.add_argument("--sweep", action="store_true", help="kernels: time 43 tiles per shape, not only pick_tile's")
     ap.add_argument("--json")
     a = ap.parse_args()

@@ -27,7 +27,7 @@ from test_gguf_cuda import DEVICE, logits_by_step, needs_kernels  # sets TRITON_
 
 from llmarch.runtime import decode_attention_cuda as da
 from llmarch.runtime.kv_cache import SlotGroup
-from llmarch.runtime.ops.attention import attend
+from llmarch.runtime.ops.attention import Attention, attend
 
 
 def group_mask(size: int, window: int | None, steps: int, graph: bool) -> torch.Tensor:
@@ -62,8 +62,7 @@ def poisoned_kv(B, KV, S, D, DV, mask, dtype, g):
 @needs_kernels
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_kernel_matches_float64_attend(case, dtype, monkeypatch):
-    monkeypatch.setenv("LLMARCH_NO_DECODE_ATTN", "0")
+def test_kernel_matches_float64_attend(case, dtype):
     B, H, KV, D, DV, S, window, steps, chunk = case
     g = torch.Generator().manual_seed(S * 100 + H)
     mask = group_mask(S, window, steps, graph=True)
@@ -109,11 +108,10 @@ def test_the_op_gives_the_kernels_result_and_plan_splits_long_caches():
 
 def test_what_takes_the_kernel(monkeypatch):
     """One query token in one half-precision dtype with a [1, S] bool mask; not two tokens, float32,
-    mixed dtypes, a mask of another shape, or with LLMARCH_NO_DECODE_ATTN=1. attend() sends only
-    CUDA tensors (a CPU step keeps its own path even under the Triton interpreter)."""
+    mixed dtypes or a mask of another shape. attend() sends only CUDA tensors (a CPU step keeps its
+    own path even under the Triton interpreter), and only where asked (decode_kernel: an Attention
+    built with enabled() true, which LLMARCH_NO_DECODE_ATTN sets)."""
     monkeypatch.setattr(da, "interpreting", lambda: True)  # CPU tensors stand in for CUDA in takes()
-    monkeypatch.setattr(da, "HAVE_TRITON", True)
-    monkeypatch.setenv("LLMARCH_NO_DECODE_ATTN", "0")
     bf = torch.bfloat16
     q, k, v = torch.zeros(1, 4, 1, 16, dtype=bf), torch.zeros(1, 2, 9, 16, dtype=bf), torch.zeros(1, 2, 9, 8, dtype=bf)
     mask = torch.ones(1, 9, dtype=torch.bool)
@@ -124,13 +122,18 @@ def test_what_takes_the_kernel(monkeypatch):
     assert not da.takes(q, k, v, torch.ones(9, dtype=torch.bool))
     assert not da.takes(q, k, v, mask.float())
     assert not da.takes(torch.zeros(1, 3, 1, 16, dtype=bf), k, v, mask)  # heads not a multiple of KV heads
-    monkeypatch.setenv("LLMARCH_NO_DECODE_ATTN", "1")
-    assert not da.takes(q, k, v, mask)
-    monkeypatch.delenv("LLMARCH_NO_DECODE_ATTN")
-    assert da.takes(q, k, v, mask) == da.DEFAULT_ON
-    monkeypatch.setenv("LLMARCH_NO_DECODE_ATTN", "0")
     monkeypatch.setattr(da, "attend", lambda *a: pytest.fail("attend() sent CPU tensors to the CUDA op"))
-    attend(q.normal_(), k.normal_(), v.normal_(), mask, 0.25)
+    attend(q.normal_(), k.normal_(), v.normal_(), mask, 0.25, decode_kernel=True)
+    monkeypatch.setattr(da, "HAVE_TRITON", True)
+    for switch, on in (("1", False), ("0", True), (None, da.DEFAULT_ON)):
+        if switch is None:
+            monkeypatch.delenv("LLMARCH_NO_DECODE_ATTN", raising=False)
+        else:
+            monkeypatch.setenv("LLMARCH_NO_DECODE_ATTN", switch)
+        assert da.enabled() == on
+    monkeypatch.setattr(da, "HAVE_TRITON", False)
+    monkeypatch.setenv("LLMARCH_NO_DECODE_ATTN", "0")
+    assert not da.enabled()
 
 
 # ------------------------------------------------------------------------------------ on CUDA
@@ -166,7 +169,9 @@ def test_tiny_model_logits_with_and_without_the_op(family, tiny, monkeypatch):
     path = tiny(family)
     seq = [2, 17, 5, 99, 42, 7, 64, 3, 11, 23, 31, 47, 53, 61, 71, 83, 97, 101, 19, 29]
     calls = _counting(monkeypatch)
-    got = logits_by_step(_load(path, monkeypatch, True), seq, DEVICE, torch.bfloat16)
+    rt = _load(path, monkeypatch, True)
+    assert all(m.decode_kernel for m in rt.model.modules() if isinstance(m, Attention))
+    got = logits_by_step(rt, seq, DEVICE, torch.bfloat16)
     assert calls, "the decode steps did not take the op"
     calls.clear()
     base = logits_by_step(_load(path, monkeypatch, False), seq, DEVICE, torch.bfloat16)

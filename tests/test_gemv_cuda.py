@@ -78,28 +78,30 @@ def test_gated_epilogue_matches_float64_silu_gate_times_up(H, K, M):
 
 @needs_kernels
 def test_gated_mlp_takes_the_epilogue_where_switched_on(monkeypatch):
-    """A GatedMLP whose gate|up is a DecodeLinear sends a one-row silu step to the gated op (=0 on),
-    gives what its unfused form gives (within bf16 rounding of the [gate | up] row), and keeps the
-    unfused form with LLMARCH_NO_FUSED_GLU=1, for a GELU gate and for two rows."""
+    """A silu GatedMLP built with LLMARCH_NO_FUSED_GLU=0 whose gate|up is a DecodeLinear sends a
+    one-row step to the gated op and gives what its unfused form gives (within bf16 rounding of the
+    [gate | up] row); two rows stay unfused; built with =1, or with a GELU gate, it never takes it."""
     from llmarch.runtime.ops.mlp import GatedMLP
 
-    torch.manual_seed(4)
-    mlp = GatedMLP(64, 96, "silu").to(torch.bfloat16).to(DEVICE)
-    mlp.gate_up, mlp.down = gv.DecodeLinear.of(mlp.gate_up), gv.DecodeLinear.of(mlp.down)
+    def build(act: str, switch: str) -> GatedMLP:
+        monkeypatch.setenv("LLMARCH_NO_FUSED_GLU", switch)
+        torch.manual_seed(4)
+        mlp = GatedMLP(64, 96, act).to(torch.bfloat16).to(DEVICE)
+        mlp.gate_up, mlp.down = gv.DecodeLinear.of(mlp.gate_up), gv.DecodeLinear.of(mlp.down)
+        return mlp
+
     calls = []
     real = gv.decode_gated_linear
     monkeypatch.setattr(gv, "decode_gated_linear", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(1, 1, 64).to(torch.bfloat16).to(DEVICE)
-    monkeypatch.setenv("LLMARCH_NO_FUSED_GLU", "1")
-    unfused = mlp(x)
-    monkeypatch.setenv("LLMARCH_NO_FUSED_GLU", "0")
+    unfused = build("silu", "1")(x)
+    assert not calls
+    mlp = build("silu", "0")
     fused = mlp(x)
     assert len(calls) == 1
     assert (fused.float() - unfused.float()).abs().max() <= 0.02 * unfused.float().abs().max()
     mlp(torch.randn(1, 2, 64).to(torch.bfloat16).to(DEVICE))
-    gelu = GatedMLP(64, 96, "gelu_pytorch_tanh").to(torch.bfloat16).to(DEVICE)
-    gelu.gate_up = gv.DecodeLinear.of(gelu.gate_up)
-    gelu(x)
+    build("gelu_pytorch_tanh", "0")(x)
     assert len(calls) == 1
 
 

@@ -10,9 +10,10 @@ out-of-window ones). A long cache is split along the slot axis over more program
 softmaxes a second kernel merges; a short one (up to 256 slots a KV head) is one launch.
 
 One torch custom op, so torch.compile keeps it whole (an opaque call) and CUDA graph capture records
-its launches. attend() sends a step here when takes() says so: CUDA, one query token, float16 /
-bfloat16 q, K and V, a [1, S] bool mask, and none of soft-capping or sinks (attend() checks those;
-they keep the explicit form) and enabled() (DEFAULT_ON, or LLMARCH_NO_DECODE_ATTN=0 / =1).
+its launches. attend() sends a step here when its Attention was built with enabled() true (DEFAULT_ON,
+or LLMARCH_NO_DECODE_ATTN=0 / =1) and takes() says so: CUDA, one query token, float16 / bfloat16 q,
+K and V, a [1, S] bool mask; and none of soft-capping or sinks (attend() checks those; they keep
+the explicit form).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def launch(q, k, v, mask, scale: float, out, chunk: int | None = None) -> None:
     else:
         pm = pl = pa = out  # unused
     m8 = mask.view(torch.uint8)
-    kern.attend[(B * KV, splits)](
+    kern.decode_attention[(B * KV, splits)](
         q,
         k,
         v,
@@ -115,7 +116,7 @@ def launch(q, k, v, mask, scale: float, out, chunk: int | None = None) -> None:
         num_warps=4,
     )
     if parts:
-        kern.combine[(B * H,)](
+        kern.decode_attention_combine[(B * H,)](
             pm,
             pl,
             pa,
@@ -148,7 +149,9 @@ def _(q, k, v, mask, scale):
 
 
 def enabled() -> bool:
-    """LLMARCH_NO_DECODE_ATTN=1 keeps torch's products, =0 takes the kernel; unset: DEFAULT_ON."""
+    """Whether a model built now sends its CUDA decode steps here (an Attention reads it once, at
+    construction, so a compiled step's choice is guarded like any module attribute):
+    LLMARCH_NO_DECODE_ATTN=1 keeps torch's products, =0 takes the kernel; unset: DEFAULT_ON."""
     switch = os.environ.get("LLMARCH_NO_DECODE_ATTN")
     return HAVE_TRITON and (switch == "0" if switch in ("0", "1") else DEFAULT_ON)
 
@@ -157,7 +160,7 @@ def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor)
     """Whether the kernel attends q [B, H, 1, D] over k / v [B, KV, S, D(v)] with mask [1, S]: a
     decode step on CUDA (or CPU tensors under the Triton interpreter) in one half-precision dtype."""
     on = q.device.type == "cuda" or (q.device.type == "cpu" and interpreting())
-    if not on or q.dim() != 4 or q.shape[2] != 1 or k.dim() != 4 or v.dim() != 4 or not enabled():
+    if not on or q.dim() != 4 or q.shape[2] != 1 or k.dim() != 4 or v.dim() != 4:
         return False
     B, H, _, D = q.shape
     KV, S = k.shape[1], k.shape[2]

@@ -1,6 +1,6 @@
 """Triton kernels for decode_attention_cuda: one query token against a static KV cache.
 
-`attend` runs one program per (batch row, KV head, split of the slot axis). The `rep` query heads
+`decode_attention` runs one program per (batch row, KV head, split of the slot axis). The `rep` query heads
 that share the KV head are the rows of one tile (padded to REP_P >= 16 rows, what tl.dot needs), so
 each K and V row is read once for all of them. A program walks its slots BS at a time: scores
 q . k in float32 (tl.dot of the half-precision operands, float32 accumulation), times the scale,
@@ -8,7 +8,7 @@ q . k in float32 (tl.dot of the half-precision operands, float32 accumulation), 
 l, output accumulator rescaled as the max grows) and probabilities (rounded to V's dtype, as
 attend() rounds them) times V with float32 accumulation. With one
 split it writes the normalised output; with more it writes (m, l, accumulator) per split and
-`combine` merges the splits of each query head (flash-decoding).
+`decode_attention_combine` merges the splits of each query head (flash-decoding).
 
 Imported only where triton is (CUDA builds of torch bring it); TRITON_INTERPRET=1 runs it on CPU
 tensors for the tests.
@@ -19,7 +19,7 @@ import triton.language as tl
 
 
 @triton.jit
-def attend(
+def decode_attention(
     q,
     k,
     v,
@@ -55,7 +55,7 @@ def attend(
 ):
     """q [B, H, D] (strides sq_*), k [B, KV, S, D], v [B, KV, S, DV] (last dims contiguous), mask
     uint8 [S] (nonzero = visible), out [B, H, DV]; CHUNK slots per split (a multiple of BS). PARTS
-    (SPLITS > 1): write part_* float32 [B * KV, SPLITS, REP_P (, DV_P)] for `combine`, not out.
+    (SPLITS > 1): write part_* float32 [B * KV, SPLITS, REP_P (, DV_P)] for the combine kernel, not out.
     CHUNK is a power-of-two multiple of BS (an eager step's prefix grows: a new variant only as
     it doubles); S and SPLITS are runtime values."""
     bk = tl.program_id(0)  # batch row * KV + KV head
@@ -109,7 +109,7 @@ def attend(
 
 
 @triton.jit
-def combine(
+def decode_attention_combine(
     part_m,
     part_l,
     part_acc,

@@ -153,11 +153,18 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     return y.view(*x.shape[:-1], w.shape[0])
 
 
+def fused_glu() -> bool:
+    """Whether a gated MLP built now takes gated_silu (GatedMLP reads it once, at construction, so a
+    compiled step's choice is guarded like any module attribute): LLMARCH_NO_FUSED_GLU=1 no, =0 yes,
+    unset: FUSED_GLU."""
+    switch = os.environ.get("LLMARCH_NO_FUSED_GLU")
+    return switch == "0" if switch in ("0", "1") else FUSED_GLU
+
+
 def gated_silu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor | None:
     """silu(gate) * up of a gated MLP's [gate; up] Linear (w [2H, K]) in the decode kernel, or None
-    where it does not take x (see takes()) or is switched off (FUSED_GLU, LLMARCH_NO_FUSED_GLU=1 / =0)."""
-    switch = os.environ.get("LLMARCH_NO_FUSED_GLU")
-    if not (switch == "0" if switch in ("0", "1") else FUSED_GLU) or w.shape[0] % 2 or not takes(x, w):
+    where it does not take x (see takes())."""
+    if w.shape[0] % 2 or not takes(x, w):
         return None
     y = decode_gated_linear(x.reshape(-1, x.shape[-1]).contiguous(), w, b)
     return y.view(*x.shape[:-1], w.shape[0] // 2)

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmarch.arch.spec import ArchSpec, LayerSpec
-from llmarch.runtime import cpu_kernels, decode_attention_cuda
+from llmarch.runtime import cpu_kernels
+from llmarch.runtime import decode_attention_cuda as da_cuda
 from llmarch.runtime.ops.norms import make_norm
 from llmarch.runtime.ops.rope import Rope
 
@@ -34,16 +35,27 @@ from llmarch.runtime.ops.rope import Rope
 FUSED_QK_DEVICES = ("cuda",)
 
 
-def attend(q, k, v, mask, scale: float, softcap: float | None = None, sinks: torch.Tensor | None = None, group=None):
+def attend(
+    q,
+    k,
+    v,
+    mask,
+    scale: float,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    group=None,
+    decode_kernel: bool = False,
+):
     """q [B,H,T,D], k/v [B,KV,S,D], mask bool [T,S] (True = visible) -> [B,H,T,Dv].
 
-    group: the cache's SlotGroup, whose per-step additive bias the CPU path reuses across layers."""
+    group: the cache's SlotGroup, whose per-step additive bias the CPU path reuses across layers.
+    decode_kernel: a CUDA decode step may take decode_attention_cuda's kernel (see its takes())."""
     B, H, T, D = q.shape
     KV = k.shape[1]
     if softcap is None and sinks is None and cpu_kernels.attend_one_ok(q, k, v, mask):
         return cpu_kernels.attend_one(q, k, v, mask, scale)  # a CPU decode step: one C call, not ~8 ops
-    if softcap is None and sinks is None and q.device.type == "cuda" and decode_attention_cuda.takes(q, k, v, mask):
-        return decode_attention_cuda.attend(q, k, v, mask, scale)  # a CUDA decode step: one Triton kernel
+    if decode_kernel and softcap is None and sinks is None and q.device.type == "cuda" and da_cuda.takes(q, k, v, mask):
+        return da_cuda.attend(q, k, v, mask, scale)  # a CUDA decode step: one Triton kernel
     if softcap is None and sinks is None and q.device.type == "cuda" and T > 1:
         if group is not None and group.causal and k.shape[2] == T:  # no mask: SDPA may take flash attention
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
@@ -150,6 +162,8 @@ class Attention(nn.Module):
             and rope is not None
         )
         self.qk_norm_weight = None  # [H + KV, D]: q_norm's weight for the q heads, k_norm's for the k heads
+        # read once here, so a compiled step's choice is guarded as a module attribute
+        self.decode_kernel = da_cuda.enabled()
 
     def project(self, x: torch.Tensor):
         """x [B,T,d] -> q, k, v [B,T,width] and the output gate before its sigmoid (or None)."""
@@ -246,7 +260,15 @@ class Attention(nn.Module):
         """Attend over the cache's keys/values, gate, project out."""
         B, _, T, _ = q.shape
         out = attend(
-            q, keys.to(q.dtype), values.to(q.dtype), lc.group.mask, self.scale, self.softcap, self.sinks, lc.group
+            q,
+            keys.to(q.dtype),
+            values.to(q.dtype),
+            lc.group.mask,
+            self.scale,
+            self.softcap,
+            self.sinks,
+            lc.group,
+            self.decode_kernel,
         )
         out = out.transpose(1, 2)
         if gate is not None and self.gate_per_head:

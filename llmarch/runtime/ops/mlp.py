@@ -69,8 +69,11 @@ class GatedMLP(nn.Module):
         # one float32 token on the CPU (a decode step): act(gate) * up in one C call, the same bits
         # as cpu_decode's whole-step path; longer inputs keep torch's vectorized activations
         self.c_act = cpu_kernels.GATED_ACTS.get(act or "silu") if sparsity is None and limit is None else None
-        # a CUDA decode step: silu(gate) * up as the gate|up GEMV's epilogue (gemv_cuda.gated_silu)
-        self.silu_glu = (act or "silu") in ("silu", "swish") and sparsity is None and limit is None
+        # a CUDA decode step: silu(gate) * up as the gate|up GEMV's epilogue (gemv_cuda.gated_silu);
+        # the switch read once here, so a compiled step's choice is guarded as a module attribute
+        self.silu_glu = (
+            (act or "silu") in ("silu", "swish") and sparsity is None and limit is None and gemv_cuda.fused_glu()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.silu_glu and isinstance(self.gate_up, gemv_cuda.DecodeLinear):
