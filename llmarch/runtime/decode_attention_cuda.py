@@ -112,7 +112,7 @@ def launch(q, k, v, mask, scale: float, out, chunk: int | None = None) -> None:
         DV_P=dv_p,
         BS=bs,
         PARTS=parts,
-        UPCAST=interpreting(),
+        INTERPRETER=interpreting(),
         num_warps=4,
     )
     if parts:

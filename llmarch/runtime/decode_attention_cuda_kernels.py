@@ -19,6 +19,52 @@ import triton.language as tl
 
 
 @triton.jit
+def _slots(
+    q_t,
+    kbase,
+    vbase,
+    mask,
+    s,
+    d,
+    dv,
+    S,
+    sk_s,
+    sv_s,
+    scale,
+    m_i,
+    l_i,
+    acc,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """One step over slots s (d, dv: the key and value widths' lanes): the online softmax's (max,
+    sum, accumulator) after them. UPCAST: both products in float32 (Triton's interpreter multiplies
+    bfloat16 tiles wrongly in tl.dot; on a GPU the tensor cores take the half-precision operands
+    with float32 accumulation)."""
+    inside = s < S
+    seen = tl.load(mask + s, mask=inside, other=0) != 0
+    s64 = s.to(tl.int64)
+    kt = tl.load(kbase + s64[:, None] * sk_s + d[None, :], mask=inside[:, None] & (d < D)[None, :], other=0.0)
+    if UPCAST:
+        sc = tl.dot(q_t.to(tl.float32), tl.trans(kt.to(tl.float32)), input_precision="ieee") * scale
+    else:
+        sc = tl.dot(q_t, tl.trans(kt)) * scale  # [REP_P, BS] float32
+    sc = tl.where(seen[None, :], sc, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet: exp(-inf) = 0
+    p = tl.exp(sc - m_ref[:, None])
+    alpha = tl.exp(m_i - m_ref)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    vt = tl.load(vbase + s64[:, None] * sv_s + dv[None, :], mask=inside[:, None] & (dv < DV)[None, :], other=0.0)
+    if UPCAST:
+        pv = tl.dot(p, vt.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(vt.dtype), vt)  # probabilities rounded to V's dtype, as attend() rounds them
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
 def decode_attention(
     q,
     k,
@@ -51,7 +97,7 @@ def decode_attention(
     CHUNK: tl.constexpr,
     BS: tl.constexpr,
     PARTS: tl.constexpr,
-    UPCAST: tl.constexpr,
+    INTERPRETER: tl.constexpr,
 ):
     """q [B, H, D] (strides sq_*), k [B, KV, S, D], v [B, KV, S, DV] (last dims contiguous), mask
     uint8 [S] (nonzero = visible), out [B, H, DV]; CHUNK slots per split (a multiple of BS). PARTS
@@ -67,36 +113,21 @@ def decode_attention(
     dv = tl.arange(0, DV_P)
     heads = kh * REP + r
     qp = q + b * sq_b + heads[:, None] * sq_h + d[None, :]
-    qt = tl.load(qp, mask=(r < REP)[:, None] & (d < D)[None, :], other=0.0)  # [REP_P, D_P]
+    q_t = tl.load(qp, mask=(r < REP)[:, None] & (d < D)[None, :], other=0.0)  # [REP_P, D_P]
     kbase = k + b * sk_b + kh * sk_h
     vbase = v + b * sv_b + kh * sv_h
     m_i = tl.full([REP_P], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([REP_P], dtype=tl.float32)
     acc = tl.zeros([REP_P, DV_P], dtype=tl.float32)
     start = sp * CHUNK
-    for s0 in range(0, CHUNK, BS):
-        s = start + s0 + tl.arange(0, BS)
-        inside = s < S
-        seen = tl.load(mask + s, mask=inside, other=0) != 0
-        s64 = s.to(tl.int64)
-        kt = tl.load(kbase + s64[:, None] * sk_s + d[None, :], mask=inside[:, None] & (d < D)[None, :], other=0.0)
-        if UPCAST:
-            sc = tl.dot(qt.to(tl.float32), tl.trans(kt.to(tl.float32)), input_precision="ieee") * scale
-        else:
-            sc = tl.dot(qt, tl.trans(kt)) * scale  # [REP_P, BS] float32
-        sc = tl.where(seen[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet: exp(-inf) = 0
-        p = tl.exp(sc - m_ref[:, None])
-        alpha = tl.exp(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        vt = tl.load(vbase + s64[:, None] * sv_s + dv[None, :], mask=inside[:, None] & (dv < DV)[None, :], other=0.0)
-        if UPCAST:
-            pv = tl.dot(p, vt.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(vt.dtype), vt)  # probabilities rounded to V's dtype, as attend() rounds them
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    if INTERPRETER:  # a compile-time trip count: the interpreter cannot loop to a runtime bound
+        for s0 in range(0, CHUNK, BS):
+            s = start + s0 + tl.arange(0, BS)
+            m_i, l_i, acc = _slots(q_t, kbase, vbase, mask, s, d, dv, S, sk_s, sv_s, scale, m_i, l_i, acc, D, DV, True)
+    else:  # up to the split's last slot: a cache shorter than the chunk skips the empty steps
+        for s0 in range(start, tl.minimum(start + CHUNK, S), BS):
+            s = s0 + tl.arange(0, BS)
+            m_i, l_i, acc = _slots(q_t, kbase, vbase, mask, s, d, dv, S, sk_s, sv_s, scale, m_i, l_i, acc, D, DV, False)
     if not PARTS:
         o = acc / l_i[:, None]
         op = out + b * so_b + heads[:, None] * so_h + dv[None, :]
