@@ -317,7 +317,14 @@ def decode(a) -> dict:
                     res = gens[label][1].generate(prompt, a.tokens, Sampling())
                     out[label]["runs"].append(res.decode_tok_s)
                 loads.append(os.getloadavg()[0])
+                print(
+                    f"round {r}: " + ", ".join(f"{label} {out[label]['runs'][-1]:.1f}" for label in labels),
+                    f"tok/s, load {loads[-1]:.2f}",
+                    flush=True,
+                )
             out["load_1min"] = loads
+            if a.json:  # the rounds kept, should the profile below outlast the call
+                Path(a.json).write_text(json.dumps(out, indent=2, default=str))
             try:  # the timed rounds above are kept whatever fails here
                 if a.profile:
                     for label in labels:
