@@ -135,6 +135,8 @@ def launch(q, k, v, mask, scale: float, out, chunk: int | None = None) -> None:
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    # the kernel reads each row's values contiguously; a compiled graph may hand other layouts
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty(q.shape[0], q.shape[1], v.shape[3], dtype=q.dtype, device=q.device)
     launch(q, k, v, mask.reshape(-1).contiguous(), scale, out)
     return out
