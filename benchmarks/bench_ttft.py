@@ -1,6 +1,6 @@
 """Time to first token and peak RSS of the README's first command, split by phase.
 
-    python benchmarks/bench_ttft.py [--rounds 5] [--tree PATH ...] [--json OUT]
+    python benchmarks/bench_ttft.py [--rounds 5] [--tree PATH ...] [--llama-cpp] [--first-run] [--json OUT]
 
 Runs `llmarch run --prompt "Once upon a time" -n 40` (the embedded Gemma 3 270M, default CPU path)
 in its own process, once as a warm-up (the model's pages and the caches warm), then --rounds times.
@@ -11,6 +11,11 @@ python start-up, the CLI's imports, the run's imports (torch), the GGUF header, 
 the weights, the model's set-up (KV cache), the prefill and first token, the decode. Peak RSS is
 the kernel's (wait4's ru_maxrss). Each round also times a bare `python -c "import torch"`, the floor
 that any torch-based run pays.
+
+--first-run: every llmarch run (the warm-up's too) gets a LLMARCH_CACHE of its own with no saved
+decode plan in it, so each is a first run of the GGUF; the C kernels the warm-up compiled and its
+check of the embedded model's chunks (once per install, both) are copied in, so that what is timed
+is the run with the model's pages warm, not a compiler.
 
 With several --tree (checkouts of llmarch, e.g. a git worktree of an older commit), the rounds
 alternate between them, so a busy machine slows each alike, and the medians are compared.
@@ -102,6 +107,11 @@ if hasattr(run_mod, "_torch_device"):  # a tree whose run may decode from a save
         return r
     run_mod._torch_device = torch_device
     wrap(native, "open_decoder", "weights start", "weights loaded")  # the plan read, its buffers allocated
+    try:  # a tree that builds a first run's plan without torch
+        import llmarch.runtime.plan_build as plan_build
+        wrap(plan_build, "build", "plan build start", "plan built")
+    except ImportError:
+        pass
     native.NativeDecoder.generate = traced_generate(native.NativeDecoder.generate)
     wrap(tk, "load_tokenizer", "tokenizer start", "tokenizer built")
 else:  # older trees import torch before reading the header
@@ -168,6 +178,7 @@ PHASES = [  # (label, from mark, to mark)
     ("run imports (torch; llama_cpp)", "cli imported", "run imports done"),
     ("GGUF header", "run imports done", "header read"),
     ("tokenizer", "tokenizer start", "tokenizer built"),
+    ("decode plan built (no torch)", "plan build start", "plan built"),
     ("weights", "weights start", "weights loaded"),
     ("model set-up (KV cache)", "weights loaded", "model set up"),
     ("prefill + first token", "model set up", "first token"),
@@ -183,9 +194,21 @@ def child_env(tree: Path) -> dict:
     return e
 
 
-def run_once(tree: Path, llama: tuple[str, int] | None = None) -> dict:
+def first_run_cache(warm: Path | None) -> Path:
+    """A new LLMARCH_CACHE without plans: the compiled kernels and the embedded model's chunk check
+    of `warm` (a cache a run has used) copied in."""
+    import shutil
+
+    cache = Path(tempfile.mkdtemp(prefix="llmarch-first-run-"))
+    for kind in ("kernels", "default-model"):
+        if warm is not None and (warm / kind).is_dir():
+            shutil.copytree(warm / kind, cache / kind)
+    return cache
+
+
+def run_once(tree: Path, llama: tuple[str, int] | None = None, cache: Path | None = None) -> dict:
     """One traced run: marks (seconds from spawn, RSS MiB, HWM MiB), outside TTFT, peak RSS.
-    llama: (the joined .gguf, threads) to run llama.cpp's instead of llmarch's."""
+    llama: (the joined .gguf, threads) to run llama.cpp's instead of llmarch's; cache: its LLMARCH_CACHE."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "marks.json"
         prompt, n = COMMAND[2], COMMAND[4]
@@ -195,7 +218,7 @@ def run_once(tree: Path, llama: tuple[str, int] | None = None) -> dict:
             [sys.executable, "-c", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=child_env(tree),
+            env={**child_env(tree), **({"LLMARCH_CACHE": str(cache)} if cache else {})},
             cwd=tmp,  # not the checkout: `python -c` puts the working folder first on sys.path
         )
         assert p.stdout is not None and p.stderr is not None
@@ -244,6 +267,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tree", action="append", help="llmarch checkout to run (default: this one); repeat to compare")
     ap.add_argument("--llama-cpp", action="store_true", help="also llama-cpp-python on the same bytes, each round")
+    ap.add_argument("--first-run", action="store_true", help="no saved decode plan: each run a GGUF's first")
     ap.add_argument("--json")
     a = ap.parse_args()
     trees = [Path(t).resolve() for t in (a.tree or [str(ROOT)])]
@@ -259,6 +283,7 @@ def main() -> None:
         "machine": f"{os.cpu_count()} cores, {os.uname().machine}",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "llmarch " + " ".join(COMMAND),
+        "first_run": a.first_run,
         "trees": {str(t): commit(t) for t in trees},
         "rounds": [],
     }
@@ -272,8 +297,21 @@ def main() -> None:
         gguf = str(default_model_path())  # the same bytes as the package's chunks, joined
         names.append(LLAMA)
         results["trees"][LLAMA] = f"llama-cpp-python {version('llama-cpp-python')} on {gguf}"
+    import shutil
+
+    warm: Path | None = None
+    caches: list[Path] = []
+
+    def cache() -> Path | None:
+        """--first-run: a plan-less LLMARCH_CACHE for the next run (removed at the end)."""
+        if not a.first_run:
+            return None
+        caches.append(first_run_cache(warm))
+        return caches[-1]
+
     for tree in trees:  # warm-up: pages, kernel and tokenizer caches
-        w = run_once(tree)
+        w = run_once(tree, cache=cache())
+        warm = warm or caches[-1] if caches else None
         print(f"warm-up {tree}: {w['llmarch']}; text: {w['text'][:60]!r}...", flush=True)
     if gguf:
         w = run_once(trees[0], (gguf, w["threads"] or 1))
@@ -286,7 +324,7 @@ def main() -> None:
         order = trees if rnd % 2 == 0 else trees[::-1]
         line = []
         for tree in order:
-            r = run_once(tree)
+            r = run_once(tree, cache=cache())
             r["load_1min"] = load
             runs[str(tree)].append(r)
             line.append(f"{tree.name}: ttft {r['ttft_outside_s']:.2f} s, peak RSS {r['peak_rss_mib']:.0f} MiB")
@@ -343,6 +381,8 @@ def main() -> None:
             results["results"][str(tree)]["ttft_ratio_to_first_tree"] = ratio
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))
+    for c in caches:
+        shutil.rmtree(c, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Greedy generation on the CPU from a saved decode plan (plan_file.py), without importing torch.
 
-A run whose every step the one-C-call decode can take (cpu_decode.py decides, on the first run of
-a GGUF) needs torch only to build that plan; after that, the plan file, the GGUF's stored blocks and
-the C library are all there is. The prompt goes through the C prefill (cpu_plan.prefill: every layer
+A run whose every step the one-C-call decode can take needs no torch: the plan is built from the
+GGUF's header and small tensors on its first run (plan_build.py) where that builder is sure of it,
+else a torch run plans it (cpu_decode.py) and saves it; after that, the plan file, the GGUF's stored
+blocks and the C library are all there is. The prompt goes through the C prefill (cpu_plan.prefill: every layer
 over the prompt's tokens at once, equal bit for bit to one decode step per token) and each new token
 through the C decode step, as on the torch path; the cache, masks and RoPE rows are the ones the
 torch path would hold (same sizes, same ring buffers), only allocated with numpy.

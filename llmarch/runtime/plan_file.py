@@ -3,10 +3,12 @@
 Why: on a small machine `import torch` is most of a run's start-up (~2.2 s of ~3 s on two cores,
 and 213 MiB of its peak RSS) while the one-C-call decode step (cpu_plan.py) needs none of torch:
 it reads the GGUF's stored blocks in place, a few float32 vectors (norm weights), RoPE tables and
-its KV cache. The first run builds the model with torch as always; once cpu_decode.py has planned
-its step, save() writes what that plan holds, in terms of the file (tensor names and offsets, not
-addresses) plus the small arrays it owns. A later run reads it with load() and native_run.py
-decodes from it without importing torch.
+its KV cache. A GGUF's first run makes the plan without torch where plan_build.py is sure of it
+(encode() gives its bytes, read back through Plan's checks, store() saves them after the run);
+otherwise the torch path runs and, once cpu_decode.py has planned its step, save() writes what that
+plan holds, in terms of the file (tensor names and offsets, not addresses) plus the small arrays it
+owns: the same bytes plan_build.py makes for the same file. A later run reads it with load() and
+native_run.py decodes from it without importing torch.
 
 The file is llmarch's own cache, but it is still read as untrusted: every number is checked against
 the spec and the checkpoint's tensor table before an address is formed from it, and anything that

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 from llmarch.errors import LlmarchError, printable
@@ -351,7 +352,19 @@ def _generate(o: RunOptions, tok, generate):
     res = generate(stream.push if stream else None)
     if stream:
         stream.finish()
+        if stream.first_s is not None:
+            res.extra["first_token_after_start_s"] = stream.first_s
     return res
+
+
+def _process_age_s() -> float | None:
+    """Seconds since this process started (Linux: /proc/self/stat's start time), or None."""
+    try:
+        with open("/proc/self/stat") as f:
+            start = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, counted from the state (3)
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def _report(o: RunOptions, tok, ids: list[int], room: int, res, where: str, extra: dict | None = None) -> dict:
@@ -370,9 +383,12 @@ def _report(o: RunOptions, tok, ids: list[int], room: int, res, where: str, extr
     }
     extra = extra or {}
     doc.update({k: v for k, v in extra.items() if not k.startswith(" · ")})
+    first = res.extra.get("first_token_after_start_s")  # text streamed: when its first token was printed
     summary = (
         f"prefill {len(ids)} tok {res.prefill_tok_s:.1f} tok/s · decode {len(res.tokens)} tok "
-        f"{res.decode_tok_s:.1f} tok/s · {where} · stop: {stop}"
+        f"{res.decode_tok_s:.1f} tok/s · "
+        + (f"first token {first:.2f} s after start · " if first is not None else "")
+        + f"{where} · stop: {stop}"
         + "".join(f" · {v}" for k, v in extra.items() if k.startswith(" · "))
     )
     if o.as_json:
@@ -387,8 +403,11 @@ class _Streamer:
 
     def __init__(self, tok, out):
         self.tok, self.out, self.ids, self.shown = tok, out, [], ""
+        self.first_s: float | None = None  # the process's age when the first token came
 
     def push(self, tid: int) -> None:
+        if not self.ids:
+            self.first_s = _process_age_s()
         self.ids.append(tid)
         if self.tok is None:
             self.out.write(f"{tid} ")
