@@ -113,7 +113,7 @@ def launch(q, k, v, mask, scale: float, out, chunk: int | None = None) -> None:
         BS=bs,
         PARTS=parts,
         INTERPRETER=interpreting(),
-        num_warps=4,
+        num_warps=8 if rep_p * max(d_p, dv_p) >= 8192 else 4,  # 512-wide heads spill registers with 4
     )
     if parts:
         kern.decode_attention_combine[(B * H,)](
