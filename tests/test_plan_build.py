@@ -136,3 +136,54 @@ def test_matrices_the_c_step_cannot_read_take_the_torch_path(tiny_gguf, cache):
     with pytest.raises(plan_build.NotBuilt, match="stored-block type"):
         plan_build.build(ckpt, spec)
     assert _torch_plan(ckpt, spec)[0].cpu_step is None
+
+
+def test_files_the_builder_refuses_keep_the_torch_paths_behaviour(tiny_gguf, tmp_path, monkeypatch, capsys):
+    """Through the CLI: a GGUF with a norm missing, or of the wrong length, still gets the torch
+    path's one-line error and exit status 2, with no plan left behind; one whose norms are float16
+    (which the builder does not take) runs on the torch path, which saves the plan from its C step."""
+    import sys
+
+    from fixtures.gguf_edit import rewrite_gguf
+    from llmarch import cli
+
+    src = tiny_gguf("gemma3", **GEMMA)
+    monkeypatch.setenv("LLMARCH_CACHE", str(tmp_path / "cache"))
+    plans = tmp_path / "cache" / "plans"
+
+    def run(path) -> int:
+        args = [str(path), "--prompt-ids", "2,40,41", "-n", "4", "--device", "cpu", "--json"]
+        monkeypatch.setattr(sys, "argv", ["llmarch", "run", *args])
+        try:
+            cli.main()
+        except SystemExit as e:
+            return int(e.code or 0)
+        return 0
+
+    missing = rewrite_gguf(src, tmp_path / "missing.gguf", drop=["blk.2.ffn_norm.weight"])
+    short = rewrite_gguf(
+        src,
+        tmp_path / "short.gguf",
+        drop=["blk.0.attn_q_norm.weight"],
+        add={"blk.0.attn_q_norm.weight": np.ones(16, dtype=np.float32)},
+    )
+    for path, message in ((missing, "blk.2.ffn_norm.weight"), (short, "shape")):
+        capsys.readouterr()
+        assert run(path) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and path.name in lines[0] and message in lines[0], lines
+        assert not list(plans.glob("*.plan")) and not list(plans.glob(".*.tmp"))
+    f16 = {n: w.astype(np.float16) for n, w in _norms(src).items()}
+    half = rewrite_gguf(src, tmp_path / "half.gguf", drop=list(f16), add=f16)
+    ckpt, spec = load_checkpoint_spec(str(half))
+    with pytest.raises(plan_build.NotBuilt, match="float32"):
+        plan_build.build(ckpt, spec)
+    assert run(half) == 0 and len(list(plans.glob("*.plan"))) == 1  # the torch path's, from its C step
+
+
+def _norms(path) -> dict:
+    """The GGUF's norm tensors as float32 arrays."""
+    import gguf
+
+    r = gguf.GGUFReader(path)
+    return {t.name: np.array(t.data, dtype=np.float32) for t in r.tensors if t.name.endswith("norm.weight")}

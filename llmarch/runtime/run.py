@@ -309,7 +309,8 @@ def _first_plan(ckpt, spec, max_seq: int, threads: int):
     from llmarch.runtime.cpu_plan import lib
     from llmarch.runtime.native_run import open_decoder
 
-    if lib() is None or plan_file.plan_path(ckpt).exists():
+    positions = min(plan_file.MAX_POSITIONS, spec.context_length or plan_file.MAX_POSITIONS)  # its RoPE rows
+    if lib() is None or max_seq > positions or plan_file.plan_path(ckpt).exists():
         return None
     try:
         encoded = plan_file.encode(*plan_build.build(ckpt, spec))
