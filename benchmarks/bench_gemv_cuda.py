@@ -210,14 +210,16 @@ def kernels(a) -> dict:
 
 
 # what each decode variant switches: the GEMV kernel, the fused decode attention op, the gated
-# epilogue (silu(gate) * up in the gate|up GEMV); "1" = off, as the runtime reads them
-SWITCHES = ("LLMARCH_NO_GEMV", "LLMARCH_NO_DECODE_ATTN", "LLMARCH_NO_FUSED_GLU")
+# epilogue (silu(gate) * up in the gate|up GEMV), the attention op that also norms and rotates q/k
+# and writes the cache; "1" = off, as the runtime reads them
+SWITCHES = ("LLMARCH_NO_GEMV", "LLMARCH_NO_DECODE_ATTN", "LLMARCH_NO_FUSED_GLU", "LLMARCH_NO_DECODE_ROPE")
 VARIANTS = {
-    "torch": ("1", "1", "1"),  # torch's matmuls (inductor's under --compile) and attention
-    "gemv": ("0", "1", "1"),  # the GEMV kernel alone
-    "attn": ("0", "0", "1"),  # + the decode attention op
-    "glu": ("0", "1", "0"),  # + the gated epilogue
-    "fused": ("0", "0", "0"),  # + both
+    "torch": ("1", "1", "1", "1"),  # torch's matmuls (inductor's under --compile) and attention
+    "gemv": ("0", "1", "1", "1"),  # the GEMV kernel alone
+    "attn": ("0", "0", "1", "1"),  # + the decode attention op
+    "glu": ("0", "1", "0", "1"),  # + the gated epilogue
+    "fused": ("0", "0", "0", "1"),  # + both
+    "full": ("0", "0", "0", "0"),  # + q/k norm, RoPE and the cache write in the attention op
 }
 
 

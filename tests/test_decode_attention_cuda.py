@@ -11,9 +11,13 @@
   |out - exact| <= 2^-8 * (p @ |v|) + the output's own rounding;
 - what takes the kernel (CUDA, one query token, one half-precision dtype, a [1, S] bool mask,
   LLMARCH_NO_DECODE_ATTN=0, or unset where DEFAULT_ON) and that attend() never sends CPU tensors to it;
+- the step whose kernel also norms and rotates q/k and writes the cache (decode_attention_new):
+  tiny llama, qwen3 and gemma3 decode logits against the module path's, both against the float32
+  forward, and the keys / values it wrote against the module path's (on a CPU under the
+  interpreter too);
 - on LLMARCH_TEST_DEVICE=cuda: tiny llama and gemma3 (sliding layers: a ring of 16 slots, wrapped)
   decode logits with the op against the same model without it, both against the float32 forward;
-  the captured and torch.compile'd decode giving the eager tokens.
+  the captured and torch.compile'd decode giving the eager tokens (qwen3 with the new step too).
 
 The kernel runs on CUDA with LLMARCH_TEST_DEVICE=cuda, else on CPU tensors under the Triton
 interpreter (both products in float32 there: see the kernel); without triton those tests skip.
@@ -185,14 +189,81 @@ def test_tiny_model_logits_with_and_without_the_op(family, tiny, monkeypatch):
 @needs_kernels
 @on_cuda
 @pytest.mark.parametrize("compile", [False, True])
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3-new"])
 def test_captured_and_compiled_decode_gives_eager_tokens(family, compile, tiny, monkeypatch):
+    """qwen3-new: the step whose kernel also norms and rotates q/k and writes the cache."""
     from llmarch.runtime.generate import Generator, Sampling
 
-    rt = _load(tiny(family), monkeypatch, True)
-    calls = _counting(monkeypatch)
+    if family.endswith("-new"):
+        rt = _load_new(tiny(family.removesuffix("-new")), monkeypatch, True)
+        calls: list = []
+        real = da.decode_attention_new
+        monkeypatch.setattr(da, "decode_attention_new", lambda *a: calls.append(1) or real(*a))
+    else:
+        rt = _load(tiny(family), monkeypatch, True)
+        calls = _counting(monkeypatch)
     prompt = [2, 17, 5, 99]
     eager = Generator(rt, 32, cuda_graph=False).generate(prompt, 24, Sampling()).tokens
     assert calls
     graph = Generator(rt, 32, compile=compile).generate(prompt, 24, Sampling()).tokens
     assert graph == eager
+
+
+# ------------------------------------------------------------------ the step with norm, RoPE and write
+
+
+def _load_new(path, monkeypatch, new: bool, device=DEVICE):
+    from llmarch.runtime.load import load_runtime
+
+    monkeypatch.setattr(da, "CPU_TOO", True)  # on a CPU the interpreter stands in for the GPU
+    monkeypatch.setenv("LLMARCH_NO_DECODE_ATTN", "0" if new else "1")
+    monkeypatch.setenv("LLMARCH_NO_DECODE_ROPE", "0" if new else "1")
+    return load_runtime(str(path), device, "bfloat16")
+
+
+@needs_kernels
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_new_step_kernel_gives_the_module_path_logits(family, tiny, monkeypatch):
+    """A decode step whose q/k norm (qwen3, gemma3: per head, gemma3's (1 + w)), RoPE (llama3
+    scaling; gemma3's two bases), cache write (gemma3's sliding layers: a 16-slot ring, wrapped by
+    the 20-token sequence) and attention run in the kernel: logits no further from the float32
+    forward than the module path's bf16 ones, and the cache it wrote holds what the module path
+    writes there."""
+    from llmarch.runtime.load import load_runtime
+
+    path = tiny(family)
+    seq = [2, 17, 5, 99, 42, 7, 64, 3, 11, 23, 31, 47, 53, 61, 71, 83, 97, 101, 19, 29]
+    if not da.HAVE_TRITON:
+        pytest.skip("triton is not importable")
+    calls: list = []
+    real = da.decode_attention_new
+    monkeypatch.setattr(da, "decode_attention_new", lambda *a: calls.append(1) or real(*a))
+    rt = _load_new(path, monkeypatch, True)
+    assert any(m.decode_new for m in rt.model.modules() if isinstance(m, Attention))
+    got = logits_by_step(rt, seq, DEVICE, torch.bfloat16, steps=2)
+    assert calls, "the decode steps did not take the kernel"
+    calls.clear()
+    base = logits_by_step(_load_new(path, monkeypatch, False), seq, DEVICE, torch.bfloat16, steps=2)
+    assert not calls
+    ref32 = logits_by_step(load_runtime(str(path), "cpu", "float32"), seq, "cpu", torch.float32, steps=2)
+    top = ref32.abs().max().item()
+    err, err_base = (got - ref32).abs().max().item(), (base - ref32).abs().max().item()
+    assert err <= 1.5 * err_base + 1e-3 * top, (err, err_base)
+    # the keys / values the kernel wrote: the module path's (rounded there after each of norm and
+    # RoPE, once here) within 4 bf16 roundings of their size
+    caches = [written_cache(r, seq) for r in (rt, _load_new(path, monkeypatch, False))]
+    for name, new, old in zip(caches[0], caches[0].values(), caches[1].values(), strict=True):
+        assert (new - old).abs().max() <= 4 * 2**-8 * old.abs().max(), name
+
+
+def written_cache(rt, seq: list[int]) -> dict:
+    """Every layer's K/V after a prefill of seq[:-1] and one decode step of seq[-1] (eager)."""
+    from fixtures.parity import kv_cache
+
+    cache = kv_cache(rt.spec, len(seq), DEVICE, torch.bfloat16)
+    rt.model.setup(len(seq), DEVICE, torch.bfloat16)
+    n = len(seq) - 1
+    with torch.inference_mode():
+        rt.model(torch.tensor([seq[:n]], device=DEVICE), torch.arange(n, device=DEVICE), cache, limit=n)
+        rt.model(torch.tensor([[seq[n]]], device=DEVICE), torch.tensor([n], device=DEVICE), cache, limit=n + 1)
+    return {f"{i}.{kv}": getattr(lc, kv).float().cpu() for i, lc in cache.layers.items() for kv in "kv"}

@@ -14,6 +14,11 @@ its launches. attend() sends a step here when its Attention was built with enabl
 or LLMARCH_NO_DECODE_ATTN=0 / =1) and takes() says so: CUDA, one query token, float16 / bfloat16 q,
 K and V, a [1, S] bool mask; and none of soft-capping or sinks (attend() checks those; they keep
 the explicit form).
+
+decode_attention_new goes one step further where only a per-head RMS norm and RoPE lie between the
+projection and the cache (Attention.decode_new, new_step_enabled(): LLMARCH_NO_DECODE_ROPE): the
+kernel takes the raw q, k, v projections, norms and rotates q and k, writes k and v into the cache
+slot and attends, in place of inductor's norm / RoPE / index_copy kernels and the attention op.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from functools import cache
+from typing import NamedTuple
 
 import torch
 
@@ -33,6 +39,9 @@ MAX_SPLITS = 64  # splits of one KV head at most (a 16k-slot cache: 256 slots ea
 # whether a CUDA decode step takes the kernel when LLMARCH_NO_DECODE_ATTN is unset: off until the
 # H200 measures it faster end to end (benchmarks/bench_gemv_cuda.py decode --attention)
 DEFAULT_ON = False
+# the same for the step that also norms and rotates q and k and writes the cache (decode_attention_new)
+NEW_STEP_ON = False
+CPU_TOO = False  # tests: CPU tensors take the kernels under the Triton interpreter (see on_device)
 # checked once, without importing triton (which costs seconds): attend() runs on every device
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -59,12 +68,15 @@ def plan(S: int, width: int) -> tuple[int, int, int]:
     return bs, steps * bs, -(-S // (steps * bs))
 
 
-def launch(q, k, v, mask, scale: float, out, chunk: int | None = None) -> None:
+def launch(q, k, v, mask, scale: float, out, chunk: int | None = None, new: NewStep | None = None) -> None:
     """out [B, H, DV] = softmax(q . k^T * scale, hidden where not mask) @ v for q [B, H, D],
-    k [B, KV, S, D], v [B, KV, S, DV] (last dims contiguous), mask bool [S]; chunk replaces plan()'s
-    slots per split (tests force splits on short caches)."""
+    k [B, KV, >= S, D], v [B, KV, >= S, DV] (last dims contiguous), mask bool [S] over the first S
+    slots; chunk replaces plan()'s slots per split (tests force splits on short caches).
+
+    new: q is this step's raw query projection, and the kernel norms and rotates it and new.k, and
+    writes new.k / new.v into k / v at slot new.slot (see the kernel's NEW)."""
     B, H, D = q.shape
-    KV, S, DV = k.shape[1], k.shape[2], v.shape[3]
+    KV, S, DV = k.shape[1], mask.shape[0], v.shape[3]
     rep = H // KV
     rep_p, d_p, dv_p = _pow2(rep), _pow2(D), _pow2(DV)
     bs, ch, splits = plan(S, max(d_p, dv_p))
@@ -80,6 +92,15 @@ def launch(q, k, v, mask, scale: float, out, chunk: int | None = None) -> None:
     else:
         pm = pl = pa = out  # unused
     m8 = mask.view(torch.uint8)
+    if new is not None:
+        kin, vin = new.k, new.v
+        ext = (kin, vin, kin.stride(0), kin.stride(1), vin.stride(0), vin.stride(1))
+        rot = 0 if new.cos is None else new.cos.shape[-1]
+        tables = (new.cos, new.sin) if rot else (q, q)
+        weights = (new.q_w, new.k_w) if new.q_w is not None else (q, q)
+        ext += (*weights, *tables, new.pos, new.slot, float(new.eps))
+    else:
+        ext = (q, q, 0, 0, 0, 0, q, q, q, q, q, q, 0.0)  # unused
     kern.decode_attention[(B * KV, splits)](
         q,
         k,
@@ -101,6 +122,7 @@ def launch(q, k, v, mask, scale: float, out, chunk: int | None = None) -> None:
         v.stride(2),
         out.stride(0),
         out.stride(1),
+        *ext,
         CHUNK=ch,
         SPLITS=splits,
         KV=KV,
@@ -113,6 +135,9 @@ def launch(q, k, v, mask, scale: float, out, chunk: int | None = None) -> None:
         BS=bs,
         PARTS=parts,
         INTERPRETER=interpreting(),
+        NEW=new is not None,
+        NORM=new is not None and new.q_w is not None,
+        ROT=0 if new is None or new.cos is None else new.cos.shape[-1],
         num_warps=8 if rep_p * max(d_p, dv_p) >= 8192 else 4,  # 512-wide heads spill registers with 4
     )
     if parts:
@@ -148,6 +173,69 @@ decode_attention = torch.library.custom_op("llmarch::decode_attention", mutates_
 @decode_attention.register_fake
 def _(q, k, v, mask, scale):
     return q.new_empty(q.shape[0], q.shape[1], v.shape[3])
+
+
+class NewStep(NamedTuple):
+    """This step's raw key / value projections [B, KV, D(V)] and what turns q and k into the cached
+    form: per-head RMS norm weights (float32 [D], or None: no norm) and eps, the RoPE tables (cos,
+    sin with its first half negated [positions, rotated lanes], or None: no rotation), the position
+    and the cache slot it writes ([1] int64 tensors)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    q_w: torch.Tensor | None
+    k_w: torch.Tensor | None
+    eps: float
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+    pos: torch.Tensor
+    slot: torch.Tensor
+
+
+def _forward_new(
+    q: torch.Tensor,
+    k_in: torch.Tensor,
+    v_in: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    mask: torch.Tensor,
+    pos: torch.Tensor,
+    slot: torch.Tensor,
+    q_w: torch.Tensor | None,
+    k_w: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    eps: float,
+    scale: float,
+) -> torch.Tensor:
+    q, k_in, v_in = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_in, v_in))
+    out = torch.empty(q.shape[0], q.shape[1], v_cache.shape[3], dtype=q.dtype, device=q.device)
+    new = NewStep(k_in, v_in, q_w, k_w, eps, cos, sin, pos, slot)
+    launch(q, k_cache, v_cache, mask.reshape(-1).contiguous(), scale, out, new=new)
+    return out
+
+
+decode_attention_new = torch.library.custom_op("llmarch::decode_attention_new", mutates_args=("k_cache", "v_cache"))(
+    _forward_new
+)
+
+
+@decode_attention_new.register_fake
+def _(q, k_in, v_in, k_cache, v_cache, mask, pos, slot, q_w, k_w, cos, sin, eps, scale):
+    return q.new_empty(q.shape[0], q.shape[1], v_cache.shape[3])
+
+
+def new_step_enabled() -> bool:
+    """Whether an Attention built now folds its decode step's q/k norm, RoPE and cache write into
+    the kernel too (decode_attention_new): LLMARCH_NO_DECODE_ROPE=1 no, =0 yes, unset NEW_STEP_ON."""
+    switch = os.environ.get("LLMARCH_NO_DECODE_ROPE")
+    return HAVE_TRITON and (switch == "0" if switch in ("0", "1") else NEW_STEP_ON)
+
+
+def on_device(t: torch.Tensor) -> bool:
+    """Whether t's step may run the kernels: on CUDA (and CPU tensors under the Triton interpreter
+    where a test sets CPU_TOO)."""
+    return t.device.type == "cuda" or (CPU_TOO and t.device.type == "cpu" and interpreting())
 
 
 def enabled() -> bool:

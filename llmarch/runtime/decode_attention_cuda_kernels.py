@@ -65,6 +65,27 @@ def _slots(
 
 
 @triton.jit
+def _normed_rotated(base, rows, live, d, w, cos, sin, p, eps, D: tl.constexpr, ROT: tl.constexpr, NORM: tl.constexpr):
+    """Rows base + rows[:, None] + d of a fresh projection, in float32: RMS-normed per row with
+    weight w (NORM), then rotated (ROT > 0: the first ROT lanes, rotate-half pairs, by the cos / sin
+    rows of position p, sin with its first half negated as ops.rope keeps it)."""
+    inside = live[:, None] & (d < D)[None, :]
+    x = tl.load(base + rows[:, None] + d[None, :], mask=inside, other=0.0).to(tl.float32)
+    if NORM:
+        f = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+        x = x * f[:, None] * tl.load(w + d, mask=d < D, other=0.0)[None, :]
+    if ROT > 0:
+        dr = tl.where(d < ROT, (d + ROT // 2) % ROT, d)  # each lane's rotate-half partner
+        y = tl.load(base + rows[:, None] + dr[None, :], mask=inside, other=0.0).to(tl.float32)
+        if NORM:
+            y = y * f[:, None] * tl.load(w + dr, mask=d < D, other=0.0)[None, :]
+        c = tl.load(cos + p * ROT + d, mask=d < ROT, other=1.0).to(tl.float32)
+        sn = tl.load(sin + p * ROT + d, mask=d < ROT, other=0.0).to(tl.float32)
+        x = x * c[None, :] + y * sn[None, :]
+    return x
+
+
+@triton.jit
 def decode_attention(
     q,
     k,
@@ -86,6 +107,19 @@ def decode_attention(
     sv_s,
     so_b,
     so_h,
+    k_in,
+    v_in,
+    sn_b,
+    sn_h,
+    vn_b,
+    vn_h,
+    q_w,
+    k_w,
+    cos,
+    sin,
+    pos,
+    slot_at,
+    eps,
     KV: tl.constexpr,
     REP: tl.constexpr,
     REP_P: tl.constexpr,
@@ -98,12 +132,21 @@ def decode_attention(
     BS: tl.constexpr,
     PARTS: tl.constexpr,
     INTERPRETER: tl.constexpr,
+    NEW: tl.constexpr = False,
+    NORM: tl.constexpr = False,
+    ROT: tl.constexpr = 0,
 ):
     """q [B, H, D] (strides sq_*), k [B, KV, S, D], v [B, KV, S, DV] (last dims contiguous), mask
     uint8 [S] (nonzero = visible), out [B, H, DV]; CHUNK slots per split (a multiple of BS). PARTS
     (SPLITS > 1): write part_* float32 [B * KV, SPLITS, REP_P (, DV_P)] for the combine kernel, not out.
     CHUNK is a power-of-two multiple of BS (an eager step's prefix grows: a new variant only as
-    it doubles); S and SPLITS are runtime values."""
+    it doubles); S and SPLITS are runtime values.
+
+    NEW: q holds this step's raw query projection, and k_in / v_in [B, KV, D(V)] (strides sn_*,
+    vn_*) the raw key / value ones, not yet in the cache: the program norms (NORM: per-head RMS
+    with float32 weights q_w / k_w, eps) and rotates (ROT lanes, cos / sin [positions, ROT], row
+    pos[0]) q and its KV head's key itself, and the program whose split holds the cache slot
+    slot_at[0] writes the key and value there before attending."""
     bk = tl.program_id(0)  # batch row * KV + KV head
     sp = tl.program_id(1)
     b = (bk // KV).to(tl.int64)
@@ -112,10 +155,28 @@ def decode_attention(
     d = tl.arange(0, D_P)
     dv = tl.arange(0, DV_P)
     heads = kh * REP + r
-    qp = q + b * sq_b + heads[:, None] * sq_h + d[None, :]
-    q_t = tl.load(qp, mask=(r < REP)[:, None] & (d < D)[None, :], other=0.0)  # [REP_P, D_P]
     kbase = k + b * sk_b + kh * sk_h
     vbase = v + b * sv_b + kh * sv_h
+    if NEW:
+        p = tl.load(pos)
+        slot = tl.load(slot_at)
+        one = tl.arange(0, 1)
+        q_t = _normed_rotated(q + b * sq_b, heads * sq_h, r < REP, d, q_w, cos, sin, p, eps, D, ROT, NORM)
+        q_t = q_t.to(k.dtype.element_ty)
+        k_new = _normed_rotated(k_in + b * sn_b + kh * sn_h, one, one < 1, d, k_w, cos, sin, p, eps, D, ROT, NORM)
+        k_new = k_new.to(k.dtype.element_ty)  # [1, D_P]
+        v_new = tl.load(v_in + b * vn_b + kh * vn_h + one[:, None] + dv[None, :], mask=(dv < DV)[None, :], other=0.0)
+        v_new = v_new.to(v.dtype.element_ty)
+        # the program whose split holds the slot writes this step's key and value there, and reads
+        # them back below after the barrier (which makes a block's global writes visible to all
+        # its threads); no other program reads that slot
+        mine = sp == slot // CHUNK
+        tl.store(kbase + slot * sk_s + one[:, None] + d[None, :], k_new, mask=(d < D)[None, :] & mine)
+        tl.store(vbase + slot * sv_s + one[:, None] + dv[None, :], v_new, mask=(dv < DV)[None, :] & mine)
+        tl.debug_barrier()
+    else:
+        qp = q + b * sq_b + heads[:, None] * sq_h + d[None, :]
+        q_t = tl.load(qp, mask=(r < REP)[:, None] & (d < D)[None, :], other=0.0)  # [REP_P, D_P]
     m_i = tl.full([REP_P], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([REP_P], dtype=tl.float32)
     acc = tl.zeros([REP_P, DV_P], dtype=tl.float32)
@@ -123,11 +184,47 @@ def decode_attention(
     if INTERPRETER:  # a compile-time trip count: the interpreter cannot loop to a runtime bound
         for s0 in range(0, CHUNK, BS):
             s = start + s0 + tl.arange(0, BS)
-            m_i, l_i, acc = _slots(q_t, kbase, vbase, mask, s, d, dv, S, sk_s, sv_s, scale, m_i, l_i, acc, D, DV, True)
+            m_i, l_i, acc = _slots(
+                q_t,
+                kbase,
+                vbase,
+                mask,
+                s,
+                d,
+                dv,
+                S,
+                sk_s,
+                sv_s,
+                scale,
+                m_i,
+                l_i,
+                acc,
+                D,
+                DV,
+                True,
+            )
     else:  # up to the split's last slot: a cache shorter than the chunk skips the empty steps
         for s0 in range(start, tl.minimum(start + CHUNK, S), BS):
             s = s0 + tl.arange(0, BS)
-            m_i, l_i, acc = _slots(q_t, kbase, vbase, mask, s, d, dv, S, sk_s, sv_s, scale, m_i, l_i, acc, D, DV, False)
+            m_i, l_i, acc = _slots(
+                q_t,
+                kbase,
+                vbase,
+                mask,
+                s,
+                d,
+                dv,
+                S,
+                sk_s,
+                sv_s,
+                scale,
+                m_i,
+                l_i,
+                acc,
+                D,
+                DV,
+                False,
+            )
     if not PARTS:
         o = acc / l_i[:, None]
         op = out + b * so_b + heads[:, None] * so_h + dv[None, :]

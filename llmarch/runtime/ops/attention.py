@@ -164,6 +164,17 @@ class Attention(nn.Module):
         self.qk_norm_weight = None  # [H + KV, D]: q_norm's weight for the q heads, k_norm's for the k heads
         # read once here, so a compiled step's choice is guarded as a module attribute
         self.decode_kernel = da_cuda.enabled()
+        # a one-token step where only a per-head norm and RoPE lie between the projection and the
+        # cache: q/k norm, RoPE, the cache write and attention in one kernel (forward_decode_new)
+        self.decode_new = (
+            self.decode_kernel
+            and da_cuda.new_step_enabled()
+            and self.fuse_qk
+            and self.v_norm_eps is None
+            and self.v_scale is None
+            and self.softcap is None
+            and self.sinks is None
+        )
 
     def project(self, x: torch.Tensor):
         """x [B,T,d] -> q, k, v [B,T,width] and the output gate before its sigmoid (or None)."""
@@ -187,6 +198,8 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         if self.fuse_qk and T > 1 and x.device.type in FUSED_QK_DEVICES:
             return self.forward_fused_qk(x, pos, cache)
+        if self.decode_new and T == 1 and self.takes_decode_new(x, cache):
+            return self.forward_decode_new(x, pos, cache)
         q, k, v, gate = self.project(x)
         if self.kv_source is not None:
             owner = cache.layers[self.kv_source]
@@ -230,6 +243,48 @@ class Attention(nn.Module):
         keys, values = lc.update(k, v)
         return self.finish(q, lc, keys, values, self.gate(x) if self.gate is not None else None)
 
+    def takes_decode_new(self, x: torch.Tensor, cache) -> bool:
+        lc = cache.layers[self.index]
+        norms = self.qk_norm is None or (self.q_norm.weight_f32 is not None and self.k_norm.weight_f32 is not None)
+        return (
+            da_cuda.on_device(x)
+            and x.dtype in da_cuda.DTYPES
+            and lc.k.dtype == x.dtype
+            and not lc.group.concat
+            and self.rope.cos is not None
+            and self.rope.cos.device == x.device
+            and norms
+        )
+
+    def forward_decode_new(self, x: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+        """forward() of a one-token step with q/k norm, RoPE, the cache write and attention in one
+        kernel (decode_attention_cuda.decode_attention_new)."""
+        B = x.shape[0]
+        H, KV, D = self.heads, self.kv_heads, self.head_dim
+        q, k, v, gate = self.project(x)
+        lc = cache.layers[self.index]
+        g = lc.group
+        per_head = self.qk_norm == "per_head"
+        out = da_cuda.decode_attention_new(
+            q.view(B, H, D),
+            k.view(B, KV, D),
+            v.view(B, KV, self.v_dim),
+            lc.k,
+            lc.v,
+            g.mask,
+            pos,
+            g.write_slots,
+            self.q_norm.weight_f32 if per_head else None,
+            self.k_norm.weight_f32 if per_head else None,
+            self.rope.cos,
+            self.rope.sin_rot,
+            float(self.q_norm.eps) if per_head else 0.0,
+            float(self.scale),
+        )
+        # what this step attended over, for KV-shared layers later in the step (as lc.update keeps it)
+        lc.last = (lc.k, lc.v) if g.limit is None else (lc.k[:, :, : g.limit], lc.v[:, :, : g.limit])
+        return self.output(out[:, :, None], gate)
+
     def per_head_norm(self, qk: torch.Tensor) -> torch.Tensor:
         """q_norm on the q heads and k_norm on the k heads of qk [B, T, H + KV, D], in one pass."""
         if self.qk_norm_weight is None:  # the loaded weights, gathered once
@@ -258,7 +313,6 @@ class Attention(nn.Module):
 
     def finish(self, q, lc, keys, values, gate) -> torch.Tensor:
         """Attend over the cache's keys/values, gate, project out."""
-        B, _, T, _ = q.shape
         out = attend(
             q,
             keys.to(q.dtype),
@@ -270,6 +324,11 @@ class Attention(nn.Module):
             lc.group,
             self.decode_kernel,
         )
+        return self.output(out, gate)
+
+    def output(self, out: torch.Tensor, gate) -> torch.Tensor:
+        """Attention's output [B, H, T, Dv] -> gated, projected out [B, T, d]."""
+        B, _, T, _ = out.shape
         out = out.transpose(1, 2)
         if gate is not None and self.gate_per_head:
             out = out * torch.sigmoid(gate)[..., None]
