@@ -66,7 +66,9 @@ def greedy_choice(logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(dim=-1, keepdim=True)
     best, where = logits.view(rows, V // rows).max(dim=-1)
     row = best.argmax()
-    return (row * (V // rows) + where[row]).view(1, 1)
+    # gather, not where[row]: indexing by a 0-dim tensor reads it on the host (a sync), which a
+    # CUDA graph capture refuses ("operation not permitted when stream is capturing")
+    return (row * (V // rows) + where.gather(0, row.view(1))).view(1, 1)
 
 
 class Generator:
