@@ -64,7 +64,7 @@ def greedy_choice(logits: torch.Tensor) -> torch.Tensor:
     rows = _rows(V) if logits.shape[0] == 1 else None
     if rows is None:
         return logits.argmax(dim=-1, keepdim=True)
-    best, where = logits.view(rows, V // rows).max(dim=-1)
+    best, where = logits.reshape(rows, V // rows).max(dim=-1)
     row = best.argmax()
     # gather, not where[row]: indexing by a 0-dim tensor reads it on the host (a sync), which a
     # CUDA graph capture refuses ("operation not permitted when stream is capturing")
