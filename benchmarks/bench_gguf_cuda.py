@@ -89,11 +89,17 @@ def make_q4_k_m(q8: Path, out: Path, torch) -> Path:
     return rewrite_gguf(q8, out, drop=list(add), add=add)
 
 
-def measure(path: Path, stored: bool, prompt: list[int], n: int, reps: int, compile: bool, torch) -> dict:
+def measure(
+    path: Path, stored: bool, prompt: list[int], n: int, reps: int, compile: bool, torch, mode="auto", profile=False
+) -> dict:
+    """mode: the Q4_K / Q6_K decode path (gguf_cuda.DP4A, read when the step is first run and
+    captured; auto's choices are timed afresh); profile: where a captured step's time goes."""
     from llmarch.runtime import gguf_cuda
     from llmarch.runtime.generate import Generator, Sampling
     from llmarch.runtime.load import load_runtime
 
+    gguf_cuda.DP4A = mode
+    gguf_cuda.CHOSEN.clear()
     t = time.perf_counter()
     rt = load_runtime(str(path), "cuda", None if stored else "bfloat16", stored_blocks=stored)
     load_s = time.perf_counter() - t
@@ -121,6 +127,14 @@ def measure(path: Path, stored: bool, prompt: list[int], n: int, reps: int, comp
         "note": gguf_cuda.summary(rt.model),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
     }
+    if profile:
+        from bench_run_gpu import decode_profile, profile_text
+
+        out["profile"] = decode_profile(g, torch, len(rt.spec.schedule), pos=len(prompt))
+        print(profile_text(f"{path.name} {mode}", out["profile"]), flush=True)
+    if mode == "auto":
+        out["auto_paths"] = {" ".join(map(str, k[:4])): v for k, v in gguf_cuda.CHOSEN.items()}
+    gguf_cuda.DP4A = "auto"
     del g, rt
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -133,7 +147,9 @@ def rel_err(lin, x, ref, torch) -> float:
         return ((lin(x).float() - ref).abs().max() / ref.abs().max()).item()
 
 
-def kernel_times(torch, reps: int = 200, types=("Q8_0", "Q4_K", "Q6_K"), prefill: int = 512) -> list[dict]:
+def kernel_times(
+    torch, reps: int = 200, types=("Q8_0", "Q4_K", "Q6_K"), prefill: int = 512, ways_too: bool = True
+) -> list[dict]:
     """One decode row (M = 1, bf16) through each Llama-3.2-1B matrix shape and stored type: the
     stored-block op against torch's bf16 matmul of the dequantized weight, each timed as one CUDA
     graph of `reps` calls (launch gaps removed); bytes each reads per call / its time; the config
@@ -179,9 +195,20 @@ def kernel_times(torch, reps: int = 200, types=("Q8_0", "Q4_K", "Q6_K"), prefill
             x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
             with torch.inference_mode():
                 ts, tb = timed(partial(lin, x)), timed(partial(torch.nn.functional.linear, x, w))
+                dp4a = qtype in gguf_cuda.DP4A_TYPES
+                if dp4a:  # "stored" above is auto's pick; each path alone (warm L2: one matrix repeated)
+                    modes = {}
+                    for mode in ("float", "dp4a", "pre"):
+                        gguf_cuda.DP4A = mode
+                        modes[mode] = timed(partial(lin, x))
+                    gguf_cuda.DP4A = "auto"
+                    tf, tpre = modes["float"], modes["pre"]
                 # a float32 input with a bf16 output (tried for compiled steps: slower, not used)
                 flat, x32 = list(lin.arrays(0)), x.float()
                 t32 = timed(partial(gguf_cuda.stored_linear, x32, flat, lin.codes, lin.rows, torch.bfloat16))
+            if dp4a:
+                dt = gguf_cuda._dp4a_launcher(qtype, k)[0]
+                best_dp4a = next((c for key, c in dt.cache.items() if n in key), None)
             tuner = gguf_cuda._launcher(qtype)[0]
             best = next(iter(tuner.cache.values()), None) if getattr(tuner, "cache", None) else None
             tuner.cache = {}  # the next shape's tuning must not find this one's
@@ -203,12 +230,19 @@ def kernel_times(torch, reps: int = 200, types=("Q8_0", "Q4_K", "Q6_K"), prefill
                 f"bf16 {tb * 1e6:7.1f} us {w.numel() * 2 / tb / 1e9:6.0f} GB/s  [{best}]"
                 f"\n      float32 input: {t32 * 1e6:7.1f} us {sb / t32 / 1e9:6.0f} GB/s"
             )
+            if dp4a:
+                row.update(float_us=tf * 1e6, float_GBps=sb / tf / 1e9, dp4a_config=str(best_dp4a))
+                row.update(dp4a_pre_us=tpre * 1e6, dp4a_us=modes["dp4a"] * 1e6)
+                row["auto_path"] = next((v for key, v in gguf_cuda.CHOSEN.items() if key[1] == n and key[2] == k), None)
+                line += f"\n      float kernels: {tf * 1e6:7.1f} us {sb / tf / 1e9:6.0f} GB/s (dp4a: {best_dp4a})"
+                line += f"\n      dp4a {modes['dp4a'] * 1e6:7.1f} us, row quantized by its own launch first {tpre * 1e6:7.1f} us"
+                line += f" (auto picked {row['auto_path']})"
             # each result against the float32 product with dequantize()'s weights: a wrong unpacking
             # misses by the size of y itself, bf16 rounding by ~1e-2 of it at most
             ref = x.float() @ gguf_cuda.dequantize(lin.arrays(0), qtype, k).t()
             row["max_rel_err"] = {"tuned": rel_err(lin, x, ref, torch)}
             per_way = {}
-            for way in gguf_cuda.ways(qtype):  # each way alone on one fixed tile (4 rows, 4 warps)
+            for way in gguf_cuda.ways(qtype) if ways_too else ():  # each way alone on one fixed tile (4 rows, 4 warps)
                 gguf_cuda.FORCE_WAY = way
                 try:
                     with torch.inference_mode():
@@ -251,6 +285,10 @@ def main() -> None:
     ap.add_argument("--kernels", action="store_true", help="also time each matrix shape's kernel alone")
     ap.add_argument("--kernels-only", action="store_true", help="only the per-matrix kernel times (no models)")
     ap.add_argument("--kernel-types", default="Q8_0,Q4_K,Q6_K", help="stored types of the per-matrix kernel times")
+    ap.add_argument("--modes", default="float", help="K-quant decode paths also run besides auto (gguf_cuda.DP4A)")
+    ap.add_argument("--profile", action="store_true", help="where each stored-block decode step's time goes")
+    ap.add_argument("--no-prefill", action="store_true", help="kernel times: decode rows only")
+    ap.add_argument("--no-ways", action="store_true", help="kernel times: not each float way alone")
     ap.add_argument("--json")
     a = ap.parse_args()
     import torch
@@ -263,7 +301,9 @@ def main() -> None:
         compile=a.compile, tokens=a.tokens, prompt=a.prompt, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     )
     if a.kernels or a.kernels_only:
-        res["kernels"] = kernel_times(torch, types=a.kernel_types.split(","))
+        res["kernels"] = kernel_times(
+            torch, types=a.kernel_types.split(","), prefill=0 if a.no_prefill else 512, ways_too=not a.no_ways
+        )
         if a.json:
             Path(a.json).write_text(json.dumps(res, indent=2))
         if a.kernels_only:
@@ -287,11 +327,15 @@ def main() -> None:
         print(f"sources in {res['sources_s']:.1f} s: {res['file_bytes']}", flush=True)
         torch.cuda.reset_peak_memory_stats()  # the checkpoint was drawn on the GPU: not the first run's peak
         for kind in a.types.split(","):
-            for label, stored in (("stored", True), ("dequantized", False)):
+            runs = []
+            if kind != "q8_0":  # Q8_0 has no dp4a kernel: its runs do not depend on the mode
+                runs += [(f"stored {m}", True, m) for m in a.modes.split(",") if m]
+            runs += [("stored", True, "auto"), ("dequantized", False, "auto")]
+            for label, stored, mode in runs:
                 if not stored and kind not in a.dequantized.split(","):
                     continue
                 try:
-                    r = measure(files[kind], stored, prompt, a.tokens, a.reps, a.compile, torch)
+                    r = measure(files[kind], stored, prompt, a.tokens, a.reps, a.compile, torch, mode, a.profile)
                 except Exception as e:  # report and go on
                     r = {"error": f"{type(e).__name__}: {e}"[:800]}
                 else:
@@ -306,7 +350,7 @@ def main() -> None:
         Path(a.json).write_text(json.dumps(res, indent=2))
     print(f"\n{res['device']} Llama-3.2-1B shape, copy {rate / 1e12:.2f} TB/s, compile={a.compile}")
     for kind in a.types.split(","):
-        for label in ("stored", "dequantized"):
+        for label in ["stored"] + [f"stored {m}" for m in a.modes.split(",") if m] + ["dequantized"]:
             r = res.get(f"{kind} {label}")
             if r is None:
                 continue

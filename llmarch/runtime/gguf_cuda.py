@@ -167,6 +167,122 @@ def tuned_ways(qtype: str) -> tuple[int, ...]:
 
 FORCE_WAY: int | None = None  # tests: run the K-quant kernels this way, on a fixed tile (no autotuning)
 
+# Q4_K and Q6_K decode rows have three paths ("float" the kernels above, whose only rounding is
+# float32 accumulation; by integer dot products, gguf_cuda_kernels' *_dp4a, as llama.cpp's mmvq:
+# "dp4a" with the activation row quantized to int8 blocks of 32 inside every program, "pre" with it
+# quantized once per op by its own launch first). DP4A "auto" times the three on a matrix shape's
+# first decode call (cold L2, triton's do_bench) and keeps the fastest for it; any other mode forces
+# its path. LLMARCH_GGUF_CUDA_DP4A=float|dp4a|pre|auto (0 = float) sets it; the path is chosen when
+# the op runs, so a captured step keeps what was set when it was captured. The default stays
+# "float" until a decode step end to end measures another faster (per matrix, on the H200, "pre"
+# beat the float kernels on the 16384- and 128256-row and the 8192-wide matrices, not on the others).
+DP4A_MODES = ("auto", "float", "dp4a", "pre")
+DP4A_TYPES = ("Q4_K", "Q6_K")
+
+
+def mode_from_env() -> str:
+    v = os.environ.get("LLMARCH_GGUF_CUDA_DP4A", "float").strip().lower()
+    return {"0": "float", "1": "auto"}.get(v, v if v in DP4A_MODES else "float")
+
+
+DP4A = mode_from_env()
+DP4A_ASM: bool | None = None  # tests: False runs the dp4a kernels' plain-integer form on CUDA too
+CHOSEN: dict[tuple, str] = {}  # auto's choice per (type, rows, width, activation rows, dtype)
+
+
+def decode_path(qtype: str, x: torch.Tensor, arrays, y: torch.Tensor, col0: int) -> str:
+    """The path ("float", "dp4a" or "pre") of one stored tensor's decode rows (see DP4A)."""
+    if qtype not in DP4A_TYPES or FORCE_WAY is not None or DP4A == "float":
+        return "float"
+    if DP4A != "auto":
+        return DP4A
+    if x.device.type != "cuda":
+        return "dp4a"  # the interpreter: nothing to time
+    key = (qtype, arrays[0].shape[0], x.shape[1], x.shape[0], x.dtype)
+    if key not in CHOSEN:
+        if torch.cuda.is_current_stream_capturing():  # no timing inside a capture (the warm-up times)
+            return "dp4a"
+        CHOSEN[key] = _fastest(qtype, x, arrays, y, col0)
+    return CHOSEN[key]
+
+
+def _fastest(qtype: str, x: torch.Tensor, arrays, y: torch.Tensor, col0: int) -> str:
+    """The fastest path for these shapes, each timed from a cold L2 as in a decode step (the weights
+    come from memory): median of triton's do_bench, after a first call that compiles and tunes."""
+    from triton.testing import do_bench
+
+    def call(path):
+        return lambda: gemv(qtype, x, arrays, y, col0, path, quantize_rows(x) if path == "pre" else None)
+
+    times = {}
+    for path in ("float", "dp4a", "pre"):
+        call(path)()
+        times[path] = do_bench(call(path), warmup=5, rep=25, return_mode="median")
+    return min(times, key=times.get)
+
+
+def _dp4a_step(qtype: str, K: int, values: int) -> dict:
+    """The dp4a kernel's step along a row: `values` values, or fewer where they do not divide K."""
+    per = 64 if qtype == "Q4_K" else 128  # a Q4_K chunk / a Q6_K half
+    n = 1
+    while n * 2 * per <= values and (K // per) % (n * 2) == 0:
+        n *= 2
+    return {"CC": n} if qtype == "Q4_K" else {"HH": n}
+
+
+@cache
+def _dp4a_launcher(qtype: str, K: int):
+    """The dp4a kernel for `qtype` at row width K: autotuned on CUDA over rows per program, warps
+    and step width, once per matrix shape; a fixed tile under the interpreter."""
+    import triton
+
+    k = _kernels()
+    kernel = k.gemv_q4_k_dp4a if qtype == "Q4_K" else k.gemv_q6_k_dp4a
+    if interpreting():
+        return kernel, {"BN": 64, **_dp4a_step(qtype, K, 1024)}
+    configs, seen = [], set()
+    for bn, w, values in ((2, 2, 2048), (4, 4, 1024), (8, 4, 1024), (8, 4, 2048), (16, 8, 2048), (32, 8, 2048)):
+        meta = {"BN": bn, **_dp4a_step(qtype, K, values)}
+        if (key := (tuple(meta.items()), w)) not in seen:
+            seen.add(key)
+            configs.append(triton.Config(meta, num_warps=w))
+    return triton.autotune(configs, key=["N"])(kernel), {}
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] -> the dp4a kernels' int8 activations packed in int32 words [M, K/4], block scales
+    and block sums float32 [M, K/32]; one launch."""
+    M, K = x.shape
+    xq = torch.empty(M, K // 4, dtype=torch.int32, device=x.device)
+    xd = torch.empty(M, K // 32, dtype=torch.float32, device=x.device)
+    xs = torch.empty_like(xd)
+    nb = 1
+    while nb < 32 and (K // 32) % (nb * 2) == 0:
+        nb *= 2
+    _kernels().quantize_rows[(M, K // (32 * nb))](x, xq, xd, xs, K, nb, num_warps=4)
+    return xq, xd, xs
+
+
+def gemv_dp4a(qtype: str, x: torch.Tensor, arrays, y: torch.Tensor, col0: int, pre=None) -> None:
+    """gemv() for Q4_K / Q6_K by the integer-dot-product kernels; pre: quantize_rows(x), when the
+    rows were quantized once for the op."""
+    M, K = x.shape
+    N = arrays[0].shape[0]
+    kernel, fixed = _dp4a_launcher(qtype, K)
+    asm = x.device.type == "cuda" and DP4A_ASM is not False
+    if qtype == "Q4_K":
+        qs, sc, mn, dm = arrays
+        args = (qs.view(torch.int32), sc, mn, dm)
+    else:
+        ql, qh, sc, d = arrays
+        args = (ql.view(torch.int32), qh.view(torch.int32), sc, d)
+
+    def grid(m):
+        return (-(-N // m["BN"]), M)
+
+    xq, xd, xs = pre if pre is not None else (x, x, x)  # placeholders when quantized in the kernel
+    kernel[grid](x, xq, xd, xs, *args, y, N, K, y.shape[1], col0, ASM=asm, PRE=pre is not None, **fixed)
+
 
 @cache
 def _launcher(qtype: str):
@@ -188,8 +304,11 @@ def _launcher(qtype: str):
     return triton.autotune(configs, key=["N", "K"])(kernel), {}
 
 
-def gemv(qtype: str, x: torch.Tensor, arrays, y: torch.Tensor, col0: int) -> None:
-    """y[:, col0 : col0 + rows] = x [M, K] @ W^T, W one stored tensor's repacked arrays."""
+def gemv(qtype: str, x: torch.Tensor, arrays, y: torch.Tensor, col0: int, path="float", pre=None) -> None:
+    """y[:, col0 : col0 + rows] = x [M, K] @ W^T, W one stored tensor's repacked arrays, by `path`
+    (decode_path's; pre: the op's quantize_rows(x) for "pre")."""
+    if path != "float":
+        return gemv_dp4a(qtype, x, arrays, y, col0, pre if path == "pre" else None)
     kernel, fixed = _launcher(qtype)
     M, K = x.shape
     N = arrays[0].shape[0]
@@ -226,28 +345,38 @@ def dequantize_into(qtype: str, arrays, out: torch.Tensor) -> None:
 # ------------------------------------------------------------------------------ the op
 
 
+def _decode(x: torch.Tensor, parts: list, types: list[int], rows: list[int], y: torch.Tensor) -> None:
+    """Decode rows (at most GEMV_ROWS): each part by its decode_path, the activation rows quantized
+    once for every part whose path is "pre"."""
+    cols = [sum(rows[:i]) for i in range(len(rows))]
+    paths = [decode_path(TYPES[code], x, part, y, col) for code, part, col in zip(types, parts, cols)]
+    pre = quantize_rows(x) if "pre" in paths else None
+    for code, part, col, path in zip(types, parts, cols, paths):
+        gemv(TYPES[code], x, part, y, col, path, pre)
+
+
 def _forward(
     x: torch.Tensor, arrays: list[torch.Tensor], types: list[int], rows: list[int], dtype: torch.dtype
 ) -> torch.Tensor:
     M, K = x.shape
     y = torch.empty(M, sum(rows), dtype=dtype, device=x.device)
-    col = at = 0
-    for code, n in zip(types, rows):
-        qtype = TYPES[code]
-        count = NARRAYS[qtype]
-        part = tuple(arrays[at : at + count])
-        at += count
-        if M <= GEMV_ROWS:
-            gemv(qtype, x, part, y, col)
-        else:
-            step = max(1, SLAB // K)
-            w = torch.empty(min(step, n), K, dtype=x.dtype, device=x.device)  # one buffer for every slab
-            for i in range(0, n, step):
-                j = min(i + step, n)
-                dequantize_into(qtype, tuple(a[i:j] for a in part), w[: j - i])
-                if len(rows) == 1 and j - i == n and x.dtype == dtype:
-                    return x @ w.t()  # one slab: no copy into y
-                y[:, col + i : col + j] = x @ w[: j - i].t()
+    parts, at = [], 0
+    for code in types:
+        parts.append(tuple(arrays[at : at + NARRAYS[TYPES[code]]]))
+        at += NARRAYS[TYPES[code]]
+    if M <= GEMV_ROWS:
+        _decode(x, parts, types, rows, y)
+        return y
+    col = 0
+    for code, n, part in zip(types, rows, parts):
+        step = max(1, SLAB // K)
+        w = torch.empty(min(step, n), K, dtype=x.dtype, device=x.device)  # one buffer for every slab
+        for i in range(0, n, step):
+            j = min(i + step, n)
+            dequantize_into(TYPES[code], tuple(a[i:j] for a in part), w[: j - i])
+            if len(rows) == 1 and j - i == n and x.dtype == dtype:
+                return x @ w.t()  # one slab: no copy into y
+            y[:, col + i : col + j] = x @ w[: j - i].t()
         col += n
     return y
 

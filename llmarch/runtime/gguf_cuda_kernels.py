@@ -386,3 +386,194 @@ def dequant_q8_q4(qs, d, out, N, K: tl.constexpr, BN: tl.constexpr, G: tl.conste
         v = (g[:, None] * 32 + tl.arange(0, 32)[None, :])[None, :, :]
         q = tl.load(qs + r3 * K + k0 + v).to(tl.float32)
         tl.store(out + r3 * K + k0 + v, (s * q).to(out.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------ integer dot products (decode)
+#
+# llama.cpp's way for K-quants (its mmvq kernels): the activation row is quantized to int8 in blocks
+# of 32 values with a float scale per block, and each 4 bytes of weights meet 4 bytes of activations
+# in one dp4a (a 4-way int8 dot product into an int32): a few integer instructions a 32-bit word of
+# weights (8 values of Q4_K) instead of a float conversion and multiply-add a value. The per-block
+# scales, mins and activation scales are applied once per 32 values. Here every program quantizes
+# the activation row itself (one pass over the row per program, shared by its BN weight rows)
+# instead of a separate launch per matrix. The activation's rounding to int8 (at most half a step,
+# max |x| / 254 of its block) is the only difference from the float kernels above; mins meet the
+# exact float sum of the block's activations.
+
+
+@triton.jit
+def _dp4a(a, b, ASM: tl.constexpr):
+    """Per int32 element: sum over its 4 bytes of (unsigned byte of a) * (signed byte of b). ASM:
+    the PTX dp4a instruction (CUDA only); else the same sum in plain integer operations."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            asm="dp4a.u32.s32 $0, $1, $2, 0;",
+            constraints="=r,r,r",
+            args=[a, b],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=1,
+        )
+    s = ((a & 255) * ((b << 24) >> 24)).to(tl.int32)
+    s += ((a >> 8) & 255) * ((b << 16) >> 24)
+    s += ((a >> 16) & 255) * ((b << 8) >> 24)
+    s += ((a >> 24) & 255) * (b >> 24)
+    return s
+
+
+@triton.jit
+def _quant32(ptrs):
+    """Activations at ptrs [A, 8, 4] (A blocks of 32 values, each 8 words of 4) -> their int8
+    quants packed 4 to an int32 word [A, 8] (round to nearest of x * 127 / max |x|), each block's
+    scale (max |x| / 127) [A], each block's float sum [A] and each word's sum of quants [A, 8]."""
+    xf = tl.load(ptrs).to(tl.float32)
+    amax = tl.max(tl.max(tl.abs(xf), axis=2), axis=1)
+    inv = 127.0 / tl.maximum(amax, 1e-30)
+    # round to nearest by the 1.5 * 2**23 trick: the low mantissa bits of the sum hold the integer
+    v = (xf * inv[:, None, None] + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+    shift = (tl.arange(0, 4) * 8)[None, None, :]
+    words = tl.sum((v & 255) << shift, axis=2)  # disjoint bit fields: the sum is their OR
+    return words, amax / 127.0, tl.sum(tl.sum(xf, axis=2), axis=1), tl.sum(v, axis=2)
+
+
+@triton.jit
+def quantize_rows(x, xq, xd, xs, K: tl.constexpr, NB: tl.constexpr):
+    """Activation rows x [M, K] -> _quant32's words xq int32 [M, K/4], scales xd and float sums xs
+    float32 [M, K/32]: once per row for every dp4a kernel that reads it (their PRE form). Grid:
+    (rows, K / (32 NB))."""
+    b = tl.program_id(1) * NB + tl.arange(0, NB)
+    j = tl.arange(0, 8)
+    off = b[:, None, None] * 32 + j[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
+    words, dx, sx, _ = _quant32(x + tl.program_id(0) * K + off)
+    tl.store(xq + tl.program_id(0) * (K // 4) + b[:, None] * 8 + j[None, :], words)
+    tl.store(xd + tl.program_id(0) * (K // 32) + b, dx)
+    tl.store(xs + tl.program_id(0) * (K // 32) + b, sx)
+
+
+@triton.jit
+def _x_blocks(x, xq, xd, xs, m, k0, blk, woff, K: tl.constexpr, PRE: tl.constexpr, ASM: tl.constexpr):
+    """Activation blocks of 32 values from k0: blk [A] their block numbers from k0, woff [A, 8, 4]
+    their values' offsets from k0 -> _quant32's four results, quantized here or (PRE) read from
+    quantize_rows' output."""
+    if PRE:
+        words = tl.load(xq + m * (K // 4) + k0 * 8 // 32 + blk[:, None] * 8 + tl.arange(0, 8)[None, :])
+        dx = tl.load(xd + m * (K // 32) + k0 // 32 + blk)
+        sx = tl.load(xs + m * (K // 32) + k0 // 32 + blk)
+        return words, dx, sx, _dp4a(tl.full(words.shape, 0x01010101, tl.int32), words, ASM)
+    return _quant32(x + m * K + k0 + woff)
+
+
+@triton.jit
+def gemv_q4_k_dp4a(
+    x,
+    xq,
+    xd,
+    xs,
+    qs,
+    sc,
+    mn,
+    dm,
+    y,
+    N,
+    K: tl.constexpr,
+    ldy,
+    col0,
+    BN: tl.constexpr,
+    CC: tl.constexpr,
+    ASM: tl.constexpr,
+    PRE: tl.constexpr,
+):
+    """Q4_K by integer dot products. qs int32 [N, K/8] (gemv_k45's bytes read as words: per chunk
+    of 64 values 8 words, low nibbles sub-block 2c, high nibbles 2c+1); sc, mn, dm as gemv_k45's.
+    A sub-block's sum is d * sc * dx * (q . xq) - dmin * mn * sum(x). CC chunks of 64 per step."""
+    rows, r = _rows(N, BN)
+    m = tl.program_id(1)
+    c = tl.arange(0, CC)
+    j = tl.arange(0, 8)
+    xoff = c[:, None, None] * 64 + j[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
+    woff = (c[:, None] * 8 + j[None, :])[None, :, :]
+    r2 = r[:, None]
+    acc = tl.zeros([BN], dtype=tl.float32)
+    for i in range(0, K // (CC * 64)):
+        k0 = i * (CC * 64)
+        xlo, dxlo, sxlo, _ = _x_blocks(x, xq, xd, xs, m, k0, 2 * c, xoff, K, PRE, ASM)
+        xhi, dxhi, sxhi, _ = _x_blocks(x, xq, xd, xs, m, k0, 2 * c + 1, xoff + 32, K, PRE, ASM)
+        w = tl.load(qs + r[:, None, None] * (K // 8) + i * (CC * 8) + woff)
+        dlo = tl.sum(_dp4a(w & 0x0F0F0F0F, tl.broadcast_to(xlo[None, :, :], (BN, CC, 8)), ASM), axis=2)
+        dhi = tl.sum(_dp4a((w >> 4) & 0x0F0F0F0F, tl.broadcast_to(xhi[None, :, :], (BN, CC, 8)), ASM), axis=2)
+        sub = r2 * (K // 32) + k0 // 32 + 2 * c[None, :]
+        slo = tl.load(sc + sub).to(tl.float32)
+        shi = tl.load(sc + sub + 1).to(tl.float32)
+        mlo = tl.load(mn + sub).to(tl.float32)
+        mhi = tl.load(mn + sub + 1).to(tl.float32)
+        sb = r2 * (K // 128) + 2 * (k0 // 256 + c[None, :] // 4)
+        dd = tl.load(dm + sb).to(tl.float32)
+        dmin = tl.load(dm + sb + 1).to(tl.float32)
+        prod = slo * dxlo[None, :] * dlo.to(tl.float32) + shi * dxhi[None, :] * dhi.to(tl.float32)
+        acc += tl.sum(dd * prod - dmin * (mlo * sxlo[None, :] + mhi * sxhi[None, :]), axis=1)
+    tl.store(y + tl.program_id(1) * ldy + col0 + rows, acc.to(y.dtype.element_ty), mask=rows < N)
+
+
+@triton.jit
+def gemv_q6_k_dp4a(
+    x,
+    xq,
+    xd,
+    xs,
+    ql,
+    qh,
+    sc,
+    d,
+    y,
+    N,
+    K: tl.constexpr,
+    ldy,
+    col0,
+    BN: tl.constexpr,
+    HH: tl.constexpr,
+    ASM: tl.constexpr,
+    PRE: tl.constexpr,
+):
+    """Q6_K by integer dot products. ql int32 [N, K/8], qh int32 [N, K/16] (gemv_q6_k's bytes read
+    as words); sc, d as gemv_q6_k's. Group g (values 32g..32g+31 of a half of 128) of the half's
+    words: ql words 0-7 (g 0, 2) or 8-15 (g 1, 3), low or high nibbles, with 2 bits of qh words
+    0-7 at bit 4; (q - 32) . xq as q . xq - 32 sum(xq), each word's product times its 16 values'
+    scale in int32; then d * dx once per group. HH halves of 128 per step."""
+    rows, r = _rows(N, BN)
+    m = tl.program_id(1)
+    h = tl.arange(0, HH)
+    j = tl.arange(0, 8)
+    xoff = h[:, None, None] * 128 + j[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
+    loff = (h[:, None] * 16 + j[None, :])[None, :, :]
+    hoff = (h[:, None] * 8 + j[None, :])[None, :, :]
+    first = (j < 4)[None, None, :]
+    r2 = r[:, None]
+    r3 = r[:, None, None]
+    acc = tl.zeros([BN], dtype=tl.float32)
+    for i in range(0, K // (HH * 128)):
+        k0 = i * (HH * 128)
+        qla = tl.load(ql + r3 * (K // 8) + i * (HH * 16) + loff)
+        qlb = tl.load(ql + r3 * (K // 8) + i * (HH * 16) + loff + 8)
+        hb = tl.load(qh + r3 * (K // 16) + i * (HH * 8) + hoff)
+        srow = sc + r2 * (K // 16) + k0 // 16 + h[None, :] * 8
+        dd = tl.load(d + r2 * (K // 256) + (k0 // 256 + h // 2)[None, :]).to(tl.float32)
+        tot = tl.zeros([BN, HH], dtype=tl.float32)
+        for g in tl.static_range(4):
+            if g == 0:
+                q = (qla & 0x0F0F0F0F) | ((hb << 4) & 0x30303030)
+            elif g == 1:
+                q = (qlb & 0x0F0F0F0F) | ((hb << 2) & 0x30303030)
+            elif g == 2:
+                q = ((qla >> 4) & 0x0F0F0F0F) | (hb & 0x30303030)
+            else:
+                q = ((qlb >> 4) & 0x0F0F0F0F) | ((hb >> 2) & 0x30303030)
+            xw, dx, _, qsum = _x_blocks(x, xq, xd, xs, m, k0, 4 * h + g, xoff + 32 * g, K, PRE, ASM)
+            t = _dp4a(q, tl.broadcast_to(xw[None, :, :], (BN, HH, 8)), ASM) - 32 * qsum[None, :, :]
+            s = tl.where(
+                first,
+                tl.load(srow + 2 * g).to(tl.int32)[:, :, None],
+                tl.load(srow + 2 * g + 1).to(tl.int32)[:, :, None],
+            )
+            tot += tl.sum(t * s, axis=2).to(tl.float32) * dx[None, :]
+        acc += tl.sum(tot * dd, axis=1)
+    tl.store(y + tl.program_id(1) * ldy + col0 + rows, acc.to(y.dtype.element_ty), mask=rows < N)
