@@ -26,10 +26,11 @@ pytestmark = pytest.mark.skipif(
 )
 GEMMA = {"n_layers": 6, "head_dim": 32}  # 5 sliding layers (window 16) and a global one, two RoPE bases
 # (fixture arch, make_gguf options, spec edits both paths then read): QK-norm, sandwich (1 + w) norms,
-# tied Q8_0 head; llama's permuted Q/K rows, GQA, own head, F16 embedding; a final soft-cap; a
-# sliding window on every layer (one cache group); a smaller softmax scale; pre-norm placement
+# tied Q8_0 head; only sliding layers (one cache group, one RoPE table); llama's permuted Q/K rows,
+# GQA, pre-norms, own Q8_0 head, F16 embedding; a final soft-cap; a softmax scale; linear RoPE scaling
 CASES = {
     "gemma3": ("gemma3", GEMMA, {}),
+    "gemma3 sliding only": ("gemma3", {"n_layers": 2, "head_dim": 32}, {}),
     "llama": ("llama", {}, {}),
     "gemma3 soft-cap": ("gemma3", GEMMA, {"final_softcap": 30.0}),
     "llama scale": ("llama", {"n_layers": 3}, {"attention.scale": 0.125}),
