@@ -28,3 +28,22 @@ def test_greedy_choice_is_argmax(V):
         assert got.item() == x.argmax(-1).item(), f"V={V} trial {trial}"
         x16 = x.to(torch.bfloat16)  # the captured step's dtype: more ties
         assert greedy_choice(x16).item() == x16.argmax(-1).item(), f"V={V} trial {trial} (bf16)"
+
+
+def test_greedy_choice_inside_a_cuda_graph():
+    """Captured and replayed on a GPU (the decode step's use): no host read during capture, and
+    each replay gives argmax of the logits then in the static buffer."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    from llmarch.runtime.generate import greedy_choice
+
+    logits = torch.zeros(1, 128256, device="cuda", dtype=torch.bfloat16)
+    greedy_choice(logits)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = greedy_choice(logits)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for _ in range(5):
+        logits.copy_(torch.randn(logits.shape, device="cuda", generator=gen))
+        graph.replay()
+        assert out.item() == logits.argmax(-1).item()
