@@ -46,9 +46,10 @@ _LAYER_FREE = {
     "index", "mixer", "window", "rope", "rope_theta", "rope_scaling", "kv_heads", "rope_partial", "head_dim",
     "ffn_width", "norm_placement",
 }  # fmt: skip
-# embedding types whose rows gguf-py's dequantizer (the native run's) and llmarch's (the torch
-# path's) give bit for bit: one product per value, or none
-EMBED_TYPES = ("F32", "F16", "Q8_0")
+# embedding types whose rows gguf-py's dequantizer (the native run's) and llmarch's quant.dequantize
+# (the torch path's) give bit for bit: the same float32 operations in the same order (a test holds
+# both to it on random blocks of each)
+EMBED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K")
 
 
 class NotBuilt(Exception):
