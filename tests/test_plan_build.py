@@ -27,7 +27,8 @@ pytestmark = pytest.mark.skipif(
 GEMMA = {"n_layers": 6, "head_dim": 32}  # 5 sliding layers (window 16) and a global one, two RoPE bases
 # (fixture arch, make_gguf options, spec edits both paths then read): QK-norm, sandwich (1 + w) norms,
 # tied Q8_0 head; only sliding layers (one cache group, one RoPE table); llama's permuted Q/K rows,
-# GQA, pre-norms, own Q8_0 head, F16 embedding; a final soft-cap; a softmax scale; linear RoPE scaling
+# GQA, pre-norms, own Q8_0 head, F16 embedding; a final soft-cap; a softmax scale; linear and llama3 RoPE
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
 CASES = {
     "gemma3": ("gemma3", GEMMA, {}),
     "gemma3 sliding only": ("gemma3", {"n_layers": 2, "head_dim": 32}, {}),
@@ -35,6 +36,8 @@ CASES = {
     "gemma3 soft-cap": ("gemma3", GEMMA, {"final_softcap": 30.0}),
     "llama scale": ("llama", {"n_layers": 3}, {"attention.scale": 0.125}),
     "llama linear rope": ("llama", {}, {"rope.scaling": {"rope_type": "linear", "factor": 4.0}}),
+    # wavelengths from 6 to ~600k positions: kept, blended and divided frequencies
+    "llama llama3 rope": ("llama", {}, {"rope.scaling": {**LLAMA3, "original_max_position_embeddings": 64}}),
 }
 
 
@@ -111,9 +114,9 @@ REFUSED = {
     "attention sinks": (None, {"attention.sinks": True}, "attention.sinks"),
     "biases": (None, {"attention.bias": True}, "attention.bias"),
     "a layer norm": (None, {"norm.kind": "layer"}, "norm.kind"),
-    "llama3 RoPE (computed in torch)": (
+    "YaRN RoPE (computed in torch)": (
         None,
-        {"rope.scaling": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64}},
+        {"rope.scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}},
         "computed in torch",
     ),
     "an unknown activation": (None, {"activation": "relu2"}, "activation"),

@@ -8,6 +8,8 @@ run must give the same tokens. Both call these functions; GPU tables are compute
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -45,14 +47,30 @@ def default_inv_freq(dim: int, theta: float) -> np.ndarray:
     return (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))).astype(np.float32)
 
 
+def llama3_inv_freq(inv: np.ndarray, p: dict) -> np.ndarray:
+    """Llama 3's scaling of the default frequencies: long wavelengths divided by factor, short ones
+    kept, those between blended (float32, as transformers' _compute_llama3_parameters)."""
+    factor, low, high = p["factor"], p.get("low_freq_factor", 1.0), p.get("high_freq_factor", 4.0)
+    old = p["original_max_position_embeddings"]
+    low_wl, high_wl = old / low, old / high
+    wavelen = np.float32(2 * math.pi) / inv
+    out = np.where(wavelen > low_wl, inv / np.float32(factor), inv)
+    smooth = (np.float32(old) / wavelen - np.float32(low)) / np.float32(high - low)
+    smoothed = (np.float32(1) - smooth) * out / np.float32(factor) + smooth * out
+    medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+    return np.where(medium, smoothed, out).astype(np.float32)
+
+
 def plain_inv_freq(dim: int, theta: float, scaling: dict | None) -> np.ndarray | None:
-    """The inverse frequencies of the kinds without an attention factor that need nothing but theta
-    (default, linear), or None for the others (ops/rope.py computes those in torch)."""
+    """The inverse frequencies of the kinds without an attention factor (default, linear, llama3),
+    or None for the others (ops/rope.py computes those in torch)."""
     kind = scaling_kind(scaling)
     if kind == "default":
         return default_inv_freq(dim, theta)
     if kind == "linear" and scaling is not None:
         return (default_inv_freq(dim, theta) / np.float32(scaling["factor"])).astype(np.float32)
+    if kind == "llama3" and scaling is not None:
+        return llama3_inv_freq(default_inv_freq(dim, theta), scaling)
     return None
 
 

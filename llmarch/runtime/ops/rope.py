@@ -20,18 +20,6 @@ def _default(dim: int, theta: float) -> torch.Tensor:
     return torch.from_numpy(default_inv_freq(dim, theta))
 
 
-def _llama3(inv: torch.Tensor, p: dict) -> torch.Tensor:
-    factor, low, high = p["factor"], p.get("low_freq_factor", 1.0), p.get("high_freq_factor", 4.0)
-    old = p["original_max_position_embeddings"]
-    low_wl, high_wl = old / low, old / high
-    wavelen = 2 * math.pi / inv
-    out = torch.where(wavelen > low_wl, inv / factor, inv)
-    smooth = (old / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * out / factor + smooth * out
-    medium = ~(wavelen < high_wl) * ~(wavelen > low_wl)
-    return torch.where(medium, smoothed, out)
-
-
 def mscale(scale: float, m: float = 1.0) -> float:
     """YaRN's attention magnitude factor (also DeepSeek MLA's softmax scale, squared)."""
     return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
@@ -76,11 +64,9 @@ def _proportional(dim: int, theta: float, p: dict) -> torch.Tensor:
 def inv_freq(dim: int, theta: float, scaling: dict | None, context: int | None = None) -> tuple[torch.Tensor, float]:
     """(inverse frequencies for `dim` rotated dims, attention factor applied to cos/sin)."""
     kind = scaling_kind(scaling)
-    plain = plain_inv_freq(dim, theta, scaling)  # default, linear: the torch-free plan builder's own
+    plain = plain_inv_freq(dim, theta, scaling)  # default, linear, llama3: the torch-free plan builder's own
     if plain is not None:
         return torch.from_numpy(plain), 1.0
-    if kind == "llama3":
-        return _llama3(_default(dim, theta), scaling), 1.0
     if kind == "yarn":
         return _yarn(dim, theta, scaling, context)
     if kind == "proportional":
