@@ -36,11 +36,11 @@ DTYPES = (torch.bfloat16, torch.float16)
 TILE = 8192  # K (or V) values a program holds per step: slots per step x head width
 MIN_CHUNK = 256  # slots a split walks at least: below that a second launch costs more than it spreads
 MAX_SPLITS = 64  # splits of one KV head at most (a 16k-slot cache: 256 slots each)
-# whether a CUDA decode step takes the kernel when LLMARCH_NO_DECODE_ATTN is unset: off until the
-# H200 measures it faster end to end (benchmarks/bench_gemv_cuda.py decode --attention)
-DEFAULT_ON = False
+# whether a CUDA decode step takes the kernel when LLMARCH_NO_DECODE_ATTN is unset: on, since the
+# H200 measured it faster end to end (benchmarks/bench_gemv_cuda.py decode; README)
+DEFAULT_ON = True
 # the same for the step that also norms and rotates q and k and writes the cache (decode_attention_new)
-NEW_STEP_ON = False
+NEW_STEP_ON = True
 CPU_TOO = False  # tests: CPU tensors take the kernels under the Triton interpreter (see on_device)
 # checked once, without importing triton (which costs seconds): attend() runs on every device
 HAVE_TRITON = importlib.util.find_spec("triton") is not None

@@ -29,8 +29,8 @@ from llmarch.runtime.gguf_cuda import available, interpreting
 ROWS = 1  # activation rows a Linear sends to the kernel (see takes())
 DTYPES = (torch.bfloat16, torch.float16)
 # a gated MLP's silu(gate) * up in the gate|up GEMV's epilogue when LLMARCH_NO_FUSED_GLU is unset:
-# off until the H200 measures it faster end to end (benchmarks/bench_gemv_cuda.py decode)
-FUSED_GLU = False
+# on, since the H200 measured it (with the decode attention op) faster end to end (README)
+FUSED_GLU = True
 REGS = 64  # float32 accumulator values per thread a tile may hold (MP * BN * BK / threads)
 
 
