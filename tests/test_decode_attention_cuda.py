@@ -27,7 +27,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_gguf_cuda import DEVICE, logits_by_step, needs_kernels  # sets TRITON_INTERPRET on a CPU
+from test_gguf_cuda import (  # sets TRITON_INTERPRET on a CPU
+    DEVICE,
+    logits_by_step,
+    needs_kernels,
+    no_further_from_float32,
+)
 
 from llmarch.runtime import decode_attention_cuda as da
 from llmarch.runtime.kv_cache import SlotGroup
@@ -169,7 +174,6 @@ def test_tiny_model_logits_with_and_without_the_op(family, tiny, monkeypatch):
     """Decode logits (teacher-forced, one token a step) with the op are no further from the float32
     forward than torch's bf16 attention is. gemma3's sliding layers hold a ring of 16 slots, which
     the 20-token sequence wraps."""
-    from llmarch.runtime.load import load_runtime
 
     path = tiny(family)
     seq = [2, 17, 5, 99, 42, 7, 64, 3, 11, 23, 31, 47, 53, 61, 71, 83, 97, 101, 19, 29]
@@ -181,10 +185,7 @@ def test_tiny_model_logits_with_and_without_the_op(family, tiny, monkeypatch):
     calls.clear()
     base = logits_by_step(_load(path, monkeypatch, False), seq, DEVICE, torch.bfloat16)
     assert not calls
-    ref32 = logits_by_step(load_runtime(str(path), "cpu", "float32"), seq, "cpu", torch.float32)
-    top = ref32.abs().max().item()
-    err, err_base = (got - ref32).abs().max().item(), (base - ref32).abs().max().item()
-    assert err <= 1.5 * err_base + 1e-3 * top, (err, err_base)
+    no_further_from_float32(got, base, path, seq)
 
 
 @needs_kernels
@@ -233,7 +234,6 @@ def test_new_step_kernel_gives_the_module_path_logits(family, tiny, monkeypatch)
     the 20-token sequence) and attention run in the kernel: logits no further from the float32
     forward than the module path's bf16 ones, and the cache it wrote holds what the module path
     writes there."""
-    from llmarch.runtime.load import load_runtime
 
     path = tiny(family)
     seq = [2, 17, 5, 99, 42, 7, 64, 3, 11, 23, 31, 47, 53, 61, 71, 83, 97, 101, 19, 29]
@@ -249,10 +249,7 @@ def test_new_step_kernel_gives_the_module_path_logits(family, tiny, monkeypatch)
     calls.clear()
     base = logits_by_step(_load_new(path, monkeypatch, False), seq, DEVICE, torch.bfloat16, steps=2)
     assert not calls
-    ref32 = logits_by_step(load_runtime(str(path), "cpu", "float32"), seq, "cpu", torch.float32, steps=2)
-    top = ref32.abs().max().item()
-    err, err_base = (got - ref32).abs().max().item(), (base - ref32).abs().max().item()
-    assert err <= 1.5 * err_base + 1e-3 * top, (err, err_base)
+    no_further_from_float32(got, base, path, seq, 2)
     # the keys / values the kernel wrote: the module path's (rounded there after each of norm and
     # RoPE, once here) within 4 bf16 roundings of their size
     caches = [written_cache(r, seq) for r in (rt, _load_new(path, monkeypatch, False))]

@@ -105,6 +105,19 @@ def test_repack_dequantizes_as_quant(qtype, cols):
     assert torch.equal(gc.dequantize(arrays, qtype, cols), ref_dequantize(raw, qtype, (rows, cols))[order])
 
 
+CASE_ROWS = 37  # not a multiple of any tile: the last program's rows are masked
+
+
+def matmul_case(qtype: str, cols: int, M: int, *seed) -> tuple[torch.Tensor, gc.CudaStoredLinear, torch.Tensor]:
+    """(M activation rows, a stored-block Linear of CASE_ROWS random rows, its dequantized weight)."""
+    rng = np.random.default_rng(hash((qtype, cols, M, *seed)) % 2**32)
+    raw = blocks(qtype, CASE_ROWS, cols, rng)
+    x = torch.from_numpy(rng.standard_normal((M, cols)).astype(np.float32))
+    x[0, :32] *= 50  # blocks of very different sizes
+    lin = gc.CudaStoredLinear([(qtype, gc.repack(raw, qtype, CASE_ROWS, cols, DEVICE))], cols)
+    return x, lin, reference(raw, qtype, CASE_ROWS, cols)
+
+
 @needs_kernels
 @pytest.mark.parametrize("qtype,cols", CASES)
 @pytest.mark.parametrize("M", [1, 3])
@@ -112,17 +125,11 @@ def test_kernel_matches_dequantized_matmul(qtype, cols, M, monkeypatch):
     """Every way the K-quant kernels make floats of the quants (gguf_cuda.ways: the int-to-float
     conversion, the exponent-bits trick, on CUDA also its inline-PTX form), each forced in turn;
     then, on CUDA, whatever the autotuner picks."""
-    rng = np.random.default_rng(hash((qtype, cols, M)) % 2**32)
-    rows = 37  # not a multiple of any tile: the last program's rows are masked
-    raw = blocks(qtype, rows, cols, rng)
-    x = torch.from_numpy(rng.standard_normal((M, cols)).astype(np.float32))
-    x[0, :32] *= 50  # blocks of very different sizes
-    lin = gc.CudaStoredLinear([(qtype, gc.repack(raw, qtype, rows, cols, DEVICE))], cols)
-    w = reference(raw, qtype, rows, cols)
+    x, lin, w = matmul_case(qtype, cols, M)
     for way in gc.ways(qtype, torch.device(DEVICE).type):
         monkeypatch.setattr(gc, "FORCE_WAY", way)
         y = lin(x.to(DEVICE))
-        assert y.dtype == torch.float32 and y.shape == (M, rows)
+        assert y.dtype == torch.float32 and y.shape == (M, CASE_ROWS)
         close(y, x, w)
     monkeypatch.setattr(gc, "FORCE_WAY", None)
     monkeypatch.setattr(gc, "DP4A", "float")
@@ -139,20 +146,14 @@ def test_dp4a_kernel_matches_dequantized_matmul(qtype, cols, M, monkeypatch):
     """The integer-dot-product kernels (the default for Q4_K / Q6_K decode rows) against the float64
     product, within the int8 rounding of the activations; on CUDA both the PTX dp4a and the
     plain-integer form, then whatever the autotuner picks."""
-    rng = np.random.default_rng(hash((qtype, cols, M, "dp4a")) % 2**32)
-    rows = 37
-    raw = blocks(qtype, rows, cols, rng)
-    x = torch.from_numpy(rng.standard_normal((M, cols)).astype(np.float32))
-    x[0, :32] *= 50  # blocks of very different sizes
+    x, lin, w = matmul_case(qtype, cols, M, "dp4a")
     x[-1, 32:64] = 0  # an all-zero block: scale 0, no division by it
-    lin = gc.CudaStoredLinear([(qtype, gc.repack(raw, qtype, rows, cols, DEVICE))], cols)
-    w = reference(raw, qtype, rows, cols)
     for asm in (True, False) if DEVICE.startswith("cuda") else (None,):
         for mode in ("dp4a", "pre"):  # quantized inside every program, or once by quantize_rows
             monkeypatch.setattr(gc, "DP4A_ASM", asm)
             monkeypatch.setattr(gc, "DP4A", mode)
             y = lin(x.to(DEVICE))
-            assert y.dtype == torch.float32 and y.shape == (M, rows)
+            assert y.dtype == torch.float32 and y.shape == (M, CASE_ROWS)
             close_int8(y, x, w)
     monkeypatch.setattr(gc, "DP4A_ASM", None)
     monkeypatch.setattr(gc, "DP4A", "dp4a")
@@ -303,6 +304,17 @@ def logits_by_step(rt, seq: list[int], device, dtype, steps: int = 3) -> torch.T
                 rows.append(rt.model(ids, torch.tensor([p], device=device), cache, limit=p + 1, last_only=False)[0, -1])
         out.append(torch.stack(rows))
     return torch.stack(out).float().cpu()
+
+
+def no_further_from_float32(got: torch.Tensor, base: torch.Tensor, path, seq: list[int], steps: int = 3) -> None:
+    """A kernel path's logits_by_step (got) within 1.5x the bf16 torch path's (base) distance from the
+    float32 CPU forward of the same checkpoint, plus 1e-3 of its largest logit."""
+    from llmarch.runtime.load import load_runtime
+
+    ref32 = logits_by_step(load_runtime(str(path), "cpu", "float32"), seq, "cpu", torch.float32, steps)
+    top = ref32.abs().max().item()
+    err, err_base = (got - ref32).abs().max().item(), (base - ref32).abs().max().item()
+    assert err <= 1.5 * err_base + 1e-3 * top, (err, err_base)
 
 
 @needs_kernels
