@@ -276,13 +276,12 @@ class Generator:
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
         t0 = time.perf_counter()
-        ids = torch.tensor([prompt], dtype=torch.long, device=dev)
         logits, pending = None, False  # pending: the prompt's bucket is to be captured, after the clock
         graphs = self.prefill_graphs
         if graphs is not None and graphs.fits(len(prompt)):
             logits, pending = graphs.run(prompt)
         if logits is None:
-            logits = self._prefill(ids)
+            logits = self._prefill(torch.tensor([prompt], dtype=torch.long, device=dev))
         nxt = sample(logits, sampling, gen)
         sync()
         prefill_s = time.perf_counter() - t0
