@@ -4,15 +4,15 @@
     python benchmarks/bench_vs_llamacpp.py --device cpu --tiny --dry-run    # every CPU-side step, small
 
 One run does all of it, so both engines see the same machine in the same minutes:
-1. builds llama.cpp's llama-bench and llama-quantize with CUDA (sm_90) from source in the
-   background: the llama-cpp-python sdist carries it under vendor/llama.cpp (a tarball of that
-   folder, or the folder, works too); the build goes to --build-dir, outside anything a remote
-   call replaces;
+1. builds llama.cpp's llama-bench with CUDA (sm_90) from source in the background, and beside it
+   a CPU-only llama-quantize (done in about a minute): the llama-cpp-python sdist carries it under
+   vendor/llama.cpp (a tarball of that folder, or the folder, works too); the builds go to
+   --build-dir, outside anything a remote call replaces;
 2. writes random-weight bf16 checkpoints with the real configs' shapes (bench_run_gpu's), gives
    them a byte-level BPE tokenizer (tests/test_convert's; `llmarch convert` pads the vocabulary to
    the embedding's rows, and llama.cpp loads no GGUF without one) and converts each with
    `llmarch convert --to gguf` to bf16 and q8_0 (gguf-py writes no K-quants: the Q4_K_M file is
-   made from the bf16 GGUF by the llama-quantize just built, once the build is done);
+   made from the bf16 GGUF by the CPU llama-quantize, once it is built);
    the MoE row (--moe-layers > 0): a Qwen3-30B-A3B-shaped checkpoint cut to that many layers,
    converted to q4_0 (every matrix, the experts included: a type llmarch's CPU expert kernel
    reads as stored, 4.5 bits per weight for both engines);
@@ -84,7 +84,7 @@ TINY = dict(
     head_dim=16,
 )
 GGUF_TYPES = ("bf16", "q8_0")  # written by `llmarch convert`
-QUANTIZED = {"q4_k_m": "Q4_K_M"}  # written by llama-quantize from the bf16 GGUF, after the build
+QUANTIZED = {"q4_k_m": "Q4_K_M"}  # written by llama-quantize from the bf16 GGUF
 SOURCES = ("safetensors", *GGUF_TYPES, *QUANTIZED)
 LABELS = {
     "safetensors": "bf16 safetensors (vs bf16 GGUF)",
@@ -133,6 +133,16 @@ def build_commands(source: Path, build: Path, jobs: int) -> list[list[str]]:
     return [
         ["cmake", "-S", str(source), "-B", str(build), *CMAKE_FLAGS],
         ["cmake", "--build", str(build), "--target", "llama-bench", "llama-quantize", "-j", str(jobs)],
+    ]
+
+
+def quantize_build_commands(source: Path, build: Path, jobs: int) -> list[list[str]]:
+    """llama-quantize alone, CPU-only: built in a minute beside the CUDA build, so the Q4_K_M files
+    exist (and llmarch warms them up) while llama-bench is still compiling."""
+    flags = [f for f in CMAKE_FLAGS if not f.startswith(("-DGGML_CUDA", "-DCMAKE_CUDA"))] + ["-DGGML_CUDA=OFF"]
+    return [
+        ["cmake", "-S", str(source), "-B", str(build), *flags],
+        ["cmake", "--build", str(build), "--target", "llama-quantize", "-j", str(jobs)],
     ]
 
 
@@ -491,20 +501,25 @@ def main() -> None:
 
     build_dir = Path(a.build_dir)
     bench, build, build_log = a.llama_bench, None, None
+    qbuild = qbuild_log = None
+    quantize = str(Path(bench).with_name("llama-quantize")) if bench else ""
     if not bench:
         if not a.llama_src:
             sys.exit("bench_vs_llamacpp: give --llama-src (to build llama-bench) or --llama-bench")
         source = llama_source(Path(a.llama_src), build_dir / "src")
         cmds = build_commands(source, build_dir / "build", a.jobs)
+        qcmds = quantize_build_commands(source, build_dir / "build-cpu", a.jobs)
         bench = str(build_dir / "build" / "bin" / "llama-bench")
+        quantize = str(build_dir / "build-cpu" / "bin" / "llama-quantize")
         if a.dry_run:
-            for c in cmds:
+            for c in qcmds + cmds:
                 print("would run:", " ".join(c))
         else:
+            qbuild_log = Path(a.log_dir or build_dir) / "llama_quantize_build.log"
+            qbuild = start_build(qcmds, qbuild_log)
             build_log = Path(a.log_dir or build_dir) / "llama_build.log"
             build = start_build(cmds, build_log)
-            log(f"llama.cpp build started ({source}), log {build_log}")
-    quantize = str(Path(bench).with_name("llama-quantize"))
+            log(f"llama.cpp builds started ({source}): CPU llama-quantize, log {qbuild_log}; CUDA, log {build_log}")
 
     res: dict = {
         "machine": machine(torch, a.device),
@@ -594,9 +609,12 @@ def main() -> None:
                 m["sources"][q] = str(out)
                 m["gguf_bytes"][q] = out.stat().st_size
                 if q in a.sources:
-                    # a fresh compile (~60 s) runs after the build, on the run's critical path: only
-                    # where the budget leaves room, else the captured graph alone (said in the table)
-                    prepare(name, q, out, res["compile"] and left() > a.compile_after_build_s)
+                    # beside the CUDA build a compile costs the run nothing; after it (a prebuilt or
+                    # failed CPU llama-quantize) a fresh compile (~60 s) is on the run's critical
+                    # path: only where the budget leaves room, else the captured graph alone (said
+                    # in the table)
+                    building = build is not None and build.poll() is None
+                    prepare(name, q, out, res["compile"] and (building or left() > a.compile_after_build_s))
 
     def time_prepared() -> None:
         """llmarch's timed runs of each warmed-up source, its decode profile, then its prefill."""
@@ -714,6 +732,13 @@ def main() -> None:
     # past the point where both engines' timed runs would no longer fit. Order of what follows:
     # the converted GGUFs' rows, the MoE row, then the Q4_K_M rows (made after the build), so that
     # a tight budget drops the last first
+    early = qbuild is not None and qbuild.wait() == 0 and Path(quantize).is_file()
+    if early:  # the Q4_K_M files and their warm-ups beside the CUDA build too
+        log("CPU llama-quantize built")
+        add_quantized()
+    elif qbuild is not None:
+        log(f"CPU llama-quantize build failed (log {qbuild_log}): the CUDA build's, after it")
+        quantize = str(Path(bench).with_name("llama-quantize"))
     wait_s = max(left() - 100, 1) if a.budget_s else None
     finished = wait_build(build, build_log, res, t_start, wait_s)
     res["llmarch_timed_beside_build"] = not finished
@@ -722,11 +747,12 @@ def main() -> None:
     if not finished:
         wait_build(build, build_log, res, t_start, None)
     res["loadavg_llamacpp_timed"] = os.getloadavg()
-    bench_llamacpp(GGUF_TYPES)
+    bench_llamacpp(GGUF_TYPES + (tuple(QUANTIZED) if early else ()))
     moe_row()
-    add_quantized()
-    time_prepared()
-    bench_llamacpp(tuple(QUANTIZED))
+    if not early:
+        add_quantized()
+        time_prepared()
+        bench_llamacpp(tuple(QUANTIZED))
 
     res["total_s"] = time.perf_counter() - t_start
     save(res, a.json)
