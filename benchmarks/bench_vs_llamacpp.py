@@ -538,6 +538,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
     prepared: dict = {}
+    # one runtime per model kept for its decode profile, taken after every timed run: torch's
+    # profiler leaves CUPTI attached to the process, which slows each later kernel launch (an eager
+    # prefill's hundreds of launches, not a graph replay's one)
+    to_profile: dict = {}
 
     def prepare(name: str, src: str, path: Path, compile: bool) -> None:
         m = res["models"][name]
@@ -617,7 +621,7 @@ def main() -> None:
                     prepare(name, q, out, res["compile"] and (building or left() > a.compile_after_build_s))
 
     def time_prepared() -> None:
-        """llmarch's timed runs of each warmed-up source, its decode profile, then its prefill."""
+        """llmarch's timed runs of each warmed-up source: decode, then prefill."""
         for name, src in list(prepared):
             rt, g = prepared.pop((name, src))
             m = res["models"][name]
@@ -629,13 +633,8 @@ def main() -> None:
             r["weight_bytes"], r["bytes_per_token"] = decode_bytes(rt, g)
             if res["copy_rate_Bps"]:
                 r["fraction_of_bound"] = r["decode_tok_s"] * r["bytes_per_token"] / res["copy_rate_Bps"]
-            first = not any("decode_profile" in x for x in m["llmarch"].values())
-            if a.profile_steps and g.graph is not None and first and left() > 120:
-                try:  # one source per model: where a captured step's time goes
-                    r["decode_profile"] = decode_profile(g, torch, len(rt.spec.schedule), a.profile_steps)
-                    print(profile_text(f"{name} {src}", r["decode_profile"]), flush=True)
-                except Exception as e:
-                    r["decode_profile_error"] = f"{type(e).__name__}: {e}"[:500]
+            if a.profile_steps and g.graph is not None and name not in to_profile:
+                to_profile[name] = (src, rt)
             del g  # the prefill generator rebuilds the RoPE tables the captured step read
             try:
                 r["prefill_samples"], eager, first = llmarch_prefill(rt, m["prompt_prefill"], a.reps, True)
@@ -652,6 +651,29 @@ def main() -> None:
             if a.device == "cuda":
                 torch.cuda.empty_cache()
             log(f"{name} {src}: llmarch tg {r['decode_tok_s']:.0f} pp {fmt(r['prefill_tok_s'])}")
+
+    def profile_kept() -> None:
+        """The decode profile of each kept runtime, on a newly captured step (the prefill
+        generator rebuilt the tables the timed one read)."""
+        from llmarch.runtime.generate import Generator, Sampling
+
+        for name, (src, rt) in list(to_profile.items()):
+            del to_profile[name]
+            m = res["models"][name]
+            r = m["llmarch"][src]
+            if left() < 60:
+                res["skipped"].append(f"{name} {src} decode profile: time")
+                continue
+            g = None
+            try:  # inductor's caches hold the compiled step already: a second compile is quick
+                g = Generator(rt, len(m["prompt_decode"]) + a.tg, compile=r["compiled"])
+                g.generate(m["prompt_decode"], a.tg, Sampling())
+                r["decode_profile"] = decode_profile(g, torch, len(rt.spec.schedule), a.profile_steps)
+                print(profile_text(f"{name} {src}", r["decode_profile"]), flush=True)
+            except Exception as e:
+                r["decode_profile_error"] = f"{type(e).__name__}: {e}"[:500]
+            del g, rt
+            save(res, a.json)
             save(res, a.json)
 
     # the timed runs wait for the build (a quiet machine); with --budget-s, llmarch's do not wait
@@ -753,6 +775,7 @@ def main() -> None:
         add_quantized()
         time_prepared()
         bench_llamacpp(tuple(QUANTIZED))
+    profile_kept()
 
     res["total_s"] = time.perf_counter() - t_start
     save(res, a.json)
