@@ -14,9 +14,9 @@ timing, each shape's output is checked against a float64 matmul (fresh random da
 poisoned with NaN first).
 
 decode: a random-weight checkpoint of the model's real shapes (bench_run_gpu.make_checkpoint),
-loaded once per variant (VARIANTS: which of the GEMV kernel, the decode attention op and the gated
-epilogue are on; by default the kernel against torch's matmuls, inductor's under --compile), each
---compile + CUDA graph; timed generations alternate between the variants, the order reversed every
+loaded once per variant (VARIANTS: which of the GEMV kernel, the decode attention op, the gated
+epilogue, the q/k norm + RoPE attention step and the norm prologue / residual-add epilogue are on;
+by default the kernel against torch's matmuls, inductor's under --compile), each --compile + CUDA graph; timed generations alternate between the variants, the order reversed every
 round; the ratio per round is each variant's over the last one's; % of bound as bench_run_gpu
 counts it (every weight once + the KV slots a step reads, over the copy rate). --attention adds the
 attention op alone over 160-32768 slots. Processes that share the GPU compile at once and time one
@@ -211,15 +211,23 @@ def kernels(a) -> dict:
 
 # what each decode variant switches: the GEMV kernel, the fused decode attention op, the gated
 # epilogue (silu(gate) * up in the gate|up GEMV), the attention op that also norms and rotates q/k
-# and writes the cache; "1" = off, as the runtime reads them
-SWITCHES = ("LLMARCH_NO_GEMV", "LLMARCH_NO_DECODE_ATTN", "LLMARCH_NO_FUSED_GLU", "LLMARCH_NO_DECODE_ROPE")
+# and writes the cache, the pre-norms in the GEMVs' prologue and the residual adds in their
+# epilogue; "1" = off, as the runtime reads them
+SWITCHES = (
+    "LLMARCH_NO_GEMV",
+    "LLMARCH_NO_DECODE_ATTN",
+    "LLMARCH_NO_FUSED_GLU",
+    "LLMARCH_NO_DECODE_ROPE",
+    "LLMARCH_NO_FUSED_NORM",
+)
 VARIANTS = {
-    "torch": ("1", "1", "1", "1"),  # torch's matmuls (inductor's under --compile) and attention
-    "gemv": ("0", "1", "1", "1"),  # the GEMV kernel alone
-    "attn": ("0", "0", "1", "1"),  # + the decode attention op
-    "glu": ("0", "1", "0", "1"),  # + the gated epilogue
-    "fused": ("0", "0", "0", "1"),  # + both
-    "full": ("0", "0", "0", "0"),  # + q/k norm, RoPE and the cache write in the attention op
+    "torch": ("1", "1", "1", "1", "1"),  # torch's matmuls (inductor's under --compile) and attention
+    "gemv": ("0", "1", "1", "1", "1"),  # the GEMV kernel alone
+    "attn": ("0", "0", "1", "1", "1"),  # + the decode attention op
+    "glu": ("0", "1", "0", "1", "1"),  # + the gated epilogue
+    "fused": ("0", "0", "0", "1", "1"),  # + both
+    "full": ("0", "0", "0", "0", "1"),  # + q/k norm, RoPE and the cache write in the attention op
+    "norm": ("0", "0", "0", "0", "0"),  # + the norm prologues and residual-add epilogues
 }
 
 

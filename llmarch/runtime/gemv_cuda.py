@@ -15,6 +15,11 @@ first call of each width, which the Generator's warm-up makes before capturing. 
 A gated MLP's gate|up matrix can also take the kernel with silu(gate) * up as its epilogue
 (gated_silu, one more custom op): the activation's own launch a layer goes, and the [gate | up] row
 is never written.
+
+A pre-norm layer's RMS norm can be the prologue of the GEMV that reads its output (normed_linear,
+gated_silu's norm: q|k|v, gate|up, the head after the final norm), and its residual add the
+epilogue of the GEMV whose output is added (linear_add: o, down): a plain pre-norm layer is then
+four GEMV launches and the attention op, no normed row or un-added output written between them.
 """
 
 import os
@@ -25,12 +30,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmarch.runtime.gguf_cuda import available, interpreting
+from llmarch.runtime.ops.norms import RMSNorm
 
 ROWS = 1  # activation rows a Linear sends to the kernel (see takes())
 DTYPES = (torch.bfloat16, torch.float16)
 # a gated MLP's silu(gate) * up in the gate|up GEMV's epilogue when LLMARCH_NO_FUSED_GLU is unset:
 # on, since the H200 measured it (with the decode attention op) faster end to end (README)
 FUSED_GLU = True
+# a pre-norm layer's RMS norms in its GEMVs' prologue and its residual adds in their epilogue when
+# LLMARCH_NO_FUSED_NORM is unset: off until measured on a GPU (README)
+FUSED_NORM = False
 REGS = 64  # float32 accumulator values per thread a tile may hold (MP * BN * BK / threads)
 
 
@@ -63,12 +72,24 @@ def pick_tile(mp: int, N: int, K: int) -> tuple[int, int, int]:
 
 
 def launch(
-    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor, tile=None, glu: bool = False
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    y: torch.Tensor,
+    tile=None,
+    glu: bool = False,
+    norm_w: torch.Tensor | None = None,
+    eps: float = 0.0,
+    residual: torch.Tensor | None = None,
 ) -> None:
     """y [M, N] = x [M, K] @ w[N, K]^T (+ b), all contiguous, M <= 4; tile (BN, BK, warps) replaces
     pick_tile's (benchmarks). glu: w (and b) hold a gated MLP's [gate; up] rows and y [M, N / 2] =
     silu(gate) * up, each program taking half the rows pick_tile gives from each half (the same
-    weight values a program as without)."""
+    weight values a program as without).
+
+    norm_w (float32 [K]) and eps: x is a residual-stream row and the product's input is RMSNorm's
+    output rms_norm(x) * norm_w (the kernel's prologue). residual [M, N] (y's dtype, contiguous):
+    y = residual + the product (its epilogue)."""
     M, K = x.shape
     N = w.shape[0] // 2 if glu else w.shape[0]
     mp = 1 << (M - 1).bit_length()
@@ -93,27 +114,42 @@ def launch(
         EVEN_K=K % bk == 0,
         HAS_BIAS=b is not None,
         GLU=glu,
+        nw=norm_w if norm_w is not None else w,  # unused without NORM
+        res=residual if residual is not None else y,  # unused without RES
+        eps=float(eps),
+        NORM=norm_w is not None,
+        RES=residual is not None,
         num_warps=warps,
     )
 
 
-def _forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+def _forward(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    norm_w: torch.Tensor | None = None,
+    eps: float = 0.0,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
     y = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
-    launch(x, w, b, y)
+    launch(x, w, b, y, norm_w=norm_w, eps=eps, residual=residual)
     return y
 
 
+# norm_w / eps: the RMS-norm prologue, residual: the residual-add epilogue (see launch)
 decode_linear = torch.library.custom_op("llmarch::decode_linear", mutates_args=())(_forward)
 
 
 @decode_linear.register_fake
-def _(x, w, b):
+def _(x, w, b, norm_w=None, eps=0.0, residual=None):
     return x.new_empty(x.shape[0], w.shape[0])
 
 
-def _gated_forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+def _gated_forward(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, norm_w: torch.Tensor | None = None, eps: float = 0.0
+) -> torch.Tensor:
     y = torch.empty(x.shape[0], w.shape[0] // 2, dtype=x.dtype, device=x.device)
-    launch(x, w, b, y, glu=True)
+    launch(x, w, b, y, glu=True, norm_w=norm_w, eps=eps)
     return y
 
 
@@ -121,7 +157,7 @@ decode_gated_linear = torch.library.custom_op("llmarch::decode_gated_linear", mu
 
 
 @decode_gated_linear.register_fake
-def _(x, w, b):
+def _(x, w, b, norm_w=None, eps=0.0):
     return x.new_empty(x.shape[0], w.shape[0] // 2)
 
 
@@ -132,10 +168,9 @@ def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
     float32 multiply-adds there, cuBLAS by the weights' bytes), so those stay F.linear's."""
     k = x.shape[-1] if x.dim() else 0
     rows = x.numel() // k if k else 0
-    on = x.device.type == "cuda" or (x.device.type == "cpu" and interpreting())
     return (
         1 <= rows <= ROWS
-        and on
+        and on_device(x)
         and x.dtype in DTYPES
         and w.dtype == x.dtype
         and w.device == x.device
@@ -143,6 +178,11 @@ def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
         and w.shape[1] == k
         and w.is_contiguous()
     )
+
+
+def on_device(x: torch.Tensor) -> bool:
+    """CUDA tensors, or CPU tensors under the Triton interpreter (tests)."""
+    return x.device.type == "cuda" or (x.device.type == "cpu" and interpreting())
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -161,13 +201,66 @@ def fused_glu() -> bool:
     return switch == "0" if switch in ("0", "1") else FUSED_GLU
 
 
-def gated_silu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor | None:
+def gated_silu(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, norm: nn.Module | None = None
+) -> torch.Tensor | None:
     """silu(gate) * up of a gated MLP's [gate; up] Linear (w [2H, K]) in the decode kernel, or None
-    where it does not take x (see takes())."""
+    where it does not take x (see takes()). norm: x is the residual stream and the product's input is
+    norm(x), computed in the kernel's prologue (None where the kernel cannot take that norm)."""
     if w.shape[0] % 2 or not takes(x, w):
         return None
-    y = decode_gated_linear(x.reshape(-1, x.shape[-1]).contiguous(), w, b)
+    pro = () if norm is None else prologue(norm, x)
+    if pro is None:
+        return None
+    y = decode_gated_linear(x.reshape(-1, x.shape[-1]).contiguous(), w, b, *pro)
     return y.view(*x.shape[:-1], w.shape[0] // 2)
+
+
+def fused_norm() -> bool:
+    """Whether a decoder layer built now hands its pre-norms to the GEMVs' prologue and its residual
+    adds to their epilogue in one-token CUDA steps (Block reads it once, at construction):
+    LLMARCH_NO_FUSED_NORM=1 no, =0 yes, unset: FUSED_NORM."""
+    switch = os.environ.get("LLMARCH_NO_FUSED_NORM")
+    return switch == "0" if switch in ("0", "1") else FUSED_NORM
+
+
+def prologue(norm: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+    """(float32 weight, eps) of an RMS norm of x's rows that the kernel's prologue computes as
+    RMSNorm.forward does: loaded, its unit offset folded (fold_unit_offset), on x's device; else None."""
+    if not isinstance(norm, RMSNorm) or norm.unit_offset:
+        return None
+    w = norm.weight_f32
+    if w is None or w.device != x.device or w.dim() != 1 or w.shape[0] != x.shape[-1] or w.dtype != torch.float32:
+        return None
+    return w, float(norm.eps)
+
+
+def normed_linear(x: torch.Tensor, lin: nn.Module, norm: nn.Module) -> torch.Tensor:
+    """lin(norm(x)): one launch, the norm as the decode kernel's prologue, where the kernel takes x
+    and the norm (a DecodeLinear, see takes() and prologue()); else exactly the two modules' calls."""
+    pro = prologue(norm, x) if isinstance(lin, DecodeLinear) and takes(x, lin.weight) else None
+    if pro is None:
+        return lin(norm(x))
+    y = decode_linear(x.reshape(-1, x.shape[-1]).contiguous(), lin.weight, lin.bias, *pro)
+    return y.view(*x.shape[:-1], lin.weight.shape[0])
+
+
+def linear_add(x: torch.Tensor, lin: nn.Module, residual: torch.Tensor) -> torch.Tensor:
+    """residual + lin(x): one launch, the add as the decode kernel's epilogue, where the kernel takes
+    x (a DecodeLinear, see takes()) and residual is its output's shape and dtype; else exactly that sum."""
+    n = lin.weight.shape[0] if isinstance(lin, DecodeLinear) else 0
+    if (
+        not n
+        or not takes(x, lin.weight)
+        or residual.shape != (*x.shape[:-1], n)
+        or residual.dtype != x.dtype
+        or residual.device != x.device
+    ):
+        return residual + lin(x)
+    y = decode_linear(
+        x.reshape(-1, x.shape[-1]).contiguous(), lin.weight, lin.bias, None, 0.0, residual.reshape(-1, n).contiguous()
+    )
+    return y.view(residual.shape)
 
 
 class DecodeLinear(nn.Linear):

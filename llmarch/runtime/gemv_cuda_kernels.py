@@ -8,6 +8,13 @@ into a [MP, BN, BK] float32 tile and reduced across K once, after the loop. Rows
 for the loads (no masks on the hot path) and masked at the store; K past the last whole BK is masked
 only where K is not a multiple of BK (EVEN_K).
 
+Two optional fusions spare a decode step a launch and a row written and read back each:
+- NORM, a prologue: x is the raw residual stream and the product takes rms_norm(x) * nw as its input,
+  each program computing every row's sum of squares in float32 itself (x is a few kilobytes, read
+  from L2) and rounding the normed values to x's dtype as ops/norms.RMSNorm's output is rounded;
+- RES, an epilogue: y = res + x @ W^T, the product rounded to y's dtype before the add, as the
+  unfused `res + linear(x)` rounds it.
+
 Imported only where triton is (CUDA builds of torch bring it); TRITON_INTERPRET=1 runs it on CPU
 tensors for the tests.
 """
@@ -31,13 +38,22 @@ def gemv(
     EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     GLU: tl.constexpr = False,
+    nw=None,
+    res=None,
+    eps=0.0,
+    NORM: tl.constexpr = False,
+    RES: tl.constexpr = False,
 ):
     """x [M, K] contiguous, w [N, K] contiguous, b [N] or unused, y [M, N] contiguous; MP: M rounded
     up to a power of two. K is a compile-time constant (a decode step has a handful of widths).
 
     GLU: w is [2N, K], a gated MLP's [gate; up] rows (b [2N] likewise), and y = silu(gate) * up,
     N wide: each program reads its BN gate rows and the BN up rows of the same outputs, and the
-    activation is applied to the float32 sums, so the [gate | up] row never goes to memory."""
+    activation is applied to the float32 sums, so the [gate | up] row never goes to memory.
+
+    NORM: nw [K] float32 (the norm's weight, any unit offset folded in), eps: the input row is
+    rms_norm(x[m]) * nw, computed as F.rms_norm does it in float32 (x * rsqrt(mean(x^2) + eps) * nw)
+    and rounded to x's dtype. RES: res [M, N] contiguous in y's dtype, and y = res + (x @ W^T + b)."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     r = tl.minimum(rows, N - 1).to(tl.int64)
     m = tl.arange(0, MP)
@@ -46,20 +62,40 @@ def gemv(
     wp = w + r[:, None] * K + kk[None, :]
     xp = x + mc[:, None] * K + kk[None, :]
     acc = tl.zeros([MP, BN, BK], dtype=tl.float32)
+    ONE: tl.constexpr = EVEN_K and K == BK  # the whole row in one step: the prologue's load is reused
+    if NORM:
+        ss = tl.zeros([MP], dtype=tl.float32)
+        if ONE:
+            x0 = tl.load(xp)
+            ss = tl.sum(x0.to(tl.float32) * x0.to(tl.float32), axis=1)
+        else:
+            for k1 in range(0, K, BK):
+                xs = tl.load(xp + k1, mask=((k1 + kk) < K)[None, :], other=0.0).to(tl.float32)
+                ss += tl.sum(xs * xs, axis=1)
+        inv = tl.math.rsqrt(ss / K + eps)
     if GLU:
         up = tl.zeros([MP, BN, BK], dtype=tl.float32)
     for k0 in range(0, K, BK):
         if EVEN_K:
             wt = tl.load(wp + k0, eviction_policy="evict_first")
-            xt = tl.load(xp + k0)
+            if NORM and ONE:
+                xt = x0
+            else:
+                xt = tl.load(xp + k0)
+            if NORM:
+                nt = tl.load(nw + k0 + kk)
             if GLU:
                 ut = tl.load(wp + N * K + k0, eviction_policy="evict_first")
         else:
             inside = (k0 + kk) < K
             wt = tl.load(wp + k0, mask=inside[None, :], other=0.0, eviction_policy="evict_first")
             xt = tl.load(xp + k0, mask=inside[None, :], other=0.0)
+            if NORM:
+                nt = tl.load(nw + k0 + kk, mask=inside, other=0.0)
             if GLU:
                 ut = tl.load(wp + N * K + k0, mask=inside[None, :], other=0.0, eviction_policy="evict_first")
+        if NORM:  # RMSNorm's output, rounded to x's dtype as the unfused norm writes it
+            xt = ((xt.to(tl.float32) * inv[:, None]) * nt[None, :]).to(x.dtype.element_ty)
         xf = xt.to(tl.float32)[:, None, :]
         acc += wt.to(tl.float32)[None, :, :] * xf
         if GLU:
@@ -73,4 +109,7 @@ def gemv(
             u += tl.load(b + N + r).to(tl.float32)[None, :]
         out = out * tl.sigmoid(out) * u
     keep = (m[:, None] < M) & (rows[None, :] < N)
-    tl.store(y + m[:, None].to(tl.int64) * N + rows[None, :], out.to(y.dtype.element_ty), mask=keep)
+    at = m[:, None].to(tl.int64) * N + rows[None, :]
+    if RES:  # the product rounded first, then the residual added in float32 and rounded once more
+        out = out.to(y.dtype.element_ty).to(tl.float32) + tl.load(res + at, mask=keep, other=0.0).to(tl.float32)
+    tl.store(y + at, out.to(y.dtype.element_ty), mask=keep)

@@ -18,6 +18,7 @@ from torch import nn
 
 from llmarch.arch.spec import NORM_SLOTS, ArchSpec, LayerSpec
 from llmarch.errors import LlmarchError
+from llmarch.runtime import gemv_cuda
 from llmarch.runtime.ops.altup import AltUp, AltUpStreams
 from llmarch.runtime.ops.attention import Attention
 from llmarch.runtime.ops.chunked_attention import ChunkedAttention
@@ -103,6 +104,24 @@ class Block(nn.Module):
             else None
         )
         self.hashed = spec.moe is not None and layer.index in spec.moe.hash_layers
+        # a plain pre-norm layer of RMS norms whose mixer and FFN each read their normed input by one
+        # Linear (takes_prenorm) and end in one: a one-token CUDA step hands the norms to those GEMVs'
+        # prologue and the residual adds to the output GEMVs' epilogue (forward's norm / residual);
+        # read once here, so a compiled step's choice is guarded as a module attribute
+        self.fused_norms = (
+            gemv_cuda.fused_norm()
+            and isinstance(self.attn_norm, RMSNorm)
+            and isinstance(self.ffn_norm, RMSNorm)
+            and self.attn_post_norm is None
+            and self.ffn_post_norm is None
+            and self.laurel is None
+            and self.altup is None
+            and self.per_layer is None
+            and self.hyper is None
+            and not self.hashed
+            and getattr(mixer, "takes_prenorm", False)
+            and getattr(ffn, "takes_prenorm", False)
+        )
 
     def forward(self, x, pos, cache, per_layer_input=None, ids=None):
         if self.hyper is not None:
@@ -113,6 +132,9 @@ class Block(nn.Module):
     def body(self, x, pos, cache, ids=None):
         """The layer up to its per-layer input: mixer, LAuReL, FFN, AltUp's correction (then the
         streams are returned). Not for hyper-connection layers."""
+        if self.fused_norms and x.shape[-2] == 1 and gemv_cuda.on_device(x):
+            x = self.attn(x, pos, cache, norm=self.attn_norm, residual=x)
+            return self.mlp(x, norm=self.ffn_norm, residual=x)
         streams = None
         if self.altup is not None:
             streams = self.altup.predict(x)
@@ -216,6 +238,7 @@ class Transformer(nn.Module):
         self.tied_quant = None  # BlockQuantLinear shared by the embedding and the head (--keep-quantized, tied)
         self.embed_scale = spec.embedding_scale
         self.final_softcap = spec.final_softcap
+        self.fused_head_norm = gemv_cuda.fused_norm()  # the final norm in the head GEMV's prologue (head())
         self.per_layer_inputs = PerLayerInputs(spec) if spec.per_layer_embeddings else None
         # start() runs the first layer's body too: it needs no per-layer row
         self._first_split = self.per_layer_inputs is not None and len(layers) > 0 and layers[0].hyper is None
@@ -294,15 +317,28 @@ class Transformer(nn.Module):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm, output projection (tied, quantized or own), soft-capping."""
-        x = self.final_norm(x)
+        if (
+            self.fused_head_norm
+            and x.shape[-2] == 1
+            and self.lm_head is not None
+            and self.tied_quant is None
+            and gemv_cuda.on_device(x)
+        ):
+            logits = gemv_cuda.normed_linear(x, self.lm_head, self.final_norm)  # the norm its prologue
+        else:
+            logits = self.project_out(self.final_norm(x))
+        if self.final_softcap:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
+
+    def project_out(self, x: torch.Tensor) -> torch.Tensor:
+        """The output projection of the normed row: tied, quantized or own."""
         if self.tied_quant is not None:
             logits = self.tied_quant(x)
         elif self.lm_head is None:
             logits = F.linear(x, self.embed.weight)
         else:
             logits = self.lm_head(x)
-        if self.final_softcap:
-            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmarch.arch.spec import ArchSpec, LayerSpec
-from llmarch.runtime import cpu_kernels
+from llmarch.runtime import cpu_kernels, gemv_cuda
 from llmarch.runtime import decode_attention_cuda as da_cuda
 from llmarch.runtime.ops.norms import make_norm
 from llmarch.runtime.ops.rope import Rope
@@ -161,6 +161,9 @@ class Attention(nn.Module):
             and self.temperature is None
             and rope is not None
         )
+        # qkv is the only projection of the input (no output gate of its own): a pre-norm layer's
+        # norm may be handed to it (forward's norm) and the residual add to o (Block)
+        self.takes_prenorm = self.gate is None
         self.qk_norm_weight = None  # [H + KV, D]: q_norm's weight for the q heads, k_norm's for the k heads
         # read once here, so a compiled step's choice is guarded as a module attribute
         self.decode_kernel = da_cuda.enabled()
@@ -176,9 +179,12 @@ class Attention(nn.Module):
             and self.sinks is None
         )
 
-    def project(self, x: torch.Tensor):
-        """x [B,T,d] -> q, k, v [B,T,width] and the output gate before its sigmoid (or None)."""
-        q, k, v = self.qkv(x).split(self.sizes, dim=-1)
+    def project(self, x: torch.Tensor, norm: nn.Module | None = None):
+        """x [B,T,d] -> q, k, v [B,T,width] and the output gate before its sigmoid (or None).
+        norm: x is the residual stream and qkv reads norm(x) (in the GEMV's prologue where it can;
+        only where takes_prenorm: no other projection reads the input)."""
+        qkv = self.qkv(x) if norm is None else gemv_cuda.normed_linear(x, self.qkv, norm)
+        q, k, v = qkv.split(self.sizes, dim=-1)
         if self.v_from_k:
             v = k
         if self.gate_in_q:
@@ -194,16 +200,21 @@ class Attention(nn.Module):
     def temper(self, q: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return temper_queries(q, pos, self.temperature)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, pos: torch.Tensor, cache, norm: nn.Module | None = None, residual=None
+    ) -> torch.Tensor:
+        """norm, residual (a pre-norm layer's one-token step, only where takes_prenorm): x is the
+        residual stream, the layer attends over norm(x) and returns residual + its output, the norm
+        and the add in the q|k|v and o GEMVs where the kernel takes them."""
         B, T, _ = x.shape
-        if self.fuse_qk and T > 1 and x.device.type in FUSED_QK_DEVICES:
+        if norm is None and self.fuse_qk and T > 1 and x.device.type in FUSED_QK_DEVICES:
             return self.forward_fused_qk(x, pos, cache)
         if self.decode_new and T == 1 and self.takes_decode_new(x, cache):
-            return self.forward_decode_new(x, pos, cache)
-        q, k, v, gate = self.project(x)
+            return self.forward_decode_new(x, pos, cache, norm, residual)
+        q, k, v, gate = self.project(x, norm)
         if self.kv_source is not None:
             owner = cache.layers[self.kv_source]
-            return self.finish(self.queries(q, pos), owner, *owner.last, gate)
+            return self.finish(self.queries(q, pos), owner, *owner.last, gate, residual)
         if self.qk_norm == "whole":
             k = self.k_norm(k)
         k = k.view(B, T, self.kv_heads, self.head_dim)
@@ -222,7 +233,7 @@ class Attention(nn.Module):
             k = self.l2_norm(k)
         lc = cache.layers[self.index]
         keys, values = lc.update(k, v)
-        return self.finish(self.queries(q, pos), lc, keys, values, gate)
+        return self.finish(self.queries(q, pos), lc, keys, values, gate, residual)
 
     def forward_fused_qk(self, x: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
         """forward() with q and k heads normed and rotated as one tensor (see fuse_qk)."""
@@ -256,12 +267,12 @@ class Attention(nn.Module):
             and norms
         )
 
-    def forward_decode_new(self, x: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+    def forward_decode_new(self, x: torch.Tensor, pos: torch.Tensor, cache, norm=None, residual=None) -> torch.Tensor:
         """forward() of a one-token step with q/k norm, RoPE, the cache write and attention in one
         kernel (decode_attention_cuda.decode_attention_new)."""
         B = x.shape[0]
         H, KV, D = self.heads, self.kv_heads, self.head_dim
-        q, k, v, gate = self.project(x)
+        q, k, v, gate = self.project(x, norm)
         lc = cache.layers[self.index]
         g = lc.group
         per_head = self.qk_norm == "per_head"
@@ -283,7 +294,7 @@ class Attention(nn.Module):
         )
         # what this step attended over, for KV-shared layers later in the step (as lc.update keeps it)
         lc.last = (lc.k, lc.v) if g.limit is None else (lc.k[:, :, : g.limit], lc.v[:, :, : g.limit])
-        return self.output(out[:, :, None], gate)
+        return self.output(out[:, :, None], gate, residual)
 
     def per_head_norm(self, qk: torch.Tensor) -> torch.Tensor:
         """q_norm on the q heads and k_norm on the k heads of qk [B, T, H + KV, D], in one pass."""
@@ -311,8 +322,8 @@ class Attention(nn.Module):
             q = self.temper(q, pos)
         return q
 
-    def finish(self, q, lc, keys, values, gate) -> torch.Tensor:
-        """Attend over the cache's keys/values, gate, project out."""
+    def finish(self, q, lc, keys, values, gate, residual=None) -> torch.Tensor:
+        """Attend over the cache's keys/values, gate, project out (added to residual, if given)."""
         out = attend(
             q,
             keys.to(q.dtype),
@@ -324,10 +335,11 @@ class Attention(nn.Module):
             lc.group,
             self.decode_kernel,
         )
-        return self.output(out, gate)
+        return self.output(out, gate, residual)
 
-    def output(self, out: torch.Tensor, gate) -> torch.Tensor:
-        """Attention's output [B, H, T, Dv] -> gated, projected out [B, T, d]."""
+    def output(self, out: torch.Tensor, gate, residual=None) -> torch.Tensor:
+        """Attention's output [B, H, T, Dv] -> gated, projected out [B, T, d] (+ residual: in the o
+        GEMV's epilogue where the kernel takes it)."""
         B, _, T, _ = out.shape
         out = out.transpose(1, 2)
         if gate is not None and self.gate_per_head:
@@ -335,4 +347,4 @@ class Attention(nn.Module):
         out = out.reshape(B, T, self.heads * self.v_dim)
         if gate is not None and not self.gate_per_head:
             out = out * torch.sigmoid(gate)
-        return self.o(out)
+        return self.o(out) if residual is None else gemv_cuda.linear_add(out, self.o, residual)

@@ -25,6 +25,7 @@ class ChunkedAttention(Attention):
     def __init__(self, spec, layer, rope):
         super().__init__(spec, layer, rope)
         self.chunk = layer.window
+        self.takes_prenorm = False  # its forward takes no pre-norm or residual (Attention.forward's)
 
     def forward(self, x, pos, cache):
         B, T, _ = x.shape

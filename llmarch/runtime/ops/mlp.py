@@ -75,11 +75,27 @@ class GatedMLP(nn.Module):
             (act or "silu") in ("silu", "swish") and sparsity is None and limit is None and gemv_cuda.fused_glu()
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, norm: nn.Module | None = None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """down(act(gate) * up) of x, or (a pre-norm layer's one-token CUDA step, Block) of norm(x),
+        plus residual: the norm as the gate|up GEMV's prologue and the add as the down GEMV's
+        epilogue where the kernels take them, else the same modules one after another."""
+        if norm is None and residual is None:
+            return self.down(self.hidden_of(x))
+        h = None
+        if self.silu_glu and isinstance(self.gate_up, gemv_cuda.DecodeLinear):
+            h = gemv_cuda.gated_silu(x, self.gate_up.weight, self.gate_up.bias, norm)
+        if h is None:
+            h = self.hidden_of(norm(x) if norm is not None else x)
+        return gemv_cuda.linear_add(h, self.down, residual) if residual is not None else self.down(h)
+
+    def hidden_of(self, x: torch.Tensor) -> torch.Tensor:
+        """act(gate) * up: down's input."""
         if self.silu_glu and isinstance(self.gate_up, gemv_cuda.DecodeLinear):
             h = gemv_cuda.gated_silu(x, self.gate_up.weight, self.gate_up.bias)
             if h is not None:
-                return self.down(h)
+                return h
         gu = self.gate_up(x)
         if (
             self.c_act is not None
@@ -89,15 +105,16 @@ class GatedMLP(nn.Module):
             and not gu.requires_grad
             and cpu_kernels.available()
         ):
-            return self.down(cpu_kernels.gated_act(gu, self.c_act))
+            return cpu_kernels.gated_act(gu, self.c_act)
         gate, up = gu.split(self.hidden, dim=-1)
         if self.std_multiplier is not None:
             gate = gaussian_topk(gate, self.std_multiplier)
         if self.limit is not None:
             gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
-        return self.down(self.act(gate) * up)
+        return self.act(gate) * up
 
     fused = {"gate_up": ("gate", "up")}
+    takes_prenorm = True  # forward takes a pre-norm and the residual (Block's one-token CUDA step)
 
 
 class PlainMLP(nn.Module):
