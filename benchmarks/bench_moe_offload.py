@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fixtures.hub_shapes import QWEN3_30B_A3B, QWEN3_NEXT_80B_A3B  # noqa: E402
@@ -207,8 +208,12 @@ def run_llmarch(args, spec, device, dtype, bits, gpu_experts, bw, segmented=True
     res = gen.generate(ids, args.tokens, Sampling())
     steps = len(res.tokens) - 1
     r = report(rt.model, steps, res.decode_s, device, bw)
-    if args.repeats > 1 or args.ab_kernel:
+    if args.repeats > 1 or args.ab_kernel or args.ab_step or args.ab_hugepages:
         r["repeats"] = repeated_runs(args, gen, rt, spec, ids, device, bw, seg)
+    if args.profile and seg:
+        from profile_moe_offload import profile_step
+
+        print(json.dumps({"profile": profile_step(gen, rt, spec)}), flush=True)
     r.update(
         engine="llmarch",
         expert_bits=bits,
@@ -234,8 +239,10 @@ def run_llmarch(args, spec, device, dtype, bits, gpu_experts, bw, segmented=True
 
 def repeated_runs(args, gen, rt, spec, ids, device, bw, seg) -> dict:
     """--repeats decode runs of the same model, and with --ab-kernel another build of moe_cpu.c
-    (an older source, say) alternated with the current one round by round: per kernel, each run's
-    tok/s, the median, its fraction of the same-run bound and the kernel alone on one layer."""
+    (an older source, say) alternated with the current one round by round, or with --ab-step the
+    segmented decoder's step loop in Python and in C (moe_step) alternated: per variant, each run's
+    tok/s, the median, its fraction of the same-run bound, the kernel alone on one layer, and
+    whether every run gave the same tokens."""
     import statistics
     from pathlib import Path
 
@@ -244,42 +251,120 @@ def repeated_runs(args, gen, rt, spec, ids, device, bw, seg) -> dict:
     from llmarch.runtime.generate import Sampling
 
     per_tok = 0
-    libs = {"current": kernel.cpu_kernel()}
+    current = kernel.cpu_kernel()
+    dec = gen._step_eager.__self__ if seg else None
+    native = dec is not None and getattr(dec, "native", False)
+    loop0 = getattr(dec, "step_loop", None)
+    axes: list[dict] = []  # each axis: {name: setup}; the variants are their product, alternated per round
     if args.ab_kernel:
         from llmarch.runtime.cbuild import build
 
         other = build("moe_cpu_ab", Path(args.ab_kernel).read_text(), ["-O3", "-march=native", "-fopenmp"])
         other.moe_experts.restype = other.moe_decode.restype = None
-        libs = {"ab_kernel": other, **libs}
-    dec = gen._step_eager.__self__ if seg else None
-    runs: dict[str, list] = {name: [] for name in libs}
-    kern: dict[str, list] = {name: [] for name in libs}
+
+        def use_lib(lib):
+            def setup():
+                kernel._LIB = lib  # the Python path and kernel_only call cpu_kernel()
+                if native:
+                    dec.lib, dec.step_loop = lib, "python"  # the prepared contexts fit either build
+
+            return setup
+
+        axes.append({"ab_kernel": use_lib(other), "current": use_lib(current)})
+    if args.ab_step:
+        if dec is None or dec.plan is None:
+            print(
+                json.dumps(
+                    {"ab_step": "no C step loop here (no captured graphs, or torch without raw_cuda_graph_exec)"}
+                )
+            )
+        else:
+            axes.append({f"{lp}_loop": (lambda lp=lp: setattr(dec, "step_loop", lp)) for lp in ("python", "c")})
+    if args.ab_hugepages and native:
+        from llmarch.runtime.experts.host import hugepage_copy
+        from llmarch.runtime.experts.report import offloaded
+
+        t0 = time.perf_counter()
+        stores = offloaded(rt.model)
+        homes = {"4k": [st.parts() for st in stores]}
+        homes["huge"] = [tuple(hugepage_copy(t) for t in parts) for parts in homes["4k"]]
+        copy_s = round(time.perf_counter() - t0, 1)
+        bw_huge = host_read_bandwidth(place=hugepage_copy)  # the same sum over huge pages: that bound too
+        print(
+            json.dumps(
+                {"hugepage_copy_s": copy_s, "host_read_gb_s_huge_pages": round(bw_huge / 1e9, 1), **hugepages_state()}
+            ),
+            flush=True,
+        )
+
+        def use_pages(name):
+            def setup():
+                for st, parts in zip(stores, homes[name]):
+                    st.set_parts(parts)
+                dec.rebuild_contexts()
+
+            return setup
+
+        axes.append({f"{name}_pages": use_pages(name) for name in homes})
+    variants: dict = {"current": []}
+    for axis in axes:
+        variants = {
+            (f"{a}+{b}" if a != "current" else b): [*fs, f] for a, fs in variants.items() for b, f in axis.items()
+        }
+    runs: dict[str, list] = {name: [] for name in variants}
+    kern: dict[str, list] = {name: [] for name in variants}
+    tokens: dict[str, list] = {name: [] for name in variants}
     for _ in range(args.repeats):
-        for name, lib in libs.items():
-            kernel._LIB = lib  # the Python path and kernel_only call cpu_kernel()
-            if dec is not None and getattr(dec, "native", False):
-                dec.lib = lib  # the segmented decoder's prepared contexts fit either build
+        for name, setups in variants.items():
+            for f in setups:
+                f()
             gen.generate(ids, 4, Sampling())
             reset_counters(rt.model)
             res = gen.generate(ids, args.tokens, Sampling())
             rep = report(rt.model, len(res.tokens) - 1, res.decode_s, device, bw)
             runs[name].append(rep["decode_tok_s"])
+            tokens[name].append(list(res.tokens))
             per_tok = rep["expert_bytes_per_token"]
             kern[name].append(kernel_only(rt, spec, reps=20)["kernel_ms_per_layer"])
-    kernel._LIB = libs["current"]
-    if dec is not None and getattr(dec, "native", False):
-        dec.lib = libs["current"]
+    kernel._LIB = current
+    if native:
+        dec.lib, dec.step_loop = current, loop0
     out = {}
-    for name in libs:
+    first = next(iter(tokens.values()))[0]
+    for name in variants:
         med = statistics.median(runs[name])
         out[name] = {
             "decode_tok_s": runs[name],
             "median_tok_s": round(med, 2),
             "fraction_of_bound": round(med / (bw / per_tok), 3) if per_tok else None,
             "kernel_ms_per_layer": kern[name],
+            "same_tokens_as_first_run": all(t == first for t in tokens[name]),
         }
-    out["order"] = "alternated per round" if len(libs) > 1 else "same model, one after another"
+    names = list(variants)
+    for name in names[1:]:  # each variant against the first, round by round
+        out[name]["per_round_ratio_to_first"] = [round(y / x, 3) for x, y in zip(runs[names[0]], runs[name])]
+    out["same_tokens_all_variants"] = all(t == first for v in tokens.values() for t in v)
+    out["order"] = "alternated per round" if len(variants) > 1 else "same model, one after another"
     out["host_read_gb_s_after"] = round(host_read_bandwidth() / 1e9, 1)
+    return out
+
+
+def hugepages_state() -> dict:
+    """The system's transparent huge page setting and this process's anonymous huge pages."""
+    out = {}
+    for what, path in (
+        ("thp_enabled", "/sys/kernel/mm/transparent_hugepage/enabled"),
+        ("thp_defrag", "/sys/kernel/mm/transparent_hugepage/defrag"),
+    ):
+        try:
+            out[what] = Path(path).read_text().strip()
+        except OSError:
+            out[what] = None
+    try:
+        line = next(l for l in Path("/proc/self/smaps_rollup").read_text().splitlines() if l.startswith("AnonHuge"))
+        out["anon_huge_mib"] = int(line.split()[1]) // 1024
+    except (OSError, StopIteration):
+        out["anon_huge_mib"] = None
     return out
 
 
@@ -439,6 +524,21 @@ def main():
         "--ab-kernel",
         default=None,
         help="another moe_cpu.c source (an older commit's, say) alternated with the current kernel each repeat",
+    )
+    ap.add_argument(
+        "--ab-step",
+        action="store_true",
+        help="alternate the segmented decoder's step loop in Python and in C (moe_step) each repeat",
+    )
+    ap.add_argument(
+        "--ab-hugepages",
+        action="store_true",
+        help="also hold a copy of the experts in transparent huge pages and alternate the two each repeat",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the runs, where a step's time goes on the same model (profile_moe_offload.profile_step)",
     )
     ap.add_argument(
         "--omp-active", action="store_true", help="OMP_WAIT_POLICY=ACTIVE: kernel threads spin between layers"

@@ -1,8 +1,11 @@
 """Where a decode token's time goes with experts on the CPU (Qwen3-30B-A3B shapes, int4 experts):
-the GPU segments replayed alone, the host round trip without the kernel, the kernel alone, and the
-whole step. Run on the CUDA machine; prints one JSON line.
+the GPU segments replayed alone, the kernel alone (one layer again and again, its experts partly in
+the CPU's cache, and every layer in turn as a step reads them), a step's timeline through the Python
+loop (per layer: the replay call, the wait for the segment's copy to the host, the kernel inside the
+step), and the whole step with each step loop. Run on the CUDA machine; prints one JSON line.
+bench_moe_offload.py --profile runs the same on its own (compiled) model after its runs.
 
-    python benchmarks/profile_moe_offload.py [--bits 4] [--small --device cpu]
+    python benchmarks/profile_moe_offload.py [--bits 4] [--compile] [--small --device cpu]
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -18,9 +22,87 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def median(xs):
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
+def _us(seconds: float) -> float:
+    return round(seconds * 1e6, 1)
+
+
+def profile_step(gen, rt, spec, reps: int = 20) -> dict:
+    """The breakdown of a Generator's segmented decode step (attach_decoder done, graphs captured)."""
+    import torch
+
+    dec = gen._step_eager.__self__
+    cuda = dec.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    n = len(dec.cuts)
+    run = [g.replay for g in dec.captured] if dec.graphs else dec.segs
+    clock = time.perf_counter
+
+    def timed(fn):
+        sync()
+        t0 = clock()
+        fn()
+        sync()
+        return clock() - t0
+
+    out: dict = {"moe_layers": n, "graphs": dec.graphs, "native": dec.native, "reps": reps}
+    with torch.inference_mode():  # the captured tensors are inference tensors
+        out["segment_alone_us"] = [_us(statistics.median(timed(run[i]) for _ in range(reps))) for i in (1, n // 2, n)]
+        if dec.graphs:  # GPU time alone: replays queued back to back
+            out["segment_gpu_us"] = _us(timed(lambda: [run[n // 2]() for _ in range(reps)]) / reps)
+        if dec.native:
+            lib, ctx = dec.lib, dec.ctx_ptrs
+            warm = []
+            for _ in range(reps):
+                t0 = clock()
+                lib.moe_decode(ctx[n // 2])
+                warm.append(clock() - t0)
+            out["kernel_one_layer_again_us"] = _us(statistics.median(warm))
+            cold = []
+            for _ in range(max(reps // 4, 3)):
+                t0 = clock()
+                for c in ctx:
+                    lib.moe_decode(c)
+                cold.append((clock() - t0) / n)
+            out["kernel_layers_in_turn_us"] = _us(statistics.median(cold))
+            per_layer = sum(dec.bytes_per_step) / n
+            out["kernel_layers_in_turn_gb_s"] = round(per_layer / statistics.median(cold) / 1e9, 1)
+        if dec.graphs and dec.copies_in_graph:  # the Python loop's step, timed per layer
+            launch, wait, kern, whole = [], [], [], []
+            for _ in range(reps):
+                sync()
+                t_start = clock()
+                for i, g in enumerate(dec.captured):
+                    a = clock()
+                    g.replay()
+                    b = clock()
+                    launch.append(b - a)
+                    if i < n:
+                        dec.ready[i].synchronize()
+                        c = clock()
+                        dec.lib.moe_decode(dec.ctx_ptrs[i])
+                        wait.append(c - b)
+                        kern.append(clock() - c)
+                sync()
+                whole.append(clock() - t_start)
+            out["timeline_per_layer_us"] = {
+                "replay_call": _us(statistics.median(launch)),
+                "replay_to_ready": _us(statistics.median(wait)),
+                "kernel_in_step": _us(statistics.median(kern)),
+                "kernel_in_step_p90": _us(sorted(kern)[int(0.9 * len(kern))]),
+            }
+            out["timeline_step_ms"] = round(statistics.median(whole) * 1e3, 3)
+        tok = torch.tensor([[5]], device=dec.device)
+        loops = ["python", "c"] if dec.plan is not None else [dec.step_loop]
+        saved, steps = dec.step_loop, {}
+        for _ in range(3):  # alternated
+            for loop in loops:
+                dec.step_loop = loop
+                steps.setdefault(loop, []).append(
+                    statistics.median(timed(lambda: dec.step(tok, 20)) for _ in range(reps))
+                )
+        dec.step_loop = saved
+        out["step_ms"] = {loop: round(statistics.median(v) * 1e3, 3) for loop, v in steps.items()}
+    return out
 
 
 def main():
@@ -32,7 +114,7 @@ def main():
     ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
     import torch
-    from bench_moe_offload import QWEN3_30B_A3B, SMALL, build_llmarch, kernel_only, spec_of
+    from bench_moe_offload import QWEN3_30B_A3B, build_llmarch, kernel_only, small_of, spec_of
 
     from llmarch.runtime.experts.decode import attach_decoder
     from llmarch.runtime.generate import Generator, Sampling
@@ -40,44 +122,18 @@ def main():
     torch.set_num_threads(os.cpu_count())
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    spec = spec_of(SMALL if args.small else QWEN3_30B_A3B)
+    spec = spec_of(small_of(QWEN3_30B_A3B) if args.small else QWEN3_30B_A3B)
     rt, _ = build_llmarch(spec, device, dtype, args.bits, 0)
     gen = Generator(rt, 64, cuda_graph=False, compile=args.compile)
     assert attach_decoder(gen)
-    dec = gen._step_eager.__self__
-    ids = list(range(3, 19))
-    gen.generate(ids, 4, Sampling())  # captures the graphs
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    run = [g.replay for g in dec.captured] if dec.graphs else dec.segs
-    n = len(dec.cuts)
-
-    def timed(fn):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - t0
-
-    mode = torch.inference_mode()
-    mode.__enter__()  # the captured tensors are inference tensors
-    gpu_t = None
-    seg_t = [median([timed(run[i]) for _ in range(args.reps)]) for i in (1, n // 2, n)]
-    host_t = median([timed(lambda: dec._host(n // 2)) for _ in range(args.reps)])
-    if dec.graphs:  # GPU time alone: replays queued back to back
-        gpu_t = timed(lambda: [run[n // 2]() for _ in range(args.reps)]) / args.reps
-    tok = torch.tensor([[5]], device=device)
-    step_t = median([timed(lambda: dec.step(tok, 20)) for _ in range(args.reps)])
+    gen.generate(list(range(3, 19)), 4, Sampling())  # captures the graphs
     out = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "cpus": os.cpu_count(),
-        "graphs": dec.graphs,
+        "load_1min": os.getloadavg()[0],
         "compiled": args.compile,
-        "moe_layers": n,
-        "segment_ms": [round(t * 1e3, 3) for t in seg_t],
-        "segment_gpu_ms": gpu_t and round(gpu_t * 1e3, 3),
-        "host_roundtrip_ms": round(host_t * 1e3, 3),
-        "step_ms": round(step_t * 1e3, 2),
         "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+        **profile_step(gen, rt, spec, args.reps),
         **kernel_only(rt, spec, reps=args.reps * 3),
     }
     print(json.dumps(out), flush=True)

@@ -128,8 +128,12 @@ def _decode_both_ways(path, device: str, bits: int, ids):
     rt = load_runtime(str(path), device, "float32", experts="cpu", expert_bits=bits)
     gen = Generator(rt, PROMPT + STEPS + 1)
     assert attach_decoder(gen)
-    assert gen._step_eager.__self__.graphs == (device == "cuda")
-    return want, gen.generate(ids, STEPS, Sampling()).tokens
+    dec = gen._step_eager.__self__
+    assert dec.graphs == (device == "cuda")
+    got = gen.generate(ids, STEPS, Sampling()).tokens
+    if device == "cuda" and dec.step_loop == "c":  # the step ran in moe_step, not the Python loop
+        assert dec.plan is not None
+    return want, got
 
 
 @pytest.fixture(scope="module")
@@ -220,13 +224,16 @@ def test_cpu_kernel_equals_torch_dequant(fmt, family):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("loop", ["python", "c"])
 @pytest.mark.parametrize("which", ["ckpt", "glm_ckpt", "ds_ckpt"])
-def test_graph_decoder_on_gpu_same_tokens(request, reference, which):
+def test_graph_decoder_on_gpu_same_tokens(request, reference, which, loop, monkeypatch):
     """On a GPU each segment between host round trips is a CUDA graph (the copies to and from pinned
     memory inside it, the shared expert after an event the host waits on): same greedy tokens as the
-    eager layer-by-layer path."""
+    eager layer-by-layer path, with the step's loop in Python or in moe_cpu.c (moe_step, the CUDA
+    driver's graph launch and event wait)."""
     if not torch.cuda.is_available():
         pytest.skip("no GPU")
+    monkeypatch.setenv("LLMARCH_MOE_STEP_LOOP", loop)
     want, got = _decode_both_ways(request.getfixturevalue(which), "cuda", 4, reference[0])
     assert got == want
 

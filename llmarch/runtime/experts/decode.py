@@ -21,11 +21,21 @@ placements, or a CPU device, run the same segments eagerly.
 from __future__ import annotations
 
 import ctypes
+import os
 
 import torch
 
+from llmarch.errors import LlmarchError
 from llmarch.runtime.experts.host import OffloadedExperts
-from llmarch.runtime.experts.kernel import DecodeCtx, cpu_kernel, kernel_activation, kernel_scratch, ptr
+from llmarch.runtime.experts.kernel import (
+    DecodeCtx,
+    StepPlan,
+    cpu_kernel,
+    kernel_activation,
+    kernel_scratch,
+    pointer_array,
+    ptr,
+)
 from llmarch.runtime.experts.stores import ResidentExperts
 from llmarch.runtime.ops.moe import MoE
 
@@ -66,9 +76,53 @@ def whole_step_capturable(model) -> bool:
     return True
 
 
+STEP_LOOPS = ("python", "c")
+
+
+def step_loop_choice() -> str:
+    """LLMARCH_MOE_STEP_LOOP: who drives a captured step's segments and host calls, `c` (moe_cpu.c's
+    moe_step: one call from Python per token) or `python` (a replay, an event wait and a kernel call
+    per layer from Python)."""
+    loop = os.environ.get("LLMARCH_MOE_STEP_LOOP", "python")
+    if loop not in STEP_LOOPS:
+        raise LlmarchError(f"LLMARCH_MOE_STEP_LOOP={loop!r}: expected one of {', '.join(STEP_LOOPS)}")
+    return loop
+
+
+def decode_context(st: OffloadedExperts, moe, k: int, pack_h, out_h) -> tuple[DecodeCtx, tuple]:
+    """moe_decode's context for one layer's store (moe: its MoE, for the activation and where the
+    router weight applies), reading pack_h and writing out_h; with its own scratch (the store's grows,
+    and moves, in prefill), which the caller holds."""
+    scratch = kernel_scratch(st.d, st.inter, k)
+    ctx = DecodeCtx(
+        st.kernel_bits,
+        k,
+        st.d,
+        st.inter,
+        kernel_activation(moe.act),
+        1 if moe.gated else 0,
+        1 if moe.weight_input else 0,
+        moe.act.alpha,
+        moe.act.limit,
+        ptr(pack_h),
+        ptr(out_h),
+        ptr(st.gu),
+        ptr(st.up),
+        ptr(st.dn),
+        ptr(st.gu_s),
+        ptr(st.dn_s),
+        ptr(st.gu_b),
+        ptr(st.dn_b),
+        *(ptr(scratch[j]) for j in (0, 3, 1, 2, 4, 5)),
+    )
+    return ctx, scratch
+
+
 class SegmentedDecoder:
     def __init__(self, model, cache, device, graphs: bool | None = None, compile: bool = False):
         self.model, self.cache, self.device = model, cache, device
+        self.step_loop = step_loop_choice()  # read once: a benchmark may switch the attribute per round
+        self.plan = None
         blocks = list(model.layers)
         self.cuts = [
             i for i, b in enumerate(blocks) if isinstance(b.mlp, MoE) and isinstance(b.mlp.experts, OffloadedExperts)
@@ -128,36 +182,20 @@ class SegmentedDecoder:
         else:  # the kernel reads and writes the segment's own buffers
             self.pack_h, self.out_h = self.pack.view(-1), self.y.view(-1)
         self.lib = cpu_kernel()
+        self.rebuild_contexts()
+
+    def rebuild_contexts(self) -> None:
+        """The layers' moe_decode contexts (and the step plan) from the stores' current tensors: after a
+        store's experts moved (a benchmark puts them in other pages). pack/out stay: graphs copy to them."""
         self.ctxs, self.scratch = [], []
         for i, st in zip(self.cuts, self.stores):
-            moe = self.model.layers[i].mlp
-            scratch = kernel_scratch(st.d, st.inter, self.k)  # its own: the store's grows (moves) in prefill
+            ctx, scratch = decode_context(st, self.model.layers[i].mlp, self.k, self.pack_h, self.out_h)
+            self.ctxs.append(ctx)
             self.scratch.append(scratch)
-            self.ctxs.append(
-                DecodeCtx(
-                    st.kernel_bits,
-                    self.k,
-                    st.d,
-                    st.inter,
-                    kernel_activation(moe.act),
-                    1 if moe.gated else 0,
-                    1 if moe.weight_input else 0,
-                    moe.act.alpha,
-                    moe.act.limit,
-                    ptr(self.pack_h),
-                    ptr(self.out_h),
-                    ptr(st.gu),
-                    ptr(st.up),
-                    ptr(st.dn),
-                    ptr(st.gu_s),
-                    ptr(st.dn_s),
-                    ptr(st.gu_b),
-                    ptr(st.dn_b),
-                    *(ptr(scratch[j]) for j in (0, 3, 1, 2, 4, 5)),
-                )
-            )
         self.ctx_ptrs = [ctypes.cast(ctypes.pointer(c), ctypes.c_void_p) for c in self.ctxs]
         self.bytes_per_step = [self.k * st.expert_bytes() for st in self.stores]
+        if self.plan is not None:
+            self._plan_step()
 
     def _make(self, i: int):
         m, blocks, cache = self.model, self.model.layers, self.cache
@@ -253,6 +291,28 @@ class SegmentedDecoder:
                 if self.shared[i]:
                     self.shared[i]()
             self.captured.append(g)
+        if self.copies_in_graph and hasattr(self.captured[0], "raw_cuda_graph_exec"):
+            self._plan_step()
+
+    def _plan_step(self) -> None:
+        """moe_step's plan: the graphs' executables, the ready events, the layers' contexts and the CUDA
+        driver's launch and event-wait calls (libcuda, the library torch's runtime calls into)."""
+        drv = ctypes.CDLL("libcuda.so.1")
+        addr = lambda f: ctypes.cast(f, ctypes.c_void_p).value  # noqa: E731
+        self._plan_arrays = (
+            pointer_array([g.raw_cuda_graph_exec() for g in self.captured]),
+            pointer_array([e.cuda_event for e in self.ready]),
+            pointer_array([ctypes.addressof(c) for c in self.ctxs]),
+        )
+        self.plan = StepPlan(
+            len(self.captured),
+            addr(drv.cuGraphLaunch),
+            addr(drv.cuEventSynchronize),
+            None,
+            *(ctypes.addressof(a) for a in self._plan_arrays),
+        )
+        self.plan_ptr = ctypes.cast(ctypes.pointer(self.plan), ctypes.c_void_p)
+        self._moe_step = self.lib.moe_step  # the contexts' kernel build (a benchmark may swap self.lib)
 
     @torch.inference_mode()
     def step(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
@@ -263,6 +323,12 @@ class SegmentedDecoder:
         if self.native:  # what moe_decode reads: k experts per layer (the Python path counts its own)
             for st, n in zip(self.stores, self.bytes_per_step):
                 st.touched(n)
+        if self.graphs and self.copies_in_graph and self.plan is not None and self.step_loop == "c":
+            self.plan.stream = torch.cuda.current_stream().cuda_stream or None
+            rc = self._moe_step(self.plan_ptr)
+            if rc:
+                raise RuntimeError(f"decode step: segment {rc // 1000 - 1}'s CUDA call failed (CUresult {rc % 1000})")
+            return self.logits
         if self.graphs and self.copies_in_graph:
             last, decode, ctx = len(self.cuts), self.lib.moe_decode, self.ctx_ptrs
             for i, g in enumerate(self.captured):

@@ -99,6 +99,18 @@ class OffloadedExperts(ExpertStore):
         self.device = None
         self._buf: tuple | None = None
 
+    PARTS = ("gu", "gu_s", "up", "dn", "dn_s")
+
+    def parts(self) -> tuple:
+        """The tensors the kernel reads (None where a format has no such part)."""
+        return tuple(getattr(self, n) for n in self.PARTS)
+
+    def set_parts(self, parts: tuple) -> None:
+        """Replace the kernel's tensors by equal ones elsewhere in memory (contexts made from the old
+        addresses must be rebuilt: SegmentedDecoder.rebuild_contexts)."""
+        for n, t in zip(self.PARTS, parts):
+            setattr(self, n, t)
+
     def touched(self, nbytes: int) -> None:
         """Host expert bytes a call has read (after it ran): the report's figure and the disk cache's."""
         self.bytes_read += nbytes
@@ -260,3 +272,24 @@ class OffloadedExperts(ExpertStore):
         if self._buf is None or self._buf[0].shape[0] < rows:
             self._buf = kernel_scratch(self.d, self.inter, max(rows, 16))
         return self._buf
+
+
+HUGE_PAGE = 2 << 20
+
+
+def hugepage_copy(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A copy of t in anonymous memory advised for transparent huge pages (2 MiB aligned): the kernel
+    streams each layer's experts once per token, and with 4 KiB pages every 4 KiB read is a new TLB
+    entry. Whether the kernel gets huge pages is the system's choice (AnonHugePages in smaps)."""
+    import mmap
+
+    if t is None:
+        return None
+    nbytes = t.numel() * t.element_size()
+    mm = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    off = -base % HUGE_PAGE
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        mm.madvise(mmap.MADV_HUGEPAGE, off, nbytes + HUGE_PAGE - off)
+    out = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=off)  # holds mm
+    return out.view(t.dtype).view(t.shape).copy_(t)

@@ -31,6 +31,7 @@ def cpu_kernel():
                 f"to build its kernel: {e}"
             ) from e
         _LIB.moe_experts.restype = _LIB.moe_decode.restype = None
+        _LIB.moe_step.restype = ctypes.c_int
     return _LIB
 
 
@@ -105,3 +106,14 @@ class DecodeCtx(ctypes.Structure):  # moe_cpu.c's moe_decode_ctx
             )
         ]
     )
+
+
+class StepPlan(ctypes.Structure):  # moe_cpu.c's moe_step_plan
+    _fields_ = [("n", ctypes.c_int)] + [
+        (n, ctypes.c_void_p) for n in ("launch", "wait", "stream", "graphs", "events", "ctxs")
+    ]
+
+
+def pointer_array(addresses: list[int]) -> ctypes.Array:
+    """A C array of void * (hold it as long as the kernel may read it)."""
+    return (ctypes.c_void_p * len(addresses))(*addresses)

@@ -915,3 +915,36 @@ void moe_decode(void *arg) {
                 c->dn_q, c->dn_s, c->gu_b, c->dn_b, c->XQ, c->XS, c->H, c->AQ, c->AS, c->Y, c->act, c->gated,
                 c->alpha, c->limit, c->weight_input);
 }
+
+/* A whole decode step of the segmented decoder (experts/decode.py) in one call from Python: per
+ * segment, launch its CUDA graph, wait for the event recorded after its copy of pack to host memory,
+ * then compute that layer's experts; the next graph's first node copies the sum back. The CUDA calls
+ * are the driver's cuGraphLaunch / cuEventSynchronize, passed in as pointers (this file links no CUDA
+ * library), on the context current in the calling thread. Python's loop did the same through
+ * torch's CUDAGraph.replay (which also refreshes the RNG state of every replay: the segments draw no
+ * random numbers) and Event.synchronize; here the GPU's next segment starts as soon as the kernel
+ * returns. Returns 0, or (segment + 1) * 1000 + the CUDA error code of the call that failed. */
+typedef int (*graph_launch_fn)(void *graph_exec, void *stream);
+typedef int (*event_sync_fn)(void *event);
+typedef struct {
+    int n;  /* segments (graphs); the host calls between them: n - 1 */
+    graph_launch_fn launch;
+    event_sync_fn wait;
+    void *stream;
+    void *const *graphs;
+    void *const *events;
+    void *const *ctxs;  /* moe_decode_ctx *, one per host call */
+} moe_step_plan;
+
+int moe_step(void *arg) {
+    const moe_step_plan *p = (const moe_step_plan *)arg;
+    for (int i = 0; i < p->n; i++) {
+        int rc = p->launch(p->graphs[i], p->stream);
+        if (rc) return (i + 1) * 1000 + rc;
+        if (i == p->n - 1) break;
+        rc = p->wait(p->events[i]);
+        if (rc) return (i + 1) * 1000 + rc;
+        moe_decode(p->ctxs[i]);
+    }
+    return 0;
+}
