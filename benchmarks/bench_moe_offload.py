@@ -314,7 +314,7 @@ def repeated_runs(args, gen, rt, spec, ids, device, bw, seg) -> dict:
     runs: dict[str, list] = {name: [] for name in variants}
     kern: dict[str, list] = {name: [] for name in variants}
     tokens: dict[str, list] = {name: [] for name in variants}
-    for _ in range(args.repeats):
+    for rnd in range(args.repeats):
         for name, setups in variants.items():
             for f in setups:
                 f()
@@ -326,6 +326,12 @@ def repeated_runs(args, gen, rt, spec, ids, device, bw, seg) -> dict:
             tokens[name].append(list(res.tokens))
             per_tok = rep["expert_bytes_per_token"]
             kern[name].append(kernel_only(rt, spec, reps=20)["kernel_ms_per_layer"])
+            print(  # as it goes: what was measured survives an outer time limit
+                json.dumps(
+                    {"round": rnd, "variant": name, "decode_tok_s": runs[name][-1], "kernel_ms": kern[name][-1]}
+                ),
+                flush=True,
+            )
     kernel._LIB = current
     if native:
         dec.lib, dec.step_loop = current, loop0
