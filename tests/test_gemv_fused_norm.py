@@ -132,11 +132,20 @@ def test_gated_epilogue_with_norm_prologue_matches_float64(H, K):
 
 
 def test_prologue_takes_only_a_loaded_folded_rms_norm():
+    """And reads a 16-bit weight in its own dtype (the float32 copy's values), a folded (1 + w) in
+    float32."""
     x = torch.zeros(1, 8)
     n = RMSNorm(8, 1e-5, unit_offset=True)
+    n.weight = nn.Parameter(torch.randn(8).to(torch.bfloat16), requires_grad=False)
     assert gv.prologue(n, x) is None  # not loaded yet
     n.fold_unit_offset()
-    assert gv.prologue(n, x) is not None and gv.prologue(n, torch.zeros(1, 9)) is None
+    w, eps = gv.prologue(n, x)
+    assert w.dtype == torch.float32 and eps == 1e-5 and gv.prologue(n, torch.zeros(1, 9)) is None
+    plain = RMSNorm(8, 1e-5)
+    plain.weight = nn.Parameter(torch.randn(8).to(torch.bfloat16), requires_grad=False)
+    plain.fold_unit_offset()
+    w16, _ = gv.prologue(plain, x)
+    assert w16.dtype == torch.bfloat16 and torch.equal(w16.float(), plain.weight_f32)
     assert gv.prologue(nn.LayerNorm(8), x) is None
 
 

@@ -87,8 +87,9 @@ def launch(
     silu(gate) * up, each program taking half the rows pick_tile gives from each half (the same
     weight values a program as without).
 
-    norm_w (float32 [K]) and eps: x is a residual-stream row and the product's input is RMSNorm's
-    output rms_norm(x) * norm_w (the kernel's prologue). residual [M, N] (y's dtype, contiguous):
+    norm_w ([K], float32 or a 16-bit dtype that holds the norm's weight exactly) and eps: x is a
+    residual-stream row and the product's input is RMSNorm's output rms_norm(x) * norm_w (the
+    kernel's prologue). residual [M, N] (y's dtype, contiguous):
     y = residual + the product (its epilogue)."""
     M, K = x.shape
     N = w.shape[0] // 2 if glu else w.shape[0]
@@ -119,6 +120,7 @@ def launch(
         eps=float(eps),
         NORM=norm_w is not None,
         RES=residual is not None,
+        ONE=K == bk,
         num_warps=warps,
     )
 
@@ -225,12 +227,13 @@ def fused_norm() -> bool:
 
 
 def prologue(norm: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
-    """(float32 weight, eps) of an RMS norm of x's rows that the kernel's prologue computes as
-    RMSNorm.forward does: loaded, its unit offset folded (fold_unit_offset), on x's device; else None."""
-    if not isinstance(norm, RMSNorm) or norm.unit_offset:
+    """(weight, eps) of an RMS norm of x's rows that the kernel's prologue computes as RMSNorm.forward
+    does: loaded, its unit offset folded (fold_unit_offset), on x's device; else None. The weight is
+    its 16-bit copy where one holds the float32 values exactly (weight_16), else the float32 one."""
+    if not isinstance(norm, RMSNorm) or norm.unit_offset or norm.weight_f32 is None:
         return None
-    w = norm.weight_f32
-    if w is None or w.device != x.device or w.dim() != 1 or w.shape[0] != x.shape[-1] or w.dtype != torch.float32:
+    w = norm.weight_16 if norm.weight_16 is not None else norm.weight_f32
+    if w.device != x.device or w.dim() != 1 or w.shape[0] != x.shape[-1]:
         return None
     return w, float(norm.eps)
 

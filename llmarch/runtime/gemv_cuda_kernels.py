@@ -43,6 +43,7 @@ def gemv(
     eps=0.0,
     NORM: tl.constexpr = False,
     RES: tl.constexpr = False,
+    ONE: tl.constexpr = False,
 ):
     """x [M, K] contiguous, w [N, K] contiguous, b [N] or unused, y [M, N] contiguous; MP: M rounded
     up to a power of two. K is a compile-time constant (a decode step has a handful of widths).
@@ -51,9 +52,11 @@ def gemv(
     N wide: each program reads its BN gate rows and the BN up rows of the same outputs, and the
     activation is applied to the float32 sums, so the [gate | up] row never goes to memory.
 
-    NORM: nw [K] float32 (the norm's weight, any unit offset folded in), eps: the input row is
+    NORM: nw [K] (the norm's weight, any unit offset folded in; float32, or x's dtype where that holds
+    it exactly: half the bytes every program reads), eps: the input row is
     rms_norm(x[m]) * nw, computed as F.rms_norm does it in float32 (x * rsqrt(mean(x^2) + eps) * nw)
-    and rounded to x's dtype. RES: res [M, N] contiguous in y's dtype, and y = res + (x @ W^T + b)."""
+    and rounded to x's dtype; ONE: K == BK (one step), so the prologue's load of x is the loop's.
+    RES: res [M, N] contiguous in y's dtype, and y = res + (x @ W^T + b)."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     r = tl.minimum(rows, N - 1).to(tl.int64)
     m = tl.arange(0, MP)
@@ -62,7 +65,6 @@ def gemv(
     wp = w + r[:, None] * K + kk[None, :]
     xp = x + mc[:, None] * K + kk[None, :]
     acc = tl.zeros([MP, BN, BK], dtype=tl.float32)
-    ONE: tl.constexpr = EVEN_K and K == BK  # the whole row in one step: the prologue's load is reused
     if NORM:
         ss = tl.zeros([MP], dtype=tl.float32)
         if ONE:
@@ -83,7 +85,7 @@ def gemv(
             else:
                 xt = tl.load(xp + k0)
             if NORM:
-                nt = tl.load(nw + k0 + kk)
+                nt = tl.load(nw + k0 + kk).to(tl.float32)
             if GLU:
                 ut = tl.load(wp + N * K + k0, eviction_policy="evict_first")
         else:
@@ -91,7 +93,7 @@ def gemv(
             wt = tl.load(wp + k0, mask=inside[None, :], other=0.0, eviction_policy="evict_first")
             xt = tl.load(xp + k0, mask=inside[None, :], other=0.0)
             if NORM:
-                nt = tl.load(nw + k0 + kk, mask=inside, other=0.0)
+                nt = tl.load(nw + k0 + kk, mask=inside, other=0.0).to(tl.float32)
             if GLU:
                 ut = tl.load(wp + N * K + k0, mask=inside[None, :], other=0.0, eviction_policy="evict_first")
         if NORM:  # RMSNorm's output, rounded to x's dtype as the unfused norm writes it

@@ -15,6 +15,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps, self.unit_offset = eps, unit_offset
         self.weight_f32 = None  # the weight as forward multiplies by it, set once loaded (fold_unit_offset)
+        self.weight_16 = None  # the same values in the weight's 16-bit dtype, where it holds them exactly
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight_f32
@@ -31,11 +32,15 @@ class RMSNorm(nn.Module):
     def fold_unit_offset(self) -> None:
         """After loading: keep (1 + w) in float32 so forward adds nothing (same values as computing it),
         and a float32 copy of a 16-bit weight beside it, so forward casts nothing (the weight itself
-        keeps the model's dtype, which callers read)."""
+        keeps the model's dtype, which callers read); a weight still 16-bit (no offset folded) is also
+        weight_16, the float32 copy's exact values."""
         if self.unit_offset:
             self.weight = nn.Parameter(self.weight.detach().float() + 1.0, requires_grad=False)
             self.unit_offset = False
         self.weight_f32 = self.weight.detach().float()
+        # a kernel that reads the weight in every program (gemv_cuda's norm prologue) reads half the bytes
+        if self.weight.dtype in (torch.bfloat16, torch.float16):
+            self.weight_16 = self.weight.detach()
 
 
 class LayerNorm(nn.Module):
