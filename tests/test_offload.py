@@ -46,14 +46,15 @@ def _generate(path, **kw):
     return rt, ids, res
 
 
-def _logits(rt, seq):
+def _logits(rt, seq, device="cpu"):
     from llmarch.runtime.kv_cache import KVCache
 
     a = rt.spec.attention
-    cache = KVCache(rt.spec.schedule, len(seq), a.kv_heads, a.head_dim, a.head_dim, torch.float32, "cpu")
-    rt.model.setup(len(seq), "cpu", torch.float32)
+    cache = KVCache(rt.spec.schedule, len(seq), a.kv_heads, a.head_dim, a.head_dim, torch.float32, device)
+    rt.model.setup(len(seq), device, torch.float32)
     with torch.inference_mode():
-        return rt.model(torch.tensor([seq]), torch.arange(len(seq)), cache, limit=len(seq), last_only=False)[0]
+        ids, pos = torch.tensor([seq], device=device), torch.arange(len(seq), device=device)
+        return rt.model(ids, pos, cache, limit=len(seq), last_only=False)[0].cpu()
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@ of each layer (counted while running) also get a float copy on the GPU and are c
 
 Per step of one layer: the router's choice comes to the host (the one sync), the GPU share (shared
 expert, hot experts) is queued first so it runs while the CPU computes the rest, then the CPU
-result goes back and is added.
+result goes back and is added. A prompt chunk long enough to make the experts matrix work
+(upload.UPLOAD_TOKENS) runs them on the GPU instead: their stored bytes copied over (upload.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from llmarch.runtime.experts import upload
 from llmarch.runtime.experts.disk import map_to_disk
 from llmarch.runtime.experts.formats import dequantize, quantize
 from llmarch.runtime.experts.kernel import cpu_kernel, kernel_activation, kernel_scratch, ptr
@@ -171,6 +173,8 @@ class OffloadedExperts(ExpertStore):
             self.calls += 1
             if self.calls in (1, 8) or self.calls % 64 == 0:
                 self._refresh_hot()
+        if upload.worth_uploading(x):  # a long prompt: the used experts go to the GPU
+            return upload.compute_uploaded(self, x, idx_h, w_h, act, weight_input)
         out = torch.zeros_like(x)
         cold = idx_h
         if self.hot:  # ids marked E are computed by the other side
