@@ -108,3 +108,31 @@ def test_step_loop_choice(monkeypatch):
     monkeypatch.setenv("LLMARCH_MOE_STEP_LOOP", "fast")
     with pytest.raises(LlmarchError, match="LLMARCH_MOE_STEP_LOOP"):
         step_loop_choice()
+
+
+def test_hugepage_experts_same_tokens(tiny, monkeypatch):
+    """LLMARCH_MOE_HUGEPAGES=1: the decoder moves int4 experts into 2 MiB-aligned memory advised for
+    huge pages (new addresses, the same bytes), and the greedy tokens are those of the experts where
+    they were."""
+    from llmarch.runtime.experts.decode import attach_decoder
+    from llmarch.runtime.experts.host import HUGE_PAGE
+    from llmarch.runtime.experts.report import offloaded
+    from llmarch.runtime.generate import Generator, Sampling
+    from llmarch.runtime.load import load_runtime
+    from tests.test_offload import PROMPT, SLICE, STEPS
+
+    path = tiny("qwen3_moe", **SLICE)
+    ids = torch.randint(3, 128, (PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()
+    tokens = []
+    for huge in ("0", "1"):
+        monkeypatch.setenv("LLMARCH_MOE_HUGEPAGES", huge)
+        rt = load_runtime(str(path), "cpu", "float32", experts="cpu", expert_bits=4)
+        before = [tuple(t.clone() for t in st.parts() if t is not None) for st in offloaded(rt.model)]
+        gen = Generator(rt, PROMPT + STEPS + 1)
+        assert attach_decoder(gen)
+        for st, old in zip(offloaded(rt.model), before):
+            now = [t for t in st.parts() if t is not None]
+            assert all(torch.equal(a, b) for a, b in zip(now, old))
+            assert all(t.data_ptr() % HUGE_PAGE == 0 for t in now) == (huge == "1")
+        tokens.append(gen.generate(ids, STEPS, Sampling()).tokens)
+    assert tokens[0] == tokens[1] and len(set(tokens[0])) > 3

@@ -26,7 +26,7 @@ import os
 import torch
 
 from llmarch.errors import LlmarchError
-from llmarch.runtime.experts.host import OffloadedExperts
+from llmarch.runtime.experts.host import OffloadedExperts, hugepage_copy
 from llmarch.runtime.experts.kernel import (
     DecodeCtx,
     StepPlan,
@@ -118,6 +118,14 @@ def decode_context(st: OffloadedExperts, moe, k: int, pack_h, out_h) -> tuple[De
     return ctx, scratch
 
 
+def hugepages_choice() -> bool:
+    """LLMARCH_MOE_HUGEPAGES=0/1: whether the decoder moves host experts into transparent huge pages."""
+    value = os.environ.get("LLMARCH_MOE_HUGEPAGES", "0")
+    if value not in ("0", "1"):
+        raise LlmarchError(f"LLMARCH_MOE_HUGEPAGES={value!r}: expected 0 or 1")
+    return value == "1"
+
+
 class SegmentedDecoder:
     def __init__(self, model, cache, device, graphs: bool | None = None, compile: bool = False):
         self.model, self.cache, self.device = model, cache, device
@@ -154,6 +162,8 @@ class SegmentedDecoder:
         self.stores = [blocks[i].mlp.experts for i in self.cuts]
         self.native = self.ok and all(st.format.quantized for st in self.stores) and 0 < k <= 256
         if self.native:
+            if hugepages_choice():
+                self._experts_to_hugepages()
             self._native_contexts(device)
 
     def _compile_segments(self) -> None:
@@ -171,6 +181,13 @@ class SegmentedDecoder:
                 setattr(dyn, name, max(getattr(dyn, name), 2 * len(self.segs) + 8))
         self.segs = [torch.compile(seg, dynamic=False) for seg in self.segs]
         self.shared = [f and torch.compile(f, dynamic=False) for f in self.shared]
+
+    def _experts_to_hugepages(self) -> None:
+        """Move the experts llmarch quantized itself (heap memory; a checkpoint's blocks as stored stay
+        in their file mapping) into memory advised for transparent huge pages (host.hugepage_copy)."""
+        for st in self.stores:
+            if st._mm is None and not st.format.stored:
+                st.set_parts(tuple(hugepage_copy(t) for t in st.parts()))
 
     def _native_contexts(self, device) -> None:
         """One moe_decode context per offloaded layer; pack/out in pinned host memory on a GPU."""
