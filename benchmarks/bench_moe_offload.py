@@ -335,6 +335,8 @@ def repeated_runs(args, gen, rt, spec, ids, device, bw, seg) -> dict:
     kernel._LIB = current
     if native:
         dec.lib, dec.step_loop = current, loop0
+    if args.ab_hugepages and native:  # back where the build put them (what --profile then measures)
+        use_pages("4k")()
     out = {}
     first = next(iter(tokens.values()))[0]
     for name in variants:
