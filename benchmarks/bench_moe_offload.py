@@ -328,7 +328,13 @@ def repeated_runs(args, gen, rt, spec, ids, device, bw, seg) -> dict:
             kern[name].append(kernel_only(rt, spec, reps=20)["kernel_ms_per_layer"])
             print(  # as it goes: what was measured survives an outer time limit
                 json.dumps(
-                    {"round": rnd, "variant": name, "decode_tok_s": runs[name][-1], "kernel_ms": kern[name][-1]}
+                    {
+                        "round": rnd,
+                        "variant": name,
+                        "decode_tok_s": runs[name][-1],
+                        "kernel_ms": kern[name][-1],
+                        "load_1min": round(os.getloadavg()[0], 2),
+                    }
                 ),
                 flush=True,
             )
