@@ -46,12 +46,12 @@ def _generate(path, **kw):
     return rt, ids, res
 
 
-def _logits(rt, seq, device="cpu"):
+def _logits(rt, seq, device="cpu", dtype=torch.float32):
     from llmarch.runtime.kv_cache import KVCache
 
     a = rt.spec.attention
-    cache = KVCache(rt.spec.schedule, len(seq), a.kv_heads, a.head_dim, a.head_dim, torch.float32, device)
-    rt.model.setup(len(seq), device, torch.float32)
+    cache = KVCache(rt.spec.schedule, len(seq), a.kv_heads, a.head_dim, a.head_dim, dtype, device)
+    rt.model.setup(len(seq), device, dtype)
     with torch.inference_mode():
         ids, pos = torch.tensor([seq], device=device), torch.arange(len(seq), device=device)
         return rt.model(ids, pos, cache, limit=len(seq), last_only=False)[0].cpu()

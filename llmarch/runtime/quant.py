@@ -128,8 +128,11 @@ _DEQUANT = {
 }
 
 
-def dequantize(raw: torch.Tensor, qtype: str, shape: tuple[int, ...], chunk_blocks: int = 1 << 16) -> torch.Tensor:
-    """raw: uint8 bytes of one tensor -> float32 tensor of `shape` (chunked to bound temporaries)."""
+def dequantize(raw: torch.Tensor, qtype: str, shape: tuple[int, ...], chunk_blocks: int | None = None) -> torch.Tensor:
+    """raw: uint8 bytes of one tensor -> float32 tensor of `shape` (chunked to bound temporaries:
+    on a GPU in larger chunks, where each chunk's ten-odd ops cost a launch each)."""
+    if chunk_blocks is None:
+        chunk_blocks = 1 << 16 if raw.device.type == "cpu" else 1 << 20
     if qtype in PLAIN:
         return raw.view(PLAIN[qtype]).reshape(shape).float()
     if qtype not in BLOCKS:

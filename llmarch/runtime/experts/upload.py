@@ -4,14 +4,15 @@ The CPU expert kernel is made for decode: a few rows per expert, bound by readin
 prompt of hundreds of tokens sends most experts of a layer dozens of rows each, which is matrix
 work the host does at a small fraction of the GPU's speed (on the H200 machine a 512-token prompt
 through 4 Qwen3-30B-A3B layers took 1.4 s on its 16 cores). Copying the layer's used experts over
-PCIe in their stored (quantized) form, dequantizing them there and running the usual expert loop
-costs about the copy: ~0.3 GB a Qwen3-30B-A3B layer in int4. llama.cpp does the same for batches
-of 32 tokens and more. A decode step and short prompts stay on the CPU, where the bytes do not
-move.
+PCIe in their stored (quantized) form, dequantizing them there and multiplying there costs about
+the copy: ~0.34 GB a Qwen3-30B-A3B layer in Q4_0. llama.cpp does the same for batches of 32 tokens
+and more. A decode step and short prompts stay on the CPU, where the bytes do not move.
 
-The experts go over in chunks whose dequantized (float32) size stays under CHUNK_BYTES, so the
-extra GPU memory is bounded whatever the expert count; hot experts already on the GPU are used as
-they are.
+The experts go over in chunks of consecutive ids whose dequantized (float32) size stays under
+CHUNK_BYTES, so the extra GPU memory is bounded whatever the expert count; a chunk's ids that form
+one range are copied as one slice of the store (no gather on the host first). Hot experts already
+on the GPU are used as they are. Where torch._grouped_mm runs (bf16 on sm90/sm100) a chunk's
+experts are two grouped products; elsewhere the usual expert loop.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from llmarch.runtime.experts.formats import dequantize
-from llmarch.runtime.experts.stores import expert_loop, group_by_expert
+from llmarch.runtime.experts.stores import expert_loop, group_by_expert, grouped_mm_fits
 
 if TYPE_CHECKING:
     from llmarch.runtime.experts.host import OffloadedExperts
 
 UPLOAD_TOKENS = 32  # tokens in one call from which the experts go to the GPU (llama.cpp's batch threshold)
-CHUNK_BYTES = 256 << 20  # float32 bytes of dequantized experts on the GPU at once
+CHUNK_BYTES = 512 << 20  # float32 bytes of dequantized experts on the GPU at once
 
 
 def worth_uploading(x: torch.Tensor) -> bool:
@@ -35,13 +36,18 @@ def worth_uploading(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" and x.shape[0] >= UPLOAD_TOKENS
 
 
-def experts_on(store: OffloadedExperts, ids: list[int], device) -> dict[int, tuple]:
-    """Experts `ids` of the store as (gate_up, down, gate_up bias, down bias) in its dtype on
-    `device`: the stored bytes of all of them copied in one go a part, dequantized there."""
-    sel = torch.tensor(ids, dtype=torch.long)
+def experts_on(store: OffloadedExperts, ids: list[int], device) -> tuple:
+    """Experts `ids` (ascending) of the store stacked as (gate_up [n, 2I, d], down [n, d, I],
+    gate_up bias or None, down bias or None) in its dtype on `device`: each stored part of all of
+    them copied in one go, dequantized there."""
+    one_range = ids[-1] - ids[0] + 1 == len(ids)
+    sel = None if one_range else torch.tensor(ids, dtype=torch.long)
 
     def moved(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.index_select(0, sel).to(device)
+        if t is None:
+            return None
+        part = t[ids[0] : ids[-1] + 1] if sel is None else t.index_select(0, sel)
+        return part.to(device)
 
     if store.format.quantized:
         gu = dequantize(moved(store.gu), moved(store.gu_s), store.format)
@@ -50,17 +56,31 @@ def experts_on(store: OffloadedExperts, ids: list[int], device) -> dict[int, tup
         dn = dequantize(moved(store.dn), moved(store.dn_s), store.down_format)
     else:
         gu, dn = moved(store.gu), moved(store.dn)
-    gu, dn = gu.to(store.dtype), dn.to(store.dtype)  # type: ignore[union-attr]
-    gu_b, dn_b = moved(store.gu_b), moved(store.dn_b)
-    return {
-        e: (
-            gu[i],
-            dn[i],
-            None if gu_b is None else gu_b[i].to(store.dtype),
-            None if dn_b is None else dn_b[i].to(store.dtype),
-        )
-        for i, e in enumerate(ids)
-    }
+    biases = (moved(store.gu_b), moved(store.dn_b))
+    return (gu.to(store.dtype), dn.to(store.dtype), *(None if b is None else b.to(store.dtype) for b in biases))  # type: ignore[union-attr]
+
+
+def grouped_ffn(x, rows, ws, segs, gu, dn, gu_b, dn_b, act, weight_input: bool) -> torch.Tensor:
+    """The experts of segs (consecutive in rows, expert i of segs = row i of the stacked weights)
+    over their rows of x, as two torch._grouped_mm products; their weighted outputs [rows, d] in
+    the order of rows[segs' start:end]."""
+    a = segs[0][1]
+    counts = [e - s for _, s, e in segs]
+    ends = torch.tensor(counts, dtype=torch.int32).cumsum(0).to(torch.int32).to(x.device)
+    xs = x[rows[a : segs[-1][2]]]
+    w = ws[a : segs[-1][2], None]
+    if weight_input:
+        xs = xs * w.to(xs.dtype)
+    group = None
+    if gu_b is not None or dn_b is not None:
+        group = torch.repeat_interleave(torch.arange(len(segs), device=x.device), torch.tensor(counts, device=x.device))
+    h = torch._grouped_mm(xs, gu.transpose(-2, -1), offs=ends)
+    if gu_b is not None:
+        h = h + gu_b[group]
+    y = torch._grouped_mm(act(h), dn.transpose(-2, -1), offs=ends)
+    if dn_b is not None:
+        y = y + dn_b[group]
+    return y if weight_input else y * w.to(y.dtype)
 
 
 def compute_uploaded(
@@ -69,13 +89,20 @@ def compute_uploaded(
     """The routed experts of idx_h [T, k] (host ids) weighted by w_h over x [T, d] on x's device."""
     rows, ws, segs = group_by_expert(idx_h, w_h, store.E)
     rows, ws = rows.to(x.device), ws.to(x.device)
-    per = max(1, CHUNK_BYTES // (4 * (2 * store.inter * store.d + store.d * store.inter)))
+    per = max(1, CHUNK_BYTES // (4 * 3 * store.inter * store.d))
     cold = [s for s in segs if s[0] not in store.hot]
     out = expert_loop(x, rows, ws, [s for s in segs if s[0] in store.hot], store.hot.__getitem__, act, weight_input)
     for i in range(0, len(cold), per):
         chunk = cold[i : i + per]
-        weights = experts_on(store, [e for e, _, _ in chunk], x.device)
+        ids = [e for e, _, _ in chunk]
+        gu, dn, gu_b, dn_b = experts_on(store, ids, x.device)
+        if grouped_mm_fits(x, gu, dn):
+            r = rows[chunk[0][1] : chunk[-1][2]]
+            # consecutive cold segs are consecutive rows unless a hot expert's rows lie between
+            if all(b[1] == a[2] for a, b in zip(chunk, chunk[1:])):
+                out.index_add_(0, r, grouped_ffn(x, rows, ws, chunk, gu, dn, gu_b, dn_b, act, weight_input))
+                continue
+        weights = {e: (gu[i], dn[i], *(None if b is None else b[i] for b in (gu_b, dn_b))) for i, e in enumerate(ids)}
         out += expert_loop(x, rows, ws, chunk, weights.__getitem__, act, weight_input)
-        del weights
     store.touched(len(cold) * store.expert_bytes())
     return out
