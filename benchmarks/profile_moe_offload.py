@@ -11,6 +11,7 @@ bench_moe_offload.py --profile runs the same on its own (compiled) model after i
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -92,6 +93,26 @@ def profile_step(gen, rt, spec, reps: int = 20) -> dict:
             }
             out["timeline_step_ms"] = round(statistics.median(whole) * 1e3, 3)
         tok = torch.tensor([[5]], device=dec.device)
+        if dec.plan is not None:  # the C loop's own clock: per layer after launch, after the wait, after the kernel
+            dec.step_loop, saved_loop = "c", dec.step_loop
+            marks = (ctypes.c_double * (3 * (n + 1)))()
+            dec.plan.times = ctypes.addressof(marks)
+            wait_c, kern_c, relaunch_c = [], [], []
+            for _ in range(reps):
+                dec.step(tok, 20)
+                t = list(marks)
+                for i in range(n):
+                    wait_c.append(t[3 * i + 1] - t[3 * i])
+                    kern_c.append(t[3 * i + 2] - t[3 * i + 1])
+                    relaunch_c.append(t[3 * i + 3] - t[3 * i + 2])
+            dec.plan.times = None
+            dec.step_loop = saved_loop
+            out["c_loop_per_layer_us"] = {
+                "launch_to_ready": _us(statistics.median(wait_c)),
+                "kernel_in_step": _us(statistics.median(kern_c)),
+                "kernel_in_step_p90": _us(sorted(kern_c)[int(0.9 * len(kern_c))]),
+                "kernel_end_to_next_launched": _us(statistics.median(relaunch_c)),
+            }
         loops = ["python", "c"] if dec.plan is not None else [dec.step_loop]
         saved, steps = dec.step_loop, {}
         for _ in range(3):  # alternated

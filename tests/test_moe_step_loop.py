@@ -82,6 +82,8 @@ def test_moe_step_runs_segments_and_kernels_in_order(fail_at):
     )
     plan = StepPlan(n_layers + 1, *(ctypes.cast(f, ctypes.c_void_p).value for f in keep), 77)
     plan.graphs, plan.events, plan.ctxs = (ctypes.addressof(a) for a in arrays)
+    times = (ctypes.c_double * (3 * (n_layers + 1)))(*[-1.0] * (3 * (n_layers + 1)))
+    plan.times = ctypes.addressof(times)
     rc = lib.moe_step(ctypes.cast(ctypes.pointer(plan), ctypes.c_void_p))
 
     if fail_at is not None:
@@ -93,6 +95,8 @@ def test_moe_step_runs_segments_and_kernels_in_order(fail_at):
         order = [c for i in range(n_layers) for c in (("launch", i, 77), ("wait", i))]
         assert calls == order + [("launch", n_layers, 77)]
         assert len(seen) == n_layers
+        marks = list(times)[: 3 * n_layers + 1]  # after each launch, wait and kernel; the last segment's launch
+        assert marks == sorted(marks) and marks[0] > 0 and list(times)[-2:] == [-1.0, -1.0]
     for got, ref in zip(seen, want):
         assert np.array_equal(got, ref)
 

@@ -110,7 +110,7 @@ class DecodeCtx(ctypes.Structure):  # moe_cpu.c's moe_decode_ctx
 
 class StepPlan(ctypes.Structure):  # moe_cpu.c's moe_step_plan
     _fields_ = [("n", ctypes.c_int)] + [
-        (n, ctypes.c_void_p) for n in ("launch", "wait", "stream", "graphs", "events", "ctxs")
+        (n, ctypes.c_void_p) for n in ("launch", "wait", "stream", "graphs", "events", "ctxs", "times")
     ]
 
 

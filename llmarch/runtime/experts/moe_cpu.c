@@ -45,6 +45,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #define G 64
 
@@ -934,17 +935,30 @@ typedef struct {
     void *const *graphs;
     void *const *events;
     void *const *ctxs;  /* moe_decode_ctx *, one per host call */
+    double *times;      /* NULL, or 3 per segment: seconds (CLOCK_MONOTONIC) after its launch, wait, kernel */
 } moe_step_plan;
+
+static inline void step_mark(double *t) {
+    if (t) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        *t = ts.tv_sec + 1e-9 * ts.tv_nsec;
+    }
+}
 
 int moe_step(void *arg) {
     const moe_step_plan *p = (const moe_step_plan *)arg;
+    double *t = p->times;
     for (int i = 0; i < p->n; i++) {
         int rc = p->launch(p->graphs[i], p->stream);
         if (rc) return (i + 1) * 1000 + rc;
+        step_mark(t ? t + 3 * i : NULL);
         if (i == p->n - 1) break;
         rc = p->wait(p->events[i]);
         if (rc) return (i + 1) * 1000 + rc;
+        step_mark(t ? t + 3 * i + 1 : NULL);
         moe_decode(p->ctxs[i]);
+        step_mark(t ? t + 3 * i + 2 : NULL);
     }
     return 0;
 }
