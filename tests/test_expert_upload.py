@@ -34,7 +34,7 @@ def _store_and_reference(fmt_name: str, family: str, g):
 
 
 @pytest.mark.parametrize("grouped", [False, True])
-@pytest.mark.parametrize("chunk_bytes", [None, 1])
+@pytest.mark.parametrize("chunk_bytes", [None, "one expert"])
 @pytest.mark.parametrize("fmt", ["int8", "int4", "16-bit"])
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "llama4"])
 def test_uploaded_experts_equal_the_float_path(fmt, family, chunk_bytes, grouped, monkeypatch):
@@ -46,8 +46,8 @@ def test_uploaded_experts_equal_the_float_path(fmt, family, chunk_bytes, grouped
     experts' stored bytes."""
     from llmarch.runtime.experts import upload
 
-    if chunk_bytes is not None:
-        monkeypatch.setattr(upload, "CHUNK_BYTES", chunk_bytes)
+    if chunk_bytes is not None:  # one expert's float32 bytes: one expert a chunk
+        monkeypatch.setattr(upload, "CHUNK_BYTES", 4 * 3 * 64 * 192)
     monkeypatch.setattr(upload, "grouped_mm_fits", lambda *mats: grouped)
     g = torch.Generator().manual_seed(3)
     st, ref, act, E, d = _store_and_reference(fmt, family, g)
@@ -101,6 +101,18 @@ def test_uploaded_gguf_blocks_equal_gguf_py(types):
         want = ref(x, idx, w, act, False)
     assert want.abs().max().item() > 0.05
     assert (got - want).abs().max().item() < 1e-5 * max(1.0, want.abs().max().item())
+
+
+def test_no_room_for_one_expert_leaves_the_call_to_the_cpu(monkeypatch):
+    from llmarch.runtime.experts import upload
+
+    st, _, act, E, d = _store_and_reference("int4", "qwen3_moe", torch.Generator().manual_seed(1))
+    monkeypatch.setattr(upload, "CHUNK_BYTES", 4 * 3 * 64 * 192 - 1)
+    assert upload.experts_per_chunk(st, "cpu") == 0
+    idx = torch.zeros(40, 2, dtype=torch.long)
+    idx[:, 1] = 1
+    assert upload.compute_uploaded(st, torch.randn(40, d), idx, torch.rand(40, 2), act, False) is None
+    assert st.bytes_read == 0
 
 
 def test_only_long_calls_on_a_gpu_upload():

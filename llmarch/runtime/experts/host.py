@@ -174,7 +174,9 @@ class OffloadedExperts(ExpertStore):
             if self.calls in (1, 8) or self.calls % 64 == 0:
                 self._refresh_hot()
         if upload.worth_uploading(x):  # a long prompt: the used experts go to the GPU
-            return upload.compute_uploaded(self, x, idx_h, w_h, act, weight_input)
+            y = upload.compute_uploaded(self, x, idx_h, w_h, act, weight_input)
+            if y is not None:
+                return y
         out = torch.zeros_like(x)
         cold = idx_h
         if self.hot:  # ids marked E are computed by the other side

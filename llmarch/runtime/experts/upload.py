@@ -28,12 +28,27 @@ if TYPE_CHECKING:
     from llmarch.runtime.experts.host import OffloadedExperts
 
 UPLOAD_TOKENS = 32  # tokens in one call from which the experts go to the GPU (llama.cpp's batch threshold)
-CHUNK_BYTES = 512 << 20  # float32 bytes of dequantized experts on the GPU at once
+CHUNK_BYTES = 512 << 20  # float32 bytes of dequantized experts on the GPU at once, at most
+FREE_SHARE = 4  # and at most this fraction of the GPU memory free now (1 / FREE_SHARE)
 
 
 def worth_uploading(x: torch.Tensor) -> bool:
     """Whether this call's experts run on x's GPU: a prompt chunk of UPLOAD_TOKENS tokens or more."""
     return x.device.type == "cuda" and x.shape[0] >= UPLOAD_TOKENS
+
+
+def experts_per_chunk(store: OffloadedExperts, device) -> int:
+    """Experts dequantized on the GPU at once: CHUNK_BYTES of float32, or a quarter of what is free
+    there now (the allocator's cached blocks count as free) where that is less; 0 where not even
+    one expert fits, and the CPU computes the call as for decode. A GPU the planner filled with
+    the model and its cache is thus never pushed out of memory by a prompt."""
+    one = 4 * 3 * store.inter * store.d
+    free = CHUNK_BYTES
+    if torch.device(device).type == "cuda":
+        gpu_free = torch.cuda.mem_get_info(device)[0]
+        gpu_free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        free = min(free, gpu_free // FREE_SHARE)
+    return free // one
 
 
 def experts_on(store: OffloadedExperts, ids: list[int], device) -> tuple:
@@ -85,11 +100,14 @@ def grouped_ffn(x, rows, ws, segs, gu, dn, gu_b, dn_b, act, weight_input: bool) 
 
 def compute_uploaded(
     store: OffloadedExperts, x: torch.Tensor, idx_h: torch.Tensor, w_h: torch.Tensor, act, weight_input: bool
-) -> torch.Tensor:
-    """The routed experts of idx_h [T, k] (host ids) weighted by w_h over x [T, d] on x's device."""
+) -> torch.Tensor | None:
+    """The routed experts of idx_h [T, k] (host ids) weighted by w_h over x [T, d] on x's device;
+    None where the device has no room for one expert (experts_per_chunk)."""
+    per = experts_per_chunk(store, x.device)
+    if per < 1:
+        return None
     rows, ws, segs = group_by_expert(idx_h, w_h, store.E)
     rows, ws = rows.to(x.device), ws.to(x.device)
-    per = max(1, CHUNK_BYTES // (4 * 3 * store.inter * store.d))
     cold = [s for s in segs if s[0] not in store.hot]
     out = expert_loop(x, rows, ws, [s for s in segs if s[0] in store.hot], store.hot.__getitem__, act, weight_input)
     for i in range(0, len(cold), per):
