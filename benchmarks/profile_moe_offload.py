@@ -23,6 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+PREFETCH = (0, 1, 2, 4)  # moe_set_prefetch distances (units of 4 rows ahead) compared; 0: off
+
+
 def _us(seconds: float) -> float:
     return round(seconds * 1e6, 1)
 
@@ -58,15 +61,20 @@ def profile_step(gen, rt, spec, reps: int = 20) -> dict:
                 lib.moe_decode(ctx[n // 2])
                 warm.append(clock() - t0)
             out["kernel_one_layer_again_us"] = _us(statistics.median(warm))
-            cold = []
-            for _ in range(max(reps // 4, 3)):
-                t0 = clock()
-                for c in ctx:
-                    lib.moe_decode(c)
-                cold.append((clock() - t0) / n)
-            out["kernel_layers_in_turn_us"] = _us(statistics.median(cold))
             per_layer = sum(dec.bytes_per_step) / n
-            out["kernel_layers_in_turn_gb_s"] = round(per_layer / statistics.median(cold) / 1e9, 1)
+            cold: dict[int, list] = {a: [] for a in PREFETCH}
+            for _ in range(max(reps // 4, 3)):  # prefetch distances alternated pass by pass
+                for ahead in PREFETCH:
+                    lib.moe_set_prefetch(ahead)
+                    t0 = clock()
+                    for c in ctx:
+                        lib.moe_decode(c)
+                    cold[ahead].append((clock() - t0) / n)
+            lib.moe_set_prefetch(0)
+            out["kernel_layers_in_turn_us"] = {f"prefetch_{a}": _us(statistics.median(v)) for a, v in cold.items()}
+            out["kernel_layers_in_turn_gb_s"] = {
+                f"prefetch_{a}": round(per_layer / statistics.median(v) / 1e9, 1) for a, v in cold.items()
+            }
         if dec.graphs and dec.copies_in_graph:  # the Python loop's step, timed per layer
             launch, wait, kern, whole = [], [], [], []
             for _ in range(reps):
@@ -114,15 +122,22 @@ def profile_step(gen, rt, spec, reps: int = 20) -> dict:
                 "kernel_end_to_next_launched": _us(statistics.median(relaunch_c)),
             }
         loops = ["python", "c"] if dec.plan is not None else [dec.step_loop]
+        ahead_set = PREFETCH if dec.native else (0,)
         saved, steps = dec.step_loop, {}
         for _ in range(3):  # alternated
             for loop in loops:
-                dec.step_loop = loop
-                steps.setdefault(loop, []).append(
-                    statistics.median(timed(lambda: dec.step(tok, 20)) for _ in range(reps))
-                )
+                for ahead in ahead_set:
+                    dec.step_loop = loop
+                    if dec.native:
+                        dec.lib.moe_set_prefetch(ahead)
+                    steps.setdefault(f"{loop}_loop+prefetch_{ahead}", []).append(
+                        statistics.median(timed(lambda: dec.step(tok, 20)) for _ in range(reps))
+                    )
         dec.step_loop = saved
-        out["step_ms"] = {loop: round(statistics.median(v) * 1e3, 3) for loop, v in steps.items()}
+        if dec.native:
+            dec.lib.moe_set_prefetch(0)
+        out["step_ms"] = {name: round(statistics.median(v) * 1e3, 3) for name, v in steps.items()}
+        out["step_ms_rounds"] = {name: [round(t * 1e3, 3) for t in v] for name, v in steps.items()}
     return out
 
 

@@ -114,6 +114,20 @@ def test_step_loop_choice(monkeypatch):
         step_loop_choice()
 
 
+def test_prefetch_choice(monkeypatch):
+    from llmarch.errors import LlmarchError
+    from llmarch.runtime.experts.decode import PREFETCH_AHEAD, prefetch_choice
+
+    monkeypatch.delenv("LLMARCH_MOE_PREFETCH", raising=False)
+    assert prefetch_choice() == PREFETCH_AHEAD
+    monkeypatch.setenv("LLMARCH_MOE_PREFETCH", "2")
+    assert prefetch_choice() == 2
+    for bad in ("-1", "x", "65"):
+        monkeypatch.setenv("LLMARCH_MOE_PREFETCH", bad)
+        with pytest.raises(LlmarchError, match="LLMARCH_MOE_PREFETCH"):
+            prefetch_choice()
+
+
 def test_hugepage_experts_same_tokens(tiny, monkeypatch):
     """LLMARCH_MOE_HUGEPAGES=1: the decoder moves int4 experts into 2 MiB-aligned memory advised for
     huge pages (new addresses, the same bytes), and the greedy tokens are those of the experts where
@@ -140,3 +154,46 @@ def test_hugepage_experts_same_tokens(tiny, monkeypatch):
             assert all(t.data_ptr() % HUGE_PAGE == 0 for t in now) == (huge == "1")
         tokens.append(gen.generate(ids, STEPS, Sampling()).tokens)
     assert tokens[0] == tokens[1] and len(set(tokens[0])) > 3
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8", "Q4_K"])
+def test_prefetch_changes_no_bits(fmt):
+    """moe_set_prefetch(n): the decode path asks for rows n units ahead (loads only), so a token's
+    sum is the same bits with it off, near and far (and touching past the last unit changes nothing).
+    Q4_K: a GGUF's gate and up as two tensors (the second-matrix path)."""
+    from fixtures.expert_kernel import random_float_experts
+    from llmarch.runtime.experts.formats import ExpertFormat
+    from llmarch.runtime.experts.host import OffloadedExperts
+    from llmarch.runtime.experts.kernel import cpu_kernel
+    from llmarch.runtime.experts.placement import Placement
+
+    g = torch.Generator().manual_seed(29)
+    E, d, inter, k = 8, 512, 256, 4
+    act, gu, dn, bias, moe = random_float_experts("qwen3_moe", E, d, inter, g)
+    if fmt == "Q4_K":
+        pytest.importorskip("gguf")
+        from tests.test_offload_gguf_blocks import ggml_blocks
+
+        f = ExpertFormat.from_ggml("Q4_K")
+        gate, up, down = (ggml_blocks("Q4_K", shape, g)[0] for shape in ((E, inter, d), (E, inter, d), (E, d, inter)))
+        moe.gated = True
+        st = OffloadedExperts.from_quantized(
+            moe, (gate, None, down, None), Placement("cpu", f), torch.float32, up=up, formats=(f, f, f)
+        )
+    else:
+        st = OffloadedExperts(moe, gu, dn, bias, Placement("cpu", ExpertFormat(fmt)), torch.float32)
+    lib = cpu_kernel()
+    x = torch.randn(3, 1, d, generator=g)
+    idx = [torch.randperm(E, generator=g)[:k][None] for _ in range(3)]
+    w = torch.rand(3, 1, k, generator=g)
+    outs = []
+    try:
+        for ahead in (0, 1, 3, 1000):
+            lib.moe_set_prefetch(ahead)
+            with torch.no_grad():
+                outs.append([st(x[t], idx[t], w[t], act) for t in range(3)])
+    finally:
+        lib.moe_set_prefetch(0)
+    assert outs[0][0].abs().max().item() > 0.05
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))

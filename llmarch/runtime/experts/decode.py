@@ -126,6 +126,17 @@ def hugepages_choice() -> bool:
     return value == "1"
 
 
+PREFETCH_AHEAD = 0  # moe_cpu.c's software prefetch distance in a decode call (units of 4 rows; 0: off)
+
+
+def prefetch_choice() -> int:
+    """LLMARCH_MOE_PREFETCH=N: moe_cpu.c's prefetch distance for decode calls (0: off)."""
+    value = os.environ.get("LLMARCH_MOE_PREFETCH", str(PREFETCH_AHEAD))
+    if not value.isdigit() or int(value) > 64:
+        raise LlmarchError(f"LLMARCH_MOE_PREFETCH={value!r}: expected a number of row units from 0 to 64")
+    return int(value)
+
+
 class SegmentedDecoder:
     def __init__(self, model, cache, device, graphs: bool | None = None, compile: bool = False):
         self.model, self.cache, self.device = model, cache, device
@@ -199,6 +210,7 @@ class SegmentedDecoder:
         else:  # the kernel reads and writes the segment's own buffers
             self.pack_h, self.out_h = self.pack.view(-1), self.y.view(-1)
         self.lib = cpu_kernel()
+        self.lib.moe_set_prefetch(prefetch_choice())  # the kernel's setting, for every later decode call
         self.rebuild_contexts()
 
     def rebuild_contexts(self) -> None:

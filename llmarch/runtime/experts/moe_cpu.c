@@ -777,6 +777,56 @@ static void rows_one_input(int bits, const void *q, const void *s, const void *q
     }
 }
 
+/* Software prefetch in a decode call (moe_set_prefetch): each thread asks for the rows of its unit
+ * `ahead` units on (and, at the start of a phase, for the units up to there) before computing the
+ * current one. A decode call reads every row once, and the hardware's prefetchers start over at each
+ * 4 KiB page. Loads only: the arithmetic, and so the bits, stay the same. 0 (the default): off. */
+static int moe_prefetch_ahead = 0;
+void moe_set_prefetch(int ahead) { moe_prefetch_ahead = ahead < 0 ? 0 : ahead; }
+
+static inline long weight_row_bytes(int bits, int K) {
+    long rb = block_row_bytes(bits, K);
+    return rb ? rb : (bits == 8 ? K : K / 2);
+}
+
+/* bytes of a row's scales where they are a separate array (0: inside the blocks), as dot_row reads them */
+static inline long scale_row_bytes(int bits, int K) {
+    return bits == 4 ? 4L * (K / G) : bits == 8 ? 2L * (K / G) : bits == 2 ? K / 32 : 0;
+}
+
+static inline void prefetch_span(const void *p, long n) {
+    for (long o = 0; o < n; o += 64) __builtin_prefetch((const char *)p + o, 0, 3);
+}
+
+/* the bytes rows_one_input reads for rows n0 .. n0 + R - 1 of expert e (q2 as expert_rows says) */
+static void prefetch_rows(int bits, const void *q, const void *s, const void *q2, int bits2, long e, int N, int n0,
+                          int R, int K) {
+    int half = N / 2;
+    if (!q2) {
+        long rb = weight_row_bytes(bits, K), sb = scale_row_bytes(bits, K), row = e * N + n0;
+        prefetch_span((const char *)q + row * rb, R * rb);
+        if (s && sb) prefetch_span((const char *)s + row * sb, R * sb);
+        return;
+    }
+    for (int r = 0; r < R; r++) {
+        int n = n0 + r;
+        if (n < half)
+            prefetch_span((const char *)q + (e * half + n) * weight_row_bytes(bits, K), weight_row_bytes(bits, K));
+        else
+            prefetch_span((const char *)q2 + (e * half + n - half) * weight_row_bytes(bits2, K), weight_row_bytes(bits2, K));
+    }
+}
+
+/* prefetch for unit u of a phase of n_units units of R4 rows over N rows per expert; first: the thread's
+ * first unit of the phase (then every unit up to `ahead` is asked for) */
+static inline void prefetch_units(int bits, const void *q, const void *s, const void *q2, int bits2, const int64_t *sel,
+                                  int N, int R4, long n_units_per, long n_units, long u, int K, int ahead, int first) {
+    for (long v = first ? u : u + ahead; v <= u + ahead && v < n_units; v++) {
+        int i = (int)(v / n_units_per), n0 = (int)(v % n_units_per) * R4;
+        prefetch_rows(bits, q, s, q2, bits2, sel[i], N, n0, N - n0 < R4 ? N - n0 : R4, K);
+    }
+}
+
 /* moe_experts where every selected expert has one row (a decode token: k experts, one token each).
  * The general path's serial steps become per-thread work on the stack: each thread rounds the input
  * of the rows it computes itself (instead of one phase, and a barrier, before gate_up), and at the
@@ -792,15 +842,20 @@ static void experts_one_row(int gu_bits, int up_bits, int dn_bits, int n_sel, co
     int I2 = gated ? 2 * I : I, layout_gu = layout_of(gu_bits), layout_dn = layout_of(dn_bits);
     enum { R4 = DOT4_ROWS };
     long ngu = (I2 + R4 - 1) / R4, ndn = (d + R4 - 1) / R4;
+    int ahead = moe_prefetch_ahead;
     #pragma omp parallel
     {
         int8_t xq[LOCAL_MAX];
         float xs[XSN(LOCAL_MAX)], res[R4];
-        int have = -1;
+        int have = -1, first = 1;
         PROF(1);
         #pragma omp for schedule(static)
         for (long u = 0; u < n_sel * ngu; u++) {
             int i = (int)(u / ngu), n0 = (int)(u % ngu) * R4, R = I2 - n0 < R4 ? I2 - n0 : R4;
+            if (ahead) {
+                prefetch_units(gu_bits, gu_q, gu_s, up_q, up_bits, sel, I2, R4, ngu, n_sel * ngu, u, d, ahead, first);
+                first = 0;
+            }
             if (tok[i] != have) {  /* a thread's rows are consecutive: it rounds each input once */
                 quant_row(X + (long)tok[i] * d, d, xq, xs, layout_gu);
                 have = tok[i];
@@ -815,9 +870,14 @@ static void experts_one_row(int gu_bits, int up_bits, int dn_bits, int n_sel, co
         int8_t aq[LOCAL_MAX];
         float as[XSN(LOCAL_MAX)];
         int have_i = -1;
+        first = 1;
         #pragma omp for schedule(static)
         for (long u = 0; u < n_sel * ndn; u++) {
             int i = (int)(u / ndn), n0 = (int)(u % ndn) * R4, R = d - n0 < R4 ? d - n0 : R4;
+            if (ahead) {  /* before the activation below: the first rows load while it computes */
+                prefetch_units(dn_bits, dn_q, dn_s, NULL, 0, sel, d, R4, ndn, n_sel * ndn, u, I, ahead, first);
+                first = 0;
+            }
             if (i != have_i) {
                 activate_row(H + (long)i * I2, a, I, act, gated, alpha, limit);
                 quant_row(a, I, aq, as, layout_dn);
