@@ -208,12 +208,12 @@ def run_llmarch(args, spec, device, dtype, bits, gpu_experts, bw, segmented=True
     res = gen.generate(ids, args.tokens, Sampling())
     steps = len(res.tokens) - 1
     r = report(rt.model, steps, res.decode_s, device, bw)
-    if args.repeats > 1 or args.ab_kernel or args.ab_step or args.ab_hugepages:
-        r["repeats"] = repeated_runs(args, gen, rt, spec, ids, device, bw, seg)
-    if args.profile and seg:
+    if args.profile and seg:  # before the repeats: an outer time limit cuts those, printed round by round
         from profile_moe_offload import profile_step
 
         print(json.dumps({"profile": profile_step(gen, rt, spec)}), flush=True)
+    if args.repeats > 1 or args.ab_kernel or args.ab_step or args.ab_hugepages:
+        r["repeats"] = repeated_runs(args, gen, rt, spec, ids, device, bw, seg)
     r.update(
         engine="llmarch",
         expert_bits=bits,
@@ -341,7 +341,7 @@ def repeated_runs(args, gen, rt, spec, ids, device, bw, seg) -> dict:
     kernel._LIB = current
     if native:
         dec.lib, dec.step_loop = current, loop0
-    if args.ab_hugepages and native:  # back where the build put them (what --profile then measures)
+    if args.ab_hugepages and native:  # back where the build put them
         use_pages("4k")()
     out = {}
     first = next(iter(tokens.values()))[0]
@@ -552,7 +552,7 @@ def main():
     ap.add_argument(
         "--profile",
         action="store_true",
-        help="after the runs, where a step's time goes on the same model (profile_moe_offload.profile_step)",
+        help="after the first run, where a step's time goes on the same model (profile_moe_offload.profile_step)",
     )
     ap.add_argument(
         "--omp-active", action="store_true", help="OMP_WAIT_POLICY=ACTIVE: kernel threads spin between layers"
