@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llmarch.runtime.experts.formats import dequantize
-from llmarch.runtime.experts.stores import expert_loop, group_by_expert, grouped_mm_fits
+from llmarch.runtime.experts.stores import expert_loop, group_by_expert, grouped_mm_fits, routed_static
 
 if TYPE_CHECKING:
     from llmarch.runtime.experts.host import OffloadedExperts
@@ -77,25 +77,12 @@ def experts_on(store: OffloadedExperts, ids: list[int], device) -> tuple:
 
 def grouped_ffn(x, rows, ws, segs, gu, dn, gu_b, dn_b, act, weight_input: bool) -> torch.Tensor:
     """The experts of segs (consecutive in rows, expert i of segs = row i of the stacked weights)
-    over their rows of x, as two torch._grouped_mm products; their weighted outputs [rows, d] in
-    the order of rows[segs' start:end]."""
-    a = segs[0][1]
-    counts = [e - s for _, s, e in segs]
-    ends = torch.tensor(counts, dtype=torch.int32).cumsum(0).to(torch.int32).to(x.device)
-    xs = x[rows[a : segs[-1][2]]]
-    w = ws[a : segs[-1][2], None]
-    if weight_input:
-        xs = xs * w.to(xs.dtype)
-    group = None
-    if gu_b is not None or dn_b is not None:
-        group = torch.repeat_interleave(torch.arange(len(segs), device=x.device), torch.tensor(counts, device=x.device))
-    h = torch._grouped_mm(xs, gu.transpose(-2, -1), offs=ends)
-    if gu_b is not None:
-        h = h + gu_b[group]
-    y = torch._grouped_mm(act(h), dn.transpose(-2, -1), offs=ends)
-    if dn_b is not None:
-        y = y + dn_b[group]
-    return y if weight_input else y * w.to(y.dtype)
+    over their rows of x, as routed_static's two grouped products (one expert a row, k = 1); their
+    weighted outputs [rows, d] in the order of rows[segs' start:end]."""
+    a, b = segs[0][1], segs[-1][2]
+    counts = torch.tensor([e - s for _, s, e in segs], device=x.device)
+    group = torch.repeat_interleave(torch.arange(len(segs), device=x.device), counts)[:, None]
+    return routed_static(x[rows[a:b]], group, ws[a:b, None], gu, dn, gu_b, dn_b, act, weight_input, grouped=True)
 
 
 def compute_uploaded(
