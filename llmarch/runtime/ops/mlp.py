@@ -81,21 +81,18 @@ class GatedMLP(nn.Module):
         """down(act(gate) * up) of x, or (a pre-norm layer's one-token CUDA step, Block) of norm(x),
         plus residual: the norm as the gate|up GEMV's prologue and the add as the down GEMV's
         epilogue where the kernels take them, else the same modules one after another."""
-        if norm is None and residual is None:
-            return self.down(self.hidden_of(x))
-        h = None
-        if self.silu_glu and isinstance(self.gate_up, gemv_cuda.DecodeLinear):
-            h = gemv_cuda.gated_silu(x, self.gate_up.weight, self.gate_up.bias, norm)
-        if h is None:
-            h = self.hidden_of(norm(x) if norm is not None else x)
+        h = self.hidden_of(x, norm)
         return gemv_cuda.linear_add(h, self.down, residual) if residual is not None else self.down(h)
 
-    def hidden_of(self, x: torch.Tensor) -> torch.Tensor:
-        """act(gate) * up: down's input."""
+    def hidden_of(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """act(gate) * up of x, or of norm(x) (the norm in the gate|up GEMV's prologue where it
+        can): down's input."""
         if self.silu_glu and isinstance(self.gate_up, gemv_cuda.DecodeLinear):
-            h = gemv_cuda.gated_silu(x, self.gate_up.weight, self.gate_up.bias)
+            h = gemv_cuda.gated_silu(x, self.gate_up.weight, self.gate_up.bias, norm)
             if h is not None:
                 return h
+        if norm is not None:  # the norm apart, then the product as without one
+            return self.hidden_of(norm(x))
         gu = self.gate_up(x)
         if (
             self.c_act is not None
