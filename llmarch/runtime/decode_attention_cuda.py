@@ -24,13 +24,12 @@ slot and attends, in place of inductor's norm / RoPE / index_copy kernels and th
 from __future__ import annotations
 
 import importlib.util
-import os
 from functools import cache
 from typing import NamedTuple
 
 import torch
 
-from llmarch.runtime.gguf_cuda import interpreting
+from llmarch.runtime.gguf_cuda import interpreting, switched_on
 
 DTYPES = (torch.bfloat16, torch.float16)
 TILE = 8192  # K (or V) values a program holds per step: slots per step x head width
@@ -228,8 +227,7 @@ def _(q, k_in, v_in, k_cache, v_cache, mask, pos, slot, q_w, k_w, cos, sin, eps,
 def new_step_enabled() -> bool:
     """Whether an Attention built now folds its decode step's q/k norm, RoPE and cache write into
     the kernel too (decode_attention_new): LLMARCH_NO_DECODE_ROPE=1 no, =0 yes, unset NEW_STEP_ON."""
-    switch = os.environ.get("LLMARCH_NO_DECODE_ROPE")
-    return HAVE_TRITON and (switch == "0" if switch in ("0", "1") else NEW_STEP_ON)
+    return HAVE_TRITON and switched_on("LLMARCH_NO_DECODE_ROPE", NEW_STEP_ON)
 
 
 def on_device(t: torch.Tensor) -> bool:
@@ -242,8 +240,7 @@ def enabled() -> bool:
     """Whether a model built now sends its CUDA decode steps here (an Attention reads it once, at
     construction, so a compiled step's choice is guarded like any module attribute):
     LLMARCH_NO_DECODE_ATTN=1 keeps torch's products, =0 takes the kernel; unset: DEFAULT_ON."""
-    switch = os.environ.get("LLMARCH_NO_DECODE_ATTN")
-    return HAVE_TRITON and (switch == "0" if switch in ("0", "1") else DEFAULT_ON)
+    return HAVE_TRITON and switched_on("LLMARCH_NO_DECODE_ATTN", DEFAULT_ON)
 
 
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> bool:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmarch.runtime.gguf_cuda import available, interpreting
+from llmarch.runtime.gguf_cuda import available, interpreting, switched_on
 from llmarch.runtime.ops.norms import RMSNorm
 
 ROWS = 1  # activation rows a Linear sends to the kernel (see takes())
@@ -200,8 +200,7 @@ def fused_glu() -> bool:
     """Whether a gated MLP built now takes gated_silu (GatedMLP reads it once, at construction, so a
     compiled step's choice is guarded like any module attribute): LLMARCH_NO_FUSED_GLU=1 no, =0 yes,
     unset: FUSED_GLU."""
-    switch = os.environ.get("LLMARCH_NO_FUSED_GLU")
-    return switch == "0" if switch in ("0", "1") else FUSED_GLU
+    return switched_on("LLMARCH_NO_FUSED_GLU", FUSED_GLU)
 
 
 def gated_silu(
@@ -223,8 +222,7 @@ def fused_norm() -> bool:
     """Whether a decoder layer built now hands its pre-norms to the GEMVs' prologue and its residual
     adds to their epilogue in one-token CUDA steps (Block reads it once, at construction):
     LLMARCH_NO_FUSED_NORM=1 no, =0 yes, unset: FUSED_NORM."""
-    switch = os.environ.get("LLMARCH_NO_FUSED_NORM")
-    return switch == "0" if switch in ("0", "1") else FUSED_NORM
+    return switched_on("LLMARCH_NO_FUSED_NORM", FUSED_NORM)
 
 
 def prologue(norm: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:

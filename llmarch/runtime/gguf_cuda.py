@@ -51,6 +51,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def switched_on(name: str, default: bool) -> bool:
+    """A kernel feature's LLMARCH_NO_* switch: name=1 off, =0 on, unset (or anything else): default."""
+    value = os.environ.get(name)
+    return value == "0" if value in ("0", "1") else default
+
+
 def available(device) -> bool:
     """Whether matrices on `device` can run from stored blocks: CUDA with triton (or CPU tensors
     under the Triton interpreter, for the tests)."""
