@@ -453,7 +453,13 @@ def run_llama_bench(cmd: list[str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", nargs="+", default=["llama-3.2-1b", "qwen3-1.7b"], choices=list(SHAPES))
+    ap.add_argument(
+        "--models",
+        nargs="*",
+        default=["llama-3.2-1b", "qwen3-1.7b"],
+        choices=list(SHAPES),
+        help="dense rows (none: the MoE row alone, e.g. in a call of its own with --llama-bench)",
+    )
     ap.add_argument(
         "--sources",
         nargs="+",
