@@ -42,3 +42,17 @@ def test_run_imports_none_of_the_heavy_modules(tiny):
     modules = set(json.loads(lines[-1]))
     assert "torch" in modules
     assert [m for m in UNWANTED if m in modules] == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads Linux's /proc")
+def test_process_age_counts_from_llmarch_not_from_a_shell_that_exec_d_it():
+    """bash runs the last command of `sleep 4 && python ...` in the process it forked before the
+    sleep (exec without a new fork), so /proc's start time is the fork, 4 s before Python began;
+    the run's "first token after start" must count from this program, not from that fork."""
+    code = "from llmarch.runtime.run import _process_age_s; print(_process_age_s())"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run(
+        ["bash", "-c", f"sleep 4 && {sys.executable} -c '{code}'"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert 0 < float(r.stdout) < 3.0

@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from llmarch import IMPORTED_AT_BOOTTIME
 from llmarch.errors import LlmarchError, printable
 
 DEFAULT_MAX_TOKENS = 128
@@ -358,14 +359,27 @@ def _generate(o: RunOptions, tok, generate):
     return res
 
 
+# Python reaches llmarch's first import within a fraction of a second of its own start (longer
+# only on a cold disk); a process started much earlier than that was forked for something else
+_MAX_STARTUP_S = 3.0
+
+
 def _process_age_s() -> float | None:
-    """Seconds since this process started (Linux: /proc/self/stat's start time), or None."""
+    """Seconds since this program started, or None: from /proc/self/stat's start time (Linux),
+    which counts Python's own start-up. That time is the fork, not the exec: a shell running
+    `a && b && llmarch ...` can exec llmarch in the process it forked before `a`, so where the
+    fork lies far before llmarch's first import, that import is the start."""
     try:
         with open("/proc/self/stat") as f:
             start = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, counted from the state (3)
-        return time.clock_gettime(time.CLOCK_BOOTTIME) - start / os.sysconf("SC_CLK_TCK")
+        forked = start / os.sysconf("SC_CLK_TCK")
+        now = time.clock_gettime(time.CLOCK_BOOTTIME)
     except (OSError, ValueError, IndexError, AttributeError):
         return None
+    imported = IMPORTED_AT_BOOTTIME
+    if imported is not None and imported - forked > _MAX_STARTUP_S:
+        return now - imported
+    return now - forked
 
 
 def _report(o: RunOptions, tok, ids: list[int], room: int, res, where: str, extra: dict | None = None) -> dict:
