@@ -315,15 +315,23 @@ def llmarch_prefill(rt, prompt: list[int], reps: int, eager_too: bool = False) -
     return samples, eager, first
 
 
-def llmarch_moe_prepare(path: Path, prompt: list[int], tg: int, device: str, max_seq: int):
+# the MoE row's llmarch variants (result key: the other matrices from stored blocks?): as `llmarch
+# run` loads the GGUF, and with those matrices dequantized (the form of the runs before)
+MOE_VARIANTS = {"llmarch": True, "llmarch_dequantized": False}
+
+
+def llmarch_moe_prepare(path: Path, prompt: list[int], tg: int, device: str, max_seq: int, stored: bool):
     """Load the MoE GGUF with its experts in host RAM (`--experts cpu`) and warm it up, as
-    `llmarch run` sets it up: one CUDA graph per GPU segment between host round trips."""
+    `llmarch run` sets it up: one CUDA graph per GPU segment between host round trips. stored: the
+    other matrices run from the file's Q4_0 blocks too (`llmarch run`'s default for a GGUF, and
+    the bytes llama.cpp reads), else dequantized to bf16."""
     from llmarch.runtime.experts.decode import attach_decoder, whole_step_capturable
     from llmarch.runtime.generate import Generator, Sampling
     from llmarch.runtime.load import load_runtime
 
     t = time.perf_counter()
-    rt = load_runtime(str(path), device, "bfloat16" if device == "cuda" else "float32", experts="cpu")
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    rt = load_runtime(str(path), device, dtype, experts="cpu", stored_blocks=stored)
     load_s = time.perf_counter() - t
     graph = None if device == "cuda" and whole_step_capturable(rt.model) else False
     g = Generator(rt, max_seq, cuda_graph=graph)
@@ -427,7 +435,9 @@ def table(res: dict) -> str:
             f"{MOE_SHAPE} shape, {moe['layers']} layers | Q4_0 GGUF, experts in host RAM "
             "(llama.cpp -ot exps=CPU; llmarch --experts cpu)"
         )
-        lines.append(row(head, moe.get("llmarch", {}), moe.get("llama.cpp", {}), tg_spec=".1f", bound=" (host)"))
+        for key in MOE_VARIANTS:
+            label = head + ("" if key == "llmarch" else " (llmarch: the other matrices dequantized to bf16)")
+            lines.append(row(label, moe.get(key, {}), moe.get("llama.cpp", {}), tg_spec=".1f", bound=" (host)"))
     for name, m in res["models"].items():
         for src, r in m["llmarch"].items():
             if r.get("decode_profile"):
@@ -577,7 +587,7 @@ def main() -> None:
                 prepare(name, src, path, res["compile"])
     save(res, a.json)
 
-    moe_rt = moe_g = None
+    moe_prepared: dict = {}
     if a.moe_layers > 0:  # made and warmed up beside the build too
         t = time.perf_counter()
         moe = res["moe"] = {"layers": a.moe_layers, "shape": MOE_SHAPE, "llama.cpp": {}}
@@ -589,14 +599,22 @@ def main() -> None:
             moe["prompt_decode"] = torch.randint(0, cfg["vocab_size"], (1,), generator=gen).tolist()
             moe["prompt_prefill"] = torch.randint(0, cfg["vocab_size"], (a.pp,), generator=gen).tolist()
             log(f"moe: {a.moe_layers}-layer {MOE_SHAPE} q4_0 GGUF in {moe['sources_s']:.1f} s")
-            moe_rt, moe_g, load_s, seg = llmarch_moe_prepare(
-                path, moe["prompt_decode"], a.moe_tg, a.device, max(a.pp, a.moe_tg + 1) + 1
-            )
-            moe["llmarch"] = {"load_s": load_s, "segmented_graphs": seg}
-            log(f"moe: llmarch loaded in {load_s:.1f} s (experts in host RAM), warm-up done")
         except Exception as e:  # report and go on: the dense rows still measure
             moe["llmarch"] = {"error": f"{type(e).__name__}: {e}"[:500]}
-            log(f"moe: llmarch failed: {moe['llmarch']['error']}")
+            log(f"moe: source failed: {moe['llmarch']['error']}")
+        for key, stored in MOE_VARIANTS.items():
+            if "gguf" not in moe:
+                break
+            try:
+                rt, g, load_s, seg = llmarch_moe_prepare(
+                    path, moe["prompt_decode"], a.moe_tg, a.device, max(a.pp, a.moe_tg + 1) + 1, stored
+                )
+                moe_prepared[key] = (rt, g)
+                moe[key] = {"load_s": load_s, "segmented_graphs": seg, "run_notes": list(getattr(rt, "notes", []))}
+                log(f"moe {key}: llmarch loaded in {load_s:.1f} s (experts in host RAM), warm-up done")
+            except Exception as e:  # report and go on: the other variant and the dense rows still measure
+                moe[key] = {"error": f"{type(e).__name__}: {e}"[:500]}
+                log(f"moe {key}: llmarch failed: {moe[key]['error']}")
         save(res, a.json)
 
     def add_quantized() -> None:
@@ -713,7 +731,6 @@ def main() -> None:
 
     def moe_row() -> None:
         """Both engines on the MoE file, llmarch first, each on a quiet machine."""
-        nonlocal moe_rt, moe_g
         moe = res.get("moe")
         if not moe or "gguf" not in moe:
             return
@@ -721,23 +738,23 @@ def main() -> None:
 
         bw = res["host_read_Bps"] = host_read_bandwidth()
         moe["threads"] = {"llmarch (torch)": torch.get_num_threads(), "cpus": os.cpu_count()}
-        if moe_rt is not None and left() > 60:
-            res["loadavg_moe_llmarch_timed"] = os.getloadavg()
+        res["loadavg_moe_llmarch_timed"] = os.getloadavg()
+        for key, (rt, g) in list(moe_prepared.items()):
+            del moe_prepared[key]
+            if left() < 60:
+                res["skipped"].append(f"moe {key}: time")
+                continue
+            t = moe[key]
             try:
-                t = moe["llmarch"]
-                t.update(
-                    llmarch_moe_timed(moe_rt, moe_g, moe["prompt_decode"], moe["prompt_prefill"], a.moe_tg, a.reps, bw)
-                )
+                t.update(llmarch_moe_timed(rt, g, moe["prompt_decode"], moe["prompt_prefill"], a.moe_tg, a.reps, bw))
                 # one definition for both engines: the file's expert bytes a token reads (report()'s
                 # counters also count the one-token prompt's reads: tg / (tg - 1) more)
                 t["fraction_of_bound"] = t["decode_tok_s"] * moe["expert_bytes_per_token"] / bw
-                log(f"moe: llmarch tg {t['decode_tok_s']:.1f} pp {t['prefill_tok_s']:.0f}")
+                log(f"moe {key}: llmarch tg {t['decode_tok_s']:.1f} pp {t['prefill_tok_s']:.0f}")
             except Exception as e:
-                moe["llmarch"]["error"] = f"{type(e).__name__}: {e}"[:500]
-                log(f"moe: llmarch failed: {moe['llmarch']['error']}")
-        elif moe_rt is not None:
-            res["skipped"].append("moe llmarch: time")
-        moe_rt = moe_g = None
+                t["error"] = f"{type(e).__name__}: {e}"[:500]
+                log(f"moe {key}: llmarch failed: {t['error']}")
+            del rt, g
         if a.device == "cuda":
             torch.cuda.empty_cache()
         save(res, a.json)
