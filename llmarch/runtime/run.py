@@ -95,8 +95,8 @@ def check_options(o: RunOptions) -> None:
 
 
 def stored_blocks_asked(o: RunOptions, ckpt) -> bool:
-    """Whether a GGUF's matrices run from its stored blocks (load_runtime applies it on the CPU only):
-    by default, and with --keep-quantized without --quant-bits; --dtype asks for float weights."""
+    """Whether a GGUF's matrices run from its stored blocks (on the CPU, and on CUDA where triton
+    runs): by default, and with --keep-quantized without --quant-bits; --dtype asks for float weights."""
     if o.keep_quantized:
         return o.quant_bits is None
     return ckpt.format == "gguf" and o.dtype is None
