@@ -90,7 +90,9 @@ def spec_of(config: dict, family: str = "qwen3_moe"):
     return fingerprint(open_checkpoint(str(d)))
 
 
-def build_llmarch(spec, device, dtype, bits: int, gpu_experts: int):
+def build_llmarch(spec, device, dtype, bits: int, gpu_experts: int, finish: bool = True):
+    """The model with random weights; finish: then as the loader leaves it (model.finish_loading: norms
+    folded, on CUDA the Triton decode GEMVs), which is what `llmarch run` decodes with."""
     import torch
     from torch import nn
 
@@ -138,6 +140,10 @@ def build_llmarch(spec, device, dtype, bits: int, gpu_experts: int):
             else:
                 t.normal_(0, 0.02)
             mod._parameters[pname] = nn.Parameter(t, requires_grad=False)
+    if finish:
+        from llmarch.runtime.model import finish_loading
+
+        finish_loading(model, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
@@ -196,12 +202,20 @@ def run_llmarch(args, spec, device, dtype, bits, gpu_experts, bw, segmented=True
     from llmarch.runtime.experts.report import report, reset_counters
     from llmarch.runtime.generate import Generator, Sampling
 
-    rt, build_s = build_llmarch(spec, device, dtype, bits, gpu_experts)
+    rt, build_s = build_llmarch(spec, device, dtype, bits, gpu_experts, finish=not args.ab_build)
     torch.set_num_threads(torch_threads or os.cpu_count())
     gen = Generator(rt, args.prompt + args.tokens + 1, cuda_graph=False, compile=args.compile)
     seg = segmented and attach_decoder(gen)
     ids = torch.randint(0, spec.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
     gen.generate(ids, 4, Sampling())  # warm-up (kernel build, allocator)
+    if args.ab_build and seg:  # the raw build's segments captured above; now the loader's, a second decoder
+        from llmarch.runtime.model import finish_loading
+
+        raw = gen._step_eager
+        finish_loading(rt.model, device)
+        attach_decoder(gen)
+        gen.generate(ids, 4, Sampling())
+        args.decoders = {"raw_build": raw, "loader_build": gen._step_eager}
     reset_counters(rt.model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -209,10 +223,13 @@ def run_llmarch(args, spec, device, dtype, bits, gpu_experts, bw, segmented=True
     steps = len(res.tokens) - 1
     r = report(rt.model, steps, res.decode_s, device, bw)
     if args.profile and seg:  # before the repeats: an outer time limit cuts those, printed round by round
-        from profile_moe_offload import profile_step
+        from profile_moe_offload import profile_step, segment_kernels
 
-        print(json.dumps({"profile": profile_step(gen, rt, spec)}), flush=True)
-    if args.repeats > 1 or args.ab_kernel or args.ab_step or args.ab_hugepages:
+        for name, step in getattr(args, "decoders", {}).items():  # the two builds' segments, kernel by kernel
+            if name != "loader_build" and step.__self__.graphs:
+                print(json.dumps({f"segment_kernels_{name}": segment_kernels(step.__self__)}), flush=True)
+        print(json.dumps({"profile": profile_step(gen, rt, spec, prefetch=(0,))}), flush=True)
+    if args.repeats > 1 or args.ab_kernel or args.ab_step or args.ab_hugepages or args.ab_build or args.ab_early:
         r["repeats"] = repeated_runs(args, gen, rt, spec, ids, device, bw, seg)
     r.update(
         engine="llmarch",
@@ -306,6 +323,20 @@ def repeated_runs(args, gen, rt, spec, ids, device, bw, seg) -> dict:
             return setup
 
         axes.append({f"{name}_pages": use_pages(name) for name in homes})
+    if getattr(args, "decoders", None):
+        axes.insert(
+            0, {name: (lambda step=step: setattr(gen, "_step_eager", step)) for name, step in args.decoders.items()}
+        )
+    if args.ab_early:
+        if dec is None or dec.plan is None or dec._early is None:
+            print(json.dumps({"ab_early": "no early launch here (no C step loop, or no cuStreamWaitValue32)"}))
+        else:
+            axes.append(
+                {
+                    f"{name}_launch": (lambda on=on: gen._step_eager.__self__.set_early_launch(on))
+                    for name, on in (("after_kernel", False), ("early", True))
+                }
+            )
     variants: dict = {"current": []}
     for axis in axes:
         variants = {
@@ -341,6 +372,13 @@ def repeated_runs(args, gen, rt, spec, ids, device, bw, seg) -> dict:
     kernel._LIB = current
     if native:
         dec.lib, dec.step_loop = current, loop0
+    if getattr(args, "decoders", None):
+        gen._step_eager = args.decoders["loader_build"]
+    if args.ab_early and dec is not None and dec.plan is not None:  # back to the default
+        from llmarch.runtime.experts.decode import early_launch_choice
+
+        for step in getattr(args, "decoders", {"current": gen._step_eager}).values():
+            step.__self__.set_early_launch(early_launch_choice())
     if args.ab_hugepages and native:  # back where the build put them
         use_pages("4k")()
     out = {}
@@ -548,6 +586,17 @@ def main():
         "--ab-hugepages",
         action="store_true",
         help="also hold a copy of the experts in transparent huge pages and alternate the two each repeat",
+    )
+    ap.add_argument(
+        "--ab-build",
+        action="store_true",
+        help="alternate two decoders of one model: captured on the model as built (random weights put in, "
+        "the form measured before) and as the loader leaves it (norms folded, Triton decode GEMVs)",
+    )
+    ap.add_argument(
+        "--ab-early",
+        action="store_true",
+        help="alternate moe_step's launch of the next segment after the kernel and early (behind a flag)",
     )
     ap.add_argument(
         "--profile",

@@ -30,8 +30,71 @@ def _us(seconds: float) -> float:
     return round(seconds * 1e6, 1)
 
 
-def profile_step(gen, rt, spec, reps: int = 20) -> dict:
-    """The breakdown of a Generator's segmented decode step (attach_decoder done, graphs captured)."""
+def c_loop_marks(dec, tok, reps: int, early: bool) -> dict:
+    """moe_step's marks per layer (after each launch, event wait and kernel): launch to ready, the kernel,
+    and from the kernel's end to the next segment's copy to the host (the GPU's whole turn: launch or
+    flag, copy back, segment); without early launch also the kernel's end to the next launch returned."""
+    n = len(dec.cuts)
+    dec.step_loop, saved_loop, saved_early = "c", dec.step_loop, dec.early_launch
+    dec.set_early_launch(early)
+    marks = (ctypes.c_double * (3 * (n + 1)))()
+    dec.plan.times = ctypes.addressof(marks)
+    wait_c, kern_c, relaunch_c, turn_c = [], [], [], []
+    for _ in range(reps):
+        dec.step(tok, 20)
+        t = list(marks)
+        for i in range(n):
+            wait_c.append(t[3 * i + 1] - t[3 * i])
+            kern_c.append(t[3 * i + 2] - t[3 * i + 1])
+            relaunch_c.append(t[3 * i + 3] - t[3 * i + 2])
+            if i:
+                turn_c.append(t[3 * i + 1] - t[3 * i - 1])
+    dec.plan.times = None
+    dec.step_loop = saved_loop
+    dec.set_early_launch(saved_early)
+    out = {
+        "kernel_in_step": _us(statistics.median(kern_c)),
+        "kernel_in_step_p90": _us(sorted(kern_c)[int(0.9 * len(kern_c))]),
+        "kernel_end_to_next_ready": _us(statistics.median(turn_c)),
+    }
+    if not early:  # (early: the launch is queued before the wait, so these marks are out of order)
+        out["launch_to_ready"] = _us(statistics.median(wait_c))
+        out["kernel_end_to_next_launched"] = _us(statistics.median(relaunch_c))
+    return out
+
+
+def segment_kernels(dec, reps: int = 10, top: int = 12) -> dict:
+    """The GPU kernels of one middle segment's graph replay (torch.profiler): per replay, how many, their
+    summed GPU time, and the costliest by name."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    g = dec.captured[len(dec.cuts) // 2]
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            g.replay()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None)
+        if t is None:
+            t = getattr(e, "cuda_time_total", 0)
+        if t and e.count:
+            rows.append((e.key, e.count / reps, t / reps))
+    rows.sort(key=lambda r: -r[2])
+    kernels = [r for r in rows if "Memcpy" not in r[0] and "Memset" not in r[0]]
+    return {
+        "kernels_per_replay": round(sum(r[1] for r in kernels), 1),
+        "kernel_us_per_replay": round(sum(r[2] for r in kernels), 1),
+        "copies_us_per_replay": round(sum(r[2] for r in rows if r not in kernels), 1),
+        "top": [[name[:70], round(c, 1), round(us, 2)] for name, c, us in rows[:top]],
+    }
+
+
+def profile_step(gen, rt, spec, reps: int = 20, prefetch: tuple = PREFETCH) -> dict:
+    """The breakdown of a Generator's segmented decode step (attach_decoder done, graphs captured);
+    prefetch: the kernel's prefetch distances compared (0 alone: none)."""
     import torch
 
     dec = gen._step_eager.__self__
@@ -53,6 +116,10 @@ def profile_step(gen, rt, spec, reps: int = 20) -> dict:
         out["segment_alone_us"] = [_us(statistics.median(timed(run[i]) for _ in range(reps))) for i in (1, n // 2, n)]
         if dec.graphs:  # GPU time alone: replays queued back to back
             out["segment_gpu_us"] = _us(timed(lambda: [run[n // 2]() for _ in range(reps)]) / reps)
+            try:
+                out["segment_kernels"] = segment_kernels(dec)
+            except Exception as e:  # the profiler is a diagnosis: its failure must not end the run
+                out["segment_kernels"] = f"profiler failed: {type(e).__name__}: {e}"
         if dec.native:
             lib, ctx = dec.lib, dec.ctx_ptrs
             warm = []
@@ -62,9 +129,9 @@ def profile_step(gen, rt, spec, reps: int = 20) -> dict:
                 warm.append(clock() - t0)
             out["kernel_one_layer_again_us"] = _us(statistics.median(warm))
             per_layer = sum(dec.bytes_per_step) / n
-            cold: dict[int, list] = {a: [] for a in PREFETCH}
+            cold: dict[int, list] = {a: [] for a in prefetch}
             for _ in range(max(reps // 4, 3)):  # prefetch distances alternated pass by pass
-                for ahead in PREFETCH:
+                for ahead in prefetch:
                     lib.moe_set_prefetch(ahead)
                     t0 = clock()
                     for c in ctx:
@@ -101,39 +168,29 @@ def profile_step(gen, rt, spec, reps: int = 20) -> dict:
             }
             out["timeline_step_ms"] = round(statistics.median(whole) * 1e3, 3)
         tok = torch.tensor([[5]], device=dec.device)
-        if dec.plan is not None:  # the C loop's own clock: per layer after launch, after the wait, after the kernel
-            dec.step_loop, saved_loop = "c", dec.step_loop
-            marks = (ctypes.c_double * (3 * (n + 1)))()
-            dec.plan.times = ctypes.addressof(marks)
-            wait_c, kern_c, relaunch_c = [], [], []
-            for _ in range(reps):
-                dec.step(tok, 20)
-                t = list(marks)
-                for i in range(n):
-                    wait_c.append(t[3 * i + 1] - t[3 * i])
-                    kern_c.append(t[3 * i + 2] - t[3 * i + 1])
-                    relaunch_c.append(t[3 * i + 3] - t[3 * i + 2])
-            dec.plan.times = None
-            dec.step_loop = saved_loop
-            out["c_loop_per_layer_us"] = {
-                "launch_to_ready": _us(statistics.median(wait_c)),
-                "kernel_in_step": _us(statistics.median(kern_c)),
-                "kernel_in_step_p90": _us(sorted(kern_c)[int(0.9 * len(kern_c))]),
-                "kernel_end_to_next_launched": _us(statistics.median(relaunch_c)),
-            }
-        loops = ["python", "c"] if dec.plan is not None else [dec.step_loop]
-        ahead_set = PREFETCH if dec.native else (0,)
-        saved, steps = dec.step_loop, {}
+        if dec.plan is not None:  # the C loop's own clock, with the next segment launched after the kernel or early
+            for early in (False, True) if dec._early is not None else (False,):
+                out["c_loop_per_layer_us" + ("_early_launch" if early else "")] = c_loop_marks(dec, tok, reps, early)
+        loops = [("python", False), ("c", False)] if dec.plan is not None else [(dec.step_loop, False)]
+        if dec.plan is not None and dec._early is not None:
+            loops.append(("c", True))
+        ahead_set = prefetch if dec.native else (0,)
+        saved, saved_early, steps = dec.step_loop, dec.early_launch, {}
         for _ in range(3):  # alternated
-            for loop in loops:
+            for loop, early in loops:
                 for ahead in ahead_set:
                     dec.step_loop = loop
+                    if dec.plan is not None:
+                        dec.set_early_launch(early)
                     if dec.native:
                         dec.lib.moe_set_prefetch(ahead)
-                    steps.setdefault(f"{loop}_loop+prefetch_{ahead}", []).append(
+                    name = f"{loop}_loop{'+early_launch' if early else ''}+prefetch_{ahead}"
+                    steps.setdefault(name, []).append(
                         statistics.median(timed(lambda: dec.step(tok, 20)) for _ in range(reps))
                     )
         dec.step_loop = saved
+        if dec.plan is not None:
+            dec.set_early_launch(saved_early)
         if dec.native:
             dec.lib.moe_set_prefetch(0)
         out["step_ms"] = {name: round(statistics.median(v) * 1e3, 3) for name, v in steps.items()}

@@ -197,3 +197,98 @@ def test_prefetch_changes_no_bits(fmt):
     assert outs[0][0].abs().max().item() > 0.05
     for other in outs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
+
+
+@pytest.mark.parametrize("fail_at", [None, 2])
+def test_moe_step_early_launch_waits_on_the_flag(fail_at):
+    """Early launch: segment i + 1 is queued while segment i runs, behind a stream wait on a host flag
+    that the host raises after layer i's kernel. The stand-in stream here runs its queue in order only
+    when the host waits on an event (as a GPU runs ahead of nothing), and a queued wait whose flag does
+    not hold its value yet stalls it: every segment's copy back must still see the sum of the kernel
+    before it, bit for bit, and a failed launch must leave no wait pending (the flag raised)."""
+    from llmarch.runtime.experts.kernel import StepPlan, cpu_kernel, pointer_array
+
+    lib = cpu_kernel()
+    n_layers, k = 3, 4
+    layers, _held, pack, out = _layers(n_layers, k)
+    want = []
+    for ctx, p in layers:
+        pack[:] = p
+        lib.moe_decode(ctypes.byref(ctx))
+        want.append(out.copy())
+
+    flag = np.zeros(1, np.uint32)
+    flag[0] = 0xFFFFFFFE  # the sequence numbers wrap
+    queue, calls, seen, stalls = [], [], [], []
+
+    def run_graph(i):
+        if i > 0:
+            seen.append(out.copy())
+        if i < n_layers:
+            pack[:] = layers[i][1]
+            out[:] = np.nan
+
+    def drain():
+        """Run queued work in order as far as it goes: up to a wait whose value is not there yet."""
+        while queue:
+            kind, v = queue[0]
+            if kind == "wait_value" and (int(flag[0]) - v) % 2**32 >= 2**31:  # the driver's cyclic >=
+                stalls.append(v)
+                return
+            queue.pop(0)
+            if kind == "graph":
+                run_graph(v)
+
+    launch_t = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+    wait_t = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+    wait_value_t = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint)
+
+    def launch(graph, stream):
+        i = graph - 100
+        calls.append(("launch", i))
+        if i == fail_at:
+            return 7
+        queue.append(("graph", i))
+        return 0
+
+    def wait(event):
+        i = event - 200
+        calls.append(("wait", i))
+        drain()  # the host waits for segment i's copy to the host: the stream runs as far as it can
+        assert ("graph", i) not in queue, "segment i never ran: its stream stalled on a flag"
+        return 0
+
+    def wait_value(stream, addr, value, flags):
+        assert addr == 0xD0 and flags == 0  # the flag's device address; CU_STREAM_WAIT_VALUE_GEQ
+        calls.append(("wait_value", value))
+        queue.append(("wait_value", value))
+        return 0
+
+    keep = (launch_t(launch), wait_t(wait), wait_value_t(wait_value))
+    arrays = (
+        pointer_array([100 + i for i in range(n_layers + 1)]),
+        pointer_array([200 + i for i in range(n_layers)]),
+        pointer_array([ctypes.addressof(ctx) for ctx, _ in layers]),
+    )
+    plan = StepPlan(n_layers + 1, *(ctypes.cast(f, ctypes.c_void_p).value for f in keep[:2]), 77)
+    plan.graphs, plan.events, plan.ctxs = (ctypes.addressof(a) for a in arrays)
+    plan.wait_value = ctypes.cast(keep[2], ctypes.c_void_p).value
+    plan.flag, plan.flag_dev = flag.ctypes.data, 0xD0
+    rc = lib.moe_step(ctypes.cast(ctypes.pointer(plan), ctypes.c_void_p))
+    drain()  # after the step: the GPU finishes what was queued
+    assert not queue, "a stream wait was left pending"
+    seqs = [0xFFFFFFFF, 0, 1]
+    if fail_at is not None:
+        assert rc == (fail_at + 1) * 1000 + 7
+        assert calls[-1] == ("launch", fail_at)
+        assert int(flag[0]) == seqs[fail_at - 1]  # raised on the way out
+    else:
+        assert rc == 0
+        order = [("launch", 0)]
+        for i in range(n_layers):
+            order += [("wait_value", seqs[i]), ("launch", i + 1), ("wait", i)]
+        assert calls == order
+        assert len(seen) == n_layers and int(flag[0]) == seqs[-1]
+    assert stalls  # the stand-in stream did reach a wait before the host raised its flag
+    for got, ref in zip(seen, want):
+        assert np.array_equal(got, ref)

@@ -10,6 +10,8 @@ top-1 agreement and logit error are measured and bounded.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -117,16 +119,16 @@ def test_report_counts_selected_expert_bytes(ckpt):
     assert r["bound_tok_s"] == pytest.approx(10e9 / (16 * one), rel=1e-3)
 
 
-def _decode_both_ways(path, device: str, bits: int, ids):
+def _decode_both_ways(path, device: str, bits: int, ids, dtype: str = "float32"):
     """Greedy tokens of the plain layer-by-layer decode and of the SegmentedDecoder (CUDA graphs on
     a GPU, eager on the CPU), same checkpoint and placement."""
     from llmarch.runtime.experts.decode import attach_decoder
     from llmarch.runtime.generate import Generator, Sampling
     from llmarch.runtime.load import load_runtime
 
-    plain = load_runtime(str(path), device, "float32", experts="cpu", expert_bits=bits)
+    plain = load_runtime(str(path), device, dtype, experts="cpu", expert_bits=bits)
     want = Generator(plain, PROMPT + STEPS + 1, cuda_graph=False).generate(ids, STEPS, Sampling()).tokens
-    rt = load_runtime(str(path), device, "float32", experts="cpu", expert_bits=bits)
+    rt = load_runtime(str(path), device, dtype, experts="cpu", expert_bits=bits)
     gen = Generator(rt, PROMPT + STEPS + 1)
     assert attach_decoder(gen)
     dec = gen._step_eager.__self__
@@ -134,6 +136,7 @@ def _decode_both_ways(path, device: str, bits: int, ids):
     got = gen.generate(ids, STEPS, Sampling()).tokens
     if device == "cuda" and dec.step_loop == "c":  # the step ran in moe_step, not the Python loop
         assert dec.plan is not None
+        assert dec.early_launch == (os.environ.get("LLMARCH_NO_MOE_EARLY_LAUNCH") == "0")
     return want, got
 
 
@@ -225,17 +228,34 @@ def test_cpu_kernel_equals_torch_dequant(fmt, family):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("loop", ["python", "c"])
-@pytest.mark.parametrize("which", ["ckpt", "glm_ckpt", "ds_ckpt"])
+@pytest.mark.parametrize(
+    "which,loop",
+    [
+        ("ckpt", "python"),
+        ("ckpt", "c"),
+        ("ckpt", "c_early"),
+        ("glm_ckpt", "python"),
+        ("glm_ckpt", "c_early"),
+        ("ds_ckpt", "c"),
+        ("ds_ckpt", "c_early"),
+        ("ckpt_bf16", "c"),
+        ("ckpt_bf16", "c_early"),
+    ],
+)
 def test_graph_decoder_on_gpu_same_tokens(request, reference, which, loop, monkeypatch):
     """On a GPU each segment between host round trips is a CUDA graph (the copies to and from pinned
     memory inside it, the shared expert after an event the host waits on): same greedy tokens as the
     eager layer-by-layer path, with the step's loop in Python or in moe_cpu.c (moe_step, the CUDA
-    driver's graph launch and event wait)."""
+    driver's graph launch and event wait; c_early: each next segment launched before the kernel,
+    behind a stream wait on a flag the host raises). ckpt_bf16: the bfloat16 model, whose segments
+    hold the Triton decode GEMVs and attention kernel the loader puts in."""
     if not torch.cuda.is_available():
         pytest.skip("no GPU")
-    monkeypatch.setenv("LLMARCH_MOE_STEP_LOOP", loop)
-    want, got = _decode_both_ways(request.getfixturevalue(which), "cuda", 4, reference[0])
+    monkeypatch.setenv("LLMARCH_MOE_STEP_LOOP", "python" if loop == "python" else "c")
+    monkeypatch.setenv("LLMARCH_NO_MOE_EARLY_LAUNCH", "0" if loop == "c_early" else "1")
+    path = request.getfixturevalue(which.removesuffix("_bf16"))
+    dtype = "bfloat16" if which.endswith("_bf16") else "float32"
+    want, got = _decode_both_ways(path, "cuda", 4, reference[0], dtype)
     assert got == want
 
 

@@ -452,10 +452,17 @@ def load_weights(
         if quant_bits and isinstance(mod, nn.Linear) and mname.startswith(("layers.", "lm_head")):
             parent, leaf = _parent(model, mname)
             setattr(parent, leaf, quantize_linear(mod, quant_bits))
+    finish_loading(model, device)
+
+
+def finish_loading(model: nn.Module, device) -> None:
+    """What follows putting the weights in place (load_weights; a benchmark filling random ones):
+    norms' unit offsets folded, and on CUDA the one-token steps' float16/bfloat16 matmuls on the
+    Triton GEMV (gemv_cuda.use_for_decode)."""
     for mod in model.modules():
         if isinstance(mod, RMSNorm):
             mod.fold_unit_offset()
-    if torch.device(device).type == "cuda":  # one-token steps' float16/bfloat16 matmuls: a Triton GEMV
+    if torch.device(device).type == "cuda":
         from llmarch.runtime.gemv_cuda import use_for_decode
 
         use_for_decode(model)

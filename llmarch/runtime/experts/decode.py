@@ -130,6 +130,18 @@ def hugepages_choice() -> bool:
     return value == "1"
 
 
+# moe_step's early launch (the next segment queued behind a stream wait on a flag the host raises after
+# the kernel): off until measured faster on the device
+EARLY_LAUNCH = False
+
+
+def early_launch_choice() -> bool:
+    """LLMARCH_NO_MOE_EARLY_LAUNCH=1 off, =0 on, unset: EARLY_LAUNCH (read once, at decoder build)."""
+    from llmarch.runtime.gguf_cuda import switched_on
+
+    return switched_on("LLMARCH_NO_MOE_EARLY_LAUNCH", EARLY_LAUNCH)
+
+
 PREFETCH_AHEAD = 0  # moe_cpu.c's software prefetch distance in a decode call (units of 4 rows; 0: off)
 
 
@@ -145,7 +157,9 @@ class SegmentedDecoder:
     def __init__(self, model, cache, device, graphs: bool | None = None, compile: bool = False):
         self.model, self.cache, self.device = model, cache, device
         self.step_loop = step_loop_choice()  # read once: a benchmark may switch the attribute per round
+        self.early_launch = early_launch_choice()  # the C loop's (see set_early_launch)
         self.plan = None
+        self._early: tuple | None = None  # what early launch needs, once the plan is made (_early_flag)
         blocks = list(model.layers)
         self.cuts = [
             i for i, b in enumerate(blocks) if isinstance(b.mlp, MoE) and isinstance(b.mlp.experts, OffloadedExperts)
@@ -346,6 +360,29 @@ class SegmentedDecoder:
         )
         self.plan_ptr = ctypes.cast(ctypes.pointer(self.plan), ctypes.c_void_p)
         self._moe_step = self.lib.moe_step  # the contexts' kernel build (a benchmark may swap self.lib)
+        self._early = self._early_flag(drv)
+        self.set_early_launch(self.early_launch)
+
+    def _early_flag(self, drv) -> tuple | None:
+        """(cuStreamWaitValue32's address, the pinned flag, its device address) for moe_step's early
+        launch, or None where the driver has no such call or cannot map the flag."""
+        wait_value = getattr(drv, "cuStreamWaitValue32_v2", None) or getattr(drv, "cuStreamWaitValue32", None)
+        get_dev = getattr(drv, "cuMemHostGetDevicePointer_v2", None)
+        if wait_value is None or get_dev is None:
+            return None
+        flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        dev = ctypes.c_uint64()
+        if get_dev(ctypes.byref(dev), ctypes.c_void_p(flag.data_ptr()), ctypes.c_uint(0)) != 0:
+            return None
+        return ctypes.cast(wait_value, ctypes.c_void_p).value, flag, dev.value
+
+    def set_early_launch(self, on: bool) -> None:
+        """moe_step's early launch on or off (where the driver allows it); a benchmark alternates it."""
+        self.early_launch = bool(on and self._early is not None)
+        if self.plan is None:
+            return
+        wait_value, flag, dev = self._early if self.early_launch else (None, None, 0)
+        self.plan.wait_value, self.plan.flag, self.plan.flag_dev = wait_value, flag and flag.data_ptr(), dev
 
     @torch.inference_mode()
     def step(self, ids: torch.Tensor, pos: int) -> torch.Tensor:

@@ -110,9 +110,11 @@ class DecodeCtx(ctypes.Structure):  # moe_cpu.c's moe_decode_ctx
 
 
 class StepPlan(ctypes.Structure):  # moe_cpu.c's moe_step_plan
-    _fields_ = [("n", ctypes.c_int)] + [
-        (n, ctypes.c_void_p) for n in ("launch", "wait", "stream", "graphs", "events", "ctxs", "times")
-    ]
+    _fields_ = (
+        [("n", ctypes.c_int)]
+        + [(n, ctypes.c_void_p) for n in ("launch", "wait", "stream", "graphs", "events", "ctxs", "times")]
+        + [("wait_value", ctypes.c_void_p), ("flag", ctypes.c_void_p), ("flag_dev", ctypes.c_uint64)]
+    )
 
 
 def pointer_array(addresses: list[int]) -> ctypes.Array:

@@ -984,9 +984,16 @@ void moe_decode(void *arg) {
  * library), on the context current in the calling thread. Python's loop did the same through
  * torch's CUDAGraph.replay (which also refreshes the RNG state of every replay: the segments draw no
  * random numbers) and Event.synchronize; here the GPU's next segment starts as soon as the kernel
- * returns. Returns 0, or (segment + 1) * 1000 + the CUDA error code of the call that failed. */
+ * returns.
+ * Early launch (wait_value and flag set): segment i + 1 is queued while segment i still runs on the
+ * GPU, behind a stream wait (the driver's cuStreamWaitValue32) until the 32-bit flag in pinned host
+ * memory reaches this layer's sequence number, which the host stores after layer i's kernel; the
+ * launch call then leaves the path between the kernel's end and the GPU's next segment (a store the
+ * GPU polls instead). Returns 0, or (segment + 1) * 1000 + the CUDA error code of the call that
+ * failed (a pending stream wait is released first, so the stream never hangs on it). */
 typedef int (*graph_launch_fn)(void *graph_exec, void *stream);
 typedef int (*event_sync_fn)(void *event);
+typedef int (*wait_value_fn)(void *stream, uint64_t addr, uint32_t value, unsigned flags);
 typedef struct {
     int n;  /* segments (graphs); the host calls between them: n - 1 */
     graph_launch_fn launch;
@@ -995,8 +1002,16 @@ typedef struct {
     void *const *graphs;
     void *const *events;
     void *const *ctxs;  /* moe_decode_ctx *, one per host call */
-    double *times;      /* NULL, or 3 per segment: seconds (CLOCK_MONOTONIC) after its launch, wait, kernel */
+    double *times;      /* NULL, or 3 per segment: seconds (CLOCK_MONOTONIC) after its launch, wait, kernel
+                           (early launch: segment i + 1's launch is marked when it is queued, before i's wait) */
+    wait_value_fn wait_value;  /* NULL: launch after the kernel; else early launch through flag */
+    uint32_t *flag;            /* pinned host memory the GPU can read (early launch) */
+    uint64_t flag_dev;         /* its device address, what the stream wait polls */
 } moe_step_plan;
+
+/* the driver's CU_STREAM_WAIT_VALUE_GEQ: (int32_t)(*flag - value) >= 0, a cyclic test, so a later
+ * value (raised on an error path) also releases an earlier wait, and 32 bits may wrap */
+#define CU_STREAM_WAIT_VALUE_GEQ 0x0
 
 static inline void step_mark(double *t) {
     if (t) {
@@ -1006,19 +1021,47 @@ static inline void step_mark(double *t) {
     }
 }
 
+static inline void raise_flag(uint32_t *flag, uint32_t value) {
+    /* after every store of the experts' sum (the kernel's threads have joined): the GPU's copy back,
+     * released by this value, must read the finished sum */
+    __atomic_store_n(flag, value, __ATOMIC_RELEASE);
+}
+
 int moe_step(void *arg) {
     const moe_step_plan *p = (const moe_step_plan *)arg;
     double *t = p->times;
-    for (int i = 0; i < p->n; i++) {
-        int rc = p->launch(p->graphs[i], p->stream);
-        if (rc) return (i + 1) * 1000 + rc;
-        step_mark(t ? t + 3 * i : NULL);
-        if (i == p->n - 1) break;
+    int early = p->wait_value && p->flag;
+    int rc = p->launch(p->graphs[0], p->stream);
+    if (rc) return 1000 + rc;
+    step_mark(t);
+    for (int i = 0; i < p->n - 1; i++) {
+        uint32_t seq = 0;
+        if (early) {
+            seq = __atomic_load_n(p->flag, __ATOMIC_RELAXED) + 1;
+            rc = p->wait_value(p->stream, p->flag_dev, seq, CU_STREAM_WAIT_VALUE_GEQ);
+            if (rc) return (i + 2) * 1000 + rc;
+            rc = p->launch(p->graphs[i + 1], p->stream);
+            if (rc) {
+                raise_flag(p->flag, seq);
+                return (i + 2) * 1000 + rc;
+            }
+            step_mark(t ? t + 3 * (i + 1) : NULL);
+        }
         rc = p->wait(p->events[i]);
-        if (rc) return (i + 1) * 1000 + rc;
+        if (rc) {
+            if (early) raise_flag(p->flag, seq);
+            return (i + 1) * 1000 + rc;
+        }
         step_mark(t ? t + 3 * i + 1 : NULL);
         moe_decode(p->ctxs[i]);
         step_mark(t ? t + 3 * i + 2 : NULL);
+        if (early) {
+            raise_flag(p->flag, seq);
+            continue;
+        }
+        rc = p->launch(p->graphs[i + 1], p->stream);
+        if (rc) return (i + 2) * 1000 + rc;
+        step_mark(t ? t + 3 * (i + 1) : NULL);
     }
     return 0;
 }
