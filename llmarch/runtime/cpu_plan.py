@@ -7,6 +7,7 @@ each chunk's matmuls over all its rows at once)."""
 from __future__ import annotations
 
 import ctypes
+import threading
 from functools import lru_cache
 
 from llmarch.errors import LlmarchError
@@ -259,9 +260,29 @@ def work_floats(d: int, widest: int, vocab: int, longest: int) -> int:
     return d + 3 * widest + max(widest, vocab) + longest
 
 
-@lru_cache(maxsize=1)
+_building: threading.Thread | None = None
+
+
+def start_building() -> None:
+    """Compile the library on a thread of its own (the compiler is a subprocess, ~5 s on 2 cores
+    the first time on a machine), so that a first run's start-up (the tokenizer, the decode plan)
+    goes on beside it; lib() waits for it. Not a daemon: an early exit waits for the compiler
+    rather than leave its half-written output in the cache."""
+    global _building
+    if _building is None:
+        _building = threading.Thread(target=_built, name="llmarch-cc")
+        _building.start()
+
+
 def lib():
     """The built library, or None (no compiler / AVX2, or LLMARCH_NO_CKERNEL)."""
+    if _building is not None:
+        _building.join()
+    return _built()
+
+
+@lru_cache(maxsize=1)
+def _built():
     source = "#include <string.h>\n" + GGUF_MATMUL + FLOAT_OPS + DECODE
     lib = build_avx2("cpu_decode", source, ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"])
     if lib is None:

@@ -194,6 +194,10 @@ def run(o: RunOptions) -> dict:
     ckpt, spec = load_checkpoint_spec(o.source)  # headers only: every check below comes before the weights
     check_supported(spec, ckpt.path, ckpt.format == "gguf")
     check_moe_options(spec, o.experts, o.expert_bits, o.gpu_experts, o.expert_dir)
+    if native and ckpt.format == "gguf":  # the C decoder runs it, or saves its plan after the torch path
+        from llmarch.runtime.cpu_plan import start_building
+
+        start_building()
     if not native:  # the --ple options (none given on the native path)
         from llmarch.runtime.ple import check_options as check_ple_options
 
