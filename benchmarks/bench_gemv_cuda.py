@@ -98,20 +98,24 @@ def graph_time(torch, fn, copies: int, min_calls: int = 24) -> float:
     return statistics.median(times)
 
 
-def precompile(gv, tiles, widths, torch) -> str:
-    """Compile every (tile, K) the sweep launches, in threads (Triton's compile is most of the cost)."""
+def precompile(gv, tiles, widths, torch, modes=("plain",)) -> str:
+    """Compile every (tile, K, mode) the sweep launches, in threads (Triton's compile is most of the
+    cost), with the arguments launch() passes (the same specialization)."""
     from concurrent.futures import ThreadPoolExecutor
 
     k = gv._kernels()
     x = torch.zeros(1, 16, dtype=torch.bfloat16, device="cuda")  # N below: a multiple of 16, as every N here
 
     def one(args):
-        (bn, bk, warps), K = args
+        (bn, bk, warps), K, mode = args
+        ahead, pdl = (v == "0" for v in MODES[mode])
         k.gemv.warmup(
-            x, x, x, x, 1, 2048, K, MP=1, BN=bn, BK=bk, EVEN_K=K % bk == 0, HAS_BIAS=False, num_warps=warps, grid=(1,)
-        )
+            x, x, x, x, 1, 2048, K, MP=1, BN=bn, BK=bk, EVEN_K=K % bk == 0, HAS_BIAS=False, GLU=False, nw=x, res=x,
+            eps=0.0, NORM=False, RES=False, ONE=K == bk, PDL=pdl, AHEAD=ahead, num_warps=warps, grid=(1,),
+            **({"launch_pdl": True} if pdl else {}),
+        )  # fmt: skip
 
-    jobs = [(t, K) for t in tiles for K in widths]
+    jobs = [(t, K, mode) for t in tiles for K in widths for mode in modes]
     t0 = time.perf_counter()
     try:
         with ThreadPoolExecutor(12) as ex:
@@ -119,6 +123,30 @@ def precompile(gv, tiles, widths, torch) -> str:
     except Exception as e:  # compile on first launch instead
         return f"precompile failed ({type(e).__name__}: {str(e)[:200]}), compiling on first launch"
     return f"precompiled {len(jobs)} kernels in {time.perf_counter() - t0:.1f} s"
+
+
+def mode_times(torch, gv, N: int, K: int, ws, modes, tiles, copies) -> dict:
+    """Per launch mode (MODES): the kernel's time on one row with pick_tile's tile and with each of
+    tiles (those that fit), and its error against float64 in that mode, microseconds."""
+    out = {}
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ ws[0].double().T
+    picked = gv.pick_tile(1, N, K)
+    for mode in modes:
+        with launch_mode(mode):
+            row = {}
+            for t in [picked] + [t for t in tiles if t != picked and gv.fits(t, 1) and t[1] <= max(K, 256)]:
+                try:
+                    y.fill_(float("nan"))
+                    gv.launch(x, ws[0], None, y, tile=t)
+                    err = ((y.double() - ref).norm() / ref.norm()).item()
+                    us = graph_time(torch, lambda i, t=t: gv.launch(x, ws[i], None, y, tile=t), copies) * 1e6
+                    row["picked" if t == picked else str(t)] = {"us": us, "rel_err": err}
+                except Exception as e:
+                    print(f"  {mode} tile {t}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+            out[mode] = row
+    return out
 
 
 def measure(torch, gv, N: int, K: int, tiles) -> dict:
@@ -170,6 +198,8 @@ def kernels(a) -> dict:
 
     rate = copy_rate(torch)
     out: dict = {"device": torch.cuda.get_device_name(), "copy_rate_Bps": rate, "shapes": {}, "totals": {}}
+    if a.modes:
+        return kernel_modes(a, torch, gv, rate, out)
     tiles = sweep_tiles(gv) if a.sweep else [(2, 2048, 4)]  # without --sweep one tile, for the table's column
     widths = sorted({K for _, (mt, cfg) in SHAPES.items() for _, _, K, _ in matrices(cfg)})
     print(precompile(gv, tiles, widths, torch), f"({len(tiles)} tiles x widths {widths})", flush=True)
@@ -209,6 +239,55 @@ def kernels(a) -> dict:
     return out
 
 
+def kernel_modes(a, torch, gv, rate: float, out: dict) -> dict:
+    """kernels --modes: every matrix of both shapes, one row, timed per launch mode (plain, weights a
+    step ahead, programmatic dependent launches: in a graph of many launches each then overlaps the
+    one before), with pick_tile's tile and --tiles; a token's matrices summed per mode."""
+    modes = a.modes.split(",")
+    tiles = [tuple(int(v) for v in t.split(",")) for t in a.tiles.split(";")] if a.tiles else []
+    widths = sorted({K for _, (mt, cfg) in SHAPES.items() for _, _, K, _ in matrices(cfg)})
+    picked = {gv.pick_tile(1, N, K) for _, (mt, cfg) in SHAPES.items() for _, N, K, _ in matrices(cfg)}
+    print(precompile(gv, sorted(picked | set(tiles)), widths, torch, modes), flush=True)
+    t0 = time.perf_counter()
+    out["modes"] = {m: dict(zip(("LLMARCH_NO_GEMV_AHEAD", "LLMARCH_NO_PDL"), MODES[m], strict=True)) for m in modes}
+    for model, (_, cfg) in SHAPES.items():
+        tot = {m: 0.0 for m in modes}
+        nbytes_tok = 0
+        for name, N, K, uses in matrices(cfg):
+            if a.budget_s and time.perf_counter() - t0 > a.budget_s:
+                print(f"budget of {a.budget_s} s spent: {model} {name} and after not timed", flush=True)
+                out["budget_cut"] = f"{model} {name}"
+                return out
+            nbytes = N * K * 2
+            copies = max(2, -(-400_000_000 // nbytes))
+            ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5 for _ in range(copies)]
+            row = mode_times(torch, gv, N, K, ws, modes, tiles, copies)
+            del ws
+            torch.cuda.empty_cache()
+            out["shapes"][f"{model} {name}"] = {"N": N, "K": K, "MB": nbytes / 1e6, "uses": uses, "times": row}
+            nbytes_tok += uses * nbytes
+            for m in modes:
+                tot[m] += uses * row[m]["picked"]["us"]
+                best = min(row[m], key=lambda t: row[m][t]["us"])
+                others = "  ".join(
+                    f"{t} {v['us']:.1f}" for t, v in sorted(row[m].items(), key=lambda kv: kv[1]["us"])[:4]
+                )
+                print(
+                    f"{model:13s} {name:8s} {N:6d}x{K:<5d} {m:8s} picked {row[m]['picked']['us']:6.1f} us "
+                    f"({100 * nbytes / (row[m]['picked']['us'] * 1e-6) / rate:3.0f}% of copy, err "
+                    f"{row[m]['picked']['rel_err']:.1e})  best {best}; fastest: {others}",
+                    flush=True,
+                )
+        out["totals"][model] = {m: {"us": tot[m], "pct_copy": 100 * nbytes_tok / (tot[m] * 1e-6) / rate} for m in modes}
+        print(
+            f"{model}: a token's matrices {nbytes_tok / 1e9:.2f} GB, pick_tile's tiles: "
+            + ", ".join(f"{m} {tot[m]:.0f} us ({out['totals'][model][m]['pct_copy']:.0f}%)" for m in modes)
+            + f"; copy rate {rate / 1e12:.2f} TB/s, load {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
+    return out
+
+
 # what each decode variant switches: the GEMV kernel, the fused decode attention op, the gated
 # epilogue (silu(gate) * up in the gate|up GEMV), the attention op that also norms and rotates q/k
 # and writes the cache, the pre-norms in the GEMVs' prologue and the residual adds in their
@@ -219,16 +298,39 @@ SWITCHES = (
     "LLMARCH_NO_FUSED_GLU",
     "LLMARCH_NO_DECODE_ROPE",
     "LLMARCH_NO_FUSED_NORM",
+    "LLMARCH_NO_GEMV_AHEAD",
+    "LLMARCH_NO_PDL",
 )
 VARIANTS = {
-    "torch": ("1", "1", "1", "1", "1"),  # torch's matmuls (inductor's under --compile) and attention
-    "gemv": ("0", "1", "1", "1", "1"),  # the GEMV kernel alone
-    "attn": ("0", "0", "1", "1", "1"),  # + the decode attention op
-    "glu": ("0", "1", "0", "1", "1"),  # + the gated epilogue
-    "fused": ("0", "0", "0", "1", "1"),  # + both
-    "full": ("0", "0", "0", "0", "1"),  # + q/k norm, RoPE and the cache write in the attention op
-    "norm": ("0", "0", "0", "0", "0"),  # + the norm prologues and residual-add epilogues
+    "torch": ("1", "1", "1", "1", "1", "1", "1"),  # torch's matmuls (inductor's under --compile) and attention
+    "gemv": ("0", "1", "1", "1", "1", "1", "1"),  # the GEMV kernel alone
+    "attn": ("0", "0", "1", "1", "1", "1", "1"),  # + the decode attention op
+    "glu": ("0", "1", "0", "1", "1", "1", "1"),  # + the gated epilogue
+    "fused": ("0", "0", "0", "1", "1", "1", "1"),  # + both
+    "full": ("0", "0", "0", "0", "1", "1", "1"),  # + q/k norm, RoPE and the cache write in the attention op
+    "norm": ("0", "0", "0", "0", "0", "1", "1"),  # + the norm prologues and residual-add epilogues
+    "ahead": ("0", "0", "0", "0", "0", "0", "1"),  # + the GEMVs' weight tiles loaded a step ahead
+    "pdlonly": ("0", "0", "0", "0", "0", "1", "0"),  # norm + programmatic dependent launches
+    "pdl": ("0", "0", "0", "0", "0", "0", "0"),  # + both: the first tile's loads before the PDL wait
 }
+# kernels --modes: (LLMARCH_NO_GEMV_AHEAD, LLMARCH_NO_PDL) of each way a matrix's launches are timed
+MODES = {"plain": ("1", "1"), "ahead": ("0", "1"), "pdl": ("0", "0"), "pdlonly": ("1", "0")}
+
+
+@contextlib.contextmanager
+def launch_mode(mode: str):
+    """The GEMV's launch switches of one --modes entry, set while its launches are made (and captured)."""
+    keys = ("LLMARCH_NO_GEMV_AHEAD", "LLMARCH_NO_PDL")
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update(dict(zip(keys, MODES[mode], strict=True)))
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager
@@ -290,6 +392,11 @@ def decode(a) -> dict:
     from llmarch.runtime.gemv_cuda import DecodeLinear
     from llmarch.runtime.generate import Sampling
 
+    t_start = time.perf_counter()
+
+    def spent() -> bool:
+        return bool(a.budget_s) and time.perf_counter() - t_start > a.budget_s
+
     rate = copy_rate(torch)
     out: dict = {"model": a.model, "device": torch.cuda.get_device_name(), "copy_rate_Bps": rate}
     labels = a.variants.split(",")
@@ -329,6 +436,10 @@ def decode(a) -> dict:
         with gpu_turn(a):
             loads = []
             for r in range(a.rounds):  # alternating, the order reversed every round
+                if r >= 2 and spent():
+                    print(f"budget of {a.budget_s} s spent: {r} rounds of {a.rounds}", flush=True)
+                    out["budget_cut_rounds"] = r
+                    break
                 for label in labels if r % 2 == 0 else labels[::-1]:
                     res = gens[label][1].generate(prompt, a.tokens, Sampling())
                     out[label]["runs"].append(res.decode_tok_s)
@@ -344,6 +455,9 @@ def decode(a) -> dict:
             try:  # the timed rounds above are kept whatever fails here
                 if a.profile:
                     for label in labels:
+                        if spent():
+                            print(f"budget of {a.budget_s} s spent: no profile of {label}", flush=True)
+                            continue
                         rt, g = gens[label]
                         prof = decode_profile(g, torch, len(rt.spec.schedule), pos=len(prompt))
                         out[label]["profile"] = prof
@@ -365,7 +479,7 @@ def decode(a) -> dict:
     for label in labels:
         o = out[label]
         print(
-            f"{a.model} {label:5s}: {o['decode_tok_s']:7.1f} tok/s median of {a.rounds} "
+            f"{a.model} {label:5s}: {o['decode_tok_s']:7.1f} tok/s median of {len(o['runs'])} "
             f"({', '.join(f'{x:.0f}' for x in o['runs'])}) = {100 * o['fraction_of_bound']:.1f}% of "
             f"{o['bound_tok_s']:.0f} tok/s bound ({o['bytes_per_token'] / 1e9:.2f} GB/token)"
         )
@@ -390,6 +504,9 @@ def main() -> None:
     ap.add_argument("--lock", help="decode: a file to hold while timing (processes sharing the GPU)")
     ap.add_argument("--barrier", help="decode: DIR:N, wait until N processes have prepared before timing")
     ap.add_argument("--sweep", action="store_true", help="kernels: time 43 tiles per shape, not only pick_tile's")
+    ap.add_argument("--modes", help=f"kernels: launch modes of {', '.join(MODES)} instead of the cuBLAS table")
+    ap.add_argument("--tiles", help="kernels --modes: more tiles, 'BN,BK,WARPS;...'")
+    ap.add_argument("--budget-s", type=float, help="stop timing (rounds, shapes) once this many seconds have passed")
     ap.add_argument("--json")
     a = ap.parse_args()
     import torch

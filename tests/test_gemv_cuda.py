@@ -36,7 +36,11 @@ SHAPES = [(37, 200), (130, 1000), (9, 2048), (257, 72)]  # (N, K): none a multip
 @needs_kernels
 @pytest.mark.parametrize("N,K", SHAPES)
 @pytest.mark.parametrize("M", [1, 2, 3, 4])
-def test_kernel_matches_float64_matmul(N, K, M):
+@pytest.mark.parametrize("ahead", ["1", "0"], ids=["plain", "ahead"])
+def test_kernel_matches_float64_matmul(N, K, M, ahead, monkeypatch):
+    """ahead: LLMARCH_NO_GEMV_AHEAD (=0: weight tiles loaded a step ahead; K 1000 and 2048 take
+    several steps of the interpreter's 256-value tile, 200 one masked step)."""
+    monkeypatch.setenv("LLMARCH_NO_GEMV_AHEAD", ahead)
     g = torch.Generator().manual_seed(N * 1000 + K * 10 + M)
     dtype = torch.bfloat16 if M % 2 else torch.float16
     x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
@@ -59,10 +63,13 @@ def test_kernel_matches_float64_matmul(N, K, M):
 @needs_kernels
 @pytest.mark.parametrize("H,K", [(37, 200), (9, 2048), (130, 72)])
 @pytest.mark.parametrize("M", [1, 3])
-def test_gated_epilogue_matches_float64_silu_gate_times_up(H, K, M):
+@pytest.mark.parametrize("ahead", ["1", "0"], ids=["plain", "ahead"])
+def test_gated_epilogue_matches_float64_silu_gate_times_up(H, K, M, ahead, monkeypatch):
     """glu=True: w holds [gate; up] (2H rows), y = silu(x @ gate^T + b_g) * (x @ up^T + b_u) against
     float64, both sums kept in float32 until the activation. Bound: each sum's float32 error (1e-5 of
-    sum |w| |x|) carried through silu (slope below 1.1) and the product, plus y's own rounding."""
+    sum |w| |x|) carried through silu (slope below 1.1) and the product, plus y's own rounding.
+    ahead: as in test_kernel_matches_float64_matmul (the up tile loaded ahead too)."""
+    monkeypatch.setenv("LLMARCH_NO_GEMV_AHEAD", ahead)
     g = torch.Generator().manual_seed(H * 100 + K + M)
     dtype = torch.bfloat16 if M == 1 else torch.float16
     x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
@@ -185,3 +192,63 @@ def test_captured_and_compiled_decode_gives_eager_tokens(compile, tiny, monkeypa
     eager = Generator(rt, 32, cuda_graph=False).generate(prompt, 20, Sampling()).tokens
     graph = Generator(rt, 32, compile=compile).generate(prompt, 20, Sampling()).tokens
     assert graph == eager
+
+
+def _chain(x: torch.Tensor, mats: list[tuple]) -> torch.Tensor:
+    """A pre-norm layer stack's GEMVs by launch() alone, each reading the one before's output: the
+    norm prologue into q|k|v-like and gate|up rows, the residual epilogue out of o- and down-like."""
+    h = x
+    for nw, w_in, w_out, w_gate_up, w_down in mats:
+        a = torch.empty(1, w_in.shape[0], dtype=h.dtype, device=h.device)
+        gv.launch(h, w_in, None, a, norm_w=nw, eps=1e-6)
+        r = torch.empty_like(h)
+        gv.launch(a, w_out, None, r, residual=h)
+        u = torch.empty(1, w_gate_up.shape[0] // 2, dtype=h.dtype, device=h.device)
+        gv.launch(r, w_gate_up, None, u, glu=True, norm_w=nw, eps=1e-6)
+        h = torch.empty_like(r)
+        gv.launch(u, w_down, None, h, residual=r)
+    return h
+
+
+@needs_kernels
+@on_cuda
+def test_dependent_launches_captured_give_the_plain_launches_values(monkeypatch):
+    """The GEMVs launched as programmatic dependent launches with their weights loaded ahead
+    (LLMARCH_NO_PDL=0, LLMARCH_NO_GEMV_AHEAD=0), each reading the previous one's output, captured in
+    a CUDA graph and replayed on two different inputs in turn: every replay equals plain eager
+    launches (=1) of the same chain on that input, bit for bit (the same sums in the same order). A
+    kernel that read its input before the previous kernel had written it would read the other
+    input's values, left from the last replay."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm90+")
+    g = torch.Generator(device=DEVICE).manual_seed(7)
+    d, f, layers = 2048, 4096, 6
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=DEVICE) * scale).to(torch.bfloat16)
+
+    mats = [
+        (rand(d, scale=0.2) + 1, rand(3072, d, scale=d**-0.5), rand(d, 3072, scale=3072**-0.5),
+         rand(2 * f, d, scale=d**-0.5), rand(d, f, scale=f**-0.5))
+        for _ in range(layers)
+    ]  # fmt: skip
+    inputs = [rand(1, d), rand(1, d)]
+    monkeypatch.setenv("LLMARCH_NO_PDL", "1")
+    monkeypatch.setenv("LLMARCH_NO_GEMV_AHEAD", "1")
+    want = [_chain(x, mats) for x in inputs]
+    assert not torch.equal(want[0], want[1])
+    monkeypatch.setenv("LLMARCH_NO_PDL", "0")
+    monkeypatch.setenv("LLMARCH_NO_GEMV_AHEAD", "0")
+    assert gv.pdl(inputs[0].device)
+    x = inputs[0].clone()
+    eager = _chain(x, mats)  # also compiles the PDL variants before the capture
+    assert torch.equal(eager, want[0])
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _chain(x, mats)
+    for i in (0, 1, 0, 1, 1, 0):
+        x.copy_(inputs[i])
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want[i]), f"replay on input {i}: max diff {(out.float() - want[i].float()).abs().max()}"

@@ -49,7 +49,10 @@ def folded_norm(K: int, eps: float, unit_offset: bool, g: torch.Generator) -> RM
 @needs_kernels
 @pytest.mark.parametrize("N,K", SHAPES)
 @pytest.mark.parametrize("M", [1, 2, 3, 4])
-def test_norm_prologue_matches_rmsnorm_then_float64_matmul(N, K, M):
+@pytest.mark.parametrize("ahead", ["1", "0"], ids=["plain", "ahead"])
+def test_norm_prologue_matches_rmsnorm_then_float64_matmul(N, K, M, ahead, monkeypatch):
+    """ahead: LLMARCH_NO_GEMV_AHEAD (=0: the weight tiles a step ahead, the first before the prologue)."""
+    monkeypatch.setenv("LLMARCH_NO_GEMV_AHEAD", ahead)
     g = torch.Generator().manual_seed(N * 1000 + K * 10 + M)
     dtype = torch.bfloat16 if M % 2 else torch.float16
     eps, unit_offset = (0.3, M % 2 == 1) if M <= 2 else (1e-6, M == 3)
@@ -218,13 +221,24 @@ on_cuda = pytest.mark.skipif(
 @needs_kernels
 @on_cuda
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-@pytest.mark.parametrize("compile", [False, True])
-def test_captured_and_compiled_decode_with_the_fusion_gives_eager_tokens(family, compile, tiny, monkeypatch):
+@pytest.mark.parametrize("compile,launches", [(False, "default"), (True, "default"), (True, "pdl")])
+def test_captured_and_compiled_decode_with_the_fusion_gives_eager_tokens(family, compile, launches, tiny, monkeypatch):
+    """launches "pdl": the eager tokens from plain launches (LLMARCH_NO_PDL=1, LLMARCH_NO_GEMV_AHEAD=1),
+    the captured ones from the GEMVs and the attention op as programmatic dependent launches, the
+    GEMVs' weights loaded ahead (both =0; read at launch, so the capture records them)."""
     from llmarch.runtime.generate import Generator, Sampling
 
     rt = _load(tiny(family), monkeypatch, True)
     assert all(b.fused_norms for b in rt.model.layers)
     prompt = [2, 17, 5, 99]
+    if launches == "pdl":
+        if torch.cuda.get_device_capability()[0] < 9:
+            pytest.skip("programmatic dependent launch needs sm90+")
+        monkeypatch.setenv("LLMARCH_NO_PDL", "1")
+        monkeypatch.setenv("LLMARCH_NO_GEMV_AHEAD", "1")
     eager = Generator(rt, 32, cuda_graph=False).generate(prompt, 20, Sampling()).tokens
+    if launches == "pdl":
+        monkeypatch.setenv("LLMARCH_NO_PDL", "0")
+        monkeypatch.setenv("LLMARCH_NO_GEMV_AHEAD", "0")
     graph = Generator(rt, 32, compile=compile).generate(prompt, 20, Sampling()).tokens
     assert graph == eager

@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import torch
 
+from llmarch.runtime import gemv_cuda
 from llmarch.runtime.gguf_cuda import interpreting, switched_on
 
 DTYPES = (torch.bfloat16, torch.float16)
@@ -83,6 +84,8 @@ def launch(q, k, v, mask, scale: float, out, chunk: int | None = None, new: NewS
         ch = _pow2(-(-chunk // bs), 1) * bs
         splits = -(-S // ch)
     kern = _kernels()
+    dependent = gemv_cuda.pdl(q.device)  # the GEMVs' switch: both or neither, so each pair overlaps
+    launch_opts = {"PDL": dependent, **({"launch_pdl": True} if dependent else {})}
     parts = splits > 1
     if parts:
         pm = torch.empty(B * KV * splits * rep_p, dtype=torch.float32, device=q.device)
@@ -138,6 +141,7 @@ def launch(q, k, v, mask, scale: float, out, chunk: int | None = None, new: NewS
         NORM=new is not None and new.q_w is not None,
         ROT=0 if new is None or new.cos is None else new.cos.shape[-1],
         num_warps=8 if rep_p * max(d_p, dv_p) >= 8192 else 4,  # 512-wide heads spill registers with 4
+        **launch_opts,
     )
     if parts:
         kern.decode_attention_combine[(B * H,)](
@@ -155,6 +159,7 @@ def launch(q, k, v, mask, scale: float, out, chunk: int | None = None, new: NewS
             DV_P=dv_p,
             SPLITS_P=_pow2(splits, 2),
             num_warps=4,
+            **launch_opts,
         )
 
 

@@ -135,6 +135,7 @@ def decode_attention(
     NEW: tl.constexpr = False,
     NORM: tl.constexpr = False,
     ROT: tl.constexpr = 0,
+    PDL: tl.constexpr = False,
 ):
     """q [B, H, D] (strides sq_*), k [B, KV, S, D], v [B, KV, S, DV] (last dims contiguous), mask
     uint8 [S] (nonzero = visible), out [B, H, DV]; CHUNK slots per split (a multiple of BS). PARTS
@@ -146,7 +147,14 @@ def decode_attention(
     vn_*) the raw key / value ones, not yet in the cache: the program norms (NORM: per-head RMS
     with float32 weights q_w / k_w, eps) and rotates (ROT lanes, cos / sin [positions, ROT], row
     pos[0]) q and its KV head's key itself, and the program whose split holds the cache slot
-    slot_at[0] writes the key and value there before attending."""
+    slot_at[0] writes the key and value there before attending.
+
+    PDL: launched as a programmatic dependent launch (launch_pdl, sm90+): the next kernel may launch
+    at once (its programs fill the SMs this small grid leaves idle), and every read and write here
+    waits for the previous kernel's writes (gdc_wait)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     bk = tl.program_id(0)  # batch row * KV + KV head
     sp = tl.program_id(1)
     b = (bk // KV).to(tl.int64)
@@ -251,9 +259,13 @@ def decode_attention_combine(
     DV: tl.constexpr,
     DV_P: tl.constexpr,
     SPLITS_P: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """One program per (batch row, query head): its SPLITS partial softmaxes, each weighted by
-    exp(its max - the overall max), summed and normalised."""
+    exp(its max - the overall max), summed and normalised. PDL: as decode_attention's."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = bh % H

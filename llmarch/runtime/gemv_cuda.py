@@ -42,6 +42,13 @@ FUSED_GLU = True
 # compiled decode test passed there (README)
 FUSED_NORM = True
 REGS = 64  # float32 accumulator values per thread a tile may hold (MP * BN * BK / threads)
+# the decode kernels (these GEMVs, the decode attention op's) launched as programmatic dependent
+# launches on sm90+ when LLMARCH_NO_PDL is unset: each lets the next start while its last programs
+# drain, the next reading its weights before it waits for the previous kernel's writes
+PDL = False
+# each program's weight tiles loaded a step ahead (the first before the PDL wait) when
+# LLMARCH_NO_GEMV_AHEAD is unset
+AHEAD = False
 
 
 @cache
@@ -49,6 +56,26 @@ def _kernels():
     from llmarch.runtime import gemv_cuda_kernels
 
     return gemv_cuda_kernels
+
+
+@cache
+def _sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether a decode kernel launched now on `device` goes as a programmatic dependent launch:
+    CUDA sm90+ (not the interpreter), LLMARCH_NO_PDL=1 no, =0 yes, unset: PDL. Read at each launch
+    (a flag of the launch, not of the model): a captured graph keeps what its capture launched."""
+    if device.type != "cuda" or interpreting() or not _sm90(device.index or 0):
+        return False
+    return switched_on("LLMARCH_NO_PDL", PDL)
+
+
+def ahead() -> bool:
+    """Whether the GEMV loads its weight tiles a step ahead: LLMARCH_NO_GEMV_AHEAD=1 no, =0 yes,
+    unset: AHEAD (read at each launch, as pdl())."""
+    return switched_on("LLMARCH_NO_GEMV_AHEAD", AHEAD)
 
 
 def fits(tile: tuple[int, int, int], mp: int) -> bool:
@@ -91,7 +118,10 @@ def launch(
     norm_w ([K], float32 or a 16-bit dtype that holds the norm's weight exactly) and eps: x is a
     residual-stream row and the product's input is RMSNorm's output rms_norm(x) * norm_w (the
     kernel's prologue). residual [M, N] (y's dtype, contiguous):
-    y = residual + the product (its epilogue)."""
+    y = residual + the product (its epilogue).
+
+    w (and b, norm_w) must not be written by the kernel launched just before: with ahead() and
+    pdl() the first weight tile is read before the wait for that kernel (a model's weights are not)."""
     M, K = x.shape
     N = w.shape[0] // 2 if glu else w.shape[0]
     mp = 1 << (M - 1).bit_length()
@@ -102,6 +132,7 @@ def launch(
         tile = (max(1, bn // 2), bk, warps)
     bn, bk, warps = tile or pick_tile(mp, N, K)
     bias = b if b is not None else w  # unused when HAS_BIAS is false
+    dependent = pdl(x.device)
     _kernels().gemv[(-(-N // bn),)](
         x,
         w,
@@ -122,7 +153,10 @@ def launch(
         NORM=norm_w is not None,
         RES=residual is not None,
         ONE=K == bk,
+        PDL=dependent,
+        AHEAD=ahead(),
         num_warps=warps,
+        **({"launch_pdl": True} if dependent else {}),
     )
 
 

@@ -24,6 +24,24 @@ import triton.language as tl
 
 
 @triton.jit
+def _weights(wp, k0, NK, K: tl.constexpr, kk, EVEN_K: tl.constexpr, GLU: tl.constexpr):
+    """One step's [BN, BK] weight tile from column k0 (and the gated MLP's up rows NK values on;
+    the gate tile again where not GLU, unused)."""
+    if EVEN_K:
+        wt = tl.load(wp + k0, eviction_policy="evict_first")
+        ut = wt
+        if GLU:
+            ut = tl.load(wp + NK + k0, eviction_policy="evict_first")
+    else:
+        inside = ((k0 + kk) < K)[None, :]
+        wt = tl.load(wp + k0, mask=inside, other=0.0, eviction_policy="evict_first")
+        ut = wt
+        if GLU:
+            ut = tl.load(wp + NK + k0, mask=inside, other=0.0, eviction_policy="evict_first")
+    return wt, ut
+
+
+@triton.jit
 def gemv(
     x,
     w,
@@ -44,6 +62,8 @@ def gemv(
     NORM: tl.constexpr = False,
     RES: tl.constexpr = False,
     ONE: tl.constexpr = False,
+    PDL: tl.constexpr = False,
+    AHEAD: tl.constexpr = False,
 ):
     """x [M, K] contiguous, w [N, K] contiguous, b [N] or unused, y [M, N] contiguous; MP: M rounded
     up to a power of two. K is a compile-time constant (a decode step has a handful of widths).
@@ -56,7 +76,14 @@ def gemv(
     it exactly: half the bytes every program reads), eps: the input row is
     rms_norm(x[m]) * nw, computed as F.rms_norm does it in float32 (x * rsqrt(mean(x^2) + eps) * nw)
     and rounded to x's dtype; ONE: K == BK (one step), so the prologue's load of x is the loop's.
-    RES: res [M, N] contiguous in y's dtype, and y = res + (x @ W^T + b)."""
+    RES: res [M, N] contiguous in y's dtype, and y = res + (x @ W^T + b).
+    PDL: launched as a programmatic dependent launch (launch_pdl, sm90+): the program lets the next
+    kernel launch at once and waits for the previous kernel's writes (gdc_wait) before it reads
+    anything a kernel writes (x, res) or writes anything itself.
+    AHEAD: each step's weight tile is loaded one step ahead (two tiles in flight a program where K
+    takes several steps), the first one before the wait."""
+    if PDL:  # the next kernel may start now: its programs take the SMs ours leave and wait in gdc_wait
+        tl.extra.cuda.gdc_launch_dependents()
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     r = tl.minimum(rows, N - 1).to(tl.int64)
     m = tl.arange(0, MP)
@@ -64,6 +91,11 @@ def gemv(
     kk = tl.arange(0, BK)
     wp = w + r[:, None] * K + kk[None, :]
     xp = x + mc[:, None] * K + kk[None, :]
+    if AHEAD:  # the first step's weights before the wait: no kernel writes them, so under PDL their
+        # loads overlap the previous kernel's last programs (x, the norm and the residual come after)
+        wt, ut = _weights(wp, 0, N * K, K, kk, EVEN_K, GLU)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     acc = tl.zeros([MP, BN, BK], dtype=tl.float32)
     if NORM:
         ss = tl.zeros([MP], dtype=tl.float32)
@@ -78,30 +110,31 @@ def gemv(
     if GLU:
         up = tl.zeros([MP, BN, BK], dtype=tl.float32)
     for k0 in range(0, K, BK):
+        if AHEAD:  # this step's weights were loaded a step ahead; the next step's go out before its math
+            cw, cu = wt, ut
+            if not ONE:
+                if k0 + BK < K:
+                    wt, ut = _weights(wp, k0 + BK, N * K, K, kk, EVEN_K, GLU)
+        else:
+            cw, cu = _weights(wp, k0, N * K, K, kk, EVEN_K, GLU)
         if EVEN_K:
-            wt = tl.load(wp + k0, eviction_policy="evict_first")
             if NORM and ONE:
                 xt = x0
             else:
                 xt = tl.load(xp + k0)
             if NORM:
                 nt = tl.load(nw + k0 + kk).to(tl.float32)
-            if GLU:
-                ut = tl.load(wp + N * K + k0, eviction_policy="evict_first")
         else:
             inside = (k0 + kk) < K
-            wt = tl.load(wp + k0, mask=inside[None, :], other=0.0, eviction_policy="evict_first")
             xt = tl.load(xp + k0, mask=inside[None, :], other=0.0)
             if NORM:
                 nt = tl.load(nw + k0 + kk, mask=inside, other=0.0).to(tl.float32)
-            if GLU:
-                ut = tl.load(wp + N * K + k0, mask=inside[None, :], other=0.0, eviction_policy="evict_first")
         if NORM:  # RMSNorm's output, rounded to x's dtype as the unfused norm writes it
             xt = ((xt.to(tl.float32) * inv[:, None]) * nt[None, :]).to(x.dtype.element_ty)
         xf = xt.to(tl.float32)[:, None, :]
-        acc += wt.to(tl.float32)[None, :, :] * xf
+        acc += cw.to(tl.float32)[None, :, :] * xf
         if GLU:
-            up += ut.to(tl.float32)[None, :, :] * xf
+            up += cu.to(tl.float32)[None, :, :] * xf
     out = tl.sum(acc, axis=2)
     if HAS_BIAS:
         out += tl.load(b + r).to(tl.float32)[None, :]
