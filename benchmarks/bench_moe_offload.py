@@ -229,7 +229,8 @@ def run_llmarch(args, spec, device, dtype, bits, gpu_experts, bw, segmented=True
             if name != "loader_build" and step.__self__.graphs:
                 print(json.dumps({f"segment_kernels_{name}": segment_kernels(step.__self__)}), flush=True)
         print(json.dumps({"profile": profile_step(gen, rt, spec, prefetch=(0,))}), flush=True)
-    if args.repeats > 1 or args.ab_kernel or args.ab_step or args.ab_hugepages or args.ab_build or args.ab_early:
+    ab = args.ab_kernel or args.ab_step or args.ab_hugepages or args.ab_build or args.ab_early or args.ab_handoff
+    if args.repeats > 1 or ab:
         r["repeats"] = repeated_runs(args, gen, rt, spec, ids, device, bw, seg)
     r.update(
         engine="llmarch",
@@ -337,6 +338,15 @@ def repeated_runs(args, gen, rt, spec, ids, device, bw, seg) -> dict:
                     for name, on in (("after_kernel", False), ("early", True))
                 }
             )
+    if args.ab_handoff and native:
+        from llmarch.runtime.experts.decode import handoff_choice
+
+        axes.append(
+            {
+                f"{name}": (lambda on=on: kernel.cpu_kernel().moe_set_handoff(on))
+                for name, on in (("phase_barrier", 0), ("handoff", 1))
+            }
+        )
     variants: dict = {"current": []}
     for axis in axes:
         variants = {
@@ -372,6 +382,8 @@ def repeated_runs(args, gen, rt, spec, ids, device, bw, seg) -> dict:
     kernel._LIB = current
     if native:
         dec.lib, dec.step_loop = current, loop0
+    if args.ab_handoff and native:
+        current.moe_set_handoff(1 if handoff_choice() else 0)
     if getattr(args, "decoders", None):
         gen._step_eager = args.decoders["loader_build"]
     if args.ab_early and dec is not None and dec.plan is not None:  # back to the default
@@ -597,6 +609,11 @@ def main():
         "--ab-early",
         action="store_true",
         help="alternate moe_step's launch of the next segment after the kernel and early (behind a flag)",
+    )
+    ap.add_argument(
+        "--ab-handoff",
+        action="store_true",
+        help="alternate the kernel's barrier between its gate_up and down rows and the per-expert hand-off",
     )
     ap.add_argument(
         "--profile",

@@ -97,6 +97,8 @@ def profile_step(gen, rt, spec, reps: int = 20, prefetch: tuple = PREFETCH) -> d
     prefetch: the kernel's prefetch distances compared (0 alone: none)."""
     import torch
 
+    from llmarch.runtime.experts.decode import handoff_choice, prefetch_choice
+
     dec = gen._step_eager.__self__
     cuda = dec.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -129,18 +131,23 @@ def profile_step(gen, rt, spec, reps: int = 20, prefetch: tuple = PREFETCH) -> d
                 warm.append(clock() - t0)
             out["kernel_one_layer_again_us"] = _us(statistics.median(warm))
             per_layer = sum(dec.bytes_per_step) / n
-            cold: dict[int, list] = {a: [] for a in prefetch}
-            for _ in range(max(reps // 4, 3)):  # prefetch distances alternated pass by pass
-                for ahead in prefetch:
+            # the kernel's settings (prefetch distance, hand-off between its phases), alternated pass by pass
+            settings = {f"prefetch_{a}": (a, 0) for a in prefetch} | {"handoff": (0, 1)}
+            cold: dict[str, list] = {name: [] for name in settings}
+            for _ in range(max(reps // 4, 3)):
+                for name, (ahead, handoff) in settings.items():
                     lib.moe_set_prefetch(ahead)
+                    lib.moe_set_handoff(handoff)
                     t0 = clock()
                     for c in ctx:
                         lib.moe_decode(c)
-                    cold[ahead].append((clock() - t0) / n)
-            lib.moe_set_prefetch(0)
-            out["kernel_layers_in_turn_us"] = {f"prefetch_{a}": _us(statistics.median(v)) for a, v in cold.items()}
+                    cold[name].append((clock() - t0) / n)
+            lib.moe_set_prefetch(prefetch_choice())
+            lib.moe_set_handoff(1 if handoff_choice() else 0)
+            out["kernel_layers_in_turn_us"] = {name: _us(statistics.median(v)) for name, v in cold.items()}
+            out["kernel_layers_in_turn_us_rounds"] = {name: [_us(t) for t in v] for name, v in cold.items()}
             out["kernel_layers_in_turn_gb_s"] = {
-                f"prefetch_{a}": round(per_layer / statistics.median(v) / 1e9, 1) for a, v in cold.items()
+                name: round(per_layer / statistics.median(v) / 1e9, 1) for name, v in cold.items()
             }
         if dec.graphs and dec.copies_in_graph:  # the Python loop's step, timed per layer
             launch, wait, kern, whole = [], [], [], []
@@ -171,20 +178,26 @@ def profile_step(gen, rt, spec, reps: int = 20, prefetch: tuple = PREFETCH) -> d
         if dec.plan is not None:  # the C loop's own clock, with the next segment launched after the kernel or early
             for early in (False, True) if dec._early is not None else (False,):
                 out["c_loop_per_layer_us" + ("_early_launch" if early else "")] = c_loop_marks(dec, tok, reps, early)
-        loops = [("python", False), ("c", False)] if dec.plan is not None else [(dec.step_loop, False)]
+        # (loop, early launch, kernel hand-off) per variant
+        loops = [("python", False, 0), ("c", False, 0)] if dec.plan is not None else [(dec.step_loop, False, 0)]
         if dec.plan is not None and dec._early is not None:
-            loops.append(("c", True))
+            loops += [("c", True, 0), ("c", True, 1)]
+        if dec.native:
+            loops.append(("c" if dec.plan is not None else dec.step_loop, False, 1))
         ahead_set = prefetch if dec.native else (0,)
         saved, saved_early, steps = dec.step_loop, dec.early_launch, {}
         for _ in range(3):  # alternated
-            for loop, early in loops:
+            for loop, early, handoff in loops:
                 for ahead in ahead_set:
                     dec.step_loop = loop
                     if dec.plan is not None:
                         dec.set_early_launch(early)
                     if dec.native:
                         dec.lib.moe_set_prefetch(ahead)
-                    name = f"{loop}_loop{'+early_launch' if early else ''}+prefetch_{ahead}"
+                        dec.lib.moe_set_handoff(handoff)
+                    name = (
+                        f"{loop}_loop{'+early_launch' if early else ''}{'+handoff' if handoff else ''}+prefetch_{ahead}"
+                    )
                     steps.setdefault(name, []).append(
                         statistics.median(timed(lambda: dec.step(tok, 20)) for _ in range(reps))
                     )
@@ -192,7 +205,8 @@ def profile_step(gen, rt, spec, reps: int = 20, prefetch: tuple = PREFETCH) -> d
         if dec.plan is not None:
             dec.set_early_launch(saved_early)
         if dec.native:
-            dec.lib.moe_set_prefetch(0)
+            dec.lib.moe_set_prefetch(prefetch_choice())
+            dec.lib.moe_set_handoff(1 if handoff_choice() else 0)
         out["step_ms"] = {name: round(statistics.median(v) * 1e3, 3) for name, v in steps.items()}
         out["step_ms_rounds"] = {name: [round(t * 1e3, 3) for t in v] for name, v in steps.items()}
     return out

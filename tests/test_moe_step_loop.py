@@ -292,3 +292,39 @@ def test_moe_step_early_launch_waits_on_the_flag(fail_at):
     assert stalls  # the stand-in stream did reach a wait before the host raised its flag
     for got, ref in zip(seen, want):
         assert np.array_equal(got, ref)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_handoff_changes_no_bits(threads):
+    """moe_set_handoff(1): a decode call's down rows wait per expert for that expert's gate_up rows
+    instead of a barrier; the sums are the same bits as with the barrier (3 threads: the static split
+    cuts experts between threads, so an expert's rows are counted from several). 4 experts of 64
+    gate_up units and 128 down units, 5 tokens each."""
+    from fixtures.expert_kernel import random_float_experts
+    from llmarch.runtime.experts.formats import ExpertFormat
+    from llmarch.runtime.experts.host import OffloadedExperts
+    from llmarch.runtime.experts.kernel import cpu_kernel
+    from llmarch.runtime.experts.placement import Placement
+
+    g = torch.Generator().manual_seed(31)
+    E, d, inter, k = 8, 512, 128, 4
+    act, gu, dn, bias, moe = random_float_experts("qwen3_moe", E, d, inter, g)
+    st = OffloadedExperts(moe, gu, dn, bias, Placement("cpu", ExpertFormat.INT4), torch.float32)
+    lib = cpu_kernel()
+    x = torch.randn(5, 1, d, generator=g)
+    idx = [torch.randperm(E, generator=g)[:k][None] for _ in range(5)]
+    w = torch.rand(5, 1, k, generator=g)
+    saved = torch.get_num_threads()  # torch and the kernel share libgomp's pool here
+    outs = []
+    try:
+        torch.set_num_threads(threads)
+        for on in (0, 1, 0, 1):
+            lib.moe_set_handoff(on)
+            with torch.no_grad():
+                outs.append([st(x[t], idx[t], w[t], act) for t in range(5)])
+    finally:
+        lib.moe_set_handoff(0)
+        torch.set_num_threads(saved)
+    assert outs[0][0].abs().max().item() > 0.05
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))

@@ -142,6 +142,18 @@ def early_launch_choice() -> bool:
     return switched_on("LLMARCH_NO_MOE_EARLY_LAUNCH", EARLY_LAUNCH)
 
 
+# moe_cpu.c's per-expert hand-off between a decode call's gate_up and down rows instead of a barrier
+# (moe_set_handoff; the same bits): off until measured faster on the device
+HANDOFF = False
+
+
+def handoff_choice() -> bool:
+    """LLMARCH_NO_MOE_HANDOFF=1 off, =0 on, unset: HANDOFF (read once, at decoder build)."""
+    from llmarch.runtime.gguf_cuda import switched_on
+
+    return switched_on("LLMARCH_NO_MOE_HANDOFF", HANDOFF)
+
+
 PREFETCH_AHEAD = 0  # moe_cpu.c's software prefetch distance in a decode call (units of 4 rows; 0: off)
 
 
@@ -228,7 +240,8 @@ class SegmentedDecoder:
         else:  # the kernel reads and writes the segment's own buffers
             self.pack_h, self.out_h = self.pack.view(-1), self.y.view(-1)
         self.lib = cpu_kernel()
-        self.lib.moe_set_prefetch(prefetch_choice())  # the kernel's setting, for every later decode call
+        self.lib.moe_set_prefetch(prefetch_choice())  # the kernel's settings, for every later decode call
+        self.lib.moe_set_handoff(1 if handoff_choice() else 0)
         self.rebuild_contexts()
 
     def rebuild_contexts(self) -> None:

@@ -827,6 +827,27 @@ static inline void prefetch_units(int bits, const void *q, const void *s, const 
     }
 }
 
+/* Per-expert hand-off in a decode call (moe_set_handoff(1)): instead of a barrier between the gate_up
+ * and down phases (every thread waits for the slowest), a thread goes on to its down rows as soon as
+ * the gate_up rows of their expert are done, counted per expert. With the static split each expert's
+ * rows of both phases fall to the same few threads, so a thread waits only for those. Every thread
+ * finishes its gate_up rows before it waits for anything: no cycle. The same arithmetic, so the same
+ * bits. 0 (the default): the barrier. */
+static int moe_handoff = 0;
+void moe_set_handoff(int on) { moe_handoff = on != 0; }
+
+static inline void handoff_add(int *done, int i, int n) {
+    if (n) __atomic_fetch_add(done + i, n, __ATOMIC_RELEASE);  /* after this thread's H rows of expert i */
+}
+
+static inline void handoff_wait(int *done, int i, int n) {
+    while (__atomic_load_n(done + i, __ATOMIC_ACQUIRE) < n) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+    }
+}
+
 /* moe_experts where every selected expert has one row (a decode token: k experts, one token each).
  * The general path's serial steps become per-thread work on the stack: each thread rounds the input
  * of the rows it computes itself (instead of one phase, and a barrier, before gate_up), and at the
@@ -842,16 +863,22 @@ static void experts_one_row(int gu_bits, int up_bits, int dn_bits, int n_sel, co
     int I2 = gated ? 2 * I : I, layout_gu = layout_of(gu_bits), layout_dn = layout_of(dn_bits);
     enum { R4 = DOT4_ROWS };
     long ngu = (I2 + R4 - 1) / R4, ndn = (d + R4 - 1) / R4;
-    int ahead = moe_prefetch_ahead;
+    int ahead = moe_prefetch_ahead, handoff = moe_handoff && n_sel <= 256;
+    int done[256] = {0};  /* gate_up units finished per selected expert (hand-off) */
     #pragma omp parallel
     {
         int8_t xq[LOCAL_MAX];
         float xs[XSN(LOCAL_MAX)], res[R4];
-        int have = -1, first = 1;
+        int have = -1, first = 1, cur = -1, cnt = 0;
         PROF(1);
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(static) nowait
         for (long u = 0; u < n_sel * ngu; u++) {
             int i = (int)(u / ngu), n0 = (int)(u % ngu) * R4, R = I2 - n0 < R4 ? I2 - n0 : R4;
+            if (handoff && i != cur) {
+                if (cur >= 0) handoff_add(done, cur, cnt);
+                cur = i;
+                cnt = 0;
+            }
             if (ahead) {
                 prefetch_units(gu_bits, gu_q, gu_s, up_q, up_bits, sel, I2, R4, ngu, n_sel * ngu, u, d, ahead, first);
                 first = 0;
@@ -863,6 +890,12 @@ static void experts_one_row(int gu_bits, int up_bits, int dn_bits, int n_sel, co
             rows_one_input(gu_bits, gu_q, gu_s, up_q, up_bits, sel[i], I2, n0, R, d, xq, xs, res);
             for (int r = 0; r < R; r++)
                 H[(long)i * I2 + n0 + r] = finish_row(res[r], w[i], gu_b, sel[i] * I2 + n0 + r, weight_input, 0);
+            cnt++;
+        }
+        if (handoff) {
+            if (cur >= 0) handoff_add(done, cur, cnt);
+        } else {
+            #pragma omp barrier
         }
         PROF(2);
         PROF(3);
@@ -879,6 +912,7 @@ static void experts_one_row(int gu_bits, int up_bits, int dn_bits, int n_sel, co
                 first = 0;
             }
             if (i != have_i) {
+                if (handoff) handoff_wait(done, i, (int)ngu);
                 activate_row(H + (long)i * I2, a, I, act, gated, alpha, limit);
                 quant_row(a, I, aq, as, layout_dn);
                 have_i = i;
