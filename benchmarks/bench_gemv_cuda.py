@@ -243,13 +243,18 @@ def kernel_modes(a, torch, gv, rate: float, out: dict) -> dict:
     """kernels --modes: every matrix of both shapes, one row, timed per launch mode (plain, weights a
     step ahead, programmatic dependent launches: in a graph of many launches each then overlaps the
     one before), with pick_tile's tile and --tiles; a token's matrices summed per mode."""
+    t0 = time.perf_counter()
     modes = a.modes.split(",")
     tiles = [tuple(int(v) for v in t.split(",")) for t in a.tiles.split(";")] if a.tiles else []
     widths = sorted({K for _, (mt, cfg) in SHAPES.items() for _, _, K, _ in matrices(cfg)})
     picked = {gv.pick_tile(1, N, K) for _, (mt, cfg) in SHAPES.items() for _, N, K, _ in matrices(cfg)}
     print(precompile(gv, sorted(picked | set(tiles)), widths, torch, modes), flush=True)
-    t0 = time.perf_counter()
     out["modes"] = {m: dict(zip(("LLMARCH_NO_GEMV_AHEAD", "LLMARCH_NO_PDL"), MODES[m], strict=True)) for m in modes}
+    with gpu_turn(a):  # compiled beside other processes, timed alone (--lock)
+        return _kernel_modes_timed(a, torch, gv, rate, out, modes, tiles, t0)
+
+
+def _kernel_modes_timed(a, torch, gv, rate: float, out: dict, modes, tiles, t0: float) -> dict:
     for model, (_, cfg) in SHAPES.items():
         tot = {m: 0.0 for m in modes}
         nbytes_tok = 0
@@ -501,7 +506,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="decode: where a step's time goes, every variant")
     ap.add_argument("--variants", default="gemv,torch", help=f"decode: of {', '.join(VARIANTS)}; the last is the base")
     ap.add_argument("--attention", action="store_true", help="decode: also the attention op alone, 160-32768 slots")
-    ap.add_argument("--lock", help="decode: a file to hold while timing (processes sharing the GPU)")
+    ap.add_argument("--lock", help="decode, kernels --modes: a file to hold while timing (processes sharing the GPU)")
     ap.add_argument("--barrier", help="decode: DIR:N, wait until N processes have prepared before timing")
     ap.add_argument("--sweep", action="store_true", help="kernels: time 43 tiles per shape, not only pick_tile's")
     ap.add_argument("--modes", help=f"kernels: launch modes of {', '.join(MODES)} instead of the cuBLAS table")
