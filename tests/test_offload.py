@@ -119,16 +119,16 @@ def test_report_counts_selected_expert_bytes(ckpt):
     assert r["bound_tok_s"] == pytest.approx(10e9 / (16 * one), rel=1e-3)
 
 
-def _decode_both_ways(path, device: str, bits: int, ids, dtype: str = "float32"):
+def _decode_both_ways(path, device: str, bits: int, ids):
     """Greedy tokens of the plain layer-by-layer decode and of the SegmentedDecoder (CUDA graphs on
     a GPU, eager on the CPU), same checkpoint and placement."""
     from llmarch.runtime.experts.decode import attach_decoder
     from llmarch.runtime.generate import Generator, Sampling
     from llmarch.runtime.load import load_runtime
 
-    plain = load_runtime(str(path), device, dtype, experts="cpu", expert_bits=bits)
+    plain = load_runtime(str(path), device, "float32", experts="cpu", expert_bits=bits)
     want = Generator(plain, PROMPT + STEPS + 1, cuda_graph=False).generate(ids, STEPS, Sampling()).tokens
-    rt = load_runtime(str(path), device, dtype, experts="cpu", expert_bits=bits)
+    rt = load_runtime(str(path), device, "float32", experts="cpu", expert_bits=bits)
     gen = Generator(rt, PROMPT + STEPS + 1)
     assert attach_decoder(gen)
     dec = gen._step_eager.__self__
@@ -238,8 +238,6 @@ def test_cpu_kernel_equals_torch_dequant(fmt, family):
         ("glm_ckpt", "c_early"),
         ("ds_ckpt", "c"),
         ("ds_ckpt", "c_early"),
-        ("ckpt_bf16", "c"),
-        ("ckpt_bf16", "c_early"),
     ],
 )
 def test_graph_decoder_on_gpu_same_tokens(request, reference, which, loop, monkeypatch):
@@ -247,16 +245,39 @@ def test_graph_decoder_on_gpu_same_tokens(request, reference, which, loop, monke
     memory inside it, the shared expert after an event the host waits on): same greedy tokens as the
     eager layer-by-layer path, with the step's loop in Python or in moe_cpu.c (moe_step, the CUDA
     driver's graph launch and event wait; c_early: each next segment launched before the kernel,
-    behind a stream wait on a flag the host raises). ckpt_bf16: the bfloat16 model, whose segments
-    hold the Triton decode GEMVs and attention kernel the loader puts in."""
+    behind a stream wait on a flag the host raises)."""
     if not torch.cuda.is_available():
         pytest.skip("no GPU")
     monkeypatch.setenv("LLMARCH_MOE_STEP_LOOP", "python" if loop == "python" else "c")
     monkeypatch.setenv("LLMARCH_NO_MOE_EARLY_LAUNCH", "0" if loop == "c_early" else "1")
-    path = request.getfixturevalue(which.removesuffix("_bf16"))
-    dtype = "bfloat16" if which.endswith("_bf16") else "float32"
-    want, got = _decode_both_ways(path, "cuda", 4, reference[0], dtype)
+    want, got = _decode_both_ways(request.getfixturevalue(which), "cuda", 4, reference[0])
     assert got == want
+
+
+@pytest.mark.gpu
+def test_graph_decoder_bf16_early_launch_same_tokens(ckpt, reference, monkeypatch):
+    """A bfloat16 model as the loader leaves it on a GPU (the Triton decode GEMVs and attention kernel
+    inside the captured segments): moe_step with early launch gives the very tokens of moe_step
+    launching after each kernel, on the same model (a copy back released too early would read the
+    layer before's sum)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    from llmarch.runtime.experts.decode import attach_decoder
+    from llmarch.runtime.generate import Generator, Sampling
+    from llmarch.runtime.load import load_runtime
+
+    monkeypatch.setenv("LLMARCH_MOE_STEP_LOOP", "c")
+    rt = load_runtime(str(ckpt), "cuda", "bfloat16", experts="cpu", expert_bits=4)
+    tokens = []
+    for early in ("1", "0", "1", "0"):  # LLMARCH_NO_MOE_EARLY_LAUNCH: off, on, off, on
+        monkeypatch.setenv("LLMARCH_NO_MOE_EARLY_LAUNCH", early)
+        gen = Generator(rt, PROMPT + STEPS + 1)
+        assert attach_decoder(gen)
+        dec = gen._step_eager.__self__
+        tokens.append(gen.generate(reference[0], STEPS, Sampling()).tokens)
+        assert dec.plan is not None and dec.early_launch == (early == "0")
+    assert tokens[1] == tokens[0] and tokens[2] == tokens[0] and tokens[3] == tokens[0]
+    assert len(set(tokens[0])) > 3
 
 
 def _mapped_rss(folder) -> int:
