@@ -215,10 +215,10 @@ def _chain(x: torch.Tensor, mats: list[tuple]) -> torch.Tensor:
 def test_dependent_launches_captured_give_the_plain_launches_values(monkeypatch):
     """The GEMVs launched as programmatic dependent launches with their weights loaded ahead
     (LLMARCH_NO_PDL=0, LLMARCH_NO_GEMV_AHEAD=0), each reading the previous one's output, captured in
-    a CUDA graph and replayed on two different inputs in turn: every replay equals plain eager
-    launches (=1) of the same chain on that input, bit for bit (the same sums in the same order). A
-    kernel that read its input before the previous kernel had written it would read the other
-    input's values, left from the last replay."""
+    a CUDA graph and replayed on two different inputs in turn: every replay gives, bit for bit, what
+    the same launches gave eagerly on that input (the same kernels), and those are the plain
+    launches' (=1) values within bf16 rounding (the same sums; a kernel that read its input before
+    the previous kernel had written it would read the other input's values, far off)."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm90+")
     g = torch.Generator(device=DEVICE).manual_seed(7)
@@ -235,14 +235,15 @@ def test_dependent_launches_captured_give_the_plain_launches_values(monkeypatch)
     inputs = [rand(1, d), rand(1, d)]
     monkeypatch.setenv("LLMARCH_NO_PDL", "1")
     monkeypatch.setenv("LLMARCH_NO_GEMV_AHEAD", "1")
-    want = [_chain(x, mats) for x in inputs]
-    assert not torch.equal(want[0], want[1])
+    plain = [_chain(x, mats).float() for x in inputs]
+    gap = (plain[0] - plain[1]).norm()
     monkeypatch.setenv("LLMARCH_NO_PDL", "0")
     monkeypatch.setenv("LLMARCH_NO_GEMV_AHEAD", "0")
     assert gv.pdl(inputs[0].device)
+    want = [_chain(x, mats) for x in inputs]  # eager, and the kernels compiled before the capture
+    for w, p in zip(want, plain, strict=True):
+        assert (w.float() - p).norm() <= 0.02 * gap, "dependent launches off the plain ones"
     x = inputs[0].clone()
-    eager = _chain(x, mats)  # also compiles the PDL variants before the capture
-    assert torch.equal(eager, want[0])
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
