@@ -114,6 +114,7 @@ def profile_step(gen, rt, spec, reps: int = 20, prefetch: tuple = PREFETCH) -> d
         return clock() - t0
 
     out: dict = {"moe_layers": n, "graphs": dec.graphs, "native": dec.native, "reps": reps}
+    out["load_1min_start"] = round(os.getloadavg()[0], 2)
     with torch.inference_mode():  # the captured tensors are inference tensors
         out["segment_alone_us"] = [_us(statistics.median(timed(run[i]) for _ in range(reps))) for i in (1, n // 2, n)]
         if dec.graphs:  # GPU time alone: replays queued back to back
@@ -209,6 +210,7 @@ def profile_step(gen, rt, spec, reps: int = 20, prefetch: tuple = PREFETCH) -> d
             dec.lib.moe_set_handoff(1 if handoff_choice() else 0)
         out["step_ms"] = {name: round(statistics.median(v) * 1e3, 3) for name, v in steps.items()}
         out["step_ms_rounds"] = {name: [round(t * 1e3, 3) for t in v] for name, v in steps.items()}
+    out["load_1min_end"] = round(os.getloadavg()[0], 2)
     return out
 
 
