@@ -228,7 +228,8 @@ def run_llmarch(args, spec, device, dtype, bits, gpu_experts, bw, segmented=True
         for name, step in getattr(args, "decoders", {}).items():  # the two builds' segments, kernel by kernel
             if name != "loader_build" and step.__self__.graphs:
                 print(json.dumps({f"segment_kernels_{name}": segment_kernels(step.__self__)}), flush=True)
-        print(json.dumps({"profile": profile_step(gen, rt, spec, prefetch=(0,))}), flush=True)
+        profile = profile_step(gen, rt, spec, prefetch=(0,), early=args.ab_early)
+        print(json.dumps({"profile": profile}), flush=True)
     ab = args.ab_kernel or args.ab_step or args.ab_hugepages or args.ab_build or args.ab_early or args.ab_handoff
     if args.repeats > 1 or ab:
         r["repeats"] = repeated_runs(args, gen, rt, spec, ids, device, bw, seg)

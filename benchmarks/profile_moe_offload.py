@@ -92,9 +92,10 @@ def segment_kernels(dec, reps: int = 10, top: int = 12) -> dict:
     }
 
 
-def profile_step(gen, rt, spec, reps: int = 20, prefetch: tuple = PREFETCH) -> dict:
+def profile_step(gen, rt, spec, reps: int = 20, prefetch: tuple = PREFETCH, early: bool = True) -> dict:
     """The breakdown of a Generator's segmented decode step (attach_decoder done, graphs captured);
-    prefetch: the kernel's prefetch distances compared (0 alone: none)."""
+    prefetch: the kernel's prefetch distances compared (0 alone: none); early: also moe_step's early
+    launch, where the driver has it."""
     import torch
 
     from llmarch.runtime.experts.decode import handoff_choice, prefetch_choice
@@ -177,11 +178,11 @@ def profile_step(gen, rt, spec, reps: int = 20, prefetch: tuple = PREFETCH) -> d
             out["timeline_step_ms"] = round(statistics.median(whole) * 1e3, 3)
         tok = torch.tensor([[5]], device=dec.device)
         if dec.plan is not None:  # the C loop's own clock, with the next segment launched after the kernel or early
-            for early in (False, True) if dec._early is not None else (False,):
-                out["c_loop_per_layer_us" + ("_early_launch" if early else "")] = c_loop_marks(dec, tok, reps, early)
+            for on in (False, True) if early and dec._early is not None else (False,):
+                out["c_loop_per_layer_us" + ("_early_launch" if on else "")] = c_loop_marks(dec, tok, reps, on)
         # (loop, early launch, kernel hand-off) per variant
         loops = [("python", False, 0), ("c", False, 0)] if dec.plan is not None else [(dec.step_loop, False, 0)]
-        if dec.plan is not None and dec._early is not None:
+        if early and dec.plan is not None and dec._early is not None:
             loops += [("c", True, 0), ("c", True, 1)]
         if dec.native:
             loops.append(("c" if dec.plan is not None else dec.step_loop, False, 1))
