@@ -133,19 +133,24 @@ def profile_step(gen, rt, spec, reps: int = 20, prefetch: tuple = PREFETCH, earl
                 warm.append(clock() - t0)
             out["kernel_one_layer_again_us"] = _us(statistics.median(warm))
             per_layer = sum(dec.bytes_per_step) / n
-            # the kernel's settings (prefetch distance, hand-off between its phases), alternated pass by pass
-            settings = {f"prefetch_{a}": (a, 0) for a in prefetch} | {"handoff": (0, 1)}
+            # the kernel's settings (prefetch distance, hand-off between its phases, threads), alternated
+            # pass by pass
+            cpus = os.cpu_count() or 1
+            settings = {f"prefetch_{a}": (a, 0, 0) for a in prefetch} | {"handoff": (0, 1, 0)}
+            settings |= {f"handoff+threads_{t}": (0, 1, t) for t in (cpus * 3 // 4, cpus // 2) if 1 < t < cpus}
             cold: dict[str, list] = {name: [] for name in settings}
             for _ in range(max(reps // 4, 3)):
-                for name, (ahead, handoff) in settings.items():
+                for name, (ahead, handoff, threads) in settings.items():
                     lib.moe_set_prefetch(ahead)
                     lib.moe_set_handoff(handoff)
+                    lib.moe_set_threads(threads)
                     t0 = clock()
                     for c in ctx:
                         lib.moe_decode(c)
                     cold[name].append((clock() - t0) / n)
             lib.moe_set_prefetch(prefetch_choice())
             lib.moe_set_handoff(1 if handoff_choice() else 0)
+            lib.moe_set_threads(0)
             out["kernel_layers_in_turn_us"] = {name: _us(statistics.median(v)) for name, v in cold.items()}
             out["kernel_layers_in_turn_us_rounds"] = {name: [_us(t) for t in v] for name, v in cold.items()}
             out["kernel_layers_in_turn_gb_s"] = {

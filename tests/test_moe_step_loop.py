@@ -298,8 +298,9 @@ def test_moe_step_early_launch_waits_on_the_flag(fail_at):
 def test_handoff_changes_no_bits(threads):
     """moe_set_handoff(1): a decode call's down rows wait per expert for that expert's gate_up rows
     instead of a barrier; the sums are the same bits as with the barrier (3 threads: the static split
-    cuts experts between threads, so an expert's rows are counted from several). 4 experts of 64
-    gate_up units and 128 down units, 5 tokens each."""
+    cuts experts between threads, so an expert's rows are counted from several), and with other
+    thread counts (moe_set_threads). 4 of 8 experts (64 gate_up units and 128 down units each), 5
+    tokens."""
     from fixtures.expert_kernel import random_float_experts
     from llmarch.runtime.experts.formats import ExpertFormat
     from llmarch.runtime.experts.host import OffloadedExperts
@@ -318,12 +319,14 @@ def test_handoff_changes_no_bits(threads):
     outs = []
     try:
         torch.set_num_threads(threads)
-        for on in (0, 1, 0, 1):
+        for on, n in ((0, 0), (1, 0), (0, 2), (1, 2), (1, 1), (1, 4)):  # moe_set_threads n (0: OpenMP's count)
             lib.moe_set_handoff(on)
+            lib.moe_set_threads(n)
             with torch.no_grad():
                 outs.append([st(x[t], idx[t], w[t], act) for t in range(5)])
     finally:
         lib.moe_set_handoff(0)
+        lib.moe_set_threads(0)
         torch.set_num_threads(saved)
     assert outs[0][0].abs().max().item() > 0.05
     for other in outs[1:]:

@@ -43,6 +43,7 @@
  * with ctypes: no torch headers, so it builds in about a second wherever it runs.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
@@ -836,6 +837,11 @@ static inline void prefetch_units(int bits, const void *q, const void *s, const 
 static int moe_handoff = 0;
 void moe_set_handoff(int on) { moe_handoff = on != 0; }
 
+/* Threads of a decode call (moe_set_threads(n); 0, the default: OpenMP's own count). The static
+ * split moves with it, each row's arithmetic and the sum's order do not: the same bits. */
+static int moe_threads = 0;
+void moe_set_threads(int n) { moe_threads = n < 0 ? 0 : n; }
+
 static inline void handoff_add(int *done, int i, int n) {
     if (n) __atomic_fetch_add(done + i, n, __ATOMIC_RELEASE);  /* after this thread's H rows of expert i */
 }
@@ -865,7 +871,7 @@ static void experts_one_row(int gu_bits, int up_bits, int dn_bits, int n_sel, co
     long ngu = (I2 + R4 - 1) / R4, ndn = (d + R4 - 1) / R4;
     int ahead = moe_prefetch_ahead, handoff = moe_handoff && n_sel <= 256;
     int done[256] = {0};  /* gate_up units finished per selected expert (hand-off) */
-    #pragma omp parallel
+    #pragma omp parallel if (moe_threads != 1) num_threads(moe_threads > 0 ? moe_threads : omp_get_max_threads())
     {
         int8_t xq[LOCAL_MAX];
         float xs[XSN(LOCAL_MAX)], res[R4];
