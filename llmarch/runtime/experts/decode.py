@@ -380,7 +380,10 @@ class SegmentedDecoder:
 
     def _early_flag(self, drv) -> tuple | None:
         """(cuStreamWaitValue32's address, the pinned flag, its device address) for moe_step's early
-        launch, or None where the driver has no such call or cannot map the flag."""
+        launch, or None where the driver has no such call or cannot map the flag. A plan made again
+        (rebuild_contexts) keeps the flag: a stream wait may not have read its last value yet."""
+        if self._early is not None:
+            return self._early
         wait_value = getattr(drv, "cuStreamWaitValue32_v2", None) or getattr(drv, "cuStreamWaitValue32", None)
         get_dev = getattr(drv, "cuMemHostGetDevicePointer_v2", None)
         if wait_value is None or get_dev is None:
