@@ -842,12 +842,12 @@ void moe_set_handoff(int on) { moe_handoff = on != 0; }
 static int moe_threads = 0;
 void moe_set_threads(int n) { moe_threads = n < 0 ? 0 : n; }
 
-static inline void handoff_add(int *done, int i, int n) {
-    if (n) __atomic_fetch_add(done + i, n, __ATOMIC_RELEASE);  /* after this thread's H rows of expert i */
+static inline void handoff_add(int *done, int n) {
+    if (n) __atomic_fetch_add(done, n, __ATOMIC_RELEASE);  /* after this thread's H rows of the expert */
 }
 
-static inline void handoff_wait(int *done, int i, int n) {
-    while (__atomic_load_n(done + i, __ATOMIC_ACQUIRE) < n) {
+static inline void handoff_wait(int *done, int n) {
+    while (__atomic_load_n(done, __ATOMIC_ACQUIRE) < n) {
 #if defined(__x86_64__) || defined(__i386__)
         __builtin_ia32_pause();
 #endif
@@ -870,7 +870,11 @@ static void experts_one_row(int gu_bits, int up_bits, int dn_bits, int n_sel, co
     enum { R4 = DOT4_ROWS };
     long ngu = (I2 + R4 - 1) / R4, ndn = (d + R4 - 1) / R4;
     int ahead = moe_prefetch_ahead, handoff = moe_handoff && n_sel <= 256;
-    int done[256] = {0};  /* gate_up units finished per selected expert (hand-off) */
+    /* gate_up units finished per selected expert (hand-off), one cache line each: the threads of one
+     * expert spin on its line, not on the lines the others are adding to */
+    enum { DONE_STRIDE = 16 };
+    int done[256 * DONE_STRIDE] __attribute__((aligned(64)));
+    for (int i = 0; handoff && i < n_sel; i++) done[i * DONE_STRIDE] = 0;
     #pragma omp parallel if (moe_threads != 1) num_threads(moe_threads > 0 ? moe_threads : omp_get_max_threads())
     {
         int8_t xq[LOCAL_MAX];
@@ -881,7 +885,7 @@ static void experts_one_row(int gu_bits, int up_bits, int dn_bits, int n_sel, co
         for (long u = 0; u < n_sel * ngu; u++) {
             int i = (int)(u / ngu), n0 = (int)(u % ngu) * R4, R = I2 - n0 < R4 ? I2 - n0 : R4;
             if (handoff && i != cur) {
-                if (cur >= 0) handoff_add(done, cur, cnt);
+                if (cur >= 0) handoff_add(done + cur * DONE_STRIDE, cnt);
                 cur = i;
                 cnt = 0;
             }
@@ -899,7 +903,7 @@ static void experts_one_row(int gu_bits, int up_bits, int dn_bits, int n_sel, co
             cnt++;
         }
         if (handoff) {
-            if (cur >= 0) handoff_add(done, cur, cnt);
+            if (cur >= 0) handoff_add(done + cur * DONE_STRIDE, cnt);
         } else {
             #pragma omp barrier
         }
@@ -918,7 +922,7 @@ static void experts_one_row(int gu_bits, int up_bits, int dn_bits, int n_sel, co
                 first = 0;
             }
             if (i != have_i) {
-                if (handoff) handoff_wait(done, i, (int)ngu);
+                if (handoff) handoff_wait(done + i * DONE_STRIDE, (int)ngu);
                 activate_row(H + (long)i * I2, a, I, act, gated, alpha, limit);
                 quant_row(a, I, aq, as, layout_dn);
                 have_i = i;
