@@ -92,6 +92,60 @@ def segment_kernels(dec, reps: int = 10, top: int = 12) -> dict:
     }
 
 
+def copy_beside_kernel(dec, gib: int = 1, passes: int = 3) -> dict:
+    """Whether the GPU can pull host memory while the CPU kernel reads it: a pinned buffer copied to the
+    GPU (the copy engine over PCIe) alone, the kernel over every layer in turn alone, then both at once
+    (the copy queued on a side stream, the kernel run meanwhile), alternated. If the kernel keeps its
+    rate while the copy moves its own, host DRAM serves more than the cores alone read, and a GPU
+    share of each layer's experts (read over PCIe) would add to the CPU's."""
+    import torch
+
+    src = torch.ones(gib << 30, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(src.shape, dtype=torch.uint8, device="cuda")
+    side = torch.cuda.Stream()
+    lib, ctx, n = dec.lib, dec.ctx_ptrs, len(dec.cuts)
+    per_layer = sum(dec.bytes_per_step) / n
+    rows: dict[str, list] = {
+        "copy_alone_gb_s": [],
+        "kernel_alone_us": [],
+        "kernel_with_copy_us": [],
+        "copy_with_kernel_gb_s": [],
+    }
+
+    def copy_started():
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(side):
+            a.record()
+            dst.copy_(src, non_blocking=True)
+            b.record()
+        return a, b
+
+    for _ in range(passes):
+        torch.cuda.synchronize()
+        a, b = copy_started()
+        b.synchronize()
+        rows["copy_alone_gb_s"].append(src.numel() / (a.elapsed_time(b) / 1e3) / 1e9)
+        t0 = time.perf_counter()
+        for c in ctx:
+            lib.moe_decode(c)
+        rows["kernel_alone_us"].append((time.perf_counter() - t0) / n * 1e6)
+        torch.cuda.synchronize()
+        a, b = copy_started()
+        time.sleep(0.001)  # the copy under way before the kernel starts
+        t0 = time.perf_counter()
+        for c in ctx:
+            lib.moe_decode(c)
+        t1 = time.perf_counter()
+        b.synchronize()
+        rows["kernel_with_copy_us"].append((t1 - t0) / n * 1e6)
+        rows["copy_with_kernel_gb_s"].append(src.numel() / (a.elapsed_time(b) / 1e3) / 1e9)
+    out = {name: round(statistics.median(v), 1) for name, v in rows.items()}
+    out["rounds"] = {name: [round(x, 1) for x in v] for name, v in rows.items()}
+    out["kernel_alone_gb_s"] = round(per_layer / (out["kernel_alone_us"] / 1e6) / 1e9, 1)
+    out["kernel_with_copy_gb_s"] = round(per_layer / (out["kernel_with_copy_us"] / 1e6) / 1e9, 1)
+    return out
+
+
 def profile_step(gen, rt, spec, reps: int = 20, prefetch: tuple = PREFETCH, early: bool = True) -> dict:
     """The breakdown of a Generator's segmented decode step (attach_decoder done, graphs captured);
     prefetch: the kernel's prefetch distances compared (0 alone: none); early: also moe_step's early
@@ -156,6 +210,11 @@ def profile_step(gen, rt, spec, reps: int = 20, prefetch: tuple = PREFETCH, earl
             out["kernel_layers_in_turn_gb_s"] = {
                 name: round(per_layer / statistics.median(v) / 1e9, 1) for name, v in cold.items()
             }
+            if cuda:
+                try:
+                    out["copy_beside_kernel"] = copy_beside_kernel(dec)
+                except Exception as e:  # a diagnosis: its failure must not end the run
+                    out["copy_beside_kernel"] = f"failed: {type(e).__name__}: {e}"
         if dec.graphs and dec.copies_in_graph:  # the Python loop's step, timed per layer
             launch, wait, kern, whole = [], [], [], []
             for _ in range(reps):
