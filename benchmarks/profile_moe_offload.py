@@ -187,17 +187,19 @@ def profile_step(gen, rt, spec, reps: int = 20, prefetch: tuple = PREFETCH, earl
                 warm.append(clock() - t0)
             out["kernel_one_layer_again_us"] = _us(statistics.median(warm))
             per_layer = sum(dec.bytes_per_step) / n
-            # the kernel's settings (prefetch distance, hand-off between its phases, threads), alternated
-            # pass by pass
+            # the kernel's settings (prefetch distance, hand-off between its phases, threads, the longest
+            # rows four at a time), alternated pass by pass
             cpus = os.cpu_count() or 1
-            settings = {f"prefetch_{a}": (a, 0, 0) for a in prefetch} | {"handoff": (0, 1, 0)}
-            settings |= {f"handoff+threads_{t}": (0, 1, t) for t in (cpus * 3 // 4, cpus // 2) if 1 < t < cpus}
+            settings = {f"prefetch_{a}": (a, 0, 0, 0) for a in prefetch} | {"handoff": (0, 1, 0, 0)}
+            settings |= {f"handoff+threads_{t}": (0, 1, t, 0) for t in (cpus * 3 // 4, cpus // 2) if 1 < t < cpus}
+            settings |= {"handoff+rows4_up_to_8192": (0, 1, 0, 8192)}
             cold: dict[str, list] = {name: [] for name in settings}
             for _ in range(max(reps // 4, 3)):
-                for name, (ahead, handoff, threads) in settings.items():
+                for name, (ahead, handoff, threads, maxk) in settings.items():
                     lib.moe_set_prefetch(ahead)
                     lib.moe_set_handoff(handoff)
                     lib.moe_set_threads(threads)
+                    lib.moe_set_rows_maxk(maxk)
                     t0 = clock()
                     for c in ctx:
                         lib.moe_decode(c)
@@ -205,6 +207,7 @@ def profile_step(gen, rt, spec, reps: int = 20, prefetch: tuple = PREFETCH, earl
             lib.moe_set_prefetch(prefetch_choice())
             lib.moe_set_handoff(1 if handoff_choice() else 0)
             lib.moe_set_threads(0)
+            lib.moe_set_rows_maxk(0)
             out["kernel_layers_in_turn_us"] = {name: _us(statistics.median(v)) for name, v in cold.items()}
             out["kernel_layers_in_turn_us_rounds"] = {name: [_us(t) for t in v] for name, v in cold.items()}
             out["kernel_layers_in_turn_gb_s"] = {

@@ -331,3 +331,33 @@ def test_handoff_changes_no_bits(threads):
     assert outs[0][0].abs().max().item() > 0.05
     for other in outs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
+
+
+def test_rows_four_at_a_time_change_no_bits():
+    """moe_set_rows_maxk(k): int4 rows of up to k inputs go four at a time (the input's loads shared);
+    rows of 2048 inputs (gate_up here) give the same bits four at a time as one at a time."""
+    from fixtures.expert_kernel import random_float_experts
+    from llmarch.runtime.experts.formats import ExpertFormat
+    from llmarch.runtime.experts.host import OffloadedExperts
+    from llmarch.runtime.experts.kernel import cpu_kernel
+    from llmarch.runtime.experts.placement import Placement
+
+    g = torch.Generator().manual_seed(37)
+    E, d, inter, k = 6, 2048, 64, 3
+    act, gu, dn, bias, moe = random_float_experts("qwen3_moe", E, d, inter, g)
+    st = OffloadedExperts(moe, gu, dn, bias, Placement("cpu", ExpertFormat.INT4), torch.float32)
+    lib = cpu_kernel()
+    x = torch.randn(3, 1, d, generator=g)
+    idx = [torch.randperm(E, generator=g)[:k][None] for _ in range(3)]
+    w = torch.rand(3, 1, k, generator=g)
+    outs = []
+    try:
+        for maxk in (0, 4096, 0, 2048):
+            lib.moe_set_rows_maxk(maxk)
+            with torch.no_grad():
+                outs.append([st(x[t], idx[t], w[t], act) for t in range(3)])
+    finally:
+        lib.moe_set_rows_maxk(0)
+    assert outs[0][0].abs().max().item() > 0.05
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))

@@ -259,6 +259,10 @@ static void dot4(const uint8_t *q, const uint16_t *sm, const int8_t *xq, const f
 #ifndef DOT4_ROWS_MAXK
 #define DOT4_ROWS_MAXK 1024  /* longer rows one at a time: their per-row work is a small part already */
 #endif
+/* the longest rows that go DOT4_ROWS at a time (moe_set_rows_maxk(k); 0: DOT4_ROWS_MAXK): the same bits
+ * either way, only the order of loads differs */
+static int moe_rows_maxk = DOT4_ROWS_MAXK;
+void moe_set_rows_maxk(int k) { moe_rows_maxk = k > 0 ? k : DOT4_ROWS_MAXK; }
 #if defined(DPBUSD)
 static inline __attribute__((always_inline)) void dot4_rows(const uint8_t *q, const uint16_t *sm, const int8_t *xt,
                                                             const float *st, int K, float *res) {
@@ -756,12 +760,12 @@ static void rows_one_input(int bits, const void *q, const void *s, const void *q
                            int K, const int8_t *xq, const float *xs, float *res) {
     int half = N / 2;
 #ifdef HAVE_DOT4_ROWS
-    if (bits == 4 && !q2 && R == DOT4_ROWS && K <= DOT4_ROWS_MAXK) {
+    if (bits == 4 && !q2 && R == DOT4_ROWS && K <= moe_rows_maxk) {
         long row = e * N + n0;
         dot4_rows((const uint8_t *)q + row * (K / 2), (const uint16_t *)s + row * 2 * (K / G), xq, xs, K, res);
         return;
     }
-    if ((bits == 16 || bits == 17 || bits == 21) && !q2 && R == DOT4_ROWS && K <= DOT4_ROWS_MAXK) {
+    if ((bits == 16 || bits == 17 || bits == 21) && !q2 && R == DOT4_ROWS && K <= moe_rows_maxk) {
         long rb = block_row_bytes(bits, K);
         dotblk_rows((const uint8_t *)q + (e * N + n0) * rb, rb, bits == 16 ? 0 : (bits == 17 ? 1 : 2), xq, xs, K, res);
         return;
