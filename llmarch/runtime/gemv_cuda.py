@@ -20,6 +20,9 @@ A pre-norm layer's RMS norm can be the prologue of the GEMV that reads its outpu
 gated_silu's norm: q|k|v, gate|up, the head after the final norm), and its residual add the
 epilogue of the GEMV whose output is added (linear_add: o, down): a plain pre-norm layer is then
 four GEMV launches and the attention op, no normed row or un-added output written between them.
+
+Two launch options stay off by default, measured slower on the H200 (README): programmatic dependent
+launches (pdl(), LLMARCH_NO_PDL=0) and weight tiles loaded a step ahead (ahead(), LLMARCH_NO_GEMV_AHEAD=0).
 """
 
 import os
@@ -44,10 +47,12 @@ FUSED_NORM = True
 REGS = 64  # float32 accumulator values per thread a tile may hold (MP * BN * BK / threads)
 # the decode kernels (these GEMVs, the decode attention op's) launched as programmatic dependent
 # launches on sm90+ when LLMARCH_NO_PDL is unset: each lets the next start while its last programs
-# drain, the next reading its weights before it waits for the previous kernel's writes
+# drain, the next reading its weights before it waits for the previous kernel's writes. Off: on the
+# H200 it was slower end to end alone (0.985x) and with AHEAD (README)
 PDL = False
 # each program's weight tiles loaded a step ahead (the first before the PDL wait) when
-# LLMARCH_NO_GEMV_AHEAD is unset
+# LLMARCH_NO_GEMV_AHEAD is unset. Off: Triton then keeps a several-step loop rolled, and the
+# 2048x8192 down GEMV ran 1.3x slower on the H200 (README)
 AHEAD = False
 
 
@@ -120,8 +125,8 @@ def launch(
     kernel's prologue). residual [M, N] (y's dtype, contiguous):
     y = residual + the product (its epilogue).
 
-    w (and b, norm_w) must not be written by the kernel launched just before: with ahead() and
-    pdl() the first weight tile is read before the wait for that kernel (a model's weights are not)."""
+    w must not be written by the kernel launched just before: with ahead() and pdl() the first
+    weight tile is read before the wait for that kernel (a model's weights are not)."""
     M, K = x.shape
     N = w.shape[0] // 2 if glu else w.shape[0]
     mp = 1 << (M - 1).bit_length()
