@@ -361,3 +361,24 @@ def test_rows_four_at_a_time_change_no_bits():
     assert outs[0][0].abs().max().item() > 0.05
     for other in outs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
+
+
+def test_set_early_launch_fills_the_plan():
+    """set_early_launch puts early launch's call, flag address and device address in moe_step's plan and
+    takes them out again; the flag is a tensor holding 0 at first (whose truth is False: a device run
+    once failed on that). Without the driver's call (no _early), early launch stays off."""
+    from llmarch.runtime.experts.decode import SegmentedDecoder
+    from llmarch.runtime.experts.kernel import StepPlan
+
+    dec = SegmentedDecoder.__new__(SegmentedDecoder)
+    dec.plan = StepPlan(2)
+    flag = torch.zeros(1, dtype=torch.int32)
+    dec._early = (0x1234, flag, 0xBEEF)
+    dec.set_early_launch(True)
+    assert dec.early_launch and dec.plan.wait_value == 0x1234
+    assert dec.plan.flag == flag.data_ptr() and dec.plan.flag_dev == 0xBEEF
+    dec.set_early_launch(False)
+    assert not dec.early_launch and not dec.plan.wait_value and not dec.plan.flag and dec.plan.flag_dev == 0
+    dec._early = None
+    dec.set_early_launch(True)
+    assert not dec.early_launch and not dec.plan.wait_value

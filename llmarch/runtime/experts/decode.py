@@ -137,6 +137,12 @@ def hugepages_choice() -> bool:
 EARLY_LAUNCH = False
 
 
+def flag_address(flag: torch.Tensor | None) -> int | None:
+    """The host address of early launch's flag for moe_step's plan (None: no early launch). Not
+    `flag and ...`: the truth of a one-element tensor is its value."""
+    return None if flag is None else flag.data_ptr()
+
+
 def early_launch_choice() -> bool:
     """LLMARCH_NO_MOE_EARLY_LAUNCH=1 off, =0 on, unset: EARLY_LAUNCH (read once, at decoder build)."""
     from llmarch.runtime.gguf_cuda import switched_on
@@ -400,7 +406,7 @@ class SegmentedDecoder:
         if self.plan is None:
             return
         wait_value, flag, dev = self._early if self.early_launch else (None, None, 0)
-        self.plan.wait_value, self.plan.flag, self.plan.flag_dev = wait_value, flag and flag.data_ptr(), dev
+        self.plan.wait_value, self.plan.flag, self.plan.flag_dev = wait_value, flag_address(flag), dev
 
     @torch.inference_mode()
     def step(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
