@@ -183,17 +183,25 @@ def test_prefetch_changes_no_bits(fmt):
     else:
         st = OffloadedExperts(moe, gu, dn, bias, Placement("cpu", ExpertFormat(fmt)), torch.float32)
     lib = cpu_kernel()
-    x = torch.randn(3, 1, d, generator=g)
-    idx = [torch.randperm(E, generator=g)[:k][None] for _ in range(3)]
-    w = torch.rand(3, 1, k, generator=g)
+    _same_bits_under(st, act, g, (d, E, k, 3), (0, 1, 3, 1000), lib.moe_set_prefetch, lambda: lib.moe_set_prefetch(0))
+
+
+def _same_bits_under(st, act, g, dims: tuple[int, int, int, int], settings, apply, reset) -> None:
+    """The store's outputs for random tokens (dims: width, experts, experts a token, tokens) under
+    each of `settings` (apply(s) sets the kernel's knobs, reset() restores them): not all zero, and
+    bit for bit the same under every setting."""
+    d, E, k, tokens = dims
+    x = torch.randn(tokens, 1, d, generator=g)
+    idx = [torch.randperm(E, generator=g)[:k][None] for _ in range(tokens)]
+    w = torch.rand(tokens, 1, k, generator=g)
     outs = []
     try:
-        for ahead in (0, 1, 3, 1000):
-            lib.moe_set_prefetch(ahead)
+        for s in settings:
+            apply(s)
             with torch.no_grad():
-                outs.append([st(x[t], idx[t], w[t], act) for t in range(3)])
+                outs.append([st(x[t], idx[t], w[t], act) for t in range(tokens)])
     finally:
-        lib.moe_set_prefetch(0)
+        reset()
     assert outs[0][0].abs().max().item() > 0.05
     for other in outs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
@@ -312,25 +320,18 @@ def test_handoff_changes_no_bits(threads):
     act, gu, dn, bias, moe = random_float_experts("qwen3_moe", E, d, inter, g)
     st = OffloadedExperts(moe, gu, dn, bias, Placement("cpu", ExpertFormat.INT4), torch.float32)
     lib = cpu_kernel()
-    x = torch.randn(5, 1, d, generator=g)
-    idx = [torch.randperm(E, generator=g)[:k][None] for _ in range(5)]
-    w = torch.rand(5, 1, k, generator=g)
+
+    def apply(setting):
+        lib.moe_set_handoff(setting[0])
+        lib.moe_set_threads(setting[1])  # 0: OpenMP's count
+
     saved = torch.get_num_threads()  # torch and the kernel share libgomp's pool here
-    outs = []
     try:
         torch.set_num_threads(threads)
-        for on, n in ((0, 0), (1, 0), (0, 2), (1, 2), (1, 1), (1, 4)):  # moe_set_threads n (0: OpenMP's count)
-            lib.moe_set_handoff(on)
-            lib.moe_set_threads(n)
-            with torch.no_grad():
-                outs.append([st(x[t], idx[t], w[t], act) for t in range(5)])
+        settings = ((0, 0), (1, 0), (0, 2), (1, 2), (1, 1), (1, 4))
+        _same_bits_under(st, act, g, (d, E, k, 5), settings, apply, lambda: apply((0, 0)))
     finally:
-        lib.moe_set_handoff(0)
-        lib.moe_set_threads(0)
         torch.set_num_threads(saved)
-    assert outs[0][0].abs().max().item() > 0.05
-    for other in outs[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
 
 
 def test_rows_four_at_a_time_change_no_bits():
@@ -347,20 +348,8 @@ def test_rows_four_at_a_time_change_no_bits():
     act, gu, dn, bias, moe = random_float_experts("qwen3_moe", E, d, inter, g)
     st = OffloadedExperts(moe, gu, dn, bias, Placement("cpu", ExpertFormat.INT4), torch.float32)
     lib = cpu_kernel()
-    x = torch.randn(3, 1, d, generator=g)
-    idx = [torch.randperm(E, generator=g)[:k][None] for _ in range(3)]
-    w = torch.rand(3, 1, k, generator=g)
-    outs = []
-    try:
-        for maxk in (0, 4096, 0, 2048):
-            lib.moe_set_rows_maxk(maxk)
-            with torch.no_grad():
-                outs.append([st(x[t], idx[t], w[t], act) for t in range(3)])
-    finally:
-        lib.moe_set_rows_maxk(0)
-    assert outs[0][0].abs().max().item() > 0.05
-    for other in outs[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
+    settings = (0, 4096, 0, 2048)
+    _same_bits_under(st, act, g, (d, E, k, 3), settings, lib.moe_set_rows_maxk, lambda: lib.moe_set_rows_maxk(0))
 
 
 def test_set_early_launch_fills_the_plan():
