@@ -12,7 +12,7 @@ from functools import lru_cache
 
 from llmarch.errors import LlmarchError
 from llmarch.runtime.cbuild import build_avx2
-from llmarch.runtime.kernel_sources import FLOAT_OPS, GGUF_MATMUL
+from llmarch.runtime.kernel_sources import FLOAT_OPS, GGUF_MATMUL, KQUANT_ROWS
 
 # tokens per prefill_step call: bounds its scratch and the int8 activations each matmul quantizes,
 # which grow with the rows (a 512-token prefill of the embedded model ran alike in chunks of 64 to
@@ -264,7 +264,7 @@ _building: threading.Thread | None = None
 
 
 def start_building() -> None:
-    """Compile the library on a thread of its own (the compiler is a subprocess, ~5 s on 2 cores
+    """Compile the library on a thread of its own (the compilers are subprocesses, ~3 s on 2 cores
     the first time on a machine), so that a first run's start-up (the tokenizer, the decode plan)
     goes on beside it; lib() waits for it. Not a daemon: an early exit waits for the compiler
     rather than leave its half-written output in the cache."""
@@ -283,8 +283,8 @@ def lib():
 
 @lru_cache(maxsize=1)
 def _built():
-    source = "#include <string.h>\n" + GGUF_MATMUL + FLOAT_OPS + DECODE
-    lib = build_avx2("cpu_decode", source, ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"])
+    source = "#define KQUANT_APART\n#include <string.h>\n" + GGUF_MATMUL + FLOAT_OPS + DECODE
+    lib = build_avx2("cpu_decode", source, ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], (KQUANT_ROWS,))
     if lib is None:
         return None
     p = ctypes.c_void_p

@@ -47,6 +47,7 @@ static inline float hsum(__m256 v) {
 }
 
 /* activations: per 32 values an int8 block q, its scale d and s = d * sum(q) (for K-quant mins) */
+#ifndef KQUANT_UNIT
 void quantize_act(const float* x, int8_t* q, float* d, float* s, long n_blocks) {
     for (long b = 0; b < n_blocks; b++) {
         const float* v = x + b * 32;
@@ -59,6 +60,7 @@ void quantize_act(const float* x, int8_t* q, float* d, float* s, long n_blocks) 
         s[b] = sc * (float)sum;
     }
 }
+#endif
 
 /* Each row's bytes are streamed once; prefetching PF bytes ahead keeps one core's loads in flight
    (on the VMs measured, the hardware streamer alone caps a core near 6-8 GB/s). Rows are contiguous,
@@ -272,6 +274,11 @@ TILE tile_q6_k(TILE_ARGS) {
         TOKENS(KERNEL, 1)                                                                            \
     }
 
+#ifdef KQUANT_APART  /* the K-quant rows in a translation unit of their own (KQUANT_ROWS below) */
+int kquant_rows(int type, const int8_t* xq, const int8_t* xa, const float* xd, const float* xs, const uint8_t* w,
+                long row_bytes, float* y, long ldy, int T, int n0, int n1, int K);
+#endif
+
 static int rows_range(int type, const int8_t* xq, const int8_t* xa, const float* xd, const float* xs, const uint8_t* w, long row_bytes,
                       float* y, long ldy, int T, int n0, int n1, int K) {
     const int nb32 = K / 32;
@@ -279,9 +286,13 @@ static int rows_range(int type, const int8_t* xq, const int8_t* xa, const float*
         case 0: ROWS(tile_q8_0) break;
         case 1: ROWS(tile_q4_0) break;
         case 2: ROWS(tile_q5_0) break;
+#ifdef KQUANT_APART
+        case 3: case 4: case 5: return kquant_rows(type, xq, xa, xd, xs, w, row_bytes, y, ldy, T, n0, n1, K);
+#else
         case 3: ROWS(tile_q4_k) break;
         case 4: ROWS(tile_q5_k) break;
         case 5: ROWS(tile_q6_k) break;
+#endif
         default: return 1;
     }
     return 0;
@@ -455,6 +466,28 @@ int gguf_linear(const float* x, int T, int K, int nparts, const int* types, cons
 """
 
 # The float32 ops of one decode token (RMS norm, rotate-half RoPE, one query's attention, gated activations).
+
+# The K-quant rows as a translation unit of their own, for a library whose source defines
+# KQUANT_APART: their inlined tiles are about a third of the library's compile time, and
+# cbuild.build compiles the units side by side (the same code either way, so the same results).
+KQUANT_ROWS = (
+    "#define KQUANT_UNIT\n#include <string.h>\n"
+    + GGUF_MATMUL[: GGUF_MATMUL.index("#ifdef KQUANT_APART")]
+    + r"""
+int kquant_rows(int type, const int8_t* xq, const int8_t* xa, const float* xd, const float* xs, const uint8_t* w,
+                long row_bytes, float* y, long ldy, int T, int n0, int n1, int K) {
+    const int nb32 = K / 32;
+    switch (type) {
+        case 3: ROWS(tile_q4_k) break;
+        case 4: ROWS(tile_q5_k) break;
+        case 5: ROWS(tile_q6_k) break;
+        default: return 1;
+    }
+    return 0;
+}
+"""
+)
+
 FLOAT_OPS = r"""
 #include <immintrin.h>
 #include <math.h>
