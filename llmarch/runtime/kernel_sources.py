@@ -273,6 +273,11 @@ TILE tile_q6_k(TILE_ARGS) {
         TOKENS(KERNEL, 4)                                                                            \
         TOKENS(KERNEL, 1)                                                                            \
     }
+/* the K-quant types' cases of a switch over the type code: rows_range's, or kquant_rows' */
+#define KQUANT_CASES                                                                                 \
+        case 3: ROWS(tile_q4_k) break;                                                               \
+        case 4: ROWS(tile_q5_k) break;                                                               \
+        case 5: ROWS(tile_q6_k) break;
 
 #ifdef KQUANT_APART  /* the K-quant rows in a translation unit of their own (KQUANT_ROWS below) */
 int kquant_rows(int type, const int8_t* xq, const int8_t* xa, const float* xd, const float* xs, const uint8_t* w,
@@ -289,9 +294,7 @@ static int rows_range(int type, const int8_t* xq, const int8_t* xa, const float*
 #ifdef KQUANT_APART
         case 3: case 4: case 5: return kquant_rows(type, xq, xa, xd, xs, w, row_bytes, y, ldy, T, n0, n1, K);
 #else
-        case 3: ROWS(tile_q4_k) break;
-        case 4: ROWS(tile_q5_k) break;
-        case 5: ROWS(tile_q6_k) break;
+        KQUANT_CASES
 #endif
         default: return 1;
     }
@@ -465,8 +468,6 @@ int gguf_linear(const float* x, int T, int K, int nparts, const int* types, cons
 }
 """
 
-# The float32 ops of one decode token (RMS norm, rotate-half RoPE, one query's attention, gated activations).
-
 # The K-quant rows as a translation unit of their own, for a library whose source defines
 # KQUANT_APART: their inlined tiles are about a third of the library's compile time, and
 # cbuild.build compiles the units side by side (the same code either way, so the same results).
@@ -478,9 +479,7 @@ int kquant_rows(int type, const int8_t* xq, const int8_t* xa, const float* xd, c
                 long row_bytes, float* y, long ldy, int T, int n0, int n1, int K) {
     const int nb32 = K / 32;
     switch (type) {
-        case 3: ROWS(tile_q4_k) break;
-        case 4: ROWS(tile_q5_k) break;
-        case 5: ROWS(tile_q6_k) break;
+        KQUANT_CASES
         default: return 1;
     }
     return 0;
@@ -488,6 +487,7 @@ int kquant_rows(int type, const int8_t* xq, const int8_t* xa, const float* xd, c
 """
 )
 
+# The float32 ops of one decode token (RMS norm, rotate-half RoPE, one query's attention, gated activations).
 FLOAT_OPS = r"""
 #include <immintrin.h>
 #include <math.h>
