@@ -45,7 +45,8 @@ def main() -> None:
         t = time.perf_counter()
         path = make_moe_source(Path(work), a.layers, "cuda", False, torch)
         made_s = time.perf_counter() - t
-        rt, g, load_s, segmented = llmarch_moe_prepare(path, prompt[:1], 8, "cuda", a.pp + a.tg + 2)
+        # the other matrices dequantized to bf16, the form its figures were measured with
+        rt, g, load_s, segmented = llmarch_moe_prepare(path, prompt[:1], 8, "cuda", a.pp + a.tg + 2, False)
         res: dict = {"layers": a.layers, "pp": a.pp, "made_s": made_s, "load_s": load_s, "segmented": segmented}
         res["decode_tok_s"] = statistics.median(
             [g.generate(prompt[:1], a.tg, Sampling()).decode_tok_s for _ in range(a.rounds)]
