@@ -216,6 +216,14 @@ def run_llmarch(args, spec, device, dtype, bits, gpu_experts, bw, segmented=True
         attach_decoder(gen)
         gen.generate(ids, 4, Sampling())
         args.decoders = {"raw_build": raw, "loader_build": gen._step_eager}
+    elif args.ab_gpu_slots and seg:  # one decoder per GPU share, alternated below
+        args.decoders = {}
+        for n in args.ab_gpu_slots:
+            os.environ["LLMARCH_MOE_GPU_SLOTS"] = str(n)
+            attach_decoder(gen)
+            gen.generate(ids, 4, Sampling())
+            args.decoders[f"gpu_slots_{n}"] = gen._step_eager
+        del os.environ["LLMARCH_MOE_GPU_SLOTS"]
     reset_counters(rt.model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -231,6 +239,7 @@ def run_llmarch(args, spec, device, dtype, bits, gpu_experts, bw, segmented=True
         profile = profile_step(gen, rt, spec, prefetch=(0,), early=args.ab_early)
         print(json.dumps({"profile": profile}), flush=True)
     ab = args.ab_kernel or args.ab_step or args.ab_hugepages or args.ab_build or args.ab_early or args.ab_handoff
+    ab = ab or args.ab_gpu_slots
     if args.repeats > 1 or ab:
         r["repeats"] = repeated_runs(args, gen, rt, spec, ids, device, bw, seg)
     r.update(
@@ -386,7 +395,7 @@ def repeated_runs(args, gen, rt, spec, ids, device, bw, seg) -> dict:
     if args.ab_handoff and native:
         current.moe_set_handoff(1 if handoff_choice() else 0)
     if getattr(args, "decoders", None):
-        gen._step_eager = args.decoders["loader_build"]
+        gen._step_eager = list(args.decoders.values())[-1]
     if args.ab_early and dec is not None and dec.plan is not None:  # back to the default
         from llmarch.runtime.experts.decode import early_launch_choice
 
@@ -615,6 +624,13 @@ def main():
         "--ab-handoff",
         action="store_true",
         help="alternate the kernel's barrier between its gate_up and down rows and the per-expert hand-off",
+    )
+    ap.add_argument(
+        "--ab-gpu-slots",
+        type=int,
+        nargs="+",
+        default=None,
+        help="alternate decoders whose GPU reads these many of each token's experts over PCIe (0: none)",
     )
     ap.add_argument(
         "--profile",

@@ -315,16 +315,20 @@ def llmarch_prefill(rt, prompt: list[int], reps: int, eager_too: bool = False) -
     return samples, eager, first
 
 
-# the MoE row's llmarch variants (result key: the other matrices from stored blocks?): as `llmarch
-# run` loads the GGUF, and with those matrices dequantized (the form of the runs before)
-MOE_VARIANTS = {"llmarch": True, "llmarch_dequantized": False}
+# the MoE row's llmarch variants (result key: LLMARCH_MOE_GPU_SLOTS, None for the default, and the
+# table's note): as `llmarch run` loads the GGUF (the GPU reads its share of each token's experts
+# over PCIe, the CPU the rest), and with the CPU reading them all (as llama.cpp's cores do)
+MOE_VARIANTS = {"llmarch": (None, ""), "llmarch_cpu_reads_all": ("0", " (llmarch: no GPU share of the experts)")}
 
 
-def llmarch_moe_prepare(path: Path, prompt: list[int], tg: int, device: str, max_seq: int, stored: bool):
+def llmarch_moe_prepare(
+    path: Path, prompt: list[int], tg: int, device: str, max_seq: int, stored: bool = True, gpu_slots: str | None = None
+):
     """Load the MoE GGUF with its experts in host RAM (`--experts cpu`) and warm it up, as
     `llmarch run` sets it up: one CUDA graph per GPU segment between host round trips. stored: the
     other matrices run from the file's Q4_0 blocks too (`llmarch run`'s default for a GGUF, and
-    the bytes llama.cpp reads), else dequantized to bf16."""
+    the bytes llama.cpp reads), else dequantized to bf16. gpu_slots: LLMARCH_MOE_GPU_SLOTS for the
+    decoder (None: its default)."""
     from llmarch.runtime.experts.decode import attach_decoder, whole_step_capturable
     from llmarch.runtime.generate import Generator, Sampling
     from llmarch.runtime.load import load_runtime
@@ -335,7 +339,15 @@ def llmarch_moe_prepare(path: Path, prompt: list[int], tg: int, device: str, max
     load_s = time.perf_counter() - t
     graph = None if device == "cuda" and whole_step_capturable(rt.model) else False
     g = Generator(rt, max_seq, cuda_graph=graph)
-    segmented = graph is False and device == "cuda" and attach_decoder(g)
+    saved = os.environ.pop("LLMARCH_MOE_GPU_SLOTS", None)
+    if gpu_slots is not None:
+        os.environ["LLMARCH_MOE_GPU_SLOTS"] = gpu_slots
+    try:
+        segmented = graph is False and device == "cuda" and attach_decoder(g)
+    finally:
+        os.environ.pop("LLMARCH_MOE_GPU_SLOTS", None)
+        if saved is not None:
+            os.environ["LLMARCH_MOE_GPU_SLOTS"] = saved
     g.generate(prompt, tg, Sampling())
     return rt, g, load_s, bool(segmented)
 
@@ -435,8 +447,8 @@ def table(res: dict) -> str:
             f"{MOE_SHAPE} shape, {moe['layers']} layers | Q4_0 GGUF, experts in host RAM "
             "(llama.cpp -ot exps=CPU; llmarch --experts cpu)"
         )
-        for key in MOE_VARIANTS:
-            label = head + ("" if key == "llmarch" else " (llmarch: the other matrices dequantized to bf16)")
+        for key, (_, note) in MOE_VARIANTS.items():
+            label = head + note
             lines.append(row(label, moe.get(key, {}), moe.get("llama.cpp", {}), tg_spec=".1f", bound=" (host)"))
     for name, m in res["models"].items():
         for src, r in m["llmarch"].items():
@@ -602,12 +614,12 @@ def main() -> None:
         except Exception as e:  # report and go on: the dense rows still measure
             moe["llmarch"] = {"error": f"{type(e).__name__}: {e}"[:500]}
             log(f"moe: source failed: {moe['llmarch']['error']}")
-        for key, stored in MOE_VARIANTS.items():
+        for key, (slots, _) in MOE_VARIANTS.items():
             if "gguf" not in moe:
                 break
             try:
                 rt, g, load_s, seg = llmarch_moe_prepare(
-                    path, moe["prompt_decode"], a.moe_tg, a.device, max(a.pp, a.moe_tg + 1) + 1, stored
+                    path, moe["prompt_decode"], a.moe_tg, a.device, max(a.pp, a.moe_tg + 1) + 1, gpu_slots=slots
                 )
                 moe_prepared[key] = (rt, g)
                 moe[key] = {"load_s": load_s, "segmented_graphs": seg, "run_notes": list(getattr(rt, "notes", []))}

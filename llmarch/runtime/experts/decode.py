@@ -199,20 +199,25 @@ class SegmentedDecoder:
         z = lambda *s, dtype=dt: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
         self.ids, self.pos = z(1, 1, dtype=torch.long), z(1, dtype=torch.long)
         self.h, self.y = z(1, 1, d), z(1, 1, d, dtype=torch.float32)
-        self.pack = z(1, 2 * k + d, dtype=torch.float32)
         self.logits = None
         self.k = k
+        self.stores = [blocks[i].mlp.experts for i in self.cuts]
+        self.native = self.ok and all(st.format.quantized for st in self.stores) and 0 < k <= 256
+        if self.native and hugepages_choice():
+            self._experts_to_hugepages()
+        # the router slots the GPU computes itself (gpu_share.py), and those left to the CPU kernel
+        self.shares, self.share_note = self._gpu_shares(device)
+        self.slots = self.shares[0].slots if self.shares else 0
+        self.kc = k - self.slots
+        self.pack = z(1, 2 * self.kc + d, dtype=torch.float32)
+        self.share_ids, self.share_w = z(1, self.slots, dtype=torch.long), z(1, self.slots, dtype=torch.float32)
         self.segs = [self._make(i) for i in range(len(self.cuts) + 1)]
         self.shared = [self._make_shared(i) for i in range(len(self.cuts) + 1)]
         if compile and self.graphs:
             self._compile_segments()
         self.captured: list = []
         self.copies_in_graph = False
-        self.stores = [blocks[i].mlp.experts for i in self.cuts]
-        self.native = self.ok and all(st.format.quantized for st in self.stores) and 0 < k <= 256
         if self.native:
-            if hugepages_choice():
-                self._experts_to_hugepages()
             self._native_contexts(device)
 
     def _compile_segments(self) -> None:
@@ -230,6 +235,31 @@ class SegmentedDecoder:
                 setattr(dyn, name, max(getattr(dyn, name), 2 * len(self.segs) + 8))
         self.segs = [torch.compile(seg, dynamic=False) for seg in self.segs]
         self.shared = [f and torch.compile(f, dynamic=False) for f in self.shared]
+
+    def _gpu_shares(self, device) -> tuple[list, str | None]:
+        """One GpuShare per offloaded layer where the GPU can read its experts from host memory (a
+        CUDA device, the native kernel, formats with GPU kernels, memory pinned), and the run's note."""
+        from llmarch.runtime.experts import gpu_share
+
+        if not (self.native and device.type == "cuda"):
+            return [], None
+        slots = gpu_share.slots_for(self.k, min(st.expert_bytes() for st in self.stores))
+        if not slots:
+            return [], None
+        why = next((r for r in map(gpu_share.unsupported, self.stores) if r), None)
+        if why is None and not gpu_share.kernels_available():
+            why = "triton is not importable"
+        shares = []
+        if why is None:
+            layers = self.model.layers
+            shares = [gpu_share.GpuShare(st, layers[i].mlp, slots, device) for i, st in zip(self.cuts, self.stores)]
+            why = gpu_share.pin(self, [t for sh in shares for t in sh.host_tensors()])
+        if why:
+            return [], f"experts: the CPU reads all {self.k} of a token's experts ({why})"
+        return (
+            shares,
+            f"experts: the GPU reads {slots} of a token's {self.k} experts from host RAM over PCIe, the CPU the rest",
+        )
 
     def _experts_to_hugepages(self) -> None:
         """Move the experts llmarch quantized itself (heap memory; a checkpoint's blocks as stored stay
@@ -254,10 +284,13 @@ class SegmentedDecoder:
 
     def rebuild_contexts(self) -> None:
         """The layers' moe_decode contexts (and the step plan) from the stores' current tensors: after a
-        store's experts moved (a benchmark puts them in other pages). pack/out stay: graphs copy to them."""
+        store's experts moved (a benchmark puts them in other pages). pack/out stay: graphs copy to them.
+        The GPU share's graphs read the experts at their first addresses: not with a share."""
+        if any(sh.moved() for sh in self.shares):
+            raise LlmarchError("experts moved under the GPU share's graphs: set LLMARCH_MOE_GPU_SLOTS=0 to move them")
         self.ctxs, self.scratch = [], []
         for i, st in zip(self.cuts, self.stores):
-            ctx, scratch = decode_context(st, self.model.layers[i].mlp, self.k, self.pack_h, self.out_h)
+            ctx, scratch = decode_context(st, self.model.layers[i].mlp, self.kc, self.pack_h, self.out_h)
             self.ctxs.append(ctx)
             self.scratch.append(scratch)
         self.ctx_ptrs = [ctypes.cast(ctypes.pointer(c), ctypes.c_void_p) for c in self.ctxs]
@@ -291,7 +324,11 @@ class SegmentedDecoder:
             moe = b.mlp
             idx, w = moe.router(flat)
             self.h.copy_(h)
-            self.pack.copy_(torch.cat([idx.float(), w.float(), flat.float()], dim=1))
+            s = self.slots  # the first slots go to the GPU share, the others to the CPU
+            if s:
+                self.share_ids.copy_(idx[:, :s])
+                self.share_w.copy_(w[:, :s])
+            self.pack.copy_(torch.cat([idx[:, s:].float(), w[:, s:].float(), flat.float()], dim=1))
 
         return seg
 
@@ -300,7 +337,7 @@ class SegmentedDecoder:
         after the copy to the host, so it runs while the CPU computes the routed experts."""
         if i == len(self.cuts) or self.model.layers[self.cuts[i]].mlp.shared is None:
             return None
-        moe, k = self.model.layers[self.cuts[i]].mlp, self.k
+        moe, k = self.model.layers[self.cuts[i]].mlp, self.kc
 
         def shared():
             flat = self.pack[:, 2 * k :].to(self.h.dtype)  # the normed input, exact (float32 holds bf16/fp16)
@@ -310,6 +347,12 @@ class SegmentedDecoder:
             self.h.add_(s.view_as(self.h))
 
         return shared
+
+    def _share(self, i: int) -> None:
+        """Layer i's GPU share of its routed experts, queued where the shared expert is: after the copy
+        that wakes the host. Never compiled: its kernels take host addresses."""
+        if self.shares and i < len(self.cuts):
+            self.shares[i](self.share_ids, self.share_w, self.pack[:, 2 * self.kc :], self.h)
 
     def _host(self, i: int) -> None:
         """Layer i's routed experts, called from Python: the one sync per layer."""
@@ -339,6 +382,7 @@ class SegmentedDecoder:
                     seg()
                     if self.shared[i]:
                         self.shared[i]()
+                    self._share(i)
                     if i < len(self.cuts):
                         self._host(i)
         torch.cuda.current_stream().wait_stream(side)
@@ -358,6 +402,7 @@ class SegmentedDecoder:
                     self.ready[i].record()
                 if self.shared[i]:
                     self.shared[i]()
+                self._share(i)
             self.captured.append(g)
         if self.copies_in_graph and hasattr(self.captured[0], "raw_cuda_graph_exec"):
             self._plan_step()
@@ -434,8 +479,10 @@ class SegmentedDecoder:
         run = [g.replay for g in self.captured] if self.graphs else self.segs
         for i, seg in enumerate(run):
             seg()
-            if not self.graphs and self.shared[i]:  # (a graph holds its shared expert)
-                self.shared[i]()
+            if not self.graphs:  # (a graph holds its shared expert and GPU share)
+                if self.shared[i]:
+                    self.shared[i]()
+                self._share(i)
             if i < len(self.cuts):
                 self._host(i)
         return self.logits
@@ -448,4 +495,6 @@ def attach_decoder(gen) -> bool:
         return False
     gen._step_eager = dec.step  # the Generator's eager step, swapped per instance (no CUDA graph of its own)
     gen.use_graph = False
+    if dec.share_note:
+        gen.rt.notes.append(dec.share_note)
     return True
