@@ -89,6 +89,7 @@ CASES = [
 @pytest.mark.parametrize("fmt,gated,clamped_bias,weight_input", CASES, ids=lambda c: str(c))
 @pytest.mark.parametrize("slots", [1, 3])
 def test_share_equals_float_experts(fmt, gated, clamped_bias, weight_input, slots):
+    from llmarch.runtime.experts import gpu_share
     from llmarch.runtime.experts.gpu_share import GpuShare
     from llmarch.runtime.experts.stores import ResidentExperts
 
@@ -102,6 +103,8 @@ def test_share_equals_float_experts(fmt, gated, clamped_bias, weight_input, slot
     ref = ResidentExperts(E, d, inter, biases[0] is not None, gated=gated)
     ref.load(gate_up, down, biases, torch.float64, "cpu")
     share = GpuShare(st, SimpleNamespace(act=act, weight_input=weight_input), slots, DEVICE)
+    if DEVICE.startswith("cuda"):  # the kernels read the host tensors at their addresses
+        assert gpu_share.pin(share, share.host_tensors()) is None
     for trial in range(2):
         ids = torch.randperm(E, generator=g)[:slots].view(1, slots)
         w = torch.rand(1, slots, generator=g)
@@ -127,7 +130,11 @@ def test_unsupported_formats_and_slots():
     assert gpu_share.unsupported(st) is None
     st.down_format = st.down_format.from_ggml("Q6_K")
     assert "down experts in gguf q6_k" in gpu_share.unsupported(st)
-    assert gpu_share.slots_for(8, 3 << 20) == 2 and gpu_share.slots_for(8, 100_000) == 0
+    assert (
+        gpu_share.slots_for(8, 3 << 20) == 3
+        and gpu_share.slots_for(4, 3 << 20) == 1
+        and gpu_share.slots_for(8, 100_000) == 0
+    )
     os.environ["LLMARCH_MOE_GPU_SLOTS"] = "3"
     try:
         assert gpu_share.slots_for(8, 10) == 3
