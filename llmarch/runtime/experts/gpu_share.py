@@ -10,9 +10,11 @@ stored bytes gathered into device memory, then multiplied in their stored layout
 the others, at the same time; the GPU's part is queued in the segment's graph after the copy that
 wakes the host, and the next segment, which adds the CPU's part, runs after it on the same stream.
 
-Formats with GPU kernels here: a GGUF's Q4_0 and Q8_0 blocks as stored and moe_cpu.c's int4 and
-int8 (--expert-bits 4 / 8). Other formats, --experts disk (its point is not to hold the experts
-in RAM, which pinning would) and memory that cannot be pinned leave every expert to the CPU.
+Every layout the CPU kernel reads has a GPU product here: a GGUF's Q8_0, Q4_0, MXFP4, Q4_K, Q5_K
+and Q6_K blocks as stored (each matrix in its own type), gpt-oss's MXFP4 as shipped, and
+moe_cpu.c's int4 and int8 (--expert-bits 4 / 8). Float experts take the torch path, without a
+share; --experts disk (its point is not to hold the experts in RAM, which pinning would) and memory
+that cannot be pinned leave every expert to the CPU.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from llmarch.runtime.experts.formats import ExpertFormat, G
 # alternated rounds) 3 of 8 was the fastest split measured: 4-layer Q4_0 GGUF 541 tok/s median
 # against 520 (2), 475 (1), 451 (none); 48 layers int4 3 > 2 > none in each of 3 rounds
 SHARE = 0.375
-FORMATS = (ExpertFormat.Q4_0, ExpertFormat.Q8_0, ExpertFormat.INT4, ExpertFormat.INT8)
+GGML32 = {ExpertFormat.Q4_0: 0, ExpertFormat.Q8_0: 1, ExpertFormat.GGUF_MXFP4: 2}  # gemv_ggml32's MODE
+KQUANTS = {ExpertFormat.Q4_K: 0, ExpertFormat.Q5_K: 1, ExpertFormat.Q6_K: 2}  # gemv_kquant's KIND
+FORMATS = (*GGML32, *KQUANTS, ExpertFormat.MXFP4, ExpertFormat.INT4, ExpertFormat.INT8)
 PAGE = 4096
 READ_ONLY = 0x08  # CU_MEMHOSTREGISTER_READ_ONLY: a GGUF's map is read-only; the GPU only reads anyway
 
@@ -157,22 +161,19 @@ def gemv(fmt: ExpertFormat, q: torch.Tensor, s: torch.Tensor | None, x: torch.Te
     x_slot, y_slot = 0 if x.shape[0] == 1 else x.stride(0), y.stride(0)
     br = 16
     grid = (slots, -(-rows // br))
-    if fmt in (ExpertFormat.Q4_0, ExpertFormat.Q8_0):
+    if fmt in GGML32:
         nbytes = fmt.block[1]
         k.gemv_ggml32[grid](
-            q,
-            x,
-            y,
-            rows,
-            K // 32,
-            q[0].numel(),
-            x_slot,
-            y_slot,
-            BYTES=nbytes,
-            NIBBLES=fmt is ExpertFormat.Q4_0,
-            BR=br,
-            BB=8,
+            q, x, y, rows, K // 32, q[0].numel(), x_slot, y_slot, BYTES=nbytes, MODE=GGML32[fmt], BR=br, BB=8
         )
+    elif fmt in KQUANTS:
+        nbytes = fmt.block[1]
+        k.gemv_kquant[grid](
+            q, x, y, rows, K // 256, q[0].numel(), x_slot, y_slot, KIND=KQUANTS[fmt], BYTES=nbytes, BR=br
+        )
+    elif fmt is ExpertFormat.MXFP4:
+        assert s is not None
+        k.gemv_mxfp4[grid](q, s, x, y, rows, K // 32, q[0].numel(), s[0].numel(), x_slot, y_slot, BR=br, BB=8)
     else:
         assert s is not None
         k.gemv_grouped64[grid](
