@@ -27,6 +27,7 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 from test_gguf_blocks import random_blocks  # noqa: E402
 
 from fixtures.parity import kv_cache  # noqa: E402
+from llmarch.errors import LlmarchError  # noqa: E402
 from llmarch.runtime import gguf_cuda as gc  # noqa: E402
 from llmarch.runtime.quant import dequantize as ref_dequantize  # noqa: E402
 
@@ -181,6 +182,9 @@ def test_decode_path_selection(monkeypatch):
     for value, mode in (("0", "float"), ("float", "float"), ("PRE", "pre"), ("dp4a", "dp4a"), ("1", "auto")):
         monkeypatch.setenv("LLMARCH_GGUF_CUDA_DP4A", value)
         assert gc.mode_from_env() == mode
+    monkeypatch.setenv("LLMARCH_GGUF_CUDA_DP4A", "fast")
+    with pytest.raises(LlmarchError, match="LLMARCH_GGUF_CUDA_DP4A='fast'"):
+        gc.mode_from_env()
     monkeypatch.delenv("LLMARCH_GGUF_CUDA_DP4A")
     assert gc.mode_from_env() == "pre"  # the fastest end to end on the H200 (gguf_cuda.DP4A)
     x = torch.zeros(1, 256)

@@ -27,6 +27,7 @@ from functools import cache, lru_cache
 import torch
 from torch import nn
 
+from llmarch.errors import LlmarchError
 from llmarch.runtime.gguf_matmul import check_shape, stored_parts
 from llmarch.runtime.gguf_matmul import summary as stored_summary
 from llmarch.runtime.quant import BLOCKS, _scale_min_k4
@@ -189,8 +190,13 @@ DP4A_TYPES = ("Q4_K", "Q6_K")
 
 
 def mode_from_env() -> str:
+    """LLMARCH_GGUF_CUDA_DP4A's path; a value that is none of them stops with one line rather than
+    running another path than the one asked for."""
     v = os.environ.get("LLMARCH_GGUF_CUDA_DP4A", "pre").strip().lower()
-    return {"0": "float", "1": "auto"}.get(v, v if v in DP4A_MODES else "pre")
+    mode = {"0": "float", "1": "auto"}.get(v, v)
+    if mode not in DP4A_MODES:
+        raise LlmarchError(f"LLMARCH_GGUF_CUDA_DP4A={v!r}: expected one of 0, 1, {', '.join(DP4A_MODES)}")
+    return mode
 
 
 DP4A = mode_from_env()
