@@ -236,10 +236,9 @@ def run_llmarch(args, spec, device, dtype, bits, gpu_experts, bw, segmented=True
         for name, step in getattr(args, "decoders", {}).items():  # the two builds' segments, kernel by kernel
             if name != "loader_build" and step.__self__.graphs:
                 print(json.dumps({f"segment_kernels_{name}": segment_kernels(step.__self__)}), flush=True)
-        profile = profile_step(gen, rt, spec, prefetch=(0,), early=args.ab_early)
+        profile = profile_step(gen, rt, spec, early=args.ab_early)
         print(json.dumps({"profile": profile}), flush=True)
-    ab = args.ab_kernel or args.ab_step or args.ab_hugepages or args.ab_build or args.ab_early or args.ab_handoff
-    ab = ab or args.ab_gpu_slots
+    ab = args.ab_kernel or args.ab_step or args.ab_build or args.ab_early or args.ab_gpu_slots
     if args.repeats > 1 or ab:
         r["repeats"] = repeated_runs(args, gen, rt, spec, ids, device, bw, seg)
     r.update(
@@ -308,32 +307,6 @@ def repeated_runs(args, gen, rt, spec, ids, device, bw, seg) -> dict:
             )
         else:
             axes.append({f"{lp}_loop": (lambda lp=lp: setattr(dec, "step_loop", lp)) for lp in ("python", "c")})
-    if args.ab_hugepages and native:
-        from llmarch.runtime.experts.host import hugepage_copy
-        from llmarch.runtime.experts.report import offloaded
-
-        t0 = time.perf_counter()
-        stores = offloaded(rt.model)
-        homes = {"4k": [st.parts() for st in stores]}
-        homes["huge"] = [tuple(hugepage_copy(t) for t in parts) for parts in homes["4k"]]
-        copy_s = round(time.perf_counter() - t0, 1)
-        bw_huge = host_read_bandwidth(place=hugepage_copy)  # the same sum over huge pages: that bound too
-        print(
-            json.dumps(
-                {"hugepage_copy_s": copy_s, "host_read_gb_s_huge_pages": round(bw_huge / 1e9, 1), **hugepages_state()}
-            ),
-            flush=True,
-        )
-
-        def use_pages(name):
-            def setup():
-                for st, parts in zip(stores, homes[name]):
-                    st.set_parts(parts)
-                dec.rebuild_contexts()
-
-            return setup
-
-        axes.append({f"{name}_pages": use_pages(name) for name in homes})
     if getattr(args, "decoders", None):
         axes.insert(
             0, {name: (lambda step=step: setattr(gen, "_step_eager", step)) for name, step in args.decoders.items()}
@@ -348,15 +321,6 @@ def repeated_runs(args, gen, rt, spec, ids, device, bw, seg) -> dict:
                     for name, on in (("after_kernel", False), ("early", True))
                 }
             )
-    if args.ab_handoff and native:
-        from llmarch.runtime.experts.decode import handoff_choice
-
-        axes.append(
-            {
-                f"{name}": (lambda on=on: kernel.cpu_kernel().moe_set_handoff(on))
-                for name, on in (("phase_barrier", 0), ("handoff", 1))
-            }
-        )
     variants: dict = {"current": []}
     for axis in axes:
         variants = {
@@ -392,8 +356,6 @@ def repeated_runs(args, gen, rt, spec, ids, device, bw, seg) -> dict:
     kernel._LIB = current
     if native:
         dec.lib, dec.step_loop = current, loop0
-    if args.ab_handoff and native:
-        current.moe_set_handoff(1 if handoff_choice() else 0)
     if getattr(args, "decoders", None):
         gen._step_eager = list(args.decoders.values())[-1]
     if args.ab_early and dec is not None and dec.plan is not None:  # back to the default
@@ -401,8 +363,6 @@ def repeated_runs(args, gen, rt, spec, ids, device, bw, seg) -> dict:
 
         for step in getattr(args, "decoders", {"current": gen._step_eager}).values():
             step.__self__.set_early_launch(early_launch_choice())
-    if args.ab_hugepages and native:  # back where the build put them
-        use_pages("4k")()
     out = {}
     first = next(iter(tokens.values()))[0]
     for name in variants:
@@ -420,25 +380,6 @@ def repeated_runs(args, gen, rt, spec, ids, device, bw, seg) -> dict:
     out["same_tokens_all_variants"] = all(t == first for v in tokens.values() for t in v)
     out["order"] = "alternated per round" if len(variants) > 1 else "same model, one after another"
     out["host_read_gb_s_after"] = round(host_read_bandwidth() / 1e9, 1)
-    return out
-
-
-def hugepages_state() -> dict:
-    """The system's transparent huge page setting and this process's anonymous huge pages."""
-    out = {}
-    for what, path in (
-        ("thp_enabled", "/sys/kernel/mm/transparent_hugepage/enabled"),
-        ("thp_defrag", "/sys/kernel/mm/transparent_hugepage/defrag"),
-    ):
-        try:
-            out[what] = Path(path).read_text().strip()
-        except OSError:
-            out[what] = None
-    try:
-        line = next(l for l in Path("/proc/self/smaps_rollup").read_text().splitlines() if l.startswith("AnonHuge"))
-        out["anon_huge_mib"] = int(line.split()[1]) // 1024
-    except (OSError, StopIteration):
-        out["anon_huge_mib"] = None
     return out
 
 
@@ -605,11 +546,6 @@ def main():
         help="alternate the segmented decoder's step loop in Python and in C (moe_step) each repeat",
     )
     ap.add_argument(
-        "--ab-hugepages",
-        action="store_true",
-        help="also hold a copy of the experts in transparent huge pages and alternate the two each repeat",
-    )
-    ap.add_argument(
         "--ab-build",
         action="store_true",
         help="alternate two decoders of one model: captured on the model as built (random weights put in, "
@@ -619,11 +555,6 @@ def main():
         "--ab-early",
         action="store_true",
         help="alternate moe_step's launch of the next segment after the kernel and early (behind a flag)",
-    )
-    ap.add_argument(
-        "--ab-handoff",
-        action="store_true",
-        help="alternate the kernel's barrier between its gate_up and down rows and the per-expert hand-off",
     )
     ap.add_argument(
         "--ab-gpu-slots",

@@ -2,11 +2,11 @@
  * plain parallel reads of the same bytes: how much of a decode layer's CPU time is the kernel's own.
  *
  *   gcc -O3 -march=native -fopenmp benchmarks/moe_kernel_bench.c -o /tmp/kb -lm && /tmp/kb [format code] [reps]
- *       [read prefetch 0/1] [experts] [hand-off 0/1]
+ *       [read prefetch 0/1] [experts]
  *   (add -DMOE_PROFILE for the kernel's time per phase: quantize x, gate_up, activation, down, sum)
  *
  * Qwen3-30B-A3B shapes: 128 experts (more: a pool larger than the CPU's cache, as a token's 48 layers
- * are), d 2048, expert width 768, 8 per token; random weights. hand-off: moe_set_handoff.
+ * are), d 2048, expert width 768, 8 per token; random weights.
  */
 #include <omp.h>
 #include <stdio.h>
@@ -31,7 +31,6 @@ static void sane_block_scales(int code, uint8_t *p, size_t n) {
 int main(int argc, char **argv) {
     int bits = argc > 1 ? atoi(argv[1]) : 4, reps = argc > 2 ? atoi(argv[2]) : 200, prefetch = argc > 3 && atoi(argv[3]);
     const int E = argc > 4 && atoi(argv[4]) >= 8 ? atoi(argv[4]) : 128, d = 2048, I = 768, k = 8;
-    moe_set_handoff(argc > 5 && atoi(argv[5]));
     /* moe_cpu.c's format codes: 4 int4, 8 int8, or a GGUF's blocks as stored: 16 Q8_0, 17 Q4_0, 18 Q4_K,
      * 20 Q6_K; gate/up's code in the low byte, down's in the third (Q4_K_M's mix: 18 + (20 << 16) = 1310738) */
     int gb = bits & 255, db = (bits >> 16) & 255 ? (bits >> 16) & 255 : bits & 255;
@@ -124,9 +123,9 @@ int main(int argc, char **argv) {
     }
     tk /= reps; tr /= reps; td /= reps; tg /= reps;
     double rb = (double)k * (2 * I * gu_row + d * dn_row);
-    printf("{\"bits\": %d, \"experts\": %d, \"handoff\": %d, \"threads\": %d, \"kernel_us\": %.1f, \"kernel_gb_s\": %.1f, \"read_us\": %.1f, "
+    printf("{\"bits\": %d, \"experts\": %d, \"threads\": %d, \"kernel_us\": %.1f, \"kernel_gb_s\": %.1f, \"read_us\": %.1f, "
            "\"read_gb_s\": %.1f, \"read_down_us\": %.1f, \"read_down_gb_s\": %.1f, \"read_gate_up_us\": %.1f, "
-           "\"read_gate_up_gb_s\": %.1f, \"read_prefetch\": %d, \"sink\": %lu}\n", bits, E, moe_handoff, omp_get_max_threads(), tk * 1e6,
+           "\"read_gate_up_gb_s\": %.1f, \"read_prefetch\": %d, \"sink\": %lu}\n", bits, E, omp_get_max_threads(), tk * 1e6,
            k * per_expert / tk / 1e9, tr * 1e6, rb / tr / 1e9, td * 1e6, (double)k * d * dn_row / td / 1e9, tg * 1e6,
            (double)k * 2 * I * gu_row / tg / 1e9, prefetch, sink & 1);
 #ifdef MOE_PROFILE

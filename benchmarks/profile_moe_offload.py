@@ -23,9 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-PREFETCH = (0, 1, 2, 4)  # moe_set_prefetch distances (units of 4 rows ahead) compared; 0: off
-
-
 def _us(seconds: float) -> float:
     return round(seconds * 1e6, 1)
 
@@ -146,13 +143,10 @@ def copy_beside_kernel(dec, gib: int = 1, passes: int = 3) -> dict:
     return out
 
 
-def profile_step(gen, rt, spec, reps: int = 20, prefetch: tuple = PREFETCH, early: bool = True) -> dict:
+def profile_step(gen, rt, spec, reps: int = 20, early: bool = True) -> dict:
     """The breakdown of a Generator's segmented decode step (attach_decoder done, graphs captured);
-    prefetch: the kernel's prefetch distances compared (0 alone: none); early: also moe_step's early
-    launch, where the driver has it."""
+    early: also moe_step's early launch, where the driver has it."""
     import torch
-
-    from llmarch.runtime.experts.decode import handoff_choice, prefetch_choice
 
     dec = gen._step_eager.__self__
     cuda = dec.device.type == "cuda"
@@ -187,32 +181,15 @@ def profile_step(gen, rt, spec, reps: int = 20, prefetch: tuple = PREFETCH, earl
                 warm.append(clock() - t0)
             out["kernel_one_layer_again_us"] = _us(statistics.median(warm))
             per_layer = sum(dec.bytes_per_step) / n
-            # the kernel's settings (prefetch distance, hand-off between its phases, threads, the longest
-            # rows four at a time), alternated pass by pass
-            cpus = os.cpu_count() or 1
-            settings = {f"prefetch_{a}": (a, 0, 0, 0) for a in prefetch} | {"handoff": (0, 1, 0, 0)}
-            settings |= {f"handoff+threads_{t}": (0, 1, t, 0) for t in (cpus * 3 // 4, cpus // 2) if 1 < t < cpus}
-            settings |= {"handoff+rows4_up_to_8192": (0, 1, 0, 8192)}
-            cold: dict[str, list] = {name: [] for name in settings}
+            cold = []
             for _ in range(max(reps // 4, 3)):
-                for name, (ahead, handoff, threads, maxk) in settings.items():
-                    lib.moe_set_prefetch(ahead)
-                    lib.moe_set_handoff(handoff)
-                    lib.moe_set_threads(threads)
-                    lib.moe_set_rows_maxk(maxk)
-                    t0 = clock()
-                    for c in ctx:
-                        lib.moe_decode(c)
-                    cold[name].append((clock() - t0) / n)
-            lib.moe_set_prefetch(prefetch_choice())
-            lib.moe_set_handoff(1 if handoff_choice() else 0)
-            lib.moe_set_threads(0)
-            lib.moe_set_rows_maxk(0)
-            out["kernel_layers_in_turn_us"] = {name: _us(statistics.median(v)) for name, v in cold.items()}
-            out["kernel_layers_in_turn_us_rounds"] = {name: [_us(t) for t in v] for name, v in cold.items()}
-            out["kernel_layers_in_turn_gb_s"] = {
-                name: round(per_layer / statistics.median(v) / 1e9, 1) for name, v in cold.items()
-            }
+                t0 = clock()
+                for c in ctx:
+                    lib.moe_decode(c)
+                cold.append((clock() - t0) / n)
+            out["kernel_layers_in_turn_us"] = _us(statistics.median(cold))
+            out["kernel_layers_in_turn_us_rounds"] = [_us(t) for t in cold]
+            out["kernel_layers_in_turn_gb_s"] = round(per_layer / statistics.median(cold) / 1e9, 1)
             if cuda:
                 try:
                     out["copy_beside_kernel"] = copy_beside_kernel(dec)
@@ -247,35 +224,22 @@ def profile_step(gen, rt, spec, reps: int = 20, prefetch: tuple = PREFETCH, earl
         if dec.plan is not None:  # the C loop's own clock, with the next segment launched after the kernel or early
             for on in (False, True) if early and dec._early is not None else (False,):
                 out["c_loop_per_layer_us" + ("_early_launch" if on else "")] = c_loop_marks(dec, tok, reps, on)
-        # (loop, early launch, kernel hand-off) per variant
-        loops = [("python", False, 0), ("c", False, 0)] if dec.plan is not None else [(dec.step_loop, False, 0)]
+        # (loop, early launch) per variant
+        loops = [("python", False), ("c", False)] if dec.plan is not None else [(dec.step_loop, False)]
         if early and dec.plan is not None and dec._early is not None:
-            loops += [("c", True, 0), ("c", True, 1)]
-        if dec.native:
-            loops.append(("c" if dec.plan is not None else dec.step_loop, False, 1))
-        ahead_set = prefetch if dec.native else (0,)
+            loops.append(("c", True))
         saved, saved_early, steps = dec.step_loop, dec.early_launch, {}
         for _ in range(3):  # alternated
-            for loop, early, handoff in loops:
-                for ahead in ahead_set:
-                    dec.step_loop = loop
-                    if dec.plan is not None:
-                        dec.set_early_launch(early)
-                    if dec.native:
-                        dec.lib.moe_set_prefetch(ahead)
-                        dec.lib.moe_set_handoff(handoff)
-                    name = (
-                        f"{loop}_loop{'+early_launch' if early else ''}{'+handoff' if handoff else ''}+prefetch_{ahead}"
-                    )
-                    steps.setdefault(name, []).append(
-                        statistics.median(timed(lambda: dec.step(tok, 20)) for _ in range(reps))
-                    )
+            for loop, on in loops:
+                dec.step_loop = loop
+                if dec.plan is not None:
+                    dec.set_early_launch(on)
+                steps.setdefault(f"{loop}_loop{'+early_launch' if on else ''}", []).append(
+                    statistics.median(timed(lambda: dec.step(tok, 20)) for _ in range(reps))
+                )
         dec.step_loop = saved
         if dec.plan is not None:
             dec.set_early_launch(saved_early)
-        if dec.native:
-            dec.lib.moe_set_prefetch(prefetch_choice())
-            dec.lib.moe_set_handoff(1 if handoff_choice() else 0)
         out["step_ms"] = {name: round(statistics.median(v) * 1e3, 3) for name, v in steps.items()}
         out["step_ms_rounds"] = {name: [round(t * 1e3, 3) for t in v] for name, v in steps.items()}
     out["load_1min_end"] = round(os.getloadavg()[0], 2)

@@ -28,7 +28,7 @@ import os
 import torch
 
 from llmarch.errors import LlmarchError
-from llmarch.runtime.experts.host import OffloadedExperts, hugepage_copy
+from llmarch.runtime.experts.host import OffloadedExperts
 from llmarch.runtime.experts.kernel import (
     DecodeCtx,
     StepPlan,
@@ -124,14 +124,6 @@ def decode_context(st: OffloadedExperts, moe, k: int, pack_h, out_h) -> tuple[De
     return ctx, scratch
 
 
-def hugepages_choice() -> bool:
-    """LLMARCH_MOE_HUGEPAGES=0/1: whether the decoder moves host experts into transparent huge pages."""
-    value = os.environ.get("LLMARCH_MOE_HUGEPAGES", "0")
-    if value not in ("0", "1"):
-        raise LlmarchError(f"LLMARCH_MOE_HUGEPAGES={value!r}: expected 0 or 1")
-    return value == "1"
-
-
 # moe_step's early launch (the next segment queued behind a stream wait on a flag the host raises after
 # the kernel): off until measured faster on the device
 EARLY_LAUNCH = False
@@ -148,29 +140,6 @@ def early_launch_choice() -> bool:
     from llmarch.runtime.gguf_cuda import switched_on
 
     return switched_on("LLMARCH_NO_MOE_EARLY_LAUNCH", EARLY_LAUNCH)
-
-
-# moe_cpu.c's per-expert hand-off between a decode call's gate_up and down rows instead of a barrier
-# (moe_set_handoff; the same bits): off until measured faster on the device
-HANDOFF = False
-
-
-def handoff_choice() -> bool:
-    """LLMARCH_NO_MOE_HANDOFF=1 off, =0 on, unset: HANDOFF (read once, at decoder build)."""
-    from llmarch.runtime.gguf_cuda import switched_on
-
-    return switched_on("LLMARCH_NO_MOE_HANDOFF", HANDOFF)
-
-
-PREFETCH_AHEAD = 0  # moe_cpu.c's software prefetch distance in a decode call (units of 4 rows; 0: off)
-
-
-def prefetch_choice() -> int:
-    """LLMARCH_MOE_PREFETCH=N: moe_cpu.c's prefetch distance for decode calls (0: off)."""
-    value = os.environ.get("LLMARCH_MOE_PREFETCH", str(PREFETCH_AHEAD))
-    if not value.isdigit() or int(value) > 64:
-        raise LlmarchError(f"LLMARCH_MOE_PREFETCH={value!r}: expected a number of row units from 0 to 64")
-    return int(value)
 
 
 class SegmentedDecoder:
@@ -203,8 +172,6 @@ class SegmentedDecoder:
         self.k = k
         self.stores = [blocks[i].mlp.experts for i in self.cuts]
         self.native = self.ok and all(st.format.quantized for st in self.stores) and 0 < k <= 256
-        if self.native and hugepages_choice():
-            self._experts_to_hugepages()
         # the router slots the GPU computes itself (gpu_share.py), and those left to the CPU kernel
         self.shares, self.share_note = self._gpu_shares(device)
         self.slots = self.shares[0].slots if self.shares else 0
@@ -262,13 +229,6 @@ class SegmentedDecoder:
             f"experts: the GPU reads {slots} of a token's {self.k} experts from host RAM over PCIe, the CPU the rest",
         )
 
-    def _experts_to_hugepages(self) -> None:
-        """Move the experts llmarch quantized itself (heap memory; a checkpoint's blocks as stored stay
-        in their file mapping) into memory advised for transparent huge pages (host.hugepage_copy)."""
-        for st in self.stores:
-            if st._mm is None and not st.format.stored:
-                st.set_parts(tuple(hugepage_copy(t) for t in st.parts()))
-
     def _native_contexts(self, device) -> None:
         """One moe_decode context per offloaded layer; pack/out in pinned host memory on a GPU."""
         if device.type == "cuda":
@@ -279,8 +239,6 @@ class SegmentedDecoder:
         else:  # the kernel reads and writes the segment's own buffers
             self.pack_h, self.out_h = self.pack.view(-1), self.y.view(-1)
         self.lib = cpu_kernel()
-        self.lib.moe_set_prefetch(prefetch_choice())  # the kernel's settings, for every later decode call
-        self.lib.moe_set_handoff(1 if handoff_choice() else 0)
         self.rebuild_contexts()
 
     def rebuild_contexts(self) -> None:

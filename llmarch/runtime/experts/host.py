@@ -278,24 +278,3 @@ class OffloadedExperts(ExpertStore):
         if self._buf is None or self._buf[0].shape[0] < rows:
             self._buf = kernel_scratch(self.d, self.inter, max(rows, 16))
         return self._buf
-
-
-HUGE_PAGE = 2 << 20
-
-
-def hugepage_copy(t: torch.Tensor | None) -> torch.Tensor | None:
-    """A copy of t in anonymous memory advised for transparent huge pages (2 MiB aligned): the kernel
-    streams each layer's experts once per token, and with 4 KiB pages every 4 KiB read is a new TLB
-    entry. Whether the kernel gets huge pages is the system's choice (AnonHugePages in smaps)."""
-    import mmap
-
-    if t is None:
-        return None
-    nbytes = t.numel() * t.element_size()
-    mm = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
-    off = -base % HUGE_PAGE
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        mm.madvise(mmap.MADV_HUGEPAGE, off, nbytes + HUGE_PAGE - off)
-    out = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=off)  # holds mm
-    return out.view(t.dtype).view(t.shape).copy_(t)

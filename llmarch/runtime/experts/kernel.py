@@ -32,8 +32,6 @@ def cpu_kernel():
             ) from e
         _LIB.moe_experts.restype = _LIB.moe_decode.restype = None
         _LIB.moe_step.restype = ctypes.c_int
-        for setter in ("moe_set_prefetch", "moe_set_handoff", "moe_set_threads", "moe_set_rows_maxk"):
-            getattr(_LIB, setter).restype = None
     return _LIB
 
 

@@ -43,7 +43,6 @@
  * with ctypes: no torch headers, so it builds in about a second wherever it runs.
  */
 #include <math.h>
-#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
@@ -259,10 +258,6 @@ static void dot4(const uint8_t *q, const uint16_t *sm, const int8_t *xq, const f
 #ifndef DOT4_ROWS_MAXK
 #define DOT4_ROWS_MAXK 1024  /* longer rows one at a time: their per-row work is a small part already */
 #endif
-/* the longest rows that go DOT4_ROWS at a time (moe_set_rows_maxk(k); 0: DOT4_ROWS_MAXK): the same bits
- * either way, only the order of loads differs */
-static int moe_rows_maxk = DOT4_ROWS_MAXK;
-void moe_set_rows_maxk(int k) { moe_rows_maxk = k > 0 ? k : DOT4_ROWS_MAXK; }
 #if defined(DPBUSD)
 static inline __attribute__((always_inline)) void dot4_rows(const uint8_t *q, const uint16_t *sm, const int8_t *xt,
                                                             const float *st, int K, float *res) {
@@ -760,12 +755,12 @@ static void rows_one_input(int bits, const void *q, const void *s, const void *q
                            int K, const int8_t *xq, const float *xs, float *res) {
     int half = N / 2;
 #ifdef HAVE_DOT4_ROWS
-    if (bits == 4 && !q2 && R == DOT4_ROWS && K <= moe_rows_maxk) {
+    if (bits == 4 && !q2 && R == DOT4_ROWS && K <= DOT4_ROWS_MAXK) {
         long row = e * N + n0;
         dot4_rows((const uint8_t *)q + row * (K / 2), (const uint16_t *)s + row * 2 * (K / G), xq, xs, K, res);
         return;
     }
-    if ((bits == 16 || bits == 17 || bits == 21) && !q2 && R == DOT4_ROWS && K <= moe_rows_maxk) {
+    if ((bits == 16 || bits == 17 || bits == 21) && !q2 && R == DOT4_ROWS && K <= DOT4_ROWS_MAXK) {
         long rb = block_row_bytes(bits, K);
         dotblk_rows((const uint8_t *)q + (e * N + n0) * rb, rb, bits == 16 ? 0 : (bits == 17 ? 1 : 2), xq, xs, K, res);
         return;
@@ -779,82 +774,6 @@ static void rows_one_input(int bits, const void *q, const void *s, const void *q
             dot_row(bits, q, s, e * half + n, K, xq, xs, 1, res + r);
         else
             dot_row(bits2, q2, s, e * half + n - half, K, xq, xs, 1, res + r);
-    }
-}
-
-/* Software prefetch in a decode call (moe_set_prefetch): each thread asks for the rows of its unit
- * `ahead` units on (and, at the start of a phase, for the units up to there) before computing the
- * current one. A decode call reads every row once, and the hardware's prefetchers start over at each
- * 4 KiB page. Loads only: the arithmetic, and so the bits, stay the same. 0 (the default): off. */
-static int moe_prefetch_ahead = 0;
-void moe_set_prefetch(int ahead) { moe_prefetch_ahead = ahead < 0 ? 0 : ahead; }
-
-static inline long weight_row_bytes(int bits, int K) {
-    long rb = block_row_bytes(bits, K);
-    return rb ? rb : (bits == 8 ? K : K / 2);
-}
-
-/* bytes of a row's scales where they are a separate array (0: inside the blocks), as dot_row reads them */
-static inline long scale_row_bytes(int bits, int K) {
-    return bits == 4 ? 4L * (K / G) : bits == 8 ? 2L * (K / G) : bits == 2 ? K / 32 : 0;
-}
-
-static inline void prefetch_span(const void *p, long n) {
-    for (long o = 0; o < n; o += 64) __builtin_prefetch((const char *)p + o, 0, 3);
-}
-
-/* the bytes rows_one_input reads for rows n0 .. n0 + R - 1 of expert e (q2 as expert_rows says) */
-static void prefetch_rows(int bits, const void *q, const void *s, const void *q2, int bits2, long e, int N, int n0,
-                          int R, int K) {
-    int half = N / 2;
-    if (!q2) {
-        long rb = weight_row_bytes(bits, K), sb = scale_row_bytes(bits, K), row = e * N + n0;
-        prefetch_span((const char *)q + row * rb, R * rb);
-        if (s && sb) prefetch_span((const char *)s + row * sb, R * sb);
-        return;
-    }
-    for (int r = 0; r < R; r++) {
-        int n = n0 + r;
-        if (n < half)
-            prefetch_span((const char *)q + (e * half + n) * weight_row_bytes(bits, K), weight_row_bytes(bits, K));
-        else
-            prefetch_span((const char *)q2 + (e * half + n - half) * weight_row_bytes(bits2, K), weight_row_bytes(bits2, K));
-    }
-}
-
-/* prefetch for unit u of a phase of n_units units of R4 rows over N rows per expert; first: the thread's
- * first unit of the phase (then every unit up to `ahead` is asked for) */
-static inline void prefetch_units(int bits, const void *q, const void *s, const void *q2, int bits2, const int64_t *sel,
-                                  int N, int R4, long n_units_per, long n_units, long u, int K, int ahead, int first) {
-    for (long v = first ? u : u + ahead; v <= u + ahead && v < n_units; v++) {
-        int i = (int)(v / n_units_per), n0 = (int)(v % n_units_per) * R4;
-        prefetch_rows(bits, q, s, q2, bits2, sel[i], N, n0, N - n0 < R4 ? N - n0 : R4, K);
-    }
-}
-
-/* Per-expert hand-off in a decode call (moe_set_handoff(1)): instead of a barrier between the gate_up
- * and down phases (every thread waits for the slowest), a thread goes on to its down rows as soon as
- * the gate_up rows of their expert are done, counted per expert. With the static split each expert's
- * rows of both phases fall to the same few threads, so a thread waits only for those. Every thread
- * finishes its gate_up rows before it waits for anything: no cycle. The same arithmetic, so the same
- * bits. 0 (the default): the barrier. */
-static int moe_handoff = 0;
-void moe_set_handoff(int on) { moe_handoff = on != 0; }
-
-/* Threads of a decode call (moe_set_threads(n); 0, the default: OpenMP's own count). The static
- * split moves with it, each row's arithmetic and the sum's order do not: the same bits. */
-static int moe_threads = 0;
-void moe_set_threads(int n) { moe_threads = n < 0 ? 0 : n; }
-
-static inline void handoff_add(int *done, int n) {
-    if (n) __atomic_fetch_add(done, n, __ATOMIC_RELEASE);  /* after this thread's H rows of the expert */
-}
-
-static inline void handoff_wait(int *done, int n) {
-    while (__atomic_load_n(done, __ATOMIC_ACQUIRE) < n) {
-#if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
-#endif
     }
 }
 
@@ -873,30 +792,15 @@ static void experts_one_row(int gu_bits, int up_bits, int dn_bits, int n_sel, co
     int I2 = gated ? 2 * I : I, layout_gu = layout_of(gu_bits), layout_dn = layout_of(dn_bits);
     enum { R4 = DOT4_ROWS };
     long ngu = (I2 + R4 - 1) / R4, ndn = (d + R4 - 1) / R4;
-    int ahead = moe_prefetch_ahead, handoff = moe_handoff && n_sel <= 256;
-    /* gate_up units finished per selected expert (hand-off), one cache line each: the threads of one
-     * expert spin on its line, not on the lines the others are adding to */
-    enum { DONE_STRIDE = 16 };
-    int done[256 * DONE_STRIDE] __attribute__((aligned(64)));
-    for (int i = 0; handoff && i < n_sel; i++) done[i * DONE_STRIDE] = 0;
-    #pragma omp parallel if (moe_threads != 1) num_threads(moe_threads > 0 ? moe_threads : omp_get_max_threads())
+    #pragma omp parallel
     {
         int8_t xq[LOCAL_MAX];
         float xs[XSN(LOCAL_MAX)], res[R4];
-        int have = -1, first = 1, cur = -1, cnt = 0;
+        int have = -1;
         PROF(1);
-        #pragma omp for schedule(static) nowait
+        #pragma omp for schedule(static)
         for (long u = 0; u < n_sel * ngu; u++) {
             int i = (int)(u / ngu), n0 = (int)(u % ngu) * R4, R = I2 - n0 < R4 ? I2 - n0 : R4;
-            if (handoff && i != cur) {
-                if (cur >= 0) handoff_add(done + cur * DONE_STRIDE, cnt);
-                cur = i;
-                cnt = 0;
-            }
-            if (ahead) {
-                prefetch_units(gu_bits, gu_q, gu_s, up_q, up_bits, sel, I2, R4, ngu, n_sel * ngu, u, d, ahead, first);
-                first = 0;
-            }
             if (tok[i] != have) {  /* a thread's rows are consecutive: it rounds each input once */
                 quant_row(X + (long)tok[i] * d, d, xq, xs, layout_gu);
                 have = tok[i];
@@ -904,12 +808,6 @@ static void experts_one_row(int gu_bits, int up_bits, int dn_bits, int n_sel, co
             rows_one_input(gu_bits, gu_q, gu_s, up_q, up_bits, sel[i], I2, n0, R, d, xq, xs, res);
             for (int r = 0; r < R; r++)
                 H[(long)i * I2 + n0 + r] = finish_row(res[r], w[i], gu_b, sel[i] * I2 + n0 + r, weight_input, 0);
-            cnt++;
-        }
-        if (handoff) {
-            if (cur >= 0) handoff_add(done + cur * DONE_STRIDE, cnt);
-        } else {
-            #pragma omp barrier
         }
         PROF(2);
         PROF(3);
@@ -917,16 +815,10 @@ static void experts_one_row(int gu_bits, int up_bits, int dn_bits, int n_sel, co
         int8_t aq[LOCAL_MAX];
         float as[XSN(LOCAL_MAX)];
         int have_i = -1;
-        first = 1;
         #pragma omp for schedule(static)
         for (long u = 0; u < n_sel * ndn; u++) {
             int i = (int)(u / ndn), n0 = (int)(u % ndn) * R4, R = d - n0 < R4 ? d - n0 : R4;
-            if (ahead) {  /* before the activation below: the first rows load while it computes */
-                prefetch_units(dn_bits, dn_q, dn_s, NULL, 0, sel, d, R4, ndn, n_sel * ndn, u, I, ahead, first);
-                first = 0;
-            }
             if (i != have_i) {
-                if (handoff) handoff_wait(done + i * DONE_STRIDE, (int)ngu);
                 activate_row(H + (long)i * I2, a, I, act, gated, alpha, limit);
                 quant_row(a, I, aq, as, layout_dn);
                 have_i = i;

@@ -14,12 +14,9 @@ def offloaded(model) -> list[OffloadedExperts]:
     return [m for m in model.modules() if isinstance(m, OffloadedExperts)]
 
 
-def host_read_bandwidth(nbytes: int = 1 << 30, reps: int = 5, place=None) -> float:
-    """Bytes/s that all cores read from host RAM: a float32 sum over a buffer far larger than caches
-    (place: a function that puts the buffer elsewhere, say in huge pages)."""
+def host_read_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
+    """Bytes/s that all cores read from host RAM: a float32 sum over a buffer far larger than caches."""
     t = torch.ones(nbytes // 4, dtype=torch.float32)
-    if place is not None:
-        t = place(t)
     t.sum()
     best = 0.0
     for _ in range(reps):
