@@ -55,7 +55,7 @@ def main() -> None:
     if not a.no_profile:
         name = next(k for k in prepared if k.endswith("_default"))
         rt, g = prepared[name]
-        print(json.dumps({"profile": name, **profile_step(g, rt, rt.model.spec, reps=20, prefetch=(0,), early=False)}))
+        print(json.dumps({"profile": name, **profile_step(g, rt, rt.model.spec, reps=20, early=False)}))
 
 
 if __name__ == "__main__":

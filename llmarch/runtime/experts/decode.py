@@ -220,7 +220,12 @@ class SegmentedDecoder:
         shares = []
         if why is None:
             layers = self.model.layers
-            shares = [gpu_share.GpuShare(st, layers[i].mlp, slots, device) for i, st in zip(self.cuts, self.stores)]
+            # one staging buffer for all layers: their shares run one after another on one stream
+            size = max(gpu_share.staging_bytes(st, slots) for st in self.stores)
+            staging = torch.empty(size, dtype=torch.uint8, device=device)
+            shares = [
+                gpu_share.GpuShare(st, layers[i].mlp, slots, device, staging) for i, st in zip(self.cuts, self.stores)
+            ]
             why = gpu_share.pin(self, [t for sh in shares for t in sh.host_tensors()])
         if why:
             return [], f"experts: the CPU reads all {self.k} of a token's experts ({why})"
@@ -239,14 +244,6 @@ class SegmentedDecoder:
         else:  # the kernel reads and writes the segment's own buffers
             self.pack_h, self.out_h = self.pack.view(-1), self.y.view(-1)
         self.lib = cpu_kernel()
-        self.rebuild_contexts()
-
-    def rebuild_contexts(self) -> None:
-        """The layers' moe_decode contexts (and the step plan) from the stores' current tensors: after a
-        store's experts moved (a benchmark puts them in other pages). pack/out stay: graphs copy to them.
-        The GPU share's graphs read the experts at their first addresses: not with a share."""
-        if any(sh.moved() for sh in self.shares):
-            raise LlmarchError("experts moved under the GPU share's graphs: set LLMARCH_MOE_GPU_SLOTS=0 to move them")
         self.ctxs, self.scratch = [], []
         for i, st in zip(self.cuts, self.stores):
             ctx, scratch = decode_context(st, self.model.layers[i].mlp, self.kc, self.pack_h, self.out_h)
@@ -254,8 +251,6 @@ class SegmentedDecoder:
             self.scratch.append(scratch)
         self.ctx_ptrs = [ctypes.cast(ctypes.pointer(c), ctypes.c_void_p) for c in self.ctxs]
         self.bytes_per_step = [self.k * st.expert_bytes() for st in self.stores]
-        if self.plan is not None:
-            self._plan_step()
 
     def _make(self, i: int):
         m, blocks, cache = self.model, self.model.layers, self.cache
@@ -390,10 +385,7 @@ class SegmentedDecoder:
 
     def _early_flag(self, drv) -> tuple | None:
         """(cuStreamWaitValue32's address, the pinned flag, its device address) for moe_step's early
-        launch, or None where the driver has no such call or cannot map the flag. A plan made again
-        (rebuild_contexts) keeps the flag: a stream wait may not have read its last value yet."""
-        if self._early is not None:
-            return self._early
+        launch, or None where the driver has no such call or cannot map the flag."""
         wait_value = getattr(drv, "cuStreamWaitValue32_v2", None) or getattr(drv, "cuStreamWaitValue32", None)
         get_dev = getattr(drv, "cuMemHostGetDevicePointer_v2", None)
         if wait_value is None or get_dev is None:

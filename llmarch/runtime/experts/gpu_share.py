@@ -130,16 +130,21 @@ def pin(owner, tensors) -> str | None:
     return None
 
 
+def staged_bytes(host: torch.Tensor, slots: int) -> int:
+    """Device bytes a part's gathered experts take in the staging buffer, 16-byte aligned."""
+    return -(-slots * host[0].numel() * host.element_size() // 16) * 16
+
+
 class ExpertPart:
     """One stored part of a layer's experts (quants or scales) in host memory, gathered by expert id
-    into a device buffer [slots, expert's elements]."""
+    into `staged`, a piece of device memory [slots, expert's bytes]."""
 
-    def __init__(self, host: torch.Tensor, slots: int, device):
+    def __init__(self, host: torch.Tensor, slots: int, staged: torch.Tensor):
         E = host.shape[0]
         per = host[0].numel() * host.element_size()
         self.word = torch.int32 if per % 4 == 0 and host.data_ptr() % 4 == 0 else torch.uint8
         self.src = host.view(torch.uint8).reshape(E, per).view(self.word)
-        self.staged = torch.empty((slots, self.src.shape[1]), dtype=self.word, device=device)
+        self.staged = staged[: slots * per].view(self.word).view(slots, -1)
         self.shape, self.dtype = host.shape[1:], host.dtype
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
@@ -193,24 +198,31 @@ def gemv(fmt: ExpertFormat, q: torch.Tensor, s: torch.Tensor | None, x: torch.Te
         )
 
 
+def staging_bytes(store, slots: int) -> int:
+    """Device bytes one layer's share gathers into at once (all its parts)."""
+    return sum(staged_bytes(t, slots) for t in store.parts() if t is not None)
+
+
 class GpuShare:
     """One offloaded layer's GPU share: the experts of `slots` router slots computed on the device,
-    their weighted sum added to the residual."""
+    their weighted sum added to the residual. staging: device bytes (staging_bytes or more) to
+    gather into; the layers of a model can share one, their shares running one after another on
+    one stream (a DeepSeek V3 layer's 3 experts are 74 MB)."""
 
-    def __init__(self, store, moe, slots: int, device):
+    def __init__(self, store, moe, slots: int, device, staging: torch.Tensor | None = None):
         self.store, self.moe, self.slots = store, moe, slots
-        self.addresses = [None if t is None else t.data_ptr() for t in store.parts()]
-        part = lambda t: None if t is None else ExpertPart(t, slots, device)  # noqa: E731
-        self.gu, self.gu_s, self.up, self.dn, self.dn_s = (part(t) for t in store.parts())
+        if staging is None:
+            staging = torch.empty(staging_bytes(store, slots), dtype=torch.uint8, device=device)
+        parts, at = [], 0
+        for t in store.parts():
+            parts.append(None if t is None else ExpertPart(t, slots, staging[at:]))
+            at += 0 if t is None else staged_bytes(t, slots)
+        self.gu, self.gu_s, self.up, self.dn, self.dn_s = parts
         to_dev = lambda b: None if b is None else b.to(device)  # noqa: E731
         self.gu_b, self.dn_b = to_dev(store.gu_b), to_dev(store.dn_b)
         rows = store.gu.shape[1] + (store.up.shape[1] if store.up is not None else 0)
         self.gate_up = torch.empty((slots, rows), dtype=torch.float32, device=device)
         self.down = torch.empty((slots, store.d), dtype=torch.float32, device=device)
-
-    def moved(self) -> bool:
-        """Whether the store's parts are no longer where this share reads them."""
-        return self.addresses != [None if t is None else t.data_ptr() for t in self.store.parts()]
 
     def host_tensors(self) -> list[torch.Tensor]:
         return [p.src for p in (self.gu, self.gu_s, self.up, self.dn, self.dn_s) if p is not None]

@@ -107,12 +107,6 @@ class OffloadedExperts(ExpertStore):
         """The tensors the kernel reads (None where a format has no such part)."""
         return tuple(getattr(self, n) for n in self.PARTS)
 
-    def set_parts(self, parts: tuple) -> None:
-        """Replace the kernel's tensors by equal ones elsewhere in memory (contexts made from the old
-        addresses must be rebuilt: SegmentedDecoder.rebuild_contexts)."""
-        for n, t in zip(self.PARTS, parts):
-            setattr(self, n, t)
-
     def touched(self, nbytes: int) -> None:
         """Host expert bytes a call has read (after it ran): the report's figure and the disk cache's."""
         self.bytes_read += nbytes
