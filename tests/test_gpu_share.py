@@ -152,6 +152,13 @@ def test_unsupported_formats_and_slots():
     assert gpu_share.unsupported(st) is None
     st.down_format = ExpertFormat.FLOAT
     assert "down experts in 16-bit" in gpu_share.unsupported(st)
+    assert gpu_share.layer_shares(object(), [st], [None], 8, DEVICE) == ([], None)  # 4 small experts: no share
+    os.environ["LLMARCH_MOE_GPU_SLOTS"] = "2"
+    try:
+        shares, note = gpu_share.layer_shares(object(), [st], [None], 8, DEVICE)
+    finally:
+        del os.environ["LLMARCH_MOE_GPU_SLOTS"]
+    assert shares == [] and note == "experts: the CPU reads all 8 of a token's experts (down experts in 16-bit)"
     st.down_format, st._mm = ExpertFormat.Q4_0, object()
     assert gpu_share.unsupported(st) == "experts on disk"
     assert (

@@ -205,34 +205,14 @@ class SegmentedDecoder:
         self.shared = [f and torch.compile(f, dynamic=False) for f in self.shared]
 
     def _gpu_shares(self, device) -> tuple[list, str | None]:
-        """One GpuShare per offloaded layer where the GPU can read its experts from host memory (a
-        CUDA device, the native kernel, formats with GPU kernels, memory pinned), and the run's note."""
-        from llmarch.runtime.experts import gpu_share
-
+        """The layers' GPU shares of their routed experts (gpu_share.layer_shares) and the run's note;
+        none off a CUDA device or without the native kernel."""
         if not (self.native and device.type == "cuda"):
             return [], None
-        slots = gpu_share.slots_for(self.k, min(st.expert_bytes() for st in self.stores))
-        if not slots:
-            return [], None
-        why = next((r for r in map(gpu_share.unsupported, self.stores) if r), None)
-        if why is None and not gpu_share.kernels_available():
-            why = "triton is not importable"
-        shares = []
-        if why is None:
-            layers = self.model.layers
-            # one staging buffer for all layers: their shares run one after another on one stream
-            size = max(gpu_share.staging_bytes(st, slots) for st in self.stores)
-            staging = torch.empty(size, dtype=torch.uint8, device=device)
-            shares = [
-                gpu_share.GpuShare(st, layers[i].mlp, slots, device, staging) for i, st in zip(self.cuts, self.stores)
-            ]
-            why = gpu_share.pin(self, [t for sh in shares for t in sh.host_tensors()])
-        if why:
-            return [], f"experts: the CPU reads all {self.k} of a token's experts ({why})"
-        return (
-            shares,
-            f"experts: the GPU reads {slots} of a token's {self.k} experts from host RAM over PCIe, the CPU the rest",
-        )
+        from llmarch.runtime.experts import gpu_share
+
+        moes = [self.model.layers[i].mlp for i in self.cuts]
+        return gpu_share.layer_shares(self, self.stores, moes, self.k, device)
 
     def _native_contexts(self, device) -> None:
         """One moe_decode context per offloaded layer; pack/out in pinned host memory on a GPU."""

@@ -245,3 +245,27 @@ class GpuShare:
         if not moe.weight_input:
             y = y * w1
         h.add_(y.sum(0).view_as(h).to(h.dtype))
+
+
+def layer_shares(owner, stores, moes, k: int, device) -> tuple[list[GpuShare], str | None]:
+    """One GpuShare per offloaded layer (stores, their MoEs), pinned for as long as `owner` lives,
+    where the GPU can take a share of a token's k experts; and the run's note, which says why not
+    where it cannot (None where no share was asked for)."""
+    slots = slots_for(k, min(st.expert_bytes() for st in stores))
+    if not slots:
+        return [], None
+    why = next((r for r in map(unsupported, stores) if r), None)
+    if why is None and not kernels_available():
+        why = "triton is not importable"
+    shares = []
+    if why is None:
+        try:  # one staging buffer for all layers: their shares run one after another on one stream
+            staging = torch.empty(max(staging_bytes(st, slots) for st in stores), dtype=torch.uint8, device=device)
+            shares = [GpuShare(st, moe, slots, device, staging) for st, moe in zip(stores, moes)]
+        except torch.cuda.OutOfMemoryError:
+            why = "no room on the GPU to gather them into"
+    if why is None:
+        why = pin(owner, [t for sh in shares for t in sh.host_tensors()])
+    if why:
+        return [], f"experts: the CPU reads all {k} of a token's experts ({why})"
+    return shares, f"experts: the GPU reads {slots} of a token's {k} experts from host RAM over PCIe, the CPU the rest"
