@@ -168,6 +168,56 @@ def test_segmented_decoder_same_tokens(ckpt, reference, bits):
     assert got == want
 
 
+class TorchShare:
+    """A GPU share's arithmetic in torch, as moe_cpu.c rounds its inputs (int8 per 64 values, the
+    input and the activation): the experts of the first `slots` router slots, dequantized by the
+    store's float path, weighted and added to the residual."""
+
+    def __init__(self, store, moe, slots: int):
+        self.store, self.moe, self.slots = store, moe, slots
+
+    def __call__(self, ids, w, x, h):
+        from llmarch.runtime.experts.formats import fake_quant_activations as fq
+
+        for s in range(self.slots):
+            gu, dn, gu_b, dn_b = self.store.expert(int(ids[0, s]))
+            a = fq(self.moe.act(fq(x.float()) @ gu.float().T))
+            h.add_((w[0, s] * (a @ dn.float().T)).view_as(h).to(h.dtype))
+
+
+def test_segmented_decoder_splits_experts_between_share_and_cpu(ckpt, reference, monkeypatch):
+    """With a GPU share of 2 router slots (here its arithmetic in torch, rounded as the kernel rounds:
+    the Triton products are tested in tests/test_gpu_share.py), the CPU kernel computes the other 2
+    from a pack of 2 ids and weights, and the logits are the kernel's alone for all 4 up to float
+    summation order, position by position through a fixed sequence. A slot given to both sides, to
+    neither, or a weight paired with the wrong id is off by a whole expert's share."""
+    from llmarch.runtime.experts.decode import SegmentedDecoder, attach_decoder
+    from llmarch.runtime.generate import Generator
+    from llmarch.runtime.load import load_runtime
+
+    seq = reference[0] + reference[1]
+    gens = []
+    for slots in (0, 2):
+        if slots:
+            monkeypatch.setattr(
+                SegmentedDecoder,
+                "_gpu_shares",
+                lambda self, device: (
+                    [TorchShare(st, self.model.layers[i].mlp, 2) for i, st in zip(self.cuts, self.stores)],
+                    None,
+                ),
+            )
+        rt = load_runtime(str(ckpt), "cpu", "float32", experts="cpu", expert_bits=8)
+        gens.append(Generator(rt, len(seq) + 1))
+        assert attach_decoder(gens[-1])
+    dec = gens[1]._step_eager.__self__
+    assert (dec.slots, dec.kc, dec.pack.shape[1]) == (2, 2, 2 * 2 + 128)
+    with torch.inference_mode():
+        for pos, t in enumerate(seq):
+            a, b = (g._step_eager(torch.tensor([[t]]), pos) for g in gens)
+            assert (a - b).abs().max().item() < 1e-4 * a.abs().max().item(), pos
+
+
 def test_segmented_decoder_shared_expert_same_logits(glm_ckpt, reference):
     """The shared expert as its own step after the copy to the host (on a GPU it overlaps the CPU's
     routed experts): the same logits at every position, token by token through a fixed sequence.
