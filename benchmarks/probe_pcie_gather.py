@@ -19,23 +19,13 @@ import time
 
 import torch
 import triton
-import triton.language as tl
 
-
-@triton.jit
-def gather_slabs(src, ids, dst, n_words, BLOCK: tl.constexpr):
-    s = tl.program_id(0)
-    b = tl.program_id(1)
-    e = tl.load(ids + s).to(tl.int64)
-    offs = b * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_words
-    v = tl.load(src + e * n_words + offs, mask=mask)
-    tl.store(dst + s * n_words + offs, v, mask=mask)
+from llmarch.runtime.experts.gpu_share_kernels import gather_experts
 
 
 def gather(src, ids, dst, block=4096, warps=4):
     n = src.shape[1]
-    gather_slabs[(ids.numel(), triton.cdiv(n, block))](src, ids, dst, n, BLOCK=block, num_warps=warps)
+    gather_experts[(ids.numel(), triton.cdiv(n, block))](src, ids, dst, n, BLOCK=block, num_warps=warps)
 
 
 def timed(fn, reps=50):

@@ -28,7 +28,7 @@ triton = pytest.importorskip("triton")
 if DEVICE.startswith("cuda") and not torch.cuda.is_available():
     pytest.skip("LLMARCH_TEST_DEVICE=cuda without a GPU", allow_module_level=True)
 
-from tests.test_offload_gguf_blocks import ggml_blocks  # noqa: E402
+from tests.test_offload_gguf_blocks import ggml_store  # noqa: E402
 
 
 def act_of(gated: bool, clamped: bool, inter: int):
@@ -40,27 +40,8 @@ def act_of(gated: bool, clamped: bool, inter: int):
 
 
 def gguf_store(types: tuple, gated: bool, E: int, d: int, inter: int, g):
-    """An OffloadedExperts of ggml blocks, (gate, up, down) each of its type (gate and up apart, as a
-    GGUF stores them), and the float experts they stand for."""
-    from llmarch.runtime.experts.formats import ExpertFormat
-    from llmarch.runtime.experts.host import OffloadedExperts
-    from llmarch.runtime.experts.placement import Placement
-
-    fmts = tuple(ExpertFormat.from_ggml(t) for t in types)
-    gate = ggml_blocks(types[0], (E, inter, d), g)
-    up = ggml_blocks(types[1], (E, inter, d), g) if gated else None
-    dn = ggml_blocks(types[2], (E, d, inter), g)
-    moe = SimpleNamespace(E=E, d=d, inter=inter, index=0, gated=gated)
-    st = OffloadedExperts.from_quantized(
-        moe,
-        (gate[0], None, dn[0], None),
-        Placement("cpu", fmts[0]),
-        torch.float32,
-        up=None if up is None else up[0],
-        formats=fmts,
-    )
-    gate_up = torch.cat([gate[1]] + ([up[1]] if gated else []), dim=1)
-    return st, gate_up, dn[1], (None, None)
+    """ggml_store's experts (gate and up apart, as a GGUF stores them) and no biases."""
+    return (*ggml_store(types if gated else (types[0], None, types[2]), E, d, inter, g), (None, None))
 
 
 def own_store(bits: int | str, gated: bool, bias: bool, E: int, d: int, inter: int, g):

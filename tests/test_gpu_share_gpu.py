@@ -17,21 +17,15 @@ pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.gpu
 
-from tests.test_offload import PROMPT, SLICE  # noqa: E402
+from tests.test_offload import PROMPT  # noqa: E402
+from tests.test_offload_gguf_gpu import tiny_moe_ggufs  # noqa: E402
 
 STEPS = 12
 
 
 @pytest.fixture(scope="module")
 def ggufs(tiny, tmp_path_factory):
-    from llmarch.convert.to_gguf import convert_to_gguf
-
-    src = tiny("qwen3_moe", **SLICE)
-    d = tmp_path_factory.mktemp("gpu_share")
-    files = {q: d / f"qwen3_moe-{q}.gguf" for q in ("q8_0", "q4_0")}
-    for q, out in files.items():
-        convert_to_gguf(str(src), out, q)
-    return files
+    return tiny_moe_ggufs(tiny, tmp_path_factory.mktemp("gpu_share"))
 
 
 def forced_logits(path, experts: str, slots: str | None, monkeypatch) -> tuple[torch.Tensor, object]:

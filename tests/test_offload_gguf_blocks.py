@@ -57,6 +57,32 @@ def ggml_blocks(qtype: str, shape: tuple, g) -> tuple:
     return torch.from_numpy(np.ascontiguousarray(q)), torch.from_numpy(gg_dequant(q, qt).copy()).float()
 
 
+def ggml_store(types: tuple, E: int, d: int, inter: int, g) -> tuple:
+    """An OffloadedExperts of ggml blocks, (gate, up, down) each of its type (up None: not gated),
+    gate and up apart as a GGUF stores them; and gguf-py's dequantization of them as (gate_up, down)."""
+    from types import SimpleNamespace
+
+    from llmarch.runtime.experts.formats import ExpertFormat
+    from llmarch.runtime.experts.host import OffloadedExperts
+    from llmarch.runtime.experts.placement import Placement
+
+    gate_t, up_t, down_t = types
+    gate = ggml_blocks(gate_t, (E, inter, d), g)
+    up = None if up_t is None else ggml_blocks(up_t, (E, inter, d), g)
+    dn = ggml_blocks(down_t, (E, d, inter), g)
+    fmts = tuple(None if t is None else ExpertFormat.from_ggml(t) for t in types)
+    moe = SimpleNamespace(E=E, d=d, inter=inter, index=0, gated=up is not None)
+    st = OffloadedExperts.from_quantized(
+        moe,
+        (gate[0], None, dn[0], None),
+        Placement("cpu", fmts[0]),
+        torch.float32,
+        up=None if up is None else up[0],
+        formats=fmts,
+    )
+    return st, torch.cat([gate[1]] + ([] if up is None else [up[1]]), dim=1), dn[1]
+
+
 BLOCK_CASES = [("Q8_0",) * 3, ("Q4_0",) * 3, ("MXFP4",) * 3, ("Q4_K",) * 3, ("Q5_K",) * 3, ("Q6_K",) * 3]
 BLOCK_CASES += [("Q4_K", "Q4_K", "Q6_K"), ("Q5_K", "Q4_K", "Q8_0")]  # Q4_K_M's mix; each matrix its own type
 
@@ -71,9 +97,6 @@ def test_cpu_kernel_reads_ggml_blocks(types, gated):
     from types import SimpleNamespace
 
     from fixtures.expert_kernel import check_store_equals_reference
-    from llmarch.runtime.experts.formats import ExpertFormat
-    from llmarch.runtime.experts.host import OffloadedExperts
-    from llmarch.runtime.experts.placement import Placement
     from llmarch.runtime.experts.stores import ResidentExperts
     from llmarch.runtime.ops.moe import ExpertAct
 
@@ -87,23 +110,9 @@ def test_cpu_kernel_reads_ggml_blocks(types, gated):
         ),
         inter,
     )
-    gate_t, up_t, down_t = types if gated else (types[1], None, types[2])
-    gate = ggml_blocks(gate_t, (E, inter, d), g)
-    up = ggml_blocks(up_t, (E, inter, d), g) if gated else None
-    dn = ggml_blocks(down_t, (E, d, inter), g)
-    fmts = tuple(None if t is None else ExpertFormat.from_ggml(t) for t in (gate_t, up_t, down_t))
-    moe = SimpleNamespace(E=E, d=d, inter=inter, index=0, gated=gated)
-    st = OffloadedExperts.from_quantized(
-        moe,
-        (gate[0], None, dn[0], None),
-        Placement("cpu", fmts[0]),
-        torch.float32,
-        up=None if up is None else up[0],
-        formats=fmts,
-    )
+    st, gate_up, down = ggml_store(types if gated else (types[1], None, types[2]), E, d, inter, g)
     ref = ResidentExperts(E, d, inter, False, gated=gated)
-    ref.gate_up.data = torch.cat([gate[1]] + ([up[1]] if gated else []), dim=1)
-    ref.down.data = dn[1]
+    ref.gate_up.data, ref.down.data = gate_up, down
     check_store_equals_reference(st, ref, act, E, d, k, T, g)
     with torch.no_grad():
         # the float path of the same store (hot experts on a GPU use it) dequantizes the blocks alike

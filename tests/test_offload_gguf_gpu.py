@@ -15,16 +15,20 @@ pytestmark = pytest.mark.gpu
 from tests.test_offload import PROMPT, SLICE, STEPS  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def ggufs(tiny, tmp_path_factory):
+def tiny_moe_ggufs(tiny, folder) -> dict:
+    """test_offload's tiny Qwen3-MoE as q8_0 and q4_0 GGUFs in folder, by quant name."""
     from llmarch.convert.to_gguf import convert_to_gguf
 
     src = tiny("qwen3_moe", **SLICE)
-    d = tmp_path_factory.mktemp("moe_gguf_gpu")
-    files = {q: d / f"qwen3_moe-{q}.gguf" for q in ("q8_0", "q4_0")}
+    files = {q: folder / f"qwen3_moe-{q}.gguf" for q in ("q8_0", "q4_0")}
     for q, out in files.items():
         convert_to_gguf(str(src), out, q)
     return files
+
+
+@pytest.fixture(scope="module")
+def ggufs(tiny, tmp_path_factory):
+    return tiny_moe_ggufs(tiny, tmp_path_factory.mktemp("moe_gguf_gpu"))
 
 
 @pytest.mark.parametrize("q", ["q8_0", "q4_0"])
