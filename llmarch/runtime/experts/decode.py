@@ -9,7 +9,9 @@ GPU work: a segment, captured once as a CUDA graph and replayed (one launch per 
 moe_cpu.c's moe_decode on a prepared context (no per-call argument marshalling: the round trip
 went from ~0.2 ms to ~0.06 ms) and copies the sum back; the copies ride inside the graphs, and a
 shared expert is queued after the copy to the host, behind an event the host waits on, so it runs
-while the CPU computes. `--compile` fuses each segment first. 16-bit experts take the torch path.
+while the CPU computes; so is the GPU's share of the routed experts (gpu_share.py: the first
+router slots, read from host memory over PCIe), the CPU kernel taking the other slots from the
+pack. `--compile` fuses each segment first. 16-bit experts take the torch path.
 moe_step (moe_cpu.c) drives a whole step from C; with early launch it queues each next segment while
 the current one runs, behind a stream wait on a flag the host raises after the layer's kernel.
 Measured and dropped: the whole step as one graph with the kernel as CUDA host nodes

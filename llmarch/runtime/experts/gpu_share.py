@@ -34,16 +34,14 @@ from llmarch.runtime.experts.formats import ExpertFormat, G
 # alternated rounds) 3 of 8 was the fastest split measured: 4-layer Q4_0 GGUF 541 tok/s median
 # against 520 (2), 475 (1), 451 (none); 48 layers int4 3 > 2 > none in each of 3 rounds
 SHARE = 0.375
+# the smallest expert (stored bytes) worth a share: the GPU's part costs ~20 us of launches and
+# products whatever its size, about what PCIe carries of a 1 MiB expert
+MIN_EXPERT_BYTES = 1 << 20
 GGML32 = {ExpertFormat.Q4_0: 0, ExpertFormat.Q8_0: 1, ExpertFormat.GGUF_MXFP4: 2}  # gemv_ggml32's MODE
 KQUANTS = {ExpertFormat.Q4_K: 0, ExpertFormat.Q5_K: 1, ExpertFormat.Q6_K: 2}  # gemv_kquant's KIND
 FORMATS = (*GGML32, *KQUANTS, ExpertFormat.MXFP4, ExpertFormat.INT4, ExpertFormat.INT8)
 PAGE = 4096
 READ_ONLY = 0x08  # CU_MEMHOSTREGISTER_READ_ONLY: a GGUF's map is read-only; the GPU only reads anyway
-
-
-# the smallest expert (stored bytes) worth a share: the GPU's part costs ~20 us of launches and
-# products whatever its size, about what PCIe carries of a 1 MiB expert
-MIN_EXPERT_BYTES = 1 << 20
 
 
 def slots_for(k: int, expert_bytes: int) -> int:
@@ -58,6 +56,7 @@ def slots_for(k: int, expert_bytes: int) -> int:
 
 
 def kernels_available() -> bool:
+    """Whether triton imports (a CPU build of torch may come without it)."""
     try:
         from llmarch.runtime.experts import gpu_share_kernels  # noqa: F401
     except ImportError:
