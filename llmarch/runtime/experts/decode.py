@@ -208,8 +208,10 @@ class SegmentedDecoder:
 
     def _gpu_shares(self, device) -> tuple[list, str | None]:
         """The layers' GPU shares of their routed experts (gpu_share.layer_shares) and the run's note;
-        none off a CUDA device or without the native kernel."""
-        if not (self.native and device.type == "cuda"):
+        none off a CUDA device, without the native kernel, or without graphs: the eager step waits for
+        the whole stream before the CPU kernel, so the share would add to the step instead of
+        running beside the kernel."""
+        if not (self.native and device.type == "cuda" and self.graphs):
             return [], None
         from llmarch.runtime.experts import gpu_share
 
