@@ -25,6 +25,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -219,11 +220,10 @@ def run_llmarch(args, spec, device, dtype, bits, gpu_experts, bw, segmented=True
     elif args.ab_gpu_slots and seg:  # one decoder per GPU share, alternated below
         args.decoders = {}
         for n in args.ab_gpu_slots:
-            os.environ["LLMARCH_MOE_GPU_SLOTS"] = str(n)
-            attach_decoder(gen)
+            with moe_gpu_slots(n):
+                attach_decoder(gen)
             gen.generate(ids, 4, Sampling())
             args.decoders[f"gpu_slots_{n}"] = gen._step_eager
-        del os.environ["LLMARCH_MOE_GPU_SLOTS"]
     reset_counters(rt.model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -478,6 +478,20 @@ def run_baseline(args, family, config, device, dtype):
         r["note"] += f" ({kinds.count('linear_attention')} linear + {kinds.count('full_attention')} full attention)"
     del model, out, past
     return r
+
+
+@contextmanager
+def moe_gpu_slots(n: int | str | None):
+    """LLMARCH_MOE_GPU_SLOTS=n (None: as it is) while a decoder is built, then back as it was."""
+    saved = os.environ.get("LLMARCH_MOE_GPU_SLOTS")
+    if n is not None:
+        os.environ["LLMARCH_MOE_GPU_SLOTS"] = str(n)
+    try:
+        yield
+    finally:
+        os.environ.pop("LLMARCH_MOE_GPU_SLOTS", None)
+        if saved is not None:
+            os.environ["LLMARCH_MOE_GPU_SLOTS"] = saved
 
 
 def stop_after(seconds: float) -> None:

@@ -339,15 +339,10 @@ def llmarch_moe_prepare(
     load_s = time.perf_counter() - t
     graph = None if device == "cuda" and whole_step_capturable(rt.model) else False
     g = Generator(rt, max_seq, cuda_graph=graph)
-    saved = os.environ.pop("LLMARCH_MOE_GPU_SLOTS", None)
-    if gpu_slots is not None:
-        os.environ["LLMARCH_MOE_GPU_SLOTS"] = gpu_slots
-    try:
+    from bench_moe_offload import moe_gpu_slots
+
+    with moe_gpu_slots(gpu_slots):
         segmented = graph is False and device == "cuda" and attach_decoder(g)
-    finally:
-        os.environ.pop("LLMARCH_MOE_GPU_SLOTS", None)
-        if saved is not None:
-            os.environ["LLMARCH_MOE_GPU_SLOTS"] = saved
     g.generate(prompt, tg, Sampling())
     return rt, g, load_s, bool(segmented)
 
