@@ -88,7 +88,7 @@ def step(torch, gv, stand_in, cfg, layers, head, b, cap: int, at: str, attn_pf: 
     """One decode step's launches; each GEMV prefetches min(cap, next matrix) of the next one."""
     order = [m for layer in layers for m in (layer["qkv"], layer["o"], layer["gate_up"], layer["down"])] + [head]
     nxt = {id(m): order[(i + 1) % len(order)] for i, m in enumerate(order)}
-    pos = {"start": 1, "end": 2}[at]
+    pos = {"start": 1, "end": 2, "lines": 3}.get(at, 0)
 
     def pf(m):
         n = nxt[id(m)]
@@ -120,6 +120,9 @@ def main() -> None:
     ap.add_argument("--at", default="end,start")
     ap.add_argument("--attn-pf", action="store_true", help="the attention stand-in also asks for gate|up")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument(
+        "--pdl", action="store_true", help="also the chain as programmatic dependent launches (+ weights ahead)"
+    )
     ap.add_argument("--json")
     a = ap.parse_args()
 
@@ -138,8 +141,12 @@ def main() -> None:
             variants.append((mb << 20, at, False))
             if a.attn_pf and at == "end":
                 variants.append((mb << 20, at, True))
+    if a.pdl:
+        variants += [(0, "pdl", False), (0, "pdl+ahead", False)]
     graphs = {}
     for v in variants:
+        switches = {"pdl": ("1", "0"), "pdl+ahead": ("0", "0")}.get(v[1], ("1", "1"))
+        os.environ.update({"LLMARCH_NO_GEMV_AHEAD": switches[0], "LLMARCH_NO_PDL": switches[1]})
         for _ in range(2):  # compile, then settle
             step(torch, gv, stand_in, cfg, layers, head, bufs, *v)
         torch.cuda.synchronize()
@@ -167,7 +174,13 @@ def main() -> None:
           f"bound {nbytes / rate * 1e6:.0f} us; load {os.getloadavg()[0]:.1f}")  # fmt: skip
     for v in variants:
         t = statistics.median(times[v])
-        label = "none" if not v[0] else f"{v[1]}:{v[0] >> 20}MB" + (" +attn" if v[2] else "")
+        label = (
+            v[1]
+            if v[1].startswith("pdl")
+            else "none"
+            if not v[0]
+            else f"{v[1]}:{v[0] >> 20}MB" + (" +attn" if v[2] else "")
+        )
         print(
             f"  {label:16s} {t * 1e6:7.1f} us a step ({min(times[v]) * 1e6:.1f}-{max(times[v]) * 1e6:.1f}), "
             f"{100 * nbytes / rate / t:5.1f}% of bound, {base / t:.3f}x none"

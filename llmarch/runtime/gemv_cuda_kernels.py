@@ -44,6 +44,26 @@ def prefetch_l2(p, nbytes, PIECES: tl.constexpr):
 
 
 @triton.jit
+def prefetch_l2_lines(p, nbytes, LANES: tl.constexpr):
+    """prefetch_l2's request as one prefetch.global.L2 a 128-byte line, LANES lines at a time (no
+    completion tracked, where a bulk prefetch may hold the program until it lands)."""
+    share = ((nbytes + tl.num_programs(0) - 1) // tl.num_programs(0) + 127) // 128 * 128
+    start = tl.program_id(0).to(tl.int64) * share
+    end = tl.minimum(start + share, nbytes)
+    lane = tl.arange(0, LANES).to(tl.int64) * 128
+    for i in range(0, share, LANES * 128):
+        at = start + i + lane
+        tl.inline_asm_elementwise(
+            asm="{ .reg .pred q; setp.ne.s32 q, $2, 0; @q prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0; }",
+            constraints="=r,l,r",
+            args=[p.to(tl.pointer_type(tl.int8)) + at, (at < end).to(tl.int32)],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+
+
+@triton.jit
 def _weights(wp, k0, NK, K: tl.constexpr, kk, EVEN_K: tl.constexpr, GLU: tl.constexpr):
     """One step's [BN, BK] weight tile from column k0 (and the gated MLP's up rows NK values on;
     the gate tile again where not GLU, unused)."""
@@ -106,7 +126,7 @@ def gemv(
     AHEAD: each step's weight tile is loaded one step ahead (two tiles in flight a program where K
     takes several steps), the first one before the wait.
     PF: this program's share of pf_bytes from pf (the next kernel's weights) asked of the L2 with
-    prefetch_l2, 1: before its own loads, 2: after its store."""
+    prefetch_l2, 1: before its own loads, 2: after its store; 3: after its store, prefetch_l2_lines."""
     if PF == 1:
         prefetch_l2(pf, pf_bytes, 32)
     if PDL:  # the next kernel may start now: its programs take the SMs ours leave and wait in gdc_wait
@@ -177,3 +197,5 @@ def gemv(
     tl.store(y + at, out.to(y.dtype.element_ty), mask=keep)
     if PF == 2:
         prefetch_l2(pf, pf_bytes, 32)
+    if PF == 3:
+        prefetch_l2_lines(pf, pf_bytes, 128)
