@@ -167,9 +167,9 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
-
     from bench_gemv_cuda import matrices
     from bench_run_gpu import SHAPES, copy_rate
+
     from llmarch.runtime import gemv_cuda as gv
 
     cfg = SHAPES[a.model][1]
