@@ -157,12 +157,94 @@ def chain_step(
     _phase(whead, V, D, x, nw, logits, logits, t, whead, V, D, pid, G, eps, False, True, False, False, TR, BK)
 
 
+@triton.jit
+def _phase_staged(
+    w, N, K, xin, nw, out, res, pid, G, eps,
+    GLU: tl.constexpr, NORM: tl.constexpr, RES: tl.constexpr, TR: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    """_phase with the weight tiles loaded by the tensor memory accelerator through a descriptor and
+    Triton's software pipeliner (tl.range's num_stages: STAGES - 1 tiles in flight in shared memory;
+    plain loads outside a dot are not pipelined) instead of one tile ahead in registers; no load
+    crosses the barrier. GLU: gate and up tiles of TR // 2 rows each."""
+    kk = tl.arange(0, BK)
+    inv = 1.0
+    if NORM:
+        ss = tl.zeros([BK], dtype=tl.float32)
+        for k1 in range(0, K, BK):
+            xs = tl.load(xin + k1 + kk, cache_modifier=".cg").to(tl.float32)
+            ss += xs * xs
+        inv = tl.math.rsqrt(tl.sum(ss) / K + eps)
+    OUT_ROWS: tl.constexpr = TR // 2 if GLU else TR
+    nb = (N + OUT_ROWS - 1) // OUT_ROWS
+    nk = K // BK
+    total = ((nb - pid + G - 1) // G) * nk
+    desc = tl.make_tensor_descriptor(w, shape=[2 * N if GLU else N, K], strides=[K, 1], block_shape=[OUT_ROWS, BK])
+    acc = tl.zeros([OUT_ROWS], dtype=tl.float32)
+    up = tl.zeros([OUT_ROWS], dtype=tl.float32)
+    for i in tl.range(0, total, num_stages=STAGES):
+        blk = pid + (i // nk) * G
+        k0 = (i % nk) * BK
+        t = desc.load([blk * OUT_ROWS, k0])
+        xt = tl.load(xin + k0 + kk, cache_modifier=".cg")
+        if NORM:
+            xt = (xt.to(tl.float32) * inv * tl.load(nw + k0 + kk).to(tl.float32)).to(xin.dtype.element_ty)
+        acc += tl.sum(t.to(tl.float32) * xt.to(tl.float32)[None, :], axis=1)
+        if GLU:
+            tu = desc.load([N + blk * OUT_ROWS, k0])
+            up += tl.sum(tu.to(tl.float32) * xt.to(tl.float32)[None, :], axis=1)
+        if (i % nk) == nk - 1:
+            if GLU:
+                o = acc * tl.sigmoid(acc) * up
+                up = tl.zeros([OUT_ROWS], dtype=tl.float32)
+            else:
+                o = acc
+            orow = blk * OUT_ROWS + tl.arange(0, OUT_ROWS)
+            keep = orow < N
+            if RES:
+                o = o.to(out.dtype.element_ty).to(tl.float32) + tl.load(
+                    res + orow, mask=keep, other=0.0, cache_modifier=".cg"
+                ).to(tl.float32)
+            tl.store(out + orow, o.to(out.dtype.element_ty), mask=keep)
+            acc = tl.zeros([OUT_ROWS], dtype=tl.float32)
+
+
+@triton.jit
+def chain_step_staged(
+    x, nw, wqkv, wo, wgu, wd, whead, q, h, logits, bar, L, eps,
+    D: tl.constexpr, NQKV: tl.constexpr, Q: tl.constexpr, F: tl.constexpr, V: tl.constexpr,
+    TR: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    """chain_step with _phase_staged."""
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    n = 0
+    for layer in range(L):
+        lq = wqkv + layer.to(tl.int64) * NQKV * D
+        lo = wo + layer.to(tl.int64) * D * Q
+        lg = wgu + layer.to(tl.int64) * 2 * F * D
+        ld = wd + layer.to(tl.int64) * D * F
+        _phase_staged(lq, NQKV, D, x, nw, q, q, pid, G, eps, False, True, False, TR, BK, STAGES)
+        n += G
+        _grid_sync(bar, n)
+        _phase_staged(lo, D, Q, q, nw, x, x, pid, G, eps, False, False, True, TR, BK, STAGES)
+        n += G
+        _grid_sync(bar, n)
+        _phase_staged(lg, F, D, x, nw, h, h, pid, G, eps, True, True, False, TR, BK, STAGES)
+        n += G
+        _grid_sync(bar, n)
+        _phase_staged(ld, D, F, h, nw, x, x, pid, G, eps, False, False, True, TR, BK, STAGES)
+        n += G
+        _grid_sync(bar, n)
+    _phase_staged(whead, V, D, x, nw, logits, logits, pid, G, eps, False, True, False, TR, BK, STAGES)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama-3.2-1b")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tiles", default="4,2048,8;8,2048,16;8,1024,8;16,2048,16", help="TR,BK,WARPS;...")
     ap.add_argument("--programs", default="1", help="programs a SM, comma-separated")
+    ap.add_argument("--stages", default="", help="also chain_step_staged with these num_stages, comma-separated")
     ap.add_argument("--json")
     a = ap.parse_args()
 
@@ -197,20 +279,24 @@ def main() -> None:
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     bar = torch.zeros(1, device="cuda", dtype=torch.int32)
+    # device-side tensor descriptors (the staged variants) are written to a scratch buffer
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
-    def persistent(x, q, h, logits, tile, per_sm, warmup=False):
+    def persistent(x, q, h, logits, tile, per_sm, warmup=False, stages=0):
         tr, bk, warps = tile
         bar.zero_()
-        kernel = chain_step.warmup if warmup else chain_step[(sms * per_sm,)]
+        fn = chain_step_staged if stages else chain_step
+        kernel = fn.warmup if warmup else fn[(sms * per_sm,)]
         return kernel(
             x, nw, wqkv, wo, wgu, wd, whead, q, h, logits, bar, L, 1e-5,
             D=D, NQKV=NQKV, Q=Q, F=F, V=V, TR=tr, BK=bk, num_warps=warps, **({"grid": (1,)} if warmup else {}),
+            **({"STAGES": stages} if stages else {}),
         )  # fmt: skip
 
-    def resident(tile, per_sm) -> str | None:
+    def resident(tile, per_sm, stages=0) -> str | None:
         """Why per_sm programs of this tile cannot all be resident at once on every SM (the barrier
         would wait forever for programs that never start), or None."""
-        k = persistent(*bufs(), tile, per_sm, warmup=True)
+        k = persistent(*bufs(), tile, per_sm, warmup=True, stages=stages)
         k._init_handles()
         regs = -(-k.n_regs // 8) * 8 * 32 * tile[2] * per_sm
         smem = k.metadata.shared * per_sm
@@ -227,17 +313,21 @@ def main() -> None:
     torch.cuda.synchronize()
     variants = {"launches": lambda b: launches(*b)}
     out = {"model": a.model, "bytes": nbytes, "rows": []}
-    for ts in a.tiles.split(";"):
-        tile = tuple(int(v) for v in ts.split(","))
-        for per_sm in (int(p) for p in a.programs.split(",")):
-            name = f"persistent {tile} x{per_sm}/SM"
+    runs = [(ts, p, 0) for ts in a.tiles.split(";") for p in a.programs.split(",")]
+    runs += [
+        (ts, p, int(st)) for st in a.stages.split(",") if st for ts in a.tiles.split(";") for p in a.programs.split(",")
+    ]
+    for ts, p, stages in runs:
+        tile, per_sm = tuple(int(v) for v in ts.split(",")), int(p)
+        if True:
+            name = f"persistent {tile} x{per_sm}/SM" + (f" {stages} stages" if stages else "")
             b = bufs()
             try:
-                why = resident(tile, per_sm)
+                why = resident(tile, per_sm, stages)
                 if why:
                     print(f"{name}: skipped, {why}", flush=True)
                     continue
-                persistent(*b, tile, per_sm)
+                persistent(*b, tile, per_sm, stages=stages)
                 torch.cuda.synchronize()
             except Exception as e:
                 print(f"{name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -247,7 +337,7 @@ def main() -> None:
             print(f"{name}: logits rel. error {err:.2e}, x {errx:.2e} against the launches", flush=True)
             out["rows"].append({"variant": name, "rel_err_logits": err, "rel_err_x": errx})
             if err < 0.05:
-                variants[name] = lambda b, tile=tile, per_sm=per_sm: persistent(*b, tile, per_sm)
+                variants[name] = lambda b, tile=tile, per_sm=per_sm, st=stages: persistent(*b, tile, per_sm, stages=st)
     graphs = {}
     for name, fn in variants.items():
         b = bufs()
