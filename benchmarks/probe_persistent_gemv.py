@@ -4,13 +4,16 @@
 
 A decode step of a 1-2B model is ~65-115 GEMV launches of 2-20 us of bytes each, and each launch
 pays ~2.5 us of ramp (its first loads wait on memory) and tail (its last programs drain while the
-rest of the GPU idles): about a quarter of the step. Programmatic dependent launches and weights
+rest of the GPU idles): about a quarter of the step. Programmatic dependent launches with weights
 loaded before the wait, and L2 prefetches of the next matrix, were measured and did not win
-(probe_l2_prefetch.py, README). This probe measures the other way: one kernel for the whole chain,
-one program per SM that stays, each phase (a matrix) split into tiles of TR weight rows x BK values,
-a grid-wide barrier between phases (an atomic counter), and every program's tile stream loaded one
-tile ahead across the phases: the first tile of the next phase goes out before the barrier, so
-memory keeps working while the programs wait for each other.
+(README, "Where each GPU target stands now"). This probe measures the other way: one kernel for the
+whole chain, --programs programs a SM that stay, each phase (a matrix) split into tiles of TR weight
+rows x BK values, a grid-wide barrier between phases (an atomic counter), and every program's tile
+stream loaded one tile ahead in registers across the phases: the first tile of the next phase goes
+out before the barrier, so memory keeps working while the programs wait for each other. --stages
+adds chain_step_staged: the tiles through TMA descriptors, pipelined in shared memory, none across
+a barrier. Variants whose programs could not all be resident at once (registers, shared memory)
+are skipped: the barrier would wait forever.
 
 The chain is a step's GEMVs without attention (bench_gemv_cuda.matrices' shapes): per layer q|k|v
 from rms_norm(x), x += (q's first rows) @ o^T (a stand-in for attention's output), gate|up gated from
@@ -78,9 +81,8 @@ def _phase(
             xs = tl.load(xin + k1 + kk, cache_modifier=".cg").to(tl.float32)
             ss += xs * xs
         inv = tl.math.rsqrt(tl.sum(ss) / K + eps)
-    rows_out = N  # outputs (GLU: 2N weight rows)
     OUT_ROWS: tl.constexpr = TR // 2 if GLU else TR
-    nb = (rows_out + OUT_ROWS - 1) // OUT_ROWS
+    nb = (N + OUT_ROWS - 1) // OUT_ROWS  # N outputs (GLU: 2N weight rows)
     nk = K // BK
     total = ((nb - pid + G - 1) // G) * nk
     acc = tl.zeros([TR], dtype=tl.float32)
@@ -111,7 +113,7 @@ def _phase(
             else:
                 o = acc
             orow = blk * OUT_ROWS + tl.arange(0, OUT_ROWS)
-            keep = orow < rows_out
+            keep = orow < N
             if RES:
                 o = o.to(out.dtype.element_ty).to(tl.float32) + tl.load(
                     res + orow, mask=keep, other=0.0, cache_modifier=".cg"
@@ -319,25 +321,24 @@ def main() -> None:
     ]
     for ts, p, stages in runs:
         tile, per_sm = tuple(int(v) for v in ts.split(",")), int(p)
-        if True:
-            name = f"persistent {tile} x{per_sm}/SM" + (f" {stages} stages" if stages else "")
-            b = bufs()
-            try:
-                why = resident(tile, per_sm, stages)
-                if why:
-                    print(f"{name}: skipped, {why}", flush=True)
-                    continue
-                persistent(*b, tile, per_sm, stages=stages)
-                torch.cuda.synchronize()
-            except Exception as e:
-                print(f"{name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        name = f"persistent {tile} x{per_sm}/SM" + (f" {stages} stages" if stages else "")
+        b = bufs()
+        try:
+            why = resident(tile, per_sm, stages)
+            if why:
+                print(f"{name}: skipped, {why}", flush=True)
                 continue
-            err = ((b[3].double() - ref[3].double()).norm() / ref[3].double().norm()).item()
-            errx = ((b[0].double() - ref[0].double()).norm() / ref[0].double().norm()).item()
-            print(f"{name}: logits rel. error {err:.2e}, x {errx:.2e} against the launches", flush=True)
-            out["rows"].append({"variant": name, "rel_err_logits": err, "rel_err_x": errx})
-            if err < 0.05:
-                variants[name] = lambda b, tile=tile, per_sm=per_sm, st=stages: persistent(*b, tile, per_sm, stages=st)
+            persistent(*b, tile, per_sm, stages=stages)
+            torch.cuda.synchronize()
+        except Exception as e:
+            print(f"{name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        err = ((b[3].double() - ref[3].double()).norm() / ref[3].double().norm()).item()
+        errx = ((b[0].double() - ref[0].double()).norm() / ref[0].double().norm()).item()
+        print(f"{name}: logits rel. error {err:.2e}, x {errx:.2e} against the launches", flush=True)
+        out["rows"].append({"variant": name, "rel_err_logits": err, "rel_err_x": errx})
+        if err < 0.05:
+            variants[name] = lambda b, tile=tile, per_sm=per_sm, st=stages: persistent(*b, tile, per_sm, stages=st)
     graphs = {}
     for name, fn in variants.items():
         b = bufs()

@@ -114,9 +114,6 @@ def launch(
     norm_w: torch.Tensor | None = None,
     eps: float = 0.0,
     residual: torch.Tensor | None = None,
-    prefetch: torch.Tensor | None = None,
-    prefetch_bytes: int = 0,
-    prefetch_at: int = 2,
 ) -> None:
     """y [M, N] = x [M, K] @ w[N, K]^T (+ b), all contiguous, M <= 4; tile (BN, BK, warps) replaces
     pick_tile's (benchmarks). glu: w (and b) hold a gated MLP's [gate; up] rows and y [M, N / 2] =
@@ -163,9 +160,6 @@ def launch(
         ONE=K == bk,
         PDL=dependent,
         AHEAD=ahead(),
-        pf=prefetch if prefetch is not None else w,
-        pf_bytes=prefetch_bytes // 16 * 16,
-        PF=prefetch_at if prefetch is not None and prefetch_bytes >= 16 else 0,
         num_warps=warps,
         **({"launch_pdl": True} if dependent else {}),
     )

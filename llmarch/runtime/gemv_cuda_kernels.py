@@ -24,46 +24,6 @@ import triton.language as tl
 
 
 @triton.jit
-def prefetch_l2(p, nbytes, PIECES: tl.constexpr):
-    """Ask the L2 for this program's share of the nbytes from p (CUDA sm90+: bulk prefetches, one a
-    lane for PIECES lanes; nbytes and p 16-byte multiples). Only a hint: nothing waits for it, and
-    the kernel that reads those bytes next finds them in the L2 instead of waiting on memory."""
-    share = ((nbytes + tl.num_programs(0) - 1) // tl.num_programs(0) + 15) // 16 * 16
-    start = tl.program_id(0).to(tl.int64) * share
-    piece = ((share + PIECES - 1) // PIECES + 15) // 16 * 16
-    lo = start + tl.arange(0, PIECES).to(tl.int64) * piece
-    size = tl.maximum(tl.minimum(tl.minimum(lo + piece, start + share), nbytes) - lo, 0).to(tl.int32)
-    tl.inline_asm_elementwise(
-        asm="{ .reg .pred q; setp.ne.s32 q, $2, 0; @q cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        constraints="=r,l,r",
-        args=[p.to(tl.pointer_type(tl.int8)) + lo, size],
-        dtype=tl.int32,
-        is_pure=False,
-        pack=1,
-    )
-
-
-@triton.jit
-def prefetch_l2_lines(p, nbytes, LANES: tl.constexpr):
-    """prefetch_l2's request as one prefetch.global.L2 a 128-byte line, LANES lines at a time (no
-    completion tracked, where a bulk prefetch may hold the program until it lands)."""
-    share = ((nbytes + tl.num_programs(0) - 1) // tl.num_programs(0) + 127) // 128 * 128
-    start = tl.program_id(0).to(tl.int64) * share
-    end = tl.minimum(start + share, nbytes)
-    lane = tl.arange(0, LANES).to(tl.int64) * 128
-    for i in range(0, share, LANES * 128):
-        at = start + i + lane
-        tl.inline_asm_elementwise(
-            asm="{ .reg .pred q; setp.ne.s32 q, $2, 0; @q prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0; }",
-            constraints="=r,l,r",
-            args=[p.to(tl.pointer_type(tl.int8)) + at, (at < end).to(tl.int32)],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
-        )
-
-
-@triton.jit
 def _weights(wp, k0, NK, K: tl.constexpr, kk, EVEN_K: tl.constexpr, GLU: tl.constexpr):
     """One step's [BN, BK] weight tile from column k0 (and the gated MLP's up rows NK values on;
     the gate tile again where not GLU, unused)."""
@@ -104,9 +64,6 @@ def gemv(
     ONE: tl.constexpr = False,
     PDL: tl.constexpr = False,
     AHEAD: tl.constexpr = False,
-    pf=None,
-    pf_bytes=0,
-    PF: tl.constexpr = 0,
 ):
     """x [M, K] contiguous, w [N, K] contiguous, b [N] or unused, y [M, N] contiguous; MP: M rounded
     up to a power of two. K is a compile-time constant (a decode step has a handful of widths).
@@ -124,11 +81,7 @@ def gemv(
     kernel launch at once and waits for the previous kernel's writes (gdc_wait) before it reads
     anything a kernel writes (x, res) or writes anything itself.
     AHEAD: each step's weight tile is loaded one step ahead (two tiles in flight a program where K
-    takes several steps), the first one before the wait.
-    PF: this program's share of pf_bytes from pf (the next kernel's weights) asked of the L2 with
-    prefetch_l2, 1: before its own loads, 2: after its store; 3: after its store, prefetch_l2_lines."""
-    if PF == 1:
-        prefetch_l2(pf, pf_bytes, 32)
+    takes several steps), the first one before the wait."""
     if PDL:  # the next kernel may start now: its programs take the SMs ours leave and wait in gdc_wait
         tl.extra.cuda.gdc_launch_dependents()
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -195,7 +148,3 @@ def gemv(
     if RES:  # the product rounded first, then the residual added in float32 and rounded once more
         out = out.to(y.dtype.element_ty).to(tl.float32) + tl.load(res + at, mask=keep, other=0.0).to(tl.float32)
     tl.store(y + at, out.to(y.dtype.element_ty), mask=keep)
-    if PF == 2:
-        prefetch_l2(pf, pf_bytes, 32)
-    if PF == 3:
-        prefetch_l2_lines(pf, pf_bytes, 128)
