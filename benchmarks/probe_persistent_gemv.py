@@ -65,6 +65,37 @@ def _grid_sync(bar, target):
 
 
 @triton.jit
+def _rms_inverse(xin, K, eps, BK: tl.constexpr):
+    """1 / rms of the K values of xin (read from the L2: other programs wrote them)."""
+    kk = tl.arange(0, BK)
+    ss = tl.zeros([BK], dtype=tl.float32)
+    for k1 in range(0, K, BK):
+        xs = tl.load(xin + k1 + kk, cache_modifier=".cg").to(tl.float32)
+        ss += xs * xs
+    return tl.math.rsqrt(tl.sum(ss) / K + eps)
+
+
+@triton.jit
+def _input_tile(xin, nw, inv, cols, NORM: tl.constexpr):
+    """xin's values at cols, as RMSNorm's output (rounded to xin's dtype) with NORM."""
+    xt = tl.load(xin + cols, cache_modifier=".cg")
+    if NORM:
+        xt = (xt.to(tl.float32) * inv * tl.load(nw + cols).to(tl.float32)).to(xin.dtype.element_ty)
+    return xt
+
+
+@triton.jit
+def _store_rows(out, res, o, orow, N, RES: tl.constexpr):
+    """out[orow] = o (float32 sums), rounded, then with RES added to res[orow] and rounded again."""
+    keep = orow < N
+    if RES:
+        o = o.to(out.dtype.element_ty).to(tl.float32) + tl.load(
+            res + orow, mask=keep, other=0.0, cache_modifier=".cg"
+        ).to(tl.float32)
+    tl.store(out + orow, o.to(out.dtype.element_ty), mask=keep)
+
+
+@triton.jit
 def _phase(
     w, N, K, xin, nw, out, res, t, w2, N2, K2, pid, G, eps,
     GLU: tl.constexpr, NORM: tl.constexpr, RES: tl.constexpr, GLU2: tl.constexpr, TR: tl.constexpr, BK: tl.constexpr,
@@ -74,13 +105,7 @@ def _phase(
     first tile of the next phase (w2, N2 rows, K2 wide, GLU2), loaded while this one's last tile is
     multiplied."""
     kk = tl.arange(0, BK)
-    inv = 1.0
-    if NORM:
-        ss = tl.zeros([BK], dtype=tl.float32)
-        for k1 in range(0, K, BK):
-            xs = tl.load(xin + k1 + kk, cache_modifier=".cg").to(tl.float32)
-            ss += xs * xs
-        inv = tl.math.rsqrt(tl.sum(ss) / K + eps)
+    inv = _rms_inverse(xin, K, eps, BK) if NORM else 1.0
     OUT_ROWS: tl.constexpr = TR // 2 if GLU else TR
     nb = (N + OUT_ROWS - 1) // OUT_ROWS  # N outputs (GLU: 2N weight rows)
     nk = K // BK
@@ -98,9 +123,7 @@ def _phase(
         base = tl.where(last, w2, w)
         cols = tl.where(last, 0, nk0) + kk
         nt = tl.load(base + r[:, None] * tl.where(last, K2, K) + cols[None, :], eviction_policy="evict_first")
-        xt = tl.load(xin + k0 + kk, cache_modifier=".cg")
-        if NORM:
-            xt = (xt.to(tl.float32) * inv * tl.load(nw + k0 + kk).to(tl.float32)).to(xin.dtype.element_ty)
+        xt = _input_tile(xin, nw, inv, k0 + kk, NORM)
         acc += tl.sum(t.to(tl.float32) * xt.to(tl.float32)[None, :], axis=1)
         t = nt
         if (i % nk) == nk - 1:
@@ -112,13 +135,7 @@ def _phase(
                 o = g * tl.sigmoid(g) * u
             else:
                 o = acc
-            orow = blk * OUT_ROWS + tl.arange(0, OUT_ROWS)
-            keep = orow < N
-            if RES:
-                o = o.to(out.dtype.element_ty).to(tl.float32) + tl.load(
-                    res + orow, mask=keep, other=0.0, cache_modifier=".cg"
-                ).to(tl.float32)
-            tl.store(out + orow, o.to(out.dtype.element_ty), mask=keep)
+            _store_rows(out, res, o, blk * OUT_ROWS + tl.arange(0, OUT_ROWS), N, RES)
             acc = tl.zeros([TR], dtype=tl.float32)
     if total == 0:  # no block here: the next phase's first tile was never asked for
         r = _tile_rows(pid, N2, GLU2, TR)
@@ -169,13 +186,7 @@ def _phase_staged(
     plain loads outside a dot are not pipelined) instead of one tile ahead in registers; no load
     crosses the barrier. GLU: gate and up tiles of TR // 2 rows each."""
     kk = tl.arange(0, BK)
-    inv = 1.0
-    if NORM:
-        ss = tl.zeros([BK], dtype=tl.float32)
-        for k1 in range(0, K, BK):
-            xs = tl.load(xin + k1 + kk, cache_modifier=".cg").to(tl.float32)
-            ss += xs * xs
-        inv = tl.math.rsqrt(tl.sum(ss) / K + eps)
+    inv = _rms_inverse(xin, K, eps, BK) if NORM else 1.0
     OUT_ROWS: tl.constexpr = TR // 2 if GLU else TR
     nb = (N + OUT_ROWS - 1) // OUT_ROWS
     nk = K // BK
@@ -187,9 +198,7 @@ def _phase_staged(
         blk = pid + (i // nk) * G
         k0 = (i % nk) * BK
         t = desc.load([blk * OUT_ROWS, k0])
-        xt = tl.load(xin + k0 + kk, cache_modifier=".cg")
-        if NORM:
-            xt = (xt.to(tl.float32) * inv * tl.load(nw + k0 + kk).to(tl.float32)).to(xin.dtype.element_ty)
+        xt = _input_tile(xin, nw, inv, k0 + kk, NORM)
         acc += tl.sum(t.to(tl.float32) * xt.to(tl.float32)[None, :], axis=1)
         if GLU:
             tu = desc.load([N + blk * OUT_ROWS, k0])
@@ -200,13 +209,7 @@ def _phase_staged(
                 up = tl.zeros([OUT_ROWS], dtype=tl.float32)
             else:
                 o = acc
-            orow = blk * OUT_ROWS + tl.arange(0, OUT_ROWS)
-            keep = orow < N
-            if RES:
-                o = o.to(out.dtype.element_ty).to(tl.float32) + tl.load(
-                    res + orow, mask=keep, other=0.0, cache_modifier=".cg"
-                ).to(tl.float32)
-            tl.store(out + orow, o.to(out.dtype.element_ty), mask=keep)
+            _store_rows(out, res, o, blk * OUT_ROWS + tl.arange(0, OUT_ROWS), N, RES)
             acc = tl.zeros([OUT_ROWS], dtype=tl.float32)
 
 
