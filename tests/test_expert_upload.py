@@ -47,7 +47,7 @@ def test_uploaded_experts_equal_the_float_path(fmt, family, chunk_bytes, grouped
     from llmarch.runtime.experts import upload
 
     if chunk_bytes is not None:  # one expert's float32 bytes: one expert a chunk
-        monkeypatch.setattr(upload, "CHUNK_BYTES", 4 * 3 * 64 * 192)
+        monkeypatch.setattr(upload, "UPLOAD_CHUNK_BYTES", 4 * 3 * 64 * 192)
     monkeypatch.setattr(upload, "grouped_mm_fits", lambda *mats: grouped)
     g = torch.Generator().manual_seed(3)
     st, ref, act, E, d = _store_and_reference(fmt, family, g)
@@ -107,7 +107,7 @@ def test_no_room_for_one_expert_leaves_the_call_to_the_cpu(monkeypatch):
     from llmarch.runtime.experts import upload
 
     st, _, act, E, d = _store_and_reference("int4", "qwen3_moe", torch.Generator().manual_seed(1))
-    monkeypatch.setattr(upload, "CHUNK_BYTES", 4 * 3 * 64 * 192 - 1)
+    monkeypatch.setattr(upload, "UPLOAD_CHUNK_BYTES", 4 * 3 * 64 * 192 - 1)
     assert upload.experts_per_chunk(st, "cpu") == 0
     idx = torch.zeros(40, 2, dtype=torch.long)
     idx[:, 1] = 1

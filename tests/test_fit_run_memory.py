@@ -126,6 +126,8 @@ def test_run_peak_gpu_memory_matches_fit(tiny, experts, bits, dtype):
     quantized_on_gpu = experts == "gpu" and bits != 16
     kv = mem.kv_bytes(spec, CONTEXT, "f32" if dtype_bytes == 4 else "bf16")
     plan = weights + kv + mem.run_overhead(spec, dtype_bytes, quantized_on_gpu)
+    if experts == "cpu":  # the 512-token prompt dequantizes a chunk of the host experts on the GPU (room here)
+        plan += mem.upload_chunk_bytes(spec)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

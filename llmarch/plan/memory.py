@@ -31,6 +31,10 @@ CUDA_CONTEXT = 512 * MiB  # CUDA context, cuBLAS workspace and allocator slack, 
 LLAMACPP_UBATCH = 512  # llama.cpp's default -ub: its compute buffers and SWA cache follow it
 LLAMACPP_PAD = 256  # llama.cpp rounds cache cells up to a multiple of this
 PREFILL = 512  # tokens of one prefill batch: llama.cpp's -ub, and the prompt llmarch run's figure allows for
+# a prompt chunk of UPLOAD_TOKENS tokens or more computes host-held experts on the GPU (llama.cpp's
+# batch threshold), dequantizing at most UPLOAD_CHUNK_BYTES of them (float32) there at once
+UPLOAD_TOKENS = 32
+UPLOAD_CHUNK_BYTES = 512 * MiB
 OVERHEAD_NOTE = (
     "runtime overhead assumed: 512 MiB per GPU (CUDA context, workspaces) plus one batch of "
     f"{PREFILL} tokens: llama.cpp's compute buffer (f32 logits and activations for every token of "
@@ -137,6 +141,18 @@ def run_overhead(spec: ArchSpec, dtype_bytes: int, quantized_gpu_experts: bool) 
     if quantized_gpu_experts and spec.moe:
         act += 3 * spec.hidden_size * (spec.moe.expert_ffn or spec.intermediate_size or 0) * dtype_bytes
     return int(act)
+
+
+def upload_chunk_bytes(spec: ArchSpec) -> int:
+    """GPU bytes a long prompt's host-held experts take there at once on a GPU with room: as many
+    whole experts of a layer as fit UPLOAD_CHUNK_BYTES in float32 (gate, up and down; all of them
+    where they fit), the bound llmarch run's upload keeps while it dequantizes one part after
+    another. Not part of a plan's GPU bytes: the upload takes at most a quarter of the memory free
+    at the time and leaves the prompt's experts to the CPU where not even one fits."""
+    if not spec.moe:
+        return 0
+    one = 4 * 3 * spec.hidden_size * (spec.moe.expert_ffn or spec.intermediate_size or 0)
+    return min(UPLOAD_CHUNK_BYTES // one, spec.moe.experts) * one if one else 0
 
 
 def largest_context(need, budget: int, limit: int) -> int:

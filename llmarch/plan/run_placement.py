@@ -151,6 +151,8 @@ def plan_run(spec: ArchSpec, source: str | None, gpu: int, host: int | None, con
         "kv_cache": mem.kv_bytes(spec, ctx, kv_dtype),
         "recurrent_state": state,
         "host_bytes": on_host,
+        # a long prompt's host experts dequantized on the GPU, in memory left free (not in gpu_bytes)
+        "gpu_prompt_upload": mem.upload_chunk_bytes(spec) if opt.experts in ("cpu", "disk") else 0,
         "context": ctx,
         "largest_context": best,
         "command": " ".join(

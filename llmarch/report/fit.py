@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from llmarch.plan.memory import UPLOAD_TOKENS
 from llmarch.report.text import count, literal, nbytes
 
 PART_NAMES = {
@@ -59,6 +60,11 @@ def print_fit(doc: dict, console: Console) -> None:
             f"  {where}: {nbytes(r['gpu_bytes'])} on the GPU, {nbytes(r['host_bytes'])} in host RAM, "
             f"context {r['context']} (largest {r['largest_context']})"
         )
+        if r.get("gpu_prompt_upload"):
+            console.print(
+                f"  a prompt of {UPLOAD_TOKENS}+ tokens also takes up to {nbytes(r['gpu_prompt_upload'])} of the GPU "
+                "while it dequantizes host experts there (at most a quarter of what is free)"
+            )
         console.print(f"  {literal(r['command'])}", soft_wrap=True)
 
     c = doc["llama_cpp"]

@@ -177,9 +177,9 @@ def dequantize(q: torch.Tensor, s: torch.Tensor, fmt: ExpertFormat) -> torch.Ten
         return mxfp4_dequant(q.reshape(*lead, N, -1, 16), s)
     if fmt is ExpertFormat.INT8:
         K = q.shape[-1]
-        return (q.float().reshape(*lead, N, K // G, G) * s.float()[..., None]).reshape(*lead, N, K)
+        return q.float().reshape(*lead, N, K // G, G).mul_(s.float()[..., None]).reshape(*lead, N, K)
     K = q.shape[-1] * 2
     b = q.reshape(*lead, N, K // G, G // 2)
     v = torch.cat([b & 15, b >> 4], dim=-1).float()
     sm = s.float().reshape(*lead, N, K // G, 2)
-    return (v * sm[..., 0:1] + sm[..., 1:2]).reshape(*lead, N, K)
+    return v.mul_(sm[..., 0:1]).add_(sm[..., 1:2]).reshape(*lead, N, K)  # in place: one float32 copy at a time

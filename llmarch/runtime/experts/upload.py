@@ -9,7 +9,9 @@ the copy: ~0.34 GB a Qwen3-30B-A3B layer in Q4_0. llama.cpp does the same for ba
 and more. A decode step and short prompts stay on the CPU, where the bytes do not move.
 
 The experts go over in chunks of consecutive ids whose dequantized (float32) size stays under
-CHUNK_BYTES, so the extra GPU memory is bounded whatever the expert count; a chunk's ids that form
+UPLOAD_CHUNK_BYTES, and each stored part is dequantized and converted to the model's dtype before
+the next, so the extra GPU memory is about that bound whatever the expert count (`llmarch fit`
+plans it: plan.memory.upload_chunk_bytes); a chunk's ids that form
 one range are copied as one slice of the store (no gather on the host first). Hot experts already
 on the GPU are used as they are. Where torch._grouped_mm runs (bf16 on sm90/sm100) a chunk's
 experts are two grouped products; elsewhere the usual expert loop.
@@ -21,14 +23,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from llmarch.plan.memory import UPLOAD_CHUNK_BYTES, UPLOAD_TOKENS
 from llmarch.runtime.experts.formats import dequantize
 from llmarch.runtime.experts.stores import expert_loop, group_by_expert, grouped_mm_fits, routed_static
 
 if TYPE_CHECKING:
     from llmarch.runtime.experts.host import OffloadedExperts
 
-UPLOAD_TOKENS = 32  # tokens in one call from which the experts go to the GPU (llama.cpp's batch threshold)
-CHUNK_BYTES = 512 << 20  # float32 bytes of dequantized experts on the GPU at once, at most
 FREE_SHARE = 4  # and at most this fraction of the GPU memory free now (1 / FREE_SHARE)
 
 
@@ -38,12 +39,12 @@ def worth_uploading(x: torch.Tensor) -> bool:
 
 
 def experts_per_chunk(store: OffloadedExperts, device) -> int:
-    """Experts dequantized on the GPU at once: CHUNK_BYTES of float32, or a quarter of what is free
+    """Experts dequantized on the GPU at once: UPLOAD_CHUNK_BYTES of float32, or a quarter of what is free
     there now (the allocator's cached blocks count as free) where that is less; 0 where not even
     one expert fits, and the CPU computes the call as for decode. A GPU the planner filled with
     the model and its cache is thus never pushed out of memory by a prompt."""
     one = 4 * 3 * store.inter * store.d
-    free = CHUNK_BYTES
+    free = UPLOAD_CHUNK_BYTES
     if torch.device(device).type == "cuda":
         gpu_free = torch.cuda.mem_get_info(device)[0]
         gpu_free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
@@ -64,15 +65,16 @@ def experts_on(store: OffloadedExperts, ids: list[int], device) -> tuple:
         part = t[ids[0] : ids[-1] + 1] if sel is None else t.index_select(0, sel)
         return part.to(device)
 
-    if store.format.quantized:
-        gu = dequantize(moved(store.gu), moved(store.gu_s), store.format)
+    dtype = store.dtype
+    if store.format.quantized:  # each part in the model's dtype before the next is dequantized (float32)
+        gu = dequantize(moved(store.gu), moved(store.gu_s), store.format).to(dtype)
         if store.up is not None:  # a GGUF's up rows apart from its gate rows
-            gu = torch.cat([gu, dequantize(moved(store.up), None, store.up_format)], dim=-2)
-        dn = dequantize(moved(store.dn), moved(store.dn_s), store.down_format)
+            gu = torch.cat([gu, dequantize(moved(store.up), None, store.up_format).to(dtype)], dim=-2)
+        dn = dequantize(moved(store.dn), moved(store.dn_s), store.down_format).to(dtype)
     else:
         gu, dn = moved(store.gu), moved(store.dn)
     biases = (moved(store.gu_b), moved(store.dn_b))
-    return (gu.to(store.dtype), dn.to(store.dtype), *(None if b is None else b.to(store.dtype) for b in biases))  # type: ignore[union-attr]
+    return (gu.to(dtype), dn.to(dtype), *(None if b is None else b.to(dtype) for b in biases))  # type: ignore[union-attr]
 
 
 def grouped_ffn(x, rows, ws, segs, gu, dn, gu_b, dn_b, act, weight_input: bool) -> torch.Tensor:
