@@ -168,6 +168,33 @@ def test_segmented_decoder_same_tokens(ckpt, reference, bits):
     assert got == want
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_segmented_decoder_tied_quantized_table_same_logits(tiny, reference, device):
+    """--keep-quantized on tied embeddings: one quantized table serves the first segment's lookup
+    and the last one's head; the segments (CUDA graphs on a GPU) give the plain decode's logits at
+    every position of a fixed sequence (the same kernels on the same inputs: equal up to float
+    summation order)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from llmarch.runtime.experts.decode import attach_decoder
+    from llmarch.runtime.generate import Generator
+    from llmarch.runtime.load import load_runtime
+
+    path = tiny("qwen3_moe", **SLICE, tie_word_embeddings=True)
+    seq = reference[0] + reference[1]
+    gens = []
+    for segmented in (False, True):
+        rt = load_runtime(str(path), device, "float32", quant_bits=8, experts="cpu", expert_bits=8)
+        assert rt.model.tied_quant is not None
+        gens.append(Generator(rt, len(seq) + 1, cuda_graph=segmented))
+        assert not segmented or attach_decoder(gens[-1])
+    assert gens[1]._step_eager.__self__.graphs == (device == "cuda")
+    with torch.inference_mode():
+        for pos, t in enumerate(seq):
+            a, b = (g._step_eager(torch.tensor([[t]], device=device), pos).float().cpu() for g in gens)
+            assert (a - b).abs().max().item() < 1e-5 * a.abs().max().item(), pos
+
+
 class TorchShare:
     """A GPU share's arithmetic in torch, as moe_cpu.c rounds its inputs (int8 per 64 values, the
     input and the activation): the experts of the first `slots` router slots, dequantized by the

@@ -158,7 +158,6 @@ class SegmentedDecoder:
         self.ok = (
             bool(self.cuts)
             and all(b.attn_post_norm is None and b.ffn_post_norm is None for b in blocks)
-            and model.tied_quant is None
             and model.pos_embed is None
             and not any(blocks[i].mlp.experts.hot_n for i in self.cuts)
         )  # hot experts: the eager path
