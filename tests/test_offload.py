@@ -216,7 +216,7 @@ def test_segmented_decoder_splits_experts_between_share_and_cpu(ckpt, reference,
     """With a GPU share of 2 router slots (here its arithmetic in torch, rounded as the kernel rounds:
     the Triton products are tested in tests/test_gpu_share.py), the CPU kernel computes the other 2
     from a pack of 2 ids and weights, and the logits are the kernel's alone for all 4 up to float
-    summation order, position by position through a fixed sequence. A slot given to both sides, to
+    summation order and the int8 rounding it moves, position by position through a fixed sequence. A slot given to both sides, to
     neither, or a weight paired with the wrong id is off by a whole expert's share."""
     from llmarch.runtime.experts.decode import SegmentedDecoder, attach_decoder
     from llmarch.runtime.generate import Generator
@@ -239,10 +239,13 @@ def test_segmented_decoder_splits_experts_between_share_and_cpu(ckpt, reference,
         assert attach_decoder(gens[-1])
     dec = gens[1]._step_eager.__self__
     assert (dec.slots, dec.kc, dec.pack.shape[1]) == (2, 2, 2 * 2 + 128)
+    # the kernel rounds its inputs to int8 per 64 values: where its float sums run in another order
+    # than torch's (the host's SIMD width) a value on a rounding boundary moves one step, 3e-4 of the
+    # largest logit on an AVX-512 host (5e-7 on AVX2); one weight paired with the wrong id is 2e-2
     with torch.inference_mode():
         for pos, t in enumerate(seq):
             a, b = (g._step_eager(torch.tensor([[t]]), pos) for g in gens)
-            assert (a - b).abs().max().item() < 1e-4 * a.abs().max().item(), pos
+            assert (a - b).abs().max().item() < 2e-3 * a.abs().max().item(), pos
 
 
 def test_segmented_decoder_shared_expert_same_logits(glm_ckpt, reference):
