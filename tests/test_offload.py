@@ -216,8 +216,9 @@ def test_segmented_decoder_splits_experts_between_share_and_cpu(ckpt, reference,
     """With a GPU share of 2 router slots (here its arithmetic in torch, rounded as the kernel rounds:
     the Triton products are tested in tests/test_gpu_share.py), the CPU kernel computes the other 2
     from a pack of 2 ids and weights, and the logits are the kernel's alone for all 4 up to float
-    summation order and the int8 rounding it moves, position by position through a fixed sequence. A slot given to both sides, to
-    neither, or a weight paired with the wrong id is off by a whole expert's share."""
+    summation order and the int8 rounding it moves, position by position through a fixed sequence.
+    A slot given to both sides, to neither, or a weight paired with the wrong id is off by a whole
+    expert's share."""
     from llmarch.runtime.experts.decode import SegmentedDecoder, attach_decoder
     from llmarch.runtime.generate import Generator
     from llmarch.runtime.load import load_runtime

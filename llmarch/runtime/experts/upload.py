@@ -11,8 +11,8 @@ and more. A decode step and short prompts stay on the CPU, where the bytes do no
 The experts go over in chunks of consecutive ids whose dequantized (float32) size stays under
 UPLOAD_CHUNK_BYTES, and each stored part is dequantized and converted to the model's dtype before
 the next, so the extra GPU memory is about that bound whatever the expert count (`llmarch fit`
-plans it: plan.memory.upload_chunk_bytes); a chunk's ids that form
-one range are copied as one slice of the store (no gather on the host first). Hot experts already
+shows it beside its plan: plan.memory.upload_chunk_bytes); a chunk's ids that form one range are
+copied as one slice of the store (no gather on the host first). Hot experts already
 on the GPU are used as they are. Where torch._grouped_mm runs (bf16 on sm90/sm100) a chunk's
 experts are two grouped products; elsewhere the usual expert loop.
 """
