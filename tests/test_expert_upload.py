@@ -115,6 +115,27 @@ def test_no_room_for_one_expert_leaves_the_call_to_the_cpu(monkeypatch):
     assert st.bytes_read == 0
 
 
+@pytest.mark.parametrize("chunk_experts", [2.5, 100])
+def test_fit_shows_the_chunk_the_upload_takes(tiny, chunk_experts, monkeypatch):
+    """`llmarch fit`'s upload bound (plan.memory.upload_chunk_bytes, from the spec alone) is the float32
+    bytes of the experts the runtime's upload takes in one chunk from a loaded model's store: a chunk
+    bound between two experts' sizes, and one above all of a layer's experts."""
+    from llmarch.api import load_spec
+    from llmarch.plan import memory as mem
+    from llmarch.runtime.experts import upload
+    from llmarch.runtime.experts.report import offloaded
+    from llmarch.runtime.load import load_runtime
+
+    path = str(tiny("qwen3_moe", hidden_size=128, moe_intermediate_size=64, num_experts=8))
+    st = offloaded(load_runtime(path, "cpu", "float32", experts="cpu", expert_bits=4).model)[0]
+    one = 4 * 3 * st.inter * st.d
+    for module in (mem, upload):
+        monkeypatch.setattr(module, "UPLOAD_CHUNK_BYTES", int(chunk_experts * one))
+    per = min(upload.experts_per_chunk(st, "cpu"), st.E)
+    assert per == min(int(chunk_experts), 8)
+    assert mem.upload_chunk_bytes(load_spec(path)) == per * one
+
+
 def test_only_long_calls_on_a_gpu_upload():
     from llmarch.runtime.experts.upload import UPLOAD_TOKENS, worth_uploading
 
