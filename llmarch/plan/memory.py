@@ -151,8 +151,13 @@ def upload_chunk_bytes(spec: ArchSpec) -> int:
     at the time and leaves the prompt's experts to the CPU where not even one fits."""
     if not spec.moe:
         return 0
-    one = 4 * 3 * spec.hidden_size * (spec.moe.expert_ffn or spec.intermediate_size or 0)
+    one = upload_expert_bytes(spec.hidden_size, spec.moe.expert_ffn or spec.intermediate_size or 0)
     return min(UPLOAD_CHUNK_BYTES // one, spec.moe.experts) * one if one else 0
+
+
+def upload_expert_bytes(d: int, inter: int) -> int:
+    """One expert dequantized for the upload: gate, up and down in float32, what a chunk is counted in."""
+    return 4 * 3 * d * inter
 
 
 def largest_context(need, budget: int, limit: int) -> int:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llmarch.plan.memory import UPLOAD_CHUNK_BYTES, UPLOAD_TOKENS
+from llmarch.plan.memory import UPLOAD_CHUNK_BYTES, UPLOAD_TOKENS, upload_expert_bytes
 from llmarch.runtime.experts.formats import dequantize
 from llmarch.runtime.experts.stores import expert_loop, group_by_expert, grouped_mm_fits, routed_static
 
@@ -43,7 +43,7 @@ def experts_per_chunk(store: OffloadedExperts, device) -> int:
     there now (the allocator's cached blocks count as free) where that is less; 0 where not even
     one expert fits, and the CPU computes the call as for decode. A GPU the planner filled with
     the model and its cache is thus never pushed out of memory by a prompt."""
-    one = 4 * 3 * store.inter * store.d
+    one = upload_expert_bytes(store.d, store.inter)
     free = UPLOAD_CHUNK_BYTES
     if torch.device(device).type == "cuda":
         gpu_free = torch.cuda.mem_get_info(device)[0]
