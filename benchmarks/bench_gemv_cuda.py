@@ -296,7 +296,8 @@ def _kernel_modes_timed(a, torch, gv, rate: float, out: dict, modes, tiles, t0: 
 # what each decode variant switches: the GEMV kernel, the fused decode attention op, the gated
 # epilogue (silu(gate) * up in the gate|up GEMV), the attention op that also norms and rotates q/k
 # and writes the cache, the pre-norms in the GEMVs' prologue and the residual adds in their
-# epilogue; "1" = off, as the runtime reads them
+# epilogue, the GEMVs' weight tiles a step ahead, PDL for the Triton kernels, and the one-row GEMVs by
+# the CUDA kernel that streams weights through shared memory; "1" = off, as the runtime reads them
 SWITCHES = (
     "LLMARCH_NO_GEMV",
     "LLMARCH_NO_DECODE_ATTN",
@@ -305,18 +306,21 @@ SWITCHES = (
     "LLMARCH_NO_FUSED_NORM",
     "LLMARCH_NO_GEMV_AHEAD",
     "LLMARCH_NO_PDL",
+    "LLMARCH_NO_GEMV_STREAM",
 )
 VARIANTS = {
-    "torch": ("1", "1", "1", "1", "1", "1", "1"),  # torch's matmuls (inductor's under --compile) and attention
-    "gemv": ("0", "1", "1", "1", "1", "1", "1"),  # the GEMV kernel alone
-    "attn": ("0", "0", "1", "1", "1", "1", "1"),  # + the decode attention op
-    "glu": ("0", "1", "0", "1", "1", "1", "1"),  # + the gated epilogue
-    "fused": ("0", "0", "0", "1", "1", "1", "1"),  # + both
-    "full": ("0", "0", "0", "0", "1", "1", "1"),  # + q/k norm, RoPE and the cache write in the attention op
-    "norm": ("0", "0", "0", "0", "0", "1", "1"),  # + the norm prologues and residual-add epilogues
-    "ahead": ("0", "0", "0", "0", "0", "0", "1"),  # + the GEMVs' weight tiles loaded a step ahead
-    "pdlonly": ("0", "0", "0", "0", "0", "1", "0"),  # norm + programmatic dependent launches
-    "pdl": ("0", "0", "0", "0", "0", "0", "0"),  # + both: the first tile's loads before the PDL wait
+    "torch": ("1", "1", "1", "1", "1", "1", "1", "1"),  # torch's matmuls (inductor's under --compile) and attention
+    "gemv": ("0", "1", "1", "1", "1", "1", "1", "1"),  # the GEMV kernel alone
+    "attn": ("0", "0", "1", "1", "1", "1", "1", "1"),  # + the decode attention op
+    "glu": ("0", "1", "0", "1", "1", "1", "1", "1"),  # + the gated epilogue
+    "fused": ("0", "0", "0", "1", "1", "1", "1", "1"),  # + both
+    "full": ("0", "0", "0", "0", "1", "1", "1", "1"),  # + q/k norm, RoPE and the cache write in the attention op
+    "norm": ("0", "0", "0", "0", "0", "1", "1", "1"),  # + the norm prologues and residual-add epilogues
+    "ahead": ("0", "0", "0", "0", "0", "0", "1", "1"),  # + the GEMVs' weight tiles loaded a step ahead
+    "pdlonly": ("0", "0", "0", "0", "0", "1", "0", "1"),  # norm + programmatic dependent launches
+    "pdl": ("0", "0", "0", "0", "0", "0", "0", "1"),  # + both: the first tile's loads before the PDL wait
+    "stream": ("0", "0", "0", "0", "0", "1", "1", "0"),  # norm, one-row GEMVs by gemv_stream_cuda's kernel
+    "streampdl": ("0", "0", "0", "0", "0", "1", "0", "0"),  # + the attention op a PDL launch too
 }
 # kernels --modes: (LLMARCH_NO_GEMV_AHEAD, LLMARCH_NO_PDL) of each way a matrix's launches are timed
 MODES = {"plain": ("1", "1"), "ahead": ("0", "1"), "pdl": ("0", "0"), "pdlonly": ("1", "0")}

@@ -172,7 +172,6 @@ gemv_tma(const bf16* __restrict__ w, const bf16* __restrict__ x, const bf16* __r
 """
 
 THREADS = 256
-STAGE_TARGET = 32 * 1024
 
 
 class _Value(ctypes.Union):
@@ -228,9 +227,11 @@ def compile_cuda(torch, libcuda, src: str, name: str) -> ctypes.c_void_p:
 class Kernel:
     """One compiled configuration: K, rows a chunk, stages, GLU / NORM / RES, PDL."""
 
-    def __init__(self, torch, K: int, glu: bool, norm: bool, res: bool, stages: int, pdl: bool):
+    def __init__(
+        self, torch, K: int, glu: bool, norm: bool, res: bool, stages: int, pdl: bool, carveout=None, stage_kb=32
+    ):
         parts = 2 if glu else 1
-        self.cr = max(1, min(8, STAGE_TARGET // (K * 2 * parts)))
+        self.cr = max(1, min(8, stage_kb * 1024 // (K * 2 * parts)))
         assert (THREADS // self.cr) % 32 == 0 and (K // 8) % (THREADS // self.cr) == 0, (K, self.cr)
         defs = dict(K=K, GLU=int(glu), NORM=int(norm), RES=int(res), STAGES=stages, PDL=int(pdl), THREADS=THREADS,
                     CR=self.cr)  # fmt: skip
@@ -240,6 +241,8 @@ class Kernel:
         wpr = THREADS // self.cr // 32
         self.smem = stages * self.cr * K * 2 * parts + K * 2 + (2 * self.cr * wpr * parts + 32) * 4 + stages * 8
         _check(self.lib.cuFuncSetAttribute(self.func, 8, self.smem), "cuFuncSetAttribute")  # max dynamic smem
+        if carveout is not None:  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, % of the SM's
+            _check(self.lib.cuFuncSetAttribute(self.func, 9, carveout), "cuFuncSetAttribute")
         self.pdl = pdl
         self.torch = torch
         self.sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -262,6 +265,9 @@ def main() -> None:
     ap.add_argument("--model", default="llama-3.2-1b")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--stages", default="3", help="ring depths to try, comma-separated")
+    ap.add_argument("--stage-kb", default="32", help="KB a stage aims at, comma-separated")
+    ap.add_argument("--carveout", action="store_true", help="also with the SM's shared-memory carveout at 100%%")
+    ap.add_argument("--unchained", action="store_true", help="also as plain launches (no PDL)")
     ap.add_argument("--json")
     a = ap.parse_args()
 
@@ -300,11 +306,11 @@ def main() -> None:
         if only is None:
             gv.launch(x, whead, None, logits, norm_w=nw, eps=1e-5)
 
-    def tma_chain(stages: int, pdl: bool):
-        kq = Kernel(torch, D, False, True, False, stages, pdl)
-        ko = Kernel(torch, Q, False, False, True, stages, pdl)
-        kg = Kernel(torch, D, True, True, False, stages, pdl)
-        kd = Kernel(torch, F, False, False, True, stages, pdl)
+    def tma_chain(stages: int, pdl: bool, carveout=None, stage_kb=32):
+        kq = Kernel(torch, D, False, True, False, stages, pdl, carveout, stage_kb)
+        ko = Kernel(torch, Q, False, False, True, stages, pdl, carveout, stage_kb)
+        kg = Kernel(torch, D, True, True, False, stages, pdl, carveout, stage_kb)
+        kd = Kernel(torch, F, False, False, True, stages, pdl, carveout, stage_kb)
 
         def run(x, q, h, logits, only=None):
             for layer in range(L):
@@ -330,23 +336,29 @@ def main() -> None:
     torch.cuda.synchronize()
     variants = {"launches (Triton)": launches}
     out: dict = {"model": a.model, "bytes": nbytes, "rows": []}
-    for st in [int(s) for s in a.stages.split(",") if s]:
-        for pdl in (True, False):
-            name = f"tma {st} stages" + (" pdl" if pdl else "")
-            try:
-                fn = tma_chain(st, pdl)
-                b = bufs()
-                fn(*b)
-                torch.cuda.synchronize()
-            except Exception as e:
-                print(f"{name}: {type(e).__name__}: {str(e)[:400]}", flush=True)
-                continue
-            err = ((b[3].double() - ref[3].double()).norm() / ref[3].double().norm()).item()
-            errx = ((b[0].double() - ref[0].double()).norm() / ref[0].double().norm()).item()
-            print(f"{name}: logits rel. error {err:.2e}, x {errx:.2e} against the launches", flush=True)
-            out["rows"].append({"variant": name, "rel_err_logits": err, "rel_err_x": errx})
-            if err < 0.05:
-                variants[name] = fn
+    configs = [
+        (int(st), kb, pdl, None) for kb in a.stage_kb.split(",") for st in a.stages.split(",") for pdl in (True, False)
+    ]
+    if a.carveout:
+        configs += [(int(st), kb, True, 100) for kb in a.stage_kb.split(",") for st in a.stages.split(",")]
+    for st, kb, pdl, carveout in configs:
+        if not pdl and not a.unchained:
+            continue
+        name = f"tma {st}x{kb} KB" + (" pdl" if pdl else "") + (f" carveout {carveout}" if carveout else "")
+        try:
+            fn = tma_chain(st, pdl, carveout, int(kb))
+            b = bufs()
+            fn(*b)
+            torch.cuda.synchronize()
+        except Exception as e:
+            print(f"{name}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+            continue
+        err = ((b[3].double() - ref[3].double()).norm() / ref[3].double().norm()).item()
+        errx = ((b[0].double() - ref[0].double()).norm() / ref[0].double().norm()).item()
+        print(f"{name}: logits rel. error {err:.2e}, x {errx:.2e} against the launches", flush=True)
+        out["rows"].append({"variant": name, "rel_err_logits": err, "rel_err_x": errx})
+        if err < 0.05:
+            variants[name] = fn
     rate = copy_rate(torch)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{a.model}: {nbytes / 1e9:.2f} GB of weights a step, copy rate {rate / 1e12:.2f} TB/s, "
@@ -378,7 +390,7 @@ def main() -> None:
         label = only or "whole chain"
         for n in names:
             t = statistics.median(times[n])
-            print(f"  {label:11s} {n:22s} {t * 1e6:7.1f} us, {100 * nb / rate / t:5.1f}% of bound, "
+            print(f"  {label:11s} {n:32s} {t * 1e6:7.1f} us, {100 * nb / rate / t:5.1f}% of bound, "
                   f"{base / t:.3f}x launches", flush=True)  # fmt: skip
             out["rows"].append({"kind": label, "variant": n, "us": t * 1e6, "samples_us": [v * 1e6 for v in times[n]]})
     out["copy_rate"] = rate

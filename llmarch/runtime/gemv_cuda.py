@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmarch.runtime import gemv_stream_cuda
 from llmarch.runtime.gguf_cuda import available, interpreting, switched_on
 from llmarch.runtime.ops.norms import RMSNorm
 
@@ -54,6 +55,10 @@ PDL = False
 # LLMARCH_NO_GEMV_AHEAD is unset. Off: Triton then keeps a several-step loop rolled, and the
 # 2048x8192 down GEMV ran 1.3x slower on the H200 (README)
 AHEAD = False
+# one-row products on sm90+ by gemv_stream_cuda's CUDA kernel (weights streamed through shared memory
+# by bulk copies issued before its PDL wait) when LLMARCH_NO_GEMV_STREAM is unset; the Triton kernel
+# takes what it does not
+STREAM = True
 
 
 @cache
@@ -75,6 +80,12 @@ def pdl(device: torch.device) -> bool:
     if device.type != "cuda" or interpreting() or not _sm90(device.index or 0):
         return False
     return switched_on("LLMARCH_NO_PDL", PDL)
+
+
+def streaming(device: torch.device) -> bool:
+    """Whether a one-row product launched now on `device` may take gemv_stream_cuda's kernel: CUDA (not
+    the interpreter), LLMARCH_NO_GEMV_STREAM=1 no, =0 yes, unset: STREAM (read at each launch, as pdl())."""
+    return device.type == "cuda" and not interpreting() and switched_on("LLMARCH_NO_GEMV_STREAM", STREAM)
 
 
 def ahead() -> bool:
@@ -128,6 +139,8 @@ def launch(
     w must not be written by the kernel launched just before: with ahead() and pdl() the first
     weight tile is read before the wait for that kernel (a model's weights are not)."""
     M, K = x.shape
+    if M == 1 and streaming(x.device) and gemv_stream_cuda.launch(x, w, b, y, glu, norm_w, eps, residual):
+        return
     N = w.shape[0] // 2 if glu else w.shape[0]
     mp = 1 << (M - 1).bit_length()
     if interpreting():

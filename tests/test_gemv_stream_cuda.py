@@ -1,0 +1,179 @@
+"""gemv_stream_cuda: the one-row decode GEMV as a CUDA kernel that streams weights through shared memory.
+
+- plan() (any machine): a CTA's shared memory leaves room for a second kernel's CTA on a sm90 SM
+  (228 KB a SM, 1 KB reserved a CTA, 227 KB at most a block: the CUDA programming guide's figures
+  for compute capability 9.0), and the widths of the decode matrices of the families we run
+  (256..16384 values, gate|up up to 8192) are taken;
+- on a sm90+ GPU (LLMARCH_TEST_DEVICE=cuda): the kernel takes the product (launch() answers True)
+  and matches float64 on shapes that exercise the ring (more stages than it holds, a partial last
+  stage, CTAs of no rows where N is below the SM count, widths not a multiple of a thread's step),
+  with bias, the gated epilogue, the norm prologue (float32 and 16-bit norm weights) and the residual
+  epilogue, bfloat16 and float16;
+- a chain of such launches, each reading the one before's output, captured in a CUDA graph and
+  replayed on two inputs in turn gives, bit for bit, what it gave eagerly on that input, and that is
+  the Triton kernel's chain (LLMARCH_NO_GEMV_STREAM=1) within bf16 rounding: a kernel that read its
+  input before the kernel before had written it would read the other input's values.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_gemv_cuda import on_cuda
+from test_gguf_cuda import DEVICE, close
+
+from llmarch.runtime import gemv_cuda as gv
+from llmarch.runtime import gemv_stream_cuda as gs
+
+SM_SHARED = 228 * 1024
+CTA_RESERVED = 1024
+BLOCK_MAX = 227 * 1024
+
+
+@pytest.mark.parametrize("K", [256, 896, 1000, 2048, 2560, 3072, 4096, 5120, 6144, 8192, 11008, 14336, 16384])
+@pytest.mark.parametrize("glu", [False, True])
+def test_plan_leaves_room_for_the_next_kernels_cta(K, glu):
+    p = gs.plan(K, glu)
+    if glu and K > 8192:
+        assert p is None or 2 * (p[2] + CTA_RESERVED) <= SM_SHARED
+        return
+    assert p is not None, f"width {K} (glu={glu}) not taken"
+    rows, stages, shared = p
+    assert rows in (1, 2, 4, 8) and stages >= 2
+    assert shared <= BLOCK_MAX and 2 * (shared + CTA_RESERVED) <= SM_SHARED
+    assert shared >= stages * rows * K * 2 * (2 if glu else 1) + K * 2, "the ring and the input row"
+
+
+def test_plan_refuses_rows_too_wide_for_two_stages():
+    assert gs.plan(32768, False) is None and gs.plan(16384, True) is None
+
+
+sm90 = pytest.mark.skipif(
+    not DEVICE.startswith("cuda") or not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+    reason="needs LLMARCH_TEST_DEVICE=cuda and a sm90+ GPU",
+)
+
+
+def _rand(shape, g, scale=1.0, dtype=torch.bfloat16):
+    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)
+
+
+# (N, K): N below the SM count, partial last stages, several ring turns (3000 rows of 2048 over
+# 132 CTAs: 23 rows, three 8-row stages), K not a multiple of a row's thread step (1000, 72)
+SHAPES = [(9, 2048), (37, 1000), (3000, 2048), (2048, 8192), (700, 72), (5000, 4096)]
+
+
+@sm90
+@pytest.mark.parametrize("N,K", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
+def test_kernel_matches_float64(N, K, dtype, bias):
+    g = torch.Generator().manual_seed(N + K)
+    x, w = _rand((1, K), g, dtype=dtype), _rand((N, K), g, K**-0.5, dtype)
+    b = _rand((N,), g, dtype=dtype) if bias else None
+    y = torch.full((1, N), float("nan"), dtype=dtype, device=DEVICE)
+    assert gs.launch(x, w, b, y, False, None, 0.0, None), "the stream kernel did not take it"
+    torch.cuda.synchronize()
+    assert not y.isnan().any(), "an output element was not written"
+    wd = w.double().cpu()
+    if b is None:
+        close(y, x, wd)
+    else:
+        ones = torch.ones(1, 1, dtype=dtype, device=DEVICE)
+        close(y, torch.cat([x, ones], 1), torch.cat([wd, b.double().cpu()[:, None]], 1))
+
+
+@sm90
+@pytest.mark.parametrize("H,K", [(9, 2048), (1500, 2048), (300, 8192), (50, 1000), (8192, 2048)])
+@pytest.mark.parametrize("norm", ["", "f32", "16"])
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
+def test_gated_epilogue_and_norm_prologue_match_float64(H, K, norm, bias):
+    """silu(gate) * up (+ the biases) of x or of rms_norm(x) * nw, eps 0.3 (large, so dropping it
+    would show): float32 accumulation (1e-5 of sum |w| |x|), the normed row's rounding (an ulp) and
+    y's own rounding."""
+    g = torch.Generator().manual_seed(H * 3 + K)
+    x, w = _rand((1, K), g), _rand((2 * H, K), g, K**-0.5)
+    b = _rand((2 * H,), g) if bias else None
+    nw = (torch.rand(K, generator=g) + 0.5).to(torch.bfloat16)
+    nw_arg = None if not norm else (nw.float() if norm == "f32" else nw).to(DEVICE)
+    y = torch.full((1, H), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    assert gs.launch(x, w, b, y, True, nw_arg, 0.3, None)
+    torch.cuda.synchronize()
+    xd, wd = x.double().cpu(), w.double().cpu()
+    if norm:
+        xd = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 0.3) * nw.double()
+    s, sabs = xd @ wd.T, xd.abs() @ wd.abs().T
+    if b is not None:
+        s = s + b.double().cpu()
+    gate, up = s[:, :H], s[:, H:]
+    exact = F.silu(gate) * up
+    ulp = torch.finfo(torch.bfloat16).eps
+    rel = 1e-5 + (ulp if norm else 0)
+    dgate, dup = rel * sabs[:, :H], rel * sabs[:, H:]
+    slack = (gate.abs() + dgate) * dup + dgate * (up.abs() + dup) + ulp * exact.abs() + 1e-6
+    err = (y.double().cpu() - exact).abs()
+    assert torch.all(err <= slack), f"max error {err.max():.3g}"
+    assert err.max() < 0.1 * exact.abs().max(), "the bound is not loose enough to pass anything"
+
+
+@sm90
+@pytest.mark.parametrize("N,K", [(2048, 2048), (37, 8192), (3000, 1000)])
+def test_residual_epilogue_matches_float64(N, K):
+    g = torch.Generator().manual_seed(N - K)
+    x, w, r = _rand((1, K), g), _rand((N, K), g, K**-0.5), _rand((1, N), g, 3.0)
+    y = torch.full((1, N), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    assert gs.launch(x, w, None, y, False, None, 0.0, r)
+    torch.cuda.synchronize()
+    xd, wd = x.double().cpu(), w.double().cpu()
+    p = xd @ wd.T
+    exact = r.double().cpu() + p
+    eps = torch.finfo(torch.bfloat16).eps
+    slack = 1e-5 * (xd.abs() @ wd.abs().T) + eps * p.abs() + eps * exact.abs() + 1e-7
+    err = (y.double().cpu() - exact).abs()
+    assert torch.all(err <= slack), f"max error {err.max():.3g}"
+
+
+def _chain(x, layers):
+    """A decode step's shape of dependent launches: q|k|v (norm prologue), o (residual epilogue,
+    in place on x), gate|up (gated, norm prologue), down (residual epilogue), each reading the one
+    before's output."""
+    q = torch.empty(1, layers[0][1].shape[0], dtype=x.dtype, device=x.device)
+    h = torch.empty(1, layers[0][3].shape[0] // 2, dtype=x.dtype, device=x.device)
+    for nw, wqkv, wo, wgu, wd in layers:
+        gv.launch(x, wqkv, None, q, norm_w=nw, eps=1e-5)
+        gv.launch(q[:, : wo.shape[1]].contiguous(), wo, None, x, residual=x)
+        gv.launch(x, wgu, None, h, glu=True, norm_w=nw, eps=1e-5)
+        gv.launch(h, wd, None, x, residual=x)
+    return x
+
+
+@sm90
+@on_cuda
+def test_dependent_chain_captured_gives_eager_values_and_the_triton_kernels(monkeypatch):
+    g = torch.Generator().manual_seed(11)
+    d, f = 2048, 4096
+    layers = [
+        (_rand((d,), g, 0.2) + 1, _rand((3072, d), g, d**-0.5), _rand((d, 2048), g, 2048**-0.5),
+         _rand((2 * f, d), g, d**-0.5), _rand((d, f), g, f**-0.5))
+        for _ in range(6)
+    ]  # fmt: skip
+    inputs = [_rand((1, d), g), _rand((1, d), g)]
+    monkeypatch.setenv("LLMARCH_NO_GEMV_STREAM", "1")
+    triton_out = [_chain(x.clone(), layers).float() for x in inputs]
+    gap = (triton_out[0] - triton_out[1]).norm()
+    monkeypatch.setenv("LLMARCH_NO_GEMV_STREAM", "0")
+    assert gv.streaming(inputs[0].device)
+    want = [_chain(x.clone(), layers) for x in inputs]
+    for w, t in zip(want, triton_out, strict=True):
+        assert (w.float() - t).norm() <= 0.02 * gap, "the stream kernels' chain is off the Triton kernel's"
+    x = inputs[0].clone()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _chain(x, layers)
+    for i in (0, 1, 1, 0, 1, 0):
+        x.copy_(inputs[i])
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want[i]), f"replay on input {i}: max diff {(out.float() - want[i].float()).abs().max()}"
