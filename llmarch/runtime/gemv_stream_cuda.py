@@ -231,23 +231,26 @@ def _sm90(index: int) -> bool:
 
 
 @cache
-def plan(K: int, glu: bool) -> tuple[int, int, int] | None:
+def plan(
+    K: int, glu: bool, stage_bytes: int = STAGE_BYTES, stages: int = STAGES, cta_shared: int = CTA_SHARED
+) -> tuple[int, int, int] | None:
     """(rows a stage, stages, shared bytes) for rows of K values (gate and up rows where glu), or
-    None where two stages of one row and the input row do not fit in CTA_SHARED."""
+    None where two stages of one row and the input row do not fit in cta_shared (the other
+    arguments: the probe's sweep of rings)."""
     row = K * 2 * (2 if glu else 1)
     rows = 8
-    while rows > 1 and rows * row > STAGE_BYTES:
+    while rows > 1 and rows * row > stage_bytes:
         rows //= 2
     stage = rows * row
-    fixed = K * 2 + (2 * 8 * (2 if glu else 1) + 32) * 4 + STAGES * 8
-    stages = min(STAGES, (CTA_SHARED - fixed) // stage)
+    fixed = K * 2 + (2 * 8 * (2 if glu else 1) + 32) * 4 + stages * 8
+    stages = min(stages, (cta_shared - fixed) // stage)
     if stages < 2:
         return None
     return rows, stages, stages * stage + fixed
 
 
 @cache
-def _kernel(
+def kernel(
     index: int, K: int, rows: int, stages: int, shared: int, half: bool, glu: bool, norm: str, res: bool, bias: bool
 ):
     defs = {
@@ -293,7 +296,7 @@ def launch(
         return False
     norm = "" if norm_w is None else ("f32" if norm_w.dtype == torch.float32 else "16")
     try:
-        k = _kernel(index, K, *ring, x.dtype == torch.float16, glu, norm, residual is not None, b is not None)
+        k = kernel(index, K, *ring, x.dtype == torch.float16, glu, norm, residual is not None, b is not None)
     except cuda_rtc.RtcError:
         return False
     k.launch(min(_sms(index), N), [w, x, b, norm_w, residual, y, N, float(eps)], dependent=True)
