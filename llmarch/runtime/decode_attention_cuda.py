@@ -84,7 +84,9 @@ def launch(q, k, v, mask, scale: float, out, chunk: int | None = None, new: NewS
         ch = _pow2(-(-chunk // bs), 1) * bs
         splits = -(-S // ch)
     kern = _kernels()
-    dependent = gemv_cuda.pdl(q.device)  # the GEMVs' switch: both or neither, so each pair overlaps
+    early = gemv_cuda.pdl(q.device)  # the GEMVs' switch: both or neither, so each pair overlaps
+    late = not early and gemv_cuda.attention_late_pdl(q.device)
+    dependent = early or late
     launch_opts = {"PDL": dependent, **({"launch_pdl": True} if dependent else {})}
     parts = splits > 1
     if parts:
@@ -141,6 +143,7 @@ def launch(q, k, v, mask, scale: float, out, chunk: int | None = None, new: NewS
         NORM=new is not None and new.q_w is not None,
         ROT=0 if new is None or new.cos is None else new.cos.shape[-1],
         num_warps=8 if rep_p * max(d_p, dv_p) >= 8192 else 4,  # 512-wide heads spill registers with 4
+        LATE=late,
         **launch_opts,
     )
     if parts:

@@ -136,6 +136,7 @@ def decode_attention(
     NORM: tl.constexpr = False,
     ROT: tl.constexpr = 0,
     PDL: tl.constexpr = False,
+    LATE: tl.constexpr = False,
 ):
     """q [B, H, D] (strides sq_*), k [B, KV, S, D], v [B, KV, S, DV] (last dims contiguous), mask
     uint8 [S] (nonzero = visible), out [B, H, DV]; CHUNK slots per split (a multiple of BS). PARTS
@@ -151,9 +152,12 @@ def decode_attention(
 
     PDL: launched as a programmatic dependent launch (launch_pdl, sm90+): the next kernel may launch
     at once (its programs fill the SMs this small grid leaves idle), and every read and write here
-    waits for the previous kernel's writes (gdc_wait)."""
+    waits for the previous kernel's writes (gdc_wait). LATE: the next kernel may launch only once
+    the slots are attended (the program starts early and waits, but no copies of the next kernel
+    compete with its loads)."""
     if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
+        if not LATE:
+            tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     bk = tl.program_id(0)  # batch row * KV + KV head
     sp = tl.program_id(1)
@@ -233,6 +237,8 @@ def decode_attention(
                 DV,
                 False,
             )
+    if PDL and LATE:  # the next kernel only now: its copies would slow this latency-bound loop
+        tl.extra.cuda.gdc_launch_dependents()
     if not PARTS:
         o = acc / l_i[:, None]
         op = out + b * so_b + heads[:, None] * so_h + dv[None, :]

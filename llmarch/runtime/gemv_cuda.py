@@ -21,7 +21,10 @@ gated_silu's norm: q|k|v, gate|up, the head after the final norm), and its resid
 epilogue of the GEMV whose output is added (linear_add: o, down): a plain pre-norm layer is then
 four GEMV launches and the attention op, no normed row or un-added output written between them.
 
-Two launch options stay off by default, measured slower on the H200 (README): programmatic dependent
+On sm90+ a one-row product goes to gemv_stream_cuda's CUDA kernel instead (weights streamed through
+shared memory by bulk copies asked for before its programmatic-dependent-launch wait), the decode
+attention op then launched early beside it (attention_late_pdl); the Triton kernel takes what it
+does not. Two launch options of the Triton kernel stay off by default, measured slower on the H200 (README): programmatic dependent
 launches (pdl(), LLMARCH_NO_PDL=0) and weight tiles loaded a step ahead (ahead(), LLMARCH_NO_GEMV_AHEAD=0).
 """
 
@@ -59,6 +62,10 @@ AHEAD = False
 # by bulk copies issued before its PDL wait) when LLMARCH_NO_GEMV_STREAM is unset; the Triton kernel
 # takes what it does not
 STREAM = True
+# the decode attention op launched early (PDL) beside the streaming GEMVs, letting the o GEMV launch
+# only at its end, when LLMARCH_NO_ATTN_LATE_PDL is unset: on, since the H200 measured it faster
+# (1.016x Llama, 1.020x Qwen3 over the stream kernels alone), where an early trigger lost 7%
+ATTN_LATE_PDL = True
 
 
 @cache
@@ -86,6 +93,15 @@ def streaming(device: torch.device) -> bool:
     """Whether a one-row product launched now on `device` may take gemv_stream_cuda's kernel: CUDA (not
     the interpreter), LLMARCH_NO_GEMV_STREAM=1 no, =0 yes, unset: STREAM (read at each launch, as pdl())."""
     return device.type == "cuda" and not interpreting() and switched_on("LLMARCH_NO_GEMV_STREAM", STREAM)
+
+
+def attention_late_pdl(device: torch.device) -> bool:
+    """Whether the decode attention op goes as a programmatic dependent launch that lets the next
+    kernel launch only at its end (the GEMVs streaming, sm90+): LLMARCH_NO_ATTN_LATE_PDL=1 no, =0
+    yes, unset: ATTN_LATE_PDL (read at each launch, as pdl())."""
+    if not streaming(device) or not _sm90(device.index or 0):
+        return False
+    return switched_on("LLMARCH_NO_ATTN_LATE_PDL", ATTN_LATE_PDL)
 
 
 def ahead() -> bool:
@@ -358,4 +374,6 @@ def use_for_decode(model: nn.Module) -> str | None:
         n += 1
     if not n:
         return None
-    return f"{n} matrices take the Triton decode GEMV for one-token steps on CUDA (LLMARCH_NO_GEMV=1: torch's)"
+    device = next(m.weight.device for m in model.modules() if isinstance(m, DecodeLinear))
+    kernel = "CUDA (streaming)" if streaming(device) and gemv_stream_cuda.usable(device) else "Triton"
+    return f"{n} matrices take the {kernel} decode GEMV for one-token steps on CUDA (LLMARCH_NO_GEMV=1: torch's)"
