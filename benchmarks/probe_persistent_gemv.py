@@ -254,33 +254,12 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
-    from bench_gemv_cuda import matrices
-    from bench_run_gpu import SHAPES, copy_rate
+    from bench_run_gpu import copy_rate
+    from gemv_chain import Chain, graph_times
 
-    from llmarch.runtime import gemv_cuda as gv
-
-    cfg = SHAPES[a.model][1]
-    dims = {name: (N, K) for name, N, K, _ in matrices(cfg)}
-    L, D, F, V = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"], dims["head"][0]
-    NQKV, Q = dims["qkv"][0], dims["o"][1]
-    bf = torch.bfloat16
-    torch.manual_seed(0)
-
-    def w(*shape):
-        return torch.randn(*shape, device="cuda", dtype=bf) / shape[-1] ** 0.5
-
-    wqkv, wo, wgu, wd, whead = w(L, NQKV, D), w(L, D, Q), w(L, 2 * F, D), w(L, D, F), w(V, D)
-    nw = torch.ones(D, device="cuda", dtype=bf)
-    x0 = torch.randn(1, D, device="cuda", dtype=bf)
-    nbytes = sum(t.numel() * 2 for t in (wqkv, wo, wgu, wd, whead))
-
-    def launches(x, q, h, logits):
-        for layer in range(L):
-            gv.launch(x, wqkv[layer], None, q, norm_w=nw, eps=1e-5)
-            gv.launch(q[:, :Q], wo[layer], None, x, residual=x)
-            gv.launch(x, wgu[layer], None, h, glu=True, norm_w=nw, eps=1e-5)
-            gv.launch(h, wd[layer], None, x, residual=x)
-        gv.launch(x, whead, None, logits, norm_w=nw, eps=1e-5)
+    c = Chain(torch, a.model)
+    L, D, F, V, NQKV, Q, nw = c.L, c.D, c.F, c.V, c.NQKV, c.Q, c.nw
+    wqkv, wo, wgu, wd, whead, nbytes = c.wqkv, c.wo, c.wgu, c.wd, c.whead, c.bytes
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     bar = torch.zeros(1, device="cuda", dtype=torch.int32)
@@ -309,14 +288,12 @@ def main() -> None:
             return f"{k.n_regs} registers a thread, {k.metadata.shared} B shared: not {per_sm} a SM"
         return None
 
-    def bufs():
-        return (x0.clone(), torch.empty(1, NQKV, device="cuda", dtype=bf), torch.empty(1, F, device="cuda", dtype=bf),
-                torch.empty(1, V, device="cuda", dtype=bf))  # fmt: skip
+    bufs = c.bufs
 
     ref = bufs()
-    launches(*ref)
+    c.launches(*ref)
     torch.cuda.synchronize()
-    variants = {"launches": lambda b: launches(*b)}
+    variants = {"launches": lambda b: c.launches(*b)}
     out = {"model": a.model, "bytes": nbytes, "rows": []}
     runs = [(ts, p, 0) for ts in a.tiles.split(";") for p in a.programs.split(",")]
     runs += [
@@ -336,35 +313,14 @@ def main() -> None:
         except Exception as e:
             print(f"{name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
-        err = ((b[3].double() - ref[3].double()).norm() / ref[3].double().norm()).item()
-        errx = ((b[0].double() - ref[0].double()).norm() / ref[0].double().norm()).item()
+        err, errx = c.errors(b, ref)
         print(f"{name}: logits rel. error {err:.2e}, x {errx:.2e} against the launches", flush=True)
         out["rows"].append({"variant": name, "rel_err_logits": err, "rel_err_x": errx})
         if err < 0.05:
             variants[name] = lambda b, tile=tile, per_sm=per_sm, st=stages: persistent(*b, tile, per_sm, stages=st)
-    graphs = {}
-    for name, fn in variants.items():
-        b = bufs()
-        fn(b)
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(10):
-                fn(b)
-        graphs[name] = g
     rate = copy_rate(torch)
-    times: dict = {n: [] for n in graphs}
-    names = list(graphs)
-    for r in range(a.rounds):
-        for n in names if r % 2 == 0 else names[::-1]:
-            graphs[n].replay()
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            for _ in range(3):
-                graphs[n].replay()
-            e.record()
-            torch.cuda.synchronize()
-            times[n].append(s.elapsed_time(e) / 1e3 / 30)
+    times = graph_times(torch, variants, bufs, a.rounds)
+    names = list(times)
     base = statistics.median(times["launches"])
     print(f"{a.model}: {nbytes / 1e9:.2f} GB of weights a step, copy rate {rate / 1e12:.2f} TB/s, "
           f"bound {nbytes / rate * 1e6:.0f} us, {sms} SMs; load {os.getloadavg()[0]:.1f}")  # fmt: skip

@@ -62,70 +62,37 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
-    from bench_gemv_cuda import matrices
-    from bench_run_gpu import SHAPES, copy_rate
+    from bench_run_gpu import copy_rate
+    from gemv_chain import Chain, graph_times
 
-    from llmarch.runtime import gemv_cuda as gv
-
-    cfg = SHAPES[a.model][1]
-    dims = {name: (N, K) for name, N, K, _ in matrices(cfg)}
-    L, D, F, V = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"], dims["head"][0]
-    NQKV, Q = dims["qkv"][0], dims["o"][1]
-    bf = torch.bfloat16
-    torch.manual_seed(0)
-
-    def w(*shape):
-        return torch.randn(*shape, device="cuda", dtype=bf) / shape[-1] ** 0.5
-
-    wqkv, wo, wgu, wd, whead = w(L, NQKV, D), w(L, D, Q), w(L, 2 * F, D), w(L, D, F), w(V, D)
-    nw = torch.ones(D, device="cuda", dtype=bf)
-    x0 = torch.randn(1, D, device="cuda", dtype=bf)
-    nbytes = sum(t.numel() * 2 for t in (wqkv, wo, wgu, wd, whead))
-    kind_bytes = {"qkv": wqkv.numel() * 2, "o": wo.numel() * 2, "gate|up": wgu.numel() * 2, "down": wd.numel() * 2}
-
-    def launches(x, q, h, logits, only=None):
-        for layer in range(L):
-            if only in (None, "qkv"):
-                gv.launch(x, wqkv[layer], None, q, norm_w=nw, eps=1e-5)
-            if only in (None, "o"):
-                gv.launch(q[:, :Q], wo[layer], None, x, residual=x)
-            if only in (None, "gate|up"):
-                gv.launch(x, wgu[layer], None, h, glu=True, norm_w=nw, eps=1e-5)
-            if only in (None, "down"):
-                gv.launch(h, wd[layer], None, x, residual=x)
-        if only is None:
-            gv.launch(x, whead, None, logits, norm_w=nw, eps=1e-5)
+    c = Chain(torch, a.model)
 
     def tma_chain(stages: int, pdl: bool, stage_kb: int):
-        kq = Kernel(torch, D, False, True, False, stages, pdl, stage_kb)
-        ko = Kernel(torch, Q, False, False, True, stages, pdl, stage_kb)
-        kg = Kernel(torch, D, True, True, False, stages, pdl, stage_kb)
-        kd = Kernel(torch, F, False, False, True, stages, pdl, stage_kb)
+        kq = Kernel(torch, c.D, False, True, False, stages, pdl, stage_kb)
+        ko = Kernel(torch, c.Q, False, False, True, stages, pdl, stage_kb)
+        kg = Kernel(torch, c.D, True, True, False, stages, pdl, stage_kb)
+        kd = Kernel(torch, c.F, False, False, True, stages, pdl, stage_kb)
 
         def run(x, q, h, logits, only=None):
-            for layer in range(L):
+            for layer in range(c.L):
                 if only in (None, "qkv"):
-                    kq(x, wqkv[layer], q, NQKV, nw=nw, eps=1e-5)
+                    kq(x, c.wqkv[layer], q, c.NQKV, nw=c.nw, eps=1e-5)
                 if only in (None, "o"):
-                    ko(q, wo[layer], x, D, res=x)
+                    ko(q, c.wo[layer], x, c.D, res=x)
                 if only in (None, "gate|up"):
-                    kg(x, wgu[layer], h, F, nw=nw, eps=1e-5)
+                    kg(x, c.wgu[layer], h, c.F, nw=c.nw, eps=1e-5)
                 if only in (None, "down"):
-                    kd(h, wd[layer], x, D, res=x)
+                    kd(h, c.wd[layer], x, c.D, res=x)
             if only is None:
-                kq(x, whead, logits, V, nw=nw, eps=1e-5)
+                kq(x, c.whead, logits, c.V, nw=c.nw, eps=1e-5)
 
         return run
 
-    def bufs():
-        return (x0.clone(), torch.empty(1, NQKV, device="cuda", dtype=bf), torch.empty(1, F, device="cuda", dtype=bf),
-                torch.empty(1, V, device="cuda", dtype=bf))  # fmt: skip
-
-    ref = bufs()
-    launches(*ref)
+    ref = c.bufs()
+    c.launches(*ref)
     torch.cuda.synchronize()
-    variants = {"launches (Triton)": launches}
-    out: dict = {"model": a.model, "bytes": nbytes, "rows": []}
+    variants = {"launches (Triton)": c.launches}
+    out: dict = {"model": a.model, "bytes": c.bytes, "rows": []}
     configs = [
         (int(st), int(kb), pdl) for kb in a.stage_kb.split(",") for st in a.stages.split(",") for pdl in (True, False)
     ]
@@ -135,45 +102,25 @@ def main() -> None:
         name = f"tma {st}x{kb} KB" + (" pdl" if pdl else "")
         try:
             fn = tma_chain(st, pdl, kb)
-            b = bufs()
+            b = c.bufs()
             fn(*b)
             torch.cuda.synchronize()
         except Exception as e:
             print(f"{name}: {type(e).__name__}: {str(e)[:400]}", flush=True)
             continue
-        err = ((b[3].double() - ref[3].double()).norm() / ref[3].double().norm()).item()
-        errx = ((b[0].double() - ref[0].double()).norm() / ref[0].double().norm()).item()
+        err, errx = c.errors(b, ref)
         print(f"{name}: logits rel. error {err:.2e}, x {errx:.2e} against the launches", flush=True)
         out["rows"].append({"variant": name, "rel_err_logits": err, "rel_err_x": errx})
         if err < 0.05:
             variants[name] = fn
     rate = copy_rate(torch)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    print(f"{a.model}: {nbytes / 1e9:.2f} GB of weights a step, copy rate {rate / 1e12:.2f} TB/s, "
-          f"bound {nbytes / rate * 1e6:.0f} us, {sms} SMs; load {os.getloadavg()[0]:.1f}")  # fmt: skip
-    for only, nb in [(None, nbytes)] + list(kind_bytes.items()):
-        graphs = {}
-        for name, fn in variants.items():
-            b = bufs()
-            fn(*b, only=only)
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for _ in range(10):
-                    fn(*b, only=only)
-            graphs[name] = g
-        times: dict = {n: [] for n in graphs}
-        names = list(graphs)
-        for r in range(a.rounds):
-            for n in names if r % 2 == 0 else names[::-1]:
-                graphs[n].replay()
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                for _ in range(3):
-                    graphs[n].replay()
-                e.record()
-                torch.cuda.synchronize()
-                times[n].append(s.elapsed_time(e) / 1e3 / 30)
+    print(f"{a.model}: {c.bytes / 1e9:.2f} GB of weights a step, copy rate {rate / 1e12:.2f} TB/s, "
+          f"bound {c.bytes / rate * 1e6:.0f} us, {sms} SMs; load {os.getloadavg()[0]:.1f}")  # fmt: skip
+    for only, nb in [(None, c.bytes), *c.kind_bytes.items()]:
+        timed = {n: (lambda b, fn=fn, only=only: fn(*b, only=only)) for n, fn in variants.items()}
+        times = graph_times(torch, timed, c.bufs, a.rounds)
+        names = list(times)
         base = statistics.median(times[names[0]])
         label = only or "whole chain"
         for n in names:
