@@ -142,8 +142,9 @@ def launch(
     eps: float = 0.0,
     residual: torch.Tensor | None = None,
 ) -> None:
-    """y [M, N] = x [M, K] @ w[N, K]^T (+ b), all contiguous, M <= 4; tile (BN, BK, warps) replaces
-    pick_tile's (benchmarks). glu: w (and b) hold a gated MLP's [gate; up] rows and y [M, N / 2] =
+    """y [M, N] = x [M, K] @ w[N, K]^T (+ b), all contiguous, M <= 4: one row on sm90+ by
+    gemv_stream_cuda where it takes it (streaming()), else the Triton kernel; tile (BN, BK, warps)
+    asks for the Triton kernel with that tile instead of pick_tile's (benchmarks). glu: w (and b) hold a gated MLP's [gate; up] rows and y [M, N / 2] =
     silu(gate) * up, each program taking half the rows pick_tile gives from each half (the same
     weight values a program as without).
 
@@ -152,10 +153,16 @@ def launch(
     kernel's prologue). residual [M, N] (y's dtype, contiguous):
     y = residual + the product (its epilogue).
 
-    w must not be written by the kernel launched just before: with ahead() and pdl() the first
-    weight tile is read before the wait for that kernel (a model's weights are not)."""
+    w must not be written by the kernel launched just before: the stream kernel (and the Triton
+    one with ahead() and pdl()) reads weights before the wait for that kernel (a model's weights
+    are no kernel's output)."""
     M, K = x.shape
-    if M == 1 and streaming(x.device) and gemv_stream_cuda.launch(x, w, b, y, glu, norm_w, eps, residual):
+    if (
+        M == 1
+        and tile is None
+        and streaming(x.device)
+        and gemv_stream_cuda.launch(x, w, b, y, glu, norm_w, eps, residual)
+    ):
         return
     N = w.shape[0] // 2 if glu else w.shape[0]
     mp = 1 << (M - 1).bit_length()
