@@ -105,12 +105,12 @@ def _compile(source: str, arch: str) -> bytes:
 class Kernel:
     """One compiled kernel on one device, launched with a fixed block and dynamic shared memory."""
 
-    def __init__(self, func: ctypes.c_void_p, threads: int, shared_bytes: int, keep: tuple) -> None:
-        self.func, self.threads, self.shared_bytes = func, threads, shared_bytes
+    def __init__(self, func: ctypes.c_void_p, device_index: int, threads: int, shared_bytes: int, keep: tuple) -> None:
+        self.func, self.device_index, self.threads, self.shared_bytes = func, device_index, threads, shared_bytes
         self._keep = keep  # the module and cubin the handle lives in
 
     def launch(self, grid: int, args: list, dependent: bool = False) -> None:
-        """Launch on the current stream. args: tensors (their data pointers; None: a null pointer),
+        """Launch on its device's current stream. args: tensors (their data pointers; None: a null pointer),
         ints (C int) and floats (C float), in the kernel's order. dependent: as a programmatic
         dependent launch (the kernel must `griddepcontrol.wait` before it reads what the kernel
         before it writes)."""
@@ -125,12 +125,17 @@ class Kernel:
         pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
         attr = _Attribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
         attr.value.i = 1
+        stream = torch.cuda.current_stream(self.device_index).cuda_stream
         config = _LaunchConfig(
-            grid, 1, 1, self.threads, 1, 1, self.shared_bytes, torch.cuda.current_stream().cuda_stream,
-            ctypes.pointer(attr), 1 if dependent else 0,
+            grid, 1, 1, self.threads, 1, 1, self.shared_bytes, stream, ctypes.pointer(attr), 1 if dependent else 0,
         )  # fmt: skip
         cuda = _libraries()[0]  # type: ignore[index]
-        _check(cuda.cuLaunchKernelEx(ctypes.byref(config), self.func, pointers, None), "cuLaunchKernelEx")
+        if torch.cuda.current_device() == self.device_index:
+            rc = cuda.cuLaunchKernelEx(ctypes.byref(config), self.func, pointers, None)
+        else:  # the kernel's module lives in its device's context
+            with torch.cuda.device(self.device_index):
+                rc = cuda.cuLaunchKernelEx(ctypes.byref(config), self.func, pointers, None)
+        _check(rc, "cuLaunchKernelEx")
 
 
 _lock = threading.Lock()
@@ -150,4 +155,4 @@ def kernel(source: str, name: str, device_index: int, threads: int, shared_bytes
         _check(cuda.cuModuleGetFunction(ctypes.byref(func), module, name.encode()), "cuModuleGetFunction")
         if shared_bytes > 48 * 1024:
             _check(cuda.cuFuncSetAttribute(func, _MAX_DYNAMIC_SHARED_SIZE, shared_bytes), "cuFuncSetAttribute")
-        return Kernel(func, threads, shared_bytes, (module, cubin))
+        return Kernel(func, device_index, threads, shared_bytes, (module, cubin))

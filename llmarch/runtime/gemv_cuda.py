@@ -24,8 +24,9 @@ four GEMV launches and the attention op, no normed row or un-added output writte
 On sm90+ a one-row product goes to gemv_stream_cuda's CUDA kernel instead (weights streamed through
 shared memory by bulk copies asked for before its programmatic-dependent-launch wait), the decode
 attention op then launched early beside it (attention_late_pdl); the Triton kernel takes what it
-does not. Two launch options of the Triton kernel stay off by default, measured slower on the H200 (README): programmatic dependent
-launches (pdl(), LLMARCH_NO_PDL=0) and weight tiles loaded a step ahead (ahead(), LLMARCH_NO_GEMV_AHEAD=0).
+does not. Two launch options of the Triton kernel stay off by default, measured slower on the H200
+(README): programmatic dependent launches (pdl(), LLMARCH_NO_PDL=0) and weight tiles loaded a step
+ahead (ahead(), LLMARCH_NO_GEMV_AHEAD=0).
 """
 
 import os
@@ -144,9 +145,9 @@ def launch(
 ) -> None:
     """y [M, N] = x [M, K] @ w[N, K]^T (+ b), all contiguous, M <= 4: one row on sm90+ by
     gemv_stream_cuda where it takes it (streaming()), else the Triton kernel; tile (BN, BK, warps)
-    asks for the Triton kernel with that tile instead of pick_tile's (benchmarks). glu: w (and b) hold a gated MLP's [gate; up] rows and y [M, N / 2] =
-    silu(gate) * up, each program taking half the rows pick_tile gives from each half (the same
-    weight values a program as without).
+    asks for the Triton kernel with that tile instead of pick_tile's (benchmarks). glu: w (and b)
+    hold a gated MLP's [gate; up] rows and y [M, N / 2] = silu(gate) * up, each program taking half
+    the rows pick_tile gives from each half (the same weight values a program as without).
 
     norm_w ([K], float32 or a 16-bit dtype that holds the norm's weight exactly) and eps: x is a
     residual-stream row and the product's input is RMSNorm's output rms_norm(x) * norm_w (the
