@@ -4,6 +4,8 @@
   (228 KB a SM, 1 KB reserved a CTA, 227 KB at most a block: the CUDA programming guide's figures
   for compute capability 9.0), and the widths of the decode matrices of the families we run
   (256..16384 values, gate|up up to 8192) are taken;
+- the source compiles (NVRTC, sm_90, any machine: the test extra brings nvidia-cuda-nvrtc-cu12) in
+  every configuration launch() can ask for;
 - on a sm90+ GPU (LLMARCH_TEST_DEVICE=cuda): the kernel takes the product (launch() answers True)
   and matches float64 on shapes that exercise the ring (more stages than it holds, a partial last
   stage, CTAs of no rows where N is below the SM count, widths not a multiple of a thread's step),
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from test_gemv_cuda import on_cuda
 from test_gguf_cuda import DEVICE, close
 
+from llmarch.runtime import cuda_rtc
 from llmarch.runtime import gemv_cuda as gv
 from llmarch.runtime import gemv_stream_cuda as gs
 
@@ -177,3 +180,33 @@ def test_dependent_chain_captured_gives_eager_values_and_the_triton_kernels(monk
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, want[i]), f"replay on input {i}: max diff {(out.float() - want[i].float()).abs().max()}"
+
+
+def _nvrtc():
+    for major in ("13", "12"):
+        lib = cuda_rtc.open_nvrtc(major)
+        if lib is not None:
+            return lib
+    return None
+
+
+needs_nvrtc = pytest.mark.skipif(_nvrtc() is None, reason="no NVRTC library (nvidia-cuda-nvrtc) found")
+
+
+@needs_nvrtc
+@pytest.mark.parametrize(
+    "K,glu", [(2048, False), (2048, True), (8192, False), (1000, False), (6144, True), (72, False)]
+)
+@pytest.mark.parametrize("half", [False, True], ids=["bf16", "f16"])
+def test_every_epilogue_and_prologue_compiles_for_sm90(K, glu, half):
+    """The kernel's source compiles (NVRTC, sm_90, no GPU needed) in each configuration launch() can
+    ask for: gated or not, with bias, the norm prologue with float32 / 16-bit weights or none, the
+    residual epilogue (a broken macro or type in one of them shows here before any GPU run)."""
+    rows, stages, shared = gs.plan(K, glu)
+    nvrtc = _nvrtc()
+    for norm in ("", "f32", "16"):
+        for res, bias in ((False, False), (True, True)):
+            if glu and res:
+                continue
+            source = gs.source(K, rows, stages, half, glu, norm, res, bias)
+            assert len(cuda_rtc.compile_cubin(nvrtc, source, "sm_90")) > 1000

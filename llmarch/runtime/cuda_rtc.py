@@ -13,8 +13,10 @@ launch; CUDA graph capture records them like any launch on the capturing stream.
 from __future__ import annotations
 
 import ctypes
+import sys
 import threading
 from functools import cache
+from pathlib import Path
 
 import torch
 
@@ -61,28 +63,41 @@ def _libraries() -> tuple[ctypes.CDLL, ctypes.CDLL] | None:
     """(libcuda, libnvrtc), or None where this torch has no CUDA or the libraries cannot be opened."""
     if not torch.cuda.is_available() or torch.version.cuda is None:
         return None
-    major = torch.version.cuda.split(".")[0]
     try:
         cuda = ctypes.CDLL("libcuda.so.1")
     except OSError:
         return None
-    for name in (f"libnvrtc.so.{major}", "libnvrtc.so"):
+    nvrtc = open_nvrtc(torch.version.cuda.split(".")[0])
+    return None if nvrtc is None else (cuda, nvrtc)
+
+
+def open_nvrtc(major: str) -> ctypes.CDLL | None:
+    """NVRTC of CUDA `major`: by its name (already loaded, or on the loader's path), else from the
+    nvidia-* wheels on sys.path; None where neither opens."""
+    for name in (f"libnvrtc.so.{major}", "libnvrtc.so", *nvrtc_in_packages(major, sys.path)):
         try:
-            return cuda, ctypes.CDLL(name)
+            return ctypes.CDLL(name)
         except OSError:
             continue
     return None
+
+
+def nvrtc_in_packages(major: str, roots: list[str]) -> list[str]:
+    """libnvrtc files of CUDA `major` in the nvidia-* wheels under these import roots (pip's CUDA
+    torch brings one there, and the loader's search path may not include it)."""
+    found = []
+    for root in roots:
+        for sub in ("nvidia/cuda_nvrtc/lib", f"nvidia/cu{major}/lib"):
+            found += sorted(str(p) for p in Path(root, sub).glob(f"libnvrtc.so.{major}*"))
+    return found
 
 
 def available() -> bool:
     return _libraries() is not None
 
 
-def _compile(source: str, arch: str) -> bytes:
-    libs = _libraries()
-    if libs is None:
-        raise RtcError("NVRTC is not available")
-    nvrtc = libs[1]
+def compile_cubin(nvrtc: ctypes.CDLL, source: str, arch: str) -> bytes:
+    """source compiled for `arch` (sm_XY) by this NVRTC; RtcError with the compiler's log where it fails."""
     prog = ctypes.c_void_p()
     _check(nvrtc.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"kernel.cu", 0, None, None), "nvrtc")
     try:
@@ -147,7 +162,10 @@ def kernel(source: str, name: str, device_index: int, threads: int, shared_bytes
     into its context, allowed `shared_bytes` of dynamic shared memory. Raises RtcError."""
     with _lock, torch.cuda.device(device_index):
         major, minor = torch.cuda.get_device_capability(device_index)
-        cubin = _compile(source, f"sm_{major}{minor}")
+        libs = _libraries()
+        if libs is None:
+            raise RtcError("NVRTC is not available")
+        cubin = compile_cubin(libs[1], source, f"sm_{major}{minor}")
         torch.empty(1, device=f"cuda:{device_index}")  # the context is current on this thread
         cuda = _libraries()[0]  # type: ignore[index]
         module, func = ctypes.c_void_p(), ctypes.c_void_p()

@@ -250,17 +250,21 @@ def plan(
     return rows, stages, stages * stage + fixed
 
 
-@cache
-def kernel(
-    index: int, K: int, rows: int, stages: int, shared: int, half: bool, glu: bool, norm: str, res: bool, bias: bool
-):
+def source(K: int, rows: int, stages: int, half: bool, glu: bool, norm: str, res: bool, bias: bool) -> str:
+    """SOURCE with one configuration's macros (norm: "" none, "f32" / "16" the weight's dtype)."""
     defs = {
         "K": K, "CR": rows, "STAGES": stages, "THREADS": THREADS, "HALF": int(half), "GLU": int(glu),
         "NORM": int(bool(norm)), "RES": int(res), "BIAS": int(bias),
         "NW_T": "float" if norm == "f32" else "h16", "NW_LOAD(v)": "(v)" if norm == "f32" else "tof(v)",
     }  # fmt: skip
-    src = "".join(f"#define {k} {v}\n" for k, v in defs.items()) + SOURCE
-    return cuda_rtc.kernel(src, "gemv_stream", index, THREADS, shared)
+    return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + SOURCE
+
+
+@cache
+def kernel(
+    index: int, K: int, rows: int, stages: int, shared: int, half: bool, glu: bool, norm: str, res: bool, bias: bool
+):
+    return cuda_rtc.kernel(source(K, rows, stages, half, glu, norm, res, bias), "gemv_stream", index, THREADS, shared)
 
 
 def usable(device: torch.device) -> bool:
