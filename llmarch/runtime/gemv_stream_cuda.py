@@ -295,7 +295,8 @@ def launch(
     index, K = x.device.index or 0, w.shape[1]
     N = w.shape[0] // 2 if glu else w.shape[0]
     ring = plan(K, glu)
-    if ring is None:
+    # the kernel reads a 16-bit norm weight as x's dtype
+    if ring is None or (norm_w is not None and norm_w.dtype not in (torch.float32, x.dtype)):
         return False
     norm = "" if norm_w is None else ("f32" if norm_w.dtype == torch.float32 else "16")
     try:
