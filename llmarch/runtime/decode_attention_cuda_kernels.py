@@ -182,7 +182,8 @@ def decode_attention(
         # the program whose split holds the slot writes this step's key and value there, and reads
         # them back below after the barrier (which makes a block's global writes visible to all
         # its threads); no other program reads that slot
-        mine = sp == slot // CHUNK
+        # as a [1, 1] block: Triton 3.9's interpreter turns a block & a scalar into int32, not a mask
+        mine = one[:, None] < (sp == slot // CHUNK).to(tl.int32)
         tl.store(kbase + slot * sk_s + one[:, None] + d[None, :], k_new, mask=(d < D)[None, :] & mine)
         tl.store(vbase + slot * sv_s + one[:, None] + dv[None, :], v_new, mask=(dv < DV)[None, :] & mine)
         tl.debug_barrier()
