@@ -16,6 +16,9 @@ class Chain:
         from bench_gemv_cuda import matrices
         from bench_run_gpu import SHAPES
 
+        # launches() is the Triton kernel's chain: gemv_cuda.launch would take one-row products to the
+        # stream kernel on sm90+ (for this process: the probes time that kernel by its own launches)
+        os.environ["LLMARCH_NO_GEMV_STREAM"] = "1"
         cfg = SHAPES[model][1]
         dims = {name: (N, K) for name, N, K, _ in matrices(cfg)}
         self.torch = torch
@@ -41,12 +44,10 @@ class Chain:
         return (self.x0.clone(), *(t.empty(1, n, device="cuda", dtype=t.bfloat16) for n in (self.NQKV, self.F, self.V)))
 
     def launches(self, x, q, h, logits, only: str | None = None) -> None:
-        """The chain by gemv_cuda.launch's Triton kernel, one launch a GEMV (only: that matrix kind's
-        launches alone). The stream kernel is switched off here: launch() would take one-row
-        products to it on sm90+ (the switch is read at each launch)."""
+        """The chain by gemv_cuda.launch's Triton kernel (see __init__), one launch a GEMV (only: that
+        matrix kind's launches alone)."""
         from llmarch.runtime import gemv_cuda as gv
 
-        os.environ["LLMARCH_NO_GEMV_STREAM"] = "1"
         for layer in range(self.L):
             if only in (None, "qkv"):
                 gv.launch(x, self.wqkv[layer], None, q, norm_w=self.nw, eps=1e-5)

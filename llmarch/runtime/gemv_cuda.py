@@ -76,16 +76,11 @@ def _kernels():
     return gemv_cuda_kernels
 
 
-@cache
-def _sm90(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
 def pdl(device: torch.device) -> bool:
     """Whether a decode kernel launched now on `device` goes as a programmatic dependent launch:
     CUDA sm90+ (not the interpreter), LLMARCH_NO_PDL=1 no, =0 yes, unset: PDL. Read at each launch
     (a flag of the launch, not of the model): a captured graph keeps what its capture launched."""
-    if device.type != "cuda" or interpreting() or not _sm90(device.index or 0):
+    if device.type != "cuda" or interpreting() or not gemv_stream_cuda.sm90(device.index or 0):
         return False
     return switched_on("LLMARCH_NO_PDL", PDL)
 
@@ -100,7 +95,7 @@ def attention_late_pdl(device: torch.device) -> bool:
     """Whether the decode attention op goes as a programmatic dependent launch that lets the next
     kernel launch only at its end (the GEMVs streaming, sm90+): LLMARCH_NO_ATTN_LATE_PDL=1 no, =0
     yes, unset: ATTN_LATE_PDL (read at each launch, as pdl())."""
-    if not streaming(device) or not _sm90(device.index or 0):
+    if not streaming(device) or not gemv_stream_cuda.sm90(device.index or 0):
         return False
     return switched_on("LLMARCH_NO_ATTN_LATE_PDL", ATTN_LATE_PDL)
 

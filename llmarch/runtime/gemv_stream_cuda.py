@@ -222,12 +222,14 @@ gemv_stream(const h16* __restrict__ w, const h16* x, const h16* __restrict__ bia
 """
 
 
+@cache
 def _sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 @cache
-def _sm90(index: int) -> bool:
+def sm90(index: int) -> bool:
+    """Whether CUDA device `index` is compute capability 9.0 or later (bulk copies, griddepcontrol)."""
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
@@ -269,7 +271,7 @@ def kernel(
 
 def usable(device: torch.device) -> bool:
     """A sm90+ GPU and NVRTC present."""
-    return device.type == "cuda" and _sm90(device.index or 0) and cuda_rtc.available()
+    return device.type == "cuda" and sm90(device.index or 0) and cuda_rtc.available()
 
 
 def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
