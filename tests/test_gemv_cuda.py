@@ -210,17 +210,12 @@ def _chain(x: torch.Tensor, mats: list[tuple]) -> torch.Tensor:
     return h
 
 
-@needs_kernels
-@on_cuda
-def test_dependent_launches_captured_give_the_plain_launches_values(monkeypatch):
-    """The GEMVs launched as programmatic dependent launches with their weights loaded ahead
-    (LLMARCH_NO_PDL=0, LLMARCH_NO_GEMV_AHEAD=0), each reading the previous one's output, captured in
-    a CUDA graph and replayed on two different inputs in turn: every replay gives, bit for bit, what
-    the same launches gave eagerly on that input (the same kernels), and those are the plain
-    launches' (=1) values within bf16 rounding (the same sums; a kernel that read its input before
-    the previous kernel had written it would read the other input's values, far off)."""
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("programmatic dependent launch needs sm90+")
+def assert_dependent_chain(monkeypatch, reference: dict, subject: dict) -> None:
+    """_chain over six layers on two input rows: with the `subject` switches its eager values are the
+    `reference` switches' within 2% of the two inputs' distance (the same sums within bf16 rounding;
+    a kernel that read its input before the previous kernel had written it would read the other
+    input's values, far off), and the chain captured in a CUDA graph and replayed on the inputs in
+    turn gives, bit for bit, what it gave eagerly on that input (the same kernels)."""
     g = torch.Generator(device=DEVICE).manual_seed(7)
     d, f, layers = 2048, 4096, 6
 
@@ -233,16 +228,15 @@ def test_dependent_launches_captured_give_the_plain_launches_values(monkeypatch)
         for _ in range(layers)
     ]  # fmt: skip
     inputs = [rand(1, d), rand(1, d)]
-    monkeypatch.setenv("LLMARCH_NO_PDL", "1")
-    monkeypatch.setenv("LLMARCH_NO_GEMV_AHEAD", "1")
+    for name, value in reference.items():
+        monkeypatch.setenv(name, value)
     plain = [_chain(x, mats).float() for x in inputs]
     gap = (plain[0] - plain[1]).norm()
-    monkeypatch.setenv("LLMARCH_NO_PDL", "0")
-    monkeypatch.setenv("LLMARCH_NO_GEMV_AHEAD", "0")
-    assert gv.pdl(inputs[0].device)
+    for name, value in subject.items():
+        monkeypatch.setenv(name, value)
     want = [_chain(x, mats) for x in inputs]  # eager, and the kernels compiled before the capture
     for w, p in zip(want, plain, strict=True):
-        assert (w.float() - p).norm() <= 0.02 * gap, "dependent launches off the plain ones"
+        assert (w.float() - p).norm() <= 0.02 * gap, f"{subject} off {reference}"
     x = inputs[0].clone()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -253,3 +247,21 @@ def test_dependent_launches_captured_give_the_plain_launches_values(monkeypatch)
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, want[i]), f"replay on input {i}: max diff {(out.float() - want[i].float()).abs().max()}"
+
+
+@needs_kernels
+@on_cuda
+def test_dependent_launches_captured_give_the_plain_launches_values(monkeypatch):
+    """The Triton GEMVs launched as programmatic dependent launches with their weights loaded ahead
+    (LLMARCH_NO_PDL=0, LLMARCH_NO_GEMV_AHEAD=0) against the plain launches (=1), as
+    assert_dependent_chain checks them; the stream kernel, which takes one-row products on sm90+
+    by default, switched off (LLMARCH_NO_GEMV_STREAM=1)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm90+")
+    monkeypatch.setenv("LLMARCH_NO_GEMV_STREAM", "1")
+    assert_dependent_chain(
+        monkeypatch,
+        {"LLMARCH_NO_PDL": "1", "LLMARCH_NO_GEMV_AHEAD": "1"},
+        {"LLMARCH_NO_PDL": "0", "LLMARCH_NO_GEMV_AHEAD": "0"},
+    )
+    assert gv.pdl(torch.device(DEVICE))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_gemv_cuda import on_cuda
+from test_gemv_cuda import assert_dependent_chain, on_cuda
 from test_gguf_cuda import DEVICE, close
 
 from llmarch.runtime import cuda_rtc
@@ -137,49 +137,13 @@ def test_residual_epilogue_matches_float64(N, K):
     assert torch.all(err <= slack), f"max error {err.max():.3g}"
 
 
-def _chain(x, layers):
-    """A decode step's shape of dependent launches: q|k|v (norm prologue), o (residual epilogue,
-    in place on x), gate|up (gated, norm prologue), down (residual epilogue), each reading the one
-    before's output."""
-    q = torch.empty(1, layers[0][1].shape[0], dtype=x.dtype, device=x.device)
-    h = torch.empty(1, layers[0][3].shape[0] // 2, dtype=x.dtype, device=x.device)
-    for nw, wqkv, wo, wgu, wd in layers:
-        gv.launch(x, wqkv, None, q, norm_w=nw, eps=1e-5)
-        gv.launch(q[:, : wo.shape[1]].contiguous(), wo, None, x, residual=x)
-        gv.launch(x, wgu, None, h, glu=True, norm_w=nw, eps=1e-5)
-        gv.launch(h, wd, None, x, residual=x)
-    return x
-
-
 @sm90
 @on_cuda
 def test_dependent_chain_captured_gives_eager_values_and_the_triton_kernels(monkeypatch):
-    g = torch.Generator().manual_seed(11)
-    d, f = 2048, 4096
-    layers = [
-        (_rand((d,), g, 0.2) + 1, _rand((3072, d), g, d**-0.5), _rand((d, 2048), g, 2048**-0.5),
-         _rand((2 * f, d), g, d**-0.5), _rand((d, f), g, f**-0.5))
-        for _ in range(6)
-    ]  # fmt: skip
-    inputs = [_rand((1, d), g), _rand((1, d), g)]
-    monkeypatch.setenv("LLMARCH_NO_GEMV_STREAM", "1")
-    triton_out = [_chain(x.clone(), layers).float() for x in inputs]
-    gap = (triton_out[0] - triton_out[1]).norm()
-    monkeypatch.setenv("LLMARCH_NO_GEMV_STREAM", "0")
-    assert gv.streaming(inputs[0].device)
-    want = [_chain(x.clone(), layers) for x in inputs]
-    for w, t in zip(want, triton_out, strict=True):
-        assert (w.float() - t).norm() <= 0.02 * gap, "the stream kernels' chain is off the Triton kernel's"
-    x = inputs[0].clone()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = _chain(x, layers)
-    for i in (0, 1, 1, 0, 1, 0):
-        x.copy_(inputs[i])
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, want[i]), f"replay on input {i}: max diff {(out.float() - want[i].float()).abs().max()}"
+    """The stream kernel's chain (LLMARCH_NO_GEMV_STREAM=0) against the Triton kernel's (=1), as
+    test_gemv_cuda.assert_dependent_chain checks them: its values, and its captured replays."""
+    assert_dependent_chain(monkeypatch, {"LLMARCH_NO_GEMV_STREAM": "1"}, {"LLMARCH_NO_GEMV_STREAM": "0"})
+    assert gv.streaming(torch.device(DEVICE))
 
 
 def _nvrtc():
