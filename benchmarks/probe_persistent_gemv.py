@@ -54,14 +54,17 @@ def _tile_rows(blk, N, GLU: tl.constexpr, TR: tl.constexpr):
 
 
 @triton.jit
-def _grid_sync(bar, target):
-    """Every program waits until `target` arrivals are counted (the counter only grows in a step)."""
+def _grid_sync(bar, n, G):
+    """Every one of the G programs waits until n + G arrivals are counted (the counter only grows in
+    a step: n, the arrivals of the barriers before); the new count."""
+    target = n + G
     tl.debug_barrier()
     tl.atomic_add(bar, 1, sem="release", scope="gpu")
     c = tl.atomic_add(bar, 0, sem="acquire", scope="gpu")
     while c < target:
         c = tl.atomic_add(bar, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
+    return target
 
 
 @triton.jit
@@ -160,19 +163,15 @@ def chain_step(
         lg = wgu + layer.to(tl.int64) * 2 * F * D
         ld = wd + layer.to(tl.int64) * D * F
         t = _phase(lq, NQKV, D, x, nw, q, q, t, lo, D, Q, pid, G, eps, False, True, False, False, TR, BK)
-        n += G
-        _grid_sync(bar, n)
+        n = _grid_sync(bar, n, G)
         t = _phase(lo, D, Q, q, nw, x, x, t, lg, F, D, pid, G, eps, False, False, True, True, TR, BK)
-        n += G
-        _grid_sync(bar, n)
+        n = _grid_sync(bar, n, G)
         t = _phase(lg, F, D, x, nw, h, h, t, ld, D, F, pid, G, eps, True, True, False, False, TR, BK)
-        n += G
-        _grid_sync(bar, n)
+        n = _grid_sync(bar, n, G)
         nq = tl.where(layer + 1 < L, wqkv + (layer + 1).to(tl.int64) * NQKV * D, whead)
         nn = tl.where(layer + 1 < L, NQKV, V)
         t = _phase(ld, D, F, h, nw, x, x, t, nq, nn, D, pid, G, eps, False, False, True, False, TR, BK)
-        n += G
-        _grid_sync(bar, n)
+        n = _grid_sync(bar, n, G)
     _phase(whead, V, D, x, nw, logits, logits, t, whead, V, D, pid, G, eps, False, True, False, False, TR, BK)
 
 
@@ -229,17 +228,13 @@ def chain_step_staged(
         lg = wgu + layer.to(tl.int64) * 2 * F * D
         ld = wd + layer.to(tl.int64) * D * F
         _phase_staged(lq, NQKV, D, x, nw, q, q, pid, G, eps, False, True, False, TR, BK, STAGES)
-        n += G
-        _grid_sync(bar, n)
+        n = _grid_sync(bar, n, G)
         _phase_staged(lo, D, Q, q, nw, x, x, pid, G, eps, False, False, True, TR, BK, STAGES)
-        n += G
-        _grid_sync(bar, n)
+        n = _grid_sync(bar, n, G)
         _phase_staged(lg, F, D, x, nw, h, h, pid, G, eps, True, True, False, TR, BK, STAGES)
-        n += G
-        _grid_sync(bar, n)
+        n = _grid_sync(bar, n, G)
         _phase_staged(ld, D, F, h, nw, x, x, pid, G, eps, False, False, True, TR, BK, STAGES)
-        n += G
-        _grid_sync(bar, n)
+        n = _grid_sync(bar, n, G)
     _phase_staged(whead, V, D, x, nw, logits, logits, pid, G, eps, False, True, False, TR, BK, STAGES)
 
 
