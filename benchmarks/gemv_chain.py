@@ -72,9 +72,10 @@ class Chain:
 def graph_times(torch, variants: dict, bufs, rounds: int) -> dict[str, list[float]]:
     """Seconds a call of each variant (fn(buffers)) takes: ten calls captured in one CUDA graph, three
     replays timed a round, the variants in alternating order each round."""
-    graphs = {}
+    graphs, held = {}, []
     for name, fn in variants.items():
         b = bufs()
+        held.append(b)  # a graph writes into its buffers at each replay: none may be reused
         fn(b)
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()

@@ -36,7 +36,8 @@ STAGES = 3
 # (README): this one ring is what measured best end to end
 CTA_SHARED = 112 * 1024
 
-SOURCE = r"""
+# the 16-bit conversions, the dot product and the bulk-copy / mbarrier wrappers (also the probes')
+HELPERS = r"""
 typedef unsigned short h16;
 typedef unsigned long long u64;
 
@@ -98,6 +99,9 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned i
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                  :: "r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(b)) : "memory");
 }
+"""
+
+SOURCE = HELPERS + r"""
 
 #define VEC (K / 8)              /* 16-byte vectors a row */
 #define PARTS (GLU ? 2 : 1)      /* gate and up rows a stage */
