@@ -41,6 +41,7 @@ from llmarch.runtime import cuda_rtc  # noqa: E402
 from llmarch.runtime import gemv_stream_cuda as gs  # noqa: E402
 
 CONSUMERS = 256  # eight warps compute; a ninth (the producer) asks for the weights
+CLAIM = 2  # stages a producer claims at a time
 
 STEP = r"""
 struct Op {            /* one matrix of the chain, as the host packs it (72 bytes) */
@@ -89,11 +90,10 @@ __device__ __forceinline__ int stage_rows(int K, int parts) {
    returns the ring index after them */
 template <int K, int CR, int GLU, int NORM, int RES>
 __device__ int run_op(const Op op, int i, unsigned int epoch, int n_ops, int j, unsigned char* ring, h16* xs,
-                      float* red, u64* full, u64* empty, u64* trace) {
+                      float* red, u64* full, u64* empty, const int4* desc, u64* trace) {
     constexpr int PARTS = GLU ? 2 : 1, VEC = K / 8, TPR = CONSUMERS / CR, VPT = (VEC + TPR - 1) / TPR, WPR = TPR / 32;
     constexpr int PER = (K + 4 * CONSUMERS - 1) / (4 * CONSUMERS);  /* 4-word loads a thread */
-    const int t = threadIdx.x, G = gridDim.x, b = blockIdx.x, N = op.N;
-    const int r0 = (int)((long long)N * b / G), r1 = (int)((long long)N * (b + 1) / G);
+    const int t = threadIdx.x, G = gridDim.x, b = blockIdx.x;
     /* the input row: each flagged word is ready when its flag is the writer's (no fence, no barrier) */
     float vals[PER * 4];
     if (op.x_src < 0) {
@@ -151,9 +151,12 @@ __device__ int run_op(const Op op, int i, unsigned int epoch, int n_ops, int j, 
 #pragma unroll
     for (int q = 0; q < VPT; ++q) xr[q] = lt + q * TPR < VEC ? ((const uint4*)xs)[lt + q * TPR] : make_uint4(0, 0, 0, 0);
     const unsigned int fy = flag_of(epoch, n_ops, j), fr = op.res_src < 0 ? 0u : flag_of(epoch, n_ops, op.res_src);
-    for (int rs = r0, c = 0; rs < r1; rs += CR, ++c, ++i) {
-        const int s = i % SLOTS, n = min(CR, r1 - rs);
+    for (int c = 0;; ++c) {  /* the ring's stages while they hold this matrix's rows (desc: matrix, first row, rows) */
+        const int s = i % SLOTS;
         bar_wait(&full[s], (i / SLOTS) & 1);
+        const int4 d = desc[s];
+        if (d.x != j) break;
+        const int rs = d.y, n = d.z;
         const uint4* wv = (const uint4*)(ring + s * SLOT) + row * VEC;
         float acc = 0.f, up = 0.f;
 #pragma unroll
@@ -197,55 +200,79 @@ __device__ int run_op(const Op op, int i, unsigned int epoch, int n_ops, int j, 
             if (op.y_flagged) store1((unsigned int*)op.y + rs + t, (fy << 16) | to16(g));
             else ((h16*)op.y)[rs + t] = to16(g);
         }
+        ++i;
     }
     return i;
 }
 
 extern "C" __global__ void __launch_bounds__(CONSUMERS + 32, 1)
-step_stream(const Op* __restrict__ ops, int n_ops, unsigned int* epoch_at, u64* trace)
+step_stream(const Op* __restrict__ ops, int n_ops, unsigned int* epoch_at, unsigned int* claims, u64* trace)
 {
     extern __shared__ __align__(128) unsigned char smem[];
     unsigned char* ring = smem;
     h16* xs = (h16*)(smem + SLOTS * SLOT);
     float* red = (float*)(xs + KMAX);
-    u64* full = (u64*)(red + 128);
+    int4* desc = (int4*)(red + 128);
+    u64* full = (u64*)(desc + SLOTS);
     u64* empty = full + SLOTS;
-    const int t = threadIdx.x, G = gridDim.x, b = blockIdx.x;
+    const int t = threadIdx.x, G = gridDim.x;
     if (t == 0) {
         for (int s = 0; s < SLOTS; ++s) { bar_init(&full[s]); bar_init(&empty[s]); }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
-    if (t >= CONSUMERS) {  /* the producer: this CTA's rows of every matrix, in order, as slots free up */
+    /* every CTA reads the launch's epoch before it claims or writes anything; CTA 0 moves it on at
+       its end, after its last matrix, which needed every CTA's rows (every CTA has read it by then) */
+    const unsigned int epoch = *(volatile unsigned int*)epoch_at;
+    if (t >= CONSUMERS) {
+        /* the producer: claims CLAIM stages of rows at a time of each matrix in order (a faster SM
+           claims more), describes each stage for the consumers and has it copied as slots free up;
+           each CTA's claims end with one that finds the matrix taken, so a launch adds exactly
+           stages + G to a matrix's counter */
         if (t != CONSUMERS) return;
         int i = 0;
         for (int j = 0; j < n_ops; ++j) {
-            const Op op = ops[j];  /* in registers: a reference would reload each field from memory after each store */
+            const Op op = ops[j];  /* in registers: a reference would reload each field after each store */
             const int K = kind_k(op.kind), parts = kind_glu(op.kind) ? 2 : 1, CR = stage_rows(K, parts), N = op.N;
-            const int r0 = (int)((long long)N * b / G), r1 = (int)((long long)N * (b + 1) / G);
-            for (int rs = r0; rs < r1; rs += CR, ++i) {
-                const int s = i % SLOTS;
-                if (i >= SLOTS) bar_wait(&empty[s], ((i / SLOTS) + 1) & 1);
-                const unsigned int bytes = (unsigned int)min(CR, r1 - rs) * K * 2;
-                bar_expect(&full[s], bytes * parts);
-                unsigned char* dst = ring + s * SLOT;
-                bulk_load(dst, op.w + (long long)rs * K, bytes, &full[s]);
-                if (parts == 2) bulk_load(dst + CR * K * 2, op.w + ((long long)N + rs) * K, bytes, &full[s]);
+            const unsigned int chunks = (unsigned int)((N + CR * CLAIM - 1) / (CR * CLAIM));
+            const unsigned int base = epoch * (chunks + (unsigned int)G);
+            for (;;) {
+                const unsigned int c = atomicAdd(&claims[j], 1u) - base;
+                if (c >= chunks) break;
+                for (int k = 0; k < CLAIM; ++k, ++i) {
+                    const int rs = ((int)c * CLAIM + k) * CR;
+                    if (rs >= N) break;
+                    const int s = i % SLOTS;
+                    if (i >= SLOTS) bar_wait(&empty[s], ((i / SLOTS) + 1) & 1);
+                    const unsigned int bytes = (unsigned int)min(CR, N - rs) * K * 2;
+                    desc[s] = make_int4(j, rs, min(CR, N - rs), 0);
+                    bar_expect(&full[s], bytes * parts);
+                    unsigned char* dst = ring + s * SLOT;
+                    bulk_load(dst, op.w + (long long)rs * K, bytes, &full[s]);
+                    if (parts == 2) bulk_load(dst + CR * K * 2, op.w + ((long long)N + rs) * K, bytes, &full[s]);
+                }
             }
         }
+        const int s = i % SLOTS;  /* the end: a stage of no matrix */
+        if (i >= SLOTS) bar_wait(&empty[s], ((i / SLOTS) + 1) & 1);
+        desc[s] = make_int4(n_ops, 0, 0, 0);
+        bar_arrive(&full[s]);
         return;
     }
-    /* every CTA reads the launch's epoch before it writes anything; CTA 0 moves it on at its end,
-       after its last matrix, which needed every CTA's rows (so every CTA has read it by then) */
-    const unsigned int epoch = *(volatile unsigned int*)epoch_at;
+    const int b = blockIdx.x;
     int i = 0;
-    for (int j = 0; j < n_ops; ++j) {
-        const Op op = ops[j];  /* in registers: a reference would reload each field from memory after each store */
+    for (;;) {
+        const int s = i % SLOTS;
+        bar_wait(&full[s], (i / SLOTS) & 1);
+        const int j = desc[s].x;
+        if (j >= n_ops) break;
+        const Op op = ops[j];  /* in registers: a reference would reload each field after each store */
         if (trace && t == 0) trace[((long long)j * G + b) * 4] = now_ns();
         switch (op.kind) {
 KIND_CASES
         }
         if (trace && t == 0) trace[((long long)j * G + b) * 4 + 2] = now_ns();
+        consumers_sync();  /* all have read desc[s] before the producer may write it again */
     }
     if (b == 0 && t == 0) *(volatile unsigned int*)epoch_at = epoch + 1u;
 }
@@ -273,12 +300,19 @@ def step_source(kinds: list[tuple[int, bool, bool, bool]], slots: int, slot_byte
 
     cases = "\n".join(
         f"        case {n}: i = run_op<{K}, {rows(K, g)}, {int(g)}, {int(nm)}, {int(r)}>"
-        f"(op, i, epoch, n_ops, j, ring, xs, red, full, empty, trace); break;"
+        f"(op, i, epoch, n_ops, j, ring, xs, red, full, empty, desc, trace); break;"
         for n, (K, g, nm, r) in enumerate(kinds)
     )
     k_of = " ".join(f"if (kind == {n}) return {K};" for n, (K, _, _, _) in enumerate(kinds))
     g_of = " ".join(f"if (kind == {n}) return {int(g)};" for n, (_, g, _, _) in enumerate(kinds))
-    defs = {"HALF": 0, "SLOTS": slots, "SLOT": slot_bytes, "CONSUMERS": CONSUMERS, "KMAX": max(k[0] for k in kinds)}
+    defs = {
+        "HALF": 0,
+        "CLAIM": CLAIM,
+        "SLOTS": slots,
+        "SLOT": slot_bytes,
+        "CONSUMERS": CONSUMERS,
+        "KMAX": max(k[0] for k in kinds),
+    }
     head = "".join(f"#define {k} {v}\n" for k, v in defs.items())
     shapes = (
         f"__device__ __forceinline__ int kind_k(int kind) {{ {k_of} return 0; }}\n"
@@ -288,7 +322,7 @@ def step_source(kinds: list[tuple[int, bool, bool, bool]], slots: int, slot_byte
 
 
 def shared_bytes(slots: int, slot_bytes: int, kmax: int) -> int:
-    return slots * slot_bytes + kmax * 2 + 128 * 4 + 2 * slots * 8
+    return slots * slot_bytes + kmax * 2 + 128 * 4 + slots * 16 + 2 * slots * 8
 
 
 OP = struct.Struct("<5Q6i2f")  # the kernel's struct Op
@@ -313,6 +347,7 @@ class Persistent:
         words = {"dtype": torch.int32, "device": "cuda"}
         self.qw, self.hw, self.xw = (torch.zeros(n, **words) for n in (c.NQKV, c.F, c.D))
         self.epoch = torch.zeros(1, **words)
+        self.claims = torch.zeros(4 * c.L + 1, **words)
         self.tables: dict = {}
 
     def ops(self, x, logits) -> list[tuple]:
@@ -339,7 +374,7 @@ class Persistent:
             ops = self.ops(x, logits)
             self.tables[key] = (pack_ops(self.torch, ops), len(ops))
         table, n = self.tables[key]
-        self.k.launch(self.sms, [table, n, self.epoch, self.trace])
+        self.k.launch(self.sms, [table, n, self.epoch, self.claims, self.trace])
 
     def residual(self):
         """The residual row after the chain, as 16-bit values."""
@@ -358,18 +393,25 @@ def trace_report(torch, c, kinds: list, slots: int, kb: int, names: list[str], s
     n = 4 * c.L + 1
     op_kinds = [op[6] for op in run.ops(b[0], b[3])]
     tr = trace.view(n, sms, 4).double().cpu()
-    start = tr[:, :, 0].min()
+    start = tr[:, :, 0][tr[:, :, 0] > 0].min()
     done = tr[:, :, 2].max(dim=1).values  # the grid's last rows of each matrix
     report: dict = {"total_us": float(done[-1] - start) / 1e3}
     for kind in sorted(set(op_kinds)):
         rows = [j for j in range(n) if op_kinds[j] == kind]
-        wait = (tr[rows, :, 1] - tr[rows, :, 0]).mean().item() / 1e3
-        work = (tr[rows, :, 2] - tr[rows, :, 1]).mean().item() / 1e3
-        slowest = (tr[rows, :, 2] - tr[rows, :, 1]).max(dim=1).values.mean().item() / 1e3
+        sub = tr[rows]
+        took = sub[:, :, 0] > 0  # the CTAs that claimed rows of the matrix
+        wait = ((sub[:, :, 1] - sub[:, :, 0]) * took).sum().item() / took.sum().item() / 1e3
+        busy = (sub[:, :, 2] - sub[:, :, 1]) * took
+        work = busy.sum().item() / took.sum().item() / 1e3
+        slowest = busy.max(dim=1).values.mean().item() / 1e3
         span = sum(float(done[j] - (done[j - 1] if j else start)) / 1e3 for j in rows) / len(rows)
-        report[names[kind]] = {"wait_us": wait, "work_us": work, "slowest_work_us": slowest, "span_us": span}
-        print(f"  trace {names[kind]:8s} x{len(rows):3d}: input wait {wait:5.2f} us, rows {work:5.2f} us "
-              f"(slowest CTA {slowest:5.2f}), grid done every {span:5.2f} us", flush=True)  # fmt: skip
+        report[names[kind]] = {
+            "wait_us": wait, "work_us": work, "slowest_work_us": slowest, "span_us": span,
+            "ctas": took.sum().item() / len(rows),
+        }  # fmt: skip
+        print(f"  trace {names[kind]:8s} x{len(rows):3d}: {took.sum().item() / len(rows):5.1f} CTAs, input wait "
+              f"{wait:5.2f} us, rows {work:5.2f} us (slowest CTA {slowest:5.2f}), grid done every {span:5.2f} us",
+              flush=True)  # fmt: skip
     print(f"  trace total {report['total_us']:.1f} us", flush=True)
     return report
 
