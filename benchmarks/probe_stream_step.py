@@ -236,9 +236,11 @@ step_stream(const Op* __restrict__ ops, int n_ops, unsigned int* epoch_at, unsig
             const int K = kind_k(op.kind), parts = kind_glu(op.kind) ? 2 : 1, CR = stage_rows(K, parts), N = op.N;
             const unsigned int chunks = (unsigned int)((N + CR * CLAIM - 1) / (CR * CLAIM));
             const unsigned int base = epoch * (chunks + (unsigned int)G);
-            for (;;) {
-                const unsigned int c = atomicAdd(&claims[j], 1u) - base;
-                if (c >= chunks) break;
+            unsigned int c = atomicAdd(&claims[j], 1u) - base;
+            while (c < chunks) {
+#if AHEAD  /* the next claim in flight while this one's stages wait for slots */
+                const unsigned int next = atomicAdd(&claims[j], 1u) - base;
+#endif
                 for (int k = 0; k < CLAIM; ++k, ++i) {
                     const int rs = ((int)c * CLAIM + k) * CR;
                     if (rs >= N) break;
@@ -251,6 +253,11 @@ step_stream(const Op* __restrict__ ops, int n_ops, unsigned int* epoch_at, unsig
                     bulk_load(dst, op.w + (long long)rs * K, bytes, &full[s]);
                     if (parts == 2) bulk_load(dst + CR * K * 2, op.w + ((long long)N + rs) * K, bytes, &full[s]);
                 }
+#if AHEAD
+                c = next;
+#else
+                c = atomicAdd(&claims[j], 1u) - base;
+#endif
             }
         }
         const int s = i % SLOTS;  /* the end: a stage of no matrix */
@@ -289,7 +296,7 @@ extern "C" __global__ void delay(int ns) {
 """
 
 
-def step_source(kinds: list[tuple[int, bool, bool, bool]], slots: int, slot_bytes: int) -> str:
+def step_source(kinds: list[tuple[int, bool, bool, bool]], slots: int, slot_bytes: int, ahead: bool = False) -> str:
     """STEP for matrix kinds (K, glu, norm, res), a ring of `slots` slots of slot_bytes."""
 
     def rows(K: int, glu: bool) -> int:
@@ -338,9 +345,9 @@ class Persistent:
     """The chain as step_stream launches, on a ring of `slots` x kb KB: q, h and the residual row in
     flagged words (a value's 16 bits under its writer's flag) between the matrices."""
 
-    def __init__(self, torch, c, kinds: list, slots: int, kb: int, delay_ns: int, trace=None) -> None:
+    def __init__(self, torch, c, kinds: list, slots: int, kb: int, delay_ns: int, trace=None, ahead=False) -> None:
         self.torch, self.c, self.delay_ns, self.trace = torch, c, delay_ns, trace
-        src = step_source(kinds, slots, kb * 1024)
+        src = step_source(kinds, slots, kb * 1024, ahead)
         shared = shared_bytes(slots, kb * 1024, max(k[0] for k in kinds))
         self.k = cuda_rtc.kernel(src, "step_stream", 0, CONSUMERS + 32, shared)
         self.sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -381,11 +388,11 @@ class Persistent:
         return (self.xw & 0xFFFF).to(self.torch.int16).view(self.torch.bfloat16)[None]
 
 
-def trace_report(torch, c, kinds: list, slots: int, kb: int, names: list[str], sms: int) -> dict:
+def trace_report(torch, c, kinds: list, slots: int, kb: int, ahead: bool, names: list[str], sms: int) -> dict:
     """One run with in-kernel clocks: per matrix kind, the mean time a CTA waits for its input row,
     computes its rows, and the time between the grid's last rows of one matrix and the next."""
     trace = torch.zeros(4 * sms * (4 * c.L + 1), dtype=torch.int64, device="cuda")
-    run = Persistent(torch, c, kinds, slots, kb, 0, trace)
+    run = Persistent(torch, c, kinds, slots, kb, 0, trace, ahead)
     b = c.bufs()
     run(*b)
     run(*b)  # the second run: the first one's compile and page-in are behind
@@ -420,7 +427,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama-3.2-1b")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--rings", default="6x32,3x64", help="slots x KB, comma-separated")
+    ap.add_argument("--rings", default="6x32,3x64", help="slots x KB (suffix a: claims one ahead), comma-separated")
     ap.add_argument("--delay-us", default="0,4", help="attention stand-ins to try, comma-separated")
     ap.add_argument("--trace", action="store_true", help="where the first ring's CTAs wait, from in-kernel clocks")
     ap.add_argument("--json")
@@ -463,10 +470,10 @@ def main() -> None:
         if not ns:  # the Triton chain has no stand-in for the attention op
             variants["triton launches"] = c.launches
         for ring in a.rings.split(","):
-            slots, kb = (int(v) for v in ring.split("x"))
-            name = f"persistent {slots}x{kb} KB"
+            slots, kb = (int(v) for v in ring.rstrip("a").split("x"))
+            name = f"persistent {ring}"
             try:
-                fn = Persistent(torch, c, kinds, slots, kb, ns)
+                fn = Persistent(torch, c, kinds, slots, kb, ns, None, ring.endswith("a"))
                 b = c.bufs()
                 for _ in range(3):  # the epoch moves on: each run must see only its own flags
                     fn(*b)
@@ -495,9 +502,9 @@ def main() -> None:
     if a.trace:
         out["trace"] = {}
         for ring in a.rings.split(","):
-            slots, kb = (int(v) for v in ring.split("x"))
+            slots, kb = (int(v) for v in ring.rstrip("a").split("x"))
             print(f"  trace of {ring}:")
-            out["trace"][ring] = trace_report(torch, c, kinds, slots, kb, names, sms)
+            out["trace"][ring] = trace_report(torch, c, kinds, slots, kb, ring.endswith("a"), names, sms)
     out["copy_rate"] = rate
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
