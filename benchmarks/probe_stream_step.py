@@ -314,6 +314,7 @@ def step_source(kinds: list[tuple[int, bool, bool, bool]], slots: int, slot_byte
     g_of = " ".join(f"if (kind == {n}) return {int(g)};" for n, (_, g, _, _) in enumerate(kinds))
     defs = {
         "HALF": 0,
+        "AHEAD": int(ahead),
         "CLAIM": CLAIM,
         "SLOTS": slots,
         "SLOT": slot_bytes,
