@@ -225,15 +225,27 @@ step_stream(const Op* __restrict__ ops, int n_ops, unsigned int* epoch_at, unsig
        its end, after its last matrix, which needed every CTA's rows (every CTA has read it by then) */
     const unsigned int epoch = *(volatile unsigned int*)epoch_at;
     if (t >= CONSUMERS) {
-        /* the producer: claims CLAIM stages of rows at a time of each matrix in order (a faster SM
-           claims more), describes each stage for the consumers and has it copied as slots free up;
-           each CTA's claims end with one that finds the matrix taken, so a launch adds exactly
-           stages + G to a matrix's counter */
+        /* the producer: this CTA's rows of each matrix in order (CLAIMS: claimed CLAIM stages at a
+           time from the matrix's counter, so that a faster SM takes more; each CTA's claims end with
+           one that finds the matrix taken, so a launch adds exactly stages + G to the counter),
+           each stage described for the consumers and copied as slots free up */
         if (t != CONSUMERS) return;
         int i = 0;
         for (int j = 0; j < n_ops; ++j) {
             const Op op = ops[j];  /* in registers: a reference would reload each field after each store */
             const int K = kind_k(op.kind), parts = kind_glu(op.kind) ? 2 : 1, CR = stage_rows(K, parts), N = op.N;
+            auto stage = [&](int rs) {  /* rows rs.. of matrix j into the next slot */
+                const int s = i % SLOTS, n = min(CR, N - rs);
+                if (i >= SLOTS) bar_wait(&empty[s], ((i / SLOTS) + 1) & 1);
+                const unsigned int bytes = (unsigned int)n * K * 2;
+                desc[s] = make_int4(j, rs, n, 0);
+                bar_expect(&full[s], bytes * parts);
+                unsigned char* dst = ring + s * SLOT;
+                bulk_load(dst, op.w + (long long)rs * K, bytes, &full[s]);
+                if (parts == 2) bulk_load(dst + CR * K * 2, op.w + ((long long)N + rs) * K, bytes, &full[s]);
+                ++i;
+            };
+#if CLAIMS
             const unsigned int chunks = (unsigned int)((N + CR * CLAIM - 1) / (CR * CLAIM));
             const unsigned int base = epoch * (chunks + (unsigned int)G);
             unsigned int c = atomicAdd(&claims[j], 1u) - base;
@@ -241,24 +253,17 @@ step_stream(const Op* __restrict__ ops, int n_ops, unsigned int* epoch_at, unsig
 #if AHEAD  /* the next claim in flight while this one's stages wait for slots */
                 const unsigned int next = atomicAdd(&claims[j], 1u) - base;
 #endif
-                for (int k = 0; k < CLAIM; ++k, ++i) {
-                    const int rs = ((int)c * CLAIM + k) * CR;
-                    if (rs >= N) break;
-                    const int s = i % SLOTS;
-                    if (i >= SLOTS) bar_wait(&empty[s], ((i / SLOTS) + 1) & 1);
-                    const unsigned int bytes = (unsigned int)min(CR, N - rs) * K * 2;
-                    desc[s] = make_int4(j, rs, min(CR, N - rs), 0);
-                    bar_expect(&full[s], bytes * parts);
-                    unsigned char* dst = ring + s * SLOT;
-                    bulk_load(dst, op.w + (long long)rs * K, bytes, &full[s]);
-                    if (parts == 2) bulk_load(dst + CR * K * 2, op.w + ((long long)N + rs) * K, bytes, &full[s]);
-                }
+                for (int k = 0; k < CLAIM && ((int)c * CLAIM + k) * CR < N; ++k) stage(((int)c * CLAIM + k) * CR);
 #if AHEAD
                 c = next;
 #else
                 c = atomicAdd(&claims[j], 1u) - base;
 #endif
             }
+#else  /* this CTA's share of the rows, the same every step */
+            const int b = blockIdx.x, r1 = (int)((long long)N * (b + 1) / G);
+            for (int rs = (int)((long long)N * b / G); rs < r1; rs += CR) stage(rs);
+#endif
         }
         const int s = i % SLOTS;  /* the end: a stage of no matrix */
         if (i >= SLOTS) bar_wait(&empty[s], ((i / SLOTS) + 1) & 1);
@@ -296,7 +301,9 @@ extern "C" __global__ void delay(int ns) {
 """
 
 
-def step_source(kinds: list[tuple[int, bool, bool, bool]], slots: int, slot_bytes: int, ahead: bool = False) -> str:
+def step_source(
+    kinds: list[tuple[int, bool, bool, bool]], slots: int, slot_bytes: int, claims: bool = False, ahead: bool = False
+) -> str:
     """STEP for matrix kinds (K, glu, norm, res), a ring of `slots` slots of slot_bytes."""
 
     def rows(K: int, glu: bool) -> int:
@@ -315,6 +322,7 @@ def step_source(kinds: list[tuple[int, bool, bool, bool]], slots: int, slot_byte
     defs = {
         "HALF": 0,
         "AHEAD": int(ahead),
+        "CLAIMS": int(claims),
         "CLAIM": CLAIM,
         "SLOTS": slots,
         "SLOT": slot_bytes,
@@ -336,6 +344,13 @@ def shared_bytes(slots: int, slot_bytes: int, kmax: int) -> int:
 OP = struct.Struct("<5Q6i2f")  # the kernel's struct Op
 
 
+def parse_ring(ring: str) -> tuple[int, int, bool, bool]:
+    """ "6x32" -> (slots, KB, rows claimed, claims one ahead): suffix c claims, ca claims ahead."""
+    size = ring.rstrip("ca")
+    slots, kb = (int(v) for v in size.split("x"))
+    return slots, kb, "c" in ring[len(size) :], ring.endswith("a")
+
+
 def pack_ops(torch, ops: list[tuple]) -> object:
     """The Op table on the GPU: (w, x, nw, res, y, N, kind, x_src, res_src, y_flagged, delay_ns, eps) a matrix."""
     raw = b"".join(OP.pack(*(0 if p is None else p.data_ptr() for p in op[:5]), *op[5:], 0.0) for op in ops)
@@ -346,9 +361,10 @@ class Persistent:
     """The chain as step_stream launches, on a ring of `slots` x kb KB: q, h and the residual row in
     flagged words (a value's 16 bits under its writer's flag) between the matrices."""
 
-    def __init__(self, torch, c, kinds: list, slots: int, kb: int, delay_ns: int, trace=None, ahead=False) -> None:
+    def __init__(self, torch, c, kinds: list, ring: str, delay_ns: int, trace=None) -> None:
         self.torch, self.c, self.delay_ns, self.trace = torch, c, delay_ns, trace
-        src = step_source(kinds, slots, kb * 1024, ahead)
+        slots, kb, claims, ahead = parse_ring(ring)
+        src = step_source(kinds, slots, kb * 1024, claims, ahead)
         shared = shared_bytes(slots, kb * 1024, max(k[0] for k in kinds))
         self.k = cuda_rtc.kernel(src, "step_stream", 0, CONSUMERS + 32, shared)
         self.sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -389,11 +405,11 @@ class Persistent:
         return (self.xw & 0xFFFF).to(self.torch.int16).view(self.torch.bfloat16)[None]
 
 
-def trace_report(torch, c, kinds: list, slots: int, kb: int, ahead: bool, names: list[str], sms: int) -> dict:
+def trace_report(torch, c, kinds: list, ring: str, names: list[str], sms: int) -> dict:
     """One run with in-kernel clocks: per matrix kind, the mean time a CTA waits for its input row,
     computes its rows, and the time between the grid's last rows of one matrix and the next."""
     trace = torch.zeros(4 * sms * (4 * c.L + 1), dtype=torch.int64, device="cuda")
-    run = Persistent(torch, c, kinds, slots, kb, 0, trace, ahead)
+    run = Persistent(torch, c, kinds, ring, 0, trace)
     b = c.bufs()
     run(*b)
     run(*b)  # the second run: the first one's compile and page-in are behind
@@ -420,6 +436,18 @@ def trace_report(torch, c, kinds: list, slots: int, kb: int, ahead: bool, names:
         print(f"  trace {names[kind]:8s} x{len(rows):3d}: {took.sum().item() / len(rows):5.1f} CTAs, input wait "
               f"{wait:5.2f} us, rows {work:5.2f} us (slowest CTA {slowest:5.2f}), grid done every {span:5.2f} us",
               flush=True)  # fmt: skip
+    # whether the slow CTAs are the same ones through the step (a fixed split weighted by SM could
+    # then balance it): per CTA its mean rows time over the first and the second half of the layers
+    busy = (tr[:, :, 2] - tr[:, :, 1]) * (tr[:, :, 0] > 0)
+    for kind in (2, 3):
+        rows = [j for j in range(n) if op_kinds[j] == kind]
+        h1, h2 = busy[rows[: len(rows) // 2]].mean(0), busy[rows[len(rows) // 2 :]].mean(0)
+        corr = torch.corrcoef(torch.stack([h1, h2]))[0, 1].item()
+        slow1, slow2 = set(h1.topk(13).indices.tolist()), set(h2.topk(13).indices.tolist())
+        report[names[kind]]["cta_halves_corr"] = corr
+        print(f"  trace {names[kind]}: per-CTA rows time, first vs second half of the layers: correlation {corr:.2f}, "
+              f"slowest 10% shared {len(slow1 & slow2)}/13, spread {h1.min() / 1e3:.2f}-{h1.max() / 1e3:.2f} us",
+              flush=True)  # fmt: skip
     print(f"  trace total {report['total_us']:.1f} us", flush=True)
     return report
 
@@ -428,7 +456,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama-3.2-1b")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--rings", default="6x32,3x64", help="slots x KB (suffix a: claims one ahead), comma-separated")
+    ap.add_argument(
+        "--rings",
+        default="6x32,6x32c",
+        help="slots x KB, comma-separated; suffix c: rows claimed, ca: claims one ahead",
+    )
     ap.add_argument("--delay-us", default="0,4", help="attention stand-ins to try, comma-separated")
     ap.add_argument("--trace", action="store_true", help="where the first ring's CTAs wait, from in-kernel clocks")
     ap.add_argument("--json")
@@ -471,10 +503,9 @@ def main() -> None:
         if not ns:  # the Triton chain has no stand-in for the attention op
             variants["triton launches"] = c.launches
         for ring in a.rings.split(","):
-            slots, kb = (int(v) for v in ring.rstrip("a").split("x"))
             name = f"persistent {ring}"
             try:
-                fn = Persistent(torch, c, kinds, slots, kb, ns, None, ring.endswith("a"))
+                fn = Persistent(torch, c, kinds, ring, ns)
                 b = c.bufs()
                 for _ in range(3):  # the epoch moves on: each run must see only its own flags
                     fn(*b)
@@ -503,9 +534,8 @@ def main() -> None:
     if a.trace:
         out["trace"] = {}
         for ring in a.rings.split(","):
-            slots, kb = (int(v) for v in ring.rstrip("a").split("x"))
             print(f"  trace of {ring}:")
-            out["trace"][ring] = trace_report(torch, c, kinds, slots, kb, ring.endswith("a"), names, sms)
+            out["trace"][ring] = trace_report(torch, c, kinds, ring, names, sms)
     out["copy_rate"] = rate
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
