@@ -101,7 +101,8 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned i
 }
 """
 
-SOURCE = HELPERS + r"""
+# the kernel itself (SOURCE below: with the helpers)
+KERNEL = r"""
 
 #define VEC (K / 8)              /* 16-byte vectors a row */
 #define PARTS (GLU ? 2 : 1)      /* gate and up rows a stage */
@@ -224,6 +225,7 @@ gemv_stream(const h16* __restrict__ w, const h16* x, const h16* __restrict__ bia
     }
 }
 """
+SOURCE = HELPERS + KERNEL
 
 
 @cache
