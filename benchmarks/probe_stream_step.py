@@ -3,7 +3,7 @@ through a shared-memory ring without a pause at the matrices' borders, against t
 launches (gemv_stream_cuda's kernel one launch a GEMV, and the Triton kernel's).
 
     python benchmarks/probe_stream_step.py [--model llama-3.2-1b] [--rounds 5] \
-        [--rings 6x32,4x48,3x64] [--delay-us 0,4] [--json OUT]
+        [--rings 6x32,6x32c] [--delay-us 0,4] [--trace] [--json OUT]
 
 Why: the launched stream kernel asks for its first ~96 KB a CTA before its PDL wait, but its ring
 then stops until the kernel before is done and its input row is read: each border between two
@@ -12,12 +12,19 @@ weights are no kernel's output, so nothing stops them from streaming across the 
 CTA a SM runs the whole chain: a producer warp walks the CTA's rows of every matrix in order and
 keeps the ring (--rings: slots x KB, up to ~200 KB a SM, ~26 MB on the GPU: ~6 us of the copy rate)
 full, stopping only where the ring is; eight consumer warps compute each matrix's rows as
-gemv_stream_cuda does (so the outputs equal its launches' bit for bit) and wait at a grid-wide
-counter (every CTA arrives after its rows of a matrix) before reading the next input row.
+gemv_stream_cuda does (so the outputs equal its launches' bit for bit).
 
---delay-us holds the q|k|v -> o border that long (CTA 0 arrives late; the launch chains get a
-one-CTA kernel of that length with the attention op's late PDL trigger): a stand-in for the
-attention op, whose latency the ring may hide.
+Between the matrices, q, h and the residual row travel as 32-bit words: a value's 16 bits under a
+16-bit flag naming the matrix that wrote it in this launch, so a reader spins on the words
+themselves, with no grid barrier and no fence (a grid counter with a release fence before each
+arrival measured slower: the fence waits behind the SM's in-flight bulk copies; see README). Rows
+are a fixed share of each matrix a CTA, or (suffix c) claimed two stages at a time from a counter
+a matrix so that a faster SM takes more (ca: the next claim kept in flight).
+
+--delay-us holds the q|k|v -> o border that long (each o CTA waits that long after its input; the
+launch chain gets a one-CTA kernel of that length with the attention op's late PDL trigger): a
+stand-in for the attention op, whose latency the ring may hide. --trace: in-kernel clocks of one
+run per ring (input waits, rows, the grid's pace per matrix kind).
 
 The chain is gemv_chain.Chain's (bench_gemv_cuda.matrices' shapes without attention). Prints step
 times, % of the copy-rate bound, the ratio to the stream launches and the error against them.
@@ -412,7 +419,9 @@ def trace_report(torch, c, kinds: list, ring: str, names: list[str], sms: int) -
     run = Persistent(torch, c, kinds, ring, 0, trace)
     b = c.bufs()
     run(*b)
-    run(*b)  # the second run: the first one's compile and page-in are behind
+    torch.cuda.synchronize()
+    trace.zero_()  # the second run alone: the first one's compile and page-in are behind
+    run(*b)
     torch.cuda.synchronize()
     n = 4 * c.L + 1
     op_kinds = [op[6] for op in run.ops(b[0], b[3])]
