@@ -241,8 +241,8 @@ step_stream(const Op* __restrict__ ops, int n_ops, unsigned int* epoch_at, unsig
         for (int j = 0; j < n_ops; ++j) {
             const Op op = ops[j];  /* in registers: a reference would reload each field after each store */
             const int K = kind_k(op.kind), parts = kind_glu(op.kind) ? 2 : 1, CR = stage_rows(K, parts), N = op.N;
-            auto stage = [&](int rs) {  /* rows rs.. of matrix j into the next slot */
-                const int s = i % SLOTS, n = min(CR, N - rs);
+            auto stage = [&](int rs, int end) {  /* rows rs.. (before end) of matrix j into the next slot */
+                const int s = i % SLOTS, n = min(CR, end - rs);
                 if (i >= SLOTS) bar_wait(&empty[s], ((i / SLOTS) + 1) & 1);
                 const unsigned int bytes = (unsigned int)n * K * 2;
                 desc[s] = make_int4(j, rs, n, 0);
@@ -260,7 +260,7 @@ step_stream(const Op* __restrict__ ops, int n_ops, unsigned int* epoch_at, unsig
 #if AHEAD  /* the next claim in flight while this one's stages wait for slots */
                 const unsigned int next = atomicAdd(&claims[j], 1u) - base;
 #endif
-                for (int k = 0; k < CLAIM && ((int)c * CLAIM + k) * CR < N; ++k) stage(((int)c * CLAIM + k) * CR);
+                for (int k = 0; k < CLAIM && ((int)c * CLAIM + k) * CR < N; ++k) stage(((int)c * CLAIM + k) * CR, N);
 #if AHEAD
                 c = next;
 #else
@@ -269,7 +269,10 @@ step_stream(const Op* __restrict__ ops, int n_ops, unsigned int* epoch_at, unsig
             }
 #else  /* this CTA's share of the rows, the same every step */
             const int b = blockIdx.x, r1 = (int)((long long)N * (b + 1) / G);
-            for (int rs = (int)((long long)N * b / G); rs < r1; rs += CR) stage(rs);
+            /* (a stage past r1 would compute the next CTA's rows too: in place on the residual row,
+               that CTA would then find the words flagged by this matrix, not the one before, and wait
+               for ever) */
+            for (int rs = (int)((long long)N * b / G); rs < r1; rs += CR) stage(rs, r1);
 #endif
         }
         const int s = i % SLOTS;  /* the end: a stage of no matrix */
