@@ -82,6 +82,10 @@ __device__ __forceinline__ void store1(unsigned int* p, unsigned int v) {
 __device__ __forceinline__ unsigned int flag_of(unsigned int epoch, int n_ops, int j) {
     return (unsigned int)(((unsigned long long)epoch * n_ops + j) % 65535ull) + 1u;
 }
+/* a word that never comes is a bug (a flag no writer gives): an error after 2 s, not a hung GPU */
+__device__ __forceinline__ void give_up_after(u64 since) {
+    if (now_ns() - since > 2000000000ull) __trap();
+}
 __device__ __forceinline__ bool flagged(uint4 v, unsigned int f) {
     return (v.x >> 16) == f && (v.y >> 16) == f && (v.z >> 16) == f && (v.w >> 16) == f;
 }
@@ -120,7 +124,10 @@ __device__ int run_op(const Op op, int i, unsigned int epoch, int n_ops, int j, 
 #pragma unroll
         for (int p = 0; p < PER; ++p)
             if ((t + p * CONSUMERS) * 4 < K) {
-                while (!flagged(v[p], f)) v[p] = load4(xw + (t + p * CONSUMERS) * 4);
+                for (const u64 since = now_ns(); !flagged(v[p], f);) {
+                    give_up_after(since);
+                    v[p] = load4(xw + (t + p * CONSUMERS) * 4);
+                }
                 vals[p * 4] = tof((h16)v[p].x); vals[p * 4 + 1] = tof((h16)v[p].y);
                 vals[p * 4 + 2] = tof((h16)v[p].z); vals[p * 4 + 3] = tof((h16)v[p].w);
             } else {
@@ -199,7 +206,8 @@ __device__ int run_op(const Op op, int i, unsigned int epoch, int n_ops, int j, 
                     r = ldcg((const h16*)op.res + rs + t);
                 } else {
                     unsigned int w;
-                    do { w = load1((const unsigned int*)op.res + rs + t); } while ((w >> 16) != fr);
+                    const u64 since = now_ns();
+                    while (((w = load1((const unsigned int*)op.res + rs + t)) >> 16) != fr) give_up_after(since);
                     r = (h16)w;
                 }
                 g = tof(to16(g)) + tof(r);
