@@ -69,7 +69,7 @@ def unsupported(store) -> str | None:
     for what, fmt in (("gate/up", store.format), ("up", store.up_format), ("down", store.down_format)):
         if fmt not in FORMATS:
             return f"{what} experts in {fmt.value}"
-    if store._mm is not None:
+    if store.on_disk:
         return "experts on disk"
     return None
 

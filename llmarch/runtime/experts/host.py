@@ -118,6 +118,11 @@ class OffloadedExperts(ExpertStore):
         return self._expert_bytes
 
     @property
+    def on_disk(self) -> bool:
+        """Whether the experts are read from a file mapping (disk placement), not held in RAM."""
+        return self._mm is not None
+
+    @property
     def kernel_bits(self) -> int:
         """moe_cpu.c's `bits`: gate/up's layout code, up's and down's in the next bytes where they differ."""
         gu, up, dn = (f.kernel_code for f in (self.format, self.up_format, self.down_format))
