@@ -3,7 +3,7 @@ through a shared-memory ring without a pause at the matrices' borders, against t
 launches (gemv_stream_cuda's kernel one launch a GEMV, and the Triton kernel's).
 
     python benchmarks/probe_stream_step.py [--model llama-3.2-1b] [--rounds 5] \
-        [--rings 6x32,6x32c] [--delay-us 0,4] [--trace] [--json OUT]
+        [--rings 6x32,6x32c] [--delay-us 0,4] [--trace] [--attention] [--json OUT]
 
 Why: the launched stream kernel asks for its first ~96 KB a CTA before its PDL wait, but its ring
 then stops until the kernel before is done and its input row is read: each border between two
@@ -20,6 +20,12 @@ themselves, with no grid barrier and no fence (a grid counter with a release fen
 arrival measured slower: the fence waits behind the SM's in-flight bulk copies; see README). Rows
 are a fixed share of each matrix a CTA, or (suffix c) claimed two stages at a time from a counter
 a matrix so that a faster SM takes more (ca: the next claim kept in flight).
+
+--attention also runs the chain with a real decode attention between q|k|v and o (RoPE on q and k,
+the cache write, 160 slots of a random cache): the stream launches with the runtime's attention op
+(decode_attention_cuda) against the one kernel with an attention op kind of its own (run_attn: a
+KV head a stage, its q|k|v words waited for like any input), logits compared, then timed. Written
+and compiled for sm_90 (no spills) but NOT yet run on a GPU.
 
 --delay-us holds the q|k|v -> o border that long (each o CTA waits that long after its input; the
 launch chain gets a one-CTA kernel of that length with the attention op's late PDL trigger): a
@@ -220,8 +226,138 @@ __device__ int run_op(const Op op, int i, unsigned int epoch, int n_ops, int j, 
     return i;
 }
 
+#if ATTN
+#define NEG_INF __int_as_float(0xff800000)
+/* one KV head's decode attention (item g of an attention op): ATTN_REP query heads share the head,
+   and ATTN_REP * ATTN_D == CONSUMERS, so thread t is (query head t / D, lane t % D) where a
+   thread owns an output value, and slot c0 + t where it scores a chunk of slots. Its q, k and v
+   are words of the q|k|v matrix's output; RoPE on q and k (row pos of cos / sin, sin's first half
+   negated, as the runtime's tables); this step's key and value go to the cache slot pos (op.w: the
+   layer's K cache, op.nw: its V cache, [KV, SMAX, D]); an online softmax over slots 0..pos in
+   chunks of CONSUMERS slots; the output flagged for o. Rounded as decode_attention_cuda rounds:
+   q and k to 16 bits after RoPE, the probabilities before they weigh V, float32 sums. */
+__device__ int run_attn(const Op op, int i, unsigned int epoch, int n_ops, int j, h16* xs, u64* full, u64* empty,
+                        const int4* desc, const float* cos_t, const float* sin_t, int pos, u64* trace) {
+    constexpr int D = ATTN_D, REP = ATTN_REP, KV = ATTN_KV, Q = KV * REP * D, W = CONSUMERS / 32;
+    const int t = threadIdx.x, G = gridDim.x, b = blockIdx.x, h = t / D, d = t % D, partner = (d + D / 2) % D;
+    float* qs = (float*)xs;            /* [REP * D] rotated queries */
+    float* kn = qs + REP * D;          /* [D] this step's key, rotated */
+    float* vn = kn + D;                /* [D] this step's value */
+    float* p = vn + D;                 /* [REP][CONSUMERS] a chunk's probabilities */
+    float* part = p + REP * CONSUMERS; /* [2][REP][W] per-warp maxima, per-warp sums */
+    const unsigned int f = flag_of(epoch, n_ops, op.x_src), fy = flag_of(epoch, n_ops, j);
+    const unsigned int* qkv = (const unsigned int*)op.x;
+    const float* cs = cos_t + (long long)pos * D;
+    const float* sn = sin_t + (long long)pos * D;
+    const float scale = rsqrtf((float)D);
+    for (int c = 0;; ++c) {
+        const int s = i % SLOTS;
+        bar_wait(&full[s], (i / SLOTS) & 1);
+        const int4 dsc = desc[s];
+        if (dsc.x != j) break;
+        const int g = dsc.y;
+        auto word = [&](int at) {  /* the value of q|k|v's word `at` once its flag is this step's */
+            unsigned int w;
+            const u64 since = now_ns();
+            while (((w = load1(qkv + at)) >> 16) != f) give_up_after(since);
+            return tof((h16)w);
+        };
+        const float qx = word((g * REP + h) * D + d), qy = word((g * REP + h) * D + partner);
+        float kx = 0.f, ky = 0.f, vx = 0.f;
+        if (t < D) { kx = word(Q + g * D + d); ky = word(Q + g * D + partner); vx = word(Q + KV * D + g * D + d); }
+        if (c == 0 && trace && t == 0) trace[((long long)j * G + b) * 4 + 1] = now_ns();
+        qs[t] = tof(to16(qx * cs[d] + qy * sn[d]));
+        h16* kg = (h16*)op.w + (long long)g * SMAX * D;
+        h16* vg = (h16*)op.nw + (long long)g * SMAX * D;
+        if (t < D) {
+            kn[t] = tof(to16(kx * cs[d] + ky * sn[d]));
+            vn[t] = vx;
+            kg[(long long)pos * D + t] = to16(kn[t]);  /* for the next steps: this one reads kn / vn */
+            vg[(long long)pos * D + t] = to16(vx);
+        }
+        consumers_sync();
+        float m[REP], l[REP], acc = 0.f;
+#pragma unroll
+        for (int r = 0; r < REP; ++r) { m[r] = NEG_INF; l[r] = 0.f; }
+        for (int c0 = 0; c0 <= pos; c0 += CONSUMERS) {
+            const int sl = c0 + t;
+            float sc[REP];
+#pragma unroll
+            for (int r = 0; r < REP; ++r) sc[r] = 0.f;
+            if (sl < pos) {
+                const uint4* k4 = (const uint4*)(kg + (long long)sl * D);
+#pragma unroll 4
+                for (int e = 0; e < D / 8; ++e) {
+                    const uint4 u = __ldcg(k4 + e);
+                    const float kv[8] = {first(u.x), second(u.x), first(u.y), second(u.y),
+                                         first(u.z), second(u.z), first(u.w), second(u.w)};
+#pragma unroll
+                    for (int r = 0; r < REP; ++r)
+#pragma unroll
+                        for (int z = 0; z < 8; ++z) sc[r] = fmaf(qs[r * D + 8 * e + z], kv[z], sc[r]);
+                }
+            } else if (sl == pos) {
+                for (int e = 0; e < D; ++e)
+#pragma unroll
+                    for (int r = 0; r < REP; ++r) sc[r] = fmaf(qs[r * D + e], kn[e], sc[r]);
+            }
+#pragma unroll
+            for (int r = 0; r < REP; ++r) {
+                sc[r] = sl <= pos ? sc[r] * scale : NEG_INF;
+                float v = sc[r];
+                for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+                if ((t & 31) == 0) part[r * W + (t >> 5)] = v;
+            }
+            consumers_sync();
+            float alpha[REP], m_new[REP];
+#pragma unroll
+            for (int r = 0; r < REP; ++r) {
+                float cm = NEG_INF;
+                for (int w = 0; w < W; ++w) cm = fmaxf(cm, part[r * W + w]);
+                m_new[r] = fmaxf(m[r], cm);  /* finite: slot 0 is visible in the first chunk */
+                alpha[r] = __expf(m[r] - m_new[r]);
+                const float pr = sl <= pos ? __expf(sc[r] - m_new[r]) : 0.f;
+                p[r * CONSUMERS + t] = tof(to16(pr));  /* rounded as V's dtype before it weighs V */
+                float v = pr;  /* the sum takes the unrounded probabilities, as the runtime's kernel */
+                for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+                if ((t & 31) == 0) part[(REP + r) * W + (t >> 5)] = v;
+            }
+            consumers_sync();
+#pragma unroll
+            for (int r = 0; r < REP; ++r) {
+                float sum = 0.f;
+                for (int w = 0; w < W; ++w) sum += part[(REP + r) * W + w];
+                l[r] = l[r] * alpha[r] + sum;
+                m[r] = m_new[r];
+            }
+            float pv = 0.f;
+            const int n = min(CONSUMERS, pos + 1 - c0);
+            const float* ph = p + h * CONSUMERS;
+#pragma unroll 8
+            for (int k = 0; k < n; ++k) {
+                const float v = c0 + k == pos ? vn[d] : tof(__ldcg((const unsigned short*)vg + (long long)(c0 + k) * D + d));
+                pv = fmaf(ph[k], v, pv);
+            }
+            float ah = 0.f;
+#pragma unroll
+            for (int r = 0; r < REP; ++r) ah = r == h ? alpha[r] : ah;
+            acc = acc * ah + pv;
+            consumers_sync();  /* p and part are read by all before the next chunk writes them */
+        }
+        float lh = 1.f;
+#pragma unroll
+        for (int r = 0; r < REP; ++r) lh = r == h ? l[r] : lh;
+        store1((unsigned int*)op.y + (g * REP + h) * D + d, (fy << 16) | to16(acc / lh));
+        if (t == 0) bar_arrive(&empty[s]);
+        ++i;
+    }
+    return i;
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(CONSUMERS + 32, 1)
-step_stream(const Op* __restrict__ ops, int n_ops, unsigned int* epoch_at, unsigned int* claims, u64* trace)
+step_stream(const Op* __restrict__ ops, int n_ops, unsigned int* epoch_at, unsigned int* claims, u64* trace,
+            const float* cos_t, const float* sin_t, int pos)
 {
     extern __shared__ __align__(128) unsigned char smem[];
     unsigned char* ring = smem;
@@ -248,12 +384,18 @@ step_stream(const Op* __restrict__ ops, int n_ops, unsigned int* epoch_at, unsig
         int i = 0;
         for (int j = 0; j < n_ops; ++j) {
             const Op op = ops[j];  /* in registers: a reference would reload each field after each store */
-            const int K = kind_k(op.kind), parts = kind_glu(op.kind) ? 2 : 1, CR = stage_rows(K, parts), N = op.N;
+            const int K = kind_k(op.kind), parts = kind_glu(op.kind) ? 2 : 1, N = op.N;
+            const int CR = kind_attn(op.kind) ? 1 : stage_rows(K, parts);  /* attention: a KV head a stage */
             auto stage = [&](int rs, int end) {  /* rows rs.. (before end) of matrix j into the next slot */
                 const int s = i % SLOTS, n = min(CR, end - rs);
                 if (i >= SLOTS) bar_wait(&empty[s], ((i / SLOTS) + 1) & 1);
                 const unsigned int bytes = (unsigned int)n * K * 2;
                 desc[s] = make_int4(j, rs, n, 0);
+                if (kind_attn(op.kind)) {  /* no weights: the stage only tells the consumers the head */
+                    bar_arrive(&full[s]);
+                    ++i;
+                    return;
+                }
                 bar_expect(&full[s], bytes * parts);
                 unsigned char* dst = ring + s * SLOT;
                 bulk_load(dst, op.w + (long long)rs * K, bytes, &full[s]);
@@ -320,9 +462,15 @@ extern "C" __global__ void delay(int ns) {
 
 
 def step_source(
-    kinds: list[tuple[int, bool, bool, bool]], slots: int, slot_bytes: int, claims: bool = False, ahead: bool = False
+    kinds: list[tuple[int, bool, bool, bool]],
+    slots: int,
+    slot_bytes: int,
+    claims: bool = False,
+    ahead: bool = False,
+    attn: tuple[int, int, int, int] | None = None,
 ) -> str:
-    """STEP for matrix kinds (K, glu, norm, res), a ring of `slots` slots of slot_bytes."""
+    """STEP for matrix kinds (K, glu, norm, res), a ring of `slots` slots of slot_bytes; attn: (query
+    heads, KV heads, head width, cache slots) of an attention op kind, numbered after the matrices."""
 
     def rows(K: int, glu: bool) -> int:
         r = 8
@@ -335,6 +483,11 @@ def step_source(
         f"(op, i, epoch, n_ops, j, ring, xs, red, full, empty, desc, trace); break;"
         for n, (K, g, nm, r) in enumerate(kinds)
     )
+    if attn is not None:
+        cases += (
+            f"\n        case {len(kinds)}: i = run_attn(op, i, epoch, n_ops, j, xs, full, empty, desc, cos_t, sin_t, pos, "
+            "trace); break;"
+        )
     k_of = " ".join(f"if (kind == {n}) return {K};" for n, (K, _, _, _) in enumerate(kinds))
     g_of = " ".join(f"if (kind == {n}) return {int(g)};" for n, (_, g, _, _) in enumerate(kinds))
     defs = {
@@ -346,11 +499,16 @@ def step_source(
         "SLOT": slot_bytes,
         "CONSUMERS": CONSUMERS,
         "KMAX": max(k[0] for k in kinds),
+        "ATTN": int(attn is not None),
     }
+    if attn is not None:
+        H, KV, D, smax = attn
+        defs.update({"ATTN_D": D, "ATTN_REP": H // KV, "ATTN_KV": KV, "SMAX": smax})
     head = "".join(f"#define {k} {v}\n" for k, v in defs.items())
     shapes = (
         f"__device__ __forceinline__ int kind_k(int kind) {{ {k_of} return 0; }}\n"
         f"__device__ __forceinline__ int kind_glu(int kind) {{ {g_of} return 0; }}\n"
+        f"__device__ __forceinline__ int kind_attn(int kind) {{ return {'kind == ' + str(len(kinds)) if attn else 0}; }}\n"
     )
     return head + gs.HELPERS + shapes + STEP.replace("KIND_CASES", cases)
 
@@ -375,22 +533,53 @@ def pack_ops(torch, ops: list[tuple]) -> object:
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8).cuda()
 
 
+class Attention:
+    """A decode step's attention for both chains: the model's heads, per layer K and V caches
+    [KV, SMAX, D] (random before slot pos), RoPE tables as the runtime keeps them (cos, and sin with
+    its first half negated, [SMAX, D] float32) and the position (pos + 1 slots attended)."""
+
+    def __init__(self, torch, c, cfg: dict, pos: int = 159, smax: int = 256, theta: float = 500000.0) -> None:
+        self.H, self.KV = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        self.D = cfg.get("head_dim") or cfg["hidden_size"] // self.H
+        self.pos, self.smax = pos, smax
+        g = torch.Generator(device="cuda").manual_seed(1)
+        shape = (c.L, self.KV, smax, self.D)
+        self.kc, self.vc = (torch.randn(*shape, device="cuda", generator=g).to(torch.bfloat16) for _ in range(2))
+        inv = 1.0 / theta ** (torch.arange(0, self.D, 2, device="cuda", dtype=torch.float64) / self.D)
+        freqs = torch.arange(smax, device="cuda", dtype=torch.float64)[:, None] * inv[None]
+        self.cos = torch.cat([freqs.cos(), freqs.cos()], -1).float().contiguous()
+        self.sin = torch.cat([-freqs.sin(), freqs.sin()], -1).float().contiguous()
+
+    def shape(self) -> tuple[int, int, int, int]:
+        return self.H, self.KV, self.D, self.smax
+
+    def fits(self) -> bool:
+        """run_attn's thread map: (query heads a KV head) x head width = the consumer threads."""
+        return (self.H // self.KV) * self.D == CONSUMERS and self.D % 8 == 0
+
+
 class Persistent:
     """The chain as step_stream launches, on a ring of `slots` x kb KB: q, h and the residual row in
     flagged words (a value's 16 bits under its writer's flag) between the matrices."""
 
-    def __init__(self, torch, c, kinds: list, ring: str, delay_ns: int, trace=None) -> None:
-        self.torch, self.c, self.delay_ns, self.trace = torch, c, delay_ns, trace
+    def __init__(
+        self, torch, c, kinds: list, ring: str, delay_ns: int, trace=None, att: Attention | None = None
+    ) -> None:
+        self.torch, self.c, self.delay_ns, self.trace, self.att = torch, c, delay_ns, trace, att
         slots, kb, claims, ahead = parse_ring(ring)
-        src = step_source(kinds, slots, kb * 1024, claims, ahead)
+        self.attn_kind = len(kinds)
+        src = step_source(kinds, slots, kb * 1024, claims, ahead, None if att is None else att.shape())
         shared = shared_bytes(slots, kb * 1024, max(k[0] for k in kinds))
         self.k = cuda_rtc.kernel(src, "step_stream", 0, CONSUMERS + 32, shared)
         self.sms = torch.cuda.get_device_properties(0).multi_processor_count
         words = {"dtype": torch.int32, "device": "cuda"}
         self.qw, self.hw, self.xw = (torch.zeros(n, **words) for n in (c.NQKV, c.F, c.D))
         self.epoch = torch.zeros(1, **words)
-        self.claims = torch.zeros(4 * c.L + 1, **words)
+        self.claims = torch.zeros(5 * c.L + 1, **words)
         self.tables: dict = {}
+        if att is not None:  # its own caches: the step writes slot pos
+            self.kc, self.vc = att.kc.clone(), att.vc.clone()
+            self.aw = torch.zeros(c.Q, **words)
 
     def ops(self, x, logits) -> list[tuple]:
         """Per layer q|k|v, o (+ x), gate|up, down (+ x); then the head: x is read as 16-bit values by
@@ -400,9 +589,14 @@ class Persistent:
         for layer in range(c.L):
             j = len(ops)
             xin = x if xsrc < 0 else self.xw
+            ops.append((c.wqkv[layer], xin, c.nw, None, self.qw, c.NQKV, 0, xsrc, -1, 1, 0, 1e-5))
+            o_in = self.qw  # without attention: q's first rows stand in for its output
+            if self.att is not None:
+                kv = (self.kc[layer], self.qw, self.vc[layer], None, self.aw)
+                ops.append((*kv, self.att.KV, self.attn_kind, j, -1, 1, 0, 0.0))
+                o_in, j = self.aw, j + 1
             ops += [
-                (c.wqkv[layer], xin, c.nw, None, self.qw, c.NQKV, 0, xsrc, -1, 1, 0, 1e-5),
-                (c.wo[layer], self.qw, None, xin, self.xw, c.D, 1, j, xsrc, 1, self.delay_ns, 0.0),
+                (c.wo[layer], o_in, None, xin, self.xw, c.D, 1, j, xsrc, 1, self.delay_ns, 0.0),
                 (c.wgu[layer], self.xw, c.nw, None, self.hw, c.F, 2, j + 1, -1, 1, 0, 1e-5),
                 (c.wd[layer], self.hw, None, self.xw, self.xw, c.D, 3, j + 2, j + 1, 1, 0, 0.0),
             ]
@@ -416,7 +610,9 @@ class Persistent:
             ops = self.ops(x, logits)
             self.tables[key] = (pack_ops(self.torch, ops), len(ops))
         table, n = self.tables[key]
-        self.k.launch(self.sms, [table, n, self.epoch, self.claims, self.trace])
+        att = self.att
+        rope = [None, None, 0] if att is None else [att.cos, att.sin, att.pos]
+        self.k.launch(self.sms, [table, n, self.epoch, self.claims, self.trace, *rope])
 
     def residual(self):
         """The residual row after the chain, as 16-bit values."""
@@ -472,6 +668,79 @@ def trace_report(torch, c, kinds: list, ring: str, names: list[str], sms: int) -
     return report
 
 
+def attention_rows(torch, c, kinds: list, a, rate: float, graph_times) -> list[dict]:
+    """The chain with a real decode attention between q|k|v and o (pos + 1 = 160 slots): the stream
+    launches with the runtime's attention op (decode_attention_cuda, q/k RoPE and the cache write in
+    it, its late PDL trigger) against the one kernel with run_attn; logits compared, then timed."""
+    from bench_run_gpu import SHAPES
+
+    from llmarch.runtime import decode_attention_cuda as dac
+
+    att = Attention(torch, c, SHAPES[a.model][1])
+    if not att.fits():
+        print(f"  attention: {att.H} heads / {att.KV} KV heads of {att.D} do not fit run_attn's thread map", flush=True)
+        return []
+    H, KV, D, Q = att.H, att.KV, att.D, c.Q
+    kc, vc = att.kc.clone(), att.vc.clone()
+    out = torch.empty(1, H, D, device="cuda", dtype=torch.bfloat16)
+    pos = torch.tensor([att.pos], device="cuda", dtype=torch.int64)
+    mask = torch.arange(att.smax, device="cuda") <= att.pos
+
+    def launches(x, q, h, logits):
+        # the runtime's attention op times its PDL by the stream kernel's switch, which Chain turns off
+        old = os.environ.get("LLMARCH_NO_GEMV_STREAM")
+        os.environ["LLMARCH_NO_GEMV_STREAM"] = "0"
+        try:
+            for layer in range(c.L):
+                gs.launch(x, c.wqkv[layer], None, q, False, c.nw, 1e-5, None)
+                kv = (q[:, Q : Q + KV * D].view(1, KV, D), q[:, Q + KV * D :].view(1, KV, D))
+                new = dac.NewStep(*kv, None, None, 0.0, att.cos, att.sin, pos, pos)
+                dac.launch(q[:, :Q].view(1, H, D), kc[layer][None], vc[layer][None], mask, D**-0.5, out, new=new)
+                gs.launch(out.view(1, Q), c.wo[layer], None, x, False, None, 0.0, x)
+                gs.launch(x, c.wgu[layer], None, h, True, c.nw, 1e-5, None)
+                gs.launch(h, c.wd[layer], None, x, False, None, 0.0, x)
+            gs.launch(x, c.whead, None, logits, False, c.nw, 1e-5, None)
+        finally:
+            if old is None:
+                del os.environ["LLMARCH_NO_GEMV_STREAM"]
+            else:
+                os.environ["LLMARCH_NO_GEMV_STREAM"] = old
+
+    ref = c.bufs()
+    launches(*ref)
+    torch.cuda.synchronize()
+    variants: dict = {"stream launches + attention op": launches}
+    rows: list[dict] = []
+    for ring in a.rings.split(","):
+        name = f"persistent {ring} + run_attn"
+        try:
+            fn = Persistent(torch, c, kinds, ring, 0, None, att)
+            b = c.bufs()
+            for _ in range(3):
+                fn(*b)
+            torch.cuda.synchronize()
+            b = (fn.residual(), *b[1:])
+        except Exception as e:
+            print(f"{name}: {type(e).__name__}: {str(e)[:600]}", flush=True)
+            return rows  # a trapped kernel leaves the context unusable
+        err, errx = c.errors(b, ref)
+        print(
+            f"{name}: logits rel. error {err:.2e}, x {errx:.2e} against the launches with the attention op", flush=True
+        )
+        rows.append({"variant": name, "rel_err_logits": err, "rel_err_x": errx})
+        if err < 0.05:
+            variants[name] = fn
+    timed = {n: (lambda b, fn=fn: fn(*b)) for n, fn in variants.items()}
+    times = graph_times(torch, timed, c.bufs, a.rounds)
+    base = statistics.median(times["stream launches + attention op"])
+    for n in times:
+        t = statistics.median(times[n])
+        print(f"  attention {n:34s} {t * 1e6:7.1f} us, {100 * c.bytes / rate / t:5.1f}% of bound, "
+              f"{base / t:.3f}x the launches", flush=True)  # fmt: skip
+        rows.append({"variant": n, "us": t * 1e6, "samples_us": [v * 1e6 for v in times[n]]})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama-3.2-1b")
@@ -483,6 +752,11 @@ def main() -> None:
     )
     ap.add_argument("--delay-us", default="0,4", help="attention stand-ins to try, comma-separated")
     ap.add_argument("--trace", action="store_true", help="where the first ring's CTAs wait, from in-kernel clocks")
+    ap.add_argument(
+        "--attention",
+        action="store_true",
+        help="also the chain with the real attention (the runtime's op between launches; run_attn in the kernel)",
+    )
     ap.add_argument("--json")
     a = ap.parse_args()
 
@@ -551,6 +825,8 @@ def main() -> None:
             out["rows"].append(
                 {"variant": n, "delay_us": delay_us, "us": t * 1e6, "samples_us": [v * 1e6 for v in times[n]]}
             )
+    if a.attention:
+        out["attention"] = attention_rows(torch, c, kinds, a, rate, graph_times)
     if a.trace:
         out["trace"] = {}
         for ring in a.rings.split(","):
