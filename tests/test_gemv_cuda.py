@@ -31,16 +31,22 @@ from test_gguf_cuda import (  # sets TRITON_INTERPRET on a CPU
 from llmarch.runtime import gemv_cuda as gv
 
 SHAPES = [(37, 200), (130, 1000), (9, 2048), (257, 72)]  # (N, K): none a multiple of the tile's rows
+# LLMARCH_NO_GEMV_STREAM for the products below: on a GPU both ways, so that the Triton kernel's one-row
+# path stays tested on sm90+, where gemv_cuda.launch sends one row to gemv_stream_cuda by default (the
+# interpreter never takes that kernel)
+STREAM = ["1", "0"] if DEVICE == "cuda" else ["1"]
 
 
 @needs_kernels
 @pytest.mark.parametrize("N,K", SHAPES)
 @pytest.mark.parametrize("M", [1, 2, 3, 4])
 @pytest.mark.parametrize("ahead", ["1", "0"], ids=["plain", "ahead"])
-def test_kernel_matches_float64_matmul(N, K, M, ahead, monkeypatch):
+@pytest.mark.parametrize("stream", STREAM)
+def test_kernel_matches_float64_matmul(N, K, M, ahead, stream, monkeypatch):
     """ahead: LLMARCH_NO_GEMV_AHEAD (=0: weight tiles loaded a step ahead; K 1000 and 2048 take
-    several steps of the interpreter's 256-value tile, 200 one masked step)."""
+    several steps of the interpreter's 256-value tile, 200 one masked step); stream: see STREAM."""
     monkeypatch.setenv("LLMARCH_NO_GEMV_AHEAD", ahead)
+    monkeypatch.setenv("LLMARCH_NO_GEMV_STREAM", stream)
     g = torch.Generator().manual_seed(N * 1000 + K * 10 + M)
     dtype = torch.bfloat16 if M % 2 else torch.float16
     x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
@@ -64,12 +70,14 @@ def test_kernel_matches_float64_matmul(N, K, M, ahead, monkeypatch):
 @pytest.mark.parametrize("H,K", [(37, 200), (9, 2048), (130, 72)])
 @pytest.mark.parametrize("M", [1, 3])
 @pytest.mark.parametrize("ahead", ["1", "0"], ids=["plain", "ahead"])
-def test_gated_epilogue_matches_float64_silu_gate_times_up(H, K, M, ahead, monkeypatch):
+@pytest.mark.parametrize("stream", STREAM)
+def test_gated_epilogue_matches_float64_silu_gate_times_up(H, K, M, ahead, stream, monkeypatch):
     """glu=True: w holds [gate; up] (2H rows), y = silu(x @ gate^T + b_g) * (x @ up^T + b_u) against
     float64, both sums kept in float32 until the activation. Bound: each sum's float32 error (1e-5 of
     sum |w| |x|) carried through silu (slope below 1.1) and the product, plus y's own rounding.
-    ahead: as in test_kernel_matches_float64_matmul (the up tile loaded ahead too)."""
+    ahead, stream: as in test_kernel_matches_float64_matmul (the up tile loaded ahead too)."""
     monkeypatch.setenv("LLMARCH_NO_GEMV_AHEAD", ahead)
+    monkeypatch.setenv("LLMARCH_NO_GEMV_STREAM", stream)
     g = torch.Generator().manual_seed(H * 100 + K + M)
     dtype = torch.bfloat16 if M == 1 else torch.float16
     x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)

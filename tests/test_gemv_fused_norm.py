@@ -22,6 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_gemv_cuda import STREAM  # on a GPU both ways: the Triton kernel's one-row path on sm90+ too
 from test_gguf_cuda import (  # sets TRITON_INTERPRET on a CPU
     DEVICE,
     logits_by_step,
@@ -50,9 +51,12 @@ def folded_norm(K: int, eps: float, unit_offset: bool, g: torch.Generator) -> RM
 @pytest.mark.parametrize("N,K", SHAPES)
 @pytest.mark.parametrize("M", [1, 2, 3, 4])
 @pytest.mark.parametrize("ahead", ["1", "0"], ids=["plain", "ahead"])
-def test_norm_prologue_matches_rmsnorm_then_float64_matmul(N, K, M, ahead, monkeypatch):
-    """ahead: LLMARCH_NO_GEMV_AHEAD (=0: the weight tiles a step ahead, the first before the prologue)."""
+@pytest.mark.parametrize("stream", STREAM)
+def test_norm_prologue_matches_rmsnorm_then_float64_matmul(N, K, M, ahead, stream, monkeypatch):
+    """ahead: LLMARCH_NO_GEMV_AHEAD (=0: the weight tiles a step ahead, the first before the prologue);
+    stream: LLMARCH_NO_GEMV_STREAM (test_gemv_cuda.STREAM)."""
     monkeypatch.setenv("LLMARCH_NO_GEMV_AHEAD", ahead)
+    monkeypatch.setenv("LLMARCH_NO_GEMV_STREAM", stream)
     g = torch.Generator().manual_seed(N * 1000 + K * 10 + M)
     dtype = torch.bfloat16 if M % 2 else torch.float16
     eps, unit_offset = (0.3, M % 2 == 1) if M <= 2 else (1e-6, M == 3)
@@ -89,9 +93,11 @@ def test_norm_prologue_matches_rmsnorm_then_float64_matmul(N, K, M, ahead, monke
 @needs_kernels
 @pytest.mark.parametrize("N,K", SHAPES)
 @pytest.mark.parametrize("M", [1, 3])
-def test_residual_epilogue_matches_float64(N, K, M):
+@pytest.mark.parametrize("stream", STREAM)
+def test_residual_epilogue_matches_float64(N, K, M, stream, monkeypatch):
     """y = r + (x @ W^T + b): float32 accumulation (1e-5 of sum |w| |x|), the product rounded to
     y's dtype once before the add (as the unfused r + linear(x)), and y's own rounding."""
+    monkeypatch.setenv("LLMARCH_NO_GEMV_STREAM", stream)
     g = torch.Generator().manual_seed(N * 7 + K + M)
     dtype = torch.bfloat16 if M == 1 else torch.float16
     x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
@@ -112,9 +118,11 @@ def test_residual_epilogue_matches_float64(N, K, M):
 
 @needs_kernels
 @pytest.mark.parametrize("H,K", [(37, 200), (9, 2048), (130, 72), (20, 256)])
-def test_gated_epilogue_with_norm_prologue_matches_float64(H, K):
+@pytest.mark.parametrize("stream", STREAM)
+def test_gated_epilogue_with_norm_prologue_matches_float64(H, K, stream, monkeypatch):
     """silu(gate) * up of the normed row against float64, bound as the gated epilogue's own test
     (test_gemv_cuda) with the normed row's rounding added."""
+    monkeypatch.setenv("LLMARCH_NO_GEMV_STREAM", stream)
     g = torch.Generator().manual_seed(H * 100 + K)
     x = torch.randn(1, K, generator=g).to(torch.bfloat16).to(DEVICE)
     w = (torch.randn(2 * H, K, generator=g) / K**0.5).to(torch.bfloat16).to(DEVICE)
