@@ -668,6 +668,20 @@ def trace_report(torch, c, kinds: list, ring: str, names: list[str], sms: int) -
     return report
 
 
+def timed_rows(torch, c, variants: dict, rounds: int, rate: float, label: str, graph_times) -> list[dict]:
+    """Each variant (fn(x, q, h, logits)) timed by graph_times, printed against the first one."""
+    times = graph_times(torch, {n: (lambda b, fn=fn: fn(*b)) for n, fn in variants.items()}, c.bufs, rounds)
+    first = next(iter(times))
+    base = statistics.median(times[first])
+    rows = []
+    for n in times:
+        t = statistics.median(times[n])
+        print(f"  {label} {n:34s} {t * 1e6:7.1f} us, {100 * c.bytes / rate / t:5.1f}% of bound, "
+              f"{base / t:.3f}x {first}", flush=True)  # fmt: skip
+        rows.append({"variant": n, "us": t * 1e6, "samples_us": [v * 1e6 for v in times[n]]})
+    return rows
+
+
 def attention_rows(torch, c, kinds: list, a, rate: float, graph_times) -> list[dict]:
     """The chain with a real decode attention between q|k|v and o (pos + 1 = 160 slots): the stream
     launches with the runtime's attention op (decode_attention_cuda, q/k RoPE and the cache write in
@@ -730,15 +744,7 @@ def attention_rows(torch, c, kinds: list, a, rate: float, graph_times) -> list[d
         rows.append({"variant": name, "rel_err_logits": err, "rel_err_x": errx})
         if err < 0.05:
             variants[name] = fn
-    timed = {n: (lambda b, fn=fn: fn(*b)) for n, fn in variants.items()}
-    times = graph_times(torch, timed, c.bufs, a.rounds)
-    base = statistics.median(times["stream launches + attention op"])
-    for n in times:
-        t = statistics.median(times[n])
-        print(f"  attention {n:34s} {t * 1e6:7.1f} us, {100 * c.bytes / rate / t:5.1f}% of bound, "
-              f"{base / t:.3f}x the launches", flush=True)  # fmt: skip
-        rows.append({"variant": n, "us": t * 1e6, "samples_us": [v * 1e6 for v in times[n]]})
-    return rows
+    return rows + timed_rows(torch, c, variants, a.rounds, rate, "attention", graph_times)
 
 
 def main() -> None:
@@ -815,16 +821,8 @@ def main() -> None:
             out["rows"].append({"variant": name, "delay_us": delay_us, "rel_err_logits": err, "equal": same})
             if err < 0.05:
                 variants[name] = fn
-        timed = {n: (lambda b, fn=fn: fn(*b)) for n, fn in variants.items()}
-        times = graph_times(torch, timed, c.bufs, a.rounds)
-        base = statistics.median(times["stream launches"])
-        for n in times:
-            t = statistics.median(times[n])
-            print(f"  delay {delay_us:3.1f} us {n:26s} {t * 1e6:7.1f} us, {100 * c.bytes / rate / t:5.1f}% of bound, "
-                  f"{base / t:.3f}x stream launches", flush=True)  # fmt: skip
-            out["rows"].append(
-                {"variant": n, "delay_us": delay_us, "us": t * 1e6, "samples_us": [v * 1e6 for v in times[n]]}
-            )
+        for row in timed_rows(torch, c, variants, a.rounds, rate, f"delay {delay_us:3.1f} us", graph_times):
+            out["rows"].append({**row, "delay_us": delay_us})
     if a.attention:
         out["attention"] = attention_rows(torch, c, kinds, a, rate, graph_times)
     if a.trace:
