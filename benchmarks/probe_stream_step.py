@@ -56,17 +56,8 @@ from llmarch.runtime import gemv_stream_cuda as gs  # noqa: E402
 CONSUMERS = 256  # eight warps compute; a ninth (the producer) asks for the weights
 CLAIM = 2  # stages a producer claims at a time
 
-STEP = r"""
-struct Op {            /* one matrix of the chain, as the host packs it (72 bytes) */
-    const h16* w;      /* N (2N with GLU: gate rows then up rows) rows of K */
-    const void* x;     /* input row: 16-bit values (x_src < 0) or flagged words written by op x_src */
-    const h16* nw;     /* RMS-norm weight (16-bit) or null */
-    const void* res;   /* residual row, as x (res_src) */
-    void* y;           /* output row: flagged words (y_flagged) or 16-bit values */
-    int N, kind, x_src, res_src, y_flagged, delay_ns;
-    float eps, pad;
-};
-
+# the GPU primitives STEP uses beside gemv_stream_cuda.HELPERS (a CPU emulation supplies its own)
+PRIMS = r"""
 __device__ __forceinline__ void bar_arrive(u64* b) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(smem_addr(b)) : "memory");
 }
@@ -84,13 +75,29 @@ __device__ __forceinline__ unsigned int load1(const unsigned int* p) {
 __device__ __forceinline__ void store1(unsigned int* p, unsigned int v) {
     asm volatile("st.volatile.global.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
 }
-/* the flag op j of launch `epoch` writes beside each value: never 0 (a zeroed buffer is unwritten) */
-__device__ __forceinline__ unsigned int flag_of(unsigned int epoch, int n_ops, int j) {
-    return (unsigned int)(((unsigned long long)epoch * n_ops + j) % 65535ull) + 1u;
-}
 /* a word that never comes is a bug (a flag no writer gives): an error after 2 s, not a hung GPU */
 __device__ __forceinline__ void give_up_after(u64 since) {
     if (now_ns() - since > 2000000000ull) __trap();
+}
+__device__ __forceinline__ void fence_mbarrier_init() {
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+"""
+
+STEP = r"""
+struct Op {            /* one matrix of the chain, as the host packs it (72 bytes) */
+    const h16* w;      /* N (2N with GLU: gate rows then up rows) rows of K */
+    const void* x;     /* input row: 16-bit values (x_src < 0) or flagged words written by op x_src */
+    const h16* nw;     /* RMS-norm weight (16-bit) or null */
+    const void* res;   /* residual row, as x (res_src) */
+    void* y;           /* output row: flagged words (y_flagged) or 16-bit values */
+    int N, kind, x_src, res_src, y_flagged, delay_ns;
+    float eps, pad;
+};
+
+/* the flag op j of launch `epoch` writes beside each value: never 0 (a zeroed buffer is unwritten) */
+__device__ __forceinline__ unsigned int flag_of(unsigned int epoch, int n_ops, int j) {
+    return (unsigned int)(((unsigned long long)epoch * n_ops + j) % 65535ull) + 1u;
 }
 __device__ __forceinline__ bool flagged(uint4 v, unsigned int f) {
     return (v.x >> 16) == f && (v.y >> 16) == f && (v.z >> 16) == f && (v.w >> 16) == f;
@@ -369,7 +376,7 @@ step_stream(const Op* __restrict__ ops, int n_ops, unsigned int* epoch_at, unsig
     const int t = threadIdx.x, G = gridDim.x;
     if (t == 0) {
         for (int s = 0; s < SLOTS; ++s) { bar_init(&full[s]); bar_init(&empty[s]); }
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        fence_mbarrier_init();
     }
     __syncthreads();
     /* every CTA reads the launch's epoch before it claims or writes anything; CTA 0 moves it on at
@@ -468,9 +475,11 @@ def step_source(
     claims: bool = False,
     ahead: bool = False,
     attn: tuple[int, int, int, int] | None = None,
+    helpers: str | None = None,
 ) -> str:
     """STEP for matrix kinds (K, glu, norm, res), a ring of `slots` slots of slot_bytes; attn: (query
-    heads, KV heads, head width, cache slots) of an attention op kind, numbered after the matrices."""
+    heads, KV heads, head width, cache slots) of an attention op kind, numbered after the matrices;
+    helpers: the primitives (default gemv_stream_cuda.HELPERS + PRIMS, the GPU's)."""
 
     def rows(K: int, glu: bool) -> int:
         r = 8
@@ -498,7 +507,7 @@ def step_source(
         "SLOTS": slots,
         "SLOT": slot_bytes,
         "CONSUMERS": CONSUMERS,
-        "KMAX": max(k[0] for k in kinds),
+        "KMAX": xs_values(kinds, attn),
         "ATTN": int(attn is not None),
     }
     if attn is not None:
@@ -510,7 +519,19 @@ def step_source(
         f"__device__ __forceinline__ int kind_glu(int kind) {{ {g_of} return 0; }}\n"
         f"__device__ __forceinline__ int kind_attn(int kind) {{ return {'kind == ' + str(len(kinds)) if attn else 0}; }}\n"
     )
-    return head + gs.HELPERS + shapes + STEP.replace("KIND_CASES", cases)
+    return head + (helpers or gs.HELPERS + PRIMS) + shapes + STEP.replace("KIND_CASES", cases)
+
+
+def xs_values(kinds: list, attn: tuple[int, int, int, int] | None) -> int:
+    """16-bit values of the shared input row: the widest matrix input, or run_attn's float scratch
+    (rotated queries, the new key and value, a chunk's probabilities, the per-warp partials) where
+    that is larger (it lives there), a multiple of 8."""
+    n = max(k[0] for k in kinds)
+    if attn is not None:
+        H, KV, D, _ = attn
+        rep = H // KV
+        n = max(n, 2 * (rep * D + 2 * D + rep * CONSUMERS + 2 * rep * (CONSUMERS // 32)))
+    return -(-n // 8) * 8
 
 
 def shared_bytes(slots: int, slot_bytes: int, kmax: int) -> int:
@@ -527,10 +548,10 @@ def parse_ring(ring: str) -> tuple[int, int, bool, bool]:
     return slots, kb, "c" in ring[len(size) :], ring.endswith("a")
 
 
-def pack_ops(torch, ops: list[tuple]) -> object:
-    """The Op table on the GPU: (w, x, nw, res, y, N, kind, x_src, res_src, y_flagged, delay_ns, eps) a matrix."""
+def pack_ops(torch, ops: list[tuple], device: str = "cuda") -> object:
+    """The Op table: (w, x, nw, res, y, N, kind, x_src, res_src, y_flagged, delay_ns, eps) a matrix."""
     raw = b"".join(OP.pack(*(0 if p is None else p.data_ptr() for p in op[:5]), *op[5:], 0.0) for op in ops)
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).cuda()
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device)
 
 
 class Attention:
@@ -569,7 +590,7 @@ class Persistent:
         slots, kb, claims, ahead = parse_ring(ring)
         self.attn_kind = len(kinds)
         src = step_source(kinds, slots, kb * 1024, claims, ahead, None if att is None else att.shape())
-        shared = shared_bytes(slots, kb * 1024, max(k[0] for k in kinds))
+        shared = shared_bytes(slots, kb * 1024, xs_values(kinds, None if att is None else att.shape()))
         self.k = cuda_rtc.kernel(src, "step_stream", 0, CONSUMERS + 32, shared)
         self.sms = torch.cuda.get_device_properties(0).multi_processor_count
         words = {"dtype": torch.int32, "device": "cuda"}
