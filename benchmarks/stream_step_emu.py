@@ -67,15 +67,7 @@ static inline h16 to16(float f) {  /* round to nearest even, as cvt.rn.bf16.f32 
     if ((u & 0x7fffffffu) > 0x7f800000u) return (h16)((u >> 16) | 0x40u);
     return (h16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
-static inline float first(unsigned u) { return __uint_as_float(u << 16); }
-static inline float second(unsigned u) { return __uint_as_float(u & 0xffff0000u); }
-static inline float dot8(uint4 a, uint4 b, float acc) {
-    acc = fmaf(first(a.x), first(b.x), acc); acc = fmaf(second(a.x), second(b.x), acc);
-    acc = fmaf(first(a.y), first(b.y), acc); acc = fmaf(second(a.y), second(b.y), acc);
-    acc = fmaf(first(a.z), first(b.z), acc); acc = fmaf(second(a.z), second(b.z), acc);
-    acc = fmaf(first(a.w), first(b.w), acc); acc = fmaf(second(a.w), second(b.w), acc);
-    return acc;
-}
+WORDS_AND_DOT8
 #define __expf(x) expf(x)
 static inline float rsqrtf(float x) { return 1.f / sqrtf(x); }
 static inline void __syncthreads() { cta->all.arrive_and_wait(); }
@@ -151,10 +143,20 @@ extern "C" void emulate(int grid, int shared, const Op* ops, int n_ops, unsigned
 """
 
 
+def _words_and_dot8() -> str:
+    """gemv_stream_cuda's first / second / dot8 as the GPU compiles them (plain C++ for bf16): the
+    arithmetic under test, not a copy of it."""
+    from llmarch.runtime import gemv_stream_cuda as gs
+
+    start = gs.HELPERS.index("/* a 32-bit word's two 16-bit values")
+    return gs.HELPERS[start : gs.HELPERS.index("__device__ __forceinline__ unsigned int smem_addr")]
+
+
 def source(step_source: str) -> str:
     """A probe_stream_step.step_source(..., helpers=EMU) text made host C++: the kernel's shared
     memory is the thread's CTA buffer, and an entry that runs a grid of CTAs."""
     text = step_source.replace("extern __shared__ __align__(128) unsigned char smem[];", "")
+    text = text.replace("WORDS_AND_DOT8", _words_and_dot8())
     text = text.replace('extern "C" __global__ void', "static void")
     return "#include <cstdint>\n" + text + ENTRY
 
