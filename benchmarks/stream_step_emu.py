@@ -192,12 +192,13 @@ def run(lib: ctypes.CDLL, grid: int, shared: int, table, n_ops: int, epoch, clai
     )  # fmt: skip
 
 
-def tiny_chain(torch, layers: int = 2, attention: bool = True, seed: int = 0) -> dict:
-    """A small random chain in bf16 on the CPU (hidden 256, 8 query heads / 2 KV heads of 64, ffn 512,
-    96 logits): its weights, norms, a residual row, and the attention's caches (random before slot pos)
-    and RoPE tables as probe_stream_step's Attention keeps them."""
+def tiny_chain(torch, layers: int = 2, attention: bool = True, seed: int = 0, heads=(8, 2, 64)) -> dict:
+    """A small random chain in bf16 on the CPU (hidden 256, `heads` = query heads, KV heads, head width
+    (run_attn needs query heads a KV head x width = 256), ffn 512, 96 logits): its weights, norms, a
+    residual row, and the attention's caches (random before slot pos) and RoPE tables as
+    probe_stream_step's Attention keeps them."""
     g = torch.Generator().manual_seed(seed)
-    D, H, KV, Dh, F, V, smax, pos = 256, 8, 2, 64, 512, 96, 48, 37
+    (H, KV, Dh), (D, F, V, smax, pos) = heads, (256, 512, 96, 48, 37)
     Q = H * Dh
 
     def w(*shape, scale=1.0):

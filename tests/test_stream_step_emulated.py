@@ -27,8 +27,9 @@ CHILD = r"""
 import json, sys, torch
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/benchmarks"]
 import stream_step_emu as e
-attention = sys.argv[2] == "1"
-c = e.tiny_chain(torch, attention=attention)
+attention = sys.argv[2] != "0"
+heads = (4, 2, 128) if sys.argv[2] == "128" else (8, 2, 64)
+c = e.tiny_chain(torch, attention=attention, heads=heads)
 ref, kc, vc = e.reference(torch, c)
 fixed = e.emulated(torch, c, claims=False, runs=2, grid=3)  # shares not whole stages
 claimed = e.emulated(torch, c, claims=True, runs=1, grid=2)
@@ -49,10 +50,11 @@ def _cxx() -> str | None:
 
 
 @pytest.mark.skipif(_cxx() is None, reason="no C++ compiler")
-@pytest.mark.parametrize("attention", [False, True], ids=["gemvs", "with-attention"])
+@pytest.mark.parametrize("attention", ["0", "64", "128"], ids=["gemvs", "attention-4x64", "attention-2x128"])
 def test_emulated_step_matches_the_torch_chain(attention):
+    """attention: none, or query heads a KV head x head width of 4 x 64 (Llama-3.2-1B's) or 2 x 128 (Qwen3-1.7B's)."""
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(ROOT), "1" if attention else "0"],
+        [sys.executable, "-c", CHILD, str(ROOT), attention],
         capture_output=True,
         text=True,
         timeout=600,
