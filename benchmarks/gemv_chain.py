@@ -60,6 +60,15 @@ class Chain:
         if only is None:
             gv.launch(x, self.whead, None, logits, norm_w=self.nw, eps=1e-5)
 
+    def admit(self, name: str, got: tuple, ref: tuple, rows: list, against: str = "the launches") -> bool:
+        """A variant's buffers against the reference's: the errors printed and recorded in rows; whether
+        it may be timed (logits within 5%)."""
+        err, errx = self.errors(got, ref)
+        same = bool(self.torch.equal(got[3], ref[3]))
+        print(f"{name}: logits rel. error {err:.2e} (equal: {same}), x {errx:.2e} against {against}", flush=True)
+        rows.append({"variant": name, "rel_err_logits": err, "rel_err_x": errx, "equal": same})
+        return err < 0.05
+
     def errors(self, got: tuple, ref: tuple) -> tuple[float, float]:
         """Relative errors of the logits and of x against the reference buffers'."""
 

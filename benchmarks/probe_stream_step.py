@@ -554,6 +554,64 @@ def pack_ops(torch, ops: list[tuple], device: str = "cuda") -> object:
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device)
 
 
+def chain_kinds(D: int, Q: int, F: int) -> list[tuple[int, bool, bool, bool]]:
+    """The chain's matrix kinds (K, glu, norm, res) in Op.kind order: q|k|v, o, gate|up, down, and the
+    head (q|k|v's kind, apart in the trace); an attention op kind is numbered after them."""
+    qkv = (D, False, True, False)
+    return [qkv, (Q, False, False, True), (D, True, True, False), (F, False, False, True), qkv]
+
+
+def chain_ops(w: tuple, nw, x, logits, words: tuple, caches=None, attn_kind: int = 0, delay_ns: int = 0) -> list:
+    """The Op table's rows for the chain (pack_ops' tuples), each op naming the op whose flagged words
+    it reads: w = (q|k|v [L, NQKV, D], o [L, D, Q], gate|up [L, 2F, D], down [L, D, F], head [V, D]);
+    words = (q, h, residual, attention output) flagged-word buffers (the last unused without
+    caches). Per layer q|k|v, [attention: caches = (K, V) [L, KV, SMAX, Dh]], o (+ x), gate|up,
+    down (+ x); then the head. x is read as 16-bit values by the first q|k|v and the first o's
+    residual, the flagged residual row after; delay_ns: o's stand-in for attention."""
+    wqkv, wo, wgu, wd, whead = w
+    qw, hw, xw, aw = words
+    ops: list = []
+    xsrc = -1  # the op that last wrote the residual row (-1: x itself)
+    for layer in range(wqkv.shape[0]):
+        j = len(ops)
+        xin = x if xsrc < 0 else xw
+        ops.append((wqkv[layer], xin, nw, None, qw, wqkv.shape[1], 0, xsrc, -1, 1, 0, 1e-5))
+        o_in = qw  # without attention: q's first rows stand in for its output
+        if caches is not None:
+            kc, vc = caches
+            ops.append((kc[layer], qw, vc[layer], None, aw, kc.shape[1], attn_kind, j, -1, 1, 0, 0.0))
+            o_in, j = aw, j + 1
+        ops += [
+            (wo[layer], o_in, None, xin, xw, wo.shape[1], 1, j, xsrc, 1, delay_ns, 0.0),
+            (wgu[layer], xw, nw, None, hw, wgu.shape[1] // 2, 2, j + 1, -1, 1, 0, 1e-5),
+            (wd[layer], hw, None, xw, xw, wd.shape[1], 3, j + 2, j + 1, 1, 0, 0.0),
+        ]
+        xsrc = j + 3
+    ops.append((whead, xw, nw, None, logits, whead.shape[0], 4, xsrc, -1, 0, 0, 1e-5))
+    return ops
+
+
+def stream_chain(c, x, q, h, logits, between) -> None:
+    """The chain by gemv_stream_cuda's launches, one a matrix; between(layer, q) runs what lies
+    between q|k|v and o and returns o's input row."""
+    for layer in range(c.L):
+        gs.launch(x, c.wqkv[layer], None, q, False, c.nw, 1e-5, None)
+        gs.launch(between(layer, q), c.wo[layer], None, x, False, None, 0.0, x)
+        gs.launch(x, c.wgu[layer], None, h, True, c.nw, 1e-5, None)
+        gs.launch(h, c.wd[layer], None, x, False, None, 0.0, x)
+    gs.launch(x, c.whead, None, logits, False, c.nw, 1e-5, None)
+
+
+def ran(torch, c, fn) -> tuple:
+    """The buffers after three launches of a Persistent on fresh ones (the epoch moves on: each run
+    must see only its own flags), the residual row read back from its flagged words."""
+    b = c.bufs()
+    for _ in range(3):
+        fn(*b)
+    torch.cuda.synchronize()
+    return (fn.residual(), *b[1:])
+
+
 class Attention:
     """A decode step's attention for both chains: the model's heads, per layer K and V caches
     [KV, SMAX, D] (random before slot pos), RoPE tables as the runtime keeps them (cos, and sin with
@@ -603,27 +661,12 @@ class Persistent:
             self.aw = torch.zeros(c.Q, **words)
 
     def ops(self, x, logits) -> list[tuple]:
-        """Per layer q|k|v, o (+ x), gate|up, down (+ x); then the head: x is read as 16-bit values by
-        the first q|k|v and the first o's residual, the flagged residual row after."""
-        c, ops = self.c, []
-        xsrc = -1  # the op that last wrote the residual row (-1: x itself)
-        for layer in range(c.L):
-            j = len(ops)
-            xin = x if xsrc < 0 else self.xw
-            ops.append((c.wqkv[layer], xin, c.nw, None, self.qw, c.NQKV, 0, xsrc, -1, 1, 0, 1e-5))
-            o_in = self.qw  # without attention: q's first rows stand in for its output
-            if self.att is not None:
-                kv = (self.kc[layer], self.qw, self.vc[layer], None, self.aw)
-                ops.append((*kv, self.att.KV, self.attn_kind, j, -1, 1, 0, 0.0))
-                o_in, j = self.aw, j + 1
-            ops += [
-                (c.wo[layer], o_in, None, xin, self.xw, c.D, 1, j, xsrc, 1, self.delay_ns, 0.0),
-                (c.wgu[layer], self.xw, c.nw, None, self.hw, c.F, 2, j + 1, -1, 1, 0, 1e-5),
-                (c.wd[layer], self.hw, None, self.xw, self.xw, c.D, 3, j + 2, j + 1, 1, 0, 0.0),
-            ]
-            xsrc = j + 3
-        ops.append((c.whead, self.xw, c.nw, None, logits, c.V, 4, xsrc, -1, 0, 0, 1e-5))
-        return ops
+        c, att = self.c, self.att
+        words = (self.qw, self.hw, self.xw, self.aw if att else None)
+        caches = None if att is None else (self.kc, self.vc)
+        return chain_ops(
+            (c.wqkv, c.wo, c.wgu, c.wd, c.whead), c.nw, x, logits, words, caches, self.attn_kind, self.delay_ns
+        )
 
     def __call__(self, x, q, h, logits) -> None:
         key = (x.data_ptr(), logits.data_ptr())
@@ -721,20 +764,18 @@ def attention_rows(torch, c, kinds: list, a, rate: float, graph_times) -> list[d
     pos = torch.tensor([att.pos], device="cuda", dtype=torch.int64)
     mask = torch.arange(att.smax, device="cuda") <= att.pos
 
+    def attend(layer, q):
+        kv = (q[:, Q : Q + KV * D].view(1, KV, D), q[:, Q + KV * D :].view(1, KV, D))
+        new = dac.NewStep(*kv, None, None, 0.0, att.cos, att.sin, pos, pos)
+        dac.launch(q[:, :Q].view(1, H, D), kc[layer][None], vc[layer][None], mask, D**-0.5, out, new=new)
+        return out.view(1, Q)
+
     def launches(x, q, h, logits):
         # the runtime's attention op times its PDL by the stream kernel's switch, which Chain turns off
         old = os.environ.get("LLMARCH_NO_GEMV_STREAM")
         os.environ["LLMARCH_NO_GEMV_STREAM"] = "0"
         try:
-            for layer in range(c.L):
-                gs.launch(x, c.wqkv[layer], None, q, False, c.nw, 1e-5, None)
-                kv = (q[:, Q : Q + KV * D].view(1, KV, D), q[:, Q + KV * D :].view(1, KV, D))
-                new = dac.NewStep(*kv, None, None, 0.0, att.cos, att.sin, pos, pos)
-                dac.launch(q[:, :Q].view(1, H, D), kc[layer][None], vc[layer][None], mask, D**-0.5, out, new=new)
-                gs.launch(out.view(1, Q), c.wo[layer], None, x, False, None, 0.0, x)
-                gs.launch(x, c.wgu[layer], None, h, True, c.nw, 1e-5, None)
-                gs.launch(h, c.wd[layer], None, x, False, None, 0.0, x)
-            gs.launch(x, c.whead, None, logits, False, c.nw, 1e-5, None)
+            stream_chain(c, x, q, h, logits, attend)
         finally:
             if old is None:
                 del os.environ["LLMARCH_NO_GEMV_STREAM"]
@@ -750,20 +791,11 @@ def attention_rows(torch, c, kinds: list, a, rate: float, graph_times) -> list[d
         name = f"persistent {ring} + run_attn"
         try:
             fn = Persistent(torch, c, kinds, ring, 0, None, att)
-            b = c.bufs()
-            for _ in range(3):
-                fn(*b)
-            torch.cuda.synchronize()
-            b = (fn.residual(), *b[1:])
+            b = ran(torch, c, fn)
         except Exception as e:
             print(f"{name}: {type(e).__name__}: {str(e)[:600]}", flush=True)
             return rows  # a trapped kernel leaves the context unusable
-        err, errx = c.errors(b, ref)
-        print(
-            f"{name}: logits rel. error {err:.2e}, x {errx:.2e} against the launches with the attention op", flush=True
-        )
-        rows.append({"variant": name, "rel_err_logits": err, "rel_err_x": errx})
-        if err < 0.05:
+        if c.admit(name, b, ref, rows, "the launches with the attention op"):
             variants[name] = fn
     return rows + timed_rows(torch, c, variants, a.rounds, rate, "attention", graph_times)
 
@@ -793,23 +825,17 @@ def main() -> None:
 
     c = Chain(torch, a.model)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    kinds = [(c.D, False, True, False), (c.Q, False, False, True), (c.D, True, True, False), (c.F, False, False, True)]
-    kinds.append(kinds[0])  # the head: q|k|v's kind, apart in the trace
+    kinds = chain_kinds(c.D, c.Q, c.F)
     names = ["qkv", "o", "gate|up", "down", "head"]
     delay_kernel = cuda_rtc.kernel(DELAY, "delay", 0, 32, 0)
 
     def stream_launches(delay_ns: int):
-        def run(x, q, h, logits):
-            for layer in range(c.L):
-                gs.launch(x, c.wqkv[layer], None, q, False, c.nw, 1e-5, None)
-                if delay_ns:
-                    delay_kernel.launch(1, [delay_ns], dependent=True)
-                gs.launch(q[:, : c.Q], c.wo[layer], None, x, False, None, 0.0, x)
-                gs.launch(x, c.wgu[layer], None, h, True, c.nw, 1e-5, None)
-                gs.launch(h, c.wd[layer], None, x, False, None, 0.0, x)
-            gs.launch(x, c.whead, None, logits, False, c.nw, 1e-5, None)
+        def stand_in(layer, q):  # q's first rows for attention's output, delay_ns later
+            if delay_ns:
+                delay_kernel.launch(1, [delay_ns], dependent=True)
+            return q[:, : c.Q]
 
-        return run
+        return lambda x, q, h, logits: stream_chain(c, x, q, h, logits, stand_in)
 
     ref = c.bufs()
     stream_launches(0)(*ref)
@@ -827,21 +853,13 @@ def main() -> None:
             name = f"persistent {ring}"
             try:
                 fn = Persistent(torch, c, kinds, ring, ns)
-                b = c.bufs()
-                for _ in range(3):  # the epoch moves on: each run must see only its own flags
-                    fn(*b)
-                torch.cuda.synchronize()
-                b = (fn.residual(), *b[1:])
+                b = ran(torch, c, fn)
             except Exception as e:
                 print(f"{name}: {type(e).__name__}: {str(e)[:600]}", flush=True)
                 continue
-            err, errx = c.errors(b, ref)
-            same = bool(torch.equal(b[3], ref[3]))
-            print(f"{name} (delay {delay_us} us): logits rel. error {err:.2e} (equal: {same}), x {errx:.2e} "
-                  "against the stream launches", flush=True)  # fmt: skip
-            out["rows"].append({"variant": name, "delay_us": delay_us, "rel_err_logits": err, "equal": same})
-            if err < 0.05:
+            if c.admit(f"{name} (delay {delay_us} us)", b, ref, out["rows"], "the stream launches"):
                 variants[name] = fn
+            out["rows"][-1].update(variant=name, delay_us=delay_us)
         for row in timed_rows(torch, c, variants, a.rounds, rate, f"delay {delay_us:3.1f} us", graph_times):
             out["rows"].append({**row, "delay_us": delay_us})
     if a.attention:

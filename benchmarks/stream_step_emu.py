@@ -277,8 +277,7 @@ def emulated(torch, c: dict, claims: bool = False, runs: int = 2, grid: int = 2)
     import probe_stream_step as pss
 
     D, Q, F, Dh = c["D"], c["Q"], c["F"], c["Dh"]
-    kinds = [(D, False, True, False), (Q, False, False, True), (D, True, True, False), (F, False, False, True)]
-    kinds.append(kinds[0])
+    kinds = pss.chain_kinds(D, Q, F)
     attn = (c["H"], c["KV"], Dh, c["smax"]) if c["attention"] else None
     text = source(pss.step_source(kinds, 6, 32 * 1024, claims, False, attn, helpers=EMU))
     lib = build(text)
@@ -287,22 +286,9 @@ def emulated(torch, c: dict, claims: bool = False, runs: int = 2, grid: int = 2)
     qw, hw, xw, aw = (torch.zeros(n, **words) for n in (c["NQKV"], F, D, Q))
     kc, vc = c["kc"].clone(), c["vc"].clone()
     logits = torch.zeros(1, c["V"], dtype=torch.bfloat16)
-    ops, xsrc = [], -1
-    for layer in range(c["L"]):
-        j = len(ops)
-        xin = c["x0"] if xsrc < 0 else xw
-        ops.append((c["wqkv"][layer], xin, c["nw"], None, qw, c["NQKV"], 0, xsrc, -1, 1, 0, 1e-5))
-        o_in = qw
-        if attn is not None:
-            ops.append((kc[layer], qw, vc[layer], None, aw, c["KV"], len(kinds), j, -1, 1, 0, 0.0))
-            o_in, j = aw, j + 1
-        ops += [
-            (c["wo"][layer], o_in, None, xin, xw, D, 1, j, xsrc, 1, 0, 0.0),
-            (c["wgu"][layer], xw, c["nw"], None, hw, F, 2, j + 1, -1, 1, 0, 1e-5),
-            (c["wd"][layer], hw, None, xw, xw, D, 3, j + 2, j + 1, 1, 0, 0.0),
-        ]
-        xsrc = j + 3
-    ops.append((c["whead"], xw, c["nw"], None, logits, c["V"], 4, xsrc, -1, 0, 0, 1e-5))
+    weights = (c["wqkv"], c["wo"], c["wgu"], c["wd"], c["whead"])
+    caches = None if attn is None else (kc, vc)
+    ops = pss.chain_ops(weights, c["nw"], c["x0"], logits, (qw, hw, xw, aw), caches, len(kinds))
     table = pss.pack_ops(torch, ops, device="cpu")
     epoch, counters = torch.zeros(1, **words), torch.zeros(len(ops), **words)
     out = []
