@@ -236,16 +236,20 @@ __device__ int run_op(const Op op, int i, unsigned int epoch, int n_ops, int j, 
 #if ATTN
 #define NEG_INF __int_as_float(0xff800000)
 /* one KV head's decode attention (item g of an attention op): ATTN_REP query heads share the head,
-   and ATTN_REP * ATTN_D == CONSUMERS, so thread t is (query head t / D, lane t % D) where a
-   thread owns an output value, and slot c0 + t where it scores a chunk of slots. Its q, k and v
-   are words of the q|k|v matrix's output; RoPE on q and k (row pos of cos / sin, sin's first half
-   negated, as the runtime's tables); this step's key and value go to the cache slot pos (op.w: the
-   layer's K cache, op.nw: its V cache, [KV, SMAX, D]); an online softmax over slots 0..pos in
-   chunks of CONSUMERS slots; the output flagged for o. Rounded as decode_attention_cuda rounds:
-   q and k to 16 bits after RoPE, the probabilities before they weigh V, float32 sums. */
-__device__ int run_attn(const Op op, int i, unsigned int epoch, int n_ops, int j, h16* xs, u64* full, u64* empty,
-                        const int4* desc, const float* cos_t, const float* sin_t, int pos, u64* trace) {
-    constexpr int D = ATTN_D, REP = ATTN_REP, KV = ATTN_KV, Q = KV * REP * D, W = CONSUMERS / 32;
+   and ATTN_REP * ATTN_D == CONSUMERS, so thread t is (query head t / D, lane t % D) where it owns an
+   output value, and cache slot c0 + t of a chunk where it scores. The producer streams the head's
+   cached keys and values (slots before pos) through the ring as chunks of ATTN_CH slots, the keys
+   then the values in one slot, long before the consumers get there: once q|k|v's words come, the
+   work is in shared memory. q, k and v are words of the q|k|v matrix's output; RoPE on q and k (row
+   pos of cos / sin, sin's first half negated, as the runtime's tables); this step's key and value go
+   to the cache slot pos (op.w: the layer's K cache, op.nw: its V cache, [KV, SMAX, D]); an online
+   softmax across the chunks; the output flagged for o. Rounded as decode_attention_cuda rounds: q
+   and k to 16 bits after RoPE, the probabilities before they weigh V, float32 sums. */
+__device__ int run_attn(const Op op, int i, unsigned int epoch, int n_ops, int j, unsigned char* ring, h16* xs,
+                        u64* full, u64* empty, const int4* desc, const float* cos_t, const float* sin_t, int pos,
+                        u64* trace) {
+    constexpr int D = ATTN_D, REP = ATTN_REP, KV = ATTN_KV, Q = KV * REP * D, W = CONSUMERS / 32, CH = ATTN_CH;
+    constexpr int V8 = D / 8;  /* 16-byte pieces of a key */
     const int t = threadIdx.x, G = gridDim.x, b = blockIdx.x, h = t / D, d = t % D, partner = (d + D / 2) % D;
     float* qs = (float*)xs;            /* [REP * D] rotated queries */
     float* kn = qs + REP * D;          /* [D] this step's key, rotated */
@@ -257,105 +261,109 @@ __device__ int run_attn(const Op op, int i, unsigned int epoch, int n_ops, int j
     const float* cs = cos_t + (long long)pos * D;
     const float* sn = sin_t + (long long)pos * D;
     const float scale = rsqrtf((float)D);
+    float m[REP], l[REP], acc = 0.f;
     for (int c = 0;; ++c) {
         const int s = i % SLOTS;
         bar_wait(&full[s], (i / SLOTS) & 1);
         const int4 dsc = desc[s];
         if (dsc.x != j) break;
-        const int g = dsc.y;
-        auto word = [&](int at) {  /* the value of q|k|v's word `at` once its flag is this step's */
-            unsigned int w;
-            const u64 since = now_ns();
-            while (((w = load1(qkv + at)) >> 16) != f) give_up_after(since);
-            return tof((h16)w);
-        };
-        const float qx = word((g * REP + h) * D + d), qy = word((g * REP + h) * D + partner);
-        float kx = 0.f, ky = 0.f, vx = 0.f;
-        if (t < D) { kx = word(Q + g * D + d); ky = word(Q + g * D + partner); vx = word(Q + KV * D + g * D + d); }
-        if (c == 0 && trace && t == 0) trace[((long long)j * G + b) * 4 + 1] = now_ns();
-        qs[t] = tof(to16(qx * cs[d] + qy * sn[d]));
-        h16* kg = (h16*)op.w + (long long)g * SMAX * D;
-        h16* vg = (h16*)op.nw + (long long)g * SMAX * D;
-        if (t < D) {
-            kn[t] = tof(to16(kx * cs[d] + ky * sn[d]));
-            vn[t] = vx;
-            kg[(long long)pos * D + t] = to16(kn[t]);  /* for the next steps: this one reads kn / vn */
-            vg[(long long)pos * D + t] = to16(vx);
+        const int g = dsc.y, c0 = dsc.z;
+        const h16* ks = (const h16*)(ring + s * SLOT);  /* slots c0.. of head g (those before pos) */
+        const h16* vs = ks + CH * D;
+        if (c0 == 0) {  /* the head's first chunk: its queries, this step's key and value */
+            auto word = [&](int at) {  /* the value of q|k|v's word `at` once its flag is this step's */
+                unsigned int w;
+                const u64 since = now_ns();
+                while (((w = load1(qkv + at)) >> 16) != f) give_up_after(since);
+                return tof((h16)w);
+            };
+            const int qa = (g * REP + h) * D;
+            const float qx = word(qa + d), qy = word(qa + partner);
+            float kx = 0.f, ky = 0.f, vx = 0.f;
+            if (t < D) { kx = word(Q + g * D + d); ky = word(Q + g * D + partner); vx = word(Q + KV * D + g * D + d); }
+            if (trace && t == 0) trace[((long long)j * G + b) * 4 + 1] = now_ns();
+            qs[t] = tof(to16(qx * cs[d] + qy * sn[d]));
+            if (t < D) {
+                kn[t] = tof(to16(kx * cs[d] + ky * sn[d]));
+                vn[t] = vx;
+                const long long at = ((long long)g * SMAX + pos) * D + t;  /* for the next steps */
+                ((h16*)op.w)[at] = to16(kn[t]);
+                ((h16*)op.nw)[at] = to16(vx);
+            }
+#pragma unroll
+            for (int r = 0; r < REP; ++r) { m[r] = NEG_INF; l[r] = 0.f; }
+            acc = 0.f;
+            consumers_sync();
+        }
+        const int sl = c0 + t;
+        const bool live = t < CH && sl <= pos;
+        float sc[REP];
+#pragma unroll
+        for (int r = 0; r < REP; ++r) sc[r] = 0.f;
+        if (live && sl < pos) {
+            const uint4* k4 = (const uint4*)(ks + t * D);
+#pragma unroll 4
+            for (int e0 = 0; e0 < V8; ++e0) {
+                const int e = (e0 + t) % V8;  /* neighbours start at other 16-byte pieces: no bank conflicts */
+                const uint4 u = k4[e];
+                const float kv[8] = {first(u.x), second(u.x), first(u.y), second(u.y),
+                                     first(u.z), second(u.z), first(u.w), second(u.w)};
+#pragma unroll
+                for (int r = 0; r < REP; ++r)
+#pragma unroll
+                    for (int z = 0; z < 8; ++z) sc[r] = fmaf(qs[r * D + 8 * e + z], kv[z], sc[r]);
+            }
+        } else if (live) {  /* slot pos: this step's key */
+            for (int e = 0; e < D; ++e)
+#pragma unroll
+                for (int r = 0; r < REP; ++r) sc[r] = fmaf(qs[r * D + e], kn[e], sc[r]);
+        }
+#pragma unroll
+        for (int r = 0; r < REP; ++r) {
+            sc[r] = live ? sc[r] * scale : NEG_INF;
+            float v = sc[r];
+            for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+            if ((t & 31) == 0) part[r * W + (t >> 5)] = v;
         }
         consumers_sync();
-        float m[REP], l[REP], acc = 0.f;
+        float alpha[REP], m_new[REP];
 #pragma unroll
-        for (int r = 0; r < REP; ++r) { m[r] = NEG_INF; l[r] = 0.f; }
-        for (int c0 = 0; c0 <= pos; c0 += CONSUMERS) {
-            const int sl = c0 + t;
-            float sc[REP];
-#pragma unroll
-            for (int r = 0; r < REP; ++r) sc[r] = 0.f;
-            if (sl < pos) {
-                const uint4* k4 = (const uint4*)(kg + (long long)sl * D);
-#pragma unroll 4
-                for (int e = 0; e < D / 8; ++e) {
-                    const uint4 u = __ldcg(k4 + e);
-                    const float kv[8] = {first(u.x), second(u.x), first(u.y), second(u.y),
-                                         first(u.z), second(u.z), first(u.w), second(u.w)};
-#pragma unroll
-                    for (int r = 0; r < REP; ++r)
-#pragma unroll
-                        for (int z = 0; z < 8; ++z) sc[r] = fmaf(qs[r * D + 8 * e + z], kv[z], sc[r]);
-                }
-            } else if (sl == pos) {
-                for (int e = 0; e < D; ++e)
-#pragma unroll
-                    for (int r = 0; r < REP; ++r) sc[r] = fmaf(qs[r * D + e], kn[e], sc[r]);
-            }
-#pragma unroll
-            for (int r = 0; r < REP; ++r) {
-                sc[r] = sl <= pos ? sc[r] * scale : NEG_INF;
-                float v = sc[r];
-                for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-                if ((t & 31) == 0) part[r * W + (t >> 5)] = v;
-            }
-            consumers_sync();
-            float alpha[REP], m_new[REP];
-#pragma unroll
-            for (int r = 0; r < REP; ++r) {
-                float cm = NEG_INF;
-                for (int w = 0; w < W; ++w) cm = fmaxf(cm, part[r * W + w]);
-                m_new[r] = fmaxf(m[r], cm);  /* finite: slot 0 is visible in the first chunk */
-                alpha[r] = __expf(m[r] - m_new[r]);
-                const float pr = sl <= pos ? __expf(sc[r] - m_new[r]) : 0.f;
-                p[r * CONSUMERS + t] = tof(to16(pr));  /* rounded as V's dtype before it weighs V */
-                float v = pr;  /* the sum takes the unrounded probabilities, as the runtime's kernel */
-                for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-                if ((t & 31) == 0) part[(REP + r) * W + (t >> 5)] = v;
-            }
-            consumers_sync();
-#pragma unroll
-            for (int r = 0; r < REP; ++r) {
-                float sum = 0.f;
-                for (int w = 0; w < W; ++w) sum += part[(REP + r) * W + w];
-                l[r] = l[r] * alpha[r] + sum;
-                m[r] = m_new[r];
-            }
-            float pv = 0.f;
-            const int n = min(CONSUMERS, pos + 1 - c0);
-            const float* ph = p + h * CONSUMERS;
-#pragma unroll 8
-            for (int k = 0; k < n; ++k) {
-                const float v = c0 + k == pos ? vn[d] : tof(__ldcg((const unsigned short*)vg + (long long)(c0 + k) * D + d));
-                pv = fmaf(ph[k], v, pv);
-            }
-            float ah = 0.f;
-#pragma unroll
-            for (int r = 0; r < REP; ++r) ah = r == h ? alpha[r] : ah;
-            acc = acc * ah + pv;
-            consumers_sync();  /* p and part are read by all before the next chunk writes them */
+        for (int r = 0; r < REP; ++r) {
+            float cm = NEG_INF;
+            for (int w = 0; w < W; ++w) cm = fmaxf(cm, part[r * W + w]);
+            m_new[r] = fmaxf(m[r], cm);  /* finite: slot 0 is in the first chunk */
+            alpha[r] = __expf(m[r] - m_new[r]);
+            const float pr = live ? __expf(sc[r] - m_new[r]) : 0.f;
+            p[r * CONSUMERS + t] = tof(to16(pr));  /* rounded as V's dtype before it weighs V */
+            float v = pr;  /* the sum takes the unrounded probabilities, as the runtime's kernel */
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            if ((t & 31) == 0) part[(REP + r) * W + (t >> 5)] = v;
         }
-        float lh = 1.f;
+        consumers_sync();
 #pragma unroll
-        for (int r = 0; r < REP; ++r) lh = r == h ? l[r] : lh;
-        store1((unsigned int*)op.y + (g * REP + h) * D + d, (fy << 16) | to16(acc / lh));
+        for (int r = 0; r < REP; ++r) {
+            float sum = 0.f;
+            for (int w = 0; w < W; ++w) sum += part[(REP + r) * W + w];
+            l[r] = l[r] * alpha[r] + sum;
+            m[r] = m_new[r];
+        }
+        float pv = 0.f;
+        const int n = min(CH, pos + 1 - c0);
+        const float* ph = p + h * CONSUMERS;
+#pragma unroll 8
+        for (int k = 0; k < n; ++k) pv = fmaf(ph[k], c0 + k == pos ? vn[d] : tof(vs[k * D + d]), pv);
+        float ah = 0.f;
+#pragma unroll
+        for (int r = 0; r < REP; ++r) ah = r == h ? alpha[r] : ah;
+        acc = acc * ah + pv;
+        consumers_sync();  /* the slot, p and part are read by all before they are written again */
         if (t == 0) bar_arrive(&empty[s]);
+        if (c0 + CH > pos) {  /* the head's last chunk */
+            float lh = 1.f;
+#pragma unroll
+            for (int r = 0; r < REP; ++r) lh = r == h ? l[r] : lh;
+            store1((unsigned int*)op.y + (g * REP + h) * D + d, (fy << 16) | to16(acc / lh));
+        }
         ++i;
     }
     return i;
@@ -392,17 +400,33 @@ step_stream(const Op* __restrict__ ops, int n_ops, unsigned int* epoch_at, unsig
         for (int j = 0; j < n_ops; ++j) {
             const Op op = ops[j];  /* in registers: a reference would reload each field after each store */
             const int K = kind_k(op.kind), parts = kind_glu(op.kind) ? 2 : 1, N = op.N;
-            const int CR = kind_attn(op.kind) ? 1 : stage_rows(K, parts);  /* attention: a KV head a stage */
+            const int CR = kind_attn(op.kind) ? 1 : stage_rows(K, parts);  /* attention: a KV head an item */
             auto stage = [&](int rs, int end) {  /* rows rs.. (before end) of matrix j into the next slot */
+#if ATTN
+                if (kind_attn(op.kind)) {  /* KV head rs: its cached keys and values, ATTN_CH slots a stage */
+                    for (int c0 = 0; c0 <= pos; c0 += ATTN_CH) {
+                        const int s = i % SLOTS, n = min(ATTN_CH, pos - c0);  /* slot pos is this step's */
+                        if (i >= SLOTS) bar_wait(&empty[s], ((i / SLOTS) + 1) & 1);
+                        desc[s] = make_int4(j, rs, c0, 0);
+                        if (n > 0) {
+                            const unsigned int bytes = (unsigned int)n * ATTN_D * 2;
+                            const long long at = ((long long)rs * SMAX + c0) * ATTN_D;
+                            unsigned char* dst = ring + s * SLOT;
+                            bar_expect(&full[s], 2 * bytes);
+                            bulk_load(dst, op.w + at, bytes, &full[s]);
+                            bulk_load(dst + ATTN_CH * ATTN_D * 2, op.nw + at, bytes, &full[s]);
+                        } else {
+                            bar_arrive(&full[s]);
+                        }
+                        ++i;
+                    }
+                    return;
+                }
+#endif
                 const int s = i % SLOTS, n = min(CR, end - rs);
                 if (i >= SLOTS) bar_wait(&empty[s], ((i / SLOTS) + 1) & 1);
                 const unsigned int bytes = (unsigned int)n * K * 2;
                 desc[s] = make_int4(j, rs, n, 0);
-                if (kind_attn(op.kind)) {  /* no weights: the stage only tells the consumers the head */
-                    bar_arrive(&full[s]);
-                    ++i;
-                    return;
-                }
                 bar_expect(&full[s], bytes * parts);
                 unsigned char* dst = ring + s * SLOT;
                 bulk_load(dst, op.w + (long long)rs * K, bytes, &full[s]);
@@ -410,14 +434,15 @@ step_stream(const Op* __restrict__ ops, int n_ops, unsigned int* epoch_at, unsig
                 ++i;
             };
 #if CLAIMS
-            const unsigned int chunks = (unsigned int)((N + CR * CLAIM - 1) / (CR * CLAIM));
+            const int claim = kind_attn(op.kind) ? 1 : CLAIM;  /* attention: a KV head a claim */
+            const unsigned int chunks = (unsigned int)((N + CR * claim - 1) / (CR * claim));
             const unsigned int base = epoch * (chunks + (unsigned int)G);
             unsigned int c = atomicAdd(&claims[j], 1u) - base;
             while (c < chunks) {
 #if AHEAD  /* the next claim in flight while this one's stages wait for slots */
                 const unsigned int next = atomicAdd(&claims[j], 1u) - base;
 #endif
-                for (int k = 0; k < CLAIM && ((int)c * CLAIM + k) * CR < N; ++k) stage(((int)c * CLAIM + k) * CR, N);
+                for (int k = 0; k < claim && ((int)c * claim + k) * CR < N; ++k) stage(((int)c * claim + k) * CR, N);
 #if AHEAD
                 c = next;
 #else
@@ -494,7 +519,7 @@ def step_source(
     )
     if attn is not None:
         cases += (
-            f"\n        case {len(kinds)}: i = run_attn(op, i, epoch, n_ops, j, xs, full, empty, desc, cos_t, sin_t, pos, "
+            f"\n        case {len(kinds)}: i = run_attn(op, i, epoch, n_ops, j, ring, xs, full, empty, desc, cos_t, sin_t, pos, "
             "trace); break;"
         )
     k_of = " ".join(f"if (kind == {n}) return {K};" for n, (K, _, _, _) in enumerate(kinds))
@@ -512,7 +537,10 @@ def step_source(
     }
     if attn is not None:
         H, KV, D, smax = attn
-        defs.update({"ATTN_D": D, "ATTN_REP": H // KV, "ATTN_KV": KV, "SMAX": smax})
+        # cache slots a stage: their keys and values fill a slot, at most a slot a consumer thread
+        defs.update(
+            {"ATTN_D": D, "ATTN_REP": H // KV, "ATTN_KV": KV, "SMAX": smax, "ATTN_CH": attn_chunk(slot_bytes, D)}
+        )
     head = "".join(f"#define {k} {v}\n" for k, v in defs.items())
     shapes = (
         f"__device__ __forceinline__ int kind_k(int kind) {{ {k_of} return 0; }}\n"
@@ -532,6 +560,12 @@ def xs_values(kinds: list, attn: tuple[int, int, int, int] | None) -> int:
         rep = H // KV
         n = max(n, 2 * (rep * D + 2 * D + rep * CONSUMERS + 2 * rep * (CONSUMERS // 32)))
     return -(-n // 8) * 8
+
+
+def attn_chunk(slot_bytes: int, head_width: int) -> int:
+    """Cache slots a stage of run_attn: their keys then values fill one ring slot, and a consumer
+    thread scores each."""
+    return max(1, min(CONSUMERS, slot_bytes // (4 * head_width)))
 
 
 def shared_bytes(slots: int, slot_bytes: int, kmax: int) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import subprocess
 import tempfile
@@ -192,13 +193,13 @@ def run(lib: ctypes.CDLL, grid: int, shared: int, table, n_ops: int, epoch, clai
     )  # fmt: skip
 
 
-def tiny_chain(torch, layers: int = 2, attention: bool = True, seed: int = 0, heads=(8, 2, 64)) -> dict:
+def tiny_chain(torch, layers: int = 2, attention: bool = True, seed: int = 0, heads=(8, 2, 64), pos: int = 37) -> dict:
     """A small random chain in bf16 on the CPU (hidden 256, `heads` = query heads, KV heads, head width
     (run_attn needs query heads a KV head x width = 256), ffn 512, 96 logits): its weights, norms, a
     residual row, and the attention's caches (random before slot pos) and RoPE tables as
     probe_stream_step's Attention keeps them."""
     g = torch.Generator().manual_seed(seed)
-    (H, KV, Dh), (D, F, V, smax, pos) = heads, (256, 512, 96, 48, 37)
+    (H, KV, Dh), (D, F, V, smax) = heads, (256, 512, 96, 48)
     Q = H * Dh
 
     def w(*shape, scale=1.0):
@@ -220,10 +221,11 @@ def tiny_chain(torch, layers: int = 2, attention: bool = True, seed: int = 0, he
     return c
 
 
-def reference(torch, c: dict) -> tuple:
+def reference(torch, c: dict, chunk: int | None = None) -> tuple:
     """The chain in float32 sums with the kernel's bf16 roundings (the norm's output, each product, the
-    residual adds, RoPE'd q and k, the probabilities before V, the attention's output): (logits,
-    the caches after the step)."""
+    residual adds, RoPE'd q and k, the probabilities before V, each against the running maximum of
+    the chunks of `chunk` cache slots before it, the attention's output): (logits, the caches after
+    the step)."""
     bf = torch.bfloat16
     kc, vc = c["kc"].clone(), c["vc"].clone()
 
@@ -258,8 +260,15 @@ def reference(torch, c: dict) -> tuple:
             for h in range(H):
                 g = h // rep
                 s = (kc[layer, g, : pos + 1].float() @ q[h]) / Dh**0.5
-                p = torch.exp(s - s.max())
-                out[h] = (r16(p) @ vc[layer, g, : pos + 1].float()) / p.sum()
+                vs = vc[layer, g, : pos + 1].float()
+                m, total, acc = -torch.inf, 0.0, torch.zeros(Dh)
+                for c0 in range(0, pos + 1, chunk or pos + 1):  # an online softmax, as the kernel's
+                    part = s[c0 : c0 + (chunk or pos + 1)]
+                    m_new = max(m, part.max().item())
+                    alpha, p = math.exp(m - m_new), torch.exp(part - m_new)
+                    total, acc = total * alpha + p.sum(), acc * alpha + r16(p) @ vs[c0 : c0 + len(part)]
+                    m = m_new
+                out[h] = acc / total
             o_in = r16(out.reshape(1, Q))
         else:
             o_in = qkv[:, :Q]
@@ -271,17 +280,18 @@ def reference(torch, c: dict) -> tuple:
     return r16(mm(norm(x), c["whead"])), kc, vc
 
 
-def emulated(torch, c: dict, claims: bool = False, runs: int = 2, grid: int = 2) -> list:
+def emulated(torch, c: dict, claims: bool = False, runs: int = 2, grid: int = 2, slot_kb: int = 32) -> list:
     """The chain through probe_stream_step's kernel emulated on CPU threads, `runs` launches in a row
-    (the epoch moves on between them): per run (logits, K cache, V cache)."""
+    (the epoch moves on between them), on a ring of 6 slots of slot_kb KB: per run (logits, K cache,
+    V cache)."""
     import probe_stream_step as pss
 
     D, Q, F, Dh = c["D"], c["Q"], c["F"], c["Dh"]
     kinds = pss.chain_kinds(D, Q, F)
     attn = (c["H"], c["KV"], Dh, c["smax"]) if c["attention"] else None
-    text = source(pss.step_source(kinds, 6, 32 * 1024, claims, False, attn, helpers=EMU))
+    text = source(pss.step_source(kinds, 6, slot_kb * 1024, claims, False, attn, helpers=EMU))
     lib = build(text)
-    shared = pss.shared_bytes(6, 32 * 1024, pss.xs_values(kinds, attn))
+    shared = pss.shared_bytes(6, slot_kb * 1024, pss.xs_values(kinds, attn))
     words = {"dtype": torch.int32}
     qw, hw, xw, aw = (torch.zeros(n, **words) for n in (c["NQKV"], F, D, Q))
     kc, vc = c["kc"].clone(), c["vc"].clone()

@@ -26,13 +26,17 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, sys, torch
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/benchmarks"]
+import probe_stream_step as pss
 import stream_step_emu as e
 attention = sys.argv[2] != "0"
-heads = (4, 2, 128) if sys.argv[2] == "128" else (8, 2, 64)
-c = e.tiny_chain(torch, attention=attention, heads=heads)
-ref, kc, vc = e.reference(torch, c)
-fixed = e.emulated(torch, c, claims=False, runs=2, grid=3)  # shares not whole stages
-claimed = e.emulated(torch, c, claims=True, runs=1, grid=2)
+heads, pos = ((4, 2, 128), 32) if sys.argv[2] == "128" else ((8, 2, 64), 37)
+c = e.tiny_chain(torch, attention=attention, heads=heads, pos=pos)
+# with attention, 8 KB slots: a head's cached keys and values take several stages (32 slots a stage of
+# width 64; 16 of width 128, and at pos 32 a last stage with only this step's slot)
+kb = 8 if attention else 32
+ref, kc, vc = e.reference(torch, c, chunk=pss.attn_chunk(kb * 1024, heads[2]))
+fixed = e.emulated(torch, c, claims=False, runs=2, grid=3, slot_kb=kb)  # shares not whole stages
+claimed = e.emulated(torch, c, claims=True, runs=1, grid=2, slot_kb=kb)
 rel = lambda a: ((a.float() - ref).norm() / ref.norm()).item()
 print(json.dumps({
     "rel": [rel(lg) for lg, _, _ in fixed],
