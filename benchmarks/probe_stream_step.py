@@ -717,20 +717,21 @@ class Persistent:
         return (self.xw & 0xFFFF).to(self.torch.int16).view(self.torch.bfloat16)[None]
 
 
-def trace_report(torch, c, kinds: list, ring: str, names: list[str], sms: int) -> dict:
-    """One run with in-kernel clocks: per matrix kind, the mean time a CTA waits for its input row,
-    computes its rows, and the time between the grid's last rows of one matrix and the next."""
-    trace = torch.zeros(4 * sms * (4 * c.L + 1), dtype=torch.int64, device="cuda")
-    run = Persistent(torch, c, kinds, ring, 0, trace)
+def trace_report(torch, c, kinds: list, ring: str, names: list[str], sms: int, att=None) -> dict:
+    """One run with in-kernel clocks: per op kind, the mean time a CTA waits for its input row,
+    computes its rows (att: the attention op too, its input wait up to q|k|v's words), and the time
+    between the grid's last rows of one op and the next."""
+    trace = torch.zeros(4 * sms * (5 * c.L + 1), dtype=torch.int64, device="cuda")
+    run = Persistent(torch, c, kinds, ring, 0, trace, att)
     b = c.bufs()
     run(*b)
     torch.cuda.synchronize()
     trace.zero_()  # the second run alone: the first one's compile and page-in are behind
     run(*b)
     torch.cuda.synchronize()
-    n = 4 * c.L + 1
     op_kinds = [op[6] for op in run.ops(b[0], b[3])]
-    tr = trace.view(n, sms, 4).double().cpu()
+    n = len(op_kinds)
+    tr = trace[: 4 * sms * n].view(n, sms, 4).double().cpu()
     start = tr[:, :, 0][tr[:, :, 0] > 0].min()
     done = tr[:, :, 2].max(dim=1).values  # the grid's last rows of each matrix
     report: dict = {"total_us": float(done[-1] - start) / 1e3}
@@ -854,7 +855,7 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
-    from bench_run_gpu import copy_rate
+    from bench_run_gpu import SHAPES, copy_rate
     from gemv_chain import Chain, graph_times
 
     c = Chain(torch, a.model)
@@ -900,9 +901,10 @@ def main() -> None:
         out["attention"] = attention_rows(torch, c, kinds, a, rate, graph_times)
     if a.trace:
         out["trace"] = {}
+        att = Attention(torch, c, SHAPES[a.model][1]) if a.attention else None
         for ring in a.rings.split(","):
-            print(f"  trace of {ring}:")
-            out["trace"][ring] = trace_report(torch, c, kinds, ring, names, sms)
+            print(f"  trace of {ring}{' + run_attn' if att else ''}:")
+            out["trace"][ring] = trace_report(torch, c, kinds, ring, names + ["attention"], sms, att)
     out["copy_rate"] = rate
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
