@@ -237,31 +237,37 @@ __device__ int run_op(const Op op, int i, unsigned int epoch, int n_ops, int j, 
 #define NEG_INF __int_as_float(0xff800000)
 /* one KV head's decode attention (item g of an attention op): ATTN_REP query heads share the head,
    and ATTN_REP * ATTN_D == CONSUMERS, so thread t is (query head t / D, lane t % D) where it owns an
-   output value, and cache slot c0 + t of a chunk where it scores. The producer streams the head's
-   cached keys and values (slots before pos) through the ring as chunks of ATTN_CH slots, the keys
-   then the values in one slot, long before the consumers get there: once q|k|v's words come, the
-   work is in shared memory. q, k and v are words of the q|k|v matrix's output; RoPE on q and k (row
-   pos of cos / sin, sin's first half negated, as the runtime's tables); this step's key and value go
-   to the cache slot pos (op.w: the layer's K cache, op.nw: its V cache, [KV, SMAX, D]); an online
-   softmax across the chunks; the output flagged for o. Rounded as decode_attention_cuda rounds: q
-   and k to 16 bits after RoPE, the probabilities before they weigh V, float32 sums. */
+   output value. The producer streams the head's cached keys and values (slots before pos) through
+   the ring as chunks of ATTN_CH slots, the keys then the values in one slot, long before the
+   consumers get there: once q|k|v's words come, the work is in shared memory. Scores: D / 8
+   threads a slot, each a 16-byte piece of its key against the same dims of every query head (held
+   in registers), summed by shuffles. Weighing V: a thread a pair of values, the chunk's slots split
+   among CONSUMERS / (D / 2) groups, summed through shared memory: each value read once.
+   q, k and v are words of the q|k|v matrix's output; RoPE on q and k (row pos of cos / sin, sin's
+   first half negated, as the runtime's tables); this step's key and value go to the cache slot pos
+   (op.w: the layer's K cache, op.nw: its V cache, [KV, SMAX, D]); an online softmax across the
+   chunks; the output flagged for o. Rounded as decode_attention_cuda rounds: q and k to 16 bits
+   after RoPE, the probabilities before they weigh V, float32 sums. */
 __device__ int run_attn(const Op op, int i, unsigned int epoch, int n_ops, int j, unsigned char* ring, h16* xs,
                         u64* full, u64* empty, const int4* desc, const float* cos_t, const float* sin_t, int pos,
                         u64* trace) {
     constexpr int D = ATTN_D, REP = ATTN_REP, KV = ATTN_KV, Q = KV * REP * D, W = CONSUMERS / 32, CH = ATTN_CH;
-    constexpr int V8 = D / 8;  /* 16-byte pieces of a key */
+    constexpr int TPS = D / 8, SPP = CONSUMERS / TPS;          /* scoring: threads a slot, slots a pass */
+    constexpr int PAIRS = D / 2, SG = CONSUMERS / PAIRS;      /* weighing V: value pairs, slot groups */
     const int t = threadIdx.x, G = gridDim.x, b = blockIdx.x, h = t / D, d = t % D, partner = (d + D / 2) % D;
-    float* qs = (float*)xs;            /* [REP * D] rotated queries */
-    float* kn = qs + REP * D;          /* [D] this step's key, rotated */
-    float* vn = kn + D;                /* [D] this step's value */
-    float* p = vn + D;                 /* [REP][CONSUMERS] a chunk's probabilities */
-    float* part = p + REP * CONSUMERS; /* [2][REP][W] per-warp maxima, per-warp sums */
+    const int piece = t % TPS, pair = t % PAIRS, grp = t / PAIRS;
+    float* qs = (float*)xs;             /* [REP * D] rotated queries */
+    float* kn = qs + REP * D;           /* [D] this step's key, rotated */
+    float* vn = kn + D;                 /* [D] this step's value */
+    float* p = vn + D;                  /* [REP][CONSUMERS] a chunk's scores, then probabilities */
+    float* part = p + REP * CONSUMERS;  /* [2][REP][W] per-warp maxima, per-warp sums */
+    float* pvs = part + 2 * REP * W;    /* [SG][REP][D] each slot group's weighed values */
     const unsigned int f = flag_of(epoch, n_ops, op.x_src), fy = flag_of(epoch, n_ops, j);
     const unsigned int* qkv = (const unsigned int*)op.x;
     const float* cs = cos_t + (long long)pos * D;
     const float* sn = sin_t + (long long)pos * D;
     const float scale = rsqrtf((float)D);
-    float m[REP], l[REP], acc = 0.f;
+    float m[REP], l[REP], acc = 0.f, qr[REP][8];
     for (int c = 0;; ++c) {
         const int s = i % SLOTS;
         bar_wait(&full[s], (i / SLOTS) & 1);
@@ -294,33 +300,44 @@ __device__ int run_attn(const Op op, int i, unsigned int epoch, int n_ops, int j
             for (int r = 0; r < REP; ++r) { m[r] = NEG_INF; l[r] = 0.f; }
             acc = 0.f;
             consumers_sync();
+#pragma unroll
+            for (int r = 0; r < REP; ++r)
+#pragma unroll
+                for (int z = 0; z < 8; ++z) qr[r][z] = qs[r * D + 8 * piece + z];
         }
+        for (int s0 = 0; s0 < CH; s0 += SPP) {  /* scores into p, a pass of SPP slots at a time */
+            const int k = s0 + t / TPS, sl = c0 + k;
+            float sc[REP];
+#pragma unroll
+            for (int r = 0; r < REP; ++r) sc[r] = 0.f;
+            if (k < CH && sl <= pos) {
+                float kv[8];
+                if (sl < pos) {
+                    const uint4 u = ((const uint4*)(ks + k * D))[piece];
+                    kv[0] = first(u.x); kv[1] = second(u.x); kv[2] = first(u.y); kv[3] = second(u.y);
+                    kv[4] = first(u.z); kv[5] = second(u.z); kv[6] = first(u.w); kv[7] = second(u.w);
+                } else {  /* slot pos: this step's key */
+#pragma unroll
+                    for (int z = 0; z < 8; ++z) kv[z] = kn[8 * piece + z];
+                }
+#pragma unroll
+                for (int r = 0; r < REP; ++r)
+#pragma unroll
+                    for (int z = 0; z < 8; ++z) sc[r] = fmaf(qr[r][z], kv[z], sc[r]);
+            }
+#pragma unroll
+            for (int r = 0; r < REP; ++r) {
+                for (int o = TPS / 2; o > 0; o >>= 1) sc[r] += __shfl_xor_sync(0xffffffffu, sc[r], o);
+                if (piece == 0 && k < CH) p[r * CONSUMERS + k] = sc[r];
+            }
+        }
+        consumers_sync();
         const int sl = c0 + t;
         const bool live = t < CH && sl <= pos;
         float sc[REP];
 #pragma unroll
-        for (int r = 0; r < REP; ++r) sc[r] = 0.f;
-        if (live && sl < pos) {
-            const uint4* k4 = (const uint4*)(ks + t * D);
-#pragma unroll 4
-            for (int e0 = 0; e0 < V8; ++e0) {
-                const int e = (e0 + t) % V8;  /* neighbours start at other 16-byte pieces: no bank conflicts */
-                const uint4 u = k4[e];
-                const float kv[8] = {first(u.x), second(u.x), first(u.y), second(u.y),
-                                     first(u.z), second(u.z), first(u.w), second(u.w)};
-#pragma unroll
-                for (int r = 0; r < REP; ++r)
-#pragma unroll
-                    for (int z = 0; z < 8; ++z) sc[r] = fmaf(qs[r * D + 8 * e + z], kv[z], sc[r]);
-            }
-        } else if (live) {  /* slot pos: this step's key */
-            for (int e = 0; e < D; ++e)
-#pragma unroll
-                for (int r = 0; r < REP; ++r) sc[r] = fmaf(qs[r * D + e], kn[e], sc[r]);
-        }
-#pragma unroll
         for (int r = 0; r < REP; ++r) {
-            sc[r] = live ? sc[r] * scale : NEG_INF;
+            sc[r] = live ? p[r * CONSUMERS + t] * scale : NEG_INF;
             float v = sc[r];
             for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
             if ((t & 31) == 0) part[r * W + (t >> 5)] = v;
@@ -334,7 +351,7 @@ __device__ int run_attn(const Op op, int i, unsigned int epoch, int n_ops, int j
             m_new[r] = fmaxf(m[r], cm);  /* finite: slot 0 is in the first chunk */
             alpha[r] = __expf(m[r] - m_new[r]);
             const float pr = live ? __expf(sc[r] - m_new[r]) : 0.f;
-            p[r * CONSUMERS + t] = tof(to16(pr));  /* rounded as V's dtype before it weighs V */
+            if (t < CH) p[r * CONSUMERS + t] = tof(to16(pr));  /* rounded as V's dtype before it weighs V */
             float v = pr;  /* the sum takes the unrounded probabilities, as the runtime's kernel */
             for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
             if ((t & 31) == 0) part[(REP + r) * W + (t >> 5)] = v;
@@ -347,16 +364,36 @@ __device__ int run_attn(const Op op, int i, unsigned int epoch, int n_ops, int j
             l[r] = l[r] * alpha[r] + sum;
             m[r] = m_new[r];
         }
-        float pv = 0.f;
+        float a2[REP][2];
+#pragma unroll
+        for (int r = 0; r < REP; ++r) a2[r][0] = a2[r][1] = 0.f;
         const int n = min(CH, pos + 1 - c0);
-        const float* ph = p + h * CONSUMERS;
-#pragma unroll 8
-        for (int k = 0; k < n; ++k) pv = fmaf(ph[k], c0 + k == pos ? vn[d] : tof(vs[k * D + d]), pv);
+        for (int k = grp; k < n; k += SG) {
+            float v0, v1;
+            if (c0 + k == pos) {
+                v0 = vn[2 * pair]; v1 = vn[2 * pair + 1];
+            } else {
+                const unsigned int w = ((const unsigned int*)(vs + k * D))[pair];
+                v0 = first(w); v1 = second(w);
+            }
+#pragma unroll
+            for (int r = 0; r < REP; ++r) {
+                const float pk = p[r * CONSUMERS + k];
+                a2[r][0] = fmaf(pk, v0, a2[r][0]);
+                a2[r][1] = fmaf(pk, v1, a2[r][1]);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < REP; ++r) *(float2*)(pvs + (grp * REP + r) * D + 2 * pair) = make_float2(a2[r][0], a2[r][1]);
+        consumers_sync();
+        float pv = 0.f;
+#pragma unroll
+        for (int q = 0; q < SG; ++q) pv += pvs[(q * REP + h) * D + d];
         float ah = 0.f;
 #pragma unroll
         for (int r = 0; r < REP; ++r) ah = r == h ? alpha[r] : ah;
         acc = acc * ah + pv;
-        consumers_sync();  /* the slot, p and part are read by all before they are written again */
+        consumers_sync();  /* the slot, p, part and pvs are read by all before they are written again */
         if (t == 0) bar_arrive(&empty[s]);
         if (c0 + CH > pos) {  /* the head's last chunk */
             float lh = 1.f;
@@ -552,13 +589,13 @@ def step_source(
 
 def xs_values(kinds: list, attn: tuple[int, int, int, int] | None) -> int:
     """16-bit values of the shared input row: the widest matrix input, or run_attn's float scratch
-    (rotated queries, the new key and value, a chunk's probabilities, the per-warp partials) where
-    that is larger (it lives there), a multiple of 8."""
+    (rotated queries, the new key and value, a chunk's probabilities, the per-warp partials, the slot
+    groups' weighed values) where that is larger (it lives there), a multiple of 8."""
     n = max(k[0] for k in kinds)
     if attn is not None:
         H, KV, D, _ = attn
         rep = H // KV
-        n = max(n, 2 * (rep * D + 2 * D + rep * CONSUMERS + 2 * rep * (CONSUMERS // 32)))
+        n = max(n, 2 * (rep * D + 2 * D + rep * CONSUMERS + 2 * rep * (CONSUMERS // 32) + 2 * CONSUMERS * rep))
     return -(-n // 8) * 8
 
 
@@ -782,14 +819,14 @@ def timed_rows(torch, c, variants: dict, rounds: int, rate: float, label: str, g
 
 
 def attention_rows(torch, c, kinds: list, a, rate: float, graph_times) -> list[dict]:
-    """The chain with a real decode attention between q|k|v and o (pos + 1 = 160 slots): the stream
+    """The chain with a real decode attention between q|k|v and o (pos + 1 slots, 160 by default): the stream
     launches with the runtime's attention op (decode_attention_cuda, q/k RoPE and the cache write in
     it, its late PDL trigger) against the one kernel with run_attn; logits compared, then timed."""
     from bench_run_gpu import SHAPES
 
     from llmarch.runtime import decode_attention_cuda as dac
 
-    att = Attention(torch, c, SHAPES[a.model][1])
+    att = Attention(torch, c, SHAPES[a.model][1], a.pos, a.pos + 97)
     if not att.fits():
         print(f"  attention: {att.H} heads / {att.KV} KV heads of {att.D} do not fit run_attn's thread map", flush=True)
         return []
@@ -851,6 +888,7 @@ def main() -> None:
         action="store_true",
         help="also the chain with the real attention (the runtime's op between launches; run_attn in the kernel)",
     )
+    ap.add_argument("--pos", type=int, default=159, help="with --attention: this step's position (pos + 1 slots)")
     ap.add_argument("--json")
     a = ap.parse_args()
 
@@ -901,7 +939,7 @@ def main() -> None:
         out["attention"] = attention_rows(torch, c, kinds, a, rate, graph_times)
     if a.trace:
         out["trace"] = {}
-        att = Attention(torch, c, SHAPES[a.model][1]) if a.attention else None
+        att = Attention(torch, c, SHAPES[a.model][1], a.pos, a.pos + 97) if a.attention else None
         for ring in a.rings.split(","):
             print(f"  trace of {ring}{' + run_attn' if att else ''}:")
             out["trace"][ring] = trace_report(torch, c, kinds, ring, names + ["attention"], sms, att)

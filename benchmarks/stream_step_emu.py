@@ -45,6 +45,8 @@ struct uint4 { unsigned int x, y, z, w; };
 struct int4 { int x, y, z, w; };
 static inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
 static inline int4 make_int4(int a, int b, int c, int d) { return {a, b, c, d}; }
+struct alignas(8) float2 { float x, y; };
+static inline float2 make_float2(float a, float b) { return {a, b}; }
 struct Dim { int x; };
 struct Cta {
     std::barrier<> all{CONSUMERS + 32}, consumers{CONSUMERS};
