@@ -95,6 +95,61 @@ def test_kernel_matches_float64_attend(case, dtype):
     assert torch.all(err <= slack), f"max error {err.max():.3g} (allowed {slack.min():.3g}..{slack.max():.3g})"
 
 
+# (heads, kv heads, head width, slots, this step's slot, chunk): the slot in a later step of the
+# first split (300 slots in two splits of 256), in a later split (four of 32), in the third step of
+# one split (64 slots a step)
+NEW_CASES = [(8, 2, 64, 300, 200, None), (4, 1, 256, 100, 70, 32), (6, 3, 128, 200, 150, None)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", NEW_CASES, ids=[f"slot{c[4]}" for c in NEW_CASES])
+def test_new_step_kernel_against_rotated_float64_attend(case):
+    """The step that rotates q and this step's key and writes them into the cache (NEW) wherever
+    the slot falls: its output against attend() in float64 over the cache with the rotated key and
+    the value put at the slot (q and k rotated in float32 and rounded to bf16, as the kernel keeps
+    them), and the slot written with them. The slot holds keys 50x larger before the step, so a
+    step that attended over the stale slot gets nearly all its probability from it."""
+    H, KV, D, S, slot, chunk = case
+    g = torch.Generator().manual_seed(slot)
+    dt = torch.bfloat16
+    mask = group_mask(S, None, slot + 1, graph=True)
+    k, v = poisoned_kv(1, KV, S, D, D, mask, dt, g)
+    k[:, :, slot] = (50.0 * torch.randn(KV, D, generator=g)).to(dt)
+    q, k_new, v_new = (torch.randn(1, n, D, generator=g).to(dt) for n in (H, KV, KV))
+    inv = 1.0 / 10000.0 ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+    ang = torch.arange(S, dtype=torch.float64)[:, None] * inv[None]
+    cos = torch.cat([ang.cos(), ang.cos()], -1).float()
+    sin = torch.cat([-ang.sin(), ang.sin()], -1).float()  # the first half negated, as ops.rope keeps it
+
+    def rotated(x):
+        x = x.float()
+        return (x * cos[slot] + torch.roll(x, D // 2, dims=-1) * sin[slot]).to(dt)
+
+    at = torch.tensor([slot])
+    out = torch.full((1, H, D), float("nan"), dtype=dt)
+    dev = [t.to(DEVICE) for t in (q, k, v, mask, out, k_new, v_new, cos, sin, at)]
+    new = da.NewStep(dev[5], dev[6], None, None, 0.0, dev[7], dev[8], dev[9], dev[9])
+    da.launch(dev[0], dev[1], dev[2], dev[3].reshape(-1), D**-0.5, dev[4], chunk=chunk, new=new)
+    got = dev[4].double().cpu()
+    assert not got.isnan().any(), "an output element was not written"
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, slot], v2[:, :, slot] = rotated(k_new), v_new
+    # one rounding apart at most (Triton's interpreter rounds float32 to bf16 toward zero)
+    k_got = dev[1][:, :, slot].float().cpu()
+    assert torch.all((k_got - k2[:, :, slot].float()).abs() <= 2**-7 * k_got.abs()), (
+        "the key written is not the rotated key"
+    )
+    assert torch.equal(dev[2][:, :, slot].cpu(), v2[:, :, slot]), "the value written is not this step's"
+    k2[:, :, slot] = dev[1][:, :, slot].cpu()  # attended as the kernel rounded it
+    qr = rotated(q).double()[:, :, None]
+    exact = attend(qr, k2.double(), v2.double(), mask, D**-0.5)[:, :, 0]
+    s_ = (qr.reshape(1, KV, H // KV, D) @ k2.double().transpose(-1, -2)) * D**-0.5
+    p_ = torch.softmax(s_.masked_fill(~mask[0], float("-inf")), -1)
+    slack = 2**-8 * (p_ @ v2.double().abs()).reshape(1, H, D) + torch.finfo(dt).eps * exact.abs() + 1e-6
+    err = (got - exact).abs()
+    assert torch.all(err <= slack), f"max error {err.max():.3g} (allowed {slack.min():.3g}..{slack.max():.3g})"
+
+
 @needs_kernels
 def test_the_op_gives_the_kernels_result_and_plan_splits_long_caches():
     """The custom op (what attend() calls) returns the [B, H, 1, DV] attend() returns; plan() reads a
