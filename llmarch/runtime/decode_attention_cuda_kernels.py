@@ -19,40 +19,33 @@ import triton.language as tl
 
 
 @triton.jit
-def _block(kbase, vbase, mask, s, d, dv, S, sk_s, sv_s, D: tl.constexpr, DV: tl.constexpr):
-    """Slots s of the cache: their keys, values and visibility."""
-    inside = s < S
-    seen = tl.load(mask + s, mask=inside, other=0) != 0
-    s64 = s.to(tl.int64)
-    kt = tl.load(kbase + s64[:, None] * sk_s + d[None, :], mask=inside[:, None] & (d < D)[None, :], other=0.0)
-    vt = tl.load(vbase + s64[:, None] * sv_s + dv[None, :], mask=inside[:, None] & (dv < DV)[None, :], other=0.0)
-    return kt, vt, seen
-
-
-@triton.jit
 def _slots(
     q_t,
-    kt,
-    vt,
-    seen,
+    kbase,
+    vbase,
+    mask,
     s,
-    slot,
-    k_new,
-    v_new,
+    d,
+    dv,
+    S,
+    sk_s,
+    sv_s,
     scale,
     m_i,
     l_i,
     acc,
+    D: tl.constexpr,
+    DV: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """One step over slots s (their keys kt, values vt, visibility seen; slot: where this step's
-    k_new / v_new [1, width] stand instead of what the cache held when it was read, -1: none): the
-    online softmax's (max, sum, accumulator) after them. UPCAST: both products in float32 (Triton's
-    interpreter multiplies bfloat16 tiles wrongly in tl.dot; on a GPU the tensor cores take the
-    half-precision operands with float32 accumulation)."""
-    here = (s == slot)[:, None]
-    kt = tl.where(here, k_new, kt)
-    vt = tl.where(here, v_new, vt)
+    """One step over slots s (d, dv: the key and value widths' lanes): the online softmax's (max,
+    sum, accumulator) after them. UPCAST: both products in float32 (Triton's interpreter multiplies
+    bfloat16 tiles wrongly in tl.dot; on a GPU the tensor cores take the half-precision operands
+    with float32 accumulation)."""
+    inside = s < S
+    seen = tl.load(mask + s, mask=inside, other=0) != 0
+    s64 = s.to(tl.int64)
+    kt = tl.load(kbase + s64[:, None] * sk_s + d[None, :], mask=inside[:, None] & (d < D)[None, :], other=0.0)
     if UPCAST:
         sc = tl.dot(q_t.to(tl.float32), tl.trans(kt.to(tl.float32)), input_precision="ieee") * scale
     else:
@@ -63,6 +56,7 @@ def _slots(
     p = tl.exp(sc - m_ref[:, None])
     alpha = tl.exp(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, axis=1)
+    vt = tl.load(vbase + s64[:, None] * sv_s + dv[None, :], mask=inside[:, None] & (dv < DV)[None, :], other=0.0)
     if UPCAST:
         pv = tl.dot(p, vt.to(tl.float32), input_precision="ieee")
     else:
@@ -154,8 +148,7 @@ def decode_attention(
     vn_*) the raw key / value ones, not yet in the cache: the program norms (NORM: per-head RMS
     with float32 weights q_w / k_w, eps) and rotates (ROT lanes, cos / sin [positions, ROT], row
     pos[0]) q and its KV head's key itself, and the program whose split holds the cache slot
-    slot_at[0] writes the key and value there (for the steps after: it attends over them from
-    registers).
+    slot_at[0] writes the key and value there before attending.
 
     PDL: launched as a programmatic dependent launch (launch_pdl, sm90+): the next kernel may launch
     at once (its programs fill the SMs this small grid leaves idle), and every read and write here
@@ -176,11 +169,6 @@ def decode_attention(
     heads = kh * REP + r
     kbase = k + b * sk_b + kh * sk_h
     vbase = v + b * sv_b + kh * sv_h
-    start = sp * CHUNK
-    # the split's first slots are read at once, beside this step's q (and k, v): their loads need
-    # nothing computed here, so they are in flight while q is fetched, normed and rotated
-    s = start + tl.arange(0, BS)
-    kt, vt, seen = _block(kbase, vbase, mask, s, d, dv, S, sk_s, sv_s, D, DV)
     if NEW:
         p = tl.load(pos)
         slot = tl.load(slot_at)
@@ -191,33 +179,65 @@ def decode_attention(
         k_new = k_new.to(k.dtype.element_ty)  # [1, D_P]
         v_new = tl.load(v_in + b * vn_b + kh * vn_h + one[:, None] + dv[None, :], mask=(dv < DV)[None, :], other=0.0)
         v_new = v_new.to(v.dtype.element_ty)
-        # the program whose split holds the slot writes this step's key and value there for the
-        # steps after; this one takes them from registers wherever it meets the slot (_slots), so
-        # nothing here waits for the writes, and no other program reads that slot
+        # the program whose split holds the slot writes this step's key and value there, and reads
+        # them back below after the barrier (which makes a block's global writes visible to all
+        # its threads); no other program reads that slot
         # as a [1, 1] block: Triton 3.9's interpreter turns a block & a scalar into int32, not a mask
         mine = one[:, None] < (sp == slot // CHUNK).to(tl.int32)
         tl.store(kbase + slot * sk_s + one[:, None] + d[None, :], k_new, mask=(d < D)[None, :] & mine)
         tl.store(vbase + slot * sv_s + one[:, None] + dv[None, :], v_new, mask=(dv < DV)[None, :] & mine)
+        tl.debug_barrier()
     else:
         qp = q + b * sq_b + heads[:, None] * sq_h + d[None, :]
         q_t = tl.load(qp, mask=(r < REP)[:, None] & (d < D)[None, :], other=0.0)  # [REP_P, D_P]
-        slot = -1
-        k_new = tl.zeros([1, D_P], dtype=k.dtype.element_ty)
-        v_new = tl.zeros([1, DV_P], dtype=v.dtype.element_ty)
     m_i = tl.full([REP_P], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([REP_P], dtype=tl.float32)
     acc = tl.zeros([REP_P, DV_P], dtype=tl.float32)
-    m_i, l_i, acc = _slots(q_t, kt, vt, seen, s, slot, k_new, v_new, scale, m_i, l_i, acc, INTERPRETER)
+    start = sp * CHUNK
     if INTERPRETER:  # a compile-time trip count: the interpreter cannot loop to a runtime bound
-        for s0 in range(BS, CHUNK, BS):
+        for s0 in range(0, CHUNK, BS):
             s = start + s0 + tl.arange(0, BS)
-            kt, vt, seen = _block(kbase, vbase, mask, s, d, dv, S, sk_s, sv_s, D, DV)
-            m_i, l_i, acc = _slots(q_t, kt, vt, seen, s, slot, k_new, v_new, scale, m_i, l_i, acc, True)
+            m_i, l_i, acc = _slots(
+                q_t,
+                kbase,
+                vbase,
+                mask,
+                s,
+                d,
+                dv,
+                S,
+                sk_s,
+                sv_s,
+                scale,
+                m_i,
+                l_i,
+                acc,
+                D,
+                DV,
+                True,
+            )
     else:  # up to the split's last slot: a cache shorter than the chunk skips the empty steps
-        for s0 in range(start + BS, tl.minimum(start + CHUNK, S), BS):
+        for s0 in range(start, tl.minimum(start + CHUNK, S), BS):
             s = s0 + tl.arange(0, BS)
-            kt, vt, seen = _block(kbase, vbase, mask, s, d, dv, S, sk_s, sv_s, D, DV)
-            m_i, l_i, acc = _slots(q_t, kt, vt, seen, s, slot, k_new, v_new, scale, m_i, l_i, acc, False)
+            m_i, l_i, acc = _slots(
+                q_t,
+                kbase,
+                vbase,
+                mask,
+                s,
+                d,
+                dv,
+                S,
+                sk_s,
+                sv_s,
+                scale,
+                m_i,
+                l_i,
+                acc,
+                D,
+                DV,
+                False,
+            )
     if PDL and LATE:  # the next kernel only now: its copies would slow this latency-bound loop
         tl.extra.cuda.gdc_launch_dependents()
     if not PARTS:
