@@ -75,6 +75,14 @@ __device__ __forceinline__ unsigned int load1(const unsigned int* p) {
 __device__ __forceinline__ void store1(unsigned int* p, unsigned int v) {
     asm volatile("st.volatile.global.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
 }
+__device__ __forceinline__ ulonglong2 load2w(const unsigned long long* p) {
+    ulonglong2 v;
+    asm volatile("ld.volatile.global.v2.u64 {%0, %1}, [%2];" : "=l"(v.x), "=l"(v.y) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ void store1w(unsigned long long* p, unsigned long long v) {
+    asm volatile("st.volatile.global.u64 [%0], %1;" :: "l"(p), "l"(v) : "memory");
+}
 /* a word that never comes is a bug (a flag no writer gives): an error after 2 s, not a hung GPU */
 __device__ __forceinline__ void give_up_after(u64 since) {
     if (now_ns() - since > 2000000000ull) __trap();
@@ -95,6 +103,7 @@ struct Op {            /* one matrix of the chain, as the host packs it (72 byte
     float eps, pad;
 };
 
+#define NEG_INF __int_as_float(0xff800000)
 /* the flag op j of launch `epoch` writes beside each value: never 0 (a zeroed buffer is unwritten) */
 __device__ __forceinline__ unsigned int flag_of(unsigned int epoch, int n_ops, int j) {
     return (unsigned int)(((unsigned long long)epoch * n_ops + j) % 65535ull) + 1u;
@@ -102,6 +111,11 @@ __device__ __forceinline__ unsigned int flag_of(unsigned int epoch, int n_ops, i
 __device__ __forceinline__ bool flagged(uint4 v, unsigned int f) {
     return (v.x >> 16) == f && (v.y >> 16) == f && (v.z >> 16) == f && (v.w >> 16) == f;
 }
+/* a 64-bit word: a float's bits under a 32-bit flag */
+__device__ __forceinline__ bool flagged2(ulonglong2 v, unsigned int f) {
+    return (unsigned int)(v.x >> 32) == f && (unsigned int)(v.y >> 32) == f;
+}
+__device__ __forceinline__ float value_of(unsigned long long w) { return __uint_as_float((unsigned int)w); }
 
 /* rows of one stage for K values (x2 with GLU) in a SLOT-byte slot: 8, 4, 2 or 1 */
 __device__ __forceinline__ int stage_rows(int K, int parts) {
@@ -112,7 +126,7 @@ __device__ __forceinline__ int stage_rows(int K, int parts) {
 
 /* the consumers' share of one matrix: input row (normed), then each stage of this CTA's rows;
    returns the ring index after them */
-template <int K, int CR, int GLU, int NORM, int RES>
+template <int K, int CR, int GLU, int NORM, int RES, int COMBINE>
 __device__ int run_op(const Op op, int i, unsigned int epoch, int n_ops, int j, unsigned char* ring, h16* xs,
                       float* red, u64* full, u64* empty, const int4* desc, u64* trace) {
     constexpr int PARTS = GLU ? 2 : 1, VEC = K / 8, TPR = CONSUMERS / CR, VPT = (VEC + TPR - 1) / TPR, WPR = TPR / 32;
@@ -120,6 +134,46 @@ __device__ int run_op(const Op op, int i, unsigned int epoch, int n_ops, int j, 
     const int t = threadIdx.x, G = gridDim.x, b = blockIdx.x;
     /* the input row: each flagged word is ready when its flag is the writer's (no fence, no barrier) */
     float vals[PER * 4];
+#if ATTN && ATTN_SPL > 1
+    if (COMBINE) {  /* o's input: the attention's ATTN_SPL partial softmaxes of each query head, merged */
+        constexpr int D = ATTN_D, H = ATTN_KV * ATTN_REP, SPL = ATTN_SPL, RW = D + 2;
+        const unsigned long long* aw = (const unsigned long long*)op.x;
+        const unsigned int f = flag_of(epoch, n_ops, op.x_src);
+#pragma unroll
+        for (int p = 0; p < PER; ++p) {
+            const int k0 = (t + p * CONSUMERS) * 4;
+            if (k0 >= K) { vals[p * 4] = vals[p * 4 + 1] = vals[p * 4 + 2] = vals[p * 4 + 3] = 0.f; continue; }
+            const int hq = k0 / D, d0 = k0 % D;
+            /* per split: (max, sum), values d0, d0 + 1, values d0 + 2, d0 + 3; all asked for, then waited on */
+            auto at = [&](int sp, int q) { return aw + ((long long)sp * H + hq) * RW + (q == 0 ? D : d0 + 2 * (q - 1)); };
+            ulonglong2 w[SPL][3];
+#pragma unroll
+            for (int sp = 0; sp < SPL; ++sp)
+#pragma unroll
+                for (int q = 0; q < 3; ++q) w[sp][q] = load2w(at(sp, q));
+#pragma unroll
+            for (int sp = 0; sp < SPL; ++sp)
+#pragma unroll
+                for (int q = 0; q < 3; ++q)
+                    for (const u64 since = now_ns(); !flagged2(w[sp][q], f);) {
+                        give_up_after(since);
+                        w[sp][q] = load2w(at(sp, q));
+                    }
+            float mx = NEG_INF, den = 0.f, num[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int sp = 0; sp < SPL; ++sp) mx = fmaxf(mx, value_of(w[sp][0].x));
+#pragma unroll
+            for (int sp = 0; sp < SPL; ++sp) {
+                const float m = value_of(w[sp][0].x), wt = m == NEG_INF ? 0.f : __expf(m - mx);  /* empty split */
+                den = fmaf(wt, value_of(w[sp][0].y), den);
+                num[0] = fmaf(wt, value_of(w[sp][1].x), num[0]); num[1] = fmaf(wt, value_of(w[sp][1].y), num[1]);
+                num[2] = fmaf(wt, value_of(w[sp][2].x), num[2]); num[3] = fmaf(wt, value_of(w[sp][2].y), num[3]);
+            }
+#pragma unroll
+            for (int e = 0; e < 4; ++e) vals[p * 4 + e] = tof(to16(num[e] / den));  /* rounded as one split's */
+        }
+    } else
+#endif
     if (op.x_src < 0) {
 #pragma unroll
         for (int p = 0; p < PER; ++p)
@@ -234,7 +288,6 @@ __device__ int run_op(const Op op, int i, unsigned int epoch, int n_ops, int j, 
 }
 
 #if ATTN
-#define NEG_INF __int_as_float(0xff800000)
 /* one KV head's decode attention (item g of an attention op): ATTN_REP query heads share the head,
    and ATTN_REP * ATTN_D == CONSUMERS, so thread t is (query head t / D, lane t % D) where it owns an
    output value. The producer streams the head's cached keys and values (slots before pos) through
@@ -252,6 +305,7 @@ __device__ int run_attn(const Op op, int i, unsigned int epoch, int n_ops, int j
                         u64* full, u64* empty, const int4* desc, const float* cos_t, const float* sin_t, int pos,
                         u64* trace) {
     constexpr int D = ATTN_D, REP = ATTN_REP, KV = ATTN_KV, Q = KV * REP * D, W = CONSUMERS / 32, CH = ATTN_CH;
+    constexpr int SPL = ATTN_SPL;                              /* splits of a head's slots: items */
     constexpr int TPS = D / 8, SPP = CONSUMERS / TPS;          /* scoring: threads a slot, slots a pass */
     constexpr int PAIRS = D / 2, SG = CONSUMERS / PAIRS;      /* weighing V: value pairs, slot groups */
     const int t = threadIdx.x, G = gridDim.x, b = blockIdx.x, h = t / D, d = t % D, partner = (d + D / 2) % D;
@@ -273,10 +327,11 @@ __device__ int run_attn(const Op op, int i, unsigned int epoch, int n_ops, int j
         bar_wait(&full[s], (i / SLOTS) & 1);
         const int4 dsc = desc[s];
         if (dsc.x != j) break;
-        const int g = dsc.y, c0 = dsc.z;
+        const int g = dsc.y / SPL, sp = dsc.y % SPL, c0 = dsc.z;
+        const int len = (pos + SPL) / SPL, lo = sp * len, hi = min(lo + len, pos + 1);  /* the split's slots */
         const h16* ks = (const h16*)(ring + s * SLOT);  /* slots c0.. of head g (those before pos) */
         const h16* vs = ks + CH * D;
-        if (c0 == 0) {  /* the head's first chunk: its queries, this step's key and value */
+        if (c0 == lo) {  /* the split's first chunk: its queries, this step's key and value */
             auto word = [&](int at) {  /* the value of q|k|v's word `at` once its flag is this step's */
                 unsigned int w;
                 const u64 since = now_ns();
@@ -292,9 +347,11 @@ __device__ int run_attn(const Op op, int i, unsigned int epoch, int n_ops, int j
             if (t < D) {
                 kn[t] = tof(to16(kx * cs[d] + ky * sn[d]));
                 vn[t] = vx;
-                const long long at = ((long long)g * SMAX + pos) * D + t;  /* for the next steps */
-                ((h16*)op.w)[at] = to16(kn[t]);
-                ((h16*)op.nw)[at] = to16(vx);
+                if (lo <= pos && pos < hi) {  /* for the next steps, by the split that holds slot pos */
+                    const long long at = ((long long)g * SMAX + pos) * D + t;
+                    ((h16*)op.w)[at] = to16(kn[t]);
+                    ((h16*)op.nw)[at] = to16(vx);
+                }
             }
 #pragma unroll
             for (int r = 0; r < REP; ++r) { m[r] = NEG_INF; l[r] = 0.f; }
@@ -310,7 +367,7 @@ __device__ int run_attn(const Op op, int i, unsigned int epoch, int n_ops, int j
             float sc[REP];
 #pragma unroll
             for (int r = 0; r < REP; ++r) sc[r] = 0.f;
-            if (k < CH && sl <= pos) {
+            if (k < CH && sl < hi) {
                 float kv[8];
                 if (sl < pos) {
                     const uint4 u = ((const uint4*)(ks + k * D))[piece];
@@ -333,7 +390,7 @@ __device__ int run_attn(const Op op, int i, unsigned int epoch, int n_ops, int j
         }
         consumers_sync();
         const int sl = c0 + t;
-        const bool live = t < CH && sl <= pos;
+        const bool live = t < CH && sl < hi;
         float sc[REP];
 #pragma unroll
         for (int r = 0; r < REP; ++r) {
@@ -348,8 +405,8 @@ __device__ int run_attn(const Op op, int i, unsigned int epoch, int n_ops, int j
         for (int r = 0; r < REP; ++r) {
             float cm = NEG_INF;
             for (int w = 0; w < W; ++w) cm = fmaxf(cm, part[r * W + w]);
-            m_new[r] = fmaxf(m[r], cm);  /* finite: slot 0 is in the first chunk */
-            alpha[r] = __expf(m[r] - m_new[r]);
+            m_new[r] = fmaxf(m[r], cm);  /* finite but in a split with no slots (a short cache) */
+            alpha[r] = m_new[r] == NEG_INF ? 1.f : __expf(m[r] - m_new[r]);
             const float pr = live ? __expf(sc[r] - m_new[r]) : 0.f;
             if (t < CH) p[r * CONSUMERS + t] = tof(to16(pr));  /* rounded as V's dtype before it weighs V */
             float v = pr;  /* the sum takes the unrounded probabilities, as the runtime's kernel */
@@ -367,7 +424,7 @@ __device__ int run_attn(const Op op, int i, unsigned int epoch, int n_ops, int j
         float a2[REP][2];
 #pragma unroll
         for (int r = 0; r < REP; ++r) a2[r][0] = a2[r][1] = 0.f;
-        const int n = min(CH, pos + 1 - c0);
+        const int n = min(CH, hi - c0);
         for (int k = grp; k < n; k += SG) {
             float v0, v1;
             if (c0 + k == pos) {
@@ -395,11 +452,18 @@ __device__ int run_attn(const Op op, int i, unsigned int epoch, int n_ops, int j
         acc = acc * ah + pv;
         consumers_sync();  /* the slot, p, part and pvs are read by all before they are written again */
         if (t == 0) bar_arrive(&empty[s]);
-        if (c0 + CH > pos) {  /* the head's last chunk */
-            float lh = 1.f;
+        if (c0 + CH >= hi) {  /* the split's last chunk */
+            float lh = 1.f, mh = 0.f;
 #pragma unroll
-            for (int r = 0; r < REP; ++r) lh = r == h ? l[r] : lh;
-            store1((unsigned int*)op.y + (g * REP + h) * D + d, (fy << 16) | to16(acc / lh));
+            for (int r = 0; r < REP; ++r) { lh = r == h ? l[r] : lh; mh = r == h ? m[r] : mh; }
+            if (SPL == 1) {
+                store1((unsigned int*)op.y + (g * REP + h) * D + d, (fy << 16) | to16(acc / lh));
+            } else {  /* the partial softmax for o's input to merge: acc unnormalised, then max and sum */
+                unsigned long long* row = (unsigned long long*)op.y + ((long long)sp * KV * REP + g * REP + h) * (D + 2);
+                const unsigned long long fl = (unsigned long long)fy << 32;
+                store1w(row + d, fl | __float_as_uint(acc));
+                if (d == 0) { store1w(row + D, fl | __float_as_uint(mh)); store1w(row + D + 1, fl | __float_as_uint(lh)); }
+            }
         }
         ++i;
     }
@@ -440,14 +504,16 @@ step_stream(const Op* __restrict__ ops, int n_ops, unsigned int* epoch_at, unsig
             const int CR = kind_attn(op.kind) ? 1 : stage_rows(K, parts);  /* attention: a KV head an item */
             auto stage = [&](int rs, int end) {  /* rows rs.. (before end) of matrix j into the next slot */
 #if ATTN
-                if (kind_attn(op.kind)) {  /* KV head rs: its cached keys and values, ATTN_CH slots a stage */
-                    for (int c0 = 0; c0 <= pos; c0 += ATTN_CH) {
-                        const int s = i % SLOTS, n = min(ATTN_CH, pos - c0);  /* slot pos is this step's */
+                if (kind_attn(op.kind)) {  /* item rs (KV head rs / ATTN_SPL, a split of its slots): its
+                                              cached keys and values, ATTN_CH slots a stage */
+                    const int len = (pos + ATTN_SPL) / ATTN_SPL, lo = rs % ATTN_SPL * len, hi = min(lo + len, pos + 1);
+                    for (int c0 = lo; c0 < hi || c0 == lo; c0 += ATTN_CH) {
+                        const int s = i % SLOTS, n = min(ATTN_CH, min(hi, pos) - c0);  /* slot pos is this step's */
                         if (i >= SLOTS) bar_wait(&empty[s], ((i / SLOTS) + 1) & 1);
                         desc[s] = make_int4(j, rs, c0, 0);
                         if (n > 0) {
                             const unsigned int bytes = (unsigned int)n * ATTN_D * 2;
-                            const long long at = ((long long)rs * SMAX + c0) * ATTN_D;
+                            const long long at = ((long long)(rs / ATTN_SPL) * SMAX + c0) * ATTN_D;
                             unsigned char* dst = ring + s * SLOT;
                             bar_expect(&full[s], 2 * bytes);
                             bulk_load(dst, op.w + at, bytes, &full[s]);
@@ -536,11 +602,12 @@ def step_source(
     slot_bytes: int,
     claims: bool = False,
     ahead: bool = False,
-    attn: tuple[int, int, int, int] | None = None,
+    attn: tuple[int, int, int, int, int] | None = None,
     helpers: str | None = None,
 ) -> str:
     """STEP for matrix kinds (K, glu, norm, res), a ring of `slots` slots of slot_bytes; attn: (query
-    heads, KV heads, head width, cache slots) of an attention op kind, numbered after the matrices;
+    heads, KV heads, head width, cache slots, splits of a head's slots) of an attention op kind,
+    numbered after the matrices (with splits, o merges their partial softmaxes as it reads them);
     helpers: the primitives (default gemv_stream_cuda.HELPERS + PRIMS, the GPU's)."""
 
     def rows(K: int, glu: bool) -> int:
@@ -549,8 +616,9 @@ def step_source(
             r //= 2
         return r
 
+    splits = 1 if attn is None else attn[4]
     cases = "\n".join(
-        f"        case {n}: i = run_op<{K}, {rows(K, g)}, {int(g)}, {int(nm)}, {int(r)}>"
+        f"        case {n}: i = run_op<{K}, {rows(K, g)}, {int(g)}, {int(nm)}, {int(r)}, {int(n == O_KIND and splits > 1)}>"
         f"(op, i, epoch, n_ops, j, ring, xs, red, full, empty, desc, trace); break;"
         for n, (K, g, nm, r) in enumerate(kinds)
     )
@@ -573,10 +641,11 @@ def step_source(
         "ATTN": int(attn is not None),
     }
     if attn is not None:
-        H, KV, D, smax = attn
+        H, KV, D, smax, _ = attn
         # cache slots a stage: their keys and values fill a slot, at most a slot a consumer thread
+        chunk = attn_chunk(slot_bytes, D)
         defs.update(
-            {"ATTN_D": D, "ATTN_REP": H // KV, "ATTN_KV": KV, "SMAX": smax, "ATTN_CH": attn_chunk(slot_bytes, D)}
+            {"ATTN_D": D, "ATTN_REP": H // KV, "ATTN_KV": KV, "SMAX": smax, "ATTN_CH": chunk, "ATTN_SPL": splits}
         )
     head = "".join(f"#define {k} {v}\n" for k, v in defs.items())
     shapes = (
@@ -587,13 +656,13 @@ def step_source(
     return head + (helpers or gs.HELPERS + PRIMS) + shapes + STEP.replace("KIND_CASES", cases)
 
 
-def xs_values(kinds: list, attn: tuple[int, int, int, int] | None) -> int:
+def xs_values(kinds: list, attn: tuple[int, int, int, int, int] | None) -> int:
     """16-bit values of the shared input row: the widest matrix input, or run_attn's float scratch
     (rotated queries, the new key and value, a chunk's probabilities, the per-warp partials, the slot
     groups' weighed values) where that is larger (it lives there), a multiple of 8."""
     n = max(k[0] for k in kinds)
     if attn is not None:
-        H, KV, D, _ = attn
+        H, KV, D = attn[:3]
         rep = H // KV
         n = max(n, 2 * (rep * D + 2 * D + rep * CONSUMERS + 2 * rep * (CONSUMERS // 32) + 2 * CONSUMERS * rep))
     return -(-n // 8) * 8
@@ -625,6 +694,9 @@ def pack_ops(torch, ops: list[tuple], device: str = "cuda") -> object:
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device)
 
 
+O_KIND = 1  # chain_kinds' o: the kind that merges split attention's partials
+
+
 def chain_kinds(D: int, Q: int, F: int) -> list[tuple[int, bool, bool, bool]]:
     """The chain's matrix kinds (K, glu, norm, res) in Op.kind order: q|k|v, o, gate|up, down, and the
     head (q|k|v's kind, apart in the trace); an attention op kind is numbered after them."""
@@ -632,13 +704,17 @@ def chain_kinds(D: int, Q: int, F: int) -> list[tuple[int, bool, bool, bool]]:
     return [qkv, (Q, False, False, True), (D, True, True, False), (F, False, False, True), qkv]
 
 
-def chain_ops(w: tuple, nw, x, logits, words: tuple, caches=None, attn_kind: int = 0, delay_ns: int = 0) -> list:
+def chain_ops(
+    w: tuple, nw, x, logits, words: tuple, caches=None, attn_kind: int = 0, delay_ns: int = 0, splits: int = 1
+) -> list:
     """The Op table's rows for the chain (pack_ops' tuples), each op naming the op whose flagged words
     it reads: w = (q|k|v [L, NQKV, D], o [L, D, Q], gate|up [L, 2F, D], down [L, D, F], head [V, D]);
     words = (q, h, residual, attention output) flagged-word buffers (the last unused without
     caches). Per layer q|k|v, [attention: caches = (K, V) [L, KV, SMAX, Dh]], o (+ x), gate|up,
     down (+ x); then the head. x is read as 16-bit values by the first q|k|v and the first o's
-    residual, the flagged residual row after; delay_ns: o's stand-in for attention."""
+    residual, the flagged residual row after; delay_ns: o's stand-in for attention; splits: of each
+    KV head's slots, an attention item each (their partial softmaxes in the attention output's 64-bit
+    words, merged by o)."""
     wqkv, wo, wgu, wd, whead = w
     qw, hw, xw, aw = words
     ops: list = []
@@ -650,7 +726,7 @@ def chain_ops(w: tuple, nw, x, logits, words: tuple, caches=None, attn_kind: int
         o_in = qw  # without attention: q's first rows stand in for its output
         if caches is not None:
             kc, vc = caches
-            ops.append((kc[layer], qw, vc[layer], None, aw, kc.shape[1], attn_kind, j, -1, 1, 0, 0.0))
+            ops.append((kc[layer], qw, vc[layer], None, aw, kc.shape[1] * splits, attn_kind, j, -1, 1, 0, 0.0))
             o_in, j = aw, j + 1
         ops += [
             (wo[layer], o_in, None, xin, xw, wo.shape[1], 1, j, xsrc, 1, delay_ns, 0.0),
@@ -708,18 +784,35 @@ class Attention:
         return (self.H // self.KV) * self.D == CONSUMERS and self.D % 8 == 0
 
 
+def attention_words(torch, heads: int, width: int, splits: int, device: str):
+    """The attention's output between it and o: a flagged 32-bit word a value, or with splits a
+    64-bit word a float, per split and query head its width's partial values then max and sum."""
+    if splits == 1:
+        return torch.zeros(heads * width, dtype=torch.int32, device=device)
+    return torch.zeros(splits * heads * (width + 2), dtype=torch.int64, device=device)
+
+
 class Persistent:
     """The chain as step_stream launches, on a ring of `slots` x kb KB: q, h and the residual row in
     flagged words (a value's 16 bits under its writer's flag) between the matrices."""
 
     def __init__(
-        self, torch, c, kinds: list, ring: str, delay_ns: int, trace=None, att: Attention | None = None
+        self,
+        torch,
+        c,
+        kinds: list,
+        ring: str,
+        delay_ns: int,
+        trace=None,
+        att: Attention | None = None,
+        splits: int = 1,
     ) -> None:
-        self.torch, self.c, self.delay_ns, self.trace, self.att = torch, c, delay_ns, trace, att
+        self.torch, self.c, self.delay_ns, self.trace, self.att, self.splits = torch, c, delay_ns, trace, att, splits
         slots, kb, claims, ahead = parse_ring(ring)
         self.attn_kind = len(kinds)
-        src = step_source(kinds, slots, kb * 1024, claims, ahead, None if att is None else att.shape())
-        shared = shared_bytes(slots, kb * 1024, xs_values(kinds, None if att is None else att.shape()))
+        shape = None if att is None else (*att.shape(), splits)
+        src = step_source(kinds, slots, kb * 1024, claims, ahead, shape)
+        shared = shared_bytes(slots, kb * 1024, xs_values(kinds, shape))
         self.k = cuda_rtc.kernel(src, "step_stream", 0, CONSUMERS + 32, shared)
         self.sms = torch.cuda.get_device_properties(0).multi_processor_count
         words = {"dtype": torch.int32, "device": "cuda"}
@@ -729,15 +822,14 @@ class Persistent:
         self.tables: dict = {}
         if att is not None:  # its own caches: the step writes slot pos
             self.kc, self.vc = att.kc.clone(), att.vc.clone()
-            self.aw = torch.zeros(c.Q, **words)
+            self.aw = attention_words(torch, att.H, att.D, splits, "cuda")
 
     def ops(self, x, logits) -> list[tuple]:
         c, att = self.c, self.att
         words = (self.qw, self.hw, self.xw, self.aw if att else None)
         caches = None if att is None else (self.kc, self.vc)
-        return chain_ops(
-            (c.wqkv, c.wo, c.wgu, c.wd, c.whead), c.nw, x, logits, words, caches, self.attn_kind, self.delay_ns
-        )
+        w = (c.wqkv, c.wo, c.wgu, c.wd, c.whead)
+        return chain_ops(w, c.nw, x, logits, words, caches, self.attn_kind, self.delay_ns, self.splits)
 
     def __call__(self, x, q, h, logits) -> None:
         key = (x.data_ptr(), logits.data_ptr())
@@ -754,12 +846,12 @@ class Persistent:
         return (self.xw & 0xFFFF).to(self.torch.int16).view(self.torch.bfloat16)[None]
 
 
-def trace_report(torch, c, kinds: list, ring: str, names: list[str], sms: int, att=None) -> dict:
+def trace_report(torch, c, kinds: list, ring: str, names: list[str], sms: int, att=None, splits: int = 1) -> dict:
     """One run with in-kernel clocks: per op kind, the mean time a CTA waits for its input row,
     computes its rows (att: the attention op too, its input wait up to q|k|v's words), and the time
     between the grid's last rows of one op and the next."""
     trace = torch.zeros(4 * sms * (5 * c.L + 1), dtype=torch.int64, device="cuda")
-    run = Persistent(torch, c, kinds, ring, 0, trace, att)
+    run = Persistent(torch, c, kinds, ring, 0, trace, att, splits)
     b = c.bufs()
     run(*b)
     torch.cuda.synchronize()
@@ -859,10 +951,10 @@ def attention_rows(torch, c, kinds: list, a, rate: float, graph_times) -> list[d
     torch.cuda.synchronize()
     variants: dict = {"stream launches + attention op": launches}
     rows: list[dict] = []
-    for ring in a.rings.split(","):
-        name = f"persistent {ring} + run_attn"
+    for ring, splits in ((r, int(n)) for r in a.rings.split(",") for n in a.attn_splits.split(",")):
+        name = f"persistent {ring} + run_attn" + (f", {splits} splits a head" if splits > 1 else "")
         try:
-            fn = Persistent(torch, c, kinds, ring, 0, None, att)
+            fn = Persistent(torch, c, kinds, ring, 0, None, att, splits)
             b = ran(torch, c, fn)
         except Exception as e:
             print(f"{name}: {type(e).__name__}: {str(e)[:600]}", flush=True)
@@ -889,6 +981,9 @@ def main() -> None:
         help="also the chain with the real attention (the runtime's op between launches; run_attn in the kernel)",
     )
     ap.add_argument("--pos", type=int, default=159, help="with --attention: this step's position (pos + 1 slots)")
+    ap.add_argument(
+        "--attn-splits", default="1", help="with --attention: splits of a head's slots to try, comma-separated"
+    )
     ap.add_argument("--json")
     a = ap.parse_args()
 
@@ -940,9 +1035,10 @@ def main() -> None:
     if a.trace:
         out["trace"] = {}
         att = Attention(torch, c, SHAPES[a.model][1], a.pos, a.pos + 97) if a.attention else None
+        splits = int(a.attn_splits.split(",")[-1]) if att else 1
         for ring in a.rings.split(","):
-            print(f"  trace of {ring}{' + run_attn' if att else ''}:")
-            out["trace"][ring] = trace_report(torch, c, kinds, ring, names + ["attention"], sms, att)
+            print(f"  trace of {ring}{f' + run_attn, {splits} splits a head' if att else ''}:")
+            out["trace"][ring] = trace_report(torch, c, kinds, ring, names + ["attention"], sms, att, splits)
     out["copy_rate"] = rate
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))

@@ -46,6 +46,7 @@ struct int4 { int x, y, z, w; };
 static inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
 static inline int4 make_int4(int a, int b, int c, int d) { return {a, b, c, d}; }
 struct alignas(8) float2 { float x, y; };
+struct alignas(16) ulonglong2 { unsigned long long x, y; };
 static inline float2 make_float2(float a, float b) { return {a, b}; }
 struct Dim { int x; };
 struct Cta {
@@ -64,6 +65,7 @@ using std::min;
 static inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 static inline float __int_as_float(unsigned u) { return __uint_as_float(u); }
 static inline unsigned as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+static inline unsigned __float_as_uint(float f) { return as_uint(f); }
 static inline float tof(h16 h) { return __uint_as_float(((unsigned)h) << 16); }
 static inline h16 to16(float f) {  /* round to nearest even, as cvt.rn.bf16.f32 */
     unsigned u = as_uint(f);
@@ -115,6 +117,10 @@ static inline u64 now_ns() {
 static inline unsigned load1(const unsigned* p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
 static inline uint4 load4(const unsigned* p) { return {load1(p), load1(p + 1), load1(p + 2), load1(p + 3)}; }
 static inline void store1(unsigned* p, unsigned v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+static inline ulonglong2 load2w(const unsigned long long* p) {
+    return {__atomic_load_n(p, __ATOMIC_RELAXED), __atomic_load_n(p + 1, __ATOMIC_RELAXED)};
+}
+static inline void store1w(unsigned long long* p, unsigned long long v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
 static inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 static inline void __trap() { std::fprintf(stderr, "emulated kernel: __trap\n"); std::abort(); }
 static inline void give_up_after(u64 since) {
@@ -223,11 +229,11 @@ def tiny_chain(torch, layers: int = 2, attention: bool = True, seed: int = 0, he
     return c
 
 
-def reference(torch, c: dict, chunk: int | None = None) -> tuple:
+def reference(torch, c: dict, chunk: int | None = None, splits: int = 1) -> tuple:
     """The chain in float32 sums with the kernel's bf16 roundings (the norm's output, each product, the
     residual adds, RoPE'd q and k, the probabilities before V, each against the running maximum of
-    the chunks of `chunk` cache slots before it, the attention's output): (logits, the caches after
-    the step)."""
+    the chunks of `chunk` cache slots before it in its split of `splits`, the splits merged as o
+    merges them, the attention's output): (logits, the caches after the step)."""
     bf = torch.bfloat16
     kc, vc = c["kc"].clone(), c["vc"].clone()
 
@@ -259,18 +265,26 @@ def reference(torch, c: dict, chunk: int | None = None) -> tuple:
             q, k = rope(q), rope(k)
             kc[layer, :, pos], vc[layer, :, pos] = k.to(bf), v.to(bf)
             out = torch.empty(H, Dh)
+            span = (pos + splits) // splits
             for h in range(H):
                 g = h // rep
                 s = (kc[layer, g, : pos + 1].float() @ q[h]) / Dh**0.5
                 vs = vc[layer, g, : pos + 1].float()
-                m, total, acc = -torch.inf, 0.0, torch.zeros(Dh)
-                for c0 in range(0, pos + 1, chunk or pos + 1):  # an online softmax, as the kernel's
-                    part = s[c0 : c0 + (chunk or pos + 1)]
-                    m_new = max(m, part.max().item())
-                    alpha, p = math.exp(m - m_new), torch.exp(part - m_new)
-                    total, acc = total * alpha + p.sum(), acc * alpha + r16(p) @ vs[c0 : c0 + len(part)]
-                    m = m_new
-                out[h] = acc / total
+                parts = []
+                for lo in range(0, splits * span, span):
+                    hi = min(lo + span, pos + 1)
+                    m, total, acc = -math.inf, torch.tensor(0.0), torch.zeros(Dh)
+                    for c0 in range(lo, hi, chunk or pos + 1):  # an online softmax, as the kernel's
+                        part = s[c0 : min(c0 + (chunk or pos + 1), hi)]
+                        m_new = max(m, part.max().item())
+                        alpha, p = math.exp(m - m_new), torch.exp(part - m_new)
+                        total, acc = total * alpha + p.sum(), acc * alpha + r16(p) @ vs[c0 : c0 + len(part)]
+                        m = m_new
+                    parts.append((m, total, acc))
+                top = max(m for m, _, _ in parts)
+                weights = [0.0 if m == -math.inf else math.exp(m - top) for m, _, _ in parts]
+                num = sum(w * acc for w, (_, _, acc) in zip(weights, parts, strict=True))
+                out[h] = num / sum(w * total for w, (_, total, _) in zip(weights, parts, strict=True))
             o_in = r16(out.reshape(1, Q))
         else:
             o_in = qkv[:, :Q]
@@ -282,25 +296,28 @@ def reference(torch, c: dict, chunk: int | None = None) -> tuple:
     return r16(mm(norm(x), c["whead"])), kc, vc
 
 
-def emulated(torch, c: dict, claims: bool = False, runs: int = 2, grid: int = 2, slot_kb: int = 32) -> list:
+def emulated(
+    torch, c: dict, claims: bool = False, runs: int = 2, grid: int = 2, slot_kb: int = 32, splits: int = 1
+) -> list:
     """The chain through probe_stream_step's kernel emulated on CPU threads, `runs` launches in a row
-    (the epoch moves on between them), on a ring of 6 slots of slot_kb KB: per run (logits, K cache,
-    V cache)."""
+    (the epoch moves on between them), on a ring of 6 slots of slot_kb KB, each KV head's slots in
+    `splits`: per run (logits, K cache, V cache)."""
     import probe_stream_step as pss
 
     D, Q, F, Dh = c["D"], c["Q"], c["F"], c["Dh"]
     kinds = pss.chain_kinds(D, Q, F)
-    attn = (c["H"], c["KV"], Dh, c["smax"]) if c["attention"] else None
+    attn = (c["H"], c["KV"], Dh, c["smax"], splits) if c["attention"] else None
     text = source(pss.step_source(kinds, 6, slot_kb * 1024, claims, False, attn, helpers=EMU))
     lib = build(text)
     shared = pss.shared_bytes(6, slot_kb * 1024, pss.xs_values(kinds, attn))
     words = {"dtype": torch.int32}
-    qw, hw, xw, aw = (torch.zeros(n, **words) for n in (c["NQKV"], F, D, Q))
+    qw, hw, xw = (torch.zeros(n, **words) for n in (c["NQKV"], F, D))
+    aw = pss.attention_words(torch, c["H"], Dh, splits, "cpu")
     kc, vc = c["kc"].clone(), c["vc"].clone()
     logits = torch.zeros(1, c["V"], dtype=torch.bfloat16)
     weights = (c["wqkv"], c["wo"], c["wgu"], c["wd"], c["whead"])
     caches = None if attn is None else (kc, vc)
-    ops = pss.chain_ops(weights, c["nw"], c["x0"], logits, (qw, hw, xw, aw), caches, len(kinds))
+    ops = pss.chain_ops(weights, c["nw"], c["x0"], logits, (qw, hw, xw, aw), caches, len(kinds), 0, splits)
     table = pss.pack_ops(torch, ops, device="cpu")
     epoch, counters = torch.zeros(1, **words), torch.zeros(len(ops), **words)
     out = []

@@ -29,14 +29,15 @@ sys.path[:0] = [sys.argv[1], sys.argv[1] + "/benchmarks"]
 import probe_stream_step as pss
 import stream_step_emu as e
 attention = sys.argv[2] != "0"
-heads, pos = ((4, 2, 128), 32) if sys.argv[2] == "128" else ((8, 2, 64), 37)
+splits, pos = int(sys.argv[3]), int(sys.argv[4])
+heads = (4, 2, 128) if sys.argv[2] == "128" else (8, 2, 64)
 c = e.tiny_chain(torch, attention=attention, heads=heads, pos=pos)
 # with attention, 8 KB slots: a head's cached keys and values take several stages (32 slots a stage of
 # width 64; 16 of width 128, and at pos 32 a last stage with only this step's slot)
 kb = 8 if attention else 32
-ref, kc, vc = e.reference(torch, c, chunk=pss.attn_chunk(kb * 1024, heads[2]))
-fixed = e.emulated(torch, c, claims=False, runs=2, grid=3, slot_kb=kb)  # shares not whole stages
-claimed = e.emulated(torch, c, claims=True, runs=1, grid=2, slot_kb=kb)
+ref, kc, vc = e.reference(torch, c, chunk=pss.attn_chunk(kb * 1024, heads[2]), splits=splits)
+fixed = e.emulated(torch, c, claims=False, runs=2, grid=3, slot_kb=kb, splits=splits)  # shares not whole stages
+claimed = e.emulated(torch, c, claims=True, runs=1, grid=2, slot_kb=kb, splits=splits)
 rel = lambda a: ((a.float() - ref).norm() / ref.norm()).item()
 print(json.dumps({
     "rel": [rel(lg) for lg, _, _ in fixed],
@@ -53,12 +54,22 @@ def _cxx() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
+# (attention, splits of a head's slots, pos): 37 slots + this step's in three splits of 13; 32 + 1 in
+# four of 9; 4 + 1 in four of 2, the last empty (its partial must weigh nothing in o's merge)
+CASES = [("0", 1, 37), ("64", 1, 37), ("128", 1, 32), ("64", 3, 37), ("128", 4, 32), ("64", 4, 4)]
+
+
 @pytest.mark.skipif(_cxx() is None, reason="no C++ compiler")
-@pytest.mark.parametrize("attention", ["0", "64", "128"], ids=["gemvs", "attention-4x64", "attention-2x128"])
-def test_emulated_step_matches_the_torch_chain(attention):
-    """attention: none, or query heads a KV head x head width of 4 x 64 (Llama-3.2-1B's) or 2 x 128 (Qwen3-1.7B's)."""
+@pytest.mark.parametrize(
+    ("attention", "splits", "pos"),
+    CASES,
+    ids=[f"{'attention-' + a if a != '0' else 'gemvs'}-s{n}-p{p}" for a, n, p in CASES],
+)
+def test_emulated_step_matches_the_torch_chain(attention, splits, pos):
+    """attention: none, or query heads a KV head x head width of 4 x 64 (Llama-3.2-1B's) or 2 x 128
+    (Qwen3-1.7B's), each KV head's slots in `splits` items whose partial softmaxes o merges."""
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(ROOT), attention],
+        [sys.executable, "-c", CHILD, str(ROOT), attention, str(splits), str(pos)],
         capture_output=True,
         text=True,
         timeout=600,
