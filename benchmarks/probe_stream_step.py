@@ -405,7 +405,7 @@ __device__ int run_attn(const Op op, int i, unsigned int epoch, int n_ops, int j
         for (int r = 0; r < REP; ++r) {
             float cm = NEG_INF;
             for (int w = 0; w < W; ++w) cm = fmaxf(cm, part[r * W + w]);
-            m_new[r] = fmaxf(m[r], cm);  /* finite but in a split with no slots (a short cache) */
+            m_new[r] = fmaxf(m[r], cm);  /* -inf only in a split with no slots (a cache shorter than the splits) */
             alpha[r] = m_new[r] == NEG_INF ? 1.f : __expf(m[r] - m_new[r]);
             const float pr = live ? __expf(sc[r] - m_new[r]) : 0.f;
             if (t < CH) p[r * CONSUMERS + t] = tof(to16(pr));  /* rounded as V's dtype before it weighs V */
