@@ -148,6 +148,10 @@ extern "C" void emulate(int grid, int shared, const Op* ops, int n_ops, unsigned
             });
     for (auto& th : threads) th.join();
     for (Cta* c : ctas) { for (auto* w : c->warps) delete w; delete c; }
+    /* every CTA has ended: the launch's mbarriers with it (bar_init numbers them afresh the next one) */
+    std::lock_guard<std::mutex> g(mbars_lock);
+    for (MBar* m : mbars) delete m;
+    mbars.clear();
 }
 """
 
