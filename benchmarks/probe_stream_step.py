@@ -3,7 +3,7 @@ through a shared-memory ring without a pause at the matrices' borders, against t
 launches (gemv_stream_cuda's kernel one launch a GEMV, and the Triton kernel's).
 
     python benchmarks/probe_stream_step.py [--model llama-3.2-1b] [--rounds 5] \
-        [--rings 6x32,6x32c] [--delay-us 0,4] [--trace] [--attention] [--json OUT]
+        [--rings 6x32,6x32c] [--delay-us 0,4] [--trace] [--attention [--attn-splits 1,4] [--pos 159]] [--json OUT]
 
 Why: the launched stream kernel asks for its first ~96 KB a CTA before its PDL wait, but its ring
 then stops until the kernel before is done and its input row is read: each border between two
@@ -22,10 +22,12 @@ are a fixed share of each matrix a CTA, or (suffix c) claimed two stages at a ti
 a matrix so that a faster SM takes more (ca: the next claim kept in flight).
 
 --attention also runs the chain with a real decode attention between q|k|v and o (RoPE on q and k,
-the cache write, 160 slots of a random cache): the stream launches with the runtime's attention op
-(decode_attention_cuda) against the one kernel with an attention op kind of its own (run_attn: a
-KV head a stage, its q|k|v words waited for like any input), logits compared, then timed. Written
-and compiled for sm_90 (no spills) but NOT yet run on a GPU.
+the cache write, pos + 1 = 160 slots of a random cache by default): the stream launches with the
+runtime's attention op (decode_attention_cuda) against the one kernel with an attention op kind of
+its own (run_attn: an item a KV head, or a split of its slots with --attn-splits, whose cached keys
+and values the producer brings through the ring like weights; its q|k|v words waited for like any
+input; split items' partial softmaxes merged by o as it reads them), logits compared, then timed.
+On the H200 it is level with the launches, not past them (README).
 
 --delay-us holds the q|k|v -> o border that long (each o CTA waits that long after its input; the
 launch chain gets a one-CTA kernel of that length with the attention op's late PDL trigger): a
