@@ -328,36 +328,16 @@ VARIANTS = {
     "attn": ("0", "0", "1", "1", "1", "1", "1", "1", "1", "0"),  # + the decode attention op
     "glu": ("0", "1", "0", "1", "1", "1", "1", "1", "1", "0"),  # + the gated epilogue
     "fused": ("0", "0", "0", "1", "1", "1", "1", "1", "1", "0"),  # + both
-    "full": (
-        "0",
-        "0",
-        "0",
-        "0",
-        "1",
-        "1",
-        "1",
-        "1",
-        "1",
-        "0",
-    ),  # + q/k norm, RoPE and the cache write in the attention op
+    # + q/k norm, RoPE and the cache write in the attention op
+    "full": ("0", "0", "0", "0", "1", "1", "1", "1", "1", "0"),
     "norm": ("0", "0", "0", "0", "0", "1", "1", "1", "1", "0"),  # + the norm prologues and residual-add epilogues
     "ahead": ("0", "0", "0", "0", "0", "0", "1", "1", "1", "0"),  # + the GEMVs' weight tiles loaded a step ahead
     "pdlonly": ("0", "0", "0", "0", "0", "1", "0", "1", "1", "0"),  # norm + programmatic dependent launches
     "pdl": ("0", "0", "0", "0", "0", "0", "0", "1", "1", "0"),  # + both: the first tile's loads before the PDL wait
     "stream": ("0", "0", "0", "0", "0", "1", "1", "0", "1", "0"),  # norm, one-row GEMVs by gemv_stream_cuda's kernel
     "streampdl": ("0", "0", "0", "0", "0", "1", "0", "0", "1", "0"),  # + the attention op a PDL launch too
-    "streamlate": (
-        "0",
-        "0",
-        "0",
-        "0",
-        "0",
-        "1",
-        "1",
-        "0",
-        "0",
-        "0",
-    ),  # stream + the attention op's PDL trigger at its end
+    # stream + the attention op's PDL trigger at its end
+    "streamlate": ("0", "0", "0", "0", "0", "1", "1", "0", "0", "0"),
     # streampdl with every stream GEMV on 8 SMs fewer: the attention op's programs and the o GEMV's
     # CTAs resident at once, o's weights arriving while the attention runs
     "streamleave": ("0", "0", "0", "0", "0", "1", "0", "0", "1", "8"),
