@@ -2,9 +2,11 @@
 benchmarks/stream_step_emu.py (its CUDA C++ compiled by the host's C++ compiler, an OS thread a GPU
 thread, the GPU's primitives stood in for), against a torch reference of the same chain (float32
 sums, bf16 where the kernel rounds: the normed row, each product, the residual adds, RoPE'd q and k,
-the probabilities before V, the attention's output). What it checks that the GPU runs could not
-cheaply: the protocol (stage descriptors, mbarrier phases, flagged words, the epoch moving on between
-launches: a second launch must give the same logits), the attention's indexing and cache write,
+the probabilities before V, the attention's output; the chunked online softmax and the splits'
+merge as the kernel does them). What it checks that the GPU runs could not cheaply: the protocol
+(stage descriptors, mbarrier phases, flagged words, the epoch moving on between launches: a second
+launch must give the same logits), the attention's indexing, its cache slots through the ring in
+several stages, a head's slots split over several CTAs (one split empty) and the cache write,
 fixed shares against claimed rows (bit for bit: the same arithmetic a row), and that the kernel's
 shared scratch fits (the attention's once overflowed into the ring's barriers here).
 
