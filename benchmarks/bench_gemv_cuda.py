@@ -297,8 +297,7 @@ def _kernel_modes_timed(a, torch, gv, rate: float, out: dict, modes, tiles, t0: 
 # epilogue (silu(gate) * up in the gate|up GEMV), the attention op that also norms and rotates q/k
 # and writes the cache, the pre-norms in the GEMVs' prologue and the residual adds in their
 # epilogue, the GEMVs' weight tiles a step ahead, PDL for the Triton kernels, and the one-row GEMVs by
-# the CUDA kernel that streams weights through shared memory, the attention op's late PDL trigger; "1" = off, as the runtime reads them;
-# last, how many SMs the streaming GEMVs leave to the kernel before them (LLMARCH_GEMV_STREAM_LEAVE)
+# the CUDA kernel that streams weights through shared memory, the attention op's late PDL trigger; "1" = off, as the runtime reads them
 SWITCHES = (
     "LLMARCH_NO_GEMV",
     "LLMARCH_NO_DECODE_ATTN",
@@ -309,7 +308,6 @@ SWITCHES = (
     "LLMARCH_NO_PDL",
     "LLMARCH_NO_GEMV_STREAM",
     "LLMARCH_NO_ATTN_LATE_PDL",
-    "LLMARCH_GEMV_STREAM_LEAVE",
 )
 VARIANTS = {
     "torch": (
@@ -322,26 +320,19 @@ VARIANTS = {
         "1",
         "1",
         "1",
-        "0",
     ),  # torch's matmuls (inductor's under --compile) and attention
-    "gemv": ("0", "1", "1", "1", "1", "1", "1", "1", "1", "0"),  # the GEMV kernel alone
-    "attn": ("0", "0", "1", "1", "1", "1", "1", "1", "1", "0"),  # + the decode attention op
-    "glu": ("0", "1", "0", "1", "1", "1", "1", "1", "1", "0"),  # + the gated epilogue
-    "fused": ("0", "0", "0", "1", "1", "1", "1", "1", "1", "0"),  # + both
-    # + q/k norm, RoPE and the cache write in the attention op
-    "full": ("0", "0", "0", "0", "1", "1", "1", "1", "1", "0"),
-    "norm": ("0", "0", "0", "0", "0", "1", "1", "1", "1", "0"),  # + the norm prologues and residual-add epilogues
-    "ahead": ("0", "0", "0", "0", "0", "0", "1", "1", "1", "0"),  # + the GEMVs' weight tiles loaded a step ahead
-    "pdlonly": ("0", "0", "0", "0", "0", "1", "0", "1", "1", "0"),  # norm + programmatic dependent launches
-    "pdl": ("0", "0", "0", "0", "0", "0", "0", "1", "1", "0"),  # + both: the first tile's loads before the PDL wait
-    "stream": ("0", "0", "0", "0", "0", "1", "1", "0", "1", "0"),  # norm, one-row GEMVs by gemv_stream_cuda's kernel
-    "streampdl": ("0", "0", "0", "0", "0", "1", "0", "0", "1", "0"),  # + the attention op a PDL launch too
-    # stream + the attention op's PDL trigger at its end
-    "streamlate": ("0", "0", "0", "0", "0", "1", "1", "0", "0", "0"),
-    # streampdl with every stream GEMV on 8 SMs fewer: the attention op's programs and the o GEMV's
-    # CTAs resident at once, o's weights arriving while the attention runs
-    "streamleave": ("0", "0", "0", "0", "0", "1", "0", "0", "1", "8"),
-    "streamlateleave": ("0", "0", "0", "0", "0", "1", "1", "0", "0", "8"),  # streamlate, 8 SMs fewer
+    "gemv": ("0", "1", "1", "1", "1", "1", "1", "1", "1"),  # the GEMV kernel alone
+    "attn": ("0", "0", "1", "1", "1", "1", "1", "1", "1"),  # + the decode attention op
+    "glu": ("0", "1", "0", "1", "1", "1", "1", "1", "1"),  # + the gated epilogue
+    "fused": ("0", "0", "0", "1", "1", "1", "1", "1", "1"),  # + both
+    "full": ("0", "0", "0", "0", "1", "1", "1", "1", "1"),  # + q/k norm, RoPE and the cache write in the attention op
+    "norm": ("0", "0", "0", "0", "0", "1", "1", "1", "1"),  # + the norm prologues and residual-add epilogues
+    "ahead": ("0", "0", "0", "0", "0", "0", "1", "1", "1"),  # + the GEMVs' weight tiles loaded a step ahead
+    "pdlonly": ("0", "0", "0", "0", "0", "1", "0", "1", "1"),  # norm + programmatic dependent launches
+    "pdl": ("0", "0", "0", "0", "0", "0", "0", "1", "1"),  # + both: the first tile's loads before the PDL wait
+    "stream": ("0", "0", "0", "0", "0", "1", "1", "0", "1"),  # norm, one-row GEMVs by gemv_stream_cuda's kernel
+    "streampdl": ("0", "0", "0", "0", "0", "1", "0", "0", "1"),  # + the attention op a PDL launch too
+    "streamlate": ("0", "0", "0", "0", "0", "1", "1", "0", "0"),  # stream + the attention op's PDL trigger at its end
 }
 # kernels --modes: (LLMARCH_NO_GEMV_AHEAD, LLMARCH_NO_PDL) of each way a matrix's launches are timed
 MODES = {"plain": ("1", "1"), "ahead": ("0", "1"), "pdl": ("0", "0"), "pdlonly": ("1", "0")}

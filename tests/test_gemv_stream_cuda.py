@@ -1,6 +1,5 @@
 """gemv_stream_cuda: the one-row decode GEMV as a CUDA kernel that streams weights through shared memory.
 
-- the grid: a CTA a SM, less the SMs LLMARCH_GEMV_STREAM_LEAVE asks to leave to the kernel before;
 - plan() (any machine): a CTA's shared memory leaves room for a second kernel's CTA on a sm90 SM
   (228 KB a SM, 1 KB reserved a CTA, 227 KB at most a block: the CUDA programming guide's figures
   for compute capability 9.0), and the widths of the decode matrices of the families we run
@@ -47,29 +46,6 @@ def test_plan_leaves_room_for_the_next_kernels_cta(K, glu):
     assert rows in (1, 2, 4, 8) and stages >= 2
     assert shared <= BLOCK_MAX and 2 * (shared + CTA_RESERVED) <= SM_SHARED
     assert shared >= stages * rows * K * 2 * (2 if glu else 1) + K * 2, "the ring and the input row"
-
-
-@pytest.mark.parametrize(
-    ("leave", "N", "grid"),
-    [
-        (None, 4096, 132),
-        ("8", 4096, 124),
-        ("8", 100, 100),
-        ("0", 4096, 132),
-        ("-3", 4096, 132),
-        ("500", 4096, 1),
-        ("x", 4096, 132),
-    ],
-)
-def test_grid_leaves_the_sms_asked_for(monkeypatch, leave, N, grid):
-    """A CTA a SM (at most N), less LLMARCH_GEMV_STREAM_LEAVE; a negative or unreadable value leaves
-    none, one past the SMs leaves one CTA."""
-    monkeypatch.setattr(gs, "_sms", lambda index: 132)
-    if leave is None:
-        monkeypatch.delenv("LLMARCH_GEMV_STREAM_LEAVE", raising=False)
-    else:
-        monkeypatch.setenv("LLMARCH_GEMV_STREAM_LEAVE", leave)
-    assert gs._grid(0, N) == grid
 
 
 def test_plan_refuses_rows_too_wide_for_two_stages():

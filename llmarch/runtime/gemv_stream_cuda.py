@@ -21,7 +21,6 @@ gemv_cuda then launches its Triton kernel.
 
 from __future__ import annotations
 
-import os
 from functools import cache
 
 import torch
@@ -234,18 +233,6 @@ def _sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _grid(index: int, N: int) -> int:
-    """CTAs for N rows: one a SM, less LLMARCH_GEMV_STREAM_LEAVE of them (read at each launch, as
-    gemv_cuda's switches) so that a small kernel before (the attention op's programs) and all of this
-    one's CTAs fit on the GPU at once: this one's weights then arrive while that one runs."""
-    sms = _sms(index)
-    try:
-        leave = int(os.environ.get("LLMARCH_GEMV_STREAM_LEAVE", "0"))
-    except ValueError:
-        leave = 0
-    return max(1, min(sms - min(max(leave, 0), sms - 1), N))
-
-
 @cache
 def sm90(index: int) -> bool:
     """Whether CUDA device `index` is compute capability 9.0 or later (bulk copies, griddepcontrol)."""
@@ -324,5 +311,5 @@ def launch(
         k = kernel(index, K, *ring, x.dtype == torch.float16, glu, norm, residual is not None, b is not None)
     except cuda_rtc.RtcError:
         return False
-    k.launch(_grid(index, N), [w, x, b, norm_w, residual, y, N, float(eps)], dependent=True)
+    k.launch(min(_sms(index), N), [w, x, b, norm_w, residual, y, N, float(eps)], dependent=True)
     return True
