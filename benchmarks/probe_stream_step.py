@@ -503,7 +503,7 @@ step_stream(const Op* __restrict__ ops, int n_ops, unsigned int* epoch_at, unsig
         for (int j = 0; j < n_ops; ++j) {
             const Op op = ops[j];  /* in registers: a reference would reload each field after each store */
             const int K = kind_k(op.kind), parts = kind_glu(op.kind) ? 2 : 1, N = op.N;
-            const int CR = kind_attn(op.kind) ? 1 : stage_rows(K, parts);  /* attention: a KV head an item */
+            const int CR = kind_attn(op.kind) ? 1 : stage_rows(K, parts);  /* attention: an item a "row" */
             auto stage = [&](int rs, int end) {  /* rows rs.. (before end) of matrix j into the next slot */
 #if ATTN
                 if (kind_attn(op.kind)) {  /* item rs (KV head rs / ATTN_SPL, a split of its slots): its
@@ -539,7 +539,7 @@ step_stream(const Op* __restrict__ ops, int n_ops, unsigned int* epoch_at, unsig
                 ++i;
             };
 #if CLAIMS
-            const int claim = kind_attn(op.kind) ? 1 : CLAIM;  /* attention: a KV head a claim */
+            const int claim = kind_attn(op.kind) ? 1 : CLAIM;  /* attention: an item a claim */
             const unsigned int chunks = (unsigned int)((N + CR * claim - 1) / (CR * claim));
             const unsigned int base = epoch * (chunks + (unsigned int)G);
             unsigned int c = atomicAdd(&claims[j], 1u) - base;
