@@ -44,6 +44,7 @@ from bench_run_gpu import (  # noqa: E402
     copy_rate,
     decode_bytes,
     decode_profile,
+    environ,
     llmarch_prepare,
     make_checkpoint,
     profile_text,  # noqa: E402
@@ -338,20 +339,9 @@ VARIANTS = {
 MODES = {"plain": ("1", "1"), "ahead": ("0", "1"), "pdl": ("0", "0"), "pdlonly": ("1", "0")}
 
 
-@contextlib.contextmanager
 def launch_mode(mode: str):
     """The GEMV's launch switches of one --modes entry, set while its launches are made (and captured)."""
-    keys = ("LLMARCH_NO_GEMV_AHEAD", "LLMARCH_NO_PDL")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update(dict(zip(keys, MODES[mode], strict=True)))
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return environ(dict(zip(("LLMARCH_NO_GEMV_AHEAD", "LLMARCH_NO_PDL"), MODES[mode], strict=True)))
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ attends over; tok/s bound = copy rate / bytes per token, the copy rate measured 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -30,6 +31,22 @@ SHAPES = {  # the Hub config.json values (sizes only)
     "qwen3-1.7b": ("qwen3", QWEN3_1_7B),
     "llama-3.2-1b": ("llama", LLAMA_3_2_1B),
 }
+
+
+@contextlib.contextmanager
+def environ(values: dict[str, str]):
+    """os.environ with `values` set while the block runs (the runtime's switches, read at each
+    launch), then each key as it was before (unset where it was unset)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def copy_rate(torch) -> float:

@@ -119,13 +119,6 @@ __device__ __forceinline__ bool flagged2(ulonglong2 v, unsigned int f) {
 }
 __device__ __forceinline__ float value_of(unsigned long long w) { return __uint_as_float((unsigned int)w); }
 
-/* rows of one stage for K values (x2 with GLU) in a SLOT-byte slot: 8, 4, 2 or 1 */
-__device__ __forceinline__ int stage_rows(int K, int parts) {
-    int rows = 8;
-    while (rows > 1 && rows * K * 2 * parts > SLOT) rows >>= 1;
-    return rows;
-}
-
 /* the consumers' share of one matrix: input row (normed), then each stage of this CTA's rows;
    returns the ring index after them */
 template <int K, int CR, int GLU, int NORM, int RES, int COMBINE>
@@ -503,7 +496,7 @@ step_stream(const Op* __restrict__ ops, int n_ops, unsigned int* epoch_at, unsig
         for (int j = 0; j < n_ops; ++j) {
             const Op op = ops[j];  /* in registers: a reference would reload each field after each store */
             const int K = kind_k(op.kind), parts = kind_glu(op.kind) ? 2 : 1, N = op.N;
-            const int CR = kind_attn(op.kind) ? 1 : stage_rows(K, parts);  /* attention: an item a "row" */
+            const int CR = kind_rows(op.kind);  /* attention: an item a "row" */
             auto stage = [&](int rs, int end) {  /* rows rs.. (before end) of matrix j into the next slot */
 #if ATTN
                 if (kind_attn(op.kind)) {  /* item rs (KV head rs / ATTN_SPL, a split of its slots): its
@@ -612,15 +605,10 @@ def step_source(
     numbered after the matrices (with splits, o merges their partial softmaxes as it reads them);
     helpers: the primitives (default gemv_stream_cuda.HELPERS + PRIMS, the GPU's)."""
 
-    def rows(K: int, glu: bool) -> int:
-        r = 8
-        while r > 1 and r * K * 2 * (2 if glu else 1) > slot_bytes:
-            r //= 2
-        return r
-
+    rows = [gs.stage_rows(K, g, slot_bytes) for K, g, _, _ in kinds]  # one rule for consumers and producer
     splits = 1 if attn is None else attn[4]
     cases = "\n".join(
-        f"        case {n}: i = run_op<{K}, {rows(K, g)}, {int(g)}, {int(nm)}, {int(r)}, {int(n == O_KIND and splits > 1)}>"
+        f"        case {n}: i = run_op<{K}, {rows[n]}, {int(g)}, {int(nm)}, {int(r)}, {int(n == O_KIND and splits > 1)}>"
         f"(op, i, epoch, n_ops, j, ring, xs, red, full, empty, desc, trace); break;"
         for n, (K, g, nm, r) in enumerate(kinds)
     )
@@ -631,6 +619,7 @@ def step_source(
         )
     k_of = " ".join(f"if (kind == {n}) return {K};" for n, (K, _, _, _) in enumerate(kinds))
     g_of = " ".join(f"if (kind == {n}) return {int(g)};" for n, (_, g, _, _) in enumerate(kinds))
+    r_of = " ".join(f"if (kind == {n}) return {r};" for n, r in enumerate(rows))  # attention's kind: 1
     defs = {
         "HALF": 0,
         "AHEAD": int(ahead),
@@ -653,6 +642,7 @@ def step_source(
     shapes = (
         f"__device__ __forceinline__ int kind_k(int kind) {{ {k_of} return 0; }}\n"
         f"__device__ __forceinline__ int kind_glu(int kind) {{ {g_of} return 0; }}\n"
+        f"__device__ __forceinline__ int kind_rows(int kind) {{ {r_of} return 1; }}\n"
         f"__device__ __forceinline__ int kind_attn(int kind) {{ return {'kind == ' + str(len(kinds)) if attn else 0}; }}\n"
     )
     return head + (helpers or gs.HELPERS + PRIMS) + shapes + STEP.replace("KIND_CASES", cases)
@@ -916,7 +906,7 @@ def attention_rows(torch, c, kinds: list, a, rate: float, graph_times) -> list[d
     """The chain with a real decode attention between q|k|v and o (pos + 1 slots, 160 by default): the stream
     launches with the runtime's attention op (decode_attention_cuda, q/k RoPE and the cache write in
     it, its late PDL trigger) against the one kernel with run_attn; logits compared, then timed."""
-    from bench_run_gpu import SHAPES
+    from bench_run_gpu import SHAPES, environ
 
     from llmarch.runtime import decode_attention_cuda as dac
 
@@ -938,15 +928,8 @@ def attention_rows(torch, c, kinds: list, a, rate: float, graph_times) -> list[d
 
     def launches(x, q, h, logits):
         # the runtime's attention op times its PDL by the stream kernel's switch, which Chain turns off
-        old = os.environ.get("LLMARCH_NO_GEMV_STREAM")
-        os.environ["LLMARCH_NO_GEMV_STREAM"] = "0"
-        try:
+        with environ({"LLMARCH_NO_GEMV_STREAM": "0"}):
             stream_chain(c, x, q, h, logits, attend)
-        finally:
-            if old is None:
-                del os.environ["LLMARCH_NO_GEMV_STREAM"]
-            else:
-                os.environ["LLMARCH_NO_GEMV_STREAM"] = old
 
     ref = c.bufs()
     launches(*ref)

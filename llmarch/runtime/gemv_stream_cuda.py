@@ -240,17 +240,24 @@ def sm90(index: int) -> bool:
 
 
 @cache
+def stage_rows(K: int, glu: bool, stage_bytes: int = STAGE_BYTES) -> int:
+    """Rows of K 16-bit values (each a gate and an up row where glu) a stage of stage_bytes holds:
+    8, 4, 2 or 1 (one row even where it does not fit: plan() then refuses the width)."""
+    row = K * 2 * (2 if glu else 1)
+    rows = 8
+    while rows > 1 and rows * row > stage_bytes:
+        rows //= 2
+    return rows
+
+
 def plan(
     K: int, glu: bool, stage_bytes: int = STAGE_BYTES, stages: int = STAGES, cta_shared: int = CTA_SHARED
 ) -> tuple[int, int, int] | None:
     """(rows a stage, stages, shared bytes) for rows of K values (gate and up rows where glu), or
     None where two stages of one row and the input row do not fit in cta_shared (the other
     arguments: the probe's sweep of rings)."""
-    row = K * 2 * (2 if glu else 1)
-    rows = 8
-    while rows > 1 and rows * row > stage_bytes:
-        rows //= 2
-    stage = rows * row
+    rows = stage_rows(K, glu, stage_bytes)
+    stage = rows * K * 2 * (2 if glu else 1)
     fixed = K * 2 + (2 * 8 * (2 if glu else 1) + 32) * 4 + stages * 8
     stages = min(stages, (cta_shared - fixed) // stage)
     if stages < 2:
